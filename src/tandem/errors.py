@@ -1,0 +1,169 @@
+"""The one exception tree of tandem.
+
+Each class's docstring is its message template (``str.format`` fields filled from the
+keyword arguments given at raise time) and ends with the fix. Each class carries the HTTP
+status the API answers with and the exit code the CLI ends with. Foreign exceptions are
+translated into these at the boundary (``raise ... from exc``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class TandemError(Exception):
+    """Something went wrong in tandem: {detail}"""
+
+    http_status: ClassVar[int] = 500
+    exit_code: ClassVar[int] = 1
+
+    def __init__(self, message: str | None = None, /, **fields: Any) -> None:
+        self.fields = fields
+        if message is None:
+            template = (type(self).__doc__ or "{detail}").strip()
+            template = " ".join(template.split())
+            try:
+                message = template.format(**fields)
+            except (KeyError, IndexError):
+                message = template
+        self.message = message
+        super().__init__(message)
+
+    @property
+    def code(self) -> str:
+        """A stable machine-readable name for the error (the class name)."""
+        return type(self).__name__
+
+
+# --- usage and input -------------------------------------------------------------------
+
+
+class InvalidInput(TandemError):
+    """Invalid input: {detail}. Correct the value and try again."""
+
+    http_status = 422
+    exit_code = 2
+
+
+class ConfirmationRequired(TandemError):
+    """This operation destroys or replaces data and needs the typed confirmation(s) {expected}.
+    Repeat the request with --confirm {example}."""
+
+    http_status = 422
+    exit_code = 1
+
+
+class NotFound(TandemError):
+    """{what} {name!r} does not exist. List the existing ones with `tandem {listing}`."""
+
+    http_status = 404
+
+
+class AlreadyExists(TandemError):
+    """{what} {name!r} already exists. Choose another name or remove the existing one first."""
+
+    http_status = 409
+
+
+class Conflict(TandemError):
+    """{detail}"""
+
+    http_status = 409
+
+
+class InvalidTransition(TandemError):
+    """Application {app!r} is {state}; {operation} is not allowed in that state.
+    Allowed operations now: {allowed}."""
+
+    http_status = 409
+
+
+# --- authentication ---------------------------------------------------------------------
+
+
+class Unauthorized(TandemError):
+    """The token is missing or wrong. Pass a valid token with --token or TANDEM_TOKEN."""
+
+    http_status = 401
+
+
+class Forbidden(TandemError):
+    """Role {role!r} may not {action}. Use a token with the {needed} role."""
+
+    http_status = 403
+
+
+class CertificateMismatch(TandemError):
+    """The certificate of {url} has fingerprint {actual}, not the pinned {expected}.
+    If the peer was re-initialised on purpose, pair again with its new fingerprint."""
+
+    http_status = 502
+
+
+# --- storage ----------------------------------------------------------------------------
+
+
+class StorageError(TandemError):
+    """Storage error: {detail}"""
+
+
+class SourceUnreadable(StorageError):
+    """Cannot read the source {path}: {reason}. Check that it exists and is readable."""
+
+    http_status = 422
+
+
+class SourceChanged(StorageError):
+    """The source {path} changed while it was being captured ({reason}).
+    Stop or quiesce the application, or capture again."""
+
+    http_status = 409
+
+
+class ChunkMissing(StorageError):
+    """Chunk {digest} is not in the pool {pool}. Run `tandem storage verify` and re-capture
+    or re-replicate the images that name it."""
+
+
+class ChunkCorrupt(StorageError):
+    """Chunk {digest} in pool {pool} is corrupt ({reason}); it will not be served.
+    Run `tandem storage verify` and re-capture or re-replicate the images that name it."""
+
+
+class ManifestInvalid(StorageError):
+    """Manifest {digest} is invalid: {reason}. The image cannot be used; delete it."""
+
+
+class UnsafePath(StorageError):
+    """The manifest names the path {path!r}, which would escape the target ({reason}).
+    Refusing to restore it; the image is damaged or forged."""
+
+    http_status = 422
+
+
+class PoolFull(StorageError):
+    """The pool {pool} has no space left ({reason}). Free space or prune images;
+    nothing half-written was kept."""
+
+    http_status = 507
+
+
+class TargetInvalid(StorageError):
+    """Cannot restore onto {path}: {reason}."""
+
+    http_status = 422
+
+
+# --- remote parts -----------------------------------------------------------------------
+
+
+class Unreachable(TandemError):
+    """{what} {name} unreachable at {url}: {reason}. Check that it runs and the address."""
+
+    http_status = 502
+
+
+class RemoteError(TandemError):
+    """{what} {name} answered with an error: {detail}"""
+
+    http_status = 502

@@ -1,0 +1,568 @@
+"""Chunk pool: content-addressed, compressed, verified chunks in a local directory.
+
+Invariants
+- A chunk file exists under ``chunks/`` only once its bytes are durable (written to
+  ``tmp/``, synced, then renamed). "Present" therefore means durable; every read verifies
+  the BLAKE3-256 digest of the plaintext and a bad chunk raises, it is never served.
+- A manifest is written after every chunk it names is durable (``PoolWriter.commit_manifest``).
+- Garbage collection is safe while writers run: a writer registers itself in ``writers/``
+  (a file it holds an flock on) with its start time and the manifests it builds on; GC keeps
+  every chunk named by a live or base manifest and every chunk touched or written since the
+  oldest active writer started. A writer that reuses a chunk it did not write touches it.
+
+On-disk format, version 1::
+
+    DIR/pool.json             {"format": 1, "kind": "tandem-pool"}
+    DIR/chunks/ab/<hex>       chunk files, fanned out by the first byte of the digest
+    DIR/manifests/<hex>       manifest objects (same file format, no sub-block digests)
+    DIR/tmp/                  temporary files; emptied when the pool opens
+    DIR/writers/<id>          one per active writer: JSON {"started": t, "bases": [hex...]}
+
+    chunk file = b"TCK1" | codec u8 (0 raw, 1 zstd) | reserved u8 | n_sub u16
+                 | plain_len u32 | n_sub * 32-byte sub-block digests | payload
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import json
+import os
+import struct
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import zstandard
+
+from tandem.errors import ChunkCorrupt, ChunkMissing, PoolFull, StorageError
+from tandem.storage.digest import DIGEST_SIZE, SUB_BLOCK, hash_bytes, hash_sub_blocks
+
+MAGIC = b"TCK1"
+HEADER = struct.Struct("<4sBBHI")
+CODEC_RAW = 0
+CODEC_ZSTD = 1
+ZSTD_LEVEL = 1
+MIN_SAVING = 0.05  # store raw when compression saves less than this fraction
+POOL_FORMAT = 1
+FLUSH_CHUNKS = 2048  # pending chunks before a writer makes them durable
+FLUSH_BYTES = 512 * 1024 * 1024
+
+_local = threading.local()
+
+
+def _compressor() -> zstandard.ZstdCompressor:
+    comp = getattr(_local, "comp", None)
+    if comp is None:
+        comp = _local.comp = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+    return comp
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    dec = getattr(_local, "dec", None)
+    if dec is None:
+        dec = _local.dec = zstandard.ZstdDecompressor()
+    return dec
+
+
+def encode_chunk(data: bytes | memoryview, subs: list[bytes]) -> bytes:
+    """The chunk-file bytes for ``data``: compressed when that saves at least 5%."""
+    packed = _compressor().compress(data)
+    if len(packed) <= len(data) * (1 - MIN_SAVING):
+        codec, payload = CODEC_ZSTD, packed
+    else:
+        codec, payload = CODEC_RAW, bytes(data)
+    head = HEADER.pack(MAGIC, codec, 0, len(subs), len(data))
+    return b"".join([head, *subs, payload])
+
+
+def decode_chunk(blob: bytes, digest: bytes, where: str) -> bytes:
+    """Plaintext of a chunk file, verified against ``digest``."""
+    if len(blob) < HEADER.size:
+        raise ChunkCorrupt(digest=digest.hex(), pool=where, reason="truncated header")
+    magic, codec, _, n_sub, plain_len = HEADER.unpack_from(blob)
+    if magic != MAGIC:
+        raise ChunkCorrupt(digest=digest.hex(), pool=where, reason="bad magic")
+    payload = memoryview(blob)[HEADER.size + n_sub * DIGEST_SIZE :]
+    try:
+        if codec == CODEC_ZSTD:
+            data = _decompressor().decompress(payload, max_output_size=plain_len)
+        elif codec == CODEC_RAW:
+            data = bytes(payload)
+        else:
+            raise ChunkCorrupt(digest=digest.hex(), pool=where, reason=f"unknown codec {codec}")
+    except zstandard.ZstdError as exc:
+        raise ChunkCorrupt(digest=digest.hex(), pool=where, reason=f"zstd: {exc}") from exc
+    if len(data) != plain_len or hash_bytes(data) != digest:
+        raise ChunkCorrupt(digest=digest.hex(), pool=where, reason="digest mismatch")
+    return data
+
+
+def _syncfs(fd: int) -> None:
+    """Flush the whole file system holding ``fd`` (one call instead of one fsync per file)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.syncfs(fd) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _translate_oserror(exc: OSError, pool: Path) -> StorageError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return PoolFull(pool=str(pool), reason=exc.strerror or "ENOSPC")
+    return StorageError(detail=f"pool {pool}: {exc}")
+
+
+@dataclass
+class PutResult:
+    digest: bytes
+    new: bool
+    stored: int  # bytes written to the pool (0 when the chunk was already present)
+
+
+@dataclass
+class VerifyReport:
+    chunks: int = 0
+    bytes: int = 0
+    bad: list[tuple[str, str]] = field(default_factory=list)  # (hex digest, reason)
+    manifests: int = 0
+    missing: list[tuple[str, str]] = field(default_factory=list)  # (manifest hex, chunk hex)
+
+    @property
+    def ok(self) -> bool:
+        return not self.bad and not self.missing
+
+
+@dataclass
+class GcReport:
+    chunks_kept: int = 0
+    chunks_removed: int = 0
+    bytes_freed: int = 0
+    manifests_removed: int = 0
+
+
+class ChunkPool:
+    """A chunk pool in ``root``. Thread-safe for reads; writes go through ``writer()``."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+        meta = self.root / "pool.json"
+        try:
+            info = json.loads(meta.read_text())
+        except FileNotFoundError as exc:
+            raise StorageError(
+                detail=f"{self.root} is not a chunk pool (no pool.json); create it first"
+            ) from exc
+        if info.get("format") != POOL_FORMAT:
+            raise StorageError(detail=f"pool {self.root} has unsupported format {info}")
+        self.chunks_dir = self.root / "chunks"
+        self.manifests_dir = self.root / "manifests"
+        self.tmp_dir = self.root / "tmp"
+        self.writers_dir = self.root / "writers"
+        self._clean_tmp()
+
+    @classmethod
+    def create(cls, root: Path | str) -> ChunkPool:
+        """Create (or open, if it exists) a pool in ``root``."""
+        root = Path(root)
+        if not (root / "pool.json").exists():
+            root.mkdir(parents=True, exist_ok=True)
+            for sub in ("manifests", "tmp", "writers"):
+                (root / sub).mkdir(exist_ok=True)
+            for i in range(256):
+                (root / "chunks" / f"{i:02x}").mkdir(parents=True, exist_ok=True)
+            tmp = root / "pool.json.tmp"
+            tmp.write_text(json.dumps({"format": POOL_FORMAT, "kind": "tandem-pool"}))
+            os.replace(tmp, root / "pool.json")
+            _fsync_dir(root)
+        return cls(root)
+
+    def _clean_tmp(self) -> None:
+        # Only files of dead writers: a live writer holds its registration lock.
+        if self._active_writers():
+            return
+        for entry in os.scandir(self.tmp_dir):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
+
+    # --- paths and presence -------------------------------------------------------------
+
+    def chunk_path(self, digest: bytes) -> Path:
+        hexd = digest.hex()
+        return self.chunks_dir / hexd[:2] / hexd
+
+    def has(self, digest: bytes) -> bool:
+        return self.chunk_path(digest).exists()
+
+    def touch(self, digest: bytes) -> bool:
+        """Mark a chunk as in use now (for GC); False if it is not present."""
+        try:
+            os.utime(self.chunk_path(digest))
+        except FileNotFoundError:
+            return False
+        return True
+
+    def missing(self, digests: Iterable[bytes]) -> list[bytes]:
+        """The digests, in order and without repeats, that the pool does not hold."""
+        seen: set[bytes] = set()
+        out = []
+        for d in digests:
+            if d not in seen:
+                seen.add(d)
+                if not self.has(d):
+                    out.append(d)
+        return out
+
+    # --- reading ------------------------------------------------------------------------
+
+    def _read_file(self, digest: bytes) -> bytes:
+        try:
+            return self.chunk_path(digest).read_bytes()
+        except FileNotFoundError as exc:
+            raise ChunkMissing(digest=digest.hex(), pool=str(self.root)) from exc
+
+    def get(self, digest: bytes) -> bytes:
+        """The verified plaintext of a chunk."""
+        return decode_chunk(self._read_file(digest), digest, str(self.root))
+
+    def get_raw(self, digest: bytes) -> bytes:
+        """The stored chunk-file bytes (for sending to a peer as they are)."""
+        return self._read_file(digest)
+
+    def sub_digests(self, digest: bytes) -> list[bytes]:
+        """The 64 KiB sub-block digests of a chunk, read from its header only."""
+        path = self.chunk_path(digest)
+        try:
+            with open(path, "rb") as fh:
+                head = fh.read(HEADER.size)
+                if len(head) < HEADER.size:
+                    raise ChunkCorrupt(
+                        digest=digest.hex(), pool=str(self.root), reason="truncated header"
+                    )
+                magic, _, _, n_sub, _ = HEADER.unpack(head)
+                if magic != MAGIC:
+                    raise ChunkCorrupt(digest=digest.hex(), pool=str(self.root), reason="bad magic")
+                raw = fh.read(n_sub * DIGEST_SIZE)
+        except FileNotFoundError as exc:
+            raise ChunkMissing(digest=digest.hex(), pool=str(self.root)) from exc
+        if len(raw) != n_sub * DIGEST_SIZE:
+            raise ChunkCorrupt(digest=digest.hex(), pool=str(self.root), reason="truncated header")
+        return [raw[i : i + DIGEST_SIZE] for i in range(0, len(raw), DIGEST_SIZE)]
+
+    def read_blocks(self, digest: bytes, indices: list[int]) -> list[bytes]:
+        """The plaintext 64 KiB sub-blocks ``indices`` of a chunk (verified as a whole)."""
+        if not indices:
+            return []
+        data = self.get(digest)
+        return [data[j * SUB_BLOCK : (j + 1) * SUB_BLOCK] for j in indices]
+
+    def stored_size(self, digest: bytes) -> int:
+        return self.chunk_path(digest).stat().st_size
+
+    def iter_chunks(self) -> Iterator[tuple[bytes, os.stat_result]]:
+        for fan in sorted(os.scandir(self.chunks_dir), key=lambda e: e.name):
+            for entry in os.scandir(fan.path):
+                if len(entry.name) == DIGEST_SIZE * 2:
+                    with contextlib.suppress(FileNotFoundError):
+                        yield bytes.fromhex(entry.name), entry.stat()
+
+    # --- manifests ----------------------------------------------------------------------
+
+    def manifest_path(self, digest: bytes) -> Path:
+        return self.manifests_dir / digest.hex()
+
+    def has_manifest(self, digest: bytes) -> bool:
+        return self.manifest_path(digest).exists()
+
+    def get_manifest_blob(self, digest: bytes) -> bytes:
+        """The verified bytes of a stored manifest object."""
+        try:
+            blob = self.manifest_path(digest).read_bytes()
+        except FileNotFoundError as exc:
+            raise ChunkMissing(digest=digest.hex(), pool=str(self.root)) from exc
+        return decode_chunk(blob, digest, str(self.root))
+
+    def list_manifests(self) -> list[bytes]:
+        return [
+            bytes.fromhex(e.name)
+            for e in os.scandir(self.manifests_dir)
+            if len(e.name) == DIGEST_SIZE * 2
+        ]
+
+    def delete_manifest(self, digest: bytes) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.manifest_path(digest))
+
+    # --- writing ------------------------------------------------------------------------
+
+    def writer(self, bases: Iterable[bytes] = ()) -> PoolWriter:
+        """A registered writer; ``bases`` are manifests whose chunks it may reuse untouched."""
+        return PoolWriter(self, list(bases))
+
+    def _active_writers(self) -> list[dict[str, Any]]:
+        """Registrations of writers that still hold their lock; stale ones are removed."""
+        active = []
+        for entry in os.scandir(self.writers_dir):
+            try:
+                fd = os.open(entry.path, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    with open(entry.path) as fh:
+                        with contextlib.suppress(ValueError):
+                            active.append(json.load(fh))
+                    continue
+                # Not locked: its process died. Drop the registration.
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+            finally:
+                os.close(fd)
+        return active
+
+    # --- verification and garbage collection --------------------------------------------
+
+    def verify(self, manifests: dict[bytes, Iterable[bytes]] | None = None) -> VerifyReport:
+        """Read and check every chunk; with ``manifests`` (id -> chunk ids) also check that
+        every chunk they name is present. Bad chunks are listed, never repaired silently."""
+        report = VerifyReport()
+        for digest, st in self.iter_chunks():
+            report.chunks += 1
+            report.bytes += st.st_size
+            try:
+                self.get(digest)
+            except ChunkCorrupt as exc:
+                report.bad.append((digest.hex(), exc.fields.get("reason", "corrupt")))
+        bad = {b for b, _ in report.bad}
+        for mid, chunk_ids in (manifests or {}).items():
+            report.manifests += 1
+            for cid in set(chunk_ids):
+                if cid.hex() in bad:
+                    continue
+                if not self.has(cid):
+                    report.missing.append((mid.hex(), cid.hex()))
+        return report
+
+    def gc(self, live: dict[bytes, Iterable[bytes]], remove_manifests: bool = True) -> GcReport:
+        """Remove chunks no live manifest names.
+
+        ``live`` maps each live manifest id to the chunk ids it names. Base manifests of
+        active writers count as live too (the caller passes their chunk lists in ``live`` if
+        it can read them; a base listed by a writer but absent from ``live`` keeps its file).
+        """
+        report = GcReport()
+        started = time.time()
+        writers = self._active_writers()
+        cutoff = min([started, *(float(w.get("started", started)) for w in writers)]) - 2.0
+        keep_manifests = set(live) | {
+            bytes.fromhex(b) for w in writers for b in w.get("bases", [])
+        }
+        referenced: set[bytes] = set()
+        for chunk_ids in live.values():
+            referenced.update(chunk_ids)
+        for digest, st in self.iter_chunks():
+            if digest in referenced or st.st_mtime >= cutoff:
+                report.chunks_kept += 1
+                continue
+            path = self.chunk_path(digest)
+            doomed = path.with_name(path.name + ".gc")
+            try:
+                os.rename(path, doomed)
+            except FileNotFoundError:
+                continue
+            # A writer may have touched it between our stat and the rename: keep it then.
+            if os.stat(doomed).st_mtime >= cutoff:
+                os.rename(doomed, path)
+                report.chunks_kept += 1
+                continue
+            report.bytes_freed += st.st_size
+            os.unlink(doomed)
+            report.chunks_removed += 1
+        if remove_manifests:
+            for mid in self.list_manifests():
+                if mid not in keep_manifests:
+                    st = os.stat(self.manifest_path(mid))
+                    if st.st_mtime < cutoff:
+                        self.delete_manifest(mid)
+                        report.manifests_removed += 1
+        return report
+
+
+class PoolWriter:
+    """Writes chunks and manifests into a pool, durably and in batches.
+
+    Chunks written by ``put`` become visible (present) only at ``flush``, after one
+    file-system sync; until then ``has`` answers for them from memory. Leaving the context
+    with an exception discards unflushed chunks, so nothing half-written becomes visible.
+    """
+
+    def __init__(self, pool: ChunkPool, bases: list[bytes]) -> None:
+        self.pool = pool
+        self.bases = bases
+        self._lock = threading.Lock()
+        self._pending: dict[bytes, tuple[Path, int]] = {}
+        self._pending_bytes = 0
+        self._flush_lock = threading.Lock()
+        self.started = time.time()
+        self._reg_path = pool.writers_dir / f"{uuid.uuid4().hex}.json"
+        self._reg_fd = os.open(self._reg_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        fcntl.flock(self._reg_fd, fcntl.LOCK_EX)
+        os.write(
+            self._reg_fd,
+            json.dumps({"started": self.started, "bases": [b.hex() for b in bases]}).encode(),
+        )
+        self.chunks_written = 0
+        self.bytes_written = 0
+
+    def __enter__(self) -> PoolWriter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            self.flush()
+        else:
+            self.discard()
+        self.close()
+
+    def close(self) -> None:
+        if self._reg_fd >= 0:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._reg_path)
+            os.close(self._reg_fd)
+            self._reg_fd = -1
+
+    def has(self, digest: bytes) -> bool:
+        """Present in the pool or pending in this writer; refreshes a present chunk for GC."""
+        with self._lock:
+            if digest in self._pending:
+                return True
+        return self.pool.touch(digest)
+
+    def put(
+        self,
+        data: bytes | memoryview,
+        digest: bytes | None = None,
+        subs: list[bytes] | None = None,
+    ) -> PutResult:
+        """Store ``data`` unless present. Safe to call from several threads."""
+        if digest is None:
+            digest = hash_bytes(data)
+        if self.has(digest):
+            return PutResult(digest, False, 0)
+        if subs is None:
+            subs = hash_sub_blocks(data)
+        blob = encode_chunk(data, subs)
+        self._write_pending(digest, blob)
+        return PutResult(digest, True, len(blob))
+
+    def put_encoded(self, digest: bytes, blob: bytes) -> PutResult:
+        """Store a chunk file received as-is (from a peer), after verifying it."""
+        if self.has(digest):
+            return PutResult(digest, False, 0)
+        data = decode_chunk(blob, digest, "received chunk")
+        n_sub = HEADER.unpack_from(blob)[3]
+        subs = [
+            blob[HEADER.size + i * DIGEST_SIZE : HEADER.size + (i + 1) * DIGEST_SIZE]
+            for i in range(n_sub)
+        ]
+        if subs != hash_sub_blocks(data):
+            raise ChunkCorrupt(digest=digest.hex(), pool="received chunk", reason="sub-digests")
+        self._write_pending(digest, blob)
+        return PutResult(digest, True, len(blob))
+
+    def _write_pending(self, digest: bytes, blob: bytes) -> None:
+        tmp = self.pool.tmp_dir / f"{digest.hex()}.{uuid.uuid4().hex[:8]}"
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(blob)
+        except OSError as exc:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise _translate_oserror(exc, self.pool.root) from exc
+        with self._lock:
+            if digest in self._pending:  # another thread won the race
+                os.unlink(tmp)
+                return
+            self._pending[digest] = (tmp, len(blob))
+            self._pending_bytes += len(blob)
+            self.chunks_written += 1
+            self.bytes_written += len(blob)
+            full = len(self._pending) >= FLUSH_CHUNKS or self._pending_bytes >= FLUSH_BYTES
+        if full:
+            self.flush()
+
+    def flush(self) -> None:
+        """Make every pending chunk durable, then visible."""
+        with self._flush_lock:
+            with self._lock:
+                # A snapshot: chunks added while we sync stay pending for the next flush.
+                batch = dict(self._pending)
+                if not batch:
+                    return
+            try:
+                fd = os.open(self.pool.tmp_dir, os.O_RDONLY | os.O_DIRECTORY)
+                try:
+                    _syncfs(fd)
+                finally:
+                    os.close(fd)
+                dirs = set()
+                for digest, (tmp, _) in batch.items():
+                    final = self.pool.chunk_path(digest)
+                    os.rename(tmp, final)
+                    dirs.add(final.parent)
+                for d in dirs:
+                    _fsync_dir(d)
+            except OSError as exc:
+                raise _translate_oserror(exc, self.pool.root) from exc
+            with self._lock:
+                for digest in batch:
+                    self._pending.pop(digest, None)
+                self._pending_bytes -= sum(size for _, size in batch.values())
+
+    def discard(self) -> None:
+        with self._lock:
+            for tmp, _ in self._pending.values():
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+            self._pending.clear()
+            self._pending_bytes = 0
+
+    def commit_manifest(self, blob: bytes) -> bytes:
+        """Flush every chunk, then store the manifest object durably; returns its id."""
+        self.flush()
+        digest = hash_bytes(blob)
+        final = self.pool.manifest_path(digest)
+        tmp = self.pool.tmp_dir / f"m-{digest.hex()}.{uuid.uuid4().hex[:8]}"
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(encode_chunk(blob, []))
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.rename(tmp, final)
+            _fsync_dir(final.parent)
+        except OSError as exc:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise _translate_oserror(exc, self.pool.root) from exc
+        return digest
