@@ -72,7 +72,7 @@ def _decompressor() -> zstandard.ZstdDecompressor:
     return dec
 
 
-def encode_chunk(data: bytes | memoryview, subs: list[bytes]) -> bytes:
+def encode_chunk(data: bytes | bytearray | memoryview, subs: list[bytes]) -> bytes:
     """The chunk-file bytes for ``data``: compressed when that saves at least 5%."""
     packed = _compressor().compress(data)
     if len(packed) <= len(data) * (1 - MIN_SAVING):
@@ -325,9 +325,8 @@ class ChunkPool:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
                 except BlockingIOError:
-                    with open(entry.path) as fh:
-                        with contextlib.suppress(ValueError):
-                            active.append(json.load(fh))
+                    with open(entry.path) as fh, contextlib.suppress(ValueError):
+                        active.append(json.load(fh))
                     continue
                 # Not locked: its process died. Drop the registration.
                 with contextlib.suppress(FileNotFoundError):
@@ -370,9 +369,7 @@ class ChunkPool:
         started = time.time()
         writers = self._active_writers()
         cutoff = min([started, *(float(w.get("started", started)) for w in writers)]) - 2.0
-        keep_manifests = set(live) | {
-            bytes.fromhex(b) for w in writers for b in w.get("bases", [])
-        }
+        keep_manifests = set(live) | {bytes.fromhex(b) for w in writers for b in w.get("bases", [])}
         referenced: set[bytes] = set()
         for chunk_ids in live.values():
             referenced.update(chunk_ids)
@@ -461,7 +458,7 @@ class PoolWriter:
 
     def put(
         self,
-        data: bytes | memoryview,
+        data: bytes | bytearray | memoryview,
         digest: bytes | None = None,
         subs: list[bytes] | None = None,
     ) -> PutResult:

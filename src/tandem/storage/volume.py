@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import stat
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -25,6 +26,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
+
+import blake3
 
 from tandem.errors import SourceChanged, SourceUnreadable, StorageError, TargetInvalid
 from tandem.storage.digest import SUB_BLOCK, hash_bytes, hash_sub_blocks
@@ -41,10 +44,49 @@ def default_workers() -> int:
     return max(2, os.cpu_count() or 2)
 
 
-def is_zero(data: bytes | memoryview) -> bool:
+def is_zero(data: bytes | bytearray | memoryview) -> bool:
+    """True if every byte is zero. (memoryview comparison is slow in CPython: compare bytes.)"""
+    if isinstance(data, memoryview):
+        data = data.tobytes()
     if len(data) == VOLUME_CHUNK:
         return data == _ZERO
     return data == _ZERO[: len(data)]
+
+
+_buffers = threading.local()
+_PIECE = 1024 * 1024
+_ZERO_DIGESTS: dict[int, bytes] = {}
+
+
+def zero_digest(length: int) -> bytes:
+    """Digest of ``length`` zero bytes: a chunk hashing to it is an all-zero extent."""
+    digest = _ZERO_DIGESTS.get(length)
+    if digest is None:
+        digest = _ZERO_DIGESTS[length] = hash_bytes(_ZERO[:length])
+    return digest
+
+
+def _read_and_hash(fd: int, length: int, off: int) -> tuple[memoryview, bytes]:
+    """Read a chunk into this thread's reusable buffer and hash it on the way.
+
+    Reading 1 MiB at a time and hashing each piece while it is still in the CPU cache
+    makes an unchanged-volume scan run near ``cat`` speed; the buffer is reused so no
+    4 MiB allocation happens per chunk. Returns a view that is valid until the next call.
+    """
+    buf: bytearray | None = getattr(_buffers, "buf", None)
+    if buf is None:
+        buf = _buffers.buf = bytearray(VOLUME_CHUNK)
+    view = memoryview(buf)[:length]
+    hasher = blake3.blake3()
+    done = 0
+    while done < length:
+        piece = view[done : done + _PIECE]
+        n = os.preadv(fd, [piece], off + done)
+        if n <= 0:
+            break
+        hasher.update(piece[:n])
+        done += n
+    return view[:done], hasher.digest()
 
 
 class ChunkSource(Protocol):
@@ -156,8 +198,8 @@ def capture_volume(
     """Capture ``source`` into ``pool``; returns (manifest id, manifest, stats).
 
     With ``base`` (the previous image of the same volume) unchanged chunks are recognised by
-    digest. With ``base`` and ``dirty`` (byte ranges known to have changed, e.g. from an
-    overlay's dirty bitmap) only chunks touching a dirty range are read at all.
+    digest. With ``base`` and ``dirty`` ((offset, length) ranges known to have changed, e.g.
+    from an overlay's dirty bitmap) only chunks touching a dirty range are read at all.
     """
     source = Path(source)
     t0 = time.monotonic()
@@ -171,7 +213,7 @@ def capture_volume(
         if base is not None and dirty is not None:
             if base.size != size or base.chunk_size != chunk:
                 raise StorageError(detail="dirty-range capture needs a base of the same size")
-            touched = _chunks_with_data(dirty, n, chunk)
+            touched = _chunks_with_data(((o, o + n_) for o, n_ in dirty), n, chunk)
             to_read = [w and t for w, t in zip(with_data, touched, strict=True)]
         bases = [base_id] if base_id else []
         with pool.writer(bases) as writer:
@@ -229,14 +271,13 @@ def _capture_worker(
                 return base.chunks[i], _Outcome()  # clean region of a tracked volume
             return None, _Outcome(zero=1)
         try:
-            data = os.pread(fd, length, off)
+            data, digest = _read_and_hash(fd, length, off)
         except OSError as exc:
             raise SourceUnreadable(path=str(source), reason=exc.strerror or str(exc)) from exc
         if len(data) != length:
             raise SourceChanged(path=str(source), reason="it shrank during capture")
-        if is_zero(data):
+        if digest == zero_digest(length):
             return None, _Outcome(read=length, zero=1)
-        digest = hash_bytes(data)
         if base is not None and i < len(base.chunks) and base.chunks[i] == digest:
             return digest, _Outcome(read=length)  # held by the base, registered by the writer
         result = writer.put(data, digest)

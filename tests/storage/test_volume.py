@@ -1,0 +1,238 @@
+"""Volume capture, diff-restore and image diff."""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tandem.errors import ChunkCorrupt, SourceChanged, SourceUnreadable, TargetInvalid
+from tandem.storage.digest import SUB_BLOCK
+from tandem.storage.manifest import VOLUME_CHUNK, load_manifest
+from tandem.storage.pool import ChunkPool
+from tandem.storage.volume import capture_volume, diff_volumes, restore_volume
+
+MiB = 1024 * 1024
+
+
+def write_volume(path: Path, size: int, seed: int = 1) -> bytes:
+    rng = random.Random(seed)
+    data = bytearray()
+    while len(data) < size:
+        kind = rng.choice(["random", "text", "zero"])
+        n = min(size - len(data), rng.choice([SUB_BLOCK, MiB, 3 * MiB]))
+        if kind == "random":
+            data += rng.randbytes(n)
+        elif kind == "text":
+            data += (b"tandem log line %d\n" % rng.randrange(1000)) * (n // 20) + b"." * (n % 20)
+        else:
+            data += bytes(n)
+    path.write_bytes(bytes(data[:size]))
+    return bytes(data[:size])
+
+
+def test_capture_restore_byte_exact_onto_empty_target(pool: ChunkPool, tmp_path: Path) -> None:
+    src = tmp_path / "disk.img"
+    data = write_volume(src, 10 * MiB + 12345)
+    mid, manifest, stats = capture_volume(pool, src)
+    assert stats.bytes_total == len(data) and stats.chunks == 3
+    assert load_manifest(pool, mid) == manifest
+    out = tmp_path / "restored.img"
+    rstats = restore_volume(pool, manifest, out)
+    assert out.read_bytes() == data
+    assert rstats.bytes_compared == 0  # a new target is not read
+
+
+def test_zero_and_sparse_regions_are_extents(pool: ChunkPool, tmp_path: Path) -> None:
+    src = tmp_path / "sparse.img"
+    with open(src, "wb") as fh:
+        fh.truncate(64 * MiB)
+        fh.seek(20 * MiB)
+        fh.write(b"x" * MiB)
+    _, manifest, stats = capture_volume(pool, src)
+    assert stats.chunks == 16 and stats.chunks_zero == 15
+    assert stats.bytes_read == VOLUME_CHUNK  # holes are not read
+    assert sum(1 for c in manifest.chunks if c is not None) == 1
+    out = tmp_path / "out.img"
+    restore_volume(pool, manifest, out)
+    assert out.read_bytes() == src.read_bytes()
+    assert os.stat(out).st_blocks * 512 < 2 * VOLUME_CHUNK  # holes stay holes
+
+
+def test_recapture_of_unchanged_volume_stores_nothing(pool: ChunkPool, tmp_path: Path) -> None:
+    src = tmp_path / "disk.img"
+    write_volume(src, 12 * MiB)
+    mid, m1, _ = capture_volume(pool, src)
+    _, m2, stats = capture_volume(pool, src, base=m1, base_id=mid)
+    assert m2.chunks == m1.chunks
+    assert stats.bytes_stored == 0 and stats.chunks_new == 0
+
+
+def test_small_change_stores_one_chunk_and_diff_is_64k(pool: ChunkPool, tmp_path: Path) -> None:
+    src = tmp_path / "disk.img"
+    write_volume(src, 16 * MiB, seed=7)
+    mid, m1, _ = capture_volume(pool, src)
+    with open(src, "r+b") as fh:
+        fh.seek(5 * MiB + 3)
+        fh.write(b"changed!")
+    _, m2, stats = capture_volume(pool, src, base=m1, base_id=mid)
+    assert stats.chunks_new == 1
+    assert diff_volumes(m1, m2) == [(4 * MiB, 4 * MiB)]  # manifests alone: chunk granularity
+    assert diff_volumes(m1, m2, pool) == [(5 * MiB, SUB_BLOCK)]  # with sub-block digests
+
+
+def test_dirty_ranges_capture_reads_only_dirty_chunks(pool: ChunkPool, tmp_path: Path) -> None:
+    src = tmp_path / "disk.img"
+    write_volume(src, 16 * MiB, seed=3)
+    mid, m1, _ = capture_volume(pool, src)
+    with open(src, "r+b") as fh:
+        fh.seek(9 * MiB)
+        fh.write(os.urandom(1000))
+    _, m2, stats = capture_volume(pool, src, base=m1, base_id=mid, dirty=[(9 * MiB, 1000)])
+    assert stats.bytes_read == VOLUME_CHUNK
+    out = tmp_path / "out.img"
+    restore_volume(pool, m2, out)
+    assert out.read_bytes() == src.read_bytes()
+
+
+def test_diff_restore_writes_only_differing_blocks(pool: ChunkPool, tmp_path: Path) -> None:
+    src = tmp_path / "disk.img"
+    data = write_volume(src, 20 * MiB, seed=11)
+    _, manifest, _ = capture_volume(pool, src)
+    target = tmp_path / "target.img"
+    target.write_bytes(data)
+    damaged = 0
+    with open(target, "r+b") as fh:
+        for off in (0, 3 * MiB + 100, 11 * MiB, 19 * MiB + SUB_BLOCK - 1):
+            fh.seek(off)
+            fh.write(b"\xff\x00\xfe")
+            damaged += 1
+    stats = restore_volume(pool, manifest, target)
+    assert target.read_bytes() == data
+    # a write straddling a 64 KiB boundary dirties two blocks; never more than that
+    assert SUB_BLOCK * damaged <= stats.bytes_written <= SUB_BLOCK * (damaged + 1)
+
+
+def test_restore_resizes_regular_file_target(pool: ChunkPool, tmp_path: Path) -> None:
+    src = tmp_path / "disk.img"
+    data = write_volume(src, 5 * MiB)
+    _, manifest, _ = capture_volume(pool, src)
+    target = tmp_path / "target.img"
+    target.write_bytes(os.urandom(9 * MiB))
+    restore_volume(pool, manifest, target)
+    assert target.read_bytes() == data
+
+
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    size=st.integers(min_value=0, max_value=9 * MiB),
+    seed=st.integers(min_value=0, max_value=2**32),
+    edits=st.lists(
+        st.tuples(st.floats(0, 1), st.integers(1, 200_000), st.sampled_from([b"\x00", b"r"])),
+        max_size=6,
+    ),
+)
+def test_property_capture_edit_diff_restore(
+    tmp_path_factory: pytest.TempPathFactory,
+    size: int,
+    seed: int,
+    edits: list[tuple[float, int, bytes]],
+) -> None:
+    """Random volume → capture → random edits of a copy → diff-restore → byte-exact."""
+    tmp = tmp_path_factory.mktemp("prop")
+    pool = ChunkPool.create(tmp / "pool")
+    src = tmp / "src.img"
+    data = write_volume(src, size, seed=seed)
+    mid, m1, _ = capture_volume(pool, src)
+    target = tmp / "target.img"
+    target.write_bytes(data)
+    rng = random.Random(seed)
+    with open(target, "r+b") as fh:
+        for where, length, fill in edits:
+            fh.seek(int(where * size))
+            fh.write(bytes(length) if fill == b"\x00" else rng.randbytes(length))
+    restore_volume(pool, m1, target)
+    assert target.read_bytes() == data
+    # and the edited source captured incrementally restores exactly too
+    edited = tmp / "edited.img"
+    edited.write_bytes(data)
+    with open(edited, "r+b") as fh:
+        for where, length, _ in edits:
+            fh.seek(int(where * size))
+            fh.write(rng.randbytes(length))
+    _, m2, _ = capture_volume(pool, edited, base=m1, base_id=mid)
+    restore_volume(pool, m2, target)
+    assert target.read_bytes() == edited.read_bytes()
+
+
+def test_missing_source_is_a_clear_error(pool: ChunkPool, tmp_path: Path) -> None:
+    with pytest.raises(SourceUnreadable, match="No such file"):
+        capture_volume(pool, tmp_path / "nope.img")
+    assert list(pool.iter_chunks()) == []
+
+
+def test_directory_source_is_refused(pool: ChunkPool, tmp_path: Path) -> None:
+    with pytest.raises(SourceUnreadable, match="not a regular file or block device"):
+        capture_volume(pool, tmp_path)
+
+
+def test_source_changing_during_capture_fails_cleanly(pool: ChunkPool, tmp_path: Path) -> None:
+    src = tmp_path / "busy.img"
+    write_volume(src, 48 * MiB, seed=5)
+    mid, m1, _ = capture_volume(pool, src)
+    chunks_before = {d for d, _ in pool.iter_chunks()}
+    stop = threading.Event()
+
+    def scribble() -> None:
+        with open(src, "r+b") as fh:
+            while not stop.is_set():
+                fh.seek(random.randrange(48 * MiB))
+                fh.write(os.urandom(4096))
+                fh.flush()
+                time.sleep(0.001)
+
+    t = threading.Thread(target=scribble)
+    t.start()
+    try:
+        with pytest.raises(SourceChanged, match="changed while it was being captured"):
+            for _ in range(20):  # the window is short; the writer keeps writing
+                capture_volume(pool, src, base=m1, base_id=mid, workers=1)
+    finally:
+        stop.set()
+        t.join()
+    assert list(pool.tmp_dir.iterdir()) == []
+    # every earlier image is intact
+    out = tmp_path / "out.img"
+    restore_volume(pool, m1, out)
+    assert {d for d, _ in pool.iter_chunks()} >= chunks_before
+
+
+def test_restore_refuses_a_corrupt_chunk(pool: ChunkPool, tmp_path: Path) -> None:
+    src = tmp_path / "disk.img"
+    write_volume(src, 6 * MiB, seed=2)
+    _, manifest, _ = capture_volume(pool, src)
+    victim = next(c for c in manifest.chunks if c is not None)
+    path = pool.chunk_path(victim)
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 0x55
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ChunkCorrupt):
+        restore_volume(pool, manifest, tmp_path / "out.img")
+
+
+def test_restore_target_that_is_a_directory(pool: ChunkPool, tmp_path: Path) -> None:
+    src = tmp_path / "disk.img"
+    write_volume(src, MiB)
+    _, manifest, _ = capture_volume(pool, src)
+    with pytest.raises(TargetInvalid):
+        restore_volume(pool, manifest, tmp_path)
