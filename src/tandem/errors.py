@@ -167,3 +167,19 @@ class RemoteError(TandemError):
     """{what} {name} answered with an error: {detail}"""
 
     http_status = 502
+
+
+# --- lifecycle and jobs -----------------------------------------------------------------
+
+
+class TransitionRefused(TandemError):
+    """Cannot {operation} application {app!r} now: {reason}."""
+
+    http_status = 409
+
+
+class JobCanceled(TandemError):
+    """Job {job} was canceled before it finished. Run the operation again if it is still
+    needed."""
+
+    http_status = 409

@@ -1,0 +1,1 @@
+"""Alembic revisions, one module per schema change (0001, 0002, ...)."""

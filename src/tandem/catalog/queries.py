@@ -1,0 +1,566 @@
+"""Catalog queries: keyword-only functions over a ``Session``.
+
+Invariants
+- Functions never commit; they flush, so the caller's ``Catalog.begin()`` block is the unit
+  of work and a failure leaves nothing behind.
+- Duplicates are detected by the database (unique constraints), inside a savepoint, and
+  raised as ``AlreadyExists``; the session stays usable after it.
+- ``get_*`` raise ``NotFound`` whose message names the command that lists what exists.
+- An app's state changes only through ``record_transition``, which checks the lifecycle
+  table and stores the transition (from, to, operation, actor, epoch).
+- Lists come in a stable order: names alphabetically, images and jobs newest first,
+  transitions and log lines oldest first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any, TypeVar
+
+from sqlalchemy import delete, func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from tandem.catalog.models import (
+    App,
+    Audit,
+    Base,
+    Host,
+    Image,
+    Job,
+    JobLog,
+    Peer,
+    Setting,
+    Template,
+    Token,
+    Transition,
+    utcnow,
+)
+from tandem.domain.ids import new_app_id, new_image_id, validate_name
+from tandem.domain.images import ImageKind, ImageState
+from tandem.domain.jobs import JobStatus
+from tandem.domain.lifecycle import (
+    FENCING_OPERATIONS,
+    AppFacts,
+    AppKind,
+    AppState,
+    Operation,
+    check_transition,
+)
+from tandem.domain.rules import Role
+from tandem.errors import AlreadyExists, Conflict, InvalidInput, NotFound
+
+R = TypeVar("R", bound=Base)
+
+
+def _insert(session: Session, row: R, *, what: str, name: str) -> R:
+    """Add ``row`` in a savepoint; a unique-constraint violation becomes ``AlreadyExists``."""
+    try:
+        with session.begin_nested():
+            session.add(row)
+    except IntegrityError as exc:
+        raise AlreadyExists(what=what, name=name) from exc
+    return row
+
+
+def _positive(value: int | None, what: str) -> int | None:
+    if value is not None and value <= 0:
+        raise InvalidInput(detail=f"{what} must be a positive number, not {value}")
+    return value
+
+
+# --- hosts -------------------------------------------------------------------------------
+
+
+def add_host(session: Session, *, name: str, url: str, token: str, fingerprint: str) -> Host:
+    validate_name(name, "host name")
+    return _insert(
+        session,
+        Host(name=name, url=url, token=token, fingerprint=fingerprint),
+        what="host",
+        name=name,
+    )
+
+
+def get_host(session: Session, *, name: str) -> Host:
+    host = session.scalar(select(Host).where(Host.name == name))
+    if host is None:
+        raise NotFound(what="host", name=name, listing="hosts")
+    return host
+
+
+def list_hosts(session: Session) -> list[Host]:
+    return list(session.scalars(select(Host).order_by(Host.name)))
+
+
+def remove_host(session: Session, *, name: str) -> None:
+    """Remove a host that no local app runs on and no image is mounted on."""
+    host = get_host(session, name=name)
+    apps = session.scalars(
+        select(App.name).where(App.host == name, App.origin.is_(None)).order_by(App.name)
+    ).all()
+    if apps:
+        raise Conflict(
+            detail=f"host {name!r} runs the applications {', '.join(apps)}; remove them first"
+        )
+    mounted = session.scalars(select(Image.id).where(Image.mounted_host == name)).all()
+    if mounted:
+        raise Conflict(
+            detail=f"host {name!r} has the images {', '.join(sorted(mounted))} mounted; "
+            "unmount or delete them first"
+        )
+    session.delete(host)
+    session.flush()
+
+
+# --- templates ---------------------------------------------------------------------------
+
+
+def add_template(
+    session: Session,
+    *,
+    name: str,
+    every_seconds: int | None = None,
+    keep: int | None = None,
+    mirror: bool = False,
+) -> Template:
+    validate_name(name, "template name")
+    row = Template(
+        name=name,
+        every_seconds=_positive(every_seconds, "the capture interval"),
+        keep=_positive(keep, "the number of images to keep"),
+        mirror=mirror,
+    )
+    return _insert(session, row, what="template", name=name)
+
+
+def get_template(session: Session, *, name: str) -> Template:
+    template = session.scalar(select(Template).where(Template.name == name))
+    if template is None:
+        raise NotFound(what="template", name=name, listing="templates")
+    return template
+
+
+def list_templates(session: Session) -> list[Template]:
+    return list(session.scalars(select(Template).order_by(Template.name)))
+
+
+def remove_template(session: Session, *, name: str) -> None:
+    """Remove a template that no app uses."""
+    template = get_template(session, name=name)
+    apps = session.scalars(select(App.name).where(App.template == name).order_by(App.name)).all()
+    if apps:
+        raise Conflict(
+            detail=f"template {name!r} protects the applications {', '.join(apps)}; "
+            "protect them with another template or unprotect them first"
+        )
+    session.delete(template)
+    session.flush()
+
+
+# --- apps ---------------------------------------------------------------------------------
+
+
+def add_app(
+    session: Session,
+    *,
+    name: str,
+    kind: AppKind,
+    host: str,
+    path: str,
+    start_cmd: str | None = None,
+    stop_cmd: str | None = None,
+    origin: str | None = None,
+    app_id: str | None = None,
+    state: AppState = AppState.UNMANAGED,
+) -> App:
+    """Add an application. A local app's host must be registered here; a mirrored app
+    (``origin`` names the appliance that owns it) keeps the other site's host name."""
+    validate_name(name, "application name")
+    if origin is None:
+        get_host(session, name=host)
+    row = App(
+        id=app_id or new_app_id(),
+        name=name,
+        kind=AppKind(kind),
+        host=host,
+        path=path,
+        start_cmd=start_cmd,
+        stop_cmd=stop_cmd,
+        origin=origin,
+        state=state,
+    )
+    return _insert(session, row, what="application", name=name)
+
+
+def get_app(session: Session, *, name: str, for_update: bool = False) -> App:
+    """The app called ``name``; ``for_update`` locks its row until the transaction ends."""
+    query = select(App).where(App.name == name)
+    if for_update:
+        query = query.with_for_update()
+    app = session.scalar(query)
+    if app is None:
+        raise NotFound(what="application", name=name, listing="apps")
+    return app
+
+
+def list_apps(session: Session) -> list[App]:
+    return list(session.scalars(select(App).order_by(App.name)))
+
+
+def set_app_template(session: Session, *, name: str, template: str | None) -> App:
+    """Point an app at a template (``None``: none). The state changes via ``record_transition``."""
+    app = get_app(session, name=name)
+    if template is not None:
+        get_template(session, name=template)
+    app.template = template
+    session.flush()
+    return app
+
+
+def set_writer_epoch(session: Session, *, name: str, epoch: int) -> App:
+    """Adopt a higher writer epoch learned from the peer; an epoch never goes down."""
+    app = get_app(session, name=name, for_update=True)
+    app.writer_epoch = max(app.writer_epoch, epoch)
+    session.flush()
+    return app
+
+
+def mark_replicated(session: Session, *, name: str, at: datetime) -> App:
+    """Record that a capture made at ``at`` reached the peer (the lag is measured from it)."""
+    app = get_app(session, name=name)
+    if app.last_replicated is None or at > app.last_replicated:
+        app.last_replicated = at
+    session.flush()
+    return app
+
+
+def remove_app(session: Session, *, name: str) -> None:
+    """Remove an unmanaged app that has no images left (its transitions go with it)."""
+    app = get_app(session, name=name)
+    if app.state is not AppState.UNMANAGED:
+        raise Conflict(
+            detail=f"application {name!r} is {app.state.value}; unprotect it before removing it"
+        )
+    count = session.scalar(select(func.count()).select_from(Image).where(Image.app_id == app.id))
+    if count:
+        raise Conflict(
+            detail=f"application {name!r} still has {count} image(s); delete them first "
+            f"(`tandem images {name}` lists them)"
+        )
+    session.delete(app)
+    session.flush()
+
+
+def record_transition(
+    session: Session,
+    *,
+    app: str,
+    operation: Operation,
+    actor: str | None = None,
+    job: str | None = None,
+    facts: AppFacts | None = None,
+) -> Transition:
+    """Move ``app`` through ``operation`` per the lifecycle table and store the step.
+
+    Raises ``InvalidTransition`` (or ``TransitionRefused`` when ``facts`` are given and a
+    guard refuses). Fencing operations raise the app's writer epoch; the stored epoch is the
+    one in force after the transition.
+    """
+    row = get_app(session, name=app, for_update=True)
+    target = check_transition(row.name, row.state, operation, facts)
+    if operation in FENCING_OPERATIONS:
+        row.writer_epoch += 1
+    step = Transition(
+        app_id=row.id,
+        from_state=row.state,
+        to_state=target,
+        operation=operation,
+        actor=actor,
+        job=job,
+        epoch=row.writer_epoch,
+        ts=utcnow(),
+    )
+    row.state = target
+    session.add(step)
+    session.flush()
+    return step
+
+
+def list_transitions(session: Session, *, app: str) -> list[Transition]:
+    row = get_app(session, name=app)
+    query = select(Transition).where(Transition.app_id == row.id)
+    return list(session.scalars(query.order_by(Transition.ts, Transition.id)))
+
+
+# --- images -------------------------------------------------------------------------------
+
+
+def add_image(
+    session: Session,
+    *,
+    app: str,
+    kind: ImageKind,
+    manifest: str,
+    size: int = 0,
+    label: str | None = None,
+    origin: str | None = None,
+    parent_id: str | None = None,
+    source_image_id: str | None = None,
+    protective: bool = False,
+    epoch: int | None = None,
+    image_id: str | None = None,
+    created: datetime | None = None,
+    state: ImageState = ImageState.READY,
+) -> Image:
+    """Record an image whose data is already durable (the manifest is committed last).
+
+    ``epoch`` defaults to the app's writer epoch. A snapshot moves the app's
+    ``last_capture`` forward; a replica moves ``last_replicated`` forward.
+    """
+    row = get_app(session, name=app)
+    if parent_id is not None:
+        get_image(session, image_id=parent_id)
+    image = Image(
+        id=image_id or new_image_id(),
+        app=row,
+        kind=ImageKind(kind),
+        label=label,
+        manifest=manifest,
+        size=size,
+        created=created or utcnow(),
+        origin=origin,
+        parent_id=parent_id,
+        source_image_id=source_image_id,
+        protective=protective or kind is ImageKind.PROTECTIVE,
+        epoch=row.writer_epoch if epoch is None else epoch,
+        state=state,
+    )
+    _insert(session, image, what="image", name=image.id)
+    created_at = image.created
+    if kind is ImageKind.SNAPSHOT and (row.last_capture is None or created_at > row.last_capture):
+        row.last_capture = created_at
+    if kind is ImageKind.REPLICA and (
+        row.last_replicated is None or created_at > row.last_replicated
+    ):
+        row.last_replicated = created_at
+    session.flush()
+    return image
+
+
+def get_image(session: Session, *, image_id: str) -> Image:
+    image = session.get(Image, image_id)
+    if image is None:
+        raise NotFound(what="image", name=image_id, listing="images APP")
+    return image
+
+
+def list_images(
+    session: Session,
+    *,
+    app: str,
+    kind: ImageKind | Sequence[ImageKind] | None = None,
+) -> list[Image]:
+    """The app's images, newest first, optionally only of the given kind(s)."""
+    row = get_app(session, name=app)
+    query = select(Image).where(Image.app_id == row.id)
+    if isinstance(kind, ImageKind):
+        query = query.where(Image.kind == kind)
+    elif kind is not None:
+        query = query.where(Image.kind.in_(list(kind)))
+    return list(session.scalars(query.order_by(Image.created.desc(), Image.id.desc())))
+
+
+def latest_image(session: Session, *, app: str, kind: ImageKind) -> Image | None:
+    """The app's newest usable image of ``kind`` (one being deleted does not count)."""
+    for image in list_images(session, app=app, kind=kind):
+        if image.state is not ImageState.DELETING:
+            return image
+    return None
+
+
+def list_images_on_host(session: Session, *, host: str) -> list[Image]:
+    """Images presented to ``host`` (any app), newest first."""
+    query = select(Image).where(Image.mounted_host == host)
+    return list(session.scalars(query.order_by(Image.created.desc(), Image.id.desc())))
+
+
+def list_images_of_kind(session: Session, *, kind: ImageKind) -> list[Image]:
+    """Every image of ``kind`` on this appliance (any app), newest first."""
+    query = select(Image).where(Image.kind == kind)
+    return list(session.scalars(query.order_by(Image.created.desc(), Image.id.desc())))
+
+
+def set_image_state(
+    session: Session,
+    *,
+    image_id: str,
+    state: ImageState,
+    mounted_host: str | None = None,
+    mount_point: str | None = None,
+    nbd_export: str | None = None,
+) -> Image:
+    """Set an image's state; the presentation fields are kept only while it is mounted."""
+    image = get_image(session, image_id=image_id)
+    image.state = state
+    mounted = state is ImageState.MOUNTED
+    image.mounted_host = mounted_host if mounted else None
+    image.mount_point = mount_point if mounted else None
+    image.nbd_export = nbd_export if mounted else None
+    session.flush()
+    return image
+
+
+def delete_image(session: Session, *, image_id: str) -> None:
+    """Remove an image's row; images naming it as parent keep existing (parent set NULL)."""
+    image = get_image(session, image_id=image_id)
+    session.delete(image)
+    session.flush()
+
+
+# --- jobs (read side; the queue is tandem.jobs.queue) -------------------------------------
+
+
+def get_job(session: Session, *, job_id: str) -> Job:
+    job = session.get(Job, job_id)
+    if job is None:
+        raise NotFound(what="job", name=job_id, listing="jobs")
+    return job
+
+
+def list_jobs(
+    session: Session,
+    *,
+    app: str | None = None,
+    status: JobStatus | Sequence[JobStatus] | None = None,
+    limit: int = 100,
+) -> list[Job]:
+    """Jobs newest first, optionally of one app and/or status(es)."""
+    query = select(Job)
+    if app is not None:
+        query = query.where(Job.app == app)
+    if isinstance(status, JobStatus):
+        query = query.where(Job.status == status)
+    elif status is not None:
+        query = query.where(Job.status.in_(list(status)))
+    query = query.order_by(Job.created.desc(), Job.id.desc()).limit(limit)
+    return list(session.scalars(query))
+
+
+def add_job_log(session: Session, *, job_id: str, text: str, level: str = "info") -> JobLog:
+    line = JobLog(job_id=job_id, text=text, level=level, ts=utcnow())
+    session.add(line)
+    session.flush()
+    return line
+
+
+def list_job_log(session: Session, *, job_id: str) -> list[JobLog]:
+    query = select(JobLog).where(JobLog.job_id == job_id)
+    return list(session.scalars(query.order_by(JobLog.ts, JobLog.id)))
+
+
+# --- tokens ---------------------------------------------------------------------------------
+
+
+def hash_token(token: str) -> str:
+    """The SHA-256 (hex) under which a token is stored; the token itself never is."""
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def add_token(session: Session, *, name: str, token: str, role: Role) -> Token:
+    validate_name(name, "token name")
+    row = Token(name=name, token_sha256=hash_token(token), role=Role(role))
+    return _insert(session, row, what="token", name=name)
+
+
+def find_token(session: Session, *, token: str) -> Token | None:
+    """The token row matching a presented bearer token, or ``None``."""
+    return session.scalar(select(Token).where(Token.token_sha256 == hash_token(token)))
+
+
+def list_tokens(session: Session) -> list[Token]:
+    return list(session.scalars(select(Token).order_by(Token.name)))
+
+
+def remove_token(session: Session, *, name: str) -> None:
+    result = session.execute(delete(Token).where(Token.name == name))
+    if not getattr(result, "rowcount", 0):
+        raise NotFound(what="token", name=name, listing="tokens")
+
+
+# --- peers -----------------------------------------------------------------------------------
+
+
+def add_peer(session: Session, *, name: str, url: str, token: str, fingerprint: str) -> Peer:
+    validate_name(name, "appliance name")
+    return _insert(
+        session,
+        Peer(name=name, url=url, token=token, fingerprint=fingerprint),
+        what="peer",
+        name=name,
+    )
+
+
+def get_peer(session: Session, *, name: str) -> Peer:
+    peer = session.scalar(select(Peer).where(Peer.name == name))
+    if peer is None:
+        raise NotFound(what="peer", name=name, listing="peers")
+    return peer
+
+
+def list_peers(session: Session) -> list[Peer]:
+    return list(session.scalars(select(Peer).order_by(Peer.name)))
+
+
+def remove_peer(session: Session, *, name: str) -> None:
+    session.delete(get_peer(session, name=name))
+    session.flush()
+
+
+# --- settings and audit ------------------------------------------------------------------------
+
+
+def get_setting(session: Session, *, key: str) -> str | None:
+    row = session.get(Setting, key)
+    return None if row is None else row.value
+
+
+def set_setting(session: Session, *, key: str, value: str) -> None:
+    row = session.get(Setting, key)
+    if row is None:
+        session.add(Setting(key=key, value=value))
+    else:
+        row.value = value
+    session.flush()
+
+
+def add_audit(
+    session: Session,
+    *,
+    actor: str | None,
+    role: str | None,
+    method: str,
+    path: str,
+    status: int,
+    detail: dict[str, Any] | None = None,
+) -> Audit:
+    row = Audit(
+        actor=actor,
+        role=role,
+        method=method,
+        path=path,
+        status=status,
+        detail=detail,
+        ts=utcnow(),
+    )
+    session.add(row)
+    session.flush()
+    return row
+
+
+def list_audit(session: Session, *, limit: int = 100) -> list[Audit]:
+    """The newest audit records first."""
+    query = select(Audit).order_by(Audit.ts.desc(), Audit.id.desc()).limit(limit)
+    return list(session.scalars(query))

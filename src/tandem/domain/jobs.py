@@ -1,0 +1,57 @@
+"""Job states and the transitions between them.
+
+Invariants
+- A job starts ``QUEUED``; a runner claims it (``RUNNING``); it ends in exactly one terminal
+  state (``SUCCEEDED``, ``FAILED``, ``CANCELED``) and never leaves it.
+- ``RUNNING -> QUEUED`` happens only when start-up recovery re-queues an interrupted job
+  whose operation is idempotent (resume = run again).
+- A queued job can be canceled at once; a running one only asks its operation to stop, and
+  becomes ``CANCELED`` when the operation gives up (see ``tandem.jobs``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from enum import StrEnum
+
+from tandem.errors import Conflict
+
+
+class JobStatus(StrEnum):
+    """Where a job is; the values are the ``status`` field of the job JSON (CLI.md)."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+
+TERMINAL: frozenset[JobStatus] = frozenset(
+    {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED}
+)
+ACTIVE: frozenset[JobStatus] = frozenset({JobStatus.QUEUED, JobStatus.RUNNING})
+
+JOB_TRANSITIONS: Mapping[JobStatus, frozenset[JobStatus]] = {
+    JobStatus.QUEUED: frozenset({JobStatus.RUNNING, JobStatus.CANCELED}),
+    JobStatus.RUNNING: frozenset(
+        {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED, JobStatus.QUEUED}
+    ),
+    JobStatus.SUCCEEDED: frozenset(),
+    JobStatus.FAILED: frozenset(),
+    JobStatus.CANCELED: frozenset(),
+}
+
+
+def check_job_transition(job_id: str, current: JobStatus, new: JobStatus) -> JobStatus:
+    """Return ``new`` if a job may go from ``current`` to it; raise ``Conflict`` otherwise."""
+    if new in JOB_TRANSITIONS[current]:
+        return new
+    if current in TERMINAL:
+        detail = (
+            f"job {job_id} already ended ({current.value}); it cannot become {new.value}. "
+            "Submit the operation again for a new job"
+        )
+    else:
+        detail = f"job {job_id} is {current.value}; it cannot become {new.value}"
+    raise Conflict(detail=detail)

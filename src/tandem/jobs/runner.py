@@ -1,0 +1,427 @@
+"""The job runner: worker threads that claim queued jobs and run their handlers.
+
+Invariants
+- A handler is ``Callable[[JobContext], dict | None]``; what it returns is the job's result.
+  It ends the job: returning → ``succeeded``; raising ``JobCanceled`` → ``canceled``; raising
+  another ``TandemError`` → ``failed`` with that error's message; raising anything else →
+  ``failed`` with "internal error: ..." and the traceback in the job log.
+- Progress is written at most every ``flush_interval`` seconds (and when the job ends), so a
+  handler may report per chunk. Every write also tells the context whether cancellation was
+  requested; the heartbeat thread does too, for handlers that report rarely.
+- The runner needs no asyncio: it runs in its own threads beside uvicorn. ``start()`` first
+  recovers jobs left running by a previous run (``tandem.jobs.queue.recover_jobs``);
+  ``stop()`` asks running handlers to stop (``check_canceled()`` raises) and treats the jobs
+  they abandon as interrupted: re-queued when resumable, failed otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import traceback
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from tandem.catalog.db import Catalog
+from tandem.catalog.models import Job
+from tandem.catalog.queries import add_job_log, get_job
+from tandem.domain.ids import new_id
+from tandem.domain.jobs import TERMINAL, JobStatus
+from tandem.errors import JobCanceled, TandemError
+from tandem.jobs.queue import (
+    CANCELED_MESSAGE,
+    claim_next,
+    finish_job,
+    heartbeat,
+    interrupt_job,
+    recover_jobs,
+    release_job,
+    submit_job,
+    update_progress,
+)
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[["JobContext"], Mapping[str, Any] | None]
+
+
+@dataclass(frozen=True)
+class JobInfo:
+    """What a handler knows of its job: a snapshot of the row when it was claimed."""
+
+    id: str
+    type: str
+    app: str | None
+    image: str | None
+    params: Mapping[str, Any] = field(default_factory=dict)
+    attempts: int = 1
+    actor: str | None = None
+    created: datetime | None = None
+
+    @classmethod
+    def from_row(cls, job: Job) -> JobInfo:
+        return cls(
+            id=job.id,
+            type=job.type,
+            app=job.app,
+            image=job.image,
+            params=dict(job.params or {}),
+            attempts=job.attempts,
+            actor=job.actor,
+            created=job.created,
+        )
+
+
+class JobContext:
+    """The handle a handler gets: its job, progress reporting, logging, cancellation.
+
+    Thread-safe: a handler may report from several threads of its own.
+    """
+
+    def __init__(self, catalog: Catalog, job: JobInfo, *, flush_interval: float = 0.5) -> None:
+        self.catalog = catalog
+        self.job = job
+        self.flush_interval = flush_interval
+        self._lock = threading.Lock()
+        self._cancel = threading.Event()  # the operator asked (seen in the catalog)
+        self._stop = threading.Event()  # the runner is stopping
+        self._done: int | None = None
+        self._total: int | None = None
+        self._sent = 0
+        self._sent_dirty = False
+        self._message: str | None = None
+        self._image: str | None = None
+        self._dirty = False
+        self._last_flush = 0.0
+
+    # -- reporting ------------------------------------------------------------------------
+
+    def progress(self, done: int, total: int | None = None) -> None:
+        """Bytes done so far (absolute), and the total when known."""
+        with self._lock:
+            self._done = done
+            if total is not None:
+                self._total = total
+            self._dirty = True
+        self._maybe_flush()
+
+    def add_sent(self, n: int) -> None:
+        """Count ``n`` more bytes that crossed between machines."""
+        with self._lock:
+            self._sent += n
+            self._sent_dirty = True
+            self._dirty = True
+        self._maybe_flush()
+
+    def set_message(self, text: str) -> None:
+        """The job's one-line status (shown while it runs, kept when it succeeds)."""
+        with self._lock:
+            self._message = text
+            self._dirty = True
+        self._maybe_flush()
+
+    def set_image(self, image_id: str) -> None:
+        """Name the image this job produces or works on (the job JSON's ``image``)."""
+        with self._lock:
+            self._image = image_id
+            self._dirty = True
+        self.flush()
+
+    def log(self, text: str, level: str = "info") -> None:
+        """Append a line to the job's log (written at once)."""
+        with self.catalog.begin() as session:
+            add_job_log(session, job_id=self.job.id, text=text, level=level)
+
+    @property
+    def message(self) -> str | None:
+        return self._message
+
+    # -- cancellation ---------------------------------------------------------------------
+
+    @property
+    def cancel_requested(self) -> bool:
+        """Whether the operator asked to cancel the job."""
+        return self._cancel.is_set()
+
+    @property
+    def stopping(self) -> bool:
+        """Whether the runner is stopping (the appliance shuts down)."""
+        return self._stop.is_set()
+
+    def check_canceled(self) -> None:
+        """Raise ``JobCanceled`` if the job was canceled or the runner stops; call it often."""
+        self._maybe_flush(poll=True)
+        if self._cancel.is_set() or self._stop.is_set():
+            raise JobCanceled(job=self.job.id)
+
+    # -- persistence ----------------------------------------------------------------------
+
+    def _maybe_flush(self, *, poll: bool = False) -> None:
+        if time.monotonic() - self._last_flush >= self.flush_interval and (self._dirty or poll):
+            self.flush()
+
+    def flush(self) -> None:
+        """Write pending progress now and learn whether cancellation was requested."""
+        with self._lock:
+            done, total, message, image = self._done, self._total, self._message, self._image
+            sent = self._sent if self._sent_dirty else None
+            self._dirty = False
+            self._last_flush = time.monotonic()
+        with self.catalog.begin() as session:
+            canceled = update_progress(
+                session,
+                job_id=self.job.id,
+                bytes_done=done,
+                bytes_total=total,
+                bytes_sent=sent,
+                message=message,
+                image=image,
+            )
+        if canceled:
+            self._cancel.set()
+
+
+def default_runner_id() -> str:
+    """A runner id unique to this process: host name, pid and a random part."""
+    return f"{socket.gethostname()[:32]}-{os.getpid()}-{new_id('r')[2:8]}"
+
+
+class JobRunner:
+    """Runs queued jobs of the catalog in ``workers`` threads.
+
+    ``exclusive`` (the default) says this is the only runner of the catalog: at start-up every
+    job still marked running is an orphan. With several runners (PostgreSQL scale-out) set it
+    false: only jobs whose heartbeat is older than ``stale_after`` are recovered, at start and
+    periodically.
+    """
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        handlers: Mapping[str, Handler],
+        workers: int = 2,
+        *,
+        resumable: Collection[str] = frozenset(),
+        runner_id: str | None = None,
+        poll_interval: float = 1.0,
+        heartbeat_interval: float = 5.0,
+        flush_interval: float = 0.5,
+        exclusive: bool = True,
+        stale_after: float | None = None,
+    ) -> None:
+        if workers < 1:
+            raise ValueError("a job runner needs at least one worker")
+        self.catalog = catalog
+        self.handlers = dict(handlers)
+        self.workers = workers
+        self.resumable = frozenset(resumable)
+        self.runner_id = runner_id or default_runner_id()
+        self.poll_interval = poll_interval
+        self.heartbeat_interval = heartbeat_interval
+        self.flush_interval = flush_interval
+        self.exclusive = exclusive
+        self.stale_after = stale_after if stale_after is not None else 6 * heartbeat_interval
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._active: dict[str, JobContext] = {}
+        self._active_lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+
+    # -- control --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Recover orphaned jobs, then start the worker and heartbeat threads."""
+        if self._threads:
+            raise RuntimeError("the job runner is already started")
+        self._stopping.clear()
+        self.recover()
+        for n in range(self.workers):
+            self._threads.append(
+                threading.Thread(target=self._work, name=f"tandem-job-{n}", daemon=True)
+            )
+        self._threads.append(threading.Thread(target=self._beat, name="tandem-job-hb", daemon=True))
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self, timeout: float = 30.0) -> bool:
+        """Stop claiming, ask running handlers to stop, wait up to ``timeout`` seconds.
+
+        Returns whether every thread ended; a handler still running then keeps its job marked
+        running, and the next start-up recovers it.
+        """
+        self._stopping.set()
+        self._wake.set()
+        with self._active_lock:
+            for ctx in self._active.values():
+                ctx._stop.set()
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        alive = [t for t in self._threads if t.is_alive()]
+        self._threads = alive
+        return not alive
+
+    def __enter__(self) -> JobRunner:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def wake(self) -> None:
+        """Tell idle workers a job was queued (call it after the submitting commit)."""
+        self._wake.set()
+
+    def recover(self) -> list[str]:
+        """Recover jobs left running by a runner that is gone; return their ids."""
+        stale = None if self.exclusive else self.stale_after
+        with self.catalog.begin() as session:
+            jobs = recover_jobs(
+                session, self.runner_id, stale_after=stale, resumable=self.resumable
+            )
+            ids = [job.id for job in jobs]
+        if ids:
+            log.warning("recovered %d interrupted job(s): %s", len(ids), ", ".join(ids))
+            self.wake()
+        return ids
+
+    # -- conveniences ---------------------------------------------------------------------
+
+    def submit(
+        self,
+        type: str,
+        *,
+        app: str | None = None,
+        params: Mapping[str, Any] | None = None,
+        lifecycle: bool = False,
+        image: str | None = None,
+        actor: str | None = None,
+    ) -> Job:
+        """Queue a job in its own transaction and wake a worker."""
+        with self.catalog.begin() as session:
+            job = submit_job(
+                session,
+                type=type,
+                app=app,
+                params=params,
+                lifecycle=lifecycle,
+                image=image,
+                actor=actor,
+            )
+        self.wake()
+        return job
+
+    def wait(self, job_id: str, timeout: float = 60.0, interval: float = 0.05) -> Job:
+        """Poll until the job ends; return its row. Raises ``TimeoutError`` after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self.catalog.read() as session:
+                job = get_job(session, job_id=job_id)
+            if job.status in TERMINAL:
+                return job
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"job {job_id} still {job.status.value} after {timeout} s")
+            time.sleep(interval)
+
+    # -- threads --------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while not self._stopping.is_set():
+            # Clear before claiming: a submit after this point sets it and the wait below
+            # returns at once, so no wake-up is lost.
+            self._wake.clear()
+            try:
+                with self.catalog.begin() as session:
+                    row = claim_next(session, self.runner_id, types=self.handlers)
+                    info = JobInfo.from_row(row) if row is not None else None
+            except Exception:
+                log.exception("claiming a job failed; retrying")
+                self._stopping.wait(self.poll_interval)
+                continue
+            if info is None:
+                self._wake.wait(self.poll_interval)
+                continue
+            self._run(info)
+
+    def _run(self, info: JobInfo) -> None:
+        ctx = JobContext(self.catalog, info, flush_interval=self.flush_interval)
+        with self._active_lock:
+            stopping = self._stopping.is_set()
+            if not stopping:
+                self._active[info.id] = ctx
+        if stopping:
+            # Claimed while stop() ran: the handler never started, so give the job back.
+            with self.catalog.begin() as session:
+                release_job(session, job_id=info.id, runner_id=self.runner_id)
+            return
+        try:
+            self._execute(ctx)
+        except Exception:
+            # The catalog could not record the outcome: the job stays running and the next
+            # start-up (or a peer runner) recovers it.
+            log.exception("recording the end of job %s failed", info.id)
+        finally:
+            with self._active_lock:
+                self._active.pop(info.id, None)
+
+    def _execute(self, ctx: JobContext) -> None:
+        info = ctx.job
+        handler = self.handlers[info.type]
+        try:
+            result = handler(ctx)
+        except JobCanceled as exc:
+            ctx.flush()
+            if ctx.stopping and not ctx.cancel_requested:
+                with self.catalog.begin() as session:
+                    interrupt_job(
+                        session,
+                        get_job(session, job_id=info.id),
+                        runner_id=self.runner_id,
+                        resumable=info.type in self.resumable,
+                    )
+                return
+            message = CANCELED_MESSAGE if ctx.cancel_requested else exc.message
+            self._finish(info.id, JobStatus.CANCELED, message)
+        except TandemError as exc:
+            ctx.flush()
+            self._finish(info.id, JobStatus.FAILED, exc.message)
+        except Exception as exc:
+            ctx.flush()
+            ctx.log(traceback.format_exc(), level="error")
+            self._finish(info.id, JobStatus.FAILED, f"internal error: {type(exc).__name__}: {exc}")
+        else:
+            ctx.flush()
+            self._finish(info.id, JobStatus.SUCCEEDED, ctx.message or "done", result)
+
+    def _finish(
+        self,
+        job_id: str,
+        status: JobStatus,
+        message: str,
+        result: Mapping[str, Any] | None = None,
+    ) -> None:
+        with self.catalog.begin() as session:
+            finish_job(session, job_id=job_id, status=status, message=message, result=result)
+
+    def _beat(self) -> None:
+        last_recovery = time.monotonic()
+        while not self._stopping.wait(self.heartbeat_interval):
+            with self._active_lock:
+                contexts = dict(self._active)
+            try:
+                if contexts:
+                    with self.catalog.begin() as session:
+                        flags = heartbeat(session, runner_id=self.runner_id, job_ids=contexts)
+                    for job_id, canceled in flags.items():
+                        if canceled:
+                            contexts[job_id]._cancel.set()
+                if not self.exclusive and time.monotonic() - last_recovery >= self.stale_after:
+                    last_recovery = time.monotonic()
+                    self.recover()
+            except Exception:
+                log.exception("job heartbeat failed; retrying")

@@ -1,0 +1,128 @@
+from __future__ import annotations
+
+import pytest
+
+from tandem.domain.images import ImageKind
+from tandem.domain.lifecycle import AppState
+from tandem.domain.rules import (
+    FAILOVER_CONFIRMATION,
+    RESTORE_CONFIRMATIONS,
+    PresentedImage,
+    Role,
+    check_confirmations,
+    check_failover_target,
+    check_image_deletable,
+    check_test_failover_target,
+    check_writer_epoch,
+    role_allows,
+)
+from tandem.errors import ConfirmationRequired, Conflict, InvalidInput
+
+
+def test_confirmation_phrases() -> None:
+    assert FAILOVER_CONFIRMATION == "FAILOVER"
+    assert RESTORE_CONFIRMATIONS == ("DATA LOSS", "OVERWRITE OTHER APPS")
+
+
+@pytest.mark.parametrize(
+    "given",
+    [
+        ["DATA LOSS", "OVERWRITE OTHER APPS"],
+        ["OVERWRITE OTHER APPS", "DATA LOSS"],
+        [" DATA LOSS ", "OVERWRITE OTHER APPS", "FAILOVER"],
+    ],
+)
+def test_restore_confirmations_accepted(given: list[str]) -> None:
+    check_confirmations(given, RESTORE_CONFIRMATIONS)
+
+
+@pytest.mark.parametrize(
+    "given",
+    [[], ["DATA LOSS"], ["data loss", "overwrite other apps"], ["DATA LOSS OVERWRITE OTHER APPS"]],
+)
+def test_restore_confirmations_refused(given: list[str]) -> None:
+    with pytest.raises(ConfirmationRequired) as info:
+        check_confirmations(given, RESTORE_CONFIRMATIONS)
+    assert str(info.value) == (
+        "This operation destroys or replaces data and needs the typed confirmation(s) "
+        '"DATA LOSS" and "OVERWRITE OTHER APPS". Repeat the request with '
+        '--confirm "DATA LOSS" --confirm "OVERWRITE OTHER APPS".'
+    )
+    assert info.value.http_status == 422
+
+
+def test_failover_confirmation() -> None:
+    check_confirmations(["FAILOVER"], [FAILOVER_CONFIRMATION])
+    with pytest.raises(ConfirmationRequired, match='--confirm "FAILOVER"'):
+        check_confirmations(["failover"], [FAILOVER_CONFIRMATION])
+
+
+def test_vm_cannot_fail_over_onto_itself() -> None:
+    with pytest.raises(InvalidInput, match="onto the VM it came from"):
+        check_failover_target(app="web", source_host="vm1", target_host="vm1", is_vm=True)
+    check_failover_target(app="web", source_host="vm1", target_host="vm2", is_vm=True)
+    # A file-system app may be presented on its own host (at another mount point).
+    check_failover_target(app="web", source_host="h1", target_host="h1", is_vm=False)
+
+
+def test_one_test_failover_image_per_host() -> None:
+    existing = [PresentedImage(image_id="img_aaaaaaaaaaaa", app="db", host="dr1")]
+    with pytest.raises(Conflict, match="host 'dr1' already carries") as info:
+        check_test_failover_target(
+            app="web", source_host="p1", target_host="dr1", is_vm=False, test_images=existing
+        )
+    assert "tandem image delete img_aaaaaaaaaaaa" in str(info.value)
+    check_test_failover_target(
+        app="web", source_host="p1", target_host="dr2", is_vm=False, test_images=existing
+    )
+
+
+def test_an_app_is_tested_on_one_host_at_a_time() -> None:
+    existing = [PresentedImage(image_id="img_aaaaaaaaaaaa", app="db", host="dr1")]
+    with pytest.raises(Conflict, match="one host at a time"):
+        check_test_failover_target(
+            app="db", source_host="p1", target_host="dr2", is_vm=False, test_images=existing
+        )
+
+
+def test_test_failover_target_checks_vm_rule() -> None:
+    with pytest.raises(InvalidInput):
+        check_test_failover_target(
+            app="vm", source_host="vm1", target_host="vm1", is_vm=True, test_images=[]
+        )
+
+
+@pytest.mark.parametrize(
+    ("kind", "state", "refused"),
+    [
+        (ImageKind.FAILOVER, AppState.FAILED_OVER, True),
+        (ImageKind.FAILOVER, AppState.FAILBACK_PENDING, True),
+        (ImageKind.FAILOVER, AppState.MANAGED, False),
+        (ImageKind.PROTECTIVE, AppState.FAILBACK_PENDING, True),
+        (ImageKind.PROTECTIVE, AppState.MANAGED, False),
+        (ImageKind.SYNCBACK, AppState.FAILED_OVER, False),
+        (ImageKind.TEST_FAILOVER, AppState.MANAGED, False),
+        (ImageKind.MOUNT, AppState.FAILED_OVER, False),
+    ],
+)
+def test_image_deletable(kind: ImageKind, state: AppState, refused: bool) -> None:
+    if refused:
+        with pytest.raises(Conflict):
+            check_image_deletable(image_id="img_x", kind=kind, app="db", app_state=state)
+    else:
+        check_image_deletable(image_id="img_x", kind=kind, app="db", app_state=state)
+
+
+def test_writer_epoch_fencing() -> None:
+    check_writer_epoch(app="db", carried=3, current=3)
+    check_writer_epoch(app="db", carried=4, current=3)
+    with pytest.raises(Conflict, match="epoch 2"):
+        check_writer_epoch(app="db", carried=2, current=3)
+
+
+def test_roles_are_ordered() -> None:
+    assert role_allows(Role.ADMIN, Role.OPERATOR)
+    assert role_allows(Role.OPERATOR, Role.OPERATOR)
+    assert role_allows(Role.OPERATOR, Role.VIEWER)
+    assert not role_allows(Role.VIEWER, Role.OPERATOR)
+    assert not role_allows(Role.OPERATOR, Role.ADMIN)
