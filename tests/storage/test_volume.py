@@ -236,3 +236,77 @@ def test_restore_target_that_is_a_directory(pool: ChunkPool, tmp_path: Path) -> 
     _, manifest, _ = capture_volume(pool, src)
     with pytest.raises(TargetInvalid):
         restore_volume(pool, manifest, tmp_path)
+
+
+def test_changed_chunk_is_stored_as_delta_over_its_previous_version(
+    pool: ChunkPool, tmp_path: Path
+) -> None:
+    """64 KiB-run changes cost about their own size in the pool, not 4 MiB each."""
+    src = tmp_path / "disk.img"
+    rng = random.Random(4)
+    src.write_bytes(rng.randbytes(32 * MiB))
+    mid, m1, _ = capture_volume(pool, src)
+    runs = sorted(rng.sample(range(32 * MiB // SUB_BLOCK), 20))
+    with open(src, "r+b") as fh:
+        for r in runs:
+            fh.seek(r * SUB_BLOCK)
+            fh.write(rng.randbytes(SUB_BLOCK))
+    mid2, m2, stats = capture_volume(pool, src, base=m1, base_id=mid)
+    changed = 20 * SUB_BLOCK
+    assert stats.bytes_stored <= 1.1 * changed
+    out = tmp_path / "out.img"
+    restore_volume(pool, m2, out)
+    assert out.read_bytes() == src.read_bytes()
+    # the first image no longer named by anything: its chunks stay as delta bases
+    report = pool.gc({mid2: m2.chunk_ids()})
+    assert report.chunks_removed == 0
+    assert pool.verify({mid2: m2.chunk_ids()}).ok
+    restore_volume(pool, m2, out)
+    assert out.read_bytes() == src.read_bytes()
+
+
+def test_delta_chains_are_cut_at_max_depth(pool: ChunkPool, tmp_path: Path) -> None:
+    from tandem.storage.pool import MAX_DELTA_DEPTH
+
+    src = tmp_path / "disk.img"
+    rng = random.Random(5)
+    src.write_bytes(rng.randbytes(VOLUME_CHUNK))
+    mid, m, _ = capture_volume(pool, src)
+    for k in range(MAX_DELTA_DEPTH + 3):
+        with open(src, "r+b") as fh:
+            fh.seek(k * SUB_BLOCK)
+            fh.write(rng.randbytes(100))
+        mid, m, _ = capture_volume(pool, src, base=m, base_id=mid)
+        digest = m.chunks[0]
+        assert digest is not None
+        assert pool.info(digest).depth <= MAX_DELTA_DEPTH
+        assert pool.get(digest) == src.read_bytes()
+
+
+def test_a_peer_sent_delta_is_verified_against_its_base(pool: ChunkPool, tmp_path: Path) -> None:
+    """put_encoded accepts a delta only if base + blocks reproduce the digest."""
+    from tandem.storage.digest import hash_bytes, hash_sub_blocks
+    from tandem.storage.pool import encode_delta
+
+    rng = random.Random(6)
+    base = rng.randbytes(VOLUME_CHUNK)
+    with pool.writer() as w:
+        base_id = w.put(base).digest
+    new = bytearray(base)
+    new[SUB_BLOCK : 2 * SUB_BLOCK] = rng.randbytes(SUB_BLOCK)
+    digest = hash_bytes(new)
+    blob = encode_delta(
+        base_id, 0, len(new), hash_sub_blocks(new), {1: bytes(new[SUB_BLOCK : 2 * SUB_BLOCK])}
+    )
+    with pool.writer() as w:
+        with pytest.raises(ChunkCorrupt):
+            w.put_encoded(hash_bytes(b"a lie"), blob)
+        assert w.put_encoded(digest, blob).new
+    assert pool.get(digest) == bytes(new)
+    assert pool.info(digest).depth == 1
+    # what is served to others is self-contained
+    assert pool.info(digest).base == base_id
+    other = ChunkPool.create(tmp_path / "other")
+    with other.writer() as w:
+        w.put_encoded(digest, pool.get_raw(digest))
+    assert other.get(digest) == bytes(new)

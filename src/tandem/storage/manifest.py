@@ -32,7 +32,7 @@ from tandem.errors import ManifestInvalid, UnsafePath
 from tandem.storage.digest import DIGEST_SIZE
 
 if TYPE_CHECKING:
-    from tandem.storage.pool import ChunkPool, PoolWriter
+    from tandem.storage.pool import ChunkPool, ChunkWriter
 
 FORMAT = 1
 VOLUME_CHUNK = 4 * 1024 * 1024
@@ -210,6 +210,6 @@ def load_manifest(pool: ChunkPool, digest: bytes) -> Manifest:
     return decode_manifest(pool.get_manifest_blob(digest), digest)
 
 
-def store_manifest(writer: PoolWriter, manifest: Manifest) -> bytes:
+def store_manifest(writer: ChunkWriter, manifest: Manifest) -> bytes:
     """Commit ``manifest`` through ``writer`` after its chunks are durable; returns its id."""
     return writer.commit_manifest(encode_manifest(manifest))

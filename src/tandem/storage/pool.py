@@ -34,11 +34,11 @@ import struct
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 import zstandard
 
@@ -49,6 +49,9 @@ MAGIC = b"TCK1"
 HEADER = struct.Struct("<4sBBHI")
 CODEC_RAW = 0
 CODEC_ZSTD = 1
+CODEC_DELTA = 2
+DELTA_HEAD = struct.Struct("<32sQB")  # base digest, mask of replaced sub-blocks, inner codec
+MAX_DELTA_DEPTH = 8  # longer chains are cut by storing the chunk whole
 ZSTD_LEVEL = 1
 MIN_SAVING = 0.05  # store raw when compression saves less than this fraction
 POOL_FORMAT = 1
@@ -74,33 +77,109 @@ def _decompressor() -> zstandard.ZstdDecompressor:
 
 def encode_chunk(data: bytes | bytearray | memoryview, subs: list[bytes]) -> bytes:
     """The chunk-file bytes for ``data``: compressed when that saves at least 5%."""
-    packed = _compressor().compress(data)
-    if len(packed) <= len(data) * (1 - MIN_SAVING):
-        codec, payload = CODEC_ZSTD, packed
-    else:
-        codec, payload = CODEC_RAW, bytes(data)
+    codec, payload = _pack(data)
     head = HEADER.pack(MAGIC, codec, 0, len(subs), len(data))
     return b"".join([head, *subs, payload])
 
 
-def decode_chunk(blob: bytes, digest: bytes, where: str) -> bytes:
-    """Plaintext of a chunk file, verified against ``digest``."""
+def _pack(data: bytes | bytearray | memoryview) -> tuple[int, bytes]:
+    packed = _compressor().compress(data)
+    if len(packed) <= len(data) * (1 - MIN_SAVING):
+        return CODEC_ZSTD, packed
+    return CODEC_RAW, bytes(data)
+
+
+def encode_delta(
+    base: bytes, base_depth: int, plain_len: int, subs: list[bytes], changed: dict[int, bytes]
+) -> bytes:
+    """A delta chunk file: the sub-blocks ``changed`` (index -> bytes) over chunk ``base``."""
+    mask = 0
+    for j in changed:
+        mask |= 1 << j
+    inner, payload = _pack(b"".join(changed[j] for j in sorted(changed)))
+    head = HEADER.pack(MAGIC, CODEC_DELTA, base_depth + 1, len(subs), plain_len)
+    return b"".join([head, *subs, DELTA_HEAD.pack(base, mask, inner), payload])
+
+
+@dataclass
+class ChunkInfo:
+    """What a chunk file's header says."""
+
+    codec: int
+    depth: int  # delta chain length: 0 for a self-contained chunk
+    plain_len: int
+    subs: list[bytes]
+    base: bytes | None  # the chunk a delta applies to
+    payload_at: int
+
+
+def parse_header(blob: bytes | memoryview, digest: bytes, where: str) -> ChunkInfo:
+    def bad(reason: str) -> ChunkCorrupt:
+        return ChunkCorrupt(digest=digest.hex(), pool=where, reason=reason)
+
     if len(blob) < HEADER.size:
-        raise ChunkCorrupt(digest=digest.hex(), pool=where, reason="truncated header")
-    magic, codec, _, n_sub, plain_len = HEADER.unpack_from(blob)
+        raise bad("truncated header")
+    magic, codec, depth, n_sub, plain_len = HEADER.unpack_from(blob)
     if magic != MAGIC:
-        raise ChunkCorrupt(digest=digest.hex(), pool=where, reason="bad magic")
-    payload = memoryview(blob)[HEADER.size + n_sub * DIGEST_SIZE :]
+        raise bad("bad magic")
+    pos = HEADER.size + n_sub * DIGEST_SIZE
+    if len(blob) < pos:
+        raise bad("truncated header")
+    subs = [bytes(blob[i : i + DIGEST_SIZE]) for i in range(HEADER.size, pos, DIGEST_SIZE)]
+    base = None
+    if codec == CODEC_DELTA:
+        if len(blob) < pos + DELTA_HEAD.size:
+            raise bad("truncated delta header")
+        base = bytes(DELTA_HEAD.unpack_from(blob, pos)[0])
+        pos += DELTA_HEAD.size
+    elif codec not in (CODEC_RAW, CODEC_ZSTD):
+        raise bad(f"unknown codec {codec}")
+    return ChunkInfo(codec, depth if codec == CODEC_DELTA else 0, plain_len, subs, base, pos)
+
+
+def _unpack(codec: int, payload: memoryview, size: int) -> bytes:
+    if codec == CODEC_ZSTD:
+        return _decompressor().decompress(payload, max_output_size=size)
+    if codec == CODEC_RAW:
+        return bytes(payload)
+    raise zstandard.ZstdError(f"unknown codec {codec}")
+
+
+def decode_chunk(
+    blob: bytes, digest: bytes, where: str, base_of: Callable[[bytes], bytes] | None = None
+) -> bytes:
+    """Plaintext of a chunk file, verified against ``digest``.
+
+    A delta chunk needs ``base_of`` (digest -> verified plaintext of its base chunk).
+    """
+    info = parse_header(blob, digest, where)
+    payload = memoryview(blob)[info.payload_at :]
     try:
-        if codec == CODEC_ZSTD:
-            data = _decompressor().decompress(payload, max_output_size=plain_len)
-        elif codec == CODEC_RAW:
-            data = bytes(payload)
+        if info.codec == CODEC_DELTA:
+            if base_of is None:
+                raise ChunkCorrupt(
+                    digest=digest.hex(), pool=where, reason="a delta chunk without its base"
+                )
+            assert info.base is not None
+            _, mask, inner = DELTA_HEAD.unpack_from(blob, info.payload_at - DELTA_HEAD.size)
+            base = base_of(info.base)
+            if len(base) != info.plain_len:
+                raise ChunkCorrupt(digest=digest.hex(), pool=where, reason="delta base length")
+            blocks = [j for j in range(64) if mask >> j & 1]
+            want = sum(min(SUB_BLOCK, info.plain_len - j * SUB_BLOCK) for j in blocks)
+            changed = _unpack(inner, payload, want)
+            out = bytearray(base)
+            pos = 0
+            for j in blocks:
+                n = min(SUB_BLOCK, info.plain_len - j * SUB_BLOCK)
+                out[j * SUB_BLOCK : j * SUB_BLOCK + n] = changed[pos : pos + n]
+                pos += n
+            data = bytes(out)
         else:
-            raise ChunkCorrupt(digest=digest.hex(), pool=where, reason=f"unknown codec {codec}")
+            data = _unpack(info.codec, payload, info.plain_len)
     except zstandard.ZstdError as exc:
         raise ChunkCorrupt(digest=digest.hex(), pool=where, reason=f"zstd: {exc}") from exc
-    if len(data) != plain_len or hash_bytes(data) != digest:
+    if len(data) != info.plain_len or hash_bytes(data) != digest:
         raise ChunkCorrupt(digest=digest.hex(), pool=where, reason="digest mismatch")
     return data
 
@@ -153,6 +232,47 @@ class GcReport:
     chunks_removed: int = 0
     bytes_freed: int = 0
     manifests_removed: int = 0
+
+
+class ChunkWriter(Protocol):
+    """What capture needs from a writer: a local PoolWriter or a remote session's."""
+
+    def has(self, digest: bytes) -> bool: ...
+
+    def put(
+        self,
+        data: bytes | bytearray | memoryview,
+        digest: bytes | None = None,
+        subs: list[bytes] | None = None,
+    ) -> PutResult: ...
+
+    def put_delta(
+        self,
+        data: bytes | bytearray | memoryview,
+        digest: bytes,
+        subs: list[bytes],
+        base: bytes,
+        changed: list[int],
+    ) -> PutResult: ...
+
+    def sub_digests(self, digest: bytes) -> list[bytes]: ...
+
+    def commit_manifest(self, blob: bytes) -> bytes: ...
+
+    def __enter__(self) -> ChunkWriter: ...
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+
+class WritablePool(Protocol):
+    """Anything capture can write into: a ChunkPool, or an appliance session (RemotePool)."""
+
+    def writer(self, bases: Iterable[bytes] = ()) -> ChunkWriter: ...
 
 
 class ChunkPool:
@@ -236,32 +356,34 @@ class ChunkPool:
             raise ChunkMissing(digest=digest.hex(), pool=str(self.root)) from exc
 
     def get(self, digest: bytes) -> bytes:
-        """The verified plaintext of a chunk."""
-        return decode_chunk(self._read_file(digest), digest, str(self.root))
+        """The verified plaintext of a chunk (a delta chunk is applied to its base)."""
+        return decode_chunk(self._read_file(digest), digest, str(self.root), self.get)
 
-    def get_raw(self, digest: bytes) -> bytes:
-        """The stored chunk-file bytes (for sending to a peer as they are)."""
+    def get_stored(self, digest: bytes) -> bytes:
+        """The chunk file exactly as stored (a delta needs its base to be read)."""
         return self._read_file(digest)
 
-    def sub_digests(self, digest: bytes) -> list[bytes]:
-        """The 64 KiB sub-block digests of a chunk, read from its header only."""
+    def get_raw(self, digest: bytes) -> bytes:
+        """Self-contained chunk-file bytes: a delta chunk is re-encoded whole."""
+        blob = self._read_file(digest)
+        info = parse_header(blob, digest, str(self.root))
+        if info.codec != CODEC_DELTA:
+            return blob
+        return encode_chunk(self.get(digest), info.subs)
+
+    def info(self, digest: bytes) -> ChunkInfo:
+        """The header of a stored chunk (codec, delta depth and base, sub-block digests)."""
         path = self.chunk_path(digest)
         try:
             with open(path, "rb") as fh:
-                head = fh.read(HEADER.size)
-                if len(head) < HEADER.size:
-                    raise ChunkCorrupt(
-                        digest=digest.hex(), pool=str(self.root), reason="truncated header"
-                    )
-                magic, _, _, n_sub, _ = HEADER.unpack(head)
-                if magic != MAGIC:
-                    raise ChunkCorrupt(digest=digest.hex(), pool=str(self.root), reason="bad magic")
-                raw = fh.read(n_sub * DIGEST_SIZE)
+                head = fh.read(HEADER.size + 64 * DIGEST_SIZE + DELTA_HEAD.size)
         except FileNotFoundError as exc:
             raise ChunkMissing(digest=digest.hex(), pool=str(self.root)) from exc
-        if len(raw) != n_sub * DIGEST_SIZE:
-            raise ChunkCorrupt(digest=digest.hex(), pool=str(self.root), reason="truncated header")
-        return [raw[i : i + DIGEST_SIZE] for i in range(0, len(raw), DIGEST_SIZE)]
+        return parse_header(head, digest, str(self.root))
+
+    def sub_digests(self, digest: bytes) -> list[bytes]:
+        """The 64 KiB sub-block digests of a chunk, read from its header only."""
+        return self.info(digest).subs
 
     def read_blocks(self, digest: bytes, indices: list[int]) -> list[bytes]:
         """The plaintext 64 KiB sub-blocks ``indices`` of a chunk (verified as a whole)."""
@@ -358,6 +480,19 @@ class ChunkPool:
                     report.missing.append((mid.hex(), cid.hex()))
         return report
 
+    def _add_delta_bases(self, referenced: set[bytes]) -> None:
+        """Add to ``referenced`` every chunk a referenced delta chunk is built on."""
+        todo = list(referenced)
+        while todo:
+            digest = todo.pop()
+            try:
+                base = self.info(digest).base
+            except (ChunkMissing, ChunkCorrupt):
+                continue  # verify reports it; GC must not fail on it
+            if base is not None and base not in referenced:
+                referenced.add(base)
+                todo.append(base)
+
     def gc(self, live: dict[bytes, Iterable[bytes]], remove_manifests: bool = True) -> GcReport:
         """Remove chunks no live manifest names.
 
@@ -373,6 +508,7 @@ class ChunkPool:
         referenced: set[bytes] = set()
         for chunk_ids in live.values():
             referenced.update(chunk_ids)
+        self._add_delta_bases(referenced)
         for digest, st in self.iter_chunks():
             if digest in referenced or st.st_mtime >= cutoff:
                 report.chunks_kept += 1
@@ -473,18 +609,62 @@ class PoolWriter:
         self._write_pending(digest, blob)
         return PutResult(digest, True, len(blob))
 
-    def put_encoded(self, digest: bytes, blob: bytes) -> PutResult:
-        """Store a chunk file received as-is (from a peer), after verifying it."""
+    def sub_digests(self, digest: bytes) -> list[bytes]:
+        """Sub-block digests of a chunk this writer may build a delta on."""
+        return self.pool.sub_digests(digest)
+
+    def put_delta(
+        self,
+        data: bytes | bytearray | memoryview,
+        digest: bytes,
+        subs: list[bytes],
+        base: bytes,
+        changed: list[int],
+    ) -> PutResult:
+        """Store ``data`` as its ``changed`` sub-blocks over chunk ``base``.
+
+        Falls back to storing it whole when the base is missing or its delta chain is
+        already MAX_DELTA_DEPTH long, so reads never chase long chains.
+        """
         if self.has(digest):
             return PutResult(digest, False, 0)
-        data = decode_chunk(blob, digest, "received chunk")
-        n_sub = HEADER.unpack_from(blob)[3]
-        subs = [
-            blob[HEADER.size + i * DIGEST_SIZE : HEADER.size + (i + 1) * DIGEST_SIZE]
-            for i in range(n_sub)
-        ]
-        if subs != hash_sub_blocks(data):
+        try:
+            depth = self.pool.info(base).depth
+        except (ChunkMissing, ChunkCorrupt):
+            depth = MAX_DELTA_DEPTH
+        if depth >= MAX_DELTA_DEPTH:
+            return self.put(data, digest, subs)
+        view = memoryview(data)
+        blocks = {j: bytes(view[j * SUB_BLOCK : (j + 1) * SUB_BLOCK]) for j in changed}
+        blob = encode_delta(base, depth, len(view), subs, blocks)
+        self._write_pending(digest, blob)
+        return PutResult(digest, True, len(blob))
+
+    def put_encoded(self, digest: bytes, blob: bytes) -> PutResult:
+        """Store a chunk file received from an agent or a peer, after verifying it.
+
+        A delta is checked against its base, which must be present here; one whose chain
+        would grow past MAX_DELTA_DEPTH is stored whole.
+        """
+        if self.has(digest):
+            return PutResult(digest, False, 0)
+        info = parse_header(blob, digest, "received chunk")
+        with self._lock:
+            base_pending = info.base in self._pending
+        if base_pending:
+            self.flush()  # the base came in this session: make it readable first
+        if info.base is not None and not self.has(info.base):
+            raise ChunkMissing(digest=info.base.hex(), pool=str(self.pool.root))
+        data = decode_chunk(blob, digest, "received chunk", self.pool.get)
+        if info.subs != hash_sub_blocks(data):
             raise ChunkCorrupt(digest=digest.hex(), pool="received chunk", reason="sub-digests")
+        if info.base is not None:
+            # The sender cannot know our chain lengths: recompute, cut long chains.
+            depth = self.pool.info(info.base).depth + 1
+            if depth > MAX_DELTA_DEPTH:
+                blob = encode_chunk(data, info.subs)
+            elif depth != info.depth:
+                blob = blob[:5] + bytes([depth]) + blob[6:]
         self._write_pending(digest, blob)
         return PutResult(digest, True, len(blob))
 

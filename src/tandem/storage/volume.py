@@ -29,10 +29,17 @@ from typing import Any, Protocol
 
 import blake3
 
-from tandem.errors import SourceChanged, SourceUnreadable, StorageError, TargetInvalid
+from tandem.errors import (
+    ChunkCorrupt,
+    ChunkMissing,
+    SourceChanged,
+    SourceUnreadable,
+    StorageError,
+    TargetInvalid,
+)
 from tandem.storage.digest import SUB_BLOCK, hash_bytes, hash_sub_blocks
 from tandem.storage.manifest import VOLUME_CHUNK, VolumeManifest, store_manifest
-from tandem.storage.pool import ChunkPool, PoolWriter
+from tandem.storage.pool import ChunkPool, ChunkWriter, PutResult, WritablePool
 
 Progress = Callable[[int, int], None]
 """progress(done_bytes, total_bytes), called from the capturing thread."""
@@ -185,7 +192,7 @@ def _bounded_map(
 
 
 def capture_volume(
-    pool: ChunkPool,
+    pool: WritablePool,
     source: Path | str,
     *,
     base: VolumeManifest | None = None,
@@ -255,7 +262,7 @@ class _Outcome:
 def _capture_worker(
     fd: int,
     size: int,
-    writer: PoolWriter,
+    writer: ChunkWriter,
     base: VolumeManifest | None,
     to_read: list[bool],
     source: Path,
@@ -278,14 +285,37 @@ def _capture_worker(
             raise SourceChanged(path=str(source), reason="it shrank during capture")
         if digest == zero_digest(length):
             return None, _Outcome(read=length, zero=1)
-        if base is not None and i < len(base.chunks) and base.chunks[i] == digest:
+        base_chunk = base.chunks[i] if base is not None and i < len(base.chunks) else None
+        if base_chunk == digest:
             return digest, _Outcome(read=length)  # held by the base, registered by the writer
-        result = writer.put(data, digest)
+        result = None
+        if base_chunk is not None and not writer.has(digest):
+            result = _put_as_delta(writer, data, digest, base_chunk)
+        if result is None:
+            result = writer.put(data, digest)
         if result.new:
             return digest, _Outcome(read=length, new=1, new_bytes=length, stored=result.stored)
         return digest, _Outcome(read=length)
 
     return work
+
+
+def _put_as_delta(
+    writer: ChunkWriter, data: bytes | bytearray | memoryview, digest: bytes, base_chunk: bytes
+) -> PutResult | None:
+    """Store a changed chunk as its changed 64 KiB sub-blocks over the previous version,
+    when at most half of it changed; None when it should be stored whole."""
+    try:
+        base_subs = writer.sub_digests(base_chunk)
+    except (ChunkMissing, ChunkCorrupt):
+        return None
+    subs = hash_sub_blocks(data)
+    if len(base_subs) != len(subs):
+        return None
+    changed = [j for j, (a, b) in enumerate(zip(subs, base_subs, strict=True)) if a != b]
+    if len(changed) > len(subs) // 2:
+        return None
+    return writer.put_delta(data, digest, subs, base_chunk, changed)
 
 
 # --- restore --------------------------------------------------------------------------
