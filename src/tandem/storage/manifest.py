@@ -75,7 +75,7 @@ class VolumeManifest:
         return {c for c in self.chunks if c is not None}
 
 
-@dataclass
+@dataclass(slots=True)
 class TreeEntry:
     path: str
     type: str

@@ -184,7 +184,7 @@ def decode_chunk(
     return data
 
 
-def _syncfs(fd: int) -> None:
+def syncfs(fd: int) -> None:
     """Flush the whole file system holding ``fd`` (one call instead of one fsync per file)."""
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.syncfs(fd) != 0:
@@ -700,16 +700,18 @@ class PoolWriter:
             try:
                 fd = os.open(self.pool.tmp_dir, os.O_RDONLY | os.O_DIRECTORY)
                 try:
-                    _syncfs(fd)
+                    syncfs(fd)
                 finally:
                     os.close(fd)
-                dirs = set()
                 for digest, (tmp, _) in batch.items():
-                    final = self.pool.chunk_path(digest)
-                    os.rename(tmp, final)
-                    dirs.add(final.parent)
-                for d in dirs:
-                    _fsync_dir(d)
+                    os.rename(tmp, self.pool.chunk_path(digest))
+                # one more sync makes the renames durable (cheaper than an fsync per
+                # fan-out directory)
+                fd = os.open(self.pool.tmp_dir, os.O_RDONLY | os.O_DIRECTORY)
+                try:
+                    syncfs(fd)
+                finally:
+                    os.close(fd)
             except OSError as exc:
                 raise _translate_oserror(exc, self.pool.root) from exc
             with self._lock:

@@ -1,0 +1,1426 @@
+"""File trees: capture and diff-restore of directory trees, and manifest diffs.
+
+File contents are cut by FastCDC (min 256 KiB, average 1 MiB, max 4 MiB), so an insertion
+moves no chunk boundary but the ones next to it; a file of at most 256 KiB is one chunk. Holes
+of sparse files become ``(None, length)`` items: never read, never stored. The manifest format
+is in ``manifest.py``.
+
+Capture invariants
+- Entries are sorted by path (code-point order, which is UTF-8 byte order): a parent precedes
+  its children, and the first path of a hard-link group (type "f") precedes the others ("h").
+- The walk never follows symlinks (only the root may be one). Sockets, devices, names that are
+  not UTF-8 and entries that vanish during the walk are left out and counted in
+  ``meta["skipped"]`` (``{"count": n, "examples": [...]}``, present only when n > 0).
+  ``meta["root"]`` holds the root directory's mode, uid, gid and mtime_ns.
+- With ``base``, a regular file whose size, mtime, ctime and inode number equal its base
+  entry's is not opened: its chunk list is the base's. The writer registers ``base_id`` so
+  garbage collection keeps those chunks; without a registered base each reused chunk is
+  touched (and the file read if one is missing). An entry the base describes unchanged is
+  the base's TreeEntry object itself, so a re-capture costs no second copy of the tree:
+  treat manifests as values and never mutate their entries.
+- A file is read between its lstat (the walk) and an fstat. If size, mtime, ctime or inode
+  differ it is read once more against a fresh fstat; a second change fails the capture with
+  SourceChanged. A file that vanishes before it is opened is left out; an unreadable one fails
+  the capture with SourceUnreadable naming it.
+- Nothing becomes visible unless the capture succeeds: the manifest is committed last inside
+  the writer context, and an exception discards the writer's pending chunks.
+- Memory is bounded independently of file sizes: a worker holds at most one extent of
+  ``WHOLE_READ_MAX`` bytes, and chunk data in flight is capped at ``INFLIGHT_BYTES``. Only the
+  manifest (one entry per path) grows with the tree.
+
+Restore invariants
+- The whole manifest is validated before the target is touched: safe relative paths, no
+  duplicates, every parent a directory listed earlier (so no entry lies under a symlink of the
+  image), hard links only to files listed earlier. A violation raises UnsafePath.
+- Every path is reached through directory fds opened with O_NOFOLLOW from the target root,
+  and files are opened with O_NOFOLLOW (new ones with O_EXCL): nothing is written through a
+  symlink. Whatever is in the way of an entry (a symlink where the image has a file, a file
+  where it has a directory...) is removed first.
+- A regular file is patched in place only when all its links are inside the target and in the
+  same link group of the image; otherwise it is replaced, so no data outside the target (or
+  in another file of the image) changes.
+- A file's mtime is set only once its content is complete: an interrupted restore leaves
+  files whose mtime differs, which the next diff-restore rewrites. Chunk data is verified by
+  the source before it is written.
+- Directory modes, owners and mtimes are applied last, deepest first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import gc
+import os
+import shutil
+import stat
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pyfastcdc import FastCDC
+
+from tandem.errors import (
+    ManifestInvalid,
+    SourceChanged,
+    SourceUnreadable,
+    TargetInvalid,
+    UnsafePath,
+)
+from tandem.storage.digest import SUB_BLOCK, hash_bytes, hash_sub_blocks
+from tandem.storage.manifest import (
+    DIR,
+    FIFO,
+    FILE,
+    HARDLINK,
+    SYMLINK,
+    TreeEntry,
+    TreeManifest,
+    check_relpath,
+    store_manifest,
+)
+from tandem.storage.pool import ChunkPool, PoolWriter, syncfs
+from tandem.storage.volume import (
+    CaptureStats,
+    ChunkSource,
+    Progress,
+    RestoreStats,
+    data_extents,
+    default_workers,
+)
+
+CDC_MIN = 256 * 1024
+CDC_AVG = 1024 * 1024
+CDC_MAX = 4 * 1024 * 1024
+WHOLE_READ_MAX = CDC_MAX  # extents up to this size are read with one pread, larger ones streamed
+BATCH_FILES = 128  # small files per worker task: one task per file costs more than reading it
+BATCH_BYTES = 4 * 1024 * 1024
+INFLIGHT_BYTES = 64 * 1024 * 1024  # chunk data queued for or held by workers
+MAX_SKIP_EXAMPLES = 20
+RESTORE_BATCH_FILES = 64
+
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_O_NOATIME = getattr(os, "O_NOATIME", 0)
+_O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | _O_CLOEXEC
+_FALLOC_PUNCH = 0x01 | 0x02  # FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE
+
+_tls = threading.local()
+T = TypeVar("T")
+
+
+def _cdc() -> FastCDC:
+    """This thread's chunker (pyfastcdc does not promise that one object is thread-safe)."""
+    cdc: FastCDC | None = getattr(_tls, "cdc", None)
+    if cdc is None:
+        cdc = _tls.cdc = FastCDC(CDC_AVG, min_size=CDC_MIN, max_size=CDC_MAX)
+    return cdc
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector around bulk work.
+
+    A capture or restore allocates one container per tree entry and keeps them all, which
+    makes every generation-2 collection walk the whole manifest (twice, with a base): a third
+    of a re-capture's time on 50,000 files. Entries form no reference cycles, so nothing is
+    left for the collector meanwhile; it is re-enabled only if it was enabled.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _identity(value: T) -> T:
+    return value
+
+
+def _pipelined(
+    executor: ThreadPoolExecutor,
+    jobs: Iterable[tuple[Callable[[], T], int]],
+    max_jobs: int,
+    max_bytes: int,
+) -> Iterator[T]:
+    """Run ``(job, weight)`` pairs in ``executor`` and yield their results in order, with at
+    most ``max_jobs`` jobs and ``max_bytes`` of weight in flight (flat memory).
+
+    ``jobs`` is consumed lazily in the caller's thread, between results, so it may itself do
+    work (read and cut a large file). On an exception the jobs not yet started are cancelled.
+    """
+    pending: deque[tuple[Future[T], int]] = deque()
+    weight = 0
+    try:
+        for job, w in jobs:
+            while pending and (len(pending) >= max_jobs or weight + w > max_bytes):
+                fut, fw = pending.popleft()
+                weight -= fw
+                yield fut.result()
+            pending.append((executor.submit(job), w))
+            weight += w
+        while pending:
+            fut, fw = pending.popleft()
+            weight -= fw
+            yield fut.result()
+    finally:
+        for fut, _ in pending:
+            fut.cancel()
+
+
+# --- capture ------------------------------------------------------------------------------
+
+
+class _Changed(Exception):
+    """Internal: the file changed under the reader; read it again or fail."""
+
+
+@dataclass
+class _Cost:
+    read: int = 0
+    new: int = 0
+    new_bytes: int = 0
+    stored: int = 0
+
+
+@dataclass
+class _FileResult:
+    index: int
+    chunks: list[tuple[bytes | None, int]] | None  # None: the file vanished
+    fresh: os.stat_result | None  # the stat the content matches, when it was read twice
+    cost: _Cost
+
+
+@dataclass
+class _ChunkResult:
+    digest: bytes | None
+    length: int
+    cost: _Cost
+
+
+@dataclass
+class _StreamEnd:
+    index: int
+    fresh: os.stat_result | None
+    vanished: bool = False
+
+
+@dataclass
+class _StreamRestart:
+    index: int
+
+
+_Result = list[_FileResult] | _ChunkResult | _StreamEnd | _StreamRestart
+
+
+@dataclass
+class _Skipped:
+    count: int = 0
+    examples: list[str] = field(default_factory=list)
+
+    def add(self, path: str, reason: str) -> None:
+        self.count += 1
+        if len(self.examples) < MAX_SKIP_EXAMPLES:
+            # backslashreplace: the example must survive msgpack even for undecodable names
+            shown = path.encode("utf-8", "backslashreplace").decode("utf-8")
+            self.examples.append(f"{shown} ({reason})")
+
+
+def _utf8_ok(text: str) -> bool:
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # surrogate-escaped bytes: the manifest cannot carry them
+        return False
+    return True
+
+
+def _looks_sparse(st: os.stat_result) -> bool:
+    # Allocated blocks short of the size: worth asking SEEK_DATA (costs syscalls otherwise).
+    return st.st_blocks * 512 < st.st_size
+
+
+def _stat_key(st: os.stat_result) -> tuple[int, int, int, int]:
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino
+
+
+def _entry_key(e: TreeEntry) -> tuple[int, int, int, int]:
+    return e.size, e.mtime_ns, e.ctime_ns, e.ino
+
+
+def _refresh(e: TreeEntry, st: os.stat_result) -> None:
+    e.mode = stat.S_IMODE(st.st_mode)
+    e.uid, e.gid = st.st_uid, st.st_gid
+    e.mtime_ns, e.size, e.ctime_ns, e.ino = st.st_mtime_ns, st.st_size, st.st_ctime_ns, st.st_ino
+
+
+def _source_error(path: str, exc: OSError) -> Exception:
+    if exc.errno == errno.ELOOP:  # opened with O_NOFOLLOW: it became a symlink
+        return SourceChanged(path=path, reason="it was replaced by a symlink")
+    return SourceUnreadable(path=path, reason=exc.strerror or str(exc))
+
+
+def _unchanged(b: TreeEntry, st: os.stat_result) -> bool:
+    """Whether base entry ``b`` still describes what ``st`` (an lstat) found.
+
+    ctime and inode number catch what mtime alone misses: a file written and then given its
+    old mtime back, or replaced by another with the same size and mtime.
+    """
+    return (
+        b.mtime_ns == st.st_mtime_ns
+        and b.ctime_ns == st.st_ctime_ns
+        and b.ino == st.st_ino
+        and b.mode == stat.S_IMODE(st.st_mode)
+        and b.uid == st.st_uid
+        and b.gid == st.st_gid
+    )
+
+
+def _walk(
+    root: str,
+    skipped: _Skipped,
+    base: dict[str, TreeEntry],
+    chunks_present: Callable[[TreeEntry], bool],
+) -> tuple[list[TreeEntry], dict[str, int], set[str]]:
+    """lstat everything under ``root``: (unsorted entries, st_dev of multiply-linked files,
+    paths of files that look sparse).
+
+    An entry that ``base`` describes unchanged is the base's TreeEntry object itself (chunks
+    included, for a file whose chunks are present): no copy of an unchanged tree is built.
+    """
+    entries: list[TreeEntry] = []
+    link_dev: dict[str, int] = {}
+    sparse: set[str] = set()
+    stack = [""]
+    while stack:
+        rel_dir = stack.pop()
+        abs_dir = f"{root}/{rel_dir}" if rel_dir else root
+        prefix = f"{rel_dir}/" if rel_dir else ""
+        try:
+            it = os.scandir(abs_dir)
+        except FileNotFoundError as exc:
+            if not rel_dir:
+                raise SourceUnreadable(path=root, reason="it does not exist") from exc
+            skipped.add(rel_dir, "vanished")
+            continue
+        except OSError as exc:
+            raise SourceUnreadable(path=abs_dir, reason=exc.strerror or str(exc)) from exc
+        try:
+            with it:
+                for de in it:
+                    rel = prefix + de.name
+                    if not _utf8_ok(de.name):
+                        skipped.add(rel, "name is not UTF-8")
+                        continue
+                    try:
+                        st = de.stat(follow_symlinks=False)
+                    except FileNotFoundError:
+                        skipped.add(rel, "vanished")
+                        continue
+                    mode = st.st_mode
+                    b = base.get(rel)
+                    if b is not None and _unchanged(b, st):
+                        if stat.S_ISREG(mode):
+                            # Linked files get their own entry: their type is decided later.
+                            same = (
+                                b.type == FILE
+                                and st.st_nlink == 1
+                                and b.size == st.st_size
+                                and chunks_present(b)
+                            )
+                        elif stat.S_ISDIR(mode):
+                            same = b.type == DIR
+                        elif stat.S_ISLNK(mode):
+                            same = b.type == SYMLINK  # a new target means a new inode
+                        else:
+                            same = b.type == FIFO and stat.S_ISFIFO(mode)
+                        if same:
+                            entries.append(b)
+                            if b.type == DIR:
+                                stack.append(rel)
+                            continue
+                    size = 0
+                    target = ""
+                    if stat.S_ISREG(mode):
+                        typ = FILE
+                        size = st.st_size
+                        if st.st_nlink > 1:
+                            link_dev[rel] = st.st_dev
+                        if _looks_sparse(st):
+                            sparse.add(rel)
+                    elif stat.S_ISDIR(mode):
+                        typ = DIR
+                        stack.append(rel)
+                    elif stat.S_ISLNK(mode):
+                        typ = SYMLINK
+                        try:
+                            target = os.readlink(f"{root}/{rel}")
+                        except FileNotFoundError:
+                            skipped.add(rel, "vanished")
+                            continue
+                        if not _utf8_ok(target):
+                            skipped.add(rel, "symlink target is not UTF-8")
+                            continue
+                    elif stat.S_ISFIFO(mode):
+                        typ = FIFO
+                    else:
+                        skipped.add(rel, "socket" if stat.S_ISSOCK(mode) else "device")
+                        continue
+                    entries.append(
+                        TreeEntry(
+                            rel,
+                            typ,
+                            stat.S_IMODE(mode),
+                            st.st_uid,
+                            st.st_gid,
+                            st.st_mtime_ns,
+                            size,
+                            target,
+                            [],
+                            st.st_ctime_ns,
+                            st.st_ino,
+                        )
+                    )
+        except OSError as exc:
+            raise SourceUnreadable(path=abs_dir, reason=exc.strerror or str(exc)) from exc
+    return entries, link_dev, sparse
+
+
+def _pread_exact(fd: int, length: int, offset: int, path: str) -> bytes:
+    try:
+        data = os.pread(fd, length, offset)
+        if len(data) < length:
+            parts = [data]
+            got = len(data)
+            while got < length:
+                more = os.pread(fd, length - got, offset + got)
+                if not more:
+                    raise _Changed
+                parts.append(more)
+                got += len(more)
+            data = b"".join(parts)
+    except OSError as exc:
+        raise SourceUnreadable(path=path, reason=exc.strerror or str(exc)) from exc
+    return data
+
+
+class _RangeReader:
+    """A ``readinto`` stream over bytes [start, end) of a file, for ``FastCDC.cut_stream``."""
+
+    def __init__(self, fd: int, start: int, end: int, path: str) -> None:
+        self.fd, self.pos, self.end, self.path = fd, start, end, path
+
+    def readinto(self, buf: memoryview) -> int:
+        want = min(len(buf), self.end - self.pos)
+        if want <= 0:
+            return 0
+        try:
+            got = os.preadv(self.fd, [buf[:want]], self.pos)
+        except OSError as exc:
+            raise SourceUnreadable(path=self.path, reason=exc.strerror or str(exc)) from exc
+        self.pos += got
+        return got
+
+
+def _pieces(fd: int, size: int, sparse: bool, path: str) -> Iterator[tuple[memoryview | None, int]]:
+    """The file's content as (chunk data, length) in order; (None, length) for a hole.
+
+    A yielded view is valid only until the next item. Raises _Changed if the file is
+    shorter than ``size``.
+    """
+    extents = data_extents(fd, size) if sparse else [(0, size)]
+    pos = 0
+    for start, end in extents:
+        start, end = min(start, size), min(end, size)  # the file may have grown meanwhile
+        if start >= end:
+            continue
+        if start > pos:
+            yield None, start - pos
+        if end - start <= WHOLE_READ_MAX:
+            data = _pread_exact(fd, end - start, start, path)
+            if len(data) <= CDC_MIN:
+                yield memoryview(data), len(data)
+            else:
+                for c in _cdc().cut_buf(data):
+                    yield c.data, c.length
+        else:
+            reader = _RangeReader(fd, start, end, path)
+            for c in _cdc().cut_stream(reader):
+                yield c.data, c.length
+            if reader.pos != end:
+                raise _Changed
+        pos = end
+    if pos < size:
+        yield None, size - pos
+
+
+class _Capture:
+    """One capture: the walk's entries, the writer, and the read jobs."""
+
+    def __init__(self, writer: PoolWriter, root: str, entries: list[TreeEntry], sparse: set[str]):
+        self.writer = writer
+        self.root = root
+        self.entries = entries
+        self.sparse = sparse
+        # O_NOATIME keeps reads from dirtying inodes; only the owner or root may ask for it.
+        self.open_flags = os.O_RDONLY | os.O_NOFOLLOW | _O_CLOEXEC
+        if os.geteuid() == 0:
+            self.open_flags |= _O_NOATIME
+
+    def store(self, data: bytes | memoryview, cost: _Cost) -> bytes:
+        digest = hash_bytes(data)
+        result = self.writer.put(data, digest)
+        cost.read += len(data)
+        if result.new:
+            cost.new += 1
+            cost.new_bytes += len(data)
+            cost.stored += result.stored
+        return digest
+
+    def _open(self, path: str) -> int | None:
+        try:
+            return os.open(path, self.open_flags)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise _source_error(path, exc) from exc
+
+    def capture_file(self, index: int) -> _FileResult:
+        """Read, cut and store one file in the calling thread (a worker)."""
+        e = self.entries[index]
+        path = f"{self.root}/{e.path}"
+        cost = _Cost()
+        for attempt in range(2):
+            fd = self._open(path)
+            if fd is None:
+                return _FileResult(index, None, None, cost)
+            try:
+                fresh = None
+                if attempt:
+                    fresh = os.fstat(fd)
+                    if not stat.S_ISREG(fresh.st_mode):
+                        raise SourceChanged(path=path, reason="it is no longer a regular file")
+                ref = _stat_key(fresh) if fresh else _entry_key(e)
+                sparse = _looks_sparse(fresh) if fresh else e.path in self.sparse
+                chunks: list[tuple[bytes | None, int]] = []
+                try:
+                    for data, n in _pieces(fd, ref[0], sparse, path):
+                        chunks.append((None if data is None else self.store(data, cost), n))
+                    after = os.fstat(fd)
+                except _Changed:
+                    continue
+            finally:
+                os.close(fd)
+            if _stat_key(after) == ref:
+                return _FileResult(index, chunks, fresh, cost)
+        raise SourceChanged(path=path, reason="its size or times changed while it was read, twice")
+
+    def capture_batch(self, indices: list[int]) -> list[_FileResult]:
+        return [self.capture_file(i) for i in indices]
+
+    def store_chunk(self, data: bytes) -> _ChunkResult:
+        cost = _Cost()
+        return _ChunkResult(self.store(data, cost), len(data), cost)
+
+    def stream_jobs(self, index: int) -> Iterator[tuple[Callable[[], _Result], int]]:
+        """Jobs for a large file: this thread reads and cuts, workers hash and compress.
+
+        Ends with a _StreamEnd marker; a _StreamRestart marker tells the consumer to drop the
+        chunks of an attempt during which the file changed.
+        """
+        e = self.entries[index]
+        path = f"{self.root}/{e.path}"
+        for attempt in range(2):
+            fd = self._open(path)
+            if fd is None:
+                yield partial(_identity, _StreamEnd(index, None, vanished=True)), 0
+                return
+            try:
+                fresh = None
+                if attempt:
+                    fresh = os.fstat(fd)
+                    if not stat.S_ISREG(fresh.st_mode):
+                        raise SourceChanged(path=path, reason="it is no longer a regular file")
+                ref = _stat_key(fresh) if fresh else _entry_key(e)
+                sparse = _looks_sparse(fresh) if fresh else e.path in self.sparse
+                try:
+                    for data, n in _pieces(fd, ref[0], sparse, path):
+                        if data is None:
+                            yield partial(_identity, _ChunkResult(None, n, _Cost())), 0
+                        else:
+                            yield partial(self.store_chunk, bytes(data)), n
+                    same = _stat_key(os.fstat(fd)) == ref
+                except _Changed:
+                    same = False
+            finally:
+                os.close(fd)
+            if same:
+                yield partial(_identity, _StreamEnd(index, fresh)), 0
+                return
+            yield partial(_identity, _StreamRestart(index)), 0
+        raise SourceChanged(path=path, reason="its size or times changed while it was read, twice")
+
+    def jobs(self, todo: list[int]) -> Iterator[tuple[Callable[[], _Result], int]]:
+        batch: list[int] = []
+        batch_bytes = 0
+        for i in todo:
+            e = self.entries[i]
+            if e.size <= WHOLE_READ_MAX:
+                batch.append(i)
+                batch_bytes += e.size
+                if len(batch) >= BATCH_FILES or batch_bytes >= BATCH_BYTES:
+                    yield partial(self.capture_batch, batch), batch_bytes
+                    batch, batch_bytes = [], 0
+            else:
+                if batch:
+                    yield partial(self.capture_batch, batch), batch_bytes
+                    batch, batch_bytes = [], 0
+                yield from self.stream_jobs(i)
+        if batch:
+            yield partial(self.capture_batch, batch), batch_bytes
+
+
+@_gc_paused()
+def capture_tree(
+    pool: ChunkPool,
+    root: Path | str,
+    *,
+    base: TreeManifest | None = None,
+    base_id: bytes | None = None,
+    meta: dict[str, Any] | None = None,
+    workers: int | None = None,
+    progress: Progress | None = None,
+) -> tuple[bytes, TreeManifest, CaptureStats]:
+    """Capture the tree under ``root`` into ``pool``; returns (manifest id, manifest, stats).
+
+    With ``base`` (the previous image of the same tree, stored as ``base_id``) unchanged files
+    are not read at all. Raises SourceUnreadable (root or a file cannot be read) or
+    SourceChanged (a file kept changing while it was read); nothing is visible then.
+    """
+    t0 = time.monotonic()
+    root_s = os.fspath(root)
+    try:
+        root_st = os.stat(root_s)
+    except OSError as exc:
+        raise SourceUnreadable(path=root_s, reason=exc.strerror or str(exc)) from exc
+    if not stat.S_ISDIR(root_st.st_mode):
+        raise SourceUnreadable(path=root_s, reason="it is not a directory")
+
+    bases = [base_id] if base_id is not None else []
+    registered = base_id is not None and pool.has_manifest(base_id)
+    base_index = {b.path: b for b in base.entries} if base else {}
+    skipped = _Skipped()
+    stats = CaptureStats()
+    with pool.writer(bases) as writer:
+
+        def chunks_present(b: TreeEntry) -> bool:
+            # Chunks of a registered base are kept by GC; others must be touched (and there).
+            return registered or all(d is None or writer.has(d) for d, _ in b.chunks)
+
+        entries, link_dev, sparse = _walk(root_s, skipped, base_index, chunks_present)
+        entries.sort(key=lambda e: e.path)
+
+        # The first path of a hard-link group (in manifest order) carries the content.
+        first_of: dict[tuple[int, int], str] = {}
+        for e in entries:
+            if e.type == FILE and e.path in link_dev:
+                head = first_of.setdefault((link_dev[e.path], e.ino), e.path)
+                if head != e.path:
+                    e.type, e.target = HARDLINK, head
+
+        todo: list[int] = []
+        done = 0
+        for i, e in enumerate(entries):
+            if e.type != FILE or e.chunks or not e.size:
+                done += e.size if e.type == FILE else 0
+                continue  # reused from the base, or empty (its lstat is the snapshot)
+            b = base_index.get(e.path)
+            if (
+                b is not None  # a linked file that did not change keeps its chunks too
+                and b.type == FILE
+                and (b.size, b.mtime_ns, b.ctime_ns, b.ino)
+                == (e.size, e.mtime_ns, e.ctime_ns, e.ino)
+                and chunks_present(b)
+            ):
+                e.chunks = b.chunks
+                done += e.size
+                continue
+            todo.append(i)
+        total = sum(e.size for e in entries if e.type == FILE)
+        if progress:
+            progress(done, total)
+
+        cap = _Capture(writer, root_s, entries, sparse)
+        vanished: set[int] = set()
+        streamed: list[tuple[bytes | None, int]] = []
+        w = workers or default_workers()
+
+        def account(cost: _Cost) -> None:
+            stats.bytes_read += cost.read
+            stats.chunks_new += cost.new
+            stats.bytes_new += cost.new_bytes
+            stats.bytes_stored += cost.stored
+
+        def finish(
+            index: int,
+            chunks: list[tuple[bytes | None, int]] | None,
+            fresh: os.stat_result | None,
+        ) -> None:
+            nonlocal done
+            if chunks is None:
+                vanished.add(index)
+                return
+            e = entries[index]
+            if fresh is not None:
+                _refresh(e, fresh)
+            e.chunks = chunks
+            done += e.size
+            if progress:
+                progress(done, max(total, done))
+
+        with ThreadPoolExecutor(w) as ex:
+            for res in _pipelined(ex, cap.jobs(todo), 4 * w, INFLIGHT_BYTES):
+                if isinstance(res, list):
+                    for fr in res:
+                        account(fr.cost)
+                        finish(fr.index, fr.chunks, fr.fresh)
+                elif isinstance(res, _ChunkResult):
+                    account(res.cost)
+                    streamed.append((res.digest, res.length))
+                elif isinstance(res, _StreamRestart):
+                    streamed = []
+                else:
+                    finish(res.index, None if res.vanished else streamed, res.fresh)
+                    streamed = []
+
+        if vanished:
+            entries = _drop_vanished(cap, entries, vanished, skipped, account)
+
+        out_meta = dict(meta or {})
+        out_meta["root"] = {
+            "mode": stat.S_IMODE(root_st.st_mode),
+            "uid": root_st.st_uid,
+            "gid": root_st.st_gid,
+            "mtime_ns": root_st.st_mtime_ns,
+        }
+        if skipped.count:
+            out_meta["skipped"] = {"count": skipped.count, "examples": skipped.examples}
+        manifest = TreeManifest(entries=entries, meta=out_meta)
+        mid = store_manifest(writer, manifest)
+
+    stats.bytes_total = manifest.size
+    for e in entries:
+        for d, _ in e.chunks:
+            if d is None:
+                stats.chunks_zero += 1
+            else:
+                stats.chunks += 1
+    stats.seconds = time.monotonic() - t0
+    return mid, manifest, stats
+
+
+def _drop_vanished(
+    cap: _Capture,
+    entries: list[TreeEntry],
+    vanished: set[int],
+    skipped: _Skipped,
+    account: Callable[[_Cost], None],
+) -> list[TreeEntry]:
+    """Leave out files that vanished before they were read. A hard link to one of them still
+    names the data: the first such link becomes the group's file, read now, and the group's
+    other links point to it."""
+    drop = set(vanished)
+    heir: dict[str, str | None] = {entries[i].path: None for i in vanished}
+    for i, e in enumerate(entries):
+        if e.type != HARDLINK or e.target not in heir:
+            continue
+        new_head = heir[e.target]
+        if new_head is not None:
+            e.target = new_head
+            continue
+        old_head = e.target
+        e.type, e.target = FILE, ""
+        res = cap.capture_file(i)
+        account(res.cost)
+        if res.chunks is None:  # gone too: the group's next link takes over
+            drop.add(i)
+            continue
+        if res.fresh is not None:
+            _refresh(e, res.fresh)
+        e.chunks = res.chunks
+        heir[old_head] = e.path
+    for i in sorted(drop):
+        skipped.add(entries[i].path, "vanished")
+    return [e for i, e in enumerate(entries) if i not in drop]
+
+
+# --- restore ------------------------------------------------------------------------------
+
+_FRESH = "fresh"  # create the file (nothing is in its place)
+_PATCH = "patch"  # rewrite the chunks that differ in the existing file
+_META = "meta"  # content matches; only mode or owner differ
+
+
+@dataclass
+class _Plan:
+    """What the manifest asks for, checked before anything is written."""
+
+    by_path: dict[str, TreeEntry]
+    dirs: set[str]
+    group: dict[str, frozenset[str]]  # file or hard-link path -> every path of its link group
+
+
+def _plan_restore(manifest: TreeManifest) -> _Plan:
+    by_path: dict[str, TreeEntry] = {}
+    dirs = {""}
+    members: dict[str, list[str]] = {}
+    for e in manifest.entries:
+        check_relpath(e.path)
+        if e.path in by_path:
+            raise UnsafePath(path=e.path, reason="it is listed twice")
+        parent = e.path.rpartition("/")[0]
+        if parent not in dirs:
+            # Also what stops 'a' -> '/elsewhere' followed by 'a/evil': 'a' is no directory.
+            raise UnsafePath(
+                path=e.path, reason=f"its parent {parent!r} is not a directory listed before it"
+            )
+        if e.type == DIR:
+            dirs.add(e.path)
+        elif e.type == FILE:
+            if sum(n for _, n in e.chunks) != e.size:
+                raise ManifestInvalid(
+                    digest="(in memory)", reason=f"chunk lengths of {e.path!r} miss its size"
+                )
+            members[e.path] = [e.path]
+        elif e.type == HARDLINK:
+            head = by_path.get(e.target)
+            if head is None or head.type != FILE:
+                raise UnsafePath(
+                    path=e.path,
+                    reason=f"it is a hard link to {e.target!r}, not to a file listed before it",
+                )
+            members[e.target].append(e.path)
+        elif e.type == SYMLINK:
+            if not e.target or "\x00" in e.target:
+                raise UnsafePath(path=e.path, reason="its symlink target is empty or has a NUL")
+        elif e.type != FIFO:
+            raise ManifestInvalid(digest="(in memory)", reason=f"unknown entry type {e.type!r}")
+        by_path[e.path] = e
+    group: dict[str, frozenset[str]] = {}
+    for paths in members.values():
+        frozen = frozenset(paths)
+        for p in paths:
+            group[p] = frozen
+    return _Plan(by_path, dirs, group)
+
+
+def _open_subdir(parent_fd: int, name: str, shown: str) -> int:
+    try:
+        return os.open(name, _O_DIR, dir_fd=parent_fd)
+    except OSError as exc:
+        raise TargetInvalid(
+            path=shown,
+            reason=f"it cannot be opened as a directory without following symlinks "
+            f"({exc.strerror or exc})",
+        ) from exc
+
+
+def _open_dir_path(root_fd: int, root: str, rel: str) -> int:
+    """A new fd for directory ``rel``, walked from the root one component at a time."""
+    fd = os.dup(root_fd)
+    if not rel:
+        return fd
+    try:
+        for name in rel.split("/"):
+            nxt = _open_subdir(fd, name, f"{root}/{rel}")
+            os.close(fd)
+            fd = nxt
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+class _Dirs:
+    """Cached directory fds in the target, opened with O_NOFOLLOW (main thread only).
+
+    An fd from ``fd()`` is valid until the next call: a later one may close it.
+    """
+
+    def __init__(self, root_fd: int, root: str, capacity: int = 64) -> None:
+        self.root_fd, self.root, self.capacity = root_fd, root, capacity
+        self._cache: OrderedDict[str, int] = OrderedDict()
+
+    def fd(self, rel: str) -> int:
+        if not rel:
+            return self.root_fd
+        fd = self._cache.get(rel)
+        if fd is not None:
+            self._cache.move_to_end(rel)
+            return fd
+        parent, _, name = rel.rpartition("/")
+        fd = _open_subdir(self.fd(parent), name, f"{self.root}/{rel}")
+        self._cache[rel] = fd
+        while len(self._cache) > self.capacity:
+            os.close(self._cache.popitem(last=False)[1])
+        return fd
+
+    def parent_of(self, rel: str) -> tuple[int, str]:
+        """(fd of the parent directory, last component) of ``rel``."""
+        parent, _, name = rel.rpartition("/")
+        return self.fd(parent), name
+
+    def forget(self, rel: str) -> None:
+        """Drop cached fds of ``rel`` and below (it is being removed)."""
+        for key in [k for k in self._cache if k == rel or k.startswith(rel + "/")]:
+            os.close(self._cache.pop(key))
+
+    def close(self) -> None:
+        while self._cache:
+            os.close(self._cache.popitem()[1])
+
+
+def _scan_target(root: str, descend: set[str]) -> dict[str, os.stat_result]:
+    """lstat of what is in the target, descending only into real directories of ``descend``
+    (anything else in the way is removed whole, so its content does not matter)."""
+    found: dict[str, os.stat_result] = {}
+    stack = [""]
+    while stack:
+        rel_dir = stack.pop()
+        prefix = f"{rel_dir}/" if rel_dir else ""
+        try:
+            with os.scandir(f"{root}/{rel_dir}" if rel_dir else root) as it:
+                for de in it:
+                    rel = prefix + de.name
+                    try:
+                        st = de.stat(follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue
+                    found[rel] = st
+                    if stat.S_ISDIR(st.st_mode) and rel in descend:
+                        stack.append(rel)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise TargetInvalid(path=f"{root}/{rel_dir}", reason=exc.strerror or str(exc)) from exc
+    return found
+
+
+def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+_libc: ctypes.CDLL | None = None
+
+
+def _punch_hole(fd: int, offset: int, length: int) -> int:
+    """Make [offset, offset+length) read as zeros without allocating; returns bytes changed."""
+    try:
+        data_at = os.lseek(fd, offset, os.SEEK_DATA)
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:
+            return 0  # no data from here on: already a hole
+        data_at = offset
+    if data_at >= offset + length:
+        return 0
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+        _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    if _libc.fallocate(fd, _FALLOC_PUNCH, offset, length) != 0:
+        # No hole punching on this file system: write the zeros.
+        zeros = bytes(min(length, CDC_MAX))
+        for off in range(offset, offset + length, len(zeros)):
+            _pwrite_all(fd, zeros[: min(len(zeros), offset + length - off)], off)
+    return length
+
+
+@dataclass
+class _FileItem:
+    entry: TreeEntry
+    how: str
+    st: os.stat_result | None  # what the scan found in its place (kept), else None
+
+
+@dataclass
+class _Moved:
+    total: int = 0
+    compared: int = 0
+    fetched: int = 0
+    written: int = 0
+
+
+class _Restore:
+    def __init__(
+        self,
+        source: ChunkSource,
+        manifest: TreeManifest,
+        plan: _Plan,
+        root: str,
+        root_fd: int,
+        verify_content: bool,
+    ) -> None:
+        self.source = source
+        self.manifest = manifest
+        self.plan = plan
+        self.root = root
+        self.root_fd = root_fd
+        self.dirs = _Dirs(root_fd, root)
+        self.verify_content = verify_content
+        self.is_root = os.geteuid() == 0
+        self.chown_denied = False
+
+    # --- metadata -----------------------------------------------------------------------
+
+    def _wants_chown(self, e: TreeEntry, st: os.stat_result | None) -> bool:
+        if st is not None and (st.st_uid, st.st_gid) == (e.uid, e.gid):
+            return False
+        if st is None and not self.is_root and (e.uid, e.gid) == (os.geteuid(), os.getegid()):
+            return False
+        return self.is_root or not self.chown_denied
+
+    def _chown(self, do: Callable[[], None]) -> bool:
+        try:
+            do()
+        except PermissionError:
+            if self.is_root:
+                raise
+            self.chown_denied = True  # not root: owners cannot be given away; keep going
+            return False
+        return True
+
+    def apply_meta(self, fd: int, e: TreeEntry, st: os.stat_result | None) -> None:
+        """Owner, mode and mtime of an open file, fifo or directory (owner first: chown
+        clears set-id bits)."""
+        chowned = self._wants_chown(e, st) and self._chown(lambda: os.fchown(fd, e.uid, e.gid))
+        if chowned or st is None or stat.S_IMODE(st.st_mode) != e.mode:
+            os.fchmod(fd, e.mode)
+        if st is None or st.st_mtime_ns != e.mtime_ns:
+            os.utime(fd, ns=(e.mtime_ns, e.mtime_ns))
+
+    # --- files (in workers) -------------------------------------------------------------
+
+    def fetch(self, digest: bytes, length: int) -> bytes:
+        data = self.source.get(digest)  # verified against the digest by the source
+        if len(data) != length:
+            raise ManifestInvalid(
+                digest="(in memory)",
+                reason=f"chunk {digest.hex()} holds {len(data)} bytes, the manifest says {length}",
+            )
+        return data
+
+    def restore_batch(self, rel_dir: str, items: list[_FileItem]) -> _Moved:
+        moved = _Moved()
+        dfd = _open_dir_path(self.root_fd, self.root, rel_dir)
+        try:
+            for item in items:
+                name = item.entry.path.rpartition("/")[2]
+                try:
+                    self.restore_file(dfd, name, item, moved)
+                except OSError as exc:
+                    raise TargetInvalid(
+                        path=f"{self.root}/{item.entry.path}", reason=exc.strerror or str(exc)
+                    ) from exc
+                moved.total += item.entry.size
+        finally:
+            os.close(dfd)
+        return moved
+
+    def restore_file(self, dfd: int, name: str, item: _FileItem, moved: _Moved) -> None:
+        e = item.entry
+        if item.how != _FRESH:
+            # O_NONBLOCK: should a fifo have taken the file's place, do not hang on it.
+            flags = os.O_NOFOLLOW | os.O_NONBLOCK | _O_CLOEXEC
+            flags |= os.O_RDONLY if item.how == _META else os.O_RDWR
+            try:
+                fd = os.open(name, flags, dir_fd=dfd)
+            except PermissionError:
+                if self.is_root:
+                    raise
+                os.unlink(name, dir_fd=dfd)  # read-only file and we are not root: replace it
+                item = _FileItem(e, _FRESH, None)
+            else:
+                try:
+                    st = os.fstat(fd)
+                    expected_ino = item.st.st_ino if item.st is not None else st.st_ino
+                    if not stat.S_ISREG(st.st_mode) or st.st_ino != expected_ino:
+                        raise TargetInvalid(
+                            path=f"{self.root}/{e.path}", reason="it changed during the restore"
+                        )
+                    if item.how == _PATCH:
+                        self._patch(fd, e, st.st_size, moved)
+                        st = os.fstat(fd)
+                    self.apply_meta(fd, e, st)
+                finally:
+                    os.close(fd)
+                return
+        fresh_flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | _O_CLOEXEC
+        fd = os.open(name, fresh_flags, 0o600, dir_fd=dfd)
+        try:
+            off = end = 0
+            for digest, n in e.chunks:
+                if digest is not None:
+                    data = self.fetch(digest, n)
+                    _pwrite_all(fd, data, off)
+                    moved.fetched += n
+                    moved.written += n
+                    end = off + n
+                off += n
+            if end < e.size:  # trailing hole: only the size is set, nothing allocated
+                os.ftruncate(fd, e.size)
+            self.apply_meta(fd, e, None)
+        finally:
+            os.close(fd)
+
+    def _patch(self, fd: int, e: TreeEntry, old_size: int, moved: _Moved) -> None:
+        """Rewrite only what differs: whole chunks compared by digest, then 64 KiB blocks."""
+        if old_size != e.size:
+            os.ftruncate(fd, e.size)
+        valid = min(old_size, e.size)  # bytes of old content still there
+        off = 0
+        for digest, n in e.chunks:
+            if digest is None:
+                if off < valid:
+                    moved.written += _punch_hole(fd, off, min(n, valid - off))
+            elif off + n > valid:  # (partly) beyond the old content: nothing to compare
+                _pwrite_all(fd, self.fetch(digest, n), off)
+                moved.fetched += n
+                moved.written += n
+            else:
+                current = os.pread(fd, n, off)
+                moved.compared += len(current)
+                if hash_bytes(current) != digest:
+                    self._patch_chunk(fd, digest, n, off, current, moved)
+            off += n
+
+    def _patch_chunk(
+        self, fd: int, digest: bytes, n: int, off: int, current: bytes, moved: _Moved
+    ) -> None:
+        want = self.source.sub_digests(digest)
+        have = hash_sub_blocks(current)
+        differ = [j for j, (a, b) in enumerate(zip(want, have, strict=False)) if a != b]
+        if len(want) == len(have) and len(differ) < len(want):
+            blocks = self.source.read_blocks(digest, differ)
+            for j, block in zip(differ, blocks, strict=True):
+                _pwrite_all(fd, block, off + j * SUB_BLOCK)
+                moved.fetched += len(block)
+                moved.written += len(block)
+            # The sub-block digests come from a chunk header the source did not verify:
+            # check the result and fall back to the whole (verified) chunk.
+            if hash_bytes(os.pread(fd, n, off)) == digest:
+                return
+        _pwrite_all(fd, self.fetch(digest, n), off)
+        moved.fetched += n
+        moved.written += n
+
+    # --- the phases ---------------------------------------------------------------------
+
+    def run(
+        self, workers: int | None, progress: Progress | None, delete_extraneous: bool
+    ) -> _Moved:
+        found = _scan_target(self.root, self.plan.dirs)
+        # All target paths of each multiply-linked inode, to tell whether patching in place
+        # could change a file outside the target or outside the entry's link group.
+        links: dict[tuple[int, int], list[str]] = {}
+        for rel, lst in found.items():
+            if stat.S_ISREG(lst.st_mode) and lst.st_nlink > 1:
+                links.setdefault((lst.st_dev, lst.st_ino), []).append(rel)
+
+        doomed: list[tuple[str, os.stat_result]] = []
+        kept: dict[str, os.stat_result] = {}
+        files: list[_FileItem] = []
+        done = 0
+        for e in self.manifest.entries:
+            st = found.get(e.path)
+            if st is not None:
+                if self._fits(e, st, links):
+                    kept[e.path] = st
+                else:
+                    doomed.append((e.path, st))
+                    st = None
+            if e.type == FILE:
+                item = self._file_item(e, st)
+                if item is None:
+                    done += e.size
+                else:
+                    files.append(item)
+        if delete_extraneous:
+            doomed.extend((rel, lst) for rel, lst in found.items() if rel not in self.plan.by_path)
+
+        total = self.manifest.size
+        if progress:
+            progress(done, total)
+        self._make_writable(kept)
+        for rel, st in doomed:
+            self._remove(rel, st)
+        for e in self.manifest.entries:
+            if e.type == DIR and e.path not in kept:
+                pfd, name = self.dirs.parent_of(e.path)
+                os.mkdir(name, 0o700, dir_fd=pfd)  # its own mode comes last
+            elif e.type == SYMLINK:
+                self._symlink(e, kept.get(e.path))
+            elif e.type == FIFO:
+                self._fifo(e, kept.get(e.path))
+
+        moved = _Moved()
+        w = workers or default_workers()
+        with ThreadPoolExecutor(w) as ex:
+            for part in _pipelined(ex, self._file_jobs(files), 4 * w, INFLIGHT_BYTES):
+                moved.compared += part.compared
+                moved.fetched += part.fetched
+                moved.written += part.written
+                done += part.total
+                if progress:
+                    progress(done, total)
+
+        for e in self.manifest.entries:
+            if e.type == HARDLINK:
+                self._hardlink(e)
+        for e in reversed(self.manifest.entries):  # children before their parents
+            if e.type == DIR:
+                fd = self.dirs.fd(e.path)
+                self.apply_meta(fd, e, os.fstat(fd))  # not the scan's: children changed since
+        self._root_meta()
+        syncfs(self.root_fd)
+        return moved
+
+    def _fits(
+        self, e: TreeEntry, st: os.stat_result, links: dict[tuple[int, int], list[str]]
+    ) -> bool:
+        """Whether what the target holds at ``e.path`` can stay (possibly patched)."""
+        mode = st.st_mode
+        if e.type == DIR:
+            return stat.S_ISDIR(mode)
+        if e.type == FIFO:
+            return stat.S_ISFIFO(mode)
+        if e.type == SYMLINK:
+            if not stat.S_ISLNK(mode):
+                return False
+            try:
+                return os.readlink(f"{self.root}/{e.path}") == e.target
+            except OSError:
+                return False
+        if not stat.S_ISREG(mode):
+            return False
+        if e.type == HARDLINK:
+            return True  # relinked in the last phase unless already the right inode
+        if st.st_nlink == 1:
+            return True
+        paths = links.get((st.st_dev, st.st_ino), [])
+        return len(paths) == st.st_nlink and set(paths) <= self.plan.group[e.path]
+
+    def _file_item(self, e: TreeEntry, st: os.stat_result | None) -> _FileItem | None:
+        if st is None:
+            return _FileItem(e, _FRESH, None)
+        same = st.st_size == e.size and st.st_mtime_ns == e.mtime_ns
+        if not same or self.verify_content:
+            return _FileItem(e, _PATCH, st)
+        if stat.S_IMODE(st.st_mode) != e.mode or (
+            (st.st_uid, st.st_gid) != (e.uid, e.gid) and (self.is_root or not self.chown_denied)
+        ):
+            return _FileItem(e, _META, st)
+        return None
+
+    def _file_jobs(self, items: list[_FileItem]) -> Iterator[tuple[Callable[[], _Moved], int]]:
+        batch: list[_FileItem] = []
+        parent = ""
+        size = 0
+        for item in items:
+            p = item.entry.path.rpartition("/")[0]
+            if batch and (p != parent or len(batch) >= RESTORE_BATCH_FILES or size >= BATCH_BYTES):
+                yield partial(self.restore_batch, parent, batch), 0
+                batch, size = [], 0
+            parent = p
+            batch.append(item)
+            size += item.entry.size
+        if batch:
+            yield partial(self.restore_batch, parent, batch), 0
+
+    def _make_writable(self, kept: dict[str, os.stat_result]) -> None:
+        """Not root: give existing directories u+rwx until their own mode is set at the end."""
+        if self.is_root:
+            return
+        for rel, st in kept.items():
+            if stat.S_ISDIR(st.st_mode) and st.st_mode & 0o700 != 0o700:
+                os.fchmod(self.dirs.fd(rel), stat.S_IMODE(st.st_mode) | 0o700)
+        st = os.fstat(self.root_fd)
+        if st.st_mode & 0o700 != 0o700:
+            os.fchmod(self.root_fd, stat.S_IMODE(st.st_mode) | 0o700)
+
+    def _remove(self, rel: str, st: os.stat_result) -> None:
+        pfd, name = self.dirs.parent_of(rel)
+        try:
+            if stat.S_ISDIR(st.st_mode):
+                self.dirs.forget(rel)
+                shutil.rmtree(name, dir_fd=pfd)  # fd-based, does not follow symlinks
+            else:
+                os.unlink(name, dir_fd=pfd)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise TargetInvalid(
+                path=f"{self.root}/{rel}", reason=f"cannot remove it: {exc.strerror or exc}"
+            ) from exc
+
+    def _symlink(self, e: TreeEntry, st: os.stat_result | None) -> None:
+        pfd, name = self.dirs.parent_of(e.path)
+        if st is None:
+            os.symlink(e.target, name, dir_fd=pfd)
+        if self._wants_chown(e, st):
+            self._chown(lambda: os.chown(name, e.uid, e.gid, dir_fd=pfd, follow_symlinks=False))
+        if st is None or st.st_mtime_ns != e.mtime_ns:
+            os.utime(name, ns=(e.mtime_ns, e.mtime_ns), dir_fd=pfd, follow_symlinks=False)
+
+    def _fifo(self, e: TreeEntry, st: os.stat_result | None) -> None:
+        pfd, name = self.dirs.parent_of(e.path)
+        if st is None:
+            os.mkfifo(name, 0o600, dir_fd=pfd)
+        # O_NONBLOCK: opening a fifo for reading must not wait for a writer.
+        fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | _O_CLOEXEC, dir_fd=pfd)
+        try:
+            if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+                raise TargetInvalid(path=f"{self.root}/{e.path}", reason="it is not a fifo")
+            self.apply_meta(fd, e, st)
+        finally:
+            os.close(fd)
+
+    def _hardlink(self, e: TreeEntry) -> None:
+        head_dir, _, head_name = e.target.rpartition("/")
+        hfd = _open_dir_path(self.root_fd, self.root, head_dir)
+        try:
+            head = os.stat(head_name, dir_fd=hfd, follow_symlinks=False)
+            pfd, name = self.dirs.parent_of(e.path)
+            try:
+                cur = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+            except FileNotFoundError:
+                cur = None
+            if cur is not None:
+                if (cur.st_dev, cur.st_ino) == (head.st_dev, head.st_ino):
+                    return
+                os.unlink(name, dir_fd=pfd)
+            os.link(head_name, name, src_dir_fd=hfd, dst_dir_fd=pfd, follow_symlinks=False)
+        finally:
+            os.close(hfd)
+
+    def _root_meta(self) -> None:
+        info = self.manifest.meta.get("root")
+        if not isinstance(info, dict):
+            return
+        values = [info.get(k) for k in ("mode", "uid", "gid", "mtime_ns")]
+        if not all(isinstance(v, int) for v in values):
+            return
+        mode, uid, gid, mtime = (int(v) for v in values)  # type: ignore[arg-type]
+        e = TreeEntry("", DIR, mode & 0o7777, uid, gid, mtime)
+        self.apply_meta(self.root_fd, e, os.fstat(self.root_fd))
+
+    def close(self) -> None:
+        self.dirs.close()
+
+
+def _open_target_root(target: str) -> int:
+    try:
+        os.makedirs(target, exist_ok=True)
+        return os.open(target, os.O_RDONLY | os.O_DIRECTORY | _O_CLOEXEC)
+    except OSError as exc:
+        raise TargetInvalid(path=target, reason=exc.strerror or str(exc)) from exc
+
+
+@_gc_paused()
+def restore_tree(
+    source: ChunkSource,
+    manifest: TreeManifest,
+    target: Path | str,
+    *,
+    workers: int | None = None,
+    progress: Progress | None = None,
+    delete_extraneous: bool = True,
+    verify_content: bool = False,
+) -> RestoreStats:
+    """Make the tree at ``target`` equal to the image, writing only what differs.
+
+    A file whose type, size and mtime match is taken as unchanged (``verify_content`` hashes
+    it anyway); a changed file is patched chunk by chunk. Entries the image lacks are removed
+    unless ``delete_extraneous`` is false. A missing target is created. Raises UnsafePath
+    (before anything is written) for a manifest that would escape the target, TargetInvalid
+    for a target that cannot be written, ChunkMissing or ChunkCorrupt for bad source data.
+    """
+    t0 = time.monotonic()
+    plan = _plan_restore(manifest)
+    root = os.fspath(target)
+    root_fd = _open_target_root(root)
+    restore = _Restore(source, manifest, plan, root, root_fd, verify_content)
+    try:
+        try:
+            moved = restore.run(workers, progress, delete_extraneous)
+        except OSError as exc:
+            raise TargetInvalid(path=root, reason=exc.strerror or str(exc)) from exc
+    finally:
+        restore.close()
+        os.close(root_fd)
+    return RestoreStats(
+        bytes_total=manifest.size,
+        bytes_compared=moved.compared,
+        bytes_written=moved.written,
+        bytes_fetched=moved.fetched,
+        seconds=time.monotonic() - t0,
+    )
+
+
+# --- manifest diff ------------------------------------------------------------------------
+
+
+@dataclass
+class TreeDiff:
+    """How ``new`` differs from ``old``, from the manifests alone."""
+
+    added: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)  # content (or type) differs
+    metadata_changed: list[str] = field(default_factory=list)  # mode, owner or mtime only
+    changed_bytes: int = 0  # plaintext of the distinct chunks of ``new`` that ``old`` lacks
+
+    def __bool__(self) -> bool:
+        return bool(self.added or self.removed or self.changed or self.metadata_changed)
+
+
+def _content(e: TreeEntry) -> tuple[Any, ...]:
+    if e.type == FILE:
+        return (e.type, e.size, e.chunks)
+    if e.type in (SYMLINK, HARDLINK):
+        return (e.type, e.target)
+    return (e.type,)
+
+
+def diff_trees(old: TreeManifest, new: TreeManifest) -> TreeDiff:
+    diff = TreeDiff()
+    old_by = {e.path: e for e in old.entries}
+    known = old.chunk_ids()
+    counted: set[bytes] = set()
+    for e in new.entries:
+        o = old_by.pop(e.path, None)
+        if o is None:
+            diff.added.append(e.path)
+        elif _content(o) != _content(e):
+            diff.changed.append(e.path)
+        elif (o.mode, o.uid, o.gid, o.mtime_ns) != (e.mode, e.uid, e.gid, e.mtime_ns):
+            diff.metadata_changed.append(e.path)
+        for d, n in e.chunks:
+            if d is not None and d not in known and d not in counted:
+                counted.add(d)
+                diff.changed_bytes += n
+    diff.removed = list(old_by)  # what is left; dicts keep the old manifest's order
+    return diff
+
+
+__all__ = ["TreeDiff", "capture_tree", "diff_trees", "restore_tree"]
