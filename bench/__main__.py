@@ -1,0 +1,105 @@
+"""``python -m bench``: run the benchmark sections and print the table.
+
+Flags: ``--section NAME`` (repeatable; default all), ``--size-gib`` (volume size),
+``--files`` (small files in the tree), ``--workdir`` (a fresh directory is made inside it
+and removed afterwards; default under /var/tmp), ``--json FILE`` (also save the results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from bench.common import (
+    Config,
+    GiB,
+    MiB,
+    Report,
+    load_average,
+    log,
+    machine_info,
+    make_console,
+    render,
+)
+from bench.common import write_json as save_json
+
+Section = Callable[[Config, Report], None]
+
+
+def _storage(cfg: Config, report: Report) -> None:
+    from bench import storage  # imports tandem; keep --help fast
+
+    storage.run(cfg, report)
+
+
+SECTIONS: dict[str, Section] = {"storage": _storage}
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--section",
+        action="append",
+        choices=sorted(SECTIONS),
+        help="run only this section (repeatable; default: all)",
+    )
+    parser.add_argument("--size-gib", type=float, default=2.0, help="volume size (default 2)")
+    parser.add_argument("--files", type=int, default=50_000, help="small files in the tree")
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path("/var/tmp"),
+        help="where to make the run's scratch directory (default /var/tmp; removed after)",
+    )
+    parser.add_argument("--json", type=Path, metavar="FILE", help="also save results as JSON")
+    parser.add_argument("--seed", type=int, default=1, help="data generator seed (default 1)")
+    args = parser.parse_args(argv)
+    if args.size_gib * GiB < 16 * MiB:
+        parser.error("--size-gib must be at least 16 MiB (0.016)")
+    if args.files < 1:
+        parser.error("--files must be positive")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix="tandem-bench-", dir=args.workdir))
+    size = int(args.size_gib * GiB) // MiB * MiB
+    cfg = Config(size=size, files=args.files, workdir=workdir, seed=args.seed)
+    sections = args.section or list(SECTIONS)
+    report = Report(
+        machine=machine_info(),
+        config={
+            "sections": ",".join(sections),
+            "size_gib": args.size_gib,
+            "files": args.files,
+            "seed": args.seed,
+            "workdir": str(workdir),
+        },
+    )
+    t0 = time.monotonic()
+    try:
+        for name in sections:
+            log(f"section {name}, scratch in {workdir}")
+            SECTIONS[name](cfg, report)
+    except KeyboardInterrupt:
+        log("interrupted; results so far follow")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+        report.seconds = time.monotonic() - t0
+        report.machine["load_end"] = load_average()
+    render(report, make_console())
+    if args.json:
+        save_json(report, args.json)
+        log(f"results saved to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
