@@ -34,7 +34,7 @@ import struct
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -459,7 +459,7 @@ class ChunkPool:
 
     # --- verification and garbage collection --------------------------------------------
 
-    def verify(self, manifests: dict[bytes, Iterable[bytes]] | None = None) -> VerifyReport:
+    def verify(self, manifests: Mapping[bytes, Iterable[bytes]] | None = None) -> VerifyReport:
         """Read and check every chunk; with ``manifests`` (id -> chunk ids) also check that
         every chunk they name is present. Bad chunks are listed, never repaired silently."""
         report = VerifyReport()
@@ -493,7 +493,7 @@ class ChunkPool:
                 referenced.add(base)
                 todo.append(base)
 
-    def gc(self, live: dict[bytes, Iterable[bytes]], remove_manifests: bool = True) -> GcReport:
+    def gc(self, live: Mapping[bytes, Iterable[bytes]], remove_manifests: bool = True) -> GcReport:
         """Remove chunks no live manifest names.
 
         ``live`` maps each live manifest id to the chunk ids it names. Base manifests of
