@@ -310,3 +310,21 @@ def test_a_peer_sent_delta_is_verified_against_its_base(pool: ChunkPool, tmp_pat
     with other.writer() as w:
         w.put_encoded(digest, pool.get_raw(digest))
     assert other.get(digest) == bytes(new)
+
+
+def test_small_writes_inside_blocks_cost_about_their_size(pool: ChunkPool, tmp_path: Path) -> None:
+    """A 4 KiB write into a 64 KiB block is stored XORed with the old block: ~4 KiB, not 64."""
+    src = tmp_path / "disk.img"
+    rng = random.Random(8)
+    src.write_bytes(rng.randbytes(16 * MiB))
+    mid, m1, _ = capture_volume(pool, src)
+    offsets = rng.sample(range(16 * MiB // 4096), 40)
+    with open(src, "r+b") as fh:
+        for o in offsets:
+            fh.seek(o * 4096)
+            fh.write(rng.randbytes(4096))
+    _, m2, stats = capture_volume(pool, src, base=m1, base_id=mid)
+    assert stats.bytes_stored <= 1.3 * 40 * 4096
+    out = tmp_path / "out.img"
+    restore_volume(pool, m2, out)
+    assert out.read_bytes() == src.read_bytes()

@@ -52,6 +52,7 @@ CODEC_ZSTD = 1
 CODEC_DELTA = 2
 DELTA_HEAD = struct.Struct("<32sQB")  # base digest, mask of replaced sub-blocks, inner codec
 MAX_DELTA_DEPTH = 8  # longer chains are cut by storing the chunk whole
+DELTA_XOR = 0x80  # inner-codec flag: blocks are stored XORed with the base's blocks
 ZSTD_LEVEL = 1
 MIN_SAVING = 0.05  # store raw when compression saves less than this fraction
 POOL_FORMAT = 1
@@ -89,14 +90,34 @@ def _pack(data: bytes | bytearray | memoryview) -> tuple[int, bytes]:
     return CODEC_RAW, bytes(data)
 
 
+def _xor(a: bytes, b: bytes) -> bytes:
+    return (int.from_bytes(a, "little") ^ int.from_bytes(b, "little")).to_bytes(len(a), "little")
+
+
 def encode_delta(
-    base: bytes, base_depth: int, plain_len: int, subs: list[bytes], changed: dict[int, bytes]
+    base: bytes,
+    base_depth: int,
+    plain_len: int,
+    subs: list[bytes],
+    changed: dict[int, bytes],
+    base_blocks: dict[int, bytes] | None = None,
 ) -> bytes:
-    """A delta chunk file: the sub-blocks ``changed`` (index -> bytes) over chunk ``base``."""
+    """A delta chunk file: the sub-blocks ``changed`` (index -> bytes) over chunk ``base``.
+
+    With ``base_blocks`` (the same sub-blocks of the base), each block is stored XORed with
+    its old version: a 4 KiB write into a 64 KiB block then compresses to about 4 KiB.
+    """
     mask = 0
     for j in changed:
         mask |= 1 << j
-    inner, payload = _pack(b"".join(changed[j] for j in sorted(changed)))
+    order = sorted(changed)
+    if base_blocks is not None:
+        raw = b"".join(_xor(changed[j], base_blocks[j]) for j in order)
+    else:
+        raw = b"".join(changed[j] for j in order)
+    inner, payload = _pack(raw)
+    if base_blocks is not None:
+        inner |= DELTA_XOR
     head = HEADER.pack(MAGIC, CODEC_DELTA, base_depth + 1, len(subs), plain_len)
     return b"".join([head, *subs, DELTA_HEAD.pack(base, mask, inner), payload])
 
@@ -167,12 +188,15 @@ def decode_chunk(
                 raise ChunkCorrupt(digest=digest.hex(), pool=where, reason="delta base length")
             blocks = [j for j in range(64) if mask >> j & 1]
             want = sum(min(SUB_BLOCK, info.plain_len - j * SUB_BLOCK) for j in blocks)
-            changed = _unpack(inner, payload, want)
+            changed = _unpack(inner & ~DELTA_XOR, payload, want)
             out = bytearray(base)
             pos = 0
             for j in blocks:
                 n = min(SUB_BLOCK, info.plain_len - j * SUB_BLOCK)
-                out[j * SUB_BLOCK : j * SUB_BLOCK + n] = changed[pos : pos + n]
+                block = changed[pos : pos + n]
+                if inner & DELTA_XOR:
+                    block = _xor(block, base[j * SUB_BLOCK : j * SUB_BLOCK + n])
+                out[j * SUB_BLOCK : j * SUB_BLOCK + n] = block
                 pos += n
             data = bytes(out)
         else:
@@ -636,7 +660,8 @@ class PoolWriter:
             return self.put(data, digest, subs)
         view = memoryview(data)
         blocks = {j: bytes(view[j * SUB_BLOCK : (j + 1) * SUB_BLOCK]) for j in changed}
-        blob = encode_delta(base, depth, len(view), subs, blocks)
+        old = dict(zip(changed, self.pool.read_blocks(base, changed), strict=True))
+        blob = encode_delta(base, depth, len(view), subs, blocks, old)
         self._write_pending(digest, blob)
         return PutResult(digest, True, len(blob))
 

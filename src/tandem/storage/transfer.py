@@ -5,7 +5,8 @@ sender picks the smallest self-checking encoding the receiver can decode:
 
 1. the chunk as stored, when it is a delta whose base the receiver holds;
 2. a delta computed now against ``prev`` (the chunk at the same offset of the receiver's
-   previous image) when at most half of its 64 KiB sub-blocks changed;
+   previous image) when at most half of its 64 KiB sub-blocks changed, each block XORed
+   with its old version so a small write inside a block costs about its own size;
 3. the whole chunk, compressed.
 
 Every encoding carries the chunk's digest and sub-block digests; the receiver rebuilds and
@@ -75,5 +76,6 @@ def encode_for_receiver(
             if len(changed) <= len(info.subs) // 2:
                 data = pool.get(digest)
                 blocks = {j: data[j * SUB_BLOCK : (j + 1) * SUB_BLOCK] for j in changed}
-                return encode_delta(prev, 0, info.plain_len, info.subs, blocks)
+                old = dict(zip(changed, pool.read_blocks(prev, changed), strict=True))
+                return encode_delta(prev, 0, info.plain_len, info.subs, blocks, old)
     return pool.get_raw(digest)
