@@ -190,7 +190,7 @@ def gc(pool: PoolArg, json_: JsonOpt = False) -> None:
 def list_(pool: PoolArg, json_: JsonOpt = False) -> None:
     """List the manifests in the pool."""
     p = _open(pool)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for mid in p.list_manifests():
         m = load_manifest(p, mid)
         rows.append({"manifest": mid.hex(), "kind": m.kind, "size": m.size, "meta": m.meta})
