@@ -10,7 +10,7 @@ One run generates one data set and measures both sides on it, in this order:
    ``cat FILE > /dev/null``; the tree against a second ``restic backup``.
 3. 1% of the volume changed, once as aligned 64 KiB runs and once as 4 KiB writes: bytes
    tandem newly stores against restic's ``data_added``, and the 64 KiB sub-blocks tandem's
-   replication sends (``diff_volumes``) against rsync's literal data.
+   replication sends (``storage.transfer`` encodings) against rsync's literal data.
 4. Diff-restore onto a copy with 1% of its 64 KiB blocks scribbled, against
    ``rsync --inplace --no-whole-file``.
 5. Peak RSS of a volume capture in a child process at two sizes, against restic's.
@@ -63,7 +63,8 @@ from bench.common import (
 from tandem.errors import TandemError
 from tandem.storage.manifest import TreeManifest, VolumeManifest, load_manifest
 from tandem.storage.pool import ChunkPool
-from tandem.storage.volume import CaptureStats, capture_volume, diff_volumes, restore_volume
+from tandem.storage.transfer import chunks_to_offer, encode_for_receiver, previous_at_same_offset
+from tandem.storage.volume import CaptureStats, capture_volume, restore_volume
 
 T = TypeVar("T")
 
@@ -516,7 +517,7 @@ class StorageBench:
         log(f"3: {what}: tandem capture with base")
         settle()
         mid, manifest, stats = capture_volume(pool, self.volume, base=base, base_id=base_id)
-        delta = sum(length for _, length in diff_volumes(base, manifest, pool))
+        delta = wire_bytes(pool, base, manifest)
         self.manifest, self.manifest_id = manifest, mid
         log(f"3: {what}: restic incremental backup")
         peer = self.restic_backup(self.volume)
@@ -662,6 +663,17 @@ class StorageBench:
         )
 
 
+def wire_bytes(pool: ChunkPool, prev: VolumeManifest, new: VolumeManifest) -> int:
+    """Bytes replication would put on the wire: the encodings chosen for a receiver that
+    holds ``prev`` (storage.transfer), for every chunk the manifest diff offers."""
+    held = prev.chunk_ids()
+    at_offset = previous_at_same_offset(new, prev)
+    return sum(
+        len(encode_for_receiver(pool, d, held.__contains__, at_offset.get(d)))
+        for d in chunks_to_offer(new, prev)
+    )
+
+
 def _seconds(p: PeerBackup) -> float:
     return p.seconds
 
@@ -680,8 +692,10 @@ NOTES = (
     "uses every core and cat one, so other work on the machine (load average above) lowers "
     "this ratio.",
     "Section 3: tandem 'newly stored' is CaptureStats.bytes_stored of the capture with the "
-    "previous image as base (bytes written to the pool); its replication delta is the 64 KiB "
-    "sub-blocks diff_volumes finds between the two manifests. restic: backup --json "
+    "previous image as base (bytes written to the pool); its replication delta is the bytes "
+    "of the encodings replication sends to a receiver holding the previous image "
+    "(storage.transfer: stored or computed deltas XORed with the old blocks, else whole "
+    "chunks, compressed). restic: backup --json "
     "data_added (plaintext, before compression; its repo growth is in the --json file). "
     "rsync: --stats 'Literal data' of a local --no-whole-file sync onto the previous copy "
     "(block size ≈ √size).",
