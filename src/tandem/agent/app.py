@@ -1,0 +1,135 @@
+"""The host agent's HTTP API (FastAPI). Routes are thin: parse, call an action, stream.
+
+Invariants
+- Every route but ``/health`` needs the agent's bearer token (made at ``init``, stored
+  hashed in DIR/config.json).
+- ``/api/v1/capture`` and ``/api/v1/restore`` answer 200 at once and then stream NDJSON
+  events (``progress``..., then one ``done`` or ``error``). The action runs in a thread of
+  its own; when the appliance disconnects, the action is told to stop (its next ``emit``
+  raises) rather than carrying on for nobody.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Header
+from fastapi.responses import StreamingResponse
+
+from tandem import __version__
+from tandem.agent import actions
+from tandem.errors import JobCanceled, TandemError, Unauthorized
+from tandem.transport.server import (
+    DaemonConfig,
+    init_daemon_dir,
+    install_error_handlers,
+    load_daemon_dir,
+    lock_daemon_dir,
+    serve,
+    token_matches,
+)
+
+KIND = "agent"
+POLL = 0.05
+
+
+def _stream(job: str, work: Callable[[actions.Emit], dict[str, Any]]) -> StreamingResponse:
+    """Run ``work`` in a thread and stream its events as NDJSON; errors become an event."""
+    events: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
+    gone = threading.Event()
+
+    def emit(event: dict[str, Any]) -> None:
+        if gone.is_set():
+            raise JobCanceled(job=job or "(unnamed)")
+        events.put(event)
+
+    def run() -> None:
+        try:
+            events.put(work(emit))
+        except TandemError as exc:
+            events.put({"event": "error", "error": exc.code, "message": exc.message})
+        except Exception as exc:  # reported to the appliance, which fails the job
+            events.put({"event": "error", "error": "TandemError", "message": f"agent: {exc!r}"})
+        finally:
+            events.put(None)
+
+    async def body() -> AsyncIterator[bytes]:
+        # Started here, not before: if the response is never sent, no work is done.
+        threading.Thread(target=run, name=f"agent-{job or 'action'}", daemon=True).start()
+        try:
+            while True:
+                try:
+                    event = events.get_nowait()
+                except queue.Empty:
+                    await asyncio.sleep(POLL)
+                    continue
+                if event is None:
+                    return
+                yield (json.dumps(event) + "\n").encode()
+        finally:
+            # Reached on completion and when the appliance disconnects (the generator is
+            # closed); in the second case the action still runs and must stop.
+            gone.set()
+
+    return StreamingResponse(body(), media_type="application/x-ndjson")
+
+
+def create_app(cfg: DaemonConfig) -> FastAPI:
+    app = FastAPI(title=f"tandem agent {cfg.name}", version=__version__)
+    install_error_handlers(app)
+
+    def auth(authorization: Annotated[str | None, Header()] = None) -> None:
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise Unauthorized(
+                "No agent token was sent. Pass the token `tandem agent init` printed."
+            )
+        if not token_matches(token, cfg.token_hash):
+            raise Unauthorized(
+                "The agent token is wrong. Pass the token `tandem agent init` printed."
+            )
+
+    @app.get("/health")
+    def health() -> dict[str, Any]:
+        return {"status": "ok", "kind": KIND, "name": cfg.name, "version": __version__}
+
+    @app.get("/api/v1/info", dependencies=[Depends(auth)])
+    def info() -> dict[str, Any]:
+        return {"name": cfg.name, "hostname": os.uname().nodename, "version": __version__}
+
+    @app.post("/api/v1/capture", dependencies=[Depends(auth)])
+    def capture(req: actions.CaptureRequest) -> StreamingResponse:
+        return _stream(req.job, lambda emit: actions.capture(req, emit))
+
+    @app.post("/api/v1/restore", dependencies=[Depends(auth)])
+    def restore(req: actions.RestoreRequest) -> StreamingResponse:
+        return _stream(req.job, lambda emit: actions.restore(req, emit))
+
+    @app.post("/api/v1/run", dependencies=[Depends(auth)])
+    def run(req: actions.RunRequest) -> dict[str, Any]:
+        return actions.run_command(req)
+
+    return app
+
+
+def init(directory: Path, name: str, listen: str) -> dict[str, Any]:
+    """Create an agent in ``directory``; returns ``{name, url, token, fingerprint}``."""
+    cfg, token = init_daemon_dir(directory, kind=KIND, name=name, listen=listen)
+    return {"name": cfg.name, "url": cfg.url, "token": token, "fingerprint": cfg.fingerprint}
+
+
+def run_forever(directory: Path) -> None:
+    """Serve the agent in ``directory`` until SIGTERM/SIGINT."""
+    cfg = load_daemon_dir(directory, KIND)
+    lock = lock_daemon_dir(directory, KIND)
+    try:
+        serve(create_app(cfg), cfg, directory)
+    finally:
+        os.close(lock)

@@ -1,0 +1,1 @@
+"""The appliance daemon: API, job runner, scheduler, NBD server, console."""

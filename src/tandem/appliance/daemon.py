@@ -1,0 +1,143 @@
+"""The appliance daemon: its directory, and the parts that run together in one process.
+
+On-disk layout (made by ``init``)::
+
+    DIR/config.json   {"kind": "appliance", "name", "listen", "token_hash", "fingerprint",
+                       "extra": {"catalog": URL or null}}
+    DIR/cert.pem      the self-signed certificate clients pin (DIR/key.pem: its key, 0600)
+    DIR/catalog.db    the SQLite catalog, unless ``--catalog`` named another database
+    DIR/pool/         the chunk pool
+
+Invariants
+- ``init`` stores the admin token only as a hash, in the catalog's tokens table (name
+  ``admin``); the token itself is printed once.
+- ``serve`` recovers jobs before it serves: a job left ``running`` by a killed appliance is
+  failed with the reason (``tandem.jobs``) before anything new can start, so no job stays
+  running after a kill -9. Chunks a killed capture sent but never named were never visible
+  (the pool empties its ``tmp/`` when it opens) and are not part of any image.
+- The job runner, the scheduler and the HTTPS server run side by side; stopping (SIGTERM,
+  SIGINT) stops the server, then the scheduler, then the runner (running jobs are
+  interrupted and failed with the reason), then closes the catalog.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Any
+
+from tandem.appliance.app import KIND, create_app
+from tandem.appliance.scheduler import Scheduler
+from tandem.catalog import queries as q
+from tandem.catalog.db import open_catalog
+from tandem.domain.rules import Role
+from tandem.errors import AlreadyExists, InvalidInput
+from tandem.jobs.runner import JobRunner
+from tandem.operations.handlers import job_handlers
+from tandem.operations.sessions import SessionRegistry
+from tandem.operations.site import Site
+from tandem.storage.pool import ChunkPool
+from tandem.transport.server import (
+    DaemonConfig,
+    bind,
+    init_daemon_dir,
+    load_daemon_dir,
+    lock_daemon_dir,
+    serve,
+)
+
+ADMIN_TOKEN = "admin"
+WORKERS = 4
+
+
+def catalog_url(directory: Path, cfg: DaemonConfig) -> str:
+    url = cfg.extra.get("catalog")
+    return str(url) if url else f"sqlite:///{directory.resolve() / 'catalog.db'}"
+
+
+def init(directory: Path, name: str, listen: str, catalog: str | None) -> dict[str, Any]:
+    """Create an appliance in ``directory``; returns ``{name, url, token, fingerprint}``."""
+    cfg, token = init_daemon_dir(
+        directory, kind=KIND, name=name, listen=listen, extra={"catalog": catalog}
+    )
+    try:
+        ChunkPool.create(directory / "pool")
+        url = catalog_url(directory, cfg)
+        with open_catalog(url) as opened, opened.begin() as session:
+            try:
+                q.add_token(session, name=ADMIN_TOKEN, token=token, role=Role.ADMIN)
+            except AlreadyExists as exc:
+                raise InvalidInput(
+                    detail=f"the catalog {opened.url} already belongs to an appliance; "
+                    "give an empty database to --catalog"
+                ) from exc
+            q.set_setting(session, key="name", value=name)
+    except BaseException:
+        # Leave no half-made appliance behind: without config.json the directory can be reused.
+        with contextlib.suppress(FileNotFoundError):
+            (directory / "config.json").unlink()
+        raise
+    return {"name": cfg.name, "url": cfg.url, "token": token, "fingerprint": cfg.fingerprint}
+
+
+class Appliance:
+    """One appliance's parts: catalog, pool, sessions, job runner, scheduler and API."""
+
+    def __init__(
+        self, directory: Path, *, workers: int = WORKERS, scheduler_tick: float = 1.0
+    ) -> None:
+        self.directory = directory
+        self.config = load_daemon_dir(directory, KIND)
+        self.catalog = open_catalog(catalog_url(directory, self.config))
+        try:
+            pool = ChunkPool(directory / "pool")
+        except BaseException:
+            self.catalog.close()
+            raise
+        self.site = Site(
+            name=self.config.name,
+            url=self.config.url,
+            fingerprint=self.config.fingerprint,
+            catalog=self.catalog,
+            pool=pool,
+            sessions=SessionRegistry(pool),
+        )
+        self.runner = JobRunner(self.catalog, job_handlers(self.site), workers=workers)
+        self.site.wake = self.runner.wake
+        self.scheduler = Scheduler(self.site, tick=scheduler_tick)
+        self.app = create_app(self.site)
+
+    def start(self) -> None:
+        """Recover interrupted jobs, then start the runner and the scheduler."""
+        self.runner.start()
+        self.scheduler.start()
+
+    def stop(self) -> None:
+        self.scheduler.stop()
+        self.runner.stop()
+        self.catalog.close()
+
+
+def run_forever(directory: Path) -> None:
+    """Serve the appliance in ``directory`` until SIGTERM/SIGINT.
+
+    The directory lock and the listening socket come first: a second `serve` of the same
+    appliance, or one whose address is taken, stops before it could recover (fail) the jobs
+    of the appliance that is running.
+    """
+    cfg = load_daemon_dir(directory, KIND)
+    lock = lock_daemon_dir(directory, KIND)
+    try:
+        sock = bind(cfg)
+        try:
+            appliance = Appliance(directory)
+            appliance.start()
+            try:
+                serve(appliance.app, appliance.config, directory, sock)
+            finally:
+                appliance.stop()
+        finally:
+            sock.close()
+    finally:
+        os.close(lock)

@@ -1,0 +1,135 @@
+"""Set-up routes: tokens, hosts, templates and applications. Thin: parse, call, render."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, status
+
+from tandem.appliance.auth import Caller
+from tandem.appliance.schemas import (
+    AppIn,
+    AppOut,
+    Deleted,
+    HostIn,
+    HostOut,
+    ProtectIn,
+    TemplateIn,
+    TemplateOut,
+    TokenCreated,
+    TokenIn,
+    TokenOut,
+    TransitionOut,
+)
+from tandem.catalog.models import Template
+from tandem.operations import apps, hosts, templates, tokens
+from tandem.operations.site import Site
+
+CREATED = status.HTTP_201_CREATED
+
+
+def make_router(site: Site) -> APIRouter:
+    router = APIRouter()
+
+    # --- tokens (admin) ---------------------------------------------------------------
+
+    @router.post("/tokens", tags=["tokens"], status_code=CREATED)
+    def add_token(body: TokenIn) -> TokenCreated:
+        row, secret = tokens.add_token(site, name=body.name, role=body.role)
+        return TokenCreated(name=row.name, role=row.role, created=row.created, token=secret)
+
+    @router.get("/tokens", tags=["tokens"])
+    def list_tokens() -> list[TokenOut]:
+        return [TokenOut.of(row) for row in tokens.list_tokens(site)]
+
+    @router.delete("/tokens/{name}", tags=["tokens"])
+    def remove_token(name: str) -> Deleted:
+        tokens.remove_token(site, name=name)
+        return Deleted(deleted=name)
+
+    # --- hosts -------------------------------------------------------------------------
+
+    @router.post("/hosts", tags=["hosts"], status_code=CREATED)
+    def add_host(body: HostIn) -> HostOut:
+        row = hosts.add_host(
+            site, name=body.name, url=body.url, token=body.token, fingerprint=body.fingerprint
+        )
+        return HostOut.of(row)
+
+    @router.get("/hosts", tags=["hosts"])
+    def list_hosts() -> list[HostOut]:
+        return [HostOut.of(row) for row in hosts.list_hosts(site)]
+
+    @router.get("/hosts/{name}", tags=["hosts"])
+    def show_host(name: str) -> HostOut:
+        return HostOut.of(hosts.get_host(site, name=name))
+
+    @router.delete("/hosts/{name}", tags=["hosts"])
+    def remove_host(name: str) -> Deleted:
+        hosts.remove_host(site, name=name)
+        return Deleted(deleted=name)
+
+    # --- templates ---------------------------------------------------------------------
+
+    def template_out(row: Template) -> TemplateOut:
+        return TemplateOut.of(row, templates.format_every(row.every_seconds))
+
+    @router.post("/templates", tags=["templates"], status_code=CREATED)
+    def add_template(body: TemplateIn) -> TemplateOut:
+        row = templates.add_template(
+            site, name=body.name, every=body.every, keep=body.keep, mirror=body.mirror
+        )
+        return template_out(row)
+
+    @router.get("/templates", tags=["templates"])
+    def list_templates() -> list[TemplateOut]:
+        return [template_out(row) for row in templates.list_templates(site)]
+
+    @router.get("/templates/{name}", tags=["templates"])
+    def show_template(name: str) -> TemplateOut:
+        return template_out(templates.get_template(site, name=name))
+
+    @router.delete("/templates/{name}", tags=["templates"])
+    def remove_template(name: str) -> Deleted:
+        templates.remove_template(site, name=name)
+        return Deleted(deleted=name)
+
+    # --- applications ------------------------------------------------------------------
+
+    @router.post("/apps", tags=["apps"], status_code=CREATED)
+    def add_app(body: AppIn) -> AppOut:
+        row = apps.add_app(
+            site,
+            name=body.name,
+            host=body.host,
+            kind=body.kind,
+            path=body.path,
+            start=body.start,
+            stop=body.stop,
+        )
+        return AppOut.of(row)
+
+    @router.get("/apps", tags=["apps"])
+    def list_apps() -> list[AppOut]:
+        return [AppOut.of(row) for row in apps.list_apps(site)]
+
+    @router.get("/apps/{name}", tags=["apps"])
+    def show_app(name: str) -> AppOut:
+        return AppOut.of(apps.get_app(site, name=name))
+
+    @router.delete("/apps/{name}", tags=["apps"])
+    def remove_app(name: str) -> Deleted:
+        apps.remove_app(site, name=name)
+        return Deleted(deleted=name)
+
+    @router.post("/apps/{name}/protect", tags=["apps"])
+    def protect_app(name: str, body: ProtectIn, who: Caller) -> AppOut:
+        return AppOut.of(apps.protect_app(site, name=name, template=body.template, actor=who.name))
+
+    @router.post("/apps/{name}/unprotect", tags=["apps"])
+    def unprotect_app(name: str, who: Caller) -> AppOut:
+        return AppOut.of(apps.unprotect_app(site, name=name, actor=who.name))
+
+    @router.get("/apps/{name}/transitions", tags=["apps"])
+    def list_transitions(name: str) -> list[TransitionOut]:
+        return [TransitionOut.of(row) for row in apps.list_transitions(site, name=name)]
+
+    return router

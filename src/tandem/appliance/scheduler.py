@@ -1,0 +1,91 @@
+"""The capture schedule: templates' ``--every`` turned into capture jobs.
+
+Invariants
+- A managed app whose template has an interval gets a capture job when the interval has
+  passed since its newest snapshot *and* since the scheduler last tried; so an app whose
+  captures fail is retried once per interval, not in a tight loop.
+- A newly protected app (no snapshot yet) is captured at the next tick.
+- The queue's rule of one lifecycle job per app holds for scheduled captures too: while the
+  app has a job (a manual capture, a restore), the scheduler skips it and tries next tick.
+- Jobs are submitted as actor ``scheduler``. The thread never dies of an error: it logs it
+  and tries again at the next tick.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from datetime import UTC, datetime
+
+from tandem.catalog import queries as q
+from tandem.domain.lifecycle import AppState
+from tandem.errors import Conflict, TandemError
+from tandem.operations.capture import submit_capture
+from tandem.operations.site import Site
+
+log = logging.getLogger(__name__)
+
+ACTOR = "scheduler"
+
+
+class Scheduler:
+    def __init__(self, site: Site, *, tick: float = 1.0) -> None:
+        self.site = site
+        self.tick = tick
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._tried: dict[str, float] = {}  # app name -> unix time of the last submission
+
+    def start(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError("the scheduler is already started")
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="tandem-scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.tick):
+            try:
+                self.run_due()
+            except Exception:
+                log.exception("the capture schedule failed; retrying at the next tick")
+
+    def run_due(self, now: float | None = None) -> list[str]:
+        """Submit the captures that are due; returns the apps they were submitted for."""
+        now = time.time() if now is None else now
+        with self.site.catalog.read() as session:
+            templates = {t.name: t for t in q.list_templates(session)}
+            apps = q.list_apps(session)
+        submitted = []
+        for app in apps:
+            template = templates.get(app.template or "")
+            if app.state is not AppState.MANAGED or template is None or not template.every_seconds:
+                continue
+            last = app.last_capture.timestamp() if app.last_capture else 0.0
+            since = max(last, self._tried.get(app.name, 0.0))
+            if now - since < template.every_seconds:
+                continue
+            try:
+                job = submit_capture(self.site, app=app.name, actor=ACTOR)
+            except Conflict:
+                continue  # the app is busy with another lifecycle job: next tick
+            except TandemError as exc:
+                self._tried[app.name] = now
+                log.warning("scheduled capture of %s refused: %s", app.name, exc.message)
+                continue
+            self._tried[app.name] = now
+            submitted.append(app.name)
+            log.info(
+                "scheduled capture of %s: job %s at %s",
+                app.name,
+                job.id,
+                datetime.fromtimestamp(now, UTC).isoformat(),
+            )
+        return submitted

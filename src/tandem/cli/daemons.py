@@ -1,0 +1,75 @@
+"""`tandem appliance …` and `tandem agent …`: create and run the daemons."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .common import Json
+from .output import emit_json, handle_errors, stdout
+
+appliance_app = typer.Typer(no_args_is_help=True, help="Create and run an appliance.")
+agent_app = typer.Typer(no_args_is_help=True, help="Create and run a host agent.")
+
+Dir = Annotated[Path, typer.Argument(help="The daemon's directory.")]
+Name = Annotated[str, typer.Option("--name", help="Its name (unique per site).")]
+
+
+def _print_init(doc: dict[str, str], json_: bool) -> None:
+    if json_:
+        emit_json(doc)
+        return
+    for key in ("name", "url", "token", "fingerprint"):
+        stdout.print(f"{key:12} {doc[key]}")
+    stdout.print("Keep the token: it is shown only once.")
+
+
+@appliance_app.command("init")
+@handle_errors
+def appliance_init(
+    directory: Dir,
+    name: Name,
+    listen: Annotated[str, typer.Option(help="HOST:PORT to serve on.")] = "127.0.0.1:8443",
+    catalog: Annotated[
+        str | None, typer.Option(help="Catalog URL (default: SQLite in DIR).")
+    ] = None,
+    json_: Json = False,
+) -> None:
+    """Create an appliance in DIR; prints its URL, admin token and fingerprint."""
+    from tandem.appliance import daemon
+
+    _print_init(daemon.init(directory, name, listen, catalog), json_)
+
+
+@appliance_app.command("serve")
+@handle_errors
+def appliance_serve(directory: Dir) -> None:
+    """Run the appliance until SIGTERM/SIGINT."""
+    from tandem.appliance import daemon
+
+    daemon.run_forever(directory)
+
+
+@agent_app.command("init")
+@handle_errors
+def agent_init(
+    directory: Dir,
+    name: Name,
+    listen: Annotated[str, typer.Option(help="HOST:PORT to serve on.")] = "127.0.0.1:8444",
+    json_: Json = False,
+) -> None:
+    """Create a host agent in DIR; prints its URL, token and fingerprint."""
+    from tandem.agent import app as agent
+
+    _print_init(agent.init(directory, name, listen), json_)
+
+
+@agent_app.command("serve")
+@handle_errors
+def agent_serve(directory: Dir) -> None:
+    """Run the host agent until SIGTERM/SIGINT."""
+    from tandem.agent import app as agent
+
+    agent.run_forever(directory)

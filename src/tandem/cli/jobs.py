@@ -1,0 +1,223 @@
+"""The Monitor (`tandem jobs`, `tandem job …`) and how every job-starting command ends.
+
+Contract (CLI.md): a command that starts a job waits for it by default with a progress bar
+on stderr; ``--no-wait`` returns at once; the exit status is 0 only if the job succeeded;
+with ``--json`` exactly one document ``{"job": {...}[, "image": {...}]}`` goes to stdout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Annotated, Any
+
+import typer
+from rich import box
+from rich.live import Live
+from rich.table import Table
+
+from tandem.errors import NotFound
+from tandem.transport.client import ApiClient
+
+from .common import Fingerprint, Json, Token, Url, connect
+from .output import byte_progress, emit_json, fail, handle_errors, human_bytes, stderr, stdout
+
+TERMINAL = frozenset({"succeeded", "failed", "canceled"})
+POLL = 0.25
+WATCH_POLL = 1.0
+
+job_app = typer.Typer(no_args_is_help=True, help="Show, follow and cancel one job.")
+
+
+def _describe(job: dict[str, Any]) -> str:
+    return f"{job['type']} {job.get('app') or ''}".strip()
+
+
+def _finish(client: ApiClient, job: dict[str, Any], json_: bool) -> None:
+    """Render a job that ended (or was not waited for); raise the exit status it implies."""
+    doc: dict[str, Any] = {"job": job}
+    if job.get("image"):
+        # The image may have gone since (a restore's source deleted meanwhile).
+        with contextlib.suppress(NotFound):
+            doc["image"] = client.get(f"/api/v1/images/{job['image']}")
+    if json_:
+        emit_json(doc)
+    else:
+        line = f"{job['id']} {_describe(job)}: {job['status']}"
+        if job.get("message"):
+            line += f" — {job['message']}"
+        stdout.print(line, highlight=False, soft_wrap=True)
+    if job["status"] in ("failed", "canceled"):
+        raise fail(f"job {job['id']} ({_describe(job)}) {job['status']}: {job['message']}")
+
+
+def follow_job(client: ApiClient, job: dict[str, Any], *, json_: bool, no_wait: bool) -> None:
+    """End a job-starting command: wait (showing progress) unless ``no_wait``, then render."""
+    if no_wait:
+        if json_:
+            emit_json({"job": job})
+        else:
+            stdout.print(f"{job['id']} {_describe(job)}: {job['status']}", highlight=False)
+        return
+    job_id = job["id"]
+    try:
+        with byte_progress(_describe(job)) as progress:
+            task = progress.add_task(f"{_describe(job)} ({job['status']})", total=None)
+            while job["status"] not in TERMINAL:
+                time.sleep(POLL)
+                job = client.get(f"/api/v1/jobs/{job_id}")
+                total = int(job.get("bytes_total") or 0)
+                progress.update(
+                    task,
+                    total=total or None,
+                    completed=int(job.get("bytes_done") or 0),
+                    description=f"{_describe(job)} ({job['status']})",
+                )
+    except KeyboardInterrupt:
+        raise fail(
+            f"stopped waiting; job {job_id} goes on (`tandem job show {job_id}`, "
+            f"`tandem job cancel {job_id}`)",
+            130,
+        ) from None
+    _finish(client, job, json_)
+
+
+def jobs_table(jobs: list[dict[str, Any]]) -> Table:
+    table = Table(box=box.SIMPLE_HEAD)
+    for name in ("id", "type", "app", "status"):
+        table.add_column(name, no_wrap=True)
+    table.add_column("sent", justify="right", no_wrap=True)
+    table.add_column("message", overflow="fold")
+    for job in jobs:
+        status = job["status"]
+        total = int(job.get("bytes_total") or 0)
+        if status == "running" and total:
+            status += f" {100 * int(job['bytes_done']) // total}%"
+        table.add_row(
+            job["id"],
+            job["type"],
+            job.get("app") or "",
+            status,
+            human_bytes(int(job.get("bytes_sent") or 0)),
+            job.get("message") or "",
+        )
+    return table
+
+
+@handle_errors
+def jobs(
+    app: Annotated[str | None, typer.Option("--app", help="Only this application's jobs.")] = None,
+    status: Annotated[
+        list[str] | None, typer.Option("--status", help="Only jobs in this status (repeatable).")
+    ] = None,
+    limit: Annotated[int, typer.Option(help="At most this many, newest first.")] = 50,
+    watch: Annotated[
+        bool, typer.Option("--watch", help="Refresh until none of the jobs is queued or running.")
+    ] = False,
+    url: Url = None,
+    token: Token = None,
+    fingerprint: Fingerprint = None,
+    json_: Json = False,
+) -> None:
+    """The Monitor: jobs, newest first."""
+    with connect(url, token, fingerprint) as client:
+
+        def fetch() -> list[dict[str, Any]]:
+            params: dict[str, Any] = {"app": app, "limit": limit}
+            if status:
+                params["status"] = status
+            answer: list[dict[str, Any]] = client.get("/api/v1/jobs", **params)
+            return answer
+
+        rows = fetch()
+        if watch:
+            # Live output goes to stderr when stdout carries the one JSON document.
+            console = stderr if json_ else stdout
+            with Live(jobs_table(rows), console=console, refresh_per_second=4) as live:
+                while any(job["status"] not in TERMINAL for job in rows):
+                    time.sleep(WATCH_POLL)
+                    rows = fetch()
+                    live.update(jobs_table(rows))
+            if not json_:
+                return
+        if json_:
+            emit_json(rows)
+        else:
+            stdout.print(jobs_table(rows))
+
+
+@job_app.command("show")
+@handle_errors
+def job_show(
+    job_id: Annotated[str, typer.Argument(help="The job's id.", metavar="ID")],
+    url: Url = None,
+    token: Token = None,
+    fingerprint: Fingerprint = None,
+    json_: Json = False,
+) -> None:
+    """A job's status, progress, timings and message."""
+    with connect(url, token, fingerprint) as client:
+        job = client.get(f"/api/v1/jobs/{job_id}")
+        if json_:
+            emit_json(job)
+            return
+        for key in (
+            "id",
+            "type",
+            "app",
+            "image",
+            "status",
+            "message",
+            "bytes_total",
+            "bytes_done",
+            "bytes_sent",
+            "created",
+            "started",
+            "finished",
+            "actor",
+        ):
+            value = job.get(key)
+            if key.startswith("bytes_"):
+                value = f"{human_bytes(int(value or 0))} ({value})"
+            stdout.print(f"{key:12} {'' if value is None else value}", highlight=False)
+
+
+@job_app.command("log")
+@handle_errors
+def job_log(
+    job_id: Annotated[str, typer.Argument(help="The job's id.", metavar="ID")],
+    url: Url = None,
+    token: Token = None,
+    fingerprint: Fingerprint = None,
+    json_: Json = False,
+) -> None:
+    """A job's log lines, oldest first."""
+    with connect(url, token, fingerprint) as client:
+        lines = client.get(f"/api/v1/jobs/{job_id}/log")
+        if json_:
+            emit_json(lines)
+            return
+        for line in lines:
+            stdout.print(
+                f"{line['ts'][:19]} {line['level']:7} {line['text']}", highlight=False, markup=False
+            )
+
+
+@job_app.command("cancel")
+@handle_errors
+def job_cancel(
+    job_id: Annotated[str, typer.Argument(help="The job's id.", metavar="ID")],
+    url: Url = None,
+    token: Token = None,
+    fingerprint: Fingerprint = None,
+    json_: Json = False,
+) -> None:
+    """Cancel a queued job, or ask a running one to stop."""
+    with connect(url, token, fingerprint) as client:
+        answer = client.post(f"/api/v1/jobs/{job_id}/cancel")
+        if json_:
+            emit_json(answer)
+        else:
+            job = answer["job"]
+            state = "cancel requested" if job["status"] == "running" else job["status"]
+            stdout.print(f"{job['id']} {_describe(job)}: {state}", highlight=False)

@@ -1,0 +1,1 @@
+"""One module per operation: the only place that composes storage, catalog, transport, jobs."""

@@ -1,0 +1,91 @@
+"""Applications: what is protected, where it lives, and protection by a template.
+
+Invariants
+- An app's state changes only through ``record_transition`` (the lifecycle table), in the
+  same transaction as the change it stands for (protect sets the template, unprotect
+  clears it), so the state and the template never disagree.
+- Paths are absolute; start/stop commands are shell commands run by the host's agent.
+"""
+
+from __future__ import annotations
+
+from tandem.catalog import queries as q
+from tandem.catalog.models import App, Transition
+from tandem.domain.lifecycle import AppKind, Operation
+from tandem.errors import InvalidInput
+from tandem.operations.site import Site
+
+MAX_COMMAND = 4096
+
+
+def _check_path(path: str) -> str:
+    if not path.startswith("/") or "\x00" in path or len(path) > 4096:
+        raise InvalidInput(detail=f"--path {path[:200]!r} must be an absolute path on the host")
+    return path
+
+
+def _check_command(command: str | None, what: str) -> str | None:
+    if command is None or not command.strip():
+        return None
+    if "\x00" in command or len(command) > MAX_COMMAND:
+        raise InvalidInput(
+            detail=f"--{what} must be a shell command of at most {MAX_COMMAND} characters"
+        )
+    return command
+
+
+def add_app(
+    site: Site,
+    *,
+    name: str,
+    host: str,
+    kind: AppKind,
+    path: str,
+    start: str | None = None,
+    stop: str | None = None,
+) -> App:
+    with site.catalog.begin() as session:
+        return q.add_app(
+            session,
+            name=name,
+            kind=kind,
+            host=host,
+            path=_check_path(path),
+            start_cmd=_check_command(start, "start"),
+            stop_cmd=_check_command(stop, "stop"),
+        )
+
+
+def list_apps(site: Site) -> list[App]:
+    with site.catalog.read() as session:
+        return q.list_apps(session)
+
+
+def get_app(site: Site, *, name: str) -> App:
+    with site.catalog.read() as session:
+        return q.get_app(session, name=name)
+
+
+def remove_app(site: Site, *, name: str) -> None:
+    with site.catalog.begin() as session:
+        q.remove_app(session, name=name)
+
+
+def protect_app(site: Site, *, name: str, template: str, actor: str | None) -> App:
+    """Apply a template: the app becomes (or stays) managed under it."""
+    with site.catalog.begin() as session:
+        q.get_template(session, name=template)
+        q.record_transition(session, app=name, operation=Operation.PROTECT, actor=actor)
+        return q.set_app_template(session, name=name, template=template)
+
+
+def unprotect_app(site: Site, *, name: str, actor: str | None) -> App:
+    """Stop protecting an app: no more scheduled captures; its images stay."""
+    with site.catalog.begin() as session:
+        q.record_transition(session, app=name, operation=Operation.UNPROTECT, actor=actor)
+        return q.set_app_template(session, name=name, template=None)
+
+
+def list_transitions(site: Site, *, name: str) -> list[Transition]:
+    with site.catalog.read() as session:
+        return q.list_transitions(session, app=name)

@@ -1,0 +1,151 @@
+"""Capture: a snapshot of an application, taken by its host's agent.
+
+Flow (one lifecycle job per app, DESIGN "Finding what to send")
+1. The job opens a *write session* on this appliance's pool whose writer registers the
+   previous snapshot's manifest as its base (GC keeps what the agent reuses).
+2. The host's agent reads the data, chunks, hashes and compresses it at the source, asks the
+   session which chunks it lacks and sends only those, then commits the manifest through the
+   session (after every chunk it names is durable).
+3. The job records the ``snapshot`` image row in one transaction, then closes the session.
+4. With a template's ``keep``, older snapshots are pruned and the pool is collected.
+
+Invariants
+- Nothing half-captured becomes visible: without a committed manifest there is no image
+  row, and closing the session discards the chunks that were sent but never named.
+- An agent that cannot be reached fails the job with "host NAME unreachable at URL: ...";
+  existing images are untouched.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tandem.catalog import queries as q
+from tandem.catalog.models import Job
+from tandem.domain.images import ImageKind
+from tandem.domain.lifecycle import AppKind, Operation, check_transition
+from tandem.errors import InvalidInput, RemoteError
+from tandem.jobs.queue import submit_job
+from tandem.jobs.runner import JobContext
+from tandem.operations import images
+from tandem.operations.hosts import agent_for
+from tandem.operations.site import Site
+from tandem.operations.streams import follow
+
+TYPE = "capture"
+MAX_LABEL = 128
+
+
+def check_label(label: str | None) -> str | None:
+    if label is None or not label.strip():
+        return None
+    if len(label) > MAX_LABEL or "\x00" in label:
+        raise InvalidInput(detail=f"--label must be at most {MAX_LABEL} characters")
+    return label
+
+
+def submit_capture(
+    site: Site, *, app: str, label: str | None = None, actor: str | None = None
+) -> Job:
+    """Queue a capture of ``app``; refused unless the lifecycle allows it now."""
+    label = check_label(label)
+    with site.catalog.begin() as session:
+        row = q.get_app(session, name=app)
+        check_transition(row.name, row.state, Operation.CAPTURE)
+        q.get_host(session, name=row.host)
+        job = submit_job(
+            session,
+            type=TYPE,
+            app=row.name,
+            params={"label": label} if label else {},
+            lifecycle=True,
+            actor=actor,
+        )
+    site.wake()
+    return job
+
+
+def run_capture(site: Site, ctx: JobContext) -> dict[str, Any]:
+    """The job handler."""
+    name = ctx.job.app or ""
+    with site.catalog.read() as session:
+        app = q.get_app(session, name=name)
+        check_transition(app.name, app.state, Operation.CAPTURE)
+        host = q.get_host(session, name=app.host)
+        base = q.latest_image(session, app=app.name, kind=ImageKind.SNAPSHOT)
+        template = q.get_template(session, name=app.template) if app.template else None
+    base_id = bytes.fromhex(base.manifest) if base is not None else None
+    if base_id is not None and not site.pool.has_manifest(base_id):
+        ctx.log(f"the manifest of {base.id if base else '?'} is missing; capturing in full")
+        base_id = None
+    transfer, token = site.sessions.open(
+        job_id=ctx.job.id, write=True, bases=[base_id] if base_id else []
+    )
+    try:
+        ctx.set_message(f"capturing {app.path} on host {host.name}")
+        body = {
+            "kind": app.kind.value,
+            "path": app.path,
+            "base": base_id.hex() if base_id else None,
+            "job": ctx.job.id,
+            "appliance": {
+                "url": site.url,
+                "fingerprint": site.fingerprint,
+                "token": token,
+                "session": transfer.id,
+            },
+        }
+        with agent_for(host) as agent:
+            done = follow(
+                ctx, agent.capture(body), host=host.name, moved=lambda: transfer.bytes_received
+            )
+        manifest = bytes.fromhex(str(done.get("manifest", "")))
+        if manifest not in transfer.committed:
+            raise RemoteError(
+                what="host",
+                name=host.name,
+                detail="its agent reported a manifest it did not commit to the session",
+            )
+        size = int(done.get("size") or 0)
+        with site.gc_lock:
+            with site.catalog.begin() as session:
+                image = q.add_image(
+                    session,
+                    app=app.name,
+                    kind=ImageKind.SNAPSHOT,
+                    manifest=manifest.hex(),
+                    size=size,
+                    label=ctx.job.params.get("label"),
+                    parent_id=base.id if base is not None and base_id is not None else None,
+                )
+            # Only now may the writer go: the image row keeps its chunks alive from here on.
+            site.sessions.close(transfer)
+    finally:
+        site.sessions.close(transfer)
+    ctx.set_image(image.id)
+    sent = transfer.bytes_received
+    kind = "volume" if app.kind is AppKind.VOLUME else "file tree"
+    ctx.set_message(
+        f"captured {image.id}: {_size(size)} {kind}, {_size(sent)} sent"
+        + (" (incremental)" if base_id else "")
+    )
+    pruned: list[str] = []
+    if template is not None and template.keep:
+        pruned = images.prune_snapshots(site, ctx, app=app.name, keep=template.keep)
+    return {
+        "image": image.id,
+        "manifest": manifest.hex(),
+        "size": size,
+        "bytes_sent": sent,
+        "incremental": base_id is not None,
+        "pruned": pruned,
+        "stats": done.get("stats", {}),
+    }
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"

@@ -1,0 +1,190 @@
+"""Images: deletion (as a job), retention, pool garbage collection and verification.
+
+Invariants
+- An image row is removed before any chunk it names; chunks are removed only by
+  ``collect_garbage``, which keeps every chunk named by an image still in the catalog (and,
+  inside ``ChunkPool.gc``, everything an active writer may still reuse). See ``Site.gc_lock``
+  for why a collection and the end of a capture exclude each other.
+- Retention (``keep``) counts the app's ``snapshot`` images, newest first, and removes the
+  older ones that are not presented to a host; other kinds are never pruned.
+- Deletion refuses what ``check_image_deletable`` refuses (the copy a failed-over app runs
+  on, the protective snapshot of a pending failback).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from tandem.catalog import queries as q
+from tandem.catalog.models import Image, Job
+from tandem.domain.images import ImageKind, ImageState
+from tandem.domain.lifecycle import Operation, check_transition
+from tandem.domain.rules import check_image_deletable
+from tandem.errors import ChunkCorrupt, ChunkMissing, Conflict, StorageError
+from tandem.jobs.queue import submit_job
+from tandem.jobs.runner import JobContext
+from tandem.operations.site import Site
+from tandem.storage.manifest import load_manifest
+from tandem.storage.pool import GcReport
+
+DELETE_TYPE = "delete-image"
+
+
+def get_image(site: Site, *, image_id: str) -> Image:
+    with site.catalog.read() as session:
+        return q.get_image(session, image_id=image_id)
+
+
+def list_images(site: Site, *, app: str) -> list[Image]:
+    """The app's images on this appliance, newest first."""
+    with site.catalog.read() as session:
+        return q.list_images(session, app=app)
+
+
+def _check_deletable(image: Image) -> None:
+    check_transition(image.app.name, image.app.state, Operation.DELETE_IMAGE)
+    check_image_deletable(
+        image_id=image.id, kind=image.kind, app=image.app.name, app_state=image.app.state
+    )
+    if image.state is ImageState.MOUNTED:
+        raise Conflict(
+            detail=f"image {image.id} is presented to host {image.mounted_host!r}; "
+            f"unmount it first (`tandem unmount {image.id}`)"
+        )
+
+
+def submit_delete(site: Site, *, image_id: str, actor: str | None = None) -> Job:
+    """Queue the deletion of an image (a lifecycle job of its app)."""
+    with site.catalog.begin() as session:
+        image = q.get_image(session, image_id=image_id)
+        _check_deletable(image)
+        job = submit_job(
+            session,
+            type=DELETE_TYPE,
+            app=image.app.name,
+            image=image.id,
+            lifecycle=True,
+            actor=actor,
+        )
+    site.wake()
+    return job
+
+
+def run_delete(site: Site, ctx: JobContext) -> dict[str, Any]:
+    """The job handler: drop the row, then collect the chunks nothing names any more."""
+    image_id = ctx.job.image or ""
+    with site.catalog.begin() as session:
+        image = q.get_image(session, image_id=image_id)
+        _check_deletable(image)
+        q.delete_image(session, image_id=image_id)
+    ctx.log(f"deleted the catalog row of image {image_id}")
+    report = collect_garbage(site, ctx)
+    ctx.set_message(f"deleted image {image_id}; {_gc_text(report)}")
+    return {"deleted": [image_id], "gc": _gc_doc(report)}
+
+
+def prune_snapshots(site: Site, ctx: JobContext, *, app: str, keep: int) -> list[str]:
+    """Remove the app's snapshots beyond the ``keep`` newest, then collect the pool."""
+    removed: list[str] = []
+    with site.catalog.begin() as session:
+        snapshots = q.list_images(session, app=app, kind=ImageKind.SNAPSHOT)
+        for image in snapshots[keep:]:
+            if image.state is not ImageState.READY:
+                continue  # presented to a host or already going: not retention's to remove
+            q.delete_image(session, image_id=image.id)
+            removed.append(image.id)
+    if not removed:
+        return removed
+    ctx.log(f"retention (keep {keep}) removed {', '.join(removed)}")
+    try:
+        report = collect_garbage(site, ctx)
+    except StorageError as exc:
+        # The capture itself succeeded; the space comes back at the next collection.
+        ctx.log(f"pool garbage collection failed: {exc.message}", level="warning")
+    else:
+        ctx.log(f"pool garbage collection: {_gc_text(report)}")
+    return removed
+
+
+def _all_manifests(site: Site) -> set[str]:
+    with site.catalog.read() as session:
+        return {
+            image.manifest
+            for kind in ImageKind
+            for image in q.list_images_of_kind(session, kind=kind)
+        }
+
+
+def collect_garbage(site: Site, ctx: JobContext | None = None) -> GcReport:
+    """Remove the pool's chunks that no image of the catalog names.
+
+    Refuses (``StorageError``) when a live manifest cannot be read, since its chunks could
+    not be told apart from garbage.
+    """
+    with site.gc_lock:
+        live: dict[bytes, Iterable[bytes]] = {}
+        for text in sorted(_all_manifests(site)):
+            mid = bytes.fromhex(text)
+            try:
+                live[mid] = load_manifest(site.pool, mid).chunk_ids()
+            except StorageError as exc:
+                raise StorageError(
+                    detail=f"cannot read manifest {text} of a live image ({exc.message}); "
+                    "garbage collection skipped so that no chunk of it is lost. Run "
+                    "`tandem image verify` on the app's images"
+                ) from exc
+        return site.pool.gc(live)
+
+
+def verify_image(site: Site, *, image_id: str) -> dict[str, Any]:
+    """Read and check every chunk the image names; the report says what is bad or missing."""
+    image = get_image(site, image_id=image_id)
+    report: dict[str, Any] = {
+        "image": image.id,
+        "app": image.app.name,
+        "manifest": image.manifest,
+        "ok": False,
+        "chunks": 0,
+        "bytes": 0,
+        "missing": [],
+        "bad": [],
+    }
+    mid = bytes.fromhex(image.manifest)
+    try:
+        manifest = load_manifest(site.pool, mid)
+    except ChunkMissing:
+        report["missing"].append(image.manifest)
+        return report
+    except StorageError as exc:
+        report["bad"].append({"chunk": image.manifest, "reason": exc.message})
+        return report
+    for digest in sorted(manifest.chunk_ids()):
+        try:
+            data = site.pool.get(digest)
+        except ChunkMissing:
+            report["missing"].append(digest.hex())
+            continue
+        except ChunkCorrupt as exc:
+            report["bad"].append({"chunk": digest.hex(), "reason": exc.fields.get("reason", "")})
+            continue
+        report["chunks"] += 1
+        report["bytes"] += len(data)
+    report["ok"] = not report["missing"] and not report["bad"]
+    return report
+
+
+def _gc_doc(report: GcReport) -> dict[str, int]:
+    return {
+        "chunks_kept": report.chunks_kept,
+        "chunks_removed": report.chunks_removed,
+        "bytes_freed": report.bytes_freed,
+        "manifests_removed": report.manifests_removed,
+    }
+
+
+def _gc_text(report: GcReport) -> str:
+    return (
+        f"{report.chunks_removed} chunk(s) removed, {report.bytes_freed} bytes freed, "
+        f"{report.chunks_kept} kept"
+    )

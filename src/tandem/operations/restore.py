@@ -1,0 +1,146 @@
+"""Restore: diff-restore an image onto the production application through its host's agent.
+
+Flow (SPEC §4.4)
+1. The server checks both typed confirmations ("DATA LOSS", "OVERWRITE OTHER APPS") and
+   the lifecycle before a job exists; a refused request touches nothing.
+2. The job runs the app's ``--stop`` command on the host (a failure ends the job before any
+   data is written), then the agent diff-restores from a *read session* (it hashes the
+   target and fetches only the 64 KiB blocks that differ), then the ``--start`` command runs.
+3. The lifecycle transition (restore) is recorded with the job and its actor.
+
+Invariants
+- The image must belong to the app: an image of another app is refused, never restored.
+- When the data transfer fails after the app was stopped, the app is left stopped (starting
+  it on half-restored data could make things worse) and the job's message says so.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from tandem.catalog import queries as q
+from tandem.catalog.models import Job
+from tandem.domain.images import ImageState
+from tandem.domain.lifecycle import Operation, check_transition
+from tandem.domain.rules import RESTORE_CONFIRMATIONS, check_confirmations
+from tandem.errors import Conflict, InvalidInput, TandemError
+from tandem.jobs.queue import submit_job
+from tandem.jobs.runner import JobContext
+from tandem.operations.hosts import agent_for
+from tandem.operations.site import Site
+from tandem.operations.streams import follow
+from tandem.transport.agent import AgentClient
+
+TYPE = "restore"
+
+
+def submit_restore(
+    site: Site,
+    *,
+    app: str,
+    image: str,
+    confirm: Sequence[str],
+    actor: str | None = None,
+) -> Job:
+    """Queue a restore of ``image`` onto ``app``; refused without both confirmations."""
+    check_confirmations(confirm, RESTORE_CONFIRMATIONS)
+    with site.catalog.begin() as session:
+        row = q.get_app(session, name=app)
+        img = q.get_image(session, image_id=image)
+        if img.app_id != row.id:
+            raise InvalidInput(
+                detail=f"image {img.id} belongs to application {img.app.name!r}, not {row.name!r}"
+                f"; list {row.name}'s images with `tandem images {row.name}`"
+            )
+        if img.state is ImageState.DELETING:
+            raise Conflict(detail=f"image {img.id} is being deleted; choose another image")
+        check_transition(row.name, row.state, Operation.RESTORE)
+        q.get_host(session, name=row.host)
+        job = submit_job(
+            session, type=TYPE, app=row.name, image=img.id, lifecycle=True, actor=actor
+        )
+    site.wake()
+    return job
+
+
+def _run_command(agent: AgentClient, ctx: JobContext, app: str, which: str, command: str) -> None:
+    ctx.set_message(f"running the {which} command of {app} on host {agent.name}")
+    result = agent.run(command)
+    for stream in ("stdout", "stderr"):
+        text = str(result.get(stream) or "").strip()
+        if text:
+            ctx.log(f"{which} command {stream}: {text}")
+    code = int(result["returncode"])
+    if code != 0:
+        tail = str(result.get("stderr") or result.get("stdout") or "").strip().splitlines()
+        why = f": {tail[-1]}" if tail else ""
+        raise TandemError(
+            f"the {which} command of application {app!r} exited with status {code}{why}"
+        )
+    ctx.log(f"{which} command succeeded")
+
+
+def run_restore(site: Site, ctx: JobContext) -> dict[str, Any]:
+    """The job handler."""
+    name, image_id = ctx.job.app or "", ctx.job.image or ""
+    with site.catalog.read() as session:
+        app = q.get_app(session, name=name)
+        image = q.get_image(session, image_id=image_id)
+        check_transition(app.name, app.state, Operation.RESTORE)
+        host = q.get_host(session, name=app.host)
+    transfer, token = site.sessions.open(
+        job_id=ctx.job.id, write=False, readable=[bytes.fromhex(image.manifest)]
+    )
+    try:
+        with agent_for(host) as agent:
+            if app.stop_cmd:
+                try:
+                    _run_command(agent, ctx, app.name, "stop", app.stop_cmd)
+                except TandemError as exc:
+                    raise type(exc)(f"{exc.message}; nothing was restored") from exc
+            ctx.set_message(f"restoring {image.id} onto {app.path} on host {host.name}")
+            body = {
+                "kind": app.kind.value,
+                "path": app.path,
+                "manifest": image.manifest,
+                "job": ctx.job.id,
+                "appliance": {
+                    "url": site.url,
+                    "fingerprint": site.fingerprint,
+                    "token": token,
+                    "session": transfer.id,
+                },
+            }
+            try:
+                done = follow(
+                    ctx, agent.restore(body), host=host.name, moved=lambda: transfer.bytes_sent
+                )
+            except TandemError as exc:
+                if not app.stop_cmd:
+                    raise
+                raise type(exc)(
+                    f"{exc.message}. The application was stopped for the restore and is left "
+                    "stopped; restore again, or start it by hand"
+                ) from exc
+            if app.start_cmd:
+                try:
+                    _run_command(agent, ctx, app.name, "start", app.start_cmd)
+                except TandemError as exc:
+                    raise type(exc)(
+                        f"{exc.message}; image {image.id} was restored, start the application "
+                        "by hand"
+                    ) from exc
+    finally:
+        site.sessions.close(transfer)
+    with site.catalog.begin() as session:
+        q.record_transition(
+            session, app=app.name, operation=Operation.RESTORE, actor=ctx.job.actor, job=ctx.job.id
+        )
+    stats = done.get("stats") or {}
+    written = int(stats.get("bytes_written") or 0)
+    ctx.set_message(
+        f"restored {image.id} onto {app.path}: {written} bytes written, "
+        f"{transfer.bytes_sent} bytes sent"
+    )
+    return {"image": image.id, "bytes_sent": transfer.bytes_sent, "stats": stats}

@@ -1,0 +1,1 @@
+"""Typed HTTP clients for the appliance, agent and peer APIs (httpx, pinned TLS)."""

@@ -1,0 +1,151 @@
+"""The one HTTP client of tandem: pinned TLS, bearer token, error translation.
+
+Every API answers errors as ``{"error": CODE, "message": TEXT}`` where CODE is the name of a
+class in ``tandem.errors``; the client raises that same class with the server's message, so
+a CLI user sees exactly what the server said and the right exit code.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+
+from tandem import errors
+from tandem.errors import RemoteError, TandemError, Unreachable
+from tandem.transport.tls import pinned_context
+
+DEFAULT_TIMEOUT = httpx.Timeout(30.0, read=300.0)
+
+
+def error_from_response(status: int, body: bytes, what: str, name: str) -> TandemError:
+    """The TandemError a failed response stands for."""
+    try:
+        doc = json.loads(body)
+        code, message = doc["error"], doc["message"]
+    except (ValueError, KeyError, TypeError):
+        text = body.decode(errors="replace").strip()[:300] or f"HTTP {status}"
+        return RemoteError(what=what, name=name, detail=f"HTTP {status}: {text}")
+    cls = getattr(errors, str(code), None)
+    if isinstance(cls, type) and issubclass(cls, TandemError):
+        return cls(str(message))
+    return RemoteError(what=what, name=name, detail=str(message))
+
+
+def check_url(url: str) -> str:
+    """Return ``url`` if it can name a daemon (http(s), a host, a valid port), else raise."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise errors.InvalidInput(detail=f"{url!r} is not a valid URL ({exc})") from exc
+    if parts.scheme not in ("https", "http") or not parts.hostname or port == 0:
+        raise errors.InvalidInput(
+            detail=f"{url!r} is not a daemon URL; write it like https://HOST:PORT"
+        )
+    return url
+
+
+class ApiClient:
+    """A client for one tandem daemon (appliance or agent)."""
+
+    def __init__(
+        self,
+        url: str,
+        token: str | None,
+        fingerprint: str | None,
+        *,
+        what: str = "appliance",
+        name: str | None = None,
+        timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
+    ) -> None:
+        self.url = check_url(url).rstrip("/")
+        self.what = what
+        self.name = name or self.url
+        self._token = token
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        verify: Any = True
+        if self.url.startswith("https://"):
+            if not fingerprint:
+                raise errors.InvalidInput(
+                    detail=f"no certificate fingerprint for {self.url}: pass --fingerprint"
+                    " or set TANDEM_FINGERPRINT"
+                )
+            try:
+                verify = pinned_context(self.url, fingerprint)
+            except Unreachable as exc:
+                # Name the party as the caller knows it ("host web1"), not as a bare address.
+                raise self._unreachable_reason(str(exc.fields.get("reason", exc))) from exc
+        self._http = httpx.Client(
+            base_url=self.url, headers=headers, verify=verify, timeout=timeout
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> ApiClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _unreachable_reason(self, reason: str) -> Unreachable:
+        return Unreachable(what=self.what, name=self.name, url=self.url, reason=reason)
+
+    def _unreachable(self, exc: Exception) -> Unreachable:
+        return self._unreachable_reason(str(exc) or type(exc).__name__)
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json_body: Any = None,
+        content: bytes | None = None,
+        params: dict[str, Any] | None = None,
+        raw: bool = False,
+    ) -> Any:
+        """Send a request; returns parsed JSON (or bytes with ``raw``); raises TandemError."""
+        try:
+            resp = self._http.request(
+                method,
+                path,
+                json=json_body,
+                content=content,
+                params={k: v for k, v in (params or {}).items() if v is not None},
+            )
+        except httpx.TransportError as exc:
+            raise self._unreachable(exc) from exc
+        if resp.status_code >= 400:
+            raise error_from_response(resp.status_code, resp.content, self.what, self.name)
+        if raw:
+            return resp.content
+        if not resp.content:
+            return None
+        return resp.json()
+
+    def get(self, path: str, **params: Any) -> Any:
+        return self.request("GET", path, params=params)
+
+    def post(self, path: str, body: Any = None) -> Any:
+        return self.request("POST", path, json_body=body if body is not None else {})
+
+    def delete(self, path: str, **params: Any) -> Any:
+        return self.request("DELETE", path, params=params)
+
+    def stream(self, path: str, body: Any) -> Iterator[dict[str, Any]]:
+        """POST and read the answer as newline-delimited JSON events, as they arrive."""
+        try:
+            with self._http.stream(
+                "POST", path, json=body, timeout=httpx.Timeout(30.0, read=None)
+            ) as resp:
+                if resp.status_code >= 400:
+                    raise error_from_response(resp.status_code, resp.read(), self.what, self.name)
+                for line in resp.iter_lines():
+                    if line.strip():
+                        yield json.loads(line)
+        except httpx.TransportError as exc:
+            raise self._unreachable(exc) from exc

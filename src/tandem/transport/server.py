@@ -1,0 +1,213 @@
+"""Server-side plumbing shared by the appliance and the agent daemons.
+
+One exception handler turns every error into ``{"error": CODE, "message": TEXT}`` with the
+error's HTTP status (routes never build error responses). Tokens are random and stored only
+as SHA-256 hashes. Daemons serve HTTPS with the certificate made at ``init``.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import hmac
+import json
+import logging
+import os
+import secrets
+import socket
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from tandem.domain.ids import validate_name
+from tandem.errors import InvalidInput, TandemError
+from tandem.transport.tls import make_self_signed
+
+log = logging.getLogger("tandem")
+
+
+def new_token() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def token_matches(token: str, token_hash: str) -> bool:
+    return hmac.compare_digest(hash_token(token), token_hash)
+
+
+def error_response(exc: TandemError) -> JSONResponse:
+    return JSONResponse(
+        status_code=exc.http_status, content={"error": exc.code, "message": exc.message}
+    )
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err.get("loc", ()) if p not in ("body", "query"))
+        parts.append(f"{where or 'request'}: {err.get('msg', 'invalid')}")
+    return "; ".join(parts) or "invalid request"
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(TandemError)
+    async def _tandem(_: Request, exc: TandemError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(InvalidInput(detail=_validation_message(exc)))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # Starlette's own answers (no such path, wrong method): say what was asked.
+        code = {401: "Unauthorized", 403: "Forbidden", 404: "NotFound", 405: "InvalidInput"}
+        messages = {
+            404: f"there is no API path {request.url.path}; see /openapi.json",
+            405: f"{request.method} is not allowed on {request.url.path}; see /openapi.json",
+        }
+        return JSONResponse(
+            status_code=exc.status_code,
+            content={
+                "error": code.get(exc.status_code, "TandemError"),
+                "message": messages.get(exc.status_code, str(exc.detail)),
+            },
+            headers=getattr(exc, "headers", None),
+        )
+
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, exc: Exception) -> JSONResponse:
+        log.error("internal error: %s", "".join(traceback.format_exception(exc)))
+        return JSONResponse(
+            status_code=500,
+            content={"error": "TandemError", "message": f"internal error: {exc!r}"},
+        )
+
+
+@dataclass
+class DaemonConfig:
+    """What ``init`` writes to DIR/config.json for a daemon (appliance or agent)."""
+
+    kind: str
+    name: str
+    listen: str
+    token_hash: str
+    fingerprint: str
+    extra: dict[str, Any]
+
+    @property
+    def host(self) -> str:
+        return self.listen.rsplit(":", 1)[0] or "127.0.0.1"
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rsplit(":", 1)[1])
+
+    @property
+    def url(self) -> str:
+        host = self.host if self.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+        return f"https://{host}:{self.port}"
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InvalidInput(detail=f"--listen takes HOST:PORT, got {listen!r}")
+    return host or "127.0.0.1", int(port)
+
+
+def init_daemon_dir(
+    directory: Path, *, kind: str, name: str, listen: str, extra: dict[str, Any] | None = None
+) -> tuple[DaemonConfig, str]:
+    """Create DIR with a certificate and an admin token; returns (config, token)."""
+    validate_name(name, f"{kind} name")
+    host, _ = parse_listen(listen)
+    cfg_path = directory / "config.json"
+    if cfg_path.exists():
+        raise InvalidInput(detail=f"{directory} already holds a {kind}; use another directory")
+    directory.mkdir(parents=True, exist_ok=True)
+    os.chmod(directory, 0o700)
+    fingerprint = make_self_signed(directory / "cert.pem", directory / "key.pem", name, [host])
+    token = new_token()
+    cfg = DaemonConfig(kind, name, listen, hash_token(token), fingerprint, extra or {})
+    tmp = directory / "config.json.tmp"
+    tmp.write_text(json.dumps(cfg.__dict__, indent=2))
+    os.replace(tmp, cfg_path)
+    return cfg, token
+
+
+def load_daemon_dir(directory: Path, kind: str) -> DaemonConfig:
+    try:
+        raw = json.loads((directory / "config.json").read_text())
+    except FileNotFoundError as exc:
+        raise InvalidInput(
+            detail=f"{directory} is not a {kind} directory; create it with `tandem {kind} init`"
+        ) from exc
+    if raw.get("kind") != kind:
+        raise InvalidInput(detail=f"{directory} holds a {raw.get('kind')}, not a {kind}")
+    return DaemonConfig(**raw)
+
+
+def bind(cfg: DaemonConfig) -> socket.socket:
+    """The daemon's listening socket; a taken or impossible address is a one-line error."""
+    family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((cfg.host, cfg.port))
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        raise TandemError(
+            f"cannot listen on {cfg.listen}: {exc.strerror or exc}. Stop what uses the address, "
+            f'or change "listen" in the daemon\'s config.json'
+        ) from exc
+    sock.set_inheritable(True)
+    return sock
+
+
+def lock_daemon_dir(directory: Path, kind: str) -> int:
+    """Hold DIR/daemon.lock for the life of the process (returns its fd); a second daemon
+    on the same directory is refused, since it would take the first one's jobs for orphans."""
+    fd = os.open(directory / "daemon.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as exc:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise TandemError(
+            f"another {kind} already runs from {directory} (pid {holder}); stop it first"
+        ) from exc
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    return fd
+
+
+def serve(
+    app: FastAPI, cfg: DaemonConfig, directory: Path, sock: socket.socket | None = None
+) -> None:
+    """Run ``app`` over HTTPS until SIGTERM/SIGINT (on ``sock`` if given, else bind now)."""
+    sock = sock or bind(cfg)
+    config = uvicorn.Config(
+        app,
+        host=cfg.host,
+        port=cfg.port,
+        ssl_certfile=str(directory / "cert.pem"),
+        ssl_keyfile=str(directory / "key.pem"),
+        log_level=os.environ.get("TANDEM_LOG_LEVEL", "warning"),
+        timeout_graceful_shutdown=5,
+    )
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        sock.close()

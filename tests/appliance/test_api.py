@@ -1,0 +1,297 @@
+"""The appliance API through FastAPI's TestClient: auth, roles, audit, errors, metrics."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from tandem.catalog import queries as q
+from tests.appliance.conftest import Api, seed_app, seed_image
+
+CONFIRM = ["DATA LOSS", "OVERWRITE OTHER APPS"]
+
+
+def error(resp: object) -> tuple[int, str, str]:
+    body = resp.json()  # type: ignore[attr-defined]
+    return resp.status_code, body["error"], body["message"]  # type: ignore[attr-defined]
+
+
+def test_health_and_openapi_need_no_token(api: Api) -> None:
+    health = api.client.get("/health")
+    assert health.status_code == 200 and health.json()["name"] == "site-a"
+    spec = api.client.get("/openapi.json").json()
+    assert "/api/v1/apps/{name}/capture" in spec["paths"]
+    assert "HTTPBearer" in spec["components"]["securitySchemes"]
+
+
+@pytest.mark.parametrize(
+    ("headers", "says"),
+    [
+        ({}, "No API token was sent"),
+        ({"Authorization": "Bearer nope"}, "The API token is wrong"),
+        ({"Authorization": "Basic dXNlcjpwdw=="}, "No API token was sent"),
+    ],
+)
+def test_missing_or_wrong_token_is_401_saying_so(
+    api: Api, headers: dict[str, str], says: str
+) -> None:
+    for method, path in (
+        ("GET", "/api/v1/apps"),
+        ("POST", "/api/v1/templates"),
+        ("GET", "/metrics"),
+    ):
+        status, code, message = error(api.client.request(method, path, headers=headers, json={}))
+        assert (status, code) == (401, "Unauthorized")
+        assert says in message
+
+
+def test_roles(api: Api) -> None:
+    seed_app(api.appliance)
+    viewer, operator = api.headers("viewer"), api.headers("operator")
+    assert api.client.get("/api/v1/apps", headers=viewer).status_code == 200
+    status, code, message = error(api.client.post("/api/v1/apps/web/capture", headers=viewer))
+    assert (status, code) == (403, "Forbidden")
+    assert message == (
+        "Role 'viewer' may not POST /api/v1/apps/web/capture. Use a token with the operator role."
+    )
+    assert api.client.post("/api/v1/apps/web/capture", headers=operator).status_code == 202
+    for method in ("GET", "POST"):
+        status, _, message = error(
+            api.client.request(
+                method, "/api/v1/tokens", headers=operator, json={"name": "x", "role": "viewer"}
+            )
+        )
+        assert status == 403 and "needs" not in message and "admin role" in message
+    made = api.client.post(
+        "/api/v1/tokens", headers=api.headers(), json={"name": "ci", "role": "viewer"}
+    )
+    assert made.status_code == 201 and made.json()["token"]
+    listed = api.client.get("/api/v1/tokens", headers=api.headers()).json()
+    assert {t["name"] for t in listed} == {"admin", "operator", "viewer", "ci"}
+    assert all("token" not in t for t in listed)
+    who = api.client.get(
+        "/api/v1/info", headers={"Authorization": f"Bearer {made.json()['token']}"}
+    )
+    assert who.json()["you"] == "ci" and who.json()["role"] == "viewer"
+
+
+def test_last_admin_token_cannot_go(api: Api) -> None:
+    status, _, message = error(api.client.delete("/api/v1/tokens/admin", headers=api.headers()))
+    assert status == 409 and "last admin token" in message
+    assert api.client.delete("/api/v1/tokens/viewer", headers=api.headers()).status_code == 200
+    assert api.client.get("/api/v1/apps", headers=api.headers("viewer")).status_code == 401
+
+
+def test_every_state_changing_call_is_audited(api: Api) -> None:
+    seed_app(api.appliance)
+    api.client.post("/api/v1/templates", headers=api.headers("operator"), json={"name": "t1"})
+    api.client.post("/api/v1/apps/web/capture", headers=api.headers("viewer"))
+    api.client.post("/api/v1/templates", headers={"Authorization": "Bearer bad"}, json={})
+    api.client.get("/api/v1/apps", headers=api.headers())
+    api.client.post("/api/v1/sessions/abc/missing", headers=api.headers(), json={"digests": []})
+    with api.appliance.catalog.read() as session:
+        rows = [(r.actor, r.role, r.method, r.path, r.status) for r in q.list_audit(session)]
+    assert rows == [
+        (None, None, "POST", "/api/v1/templates", 401),
+        ("viewer", "viewer", "POST", "/api/v1/apps/web/capture", 403),
+        ("operator", "operator", "POST", "/api/v1/templates", 201),
+    ]
+
+
+def test_bad_input_is_4xx_naming_the_problem(api: Api) -> None:
+    h = api.headers()
+    cases = [
+        ("POST", "/api/v1/templates", {"name": "t", "keep": 0}, 422, "keep"),
+        ("POST", "/api/v1/templates", {"name": "t", "keep": 10**30}, 422, "keep"),
+        ("POST", "/api/v1/templates", {"name": "t", "every": "soon"}, 422, "not an interval"),
+        ("POST", "/api/v1/templates", {"name": "../x"}, 422, "name"),
+        ("POST", "/api/v1/templates", {"name": "t", "colour": "red"}, 422, "colour"),
+        (
+            "POST",
+            "/api/v1/apps",
+            {"name": "a", "host": "h", "kind": "vm", "path": "/x"},
+            422,
+            "kind",
+        ),
+        (
+            "POST",
+            "/api/v1/apps",
+            {"name": "a", "host": "nohost", "kind": "volume", "path": "/x"},
+            404,
+            "host 'nohost' does not exist",
+        ),
+        ("GET", "/api/v1/apps/nope", None, 404, "application 'nope' does not exist"),
+        ("GET", "/api/v1/images/img_aaaaaaaaaaaa", None, 404, "image 'img_aaaaaaaaaaaa'"),
+        ("GET", "/api/v1/jobs/job_x", None, 404, "job 'job_x' does not exist"),
+        ("GET", "/api/v1/jobs?limit=0", None, 422, "limit"),
+        ("GET", "/api/v1/jobs?status=bogus", None, 422, "status"),
+        ("POST", "/api/v1/apps/nope/capture", None, 404, "application 'nope'"),
+        ("GET", "/api/v1/nothing-here", None, 404, "no API path /api/v1/nothing-here"),
+        ("PUT", "/api/v1/apps", None, 405, "PUT is not allowed"),
+    ]
+    for method, path, body, status, says in cases:
+        resp = api.client.request(method, path, headers=h, json=body)
+        assert resp.status_code == status, (path, body, resp.text)
+        assert says in resp.json()["message"], (path, body, resp.text)
+    api.client.post("/api/v1/templates", headers=h, json={"name": "t", "every": "1h30m"})
+    status, code, message = error(
+        api.client.post("/api/v1/templates", headers=h, json={"name": "t"})
+    )
+    assert (status, code) == (409, "AlreadyExists") and "template 't' already exists" in message
+    shown = api.client.get("/api/v1/templates/t", headers=h).json()
+    assert (shown["every"], shown["every_seconds"]) == ("1h30m", 5400)
+
+
+def test_capture_queue_holds_one_lifecycle_job_per_app(api: Api) -> None:
+    seed_app(api.appliance)
+    seed_app(api.appliance, "idle", managed=False)
+    h = api.headers("operator")
+    job = api.client.post("/api/v1/apps/web/capture", headers=h, json={"label": "x"}).json()["job"]
+    assert (job["type"], job["app"], job["status"]) == ("capture", "web", "queued")
+    status, code, message = error(api.client.post("/api/v1/apps/web/capture", headers=h))
+    assert (status, code) == (409, "Conflict") and job["id"] in message
+    status, code, message = error(api.client.post("/api/v1/apps/idle/capture", headers=h))
+    assert (status, code) == (409, "InvalidTransition")
+    assert "is unmanaged; capture is not allowed" in message
+    canceled = api.client.post(f"/api/v1/jobs/{job['id']}/cancel", headers=h).json()["job"]
+    assert canceled["status"] == "canceled"
+    assert api.client.post("/api/v1/apps/web/capture", headers=h).status_code == 202
+    jobs = api.client.get("/api/v1/jobs?app=web&status=canceled", headers=h).json()
+    assert [j["id"] for j in jobs] == [job["id"]]
+
+
+def test_restore_needs_both_confirmations_and_the_apps_own_image(api: Api, tmp_path: Path) -> None:
+    seed_app(api.appliance)
+    seed_app(api.appliance, "other")
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "f").write_bytes(b"x")
+    mine = seed_image(api.appliance, "web", tmp_path / "src")
+    theirs = seed_image(api.appliance, "other", tmp_path / "src")
+    h = api.headers("operator")
+    for confirm in ([], ["DATA LOSS"], ["data loss", "overwrite other apps"]):
+        status, code, message = error(
+            api.client.post(
+                "/api/v1/apps/web/restore", headers=h, json={"image": mine, "confirm": confirm}
+            )
+        )
+        assert (status, code) == (422, "ConfirmationRequired")
+        assert '"DATA LOSS" and "OVERWRITE OTHER APPS"' in message
+    status, _, message = error(
+        api.client.post(
+            "/api/v1/apps/web/restore", headers=h, json={"image": theirs, "confirm": CONFIRM}
+        )
+    )
+    assert status == 422 and "belongs to application 'other'" in message
+    assert api.client.get("/api/v1/jobs", headers=h).json() == []
+    job = api.client.post(
+        "/api/v1/apps/web/restore", headers=h, json={"image": mine, "confirm": CONFIRM}
+    ).json()["job"]
+    assert (job["type"], job["image"], job["status"]) == ("restore", mine, "queued")
+
+
+def test_image_delete_job_collects_the_pool(api: Api, tmp_path: Path) -> None:
+    seed_app(api.appliance)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a").write_bytes(os.urandom(300_000))
+    old = seed_image(api.appliance, "web", src)
+    (src / "a").write_bytes(os.urandom(300_000))
+    new = seed_image(api.appliance, "web", src)
+    h = api.headers("operator")
+    listed = api.client.get("/api/v1/apps/web/images", headers=h).json()
+    assert [i["id"] for i in listed] == [new, old]
+    assert {"id", "kind", "app", "created", "label", "size", "manifest", "origin", "state"} <= set(
+        listed[0]
+    )
+    assert api.client.get(f"/api/v1/images/{old}/verify", headers=h).json()["ok"]
+
+    age_chunks(api)
+    api.appliance.runner.start()
+    job = api.client.delete(f"/api/v1/images/{old}", headers=h).json()["job"]
+    done = api.appliance.runner.wait(job["id"], timeout=30)
+    assert done.status.value == "succeeded", done.message
+    assert "1 chunk(s) removed" in done.message
+    assert [i["id"] for i in api.client.get("/api/v1/apps/web/images", headers=h).json()] == [new]
+    assert api.client.get(f"/api/v1/images/{new}/verify", headers=h).json()["ok"]
+
+
+def age_chunks(api: Api) -> None:
+    """Make every chunk an hour old: GC spares chunks younger than a running writer."""
+    pool = api.appliance.site.pool
+    old = time.time() - 3600
+    for digest, _ in pool.iter_chunks():
+        os.utime(pool.chunk_path(digest), (old, old))
+
+
+def test_verify_reports_a_damaged_image(api: Api, tmp_path: Path) -> None:
+    seed_app(api.appliance)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a").write_bytes(os.urandom(100_000))
+    image = seed_image(api.appliance, "web", src)
+    pool = api.appliance.site.pool
+    chunks = list(pool.iter_chunks())  # all of them: a half-used scandir would stay open
+    chunk = chunks[0][0]
+    pool.chunk_path(chunk).unlink()
+    report = api.client.get(f"/api/v1/images/{image}/verify", headers=api.headers("viewer")).json()
+    assert report["ok"] is False and report["missing"] == [chunk.hex()]
+
+
+def test_metrics(api: Api, tmp_path: Path) -> None:
+    seed_app(api.appliance)
+    (tmp_path / "src").mkdir()
+    seed_image(api.appliance, "web", tmp_path / "src")
+    api.client.post("/api/v1/apps/web/capture", headers=api.headers())
+    text = api.client.get("/metrics", headers=api.headers("viewer")).text
+    assert 'tandem_jobs{status="queued"} 1.0' in text
+    assert 'tandem_apps{state="managed"} 1.0' in text
+    assert 'tandem_app_last_capture_timestamp_seconds{app="web"}' in text
+
+
+def test_apps_protect_unprotect_and_remove(api: Api) -> None:
+    seed_app(api.appliance, "web", managed=False)
+    h = api.headers("operator")
+    api.client.post(
+        "/api/v1/templates", headers=h, json={"name": "gold", "every": "15m", "keep": 3}
+    )
+    app = api.client.post("/api/v1/apps/web/protect", headers=h, json={"template": "gold"}).json()
+    assert (app["state"], app["template"]) == ("managed", "gold")
+    for key in (
+        "name",
+        "kind",
+        "host",
+        "state",
+        "template",
+        "path",
+        "epoch",
+        "last_capture",
+        "lag_seconds",
+    ):
+        assert key in app
+    status, _, message = error(api.client.delete("/api/v1/apps/web", headers=h))
+    assert status == 409 and "unprotect it" in message
+    status, _, message = error(api.client.delete("/api/v1/templates/gold", headers=h))
+    assert status == 409 and "protects the applications web" in message
+    assert api.client.post("/api/v1/apps/web/unprotect", headers=h).json()["template"] is None
+    history = api.client.get("/api/v1/apps/web/transitions", headers=h).json()
+    assert [(t["operation"], t["to_state"], t["actor"]) for t in history] == [
+        ("protect", "managed", "operator"),
+        ("unprotect", "unmanaged", "operator"),
+    ]
+    assert api.client.delete("/api/v1/apps/web", headers=h).json() == {"deleted": "web"}
+
+
+def test_adding_an_unreachable_host_stores_nothing(api: Api) -> None:
+    from tests.appliance.live import free_port
+
+    url = f"https://127.0.0.1:{free_port()}"
+    body = {"name": "far", "url": url, "token": "t", "fingerprint": "ab" * 32}
+    status, code, message = error(
+        api.client.post("/api/v1/hosts", headers=api.headers(), json=body)
+    )
+    assert (status, code) == (502, "Unreachable")
+    assert message.startswith(f"host far unreachable at {url}: ")
+    assert api.client.get("/api/v1/hosts", headers=api.headers()).json() == []

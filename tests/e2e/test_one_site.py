@@ -1,0 +1,395 @@
+"""One site end to end: a real appliance and real agents, driven only through the CLI."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shlex
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.e2e.conftest import Cli, Daemon, Site, appliance_cli, register_host, wait_for
+
+MiB = 1024 * 1024
+CONFIRM = ["--confirm", "DATA LOSS", "--confirm", "OVERWRITE OTHER APPS"]
+
+
+def tree_state(root: Path) -> dict[str, str]:
+    """Every path under ``root`` with a digest of its content (or its kind)."""
+    out = {}
+    for path in sorted(root.rglob("*")):
+        rel = str(path.relative_to(root))
+        if path.is_symlink():
+            out[rel] = "link:" + os.readlink(path)
+        elif path.is_dir():
+            out[rel] = "dir"
+        else:
+            out[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return out
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(4 * MiB):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def make_tree(root: Path, files: int = 12, size: int = 512 * 1024) -> None:
+    for i in range(files):
+        sub = root / f"dir{i % 3}"
+        sub.mkdir(parents=True, exist_ok=True)
+        (sub / f"file{i}.bin").write_bytes(os.urandom(size))
+    (root / "notes.txt").write_text("hello\n")
+    (root / "link").symlink_to("notes.txt")
+
+
+def markers(directory: Path) -> tuple[str, str]:
+    """Stop/start commands that append to ``directory``/events (the agent runs them)."""
+    events = shlex.quote(str(directory / "events"))
+    return f"echo stop >> {events}", f"echo start >> {events}"
+
+
+def add_app(cli: Cli, name: str, host: str, kind: str, path: Path, *extra: str) -> dict[str, Any]:
+    doc: dict[str, Any] = cli(
+        "app", "add", name, "--host", host, "--kind", kind, "--path", str(path), *extra
+    )
+    return doc
+
+
+def test_filesystem_capture_incremental_restore(site: Site, tmp_path: Path) -> None:
+    cli = site.cli
+    data = tmp_path / "data"
+    make_tree(data)
+    stop, start = markers(tmp_path)
+    app = add_app(cli, "files", site.host, "filesystem", data, "--start", start, "--stop", stop)
+    assert app["state"] == "unmanaged"
+    cli("template", "add", "manual")
+    protected = cli("app", "protect", "files", "--template", "manual")
+    assert (protected["state"], protected["template"]) == ("managed", "manual")
+    listed = {a["name"]: a for a in cli("apps")}
+    assert {k: listed["files"][k] for k in ("kind", "host", "state", "template")} == {
+        "kind": "filesystem",
+        "host": site.host,
+        "state": "managed",
+        "template": "manual",
+    }
+
+    first = cli("capture", "files")
+    job, image = first["job"], first["image"]
+    assert job["status"] == "succeeded", job
+    assert job["type"] == "capture" and job["app"] == "files" and job["image"] == image["id"]
+    assert image["kind"] == "snapshot" and image["app"] == "files"
+    for key in ("id", "message", "bytes_total", "bytes_sent", "started", "finished"):
+        assert key in job
+    for key in ("id", "kind", "app", "created", "label"):
+        assert key in image
+    assert job["bytes_sent"] >= 12 * 512 * 1024  # random data: everything crossed once
+    before = tree_state(data)
+
+    # A small change: one file rewritten, one added, one removed.
+    (data / "dir0" / "file0.bin").write_bytes(os.urandom(4096))
+    (data / "new.txt").write_text("new\n")
+    (data / "dir1" / "file1.bin").unlink()
+    second = cli("capture", "files", "--label", "after change")
+    assert second["job"]["status"] == "succeeded"
+    assert second["image"]["label"] == "after change"
+    assert second["job"]["bytes_sent"] < job["bytes_sent"] / 20, (job, second["job"])
+    changed = tree_state(data)
+
+    images = cli("images", "files")
+    assert [i["id"] for i in images] == [second["image"]["id"], image["id"]]  # newest first
+
+    # Without both typed confirmations the server refuses and nothing is touched.
+    refused = cli.run("restore", "files", "--image", image["id"], check=False)
+    assert refused.code == 1 and refused.doc is None
+    assert '"DATA LOSS" and "OVERWRITE OTHER APPS"' in refused.error
+    half = cli.run(
+        "restore", "files", "--image", image["id"], "--confirm", "DATA LOSS", check=False
+    )
+    assert half.code == 1 and "OVERWRITE OTHER APPS" in half.error
+    assert tree_state(data) == changed
+    assert not (tmp_path / "events").exists()
+    assert [j["type"] for j in cli("jobs", "--app", "files")] == ["capture", "capture"]
+
+    restored = cli("restore", "files", "--image", image["id"], *CONFIRM)
+    assert restored["job"]["status"] == "succeeded", restored["job"]
+    assert restored["job"]["type"] == "restore" and restored["image"]["id"] == image["id"]
+    assert tree_state(data) == before
+    assert (tmp_path / "events").read_text() == "stop\nstart\n"
+
+    shown = cli("job", "show", restored["job"]["id"])
+    assert shown["status"] == "succeeded" and shown["finished"] is not None
+    jobs = cli("jobs", "--app", "files")
+    assert [j["type"] for j in jobs] == ["restore", "capture", "capture"]
+    assert all(j["status"] == "succeeded" for j in jobs)
+    history = cli("app", "history", "files")
+    assert [h["operation"] for h in history] == ["protect", "restore"]
+
+
+def test_volume_capture_incremental_restore(site: Site, tmp_path: Path) -> None:
+    cli = site.cli
+    volume = tmp_path / "disk.img"
+    with open(volume, "wb") as fh:
+        fh.write(os.urandom(24 * MiB))
+        fh.seek(40 * MiB)  # a hole: never read, never sent
+        fh.write(os.urandom(8 * MiB))
+    original = file_digest(volume)
+    stop, start = markers(tmp_path)
+    add_app(cli, "disk", site.host, "volume", volume, "--start", start, "--stop", stop)
+    cli("template", "add", "manual-disk", "--keep", "5")
+    cli("app", "protect", "disk", "--template", "manual-disk")
+
+    first = cli("capture", "disk")
+    assert first["job"]["status"] == "succeeded" and first["image"]["size"] == 48 * MiB
+    assert 32 * MiB <= first["job"]["bytes_sent"] < 40 * MiB
+    with open(volume, "r+b") as fh:
+        fh.seek(10 * MiB + 12345)
+        fh.write(os.urandom(MiB))
+    second = cli("capture", "disk")
+    assert second["job"]["status"] == "succeeded"
+    assert second["job"]["bytes_sent"] < first["job"]["bytes_sent"] / 4
+
+    restored = cli("restore", "disk", "--image", first["image"]["id"], *CONFIRM)
+    assert restored["job"]["status"] == "succeeded", restored["job"]
+    assert file_digest(volume) == original
+    assert (tmp_path / "events").read_text() == "stop\nstart\n"
+    for image in cli("images", "disk"):
+        assert cli("image", "verify", image["id"])["ok"]
+
+
+def test_bad_input_and_auth(site: Site, tmp_path: Path) -> None:
+    cli = site.cli
+    data = tmp_path / "data"
+    make_tree(data, files=2, size=1024)
+    add_app(cli, "guarded", site.host, "filesystem", data)
+
+    wrong = cli.run("apps", token="not-a-token", check=False)
+    assert wrong.code == 1 and wrong.doc is None
+    assert "token is wrong" in wrong.error and "\n" not in wrong.stderr.strip()
+
+    viewer = cli("token", "add", "watcher", "--role", "viewer")
+    assert viewer["role"] == "viewer" and viewer["token"]
+    assert "guarded" in {a["name"] for a in cli("apps", token=viewer["token"])}
+    denied = cli.run("capture", "guarded", token=viewer["token"], check=False)
+    assert denied.code == 1
+    assert "Role 'viewer' may not POST /api/v1/apps/guarded/capture" in denied.error
+    assert "operator role" in denied.error
+    operator = cli("token", "add", "ops", "--role", "operator")
+    not_admin = cli.run(
+        "token", "add", "x", "--role", "admin", token=operator["token"], check=False
+    )
+    assert not_admin.code == 1
+    assert "Role 'operator' may not POST /api/v1/tokens" in not_admin.error
+
+    unknown = cli.run("capture", "nosuch", check=False)
+    assert unknown.code == 1 and "application 'nosuch' does not exist" in unknown.error
+    no_image = cli.run("image", "show", "img_aaaaaaaaaaaa", check=False)
+    assert no_image.code == 1 and "image 'img_aaaaaaaaaaaa' does not exist" in no_image.error
+    no_host = cli.run(
+        "app", "add", "x", "--host", "ghost", "--kind", "volume", "--path", "/x", check=False
+    )
+    assert no_host.code == 1 and "host 'ghost' does not exist" in no_host.error
+    no_job = cli.run("job", "show", "job_aaaaaaaaaaaa", check=False)
+    assert no_job.code == 1 and "job 'job_aaaaaaaaaaaa' does not exist" in no_job.error
+
+    dup = cli.run(
+        "app",
+        "add",
+        "guarded",
+        "--host",
+        site.host,
+        "--kind",
+        "filesystem",
+        "--path",
+        "/x",
+        check=False,
+    )
+    assert dup.code == 1 and "application 'guarded' already exists" in dup.error
+    dup_host = cli.run(
+        "host",
+        "add",
+        site.host,
+        "--url",
+        site.agent.url,
+        "--token",
+        site.agent.token,
+        "--fingerprint",
+        site.agent.fingerprint,
+        check=False,
+    )
+    assert dup_host.code == 1 and f"host '{site.host}' already exists" in dup_host.error
+
+    unmanaged = cli.run("capture", "guarded", check=False)
+    assert unmanaged.code == 1 and "is unmanaged; capture is not allowed" in unmanaged.error
+    bad_every = cli.run("template", "add", "t", "--every", "5 fortnights", check=False)
+    assert bad_every.code == 2 and "is not an interval" in bad_every.error
+    relative = cli.run(
+        "app", "add", "rel", "--host", site.host, "--kind", "volume", "--path", "x", check=False
+    )
+    assert relative.code == 2 and "path" in relative.error
+    usage = cli.run("capture", check=False)
+    assert usage.code == 2 and "Missing argument" in usage.error
+
+    dead = Daemon("agent", tmp_path / "dead-agent", "ghost")  # initialised, never started
+    unreachable = cli.run(
+        "host",
+        "add",
+        "ghost",
+        "--url",
+        dead.url,
+        "--token",
+        dead.token,
+        "--fingerprint",
+        dead.fingerprint,
+        check=False,
+    )
+    assert unreachable.code == 1
+    assert f"host ghost unreachable at {dead.url}" in unreachable.error
+    assert "ghost" not in {h["name"] for h in cli("hosts")}
+    wrong_pin = cli.run(
+        "host",
+        "add",
+        "pinned",
+        "--url",
+        site.agent.url,
+        "--token",
+        site.agent.token,
+        "--fingerprint",
+        "00" * 32,
+        check=False,
+    )
+    assert wrong_pin.code == 1 and "not the pinned" in wrong_pin.error
+
+    trail = cli("audit", "--limit", "200")
+    assert any(
+        row["status"] == 403 and row["actor"] == "watcher" and row["path"].endswith("/capture")
+        for row in trail
+    )
+    assert any(
+        row["status"] == 404 and row["path"] == "/api/v1/apps/nosuch/capture" for row in trail
+    )
+    assert all(row["method"] != "GET" for row in trail)
+
+
+def test_scheduled_captures_and_retention(site: Site, tmp_path: Path) -> None:
+    cli = site.cli
+    data = tmp_path / "data"
+    make_tree(data, files=3, size=64 * 1024)
+    blob, scratch = data / "blob.bin", tmp_path / "blob.tmp"
+    add_app(cli, "ticking", site.host, "filesystem", data)
+    cli("template", "add", "every2s", "--every", "2s", "--keep", "2")
+    cli("app", "protect", "ticking", "--template", "every2s")
+
+    def scheduled() -> list[dict[str, Any]]:
+        # New content between captures, so that pruned images leave garbage behind.
+        scratch.write_bytes(os.urandom(300 * 1024))
+        scratch.rename(blob)
+        jobs = cli("jobs", "--app", "ticking", "--status", "succeeded")
+        done = [j for j in jobs if j["actor"] == "scheduler" and j["type"] == "capture"]
+        return done if len(done) >= 4 else []
+
+    done = wait_for(scheduled, 40, "four scheduled captures")
+    cli("app", "unprotect", "ticking")  # stops the schedule
+    # --watch returns once none of the listed jobs is queued or running.
+    watched = cli("jobs", "--app", "ticking", "--watch")
+    assert watched and all(j["status"] in ("succeeded", "failed", "canceled") for j in watched)
+    images = cli("images", "ticking")
+    assert len(images) == 2, images  # --keep 2
+    for image in images:
+        assert image["kind"] == "snapshot"
+        assert cli("image", "verify", image["id"])["ok"]
+    pruned = [
+        line["text"]
+        for job in done
+        for line in cli("job", "log", job["id"])
+        if "chunk(s) removed" in line["text"]
+    ]
+    assert any(not text.startswith("pool garbage collection: 0 ") for text in pruned), pruned
+    gaps = sorted(j["created"] for j in done)
+    assert len(set(gaps)) == len(gaps)
+
+
+def test_agent_down_fails_the_job_and_keeps_images(site: Site, tmp_path: Path) -> None:
+    cli = site.cli
+    agent = Daemon("agent", tmp_path / "agent", "host2")
+    agent.start()
+    try:
+        register_host(cli, agent)
+        data = tmp_path / "data"
+        make_tree(data, files=2, size=64 * 1024)
+        add_app(cli, "fragile", agent.name, "filesystem", data)
+        cli("template", "add", "manual-fragile")
+        cli("app", "protect", "fragile", "--template", "manual-fragile")
+        good = cli("capture", "fragile")["image"]
+        agent.stop()
+
+        failed = cli.run("capture", "fragile", check=False)
+        assert failed.code == 1
+        assert failed.doc["job"]["status"] == "failed"
+        message = failed.doc["job"]["message"]
+        assert f"host host2 unreachable at {agent.url}" in message
+        assert f"host host2 unreachable at {agent.url}" in failed.error
+        assert [i["id"] for i in cli("images", "fragile")] == [good["id"]]
+        assert cli("image", "verify", good["id"])["ok"]
+
+        agent.start()
+        again = cli("capture", "fragile")
+        assert again["job"]["status"] == "succeeded"
+    finally:
+        agent.stop()
+
+
+@pytest.mark.slow
+def test_kill9_during_capture_recovers(site: Site, tmp_path: Path) -> None:
+    appliance = Daemon("appliance", tmp_path / "appliance", "prod2")
+    appliance.start()
+    try:
+        cli = appliance_cli(appliance)
+        register_host(cli, site.agent)
+        volume = tmp_path / "big.img"
+        with open(volume, "wb") as fh:
+            for _ in range(300):
+                fh.write(os.urandom(MiB))
+        add_app(cli, "big", site.host, "volume", volume)
+        cli("template", "add", "manual-big")
+        cli("app", "protect", "big", "--template", "manual-big")
+
+        job = cli("capture", "big", "--no-wait")["job"]
+        assert job["status"] == "queued"
+
+        def running() -> bool:
+            shown = cli("job", "show", job["id"])
+            assert shown["status"] in ("queued", "running"), f"ended before the kill: {shown}"
+            return bool(shown["status"] == "running" and shown["bytes_done"] > 0)
+
+        wait_for(running, 30, "the capture to make progress", interval=0.1)
+        appliance.kill9()
+        appliance.start()
+
+        interrupted = cli("job", "show", job["id"])
+        assert interrupted["status"] == "failed", interrupted
+        assert interrupted["message"].startswith("interrupted")
+        assert cli("images", "big") == []
+        assert not [j for j in cli("jobs") if j["status"] in ("queued", "running")]
+
+        after = cli("capture", "big")
+        assert after["job"]["status"] == "succeeded", after["job"]
+        with open(volume, "r+b") as fh:
+            fh.seek(123 * MiB)
+            fh.write(os.urandom(MiB))
+        incremental = cli("capture", "big")
+        assert incremental["job"]["status"] == "succeeded"
+        assert incremental["job"]["bytes_sent"] < 20 * MiB
+        images = cli("images", "big")
+        assert len(images) == 2
+        for image in images:
+            report = cli("image", "verify", image["id"])
+            assert report["ok"] and report["bytes"] > 0, report
+        pool = cli("storage", "verify", str(appliance.directory / "pool"))
+        assert pool["ok"] and not pool["bad"] and not pool["missing"], pool
+    finally:
+        appliance.stop()

@@ -1,0 +1,163 @@
+"""Capture and restore as jobs, through a real agent and the appliance's transfer sessions."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from tandem.catalog import queries as q
+from tandem.catalog.models import Job
+from tandem.domain.jobs import JobStatus
+from tandem.domain.lifecycle import AppKind
+from tandem.domain.rules import RESTORE_CONFIRMATIONS
+from tandem.errors import RemoteError
+from tandem.operations import apps, capture, hosts, monitor, restore, templates
+from tests.operations.conftest import Live
+
+MiB = 1024 * 1024
+
+
+def run(live: Live, job: Job, timeout: float = 60) -> Job:
+    return live.appliance.runner.wait(job.id, timeout=timeout)
+
+
+def protect(live: Live, name: str, kind: AppKind, path: Path, **commands: str) -> None:
+    site = live.appliance.site
+    apps.add_app(site, name=name, host="h1", kind=kind, path=str(path), **commands)
+    if "manual" not in {t.name for t in templates.list_templates(site)}:
+        templates.add_template(site, name="manual", every=None, keep=None, mirror=False)
+    apps.protect_app(site, name=name, template="manual", actor="test")
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_tree_capture_is_incremental_and_restores(live: Live, tmp_path: Path) -> None:
+    site = live.appliance.site
+    data = tmp_path / "data"
+    (data / "sub").mkdir(parents=True)
+    for i in range(8):
+        (data / "sub" / f"f{i}").write_bytes(os.urandom(200_000))
+    events = tmp_path / "events"
+    protect(
+        live,
+        "web",
+        AppKind.FILESYSTEM,
+        data,
+        stop=f"echo stop >> {events}",
+        start=f"echo start >> {events}",
+    )
+    first = run(live, capture.submit_capture(site, app="web", actor="t"))
+    assert first.status is JobStatus.SUCCEEDED, first.message
+    assert first.bytes_sent >= 8 * 200_000 and first.bytes_done == first.bytes_total == 1_600_000
+    assert first.image is not None and first.result is not None
+    assert first.result["incremental"] is False
+    original = {p.name: digest(p) for p in (data / "sub").iterdir()}
+
+    (data / "sub" / "f3").write_bytes(os.urandom(1000))
+    second = run(live, capture.submit_capture(site, app="web", label="two", actor="t"))
+    assert second.status is JobStatus.SUCCEEDED, second.message
+    assert second.bytes_sent < 20_000 and second.result is not None
+    assert second.result["incremental"] is True
+    with site.catalog.read() as session:
+        image = q.get_image(session, image_id=second.image or "")
+        assert (image.label, image.parent_id) == ("two", first.image)
+
+    job = restore.submit_restore(
+        site, app="web", image=first.image, confirm=RESTORE_CONFIRMATIONS, actor="t"
+    )
+    done = run(live, job)
+    assert done.status is JobStatus.SUCCEEDED, done.message
+    assert {p.name: digest(p) for p in (data / "sub").iterdir()} == original
+    assert events.read_text() == "stop\nstart\n"
+    assert 0 < done.bytes_sent < 300_000  # only the one changed file's chunk came back
+    log = [line.text for line in monitor.job_log(site, job_id=done.id)]
+    assert "stop command succeeded" in log and "start command succeeded" in log
+
+
+def test_volume_capture_and_restore(live: Live, tmp_path: Path) -> None:
+    site = live.appliance.site
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(os.urandom(9 * MiB))
+    protect(live, "disk", AppKind.VOLUME, disk)
+    first = run(live, capture.submit_capture(site, app="disk"))
+    assert first.status is JobStatus.SUCCEEDED, first.message
+    before = digest(disk)
+    with open(disk, "r+b") as fh:
+        fh.seek(5 * MiB)
+        fh.write(b"\x01" * 100)
+    second = run(live, capture.submit_capture(site, app="disk"))
+    assert second.bytes_sent < 5 * MiB
+    done = run(
+        live,
+        restore.submit_restore(
+            site, app="disk", image=first.image or "", confirm=RESTORE_CONFIRMATIONS
+        ),
+    )
+    assert done.status is JobStatus.SUCCEEDED, done.message
+    assert digest(disk) == before
+    assert done.bytes_sent < MiB  # one 64 KiB block differs, plus digests
+
+
+def test_a_failing_stop_command_restores_nothing(live: Live, tmp_path: Path) -> None:
+    site = live.appliance.site
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "f").write_text("one")
+    protect(live, "web", AppKind.FILESYSTEM, data, stop="echo cannot stop >&2; exit 3")
+    first = run(live, capture.submit_capture(site, app="web"))
+    (data / "f").write_text("two")
+    done = run(
+        live,
+        restore.submit_restore(
+            site, app="web", image=first.image or "", confirm=RESTORE_CONFIRMATIONS
+        ),
+    )
+    assert done.status is JobStatus.FAILED
+    assert done.message == (
+        "the stop command of application 'web' exited with status 3: cannot stop; "
+        "nothing was restored"
+    )
+    assert (data / "f").read_text() == "two"
+    with site.catalog.read() as session:
+        assert [t.operation.value for t in q.list_transitions(session, app="web")] == ["protect"]
+
+
+def test_a_canceled_capture_leaves_no_image(live: Live, tmp_path: Path) -> None:
+    site = live.appliance.site
+    disk = tmp_path / "disk.img"
+    with open(disk, "wb") as fh:
+        for _ in range(160):
+            fh.write(os.urandom(MiB))
+    protect(live, "disk", AppKind.VOLUME, disk)
+    job = capture.submit_capture(site, app="disk")
+    deadline = time.monotonic() + 30
+    while monitor.get_job(site, job_id=job.id).bytes_done == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    monitor.cancel_job(site, job_id=job.id, actor="t")
+    done = run(live, job)
+    assert done.status is JobStatus.CANCELED, done.message
+    with site.catalog.read() as session:
+        assert q.list_images(session, app="disk") == []
+    assert site.sessions._sessions == {}  # the session was closed, its chunks discarded
+
+
+def test_a_wrong_agent_token_is_not_the_callers_fault(live: Live, tmp_path: Path) -> None:
+    site = live.appliance.site
+    with pytest.raises(
+        RemoteError, match=r"host h2 answered with an error: its agent at .* refused"
+    ):
+        hosts.add_host(
+            site,
+            name="h2",
+            url=live.agent["url"],
+            token="wrong",
+            fingerprint=live.agent["fingerprint"],
+        )
+    assert [h.name for h in hosts.list_hosts(site)] == ["h1"]

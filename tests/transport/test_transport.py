@@ -1,0 +1,125 @@
+"""Transport: wire frames, error translation, pinned TLS, and naming of unreachable parties."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tandem.errors import (
+    CertificateMismatch,
+    InvalidInput,
+    NotFound,
+    RemoteError,
+    SourceUnreadable,
+    Unreachable,
+)
+from tandem.transport.agent import AgentClient, error_from_event
+from tandem.transport.chunks import RemotePool
+from tandem.transport.client import ApiClient, error_from_response
+from tandem.transport.server import init_daemon_dir
+from tandem.transport.wire import decode_digests, decode_frames, encode_digests, encode_frames
+from tests.appliance.live import free_port
+
+
+def test_frames_round_trip_and_refuse_garbage() -> None:
+    frames = [(bytes([i]) * 32, b"x" * i) for i in range(5)]
+    assert list(decode_frames(encode_frames(frames))) == frames
+    with pytest.raises(InvalidInput, match="truncated"):
+        list(decode_frames(b"\x00" * 10))
+    with pytest.raises(InvalidInput, match="out of range"):
+        list(decode_frames(encode_frames(frames)[:-1]))
+    assert decode_digests(encode_digests([b"\x01" * 32])) == [b"\x01" * 32]
+    for bad in ("zz", "ab"):
+        with pytest.raises(InvalidInput):
+            decode_digests([bad])
+
+
+def test_server_errors_become_the_same_class() -> None:
+    err = error_from_response(404, b'{"error": "NotFound", "message": "gone"}', "appliance", "a")
+    assert isinstance(err, NotFound) and err.message == "gone"
+    odd = error_from_response(502, b"<html>bad gateway</html>", "appliance", "a")
+    assert isinstance(odd, RemoteError) and "HTTP 502" in odd.message
+    unknown = error_from_response(500, b'{"error": "Nope", "message": "m"}', "host", "h")
+    assert isinstance(unknown, RemoteError)
+
+
+def test_agent_events_keep_their_class_but_never_blame_the_caller() -> None:
+    err = error_from_event({"event": "error", "error": "SourceUnreadable", "message": "m"}, "h1")
+    assert isinstance(err, SourceUnreadable) and err.message == "m"
+    auth = error_from_event({"event": "error", "error": "Unauthorized", "message": "m"}, "h1")
+    assert isinstance(auth, RemoteError) and auth.message == "host h1 answered with an error: m"
+
+
+def test_unreachable_names_the_party(tmp_path: Path) -> None:
+    url = f"https://127.0.0.1:{free_port()}"
+    with pytest.raises(Unreachable) as caught:
+        AgentClient("web1", url, "t", "ab" * 32)
+    assert caught.value.message.startswith(f"host web1 unreachable at {url}: ")
+    with pytest.raises(Unreachable, match=f"appliance {url} unreachable at {url}"):
+        ApiClient(url, "t", "ab" * 32)
+    with pytest.raises(InvalidInput, match="no certificate fingerprint"):
+        ApiClient(url, "t", None)
+
+
+def test_a_wrong_fingerprint_is_refused_before_the_token_is_sent(tmp_path: Path) -> None:
+    from tandem.agent import app as agent_app
+    from tandem.transport.server import load_daemon_dir
+    from tests.appliance.live import LiveServer
+
+    info = agent_app.init(tmp_path / "a", "a", f"127.0.0.1:{free_port()}")
+    cfg = load_daemon_dir(tmp_path / "a", "agent")
+    with LiveServer(agent_app.create_app(cfg), tmp_path / "a", cfg.port):
+        with pytest.raises(CertificateMismatch, match="not the pinned"):
+            ApiClient(info["url"], info["token"], "cd" * 32)
+        with ApiClient(info["url"], info["token"], info["fingerprint"].upper()) as client:
+            assert client.get("/api/v1/info")["name"] == "a"
+
+
+def test_init_refuses_a_bad_listen_address(tmp_path: Path) -> None:
+    with pytest.raises(InvalidInput, match="HOST:PORT"):
+        init_daemon_dir(tmp_path / "d", kind="agent", name="a", listen="nowhere")
+
+
+def test_remote_pool_knows_only_its_session_bases() -> None:
+    pool = RemotePool(client=None, session="s", bases=[b"\x01" * 32])  # type: ignore[arg-type]
+    assert pool.has_manifest(b"\x01" * 32) and not pool.has_manifest(b"\x02" * 32)
+
+
+def test_one_daemon_per_directory(tmp_path: Path) -> None:
+    from tandem.errors import TandemError
+    from tandem.transport.server import lock_daemon_dir
+
+    tmp_path.mkdir(exist_ok=True)
+    held = lock_daemon_dir(tmp_path, "appliance")
+    try:
+        with pytest.raises(
+            TandemError, match=r"another appliance already runs from .* \(pid \d+\)"
+        ):
+            lock_daemon_dir(tmp_path, "appliance")
+    finally:
+        os.close(held)
+    os.close(lock_daemon_dir(tmp_path, "appliance"))
+
+
+def test_a_taken_address_is_a_one_line_error(tmp_path: Path) -> None:
+    import socket
+
+    from tandem.errors import TandemError
+    from tandem.transport.server import bind, load_daemon_dir
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        init_daemon_dir(tmp_path / "d", kind="agent", name="a", listen=f"127.0.0.1:{port}")
+        cfg = load_daemon_dir(tmp_path / "d", "agent")
+        with pytest.raises(TandemError, match=f"cannot listen on 127.0.0.1:{port}: "):
+            bind(cfg)
+
+
+@pytest.mark.parametrize("url", ["https://x:99999", "ftp://x", "https://", "nonsense"])
+def test_bad_urls_are_invalid_input(url: str) -> None:
+    with pytest.raises(InvalidInput):
+        ApiClient(url, "t", "ab" * 32)
