@@ -183,3 +183,11 @@ class JobCanceled(TandemError):
     needed."""
 
     http_status = 409
+
+
+class StaleEpoch(TandemError):
+    """Replication of {app!r} carries writer epoch {carried}, but this appliance holds epoch
+    {current}: the application was failed over here and its DR copy is now the writer.
+    Fail back before replicating again."""
+
+    http_status = 409

@@ -19,7 +19,7 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from tandem import __version__
-from tandem.appliance import routes_ops, routes_sessions, routes_setup
+from tandem.appliance import routes_ops, routes_peer, routes_sessions, routes_setup
 from tandem.appliance.audit import AuditMiddleware
 from tandem.appliance.auth import Caller, make_authorize
 from tandem.appliance.metrics import make_registry
@@ -71,6 +71,7 @@ def create_app(site: Site) -> FastAPI:
 
     api.include_router(routes_setup.make_router(site))
     api.include_router(routes_ops.make_router(site))
+    api.include_router(routes_peer.make_router(site))
     app.include_router(api)
     app.include_router(routes_sessions.make_router(site.sessions))
     return app

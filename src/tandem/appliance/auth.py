@@ -5,7 +5,8 @@ Invariants
   depends on ``authorize``: no route can forget authentication.
 - The role a call needs follows from the call itself, so the rule is stated once:
   tokens, peers and the audit trail need ``admin``; any other read (GET) needs ``viewer``;
-  any other change needs ``operator``. Roles include the ones below them.
+  any other change needs ``operator``. Roles include the ones below them. The replication
+  calls under ``/api/v1/peer/`` need the ``peer`` role (or admin), which allows nothing else.
 - The caller is left in ``request.state.principal`` for the audit trail and as the actor of
   the jobs it starts.
 - Tokens are looked up by their SHA-256; the secret is never stored or logged.
@@ -26,6 +27,7 @@ from tandem.domain.rules import Role, role_allows
 from tandem.errors import Forbidden, Unauthorized
 
 ADMIN_PATHS = ("/api/v1/tokens", "/api/v1/peers", "/api/v1/audit")
+PEER_PREFIX = "/api/v1/peer/"  # the replication calls the other site's appliance makes
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 bearer = HTTPBearer(auto_error=False, description="An API token (`tandem token add`).")
@@ -41,6 +43,8 @@ class Principal:
 
 def needed_role(method: str, path: str) -> Role:
     """The least role that may make this call."""
+    if path.startswith(PEER_PREFIX):
+        return Role.PEER
     if any(path == p or path.startswith(p + "/") for p in ADMIN_PATHS):
         return Role.ADMIN
     if method.upper() in READ_METHODS:

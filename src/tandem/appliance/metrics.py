@@ -8,6 +8,7 @@ Invariants
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry
@@ -35,7 +36,13 @@ class CatalogCollector(Collector):
             "Unix time of each application's newest snapshot.",
             labels=["app"],
         )
+        lag = GaugeMetricFamily(
+            "tandem_app_replication_lag_seconds",
+            "Age of each mirrored application's newest snapshot held by the peer (achieved RPO).",
+            labels=["app"],
+        )
         with self.catalog.read() as session:
+            replicated = list(session.execute(select(App.name, App.last_replicated)))
             jobs_by = session.execute(select(Job.status, func.count()).group_by(Job.status))
             by_status = {status: count for status, count in jobs_by}
             apps_by = session.execute(select(App.state, func.count()).group_by(App.state))
@@ -53,9 +60,14 @@ class CatalogCollector(Collector):
         for name, ts in captures:
             if ts is not None:
                 last.add_metric([name], ts.timestamp())
+        now = time.time()
+        for name, ts in replicated:
+            if ts is not None:
+                lag.add_metric([name], max(0.0, now - ts.timestamp()))
         yield jobs
         yield apps
         yield last
+        yield lag
 
 
 def make_registry(catalog: Catalog) -> CollectorRegistry:

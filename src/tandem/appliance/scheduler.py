@@ -7,6 +7,8 @@ Invariants
 - A newly protected app (no snapshot yet) is captured at the next tick.
 - The queue's rule of one lifecycle job per app holds for scheduled captures too: while the
   app has a job (a manual capture, a restore), the scheduler skips it and tries next tick.
+- A mirrored app whose newest snapshot has not reached the peer gets a replication job
+  every MIRROR_RETRY seconds until it has (captures made while the peer was down follow).
 - Jobs are submitted as actor ``scheduler``. The thread never dies of an error: it logs it
   and tries again at the next tick.
 """
@@ -14,19 +16,24 @@ Invariants
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from datetime import UTC, datetime
 
 from tandem.catalog import queries as q
+from tandem.catalog.models import App, Template
 from tandem.domain.lifecycle import AppState
 from tandem.errors import Conflict, TandemError
+from tandem.operations import peers
 from tandem.operations.capture import submit_capture
+from tandem.operations.replicate import submit_replicate
 from tandem.operations.site import Site
 
 log = logging.getLogger(__name__)
 
 ACTOR = "scheduler"
+MIRROR_RETRY = float(os.environ.get("TANDEM_MIRROR_RETRY", "30"))
 
 
 class Scheduler:
@@ -36,6 +43,7 @@ class Scheduler:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._tried: dict[str, float] = {}  # app name -> unix time of the last submission
+        self._mirror_tried: dict[str, float] = {}  # app name -> last catch-up replication
 
     def start(self) -> None:
         if self._thread is not None:
@@ -88,4 +96,26 @@ class Scheduler:
                 job.id,
                 datetime.fromtimestamp(now, UTC).isoformat(),
             )
+        self.catch_up_mirrors(apps, templates, now)
         return submitted
+
+    def catch_up_mirrors(self, apps: list[App], templates: dict[str, Template], now: float) -> None:
+        """Queue a replication for mirrored apps whose newest snapshot is not at the peer
+        yet (the peer was down, or a replication failed): retried every MIRROR_RETRY s."""
+        if peers.the_peer(self.site) is None:
+            return
+        for app in apps:
+            template = templates.get(app.template or "")
+            if app.state is not AppState.MANAGED or template is None or not template.mirror:
+                continue
+            if app.last_capture is None or (
+                app.last_replicated is not None and app.last_replicated >= app.last_capture
+            ):
+                continue
+            if now - self._mirror_tried.get(app.name, 0.0) < MIRROR_RETRY:
+                continue
+            self._mirror_tried[app.name] = now
+            try:
+                submit_replicate(self.site, app=app.name, actor=ACTOR)
+            except TandemError as exc:
+                log.warning("catch-up replication of %s refused: %s", app.name, exc.message)

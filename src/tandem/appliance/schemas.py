@@ -207,6 +207,9 @@ class AppOut(BaseModel):
     last_capture: datetime | None
     lag_seconds: float | None
     """Seconds since the newest snapshot was taken (the recovery point's age)."""
+    last_replicated: datetime | None
+    replication_lag_seconds: float | None
+    """Seconds since the newest snapshot that reached the peer was taken (achieved RPO)."""
 
     @classmethod
     def of(cls, app: App, now: datetime | None = None) -> AppOut:
@@ -225,6 +228,8 @@ class AppOut(BaseModel):
             created=app.created,
             last_capture=app.last_capture,
             lag_seconds=_age(app.last_capture, now or datetime.now(UTC)),
+            last_replicated=app.last_replicated,
+            replication_lag_seconds=_age(app.last_replicated, now or datetime.now(UTC)),
         )
 
 

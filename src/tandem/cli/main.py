@@ -13,7 +13,7 @@ import typer
 # typer 0.29 vendors click; its usage errors live in this (private) module.
 from typer._click.exceptions import NoArgsIsHelpError, UsageError
 
-from tandem.cli import daemons, demo, jobs, ops, setup, storage
+from tandem.cli import daemons, demo, jobs, ops, peers, setup, storage
 from tandem.cli.output import fail
 
 app = typer.Typer(
@@ -44,6 +44,11 @@ app.add_typer(ops.image_app, name="image")
 app.command("jobs")(jobs.jobs)
 app.add_typer(jobs.job_app, name="job")
 app.command("audit")(ops.audit)
+
+# The other site.
+app.add_typer(peers.peer_app, name="peer")
+app.command("peers")(peers.peer_list)
+app.command("replicate")(peers.replicate)
 
 
 def main() -> None:

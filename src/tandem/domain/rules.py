@@ -32,11 +32,16 @@ RESTORE_CONFIRMATIONS: tuple[str, ...] = ("DATA LOSS", "OVERWRITE OTHER APPS")
 
 
 class Role(StrEnum):
-    """What a token may do; each role includes the ones below it."""
+    """What a token may do; viewer, operator and admin each include the ones below.
+
+    ``peer`` stands apart: the token the other site's appliance holds, good for the
+    replication calls only (and nothing else), which admin may also make.
+    """
 
     VIEWER = "viewer"
     OPERATOR = "operator"
     ADMIN = "admin"
+    PEER = "peer"
 
 
 _ROLE_RANK = {Role.VIEWER: 0, Role.OPERATOR: 1, Role.ADMIN: 2}
@@ -44,6 +49,8 @@ _ROLE_RANK = {Role.VIEWER: 0, Role.OPERATOR: 1, Role.ADMIN: 2}
 
 def role_allows(role: Role, needed: Role) -> bool:
     """Whether a token of ``role`` may do what needs ``needed`` (admin ⊇ operator ⊇ viewer)."""
+    if role is Role.PEER or needed is Role.PEER:
+        return role is needed or role is Role.ADMIN
     return _ROLE_RANK[role] >= _ROLE_RANK[needed]
 
 

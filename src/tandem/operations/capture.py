@@ -8,6 +8,7 @@ Flow (one lifecycle job per app, DESIGN "Finding what to send")
    session (after every chunk it names is durable).
 3. The job records the ``snapshot`` image row in one transaction, then closes the session.
 4. With a template's ``keep``, older snapshots are pruned and the pool is collected.
+5. With a mirroring template and a paired peer, a ``replicate`` job is queued.
 
 Invariants
 - Nothing half-captured becomes visible: without a committed manifest there is no image
@@ -27,7 +28,7 @@ from tandem.domain.lifecycle import AppKind, Operation, check_transition
 from tandem.errors import InvalidInput, RemoteError
 from tandem.jobs.queue import submit_job
 from tandem.jobs.runner import JobContext
-from tandem.operations import images
+from tandem.operations import images, peers, replicate
 from tandem.operations.hosts import agent_for
 from tandem.operations.site import Site
 from tandem.operations.streams import follow
@@ -132,7 +133,12 @@ def run_capture(site: Site, ctx: JobContext) -> dict[str, Any]:
     pruned: list[str] = []
     if template is not None and template.keep:
         pruned = images.prune_snapshots(site, ctx, app=app.name, keep=template.keep)
+    mirror_job = None
+    if template is not None and template.mirror and peers.the_peer(site) is not None:
+        mirror_job = replicate.submit_replicate(site, app=app.name, actor="mirror").id
+        ctx.log(f"mirroring to the peer in job {mirror_job}")
     return {
+        "mirror_job": mirror_job,
         "image": image.id,
         "manifest": manifest.hex(),
         "size": size,

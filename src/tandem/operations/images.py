@@ -84,26 +84,35 @@ def run_delete(site: Site, ctx: JobContext) -> dict[str, Any]:
     return {"deleted": [image_id], "gc": _gc_doc(report)}
 
 
-def prune_snapshots(site: Site, ctx: JobContext, *, app: str, keep: int) -> list[str]:
-    """Remove the app's snapshots beyond the ``keep`` newest, then collect the pool."""
+def prune_snapshots(
+    site: Site,
+    ctx: JobContext | None,
+    *,
+    app: str,
+    keep: int,
+    kind: ImageKind = ImageKind.SNAPSHOT,
+) -> list[str]:
+    """Remove the app's images of ``kind`` (snapshots, or replicas at the DR site) beyond
+    the ``keep`` newest, then collect the pool."""
     removed: list[str] = []
     with site.catalog.begin() as session:
-        snapshots = q.list_images(session, app=app, kind=ImageKind.SNAPSHOT)
-        for image in snapshots[keep:]:
+        older = q.list_images(session, app=app, kind=kind)[keep:]
+        for image in older:
             if image.state is not ImageState.READY:
                 continue  # presented to a host or already going: not retention's to remove
             q.delete_image(session, image_id=image.id)
             removed.append(image.id)
     if not removed:
         return removed
-    ctx.log(f"retention (keep {keep}) removed {', '.join(removed)}")
+    log = ctx.log if ctx is not None else (lambda text, level="info": None)
+    log(f"retention (keep {keep}) removed {', '.join(removed)}")
     try:
         report = collect_garbage(site, ctx)
     except StorageError as exc:
         # The capture itself succeeded; the space comes back at the next collection.
-        ctx.log(f"pool garbage collection failed: {exc.message}", level="warning")
+        log(f"pool garbage collection failed: {exc.message}", level="warning")
     else:
-        ctx.log(f"pool garbage collection: {_gc_text(report)}")
+        log(f"pool garbage collection: {_gc_text(report)}")
     return removed
 
 

@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from tandem.errors import ChunkMissing, InvalidInput, NotFound, Unauthorized
 from tandem.storage.manifest import decode_manifest
@@ -33,6 +34,7 @@ class Session:
     chunks_received: int = 0
     bytes_sent: int = 0  # chunk, block and manifest bytes the party fetched from us
     expires: float = 0.0
+    meta: dict[str, Any] = field(default_factory=dict)  # what the opening operation keeps
 
 
 class SessionRegistry:
@@ -92,6 +94,14 @@ class SessionRegistry:
 
     # --- what the routes call ------------------------------------------------------------
 
+    def find(self, sid: str) -> Session:
+        """A session by id, for a caller already authenticated otherwise (the peer)."""
+        with self._lock:
+            session = self._sessions.get(sid)
+        if session is None or time.time() > session.expires:
+            raise NotFound(what="transfer session", name=sid, listing="jobs")
+        return session
+
     def missing(self, session: Session, digests: list[bytes]) -> list[bytes]:
         writer = self._writer(session)
         return [d for d in dict.fromkeys(digests) if not writer.has(d)]
@@ -103,6 +113,8 @@ class SessionRegistry:
             writer.put_encoded(digest, blob)
             size += len(blob)
             n += 1
+        # Durable and present now: a transfer broken after this batch resumes without it.
+        writer.flush()
         with self._lock:
             session.bytes_received += size
             session.chunks_received += n

@@ -1,0 +1,140 @@
+"""Pairing with the appliance at the other site.
+
+Pairing, run on appliance A with a token of appliance B that has the admin role:
+1. A reaches B over TLS pinned to B's fingerprint and reads its name (``/api/v1/info``).
+2. A makes a new random token with the ``peer`` role for B and sends it, with A's own URL,
+   name and certificate fingerprint, to B (``POST /api/v1/peers/accept``).
+3. B stores A as its peer (pinning A's fingerprint), makes a ``peer`` token for A and
+   answers it; A stores B as its peer.
+
+Invariants
+- A site has at most one peer (two-site DR); pairing again with the same peer replaces its
+  tokens and fingerprint (after a re-initialised peer), pairing with another is refused.
+- Peer tokens can only make the replication calls (``Role.PEER``); the admin token given to
+  ``peer add`` is used once and never stored.
+- Every call to the peer pins its fingerprint: a peer whose certificate changed is refused
+  (CertificateMismatch) until it is paired again.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tandem.catalog import queries as q
+from tandem.catalog.models import Peer
+from tandem.domain.ids import validate_name
+from tandem.domain.rules import Role
+from tandem.errors import Conflict, InvalidInput, NotFound
+from tandem.operations.site import Site
+from tandem.transport.client import ApiClient
+from tandem.transport.server import new_token
+from tandem.transport.tls import forget_pins, normalize_fingerprint
+
+BANDWIDTH_KEY = "peer_bandwidth"
+
+
+def peer_token_name(peer: str) -> str:
+    return f"peer-{peer}"[:64]
+
+
+def client_for(peer: Peer) -> ApiClient:
+    return ApiClient(peer.url, peer.token, peer.fingerprint, what="peer", name=peer.name)
+
+
+def the_peer(site: Site) -> Peer | None:
+    with site.catalog.read() as session:
+        peers = q.list_peers(session)
+    return peers[0] if peers else None
+
+
+def require_peer(site: Site) -> Peer:
+    peer = the_peer(site)
+    if peer is None:
+        raise NotFound(what="peer", name="(none)", listing="peers")
+    return peer
+
+
+def _store(site: Site, *, name: str, url: str, fingerprint: str, token: str, mine: str) -> None:
+    """Store ``name`` as this site's peer, called with ``token`` (replacing an earlier
+    pairing with it), and ``mine`` as the token it calls us with."""
+    validate_name(name, "appliance name")
+    if name == site.name:
+        raise InvalidInput(detail=f"cannot pair appliance {name!r} with itself")
+    with site.catalog.begin() as session:
+        for other in q.list_peers(session):
+            if other.name != name:
+                raise Conflict(
+                    detail=f"this appliance is already paired with {other.name!r}; "
+                    f"remove it first with `tandem peer remove {other.name}`"
+                )
+            q.remove_peer(session, name=name)
+        for row in q.list_tokens(session):
+            if row.name == peer_token_name(name):
+                q.remove_token(session, name=row.name)
+        q.add_peer(
+            session,
+            name=name,
+            url=url.rstrip("/"),
+            token=token,
+            fingerprint=normalize_fingerprint(fingerprint),
+        )
+        q.add_token(session, name=peer_token_name(name), token=mine, role=Role.PEER)
+    forget_pins()
+
+
+def pair(
+    site: Site, *, url: str, token: str, fingerprint: str, bandwidth: int | None = None
+) -> Peer:
+    """Pair this appliance with the one at ``url`` in both directions (run on either site)."""
+    with ApiClient(url, token, fingerprint, what="peer") as remote:
+        info = remote.get("/api/v1/info")
+        name = str(info["name"])
+        if name == site.name:
+            raise InvalidInput(
+                detail=f"the appliance at {url} is named {name!r} like this one: "
+                "two sites need two names"
+            )
+        # We make the token the peer will call us with; it answers the one we call it with.
+        mine = new_token()
+        answer = remote.post(
+            "/api/v1/peers/accept",
+            {"name": site.name, "url": site.url, "fingerprint": site.fingerprint, "token": mine},
+        )
+        _store(
+            site,
+            name=name,
+            url=url,
+            fingerprint=fingerprint,
+            token=str(answer["token"]),
+            mine=mine,
+        )
+    with site.catalog.begin() as session:
+        q.set_setting(session, key=BANDWIDTH_KEY, value=str(bandwidth or 0))
+        return q.get_peer(session, name=name)
+
+
+def accept(site: Site, *, name: str, url: str, fingerprint: str, token: str) -> dict[str, Any]:
+    """The other side of ``pair``: store the caller as our peer; answer its token."""
+    mine = new_token()
+    _store(site, name=name, url=url, fingerprint=fingerprint, token=token, mine=mine)
+    return {"name": site.name, "token": mine}
+
+
+def list_peers(site: Site) -> list[Peer]:
+    with site.catalog.read() as session:
+        return q.list_peers(session)
+
+
+def remove_peer(site: Site, *, name: str) -> None:
+    with site.catalog.begin() as session:
+        q.remove_peer(session, name=name)
+        for row in q.list_tokens(session):
+            if row.name == peer_token_name(name):
+                q.remove_token(session, name=row.name)
+
+
+def bandwidth(site: Site) -> int:
+    """Bytes per second replication may use (0: unlimited)."""
+    with site.catalog.read() as session:
+        value = q.get_setting(session, key=BANDWIDTH_KEY)
+    return int(value or 0)

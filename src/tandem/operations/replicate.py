@@ -1,0 +1,361 @@
+"""Mirroring: each snapshot of a mirrored app becomes a ``replica`` image at the peer.
+
+Sender (production appliance, job ``replicate``, one app; not a lifecycle job, so it never
+blocks the app's captures, and one app's replication never waits for another's):
+1. Ask the peer which images of the app it holds; every snapshot newer than its newest
+   replica is sent, oldest first (captures taken while the peer was down follow in order).
+2. For each: open a replication on the peer (it answers the manifest of its previous
+   replica); diff the new manifest against it locally (no round trip for unchanged data);
+   ask in batches which offered chunks the peer lacks; send those in the encoding it can
+   use best (``storage.transfer``: stored delta, computed XOR delta, or whole); send the
+   manifest; commit.
+
+Receiver (DR appliance, ``/api/v1/peer/…``, peer token):
+- ``open_replication`` checks fencing: the writer epoch carried must be at least the one
+  held here (a failover here raised it: production may not overwrite the DR copy), the app
+  must be one this peer mirrors here, in a state that takes replicas, and the image newer
+  than the newest replica (a replayed old image is refused). It opens a write session whose
+  writer registers the previous replica's manifest as its base.
+- Received chunks are verified and made durable batch by batch, so a broken transfer
+  resumes by running again and sends only what is still missing.
+- ``commit_replication`` adds the replica image row (same id, creation time and label as
+  the snapshot; ``source_image_id`` names it; ``parent_id`` the previous replica) in one
+  transaction, only after the manifest and every chunk it names are durable. Nothing
+  half-received is ever visible.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+from typing import Any
+
+from tandem.catalog import queries as q
+from tandem.catalog.models import Image, Job
+from tandem.domain.images import ImageKind
+from tandem.domain.jobs import JobStatus
+from tandem.domain.lifecycle import AppFacts, AppKind, AppState, Operation, check_transition
+from tandem.errors import Conflict, InvalidInput, NotFound, StaleEpoch
+from tandem.jobs.queue import submit_job
+from tandem.jobs.runner import JobContext
+from tandem.operations import images, peers
+from tandem.operations.site import Site
+from tandem.storage.manifest import Manifest, load_manifest
+from tandem.storage.transfer import chunks_to_offer, encode_for_receiver, previous_at_same_offset
+from tandem.transport.client import ApiClient
+from tandem.transport.wire import decode_digests, encode_digests, encode_frames
+
+TYPE = "replicate"
+ASK_BATCH = 1024  # digests per "which do you lack?" question
+SEND_BYTES = 16 * 1024 * 1024  # chunk bytes per request
+
+
+# --- sender ----------------------------------------------------------------------------
+
+
+def submit_replicate(site: Site, *, app: str, actor: str | None = None) -> Job:
+    """Queue a replication of ``app`` to the peer, unless one is already queued or running."""
+    peers.require_peer(site)
+    with site.catalog.begin() as session:
+        row = q.get_app(session, name=app)
+        template = q.get_template(session, name=row.template) if row.template else None
+        facts = AppFacts(mirrored=bool(template and template.mirror))
+        check_transition(row.name, row.state, Operation.REPLICATE, facts)
+        for job in q.list_jobs(session, app=row.name, limit=20):
+            if job.type == TYPE and job.status in (JobStatus.QUEUED, JobStatus.RUNNING):
+                return job
+        job = submit_job(session, type=TYPE, app=row.name, params={}, actor=actor)
+    site.wake()
+    return job
+
+
+def _app_doc(app: Any) -> dict[str, Any]:
+    return {
+        "id": app.id,
+        "name": app.name,
+        "kind": app.kind.value,
+        "host": app.host,
+        "path": app.path,
+        "start": app.start_cmd,
+        "stop": app.stop_cmd,
+    }
+
+
+def run_replicate(site: Site, ctx: JobContext) -> dict[str, Any]:
+    """The job handler: bring the peer's replicas of the app up to date."""
+    name = ctx.job.app or ""
+    peer = peers.require_peer(site)
+    with site.catalog.read() as session:
+        app = q.get_app(session, name=name)
+        template = q.get_template(session, name=app.template) if app.template else None
+        facts = AppFacts(mirrored=bool(template and template.mirror))
+        check_transition(app.name, app.state, Operation.REPLICATE, facts)
+        app_doc = _app_doc(app)
+        epoch = app.writer_epoch
+    keep = template.keep if template is not None else None
+    limit = peers.bandwidth(site)
+    sent_total = 0
+    replicated: list[str] = []
+    with peers.client_for(peer) as remote:
+        # Snapshots taken while this runs are picked up by the next round.
+        while todo := _pending(site, remote, name, replicated):
+            total = sum(s.size for s in todo)
+            done = 0
+            for snap in todo:
+                ctx.set_message(f"replicating {snap.id} to {peer.name}")
+                sent = _replicate_one(
+                    site, ctx, remote, peer, app_doc, snap, epoch, keep, limit, done, total
+                )
+                sent_total += sent
+                done += snap.size
+                replicated.append(snap.id)
+                with site.catalog.begin() as session:
+                    q.mark_replicated(session, name=name, at=snap.created)
+                ctx.log(f"{snap.id} replicated to {peer.name}: {sent} bytes sent")
+    if not replicated:
+        ctx.set_message(f"{peer.name} already holds every snapshot of {name}")
+    if replicated:
+        ctx.set_image(replicated[-1])
+        ctx.set_message(
+            f"replicated {len(replicated)} image(s) of {name} to {peer.name}, "
+            f"{sent_total} bytes sent"
+        )
+    return {"peer": peer.name, "replicated": replicated, "bytes_sent": sent_total}
+
+
+def _pending(site: Site, remote: ApiClient, app: str, done: list[str]) -> list[Image]:
+    """The app's snapshots the peer does not hold, newer than its newest replica, oldest
+    first."""
+    held = remote.get(f"/api/v1/peer/apps/{app}/replicas")
+    have = set(held.get("images", [])) | set(done)
+    newest = held.get("newest_created")
+    newest_at = datetime.fromisoformat(newest) if newest else None
+    with site.catalog.read() as session:
+        snapshots = reversed(q.list_images(session, app=app, kind=ImageKind.SNAPSHOT))
+        return [
+            s
+            for s in snapshots
+            if s.id not in have and (newest_at is None or s.created > newest_at)
+        ]
+
+
+def _replicate_one(
+    site: Site,
+    ctx: JobContext,
+    remote: ApiClient,
+    peer: Any,
+    app_doc: dict[str, Any],
+    snap: Image,
+    epoch: int,
+    keep: int | None,
+    limit: int,
+    done_before: int,
+    total: int,
+) -> int:
+    opened = remote.post(
+        "/api/v1/peer/replications",
+        {
+            "app": app_doc,
+            "image": {
+                "id": snap.id,
+                "created": snap.created.isoformat(),
+                "label": snap.label,
+                "size": snap.size,
+                "manifest": snap.manifest,
+            },
+            "epoch": epoch,
+            "keep": keep,
+        },
+    )
+    if opened.get("status") == "present":
+        return 0
+    sid, token = str(opened["session"]), str(opened["token"])
+    mid = bytes.fromhex(snap.manifest)
+    manifest = load_manifest(site.pool, mid)
+    prev: Manifest | None = None
+    base_hex = opened.get("base")
+    if base_hex and site.pool.has_manifest(bytes.fromhex(base_hex)):
+        prev = load_manifest(site.pool, bytes.fromhex(base_hex))
+    held = prev.chunk_ids() if prev is not None else set()
+    at_offset = previous_at_same_offset(manifest, prev)
+    offered = chunks_to_offer(manifest, prev)
+    sent_here: set[bytes] = set()
+    sent = 0
+    started = time.monotonic()
+    path = f"/api/v1/sessions/{sid}"
+
+    def receiver_has(digest: bytes) -> bool:
+        return digest in held or digest in sent_here
+
+    with ApiClient(peer.url, token, peer.fingerprint, what="peer", name=peer.name) as channel:
+
+        def post(frames: list[tuple[bytes, bytes]]) -> None:
+            nonlocal sent
+            body = encode_frames(frames)
+            channel.request("POST", f"{path}/chunks", content=body)
+            sent += len(body)
+            ctx.add_sent(len(body))
+            sent_here.update(d for d, _ in frames)
+            if limit > 0:  # --bandwidth: sleep until the average rate is back under it
+                ahead = sent / limit - (time.monotonic() - started)
+                if ahead > 0:
+                    time.sleep(ahead)
+
+        for i in range(0, len(offered), ASK_BATCH):
+            batch = offered[i : i + ASK_BATCH]
+            answer = channel.post(f"{path}/missing", {"digests": encode_digests(batch)})
+            frames: list[tuple[bytes, bytes]] = []
+            size = 0
+            for digest in decode_digests(answer["missing"]):
+                blob = encode_for_receiver(site.pool, digest, receiver_has, at_offset.get(digest))
+                frames.append((digest, blob))
+                size += len(blob)
+                if size >= SEND_BYTES:
+                    post(frames)
+                    frames, size = [], 0
+            if frames:
+                post(frames)
+            share = (i + len(batch)) / max(1, len(offered))
+            ctx.progress(done_before + int(share * snap.size), total)
+            ctx.check_canceled()
+        blob = site.pool.get_manifest_blob(mid)
+        channel.request("POST", f"{path}/manifest", content=blob)
+        sent += len(blob)
+        ctx.add_sent(len(blob))
+    remote.post(f"/api/v1/peer/replications/{sid}/commit", {"token": token})
+    return sent
+
+
+# --- receiver --------------------------------------------------------------------------
+
+
+def replicas_held(site: Site, *, app: str) -> dict[str, Any]:
+    """What the peer asks before sending: the replicas of ``app`` held here."""
+    with site.catalog.read() as session:
+        try:
+            row = q.get_app(session, name=app)
+        except NotFound:
+            return {"images": [], "newest_created": None, "epoch": None}
+        replicas = q.list_images(session, app=app, kind=ImageKind.REPLICA)
+        return {
+            "images": [r.id for r in replicas],
+            "newest_created": replicas[0].created.isoformat() if replicas else None,
+            "epoch": row.writer_epoch,
+        }
+
+
+def open_replication(
+    site: Site,
+    *,
+    peer: str,
+    app: dict[str, Any],
+    image: dict[str, Any],
+    epoch: int,
+    keep: int | None,
+) -> dict[str, Any]:
+    """Check fencing and order, then open the write session the sender fills."""
+    name = str(app["name"])
+    created = datetime.fromisoformat(str(image["created"]))
+    with site.catalog.begin() as session:
+        try:
+            row = q.get_app(session, name=name, for_update=True)
+        except NotFound:
+            row = q.add_app(
+                session,
+                name=name,
+                kind=AppKind(app["kind"]),
+                host=str(app["host"]),
+                path=str(app["path"]),
+                start_cmd=app.get("start"),
+                stop_cmd=app.get("stop"),
+                origin=peer,
+                app_id=app.get("id"),
+                state=AppState.MANAGED,
+            )
+            row.writer_epoch = epoch
+        if row.origin != peer:
+            raise Conflict(
+                detail=f"application {name!r} here is not a mirror of {peer!r} "
+                f"(its origin is {row.origin or 'this appliance'}); rename one of them"
+            )
+        if epoch < row.writer_epoch:
+            raise StaleEpoch(app=name, carried=epoch, current=row.writer_epoch)
+        check_transition(row.name, row.state, Operation.REPLICATE, AppFacts(mirrored=True))
+        replicas = q.list_images(session, app=name, kind=ImageKind.REPLICA)
+        if any(r.id == image["id"] for r in replicas):
+            return {"status": "present"}
+        if replicas and created <= replicas[0].created:
+            raise Conflict(
+                detail=f"image {image['id']} of {name!r} is older than the newest replica "
+                f"{replicas[0].id}: a replayed or out-of-order replication is refused"
+            )
+        base = replicas[0] if replicas else None
+        if epoch > row.writer_epoch:
+            row.writer_epoch = epoch
+    base_id = bytes.fromhex(base.manifest) if base is not None else None
+    if base_id is not None and not site.pool.has_manifest(base_id):
+        base_id = None
+    transfer, token = site.sessions.open(
+        job_id=f"replication of {image['id']} from {peer}",
+        write=True,
+        bases=[base_id] if base_id else [],
+        ttl=3600,
+    )
+    transfer.meta.update(
+        peer=peer,
+        app=name,
+        image=image,
+        epoch=epoch,
+        keep=keep,
+        parent=base.id if base is not None else None,
+    )
+    return {
+        "session": transfer.id,
+        "token": token,
+        "base": base_id.hex() if base_id else None,
+    }
+
+
+def commit_replication(site: Site, *, peer: str, sid: str, token: str) -> Image:
+    """Make the received image a replica, once its manifest is committed in the session."""
+    transfer = site.sessions.get(sid, token)
+    meta = transfer.meta
+    if meta.get("peer") != peer:
+        raise NotFound(what="replication", name=sid, listing="jobs")
+    image = meta["image"]
+    manifest = bytes.fromhex(str(image["manifest"]))
+    if manifest not in transfer.committed:
+        raise InvalidInput(
+            detail=f"the manifest of {image['id']} was not received: send it before committing"
+        )
+    try:
+        with site.gc_lock:
+            with site.catalog.begin() as session:
+                row = q.get_app(session, name=meta["app"], for_update=True)
+                if meta["epoch"] < row.writer_epoch:
+                    raise StaleEpoch(app=row.name, carried=meta["epoch"], current=row.writer_epoch)
+                check_transition(row.name, row.state, Operation.REPLICATE, AppFacts(mirrored=True))
+                created = datetime.fromisoformat(str(image["created"]))
+                replica = q.add_image(
+                    session,
+                    app=row.name,
+                    kind=ImageKind.REPLICA,
+                    manifest=manifest.hex(),
+                    size=int(image.get("size") or 0),
+                    label=image.get("label"),
+                    origin=peer,
+                    parent_id=meta.get("parent"),
+                    source_image_id=str(image["id"]),
+                    image_id=str(image["id"]),
+                    created=created,
+                    epoch=int(meta["epoch"]),
+                )
+                q.mark_replicated(session, name=row.name, at=created)
+            site.sessions.close(transfer)
+    finally:
+        site.sessions.close(transfer)
+    if meta.get("keep"):
+        images.prune_snapshots(
+            site, None, app=meta["app"], keep=int(meta["keep"]), kind=ImageKind.REPLICA
+        )
+    return replica

@@ -1,0 +1,99 @@
+"""The receiving side of replication: fencing by writer epoch, order, idempotence."""
+
+from __future__ import annotations
+
+import os
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tandem.catalog import queries as q
+from tandem.domain.images import ImageKind
+from tandem.errors import Conflict, InvalidInput, StaleEpoch
+from tandem.operations import replicate
+from tandem.storage.tree import capture_tree
+from tests.appliance.conftest import Booted, booted
+from tests.catalog.conftest import catalog_url
+
+__all__ = ["booted", "catalog_url"]
+
+APP = {"id": None, "name": "web", "kind": "filesystem", "host": "h1", "path": "/srv/web"}
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def _image(booted: Booted, tmp_path: Path, n: int) -> dict[str, Any]:
+    src = tmp_path / f"src{n}"
+    src.mkdir()
+    (src / "f").write_bytes(os.urandom(1000))
+    mid, manifest, _ = capture_tree(booted.appliance.site.pool, src)
+    return {
+        "id": f"img_test{n:08d}",
+        "created": (T0 + timedelta(minutes=n)).isoformat(),
+        "label": None,
+        "size": manifest.size,
+        "manifest": mid.hex(),
+    }
+
+
+def _receive(booted: Booted, image: dict[str, Any], epoch: int = 1) -> Any:
+    """Open, 'send' (the chunks are already in this pool), commit."""
+    site = booted.appliance.site
+    opened = replicate.open_replication(
+        site, peer="prod", app=APP, image=image, epoch=epoch, keep=None
+    )
+    if opened.get("status") == "present":
+        return opened
+    session = site.sessions.get(opened["session"], opened["token"])
+    site.sessions.commit(session, site.pool.get_manifest_blob(bytes.fromhex(image["manifest"])))
+    return replicate.commit_replication(
+        site, peer="prod", sid=opened["session"], token=opened["token"]
+    )
+
+
+def test_replicas_arrive_with_the_snapshot_identity(booted: Booted, tmp_path: Path) -> None:
+    first, second = _image(booted, tmp_path, 1), _image(booted, tmp_path, 2)
+    assert _receive(booted, first).id == first["id"]
+    replica = _receive(booted, second)
+    assert replica.kind is ImageKind.REPLICA
+    assert replica.source_image_id == second["id"] and replica.parent_id == first["id"]
+    assert _receive(booted, second) == {"status": "present"}  # idempotent re-send
+    held = replicate.replicas_held(booted.appliance.site, app="web")
+    assert held["images"] == [second["id"], first["id"]]
+
+
+def test_a_replayed_older_image_is_refused(booted: Booted, tmp_path: Path) -> None:
+    older, newer = _image(booted, tmp_path, 1), _image(booted, tmp_path, 2)
+    _receive(booted, newer)
+    with pytest.raises(Conflict, match="replayed or out-of-order"):
+        _receive(booted, older)
+
+
+def test_a_stale_writer_epoch_is_refused(booted: Booted, tmp_path: Path) -> None:
+    """After a failover here raised the epoch, production may not overwrite the DR copy."""
+    _receive(booted, _image(booted, tmp_path, 1))
+    with booted.appliance.catalog.begin() as session:
+        q.set_writer_epoch(session, name="web", epoch=2)
+    with pytest.raises(StaleEpoch, match="carries writer epoch 1"):
+        _receive(booted, _image(booted, tmp_path, 2), epoch=1)
+    assert _receive(booted, _image(booted, tmp_path, 3), epoch=2).epoch == 2
+
+
+def test_commit_without_the_manifest_is_refused(booted: Booted, tmp_path: Path) -> None:
+    site = booted.appliance.site
+    image = _image(booted, tmp_path, 1)
+    opened = replicate.open_replication(site, peer="prod", app=APP, image=image, epoch=1, keep=None)
+    with pytest.raises(InvalidInput, match="was not received"):
+        replicate.commit_replication(
+            site, peer="prod", sid=opened["session"], token=opened["token"]
+        )
+    assert replicate.replicas_held(site, app="web")["images"] == []
+
+
+def test_an_app_of_this_site_is_not_overwritten_by_a_peer(booted: Booted, tmp_path: Path) -> None:
+    from tests.appliance.conftest import seed_app
+
+    seed_app(booted.appliance, "web")
+    with pytest.raises(Conflict, match="not a mirror of 'prod'"):
+        _receive(booted, _image(booted, tmp_path, 1))
