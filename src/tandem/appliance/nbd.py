@@ -1,0 +1,744 @@
+"""NBD server: volume images and virtual copies presented to hosts over the network.
+
+The real NBD protocol (https://github.com/NetworkBlockDevice/nbd/blob/master/doc/proto.md),
+so qemu, libnbd tools (nbdinfo, nbdcopy, nbdfuse) and the kernel client use exports as is:
+
+- Handshake: fixed newstyle. Options: NBD_OPT_EXPORT_NAME, NBD_OPT_INFO, NBD_OPT_GO (with
+  NBD_INFO_EXPORT and, when asked, NBD_INFO_BLOCK_SIZE), NBD_OPT_LIST, NBD_OPT_ABORT.
+  Anything else (NBD_OPT_STRUCTURED_REPLY, NBD_OPT_STARTTLS, meta contexts…) is answered
+  NBD_REP_ERR_UNSUP, so clients fall back to simple replies.
+- Transmission: NBD_CMD_READ, WRITE, FLUSH, TRIM, WRITE_ZEROES, DISC; the FUA flag is a
+  flush after the write. Export flags: HAS_FLAGS | SEND_FLUSH | SEND_FUA | SEND_TRIM |
+  SEND_WRITE_ZEROES | CAN_MULTI_CONN (every connection shares one backend, so a flush on
+  any connection covers writes completed on all), plus READ_ONLY for read-only exports.
+- Errors are NBD errno values: EPERM (a write to a read-only export), EINVAL (a read or
+  trim outside the export, an unknown command), ENOSPC (a write outside the export, or the
+  disk holding the overlay is full), ESHUTDOWN (the export is being removed), EIO (anything
+  else, logged here).
+- Requests on one connection run concurrently (at most MAX_INFLIGHT at a time) in a thread
+  pool, replies go out as they complete: NBD matches them by handle.
+
+Authentication: an export's name is a capability. ``add_export(name, …)`` makes a 256-bit
+random secret (or takes the caller's, e.g. one kept in the catalog so that an export made
+again after a restart keeps its URI), and clients must ask for ``NAME.SECRET`` — the URI
+``add_export`` returns is ``nbd://HOST:PORT/NAME.SECRET``. (Not ``NAME?secret=…``: clients
+read an NBD URI's query string as their own options.) The secret is compared in
+constant time; a wrong secret and an unknown name get the same answer (NBD_REP_ERR_UNKNOWN,
+or a hang-up for NBD_OPT_EXPORT_NAME), and NBD_OPT_LIST never lists an export that has a
+secret. Plain export names (``secret=""``) exist only for a server on a loopback address:
+``add_export`` refuses them on any other address and ``start()`` refuses to listen on one
+while such an export exists. The secret protects against anyone who can reach the port;
+it does not hide the traffic (NBD here is plaintext): put the NBD port on the storage
+network between appliance and hosts. (NBD_OPT_STARTTLS is the next step.)
+
+The server runs its own asyncio event loop in a thread (``start()``/``stop()``), beside
+uvicorn in the appliance process. ``remove_export`` disconnects the export's clients and
+returns only when none of its requests is still running, so the caller may then close or
+delete the backend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import functools
+import hmac
+import ipaddress
+import logging
+import os
+import re
+import secrets
+import socket
+import struct
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Protocol
+
+from tandem.errors import (
+    AlreadyExists,
+    Conflict,
+    Forbidden,
+    InvalidInput,
+    NotFound,
+    PoolFull,
+    TandemError,
+)
+from tandem.storage.manifest import VolumeManifest
+from tandem.storage.overlay import DEFAULT_CACHE_CHUNKS, ImageReader
+from tandem.storage.pool import ChunkPool
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORT = 10809
+
+# --- protocol constants (proto.md) ----------------------------------------------------
+NBDMAGIC = 0x4E42444D41474943  # "NBDMAGIC"
+IHAVEOPT = 0x49484156454F5054  # "IHAVEOPT"
+OPT_REPLY_MAGIC = 0x3E889045565A9
+REQUEST_MAGIC = 0x25609513
+SIMPLE_REPLY_MAGIC = 0x67446698
+
+FLAG_FIXED_NEWSTYLE = 1 << 0  # handshake flags
+FLAG_NO_ZEROES = 1 << 1
+FLAG_C_FIXED_NEWSTYLE = 1 << 0  # client flags
+FLAG_C_NO_ZEROES = 1 << 1
+
+OPT_EXPORT_NAME = 1
+OPT_ABORT = 2
+OPT_LIST = 3
+OPT_STARTTLS = 5
+OPT_INFO = 6
+OPT_GO = 7
+OPT_STRUCTURED_REPLY = 8
+
+REP_ACK = 1
+REP_SERVER = 2
+REP_INFO = 3
+REP_ERR_UNSUP = 2**31 + 1
+REP_ERR_POLICY = 2**31 + 2
+REP_ERR_INVALID = 2**31 + 3
+REP_ERR_UNKNOWN = 2**31 + 6
+
+INFO_EXPORT = 0
+INFO_BLOCK_SIZE = 3
+
+FLAG_HAS_FLAGS = 1 << 0  # transmission flags
+FLAG_READ_ONLY = 1 << 1
+FLAG_SEND_FLUSH = 1 << 2
+FLAG_SEND_FUA = 1 << 3
+FLAG_SEND_TRIM = 1 << 5
+FLAG_SEND_WRITE_ZEROES = 1 << 6
+FLAG_CAN_MULTI_CONN = 1 << 8
+
+CMD_READ = 0
+CMD_WRITE = 1
+CMD_DISC = 2
+CMD_FLUSH = 3
+CMD_TRIM = 4
+CMD_WRITE_ZEROES = 6
+CMD_FLAG_FUA = 1 << 0
+COMMAND_NAMES = {
+    CMD_READ: "read",
+    CMD_WRITE: "write",
+    CMD_DISC: "disconnect",
+    CMD_FLUSH: "flush",
+    CMD_TRIM: "trim",
+    CMD_WRITE_ZEROES: "write-zeroes",
+}
+
+# NBD error values (fixed by the protocol; they equal Linux's errno numbers)
+EPERM = 1
+EIO = 5
+EINVAL = 22
+ENOSPC = 28
+ESHUTDOWN = 108
+
+# --- limits ---------------------------------------------------------------------------
+MAX_PAYLOAD = 32 * 1024 * 1024  # the protocol's default maximum block size
+PREFERRED_BLOCK = 64 * 1024  # an overlay block: smaller writes cost a read-modify-write
+MAX_INFLIGHT = 16  # concurrent requests per connection
+MAX_OPTION_LEN = 8192  # names are at most 4096 bytes; anything longer is hostile
+MAX_OPTIONS = 32  # options per handshake
+HANDSHAKE_TIMEOUT = 30.0
+READ_BUFFER = 4 * 1024 * 1024  # stream buffer: large writes arrive without stalls
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+SECRET_RE = re.compile(r"[A-Za-z0-9_-]{16,128}")
+
+_HELLO = struct.Struct(">QQH")
+_OPTION = struct.Struct(">QII")
+_OPT_REPLY = struct.Struct(">QIII")
+_REQUEST = struct.Struct(">IHHQQI")
+_REPLY = struct.Struct(">IIQ")
+
+
+class Backend(Protocol):
+    """What an export serves: an Overlay, an ImageBackend, or anything alike."""
+
+    @property
+    def size(self) -> int: ...
+
+    def read(self, offset: int, length: int) -> bytes: ...
+
+    def write(self, offset: int, data: bytes) -> None: ...
+
+    def write_zeroes(self, offset: int, length: int) -> None: ...
+
+    def trim(self, offset: int, length: int) -> None: ...
+
+    def flush(self) -> None: ...
+
+
+class ImageBackend:
+    """A read-only backend over an immutable image (a replica presented as it is)."""
+
+    def __init__(
+        self, pool: ChunkPool, manifest: VolumeManifest, *, cache_chunks: int = DEFAULT_CACHE_CHUNKS
+    ) -> None:
+        self._reader = ImageReader(pool, manifest, cache_chunks)
+
+    @property
+    def size(self) -> int:
+        return self._reader.size
+
+    def read(self, offset: int, length: int) -> bytes:
+        return self._reader.read(offset, length)
+
+    def _refuse(self) -> None:
+        raise Forbidden("This image is read-only. Present a virtual copy of it to write to it.")
+
+    def write(self, offset: int, data: bytes) -> None:
+        self._refuse()
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        self._refuse()
+
+    def trim(self, offset: int, length: int) -> None:
+        self._refuse()
+
+    def flush(self) -> None:
+        return None
+
+
+@dataclass(frozen=True)
+class ExportInfo:
+    name: str
+    uri: str
+    read_only: bool
+    size: int
+    connections: int
+
+
+@dataclass(eq=False)
+class _Export:
+    name: str
+    backend: Backend
+    read_only: bool
+    secret: str
+    connections: set[_Connection] = field(default_factory=set)
+    removed: bool = False
+
+    @property
+    def wire_name(self) -> str:
+        return f"{self.name}.{self.secret}" if self.secret else self.name
+
+    @property
+    def flags(self) -> int:
+        flags = (
+            FLAG_HAS_FLAGS
+            | FLAG_SEND_FLUSH
+            | FLAG_SEND_FUA
+            | FLAG_SEND_TRIM
+            | FLAG_SEND_WRITE_ZEROES
+            | FLAG_CAN_MULTI_CONN
+        )
+        return flags | FLAG_READ_ONLY if self.read_only else flags
+
+
+@dataclass(eq=False)
+class _Connection:
+    writer: asyncio.StreamWriter
+    task: asyncio.Task[None] | None
+    export: _Export | None = None
+
+
+class _HangUp(Exception):
+    """The protocol says to drop the connection."""
+
+
+def is_loopback(host: str) -> bool:
+    """True if every address ``host`` names is a loopback address."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except OSError:
+        return False
+    return bool(infos) and all(ipaddress.ip_address(i[4][0]).is_loopback for i in infos)
+
+
+def nbd_errno(exc: BaseException) -> int:
+    """The NBD error value a backend exception is reported as."""
+    if isinstance(exc, InvalidInput):
+        return EINVAL
+    if isinstance(exc, PoolFull):
+        return ENOSPC
+    if isinstance(exc, Forbidden):
+        return EPERM
+    if isinstance(exc, OSError):
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return ENOSPC
+        if exc.errno in (errno.EPERM, errno.EACCES, errno.EROFS):
+            return EPERM
+    return EIO
+
+
+class NbdServer:
+    """An NBD server on ``host:port`` (port 0: any free port, see ``port`` after start)."""
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = DEFAULT_PORT,
+        *,
+        advertise: str | None = None,
+        max_connections: int = 256,
+        workers: int | None = None,
+    ) -> None:
+        self.host = host
+        self._port = port
+        self.advertise = advertise or host
+        self.max_connections = max_connections
+        self.workers = workers or min(32, 4 * (os.cpu_count() or 2))
+        self.loopback = is_loopback(host)
+        self._lock = threading.Lock()
+        self._exports: dict[str, _Export] = {}
+        self._conns: set[_Connection] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._server: asyncio.Server | None = None
+        self._executor: ThreadPoolExecutor | None = None
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None
+
+    # --- life cycle ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Listen, serving from a thread of its own; returns once the port is bound."""
+        if self._thread is not None:
+            raise Conflict(detail="the NBD server is already running")
+        if not self.loopback:
+            with self._lock:
+                open_exports = [e.name for e in self._exports.values() if not e.secret]
+            if open_exports:
+                raise InvalidInput(
+                    detail=f"exports {open_exports} have no secret and {self.host} is not a "
+                    "loopback address; give every export a secret"
+                )
+        loop = asyncio.new_event_loop()
+        ready = threading.Event()
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            asyncio.set_event_loop(loop)
+            try:
+                self._server = loop.run_until_complete(
+                    asyncio.start_server(self._handle, self.host, self._port, limit=READ_BUFFER)
+                )
+            except BaseException as exc:
+                failure.append(exc)
+                ready.set()
+                return
+            self._port = int(self._server.sockets[0].getsockname()[1])
+            ready.set()
+            loop.run_forever()
+
+        self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="nbd-io")
+        self._loop = loop
+        thread = threading.Thread(target=run, name=f"nbd-{self.host}:{self._port}", daemon=True)
+        thread.start()
+        ready.wait()
+        if failure:
+            thread.join()
+            loop.close()
+            self._executor.shutdown()
+            self._loop = self._executor = None
+            exc = failure[0]
+            if isinstance(exc, OSError):
+                raise Conflict(
+                    detail=f"cannot listen for NBD on {self.host}:{self._port}: {exc.strerror}"
+                ) from exc
+            raise exc
+        self._thread = thread
+        log.info("NBD server listening on %s:%d", self.host, self._port)
+
+    def stop(self) -> None:
+        """Disconnect every client, wait for running requests, stop listening; idempotent."""
+        thread, loop = self._thread, self._loop
+        if thread is None or loop is None:
+            return
+        asyncio.run_coroutine_threadsafe(self._shutdown(), loop).result()
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join()
+        loop.close()
+        if self._executor is not None:
+            self._executor.shutdown()
+        self._thread = self._loop = self._server = self._executor = None
+
+    def __enter__(self) -> NbdServer:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # --- exports ------------------------------------------------------------------------
+
+    def add_export(
+        self, name: str, backend: Backend, read_only: bool = False, secret: str | None = None
+    ) -> str:
+        """Export ``backend`` as ``name``; returns the URI clients connect to.
+
+        ``secret=None`` makes a random 256-bit secret (the default: the URI is then a
+        capability); ``secret=""`` makes a plain name, allowed on a loopback server only.
+        """
+        if not NAME_RE.fullmatch(name):
+            raise InvalidInput(
+                detail=f"export name {name!r}: use 1-64 letters, digits, '-' or '_', "
+                "starting with a letter or digit"
+            )
+        if secret is None:
+            secret = secrets.token_urlsafe(32)
+        elif secret and not SECRET_RE.fullmatch(secret):
+            raise InvalidInput(detail="an export secret is 16-128 letters, digits, '-' or '_'")
+        elif not secret and not self.loopback:
+            raise InvalidInput(
+                detail=f"an export without a secret on {self.host}, which is not a loopback "
+                "address; leave the secret to be generated"
+            )
+        export = _Export(name, backend, read_only, secret)
+        with self._lock:
+            if name in self._exports:
+                raise AlreadyExists(what="NBD export", name=name)
+            self._exports[name] = export
+        log.info("NBD export %s added (%s)", name, "read-only" if read_only else "writable")
+        return self._uri(export)
+
+    def remove_export(self, name: str) -> None:
+        """Stop exporting ``name``: its clients are disconnected, its running requests end
+        before this returns (then the backend may be closed)."""
+        with self._lock:
+            export = self._exports.pop(name, None)
+            if export is None:
+                raise NotFound(what="NBD export", name=name, listing="image list")
+            export.removed = True
+        loop = self._loop
+        if loop is not None and self._thread is not None:
+            if threading.current_thread() is self._thread:
+                raise Conflict(detail="remove_export called from the NBD server's own thread")
+            asyncio.run_coroutine_threadsafe(self._drop(export), loop).result()
+        log.info("NBD export %s removed", name)
+
+    def exports(self) -> list[ExportInfo]:
+        with self._lock:
+            current = sorted(self._exports.values(), key=lambda e: e.name)
+        return [
+            ExportInfo(e.name, self._uri(e), e.read_only, e.backend.size, len(e.connections))
+            for e in current
+        ]
+
+    def uri(self, name: str) -> str:
+        with self._lock:
+            export = self._exports.get(name)
+        if export is None:
+            raise NotFound(what="NBD export", name=name, listing="image list")
+        return self._uri(export)
+
+    def _uri(self, export: _Export) -> str:
+        host = self.advertise
+        if ":" in host:
+            host = f"[{host}]"
+        return f"nbd://{host}:{self._port}/{export.wire_name}"
+
+    def _match(self, wire: bytes) -> _Export | None:
+        """The export a client asked for, if name and secret match (caller holds the lock)."""
+        try:
+            text = wire.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+        name, sep, secret = text.partition(".")
+        export = self._exports.get(name)
+        if export is None:
+            return None
+        if export.secret:
+            if not sep or not hmac.compare_digest(secret.encode(), export.secret.encode()):
+                return None
+        elif text != name:
+            return None
+        return export
+
+    def _find(self, wire: bytes) -> _Export | None:
+        with self._lock:
+            return self._match(wire)
+
+    def _attach(self, conn: _Connection, wire: bytes) -> _Export | None:
+        """Like _find, and registers the connection with the export in the same step, so
+        that remove_export either refuses it or disconnects it (loop thread)."""
+        with self._lock:
+            export = self._match(wire)
+            if export is not None:
+                conn.export = export
+                export.connections.add(conn)
+            return export
+
+    # --- the event loop side ------------------------------------------------------------
+
+    async def _shutdown(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        await self._disconnect(set(self._conns))
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    async def _drop(self, export: _Export) -> None:
+        with self._lock:
+            conns = set(export.connections)
+        await self._disconnect(conns)
+
+    async def _disconnect(self, conns: set[_Connection]) -> None:
+        for conn in conns:
+            conn.writer.transport.abort()
+        tasks = [
+            c.task for c in conns if c.task is not None and c.task is not asyncio.current_task()
+        ]
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = _Connection(writer, asyncio.current_task())
+        peer = writer.get_extra_info("peername")
+        if len(self._conns) >= self.max_connections:
+            log.warning("NBD: refusing %s: %d connections already", peer, len(self._conns))
+            writer.transport.abort()
+            return
+        self._conns.add(conn)
+        try:
+            export = await asyncio.wait_for(
+                self._negotiate(conn, reader, writer), HANDSHAKE_TIMEOUT
+            )
+            if export is not None:
+                log.debug("NBD: %s connected to %s", peer, export.name)
+                await self._transmit(export, reader, writer)
+        except (asyncio.IncompleteReadError, ConnectionError, _HangUp, TimeoutError):
+            pass
+        except Exception:
+            log.exception("NBD: connection from %s failed", peer)
+        finally:
+            self._conns.discard(conn)
+            if conn.export is not None:
+                with self._lock:
+                    conn.export.connections.discard(conn)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def _negotiate(
+        self, conn: _Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> _Export | None:
+        writer.write(_HELLO.pack(NBDMAGIC, IHAVEOPT, FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES))
+        await writer.drain()
+        (client_flags,) = struct.unpack(">I", await reader.readexactly(4))
+        if client_flags & ~(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES):
+            raise _HangUp("unknown client flags")
+        no_zeroes = bool(client_flags & FLAG_C_NO_ZEROES)
+
+        async def reply(option: int, kind: int, data: bytes = b"") -> None:
+            writer.write(_OPT_REPLY.pack(OPT_REPLY_MAGIC, option, kind, len(data)) + data)
+            await writer.drain()
+
+        for _ in range(MAX_OPTIONS):
+            magic, option, length = _OPTION.unpack(await reader.readexactly(_OPTION.size))
+            if magic != IHAVEOPT or length > MAX_OPTION_LEN:
+                raise _HangUp("bad option header")
+            data = await reader.readexactly(length)
+            if option == OPT_EXPORT_NAME:
+                export = self._attach(conn, data)
+                if export is None:
+                    raise _HangUp("unknown export")  # the only refusal this option has
+                pad = b"" if no_zeroes else bytes(124)
+                writer.write(struct.pack(">QH", export.backend.size, export.flags) + pad)
+                await writer.drain()
+                return export
+            if option == OPT_ABORT:
+                await reply(option, REP_ACK)
+                return None
+            if option == OPT_LIST:
+                if data:
+                    await reply(option, REP_ERR_INVALID, b"NBD_OPT_LIST takes no data")
+                    continue
+                with self._lock:
+                    names = sorted(e.name for e in self._exports.values() if not e.secret)
+                for name in names:  # exports with a secret are never listed
+                    raw = name.encode()
+                    await reply(option, REP_SERVER, struct.pack(">I", len(raw)) + raw)
+                await reply(option, REP_ACK)
+                continue
+            if option in (OPT_INFO, OPT_GO):
+                request = _parse_info_request(data)
+                if request is None:
+                    await reply(option, REP_ERR_INVALID, b"malformed request")
+                    continue
+                wire, infos = request
+                export = self._attach(conn, wire) if option == OPT_GO else self._find(wire)
+                if export is None:
+                    await reply(option, REP_ERR_UNKNOWN, b"no such export, or a wrong secret")
+                    continue
+                info = struct.pack(">HQH", INFO_EXPORT, export.backend.size, export.flags)
+                await reply(option, REP_INFO, info)
+                if INFO_BLOCK_SIZE in infos:
+                    sizes = struct.pack(">HIII", INFO_BLOCK_SIZE, 1, PREFERRED_BLOCK, MAX_PAYLOAD)
+                    await reply(option, REP_INFO, sizes)
+                await reply(option, REP_ACK)
+                if option == OPT_GO:
+                    return export
+                continue
+            await reply(option, REP_ERR_UNSUP, b"option not supported by this server")
+        raise _HangUp("too many options")
+
+    async def _transmit(
+        self, export: _Export, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        slots = asyncio.Semaphore(MAX_INFLIGHT)
+        running: set[asyncio.Task[None]] = set()
+        try:
+            while True:
+                await slots.acquire()
+                header = await reader.readexactly(_REQUEST.size)
+                magic, flags, command, handle, offset, length = _REQUEST.unpack(header)
+                if magic != REQUEST_MAGIC:
+                    raise _HangUp("bad request magic")
+                payload = b""
+                if command == CMD_WRITE:
+                    if length > MAX_PAYLOAD:
+                        raise _HangUp("write larger than the maximum payload")
+                    payload = await reader.readexactly(length)
+                if command == CMD_DISC:
+                    return  # after the requests in flight are answered (finally)
+                task = asyncio.create_task(
+                    self._serve(export, writer, flags, command, handle, offset, length, payload)
+                )
+                running.add(task)
+                task.add_done_callback(running.discard)
+                task.add_done_callback(lambda _: slots.release())
+        finally:
+            if running:
+                await asyncio.gather(*running, return_exceptions=True)
+
+    async def _serve(
+        self,
+        export: _Export,
+        writer: asyncio.StreamWriter,
+        flags: int,
+        command: int,
+        handle: int,
+        offset: int,
+        length: int,
+        payload: bytes,
+    ) -> None:
+        error, data = await self._execute(export, flags, command, offset, length, payload)
+        if writer.is_closing():
+            return
+        try:
+            writer.write(_REPLY.pack(SIMPLE_REPLY_MAGIC, error, handle))
+            if data:
+                writer.write(data)
+            await writer.drain()
+        except (ConnectionError, RuntimeError):
+            pass  # the client went away; the connection's reader notices
+
+    async def _execute(
+        self, export: _Export, flags: int, command: int, offset: int, length: int, payload: bytes
+    ) -> tuple[int, bytes]:
+        backend = export.backend
+        size = backend.size
+        inside = offset + length <= size
+        fua = bool(flags & CMD_FLAG_FUA)
+        op: Callable[[], bytes | None]
+        if command == CMD_READ:
+            if length > MAX_PAYLOAD or not inside:
+                return EINVAL, b""
+            op = functools.partial(backend.read, offset, length)
+        elif command == CMD_FLUSH:
+            op = backend.flush
+        elif command in (CMD_WRITE, CMD_TRIM, CMD_WRITE_ZEROES):
+            if export.read_only:
+                return EPERM, b""
+            if not inside:
+                return (EINVAL if command == CMD_TRIM else ENOSPC), b""
+            op = _mutation(backend, command, offset, length, payload, fua)
+        else:
+            return EINVAL, b""
+        if export.removed:
+            return ESHUTDOWN, b""
+        assert self._executor is not None
+        try:
+            result = await asyncio.get_running_loop().run_in_executor(self._executor, op)
+        except Exception as exc:
+            code = nbd_errno(exc)
+            if code == EIO:
+                log.error(
+                    "NBD %s: %s of %d bytes at %d: %s",
+                    export.name,
+                    COMMAND_NAMES.get(command, command),
+                    length,
+                    offset,
+                    exc,
+                    exc_info=not isinstance(exc, TandemError | OSError),
+                )
+            return code, b""
+        if command == CMD_READ:
+            if result is None or len(result) != length:
+                log.error("NBD %s: backend returned a short read at %d", export.name, offset)
+                return EIO, b""
+            return 0, result
+        return 0, b""
+
+
+def _mutation(
+    backend: Backend, command: int, offset: int, length: int, payload: bytes, fua: bool
+) -> Callable[[], None]:
+    def run() -> None:
+        if command == CMD_WRITE:
+            backend.write(offset, payload)
+        elif command == CMD_WRITE_ZEROES:
+            backend.write_zeroes(offset, length)
+        else:
+            backend.trim(offset, length)
+        if fua:
+            backend.flush()
+
+    return run
+
+
+def _parse_info_request(data: bytes) -> tuple[bytes, set[int]] | None:
+    """(export name, requested info types) of an NBD_OPT_INFO/GO payload; None if malformed."""
+    if len(data) < 6:
+        return None
+    (name_len,) = struct.unpack_from(">I", data)
+    if 4 + name_len + 2 > len(data):
+        return None
+    name = data[4 : 4 + name_len]
+    (count,) = struct.unpack_from(">H", data, 4 + name_len)
+    rest = data[4 + name_len + 2 :]
+    if len(rest) != 2 * count:
+        return None
+    return name, set(struct.unpack(f">{count}H", rest))
+
+
+__all__ = [
+    "DEFAULT_PORT",
+    "Backend",
+    "ExportInfo",
+    "ImageBackend",
+    "NbdServer",
+    "is_loopback",
+    "nbd_errno",
+]

@@ -1,0 +1,721 @@
+"""Virtual copies: a writable overlay of 64 KiB blocks over an immutable volume image.
+
+A virtual copy is presented at once, whatever its size: nothing is copied when it is made.
+Reads of blocks never written come from the base image (a VolumeManifest read through the
+pool, or zeros when there is no base); written blocks live in a sparse file beside a dirty
+bitmap. Capturing the copy (``capture_overlay``) reads only the dirty blocks, so a syncback
+moves what changed and nothing else.
+
+On-disk format, version 1 (one directory per overlay, given by the caller)::
+
+    DIR/overlay.json    {"format": 1, "kind": "tandem-overlay", "size": N,
+                         "block_size": 65536, "base": "<hex manifest id>" | null}
+                        written last at creation: an overlay without it does not exist
+    DIR/blocks          sparse file of exactly N bytes: a dirty block's current content at
+                        the block's own offset; bytes of clean blocks are meaningless
+    DIR/dirty.bitmap    ceil(ceil(N / 65536) / 8) bytes: bit i (byte i // 8, bit i % 8,
+                        least significant first) is set iff block i is dirty
+    DIR/dirty.bitmap.tmp  the next bitmap while flush() writes it (renamed over the old)
+
+Invariants
+- The base (manifest and pool chunks) is never written: the overlay only reads it.
+- A set bit means the whole block (not only the bytes written) is in ``blocks``: a partial
+  write to a clean block first copies the block from the base (read-modify-write), then sets
+  the bit. A clear bit means the block equals the base; readers never look at ``blocks``.
+- Blocks are mutated under a per-block lock (striped), so concurrent writes to different
+  bytes of one block never lose each other's data; reads take no block lock.
+- ``flush()`` snapshots the bitmap, fsyncs ``blocks``, then replaces ``dirty.bitmap``
+  atomically (temp file, fsync, rename, fsync directory). A durable set bit therefore always
+  names durable block data; writes not yet flushed may be lost by a crash, as on a disk.
+- Zeroing whole blocks punches holes in ``blocks``; over an all-zero base extent it clears
+  the bits instead, so zeroes written over zeros are not dirty.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import json
+import os
+import re
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from tandem.errors import (
+    AlreadyExists,
+    ChunkCorrupt,
+    ChunkMissing,
+    InvalidInput,
+    PoolFull,
+    StorageError,
+)
+from tandem.storage.digest import SUB_BLOCK, hash_bytes, hash_sub_blocks
+from tandem.storage.manifest import (
+    VOLUME_CHUNK,
+    VolumeManifest,
+    load_manifest,
+    store_manifest,
+)
+from tandem.storage.pool import ChunkPool, ChunkWriter, PutResult, WritablePool
+from tandem.storage.volume import CaptureStats, Progress, default_workers, zero_digest
+
+FORMAT = 1
+KIND = "tandem-overlay"
+BLOCK = SUB_BLOCK  # 64 KiB: the dirty-bitmap granularity, equal to the chunks' sub-blocks
+META_FILE = "overlay.json"
+BLOCKS_FILE = "blocks"
+BITMAP_FILE = "dirty.bitmap"
+DEFAULT_CACHE_CHUNKS = 16  # decoded base chunks kept per image: 64 MiB at most
+_STRIPES = 64
+_ZERO_PIECE = bytes(1024 * 1024)
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_NONZERO = re.compile(rb"[^\x00]+")
+
+
+class ImageReader:
+    """Random-access reads of an immutable volume image (thread-safe).
+
+    Keeps the last ``cache_chunks`` decoded chunks (LRU); concurrent readers of one chunk
+    wait for a single decode rather than each decoding it.
+    """
+
+    def __init__(
+        self, pool: ChunkPool, manifest: VolumeManifest, cache_chunks: int = DEFAULT_CACHE_CHUNKS
+    ) -> None:
+        if cache_chunks < 1:
+            raise InvalidInput(detail="cache_chunks must be at least 1")
+        self.pool = pool
+        self.manifest = manifest
+        self.cache_chunks = cache_chunks
+        self._lock = threading.Lock()
+        self._cache: OrderedDict[int, bytes] = OrderedDict()
+        self._loading: dict[int, Future[bytes]] = {}
+
+    @property
+    def size(self) -> int:
+        return self.manifest.size
+
+    def chunk(self, index: int) -> bytes | None:
+        """The plaintext of chunk ``index``; None for an all-zero extent."""
+        digest = self.manifest.chunks[index]
+        if digest is None:
+            return None
+        with self._lock:
+            data = self._cache.get(index)
+            if data is not None:
+                self._cache.move_to_end(index)
+                return data
+            loading = self._loading.get(index)
+            owner = loading is None
+            if loading is None:
+                loading = self._loading[index] = Future()
+        if not owner:
+            return loading.result()
+        try:
+            data = self.pool.get(digest)
+        except BaseException as exc:
+            with self._lock:
+                self._loading.pop(index, None)
+            loading.set_exception(exc)
+            raise
+        with self._lock:
+            self._loading.pop(index, None)
+            self._cache[index] = data
+            while len(self._cache) > self.cache_chunks:
+                self._cache.popitem(last=False)
+        loading.set_result(data)
+        return data
+
+    def read(self, offset: int, length: int) -> bytes:
+        """``length`` bytes at ``offset``; the range must lie inside the image."""
+        _check_range(offset, length, self.size, "read")
+        return b"".join(self._pieces(offset, length))
+
+    def _pieces(self, offset: int, length: int) -> Iterator[bytes]:
+        chunk_size = self.manifest.chunk_size
+        end = offset + length
+        pos = offset
+        while pos < end:
+            index = pos // chunk_size
+            start = pos - index * chunk_size
+            n = min(end - pos, chunk_size - start)
+            data = self.chunk(index)
+            yield _zeros(n) if data is None else data[start : start + n]
+            pos += n
+
+
+def _zeros(n: int) -> bytes:
+    if n <= len(_ZERO_PIECE):
+        return _ZERO_PIECE[:n]
+    return bytes(n)
+
+
+def _bitmap_len(size: int) -> int:
+    """Bytes of the dirty bitmap of a volume of ``size`` bytes."""
+    blocks = -(-size // BLOCK)
+    return -(-blocks // 8)
+
+
+def _check_range(offset: int, length: int, size: int, what: str) -> None:
+    if offset < 0 or length < 0 or offset + length > size:
+        raise InvalidInput(
+            detail=f"{what} of {length} bytes at offset {offset} is outside the volume "
+            f"of {size} bytes"
+        )
+
+
+_fallocate: Any = None
+
+
+def _punch_hole(fd: int, offset: int, length: int) -> bool:
+    """Deallocate a byte range of a file (it then reads as zeros); False if unsupported."""
+    global _fallocate
+    if _fallocate is None:
+        _fallocate = ctypes.CDLL(None, use_errno=True).fallocate
+        _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    mode = _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE
+    return bool(_fallocate(fd, mode, offset, length) == 0)
+
+
+def _bit_runs(bitmap: bytes | bytearray, nbits: int) -> list[tuple[int, int]]:
+    """Runs [start, end) of set bits; skips zero bytes and whole 0xff bytes quickly."""
+    runs: list[tuple[int, int]] = []
+
+    def add(start: int, end: int) -> None:
+        if runs and runs[-1][1] == start:
+            runs[-1] = (runs[-1][0], end)
+        else:
+            runs.append((start, end))
+
+    for match in _NONZERO.finditer(bitmap):
+        for byte_index in range(match.start(), match.end()):
+            value = bitmap[byte_index]
+            base = byte_index * 8
+            if value == 0xFF:
+                add(base, base + 8)
+                continue
+            for bit in range(8):
+                if value >> bit & 1:
+                    add(base + bit, base + bit + 1)
+    if runs and runs[-1][1] > nbits:
+        runs[-1] = (runs[-1][0], nbits)
+    return runs
+
+
+class Overlay:
+    """A writable virtual copy of a volume: base image + dirty 64 KiB blocks.
+
+    Thread-safe: an NBD server may read and write it from several connections at once.
+    Make one with ``Overlay.create``; re-open it with ``Overlay.open``.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        pool: ChunkPool,
+        base: VolumeManifest | None,
+        base_id: bytes | None,
+        size: int,
+        fd: int,
+        bitmap: bytearray,
+        cache_chunks: int = DEFAULT_CACHE_CHUNKS,
+    ) -> None:
+        self.directory = directory
+        self.pool = pool
+        self.base = base
+        self.base_id = base_id
+        self._size = size
+        self._fd = fd
+        self._bitmap = bitmap
+        self._blocks = -(-size // BLOCK)
+        self._reader = ImageReader(pool, base, cache_chunks) if base is not None else None
+        self._bits_lock = threading.Lock()
+        self._stripes = [threading.Lock() for _ in range(_STRIPES)]
+        self._flush_lock = threading.Lock()
+        self._generation = 0  # bumped on every bitmap change
+        self._saved_generation = 0
+        self._closed = False
+
+    # --- making and opening -------------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
+        directory: Path | str,
+        pool: ChunkPool,
+        base: VolumeManifest | None,
+        base_id: bytes | None,
+        size: int | None = None,
+        *,
+        cache_chunks: int = DEFAULT_CACHE_CHUNKS,
+    ) -> Overlay:
+        """A new, clean virtual copy of ``base`` (or of ``size`` zero bytes) in ``directory``.
+
+        Takes the same (short) time whatever the size: the block file is sparse.
+        """
+        directory = Path(directory)
+        if base is not None:
+            if base_id is None:
+                raise InvalidInput(detail="an overlay over a base image needs the base's id")
+            if base.chunk_size != VOLUME_CHUNK:
+                raise InvalidInput(detail=f"a base with {base.chunk_size}-byte chunks")
+            if size is not None and size != base.size:
+                raise InvalidInput(
+                    detail=f"size {size} differs from the base image's size {base.size}"
+                )
+            size = base.size
+        elif base_id is not None:
+            raise InvalidInput(detail="base_id given without its base manifest")
+        if size is None or size < 0:
+            raise InvalidInput(detail="an overlay without a base needs a size of 0 or more")
+        directory.mkdir(parents=True, exist_ok=True)
+        if (directory / META_FILE).exists():
+            raise AlreadyExists(what="overlay", name=str(directory))
+        try:
+            for leftover in (BLOCKS_FILE, BITMAP_FILE, BITMAP_FILE + ".tmp", META_FILE + ".tmp"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(directory / leftover)  # of a creation that did not finish
+            fd = os.open(directory / BLOCKS_FILE, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.ftruncate(fd, size)
+                bitmap = bytearray(_bitmap_len(size))
+                _write_durably(directory / BITMAP_FILE, bytes(bitmap))
+                meta = {
+                    "format": FORMAT,
+                    "kind": KIND,
+                    "size": size,
+                    "block_size": BLOCK,
+                    "base": base_id.hex() if base_id is not None else None,
+                }
+                os.fsync(fd)
+                _write_durably(directory / META_FILE, json.dumps(meta).encode())
+            except BaseException:
+                os.close(fd)
+                raise
+        except OSError as exc:
+            raise StorageError(detail=f"cannot create overlay in {directory}: {exc}") from exc
+        return cls(directory, pool, base, base_id, size, fd, bitmap, cache_chunks)
+
+    @classmethod
+    def open(
+        cls, directory: Path | str, pool: ChunkPool, *, cache_chunks: int = DEFAULT_CACHE_CHUNKS
+    ) -> Overlay:
+        """Re-open an overlay (after a restart): its data and flushed dirty bitmap."""
+        directory = Path(directory)
+        try:
+            meta = json.loads((directory / META_FILE).read_text())
+        except FileNotFoundError as exc:
+            raise StorageError(detail=f"{directory} holds no overlay ({META_FILE})") from exc
+        except (OSError, ValueError) as exc:
+            raise StorageError(detail=f"overlay {directory}: unreadable {META_FILE}") from exc
+        if (
+            not isinstance(meta, dict)
+            or meta.get("format") != FORMAT
+            or meta.get("kind") != KIND
+            or meta.get("block_size") != BLOCK
+            or not isinstance(meta.get("size"), int)
+        ):
+            raise StorageError(detail=f"overlay {directory} has an unsupported format: {meta}")
+        size: int = meta["size"]
+        base: VolumeManifest | None = None
+        base_id: bytes | None = None
+        if meta.get("base") is not None:
+            base_id = bytes.fromhex(meta["base"])
+            loaded = load_manifest(pool, base_id)
+            if not isinstance(loaded, VolumeManifest) or loaded.size != size:
+                raise StorageError(detail=f"overlay {directory}: base {meta['base']} mismatch")
+            base = loaded
+        bitmap = bytearray((directory / BITMAP_FILE).read_bytes())
+        if len(bitmap) != _bitmap_len(size):
+            raise StorageError(detail=f"overlay {directory}: dirty bitmap of the wrong size")
+        fd = os.open(directory / BLOCKS_FILE, os.O_RDWR)
+        if os.fstat(fd).st_size != size:
+            os.close(fd)
+            raise StorageError(detail=f"overlay {directory}: block file of the wrong size")
+        return cls(directory, pool, base, base_id, size, fd, bitmap, cache_chunks)
+
+    # --- the block-device interface ------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def read(self, offset: int, length: int) -> bytes:
+        """``length`` bytes at ``offset``: dirty blocks from the overlay, others from the base."""
+        self._check_open()
+        _check_range(offset, length, self._size, "read")
+        if length == 0:
+            return b""
+        first, last = offset // BLOCK, (offset + length - 1) // BLOCK
+        with self._bits_lock:
+            dirty = [self._bit(b) for b in range(first, last + 1)]
+        pieces: list[bytes] = []
+        end = offset + length
+        b = first
+        while b <= last:
+            run_end = b
+            while run_end + 1 <= last and dirty[run_end + 1 - first] == dirty[b - first]:
+                run_end += 1
+            start = max(offset, b * BLOCK)
+            stop = min(end, (run_end + 1) * BLOCK)
+            if dirty[b - first]:
+                pieces.append(self._pread(stop - start, start))
+            else:
+                pieces.append(self._read_base(start, stop - start))
+            b = run_end + 1
+        return b"".join(pieces)
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Write ``data`` at ``offset`` (never into the base)."""
+        self._check_open()
+        _check_range(offset, len(data), self._size, "write")
+        if not data:
+            return
+        with self._locked(offset, len(data)):
+            self._write_locked(offset, data)
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        """Make ``length`` bytes at ``offset`` read as zeros, deallocating whole blocks."""
+        self._check_open()
+        _check_range(offset, length, self._size, "write_zeroes")
+        if length == 0:
+            return
+        end = offset + length
+        full_first = -(-offset // BLOCK)
+        full_last = end // BLOCK if end < self._size else self._blocks  # exclusive
+        with self._locked(offset, length):
+            if full_first >= full_last:  # no whole block covered: an ordinary write of zeros
+                self._write_locked(offset, _zeros(length))
+                return
+            head_end = full_first * BLOCK
+            if offset < head_end:
+                self._write_locked(offset, _zeros(head_end - offset))
+            tail_start = min(full_last * BLOCK, self._size)
+            if tail_start < end:
+                self._write_locked(tail_start, _zeros(end - tail_start))
+            self._zero_blocks(full_first, full_last)
+
+    def trim(self, offset: int, length: int) -> None:
+        """Discard a range; here the same as write_zeroes (the range then reads as zeros)."""
+        self.write_zeroes(offset, length)
+
+    def flush(self) -> None:
+        """Make every completed write durable, with the dirty bitmap that names it."""
+        self._check_open()
+        with self._flush_lock:
+            with self._bits_lock:
+                generation = self._generation
+                snapshot = bytes(self._bitmap) if generation != self._saved_generation else None
+            try:
+                os.fsync(self._fd)  # before the bitmap: a durable bit names durable data
+                if snapshot is not None:
+                    _write_durably(self.directory / BITMAP_FILE, snapshot)
+            except OSError as exc:
+                raise StorageError(detail=f"overlay {self.directory}: flush: {exc}") from exc
+            with self._bits_lock:
+                self._saved_generation = max(self._saved_generation, generation)
+
+    def dirty_ranges(self) -> list[tuple[int, int]]:
+        """(offset, length) ranges written since the overlay was made, merged, in order."""
+        with self._bits_lock:
+            snapshot = bytes(self._bitmap)
+        return [
+            (start * BLOCK, min(end * BLOCK, self._size) - start * BLOCK)
+            for start, end in _bit_runs(snapshot, self._blocks)
+        ]
+
+    def dirty_bytes(self) -> int:
+        return sum(n for _, n in self.dirty_ranges())
+
+    def close(self) -> None:
+        """Flush and release the file; idempotent."""
+        if self._closed:
+            return
+        try:
+            self.flush()
+        finally:
+            self._closed = True
+            os.close(self._fd)
+
+    def delete(self) -> None:
+        """Close and remove the overlay's files (and its directory when that is then empty)."""
+        if not self._closed:
+            self._closed = True
+            os.close(self._fd)
+        for name in (META_FILE, BITMAP_FILE, BITMAP_FILE + ".tmp", BLOCKS_FILE):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.directory / name)
+        with contextlib.suppress(OSError):
+            self.directory.rmdir()
+
+    def __enter__(self) -> Overlay:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        base = self.base_id.hex()[:12] if self.base_id else "zeros"
+        return f"Overlay({str(self.directory)!r}, size={self._size}, base={base})"
+
+    # --- internals ----------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StorageError(detail=f"overlay {self.directory} is closed")
+
+    def _bit(self, block: int) -> bool:
+        return bool(self._bitmap[block >> 3] >> (block & 7) & 1)
+
+    def _set_bits(self, first: int, last: int, value: bool) -> None:
+        """Set (or clear) the bits of blocks [first, last)."""
+        bm = self._bitmap
+
+        def one(b: int) -> None:
+            if value:
+                bm[b >> 3] |= 1 << (b & 7)
+            else:
+                bm[b >> 3] &= ~(1 << (b & 7)) & 0xFF
+
+        with self._bits_lock:
+            before = bytes(bm[first >> 3 : (last + 7) >> 3])
+            b = first
+            while b < last and b & 7:
+                one(b)
+                b += 1
+            whole_end = last & ~7  # whole bytes at once: a large trim stays cheap
+            if b < whole_end:
+                bm[b >> 3 : whole_end >> 3] = (b"\xff" if value else b"\x00") * (
+                    (whole_end - b) >> 3
+                )
+                b = whole_end
+            while b < last:
+                one(b)
+                b += 1
+            if bm[first >> 3 : (last + 7) >> 3] != before:
+                self._generation += 1  # rewriting dirty blocks leaves nothing to save
+
+    def bitmap_snapshot(self) -> bytes:
+        """A copy of the in-memory dirty bitmap (format as in ``dirty.bitmap``)."""
+        with self._bits_lock:
+            return bytes(self._bitmap)
+
+    @contextlib.contextmanager
+    def _locked(self, offset: int, length: int) -> Iterator[None]:
+        """Hold the stripe locks of every block in the range (in order: no deadlock)."""
+        first, last = offset // BLOCK, (offset + length - 1) // BLOCK
+        if last - first + 1 >= _STRIPES:
+            stripes = list(range(_STRIPES))
+        else:
+            stripes = sorted({b % _STRIPES for b in range(first, last + 1)})
+        with contextlib.ExitStack() as stack:
+            for s in stripes:
+                stack.enter_context(self._stripes[s])
+            yield
+
+    def _pread(self, length: int, offset: int) -> bytes:
+        try:
+            data = os.pread(self._fd, length, offset)
+        except OSError as exc:
+            raise StorageError(detail=f"overlay {self.directory}: read: {exc}") from exc
+        if len(data) != length:
+            raise StorageError(detail=f"overlay {self.directory}: block file truncated")
+        return data
+
+    def _read_base(self, offset: int, length: int) -> bytes:
+        if self._reader is None:
+            return _zeros(length)
+        return self._reader.read(offset, length)
+
+    def _read_current(self, offset: int, length: int) -> bytes:
+        """Current content of a range inside one block (caller holds its lock)."""
+        if self._bit(offset // BLOCK):
+            return self._pread(length, offset)
+        return self._read_base(offset, length)
+
+    def _write_locked(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Write, completing partial first/last blocks from their current content."""
+        end = offset + len(data)
+        first, last = offset // BLOCK, (end - 1) // BLOCK
+        span_start = first * BLOCK
+        span_end = min((last + 1) * BLOCK, self._size)
+        parts: list[bytes | bytearray | memoryview] = []
+        if span_start < offset:
+            parts.append(self._read_current(span_start, offset - span_start))
+        parts.append(data)
+        if end < span_end:
+            parts.append(self._read_current(end, span_end - end))
+        buf = data if len(parts) == 1 else b"".join(parts)
+        try:
+            written = os.pwrite(self._fd, buf, span_start)
+            while written < len(buf):
+                written += os.pwrite(self._fd, memoryview(buf)[written:], span_start + written)
+        except OSError as exc:
+            raise _translate(exc, self.directory) from exc
+        self._set_bits(first, last + 1, True)
+
+    def _zero_blocks(self, first: int, last: int) -> None:
+        """Zero whole blocks [first, last) (caller holds their locks)."""
+        start, end = first * BLOCK, min(last * BLOCK, self._size)
+        if not _punch_hole(self._fd, start, end - start):
+            try:
+                pos = start
+                while pos < end:
+                    n = min(len(_ZERO_PIECE), end - pos)
+                    os.pwrite(self._fd, _ZERO_PIECE[:n], pos)
+                    pos += n
+            except OSError as exc:
+                raise _translate(exc, self.directory) from exc
+        # Over an all-zero base extent a zeroed block equals the base: clean, not dirty.
+        per_chunk = VOLUME_CHUNK // BLOCK
+        b = first
+        while b < last:
+            chunk = b // per_chunk
+            run_end = min(last, (chunk + 1) * per_chunk)
+            base_zero = self.base is None or self.base.chunks[chunk] is None
+            self._set_bits(b, run_end, not base_zero)
+            b = run_end
+
+
+def _translate(exc: OSError, directory: Path) -> StorageError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return PoolFull(pool=str(directory), reason=exc.strerror or "ENOSPC")
+    return StorageError(detail=f"overlay {directory}: write: {exc}")
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` atomically and durably."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+# --- capture --------------------------------------------------------------------------
+
+
+def capture_overlay(
+    pool: WritablePool,
+    overlay: Overlay,
+    *,
+    meta: dict[str, Any] | None = None,
+    workers: int | None = None,
+    progress: Progress | None = None,
+) -> tuple[bytes, VolumeManifest, CaptureStats]:
+    """Capture the overlay's current content as a new image; returns (id, manifest, stats).
+
+    Reads only the dirty blocks: a chunk without one keeps its base chunk id; a chunk with
+    some is assembled (base + dirty blocks), hashed and stored, as a delta over the base
+    chunk when at most half of its sub-blocks changed. ``stats.bytes_read`` counts the dirty
+    bytes read; ``progress(done, total)`` counts dirty bytes too.
+
+    The overlay may be written meanwhile (a catch-up syncback of a running app): the image
+    is then fuzzy like a capture of a live disk (each chunk is itself consistent); capture
+    a stopped or unexported overlay for a point-in-time image.
+    """
+    t0 = time.monotonic()
+    size = overlay.size
+    n = -(-size // VOLUME_CHUNK)
+    per_chunk = VOLUME_CHUNK // BLOCK
+    bitmap = overlay.bitmap_snapshot()
+    base = overlay.base
+    chunks: list[bytes | None] = list(base.chunks) if base is not None else [None] * n
+    stats = CaptureStats(bytes_total=size, chunks=n)
+
+    def dirty_blocks(i: int) -> list[int]:
+        group = bitmap[i * per_chunk // 8 : (i + 1) * per_chunk // 8]
+        if not any(group):
+            return []
+        bits = int.from_bytes(group, "little")
+        return [j for j in range(per_chunk) if bits >> j & 1]
+
+    work_list = [(i, blocks) for i in range(n) if (blocks := dirty_blocks(i))]
+    total_dirty = sum(_blocks_bytes(i, blocks, size) for i, blocks in work_list)
+    bases = [overlay.base_id] if overlay.base_id is not None else []
+    with pool.writer(bases) as writer:
+
+        def work(item: tuple[int, list[int]]) -> tuple[int, bytes | None, int, PutResult | None]:
+            i, blocks = item
+            off = i * VOLUME_CHUNK
+            length = min(VOLUME_CHUNK, size - off)
+            data = overlay.read(off, length)
+            read = _blocks_bytes(i, blocks, size)
+            digest = hash_bytes(data)
+            if digest == zero_digest(length):
+                return i, None, read, None
+            base_chunk = chunks[i]
+            if digest == base_chunk:
+                return i, digest, read, None  # rewritten with what was there
+            return i, digest, read, _store_chunk(writer, data, digest, base_chunk, blocks)
+
+        done = 0
+        w = workers or default_workers()
+        with ThreadPoolExecutor(w) as ex:
+            for i, digest, read, result in ex.map(work, work_list):
+                chunks[i] = digest
+                stats.bytes_read += read
+                if result is not None and result.new:
+                    stats.chunks_new += 1
+                    stats.bytes_new += min(VOLUME_CHUNK, size - i * VOLUME_CHUNK)
+                    stats.bytes_stored += result.stored
+                done += read
+                if progress:
+                    progress(done, total_dirty)
+        stats.chunks_zero = sum(1 for c in chunks if c is None)
+        manifest = VolumeManifest(size=size, chunks=chunks, meta=meta or {})
+        mid = store_manifest(writer, manifest)
+    stats.seconds = time.monotonic() - t0
+    return mid, manifest, stats
+
+
+def _blocks_bytes(chunk: int, blocks: Iterable[int], size: int) -> int:
+    per_chunk = VOLUME_CHUNK // BLOCK
+    total = 0
+    for j in blocks:
+        start = (chunk * per_chunk + j) * BLOCK
+        total += max(0, min(BLOCK, size - start))
+    return total
+
+
+def _store_chunk(
+    writer: ChunkWriter,
+    data: bytes,
+    digest: bytes,
+    base_chunk: bytes | None,
+    dirty: list[int],
+) -> PutResult:
+    """Store a changed chunk: as its changed sub-blocks over ``base_chunk`` when at most
+    half of them changed and the base chunk is there, else whole."""
+    subs = hash_sub_blocks(data)
+    if base_chunk is not None and writer.has(base_chunk):
+        changed = dirty
+        with contextlib.suppress(ChunkMissing, ChunkCorrupt):
+            base_subs = writer.sub_digests(base_chunk)
+            if len(base_subs) == len(subs):  # refine: dirty blocks rewritten unchanged
+                changed = [j for j in dirty if subs[j] != base_subs[j]]
+        if changed and len(changed) <= len(subs) // 2:
+            return writer.put_delta(data, digest, subs, base_chunk, changed)
+    return writer.put(data, digest, subs)
+
+
+__all__ = ["BLOCK", "ImageReader", "Overlay", "capture_overlay"]

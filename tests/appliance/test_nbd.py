@@ -1,0 +1,427 @@
+"""The NBD server, driven by real clients from Debian: qemu-img (qemu-utils), nbdinfo and
+nbdcopy (libnbd-bin), nbdsh (python3-libnbd); plus a raw-socket client for what well-behaved
+clients never send.
+
+These tools are required, not optional: a missing one fails the test naming its package.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import socket
+import struct
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tandem.appliance import nbd
+from tandem.appliance.nbd import ImageBackend, NbdServer
+from tandem.errors import AlreadyExists, InvalidInput, NotFound
+from tandem.storage.digest import SUB_BLOCK
+from tandem.storage.manifest import VOLUME_CHUNK, VolumeManifest
+from tandem.storage.overlay import Overlay, capture_overlay
+from tandem.storage.pool import ChunkPool
+from tandem.storage.volume import capture_volume, restore_volume
+
+MiB = 1024 * 1024
+PACKAGES = {
+    "qemu-img": "qemu-utils",
+    "nbdinfo": "libnbd-bin",
+    "nbdcopy": "libnbd-bin",
+    "nbdsh": "python3-libnbd",
+}
+
+
+def tool(name: str) -> str:
+    """The path of a client tool; a missing one fails the test with the package to install."""
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail(f"{name} is not installed: apt-get install {PACKAGES[name]}")
+    return path
+
+
+def tool_env() -> dict[str, str]:
+    """nbdsh runs `python3 -m nbd`: Debian's python3 (with python3-libnbd), not this venv's."""
+    return {**os.environ, "PATH": "/usr/bin:/bin:" + os.environ.get("PATH", "")}
+
+
+def run(*args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run a client tool and fail the test, with its stderr, when it fails (unless check is
+    off)."""
+    tool(args[0])
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=tool_env())
+    if args[0] == "nbdsh" and "No module named nbd" in proc.stderr:
+        pytest.fail("nbdsh needs the libnbd Python module: apt-get install python3-libnbd")
+    if check and proc.returncode != 0:
+        pytest.fail(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}")
+    return proc
+
+
+@dataclass
+class Image:
+    id: bytes
+    manifest: VolumeManifest
+    data: bytes
+    path: Path
+
+
+@pytest.fixture
+def image(pool: ChunkPool, tmp_path: Path) -> Image:
+    """A 14 MiB + 4 KiB image: random data, an all-zero chunk and a short tail."""
+    rng = random.Random(7)
+    data = bytearray(rng.randbytes(14 * MiB + 4096))
+    data[VOLUME_CHUNK : 2 * VOLUME_CHUNK] = bytes(VOLUME_CHUNK)
+    path = tmp_path / "image.raw"
+    path.write_bytes(data)
+    mid, manifest, _ = capture_volume(pool, path)
+    return Image(mid, manifest, bytes(data), path)
+
+
+@pytest.fixture
+def server() -> Iterator[NbdServer]:
+    with NbdServer("127.0.0.1", 0) as srv:
+        yield srv
+
+
+@pytest.fixture
+def overlay(pool: ChunkPool, image: Image, tmp_path: Path) -> Iterator[Overlay]:
+    ov = Overlay.create(tmp_path / "overlay", pool, image.manifest, image.id)
+    yield ov
+    ov.close()
+
+
+def test_qemu_img_reads_an_image_export_byte_identical(
+    server: NbdServer, pool: ChunkPool, image: Image, tmp_path: Path
+) -> None:
+    uri = server.add_export("replica", ImageBackend(pool, image.manifest), read_only=True)
+    out = tmp_path / "out.raw"
+    run("qemu-img", "convert", "-f", "raw", "-O", "raw", uri, str(out))
+    assert out.read_bytes() == image.data
+    proc = run("qemu-img", "compare", "-f", "raw", "-F", "raw", uri, str(image.path))
+    assert "identical" in proc.stdout
+
+
+def test_nbdinfo_reports_size_and_flags(
+    server: NbdServer, pool: ChunkPool, image: Image, overlay: Overlay
+) -> None:
+    ro = server.add_export("replica", ImageBackend(pool, image.manifest), read_only=True)
+    rw = server.add_export("copy", overlay)
+    assert run("nbdinfo", "--size", ro).stdout.strip() == str(len(image.data))
+    info = json.loads(run("nbdinfo", "--json", rw).stdout)
+    (export,) = info["exports"]
+    assert export["export-size"] == len(image.data)
+    assert export["is_read_only"] is False
+    assert export["can_flush"] and export["can_trim"] and export["can_zero"]
+    assert export["can_multi_conn"] and export["can_fua"]
+    assert export["block_size_preferred"] == SUB_BLOCK
+    info = json.loads(run("nbdinfo", "--json", ro).stdout)
+    assert info["exports"][0]["is_read_only"] is True
+
+
+def test_nbdcopy_writes_into_an_overlay_and_reads_back(
+    server: NbdServer, pool: ChunkPool, image: Image, overlay: Overlay, tmp_path: Path
+) -> None:
+    local = tmp_path / "local.raw"
+    data = bytearray(random.Random(8).randbytes(len(image.data)))
+    data[6 * MiB : 9 * MiB] = bytes(3 * MiB)  # nbdcopy sends zeroes for these
+    local.write_bytes(data)
+    uri = server.add_export("copy", overlay)
+    run("nbdcopy", str(local), uri)
+    out = tmp_path / "out.raw"
+    run("nbdcopy", uri, str(out))
+    assert out.read_bytes() == data
+    run("qemu-img", "compare", "-f", "raw", "-F", "raw", uri, str(local))
+    # the base is untouched: the replica still serves its own bytes
+    ro = server.add_export("replica", ImageBackend(pool, image.manifest), read_only=True)
+    run("nbdcopy", ro, str(out))
+    assert out.read_bytes() == image.data
+    # and what was written can be captured and restored
+    server.remove_export("copy")
+    _, manifest, stats = capture_overlay(pool, overlay)
+    assert stats.bytes_read == overlay.dirty_bytes()
+    restored = tmp_path / "restored.raw"
+    restore_volume(pool, manifest, restored)
+    assert restored.read_bytes() == data
+
+
+def test_writes_to_a_read_only_export_fail(
+    server: NbdServer, pool: ChunkPool, image: Image, overlay: Overlay, tmp_path: Path
+) -> None:
+    ro = server.add_export("replica", ImageBackend(pool, image.manifest), read_only=True)
+    ro_overlay = server.add_export("frozen", overlay, read_only=True)
+    local = tmp_path / "local.raw"
+    local.write_bytes(os.urandom(len(image.data)))
+    assert run("nbdcopy", str(local), ro, check=False).returncode != 0
+    # with libnbd's client-side checks off, the writes reach the server: EPERM
+    script = (
+        "h.set_strict_mode(0)\n"
+        "for op in (lambda: h.pwrite(b'x' * 512, 0), lambda: h.zero(4096, 0),\n"
+        "           lambda: h.trim(4096, 0)):\n"
+        "    try:\n"
+        "        op()\n"
+        "        print('written')\n"
+        "    except nbd.Error as e:\n"
+        "        print(e.errno if isinstance(e.errno, str) else errno.errorcode[e.errno])\n"
+    )
+    for uri in (ro, ro_overlay):
+        out = run("nbdsh", "-u", uri, "-c", "import errno", "-c", script).stdout.split()
+        assert out == ["EPERM", "EPERM", "EPERM"]
+    # an image exported writable by mistake still refuses: the backend says EPERM
+    wrong = server.add_export("mistake", ImageBackend(pool, image.manifest))
+    out = run("nbdsh", "-u", wrong, "-c", "import errno", "-c", script).stdout.split()
+    assert out == ["EPERM", "EPERM", "EPERM"]
+    assert overlay.dirty_ranges() == []
+
+
+def test_several_clients_at_once(
+    server: NbdServer, pool: ChunkPool, image: Image, overlay: Overlay, tmp_path: Path
+) -> None:
+    ro = server.add_export("replica", ImageBackend(pool, image.manifest), read_only=True)
+    rw = server.add_export("copy", overlay)
+    procs = []
+    for i in range(3):
+        procs.append(
+            subprocess.Popen(
+                [tool("qemu-img"), "convert", "-f", "raw", "-O", "raw", ro, str(tmp_path / f"q{i}")]
+            )
+        )
+        procs.append(
+            subprocess.Popen([tool("nbdcopy"), "--connections=2", rw, str(tmp_path / f"c{i}")])
+        )
+    for proc in procs:
+        assert proc.wait(timeout=60) == 0
+    for i in range(3):
+        assert (tmp_path / f"q{i}").read_bytes() == image.data
+        assert (tmp_path / f"c{i}").read_bytes() == image.data
+
+
+def test_zero_trim_flush_and_fua_with_nbdsh(
+    server: NbdServer, pool: ChunkPool, image: Image, overlay: Overlay, tmp_path: Path
+) -> None:
+    uri = server.add_export("copy", overlay)
+    script = f"""
+h.pwrite(b'\\xab' * 3 * {SUB_BLOCK}, {SUB_BLOCK})
+h.zero({SUB_BLOCK} + 50, 100)  # (count, offset): partial blocks, read-modify-write
+h.trim({SUB_BLOCK}, {2 * SUB_BLOCK})  # a whole block
+h.pwrite(b'fua', {10 * MiB}, nbd.CMD_FLAG_FUA)
+h.zero({4 * MiB}, {4 * MiB})  # the whole zero chunk of the base: clean again
+h.flush()
+assert h.pread({SUB_BLOCK}, {SUB_BLOCK}) == bytes(150) + b'\\xab' * ({SUB_BLOCK} - 150)
+assert h.pread(4, {10 * MiB}) == b'fua' + bytes([{image.data[10 * MiB + 3]}])
+print('ok')
+"""
+    assert run("nbdsh", "-u", uri, "-c", script).stdout.split() == ["ok"]
+    model = bytearray(image.data)
+    model[SUB_BLOCK : 4 * SUB_BLOCK] = b"\xab" * 3 * SUB_BLOCK
+    model[100 : 100 + SUB_BLOCK + 50] = bytes(SUB_BLOCK + 50)
+    model[2 * SUB_BLOCK : 3 * SUB_BLOCK] = bytes(SUB_BLOCK)
+    model[10 * MiB : 10 * MiB + 3] = b"fua"
+    assert overlay.read(0, overlay.size) == model
+    # the flush made the data and the dirty map durable: a second instance sees them
+    with Overlay.open(overlay.directory, pool) as again:
+        assert again.read(0, again.size) == model
+        assert again.dirty_ranges() == [(0, 4 * SUB_BLOCK), (10 * MiB, SUB_BLOCK)]
+
+
+def test_export_names_are_capabilities(
+    server: NbdServer, pool: ChunkPool, image: Image, overlay: Overlay
+) -> None:
+    uri = server.add_export("copy", overlay)
+    name, secret = uri.rsplit("/", 1)[1].split(".")
+    assert name == "copy" and len(secret) >= 43  # 256 bits
+    base = f"nbd://127.0.0.1:{server.port}/"
+    for wrong in ("copy", "copy." + "A" * len(secret), "copy." + secret[:-1], "other"):
+        proc = run("nbdinfo", base + wrong, check=False)
+        assert proc.returncode != 0 and "copy." + secret not in proc.stderr
+    assert run("nbdinfo", "--size", uri).stdout.strip() == str(overlay.size)
+    server.add_export("public", ImageBackend(pool, image.manifest), read_only=True, secret="")
+    listing = run("nbdinfo", "--list", "--json", base).stdout
+    assert [e["export-name"] for e in json.loads(listing)["exports"]] == ["public"]
+    given = server.add_export("given", overlay, secret="s3cret-from-the-catalog")
+    assert given.endswith("/given.s3cret-from-the-catalog")
+
+
+def test_no_open_export_on_a_non_loopback_address(overlay: Overlay) -> None:
+    srv = NbdServer("0.0.0.0", 0)
+    assert not srv.loopback and NbdServer("localhost", 0).loopback
+    with pytest.raises(InvalidInput, match="loopback"):
+        srv.add_export("open", overlay, secret="")
+    uri = srv.add_export("capability", overlay)
+    assert ".".join(uri.split(".")[-2:]).count(".") == 1  # NAME.SECRET
+    srv.stop()  # never started: nothing to do
+
+
+def test_bad_export_arguments(server: NbdServer, overlay: Overlay) -> None:
+    for bad in ("", "a.b", "a/b", "-x", "x" * 65, "naïve"):
+        with pytest.raises(InvalidInput):
+            server.add_export(bad, overlay)
+    with pytest.raises(InvalidInput):
+        server.add_export("short", overlay, secret="tooshort")
+    server.add_export("once", overlay)
+    with pytest.raises(AlreadyExists):
+        server.add_export("once", overlay)
+    with pytest.raises(NotFound):
+        server.remove_export("never")
+    (info,) = server.exports()
+    assert info.name == "once" and info.size == overlay.size and info.connections == 0
+    assert info.uri == server.uri("once")
+
+
+def test_remove_export_disconnects_its_clients(
+    server: NbdServer, pool: ChunkPool, image: Image, overlay: Overlay
+) -> None:
+    uri = server.add_export("copy", overlay)
+    client = subprocess.Popen(
+        [
+            tool("nbdsh"),
+            "-u",
+            uri,
+            "-c",
+            "import sys\nprint('ready', flush=True)\nsys.stdin.readline()\n"
+            "try:\n    h.pread(512, 0)\n    print('still served')\n"
+            "except nbd.Error:\n    print('disconnected')\n",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=tool_env(),
+    )
+    try:
+        assert client.stdout is not None and client.stdin is not None
+        assert client.stdout.readline().strip() == "ready", "nbdsh: apt-get install python3-libnbd"
+        assert server.exports()[0].connections == 1
+        server.remove_export("copy")
+        assert server.exports() == []
+        client.stdin.write("go\n")
+        client.stdin.flush()
+        assert client.stdout.readline().strip() == "disconnected"
+    finally:
+        client.communicate(timeout=30)
+    assert run("nbdinfo", uri, check=False).returncode != 0
+
+
+def test_a_corrupt_chunk_is_an_io_error_never_served(
+    server: NbdServer, pool: ChunkPool, image: Image
+) -> None:
+    digest = image.manifest.chunks[2]
+    assert digest is not None
+    path = pool.chunk_path(digest)
+    blob = bytearray(path.read_bytes())
+    blob[-1] ^= 0xFF
+    path.chmod(0o600)
+    path.write_bytes(blob)
+    uri = server.add_export("replica", ImageBackend(pool, image.manifest), read_only=True)
+    before = image.data[VOLUME_CHUNK - 4 : VOLUME_CHUNK]
+    script = (
+        f"print(h.pread(4, {VOLUME_CHUNK - 4}) == {before!r})\n"
+        "try:\n"
+        f"    h.pread(4096, {2 * VOLUME_CHUNK})\n"
+        "    print('served')\n"
+        "except nbd.Error as e:\n"
+        "    print(e.errno)\n"
+    )
+    assert run("nbdsh", "-u", uri, "-c", script).stdout.split() == ["True", "EIO"]
+
+
+# --- a raw client for what real clients never send ------------------------------------
+
+
+class RawClient:
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        magic, opt, flags = struct.unpack(">QQH", self.recv(18))
+        assert (magic, opt) == (nbd.NBDMAGIC, nbd.IHAVEOPT)
+        assert flags == nbd.FLAG_FIXED_NEWSTYLE | nbd.FLAG_NO_ZEROES
+        self.sock.sendall(struct.pack(">I", nbd.FLAG_C_FIXED_NEWSTYLE | nbd.FLAG_C_NO_ZEROES))
+
+    def recv(self, n: int) -> bytes:
+        buf = b""
+        while len(buf) < n:
+            part = self.sock.recv(n - len(buf))
+            if not part:
+                raise EOFError("server hung up")
+            buf += part
+        return buf
+
+    def option(self, option: int, data: bytes = b"") -> list[tuple[int, bytes]]:
+        """Send an option; the replies up to the final one (ACK or an error)."""
+        self.sock.sendall(struct.pack(">QII", nbd.IHAVEOPT, option, len(data)) + data)
+        replies = []
+        while True:
+            magic, opt, kind, length = struct.unpack(">QIII", self.recv(20))
+            assert magic == nbd.OPT_REPLY_MAGIC and opt == option
+            replies.append((kind, self.recv(length)))
+            if kind not in (nbd.REP_SERVER, nbd.REP_INFO):
+                return replies
+
+    def request(self, command: int, offset: int, length: int, data: bytes = b"") -> int:
+        self.sock.sendall(struct.pack(">IHHQQI", nbd.REQUEST_MAGIC, 0, command, 7, offset, length))
+        self.sock.sendall(data)
+        magic, error, handle = struct.unpack(">IIQ", self.recv(16))
+        assert magic == nbd.SIMPLE_REPLY_MAGIC and handle == 7
+        if command == nbd.CMD_READ and error == 0:
+            self.recv(length)
+        return int(error)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def go_payload(name: str, *infos: int) -> bytes:
+    raw = name.encode()
+    return struct.pack(">I", len(raw)) + raw + struct.pack(f">H{len(infos)}H", len(infos), *infos)
+
+
+def test_protocol_edges_with_a_raw_client(
+    server: NbdServer, pool: ChunkPool, image: Image, overlay: Overlay
+) -> None:
+    uri = server.add_export("copy", overlay)
+    wire = uri.rsplit("/", 1)[1]
+    size = overlay.size
+    client = RawClient(server.port)
+    try:
+        assert client.option(nbd.OPT_STRUCTURED_REPLY)[0][0] == nbd.REP_ERR_UNSUP
+        assert client.option(nbd.OPT_STARTTLS)[0][0] == nbd.REP_ERR_UNSUP
+        assert client.option(nbd.OPT_LIST, b"junk")[0][0] == nbd.REP_ERR_INVALID
+        assert client.option(nbd.OPT_GO, b"\x00\x00")[0][0] == nbd.REP_ERR_INVALID
+        assert client.option(nbd.OPT_INFO, go_payload("copy"))[0][0] == nbd.REP_ERR_UNKNOWN
+        info = client.option(nbd.OPT_INFO, go_payload(wire, nbd.INFO_BLOCK_SIZE))
+        assert [kind for kind, _ in info] == [nbd.REP_INFO, nbd.REP_INFO, nbd.REP_ACK]
+        assert struct.unpack(">HQH", info[0][1])[:2] == (nbd.INFO_EXPORT, size)
+        # the oldest way in: NBD_OPT_EXPORT_NAME, answered with size and flags
+        client.sock.sendall(struct.pack(">QII", nbd.IHAVEOPT, nbd.OPT_EXPORT_NAME, len(wire)))
+        client.sock.sendall(wire.encode())
+        got_size, flags = struct.unpack(">QH", client.recv(10))
+        assert got_size == size and not flags & nbd.FLAG_READ_ONLY
+        assert client.request(nbd.CMD_READ, size - 10, 11) == nbd.EINVAL
+        assert client.request(nbd.CMD_WRITE, size - 1, 2, b"xy") == nbd.ENOSPC
+        assert client.request(nbd.CMD_WRITE_ZEROES, size, 1) == nbd.ENOSPC
+        assert client.request(nbd.CMD_TRIM, size + 1, 1) == nbd.EINVAL
+        assert client.request(99, 0, 0) == nbd.EINVAL
+        assert client.request(nbd.CMD_WRITE, 0, 2, b"ok") == 0
+        assert client.request(nbd.CMD_FLUSH, 0, 0) == 0
+        assert overlay.read(0, 2) == b"ok"
+        client.sock.sendall(b"\x00" * 28)  # bad request magic: the server hangs up
+        with pytest.raises((EOFError, ConnectionError)):
+            client.recv(1)
+    finally:
+        client.close()
+    # an unknown name with NBD_OPT_EXPORT_NAME: hang-up, the only refusal it has
+    client = RawClient(server.port)
+    try:
+        client.sock.sendall(struct.pack(">QII", nbd.IHAVEOPT, nbd.OPT_EXPORT_NAME, 4) + b"copy")
+        with pytest.raises((EOFError, ConnectionError)):
+            client.recv(1)
+    finally:
+        client.close()
+    client = RawClient(server.port)
+    try:
+        assert client.option(nbd.OPT_ABORT)[0][0] == nbd.REP_ACK
+    finally:
+        client.close()

@@ -1,0 +1,372 @@
+"""Virtual copies: an overlay of written 64 KiB blocks over an immutable image."""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+import uuid
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+
+from tandem.errors import AlreadyExists, InvalidInput, StorageError
+from tandem.storage.digest import SUB_BLOCK, hash_bytes
+from tandem.storage.manifest import VOLUME_CHUNK, VolumeManifest, load_manifest
+from tandem.storage.overlay import BLOCK, Overlay, capture_overlay
+from tandem.storage.pool import ChunkPool
+from tandem.storage.volume import capture_volume, restore_volume
+
+MiB = 1024 * 1024
+
+
+def make_base(
+    pool: ChunkPool, tmp_path: Path, size: int, seed: int = 1
+) -> tuple[bytes, VolumeManifest, bytes]:
+    """A captured image: random chunks with an all-zero chunk and a short tail."""
+    rng = random.Random(seed)
+    data = bytearray(rng.randbytes(size))
+    if size > 2 * VOLUME_CHUNK:
+        data[VOLUME_CHUNK : 2 * VOLUME_CHUNK] = bytes(VOLUME_CHUNK)  # a zero extent
+    src = tmp_path / f"base-{uuid.uuid4().hex[:6]}.img"
+    src.write_bytes(data)
+    mid, manifest, _ = capture_volume(pool, src)
+    src.unlink()
+    return mid, manifest, bytes(data)
+
+
+def pool_files(pool: ChunkPool) -> dict[str, bytes]:
+    """Digest of every file in the pool's chunk and manifest directories."""
+    out = {}
+    for sub in ("chunks", "manifests"):
+        for path in sorted((pool.root / sub).rglob("*")):
+            if path.is_file():
+                out[str(path)] = hash_bytes(path.read_bytes())
+    return out
+
+
+def test_reads_equal_the_base_until_written(pool: ChunkPool, tmp_path: Path) -> None:
+    mid, base, data = make_base(pool, tmp_path, 10 * MiB + 12345)
+    with Overlay.create(tmp_path / "ov", pool, base, mid) as ov:
+        assert ov.size == len(data)
+        assert ov.read(0, ov.size) == data
+        rng = random.Random(2)
+        for _ in range(50):
+            off = rng.randrange(len(data))
+            n = rng.randrange(min(len(data) - off, 3 * MiB) + 1)
+            assert ov.read(off, n) == data[off : off + n]
+        assert ov.dirty_ranges() == []
+
+
+def test_writes_never_change_the_base(pool: ChunkPool, tmp_path: Path) -> None:
+    mid, base, data = make_base(pool, tmp_path, 9 * MiB)
+    before = pool_files(pool)
+    digests = list(base.chunks)
+    with Overlay.create(tmp_path / "ov", pool, base, mid) as ov:
+        ov.write(100, b"x" * 5000)
+        ov.write(5 * MiB - 7, os.urandom(2 * MiB))
+        ov.write_zeroes(0, 3 * MiB)
+        ov.trim(8 * MiB, MiB)
+        ov.flush()
+        assert ov.read(100, 10) == bytes(10)
+    assert pool_files(pool) == before
+    assert load_manifest(pool, mid) == base and base.chunks == digests
+    out = tmp_path / "base.img"
+    restore_volume(pool, base, out)
+    assert out.read_bytes() == data
+
+
+@settings(
+    max_examples=50,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink],
+)
+@given(data=st.data())
+def test_reads_are_base_plus_writes_under_random_operations(
+    pool: ChunkPool, tmp_path: Path, data: st.DataObject
+) -> None:
+    """The overlay behaves like a plain file given the same writes, zeroes and trims,
+    across flush, close and re-open."""
+    with_base = data.draw(st.booleans(), label="with_base")
+    size = data.draw(
+        st.integers(1, 9 * MiB + 3 * BLOCK // 2) | st.sampled_from([9 * MiB, 8 * MiB + 1]),
+        label="size",
+    )
+    if with_base:
+        mid, base, content = make_base(pool, tmp_path, size, seed=size)
+        model = bytearray(content)
+    else:
+        mid, base, model = None, None, bytearray(size)
+    directory = tmp_path / f"ov-{uuid.uuid4().hex[:8]}"
+    ov = Overlay.create(directory, pool, base, mid, None if with_base else size)
+    try:
+        # offsets clustered near block and chunk boundaries find the off-by-one errors
+        near = st.sampled_from([0, 1, BLOCK - 1, BLOCK, VOLUME_CHUNK - 3, VOLUME_CHUNK, size])
+        offset = st.one_of(st.integers(0, size), near).map(lambda o: min(o, size))
+        ops = data.draw(
+            st.lists(
+                st.tuples(
+                    st.sampled_from(["write", "zero", "trim", "read", "reopen"]),
+                    offset,
+                    st.one_of(
+                        st.integers(0, 2 * BLOCK + 10),
+                        st.sampled_from([BLOCK, 3 * BLOCK, VOLUME_CHUNK]),
+                        st.integers(0, 5 * MiB),
+                    ),
+                ),
+                max_size=16,
+            ),
+            label="ops",
+        )
+        rng = random.Random(size)
+        for op, off, n in ops:
+            n = min(n, size - off)
+            if op == "write":
+                chunk = rng.randbytes(n)
+                ov.write(off, chunk)
+                model[off : off + n] = chunk
+            elif op in ("zero", "trim"):
+                (ov.write_zeroes if op == "zero" else ov.trim)(off, n)
+                model[off : off + n] = bytes(n)
+            elif op == "read":
+                assert ov.read(off, n) == model[off : off + n]
+            else:
+                ov.close()
+                ov = Overlay.open(directory, pool)
+        assert ov.read(0, size) == model
+        # every byte that differs from the base lies inside a dirty range
+        base_bytes = content if with_base else bytes(size)
+        covered = bytearray(size)
+        for off, n in ov.dirty_ranges():
+            assert off % BLOCK == 0 and (n % BLOCK == 0 or off + n == size)
+            covered[off : off + n] = b"\x01" * n
+        for i in range(0, size, BLOCK):
+            if model[i : i + BLOCK] != base_bytes[i : i + BLOCK]:
+                assert covered[i]
+    finally:
+        ov.delete()
+    assert not directory.exists()
+
+
+def test_reopen_keeps_data_and_dirty_map(pool: ChunkPool, tmp_path: Path) -> None:
+    mid, base, data = make_base(pool, tmp_path, 12 * MiB)
+    directory = tmp_path / "ov"
+    ov = Overlay.create(directory, pool, base, mid)
+    ov.write(3 * BLOCK + 5, b"hello")
+    ov.write(9 * MiB, b"y" * BLOCK * 2)
+    ranges = ov.dirty_ranges()
+    ov.close()
+    ov.close()  # idempotent
+    with Overlay.open(directory, pool) as again:
+        assert again.dirty_ranges() == ranges == [(3 * BLOCK, BLOCK), (9 * MiB, 2 * BLOCK)]
+        assert again.read(3 * BLOCK + 5, 5) == b"hello"
+        assert again.read(3 * BLOCK, 5) == data[3 * BLOCK : 3 * BLOCK + 5]
+        assert again.base_id == mid and again.base == base
+
+
+def test_flushed_writes_survive_a_crash_unflushed_ones_read_as_base(
+    pool: ChunkPool, tmp_path: Path
+) -> None:
+    mid, base, data = make_base(pool, tmp_path, 8 * MiB)
+    directory = tmp_path / "ov"
+    ov = Overlay.create(directory, pool, base, mid)
+    ov.write(0, b"durable")
+    ov.flush()
+    ov.write(5 * MiB, b"not flushed")
+    # a "crash": the first instance never closes; a new one opens the files as they are
+    after = Overlay.open(directory, pool)
+    try:
+        assert after.read(0, 7) == b"durable"
+        assert after.read(5 * MiB, 11) == data[5 * MiB : 5 * MiB + 11]  # block still clean
+        assert after.dirty_ranges() == [(0, BLOCK)]
+    finally:
+        after.close()
+        ov.close()
+
+
+def test_flush_rewrites_the_bitmap_only_when_it_changed(pool: ChunkPool, tmp_path: Path) -> None:
+    with Overlay.create(tmp_path / "ov", pool, None, None, size=8 * MiB) as ov:
+        bitmap = tmp_path / "ov" / "dirty.bitmap"
+        ov.write(0, b"a")
+        ov.flush()
+        saved = bitmap.stat().st_ino
+        ov.write(10, b"b")  # the same, already dirty block
+        ov.flush()
+        assert bitmap.stat().st_ino == saved
+        ov.write(BLOCK, b"c")
+        ov.flush()
+        assert bitmap.stat().st_ino != saved
+
+
+def test_dirty_ranges_are_merged_and_zeroes_over_zeros_stay_clean(
+    pool: ChunkPool, tmp_path: Path
+) -> None:
+    mid, base, _ = make_base(pool, tmp_path, 12 * MiB)  # chunk 1 is an all-zero extent
+    with Overlay.create(tmp_path / "ov", pool, base, mid) as ov:
+        ov.write(BLOCK - 1, b"ab")  # straddles blocks 0 and 1
+        ov.write(2 * BLOCK, b"c")  # adjacent: merged
+        ov.write(10 * BLOCK, b"d")
+        assert ov.dirty_ranges() == [(0, 3 * BLOCK), (10 * BLOCK, BLOCK)]
+        ov.write(VOLUME_CHUNK + BLOCK, b"e" * BLOCK)
+        ov.write_zeroes(VOLUME_CHUNK, VOLUME_CHUNK)  # over the zero extent: clean again
+        ov.write_zeroes(11 * MiB, BLOCK)  # over data: dirty
+        assert ov.dirty_ranges() == [(0, 3 * BLOCK), (10 * BLOCK, BLOCK), (11 * MiB, BLOCK)]
+        assert ov.dirty_bytes() == 5 * BLOCK
+        assert ov.read(VOLUME_CHUNK, VOLUME_CHUNK) == bytes(VOLUME_CHUNK)
+        assert ov.read(11 * MiB, BLOCK) == bytes(BLOCK)
+
+
+def test_zeroing_sets_and_clears_exactly_the_blocks_covered(
+    pool: ChunkPool, tmp_path: Path
+) -> None:
+    mid, base, _ = make_base(pool, tmp_path, 12 * MiB)  # chunk 1 is an all-zero extent
+    per_chunk = VOLUME_CHUNK // BLOCK
+    with Overlay.create(tmp_path / "ov", pool, base, mid) as ov:
+        ov.write(VOLUME_CHUNK, b"e" * VOLUME_CHUNK)
+        ov.write_zeroes(VOLUME_CHUNK + 3 * BLOCK, 18 * BLOCK)  # clean again: bits 3..20
+        assert ov.dirty_ranges() == [
+            (VOLUME_CHUNK, 3 * BLOCK),
+            (VOLUME_CHUNK + 21 * BLOCK, (per_chunk - 21) * BLOCK),
+        ]
+        ov.write_zeroes(8 * MiB + 5 * BLOCK, 19 * BLOCK)  # over data: bits 5..23 set
+        assert ov.dirty_ranges()[-1] == (8 * MiB + 5 * BLOCK, 19 * BLOCK)
+
+
+def test_whole_blocks_zeroed_are_holes_in_the_block_file(pool: ChunkPool, tmp_path: Path) -> None:
+    with Overlay.create(tmp_path / "ov", pool, None, None, size=64 * MiB) as ov:
+        ov.write(0, os.urandom(16 * MiB))
+        ov.flush()
+        allocated = os.stat(tmp_path / "ov" / "blocks").st_blocks * 512
+        ov.write_zeroes(0, 16 * MiB)
+        ov.flush()
+        assert os.stat(tmp_path / "ov" / "blocks").st_blocks * 512 < allocated // 8
+        assert ov.dirty_ranges() == []  # zeros over a zero volume
+        assert ov.read(0, 16 * MiB) == bytes(16 * MiB)
+
+
+def test_bad_input_is_refused(pool: ChunkPool, tmp_path: Path) -> None:
+    mid, base, _ = make_base(pool, tmp_path, 2 * MiB)
+    with pytest.raises(InvalidInput):
+        Overlay.create(tmp_path / "a", pool, base, None)
+    with pytest.raises(InvalidInput):
+        Overlay.create(tmp_path / "b", pool, base, mid, size=3 * MiB)
+    with pytest.raises(InvalidInput):
+        Overlay.create(tmp_path / "c", pool, None, None)
+    ov = Overlay.create(tmp_path / "ov", pool, base, mid)
+    with pytest.raises(AlreadyExists):
+        Overlay.create(tmp_path / "ov", pool, base, mid)
+    with pytest.raises(InvalidInput, match="outside the volume"):
+        ov.read(2 * MiB - 1, 2)
+    with pytest.raises(InvalidInput):
+        ov.write(2 * MiB, b"x")
+    with pytest.raises(InvalidInput):
+        ov.write_zeroes(-1, 5)
+    with pytest.raises(InvalidInput):
+        ov.trim(0, 2 * MiB + 1)
+    ov.close()
+    with pytest.raises(StorageError, match="closed"):
+        ov.read(0, 1)
+    with pytest.raises(StorageError, match="holds no overlay"):
+        Overlay.open(tmp_path / "nothing", pool)
+
+
+def test_concurrent_partial_writes_to_one_block_keep_each_other(
+    pool: ChunkPool, tmp_path: Path
+) -> None:
+    """Read-modify-write of clean blocks is per-block atomic: no write is lost."""
+    mid, base, data = make_base(pool, tmp_path, 5 * MiB)
+    model = bytearray(data)
+    with Overlay.create(tmp_path / "ov", pool, base, mid) as ov:
+        pieces = [(b * BLOCK + k * 4096, os.urandom(4096)) for b in range(8) for k in range(16)]
+        random.Random(5).shuffle(pieces)
+        for off, piece in pieces:
+            model[off : off + len(piece)] = piece
+
+        def worker(part: list[tuple[int, bytes]]) -> None:
+            for off, piece in part:
+                ov.write(off, piece)
+                ov.read(off, 8192 if off + 8192 <= ov.size else 1)
+
+        threads = [threading.Thread(target=worker, args=(pieces[i::8],)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert ov.read(0, ov.size) == model
+
+
+def test_capture_reads_only_dirty_blocks_and_restores_equal(
+    pool: ChunkPool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mid, base, _ = make_base(pool, tmp_path, 32 * MiB + 100, seed=9)
+    directory = tmp_path / "ov"
+    ov = Overlay.create(directory, pool, base, mid)
+    ov.write(5 * MiB + 3, b"changed!")  # one block of chunk 1 (a zero extent in the base)
+    ov.write(20 * MiB - 10, os.urandom(20))  # straddles chunks 4 and 5: two blocks
+    ov.write(32 * MiB + 50, b"tail")  # the short last chunk
+    gets: list[bytes] = []
+    real_get = pool.get
+
+    def counting_get(digest: bytes) -> bytes:
+        gets.append(digest)
+        return real_get(digest)
+
+    monkeypatch.setattr(pool, "get", counting_get)
+    new_id, manifest, stats = capture_overlay(pool, ov, meta={"label": "syncback"})
+    dirty = 3 * BLOCK + 100
+    assert stats.bytes_read == dirty == ov.dirty_bytes()
+    # only the base chunks under dirty blocks were read (chunk 1 is a zero extent)
+    assert set(gets) <= {base.chunks[4], base.chunks[5], base.chunks[8]}
+    pairs = zip(base.chunks, manifest.chunks, strict=True)
+    changed = {i for i, (a, b) in enumerate(pairs) if a != b}
+    assert changed == {1, 4, 5, 8}
+    assert stats.chunks_new == 4
+    # changed chunks are deltas over the base: about the size of the changed blocks
+    assert stats.bytes_stored < 3 * BLOCK + 100 + 4 * 4096
+    monkeypatch.undo()
+    assert load_manifest(pool, new_id) == manifest and manifest.meta == {"label": "syncback"}
+    out = tmp_path / "out.img"
+    restore_volume(pool, manifest, out)
+    assert out.read_bytes() == ov.read(0, ov.size)
+    ov.close()
+
+
+def test_capture_of_a_clean_overlay_is_the_base(pool: ChunkPool, tmp_path: Path) -> None:
+    mid, base, _ = make_base(pool, tmp_path, 9 * MiB)
+    with Overlay.create(tmp_path / "ov", pool, base, mid) as ov:
+        new_id, manifest, stats = capture_overlay(pool, ov)
+    assert manifest.chunks == base.chunks and new_id == mid
+    assert stats.bytes_read == 0 and stats.bytes_stored == 0
+
+
+def test_capture_of_an_overlay_without_base(pool: ChunkPool, tmp_path: Path) -> None:
+    with Overlay.create(tmp_path / "ov", pool, None, None, size=20 * MiB + 1) as ov:
+        payload = os.urandom(3 * MiB)
+        ov.write(7 * MiB, payload)
+        ov.write(0, bytes(BLOCK))  # dirty, but zeros: stays a zero extent
+        _, manifest, stats = capture_overlay(pool, ov)
+        assert stats.bytes_read == ov.dirty_bytes()
+        assert [c is None for c in manifest.chunks] == [True, False, False, True, True, True]
+        out = tmp_path / "out.img"
+        restore_volume(pool, manifest, out)
+        assert out.read_bytes() == ov.read(0, ov.size)
+
+
+def test_writes_rewriting_the_same_bytes_store_nothing(pool: ChunkPool, tmp_path: Path) -> None:
+    mid, base, data = make_base(pool, tmp_path, 8 * MiB)
+    with Overlay.create(tmp_path / "ov", pool, base, mid) as ov:
+        ov.write(MiB, data[MiB : 2 * MiB])
+        assert ov.dirty_bytes() == MiB
+        _, manifest, stats = capture_overlay(pool, ov)
+    assert manifest.chunks == base.chunks and stats.bytes_stored == 0
+    assert stats.bytes_read == MiB
+
+
+def test_delete_removes_the_files(pool: ChunkPool, tmp_path: Path) -> None:
+    ov = Overlay.create(tmp_path / "ov", pool, None, None, size=SUB_BLOCK * 3)
+    ov.write(0, b"x")
+    ov.delete()
+    assert not (tmp_path / "ov").exists()
