@@ -34,7 +34,7 @@ def agent(tmp_path: Path) -> Iterator[Agent]:
     context = ssl.create_default_context(cafile=str(directory / "cert.pem"))
     context.check_hostname = False
     with (
-        LiveServer(agent_app.create_app(cfg), directory, cfg.port),
+        LiveServer(agent_app.create_app(cfg, directory), directory, cfg.port),
         httpx.Client(base_url=info["url"], verify=context, timeout=30) as client,
     ):
         yield Agent(client, info["token"])

@@ -89,8 +89,3 @@ def test_errors_are_one_line_without_traceback(tmp_path: Path) -> None:
     assert proc.returncode == 1
     assert "manifest 'deadbeef' does not exist" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
-
-
-def test_demo_runs_and_verifies(tmp_path: Path) -> None:
-    proc = run("demo", "--size-mib", "32")
-    assert "data equal" in proc.stdout + proc.stderr

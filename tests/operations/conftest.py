@@ -34,7 +34,7 @@ def live(booted: Booted, tmp_path: Path) -> Iterator[Live]:
     cfg = load_daemon_dir(agent_dir, "agent")
     with (
         LiveServer(appliance.app, appliance.directory, appliance.config.port),
-        LiveServer(agent_app.create_app(cfg), agent_dir, cfg.port),
+        LiveServer(agent_app.create_app(cfg, agent_dir), agent_dir, cfg.port),
     ):
         hosts.add_host(
             appliance.site,

@@ -70,7 +70,7 @@ def test_a_wrong_fingerprint_is_refused_before_the_token_is_sent(tmp_path: Path)
 
     info = agent_app.init(tmp_path / "a", "a", f"127.0.0.1:{free_port()}")
     cfg = load_daemon_dir(tmp_path / "a", "agent")
-    with LiveServer(agent_app.create_app(cfg), tmp_path / "a", cfg.port):
+    with LiveServer(agent_app.create_app(cfg, tmp_path / "a"), tmp_path / "a", cfg.port):
         with pytest.raises(CertificateMismatch, match="not the pinned"):
             ApiClient(info["url"], info["token"], "cd" * 32)
         with ApiClient(info["url"], info["token"], info["fingerprint"].upper()) as client:

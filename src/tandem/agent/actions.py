@@ -9,6 +9,10 @@ Invariants
   abandoned action stops at its next progress report instead of running to the end.
 - Start/stop commands run through ``/bin/sh`` in a session of their own, with a timeout; the
   agent reports the exit status and the tail of the output, the appliance decides.
+- Materializing an image (``materialize``) checks every mount point against SPEC §2's rules
+  and fetches the manifest before the disk is touched; when it fails or is abandoned later,
+  what it created is removed before the error is reported (``mounts`` holds the rules, the
+  registry and the removal).
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from tandem.agent import mounts
+from tandem.agent.mounts import MountAction
 from tandem.errors import InvalidInput, SourceUnreadable, TandemError
 from tandem.storage import tree, volume
 from tandem.storage.manifest import TreeManifest, VolumeManifest, decode_manifest
@@ -31,7 +37,10 @@ from tandem.transport.client import ApiClient
 Emit = Callable[[dict[str, Any]], None]
 
 HEX_DIGEST = r"^[0-9a-f]{64}$"
+IMAGE_KEY = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+"""An image id (``img_…``) or name: safe as a registry key and in messages."""
 OUTPUT_TAIL = 4000
+MAX_VOLUMES = 64
 
 
 class ApplianceSession(BaseModel):
@@ -64,6 +73,31 @@ class RestoreRequest(BaseModel):
     manifest: str = Field(pattern=HEX_DIGEST)
     appliance: ApplianceSession
     job: str = ""
+
+
+class MaterializeRequest(BaseModel):
+    """Present an image on this host by writing it at a mount point (SPEC §2)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: str = Field(pattern="^(filesystem|volume)$")
+    manifest: str = Field(pattern=HEX_DIGEST)
+    appliance: ApplianceSession | None = None
+    """The read session to fetch from; needed unless the action is map-only."""
+    image: str = Field(pattern=IMAGE_KEY)
+    action: MountAction = MountAction.SPECIFY
+    mount_point: str | None = Field(default=None, max_length=4096)
+    """The mount point for the specify action (ignored by the other actions)."""
+    source_path: str = Field(default="", max_length=4096)
+    """The application's original path: the mount point of keep-source-path."""
+    volumes: int = Field(default=1, ge=1, le=MAX_VOLUMES)
+    job: str = ""
+
+
+class UnmaterializeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    image: str = Field(pattern=IMAGE_KEY)
 
 
 class RunRequest(BaseModel):
@@ -162,6 +196,147 @@ def restore(req: RestoreRequest, emit: Emit) -> dict[str, Any]:
         "bytes_received": source.bytes_received,
         "stats": stats.as_dict(),
     }
+
+
+def _mount_base(req: MaterializeRequest) -> str | None:
+    """The (clean) mount point the action names; None for map-only. Touches nothing."""
+    if req.action is MountAction.MAP_ONLY:
+        if req.kind != "volume":
+            raise InvalidInput(
+                detail="map-only presents a volume without mounting a file system and applies "
+                f"to volume images; image {req.image} is a file-system image: use "
+                "keep-source-path or specify"
+            )
+        return None
+    if req.action is MountAction.SPECIFY:
+        if not req.mount_point:
+            raise InvalidInput(
+                detail="the specify action needs a mount point: a full path such as /mnt/app"
+            )
+        return mounts.clean_path(req.mount_point, "mount point")
+    if not req.source_path:
+        raise InvalidInput(detail="keep-source-path needs the application's source path")
+    return mounts.clean_path(req.source_path, "source path")
+
+
+def _sum_stats(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    total: dict[str, Any] = {}
+    for part in parts:
+        for key, value in part.items():
+            total[key] = total.get(key, 0) + value
+    return total
+
+
+def materialize(req: MaterializeRequest, registry: mounts.Registry, emit: Emit) -> dict[str, Any]:
+    """Write the image at its mount point(s) under SPEC §2's rules; returns the final event.
+
+    A file-tree image becomes the content of each mount point; a volume image is written to
+    ``<mount point>/volume.img``. With ``volumes`` N > 1, each of ``PATH_1`` … ``PATH_N``
+    receives the image. map-only records the image and writes nothing.
+    """
+    entry: dict[str, Any] = {
+        "image": req.image,
+        "kind": req.kind,
+        "action": req.action.value,
+        "manifest": req.manifest,
+        "paths": [],
+        "files": [],
+        "created": [],
+        "kept": {},
+        "state": mounts.MATERIALIZING,
+        "time": mounts.now(),
+    }
+    base = _mount_base(req)
+    if base is None:
+        registry.begin(entry)
+        registry.finish(req.image, state=mounts.READY)
+        return {
+            "event": "done",
+            "image": req.image,
+            "paths": [],
+            "files": [],
+            "size": 0,
+            "bytes_sent": 0,
+            "stats": {},
+        }
+    specify = req.action is MountAction.SPECIFY
+    targets = [
+        mounts.check_target(path, make_parents=specify)
+        for path in mounts.mount_points(base, req.volumes)
+    ]
+    if req.appliance is None:
+        raise InvalidInput(detail=f"the {req.action.value} action needs the appliance session")
+    paths = [t.path for t in targets]
+    volume_image = req.kind == "volume"
+    files = [os.path.join(p, mounts.VOLUME_FILE) for p in paths] if volume_image else []
+    with _client(req.appliance) as client:
+        manifest = _fetch_manifest(client, req.appliance.session, req.manifest)
+        if isinstance(manifest, VolumeManifest) != volume_image:
+            what = "a volume" if isinstance(manifest, VolumeManifest) else "a file-tree"
+            raise InvalidInput(
+                detail=f"manifest {req.manifest} is {what} image, but the request says "
+                f"{req.kind}; send the image's own kind"
+            )
+        entry.update(paths=paths, files=files, kept={t.path: t.owner for t in targets if t.existed})
+        registry.begin(entry)
+        try:
+            created: list[str] = []
+
+            def recorded() -> None:
+                registry.update(req.image, created=created)
+
+            for target in targets:
+                if not target.existed:
+                    mounts.make_dirs(target.path, created, recorded)
+            source = RemoteChunkSource(client, req.appliance.session)
+            progress = _progress(emit)
+            total = manifest.size * len(paths)
+            emit({"event": "progress", "done": 0, "total": total})
+            parts = []
+            for i, path in enumerate(paths):
+                mounts.check_empty_folder(path)
+                offset = i * manifest.size
+
+                def step(done: int, _: int, offset: int = offset) -> None:
+                    progress(offset + done, total)
+
+                if isinstance(manifest, VolumeManifest):
+                    stats = volume.restore_volume(source, manifest, files[i], progress=step)
+                else:
+                    stats = tree.restore_tree(source, manifest, path, progress=step)
+                parts.append(stats.as_dict())
+            registry.finish(req.image, state=mounts.READY, time=mounts.now())
+        except BaseException as exc:
+            _undo(registry, req.image, exc)
+            raise
+    return {
+        "event": "done",
+        "image": req.image,
+        "paths": paths,
+        "files": files,
+        "size": manifest.size,
+        "bytes_sent": source.bytes_received,
+        "stats": _sum_stats(parts),
+    }
+
+
+def _undo(registry: mounts.Registry, image: str, exc: BaseException) -> None:
+    """Remove what a failed materialization created; if that fails too, say so."""
+    try:
+        registry.abandon(image)
+    except Exception as cleanup:
+        why = cleanup.message if isinstance(cleanup, TandemError) else repr(cleanup)
+        first = exc.message if isinstance(exc, TandemError) else repr(exc)
+        cls = type(exc) if isinstance(exc, TandemError) else TandemError
+        raise cls(
+            f"{first}; removing what the materialization had created failed too ({why}). "
+            f"Unmount image {image} to finish the clean-up"
+        ) from exc
+
+
+def unmaterialize(req: UnmaterializeRequest, registry: mounts.Registry) -> dict[str, Any]:
+    """Remove exactly what ``req.image``'s materialization created; forget it."""
+    return registry.remove(req.image)
 
 
 def run_command(req: RunRequest) -> dict[str, Any]:

@@ -7,6 +7,9 @@ Invariants
   events (``progress``..., then one ``done`` or ``error``). The action runs in a thread of
   its own; when the appliance disconnects, the action is told to stop (its next ``emit``
   raises) rather than carrying on for nobody.
+- ``/api/v1/materialize`` streams the same way; ``/api/v1/unmaterialize`` and
+  ``/api/v1/mounts`` answer JSON. Materializations are recorded in DIR/mounts.json (see
+  ``tandem.agent.mounts``), so an app made without its directory cannot materialize.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from fastapi import Depends, FastAPI, Header
 from fastapi.responses import StreamingResponse
 
 from tandem import __version__
-from tandem.agent import actions
+from tandem.agent import actions, mounts
 from tandem.errors import JobCanceled, TandemError, Unauthorized
 from tandem.transport.server import (
     DaemonConfig,
@@ -81,9 +84,19 @@ def _stream(job: str, work: Callable[[actions.Emit], dict[str, Any]]) -> Streami
     return StreamingResponse(body(), media_type="application/x-ndjson")
 
 
-def create_app(cfg: DaemonConfig) -> FastAPI:
+def create_app(cfg: DaemonConfig, directory: Path | None = None) -> FastAPI:
+    """The agent's API; ``directory`` (the agent's DIR) holds the mount registry."""
     app = FastAPI(title=f"tandem agent {cfg.name}", version=__version__)
     install_error_handlers(app)
+    registry = mounts.Registry(directory) if directory is not None else None
+
+    def mount_registry() -> mounts.Registry:
+        if registry is None:
+            raise TandemError(
+                "this agent app was made without its directory, where mounts.json is kept; "
+                "pass the directory to create_app (tandem agent serve does)"
+            )
+        return registry
 
     def auth(authorization: Annotated[str | None, Header()] = None) -> None:
         scheme, _, token = (authorization or "").partition(" ")
@@ -112,6 +125,19 @@ def create_app(cfg: DaemonConfig) -> FastAPI:
     def restore(req: actions.RestoreRequest) -> StreamingResponse:
         return _stream(req.job, lambda emit: actions.restore(req, emit))
 
+    @app.post("/api/v1/materialize", dependencies=[Depends(auth)])
+    def materialize(req: actions.MaterializeRequest) -> StreamingResponse:
+        reg = mount_registry()
+        return _stream(req.job, lambda emit: actions.materialize(req, reg, emit))
+
+    @app.post("/api/v1/unmaterialize", dependencies=[Depends(auth)])
+    def unmaterialize(req: actions.UnmaterializeRequest) -> dict[str, Any]:
+        return actions.unmaterialize(req, mount_registry())
+
+    @app.get("/api/v1/mounts", dependencies=[Depends(auth)])
+    def list_mounts() -> dict[str, Any]:
+        return mount_registry().read()
+
     @app.post("/api/v1/run", dependencies=[Depends(auth)])
     def run(req: actions.RunRequest) -> dict[str, Any]:
         return actions.run_command(req)
@@ -130,6 +156,6 @@ def run_forever(directory: Path) -> None:
     cfg = load_daemon_dir(directory, KIND)
     lock = lock_daemon_dir(directory, KIND)
     try:
-        serve(create_app(cfg), cfg, directory)
+        serve(create_app(cfg, directory), cfg, directory)
     finally:
         os.close(lock)

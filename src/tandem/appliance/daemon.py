@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
 from tandem.appliance.app import KIND, create_app
+from tandem.appliance.nbd import NbdServer
 from tandem.appliance.scheduler import Scheduler
 from tandem.catalog import queries as q
 from tandem.catalog.db import open_catalog
@@ -35,6 +37,7 @@ from tandem.domain.rules import Role
 from tandem.errors import AlreadyExists, InvalidInput
 from tandem.jobs.runner import JobRunner
 from tandem.operations.handlers import job_handlers
+from tandem.operations.present import restore_exports
 from tandem.operations.sessions import SessionRegistry
 from tandem.operations.site import Site
 from tandem.storage.pool import ChunkPool
@@ -44,6 +47,7 @@ from tandem.transport.server import (
     init_daemon_dir,
     load_daemon_dir,
     lock_daemon_dir,
+    parse_listen,
     serve,
 )
 
@@ -58,8 +62,13 @@ def catalog_url(directory: Path, cfg: DaemonConfig) -> str:
 
 def init(directory: Path, name: str, listen: str, catalog: str | None) -> dict[str, Any]:
     """Create an appliance in ``directory``; returns ``{name, url, token, fingerprint}``."""
+    host, _ = parse_listen(listen)
     cfg, token = init_daemon_dir(
-        directory, kind=KIND, name=name, listen=listen, extra={"catalog": catalog}
+        directory,
+        kind=KIND,
+        name=name,
+        listen=listen,
+        extra={"catalog": catalog, "nbd": f"{host}:{_free_port(host)}"},
     )
     try:
         ChunkPool.create(directory / "pool")
@@ -79,6 +88,20 @@ def init(directory: Path, name: str, listen: str, catalog: str | None) -> dict[s
             (directory / "config.json").unlink()
         raise
     return {"name": cfg.name, "url": cfg.url, "token": token, "fingerprint": cfg.fingerprint}
+
+
+def _free_port(host: str) -> int:
+    """A port free now, for the NBD server: fixed at init so export URIs survive restarts."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def nbd_server(cfg: DaemonConfig) -> NbdServer:
+    listen = str(cfg.extra.get("nbd") or f"{cfg.host}:0")
+    host, port = parse_listen(listen)
+    advertise = cfg.url.split("//", 1)[1].rsplit(":", 1)[0]
+    return NbdServer(host, port, advertise=advertise)
 
 
 class Appliance:
@@ -103,19 +126,29 @@ class Appliance:
             pool=pool,
             sessions=SessionRegistry(pool),
         )
+        self.nbd = nbd_server(self.config)
+        self.site.presenter = self.nbd
         self.runner = JobRunner(self.catalog, job_handlers(self.site), workers=workers)
         self.site.wake = self.runner.wake
         self.scheduler = Scheduler(self.site, tick=scheduler_tick)
         self.app = create_app(self.site)
 
     def start(self) -> None:
-        """Recover interrupted jobs, then start the runner and the scheduler."""
+        """Serve NBD exports again, recover interrupted jobs, then start the runner and the
+        scheduler."""
+        self.nbd.start()
+        restore_exports(self.site)
         self.runner.start()
         self.scheduler.start()
 
     def stop(self) -> None:
         self.scheduler.stop()
         self.runner.stop()
+        if self.nbd.running:
+            self.nbd.stop()
+        for overlay in list(self.site.overlays.values()):
+            overlay.close()
+        self.site.overlays.clear()
         self.catalog.close()
 
 

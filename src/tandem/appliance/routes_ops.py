@@ -10,15 +10,26 @@ from starlette.concurrency import run_in_threadpool
 from tandem.appliance.auth import Caller
 from tandem.appliance.schemas import (
     CaptureIn,
+    FailoverIn,
     ImageOut,
     JobAnswer,
     JobLogOut,
     JobOut,
+    MountIn,
+    PresentIn,
     RestoreIn,
     VerifyOut,
 )
 from tandem.domain.jobs import JobStatus
-from tandem.operations import capture, images, monitor, restore
+from tandem.operations import (
+    capture,
+    failover,
+    images,
+    monitor,
+    mount,
+    restore,
+    test_failover,
+)
 from tandem.operations.site import Site
 
 ACCEPTED = status.HTTP_202_ACCEPTED
@@ -41,6 +52,51 @@ def make_router(site: Site) -> APIRouter:
             site, app=name, image=body.image, confirm=body.confirm, actor=who.name
         )
         return JobAnswer(job=JobOut.of(job))
+
+    @router.post("/apps/{name}/test-failover", tags=["operations"], status_code=ACCEPTED)
+    def test_failover_app(name: str, body: PresentIn, who: Caller) -> JobAnswer:
+        job = test_failover.submit_test_failover(
+            site,
+            app=name,
+            host=body.host,
+            image=body.image,
+            mount_point=body.mount_point,
+            action=body.action,
+            actor=who.name,
+        )
+        return JobAnswer(job=JobOut.of(job))
+
+    @router.post("/apps/{name}/failover", tags=["operations"], status_code=ACCEPTED)
+    def failover_app(name: str, body: FailoverIn, who: Caller) -> JobAnswer:
+        job = failover.submit_failover(
+            site,
+            app=name,
+            host=body.host,
+            confirm=body.confirm,
+            image=body.image,
+            mount_point=body.mount_point,
+            action=body.action,
+            label=body.label,
+            actor=who.name,
+        )
+        return JobAnswer(job=JobOut.of(job))
+
+    @router.post("/images/{image_id}/mount", tags=["images"], status_code=ACCEPTED)
+    def mount_image(image_id: str, body: MountIn, who: Caller) -> JobAnswer:
+        job = mount.submit_mount(
+            site,
+            image=image_id,
+            host=body.host,
+            mount_point=body.mount_point,
+            action=body.action,
+            actor=who.name,
+        )
+        return JobAnswer(job=JobOut.of(job))
+
+    @router.post("/images/{image_id}/unmount", tags=["images"])
+    async def unmount_image(image_id: str) -> ImageOut:
+        row = await run_in_threadpool(mount.unmount, site, image=image_id)
+        return ImageOut.of(row)
 
     # --- images -----------------------------------------------------------------------
 

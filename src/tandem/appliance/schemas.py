@@ -72,6 +72,24 @@ class ProtectIn(Body):
     template: str = Field(pattern=NAME)
 
 
+class PresentIn(Body):
+    host: str = Field(min_length=1, max_length=64)
+    image: str | None = Field(default=None, max_length=64)
+    mount_point: str | None = Field(default=None, max_length=4096)
+    action: str | None = Field(default=None, max_length=32)
+
+
+class FailoverIn(PresentIn):
+    confirm: list[str] = Field(default_factory=list, max_length=8)
+    label: str | None = Field(default=None, max_length=128)
+
+
+class MountIn(Body):
+    host: str = Field(min_length=1, max_length=64)
+    mount_point: str | None = Field(default=None, max_length=4096)
+    action: str | None = Field(default=None, max_length=32)
+
+
 class CaptureIn(Body):
     label: str | None = Field(default=None, max_length=128, pattern=NO_NUL)
 
@@ -160,6 +178,8 @@ class ImageOut(BaseModel):
     epoch: int
     mounted_host: str | None
     mount_point: str | None
+    nbd_uri: str | None
+    """For a presented volume image: the NBD export (a capability: it holds the secret)."""
 
     @classmethod
     def of(cls, image: Image) -> ImageOut:
@@ -177,6 +197,7 @@ class ImageOut(BaseModel):
             epoch=image.epoch,
             mounted_host=image.mounted_host,
             mount_point=image.mount_point,
+            nbd_uri=image.nbd_export,
         )
 
 

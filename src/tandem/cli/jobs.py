@@ -40,6 +40,8 @@ def _finish(client: ApiClient, job: dict[str, Any], json_: bool) -> None:
         # The image may have gone since (a restore's source deleted meanwhile).
         with contextlib.suppress(NotFound):
             doc["image"] = client.get(f"/api/v1/images/{job['image']}")
+            if doc["image"].get("nbd_uri"):
+                doc["nbd_uri"] = doc["image"]["nbd_uri"]  # CLI.md: a presented volume's export
     if json_:
         emit_json(doc)
     else:

@@ -13,7 +13,7 @@ import typer
 # typer 0.29 vendors click; its usage errors live in this (private) module.
 from typer._click.exceptions import NoArgsIsHelpError, UsageError
 
-from tandem.cli import daemons, demo, jobs, ops, peers, setup, storage
+from tandem.cli import daemons, demo, dr, jobs, ops, peers, setup, storage
 from tandem.cli.output import fail
 
 app = typer.Typer(
@@ -49,6 +49,10 @@ app.command("audit")(ops.audit)
 app.add_typer(peers.peer_app, name="peer")
 app.command("peers")(peers.peer_list)
 app.command("replicate")(peers.replicate)
+app.command("test-failover")(dr.test_failover)
+app.command("failover")(dr.failover)
+app.command("mount")(dr.mount)
+app.command("unmount")(dr.unmount)
 
 
 def main() -> None:

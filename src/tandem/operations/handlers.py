@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import partial
 
 from tandem.jobs.runner import Handler
-from tandem.operations import capture, images, replicate, restore
+from tandem.operations import capture, failover, images, mount, replicate, restore, test_failover
 from tandem.operations.site import Site
 
 
@@ -15,4 +15,7 @@ def job_handlers(site: Site) -> dict[str, Handler]:
         restore.TYPE: partial(restore.run_restore, site),
         images.DELETE_TYPE: partial(images.run_delete, site),
         replicate.TYPE: partial(replicate.run_replicate, site),
+        test_failover.TYPE: partial(test_failover.run_test_failover, site),
+        failover.TYPE: partial(failover.run_failover, site),
+        mount.TYPE: partial(mount.run_mount, site),
     }

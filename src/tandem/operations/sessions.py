@@ -94,6 +94,18 @@ class SessionRegistry:
 
     # --- what the routes call ------------------------------------------------------------
 
+    def close_matching(self, **meta: Any) -> int:
+        """Close the sessions whose ``meta`` has these items (e.g. an app's transfers)."""
+        with self._lock:
+            doomed = [
+                s
+                for s in self._sessions.values()
+                if all(s.meta.get(k) == v for k, v in meta.items())
+            ]
+        for session in doomed:
+            self.close(session)
+        return len(doomed)
+
     def find(self, sid: str) -> Session:
         """A session by id, for a caller already authenticated otherwise (the peer)."""
         with self._lock:

@@ -15,10 +15,23 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
 
 from tandem.catalog.db import Catalog
 from tandem.operations.sessions import SessionRegistry
+from tandem.storage.overlay import Overlay
 from tandem.storage.pool import ChunkPool
+
+
+class Presenter(Protocol):
+    """What presenting a volume image needs of the NBD server (appliance.nbd.NbdServer)."""
+
+    def add_export(
+        self, name: str, backend: Any, read_only: bool = False, secret: str | None = None
+    ) -> str: ...
+
+    def remove_export(self, name: str) -> None: ...
 
 
 def _nothing() -> None:
@@ -39,3 +52,11 @@ class Site:
     sessions: SessionRegistry
     gc_lock: threading.Lock = field(default_factory=threading.Lock)
     wake: Callable[[], None] = _nothing
+    presenter: Presenter | None = None
+    """The NBD server volume images are exported by (None: NBD is off)."""
+    overlays: dict[str, Overlay] = field(default_factory=dict)
+    """Open virtual copies by image id (their NBD exports write into them)."""
+
+    @property
+    def overlays_dir(self) -> Path:
+        return self.pool.root.parent / "overlays"

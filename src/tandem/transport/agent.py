@@ -92,3 +92,12 @@ class AgentClient:
     def restore(self, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
         """Ask the agent to diff-restore from an appliance session; yields progress events."""
         return self._events("/api/v1/restore", body)
+
+    def materialize(self, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """Ask the agent to present an image at a mount point; yields progress events."""
+        return self._events("/api/v1/materialize", body)
+
+    def unmaterialize(self, image: str) -> dict[str, Any]:
+        """Remove what presenting ``image`` placed on the host."""
+        answer = self._call("POST", "/api/v1/unmaterialize", {"image": image})
+        return answer if isinstance(answer, dict) else {}

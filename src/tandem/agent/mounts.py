@@ -1,0 +1,466 @@
+"""Materialized images: an image's data placed at a mount point on this host, and taken away.
+
+SPEC §2's mount-point rules, as enforced here
+- A mount point is a full path: relative paths and ``..`` components are refused
+  (``InvalidInput``) before anything is looked at; ``/`` itself is refused.
+- An existing *empty* folder is used; a *missing* path is created (its parents too for the
+  *specify* action; *keep-source-path* creates no parents: the app's original parent folder
+  must exist). A file, a non-empty folder or a symlink at the mount point fails the job
+  (``TargetInvalid`` naming the path and the rule) and nothing is touched. The mount point
+  itself is never followed when it is a symlink.
+- With ``volumes`` N > 1 the mount points are ``PATH_1`` … ``PATH_N``; every one is checked
+  before the first is created.
+- A volume image is written to ``<mount point>/volume.img`` (``VOLUME_FILE``); a file-tree
+  image is the mount point's content.
+
+On-disk format: DIR/mounts.json (DIR is the agent's directory), one object::
+
+    {IMAGE: {"image": IMAGE, "kind": "filesystem"|"volume", "action": ACTION,
+             "manifest": HEX, "paths": [mount point, ...], "files": [volume.img path, ...],
+             "created": [directory this agent made, ...]  (parents first),
+             "kept": {pre-existing folder: {"mode": int, "uid": int, "gid": int}},
+             "state": "materializing"|"ready", "time": "YYYY-MM-DDTHH:MM:SSZ"}}
+
+written atomically (temporary file, fsync, rename, fsync of DIR).
+
+Invariants
+- The entry is written (state ``materializing``) before the first directory is made and
+  again after each one is made, so what an agent killed half-way had created is still
+  known; ``unmaterialize`` removes it after a restart. A directory that could not be
+  recorded before a crash is at worst left behind empty, never someone else's removed.
+- Removal takes away exactly what a materialization created: a directory it made is removed
+  with its content; a folder that existed before is emptied (it was empty) and given its
+  mode and owner back, never removed; a parent it made is removed only when empty.
+  Removal opens every directory with ``O_NOFOLLOW`` from its parent: no symlink is followed.
+- Mount points of two materializations never nest in each other (nor in DIR), so removing
+  one never reaches into another.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import stat
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from tandem.errors import Conflict, InvalidInput, NotFound, TandemError, TargetInvalid
+
+REGISTRY_FILE = "mounts.json"
+VOLUME_FILE = "volume.img"
+"""The file a volume image is materialized to, inside its mount point."""
+
+MATERIALIZING = "materializing"
+READY = "ready"
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+# One agent process serves one directory; this lock orders every registry change in it.
+_lock = threading.Lock()
+_busy: set[str] = set()  # images whose materialization is running in this process
+
+
+class MountAction(StrEnum):
+    """SPEC §2's mount actions for generic file-system apps."""
+
+    KEEP_SOURCE_PATH = "keep-source-path"
+    SPECIFY = "specify"
+    MAP_ONLY = "map-only"
+
+
+# --- paths and rules -------------------------------------------------------------------
+
+
+def clean_path(path: str, what: str = "mount point") -> str:
+    """``path`` normalised (``//`` and ``.`` folded, no trailing ``/``) if it is a safe full
+    path; ``InvalidInput`` saying why otherwise."""
+    if not path or "\x00" in path:
+        raise InvalidInput(detail=f"the {what} is empty or holds a NUL byte")
+    if not path.startswith("/"):
+        raise InvalidInput(
+            detail=f"the {what} {path!r} is not a full path; give an absolute path such as /mnt/app"
+        )
+    if ".." in path.split("/"):
+        raise InvalidInput(
+            detail=f"the {what} {path!r} contains a '..' component; give the path without it"
+        )
+    clean = "/" + os.path.normpath(path).lstrip("/")
+    if clean == "/":
+        raise InvalidInput(detail=f"the {what} cannot be the root folder /")
+    return clean
+
+
+def mount_points(base: str, volumes: int) -> list[str]:
+    """The mount point of each volume: ``base`` alone, or ``base_1`` … ``base_N``."""
+    if volumes < 1:
+        raise InvalidInput(detail=f"volumes must be at least 1, not {volumes}")
+    return [base] if volumes == 1 else [f"{base}_{i}" for i in range(1, volumes + 1)]
+
+
+def _refuse(path: str, reason: str, fix: str) -> TargetInvalid:
+    return TargetInvalid(
+        f"Cannot materialize the image at {path}: {reason}. A mount point must be an empty "
+        f"folder or a missing path (a file or a non-empty folder fails the job); {fix}.",
+        path=path,
+        reason=reason,
+    )
+
+
+@dataclass
+class Target:
+    """A mount point that passed the rules: a missing path, or an existing empty folder."""
+
+    path: str
+    existed: bool
+    owner: dict[str, int] | None = None  # mode, uid, gid of a pre-existing folder
+
+
+def check_target(path: str, *, make_parents: bool) -> Target:
+    """Apply SPEC §2's rules to ``path`` (a ``clean_path``) without changing anything."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        _check_creatable(path, make_parents)
+        return Target(path, existed=False)
+    except NotADirectoryError as exc:
+        raise _refuse(
+            path, "a component of the path is a file", "choose another mount point"
+        ) from exc
+    except OSError as exc:
+        raise _refuse(path, exc.strerror or str(exc), "choose another mount point") from exc
+    if stat.S_ISLNK(st.st_mode):
+        raise _refuse(
+            path,
+            "it is a symbolic link, which is not followed",
+            "give the real folder's path or choose another mount point",
+        )
+    if not stat.S_ISDIR(st.st_mode):
+        kind = "a file" if stat.S_ISREG(st.st_mode) else "not a folder"
+        raise _refuse(path, f"it is {kind}", "remove it or choose another mount point")
+    try:
+        entries = os.listdir(path)
+    except OSError as exc:
+        raise _refuse(path, exc.strerror or str(exc), "choose another mount point") from exc
+    if entries:
+        raise _refuse(
+            path,
+            f"it is a folder that is not empty ({len(entries)} entries)",
+            "empty it or choose another mount point",
+        )
+    owner = {"mode": stat.S_IMODE(st.st_mode), "uid": st.st_uid, "gid": st.st_gid}
+    return Target(path, existed=True, owner=owner)
+
+
+def _check_creatable(path: str, make_parents: bool) -> None:
+    """Raise ``TargetInvalid`` if the missing ``path`` cannot be made under the rules."""
+    parent = os.path.dirname(path)
+    if not make_parents:
+        if not os.path.isdir(parent):
+            state = "is not a folder" if os.path.lexists(parent) else "does not exist"
+            raise _refuse(
+                path,
+                f"its parent folder {parent} {state} (keep-source-path puts the image at the "
+                "application's original path and creates no parent folders)",
+                f"create {parent} or use the specify action with a mount point",
+            )
+        return
+    ancestor = parent
+    while not os.path.lexists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise _refuse(path, f"{ancestor} is a file, not a folder", "choose another mount point")
+
+
+def make_dirs(path: str, created: list[str], recorded: Callable[[], None]) -> None:
+    """Create ``path`` and its missing parents (top-down). Each directory made is appended to
+    ``created`` and ``recorded()`` is called at once, so a failure part-way (or a crash)
+    still knows what to remove."""
+    missing = []
+    current = path
+    while not os.path.lexists(current):
+        missing.append(current)
+        current = os.path.dirname(current)
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory)
+        except OSError as exc:
+            raise _refuse(
+                directory, f"it could not be created ({exc.strerror or exc})", "check the path"
+            ) from exc
+        created.append(directory)
+        recorded()
+
+
+def check_empty_folder(path: str) -> None:
+    """Just before writing: ``path`` is still a real, empty folder (not swapped meanwhile)."""
+    target = check_target(path, make_parents=False)
+    if not target.existed:
+        raise _refuse(path, "it vanished before the image was written", "run the job again")
+
+
+# --- removal ------------------------------------------------------------------------------
+
+
+def _open_dir(path: str) -> int | None:
+    """An fd on the folder ``path`` opened without following a symlink; None if missing."""
+    try:
+        return os.open(path, _DIR_FLAGS)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise TargetInvalid(
+                f"Cannot remove the materialized image at {path}: it is no longer a folder "
+                "(a symbolic link or a file took its place) and will not be followed. Remove "
+                "it by hand, then unmount again.",
+                path=path,
+                reason="not a folder",
+            ) from exc
+        raise
+
+
+@dataclass
+class _Level:
+    fd: int
+    names: Iterator[str]
+    name: str  # its name in the parent folder
+
+
+def _clear(root_fd: int) -> list[str]:
+    """Remove everything inside the folder open as ``root_fd``; returns the top-level names.
+
+    Iterative, so a deep tree cannot exhaust the recursion limit. Subfolders are opened
+    relative to their parent with O_NOFOLLOW and made writable first (an image may hold
+    read-only folders, whose entries could not be unlinked otherwise).
+    """
+    top = sorted(os.listdir(root_fd))
+    stack = [_Level(root_fd, iter(top), "")]
+    try:
+        while stack:
+            level = stack[-1]
+            name = next(level.names, None)
+            if name is None:
+                stack.pop()
+                if stack:
+                    os.close(level.fd)
+                    os.rmdir(level.name, dir_fd=stack[-1].fd)
+                continue
+            st = os.stat(name, dir_fd=level.fd, follow_symlinks=False)
+            if not stat.S_ISDIR(st.st_mode):
+                os.unlink(name, dir_fd=level.fd)
+                continue
+            sub = _Level(os.open(name, _DIR_FLAGS, dir_fd=level.fd), iter(()), name)
+            stack.append(sub)  # before anything else, so the finally below closes it
+            os.fchmod(sub.fd, 0o700)
+            sub.names = iter(os.listdir(sub.fd))
+    finally:
+        for level in stack[1:]:
+            os.close(level.fd)
+    return top
+
+
+def _restore_owner(fd: int, owner: dict[str, Any]) -> None:
+    """Give a pre-existing folder back the mode and owner it had (the image's root had
+    changed them)."""
+    with contextlib.suppress(KeyError, TypeError, ValueError):
+        os.fchmod(fd, int(owner["mode"]) & 0o7777)
+        st = os.fstat(fd)
+        uid, gid = int(owner["uid"]), int(owner["gid"])
+        if (st.st_uid, st.st_gid) != (uid, gid):
+            with contextlib.suppress(PermissionError):
+                os.fchown(fd, uid, gid)
+
+
+def remove_materialized(entry: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """Remove what the materialization ``entry`` describes; returns (removed, kept).
+
+    ``removed``: the directories removed with their content, and the entries emptied out of
+    pre-existing folders. ``kept``: the pre-existing folders (emptied), and parents this
+    agent made that now hold something else. Every mount point is opened (and a symlink or
+    file in its place refused) before anything is removed.
+    """
+    paths = [clean_path(str(p)) for p in entry.get("paths") or []]
+    created = [clean_path(str(p)) for p in entry.get("created") or []]
+    owners: dict[str, Any] = dict(entry.get("kept") or {})
+    removed: list[str] = []
+    kept: list[str] = []
+    fds: dict[str, int] = {}
+    try:
+        for path in paths:
+            # A mount point neither made nor found empty by this agent is not its to touch
+            # (an agent killed between mkdir and recording it): leave it alone.
+            if path in created or path in owners:
+                fd = _open_dir(path)
+                if fd is not None:
+                    fds[path] = fd
+        for path, fd in fds.items():
+            os.fchmod(fd, 0o700)
+            names = _clear(fd)
+            if path in created:
+                os.rmdir(path)
+                removed.append(path)
+            else:
+                _restore_owner(fd, owners[path])
+                removed += [os.path.join(path, name) for name in names]
+                kept.append(path)
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    parents = set(created) - set(paths)
+    for directory in sorted(parents, key=lambda d: d.count("/"), reverse=True):
+        try:
+            os.rmdir(directory)  # only when empty; never follows a symlink
+        except FileNotFoundError:
+            continue
+        except OSError:
+            kept.append(directory)
+            continue
+        removed.append(directory)
+    return removed, kept
+
+
+# --- the registry ---------------------------------------------------------------------------
+
+
+def _nested(a: str, b: str) -> bool:
+    """Whether one of two clean paths is the other or inside it."""
+    return a == b or a.startswith(b.rstrip("/") + "/") or b.startswith(a.rstrip("/") + "/")
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+class Registry:
+    """DIR/mounts.json: every materialization on this host, so unmount works after a restart."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.path = directory / REGISTRY_FILE
+
+    def _key(self, image: str) -> str:
+        return f"{self.path}\x00{image}"
+
+    def _load(self) -> dict[str, dict[str, Any]]:
+        try:
+            raw = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            raise TandemError(
+                f"the mount registry {self.path} cannot be read ({exc}); restore it from a "
+                "backup, or move it aside and remove what it listed by hand"
+            ) from exc
+        if not isinstance(raw, dict) or not all(isinstance(e, dict) for e in raw.values()):
+            raise TandemError(
+                f"the mount registry {self.path} is not a JSON object of entries; restore it "
+                "from a backup, or move it aside and remove what it listed by hand"
+            )
+        return raw
+
+    def _save(self, data: dict[str, dict[str, Any]]) -> None:
+        tmp = self.path.with_name(REGISTRY_FILE + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh, indent=2, sort_keys=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.path)
+        dfd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    def read(self) -> dict[str, dict[str, Any]]:
+        """The whole registry: image id → entry (see the module docstring)."""
+        with _lock:
+            return self._load()
+
+    def begin(self, entry: dict[str, Any]) -> None:
+        """Record a materialization about to start (before anything is created); refused
+        when the image is materialized already or a mount point nests in another one's."""
+        image = str(entry["image"])
+        home = os.path.realpath(self.directory)
+        with _lock:
+            data = self._load()
+            if image in data or self._key(image) in _busy:
+                where = ", ".join(data.get(image, {}).get("paths") or []) or "no path (map-only)"
+                raise Conflict(
+                    detail=f"image {image} is already materialized on this host at {where}; "
+                    "unmount it first"
+                )
+            for path in entry["paths"]:
+                if _nested(path, home) or _nested(os.path.realpath(path), home):
+                    raise InvalidInput(
+                        detail=f"the mount point {path} overlaps the agent's own directory "
+                        f"{home}; choose another mount point"
+                    )
+                for other, existing in data.items():
+                    for used in existing.get("paths") or []:
+                        if _nested(path, str(used)):
+                            raise Conflict(
+                                detail=f"the mount point {path} overlaps {used}, where image "
+                                f"{other} is materialized; unmount {other} first or choose "
+                                "another mount point"
+                            )
+            data[image] = entry
+            self._save(data)
+            _busy.add(self._key(image))
+
+    def update(self, image: str, **fields: Any) -> None:
+        with _lock:
+            data = self._load()
+            data[image].update(fields)
+            self._save(data)
+
+    def finish(self, image: str, **fields: Any) -> None:
+        """The materialization succeeded: store its final fields."""
+        try:
+            self.update(image, **fields)
+        finally:
+            with _lock:
+                _busy.discard(self._key(image))
+
+    def abandon(self, image: str) -> None:
+        """The materialization failed: remove what it created and forget it. If removing
+        fails, the entry stays (unmount can finish the work) and the error is raised."""
+        try:
+            with _lock:
+                data = self._load()
+                entry = data.get(image)
+                if entry is None:
+                    return
+                remove_materialized(entry)
+                del data[image]
+                self._save(data)
+        finally:
+            with _lock:
+                _busy.discard(self._key(image))
+
+    def remove(self, image: str) -> dict[str, Any]:
+        """Unmount: remove exactly what ``image``'s materialization created, then forget it."""
+        with _lock:
+            data = self._load()
+            entry = data.get(image)
+            if entry is None:
+                raise NotFound(
+                    f"Image {image!r} is not materialized on this host, so there is nothing to "
+                    "unmount. GET /api/v1/mounts on the agent lists what is."
+                )
+            if self._key(image) in _busy:
+                raise Conflict(
+                    detail=f"image {image} is being materialized right now; wait for its job "
+                    "to end (or cancel it), then unmount"
+                )
+            removed, kept = remove_materialized(entry)
+            del data[image]
+            self._save(data)
+        return {"image": image, "removed": removed, "kept": kept}

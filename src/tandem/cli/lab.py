@@ -1,0 +1,392 @@
+"""A lab of tandem daemons on loopback: create, run and always clean up child processes.
+
+A ``Lab`` owns a directory and any number of daemons (appliances and host agents) in it.
+Each daemon is created with ``tandem appliance|agent init DIR --listen 127.0.0.1:PORT`` on a
+free port and run with ``tandem … serve DIR`` as a child process, its output in
+``DIR.log``. ``start`` returns once every daemon answers ``/health`` with the certificate
+``init`` pinned. The demo uses one appliance and one agent; the two-site drill adds a second
+appliance and agent the same way.
+
+Invariants
+- Daemons run in sessions of their own (a Ctrl-C in the terminal reaches only the lab, which
+  then stops them in order) and, on Linux, get SIGTERM if the lab's process dies, even by
+  SIGKILL (``PR_SET_PDEATHSIG``).
+- Leaving the ``with`` block — normally, by an exception, by Ctrl-C, or by SIGTERM (turned
+  into ``KeyboardInterrupt`` while the lab is open) — runs the registered clean-ups (newest
+  first), stops every daemon (SIGTERM, then SIGKILL after a grace period) and, unless
+  ``keep``, removes what the lab created.
+- Every pipe and file the lab opens is closed again; every child is waited for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType, TracebackType
+from typing import Any, Literal
+
+from tandem.errors import TandemError, Unreachable
+from tandem.transport.client import ApiClient
+
+Kind = Literal["appliance", "agent"]
+
+START_TIMEOUT = 30.0
+STOP_GRACE = 10.0
+INIT_TIMEOUT = 60.0
+HEALTH_POLL = 0.05
+LOG_TAIL = 2000
+PR_SET_PDEATHSIG = 1
+
+
+def tandem_argv(*args: str) -> list[str]:
+    """The command line that runs ``tandem ARGS`` with this very interpreter."""
+    return [sys.executable, "-m", "tandem.cli", *args]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free now (another process may still take it before we bind)."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def child_env() -> dict[str, str]:
+    """The environment for daemons: the caller's, without its TANDEM_* settings."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("TANDEM_")}
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` asking Linux to SIGTERM the child when its parent dies."""
+    if not sys.platform.startswith("linux"):
+        return None
+    name = ctypes.util.find_library("c")
+    try:
+        prctl = ctypes.CDLL(name, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+    return preexec
+
+
+def _tail(path: Path) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except FileNotFoundError:
+        return "(no log)"
+    return text[-LOG_TAIL:].strip() or "(empty log)"
+
+
+@dataclass
+class Daemon:
+    """One daemon of the lab: its directory, address, credentials and process."""
+
+    kind: Kind
+    name: str
+    directory: Path
+    port: int
+    url: str = ""
+    token: str = ""
+    fingerprint: str = ""
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def log_path(self) -> Path:
+        return self.directory.with_name(self.directory.name + ".log")
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def client(self, token: str | None = None) -> ApiClient:
+        """A client for this daemon with its admin token (close it when done)."""
+        return ApiClient(
+            self.url,
+            self.token if token is None else token,
+            self.fingerprint,
+            what=self.kind,
+            name=self.name,
+        )
+
+    def env(self) -> dict[str, str]:
+        """TANDEM_URL, TANDEM_TOKEN and TANDEM_FINGERPRINT for the CLI against this daemon."""
+        return {
+            "TANDEM_URL": self.url,
+            "TANDEM_TOKEN": self.token,
+            "TANDEM_FINGERPRINT": self.fingerprint,
+        }
+
+    def log_tail(self) -> str:
+        return _tail(self.log_path)
+
+
+class Lab:
+    """Daemons as child processes in one directory; use it as a context manager."""
+
+    def __init__(
+        self, root: Path | None = None, *, keep: bool = False, prefix: str = "tandem-lab-"
+    ) -> None:
+        if root is None:
+            self.root = Path(tempfile.mkdtemp(prefix=prefix))
+            self._created = True
+        else:
+            root = root.absolute()
+            if root.exists() and (not root.is_dir() or any(root.iterdir())):
+                raise TandemError(
+                    f"{root} is not an empty directory; give a new or empty directory"
+                )
+            self._created = not root.exists()
+            root.mkdir(parents=True, exist_ok=True)
+            self.root = root
+        self.keep = keep
+        self.daemons: dict[str, Daemon] = {}
+        self._cleanups: list[tuple[str, Callable[[], object]]] = []
+        self._old_sigterm: Any = None
+        self._preexec = _die_with_parent()
+        self.cleanup_errors: list[str] = []
+
+    # --- context ----------------------------------------------------------------------
+
+    def __enter__(self) -> Lab:
+        if _in_main_thread():
+            self._old_sigterm = signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            self.close()
+        finally:
+            if self._old_sigterm is not None:
+                signal.signal(signal.SIGTERM, self._old_sigterm)
+                self._old_sigterm = None
+
+    def on_close(self, what: str, callback: Callable[[], object]) -> None:
+        """Run ``callback`` when the lab closes, before its daemons stop (newest first)."""
+        self._cleanups.append((what, callback))
+
+    def close(self) -> None:
+        """Run the clean-ups, stop every daemon and, unless ``keep``, remove the directory.
+
+        A Ctrl-C while closing does not leave children behind: the clean-ups go on, the
+        daemons are killed without grace, and KeyboardInterrupt is raised at the end.
+        """
+        interrupted = False
+        while self._cleanups:
+            what, callback = self._cleanups.pop()
+            try:
+                callback()
+            except KeyboardInterrupt:
+                interrupted = True
+                self.cleanup_errors.append(f"{what}: interrupted")
+            except Exception as exc:
+                self.cleanup_errors.append(f"{what}: {exc}")
+        grace = STOP_GRACE
+        for _ in range(3):
+            try:
+                self.stop(*self.daemons.values(), grace=grace)
+                break
+            except KeyboardInterrupt:
+                # Asked again to hurry: no more grace, but never leave a child behind.
+                interrupted, grace = True, 0.0
+        if not self.keep:
+            if self._created:
+                shutil.rmtree(self.root, ignore_errors=True)
+            else:
+                for child in self.root.iterdir():
+                    if child.is_dir() and not child.is_symlink():
+                        shutil.rmtree(child, ignore_errors=True)
+                    else:
+                        child.unlink(missing_ok=True)
+        if interrupted:
+            raise KeyboardInterrupt
+
+    # --- daemons ----------------------------------------------------------------------
+
+    def add(self, kind: Kind, name: str) -> Daemon:
+        """Declare a daemon (its directory is ROOT/NAME); ``init`` creates it."""
+        if name in self.daemons:
+            raise TandemError(f"the lab already has a daemon named {name!r}")
+        daemon = Daemon(kind, name, self.root / name, free_port())
+        self.daemons[name] = daemon
+        return daemon
+
+    def init(self, *daemons: Daemon) -> None:
+        """Run ``tandem KIND init`` for each daemon, all at once."""
+        self._init(daemons, serve=False)
+
+    def start(self, *daemons: Daemon, timeout: float = START_TIMEOUT) -> None:
+        """Run ``tandem KIND serve`` for each daemon and wait until all answer /health."""
+        for d in daemons:
+            self._serve(d)
+        deadline = time.monotonic() + timeout
+        for d in daemons:
+            wait_healthy(d, deadline)
+
+    def up(self, *daemons: Daemon, timeout: float = START_TIMEOUT) -> None:
+        """Create the daemons not yet created and start them all; each ``serve`` starts as
+        soon as its own ``init`` is done. Returns once every daemon answers /health."""
+        self._init([d for d in daemons if not d.url], serve=True)
+        self.start(*daemons, timeout=timeout)
+
+    def _init(self, daemons: Iterable[Daemon], *, serve: bool) -> None:
+        procs: dict[str, tuple[Daemon, subprocess.Popen[bytes]]] = {}
+        try:
+            for d in daemons:
+                argv = tandem_argv(
+                    d.kind,
+                    "init",
+                    str(d.directory),
+                    "--name",
+                    d.name,
+                    "--listen",
+                    f"127.0.0.1:{d.port}",
+                    "--json",
+                )
+                procs[d.name] = (
+                    d,
+                    subprocess.Popen(
+                        argv,
+                        env=child_env(),
+                        stdin=subprocess.DEVNULL,
+                        stdout=subprocess.PIPE,
+                        stderr=subprocess.PIPE,
+                    ),
+                )
+            deadline = time.monotonic() + INIT_TIMEOUT
+            while procs:
+                ended = [name for name, (_, proc) in procs.items() if proc.poll() is not None]
+                if not ended:
+                    if time.monotonic() > deadline:
+                        raise TandemError(f"`tandem … init` took over {INIT_TIMEOUT:.0f} s")
+                    time.sleep(HEALTH_POLL)
+                    continue
+                for name in ended:
+                    d, proc = procs.pop(name)
+                    out, err = proc.communicate()
+                    if proc.returncode != 0:
+                        raise TandemError(
+                            f"`tandem {d.kind} init` of {d.name} exited with status "
+                            f"{proc.returncode}: {err.decode(errors='replace').strip()}"
+                        )
+                    info = json.loads(out)
+                    d.url, d.token = info["url"], info["token"]
+                    d.fingerprint = info["fingerprint"]
+                    if serve:
+                        self._serve(d)
+        finally:
+            for _, proc in procs.values():
+                if proc.poll() is None:
+                    proc.kill()
+                proc.communicate()
+
+    def _serve(self, d: Daemon) -> None:
+        if d.running:
+            return
+        if not d.url:
+            raise TandemError(f"{d.kind} {d.name} was not created; call init first")
+        with open(d.log_path, "ab") as log:
+            d.proc = subprocess.Popen(
+                tandem_argv(d.kind, "serve", str(d.directory)),
+                env=child_env(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=self._preexec,
+            )
+
+    def stop(self, *daemons: Daemon, grace: float = STOP_GRACE) -> dict[str, int]:
+        """SIGTERM the daemons, SIGKILL any still running after ``grace``; their statuses."""
+        live = [d for d in daemons if d.proc is not None]
+        for d in live:
+            assert d.proc is not None
+            if d.proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    d.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        codes: dict[str, int] = {}
+        for d in live:
+            assert d.proc is not None
+            try:
+                codes[d.name] = d.proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                d.proc.kill()
+                codes[d.name] = d.proc.wait()
+            d.proc = None
+        return codes
+
+    def kill(self, daemon: Daemon) -> int:
+        """SIGKILL one daemon (a crash) and reap it; returns its status."""
+        if daemon.proc is None:
+            return 0
+        with contextlib.suppress(ProcessLookupError):
+            daemon.proc.kill()
+        code = daemon.proc.wait()
+        daemon.proc = None
+        return code
+
+    def exited(self) -> list[Daemon]:
+        """The daemons that were started and have exited since (crashed, or were killed)."""
+        return [d for d in self.daemons.values() if d.proc is not None and not d.running]
+
+    def __iter__(self) -> Iterator[Daemon]:
+        return iter(self.daemons.values())
+
+
+def wait_healthy(daemon: Daemon, deadline: float) -> None:
+    """Wait until ``daemon`` answers /health over TLS with its pinned certificate."""
+    while True:
+        if daemon.proc is None or daemon.proc.poll() is not None:
+            code = None if daemon.proc is None else daemon.proc.returncode
+            raise TandemError(
+                f"{daemon.kind} {daemon.name} exited at start (status {code}); its log "
+                f"{daemon.log_path} ends with: {daemon.log_tail()}"
+            )
+        try:
+            with ApiClient(
+                daemon.url,
+                None,
+                daemon.fingerprint,
+                what=daemon.kind,
+                name=daemon.name,
+                timeout=2.0,
+            ) as client:
+                client.get("/health")
+            return
+        except Unreachable:
+            pass
+        if time.monotonic() > deadline:
+            raise TandemError(
+                f"{daemon.kind} {daemon.name} did not answer at {daemon.url}/health in time; "
+                f"its log {daemon.log_path} ends with: {daemon.log_tail()}"
+            )
+        time.sleep(HEALTH_POLL)
+
+
+def _in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+def _sigterm_to_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")

@@ -1,0 +1,146 @@
+"""Failover (SPEC §3): the app comes up at the DR site from its latest (or chosen) replica.
+
+Runs on the DR appliance; the server requires the typed confirmation ``FAILOVER``.
+1. The lifecycle moves the app MANAGED → FAILED_OVER and raises its writer epoch here:
+   from now on this appliance refuses replication carrying the old epoch (production can
+   no longer overwrite the DR copy: never two writable copies feeding replication), and
+   transfers of the app that are under way are cut.
+2. A writable virtual copy of the replica (a ``failover`` image) is presented to the chosen
+   host: an NBD export for a volume, materialized at the mount point through the agent;
+   the replica itself stays intact as the reference copy.
+3. The app's start command runs on that host.
+
+If presenting fails, nothing is left (no export, no files, no row) and the state is
+unchanged: the transition is recorded only after the copy is presented.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tandem.catalog import queries as q
+from tandem.catalog.models import Job
+from tandem.domain.ids import new_image_id
+from tandem.domain.images import ImageKind
+from tandem.domain.lifecycle import AppFacts, Operation, check_transition
+from tandem.domain.rules import FAILOVER_CONFIRMATION, check_confirmations
+from tandem.errors import InvalidInput, TandemError
+from tandem.jobs.queue import submit_job
+from tandem.jobs.runner import JobContext
+from tandem.operations import present
+from tandem.operations.capture import check_label
+from tandem.operations.hosts import agent_for
+from tandem.operations.site import Site
+from tandem.operations.test_failover import pick_replica
+
+TYPE = "failover"
+
+
+def submit_failover(
+    site: Site,
+    *,
+    app: str,
+    host: str,
+    confirm: list[str],
+    image: str | None = None,
+    mount_point: str | None = None,
+    action: str | None = None,
+    label: str | None = None,
+    actor: str | None = None,
+) -> Job:
+    check_confirmations(confirm, [FAILOVER_CONFIRMATION])
+    label = check_label(label)
+    with site.catalog.begin() as session:
+        row = q.get_app(session, name=app)
+        replicas = len(q.list_images(session, app=app, kind=ImageKind.REPLICA))
+        check_transition(row.name, row.state, Operation.FAILOVER, AppFacts(replica_images=replicas))
+        replica = pick_replica(session, row, image)
+        q.get_host(session, name=host)
+        if host == row.host:
+            raise InvalidInput(
+                detail=f"host {host!r} is where {row.name!r} ran in production; fail over to a "
+                "host of the DR site"
+            )
+        action = present.check_action(row, action, mount_point)
+        job = submit_job(
+            session,
+            type=TYPE,
+            app=row.name,
+            image=replica.id,
+            params={"host": host, "mount_point": mount_point, "action": action, "label": label},
+            lifecycle=True,
+            actor=actor,
+        )
+    site.wake()
+    return job
+
+
+def run_failover(site: Site, ctx: JobContext) -> dict[str, Any]:
+    params = ctx.job.params
+    with site.catalog.read() as session:
+        app = q.get_app(session, name=ctx.job.app or "")
+        replicas = len(q.list_images(session, app=app.name, kind=ImageKind.REPLICA))
+        check_transition(app.name, app.state, Operation.FAILOVER, AppFacts(replica_images=replicas))
+        replica = pick_replica(session, app, ctx.job.image)
+        host = q.get_host(session, name=params["host"])
+    with agent_for(host) as agent:
+        agent.info()
+    cut = site.sessions.close_matching(app=app.name)
+    if cut:
+        ctx.log(f"cut {cut} replication transfer(s) of {app.name} under way")
+    image_id = new_image_id()
+    shown = present.present(
+        site,
+        ctx,
+        image_id=image_id,
+        base=replica,
+        app=app,
+        host=host,
+        action=params["action"],
+        mount_point=params.get("mount_point"),
+    )
+    try:
+        with site.catalog.begin() as session:
+            step = q.record_transition(
+                session,
+                app=app.name,
+                operation=Operation.FAILOVER,
+                actor=ctx.job.actor,
+                job=ctx.job.id,
+                facts=AppFacts(replica_images=replicas),
+            )
+            epoch = step.epoch
+    except BaseException:
+        present.withdraw_unrecorded(site, image_id, host)
+        raise
+    row = present.record(
+        site,
+        image_id=image_id,
+        app=app,
+        base=replica,
+        kind=ImageKind.FAILOVER,
+        host=host,
+        presented=shown,
+        label=params.get("label"),
+    )
+    ctx.set_image(row.id)
+    ctx.log(
+        f"{app.name} is failed over; writer epoch {epoch}: replication from production is refused"
+    )
+    started = False
+    if app.start_cmd:
+        with agent_for(host) as agent:
+            result = agent.run(app.start_cmd)
+        if result.get("returncode") != 0:
+            raise TandemError(
+                f"the start command of {app.name!r} failed on host {host.name} "
+                f"(exit {result.get('returncode')}): {str(result.get('stderr', '')).strip()[:300]}."
+                f" The app is failed over to image {row.id}; start it by hand"
+            )
+        started = True
+    ctx.set_message(
+        f"{app.name} failed over to {row.id} on host {host.name}"
+        + (f" at {shown.mount_point}" if shown.mount_point else "")
+        + (", started" if started else "")
+    )
+    return {"image": row.id, "nbd_uri": shown.nbd_uri, "paths": shown.paths, "epoch": epoch}

@@ -1,0 +1,115 @@
+"""Mount and unmount: present any image (a snapshot, replica, syncback…) to a host as a
+writable virtual copy, and take a presentation away.
+
+A mount is a ``mount`` image over the image it was made from; writing to it never changes
+that image. Unmount withdraws any presented image (mount, test-failover, failover): the NBD
+export, what the agent placed at the mount point, and the overlay; the row stays, ready to
+be deleted with ``tandem image delete``. A failover image in use by a failed-over app is not
+unmounted (fail back first).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tandem.catalog import queries as q
+from tandem.catalog.models import Image, Job
+from tandem.domain.ids import new_image_id
+from tandem.domain.images import ImageKind, ImageState
+from tandem.domain.lifecycle import AppState, Operation, check_transition
+from tandem.errors import Conflict, NotFound
+from tandem.jobs.queue import submit_job
+from tandem.jobs.runner import JobContext
+from tandem.operations import present
+from tandem.operations.hosts import agent_for
+from tandem.operations.site import Site
+
+TYPE = "mount"
+PRESENTED = (ImageKind.MOUNT, ImageKind.TEST_FAILOVER, ImageKind.FAILOVER)
+
+
+def submit_mount(
+    site: Site,
+    *,
+    image: str,
+    host: str,
+    mount_point: str | None = None,
+    action: str | None = None,
+    actor: str | None = None,
+) -> Job:
+    with site.catalog.begin() as session:
+        base = q.get_image(session, image_id=image)
+        app = base.app
+        check_transition(app.name, app.state, Operation.MOUNT)
+        q.get_host(session, name=host)
+        action = present.check_action(app, action, mount_point)
+        job = submit_job(
+            session,
+            type=TYPE,
+            app=app.name,
+            image=base.id,
+            params={"host": host, "mount_point": mount_point, "action": action},
+            lifecycle=False,
+            actor=actor,
+        )
+    site.wake()
+    return job
+
+
+def run_mount(site: Site, ctx: JobContext) -> dict[str, Any]:
+    params = ctx.job.params
+    with site.catalog.read() as session:
+        base = q.get_image(session, image_id=ctx.job.image or "")
+        app = base.app
+        host = q.get_host(session, name=params["host"])
+    with agent_for(host) as agent:
+        agent.info()
+    image_id = new_image_id()
+    shown = present.present(
+        site,
+        ctx,
+        image_id=image_id,
+        base=base,
+        app=app,
+        host=host,
+        action=params["action"],
+        mount_point=params.get("mount_point"),
+    )
+    row = present.record(
+        site,
+        image_id=image_id,
+        app=app,
+        base=base,
+        kind=ImageKind.MOUNT,
+        host=host,
+        presented=shown,
+        label=None,
+    )
+    ctx.set_image(row.id)
+    ctx.set_message(
+        f"{base.id} mounted as {row.id} on host {host.name}"
+        + (f" at {shown.mount_point}" if shown.mount_point else "")
+    )
+    return {"image": row.id, "nbd_uri": shown.nbd_uri, "paths": shown.paths}
+
+
+def unmount(site: Site, *, image: str) -> Image:
+    """Withdraw a presented image; it stays as a row until deleted."""
+    with site.catalog.read() as session:
+        row = q.get_image(session, image_id=image)
+        if row.kind not in PRESENTED or row.state is not ImageState.MOUNTED:
+            raise Conflict(detail=f"image {row.id} ({row.kind.value}) is not mounted")
+        if row.kind is ImageKind.FAILOVER and row.app.state is not AppState.MANAGED:
+            raise Conflict(
+                detail=f"image {row.id} is where {row.app.name!r} runs since its failover; "
+                "fail back before unmounting it"
+            )
+        host = None
+        if row.mounted_host:
+            try:
+                host = q.get_host(session, name=row.mounted_host)
+            except NotFound:
+                host = None
+    present.withdraw(site, row, host)
+    with site.catalog.begin() as session:
+        return q.set_image_state(session, image_id=row.id, state=ImageState.READY)

@@ -1,0 +1,239 @@
+"""Presenting an image to a host: the shared core of test failover, failover and mount.
+
+A presented image is a *virtual copy*: a new image row over a base image that never changes.
+- Volume apps: an overlay (``storage.overlay``) over the base manifest, exported by the
+  appliance's NBD server as ``nbd://HOST:PORT/IMAGE.SECRET`` (the secret makes the URI a
+  capability). Presenting a 1 TiB image costs the same as a 1 MiB one: nothing is copied.
+- With a mount action other than ``map-only`` (and always for file-system apps), the host's
+  agent also materializes the image at the mount point under SPEC §2's rules (an empty
+  folder is used, a missing one made; a file or a non-empty folder fails the job and leaves
+  nothing behind).
+
+Invariants
+- The image row is written last, in one transaction, once the export and the mount exist:
+  a failed presentation leaves no row, no export, no overlay and nothing on the host.
+- The export name and secret live in the row (``nbd_export`` holds the URI), so exports are
+  made again with the same URI when the appliance restarts (``restore_exports``).
+- Withdrawing (unmount) removes the export, then what the agent placed, then the overlay.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+import shutil
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from tandem.catalog import queries as q
+from tandem.catalog.models import App, Host, Image
+from tandem.domain.images import ImageKind, ImageState
+from tandem.domain.lifecycle import AppKind
+from tandem.errors import InvalidInput, TandemError
+from tandem.jobs.runner import JobContext
+from tandem.operations.hosts import agent_for
+from tandem.operations.site import Site
+from tandem.operations.streams import follow
+from tandem.storage.manifest import VolumeManifest, load_manifest
+from tandem.storage.overlay import Overlay
+
+ACTIONS = ("keep-source-path", "specify", "map-only")
+
+
+@dataclass
+class Presented:
+    nbd_uri: str | None
+    paths: list[str]
+    mount_point: str | None
+    bytes_sent: int
+
+
+def check_action(app: App, action: str | None, mount_point: str | None) -> str:
+    """The mount action to use; refuses combinations SPEC §2 does not allow."""
+    if action is None:
+        if mount_point:
+            action = "specify"
+        else:
+            action = "map-only" if app.kind is AppKind.VOLUME else "keep-source-path"
+    if action not in ACTIONS:
+        raise InvalidInput(detail=f"--action is one of {', '.join(ACTIONS)}, not {action!r}")
+    if action == "specify" and not (mount_point and mount_point.startswith("/")):
+        raise InvalidInput(detail="--action specify needs --mount-point with a full path")
+    if action == "map-only" and app.kind is not AppKind.VOLUME:
+        raise InvalidInput(
+            detail="map-only presents a volume without mounting a file system; "
+            f"application {app.name!r} is a file tree: give --mount-point or keep-source-path"
+        )
+    return action
+
+
+def present(
+    site: Site,
+    ctx: JobContext,
+    *,
+    image_id: str,
+    base: Image,
+    app: App,
+    host: Host,
+    action: str,
+    mount_point: str | None,
+    writable: bool = True,
+) -> Presented:
+    """Export and/or materialize a virtual copy of ``base`` for ``host``; undone on failure."""
+    base_id = bytes.fromhex(base.manifest)
+    uri: str | None = None
+    overlay: Overlay | None = None
+    transfer = None
+    try:
+        if app.kind is AppKind.VOLUME:
+            manifest = load_manifest(site.pool, base_id)
+            if not isinstance(manifest, VolumeManifest):
+                raise InvalidInput(detail=f"image {base.id} is not a volume image")
+            if site.presenter is None:
+                raise InvalidInput(detail="this appliance serves no NBD exports")
+            overlay = Overlay.create(site.overlays_dir / image_id, site.pool, manifest, base_id)
+            uri = site.presenter.add_export(
+                image_id.replace("_", "-"),
+                overlay,
+                read_only=not writable,
+                secret=secrets.token_urlsafe(18),
+            )
+            site.overlays[image_id] = overlay
+            ctx.log(f"exported {image_id} over NBD")
+        paths: list[str] = []
+        if action != "map-only":
+            transfer, token = site.sessions.open(job_id=ctx.job.id, write=False, readable=[base_id])
+            body = {
+                "kind": app.kind.value,
+                "manifest": base.manifest,
+                "image": image_id,
+                "action": action,
+                "mount_point": mount_point,
+                "source_path": app.path,
+                "appliance": {
+                    "url": site.url,
+                    "fingerprint": site.fingerprint,
+                    "token": token,
+                    "session": transfer.id,
+                },
+            }
+            ctx.set_message(f"presenting {base.id} on host {host.name}")
+            with agent_for(host) as agent:
+                done = follow(
+                    ctx, agent.materialize(body), host=host.name, moved=lambda: transfer.bytes_sent
+                )
+            paths = [str(p) for p in done.get("paths", [])]
+        sent = transfer.bytes_sent if transfer is not None else 0
+        where = mount_point if action == "specify" else app.path if action != "map-only" else None
+        return Presented(uri, paths, where, sent)
+    except BaseException:
+        _undo(site, image_id, uri, overlay)
+        raise
+    finally:
+        if transfer is not None:
+            site.sessions.close(transfer)
+
+
+def _undo(site: Site, image_id: str, uri: str | None, overlay: Overlay | None) -> None:
+    if uri is not None and site.presenter is not None:
+        with contextlib.suppress(TandemError):
+            site.presenter.remove_export(image_id.replace("_", "-"))
+    site.overlays.pop(image_id, None)
+    if overlay is not None:
+        with contextlib.suppress(Exception):
+            overlay.delete()
+
+
+def withdraw(site: Site, image: Image, host: Host | None) -> dict[str, Any]:
+    """Unpresent ``image``: drop its export, what its agent placed, and its overlay."""
+    removed: list[str] = []
+    if image.nbd_export and site.presenter is not None:
+        with contextlib.suppress(TandemError):
+            site.presenter.remove_export(image.id.replace("_", "-"))
+    if host is not None and image.mount_point is not None:
+        with agent_for(host) as agent:
+            removed = [str(p) for p in agent.unmaterialize(image.id).get("removed", [])]
+    overlay = site.overlays.pop(image.id, None)
+    if overlay is not None:
+        overlay.delete()
+    else:
+        shutil.rmtree(site.overlays_dir / image.id, ignore_errors=True)
+    return {"removed": removed}
+
+
+def withdraw_unrecorded(site: Site, image_id: str, host: Host) -> None:
+    """Undo a presentation whose row was never written (the step after it failed)."""
+    if site.presenter is not None:
+        with contextlib.suppress(TandemError):
+            site.presenter.remove_export(image_id.replace("_", "-"))
+    with contextlib.suppress(TandemError), agent_for(host) as agent:
+        agent.unmaterialize(image_id)
+    overlay = site.overlays.pop(image_id, None)
+    if overlay is not None:
+        with contextlib.suppress(Exception):
+            overlay.delete()
+
+
+def restore_exports(site: Site) -> list[str]:
+    """At start-up: export again every presented volume image, with the URI it had."""
+    if site.presenter is None:
+        return []
+    done = []
+    with site.catalog.read() as session:
+        rows = [
+            (i.id, i.nbd_export)
+            for kind in (ImageKind.TEST_FAILOVER, ImageKind.FAILOVER, ImageKind.MOUNT)
+            for i in q.list_images_of_kind(session, kind=kind)
+            if i.nbd_export and i.state is ImageState.MOUNTED
+        ]
+    for image_id, uri in rows:
+        directory = site.overlays_dir / image_id
+        if not directory.exists():
+            continue
+        overlay = Overlay.open(directory, site.pool)
+        secret = urlsplit(uri).path.rsplit(".", 1)[-1]
+        site.presenter.add_export(image_id.replace("_", "-"), overlay, secret=secret)
+        site.overlays[image_id] = overlay
+        done.append(image_id)
+    return done
+
+
+def mounted_doc(image: Image) -> dict[str, Any]:
+    return {"nbd_uri": image.nbd_export, "mount_point": image.mount_point}
+
+
+def record(
+    site: Site,
+    *,
+    image_id: str,
+    app: App,
+    base: Image,
+    kind: ImageKind,
+    host: Host,
+    presented: Presented,
+    label: str | None,
+) -> Image:
+    """Write the presented image's row (the last step of presenting)."""
+    with site.catalog.begin() as session:
+        row = q.add_image(
+            session,
+            app=app.name,
+            kind=kind,
+            manifest=base.manifest,
+            size=base.size,
+            label=label,
+            parent_id=base.id,
+            source_image_id=base.id,
+            image_id=image_id,
+            state=ImageState.MOUNTED,
+        )
+        q.set_image_state(
+            session,
+            image_id=image_id,
+            state=ImageState.MOUNTED,
+            mounted_host=host.name,
+            mount_point=presented.mount_point if presented.paths else None,
+            nbd_export=presented.nbd_uri,
+        )
+    return row

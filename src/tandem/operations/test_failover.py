@@ -1,0 +1,139 @@
+"""Test failover (SPEC §2): a writable virtual copy of a replica presented to a DR host while
+replication goes on. The replica is never changed; the app's state does not change.
+
+Rules, checked when the job is submitted and again when it runs: the app has a replica
+here; at most one test-failover image per host, and an app is tested on one host at a
+time; never onto the host the app runs on in production; the host's agent must answer
+(a clear "host NAME unreachable at URL" otherwise).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from tandem.catalog import queries as q
+from tandem.catalog.models import App, Image, Job
+from tandem.domain.ids import new_image_id
+from tandem.domain.images import ImageKind, ImageState
+from tandem.domain.lifecycle import AppFacts, Operation, check_transition
+from tandem.domain.rules import PresentedImage, check_test_failover_target
+from tandem.errors import InvalidInput, NotFound
+from tandem.jobs.queue import submit_job
+from tandem.jobs.runner import JobContext
+from tandem.operations import present
+from tandem.operations.hosts import agent_for
+from tandem.operations.site import Site
+
+TYPE = "test-failover"
+
+
+def pick_replica(session: Session, app: App, image: str | None) -> Image:
+    """The replica to present: the one named, or the newest."""
+    if image:
+        row = q.get_image(session, image_id=image)
+        if row.app.name != app.name or row.kind is not ImageKind.REPLICA:
+            raise InvalidInput(detail=f"image {image} is not a replica of {app.name!r}")
+        return row
+    newest = q.latest_image(session, app=app.name, kind=ImageKind.REPLICA)
+    if newest is None:
+        raise NotFound(what="replica of application", name=app.name, listing=f"images {app.name}")
+    return newest
+
+
+def check_target(session: Session, app: App, host: str) -> None:
+    q.get_host(session, name=host)
+    if host == app.host:
+        raise InvalidInput(
+            detail=f"host {host!r} is where {app.name!r} runs in production; present the copy "
+            "on another host"
+        )
+    presented = [
+        PresentedImage(image_id=i.id, app=i.app.name, host=i.mounted_host or "")
+        for i in q.list_images_of_kind(session, kind=ImageKind.TEST_FAILOVER)
+        if i.state is ImageState.MOUNTED
+    ]
+    check_test_failover_target(
+        app=app.name, source_host=app.host, target_host=host, is_vm=False, test_images=presented
+    )
+
+
+def submit_test_failover(
+    site: Site,
+    *,
+    app: str,
+    host: str,
+    image: str | None = None,
+    mount_point: str | None = None,
+    action: str | None = None,
+    actor: str | None = None,
+) -> Job:
+    with site.catalog.begin() as session:
+        row = q.get_app(session, name=app)
+        replicas = len(q.list_images(session, app=app, kind=ImageKind.REPLICA))
+        check_transition(
+            row.name, row.state, Operation.TEST_FAILOVER, AppFacts(replica_images=replicas)
+        )
+        replica = pick_replica(session, row, image)
+        check_target(session, row, host)
+        action = present.check_action(row, action, mount_point)
+        job = submit_job(
+            session,
+            type=TYPE,
+            app=row.name,
+            image=replica.id,
+            params={"host": host, "mount_point": mount_point, "action": action},
+            lifecycle=True,
+            actor=actor,
+        )
+    site.wake()
+    return job
+
+
+def run_test_failover(site: Site, ctx: JobContext) -> dict[str, Any]:
+    params = ctx.job.params
+    with site.catalog.read() as session:
+        app = q.get_app(session, name=ctx.job.app or "")
+        replica = pick_replica(session, app, ctx.job.image)
+        check_target(session, app, params["host"])
+        host = q.get_host(session, name=params["host"])
+    with agent_for(host) as agent:
+        agent.info()  # reachable, or "host NAME unreachable at URL"
+    image_id = new_image_id()
+    shown = present.present(
+        site,
+        ctx,
+        image_id=image_id,
+        base=replica,
+        app=app,
+        host=host,
+        action=params["action"],
+        mount_point=params.get("mount_point"),
+    )
+    row = present.record(
+        site,
+        image_id=image_id,
+        app=app,
+        base=replica,
+        kind=ImageKind.TEST_FAILOVER,
+        host=host,
+        presented=shown,
+        label=None,
+    )
+    with site.catalog.begin() as session:
+        q.record_transition(
+            session,
+            app=app.name,
+            operation=Operation.TEST_FAILOVER,
+            actor=ctx.job.actor,
+            job=ctx.job.id,
+            facts=AppFacts(replica_images=1),
+        )
+    ctx.set_image(row.id)
+    ctx.set_message(
+        f"test copy {row.id} of {replica.id} on host {host.name}"
+        + (f" at {shown.mount_point}" if shown.mount_point else "")
+        + (" (NBD)" if shown.nbd_uri else "")
+    )
+    return {"image": row.id, "nbd_uri": shown.nbd_uri, "paths": shown.paths}
