@@ -104,3 +104,15 @@ def test_capture_requests_are_validated(agent: Agent, change: dict[str, object])
         **change,
     }
     assert agent.client.post("/api/v1/capture", headers=agent.auth, json=body).status_code == 422
+
+
+def test_a_start_command_that_leaves_a_daemon_does_not_hang() -> None:
+    """The command's output goes to files: a background child keeping them open is fine."""
+    import time
+
+    from tandem.agent.actions import RunRequest, run_command
+
+    t0 = time.monotonic()
+    result = run_command(RunRequest(command="sleep 30 & echo started", timeout=20))
+    assert result["returncode"] == 0 and result["stdout"].strip() == "started"
+    assert time.monotonic() - t0 < 10

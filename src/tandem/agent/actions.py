@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import shlex
 import subprocess
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -340,29 +341,37 @@ def unmaterialize(req: UnmaterializeRequest, registry: mounts.Registry) -> dict[
 
 
 def run_command(req: RunRequest) -> dict[str, Any]:
-    """Run an app's start/stop command through the shell; returns its exit and output."""
+    """Run an app's start/stop command through the shell; returns its exit and output.
+
+    Output goes to temporary files, not pipes: a start command that leaves a daemon running
+    with the pipes inherited would otherwise keep us waiting until the timeout.
+    """
     if not req.command.strip():
         raise InvalidInput(detail="the command is empty")
-    try:
-        proc = subprocess.run(
-            req.command,
-            shell=True,
-            capture_output=True,
-            text=True,
-            errors="replace",
-            timeout=req.timeout,
-            start_new_session=True,
-            stdin=subprocess.DEVNULL,
-        )
-    except subprocess.TimeoutExpired as exc:
-        raise TandemError(
-            f"the command {shlex.quote(req.command)} did not finish within {req.timeout:.0f} s; "
-            "make it finish sooner or raise its timeout"
-        ) from exc
-    except OSError as exc:
-        raise TandemError(f"the command {shlex.quote(req.command)} could not run: {exc}") from exc
-    return {
-        "returncode": proc.returncode,
-        "stdout": proc.stdout[-OUTPUT_TAIL:],
-        "stderr": proc.stderr[-OUTPUT_TAIL:],
-    }
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        try:
+            proc = subprocess.run(
+                req.command,
+                shell=True,
+                stdout=out,
+                stderr=err,
+                timeout=req.timeout,
+                start_new_session=True,
+                stdin=subprocess.DEVNULL,
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise TandemError(
+                f"the command {shlex.quote(req.command)} did not finish within "
+                f"{req.timeout:.0f} s; make it finish sooner or raise its timeout"
+            ) from exc
+        except OSError as exc:
+            raise TandemError(
+                f"the command {shlex.quote(req.command)} could not run: {exc}"
+            ) from exc
+
+        def tail(fh: Any) -> str:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - 4 * OUTPUT_TAIL))
+            return str(fh.read().decode(errors="replace"))[-OUTPUT_TAIL:]
+
+        return {"returncode": proc.returncode, "stdout": tail(out), "stderr": tail(err)}
