@@ -10,6 +10,7 @@ from starlette.concurrency import run_in_threadpool
 from tandem.appliance.auth import Caller
 from tandem.appliance.schemas import (
     CaptureIn,
+    FailbackIn,
     FailoverIn,
     ImageOut,
     JobAnswer,
@@ -23,11 +24,13 @@ from tandem.appliance.schemas import (
 from tandem.domain.jobs import JobStatus
 from tandem.operations import (
     capture,
+    failback,
     failover,
     images,
     monitor,
     mount,
     restore,
+    syncback,
     test_failover,
 )
 from tandem.operations.site import Site
@@ -79,6 +82,18 @@ def make_router(site: Site) -> APIRouter:
             label=body.label,
             actor=who.name,
         )
+        return JobAnswer(job=JobOut.of(job))
+
+    @router.post("/apps/{name}/syncback", tags=["operations"], status_code=ACCEPTED)
+    def syncback_app(name: str, who: Caller, body: CaptureIn | None = None) -> JobAnswer:
+        label = body.label if body is not None else None
+        job = syncback.submit_syncback(site, app=name, label=label, actor=who.name)
+        return JobAnswer(job=JobOut.of(job))
+
+    @router.post("/apps/{name}/failback", tags=["operations"], status_code=ACCEPTED)
+    def failback_app(name: str, who: Caller, body: FailbackIn | None = None) -> JobAnswer:
+        force = body.force if body is not None else False
+        job = failback.submit_failback(site, app=name, force=force, actor=who.name)
         return JobAnswer(job=JobOut.of(job))
 
     @router.post("/images/{image_id}/mount", tags=["images"], status_code=ACCEPTED)

@@ -12,7 +12,7 @@ from tandem.appliance.auth import Caller
 from tandem.appliance.schemas import Body, ImageOut, JobAnswer, JobOut
 from tandem.catalog.models import Peer
 from tandem.errors import Forbidden
-from tandem.operations import peers, replicate
+from tandem.operations import failback, peers, replicate, syncback
 from tandem.operations.site import Site
 
 
@@ -45,6 +45,17 @@ class ReplicationIn(Body):
     image: dict[str, Any]
     epoch: int = Field(ge=1)
     keep: int | None = Field(default=None, ge=1)
+
+
+class SyncbackOpenIn(Body):
+    app: str = Field(min_length=1, max_length=64)
+    image: dict[str, Any]
+    bases: list[str] = Field(default_factory=list, max_length=8)
+    epoch: int = Field(ge=1)
+
+
+class ResumeIn(Body):
+    epoch: int = Field(ge=1)
 
 
 class CommitIn(Body):
@@ -115,5 +126,26 @@ def make_router(site: Site) -> APIRouter:
         return ImageOut.of(
             replicate.commit_replication(site, peer=_peer_name(who), sid=sid, token=body.token)
         )
+
+    @router.post("/peer/syncbacks", tags=["replication"])
+    def open_syncback(body: SyncbackOpenIn, who: Caller) -> dict[str, Any]:
+        return syncback.open_syncback(
+            site,
+            peer=_peer_name(who),
+            app=body.app,
+            image=body.image,
+            bases=body.bases,
+            epoch=body.epoch,
+        )
+
+    @router.post("/peer/syncbacks/{sid}/commit", tags=["replication"])
+    def commit_syncback(sid: str, body: CommitIn, who: Caller) -> ImageOut:
+        return ImageOut.of(
+            syncback.commit_syncback(site, peer=_peer_name(who), sid=sid, token=body.token)
+        )
+
+    @router.post("/peer/apps/{name}/resume", tags=["replication"])
+    def resume(name: str, body: ResumeIn, who: Caller) -> dict[str, Any]:
+        return failback.resume_mirroring(site, peer=_peer_name(who), app=name, epoch=body.epoch)
 
     return router

@@ -90,6 +90,10 @@ class MountIn(Body):
     action: str | None = Field(default=None, max_length=32)
 
 
+class FailbackIn(Body):
+    force: bool = False
+
+
 class CaptureIn(Body):
     label: str | None = Field(default=None, max_length=128, pattern=NO_NUL)
 

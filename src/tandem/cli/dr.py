@@ -129,3 +129,37 @@ def unmount(
         emit_json(doc)
     else:
         stdout.print(f"unmounted {doc['id']}")
+
+
+@handle_errors
+def syncback(
+    app: AppName,
+    label: Annotated[str | None, typer.Option("--label", help="A label for the image.")] = None,
+    no_wait: NoWait = False,
+    url: Url = None,
+    token: Token = None,
+    fingerprint: Fingerprint = None,
+    json_: Json = False,
+) -> None:
+    """Send what was written at the DR site home as a new syncback image (DR appliance)."""
+    with connect(url, token, fingerprint) as client:
+        answer = client.post(f"/api/v1/apps/{app}/syncback", {"label": label} if label else {})
+        follow_job(client, answer["job"], json_=json_, no_wait=no_wait)
+
+
+@handle_errors
+def failback(
+    app: AppName,
+    force: Annotated[
+        bool, typer.Option("--force", help="Fail back even though no syncback was made.")
+    ] = False,
+    no_wait: NoWait = False,
+    url: Url = None,
+    token: Token = None,
+    fingerprint: Fingerprint = None,
+    json_: Json = False,
+) -> None:
+    """Snapshot-style failback: clean up the DR site, resume mirroring (DR appliance)."""
+    with connect(url, token, fingerprint) as client:
+        answer = client.post(f"/api/v1/apps/{app}/failback", {"force": force})
+        follow_job(client, answer["job"], json_=json_, no_wait=no_wait)

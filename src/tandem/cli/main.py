@@ -53,6 +53,8 @@ app.command("test-failover")(dr.test_failover)
 app.command("failover")(dr.failover)
 app.command("mount")(dr.mount)
 app.command("unmount")(dr.unmount)
+app.command("syncback")(dr.syncback)
+app.command("failback")(dr.failback)
 
 
 def main() -> None:

@@ -5,7 +5,17 @@ from __future__ import annotations
 from functools import partial
 
 from tandem.jobs.runner import Handler
-from tandem.operations import capture, failover, images, mount, replicate, restore, test_failover
+from tandem.operations import (
+    capture,
+    failback,
+    failover,
+    images,
+    mount,
+    replicate,
+    restore,
+    syncback,
+    test_failover,
+)
 from tandem.operations.site import Site
 
 
@@ -18,4 +28,6 @@ def job_handlers(site: Site) -> dict[str, Handler]:
         test_failover.TYPE: partial(test_failover.run_test_failover, site),
         failover.TYPE: partial(failover.run_failover, site),
         mount.TYPE: partial(mount.run_mount, site),
+        syncback.TYPE: partial(syncback.run_syncback, site),
+        failback.TYPE: partial(failback.run_failback, site),
     }

@@ -169,8 +169,26 @@ def _replicate_one(
     )
     if opened.get("status") == "present":
         return 0
+    sent = send_image(site, ctx, peer, opened, snap.manifest, snap.size, limit, done_before, total)
+    remote.post(f"/api/v1/peer/replications/{opened['session']}/commit", {"token": opened["token"]})
+    return sent
+
+
+def send_image(
+    site: Site,
+    ctx: JobContext,
+    peer: Any,
+    opened: dict[str, Any],
+    manifest_hex: str,
+    size: int,
+    limit: int = 0,
+    done_before: int = 0,
+    total: int = 0,
+) -> int:
+    """Fill the session the peer ``opened`` with what it lacks of image ``manifest_hex``,
+    then send the manifest; returns the bytes sent. (The caller commits.)"""
     sid, token = str(opened["session"]), str(opened["token"])
-    mid = bytes.fromhex(snap.manifest)
+    mid = bytes.fromhex(manifest_hex)
     manifest = load_manifest(site.pool, mid)
     prev: Manifest | None = None
     base_hex = opened.get("base")
@@ -216,13 +234,12 @@ def _replicate_one(
             if frames:
                 post(frames)
             share = (i + len(batch)) / max(1, len(offered))
-            ctx.progress(done_before + int(share * snap.size), total)
+            ctx.progress(done_before + int(share * size), total or size)
             ctx.check_canceled()
         blob = site.pool.get_manifest_blob(mid)
         channel.request("POST", f"{path}/manifest", content=blob)
         sent += len(blob)
         ctx.add_sent(len(blob))
-    remote.post(f"/api/v1/peer/replications/{sid}/commit", {"token": token})
     return sent
 
 

@@ -1,0 +1,253 @@
+"""Syncback (SPEC §4): send what was written at the DR site home, as a ``syncback`` image.
+
+Sender (DR appliance, job ``syncback``, app failed over):
+1. Capture the failover image's current state into this pool. A volume: the overlay's dirty
+   blocks only (``capture_overlay``). A file tree: the DR host's agent captures the mount
+   point with the previous syncback (or the failover image) as base, so unchanged files are
+   not sent. The result is recorded here as a ``syncback`` image (the base of the next one).
+2. Send it to the production appliance like a replication (``replicate.send_image``): the
+   manifest diff against what production holds, then only the chunks it lacks. Production
+   records a ``syncback`` image with the same id. It is *not* applied to production: the
+   operator restores it (``tandem restore``), mounts it or clones it.
+Syncback may be repeated: each one moves only what changed since the one before (the final
+syncback after stopping the app is short), and each is a new image.
+
+Receiver (production appliance, ``/api/v1/peer/syncbacks``, peer token): the app must be
+this appliance's own production app; the writer epoch carried (the DR site's, raised by
+the failover) is adopted, so production later replicates with the current epoch.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from tandem.catalog import queries as q
+from tandem.catalog.models import App, Host, Image, Job
+from tandem.domain.ids import new_image_id
+from tandem.domain.images import ImageKind, ImageState
+from tandem.domain.lifecycle import AppFacts, AppKind, Operation, check_transition
+from tandem.errors import Conflict, InvalidInput, NotFound, RemoteError
+from tandem.jobs.queue import submit_job
+from tandem.jobs.runner import JobContext
+from tandem.operations import peers
+from tandem.operations.capture import check_label
+from tandem.operations.hosts import agent_for
+from tandem.operations.replicate import send_image
+from tandem.operations.site import Site
+from tandem.operations.streams import follow
+from tandem.storage.manifest import load_manifest
+from tandem.storage.overlay import capture_overlay
+
+TYPE = "syncback"
+
+
+def _failover_image(site: Site, app: str) -> Image:
+    with site.catalog.read() as session:
+        for image in q.list_images(session, app=app, kind=ImageKind.FAILOVER):
+            if image.state is ImageState.MOUNTED:
+                return image
+    raise NotFound(what="failover image of application", name=app, listing=f"images {app}")
+
+
+def syncbacks_since_failover(site: Site, app: str) -> int:
+    with site.catalog.read() as session:
+        return len(q.list_images(session, app=app, kind=ImageKind.SYNCBACK))
+
+
+def submit_syncback(
+    site: Site, *, app: str, label: str | None = None, actor: str | None = None
+) -> Job:
+    peers.require_peer(site)
+    label = check_label(label)
+    with site.catalog.begin() as session:
+        row = q.get_app(session, name=app)
+        check_transition(row.name, row.state, Operation.SYNCBACK)
+    _failover_image(site, app)
+    with site.catalog.begin() as session:
+        job = submit_job(
+            session, type=TYPE, app=app, params={"label": label}, lifecycle=True, actor=actor
+        )
+    site.wake()
+    return job
+
+
+def _capture_tree_at_host(
+    site: Site, ctx: JobContext, app: App, host: Host, path: str, base: bytes
+) -> tuple[bytes, int]:
+    """The DR host's agent captures ``path`` into this pool; returns (manifest, size)."""
+    transfer, token = site.sessions.open(job_id=ctx.job.id, write=True, bases=[base])
+    try:
+        body = {
+            "kind": app.kind.value,
+            "path": path,
+            "base": base.hex(),
+            "job": ctx.job.id,
+            "appliance": {
+                "url": site.url,
+                "fingerprint": site.fingerprint,
+                "token": token,
+                "session": transfer.id,
+            },
+        }
+        with agent_for(host) as agent:
+            done = follow(ctx, agent.capture(body), host=host.name, moved=lambda: 0)
+        manifest = bytes.fromhex(str(done.get("manifest", "")))
+        if manifest not in transfer.committed:
+            raise RemoteError(what="host", name=host.name, detail="capture not committed")
+        return manifest, int(done.get("size") or 0)
+    finally:
+        with site.gc_lock:
+            site.sessions.close(transfer)
+
+
+def run_syncback(site: Site, ctx: JobContext) -> dict[str, Any]:
+    name = ctx.job.app or ""
+    peer = peers.require_peer(site)
+    with site.catalog.read() as session:
+        app = q.get_app(session, name=name)
+        check_transition(app.name, app.state, Operation.SYNCBACK)
+        previous = q.latest_image(session, app=name, kind=ImageKind.SYNCBACK)
+        epoch = app.writer_epoch
+    failover = _failover_image(site, name)
+    # 1. the DR copy's current state, into this pool
+    ctx.set_message(f"capturing the state of {failover.id} at the DR site")
+    if app.kind is AppKind.VOLUME:
+        overlay = site.overlays.get(failover.id)
+        if overlay is None:
+            raise Conflict(detail=f"the virtual copy of {failover.id} is not open here")
+        overlay.flush()
+        mid, manifest, stats = capture_overlay(site.pool, overlay)
+        size, changed = manifest.size, stats.bytes_read
+    else:
+        with site.catalog.read() as session:
+            host = q.get_host(session, name=failover.mounted_host or "")
+        if not failover.mount_point:
+            raise InvalidInput(detail=f"failover image {failover.id} has no mount point")
+        base = bytes.fromhex(previous.manifest if previous else failover.manifest)
+        mid, size = _capture_tree_at_host(site, ctx, app, host, failover.mount_point, base)
+        changed = size
+    image_id = new_image_id()
+    with site.gc_lock, site.catalog.begin() as session:
+        here = q.add_image(
+            session,
+            app=name,
+            kind=ImageKind.SYNCBACK,
+            manifest=mid.hex(),
+            size=size,
+            label=ctx.job.params.get("label"),
+            parent_id=failover.id,
+            source_image_id=failover.id,
+            image_id=image_id,
+            epoch=epoch,
+        )
+    # 2. home: only what production lacks
+    ctx.set_message(f"sending {image_id} to {peer.name}")
+    bases = [previous.id] if previous else []
+    bases.append(failover.source_image_id or failover.parent_id or "")
+    with peers.client_for(peer) as remote:
+        opened = remote.post(
+            "/api/v1/peer/syncbacks",
+            {
+                "app": name,
+                "image": {
+                    "id": image_id,
+                    "created": here.created.isoformat(),
+                    "label": here.label,
+                    "size": size,
+                    "manifest": mid.hex(),
+                },
+                "bases": [b for b in bases if b],
+                "epoch": epoch,
+            },
+        )
+        sent = send_image(site, ctx, peer, opened, mid.hex(), size)
+        remote.post(
+            f"/api/v1/peer/syncbacks/{opened['session']}/commit", {"token": opened["token"]}
+        )
+    with site.catalog.begin() as session:
+        q.record_transition(
+            session, app=name, operation=Operation.SYNCBACK, actor=ctx.job.actor, job=ctx.job.id
+        )
+    ctx.set_image(image_id)
+    ctx.set_message(
+        f"syncback {image_id} of {name} sent to {peer.name}: {sent} bytes moved"
+        + (f" ({changed} bytes written at the DR site since failover)" if changed else "")
+    )
+    return {"image": image_id, "bytes_sent": sent, "changed_since_failover": changed}
+
+
+# --- receiver (production appliance) ---------------------------------------------------
+
+
+def open_syncback(
+    site: Site, *, peer: str, app: str, image: dict[str, Any], bases: list[str], epoch: int
+) -> dict[str, Any]:
+    with site.catalog.begin() as session:
+        row = q.get_app(session, name=app, for_update=True)
+        if row.origin is not None:
+            raise Conflict(
+                detail=f"application {app!r} here is a mirror of {row.origin!r}, not production; "
+                "a syncback goes to the appliance the app came from"
+            )
+        if epoch < row.writer_epoch:
+            raise Conflict(
+                detail=f"syncback of {app!r} carries writer epoch {epoch}, older than "
+                f"{row.writer_epoch} here: it comes from a copy that is no longer the writer"
+            )
+        row.writer_epoch = epoch
+        if any(i.id == image["id"] for i in q.list_images(session, app=app)):
+            raise Conflict(detail=f"image {image['id']} is already here")
+        base_id = None
+        for candidate in bases:
+            try:
+                found = q.get_image(session, image_id=candidate)
+            except NotFound:
+                continue
+            if site.pool.has_manifest(bytes.fromhex(found.manifest)):
+                base_id = bytes.fromhex(found.manifest)
+                break
+    transfer, token = site.sessions.open(
+        job_id=f"syncback of {image['id']} from {peer}",
+        write=True,
+        bases=[base_id] if base_id else [],
+        ttl=3600,
+    )
+    transfer.meta.update(peer=peer, app=app, image=image, epoch=epoch, syncback=True)
+    return {"session": transfer.id, "token": token, "base": base_id.hex() if base_id else None}
+
+
+def commit_syncback(site: Site, *, peer: str, sid: str, token: str) -> Image:
+    transfer = site.sessions.get(sid, token)
+    meta = transfer.meta
+    if meta.get("peer") != peer or not meta.get("syncback"):
+        raise NotFound(what="syncback", name=sid, listing="jobs")
+    image = meta["image"]
+    manifest = bytes.fromhex(str(image["manifest"]))
+    if manifest not in transfer.committed:
+        raise InvalidInput(detail=f"the manifest of {image['id']} was not received")
+    load_manifest(site.pool, manifest)  # readable and valid before it becomes an image
+    try:
+        with site.gc_lock:
+            with site.catalog.begin() as session:
+                row = q.add_image(
+                    session,
+                    app=meta["app"],
+                    kind=ImageKind.SYNCBACK,
+                    manifest=manifest.hex(),
+                    size=int(image.get("size") or 0),
+                    label=image.get("label"),
+                    origin=peer,
+                    source_image_id=str(image["id"]),
+                    image_id=str(image["id"]),
+                    created=datetime.fromisoformat(str(image["created"])),
+                    epoch=int(meta["epoch"]),
+                )
+            site.sessions.close(transfer)
+    finally:
+        site.sessions.close(transfer)
+    return row
+
+
+def facts_for_failback(site: Site, app: str) -> AppFacts:
+    return AppFacts(syncbacks_since_failover=syncbacks_since_failover(site, app))
