@@ -60,6 +60,7 @@ def test_file_tree_round_trip_loses_nothing(drill: Drill, tmp_path: Path) -> Non
     assert [i["id"] for i in syncbacks] == [final["image"]["id"], catch_up["image"]["id"]]
     restored = d.a("restore", "shop", "--image", final["image"]["id"], *CONFIRM)
     assert restored["job"]["status"] == "succeeded", restored["job"]
+    assert restored["job"]["result"]["downtime_seconds"] > 0  # measured, on the job
     assert tree_digests(prod) == at_dr  # production now holds every DR write
 
     done = d.b("failback", "shop")

@@ -17,11 +17,12 @@ Invariants
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 from tandem.catalog import queries as q
 from tandem.catalog.models import Job
-from tandem.domain.images import ImageState
+from tandem.domain.images import ImageKind, ImageState
 from tandem.domain.lifecycle import Operation, check_transition
 from tandem.domain.rules import RESTORE_CONFIRMATIONS, check_confirmations
 from tandem.errors import Conflict, InvalidInput, TandemError
@@ -139,8 +140,19 @@ def run_restore(site: Site, ctx: JobContext) -> dict[str, Any]:
         )
     stats = done.get("stats") or {}
     written = int(stats.get("bytes_written") or 0)
+    downtime = None
+    if image.kind is ImageKind.SYNCBACK:
+        # Failback downtime: the final syncback is taken once the app stopped at the DR
+        # site; production is back when its start command has run.
+        downtime = max(0.0, (datetime.now(UTC) - image.created).total_seconds())
     ctx.set_message(
         f"restored {image.id} onto {app.path}: {written} bytes written, "
         f"{transfer.bytes_sent} bytes sent"
+        + (f"; failback downtime {downtime:.1f} s" if downtime is not None else "")
     )
-    return {"image": image.id, "bytes_sent": transfer.bytes_sent, "stats": stats}
+    return {
+        "image": image.id,
+        "bytes_sent": transfer.bytes_sent,
+        "stats": stats,
+        "downtime_seconds": downtime,
+    }
