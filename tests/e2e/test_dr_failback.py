@@ -105,3 +105,29 @@ def test_volume_syncback_moves_only_what_was_written(drill: Drill, tmp_path: Pat
     d.a("restore", "vm", "--image", sync["image"]["id"], *CONFIRM)
     assert digest(volume) == digest(local)
     assert d.b("failback", "vm")["job"]["status"] == "succeeded"
+
+
+def test_clone_is_an_independent_copy_that_never_overwrites(drill: Drill, tmp_path: Path) -> None:
+    d = drill
+    data = tmp_path / "cms"
+    (data / "pages").mkdir(parents=True)
+    (data / "pages" / "home.md").write_text("# welcome\n")
+    d.a("app", "add", "cms", "--host", "host1", "--kind", "filesystem", "--path", str(data))
+    d.a("template", "add", "cms-plain")
+    d.a("app", "protect", "cms", "--template", "cms-plain")
+    snap = d.a("capture", "cms")["image"]
+
+    target = tmp_path / "cms-copy"
+    done = d.a("clone", snap["id"], "--host", "host1", "--path", str(target), "--name", "cms2")
+    assert done["job"]["status"] == "succeeded", done["job"]
+    assert tree_digests(target) == tree_digests(data)
+    clone_app = next(a for a in d.a("apps") if a["name"] == "cms2")
+    assert clone_app["path"] == str(target) and clone_app["state"] == "unmanaged"
+
+    (target / "pages" / "home.md").write_text("# edited copy\n")
+    again = d.a.run(
+        "clone", snap["id"], "--host", "host1", "--path", str(target), "--name", "cms3", check=False
+    )
+    assert again.code == 1 and "never overwrites" in again.error
+    assert (target / "pages" / "home.md").read_text() == "# edited copy\n"
+    assert (data / "pages" / "home.md").read_text() == "# welcome\n"

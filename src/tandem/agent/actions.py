@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tandem.agent import mounts
 from tandem.agent.mounts import MountAction
-from tandem.errors import InvalidInput, SourceUnreadable, TandemError
+from tandem.errors import InvalidInput, SourceUnreadable, TandemError, TargetInvalid
 from tandem.storage import tree, volume
 from tandem.storage.manifest import TreeManifest, VolumeManifest, decode_manifest
 from tandem.transport.chunks import RemoteChunkSource, RemotePool
@@ -74,6 +74,19 @@ class RestoreRequest(BaseModel):
     manifest: str = Field(pattern=HEX_DIGEST)
     appliance: ApplianceSession
     job: str = ""
+    new_only: bool = False
+    """A clone: refuse unless the path is missing or an empty folder (never overwrite)."""
+
+
+def _check_new(path: str, kind: str) -> None:
+    """A clone's target must be missing (a volume) or missing or an empty folder (a tree)."""
+    p = Path(path)
+    if kind == "volume" and (p.exists() or p.is_symlink()):
+        raise TargetInvalid(path=path, reason="it exists; a clone never overwrites")
+    if p.is_symlink() or (p.exists() and not p.is_dir()):
+        raise TargetInvalid(path=path, reason="it exists and is not an empty folder")
+    if p.is_dir() and any(p.iterdir()):
+        raise TargetInvalid(path=path, reason="the folder is not empty; a clone never overwrites")
 
 
 class MaterializeRequest(BaseModel):
@@ -178,6 +191,8 @@ def capture(req: CaptureRequest, emit: Emit) -> dict[str, Any]:
 
 def restore(req: RestoreRequest, emit: Emit) -> dict[str, Any]:
     """Diff-restore the image onto the app's path from the appliance session."""
+    if req.new_only:
+        _check_new(req.path, req.kind)
     with _client(req.appliance) as client:
         manifest = _fetch_manifest(client, req.appliance.session, req.manifest)
         source = RemoteChunkSource(client, req.appliance.session)

@@ -10,6 +10,7 @@ from starlette.concurrency import run_in_threadpool
 from tandem.appliance.auth import Caller
 from tandem.appliance.schemas import (
     CaptureIn,
+    CloneIn,
     FailbackIn,
     FailoverIn,
     ImageOut,
@@ -24,6 +25,7 @@ from tandem.appliance.schemas import (
 from tandem.domain.jobs import JobStatus
 from tandem.operations import (
     capture,
+    clone,
     failback,
     failover,
     images,
@@ -94,6 +96,13 @@ def make_router(site: Site) -> APIRouter:
     def failback_app(name: str, who: Caller, body: FailbackIn | None = None) -> JobAnswer:
         force = body.force if body is not None else False
         job = failback.submit_failback(site, app=name, force=force, actor=who.name)
+        return JobAnswer(job=JobOut.of(job))
+
+    @router.post("/images/{image_id}/clone", tags=["images"], status_code=ACCEPTED)
+    def clone_image(image_id: str, body: CloneIn, who: Caller) -> JobAnswer:
+        job = clone.submit_clone(
+            site, image=image_id, host=body.host, path=body.path, name=body.name, actor=who.name
+        )
         return JobAnswer(job=JobOut.of(job))
 
     @router.post("/images/{image_id}/mount", tags=["images"], status_code=ACCEPTED)

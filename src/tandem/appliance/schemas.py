@@ -90,6 +90,12 @@ class MountIn(Body):
     action: str | None = Field(default=None, max_length=32)
 
 
+class CloneIn(Body):
+    host: str = Field(min_length=1, max_length=64)
+    path: str = Field(min_length=1, max_length=4096)
+    name: str | None = Field(default=None, max_length=64)
+
+
 class FailbackIn(Body):
     force: bool = False
 

@@ -163,3 +163,22 @@ def failback(
     with connect(url, token, fingerprint) as client:
         answer = client.post(f"/api/v1/apps/{app}/failback", {"force": force})
         follow_job(client, answer["job"], json_=json_, no_wait=no_wait)
+
+
+@handle_errors
+def clone(
+    image: ImageId,
+    host: Host,
+    path: Annotated[str, typer.Option("--path", help="Full path on the host (must be new).")],
+    name: Annotated[str | None, typer.Option("--name", help="The new application's name.")] = None,
+    no_wait: NoWait = False,
+    url: Url = None,
+    token: Token = None,
+    fingerprint: Fingerprint = None,
+    json_: Json = False,
+) -> None:
+    """A full, independent copy of IMAGE as a new application on HOST."""
+    body = {"host": host, "path": path, "name": name}
+    with connect(url, token, fingerprint) as client:
+        answer = client.post(f"/api/v1/images/{image}/clone", body)
+        follow_job(client, answer["job"], json_=json_, no_wait=no_wait)

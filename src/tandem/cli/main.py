@@ -55,6 +55,7 @@ app.command("mount")(dr.mount)
 app.command("unmount")(dr.unmount)
 app.command("syncback")(dr.syncback)
 app.command("failback")(dr.failback)
+app.command("clone")(dr.clone)
 
 
 def main() -> None:

@@ -7,6 +7,7 @@ from functools import partial
 from tandem.jobs.runner import Handler
 from tandem.operations import (
     capture,
+    clone,
     failback,
     failover,
     images,
@@ -28,6 +29,7 @@ def job_handlers(site: Site) -> dict[str, Handler]:
         test_failover.TYPE: partial(test_failover.run_test_failover, site),
         failover.TYPE: partial(failover.run_failover, site),
         mount.TYPE: partial(mount.run_mount, site),
+        clone.TYPE: partial(clone.run_clone, site),
         syncback.TYPE: partial(syncback.run_syncback, site),
         failback.TYPE: partial(failback.run_failback, site),
     }

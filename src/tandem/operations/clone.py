@@ -1,0 +1,100 @@
+"""Clone (SPEC §4, CLI.md): a full, independent copy of an image as a new app on a host.
+
+The new app is registered only after its data is in place: the host's agent writes the
+whole image at the path, which must be missing (a volume) or missing or an empty folder (a
+tree) — a clone never overwrites anything. The new app starts unmanaged, with the source
+app's kind and start/stop commands.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tandem.catalog import queries as q
+from tandem.catalog.models import Job
+from tandem.domain.ids import validate_name
+from tandem.domain.lifecycle import Operation, check_transition
+from tandem.errors import AlreadyExists, InvalidInput, NotFound
+from tandem.jobs.queue import submit_job
+from tandem.jobs.runner import JobContext
+from tandem.operations.hosts import agent_for
+from tandem.operations.site import Site
+from tandem.operations.streams import follow
+
+TYPE = "clone"
+
+
+def submit_clone(
+    site: Site,
+    *,
+    image: str,
+    host: str,
+    path: str,
+    name: str | None = None,
+    actor: str | None = None,
+) -> Job:
+    if not path.startswith("/"):
+        raise InvalidInput(detail="--path is a full path on the host")
+    with site.catalog.begin() as session:
+        base = q.get_image(session, image_id=image)
+        check_transition(base.app.name, base.app.state, Operation.CLONE)
+        q.get_host(session, name=host)
+        new_name = validate_name(name or f"{base.app.name}-clone-{base.id[-6:]}", "app name")
+        try:
+            q.get_app(session, name=new_name)
+        except NotFound:
+            pass
+        else:
+            raise AlreadyExists(what="application", name=new_name)
+        job = submit_job(
+            session,
+            type=TYPE,
+            app=base.app.name,
+            image=base.id,
+            params={"host": host, "path": path, "name": new_name},
+            actor=actor,
+        )
+    site.wake()
+    return job
+
+
+def run_clone(site: Site, ctx: JobContext) -> dict[str, Any]:
+    params = ctx.job.params
+    with site.catalog.read() as session:
+        base = q.get_image(session, image_id=ctx.job.image or "")
+        source = base.app
+        host = q.get_host(session, name=params["host"])
+    transfer, token = site.sessions.open(
+        job_id=ctx.job.id, write=False, readable=[bytes.fromhex(base.manifest)]
+    )
+    try:
+        ctx.set_message(f"copying {base.id} to {params['path']} on host {host.name}")
+        body = {
+            "kind": source.kind.value,
+            "path": params["path"],
+            "manifest": base.manifest,
+            "job": ctx.job.id,
+            "new_only": True,
+            "appliance": {
+                "url": site.url,
+                "fingerprint": site.fingerprint,
+                "token": token,
+                "session": transfer.id,
+            },
+        }
+        with agent_for(host) as agent:
+            follow(ctx, agent.restore(body), host=host.name, moved=lambda: transfer.bytes_sent)
+    finally:
+        site.sessions.close(transfer)
+    with site.catalog.begin() as session:
+        app = q.add_app(
+            session,
+            name=params["name"],
+            kind=source.kind,
+            host=host.name,
+            path=params["path"],
+            start_cmd=source.start_cmd,
+            stop_cmd=source.stop_cmd,
+        )
+    ctx.set_message(f"cloned {base.id} as application {app.name} on host {host.name}")
+    return {"app": app.name, "path": params["path"], "bytes_sent": transfer.bytes_sent}
