@@ -31,6 +31,7 @@ from tandem.operations import (
     images,
     monitor,
     mount,
+    replica_failback,
     restore,
     syncback,
     test_failover,
@@ -94,8 +95,29 @@ def make_router(site: Site) -> APIRouter:
 
     @router.post("/apps/{name}/failback", tags=["operations"], status_code=ACCEPTED)
     def failback_app(name: str, who: Caller, body: FailbackIn | None = None) -> JobAnswer:
-        force = body.force if body is not None else False
-        job = failback.submit_failback(site, app=name, force=force, actor=who.name)
+        body = body or FailbackIn()
+        if body.target:
+            job = replica_failback.submit_replica_failback(
+                site,
+                app=name,
+                target=body.target,
+                host=body.host,
+                path=body.path,
+                power_on=body.power_on,
+                actor=who.name,
+            )
+        else:
+            job = failback.submit_failback(site, app=name, force=body.force, actor=who.name)
+        return JobAnswer(job=JobOut.of(job))
+
+    @router.post("/apps/{name}/commit-failback", tags=["operations"], status_code=ACCEPTED)
+    def commit_failback(name: str, who: Caller) -> JobAnswer:
+        job = replica_failback.submit_end(site, app=name, undo=False, actor=who.name)
+        return JobAnswer(job=JobOut.of(job))
+
+    @router.post("/apps/{name}/undo-failback", tags=["operations"], status_code=ACCEPTED)
+    def undo_failback(name: str, who: Caller) -> JobAnswer:
+        job = replica_failback.submit_end(site, app=name, undo=True, actor=who.name)
         return JobAnswer(job=JobOut.of(job))
 
     @router.post("/images/{image_id}/clone", tags=["images"], status_code=ACCEPTED)

@@ -12,7 +12,7 @@ from tandem.appliance.auth import Caller
 from tandem.appliance.schemas import Body, ImageOut, JobAnswer, JobOut
 from tandem.catalog.models import Peer
 from tandem.errors import Forbidden
-from tandem.operations import failback, peers, replicate, syncback
+from tandem.operations import failback, monitor, peers, replica_failback, replicate, syncback
 from tandem.operations.site import Site
 
 
@@ -52,6 +52,16 @@ class SyncbackOpenIn(Body):
     image: dict[str, Any]
     bases: list[str] = Field(default_factory=list, max_length=8)
     epoch: int = Field(ge=1)
+
+
+class CommandIn(Body):
+    which: str = Field(pattern="^(stop|start)$")
+
+
+class ApplyIn(Body):
+    image: str = Field(min_length=1, max_length=64)
+    host: str | None = Field(default=None, max_length=64)
+    path: str | None = Field(default=None, max_length=4096)
 
 
 class ResumeIn(Body):
@@ -147,5 +157,22 @@ def make_router(site: Site) -> APIRouter:
     @router.post("/peer/apps/{name}/resume", tags=["replication"])
     def resume(name: str, body: ResumeIn, who: Caller) -> dict[str, Any]:
         return failback.resume_mirroring(site, peer=_peer_name(who), app=name, epoch=body.epoch)
+
+    @router.post("/peer/apps/{name}/command", tags=["replication"])
+    def command(name: str, body: CommandIn, who: Caller) -> dict[str, Any]:
+        _peer_name(who)
+        return replica_failback.production_command(site, app=name, which=body.which)
+
+    @router.post("/peer/apps/{name}/apply", tags=["replication"], status_code=202)
+    def apply(name: str, body: ApplyIn, who: Caller) -> JobAnswer:
+        job = replica_failback.production_apply(
+            site, peer=_peer_name(who), app=name, image=body.image, host=body.host, path=body.path
+        )
+        return JobAnswer(job=JobOut.of(job))
+
+    @router.get("/peer/jobs/{job_id}", tags=["replication"])
+    def peer_job(job_id: str, who: Caller) -> JobOut:
+        _peer_name(who)
+        return JobOut.of(monitor.get_job(site, job_id=job_id))
 
     return router

@@ -98,6 +98,11 @@ class CloneIn(Body):
 
 class FailbackIn(Body):
     force: bool = False
+    target: str | None = Field(default=None, max_length=16)
+    """original, restored or new: the replica style (SPEC 5); none: the snapshot style."""
+    host: str | None = Field(default=None, max_length=64)
+    path: str | None = Field(default=None, max_length=4096)
+    power_on: bool = False
 
 
 class CaptureIn(Body):

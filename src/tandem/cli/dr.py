@@ -147,11 +147,34 @@ def syncback(
         follow_job(client, answer["job"], json_=json_, no_wait=no_wait)
 
 
+class Target(StrEnum):
+    original = "original"
+    restored = "restored"
+    new = "new"
+
+
 @handle_errors
 def failback(
     app: AppName,
+    target: Annotated[
+        Target | None,
+        typer.Option(
+            "--target",
+            help="Replica style: fail back to the original app, one restored at a new "
+            "location, or a new one (default: snapshot style).",
+        ),
+    ] = None,
+    host: Annotated[
+        str | None, typer.Option("--host", help="restored/new: the production host.")
+    ] = None,
+    path: Annotated[
+        str | None, typer.Option("--path", help="restored/new: the path on that host.")
+    ] = None,
+    power_on: Annotated[
+        bool, typer.Option("--power-on", help="Start the app at production afterwards.")
+    ] = False,
     force: Annotated[
-        bool, typer.Option("--force", help="Fail back even though no syncback was made.")
+        bool, typer.Option("--force", help="Snapshot style: even though no syncback was made.")
     ] = False,
     no_wait: NoWait = False,
     url: Url = None,
@@ -159,10 +182,63 @@ def failback(
     fingerprint: Fingerprint = None,
     json_: Json = False,
 ) -> None:
-    """Snapshot-style failback: clean up the DR site, resume mirroring (DR appliance)."""
+    """Fail APP back to production (DR appliance).
+
+    Without --target: the snapshot style (after the final syncback was restored):
+    cleans up the DR site and resumes mirroring. With --target: the replica style, which
+    sends the differences to the target itself, takes a protective snapshot and leaves the
+    failback pending until `commit-failback` or `undo-failback`.
+    """
+    body = {
+        "force": force,
+        "target": target.value if target else None,
+        "host": host,
+        "path": path,
+        "power_on": power_on,
+    }
     with connect(url, token, fingerprint) as client:
-        answer = client.post(f"/api/v1/apps/{app}/failback", {"force": force})
+        answer = client.post(f"/api/v1/apps/{app}/failback", body)
         follow_job(client, answer["job"], json_=json_, no_wait=no_wait)
+
+
+def _end(
+    app: str,
+    which: str,
+    no_wait: bool,
+    url: str | None,
+    token: str | None,
+    fingerprint: str | None,
+    json_: bool,
+) -> None:
+    with connect(url, token, fingerprint) as client:
+        answer = client.post(f"/api/v1/apps/{app}/{which}", {})
+        follow_job(client, answer["job"], json_=json_, no_wait=no_wait)
+
+
+@handle_errors
+def commit_failback(
+    app: AppName,
+    no_wait: NoWait = False,
+    url: Url = None,
+    token: Token = None,
+    fingerprint: Fingerprint = None,
+    json_: Json = False,
+) -> None:
+    """Production works: end a replica-style failback, resume protection (DR appliance)."""
+    _end(app, "commit-failback", no_wait, url, token, fingerprint, json_)
+
+
+@handle_errors
+def undo_failback(
+    app: AppName,
+    no_wait: NoWait = False,
+    url: Url = None,
+    token: Token = None,
+    fingerprint: Fingerprint = None,
+    json_: Json = False,
+) -> None:
+    """Back to the DR copy in its pre-failback state (protective snapshot) (DR appliance)."""
+    _end(app, "undo-failback", no_wait, url, token, fingerprint, json_)
 
 
 @handle_errors

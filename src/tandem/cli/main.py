@@ -56,6 +56,8 @@ app.command("unmount")(dr.unmount)
 app.command("syncback")(dr.syncback)
 app.command("failback")(dr.failback)
 app.command("clone")(dr.clone)
+app.command("commit-failback")(dr.commit_failback)
+app.command("undo-failback")(dr.undo_failback)
 
 
 def main() -> None:

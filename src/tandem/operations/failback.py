@@ -58,7 +58,22 @@ def run_failback(site: Site, ctx: JobContext) -> dict[str, Any]:
     force = bool(ctx.job.params.get("force"))
     with site.catalog.read() as session:
         app = q.get_app(session, name=name)
-        check_transition(app.name, app.state, Operation.FAILBACK, _facts(site, name, force))
+    facts = _facts(site, name, force)
+    check_transition(app.name, app.state, Operation.FAILBACK, facts)
+    return clean_up_and_resume(site, ctx, name, Operation.FAILBACK, facts)
+
+
+def clean_up_and_resume(
+    site: Site,
+    ctx: JobContext,
+    name: str,
+    operation: Operation,
+    facts: AppFacts | None = None,
+) -> dict[str, Any]:
+    """The end of a failback (snapshot style, or a committed replica-style one): withdraw
+    and delete the DR images, keep the newest syncback as the replica, return to managed,
+    and tell production the epoch so that mirroring resumes."""
+    with site.catalog.read() as session:
         presented = [
             i
             for kind in (ImageKind.FAILOVER, ImageKind.TEST_FAILOVER)
@@ -82,13 +97,14 @@ def run_failback(site: Site, ctx: JobContext) -> dict[str, Any]:
             row = q.get_image(session, image_id=keep.id)
             row.kind = ImageKind.REPLICA  # what production was restored from: the new base
             row.parent_id = None
+            row.protective = False
         step = q.record_transition(
             session,
             app=name,
-            operation=Operation.FAILBACK,
+            operation=operation,
             actor=ctx.job.actor,
             job=ctx.job.id,
-            facts=_facts(site, name, force),
+            facts=facts,
         )
         epoch = step.epoch
     ctx.log(f"deleted {', '.join(removed) or 'no images'}")

@@ -12,6 +12,7 @@ from tandem.operations import (
     failover,
     images,
     mount,
+    replica_failback,
     replicate,
     restore,
     syncback,
@@ -32,4 +33,7 @@ def job_handlers(site: Site) -> dict[str, Handler]:
         clone.TYPE: partial(clone.run_clone, site),
         syncback.TYPE: partial(syncback.run_syncback, site),
         failback.TYPE: partial(failback.run_failback, site),
+        replica_failback.TYPE: partial(replica_failback.run_replica_failback, site),
+        replica_failback.COMMIT_TYPE: partial(replica_failback.run_commit, site),
+        replica_failback.UNDO_TYPE: partial(replica_failback.run_undo, site),
     }

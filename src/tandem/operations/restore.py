@@ -43,8 +43,13 @@ def submit_restore(
     image: str,
     confirm: Sequence[str],
     actor: str | None = None,
+    commands: bool = True,
 ) -> Job:
-    """Queue a restore of ``image`` onto ``app``; refused without both confirmations."""
+    """Queue a restore of ``image`` onto ``app``; refused without both confirmations.
+
+    ``commands=False`` (a replica-style failback, which stops and starts the app itself)
+    restores without running the app's stop and start commands.
+    """
     check_confirmations(confirm, RESTORE_CONFIRMATIONS)
     with site.catalog.begin() as session:
         row = q.get_app(session, name=app)
@@ -59,7 +64,13 @@ def submit_restore(
         check_transition(row.name, row.state, Operation.RESTORE)
         q.get_host(session, name=row.host)
         job = submit_job(
-            session, type=TYPE, app=row.name, image=img.id, lifecycle=True, actor=actor
+            session,
+            type=TYPE,
+            app=row.name,
+            image=img.id,
+            lifecycle=True,
+            actor=actor,
+            params={} if commands else {"commands": False},
         )
     site.wake()
     return job
@@ -95,7 +106,8 @@ def run_restore(site: Site, ctx: JobContext) -> dict[str, Any]:
     )
     try:
         with agent_for(host) as agent:
-            if app.stop_cmd:
+            commands = ctx.job.params.get("commands", True)
+            if app.stop_cmd and commands:
                 try:
                     _run_command(agent, ctx, app.name, "stop", app.stop_cmd)
                 except TandemError as exc:
@@ -124,7 +136,7 @@ def run_restore(site: Site, ctx: JobContext) -> dict[str, Any]:
                     f"{exc.message}. The application was stopped for the restore and is left "
                     "stopped; restore again, or start it by hand"
                 ) from exc
-            if app.start_cmd:
+            if app.start_cmd and commands:
                 try:
                     _run_command(agent, ctx, app.name, "start", app.start_cmd)
                 except TandemError as exc:

@@ -101,16 +101,15 @@ def _capture_tree_at_host(
             site.sessions.close(transfer)
 
 
-def run_syncback(site: Site, ctx: JobContext) -> dict[str, Any]:
-    name = ctx.job.app or ""
-    peer = peers.require_peer(site)
+def capture_dr_state(
+    site: Site, ctx: JobContext, app: App, *, kind: ImageKind, label: str | None
+) -> tuple[Image, int]:
+    """Capture the failover image's current state here as an image of ``kind`` (syncback,
+    or the protective snapshot of a replica-style failback); returns it and the bytes
+    written at the DR site since the failover (volume) or captured (tree)."""
     with site.catalog.read() as session:
-        app = q.get_app(session, name=name)
-        check_transition(app.name, app.state, Operation.SYNCBACK)
-        previous = q.latest_image(session, app=name, kind=ImageKind.SYNCBACK)
-        epoch = app.writer_epoch
-    failover = _failover_image(site, name)
-    # 1. the DR copy's current state, into this pool
+        previous = q.latest_image(session, app=app.name, kind=ImageKind.SYNCBACK)
+    failover = _failover_image(site, app.name)
     ctx.set_message(f"capturing the state of {failover.id} at the DR site")
     if app.kind is AppKind.VOLUME:
         overlay = site.overlays.get(failover.id)
@@ -127,54 +126,78 @@ def run_syncback(site: Site, ctx: JobContext) -> dict[str, Any]:
         base = bytes.fromhex(previous.manifest if previous else failover.manifest)
         mid, size = _capture_tree_at_host(site, ctx, app, host, failover.mount_point, base)
         changed = size
-    image_id = new_image_id()
     with site.gc_lock, site.catalog.begin() as session:
-        here = q.add_image(
+        image = q.add_image(
             session,
-            app=name,
-            kind=ImageKind.SYNCBACK,
+            app=app.name,
+            kind=kind,
             manifest=mid.hex(),
             size=size,
-            label=ctx.job.params.get("label"),
+            label=label,
             parent_id=failover.id,
             source_image_id=failover.id,
-            image_id=image_id,
-            epoch=epoch,
+            image_id=new_image_id(),
+            epoch=app.writer_epoch,
+            protective=kind is ImageKind.PROTECTIVE,
         )
-    # 2. home: only what production lacks
-    ctx.set_message(f"sending {image_id} to {peer.name}")
-    bases = [previous.id] if previous else []
-    bases.append(failover.source_image_id or failover.parent_id or "")
+    return image, changed
+
+
+def send_home(site: Site, ctx: JobContext, app: App, image: Image) -> int:
+    """Send ``image`` to production as a syncback image (only what it lacks)."""
+    peer = peers.require_peer(site)
+    failover = _failover_image(site, app.name)
+    with site.catalog.read() as session:
+        older = [
+            i.id
+            for i in q.list_images(session, app=app.name, kind=ImageKind.SYNCBACK)
+            if i.id != image.id
+        ]
+    bases = [*older[:1], failover.source_image_id or failover.parent_id or ""]
+    ctx.set_message(f"sending {image.id} to {peer.name}")
     with peers.client_for(peer) as remote:
         opened = remote.post(
             "/api/v1/peer/syncbacks",
             {
-                "app": name,
+                "app": app.name,
                 "image": {
-                    "id": image_id,
-                    "created": here.created.isoformat(),
-                    "label": here.label,
-                    "size": size,
-                    "manifest": mid.hex(),
+                    "id": image.id,
+                    "created": image.created.isoformat(),
+                    "label": image.label,
+                    "size": image.size,
+                    "manifest": image.manifest,
                 },
                 "bases": [b for b in bases if b],
-                "epoch": epoch,
+                "epoch": app.writer_epoch,
             },
         )
-        sent = send_image(site, ctx, peer, opened, mid.hex(), size)
+        sent = send_image(site, ctx, peer, opened, image.manifest, image.size)
         remote.post(
             f"/api/v1/peer/syncbacks/{opened['session']}/commit", {"token": opened["token"]}
         )
+    return sent
+
+
+def run_syncback(site: Site, ctx: JobContext) -> dict[str, Any]:
+    name = ctx.job.app or ""
+    peer = peers.require_peer(site)
+    with site.catalog.read() as session:
+        app = q.get_app(session, name=name)
+        check_transition(app.name, app.state, Operation.SYNCBACK)
+    image, changed = capture_dr_state(
+        site, ctx, app, kind=ImageKind.SYNCBACK, label=ctx.job.params.get("label")
+    )
+    sent = send_home(site, ctx, app, image)
     with site.catalog.begin() as session:
         q.record_transition(
             session, app=name, operation=Operation.SYNCBACK, actor=ctx.job.actor, job=ctx.job.id
         )
-    ctx.set_image(image_id)
+    ctx.set_image(image.id)
     ctx.set_message(
-        f"syncback {image_id} of {name} sent to {peer.name}: {sent} bytes moved"
+        f"syncback {image.id} of {name} sent to {peer.name}: {sent} bytes moved"
         + (f" ({changed} bytes written at the DR site since failover)" if changed else "")
     )
-    return {"image": image_id, "bytes_sent": sent, "changed_since_failover": changed}
+    return {"image": image.id, "bytes_sent": sent, "changed_since_failover": changed}
 
 
 # --- receiver (production appliance) ---------------------------------------------------

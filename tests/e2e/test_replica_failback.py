@@ -1,0 +1,93 @@
+"""Replica-style failback (SPEC §5) through the CLI with real daemons: to the original app,
+with a protective snapshot, then commit — or undo back to the DR copy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.e2e.conftest import wait_for
+from tests.e2e.test_dr_presentation import Drill, drill, tree_digests
+
+__all__ = ["drill"]
+
+
+def setup_app(d: Drill, name: str, tmp_path: Path) -> tuple[Path, Path]:
+    data = tmp_path / name
+    (data / "db").mkdir(parents=True)
+    (data / "db" / "rows.txt").write_text("row 1\n")
+    events = tmp_path / f"{name}.events"
+    d.a(
+        "app",
+        "add",
+        name,
+        "--host",
+        "host1",
+        "--kind",
+        "filesystem",
+        "--path",
+        str(data),
+        "--stop",
+        f"echo stop >> {events}",
+        "--start",
+        f"echo start >> {events}",
+    )
+    d.a("app", "protect", name, "--template", "mirrored")
+    snap = d.a("capture", name)["image"]
+    wait_for(lambda: any(i["id"] == snap["id"] for i in d.b("images", name)), 60, "replica")
+    return data, events
+
+
+def state(cli: object, name: str) -> str:
+    return str(next(a for a in cli("apps") if a["name"] == name)["state"])  # type: ignore[operator]
+
+
+def test_failback_to_the_original_then_commit(drill: Drill, tmp_path: Path) -> None:
+    d = drill
+    data, events = setup_app(d, "erp", tmp_path)
+    dr_copy = tmp_path / "dr-erp"
+    d.b(
+        "failover", "erp", "--host", "host2", "--confirm", "FAILOVER", "--mount-point", str(dr_copy)
+    )
+    (dr_copy / "db" / "rows.txt").write_text("row 1\nrow 2 written at the DR site\n")
+    (dr_copy / "db" / "new.txt").write_text("new at DR\n")
+
+    done = d.b("failback", "erp", "--target", "original", "--power-on")
+    assert done["job"]["status"] == "succeeded", done["job"]
+    assert done["job"]["result"]["downtime_seconds"] > 0
+    assert tree_digests(data) == tree_digests(dr_copy)  # every DR write is at production
+    # start at DR (failover), stop production, stop the DR copy, start production
+    assert events.read_text().split() == ["start", "stop", "stop", "start"]
+    assert state(d.b, "erp") == "failback-pending"
+    kinds = [i["kind"] for i in d.b("images", "erp")]
+    assert "protective" in kinds
+
+    committed = d.b("commit-failback", "erp")
+    assert committed["job"]["status"] == "succeeded", committed["job"]
+    assert state(d.b, "erp") == "managed"
+    assert {i["kind"] for i in d.b("images", "erp")} == {"replica"}
+    # protection resumes: production's next capture is mirrored again
+    (data / "db" / "rows.txt").write_text("row 1\nrow 2 written at the DR site\nrow 3\n")
+    snap = d.a("capture", "erp")["image"]
+    wait_for(lambda: any(i["id"] == snap["id"] for i in d.b("images", "erp")), 60, "replica")
+
+
+def test_undo_returns_to_the_dr_copy_as_it_was(drill: Drill, tmp_path: Path) -> None:
+    d = drill
+    setup_app(d, "crm", tmp_path)
+    dr_copy = tmp_path / "dr-crm"
+    d.b(
+        "failover", "crm", "--host", "host2", "--confirm", "FAILOVER", "--mount-point", str(dr_copy)
+    )
+    (dr_copy / "db" / "rows.txt").write_text("written at DR before the failback\n")
+    d.b("failback", "crm", "--target", "original")
+    before_undo = tree_digests(dr_copy)
+    (dr_copy / "db" / "stray.txt").write_text("must not survive the undo\n")
+
+    refused = d.b.run("commit-failback", "nope", check=False)
+    assert refused.code == 1
+    undone = d.b("undo-failback", "crm")
+    assert undone["job"]["status"] == "succeeded", undone["job"]
+    assert state(d.b, "crm") == "failed-over"
+    assert tree_digests(dr_copy) == before_undo  # exactly the protective snapshot
+    again = d.b.run("undo-failback", "crm", check=False)
+    assert again.code == 1 and "failed-over" in again.error  # nothing pending any more
