@@ -1,6 +1,7 @@
 """``python -m bench``: run the benchmark sections and print the table.
 
-Flags: ``--section NAME`` (repeatable; default all), ``--size-gib`` (volume size),
+Flags: ``--section NAME`` (repeatable; default all), ``--size-gib`` (volume size; default
+2 for storage, 1 for replication; presentation always uses 1, 4 and 10 GiB),
 ``--files`` (small files in the tree), ``--workdir`` (a fresh directory is made inside it
 and removed afterwards; default under /var/tmp), ``--json FILE`` (also save the results).
 """
@@ -8,6 +9,7 @@ and removed afterwards; default under /var/tmp), ``--json FILE`` (also save the 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shutil
 import sys
 import tempfile
@@ -37,7 +39,25 @@ def _storage(cfg: Config, report: Report) -> None:
     storage.run(cfg, report)
 
 
-SECTIONS: dict[str, Section] = {"storage": _storage}
+def _replication(cfg: Config, report: Report) -> None:
+    from bench import replication
+
+    replication.run(cfg, report)
+
+
+def _presentation(cfg: Config, report: Report) -> None:
+    from bench import presentation
+
+    presentation.run(cfg, report)
+
+
+SECTIONS: dict[str, Section] = {
+    "storage": _storage,
+    "replication": _replication,
+    "presentation": _presentation,
+}
+DEFAULT_SIZE_GIB = {"storage": 2.0, "replication": 1.0}
+"""The volume size of a section when --size-gib is not given (presentation has its own)."""
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -48,7 +68,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         choices=sorted(SECTIONS),
         help="run only this section (repeatable; default: all)",
     )
-    parser.add_argument("--size-gib", type=float, default=2.0, help="volume size (default 2)")
+    parser.add_argument(
+        "--size-gib",
+        type=float,
+        help="volume size (default 2 for storage, 1 for replication)",
+    )
     parser.add_argument("--files", type=int, default=50_000, help="small files in the tree")
     parser.add_argument(
         "--workdir",
@@ -59,7 +83,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, metavar="FILE", help="also save results as JSON")
     parser.add_argument("--seed", type=int, default=1, help="data generator seed (default 1)")
     args = parser.parse_args(argv)
-    if args.size_gib * GiB < 16 * MiB:
+    if args.size_gib is not None and args.size_gib * GiB < 16 * MiB:
         parser.error("--size-gib must be at least 16 MiB (0.016)")
     if args.files < 1:
         parser.error("--files must be positive")
@@ -70,14 +94,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="tandem-bench-", dir=args.workdir))
-    size = int(args.size_gib * GiB) // MiB * MiB
-    cfg = Config(size=size, files=args.files, workdir=workdir, seed=args.seed)
     sections = args.section or list(SECTIONS)
+
+    def size_gib(section: str) -> float:
+        return float(args.size_gib or DEFAULT_SIZE_GIB.get(section, 2.0))
+
+    cfg = Config(size=0, files=args.files, workdir=workdir, seed=args.seed)
     report = Report(
         machine=machine_info(),
         config={
             "sections": ",".join(sections),
-            "size_gib": args.size_gib,
+            "size_gib": args.size_gib
+            or ", ".join(f"{n} {DEFAULT_SIZE_GIB[n]:g}" for n in sections if n in DEFAULT_SIZE_GIB)
+            or "—",
             "files": args.files,
             "seed": args.seed,
             "workdir": str(workdir),
@@ -87,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for name in sections:
             log(f"section {name}, scratch in {workdir}")
-            SECTIONS[name](cfg, report)
+            size = int(size_gib(name) * GiB) // MiB * MiB
+            SECTIONS[name](dataclasses.replace(cfg, size=size), report)
     except KeyboardInterrupt:
         log("interrupted; results so far follow")
     finally:
