@@ -59,3 +59,27 @@ def test_a_receiver_without_the_base_gets_the_whole_chunk(pool: ChunkPool, tmp_p
     with empty.writer() as w:
         w.put_encoded(changed, blob)
     assert empty.get(changed) == pool.get(changed)
+
+
+def test_a_plain_delta_from_an_agent_is_kept_xored(pool: ChunkPool, tmp_path: Path) -> None:
+    """An agent sends changed blocks whole (it lacks the old ones); the receiver re-encodes
+    them XORed against its base, so a 4 KiB write is not stored or re-sent as 64 KiB."""
+    import os
+
+    from tandem.storage.digest import hash_bytes, hash_sub_blocks
+    from tandem.storage.pool import encode_delta
+
+    base = os.urandom(4 * MiB)
+    with pool.writer() as w:
+        base_id = w.put(base).digest
+    new = bytearray(base)
+    new[SUB_BLOCK + 100 : SUB_BLOCK + 4196] = os.urandom(4096)
+    plain = encode_delta(
+        base_id, 0, len(new), hash_sub_blocks(new), {1: bytes(new[SUB_BLOCK : 2 * SUB_BLOCK])}
+    )
+    assert len(plain) > SUB_BLOCK
+    digest = hash_bytes(new)
+    with pool.writer() as w:
+        stored = w.put_encoded(digest, plain)
+    assert stored.stored < 3 * 4096 + 4096  # headers and the 4 KiB, not 64 KiB
+    assert pool.get(digest) == bytes(new)

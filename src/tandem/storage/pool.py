@@ -688,10 +688,23 @@ class PoolWriter:
             depth = self.pool.info(info.base).depth + 1
             if depth > MAX_DELTA_DEPTH:
                 blob = encode_chunk(data, info.subs)
-            elif depth != info.depth:
-                blob = blob[:5] + bytes([depth]) + blob[6:]
+            else:
+                blob = self._as_xor_delta(blob, info, data, depth)
         self._write_pending(digest, blob)
         return PutResult(digest, True, len(blob))
+
+    def _as_xor_delta(self, blob: bytes, info: ChunkInfo, data: bytes, depth: int) -> bytes:
+        """A received delta re-encoded XORed against its base (agents cannot do that: they
+        no longer hold the old blocks), so a small write costs about its own size here and
+        on every later hop; the depth byte is set to ours."""
+        assert info.base is not None
+        _, mask, inner = DELTA_HEAD.unpack_from(blob, info.payload_at - DELTA_HEAD.size)
+        if inner & DELTA_XOR:
+            return blob[:5] + bytes([depth]) + blob[6:]
+        blocks = [j for j in range(64) if mask >> j & 1]
+        changed = {j: data[j * SUB_BLOCK : (j + 1) * SUB_BLOCK] for j in blocks}
+        old = dict(zip(blocks, self.pool.read_blocks(info.base, blocks), strict=True))
+        return encode_delta(info.base, depth - 1, info.plain_len, info.subs, changed, old)
 
     def _write_pending(self, digest: bytes, blob: bytes) -> None:
         tmp = self.pool.tmp_dir / f"{digest.hex()}.{uuid.uuid4().hex[:8]}"
