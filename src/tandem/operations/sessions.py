@@ -21,6 +21,8 @@ from tandem.storage.manifest import decode_manifest
 from tandem.storage.pool import ChunkPool, PoolWriter
 from tandem.transport.server import hash_token, token_matches
 
+FLUSH_EVERY = 16 * 1024 * 1024  # one sender batch: a broken transfer re-sends at most this
+
 
 @dataclass
 class Session:
@@ -35,6 +37,7 @@ class Session:
     bytes_sent: int = 0  # chunk, block and manifest bytes the party fetched from us
     expires: float = 0.0
     meta: dict[str, Any] = field(default_factory=dict)  # what the opening operation keeps
+    flushed_at: int = 0  # bytes_received when the writer last made chunks durable
 
 
 class SessionRegistry:
@@ -125,8 +128,11 @@ class SessionRegistry:
             writer.put_encoded(digest, blob)
             size += len(blob)
             n += 1
-        # Durable and present now: a transfer broken after this batch resumes without it.
-        writer.flush()
+        # Durable and present every FLUSH_EVERY bytes: a transfer broken after that resumes
+        # without them. (Not every batch: each flush is a file-system sync.)
+        if session.bytes_received + size - session.flushed_at >= FLUSH_EVERY:
+            writer.flush()
+            session.flushed_at = session.bytes_received + size
         with self._lock:
             session.bytes_received += size
             session.chunks_received += n

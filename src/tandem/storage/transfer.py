@@ -21,7 +21,7 @@ from collections.abc import Callable
 from tandem.errors import ChunkCorrupt, ChunkMissing
 from tandem.storage.digest import SUB_BLOCK
 from tandem.storage.manifest import Manifest, VolumeManifest
-from tandem.storage.pool import CODEC_DELTA, ChunkPool, encode_delta
+from tandem.storage.pool import CODEC_DELTA, ChunkPool, encode_delta, parse_header
 
 
 def chunks_to_offer(new: Manifest, prev: Manifest | None) -> list[bytes]:
@@ -61,7 +61,9 @@ def encode_for_receiver(
 ) -> bytes:
     """The chunk-file bytes to send for ``digest`` (see the module docstring)."""
     stored = pool.get_stored(digest)
-    info = pool.info(digest)
+    info = parse_header(stored, digest, str(pool.root))
+    if info.codec != CODEC_DELTA and prev is None:
+        return stored  # self-contained already: read once, sent as it is
     if info.codec == CODEC_DELTA and info.base is not None and receiver_has(info.base):
         return stored
     if prev is not None and receiver_has(prev):
@@ -78,4 +80,4 @@ def encode_for_receiver(
                 blocks = {j: data[j * SUB_BLOCK : (j + 1) * SUB_BLOCK] for j in changed}
                 old = dict(zip(changed, pool.read_blocks(prev, changed), strict=True))
                 return encode_delta(prev, 0, info.plain_len, info.subs, blocks, old)
-    return pool.get_raw(digest)
+    return stored if info.codec != CODEC_DELTA else pool.get_raw(digest)
