@@ -1,4 +1,5 @@
-"""`tandem demo`, its lab of daemons and its sample app, as an operator runs them."""
+"""`tandem demo` (the two-site DR drill), its lab of daemons and its sample app, as an
+operator runs them."""
 
 from __future__ import annotations
 
@@ -14,10 +15,15 @@ from typing import Any
 import pytest
 import typer
 
+from tandem.appliance.nbd import NbdServer
 from tandem.cli import demo, sampleapp
+from tandem.storage.overlay import Overlay
+from tandem.storage.pool import ChunkPool
+from tandem.storage.volume import capture_volume
 
 TANDEM = [sys.executable, "-m", "tandem.cli"]
 SAMPLEAPP = [sys.executable, "-m", "tandem.cli.sampleapp"]
+MiB = 1024 * 1024
 
 
 def processes_mentioning(text: str) -> list[str]:
@@ -36,53 +42,113 @@ def processes_mentioning(text: str) -> list[str]:
     return found
 
 
-def test_demo_runs_the_one_site_drill_and_reports_it(tmp_path: Path) -> None:
+DRILL = [
+    "start-sites",
+    "pair",
+    "start-app",
+    "protect",
+    "capture-full",
+    "app-writes",
+    "capture-incremental",
+    "test-failover",
+    "capture-during-test",
+    "end-test",
+    "test-volume",
+    "disaster",
+    "failover",
+    "dr-runs",
+    "syncback-catch-up",
+    "stop-dr",
+    "syncback-final",
+    "restore",
+    "verify-production",
+    "failback",
+    "mirror-resumes",
+    "verify-images",
+]
+
+
+def test_demo_runs_the_two_site_drill_and_reports_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     work = tmp_path / "demo"
     proc = subprocess.run(
         [*TANDEM, "demo", "--json", "--workdir", str(work)],
         capture_output=True,
         text=True,
-        timeout=240,
+        timeout=280,
         check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report: dict[str, Any] = json.loads(proc.stdout)  # exactly one document on stdout
 
     assert report["ok"] and report["failed_step"] is None and report["error"] is None
-    steps = {s["name"]: s for s in report["steps"]}
+    assert [s["name"] for s in report["steps"]] == DRILL
     assert all(s["status"] == "succeeded" for s in report["steps"]), report["steps"]
-    assert {
-        "capture-full",
-        "capture-incremental",
-        "damage",
-        "restore",
-        "verify-data",
-        "verify-images",
-    } <= steps.keys()
+    steps = {s["name"]: s for s in report["steps"]}
+    jobs = [j for s in report["steps"] for j in s["jobs"]]
+    assert jobs and all(j["status"] == "succeeded" and j["id"].startswith("job_") for j in jobs)
+    assert all(j["seconds"] >= 0 and j["site"] in ("prod", "dr") for j in jobs)
+
+    # Data verified equal at each site: the test copy and the failed-over copy at dr equal
+    # their replicas; production after the restore equals the DR copy as it was stopped.
     assert report["data_verified_equal"] is True
-    assert (
-        all(report["checks"].values()) and {"files_equal", "disk_equal"} <= report["checks"].keys()
-    )
+    assert set(report["data_equal"]) == set(demo.COMPARISONS)
+    assert all(report["data_equal"].values())
+    assert all(report["checks"].values())
 
-    full, incremental = report["captures"]["full"], report["captures"]["incremental"]
+    # The DR measures are there and plausible.
+    assert 0 < report["rpo_seconds"] < 120
+    assert 0 < report["failover_seconds"] < 120
+    assert 0 < report["failback_downtime_seconds"] < 120
+    measures = report["measures"]
+    assert measures["failback_downtime_reported_seconds"] > 0
+
+    # Bytes moved: per step, and by kind of transfer.
+    t = {k: sum(v.values()) for k, v in report["transfers"].items()}
+    assert set(report["transfers"]["syncback-final"]) == {"files", "disk"}
+    assert 0 < t["syncback-final"] < t["syncback-catch-up"]
+    assert 0 < t["replication-incremental"] < t["replication-full"]
+    assert 0 < t["replication-after-failback"] < t["replication-full"] / 4
     for app in ("files", "disk"):
-        assert full[app]["status"] == incremental[app]["status"] == "succeeded"
-        assert 0 < incremental[app]["bytes_sent"] < full[app]["bytes_sent"], (app, report)
-    assert incremental["disk"]["bytes_sent"] < full["disk"]["bytes_sent"] / 10
+        first = report["transfers"]["replication-full"][app]
+        assert 0 < report["transfers"]["replication-after-failback"][app] < first, app
+    assert report["bytes_moved"]["capture-full"] == sum(
+        j["bytes_sent"] for j in steps["capture-full"]["jobs"]
+    )
+    assert report["bytes_sent"] == sum(report["bytes_moved"].values())
 
-    restores = steps["restore"]["jobs"]
-    assert [(j["type"], j["app"], j["status"]) for j in restores] == [
-        ("restore", "files", "succeeded"),
-        ("restore", "disk", "succeeded"),
+    # The lifecycle ran where it should, in order.
+    def kinds(step: str) -> list[tuple[str, str, str]]:
+        return [(j["site"], j["type"], j["app"]) for j in steps[step]["jobs"]]
+
+    assert kinds("capture-full") == [
+        ("prod", "capture", "files"),
+        ("prod", "capture", "disk"),
+        ("prod", "replicate", "files"),
+        ("prod", "replicate", "disk"),
     ]
-    assert all(j["id"].startswith("job_") and j["seconds"] >= 0 for j in restores)
-    assert report["bytes_sent"] > 0 and report["bytes_total"] >= report["bytes_sent"]
-    assert set(report["images"]) == {"files-full", "disk-full", "files-incr", "disk-incr"}
+    assert kinds("test-failover") == [("dr", "test-failover", "files")]
+    assert kinds("failover") == [("dr", "failover", "disk"), ("dr", "failover", "files")]
+    assert kinds("syncback-final") == [("dr", "syncback", "files"), ("dr", "syncback", "disk")]
+    assert kinds("restore") == [("prod", "restore", "disk"), ("prod", "restore", "files")]
+    assert kinds("failback") == [("dr", "failback", "files"), ("dr", "failback", "disk")]
+    restored = {j["image"] for j in steps["restore"]["jobs"]}
+    assert restored == {report["images"]["files-final"], report["images"]["disk-final"]}
 
     # Progress went to stderr; everything was stopped and removed afterwards.
-    assert "capture (incremental)" in proc.stderr and "data equal" in proc.stderr
+    assert "failover time" in proc.stderr and "downtime starts" in proc.stderr
     assert not work.exists()
     assert processes_mentioning(str(work)) == []
+
+    # Without --json, the same report is a table of steps and jobs and the DR measures.
+    demo.print_report(report)
+    out = capsys.readouterr().out
+    for text in ("failover to host2", "final syncback", "failback (snapshot style)"):
+        assert text in out
+    for text in ("RPO achieved", "failover time", "failback downtime", "data verified equal"):
+        assert text in out
+    assert "✗" not in out and f"all {len(DRILL)} steps succeeded" in out
 
 
 def test_a_failing_step_fails_the_demo_naming_it(
@@ -150,7 +216,7 @@ def test_interrupting_the_demo_stops_everything_it_started(
     ) as proc:
         assert proc.stderr is not None
         seen = []
-        # Once the third step starts, both daemons and the sample app are running.
+        # Once the third step starts, the four daemons are running.
         for line in proc.stderr:
             seen.append(line)
             if line.startswith(" 3. "):
@@ -202,4 +268,48 @@ def test_sample_app_writes_holds_releases_and_stops(tmp_path: Path) -> None:
     assert sampleapp.running_pid(paths) is None
     assert cli("stop", str(data)).strip() == "sample app was not running"
     assert sampleapp.read_status(paths)["state"] == "stopped"
+    assert processes_mentioning(str(data)) == []
+
+
+def test_sample_app_writes_its_disk_through_nbd_and_follows_the_attachment(
+    tmp_path: Path, pool: ChunkPool
+) -> None:
+    """``--disk-from`` names the disk anew each time the app opens its data: a file at one
+    site, an appliance's NBD export of a virtual copy at the other."""
+    local = tmp_path / "disk.img"
+    local.write_bytes(bytes(4 * MiB))
+    mid, manifest, _ = capture_volume(pool, local)
+    overlay = Overlay.create(tmp_path / "overlay", pool, manifest, mid)
+    data, attached = tmp_path / "data", tmp_path / "disk.attached"
+    attached.write_text(f"{local}\n")
+    paths = sampleapp.Paths.of(data)
+    with NbdServer("127.0.0.1", 0) as server:
+        uri = server.add_export("copy", overlay)
+        try:
+            sampleapp.start(paths, disk_from=attached, interval=0.02, lifetime=120)
+            time.sleep(0.3)
+            first = sampleapp.hold(paths)
+            assert first["disk"] == str(local) and first["records"] > 0
+            written = local.read_bytes()
+            assert b"sampleapp record" in written
+            attached.write_text(f"{uri}\n")  # the volume is attached through NBD now
+            sampleapp.release(paths)
+            time.sleep(0.3)
+            held = sampleapp.hold(paths)
+            assert held["disk"] == uri and held["errors"] == 0
+            assert local.read_bytes() == written  # the file is left alone
+            disk = sampleapp.NbdDisk(uri)
+            try:
+                assert disk.size == 4 * MiB
+                through_nbd = disk.pread(disk.size, 0)
+            finally:
+                disk.close()
+            # The export was captured empty: its records are the ones written through NBD.
+            assert through_nbd.count(b"sampleapp record") > 0
+            assert held["opened_rows"] == first["rows"]  # reopened where it was held
+        finally:
+            sampleapp.stop(paths)
+            overlay.close()
+    with pytest.raises(OSError):
+        sampleapp.NbdDisk(uri)  # the server is gone
     assert processes_mentioning(str(data)) == []

@@ -86,6 +86,18 @@ def test_volume_syncback_moves_only_what_was_written(drill: Drill, tmp_path: Pat
     volume = tmp_path / "vm.img"
     volume.write_bytes(os.urandom(16 * MiB))
     protect_and_replicate(d, "vm", "volume", volume)
+    copy = d.b.run(
+        "failover",
+        "vm",
+        "--host",
+        "host2",
+        "--confirm",
+        "FAILOVER",
+        "--mount-point",
+        str(tmp_path / "vm-copy"),
+        check=False,
+    )  # a file copy would take writes that syncback never sees: refused
+    assert copy.code == 2 and "NBD only" in copy.error  # invalid input: exit 2
     over = d.b("failover", "vm", "--host", "host2", "--confirm", "FAILOVER")
     uri = over["nbd_uri"]
 

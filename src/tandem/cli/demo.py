@@ -1,39 +1,59 @@
-"""`tandem demo`: a narrated run of real daemons on loopback; exits non-zero if anything fails.
+"""`tandem demo`: the whole two-site DR drill on real daemons on loopback; exits non-zero,
+naming the step, if anything fails.
 
-At this stage (one site) the demo starts an appliance and a host agent (``lab.Lab``), and a
-sample application that keeps writing (``sampleapp``: SQLite in WAL mode, rotating logs and
-files, records on a disk image). It protects the app's data directory (a ``filesystem`` app)
-and its disk image (a ``volume`` app) and drives the appliance through its API (the typed
-``ApiClient``, as the CLI does): full capture, the app keeps writing, incremental capture,
-damage to production, restore of the earlier images with the typed confirmations (the app's
-stop command runs first, its start command after), verification that production equals what
-was captured, and verification of every image in the pool. A closing report lists every
-step, its jobs, their durations and the bytes they moved.
+The sites: appliances ``prod`` and ``dr`` and host agents ``host1`` (production) and
+``host2`` (DR site), child processes of a ``lab.Lab``. Both "hosts" share this machine, so
+each has a directory standing for its file system (``host1-fs``, ``host2-fs``) and its agent
+runs with ``DEMO_HOST_ROOT`` pointing there. The sample application (``sampleapp``: SQLite in
+WAL mode, rotating logs and files, 4 KiB records on a disk) lives at ``$DEMO_HOST_ROOT/app``
+on whichever host runs it, and writes the disk named in ``$DEMO_HOST_ROOT/disk.attached``
+(the disk image at production; the NBD export of the failed-over volume at the DR site).
+So the one ``--start``/``--stop`` command pair, mirrored with the app to the DR appliance,
+works at both sites, as the same path on two real hosts would.
 
-Consistency: the app keeps writing, so each capture is taken while the app is *held*
-(quiesced: transaction finished, database closed, files closed), which is when the demo
-records the reference state (a BLAKE3 digest of every file and of the disk image). Both
-apps are captured at the same quiesce point. Before the restore the demo sets the hold
-again, so the app that the restore's start command launches stays held and does not write
-until the demo has compared production with the reference; then it is released and must
-open the restored database cleanly and write on from the captured row.
+Two apps are protected with a mirroring template: ``files`` (the data directory, a
+``filesystem`` app, carrying the start/stop commands) and ``disk`` (the disk image, a
+``volume`` app attached to the same process). The drill, each step driving the appliances'
+REST API as the CLI does (the equivalent ``tandem`` command is shown):
+
+  pair the appliances → protect → full capture + replication → the app writes →
+  incremental capture + replication → test failover to host2 at a mount point (the test
+  copy is compared with the replica; a capture replicates meanwhile) → unmount and delete →
+  test failover of the volume over NBD → disaster (the app, host1's agent and the prod
+  appliance are killed; RPO = age of the newest replica at that moment) → failover with
+  FAILOVER (failover time = the first failover call → the app up at the DR site, started by
+  its --start command through host2's agent) → the app writes at the DR site (through NBD
+  for its disk) while production comes back → catch-up syncback → the app is stopped at the
+  DR site (downtime starts) → final syncback → restore of the final syncback images at
+  production with both confirmations (the restore's --start command brings the app up:
+  downtime ends) → production compared with the DR copy → snapshot-style failback → a
+  capture at production replicates incrementally.
+
+Consistency: the app keeps writing, so every capture and syncback is taken while the app is
+*held* (quiesced: transaction finished, database and files closed; ``sampleapp hold``),
+which is when the demo records the reference state (a BLAKE3 digest of every file and of
+the disk). Where the demo compares a copy that an operation has just started the app on
+(failover, restore), it sets the hold first: the app that the --start command launches
+comes up held, the data is compared, then the app is released. Timings stop when the app
+is up, before the demo's own comparison.
 
 Shape: ``STEPS`` is a list of step functions over one shared ``Context``; each returns a
-one-line result and records the jobs it ran. The two-site drill adds its steps (pairing,
-mirroring, test failover, failover, syncback, failback) to the list and its sites to
-``Context.sites``. Progress goes to stderr, the report to stdout (``--json``: one document).
+one-line result and records the jobs it ran. Progress goes to stderr, the closing report
+to stdout (``--json``: one document).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
 import random
 import shlex
+import signal
 import stat
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -46,6 +66,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from tandem.errors import TandemError
+from tandem.transport.agent import AgentClient
 from tandem.transport.client import ApiClient
 
 from . import sampleapp
@@ -53,15 +74,31 @@ from .lab import Daemon, Lab
 from .output import byte_progress, emit_json, fail, handle_errors, human_bytes, stderr, stdout
 
 MiB = 1024 * 1024
-CONFIRMATIONS = ["DATA LOSS", "OVERWRITE OTHER APPS"]
+FAILOVER_CONFIRMATION = ["FAILOVER"]
+RESTORE_CONFIRMATIONS = ["DATA LOSS", "OVERWRITE OTHER APPS"]
 TERMINAL = frozenset({"succeeded", "failed", "canceled"})
-JOB_POLL = 0.1
+JOB_POLL = 0.05
 JOB_TIMEOUT = 300.0
-TEMPLATE = "demo"
+TEMPLATE = "mirrored"
 FILES_APP = "files"
 DISK_APP = "disk"
+APPS = (FILES_APP, DISK_APP)
+HOST_ROOT_VAR = "DEMO_HOST_ROOT"
+ATTACHED = "disk.attached"
+"""In a host's directory: names the disk the sample app writes (a path or an nbd:// URI)."""
 SAMPLE_LIFETIME = 900.0
 """Seconds after which a sample app left behind (demo killed by SIGKILL) stops by itself."""
+APP_UP_TIMEOUT = 30.0
+COMPARISONS = {
+    "dr_test_copy": "dr: test copy = replica",
+    "dr_test_copy_unchanged": "dr: test copy unchanged by replication",
+    "dr_test_volume": "dr: test volume (NBD) = replica",
+    "dr_failover_files": "dr: failed-over files = replica",
+    "dr_failover_disk": "dr: failed-over volume = replica",
+    "production_files": "production: files = DR copy",
+    "production_disk": "production: disk = DR volume",
+}
+"""The data comparisons the drill makes, as the report names them."""
 
 
 class StepFailed(Exception):
@@ -78,6 +115,7 @@ class JobRecord:
     id: str
     type: str
     app: str
+    site: str
     status: str
     message: str
     bytes_total: int
@@ -86,11 +124,12 @@ class JobRecord:
     image: str | None
 
     @classmethod
-    def of(cls, job: dict[str, Any], elapsed: float) -> JobRecord:
+    def of(cls, job: dict[str, Any], site: str, elapsed: float) -> JobRecord:
         return cls(
             id=str(job["id"]),
             type=str(job["type"]),
             app=str(job.get("app") or ""),
+            site=site,
             status=str(job["status"]),
             message=str(job.get("message") or ""),
             bytes_total=int(job.get("bytes_total") or 0),
@@ -120,6 +159,10 @@ class StepRecord:
     error: str | None = None
     jobs: list[JobRecord] = field(default_factory=list)
 
+    @property
+    def bytes_sent(self) -> int:
+        return sum(j.bytes_sent for j in self.jobs)
+
 
 @dataclass
 class Step:
@@ -139,12 +182,17 @@ class Options:
 
 @dataclass
 class Site:
-    """One site of the drill: its appliance, its host agent and a client for the appliance."""
+    """One site: its appliance, its host's agent, and the host's file system (``root``)."""
 
     role: str
     appliance: Daemon
     agent: Daemon
+    root: Path
     client: ApiClient | None = None
+
+    @property
+    def name(self) -> str:
+        return self.appliance.name
 
     @property
     def api(self) -> ApiClient:
@@ -152,50 +200,63 @@ class Site:
             self.client = self.appliance.client()
         return self.client
 
+    def reconnect(self) -> None:
+        """Drop the client (its appliance was restarted)."""
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+
     @property
     def host(self) -> str:
         return self.agent.name
 
+    @property
+    def paths(self) -> sampleapp.Paths:
+        """The sample app on this site's host: data and run directories."""
+        return sampleapp.Paths.of(self.root / "app")
 
-@dataclass
-class SampleApp:
-    """The sample application on a site's host: where it writes, how it starts and stops."""
+    @property
+    def attached(self) -> Path:
+        return self.root / ATTACHED
 
-    paths: sampleapp.Paths
-    disk: Path
-    start: str
-    stop: str
-
-    def status(self) -> dict[str, Any]:
-        return sampleapp.read_status(self.paths)
-
-    def apps(self) -> list[tuple[str, str, Path]]:
-        """The protected apps over its data: (name, kind, path)."""
-        return [(FILES_APP, "filesystem", self.paths.data), (DISK_APP, "volume", self.disk)]
+    def run_on_host(self, command: str) -> dict[str, Any]:
+        """Run a shell command on the host through its agent, as the appliance does."""
+        with AgentClient(
+            self.agent.name, self.agent.url, self.agent.token, self.agent.fingerprint
+        ) as agent:
+            return agent.run(command, timeout=60.0)
 
 
 @dataclass
 class Reference:
-    """What an app's data was when it was captured (taken while the app was held)."""
+    """What an app's data was when an image of it was taken (the app held)."""
 
     app: str
     image: str
     state: dict[str, str]
+    rows: int
 
 
 class Context:
-    """What every step reads and writes: the lab, the sites, the app, images, checks."""
+    """What every step reads and writes: the lab, the sites, images, checks and measures."""
 
     def __init__(self, lab: Lab, options: Options) -> None:
         self.lab = lab
         self.options = options
         self.sites: dict[str, Site] = {}
-        self.app: SampleApp | None = None
-        self.images: dict[str, dict[str, Any]] = {}
-        """Images by the demo's name for them, e.g. ``files-full``."""
+        self.start_cmd = ""
+        self.stop_cmd = ""
+        self.images: dict[str, str] = {}
+        """Image ids by the demo's name for them, e.g. ``files-full``."""
         self.references: dict[str, Reference] = {}
         """Reference states by image id."""
         self.checks: dict[str, bool] = {}
+        self.data_equal: dict[str, bool] = {}
+        """The data comparisons: copy name → equal."""
+        self.measures: dict[str, Any] = {}
+        """RPO, failover time, failback downtime…"""
+        self.transfers: dict[str, dict[str, int]] = {}
+        """Bytes sent by kind of transfer, per app (``replication-full`` → {app: bytes})."""
         self.facts: dict[str, Any] = {}
         self.step: StepRecord | None = None
 
@@ -204,25 +265,28 @@ class Context:
         return self.sites["production"]
 
     @property
-    def sample(self) -> SampleApp:
-        if self.app is None:
-            raise StepFailed("the sample application was not set up")
-        return self.app
+    def dr(self) -> Site:
+        return self.sites["dr"]
+
+    @property
+    def disk_image(self) -> Path:
+        return self.prod.root / "disk.img"
 
     def close(self) -> None:
         for site in self.sites.values():
-            if site.client is not None:
-                site.client.close()
-                site.client = None
+            site.reconnect()
 
     # --- narration ---------------------------------------------------------------------
 
     def say(self, text: str) -> None:
         stderr.print(f"     {text}", highlight=False, soft_wrap=True)
 
-    def command(self, text: str) -> None:
-        """Show the CLI command an operator would type for what the demo does next."""
-        stderr.print(f"     [dim]$ tandem {escape(text)}[/]", highlight=False, soft_wrap=True)
+    def command(self, site: Site | None, text: str) -> None:
+        """Show the CLI command an operator would type (against ``site``'s appliance)."""
+        where = f"{site.name}" if site is not None else ""
+        stderr.print(
+            f"     [dim]{where}$ tandem {escape(text)}[/]", highlight=False, soft_wrap=True
+        )
 
     def check(self, name: str, ok: bool, failure: str) -> None:
         """Record a check; a failed one fails the step with ``failure``."""
@@ -230,11 +294,26 @@ class Context:
         if not ok:
             raise StepFailed(failure)
 
+    def compare(
+        self, name: str, what: str, expected: dict[str, str], actual: dict[str, str]
+    ) -> str:
+        """Compare two data states; record it in ``data_equal``; fail the step if they differ."""
+        diff = differences(expected, actual)
+        self.data_equal[name] = not diff
+        self.check(f"equal_{name}", not diff, f"{what} differs: {_brief(diff)}")
+        size = f"{len(expected)} entries" if len(expected) != 1 else "1 volume"
+        self.say(f"[green]✓[/] {escape(what)}: equal ({size})")
+        return size
+
     # --- jobs --------------------------------------------------------------------------
 
     def start_job(self, site: Site, path: str, body: dict[str, Any]) -> dict[str, Any]:
         job: dict[str, Any] = site.api.post(path, body)["job"]
         return job
+
+    def run_job(self, site: Site, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """Start one job and wait for it."""
+        return self.wait_jobs(site, [self.start_job(site, path, body)])[0]
 
     def wait_jobs(self, site: Site, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Wait for the jobs (showing progress), record them, fail the step if one failed."""
@@ -269,14 +348,14 @@ class Context:
         finished = [done[j["id"]] for j in jobs]
         failures = []
         for job in finished:
-            record = JobRecord.of(job, elapsed)
+            record = JobRecord.of(job, site.name, elapsed)
             if self.step is not None:
                 self.step.jobs.append(record)
             mark = "[green]✓[/]" if record.status == "succeeded" else "[red]✗[/]"
             self.say(
                 f"{mark} {record.id}  {record.type} {record.app}  {record.status}  "
-                f"{record.seconds:.2f} s  total {human_bytes(record.bytes_total)}  "
-                f"sent {human_bytes(record.bytes_sent)}"
+                f"{record.seconds:.2f} s  sent {human_bytes(record.bytes_sent)}"
+                f"  [dim]{escape(record.message)}[/]"
             )
             if record.status != "succeeded":
                 failures.append(
@@ -287,11 +366,17 @@ class Context:
             raise StepFailed("; ".join(failures))
         return finished
 
-    def image_of(self, site: Site, job: dict[str, Any]) -> dict[str, Any]:
-        if not job.get("image"):
-            raise StepFailed(f"job {job['id']} succeeded but names no image")
-        image: dict[str, Any] = site.api.get(f"/api/v1/images/{job['image']}")
+    def image(self, site: Site, image_id: str) -> dict[str, Any]:
+        image: dict[str, Any] = site.api.get(f"/api/v1/images/{image_id}")
         return image
+
+    def images_of(self, site: Site, app: str) -> list[dict[str, Any]]:
+        images: list[dict[str, Any]] = site.api.get(f"/api/v1/apps/{app}/images")
+        return images
+
+    def app_row(self, site: Site, app: str) -> dict[str, Any]:
+        row: dict[str, Any] = site.api.get(f"/api/v1/apps/{app}")
+        return row
 
 
 def _progress() -> Progress:
@@ -299,6 +384,27 @@ def _progress() -> Progress:
     if stderr.is_terminal:
         return byte_progress("jobs")
     return Progress(console=stderr, disable=True)
+
+
+def _image_of(job: dict[str, Any]) -> str:
+    if not job.get("image"):
+        raise StepFailed(f"job {job['id']} succeeded but names no image")
+    return str(job["image"])
+
+
+def _sent(jobs: Iterable[dict[str, Any]]) -> dict[str, int]:
+    return {str(j["app"]): int(j.get("bytes_sent") or 0) for j in jobs}
+
+
+def _both(sent: dict[str, int]) -> str:
+    return ", ".join(f"{app} {human_bytes(n)}" for app, n in sent.items())
+
+
+def _age(created: str) -> float:
+    when = dt.datetime.fromisoformat(created)
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return (dt.datetime.now(dt.UTC) - when).total_seconds()
 
 
 # --- data states --------------------------------------------------------------------------
@@ -344,8 +450,16 @@ def volume_state(path: Path) -> dict[str, str]:
     return {"": f"volume size={path.stat().st_size} blake3={_digest_file(path)}"}
 
 
-def state_of(kind: str, path: Path) -> dict[str, str]:
-    return tree_state(path) if kind == "filesystem" else volume_state(path)
+def nbd_state(uri: str) -> dict[str, str]:
+    """The content of an NBD export, read through it: its size and digest."""
+    disk = sampleapp.NbdDisk(uri)
+    try:
+        hasher = blake3.blake3()
+        for offset in range(0, disk.size, 4 * MiB):
+            hasher.update(disk.pread(min(4 * MiB, disk.size - offset), offset))
+    finally:
+        disk.close()
+    return {"": f"volume size={disk.size} blake3={hasher.hexdigest()}"}
 
 
 def differences(expected: dict[str, str], actual: dict[str, str]) -> list[str]:
@@ -383,327 +497,680 @@ def make_disk(path: Path, size: int) -> int:
     return written
 
 
-# --- steps --------------------------------------------------------------------------------
+# --- the sample app -----------------------------------------------------------------------
 
 
-def step_start_site(ctx: Context) -> str:
-    appliance = ctx.lab.add("appliance", "prod")
-    agent = ctx.lab.add("agent", "prod-host")
-    ctx.command(f"appliance init {appliance.directory} --name prod --listen 127.0.0.1:PORT")
-    ctx.command(f"agent init {agent.directory} --name prod-host --listen 127.0.0.1:PORT")
-    ctx.command(f"appliance serve {appliance.directory} & tandem agent serve {agent.directory} &")
-    ctx.lab.up(appliance, agent)
-    ctx.sites["production"] = site = Site("production", appliance, agent)
-    ctx.say(f"appliance {appliance.name} at {appliance.url}")
-    ctx.say(f"agent {agent.name} at {agent.url}")
-    ctx.command(f"host add {agent.name} --url {agent.url} --token … --fingerprint …")
-    site.api.post(
-        "/api/v1/hosts",
-        {
-            "name": agent.name,
-            "url": agent.url,
-            "token": agent.token,
-            "fingerprint": agent.fingerprint,
-        },
-    )
-    return f"appliance {appliance.name} and agent {agent.name} up; host {agent.name} registered"
+def wait_app(paths: sampleapp.Paths, states: tuple[str, ...], what: str) -> dict[str, Any]:
+    """Wait until the sample app at ``paths`` runs in one of ``states``; its status."""
+    deadline = time.monotonic() + APP_UP_TIMEOUT
+    while True:
+        pid = sampleapp.running_pid(paths)
+        status = sampleapp.read_status(paths)
+        if pid is not None and status.get("pid") == pid and status.get("state") in states:
+            return status
+        if time.monotonic() > deadline:
+            raise StepFailed(f"the sample app {what} is not up after {APP_UP_TIMEOUT:.0f} s")
+        time.sleep(0.02)
 
 
-def step_start_app(ctx: Context) -> str:
-    home = ctx.lab.root / "prod-host-data"
-    home.mkdir()
-    disk = home / "disk.img"
-    size = ctx.options.size_mib * MiB
-    written = make_disk(disk, size)
-    paths = sampleapp.Paths.of(home / "app")
-    python = shlex.quote(sys.executable)
-    module = f"{python} -m tandem.cli.sampleapp"
-    start = (
-        f"{module} start {shlex.quote(str(paths.data))} --disk {shlex.quote(str(disk))}"
-        f" --lifetime {SAMPLE_LIFETIME:.0f}"
-    )
-    stop = f"{module} stop {shlex.quote(str(paths.data))}"
-    ctx.app = app = SampleApp(paths, disk, start, stop)
-    ctx.lab.on_close("stop the sample app", lambda: sampleapp.stop(paths))
-    sampleapp.start(paths, disk=disk, lifetime=SAMPLE_LIFETIME)
-    time.sleep(0.3)
-    status = app.status()
-    ctx.say(f"disk image {escape(str(disk))} ({human_bytes(size)}, {human_bytes(written)} written)")
-    ctx.say(f"data directory {escape(str(paths.data))}: SQLite (WAL), logs, blobs, assets")
-    ctx.say(f"start command: {escape(start)}")
-    ctx.say(f"stop command:  {escape(stop)}")
-    ctx.check(
-        "app_started",
-        status.get("state") == "running",
-        f"the sample app is not running: {status}",
-    )
-    return f"sample app writing (pid {status['pid']}, {status['rows']} rows so far)"
-
-
-def step_protect(ctx: Context) -> str:
-    site, app = ctx.prod, ctx.sample
-    for name, kind, path in app.apps():
-        ctx.command(
-            f"app add {name} --host {site.host} --kind {kind} --path {path} "
-            "--start '…sampleapp start …' --stop '…sampleapp stop …'"
-        )
-        site.api.post(
-            "/api/v1/apps",
-            {
-                "name": name,
-                "host": site.host,
-                "kind": kind,
-                "path": str(path),
-                "start": app.start,
-                "stop": app.stop,
-            },
-        )
-    ctx.command(f"template add {TEMPLATE}")
-    site.api.post(
-        "/api/v1/templates", {"name": TEMPLATE, "every": None, "keep": None, "mirror": False}
-    )
-    states = []
-    for name in (FILES_APP, DISK_APP):
-        ctx.command(f"app protect {name} --template {TEMPLATE}")
-        row = site.api.post(f"/api/v1/apps/{name}/protect", {"template": TEMPLATE})
-        states.append(f"{name} {row['state']}")
-    ctx.check(
-        "apps_managed",
-        all(s.endswith("managed") for s in states),
-        f"protect did not make the apps managed: {states}",
-    )
-    return f"apps {FILES_APP} (filesystem) and {DISK_APP} (volume) protected: " + ", ".join(states)
-
-
-def _capture_both(ctx: Context, label: str, tag: str) -> dict[str, JobRecord]:
-    """Hold the app, record the reference states, capture both apps at once, release."""
-    site, app = ctx.prod, ctx.sample
-    t0 = time.monotonic()
-    held = sampleapp.hold(app.paths)
-    ctx.say(f"app held (quiesced) at row {held.get('rows')}")
-    states = {FILES_APP: tree_state(app.paths.data), DISK_APP: volume_state(app.disk)}
-    try:
-        jobs = []
-        for name in (FILES_APP, DISK_APP):
-            ctx.command(f'capture {name} --label "{label}"')
-            jobs.append(ctx.start_job(site, f"/api/v1/apps/{name}/capture", {"label": label}))
-        finished = ctx.wait_jobs(site, jobs)
-    finally:
-        sampleapp.release(app.paths)
-    ctx.say(f"app released after {time.monotonic() - t0:.2f} s held")
-    records: dict[str, JobRecord] = {}
-    for job in finished:
-        image = ctx.image_of(site, job)
-        name = str(job["app"])
-        ctx.images[f"{name}-{tag}"] = image
-        ctx.references[image["id"]] = Reference(name, image["id"], states[name])
-        records[name] = JobRecord.of(job, 0.0)
-        ctx.say(f"image {image['id']} of {name} ({image['kind']}, {human_bytes(image['size'])})")
-    ctx.facts[f"rows_at_{tag}"] = held.get("rows")
-    return records
-
-
-def step_capture_full(ctx: Context) -> str:
-    records = _capture_both(ctx, "first, full", "full")
-    ctx.facts["full"] = {name: asdict(r) for name, r in records.items()}
-    sent = sum(r.bytes_sent for r in records.values())
-    return f"both apps captured at one quiesce point; {human_bytes(sent)} sent"
-
-
-def step_app_writes(ctx: Context) -> str:
-    before = ctx.sample.status()
-    time.sleep(ctx.options.write_seconds)
-    after = ctx.sample.status()
+def writes_since(before: dict[str, Any], after: dict[str, Any]) -> str:
     rows = int(after.get("rows", 0)) - int(before.get("rows", 0))
     blobs = int(after.get("blobs", 0)) - int(before.get("blobs", 0))
     records = int(after.get("records", 0)) - int(before.get("records", 0))
+    return f"{rows} rows, {blobs} files, {records} disk records"
+
+
+def capture_and_mirror(ctx: Context, label: str, tag: str) -> dict[str, dict[str, int]]:
+    """Hold the app, record the reference states, capture both apps at one quiesce point,
+    release; wait for the replications the captures queued and check the replicas arrived.
+    Returns the bytes sent per app: ``{"capture": {...}, "replicate": {...}}``."""
+    prod, dr = ctx.prod, ctx.dr
+    t0 = time.monotonic()
+    held = sampleapp.hold(prod.paths)
+    if not held:
+        raise StepFailed(f"the sample app is not running at {prod.host}")
+    states = {FILES_APP: tree_state(prod.paths.data), DISK_APP: volume_state(ctx.disk_image)}
+    try:
+        jobs = []
+        for name in APPS:
+            ctx.command(prod, f'capture {name} --label "{label}"')
+            jobs.append(ctx.start_job(prod, f"/api/v1/apps/{name}/capture", {"label": label}))
+        captured = ctx.wait_jobs(prod, jobs)
+    finally:
+        sampleapp.release(prod.paths)
+    ctx.say(f"app held at row {held.get('rows')} for {time.monotonic() - t0:.2f} s, released")
+    mirrors = []
+    for job in captured:
+        name, image_id = str(job["app"]), _image_of(job)
+        ctx.images[f"{name}-{tag}"] = image_id
+        ctx.references[image_id] = Reference(name, image_id, states[name], int(held["rows"]))
+        mirror = (job.get("result") or {}).get("mirror_job")
+        if not mirror:
+            raise StepFailed(
+                f"capture {job['id']} of {name} queued no replication (is the template "
+                "mirroring and the peer paired?)"
+            )
+        mirrors.append(prod.api.get(f"/api/v1/jobs/{mirror}"))
+    ctx.say("mirroring to dr: replication jobs queued by the captures")
+    replicated = ctx.wait_jobs(prod, mirrors)
+    for job in captured:
+        name, image_id = str(job["app"]), str(job["image"])
+        replicas = {i["id"] for i in ctx.images_of(dr, name) if i["kind"] == "replica"}
+        ctx.check(
+            f"replica_{name}_{tag}",
+            image_id in replicas,
+            f"the replication succeeded but dr holds no replica {image_id} of {name}",
+        )
+    return {"capture": _sent(captured), "replicate": _sent(replicated)}
+
+
+# --- steps --------------------------------------------------------------------------------
+
+
+def _stopper(paths: sampleapp.Paths) -> Callable[[], object]:
+    return lambda: sampleapp.stop(paths)
+
+
+def step_start_sites(ctx: Context) -> str:
+    lab = ctx.lab
+    roots = {"production": lab.root / "host1-fs", "dr": lab.root / "host2-fs"}
+    for root in roots.values():
+        root.mkdir()
+    prod = lab.add("appliance", "prod")
+    dr = lab.add("appliance", "dr")
+    host1 = lab.add("agent", "host1", {HOST_ROOT_VAR: str(roots["production"])})
+    host2 = lab.add("agent", "host2", {HOST_ROOT_VAR: str(roots["dr"])})
+    for d in (prod, dr):
+        ctx.command(None, f"appliance init {d.directory} --name {d.name} --listen 127.0.0.1:PORT")
+    for d in (host1, host2):
+        ctx.command(None, f"agent init {d.directory} --name {d.name} --listen 127.0.0.1:PORT")
+    ctx.say("… and `tandem appliance serve DIR` / `tandem agent serve DIR` for each")
+    lab.up(prod, dr, host1, host2)
+    ctx.sites["production"] = Site("production", prod, host1, roots["production"])
+    ctx.sites["dr"] = Site("dr", dr, host2, roots["dr"])
+    for site in ctx.sites.values():
+        ctx.say(
+            f"{site.role}: appliance {site.name} at {site.appliance.url}, agent {site.host} "
+            f"at {site.agent.url} ({HOST_ROOT_VAR}={escape(str(site.root))})"
+        )
+        ctx.command(site, f"host add {site.host} --url {site.agent.url} --token … --fingerprint …")
+        site.api.post(
+            "/api/v1/hosts",
+            {
+                "name": site.host,
+                "url": site.agent.url,
+                "token": site.agent.token,
+                "fingerprint": site.agent.fingerprint,
+            },
+        )
+    return "appliances prod and dr, agents host1 (at prod) and host2 (at dr) up and registered"
+
+
+def step_pair(ctx: Context) -> str:
+    prod, dr = ctx.prod, ctx.dr
+    ctx.command(prod, f"peer add --url {dr.appliance.url} --token DR_ADMIN_TOKEN --fingerprint …")
+    prod.api.post(
+        "/api/v1/peers",
+        {
+            "url": dr.appliance.url,
+            "token": dr.appliance.token,
+            "fingerprint": dr.appliance.fingerprint,
+            "bandwidth": None,
+        },
+    )
+    at_prod = [p["name"] for p in prod.api.get("/api/v1/peers")]
+    at_dr = [p["name"] for p in dr.api.get("/api/v1/peers")]
+    ctx.check(
+        "paired",
+        at_prod == [dr.name] and at_dr == [prod.name],
+        f"pairing is not mutual: prod lists {at_prod}, dr lists {at_dr}",
+    )
+    return f"{prod.name} ⇄ {dr.name} paired in both directions"
+
+
+def step_start_app(ctx: Context) -> str:
+    prod = ctx.prod
+    size = ctx.options.size_mib * MiB
+    written = make_disk(ctx.disk_image, size)
+    prod.attached.write_text(f"{ctx.disk_image}\n")
+    module = f"{shlex.quote(sys.executable)} -m tandem.cli.sampleapp"
+    root = f'"${HOST_ROOT_VAR}"'
+    ctx.start_cmd = (
+        f"{module} start {root}/app --disk-from {root}/{ATTACHED} --lifetime {SAMPLE_LIFETIME:.0f}"
+    )
+    ctx.stop_cmd = f"{module} stop {root}/app"
+    for site in ctx.sites.values():
+        ctx.lab.on_close(f"stop the sample app at {site.role}", _stopper(site.paths))
+    ctx.say(
+        f"disk image {escape(str(ctx.disk_image))} ({human_bytes(size)}, "
+        f"{human_bytes(written)} written), attached in {ATTACHED}"
+    )
+    ctx.say(f"start command: {escape(ctx.start_cmd)}")
+    ctx.say(f"stop command:  {escape(ctx.stop_cmd)}")
+    ctx.say(f"run on {prod.host} through its agent")
+    result = prod.run_on_host(ctx.start_cmd)
+    ctx.check(
+        "app_started",
+        result.get("returncode") == 0,
+        f"the start command failed on {prod.host}: {str(result.get('stderr')).strip()[-300:]}",
+    )
+    status = wait_app(prod.paths, ("running",), f"at {prod.host}")
+    return f"sample app writing at {prod.host} (pid {status['pid']}, {status['rows']} rows)"
+
+
+def step_protect(ctx: Context) -> str:
+    prod = ctx.prod
+    apps = [
+        (FILES_APP, "filesystem", prod.paths.data, ctx.start_cmd, ctx.stop_cmd),
+        (DISK_APP, "volume", ctx.disk_image, None, None),
+    ]
+    for name, kind, path, start, stop in apps:
+        commands = " --start '…sampleapp start …' --stop '…sampleapp stop …'" if start else ""
+        ctx.command(
+            prod, f"app add {name} --host {prod.host} --kind {kind} --path {path}{commands}"
+        )
+        prod.api.post(
+            "/api/v1/apps",
+            {
+                "name": name,
+                "host": prod.host,
+                "kind": kind,
+                "path": str(path),
+                "start": start,
+                "stop": stop,
+            },
+        )
+    ctx.command(prod, f"template add {TEMPLATE} --mirror")
+    prod.api.post(
+        "/api/v1/templates", {"name": TEMPLATE, "every": None, "keep": None, "mirror": True}
+    )
+    states = []
+    for name in APPS:
+        ctx.command(prod, f"app protect {name} --template {TEMPLATE}")
+        row = prod.api.post(f"/api/v1/apps/{name}/protect", {"template": TEMPLATE})
+        states.append(f"{name} {row['state']}")
+    ctx.check(
+        "apps_managed",
+        all(s.endswith(" managed") for s in states),
+        f"protect did not make the apps managed: {states}",
+    )
+    ctx.say(
+        f"{DISK_APP} has no start/stop commands: those of {FILES_APP} start and stop the "
+        "process that writes both"
+    )
+    return f"{FILES_APP} (filesystem) and {DISK_APP} (volume) managed, mirrored to dr"
+
+
+def step_capture_full(ctx: Context) -> str:
+    sent = capture_and_mirror(ctx, "first, full", "full")
+    ctx.transfers["capture-full"] = sent["capture"]
+    ctx.transfers["replication-full"] = sent["replicate"]
+    return f"full replication sent {_both(sent['replicate'])}"
+
+
+def step_app_writes(ctx: Context) -> str:
+    paths = ctx.prod.paths
+    before = sampleapp.read_status(paths)
+    time.sleep(ctx.options.write_seconds)
+    after = sampleapp.read_status(paths)
     ctx.check(
         "app_writes",
-        after.get("state") == "running" and rows > 0,
+        after.get("state") == "running" and int(after["rows"]) > int(before["rows"]),
         f"the sample app did not write: {after}",
     )
-    return (
-        f"the app wrote {rows} rows, {blobs} files and {records} disk records "
-        f"in {ctx.options.write_seconds:.1f} s"
-    )
+    return f"the app wrote {writes_since(before, after)} in {ctx.options.write_seconds:.1f} s"
 
 
 def step_capture_incremental(ctx: Context) -> str:
-    records = _capture_both(ctx, "second, incremental", "incr")
-    full = ctx.facts["full"]
-    ctx.facts["incremental"] = {name: asdict(r) for name, r in records.items()}
+    sent = capture_and_mirror(ctx, "second, incremental", "incr")
+    ctx.transfers["capture-incremental"] = sent["capture"]
+    ctx.transfers["replication-incremental"] = sent["replicate"]
+    full = ctx.transfers["replication-full"]
     parts = []
-    for name, record in records.items():
-        full_sent = int(full[name]["bytes_sent"])
+    for name, n in sent["replicate"].items():
         ctx.check(
             f"incremental_smaller_{name}",
-            record.bytes_sent < full_sent,
-            f"the incremental capture of {name} sent {record.bytes_sent} bytes, "
-            f"not less than the full capture's {full_sent}",
+            n < full[name],
+            f"the incremental replication of {name} sent {n} bytes, not less than the full "
+            f"one's {full[name]}",
         )
-        share = 100 * record.bytes_sent / full_sent if full_sent else 0.0
-        parts.append(
-            f"{name} {human_bytes(record.bytes_sent)} vs {human_bytes(full_sent)} ({share:.1f}%)"
-        )
-    return "incremental sent " + "; ".join(parts)
+        parts.append(f"{name} {human_bytes(n)} ({100 * n / max(1, full[name]):.1f}% of full)")
+    row = ctx.app_row(ctx.prod, FILES_APP)
+    lag = row.get("replication_lag_seconds")
+    ctx.measures["replication_lag_after_incremental_seconds"] = lag
+    if lag is not None:
+        ctx.say(f"prod reports a replication lag of {lag:.2f} s for {FILES_APP}")
+    return "incremental replication sent " + "; ".join(parts)
 
 
-def step_damage(ctx: Context) -> str:
-    app = ctx.sample
-    data = app.paths.data
-    rng = random.Random(7)
-    deleted = 0
-    for victim in [*sorted((data / "blobs").glob("blob-*.bin")), *(data / "log").glob("app.*.log")]:
-        victim.unlink(missing_ok=True)
-        deleted += 1
-    for victim in sorted((data / "assets").glob("*.bin"))[:3]:
-        victim.unlink()
-        deleted += 1
-    with open(data / "assets" / "asset-10.bin", "r+b") as fh:
-        fh.seek(1000)
-        fh.write(rng.randbytes(5000))
-    with open(data / "app.db", "r+b") as fh:
-        fh.seek(8192)
-        fh.write(rng.randbytes(64 * 1024))
-    scribbled = 0
-    with open(app.disk, "r+b") as fh:
-        size = app.disk.stat().st_size
-        for offset in (size // 8, size // 3, size * 5 // 8):
-            fh.seek(offset)
-            fh.write(rng.randbytes(MiB) if offset % 2 else bytes(MiB))
-            scribbled += MiB
-    time.sleep(0.3)
-    diffs = {
-        name: differences(
-            ctx.references[ctx.images[f"{name}-full"]["id"]].state, state_of(kind, path)
-        )
-        for name, kind, path in app.apps()
-    }
-    ctx.say(f"deleted {deleted} files, corrupted app.db and asset-10.bin")
-    ctx.say(f"scribbled over {human_bytes(scribbled)} of {app.disk.name}")
-    ctx.say(f"production now differs from the full images: {escape(_brief(diffs[FILES_APP]))}")
-    status = app.status()
-    if status.get("errors"):
-        ctx.say(f"the app has seen {status['errors']} error(s): {status.get('last_error')}")
+def step_test_failover(ctx: Context) -> str:
+    dr = ctx.dr
+    mount = dr.root / "drill" / "app"
+    ctx.command(dr, f"test-failover {FILES_APP} --host {dr.host} --mount-point {mount}")
+    job = ctx.run_job(
+        dr,
+        f"/api/v1/apps/{FILES_APP}/test-failover",
+        {"host": dr.host, "mount_point": str(mount)},
+    )
+    image = ctx.image(dr, _image_of(job))
+    ctx.images["files-test"] = image["id"]
+    ctx.facts["test_mount"] = str(mount)
+    replica = str(image.get("parent"))
     ctx.check(
-        "damage_visible",
-        bool(diffs[FILES_APP]) and bool(diffs[DISK_APP]),
-        "the damage did not change production (nothing to restore)",
+        "test_copy_of_newest_replica",
+        replica == ctx.images["files-incr"],
+        f"the test copy is of {replica}, not the newest replica {ctx.images['files-incr']}",
+    )
+    reference = ctx.references[replica]
+    size = ctx.compare(
+        "dr_test_copy",
+        f"the test copy at {mount} vs replica {replica}",
+        reference.state,
+        tree_state(mount),
+    )
+    return f"test copy {image['id']} of replica {replica} on {dr.host}: equal ({size})"
+
+
+def step_capture_during_test(ctx: Context) -> str:
+    dr = ctx.dr
+    sent = capture_and_mirror(ctx, "during the test", "during")
+    ctx.transfers["replication-during-test"] = sent["replicate"]
+    mount = Path(ctx.facts["test_mount"])
+    image = ctx.image(dr, ctx.images["files-test"])
+    ctx.check(
+        "test_copy_still_mounted",
+        image["state"] == "mounted",
+        f"the test image {image['id']} is {image['state']} after the replication",
+    )
+    reference = ctx.references[ctx.images["files-incr"]]
+    ctx.compare(
+        "dr_test_copy_unchanged",
+        "the test copy after the replication vs its replica",
+        reference.state,
+        tree_state(mount),
     )
     return (
-        f"{len(diffs[FILES_APP])} differences in {FILES_APP}, {DISK_APP} content changed; "
-        "the app keeps running"
+        f"replicated {_both(sent['replicate'])} while the test copy was up; "
+        "the test copy did not change"
     )
+
+
+def _withdraw(ctx: Context, site: Site, image_id: str) -> dict[str, Any]:
+    ctx.command(site, f"unmount {image_id}")
+    site.api.post(f"/api/v1/images/{image_id}/unmount", {})
+    ctx.command(site, f"image delete {image_id}")
+    job = site.api.delete(f"/api/v1/images/{image_id}")["job"]
+    finished: dict[str, Any] = ctx.wait_jobs(site, [job])[0]
+    return finished
+
+
+def step_end_test(ctx: Context) -> str:
+    dr = ctx.dr
+    image_id = ctx.images["files-test"]
+    _withdraw(ctx, dr, image_id)
+    mount = Path(ctx.facts["test_mount"])
+    left = [i["id"] for i in ctx.images_of(dr, FILES_APP) if i["kind"] == "test-failover"]
+    ctx.check(
+        "test_copy_removed",
+        not mount.exists() and not left,
+        f"the test copy is still there (mount point exists: {mount.exists()}, images {left})",
+    )
+    return f"{image_id} unmounted and deleted; {mount} removed from {dr.host}"
+
+
+def step_test_volume(ctx: Context) -> str:
+    dr = ctx.dr
+    ctx.command(dr, f"test-failover {DISK_APP} --host {dr.host}")
+    job = ctx.run_job(dr, f"/api/v1/apps/{DISK_APP}/test-failover", {"host": dr.host})
+    image = ctx.image(dr, _image_of(job))
+    uri = str(image.get("nbd_uri") or "")
+    ctx.check("test_volume_exported", uri.startswith("nbd://"), f"no NBD export: {image}")
+    replica = str(image.get("parent"))
+    ctx.check(
+        "test_volume_of_newest_replica",
+        replica == ctx.images["disk-during"],
+        f"the test volume is of {replica}, not the newest replica {ctx.images['disk-during']}",
+    )
+    ctx.say(f"exported as {escape(uri.rsplit('.', 1)[0])}.… (the export name holds a secret)")
+    ctx.compare(
+        "dr_test_volume",
+        f"the test volume read over NBD vs replica {replica}",
+        ctx.references[replica].state,
+        nbd_state(uri),
+    )
+    _withdraw(ctx, dr, image["id"])
+    return f"test volume {image['id']} read over NBD: equal to replica {replica}; deleted"
+
+
+def step_disaster(ctx: Context) -> str:
+    prod, dr = ctx.prod, ctx.dr
+    replicas = [i for i in ctx.images_of(dr, FILES_APP) if i["kind"] == "replica"]
+    newest = max(replicas, key=lambda i: str(i["created"]))
+    rpo = _age(str(newest["created"]))
+    lag = ctx.app_row(prod, FILES_APP).get("replication_lag_seconds")
+    status = sampleapp.read_status(prod.paths)
+    pid = sampleapp.running_pid(prod.paths)
+    if pid is None:
+        raise StepFailed("the sample app is not running at production")
+    os.kill(pid, signal.SIGKILL)
+    reference = ctx.references.get(str(newest["id"]))
+    rows_lost = int(status.get("rows", 0)) - reference.rows if reference else None
+    ctx.lab.kill(prod.appliance)
+    ctx.lab.kill(prod.agent)
+    prod.reconnect()
+    ctx.measures["rpo_seconds"] = round(rpo, 3)
+    ctx.measures["rpo_reported_by_prod_seconds"] = lag
+    ctx.measures["rows_lost"] = rows_lost
+    ctx.say(f"newest replica at dr: {newest['id']}, taken {rpo:.2f} s ago (RPO achieved)")
+    ctx.say(
+        f"killed (SIGKILL): the sample app (pid {pid}), agent {prod.host}, appliance {prod.name}"
+    )
+    lost = f", about {rows_lost} rows written since then are lost" if rows_lost else ""
+    return f"production lost; RPO achieved {rpo:.2f} s (newest replica's age){lost}"
+
+
+def step_failover(ctx: Context) -> str:
+    dr = ctx.dr
+    mount = dr.paths.data
+    # The app the failover's start command launches comes up held: the copy is compared
+    # before it writes (then released). The timing stops when it is up.
+    sampleapp.hold(dr.paths, wait=False)
+    t0 = time.monotonic()
+    ctx.command(dr, f"failover {DISK_APP} --host {dr.host} --confirm FAILOVER --label disaster")
+    job = ctx.run_job(
+        dr,
+        f"/api/v1/apps/{DISK_APP}/failover",
+        {"host": dr.host, "confirm": FAILOVER_CONFIRMATION, "label": "disaster"},
+    )
+    disk = ctx.image(dr, _image_of(job))
+    uri = str(disk.get("nbd_uri") or "")
+    dr.attached.write_text(f"{uri}\n")
+    ctx.say(f"volume attached to {dr.host}: its NBD export written to {ATTACHED}")
+    ctx.command(
+        dr,
+        f"failover {FILES_APP} --host {dr.host} --confirm FAILOVER --mount-point {mount} "
+        "--label disaster",
+    )
+    job = ctx.run_job(
+        dr,
+        f"/api/v1/apps/{FILES_APP}/failover",
+        {
+            "host": dr.host,
+            "confirm": FAILOVER_CONFIRMATION,
+            "mount_point": str(mount),
+            "label": "disaster",
+        },
+    )
+    files = ctx.image(dr, _image_of(job))
+    wait_app(dr.paths, ("held", "running"), f"at {dr.host}")
+    seconds = time.monotonic() - t0
+    ctx.measures["failover_seconds"] = round(seconds, 3)
+    ctx.images["files-failover"], ctx.images["disk-failover"] = files["id"], disk["id"]
+    ctx.facts["dr_disk_uri"] = uri
+    ctx.say(f"app up at {dr.host} {seconds:.2f} s after the first failover call")
+    states = {a: ctx.app_row(dr, a)["state"] for a in APPS}
+    ctx.check(
+        "failed_over",
+        set(states.values()) == {"failed-over"},
+        f"the apps at dr are not failed over: {states}",
+    )
+    copies: list[tuple[str, dict[str, Any], Callable[[], dict[str, str]]]] = [
+        (FILES_APP, files, lambda: tree_state(mount)),
+        (DISK_APP, disk, lambda: nbd_state(uri)),
+    ]
+    for name, image, actual in copies:
+        replica = str(image.get("parent"))
+        ctx.check(
+            f"failover_of_newest_replica_{name}",
+            replica == ctx.images[f"{name}-during"],
+            f"{name} failed over from {replica}, not the newest replica",
+        )
+        ctx.compare(
+            f"dr_failover_{name}",
+            f"the failed-over {name} at {dr.host} vs replica {replica}",
+            ctx.references[replica].state,
+            actual(),
+        )
+    released = sampleapp.release(dr.paths)
+    expected = ctx.references[ctx.images["files-during"]].rows
+    ctx.check(
+        "dr_resumed_at_replica",
+        released.get("opened_rows") == expected and released.get("check") == "ok",
+        f"the app at dr did not resume cleanly at the replica's row {expected}: {released}",
+    )
+    return (
+        f"failover time {seconds:.2f} s; the app resumed at {dr.host} at row {expected} "
+        f"(the replica's), disk through NBD"
+    )
+
+
+def step_dr_runs(ctx: Context) -> str:
+    prod, dr = ctx.prod, ctx.dr
+    before = sampleapp.read_status(dr.paths)
+    # Production comes back meanwhile: its appliance and host1's agent start again.
+    ctx.lab.launch(prod.appliance, prod.agent)
+    time.sleep(ctx.options.write_seconds)
+    ctx.lab.wait(prod.appliance, prod.agent)
+    after = sampleapp.read_status(dr.paths)
+    ctx.check(
+        "dr_app_writes",
+        after.get("state") == "running"
+        and int(after["rows"]) > int(before["rows"])
+        and int(after["records"]) > int(before["records"])
+        and not after.get("errors"),
+        f"the app does not write cleanly at dr: {after}",
+    )
+    state = ctx.app_row(prod, FILES_APP)["state"]
+    ctx.say(f"appliance {prod.name} and agent {prod.host} are back (prod still sees {state})")
+    return f"the app wrote {writes_since(before, after)} at {dr.host}; production is back"
+
+
+def _syncback(ctx: Context, label: str, tag: str) -> dict[str, int]:
+    dr = ctx.dr
+    jobs = []
+    for name in APPS:
+        ctx.command(dr, f"syncback {name} --label {label}")
+        jobs.append(ctx.start_job(dr, f"/api/v1/apps/{name}/syncback", {"label": label}))
+    finished = ctx.wait_jobs(dr, jobs)
+    for job in finished:
+        ctx.images[f"{job['app']}-{tag}"] = _image_of(job)
+    sent = _sent(finished)
+    ctx.transfers[f"syncback-{tag}"] = sent
+    return sent
+
+
+def step_syncback_catch_up(ctx: Context) -> str:
+    dr = ctx.dr
+    t0 = time.monotonic()
+    held = sampleapp.hold(dr.paths)
+    try:
+        sent = _syncback(ctx, "catch-up", "catch-up")
+    finally:
+        sampleapp.release(dr.paths)
+    ctx.say(f"app held at row {held.get('rows')} for {time.monotonic() - t0:.2f} s, released")
+    homes = {i["id"] for a in APPS for i in ctx.images_of(ctx.prod, a) if i["kind"] == "syncback"}
+    ctx.check(
+        "catch_up_at_prod",
+        {ctx.images[f"{a}-catch-up"] for a in APPS} <= homes,
+        "the catch-up syncback images are not at prod",
+    )
+    return f"catch-up syncback sent {_both(sent)}; the app keeps serving at {ctx.dr.host}"
+
+
+def step_stop_dr(ctx: Context) -> str:
+    dr = ctx.dr
+    ctx.say(f"the operator runs the app's stop command on {dr.host} (through its agent)")
+    ctx.measures["downtime_started"] = time.monotonic()
+    result = dr.run_on_host(ctx.stop_cmd)
+    ctx.check(
+        "dr_app_stopped",
+        result.get("returncode") == 0 and sampleapp.running_pid(dr.paths) is None,
+        f"the stop command did not stop the app at dr: {result}",
+    )
+    status = sampleapp.read_status(dr.paths)
+    ctx.facts["rows_dr_stop"] = int(status["rows"])
+    return f"the app stopped at {dr.host} at row {status['rows']}: downtime starts"
+
+
+def step_syncback_final(ctx: Context) -> str:
+    sent = _syncback(ctx, "final", "final")
+    catch_up = ctx.transfers["syncback-catch-up"]
+    total, before = sum(sent.values()), sum(catch_up.values())
+    ctx.check(
+        "final_syncback_smaller",
+        total < before,
+        f"the final syncback sent {total} bytes, not less than the catch-up's {before}",
+    )
+    return f"final syncback sent {_both(sent)} ({human_bytes(total)} vs {human_bytes(before)})"
 
 
 def step_restore(ctx: Context) -> str:
-    site, app = ctx.prod, ctx.sample
-    before = app.status()
-    # The start command the restore runs must bring the app up held, so that the data can be
-    # compared before it writes again (the verify step releases it).
-    sampleapp.hold(app.paths, wait=False)
-    ctx.say("hold set: the app the restore restarts stays quiesced until verified")
+    prod = ctx.prod
+    # The app the restore's start command launches comes up held until compared.
+    sampleapp.hold(prod.paths, wait=False)
     jobs = []
-    for name in (FILES_APP, DISK_APP):
-        image = ctx.images[f"{name}-full"]
+    # The disk first: the start command, run by the restore of the files app, opens it.
+    for name in (DISK_APP, FILES_APP):
+        image = ctx.images[f"{name}-final"]
         ctx.command(
-            f'restore {name} --image {image["id"]} --confirm "DATA LOSS" '
-            '--confirm "OVERWRITE OTHER APPS"'
+            prod,
+            f'restore {name} --image {image} --confirm "DATA LOSS" '
+            '--confirm "OVERWRITE OTHER APPS"',
         )
-        job = ctx.start_job(
-            site,
-            f"/api/v1/apps/{name}/restore",
-            {"image": image["id"], "confirm": CONFIRMATIONS},
-        )
-        # One after the other: both apps share the sample app's stop and start commands.
-        jobs += ctx.wait_jobs(site, [job])
-    after = app.status()
-    ctx.check(
-        "app_restarted",
-        after.get("pid") != before.get("pid") and after.get("state") == "held",
-        f"the restore did not stop and restart the app (before {before}, after {after})",
+        jobs += [
+            ctx.run_job(
+                prod,
+                f"/api/v1/apps/{name}/restore",
+                {"image": image, "confirm": RESTORE_CONFIRMATIONS},
+            )
+        ]
+    status = wait_app(prod.paths, ("held", "running"), f"at {prod.host}")
+    downtime = time.monotonic() - float(ctx.measures["downtime_started"])
+    ctx.measures["failback_downtime_seconds"] = round(downtime, 3)
+    reported = (jobs[-1].get("result") or {}).get("downtime_seconds")
+    ctx.measures["failback_downtime_reported_seconds"] = reported
+    ctx.say(f"the restore's start command started the app at {prod.host} (pid {status['pid']})")
+    if reported is not None:
+        ctx.say(f"the restore job reports a failback downtime of {float(reported):.2f} s")
+    return f"both apps diff-restored from the final syncback; failback downtime {downtime:.2f} s"
+
+
+def step_verify_production(ctx: Context) -> str:
+    prod, dr = ctx.prod, ctx.dr
+    ctx.compare(
+        "production_files",
+        f"production {FILES_APP} vs the DR copy (stopped)",
+        tree_state(dr.paths.data),
+        tree_state(prod.paths.data),
     )
-    ctx.say(f"the app was stopped (pid {before.get('pid')}) and started (pid {after.get('pid')})")
-    sent = sum(int(j.get("bytes_sent") or 0) for j in jobs)
+    ctx.compare(
+        "production_disk",
+        f"production {DISK_APP} vs the DR volume read over NBD (stopped)",
+        nbd_state(str(ctx.facts["dr_disk_uri"])),
+        volume_state(ctx.disk_image),
+    )
+    released = sampleapp.release(prod.paths)
+    expected = int(ctx.facts["rows_dr_stop"])
+    ctx.check(
+        "prod_resumed_at_dr_state",
+        released.get("opened_rows") == expected and released.get("check") == "ok",
+        f"the app at production did not resume at the DR site's last row {expected}: {released}",
+    )
+    time.sleep(0.3)
+    status = sampleapp.read_status(prod.paths)
+    ctx.check(
+        "prod_writes_again",
+        status.get("state") == "running" and int(status["rows"]) > expected,
+        f"the app does not write at production: {status}",
+    )
     return (
-        f"{FILES_APP} and {DISK_APP} diff-restored from the full images; {human_bytes(sent)} sent"
+        f"production equals the DR copy; the app resumed at row {expected} (the last written "
+        "at dr): nothing written at the DR site was lost"
     )
 
 
-def step_verify_data(ctx: Context) -> str:
-    app = ctx.sample
-    results = []
-    for name, kind, path in app.apps():
-        image = ctx.images[f"{name}-full"]
-        expected = ctx.references[image["id"]].state
-        diff = differences(expected, state_of(kind, path))
+def step_failback(ctx: Context) -> str:
+    prod, dr = ctx.prod, ctx.dr
+    jobs = []
+    for name in APPS:
+        ctx.command(dr, f"failback {name}")
+        jobs.append(ctx.start_job(dr, f"/api/v1/apps/{name}/failback", {}))
+    ctx.wait_jobs(dr, jobs)
+    states = {f"{a}@{s.name}": ctx.app_row(s, a)["state"] for s in (prod, dr) for a in APPS}
+    ctx.check(
+        "managed_again",
+        set(states.values()) == {"managed"},
+        f"the apps are not managed again: {states}",
+    )
+    kinds = {i["kind"] for a in APPS for i in ctx.images_of(dr, a)}
+    ctx.check(
+        "dr_images_cleaned",
+        kinds == {"replica"} and not dr.paths.data.exists(),
+        f"failback left images of kinds {sorted(kinds)} at dr "
+        f"(DR copy present: {dr.paths.data.exists()})",
+    )
+    return "failed back: failover and syncback images removed at dr, state managed at both sites"
+
+
+def step_mirror_resumes(ctx: Context) -> str:
+    sent = capture_and_mirror(ctx, "after failback", "after")
+    ctx.transfers["replication-after-failback"] = sent["replicate"]
+    first = ctx.transfers["replication-full"]
+    parts = []
+    for name, n in sent["replicate"].items():
         ctx.check(
-            f"{name}_equal",
-            not diff,
-            f"production {name} differs from image {image['id']}: {_brief(diff)}",
+            f"resumed_incrementally_{name}",
+            n < first[name],
+            f"the replication of {name} after failback sent {n} bytes, not less than the first "
+            f"replication's {first[name]}",
         )
-        what = f"{len(expected)} entries" if kind == "filesystem" else human_bytes(image["size"])
-        results.append(f"{name} ({what})")
-        ctx.say(f"[green]✓[/] {name} equals image {image['id']} as captured ({what})")
-    ctx.checks["data_equal"] = True
-    return "data equal: " + ", ".join(results)
-
-
-def step_resume_app(ctx: Context) -> str:
-    app = ctx.sample
-    released = sampleapp.release(app.paths)
-    captured = int(ctx.facts.get("rows_at_full") or 0)
-    ctx.check(
-        "app_resumed_from_image",
-        released.get("check") == "ok" and int(released.get("rows", -1)) >= captured,
-        f"the app did not reopen the restored database cleanly: {released}",
-    )
-    ctx.say(f"database reopened at row {released['rows']} (captured at row {captured})")
-    time.sleep(0.5)
-    status = app.status()
-    ctx.check(
-        "app_writes_after_restore",
-        status.get("state") == "running"
-        and int(status.get("rows", 0)) > int(released["rows"])
-        and not status.get("errors"),
-        f"the app does not write cleanly after the restore: {status}",
-    )
-    return f"quick_check ok; writing again from row {released['rows']}, now at {status['rows']}"
+        parts.append(f"{name} {human_bytes(n)} ({100 * n / max(1, first[name]):.1f}% of the first)")
+    return "mirroring resumed incrementally: " + "; ".join(parts)
 
 
 def step_verify_images(ctx: Context) -> str:
-    site = ctx.prod
-    chunks = total = count = 0
-    for name in (FILES_APP, DISK_APP):
-        for image in site.api.get(f"/api/v1/apps/{name}/images"):
-            ctx.command(f"image verify {image['id']}")
-            report = site.api.get(f"/api/v1/images/{image['id']}/verify")
-            ctx.check(
-                f"image_ok_{image['id']}",
-                bool(report["ok"]),
-                f"image {image['id']} of {name}: {len(report['missing'])} chunk(s) missing, "
-                f"{len(report['bad'])} corrupt",
-            )
-            chunks += int(report["chunks"])
-            total += int(report["bytes"])
-            count += 1
-    ctx.checks["images_verified"] = count > 0
-    ctx.facts["images_verified"] = count
-    return f"{count} images, {chunks} chunks, {human_bytes(total)} read and verified"
+    results = []
+    for site in ctx.sites.values():
+        count = chunks = 0
+        for name in APPS:
+            for image in ctx.images_of(site, name):
+                report = site.api.get(f"/api/v1/images/{image['id']}/verify")
+                ctx.check(
+                    f"image_ok_{site.name}_{image['id']}",
+                    bool(report["ok"]),
+                    f"image {image['id']} of {name} at {site.name}: {len(report['missing'])} "
+                    f"chunk(s) missing, {len(report['bad'])} corrupt",
+                )
+                count += 1
+                chunks += int(report["chunks"])
+        ctx.command(site, f"image verify … ({count} images)")
+        results.append(f"{site.name}: {count} images, {chunks} chunks")
+    return "every image intact: " + "; ".join(results)
 
 
 STEPS: list[Step] = [
-    Step("start-site", "start the production site", step_start_site),
-    Step("start-app", "start the sample app", step_start_app),
-    Step("protect", "protect the app", step_protect),
-    Step("capture-full", "capture (full)", step_capture_full),
+    Step("start-sites", "start two sites", step_start_sites),
+    Step("pair", "pair the appliances", step_pair),
+    Step("start-app", "start the sample app at production", step_start_app),
+    Step("protect", "protect with a mirroring template", step_protect),
+    Step("capture-full", "full capture + replication", step_capture_full),
     Step("app-writes", "the app keeps writing", step_app_writes),
-    Step("capture-incremental", "capture (incremental)", step_capture_incremental),
-    Step("damage", "damage production", step_damage),
-    Step("restore", "restore the full images", step_restore),
-    Step("verify-data", "verify production = image", step_verify_data),
-    Step("resume-app", "release the app", step_resume_app),
-    Step("verify-images", "tandem image verify", step_verify_images),
+    Step("capture-incremental", "incremental capture + replication", step_capture_incremental),
+    Step("test-failover", "test failover to host2", step_test_failover),
+    Step("capture-during-test", "capture + replication during the test", step_capture_during_test),
+    Step("end-test", "unmount + delete the test copy", step_end_test),
+    Step("test-volume", "test failover of the volume (NBD)", step_test_volume),
+    Step("disaster", "disaster at production", step_disaster),
+    Step("failover", "failover to host2", step_failover),
+    Step("dr-runs", "the app runs at dr; production comes back", step_dr_runs),
+    Step("syncback-catch-up", "catch-up syncback", step_syncback_catch_up),
+    Step("stop-dr", "stop the app at dr (downtime starts)", step_stop_dr),
+    Step("syncback-final", "final syncback", step_syncback_final),
+    Step("restore", "restore at production (downtime ends)", step_restore),
+    Step("verify-production", "verify production = DR state", step_verify_production),
+    Step("failback", "failback (snapshot style)", step_failback),
+    Step("mirror-resumes", "capture at production: mirroring resumes", step_mirror_resumes),
+    Step("verify-images", "tandem image verify at both sites", step_verify_images),
 ]
 
 
@@ -728,7 +1195,7 @@ def run_steps(ctx: Context, steps: list[Step], records: list[StepRecord]) -> Non
             record.status = "failed"
             if isinstance(exc, TandemError):
                 record.error = exc.message
-            elif isinstance(exc, StepFailed | OSError):
+            elif isinstance(exc, StepFailed | OSError | sampleapp.SampleAppError):
                 record.error = str(exc)
             else:  # a bug of the demo or an answer it did not expect: say what, go on cleanly
                 record.error = f"internal error: {type(exc).__name__}: {exc}"
@@ -766,6 +1233,7 @@ def build_report(
     failed = next((r for r in records if r.status == "failed"), None)
     jobs = [j for r in records for j in r.jobs]
     ok = failed is None and all(r.status == "succeeded" for r in records)
+    measures = {k: v for k, v in ctx.measures.items() if k != "downtime_started"}
     return {
         "ok": ok,
         "failed_step": failed.name if failed else None,
@@ -773,45 +1241,60 @@ def build_report(
         "seconds": round(seconds, 3),
         "workdir": workdir,
         "kept": kept,
+        "rpo_seconds": measures.get("rpo_seconds"),
+        "rows_lost": measures.get("rows_lost"),
+        "failover_seconds": measures.get("failover_seconds"),
+        "failback_downtime_seconds": measures.get("failback_downtime_seconds"),
+        "measures": measures,
+        "data_equal": dict(ctx.data_equal),
+        "data_verified_equal": all(ctx.data_equal.get(name) for name in COMPARISONS),
+        "bytes_moved": {r.name: r.bytes_sent for r in records if r.jobs},
+        "transfers": dict(ctx.transfers),
         "steps": [asdict(r) for r in records],
         "checks": dict(ctx.checks),
-        "data_verified_equal": bool(ctx.checks.get("data_equal")),
-        "captures": {
-            "full": ctx.facts.get("full", {}),
-            "incremental": ctx.facts.get("incremental", {}),
-        },
-        "images": {k: v["id"] for k, v in ctx.images.items()},
+        "images": dict(ctx.images),
         "bytes_total": sum(j.bytes_total for j in jobs),
         "bytes_sent": sum(j.bytes_sent for j in jobs),
         "sites": {
             role: {
                 "appliance": {"name": s.appliance.name, "url": s.appliance.url},
                 "agent": {"name": s.agent.name, "url": s.agent.url},
+                "host_root": str(s.root),
             }
             for role, s in ctx.sites.items()
         },
     }
 
 
+def _seconds(value: Any) -> str:
+    return "—" if value is None else f"{float(value):.2f} s"
+
+
 def print_report(report: dict[str, Any]) -> None:
-    """The closing report on stdout: steps and their jobs, results, totals, the verdict."""
-    table = Table(title="tandem demo — one site", box=box.SIMPLE_HEAD, title_justify="left")
+    """The closing report on stdout: steps and their jobs, the DR measures, the verdict."""
+    table = Table(
+        title="tandem demo — two-site DR drill", box=box.SIMPLE_HEAD, title_justify="left"
+    )
     table.add_column("#", justify="right", no_wrap=True)
-    table.add_column("step / job", no_wrap=True)
-    table.add_column("time", justify="right", no_wrap=True)
-    table.add_column("total", justify="right", no_wrap=True)
-    table.add_column("sent", justify="right", no_wrap=True)
+    table.add_column("step / job (site)", overflow="fold")
+    table.add_column("time", justify="right", no_wrap=True, min_width=8)
+    table.add_column("sent", justify="right", no_wrap=True, min_width=10)
     marks = {"succeeded": "[green]✓[/]", "failed": "[red]✗[/]", "skipped": "[dim]-[/]"}
     for i, step in enumerate(report["steps"], 1):
         seconds = "" if step["status"] == "skipped" else f"{step['seconds']:.2f} s"
-        table.add_row(str(i), f"{marks.get(step['status'], '?')} {escape(step['title'])}", seconds)
+        sent = sum(j["bytes_sent"] for j in step["jobs"])
+        table.add_row(
+            str(i),
+            f"{marks.get(step['status'], '?')} {escape(step['title'])}",
+            seconds,
+            human_bytes(sent) if step["jobs"] else "",
+        )
         for job in step["jobs"]:
             table.add_row(
                 "",
-                f"  {job['type']} {job['app']} {job['id']}",
-                f"{job['seconds']:.2f} s",
-                human_bytes(job["bytes_total"]),
-                human_bytes(job["bytes_sent"]),
+                f"  [dim]{job['site']}[/] {job['type']} {job['app']} {job['id']}",
+                f"[dim]{job['seconds']:.2f} s[/]",
+                f"[dim]{human_bytes(job['bytes_sent'])}[/]",
             )
     stdout.print(table)
     results = Table.grid(padding=(0, 1))
@@ -826,15 +1309,67 @@ def print_report(report: dict[str, Any]) -> None:
                 f"{escape(step['title'])}: [red]FAILED: {escape(step['error'] or '')}[/]",
             )
     stdout.print(results)
-    stdout.print(
-        f"\nbytes moved by the jobs: {human_bytes(report['bytes_sent'])} sent between machines, "
-        f"{human_bytes(report['bytes_total'])} processed",
-        highlight=False,
+    stdout.print()
+    summary = Table.grid(padding=(0, 2))
+    summary.add_column(no_wrap=True)
+    summary.add_column(overflow="fold")
+    m = report["measures"]
+    if report["rpo_seconds"] is not None:
+        lost = report["rows_lost"]
+        summary.add_row(
+            "RPO achieved",
+            f"{_seconds(report['rpo_seconds'])} (age of the newest replica at the disaster"
+            + (f"; about {lost} rows lost" if lost is not None else "")
+            + ")",
+        )
+    if report["failover_seconds"] is not None:
+        summary.add_row(
+            "failover time",
+            f"{_seconds(report['failover_seconds'])} (failover call → app up at the DR site)",
+        )
+    if report["failback_downtime_seconds"] is not None:
+        reported = m.get("failback_downtime_reported_seconds")
+        summary.add_row(
+            "failback downtime",
+            f"{_seconds(report['failback_downtime_seconds'])} (app stopped at dr → app started "
+            "at production"
+            + (f"; the restore job reports {_seconds(reported)}" if reported is not None else "")
+            + ")",
+        )
+    labels = {
+        "replication-full": "first replication",
+        "replication-incremental": "incremental replication",
+        "replication-during-test": "replication during the test",
+        "syncback-catch-up": "catch-up syncback",
+        "syncback-final": "final syncback",
+        "replication-after-failback": "replication after failback",
+    }
+    for key, label in labels.items():
+        sent = report["transfers"].get(key)
+        if sent:
+            summary.add_row(
+                label,
+                f"{human_bytes(sum(sent.values()))} "
+                f"({', '.join(f'{a} {human_bytes(n)}' for a, n in sent.items())})",
+            )
+    if report["data_equal"]:
+        summary.add_row(
+            "data verified equal",
+            "; ".join(
+                f"{COMPARISONS.get(name, name)} {'[green]✓[/]' if ok else '[red]✗[/]'}"
+                for name, ok in report["data_equal"].items()
+            ),
+        )
+    summary.add_row(
+        "bytes moved",
+        f"{human_bytes(report['bytes_sent'])} between machines in all "
+        f"({human_bytes(report['bytes_total'])} processed)",
     )
+    stdout.print(summary, highlight=False)
     if report["ok"]:
         stdout.print(
             f"[green]all {len(report['steps'])} steps succeeded in {report['seconds']:.1f} s; "
-            "data verified equal to the captured images[/]",
+            "data verified equal at each site[/]",
             highlight=False,
         )
     else:
@@ -845,8 +1380,8 @@ def print_report(report: dict[str, Any]) -> None:
         for site in report["sites"].values():
             appliance, agent = site["appliance"]["name"], site["agent"]["name"]
             stdout.print(
-                f"  tandem appliance serve {root}/{appliance} & "
-                f"tandem agent serve {root}/{agent} &\n"
+                f"  tandem appliance serve {root}/{appliance} &\n"
+                f"  {HOST_ROOT_VAR}={site['host_root']} tandem agent serve {root}/{agent} &\n"
                 f"  set -a; . {root}/{appliance}.env; set +a; tandem jobs",
                 highlight=False,
                 soft_wrap=True,
@@ -866,22 +1401,23 @@ def demo(
     ] = None,
     size_mib: Annotated[
         int, typer.Option("--size-mib", min=8, help="Size of the sample disk image in MiB.")
-    ] = 256,
+    ] = 64,
     write_seconds: Annotated[
         float,
-        typer.Option("--write-seconds", min=0.2, help="How long the app writes between captures."),
-    ] = 2.0,
+        typer.Option("--write-seconds", min=0.2, help="How long the app writes between steps."),
+    ] = 1.5,
     json_: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
 ) -> None:
-    """Run the DR demo on real daemons on loopback; exit non-zero if any step fails."""
+    """Run the whole two-site DR drill on real daemons on loopback; exit non-zero if a step
+    fails."""
     t0 = time.monotonic()
     try:
         lab = Lab(workdir, keep=keep, prefix="tandem-demo-")
     except TandemError as exc:
         raise fail(exc.message, 2) from None
     stderr.print(
-        "[bold]tandem demo[/]: one site — an appliance, a host agent and a sample app that "
-        "keeps writing",
+        "[bold]tandem demo[/]: two sites — appliances prod and dr, hosts host1 and host2, and a "
+        "sample app that keeps writing, through the whole DR lifecycle",
         highlight=False,
     )
     stderr.print(
@@ -907,10 +1443,12 @@ def demo(
         for site in ctx.sites.values():
             env = site.appliance.env()
             text = "".join(f"{k}={shlex.quote(v)}\n" for k, v in env.items())
-            (lab.root / f"{site.appliance.name}.env").write_text(text)
+            with contextlib.suppress(OSError):
+                (lab.root / f"{site.appliance.name}.env").write_text(text)
     report = build_report(ctx, records, time.monotonic() - t0, str(lab.root), keep)
     if interrupted:
         report["ok"], report["error"] = False, "interrupted"
+        report["data_verified_equal"] = False
     if lab.cleanup_errors:
         report["cleanup_errors"] = lab.cleanup_errors
     if json_:

@@ -4,8 +4,11 @@ A ``Lab`` owns a directory and any number of daemons (appliances and host agents
 Each daemon is created with ``tandem appliance|agent init DIR --listen 127.0.0.1:PORT`` on a
 free port and run with ``tandem … serve DIR`` as a child process, its output in
 ``DIR.log``. ``start`` returns once every daemon answers ``/health`` with the certificate
-``init`` pinned. The demo uses one appliance and one agent; the two-site drill adds a second
-appliance and agent the same way.
+``init`` pinned. The demo's two-site drill runs two appliances and two agents; it stops the
+production site's daemons (a disaster) and starts them again later (``launch`` starts the
+processes without waiting, so the demo can go on while they come up, then ``wait``).
+A daemon's ``extra_env`` is added to its environment (the demo tells each agent where its host's
+files are, since both "hosts" share this machine).
 
 Invariants
 - Daemons run in sessions of their own (a Ctrl-C in the terminal reaches only the lab, which
@@ -34,7 +37,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any, Literal
@@ -105,6 +108,8 @@ class Daemon:
     token: str = ""
     fingerprint: str = ""
     proc: subprocess.Popen[bytes] | None = None
+    extra_env: dict[str, str] = field(default_factory=dict)
+    """Added to the daemon's environment when it is served."""
 
     @property
     def log_path(self) -> Path:
@@ -223,11 +228,11 @@ class Lab:
 
     # --- daemons ----------------------------------------------------------------------
 
-    def add(self, kind: Kind, name: str) -> Daemon:
+    def add(self, kind: Kind, name: str, env: dict[str, str] | None = None) -> Daemon:
         """Declare a daemon (its directory is ROOT/NAME); ``init`` creates it."""
         if name in self.daemons:
             raise TandemError(f"the lab already has a daemon named {name!r}")
-        daemon = Daemon(kind, name, self.root / name, free_port())
+        daemon = Daemon(kind, name, self.root / name, free_port(), extra_env=dict(env or {}))
         self.daemons[name] = daemon
         return daemon
 
@@ -237,8 +242,16 @@ class Lab:
 
     def start(self, *daemons: Daemon, timeout: float = START_TIMEOUT) -> None:
         """Run ``tandem KIND serve`` for each daemon and wait until all answer /health."""
+        self.launch(*daemons)
+        self.wait(*daemons, timeout=timeout)
+
+    def launch(self, *daemons: Daemon) -> None:
+        """Run ``tandem KIND serve`` for each daemon not running; returns at once."""
         for d in daemons:
             self._serve(d)
+
+    def wait(self, *daemons: Daemon, timeout: float = START_TIMEOUT) -> None:
+        """Wait until every daemon (launched) answers /health."""
         deadline = time.monotonic() + timeout
         for d in daemons:
             wait_healthy(d, deadline)
@@ -308,7 +321,7 @@ class Lab:
         with open(d.log_path, "ab") as log:
             d.proc = subprocess.Popen(
                 tandem_argv(d.kind, "serve", str(d.directory)),
-                env=child_env(),
+                env=child_env() | d.extra_env,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -10,8 +10,13 @@ steady rate, writes the data directory DIR:
 - ``blobs/``: a 32 KiB file every few ticks, written to a temporary name and renamed; the
   eight newest are kept;
 - ``assets/``: sixteen 256 KiB files made when the directory is first set up, then left alone;
-- with ``--disk IMG``: a 4 KiB record per tick at a pseudo-random 64 KiB-aligned offset of
-  the existing file or block device IMG (in its first three quarters).
+- with ``--disk DISK``: a 4 KiB record per tick at a pseudo-random 64 KiB-aligned offset of
+  DISK (in its first three quarters): an existing file or block device, or an NBD export
+  ``nbd://HOST:PORT/NAME`` (a volume presented by an appliance, written through the small
+  NBD client here, as a virtual machine writes its virtual disk). With ``--disk-from FILE``
+  the disk is named by the first line of FILE, read each time the app opens its data: the
+  host's say in which disk is attached to the app (a path at one site, the NBD export of a
+  failed-over volume at the other), so one start command serves both sites.
 
 Control files live outside DIR, in its *run directory* (``--run-dir``, default ``DIR.run``
 beside DIR), so capturing or restoring DIR never touches them: ``pid``, ``status.json``
@@ -30,7 +35,9 @@ Commands (the first argument; without one, ``run``):
                  started while the hold is in place stays held and does not touch DIR, so the
                  data can be checked right after a restore that restarted it.
 ``release DIR``  removes the hold and waits until it writes again.
-``status DIR``   prints ``status.json``.
+``status DIR``   prints ``status.json`` (``opened_rows`` is the row count found when the
+                 database was last opened: where the app resumed after a restore or a
+                 failover).
 
 These are the app's ``--start`` and ``--stop`` commands in the demo: a host agent runs them
 through ``/bin/sh`` and waits for them, so ``start`` must not leave its own output pipes
@@ -45,7 +52,9 @@ import json
 import os
 import random
 import signal
+import socket
 import sqlite3
+import struct
 import sys
 import time
 from collections.abc import Sequence
@@ -53,6 +62,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 COMMANDS = ("run", "start", "stop", "hold", "release", "status")
 ROWS_PER_TICK = 5
@@ -74,6 +84,136 @@ APPEND = os.O_WRONLY | os.O_CREAT | os.O_APPEND
 
 class SampleAppError(Exception):
     """A control command could not do what it was asked (the message says why)."""
+
+
+# --- disks --------------------------------------------------------------------------------
+
+NBD_MAGIC = 0x4E42444D41474943  # "NBDMAGIC"
+NBD_IHAVEOPT = 0x49484156454F5054  # "IHAVEOPT"
+NBD_FLAG_FIXED_NEWSTYLE = 1 << 0
+NBD_FLAG_NO_ZEROES = 1 << 1
+NBD_OPT_EXPORT_NAME = 1
+NBD_REQUEST_MAGIC = 0x25609513
+NBD_REPLY_MAGIC = 0x67446698
+NBD_CMD_READ, NBD_CMD_WRITE, NBD_CMD_DISC, NBD_CMD_FLUSH = 0, 1, 2, 3
+NBD_FLAG_READ_ONLY = 1 << 1
+NBD_DEFAULT_PORT = 10809
+_NBD_REQUEST = struct.Struct(">IHHQQI")
+_NBD_REPLY = struct.Struct(">IIQ")
+
+
+class NbdDisk:
+    """A minimal NBD client for one export: fixed newstyle handshake with NBD_OPT_EXPORT_NAME,
+    one request at a time, simple replies. Enough to write a virtual disk and read it back.
+
+    ``nbd://HOST[:PORT]/NAME``; errors are ``OSError`` (the server's errno where it sent one).
+    """
+
+    def __init__(self, uri: str, timeout: float = 30.0) -> None:
+        parts = urlsplit(uri)
+        if parts.scheme != "nbd" or not parts.hostname or len(parts.path) < 2:
+            raise OSError(f"{uri!r} is not an NBD URI (nbd://HOST:PORT/NAME)")
+        self.uri = uri
+        self.sock = socket.create_connection(
+            (parts.hostname, parts.port or NBD_DEFAULT_PORT), timeout=timeout
+        )
+        self.handle = 0
+        try:
+            magic, opt, flags = struct.unpack(">QQH", self._recv(18))
+            if magic != NBD_MAGIC or opt != NBD_IHAVEOPT or not flags & NBD_FLAG_FIXED_NEWSTYLE:
+                raise OSError(f"{uri}: not a fixed-newstyle NBD server")
+            no_zeroes = flags & NBD_FLAG_NO_ZEROES
+            self.sock.sendall(struct.pack(">I", NBD_FLAG_FIXED_NEWSTYLE | no_zeroes))
+            name = unquote(parts.path[1:]).encode()
+            self.sock.sendall(struct.pack(">QII", NBD_IHAVEOPT, NBD_OPT_EXPORT_NAME, len(name)))
+            self.sock.sendall(name)
+            try:
+                self.size, tflags = struct.unpack(">QH", self._recv(10))
+            except ConnectionError as exc:
+                raise OSError(f"{uri}: the server refused the export (unknown or gone)") from exc
+            if not no_zeroes:
+                self._recv(124)
+            self.read_only = bool(tflags & NBD_FLAG_READ_ONLY)
+        except BaseException:
+            self.sock.close()
+            raise
+
+    def _recv(self, n: int) -> bytes:
+        buf = bytearray()
+        while len(buf) < n:
+            part = self.sock.recv(min(n - len(buf), 1 << 20))
+            if not part:
+                raise ConnectionError(f"{self.uri}: the NBD server closed the connection")
+            buf += part
+        return bytes(buf)
+
+    def _request(self, command: int, offset: int, length: int, data: bytes = b"") -> bytes:
+        self.handle += 1
+        self.sock.sendall(
+            _NBD_REQUEST.pack(NBD_REQUEST_MAGIC, 0, command, self.handle, offset, length) + data
+        )
+        magic, error, handle = _NBD_REPLY.unpack(self._recv(_NBD_REPLY.size))
+        if magic != NBD_REPLY_MAGIC or handle != self.handle:
+            raise OSError(f"{self.uri}: unexpected NBD reply")
+        if error:
+            raise OSError(error, f"{self.uri}: {os.strerror(error)}")
+        return self._recv(length) if command == NBD_CMD_READ else b""
+
+    def pread(self, length: int, offset: int) -> bytes:
+        return self._request(NBD_CMD_READ, offset, length)
+
+    def pwrite(self, data: bytes, offset: int) -> None:
+        self._request(NBD_CMD_WRITE, offset, len(data), data)
+
+    def flush(self) -> None:
+        self._request(NBD_CMD_FLUSH, 0, 0)
+
+    def close(self) -> None:
+        """Flush (unless read-only), say goodbye and close; never raises."""
+        try:
+            if not self.read_only:
+                self.flush()
+            self.handle += 1
+            self.sock.sendall(
+                _NBD_REQUEST.pack(NBD_REQUEST_MAGIC, 0, NBD_CMD_DISC, self.handle, 0, 0)
+            )
+        except OSError:
+            pass
+        finally:
+            self.sock.close()
+
+
+class FileDisk:
+    """A disk image file or block device, written in place."""
+
+    def __init__(self, path: str) -> None:
+        self.fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        self.size = os.lseek(self.fd, 0, os.SEEK_END)
+
+    def pwrite(self, data: bytes, offset: int) -> None:
+        os.pwrite(self.fd, data, offset)
+
+    def close(self) -> None:
+        try:
+            with contextlib.suppress(OSError):
+                os.fsync(self.fd)
+        finally:
+            os.close(self.fd)
+
+
+def open_disk(target: str) -> FileDisk | NbdDisk:
+    """The disk named by ``target``: an ``nbd://`` URI or a path."""
+    return NbdDisk(target) if target.startswith("nbd://") else FileDisk(target)
+
+
+def disk_target(disk: str | None, disk_from: Path | None) -> str | None:
+    """What ``--disk`` / ``--disk-from`` name now (``OSError`` if the file cannot be read)."""
+    if disk_from is not None:
+        lines = disk_from.read_text().strip().splitlines()
+        if not lines:
+            raise OSError(f"{disk_from} names no disk")
+        return lines[0].strip()
+    return disk
 
 
 @dataclass(frozen=True)
@@ -149,15 +289,18 @@ def running_pid(paths: Paths) -> int | None:
 class Writer:
     """The application's data: opened, written tick by tick, closed (quiesced)."""
 
-    def __init__(self, paths: Paths, disk: Path | None) -> None:
+    def __init__(self, paths: Paths, disk: str | None, disk_from: Path | None = None) -> None:
         self.paths = paths
-        self.disk_path = disk
+        self.disk_arg = disk
+        self.disk_from = disk_from
+        self.disk_target: str | None = None
         self.rng = random.Random()
         self.db: sqlite3.Connection | None = None
         self.log_fd: int | None = None
-        self.disk_fd: int | None = None
+        self.disk: FileDisk | NbdDisk | None = None
         self.disk_span = 0
         self.rows = 0
+        self.opened_rows = 0
         self.ticks = 0
         self.blobs = 0
         self.records = 0
@@ -183,14 +326,14 @@ class Writer:
         )
         if fresh:
             self._seed()
-        self.rows = int(db.execute("SELECT count(*) FROM rows").fetchone()[0])
+        self.rows = self.opened_rows = int(db.execute("SELECT count(*) FROM rows").fetchone()[0])
         existing = sorted((data / "blobs").glob("blob-*.bin"))
         self.blobs = int(existing[-1].stem.split("-")[1]) if existing else 0
         self.log_fd = os.open(data / "log" / "app.log", APPEND, 0o644)
-        if self.disk_path is not None:
-            self.disk_fd = os.open(self.disk_path, os.O_WRONLY)
-            size = os.lseek(self.disk_fd, 0, os.SEEK_END)
-            self.disk_span = max(1, (size * 3 // 4) // RECORD_ALIGN)
+        self.disk_target = disk_target(self.disk_arg, self.disk_from)
+        if self.disk_target is not None:
+            self.disk = open_disk(self.disk_target)
+            self.disk_span = max(1, (self.disk.size * 3 // 4) // RECORD_ALIGN)
 
     def _seed(self) -> None:
         assert self.db is not None
@@ -223,10 +366,10 @@ class Writer:
             self._rotate_log()
         if self.ticks % BLOB_EVERY == 0:
             self._write_blob()
-        if self.disk_fd is not None:
+        if self.disk is not None:
             head = f"sampleapp record {self.records} tick {self.ticks} at {now:.3f}\n".encode()
             record = head + self.rng.randbytes(RECORD_SIZE - len(head))
-            os.pwrite(self.disk_fd, record, self.rng.randrange(self.disk_span) * RECORD_ALIGN)
+            self.disk.pwrite(record, self.rng.randrange(self.disk_span) * RECORD_ALIGN)
             self.records += 1
 
     def _rotate_log(self) -> None:
@@ -266,23 +409,29 @@ class Writer:
                     db.execute("ROLLBACK")
             with contextlib.suppress(sqlite3.Error):
                 db.close()
-        for name in ("log_fd", "disk_fd"):
-            fd = getattr(self, name)
-            if fd is not None:
-                setattr(self, name, None)
-                with contextlib.suppress(OSError):
-                    os.fsync(fd)
-                os.close(fd)
+        if self.log_fd is not None:
+            fd, self.log_fd = self.log_fd, None
+            with contextlib.suppress(OSError):
+                os.fsync(fd)
+            os.close(fd)
+        if self.disk is not None:
+            disk, self.disk = self.disk, None
+            disk.close()
 
 
 class App:
     """The ``run`` loop: ticks until a stop signal, honouring holds."""
 
     def __init__(
-        self, paths: Paths, disk: Path | None, interval: float, lifetime: float | None
+        self,
+        paths: Paths,
+        disk: str | None,
+        interval: float,
+        lifetime: float | None,
+        disk_from: Path | None = None,
     ) -> None:
         self.paths = paths
-        self.writer = Writer(paths, disk)
+        self.writer = Writer(paths, disk, disk_from)
         self.interval = interval
         self.deadline = None if lifetime is None else time.monotonic() + lifetime
         self.stopping = False
@@ -301,6 +450,8 @@ class App:
             "state": self.state,
             "held_for": self.held_for,
             "rows": w.rows,
+            "opened_rows": w.opened_rows,
+            "disk": w.disk_target,
             "ticks": w.ticks,
             "blobs": w.blobs,
             "records": w.records,
@@ -395,7 +546,8 @@ def _wait(predicate: Any, timeout: float, what: str) -> None:
 def start(
     paths: Paths,
     *,
-    disk: Path | None = None,
+    disk: Path | str | None = None,
+    disk_from: Path | None = None,
     interval: float = 0.05,
     lifetime: float | None = None,
     timeout: float = 30.0,
@@ -408,7 +560,10 @@ def start(
     argv = [sys.executable, "-m", "tandem.cli.sampleapp", "run", str(paths.data)]
     argv += ["--run-dir", str(paths.run), "--interval", str(interval)]
     if disk is not None:
-        argv += ["--disk", str(Path(disk).absolute())]
+        target = str(disk)
+        argv += ["--disk", target if target.startswith("nbd://") else str(Path(target).absolute())]
+    if disk_from is not None:
+        argv += ["--disk-from", str(Path(disk_from).absolute())]
     if lifetime is not None:
         argv += ["--lifetime", str(lifetime)]
     # posix_spawn, not Popen: the process outlives us and is never waited for here; its
@@ -498,7 +653,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("command", choices=COMMANDS, help="What to do (default: run).")
     parser.add_argument("data", type=Path, help="The data directory.")
     parser.add_argument("--run-dir", type=Path, help="Control files (default: DATA.run).")
-    parser.add_argument("--disk", type=Path, help="Also write records into this file.")
+    parser.add_argument(
+        "--disk", help="Also write records into this file, block device or nbd:// export."
+    )
+    parser.add_argument(
+        "--disk-from", type=Path, help="Read the --disk to use from this file's first line."
+    )
     parser.add_argument("--interval", type=float, default=0.05, help="Seconds between ticks.")
     parser.add_argument("--lifetime", type=float, help="Stop by itself after this many seconds.")
     parser.add_argument("--timeout", type=float, default=30.0, help="For start/stop/hold.")
@@ -513,11 +673,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     paths = Paths.of(ns.data, ns.run_dir)
     try:
         if ns.command == "run":
-            return App(paths, ns.disk, ns.interval, ns.lifetime).run()
+            return App(paths, ns.disk, ns.interval, ns.lifetime, ns.disk_from).run()
         if ns.command == "start":
             pid = start(
                 paths,
                 disk=ns.disk,
+                disk_from=ns.disk_from,
                 interval=ns.interval,
                 lifetime=ns.lifetime,
                 timeout=ns.timeout,

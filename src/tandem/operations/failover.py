@@ -22,7 +22,7 @@ from tandem.catalog import queries as q
 from tandem.catalog.models import Job
 from tandem.domain.ids import new_image_id
 from tandem.domain.images import ImageKind
-from tandem.domain.lifecycle import AppFacts, Operation, check_transition
+from tandem.domain.lifecycle import AppFacts, AppKind, Operation, check_transition
 from tandem.domain.rules import FAILOVER_CONFIRMATION, check_confirmations
 from tandem.errors import InvalidInput, TandemError
 from tandem.jobs.queue import submit_job
@@ -62,6 +62,12 @@ def submit_failover(
                 "host of the DR site"
             )
         action = present.check_action(row, action, mount_point)
+        if row.kind is AppKind.VOLUME and action != "map-only":
+            # A file copy at a mount point would take writes that syncback never sees.
+            raise InvalidInput(
+                detail=f"a failed-over volume is presented over NBD only; drop --mount-point/"
+                f"--action for {row.name!r} and attach the export its job shows (nbd_uri)"
+            )
         job = submit_job(
             session,
             type=TYPE,
