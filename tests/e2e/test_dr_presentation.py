@@ -210,3 +210,53 @@ def test_failover_without_a_replica_is_a_clear_error(drill: Drill, tmp_path: Pat
     d.b("app", "protect", "lonely", "--template", "plain")
     res = d.b.run("failover", "lonely", "--host", "host2", "--confirm", "FAILOVER", check=False)
     assert res.code == 1 and "replica" in res.error
+
+
+def test_mount_any_image_and_the_remaining_target_rules(drill: Drill, tmp_path: Path) -> None:
+    d = drill
+    data = tmp_path / "blog"
+    data.mkdir()
+    (data / "post.md").write_text("hello\n")
+    snap = protect_and_replicate(d, "blog", "filesystem", data)
+
+    # mount: any image (here a snapshot at production), writable, the image unchanged
+    where = tmp_path / "blog-mount"
+    mounted = d.a("mount", snap["id"], "--host", "host1", "--mount-point", str(where))
+    assert mounted["image"]["kind"] == "mount" and (where / "post.md").read_text() == "hello\n"
+    (where / "post.md").write_text("edited in the mount\n")
+    d.a("unmount", mounted["image"]["id"])
+    assert not where.exists()
+    assert d.a("image", "verify", snap["id"])["ok"]
+
+    # never onto the host the app runs on in production (a DR host registered by that name)
+    d.b(
+        "host",
+        "add",
+        "host1",
+        "--url",
+        d.dr_agent.url,
+        "--token",
+        d.dr_agent.token,
+        "--fingerprint",
+        d.dr_agent.fingerprint,
+    )
+    same = d.b.run("test-failover", "blog", "--host", "host1", check=False)
+    assert same.code != 0 and "runs in production" in same.error
+
+    # the target host must answer: a clear error, and nothing is presented
+    d.dr_agent.stop()
+    try:
+        down = d.b.run(
+            "test-failover",
+            "blog",
+            "--host",
+            "host2",
+            "--mount-point",
+            str(tmp_path / "never"),
+            check=False,
+        )
+        assert down.code == 1 and "host2 unreachable at" in down.error
+        assert not (tmp_path / "never").exists()
+        assert not [i for i in d.b("images", "blog") if i["kind"] == "test-failover"]
+    finally:
+        d.dr_agent.start()
