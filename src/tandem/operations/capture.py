@@ -89,12 +89,7 @@ def run_capture(site: Site, ctx: JobContext) -> dict[str, Any]:
             "path": app.path,
             "base": base_id.hex() if base_id else None,
             "job": ctx.job.id,
-            "appliance": {
-                "url": site.url,
-                "fingerprint": site.fingerprint,
-                "token": token,
-                "session": transfer.id,
-            },
+            "appliance": site.session_ref(transfer.id, token),
         }
         with agent_for(host) as agent:
             done = follow(

@@ -75,12 +75,7 @@ def run_clone(site: Site, ctx: JobContext) -> dict[str, Any]:
             "manifest": base.manifest,
             "job": ctx.job.id,
             "new_only": True,
-            "appliance": {
-                "url": site.url,
-                "fingerprint": site.fingerprint,
-                "token": token,
-                "session": transfer.id,
-            },
+            "appliance": site.session_ref(transfer.id, token),
         }
         with agent_for(host) as agent:
             follow(ctx, agent.restore(body), host=host.name, moved=lambda: transfer.bytes_sent)

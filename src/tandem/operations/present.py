@@ -111,12 +111,7 @@ def present(
                 "action": action,
                 "mount_point": mount_point,
                 "source_path": app.path,
-                "appliance": {
-                    "url": site.url,
-                    "fingerprint": site.fingerprint,
-                    "token": token,
-                    "session": transfer.id,
-                },
+                "appliance": site.session_ref(transfer.id, token),
             }
             ctx.set_message(f"presenting {base.id} on host {host.name}")
             with agent_for(host) as agent:

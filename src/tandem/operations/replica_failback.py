@@ -253,12 +253,7 @@ def _restore_dr_copy(
             "path": failover.mount_point,
             "manifest": protective.manifest,
             "job": ctx.job.id,
-            "appliance": {
-                "url": site.url,
-                "fingerprint": site.fingerprint,
-                "token": token,
-                "session": transfer.id,
-            },
+            "appliance": site.session_ref(transfer.id, token),
         }
         with agent_for(host) as agent:
             follow(ctx, agent.restore(body), host=host.name, moved=lambda: transfer.bytes_sent)

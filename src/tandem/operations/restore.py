@@ -118,12 +118,7 @@ def run_restore(site: Site, ctx: JobContext) -> dict[str, Any]:
                 "path": app.path,
                 "manifest": image.manifest,
                 "job": ctx.job.id,
-                "appliance": {
-                    "url": site.url,
-                    "fingerprint": site.fingerprint,
-                    "token": token,
-                    "session": transfer.id,
-                },
+                "appliance": site.session_ref(transfer.id, token),
             }
             try:
                 done = follow(

@@ -57,6 +57,16 @@ class Site:
     overlays: dict[str, Overlay] = field(default_factory=dict)
     """Open virtual copies by image id (their NBD exports write into them)."""
 
+    def session_ref(self, session_id: str, token: str) -> dict[str, str]:
+        """How an agent reaches a transfer session of this appliance (the ``appliance``
+        field of every agent request that moves chunks)."""
+        return {
+            "url": self.url,
+            "fingerprint": self.fingerprint,
+            "token": token,
+            "session": session_id,
+        }
+
     @property
     def overlays_dir(self) -> Path:
         return self.pool.root.parent / "overlays"

@@ -83,12 +83,7 @@ def _capture_tree_at_host(
             "path": path,
             "base": base.hex(),
             "job": ctx.job.id,
-            "appliance": {
-                "url": site.url,
-                "fingerprint": site.fingerprint,
-                "token": token,
-                "session": transfer.id,
-            },
+            "appliance": site.session_ref(transfer.id, token),
         }
         with agent_for(host) as agent:
             done = follow(ctx, agent.capture(body), host=host.name, moved=lambda: 0)
