@@ -56,6 +56,8 @@ def test_file_tree_round_trip_loses_nothing(drill: Drill, tmp_path: Path) -> Non
     assert final["job"]["bytes_sent"] < catch_up["job"]["bytes_sent"]
     at_dr = tree_digests(dr_path)
 
+    not_yet = d.b.run("failback", "shop", check=False)  # the final syncback is not restored
+    assert not_yet.code == 1 and "has not restored the newest syncback" in not_yet.error
     syncbacks = [i for i in d.a("images", "shop") if i["kind"] == "syncback"]
     assert [i["id"] for i in syncbacks] == [final["image"]["id"], catch_up["image"]["id"]]
     restored = d.a("restore", "shop", "--image", final["image"]["id"], *CONFIRM)

@@ -154,6 +154,11 @@ def make_router(site: Site) -> APIRouter:
             syncback.commit_syncback(site, peer=_peer_name(who), sid=sid, token=body.token)
         )
 
+    @router.get("/peer/apps/{name}/restored", tags=["replication"])
+    def restored(name: str, who: Caller) -> dict[str, Any]:
+        _peer_name(who)
+        return failback.last_restored(site, app=name)
+
     @router.post("/peer/apps/{name}/resume", tags=["replication"])
     def resume(name: str, body: ResumeIn, who: Caller) -> dict[str, Any]:
         return failback.resume_mirroring(site, peer=_peer_name(who), app=name, epoch=body.epoch)

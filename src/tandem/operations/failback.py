@@ -21,8 +21,9 @@ from typing import Any
 from tandem.catalog import queries as q
 from tandem.catalog.models import Job
 from tandem.domain.images import ImageKind, ImageState
+from tandem.domain.jobs import JobStatus
 from tandem.domain.lifecycle import AppFacts, Operation, check_transition
-from tandem.errors import NotFound, TandemError
+from tandem.errors import Conflict, NotFound, TandemError
 from tandem.jobs.queue import submit_job
 from tandem.jobs.runner import JobContext
 from tandem.operations import images, peers, present
@@ -41,6 +42,10 @@ def submit_failback(site: Site, *, app: str, force: bool = False, actor: str | N
     with site.catalog.begin() as session:
         row = q.get_app(session, name=app)
         check_transition(row.name, row.state, Operation.FAILBACK, _facts(site, app, force))
+        newest = q.latest_image(session, app=app, kind=ImageKind.SYNCBACK)
+    if not force and newest is not None:
+        _check_restored_at_production(site, app, newest.id)
+    with site.catalog.begin() as session:
         job = submit_job(
             session,
             type=TYPE,
@@ -51,6 +56,30 @@ def submit_failback(site: Site, *, app: str, force: bool = False, actor: str | N
         )
     site.wake()
     return job
+
+
+def _check_restored_at_production(site: Site, app: str, syncback: str) -> None:
+    """Refuse to fail back while production has not restored the newest syncback: the
+    failback deletes the DR copy, and what only it holds would be lost."""
+    peer = peers.require_peer(site)
+    with peers.client_for(peer) as remote:
+        restored = remote.get(f"/api/v1/peer/apps/{app}/restored").get("image")
+    if restored != syncback:
+        raise Conflict(
+            detail=f"production ({peer.name}) has not restored the newest syncback {syncback} "
+            f"of {app!r} (its last restore: {restored or 'none'}); restore it there first "
+            f"(`tandem restore {app} --image {syncback} --confirm ...` on {peer.name}), "
+            "or fail back with --force to drop what only the DR copy holds"
+        )
+
+
+def last_restored(site: Site, *, app: str) -> dict[str, Any]:
+    """Production side: the image the app's newest successful restore wrote."""
+    with site.catalog.read() as session:
+        for job in q.list_jobs(session, app=app, limit=200):
+            if job.type == "restore" and job.status is JobStatus.SUCCEEDED:
+                return {"image": job.image}
+    return {"image": None}
 
 
 def run_failback(site: Site, ctx: JobContext) -> dict[str, Any]:
