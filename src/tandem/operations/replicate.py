@@ -27,6 +27,8 @@ Receiver (DR appliance, ``/api/v1/peer/…``, peer token):
 from __future__ import annotations
 
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime
 from typing import Any
 
@@ -48,6 +50,7 @@ from tandem.transport.wire import decode_digests, encode_digests, encode_frames
 TYPE = "replicate"
 ASK_BATCH = 1024  # digests per "which do you lack?" question
 SEND_BYTES = 16 * 1024 * 1024  # chunk bytes per request
+IN_FLIGHT = 3  # requests under way at once
 
 
 # --- sender ----------------------------------------------------------------------------
@@ -205,37 +208,53 @@ def send_image(
     def receiver_has(digest: bytes) -> bool:
         return digest in held or digest in sent_here
 
-    with ApiClient(peer.url, token, peer.fingerprint, what="peer", name=peer.name) as channel:
+    with (
+        ApiClient(peer.url, token, peer.fingerprint, what="peer", name=peer.name) as channel,
+        ThreadPoolExecutor(IN_FLIGHT) as senders,
+    ):
+        # Up to IN_FLIGHT batches travel at once: the receiver verifies them in parallel
+        # while the next one is read and encoded here. A batch counts as sent (and its
+        # chunks as held by the receiver) only once it was answered.
+        inflight: deque[tuple[Future[Any], list[bytes], int]] = deque()
 
-        def post(frames: list[tuple[bytes, bytes]]) -> None:
+        def settle_one() -> None:
             nonlocal sent
-            body = encode_frames(frames)
-            channel.request("POST", f"{path}/chunks", content=body)
-            sent += len(body)
-            ctx.add_sent(len(body))
-            sent_here.update(d for d, _ in frames)
+            future, digests, n = inflight.popleft()
+            future.result()
+            sent += n
+            ctx.add_sent(n)
+            sent_here.update(digests)
             if limit > 0:  # --bandwidth: sleep until the average rate is back under it
                 ahead = sent / limit - (time.monotonic() - started)
                 if ahead > 0:
                     time.sleep(ahead)
 
+        def post(frames: list[tuple[bytes, bytes]]) -> None:
+            body = encode_frames(frames)
+            future = senders.submit(channel.request, "POST", f"{path}/chunks", content=body)
+            inflight.append((future, [d for d, _ in frames], len(body)))
+            while len(inflight) >= IN_FLIGHT:
+                settle_one()
+
         for i in range(0, len(offered), ASK_BATCH):
             batch = offered[i : i + ASK_BATCH]
             answer = channel.post(f"{path}/missing", {"digests": encode_digests(batch)})
             frames: list[tuple[bytes, bytes]] = []
-            size = 0
+            queued = 0
             for digest in decode_digests(answer["missing"]):
                 blob = encode_for_receiver(site.pool, digest, receiver_has, at_offset.get(digest))
                 frames.append((digest, blob))
-                size += len(blob)
-                if size >= SEND_BYTES:
+                queued += len(blob)
+                if queued >= SEND_BYTES:
                     post(frames)
-                    frames, size = [], 0
+                    frames, queued = [], 0
             if frames:
                 post(frames)
             share = (i + len(batch)) / max(1, len(offered))
             ctx.progress(done_before + int(share * size), total or size)
             ctx.check_canceled()
+        while inflight:
+            settle_one()
         blob = site.pool.get_manifest_blob(mid)
         channel.request("POST", f"{path}/manifest", content=blob)
         sent += len(blob)
