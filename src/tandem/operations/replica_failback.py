@@ -30,7 +30,7 @@ from typing import Any
 
 from tandem.catalog import queries as q
 from tandem.catalog.models import App, Image, Job
-from tandem.domain.images import ImageKind, ImageState
+from tandem.domain.images import ImageKind
 from tandem.domain.lifecycle import AppFacts, AppKind, Operation, check_transition
 from tandem.errors import InvalidInput, NotFound, TandemError
 from tandem.jobs.queue import submit_job
@@ -309,5 +309,3 @@ def production_apply(
         commands=False,
     )
 
-
-__all__ = ["ImageState"]
