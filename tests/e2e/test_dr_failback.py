@@ -63,6 +63,8 @@ def test_file_tree_round_trip_loses_nothing(drill: Drill, tmp_path: Path) -> Non
     restored = d.a("restore", "shop", "--image", final["image"]["id"], *CONFIRM)
     assert restored["job"]["status"] == "succeeded", restored["job"]
     assert restored["job"]["result"]["downtime_seconds"] > 0  # measured, on the job
+    app_a = next(a for a in d.a("apps") if a["name"] == "shop")
+    assert app_a["failback_downtime_seconds"] > 0  # and in `tandem apps`
     assert tree_digests(prod) == at_dr  # production now holds every DR write
 
     done = d.b("failback", "shop")

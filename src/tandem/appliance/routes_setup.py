@@ -20,7 +20,7 @@ from tandem.appliance.schemas import (
     TransitionOut,
 )
 from tandem.catalog.models import Template
-from tandem.operations import apps, hosts, templates, tokens
+from tandem.operations import apps, failback, hosts, templates, tokens
 from tandem.operations.site import Site
 
 CREATED = status.HTTP_201_CREATED
@@ -109,11 +109,12 @@ def make_router(site: Site) -> APIRouter:
 
     @router.get("/apps", tags=["apps"])
     def list_apps() -> list[AppOut]:
-        return [AppOut.of(row) for row in apps.list_apps(site)]
+        down = failback.downtimes(site)
+        return [AppOut.of(row, downtime=down.get(row.name)) for row in apps.list_apps(site)]
 
     @router.get("/apps/{name}", tags=["apps"])
     def show_app(name: str) -> AppOut:
-        return AppOut.of(apps.get_app(site, name=name))
+        return AppOut.of(apps.get_app(site, name=name), downtime=failback.downtimes(site).get(name))
 
     @router.delete("/apps/{name}", tags=["apps"])
     def remove_app(name: str) -> Deleted:

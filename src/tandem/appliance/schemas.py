@@ -246,9 +246,11 @@ class AppOut(BaseModel):
     last_replicated: datetime | None
     replication_lag_seconds: float | None
     """Seconds since the newest snapshot that reached the peer was taken (achieved RPO)."""
+    failback_downtime_seconds: float | None = None
+    """The latest failback's downtime: DR app stopped → production app started."""
 
     @classmethod
-    def of(cls, app: App, now: datetime | None = None) -> AppOut:
+    def of(cls, app: App, now: datetime | None = None, downtime: float | None = None) -> AppOut:
         return cls(
             id=app.id,
             name=app.name,
@@ -266,6 +268,7 @@ class AppOut(BaseModel):
             lag_seconds=_age(app.last_capture, now or datetime.now(UTC)),
             last_replicated=app.last_replicated,
             replication_lag_seconds=_age(app.last_replicated, now or datetime.now(UTC)),
+            failback_downtime_seconds=downtime,
         )
 
 

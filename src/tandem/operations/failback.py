@@ -73,6 +73,26 @@ def _check_restored_at_production(site: Site, app: str, syncback: str) -> None:
         )
 
 
+DOWNTIME_KEY = "failback_downtime:{app}"
+
+
+def record_downtime(site: Site, *, app: str, seconds: float) -> None:
+    """Keep the app's latest failback downtime (shown by `tandem apps`)."""
+    with site.catalog.begin() as session:
+        q.set_setting(session, key=DOWNTIME_KEY.format(app=app)[:64], value=f"{seconds:.3f}")
+
+
+def downtimes(site: Site) -> dict[str, float]:
+    """Latest failback downtime per app, in seconds."""
+    out: dict[str, float] = {}
+    with site.catalog.read() as session:
+        for app in q.list_apps(session):
+            value = q.get_setting(session, key=DOWNTIME_KEY.format(app=app.name)[:64])
+            if value is not None:
+                out[app.name] = float(value)
+    return out
+
+
 def last_restored(site: Site, *, app: str) -> dict[str, Any]:
     """Production side: the image the app's newest successful restore wrote."""
     with site.catalog.read() as session:

@@ -113,6 +113,10 @@ def _apply_at_production(
     return dict(job)
 
 
+def _production_record_downtime(site: Site, app: str, seconds: float) -> None:
+    failback.record_downtime(site, app=app, seconds=seconds)  # here, where the job ran
+
+
 def _dr_command(site: Site, ctx: JobContext, app: App, which: str) -> None:
     command = app.stop_cmd if which == "stop" else app.start_cmd
     if not command:
@@ -167,6 +171,7 @@ def run_replica_failback(site: Site, ctx: JobContext) -> dict[str, Any]:
     if params.get("power_on"):
         _production_command(site, name, "start")
     downtime = time.monotonic() - downtime_from
+    _production_record_downtime(site, name, downtime)
     ctx.set_image(protective.id)
     ctx.set_message(
         f"{name} failed back to the {params['target']} app"
@@ -308,4 +313,3 @@ def production_apply(
         actor=f"peer-{peer}",
         commands=False,
     )
-

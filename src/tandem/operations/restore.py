@@ -28,6 +28,7 @@ from tandem.domain.rules import RESTORE_CONFIRMATIONS, check_confirmations
 from tandem.errors import Conflict, InvalidInput, TandemError
 from tandem.jobs.queue import submit_job
 from tandem.jobs.runner import JobContext
+from tandem.operations import failback
 from tandem.operations.hosts import agent_for
 from tandem.operations.site import Site
 from tandem.operations.streams import follow
@@ -152,6 +153,7 @@ def run_restore(site: Site, ctx: JobContext) -> dict[str, Any]:
         # Failback downtime: the final syncback is taken once the app stopped at the DR
         # site; production is back when its start command has run.
         downtime = max(0.0, (datetime.now(UTC) - image.created).total_seconds())
+        failback.record_downtime(site, app=app.name, seconds=downtime)
     ctx.set_message(
         f"restored {image.id} onto {app.path}: {written} bytes written, "
         f"{transfer.bytes_sent} bytes sent"
