@@ -5,7 +5,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck bench clean
+.PHONY: demo test lint typecheck bench clean tools
+
+# The NBD tests read exports with real clients from Debian (qemu-img, nbdcopy, nbdsh).
+# On a fresh Debian machine as root they are installed here; elsewhere the tests that
+# need them fail saying which package to install.
+TOOLS_PKGS := qemu-utils libnbd-bin python3-libnbd
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -23,7 +28,19 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-test: $(STAMP) lint typecheck
+tools:
+	@if ! command -v qemu-img >/dev/null || ! command -v nbdcopy >/dev/null \
+	    || ! command -v nbdsh >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing $(TOOLS_PKGS) (the NBD tests' clients)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	      --no-install-recommends $(TOOLS_PKGS) >/dev/null; \
+	  else \
+	    echo "note: install $(TOOLS_PKGS) for the NBD tests"; \
+	  fi; \
+	fi
+
+test: $(STAMP) tools lint typecheck
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)
