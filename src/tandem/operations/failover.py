@@ -31,7 +31,7 @@ from tandem.operations import present
 from tandem.operations.capture import check_label
 from tandem.operations.hosts import agent_for
 from tandem.operations.site import Site
-from tandem.operations.test_failover import pick_replica
+from tandem.operations.test_failover import check_not_production_host, pick_replica
 
 TYPE = "failover"
 
@@ -55,12 +55,7 @@ def submit_failover(
         replicas = len(q.list_images(session, app=app, kind=ImageKind.REPLICA))
         check_transition(row.name, row.state, Operation.FAILOVER, AppFacts(replica_images=replicas))
         replica = pick_replica(session, row, image)
-        q.get_host(session, name=host)
-        if host == row.host:
-            raise InvalidInput(
-                detail=f"host {host!r} is where {row.name!r} ran in production; fail over to a "
-                "host of the DR site"
-            )
+        check_not_production_host(session, row, host)
         action = present.check_action(row, action, mount_point)
         if row.kind is AppKind.VOLUME and action != "map-only":
             # A file copy at a mount point would take writes that syncback never sees.

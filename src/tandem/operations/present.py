@@ -41,6 +41,11 @@ from tandem.storage.overlay import Overlay
 ACTIONS = ("keep-source-path", "specify", "map-only")
 
 
+def export_name(image_id: str) -> str:
+    """The NBD export name of an image (NBD names take no underscore)."""
+    return image_id.replace("_", "-")
+
+
 @dataclass
 class Presented:
     nbd_uri: str | None
@@ -94,7 +99,7 @@ def present(
                 raise InvalidInput(detail="this appliance serves no NBD exports")
             overlay = Overlay.create(site.overlays_dir / image_id, site.pool, manifest, base_id)
             uri = site.presenter.add_export(
-                image_id.replace("_", "-"),
+                export_name(image_id),
                 overlay,
                 read_only=not writable,
                 secret=secrets.token_urlsafe(18),
@@ -133,7 +138,7 @@ def present(
 def _undo(site: Site, image_id: str, uri: str | None, overlay: Overlay | None) -> None:
     if uri is not None and site.presenter is not None:
         with contextlib.suppress(TandemError):
-            site.presenter.remove_export(image_id.replace("_", "-"))
+            site.presenter.remove_export(export_name(image_id))
     site.overlays.pop(image_id, None)
     if overlay is not None:
         with contextlib.suppress(Exception):
@@ -145,7 +150,7 @@ def withdraw(site: Site, image: Image, host: Host | None) -> dict[str, Any]:
     removed: list[str] = []
     if image.nbd_export and site.presenter is not None:
         with contextlib.suppress(TandemError):
-            site.presenter.remove_export(image.id.replace("_", "-"))
+            site.presenter.remove_export(export_name(image.id))
     if host is not None and image.mount_point is not None:
         with agent_for(host) as agent:
             removed = [str(p) for p in agent.unmaterialize(image.id).get("removed", [])]
@@ -161,7 +166,7 @@ def withdraw_unrecorded(site: Site, image_id: str, host: Host) -> None:
     """Undo a presentation whose row was never written (the step after it failed)."""
     if site.presenter is not None:
         with contextlib.suppress(TandemError):
-            site.presenter.remove_export(image_id.replace("_", "-"))
+            site.presenter.remove_export(export_name(image_id))
     with contextlib.suppress(TandemError), agent_for(host) as agent:
         agent.unmaterialize(image_id)
     overlay = site.overlays.pop(image_id, None)
@@ -188,7 +193,7 @@ def restore_exports(site: Site) -> list[str]:
             continue
         overlay = Overlay.open(directory, site.pool)
         secret = urlsplit(uri).path.rsplit(".", 1)[-1]
-        site.presenter.add_export(image_id.replace("_", "-"), overlay, secret=secret)
+        site.presenter.add_export(export_name(image_id), overlay, secret=secret)
         site.overlays[image_id] = overlay
         done.append(image_id)
     return done

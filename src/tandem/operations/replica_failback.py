@@ -39,7 +39,7 @@ from tandem.operations import failback, peers
 from tandem.operations.hosts import agent_for
 from tandem.operations.site import Site
 from tandem.operations.streams import follow
-from tandem.operations.syncback import _failover_image, capture_dr_state, send_home
+from tandem.operations.syncback import capture_dr_state, failover_image, send_home
 
 TYPE = "failback-replica"
 COMMIT_TYPE = "commit-failback"
@@ -77,7 +77,7 @@ def submit_replica_failback(
             lifecycle=True,
             actor=actor,
         )
-    _failover_image(site, app)
+    failover_image(site, app)
     site.wake()
     return job
 
@@ -113,15 +113,11 @@ def _apply_at_production(
     return dict(job)
 
 
-def _production_record_downtime(site: Site, app: str, seconds: float) -> None:
-    failback.record_downtime(site, app=app, seconds=seconds)  # here, where the job ran
-
-
 def _dr_command(site: Site, ctx: JobContext, app: App, which: str) -> None:
     command = app.stop_cmd if which == "stop" else app.start_cmd
     if not command:
         return
-    failover = _failover_image(site, app.name)
+    failover = failover_image(site, app.name)
     with site.catalog.read() as session:
         host = q.get_host(session, name=failover.mounted_host or "")
     with agent_for(host) as agent:
@@ -171,7 +167,7 @@ def run_replica_failback(site: Site, ctx: JobContext) -> dict[str, Any]:
     if params.get("power_on"):
         _production_command(site, name, "start")
     downtime = time.monotonic() - downtime_from
-    _production_record_downtime(site, name, downtime)
+    failback.record_downtime(site, app=name, seconds=downtime)
     ctx.set_image(protective.id)
     ctx.set_message(
         f"{name} failed back to the {params['target']} app"
@@ -222,7 +218,7 @@ def run_undo(site: Site, ctx: JobContext) -> dict[str, Any]:
         raise NotFound(what="protective snapshot of", name=name, listing=f"images {name}")
     check_transition(app.name, app.state, Operation.UNDO_FAILBACK, facts)
     _production_command(site, name, "stop")
-    failover = _failover_image(site, name)
+    failover = failover_image(site, name)
     if app.kind is AppKind.FILESYSTEM and failover.mount_point:
         _restore_dr_copy(site, ctx, app, failover, protective)
     # a volume's overlay has not been written since the protective snapshot: the replica

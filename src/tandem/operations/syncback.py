@@ -26,7 +26,7 @@ from tandem.catalog import queries as q
 from tandem.catalog.models import App, Host, Image, Job
 from tandem.domain.ids import new_image_id
 from tandem.domain.images import ImageKind, ImageState
-from tandem.domain.lifecycle import AppFacts, AppKind, Operation, check_transition
+from tandem.domain.lifecycle import AppKind, Operation, check_transition
 from tandem.errors import Conflict, InvalidInput, NotFound, RemoteError
 from tandem.jobs.queue import submit_job
 from tandem.jobs.runner import JobContext
@@ -42,7 +42,7 @@ from tandem.storage.overlay import capture_overlay
 TYPE = "syncback"
 
 
-def _failover_image(site: Site, app: str) -> Image:
+def failover_image(site: Site, app: str) -> Image:
     with site.catalog.read() as session:
         for image in q.list_images(session, app=app, kind=ImageKind.FAILOVER):
             if image.state is ImageState.MOUNTED:
@@ -63,7 +63,7 @@ def submit_syncback(
     with site.catalog.begin() as session:
         row = q.get_app(session, name=app)
         check_transition(row.name, row.state, Operation.SYNCBACK)
-    _failover_image(site, app)
+    failover_image(site, app)
     with site.catalog.begin() as session:
         job = submit_job(
             session, type=TYPE, app=app, params={"label": label}, lifecycle=True, actor=actor
@@ -104,7 +104,7 @@ def capture_dr_state(
     written at the DR site since the failover (volume) or captured (tree)."""
     with site.catalog.read() as session:
         previous = q.latest_image(session, app=app.name, kind=ImageKind.SYNCBACK)
-    failover = _failover_image(site, app.name)
+    failover = failover_image(site, app.name)
     ctx.set_message(f"capturing the state of {failover.id} at the DR site")
     if app.kind is AppKind.VOLUME:
         overlay = site.overlays.get(failover.id)
@@ -141,7 +141,7 @@ def capture_dr_state(
 def send_home(site: Site, ctx: JobContext, app: App, image: Image) -> int:
     """Send ``image`` to production as a syncback image (only what it lacks)."""
     peer = peers.require_peer(site)
-    failover = _failover_image(site, app.name)
+    failover = failover_image(site, app.name)
     with site.catalog.read() as session:
         older = [
             i.id
@@ -265,7 +265,3 @@ def commit_syncback(site: Site, *, peer: str, sid: str, token: str) -> Image:
     finally:
         site.sessions.close(transfer)
     return row
-
-
-def facts_for_failback(site: Site, app: str) -> AppFacts:
-    return AppFacts(syncbacks_since_failover=syncbacks_since_failover(site, app))

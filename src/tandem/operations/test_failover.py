@@ -42,13 +42,18 @@ def pick_replica(session: Session, app: App, image: str | None) -> Image:
     return newest
 
 
-def check_target(session: Session, app: App, host: str) -> None:
+def check_not_production_host(session: Session, app: App, host: str) -> None:
+    """The host exists here and is not the one the app runs on in production."""
     q.get_host(session, name=host)
     if host == app.host:
         raise InvalidInput(
             detail=f"host {host!r} is where {app.name!r} runs in production; present the copy "
             "on another host"
         )
+
+
+def check_target(session: Session, app: App, host: str) -> None:
+    check_not_production_host(session, app, host)
     presented = [
         PresentedImage(image_id=i.id, app=i.app.name, host=i.mounted_host or "")
         for i in q.list_images_of_kind(session, kind=ImageKind.TEST_FAILOVER)
