@@ -7,10 +7,10 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint typecheck bench clean tools
 
-# The NBD tests read exports with real clients from Debian (qemu-img, nbdcopy, nbdsh).
-# On a fresh Debian machine as root they are installed here; elsewhere the tests that
-# need them fail saying which package to install.
-TOOLS_PKGS := qemu-utils libnbd-bin python3-libnbd
+# The NBD tests read exports with real clients from Debian (qemu-img, nbdcopy, nbdsh); the
+# console tests drive Debian's Chromium. On a fresh Debian machine as root they are
+# installed here; elsewhere the tests that need them fail saying which package to install.
+TOOLS_PKGS := qemu-utils libnbd-bin python3-libnbd chromium
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -30,9 +30,9 @@ typecheck: $(STAMP)
 
 tools:
 	@if ! command -v qemu-img >/dev/null || ! command -v nbdcopy >/dev/null \
-	    || ! command -v nbdsh >/dev/null; then \
+	    || ! command -v nbdsh >/dev/null || ! test -x /usr/bin/chromium; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    echo "installing $(TOOLS_PKGS) (the NBD tests' clients)"; \
+	    echo "installing $(TOOLS_PKGS) (the NBD and browser tests' clients)"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
 	      --no-install-recommends $(TOOLS_PKGS) >/dev/null; \
 	  else \

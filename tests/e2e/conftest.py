@@ -246,3 +246,44 @@ def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.5) -
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(interval)
+
+
+@dataclass
+class Drill:
+    root: Path
+    prod: Daemon
+    dr: Daemon
+    prod_agent: Daemon
+    dr_agent: Daemon
+    a: Cli
+    b: Cli
+
+
+@pytest.fixture(scope="module")
+def drill(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Drill]:
+    root = tmp_path_factory.mktemp("drill")
+    prod = Daemon("appliance", root / "prod", "prod")
+    dr = Daemon("appliance", root / "dr", "dr")
+    prod_agent = Daemon("agent", root / "agent1", "host1")
+    dr_agent = Daemon("agent", root / "agent2", "host2")
+    daemons = [prod, dr, prod_agent, dr_agent]
+    try:
+        for d in daemons:
+            d.start()
+        a, b = appliance_cli(prod), appliance_cli(dr)
+        register_host(a, prod_agent)
+        register_host(b, dr_agent)
+        a("peer", "add", "--url", dr.url, "--token", dr.token, "--fingerprint", dr.fingerprint)
+        a("template", "add", "mirrored", "--mirror", "--keep", "4")
+        yield Drill(root, prod, dr, prod_agent, dr_agent, a, b)
+    finally:
+        for d in reversed(daemons):
+            d.stop()
+
+
+def protect_and_replicate(d: Drill, app: str, kind: str, path: Path) -> dict[str, Any]:
+    d.a("app", "add", app, "--host", "host1", "--kind", kind, "--path", str(path))
+    d.a("app", "protect", app, "--template", "mirrored")
+    snap = d.a("capture", app)["image"]
+    wait_for(lambda: any(i["id"] == snap["id"] for i in d.b("images", app)), 60, "the replica")
+    return snap

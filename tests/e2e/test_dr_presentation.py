@@ -7,14 +7,11 @@ import hashlib
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.e2e.conftest import Cli, Daemon, appliance_cli, register_host, wait_for
+from tests.e2e.conftest import Drill, protect_and_replicate, wait_for
 
 MiB = 1024 * 1024
 
@@ -26,53 +23,12 @@ def need(tool: str, package: str) -> str:
     return path
 
 
-@dataclass
-class Drill:
-    root: Path
-    prod: Daemon
-    dr: Daemon
-    prod_agent: Daemon
-    dr_agent: Daemon
-    a: Cli
-    b: Cli
-
-
-@pytest.fixture(scope="module")
-def drill(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Drill]:
-    root = tmp_path_factory.mktemp("drill")
-    prod = Daemon("appliance", root / "prod", "prod")
-    dr = Daemon("appliance", root / "dr", "dr")
-    prod_agent = Daemon("agent", root / "agent1", "host1")
-    dr_agent = Daemon("agent", root / "agent2", "host2")
-    daemons = [prod, dr, prod_agent, dr_agent]
-    try:
-        for d in daemons:
-            d.start()
-        a, b = appliance_cli(prod), appliance_cli(dr)
-        register_host(a, prod_agent)
-        register_host(b, dr_agent)
-        a("peer", "add", "--url", dr.url, "--token", dr.token, "--fingerprint", dr.fingerprint)
-        a("template", "add", "mirrored", "--mirror", "--keep", "4")
-        yield Drill(root, prod, dr, prod_agent, dr_agent, a, b)
-    finally:
-        for d in reversed(daemons):
-            d.stop()
-
-
 def digest(path: Path) -> str:
     return hashlib.blake2b(path.read_bytes()).hexdigest()
 
 
 def tree_digests(root: Path) -> dict[str, str]:
     return {str(p.relative_to(root)): digest(p) for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def protect_and_replicate(d: Drill, app: str, kind: str, path: Path) -> dict[str, Any]:
-    d.a("app", "add", app, "--host", "host1", "--kind", kind, "--path", str(path))
-    d.a("app", "protect", app, "--template", "mirrored")
-    snap = d.a("capture", app)["image"]
-    wait_for(lambda: any(i["id"] == snap["id"] for i in d.b("images", app)), 60, "the replica")
-    return snap
 
 
 def test_volume_test_failover_over_nbd(drill: Drill, tmp_path: Path) -> None:

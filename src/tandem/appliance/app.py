@@ -8,6 +8,8 @@ Layout
   state-changing call is audited (``tandem.appliance.audit``).
 - ``/api/v1/sessions/{id}/...``: chunk transfers of a running job, authenticated by that
   session's own token.
+- ``/``, ``/apps``, ``/monitor``, ``/jobs/...``, ``/sign-in``, ``/static``: the web console
+  (``tandem.appliance.console``), with console sessions signed in from an API token.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from tandem import __version__
 from tandem.appliance import routes_ops, routes_peer, routes_sessions, routes_setup
 from tandem.appliance.audit import AuditMiddleware
 from tandem.appliance.auth import Caller, make_authorize
+from tandem.appliance.console import install_console
 from tandem.appliance.metrics import make_registry
 from tandem.appliance.schemas import AuditOut, InfoOut
 from tandem.operations import monitor
@@ -74,4 +77,5 @@ def create_app(site: Site) -> FastAPI:
     api.include_router(routes_peer.make_router(site))
     app.include_router(api)
     app.include_router(routes_sessions.make_router(site.sessions))
+    install_console(app, site)
     return app

@@ -1,9 +1,10 @@
 """The audit trail: one row for every state-changing API call.
 
 Invariants
-- Every request under ``/api/`` whose method is not a read (GET/HEAD/OPTIONS) is recorded
-  with the caller (token name and role, or none when authentication failed), method, path
-  and the status it was answered with, including refusals (401, 403, 4xx) and crashes (500).
+- Every request whose method is not a read (GET/HEAD/OPTIONS) is recorded, API calls under
+  ``/api/`` and the console's forms alike (sign-in included), with the caller (token name
+  and role, or none when authentication failed), method, path and the status it was
+  answered with, including refusals (401, 403, 4xx) and crashes (500).
 - Chunk transfers of a job's session (``/api/v1/sessions/...``) are not recorded one by one:
   the job that opened the session is the audited act, and its batches would drown the trail.
 - The record is written before the answer is sent, so a client that got an answer can find
@@ -39,7 +40,6 @@ class AuditMiddleware:
         if (
             scope["type"] != "http"
             or scope["method"] in READ_METHODS
-            or not path.startswith("/api/")
             or path.startswith(UNAUDITED_PREFIX)
         ):
             await self.app(scope, receive, send)

@@ -477,7 +477,12 @@ def add_token(session: Session, *, name: str, token: str, role: Role) -> Token:
 
 def find_token(session: Session, *, token: str) -> Token | None:
     """The token row matching a presented bearer token, or ``None``."""
-    return session.scalar(select(Token).where(Token.token_sha256 == hash_token(token)))
+    return find_token_by_digest(session, sha256=hash_token(token))
+
+
+def find_token_by_digest(session: Session, *, sha256: str) -> Token | None:
+    """The token row stored under ``sha256`` (a console session names its token so)."""
+    return session.scalar(select(Token).where(Token.token_sha256 == sha256))
 
 
 def list_tokens(session: Session) -> list[Token]:

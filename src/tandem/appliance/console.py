@@ -1,0 +1,712 @@
+"""The web console: the pages an operator drives the DR lifecycle from.
+
+Pages (server-rendered with Jinja2; ``templates/``): sign-in, App Manager (``/apps``),
+Access (``/apps/{name}``: the image timeline and the operations the selected image allows),
+drill report (``/apps/{name}/report``), Monitor (``/monitor``) and a job's page
+(``/jobs/{id}``).
+
+Invariants
+- Every page but sign-in needs a console session; without a valid one a page answers
+  303 to ``/sign-in``. A session is a cookie made at sign-in from an API token: the token's
+  SHA-256 and an expiry, HMAC-signed with the appliance's console secret (a catalog setting,
+  so sessions outlive a restart). It is checked against the token table on every request:
+  deleting a token ends its sessions; an expired session returns to sign-in.
+- Roles are the API's: pages need ``viewer``, actions ``operator`` (``auth.needed_role`` of
+  the same call under ``/api/v1``).
+- Every action is a POST carrying the session's CSRF token (an HMAC of the session); the
+  cookie is HttpOnly, Secure and SameSite=Strict. Actions are audited like API calls.
+- Actions call the same operations as the API. Typed confirmations are checked by the
+  operation on the server whatever the page did; the page's script only keeps the button
+  disabled until the text matches.
+- Everything works without JavaScript (``static/console.js`` adds live progress only): a
+  running job's page refreshes itself, and a job started from an app's page returns to that
+  app's timeline when it succeeds (SPEC §6).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlencode
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+from fastapi.templating import Jinja2Templates
+from starlette.concurrency import run_in_threadpool
+
+from tandem import __version__
+from tandem.appliance.auth import Principal
+from tandem.appliance.schemas import AppOut
+from tandem.catalog import queries as q
+from tandem.catalog.models import App, Image, Job
+from tandem.domain.images import WRITABLE_KINDS, ImageKind, ImageState
+from tandem.domain.jobs import ACTIVE, JobStatus
+from tandem.domain.lifecycle import AppKind, AppState, Operation, allowed_operations
+from tandem.domain.rules import FAILOVER_CONFIRMATION, RESTORE_CONFIRMATIONS, Role, role_allows
+from tandem.errors import NotFound, TandemError
+from tandem.operations import (
+    apps,
+    capture,
+    clone,
+    failback,
+    failover,
+    hosts,
+    images,
+    monitor,
+    mount,
+    replica_failback,
+    report,
+    restore,
+    syncback,
+    test_failover,
+)
+from tandem.operations.present import ACTIONS as MOUNT_ACTIONS
+from tandem.operations.site import Site
+
+COOKIE = "tandem_console"
+SESSION_SECONDS = 12 * 3600
+SECRET_SETTING = "console.secret"
+HERE = Path(__file__).parent
+templates = Jinja2Templates(directory=HERE / "templates")
+
+
+# --- sessions ---------------------------------------------------------------------------
+
+
+class SignInRequired(Exception):
+    """No valid console session: the page answers with a redirect to sign-in."""
+
+    def __init__(self, next_url: str, reason: str | None = None) -> None:
+        self.next_url = next_url
+        self.reason = reason
+
+
+class ConsoleSessions:
+    """Signs and checks console session cookies (see the module's invariants)."""
+
+    def __init__(self, site: Site, lifetime: int = SESSION_SECONDS) -> None:
+        self.site = site
+        self.lifetime = lifetime
+        self._secret: bytes | None = None
+
+    def _key(self) -> bytes:
+        if self._secret is None:
+            with self.site.catalog.begin() as session:
+                value = q.get_setting(session, key=SECRET_SETTING)
+                if value is None:
+                    value = secrets.token_hex(32)
+                    q.set_setting(session, key=SECRET_SETTING, value=value)
+            self._secret = bytes.fromhex(value)
+        return self._secret
+
+    def _mac(self, text: str) -> str:
+        return hmac.new(self._key(), text.encode(), hashlib.sha256).hexdigest()
+
+    def sign_in(self, token: str) -> tuple[str, Principal] | None:
+        """A session cookie for ``token``, or ``None`` when the appliance does not know it."""
+        with self.site.catalog.read() as session:
+            row = q.find_token(session, token=token.strip())
+        if row is None or row.role is Role.PEER:
+            return None
+        body = f"{row.token_sha256}.{int(time.time()) + self.lifetime}"
+        return f"{body}.{self._mac(body)}", Principal(name=row.name, role=row.role)
+
+    def principal(self, cookie: str | None) -> tuple[Principal | None, str | None]:
+        """Who a session cookie stands for, or ``None`` and why not."""
+        if not cookie:
+            return None, None
+        digest, _, rest = cookie.partition(".")
+        expires, _, mac = rest.partition(".")
+        if not hmac.compare_digest(self._mac(f"{digest}.{expires}"), mac):
+            return None, "Your session is not valid here. Sign in again."
+        if not expires.isdigit() or int(expires) < time.time():
+            return None, "Your session expired. Sign in again."
+        with self.site.catalog.read() as session:
+            row = q.find_token_by_digest(session, sha256=digest)
+        if row is None:
+            return None, "The token of your session was deleted. Sign in with a valid token."
+        return Principal(name=row.name, role=row.role), None
+
+    def csrf(self, cookie: str) -> str:
+        return self._mac(f"csrf:{cookie}")[:32]
+
+
+# --- what the pages show ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Action:
+    """An operation a selected image allows, as the Access page offers it."""
+
+    name: str
+    title: str
+    danger: bool = False
+
+
+TITLES: Mapping[str, str] = {
+    "test-failover": "Test Failover",
+    "failover": "Failover",
+    "syncback": "Syncback",
+    "restore": "Restore to production",
+    "mount": "Mount",
+    "unmount": "Unmount",
+    "clone": "Clone",
+    "failback": "Failback (snapshot style)",
+    "failback-replica": "Failback (replica style)",
+    "commit-failback": "Commit failback",
+    "undo-failback": "Undo failback",
+    "delete": "Delete",
+}
+DANGER = frozenset({"failover", "restore", "failback", "failback-replica", "undo-failback"})
+RESTORABLE = frozenset({ImageKind.SNAPSHOT, ImageKind.REPLICA, ImageKind.SYNCBACK})
+UNMOUNTABLE = frozenset({ImageKind.TEST_FAILOVER, ImageKind.MOUNT, ImageKind.FAILOVER})
+
+
+def image_actions(app: App, image: Image, *, production: bool) -> list[Action]:
+    """The operations ``image`` of ``app`` allows now, in lifecycle order.
+
+    A first cut by the lifecycle table and the image's kind and state; the operation itself
+    decides on the facts (a refused action answers with the reason on the page).
+    ``production`` says whether this appliance runs the app's production copy (its host
+    is registered here) rather than holding replicas of it.
+    """
+    allowed = set(allowed_operations(app.state))
+    kind, state = image.kind, image.state
+    if state is ImageState.DELETING:
+        return []
+    names: list[str] = []
+    if kind is ImageKind.REPLICA and Operation.TEST_FAILOVER in allowed:
+        names.append("test-failover")
+    if kind is ImageKind.REPLICA and Operation.FAILOVER in allowed:
+        names.append("failover")
+    if kind is ImageKind.FAILOVER and Operation.SYNCBACK in allowed:
+        names.append("syncback")
+    if kind in RESTORABLE and Operation.RESTORE in allowed and production:
+        names.append("restore")
+    if kind not in WRITABLE_KINDS and Operation.MOUNT in allowed:
+        names.append("mount")
+    in_use = kind is ImageKind.FAILOVER and app.state is not AppState.MANAGED
+    if kind in UNMOUNTABLE and state is ImageState.MOUNTED and not in_use:
+        names.append("unmount")
+    if kind in RESTORABLE and Operation.CLONE in allowed:
+        names.append("clone")
+    if kind is ImageKind.FAILOVER and Operation.FAILBACK in allowed:
+        names.append("failback")
+    if kind is ImageKind.FAILOVER and Operation.FAILBACK_REPLICA in allowed:
+        names.append("failback-replica")
+    if kind in (ImageKind.FAILOVER, ImageKind.PROTECTIVE):
+        for op in (Operation.COMMIT_FAILBACK, Operation.UNDO_FAILBACK):
+            if op in allowed:
+                names.append(op.value)
+    if state is not ImageState.MOUNTED and _deletable(app, kind):
+        names.append("delete")
+    return [Action(n, TITLES[n], n in DANGER) for n in names]
+
+
+def _deletable(app: App, kind: ImageKind) -> bool:
+    pending = app.state in (AppState.FAILED_OVER, AppState.FAILBACK_PENDING)
+    if kind is ImageKind.FAILOVER and pending:
+        return False
+    return not (kind is ImageKind.PROTECTIVE and app.state is AppState.FAILBACK_PENDING)
+
+
+def _progress(job: Job) -> int | None:
+    if job.bytes_total <= 0:
+        return 100 if job.status is JobStatus.SUCCEEDED else None
+    return min(100, int(100 * job.bytes_done / job.bytes_total))
+
+
+def _seconds(job: Job) -> float | None:
+    if job.started is None:
+        return None
+    end = job.finished or datetime.now(UTC)
+    return max(0.0, (end - job.started).total_seconds())
+
+
+def fmt_bytes(n: int | None) -> str:
+    if n is None:
+        return "—"
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+def fmt_seconds(s: float | None) -> str:
+    if s is None:
+        return "—"
+    if s < 60:
+        return f"{s:.1f} s"
+    if s < 3600:
+        return f"{int(s // 60)} min {int(s % 60)} s"
+    return f"{int(s // 3600)} h {int(s % 3600 // 60)} min"
+
+
+def fmt_time(ts: datetime | None) -> str:
+    return "—" if ts is None else ts.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+templates.env.filters.update(bytes=fmt_bytes, seconds=fmt_seconds, time=fmt_time)
+templates.env.globals.update(
+    version=__version__,
+    progress=_progress,
+    job_seconds=_seconds,
+    FAILOVER_CONFIRMATION=FAILOVER_CONFIRMATION,
+    RESTORE_CONFIRMATIONS=RESTORE_CONFIRMATIONS,
+    MOUNT_ACTIONS=MOUNT_ACTIONS,
+    TARGETS=replica_failback.TARGETS,
+    ACTIVE=ACTIVE,
+)
+
+
+# --- the routes -------------------------------------------------------------------------
+
+
+def _blank(value: Any) -> str | None:
+    text = str(value).strip() if value is not None else ""
+    return text or None
+
+
+def install_console(app: FastAPI, site: Site, *, lifetime: int = SESSION_SECONDS) -> None:
+    """Serve the console at ``/`` (and its static files at ``/static``) on ``app``."""
+    sessions = ConsoleSessions(site, lifetime)
+    app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
+
+    @app.exception_handler(SignInRequired)
+    async def to_sign_in(request: Request, exc: SignInRequired) -> Response:
+        query = {"next": exc.next_url}
+        if exc.reason:
+            query["reason"] = exc.reason
+        response = RedirectResponse(f"/sign-in?{urlencode(query)}", status_code=303)
+        if exc.reason:
+            response.delete_cookie(COOKIE, path="/")
+        return response
+
+    @app.exception_handler(_Refused)
+    async def refused(request: Request, exc: _Refused) -> Response:
+        who = getattr(request.state, "principal", None)
+        return templates.TemplateResponse(
+            request,
+            "error.html",
+            {"request": request, "who": who, "site_name": site.name, "error": exc.message},
+            status_code=exc.status,
+        )
+
+    app.include_router(_make_router(site, sessions))
+
+
+def _make_router(site: Site, sessions: ConsoleSessions) -> APIRouter:
+    router = APIRouter(include_in_schema=False)
+
+    def require(request: Request, needed: Role = Role.VIEWER) -> Principal:
+        who, reason = sessions.principal(request.cookies.get(COOKIE))
+        if who is None:
+            here = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+            raise SignInRequired(here if request.method == "GET" else "/apps", reason)
+        request.state.principal = who  # the audit trail's actor
+        if not role_allows(who.role, needed):
+            raise _Refused(
+                403,
+                f"Your token {who.name!r} has the role {who.role.value}; this needs "
+                f"{needed.value}. Sign in with an {needed.value} token.",
+            )
+        return who
+
+    def page(
+        request: Request, name: str, who: Principal | None, status: int = 200, **ctx: Any
+    ) -> HTMLResponse:
+        cookie = request.cookies.get(COOKIE, "")
+        ctx.update(
+            request=request,
+            who=who,
+            site_name=site.name,
+            csrf=sessions.csrf(cookie) if who else "",
+            can_act=who is not None and role_allows(who.role, Role.OPERATOR),
+        )
+        return templates.TemplateResponse(request, name, ctx, status_code=status)
+
+    async def form_of(request: Request) -> dict[str, str]:
+        form = await request.form()
+        cookie = request.cookies.get(COOKIE, "")
+        token = str(form.get("csrf", ""))
+        if not cookie or not hmac.compare_digest(token, sessions.csrf(cookie)):
+            raise _Refused(
+                403,
+                "This form is stale or did not come from this console (CSRF check). "
+                "Reload the page and submit it again.",
+            )
+        return {k: str(v) for k, v in form.multi_items() if isinstance(v, str)}
+
+    # --- sign-in --------------------------------------------------------------------
+
+    @router.get("/", response_class=HTMLResponse)
+    def root(request: Request) -> Response:
+        require(request)
+        return RedirectResponse("/apps", status_code=303)
+
+    @router.get("/sign-in", response_class=HTMLResponse)
+    def sign_in_page(request: Request, next: str = "/apps", reason: str | None = None) -> Response:
+        return page(request, "sign_in.html", None, next=_local(next), error=reason)
+
+    @router.post("/sign-in", response_class=HTMLResponse)
+    async def sign_in(request: Request) -> Response:
+        form = await request.form()
+        token = str(form.get("token", ""))
+        target = _local(str(form.get("next", "/apps")))
+        made = await run_in_threadpool(sessions.sign_in, token) if token.strip() else None
+        if made is None:
+            return page(
+                request,
+                "sign_in.html",
+                None,
+                status=401,
+                next=target,
+                error="That token is wrong: this appliance does not know it. "
+                "Paste an API token made with `tandem token add`.",
+            )
+        cookie, who = made
+        request.state.principal = who
+        response = RedirectResponse(target, status_code=303)
+        response.set_cookie(
+            COOKIE,
+            cookie,
+            max_age=sessions.lifetime,
+            path="/",
+            secure=True,
+            httponly=True,
+            samesite="strict",
+        )
+        return response
+
+    @router.post("/sign-out")
+    async def sign_out(request: Request) -> Response:
+        response = RedirectResponse("/sign-in", status_code=303)
+        response.delete_cookie(COOKIE, path="/")
+        return response
+
+    # --- App Manager ------------------------------------------------------------------
+
+    @router.get("/apps", response_class=HTMLResponse)
+    def app_manager(request: Request) -> Response:
+        who = require(request)
+        now = datetime.now(UTC)
+        downtimes = failback.downtimes(site)
+        rows = [AppOut.of(a, now, downtimes.get(a.name)) for a in apps.list_apps(site)]
+        return page(request, "apps.html", who, apps=rows)
+
+    # --- Access -----------------------------------------------------------------------
+
+    def access(
+        request: Request,
+        who: Principal,
+        name: str,
+        *,
+        selected: str | None = None,
+        error: str | None = None,
+        status: int = 200,
+        form: Mapping[str, str] | None = None,
+        open_action: str | None = None,
+    ) -> HTMLResponse:
+        try:
+            row = apps.get_app(site, name=name)
+        except NotFound as exc:
+            return page(request, "error.html", who, status=404, error=exc.message)
+        timeline = images.list_images(site, app=name)
+        image = next((i for i in timeline if i.id == selected), None)
+        if image is None and timeline:
+            image = timeline[0]
+        host_names = [h.name for h in hosts.list_hosts(site)]
+        production = row.host in host_names
+        done = None
+        done_id = request.query_params.get("done")
+        if done_id:
+            try:
+                done = monitor.get_job(site, job_id=done_id)
+            except NotFound:
+                done = None
+        recent = monitor.list_jobs(site, app=name, limit=5)
+        return page(
+            request,
+            "access.html",
+            who,
+            status=status,
+            app=row,
+            app_out=AppOut.of(row, None, failback.downtimes(site).get(name)),
+            timeline=timeline,
+            image=image,
+            actions=image_actions(row, image, production=production) if image else [],
+            app_actions=_app_actions(row, production),
+            hosts=host_names,
+            production=production,
+            done=done,
+            recent=recent,
+            error=error,
+            form=form or {},
+            open_action=open_action,
+            volume=row.kind is AppKind.VOLUME,
+        )
+
+    @router.get("/apps/{name}", response_class=HTMLResponse)
+    def access_page(request: Request, name: str, image: str | None = None) -> Response:
+        who = require(request)
+        return access(request, who, name, selected=image)
+
+    @router.post("/apps/{name}/actions/{action}", response_class=HTMLResponse)
+    async def act(request: Request, name: str, action: str) -> Response:
+        who = require(request, Role.OPERATOR)
+        form = await form_of(request)
+        handler = HANDLERS.get(action)
+        image = _blank(form.get("image"))
+        if handler is None:
+            return access(
+                request, who, name, selected=image, status=404,
+                error=f"There is no operation {action!r}. Pick one of the buttons below.",
+            )  # fmt: skip
+        try:
+            job = await run_in_threadpool(handler, site, name, form, who.name)
+        except TandemError as exc:
+            message, status = exc.message, exc.http_status
+            return await run_in_threadpool(
+                lambda: access(
+                    request,
+                    who,
+                    name,
+                    selected=image,
+                    error=message,
+                    status=status,
+                    form=form,
+                    open_action=action,
+                )
+            )
+        if job is None:  # done at once (unmount)
+            return RedirectResponse(f"/apps/{quote(name)}?image={image or ''}", status_code=303)
+        return RedirectResponse(f"/jobs/{job.id}?app={quote(name)}", status_code=303)
+
+    @router.get("/apps/{name}/report", response_class=HTMLResponse)
+    def drill_report(request: Request, name: str) -> Response:
+        who = require(request)
+        try:
+            data = report.drill_report(site, app=name)
+        except NotFound as exc:
+            return page(request, "error.html", who, status=404, error=exc.message)
+        return page(request, "report.html", who, report=data)
+
+    # --- Monitor ----------------------------------------------------------------------
+
+    def jobs_of(request: Request) -> tuple[list[Job], dict[str, str]]:
+        app_name = _blank(request.query_params.get("app"))
+        status_text = _blank(request.query_params.get("status"))
+        status = [JobStatus(status_text)] if status_text in set(JobStatus) else None
+        rows = monitor.list_jobs(site, app=app_name, status=status, limit=200)
+        return rows, {"app": app_name or "", "status": status_text or ""}
+
+    @router.get("/monitor", response_class=HTMLResponse)
+    def monitor_page(request: Request) -> Response:
+        who = require(request)
+        rows, filters = jobs_of(request)
+        live = any(j.status in ACTIVE for j in rows)
+        return page(
+            request, "monitor.html", who, jobs=rows, filters=filters, live=live,
+            statuses=[s.value for s in JobStatus],
+        )  # fmt: skip
+
+    @router.get("/monitor/rows", response_class=HTMLResponse)
+    def monitor_rows(request: Request) -> Response:
+        who = require(request)
+        rows, _ = jobs_of(request)
+        return page(request, "monitor_rows.html", who, jobs=rows)
+
+    @router.get("/jobs/{job_id}", response_class=HTMLResponse)
+    def job_page(request: Request, job_id: str, app: str | None = None) -> Response:
+        who = require(request)
+        try:
+            job = monitor.get_job(site, job_id=job_id)
+        except NotFound as exc:
+            return page(request, "error.html", who, status=404, error=exc.message)
+        if app and job.status is JobStatus.SUCCEEDED and job.app == app:
+            # SPEC §6: back to the app's timeline once the job succeeded.
+            target = f"/apps/{quote(app)}?done={job.id}"
+            if job.image:
+                target += f"&image={job.image}"
+            return RedirectResponse(target, status_code=303)
+        log = monitor.job_log(site, job_id=job_id)
+        return page(request, "job.html", who, job=job, log=log, back=app)
+
+    @router.get("/jobs/{job_id}/status")
+    def job_status(request: Request, job_id: str) -> Response:
+        require(request)
+        try:
+            job = monitor.get_job(site, job_id=job_id)
+        except NotFound as exc:
+            return JSONResponse({"error": exc.message}, status_code=404)
+        return JSONResponse(
+            {
+                "status": job.status.value,
+                "message": job.message,
+                "progress": _progress(job),
+                "bytes_done": fmt_bytes(job.bytes_done),
+                "bytes_total": fmt_bytes(job.bytes_total),
+                "bytes_sent": fmt_bytes(job.bytes_sent),
+                "seconds": fmt_seconds(_seconds(job)),
+                "active": job.status in ACTIVE,
+            }
+        )
+
+    return router
+
+
+class _Refused(TandemError):
+    """{detail}"""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+
+
+def _local(url: str) -> str:
+    """Only this console's own pages are redirect targets (no open redirect)."""
+    if not url.startswith("/") or url.startswith("//") or "\\" in url:
+        return "/apps"
+    return url
+
+
+def _app_actions(app: App, production: bool) -> list[Action]:
+    allowed = set(allowed_operations(app.state))
+    names = []
+    if production and Operation.CAPTURE in allowed:
+        names.append(Action("capture", "Capture now"))
+    return names
+
+
+# --- what each action does ----------------------------------------------------------------
+
+Handler = Callable[[Site, str, Mapping[str, str], str], Job | None]
+
+
+def _confirmations(form: Mapping[str, str], *fields: str) -> list[str]:
+    return [form[f] for f in fields if form.get(f)]
+
+
+def _capture(site: Site, app: str, form: Mapping[str, str], actor: str) -> Job:
+    return capture.submit_capture(site, app=app, label=_blank(form.get("label")), actor=actor)
+
+
+def _test_failover(site: Site, app: str, form: Mapping[str, str], actor: str) -> Job:
+    return test_failover.submit_test_failover(
+        site,
+        app=app,
+        host=form.get("host", ""),
+        image=_blank(form.get("image")),
+        mount_point=_blank(form.get("mount_point")),
+        action=_blank(form.get("action")),
+        actor=actor,
+    )
+
+
+def _failover(site: Site, app: str, form: Mapping[str, str], actor: str) -> Job:
+    return failover.submit_failover(
+        site,
+        app=app,
+        host=form.get("host", ""),
+        confirm=_confirmations(form, "confirm"),
+        image=_blank(form.get("image")),
+        mount_point=_blank(form.get("mount_point")),
+        action=_blank(form.get("action")),
+        label=_blank(form.get("label")),
+        actor=actor,
+    )
+
+
+def _syncback(site: Site, app: str, form: Mapping[str, str], actor: str) -> Job:
+    return syncback.submit_syncback(site, app=app, label=_blank(form.get("label")), actor=actor)
+
+
+def _restore(site: Site, app: str, form: Mapping[str, str], actor: str) -> Job:
+    return restore.submit_restore(
+        site,
+        app=app,
+        image=form.get("image", ""),
+        confirm=_confirmations(form, "confirm", "confirm2"),
+        actor=actor,
+    )
+
+
+def _mount(site: Site, app: str, form: Mapping[str, str], actor: str) -> Job:
+    return mount.submit_mount(
+        site,
+        image=form.get("image", ""),
+        host=form.get("host", ""),
+        mount_point=_blank(form.get("mount_point")),
+        action=_blank(form.get("action")),
+        actor=actor,
+    )
+
+
+def _unmount(site: Site, app: str, form: Mapping[str, str], actor: str) -> None:
+    mount.unmount(site, image=form.get("image", ""))
+
+
+def _clone(site: Site, app: str, form: Mapping[str, str], actor: str) -> Job:
+    return clone.submit_clone(
+        site,
+        image=form.get("image", ""),
+        host=form.get("host", ""),
+        path=form.get("path", ""),
+        name=_blank(form.get("name")),
+        actor=actor,
+    )
+
+
+def _failback(site: Site, app: str, form: Mapping[str, str], actor: str) -> Job:
+    return failback.submit_failback(site, app=app, force=form.get("force") == "on", actor=actor)
+
+
+def _failback_replica(site: Site, app: str, form: Mapping[str, str], actor: str) -> Job:
+    return replica_failback.submit_replica_failback(
+        site,
+        app=app,
+        target=form.get("target", ""),
+        host=_blank(form.get("host")),
+        path=_blank(form.get("path")),
+        power_on=form.get("power_on") == "on",
+        actor=actor,
+    )
+
+
+def _commit(site: Site, app: str, form: Mapping[str, str], actor: str) -> Job:
+    return replica_failback.submit_end(site, app=app, undo=False, actor=actor)
+
+
+def _undo(site: Site, app: str, form: Mapping[str, str], actor: str) -> Job:
+    return replica_failback.submit_end(site, app=app, undo=True, actor=actor)
+
+
+def _delete(site: Site, app: str, form: Mapping[str, str], actor: str) -> Job:
+    return images.submit_delete(site, image_id=form.get("image", ""), actor=actor)
+
+
+HANDLERS: Mapping[str, Handler] = {
+    "capture": _capture,
+    "test-failover": _test_failover,
+    "failover": _failover,
+    "syncback": _syncback,
+    "restore": _restore,
+    "mount": _mount,
+    "unmount": _unmount,
+    "clone": _clone,
+    "failback": _failback,
+    "failback-replica": _failback_replica,
+    "commit-failback": _commit,
+    "undo-failback": _undo,
+    "delete": _delete,
+}

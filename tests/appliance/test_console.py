@@ -1,0 +1,271 @@
+"""The web console over real HTTPS, without a browser: sessions, roles, CSRF, typed
+confirmations checked by the server, and what the pages show. (The browser tests, which
+click through the pages in Chromium, are in tests/e2e/test_console_browser.py.)"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tandem.appliance.console import COOKIE, ConsoleSessions, image_actions
+from tandem.catalog import queries as q
+from tandem.catalog.models import App, Image
+from tandem.domain.images import ImageKind, ImageState
+from tandem.domain.lifecycle import AppKind, AppState
+from tandem.domain.rules import Role
+from tandem.operations import tokens
+from tests.appliance.conftest import Api, pinned, seed_app, seed_image
+
+
+def client_for(api: Api) -> httpx.Client:
+    """A fresh browser-like client (its own cookie jar) on the appliance."""
+    appliance = api.appliance
+    return httpx.Client(base_url=appliance.site.url, verify=pinned(appliance.directory))
+
+
+def sign_in(client: httpx.Client, token: str, next_url: str = "/apps") -> httpx.Response:
+    return client.post("/sign-in", data={"token": token, "next": next_url})
+
+
+def csrf_of(page: httpx.Response) -> str:
+    found = re.search(r'name="csrf" value="([0-9a-f]+)"', page.text)
+    assert found, "the page has no form with a CSRF token"
+    return found.group(1)
+
+
+def text_of(html: str) -> str:
+    """What a reader sees: the page without tags, blanks collapsed."""
+    return " ".join(re.sub(r"<[^>]+>", " ", html).split()).replace(" )", ")")
+
+
+def jobs(api: Api) -> list[tuple[str, str | None]]:
+    with api.appliance.catalog.read() as session:
+        return [(j.type, j.app) for j in q.list_jobs(session)]
+
+
+def test_pages_need_a_session_and_sign_in_returns_to_them(api: Api) -> None:
+    seed_app(api.appliance)
+    with client_for(api) as c:
+        for path in ("/", "/apps", "/apps/web", "/monitor", "/apps/web/report"):
+            answer = c.get(path)
+            assert answer.status_code == 303, path
+            assert answer.headers["location"].startswith("/sign-in?next="), path
+        assert c.get("/sign-in").status_code == 200
+        signed = sign_in(c, api.tokens["viewer"], "/apps/web")
+        assert signed.status_code == 303
+        assert signed.headers["location"] == "/apps/web"
+        cookie = signed.headers["set-cookie"]
+        assert "HttpOnly" in cookie and "Secure" in cookie and "SameSite=strict" in cookie
+        page = c.get("/apps/web")
+        assert page.status_code == 200
+        assert "viewer (viewer)" in text_of(page.text)
+
+
+def test_wrong_token_and_peer_token_are_refused_at_sign_in(api: Api) -> None:
+    _, peer_token = tokens.add_token(api.appliance.site, name="dr", role=Role.PEER)
+    with client_for(api) as c:
+        for token in ("not-a-token", peer_token, ""):
+            answer = sign_in(c, token)
+            assert answer.status_code == 401
+            assert "That token is wrong" in answer.text
+            assert COOKIE not in c.cookies
+
+
+def test_open_redirects_are_not_followed(api: Api) -> None:
+    with client_for(api) as c:
+        for target in ("//evil.example/x", "https://evil.example/", "\\\\evil"):
+            assert sign_in(c, api.tokens["viewer"], target).headers["location"] == "/apps"
+
+
+def test_expired_forged_or_revoked_sessions_return_to_sign_in(api: Api) -> None:
+    site = api.appliance.site
+    seed_app(api.appliance)
+    expired = ConsoleSessions(site, lifetime=-10).sign_in(api.tokens["operator"])
+    assert expired is not None
+    with client_for(api) as c:
+        c.cookies.set(COOKIE, expired[0], domain="127.0.0.1")
+        answer = c.get("/apps")
+        assert answer.status_code == 303
+        assert "expired" in c.get(answer.headers["location"]).text
+    live = ConsoleSessions(site).sign_in(api.tokens["viewer"])
+    assert live is not None
+    digest, expires, _ = live[0].split(".")
+    with client_for(api) as c:
+        c.cookies.set(COOKIE, f"{digest}.{int(expires) + 10**6}.{'0' * 64}", domain="127.0.0.1")
+        assert c.get("/apps").status_code == 303  # a lengthened session is not signed
+    with client_for(api) as c:
+        sign_in(c, api.tokens["viewer"])
+        assert c.get("/apps").status_code == 200
+        tokens.remove_token(site, name="viewer")
+        answer = c.get("/apps")
+        assert answer.status_code == 303
+        assert "deleted" in c.get(answer.headers["location"]).text
+
+
+def test_app_manager_lists_apps_with_their_state_and_links(api: Api) -> None:
+    seed_app(api.appliance, "web")
+    seed_app(api.appliance, "db", managed=False)
+    with client_for(api) as c:
+        sign_in(c, api.tokens["viewer"])
+        page = c.get("/apps").text
+    assert 'href="/apps/web"' in page and 'href="/apps/db"' in page
+    row = page[page.index('data-app="web"') :].split("</tr>")[0]
+    assert "managed" in row and "daily" in row and "filesystem" in row and "h1" in row
+
+
+def test_viewer_cannot_act_and_forms_need_the_csrf_token(api: Api, tmp_path: Path) -> None:
+    seed_app(api.appliance)
+    with client_for(api) as c:
+        sign_in(c, api.tokens["viewer"])
+        page = c.get("/apps/web")
+        assert "Capture now" not in page.text
+        answer = c.post("/apps/web/actions/capture", data={"csrf": csrf_of(page)})
+        assert answer.status_code == 403
+        assert "role viewer" in answer.text and "operator" in answer.text
+    with client_for(api) as c:
+        sign_in(c, api.tokens["operator"])
+        assert c.post("/apps/web/actions/capture", data={}).status_code == 403
+        assert "CSRF" in c.post("/apps/web/actions/capture", data={"csrf": "0" * 32}).text
+        assert jobs(api) == []
+        page = c.get("/apps/web")
+        answer = c.post("/apps/web/actions/capture", data={"csrf": csrf_of(page), "label": "x"})
+        assert answer.status_code == 303
+        assert re.fullmatch(r"/jobs/[\w-]+\?app=web", answer.headers["location"])
+    assert jobs(api) == [("capture", "web")]
+    with api.appliance.catalog.read() as session:
+        audited = [(r.actor, r.path, r.status) for r in q.list_audit(session)]
+    assert ("operator", "/apps/web/actions/capture", 303) in audited
+    assert ("viewer", "/apps/web/actions/capture", 403) in audited
+
+
+def test_forged_confirmations_are_refused_by_the_server(api: Api, tmp_path: Path) -> None:
+    seed_app(api.appliance)
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "a.txt").write_text("hello")
+    image = seed_image(api.appliance, "web", source)
+    with client_for(api) as c:
+        sign_in(c, api.tokens["operator"])
+        csrf = csrf_of(c.get("/apps/web"))
+        forged = [
+            ("failover", {"host": "h1", "confirm": "failover"}, "FAILOVER"),
+            ("restore", {"image": image, "confirm": "DATA LOSS"}, "OVERWRITE OTHER APPS"),
+            ("restore", {"image": image}, "DATA LOSS"),
+        ]
+        for action, data, named in forged:
+            answer = c.post(f"/apps/web/actions/{action}", data={"csrf": csrf, **data})
+            assert answer.status_code == 422, (action, data)
+            assert named in answer.text
+            assert 'role="alert"' in answer.text  # shown on the Access page, form kept
+    assert jobs(api) == []
+
+
+def test_access_page_shows_the_timeline_newest_first(api: Api, tmp_path: Path) -> None:
+    seed_app(api.appliance)
+    source = tmp_path / "src"
+    source.mkdir()
+    ids = []
+    for n in range(3):
+        (source / "f").write_text(str(n))
+        ids.append(seed_image(api.appliance, "web", source))
+    with client_for(api) as c:
+        sign_in(c, api.tokens["operator"])
+        page = c.get("/apps/web").text
+        shown = re.findall(r'data-image="([^"]+)" data-kind="snapshot"', page)
+        assert shown == ids[::-1]
+        assert f'class="kind-snapshot selected" data-image="{ids[-1]}"' in page  # newest chosen
+        chosen = c.get(f"/apps/web?image={ids[0]}").text
+        assert f'snapshot <span class="mono">{ids[0]}</span>' in chosen
+        assert 'id="op-restore"' in chosen and 'id="op-mount"' in chosen
+        assert 'id="op-failover"' not in chosen  # a snapshot is not failed over to
+        assert c.get("/apps/nope").status_code == 404
+
+
+def test_job_page_returns_to_the_timeline_when_the_job_succeeded(api: Api) -> None:
+    seed_app(api.appliance)
+    from tandem.domain.jobs import JobStatus
+    from tandem.jobs.queue import submit_job
+
+    with api.appliance.catalog.begin() as session:
+        job = submit_job(session, type="capture", app="web", actor="test")
+        job_id = job.id
+    with client_for(api) as c:
+        sign_in(c, api.tokens["viewer"])
+        page = c.get(f"/jobs/{job_id}?app=web")
+        assert page.status_code == 200 and "queued" in page.text
+        assert 'http-equiv="refresh"' in page.text  # refreshes itself without JavaScript
+        assert c.get(f"/jobs/{job_id}/status").json()["active"] is True
+        with api.appliance.catalog.begin() as session:
+            row = q.get_job(session, job_id=job_id)
+            row.status = JobStatus.SUCCEEDED
+            row.message = "captured"
+        back = c.get(f"/jobs/{job_id}?app=web")
+        assert back.status_code == 303
+        assert back.headers["location"].startswith(f"/apps/web?done={job_id}")
+        assert "captured" in c.get(back.headers["location"]).text
+        monitor = c.get("/monitor").text
+        assert f'data-job="{job_id}" data-status="succeeded"' in monitor
+        assert c.get("/monitor/rows?status=failed").text.strip().endswith("</tr>")
+        assert job_id not in c.get("/monitor/rows?status=failed").text
+
+
+def image_of(kind: ImageKind, state: ImageState = ImageState.READY) -> Image:
+    return Image(id="i1", kind=kind, state=state)
+
+
+@pytest.mark.parametrize(
+    ("app_state", "kind", "image_state", "production", "expected"),
+    [
+        (
+            AppState.MANAGED,
+            ImageKind.REPLICA,
+            ImageState.READY,
+            False,
+            ["test-failover", "failover", "mount", "clone", "delete"],
+        ),
+        (
+            AppState.MANAGED,
+            ImageKind.SNAPSHOT,
+            ImageState.READY,
+            True,
+            ["restore", "mount", "clone", "delete"],
+        ),
+        (
+            AppState.FAILED_OVER,
+            ImageKind.FAILOVER,
+            ImageState.MOUNTED,
+            False,
+            ["syncback", "failback", "failback-replica"],
+        ),
+        (
+            AppState.FAILED_OVER,
+            ImageKind.SYNCBACK,
+            ImageState.READY,
+            True,
+            ["restore", "mount", "clone", "delete"],
+        ),
+        (
+            AppState.FAILBACK_PENDING,
+            ImageKind.PROTECTIVE,
+            ImageState.READY,
+            False,
+            ["mount", "commit-failback", "undo-failback"],
+        ),
+        (AppState.MANAGED, ImageKind.TEST_FAILOVER, ImageState.MOUNTED, False, ["unmount"]),
+        (AppState.MANAGED, ImageKind.TEST_FAILOVER, ImageState.READY, False, ["delete"]),
+        (AppState.MANAGED, ImageKind.SNAPSHOT, ImageState.DELETING, True, []),
+    ],
+)
+def test_operations_offered_follow_the_lifecycle(
+    app_state: AppState,
+    kind: ImageKind,
+    image_state: ImageState,
+    production: bool,
+    expected: list[str],
+) -> None:
+    app = App(name="web", kind=AppKind.FILESYSTEM, state=app_state)
+    offered = image_actions(app, image_of(kind, image_state), production=production)
+    assert [a.name for a in offered] == expected
