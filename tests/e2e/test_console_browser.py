@@ -68,7 +68,20 @@ def overflowing(page: Page) -> list[str]:
     )
 
 
-def test_operator_drives_test_failover_and_failover_from_the_pages(
+def signed_in(browser: Browser, url: str, token: str) -> Page:
+    """A new browser context signed in to the console at ``url``."""
+    page = browser.new_context(
+        ignore_https_errors=True, viewport={"width": 1280, "height": 900}
+    ).new_page()
+    page.set_default_timeout(60_000)
+    page.goto(f"{url}/sign-in")
+    page.get_by_label("API token").fill(token)
+    page.get_by_role("button", name="Sign in").click()
+    expect(page).to_have_url(f"{url}/apps")
+    return page
+
+
+def test_operator_drives_the_dr_lifecycle_from_the_pages(
     drill: Drill, browser: Browser, tmp_path: Path
 ) -> None:
     d = drill
@@ -176,6 +189,49 @@ def test_operator_drives_test_failover_and_failover_from_the_pages(
     shot(page, "monitor-narrow")
     page.goto(f"{console}/apps/shop")
     shot(page, "access-narrow")
+
+    # --- bring the DR writes home: syncback at DR, restore at production, failback at DR
+    page.set_viewport_size({"width": 1280, "height": 900})
+    (target / "orders.txt").write_text("order 1\norder 2\norder 3 taken at the DR site\n")
+    page.goto(f"{console}/apps/shop")
+    page.locator("#op-syncback summary").click()
+    page.locator("#sb-label").fill("final")
+    page.locator("#op-syncback").get_by_role("button", name="Syncback").click()
+    expect(page).to_have_url(DONE, timeout=90_000)
+    expect(page.locator("#done")).to_contain_text("succeeded")
+
+    prod = signed_in(browser, d.prod.url, d.prod.token)
+    expect(prod.locator('tr[data-app="shop"]')).to_contain_text("mirrored")
+    shot(prod, "app-manager-prod")
+    prod.goto(f"{d.prod.url}/apps/shop")
+    prod.locator('#timeline li[data-kind="syncback"] a').first.click()
+    prod.locator("#op-restore summary").click()
+    restore = prod.locator("#op-restore form")
+    go = restore.get_by_role("button", name="Restore to production")
+    expect(go).to_be_disabled()
+    expect(prod.locator("#rs-confirm2")).to_be_disabled()  # the second phrase comes second
+    prod.locator("#rs-confirm").fill("DATA LOSS")
+    expect(prod.locator("#rs-confirm2")).to_be_enabled()
+    expect(go).to_be_disabled()
+    prod.locator("#rs-confirm2").fill("OVERWRITE OTHER APPS")
+    expect(go).to_be_enabled()
+    shot(prod, "access-restore")
+    go.click()
+    expect(prod).to_have_url(DONE, timeout=90_000)
+    expect(prod.locator("#done")).to_contain_text("succeeded")
+    assert (data / "orders.txt").read_text() == (target / "orders.txt").read_text()
+    prod.goto(f"{d.prod.url}/apps/shop/report")
+    expect(prod.locator('#steps tr[data-step="restore"]')).to_contain_text("succeeded")
+    expect(prod.locator('#summary [data-field="downtime"]')).to_contain_text(" s")
+    prod.context.close()
+
+    page.goto(f"{console}/apps/shop")
+    page.locator('#timeline li[data-kind="failover"] a').click()
+    page.locator("#op-failback summary").click()
+    page.locator("#op-failback").get_by_role("button", name="Failback (snapshot style)").click()
+    expect(page).to_have_url(DONE, timeout=90_000)
+    expect(page.locator("#app-state")).to_have_text("managed")
+    expect(page.locator('#timeline li[data-kind="failover"]')).to_have_count(0)
 
     # --- sign-out ends the session
     page.get_by_role("button", name="Sign out").click()
