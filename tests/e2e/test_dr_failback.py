@@ -9,10 +9,8 @@ import os
 import shutil
 from pathlib import Path
 
-from tests.e2e.conftest import wait_for
-from tests.e2e.test_dr_presentation import Drill, drill, protect_and_replicate, tree_digests
-
-__all__ = ["drill"]
+from tests.e2e.conftest import Drill, protect_and_replicate, wait_for
+from tests.e2e.test_dr_presentation import tree_digests
 
 MiB = 1024 * 1024
 CONFIRM = ("--confirm", "DATA LOSS", "--confirm", "OVERWRITE OTHER APPS")

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.e2e.conftest import wait_for
-from tests.e2e.test_dr_presentation import Drill, drill, tree_digests
-
-__all__ = ["drill"]
+from tests.e2e.conftest import Drill, wait_for
+from tests.e2e.test_dr_presentation import tree_digests
 
 
 def setup_app(d: Drill, name: str, tmp_path: Path) -> tuple[Path, Path]:
