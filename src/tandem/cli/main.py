@@ -6,6 +6,7 @@ status 2, like every other error (CLI.md); ``tandem`` alone, or a group alone, p
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 import typer
@@ -13,56 +14,77 @@ import typer
 # typer 0.29 vendors click; its usage errors live in this (private) module.
 from typer._click.exceptions import NoArgsIsHelpError, UsageError
 
-from tandem.cli import daemons, demo, dr, jobs, ops, peers, setup, storage
 from tandem.cli.output import fail
 
-app = typer.Typer(
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    help="tandem: two-site disaster recovery.",
-)
-app.add_typer(storage.app, name="storage")
-app.add_typer(daemons.appliance_app, name="appliance")
-app.add_typer(daemons.agent_app, name="agent")
-app.command("demo")(demo.demo)
+# Every command: name -> (module under tandem.cli, attribute, "group" or "command"). A run
+# imports only the module of the command it was given (all of them for help or an unknown
+# name): each `tandem` call is a new process, and the storage engine, the demo and the
+# daemons' imports would otherwise slow every API command down.
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "storage": ("storage", "app", "group"),
+    "appliance": ("daemons", "appliance_app", "group"),
+    "agent": ("daemons", "agent_app", "group"),
+    "demo": ("demo", "demo", "command"),
+    # Set-up (CLI.md): groups for one thing, plural commands for the lists.
+    "token": ("setup", "token_app", "group"),
+    "host": ("setup", "host_app", "group"),
+    "template": ("setup", "template_app", "group"),
+    "app": ("setup", "app_app", "group"),
+    "hosts": ("setup", "hosts", "command"),
+    "templates": ("setup", "templates", "command"),
+    "apps": ("setup", "apps", "command"),
+    # Lifecycle and the Monitor.
+    "capture": ("ops", "capture", "command"),
+    "restore": ("ops", "restore", "command"),
+    "images": ("ops", "images", "command"),
+    "image": ("ops", "image_app", "group"),
+    "jobs": ("jobs", "jobs", "command"),
+    "job": ("jobs", "job_app", "group"),
+    "audit": ("ops", "audit", "command"),
+    # The other site.
+    "peer": ("peers", "peer_app", "group"),
+    "peers": ("peers", "peer_list", "command"),
+    "replicate": ("peers", "replicate", "command"),
+    "test-failover": ("dr", "test_failover", "command"),
+    "failover": ("dr", "failover", "command"),
+    "mount": ("dr", "mount", "command"),
+    "unmount": ("dr", "unmount", "command"),
+    "syncback": ("dr", "syncback", "command"),
+    "failback": ("dr", "failback", "command"),
+    "clone": ("dr", "clone", "command"),
+    "commit-failback": ("dr", "commit_failback", "command"),
+    "undo-failback": ("dr", "undo_failback", "command"),
+}
 
-# Set-up (CLI.md): groups for one thing, plural commands for the lists.
-app.add_typer(setup.token_app, name="token")
-app.add_typer(setup.host_app, name="host")
-app.add_typer(setup.template_app, name="template")
-app.add_typer(setup.app_app, name="app")
-app.command("hosts")(setup.hosts)
-app.command("templates")(setup.templates)
-app.command("apps")(setup.apps)
 
-# Lifecycle and the Monitor.
-app.command("capture")(ops.capture)
-app.command("restore")(ops.restore)
-app.command("images")(ops.images)
-app.add_typer(ops.image_app, name="image")
-app.command("jobs")(jobs.jobs)
-app.add_typer(jobs.job_app, name="job")
-app.command("audit")(ops.audit)
+def _root() -> None:
+    """tandem: two-site disaster recovery."""
 
-# The other site.
-app.add_typer(peers.peer_app, name="peer")
-app.command("peers")(peers.peer_list)
-app.command("replicate")(peers.replicate)
-app.command("test-failover")(dr.test_failover)
-app.command("failover")(dr.failover)
-app.command("mount")(dr.mount)
-app.command("unmount")(dr.unmount)
-app.command("syncback")(dr.syncback)
-app.command("failback")(dr.failback)
-app.command("clone")(dr.clone)
-app.command("commit-failback")(dr.commit_failback)
-app.command("undo-failback")(dr.undo_failback)
+
+def build_app(only: str | None = None) -> typer.Typer:
+    """The `tandem` command with every subcommand, or just ``only`` when it names one."""
+    app = typer.Typer(
+        no_args_is_help=True,
+        add_completion=False,
+        pretty_exceptions_enable=False,
+        help="tandem: two-site disaster recovery.",
+    )
+    # A callback keeps typer from promoting a lone command to the whole program.
+    app.callback()(_root)
+    names = [only] if only in COMMANDS else list(COMMANDS)
+    for name in names:
+        module, attr, kind = COMMANDS[name]
+        target = getattr(importlib.import_module(f"tandem.cli.{module}"), attr)
+        if kind == "group":
+            app.add_typer(target, name=name)
+        else:
+            app.command(name)(target)
+    return app
 
 
 def main() -> None:
-    command = typer.main.get_command(app)
     args = sys.argv[1:]
+    command = typer.main.get_command(build_app(args[0] if args else None))
     try:
         code = command.main(args=args, prog_name="tandem", standalone_mode=False)
     except NoArgsIsHelpError:

@@ -17,16 +17,17 @@ import threading
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
-
 from tandem.errors import CertificateMismatch, Unreachable
 
 
 def make_self_signed(cert_path: Path, key_path: Path, name: str, hosts: list[str]) -> str:
     """Write a new key and self-signed certificate; returns the certificate's fingerprint."""
+    # Imported here: only `init` makes certificates, and every CLI call imports this module.
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"tandem {name}")])
     sans: list[x509.GeneralName] = []
