@@ -1,9 +1,10 @@
 """``python -m bench``: run the benchmark sections and print the table.
 
 Flags: ``--section NAME`` (repeatable; default all), ``--size-gib`` (volume size; default
-2 for storage, 1 for replication; presentation always uses 1, 4 and 10 GiB),
-``--files`` (small files in the tree), ``--workdir`` (a fresh directory is made inside it
-and removed afterwards; default under /var/tmp), ``--json FILE`` (also save the results).
+2 for storage, 1 for replication; presentation always uses 1, 4 and 10 GiB; failback 1, 4
+and 16 GiB unless given one size), ``--files`` (small files in the tree), ``--workdir`` (a
+fresh directory is made inside it and removed afterwards; default under /var/tmp),
+``--json FILE`` (also save the results).
 """
 
 from __future__ import annotations
@@ -51,13 +52,21 @@ def _presentation(cfg: Config, report: Report) -> None:
     presentation.run(cfg, report)
 
 
+def _failback(cfg: Config, report: Report) -> None:
+    from bench import failback
+
+    failback.run(cfg, report)
+
+
 SECTIONS: dict[str, Section] = {
     "storage": _storage,
     "replication": _replication,
     "presentation": _presentation,
+    "failback": _failback,
 }
-DEFAULT_SIZE_GIB = {"storage": 2.0, "replication": 1.0}
-"""The volume size of a section when --size-gib is not given (presentation has its own)."""
+DEFAULT_SIZE_GIB = {"storage": 2.0, "replication": 1.0, "failback": 0.0}
+"""The volume size of a section when --size-gib is not given (presentation has its own;
+failback's 0 means its three sizes, 1, 4 and 16 GiB)."""
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
