@@ -16,7 +16,14 @@ from tandem.errors import ChunkCorrupt, SourceChanged, SourceUnreadable, TargetI
 from tandem.storage.digest import SUB_BLOCK
 from tandem.storage.manifest import VOLUME_CHUNK, load_manifest
 from tandem.storage.pool import ChunkPool
-from tandem.storage.volume import capture_volume, diff_volumes, restore_volume
+from tandem.storage.volume import (
+    capture_volume,
+    diff_volumes,
+    restore_volume,
+    seal,
+    stamp_of,
+    unchanged_since,
+)
 
 MiB = 1024 * 1024
 
@@ -328,3 +335,35 @@ def test_small_writes_inside_blocks_cost_about_their_size(pool: ChunkPool, tmp_p
     out = tmp_path / "out.img"
     restore_volume(pool, m2, out)
     assert out.read_bytes() == src.read_bytes()
+
+
+def test_restore_from_a_known_base_reads_nothing_of_the_target(
+    pool: ChunkPool, tmp_path: Path
+) -> None:
+    src = tmp_path / "disk.img"
+    old = write_volume(src, 21 * MiB, seed=5)
+    _, base, _ = capture_volume(pool, src)
+    new = bytearray(old)
+    new[2 * MiB : 2 * MiB + 10] = b"x" * 10  # one block in a data chunk
+    new[9 * MiB : 13 * MiB] = bytes(4 * MiB)  # a whole chunk (and a bit) zeroed
+    new[-SUB_BLOCK:] = os.urandom(SUB_BLOCK)  # the short last chunk
+    src.write_bytes(bytes(new))
+    _, image, _ = capture_volume(pool, src)
+    target = tmp_path / "target.img"
+    target.write_bytes(old)
+    stats = restore_volume(pool, image, target, base=base)
+    assert target.read_bytes() == bytes(new)
+    assert stats.bytes_compared == 0  # the target was not read
+    assert stats.bytes_fetched < 6 * MiB  # the changed blocks, not the volume
+
+
+def test_a_stamp_sees_any_later_write_and_refuses_a_racy_file(tmp_path: Path) -> None:
+    path = tmp_path / "disk.img"
+    path.write_bytes(b"a" * SUB_BLOCK)
+    assert stamp_of(path) is None  # just written: a write in the same tick could hide
+    sealed = seal(path)
+    assert sealed is not None and unchanged_since(path, sealed)
+    with open(path, "r+b") as fh:
+        fh.write(b"b")
+    assert not unchanged_since(path, sealed)
+    assert stamp_of(tmp_path) is None  # not a regular file

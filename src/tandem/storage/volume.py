@@ -12,6 +12,16 @@ becomes visible. (A block device has no such signal: capture it from a snapshot.
 Diff-restore runs where the target is: each target chunk is hashed; only when it differs are
 the chunk's 64 KiB sub-block digests fetched, and only differing sub-blocks are read from the
 source and written. A new or empty target gets the non-zero chunks only (holes stay holes).
+
+Restore from a known base: when the caller knows the target still holds image ``base``
+(a regular file whose ``SourceStamp`` — device, inode, size, mtime — is what it was when
+``base`` was captured or restored onto it), nothing of the target is read: the chunks in
+which the two manifests differ are compared by their sub-block digests and only differing
+64 KiB blocks are fetched (each verified against its digest) and written. The work is
+proportional to the change, not to the volume, which keeps a failback's downtime flat. A
+stamp is refused when the file's mtime is within ``RACY_NS`` of the moment it was taken (a
+write in the same clock tick would not have moved it), and a restore *seals* the target by
+setting its mtime a little in the past, so that any later write shows.
 """
 
 from __future__ import annotations
@@ -346,24 +356,108 @@ def _open_target(path: Path, size: int) -> tuple[int, bool]:
     raise TargetInvalid(path=str(path), reason="not a regular file or block device")
 
 
+RACY_NS = 1_000_000_000
+"""A stamp whose mtime is this close to the moment it was taken is not trusted."""
+
+
+@dataclass(frozen=True)
+class SourceStamp:
+    """What a regular-file volume looked like when its content was known to be an image."""
+
+    dev: int
+    ino: int
+    size: int
+    mtime_ns: int
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> SourceStamp:
+        return cls(**{k: int(doc[k]) for k in ("dev", "ino", "size", "mtime_ns")})
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> SourceStamp:
+        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def stamp_of(path: Path | str) -> SourceStamp | None:
+    """The stamp of a regular file now, or ``None`` (not a regular file, or racy)."""
+    taken = time.time_ns()
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    if not stat.S_ISREG(st.st_mode) or st.st_mtime_ns > taken - RACY_NS:
+        return None
+    return SourceStamp.of(st)
+
+
+def seal(path: Path | str) -> SourceStamp | None:
+    """Set a just-restored regular file's mtime a little in the past and return its stamp,
+    so that the next restore can trust it (any later write moves the mtime)."""
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        os.utime(path, ns=(st.st_atime_ns, time.time_ns() - 2 * RACY_NS))
+    except OSError:
+        return None
+    return stamp_of(path)
+
+
+def unchanged_since(path: Path | str, stamp: SourceStamp) -> bool:
+    """Whether ``path`` is still the file ``stamp`` describes, untouched since."""
+    return stamp_of(path) == stamp
+
+
 def restore_volume(
     source: ChunkSource,
     manifest: VolumeManifest,
     target: Path | str,
     *,
+    base: VolumeManifest | None = None,
     workers: int | None = None,
     progress: Progress | None = None,
 ) -> RestoreStats:
-    """Make ``target`` equal to the image, writing only the 64 KiB blocks that differ."""
+    """Make ``target`` equal to the image, writing only the 64 KiB blocks that differ.
+
+    With ``base``, the caller vouches that ``target`` holds exactly that image (see
+    ``unchanged_since``): only the chunks in which the manifests differ are worked on, and
+    the target is not read.
+    """
     target = Path(target)
     t0 = time.monotonic()
     fd, fresh = _open_target(target, manifest.size)
     stats = RestoreStats(bytes_total=manifest.size)
+    if base is not None and base.size != manifest.size:
+        base = None  # a resize: compare the target itself
+
+    def from_base(i: int, old: bytes | None, new: bytes | None) -> tuple[int, int, int, int]:
+        off, length = manifest.chunk_range(i)
+        if old == new:
+            return length, 0, 0, 0
+        if new is None:  # the chunk became all zero
+            os.pwrite(fd, _ZERO[:length], off)
+            return length, 0, 0, length
+        want = source.sub_digests(new)
+        if old is None:  # the target holds zeros there
+            have = [zero_digest(min(SUB_BLOCK, length - j * SUB_BLOCK)) for j in range(len(want))]
+        else:
+            have = source.sub_digests(old)
+        differ = [j for j, (a, b) in enumerate(zip(want, have, strict=True)) if a != b]
+        moved = 0
+        for j, block in zip(differ, source.read_blocks(new, differ), strict=True):
+            os.pwrite(fd, block, off + j * SUB_BLOCK)
+            moved += len(block)
+        return length, 0, moved, moved
 
     def work(i: int) -> tuple[int, int, int, int]:
         """Restore chunk i; returns (length, compared, fetched, written)."""
         off, length = manifest.chunk_range(i)
         digest = manifest.chunks[i]
+        if base is not None and not fresh:
+            return from_base(i, base.chunks[i], digest)
         if fresh:
             if digest is None:
                 return length, 0, 0, 0
