@@ -295,3 +295,21 @@ def test_adding_an_unreachable_host_stores_nothing(api: Api) -> None:
     assert (status, code) == (502, "Unreachable")
     assert message.startswith(f"host far unreachable at {url}: ")
     assert api.client.get("/api/v1/hosts", headers=api.headers()).json() == []
+
+
+def test_an_apps_start_and_stop_commands_can_be_changed(api: Api) -> None:
+    seed_app(api.appliance)
+    h = api.headers("operator")
+    changed = api.client.patch("/api/v1/apps/web", headers=h, json={"stop": "systemctl stop web"})
+    assert changed.status_code == 200
+    assert changed.json()["stop"] == "systemctl stop web" and changed.json()["start"] is None
+    both = api.client.patch("/api/v1/apps/web", headers=h, json={"start": "run-web"}).json()
+    assert both["start"] == "run-web" and both["stop"] == "systemctl stop web"  # kept
+    cleared = api.client.patch("/api/v1/apps/web", headers=h, json={"stop": ""}).json()
+    assert cleared["stop"] is None and cleared["start"] == "run-web"
+    status, _, message = error(api.client.patch("/api/v1/apps/web", headers=h, json={"x": 1}))
+    assert status == 422 and "x" in message
+    status, _, message = error(api.client.patch("/api/v1/apps/nope", headers=h, json={}))
+    assert status == 404 and "nope" in message
+    viewer = api.client.patch("/api/v1/apps/web", headers=api.headers("viewer"), json={})
+    assert viewer.status_code == 403

@@ -6,6 +6,7 @@ from fastapi import APIRouter, status
 
 from tandem.appliance.auth import Caller
 from tandem.appliance.schemas import (
+    AppCommandsIn,
     AppIn,
     AppOut,
     Deleted,
@@ -115,6 +116,12 @@ def make_router(site: Site) -> APIRouter:
     @router.get("/apps/{name}", tags=["apps"])
     def show_app(name: str) -> AppOut:
         return AppOut.of(apps.get_app(site, name=name), downtime=failback.downtimes(site).get(name))
+
+    @router.patch("/apps/{name}", tags=["apps"])
+    def set_app_commands(name: str, body: AppCommandsIn) -> AppOut:
+        given = {k: getattr(body, k) for k in body.model_fields_set}
+        row = apps.set_commands(site, name=name, commands=given)
+        return AppOut.of(row, downtime=failback.downtimes(site).get(name))
 
     @router.delete("/apps/{name}", tags=["apps"])
     def remove_app(name: str) -> Deleted:

@@ -68,6 +68,13 @@ class AppIn(Body):
     stop: str | None = Field(default=None, max_length=4096, pattern=NO_NUL)
 
 
+class AppCommandsIn(Body):
+    """Fields left out stay as they are; an empty string removes the command."""
+
+    start: str | None = Field(default=None, max_length=4096, pattern=NO_NUL)
+    stop: str | None = Field(default=None, max_length=4096, pattern=NO_NUL)
+
+
 class ProtectIn(Body):
     template: str = Field(pattern=NAME)
 

@@ -220,6 +220,20 @@ def set_app_template(session: Session, *, name: str, template: str | None) -> Ap
     return app
 
 
+def set_app_commands(
+    session: Session, *, name: str, commands: dict[str, str | None]
+) -> App:
+    """Change an app's start and/or stop command (``commands`` keys ``start``, ``stop``;
+    ``None`` removes one)."""
+    app = get_app(session, name=name)
+    if "start" in commands:
+        app.start_cmd = commands["start"]
+    if "stop" in commands:
+        app.stop_cmd = commands["stop"]
+    session.flush()
+    return app
+
+
 def set_writer_epoch(session: Session, *, name: str, epoch: int) -> App:
     """Adopt a higher writer epoch learned from the peer; an epoch never goes down."""
     app = get_app(session, name=name, for_update=True)

@@ -9,6 +9,8 @@ import typer
 from rich import box
 from rich.table import Table
 
+from tandem.errors import InvalidInput
+
 from .common import (
     ApplianceFingerprint,
     ApplianceToken,
@@ -238,6 +240,31 @@ def app_add(
     }
     with connect(url, token, fingerprint) as client:
         _show(client.post("/api/v1/apps", body), json_, APP_KEYS)
+
+
+@app_app.command("set")
+@handle_errors
+def app_set(
+    name: Name,
+    start: Annotated[
+        str | None,
+        typer.Option("--start", help='Shell command that starts it ("" removes it).'),
+    ] = None,
+    stop: Annotated[
+        str | None, typer.Option("--stop", help='Shell command that stops it ("" removes it).')
+    ] = None,
+    url: Url = None,
+    token: Token = None,
+    fingerprint: Fingerprint = None,
+    json_: Json = False,
+) -> None:
+    """Change an application's start or stop command."""
+    body = {k: v for k, v in (("start", start), ("stop", stop)) if v is not None}
+    if not body:
+        raise InvalidInput(detail="give --start and/or --stop")
+    with connect(url, token, fingerprint) as client:
+        answer = client.request("PATCH", f"/api/v1/apps/{name}", json_body=body)
+        _show(answer, json_, (*APP_KEYS, "start", "stop"))
 
 
 @app_app.command("show")

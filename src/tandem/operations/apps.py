@@ -56,6 +56,13 @@ def add_app(
         )
 
 
+def set_commands(site: Site, *, name: str, commands: dict[str, str | None]) -> App:
+    """Change the start and/or stop command of an app (a blank one removes it)."""
+    checked = {k: _check_command(v, k) for k, v in commands.items() if k in ("start", "stop")}
+    with site.catalog.begin() as session:
+        return q.set_app_commands(session, name=name, commands=checked)
+
+
 def list_apps(site: Site) -> list[App]:
     with site.catalog.read() as session:
         return q.list_apps(session)
