@@ -29,7 +29,7 @@ from schemathesis.checks import not_a_server_error  # noqa: E402
 
 from tests.appliance.conftest import Api  # noqa: E402
 
-EXAMPLES = 12
+EXAMPLES = 8
 LEFT_OUT = {("POST", "/api/v1/hosts"), ("POST", "/api/v1/peers")}
 
 
@@ -69,5 +69,5 @@ def test_no_server_errors(api: Api) -> None:
             continue  # nothing invalid can be sent to this operation (no parameters)
         except Exception as exc:  # collect every operation's failure, not just the first
             failures.append(f"{mode.value} {operation.method.upper()} {operation.path}: {exc}")
-    assert fuzzed >= 50 and calls >= 10 * fuzzed
+    assert fuzzed >= 50 and calls >= 6 * fuzzed
     assert not failures, "\n\n".join(failures)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import os
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -159,6 +161,41 @@ def test_volume_capture_incremental_restore(site: Site, tmp_path: Path) -> None:
     assert (tmp_path / "events").read_text() == "stop\nstart\n"
     for image in cli("images", "disk"):
         assert cli("image", "verify", image["id"])["ok"]
+
+
+def test_restore_refuses_a_running_app_until_it_has_a_stop_command(
+    site: Site, tmp_path: Path
+) -> None:
+    cli = site.cli
+    data = tmp_path / "busy"
+    data.mkdir()
+    (data / "db.sqlite").write_text("v1\n")
+    add_app(cli, "busy", site.host, "filesystem", data)
+    cli("template", "add", "busy-manual")
+    cli("app", "protect", "busy", "--template", "busy-manual")
+    image = cli("capture", "busy")["image"]
+    (data / "db.sqlite").write_text("v2 written after the snapshot\n")
+    # the application runs: it holds its database open
+    holds = f"f = open({str(data / 'db.sqlite')!r}); print('up', flush=True); input()"
+    with subprocess.Popen(
+        [sys.executable, "-c", holds], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    ) as app:
+        try:
+            assert app.stdout is not None and app.stdout.readline() == "up\n"
+            refused = cli.run("restore", "busy", "--image", image["id"], *CONFIRM, check=False)
+            assert refused.code == 1
+            assert f"pid {app.pid}" in refused.error and "in use" in refused.error
+            assert "tandem app set APP --stop" in refused.error
+            assert (data / "db.sqlite").read_text() == "v2 written after the snapshot\n"
+
+            # with a stop command the restore stops it first, then writes
+            cli("app", "set", "busy", "--stop", f"kill {app.pid}")
+            done = cli("restore", "busy", "--image", image["id"], *CONFIRM)
+            assert done["job"]["status"] == "succeeded", done["job"]
+            assert (data / "db.sqlite").read_text() == "v1\n"
+            assert app.wait(10) != 0  # it was stopped by its stop command
+        finally:
+            app.kill()
 
 
 def test_bad_input_and_auth(site: Site, tmp_path: Path) -> None:

@@ -27,9 +27,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tandem.agent import mounts
+from tandem.agent import holders, mounts
 from tandem.agent.mounts import MountAction
-from tandem.errors import InvalidInput, SourceUnreadable, TandemError, TargetInvalid
+from tandem.errors import Conflict, InvalidInput, SourceUnreadable, TandemError, TargetInvalid
 from tandem.storage import tree, volume
 from tandem.storage.manifest import TreeManifest, VolumeManifest, decode_manifest
 from tandem.transport.chunks import RemoteChunkSource, RemotePool
@@ -76,6 +76,10 @@ class RestoreRequest(BaseModel):
     job: str = ""
     new_only: bool = False
     """A clone: refuse unless the path is missing or an empty folder (never overwrite)."""
+    base: str | None = Field(default=None, pattern=HEX_DIGEST)
+    """Manifest of the image the volume held when ``stamp`` was taken (restore from base)."""
+    stamp: dict[str, int] | None = None
+    """The volume file's ``SourceStamp`` then: if it still matches, the target is not read."""
 
 
 def _check_new(path: str, kind: str) -> None:
@@ -147,6 +151,7 @@ def capture(req: CaptureRequest, emit: Emit) -> dict[str, Any]:
     """Capture the app's data into the appliance session; returns the final event."""
     path = Path(req.path)
     meta = {"source": str(path), "host": os.uname().nodename}
+    before = volume.stamp_of(path) if req.kind == "volume" else None
     with _client(req.appliance) as client:
         base_id = bytes.fromhex(req.base) if req.base else None
         base = _fetch_manifest(client, req.appliance.session, req.base) if req.base else None
@@ -180,19 +185,40 @@ def capture(req: CaptureRequest, emit: Emit) -> dict[str, Any]:
             )
             size = tree_manifest.size
         sent = pool.last_writer.bytes_sent if pool.last_writer else 0
+    after = volume.stamp_of(path) if req.kind == "volume" else None
     return {
         "event": "done",
         "manifest": mid.hex(),
         "size": size,
         "bytes_sent": sent,
         "stats": stats.as_dict(),
+        # What the volume file looked like while it held this image (unchanged through the
+        # capture, else the capture failed): a later restore may start from it.
+        "stamp": after.as_dict() if after is not None and after == before else None,
     }
+
+
+def _check_not_in_use(path: str) -> None:
+    """Refuse to write data in place while a process holds it (SPEC §4.4)."""
+    found = holders.holders(path)
+    mounted = holders.mounted_at(path)
+    if not found and not mounted:
+        return
+    what = "; ".join([str(h) for h in found] + [f"it is mounted at {m}" for m in mounted])
+    raise Conflict(
+        detail=f"the application's data at {path} is in use ({what}). Stop the application "
+        "first, or give it a stop command that the restore runs first "
+        "(`tandem app set APP --stop CMD`)"
+    )
 
 
 def restore(req: RestoreRequest, emit: Emit) -> dict[str, Any]:
     """Diff-restore the image onto the app's path from the appliance session."""
     if req.new_only:
         _check_new(req.path, req.kind)
+    else:
+        _check_not_in_use(req.path)
+    sealed, base = None, None
     with _client(req.appliance) as client:
         manifest = _fetch_manifest(client, req.appliance.session, req.manifest)
         source = RemoteChunkSource(client, req.appliance.session)
@@ -201,7 +227,9 @@ def restore(req: RestoreRequest, emit: Emit) -> dict[str, Any]:
         if isinstance(manifest, VolumeManifest):
             if req.kind != "volume":
                 raise InvalidInput(detail="a volume image cannot be restored onto a directory")
-            stats = volume.restore_volume(source, manifest, req.path, progress=progress)
+            base = _known_base(client, req)
+            stats = volume.restore_volume(source, manifest, req.path, base=base, progress=progress)
+            sealed = volume.seal(req.path)
         else:
             if req.kind != "filesystem":
                 raise InvalidInput(detail="a file-tree image cannot be restored onto a volume")
@@ -211,7 +239,23 @@ def restore(req: RestoreRequest, emit: Emit) -> dict[str, Any]:
         "size": manifest.size,
         "bytes_received": source.bytes_received,
         "stats": stats.as_dict(),
+        "from_base": req.base if base is not None else None,
+        "stamp": sealed.as_dict() if sealed is not None else None,
     }
+
+
+def _known_base(client: ApiClient, req: RestoreRequest) -> VolumeManifest | None:
+    """The image the target volume still holds, when its stamp says it is untouched."""
+    if not (req.base and req.stamp) or req.new_only:
+        return None
+    try:
+        stamp = volume.SourceStamp.from_dict(req.stamp)
+    except (KeyError, TypeError, ValueError):
+        return None
+    if not volume.unchanged_since(req.path, stamp):
+        return None  # written since (or another file): compare the whole target
+    base = _fetch_manifest(client, req.appliance.session, req.base)
+    return base if isinstance(base, VolumeManifest) else None
 
 
 def _mount_base(req: MaterializeRequest) -> str | None:

@@ -91,3 +91,26 @@ def holders(path: Path | str, *, limit: int = 5) -> list[Holder]:
         if len(found) >= limit:
             break
     return found
+
+
+def mounted_at(path: Path | str) -> list[str]:
+    """Where a block device is mounted, from ``/proc/self/mountinfo``: a mounted file
+    system holds its device without any process having it open."""
+    target = os.path.realpath(path)
+    if target == "/":
+        return []
+    found = []
+    try:
+        with open(PROC / "self" / "mountinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                left, _, right = line.partition(" - ")
+                fields, source = left.split(), right.split()
+                if len(fields) < 5 or len(source) < 2:
+                    continue
+                point = fields[4].replace("\\040", " ")
+                device = source[1]
+                if device == target:
+                    found.append(point)
+    except OSError:
+        return []
+    return found

@@ -28,7 +28,7 @@ from tandem.domain.lifecycle import AppKind, Operation, check_transition
 from tandem.errors import InvalidInput, RemoteError
 from tandem.jobs.queue import submit_job
 from tandem.jobs.runner import JobContext
-from tandem.operations import images, peers, replicate
+from tandem.operations import images, peers, replicate, stamps
 from tandem.operations.hosts import agent_for
 from tandem.operations.site import Site
 from tandem.operations.streams import follow
@@ -119,6 +119,8 @@ def run_capture(site: Site, ctx: JobContext) -> dict[str, Any]:
     finally:
         site.sessions.close(transfer)
     ctx.set_image(image.id)
+    if app.kind is AppKind.VOLUME:
+        stamps.record(site, app_id=app.id, manifest=manifest.hex(), stamp=done.get("stamp"))
     sent = transfer.bytes_received
     kind = "volume" if app.kind is AppKind.VOLUME else "file tree"
     ctx.set_message(
