@@ -151,6 +151,7 @@ def test_volume_capture_incremental_restore(site: Site, tmp_path: Path) -> None:
     with open(volume, "r+b") as fh:
         fh.seek(10 * MiB + 12345)
         fh.write(os.urandom(MiB))
+    changed = file_digest(volume)
     second = cli("capture", "disk")
     assert second["job"]["status"] == "succeeded"
     assert second["job"]["bytes_sent"] < first["job"]["bytes_sent"] / 4
@@ -159,6 +160,19 @@ def test_volume_capture_incremental_restore(site: Site, tmp_path: Path) -> None:
     assert restored["job"]["status"] == "succeeded", restored["job"]
     assert file_digest(volume) == original
     assert (tmp_path / "events").read_text() == "stop\nstart\n"
+
+    # Untouched since that restore: the next one starts from it and reads nothing of the disk.
+    again = cli("restore", "disk", "--image", second["image"]["id"], *CONFIRM)["job"]
+    assert again["result"]["stats"]["bytes_compared"] == 0, again
+    assert again["result"]["stats"]["bytes_written"] <= 2 * MiB
+    assert file_digest(volume) == changed
+    # Written since: the whole disk is compared again, and the result is still exact.
+    with open(volume, "r+b") as fh:
+        fh.seek(30 * MiB)
+        fh.write(b"written behind tandem's back")
+    full = cli("restore", "disk", "--image", first["image"]["id"], *CONFIRM)["job"]
+    assert full["result"]["stats"]["bytes_compared"] > 0
+    assert file_digest(volume) == original
     for image in cli("images", "disk"):
         assert cli("image", "verify", image["id"])["ok"]
 
