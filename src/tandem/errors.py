@@ -154,6 +154,13 @@ class TargetInvalid(StorageError):
     http_status = 422
 
 
+class CopyFrozen(StorageError):
+    """{what} takes no writes now: a failback is checking that it is unchanged, or
+    discarding it. Write to the application where it runs once the failback job has ended."""
+
+    http_status = 409
+
+
 # --- remote parts -----------------------------------------------------------------------
 
 
@@ -174,6 +181,13 @@ class RemoteError(TandemError):
 
 class TransitionRefused(TandemError):
     """Cannot {operation} application {app!r} now: {reason}."""
+
+    http_status = 409
+
+
+class UnsyncedWrites(TandemError):
+    """The DR copy of {app!r} changed after {image} ({changes}): production does not hold
+    those writes, and {operation} would discard them. {fix}"""
 
     http_status = 409
 

@@ -370,3 +370,143 @@ def test_delete_removes_the_files(pool: ChunkPool, tmp_path: Path) -> None:
     ov.write(0, b"x")
     ov.delete()
     assert not (tmp_path / "ov").exists()
+
+
+# --- changes since the last capture ------------------------------------------------------
+
+
+def _capture(pool: ChunkPool, ov: Overlay) -> bytes:
+    """A committed capture, as syncback makes one: begin, capture, commit."""
+    ov.begin_capture()
+    mid, _, _ = capture_overlay(pool, ov)
+    ov.commit_capture(mid)
+    return mid
+
+
+def test_changes_since_capture_start_at_the_base_and_reset_at_a_commit(
+    pool: ChunkPool, tmp_path: Path
+) -> None:
+    mid, base, _ = make_base(pool, tmp_path, 8 * MiB)
+    with Overlay.create(tmp_path / "ov", pool, base, mid) as ov:
+        assert ov.reference == mid and ov.changed_since_capture() == []
+        ov.write(3 * BLOCK + 1, b"a")
+        ov.write(6 * MiB, b"b")
+        assert ov.changed_since_capture() == [(3 * BLOCK, BLOCK), (6 * MiB, BLOCK)]
+        ov.begin_capture()
+        ov.write(7 * MiB, b"written while the capture runs")
+        captured, _, _ = capture_overlay(pool, ov)
+        # not yet recorded: the capture's blocks still count
+        assert ov.reference == mid
+        assert ov.changed_bytes_since_capture() == 3 * BLOCK
+        ov.commit_capture(captured)
+        assert ov.reference == captured
+        assert ov.changed_since_capture() == [(7 * MiB, BLOCK)]  # only what came after
+        assert ov.dirty_bytes() == 3 * BLOCK  # the dirty map is not what a capture resets
+        assert _capture(pool, ov) == captured  # the capture read that write already
+        assert ov.changed_since_capture() == []
+
+
+def test_an_aborted_capture_leaves_its_blocks_changed(pool: ChunkPool, tmp_path: Path) -> None:
+    mid, base, _ = make_base(pool, tmp_path, 8 * MiB)
+    with Overlay.create(tmp_path / "ov", pool, base, mid) as ov:
+        ov.write(0, b"a")
+        ov.begin_capture()
+        ov.write(MiB, b"b")
+        ov.abort_capture()
+        assert ov.reference == mid
+        assert ov.changed_since_capture() == [(0, BLOCK), (MiB, BLOCK)]
+        ov.begin_capture()
+        ov.begin_capture()  # one never ended is merged, not lost
+        ov.write(2 * MiB, b"c")
+        ov.abort_capture()
+        assert ov.changed_bytes_since_capture() == 3 * BLOCK
+        with pytest.raises(StorageError, match="no capture was begun"):
+            ov.commit_capture(mid)
+
+
+def test_zeroes_written_over_zeros_still_count_as_changed(pool: ChunkPool, tmp_path: Path) -> None:
+    with Overlay.create(tmp_path / "ov", pool, None, None, size=8 * MiB) as ov:
+        ov.write(0, b"x" * BLOCK)
+        _capture(pool, ov)
+        ov.write_zeroes(0, 2 * BLOCK)  # block 0 goes back to clean (zero base), yet changed
+        assert ov.dirty_ranges() == []
+        assert ov.changed_since_capture() == [(0, 2 * BLOCK)]
+
+
+def test_a_crash_before_the_commit_keeps_the_old_reference_and_every_change(
+    pool: ChunkPool, tmp_path: Path
+) -> None:
+    mid, base, _ = make_base(pool, tmp_path, 8 * MiB)
+    directory = tmp_path / "ov"
+    ov = Overlay.create(directory, pool, base, mid)
+    try:
+        ov.write(BLOCK, b"one")
+        first = _capture(pool, ov)
+        ov.write(5 * BLOCK, b"two")
+        ov.flush()
+        ov.begin_capture()
+        second, _, _ = capture_overlay(pool, ov)
+        # a "crash" here: the capture's row may exist, but its commit never happened
+        after = Overlay.open(directory, pool)
+        try:
+            assert after.reference == first
+            assert after.changed_since_capture() == [(5 * BLOCK, BLOCK)]
+        finally:
+            after.close()
+        ov.commit_capture(second)  # durable when it returns: a crash now keeps it
+        after = Overlay.open(directory, pool)
+        try:
+            assert after.reference == second and after.changed_since_capture() == []
+        finally:
+            after.close()
+    finally:
+        ov.close()
+
+
+def test_an_overlay_made_before_the_since_map_counts_every_dirty_block(
+    pool: ChunkPool, tmp_path: Path
+) -> None:
+    mid, base, _ = make_base(pool, tmp_path, 8 * MiB)
+    directory = tmp_path / "ov"
+    with Overlay.create(directory, pool, base, mid) as ov:
+        ov.write(2 * MiB, b"old")
+    (directory / "since.bitmap").unlink()
+    with Overlay.open(directory, pool) as again:
+        assert again.reference is None
+        assert again.changed_since_capture() == again.dirty_ranges() == [(2 * MiB, BLOCK)]
+    assert (directory / "since.bitmap").exists()  # written by the close's flush
+
+
+def test_a_frozen_overlay_refuses_writes_until_thawed(pool: ChunkPool, tmp_path: Path) -> None:
+    with Overlay.create(tmp_path / "ov", pool, None, None, size=MiB) as ov:
+        ov.freeze()
+        assert ov.frozen
+        with pytest.raises(StorageError, match="takes no writes now"):
+            ov.write(0, b"x")
+        with pytest.raises(StorageError, match="takes no writes now"):
+            ov.write_zeroes(0, BLOCK)
+        assert ov.changed_since_capture() == [] and ov.read(0, 1) == b"\0"
+        ov.thaw()
+        ov.write(0, b"x")
+        assert ov.read(0, 1) == b"x"
+
+
+def test_revert_brings_back_the_captured_state_exactly(pool: ChunkPool, tmp_path: Path) -> None:
+    mid, base, data = make_base(pool, tmp_path, 12 * MiB + 4096)
+    with Overlay.create(tmp_path / "ov", pool, base, mid) as ov:
+        ov.write(MiB, os.urandom(3 * BLOCK))
+        protective = _capture(pool, ov)
+        expected = ov.read(0, ov.size)
+        ov.write(MiB + 5, b"stray")  # a block the capture holds, changed again
+        ov.write(9 * MiB, os.urandom(2 * MiB))  # blocks the capture does not hold
+        ov.write_zeroes(0, MiB)
+        ov.write(ov.size - 10, b"tail bytes")
+        manifest = load_manifest(pool, protective)
+        assert isinstance(manifest, VolumeManifest)
+        ov.freeze()
+        rewritten = ov.revert(manifest, protective)
+        assert ov.frozen  # still held off: the caller decides when writes resume
+        assert rewritten == MiB + BLOCK + 2 * MiB + 4096
+        assert ov.read(0, ov.size) == expected
+        assert ov.reference == protective and ov.changed_since_capture() == []
+        assert expected[:MiB] == data[:MiB]

@@ -220,9 +220,7 @@ def set_app_template(session: Session, *, name: str, template: str | None) -> Ap
     return app
 
 
-def set_app_commands(
-    session: Session, *, name: str, commands: dict[str, str | None]
-) -> App:
+def set_app_commands(session: Session, *, name: str, commands: dict[str, str | None]) -> App:
     """Change an app's start and/or stop command (``commands`` keys ``start``, ``stop``;
     ``None`` removes one)."""
     app = get_app(session, name=name)

@@ -9,26 +9,41 @@ Once the latest syncback was restored to production (and the app runs there agai
    failover so that its replications are accepted again (fencing kept them out while the
    DR copy was the writer). Mirroring resumes local → remote.
 
-Refused before any syncback exists (data written at the DR site would be lost) unless
-forced; the guard of the lifecycle table says so.
+Refused, unless forced, when the DR copy holds anything production lacks, since the
+failback discards the copy:
+- before any syncback exists (the guard of the lifecycle table says so);
+- while production has not restored the newest syncback (asked of production);
+- when the DR copy changed since that syncback (``syncback.dr_copy_changes``: a volume's
+  "written since the last capture" bitmap, a tree captured again and compared). A volume's
+  overlay is frozen for the check, so no write can slip in between the check and the end.
+
+Crash safety: once the checks passed, the presented images are marked ``deleting`` in the
+catalog before anything is withdrawn. A failback that was interrupted (a kill -9 of this
+appliance) is run again: it sees the mark, skips the checks (they passed, and the copy
+may be half gone by now) and finishes withdrawing. A copy marked ``deleting`` is never
+exported again at start-up, so nothing can write to it meanwhile. Production is told the
+epoch before this appliance records ``managed``: an interrupted failback can always be
+run again, and production has the epoch once it is ``managed`` here.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 from tandem.catalog import queries as q
-from tandem.catalog.models import Job
+from tandem.catalog.models import App, Host, Image, Job
 from tandem.domain.images import ImageKind, ImageState
 from tandem.domain.jobs import JobStatus
-from tandem.domain.lifecycle import AppFacts, Operation, check_transition
-from tandem.errors import Conflict, NotFound, TandemError
+from tandem.domain.lifecycle import AppFacts, AppKind, Operation, check_transition
+from tandem.errors import Conflict, NotFound, TandemError, UnsyncedWrites
 from tandem.jobs.queue import submit_job
 from tandem.jobs.runner import JobContext
 from tandem.operations import images, peers, present
 from tandem.operations.site import Site
-from tandem.operations.syncback import syncbacks_since_failover
+from tandem.operations.syncback import dr_copy_changes, failover_image, syncbacks_since_failover
+from tandem.storage.overlay import Overlay
 
 TYPE = "failback"
 
@@ -43,8 +58,10 @@ def submit_failback(site: Site, *, app: str, force: bool = False, actor: str | N
         row = q.get_app(session, name=app)
         check_transition(row.name, row.state, Operation.FAILBACK, _facts(site, app, force))
         newest = q.latest_image(session, app=app, kind=ImageKind.SYNCBACK)
-    if not force and newest is not None:
+    if not force and newest is not None and not withdrawing(site, app):
         _check_restored_at_production(site, app, newest.id)
+        if row.kind is AppKind.VOLUME:  # cheap here; a tree is compared by the job
+            _check_unchanged(site, None, row, newest, Operation.FAILBACK, freeze=False)
     with site.catalog.begin() as session:
         job = submit_job(
             session,
@@ -71,6 +88,99 @@ def _check_restored_at_production(site: Site, app: str, syncback: str) -> None:
             f"(`tandem restore {app} --image {syncback} --confirm ...` on {peer.name}), "
             "or fail back with --force to drop what only the DR copy holds"
         )
+
+
+def _syncback_fix(app: str) -> str:
+    return (
+        f"Stop the app at the DR site, run `tandem syncback {app}`, restore that syncback at "
+        "production, then fail back; or fail back with --force to discard them"
+    )
+
+
+def _check_unchanged(
+    site: Site,
+    ctx: JobContext | None,
+    app: App,
+    reference: Image,
+    operation: Operation,
+    *,
+    freeze: bool,
+    fix: str | None = None,
+) -> Overlay | None:
+    """Refuse (``UnsyncedWrites``) when the DR copy changed since ``reference``. With
+    ``freeze``, a volume's overlay is left frozen when the check passes (returned; thaw it
+    if the operation does not go on) so that no write lands between check and discard."""
+    overlay = None
+    if app.kind is AppKind.VOLUME and freeze:
+        overlay = site.overlays.get(failover_image(site, app.name).id)
+        if overlay is not None:
+            overlay.freeze()
+    try:
+        changes = dr_copy_changes(site, ctx, app, reference)
+        if changes is not None:
+            raise UnsyncedWrites(
+                app=app.name,
+                image=reference.id,
+                changes=changes,
+                operation=operation.value,
+                fix=fix or _syncback_fix(app.name),
+            )
+    except BaseException:
+        if overlay is not None:
+            overlay.thaw()
+        raise
+    return overlay
+
+
+def withdrawing(site: Site, app: str) -> bool:
+    """Whether a failback of ``app`` passed its checks and began withdrawing the DR copy
+    (then was interrupted): running it again only finishes the clean-up."""
+    with site.catalog.read() as session:
+        return any(
+            i.state is ImageState.DELETING
+            for i in q.list_images(session, app=app, kind=ImageKind.FAILOVER)
+        )
+
+
+def mark_withdrawing(site: Site, app: str) -> None:
+    """The point of no return: the presented images of ``app`` are to be withdrawn. Their
+    presentation fields stay (the clean-up needs them); start-up no longer exports them."""
+    with site.catalog.begin() as session:
+        for kind in (ImageKind.FAILOVER, ImageKind.TEST_FAILOVER):
+            for row in q.list_images(session, app=app, kind=kind):
+                if row.state is ImageState.MOUNTED:
+                    row.state = ImageState.DELETING
+
+
+@contextlib.contextmanager
+def checked_discard(
+    site: Site,
+    ctx: JobContext,
+    app: App,
+    reference: Image | None,
+    operation: Operation,
+    *,
+    fix: str | None = None,
+) -> Iterator[None]:
+    """Check that the DR copy equals ``reference`` (None: forced, no check), then mark the
+    presented images for withdrawal; the overlay stays frozen from the check on. An
+    interrupted earlier run that got past the mark is simply resumed."""
+    if withdrawing(site, app.name):
+        ctx.log("an earlier run began withdrawing the DR copy: finishing it")
+        yield
+        return
+    overlay = None
+    if reference is not None:
+        overlay = _check_unchanged(site, ctx, app, reference, operation, freeze=True, fix=fix)
+        ctx.log(f"the DR copy is unchanged since {reference.id}")
+    try:
+        mark_withdrawing(site, app.name)
+    except BaseException:
+        if overlay is not None:
+            overlay.thaw()
+        raise
+    ctx.log("withdrawing the DR copy")
+    yield
 
 
 DOWNTIME_KEY = "failback_downtime:{app}"
@@ -107,9 +217,14 @@ def run_failback(site: Site, ctx: JobContext) -> dict[str, Any]:
     force = bool(ctx.job.params.get("force"))
     with site.catalog.read() as session:
         app = q.get_app(session, name=name)
+        newest = q.latest_image(session, app=name, kind=ImageKind.SYNCBACK)
     facts = _facts(site, name, force)
     check_transition(app.name, app.state, Operation.FAILBACK, facts)
-    return clean_up_and_resume(site, ctx, name, Operation.FAILBACK, facts)
+    reference = None if force else newest
+    if reference is not None and not withdrawing(site, name):
+        _check_restored_at_production(site, name, reference.id)
+    with checked_discard(site, ctx, app, reference, Operation.FAILBACK):
+        return clean_up_and_resume(site, ctx, name, Operation.FAILBACK, facts)
 
 
 def clean_up_and_resume(
@@ -132,10 +247,13 @@ def clean_up_and_resume(
         hosts = {h.name: h for h in q.list_hosts(session)}
     removed: list[str] = []
     for image in presented:
-        if image.state is ImageState.MOUNTED:
-            present.withdraw(site, image, hosts.get(image.mounted_host or ""))
+        if image.state in (ImageState.MOUNTED, ImageState.DELETING):
+            _withdraw(site, ctx, image, hosts.get(image.mounted_host or ""))
         removed.append(image.id)
     keep = syncbacks[0] if syncbacks else None
+    with site.catalog.read() as session:
+        epoch = q.get_app(session, name=name).writer_epoch  # no fencing step follows
+    told = _tell_production(site, ctx, name, epoch)
     with site.catalog.begin() as session:
         for image_id in removed:
             q.delete_image(session, image_id=image_id)
@@ -160,24 +278,42 @@ def clean_up_and_resume(
     with contextlib.suppress(TandemError):
         images.collect_garbage(site, ctx)
     peer = peers.the_peer(site)
-    told = False
-    if peer is not None:
-        try:
-            with peers.client_for(peer) as remote:
-                remote.post(f"/api/v1/peer/apps/{name}/resume", {"epoch": epoch})
-            told = True
-        except TandemError as exc:
-            ctx.log(
-                f"could not tell {peer.name} to resume mirroring ({exc.message}); "
-                "it will be refused until it learns the epoch: run failback again",
-                level="warning",
-            )
     ctx.set_message(
         f"{name} failed back: {len(removed)} image(s) removed"
         + (f", {keep.id} kept as the replica to mirror against" if keep else "")
         + (f"; {peer.name} resumes mirroring" if told and peer is not None else "")
     )
     return {"removed": removed, "replica": keep.id if keep else None, "epoch": epoch}
+
+
+def _withdraw(site: Site, ctx: JobContext, image: Image, host: Host | None) -> None:
+    """Withdraw ``image``; of one an interrupted run was withdrawing, what is gone is gone."""
+    try:
+        present.withdraw(site, image, host)
+    except NotFound:
+        if image.state is not ImageState.DELETING:
+            raise
+        ctx.log(f"{image.id} was no longer on host {image.mounted_host}")
+        present.withdraw(site, image, None)  # the export and overlay, if any are left
+
+
+def _tell_production(site: Site, ctx: JobContext, name: str, epoch: int) -> bool:
+    """Give production the writer epoch so that its replications are accepted again.
+    Done before ``managed`` is recorded here: until then a failback can be run again."""
+    peer = peers.the_peer(site)
+    if peer is None:
+        return False
+    try:
+        with peers.client_for(peer) as remote:
+            remote.post(f"/api/v1/peer/apps/{name}/resume", {"epoch": epoch})
+    except TandemError as exc:
+        ctx.log(
+            f"could not tell {peer.name} to resume mirroring ({exc.message}); unless a "
+            f"syncback gave it writer epoch {epoch}, its replications are refused as stale",
+            level="warning",
+        )
+        return False
+    return True
 
 
 def resume_mirroring(site: Site, *, peer: str, app: str, epoch: int) -> dict[str, Any]:

@@ -17,9 +17,14 @@
 ``commit-failback``: FAILBACK_PENDING → MANAGED; the DR images are cleaned up as in the
 snapshot-style failback (the protective snapshot, equal to what production holds, stays as
 the replica to mirror against) and production resumes mirroring with the current epoch.
+Refused unless forced when the DR copy changed after the protective snapshot (written
+though it should be off: a stop command that did not stop everything, or none): production
+lacks those writes and the clean-up would discard them (``failback.checked_discard``, which
+also makes an interrupted commit resumable).
 ``undo-failback``: FAILBACK_PENDING → FAILED_OVER (a fencing step: the epoch rises again):
 production stops the app, the DR copy is brought back to the protective snapshot exactly
-(a diff-restore that writes only what differs) and started again.
+(a tree: a diff-restore that writes only what differs; a volume: the blocks written since
+the snapshot are rewritten from it) and started again.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from tandem.catalog import queries as q
 from tandem.catalog.models import App, Image, Job
 from tandem.domain.images import ImageKind
 from tandem.domain.lifecycle import AppFacts, AppKind, Operation, check_transition
-from tandem.errors import InvalidInput, NotFound, TandemError
+from tandem.errors import InvalidInput, NotFound, StorageError, TandemError
 from tandem.jobs.queue import submit_job
 from tandem.jobs.runner import JobContext
 from tandem.operations import failback, peers
@@ -40,6 +45,7 @@ from tandem.operations.hosts import agent_for
 from tandem.operations.site import Site
 from tandem.operations.streams import follow
 from tandem.operations.syncback import capture_dr_state, failover_image, send_home
+from tandem.storage.manifest import VolumeManifest, load_manifest
 
 TYPE = "failback-replica"
 COMMIT_TYPE = "commit-failback"
@@ -183,13 +189,22 @@ def run_replica_failback(site: Site, ctx: JobContext) -> dict[str, Any]:
     }
 
 
-def submit_end(site: Site, *, app: str, undo: bool, actor: str | None = None) -> Job:
+def submit_end(
+    site: Site, *, app: str, undo: bool, force: bool = False, actor: str | None = None
+) -> Job:
+    """Queue the commit or undo of a pending failback. ``force`` commits even though the
+    DR copy changed after the protective snapshot (those changes are discarded)."""
     op = Operation.UNDO_FAILBACK if undo else Operation.COMMIT_FAILBACK
     with site.catalog.begin() as session:
         row = q.get_app(session, name=app)
         check_transition(row.name, row.state, op, _end_facts(session, app))
         job = submit_job(
-            session, type=UNDO_TYPE if undo else COMMIT_TYPE, app=app, lifecycle=True, actor=actor
+            session,
+            type=UNDO_TYPE if undo else COMMIT_TYPE,
+            app=app,
+            params={"force": force} if force else {},
+            lifecycle=True,
+            actor=actor,
         )
     site.wake()
     return job
@@ -200,12 +215,29 @@ def _end_facts(session: Any, app: str) -> AppFacts:
     return AppFacts(has_protective_image=bool(protective), syncbacks_since_failover=1)
 
 
+def _commit_fix(app: str) -> str:
+    return (
+        "Find what still writes to the DR copy and stop it; then undo the failback "
+        f"(`tandem undo-failback {app}`: the DR copy goes back to the protective snapshot, "
+        "without those writes) and fail back again, or commit with --force to discard them"
+    )
+
+
 def run_commit(site: Site, ctx: JobContext) -> dict[str, Any]:
     name = ctx.job.app or ""
-    with site.catalog.begin() as session:
-        for image in q.list_images(session, app=name, kind=ImageKind.PROTECTIVE):
-            image.kind = ImageKind.SYNCBACK  # newest: kept as the replica by the cleanup
-    return failback.clean_up_and_resume(site, ctx, name, Operation.COMMIT_FAILBACK)
+    force = bool(ctx.job.params.get("force"))
+    with site.catalog.read() as session:
+        app = q.get_app(session, name=name)
+        check_transition(app.name, app.state, Operation.COMMIT_FAILBACK)
+        protective = q.latest_image(session, app=name, kind=ImageKind.PROTECTIVE)
+    reference = None if force else protective
+    with failback.checked_discard(
+        site, ctx, app, reference, Operation.COMMIT_FAILBACK, fix=_commit_fix(name)
+    ):
+        with site.catalog.begin() as session:
+            for image in q.list_images(session, app=name, kind=ImageKind.PROTECTIVE):
+                image.kind = ImageKind.SYNCBACK  # newest: kept as the replica by the cleanup
+        return failback.clean_up_and_resume(site, ctx, name, Operation.COMMIT_FAILBACK)
 
 
 def run_undo(site: Site, ctx: JobContext) -> dict[str, Any]:
@@ -221,8 +253,8 @@ def run_undo(site: Site, ctx: JobContext) -> dict[str, Any]:
     failover = failover_image(site, name)
     if app.kind is AppKind.FILESYSTEM and failover.mount_point:
         _restore_dr_copy(site, ctx, app, failover, protective)
-    # a volume's overlay has not been written since the protective snapshot: the replica
-    # stayed off, so its state is the snapshot's already
+    elif app.kind is AppKind.VOLUME:
+        _revert_overlay(site, ctx, failover, protective)
     with site.catalog.begin() as session:
         step = q.record_transition(
             session,
@@ -238,6 +270,20 @@ def run_undo(site: Site, ctx: JobContext) -> dict[str, Any]:
         f"{protective.id} and runs again (writer epoch {step.epoch})"
     )
     return {"protective": protective.id, "epoch": step.epoch}
+
+
+def _revert_overlay(site: Site, ctx: JobContext, failover: Image, protective: Image) -> None:
+    """Bring the DR volume back to the protective snapshot: the replica should have stayed
+    off since, but whatever was written to it after the snapshot is undone here."""
+    overlay = site.overlays.get(failover.id)
+    if overlay is None:
+        raise StorageError(detail=f"the virtual copy of {failover.id} is not open here")
+    manifest = load_manifest(site.pool, bytes.fromhex(protective.manifest))
+    if not isinstance(manifest, VolumeManifest):
+        raise StorageError(detail=f"protective snapshot {protective.id} is not a volume image")
+    rewritten = overlay.revert(manifest, bytes.fromhex(protective.manifest))
+    if rewritten:
+        ctx.log(f"{rewritten} bytes written to the DR copy after {protective.id} were undone")
 
 
 def _restore_dr_copy(

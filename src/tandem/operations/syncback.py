@@ -12,6 +12,16 @@ Sender (DR appliance, job ``syncback``, app failed over):
 Syncback may be repeated: each one moves only what changed since the one before (the final
 syncback after stopping the app is short), and each is a new image.
 
+What the DR copy holds that no capture took yet (``dr_copy_changes``) is what a failback
+would lose: a volume's overlay keeps a "written since the last capture" bitmap and the
+manifest id of that capture (``Overlay.begin_capture``/``commit_capture`` bracket each
+capture here, committed once its image row exists); a tree is captured again at the host
+with the reference image as base (unchanged files are not read) and the manifests compared.
+
+Invariant: the image row of a capture is written while the session that received it is
+still open (and so its writer registered), as ``capture`` does: a garbage collection
+running meanwhile never sweeps the chunks of an image about to be recorded.
+
 Receiver (production appliance, ``/api/v1/peer/syncbacks``, peer token): the app must be
 this appliance's own production app; the writer epoch carried (the DR site's, raised by
 the failover) is adopted, so production later replicates with the current epoch.
@@ -19,6 +29,8 @@ the failover) is adopted, so production later replicates with the current epoch.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
@@ -26,27 +38,39 @@ from tandem.catalog import queries as q
 from tandem.catalog.models import App, Host, Image, Job
 from tandem.domain.ids import new_image_id
 from tandem.domain.images import ImageKind, ImageState
-from tandem.domain.lifecycle import AppKind, Operation, check_transition
-from tandem.errors import Conflict, InvalidInput, NotFound, RemoteError
+from tandem.domain.lifecycle import AppKind, AppState, Operation, check_transition
+from tandem.errors import Conflict, InvalidInput, NotFound, RemoteError, TandemError
 from tandem.jobs.queue import submit_job
 from tandem.jobs.runner import JobContext
 from tandem.operations import peers
 from tandem.operations.capture import check_label
 from tandem.operations.hosts import agent_for
 from tandem.operations.replicate import send_image
+from tandem.operations.sessions import Session
 from tandem.operations.site import Site
 from tandem.operations.streams import follow
-from tandem.storage.manifest import load_manifest
-from tandem.storage.overlay import capture_overlay
+from tandem.storage.manifest import TreeManifest, load_manifest
+from tandem.storage.overlay import Overlay, capture_overlay
+from tandem.storage.tree import diff_trees
 
 TYPE = "syncback"
 
 
 def failover_image(site: Site, app: str) -> Image:
+    """The presented failover image of ``app`` (the DR copy it runs on)."""
     with site.catalog.read() as session:
-        for image in q.list_images(session, app=app, kind=ImageKind.FAILOVER):
-            if image.state is ImageState.MOUNTED:
-                return image
+        images = q.list_images(session, app=app, kind=ImageKind.FAILOVER)
+        pending = bool(images) and q.get_app(session, name=app).state is AppState.FAILBACK_PENDING
+    for image in images:
+        if image.state is ImageState.MOUNTED:
+            return image
+    for image in images:
+        if image.state is ImageState.DELETING:
+            again = "commit-failback" if pending else "failback"
+            raise Conflict(
+                detail=f"a failback of {app!r} began withdrawing its DR copy {image.id} and "
+                f"was interrupted; run `tandem {again} {app}` again to finish it"
+            )
     raise NotFound(what="failover image of application", name=app, listing=f"images {app}")
 
 
@@ -72,10 +96,23 @@ def submit_syncback(
     return job
 
 
+@contextmanager
+def _capture_session(site: Site, ctx: JobContext, bases: list[bytes]) -> Iterator[Session]:
+    """A write session for a capture here; closed under the GC lock once the caller has
+    recorded (or decided not to record) what it captured."""
+    transfer, _ = site.sessions.open(job_id=ctx.job.id, write=True, bases=bases)
+    try:
+        yield transfer
+    finally:
+        with site.gc_lock:
+            site.sessions.close(transfer)
+
+
 def _capture_tree_at_host(
     site: Site, ctx: JobContext, app: App, host: Host, path: str, base: bytes
-) -> tuple[bytes, int]:
-    """The DR host's agent captures ``path`` into this pool; returns (manifest, size)."""
+) -> tuple[Session, bytes, int]:
+    """The DR host's agent captures ``path`` into a new session here (close it with
+    ``site.sessions.close``); returns it, the manifest id and the size."""
     transfer, token = site.sessions.open(job_id=ctx.job.id, write=True, bases=[base])
     try:
         body = {
@@ -90,10 +127,26 @@ def _capture_tree_at_host(
         manifest = bytes.fromhex(str(done.get("manifest", "")))
         if manifest not in transfer.committed:
             raise RemoteError(what="host", name=host.name, detail="capture not committed")
-        return manifest, int(done.get("size") or 0)
-    finally:
+        return transfer, manifest, int(done.get("size") or 0)
+    except BaseException:
         with site.gc_lock:
             site.sessions.close(transfer)
+        raise
+
+
+def _open_overlay(site: Site, failover: Image) -> Overlay:
+    overlay = site.overlays.get(failover.id)
+    if overlay is None:
+        raise Conflict(detail=f"the virtual copy of {failover.id} is not open here")
+    return overlay
+
+
+def _tree_location(site: Site, failover: Image) -> tuple[Host, str]:
+    with site.catalog.read() as session:
+        host = q.get_host(session, name=failover.mounted_host or "")
+    if not failover.mount_point:
+        raise InvalidInput(detail=f"failover image {failover.id} has no mount point")
+    return host, failover.mount_point
 
 
 def capture_dr_state(
@@ -106,36 +159,95 @@ def capture_dr_state(
         previous = q.latest_image(session, app=app.name, kind=ImageKind.SYNCBACK)
     failover = failover_image(site, app.name)
     ctx.set_message(f"capturing the state of {failover.id} at the DR site")
+
+    def record(mid: bytes, size: int) -> Image:
+        with site.gc_lock, site.catalog.begin() as session:
+            return q.add_image(
+                session,
+                app=app.name,
+                kind=kind,
+                manifest=mid.hex(),
+                size=size,
+                label=label,
+                parent_id=failover.id,
+                source_image_id=failover.id,
+                image_id=new_image_id(),
+                epoch=app.writer_epoch,
+                protective=kind is ImageKind.PROTECTIVE,
+            )
+
     if app.kind is AppKind.VOLUME:
-        overlay = site.overlays.get(failover.id)
-        if overlay is None:
-            raise Conflict(detail=f"the virtual copy of {failover.id} is not open here")
+        overlay = _open_overlay(site, failover)
         overlay.flush()
-        mid, manifest, stats = capture_overlay(site.pool, overlay)
-        size, changed = manifest.size, stats.bytes_read
-    else:
-        with site.catalog.read() as session:
-            host = q.get_host(session, name=failover.mounted_host or "")
-        if not failover.mount_point:
-            raise InvalidInput(detail=f"failover image {failover.id} has no mount point")
-        base = bytes.fromhex(previous.manifest if previous else failover.manifest)
-        mid, size = _capture_tree_at_host(site, ctx, app, host, failover.mount_point, base)
-        changed = size
-    with site.gc_lock, site.catalog.begin() as session:
-        image = q.add_image(
-            session,
-            app=app.name,
-            kind=kind,
-            manifest=mid.hex(),
-            size=size,
-            label=label,
-            parent_id=failover.id,
-            source_image_id=failover.id,
-            image_id=new_image_id(),
-            epoch=app.writer_epoch,
-            protective=kind is ImageKind.PROTECTIVE,
+        since = overlay.changed_bytes_since_capture()
+        # The capture takes every block written so far; writes from now on count as changed
+        # since it. Only once its row exists is it the copy's reference.
+        overlay.begin_capture()
+        try:
+            with _capture_session(site, ctx, [bytes.fromhex(failover.manifest)]):
+                mid, manifest, stats = capture_overlay(site.pool, overlay)
+                image = record(mid, manifest.size)
+        except BaseException:
+            overlay.abort_capture()
+            raise
+        overlay.commit_capture(mid)
+        ctx.log(f"{since} bytes written at the DR site since the previous capture")
+        return image, stats.bytes_read
+    host, path = _tree_location(site, failover)
+    base = bytes.fromhex(previous.manifest if previous else failover.manifest)
+    transfer, mid, size = _capture_tree_at_host(site, ctx, app, host, path, base)
+    try:
+        image = record(mid, size)
+    finally:
+        with site.gc_lock:
+            site.sessions.close(transfer)
+    return image, size
+
+
+def dr_copy_changes(site: Site, ctx: JobContext | None, app: App, reference: Image) -> str | None:
+    """What the DR copy (the failover image) holds that ``reference`` (an image captured
+    from it) does not; None when it is unchanged since. Cautious: a change it cannot rule
+    out counts. A tree is captured again at its host, which takes a job (``ctx``)."""
+    failover = failover_image(site, app.name)
+    if app.kind is AppKind.VOLUME:
+        overlay = _open_overlay(site, failover)
+        held = overlay.reference
+        if held is None or held.hex() != reference.manifest:
+            return (
+                "it was captured again since, or its last capture is unknown here"
+                if held is not None
+                else "no capture of it is known here"
+            )
+        changed = overlay.changed_bytes_since_capture()
+        return f"{changed} bytes written since" if changed else None
+    if ctx is None:
+        raise TandemError("comparing a file tree with an image needs a job")
+    host, path = _tree_location(site, failover)
+    ctx.set_message(f"comparing {path} on host {host.name} with {reference.id}")
+    base = bytes.fromhex(reference.manifest)
+    transfer, mid, _ = _capture_tree_at_host(site, ctx, app, host, path, base)
+    try:
+        then, now = load_manifest(site.pool, base), load_manifest(site.pool, mid)
+    finally:
+        with site.gc_lock:
+            site.sessions.close(transfer)
+    if not isinstance(then, TreeManifest) or not isinstance(now, TreeManifest):
+        return "its image is not a file tree"
+    diff = diff_trees(then, now)
+    if not diff:
+        return None
+    parts = [
+        f"{len(paths)} {what}"
+        for paths, what in (
+            (diff.added, "added"),
+            (diff.changed, "changed"),
+            (diff.removed, "removed"),
+            (diff.metadata_changed, "with new metadata"),
         )
-    return image, changed
+        if paths
+    ]
+    example = (diff.added + diff.changed + diff.removed + diff.metadata_changed)[0]
+    return f"{', '.join(parts)} since, e.g. {example!r}"
 
 
 def send_home(site: Site, ctx: JobContext, app: App, image: Image) -> int:

@@ -6,6 +6,10 @@ pool, or zeros when there is no base); written blocks live in a sparse file besi
 bitmap. Capturing the copy (``capture_overlay``) reads only the dirty blocks, so a syncback
 moves what changed and nothing else.
 
+A second bitmap says which blocks were written since the copy was last captured (or, before
+any capture, since it was made): with it, a failback can tell that the DR copy still equals
+the last syncback before it discards the copy, and refuse when it does not.
+
 On-disk format, version 1 (one directory per overlay, given by the caller)::
 
     DIR/overlay.json    {"format": 1, "kind": "tandem-overlay", "size": N,
@@ -16,6 +20,12 @@ On-disk format, version 1 (one directory per overlay, given by the caller)::
     DIR/dirty.bitmap    ceil(ceil(N / 65536) / 8) bytes: bit i (byte i // 8, bit i % 8,
                         least significant first) is set iff block i is dirty
     DIR/dirty.bitmap.tmp  the next bitmap while flush() writes it (renamed over the old)
+    DIR/since.bitmap    32 bytes, then a bitmap laid out like dirty.bitmap: the manifest id
+                        of the reference image (the last committed capture; at creation the
+                        base; 32 zero bytes for none), then bit i set iff block i may differ
+                        from the reference. Missing (an overlay made before it existed): no
+                        reference, and every dirty block may differ
+    DIR/since.bitmap.tmp  the next one while it is written (renamed over the old)
 
 Invariants
 - The base (manifest and pool chunks) is never written: the overlay only reads it.
@@ -29,6 +39,16 @@ Invariants
   names durable block data; writes not yet flushed may be lost by a crash, as on a disk.
 - Zeroing whole blocks punches holes in ``blocks``; over an all-zero base extent it clears
   the bits instead, so zeroes written over zeros are not dirty.
+- Every write and zeroing sets the blocks' "since" bits (even where it clears dirty bits).
+  A capture is bracketed: ``begin_capture`` moves the since bits aside (pending) before the
+  capture reads the blocks, ``commit_capture(id)`` drops them once the image is recorded and
+  makes ``id`` the reference, ``abort_capture`` puts them back. Until the commit, the saved
+  ``since.bitmap`` holds pending | since with the old reference, so a crash at any point
+  leaves a superset of the truth: a clear bit with reference R always means "equals R".
+- ``flush()`` writes ``since.bitmap`` before ``dirty.bitmap``: a crash between the two
+  leaves since bits set for blocks still clean, which is only cautious.
+- A frozen overlay (``freeze``) refuses writes: the check "nothing changed since the last
+  capture" and the discarding of the copy that follows cannot be raced by a writer.
 """
 
 from __future__ import annotations
@@ -52,6 +72,7 @@ from tandem.errors import (
     AlreadyExists,
     ChunkCorrupt,
     ChunkMissing,
+    CopyFrozen,
     InvalidInput,
     PoolFull,
     StorageError,
@@ -72,6 +93,8 @@ BLOCK = SUB_BLOCK  # 64 KiB: the dirty-bitmap granularity, equal to the chunks' 
 META_FILE = "overlay.json"
 BLOCKS_FILE = "blocks"
 BITMAP_FILE = "dirty.bitmap"
+SINCE_FILE = "since.bitmap"
+_NO_REFERENCE = bytes(32)
 DEFAULT_CACHE_CHUNKS = 16  # decoded base chunks kept per image: 64 MiB at most
 _STRIPES = 64
 _ZERO_PIECE = bytes(1024 * 1024)
@@ -210,6 +233,38 @@ def _bit_runs(bitmap: bytes | bytearray, nbits: int) -> list[tuple[int, int]]:
     return runs
 
 
+def _or(a: bytes | bytearray, b: bytes | bytearray) -> bytearray:
+    """Bitwise OR of two bitmaps of one length (as integers: fast for megabyte bitmaps)."""
+    n = len(a)
+    return bytearray(
+        (int.from_bytes(a, "little") | int.from_bytes(b, "little")).to_bytes(n, "little")
+    )
+
+
+def _fill(bm: bytearray, first: int, last: int, value: bool) -> bool:
+    """Set (or clear) bits [first, last) of ``bm``; whether any changed."""
+
+    def one(b: int) -> None:
+        if value:
+            bm[b >> 3] |= 1 << (b & 7)
+        else:
+            bm[b >> 3] &= ~(1 << (b & 7)) & 0xFF
+
+    before = bytes(bm[first >> 3 : (last + 7) >> 3])
+    b = first
+    while b < last and b & 7:
+        one(b)
+        b += 1
+    whole_end = last & ~7  # whole bytes at once: a large trim stays cheap
+    if b < whole_end:
+        bm[b >> 3 : whole_end >> 3] = (b"\xff" if value else b"\x00") * ((whole_end - b) >> 3)
+        b = whole_end
+    while b < last:
+        one(b)
+        b += 1
+    return bm[first >> 3 : (last + 7) >> 3] != before
+
+
 class Overlay:
     """A writable virtual copy of a volume: base image + dirty 64 KiB blocks.
 
@@ -227,6 +282,8 @@ class Overlay:
         fd: int,
         bitmap: bytearray,
         cache_chunks: int = DEFAULT_CACHE_CHUNKS,
+        since: bytearray | None = None,
+        reference: bytes | None = None,
     ) -> None:
         self.directory = directory
         self.pool = pool
@@ -235,6 +292,10 @@ class Overlay:
         self._size = size
         self._fd = fd
         self._bitmap = bitmap
+        self._since = since if since is not None else bytearray(bitmap)
+        self._pending: bytearray | None = None  # since bits of a capture under way
+        self._reference = reference
+        self._frozen = False
         self._blocks = -(-size // BLOCK)
         self._reader = ImageReader(pool, base, cache_chunks) if base is not None else None
         self._bits_lock = threading.Lock()
@@ -242,6 +303,8 @@ class Overlay:
         self._flush_lock = threading.Lock()
         self._generation = 0  # bumped on every bitmap change
         self._saved_generation = 0
+        self._since_generation = 0  # bumped on every change of since bits or reference
+        self._since_saved_generation = 0 if since is not None else -1
         self._closed = False
 
     # --- making and opening -------------------------------------------------------------
@@ -280,7 +343,14 @@ class Overlay:
         if (directory / META_FILE).exists():
             raise AlreadyExists(what="overlay", name=str(directory))
         try:
-            for leftover in (BLOCKS_FILE, BITMAP_FILE, BITMAP_FILE + ".tmp", META_FILE + ".tmp"):
+            for leftover in (
+                BLOCKS_FILE,
+                BITMAP_FILE,
+                BITMAP_FILE + ".tmp",
+                SINCE_FILE,
+                SINCE_FILE + ".tmp",
+                META_FILE + ".tmp",
+            ):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(directory / leftover)  # of a creation that did not finish
             fd = os.open(directory / BLOCKS_FILE, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
@@ -288,6 +358,8 @@ class Overlay:
                 os.ftruncate(fd, size)
                 bitmap = bytearray(_bitmap_len(size))
                 _write_durably(directory / BITMAP_FILE, bytes(bitmap))
+                # The new copy equals its base: the base is the first reference.
+                _write_durably(directory / SINCE_FILE, (base_id or _NO_REFERENCE) + bytes(bitmap))
                 meta = {
                     "format": FORMAT,
                     "kind": KIND,
@@ -302,7 +374,18 @@ class Overlay:
                 raise
         except OSError as exc:
             raise StorageError(detail=f"cannot create overlay in {directory}: {exc}") from exc
-        return cls(directory, pool, base, base_id, size, fd, bitmap, cache_chunks)
+        return cls(
+            directory,
+            pool,
+            base,
+            base_id,
+            size,
+            fd,
+            bitmap,
+            cache_chunks,
+            bytearray(bitmap),
+            base_id,
+        )
 
     @classmethod
     def open(
@@ -336,11 +419,23 @@ class Overlay:
         bitmap = bytearray((directory / BITMAP_FILE).read_bytes())
         if len(bitmap) != _bitmap_len(size):
             raise StorageError(detail=f"overlay {directory}: dirty bitmap of the wrong size")
+        since: bytearray | None = None
+        reference: bytes | None = None
+        try:
+            saved = (directory / SINCE_FILE).read_bytes()
+        except FileNotFoundError:
+            pass  # made before since.bitmap existed: every dirty block may have changed
+        else:
+            if len(saved) != len(_NO_REFERENCE) + len(bitmap):
+                raise StorageError(detail=f"overlay {directory}: since bitmap of the wrong size")
+            head = saved[: len(_NO_REFERENCE)]
+            reference = None if head == _NO_REFERENCE else head
+            since = bytearray(saved[len(_NO_REFERENCE) :])
         fd = os.open(directory / BLOCKS_FILE, os.O_RDWR)
         if os.fstat(fd).st_size != size:
             os.close(fd)
             raise StorageError(detail=f"overlay {directory}: block file of the wrong size")
-        return cls(directory, pool, base, base_id, size, fd, bitmap, cache_chunks)
+        return cls(directory, pool, base, base_id, size, fd, bitmap, cache_chunks, since, reference)
 
     # --- the block-device interface ------------------------------------------------------
 
@@ -380,6 +475,7 @@ class Overlay:
         if not data:
             return
         with self._locked(offset, len(data)):
+            self._check_writable()
             self._write_locked(offset, data)
 
     def write_zeroes(self, offset: int, length: int) -> None:
@@ -392,6 +488,7 @@ class Overlay:
         full_first = -(-offset // BLOCK)
         full_last = end // BLOCK if end < self._size else self._blocks  # exclusive
         with self._locked(offset, length):
+            self._check_writable()
             if full_first >= full_last:  # no whole block covered: an ordinary write of zeros
                 self._write_locked(offset, _zeros(length))
                 return
@@ -414,14 +511,21 @@ class Overlay:
             with self._bits_lock:
                 generation = self._generation
                 snapshot = bytes(self._bitmap) if generation != self._saved_generation else None
+                since_generation = self._since_generation
+                since = (
+                    self._since_blob() if since_generation != self._since_saved_generation else None
+                )
             try:
-                os.fsync(self._fd)  # before the bitmap: a durable bit names durable data
+                os.fsync(self._fd)  # before the bitmaps: a durable bit names durable data
+                if since is not None:  # before dirty.bitmap: a crash between is cautious
+                    _write_durably(self.directory / SINCE_FILE, since)
                 if snapshot is not None:
                     _write_durably(self.directory / BITMAP_FILE, snapshot)
             except OSError as exc:
                 raise StorageError(detail=f"overlay {self.directory}: flush: {exc}") from exc
             with self._bits_lock:
                 self._saved_generation = max(self._saved_generation, generation)
+                self._since_saved_generation = max(self._since_saved_generation, since_generation)
 
     def dirty_ranges(self) -> list[tuple[int, int]]:
         """(offset, length) ranges written since the overlay was made, merged, in order."""
@@ -434,6 +538,109 @@ class Overlay:
 
     def dirty_bytes(self) -> int:
         return sum(n for _, n in self.dirty_ranges())
+
+    # --- changes since the last capture -------------------------------------------------
+
+    @property
+    def reference(self) -> bytes | None:
+        """The manifest id the copy is compared with: its last committed capture, or its
+        base until one is committed (None: neither is known)."""
+        with self._bits_lock:
+            return self._reference
+
+    def changed_since_capture(self) -> list[tuple[int, int]]:
+        """(offset, length) ranges that may differ from ``reference``, merged, in order."""
+        with self._bits_lock:
+            snapshot = self._since_union()
+        return [
+            (start * BLOCK, min(end * BLOCK, self._size) - start * BLOCK)
+            for start, end in _bit_runs(snapshot, self._blocks)
+        ]
+
+    def changed_bytes_since_capture(self) -> int:
+        return sum(n for _, n in self.changed_since_capture())
+
+    def begin_capture(self) -> None:
+        """Start a capture: the blocks written so far are the ones it takes. Call it before
+        ``capture_overlay`` reads the copy, then ``commit_capture`` or ``abort_capture``."""
+        self._check_open()
+        with self._bits_lock:
+            if self._pending is None:
+                self._pending = self._since
+            else:  # a capture begun and never ended: it still counts as not taken
+                self._pending = _or(self._pending, self._since)
+            self._since = bytearray(len(self._bitmap))
+            self._since_generation += 1
+
+    def commit_capture(self, manifest_id: bytes) -> None:
+        """The capture begun last is recorded as image ``manifest_id``: it becomes the
+        reference, and only blocks written since it began still count as changed. Durable
+        when this returns."""
+        self._check_open()
+        if len(manifest_id) != len(_NO_REFERENCE):
+            raise InvalidInput(detail="a manifest id is 32 bytes")
+        with self._bits_lock:
+            if self._pending is None:
+                raise StorageError(detail=f"overlay {self.directory}: no capture was begun")
+            self._pending = None
+            self._reference = manifest_id
+            self._since_generation += 1
+        self.flush()
+
+    def abort_capture(self) -> None:
+        """The capture begun last failed: what it would have taken counts as changed again."""
+        with self._bits_lock:
+            if self._pending is not None:
+                self._since = _or(self._pending, self._since)
+                self._pending = None
+                self._since_generation += 1
+
+    def revert(self, manifest: VolumeManifest, manifest_id: bytes) -> int:
+        """Bring every block changed since the last capture back to ``manifest``'s content,
+        which becomes the reference with nothing changed since; returns the bytes rewritten.
+
+        Right when ``manifest`` was captured from this copy after (or as) its reference: the
+        copy then equals it wherever no since bit is set. Writes are held off meanwhile
+        (a frozen copy stays frozen); durable when this returns.
+        """
+        self._check_open()
+        if manifest.size != self._size or manifest.chunk_size != VOLUME_CHUNK:
+            raise InvalidInput(detail=f"a {manifest.size}-byte image cannot revert this copy")
+        reader = ImageReader(self.pool, manifest)
+        rewritten = 0
+        with contextlib.ExitStack() as stack:
+            for lock in self._stripes:
+                stack.enter_context(lock)
+            for offset, length in self.changed_since_capture():
+                pos = offset
+                while pos < offset + length:
+                    n = min(VOLUME_CHUNK, offset + length - pos)
+                    self._write_locked(pos, reader.read(pos, n))
+                    pos += n
+                rewritten += length
+            self.flush()  # the reverted data first, then the bits saying it is the reference
+            with self._bits_lock:
+                self._since = bytearray(len(self._bitmap))
+                self._pending = None
+                self._reference = manifest_id
+                self._since_generation += 1
+            self.flush()
+        return rewritten
+
+    @property
+    def frozen(self) -> bool:
+        return self._frozen
+
+    def freeze(self) -> None:
+        """Refuse writes from now on (``CopyFrozen``); returns once writes under way are done."""
+        with contextlib.ExitStack() as stack:
+            for lock in self._stripes:
+                stack.enter_context(lock)
+            self._frozen = True
+
+    def thaw(self) -> None:
+        """Take writes again."""
+        self._frozen = False
 
     def close(self) -> None:
         """Flush and release the file; idempotent."""
@@ -450,7 +657,14 @@ class Overlay:
         if not self._closed:
             self._closed = True
             os.close(self._fd)
-        for name in (META_FILE, BITMAP_FILE, BITMAP_FILE + ".tmp", BLOCKS_FILE):
+        for name in (
+            META_FILE,
+            BITMAP_FILE,
+            BITMAP_FILE + ".tmp",
+            SINCE_FILE,
+            SINCE_FILE + ".tmp",
+            BLOCKS_FILE,
+        ):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.directory / name)
         with contextlib.suppress(OSError):
@@ -477,36 +691,30 @@ class Overlay:
         if self._closed:
             raise StorageError(detail=f"overlay {self.directory} is closed")
 
+    def _check_writable(self) -> None:
+        if self._frozen:
+            raise CopyFrozen(what=f"overlay {self.directory}")
+
+    def _since_union(self) -> bytes:
+        """pending | since (caller holds the bits lock)."""
+        if self._pending is None:
+            return bytes(self._since)
+        return bytes(_or(self._pending, self._since))
+
+    def _since_blob(self) -> bytes:
+        """The content of since.bitmap (caller holds the bits lock)."""
+        return (self._reference or _NO_REFERENCE) + self._since_union()
+
     def _bit(self, block: int) -> bool:
         return bool(self._bitmap[block >> 3] >> (block & 7) & 1)
 
     def _set_bits(self, first: int, last: int, value: bool) -> None:
-        """Set (or clear) the bits of blocks [first, last)."""
-        bm = self._bitmap
-
-        def one(b: int) -> None:
-            if value:
-                bm[b >> 3] |= 1 << (b & 7)
-            else:
-                bm[b >> 3] &= ~(1 << (b & 7)) & 0xFF
-
+        """Set (or clear) the dirty bits of blocks [first, last); set their since bits."""
         with self._bits_lock:
-            before = bytes(bm[first >> 3 : (last + 7) >> 3])
-            b = first
-            while b < last and b & 7:
-                one(b)
-                b += 1
-            whole_end = last & ~7  # whole bytes at once: a large trim stays cheap
-            if b < whole_end:
-                bm[b >> 3 : whole_end >> 3] = (b"\xff" if value else b"\x00") * (
-                    (whole_end - b) >> 3
-                )
-                b = whole_end
-            while b < last:
-                one(b)
-                b += 1
-            if bm[first >> 3 : (last + 7) >> 3] != before:
+            if _fill(self._bitmap, first, last, value):
                 self._generation += 1  # rewriting dirty blocks leaves nothing to save
+            if _fill(self._since, first, last, True):
+                self._since_generation += 1
 
     def bitmap_snapshot(self) -> bytes:
         """A copy of the in-memory dirty bitmap (format as in ``dirty.bitmap``)."""
@@ -631,7 +839,9 @@ def capture_overlay(
 
     The overlay may be written meanwhile (a catch-up syncback of a running app): the image
     is then fuzzy like a capture of a live disk (each chunk is itself consistent); capture
-    a stopped or unexported overlay for a point-in-time image.
+    a stopped or unexported overlay for a point-in-time image. To keep the overlay's
+    "changed since the last capture" exact, call ``begin_capture`` before this and
+    ``commit_capture`` (or ``abort_capture``) once the image is recorded (or not).
     """
     t0 = time.monotonic()
     size = overlay.size

@@ -1,0 +1,246 @@
+"""kill -9 in the middle of a failback's steps, with real daemons: each step run again
+completes, and what was written at the DR site arrives at production byte for byte.
+
+- the DR appliance is killed during a syncback (after it captured the DR copy, while it
+  sends it home);
+- the production agent is killed during the restore of the syncback image (a file half
+  written at production);
+- the DR appliance is killed during the snapshot-style failback (after its checks passed
+  and it began withdrawing the DR copy, before it recorded ``managed``).
+
+The kills land where they should without sleeps in the product: the parties the step talks
+to next are paused (SIGSTOP) as soon as the step is seen to be there (an image row, a log
+line, a half-written file), so the step waits on them; then the daemon is killed and the
+paused ones continued.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import ssl
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.e2e.conftest import Cli, Daemon, appliance_cli, register_host, wait_for
+
+MiB = 1024 * 1024
+BIG = 40 * MiB  # big enough that a restore is seen half-way
+SMALL_FILES = 200  # files written at the DR site besides the big one
+CONFIRM = ("--confirm", "DATA LOSS", "--confirm", "OVERWRITE OTHER APPS")
+
+
+@dataclass
+class Sites:
+    prod: Daemon
+    dr: Daemon
+    prod_agent: Daemon
+    dr_agent: Daemon
+    a: Cli
+    b: Cli
+
+
+@pytest.fixture(scope="module")
+def sites(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sites]:
+    root = tmp_path_factory.mktemp("kill")
+    prod = Daemon("appliance", root / "prod", "prod")
+    dr = Daemon("appliance", root / "dr", "dr")
+    prod_agent = Daemon("agent", root / "agent1", "host1")
+    dr_agent = Daemon("agent", root / "agent2", "host2")
+    daemons = [prod, dr, prod_agent, dr_agent]
+    try:
+        for d in daemons:
+            d.start()
+        a, b = appliance_cli(prod), appliance_cli(dr)
+        register_host(a, prod_agent)
+        register_host(b, dr_agent)
+        a("peer", "add", "--url", dr.url, "--token", dr.token, "--fingerprint", dr.fingerprint)
+        a("template", "add", "mirrored", "--mirror")
+        yield Sites(prod, dr, prod_agent, dr_agent, a, b)
+    finally:
+        for d in reversed(daemons):
+            with _continued(d):
+                pass
+            d.stop()
+
+
+# --- helpers ----------------------------------------------------------------------------
+
+
+def _pid(d: Daemon) -> int:
+    assert d.proc is not None, f"{d.name} is not running"
+    return d.proc.pid
+
+
+def pause(*daemons: Daemon) -> None:
+    for d in daemons:
+        os.killpg(_pid(d), signal.SIGSTOP)
+
+
+def resume(*daemons: Daemon) -> None:
+    for d in daemons:
+        if d.proc is not None and d.proc.poll() is None:
+            os.killpg(d.proc.pid, signal.SIGCONT)
+
+
+class _continued:
+    """``with _continued(d):`` makes sure ``d`` is not left paused."""
+
+    def __init__(self, d: Daemon) -> None:
+        self.d = d
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        resume(self.d)
+
+
+def api(d: Daemon) -> httpx.Client:
+    """A fast client on a daemon's API (polling through the CLI would be too slow)."""
+    context = ssl.create_default_context(cafile=str(d.directory / "cert.pem"))
+    context.check_hostname = False
+    return httpx.Client(
+        base_url=d.url,
+        verify=context,
+        headers={"Authorization": f"Bearer {d.token}"},
+        timeout=10.0,
+    )
+
+
+def poll(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+    """``wait_for`` at a pace that catches a step in the act."""
+    return wait_for(predicate, timeout, what, interval=0.005)
+
+
+def job(d: Daemon, job_id: str) -> dict[str, Any]:
+    with api(d) as client:
+        answer: dict[str, Any] = client.get(f"/api/v1/jobs/{job_id}").json()
+    return answer
+
+
+def recovered(cli: Cli, job_id: str) -> dict[str, Any]:
+    """The job as the restarted appliance left it: failed, not running for ever."""
+    doc: dict[str, Any] = cli("job", "show", job_id)
+    found = doc.get("job", doc)
+    assert found["status"] == "failed", found
+    return found
+
+
+def digest(path: Path) -> str:
+    return hashlib.blake2b(path.read_bytes()).hexdigest()
+
+
+def tree_digests(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): digest(p) for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def state(cli: Cli, app: str) -> str:
+    return str(next(a for a in cli("apps") if a["name"] == app)["state"])
+
+
+# --- the test ---------------------------------------------------------------------------
+
+
+def test_each_step_killed_midway_completes_when_run_again(sites: Sites, tmp_path: Path) -> None:
+    s = sites
+    prod = tmp_path / "shop"
+    (prod / "orders").mkdir(parents=True)
+    (prod / "orders" / "1.json").write_text('{"order": 1}\n')
+    s.a("app", "add", "shop", "--host", "host1", "--kind", "filesystem", "--path", str(prod))
+    s.a("app", "protect", "shop", "--template", "mirrored")
+    snap = s.a("capture", "shop")["image"]
+    wait_for(lambda: any(i["id"] == snap["id"] for i in s.b("images", "shop")), 60, "replica")
+    dr_copy = tmp_path / "dr-shop"
+    s.b(
+        "failover",
+        "shop",
+        "--host",
+        "host2",
+        "--confirm",
+        "FAILOVER",
+        "--mount-point",
+        str(dr_copy),
+    )
+
+    # the app writes at the DR site: a large file and many small ones
+    (dr_copy / "big.bin").write_bytes(os.urandom(BIG))
+    (dr_copy / "orders" / "1.json").write_text('{"order": 1, "amended": "at DR"}\n')
+    many = dr_copy / "many"
+    many.mkdir()
+    for i in range(SMALL_FILES):
+        (many / f"{i}.txt").write_text(f"row {i} written at the DR site\n")
+    at_dr = tree_digests(dr_copy)
+
+    # 1. the DR appliance dies while it sends the syncback home
+    pause(s.prod)  # production answers nothing: the send waits there
+    with _continued(s.prod):
+        started = s.b("syncback", "shop", "--no-wait")["job"]
+        poll(
+            lambda: any(i["kind"] == "syncback" for i in s.b("images", "shop")),
+            60,
+            "the syncback captured at the DR site",
+        )
+        time.sleep(0.3)  # now in the call to production
+        assert job(s.dr, started["id"])["status"] == "running"
+        s.dr.kill9()
+    s.dr.start()
+    assert "syncback" not in {i["kind"] for i in s.a("images", "shop")}  # nothing arrived
+    recovered(s.b, started["id"])
+    again = s.b("syncback", "shop")
+    assert again["job"]["status"] == "succeeded", again["job"]
+    image = again["image"]["id"]
+    assert image in {i["id"] for i in s.a("images", "shop") if i["kind"] == "syncback"}
+
+    # 2. the production agent dies while it restores that syncback
+    restoring = s.a("restore", "shop", "--image", image, *CONFIRM, "--no-wait")["job"]
+    big = prod / "big.bin"
+    poll(lambda: big.exists() and 0 < big.stat().st_size < BIG, 60, "big.bin half-restored")
+    pause(s.prod_agent)
+    s.prod_agent.kill9()
+    assert big.stat().st_size < BIG or digest(big) != at_dr["big.bin"]
+    wait_for(lambda: job(s.prod, restoring["id"])["status"] == "failed", 60, "restore to fail")
+    s.prod_agent.start()
+    done = s.a("restore", "shop", "--image", image, *CONFIRM)
+    assert done["job"]["status"] == "succeeded", done["job"]
+    assert tree_digests(prod) == at_dr
+
+    # 3. the DR appliance dies while the failback withdraws the DR copy
+    failing_back = s.b("failback", "shop", "--no-wait")["job"]
+
+    def checked() -> bool:
+        with api(s.dr) as client:
+            lines = client.get(f"/api/v1/jobs/{failing_back['id']}/log").json()
+        return any("the DR copy is unchanged since" in line["text"] for line in lines)
+
+    poll(checked, 60, "the failback's check of the DR copy")
+    # The failback talks to the DR host next (to withdraw the copy), then to production (to
+    # resume mirroring) before it records `managed`: with both paused it waits in between.
+    pause(s.dr_agent, s.prod)
+    with _continued(s.dr_agent), _continued(s.prod):
+        time.sleep(0.3)
+        assert job(s.dr, failing_back["id"])["status"] == "running", "the kill came too late"
+        s.dr.kill9()
+    s.dr.start()
+    recovered(s.b, failing_back["id"])
+    assert state(s.b, "shop") == "failed-over"  # the step did not finish...
+    failover_image = next(i for i in s.b("images", "shop") if i["kind"] == "failover")
+    assert failover_image["state"] == "deleting"  # ...but had begun to withdraw the copy
+    done = s.b("failback", "shop")  # ...and runs again to the end
+    assert done["job"]["status"] == "succeeded", done["job"]
+    assert state(s.b, "shop") == "managed"
+    assert not dr_copy.exists()
+    assert {i["kind"] for i in s.b("images", "shop")} == {"replica"}
+    assert tree_digests(prod) == at_dr  # every byte written at the DR site is home
+
+    # and mirroring resumes from production
+    (prod / "orders" / "2.json").write_text('{"order": 2}\n')
+    snap = s.a("capture", "shop")["image"]
+    wait_for(lambda: any(i["id"] == snap["id"] for i in s.b("images", "shop")), 60, "replica")
