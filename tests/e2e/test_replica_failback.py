@@ -59,7 +59,12 @@ def test_failback_to_the_original_then_commit(drill: Drill, tmp_path: Path) -> N
     kinds = [i["kind"] for i in d.b("images", "erp")]
     assert "protective" in kinds
 
-    committed = d.b("commit-failback", "erp")
+    # a write at the DR site after the protective snapshot would be lost by a commit
+    (dr_copy / "db" / "late.txt").write_text("written at DR after the failback\n")
+    refused = d.b.run("commit-failback", "erp", check=False)
+    assert refused.code == 1 and "--force" in refused.error, refused.error
+    assert state(d.b, "erp") == "failback-pending"
+    committed = d.b("commit-failback", "erp", "--force")
     assert committed["job"]["status"] == "succeeded", committed["job"]
     assert state(d.b, "erp") == "managed"
     assert {i["kind"] for i in d.b("images", "erp")} == {"replica"}

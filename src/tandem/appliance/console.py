@@ -684,7 +684,8 @@ def _failback_replica(site: Site, app: str, form: Mapping[str, str], actor: str)
 
 
 def _commit(site: Site, app: str, form: Mapping[str, str], actor: str) -> Job:
-    return replica_failback.submit_end(site, app=app, undo=False, actor=actor)
+    force = form.get("force") == "on"
+    return replica_failback.submit_end(site, app=app, undo=False, force=force, actor=actor)
 
 
 def _undo(site: Site, app: str, form: Mapping[str, str], actor: str) -> Job:

@@ -11,6 +11,7 @@ from tandem.appliance.auth import Caller
 from tandem.appliance.schemas import (
     CaptureIn,
     CloneIn,
+    CommitFailbackIn,
     FailbackIn,
     FailoverIn,
     ImageOut,
@@ -111,8 +112,9 @@ def make_router(site: Site) -> APIRouter:
         return JobAnswer(job=JobOut.of(job))
 
     @router.post("/apps/{name}/commit-failback", tags=["operations"], status_code=ACCEPTED)
-    def commit_failback(name: str, who: Caller) -> JobAnswer:
-        job = replica_failback.submit_end(site, app=name, undo=False, actor=who.name)
+    def commit_failback(name: str, who: Caller, body: CommitFailbackIn | None = None) -> JobAnswer:
+        force = body.force if body is not None else False
+        job = replica_failback.submit_end(site, app=name, undo=False, force=force, actor=who.name)
         return JobAnswer(job=JobOut.of(job))
 
     @router.post("/apps/{name}/undo-failback", tags=["operations"], status_code=ACCEPTED)

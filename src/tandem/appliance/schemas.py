@@ -112,6 +112,11 @@ class FailbackIn(Body):
     power_on: bool = False
 
 
+class CommitFailbackIn(Body):
+    force: bool = False
+    """Commit although the DR copy was written after the protective snapshot."""
+
+
 class CaptureIn(Body):
     label: str | None = Field(default=None, max_length=128, pattern=NO_NUL)
 

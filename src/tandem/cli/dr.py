@@ -209,15 +209,24 @@ def _end(
     token: str | None,
     fingerprint: str | None,
     json_: bool,
+    body: dict[str, bool] | None = None,
 ) -> None:
     with connect(url, token, fingerprint) as client:
-        answer = client.post(f"/api/v1/apps/{app}/{which}", {})
+        answer = client.post(f"/api/v1/apps/{app}/{which}", body or {})
         follow_job(client, answer["job"], json_=json_, no_wait=no_wait)
 
 
 @handle_errors
 def commit_failback(
     app: AppName,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Commit although the DR copy was written after the protective snapshot "
+            "(those writes are lost).",
+        ),
+    ] = False,
     no_wait: NoWait = False,
     url: Url = None,
     token: Token = None,
@@ -225,7 +234,7 @@ def commit_failback(
     json_: Json = False,
 ) -> None:
     """Production works: end a replica-style failback, resume protection (DR appliance)."""
-    _end(app, "commit-failback", no_wait, url, token, fingerprint, json_)
+    _end(app, "commit-failback", no_wait, url, token, fingerprint, json_, {"force": force})
 
 
 @handle_errors
