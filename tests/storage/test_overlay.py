@@ -510,3 +510,26 @@ def test_revert_brings_back_the_captured_state_exactly(pool: ChunkPool, tmp_path
         assert ov.read(0, ov.size) == expected
         assert ov.reference == protective and ov.changed_since_capture() == []
         assert expected[:MiB] == data[:MiB]
+
+
+def test_a_capture_from_the_last_one_reads_only_what_changed_since(
+    pool: ChunkPool, tmp_path: Path
+) -> None:
+    mid, base, _ = make_base(pool, tmp_path, 24 * MiB, seed=4)
+    with Overlay.create(tmp_path / "ov", pool, base, mid) as ov:
+        for off in (0, 5 * MiB, 9 * MiB, 17 * MiB):  # written before the first syncback
+            ov.write(off, os.urandom(BLOCK))
+        ov.begin_capture()
+        first_id, first, _ = capture_overlay(pool, ov, previous=base)
+        ov.commit_capture(first_id)
+        ov.write(9 * MiB + 7, b"one more write")  # the only change since
+        ov.begin_capture()
+        second_id, second, stats = capture_overlay(pool, ov, previous=first)
+        ov.commit_capture(second_id)
+        assert stats.bytes_read == BLOCK  # not the four blocks written since the failover
+        pairs = zip(first.chunks, second.chunks, strict=True)
+        changed = [i for i, (a, b) in enumerate(pairs) if a != b]
+        assert changed == [2]
+        out = tmp_path / "out.img"
+        restore_volume(pool, second, out)
+        assert out.read_bytes() == ov.read(0, ov.size)  # equal to a capture of everything

@@ -49,7 +49,7 @@ from tandem.operations.replicate import send_image
 from tandem.operations.sessions import Session
 from tandem.operations.site import Site
 from tandem.operations.streams import follow
-from tandem.storage.manifest import TreeManifest, load_manifest
+from tandem.storage.manifest import TreeManifest, VolumeManifest, load_manifest
 from tandem.storage.overlay import Overlay, capture_overlay
 from tandem.storage.tree import diff_trees
 
@@ -184,8 +184,17 @@ def capture_dr_state(
         # since it. Only once its row exists is it the copy's reference.
         overlay.begin_capture()
         try:
-            with _capture_session(site, ctx, [bytes.fromhex(failover.manifest)]):
-                mid, manifest, stats = capture_overlay(site.pool, overlay)
+            # Start from the last capture: only what was written since it is read.
+            reference = overlay.reference
+            last: VolumeManifest | None = None
+            if reference is not None and site.pool.has_manifest(reference):
+                loaded = load_manifest(site.pool, reference)
+                last = loaded if isinstance(loaded, VolumeManifest) else None
+            bases = [bytes.fromhex(failover.manifest)]
+            if last is not None and reference is not None:
+                bases.append(reference)
+            with _capture_session(site, ctx, bases):
+                mid, manifest, stats = capture_overlay(site.pool, overlay, previous=last)
                 image = record(mid, manifest.size)
         except BaseException:
             overlay.abort_capture()

@@ -721,6 +721,12 @@ class Overlay:
         with self._bits_lock:
             return bytes(self._bitmap)
 
+    def capture_bitmap(self) -> bytes | None:
+        """The blocks the capture under way takes: those written since ``reference`` (None
+        when no capture was begun)."""
+        with self._bits_lock:
+            return None if self._pending is None else bytes(self._pending)
+
     @contextlib.contextmanager
     def _locked(self, offset: int, length: int) -> Iterator[None]:
         """Hold the stripe locks of every block in the range (in order: no deadlock)."""
@@ -826,6 +832,7 @@ def capture_overlay(
     pool: WritablePool,
     overlay: Overlay,
     *,
+    previous: VolumeManifest | None = None,
     meta: dict[str, Any] | None = None,
     workers: int | None = None,
     progress: Progress | None = None,
@@ -842,13 +849,22 @@ def capture_overlay(
     a stopped or unexported overlay for a point-in-time image. To keep the overlay's
     "changed since the last capture" exact, call ``begin_capture`` before this and
     ``commit_capture`` (or ``abort_capture``) once the image is recorded (or not).
+
+    ``previous``: the manifest of the overlay's ``reference`` (its last committed capture),
+    with a capture begun. Then only the blocks written since that capture are read, and the
+    other chunks keep their ids from it: a repeated syncback costs what changed since the
+    last one, not everything written since the failover.
     """
     t0 = time.monotonic()
     size = overlay.size
     n = -(-size // VOLUME_CHUNK)
     per_chunk = VOLUME_CHUNK // BLOCK
-    bitmap = overlay.bitmap_snapshot()
-    base = overlay.base
+    since = overlay.capture_bitmap() if previous is not None else None
+    base: VolumeManifest | None
+    if since is not None and previous is not None and previous.size == size:
+        bitmap, base = since, previous
+    else:
+        bitmap, base = overlay.bitmap_snapshot(), overlay.base
     chunks: list[bytes | None] = list(base.chunks) if base is not None else [None] * n
     stats = CaptureStats(bytes_total=size, chunks=n)
 
@@ -861,7 +877,7 @@ def capture_overlay(
 
     work_list = [(i, blocks) for i in range(n) if (blocks := dirty_blocks(i))]
     total_dirty = sum(_blocks_bytes(i, blocks, size) for i, blocks in work_list)
-    bases = [overlay.base_id] if overlay.base_id is not None else []
+    bases = [b for b in (overlay.base_id, overlay.reference if since else None) if b]
     with pool.writer(bases) as writer:
 
         def work(item: tuple[int, list[int]]) -> tuple[int, bytes | None, int, PutResult | None]:
