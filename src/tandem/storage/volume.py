@@ -356,6 +356,10 @@ def _open_target(path: Path, size: int) -> tuple[int, bool]:
     raise TargetInvalid(path=str(path), reason="not a regular file or block device")
 
 
+REMOTE_WORKERS = 8
+"""Threads of a restore from a known base through a remote source: each chunk is a few
+round trips and little CPU, so more requests in flight hide the latency."""
+
 RACY_NS = 1_000_000_000
 """A stamp whose mtime is this close to the moment it was taken is not trusted."""
 
@@ -404,6 +408,11 @@ def seal(path: Path | str) -> SourceStamp | None:
     except OSError:
         return None
     return stamp_of(path)
+
+
+def source_is_remote(source: ChunkSource) -> bool:
+    """Whether reads from ``source`` cross a network (not a local pool)."""
+    return not isinstance(source, ChunkPool)
 
 
 def unchanged_since(path: Path | str, stamp: SourceStamp) -> bool:
@@ -495,6 +504,8 @@ def restore_volume(
     try:
         done = 0
         w = workers or default_workers()
+        if base is not None and source_is_remote(source):
+            w = max(w, REMOTE_WORKERS)  # waiting on round trips, not on the CPU
         with ThreadPoolExecutor(w) as ex:
             for length, compared, fetched, written in _bounded_map(
                 ex, work, range(len(manifest.chunks)), 2 * w
