@@ -41,7 +41,7 @@ tools:
 	fi
 
 test: $(STAMP) tools lint typecheck
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 bench: $(STAMP)
 	$(BIN)/python -m bench
