@@ -10,7 +10,9 @@ capture then queues a ``replicate`` job (the capture job's result names it).
 
 1. First full copy: bytes of the volume / the replicate job's duration (started → finished,
    the appliance's own timestamps), against ``rsync --whole-file`` of the same file into an
-   empty directory on this machine.
+   empty directory on this machine (the target), and, for reference, against the same
+   rsync through an encrypted channel: its remote shell (``rsync -e``) is a TLS 1.3 tunnel
+   on loopback made of ``openssl s_server`` and ``s_client`` (no sshd here).
 2. 1% of the volume changed, once as 64 KiB runs and once as random 4 KiB writes: capture,
    replicate; the replicate job's ``bytes_sent`` against the changed bytes and against the
    literal data of ``rsync --stats --no-whole-file`` onto the previous copy.
@@ -22,6 +24,7 @@ lab (``TwoSites``, ``wait_job``, ``job_seconds``) are shared with the presentati
 from __future__ import annotations
 
 import datetime as dt
+import os
 import random
 import shutil
 import subprocess
@@ -62,7 +65,7 @@ from bench.storage import (
     times,
     write_volume,
 )
-from tandem.cli.lab import Daemon, Lab
+from tandem.cli.lab import Daemon, Lab, free_port
 from tandem.errors import TandemError
 from tandem.transport.client import ApiClient
 
@@ -75,6 +78,33 @@ TERMINAL = frozenset({"succeeded", "failed", "canceled"})
 JOB_TIMEOUT = 900.0
 JOB_POLL = 0.05
 FAILURES = (TandemError, RuntimeError, OSError, subprocess.SubprocessError, ValueError)
+
+# rsync's remote shell over TLS on loopback: the "remote" rsync runs here behind
+# ``openssl s_server`` (through two FIFOs), and rsync's side of the channel is
+# ``openssl s_client``. TLS 1.3 with AES-256-GCM, as tandem's peer link uses.
+TLS_RSH = """#!/bin/bash
+set -u
+dir=$(dirname "$0")
+port=$TLS_RSH_PORT
+[ "$1" = "-l" ] && shift 2
+shift  # the host: the remote side is this machine
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+mkfifo "$tmp/in" "$tmp/out"
+"$@" < "$tmp/in" > "$tmp/out" &
+openssl s_server -accept "127.0.0.1:$port" -cert "$dir/cert.pem" -key "$dir/key.pem" \
+    -quiet -naccept 1 > "$tmp/in" < "$tmp/out" 2>/dev/null &
+hex=$(printf '%04X' "$port")
+for _ in $(seq 500); do
+    grep -q ":$hex 00000000:0000 0A" /proc/net/tcp && break
+    sleep 0.01
+done
+openssl s_client -connect "127.0.0.1:$port" -quiet -nocommands 2>/dev/null
+status=$?
+[ "$status" -eq 0 ] || kill $(jobs -p) 2>/dev/null  # a FIFO's other end may never open
+wait
+exit $status
+"""
 
 
 def add_row(
@@ -258,8 +288,10 @@ class ReplicationBench:
         self.volume = self.root / "prod-data" / "vol.img"
         self.copy_dir = self.root / "rsync-copy"
         self.copy = self.copy_dir / self.volume.name
+        self.tls_dir = self.root / "rsync-tls"
         self.sites = TwoSites(lab, dr_host=False)
         self.has_rsync = have("rsync")
+        self.has_tls_rsh = self.has_rsync and have("openssl")
 
     def run(self) -> None:
         for d in (self.scratch, self.volume.parent):
@@ -310,6 +342,25 @@ class ReplicationBench:
                 capture_bytes_sent=int(capture["bytes_sent"]),
             ),
         )
+        log("replication 1: rsync --whole-file through a TLS tunnel (for reference)")
+        tls = self.rsync_copy_tls()
+        tls_rate = tls.num(lambda p: self.size / p.seconds if p.seconds > 0 else 0.0)
+        add_row(
+            self.report,
+            S1,
+            f"{fmt_size(self.size)} volume: throughput, peer over TLS",
+            tandem=fmt_rate(self.size, seconds),
+            peer=tls.show(
+                lambda p: f"rsync --whole-file over TLS {fmt_rate(self.size, p.seconds)}"
+            ),
+            ratio=fmt_ratio(rate, tls_rate, "rsync/TLS"),
+            target="— (report)",
+            values=dict(
+                bytes=self.size,
+                tandem_seconds=seconds,
+                rsync_tls_seconds=tls.num(lambda p: p.seconds),
+            ),
+        )
         add_row(
             self.report,
             S1,
@@ -335,6 +386,38 @@ class ReplicationBench:
             return RsyncRun(seconds=res.seconds, literal=rsync_literal_bytes(res.stdout))
 
         return attempt("rsync", copy)
+
+    def rsync_copy_tls(self) -> Got[RsyncRun]:
+        """``rsync --whole-file`` into an empty directory through ``TLS_RSH``; the copy is
+        removed afterwards (the later steps use the plain rsync copy)."""
+        if not self.has_tls_rsh:
+            return Got(why="rsync or openssl not installed")
+        self.tls_dir.mkdir(parents=True, exist_ok=True)
+        dest = self.tls_dir / "copy"
+        dest.mkdir(exist_ok=True)
+
+        def copy() -> RsyncRun:
+            key, cert = self.tls_dir / "key.pem", self.tls_dir / "cert.pem"
+            req = "req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 1"
+            req += " -subj /CN=localhost"
+            argv = ["openssl", *req.split(), "-keyout", str(key), "-out", str(cert)]
+            subprocess.run(argv, check=True, capture_output=True)
+            rsh = self.tls_dir / "tls-rsh"
+            rsh.write_text(TLS_RSH)
+            rsh.chmod(0o755)
+            settle()
+            cmd = ["rsync", "--stats", "--whole-file", "--timeout=300", "-e", str(rsh)]
+            cmd += [str(self.volume), f"localhost:{dest}/"]
+            env = {"TLS_RSH_PORT": str(free_port())}
+            res = run_measured(cmd, scratch=self.scratch, env=env).check("rsync over TLS")
+            if os.path.getsize(dest / self.volume.name) != self.size:
+                raise RuntimeError("rsync over TLS left a copy of the wrong size")
+            return RsyncRun(seconds=res.seconds, literal=rsync_literal_bytes(res.stdout))
+
+        try:
+            return attempt("rsync over TLS", copy)
+        finally:
+            shutil.rmtree(self.tls_dir, ignore_errors=True)
 
     def step_changes(self) -> None:
         if self.has_rsync and not self.copy.exists():
@@ -403,9 +486,10 @@ class ReplicationBench:
         )
 
     def need_bytes(self) -> int:
-        # The volume and rsync's copy (and its temporary file), prod's pool and dr's pool
-        # (each about 3/4 of the volume: the text half compresses), and a margin.
-        return int(self.size * 4.5) + GiB
+        # The volume and rsync's copy (and its temporary file), the copy through TLS (removed
+        # once measured), prod's pool and dr's pool (each about 3/4 of the volume: the text
+        # half compresses), and a margin.
+        return int(self.size * 5.5) + GiB
 
 
 NOTES = (
@@ -415,7 +499,10 @@ NOTES = (
     "and committed. rsync copies the same file into an empty directory on this machine "
     "(no network, no TLS, no fsync). Bytes sent: the job's bytes_sent (compressed frames) "
     "against rsync's --stats 'Literal data'. Both sending and receiving appliance, the agent "
-    "and rsync share this machine's CPUs. The capture before it (agent → prod) is in --json.",
+    "and rsync share this machine's CPUs. The capture before it (agent → prod) is in --json. "
+    "For reference only (the target stays plain rsync): the same rsync with its remote "
+    "shell a TLS 1.3 tunnel on loopback (openssl s_server ↔ s_client, AES-256-GCM like "
+    "tandem's peer link; still no fsync, no verification).",
     "Replication 2: tandem's wire bytes are the replicate job's bytes_sent (frames of 64 KiB "
     "sub-block deltas or whole chunks, compressed); rsync's are the --stats 'Literal data' of "
     "a local --no-whole-file --ignore-times sync onto the previous copy (block size ≈ √size), "

@@ -1,8 +1,12 @@
-"""The receiving side of replication: fencing by writer epoch, order, idempotence."""
+"""The receiving side of replication: fencing by writer epoch, order, idempotence, and
+chunk batches verified as they arrive."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import random
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -11,9 +15,11 @@ import pytest
 
 from tandem.catalog import queries as q
 from tandem.domain.images import ImageKind
-from tandem.errors import Conflict, InvalidInput, StaleEpoch
+from tandem.errors import ChunkCorrupt, Conflict, InvalidInput, StaleEpoch
 from tandem.operations import replicate
+from tandem.storage.pool import ChunkPool
 from tandem.storage.tree import capture_tree
+from tandem.transport.wire import encode_frames
 from tests.appliance.conftest import Booted, booted
 from tests.catalog.conftest import catalog_url
 
@@ -97,3 +103,58 @@ def test_an_app_of_this_site_is_not_overwritten_by_a_peer(booted: Booted, tmp_pa
     seed_app(booted.appliance, "web")
     with pytest.raises(Conflict, match="not a mirror of 'prod'"):
         _receive(booted, _image(booted, tmp_path, 1))
+
+
+def _frames(tmp_path: Path, n: int) -> list[tuple[bytes, bytes]]:
+    """``n`` chunk files made in another pool (half compressible), as a sender sends them."""
+    other = ChunkPool.create(tmp_path / "sender")
+    out = []
+    with other.writer() as w:
+        for i in range(n):
+            data = os.urandom(300_000 + i)
+            if i % 2:
+                data = bytes(b % 4 + 97 for b in data)
+            out.append(w.put(data).digest)
+    return [(d, other.get_stored(d)) for d in out]
+
+
+async def _pieces(body: bytes, seed: int) -> AsyncIterator[bytes]:
+    rng = random.Random(seed)
+    pos = 0
+    while pos < len(body):
+        step = rng.choice([1, 100, 4096, 65536, 300_000])
+        yield body[pos : pos + step]
+        pos += step
+
+
+def test_a_chunk_batch_is_verified_and_stored_as_it_arrives(booted: Booted, tmp_path: Path) -> None:
+    registry = booted.appliance.site.sessions
+    frames = _frames(tmp_path, 6)
+    body = encode_frames(frames)
+    session, _ = registry.open(job_id="test", write=True)
+    try:
+        stored = asyncio.run(registry.receive_stream(session, _pieces(body, 1), len(body)))
+        assert stored == len(frames)
+        assert session.chunks_received == len(frames)
+        assert session.bytes_received == sum(len(b) for _, b in frames)
+        assert registry.missing(session, [d for d, _ in frames]) == []
+    finally:
+        registry.close(session)
+
+
+def test_a_bad_frame_fails_the_batch_after_the_good_ones_before_it(
+    booted: Booted, tmp_path: Path
+) -> None:
+    registry = booted.appliance.site.sessions
+    frames = _frames(tmp_path, 5)
+    lie = (frames[2][0], frames[3][1])  # chunk 3's bytes under chunk 2's id
+    body = encode_frames([*frames[:2], lie, *frames[3:]])
+    session, _ = registry.open(job_id="test", write=True)
+    try:
+        with pytest.raises(ChunkCorrupt):
+            asyncio.run(registry.receive_stream(session, _pieces(body, 2), len(body)))
+        assert registry.missing(session, [d for d, _ in frames]) == [d for d, _ in frames[2:]]
+        with pytest.raises(InvalidInput, match="truncated"):
+            asyncio.run(registry.receive_stream(session, _pieces(body[:-5], 3), len(body)))
+    finally:
+        registry.close(session)

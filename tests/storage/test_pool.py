@@ -11,7 +11,7 @@ import pytest
 
 from tandem.errors import ChunkCorrupt, ChunkMissing, PoolFull
 from tandem.storage.digest import SUB_BLOCK, hash_bytes, hash_sub_blocks
-from tandem.storage.pool import CODEC_RAW, CODEC_ZSTD, HEADER, ChunkPool
+from tandem.storage.pool import CODEC_RAW, CODEC_ZSTD, HEADER, ChunkPool, encode_chunk
 
 
 def test_put_get_roundtrip_and_dedup(pool: ChunkPool) -> None:
@@ -164,6 +164,44 @@ def test_put_encoded_verifies_what_a_peer_sent(pool: ChunkPool, tmp_path: Path) 
         with pytest.raises(ChunkCorrupt):
             w.put_encoded(hash_bytes(b"other"), bytes(forged))
     assert pool.get(d) == data
+
+
+@pytest.mark.parametrize("compressible", [False, True], ids=["raw", "zstd"])
+def test_put_encoded_checks_the_sub_block_digests(
+    pool: ChunkPool, tmp_path: Path, compressible: bool
+) -> None:
+    """The header's 64 KiB digests are not covered by the chunk id: they are checked too,
+    in the same decode (a raw chunk is hashed in place)."""
+    data = os.urandom(3 * SUB_BLOCK + 7)
+    if compressible:
+        data = bytes(b % 4 + 97 for b in data)  # four letters: zstd keeps about a quarter
+    digest = hash_bytes(data)
+    subs = hash_sub_blocks(data)
+    lying = encode_chunk(data, [subs[0], subs[2], subs[1], subs[3]])
+    assert lying[4] == (CODEC_ZSTD if compressible else CODEC_RAW)
+    with pool.writer() as w:
+        with pytest.raises(ChunkCorrupt, match="sub-digests"):
+            w.put_encoded(digest, lying)
+        with pytest.raises(ChunkCorrupt, match="digest mismatch"):
+            w.put_encoded(hash_bytes(b"else"), encode_chunk(data, subs))
+        assert w.put_encoded(digest, encode_chunk(data, subs)).new
+    assert pool.get(digest) == data
+    assert pool.sub_digests(digest) == subs
+
+
+def test_a_delta_is_never_built_on_a_base_of_another_length(pool: ChunkPool) -> None:
+    """A delta rebuilds a chunk of its base's length: a chunk that grew or shrank inside
+    its last sub-block (same number of sub-blocks) is stored whole, and reads back."""
+    base = os.urandom(SUB_BLOCK + 1)
+    grown = base + b"x"
+    subs = hash_sub_blocks(grown)
+    with pool.writer() as w:
+        base_id = w.put(base).digest
+    digest = hash_bytes(grown)
+    with pool.writer() as w:
+        w.put_delta(grown, digest, subs, base_id, [1])
+    assert pool.info(digest).base is None
+    assert pool.get(digest) == grown
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")

@@ -61,6 +61,29 @@ def test_a_receiver_without_the_base_gets_the_whole_chunk(pool: ChunkPool, tmp_p
     assert empty.get(changed) == pool.get(changed)
 
 
+def test_a_chunk_of_another_length_travels_whole(pool: ChunkPool, tmp_path: Path) -> None:
+    """A volume that grew inside its last 64 KiB block: same number of sub-blocks, but a
+    delta over the old last chunk could not rebuild it, so it is sent whole."""
+    rng = random.Random(4)
+    src = tmp_path / "disk.img"
+    src.write_bytes(rng.randbytes(4 * MiB + SUB_BLOCK + 1))
+    mid, m1, _ = capture_volume(pool, src)
+    with open(src, "ab") as fh:
+        fh.write(b"x")
+    _, m2, _ = capture_volume(pool, src, base=m1, base_id=mid)
+    grown, old = m2.chunks[1], m1.chunks[1]
+    assert grown is not None and old is not None and grown != old
+    assert pool.get(grown) == src.read_bytes()[4 * MiB :]
+    receiver = ChunkPool.create(tmp_path / "receiver")
+    with receiver.writer() as w:
+        w.put_encoded(old, pool.get_raw(old))
+    blob = encode_for_receiver(pool, grown, receiver.has, old)
+    assert parse_header(blob, grown, "test").codec != CODEC_DELTA
+    with receiver.writer() as w:
+        w.put_encoded(grown, blob)
+    assert receiver.get(grown) == pool.get(grown)
+
+
 def test_a_plain_delta_from_an_agent_is_kept_xored(pool: ChunkPool, tmp_path: Path) -> None:
     """An agent sends changed blocks whole (it lacks the old ones); the receiver re-encodes
     them XORed against its base, so a 4 KiB write is not stored or re-sent as 64 KiB."""

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import random
+import struct
 from pathlib import Path
 
 import pytest
@@ -19,7 +21,14 @@ from tandem.transport.agent import AgentClient, error_from_event
 from tandem.transport.chunks import RemotePool
 from tandem.transport.client import ApiClient, error_from_response
 from tandem.transport.server import init_daemon_dir
-from tandem.transport.wire import decode_digests, decode_frames, encode_digests, encode_frames
+from tandem.transport.wire import (
+    MAX_FRAME,
+    FrameReader,
+    decode_digests,
+    decode_frames,
+    encode_digests,
+    encode_frames,
+)
 from tests.appliance.live import free_port
 
 
@@ -34,6 +43,31 @@ def test_frames_round_trip_and_refuse_garbage() -> None:
     for bad in ("zz", "ab"):
         with pytest.raises(InvalidInput):
             decode_digests([bad])
+
+
+def test_frames_can_be_read_from_pieces_of_any_size() -> None:
+    """A chunk batch read as it arrives: every cut of the stream yields the same frames."""
+    rng = random.Random(3)
+    frames = [(bytes([i]) * 32, rng.randbytes(rng.choice([0, 1, 37, 5000]))) for i in range(9)]
+    body = encode_frames(frames)
+    for _ in range(50):
+        reader = FrameReader(len(body))
+        got = []
+        pos = 0
+        while pos < len(body):
+            step = rng.choice([1, 2, 35, 36, 37, 999, len(body)])
+            got += [(d, b"".join(parts)) for d, parts in reader.feed(body[pos : pos + step])]
+            pos += step
+        reader.close()
+        assert got == frames
+    truncated = FrameReader(len(body))
+    truncated.feed(body[:-1])
+    with pytest.raises(InvalidInput, match="truncated"):
+        truncated.close()
+    with pytest.raises(InvalidInput, match="larger than"):
+        FrameReader(len(body) - 1).feed(body)
+    with pytest.raises(InvalidInput, match="out of range"):
+        FrameReader(1 << 30).feed(b"\x00" * 32 + struct.pack("<I", MAX_FRAME + 1))
 
 
 def test_server_errors_become_the_same_class() -> None:

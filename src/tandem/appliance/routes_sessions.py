@@ -16,7 +16,7 @@ from starlette.concurrency import run_in_threadpool
 from tandem.errors import InvalidInput, Unauthorized
 from tandem.operations.sessions import Session, SessionRegistry
 from tandem.storage.digest import from_hex
-from tandem.transport.wire import decode_digests, decode_frames, encode_digests, encode_frames
+from tandem.transport.wire import decode_digests, encode_digests, encode_frames
 
 OCTETS = "application/octet-stream"
 MAX_BATCH = 256 * 1024 * 1024
@@ -51,10 +51,7 @@ def make_router(registry: SessionRegistry) -> APIRouter:
 
     @router.post("/chunks")
     async def chunks(s: S, request: Request) -> dict[str, Any]:
-        body = await request.body()
-        if len(body) > MAX_BATCH:
-            raise InvalidInput(detail=f"chunk batch larger than {MAX_BATCH} bytes")
-        n = await run_in_threadpool(registry.receive, s, list(decode_frames(body)))
+        n = await registry.receive_stream(s, request.stream(), MAX_BATCH)
         return {"stored": n}
 
     @router.post("/manifest")

@@ -5,14 +5,21 @@ and token, an open PoolWriter (registered with the base manifests, so GC keeps w
 sender reuses) and the manifests the party may read. The chunk routes resolve the bearer
 token to the session. What is sent becomes visible only when the manifest is committed
 through the session; closing a session without commit discards everything pending.
+
+A chunk batch is verified as it arrives (``receive_stream``): its frames are checked and
+written in order, one at a time in a worker thread, while the event loop reads the next
+ones, so the whole body is never held in memory and verification overlaps the transfer.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import secrets
 import threading
 import time
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,8 +27,10 @@ from tandem.errors import ChunkMissing, InvalidInput, NotFound, Unauthorized
 from tandem.storage.manifest import decode_manifest
 from tandem.storage.pool import ChunkPool, PoolWriter
 from tandem.transport.server import hash_token, token_matches
+from tandem.transport.wire import FrameReader
 
 FLUSH_EVERY = 16 * 1024 * 1024  # one sender batch: a broken transfer re-sends at most this
+QUEUED_BYTES = 8 * 1024 * 1024  # received frames waiting for verification, per request
 
 
 @dataclass
@@ -121,13 +130,61 @@ class SessionRegistry:
         writer = self._writer(session)
         return [d for d in dict.fromkeys(digests) if not writer.has(d)]
 
-    def receive(self, session: Session, frames: Iterable[tuple[bytes, bytes]]) -> int:
+    async def receive_stream(
+        self, session: Session, pieces: AsyncIterator[bytes], max_bytes: int
+    ) -> int:
+        """Verify and store a chunk batch (``transport.wire`` frames) while it arrives: each
+        frame is checked and written (in a worker thread, in order) as soon as it is
+        complete, while the next ones are read. Returns the number of frames; raises the
+        first bad frame's error, after the frames before it were stored."""
         writer = self._writer(session)
+        loop = asyncio.get_running_loop()
+        reader = FrameReader(max_bytes)
+        queued: deque[tuple[bytes, list[memoryview]]] = deque()
+        queued_bytes = 0
+        work: asyncio.Future[int] | None = None
         n = size = 0
-        for digest, blob in frames:
+
+        def store(digest: bytes, parts: list[memoryview]) -> int:
+            blob = b"".join(parts)
             writer.put_encoded(digest, blob)
-            size += len(blob)
+            return len(blob)
+
+        async def settle() -> None:
+            nonlocal work, size
+            if work is not None:
+                w, work = work, None
+                size += await w
+
+        def start_next() -> None:
+            nonlocal work, queued_bytes, n
+            digest, parts = queued.popleft()
+            queued_bytes -= sum(len(p) for p in parts)
             n += 1
+            work = loop.run_in_executor(None, store, digest, parts)
+
+        try:
+            async for piece in pieces:
+                for frame in reader.feed(piece):
+                    queued.append(frame)
+                    queued_bytes += sum(len(p) for p in frame[1])
+                while queued and (work is None or work.done() or queued_bytes > QUEUED_BYTES):
+                    await settle()
+                    start_next()
+            reader.close()
+            while queued:
+                await settle()
+                start_next()
+            await settle()
+        except BaseException:
+            if work is not None:  # let the frame under way finish before answering
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(work)
+            raise
+        await loop.run_in_executor(None, self._received, session, writer, n, size)
+        return n
+
+    def _received(self, session: Session, writer: PoolWriter, n: int, size: int) -> None:
         # Durable and present every FLUSH_EVERY bytes: a transfer broken after that resumes
         # without them. (Not every batch: each flush is a file-system sync.)
         if session.bytes_received + size - session.flushed_at >= FLUSH_EVERY:
@@ -136,7 +193,6 @@ class SessionRegistry:
         with self._lock:
             session.bytes_received += size
             session.chunks_received += n
-        return n
 
     def commit(self, session: Session, blob: bytes) -> bytes:
         """Validate a manifest, check every chunk it names is present, then commit it."""

@@ -174,7 +174,20 @@ def decode_chunk(
     A delta chunk needs ``base_of`` (digest -> verified plaintext of its base chunk).
     """
     info = parse_header(blob, digest, where)
+    return bytes(_verified_plaintext(blob, info, digest, where, base_of))
+
+
+def _verified_plaintext(
+    blob: bytes,
+    info: ChunkInfo,
+    digest: bytes,
+    where: str,
+    base_of: Callable[[bytes], bytes] | None,
+) -> bytes | memoryview:
+    """The plaintext of a parsed chunk file, checked against ``digest``; a raw chunk's is
+    a view into ``blob`` (no copy)."""
     payload = memoryview(blob)[info.payload_at :]
+    data: bytes | memoryview
     try:
         if info.codec == CODEC_DELTA:
             if base_of is None:
@@ -199,6 +212,8 @@ def decode_chunk(
                 out[j * SUB_BLOCK : j * SUB_BLOCK + n] = block
                 pos += n
             data = bytes(out)
+        elif info.codec == CODEC_RAW:
+            data = payload
         else:
             data = _unpack(info.codec, payload, info.plain_len)
     except zstandard.ZstdError as exc:
@@ -214,6 +229,24 @@ def syncfs(fd: int) -> None:
     if libc.syncfs(fd) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
+
+
+_SYNC_FILE_RANGE_WRITE = 2
+_sync_file_range: Any = None
+
+
+def start_writeback(fd: int) -> None:
+    """Start writing a file's dirty pages to disk now, without waiting (Linux
+    ``sync_file_range``): the next ``syncfs`` then finds them written or under way instead
+    of flushing a whole batch at once. Best effort: a no-op where it is missing."""
+    global _sync_file_range
+    if _sync_file_range is None:
+        func = getattr(ctypes.CDLL(None, use_errno=True), "sync_file_range", None)
+        if func is not None:
+            func.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+        _sync_file_range = func or False
+    if _sync_file_range:
+        _sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -647,18 +680,20 @@ class PoolWriter:
     ) -> PutResult:
         """Store ``data`` as its ``changed`` sub-blocks over chunk ``base``.
 
-        Falls back to storing it whole when the base is missing or its delta chain is
-        already MAX_DELTA_DEPTH long, so reads never chase long chains.
+        Falls back to storing it whole when the base is missing, has another length (a
+        delta rebuilds a chunk of its base's length), or its delta chain is already
+        MAX_DELTA_DEPTH long, so reads never chase long chains.
         """
         if self.has(digest):
             return PutResult(digest, False, 0)
-        try:
-            depth = self.pool.info(base).depth
-        except (ChunkMissing, ChunkCorrupt):
-            depth = MAX_DELTA_DEPTH
-        if depth >= MAX_DELTA_DEPTH:
-            return self.put(data, digest, subs)
         view = memoryview(data)
+        try:
+            base_info = self.pool.info(base)
+        except (ChunkMissing, ChunkCorrupt):
+            return self.put(data, digest, subs)
+        if base_info.depth >= MAX_DELTA_DEPTH or base_info.plain_len != len(view):
+            return self.put(data, digest, subs)
+        depth = base_info.depth
         blocks = {j: bytes(view[j * SUB_BLOCK : (j + 1) * SUB_BLOCK]) for j in changed}
         old = dict(zip(changed, self.pool.read_blocks(base, changed), strict=True))
         blob = encode_delta(base, depth, len(view), subs, blocks, old)
@@ -680,10 +715,12 @@ class PoolWriter:
             self.flush()  # the base came in this session: make it readable first
         if info.base is not None and not self.has(info.base):
             raise ChunkMissing(digest=info.base.hex(), pool=str(self.pool.root))
-        data = decode_chunk(blob, digest, "received chunk", self.pool.get)
+        # One decode; a raw chunk is hashed in place (no copy of its plaintext).
+        data = _verified_plaintext(blob, info, digest, "received chunk", self.pool.get)
         if info.subs != hash_sub_blocks(data):
             raise ChunkCorrupt(digest=digest.hex(), pool="received chunk", reason="sub-digests")
         if info.base is not None:
+            assert isinstance(data, bytes)  # a delta's plaintext is rebuilt, never a view
             # The sender cannot know our chain lengths: recompute, cut long chains.
             depth = self.pool.info(info.base).depth + 1
             if depth > MAX_DELTA_DEPTH:
@@ -709,8 +746,14 @@ class PoolWriter:
     def _write_pending(self, digest: bytes, blob: bytes) -> None:
         tmp = self.pool.tmp_dir / f"{digest.hex()}.{uuid.uuid4().hex[:8]}"
         try:
-            with open(tmp, "wb") as fh:
-                fh.write(blob)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            try:
+                view = memoryview(blob)
+                while view:
+                    view = view[os.write(fd, view) :]
+                start_writeback(fd)
+            finally:
+                os.close(fd)
         except OSError as exc:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)

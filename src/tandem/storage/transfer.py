@@ -68,10 +68,12 @@ def encode_for_receiver(
         return stored
     if prev is not None and receiver_has(prev):
         try:
-            prev_subs = pool.sub_digests(prev)
+            prev_info = pool.info(prev)
         except (ChunkMissing, ChunkCorrupt):
-            prev_subs = []
-        if len(prev_subs) == len(info.subs):
+            prev_info = None
+        # A delta rebuilds a chunk of its base's length: same length, or send it whole.
+        if prev_info is not None and prev_info.plain_len == info.plain_len:
+            prev_subs = prev_info.subs
             changed = [
                 j for j, (a, b) in enumerate(zip(info.subs, prev_subs, strict=True)) if a != b
             ]

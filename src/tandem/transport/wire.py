@@ -2,7 +2,8 @@
 
 A chunk batch is a byte stream of frames: ``digest (32 bytes) | length u32 LE | blob``,
 where blob is the pool's chunk-file encoding (compressed at the sender, verified by the
-receiver before it is stored).
+receiver before it is stored). A receiver may parse the stream as it arrives
+(``FrameReader``), so it can verify the first frames while later ones are on the wire.
 """
 
 from __future__ import annotations
@@ -18,7 +19,11 @@ MAX_FRAME = 64 * 1024 * 1024
 
 
 def encode_frames(items: Iterable[tuple[bytes, bytes]]) -> bytes:
-    return b"".join(d + _LEN.pack(len(blob)) + blob for d, blob in items)
+    # One join over the parts: each blob is copied once, not once more per frame.
+    parts: list[bytes] = []
+    for d, blob in items:
+        parts += (d, _LEN.pack(len(blob)), blob)
+    return b"".join(parts)
 
 
 def decode_frames(data: bytes) -> Iterator[tuple[bytes, bytes]]:
@@ -35,6 +40,61 @@ def decode_frames(data: bytes) -> Iterator[tuple[bytes, bytes]]:
             raise InvalidInput(detail="chunk batch: frame length out of range")
         yield digest, bytes(view[pos : pos + length])
         pos += length
+
+
+class FrameReader:
+    """Cuts a chunk batch arriving in pieces of any size into frames, in order.
+
+    ``feed`` returns the frames a piece completes, each as its digest and the parts of its
+    blob (views of the pieces: ``b"".join(parts)`` is the blob, the one copy of its bytes,
+    which the caller can make off the event loop); ``close`` raises if the stream ended
+    inside a frame.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.total = 0
+        self._head = bytearray()  # the current frame's header, while incomplete
+        self._parts: list[memoryview] = []  # the current frame's blob so far
+        self._need = 0  # blob bytes still missing; 0 while reading a header
+        self._digest = b""
+
+    def feed(self, piece: bytes) -> list[tuple[bytes, list[memoryview]]]:
+        self.total += len(piece)
+        if self.total > self.max_bytes:
+            raise InvalidInput(detail=f"chunk batch larger than {self.max_bytes} bytes")
+        out: list[tuple[bytes, list[memoryview]]] = []
+        view = memoryview(piece)
+        pos = 0
+        head = DIGEST_SIZE + _LEN.size
+        while pos < len(view):
+            if self._need == 0:
+                take = min(head - len(self._head), len(view) - pos)
+                self._head += view[pos : pos + take]
+                pos += take
+                if len(self._head) < head:
+                    break
+                (length,) = _LEN.unpack_from(self._head, DIGEST_SIZE)
+                if length > MAX_FRAME:
+                    raise InvalidInput(detail="chunk batch: frame length out of range")
+                self._digest = bytes(self._head[:DIGEST_SIZE])
+                self._head.clear()
+                self._need = length
+                if length == 0:
+                    out.append((self._digest, []))
+                continue
+            take = min(self._need, len(view) - pos)
+            self._parts.append(view[pos : pos + take])
+            pos += take
+            self._need -= take
+            if self._need == 0:
+                out.append((self._digest, self._parts))
+                self._parts = []
+        return out
+
+    def close(self) -> None:
+        if self._head or self._need:
+            raise InvalidInput(detail="chunk batch: truncated frame")
 
 
 def encode_digests(digests: Iterable[bytes]) -> list[str]:
