@@ -300,7 +300,9 @@ def _capture_worker(
         if base_chunk == digest:
             return digest, _Outcome(read=length)  # held by the base, registered by the writer
         result = None
-        if base_chunk is not None and not writer.has(digest):
+        same_length = base is not None and min(chunk, base.size - off) == length
+        if base_chunk is not None and same_length and not writer.has(digest):
+            # (a delta rebuilds a chunk of its base's length: a resized tail is stored whole)
             result = _put_as_delta(writer, data, digest, base_chunk)
         if result is None:
             result = writer.put(data, digest)
