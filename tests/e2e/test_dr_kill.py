@@ -214,18 +214,25 @@ def test_each_step_killed_midway_completes_when_run_again(sites: Sites, tmp_path
 
     # 3. the DR appliance dies while the failback withdraws the DR copy
     failing_back = s.b("failback", "shop", "--no-wait")["job"]
+    # The job asks production whether it restored the newest syncback, then compares the DR
+    # copy at its host ("comparing …"), withdraws it, and only then tells production the
+    # epoch before it records `managed`. Production paused once the comparison begins: the
+    # job waits in the call that follows the withdrawal.
+    poll(
+        lambda: "comparing" in job(s.dr, failing_back["id"])["message"],
+        60,
+        "the failback comparing the DR copy",
+    )
+    pause(s.prod)
+    with _continued(s.prod):
 
-    def checked() -> bool:
-        with api(s.dr) as client:
-            lines = client.get(f"/api/v1/jobs/{failing_back['id']}/log").json()
-        return any("the DR copy is unchanged since" in line["text"] for line in lines)
+        def withdrawn() -> bool:
+            with api(s.dr) as client:
+                lines = client.get(f"/api/v1/jobs/{failing_back['id']}/log").json()
+            return any("withdrawing the DR copy" in line["text"] for line in lines)
 
-    poll(checked, 60, "the failback's check of the DR copy")
-    # The failback talks to the DR host next (to withdraw the copy), then to production (to
-    # resume mirroring) before it records `managed`: with both paused it waits in between.
-    pause(s.dr_agent, s.prod)
-    with _continued(s.dr_agent), _continued(s.prod):
-        time.sleep(0.3)
+        poll(withdrawn, 60, "the failback withdrawing the DR copy")
+        time.sleep(0.5)  # the withdrawal done, the call to (paused) production under way
         assert job(s.dr, failing_back["id"])["status"] == "running", "the kill came too late"
         s.dr.kill9()
     s.dr.start()
