@@ -313,3 +313,9 @@ def test_an_apps_start_and_stop_commands_can_be_changed(api: Api) -> None:
     assert status == 404 and "nope" in message
     viewer = api.client.patch("/api/v1/apps/web", headers=api.headers("viewer"), json={})
     assert viewer.status_code == 403
+
+
+def test_a_job_filter_that_is_not_an_app_name_is_a_422_not_a_crash(api: Api) -> None:
+    for bad in ("\x00", "\x00\u009d", "a/b"):
+        answer = api.client.get("/api/v1/jobs", params={"app": bad}, headers=api.headers())
+        assert answer.status_code == 422, bad

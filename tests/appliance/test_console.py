@@ -210,6 +210,8 @@ def test_job_page_returns_to_the_timeline_when_the_job_succeeded(api: Api) -> No
         assert f'data-job="{job_id}" data-status="succeeded"' in monitor
         assert c.get("/monitor/rows?status=failed").text.strip().endswith("</tr>")
         assert job_id not in c.get("/monitor/rows?status=failed").text
+        odd = c.get("/monitor", params={"app": "\x00odd"})  # not a name: no rows, no crash
+        assert odd.status_code == 200 and "No jobs." in odd.text
 
 
 def image_of(kind: ImageKind, state: ImageState = ImageState.READY) -> Image:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
 import time
 from collections.abc import Callable, Mapping
@@ -44,7 +45,7 @@ from starlette.concurrency import run_in_threadpool
 
 from tandem import __version__
 from tandem.appliance.auth import Principal
-from tandem.appliance.schemas import AppOut
+from tandem.appliance.schemas import NAME, AppOut
 from tandem.catalog import queries as q
 from tandem.catalog.models import App, Image, Job
 from tandem.domain.images import WRITABLE_KINDS, ImageKind, ImageState
@@ -506,9 +507,11 @@ def _make_router(site: Site, sessions: ConsoleSessions) -> APIRouter:
     def jobs_of(request: Request) -> tuple[list[Job], dict[str, str]]:
         app_name = _blank(request.query_params.get("app"))
         status_text = _blank(request.query_params.get("status"))
+        shown = {"app": app_name or "", "status": status_text or ""}
+        if app_name is not None and not re.fullmatch(NAME, app_name):
+            return [], shown  # not an application name: no job has it
         status = [JobStatus(status_text)] if status_text in set(JobStatus) else None
-        rows = monitor.list_jobs(site, app=app_name, status=status, limit=200)
-        return rows, {"app": app_name or "", "status": status_text or ""}
+        return monitor.list_jobs(site, app=app_name, status=status, limit=200), shown
 
     @router.get("/monitor", response_class=HTMLResponse)
     def monitor_page(request: Request) -> Response:

@@ -9,6 +9,7 @@ from starlette.concurrency import run_in_threadpool
 
 from tandem.appliance.auth import Caller
 from tandem.appliance.schemas import (
+    NAME,
     CaptureIn,
     CloneIn,
     CommitFailbackIn,
@@ -170,7 +171,7 @@ def make_router(site: Site) -> APIRouter:
 
     @router.get("/jobs", tags=["jobs"])
     def list_jobs(
-        app: Annotated[str | None, Query(max_length=64)] = None,
+        app: Annotated[str | None, Query(max_length=64, pattern=NAME)] = None,
         status: Annotated[list[JobStatus] | None, Query()] = None,
         limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
     ) -> list[JobOut]:
