@@ -170,6 +170,7 @@ class Daemon:
         if proc is None:
             return 0
         if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGCONT)  # a test may have paused it (SIGSTOP)
             os.killpg(proc.pid, sig)
         try:
             return proc.wait(timeout)

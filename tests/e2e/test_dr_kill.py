@@ -21,54 +21,18 @@ import os
 import signal
 import ssl
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 
-from tests.e2e.conftest import Cli, Daemon, appliance_cli, register_host, wait_for
+from tests.e2e.conftest import Cli, Daemon, Drill, wait_for
 
 MiB = 1024 * 1024
 BIG = 40 * MiB  # big enough that a restore is seen half-way
 SMALL_FILES = 200  # files written at the DR site besides the big one
 CONFIRM = ("--confirm", "DATA LOSS", "--confirm", "OVERWRITE OTHER APPS")
-
-
-@dataclass
-class Sites:
-    prod: Daemon
-    dr: Daemon
-    prod_agent: Daemon
-    dr_agent: Daemon
-    a: Cli
-    b: Cli
-
-
-@pytest.fixture(scope="module")
-def sites(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sites]:
-    root = tmp_path_factory.mktemp("kill")
-    prod = Daemon("appliance", root / "prod", "prod")
-    dr = Daemon("appliance", root / "dr", "dr")
-    prod_agent = Daemon("agent", root / "agent1", "host1")
-    dr_agent = Daemon("agent", root / "agent2", "host2")
-    daemons = [prod, dr, prod_agent, dr_agent]
-    try:
-        for d in daemons:
-            d.start()
-        a, b = appliance_cli(prod), appliance_cli(dr)
-        register_host(a, prod_agent)
-        register_host(b, dr_agent)
-        a("peer", "add", "--url", dr.url, "--token", dr.token, "--fingerprint", dr.fingerprint)
-        a("template", "add", "mirrored", "--mirror")
-        yield Sites(prod, dr, prod_agent, dr_agent, a, b)
-    finally:
-        for d in reversed(daemons):
-            with _continued(d):
-                pass
-            d.stop()
 
 
 # --- helpers ----------------------------------------------------------------------------
@@ -149,8 +113,8 @@ def state(cli: Cli, app: str) -> str:
 # --- the test ---------------------------------------------------------------------------
 
 
-def test_each_step_killed_midway_completes_when_run_again(sites: Sites, tmp_path: Path) -> None:
-    s = sites
+def test_each_step_killed_midway_completes_when_run_again(drill: Drill, tmp_path: Path) -> None:
+    s = drill
     prod = tmp_path / "shop"
     (prod / "orders").mkdir(parents=True)
     (prod / "orders" / "1.json").write_text('{"order": 1}\n')
