@@ -533,3 +533,33 @@ def test_a_capture_from_the_last_one_reads_only_what_changed_since(
         out = tmp_path / "out.img"
         restore_volume(pool, second, out)
         assert out.read_bytes() == ov.read(0, ov.size)  # equal to a capture of everything
+
+
+def test_a_capture_of_a_few_written_blocks_reads_no_byte_of_the_base(
+    pool: ChunkPool, tmp_path: Path
+) -> None:
+    """Few blocks written in a chunk: the capture takes them and the base chunk's header
+    only, so a base chunk whose data is unreadable does not matter to it (its id follows
+    from the block digests). The image it makes reads back as the overlay did."""
+    mid, base, _ = make_base(pool, tmp_path, 3 * VOLUME_CHUNK)
+    first = base.chunks[0]
+    assert first is not None
+    path = pool.chunk_path(first)
+    kept = path.read_bytes()
+    info = pool.info(first)
+    with Overlay.create(tmp_path / "ov", pool, base, mid) as ov:
+        ov.write(5 * BLOCK + 10, b"new bytes")
+        ov.write(40 * BLOCK, os.urandom(2 * BLOCK))
+        expected = ov.read(0, ov.size)
+        spoiled = bytearray(kept)
+        for at in range(info.payload_at, len(spoiled), 4096):
+            spoiled[at] ^= 0xFF  # every block of the base chunk, header intact
+        path.write_bytes(bytes(spoiled))
+        image_id, image, stats = capture_overlay(pool, ov)
+    path.write_bytes(kept)
+    assert stats.bytes_read == 3 * BLOCK
+    assert image.chunks[0] != first and pool.info(image.chunks[0]).base == first
+    out = tmp_path / "out.img"
+    restore_volume(pool, load_manifest(pool, image_id), out)  # type: ignore[arg-type]
+    assert out.read_bytes() == expected
+    assert pool.verify().ok

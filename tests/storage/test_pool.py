@@ -10,7 +10,14 @@ from pathlib import Path
 import pytest
 
 from tandem.errors import ChunkCorrupt, ChunkMissing, PoolFull
-from tandem.storage.digest import SUB_BLOCK, hash_bytes, hash_sub_blocks
+from tandem.storage.digest import (
+    SUB_BLOCK,
+    hash_block,
+    hash_bytes,
+    hash_object,
+    hash_sub_blocks,
+    object_id,
+)
 from tandem.storage.pool import CODEC_RAW, CODEC_ZSTD, HEADER, ChunkPool, encode_chunk
 
 
@@ -170,8 +177,8 @@ def test_put_encoded_verifies_what_a_peer_sent(pool: ChunkPool, tmp_path: Path) 
 def test_put_encoded_checks_the_sub_block_digests(
     pool: ChunkPool, tmp_path: Path, compressible: bool
 ) -> None:
-    """The header's 64 KiB digests are not covered by the chunk id: they are checked too,
-    in the same decode (a raw chunk is hashed in place)."""
+    """A header whose 64 KiB digests are not the chunk's is refused, in the same decode
+    (a raw chunk is hashed in place)."""
     data = os.urandom(3 * SUB_BLOCK + 7)
     if compressible:
         data = bytes(b % 4 + 97 for b in data)  # four letters: zstd keeps about a quarter
@@ -180,7 +187,7 @@ def test_put_encoded_checks_the_sub_block_digests(
     lying = encode_chunk(data, [subs[0], subs[2], subs[1], subs[3]])
     assert lying[4] == (CODEC_ZSTD if compressible else CODEC_RAW)
     with pool.writer() as w:
-        with pytest.raises(ChunkCorrupt, match="sub-digests"):
+        with pytest.raises(ChunkCorrupt, match="sub-block digests"):
             w.put_encoded(digest, lying)
         with pytest.raises(ChunkCorrupt, match="digest mismatch"):
             w.put_encoded(hash_bytes(b"else"), encode_chunk(data, subs))
@@ -221,3 +228,72 @@ def test_full_disk_fails_cleanly_and_keeps_earlier_data(tmp_path: Path) -> None:
         assert small.verify().ok
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=True)
+
+
+def test_the_id_covers_the_block_digests_and_the_length() -> None:
+    data = os.urandom(3 * SUB_BLOCK + 5)
+    digest, subs = hash_object(data)
+    assert digest == hash_bytes(data) == object_id(hash_sub_blocks(data), len(data))
+    assert subs == [hash_block(data[i : i + SUB_BLOCK]) for i in range(0, len(data), SUB_BLOCK)]
+    assert object_id([subs[1], subs[0], *subs[2:]], len(data)) != digest
+    assert object_id(subs, len(data) + 1) != digest
+
+
+def test_reading_a_delta_s_own_blocks_needs_nothing_of_its_base(pool: ChunkPool) -> None:
+    """A plain delta (as a capture of a virtual copy stores it) serves its own blocks from
+    its payload alone, each checked against the header, and the header against the id."""
+    base = os.urandom(8 * SUB_BLOCK)
+    block = os.urandom(SUB_BLOCK)
+    new = base[: 3 * SUB_BLOCK] + block + base[4 * SUB_BLOCK :]
+    digest, subs = hash_object(new)
+    with pool.writer() as w:
+        base_id = w.put(base).digest
+    with pool.writer() as w:
+        assert w.put_blocks(digest, subs, len(new), base_id, {3: block}) is not None
+    kept = pool.chunk_path(base_id).read_bytes()
+    pool.chunk_path(base_id).unlink()
+    assert pool.read_blocks(digest, [3]) == [block]
+    with pytest.raises(ChunkMissing):
+        pool.read_blocks(digest, [0])  # not in the delta: from the base
+    pool.chunk_path(base_id).write_bytes(kept)
+    assert pool.read_blocks(digest, [3, 0]) == [block, base[:SUB_BLOCK]]
+    assert pool.get(digest) == new
+    forged = bytearray(pool.chunk_path(digest).read_bytes())
+    forged[HEADER.size] ^= 1  # a block digest in the header
+    pool.chunk_path(digest).write_bytes(bytes(forged))
+    with pytest.raises(ChunkCorrupt, match="header"):
+        pool.read_blocks(digest, [3])
+
+
+def test_a_received_delta_is_verified_without_decoding_its_base(
+    pool: ChunkPool, tmp_path: Path
+) -> None:
+    """A plain delta (as agents and syncbacks send them) is checked block by block; the
+    base's data is not read when the writer keeps deltas as they came."""
+    other = ChunkPool.create(tmp_path / "other")
+    base = os.urandom(8 * SUB_BLOCK)
+    with other.writer() as w:
+        base_id = w.put(base).digest
+    new = bytearray(base)
+    new[2 * SUB_BLOCK : 3 * SUB_BLOCK] = os.urandom(SUB_BLOCK)
+    digest, subs = hash_object(new)
+    with other.writer() as w:
+        w.put_blocks(
+            digest, subs, len(new), base_id, {2: bytes(new[2 * SUB_BLOCK : 3 * SUB_BLOCK])}
+        )
+    blob = other.get_stored(digest)
+    with pool.writer() as w:
+        w.put_encoded(base_id, other.get_stored(base_id))
+    path = pool.chunk_path(base_id)
+    kept = path.read_bytes()
+    spoiled = bytearray(kept)
+    spoiled[-1] ^= 0xFF  # the base's data, not its header
+    path.write_bytes(bytes(spoiled))
+    with pool.writer(xor_deltas=False) as w:
+        lying = bytearray(blob)
+        lying[HEADER.size + 32 * 5] ^= 1  # block 5's digest: not the base's any more
+        with pytest.raises(ChunkCorrupt):
+            w.put_encoded(digest, bytes(lying))
+        assert w.put_encoded(digest, blob).new
+    path.write_bytes(kept)
+    assert pool.get(digest) == bytes(new)

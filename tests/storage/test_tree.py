@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from tandem.errors import ChunkCorrupt, SourceChanged, SourceUnreadable, TargetInvalid, UnsafePath
 from tandem.storage import tree
 from tandem.storage.manifest import TreeEntry, TreeManifest, load_manifest
-from tandem.storage.pool import ChunkPool
+from tandem.storage.pool import CODEC_RAW, ChunkPool
 from tandem.storage.tree import capture_tree, diff_trees, restore_tree
 
 MiB = 1024 * 1024
@@ -466,7 +466,9 @@ def test_corrupt_chunk_fails_restore_without_writing_garbage(
     assert digest is not None
     chunk_file = pool.chunk_path(digest)
     blob = bytearray(chunk_file.read_bytes())
-    blob[-1] ^= 0xFF
+    info = pool.info(digest)
+    assert info.codec == CODEC_RAW  # random bytes: stored as they are
+    blob[info.payload_at + 1003] ^= 0xFF  # in the one block the patch needs
     chunk_file.write_bytes(bytes(blob))
 
     with pytest.raises(ChunkCorrupt):

@@ -6,6 +6,7 @@ import os
 import random
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from hypothesis import strategies as st
 
 from tandem.errors import ChunkCorrupt, SourceChanged, SourceUnreadable, TargetInvalid
 from tandem.storage.digest import SUB_BLOCK
-from tandem.storage.manifest import VOLUME_CHUNK, load_manifest
+from tandem.storage.manifest import VOLUME_CHUNK, VolumeManifest, load_manifest
 from tandem.storage.pool import ChunkPool
 from tandem.storage.volume import (
     capture_volume,
@@ -355,6 +356,73 @@ def test_restore_from_a_known_base_reads_nothing_of_the_target(
     assert target.read_bytes() == bytes(new)
     assert stats.bytes_compared == 0  # the target was not read
     assert stats.bytes_fetched < 6 * MiB  # the changed blocks, not the volume
+
+
+class Counting:
+    """A ChunkSource over a pool that counts the calls of each method."""
+
+    def __init__(self, pool: ChunkPool) -> None:
+        self.pool = pool
+        self.calls: Counter[str] = Counter()
+
+    def get(self, digest: bytes) -> bytes:
+        self.calls["get"] += 1
+        return self.pool.get(digest)
+
+    def sub_digests(self, digest: bytes) -> list[bytes]:
+        self.calls["sub_digests"] += 1
+        return self.pool.sub_digests(digest)
+
+    def read_blocks(self, digest: bytes, indices: list[int]) -> list[bytes]:
+        self.calls["read_blocks"] += 1
+        return self.pool.read_blocks(digest, indices)
+
+    def sub_digests_many(self, digests: list[bytes]) -> list[list[bytes]]:
+        self.calls["sub_digests_many"] += 1
+        return self.pool.sub_digests_many(digests)
+
+    def read_blocks_many(self, wants: list[tuple[bytes, list[int]]]) -> list[list[bytes]]:
+        self.calls["read_blocks_many"] += 1
+        return self.pool.read_blocks_many(wants)
+
+
+def test_restore_from_a_base_asks_the_source_in_batches_not_per_chunk(
+    pool: ChunkPool, tmp_path: Path
+) -> None:
+    src = tmp_path / "disk.img"
+    old = write_volume(src, 30 * MiB + 5, seed=8)
+    _, base, _ = capture_volume(pool, src)
+    new = bytearray(old)
+    for off in range(MiB, len(new), VOLUME_CHUNK):  # a block in every chunk
+        new[off : off + 3] = b"abc" if new[off : off + 3] != b"abc" else b"xyz"
+    src.write_bytes(bytes(new))
+    _, image, _ = capture_volume(pool, src)
+    assert all(a != b for a, b in zip(base.chunks, image.chunks, strict=True))
+    target = tmp_path / "target.img"
+    target.write_bytes(old)
+    source = Counting(pool)
+    stats = restore_volume(source, image, target, base=base)
+    assert target.read_bytes() == bytes(new)
+    assert source.calls == {"sub_digests_many": 1, "read_blocks_many": 1}
+    assert stats.bytes_fetched == stats.bytes_written == len(image.chunks) * SUB_BLOCK
+
+
+def test_a_chunk_that_does_not_fit_its_range_is_refused(pool: ChunkPool, tmp_path: Path) -> None:
+    """A manifest naming a chunk of another length (a damaged or forged image) fails the
+    restore, with or without a base, instead of leaving stale bytes behind."""
+    src = tmp_path / "disk.img"
+    data = write_volume(src, 8 * MiB, seed=9)
+    _, base, _ = capture_volume(pool, src)
+    with pool.writer() as writer:
+        shorter = writer.put(os.urandom(VOLUME_CHUNK - 1)).digest  # same block count
+        half = writer.put(os.urandom(VOLUME_CHUNK // 2)).digest
+    for bad in (shorter, half):
+        image = VolumeManifest(size=base.size, chunks=[base.chunks[0], bad])
+        for known in (base, None):
+            target = tmp_path / "target.img"
+            target.write_bytes(data)
+            with pytest.raises(ChunkCorrupt, match=r"blocks where the image|block 63 has"):
+                restore_volume(pool, image, target, base=known)
 
 
 def test_a_stamp_sees_any_later_write_and_refuses_a_racy_file(tmp_path: Path) -> None:

@@ -157,3 +157,27 @@ def test_a_taken_address_is_a_one_line_error(tmp_path: Path) -> None:
 def test_bad_urls_are_invalid_input(url: str) -> None:
     with pytest.raises(InvalidInput):
         ApiClient(url, "t", "ab" * 32)
+
+
+def test_subs_frames_round_trip_and_big_asks_are_cut_under_the_limits() -> None:
+    from tandem.transport.chunks import _split_wants
+    from tandem.transport.wire import BLOCKS_PER_REQUEST, SUBS_PER_REQUEST, decode_subs, encode_subs
+
+    subs = [bytes([i]) * 32 for i in range(3)]
+    assert decode_subs(encode_subs(150_000, subs)) == (150_000, subs)
+    for bad in (b"", b"\x00" * 7, b"\x00" * 9):
+        with pytest.raises(InvalidInput):
+            decode_subs(bad)
+    wants = [(k.to_bytes(32, "little"), list(range(k % 70))) for k in range(2000)]
+    requests = list(_split_wants(wants))
+    for request in requests:
+        assert sum(len(js) for _, js in request) <= BLOCKS_PER_REQUEST
+        assert len(request) <= SUBS_PER_REQUEST
+    # every index asked for exactly once, in order
+    got: dict[int, list[int]] = {}
+    for request in requests:
+        for k, js in request:
+            got.setdefault(k, []).extend(js)
+    assert got == {k: js for k, (_, js) in enumerate(wants) if js}
+    total = sum(len(js) for _, js in wants)
+    assert len(requests) == -(-total // BLOCKS_PER_REQUEST)  # full requests but the last

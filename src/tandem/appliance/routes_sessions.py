@@ -2,6 +2,19 @@
 
 Authenticated by the session's own token (not an operator token): a session is scoped to
 one job and ends with it.
+
+Batched reads (a restore asks for the block digests and blocks of many chunks at once, so
+its round trips grow with the change, not with the number of chunks):
+
+- ``POST /subs`` with ``{"digests": [hex, ...]}`` (at most ``SUBS_PER_REQUEST``) answers,
+  in order, one subs frame per chunk (``wire.encode_subs``: its length and block digests).
+- ``POST /blocks`` with ``{"chunks": [{"digest": hex, "blocks": [j, ...]}, ...]}`` (at most
+  ``SUBS_PER_REQUEST`` chunks and ``BLOCKS_PER_REQUEST`` blocks in all) answers, in order,
+  for each chunk its subs frame and then one frame ``block digest | block`` per index asked.
+
+The server checks every header against its chunk id before it answers; the reader checks
+again (it trusts no server). A request over the limits, a bad digest or a block index out of
+range is refused with 422 saying what to change.
 """
 
 # No ``from __future__ import annotations`` here: the routes' parameter types refer to
@@ -11,15 +24,41 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import Response
+from pydantic import BaseModel, ConfigDict
 from starlette.concurrency import run_in_threadpool
 
 from tandem.errors import InvalidInput, Unauthorized
 from tandem.operations.sessions import Session, SessionRegistry
 from tandem.storage.digest import from_hex
-from tandem.transport.wire import decode_digests, encode_digests, encode_frames
+from tandem.storage.pool import ChunkInfo, ChunkPool, check_header
+from tandem.transport.wire import (
+    BLOCK_BYTES_PER_REQUEST,
+    BLOCKS_PER_REQUEST,
+    SUBS_PER_REQUEST,
+    decode_digests,
+    encode_digests,
+    encode_frames,
+    encode_subs,
+)
 
 OCTETS = "application/octet-stream"
 MAX_BATCH = 256 * 1024 * 1024
+
+
+class SubsAsk(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    digests: list[str]
+
+
+class BlocksOf(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    digest: str
+    blocks: list[int]
+
+
+class BlocksAsk(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    chunks: list[BlocksOf]
 
 
 def _digest(text: str) -> bytes:
@@ -27,6 +66,21 @@ def _digest(text: str) -> bytes:
         return from_hex(text)
     except ValueError as exc:
         raise InvalidInput(detail=f"not a 64-hex-digit digest: {text[:80]!r}") from exc
+
+
+def _check_count(n: int, what: str) -> None:
+    if n > SUBS_PER_REQUEST:
+        raise InvalidInput(
+            detail=f"{n} chunks in one request; ask for {what} of at most {SUBS_PER_REQUEST}"
+            " chunks per request and split the rest into further requests"
+        )
+
+
+def _checked_info(pool: ChunkPool, digest: bytes) -> ChunkInfo:
+    """A chunk's header, checked against its id (a bad chunk is never served)."""
+    info = pool.info(digest)
+    check_header(info, digest, str(pool.root))
+    return info
 
 
 def make_router(registry: SessionRegistry) -> APIRouter:
@@ -84,5 +138,46 @@ def make_router(registry: SessionRegistry) -> APIRouter:
             raise InvalidInput(detail=f"block index out of range (chunk has {len(subs)})")
         blocks = registry.pool.read_blocks(digest, indices)
         return _sent(s, encode_frames((subs[j], b) for j, b in zip(indices, blocks, strict=True)))
+
+    @router.post("/subs")
+    def post_subs(s: S, body: SubsAsk) -> Response:
+        """The length and block digests of each chunk named, in order (one subs frame each)."""
+        _check_count(len(body.digests), "the block digests")
+        digests = decode_digests(body.digests)
+        infos = [_checked_info(registry.pool, d) for d in digests]
+        return _sent(
+            s,
+            encode_frames(
+                (d, encode_subs(i.plain_len, i.subs)) for d, i in zip(digests, infos, strict=True)
+            ),
+        )
+
+    @router.post("/blocks")
+    def post_blocks(s: S, body: BlocksAsk) -> Response:
+        """Blocks of several chunks: per chunk, its subs frame, then one frame per block."""
+        _check_count(len(body.chunks), "blocks")
+        total = sum(len(c.blocks) for c in body.chunks)
+        if total > BLOCKS_PER_REQUEST:
+            raise InvalidInput(
+                detail=f"{total} blocks in one request; ask for at most {BLOCKS_PER_REQUEST}"
+                f" blocks ({BLOCK_BYTES_PER_REQUEST // (1024 * 1024)} MiB) per request and"
+                " split the rest into further requests"
+            )
+        digests = decode_digests(c.digest for c in body.chunks)
+        infos = [_checked_info(registry.pool, d) for d in digests]
+        for d, info, c in zip(digests, infos, body.chunks, strict=True):
+            bad = [j for j in c.blocks if not 0 <= j < len(info.subs)]
+            if bad:
+                raise InvalidInput(
+                    detail=f"block index {bad[0]} out of range for chunk {d.hex()}, which has"
+                    f" {len(info.subs)} blocks (indices 0 to {len(info.subs) - 1})"
+                )
+        wants = [(d, c.blocks) for d, c in zip(digests, body.chunks, strict=True)]
+        blocks = registry.pool.read_blocks_many(wants)
+        frames: list[tuple[bytes, bytes]] = []
+        for (d, indices), info, got in zip(wants, infos, blocks, strict=True):
+            frames.append((d, encode_subs(info.plain_len, info.subs)))
+            frames += ((info.subs[j], b) for j, b in zip(indices, got, strict=True))
+        return _sent(s, encode_frames(frames))
 
     return router

@@ -167,6 +167,11 @@ def run_restore(site: Site, ctx: JobContext) -> dict[str, Any]:
             )
     stats = done.get("stats") or {}
     written = int(stats.get("bytes_written") or 0)
+    ctx.log(
+        f"host {host.name} wrote {written} bytes in {float(stats.get('seconds') or 0):.2f} s "
+        f"({int(stats.get('bytes_compared') or 0)} bytes of the target compared, "
+        f"{transfer.bytes_sent} bytes sent)"
+    )
     downtime = None
     if image.kind is ImageKind.SYNCBACK:
         # Failback downtime: the final syncback is taken once the app stopped at the DR

@@ -63,12 +63,14 @@ class SessionRegistry:
         bases: Iterable[bytes] = (),
         readable: Iterable[bytes] = (),
         ttl: float = 24 * 3600,
+        xor_deltas: bool = True,
     ) -> tuple[Session, str]:
-        """Open a session; returns it and its token (shown once, kept as a hash)."""
+        """Open a session; returns it and its token (shown once, kept as a hash).
+        ``xor_deltas``: see ``PoolWriter.put_encoded``."""
         bases = list(bases)
         token = secrets.token_urlsafe(32)
         sid = secrets.token_hex(8)
-        writer = self.pool.writer(bases) if write else None
+        writer = self.pool.writer(bases, xor_deltas=xor_deltas) if write else None
         session = Session(
             id=sid,
             token_hash=hash_token(token),

@@ -29,6 +29,7 @@ the failover) is adopted, so production later replicates with the current epoch.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
@@ -300,10 +301,14 @@ def run_syncback(site: Site, ctx: JobContext) -> dict[str, Any]:
     with site.catalog.read() as session:
         app = q.get_app(session, name=name)
         check_transition(app.name, app.state, Operation.SYNCBACK)
+    t0 = time.monotonic()
     image, changed = capture_dr_state(
         site, ctx, app, kind=ImageKind.SYNCBACK, label=ctx.job.params.get("label")
     )
+    t1 = time.monotonic()
+    ctx.log(f"captured {image.id} in {t1 - t0:.2f} s")
     sent = send_home(site, ctx, app, image)
+    ctx.log(f"sent {sent} bytes to {peer.name} in {time.monotonic() - t1:.2f} s")
     with site.catalog.begin() as session:
         q.record_transition(
             session, app=name, operation=Operation.SYNCBACK, actor=ctx.job.actor, job=ctx.job.id
@@ -351,6 +356,8 @@ def open_syncback(
         write=True,
         bases=[base_id] if base_id else [],
         ttl=3600,
+        # It lands during a failback's downtime: stored as sent, no base decoded.
+        xor_deltas=False,
     )
     transfer.meta.update(peer=peer, app=app, image=image, epoch=epoch, syncback=True)
     return {"session": transfer.id, "token": token, "base": base_id.hex() if base_id else None}

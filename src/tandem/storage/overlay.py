@@ -77,7 +77,7 @@ from tandem.errors import (
     PoolFull,
     StorageError,
 )
-from tandem.storage.digest import SUB_BLOCK, hash_bytes, hash_sub_blocks
+from tandem.storage.digest import SUB_BLOCK, hash_block, hash_bytes, hash_sub_blocks, object_id
 from tandem.storage.manifest import (
     VOLUME_CHUNK,
     VolumeManifest,
@@ -884,12 +884,16 @@ def capture_overlay(
             i, blocks = item
             off = i * VOLUME_CHUNK
             length = min(VOLUME_CHUNK, size - off)
-            data = overlay.read(off, length)
             read = _blocks_bytes(i, blocks, size)
+            base_chunk = chunks[i]
+            if base_chunk is not None:
+                quick = _capture_blocks(writer, overlay, off, length, base_chunk, blocks)
+                if quick is not None:
+                    return i, *quick[:1], read, quick[1]
+            data = overlay.read(off, length)
             digest = hash_bytes(data)
             if digest == zero_digest(length):
                 return i, None, read, None
-            base_chunk = chunks[i]
             if digest == base_chunk:
                 return i, digest, read, None  # rewritten with what was there
             return i, digest, read, _store_chunk(writer, data, digest, base_chunk, blocks)
@@ -921,6 +925,55 @@ def _blocks_bytes(chunk: int, blocks: Iterable[int], size: int) -> int:
         start = (chunk * per_chunk + j) * BLOCK
         total += max(0, min(BLOCK, size - start))
     return total
+
+
+def _capture_blocks(
+    writer: ChunkWriter,
+    overlay: Overlay,
+    off: int,
+    length: int,
+    base_chunk: bytes,
+    dirty: list[int],
+) -> tuple[bytes | None, PutResult | None] | None:
+    """Capture a chunk from its ``dirty`` blocks alone, when few changed: their digests and
+    the base chunk's header give the new id (``digest.object_id``), and the changed blocks
+    are stored as a delta over the base chunk. Neither the base chunk nor the clean blocks
+    are read: a capture costs what was written. Returns (id or None for all zeros, what was
+    stored), or None to capture the chunk whole."""
+    try:
+        base_subs = writer.sub_digests(base_chunk)
+    except (ChunkMissing, ChunkCorrupt):
+        return None
+    if len(base_subs) != -(-length // BLOCK) or len(dirty) > len(base_subs) // 2:
+        return None
+    subs = list(base_subs)
+    blocks: dict[int, bytes] = {}
+    for start, end in _runs(dirty):
+        pos, stop = off + start * BLOCK, min(off + end * BLOCK, off + length)
+        data = memoryview(overlay.read(pos, stop - pos))
+        for j in range(start, end):
+            block = bytes(data[(j - start) * BLOCK : (j - start + 1) * BLOCK])
+            subs[j] = hash_block(block)
+            if subs[j] != base_subs[j]:
+                blocks[j] = block
+    digest = object_id(subs, length)
+    if digest == zero_digest(length):
+        return None, None
+    if not blocks:
+        return digest, None  # rewritten with what was there
+    result = writer.put_blocks(digest, subs, length, base_chunk, blocks)
+    return None if result is None else (digest, result)
+
+
+def _runs(indices: list[int]) -> list[tuple[int, int]]:
+    """Sorted indices as [start, end) runs of consecutive ones."""
+    runs: list[tuple[int, int]] = []
+    for j in indices:
+        if runs and runs[-1][1] == j:
+            runs[-1] = (runs[-1][0], j + 1)
+        else:
+            runs.append((j, j + 1))
+    return runs
 
 
 def _store_chunk(

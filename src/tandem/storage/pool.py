@@ -3,23 +3,29 @@
 Invariants
 - A chunk file exists under ``chunks/`` only once its bytes are durable (written to
   ``tmp/``, synced, then renamed). "Present" therefore means durable; every read verifies
-  the BLAKE3-256 digest of the plaintext and a bad chunk raises, it is never served.
+  what it returns against the chunk's id and a bad chunk raises, it is never served. The id
+  covers the header's 64 KiB block digests (``digest.object_id``), so a read of a few
+  blocks checks the header with one small hash and each block with its own digest: it
+  decodes only what it returns (a delta's own blocks; its base only for the others).
 - A manifest is written after every chunk it names is durable (``PoolWriter.commit_manifest``).
 - Garbage collection is safe while writers run: a writer registers itself in ``writers/``
   (a file it holds an flock on) with its start time and the manifests it builds on; GC keeps
   every chunk named by a live or base manifest and every chunk touched or written since the
   oldest active writer started. A writer that reuses a chunk it did not write touches it.
 
-On-disk format, version 1::
+On-disk format, version 2 (version 1 had plain BLAKE3-256 ids)::
 
-    DIR/pool.json             {"format": 1, "kind": "tandem-pool"}
+    DIR/pool.json             {"format": 2, "kind": "tandem-pool"}
     DIR/chunks/ab/<hex>       chunk files, fanned out by the first byte of the digest
     DIR/manifests/<hex>       manifest objects (same file format, no sub-block digests)
     DIR/tmp/                  temporary files; emptied when the pool opens
     DIR/writers/<id>          one per active writer: JSON {"started": t, "bases": [hex...]}
 
-    chunk file = b"TCK1" | codec u8 (0 raw, 1 zstd) | reserved u8 | n_sub u16
-                 | plain_len u32 | n_sub * 32-byte sub-block digests | payload
+    chunk file = b"TCK1" | codec u8 (0 raw, 1 zstd, 2 delta) | delta depth u8 | n_sub u16
+                 | plain_len u32 | n_sub * 32-byte sub-block digests
+                 | [delta: base id 32 | mask of the blocks it holds u64 | inner codec u8]
+                 | payload (a delta's: its blocks in order, XORed with the base's when
+                   the inner codec has DELTA_XOR)
 """
 
 from __future__ import annotations
@@ -42,8 +48,16 @@ from typing import Any, Protocol
 
 import zstandard
 
-from tandem.errors import ChunkCorrupt, ChunkMissing, PoolFull, StorageError
-from tandem.storage.digest import DIGEST_SIZE, SUB_BLOCK, hash_bytes, hash_sub_blocks
+from tandem.errors import ChunkCorrupt, ChunkMissing, InvalidInput, PoolFull, StorageError
+from tandem.storage.digest import (
+    DIGEST_SIZE,
+    SUB_BLOCK,
+    hash_block,
+    hash_bytes,
+    hash_object,
+    hash_sub_blocks,
+    object_id,
+)
 
 MAGIC = b"TCK1"
 HEADER = struct.Struct("<4sBBHI")
@@ -55,7 +69,7 @@ MAX_DELTA_DEPTH = 8  # longer chains are cut by storing the chunk whole
 DELTA_XOR = 0x80  # inner-codec flag: blocks are stored XORed with the base's blocks
 ZSTD_LEVEL = 1
 MIN_SAVING = 0.05  # store raw when compression saves less than this fraction
-POOL_FORMAT = 1
+POOL_FORMAT = 2
 FLUSH_CHUNKS = 2048  # pending chunks before a writer makes them durable
 FLUSH_BYTES = 512 * 1024 * 1024
 
@@ -146,7 +160,8 @@ def parse_header(blob: bytes | memoryview, digest: bytes, where: str) -> ChunkIn
     pos = HEADER.size + n_sub * DIGEST_SIZE
     if len(blob) < pos:
         raise bad("truncated header")
-    subs = [bytes(blob[i : i + DIGEST_SIZE]) for i in range(HEADER.size, pos, DIGEST_SIZE)]
+    table = bytes(blob[HEADER.size : pos])
+    subs = [table[i : i + DIGEST_SIZE] for i in range(0, len(table), DIGEST_SIZE)]
     base = None
     if codec == CODEC_DELTA:
         if len(blob) < pos + DELTA_HEAD.size:
@@ -218,9 +233,46 @@ def _verified_plaintext(
             data = _unpack(info.codec, payload, info.plain_len)
     except zstandard.ZstdError as exc:
         raise ChunkCorrupt(digest=digest.hex(), pool=where, reason=f"zstd: {exc}") from exc
-    if len(data) != info.plain_len or hash_bytes(data) != digest:
+    if len(data) != info.plain_len:
+        raise ChunkCorrupt(digest=digest.hex(), pool=where, reason="length mismatch")
+    got, subs = hash_object(data)
+    if got != digest:
         raise ChunkCorrupt(digest=digest.hex(), pool=where, reason="digest mismatch")
+    if info.subs and info.subs != subs:  # (manifest objects carry none)
+        raise ChunkCorrupt(digest=digest.hex(), pool=where, reason="sub-block digests")
     return data
+
+
+def check_header(info: ChunkInfo, digest: bytes, where: str) -> None:
+    """Raise unless the header's block digests and length are the ones ``digest`` names:
+    then each block can be verified on its own against them."""
+    if object_id(info.subs, info.plain_len) != digest:
+        raise ChunkCorrupt(digest=digest.hex(), pool=where, reason="header does not match id")
+
+
+def _delta_blocks(
+    blob: bytes, info: ChunkInfo, digest: bytes, where: str
+) -> tuple[dict[int, memoryview], bool]:
+    """The blocks a delta chunk file holds (index -> bytes as stored, XORed or not) and
+    whether they are XORed with the base's; decompresses only the delta's own payload."""
+    _, mask, inner = DELTA_HEAD.unpack_from(blob, info.payload_at - DELTA_HEAD.size)
+    held = [j for j in range(len(info.subs)) if mask >> j & 1]
+    if mask >> len(info.subs):
+        raise ChunkCorrupt(digest=digest.hex(), pool=where, reason="delta mask")
+    sizes = [min(SUB_BLOCK, info.plain_len - j * SUB_BLOCK) for j in held]
+    try:
+        raw = _unpack(inner & ~DELTA_XOR, memoryview(blob)[info.payload_at :], sum(sizes))
+    except zstandard.ZstdError as exc:
+        raise ChunkCorrupt(digest=digest.hex(), pool=where, reason=f"zstd: {exc}") from exc
+    if len(raw) != sum(sizes):
+        raise ChunkCorrupt(digest=digest.hex(), pool=where, reason="delta payload length")
+    view = memoryview(raw)
+    out: dict[int, memoryview] = {}
+    pos = 0
+    for j, n in zip(held, sizes, strict=True):
+        out[j] = view[pos : pos + n]
+        pos += n
+    return out, bool(inner & DELTA_XOR)
 
 
 def syncfs(fd: int) -> None:
@@ -314,6 +366,10 @@ class ChunkWriter(Protocol):
 
     def sub_digests(self, digest: bytes) -> list[bytes]: ...
 
+    def put_blocks(
+        self, digest: bytes, subs: list[bytes], length: int, base: bytes, blocks: dict[int, bytes]
+    ) -> PutResult | None: ...
+
     def commit_manifest(self, blob: bytes) -> bytes: ...
 
     def __enter__(self) -> ChunkWriter: ...
@@ -347,6 +403,7 @@ class ChunkPool:
         if info.get("format") != POOL_FORMAT:
             raise StorageError(detail=f"pool {self.root} has unsupported format {info}")
         self.chunks_dir = self.root / "chunks"
+        self._chunks_prefix = f"{self.chunks_dir}/"
         self.manifests_dir = self.root / "manifests"
         self.tmp_dir = self.root / "tmp"
         self.writers_dir = self.root / "writers"
@@ -382,13 +439,18 @@ class ChunkPool:
         hexd = digest.hex()
         return self.chunks_dir / hexd[:2] / hexd
 
+    def _chunk_file(self, digest: bytes) -> str:
+        """``chunk_path`` as a string, for the hot paths (no pathlib objects)."""
+        hexd = digest.hex()
+        return f"{self._chunks_prefix}{hexd[:2]}/{hexd}"
+
     def has(self, digest: bytes) -> bool:
-        return self.chunk_path(digest).exists()
+        return os.path.exists(self._chunk_file(digest))
 
     def touch(self, digest: bytes) -> bool:
         """Mark a chunk as in use now (for GC); False if it is not present."""
         try:
-            os.utime(self.chunk_path(digest))
+            os.utime(self._chunk_file(digest))
         except FileNotFoundError:
             return False
         return True
@@ -408,7 +470,8 @@ class ChunkPool:
 
     def _read_file(self, digest: bytes) -> bytes:
         try:
-            return self.chunk_path(digest).read_bytes()
+            with open(self._chunk_file(digest), "rb") as fh:
+                return fh.read()
         except FileNotFoundError as exc:
             raise ChunkMissing(digest=digest.hex(), pool=str(self.root)) from exc
 
@@ -430,24 +493,69 @@ class ChunkPool:
 
     def info(self, digest: bytes) -> ChunkInfo:
         """The header of a stored chunk (codec, delta depth and base, sub-block digests)."""
-        path = self.chunk_path(digest)
         try:
-            with open(path, "rb") as fh:
+            with open(self._chunk_file(digest), "rb") as fh:
                 head = fh.read(HEADER.size + 64 * DIGEST_SIZE + DELTA_HEAD.size)
         except FileNotFoundError as exc:
             raise ChunkMissing(digest=digest.hex(), pool=str(self.root)) from exc
         return parse_header(head, digest, str(self.root))
 
     def sub_digests(self, digest: bytes) -> list[bytes]:
-        """The 64 KiB sub-block digests of a chunk, read from its header only."""
-        return self.info(digest).subs
+        """The 64 KiB sub-block digests of a chunk, read from its header only (checked
+        against the id)."""
+        info = self.info(digest)
+        check_header(info, digest, str(self.root))
+        return info.subs
 
     def read_blocks(self, digest: bytes, indices: list[int]) -> list[bytes]:
-        """The plaintext 64 KiB sub-blocks ``indices`` of a chunk (verified as a whole)."""
+        """The plaintext 64 KiB sub-blocks ``indices`` of a chunk, each verified.
+
+        Decodes no more than it must: a delta's own blocks come from its payload alone,
+        the others from its base; only a self-contained chunk is decompressed whole.
+        """
         if not indices:
             return []
-        data = self.get(digest)
-        return [data[j * SUB_BLOCK : (j + 1) * SUB_BLOCK] for j in indices]
+        where = str(self.root)
+        blob = self._read_file(digest)
+        info = parse_header(blob, digest, where)
+        check_header(info, digest, where)
+        if any(not 0 <= j < len(info.subs) for j in indices):
+            raise InvalidInput(detail=f"block index out of range (chunk has {len(info.subs)})")
+        found: dict[int, bytes | memoryview] = {}
+        if info.codec == CODEC_DELTA:
+            assert info.base is not None
+            held, xored = _delta_blocks(blob, info, digest, where)
+            mine = sorted({j for j in indices if j in held})
+            rest = sorted({j for j in indices if j not in held})
+            olds = dict(zip(mine, self.read_blocks(info.base, mine), strict=True)) if xored else {}
+            for j in mine:
+                found[j] = _xor(bytes(held[j]), olds[j]) if xored else held[j]
+            found.update(zip(rest, self.read_blocks(info.base, rest), strict=True))
+        else:
+            payload = memoryview(blob)[info.payload_at :]
+            try:
+                plain = memoryview(_unpack(info.codec, payload, info.plain_len))
+            except zstandard.ZstdError as exc:
+                raise ChunkCorrupt(digest=digest.hex(), pool=where, reason=f"zstd: {exc}") from exc
+            if len(plain) != info.plain_len:
+                raise ChunkCorrupt(digest=digest.hex(), pool=where, reason="length mismatch")
+            for j in set(indices):
+                found[j] = plain[j * SUB_BLOCK : (j + 1) * SUB_BLOCK]
+        out = []
+        for j in indices:
+            block = found[j]
+            if hash_block(block) != info.subs[j]:
+                raise ChunkCorrupt(digest=digest.hex(), pool=where, reason=f"block {j}")
+            out.append(bytes(block))
+        return out
+
+    def sub_digests_many(self, digests: list[bytes]) -> list[list[bytes]]:
+        """``sub_digests`` of each of ``digests``, in order."""
+        return [self.sub_digests(d) for d in digests]
+
+    def read_blocks_many(self, wants: list[tuple[bytes, list[int]]]) -> list[list[bytes]]:
+        """``read_blocks`` of each (digest, indices), in order."""
+        return [self.read_blocks(d, indices) for d, indices in wants]
 
     def stored_size(self, digest: bytes) -> int:
         return self.chunk_path(digest).stat().st_size
@@ -488,9 +596,10 @@ class ChunkPool:
 
     # --- writing ------------------------------------------------------------------------
 
-    def writer(self, bases: Iterable[bytes] = ()) -> PoolWriter:
-        """A registered writer; ``bases`` are manifests whose chunks it may reuse untouched."""
-        return PoolWriter(self, list(bases))
+    def writer(self, bases: Iterable[bytes] = (), *, xor_deltas: bool = True) -> PoolWriter:
+        """A registered writer; ``bases`` are manifests whose chunks it may reuse untouched.
+        ``xor_deltas``: see ``PoolWriter.put_encoded``."""
+        return PoolWriter(self, list(bases), xor_deltas=xor_deltas)
 
     def _active_writers(self) -> list[dict[str, Any]]:
         """Registrations of writers that still hold their lock; stale ones are removed."""
@@ -602,9 +711,10 @@ class PoolWriter:
     with an exception discards unflushed chunks, so nothing half-written becomes visible.
     """
 
-    def __init__(self, pool: ChunkPool, bases: list[bytes]) -> None:
+    def __init__(self, pool: ChunkPool, bases: list[bytes], *, xor_deltas: bool = True) -> None:
         self.pool = pool
         self.bases = bases
+        self.xor_deltas = xor_deltas
         self._lock = threading.Lock()
         self._pending: dict[bytes, tuple[Path, int]] = {}
         self._pending_bytes = 0
@@ -700,48 +810,84 @@ class PoolWriter:
         self._write_pending(digest, blob)
         return PutResult(digest, True, len(blob))
 
-    def put_encoded(self, digest: bytes, blob: bytes) -> PutResult:
-        """Store a chunk file received from an agent or a peer, after verifying it.
-
-        A delta is checked against its base, which must be present here; one whose chain
-        would grow past MAX_DELTA_DEPTH is stored whole.
+    def put_blocks(
+        self, digest: bytes, subs: list[bytes], length: int, base: bytes, blocks: dict[int, bytes]
+    ) -> PutResult | None:
+        """Store chunk ``digest`` given only as its changed ``blocks`` over chunk ``base``
+        (the caller computed ``digest`` from ``subs``, see ``digest.object_id``): no byte of
+        the base is read. Stored plain, not XORed. None when it cannot be a delta (the base
+        is missing, of another length, or at the end of a long chain): store it whole then.
         """
         if self.has(digest):
             return PutResult(digest, False, 0)
-        info = parse_header(blob, digest, "received chunk")
+        try:
+            base_info = self.pool.info(base)
+        except (ChunkMissing, ChunkCorrupt):
+            return None
+        if base_info.depth >= MAX_DELTA_DEPTH or base_info.plain_len != length:
+            return None
+        blob = encode_delta(base, base_info.depth, length, subs, blocks)
+        self._write_pending(digest, blob)
+        return PutResult(digest, True, len(blob))
+
+    def put_encoded(self, digest: bytes, blob: bytes) -> PutResult:
+        """Store a chunk file received from an agent or a peer, after verifying it.
+
+        A delta needs its base here. It is verified without decoding the base: the header
+        against the id, each block it holds against its digest, the others' digests against
+        the base's header. It is then stored XORed with the base's blocks (``xor_deltas``),
+        so that a small write costs about its own size here and on every later hop; a
+        writer that must be quick (a syncback, during a failback's downtime) keeps it as
+        it came. One whose chain would grow past MAX_DELTA_DEPTH is stored whole.
+        """
+        if self.has(digest):
+            return PutResult(digest, False, 0)
+        where = "received chunk"
+        info = parse_header(blob, digest, where)
+        if len(info.subs) != -(-info.plain_len // SUB_BLOCK):
+            raise ChunkCorrupt(digest=digest.hex(), pool=where, reason="sub-block digests")
+        if info.base is None:
+            # One decode; a raw chunk is hashed in place (no copy of its plaintext).
+            _verified_plaintext(blob, info, digest, where, None)
+            self._write_pending(digest, blob)
+            return PutResult(digest, True, len(blob))
         with self._lock:
             base_pending = info.base in self._pending
         if base_pending:
             self.flush()  # the base came in this session: make it readable first
-        if info.base is not None and not self.has(info.base):
+        if not self.has(info.base):
             raise ChunkMissing(digest=info.base.hex(), pool=str(self.pool.root))
-        # One decode; a raw chunk is hashed in place (no copy of its plaintext).
-        data = _verified_plaintext(blob, info, digest, "received chunk", self.pool.get)
-        if info.subs != hash_sub_blocks(data):
-            raise ChunkCorrupt(digest=digest.hex(), pool="received chunk", reason="sub-digests")
-        if info.base is not None:
-            assert isinstance(data, bytes)  # a delta's plaintext is rebuilt, never a view
-            # The sender cannot know our chain lengths: recompute, cut long chains.
-            depth = self.pool.info(info.base).depth + 1
-            if depth > MAX_DELTA_DEPTH:
-                blob = encode_chunk(data, info.subs)
-            else:
-                blob = self._as_xor_delta(blob, info, data, depth)
+        check_header(info, digest, where)
+        base_info = self.pool.info(info.base)
+        check_header(base_info, info.base, str(self.pool.root))
+        if base_info.plain_len != info.plain_len:
+            raise ChunkCorrupt(digest=digest.hex(), pool=where, reason="delta base length")
+        held, xored = _delta_blocks(blob, info, digest, where)
+        keys = sorted(held)
+        olds = (
+            dict(zip(keys, self.pool.read_blocks(info.base, keys), strict=True))
+            if xored or self.xor_deltas
+            else {}
+        )
+        blocks = {j: _xor(bytes(b), olds[j]) if xored else bytes(b) for j, b in held.items()}
+        expected = list(base_info.subs)  # the base's blocks, but for those the delta holds
+        for j, block in blocks.items():
+            expected[j] = hash_block(block)
+        if expected != info.subs:
+            raise ChunkCorrupt(digest=digest.hex(), pool=where, reason="blocks do not match")
+        # The sender cannot know our chain lengths: recompute, cut long chains.
+        depth = base_info.depth + 1
+        if depth > MAX_DELTA_DEPTH:
+            whole = bytearray(self.pool.get(info.base))
+            for j, block in blocks.items():
+                whole[j * SUB_BLOCK : j * SUB_BLOCK + len(block)] = block
+            blob = encode_chunk(whole, info.subs)
+        elif self.xor_deltas and not xored:
+            blob = encode_delta(info.base, depth - 1, info.plain_len, info.subs, blocks, olds)
+        else:
+            blob = blob[:5] + bytes([depth]) + blob[6:]
         self._write_pending(digest, blob)
         return PutResult(digest, True, len(blob))
-
-    def _as_xor_delta(self, blob: bytes, info: ChunkInfo, data: bytes, depth: int) -> bytes:
-        """A received delta re-encoded XORed against its base (agents cannot do that: they
-        no longer hold the old blocks), so a small write costs about its own size here and
-        on every later hop; the depth byte is set to ours."""
-        assert info.base is not None
-        _, mask, inner = DELTA_HEAD.unpack_from(blob, info.payload_at - DELTA_HEAD.size)
-        if inner & DELTA_XOR:
-            return blob[:5] + bytes([depth]) + blob[6:]
-        blocks = [j for j in range(64) if mask >> j & 1]
-        changed = {j: data[j * SUB_BLOCK : (j + 1) * SUB_BLOCK] for j in blocks}
-        old = dict(zip(blocks, self.pool.read_blocks(info.base, blocks), strict=True))
-        return encode_delta(info.base, depth - 1, info.plain_len, info.subs, changed, old)
 
     def _write_pending(self, digest: bytes, blob: bytes) -> None:
         tmp = self.pool.tmp_dir / f"{digest.hex()}.{uuid.uuid4().hex[:8]}"

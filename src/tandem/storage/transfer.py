@@ -19,7 +19,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from tandem.errors import ChunkCorrupt, ChunkMissing
-from tandem.storage.digest import SUB_BLOCK
 from tandem.storage.manifest import Manifest, VolumeManifest
 from tandem.storage.pool import CODEC_DELTA, ChunkPool, encode_delta, parse_header
 
@@ -78,8 +77,7 @@ def encode_for_receiver(
                 j for j, (a, b) in enumerate(zip(info.subs, prev_subs, strict=True)) if a != b
             ]
             if len(changed) <= len(info.subs) // 2:
-                data = pool.get(digest)
-                blocks = {j: data[j * SUB_BLOCK : (j + 1) * SUB_BLOCK] for j in changed}
+                blocks = dict(zip(changed, pool.read_blocks(digest, changed), strict=True))
                 old = dict(zip(changed, pool.read_blocks(prev, changed), strict=True))
                 return encode_delta(prev, 0, info.plain_len, info.subs, blocks, old)
     return stored if info.codec != CODEC_DELTA else pool.get_raw(digest)

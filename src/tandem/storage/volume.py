@@ -32,13 +32,11 @@ import stat
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
-
-import blake3
+from typing import Any, Protocol, TypeVar
 
 from tandem.errors import (
     ChunkCorrupt,
@@ -48,9 +46,19 @@ from tandem.errors import (
     StorageError,
     TargetInvalid,
 )
-from tandem.storage.digest import SUB_BLOCK, hash_bytes, hash_sub_blocks
+from tandem.storage.digest import (
+    SUB_BLOCK,
+    hash_block,
+    hash_bytes,
+    hash_object,
+    hash_sub_blocks,
+    object_id,
+)
 from tandem.storage.manifest import VOLUME_CHUNK, VolumeManifest, store_manifest
 from tandem.storage.pool import ChunkPool, ChunkWriter, PutResult, WritablePool
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
 
 Progress = Callable[[int, int], None]
 """progress(done_bytes, total_bytes), called from the capturing thread."""
@@ -84,35 +92,61 @@ def zero_digest(length: int) -> bytes:
     return digest
 
 
-def _read_and_hash(fd: int, length: int, off: int) -> tuple[memoryview, bytes]:
+def zero_block_digests(length: int) -> list[bytes]:
+    """The block digests of ``length`` zero bytes (a chunk of an all-zero extent)."""
+    zero = hash_block(_ZERO[:SUB_BLOCK])
+    out = [zero] * (length // SUB_BLOCK)
+    if length % SUB_BLOCK:
+        out.append(hash_block(_ZERO[: length % SUB_BLOCK]))
+    return out
+
+
+def _read_and_hash(fd: int, length: int, off: int) -> tuple[memoryview, bytes, list[bytes]]:
     """Read a chunk into this thread's reusable buffer and hash it on the way.
 
-    Reading 1 MiB at a time and hashing each piece while it is still in the CPU cache
-    makes an unchanged-volume scan run near ``cat`` speed; the buffer is reused so no
-    4 MiB allocation happens per chunk. Returns a view that is valid until the next call.
+    Reading 1 MiB at a time and hashing each 64 KiB block of it while it is still in the
+    CPU cache makes an unchanged-volume scan run near ``cat`` speed; the buffer is reused so
+    no 4 MiB allocation happens per chunk. Returns a view that is valid until the next
+    call, the chunk's id and its block digests.
     """
     buf: bytearray | None = getattr(_buffers, "buf", None)
     if buf is None:
         buf = _buffers.buf = bytearray(VOLUME_CHUNK)
     view = memoryview(buf)[:length]
-    hasher = blake3.blake3()
+    subs: list[bytes] = []
     done = 0
     while done < length:
         piece = view[done : done + _PIECE]
-        n = os.preadv(fd, [piece], off + done)
-        if n <= 0:
+        got = 0
+        while got < len(piece):  # whole pieces, so that blocks stay aligned
+            n = os.preadv(fd, [piece[got:]], off + done + got)
+            if n <= 0:
+                break
+            got += n
+        subs.extend(hash_sub_blocks(piece[:got]))
+        done += got
+        if got < len(piece):
             break
-        hasher.update(piece[:n])
-        done += n
-    return view[:done], hasher.digest()
+    return view[:done], object_id(subs, done), subs
 
 
 class ChunkSource(Protocol):
-    """Where restore reads chunk data from: a local pool, or a remote one through its API."""
+    """Where restore reads chunk data from: a local pool, or a remote one through its API.
+
+    Whatever it returns is verified, and a restore relies on that: ``get`` returns the chunk
+    ``digest`` names, ``sub_digests`` block digests checked against the id
+    (``digest.object_id``), ``read_blocks`` blocks each checked against its block digest;
+    anything else raises ChunkCorrupt. The ``_many`` forms do the same for many chunks, in
+    order; a remote source answers them in a few requests, not one per chunk.
+    """
 
     def sub_digests(self, digest: bytes) -> list[bytes]: ...
 
     def read_blocks(self, digest: bytes, indices: list[int]) -> list[bytes]: ...
+
+    def sub_digests_many(self, digests: list[bytes]) -> list[list[bytes]]: ...
+
+    def read_blocks_many(self, wants: list[tuple[bytes, list[int]]]) -> list[list[bytes]]: ...
 
     def get(self, digest: bytes) -> bytes: ...
 
@@ -289,7 +323,7 @@ def _capture_worker(
                 return base.chunks[i], _Outcome()  # clean region of a tracked volume
             return None, _Outcome(zero=1)
         try:
-            data, digest = _read_and_hash(fd, length, off)
+            data, digest, subs = _read_and_hash(fd, length, off)
         except OSError as exc:
             raise SourceUnreadable(path=str(source), reason=exc.strerror or str(exc)) from exc
         if len(data) != length:
@@ -303,9 +337,9 @@ def _capture_worker(
         same_length = base is not None and min(chunk, base.size - off) == length
         if base_chunk is not None and same_length and not writer.has(digest):
             # (a delta rebuilds a chunk of its base's length: a resized tail is stored whole)
-            result = _put_as_delta(writer, data, digest, base_chunk)
+            result = _put_as_delta(writer, data, digest, subs, base_chunk)
         if result is None:
-            result = writer.put(data, digest)
+            result = writer.put(data, digest, subs)
         if result.new:
             return digest, _Outcome(read=length, new=1, new_bytes=length, stored=result.stored)
         return digest, _Outcome(read=length)
@@ -314,7 +348,11 @@ def _capture_worker(
 
 
 def _put_as_delta(
-    writer: ChunkWriter, data: bytes | bytearray | memoryview, digest: bytes, base_chunk: bytes
+    writer: ChunkWriter,
+    data: bytes | bytearray | memoryview,
+    digest: bytes,
+    subs: list[bytes],
+    base_chunk: bytes,
 ) -> PutResult | None:
     """Store a changed chunk as its changed 64 KiB sub-blocks over the previous version,
     when at most half of it changed; None when it should be stored whole."""
@@ -322,7 +360,6 @@ def _put_as_delta(
         base_subs = writer.sub_digests(base_chunk)
     except (ChunkMissing, ChunkCorrupt):
         return None
-    subs = hash_sub_blocks(data)
     if len(base_subs) != len(subs):
         return None
     changed = [j for j, (a, b) in enumerate(zip(subs, base_subs, strict=True)) if a != b]
@@ -359,8 +396,183 @@ def _open_target(path: Path, size: int) -> tuple[int, bool]:
 
 
 REMOTE_WORKERS = 8
-"""Threads of a restore from a known base through a remote source: each chunk is a few
-round trips and little CPU, so more requests in flight hide the latency."""
+"""Threads of a restore from a known base through a remote source: each batch is a round
+trip and little CPU, so more requests in flight hide the latency."""
+
+BASE_WINDOW = 512
+"""Changed chunks whose block digests a restore from a base asks for at once: their new and
+old versions make at most 1024 digests, one request to an appliance."""
+
+BLOCK_BATCH = 4 * 1024 * 1024
+"""Block bytes a restore from a base asks for at once (one request to an appliance); with
+REMOTE_WORKERS of them in flight, memory stays flat whatever the size of the change."""
+
+
+def _where(source: ChunkSource) -> str:
+    """How to name ``source`` in an error."""
+    if isinstance(source, ChunkPool):
+        return str(source.root)
+    return str(getattr(source, "where", "the restore source"))
+
+
+def _check_fit(source: ChunkSource, digest: bytes, subs: list[bytes], length: int) -> None:
+    """Raise unless a chunk with block digests ``subs`` can fill a ``length``-byte range."""
+    if len(subs) != -(-length // SUB_BLOCK):
+        raise ChunkCorrupt(
+            digest=digest.hex(),
+            pool=_where(source),
+            reason=f"{len(subs)} blocks where the image has room for {length} bytes",
+        )
+
+
+def _check_block(source: ChunkSource, digest: bytes, j: int, block: bytes, length: int) -> None:
+    """Raise unless ``block`` (verified against its digest) has the length block ``j`` of a
+    ``length``-byte range has: then the range is exactly the chunk."""
+    if len(block) != min(SUB_BLOCK, length - j * SUB_BLOCK):
+        raise ChunkCorrupt(
+            digest=digest.hex(), pool=_where(source), reason=f"block {j} has {len(block)} bytes"
+        )
+
+
+@dataclass
+class _Piece:
+    """Blocks of one changed chunk a restore from a base writes: fetched from chunk ``new``,
+    or zeros when ``new`` is None; ``done`` bytes of the image are restored once written."""
+
+    off: int
+    length: int
+    new: bytes | None
+    blocks: list[int]
+    done: int
+
+
+def _plan_window(
+    source: ChunkSource, manifest: VolumeManifest, base: VolumeManifest, window: list[int]
+) -> list[_Piece]:
+    """The differing blocks of the changed chunks ``window``, from their block digests."""
+    digests = list(
+        dict.fromkeys(
+            d for i in window for d in (base.chunks[i], manifest.chunks[i]) if d is not None
+        )
+    )
+    subs = dict(zip(digests, source.sub_digests_many(digests), strict=True))
+    pieces = []
+    for i in window:
+        off, length = manifest.chunk_range(i)
+        old, new = base.chunks[i], manifest.chunks[i]
+        zeros = zero_block_digests(length) if old is None or new is None else []
+        want = subs[new] if new is not None else zeros
+        have = subs[old] if old is not None else zeros
+        for digest, those in ((new, want), (old, have)):
+            if digest is not None:
+                _check_fit(source, digest, those, length)
+        differ = [j for j, (a, b) in enumerate(zip(want, have, strict=True)) if a != b]
+        pieces.append(_Piece(off, length, new, differ, length))
+    return pieces
+
+
+def _batches(pieces: Iterable[_Piece], most: int) -> Generator[list[_Piece], None, None]:
+    """Group pieces into batches of at most ``most`` blocks; a long piece is split (only its
+    last part counts the chunk as done)."""
+    batch: list[_Piece] = []
+    count = 0
+    for piece in pieces:
+        pos = 0
+        while True:
+            take = piece.blocks[pos : pos + most - count]
+            last = pos + len(take) >= len(piece.blocks)
+            batch.append(_Piece(piece.off, piece.length, piece.new, take, piece.done * last))
+            count += len(take)
+            pos += len(take)
+            if count >= most:
+                yield batch
+                batch, count = [], 0
+            if last:
+                break
+    if batch:
+        yield batch
+
+
+def _pipeline(
+    executor: ThreadPoolExecutor, fn: Callable[[_T], _R], items: Iterable[_T], window: int
+) -> Generator[_R, None, None]:
+    """``fn`` over ``items`` in ``executor``, results in order, at most ``window`` in flight."""
+    pending: deque[Future[_R]] = deque()
+    try:
+        for item in items:
+            pending.append(executor.submit(fn, item))
+            if len(pending) >= window:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        for f in pending:
+            f.cancel()
+
+
+def _restore_from_base(
+    source: ChunkSource,
+    manifest: VolumeManifest,
+    base: VolumeManifest,
+    fd: int,
+    workers: int,
+    stats: RestoreStats,
+    progress: Progress | None,
+) -> None:
+    """Write the blocks in which ``manifest`` differs from ``base``, which ``fd`` holds.
+
+    The changed chunks follow from the manifests; their block digests are asked for in
+    windows of BASE_WINDOW chunks, the differing blocks in batches of BLOCK_BATCH bytes,
+    ``workers`` batches in flight: a few requests per GiB of change, none per chunk.
+    """
+    changed = [
+        i for i, (a, b) in enumerate(zip(base.chunks, manifest.chunks, strict=True)) if a != b
+    ]
+    done = manifest.size - sum(manifest.chunk_range(i)[1] for i in changed)
+    if progress:
+        progress(done, manifest.size)
+
+    def plan(window: list[int]) -> list[_Piece]:
+        return _plan_window(source, manifest, base, window)
+
+    def write(batch: list[_Piece]) -> tuple[int, int, int]:
+        """Write a batch; returns (bytes done, fetched, written)."""
+        wants = [(p.new, p.blocks) for p in batch if p.new is not None and p.blocks]
+        got = iter(source.read_blocks_many(wants) if wants else [])
+        finished = fetched = written = 0
+        for p in batch:
+            finished += p.done
+            if p.new is None:
+                for j in p.blocks:
+                    n = min(SUB_BLOCK, p.length - j * SUB_BLOCK)
+                    os.pwrite(fd, _ZERO[:n], p.off + j * SUB_BLOCK)
+                    written += n
+            elif p.blocks:
+                for j, block in zip(p.blocks, next(got), strict=True):
+                    _check_block(source, p.new, j, block, p.length)
+                    os.pwrite(fd, block, p.off + j * SUB_BLOCK)
+                    fetched += len(block)
+                    written += len(block)
+        return finished, fetched, written
+
+    windows = [changed[k : k + BASE_WINDOW] for k in range(0, len(changed), BASE_WINDOW)]
+    with ThreadPoolExecutor(2) as planner, ThreadPoolExecutor(workers) as fetcher:
+        plans = _pipeline(planner, plan, windows, 2)
+        batches = _batches((p for pieces in plans for p in pieces), BLOCK_BATCH // SUB_BLOCK)
+        results = _pipeline(fetcher, write, batches, workers)
+        try:
+            for finished, fetched, written in results:
+                done += finished
+                stats.bytes_fetched += fetched
+                stats.bytes_written += written
+                if progress and finished:
+                    progress(done, manifest.size)
+        finally:
+            # Cancel what is queued now, not when the generators are collected.
+            results.close()
+            batches.close()
+            plans.close()
+
 
 RACY_NS = 1_000_000_000
 """A stamp whose mtime is this close to the moment it was taken is not trusted."""
@@ -434,41 +646,20 @@ def restore_volume(
     """Make ``target`` equal to the image, writing only the 64 KiB blocks that differ.
 
     With ``base``, the caller vouches that ``target`` holds exactly that image (see
-    ``unchanged_since``): only the chunks in which the manifests differ are worked on, and
-    the target is not read.
+    ``unchanged_since``): only the chunks in which the manifests differ are worked on, in
+    batches (``_restore_from_base``), and the target is not read.
     """
     target = Path(target)
     t0 = time.monotonic()
     fd, fresh = _open_target(target, manifest.size)
     stats = RestoreStats(bytes_total=manifest.size)
-    if base is not None and base.size != manifest.size:
+    if base is not None and (base.size, base.chunk_size) != (manifest.size, manifest.chunk_size):
         base = None  # a resize: compare the target itself
-
-    def from_base(i: int, old: bytes | None, new: bytes | None) -> tuple[int, int, int, int]:
-        off, length = manifest.chunk_range(i)
-        if old == new:
-            return length, 0, 0, 0
-        if new is None:  # the chunk became all zero
-            os.pwrite(fd, _ZERO[:length], off)
-            return length, 0, 0, length
-        want = source.sub_digests(new)
-        if old is None:  # the target holds zeros there
-            have = [zero_digest(min(SUB_BLOCK, length - j * SUB_BLOCK)) for j in range(len(want))]
-        else:
-            have = source.sub_digests(old)
-        differ = [j for j, (a, b) in enumerate(zip(want, have, strict=True)) if a != b]
-        moved = 0
-        for j, block in zip(differ, source.read_blocks(new, differ), strict=True):
-            os.pwrite(fd, block, off + j * SUB_BLOCK)
-            moved += len(block)
-        return length, 0, moved, moved
 
     def work(i: int) -> tuple[int, int, int, int]:
         """Restore chunk i; returns (length, compared, fetched, written)."""
         off, length = manifest.chunk_range(i)
         digest = manifest.chunks[i]
-        if base is not None and not fresh:
-            return from_base(i, base.chunks[i], digest)
         if fresh:
             if digest is None:
                 return length, 0, 0, 0
@@ -486,38 +677,40 @@ def restore_volume(
                         os.pwrite(fd, _ZERO[: len(part)], off + j)
                         written += len(part)
             return length, length, 0, written
-        if hash_bytes(current) == digest:
+        now, have = hash_object(current)
+        if now == digest:
             return length, length, 0, 0
+        # The source checked ``want`` against the digest and checks each block against
+        # ``want``: the blocks kept hash to ``want``, the ones written are verified, so the
+        # chunk is exact without reading it back.
         want = source.sub_digests(digest)
-        have = hash_sub_blocks(current)
+        _check_fit(source, digest, want, length)
         differ = [j for j, (a, b) in enumerate(zip(want, have, strict=True)) if a != b]
         moved = 0
         for j, block in zip(differ, source.read_blocks(digest, differ), strict=True):
+            _check_block(source, digest, j, block, length)
             os.pwrite(fd, block, off + j * SUB_BLOCK)
             moved += len(block)
-        if hash_bytes(os.pread(fd, length, off)) != digest:
-            # The sub-block digests in the chunk header are not covered by the chunk's
-            # digest: if they lied, fall back to the whole, verified chunk.
-            data = source.get(digest)
-            os.pwrite(fd, data, off)
-            return length, 2 * length, moved + len(data), moved + len(data)
         return length, length, moved, moved
 
     try:
-        done = 0
         w = workers or default_workers()
-        if base is not None and source_is_remote(source):
-            w = max(w, REMOTE_WORKERS)  # waiting on round trips, not on the CPU
-        with ThreadPoolExecutor(w) as ex:
-            for length, compared, fetched, written in _bounded_map(
-                ex, work, range(len(manifest.chunks)), 2 * w
-            ):
-                done += length
-                stats.bytes_compared += compared
-                stats.bytes_fetched += fetched
-                stats.bytes_written += written
-                if progress:
-                    progress(done, manifest.size)
+        if base is not None and not fresh:
+            if source_is_remote(source):
+                w = max(w, REMOTE_WORKERS)  # waiting on round trips, not on the CPU
+            _restore_from_base(source, manifest, base, fd, w, stats, progress)
+        else:
+            done = 0
+            with ThreadPoolExecutor(w) as ex:
+                for length, compared, fetched, written in _bounded_map(
+                    ex, work, range(len(manifest.chunks)), 2 * w
+                ):
+                    done += length
+                    stats.bytes_compared += compared
+                    stats.bytes_fetched += fetched
+                    stats.bytes_written += written
+                    if progress:
+                        progress(done, manifest.size)
         os.fsync(fd)
     finally:
         os.close(fd)

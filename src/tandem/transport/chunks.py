@@ -13,14 +13,30 @@ when the manifest is committed.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from types import TracebackType
+from typing import Any
 
-from tandem.errors import ChunkCorrupt
-from tandem.storage.digest import DIGEST_SIZE, SUB_BLOCK, hash_bytes, hash_sub_blocks
+from tandem.errors import ChunkCorrupt, InvalidInput
+from tandem.storage.digest import (
+    DIGEST_SIZE,
+    SUB_BLOCK,
+    hash_block,
+    hash_bytes,
+    hash_sub_blocks,
+    object_id,
+)
 from tandem.storage.pool import PutResult, decode_chunk, encode_chunk, encode_delta
 from tandem.transport.client import ApiClient
-from tandem.transport.wire import decode_digests, decode_frames, encode_digests, encode_frames
+from tandem.transport.wire import (
+    BLOCKS_PER_REQUEST,
+    SUBS_PER_REQUEST,
+    decode_digests,
+    decode_frames,
+    decode_subs,
+    encode_digests,
+    encode_frames,
+)
 
 BATCH_BYTES = 16 * 1024 * 1024
 BATCH_COUNT = 1024
@@ -99,6 +115,18 @@ class RemoteWriter:
         self._queue(digest, blob)
         return PutResult(digest, True, len(blob))
 
+    def put_blocks(
+        self, digest: bytes, subs: list[bytes], length: int, base: bytes, blocks: dict[int, bytes]
+    ) -> PutResult | None:
+        """Queue a chunk given as its changed ``blocks`` over ``base`` (see PoolWriter)."""
+        with self._lock:
+            if digest in self._known:
+                return PutResult(digest, False, 0)
+            self._known.add(digest)
+        blob = encode_delta(base, 0, length, subs, blocks)
+        self._queue(digest, blob)
+        return PutResult(digest, True, len(blob))
+
     def _queue(self, digest: bytes, blob: bytes) -> None:
         with self._lock:
             self._batch.append((digest, blob))
@@ -160,38 +188,115 @@ class RemotePool:
 
 
 class RemoteChunkSource:
-    """A ChunkSource reading from an appliance; every chunk and block is verified."""
+    """A ChunkSource reading from an appliance; every chunk and block is verified.
+
+    Block digests are checked against the chunk id (``object_id(subs, length)``) and each
+    block against its digest, so a lying or broken appliance raises ChunkCorrupt and never
+    gets a wrong byte written. The ``_many`` reads batch many chunks into few requests
+    (see ``wire.SUBS_PER_REQUEST`` and ``wire.BLOCKS_PER_REQUEST``); a larger ask is
+    split, one request after the other (callers wanting several in flight use threads).
+    """
 
     def __init__(self, client: ApiClient, session: str) -> None:
         self.client = client
         self.base = f"/api/v1/sessions/{session}"
+        self.where = client.url
         self.bytes_received = 0
+        self._count_lock = threading.Lock()
+
+    def _post(self, path: str, body: Any) -> bytes:
+        raw: bytes = self.client.request("POST", f"{self.base}/{path}", json_body=body, raw=True)
+        with self._count_lock:
+            self.bytes_received += len(raw)
+        return raw
+
+    def _corrupt(self, digest: bytes, reason: str) -> ChunkCorrupt:
+        return ChunkCorrupt(digest=digest.hex(), pool=self.where, reason=reason)
+
+    def _frames(self, raw: bytes, first: bytes) -> Iterator[tuple[bytes, bytes]]:
+        try:
+            yield from decode_frames(raw)
+        except InvalidInput as exc:  # the appliance's answer, not the caller's input
+            raise self._corrupt(first, f"malformed answer: {exc.fields.get('detail')}") from exc
+
+    def _checked_subs(self, digest: bytes, frame: tuple[bytes, bytes] | None) -> list[bytes]:
+        """The block digests in a subs frame, if they are the ones ``digest`` names."""
+        if frame is None or frame[0] != digest:
+            raise self._corrupt(digest, "answer out of order or incomplete")
+        try:
+            length, subs = decode_subs(frame[1])
+        except InvalidInput as exc:
+            raise self._corrupt(digest, "malformed block digest list") from exc
+        if len(subs) != -(-length // SUB_BLOCK) or object_id(subs, length) != digest:
+            raise self._corrupt(digest, "block digests do not match the chunk id")
+        return subs
 
     def get(self, digest: bytes) -> bytes:
         blob = self.client.request("GET", f"{self.base}/chunks/{digest.hex()}", raw=True)
-        self.bytes_received += len(blob)
+        with self._count_lock:
+            self.bytes_received += len(blob)
         return decode_chunk(blob, digest, self.client.url)
 
     def sub_digests(self, digest: bytes) -> list[bytes]:
-        raw = self.client.request("GET", f"{self.base}/chunks/{digest.hex()}/subs", raw=True)
-        self.bytes_received += len(raw)
-        return [raw[i : i + DIGEST_SIZE] for i in range(0, len(raw), DIGEST_SIZE)]
+        """The block digests of a chunk, verified against its id."""
+        return self.sub_digests_many([digest])[0]
+
+    def sub_digests_many(self, digests: list[bytes]) -> list[list[bytes]]:
+        """``sub_digests`` of each of ``digests``, in order, in few requests."""
+        out: list[list[bytes]] = []
+        for start in range(0, len(digests), SUBS_PER_REQUEST):
+            part = digests[start : start + SUBS_PER_REQUEST]
+            raw = self._post("subs", {"digests": encode_digests(part)})
+            frames = self._frames(raw, part[0])
+            out += (self._checked_subs(d, next(frames, None)) for d in part)
+            if next(frames, None) is not None:
+                raise self._corrupt(part[-1], "answer longer than asked")
+        return out
 
     def read_blocks(self, digest: bytes, indices: list[int]) -> list[bytes]:
-        if not indices:
-            return []
-        raw = self.client.request(
-            "GET",
-            f"{self.base}/chunks/{digest.hex()}/blocks",
-            params={"i": ",".join(map(str, indices))},
-            raw=True,
-        )
-        self.bytes_received += len(raw)
-        out = []
-        for sub, block in decode_frames(raw):
-            if hash_bytes(block) != sub:
-                raise ChunkCorrupt(digest=digest.hex(), pool=self.client.url, reason="block")
-            out.append(block)
-        if len(out) != len(indices):
-            raise ChunkCorrupt(digest=digest.hex(), pool=self.client.url, reason="block count")
+        """Blocks ``indices`` of a chunk, each verified."""
+        return self.read_blocks_many([(digest, indices)])[0]
+
+    def read_blocks_many(self, wants: list[tuple[bytes, list[int]]]) -> list[list[bytes]]:
+        """``read_blocks`` of each (digest, indices), in order, in few requests."""
+        out: list[list[bytes]] = [[] for _ in wants]
+        for request in _split_wants(wants):
+            body = {"chunks": [{"digest": wants[k][0].hex(), "blocks": js} for k, js in request]}
+            raw = self._post("blocks", body)
+            frames = self._frames(raw, wants[request[0][0]][0])
+            for k, indices in request:
+                digest = wants[k][0]
+                subs = self._checked_subs(digest, next(frames, None))
+                for j in indices:
+                    frame = next(frames, None)
+                    if frame is None:
+                        raise self._corrupt(digest, "answer incomplete")
+                    if not 0 <= j < len(subs) or frame[0] != subs[j]:
+                        raise self._corrupt(digest, f"block {j} not the one asked for")
+                    if hash_block(frame[1]) != subs[j]:
+                        raise self._corrupt(digest, f"block {j} does not match its digest")
+                    out[k].append(frame[1])
+            if next(frames, None) is not None:
+                raise self._corrupt(wants[request[-1][0]][0], "answer longer than asked")
         return out
+
+
+def _split_wants(wants: list[tuple[bytes, list[int]]]) -> Iterator[list[tuple[int, list[int]]]]:
+    """Cut (digest, indices) asks into requests within the endpoint's limits: each request is
+    a list of (position in ``wants``, indices); a long index list is spread over several."""
+    request: list[tuple[int, list[int]]] = []
+    blocks = 0
+    for k, (_, indices) in enumerate(wants):
+        if not indices:
+            continue
+        pos = 0
+        while pos < len(indices):
+            if blocks == BLOCKS_PER_REQUEST or len(request) == SUBS_PER_REQUEST:
+                yield request
+                request, blocks = [], 0
+            take = indices[pos : pos + BLOCKS_PER_REQUEST - blocks]
+            request.append((k, take))
+            blocks += len(take)
+            pos += len(take)
+    if request:
+        yield request

@@ -4,6 +4,12 @@ A chunk batch is a byte stream of frames: ``digest (32 bytes) | length u32 LE | 
 where blob is the pool's chunk-file encoding (compressed at the sender, verified by the
 receiver before it is stored). A receiver may parse the stream as it arrives
 (``FrameReader``), so it can verify the first frames while later ones are on the wire.
+
+The batched read endpoints of a session (``POST .../subs``, ``POST .../blocks``) answer in
+the same frames. A *subs frame* is ``chunk id | length | u64le(chunk length) || block
+digests`` (``encode_subs``): with the length, the reader checks the list against the id
+(``digest.object_id``) before it trusts a block digest of it. The limits a request must keep
+are ``SUBS_PER_REQUEST`` and ``BLOCKS_PER_REQUEST``.
 """
 
 from __future__ import annotations
@@ -12,10 +18,17 @@ import struct
 from collections.abc import Iterable, Iterator
 
 from tandem.errors import InvalidInput
-from tandem.storage.digest import DIGEST_SIZE
+from tandem.storage.digest import DIGEST_SIZE, SUB_BLOCK
 
 _LEN = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
 MAX_FRAME = 64 * 1024 * 1024
+
+SUBS_PER_REQUEST = 1024
+"""Chunks one batched read request may name (an answer of at most ~2 MiB of digests)."""
+BLOCK_BYTES_PER_REQUEST = 32 * 1024 * 1024
+"""Block bytes one ``POST .../blocks`` may ask for (counted as 64 KiB per block)."""
+BLOCKS_PER_REQUEST = BLOCK_BYTES_PER_REQUEST // SUB_BLOCK
 
 
 def encode_frames(items: Iterable[tuple[bytes, bytes]]) -> bytes:
@@ -112,3 +125,18 @@ def decode_digests(items: Iterable[str]) -> list[bytes]:
             raise InvalidInput(detail=f"a digest has 64 hex digits: {text[:80]!r}")
         out.append(raw)
     return out
+
+
+def encode_subs(length: int, subs: list[bytes]) -> bytes:
+    """The payload of a subs frame: a chunk's length and its block digests."""
+    return _U64.pack(length) + b"".join(subs)
+
+
+def decode_subs(payload: bytes) -> tuple[int, list[bytes]]:
+    """(length, block digests) of a subs frame's payload; raises InvalidInput if malformed
+    (the caller still has to check them against the chunk id)."""
+    if len(payload) < _U64.size or (len(payload) - _U64.size) % DIGEST_SIZE:
+        raise InvalidInput(detail=f"a block digest list of {len(payload)} bytes")
+    (length,) = _U64.unpack_from(payload)
+    subs = [payload[i : i + DIGEST_SIZE] for i in range(_U64.size, len(payload), DIGEST_SIZE)]
+    return length, subs
