@@ -32,7 +32,7 @@ import stat
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Generator, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -220,10 +220,11 @@ def _chunks_with_data(extents: Iterable[tuple[int, int]], n_chunks: int, chunk: 
 
 
 def _bounded_map(
-    executor: ThreadPoolExecutor, fn: Callable[[int], Any], items: Iterable[int], window: int
-) -> Iterator[Any]:
-    """Like executor.map, in order, with at most ``window`` tasks in flight (flat memory)."""
-    pending: deque[Future[Any]] = deque()
+    executor: ThreadPoolExecutor, fn: Callable[[_T], _R], items: Iterable[_T], window: int
+) -> Generator[_R, None, None]:
+    """Like executor.map, in order, with at most ``window`` tasks in flight (flat memory);
+    closing the generator cancels what has not started."""
+    pending: deque[Future[_R]] = deque()
     try:
         for item in items:
             pending.append(executor.submit(fn, item))
@@ -493,23 +494,6 @@ def _batches(pieces: Iterable[_Piece], most: int) -> Generator[list[_Piece], Non
         yield batch
 
 
-def _pipeline(
-    executor: ThreadPoolExecutor, fn: Callable[[_T], _R], items: Iterable[_T], window: int
-) -> Generator[_R, None, None]:
-    """``fn`` over ``items`` in ``executor``, results in order, at most ``window`` in flight."""
-    pending: deque[Future[_R]] = deque()
-    try:
-        for item in items:
-            pending.append(executor.submit(fn, item))
-            if len(pending) >= window:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
-    finally:
-        for f in pending:
-            f.cancel()
-
-
 def _restore_from_base(
     source: ChunkSource,
     manifest: VolumeManifest,
@@ -557,9 +541,9 @@ def _restore_from_base(
 
     windows = [changed[k : k + BASE_WINDOW] for k in range(0, len(changed), BASE_WINDOW)]
     with ThreadPoolExecutor(2) as planner, ThreadPoolExecutor(workers) as fetcher:
-        plans = _pipeline(planner, plan, windows, 2)
+        plans = _bounded_map(planner, plan, windows, 2)
         batches = _batches((p for pieces in plans for p in pieces), BLOCK_BATCH // SUB_BLOCK)
-        results = _pipeline(fetcher, write, batches, workers)
+        results = _bounded_map(fetcher, write, batches, workers)
         try:
             for finished, fetched, written in results:
                 done += finished
