@@ -177,6 +177,17 @@ def test_writes_to_a_read_only_export_fail(
     out = run("nbdsh", "-u", wrong, "-c", "import errno", "-c", script).stdout.split()
     assert out == ["EPERM", "EPERM", "EPERM"]
     assert overlay.dirty_ranges() == []
+    # a writable copy frozen by a failback refuses writes the same way, until thawed
+    live = server.add_export("live", overlay)
+    overlay.freeze()
+    try:
+        out = run("nbdsh", "-u", live, "-c", "import errno", "-c", script).stdout.split()
+        assert out == ["EPERM", "EPERM", "EPERM"]
+        assert overlay.dirty_ranges() == []
+    finally:
+        overlay.thaw()
+    out = run("nbdsh", "-u", live, "-c", "import errno", "-c", script).stdout.split()
+    assert out == ["written", "written", "written"]
 
 
 def test_several_clients_at_once(

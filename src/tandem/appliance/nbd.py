@@ -11,10 +11,10 @@ so qemu, libnbd tools (nbdinfo, nbdcopy, nbdfuse) and the kernel client use expo
   flush after the write. Export flags: HAS_FLAGS | SEND_FLUSH | SEND_FUA | SEND_TRIM |
   SEND_WRITE_ZEROES | CAN_MULTI_CONN (every connection shares one backend, so a flush on
   any connection covers writes completed on all), plus READ_ONLY for read-only exports.
-- Errors are NBD errno values: EPERM (a write to a read-only export), EINVAL (a read or
-  trim outside the export, an unknown command), ENOSPC (a write outside the export, or the
-  disk holding the overlay is full), ESHUTDOWN (the export is being removed), EIO (anything
-  else, logged here).
+- Errors are NBD errno values: EPERM (a write to a read-only export, or to a copy a
+  failback froze), EINVAL (a read or trim outside the export, an unknown command), ENOSPC
+  (a write outside the export, or the disk holding the overlay is full), ESHUTDOWN (the
+  export is being removed), EIO (anything else, logged here).
 - Requests on one connection run concurrently (at most MAX_INFLIGHT at a time) in a thread
   pool, replies go out as they complete: NBD matches them by handle.
 
@@ -61,6 +61,7 @@ from typing import Protocol
 from tandem.errors import (
     AlreadyExists,
     Conflict,
+    CopyFrozen,
     Forbidden,
     InvalidInput,
     NotFound,
@@ -270,8 +271,8 @@ def nbd_errno(exc: BaseException) -> int:
         return EINVAL
     if isinstance(exc, PoolFull):
         return ENOSPC
-    if isinstance(exc, Forbidden):
-        return EPERM
+    if isinstance(exc, Forbidden | CopyFrozen):
+        return EPERM  # (a frozen copy is read-only while a failback checks or discards it)
     if isinstance(exc, OSError):
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             return ENOSPC
