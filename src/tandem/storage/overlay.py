@@ -77,7 +77,7 @@ from tandem.errors import (
     PoolFull,
     StorageError,
 )
-from tandem.storage.digest import SUB_BLOCK, hash_block, hash_bytes, hash_sub_blocks, object_id
+from tandem.storage.digest import SUB_BLOCK, hash_block, hash_object, object_id
 from tandem.storage.manifest import (
     VOLUME_CHUNK,
     VolumeManifest,
@@ -891,12 +891,12 @@ def capture_overlay(
                 if quick is not None:
                     return i, *quick[:1], read, quick[1]
             data = overlay.read(off, length)
-            digest = hash_bytes(data)
+            digest, subs = hash_object(data)
             if digest == zero_digest(length):
                 return i, None, read, None
             if digest == base_chunk:
                 return i, digest, read, None  # rewritten with what was there
-            return i, digest, read, _store_chunk(writer, data, digest, base_chunk, blocks)
+            return i, digest, read, _store_chunk(writer, data, digest, subs, base_chunk, blocks)
 
         done = 0
         w = workers or default_workers()
@@ -980,12 +980,12 @@ def _store_chunk(
     writer: ChunkWriter,
     data: bytes,
     digest: bytes,
+    subs: list[bytes],
     base_chunk: bytes | None,
     dirty: list[int],
 ) -> PutResult:
     """Store a changed chunk: as its changed sub-blocks over ``base_chunk`` when at most
     half of them changed and the base chunk is there, else whole."""
-    subs = hash_sub_blocks(data)
     if base_chunk is not None and writer.has(base_chunk):
         changed = dirty
         with contextlib.suppress(ChunkMissing, ChunkCorrupt):

@@ -55,7 +55,6 @@ from tandem.storage.digest import (
     hash_block,
     hash_bytes,
     hash_object,
-    hash_sub_blocks,
     object_id,
 )
 
@@ -766,12 +765,10 @@ class PoolWriter:
         subs: list[bytes] | None = None,
     ) -> PutResult:
         """Store ``data`` unless present. Safe to call from several threads."""
-        if digest is None:
-            digest = hash_bytes(data)
+        if digest is None or subs is None:
+            digest, subs = hash_object(data)
         if self.has(digest):
             return PutResult(digest, False, 0)
-        if subs is None:
-            subs = hash_sub_blocks(data)
         blob = encode_chunk(data, subs)
         self._write_pending(digest, blob)
         return PutResult(digest, True, len(blob))

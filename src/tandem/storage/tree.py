@@ -73,7 +73,7 @@ from tandem.errors import (
     TargetInvalid,
     UnsafePath,
 )
-from tandem.storage.digest import SUB_BLOCK, hash_bytes, hash_object
+from tandem.storage.digest import SUB_BLOCK, hash_object
 from tandem.storage.manifest import (
     DIR,
     FIFO,
@@ -476,8 +476,8 @@ class _Capture:
             self.open_flags |= _O_NOATIME
 
     def store(self, data: bytes | memoryview, cost: _Cost) -> bytes:
-        digest = hash_bytes(data)
-        result = self.writer.put(data, digest)
+        digest, subs = hash_object(data)
+        result = self.writer.put(data, digest, subs)
         cost.read += len(data)
         if result.new:
             cost.new += 1

@@ -22,8 +22,7 @@ from tandem.storage.digest import (
     DIGEST_SIZE,
     SUB_BLOCK,
     hash_block,
-    hash_bytes,
-    hash_sub_blocks,
+    hash_object,
     object_id,
 )
 from tandem.storage.pool import PutResult, decode_chunk, encode_chunk, encode_delta
@@ -80,13 +79,13 @@ class RemoteWriter:
         digest: bytes | None = None,
         subs: list[bytes] | None = None,
     ) -> PutResult:
-        if digest is None:
-            digest = hash_bytes(data)
+        if digest is None or subs is None:
+            digest, subs = hash_object(data)
         with self._lock:
             if digest in self._known:
                 return PutResult(digest, False, 0)
             self._known.add(digest)
-        blob = encode_chunk(data, subs if subs is not None else hash_sub_blocks(data))
+        blob = encode_chunk(data, subs)
         self._queue(digest, blob)
         return PutResult(digest, True, len(blob))
 
