@@ -9,6 +9,9 @@ Invariants
   app has a job (a manual capture, a restore), the scheduler skips it and tries next tick.
 - A mirrored app whose newest snapshot has not reached the peer gets a replication job
   every MIRROR_RETRY seconds until it has (captures made while the peer was down follow).
+- A failback that could not tell production to resume mirroring (it was unreachable) is
+  handed back every MIRROR_RETRY seconds until production answers
+  (``failback.deliver_handbacks``).
 - Jobs are submitted as actor ``scheduler``. The thread never dies of an error: it logs it
   and tries again at the next tick.
 """
@@ -25,7 +28,7 @@ from tandem.catalog import queries as q
 from tandem.catalog.models import App, Template
 from tandem.domain.lifecycle import AppState
 from tandem.errors import Conflict, TandemError
-from tandem.operations import peers
+from tandem.operations import failback, peers
 from tandem.operations.capture import submit_capture
 from tandem.operations.replicate import submit_replicate
 from tandem.operations.site import Site
@@ -44,6 +47,7 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._tried: dict[str, float] = {}  # app name -> unix time of the last submission
         self._mirror_tried: dict[str, float] = {}  # app name -> last catch-up replication
+        self._handback_tried = 0.0
 
     def start(self) -> None:
         if self._thread is not None:
@@ -97,6 +101,10 @@ class Scheduler:
                 datetime.fromtimestamp(now, UTC).isoformat(),
             )
         self.catch_up_mirrors(apps, templates, now)
+        if now - self._handback_tried >= MIRROR_RETRY:
+            self._handback_tried = now
+            for name in failback.deliver_handbacks(self.site):
+                log.info("told the peer to resume mirroring %s after its failback", name)
         return submitted
 
     def catch_up_mirrors(self, apps: list[App], templates: dict[str, Template], now: float) -> None:

@@ -24,6 +24,12 @@ may be half gone by now) and finishes withdrawing. A copy marked ``deleting`` is
 exported again at start-up, so nothing can write to it meanwhile. Production is told the
 epoch before this appliance records ``managed``: an interrupted failback can always be
 run again, and production has the epoch once it is ``managed`` here.
+
+Production unreachable (a forced failback during an outage): the failback still ends, and
+the epoch production has not been told is kept here as a pending *hand-back*
+(``HANDBACK_KEY``, committed with ``managed``). The scheduler delivers it once production
+answers (``deliver_handbacks``), so production's replications are accepted again without
+an operator; it is dropped if the app fails over again first.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from tandem.catalog import queries as q
 from tandem.catalog.models import App, Host, Image, Job
 from tandem.domain.images import ImageKind, ImageState
 from tandem.domain.jobs import JobStatus
-from tandem.domain.lifecycle import AppFacts, AppKind, Operation, check_transition
+from tandem.domain.lifecycle import AppFacts, AppKind, AppState, Operation, check_transition
 from tandem.errors import Conflict, NotFound, TandemError, UnsyncedWrites
 from tandem.jobs.queue import submit_job
 from tandem.jobs.runner import JobContext
@@ -184,6 +190,7 @@ def checked_discard(
 
 
 DOWNTIME_KEY = "failback_downtime:{app}"
+HANDBACK_KEY = "handback:{app_id}"  # the writer epoch production still has to be told
 
 
 def record_downtime(site: Site, *, app: str, seconds: float) -> None:
@@ -255,6 +262,10 @@ def clean_up_and_resume(
         epoch = q.get_app(session, name=name).writer_epoch  # no fencing step follows
     told = _tell_production(site, ctx, name, epoch)
     with site.catalog.begin() as session:
+        app_id = q.get_app(session, name=name).id
+        q.set_setting(
+            session, key=HANDBACK_KEY.format(app_id=app_id), value="" if told else str(epoch)
+        )
         for image_id in removed:
             q.delete_image(session, image_id=image_id)
         for image in syncbacks[1:]:
@@ -282,6 +293,11 @@ def clean_up_and_resume(
         f"{name} failed back: {len(removed)} image(s) removed"
         + (f", {keep.id} kept as the replica to mirror against" if keep else "")
         + (f"; {peer.name} resumes mirroring" if told and peer is not None else "")
+        + (
+            f"; {peer.name} will be told to resume mirroring once it answers"
+            if not told and peer is not None
+            else ""
+        )
     )
     return {"removed": removed, "replica": keep.id if keep else None, "epoch": epoch}
 
@@ -304,16 +320,55 @@ def _tell_production(site: Site, ctx: JobContext, name: str, epoch: int) -> bool
     if peer is None:
         return False
     try:
-        with peers.client_for(peer) as remote:
-            remote.post(f"/api/v1/peer/apps/{name}/resume", {"epoch": epoch})
+        _resume_at(peer, name, epoch)
     except TandemError as exc:
         ctx.log(
-            f"could not tell {peer.name} to resume mirroring ({exc.message}); unless a "
-            f"syncback gave it writer epoch {epoch}, its replications are refused as stale",
+            f"could not tell {peer.name} to resume mirroring ({exc.message}); this appliance "
+            f"keeps trying: until {peer.name} has writer epoch {epoch}, its replications "
+            "are refused as stale",
             level="warning",
         )
         return False
     return True
+
+
+def _resume_at(peer: Any, name: str, epoch: int) -> None:
+    with peers.client_for(peer) as remote:
+        remote.post(f"/api/v1/peer/apps/{name}/resume", {"epoch": epoch})
+
+
+def pending_handbacks(site: Site) -> dict[str, int]:
+    """App name -> the writer epoch production has not been told since a failback."""
+    out: dict[str, int] = {}
+    with site.catalog.read() as session:
+        for app in q.list_apps(session):
+            value = q.get_setting(session, key=HANDBACK_KEY.format(app_id=app.id))
+            if value:
+                out[app.name] = int(value)
+    return out
+
+
+def deliver_handbacks(site: Site) -> list[str]:
+    """Tell production the epochs failbacks could not hand back (it was unreachable);
+    returns the apps now handed back. One still failing stays pending; one whose app is no
+    longer ``managed`` here (it failed over again) is dropped."""
+    pending = pending_handbacks(site)
+    peer = peers.the_peer(site)
+    if not pending or peer is None:
+        return []
+    delivered = []
+    for name, epoch in pending.items():
+        with site.catalog.read() as session:
+            app = q.get_app(session, name=name)
+        if app.state is AppState.MANAGED:
+            try:
+                _resume_at(peer, name, epoch)
+            except TandemError:
+                continue
+            delivered.append(name)
+        with site.catalog.begin() as session:
+            q.set_setting(session, key=HANDBACK_KEY.format(app_id=app.id), value="")
+    return delivered
 
 
 def resume_mirroring(site: Site, *, peer: str, app: str, epoch: int) -> dict[str, Any]:
