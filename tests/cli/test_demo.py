@@ -203,6 +203,10 @@ def test_workdir_must_be_new_or_empty(tmp_path: Path, capsys: pytest.CaptureFixt
     assert (tmp_path / "something").read_text() == "mine\n"
 
 
+def _sigint_as_from_a_terminal() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_interrupting_the_demo_stops_everything_it_started(
     tmp_path: Path, sig: signal.Signals
@@ -213,6 +217,9 @@ def test_interrupting_the_demo_stops_everything_it_started(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # As from a terminal: a shell starts a background job (`make test &`) with SIGINT
+        # ignored, and the demo, like any program, keeps an ignored SIGINT ignored.
+        preexec_fn=_sigint_as_from_a_terminal,
     ) as proc:
         assert proc.stderr is not None
         seen = []
