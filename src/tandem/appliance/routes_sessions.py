@@ -30,7 +30,6 @@ from starlette.concurrency import run_in_threadpool
 from tandem.errors import InvalidInput, Unauthorized
 from tandem.operations.sessions import Session, SessionRegistry
 from tandem.storage.digest import from_hex
-from tandem.storage.pool import ChunkInfo, ChunkPool, check_header
 from tandem.transport.wire import (
     BLOCK_BYTES_PER_REQUEST,
     BLOCKS_PER_REQUEST,
@@ -74,13 +73,6 @@ def _check_count(n: int, what: str) -> None:
             detail=f"{n} chunks in one request; ask for {what} of at most {SUBS_PER_REQUEST}"
             " chunks per request and split the rest into further requests"
         )
-
-
-def _checked_info(pool: ChunkPool, digest: bytes) -> ChunkInfo:
-    """A chunk's header, checked against its id (a bad chunk is never served)."""
-    info = pool.info(digest)
-    check_header(info, digest, str(pool.root))
-    return info
 
 
 def make_router(registry: SessionRegistry) -> APIRouter:
@@ -144,7 +136,7 @@ def make_router(registry: SessionRegistry) -> APIRouter:
         """The length and block digests of each chunk named, in order (one subs frame each)."""
         _check_count(len(body.digests), "the block digests")
         digests = decode_digests(body.digests)
-        infos = [_checked_info(registry.pool, d) for d in digests]
+        infos = [registry.pool.checked_info(d) for d in digests]
         return _sent(
             s,
             encode_frames(
@@ -164,7 +156,7 @@ def make_router(registry: SessionRegistry) -> APIRouter:
                 " split the rest into further requests"
             )
         digests = decode_digests(c.digest for c in body.chunks)
-        infos = [_checked_info(registry.pool, d) for d in digests]
+        infos = [registry.pool.checked_info(d) for d in digests]
         for d, info, c in zip(digests, infos, body.chunks, strict=True):
             bad = [j for j in c.blocks if not 0 <= j < len(info.subs)]
             if bad:

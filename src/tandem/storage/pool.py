@@ -209,22 +209,15 @@ def _verified_plaintext(
                     digest=digest.hex(), pool=where, reason="a delta chunk without its base"
                 )
             assert info.base is not None
-            _, mask, inner = DELTA_HEAD.unpack_from(blob, info.payload_at - DELTA_HEAD.size)
+            held, xored = _delta_blocks(blob, info, digest, where)
             base = base_of(info.base)
             if len(base) != info.plain_len:
                 raise ChunkCorrupt(digest=digest.hex(), pool=where, reason="delta base length")
-            blocks = [j for j in range(64) if mask >> j & 1]
-            want = sum(min(SUB_BLOCK, info.plain_len - j * SUB_BLOCK) for j in blocks)
-            changed = _unpack(inner & ~DELTA_XOR, payload, want)
             out = bytearray(base)
-            pos = 0
-            for j in blocks:
-                n = min(SUB_BLOCK, info.plain_len - j * SUB_BLOCK)
-                block = changed[pos : pos + n]
-                if inner & DELTA_XOR:
-                    block = _xor(block, base[j * SUB_BLOCK : j * SUB_BLOCK + n])
-                out[j * SUB_BLOCK : j * SUB_BLOCK + n] = block
-                pos += n
+            for j, block in held.items():
+                at = j * SUB_BLOCK
+                end = at + len(block)
+                out[at:end] = _xor(bytes(block), base[at:end]) if xored else block
             data = bytes(out)
         elif info.codec == CODEC_RAW:
             data = payload
@@ -499,12 +492,17 @@ class ChunkPool:
             raise ChunkMissing(digest=digest.hex(), pool=str(self.root)) from exc
         return parse_header(head, digest, str(self.root))
 
+    def checked_info(self, digest: bytes) -> ChunkInfo:
+        """``info``, with the header checked against the id: its block digests can then
+        verify blocks on their own."""
+        info = self.info(digest)
+        check_header(info, digest, str(self.root))
+        return info
+
     def sub_digests(self, digest: bytes) -> list[bytes]:
         """The 64 KiB sub-block digests of a chunk, read from its header only (checked
         against the id)."""
-        info = self.info(digest)
-        check_header(info, digest, str(self.root))
-        return info.subs
+        return self.checked_info(digest).subs
 
     def read_blocks(self, digest: bytes, indices: list[int]) -> list[bytes]:
         """The plaintext 64 KiB sub-blocks ``indices`` of a chunk, each verified.
@@ -855,8 +853,7 @@ class PoolWriter:
         if not self.has(info.base):
             raise ChunkMissing(digest=info.base.hex(), pool=str(self.pool.root))
         check_header(info, digest, where)
-        base_info = self.pool.info(info.base)
-        check_header(base_info, info.base, str(self.pool.root))
+        base_info = self.pool.checked_info(info.base)
         if base_info.plain_len != info.plain_len:
             raise ChunkCorrupt(digest=digest.hex(), pool=where, reason="delta base length")
         held, xored = _delta_blocks(blob, info, digest, where)
