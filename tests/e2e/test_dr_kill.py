@@ -27,7 +27,7 @@ from typing import Any
 
 import httpx
 
-from tests.e2e.conftest import Cli, Daemon, Drill, wait_for
+from tests.e2e.conftest import Cli, Daemon, Drill, protect_and_replicate, wait_for
 
 MiB = 1024 * 1024
 BIG = 40 * MiB  # big enough that a restore is seen half-way
@@ -118,10 +118,7 @@ def test_each_step_killed_midway_completes_when_run_again(drill: Drill, tmp_path
     prod = tmp_path / "shop"
     (prod / "orders").mkdir(parents=True)
     (prod / "orders" / "1.json").write_text('{"order": 1}\n')
-    s.a("app", "add", "shop", "--host", "host1", "--kind", "filesystem", "--path", str(prod))
-    s.a("app", "protect", "shop", "--template", "mirrored")
-    snap = s.a("capture", "shop")["image"]
-    wait_for(lambda: any(i["id"] == snap["id"] for i in s.b("images", "shop")), 60, "replica")
+    protect_and_replicate(s, "shop", "filesystem", prod)
     dr_copy = tmp_path / "dr-shop"
     s.b(
         "failover",
