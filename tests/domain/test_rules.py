@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from tandem.domain.images import ImageKind
@@ -71,18 +73,26 @@ def test_one_test_failover_image_per_host() -> None:
         check_test_failover_target(
             app="web", source_host="p1", target_host="dr1", is_vm=False, test_images=existing
         )
-    assert "tandem image delete img_aaaaaaaaaaaa" in str(info.value)
+    assert_withdraw_fix_in_order(str(info.value), "img_aaaaaaaaaaaa")
     check_test_failover_target(
         app="web", source_host="p1", target_host="dr2", is_vm=False, test_images=existing
     )
 
 
+def assert_withdraw_fix_in_order(message: str, image: str) -> None:
+    """The fix names the commands that work, in the order they work: a presented image is
+    refused by `image delete` until it is unmounted."""
+    commands = re.findall(r"`tandem ([^`]+)`", message)
+    assert commands == [f"unmount {image}", f"image delete {image}"], message
+
+
 def test_an_app_is_tested_on_one_host_at_a_time() -> None:
     existing = [PresentedImage(image_id="img_aaaaaaaaaaaa", app="db", host="dr1")]
-    with pytest.raises(Conflict, match="one host at a time"):
+    with pytest.raises(Conflict, match="one host at a time") as info:
         check_test_failover_target(
             app="db", source_host="p1", target_host="dr2", is_vm=False, test_images=existing
         )
+    assert_withdraw_fix_in_order(str(info.value), "img_aaaaaaaaaaaa")
 
 
 def test_test_failover_target_checks_vm_rule() -> None:

@@ -88,6 +88,15 @@ def check_failover_target(*, app: str, source_host: str, target_host: str, is_vm
         )
 
 
+def _withdraw_first(image_id: str) -> str:
+    # A presented image cannot be deleted (`image delete` refuses a mounted one): the fix
+    # names both steps, in the order they work.
+    return (
+        f"Unmount it, then delete it: `tandem unmount {image_id}`, "
+        f"then `tandem image delete {image_id}`"
+    )
+
+
 def check_test_failover_target(
     *,
     app: str,
@@ -108,7 +117,7 @@ def check_test_failover_target(
                 detail=(
                     f"application {app!r} already has the test-failover image {image.image_id} "
                     f"on host {image.host!r}; an image is tested on one host at a time. "
-                    f"Delete it first with `tandem image delete {image.image_id}`"
+                    f"{_withdraw_first(image.image_id)}"
                 )
             )
     for image in existing:
@@ -117,8 +126,8 @@ def check_test_failover_target(
                 detail=(
                     f"host {target_host!r} already carries the test-failover image "
                     f"{image.image_id} of application {image.app!r}; a host takes one "
-                    f"test-failover image at a time. Delete it first with "
-                    f"`tandem image delete {image.image_id}` or choose another host"
+                    f"test-failover image at a time. {_withdraw_first(image.image_id)}, "
+                    "or choose another host"
                 )
             )
 
