@@ -50,7 +50,7 @@ from tandem.operations.replicate import send_image
 from tandem.operations.sessions import Session
 from tandem.operations.site import Site
 from tandem.operations.streams import follow
-from tandem.storage.manifest import TreeManifest, VolumeManifest, load_manifest
+from tandem.storage.manifest import FILE, TreeManifest, VolumeManifest, load_manifest
 from tandem.storage.overlay import Overlay, capture_overlay
 from tandem.storage.tree import diff_trees
 
@@ -155,7 +155,9 @@ def capture_dr_state(
 ) -> tuple[Image, int]:
     """Capture the failover image's current state here as an image of ``kind`` (syncback,
     or the protective snapshot of a replica-style failback); returns it and the bytes
-    written at the DR site since the failover (volume) or captured (tree)."""
+    written at the DR site since the failover: a volume's dirty blocks, a tree's files
+    added or changed since the failover image (not what an earlier syncback already took:
+    every syncback reports all that production would get back)."""
     with site.catalog.read() as session:
         previous = q.latest_image(session, app=app.name, kind=ImageKind.SYNCBACK)
     failover = failover_image(site, app.name)
@@ -184,6 +186,7 @@ def capture_dr_state(
         # The capture takes every block written so far; writes from now on count as changed
         # since it. Only once its row exists is it the copy's reference.
         overlay.begin_capture()
+        written = overlay.dirty_bytes()  # what the capture takes, since the failover
         try:
             # Start from the last capture: only what was written since it is read.
             reference = overlay.reference
@@ -201,17 +204,32 @@ def capture_dr_state(
             overlay.abort_capture()
             raise
         overlay.commit_capture(mid)
-        ctx.log(f"{since} bytes written at the DR site since the previous capture")
-        return image, stats.bytes_read
+        ctx.log(
+            f"{since} bytes written at the DR site since the previous capture "
+            f"({stats.bytes_read} read)"
+        )
+        return image, written
     host, path = _tree_location(site, failover)
     base = bytes.fromhex(previous.manifest if previous else failover.manifest)
     transfer, mid, size = _capture_tree_at_host(site, ctx, app, host, path, base)
     try:
         image = record(mid, size)
+        written = _files_written(site, bytes.fromhex(failover.manifest), mid)
     finally:
         with site.gc_lock:
             site.sessions.close(transfer)
-    return image, size
+    return image, written
+
+
+def _files_written(site: Site, then: bytes, now: bytes) -> int:
+    """Bytes of the files of tree ``now`` added or changed since tree ``then`` (both held
+    here: the capture session keeps ``now`` until it is recorded)."""
+    old, new = load_manifest(site.pool, then), load_manifest(site.pool, now)
+    if not isinstance(old, TreeManifest) or not isinstance(new, TreeManifest):
+        raise TandemError("a file-tree syncback compares two file-tree images")
+    diff = diff_trees(old, new)
+    touched = set(diff.added) | set(diff.changed)
+    return sum(e.size for e in new.entries if e.type == FILE and e.path in touched)
 
 
 def dr_copy_changes(site: Site, ctx: JobContext | None, app: App, reference: Image) -> str | None:
