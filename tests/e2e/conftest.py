@@ -288,3 +288,103 @@ def protect_and_replicate(d: Drill, app: str, kind: str, path: Path) -> dict[str
     snap = d.a("capture", app)["image"]
     wait_for(lambda: any(i["id"] == snap["id"] for i in d.b("images", app)), 60, "the replica")
     return snap
+
+
+# --- holding a daemon at a known point ---------------------------------------------------
+#
+# A test that must catch a step in the act (a transfer half done, a call under way) pauses
+# the party the step waits on with SIGSTOP, once the step is seen to be there, rather than
+# hoping a sleep was long enough: a paused daemon answers nothing, so the step waits for it
+# however fast or slow the machine is. ``Daemon.stop`` continues a paused daemon first.
+
+
+def pause(*daemons: Daemon) -> None:
+    for d in daemons:
+        assert d.proc is not None, f"{d.name} is not running"
+        os.killpg(d.proc.pid, signal.SIGSTOP)
+
+
+def resume(*daemons: Daemon) -> None:
+    for d in daemons:
+        if d.proc is not None and d.proc.poll() is None:
+            os.killpg(d.proc.pid, signal.SIGCONT)
+
+
+def api(d: Daemon) -> httpx.Client:
+    """A fast client on a daemon's API (polling through the CLI is too slow to catch a step
+    in the act: each call starts a Python process)."""
+    context = ssl.create_default_context(cafile=str(d.directory / "cert.pem"))
+    context.check_hostname = False
+    return httpx.Client(
+        base_url=d.url,
+        verify=context,
+        headers={"Authorization": f"Bearer {d.token}"},
+        timeout=10.0,
+    )
+
+
+def job_row(d: Daemon, job_id: str) -> dict[str, Any]:
+    """The job as the daemon's API shows it."""
+    with api(d) as client:
+        answer: dict[str, Any] = client.get(f"/api/v1/jobs/{job_id}").json()
+    return answer
+
+
+TCP_ESTABLISHED = 0x01
+
+
+@dataclass(frozen=True)
+class _Tcp:
+    local_port: int
+    remote_port: int
+    state: int
+    unread: int  # bytes received and not yet read by the socket's owner
+    inode: int
+
+
+def _tcp_sockets() -> list[_Tcp]:
+    rows = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except FileNotFoundError:
+            continue
+        for line in lines:
+            f = line.split()
+            rows.append(
+                _Tcp(
+                    local_port=int(f[1].rsplit(":", 1)[1], 16),
+                    remote_port=int(f[2].rsplit(":", 1)[1], 16),
+                    state=int(f[3], 16),
+                    unread=int(f[4].split(":")[1], 16),
+                    inode=int(f[9]),
+                )
+            )
+    return rows
+
+
+def _socket_inodes(pid: int) -> set[int]:
+    found = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue  # closed meanwhile
+        if target.startswith("socket:["):
+            found.add(int(target[len("socket:[") : -1]))
+    return found
+
+
+def calling(caller: Daemon, callee: Daemon) -> bool:
+    """Whether ``caller`` has sent ``callee`` bytes that ``callee`` has not read: a request
+    (or the TLS handshake that opens one) under way. With ``callee`` paused, this is the
+    caller waiting in a call to it, seen in the kernel's socket table."""
+    assert caller.proc is not None and callee.proc is not None
+    mine = _socket_inodes(caller.proc.pid)
+    sockets = _tcp_sockets()
+    ports = {
+        s.local_port
+        for s in sockets
+        if s.inode in mine and s.remote_port == callee.port and s.state == TCP_ESTABLISHED
+    }
+    return any(s.local_port == callee.port and s.remote_port in ports and s.unread for s in sockets)

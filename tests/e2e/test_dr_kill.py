@@ -18,16 +18,22 @@ from __future__ import annotations
 
 import hashlib
 import os
-import signal
-import ssl
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
-
-from tests.e2e.conftest import Cli, Daemon, Drill, protect_and_replicate, wait_for
+from tests.e2e.conftest import (
+    Cli,
+    Daemon,
+    Drill,
+    api,
+    calling,
+    job_row,
+    pause,
+    protect_and_replicate,
+    resume,
+    wait_for,
+)
 
 MiB = 1024 * 1024
 BIG = 40 * MiB  # big enough that a restore is seen half-way
@@ -36,22 +42,6 @@ CONFIRM = ("--confirm", "DATA LOSS", "--confirm", "OVERWRITE OTHER APPS")
 
 
 # --- helpers ----------------------------------------------------------------------------
-
-
-def _pid(d: Daemon) -> int:
-    assert d.proc is not None, f"{d.name} is not running"
-    return d.proc.pid
-
-
-def pause(*daemons: Daemon) -> None:
-    for d in daemons:
-        os.killpg(_pid(d), signal.SIGSTOP)
-
-
-def resume(*daemons: Daemon) -> None:
-    for d in daemons:
-        if d.proc is not None and d.proc.poll() is None:
-            os.killpg(d.proc.pid, signal.SIGCONT)
 
 
 class _continued:
@@ -67,27 +57,9 @@ class _continued:
         resume(self.d)
 
 
-def api(d: Daemon) -> httpx.Client:
-    """A fast client on a daemon's API (polling through the CLI would be too slow)."""
-    context = ssl.create_default_context(cafile=str(d.directory / "cert.pem"))
-    context.check_hostname = False
-    return httpx.Client(
-        base_url=d.url,
-        verify=context,
-        headers={"Authorization": f"Bearer {d.token}"},
-        timeout=10.0,
-    )
-
-
 def poll(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
     """``wait_for`` at a pace that catches a step in the act."""
     return wait_for(predicate, timeout, what, interval=0.005)
-
-
-def job(d: Daemon, job_id: str) -> dict[str, Any]:
-    with api(d) as client:
-        answer: dict[str, Any] = client.get(f"/api/v1/jobs/{job_id}").json()
-    return answer
 
 
 def recovered(cli: Cli, job_id: str) -> dict[str, Any]:
@@ -143,14 +115,15 @@ def test_each_step_killed_midway_completes_when_run_again(drill: Drill, tmp_path
     # 1. the DR appliance dies while it sends the syncback home
     pause(s.prod)  # production answers nothing: the send waits there
     with _continued(s.prod):
+        assert not calling(s.dr, s.prod)  # no call under way yet
         started = s.b("syncback", "shop", "--no-wait")["job"]
         poll(
             lambda: any(i["kind"] == "syncback" for i in s.b("images", "shop")),
             60,
             "the syncback captured at the DR site",
         )
-        time.sleep(0.3)  # now in the call to production
-        assert job(s.dr, started["id"])["status"] == "running"
+        poll(lambda: calling(s.dr, s.prod), 60, "the syncback's call to production")
+        assert job_row(s.dr, started["id"])["status"] == "running"
         s.dr.kill9()
     s.dr.start()
     assert "syncback" not in {i["kind"] for i in s.a("images", "shop")}  # nothing arrived
@@ -167,7 +140,7 @@ def test_each_step_killed_midway_completes_when_run_again(drill: Drill, tmp_path
     pause(s.prod_agent)
     s.prod_agent.kill9()
     assert big.stat().st_size < BIG or digest(big) != at_dr["big.bin"]
-    wait_for(lambda: job(s.prod, restoring["id"])["status"] == "failed", 60, "restore to fail")
+    wait_for(lambda: job_row(s.prod, restoring["id"])["status"] == "failed", 60, "restore to fail")
     s.prod_agent.start()
     done = s.a("restore", "shop", "--image", image, *CONFIRM)
     assert done["job"]["status"] == "succeeded", done["job"]
@@ -180,7 +153,7 @@ def test_each_step_killed_midway_completes_when_run_again(drill: Drill, tmp_path
     # epoch before it records `managed`. Production paused once the comparison begins: the
     # job waits in the call that follows the withdrawal.
     poll(
-        lambda: "comparing" in job(s.dr, failing_back["id"])["message"],
+        lambda: "comparing" in job_row(s.dr, failing_back["id"])["message"],
         60,
         "the failback comparing the DR copy",
     )
@@ -193,8 +166,9 @@ def test_each_step_killed_midway_completes_when_run_again(drill: Drill, tmp_path
             return any("withdrawing the DR copy" in line["text"] for line in lines)
 
         poll(withdrawn, 60, "the failback withdrawing the DR copy")
-        time.sleep(0.5)  # the withdrawal done, the call to (paused) production under way
-        assert job(s.dr, failing_back["id"])["status"] == "running", "the kill came too late"
+        # the withdrawal done, the call to (paused) production that follows it under way
+        poll(lambda: calling(s.dr, s.prod), 60, "the failback's call to production")
+        assert job_row(s.dr, failing_back["id"])["status"] == "running", "the kill came too late"
         s.dr.kill9()
     s.dr.start()
     recovered(s.b, failing_back["id"])
