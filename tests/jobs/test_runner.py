@@ -5,12 +5,14 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator, Mapping
+from datetime import timedelta
 from typing import Any
 
 import pytest
 
 from tandem.catalog import Catalog
 from tandem.catalog import queries as q
+from tandem.catalog.models import utcnow
 from tandem.domain.jobs import JobStatus
 from tandem.errors import Conflict, SourceUnreadable
 from tandem.jobs.queue import INTERRUPTED_MESSAGE, cancel_job, claim_next, submit_job
@@ -34,7 +36,8 @@ def make_runner(catalog: Catalog) -> Iterator[Any]:
         assert runner.stop(timeout=10)
 
 
-def _wait_until(predicate: Any, timeout: float = 10.0) -> None:
+def _wait_until(predicate: Any, timeout: float = 30.0) -> None:
+    """Poll for a state; the deadline only bounds a failure."""
     deadline = time.monotonic() + timeout
     while not predicate():
         assert time.monotonic() < deadline, "timed out"
@@ -162,13 +165,14 @@ def test_workers_run_jobs_in_parallel(catalog: Catalog, make_runner: Any) -> Non
 
 
 def test_submit_wakes_an_idle_worker(catalog: Catalog, make_runner: Any) -> None:
-    runner = make_runner({"noop": lambda ctx: None}, poll_interval=30)
+    runner = make_runner({"noop": lambda ctx: None}, poll_interval=3600, workers=2)
+    assert runner.idle_workers == 0
     runner.start()
-    time.sleep(0.1)  # the worker is now waiting, for up to 30 s
-    started = time.monotonic()
+    _wait_until(lambda: runner.idle_workers == 2)  # both found nothing: they wait an hour
     job = runner.submit("noop")
-    assert runner.wait(job.id, timeout=5).status is JobStatus.SUCCEEDED
-    assert time.monotonic() - started < 5
+    # Only a wake-up makes it run within the hour.
+    assert runner.wait(job.id, timeout=30).status is JobStatus.SUCCEEDED
+    _wait_until(lambda: runner.idle_workers == 2)  # and they wait again
 
 
 def test_start_recovers_orphaned_jobs(catalog: Catalog, make_runner: Any) -> None:
@@ -235,8 +239,12 @@ def test_shared_catalog_runner_recovers_stale_jobs_periodically(
     with catalog.begin() as session:
         job = submit_job(session, type="capture", app="db")
         assert claim_next(session, "vanished-runner") is not None
-    runner = make_runner({"other": lambda ctx: None}, exclusive=False, stale_after=0.3)
+    runner = make_runner({"other": lambda ctx: None}, exclusive=False, stale_after=600)
     runner.start()
     assert _status(catalog, job.id) is JobStatus.RUNNING  # fresh at start-up: left alone
-    failed = runner.wait(job.id, timeout=10)
+    # The other runner is gone: its heartbeat grows old while this one runs.
+    with catalog.begin() as session:
+        row = q.get_job(session, job_id=job.id)
+        row.heartbeat = utcnow() - timedelta(seconds=3600)
+    failed = runner.wait(job.id, timeout=30)
     assert (failed.status, failed.message) == (JobStatus.FAILED, INTERRUPTED_MESSAGE)

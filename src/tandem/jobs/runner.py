@@ -8,6 +8,12 @@ Invariants
 - Progress is written at most every ``flush_interval`` seconds (and when the job ends), so a
   handler may report per chunk. Every write also tells the context whether cancellation was
   requested; the heartbeat thread does too, for handlers that report rarely.
+- ``idle_workers`` counts the workers that found nothing to claim and wait for a job to be
+  queued (``wake()`` or the next poll): monitoring reads it, and so does anything that
+  must know the runner has caught up.
+- With several runners (``exclusive`` false) the heartbeat thread also recovers, at each
+  beat, the jobs whose heartbeat is older than ``stale_after``: a vanished runner's jobs
+  are recovered within ``stale_after`` plus one beat.
 - The runner needs no asyncio: it runs in its own threads beside uvicorn. ``start()`` first
   recovers jobs left running by a previous run (``tandem.jobs.queue.recover_jobs``);
   ``stop()`` asks running handlers to stop (``check_canceled()`` raises) and treats the jobs
@@ -230,6 +236,7 @@ class JobRunner:
         self._stopping = threading.Event()
         self._active: dict[str, JobContext] = {}
         self._active_lock = threading.Lock()
+        self._idle = 0  # workers waiting for a job; under _active_lock
         self._threads: list[threading.Thread] = []
 
     # -- control --------------------------------------------------------------------------
@@ -272,6 +279,12 @@ class JobRunner:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    @property
+    def idle_workers(self) -> int:
+        """How many workers found no job to claim and now wait for one to be queued."""
+        with self._active_lock:
+            return self._idle
 
     def wake(self) -> None:
         """Tell idle workers a job was queued (call it after the submitting commit)."""
@@ -344,7 +357,13 @@ class JobRunner:
                 self._stopping.wait(self.poll_interval)
                 continue
             if info is None:
-                self._wake.wait(self.poll_interval)
+                with self._active_lock:
+                    self._idle += 1
+                try:
+                    self._wake.wait(self.poll_interval)
+                finally:
+                    with self._active_lock:
+                        self._idle -= 1
                 continue
             self._run(info)
 
@@ -409,7 +428,6 @@ class JobRunner:
             finish_job(session, job_id=job_id, status=status, message=message, result=result)
 
     def _beat(self) -> None:
-        last_recovery = time.monotonic()
         while not self._stopping.wait(self.heartbeat_interval):
             with self._active_lock:
                 contexts = dict(self._active)
@@ -420,8 +438,7 @@ class JobRunner:
                     for job_id, canceled in flags.items():
                         if canceled:
                             contexts[job_id]._cancel.set()
-                if not self.exclusive and time.monotonic() - last_recovery >= self.stale_after:
-                    last_recovery = time.monotonic()
-                    self.recover()
+                if not self.exclusive:
+                    self.recover()  # only jobs already stale_after old: cheap, and prompt
             except Exception:
                 log.exception("job heartbeat failed; retrying")
