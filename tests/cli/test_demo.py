@@ -42,6 +42,14 @@ def processes_mentioning(text: str) -> list[str]:
     return found
 
 
+def wait_until(predicate: Any, what: str, timeout: float = 60.0) -> None:
+    """Poll for a state; the deadline only bounds a failure."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
 DRILL = [
     "start-sites",
     "pair",
@@ -252,19 +260,20 @@ def test_sample_app_writes_holds_releases_and_stops(tmp_path: Path) -> None:
 
     try:
         assert "running" in cli("start", str(data), "--disk", str(disk), "--interval", "0.02")
-        time.sleep(0.3)
+        wait_until(lambda: sampleapp.read_status(paths)["ticks"] > 0, "the app to write")
         assert {"app.db", "app.db-wal", "log", "blobs", "assets"} <= {
             p.name for p in data.iterdir()
         }
         assert "held at row" in cli("hold", str(data))
-        # Held: the database is closed (no -wal), and nothing changes any more.
+        # Held: the database is closed (no -wal), and nothing changes any more ...
         before = demo.tree_state(data), demo.volume_state(disk)
         assert "app.db-wal" not in before[0]
-        time.sleep(0.3)
+        # ... though it goes on running: a new hold is acknowledged only from its loop.
+        assert "held at row" in cli("hold", str(data))
         assert (demo.tree_state(data), demo.volume_state(disk)) == before
         rows = sampleapp.read_status(paths)["rows"]
         cli("release", str(data))
-        time.sleep(0.3)
+        wait_until(lambda: sampleapp.read_status(paths)["rows"] > rows, "the app to write again")
         status = json.loads(cli("status", str(data)))
         assert status["running"] and status["state"] == "running" and status["rows"] > rows
         assert status["check"] == "ok" and status["errors"] == 0 and status["records"] > 0
@@ -294,14 +303,17 @@ def test_sample_app_writes_its_disk_through_nbd_and_follows_the_attachment(
         uri = server.add_export("copy", overlay)
         try:
             sampleapp.start(paths, disk_from=attached, interval=0.02, lifetime=120)
-            time.sleep(0.3)
+            wait_until(lambda: sampleapp.read_status(paths)["records"] > 0, "a record on disk")
             first = sampleapp.hold(paths)
             assert first["disk"] == str(local) and first["records"] > 0
             written = local.read_bytes()
             assert b"sampleapp record" in written
             attached.write_text(f"{uri}\n")  # the volume is attached through NBD now
-            sampleapp.release(paths)
-            time.sleep(0.3)
+            assert sampleapp.release(paths)["disk"] == uri  # reopened: the new attachment
+            wait_until(
+                lambda: sampleapp.read_status(paths)["records"] > first["records"],
+                "a record written through NBD",
+            )
             held = sampleapp.hold(paths)
             assert held["disk"] == uri and held["errors"] == 0
             assert local.read_bytes() == written  # the file is left alone
