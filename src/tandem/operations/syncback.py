@@ -186,7 +186,7 @@ def capture_dr_state(
         # The capture takes every block written so far; writes from now on count as changed
         # since it. Only once its row exists is it the copy's reference.
         overlay.begin_capture()
-        written = overlay.dirty_bytes()  # what the capture takes, since the failover
+        written = overlay.dirty_bytes()  # since the failover, as this capture begins
         try:
             # Start from the last capture: only what was written since it is read.
             reference = overlay.reference
@@ -213,8 +213,8 @@ def capture_dr_state(
     base = bytes.fromhex(previous.manifest if previous else failover.manifest)
     transfer, mid, size = _capture_tree_at_host(site, ctx, app, host, path, base)
     try:
-        image = record(mid, size)
         written = _files_written(site, bytes.fromhex(failover.manifest), mid)
+        image = record(mid, size)
     finally:
         with site.gc_lock:
             site.sessions.close(transfer)
@@ -222,8 +222,8 @@ def capture_dr_state(
 
 
 def _files_written(site: Site, then: bytes, now: bytes) -> int:
-    """Bytes of the files of tree ``now`` added or changed since tree ``then`` (both held
-    here: the capture session keeps ``now`` until it is recorded)."""
+    """Bytes of the files of tree ``now`` added or changed since tree ``then``, from the
+    two manifests held here (the open capture session keeps ``now``)."""
     old, new = load_manifest(site.pool, then), load_manifest(site.pool, now)
     if not isinstance(old, TreeManifest) or not isinstance(new, TreeManifest):
         raise TandemError("a file-tree syncback compares two file-tree images")
