@@ -8,10 +8,11 @@ completes, and what was written at the DR site arrives at production byte for by
 - the DR appliance is killed during the snapshot-style failback (after its checks passed
   and it began withdrawing the DR copy, before it recorded ``managed``).
 
-The kills land where they should without sleeps in the product: the parties the step talks
-to next are paused (SIGSTOP) as soon as the step is seen to be there (an image row, a log
-line, a half-written file), so the step waits on them; then the daemon is killed and the
-paused ones continued.
+The kills land where they should without sleeps in the product or the test: the parties
+the step talks to next are paused (SIGSTOP) as soon as the step is seen to be there (an
+image row, a log line, a half-written file), so the step waits on them; the daemon is
+killed once its call to a paused party is under way (its request unread in the kernel's
+socket table, ``calling``), and the paused ones are continued.
 """
 
 from __future__ import annotations
