@@ -6,8 +6,10 @@ SPEC §2's mount-point rules, as enforced here
 - An existing *empty* folder is used; a *missing* path is created (its parents too for the
   *specify* action; *keep-source-path* creates no parents: the app's original parent folder
   must exist). A file, a non-empty folder or a symlink at the mount point fails the job
-  (``TargetInvalid`` naming the path and the rule) and nothing is touched. The mount point
-  itself is never followed when it is a symlink.
+  (``TargetInvalid`` naming the path and the rule) and nothing is touched. No symlink is
+  followed, neither at the mount point nor in the folders above it: the path is walked from
+  ``/`` with O_NOFOLLOW (``storage.targets``), missing folders are made with ``mkdirat`` in
+  the folder just opened, and the image is written through that walk too.
 - With ``volumes`` N > 1 the mount points are ``PATH_1`` … ``PATH_N``; every one is checked
   before the first is created.
 - A volume image is written to ``<mount point>/volume.img`` (``VOLUME_FILE``); a file-tree
@@ -52,6 +54,7 @@ from pathlib import Path
 from typing import Any
 
 from tandem.errors import Conflict, InvalidInput, NotFound, TandemError, TargetInvalid
+from tandem.storage import targets
 
 REGISTRY_FILE = "mounts.json"
 VOLUME_FILE = "volume.img"
@@ -125,6 +128,10 @@ class Target:
 def check_target(path: str, *, make_parents: bool) -> Target:
     """Apply SPEC §2's rules to ``path`` (a ``clean_path``) without changing anything."""
     try:
+        targets.inspect(path)  # a symlink (or file) among the parents: never followed
+    except TargetInvalid as exc:
+        raise _refuse(path, str(exc.fields.get("reason")), "choose another mount point") from exc
+    try:
         st = os.lstat(path)
     except FileNotFoundError:
         _check_creatable(path, make_parents)
@@ -179,23 +186,17 @@ def _check_creatable(path: str, make_parents: bool) -> None:
 
 
 def make_dirs(path: str, created: list[str], recorded: Callable[[], None]) -> None:
-    """Create ``path`` and its missing parents (top-down). Each directory made is appended to
-    ``created`` and ``recorded()`` is called at once, so a failure part-way (or a crash)
-    still knows what to remove."""
-    missing = []
-    current = path
-    while not os.path.lexists(current):
-        missing.append(current)
-        current = os.path.dirname(current)
-    for directory in reversed(missing):
-        try:
-            os.mkdir(directory)
-        except OSError as exc:
-            raise _refuse(
-                directory, f"it could not be created ({exc.strerror or exc})", "check the path"
-            ) from exc
-        created.append(directory)
-        recorded()
+    """Create ``path`` and its missing parents (top-down), each with ``mkdirat`` in its parent
+    opened without following a symlink (``targets.open_dir``). Each directory made is
+    appended to ``created`` and ``recorded()`` is called at once, so a failure part-way (or a
+    crash) still knows what to remove."""
+    try:
+        fd = targets.open_dir(path, create=True, created=created, on_create=recorded)
+    except TargetInvalid as exc:
+        raise _refuse(
+            str(exc.fields.get("path", path)), str(exc.fields.get("reason")), "check the path"
+        ) from exc
+    os.close(fd)
 
 
 def check_empty_folder(path: str) -> None:
