@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 
-from tests.agent.test_mounts import Rig, booted, catalog_url, files_of, make_tree, rig
+from tests.agent.test_mounts import IMAGE, Rig, booted, catalog_url, files_of, make_tree, rig
 
 __all__ = ["booted", "catalog_url", "rig"]
 
@@ -106,3 +106,27 @@ def test_target_check_answers_what_is_at_a_path(rig: Rig) -> None:
     relative = rig.http.post("/api/v1/target/check", json={"kind": "filesystem", "path": "a/b"})
     assert relative.status_code == 422
     assert list((rig.tmp / "empty").iterdir()) == []
+
+
+def test_unmount_follows_no_symlink_put_in_place_of_a_folder_above_the_mount_point(
+    rig: Rig,
+) -> None:
+    source, mid = make_tree(rig)
+    target = rig.tmp / "mnt" / "made" / "app"  # made/ and app/ are the agent's own
+    (rig.tmp / "mnt").mkdir()
+    assert rig.materialize(rig.body(mid, mount_point=str(target)))["event"] == "done"
+    elsewhere = rig.tmp / "elsewhere"
+    (elsewhere / "made" / "app").mkdir(parents=True)
+    (elsewhere / "made" / "app" / "theirs.txt").write_text("not the agent's\n")
+    (rig.tmp / "mnt").rename(rig.tmp / "mnt-moved")
+    (rig.tmp / "mnt").symlink_to(elsewhere)
+    resp = rig.unmount()
+    assert resp.status_code == 422 and resp.json()["error"] == "TargetInvalid"
+    assert "will not be followed" in resp.json()["message"]
+    assert (elsewhere / "made" / "app" / "theirs.txt").read_text() == "not the agent's\n"
+    assert files_of(rig.tmp / "mnt-moved" / "made" / "app") == files_of(source)
+    assert IMAGE in rig.mounts()
+    (rig.tmp / "mnt").unlink()
+    (rig.tmp / "mnt-moved").rename(rig.tmp / "mnt")
+    assert rig.unmount().status_code == 200
+    assert list((rig.tmp / "mnt").iterdir()) == []

@@ -33,7 +33,9 @@ Invariants
 - Removal takes away exactly what a materialization created: a directory it made is removed
   with its content; a folder that existed before is emptied (it was empty) and given its
   mode and owner back, never removed; a parent it made is removed only when empty.
-  Removal opens every directory with ``O_NOFOLLOW`` from its parent: no symlink is followed.
+  Removal walks to every directory from ``/`` with ``O_NOFOLLOW`` (``storage.targets``) and
+  removes folders through their parent's fd: no symlink is followed, above a mount point
+  either.
 - Mount points of two materializations never nest in each other (nor in DIR), so removing
   one never reaches into another.
 """
@@ -210,21 +212,38 @@ def check_empty_folder(path: str) -> None:
 
 
 def _open_dir(path: str) -> int | None:
-    """An fd on the folder ``path`` opened without following a symlink; None if missing."""
+    """An fd on the folder ``path``, walked from ``/`` without following a symlink
+    (``targets``); None if it (or a folder above it) is missing."""
     try:
-        return os.open(path, _DIR_FLAGS)
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-            raise TargetInvalid(
-                f"Cannot remove the materialized image at {path}: it is no longer a folder "
-                "(a symbolic link or a file took its place) and will not be followed. Remove "
-                "it by hand, then unmount again.",
-                path=path,
-                reason="not a folder",
-            ) from exc
-        raise
+        state = targets.inspect(path)
+        if not state.exists:
+            return None
+        if state.kind != "folder":
+            raise TargetInvalid(path=path, reason=f"it is a {state.kind}")
+        return targets.open_dir(path)
+    except TargetInvalid as exc:
+        raise TargetInvalid(
+            f"Cannot remove the materialized image at {path}: it is no longer a folder "
+            "reached without a symbolic link (a link or a file took its place, or the place "
+            "of a folder above it) and will not be followed. Remove it by hand, then unmount "
+            "again.",
+            path=path,
+            reason="not a folder",
+        ) from exc
+
+
+def _rmdir(path: str) -> None:
+    """Remove the empty folder ``path`` through its parent, walked without following a
+    symlink (a link among the parents raises ``TargetInvalid``, a missing one
+    FileNotFoundError)."""
+    parent = targets.inspect(os.path.dirname(path))
+    if not parent.exists:
+        raise FileNotFoundError(errno.ENOENT, "no such folder", path)
+    fd, name = targets.open_parent(path)
+    try:
+        os.rmdir(name, dir_fd=fd)
+    finally:
+        os.close(fd)
 
 
 @dataclass
@@ -305,7 +324,7 @@ def remove_materialized(entry: dict[str, Any]) -> tuple[list[str], list[str]]:
             os.fchmod(fd, 0o700)
             names = _clear(fd)
             if path in created:
-                os.rmdir(path)
+                _rmdir(path)
                 removed.append(path)
             else:
                 _restore_owner(fd, owners[path])
@@ -317,10 +336,10 @@ def remove_materialized(entry: dict[str, Any]) -> tuple[list[str], list[str]]:
     parents = set(created) - set(paths)
     for directory in sorted(parents, key=lambda d: d.count("/"), reverse=True):
         try:
-            os.rmdir(directory)  # only when empty; never follows a symlink
+            _rmdir(directory)  # only when empty; never follows a symlink
         except FileNotFoundError:
             continue
-        except OSError:
+        except (OSError, TargetInvalid):
             kept.append(directory)
             continue
         removed.append(directory)

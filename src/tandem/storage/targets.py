@@ -8,10 +8,12 @@ to. So a target is never reached through its path as a whole:
 - The path is walked from ``/`` one component at a time, each opened relative to the one
   before with ``openat(…, O_NOFOLLOW | O_DIRECTORY)``. A symbolic link anywhere in it (the
   root of the target included) is refused (``TargetInvalid`` naming the component), as is a
-  component that is not a folder. ``.``, ``..`` and empty components are refused.
+  component that is not a folder.
 - A missing component the operation may create is made with ``mkdirat`` in the folder just
   opened and then opened the same way, so a link swapped in after the ``mkdir`` is refused
   too. ``created`` receives each folder made, parents first, as it is made.
+- ``..`` is refused; empty and ``.`` components are skipped (paths the appliance sends are
+  canonical already, see ``domain.paths``; this only reads older catalog entries kindly).
 - A file target (a volume) is opened with ``O_NOFOLLOW`` in its parent's fd.
 - Everything afterwards works from the fds returned here, never from the path again.
 """
@@ -34,11 +36,9 @@ def components(path: str) -> list[str]:
     """The names of an absolute ``path``; refuses relative paths and ``.``/``..``."""
     if not path.startswith("/") or "\x00" in path:
         raise TargetInvalid(path=path, reason="it is not an absolute path; give a full path")
-    names = [n for n in path.split("/") if n]
-    if any(n in (".", "..") for n in names):
-        raise TargetInvalid(
-            path=path, reason="it holds a '.' or '..' component; give the path without it"
-        )
+    names = [n for n in path.split("/") if n not in ("", ".")]
+    if ".." in names:
+        raise TargetInvalid(path=path, reason="it holds a '..' component; give the path without it")
     return names
 
 
