@@ -1346,7 +1346,10 @@ class _Restore:
 
 def _open_target_root(target: str) -> int:
     """The target folder, walked from / without following a symlink (the root of the target
-    included) and made, with its missing parents, if missing (``targets.open_dir``)."""
+    included) and made, with its missing parents, if missing (``targets.open_dir``). Never
+    ``/`` itself: deleting what the image lacks would empty the host."""
+    if not targets.components(target):
+        raise TargetInvalid(path=target, reason="it is the root folder /; give a folder below it")
     return targets.open_dir(target, create=True)
 
 
