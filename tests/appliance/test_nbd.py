@@ -14,7 +14,8 @@ import shutil
 import socket
 import struct
 import subprocess
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -436,3 +437,90 @@ def test_protocol_edges_with_a_raw_client(
         assert client.option(nbd.OPT_ABORT)[0][0] == nbd.REP_ACK
     finally:
         client.close()
+
+
+# --- idle connections never lock a valid client out ------------------------------------
+
+
+def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    """Poll ``predicate`` (a state of the server, not the clock) until it holds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+def idle_connections(port: int, count: int, source: str = "127.0.0.1") -> list[socket.socket]:
+    """``count`` connections from address ``source`` that never answer the server's hello."""
+    socks = []
+    for _ in range(count):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind((source, 0))
+        sock.connect(("127.0.0.1", port))
+        socks.append(sock)
+    return socks
+
+
+def test_idle_connections_from_one_address_do_not_lock_out_a_valid_client(
+    server: NbdServer, pool: ChunkPool, image: Image
+) -> None:
+    uri = server.add_export("replica", ImageBackend(pool, image.manifest), read_only=True)
+    idle = idle_connections(server.port, 256)
+    try:
+        wait_until(lambda: server.connection_stats().accepted == 256, "256 connections counted")
+        stats = server.connection_stats()
+        assert stats.pending == nbd.MAX_PENDING_PER_SOURCE == 16
+        assert stats.pending_by_source == {"127.0.0.1": 16} and stats.evicted == 240
+        assert run("nbdinfo", "--size", uri).stdout.strip() == str(len(image.data))
+        info = json.loads(run("qemu-img", "info", "--output=json", uri).stdout)
+        assert info["virtual-size"] == len(image.data)
+    finally:
+        for sock in idle:
+            sock.close()
+
+
+def test_idle_connections_filling_the_global_limit_do_not_lock_out_a_valid_client(
+    server: NbdServer, pool: ChunkPool, image: Image
+) -> None:
+    uri = server.add_export("replica", ImageBackend(pool, image.manifest), read_only=True)
+    sources = [f"127.0.0.{i}" for i in range(2, 18)]  # 16 addresses x 16 = 256 connections
+    idle = [s for source in sources for s in idle_connections(server.port, 16, source)]
+    try:
+        wait_until(lambda: server.connection_stats().accepted == 256, "256 connections counted")
+        stats = server.connection_stats()
+        assert stats.pending == nbd.MAX_PENDING == 128 and stats.evicted == 128
+        assert max(stats.pending_by_source.values()) <= 16
+        assert run("nbdinfo", "--size", uri).stdout.strip() == str(len(image.data))
+        assert server.connection_stats().established == 0  # nbdinfo has gone again
+    finally:
+        for sock in idle:
+            sock.close()
+
+
+def test_a_handshake_not_finished_in_time_is_dropped(pool: ChunkPool, image: Image) -> None:
+    with NbdServer("127.0.0.1", 0, handshake_timeout=0.5) as srv:
+        (sock,) = idle_connections(srv.port, 1)
+        sock.settimeout(30)
+        hello = sock.recv(18)
+        assert hello.startswith(struct.pack(">Q", nbd.NBDMAGIC))
+        assert sock.recv(1) == b""  # the server hung up: this client said nothing in time
+        sock.close()
+        wait_until(lambda: srv.connection_stats().pending == 0, "the idle connection dropped")
+        assert srv.connection_stats().evicted == 0
+
+
+def test_established_connections_keep_the_global_limit(
+    pool: ChunkPool, image: Image, overlay: Overlay
+) -> None:
+    with NbdServer("127.0.0.1", 0, max_connections=1) as srv:
+        uri = srv.add_export("copy", overlay, secret="")
+        first = RawClient(srv.port)
+        try:
+            assert first.option(nbd.OPT_GO, go_payload("copy"))[-1][0] == nbd.REP_ACK
+            wait_until(lambda: srv.connection_stats().established == 1, "one established")
+            assert run("nbdinfo", "--size", uri, check=False).returncode != 0
+        finally:
+            first.close()
+        wait_until(lambda: srv.connection_stats().established == 0, "the first one gone")
+        assert run("nbdinfo", "--size", uri).stdout.strip() == str(overlay.size)

@@ -142,6 +142,7 @@ def test_clone_is_an_independent_copy_that_never_overwrites(drill: Drill, tmp_pa
     again = d.a.run(
         "clone", snap["id"], "--host", "host1", "--path", str(target), "--name", "cms3", check=False
     )
-    assert again.code == 1 and "never overwrites" in again.error
+    # cms2 holds that path now: refused before any data moves (two apps never overlap)
+    assert again.code == 1 and "is the path of application 'cms2'" in again.error
     assert (target / "pages" / "home.md").read_text() == "# edited copy\n"
     assert (data / "pages" / "home.md").read_text() == "# welcome\n"

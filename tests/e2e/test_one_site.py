@@ -444,3 +444,66 @@ def test_kill9_during_capture_recovers(site: Site, tmp_path: Path) -> None:
         assert pool["ok"] and not pool["bad"] and not pool["missing"], pool
     finally:
         appliance.stop()
+
+
+def test_paths_are_canonical_apps_do_not_overlap_and_restores_follow_no_symlink(
+    site: Site, tmp_path: Path
+) -> None:
+    cli = site.cli
+    data = tmp_path / "paths-app"
+    make_tree(data, files=2, size=4096)
+    for bad, fix in [
+        ("/.", "is the root folder /"),
+        ("//", "is the root folder /"),
+        ("/etc/..", "is the root folder /"),
+        ("A/../A", "is not an absolute path"),
+        (f"{data}/", f"write it as '{data}'"),
+        (f"{tmp_path}//paths-app", f"write it as '{data}'"),
+        (f"{data}/../paths-app", f"write it as '{data}'"),
+    ]:
+        refused = cli.run(
+            "app", "add", "p", "--host", site.host, "--kind", "filesystem", "--path", bad,
+            check=False,
+        )  # fmt: skip
+        assert refused.code == 2 and refused.doc is None, bad
+        assert fix in refused.error and "Traceback" not in refused.stderr, refused.stderr
+    assert "p" not in {a["name"] for a in cli("apps")}
+
+    add_app(cli, "paths", site.host, "filesystem", data)
+    inside = cli.run(
+        "app", "add", "p", "--host", site.host, "--kind", "filesystem",
+        "--path", str(data / "dir0"), check=False,
+    )  # fmt: skip
+    assert inside.code == 1 and "lies inside the path of application 'paths'" in inside.error
+    cli("template", "add", "paths-manual")
+    cli("app", "protect", "paths", "--template", "paths-manual")
+    image = cli("capture", "paths")["image"]
+
+    # A clone never writes into a folder that is not empty.
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "mine").write_text("mine\n")
+    clone = cli.run(
+        "clone", image["id"], "--host", site.host, "--path", str(full), "--name", "pc",
+        check=False,
+    )  # fmt: skip
+    assert clone.code == 1 and "never overwrites" in clone.error
+    assert [p.name for p in full.iterdir()] == ["mine"]
+
+    # Someone who can write beside the app's folder swaps it for a link to another folder:
+    # the restore refuses, and the other folder keeps every file.
+    victim = tmp_path / "victim"
+    make_tree(victim, files=3, size=1000)
+    before = tree_state(victim)
+    data.rename(tmp_path / "paths-app.moved")
+    data.symlink_to(victim)
+    refused = cli.run("restore", "paths", "--image", image["id"], *CONFIRM, check=False)
+    assert refused.code == 1
+    assert f"a component of the path is a symbolic link ({data})" in refused.error
+    assert tree_state(victim) == before and data.is_symlink()
+
+    # Back to a real folder, the restore writes the image there.
+    data.unlink()
+    done = cli("restore", "paths", "--image", image["id"], *CONFIRM)
+    assert done["job"]["status"] == "succeeded", done["job"]
+    assert tree_state(data) == tree_state(tmp_path / "paths-app.moved")

@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tandem.agent import holders, mounts
 from tandem.agent.mounts import MountAction
 from tandem.errors import Conflict, InvalidInput, SourceUnreadable, TandemError, TargetInvalid
-from tandem.storage import tree, volume
+from tandem.storage import targets, tree, volume
 from tandem.storage.manifest import TreeManifest, VolumeManifest, decode_manifest
 from tandem.transport.chunks import RemoteChunkSource, RemotePool
 from tandem.transport.client import ApiClient
@@ -82,15 +82,45 @@ class RestoreRequest(BaseModel):
     """The volume file's ``SourceStamp`` then: if it still matches, the target is not read."""
 
 
-def _check_new(path: str, kind: str) -> None:
-    """A clone's target must be missing (a volume) or missing or an empty folder (a tree)."""
-    p = Path(path)
-    if kind == "volume" and (p.exists() or p.is_symlink()):
-        raise TargetInvalid(path=path, reason="it exists; a clone never overwrites")
-    if p.is_symlink() or (p.exists() and not p.is_dir()):
-        raise TargetInvalid(path=path, reason="it exists and is not an empty folder")
-    if p.is_dir() and any(p.iterdir()):
-        raise TargetInvalid(path=path, reason="the folder is not empty; a clone never overwrites")
+class TargetCheckRequest(BaseModel):
+    """Ask what is at a path where an image is about to be written as a new app."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: str = Field(pattern="^(filesystem|volume)$")
+    path: str = Field(min_length=2, max_length=4096, pattern=r"^/[^\x00]*$")
+
+
+def check_target(req: TargetCheckRequest) -> dict[str, Any]:
+    """What is at ``req.path``, seen through the no-follow walk (``storage.targets``):
+    ``{"exists", "empty", "kind", "usable"}`` where ``usable`` says whether a new copy of a
+    ``req.kind`` image may be written there (``check_new``'s rule). A symlink or a file among
+    the parent folders raises ``TargetInvalid``. Touches nothing."""
+    state = targets.inspect(req.path)
+    return {**state.as_dict(), "usable": _new_target_problem(state, req.kind) is None}
+
+
+def _new_target_problem(state: targets.TargetState, kind: str) -> str | None:
+    if not state.exists:
+        return None
+    if kind == "volume":
+        return "it exists; a new copy never overwrites"
+    if state.kind == "symlink":
+        return "it is a symbolic link, which is not followed; give the real folder's path"
+    if state.kind != "folder":
+        return "it exists and is not an empty folder"
+    if not state.empty:
+        return "the folder is not empty; a new copy never overwrites"
+    return None
+
+
+def check_new(path: str, kind: str) -> None:
+    """A new copy's target (a clone, a failback to a new location) must be missing (a
+    volume) or missing or an empty folder (a tree), with no symlink in its path; raises
+    ``TargetInvalid`` saying which rule it breaks otherwise."""
+    problem = _new_target_problem(targets.inspect(path), kind)
+    if problem is not None:
+        raise TargetInvalid(path=path, reason=problem)
 
 
 class MaterializeRequest(BaseModel):
@@ -215,7 +245,7 @@ def _check_not_in_use(path: str) -> None:
 def restore(req: RestoreRequest, emit: Emit) -> dict[str, Any]:
     """Diff-restore the image onto the app's path from the appliance session."""
     if req.new_only:
-        _check_new(req.path, req.kind)
+        check_new(req.path, req.kind)
     else:
         _check_not_in_use(req.path)
     sealed, base = None, None

@@ -8,8 +8,10 @@ Invariants
   its own; when the appliance disconnects, the action is told to stop (its next ``emit``
   raises) rather than carrying on for nobody.
 - ``/api/v1/materialize`` streams the same way; ``/api/v1/unmaterialize`` and
-  ``/api/v1/mounts`` answer JSON. Materializations are recorded in DIR/mounts.json (see
-  ``tandem.agent.mounts``), so an app made without its directory cannot materialize.
+  ``/api/v1/mounts`` answer JSON, as does ``/api/v1/target/check`` (what is at a path where
+  a new copy would be written; see ``actions.check_target``). Materializations are recorded
+  in DIR/mounts.json (see ``tandem.agent.mounts``), so an app made without its directory
+  cannot materialize.
 """
 
 from __future__ import annotations
@@ -137,6 +139,10 @@ def create_app(cfg: DaemonConfig, directory: Path | None = None) -> FastAPI:
     @app.get("/api/v1/mounts", dependencies=[Depends(auth)])
     def list_mounts() -> dict[str, Any]:
         return mount_registry().read()
+
+    @app.post("/api/v1/target/check", dependencies=[Depends(auth)])
+    def check_target(req: actions.TargetCheckRequest) -> dict[str, Any]:
+        return actions.check_target(req)
 
     @app.post("/api/v1/run", dependencies=[Depends(auth)])
     def run(req: actions.RunRequest) -> dict[str, Any]:

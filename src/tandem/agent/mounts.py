@@ -6,8 +6,10 @@ SPEC §2's mount-point rules, as enforced here
 - An existing *empty* folder is used; a *missing* path is created (its parents too for the
   *specify* action; *keep-source-path* creates no parents: the app's original parent folder
   must exist). A file, a non-empty folder or a symlink at the mount point fails the job
-  (``TargetInvalid`` naming the path and the rule) and nothing is touched. The mount point
-  itself is never followed when it is a symlink.
+  (``TargetInvalid`` naming the path and the rule) and nothing is touched. No symlink is
+  followed, neither at the mount point nor in the folders above it: the path is walked from
+  ``/`` with O_NOFOLLOW (``storage.targets``), missing folders are made with ``mkdirat`` in
+  the folder just opened, and the image is written through that walk too.
 - With ``volumes`` N > 1 the mount points are ``PATH_1`` … ``PATH_N``; every one is checked
   before the first is created.
 - A volume image is written to ``<mount point>/volume.img`` (``VOLUME_FILE``); a file-tree
@@ -31,7 +33,9 @@ Invariants
 - Removal takes away exactly what a materialization created: a directory it made is removed
   with its content; a folder that existed before is emptied (it was empty) and given its
   mode and owner back, never removed; a parent it made is removed only when empty.
-  Removal opens every directory with ``O_NOFOLLOW`` from its parent: no symlink is followed.
+  Removal walks to every directory from ``/`` with ``O_NOFOLLOW`` (``storage.targets``) and
+  removes folders through their parent's fd: no symlink is followed, above a mount point
+  either.
 - Mount points of two materializations never nest in each other (nor in DIR), so removing
   one never reaches into another.
 """
@@ -52,6 +56,7 @@ from pathlib import Path
 from typing import Any
 
 from tandem.errors import Conflict, InvalidInput, NotFound, TandemError, TargetInvalid
+from tandem.storage import targets
 
 REGISTRY_FILE = "mounts.json"
 VOLUME_FILE = "volume.img"
@@ -125,6 +130,10 @@ class Target:
 def check_target(path: str, *, make_parents: bool) -> Target:
     """Apply SPEC §2's rules to ``path`` (a ``clean_path``) without changing anything."""
     try:
+        targets.inspect(path)  # a symlink (or file) among the parents: never followed
+    except TargetInvalid as exc:
+        raise _refuse(path, str(exc.fields.get("reason")), "choose another mount point") from exc
+    try:
         st = os.lstat(path)
     except FileNotFoundError:
         _check_creatable(path, make_parents)
@@ -179,23 +188,17 @@ def _check_creatable(path: str, make_parents: bool) -> None:
 
 
 def make_dirs(path: str, created: list[str], recorded: Callable[[], None]) -> None:
-    """Create ``path`` and its missing parents (top-down). Each directory made is appended to
-    ``created`` and ``recorded()`` is called at once, so a failure part-way (or a crash)
-    still knows what to remove."""
-    missing = []
-    current = path
-    while not os.path.lexists(current):
-        missing.append(current)
-        current = os.path.dirname(current)
-    for directory in reversed(missing):
-        try:
-            os.mkdir(directory)
-        except OSError as exc:
-            raise _refuse(
-                directory, f"it could not be created ({exc.strerror or exc})", "check the path"
-            ) from exc
-        created.append(directory)
-        recorded()
+    """Create ``path`` and its missing parents (top-down), each with ``mkdirat`` in its parent
+    opened without following a symlink (``targets.open_dir``). Each directory made is
+    appended to ``created`` and ``recorded()`` is called at once, so a failure part-way (or a
+    crash) still knows what to remove."""
+    try:
+        fd = targets.open_dir(path, create=True, created=created, on_create=recorded)
+    except TargetInvalid as exc:
+        raise _refuse(
+            str(exc.fields.get("path", path)), str(exc.fields.get("reason")), "check the path"
+        ) from exc
+    os.close(fd)
 
 
 def check_empty_folder(path: str) -> None:
@@ -209,21 +212,38 @@ def check_empty_folder(path: str) -> None:
 
 
 def _open_dir(path: str) -> int | None:
-    """An fd on the folder ``path`` opened without following a symlink; None if missing."""
+    """An fd on the folder ``path``, walked from ``/`` without following a symlink
+    (``targets``); None if it (or a folder above it) is missing."""
     try:
-        return os.open(path, _DIR_FLAGS)
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-            raise TargetInvalid(
-                f"Cannot remove the materialized image at {path}: it is no longer a folder "
-                "(a symbolic link or a file took its place) and will not be followed. Remove "
-                "it by hand, then unmount again.",
-                path=path,
-                reason="not a folder",
-            ) from exc
-        raise
+        state = targets.inspect(path)
+        if not state.exists:
+            return None
+        if state.kind != "folder":
+            raise TargetInvalid(path=path, reason=f"it is a {state.kind}")
+        return targets.open_dir(path)
+    except TargetInvalid as exc:
+        raise TargetInvalid(
+            f"Cannot remove the materialized image at {path}: it is no longer a folder "
+            "reached without a symbolic link (a link or a file took its place, or the place "
+            "of a folder above it) and will not be followed. Remove it by hand, then unmount "
+            "again.",
+            path=path,
+            reason="not a folder",
+        ) from exc
+
+
+def _rmdir(path: str) -> None:
+    """Remove the empty folder ``path`` through its parent, walked without following a
+    symlink (a link among the parents raises ``TargetInvalid``, a missing one
+    FileNotFoundError)."""
+    parent = targets.inspect(os.path.dirname(path))
+    if not parent.exists:
+        raise FileNotFoundError(errno.ENOENT, "no such folder", path)
+    fd, name = targets.open_parent(path)
+    try:
+        os.rmdir(name, dir_fd=fd)
+    finally:
+        os.close(fd)
 
 
 @dataclass
@@ -304,7 +324,7 @@ def remove_materialized(entry: dict[str, Any]) -> tuple[list[str], list[str]]:
             os.fchmod(fd, 0o700)
             names = _clear(fd)
             if path in created:
-                os.rmdir(path)
+                _rmdir(path)
                 removed.append(path)
             else:
                 _restore_owner(fd, owners[path])
@@ -316,10 +336,10 @@ def remove_materialized(entry: dict[str, Any]) -> tuple[list[str], list[str]]:
     parents = set(created) - set(paths)
     for directory in sorted(parents, key=lambda d: d.count("/"), reverse=True):
         try:
-            os.rmdir(directory)  # only when empty; never follows a symlink
+            _rmdir(directory)  # only when empty; never follows a symlink
         except FileNotFoundError:
             continue
-        except OSError:
+        except (OSError, TargetInvalid):
             kept.append(directory)
             continue
         removed.append(directory)

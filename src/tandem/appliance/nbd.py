@@ -31,6 +31,16 @@ while such an export exists. The secret protects against anyone who can reach th
 it does not hide the traffic (NBD here is plaintext): put the NBD port on the storage
 network between appliance and hosts. (NBD_OPT_STARTTLS is the next step.)
 
+Connection limits: an idle connection must never lock a valid client out. A client has
+``handshake_timeout`` seconds (10 by default) from connecting to choosing an export, or it is
+dropped. Connections still in their handshake are limited per address
+(``max_pending_per_source``, 16) and in all (``max_pending``, 128); at either limit a new
+connection is not refused but displaces the oldest unfinished one (of its own address, or of
+the address holding most), so a client that completes its handshake at once always gets in,
+however many idle connections came before it. ``max_connections`` (256) bounds the
+established connections (those serving an export), checked when a client chooses its export.
+``connection_stats()`` reports the counts.
+
 The server runs its own asyncio event loop in a thread (``start()``/``stop()``), beside
 uvicorn in the appliance process. ``remove_export`` disconnects the export's clients and
 returns only when none of its requests is still running, so the caller may then close or
@@ -144,7 +154,9 @@ PREFERRED_BLOCK = 64 * 1024  # an overlay block: smaller writes cost a read-modi
 MAX_INFLIGHT = 16  # concurrent requests per connection
 MAX_OPTION_LEN = 8192  # names are at most 4096 bytes; anything longer is hostile
 MAX_OPTIONS = 32  # options per handshake
-HANDSHAKE_TIMEOUT = 30.0
+HANDSHAKE_TIMEOUT = 10.0  # seconds a client has from connecting to choosing an export
+MAX_PENDING_PER_SOURCE = 16  # connections of one address still in their handshake
+MAX_PENDING = 128  # connections of all addresses still in their handshake
 READ_BUFFER = 4 * 1024 * 1024  # stream buffer: large writes arrive without stalls
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 SECRET_RE = re.compile(r"[A-Za-z0-9_-]{16,128}")
@@ -244,6 +256,21 @@ class _Connection:
     writer: asyncio.StreamWriter
     task: asyncio.Task[None] | None
     export: _Export | None = None
+    source: str = ""
+    pending: bool = True  # still in its handshake
+
+
+@dataclass(frozen=True)
+class ConnectionStats:
+    """What the server holds now (``pending``: still in their handshake, by address in
+    ``pending_by_source``; ``established``: serving an export) and has done since it started
+    (``accepted`` connections, ``evicted`` ones dropped unfinished to make room)."""
+
+    pending: int
+    established: int
+    accepted: int
+    evicted: int
+    pending_by_source: dict[str, int]
 
 
 class _HangUp(Exception):
@@ -292,16 +319,28 @@ class NbdServer:
         advertise: str | None = None,
         max_connections: int = 256,
         workers: int | None = None,
+        handshake_timeout: float = HANDSHAKE_TIMEOUT,
+        max_pending: int = MAX_PENDING,
+        max_pending_per_source: int = MAX_PENDING_PER_SOURCE,
     ) -> None:
         self.host = host
         self._port = port
         self.advertise = advertise or host
         self.max_connections = max_connections
+        self.handshake_timeout = handshake_timeout
+        self.max_pending = max(1, max_pending)
+        self.max_pending_per_source = max(1, max_pending_per_source)
         self.workers = workers or min(32, 4 * (os.cpu_count() or 2))
         self.loopback = is_loopback(host)
         self._lock = threading.Lock()
         self._exports: dict[str, _Export] = {}
         self._conns: set[_Connection] = set()
+        # Connections still in their handshake, oldest first: all of them, and per address.
+        self._pending: dict[_Connection, None] = {}
+        self._pending_by_source: dict[str, dict[_Connection, None]] = {}
+        self._established = 0
+        self._accepted = 0
+        self._evicted = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._server: asyncio.Server | None = None
@@ -446,6 +485,17 @@ class NbdServer:
             for e in current
         ]
 
+    def connection_stats(self) -> ConnectionStats:
+        """The connections held now and counted so far (see ``ConnectionStats``)."""
+        with self._lock:
+            return ConnectionStats(
+                pending=len(self._pending),
+                established=self._established,
+                accepted=self._accepted,
+                evicted=self._evicted,
+                pending_by_source={k: len(v) for k, v in self._pending_by_source.items()},
+            )
+
     def uri(self, name: str) -> str:
         with self._lock:
             export = self._exports.get(name)
@@ -513,18 +563,66 @@ class NbdServer:
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        conn = _Connection(writer, asyncio.current_task())
-        peer = writer.get_extra_info("peername")
-        if len(self._conns) >= self.max_connections:
-            log.warning("NBD: refusing %s: %d connections already", peer, len(self._conns))
-            writer.transport.abort()
+    def _admit(self, conn: _Connection) -> None:
+        """Count a new connection as pending; make room first by dropping the oldest pending
+        connection of its address (at ``max_pending_per_source``), or of the address with
+        most pending ones (at ``max_pending``). Idle connections thus never lock a client
+        out: a new one displaces them (loop thread; the caller holds the lock)."""
+        mine = self._pending_by_source.setdefault(conn.source, {})
+        victim: _Connection | None = None
+        if len(mine) >= self.max_pending_per_source:
+            victim = next(iter(mine))
+        elif len(self._pending) >= self.max_pending:
+            busiest = max(self._pending_by_source.values(), key=len)
+            victim = next(iter(busiest))
+        if victim is not None:
+            self._unpend(victim)
+            self._evicted += 1
+            victim.writer.transport.abort()
+            log.debug("NBD: dropped an unfinished handshake from %s to make room", victim.source)
+        self._pending[conn] = None
+        mine[conn] = None
+        self._accepted += 1
+
+    def _unpend(self, conn: _Connection) -> None:
+        """No longer count ``conn`` as pending (the caller holds the lock)."""
+        if not conn.pending:
             return
+        conn.pending = False
+        self._pending.pop(conn, None)
+        mine = self._pending_by_source.get(conn.source)
+        if mine is not None:
+            mine.pop(conn, None)
+            if not mine:
+                del self._pending_by_source[conn.source]
+
+    def _make_room(self) -> None:
+        """Before a client attaches to an export: refuse it when ``max_connections`` are
+        established already."""
+        with self._lock:
+            if self._established >= self.max_connections:
+                log.warning("NBD: refusing a client: %d connections already", self._established)
+                raise _HangUp("too many connections")
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        source = str(peer[0]) if isinstance(peer, tuple) and peer else str(peer)
+        conn = _Connection(writer, asyncio.current_task(), source=source)
+        with self._lock:
+            self._admit(conn)
         self._conns.add(conn)
+        established = False
         try:
             export = await asyncio.wait_for(
-                self._negotiate(conn, reader, writer), HANDSHAKE_TIMEOUT
+                self._negotiate(conn, reader, writer), self.handshake_timeout
             )
+            with self._lock:
+                if not conn.pending:
+                    raise _HangUp("dropped to make room")  # evicted as the handshake ended
+                self._unpend(conn)
+                if export is not None:
+                    self._established += 1
+                    established = True
             if export is not None:
                 log.debug("NBD: %s connected to %s", peer, export.name)
                 await self._transmit(export, reader, writer)
@@ -534,8 +632,11 @@ class NbdServer:
             log.exception("NBD: connection from %s failed", peer)
         finally:
             self._conns.discard(conn)
-            if conn.export is not None:
-                with self._lock:
+            with self._lock:
+                self._unpend(conn)
+                if established:
+                    self._established -= 1
+                if conn.export is not None:
                     conn.export.connections.discard(conn)
             writer.close()
             with contextlib.suppress(Exception):
@@ -561,6 +662,7 @@ class NbdServer:
                 raise _HangUp("bad option header")
             data = await reader.readexactly(length)
             if option == OPT_EXPORT_NAME:
+                self._make_room()
                 export = self._attach(conn, data)
                 if export is None:
                     raise _HangUp("unknown export")  # the only refusal this option has
@@ -588,6 +690,8 @@ class NbdServer:
                     await reply(option, REP_ERR_INVALID, b"malformed request")
                     continue
                 wire, infos = request
+                if option == OPT_GO:
+                    self._make_room()
                 export = self._attach(conn, wire) if option == OPT_GO else self._find(wire)
                 if export is None:
                     await reply(option, REP_ERR_UNKNOWN, b"no such export, or a wrong secret")

@@ -22,6 +22,7 @@ from tandem.catalog.models import App, Audit, Host, Image, Job, JobLog, Template
 from tandem.domain.images import ImageKind, ImageState
 from tandem.domain.jobs import JobStatus
 from tandem.domain.lifecycle import AppKind, AppState
+from tandem.domain.paths import CanonicalPath
 from tandem.domain.rules import Role
 
 NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
@@ -63,7 +64,7 @@ class AppIn(Body):
     name: str = Field(pattern=NAME)
     host: str = Field(pattern=NAME)
     kind: AppKind
-    path: str = Field(min_length=2, max_length=4096, pattern=r"^/[^\x00]*$")
+    path: CanonicalPath
     start: str | None = Field(default=None, max_length=4096, pattern=NO_NUL)
     stop: str | None = Field(default=None, max_length=4096, pattern=NO_NUL)
 

@@ -210,6 +210,13 @@ def list_apps(session: Session) -> list[App]:
     return list(session.scalars(select(App).order_by(App.name)))
 
 
+def list_local_apps_on_host(session: Session, *, host: str) -> list[App]:
+    """This site's own apps on ``host`` (mirror records, whose ``origin`` is a peer, name the
+    other site's hosts and are left out)."""
+    query = select(App).where(App.host == host, App.origin.is_(None)).order_by(App.name)
+    return list(session.scalars(query))
+
+
 def set_app_template(session: Session, *, name: str, template: str | None) -> App:
     """Point an app at a template (``None``: none). The state changes via ``record_transition``."""
     app = get_app(session, name=name)

@@ -4,24 +4,50 @@ Invariants
 - An app's state changes only through ``record_transition`` (the lifecycle table), in the
   same transaction as the change it stands for (protect sets the template, unprotect
   clears it), so the state and the template never disagree.
-- Paths are absolute; start/stop commands are shell commands run by the host's agent.
+- Paths are canonical (``domain.paths``); start/stop commands are shell commands run by
+  the host's agent.
+- No two apps of this site on one host overlap (equal, or one inside the other): restoring
+  one would overwrite or delete the other's files. Mirror records (``origin`` set) are the
+  other site's apps on its hosts and take no part.
 """
 
 from __future__ import annotations
 
+from sqlalchemy.orm import Session
+
 from tandem.catalog import queries as q
 from tandem.catalog.models import App, Transition
 from tandem.domain.lifecycle import AppKind, Operation
-from tandem.errors import InvalidInput
+from tandem.domain.paths import check_path, overlaps
+from tandem.errors import Conflict, InvalidInput
 from tandem.operations.site import Site
 
 MAX_COMMAND = 4096
 
 
 def _check_path(path: str) -> str:
-    if not path.startswith("/") or "\x00" in path or len(path) > 4096:
-        raise InvalidInput(detail=f"--path {path[:200]!r} must be an absolute path on the host")
-    return path
+    return check_path(path, "--path")
+
+
+def check_no_overlap(
+    session: Session, *, host: str, path: str, exclude: str | None = None, what: str = "--path"
+) -> None:
+    """Refuse ``path`` on ``host`` when it equals, contains or lies inside the path of
+    another app of this site on that host (``exclude``: the app being changed)."""
+    for other in q.list_local_apps_on_host(session, host=host):
+        if other.name != exclude and overlaps(path, other.path):
+            how = (
+                "is the path of"
+                if path == other.path
+                else "lies inside the path of"
+                if path.startswith(other.path + "/")
+                else "contains the path of"
+            )
+            raise Conflict(
+                detail=f"{what} {path} on host {host} {how} application {other.name!r} "
+                f"({other.path}); apps on one host must not overlap, or restoring one would "
+                "overwrite the other's files. Choose a path outside it"
+            )
 
 
 def _check_command(command: str | None, what: str) -> str | None:
@@ -44,13 +70,15 @@ def add_app(
     start: str | None = None,
     stop: str | None = None,
 ) -> App:
+    path = _check_path(path)
     with site.catalog.begin() as session:
+        check_no_overlap(session, host=host, path=path)
         return q.add_app(
             session,
             name=name,
             kind=kind,
             host=host,
-            path=_check_path(path),
+            path=path,
             start_cmd=_check_command(start, "start"),
             stop_cmd=_check_command(stop, "stop"),
         )

@@ -2,8 +2,10 @@
 
 The new app is registered only after its data is in place: the host's agent writes the
 whole image at the path, which must be missing (a volume) or missing or an empty folder (a
-tree) — a clone never overwrites anything. The new app starts unmanaged, with the source
-app's kind and start/stop commands.
+tree) — a clone never overwrites anything. The path is canonical and overlaps no app of
+this site on the host (checked when the job is queued and again, in the same transaction,
+when the new app is registered). The agent opens it without following any symlink. The new
+app starts unmanaged, with the source app's kind and start/stop commands.
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ from tandem.catalog import queries as q
 from tandem.catalog.models import Job
 from tandem.domain.ids import validate_name
 from tandem.domain.lifecycle import Operation, check_transition
-from tandem.errors import AlreadyExists, InvalidInput, NotFound
+from tandem.domain.paths import check_path
+from tandem.errors import AlreadyExists, NotFound
 from tandem.jobs.queue import submit_job
 from tandem.jobs.runner import JobContext
+from tandem.operations.apps import check_no_overlap
 from tandem.operations.hosts import agent_for
 from tandem.operations.site import Site
 from tandem.operations.streams import follow
@@ -33,12 +37,12 @@ def submit_clone(
     name: str | None = None,
     actor: str | None = None,
 ) -> Job:
-    if not path.startswith("/"):
-        raise InvalidInput(detail="--path is a full path on the host")
+    check_path(path, "--path")
     with site.catalog.begin() as session:
         base = q.get_image(session, image_id=image)
         check_transition(base.app.name, base.app.state, Operation.CLONE)
         q.get_host(session, name=host)
+        check_no_overlap(session, host=host, path=path)
         new_name = validate_name(name or f"{base.app.name}-clone-{base.id[-6:]}", "app name")
         try:
             q.get_app(session, name=new_name)
@@ -82,6 +86,7 @@ def run_clone(site: Site, ctx: JobContext) -> dict[str, Any]:
     finally:
         site.sessions.close(transfer)
     with site.catalog.begin() as session:
+        check_no_overlap(session, host=host.name, path=params["path"])
         app = q.add_app(
             session,
             name=params["name"],

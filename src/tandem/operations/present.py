@@ -30,6 +30,7 @@ from tandem.catalog import queries as q
 from tandem.catalog.models import App, Host, Image
 from tandem.domain.images import ImageKind, ImageState
 from tandem.domain.lifecycle import AppKind
+from tandem.domain.paths import check_path
 from tandem.errors import InvalidInput, TandemError
 from tandem.jobs.runner import JobContext
 from tandem.operations.hosts import agent_for
@@ -63,7 +64,9 @@ def check_action(app: App, action: str | None, mount_point: str | None) -> str:
             action = "map-only" if app.kind is AppKind.VOLUME else "keep-source-path"
     if action not in ACTIONS:
         raise InvalidInput(detail=f"--action is one of {', '.join(ACTIONS)}, not {action!r}")
-    if action == "specify" and not (mount_point and mount_point.startswith("/")):
+    if mount_point:
+        check_path(mount_point, "--mount-point")
+    elif action == "specify":
         raise InvalidInput(detail="--action specify needs --mount-point with a full path")
     if action == "map-only" and app.kind is not AppKind.VOLUME:
         raise InvalidInput(

@@ -32,6 +32,10 @@ Restore invariants
 - The whole manifest is validated before the target is touched: safe relative paths, no
   duplicates, every parent a directory listed earlier (so no entry lies under a symlink of the
   image), hard links only to files listed earlier. A violation raises UnsafePath.
+- The target root is reached from ``/`` one component at a time with O_NOFOLLOW
+  (``targets.open_dir``): a symlink in its path, or in its place, is refused before anything
+  is read or written, so a swapped-in link never leads a restore (or its deletion of
+  extraneous entries) into another folder. Missing folders of the path are made the same way.
 - Every path is reached through directory fds opened with O_NOFOLLOW from the target root,
   and files are opened with O_NOFOLLOW (new ones with O_EXCL): nothing is written through a
   symlink. Whatever is in the way of an entry (a symlink where the image has a file, a file
@@ -73,6 +77,7 @@ from tandem.errors import (
     TargetInvalid,
     UnsafePath,
 )
+from tandem.storage import targets
 from tandem.storage.digest import SUB_BLOCK, hash_object
 from tandem.storage.manifest import (
     DIR,
@@ -888,16 +893,23 @@ class _Dirs:
             os.close(self._cache.popitem()[1])
 
 
-def _scan_target(root: str, descend: set[str]) -> dict[str, os.stat_result]:
+def _scan_target(root_fd: int, root: str, descend: set[str]) -> dict[str, os.stat_result]:
     """lstat of what is in the target, descending only into real directories of ``descend``
-    (anything else in the way is removed whole, so its content does not matter)."""
+    (anything else in the way is removed whole, so its content does not matter). Reads
+    through fds from ``root_fd`` (O_NOFOLLOW), never through the path."""
     found: dict[str, os.stat_result] = {}
     stack = [""]
     while stack:
         rel_dir = stack.pop()
         prefix = f"{rel_dir}/" if rel_dir else ""
         try:
-            with os.scandir(f"{root}/{rel_dir}" if rel_dir else root) as it:
+            fd = _open_dir_path(root_fd, root, rel_dir)
+        except TargetInvalid:
+            if rel_dir:
+                continue  # vanished or replaced since its parent was read: removed whole
+            raise
+        try:
+            with os.scandir(fd) as it:
                 for de in it:
                     rel = prefix + de.name
                     try:
@@ -907,10 +919,10 @@ def _scan_target(root: str, descend: set[str]) -> dict[str, os.stat_result]:
                     found[rel] = st
                     if stat.S_ISDIR(st.st_mode) and rel in descend:
                         stack.append(rel)
-        except FileNotFoundError:
-            continue
         except OSError as exc:
             raise TargetInvalid(path=f"{root}/{rel_dir}", reason=exc.strerror or str(exc)) from exc
+        finally:
+            os.close(fd)
     return found
 
 
@@ -1132,7 +1144,7 @@ class _Restore:
     def run(
         self, workers: int | None, progress: Progress | None, delete_extraneous: bool
     ) -> _Moved:
-        found = _scan_target(self.root, self.plan.dirs)
+        found = _scan_target(self.root_fd, self.root, self.plan.dirs)
         # All target paths of each multiply-linked inode, to tell whether patching in place
         # could change a file outside the target or outside the entry's link group.
         links: dict[tuple[int, int], list[str]] = {}
@@ -1211,8 +1223,9 @@ class _Restore:
             if not stat.S_ISLNK(mode):
                 return False
             try:
-                return os.readlink(f"{self.root}/{e.path}") == e.target
-            except OSError:
+                pfd, name = self.dirs.parent_of(e.path)
+                return os.readlink(name, dir_fd=pfd) == e.target
+            except (OSError, TargetInvalid):
                 return False
         if not stat.S_ISREG(mode):
             return False
@@ -1332,11 +1345,12 @@ class _Restore:
 
 
 def _open_target_root(target: str) -> int:
-    try:
-        os.makedirs(target, exist_ok=True)
-        return os.open(target, os.O_RDONLY | os.O_DIRECTORY | _O_CLOEXEC)
-    except OSError as exc:
-        raise TargetInvalid(path=target, reason=exc.strerror or str(exc)) from exc
+    """The target folder, walked from / without following a symlink (the root of the target
+    included) and made, with its missing parents, if missing (``targets.open_dir``). Never
+    ``/`` itself: deleting what the image lacks would empty the host."""
+    if not targets.components(target):
+        raise TargetInvalid(path=target, reason="it is the root folder /; give a folder below it")
+    return targets.open_dir(target, create=True)
 
 
 @_gc_paused()
@@ -1354,13 +1368,14 @@ def restore_tree(
 
     A file whose type, size and mtime match is taken as unchanged (``verify_content`` hashes
     it anyway); a changed file is patched chunk by chunk. Entries the image lacks are removed
-    unless ``delete_extraneous`` is false. A missing target is created. Raises UnsafePath
+    unless ``delete_extraneous`` is false. A missing target is created; a symlink in the
+    target's path is refused (``TargetInvalid``), never followed. Raises UnsafePath
     (before anything is written) for a manifest that would escape the target, TargetInvalid
     for a target that cannot be written, ChunkMissing or ChunkCorrupt for bad source data.
     """
     t0 = time.monotonic()
     plan = _plan_restore(manifest)
-    root = os.fspath(target)
+    root = os.path.abspath(os.fspath(target))
     root_fd = _open_target_root(root)
     restore = _Restore(source, manifest, plan, root, root_fd, verify_content)
     try:

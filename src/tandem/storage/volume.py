@@ -46,6 +46,7 @@ from tandem.errors import (
     StorageError,
     TargetInvalid,
 )
+from tandem.storage import targets
 from tandem.storage.digest import (
     SUB_BLOCK,
     hash_block,
@@ -373,11 +374,11 @@ def _put_as_delta(
 
 
 def _open_target(path: Path, size: int) -> tuple[int, bool]:
-    """Open (creating if missing) the restore target; returns (fd, known_all_zero)."""
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    except OSError as exc:
-        raise TargetInvalid(path=str(path), reason=exc.strerror or str(exc)) from exc
+    """Open (creating if missing) the restore target; returns (fd, known_all_zero).
+
+    The file and every folder above it are opened without following a symlink
+    (``targets.open_file``): a link swapped in for the volume or a parent is refused."""
+    fd = targets.open_file(os.path.abspath(path), os.O_RDWR | os.O_CREAT, 0o600)
     st = os.fstat(fd)
     if stat.S_ISREG(st.st_mode):
         fresh = st.st_size == 0
@@ -599,13 +600,21 @@ def seal(path: Path | str) -> SourceStamp | None:
     """Set a just-restored regular file's mtime a little in the past and return its stamp,
     so that the next restore can trust it (any later write moves the mtime)."""
     try:
-        st = os.stat(path)
+        fd = targets.open_file(os.path.abspath(path), os.O_RDONLY)
+    except TargetInvalid:
+        return None
+    try:
+        st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             return None
-        os.utime(path, ns=(st.st_atime_ns, time.time_ns() - 2 * RACY_NS))
+        os.utime(fd, ns=(st.st_atime_ns, time.time_ns() - 2 * RACY_NS))
+        taken = time.time_ns()
+        st = os.fstat(fd)
     except OSError:
         return None
-    return stamp_of(path)
+    finally:
+        os.close(fd)
+    return None if st.st_mtime_ns > taken - RACY_NS else SourceStamp.of(st)
 
 
 def source_is_remote(source: ChunkSource) -> bool:

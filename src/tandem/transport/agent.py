@@ -76,6 +76,15 @@ class AgentClient:
             raise RemoteError(what="host", name=self.name, detail="unexpected answer to run")
         return answer
 
+    def check_target(self, kind: str, path: str) -> dict[str, Any]:
+        """What is at ``path`` on the host: ``{exists, empty, kind, usable}`` (``usable``: a
+        new copy of a ``kind`` image may be written there). A symlink among the parent
+        folders answers TargetInvalid."""
+        answer = self._call("POST", "/api/v1/target/check", {"kind": kind, "path": path})
+        if not isinstance(answer, dict) or "usable" not in answer:
+            raise RemoteError(what="host", name=self.name, detail="unexpected answer to check")
+        return answer
+
     def _events(self, path: str, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
         try:
             for event in self._api.stream(path, body):
