@@ -39,9 +39,10 @@ Commands (the first argument; without one, ``run``):
                  database was last opened: where the app resumed after a restore or a
                  failover).
 
-These are the app's ``--start`` and ``--stop`` commands in the demo: a host agent runs them
-through ``/bin/sh`` and waits for them, so ``start`` must not leave its own output pipes
-open in the background process (it does not: the process's stdio is redirected).
+``start`` and ``stop`` are what the demo's hook scripts (``sampleapp-start``/``-stop`` in each
+agent's ``scripts/`` folder) exec: a host agent runs them and waits for them, so ``start``
+must not leave its own output pipes open in the background process (it does not: the
+process's stdio is redirected).
 """
 
 from __future__ import annotations

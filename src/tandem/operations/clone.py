@@ -3,7 +3,8 @@
 The new app is registered only after its data is in place: the host's agent writes the
 whole image at the path, which must be missing (a volume) or missing or an empty folder (a
 tree) — a clone never overwrites anything. The new app starts unmanaged, with the source
-app's kind and start/stop commands.
+app's kind and no hooks: hooks run as root on a host and only an admin registers them
+(`tandem app set NEW --start SCRIPT …`), while an operator may clone.
 """
 
 from __future__ import annotations
@@ -88,8 +89,6 @@ def run_clone(site: Site, ctx: JobContext) -> dict[str, Any]:
             kind=source.kind,
             host=host.name,
             path=params["path"],
-            start_cmd=source.start_cmd,
-            stop_cmd=source.stop_cmd,
         )
     ctx.set_message(f"cloned {base.id} as application {app.name} on host {host.name}")
     return {"app": app.name, "path": params["path"], "bytes_sent": transfer.bytes_sent}
