@@ -81,7 +81,8 @@ def test_a_name_that_is_not_a_plain_file_name_is_refused(
         where.chmod(0o755)
     status, code, message = refusal(run(agent, name))
     assert (status, code) == (422, "InvalidInput")
-    assert "is not a script name" in message and "scripts/ folder" in message
+    assert f"script: script {name!r} is not a script name" in message
+    assert "scripts/ folder" in message
     assert not marker.exists()
 
 

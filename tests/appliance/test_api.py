@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import os
+import re
 import time
 from pathlib import Path
 
 import pytest
 
 from tandem.catalog import queries as q
+from tandem.domain.lifecycle import AppKind
+from tandem.errors import InvalidInput
+from tandem.operations import apps
 from tests.appliance.conftest import Api, seed_app, seed_image
 
 CONFIRM = ["DATA LOSS", "OVERWRITE OTHER APPS"]
@@ -339,12 +343,25 @@ def test_a_hook_is_a_script_name_never_a_command(api: Api, script: str) -> None:
         )
         assert (status, code) == (422, "InvalidInput") and "stop" in message, message
         if len(script) <= 128:
-            assert "is not a script name" in message and "scripts/ folder" in message
+            assert f"stop: the script {script!r} is not a script name" in message
+            assert "scripts/ folder" in message
     shown = api.client.get("/api/v1/apps/web", headers=api.headers()).json()
     assert shown["stop"] is None
     assert "n" not in {
         a["name"] for a in api.client.get("/api/v1/apps", headers=api.headers()).json()
     }
+
+
+def test_the_operation_checks_hook_names_too(api: Api) -> None:
+    seed_app(api.appliance)
+    site = api.appliance.site
+    with pytest.raises(InvalidInput, match=re.escape("--stop '../x' is not a script name")):
+        apps.set_hooks(site, name="web", hooks={"stop": "../x"})
+    with pytest.raises(InvalidInput, match="--start 'a b' is not a script name"):
+        apps.add_app(
+            site, name="n", host="h1", kind=AppKind.VOLUME, path="/d", hooks={"start": "a b"}
+        )
+    assert apps.get_app(site, name="web").stop_hook is None
 
 
 def test_only_an_admin_registers_or_changes_hooks_and_it_is_audited(api: Api) -> None:

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic_core import PydanticCustomError
 
 from tandem.domain.hooks import (
     ENV_KEYS,
@@ -51,7 +52,7 @@ WRITABLE_BY_OTHERS = stat.S_IWGRP | stat.S_IWOTH
 
 def _script_name(value: str) -> str:
     if not is_hook_name(value):
-        raise ValueError(hook_name_problem(value, "script"))
+        raise PydanticCustomError("hook_name", hook_name_problem(value, "script"))
     return value
 
 
@@ -59,7 +60,7 @@ def _env(value: dict[str, str]) -> dict[str, str]:
     try:
         return check_hook_env(value)
     except TandemError as exc:
-        raise ValueError(str(exc.fields.get("detail", exc.message))) from None
+        raise PydanticCustomError("hook_env", str(exc.fields.get("detail", exc.message))) from None
 
 
 class RunRequest(BaseModel):

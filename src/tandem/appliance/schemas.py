@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic_core import PydanticCustomError
 
 from tandem.catalog.models import App, Audit, Host, Image, Job, JobLog, Template, Token, Transition
 from tandem.domain.hooks import HOOK_NAME, MAX_HOOK_NAME, hook_name_problem, is_hook_name
@@ -32,7 +33,7 @@ HOOK_OR_EMPTY = r"^$|" + HOOK_NAME
 
 def _hook_name(value: str | None) -> str | None:
     if value and not is_hook_name(value):
-        raise ValueError(hook_name_problem(value, "the script"))
+        raise PydanticCustomError("hook_name", hook_name_problem(value, "the script"))
     return value
 
 
