@@ -131,22 +131,25 @@ def run_failover(site: Site, ctx: JobContext) -> dict[str, Any]:
     ctx.log(
         f"{app.name} is failed over; writer epoch {epoch}: replication from production is refused"
     )
-    try:
-        with agent_for(host) as agent:
-            started = hooks.run_hook(
-                agent,
-                app,
-                Hook.START,
-                operation=TYPE,
-                image=row.id,
-                path=shown.mount_point,
-                nbd_uri=shown.nbd_uri,
-                ctx=ctx,
-            )
-    except TandemError as exc:
-        raise type(exc)(
-            f"{exc.message.rstrip('.')}; the app is failed over to image {row.id}, start it by hand"
-        ) from exc
+    started = False
+    if hooks.script_for(app, Hook.START):
+        try:
+            with agent_for(host) as agent:
+                started = hooks.run_hook(
+                    agent,
+                    app,
+                    Hook.START,
+                    operation=TYPE,
+                    image=row.id,
+                    path=shown.mount_point,
+                    nbd_uri=shown.nbd_uri,
+                    ctx=ctx,
+                )
+        except TandemError as exc:
+            raise type(exc)(
+                f"{exc.message.rstrip('.')}; the app is failed over to image {row.id}, start "
+                "it by hand"
+            ) from exc
     ctx.set_message(
         f"{app.name} failed over to {row.id} on host {host.name}"
         + (f" at {shown.mount_point}" if shown.mount_point else "")

@@ -322,9 +322,11 @@ def production_command(site: Site, *, app: str, which: str) -> dict[str, Any]:
     with site.catalog.read() as session:
         row = q.get_app(session, name=app)
         host = q.get_host(session, name=row.host)
+    if not hooks.script_for(row, Hook(which)):
+        return {"ran": False}
     with agent_for(host) as agent:
-        ran = hooks.run_hook(agent, row, Hook(which), operation="failback", path=row.path)
-    return {"ran": ran}
+        hooks.run_hook(agent, row, Hook(which), operation="failback", path=row.path)
+    return {"ran": True}
 
 
 def production_apply(
