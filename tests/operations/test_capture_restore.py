@@ -140,6 +140,31 @@ def test_a_failing_stop_command_restores_nothing(live: Live, tmp_path: Path) -> 
         assert [t.operation.value for t in q.list_transitions(session, app="web")] == ["protect"]
 
 
+def test_a_stop_hook_the_host_does_not_have_restores_nothing(live: Live, tmp_path: Path) -> None:
+    site = live.appliance.site
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "f").write_text("one")
+    protect(live, "web", AppKind.FILESYSTEM, data)
+    apps.set_hooks(site, name="web", hooks={"stop": "web-stop"})  # never installed on h1
+    first = run(live, capture.submit_capture(site, app="web"))
+    (data / "f").write_text("two")
+    done = run(
+        live,
+        restore.submit_restore(
+            site, app="web", image=first.image or "", confirm=RESTORE_CONFIRMATIONS
+        ),
+    )
+    assert done.status is JobStatus.FAILED
+    folder = live.agent["scripts"]
+    assert done.message.startswith(
+        "The host refuses to run hook script 'web-stop': there is no such file in the folder. "
+        f"A hook is an executable regular file in the agent's scripts folder {folder}"
+    )
+    assert done.message.endswith("; nothing was restored")
+    assert (data / "f").read_text() == "two"
+
+
 def test_a_canceled_capture_leaves_no_image(live: Live, tmp_path: Path) -> None:
     site = live.appliance.site
     disk = tmp_path / "disk.img"
