@@ -11,7 +11,8 @@ import pytest
 
 from tandem.catalog import queries as q
 from tandem.domain.lifecycle import AppKind
-from tandem.errors import InvalidInput
+from tandem.domain.rules import Role
+from tandem.errors import Forbidden, InvalidInput
 from tandem.operations import apps
 from tests.appliance.conftest import Api, seed_app, seed_image
 
@@ -356,12 +357,21 @@ def test_the_operation_checks_hook_names_too(api: Api) -> None:
     seed_app(api.appliance)
     site = api.appliance.site
     with pytest.raises(InvalidInput, match=re.escape("--stop '../x' is not a script name")):
-        apps.set_hooks(site, name="web", hooks={"stop": "../x"})
+        apps.set_hooks(site, name="web", hooks={"stop": "../x"}, role=Role.ADMIN)
     with pytest.raises(InvalidInput, match="--start 'a b' is not a script name"):
         apps.add_app(
-            site, name="n", host="h1", kind=AppKind.VOLUME, path="/d", hooks={"start": "a b"}
+            site,
+            name="n",
+            host="h1",
+            kind=AppKind.VOLUME,
+            path="/d",
+            hooks={"start": "a b"},
+            role=Role.ADMIN,
         )
     assert apps.get_app(site, name="web").stop_hook is None
+    # A caller that does not say who it is counts as an operator: no hooks.
+    with pytest.raises(Forbidden, match="admin role"):
+        apps.set_hooks(site, name="web", hooks={"stop": "web-stop"})
 
 
 def test_only_an_admin_registers_or_changes_hooks_and_it_is_audited(api: Api) -> None:

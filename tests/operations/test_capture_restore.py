@@ -14,7 +14,7 @@ from tandem.catalog.models import Job
 from tandem.cli.lab import install_hook_script
 from tandem.domain.jobs import JobStatus
 from tandem.domain.lifecycle import AppKind
-from tandem.domain.rules import RESTORE_CONFIRMATIONS
+from tandem.domain.rules import RESTORE_CONFIRMATIONS, Role
 from tandem.errors import RemoteError
 from tandem.operations import apps, capture, hosts, monitor, restore, templates
 from tests.operations.conftest import Live
@@ -34,7 +34,9 @@ def protect(live: Live, name: str, kind: AppKind, path: Path, **scripts: str) ->
     for hook, body in scripts.items():
         hooks[hook] = f"{name}-{hook}"
         install_hook_script(Path(live.agent["scripts"]).parent, hooks[hook], "#!/bin/sh\n" + body)
-    apps.add_app(site, name=name, host="h1", kind=kind, path=str(path), hooks=hooks)
+    apps.add_app(
+        site, name=name, host="h1", kind=kind, path=str(path), hooks=hooks, role=Role.ADMIN
+    )
     if "manual" not in {t.name for t in templates.list_templates(site)}:
         templates.add_template(site, name="manual", every=None, keep=None, mirror=False)
     apps.protect_app(site, name=name, template="manual", actor="test")
@@ -146,7 +148,8 @@ def test_a_stop_hook_the_host_does_not_have_restores_nothing(live: Live, tmp_pat
     data.mkdir()
     (data / "f").write_text("one")
     protect(live, "web", AppKind.FILESYSTEM, data)
-    apps.set_hooks(site, name="web", hooks={"stop": "web-stop"})  # never installed on h1
+    # registered, but never installed on h1
+    apps.set_hooks(site, name="web", hooks={"stop": "web-stop"}, role=Role.ADMIN)
     first = run(live, capture.submit_capture(site, app="web"))
     (data / "f").write_text("two")
     done = run(

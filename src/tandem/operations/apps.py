@@ -40,9 +40,9 @@ def _check_hooks(hooks: Mapping[str, str | None]) -> dict[str, str | None]:
     return checked
 
 
-def check_may_set_hooks(role: Role | None, app: str) -> None:
+def check_may_set_hooks(role: Role, app: str) -> None:
     """Hooks run as root on the host: only an admin registers or changes them."""
-    if role is not None and not role_allows(role, Role.ADMIN):
+    if not role_allows(role, Role.ADMIN):
         raise Forbidden(
             role=role.value,
             action=f"register or change the hooks of application {app!r} (they run as root "
@@ -59,9 +59,10 @@ def add_app(
     kind: AppKind,
     path: str,
     hooks: Mapping[str, str | None] | None = None,
-    role: Role | None = None,
+    role: Role = Role.OPERATOR,
 ) -> App:
-    """Add an app; ``role`` is the caller's (``None``: a trusted caller inside the appliance)."""
+    """Add an app. ``role`` is the caller's; left out, the caller is taken for an operator,
+    who may not give hooks."""
     checked = _check_hooks(hooks or {})
     if any(checked.values()):
         check_may_set_hooks(role, name)
@@ -72,9 +73,10 @@ def add_app(
 
 
 def set_hooks(
-    site: Site, *, name: str, hooks: Mapping[str, str | None], role: Role | None = None
+    site: Site, *, name: str, hooks: Mapping[str, str | None], role: Role = Role.OPERATOR
 ) -> App:
-    """Change some of an app's hook scripts (an empty name removes one; the rest stay)."""
+    """Change some of an app's hook scripts (an empty name removes one; the rest stay);
+    ``role`` as for ``add_app``."""
     checked = _check_hooks(hooks)
     with site.catalog.begin() as session:
         current = q.app_hooks(q.get_app(session, name=name, for_update=True))
