@@ -100,6 +100,26 @@ class CertificateMismatch(TandemError):
     http_status = 502
 
 
+# --- hooks ------------------------------------------------------------------------------
+
+
+class HookRefused(TandemError):
+    """The host refuses to run hook script {script!r}: {reason}. A hook is an executable
+    regular file in the agent's scripts folder {folder}, owned by root and writable by no one
+    else; install it there (chown root, chmod 0755) or register another name with
+    `tandem app set APP --start/--stop SCRIPT`."""
+
+    http_status = 422
+
+
+class HookFailed(TandemError):
+    """The {hook} hook {script!r} of application {app!r} exited with status {status} on host
+    {host}{why}. Fix the script on the host (its output is in the job's log) and run the
+    operation again."""
+
+    http_status = 502
+
+
 # --- storage ----------------------------------------------------------------------------
 
 

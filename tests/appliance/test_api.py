@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import os
+import re
 import time
 from pathlib import Path
 
 import pytest
 
 from tandem.catalog import queries as q
+from tandem.domain.lifecycle import AppKind
+from tandem.domain.rules import Role
+from tandem.errors import Forbidden, InvalidInput
+from tandem.operations import apps
 from tests.appliance.conftest import Api, seed_app, seed_image
 
 CONFIRM = ["DATA LOSS", "OVERWRITE OTHER APPS"]
@@ -297,22 +302,116 @@ def test_adding_an_unreachable_host_stores_nothing(api: Api) -> None:
     assert api.client.get("/api/v1/hosts", headers=api.headers()).json() == []
 
 
-def test_an_apps_start_and_stop_commands_can_be_changed(api: Api) -> None:
+def test_an_admin_sets_an_apps_hooks_by_script_name(api: Api) -> None:
     seed_app(api.appliance)
-    h = api.headers("operator")
-    changed = api.client.patch("/api/v1/apps/web", headers=h, json={"stop": "systemctl stop web"})
+    h = api.headers("admin")
+    changed = api.client.patch("/api/v1/apps/web", headers=h, json={"stop": "web-stop"})
     assert changed.status_code == 200
-    assert changed.json()["stop"] == "systemctl stop web" and changed.json()["start"] is None
-    both = api.client.patch("/api/v1/apps/web", headers=h, json={"start": "run-web"}).json()
-    assert both["start"] == "run-web" and both["stop"] == "systemctl stop web"  # kept
+    assert changed.json()["stop"] == "web-stop" and changed.json()["start"] is None
+    both = api.client.patch(
+        "/api/v1/apps/web", headers=h, json={"start": "web-start", "freeze": "web.freeze"}
+    ).json()
+    assert (both["start"], both["stop"], both["freeze"], both["thaw"]) == (
+        "web-start",
+        "web-stop",  # kept
+        "web.freeze",
+        None,
+    )
     cleared = api.client.patch("/api/v1/apps/web", headers=h, json={"stop": ""}).json()
-    assert cleared["stop"] is None and cleared["start"] == "run-web"
+    assert cleared["stop"] is None and cleared["start"] == "web-start"
+    shown = api.client.get("/api/v1/apps/web", headers=api.headers("viewer")).json()
+    assert (shown["start"], shown["stop"], shown["freeze"]) == ("web-start", None, "web.freeze")
     status, _, message = error(api.client.patch("/api/v1/apps/web", headers=h, json={"x": 1}))
     assert status == 422 and "x" in message
     status, _, message = error(api.client.patch("/api/v1/apps/nope", headers=h, json={}))
     assert status == 404 and "nope" in message
     viewer = api.client.patch("/api/v1/apps/web", headers=api.headers("viewer"), json={})
     assert viewer.status_code == 403
+
+
+@pytest.mark.parametrize(
+    "script", ["systemctl stop web", "../x", "a/b", "/usr/bin/pg_ctl", "-rf", "x" * 129]
+)
+def test_a_hook_is_a_script_name_never_a_command(api: Api, script: str) -> None:
+    seed_app(api.appliance)
+    for method, path, body in (
+        ("PATCH", "/api/v1/apps/web", {"stop": script}),
+        ("POST", "/api/v1/apps", {"name": "n", "host": "h1", "kind": "volume", "path": "/d"}),
+    ):
+        body = {**body, "stop": script}
+        status, code, message = error(
+            api.client.request(method, path, headers=api.headers(), json=body)
+        )
+        assert (status, code) == (422, "InvalidInput") and "stop" in message, message
+        if len(script) <= 128:
+            assert f"stop: the script {script!r} is not a script name" in message
+            assert "scripts/ folder" in message
+    shown = api.client.get("/api/v1/apps/web", headers=api.headers()).json()
+    assert shown["stop"] is None
+    assert "n" not in {
+        a["name"] for a in api.client.get("/api/v1/apps", headers=api.headers()).json()
+    }
+
+
+def test_the_operation_checks_hook_names_too(api: Api) -> None:
+    seed_app(api.appliance)
+    site = api.appliance.site
+    with pytest.raises(InvalidInput, match=re.escape("--stop '../x' is not a script name")):
+        apps.set_hooks(site, name="web", hooks={"stop": "../x"}, role=Role.ADMIN)
+    with pytest.raises(InvalidInput, match="--start 'a b' is not a script name"):
+        apps.add_app(
+            site,
+            name="n",
+            host="h1",
+            kind=AppKind.VOLUME,
+            path="/d",
+            hooks={"start": "a b"},
+            role=Role.ADMIN,
+        )
+    assert apps.get_app(site, name="web").stop_hook is None
+    # A caller that does not say who it is counts as an operator: no hooks.
+    with pytest.raises(Forbidden, match="admin role"):
+        apps.set_hooks(site, name="web", hooks={"stop": "web-stop"})
+
+
+def test_only_an_admin_registers_or_changes_hooks_and_it_is_audited(api: Api) -> None:
+    seed_app(api.appliance)
+    op, admin = api.headers("operator"), api.headers("admin")
+    refused = api.client.patch("/api/v1/apps/web", headers=op, json={"stop": "web-stop"})
+    status, code, message = error(refused)
+    assert (status, code) == (403, "Forbidden")
+    assert "Role 'operator' may not register or change the hooks of application 'web'" in message
+    assert "Use a token with the admin role" in message
+    app = {"name": "db", "host": "h1", "kind": "filesystem", "path": "/srv/db"}
+    status, code, message = error(
+        api.client.post("/api/v1/apps", headers=op, json={**app, "start": "db-start"})
+    )
+    assert (status, code) == (403, "Forbidden") and "admin role" in message
+    apps = {a["name"]: a for a in api.client.get("/api/v1/apps", headers=op).json()}
+    assert set(apps) == {"web"} and apps["web"]["stop"] is None  # nothing changed
+
+    # An operator still adds apps without hooks, and sends unchanged hooks back freely.
+    assert api.client.post("/api/v1/apps", headers=op, json=app).status_code == 201
+    assert (
+        api.client.patch("/api/v1/apps/web", headers=admin, json={"stop": "web-stop"}).json()[
+            "stop"
+        ]
+        == "web-stop"
+    )
+    same = api.client.patch("/api/v1/apps/web", headers=op, json={"stop": "web-stop"})
+    assert same.status_code == 200
+    removed = api.client.patch("/api/v1/apps/web", headers=op, json={"stop": ""})
+    assert removed.status_code == 403  # removing a hook changes it too
+    with api.appliance.catalog.read() as session:
+        rows = [(r.actor, r.role, r.method, r.path, r.status) for r in q.list_audit(session)]
+    assert rows == [
+        ("operator", "operator", "PATCH", "/api/v1/apps/web", 403),
+        ("operator", "operator", "PATCH", "/api/v1/apps/web", 200),
+        ("admin", "admin", "PATCH", "/api/v1/apps/web", 200),
+        ("operator", "operator", "POST", "/api/v1/apps", 201),
+        ("operator", "operator", "POST", "/api/v1/apps", 403),
+        ("operator", "operator", "PATCH", "/api/v1/apps/web", 403),
+    ]
 
 
 def test_a_job_filter_that_is_not_an_app_name_is_a_422_not_a_crash(api: Api) -> None:

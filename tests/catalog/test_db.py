@@ -9,6 +9,7 @@ import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import inspect, text
 
 from tandem.catalog import Catalog, open_catalog
@@ -18,6 +19,12 @@ from tandem.catalog.models import Base
 from tandem.domain.images import ImageKind
 from tandem.domain.lifecycle import AppKind
 from tandem.errors import InvalidInput, Unreachable
+
+
+def _head() -> str:
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    assert head is not None
+    return head
 
 
 def _schema_diff(catalog: Catalog) -> list[object]:
@@ -44,7 +51,7 @@ def test_opening_again_is_idempotent_and_keeps_data(catalog_url: str) -> None:
         q.add_template(session, name="t1")
     with open_catalog(catalog_url) as second, second.read() as session:
         assert [t.name for t in q.list_templates(session)] == ["t1"]
-        assert session.scalar(text("SELECT version_num FROM alembic_version")) == "0001"
+        assert session.scalar(text("SELECT version_num FROM alembic_version")) == _head()
 
 
 def test_downgrade_and_upgrade_again(catalog: Catalog) -> None:
@@ -57,6 +64,52 @@ def test_downgrade_and_upgrade_again(catalog: Catalog) -> None:
         config.attributes["connection"] = connection
         command.upgrade(config, "head")
     assert _schema_diff(catalog) == []
+
+
+def test_old_shell_commands_become_hook_names_only_when_they_are_names(
+    catalog_url: str,
+) -> None:
+    """0002_hook_scripts: a command that is a plain script name is kept as one; any other
+    command (something for a shell) is dropped, never run again."""
+    with open_catalog(catalog_url, upgrade=False) as catalog:
+        config = alembic_config()
+        with catalog.engine.begin() as connection:
+            config.attributes["connection"] = connection
+            command.upgrade(config, "0001")
+        commands = {
+            "kept": ("pg-start", "pg_stop.sh"),
+            "dropped": ("systemctl start web", "kill $(cat /run/web.pid)"),
+            "mixed": ("../escape", "web-stop"),
+            "none": (None, None),
+        }
+        with catalog.engine.begin() as connection:
+            for i, (name, (start, stop)) in enumerate(commands.items()):
+                connection.execute(
+                    text(
+                        "INSERT INTO apps (id, name, kind, host, path, start_cmd, stop_cmd, "
+                        "state, writer_epoch, created) VALUES (:id, :name, 'filesystem', 'h1', "
+                        "'/srv', :start, :stop, 'unmanaged', 1, :created)"
+                    ),
+                    {
+                        "id": f"app_{i:012d}",
+                        "name": name,
+                        "start": start,
+                        "stop": stop,
+                        "created": datetime(2026, 1, 1),
+                    },
+                )
+        with catalog.engine.begin() as connection:
+            config.attributes["connection"] = connection
+            command.upgrade(config, "head")
+        assert _schema_diff(catalog) == []
+        with catalog.read() as session:
+            hooks = {a.name: (a.start_hook, a.stop_hook) for a in q.list_apps(session)}
+        assert hooks == {
+            "kept": ("pg-start", "pg_stop.sh"),
+            "dropped": (None, None),
+            "mixed": (None, "web-stop"),
+            "none": (None, None),
+        }
 
 
 def test_sqlite_connection_settings(tmp_path: Path) -> None:

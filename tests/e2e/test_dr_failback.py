@@ -126,7 +126,8 @@ def test_clone_is_an_independent_copy_that_never_overwrites(drill: Drill, tmp_pa
     data = tmp_path / "cms"
     (data / "pages").mkdir(parents=True)
     (data / "pages" / "home.md").write_text("# welcome\n")
-    d.a("app", "add", "cms", "--host", "host1", "--kind", "filesystem", "--path", str(data))
+    hooks = ("--stop", "cms-stop", "--start", "cms-start")
+    d.a("app", "add", "cms", "--host", "host1", "--kind", "filesystem", "--path", str(data), *hooks)
     d.a("template", "add", "cms-plain")
     d.a("app", "protect", "cms", "--template", "cms-plain")
     snap = d.a("capture", "cms")["image"]
@@ -137,6 +138,8 @@ def test_clone_is_an_independent_copy_that_never_overwrites(drill: Drill, tmp_pa
     assert tree_digests(target) == tree_digests(data)
     clone_app = next(a for a in d.a("apps") if a["name"] == "cms2")
     assert clone_app["path"] == str(target) and clone_app["state"] == "unmanaged"
+    # hooks run as root: an operator's clone does not carry them, an admin registers them
+    assert (clone_app["start"], clone_app["stop"]) == (None, None)
 
     (target / "pages" / "home.md").write_text("# edited copy\n")
     again = d.a.run(

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from tandem.cli.lab import install_hook_script
 from tests.e2e.conftest import Cli, Daemon, Site, appliance_cli, register_host, wait_for
 
 MiB = 1024 * 1024
@@ -49,10 +50,21 @@ def make_tree(root: Path, files: int = 12, size: int = 512 * 1024) -> None:
     (root / "link").symlink_to("notes.txt")
 
 
-def markers(directory: Path) -> tuple[str, str]:
-    """Stop/start commands that append to ``directory``/events (the agent runs them)."""
+def markers(site: Site, app: str, directory: Path) -> tuple[str, str]:
+    """Stop/start hook scripts, installed in the agent's scripts/ folder, that append a line
+    to ``directory``/events: the hook and its TANDEM_* environment. Returns their names."""
     events = shlex.quote(str(directory / "events"))
-    return f"echo stop >> {events}", f"echo start >> {events}"
+    for hook in ("stop", "start"):
+        line = f"{hook} $TANDEM_APP $TANDEM_SITE $TANDEM_OPERATION $TANDEM_IMAGE $TANDEM_APP_PATH"
+        install_hook_script(
+            site.agent.directory, f"{app}-{hook}", f'#!/bin/sh\necho "{line}" >> {events}\n'
+        )
+    return f"{app}-stop", f"{app}-start"
+
+
+def events(directory: Path) -> list[str]:
+    path = directory / "events"
+    return path.read_text().splitlines() if path.exists() else []
 
 
 def add_app(cli: Cli, name: str, host: str, kind: str, path: Path, *extra: str) -> dict[str, Any]:
@@ -66,9 +78,11 @@ def test_filesystem_capture_incremental_restore(site: Site, tmp_path: Path) -> N
     cli = site.cli
     data = tmp_path / "data"
     make_tree(data)
-    stop, start = markers(tmp_path)
+    assert site.agent.info["scripts"] == str(site.agent.directory / "scripts")  # agent init
+    stop, start = markers(site, "files", tmp_path)
     app = add_app(cli, "files", site.host, "filesystem", data, "--start", start, "--stop", stop)
     assert app["state"] == "unmanaged"
+    assert (app["start"], app["stop"]) == ("files-start", "files-stop")
     cli("template", "add", "manual")
     protected = cli("app", "protect", "files", "--template", "manual")
     assert (protected["state"], protected["template"]) == ("managed", "manual")
@@ -114,14 +128,17 @@ def test_filesystem_capture_incremental_restore(site: Site, tmp_path: Path) -> N
     )
     assert half.code == 1 and "OVERWRITE OTHER APPS" in half.error
     assert tree_state(data) == changed
-    assert not (tmp_path / "events").exists()
+    assert events(tmp_path) == []
     assert [j["type"] for j in cli("jobs", "--app", "files")] == ["capture", "capture"]
 
     restored = cli("restore", "files", "--image", image["id"], *CONFIRM)
     assert restored["job"]["status"] == "succeeded", restored["job"]
     assert restored["job"]["type"] == "restore" and restored["image"]["id"] == image["id"]
     assert tree_state(data) == before
-    assert (tmp_path / "events").read_text() == "stop\nstart\n"
+    # each hook ran once, on production's copy, told what it acts on
+    assert events(tmp_path) == [
+        f"{hook} files production restore {image['id']} {data}" for hook in ("stop", "start")
+    ]
 
     shown = cli("job", "show", restored["job"]["id"])
     assert shown["status"] == "succeeded" and shown["finished"] is not None
@@ -140,7 +157,7 @@ def test_volume_capture_incremental_restore(site: Site, tmp_path: Path) -> None:
         fh.seek(40 * MiB)  # a hole: never read, never sent
         fh.write(os.urandom(8 * MiB))
     original = file_digest(volume)
-    stop, start = markers(tmp_path)
+    stop, start = markers(site, "disk", tmp_path)
     add_app(cli, "disk", site.host, "volume", volume, "--start", start, "--stop", stop)
     cli("template", "add", "manual-disk", "--keep", "5")
     cli("app", "protect", "disk", "--template", "manual-disk")
@@ -159,7 +176,7 @@ def test_volume_capture_incremental_restore(site: Site, tmp_path: Path) -> None:
     restored = cli("restore", "disk", "--image", first["image"]["id"], *CONFIRM)
     assert restored["job"]["status"] == "succeeded", restored["job"]
     assert file_digest(volume) == original
-    assert (tmp_path / "events").read_text() == "stop\nstart\n"
+    assert [e.split()[0] for e in events(tmp_path)] == ["stop", "start"]
 
     # Untouched since that restore: the next one starts from it and reads nothing of the disk.
     again = cli("restore", "disk", "--image", second["image"]["id"], *CONFIRM)["job"]
@@ -202,12 +219,13 @@ def test_restore_refuses_a_running_app_until_it_has_a_stop_command(
             assert "tandem app set APP --stop" in refused.error
             assert (data / "db.sqlite").read_text() == "v2 written after the snapshot\n"
 
-            # with a stop command the restore stops it first, then writes
-            cli("app", "set", "busy", "--stop", f"kill {app.pid}")
+            # with a stop hook the restore stops it first, then writes
+            install_hook_script(site.agent.directory, "busy-stop", f"#!/bin/sh\nkill {app.pid}\n")
+            cli("app", "set", "busy", "--stop", "busy-stop")
             done = cli("restore", "busy", "--image", image["id"], *CONFIRM)
             assert done["job"]["status"] == "succeeded", done["job"]
             assert (data / "db.sqlite").read_text() == "v1\n"
-            assert app.wait(10) != 0  # it was stopped by its stop command
+            assert app.wait(10) != 0  # it was stopped by its stop hook
         finally:
             app.kill()
 
@@ -235,6 +253,18 @@ def test_bad_input_and_auth(site: Site, tmp_path: Path) -> None:
     )
     assert not_admin.code == 1
     assert "Role 'operator' may not POST /api/v1/tokens" in not_admin.error
+    # Hooks run as root on the host: an operator may not register them, an admin may.
+    no_hooks = cli.run("app", "set", "guarded", "--stop", "x", token=operator["token"], check=False)
+    assert no_hooks.code == 1 and no_hooks.doc is None
+    assert "Role 'operator' may not register or change the hooks of application" in no_hooks.error
+    assert "Use a token with the admin role" in no_hooks.error
+    assert cli("app", "show", "guarded")["stop"] is None
+    shell = cli.run("app", "set", "guarded", "--stop", "kill -9 1", check=False)
+    assert shell.code == 2 and "is not a script name" in shell.error
+    assert "scripts/ folder" in shell.error and "\n" not in shell.stderr.strip()
+    assert cli("app", "set", "guarded", "--stop", "guarded-stop")["stop"] == "guarded-stop"
+    assert cli("app", "show", "guarded")["stop"] == "guarded-stop"
+    assert cli("app", "set", "guarded", "--stop", "")["stop"] is None
 
     unknown = cli.run("capture", "nosuch", check=False)
     assert unknown.code == 1 and "application 'nosuch' does not exist" in unknown.error

@@ -5,33 +5,35 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tandem.cli.lab import install_hook_script
 from tests.e2e.conftest import Drill, wait_for
 from tests.e2e.test_dr_presentation import tree_digests
 
 
 def setup_app(d: Drill, name: str, tmp_path: Path) -> tuple[Path, Path]:
+    """An app with stop/start hooks at both sites: scripts in each host agent's scripts/
+    folder that append ``HOOK HOST SITE OPERATION IMAGE PATH`` (from the TANDEM_*
+    environment) to the returned events file, registered at production and, once the app
+    is mirrored there, at the DR site (the DR site's hooks are its own)."""
     data = tmp_path / name
     (data / "db").mkdir(parents=True)
     (data / "db" / "rows.txt").write_text("row 1\n")
     events = tmp_path / f"{name}.events"
-    d.a(
-        "app",
-        "add",
-        name,
-        "--host",
-        "host1",
-        "--kind",
-        "filesystem",
-        "--path",
-        str(data),
-        "--stop",
-        f"echo stop >> {events}",
-        "--start",
-        f"echo start >> {events}",
-    )
+    for agent in (d.prod_agent, d.dr_agent):
+        for hook in ("stop", "start"):
+            line = (
+                f"{hook} {agent.name} $TANDEM_SITE $TANDEM_OPERATION ${{TANDEM_IMAGE:--}} "
+                "$TANDEM_APP_PATH"
+            )
+            install_hook_script(
+                agent.directory, f"{name}-{hook}", f'#!/bin/sh\necho "{line}" >> {events}\n'
+            )
+    hooks = ("--stop", f"{name}-stop", "--start", f"{name}-start")
+    d.a("app", "add", name, "--host", "host1", "--kind", "filesystem", "--path", str(data), *hooks)
     d.a("app", "protect", name, "--template", "mirrored")
     snap = d.a("capture", name)["image"]
     wait_for(lambda: any(i["id"] == snap["id"] for i in d.b("images", name)), 60, "replica")
+    d.b("app", "set", name, *hooks)
     return data, events
 
 
@@ -43,9 +45,12 @@ def test_failback_to_the_original_then_commit(drill: Drill, tmp_path: Path) -> N
     d = drill
     data, events = setup_app(d, "erp", tmp_path)
     dr_copy = tmp_path / "dr-erp"
-    d.b(
+    failover = d.b(
         "failover", "erp", "--host", "host2", "--confirm", "FAILOVER", "--mount-point", str(dr_copy)
     )
+    dr_image = failover["image"]["id"]
+    # the DR host's start hook, told to act on the failed-over copy, not on production's path
+    assert events.read_text().splitlines() == [f"start host2 dr failover {dr_image} {dr_copy}"]
     (dr_copy / "db" / "rows.txt").write_text("row 1\nrow 2 written at the DR site\n")
     (dr_copy / "db" / "new.txt").write_text("new at DR\n")
 
@@ -54,7 +59,12 @@ def test_failback_to_the_original_then_commit(drill: Drill, tmp_path: Path) -> N
     assert done["job"]["result"]["downtime_seconds"] > 0
     assert tree_digests(data) == tree_digests(dr_copy)  # every DR write is at production
     # start at DR (failover), stop production, stop the DR copy, start production
-    assert events.read_text().split() == ["start", "stop", "stop", "start"]
+    assert events.read_text().splitlines() == [
+        f"start host2 dr failover {dr_image} {dr_copy}",
+        f"stop host1 production failback - {data}",
+        f"stop host2 dr failback-replica {dr_image} {dr_copy}",
+        f"start host1 production failback - {data}",
+    ]
     assert state(d.b, "erp") == "failback-pending"
     kinds = [i["kind"] for i in d.b("images", "erp")]
     assert "protective" in kinds

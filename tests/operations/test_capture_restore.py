@@ -11,9 +11,10 @@ import pytest
 
 from tandem.catalog import queries as q
 from tandem.catalog.models import Job
+from tandem.cli.lab import install_hook_script
 from tandem.domain.jobs import JobStatus
 from tandem.domain.lifecycle import AppKind
-from tandem.domain.rules import RESTORE_CONFIRMATIONS
+from tandem.domain.rules import RESTORE_CONFIRMATIONS, Role
 from tandem.errors import RemoteError
 from tandem.operations import apps, capture, hosts, monitor, restore, templates
 from tests.operations.conftest import Live
@@ -25,9 +26,17 @@ def run(live: Live, job: Job, timeout: float = 60) -> Job:
     return live.appliance.runner.wait(job.id, timeout=timeout)
 
 
-def protect(live: Live, name: str, kind: AppKind, path: Path, **commands: str) -> None:
+def protect(live: Live, name: str, kind: AppKind, path: Path, **scripts: str) -> None:
+    """Protect the app; each hook given (``stop="..."``) becomes a script of that body in the
+    agent's scripts/ folder, named ``NAME-HOOK`` and registered by that name."""
     site = live.appliance.site
-    apps.add_app(site, name=name, host="h1", kind=kind, path=str(path), **commands)
+    hooks = {}
+    for hook, body in scripts.items():
+        hooks[hook] = f"{name}-{hook}"
+        install_hook_script(Path(live.agent["scripts"]).parent, hooks[hook], "#!/bin/sh\n" + body)
+    apps.add_app(
+        site, name=name, host="h1", kind=kind, path=str(path), hooks=hooks, role=Role.ADMIN
+    )
     if "manual" not in {t.name for t in templates.list_templates(site)}:
         templates.add_template(site, name="manual", every=None, keep=None, mirror=False)
     apps.protect_app(site, name=name, template="manual", actor="test")
@@ -49,8 +58,8 @@ def test_tree_capture_is_incremental_and_restores(live: Live, tmp_path: Path) ->
         "web",
         AppKind.FILESYSTEM,
         data,
-        stop=f"echo stop >> {events}",
-        start=f"echo start >> {events}",
+        stop=f'echo "stop $TANDEM_SITE $TANDEM_OPERATION $TANDEM_APP_PATH $TANDEM_IMAGE">>{events}',
+        start=f'echo "start $TANDEM_APP $TANDEM_SITE" >> {events}',
     )
     first = run(live, capture.submit_capture(site, app="web", actor="t"))
     assert first.status is JobStatus.SUCCEEDED, first.message
@@ -74,10 +83,14 @@ def test_tree_capture_is_incremental_and_restores(live: Live, tmp_path: Path) ->
     done = run(live, job)
     assert done.status is JobStatus.SUCCEEDED, done.message
     assert {p.name: digest(p) for p in (data / "sub").iterdir()} == original
-    assert events.read_text() == "stop\nstart\n"
+    assert (
+        events.read_text()
+        == f"stop production restore {data} {first.image}\nstart web production\n"
+    )
     assert 0 < done.bytes_sent < 300_000  # only the one changed file's chunk came back
     log = [line.text for line in monitor.job_log(site, job_id=done.id)]
-    assert "stop command succeeded" in log and "start command succeeded" in log
+    assert "stop hook 'web-stop' succeeded on host h1" in log
+    assert "start hook 'web-start' succeeded on host h1" in log
 
 
 def test_volume_capture_and_restore(live: Live, tmp_path: Path) -> None:
@@ -120,12 +133,39 @@ def test_a_failing_stop_command_restores_nothing(live: Live, tmp_path: Path) -> 
     )
     assert done.status is JobStatus.FAILED
     assert done.message == (
-        "the stop command of application 'web' exited with status 3: cannot stop; "
-        "nothing was restored"
+        "The stop hook 'web-stop' of application 'web' exited with status 3 on host h1 "
+        "(cannot stop). Fix the script on the host (its output is in the job's log) and run "
+        "the operation again; nothing was restored"
     )
     assert (data / "f").read_text() == "two"
     with site.catalog.read() as session:
         assert [t.operation.value for t in q.list_transitions(session, app="web")] == ["protect"]
+
+
+def test_a_stop_hook_the_host_does_not_have_restores_nothing(live: Live, tmp_path: Path) -> None:
+    site = live.appliance.site
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "f").write_text("one")
+    protect(live, "web", AppKind.FILESYSTEM, data)
+    # registered, but never installed on h1
+    apps.set_hooks(site, name="web", hooks={"stop": "web-stop"}, role=Role.ADMIN)
+    first = run(live, capture.submit_capture(site, app="web"))
+    (data / "f").write_text("two")
+    done = run(
+        live,
+        restore.submit_restore(
+            site, app="web", image=first.image or "", confirm=RESTORE_CONFIRMATIONS
+        ),
+    )
+    assert done.status is JobStatus.FAILED
+    folder = live.agent["scripts"]
+    assert done.message.startswith(
+        "The host refuses to run hook script 'web-stop': there is no such file in the folder. "
+        f"A hook is an executable regular file in the agent's scripts folder {folder}"
+    )
+    assert done.message.endswith("; nothing was restored")
+    assert (data / "f").read_text() == "two"
 
 
 def test_a_canceled_capture_leaves_no_image(live: Live, tmp_path: Path) -> None:

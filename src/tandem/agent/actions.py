@@ -7,8 +7,8 @@ Invariants
 - Each action reports progress as events (dicts) through ``emit``; the HTTP layer streams
   them as NDJSON. ``emit`` raises ``JobCanceled`` once the appliance has gone away, so an
   abandoned action stops at its next progress report instead of running to the end.
-- Start/stop commands run through ``/bin/sh`` in a session of their own, with a timeout; the
-  agent reports the exit status and the tail of the output, the appliance decides.
+- Hooks (start/stop scripts) are not run here: ``tandem.agent.hooks`` runs them, by name,
+  from the agent's ``scripts/`` folder only.
 - Materializing an image (``materialize``) checks every mount point against SPEC §2's rules
   and fetches the manifest before the disk is touched; when it fails or is abandoned later,
   what it created is removed before the error is reported (``mounts`` holds the rules, the
@@ -18,9 +18,6 @@ Invariants
 from __future__ import annotations
 
 import os
-import shlex
-import subprocess
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -40,7 +37,6 @@ Emit = Callable[[dict[str, Any]], None]
 HEX_DIGEST = r"^[0-9a-f]{64}$"
 IMAGE_KEY = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 """An image id (``img_…``) or name: safe as a registry key and in messages."""
-OUTPUT_TAIL = 4000
 MAX_VOLUMES = 64
 
 
@@ -148,13 +144,6 @@ class UnmaterializeRequest(BaseModel):
     image: str = Field(pattern=IMAGE_KEY)
 
 
-class RunRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    command: str = Field(min_length=1, max_length=65536, pattern=r"^[^\x00]*$")
-    timeout: float = Field(default=600.0, gt=0, le=86400)
-
-
 def _client(s: ApplianceSession) -> ApiClient:
     return ApiClient(s.url, s.token, s.fingerprint, what="appliance")
 
@@ -237,8 +226,8 @@ def _check_not_in_use(path: str) -> None:
     what = "; ".join([str(h) for h in found] + [f"it is mounted at {m}" for m in mounted])
     raise Conflict(
         detail=f"the application's data at {path} is in use ({what}). Stop the application "
-        "first, or give it a stop command that the restore runs first "
-        "(`tandem app set APP --stop CMD`)"
+        "first, or give it a stop hook that the restore runs first "
+        "(`tandem app set APP --stop SCRIPT`)"
     )
 
 
@@ -427,40 +416,3 @@ def _undo(registry: mounts.Registry, image: str, exc: BaseException) -> None:
 def unmaterialize(req: UnmaterializeRequest, registry: mounts.Registry) -> dict[str, Any]:
     """Remove exactly what ``req.image``'s materialization created; forget it."""
     return registry.remove(req.image)
-
-
-def run_command(req: RunRequest) -> dict[str, Any]:
-    """Run an app's start/stop command through the shell; returns its exit and output.
-
-    Output goes to temporary files, not pipes: a start command that leaves a daemon running
-    with the pipes inherited would otherwise keep us waiting until the timeout.
-    """
-    if not req.command.strip():
-        raise InvalidInput(detail="the command is empty")
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        try:
-            proc = subprocess.run(
-                req.command,
-                shell=True,
-                stdout=out,
-                stderr=err,
-                timeout=req.timeout,
-                start_new_session=True,
-                stdin=subprocess.DEVNULL,
-            )
-        except subprocess.TimeoutExpired as exc:
-            raise TandemError(
-                f"the command {shlex.quote(req.command)} did not finish within "
-                f"{req.timeout:.0f} s; make it finish sooner or raise its timeout"
-            ) from exc
-        except OSError as exc:
-            raise TandemError(
-                f"the command {shlex.quote(req.command)} could not run: {exc}"
-            ) from exc
-
-        def tail(fh: Any) -> str:
-            fh.seek(0, os.SEEK_END)
-            fh.seek(max(0, fh.tell() - 4 * OUTPUT_TAIL))
-            return str(fh.read().decode(errors="replace"))[-OUTPUT_TAIL:]
-
-        return {"returncode": proc.returncode, "stdout": tail(out), "stderr": tail(err)}

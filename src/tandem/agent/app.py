@@ -12,6 +12,8 @@ Invariants
   a new copy would be written; see ``actions.check_target``). Materializations are recorded
   in DIR/mounts.json (see ``tandem.agent.mounts``), so an app made without its directory
   cannot materialize.
+- ``/api/v1/run`` runs a hook script, by name, from DIR/scripts only (``tandem.agent.hooks``);
+  ``init`` creates that folder.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from fastapi import Depends, FastAPI, Header
 from fastapi.responses import StreamingResponse
 
 from tandem import __version__
-from tandem.agent import actions, mounts
+from tandem.agent import actions, hooks, mounts
 from tandem.errors import JobCanceled, TandemError, Unauthorized
 from tandem.transport.server import (
     DaemonConfig,
@@ -91,6 +93,7 @@ def create_app(cfg: DaemonConfig, directory: Path | None = None) -> FastAPI:
     app = FastAPI(title=f"tandem agent {cfg.name}", version=__version__)
     install_error_handlers(app)
     registry = mounts.Registry(directory) if directory is not None else None
+    scripts = directory / hooks.SCRIPTS if directory is not None else None
 
     def mount_registry() -> mounts.Registry:
         if registry is None:
@@ -145,22 +148,37 @@ def create_app(cfg: DaemonConfig, directory: Path | None = None) -> FastAPI:
         return actions.check_target(req)
 
     @app.post("/api/v1/run", dependencies=[Depends(auth)])
-    def run(req: actions.RunRequest) -> dict[str, Any]:
-        return actions.run_command(req)
+    def run(req: hooks.RunRequest) -> dict[str, Any]:
+        if scripts is None:
+            raise TandemError(
+                "this agent app was made without its directory, whose scripts/ folder holds "
+                "the hooks; pass the directory to create_app (tandem agent serve does)"
+            )
+        return hooks.run_hook(req, scripts)
 
     return app
 
 
 def init(directory: Path, name: str, listen: str) -> dict[str, Any]:
-    """Create an agent in ``directory``; returns ``{name, url, token, fingerprint}``."""
+    """Create an agent in ``directory`` (with its empty ``scripts/`` folder for hooks);
+    returns ``{name, url, token, fingerprint, scripts}``."""
     cfg, token = init_daemon_dir(directory, kind=KIND, name=name, listen=listen)
-    return {"name": cfg.name, "url": cfg.url, "token": token, "fingerprint": cfg.fingerprint}
+    folder = hooks.init_folder(directory)
+    return {
+        "name": cfg.name,
+        "url": cfg.url,
+        "token": token,
+        "fingerprint": cfg.fingerprint,
+        "scripts": str(folder),
+    }
 
 
 def run_forever(directory: Path) -> None:
     """Serve the agent in ``directory`` until SIGTERM/SIGINT."""
     cfg = load_daemon_dir(directory, KIND)
     lock = lock_daemon_dir(directory, KIND)
+    if not (directory / hooks.SCRIPTS).exists():
+        hooks.init_folder(directory)  # an agent made before hooks were scripts
     try:
         serve(create_app(cfg, directory), cfg, directory)
     finally:

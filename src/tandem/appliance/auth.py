@@ -7,6 +7,8 @@ Invariants
   tokens, peers and the audit trail need ``admin``; any other read (GET) needs ``viewer``;
   any other change needs ``operator``. Roles include the ones below them. The replication
   calls under ``/api/v1/peer/`` need the ``peer`` role (or admin), which allows nothing else.
+  One rule depends on the body, not the path: registering or changing an app's hooks (scripts
+  its host runs as root) needs ``admin`` (``operations.apps.check_may_set_hooks``).
 - The caller is left in ``request.state.principal`` for the audit trail and as the actor of
   the jobs it starts.
 - Tokens are looked up by their SHA-256; the secret is never stored or logged.

@@ -6,7 +6,7 @@ from fastapi import APIRouter, status
 
 from tandem.appliance.auth import Caller
 from tandem.appliance.schemas import (
-    AppCommandsIn,
+    AppHooksIn,
     AppIn,
     AppOut,
     Deleted,
@@ -96,15 +96,15 @@ def make_router(site: Site) -> APIRouter:
     # --- applications ------------------------------------------------------------------
 
     @router.post("/apps", tags=["apps"], status_code=CREATED)
-    def add_app(body: AppIn) -> AppOut:
+    def add_app(body: AppIn, who: Caller) -> AppOut:
         row = apps.add_app(
             site,
             name=body.name,
             host=body.host,
             kind=body.kind,
             path=body.path,
-            start=body.start,
-            stop=body.stop,
+            hooks=body.hooks(),
+            role=who.role,
         )
         return AppOut.of(row)
 
@@ -118,9 +118,8 @@ def make_router(site: Site) -> APIRouter:
         return AppOut.of(apps.get_app(site, name=name), downtime=failback.downtimes(site).get(name))
 
     @router.patch("/apps/{name}", tags=["apps"])
-    def set_app_commands(name: str, body: AppCommandsIn) -> AppOut:
-        given = {k: getattr(body, k) for k in body.model_fields_set}
-        row = apps.set_commands(site, name=name, commands=given)
+    def set_app_hooks(name: str, body: AppHooksIn, who: Caller) -> AppOut:
+        row = apps.set_hooks(site, name=name, hooks=body.hooks(), role=who.role)
         return AppOut.of(row, downtime=failback.downtimes(site).get(name))
 
     @router.delete("/apps/{name}", tags=["apps"])

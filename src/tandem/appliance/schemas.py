@@ -14,11 +14,13 @@ Invariants
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic_core import PydanticCustomError
 
 from tandem.catalog.models import App, Audit, Host, Image, Job, JobLog, Template, Token, Transition
+from tandem.domain.hooks import HOOK_NAME, MAX_HOOK_NAME, hook_name_problem, is_hook_name
 from tandem.domain.images import ImageKind, ImageState
 from tandem.domain.jobs import JobStatus
 from tandem.domain.lifecycle import AppKind, AppState
@@ -27,6 +29,25 @@ from tandem.domain.rules import Role
 
 NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 NO_NUL = r"^[^\x00]*$"
+HOOK_OR_EMPTY = r"^$|" + HOOK_NAME
+
+
+def _hook_name(value: str | None) -> str | None:
+    if value and not is_hook_name(value):
+        raise PydanticCustomError("hook_name", hook_name_problem(value, "the script"))
+    return value
+
+
+HookName = Annotated[
+    str | None,
+    Field(
+        default=None,
+        max_length=MAX_HOOK_NAME,
+        description='The name of a script in the host agent\'s scripts/ folder ("" removes).',
+        json_schema_extra={"pattern": HOOK_OR_EMPTY},
+    ),
+    AfterValidator(_hook_name),
+]
 
 
 class Body(BaseModel):
@@ -65,15 +86,26 @@ class AppIn(Body):
     host: str = Field(pattern=NAME)
     kind: AppKind
     path: CanonicalPath
-    start: str | None = Field(default=None, max_length=4096, pattern=NO_NUL)
-    stop: str | None = Field(default=None, max_length=4096, pattern=NO_NUL)
+    start: HookName = None
+    stop: HookName = None
+    freeze: HookName = None
+    thaw: HookName = None
+
+    def hooks(self) -> dict[str, str | None]:
+        return {"start": self.start, "stop": self.stop, "freeze": self.freeze, "thaw": self.thaw}
 
 
-class AppCommandsIn(Body):
-    """Fields left out stay as they are; an empty string removes the command."""
+class AppHooksIn(Body):
+    """Hook scripts by name; fields left out stay as they are, an empty string removes one."""
 
-    start: str | None = Field(default=None, max_length=4096, pattern=NO_NUL)
-    stop: str | None = Field(default=None, max_length=4096, pattern=NO_NUL)
+    start: HookName = None
+    stop: HookName = None
+    freeze: HookName = None
+    thaw: HookName = None
+
+    def hooks(self) -> dict[str, str | None]:
+        """The hooks the request names (sent, even if empty)."""
+        return {k: getattr(self, k) for k in self.model_fields_set}
 
 
 class ProtectIn(Body):
@@ -250,6 +282,9 @@ class AppOut(BaseModel):
     template: str | None
     start: str | None
     stop: str | None
+    freeze: str | None = None
+    thaw: str | None = None
+    """Hooks: names of scripts in the host agent's scripts/ folder."""
     epoch: int
     origin: str | None
     created: datetime
@@ -272,8 +307,10 @@ class AppOut(BaseModel):
             path=app.path,
             state=app.state,
             template=app.template,
-            start=app.start_cmd,
-            stop=app.stop_cmd,
+            start=app.start_hook,
+            stop=app.stop_hook,
+            freeze=app.freeze_hook,
+            thaw=app.thaw_hook,
             epoch=app.writer_epoch,
             origin=app.origin,
             created=app.created,

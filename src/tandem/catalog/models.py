@@ -47,6 +47,8 @@ from tandem.domain.rules import Role
 
 NAME = 64
 ID = 16
+HOOK = 128
+"""A hook script's name (``tandem.domain.hooks``)."""
 HEX_DIGEST = 64
 
 E = TypeVar("E", bound=enum.Enum)
@@ -146,6 +148,7 @@ class Template(Base):
 class App(Base):
     """A protected application and where it is in the lifecycle.
 
+    ``*_hook`` name scripts in the host agent's ``scripts/`` folder, never commands.
     ``origin`` is the appliance that owns production (NULL: this one); ``writer_epoch`` is the
     fencing epoch, raised by each failover. ``last_capture`` / ``last_replicated`` are the
     creation times of the newest snapshot / replica, from which the lag (RPO) is computed.
@@ -158,8 +161,10 @@ class App(Base):
     kind: Mapped[AppKind] = mapped_column(EnumText(AppKind))
     host: Mapped[str] = mapped_column(String(NAME))
     path: Mapped[str] = mapped_column(Text)
-    start_cmd: Mapped[str | None] = mapped_column(Text)
-    stop_cmd: Mapped[str | None] = mapped_column(Text)
+    start_hook: Mapped[str | None] = mapped_column(String(HOOK))
+    stop_hook: Mapped[str | None] = mapped_column(String(HOOK))
+    freeze_hook: Mapped[str | None] = mapped_column(String(HOOK))
+    thaw_hook: Mapped[str | None] = mapped_column(String(HOOK))
     template: Mapped[str | None] = mapped_column(String(NAME))
     state: Mapped[AppState] = mapped_column(EnumText(AppState), default=AppState.UNMANAGED)
     writer_epoch: Mapped[int] = mapped_column(Integer, default=1)

@@ -15,7 +15,7 @@ Invariants
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -38,6 +38,7 @@ from tandem.catalog.models import (
     Transition,
     utcnow,
 )
+from tandem.domain.hooks import Hook
 from tandem.domain.ids import new_app_id, new_image_id, validate_name
 from tandem.domain.images import ImageKind, ImageState
 from tandem.domain.jobs import JobStatus
@@ -170,14 +171,15 @@ def add_app(
     kind: AppKind,
     host: str,
     path: str,
-    start_cmd: str | None = None,
-    stop_cmd: str | None = None,
+    hooks: Mapping[str, str | None] | None = None,
     origin: str | None = None,
     app_id: str | None = None,
     state: AppState = AppState.UNMANAGED,
 ) -> App:
     """Add an application. A local app's host must be registered here; a mirrored app
-    (``origin`` names the appliance that owns it) keeps the other site's host name."""
+    (``origin`` names the appliance that owns it) keeps the other site's host name.
+    ``hooks`` maps ``start``/``stop``/``freeze``/``thaw`` to script names (checked by the
+    caller)."""
     validate_name(name, "application name")
     if origin is None:
         get_host(session, name=host)
@@ -187,12 +189,26 @@ def add_app(
         kind=AppKind(kind),
         host=host,
         path=path,
-        start_cmd=start_cmd,
-        stop_cmd=stop_cmd,
         origin=origin,
         state=state,
     )
+    for hook, script in (hooks or {}).items():
+        setattr(row, _hook_column(hook), script or None)
     return _insert(session, row, what="application", name=name)
+
+
+HOOKS = tuple(h.value for h in Hook)
+
+
+def _hook_column(hook: str) -> str:
+    if hook not in HOOKS:
+        raise ValueError(f"no hook {hook!r}")
+    return f"{hook}_hook"
+
+
+def app_hooks(app: App) -> dict[str, str | None]:
+    """The app's hook scripts by hook (``start``, ``stop``, ``freeze``, ``thaw``)."""
+    return {hook: getattr(app, _hook_column(hook)) for hook in HOOKS}
 
 
 def get_app(session: Session, *, name: str, for_update: bool = False) -> App:
@@ -227,14 +243,12 @@ def set_app_template(session: Session, *, name: str, template: str | None) -> Ap
     return app
 
 
-def set_app_commands(session: Session, *, name: str, commands: dict[str, str | None]) -> App:
-    """Change an app's start and/or stop command (``commands`` keys ``start``, ``stop``;
-    ``None`` removes one)."""
-    app = get_app(session, name=name)
-    if "start" in commands:
-        app.start_cmd = commands["start"]
-    if "stop" in commands:
-        app.stop_cmd = commands["stop"]
+def set_app_hooks(session: Session, *, name: str, hooks: Mapping[str, str | None]) -> App:
+    """Change some of an app's hook scripts (keys ``start``, ``stop``, ``freeze``, ``thaw``;
+    ``None`` removes one; keys left out stay as they are)."""
+    app = get_app(session, name=name, for_update=True)
+    for hook, script in hooks.items():
+        setattr(app, _hook_column(hook), script or None)
     session.flush()
     return app
 

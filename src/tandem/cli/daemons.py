@@ -21,8 +21,9 @@ def _print_init(doc: dict[str, str], json_: bool) -> None:
     if json_:
         emit_json(doc)
         return
-    for key in ("name", "url", "token", "fingerprint"):
-        stdout.print(f"{key:12} {doc[key]}")
+    for key in ("name", "url", "token", "fingerprint", "scripts"):
+        if key in doc:
+            stdout.print(f"{key:12} {doc[key]}")
     stdout.print("Keep the token: it is shown only once.")
 
 
@@ -60,7 +61,10 @@ def agent_init(
     listen: Annotated[str, typer.Option(help="HOST:PORT to serve on.")] = "127.0.0.1:8444",
     json_: Json = False,
 ) -> None:
-    """Create a host agent in DIR; prints its URL, token and fingerprint."""
+    """Create a host agent in DIR; prints its URL, token and fingerprint.
+
+    DIR/scripts/ is the only place hook scripts run from (`tandem app set APP --stop SCRIPT`).
+    """
     from tandem.agent import app as agent
 
     _print_init(agent.init(directory, name, listen), json_)

@@ -8,11 +8,14 @@ runs with ``DEMO_HOST_ROOT`` pointing there. The sample application (``sampleapp
 WAL mode, rotating logs and files, 4 KiB records on a disk) lives at ``$DEMO_HOST_ROOT/app``
 on whichever host runs it, and writes the disk named in ``$DEMO_HOST_ROOT/disk.attached``
 (the disk image at production; the NBD export of the failed-over volume at the DR site).
-So the one ``--start``/``--stop`` command pair, mirrored with the app to the DR appliance,
-works at both sites, as the same path on two real hosts would.
+The app's hooks are two scripts, ``sampleapp-start`` and ``sampleapp-stop``, that the demo
+installs in each agent's ``scripts/`` folder (as a host's administrator would) and registers
+by name: at production when the app is added, at the DR site (``app set`` on the mirror)
+once the app is mirrored there. The same scripts work at both sites, as the same path on two
+real hosts would.
 
 Two apps are protected with a mirroring template: ``files`` (the data directory, a
-``filesystem`` app, carrying the start/stop commands) and ``disk`` (the disk image, a
+``filesystem`` app, carrying the start/stop hooks) and ``disk`` (the disk image, a
 ``volume`` app attached to the same process). The drill, each step driving the appliances'
 REST API as the CLI does (the equivalent ``tandem`` command is shown):
 
@@ -22,10 +25,10 @@ REST API as the CLI does (the equivalent ``tandem`` command is shown):
   test failover of the volume over NBD → disaster (the app, host1's agent and the prod
   appliance are killed; RPO = age of the newest replica at that moment) → failover with
   FAILOVER (failover time = the first failover call → the app up at the DR site, started by
-  its --start command through host2's agent) → the app writes at the DR site (through NBD
+  its start hook through host2's agent) → the app writes at the DR site (through NBD
   for its disk) while production comes back → catch-up syncback → the app is stopped at the
   DR site (downtime starts) → final syncback → restore of the final syncback images at
-  production with both confirmations (the restore's --start command brings the app up:
+  production with both confirmations (the restore's start hook brings the app up:
   downtime ends) → production compared with the DR copy → snapshot-style failback → a
   capture at production replicates incrementally.
 
@@ -33,7 +36,7 @@ Consistency: the app keeps writing, so every capture and syncback is taken while
 *held* (quiesced: transaction finished, database and files closed; ``sampleapp hold``),
 which is when the demo records the reference state (a BLAKE3 digest of every file and of
 the disk). Where the demo compares a copy that an operation has just started the app on
-(failover, restore), it sets the hold first: the app that the --start command launches
+(failover, restore), it sets the hold first: the app that the start hook launches
 comes up held, the data is compared, then the app is released. Timings stop when the app
 is up, before the demo's own comparison.
 
@@ -85,6 +88,9 @@ DISK_APP = "disk"
 APPS = (FILES_APP, DISK_APP)
 HOST_ROOT_VAR = "DEMO_HOST_ROOT"
 ATTACHED = "disk.attached"
+START_HOOK = "sampleapp-start"
+STOP_HOOK = "sampleapp-stop"
+"""The sample app's hook scripts, in each agent's scripts/ folder."""
 """In a host's directory: names the disk the sample app writes (a path or an nbd:// URI)."""
 SAMPLE_LIFETIME = 900.0
 """Seconds after which a sample app left behind (demo killed by SIGKILL) stops by itself."""
@@ -219,12 +225,14 @@ class Site:
     def attached(self) -> Path:
         return self.root / ATTACHED
 
-    def run_on_host(self, command: str) -> dict[str, Any]:
-        """Run a shell command on the host through its agent, as the appliance does."""
+    def run_on_host(self, script: str) -> dict[str, Any]:
+        """Run a hook script of the files app on the host through its agent, as the
+        appliance does."""
+        env = {"TANDEM_APP": FILES_APP, "TANDEM_SITE": self.role, "TANDEM_OPERATION": "demo"}
         with AgentClient(
             self.agent.name, self.agent.url, self.agent.token, self.agent.fingerprint
         ) as agent:
-            return agent.run(command, timeout=60.0)
+            return agent.run_hook(script, env, timeout=60.0)
 
 
 @dataclass
@@ -641,18 +649,22 @@ def step_start_app(ctx: Context) -> str:
     ctx.stop_cmd = f"{module} stop {root}/app"
     for site in ctx.sites.values():
         ctx.lab.on_close(f"stop the sample app at {site.role}", _stopper(site.paths))
+        for hook, command in ((START_HOOK, ctx.start_cmd), (STOP_HOOK, ctx.stop_cmd)):
+            site.agent.install_script(hook, f"#!/bin/sh\nexec {command}\n")
     ctx.say(
         f"disk image {escape(str(ctx.disk_image))} ({human_bytes(size)}, "
         f"{human_bytes(written)} written), attached in {ATTACHED}"
     )
-    ctx.say(f"start command: {escape(ctx.start_cmd)}")
-    ctx.say(f"stop command:  {escape(ctx.stop_cmd)}")
-    ctx.say(f"run on {prod.host} through its agent")
-    result = prod.run_on_host(ctx.start_cmd)
+    ctx.say(
+        f"hook scripts in each agent's scripts/ folder: {START_HOOK} "
+        f"(exec {escape(ctx.start_cmd)}), {STOP_HOOK} (exec {escape(ctx.stop_cmd)})"
+    )
+    ctx.say(f"{START_HOOK} run on {prod.host} through its agent")
+    result = prod.run_on_host(START_HOOK)
     ctx.check(
         "app_started",
         result.get("returncode") == 0,
-        f"the start command failed on {prod.host}: {str(result.get('stderr')).strip()[-300:]}",
+        f"the start hook failed on {prod.host}: {str(result.get('stderr')).strip()[-300:]}",
     )
     status = wait_app(prod.paths, ("running",), f"at {prod.host}")
     return f"sample app writing at {prod.host} (pid {status['pid']}, {status['rows']} rows)"
@@ -661,14 +673,12 @@ def step_start_app(ctx: Context) -> str:
 def step_protect(ctx: Context) -> str:
     prod = ctx.prod
     apps = [
-        (FILES_APP, "filesystem", prod.paths.data, ctx.start_cmd, ctx.stop_cmd),
+        (FILES_APP, "filesystem", prod.paths.data, START_HOOK, STOP_HOOK),
         (DISK_APP, "volume", ctx.disk_image, None, None),
     ]
     for name, kind, path, start, stop in apps:
-        commands = " --start '…sampleapp start …' --stop '…sampleapp stop …'" if start else ""
-        ctx.command(
-            prod, f"app add {name} --host {prod.host} --kind {kind} --path {path}{commands}"
-        )
+        hooks = f" --start {start} --stop {stop}" if start else ""
+        ctx.command(prod, f"app add {name} --host {prod.host} --kind {kind} --path {path}{hooks}")
         prod.api.post(
             "/api/v1/apps",
             {
@@ -695,7 +705,7 @@ def step_protect(ctx: Context) -> str:
         f"protect did not make the apps managed: {states}",
     )
     ctx.say(
-        f"{DISK_APP} has no start/stop commands: those of {FILES_APP} start and stop the "
+        f"{DISK_APP} has no start/stop hooks: those of {FILES_APP} start and stop the "
         "process that writes both"
     )
     return f"{FILES_APP} (filesystem) and {DISK_APP} (volume) managed, mirrored to dr"
@@ -705,6 +715,17 @@ def step_capture_full(ctx: Context) -> str:
     sent = capture_and_mirror(ctx, "first, full", "full")
     ctx.transfers["capture-full"] = sent["capture"]
     ctx.transfers["replication-full"] = sent["replicate"]
+    # The mirror now exists at dr: its hooks are the DR site's to set, for its own host.
+    dr = ctx.dr
+    ctx.command(dr, f"app set {FILES_APP} --start {START_HOOK} --stop {STOP_HOOK}")
+    row = dr.api.request(
+        "PATCH", f"/api/v1/apps/{FILES_APP}", json_body={"start": START_HOOK, "stop": STOP_HOOK}
+    )
+    ctx.check(
+        "dr_hooks_set",
+        (row.get("start"), row.get("stop")) == (START_HOOK, STOP_HOOK),
+        f"dr did not keep the hooks of {FILES_APP}: {row}",
+    )
     return f"full replication sent {_both(sent['replicate'])}"
 
 
@@ -872,7 +893,7 @@ def step_disaster(ctx: Context) -> str:
 def step_failover(ctx: Context) -> str:
     dr = ctx.dr
     mount = dr.paths.data
-    # The app the failover's start command launches comes up held: the copy is compared
+    # The app the failover's start hook launches comes up held: the copy is compared
     # before it writes (then released). The timing stops when it is up.
     sampleapp.hold(dr.paths, wait=False)
     t0 = time.monotonic()
@@ -999,13 +1020,13 @@ def step_syncback_catch_up(ctx: Context) -> str:
 
 def step_stop_dr(ctx: Context) -> str:
     dr = ctx.dr
-    ctx.say(f"the operator runs the app's stop command on {dr.host} (through its agent)")
+    ctx.say(f"the operator runs the app's stop hook {STOP_HOOK} on {dr.host} (through its agent)")
     ctx.measures["downtime_started"] = time.monotonic()
-    result = dr.run_on_host(ctx.stop_cmd)
+    result = dr.run_on_host(STOP_HOOK)
     ctx.check(
         "dr_app_stopped",
         result.get("returncode") == 0 and sampleapp.running_pid(dr.paths) is None,
-        f"the stop command did not stop the app at dr: {result}",
+        f"the stop hook did not stop the app at dr: {result}",
     )
     status = sampleapp.read_status(dr.paths)
     ctx.facts["rows_dr_stop"] = int(status["rows"])
@@ -1026,10 +1047,10 @@ def step_syncback_final(ctx: Context) -> str:
 
 def step_restore(ctx: Context) -> str:
     prod = ctx.prod
-    # The app the restore's start command launches comes up held until compared.
+    # The app the restore's start hook launches comes up held until compared.
     sampleapp.hold(prod.paths, wait=False)
     jobs = []
-    # The disk first: the start command, run by the restore of the files app, opens it.
+    # The disk first: the start hook, run by the restore of the files app, opens it.
     for name in (DISK_APP, FILES_APP):
         image = ctx.images[f"{name}-final"]
         ctx.command(
@@ -1049,7 +1070,7 @@ def step_restore(ctx: Context) -> str:
     ctx.measures["failback_downtime_seconds"] = round(downtime, 3)
     reported = (jobs[-1].get("result") or {}).get("downtime_seconds")
     ctx.measures["failback_downtime_reported_seconds"] = reported
-    ctx.say(f"the restore's start command started the app at {prod.host} (pid {status['pid']})")
+    ctx.say(f"the restore's start hook started the app at {prod.host} (pid {status['pid']})")
     if reported is not None:
         ctx.say(f"the restore job reports a failback downtime of {float(reported):.2f} s")
     return f"both apps diff-restored from the final syncback; failback downtime {downtime:.2f} s"

@@ -8,7 +8,8 @@ free port and run with ``tandem … serve DIR`` as a child process, its output i
 production site's daemons (a disaster) and starts them again later (``launch`` starts the
 processes without waiting, so the demo can go on while they come up, then ``wait``).
 A daemon's ``extra_env`` is added to its environment (the demo tells each agent where its host's
-files are, since both "hosts" share this machine).
+files are, since both "hosts" share this machine). ``install_script`` places a hook script in
+an agent's ``scripts/`` folder, as the host's administrator would (``install_hook_script``).
 
 Invariants
 - Daemons run in sessions of their own (a Ctrl-C in the terminal reaches only the lab, which
@@ -139,6 +140,24 @@ class Daemon:
 
     def log_tail(self) -> str:
         return _tail(self.log_path)
+
+    def install_script(self, name: str, text: str) -> Path:
+        """Place the hook script ``name`` in this agent's ``scripts/`` folder (after init)."""
+        if self.kind != "agent":
+            raise TandemError(f"{self.kind} {self.name} runs no hooks; install scripts in agents")
+        return install_hook_script(self.directory, name, text)
+
+
+def install_hook_script(agent_dir: Path, name: str, text: str) -> Path:
+    """Write ``text`` as the hook script ``agent_dir/scripts/name`` (mode 0755, owned by
+    whoever runs this: root, or the agent's own user), replacing it whole if it exists."""
+    folder = agent_dir / "scripts"
+    path = folder / name
+    tmp = folder / f".{name}.tmp"
+    tmp.write_text(text)
+    os.chmod(tmp, 0o755)
+    os.replace(tmp, path)
+    return path
 
 
 class Lab:

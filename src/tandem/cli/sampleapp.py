@@ -16,7 +16,7 @@ steady rate, writes the data directory DIR:
   NBD client here, as a virtual machine writes its virtual disk). With ``--disk-from FILE``
   the disk is named by the first line of FILE, read each time the app opens its data: the
   host's say in which disk is attached to the app (a path at one site, the NBD export of a
-  failed-over volume at the other), so one start command serves both sites.
+  failed-over volume at the other), so one start hook script serves both sites.
 
 Control files live outside DIR, in its *run directory* (``--run-dir``, default ``DIR.run``
 beside DIR), so capturing or restoring DIR never touches them: ``pid``, ``status.json``
@@ -39,9 +39,10 @@ Commands (the first argument; without one, ``run``):
                  database was last opened: where the app resumed after a restore or a
                  failover).
 
-These are the app's ``--start`` and ``--stop`` commands in the demo: a host agent runs them
-through ``/bin/sh`` and waits for them, so ``start`` must not leave its own output pipes
-open in the background process (it does not: the process's stdio is redirected).
+``start`` and ``stop`` are what the demo's hook scripts (``sampleapp-start``/``-stop`` in each
+agent's ``scripts/`` folder) exec: a host agent runs them and waits for them, so ``start``
+must not leave its own output pipes open in the background process (it does not: the
+process's stdio is redirected).
 """
 
 from __future__ import annotations

@@ -211,6 +211,36 @@ def templates(
 # --- applications -------------------------------------------------------------------------
 
 APP_KEYS = ("name", "kind", "host", "path", "state", "template", "last_capture", "lag_seconds")
+HOOK_KEYS = ("start", "stop", "freeze", "thaw")
+_HOOK_HELP = (
+    "Hook: the name of a script in the host agent's scripts/ folder that {what}, run as root "
+    "with TANDEM_* variables (admin only)."
+)
+StartHook = Annotated[
+    str | None,
+    typer.Option("--start", help=_HOOK_HELP.format(what="starts the app"), metavar="SCRIPT"),
+]
+StopHook = Annotated[
+    str | None,
+    typer.Option("--stop", help=_HOOK_HELP.format(what="stops the app"), metavar="SCRIPT"),
+]
+FreezeHook = Annotated[
+    str | None,
+    typer.Option(
+        "--freeze", help=_HOOK_HELP.format(what="quiesces the app for a capture"), metavar="SCRIPT"
+    ),
+]
+ThawHook = Annotated[
+    str | None,
+    typer.Option(
+        "--thaw", help=_HOOK_HELP.format(what="resumes it after the capture"), metavar="SCRIPT"
+    ),
+]
+
+
+def _given(hooks: dict[str, str | None]) -> dict[str, str]:
+    """The hooks given on the command line (an empty name is given: it removes the hook)."""
+    return {k: v for k, v in hooks.items() if v is not None}
 
 
 @app_app.command("add")
@@ -220,51 +250,42 @@ def app_add(
     host: Annotated[str, typer.Option("--host", help="The host it runs on.")],
     kind: Annotated[KindChoice, typer.Option("--kind", help="What its data is.")],
     path: Annotated[str, typer.Option("--path", help="Its directory or volume on the host.")],
-    start: Annotated[
-        str | None, typer.Option("--start", help="Shell command that starts it.")
-    ] = None,
-    stop: Annotated[str | None, typer.Option("--stop", help="Shell command that stops it.")] = None,
+    start: StartHook = None,
+    stop: StopHook = None,
+    freeze: FreezeHook = None,
+    thaw: ThawHook = None,
     url: Url = None,
     token: Token = None,
     fingerprint: Fingerprint = None,
     json_: Json = False,
 ) -> None:
-    """Add an application to protect."""
-    body = {
-        "name": name,
-        "host": host,
-        "kind": kind.value,
-        "path": path,
-        "start": start,
-        "stop": stop,
-    }
+    """Add an application to protect (hooks need an admin token)."""
+    hooks = {"start": start, "stop": stop, "freeze": freeze, "thaw": thaw}
+    body = {"name": name, "host": host, "kind": kind.value, "path": path, **hooks}
     with connect(url, token, fingerprint) as client:
-        _show(client.post("/api/v1/apps", body), json_, APP_KEYS)
+        _show(client.post("/api/v1/apps", body), json_, (*APP_KEYS, *_given(hooks)))
 
 
 @app_app.command("set")
 @handle_errors
 def app_set(
     name: Name,
-    start: Annotated[
-        str | None,
-        typer.Option("--start", help='Shell command that starts it ("" removes it).'),
-    ] = None,
-    stop: Annotated[
-        str | None, typer.Option("--stop", help='Shell command that stops it ("" removes it).')
-    ] = None,
+    start: StartHook = None,
+    stop: StopHook = None,
+    freeze: FreezeHook = None,
+    thaw: ThawHook = None,
     url: Url = None,
     token: Token = None,
     fingerprint: Fingerprint = None,
     json_: Json = False,
 ) -> None:
-    """Change an application's start or stop command."""
-    body = {k: v for k, v in (("start", start), ("stop", stop)) if v is not None}
+    """Change an application's hooks: scripts by name ("" removes one; needs an admin token)."""
+    body = _given({"start": start, "stop": stop, "freeze": freeze, "thaw": thaw})
     if not body:
-        raise InvalidInput(detail="give --start and/or --stop")
+        raise InvalidInput(detail="give --start, --stop, --freeze and/or --thaw")
     with connect(url, token, fingerprint) as client:
         answer = client.request("PATCH", f"/api/v1/apps/{name}", json_body=body)
-        _show(answer, json_, (*APP_KEYS, "start", "stop"))
+        _show(answer, json_, (*APP_KEYS, *HOOK_KEYS))
 
 
 @app_app.command("show")
@@ -278,7 +299,7 @@ def app_show(
 ) -> None:
     """An application: where it is, its state and its newest capture."""
     with connect(url, token, fingerprint) as client:
-        _show(client.get(f"/api/v1/apps/{name}"), json_, (*APP_KEYS, "start", "stop", "epoch"))
+        _show(client.get(f"/api/v1/apps/{name}"), json_, (*APP_KEYS, *HOOK_KEYS, "epoch"))
 
 
 @app_app.command("protect")

@@ -4,25 +4,31 @@ Invariants
 - An app's state changes only through ``record_transition`` (the lifecycle table), in the
   same transaction as the change it stands for (protect sets the template, unprotect
   clears it), so the state and the template never disagree.
-- Paths are canonical (``domain.paths``); start/stop commands are shell commands run by
-  the host's agent.
+- Paths are canonical (``domain.paths``).
 - No two apps of this site on one host overlap (equal, or one inside the other): restoring
   one would overwrite or delete the other's files. Mirror records (``origin`` set) are the
   other site's apps on its hosts and take no part.
+- Hooks (``start``, ``stop``, ``freeze``, ``thaw``) are names of scripts
+  in the host agent's ``scripts/`` folder (``tandem.domain.hooks``), never command lines.
+- Hooks run as root on the host, so registering or changing them is an admin act: an app
+  added with hooks, or a change of a hook's script, needs the admin role (``check_may_set_hooks``,
+  the one place this rule lives); the audit trail records the call like any other change.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 from sqlalchemy.orm import Session
 
 from tandem.catalog import queries as q
 from tandem.catalog.models import App, Transition
+from tandem.domain.hooks import Hook, check_hook_name
 from tandem.domain.lifecycle import AppKind, Operation
 from tandem.domain.paths import check_path, overlaps
-from tandem.errors import Conflict, InvalidInput
+from tandem.domain.rules import Role, role_allows
+from tandem.errors import Conflict, Forbidden, InvalidInput
 from tandem.operations.site import Site
-
-MAX_COMMAND = 4096
 
 
 def _check_path(path: str) -> str:
@@ -50,14 +56,25 @@ def check_no_overlap(
             )
 
 
-def _check_command(command: str | None, what: str) -> str | None:
-    if command is None or not command.strip():
-        return None
-    if "\x00" in command or len(command) > MAX_COMMAND:
-        raise InvalidInput(
-            detail=f"--{what} must be a shell command of at most {MAX_COMMAND} characters"
+def _check_hooks(hooks: Mapping[str, str | None]) -> dict[str, str | None]:
+    """The hooks given, each a script name or ``None`` (an empty name removes the hook)."""
+    checked: dict[str, str | None] = {}
+    for hook, script in hooks.items():
+        if hook not in {h.value for h in Hook}:
+            raise InvalidInput(detail=f"there is no {hook!r} hook; use start, stop, freeze or thaw")
+        checked[hook] = check_hook_name(script, f"--{hook}") if script else None
+    return checked
+
+
+def check_may_set_hooks(role: Role, app: str) -> None:
+    """Hooks run as root on the host: only an admin registers or changes them."""
+    if not role_allows(role, Role.ADMIN):
+        raise Forbidden(
+            role=role.value,
+            action=f"register or change the hooks of application {app!r} (they run as root "
+            "on its host)",
+            needed=Role.ADMIN.value,
         )
-    return command
 
 
 def add_app(
@@ -67,28 +84,31 @@ def add_app(
     host: str,
     kind: AppKind,
     path: str,
-    start: str | None = None,
-    stop: str | None = None,
+    hooks: Mapping[str, str | None] | None = None,
+    role: Role = Role.OPERATOR,
 ) -> App:
     path = _check_path(path)
+    """Add an app. ``role`` is the caller's; left out, the caller is taken for an operator,
+    who may not give hooks."""
+    checked = _check_hooks(hooks or {})
+    if any(checked.values()):
+        check_may_set_hooks(role, name)
     with site.catalog.begin() as session:
         check_no_overlap(session, host=host, path=path)
-        return q.add_app(
-            session,
-            name=name,
-            kind=kind,
-            host=host,
-            path=path,
-            start_cmd=_check_command(start, "start"),
-            stop_cmd=_check_command(stop, "stop"),
-        )
+        return q.add_app(session, name=name, kind=kind, host=host, path=path, hooks=checked)
 
 
-def set_commands(site: Site, *, name: str, commands: dict[str, str | None]) -> App:
-    """Change the start and/or stop command of an app (a blank one removes it)."""
-    checked = {k: _check_command(v, k) for k, v in commands.items() if k in ("start", "stop")}
+def set_hooks(
+    site: Site, *, name: str, hooks: Mapping[str, str | None], role: Role = Role.OPERATOR
+) -> App:
+    """Change some of an app's hook scripts (an empty name removes one; the rest stay);
+    ``role`` as for ``add_app``."""
+    checked = _check_hooks(hooks)
     with site.catalog.begin() as session:
-        return q.set_app_commands(session, name=name, commands=checked)
+        current = q.app_hooks(q.get_app(session, name=name, for_update=True))
+        if any(current[hook] != script for hook, script in checked.items()):
+            check_may_set_hooks(role, name)
+        return q.set_app_hooks(session, name=name, hooks=checked)
 
 
 def list_apps(site: Site) -> list[App]:

@@ -5,7 +5,9 @@ whole image at the path, which must be missing (a volume) or missing or an empty
 tree) — a clone never overwrites anything. The path is canonical and overlaps no app of
 this site on the host (checked when the job is queued and again, in the same transaction,
 when the new app is registered). The agent opens it without following any symlink. The new
-app starts unmanaged, with the source app's kind and start/stop commands.
+app starts unmanaged, with the source app's kind and no hooks: hooks run as root on a host
+and only an admin registers them (`tandem app set NEW --start SCRIPT …`), while an operator
+may clone.
 """
 
 from __future__ import annotations
@@ -93,8 +95,6 @@ def run_clone(site: Site, ctx: JobContext) -> dict[str, Any]:
             kind=source.kind,
             host=host.name,
             path=params["path"],
-            start_cmd=source.start_cmd,
-            stop_cmd=source.stop_cmd,
         )
     ctx.set_message(f"cloned {base.id} as application {app.name} on host {host.name}")
     return {"app": app.name, "path": params["path"], "bytes_sent": transfer.bytes_sent}

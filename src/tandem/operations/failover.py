@@ -8,7 +8,9 @@ Runs on the DR appliance; the server requires the typed confirmation ``FAILOVER`
 2. A writable virtual copy of the replica (a ``failover`` image) is presented to the chosen
    host: an NBD export for a volume, materialized at the mount point through the agent;
    the replica itself stays intact as the reference copy.
-3. The app's start command runs on that host.
+3. The app's start hook runs on that host (``operations.hooks``; the DR site's own hooks,
+   set at the DR appliance, with ``TANDEM_APP_PATH`` the failed-over copy's mount point and
+   ``TANDEM_NBD_URI`` a volume's export).
 
 If presenting fails, nothing is left (no export, no files, no row) and the state is
 unchanged: the transition is recorded only after the copy is presented.
@@ -20,6 +22,7 @@ from typing import Any
 
 from tandem.catalog import queries as q
 from tandem.catalog.models import Job
+from tandem.domain.hooks import Hook
 from tandem.domain.ids import new_image_id
 from tandem.domain.images import ImageKind
 from tandem.domain.lifecycle import AppFacts, AppKind, Operation, check_transition
@@ -27,7 +30,7 @@ from tandem.domain.rules import FAILOVER_CONFIRMATION, check_confirmations
 from tandem.errors import InvalidInput, TandemError
 from tandem.jobs.queue import submit_job
 from tandem.jobs.runner import JobContext
-from tandem.operations import present
+from tandem.operations import hooks, present
 from tandem.operations.capture import check_label
 from tandem.operations.hosts import agent_for
 from tandem.operations.site import Site
@@ -129,16 +132,24 @@ def run_failover(site: Site, ctx: JobContext) -> dict[str, Any]:
         f"{app.name} is failed over; writer epoch {epoch}: replication from production is refused"
     )
     started = False
-    if app.start_cmd:
-        with agent_for(host) as agent:
-            result = agent.run(app.start_cmd)
-        if result.get("returncode") != 0:
-            raise TandemError(
-                f"the start command of {app.name!r} failed on host {host.name} "
-                f"(exit {result.get('returncode')}): {str(result.get('stderr', '')).strip()[:300]}."
-                f" The app is failed over to image {row.id}; start it by hand"
-            )
-        started = True
+    if hooks.script_for(app, Hook.START):
+        try:
+            with agent_for(host) as agent:
+                started = hooks.run_hook(
+                    agent,
+                    app,
+                    Hook.START,
+                    operation=TYPE,
+                    image=row.id,
+                    path=shown.mount_point,
+                    nbd_uri=shown.nbd_uri,
+                    ctx=ctx,
+                )
+        except TandemError as exc:
+            raise type(exc)(
+                f"{exc.message.rstrip('.')}; the app is failed over to image {row.id}, start "
+                "it by hand"
+            ) from exc
     ctx.set_message(
         f"{app.name} failed over to {row.id} on host {host.name}"
         + (f" at {shown.mount_point}" if shown.mount_point else "")

@@ -35,12 +35,13 @@ from typing import Any
 
 from tandem.catalog import queries as q
 from tandem.catalog.models import App, Image, Job
+from tandem.domain.hooks import Hook
 from tandem.domain.images import ImageKind
 from tandem.domain.lifecycle import AppFacts, AppKind, Operation, check_transition
 from tandem.errors import InvalidInput, NotFound, StorageError, TandemError
 from tandem.jobs.queue import submit_job
 from tandem.jobs.runner import JobContext
-from tandem.operations import failback, peers
+from tandem.operations import failback, hooks, peers
 from tandem.operations.hosts import agent_for
 from tandem.operations.site import Site
 from tandem.operations.streams import follow
@@ -120,18 +121,21 @@ def _apply_at_production(
 
 
 def _dr_command(site: Site, ctx: JobContext, app: App, which: str) -> None:
-    command = app.stop_cmd if which == "stop" else app.start_cmd
-    if not command:
+    if not hooks.script_for(app, Hook(which)):
         return
     failover = failover_image(site, app.name)
     with site.catalog.read() as session:
         host = q.get_host(session, name=failover.mounted_host or "")
     with agent_for(host) as agent:
-        result = agent.run(command)
-    if result.get("returncode") != 0:
-        raise TandemError(
-            f"the {which} command of {app.name!r} failed on host {host.name} "
-            f"(exit {result.get('returncode')}): {str(result.get('stderr', '')).strip()[:300]}"
+        hooks.run_hook(
+            agent,
+            app,
+            Hook(which),
+            operation=ctx.job.type,
+            image=failover.id,
+            path=failover.mount_point,
+            nbd_uri=failover.nbd_export,
+            ctx=ctx,
         )
     ctx.log(f"{which} command ran on DR host {host.name}")
 
@@ -318,16 +322,10 @@ def production_command(site: Site, *, app: str, which: str) -> dict[str, Any]:
     with site.catalog.read() as session:
         row = q.get_app(session, name=app)
         host = q.get_host(session, name=row.host)
-    command = row.stop_cmd if which == "stop" else row.start_cmd
-    if not command:
+    if not hooks.script_for(row, Hook(which)):
         return {"ran": False}
     with agent_for(host) as agent:
-        result = agent.run(command)
-    if result.get("returncode") != 0:
-        raise TandemError(
-            f"the {which} command of {app!r} failed on host {host.name} "
-            f"(exit {result.get('returncode')})"
-        )
+        hooks.run_hook(agent, row, Hook(which), operation="failback", path=row.path)
     return {"ran": True}
 
 

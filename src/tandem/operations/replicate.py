@@ -34,6 +34,7 @@ from typing import Any
 
 from tandem.catalog import queries as q
 from tandem.catalog.models import Image, Job
+from tandem.domain.hooks import is_hook_name
 from tandem.domain.images import ImageKind
 from tandem.domain.jobs import JobStatus
 from tandem.domain.lifecycle import AppFacts, AppKind, AppState, Operation, check_transition
@@ -79,8 +80,8 @@ def _app_doc(app: Any) -> dict[str, Any]:
         "kind": app.kind.value,
         "host": app.host,
         "path": app.path,
-        "start": app.start_cmd,
-        "stop": app.stop_cmd,
+        "start": app.start_hook,
+        "stop": app.stop_hook,
     }
 
 
@@ -302,8 +303,11 @@ def open_replication(
                 kind=AppKind(app["kind"]),
                 host=str(app["host"]),
                 path=str(app["path"]),
-                start_cmd=app.get("start"),
-                stop_cmd=app.get("stop"),
+                hooks={
+                    k: v
+                    for k in ("start", "stop")
+                    if isinstance(v := app.get(k), str) and is_hook_name(v)
+                },
                 origin=peer,
                 app_id=app.get("id"),
                 state=AppState.MANAGED,

@@ -3,9 +3,10 @@
 Flow (SPEC §4.4)
 1. The server checks both typed confirmations ("DATA LOSS", "OVERWRITE OTHER APPS") and
    the lifecycle before a job exists; a refused request touches nothing.
-2. The job runs the app's ``--stop`` command on the host (a failure ends the job before any
+2. The job runs the app's ``--stop`` hook on the host (a failure ends the job before any
    data is written), then the agent diff-restores from a *read session* (it hashes the
-   target and fetches only the 64 KiB blocks that differ), then the ``--start`` command runs.
+   target and fetches only the 64 KiB blocks that differ), then the ``--start`` hook runs
+   (``operations.hooks``: scripts by name, ``TANDEM_APP_PATH`` the app's path).
    The agent refuses while processes hold the app's data (the message names them and the
    fix). A volume untouched since its last capture or restore (``operations.stamps``) is
    restored from that image as a base: only the blocks the two images differ in are read
@@ -25,14 +26,15 @@ from datetime import UTC, datetime
 from typing import Any
 
 from tandem.catalog import queries as q
-from tandem.catalog.models import Job
+from tandem.catalog.models import App, Job
+from tandem.domain.hooks import Hook
 from tandem.domain.images import ImageKind, ImageState
 from tandem.domain.lifecycle import AppKind, Operation, check_transition
 from tandem.domain.rules import RESTORE_CONFIRMATIONS, check_confirmations
 from tandem.errors import Conflict, InvalidInput, TandemError
 from tandem.jobs.queue import submit_job
 from tandem.jobs.runner import JobContext
-from tandem.operations import failback, stamps
+from tandem.operations import failback, hooks, stamps
 from tandem.operations.hosts import agent_for
 from tandem.operations.site import Site
 from tandem.operations.streams import follow
@@ -53,7 +55,7 @@ def submit_restore(
     """Queue a restore of ``image`` onto ``app``; refused without both confirmations.
 
     ``commands=False`` (a replica-style failback, which stops and starts the app itself)
-    restores without running the app's stop and start commands.
+    restores without running the app's stop and start hooks.
     """
     check_confirmations(confirm, RESTORE_CONFIRMATIONS)
     with site.catalog.begin() as session:
@@ -81,21 +83,8 @@ def submit_restore(
     return job
 
 
-def _run_command(agent: AgentClient, ctx: JobContext, app: str, which: str, command: str) -> None:
-    ctx.set_message(f"running the {which} command of {app} on host {agent.name}")
-    result = agent.run(command)
-    for stream in ("stdout", "stderr"):
-        text = str(result.get(stream) or "").strip()
-        if text:
-            ctx.log(f"{which} command {stream}: {text}")
-    code = int(result["returncode"])
-    if code != 0:
-        tail = str(result.get("stderr") or result.get("stdout") or "").strip().splitlines()
-        why = f": {tail[-1]}" if tail else ""
-        raise TandemError(
-            f"the {which} command of application {app!r} exited with status {code}{why}"
-        )
-    ctx.log(f"{which} command succeeded")
+def _run_hook(agent: AgentClient, ctx: JobContext, app: App, hook: Hook, image: str) -> bool:
+    return hooks.run_hook(agent, app, hook, operation=TYPE, image=image, path=app.path, ctx=ctx)
 
 
 def run_restore(site: Site, ctx: JobContext) -> dict[str, Any]:
@@ -116,11 +105,12 @@ def run_restore(site: Site, ctx: JobContext) -> dict[str, Any]:
     try:
         with agent_for(host) as agent:
             commands = ctx.job.params.get("commands", True)
-            if app.stop_cmd and commands:
+            stopped = False
+            if commands:
                 try:
-                    _run_command(agent, ctx, app.name, "stop", app.stop_cmd)
+                    stopped = _run_hook(agent, ctx, app, Hook.STOP, image.id)
                 except TandemError as exc:
-                    raise type(exc)(f"{exc.message}; nothing was restored") from exc
+                    raise type(exc)(f"{exc.message.rstrip('.')}; nothing was restored") from exc
             ctx.set_message(f"restoring {image.id} onto {app.path} on host {host.name}")
             body = {
                 "kind": app.kind.value,
@@ -138,19 +128,19 @@ def run_restore(site: Site, ctx: JobContext) -> dict[str, Any]:
                     ctx, agent.restore(body), host=host.name, moved=lambda: transfer.bytes_sent
                 )
             except TandemError as exc:
-                if not app.stop_cmd:
+                if not stopped:
                     raise
                 raise type(exc)(
-                    f"{exc.message}. The application was stopped for the restore and is left "
-                    "stopped; restore again, or start it by hand"
+                    f"{exc.message.rstrip('.')}. The application was stopped for the restore "
+                    "and is left stopped; restore again, or start it by hand"
                 ) from exc
-            if app.start_cmd and commands:
+            if commands:
                 try:
-                    _run_command(agent, ctx, app.name, "start", app.start_cmd)
+                    _run_hook(agent, ctx, app, Hook.START, image.id)
                 except TandemError as exc:
                     raise type(exc)(
-                        f"{exc.message}; image {image.id} was restored, start the application "
-                        "by hand"
+                        f"{exc.message.rstrip('.')}; image {image.id} was restored, start the "
+                        "application by hand"
                     ) from exc
     finally:
         site.sessions.close(transfer)
@@ -175,7 +165,7 @@ def run_restore(site: Site, ctx: JobContext) -> dict[str, Any]:
     downtime = None
     if image.kind is ImageKind.SYNCBACK:
         # Failback downtime: the final syncback is taken once the app stopped at the DR
-        # site; production is back when its start command has run.
+        # site; production is back when its start hook has run.
         downtime = max(0.0, (datetime.now(UTC) - image.created).total_seconds())
         failback.record_downtime(site, app=app.name, seconds=downtime)
     ctx.set_message(

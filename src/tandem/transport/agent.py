@@ -69,9 +69,11 @@ class AgentClient:
             raise RemoteError(what="host", name=self.name, detail="unexpected answer to info")
         return answer
 
-    def run(self, command: str, timeout: float = 600.0) -> dict[str, Any]:
-        """Run a shell command on the host; returns ``{returncode, stdout, stderr}``."""
-        answer = self._call("POST", "/api/v1/run", {"command": command, "timeout": timeout})
+    def run_hook(self, script: str, env: dict[str, str], timeout: float = 600.0) -> dict[str, Any]:
+        """Run the hook script named ``script`` from the agent's scripts/ folder with the
+        ``TANDEM_*`` variables ``env``; returns ``{returncode, stdout, stderr}``."""
+        body = {"script": script, "env": env, "timeout": timeout}
+        answer = self._call("POST", "/api/v1/run", body)
         if not isinstance(answer, dict) or "returncode" not in answer:
             raise RemoteError(what="host", name=self.name, detail="unexpected answer to run")
         return answer
