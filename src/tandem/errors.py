@@ -53,6 +53,11 @@ class ConfirmationRequired(TandemError):
     exit_code = 1
 
 
+class ConfirmationOutOfOrder(ConfirmationRequired):
+    """The typed confirmations answer warnings given one after the other: type {expected}.
+    Repeat the request with --confirm {example}."""
+
+
 class NotFound(TandemError):
     """{what} {name!r} does not exist. List the existing ones with `tandem {listing}`."""
 
