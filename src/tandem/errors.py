@@ -76,6 +76,13 @@ class Conflict(TandemError):
     http_status = 409
 
 
+class NotExported(TandemError):
+    """Image {image} is not presented as an NBD export. Present it first, e.g. with
+    `tandem mount {image} --host HOST --action map-only`."""
+
+    http_status = 409
+
+
 class InvalidTransition(TandemError):
     """Application {app!r} is {state}; {operation} is not allowed in that state.
     Allowed operations now: {allowed}."""
