@@ -180,6 +180,14 @@ def test_restore_needs_both_confirmations_and_the_apps_own_image(api: Api, tmp_p
         )
         assert (status, code) == (422, "ConfirmationRequired")
         assert '"DATA LOSS" and "OVERWRITE OTHER APPS"' in message
+    # the second warning is answered after the first, not before (SPEC §4.4)
+    status, code, message = error(
+        api.client.post(
+            "/api/v1/apps/web/restore", headers=h, json={"image": mine, "confirm": CONFIRM[::-1]}
+        )
+    )
+    assert (status, code) == (422, "ConfirmationOutOfOrder")
+    assert 'type "DATA LOSS", then "OVERWRITE OTHER APPS", in this order' in message
     status, _, message = error(
         api.client.post(
             "/api/v1/apps/web/restore", headers=h, json={"image": theirs, "confirm": CONFIRM}

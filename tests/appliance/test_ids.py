@@ -121,3 +121,23 @@ def test_an_unexpected_answer_is_a_clear_error_not_a_crash(api: Api) -> None:
         "{'deleted': 'web'} where a job was expected"
     )
     assert info.value.exit_code == 1
+
+
+def test_the_cli_refuses_the_restore_warnings_out_of_order(api: Api, tmp_path: Path) -> None:
+    seed_app(api.appliance)
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "a.txt").write_text("hello")
+    image = seed_image(api.appliance, "web", source)
+    site = api.appliance.site
+    cli = Cli(site.url, api.tokens["operator"], site.fingerprint)
+    reversed_ = ("--confirm", "OVERWRITE OTHER APPS", "--confirm", "DATA LOSS")
+    result = cli.run("restore", "web", "--image", image, *reversed_, check=False, json_=False)
+    assert result.code == 1 and result.stdout == ""
+    assert result.error == (
+        "error: The typed confirmations answer warnings given one after the other: type "
+        '"DATA LOSS", then "OVERWRITE OTHER APPS", in this order. Repeat the request with '
+        '--confirm "DATA LOSS" --confirm "OVERWRITE OTHER APPS".'
+    )
+    with api.appliance.catalog.read() as session:
+        assert q.list_audit(session) == [] and q.list_jobs(session) == []  # nothing sent
