@@ -189,6 +189,8 @@ def test_an_operator_shows_the_export_in_the_console(api: Api, tmp_path: Path) -
         answer = c.post("/apps/web/export", data={"csrf": csrf.group(1), "image": shown.image})
         assert answer.status_code == 200
         assert f'<span class="mono break" id="nbd-uri">{shown.uri}</span>' in answer.text
+        plain = c.post("/apps/web/export", data={"csrf": csrf.group(1), "image": shown.base})
+        assert plain.status_code == 409 and "is not presented as an NBD export" in plain.text
     with api.appliance.catalog.read() as session:
         audited = [(r.actor, r.path, r.status) for r in q.list_audit(session)]
     assert ("operator", "/apps/web/export", 200) in audited

@@ -536,15 +536,13 @@ def _make_router(site: Site, sessions: ConsoleSessions) -> APIRouter:
 
         def answer() -> HTMLResponse:
             try:
-                row = images.get_image(site, image_id=image_id)
-            except NotFound as exc:
-                return access(request, who, name, status=404, error=exc.message)
-            if row.app.name != name or not row.nbd_export:
+                uri = images.export_uri(site, image_id=image_id, app=name)
+            except TandemError as exc:
                 return access(
-                    request, who, name, selected=row.id, status=409,
-                    error=f"Image {row.id} of {name} is not presented as an NBD export.",
+                    request, who, name, selected=image_id, status=exc.http_status,
+                    error=exc.message,
                 )  # fmt: skip
-            return access(request, who, name, selected=row.id, export_uri=row.nbd_export)
+            return access(request, who, name, selected=image_id, export_uri=uri)
 
         return await run_in_threadpool(answer)
 

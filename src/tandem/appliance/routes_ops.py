@@ -27,7 +27,6 @@ from tandem.appliance.schemas import (
     VerifyOut,
 )
 from tandem.domain.jobs import JobStatus
-from tandem.errors import NotExported
 from tandem.operations import (
     capture,
     clone,
@@ -169,10 +168,7 @@ def make_router(site: Site) -> APIRouter:
     def export_image(image_id: ImageId) -> ExportOut:
         """The NBD export of a presented image: a capability (whoever holds the URI reads
         and writes the copy), so it is asked for on purpose, by an operator, and audited."""
-        row = images.get_image(site, image_id=image_id)
-        if not row.nbd_export:
-            raise NotExported(image=row.id)
-        return ExportOut(image=row.id, nbd_uri=row.nbd_export)
+        return ExportOut(image=image_id, nbd_uri=images.export_uri(site, image_id=image_id))
 
     @router.get("/images/{image_id}/verify", tags=["images"])
     async def verify_image(image_id: ImageId) -> VerifyOut:
