@@ -53,6 +53,11 @@ class ConfirmationRequired(TandemError):
     exit_code = 1
 
 
+class ConfirmationOutOfOrder(ConfirmationRequired):
+    """The typed confirmations answer warnings given one after the other: type {expected}.
+    Repeat the request with --confirm {example}."""
+
+
 class NotFound(TandemError):
     """{what} {name!r} does not exist. List the existing ones with `tandem {listing}`."""
 
@@ -67,6 +72,13 @@ class AlreadyExists(TandemError):
 
 class Conflict(TandemError):
     """{detail}"""
+
+    http_status = 409
+
+
+class NotExported(TandemError):
+    """Image {image} is not presented as an NBD export. Present it first, e.g. with
+    `tandem mount {image} --host HOST --action map-only`."""
 
     http_status = 409
 

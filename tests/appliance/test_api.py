@@ -130,7 +130,8 @@ def test_bad_input_is_4xx_naming_the_problem(api: Api) -> None:
         ),
         ("GET", "/api/v1/apps/nope", None, 404, "application 'nope' does not exist"),
         ("GET", "/api/v1/images/img_aaaaaaaaaaaa", None, 404, "image 'img_aaaaaaaaaaaa'"),
-        ("GET", "/api/v1/jobs/job_x", None, 404, "job 'job_x' does not exist"),
+        ("GET", "/api/v1/jobs/job_aaaaaaaaaaaa", None, 404, "job 'job_aaaaaaaaaaaa' does not"),
+        ("GET", "/api/v1/jobs/job_x", None, 422, "job_id: String should match pattern"),
         ("GET", "/api/v1/jobs?limit=0", None, 422, "limit"),
         ("GET", "/api/v1/jobs?status=bogus", None, 422, "status"),
         ("POST", "/api/v1/apps/nope/capture", None, 404, "application 'nope'"),
@@ -184,6 +185,14 @@ def test_restore_needs_both_confirmations_and_the_apps_own_image(api: Api, tmp_p
         )
         assert (status, code) == (422, "ConfirmationRequired")
         assert '"DATA LOSS" and "OVERWRITE OTHER APPS"' in message
+    # the second warning is answered after the first, not before (SPEC §4.4)
+    status, code, message = error(
+        api.client.post(
+            "/api/v1/apps/web/restore", headers=h, json={"image": mine, "confirm": CONFIRM[::-1]}
+        )
+    )
+    assert (status, code) == (422, "ConfirmationOutOfOrder")
+    assert 'type "DATA LOSS", then "OVERWRITE OTHER APPS", in this order' in message
     status, _, message = error(
         api.client.post(
             "/api/v1/apps/web/restore", headers=h, json={"image": theirs, "confirm": CONFIRM}

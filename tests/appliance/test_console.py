@@ -4,6 +4,7 @@ click through the pages in Chromium, are in tests/e2e/test_console_browser.py.)"
 
 from __future__ import annotations
 
+import html
 import re
 from pathlib import Path
 
@@ -92,10 +93,9 @@ def test_expired_forged_or_revoked_sessions_return_to_sign_in(api: Api) -> None:
         assert "expired" in c.get(answer.headers["location"]).text
     live = ConsoleSessions(site).sign_in(api.tokens["viewer"])
     assert live is not None
-    digest, expires, _ = live[0].split(".")
     with client_for(api) as c:
-        c.cookies.set(COOKIE, f"{digest}.{int(expires) + 10**6}.{'0' * 64}", domain="127.0.0.1")
-        assert c.get("/apps").status_code == 303  # a lengthened session is not signed
+        c.cookies.set(COOKIE, live[0][:-1] + "x", domain="127.0.0.1")
+        assert c.get("/apps").status_code == 303  # a made-up session is no session
     with client_for(api) as c:
         sign_in(c, api.tokens["viewer"])
         assert c.get("/apps").status_code == 200
@@ -103,6 +103,44 @@ def test_expired_forged_or_revoked_sessions_return_to_sign_in(api: Api) -> None:
         answer = c.get("/apps")
         assert answer.status_code == 303
         assert "deleted" in c.get(answer.headers["location"]).text
+
+
+def test_a_signed_out_session_is_refused_when_replayed(api: Api) -> None:
+    seed_app(api.appliance)
+    with client_for(api) as c:
+        sign_in(c, api.tokens["operator"])
+        page = c.get("/apps/web")
+        assert page.status_code == 200
+        cookie, csrf = c.cookies[COOKIE], csrf_of(page)
+        out = c.post("/sign-out", data={"csrf": csrf})
+        assert out.status_code == 303 and out.headers["location"] == "/sign-in"
+    with client_for(api) as thief:  # someone kept the cookie: it is dead on the server
+        thief.cookies.set(COOKIE, cookie, domain="127.0.0.1")
+        answer = thief.get("/apps/web")
+        assert answer.status_code == 303
+        assert answer.headers["location"].startswith("/sign-in?")
+        assert "Your session has ended" in thief.get(answer.headers["location"]).text
+        refused = thief.post("/apps/web/actions/capture", data={"csrf": csrf})
+        assert refused.status_code == 303
+    assert jobs(api) == []
+    with api.appliance.catalog.read() as session:
+        audited = [(r.actor, r.path, r.status) for r in q.list_audit(session)]
+    assert ("operator", "/sign-out", 303) in audited
+
+
+def test_expired_sessions_are_purged_at_sign_in(api: Api) -> None:
+    site = api.appliance.site
+
+    def stored(cookie: str) -> bool:
+        with api.appliance.catalog.read() as session:
+            return q.find_console_session(session, session_id=cookie) is not None
+
+    live = ConsoleSessions(site).sign_in(api.tokens["viewer"])
+    expired = ConsoleSessions(site, lifetime=-10).sign_in(api.tokens["viewer"])
+    assert live and expired and stored(live[0]) and stored(expired[0])
+    again = ConsoleSessions(site).sign_in(api.tokens["operator"])
+    assert again and stored(again[0]) and stored(live[0])
+    assert not stored(expired[0])  # gone at the next sign-in
 
 
 def test_app_manager_lists_apps_with_their_state_and_links(api: Api) -> None:
@@ -152,15 +190,52 @@ def test_forged_confirmations_are_refused_by_the_server(api: Api, tmp_path: Path
         csrf = csrf_of(c.get("/apps/web"))
         forged = [
             ("failover", {"host": "h1", "confirm": "failover"}, "FAILOVER"),
-            ("restore", {"image": image, "confirm": "DATA LOSS"}, "OVERWRITE OTHER APPS"),
             ("restore", {"image": image}, "DATA LOSS"),
+            ("restore", {"image": image, "confirm": "DATA LOSS", "confirm2": "x"}, "OVERWRITE"),
+            (
+                "restore",
+                {"image": image, "confirm": "OVERWRITE OTHER APPS", "confirm2": "DATA LOSS"},
+                '"DATA LOSS", then "OVERWRITE OTHER APPS", in this order',
+            ),
         ]
         for action, data, named in forged:
             answer = c.post(f"/apps/web/actions/{action}", data={"csrf": csrf, **data})
             assert answer.status_code == 422, (action, data)
-            assert named in answer.text
+            assert named in html.unescape(answer.text)
             assert 'role="alert"' in answer.text  # shown on the Access page, form kept
     assert jobs(api) == []
+
+
+def test_restore_asks_for_the_second_warning_only_after_the_first(api: Api, tmp_path: Path) -> None:
+    # SPEC §4.4: "DATA LOSS" and then "OVERWRITE OTHER APPS"; the page works without script.
+    seed_app(api.appliance)
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "a.txt").write_text("hello")
+    image = seed_image(api.appliance, "web", source)
+    with client_for(api) as c:
+        sign_in(c, api.tokens["operator"])
+        first = c.get(f"/apps/web?image={image}")
+        form = first.text[first.text.index('id="op-restore"') :].split("</form>")[0]
+        assert 'name="confirm"' in form and 'data-confirm="DATA LOSS"' in form
+        assert "confirm2" not in form and "OVERWRITE OTHER APPS" not in form
+        assert ">Continue</button>" in form
+        csrf = csrf_of(first)
+        wrong = c.post(
+            "/apps/web/actions/restore", data={"csrf": csrf, "image": image, "confirm": "data"}
+        )
+        assert wrong.status_code == 422 and 'id="rs-confirm2"' not in wrong.text
+        second = c.post(
+            "/apps/web/actions/restore",
+            data={"csrf": csrf, "image": image, "confirm": "DATA LOSS"},
+        )
+        assert second.status_code == 200
+        form = second.text[second.text.index('id="op-restore"') :].split("</form>")[0]
+        assert 'id="op-restore" open' in second.text
+        assert '<input type="hidden" name="confirm" value="DATA LOSS">' in form
+        assert 'data-confirm="OVERWRITE OTHER APPS"' in form and 'id="rs-confirm"' not in form
+        assert ">Restore to production</button>" in form
+    assert jobs(api) == []  # accepting the first warning starts nothing
 
 
 def test_access_page_shows_the_timeline_newest_first(api: Api, tmp_path: Path) -> None:

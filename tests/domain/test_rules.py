@@ -16,9 +16,10 @@ from tandem.domain.rules import (
     check_image_deletable,
     check_test_failover_target,
     check_writer_epoch,
+    confirmations_accepted,
     role_allows,
 )
-from tandem.errors import ConfirmationRequired, Conflict, InvalidInput
+from tandem.errors import ConfirmationOutOfOrder, ConfirmationRequired, Conflict, InvalidInput
 
 
 def test_confirmation_phrases() -> None:
@@ -30,8 +31,8 @@ def test_confirmation_phrases() -> None:
     "given",
     [
         ["DATA LOSS", "OVERWRITE OTHER APPS"],
-        ["OVERWRITE OTHER APPS", "DATA LOSS"],
         [" DATA LOSS ", "OVERWRITE OTHER APPS", "FAILOVER"],
+        ["OVERWRITE OTHER APPS", "DATA LOSS", "OVERWRITE OTHER APPS"],
     ],
 )
 def test_restore_confirmations_accepted(given: list[str]) -> None:
@@ -51,6 +52,21 @@ def test_restore_confirmations_refused(given: list[str]) -> None:
         '--confirm "DATA LOSS" --confirm "OVERWRITE OTHER APPS".'
     )
     assert info.value.http_status == 422
+
+
+def test_restore_confirmations_answer_the_warnings_in_their_order() -> None:
+    # SPEC §4.4: "DATA LOSS" and *then* "OVERWRITE OTHER APPS".
+    with pytest.raises(ConfirmationOutOfOrder) as info:
+        check_confirmations(["OVERWRITE OTHER APPS", "DATA LOSS"], RESTORE_CONFIRMATIONS)
+    assert str(info.value) == (
+        "The typed confirmations answer warnings given one after the other: type "
+        '"DATA LOSS", then "OVERWRITE OTHER APPS", in this order. Repeat the request with '
+        '--confirm "DATA LOSS" --confirm "OVERWRITE OTHER APPS".'
+    )
+    assert info.value.http_status == 422
+    assert confirmations_accepted([], RESTORE_CONFIRMATIONS) == 0
+    assert confirmations_accepted(["DATA LOSS"], RESTORE_CONFIRMATIONS) == 1
+    assert confirmations_accepted(["OVERWRITE OTHER APPS"], RESTORE_CONFIRMATIONS) == 0
 
 
 def test_failover_confirmation() -> None:

@@ -206,12 +206,21 @@ def test_operator_drives_the_dr_lifecycle_from_the_pages(
     prod.goto(f"{d.prod.url}/apps/shop")
     prod.locator('#timeline li[data-kind="syncback"] a').first.click()
     prod.locator("#op-restore summary").click()
+    # two warnings, one after the other (SPEC §4.4): the second only once the first is accepted
     restore = prod.locator("#op-restore form")
-    go = restore.get_by_role("button", name="Restore to production")
-    expect(go).to_be_disabled()
-    expect(prod.locator("#rs-confirm2")).to_be_disabled()  # the second phrase comes second
+    expect(prod.locator("#rs-confirm2")).to_have_count(0)
+    expect(restore).not_to_contain_text("OVERWRITE OTHER APPS")
+    go_on = restore.get_by_role("button", name="Continue")
+    expect(go_on).to_be_disabled()
+    prod.locator("#rs-confirm").fill("data loss")
+    expect(go_on).to_be_disabled()
     prod.locator("#rs-confirm").fill("DATA LOSS")
-    expect(prod.locator("#rs-confirm2")).to_be_enabled()
+    expect(go_on).to_be_enabled()
+    shot(prod, "access-restore-first")
+    go_on.click()
+    expect(prod.locator("#rs-first")).to_contain_text("First warning accepted")
+    expect(prod.locator("#rs-confirm")).to_have_count(0)
+    go = restore.get_by_role("button", name="Restore to production")
     expect(go).to_be_disabled()
     prod.locator("#rs-confirm2").fill("OVERWRITE OTHER APPS")
     expect(go).to_be_enabled()
@@ -233,11 +242,16 @@ def test_operator_drives_the_dr_lifecycle_from_the_pages(
     expect(page.locator("#app-state")).to_have_text("managed")
     expect(page.locator('#timeline li[data-kind="failover"]')).to_have_count(0)
 
-    # --- sign-out ends the session
+    # --- sign-out ends the session, on the server: its cookie replayed is refused
+    kept = context.cookies()
     page.get_by_role("button", name="Sign out").click()
     expect(page).to_have_url(f"{console}/sign-in")
     page.goto(f"{console}/monitor")
     expect(page).to_have_url(re.compile("/sign-in"))
+    context.add_cookies(kept)  # type: ignore[arg-type]
+    page.goto(f"{console}/monitor")
+    expect(page).to_have_url(re.compile("/sign-in"))
+    expect(page.get_by_role("alert")).to_contain_text("Your session has ended")
     context.close()
 
 

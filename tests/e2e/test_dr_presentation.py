@@ -44,8 +44,19 @@ def test_volume_test_failover_over_nbd(drill: Drill, tmp_path: Path) -> None:
     result = d.b("test-failover", "db", "--host", "host2")
     test_image = result["image"]
     assert test_image["kind"] == "test-failover" and test_image["parent"] == snap["id"]
-    uri = result["nbd_uri"]
-    assert uri.startswith("nbd://") and test_image["nbd_uri"] == uri
+    uri = result["nbd_uri"]  # the export, in the result of the job this token started
+    assert uri.startswith("nbd://") and result["job"]["result"]["nbd_uri"] == uri
+    # the image document holds no capability; an operator asks for it (audited)
+    assert test_image["nbd_uri"] is None and test_image["nbd_exported"] is True
+    assert d.b("image", "export", test_image["id"]) == {"image": test_image["id"], "nbd_uri": uri}
+    assert d.b.run("image", "export", test_image["id"], json_=False).stdout.strip() == uri
+    viewer = d.b("token", "add", "watcher", "--role", "viewer")["token"]
+    job = d.b("job", "show", result["job"]["id"], token=viewer)
+    assert job["result"]["nbd_uri"] is None
+    refused = d.b.run("image", "export", test_image["id"], token=viewer, check=False)
+    assert refused.code == 1 and "Use a token with the operator role" in refused.error
+    secret = uri.rsplit(".", 1)[1]
+    assert secret not in d.b.run("image", "show", test_image["id"], token=viewer).stdout
 
     # a real NBD client reads exactly the replica
     out = tmp_path / "read.raw"

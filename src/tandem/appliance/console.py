@@ -7,17 +7,23 @@ drill report (``/apps/{name}/report``), Monitor (``/monitor``) and a job's page
 
 Invariants
 - Every page but sign-in needs a console session; without a valid one a page answers
-  303 to ``/sign-in``. A session is a cookie made at sign-in from an API token: the token's
-  SHA-256 and an expiry, HMAC-signed with the appliance's console secret (a catalog setting,
-  so sessions outlive a restart). It is checked against the token table on every request:
-  deleting a token ends its sessions; an expired session returns to sign-in.
+  303 to ``/sign-in``. A session is kept on the server: the cookie is a random id made at
+  sign-in from an API token, and the catalog holds its SHA-256, its token and its expiry
+  (so sessions outlive a restart). Signing out deletes the row: the old cookie is refused
+  from then on, whoever replays it. Deleting a token deletes its sessions; an expired
+  session returns to sign-in, and expired rows are purged at each sign-in.
 - Roles are the API's: pages need ``viewer``, actions ``operator`` (``auth.needed_role`` of
   the same call under ``/api/v1``).
 - Every action is a POST carrying the session's CSRF token (an HMAC of the session); the
   cookie is HttpOnly, Secure and SameSite=Strict. Actions are audited like API calls.
 - Actions call the same operations as the API. Typed confirmations are checked by the
   operation on the server whatever the page did; the page's script only keeps the button
-  disabled until the text matches.
+  disabled until the text matches. A restore's two warnings come one after the other: the
+  form asks for ``DATA LOSS``; once the server accepted it, the page shows the second
+  warning and asks for ``OVERWRITE OTHER APPS`` (a two-step form, no script needed).
+- Capabilities are not shown: a presented image's NBD export URI (it holds the export's
+  secret) appears only after an operator asks for it with the page's "Show NBD export"
+  button, a POST (so audited); job messages and logs are shown with such secrets hidden.
 - Everything works without JavaScript (``static/console.js`` adds live progress only): a
   running job's page refreshes itself, and a job started from an app's page returns to that
   app's timeline when it succeeds (SPEC §6).
@@ -29,10 +35,9 @@ import hashlib
 import hmac
 import re
 import secrets
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -45,13 +50,19 @@ from starlette.concurrency import run_in_threadpool
 
 from tandem import __version__
 from tandem.appliance.auth import Principal
-from tandem.appliance.schemas import NAME, AppOut
+from tandem.appliance.schemas import NAME, AppOut, hide_secrets
 from tandem.catalog import queries as q
 from tandem.catalog.models import App, Image, Job
 from tandem.domain.images import WRITABLE_KINDS, ImageKind, ImageState
 from tandem.domain.jobs import ACTIVE, JobStatus
 from tandem.domain.lifecycle import AppKind, AppState, Operation, allowed_operations
-from tandem.domain.rules import FAILOVER_CONFIRMATION, RESTORE_CONFIRMATIONS, Role, role_allows
+from tandem.domain.rules import (
+    FAILOVER_CONFIRMATION,
+    RESTORE_CONFIRMATIONS,
+    Role,
+    confirmations_accepted,
+    role_allows,
+)
 from tandem.errors import NotFound, TandemError
 from tandem.operations import (
     apps,
@@ -91,7 +102,7 @@ class SignInRequired(Exception):
 
 
 class ConsoleSessions:
-    """Signs and checks console session cookies (see the module's invariants)."""
+    """Makes, checks and ends console sessions (see the module's invariants)."""
 
     def __init__(self, site: Site, lifetime: int = SESSION_SECONDS) -> None:
         self.site = site
@@ -113,28 +124,37 @@ class ConsoleSessions:
 
     def sign_in(self, token: str) -> tuple[str, Principal] | None:
         """A session cookie for ``token``, or ``None`` when the appliance does not know it."""
-        with self.site.catalog.read() as session:
+        now = datetime.now(UTC)
+        with self.site.catalog.begin() as session:
             row = q.find_token(session, token=token.strip())
-        if row is None or row.role is Role.PEER:
-            return None
-        body = f"{row.token_sha256}.{int(time.time()) + self.lifetime}"
-        return f"{body}.{self._mac(body)}", Principal(name=row.name, role=row.role)
+            if row is None or row.role is Role.PEER:
+                return None
+            q.purge_console_sessions(session, now=now)
+            cookie = secrets.token_urlsafe(32)
+            expires = now + timedelta(seconds=self.lifetime)
+            q.add_console_session(session, session_id=cookie, token=row, expires=expires)
+            return cookie, Principal(name=row.name, role=row.role)
 
     def principal(self, cookie: str | None) -> tuple[Principal | None, str | None]:
         """Who a session cookie stands for, or ``None`` and why not."""
         if not cookie:
             return None, None
-        digest, _, rest = cookie.partition(".")
-        expires, _, mac = rest.partition(".")
-        if not hmac.compare_digest(self._mac(f"{digest}.{expires}"), mac):
-            return None, "Your session is not valid here. Sign in again."
-        if not expires.isdigit() or int(expires) < time.time():
-            return None, "Your session expired. Sign in again."
         with self.site.catalog.read() as session:
-            row = q.find_token_by_digest(session, sha256=digest)
-        if row is None:
-            return None, "The token of your session was deleted. Sign in with a valid token."
-        return Principal(name=row.name, role=row.role), None
+            row = q.find_console_session(session, session_id=cookie)
+            if row is None:
+                return None, (
+                    "Your session has ended: you signed out, or its token was deleted. "
+                    "Sign in again with a valid token."
+                )
+            if row.expires <= datetime.now(UTC):
+                return None, "Your session expired. Sign in again."
+            return Principal(name=row.token.name, role=row.token.role), None
+
+    def sign_out(self, cookie: str | None) -> None:
+        """End the session ``cookie`` names: from now on it is refused."""
+        if cookie:
+            with self.site.catalog.begin() as session:
+                q.remove_console_session(session, session_id=cookie)
 
     def csrf(self, cookie: str) -> str:
         return self._mac(f"csrf:{cookie}")[:32]
@@ -257,7 +277,9 @@ def fmt_time(ts: datetime | None) -> str:
     return "—" if ts is None else ts.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-templates.env.filters.update(bytes=fmt_bytes, seconds=fmt_seconds, time=fmt_time)
+templates.env.filters.update(
+    bytes=fmt_bytes, seconds=fmt_seconds, time=fmt_time, hide_secrets=hide_secrets
+)
 templates.env.globals.update(
     version=__version__,
     progress=_progress,
@@ -391,6 +413,10 @@ def _make_router(site: Site, sessions: ConsoleSessions) -> APIRouter:
 
     @router.post("/sign-out")
     async def sign_out(request: Request) -> Response:
+        cookie = request.cookies.get(COOKIE)
+        who, _ = await run_in_threadpool(sessions.principal, cookie)
+        request.state.principal = who  # the audit trail's actor
+        await run_in_threadpool(sessions.sign_out, cookie)
         response = RedirectResponse("/sign-in", status_code=303)
         response.delete_cookie(COOKIE, path="/")
         return response
@@ -417,6 +443,7 @@ def _make_router(site: Site, sessions: ConsoleSessions) -> APIRouter:
         status: int = 200,
         form: Mapping[str, str] | None = None,
         open_action: str | None = None,
+        export_uri: str | None = None,
     ) -> HTMLResponse:
         try:
             row = apps.get_app(site, name=name)
@@ -455,6 +482,8 @@ def _make_router(site: Site, sessions: ConsoleSessions) -> APIRouter:
             form=form or {},
             open_action=open_action,
             volume=row.kind is AppKind.VOLUME,
+            export_uri=export_uri if image is not None and image.nbd_export else None,
+            restore_step=_restore_step(form or {}),
         )
 
     @router.get("/apps/{name}", response_class=HTMLResponse)
@@ -468,6 +497,11 @@ def _make_router(site: Site, sessions: ConsoleSessions) -> APIRouter:
         form = await form_of(request)
         handler = HANDLERS.get(action)
         image = _blank(form.get("image"))
+        if action == "restore" and not form.get("confirm2") and _restore_step(form) == 2:
+            # The first warning was accepted: now the second one (SPEC §4.4), no job yet.
+            return await run_in_threadpool(
+                lambda: access(request, who, name, selected=image, form=form, open_action=action)
+            )
         if handler is None:
             return access(
                 request, who, name, selected=image, status=404,
@@ -492,6 +526,25 @@ def _make_router(site: Site, sessions: ConsoleSessions) -> APIRouter:
         if job is None:  # done at once (unmount)
             return RedirectResponse(f"/apps/{quote(name)}?image={image or ''}", status_code=303)
         return RedirectResponse(f"/jobs/{job.id}?app={quote(name)}", status_code=303)
+
+    @router.post("/apps/{name}/export", response_class=HTMLResponse)
+    async def show_export(request: Request, name: str) -> Response:
+        """A presented image's NBD export, shown on purpose (a POST: audited), to operators."""
+        who = require(request, Role.OPERATOR)
+        form = await form_of(request)
+        image_id = form.get("image", "")
+
+        def answer() -> HTMLResponse:
+            try:
+                uri = images.export_uri(site, image_id=image_id, app=name)
+            except TandemError as exc:
+                return access(
+                    request, who, name, selected=image_id, status=exc.http_status,
+                    error=exc.message,
+                )  # fmt: skip
+            return access(request, who, name, selected=image_id, export_uri=uri)
+
+        return await run_in_threadpool(answer)
 
     @router.get("/apps/{name}/report", response_class=HTMLResponse)
     def drill_report(request: Request, name: str) -> Response:
@@ -555,7 +608,7 @@ def _make_router(site: Site, sessions: ConsoleSessions) -> APIRouter:
         return JSONResponse(
             {
                 "status": job.status.value,
-                "message": job.message,
+                "message": hide_secrets(job.message),
                 "progress": _progress(job),
                 "bytes_done": fmt_bytes(job.bytes_done),
                 "bytes_total": fmt_bytes(job.bytes_total),
@@ -581,6 +634,12 @@ def _local(url: str) -> str:
     if not url.startswith("/") or url.startswith("//") or "\\" in url:
         return "/apps"
     return url
+
+
+def _restore_step(form: Mapping[str, str]) -> int:
+    """Which of a restore's two warnings the form is at: 2 once ``DATA LOSS`` was typed."""
+    typed = _confirmations(form, "confirm")
+    return 2 if confirmations_accepted(typed, RESTORE_CONFIRMATIONS) >= 1 else 1
 
 
 def _app_actions(app: App, production: bool) -> list[Action]:

@@ -8,11 +8,13 @@ from fastapi import APIRouter, Query, status
 from starlette.concurrency import run_in_threadpool
 
 from tandem.appliance.auth import Caller
+from tandem.appliance.params import ImageId, JobId, Name
 from tandem.appliance.schemas import (
     NAME,
     CaptureIn,
     CloneIn,
     CommitFailbackIn,
+    ExportOut,
     FailbackIn,
     FailoverIn,
     ImageOut,
@@ -49,20 +51,20 @@ def make_router(site: Site) -> APIRouter:
     # --- operations (each starts a job) -----------------------------------------------
 
     @router.post("/apps/{name}/capture", tags=["operations"], status_code=ACCEPTED)
-    def capture_app(name: str, who: Caller, body: CaptureIn | None = None) -> JobAnswer:
+    def capture_app(name: Name, who: Caller, body: CaptureIn | None = None) -> JobAnswer:
         label = body.label if body is not None else None
         job = capture.submit_capture(site, app=name, label=label, actor=who.name)
-        return JobAnswer(job=JobOut.of(job))
+        return JobAnswer(job=JobOut.of(job, who))
 
     @router.post("/apps/{name}/restore", tags=["operations"], status_code=ACCEPTED)
-    def restore_app(name: str, body: RestoreIn, who: Caller) -> JobAnswer:
+    def restore_app(name: Name, body: RestoreIn, who: Caller) -> JobAnswer:
         job = restore.submit_restore(
             site, app=name, image=body.image, confirm=body.confirm, actor=who.name
         )
-        return JobAnswer(job=JobOut.of(job))
+        return JobAnswer(job=JobOut.of(job, who))
 
     @router.post("/apps/{name}/test-failover", tags=["operations"], status_code=ACCEPTED)
-    def test_failover_app(name: str, body: PresentIn, who: Caller) -> JobAnswer:
+    def test_failover_app(name: Name, body: PresentIn, who: Caller) -> JobAnswer:
         job = test_failover.submit_test_failover(
             site,
             app=name,
@@ -72,10 +74,10 @@ def make_router(site: Site) -> APIRouter:
             action=body.action,
             actor=who.name,
         )
-        return JobAnswer(job=JobOut.of(job))
+        return JobAnswer(job=JobOut.of(job, who))
 
     @router.post("/apps/{name}/failover", tags=["operations"], status_code=ACCEPTED)
-    def failover_app(name: str, body: FailoverIn, who: Caller) -> JobAnswer:
+    def failover_app(name: Name, body: FailoverIn, who: Caller) -> JobAnswer:
         job = failover.submit_failover(
             site,
             app=name,
@@ -87,16 +89,16 @@ def make_router(site: Site) -> APIRouter:
             label=body.label,
             actor=who.name,
         )
-        return JobAnswer(job=JobOut.of(job))
+        return JobAnswer(job=JobOut.of(job, who))
 
     @router.post("/apps/{name}/syncback", tags=["operations"], status_code=ACCEPTED)
-    def syncback_app(name: str, who: Caller, body: CaptureIn | None = None) -> JobAnswer:
+    def syncback_app(name: Name, who: Caller, body: CaptureIn | None = None) -> JobAnswer:
         label = body.label if body is not None else None
         job = syncback.submit_syncback(site, app=name, label=label, actor=who.name)
-        return JobAnswer(job=JobOut.of(job))
+        return JobAnswer(job=JobOut.of(job, who))
 
     @router.post("/apps/{name}/failback", tags=["operations"], status_code=ACCEPTED)
-    def failback_app(name: str, who: Caller, body: FailbackIn | None = None) -> JobAnswer:
+    def failback_app(name: Name, who: Caller, body: FailbackIn | None = None) -> JobAnswer:
         body = body or FailbackIn()
         if body.target:
             job = replica_failback.submit_replica_failback(
@@ -110,28 +112,28 @@ def make_router(site: Site) -> APIRouter:
             )
         else:
             job = failback.submit_failback(site, app=name, force=body.force, actor=who.name)
-        return JobAnswer(job=JobOut.of(job))
+        return JobAnswer(job=JobOut.of(job, who))
 
     @router.post("/apps/{name}/commit-failback", tags=["operations"], status_code=ACCEPTED)
-    def commit_failback(name: str, who: Caller, body: CommitFailbackIn | None = None) -> JobAnswer:
+    def commit_failback(name: Name, who: Caller, body: CommitFailbackIn | None = None) -> JobAnswer:
         force = body.force if body is not None else False
         job = replica_failback.submit_end(site, app=name, undo=False, force=force, actor=who.name)
-        return JobAnswer(job=JobOut.of(job))
+        return JobAnswer(job=JobOut.of(job, who))
 
     @router.post("/apps/{name}/undo-failback", tags=["operations"], status_code=ACCEPTED)
-    def undo_failback(name: str, who: Caller) -> JobAnswer:
+    def undo_failback(name: Name, who: Caller) -> JobAnswer:
         job = replica_failback.submit_end(site, app=name, undo=True, actor=who.name)
-        return JobAnswer(job=JobOut.of(job))
+        return JobAnswer(job=JobOut.of(job, who))
 
     @router.post("/images/{image_id}/clone", tags=["images"], status_code=ACCEPTED)
-    def clone_image(image_id: str, body: CloneIn, who: Caller) -> JobAnswer:
+    def clone_image(image_id: ImageId, body: CloneIn, who: Caller) -> JobAnswer:
         job = clone.submit_clone(
             site, image=image_id, host=body.host, path=body.path, name=body.name, actor=who.name
         )
-        return JobAnswer(job=JobOut.of(job))
+        return JobAnswer(job=JobOut.of(job, who))
 
     @router.post("/images/{image_id}/mount", tags=["images"], status_code=ACCEPTED)
-    def mount_image(image_id: str, body: MountIn, who: Caller) -> JobAnswer:
+    def mount_image(image_id: ImageId, body: MountIn, who: Caller) -> JobAnswer:
         job = mount.submit_mount(
             site,
             image=image_id,
@@ -140,30 +142,36 @@ def make_router(site: Site) -> APIRouter:
             action=body.action,
             actor=who.name,
         )
-        return JobAnswer(job=JobOut.of(job))
+        return JobAnswer(job=JobOut.of(job, who))
 
     @router.post("/images/{image_id}/unmount", tags=["images"])
-    async def unmount_image(image_id: str) -> ImageOut:
+    async def unmount_image(image_id: ImageId) -> ImageOut:
         row = await run_in_threadpool(mount.unmount, site, image=image_id)
         return ImageOut.of(row)
 
     # --- images -----------------------------------------------------------------------
 
     @router.get("/apps/{name}/images", tags=["images"])
-    def list_images(name: str) -> list[ImageOut]:
+    def list_images(name: Name) -> list[ImageOut]:
         return [ImageOut.of(row) for row in images.list_images(site, app=name)]
 
     @router.get("/images/{image_id}", tags=["images"])
-    def show_image(image_id: str) -> ImageOut:
+    def show_image(image_id: ImageId) -> ImageOut:
         return ImageOut.of(images.get_image(site, image_id=image_id))
 
     @router.delete("/images/{image_id}", tags=["images"], status_code=ACCEPTED)
-    def delete_image(image_id: str, who: Caller) -> JobAnswer:
+    def delete_image(image_id: ImageId, who: Caller) -> JobAnswer:
         job = images.submit_delete(site, image_id=image_id, actor=who.name)
-        return JobAnswer(job=JobOut.of(job))
+        return JobAnswer(job=JobOut.of(job, who))
+
+    @router.post("/images/{image_id}/export", tags=["images"])
+    def export_image(image_id: ImageId) -> ExportOut:
+        """The NBD export of a presented image: a capability (whoever holds the URI reads
+        and writes the copy), so it is asked for on purpose, by an operator, and audited."""
+        return ExportOut(image=image_id, nbd_uri=images.export_uri(site, image_id=image_id))
 
     @router.get("/images/{image_id}/verify", tags=["images"])
-    async def verify_image(image_id: str) -> VerifyOut:
+    async def verify_image(image_id: ImageId) -> VerifyOut:
         report = await run_in_threadpool(images.verify_image, site, image_id=image_id)
         return VerifyOut(**report)
 
@@ -171,23 +179,26 @@ def make_router(site: Site) -> APIRouter:
 
     @router.get("/jobs", tags=["jobs"])
     def list_jobs(
+        who: Caller,
         app: Annotated[str | None, Query(max_length=64, pattern=NAME)] = None,
         status: Annotated[list[JobStatus] | None, Query()] = None,
         limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
     ) -> list[JobOut]:
         rows = monitor.list_jobs(site, app=app, status=status, limit=limit)
-        return [JobOut.of(row) for row in rows]
+        return [JobOut.of(row, who) for row in rows]
 
     @router.get("/jobs/{job_id}", tags=["jobs"])
-    def show_job(job_id: str) -> JobOut:
-        return JobOut.of(monitor.get_job(site, job_id=job_id))
+    def show_job(job_id: JobId, who: Caller) -> JobOut:
+        return JobOut.of(monitor.get_job(site, job_id=job_id), who)
 
     @router.get("/jobs/{job_id}/log", tags=["jobs"])
-    def job_log(job_id: str) -> list[JobLogOut]:
+    def job_log(job_id: JobId) -> list[JobLogOut]:
         return [JobLogOut.of(line) for line in monitor.job_log(site, job_id=job_id)]
 
     @router.post("/jobs/{job_id}/cancel", tags=["jobs"])
-    def cancel(job_id: str, who: Caller) -> JobAnswer:
-        return JobAnswer(job=JobOut.of(monitor.cancel_job(site, job_id=job_id, actor=who.name)))
+    def cancel(job_id: JobId, who: Caller) -> JobAnswer:
+        return JobAnswer(
+            job=JobOut.of(monitor.cancel_job(site, job_id=job_id, actor=who.name), who)
+        )
 
     return router

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, status
 
 from tandem.appliance.auth import Caller
+from tandem.appliance.params import Name
 from tandem.appliance.schemas import (
     AppHooksIn,
     AppIn,
@@ -42,7 +43,7 @@ def make_router(site: Site) -> APIRouter:
         return [TokenOut.of(row) for row in tokens.list_tokens(site)]
 
     @router.delete("/tokens/{name}", tags=["tokens"])
-    def remove_token(name: str) -> Deleted:
+    def remove_token(name: Name) -> Deleted:
         tokens.remove_token(site, name=name)
         return Deleted(deleted=name)
 
@@ -60,11 +61,11 @@ def make_router(site: Site) -> APIRouter:
         return [HostOut.of(row) for row in hosts.list_hosts(site)]
 
     @router.get("/hosts/{name}", tags=["hosts"])
-    def show_host(name: str) -> HostOut:
+    def show_host(name: Name) -> HostOut:
         return HostOut.of(hosts.get_host(site, name=name))
 
     @router.delete("/hosts/{name}", tags=["hosts"])
-    def remove_host(name: str) -> Deleted:
+    def remove_host(name: Name) -> Deleted:
         hosts.remove_host(site, name=name)
         return Deleted(deleted=name)
 
@@ -85,11 +86,11 @@ def make_router(site: Site) -> APIRouter:
         return [template_out(row) for row in templates.list_templates(site)]
 
     @router.get("/templates/{name}", tags=["templates"])
-    def show_template(name: str) -> TemplateOut:
+    def show_template(name: Name) -> TemplateOut:
         return template_out(templates.get_template(site, name=name))
 
     @router.delete("/templates/{name}", tags=["templates"])
-    def remove_template(name: str) -> Deleted:
+    def remove_template(name: Name) -> Deleted:
         templates.remove_template(site, name=name)
         return Deleted(deleted=name)
 
@@ -114,29 +115,29 @@ def make_router(site: Site) -> APIRouter:
         return [AppOut.of(row, downtime=down.get(row.name)) for row in apps.list_apps(site)]
 
     @router.get("/apps/{name}", tags=["apps"])
-    def show_app(name: str) -> AppOut:
+    def show_app(name: Name) -> AppOut:
         return AppOut.of(apps.get_app(site, name=name), downtime=failback.downtimes(site).get(name))
 
     @router.patch("/apps/{name}", tags=["apps"])
-    def set_app_hooks(name: str, body: AppHooksIn, who: Caller) -> AppOut:
+    def set_app_hooks(name: Name, body: AppHooksIn, who: Caller) -> AppOut:
         row = apps.set_hooks(site, name=name, hooks=body.hooks(), role=who.role)
         return AppOut.of(row, downtime=failback.downtimes(site).get(name))
 
     @router.delete("/apps/{name}", tags=["apps"])
-    def remove_app(name: str) -> Deleted:
+    def remove_app(name: Name) -> Deleted:
         apps.remove_app(site, name=name)
         return Deleted(deleted=name)
 
     @router.post("/apps/{name}/protect", tags=["apps"])
-    def protect_app(name: str, body: ProtectIn, who: Caller) -> AppOut:
+    def protect_app(name: Name, body: ProtectIn, who: Caller) -> AppOut:
         return AppOut.of(apps.protect_app(site, name=name, template=body.template, actor=who.name))
 
     @router.post("/apps/{name}/unprotect", tags=["apps"])
-    def unprotect_app(name: str, who: Caller) -> AppOut:
+    def unprotect_app(name: Name, who: Caller) -> AppOut:
         return AppOut.of(apps.unprotect_app(site, name=name, actor=who.name))
 
     @router.get("/apps/{name}/transitions", tags=["apps"])
-    def list_transitions(name: str) -> list[TransitionOut]:
+    def list_transitions(name: Name) -> list[TransitionOut]:
         return [TransitionOut.of(row) for row in apps.list_transitions(site, name=name)]
 
     return router

@@ -8,26 +8,34 @@ Invariants
   a 422 naming the field, never a 5xx from the database.
 - Secrets never leave: a host's agent token is write-only; an API token is shown once, in
   the answer that creates it.
+- Capabilities are not data: an NBD export's URI (it holds the export's secret; whoever has
+  it reads and writes the presented copy) is never in an image document (``nbd_uri`` is
+  null there; ``nbd_exported`` says whether there is one). It is shown in the answer of the
+  audited ``POST /images/{id}/export`` (operators) and in the ``result`` of the job that
+  made it, to the token that started that job and to admins; anyone else reads null.
 - Timestamps are ISO 8601 in UTC.
 """
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from pydantic_core import PydanticCustomError
 
+from tandem.appliance.auth import Principal
 from tandem.catalog.models import App, Audit, Host, Image, Job, JobLog, Template, Token, Transition
 from tandem.domain.hooks import HOOK_NAME, MAX_HOOK_NAME, hook_name_problem, is_hook_name
+from tandem.domain.ids import NAME_PATTERN
 from tandem.domain.images import ImageKind, ImageState
 from tandem.domain.jobs import JobStatus
 from tandem.domain.lifecycle import AppKind, AppState
 from tandem.domain.paths import CanonicalPath
 from tandem.domain.rules import Role
 
-NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+NAME = NAME_PATTERN
 NO_NUL = r"^[^\x00]*$"
 HOOK_OR_EMPTY = r"^$|" + HOOK_NAME
 
@@ -170,6 +178,34 @@ def _age(ts: datetime | None, now: datetime) -> float | None:
     return None if ts is None else round(max(0.0, (now - ts).total_seconds()), 3)
 
 
+CAPABILITY_KEYS = frozenset({"nbd_uri"})
+"""Keys of a job's result that hold capabilities, not data (see the invariants)."""
+
+
+def may_see_capabilities(job: Job, who: Principal | None) -> bool:
+    """Whether ``who`` may read the capabilities in ``job``'s result: admins, and the
+    operator who started the job."""
+    if who is None or who.role is Role.VIEWER or who.role is Role.PEER:
+        return False
+    return who.role is Role.ADMIN or (job.actor is not None and job.actor == who.name)
+
+
+_NBD_SECRET = re.compile(r"(nbds?://[^\s/]+/[^\s/.]+)\.[A-Za-z0-9_-]+")
+
+
+def hide_secrets(text: str) -> str:
+    """``text`` with the secret of any NBD export URI in it blanked (messages and log lines
+    are data anyone may read; a URI an error echoed must not turn them into capabilities)."""
+    return _NBD_SECRET.sub(r"\1.(secret hidden)", text)
+
+
+def redact_capabilities(result: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``result`` with every capability replaced by null."""
+    if result is None:
+        return None
+    return {k: (None if k in CAPABILITY_KEYS else v) for k, v in result.items()}
+
+
 class JobOut(BaseModel):
     id: str
     type: str
@@ -186,15 +222,19 @@ class JobOut(BaseModel):
     actor: str | None
     cancel_requested: bool
     result: dict[str, Any] | None
+    """What the job made; capabilities in it (``nbd_uri``) only for the job's starter and
+    admins, null for anyone else."""
 
     @classmethod
-    def of(cls, job: Job) -> JobOut:
+    def of(cls, job: Job, who: Principal | None = None) -> JobOut:
+        """The document of ``job`` as ``who`` may see it (``None``: no capabilities)."""
+        result = job.result if may_see_capabilities(job, who) else redact_capabilities(job.result)
         return cls(
             id=job.id,
             type=job.type,
             app=job.app,
             status=job.status,
-            message=job.message,
+            message=hide_secrets(job.message),
             image=job.image,
             bytes_total=job.bytes_total,
             bytes_done=job.bytes_done,
@@ -204,7 +244,7 @@ class JobOut(BaseModel):
             finished=job.finished,
             actor=job.actor,
             cancel_requested=job.cancel_requested,
-            result=job.result,
+            result=result,
         )
 
 
@@ -221,7 +261,7 @@ class JobLogOut(BaseModel):
 
     @classmethod
     def of(cls, line: JobLog) -> JobLogOut:
-        return cls(ts=line.ts, level=line.level, text=line.text)
+        return cls(ts=line.ts, level=line.level, text=hide_secrets(line.text))
 
 
 class ImageOut(BaseModel):
@@ -239,7 +279,10 @@ class ImageOut(BaseModel):
     mounted_host: str | None
     mount_point: str | None
     nbd_uri: str | None
-    """For a presented volume image: the NBD export (a capability: it holds the secret)."""
+    """Null: the NBD export is a capability (it holds the secret), shown only by
+    ``POST /api/v1/images/{id}/export``."""
+    nbd_exported: bool = False
+    """Whether the image is presented as an NBD export (ask for it with ``export``)."""
 
     @classmethod
     def of(cls, image: Image) -> ImageOut:
@@ -257,8 +300,16 @@ class ImageOut(BaseModel):
             epoch=image.epoch,
             mounted_host=image.mounted_host,
             mount_point=image.mount_point,
-            nbd_uri=image.nbd_export,
+            nbd_uri=None,
+            nbd_exported=image.nbd_export is not None,
         )
+
+
+class ExportOut(BaseModel):
+    """A presented image's NBD export: a capability, shown on an audited request only."""
+
+    image: str
+    nbd_uri: str
 
 
 class VerifyOut(BaseModel):

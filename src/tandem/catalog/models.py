@@ -299,6 +299,22 @@ class Token(Base):
     created: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
+class ConsoleSession(Base):
+    """A signed-in console session: the cookie is a random id, stored only as its SHA-256.
+
+    Signing out deletes the row, so the cookie is refused from then on; deleting the token
+    deletes its sessions (foreign key, cascade); expired rows are purged at sign-in.
+    """
+
+    __tablename__ = "console_sessions"
+
+    id_sha256: Mapped[str] = mapped_column(String(HEX_DIGEST), primary_key=True)
+    token_id: Mapped[int] = mapped_column(ForeignKey("tokens.id", ondelete="CASCADE"), index=True)
+    created: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    expires: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    token: Mapped[Token] = relationship(lazy="joined")
+
+
 class Peer(Base):
     """The appliance at the other site (pinned by its certificate fingerprint)."""
 

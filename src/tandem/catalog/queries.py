@@ -27,6 +27,7 @@ from tandem.catalog.models import (
     App,
     Audit,
     Base,
+    ConsoleSession,
     Host,
     Image,
     Job,
@@ -526,6 +527,36 @@ def remove_token(session: Session, *, name: str) -> None:
     result = session.execute(delete(Token).where(Token.name == name))
     if not getattr(result, "rowcount", 0):
         raise NotFound(what="token", name=name, listing="tokens")
+
+
+# --- console sessions ----------------------------------------------------------------------
+
+
+def add_console_session(
+    session: Session, *, session_id: str, token: Token, expires: datetime
+) -> ConsoleSession:
+    """Record a signed-in console session (the id itself is never stored, its SHA-256 is)."""
+    row = ConsoleSession(id_sha256=hash_token(session_id), token_id=token.id, expires=expires)
+    session.add(row)
+    session.flush()
+    return row
+
+
+def find_console_session(session: Session, *, session_id: str) -> ConsoleSession | None:
+    """The console session a cookie names (with its token), or ``None``."""
+    return session.get(ConsoleSession, hash_token(session_id))
+
+
+def remove_console_session(session: Session, *, session_id: str) -> bool:
+    """End a console session (sign-out); whether there was one."""
+    query = delete(ConsoleSession).where(ConsoleSession.id_sha256 == hash_token(session_id))
+    return bool(getattr(session.execute(query), "rowcount", 0))
+
+
+def purge_console_sessions(session: Session, *, now: datetime) -> int:
+    """Delete the sessions that expired before ``now``; how many."""
+    query = delete(ConsoleSession).where(ConsoleSession.expires < now)
+    return int(getattr(session.execute(query), "rowcount", 0) or 0)
 
 
 # --- peers -----------------------------------------------------------------------------------

@@ -4,6 +4,10 @@ The appliance is named by ``--url``, ``--token`` and ``--fingerprint`` or the
 ``TANDEM_URL``, ``TANDEM_TOKEN`` and ``TANDEM_FINGERPRINT`` environment variables. Commands
 whose own ``--url/--token/--fingerprint`` name another daemon (``tandem host add`` names the
 agent) take the appliance as ``--appliance-url`` etc., with the same environment variables.
+
+Ids and names typed on the command line are checked against the shapes of
+``tandem.domain.ids`` before anything is sent: a value that cannot be an image id is "no such
+image", never a path to some other resource.
 """
 
 from __future__ import annotations
@@ -12,7 +16,8 @@ from typing import Annotated
 
 import typer
 
-from tandem.errors import InvalidInput
+from tandem.domain.ids import is_image_id, is_job_id, validate_name
+from tandem.errors import InvalidInput, NotFound
 from tandem.transport.client import ApiClient
 
 Url = Annotated[
@@ -62,3 +67,25 @@ def connect(url: str | None, token: str | None, fingerprint: str | None) -> ApiC
     if not token:
         raise InvalidInput(detail="no token given: pass --token or set TANDEM_TOKEN")
     return ApiClient(url, token, fingerprint, what="appliance")
+
+
+def checked_image(image: str) -> str:
+    """``image`` if it has the shape of an image id; otherwise there is no such image."""
+    if not is_image_id(image):
+        raise NotFound(what="image", name=image, listing="images APP")
+    return image
+
+
+def checked_job(job: str) -> str:
+    """``job`` if it has the shape of a job id; otherwise there is no such job."""
+    if not is_job_id(job):
+        raise NotFound(what="job", name=job, listing="jobs")
+    return job
+
+
+def checked_app(app: str) -> str:
+    """``app`` if it is a valid application name (one that can exist)."""
+    try:
+        return validate_name(app, "application name")
+    except InvalidInput:
+        raise NotFound(what="application", name=app, listing="apps") from None

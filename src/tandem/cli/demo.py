@@ -844,7 +844,7 @@ def step_test_volume(ctx: Context) -> str:
     ctx.command(dr, f"test-failover {DISK_APP} --host {dr.host}")
     job = ctx.run_job(dr, f"/api/v1/apps/{DISK_APP}/test-failover", {"host": dr.host})
     image = ctx.image(dr, _image_of(job))
-    uri = str(image.get("nbd_uri") or "")
+    uri = str((job.get("result") or {}).get("nbd_uri") or "")  # the export: the job's result
     ctx.check("test_volume_exported", uri.startswith("nbd://"), f"no NBD export: {image}")
     replica = str(image.get("parent"))
     ctx.check(
@@ -904,7 +904,7 @@ def step_failover(ctx: Context) -> str:
         {"host": dr.host, "confirm": FAILOVER_CONFIRMATION, "label": "disaster"},
     )
     disk = ctx.image(dr, _image_of(job))
-    uri = str(disk.get("nbd_uri") or "")
+    uri = str((job.get("result") or {}).get("nbd_uri") or "")  # the export: the job's result
     dr.attached.write_text(f"{uri}\n")
     ctx.say(f"volume attached to {dr.host}: its NBD export written to {ATTACHED}")
     ctx.command(

@@ -7,8 +7,19 @@ from typing import Annotated
 
 import typer
 
-from .common import Fingerprint, Json, NoWait, Token, Url, connect
-from .jobs import follow_job
+from tandem.transport.client import api_path
+
+from .common import (
+    Fingerprint,
+    Json,
+    NoWait,
+    Token,
+    Url,
+    checked_app,
+    checked_image,
+    connect,
+)
+from .jobs import follow_job, job_of
 from .output import emit_json, handle_errors, stdout
 
 AppName = Annotated[str, typer.Argument(help="The application.", metavar="APP")]
@@ -58,8 +69,8 @@ def test_failover(
         "action": action.value if action else None,
     }
     with connect(url, token, fingerprint) as client:
-        answer = client.post(f"/api/v1/apps/{app}/test-failover", body)
-        follow_job(client, answer["job"], json_=json_, no_wait=no_wait)
+        answer = client.post(api_path("/api/v1/apps", checked_app(app), "test-failover"), body)
+        follow_job(client, job_of(client, answer), json_=json_, no_wait=no_wait)
 
 
 @handle_errors
@@ -91,8 +102,8 @@ def failover(
         "label": label,
     }
     with connect(url, token, fingerprint) as client:
-        answer = client.post(f"/api/v1/apps/{app}/failover", body)
-        follow_job(client, answer["job"], json_=json_, no_wait=no_wait)
+        answer = client.post(api_path("/api/v1/apps", checked_app(app), "failover"), body)
+        follow_job(client, job_of(client, answer), json_=json_, no_wait=no_wait)
 
 
 @handle_errors
@@ -110,8 +121,8 @@ def mount(
     """Present any image to HOST as a writable virtual copy."""
     body = {"host": host, "mount_point": mount_point, "action": action.value if action else None}
     with connect(url, token, fingerprint) as client:
-        answer = client.post(f"/api/v1/images/{image}/mount", body)
-        follow_job(client, answer["job"], json_=json_, no_wait=no_wait)
+        answer = client.post(api_path("/api/v1/images", checked_image(image), "mount"), body)
+        follow_job(client, job_of(client, answer), json_=json_, no_wait=no_wait)
 
 
 @handle_errors
@@ -124,7 +135,7 @@ def unmount(
 ) -> None:
     """Take a presented image away from its host (its row stays until `image delete`)."""
     with connect(url, token, fingerprint) as client:
-        doc = client.post(f"/api/v1/images/{image}/unmount", {})
+        doc = client.post(api_path("/api/v1/images", checked_image(image), "unmount"), {})
     if json_:
         emit_json(doc)
     else:
@@ -143,8 +154,9 @@ def syncback(
 ) -> None:
     """Send what was written at the DR site home as a new syncback image (DR appliance)."""
     with connect(url, token, fingerprint) as client:
-        answer = client.post(f"/api/v1/apps/{app}/syncback", {"label": label} if label else {})
-        follow_job(client, answer["job"], json_=json_, no_wait=no_wait)
+        body = {"label": label} if label else {}
+        answer = client.post(api_path("/api/v1/apps", checked_app(app), "syncback"), body)
+        follow_job(client, job_of(client, answer), json_=json_, no_wait=no_wait)
 
 
 class Target(StrEnum):
@@ -197,8 +209,8 @@ def failback(
         "power_on": power_on,
     }
     with connect(url, token, fingerprint) as client:
-        answer = client.post(f"/api/v1/apps/{app}/failback", body)
-        follow_job(client, answer["job"], json_=json_, no_wait=no_wait)
+        answer = client.post(api_path("/api/v1/apps", checked_app(app), "failback"), body)
+        follow_job(client, job_of(client, answer), json_=json_, no_wait=no_wait)
 
 
 def _end(
@@ -212,8 +224,8 @@ def _end(
     body: dict[str, bool] | None = None,
 ) -> None:
     with connect(url, token, fingerprint) as client:
-        answer = client.post(f"/api/v1/apps/{app}/{which}", body or {})
-        follow_job(client, answer["job"], json_=json_, no_wait=no_wait)
+        answer = client.post(api_path("/api/v1/apps", checked_app(app), which), body or {})
+        follow_job(client, job_of(client, answer), json_=json_, no_wait=no_wait)
 
 
 @handle_errors
@@ -265,5 +277,5 @@ def clone(
     """A full, independent copy of IMAGE as a new application on HOST."""
     body = {"host": host, "path": path, "name": name}
     with connect(url, token, fingerprint) as client:
-        answer = client.post(f"/api/v1/images/{image}/clone", body)
-        follow_job(client, answer["job"], json_=json_, no_wait=no_wait)
+        answer = client.post(api_path("/api/v1/images", checked_image(image), "clone"), body)
+        follow_job(client, job_of(client, answer), json_=json_, no_wait=no_wait)

@@ -2,7 +2,10 @@
 
 Contract (CLI.md): a command that starts a job waits for it by default with a progress bar
 on stderr; ``--no-wait`` returns at once; the exit status is 0 only if the job succeeded;
-with ``--json`` exactly one document ``{"job": {...}[, "image": {...}]}`` goes to stdout.
+with ``--json`` exactly one document ``{"job": {...}[, "image": {...}][, "nbd_uri": …]}``
+goes to stdout. ``nbd_uri`` is the export of a presented volume, taken from the result of
+the job the caller started (the appliance shows it to that caller only, and to admins).
+An answer that is not the document a command expects is a one-line error, never a crash.
 """
 
 from __future__ import annotations
@@ -16,10 +19,10 @@ from rich import box
 from rich.live import Live
 from rich.table import Table
 
-from tandem.errors import NotFound
-from tandem.transport.client import ApiClient
+from tandem.errors import NotFound, RemoteError
+from tandem.transport.client import ApiClient, api_path
 
-from .common import Fingerprint, Json, Token, Url, connect
+from .common import Fingerprint, Json, Token, Url, checked_job, connect
 from .output import byte_progress, emit_json, fail, handle_errors, human_bytes, stderr, stdout
 
 TERMINAL = frozenset({"succeeded", "failed", "canceled"})
@@ -27,6 +30,20 @@ POLL = 0.25
 WATCH_POLL = 1.0
 
 job_app = typer.Typer(no_args_is_help=True, help="Show, follow and cancel one job.")
+
+
+def job_of(client: ApiClient, answer: Any) -> dict[str, Any]:
+    """The job an operation's answer ``{"job": {...}}`` carries; a clear error otherwise."""
+    job = answer.get("job") if isinstance(answer, dict) else None
+    if not isinstance(job, dict) or not {"id", "type", "status"} <= job.keys():
+        shown = str(answer)[:200]
+        raise RemoteError(
+            what=client.what,
+            name=client.name,
+            detail=f"it answered {shown} where a job was expected; check the id or name you "
+            "gave and that this tandem matches the appliance's version",
+        )
+    return job
 
 
 def _describe(job: dict[str, Any]) -> str:
@@ -39,9 +56,10 @@ def _finish(client: ApiClient, job: dict[str, Any], json_: bool) -> None:
     if job.get("image"):
         # The image may have gone since (a restore's source deleted meanwhile).
         with contextlib.suppress(NotFound):
-            doc["image"] = client.get(f"/api/v1/images/{job['image']}")
-            if doc["image"].get("nbd_uri"):
-                doc["nbd_uri"] = doc["image"]["nbd_uri"]  # CLI.md: a presented volume's export
+            doc["image"] = client.get(api_path("/api/v1/images", job["image"]))
+    result = job.get("result")
+    if isinstance(result, dict) and result.get("nbd_uri"):
+        doc["nbd_uri"] = result["nbd_uri"]  # CLI.md: a presented volume's export
     if json_:
         emit_json(doc)
     else:
@@ -67,7 +85,7 @@ def follow_job(client: ApiClient, job: dict[str, Any], *, json_: bool, no_wait: 
             task = progress.add_task(f"{_describe(job)} ({job['status']})", total=None)
             while job["status"] not in TERMINAL:
                 time.sleep(POLL)
-                job = client.get(f"/api/v1/jobs/{job_id}")
+                job = client.get(api_path("/api/v1/jobs", job_id))
                 total = int(job.get("bytes_total") or 0)
                 progress.update(
                     task,
@@ -159,7 +177,7 @@ def job_show(
 ) -> None:
     """A job's status, progress, timings and message."""
     with connect(url, token, fingerprint) as client:
-        job = client.get(f"/api/v1/jobs/{job_id}")
+        job = client.get(api_path("/api/v1/jobs", checked_job(job_id)))
         if json_:
             emit_json(job)
             return
@@ -195,7 +213,7 @@ def job_log(
 ) -> None:
     """A job's log lines, oldest first."""
     with connect(url, token, fingerprint) as client:
-        lines = client.get(f"/api/v1/jobs/{job_id}/log")
+        lines = client.get(api_path("/api/v1/jobs", checked_job(job_id), "log"))
         if json_:
             emit_json(lines)
             return
@@ -216,10 +234,10 @@ def job_cancel(
 ) -> None:
     """Cancel a queued job, or ask a running one to stop."""
     with connect(url, token, fingerprint) as client:
-        answer = client.post(f"/api/v1/jobs/{job_id}/cancel")
+        answer = client.post(api_path("/api/v1/jobs", checked_job(job_id), "cancel"))
+        job = job_of(client, answer)
         if json_:
             emit_json(answer)
         else:
-            job = answer["job"]
             state = "cancel requested" if job["status"] == "running" else job["status"]
             stdout.print(f"{job['id']} {_describe(job)}: {state}", highlight=False)

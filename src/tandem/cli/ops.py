@@ -8,11 +8,24 @@ import typer
 from rich import box
 from rich.table import Table
 
-from .common import Fingerprint, Json, NoWait, Token, Url, connect
-from .jobs import follow_job
+from tandem.domain.rules import RESTORE_CONFIRMATIONS, check_confirmations
+from tandem.errors import ConfirmationOutOfOrder, ConfirmationRequired, RemoteError
+from tandem.transport.client import api_path
+
+from .common import (
+    Fingerprint,
+    Json,
+    NoWait,
+    Token,
+    Url,
+    checked_app,
+    checked_image,
+    connect,
+)
+from .jobs import follow_job, job_of
 from .output import emit_json, fail, handle_errors, human_bytes, stdout
 
-image_app = typer.Typer(no_args_is_help=True, help="One image: show, verify, delete.")
+image_app = typer.Typer(no_args_is_help=True, help="One image: show, export, verify, delete.")
 
 AppName = Annotated[str, typer.Argument(help="The application.", metavar="APP")]
 ImageId = Annotated[str, typer.Argument(help="The image's id.", metavar="IMAGE")]
@@ -31,8 +44,8 @@ def capture(
     """Capture a snapshot of APP now."""
     with connect(url, token, fingerprint) as client:
         body = {"label": label} if label else {}
-        answer = client.post(f"/api/v1/apps/{app}/capture", body)
-        follow_job(client, answer["job"], json_=json_, no_wait=no_wait)
+        answer = client.post(api_path("/api/v1/apps", checked_app(app), "capture"), body)
+        follow_job(client, job_of(client, answer), json_=json_, no_wait=no_wait)
 
 
 @handle_errors
@@ -53,11 +66,19 @@ def restore(
     json_: Json = False,
 ) -> None:
     """Diff-restore an image onto the production application (stops and restarts it)."""
+    typed = list(confirm or [])
+    # The appliance checks the confirmations itself; the client only refuses an order the
+    # server would refuse too ("DATA LOSS" answers the first warning, then the second).
+    try:
+        check_confirmations(typed, RESTORE_CONFIRMATIONS)
+    except ConfirmationOutOfOrder:
+        raise
+    except ConfirmationRequired:
+        pass  # the server names what is missing
     with connect(url, token, fingerprint) as client:
-        # The appliance checks the confirmations itself; the client only passes them on.
-        body = {"image": image, "confirm": list(confirm or [])}
-        answer = client.post(f"/api/v1/apps/{app}/restore", body)
-        follow_job(client, answer["job"], json_=json_, no_wait=no_wait)
+        body = {"image": image, "confirm": typed}
+        answer = client.post(api_path("/api/v1/apps", checked_app(app), "restore"), body)
+        follow_job(client, job_of(client, answer), json_=json_, no_wait=no_wait)
 
 
 def images_table(rows: list[dict[str, Any]]) -> Table:
@@ -84,7 +105,7 @@ def images(
 ) -> None:
     """APP's images on this appliance, newest first."""
     with connect(url, token, fingerprint) as client:
-        rows = client.get(f"/api/v1/apps/{app}/images")
+        rows = client.get(api_path("/api/v1/apps", checked_app(app), "images"))
     if json_:
         emit_json(rows)
     else:
@@ -102,13 +123,36 @@ def image_show(
 ) -> None:
     """One image."""
     with connect(url, token, fingerprint) as client:
-        doc = client.get(f"/api/v1/images/{image}")
+        doc = client.get(api_path("/api/v1/images", checked_image(image)))
     if json_:
         emit_json(doc)
         return
     for key in ("id", "app", "kind", "created", "label", "size", "state", "manifest", "parent"):
         value = doc.get(key)
         stdout.print(f"{key:9} {'' if value is None else value}", highlight=False)
+
+
+@image_app.command("export")
+@handle_errors
+def image_export(
+    image: ImageId,
+    url: Url = None,
+    token: Token = None,
+    fingerprint: Fingerprint = None,
+    json_: Json = False,
+) -> None:
+    """The NBD export (URI with its secret) of a presented image (operator; audited)."""
+    with connect(url, token, fingerprint) as client:
+        doc = client.post(api_path("/api/v1/images", checked_image(image), "export"))
+    uri = doc.get("nbd_uri") if isinstance(doc, dict) else None
+    if not isinstance(uri, str):
+        raise RemoteError(
+            what=client.what, name=client.name, detail=f"it answered {str(doc)[:200]}"
+        )
+    if json_:
+        emit_json(doc)
+    else:
+        stdout.print(uri, highlight=False, soft_wrap=True)
 
 
 @image_app.command("verify")
@@ -122,7 +166,7 @@ def image_verify(
 ) -> None:
     """Read and check every chunk of an image; exit 1 if any is missing or corrupt."""
     with connect(url, token, fingerprint) as client:
-        report = client.get(f"/api/v1/images/{image}/verify")
+        report = client.get(api_path("/api/v1/images", checked_image(image), "verify"))
     if json_:
         emit_json(report)
     else:
@@ -150,8 +194,8 @@ def image_delete(
 ) -> None:
     """Delete an image (a job: the pool's unreferenced chunks are collected too)."""
     with connect(url, token, fingerprint) as client:
-        answer = client.delete(f"/api/v1/images/{image}")
-        follow_job(client, answer["job"], json_=json_, no_wait=no_wait)
+        answer = client.delete(api_path("/api/v1/images", checked_image(image)))
+        follow_job(client, job_of(client, answer), json_=json_, no_wait=no_wait)
 
 
 @handle_errors

@@ -6,6 +6,9 @@ Invariants
   enough for one catalog (a collision is also caught by the primary key).
 - A name (app, host, template, peer, token) is 1-64 characters of ``[A-Za-z0-9._-]``
   starting with a letter or digit, so it is safe in URLs, paths and shell commands.
+- The patterns below are the one statement of these shapes: the API declares its path
+  parameters with them (a ``../apps/x`` never reaches a route) and the CLI checks ids and
+  names with them before it sends anything.
 """
 
 from __future__ import annotations
@@ -21,7 +24,11 @@ IMAGE_PREFIX = "img"
 JOB_PREFIX = "job"
 APP_PREFIX = "app"
 
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+IMAGE_ID_PATTERN = rf"^{IMAGE_PREFIX}_[a-z2-7]{{{ID_LENGTH}}}$"
+JOB_ID_PATTERN = rf"^{JOB_PREFIX}_[a-z2-7]{{{ID_LENGTH}}}$"
+
+_NAME_RE = re.compile(NAME_PATTERN)
 _ID_RE = re.compile(rf"[a-z]+_[a-z2-7]{{{ID_LENGTH}}}")
 
 
@@ -48,6 +55,16 @@ def is_id(value: str, prefix: str | None = None) -> bool:
     if not _ID_RE.fullmatch(value):
         return False
     return prefix is None or value.startswith(prefix + "_")
+
+
+def is_image_id(value: str) -> bool:
+    """Whether ``value`` has the shape of an image id (``img_`` and 12 base32 characters)."""
+    return re.fullmatch(IMAGE_ID_PATTERN, value) is not None
+
+
+def is_job_id(value: str) -> bool:
+    """Whether ``value`` has the shape of a job id (``job_`` and 12 base32 characters)."""
+    return re.fullmatch(JOB_ID_PATTERN, value) is not None
 
 
 def validate_name(name: str, what: str = "name") -> str:

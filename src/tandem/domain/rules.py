@@ -9,7 +9,8 @@ Rules
   host at a time (SPEC §2: "an image can go to host A or host B, not both").
 - A VM is never failed over (test or real) onto the VM it came from (SPEC §2).
 - Destructive operations carry their typed confirmations: ``FAILOVER`` for failover,
-  ``DATA LOSS`` and ``OVERWRITE OTHER APPS`` for restore (SPEC §3, §4.4).
+  ``DATA LOSS`` and then ``OVERWRITE OTHER APPS`` for restore (SPEC §3, §4.4). Several
+  phrases answer warnings shown one after the other, so they are checked in that order.
 - The image an app runs on while failed over, and the protective snapshot of a pending
   replica-style failback, cannot be deleted (they hold the only copy of DR-side writes /
   the only way back).
@@ -25,7 +26,7 @@ from enum import StrEnum
 
 from tandem.domain.images import ImageKind
 from tandem.domain.lifecycle import AppState
-from tandem.errors import ConfirmationRequired, Conflict, InvalidInput
+from tandem.errors import ConfirmationOutOfOrder, ConfirmationRequired, Conflict, InvalidInput
 
 FAILOVER_CONFIRMATION = "FAILOVER"
 RESTORE_CONFIRMATIONS: tuple[str, ...] = ("DATA LOSS", "OVERWRITE OTHER APPS")
@@ -54,17 +55,35 @@ def role_allows(role: Role, needed: Role) -> bool:
     return _ROLE_RANK[role] >= _ROLE_RANK[needed]
 
 
+def confirmations_accepted(given: Sequence[str], required: Sequence[str]) -> int:
+    """How many of the ``required`` phrases, from the first, were typed in their order.
+
+    (The console shows the next warning once this many were accepted.)
+    """
+    typed = [phrase.strip() for phrase in given]
+    position = -1
+    for count, phrase in enumerate(required):
+        if phrase not in typed[position + 1 :]:
+            return count
+        position = typed.index(phrase, position + 1)
+    return len(required)
+
+
 def check_confirmations(given: Sequence[str], required: Sequence[str]) -> None:
-    """Raise ``ConfirmationRequired`` unless every required phrase was typed exactly.
+    """Raise ``ConfirmationRequired`` unless every required phrase was typed exactly, in
+    the order of ``required`` (``ConfirmationOutOfOrder`` when all are there but not so).
 
     Surrounding blanks are ignored; case is not (the phrases are typed in capitals on
-    purpose). Order does not matter and extra phrases are ignored.
+    purpose). Extra phrases are ignored.
     """
+    if confirmations_accepted(given, required) == len(required):
+        return
+    example = " --confirm ".join(f'"{phrase}"' for phrase in required)
     typed = {phrase.strip() for phrase in given}
     if all(phrase in typed for phrase in required):
-        return
+        ordered = ", then ".join(f'"{phrase}"' for phrase in required)
+        raise ConfirmationOutOfOrder(expected=f"{ordered}, in this order", example=example)
     expected = " and ".join(f'"{phrase}"' for phrase in required)
-    example = " --confirm ".join(f'"{phrase}"' for phrase in required)
     raise ConfirmationRequired(expected=expected, example=example)
 
 

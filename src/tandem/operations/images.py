@@ -21,7 +21,7 @@ from tandem.catalog.models import Image, Job
 from tandem.domain.images import ImageKind, ImageState
 from tandem.domain.lifecycle import Operation, check_transition
 from tandem.domain.rules import check_image_deletable
-from tandem.errors import ChunkCorrupt, ChunkMissing, Conflict, StorageError
+from tandem.errors import ChunkCorrupt, ChunkMissing, Conflict, NotExported, StorageError
 from tandem.jobs.queue import submit_job
 from tandem.jobs.runner import JobContext
 from tandem.operations.site import Site
@@ -34,6 +34,15 @@ DELETE_TYPE = "delete-image"
 def get_image(site: Site, *, image_id: str) -> Image:
     with site.catalog.read() as session:
         return q.get_image(session, image_id=image_id)
+
+
+def export_uri(site: Site, *, image_id: str, app: str | None = None) -> str:
+    """The NBD export URI of a presented image (of ``app``, if given). It is a capability:
+    callers show it only to whoever asked for it on purpose (see appliance.schemas)."""
+    row = get_image(site, image_id=image_id)
+    if not row.nbd_export or (app is not None and row.app.name != app):
+        raise NotExported(image=row.id)
+    return row.nbd_export
 
 
 def list_images(site: Site, *, app: str) -> list[Image]:

@@ -3,6 +3,11 @@
 Every API answers errors as ``{"error": CODE, "message": TEXT}`` where CODE is the name of a
 class in ``tandem.errors``; the client raises that same class with the server's message, so
 a CLI user sees exactly what the server said and the right exit code.
+
+Paths are built with ``api_path``, which quotes every segment: an id or name typed by a user
+is one segment whatever it holds (``../apps/x`` stays inside the segment it was given for).
+The client refuses to send a path with a ``.`` or ``..`` segment, which HTTP clients would
+otherwise resolve into another resource.
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import httpx
 
@@ -33,6 +38,33 @@ def error_from_response(status: int, body: bytes, what: str, name: str) -> Tande
     if isinstance(cls, type) and issubclass(cls, TandemError):
         return cls(str(message))
     return RemoteError(what=what, name=name, detail=str(message))
+
+
+def quote_segment(value: str) -> str:
+    """``value`` as one path segment: every reserved character escaped, dots included
+    when the whole segment is dots (``..`` would otherwise be resolved away)."""
+    text = quote(str(value), safe="")
+    if text.strip(".") == "":
+        text = text.replace(".", "%2E")
+    return text
+
+
+def api_path(prefix: str, *segments: str) -> str:
+    """``prefix`` (a literal path such as ``/api/v1/images``) followed by ``segments``,
+    each quoted as one segment: ``api_path("/api/v1/images", image_id, "verify")``."""
+    return "/".join([prefix.rstrip("/"), *(quote_segment(s) for s in segments)])
+
+
+def check_path(path: str) -> str:
+    """Return ``path`` unless it holds a ``.`` or ``..`` segment (which would name another
+    resource than the one it was written for)."""
+    segments = path.split("?", 1)[0].split("#", 1)[0].split("/")
+    if any(s in (".", "..") for s in segments):
+        raise errors.InvalidInput(
+            detail=f"{path!r} is not a path this client sends: an id or name holds '.' or "
+            "'..' segments; give the id exactly as `tandem` listed it"
+        )
+    return path
 
 
 def check_url(url: str) -> str:
@@ -112,7 +144,7 @@ class ApiClient:
         try:
             resp = self._http.request(
                 method,
-                path,
+                check_path(path),
                 json=json_body,
                 content=content,
                 params={k: v for k, v in (params or {}).items() if v is not None},
@@ -140,7 +172,7 @@ class ApiClient:
         """POST and read the answer as newline-delimited JSON events, as they arrive."""
         try:
             with self._http.stream(
-                "POST", path, json=body, timeout=httpx.Timeout(30.0, read=None)
+                "POST", check_path(path), json=body, timeout=httpx.Timeout(30.0, read=None)
             ) as resp:
                 if resp.status_code >= 400:
                     raise error_from_response(resp.status_code, resp.read(), self.what, self.name)
