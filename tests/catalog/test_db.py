@@ -44,7 +44,7 @@ def test_opening_again_is_idempotent_and_keeps_data(catalog_url: str) -> None:
         q.add_template(session, name="t1")
     with open_catalog(catalog_url) as second, second.read() as session:
         assert [t.name for t in q.list_templates(session)] == ["t1"]
-        assert session.scalar(text("SELECT version_num FROM alembic_version")) == "0001"
+        assert session.scalar(text("SELECT version_num FROM alembic_version")) == "0002"
 
 
 def test_downgrade_and_upgrade_again(catalog: Catalog) -> None:

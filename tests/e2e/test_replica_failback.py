@@ -32,6 +32,11 @@ def setup_app(d: Drill, name: str, tmp_path: Path) -> tuple[Path, Path]:
     d.a("app", "protect", name, "--template", "mirrored")
     snap = d.a("capture", name)["image"]
     wait_for(lambda: any(i["id"] == snap["id"] for i in d.b("images", name)), 60, "replica")
+    # The DR site's record holds no command of production's: its own operators set its own.
+    mirror = d.b("app", "show", name)
+    assert mirror["start"] is None and mirror["stop"] is None and mirror["origin"] == "prod"
+    d.b("app", "set", name, "--stop", f"echo dr-stop >> {events}")
+    d.b("app", "set", name, "--start", f"echo dr-start >> {events}")
     return data, events
 
 
@@ -54,7 +59,7 @@ def test_failback_to_the_original_then_commit(drill: Drill, tmp_path: Path) -> N
     assert done["job"]["result"]["downtime_seconds"] > 0
     assert tree_digests(data) == tree_digests(dr_copy)  # every DR write is at production
     # start at DR (failover), stop production, stop the DR copy, start production
-    assert events.read_text().split() == ["start", "stop", "stop", "start"]
+    assert events.read_text().split() == ["dr-start", "stop", "dr-stop", "start"]
     assert state(d.b, "erp") == "failback-pending"
     kinds = [i["kind"] for i in d.b("images", "erp")]
     assert "protective" in kinds

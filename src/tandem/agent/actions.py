@@ -434,3 +434,33 @@ def run_command(req: RunRequest) -> dict[str, Any]:
             return str(fh.read().decode(errors="replace"))[-OUTPUT_TAIL:]
 
         return {"returncode": proc.returncode, "stdout": tail(out), "stderr": tail(err)}
+
+
+class StatRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(min_length=2, max_length=4096, pattern=r"^/[^\x00]*$")
+
+
+def stat_target(req: StatRequest) -> dict[str, Any]:
+    """What a restore target holds: missing, an empty folder or volume file, or data (a
+    failback that writes a *new* app checks this before anything changes)."""
+    path = Path(req.path)
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return {"exists": False, "type": None, "empty": True}
+    except OSError as exc:
+        raise SourceUnreadable(path=req.path, reason=exc.strerror or str(exc)) from exc
+    if path.is_symlink():
+        return {"exists": True, "type": "symlink", "empty": False}
+    if path.is_dir():
+        try:
+            with os.scandir(path) as entries:
+                empty = next(entries, None) is None
+        except OSError as exc:
+            raise SourceUnreadable(path=req.path, reason=exc.strerror or str(exc)) from exc
+        return {"exists": True, "type": "dir", "empty": empty}
+    if path.is_file():
+        return {"exists": True, "type": "file", "empty": st.st_size == 0}
+    return {"exists": True, "type": "other", "empty": False}

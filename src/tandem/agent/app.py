@@ -142,6 +142,10 @@ def create_app(cfg: DaemonConfig, directory: Path | None = None) -> FastAPI:
     def run(req: actions.RunRequest) -> dict[str, Any]:
         return actions.run_command(req)
 
+    @app.post("/api/v1/stat", dependencies=[Depends(auth)])
+    def stat(req: actions.StatRequest) -> dict[str, Any]:
+        return actions.stat_target(req)
+
     return app
 
 

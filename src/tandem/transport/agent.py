@@ -76,6 +76,13 @@ class AgentClient:
             raise RemoteError(what="host", name=self.name, detail="unexpected answer to run")
         return answer
 
+    def stat(self, path: str) -> dict[str, Any]:
+        """What ``path`` holds on the host: ``{exists, type, empty}``."""
+        answer = self._call("POST", "/api/v1/stat", {"path": path})
+        if not isinstance(answer, dict) or "empty" not in answer:
+            raise RemoteError(what="host", name=self.name, detail="unexpected answer to stat")
+        return answer
+
     def _events(self, path: str, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
         try:
             for event in self._api.stream(path, body):
