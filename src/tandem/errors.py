@@ -108,10 +108,10 @@ class PeerRefused(TandemError):
 
 
 class TargetNotRegistered(TandemError):
-    """No application of kind {kind} is registered here at host {host!r}, path {path!r}:
-    the other site cannot name a place to write, only this site's operators can. Register
-    the location here first (`tandem app add NAME --host {host} --path {path} --kind {kind}`
-    on appliance {site}), then fail back again."""
+    """No application of kind {kind} is registered at appliance {site} at host {host!r},
+    path {path!r}: the other site cannot name a place to write, only {site}'s operators can.
+    Register the location on {site} first (`tandem app add NAME --host {host} --path {path}
+    --kind {kind}`), then fail back again."""
 
     http_status = 409
 

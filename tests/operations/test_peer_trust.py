@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,8 +25,8 @@ from tandem.catalog.models import Job
 from tandem.domain.images import ImageKind
 from tandem.domain.jobs import JobStatus
 from tandem.domain.lifecycle import AppKind, AppState
-from tandem.errors import Conflict, InvalidInput, TargetNotRegistered
-from tandem.operations import apps, failover, replica_failback
+from tandem.errors import Conflict, InvalidInput, TargetNotRegistered, TransitionRefused
+from tandem.operations import apps, failover, replica_failback, replicate
 from tandem.operations.present import export_name, restore_exports
 from tandem.transport.peer import Opened
 from tests.appliance.live import free_port
@@ -186,7 +187,7 @@ def test_a_new_target_takes_the_identity_undo_reverts_it_commit_merges(sites: Tw
 
 
 def test_production_knows_the_app_is_failed_over_and_stops_mirroring_it(
-    sites: TwoSites,
+    sites: TwoSites, caplog: pytest.LogCaptureFixture
 ) -> None:
     _protect(sites, "told")
     _protect(sites, "untold")
@@ -203,9 +204,13 @@ def test_production_knows_the_app_is_failed_over_and_stops_mirroring_it(
     assert apps.get_app(sites.prod.site, name="untold").peer_active  # ... and learnt
     for name in ("told", "untold"):
         assert _capture(sites, name) is None  # no replication queued
-    # nor does the scheduler queue one (it used to, every 30 s, each failing)
+    with pytest.raises(TransitionRefused, match="failed over at dr"):
+        replicate.submit_replicate(sites.prod.site, app="told", actor="t")
+    # nor does the scheduler queue one, or even try (it used to, every 30 s, each failing)
     scheduler = Scheduler(sites.prod.site)
-    scheduler.run_due(now=1e12)
+    with caplog.at_level(logging.INFO, logger="tandem.appliance.scheduler"):
+        scheduler.run_due(now=1e12)
+    assert "replication" not in caplog.text
     with sites.prod.catalog.read() as session:
         open_jobs = [
             j
