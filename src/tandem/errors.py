@@ -95,8 +95,8 @@ class Forbidden(TandemError):
 
 class MirrorRecord(TandemError):
     """Application {app!r} here is a mirror of {origin!r}'s app: its host and path are
-    production's, named by the other site, and this appliance never acts on them, so it
-    cannot {action} it here. {fix}"""
+    production's, named by the other site, and this appliance never acts on them ({action}
+    refused). {fix}"""
 
     http_status = 409
 

@@ -872,6 +872,14 @@ def step_disaster(ctx: Context) -> str:
 def step_failover(ctx: Context) -> str:
     dr = ctx.dr
     mount = dr.paths.data
+    # The DR site never takes production's commands with a replica: its own operators give
+    # the mirrored app the commands that start and stop it on the DR site's hosts.
+    ctx.command(dr, f"app set {FILES_APP} --start '…sampleapp start …' --stop '…sampleapp stop …'")
+    dr.api.request(
+        "PATCH",
+        f"/api/v1/apps/{FILES_APP}",
+        json_body={"start": ctx.start_cmd, "stop": ctx.stop_cmd},
+    )
     # The app the failover's start command launches comes up held: the copy is compared
     # before it writes (then released). The timing stops when it is up.
     sampleapp.hold(dr.paths, wait=False)

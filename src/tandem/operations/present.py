@@ -66,7 +66,7 @@ def check_action(app: App, action: str | None, mount_point: str | None) -> str:
     if action == "specify" and not (mount_point and mount_point.startswith("/")):
         raise InvalidInput(detail="--action specify needs --mount-point with a full path")
     if action == "keep-source-path":
-        check_own_location(app, "present at its production path")
+        check_own_location(app, "a copy at its production path")
     if action == "map-only" and app.kind is not AppKind.VOLUME:
         raise InvalidInput(
             detail="map-only presents a volume without mounting a file system; "
