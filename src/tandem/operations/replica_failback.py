@@ -334,7 +334,8 @@ def run_commit(site: Site, ctx: JobContext) -> dict[str, Any]:
         where = peer.name if peer is not None else "production"
         ctx.set_message(
             f"{ctx.message or name + ' committed'}. {name} is stopped at {where}: the "
-            "failback ran without --power-on; start it there (its start command on its host)"
+            f"failback ran without --power-on; start it there by running its start command "
+            f"on its host (`tandem app show {name}` on {where} shows both)"
         )
     return result
 
