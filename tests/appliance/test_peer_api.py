@@ -238,3 +238,22 @@ def test_an_app_of_this_site_is_never_altered_by_the_peer(api: Api, peer: dict[s
     r = api.client.post("/api/v1/peer/apps/www/failed-over", headers=peer, json={"epoch": 1})
     assert r.status_code == 409, r.text
     assert not _app(api, "www").peer_active
+
+
+def test_a_failback_is_not_agreed_again_while_one_of_its_steps_runs(
+    api: Api, peer: dict[str, str]
+) -> None:
+    """Agreeing again resets the app's identity: never under a restore that is applying."""
+    from tandem.jobs.queue import submit_job
+
+    seed_app(api.appliance, "www")
+    with api.appliance.catalog.begin() as session:
+        q.get_app(session, name="www").peer_active = True
+        submit_job(session, type="restore", app="www", lifecycle=True, actor="peer-prod")
+    r = api.client.post(
+        "/api/v1/peer/apps/www/failback-check",
+        headers=peer,
+        json={"target": "original", "epoch": 2},
+    )
+    assert r.status_code == 409, r.text
+    assert "its restore job" in r.json()["message"] and "is queued here" in r.json()["message"]

@@ -130,10 +130,16 @@ def submit_replica_failback(
     with site.catalog.read() as session:
         row = q.get_app(session, name=app)
         replicas = len(q.list_images(session, app=app, kind=ImageKind.REPLICA))
+        busy = _lifecycle_job(session, app)
     check_transition(
         row.name, row.state, Operation.FAILBACK_REPLICA, AppFacts(replica_images=replicas)
     )
     failover_image(site, app)
+    if busy is not None:  # (asking production to agree again would reset a running one)
+        raise Conflict(
+            detail=f"application {app!r} has the {busy.type} job {busy.id} "
+            f"{busy.status.value}; wait for it to end (`tandem job show {busy.id}`) or cancel it"
+        )
     # A wrong target is refused now, before the job stops anything at production.
     _agree(site, row, chosen, host, path)
     with site.catalog.begin() as session:
@@ -151,6 +157,13 @@ def submit_replica_failback(
         )
     site.wake()
     return job
+
+
+def _lifecycle_job(session: Any, app: str) -> Job | None:
+    for job in q.list_jobs(session, app=app, limit=50):
+        if job.lifecycle and job.status in (JobStatus.QUEUED, JobStatus.RUNNING):
+            return job
+    return None
 
 
 def _production_command(site: Site, app: str, which: Literal["stop", "start"]) -> CommandRan:
@@ -519,6 +532,15 @@ def production_failback_check(
         if row.origin is None and not row.peer_active and body.epoch > row.writer_epoch:
             row.peer_active = True  # a newer writer epoch: the app failed over at the peer
         row = _own_app_failed_over_at(session, peer=peer, app=app, action=action)
+        busy = _lifecycle_job(session, app)
+        if busy is not None and busy.type == "restore":  # an apply under way: let it end
+            raise PeerRefused(
+                peer=peer,
+                action=action,
+                app=app,
+                reason=f"its {busy.type} job {busy.id} is {busy.status.value} here",
+                fix="Run the failback again once that job has ended",
+            )
         previous = peers.agreement(session, app_id=row.id)
         if previous is not None:  # a failback run again: start from the app's own identity
             _revert_identity(row, previous)
