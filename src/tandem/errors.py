@@ -105,6 +105,29 @@ class Forbidden(TandemError):
     http_status = 403
 
 
+class MirrorRecord(TandemError):
+    """Application {app!r} here is a mirror of {origin!r}'s app: its host and path are
+    production's, named by the other site, and this appliance never acts on them ({action}
+    refused). {fix}"""
+
+    http_status = 409
+
+
+class PeerRefused(TandemError):
+    """The peer {peer!r} may not {action} application {app!r} now: {reason}. {fix}"""
+
+    http_status = 409
+
+
+class TargetNotRegistered(TandemError):
+    """No application of kind {kind} is registered at appliance {site} at host {host!r},
+    path {path!r}: the other site cannot name a place to write, only {site}'s operators can.
+    Register the location on {site} first (`tandem app add NAME --host {host} --path {path}
+    --kind {kind}`), then fail back again."""
+
+    http_status = 409
+
+
 class CertificateMismatch(TandemError):
     """The certificate of {url} has fingerprint {actual}, not the pinned {expected}.
     If the peer was re-initialised on purpose, pair again with its new fingerprint."""
@@ -187,8 +210,9 @@ class TargetInvalid(StorageError):
 
 
 class CopyFrozen(StorageError):
-    """{what} takes no writes now: a failback is checking that it is unchanged, or
-    discarding it. Write to the application where it runs once the failback job has ended."""
+    """{what} takes no writes now: a failback is checking that it is unchanged, is
+    discarding it, or waits for its commit or undo. Write to the application where it runs
+    (production, or here again once the failback is undone)."""
 
     http_status = 409
 

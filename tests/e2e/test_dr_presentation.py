@@ -152,19 +152,14 @@ def test_failover_needs_its_confirmation_and_fences_production(
     app_b = next(a for a in d.b("apps") if a["name"] == "svc")
     assert app_b["state"] == "failed-over" and app_b["epoch"] >= 2
 
-    # production may no longer feed replication: its next replication is refused by epoch
+    # production was told: it no longer feeds replication, and says why
+    app_a = next(a for a in d.a("apps") if a["name"] == "svc")
+    assert app_a["peer_active"] and app_a["state"] == "managed"
     (data / "state.txt").write_text("v2 written at production after the failover\n")
-    d.a("capture", "svc")
-    jobs = wait_for(
-        lambda: [
-            j
-            for j in d.a("jobs", "--app", "svc")
-            if j["type"] == "replicate" and j["status"] == "failed"
-        ],
-        60,
-        "the refused replication",
-    )
-    assert "epoch" in jobs[0]["message"]
+    captured = d.a("capture", "svc")
+    assert captured["job"]["result"]["mirror_job"] is None
+    refused = d.a.run("replicate", "svc", check=False)
+    assert refused.code == 1 and "failed over at dr" in refused.error, refused.error
     assert (target / "state.txt").read_text() == "v1\n"  # the DR copy is untouched
 
 

@@ -33,6 +33,9 @@ def setup_app(d: Drill, name: str, tmp_path: Path) -> tuple[Path, Path]:
     d.a("app", "protect", name, "--template", "mirrored")
     snap = d.a("capture", name)["image"]
     wait_for(lambda: any(i["id"] == snap["id"] for i in d.b("images", name)), 60, "replica")
+    # The DR site's record holds no hook of production's: its own operators set its own.
+    mirror = d.b("app", "show", name)
+    assert mirror["start"] is None and mirror["stop"] is None and mirror["origin"] == "prod"
     d.b("app", "set", name, *hooks)
     return data, events
 
@@ -104,3 +107,49 @@ def test_undo_returns_to_the_dr_copy_as_it_was(drill: Drill, tmp_path: Path) -> 
     assert tree_digests(dr_copy) == before_undo  # exactly the protective snapshot
     again = d.b.run("undo-failback", "crm", check=False)
     assert again.code == 1 and "failed-over" in again.error  # nothing pending any more
+
+
+def test_a_target_production_did_not_register_is_refused_before_anything_changes(
+    drill: Drill, tmp_path: Path
+) -> None:
+    """Reproduction: `failback --target new --host H --path DIR` deleted what DIR held, and a
+    wrong --host was found only after production's app was stopped and a syncback sent."""
+    d = drill
+    data, events = setup_app(d, "hr", tmp_path)
+    dr_copy = tmp_path / "dr-hr"
+    d.b("failover", "hr", "--host", "host2", "--confirm", "FAILOVER", "--mount-point", str(dr_copy))
+    (dr_copy / "db" / "rows.txt").write_text("row 1\nwritten at DR\n")
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "keep.txt").write_text("not the app's\n")
+    before = events.read_text()
+
+    for host in ("host1", "nohost"):
+        refused = d.b.run(
+            "failback",
+            "hr",
+            "--target",
+            "new",
+            "--host",
+            host,
+            "--path",
+            str(precious),
+            check=False,
+        )
+        assert refused.code == 1, refused.error
+        assert "tandem app add NAME --host" in refused.error and "prod" in refused.error
+        assert "Traceback" not in refused.error
+    assert (precious / "keep.txt").read_text() == "not the app's\n"
+    assert events.read_text() == before  # production's app was not stopped
+    assert [i for i in d.a("images", "hr") if i["kind"] == "syncback"] == []
+    assert state(d.b, "hr") == "failed-over"
+
+    # production's operators register the new location: then it is the target
+    target = tmp_path / "hr-new"
+    d.a("app", "add", "hr-new", "--host", "host1", "--kind", "filesystem", "--path", str(target))
+    done = d.b("failback", "hr", "--target", "new", "--host", "host1", "--path", str(target))
+    assert done["job"]["status"] == "succeeded", done["job"]
+    assert tree_digests(target) == tree_digests(dr_copy)
+    assert (data / "db" / "rows.txt").read_text() == "row 1\n"
+    at_prod = next(a for a in d.a("apps") if a["name"] == "hr")
+    assert at_prod["path"] == str(target) and at_prod["peer_active"]

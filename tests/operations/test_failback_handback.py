@@ -23,10 +23,13 @@ def sites(tmp_path: Path) -> Iterator[TwoSites]:
         yield built
 
 
-def _capture(sites: TwoSites, app: str) -> JobStatus:
-    """Capture at production; returns how its replication to the DR site ended."""
+def _capture(sites: TwoSites, app: str) -> JobStatus | None:
+    """Capture at production; returns how its replication to the DR site ended (None: none
+    was queued, production knows the app is failed over at the DR site)."""
     done = sites.run(sites.prod, capture.submit_capture(sites.prod.site, app=app, actor="t"))
     assert done.status is JobStatus.SUCCEEDED, done.message
+    if done.result["mirror_job"] is None:
+        return None
     mirror = sites.prod.runner.wait(done.result["mirror_job"], timeout=60)
     return mirror.status
 
@@ -75,13 +78,16 @@ def test_production_unreachable_at_failback_resumes_mirroring_when_it_returns(
     scheduler.run_due()  # still unreachable: stays pending
     assert failback.pending_handbacks(sites.dr.site) == {app: epoch}
 
-    # Production is back but was never told: its replications are refused as stale ...
+    # Production is back but was never told: it still knows the app as failed over at the
+    # DR site (told at failover), so it does not mirror it ...
     _point_peer(sites, reachable)
     (data / "rows.txt").write_text("one\ntwo\n")
-    assert _capture(sites, app) is JobStatus.FAILED
+    assert _capture(sites, app) is None
+    assert apps.get_app(sites.prod.site, name=app).peer_active
     # ... until the scheduler hands the failback over, with no operator step.
     scheduler.run_due(now=1e12)
     assert failback.pending_handbacks(sites.dr.site) == {}
     with sites.prod.catalog.read() as session:
         assert q.get_app(session, name=app).writer_epoch == epoch
+        assert not q.get_app(session, name=app).peer_active
     assert _capture(sites, app) is JobStatus.SUCCEEDED

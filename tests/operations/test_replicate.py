@@ -14,59 +14,66 @@ from typing import Any
 import pytest
 
 from tandem.catalog import queries as q
+from tandem.domain.ids import new_image_id
 from tandem.domain.images import ImageKind
+from tandem.domain.lifecycle import AppKind
 from tandem.errors import ChunkCorrupt, Conflict, InvalidInput, StaleEpoch
 from tandem.operations import replicate
 from tandem.storage.pool import ChunkPool
 from tandem.storage.tree import capture_tree
+from tandem.transport.peer import ImageOffer, Location, MirroredApp, Opened, ReplicationOpen
 from tandem.transport.wire import encode_frames
 from tests.appliance.conftest import Booted, booted
 from tests.catalog.conftest import catalog_url
 
 __all__ = ["booted", "catalog_url"]
 
-APP = {"id": None, "name": "web", "kind": "filesystem", "host": "h1", "path": "/srv/web"}
+APP = MirroredApp(id="app_webwebwebweb", name="web", kind=AppKind.FILESYSTEM)
+SHOWN = Location(host="h1", path="/srv/web")
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
 
-def _image(booted: Booted, tmp_path: Path, n: int) -> dict[str, Any]:
+def _image(booted: Booted, tmp_path: Path, n: int) -> ImageOffer:
     src = tmp_path / f"src{n}"
     src.mkdir()
     (src / "f").write_bytes(os.urandom(1000))
     mid, manifest, _ = capture_tree(booted.appliance.site.pool, src)
-    return {
-        "id": f"img_test{n:08d}",
-        "created": (T0 + timedelta(minutes=n)).isoformat(),
-        "label": None,
-        "size": manifest.size,
-        "manifest": mid.hex(),
-    }
+    return ImageOffer(
+        id=new_image_id(),
+        created=T0 + timedelta(minutes=n),
+        label=None,
+        size=manifest.size,
+        manifest=mid.hex(),
+    )
 
 
-def _receive(booted: Booted, image: dict[str, Any], epoch: int = 1) -> Any:
+def _open(site: Any, image: ImageOffer, epoch: int = 1) -> Opened:
+    body = ReplicationOpen(app=APP, image=image, epoch=epoch, production=SHOWN)
+    return replicate.open_replication(site, peer="prod", body=body)
+
+
+def _receive(booted: Booted, image: ImageOffer, epoch: int = 1) -> Any:
     """Open, 'send' (the chunks are already in this pool), commit."""
     site = booted.appliance.site
-    opened = replicate.open_replication(
-        site, peer="prod", app=APP, image=image, epoch=epoch, keep=None
-    )
-    if opened.get("status") == "present":
+    opened = _open(site, image, epoch)
+    if opened.status == "present":
         return opened
-    session = site.sessions.get(opened["session"], opened["token"])
-    site.sessions.commit(session, site.pool.get_manifest_blob(bytes.fromhex(image["manifest"])))
+    session = site.sessions.get(str(opened.session), str(opened.token))
+    site.sessions.commit(session, site.pool.get_manifest_blob(bytes.fromhex(image.manifest)))
     return replicate.commit_replication(
-        site, peer="prod", sid=opened["session"], token=opened["token"]
+        site, peer="prod", sid=str(opened.session), token=str(opened.token)
     )
 
 
 def test_replicas_arrive_with_the_snapshot_identity(booted: Booted, tmp_path: Path) -> None:
     first, second = _image(booted, tmp_path, 1), _image(booted, tmp_path, 2)
-    assert _receive(booted, first).id == first["id"]
+    assert _receive(booted, first).id == first.id
     replica = _receive(booted, second)
     assert replica.kind is ImageKind.REPLICA
-    assert replica.source_image_id == second["id"] and replica.parent_id == first["id"]
-    assert _receive(booted, second) == {"status": "present"}  # idempotent re-send
-    held = replicate.replicas_held(booted.appliance.site, app="web")
-    assert held["images"] == [second["id"], first["id"]]
+    assert replica.source_image_id == second.id and replica.parent_id == first.id
+    assert _receive(booted, second).status == "present"  # idempotent re-send
+    held = replicate.replicas_held(booted.appliance.site, peer="prod", app="web")
+    assert held.images == [second.id, first.id]
 
 
 def test_a_replayed_older_image_is_refused(booted: Booted, tmp_path: Path) -> None:
@@ -89,12 +96,12 @@ def test_a_stale_writer_epoch_is_refused(booted: Booted, tmp_path: Path) -> None
 def test_commit_without_the_manifest_is_refused(booted: Booted, tmp_path: Path) -> None:
     site = booted.appliance.site
     image = _image(booted, tmp_path, 1)
-    opened = replicate.open_replication(site, peer="prod", app=APP, image=image, epoch=1, keep=None)
+    opened = _open(site, image)
     with pytest.raises(InvalidInput, match="was not received"):
         replicate.commit_replication(
-            site, peer="prod", sid=opened["session"], token=opened["token"]
+            site, peer="prod", sid=str(opened.session), token=str(opened.token)
         )
-    assert replicate.replicas_held(site, app="web")["images"] == []
+    assert replicate.replicas_held(site, peer="prod", app="web").images == []
 
 
 def test_an_app_of_this_site_is_not_overwritten_by_a_peer(booted: Booted, tmp_path: Path) -> None:

@@ -1,19 +1,46 @@
-"""Peer routes: pairing (admin, ``/api/v1/peers``) and replication (peer role,
-``/api/v1/peer/…``). Thin: parse, call the operation, answer."""
+"""Peer routes: pairing (admin, ``/api/v1/peers``) and the calls of the other site's
+appliance (peer role, ``/api/v1/peer/…``). Thin: parse, call the operation, answer.
+
+The peer calls take and answer the models of ``transport.peer`` (unknown fields refused)
+and are made by the peer's token only: it is a peer, not an admin.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, status
+from fastapi import APIRouter, Depends, Path, status
 from pydantic import BaseModel, Field
 
-from tandem.appliance.auth import Caller
-from tandem.appliance.schemas import Body, ImageOut, JobAnswer, JobOut
-from tandem.catalog.models import Peer
-from tandem.errors import Forbidden
+from tandem.appliance.auth import Caller, Principal
+from tandem.appliance.schemas import Body, JobAnswer, JobOut
+from tandem.catalog.models import Job, Peer
+from tandem.domain.rules import Role
+from tandem.errors import Forbidden, NotFound
 from tandem.operations import failback, monitor, peers, replica_failback, replicate, syncback
 from tandem.operations.site import Site
+from tandem.transport.peer import (
+    ID_PATTERN,
+    NAME_PATTERN,
+    Apply,
+    Command,
+    CommandRan,
+    Commit,
+    Committed,
+    Epoch,
+    FailbackAgreed,
+    FailbackCheck,
+    FailedOver,
+    Opened,
+    PeerJob,
+    ReplicasHeld,
+    ReplicationOpen,
+    Restored,
+    Resumed,
+    SyncbackOpen,
+    Undone,
+    Wire,
+)
 
 
 class PairIn(Body):
@@ -40,44 +67,28 @@ class PeerOut(BaseModel):
         return cls(name=peer.name, url=peer.url, fingerprint=peer.fingerprint)
 
 
-class ReplicationIn(Body):
-    app: dict[str, Any]
-    image: dict[str, Any]
-    epoch: int = Field(ge=1)
-    keep: int | None = Field(default=None, ge=1)
-
-
-class SyncbackOpenIn(Body):
-    app: str = Field(min_length=1, max_length=64)
-    image: dict[str, Any]
-    bases: list[str] = Field(default_factory=list, max_length=8)
-    epoch: int = Field(ge=1)
-
-
-class CommandIn(Body):
-    which: str = Field(pattern="^(stop|start)$")
-
-
-class ApplyIn(Body):
-    image: str = Field(min_length=1, max_length=64)
-    host: str | None = Field(default=None, max_length=64)
-    path: str | None = Field(default=None, max_length=4096)
-
-
-class ResumeIn(Body):
-    epoch: int = Field(ge=1)
-
-
-class CommitIn(Body):
-    token: str = Field(min_length=1, max_length=512)
-
-
-def _peer_name(who: Any) -> str:
-    """The peer a peer token belongs to (its name is ``peer-NAME``)."""
+def _peer_name(who: Principal) -> str:
+    """The peer a peer token belongs to (its name is ``peer-NAME``); any other caller,
+    admin included, is not a peer and makes none of the peer calls."""
     name = str(who.name)
-    if not name.startswith("peer-"):
-        raise Forbidden(role=str(who.role), action="replicate", needed="peer")
+    if who.role is not Role.PEER or not name.startswith("peer-"):
+        raise Forbidden(role=str(who.role), action="make the calls of the peer site", needed="peer")
     return name.removeprefix("peer-")
+
+
+def peer_caller(who: Caller) -> str:
+    return _peer_name(who)
+
+
+PeerName = Annotated[str, Depends(peer_caller)]
+"""The name of the peer making the call (refused for any other token)."""
+AppName = Annotated[str, Path(pattern=NAME_PATTERN, max_length=64)]
+JobId = Annotated[str, Path(pattern=ID_PATTERN, max_length=16)]
+SessionName = Annotated[str, Path(pattern=r"^[0-9a-f]{1,64}$")]
+
+
+def _peer_job(job: Job) -> PeerJob:
+    return PeerJob(id=job.id, status=job.status.value, message=job.message)
 
 
 def make_router(site: Site) -> APIRouter:
@@ -114,70 +125,64 @@ def make_router(site: Site) -> APIRouter:
     def replicate_app(name: str, who: Caller) -> JobAnswer:
         return JobAnswer(job=JobOut.of(replicate.submit_replicate(site, app=name, actor=who.name)))
 
-    # --- the calls the other site's appliance makes (peer token) ------------------------
+    # --- the calls the other site's appliance makes (peer token, ``transport.peer``) -----
 
-    @router.get("/peer/apps/{name}/replicas", tags=["replication"])
-    def replicas(name: str) -> dict[str, Any]:
-        return replicate.replicas_held(site, app=name)
+    @router.get("/peer/apps/{name}/replicas", tags=["peer"])
+    def replicas(name: AppName, peer: PeerName) -> ReplicasHeld:
+        return replicate.replicas_held(site, peer=peer, app=name)
 
-    @router.post("/peer/replications", tags=["replication"])
-    def open_replication(body: ReplicationIn, who: Caller) -> dict[str, Any]:
-        return replicate.open_replication(
-            site,
-            peer=_peer_name(who),
-            app=body.app,
-            image=body.image,
-            epoch=body.epoch,
-            keep=body.keep,
-        )
+    @router.post("/peer/replications", tags=["peer"])
+    def open_replication(body: ReplicationOpen, peer: PeerName) -> Opened:
+        return replicate.open_replication(site, peer=peer, body=body)
 
-    @router.post("/peer/replications/{sid}/commit", tags=["replication"])
-    def commit_replication(sid: str, body: CommitIn, who: Caller) -> ImageOut:
-        return ImageOut.of(
-            replicate.commit_replication(site, peer=_peer_name(who), sid=sid, token=body.token)
-        )
+    @router.post("/peer/replications/{sid}/commit", tags=["peer"])
+    def commit_replication(sid: SessionName, body: Commit, peer: PeerName) -> Committed:
+        image = replicate.commit_replication(site, peer=peer, sid=sid, token=body.token)
+        return Committed(image=image.id, app=image.app.name)
 
-    @router.post("/peer/syncbacks", tags=["replication"])
-    def open_syncback(body: SyncbackOpenIn, who: Caller) -> dict[str, Any]:
-        return syncback.open_syncback(
-            site,
-            peer=_peer_name(who),
-            app=body.app,
-            image=body.image,
-            bases=body.bases,
-            epoch=body.epoch,
-        )
+    @router.post("/peer/syncbacks", tags=["peer"])
+    def open_syncback(body: SyncbackOpen, peer: PeerName) -> Opened:
+        return syncback.open_syncback(site, peer=peer, body=body)
 
-    @router.post("/peer/syncbacks/{sid}/commit", tags=["replication"])
-    def commit_syncback(sid: str, body: CommitIn, who: Caller) -> ImageOut:
-        return ImageOut.of(
-            syncback.commit_syncback(site, peer=_peer_name(who), sid=sid, token=body.token)
-        )
+    @router.post("/peer/syncbacks/{sid}/commit", tags=["peer"])
+    def commit_syncback(sid: SessionName, body: Commit, peer: PeerName) -> Committed:
+        image = syncback.commit_syncback(site, peer=peer, sid=sid, token=body.token)
+        return Committed(image=image.id, app=image.app.name)
 
-    @router.get("/peer/apps/{name}/restored", tags=["replication"])
-    def restored(name: str, who: Caller) -> dict[str, Any]:
-        _peer_name(who)
-        return failback.last_restored(site, app=name)
+    @router.get("/peer/apps/{name}/restored", tags=["peer"])
+    def restored(name: AppName, peer: PeerName) -> Restored:
+        return Restored(image=failback.last_restored(site, app=name)["image"])
 
-    @router.post("/peer/apps/{name}/resume", tags=["replication"])
-    def resume(name: str, body: ResumeIn, who: Caller) -> dict[str, Any]:
-        return failback.resume_mirroring(site, peer=_peer_name(who), app=name, epoch=body.epoch)
+    @router.post("/peer/apps/{name}/failed-over", tags=["peer"])
+    def failed_over(name: AppName, body: Epoch, peer: PeerName) -> FailedOver:
+        return failback.failed_over_at_peer(site, peer=peer, app=name, epoch=body.epoch)
 
-    @router.post("/peer/apps/{name}/command", tags=["replication"])
-    def command(name: str, body: CommandIn, who: Caller) -> dict[str, Any]:
-        _peer_name(who)
-        return replica_failback.production_command(site, app=name, which=body.which)
+    @router.post("/peer/apps/{name}/resume", tags=["peer"])
+    def resume(name: AppName, body: Epoch, peer: PeerName) -> Resumed:
+        return failback.resume_mirroring(site, peer=peer, app=name, epoch=body.epoch)
 
-    @router.post("/peer/apps/{name}/apply", tags=["replication"], status_code=202)
-    def apply(name: str, body: ApplyIn, who: Caller) -> JobAnswer:
-        job = replica_failback.production_apply(
-            site, peer=_peer_name(who), app=name, image=body.image, host=body.host, path=body.path
-        )
-        return JobAnswer(job=JobOut.of(job))
+    @router.post("/peer/apps/{name}/failback-check", tags=["peer"])
+    def failback_check(name: AppName, body: FailbackCheck, peer: PeerName) -> FailbackAgreed:
+        return replica_failback.production_failback_check(site, peer=peer, app=name, body=body)
 
-    @router.get("/peer/jobs/{job_id}", tags=["replication"])
-    def peer_job(job_id: str, who: Caller) -> JobOut:
-        _peer_name(who)
-        return JobOut.of(monitor.get_job(site, job_id=job_id))
+    @router.post("/peer/apps/{name}/command", tags=["peer"])
+    def command(name: AppName, body: Command, peer: PeerName) -> CommandRan:
+        return replica_failback.production_command(site, peer=peer, app=name, which=body.which)
+
+    @router.post("/peer/apps/{name}/apply", tags=["peer"], status_code=202)
+    def apply(name: AppName, body: Apply, peer: PeerName) -> PeerJob:
+        job = replica_failback.production_apply(site, peer=peer, app=name, image=body.image)
+        return _peer_job(job)
+
+    @router.post("/peer/apps/{name}/failback-undo", tags=["peer"])
+    def failback_undo(name: AppName, body: Wire, peer: PeerName) -> Undone:
+        return replica_failback.production_undo(site, peer=peer, app=name)
+
+    @router.get("/peer/jobs/{job_id}", tags=["peer"])
+    def peer_job(job_id: JobId, peer: PeerName) -> PeerJob:
+        job = monitor.get_job(site, job_id=job_id)
+        if job.actor != peers.peer_token_name(peer):  # only the jobs it asked for
+            raise NotFound(what="job", name=job_id, listing="jobs")
+        return _peer_job(job)
 
     return router

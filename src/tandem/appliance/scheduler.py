@@ -8,7 +8,8 @@ Invariants
 - The queue's rule of one lifecycle job per app holds for scheduled captures too: while the
   app has a job (a manual capture, a restore), the scheduler skips it and tries next tick.
 - A mirrored app whose newest snapshot has not reached the peer gets a replication job
-  every MIRROR_RETRY seconds until it has (captures made while the peer was down follow).
+  every MIRROR_RETRY seconds until it has (captures made while the peer was down follow),
+  unless it is failed over at the peer (``peer_active``): then none until a failback.
 - A failback that could not tell production to resume mirroring (it was unreachable) is
   handed back every MIRROR_RETRY seconds until production answers
   (``failback.deliver_handbacks``).
@@ -115,6 +116,8 @@ class Scheduler:
         for app in apps:
             template = templates.get(app.template or "")
             if app.state is not AppState.MANAGED or template is None or not template.mirror:
+                continue
+            if app.peer_active:  # failed over at the peer: nothing to send until failback
                 continue
             if app.last_capture is None or (
                 app.last_replicated is not None and app.last_replicated >= app.last_capture

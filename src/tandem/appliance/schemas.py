@@ -338,6 +338,10 @@ class AppOut(BaseModel):
     """Hooks: names of scripts in the host agent's scripts/ folder."""
     epoch: int
     origin: str | None
+    """The appliance that owns production (a mirror record here: host and path are shown,
+    never acted on); None: an app of this site."""
+    peer_active: bool = False
+    """An app of this site that is failed over at the peer (not mirrored meanwhile)."""
     created: datetime
     last_capture: datetime | None
     lag_seconds: float | None
@@ -364,6 +368,7 @@ class AppOut(BaseModel):
             thaw=app.thaw_hook,
             epoch=app.writer_epoch,
             origin=app.origin,
+            peer_active=app.peer_active,
             created=app.created,
             last_capture=app.last_capture,
             lag_seconds=_age(app.last_capture, now or datetime.now(UTC)),

@@ -35,6 +35,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Text,
+    false,
     text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -150,8 +151,14 @@ class App(Base):
 
     ``*_hook`` name scripts in the host agent's ``scripts/`` folder, never commands.
     ``origin`` is the appliance that owns production (NULL: this one); ``writer_epoch`` is the
-    fencing epoch, raised by each failover. ``last_capture`` / ``last_replicated`` are the
-    creation times of the newest snapshot / replica, from which the lag (RPO) is computed.
+    fencing epoch, raised by each failover. A *mirror record* (``origin`` set) holds only what
+    the peer may define: name, kind, the peer's app id; its ``host``/``path`` are production's,
+    shown for information and never acted on here (``operations.hosts.app_host``), and its
+    start/stop commands, if any, were set by this site's operators. ``peer_active`` (an app
+    of this site): it is failed over at the peer, whose copy is the writer; mirroring stops
+    and the peer may request the failback steps this site agrees to. ``last_capture`` /
+    ``last_replicated`` are the creation times of the newest snapshot / replica, from which
+    the lag (RPO) is computed.
     """
 
     __tablename__ = "apps"
@@ -169,6 +176,7 @@ class App(Base):
     state: Mapped[AppState] = mapped_column(EnumText(AppState), default=AppState.UNMANAGED)
     writer_epoch: Mapped[int] = mapped_column(Integer, default=1)
     origin: Mapped[str | None] = mapped_column(String(NAME))
+    peer_active: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     last_capture: Mapped[datetime | None] = mapped_column(UTCDateTime)
     last_replicated: Mapped[datetime | None] = mapped_column(UTCDateTime)
     created: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -374,4 +374,8 @@ def apps(
     for row in rows:
         lag = row.get("lag_seconds")
         row["lag"] = None if lag is None else f"{lag:.0f} s"
+        if row.get("peer_active"):
+            row["state"] = f"{row['state']} (failed over at the peer)"
+        elif row.get("origin"):
+            row["host"] = f"({row['host']} at {row['origin']})" if row.get("host") else None
     _table(rows, ("name", "kind", "host", "state", "template", "lag", "path"), False)

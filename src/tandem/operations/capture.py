@@ -29,7 +29,7 @@ from tandem.errors import InvalidInput, RemoteError
 from tandem.jobs.queue import submit_job
 from tandem.jobs.runner import JobContext
 from tandem.operations import images, peers, replicate, stamps
-from tandem.operations.hosts import agent_for
+from tandem.operations.hosts import agent_for, app_host
 from tandem.operations.site import Site
 from tandem.operations.streams import follow
 
@@ -53,7 +53,7 @@ def submit_capture(
     with site.catalog.begin() as session:
         row = q.get_app(session, name=app)
         check_transition(row.name, row.state, Operation.CAPTURE)
-        q.get_host(session, name=row.host)
+        app_host(session, row, action="capture")
         job = submit_job(
             session,
             type=TYPE,
@@ -72,7 +72,7 @@ def run_capture(site: Site, ctx: JobContext) -> dict[str, Any]:
     with site.catalog.read() as session:
         app = q.get_app(session, name=name)
         check_transition(app.name, app.state, Operation.CAPTURE)
-        host = q.get_host(session, name=app.host)
+        host = app_host(session, app, action="capture")
         base = q.latest_image(session, app=app.name, kind=ImageKind.SNAPSHOT)
         template = q.get_template(session, name=app.template) if app.template else None
     base_id = bytes.fromhex(base.manifest) if base is not None else None
@@ -132,8 +132,11 @@ def run_capture(site: Site, ctx: JobContext) -> dict[str, Any]:
         pruned = images.prune_snapshots(site, ctx, app=app.name, keep=template.keep)
     mirror_job = None
     if template is not None and template.mirror and peers.the_peer(site) is not None:
-        mirror_job = replicate.submit_replicate(site, app=app.name, actor="mirror").id
-        ctx.log(f"mirroring to the peer in job {mirror_job}")
+        if replicate.failed_over_at_peer(site, app.name):
+            ctx.log("not mirrored: the app is failed over at the peer, whose copy is the writer")
+        else:
+            mirror_job = replicate.submit_replicate(site, app=app.name, actor="mirror").id
+            ctx.log(f"mirroring to the peer in job {mirror_job}")
     return {
         "mirror_job": mirror_job,
         "image": image.id,

@@ -50,6 +50,7 @@ from tandem.operations import images, peers, present
 from tandem.operations.site import Site
 from tandem.operations.syncback import dr_copy_changes, failover_image, syncbacks_since_failover
 from tandem.storage.overlay import Overlay
+from tandem.transport.peer import FailedOver, Location, Resumed
 
 TYPE = "failback"
 
@@ -86,7 +87,7 @@ def _check_restored_at_production(site: Site, app: str, syncback: str) -> None:
     failback deletes the DR copy, and what only it holds would be lost."""
     peer = peers.require_peer(site)
     with peers.client_for(peer) as remote:
-        restored = remote.get(f"/api/v1/peer/apps/{app}/restored").get("image")
+        restored = remote.restored(app).image
     if restored != syncback:
         raise Conflict(
             detail=f"production ({peer.name}) has not restored the newest syncback {syncback} "
@@ -119,6 +120,8 @@ def _check_unchanged(
     overlay = None
     if app.kind is AppKind.VOLUME and freeze:
         overlay = site.overlays.get(failover_image(site, app.name).id)
+        if overlay is not None and overlay.frozen:
+            overlay = None  # frozen already (a pending replica-style failback): stays so
         if overlay is not None:
             overlay.freeze()
     try:
@@ -320,7 +323,7 @@ def _tell_production(site: Site, ctx: JobContext, name: str, epoch: int) -> bool
     if peer is None:
         return False
     try:
-        _resume_at(peer, name, epoch)
+        _resume_at(site, peer, name, epoch)
     except TandemError as exc:
         ctx.log(
             f"could not tell {peer.name} to resume mirroring ({exc.message}); this appliance "
@@ -332,9 +335,14 @@ def _tell_production(site: Site, ctx: JobContext, name: str, epoch: int) -> bool
     return True
 
 
-def _resume_at(peer: Any, name: str, epoch: int) -> None:
+def _resume_at(site: Site, peer: Any, name: str, epoch: int) -> None:
     with peers.client_for(peer) as remote:
-        remote.post(f"/api/v1/peer/apps/{name}/resume", {"epoch": epoch})
+        resumed = remote.resume(name, epoch)
+    if resumed.location is not None:  # shown here, never acted on (a mirror record)
+        with site.catalog.begin() as session:
+            row = q.get_app(session, name=name, for_update=True)
+            if row.origin == peer.name:
+                row.host, row.path = resumed.location.host, resumed.location.path
 
 
 def pending_handbacks(site: Site) -> dict[str, int]:
@@ -362,7 +370,7 @@ def deliver_handbacks(site: Site) -> list[str]:
             app = q.get_app(session, name=name)
         if app.state is AppState.MANAGED:
             try:
-                _resume_at(peer, name, epoch)
+                _resume_at(site, peer, name, epoch)
             except TandemError:
                 continue
             delivered.append(name)
@@ -371,16 +379,49 @@ def deliver_handbacks(site: Site) -> list[str]:
     return delivered
 
 
-def resume_mirroring(site: Site, *, peer: str, app: str, epoch: int) -> dict[str, Any]:
-    """Production side: adopt the DR site's epoch after a failback; mirroring resumes."""
+def resume_mirroring(site: Site, *, peer: str, app: str, epoch: int) -> Resumed:
+    """Production side: adopt the DR site's epoch after a failback; mirroring resumes. A
+    replica-style failback's agreement ends here: the placeholder app registered at its
+    target (the app took its identity) is merged into the app and removed."""
+    merged = None
     with site.catalog.begin() as session:
         try:
             row = q.get_app(session, name=app, for_update=True)
         except NotFound:
-            return {"app": app, "epoch": epoch, "known": False}
+            return Resumed(app=app, epoch=epoch, known=False)
         if row.origin is not None:
-            return {"app": app, "epoch": row.writer_epoch, "known": True}
+            return Resumed(app=app, epoch=row.writer_epoch, known=True)
         if epoch > row.writer_epoch:
             q.set_writer_epoch(session, name=app, epoch=epoch)
+        row.peer_active = False
+        doc = peers.agreement(session, app_id=row.id)
+        if doc is not None:
+            peers.set_agreement(session, app_id=row.id, doc=None)
+            if doc.get("previous") and doc.get("target_app"):
+                merged = str(doc["target_app"])
+        location = Location(host=row.host, path=row.path)
+        epoch = max(epoch, row.writer_epoch)
+    if merged is not None:
+        with contextlib.suppress(TandemError), site.catalog.begin() as session:
+            q.remove_app(session, name=merged)  # kept if it has images or a template
     site.wake()
-    return {"app": app, "epoch": epoch, "known": True, "peer": peer}
+    return Resumed(app=app, epoch=epoch, known=True, location=location)
+
+
+def failed_over_at_peer(site: Site, *, peer: str, app: str, epoch: int) -> FailedOver:
+    """Production side: the peer failed ``app`` over; its copy is the writer. Mirroring of
+    it stops until a failback hands the epoch back."""
+    with site.catalog.begin() as session:
+        row = q.get_app(session, name=app, for_update=True)
+        if row.origin is not None:
+            raise Conflict(
+                detail=f"application {app!r} here is a mirror of {row.origin!r}, not an app "
+                f"of this site; {peer!r} cannot have failed it over"
+            )
+        if epoch <= row.writer_epoch:
+            raise Conflict(
+                detail=f"a failover of {app!r} raises its writer epoch above {row.writer_epoch}; "
+                f"{peer!r} sent {epoch}"
+            )
+        row.peer_active = True
+    return FailedOver(app=app, peer_active=True)

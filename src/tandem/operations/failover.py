@@ -30,7 +30,7 @@ from tandem.domain.rules import FAILOVER_CONFIRMATION, check_confirmations
 from tandem.errors import InvalidInput, TandemError
 from tandem.jobs.queue import submit_job
 from tandem.jobs.runner import JobContext
-from tandem.operations import hooks, present
+from tandem.operations import hooks, peers, present
 from tandem.operations.capture import check_label
 from tandem.operations.hosts import agent_for
 from tandem.operations.site import Site
@@ -131,6 +131,9 @@ def run_failover(site: Site, ctx: JobContext) -> dict[str, Any]:
     ctx.log(
         f"{app.name} is failed over; writer epoch {epoch}: replication from production is refused"
     )
+    refused = peers.tell_failed_over(site, app=app.name, epoch=epoch)
+    if refused is not None:  # production also learns it when its next replication is refused
+        ctx.log(f"could not tell production that {app.name} failed over: {refused}", "warning")
     started = False
     if hooks.script_for(app, Hook.START):
         try:

@@ -7,14 +7,19 @@ Invariants
   mismatch, or a refused token).
 - The agent token is stored as given (the appliance must present it); it is never returned
   by the API.
+- An operation acts on an app's own host (capture, restore, its start/stop) only through
+  ``app_host``: a mirror record's host and path are the other site's word, shown and never
+  acted on, so such an operation is refused there with what to do instead.
 """
 
 from __future__ import annotations
 
+from sqlalchemy.orm import Session
+
 from tandem.catalog import queries as q
-from tandem.catalog.models import Host
+from tandem.catalog.models import App, Host
 from tandem.domain.ids import validate_name
-from tandem.errors import AlreadyExists, NotFound
+from tandem.errors import AlreadyExists, MirrorRecord, NotFound
 from tandem.operations.site import Site
 from tandem.transport.agent import AgentClient
 from tandem.transport.tls import normalize_fingerprint
@@ -23,6 +28,32 @@ from tandem.transport.tls import normalize_fingerprint
 def agent_for(host: Host) -> AgentClient:
     """A client for the agent of ``host`` (close it, or use it as a context manager)."""
     return AgentClient(host.name, host.url, host.token, host.fingerprint)
+
+
+def mirror_fix(app: App, action: str) -> str:
+    """What to do instead of acting on a mirror record's (production's) host."""
+    if action in ("restore", "capture", "start", "stop"):
+        return (
+            f"Run the {action} at production ({app.origin}); to run the app at this site, "
+            f"fail it over to one of this site's hosts (`tandem failover {app.name} --host HOST "
+            "--mount-point DIR --confirm FAILOVER`)"
+        )
+    return f"Give one of this site's hosts and a --mount-point for {app.name!r}"
+
+
+def check_own_location(app: App, action: str) -> None:
+    """Refuse ``action`` on ``app``'s host or path when they are not this site's (a mirror
+    record: the peer named them)."""
+    if app.origin is not None:
+        raise MirrorRecord(
+            app=app.name, origin=app.origin, action=action, fix=mirror_fix(app, action)
+        )
+
+
+def app_host(session: Session, app: App, *, action: str) -> Host:
+    """The host of this site that ``app`` runs on, for an operation that acts on it there."""
+    check_own_location(app, action)
+    return q.get_host(session, name=app.host)
 
 
 def add_host(site: Site, *, name: str, url: str, token: str, fingerprint: str) -> Host:

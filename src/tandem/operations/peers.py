@@ -10,23 +10,26 @@ Pairing, run on appliance A with a token of appliance B that has the admin role:
 Invariants
 - A site has at most one peer (two-site DR); pairing again with the same peer replaces its
   tokens and fingerprint (after a re-initialised peer), pairing with another is refused.
-- Peer tokens can only make the replication calls (``Role.PEER``); the admin token given to
-  ``peer add`` is used once and never stored.
+- Peer tokens can only make the calls of ``transport.peer`` (``Role.PEER``): the other site
+  is a peer, not an admin; the admin token given to ``peer add`` is used once and never
+  stored.
 - Every call to the peer pins its fingerprint: a peer whose certificate changed is refused
   (CertificateMismatch) until it is paired again.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from tandem.catalog import queries as q
 from tandem.catalog.models import Peer
 from tandem.domain.ids import validate_name
 from tandem.domain.rules import Role
-from tandem.errors import Conflict, InvalidInput, NotFound
+from tandem.errors import Conflict, InvalidInput, NotFound, TandemError
 from tandem.operations.site import Site
 from tandem.transport.client import ApiClient
+from tandem.transport.peer import PeerClient
 from tandem.transport.server import new_token
 from tandem.transport.tls import forget_pins, normalize_fingerprint
 
@@ -37,8 +40,11 @@ def peer_token_name(peer: str) -> str:
     return f"peer-{peer}"[:64]
 
 
-def client_for(peer: Peer) -> ApiClient:
-    return ApiClient(peer.url, peer.token, peer.fingerprint, what="peer", name=peer.name)
+def client_for(peer: Peer) -> PeerClient:
+    """The typed client of the peer API (``transport.peer``): the only calls made to it."""
+    return PeerClient(
+        ApiClient(peer.url, peer.token, peer.fingerprint, what="peer", name=peer.name)
+    )
 
 
 def the_peer(site: Site) -> Peer | None:
@@ -138,3 +144,37 @@ def bandwidth(site: Site) -> int:
     with site.catalog.read() as session:
         value = q.get_setting(session, key=BANDWIDTH_KEY)
     return int(value or 0)
+
+
+# --- what this site agreed to on a peer's request -----------------------------------------
+
+AGREEMENT_KEY = "failback:{app_id}"
+"""A replica-style failback of one of this site's apps that the peer asked for and this site
+agreed to (``replica_failback.production_failback_check``): JSON with the target, its
+location (from this site's own catalog), the placeholder app registered there, and, once
+the app took the target's identity, the location it had before (for an undo)."""
+
+
+def agreement(session: Any, *, app_id: str) -> dict[str, Any] | None:
+    value = q.get_setting(session, key=AGREEMENT_KEY.format(app_id=app_id))
+    return json.loads(value) if value else None
+
+
+def set_agreement(session: Any, *, app_id: str, doc: dict[str, Any] | None) -> None:
+    q.set_setting(
+        session, key=AGREEMENT_KEY.format(app_id=app_id), value=json.dumps(doc) if doc else ""
+    )
+
+
+def tell_failed_over(site: Site, *, app: str, epoch: int) -> str | None:
+    """Tell production that ``app`` failed over here (best effort: it also learns it when a
+    replication is refused as stale); returns why it could not be told, if it was not."""
+    peer = the_peer(site)
+    if peer is None:
+        return "no peer is paired"
+    try:
+        with client_for(peer) as remote:
+            remote.failed_over(app, epoch)
+    except TandemError as exc:
+        return exc.message
+    return None

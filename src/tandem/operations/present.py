@@ -29,11 +29,11 @@ from urllib.parse import urlsplit
 from tandem.catalog import queries as q
 from tandem.catalog.models import App, Host, Image
 from tandem.domain.images import ImageKind, ImageState
-from tandem.domain.lifecycle import AppKind
+from tandem.domain.lifecycle import AppKind, AppState
 from tandem.domain.paths import check_path
 from tandem.errors import InvalidInput, TandemError
 from tandem.jobs.runner import JobContext
-from tandem.operations.hosts import agent_for
+from tandem.operations.hosts import agent_for, check_own_location
 from tandem.operations.site import Site
 from tandem.operations.streams import follow
 from tandem.storage.manifest import VolumeManifest, load_manifest
@@ -68,6 +68,8 @@ def check_action(app: App, action: str | None, mount_point: str | None) -> str:
         check_path(mount_point, "--mount-point")
     elif action == "specify":
         raise InvalidInput(detail="--action specify needs --mount-point with a full path")
+    if action == "keep-source-path":
+        check_own_location(app, "a copy at its production path")
     if action == "map-only" and app.kind is not AppKind.VOLUME:
         raise InvalidInput(
             detail="map-only presents a volume without mounting a file system; "
@@ -185,16 +187,22 @@ def restore_exports(site: Site) -> list[str]:
     done = []
     with site.catalog.read() as session:
         rows = [
-            (i.id, i.nbd_export)
+            (
+                i.id,
+                i.nbd_export,
+                kind is ImageKind.FAILOVER and i.app.state is AppState.FAILBACK_PENDING,
+            )
             for kind in (ImageKind.TEST_FAILOVER, ImageKind.FAILOVER, ImageKind.MOUNT)
             for i in q.list_images_of_kind(session, kind=kind)
             if i.nbd_export and i.state is ImageState.MOUNTED
         ]
-    for image_id, uri in rows:
+    for image_id, uri, pending in rows:
         directory = site.overlays_dir / image_id
         if not directory.exists():
             continue
         overlay = Overlay.open(directory, site.pool)
+        if pending:  # the DR copy of a pending replica-style failback stays read-only
+            overlay.freeze()
         secret = urlsplit(uri).path.rsplit(".", 1)[-1]
         site.presenter.add_export(export_name(image_id), overlay, secret=secret)
         site.overlays[image_id] = overlay

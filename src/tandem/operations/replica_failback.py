@@ -1,6 +1,13 @@
 """Failback in the replica style (SPEC §5), run on the DR appliance, with commit and undo.
 
 ``failback --target original|restored|new``, the app failed over here:
+0. Production is asked to agree (``failback-check``) before anything changes: the app must
+   be one of its own, failed over here as far as it knows, and the target a location *its*
+   operators registered (``restored``/``new``: ``--host``/``--path`` only look up an app
+   registered there with ``tandem app add``; ``new`` also needs the target missing or
+   empty, which production's agent checks). A wrong host fails here, before production's
+   app is stopped or a syncback sent. Production carries out each later step itself, with
+   its own catalog (its host, path and hooks), and only while that agreement holds.
 1. Production stops the original (its stop command, through the production appliance).
 2.–3. The DR copy's state is captured and sent home as a syncback image (only what
    production lacks), then diff-restored onto the target (only differing blocks/files
@@ -9,9 +16,11 @@
    failback is committed or undone.
 5. A **protective snapshot** of the DR copy is taken here: its pre-failback state.
 6. It is sent and diff-restored again: this catches what was written during step 3.
-7. The app goes FAILED_OVER → FAILBACK_PENDING here.
+7. The app goes FAILED_OVER → FAILBACK_PENDING here. A volume's DR copy is read-only from
+   the protective snapshot on (its NBD export refuses writes) until the failback is undone.
 8. ``restored`` / ``new``: production's catalog identity of the app (host and path) is
-   replaced by the target's before the data is applied (``new``: a fresh path, written whole).
+   replaced by the target's before the data is applied (``new``: a fresh path, written
+   whole); an undo reverts it; a commit merges the placeholder app registered there.
 9. With ``--power-on`` production starts the app on the target.
 
 ``commit-failback``: FAILBACK_PENDING → MANAGED; the DR images are cleaned up as in the
@@ -22,37 +31,89 @@ though it should be off: a stop command that did not stop everything, or none): 
 lacks those writes and the clean-up would discard them (``failback.checked_discard``, which
 also makes an interrupted commit resumable).
 ``undo-failback``: FAILBACK_PENDING → FAILED_OVER (a fencing step: the epoch rises again):
-production stops the app, the DR copy is brought back to the protective snapshot exactly
-(a tree: a diff-restore that writes only what differs; a volume: the blocks written since
-the snapshot are rewritten from it) and started again.
+production stops the app and takes back its former identity, the DR copy is brought back
+to the protective snapshot exactly (a tree: a diff-restore that writes only what differs; a
+volume: the blocks written since the snapshot are rewritten from it) and started again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, Literal
 
 from tandem.catalog import queries as q
 from tandem.catalog.models import App, Image, Job
 from tandem.domain.hooks import Hook
 from tandem.domain.images import ImageKind
+from tandem.domain.jobs import JobStatus
 from tandem.domain.lifecycle import AppFacts, AppKind, Operation, check_transition
-from tandem.errors import InvalidInput, NotFound, StorageError, TandemError
+from tandem.errors import (
+    Conflict,
+    InvalidInput,
+    NotFound,
+    PeerRefused,
+    StorageError,
+    TandemError,
+    TargetNotRegistered,
+)
 from tandem.jobs.queue import submit_job
 from tandem.jobs.runner import JobContext
 from tandem.operations import failback, hooks, peers
-from tandem.operations.hosts import agent_for
+from tandem.operations.hosts import agent_for, app_host
 from tandem.operations.site import Site
 from tandem.operations.streams import follow
 from tandem.operations.syncback import capture_dr_state, failover_image, send_home
 from tandem.storage.manifest import VolumeManifest, load_manifest
+from tandem.storage.overlay import Overlay
+from tandem.transport.peer import (
+    CommandRan,
+    FailbackAgreed,
+    FailbackCheck,
+    FailbackTarget,
+    PeerJob,
+    Undone,
+)
 
 TYPE = "failback-replica"
 COMMIT_TYPE = "commit-failback"
 UNDO_TYPE = "undo-failback"
 TARGETS = ("original", "restored", "new")
 APPLY_TIMEOUT = 3600.0
+
+
+def _target(target: str) -> FailbackTarget:
+    if target == "original":
+        return "original"
+    if target == "restored":
+        return "restored"
+    if target == "new":
+        return "new"
+    raise InvalidInput(detail=f"--target is one of {', '.join(TARGETS)}, not {target!r}")
+
+
+def _check_request(target: str, host: str | None, path: str | None) -> FailbackTarget:
+    chosen = _target(target)
+    if chosen == "original" and (host or path):
+        raise InvalidInput(
+            detail="--target original fails back to the app as production registered it; "
+            "--host and --path name a restored or new target"
+        )
+    if chosen != "original" and not (host and path and path.startswith("/")):
+        raise InvalidInput(detail=f"--target {target} needs --host and a full --path")
+    return chosen
+
+
+def _agree(
+    site: Site, app: App, target: FailbackTarget, host: str | None, path: str | None
+) -> FailbackAgreed:
+    """Production's agreement to fail ``app`` back onto the target (nothing changes yet)."""
+    peer = peers.require_peer(site)
+    with peers.client_for(peer) as remote:
+        return remote.failback_check(
+            app.name, FailbackCheck(target=target, host=host, path=path, epoch=app.writer_epoch)
+        )
 
 
 def submit_replica_failback(
@@ -65,14 +126,25 @@ def submit_replica_failback(
     power_on: bool = False,
     actor: str | None = None,
 ) -> Job:
-    if target not in TARGETS:
-        raise InvalidInput(detail=f"--target is one of {', '.join(TARGETS)}, not {target!r}")
-    if target != "original" and not (host and path and path.startswith("/")):
-        raise InvalidInput(detail=f"--target {target} needs --host and a full --path")
+    chosen = _check_request(target, host, path)
     peers.require_peer(site)
-    with site.catalog.begin() as session:
+    with site.catalog.read() as session:
         row = q.get_app(session, name=app)
         replicas = len(q.list_images(session, app=app, kind=ImageKind.REPLICA))
+        busy = _lifecycle_job(session, app)
+    check_transition(
+        row.name, row.state, Operation.FAILBACK_REPLICA, AppFacts(replica_images=replicas)
+    )
+    failover_image(site, app)
+    if busy is not None:  # (asking production to agree again would reset a running one)
+        raise Conflict(
+            detail=f"application {app!r} has the {busy.type} job {busy.id} "
+            f"{busy.status.value}; wait for it to end (`tandem job show {busy.id}`) or cancel it"
+        )
+    # A wrong target is refused now, before the job stops anything at production.
+    _agree(site, row, chosen, host, path)
+    with site.catalog.begin() as session:
+        row = q.get_app(session, name=app)
         check_transition(
             row.name, row.state, Operation.FAILBACK_REPLICA, AppFacts(replica_images=replicas)
         )
@@ -80,44 +152,46 @@ def submit_replica_failback(
             session,
             type=TYPE,
             app=app,
-            params={"target": target, "host": host, "path": path, "power_on": power_on},
+            params={"target": chosen, "host": host, "path": path, "power_on": power_on},
             lifecycle=True,
             actor=actor,
         )
-    failover_image(site, app)
     site.wake()
     return job
 
 
-def _production_command(site: Site, app: str, which: str) -> dict[str, Any]:
-    peer = peers.require_peer(site)
-    with peers.client_for(peer) as remote:
-        answer: dict[str, Any] = remote.post(f"/api/v1/peer/apps/{app}/command", {"which": which})
-    return answer
+def _lifecycle_job(session: Any, app: str) -> Job | None:
+    for job in q.list_jobs(session, app=app, limit=50):
+        if job.lifecycle and job.status in (JobStatus.QUEUED, JobStatus.RUNNING):
+            return job
+    return None
 
 
-def _apply_at_production(
-    site: Site, ctx: JobContext, app: str, image: Image, params: Mapping[str, Any]
-) -> dict[str, Any]:
-    """Have production diff-restore ``image`` onto the target; wait for its job."""
+def _production_command(site: Site, app: str, which: Literal["stop", "start"]) -> CommandRan:
     peer = peers.require_peer(site)
-    body = {"image": image.id, "host": params.get("host"), "path": params.get("path")}
     with peers.client_for(peer) as remote:
-        job = remote.post(f"/api/v1/peer/apps/{app}/apply", body)["job"]
+        return remote.command(app, which)
+
+
+def _apply_at_production(site: Site, ctx: JobContext, app: str, image: Image) -> PeerJob:
+    """Have production diff-restore ``image`` onto the agreed target; wait for its job."""
+    peer = peers.require_peer(site)
+    with peers.client_for(peer) as remote:
+        job = remote.apply(app, image.id)
         deadline = time.monotonic() + APPLY_TIMEOUT
-        while job["status"] in ("queued", "running"):
+        while job.status in (JobStatus.QUEUED.value, JobStatus.RUNNING.value):
             ctx.check_canceled()
             if time.monotonic() > deadline:
-                raise TandemError(f"production's restore job {job['id']} did not finish in time")
+                raise TandemError(f"production's restore job {job.id} did not finish in time")
             time.sleep(0.3)
-            job = remote.get(f"/api/v1/peer/jobs/{job['id']}")
-    if job["status"] != "succeeded":
+            job = remote.job(job.id)
+    if job.status != JobStatus.SUCCEEDED.value:
         raise TandemError(
-            f"production could not apply {image.id} ({job['id']}: {job['message']}); the DR "
+            f"production could not apply {image.id} ({job.id}: {job.message}); the DR "
             "copy is unchanged - run the failback again or undo it"
         )
-    ctx.log(f"production applied {image.id} in job {job['id']}")
-    return dict(job)
+    ctx.log(f"production applied {image.id} in job {job.id}")
+    return job
 
 
 def _dr_command(site: Site, ctx: JobContext, app: App, which: str) -> None:
@@ -140,6 +214,28 @@ def _dr_command(site: Site, ctx: JobContext, app: App, which: str) -> None:
     ctx.log(f"{which} command ran on DR host {host.name}")
 
 
+def _dr_overlay(site: Site, app: App) -> Overlay | None:
+    """The virtual copy a volume app runs on here (None for a file tree)."""
+    if app.kind is not AppKind.VOLUME:
+        return None
+    return site.overlays.get(failover_image(site, app.name).id)
+
+
+@contextlib.contextmanager
+def _read_only(site: Site, app: App) -> Iterator[None]:
+    """Freeze a volume's DR copy (writes fail: EPERM over NBD) from here on; thawed again
+    if what follows fails, since the app is then still failed over here."""
+    overlay = _dr_overlay(site, app)
+    if overlay is not None:
+        overlay.freeze()
+    try:
+        yield
+    except BaseException:
+        if overlay is not None:
+            overlay.thaw()
+        raise
+
+
 def run_replica_failback(site: Site, ctx: JobContext) -> dict[str, Any]:
     params = ctx.job.params
     name = ctx.job.app or ""
@@ -148,12 +244,18 @@ def run_replica_failback(site: Site, ctx: JobContext) -> dict[str, Any]:
         replicas = len(q.list_images(session, app=name, kind=ImageKind.REPLICA))
     facts = AppFacts(replica_images=replicas)
     check_transition(app.name, app.state, Operation.FAILBACK_REPLICA, facts)
+    # 0. production agrees (or refuses) before anything changes anywhere
+    agreed = _agree(site, app, _target(params["target"]), params.get("host"), params.get("path"))
+    ctx.log(
+        f"production agreed to fail back onto {agreed.host}:{agreed.path}"
+        + (f" (registered there as {agreed.target_app})" if agreed.target_app else "")
+    )
     # 1. stop the original
     _production_command(site, name, "stop")
     # 2.-3. difference, sent and applied
     first, _ = capture_dr_state(site, ctx, app, kind=ImageKind.SYNCBACK, label="failback 1/2")
     sent = send_home(site, ctx, app, first)
-    _apply_at_production(site, ctx, name, first, params)
+    _apply_at_production(site, ctx, name, first)
     # 4. the DR copy stops and stays off until commit or undo
     downtime_from = time.monotonic()
     _dr_command(site, ctx, app, "stop")
@@ -161,18 +263,19 @@ def run_replica_failback(site: Site, ctx: JobContext) -> dict[str, Any]:
     protective, _ = capture_dr_state(
         site, ctx, app, kind=ImageKind.PROTECTIVE, label="failback protective snapshot"
     )
-    sent += send_home(site, ctx, app, protective)
-    _apply_at_production(site, ctx, name, protective, params)
-    # 7. failback pending
-    with site.catalog.begin() as session:
-        q.record_transition(
-            session,
-            app=name,
-            operation=Operation.FAILBACK_REPLICA,
-            actor=ctx.job.actor,
-            job=ctx.job.id,
-            facts=facts,
-        )
+    with _read_only(site, app):
+        sent += send_home(site, ctx, app, protective)
+        _apply_at_production(site, ctx, name, protective)
+        # 7. failback pending
+        with site.catalog.begin() as session:
+            q.record_transition(
+                session,
+                app=name,
+                operation=Operation.FAILBACK_REPLICA,
+                actor=ctx.job.actor,
+                job=ctx.job.id,
+                facts=facts,
+            )
     # 9. power on
     if params.get("power_on"):
         _production_command(site, name, "start")
@@ -180,8 +283,8 @@ def run_replica_failback(site: Site, ctx: JobContext) -> dict[str, Any]:
     failback.record_downtime(site, app=name, seconds=downtime)
     ctx.set_image(protective.id)
     ctx.set_message(
-        f"{name} failed back to the {params['target']} app"
-        + (" and started" if params.get("power_on") else "")
+        f"{name} failed back to the {params['target']} app at {agreed.host}:{agreed.path}"
+        + (" and started" if params.get("power_on") else " (stopped there)")
         + f"; protective snapshot {protective.id}; {sent} bytes moved; downtime {downtime:.1f} s."
         " Commit or undo the failback"
     )
@@ -241,7 +344,25 @@ def run_commit(site: Site, ctx: JobContext) -> dict[str, Any]:
         with site.catalog.begin() as session:
             for image in q.list_images(session, app=name, kind=ImageKind.PROTECTIVE):
                 image.kind = ImageKind.SYNCBACK  # newest: kept as the replica by the cleanup
-        return failback.clean_up_and_resume(site, ctx, name, Operation.COMMIT_FAILBACK)
+            started = _powered_on(session, name)
+        result = failback.clean_up_and_resume(site, ctx, name, Operation.COMMIT_FAILBACK)
+    if not started:
+        peer = peers.the_peer(site)
+        where = peer.name if peer is not None else "production"
+        ctx.set_message(
+            f"{ctx.message or name + ' committed'}. {name} is stopped at {where}: the "
+            f"failback ran without --power-on; start it there by running its start command "
+            f"on its host (`tandem app show {name}` on {where} shows both)"
+        )
+    return result
+
+
+def _powered_on(session: Any, app: str) -> bool:
+    """Whether the latest replica-style failback of ``app`` started production's app."""
+    for job in q.list_jobs(session, app=app, limit=50):
+        if job.type == TYPE and job.status is JobStatus.SUCCEEDED:
+            return bool(job.params.get("power_on"))
+    return False
 
 
 def run_undo(site: Site, ctx: JobContext) -> dict[str, Any]:
@@ -254,11 +375,18 @@ def run_undo(site: Site, ctx: JobContext) -> dict[str, Any]:
         raise NotFound(what="protective snapshot of", name=name, listing=f"images {name}")
     check_transition(app.name, app.state, Operation.UNDO_FAILBACK, facts)
     _production_command(site, name, "stop")
+    peer = peers.require_peer(site)
+    with peers.client_for(peer) as remote:
+        undone = remote.failback_undo(name)
+    ctx.log(f"{peer.name} stopped {name} and runs it from {undone.host}:{undone.path} again")
     failover = failover_image(site, name)
     if app.kind is AppKind.FILESYSTEM and failover.mount_point:
         _restore_dr_copy(site, ctx, app, failover, protective)
     elif app.kind is AppKind.VOLUME:
         _revert_overlay(site, ctx, failover, protective)
+        overlay = _dr_overlay(site, app)
+        if overlay is not None:
+            overlay.thaw()  # the DR copy is the writer again
     with site.catalog.begin() as session:
         step = q.record_transition(
             session,
@@ -313,43 +441,217 @@ def _restore_dr_copy(
 
 
 # --- production side (peer calls) -------------------------------------------------------
+#
+# Each step the peer requests is checked against the app's state *here* and carried out
+# with this site's own catalog: the app must be one of this site's, failed over at that
+# peer as far as this site knows (``peer_active``), and, for the failback steps, a failback
+# this site agreed to (``production_failback_check``). The peer never names a host, a path
+# or a command.
 
 
-def production_command(site: Site, *, app: str, which: str) -> dict[str, Any]:
-    """Run the app's stop or start command on its host (as failback asks)."""
-    if which not in ("stop", "start"):
-        raise InvalidInput(detail="which is stop or start")
+def _own_app_failed_over_at(session: Any, *, peer: str, app: str, action: str) -> App:
+    row = q.get_app(session, name=app, for_update=True)
+    if row.origin is not None:
+        raise PeerRefused(
+            peer=peer,
+            action=action,
+            app=app,
+            reason=f"it is a mirror of {row.origin!r} here, not an app of this site",
+            fix="Failback steps go to the appliance the app came from",
+        )
+    if not row.peer_active:
+        raise PeerRefused(
+            peer=peer,
+            action=action,
+            app=app,
+            reason=f"this site does not know it as failed over at {peer}",
+            fix=f"Fail it over at {peer} first; a failover there tells this site",
+        )
+    return row
+
+
+def _agreed(session: Any, row: App, *, peer: str, action: str) -> dict[str, Any]:
+    doc = peers.agreement(session, app_id=row.id)
+    if doc is None or doc.get("peer") != peer:
+        raise PeerRefused(
+            peer=peer,
+            action=action,
+            app=row.name,
+            reason="no failback of it was agreed here",
+            fix=f"Start the failback at {peer} (`tandem failback {row.name} --target ...`): "
+            "it asks this site first",
+        )
+    return doc
+
+
+def _revert_identity(row: App, doc: dict[str, Any]) -> None:
+    """Give ``row`` back the location it had before a failback switched it to the target."""
+    if doc.get("previous"):
+        row.host, row.path = doc["previous"]["host"], doc["previous"]["path"]
+        doc["previous"] = None
+
+
+def _registered_target(
+    session: Any, site: Site, row: App, target: FailbackTarget, host: str, path: str
+) -> App:
+    """The app this site's operators registered at ``host``:``path`` (the only way a
+    restored or new target is named: a lookup, never a place the peer defines)."""
+    where = path.rstrip("/") or "/"
+    if host == row.host and where == (row.path.rstrip("/") or "/"):
+        raise InvalidInput(
+            detail=f"{host}:{path} is where {row.name!r} runs already: use --target original"
+        )
+    found = [
+        a
+        for a in q.list_apps(session)
+        if a.origin is None and a.host == host and (a.path.rstrip("/") or "/") == where
+    ]
+    if not found:
+        raise TargetNotRegistered(kind=row.kind.value, host=host, path=path, site=site.name)
+    other = found[0]
+    if other.kind is not row.kind:
+        raise Conflict(
+            detail=f"the app registered at {host}:{path} here, {other.name!r}, is a "
+            f"{other.kind.value}; {row.name!r} is a {row.kind.value}. Register the "
+            f"location with --kind {row.kind.value}, or choose another"
+        )
+    if target == "new" and q.list_images(session, app=other.name):
+        raise Conflict(
+            detail=f"{other.name!r} at {host}:{path} has images here: it is not a new app. "
+            "Fail back with --target restored, or register an empty location"
+        )
+    return other
+
+
+def production_failback_check(
+    site: Site, *, peer: str, app: str, body: FailbackCheck
+) -> FailbackAgreed:
+    """Agree to a replica-style failback of ``app`` onto ``body.target`` (nothing changes
+    but the agreement): its host and path come from this site's catalog, are reachable,
+    and a ``new`` target is missing or empty."""
+    action = f"fail back onto a {body.target} target"
+    target_app: App | None = None
+    with site.catalog.begin() as session:
+        row = q.get_app(session, name=app, for_update=True)
+        if row.origin is None and not row.peer_active and body.epoch > row.writer_epoch:
+            row.peer_active = True  # a newer writer epoch: the app failed over at the peer
+        row = _own_app_failed_over_at(session, peer=peer, app=app, action=action)
+        busy = _lifecycle_job(session, app)
+        if busy is not None and busy.type == "restore":  # an apply under way: let it end
+            raise PeerRefused(
+                peer=peer,
+                action=action,
+                app=app,
+                reason=f"its {busy.type} job {busy.id} is {busy.status.value} here",
+                fix="Run the failback again once that job has ended",
+            )
+        previous = peers.agreement(session, app_id=row.id)
+        if previous is not None:  # a failback run again: start from the app's own identity
+            _revert_identity(row, previous)
+        if body.target == "original":
+            if body.host or body.path:
+                raise InvalidInput(
+                    detail="--target original fails back to the app as registered here; "
+                    "--host and --path name a restored or new target"
+                )
+            host_name, path = row.host, row.path
+        else:
+            if not (body.host and body.path):
+                raise InvalidInput(detail=f"--target {body.target} needs --host and --path")
+            target_app = _registered_target(session, site, row, body.target, body.host, body.path)
+            host_name, path = target_app.host, target_app.path
+        host = app_host(session, target_app or row, action="fail back onto")
+        kind = row.kind
+        peers.set_agreement(session, app_id=row.id, doc=None)
+    with agent_for(host) as agent:
+        agent.info()  # reachable, or "host NAME unreachable at URL"
+        if body.target == "new":
+            held = agent.check_target(kind.value, path)
+            if not held["usable"]:
+                raise Conflict(
+                    detail=f"{path} on host {host.name} is not missing or empty "
+                    f"({held['kind']}): a failback with --target new writes the whole image "
+                    "there and would destroy what it holds. Register an empty location, or "
+                    "fail back with --target restored"
+                )
+    with site.catalog.begin() as session:
+        row = _own_app_failed_over_at(session, peer=peer, app=app, action=action)
+        peers.set_agreement(
+            session,
+            app_id=row.id,
+            doc={
+                "peer": peer,
+                "target": body.target,
+                "host": host_name,
+                "path": path,
+                "target_app": target_app.name if target_app is not None else None,
+                "previous": None,
+            },
+        )
+    return FailbackAgreed(
+        app=app,
+        target=body.target,
+        host=host_name,
+        path=path,
+        target_app=target_app.name if target_app is not None else None,
+    )
+
+
+def production_command(
+    site: Site, *, peer: str, app: str, which: Literal["stop", "start"]
+) -> CommandRan:
+    """Run the app's own stop or start command on its own host, as an agreed failback asks."""
     with site.catalog.read() as session:
-        row = q.get_app(session, name=app)
-        host = q.get_host(session, name=row.host)
+        row = _own_app_failed_over_at(session, peer=peer, app=app, action=f"{which} the app of")
+        _agreed(session, row, peer=peer, action=f"{which} the app of")
+        host = app_host(session, row, action=which)
     if not hooks.script_for(row, Hook(which)):
-        return {"ran": False}
+        return CommandRan(ran=False)
     with agent_for(host) as agent:
         hooks.run_hook(agent, row, Hook(which), operation="failback", path=row.path)
-    return {"ran": True}
+    return CommandRan(ran=True)
 
 
-def production_apply(
-    site: Site, *, peer: str, app: str, image: str, host: str | None, path: str | None
-) -> Job:
-    """Switch the app's identity to a restored/new target if given, then queue a restore of
-    the syncback ``image`` onto it without the app's own commands (failback runs them)."""
+def production_apply(site: Site, *, peer: str, app: str, image: str) -> Job:
+    """Restore a syncback ``image`` the peer sent onto the agreed target, without the app's
+    own commands (the failback runs them). For a restored/new target the app first takes
+    the target's identity (host and path), which an undo reverts."""
     from tandem.domain.rules import RESTORE_CONFIRMATIONS
     from tandem.operations.restore import submit_restore
 
-    if host or path:
-        with site.catalog.begin() as session:
-            row = q.get_app(session, name=app, for_update=True)
-            if host:
-                q.get_host(session, name=host)
-                row.host = host
-            if path:
-                row.path = path
+    action = "apply an image to"
+    with site.catalog.begin() as session:
+        row = _own_app_failed_over_at(session, peer=peer, app=app, action=action)
+        doc = _agreed(session, row, peer=peer, action=action)
+        img = q.get_image(session, image_id=image)
+        if img.app_id != row.id or img.kind is not ImageKind.SYNCBACK or img.origin != peer:
+            raise PeerRefused(
+                peer=peer,
+                action=action,
+                app=app,
+                reason=f"{image} is not a syncback of it from {peer}",
+                fix="Send the image as a syncback first",
+            )
+        if doc["target"] != "original" and not doc.get("previous"):
+            doc["previous"] = {"host": row.host, "path": row.path}
+            row.host, row.path = doc["host"], doc["path"]
+            peers.set_agreement(session, app_id=row.id, doc=doc)
     return submit_restore(
         site,
         app=app,
         image=image,
         confirm=list(RESTORE_CONFIRMATIONS),
-        actor=f"peer-{peer}",
+        actor=peers.peer_token_name(peer),
         commands=False,
     )
+
+
+def production_undo(site: Site, *, peer: str, app: str) -> Undone:
+    """An agreed failback is undone at the peer: the app takes back its former identity;
+    the peer's copy is the writer again (the app stays failed over there)."""
+    with site.catalog.begin() as session:
+        row = _own_app_failed_over_at(session, peer=peer, app=app, action="undo a failback of")
+        doc = _agreed(session, row, peer=peer, action="undo a failback of")
+        _revert_identity(row, doc)
+        peers.set_agreement(session, app_id=row.id, doc=None)
+        return Undone(app=app, host=row.host, path=row.path)

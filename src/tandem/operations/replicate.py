@@ -10,7 +10,16 @@ blocks the app's captures, and one app's replication never waits for another's):
    use best (``storage.transfer``: stored delta, computed XOR delta, or whole); send the
    manifest; commit.
 
+Production stops mirroring an app that failed over at the peer (``App.peer_active``): the
+peer says so at failover (best effort), and a replication it refuses as stale says so too.
+No replication job is queued for such an app until a failback hands the epoch back.
+
 Receiver (DR appliance, ``/api/v1/peer/…``, peer token):
+- A replica of an app this site does not know creates a *mirror record*: name, kind, the
+  peer's app id and origin = the peer. Production's host and path are kept for display
+  only; nothing from the peer is a host to act on, a path to write or a command to run
+  (``operations.hosts.app_host`` refuses them). An app whose origin is not that peer is
+  never altered by it.
 - ``open_replication`` checks fencing: the writer epoch carried must be at least the one
   held here (a failover here raised it: production may not overwrite the DR copy), the app
   must be one this peer mirrors here, in a state that takes replicas, and the image newer
@@ -34,11 +43,10 @@ from typing import Any
 
 from tandem.catalog import queries as q
 from tandem.catalog.models import Image, Job
-from tandem.domain.hooks import is_hook_name
 from tandem.domain.images import ImageKind
 from tandem.domain.jobs import JobStatus
-from tandem.domain.lifecycle import AppFacts, AppKind, AppState, Operation, check_transition
-from tandem.errors import Conflict, InvalidInput, NotFound, StaleEpoch
+from tandem.domain.lifecycle import AppFacts, AppState, Operation, check_transition
+from tandem.errors import Conflict, InvalidInput, NotFound, StaleEpoch, TransitionRefused
 from tandem.jobs.queue import submit_job
 from tandem.jobs.runner import JobContext
 from tandem.operations import images, peers
@@ -46,6 +54,15 @@ from tandem.operations.site import Site
 from tandem.storage.manifest import Manifest, load_manifest
 from tandem.storage.transfer import chunks_to_offer, encode_for_receiver, previous_at_same_offset
 from tandem.transport.client import ApiClient
+from tandem.transport.peer import (
+    ImageOffer,
+    Location,
+    MirroredApp,
+    Opened,
+    PeerClient,
+    ReplicasHeld,
+    ReplicationOpen,
+)
 from tandem.transport.wire import decode_digests, encode_digests, encode_frames
 
 TYPE = "replicate"
@@ -57,14 +74,31 @@ IN_FLIGHT = 3  # requests under way at once
 # --- sender ----------------------------------------------------------------------------
 
 
+def failed_over_at_peer(site: Site, app: str) -> bool:
+    """Whether ``app`` (of this site) is failed over at the peer: not mirrored meanwhile."""
+    with site.catalog.read() as session:
+        return q.get_app(session, name=app).peer_active
+
+
+def check_not_failed_over_at_peer(app: Any, peer: str) -> None:
+    if app.peer_active:
+        raise TransitionRefused(
+            app=app.name,
+            operation=Operation.REPLICATE.value,
+            reason=f"it is failed over at {peer}, whose copy is the writer; fail it back "
+            f"there (`tandem failback {app.name}` on {peer}) and mirroring resumes by itself",
+        )
+
+
 def submit_replicate(site: Site, *, app: str, actor: str | None = None) -> Job:
     """Queue a replication of ``app`` to the peer, unless one is already queued or running."""
-    peers.require_peer(site)
+    peer = peers.require_peer(site)
     with site.catalog.begin() as session:
         row = q.get_app(session, name=app)
         template = q.get_template(session, name=row.template) if row.template else None
         facts = AppFacts(mirrored=bool(template and template.mirror))
         check_transition(row.name, row.state, Operation.REPLICATE, facts)
+        check_not_failed_over_at_peer(row, peer.name)
         for job in q.list_jobs(session, app=row.name, limit=20):
             if job.type == TYPE and job.status in (JobStatus.QUEUED, JobStatus.RUNNING):
                 return job
@@ -73,16 +107,14 @@ def submit_replicate(site: Site, *, app: str, actor: str | None = None) -> Job:
     return job
 
 
-def _app_doc(app: Any) -> dict[str, Any]:
-    return {
-        "id": app.id,
-        "name": app.name,
-        "kind": app.kind.value,
-        "host": app.host,
-        "path": app.path,
-        "start": app.start_hook,
-        "stop": app.stop_hook,
-    }
+def mark_failed_over_at_peer(site: Site, *, app: str, active: bool = True) -> bool:
+    """Record that ``app`` (of this site) is (or no longer is) failed over at the peer;
+    returns whether that changed anything."""
+    with site.catalog.begin() as session:
+        row = q.get_app(session, name=app, for_update=True)
+        changed = row.peer_active != active
+        row.peer_active = active
+    return changed
 
 
 def run_replicate(site: Site, ctx: JobContext) -> dict[str, Any]:
@@ -94,7 +126,9 @@ def run_replicate(site: Site, ctx: JobContext) -> dict[str, Any]:
         template = q.get_template(session, name=app.template) if app.template else None
         facts = AppFacts(mirrored=bool(template and template.mirror))
         check_transition(app.name, app.state, Operation.REPLICATE, facts)
-        app_doc = _app_doc(app)
+        check_not_failed_over_at_peer(app, peer.name)
+        mirrored = MirroredApp(id=app.id, name=app.name, kind=app.kind)
+        location = Location(host=app.host, path=app.path)
         epoch = app.writer_epoch
     keep = template.keep if template is not None else None
     limit = peers.bandwidth(site)
@@ -107,9 +141,27 @@ def run_replicate(site: Site, ctx: JobContext) -> dict[str, Any]:
             done = 0
             for snap in todo:
                 ctx.set_message(f"replicating {snap.id} to {peer.name}")
-                sent = _replicate_one(
-                    site, ctx, remote, peer, app_doc, snap, epoch, keep, limit, done, total
-                )
+                try:
+                    sent = _replicate_one(
+                        site,
+                        ctx,
+                        remote,
+                        peer,
+                        mirrored,
+                        location,
+                        snap,
+                        epoch,
+                        keep,
+                        limit,
+                        done,
+                        total,
+                    )
+                except StaleEpoch:
+                    # The peer holds a newer epoch: the app failed over there. Stop mirroring
+                    # it until a failback hands the epoch back.
+                    if mark_failed_over_at_peer(site, app=name):
+                        ctx.log(f"{name} is failed over at {peer.name}: mirroring stops")
+                    raise
                 sent_total += sent
                 done += snap.size
                 replicated.append(snap.id)
@@ -127,13 +179,12 @@ def run_replicate(site: Site, ctx: JobContext) -> dict[str, Any]:
     return {"peer": peer.name, "replicated": replicated, "bytes_sent": sent_total}
 
 
-def _pending(site: Site, remote: ApiClient, app: str, done: list[str]) -> list[Image]:
+def _pending(site: Site, remote: PeerClient, app: str, done: list[str]) -> list[Image]:
     """The app's snapshots the peer does not hold, newer than its newest replica, oldest
     first."""
-    held = remote.get(f"/api/v1/peer/apps/{app}/replicas")
-    have = set(held.get("images", [])) | set(done)
-    newest = held.get("newest_created")
-    newest_at = datetime.fromisoformat(newest) if newest else None
+    held = remote.replicas(app)
+    have = set(held.images) | set(done)
+    newest_at = held.newest_created
     with site.catalog.read() as session:
         snapshots = reversed(q.list_images(session, app=app, kind=ImageKind.SNAPSHOT))
         return [
@@ -146,9 +197,10 @@ def _pending(site: Site, remote: ApiClient, app: str, done: list[str]) -> list[I
 def _replicate_one(
     site: Site,
     ctx: JobContext,
-    remote: ApiClient,
+    remote: PeerClient,
     peer: Any,
-    app_doc: dict[str, Any],
+    app: MirroredApp,
+    location: Location,
     snap: Image,
     epoch: int,
     keep: int | None,
@@ -156,33 +208,37 @@ def _replicate_one(
     done_before: int,
     total: int,
 ) -> int:
-    opened = remote.post(
-        "/api/v1/peer/replications",
-        {
-            "app": app_doc,
-            "image": {
-                "id": snap.id,
-                "created": snap.created.isoformat(),
-                "label": snap.label,
-                "size": snap.size,
-                "manifest": snap.manifest,
-            },
-            "epoch": epoch,
-            "keep": keep,
-        },
+    opened = remote.open_replication(
+        ReplicationOpen(
+            app=app,
+            image=offer_of(snap),
+            epoch=epoch,
+            keep=keep,
+            production=location,
+        )
     )
-    if opened.get("status") == "present":
+    if opened.status == "present":
         return 0
     sent = send_image(site, ctx, peer, opened, snap.manifest, snap.size, limit, done_before, total)
-    remote.post(f"/api/v1/peer/replications/{opened['session']}/commit", {"token": opened["token"]})
+    remote.commit_replication(str(opened.session), str(opened.token))
     return sent
+
+
+def offer_of(image: Image) -> ImageOffer:
+    return ImageOffer(
+        id=image.id,
+        created=image.created,
+        label=image.label,
+        size=image.size,
+        manifest=image.manifest,
+    )
 
 
 def send_image(
     site: Site,
     ctx: JobContext,
     peer: Any,
-    opened: dict[str, Any],
+    opened: Opened,
     manifest_hex: str,
     size: int,
     limit: int = 0,
@@ -191,11 +247,11 @@ def send_image(
 ) -> int:
     """Fill the session the peer ``opened`` with what it lacks of image ``manifest_hex``,
     then send the manifest; returns the bytes sent. (The caller commits.)"""
-    sid, token = str(opened["session"]), str(opened["token"])
+    sid, token = str(opened.session), str(opened.token)
     mid = bytes.fromhex(manifest_hex)
     manifest = load_manifest(site.pool, mid)
     prev: Manifest | None = None
-    base_hex = opened.get("base")
+    base_hex = opened.base
     if base_hex and site.pool.has_manifest(bytes.fromhex(base_hex)):
         prev = load_manifest(site.pool, bytes.fromhex(base_hex))
     held = prev.chunk_ids() if prev is not None else set()
@@ -266,77 +322,87 @@ def send_image(
 # --- receiver --------------------------------------------------------------------------
 
 
-def replicas_held(site: Site, *, app: str) -> dict[str, Any]:
-    """What the peer asks before sending: the replicas of ``app`` held here."""
+def _mirror_of(session: Any, *, peer: str, app: str) -> Any:
+    """The mirror record of ``peer``'s ``app`` here; an app that is not that peer's mirror
+    (this site's own, or another's) is never touched by it."""
+    row = q.get_app(session, name=app, for_update=True)
+    if row.origin != peer:
+        raise Conflict(
+            detail=f"application {app!r} here is not a mirror of {peer!r} "
+            f"(its origin is {row.origin or 'this appliance'}); rename one of them"
+        )
+    return row
+
+
+def replicas_held(site: Site, *, peer: str, app: str) -> ReplicasHeld:
+    """What the peer asks before sending: the replicas of its ``app`` held here."""
     with site.catalog.read() as session:
         try:
             row = q.get_app(session, name=app)
         except NotFound:
-            return {"images": [], "newest_created": None, "epoch": None}
+            return ReplicasHeld(images=[], newest_created=None, epoch=None)
+        if row.origin != peer:
+            raise Conflict(
+                detail=f"application {app!r} here is not a mirror of {peer!r} "
+                f"(its origin is {row.origin or 'this appliance'}); rename one of them"
+            )
         replicas = q.list_images(session, app=app, kind=ImageKind.REPLICA)
-        return {
-            "images": [r.id for r in replicas],
-            "newest_created": replicas[0].created.isoformat() if replicas else None,
-            "epoch": row.writer_epoch,
-        }
+        return ReplicasHeld(
+            images=[r.id for r in replicas],
+            newest_created=replicas[0].created if replicas else None,
+            epoch=row.writer_epoch,
+        )
 
 
-def open_replication(
-    site: Site,
-    *,
-    peer: str,
-    app: dict[str, Any],
-    image: dict[str, Any],
-    epoch: int,
-    keep: int | None,
-) -> dict[str, Any]:
+def open_replication(site: Site, *, peer: str, body: ReplicationOpen) -> Opened:
     """Check fencing and order, then open the write session the sender fills."""
-    name = str(app["name"])
-    created = datetime.fromisoformat(str(image["created"]))
+    name = body.app.name
+    image = body.image
+    epoch = body.epoch
+    shown = body.production
     with site.catalog.begin() as session:
         try:
-            row = q.get_app(session, name=name, for_update=True)
+            q.get_app(session, name=name)
         except NotFound:
+            # A mirror record: nothing in it is a host to act on or a command to run.
             row = q.add_app(
                 session,
                 name=name,
-                kind=AppKind(app["kind"]),
-                host=str(app["host"]),
-                path=str(app["path"]),
-                hooks={
-                    k: v
-                    for k in ("start", "stop")
-                    if isinstance(v := app.get(k), str) and is_hook_name(v)
-                },
+                kind=body.app.kind,
+                host=shown.host if shown else "",
+                path=shown.path if shown else "",
                 origin=peer,
-                app_id=app.get("id"),
+                app_id=body.app.id,
                 state=AppState.MANAGED,
             )
             row.writer_epoch = epoch
-        if row.origin != peer:
+        row = _mirror_of(session, peer=peer, app=name)
+        if row.kind is not body.app.kind:
             raise Conflict(
-                detail=f"application {name!r} here is not a mirror of {peer!r} "
-                f"(its origin is {row.origin or 'this appliance'}); rename one of them"
+                detail=f"{peer!r} sends a {body.app.kind.value} image of {name!r}, which is a "
+                f"{row.kind.value} here; rename one of them"
             )
         if epoch < row.writer_epoch:
             raise StaleEpoch(app=name, carried=epoch, current=row.writer_epoch)
         check_transition(row.name, row.state, Operation.REPLICATE, AppFacts(mirrored=True))
         replicas = q.list_images(session, app=name, kind=ImageKind.REPLICA)
-        if any(r.id == image["id"] for r in replicas):
-            return {"status": "present"}
-        if replicas and created <= replicas[0].created:
+        if any(r.id == image.id for r in replicas):
+            return Opened(status="present")
+        if replicas and image.created <= replicas[0].created:
             raise Conflict(
-                detail=f"image {image['id']} of {name!r} is older than the newest replica "
+                detail=f"image {image.id} of {name!r} is older than the newest replica "
                 f"{replicas[0].id}: a replayed or out-of-order replication is refused"
             )
         base = replicas[0] if replicas else None
         if epoch > row.writer_epoch:
             row.writer_epoch = epoch
+        if shown is not None and row.state is AppState.MANAGED:  # shown, never acted on
+            row.host, row.path = shown.host, shown.path
     base_id = bytes.fromhex(base.manifest) if base is not None else None
     if base_id is not None and not site.pool.has_manifest(base_id):
         base_id = None
     transfer, token = site.sessions.open(
-        job_id=f"replication of {image['id']} from {peer}",
+        job_id=f"replication of {image.id} from {peer}",
         write=True,
         bases=[base_id] if base_id else [],
         ttl=3600,
@@ -344,16 +410,12 @@ def open_replication(
     transfer.meta.update(
         peer=peer,
         app=name,
-        image=image,
+        image=image.model_dump(mode="json"),
         epoch=epoch,
-        keep=keep,
+        keep=body.keep,
         parent=base.id if base is not None else None,
     )
-    return {
-        "session": transfer.id,
-        "token": token,
-        "base": base_id.hex() if base_id else None,
-    }
+    return Opened(session=transfer.id, token=token, base=base_id.hex() if base_id else None)
 
 
 def commit_replication(site: Site, *, peer: str, sid: str, token: str) -> Image:
@@ -371,7 +433,7 @@ def commit_replication(site: Site, *, peer: str, sid: str, token: str) -> Image:
     try:
         with site.gc_lock:
             with site.catalog.begin() as session:
-                row = q.get_app(session, name=meta["app"], for_update=True)
+                row = _mirror_of(session, peer=peer, app=meta["app"])
                 if meta["epoch"] < row.writer_epoch:
                     raise StaleEpoch(app=row.name, carried=meta["epoch"], current=row.writer_epoch)
                 check_transition(row.name, row.state, Operation.REPLICATE, AppFacts(mirrored=True))

@@ -35,7 +35,7 @@ from tandem.errors import Conflict, InvalidInput, TandemError
 from tandem.jobs.queue import submit_job
 from tandem.jobs.runner import JobContext
 from tandem.operations import failback, hooks, stamps
-from tandem.operations.hosts import agent_for
+from tandem.operations.hosts import agent_for, app_host
 from tandem.operations.site import Site
 from tandem.operations.streams import follow
 from tandem.transport.agent import AgentClient
@@ -69,7 +69,7 @@ def submit_restore(
         if img.state is ImageState.DELETING:
             raise Conflict(detail=f"image {img.id} is being deleted; choose another image")
         check_transition(row.name, row.state, Operation.RESTORE)
-        q.get_host(session, name=row.host)
+        app_host(session, row, action="restore")
         job = submit_job(
             session,
             type=TYPE,
@@ -94,7 +94,7 @@ def run_restore(site: Site, ctx: JobContext) -> dict[str, Any]:
         app = q.get_app(session, name=name)
         image = q.get_image(session, image_id=image_id)
         check_transition(app.name, app.state, Operation.RESTORE)
-        host = q.get_host(session, name=app.host)
+        host = app_host(session, app, action="restore")
     readable = [bytes.fromhex(image.manifest)]
     known = stamps.known(site, app_id=app.id) if app.kind is AppKind.VOLUME else None
     if known is not None and site.pool.has_manifest(bytes.fromhex(known[0])):

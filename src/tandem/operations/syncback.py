@@ -40,19 +40,20 @@ from tandem.catalog.models import App, Host, Image, Job
 from tandem.domain.ids import new_image_id
 from tandem.domain.images import ImageKind, ImageState
 from tandem.domain.lifecycle import AppKind, AppState, Operation, check_transition
-from tandem.errors import Conflict, InvalidInput, NotFound, RemoteError, TandemError
+from tandem.errors import Conflict, InvalidInput, NotFound, PeerRefused, RemoteError, TandemError
 from tandem.jobs.queue import submit_job
 from tandem.jobs.runner import JobContext
 from tandem.operations import peers
 from tandem.operations.capture import check_label
 from tandem.operations.hosts import agent_for
-from tandem.operations.replicate import send_image
+from tandem.operations.replicate import offer_of, send_image
 from tandem.operations.sessions import Session
 from tandem.operations.site import Site
 from tandem.operations.streams import follow
 from tandem.storage.manifest import FILE, TreeManifest, VolumeManifest, load_manifest
 from tandem.storage.overlay import Overlay, capture_overlay
 from tandem.storage.tree import diff_trees
+from tandem.transport.peer import Opened, SyncbackOpen
 
 TYPE = "syncback"
 
@@ -291,25 +292,16 @@ def send_home(site: Site, ctx: JobContext, app: App, image: Image) -> int:
     bases = [*older[:1], failover.source_image_id or failover.parent_id or ""]
     ctx.set_message(f"sending {image.id} to {peer.name}")
     with peers.client_for(peer) as remote:
-        opened = remote.post(
-            "/api/v1/peer/syncbacks",
-            {
-                "app": app.name,
-                "image": {
-                    "id": image.id,
-                    "created": image.created.isoformat(),
-                    "label": image.label,
-                    "size": image.size,
-                    "manifest": image.manifest,
-                },
-                "bases": [b for b in bases if b],
-                "epoch": app.writer_epoch,
-            },
+        opened = remote.open_syncback(
+            SyncbackOpen(
+                app=app.name,
+                image=offer_of(image),
+                bases=[b for b in bases if b],
+                epoch=app.writer_epoch,
+            )
         )
         sent = send_image(site, ctx, peer, opened, image.manifest, image.size)
-        remote.post(
-            f"/api/v1/peer/syncbacks/{opened['session']}/commit", {"token": opened["token"]}
-        )
+        remote.commit_syncback(str(opened.session), str(opened.token))
     return sent
 
 
@@ -342,9 +334,10 @@ def run_syncback(site: Site, ctx: JobContext) -> dict[str, Any]:
 # --- receiver (production appliance) ---------------------------------------------------
 
 
-def open_syncback(
-    site: Site, *, peer: str, app: str, image: dict[str, Any], bases: list[str], epoch: int
-) -> dict[str, Any]:
+def open_syncback(site: Site, *, peer: str, body: SyncbackOpen) -> Opened:
+    """Production side: take a syncback of one of this site's apps that is failed over at
+    the peer (a newer writer epoch says so too); it only adds a ``syncback`` image."""
+    app, image, bases, epoch = body.app, body.image, body.bases, body.epoch
     with site.catalog.begin() as session:
         row = q.get_app(session, name=app, for_update=True)
         if row.origin is not None:
@@ -352,14 +345,23 @@ def open_syncback(
                 detail=f"application {app!r} here is a mirror of {row.origin!r}, not production; "
                 "a syncback goes to the appliance the app came from"
             )
+        if not row.peer_active and epoch <= row.writer_epoch:
+            raise PeerRefused(
+                peer=peer,
+                action="send a syncback of",
+                app=app,
+                reason=f"this site does not know it as failed over at {peer}",
+                fix=f"Fail it over at {peer} first; a syncback carries what was written there",
+            )
+        row.peer_active = True
         if epoch < row.writer_epoch:
             raise Conflict(
                 detail=f"syncback of {app!r} carries writer epoch {epoch}, older than "
                 f"{row.writer_epoch} here: it comes from a copy that is no longer the writer"
             )
         row.writer_epoch = epoch
-        if any(i.id == image["id"] for i in q.list_images(session, app=app)):
-            raise Conflict(detail=f"image {image['id']} is already here")
+        if any(i.id == image.id for i in q.list_images(session, app=app)):
+            raise Conflict(detail=f"image {image.id} is already here")
         base_id = None
         for candidate in bases:
             try:
@@ -370,15 +372,17 @@ def open_syncback(
                 base_id = bytes.fromhex(found.manifest)
                 break
     transfer, token = site.sessions.open(
-        job_id=f"syncback of {image['id']} from {peer}",
+        job_id=f"syncback of {image.id} from {peer}",
         write=True,
         bases=[base_id] if base_id else [],
         ttl=3600,
         # It lands during a failback's downtime: stored as sent, no base decoded.
         xor_deltas=False,
     )
-    transfer.meta.update(peer=peer, app=app, image=image, epoch=epoch, syncback=True)
-    return {"session": transfer.id, "token": token, "base": base_id.hex() if base_id else None}
+    transfer.meta.update(
+        peer=peer, app=app, image=image.model_dump(mode="json"), epoch=epoch, syncback=True
+    )
+    return Opened(session=transfer.id, token=token, base=base_id.hex() if base_id else None)
 
 
 def commit_syncback(site: Site, *, peer: str, sid: str, token: str) -> Image:

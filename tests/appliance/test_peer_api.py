@@ -1,0 +1,259 @@
+"""The peer API over HTTPS: the other site's token is a peer's, not an admin's.
+
+It can send replicas (which define no host, path or command here), read state, and request
+the steps of a failback this site agreed to; every other shape is refused before anything
+changes. (Two live sites exercise the allowed calls in tests/operations/test_peer_trust.py.)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tandem.catalog import queries as q
+from tandem.domain.ids import new_app_id, new_image_id
+from tandem.domain.jobs import JobStatus
+from tandem.domain.rules import Role
+from tandem.operations import tokens
+from tests.appliance.conftest import Api, api, booted, seed_app, seed_image
+from tests.catalog.conftest import catalog_url
+
+__all__ = ["api", "booted", "catalog_url"]
+
+MANIFEST = "ab" * 32
+
+
+@pytest.fixture
+def peer(api: Api) -> dict[str, str]:
+    """Headers of the token the paired site ``prod`` calls this one with."""
+    _, secret = tokens.add_token(api.appliance.site, name="peer-prod", role=Role.PEER)
+    return {"Authorization": f"Bearer {secret}"}
+
+
+def _replication(app: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    return {
+        "app": app,
+        "image": {
+            "id": new_image_id(),
+            "created": "2026-01-01T00:00:00+00:00",
+            "label": None,
+            "size": 0,
+            "manifest": MANIFEST,
+        },
+        "epoch": 1,
+        **extra,
+    }
+
+
+def _app(api: Api, name: str) -> Any:
+    with api.appliance.catalog.read() as session:
+        return q.get_app(session, name=name)
+
+
+def _jobs(api: Api) -> list[Any]:
+    with api.appliance.catalog.read() as session:
+        return q.list_jobs(session, limit=100)
+
+
+def test_a_replica_defines_no_host_path_or_command_here(api: Api, peer: dict[str, str]) -> None:
+    """Reproduction: an app object with a host, a path and commands created that app here,
+    and the peer then had its command run as root on that host."""
+    c = api.client
+    evil = {
+        "id": new_app_id(),
+        "name": "evil",
+        "kind": "filesystem",
+        "host": "h1",
+        "path": "/etc",
+        "start": "touch /tmp/pwned",
+        "stop": "touch /tmp/pwned",
+    }
+    r = c.post("/api/v1/peer/replications", headers=peer, json=_replication(evil))
+    assert r.status_code == 422, r.text
+    assert "extra" in r.text.lower() or "not permitted" in r.text.lower()
+    assert c.get("/api/v1/apps/evil", headers=api.headers()).status_code == 404
+
+    # What a replica may say: name, kind, the peer's app id (and where production runs,
+    # for display). It makes a mirror record here, with no command at all.
+    plain = {"id": evil["id"], "name": "evil", "kind": "filesystem"}
+    shown = {"host": "h1", "path": "/etc"}
+    r = c.post(
+        "/api/v1/peer/replications", headers=peer, json=_replication(plain, production=shown)
+    )
+    assert r.status_code == 200, r.text
+    row = _app(api, "evil")
+    assert row.origin == "prod" and row.start_cmd is None and row.stop_cmd is None
+    assert c.get("/api/v1/apps/evil", headers=api.headers()).json()["origin"] == "prod"
+
+    # ... on which the peer can run nothing,
+    r = c.post("/api/v1/peer/apps/evil/command", headers=peer, json={"which": "start"})
+    assert r.status_code == 409, r.text
+    assert "mirror of 'prod'" in r.json()["message"]
+    # ... and this site acts on no host or path of it: capture and restore are refused.
+    seed_app(api.appliance, "other")  # registers host h1 here: the mirror names it too
+    r = c.post("/api/v1/apps/evil/capture", headers=api.headers("operator"), json={})
+    assert r.status_code == 409 and r.json()["error"] == "MirrorRecord", r.text
+    assert "Run the capture at production (prod)" in r.json()["message"]
+    r = c.post(
+        "/api/v1/apps/evil/restore",
+        headers=api.headers("operator"),
+        json={"image": new_image_id(), "confirm": ["DATA LOSS", "OVERWRITE OTHER APPS"]},
+    )
+    assert r.status_code in (404, 409), r.text  # no such image here, or refused as a mirror
+    assert not any(j.app == "evil" for j in _jobs(api))
+
+
+def test_apply_names_no_path_and_needs_an_agreed_failback(
+    api: Api, peer: dict[str, str], tmp_path: Path
+) -> None:
+    """Reproduction: ``apply {"image", "path": "/any/folder"}`` with no failback under way
+    changed the app's path for good and restored over that folder."""
+    c = api.client
+    seed_app(api.appliance, "www")
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "index.html").write_text("hello\n")
+    image = seed_image(api.appliance, "www", source)
+
+    r = c.post(
+        "/api/v1/peer/apps/www/apply", headers=peer, json={"image": image, "path": "/any/folder"}
+    )
+    assert r.status_code == 422, r.text
+    r = c.post("/api/v1/peer/apps/www/apply", headers=peer, json={"image": image})
+    assert r.status_code == 409, r.text
+    assert "does not know it as failed over at prod" in r.json()["message"]
+    # failed over at the peer, but no failback agreed: still nothing
+    with api.appliance.catalog.begin() as session:
+        q.get_app(session, name="www").peer_active = True
+    r = c.post("/api/v1/peer/apps/www/apply", headers=peer, json={"image": image})
+    assert r.status_code == 409, r.text
+    assert "no failback of it was agreed here" in r.json()["message"]
+    assert _app(api, "www").path == "/srv/www"
+    assert not any(j.type == "restore" for j in _jobs(api))
+
+
+def test_commands_only_for_an_app_failed_over_at_the_peer_with_an_agreed_failback(
+    api: Api, peer: dict[str, str]
+) -> None:
+    c = api.client
+    seed_app(api.appliance, "www")  # its host's agent is never reached: refused before
+    with api.appliance.catalog.begin() as session:
+        q.set_app_commands(session, name="www", commands={"stop": "true", "start": "true"})
+    for which in ("stop", "start"):
+        r = c.post("/api/v1/peer/apps/www/command", headers=peer, json={"which": which})
+        assert r.status_code == 409, r.text
+        assert "does not know it as failed over at prod" in r.json()["message"]
+    with api.appliance.catalog.begin() as session:
+        q.get_app(session, name="www").peer_active = True
+    r = c.post("/api/v1/peer/apps/www/command", headers=peer, json={"which": "stop"})
+    assert r.status_code == 409, r.text
+    assert "no failback of it was agreed" in r.json()["message"]
+    assert "tandem failback www --target" in r.json()["message"]
+    r = c.post("/api/v1/peer/apps/www/failback-undo", headers=peer, json={})
+    assert r.status_code == 409, r.text
+
+
+def test_a_peer_token_makes_only_peer_calls_and_only_peers_make_them(
+    api: Api, peer: dict[str, str]
+) -> None:
+    c = api.client
+    seed_app(api.appliance, "www")
+    for method, path in (
+        ("GET", "/api/v1/apps"),
+        ("POST", "/api/v1/apps/www/capture"),
+        ("POST", "/api/v1/apps/www/restore"),
+        ("POST", "/api/v1/tokens"),
+        ("GET", "/api/v1/hosts"),
+    ):
+        r = c.request(method, path, headers=peer, json={})
+        assert r.status_code == 403, (path, r.text)
+        assert r.json()["error"] == "Forbidden"
+    # an admin (or operator) token is no peer: the peer calls need the peer's identity,
+    # which a token only named like a peer's does not have
+    _, named = tokens.add_token(api.appliance.site, name="peer-lookalike", role=Role.ADMIN)
+    lookalike = {"Authorization": f"Bearer {named}"}
+    for headers in (*(api.headers(role) for role in ("admin", "operator", "viewer")), lookalike):
+        r = c.get("/api/v1/peer/apps/www/replicas", headers=headers)
+        assert r.status_code == 403, r.text
+    # the peer sees only the jobs it asked for
+    job = next(iter(_jobs(api)), None)
+    assert job is None
+    r = c.post("/api/v1/apps/www/capture", headers=api.headers("operator"), json={})
+    assert r.status_code == 202, r.text
+    job_id = r.json()["job"]["id"]
+    r = c.get(f"/api/v1/peer/jobs/{job_id}", headers=peer)
+    assert r.status_code == 404, r.text
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "where"),
+    [
+        ("POST", "/api/v1/peer/replications", {"surprise": 1}, "surprise"),
+        ("POST", "/api/v1/peer/syncbacks", {"app": "www", "command": "id"}, "command"),
+        ("POST", "/api/v1/peer/apps/www/command", {"which": "rm -rf /"}, "which"),
+        ("POST", "/api/v1/peer/apps/www/command", {"which": "stop", "cmd": "id"}, "cmd"),
+        ("POST", "/api/v1/peer/apps/www/apply", {"image": "../../etc"}, "image"),
+        ("POST", "/api/v1/peer/apps/www/apply", {"image": "img_aaaaaaaaaaaa", "host": "h"}, "host"),
+        (
+            "POST",
+            "/api/v1/peer/apps/www/failback-check",
+            {"target": "new", "host": "h1", "path": "relative", "epoch": 2},
+            "path",
+        ),
+        (
+            "POST",
+            "/api/v1/peer/apps/www/failback-check",
+            {"target": "original", "epoch": 2, "start": "id"},
+            "start",
+        ),
+        ("POST", "/api/v1/peer/apps/w%20w/resume", {"epoch": 2}, "name"),
+        ("GET", "/api/v1/peer/jobs/..%2Fapps", None, "job_id"),
+        ("POST", "/api/v1/peer/apps/www/failed-over", {"epoch": 0}, "epoch"),
+    ],
+)
+def test_every_other_shape_is_refused(
+    api: Api, peer: dict[str, str], method: str, path: str, body: Any, where: str
+) -> None:
+    seed_app(api.appliance, "www")
+    r = api.client.request(method, path, headers=peer, json=body)
+    assert r.status_code in (404, 422), r.text
+    if r.status_code == 422:
+        assert where in r.text
+    row = _app(api, "www")
+    assert (row.host, row.path, row.peer_active) == ("h1", "/srv/www", False)
+    assert all(j.status is JobStatus.QUEUED and j.type != "restore" for j in _jobs(api))
+
+
+def test_an_app_of_this_site_is_never_altered_by_the_peer(api: Api, peer: dict[str, str]) -> None:
+    seed_app(api.appliance, "www")
+    own = _app(api, "www")
+    plain = {"id": own.id, "name": "www", "kind": "filesystem"}
+    r = api.client.post("/api/v1/peer/replications", headers=peer, json=_replication(plain))
+    assert r.status_code == 409 and "not a mirror of 'prod'" in r.text, r.text
+    r = api.client.get("/api/v1/peer/apps/www/replicas", headers=peer)
+    assert r.status_code == 409, r.text
+    # telling this site that its own app failed over needs a newer writer epoch
+    r = api.client.post("/api/v1/peer/apps/www/failed-over", headers=peer, json={"epoch": 1})
+    assert r.status_code == 409, r.text
+    assert not _app(api, "www").peer_active
+
+
+def test_a_failback_is_not_agreed_again_while_one_of_its_steps_runs(
+    api: Api, peer: dict[str, str]
+) -> None:
+    """Agreeing again resets the app's identity: never under a restore that is applying."""
+    from tandem.jobs.queue import submit_job
+
+    seed_app(api.appliance, "www")
+    with api.appliance.catalog.begin() as session:
+        q.get_app(session, name="www").peer_active = True
+        submit_job(session, type="restore", app="www", lifecycle=True, actor="peer-prod")
+    r = api.client.post(
+        "/api/v1/peer/apps/www/failback-check",
+        headers=peer,
+        json={"target": "original", "epoch": 2},
+    )
+    assert r.status_code == 409, r.text
+    assert "its restore job" in r.json()["message"] and "is queued here" in r.json()["message"]
