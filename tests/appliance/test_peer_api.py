@@ -84,7 +84,7 @@ def test_a_replica_defines_no_host_path_or_command_here(api: Api, peer: dict[str
     )
     assert r.status_code == 200, r.text
     row = _app(api, "evil")
-    assert row.origin == "prod" and row.start_cmd is None and row.stop_cmd is None
+    assert row.origin == "prod" and row.start_hook is None and row.stop_hook is None
     assert c.get("/api/v1/apps/evil", headers=api.headers()).json()["origin"] == "prod"
 
     # ... on which the peer can run nothing,
@@ -140,7 +140,7 @@ def test_commands_only_for_an_app_failed_over_at_the_peer_with_an_agreed_failbac
     c = api.client
     seed_app(api.appliance, "www")  # its host's agent is never reached: refused before
     with api.appliance.catalog.begin() as session:
-        q.set_app_commands(session, name="www", commands={"stop": "true", "start": "true"})
+        q.set_app_hooks(session, name="www", hooks={"stop": "www-stop", "start": "www-start"})
     for which in ("stop", "start"):
         r = c.post("/api/v1/peer/apps/www/command", headers=peer, json={"which": which})
         assert r.status_code == 409, r.text

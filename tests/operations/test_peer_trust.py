@@ -22,9 +22,11 @@ from pydantic import ValidationError
 from tandem.appliance.scheduler import Scheduler
 from tandem.catalog import queries as q
 from tandem.catalog.models import Job
+from tandem.cli.lab import install_hook_script
 from tandem.domain.images import ImageKind
 from tandem.domain.jobs import JobStatus
 from tandem.domain.lifecycle import AppKind, AppState
+from tandem.domain.rules import Role
 from tandem.errors import Conflict, InvalidInput, TargetNotRegistered, TransitionRefused
 from tandem.operations import apps, failover, replica_failback, replicate
 from tandem.operations.present import export_name, restore_exports
@@ -54,14 +56,20 @@ def _protect(sites: TwoSites, name: str, kind: AppKind = AppKind.FILESYSTEM) -> 
         data.mkdir()
         (data / "rows.txt").write_text("row 1\n")
     events = root / "events"
+    hooks = {}
+    for hook in ("stop", "start"):
+        hooks[hook] = f"{name}-{hook}"
+        install_hook_script(
+            sites.root / "host1", hooks[hook], f"#!/bin/sh\necho {hook} >> {events}\n"
+        )
     apps.add_app(
         sites.prod.site,
         name=name,
         host="host1",
         kind=kind,
         path=str(data),
-        stop=f"echo stop >> {events}",
-        start=f"echo start >> {events}",
+        hooks=hooks,
+        role=Role.ADMIN,
     )
     apps.protect_app(sites.prod.site, name=name, template=TEMPLATE, actor="t")
     assert _capture(sites, name) is JobStatus.SUCCEEDED
