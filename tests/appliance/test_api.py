@@ -206,7 +206,7 @@ def test_restore_needs_both_confirmations_and_the_apps_own_image(api: Api, tmp_p
     assert (job["type"], job["image"], job["status"]) == ("restore", mine, "queued")
 
 
-def test_image_delete_job_collects_the_pool(api: Api, tmp_path: Path) -> None:
+def test_image_delete_job_marks_and_the_gc_job_collects(api: Api, tmp_path: Path) -> None:
     seed_app(api.appliance)
     src = tmp_path / "src"
     src.mkdir()
@@ -224,11 +224,28 @@ def test_image_delete_job_collects_the_pool(api: Api, tmp_path: Path) -> None:
 
     age_chunks(api)
     api.appliance.runner.start()
+    chunks_before = sum(1 for _ in api.appliance.site.pool.iter_chunks())
     job = api.client.delete(f"/api/v1/images/{old}", headers=h).json()["job"]
     done = api.appliance.runner.wait(job["id"], timeout=30)
     assert done.status.value == "succeeded", done.message
-    assert "1 chunk(s) removed" in done.message
+    assert "next garbage collection" in done.message
+    # Deleting only removed the row: the pool is untouched until a collection runs.
+    assert sum(1 for _ in api.appliance.site.pool.iter_chunks()) == chunks_before
+    assert api.client.get("/api/v1/gc", headers=h).json()["pending_deletions"] == 1
     assert [i["id"] for i in api.client.get("/api/v1/apps/web/images", headers=h).json()] == [new]
+
+    viewer = api.client.post("/api/v1/gc", headers=api.headers("viewer"))
+    assert viewer.status_code == 403
+    started = api.client.post("/api/v1/gc", headers=h)
+    assert started.status_code == 202
+    gc_job = started.json()["job"]
+    assert gc_job["type"] == "gc"
+    done = api.appliance.runner.wait(gc_job["id"], timeout=30)
+    assert done.status.value == "succeeded", done.message
+    assert "1 chunk(s) removed" in done.message
+    assert done.result is not None and done.result["chunks_removed"] == 1
+    state = api.client.get("/api/v1/gc", headers=h).json()
+    assert state["pending_deletions"] == 0 and not state["unfinished"]
     assert api.client.get(f"/api/v1/images/{new}/verify", headers=h).json()["ok"]
 
 

@@ -46,7 +46,7 @@ from tandem.domain.lifecycle import AppFacts, AppKind, AppState, Operation, chec
 from tandem.errors import Conflict, NotFound, TandemError, UnsyncedWrites
 from tandem.jobs.queue import submit_job
 from tandem.jobs.runner import JobContext
-from tandem.operations import images, peers, present
+from tandem.operations import peers, present
 from tandem.operations.site import Site
 from tandem.operations.syncback import dr_copy_changes, failover_image, syncbacks_since_failover
 from tandem.storage.overlay import Overlay
@@ -203,14 +203,10 @@ def record_downtime(site: Site, *, app: str, seconds: float) -> None:
 
 
 def downtimes(site: Site) -> dict[str, float]:
-    """Latest failback downtime per app, in seconds."""
-    out: dict[str, float] = {}
+    """Latest failback downtime per app, in seconds (one query)."""
     with site.catalog.read() as session:
-        for app in q.list_apps(session):
-            value = q.get_setting(session, key=DOWNTIME_KEY.format(app=app.name)[:64])
-            if value is not None:
-                out[app.name] = float(value)
-    return out
+        stored = q.app_settings(session, prefix=DOWNTIME_KEY.format(app=""))
+    return {name: float(value) for name, value in stored.items()}
 
 
 def last_restored(site: Site, *, app: str) -> dict[str, Any]:
@@ -288,9 +284,7 @@ def clean_up_and_resume(
             facts=facts,
         )
         epoch = step.epoch
-    ctx.log(f"deleted {', '.join(removed) or 'no images'}")
-    with contextlib.suppress(TandemError):
-        images.collect_garbage(site, ctx)
+    ctx.log(f"deleted {', '.join(removed) or 'no images'} (space freed by the next collection)")
     peer = peers.the_peer(site)
     ctx.set_message(
         f"{name} failed back: {len(removed)} image(s) removed"
