@@ -9,7 +9,7 @@ Contract
 - A cursor is the last row's key in the list's order: an app's name, an image's or a job's
   id. Lists are ordered by a unique key (name; creation time then id), so a page never
   repeats or skips a row that existed when the first page was read. A cursor that names
-  nothing (a job pruned since) is a 400 saying to list again from the start.
+  nothing (a job pruned since) is a 422 saying to list again from the start.
 """
 
 from __future__ import annotations
