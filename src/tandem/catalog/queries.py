@@ -459,11 +459,18 @@ def list_images(
 
 
 def latest_image(session: Session, *, app: str, kind: ImageKind) -> Image | None:
-    """The app's newest usable image of ``kind`` (one being deleted does not count)."""
-    for image in list_images(session, app=app, kind=kind):
-        if image.state is not ImageState.DELETING:
-            return image
-    return None
+    """The app's newest usable image of ``kind`` (one being deleted does not count); one
+    indexed row, however many images the app has."""
+    row = get_app(session, name=app)
+    query = images_query(app_id=row.id, kind=kind).where(Image.state != ImageState.DELETING)
+    return session.scalar(query.limit(1))
+
+
+def images_beyond(session: Session, *, app: str, kind: ImageKind, keep: int) -> list[Image]:
+    """The app's images of ``kind`` after its ``keep`` newest (what retention removes),
+    without loading the ones it keeps."""
+    row = get_app(session, name=app)
+    return list(session.scalars(images_query(app_id=row.id, kind=kind).offset(keep)))
 
 
 def list_images_on_host(session: Session, *, host: str) -> list[Image]:

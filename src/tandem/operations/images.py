@@ -108,7 +108,7 @@ def prune_snapshots(
     the ``keep`` newest: their rows only (see the module's invariants)."""
     removed: list[str] = []
     with site.catalog.begin() as session:
-        older = q.list_images(session, app=app, kind=kind)[keep:]
+        older = q.images_beyond(session, app=app, kind=kind, keep=keep)
         for image in older:
             if image.state is not ImageState.READY:
                 continue  # presented to a host or already going: not retention's to remove
