@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response, status
@@ -123,8 +124,8 @@ def make_router(site: Site) -> APIRouter:
         """Apps by name (paged with ``limit``/``after``: see X-Next-Cursor)."""
         rows = apps.list_apps(site, after=after, limit=fetch(limit))
         rows = page(rows, limit=limit, request=request, response=response, key=lambda r: r.name)
-        down = failback.downtimes(site)
-        return [AppOut.of(row, downtime=down.get(row.name)) for row in rows]
+        down, now = failback.downtimes(site), datetime.now(UTC)
+        return [AppOut.of(row, now, downtime=down.get(row.name)) for row in rows]
 
     @router.get("/apps/{name}", tags=["apps"])
     def show_app(name: Name) -> AppOut:
