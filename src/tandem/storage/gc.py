@@ -39,6 +39,7 @@ import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,7 @@ from tandem.storage.pool import ChunkPool
 SLACK = 2.0  # seconds the cut-off leaves for clock granularity (as ChunkPool.gc)
 FANS = 256
 BATCH = 4096  # digests per mark query
+UNLINK_THREADS = 8
 
 
 @dataclass
@@ -270,6 +272,7 @@ def _sweep_fan(
     pool: ChunkPool, fan: int, marked: set[bytes], cutoff: float
 ) -> tuple[int, int, int]:
     kept = removed = freed = 0
+    doomed_paths: list[str] = []
     try:
         entries = list(os.scandir(pool.chunks_dir / f"{fan:02x}"))
     except FileNotFoundError:
@@ -301,10 +304,29 @@ def _sweep_fan(
             os.rename(doomed, entry.path)
             kept += 1
             continue
-        os.unlink(doomed)
+        doomed_paths.append(doomed)
         removed += 1
         freed += st.st_size
+    # Unlinking is most of a sweep's time on journaling file systems, and it waits on the
+    # disk, not the CPU: several at once.
+    if doomed_paths:
+        list(_unlinker().map(_unlink, doomed_paths))
     return kept, removed, freed
+
+
+_pool: ThreadPoolExecutor | None = None
+
+
+def _unlinker() -> ThreadPoolExecutor:
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(UNLINK_THREADS, thread_name_prefix="tandem-gc-unlink")
+    return _pool
+
+
+def _unlink(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
 
 
 def _finish_doomed(path: str, cutoff: float) -> None:
