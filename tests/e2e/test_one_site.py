@@ -396,6 +396,10 @@ def test_scheduled_captures_and_retention(site: Site, tmp_path: Path) -> None:
     assert collected["type"] == "gc" and collected["status"] == "succeeded"
     assert collected["result"]["chunks_removed"] > 0, collected
     assert cli("gc", "--status")["pending_deletions"] == 0
+    first = cli("jobs", "--app", "ticking", "--limit", "2")
+    then = cli("jobs", "--app", "ticking", "--limit", "2", "--after", first[-1]["id"])
+    both = cli("jobs", "--app", "ticking", "--limit", "4")
+    assert [j["id"] for j in first + then] == [j["id"] for j in both]
     bad = cli.run("gc", "--every", "5", check=False)
     assert bad.code != 0 and "every_seconds" in bad.error and "Traceback" not in bad.error
     assert cli("gc", "--every", "3600")["every_seconds"] == 3600

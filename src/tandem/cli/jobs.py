@@ -131,6 +131,10 @@ def jobs(
         list[str] | None, typer.Option("--status", help="Only jobs in this status (repeatable).")
     ] = None,
     limit: Annotated[int, typer.Option(help="At most this many, newest first.")] = 50,
+    after: Annotated[
+        str | None,
+        typer.Option("--after", help="Only jobs older than this job id (the next page)."),
+    ] = None,
     watch: Annotated[
         bool, typer.Option("--watch", help="Refresh until none of the jobs is queued or running.")
     ] = False,
@@ -143,7 +147,7 @@ def jobs(
     with connect(url, token, fingerprint) as client:
 
         def fetch() -> list[dict[str, Any]]:
-            params: dict[str, Any] = {"app": app, "limit": limit}
+            params: dict[str, Any] = {"app": app, "limit": limit, "after": after}
             if status:
                 params["status"] = status
             answer: list[dict[str, Any]] = client.get("/api/v1/jobs", **params)
