@@ -151,7 +151,7 @@ def make_router(site: Site) -> APIRouter:
 
     @router.get("/peer/apps/{name}/restored", tags=["peer"])
     def restored(name: AppName, peer: PeerName) -> Restored:
-        return Restored(image=failback.last_restored(site, app=name)["image"])
+        return failback.last_restored(site, peer=peer, app=name)
 
     @router.post("/peer/apps/{name}/failed-over", tags=["peer"])
     def failed_over(name: AppName, body: Epoch, peer: PeerName) -> FailedOver:

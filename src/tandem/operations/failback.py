@@ -50,7 +50,7 @@ from tandem.operations import images, peers, present
 from tandem.operations.site import Site
 from tandem.operations.syncback import dr_copy_changes, failover_image, syncbacks_since_failover
 from tandem.storage.overlay import Overlay
-from tandem.transport.peer import FailedOver, Location, Resumed
+from tandem.transport.peer import FailedOver, Location, Restored, Resumed
 
 TYPE = "failback"
 
@@ -213,13 +213,15 @@ def downtimes(site: Site) -> dict[str, float]:
     return out
 
 
-def last_restored(site: Site, *, app: str) -> dict[str, Any]:
-    """Production side: the image the app's newest successful restore wrote."""
+def last_restored(site: Site, *, peer: str, app: str) -> Restored:
+    """Production side: the image the newest successful restore of ``app`` (mirrored to
+    ``peer``) wrote."""
     with site.catalog.read() as session:
+        peers.mirrored_app(session, peer=peer, app=app, action="read the last restore of")
         for job in q.list_jobs(session, app=app, limit=200):
             if job.type == "restore" and job.status is JobStatus.SUCCEEDED:
-                return {"image": job.image}
-    return {"image": None}
+                return Restored(image=job.image)
+    return Restored(image=None)
 
 
 def run_failback(site: Site, ctx: JobContext) -> dict[str, Any]:
@@ -412,12 +414,7 @@ def failed_over_at_peer(site: Site, *, peer: str, app: str, epoch: int) -> Faile
     """Production side: the peer failed ``app`` over; its copy is the writer. Mirroring of
     it stops until a failback hands the epoch back."""
     with site.catalog.begin() as session:
-        row = q.get_app(session, name=app, for_update=True)
-        if row.origin is not None:
-            raise Conflict(
-                detail=f"application {app!r} here is a mirror of {row.origin!r}, not an app "
-                f"of this site; {peer!r} cannot have failed it over"
-            )
+        row = peers.mirrored_app(session, peer=peer, app=app, action="have failed over")
         if epoch <= row.writer_epoch:
             raise Conflict(
                 detail=f"a failover of {app!r} raises its writer epoch above {row.writer_epoch}; "

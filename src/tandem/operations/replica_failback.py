@@ -450,15 +450,7 @@ def _restore_dr_copy(
 
 
 def _own_app_failed_over_at(session: Any, *, peer: str, app: str, action: str) -> App:
-    row = q.get_app(session, name=app, for_update=True)
-    if row.origin is not None:
-        raise PeerRefused(
-            peer=peer,
-            action=action,
-            app=app,
-            reason=f"it is a mirror of {row.origin!r} here, not an app of this site",
-            fix="Failback steps go to the appliance the app came from",
-        )
+    row = peers.mirrored_app(session, peer=peer, app=app, action=action)
     if not row.peer_active:
         raise PeerRefused(
             peer=peer,
@@ -532,8 +524,8 @@ def production_failback_check(
     action = f"fail back onto a {body.target} target"
     target_app: App | None = None
     with site.catalog.begin() as session:
-        row = q.get_app(session, name=app, for_update=True)
-        if row.origin is None and not row.peer_active and body.epoch > row.writer_epoch:
+        row = peers.mirrored_app(session, peer=peer, app=app, action=action)
+        if not row.peer_active and body.epoch > row.writer_epoch:
             row.peer_active = True  # a newer writer epoch: the app failed over at the peer
         row = _own_app_failed_over_at(session, peer=peer, app=app, action=action)
         busy = _lifecycle_job(session, app)
