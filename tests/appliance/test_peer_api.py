@@ -297,3 +297,41 @@ def test_the_peer_acts_on_no_app_this_site_does_not_mirror_to_it(
     assert (row.peer_active, row.writer_epoch) == (False, 1)
     with api.appliance.catalog.read() as session:
         assert peers.agreement(session, app_id=row.id) is None
+
+
+def test_no_failback_step_moves_the_app_under_a_restore_that_is_applying(
+    api: Api, peer: dict[str, str]
+) -> None:
+    """An undo (or a start) requested while production's restore of the failback is queued
+    or running would move the app back to its former location under the restore, or start
+    it on half-written data: refused until that job has ended."""
+    from tandem.jobs.queue import submit_job
+
+    seed_mirrored(api, "www")
+    with api.appliance.catalog.begin() as session:
+        q.set_app_hooks(session, name="www", hooks={"start": "www-start"})
+        row = q.get_app(session, name="www")
+        row.peer_active = True
+        # agreed onto a restored target, whose identity the app took for the apply
+        peers.set_agreement(
+            session,
+            app_id=row.id,
+            doc={
+                "peer": "prod",
+                "target": "restored",
+                "host": "h1",
+                "path": "/srv/www2",
+                "target_app": "www2",
+                "previous": {"host": "h1", "path": "/srv/www"},
+            },
+        )
+        row.path = "/srv/www2"
+        submit_job(session, type="restore", app="www", lifecycle=True, actor="peer-prod")
+    for path, body in (
+        ("/api/v1/peer/apps/www/failback-undo", {}),
+        ("/api/v1/peer/apps/www/command", {"which": "start"}),
+    ):
+        r = api.client.post(path, headers=peer, json=body)
+        assert r.status_code == 409, (path, r.text)
+        assert "its restore job" in r.json()["message"], r.text
+    assert _app(api, "www").path == "/srv/www2"

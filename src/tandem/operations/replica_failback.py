@@ -462,6 +462,21 @@ def _own_app_failed_over_at(session: Any, *, peer: str, app: str, action: str) -
     return row
 
 
+def _not_applying(session: Any, row: App, *, peer: str, action: str) -> None:
+    """Refuse a step while a restore of the app is queued or running here (an apply under
+    way): agreeing again or undoing would move the app's identity under it, a start would
+    run the app on half-written data."""
+    busy = _lifecycle_job(session, row.name)
+    if busy is not None and busy.type == "restore":
+        raise PeerRefused(
+            peer=peer,
+            action=action,
+            app=row.name,
+            reason=f"its {busy.type} job {busy.id} is {busy.status.value} here",
+            fix="Run the step again once that job has ended",
+        )
+
+
 def _agreed(session: Any, row: App, *, peer: str, action: str) -> dict[str, Any]:
     doc = peers.agreement(session, app_id=row.id)
     if doc is None or doc.get("peer") != peer:
@@ -528,15 +543,7 @@ def production_failback_check(
         if not row.peer_active and body.epoch > row.writer_epoch:
             row.peer_active = True  # a newer writer epoch: the app failed over at the peer
         row = _own_app_failed_over_at(session, peer=peer, app=app, action=action)
-        busy = _lifecycle_job(session, app)
-        if busy is not None and busy.type == "restore":  # an apply under way: let it end
-            raise PeerRefused(
-                peer=peer,
-                action=action,
-                app=app,
-                reason=f"its {busy.type} job {busy.id} is {busy.status.value} here",
-                fix="Run the failback again once that job has ended",
-            )
+        _not_applying(session, row, peer=peer, action=action)
         previous = peers.agreement(session, app_id=row.id)
         if previous is not None:  # a failback run again: start from the app's own identity
             _revert_identity(row, previous)
@@ -596,6 +603,7 @@ def production_command(
     with site.catalog.read() as session:
         row = _own_app_failed_over_at(session, peer=peer, app=app, action=f"{which} the app of")
         _agreed(session, row, peer=peer, action=f"{which} the app of")
+        _not_applying(session, row, peer=peer, action=f"{which} the app of")
         host = app_host(session, row, action=which)
     if not hooks.script_for(row, Hook(which)):
         return CommandRan(ran=False)
@@ -615,6 +623,7 @@ def production_apply(site: Site, *, peer: str, app: str, image: str) -> Job:
     with site.catalog.begin() as session:
         row = _own_app_failed_over_at(session, peer=peer, app=app, action=action)
         doc = _agreed(session, row, peer=peer, action=action)
+        _not_applying(session, row, peer=peer, action=action)
         img = q.get_image(session, image_id=image)
         if img.app_id != row.id or img.kind is not ImageKind.SYNCBACK or img.origin != peer:
             raise PeerRefused(
@@ -644,6 +653,7 @@ def production_undo(site: Site, *, peer: str, app: str) -> Undone:
     with site.catalog.begin() as session:
         row = _own_app_failed_over_at(session, peer=peer, app=app, action="undo a failback of")
         doc = _agreed(session, row, peer=peer, action="undo a failback of")
+        _not_applying(session, row, peer=peer, action="undo a failback of")
         _revert_identity(row, doc)
         peers.set_agreement(session, app_id=row.id, doc=None)
         return Undone(app=app, host=row.host, path=row.path)
