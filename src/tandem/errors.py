@@ -119,6 +119,22 @@ class PeerRefused(TandemError):
     http_status = 409
 
 
+class PeerApplyFailed(TandemError):
+    """The peer {peer} could not apply image {image} ({job} {status}: {reason}); the DR copy
+    is unchanged. Read that job's log on {peer} (`tandem job log {job}`), fix what it
+    says, then run the failback again or undo it."""
+
+    http_status = 502
+
+
+class PeerApplyTimedOut(TandemError):
+    """The peer {peer}'s restore job {job} of image {image} did not end within {seconds:g}
+    s; the DR copy is unchanged. Follow it on {peer} (`tandem job show {job}`) and run the
+    failback again once it has ended, or undo it."""
+
+    http_status = 504
+
+
 class TargetNotRegistered(TandemError):
     """No application of kind {kind} is registered at appliance {site} at host {host!r},
     path {path!r}: the other site cannot name a place to write, only {site}'s operators can.
@@ -145,6 +161,14 @@ class HookRefused(TandemError):
     `tandem app set APP --start/--stop SCRIPT`."""
 
     http_status = 422
+
+
+class HookTimedOut(TandemError):
+    """The hook script {script!r} did not finish within {seconds:g} s on the host and was
+    stopped. Make it return once its work is done (a start script must not wait for the
+    app it starts; a stop script succeeds when the app is already stopped)."""
+
+    http_status = 504
 
 
 class HookFailed(TandemError):

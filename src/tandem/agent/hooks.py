@@ -41,7 +41,7 @@ from tandem.domain.hooks import (
     hook_name_problem,
     is_hook_name,
 )
-from tandem.errors import HookRefused, TandemError
+from tandem.errors import HookRefused, HookTimedOut, TandemError
 
 SCRIPTS = "scripts"
 """The folder in the agent's DIR that holds the hook scripts."""
@@ -178,10 +178,7 @@ def run_hook(req: RunRequest, folder: Path) -> dict[str, Any]:
                 stdin=subprocess.DEVNULL,
             )
         except subprocess.TimeoutExpired as exc:
-            raise TandemError(
-                f"the hook script {req.script!r} did not finish within {req.timeout:.0f} s; "
-                "make it finish sooner or raise its timeout"
-            ) from exc
+            raise HookTimedOut(script=req.script, seconds=req.timeout) from exc
         except OSError as exc:
             # e.g. ENOEXEC: no "#!" line, or an interpreter that does not exist
             raise _refused(req.script, folder, f"it could not be executed ({exc})") from exc

@@ -53,9 +53,10 @@ from tandem.errors import (
     Conflict,
     InvalidInput,
     NotFound,
+    PeerApplyFailed,
+    PeerApplyTimedOut,
     PeerRefused,
     StorageError,
-    TandemError,
     TargetNotRegistered,
 )
 from tandem.jobs.queue import submit_job
@@ -182,13 +183,14 @@ def _apply_at_production(site: Site, ctx: JobContext, app: str, image: Image) ->
         while job.status in (JobStatus.QUEUED.value, JobStatus.RUNNING.value):
             ctx.check_canceled()
             if time.monotonic() > deadline:
-                raise TandemError(f"production's restore job {job.id} did not finish in time")
+                raise PeerApplyTimedOut(
+                    peer=peer.name, job=job.id, image=image.id, seconds=APPLY_TIMEOUT
+                )
             time.sleep(0.3)
             job = remote.job(job.id)
     if job.status != JobStatus.SUCCEEDED.value:
-        raise TandemError(
-            f"production could not apply {image.id} ({job.id}: {job.message}); the DR "
-            "copy is unchanged - run the failback again or undo it"
+        raise PeerApplyFailed(
+            peer=peer.name, image=image.id, job=job.id, status=job.status, reason=job.message
         )
     ctx.log(f"production applied {image.id} in job {job.id}")
     return job
