@@ -110,6 +110,7 @@ CASES = {
     "symlink-inside": "it is a symbolic link",
     "folder-writable": "the scripts folder is writable by group or others",
     "folder-symlink": "the scripts folder is not a plain folder",
+    "agent-folder-writable": "the agent's folder is writable by group or others (mode 0777)",
 }
 
 
@@ -135,6 +136,9 @@ def test_a_script_the_host_did_not_make_safe_is_refused(
     elif case == "folder-writable":
         install(agent, "hook", body)
         agent.scripts.chmod(0o777)
+    elif case == "agent-folder-writable":  # anyone could rename another folder to scripts/
+        install(agent, "hook", body)
+        agent.directory.chmod(0o777)
     elif case == "folder-symlink":
         elsewhere = tmp_path / "elsewhere"
         elsewhere.mkdir(mode=0o755)
