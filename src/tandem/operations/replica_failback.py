@@ -95,6 +95,9 @@ def _target(target: str) -> FailbackTarget:
 
 
 def _check_request(target: str, host: str | None, path: str | None) -> FailbackTarget:
+    """The target asked for, refused unless ``original`` comes without a location and
+    ``restored``/``new`` with one (checked by the DR site before it asks, and by production
+    on the request)."""
     chosen = _target(target)
     if chosen == "original" and (host or path):
         raise InvalidInput(
@@ -549,18 +552,12 @@ def production_failback_check(
         previous = peers.agreement(session, app_id=row.id)
         if previous is not None:  # a failback run again: start from the app's own identity
             _revert_identity(row, previous)
-        if body.target == "original":
-            if body.host or body.path:
-                raise InvalidInput(
-                    detail="--target original fails back to the app as registered here; "
-                    "--host and --path name a restored or new target"
-                )
-            host_name, path = row.host, row.path
-        else:
-            if not (body.host and body.path):
-                raise InvalidInput(detail=f"--target {body.target} needs --host and --path")
+        _check_request(body.target, body.host, body.path)
+        if body.host and body.path:  # restored or new (original has neither: checked above)
             target_app = _registered_target(session, site, row, body.target, body.host, body.path)
             host_name, path = target_app.host, target_app.path
+        else:
+            host_name, path = row.host, row.path
         host = app_host(session, target_app or row, action="fail back onto")
         kind = row.kind
         peers.set_agreement(session, app_id=row.id, doc=None)
