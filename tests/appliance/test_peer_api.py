@@ -293,6 +293,8 @@ def test_the_peer_acts_on_no_app_this_site_does_not_mirror_to_it(
         assert "this site does not mirror it to prod" in r.json()["message"], r.text
     r = c.get("/api/v1/peer/apps/payroll/restored", headers=peer)
     assert r.status_code == 409, r.text
+    r = c.post("/api/v1/peer/apps/payroll/resume", headers=peer, json={"epoch": 9})
+    assert r.status_code == 200 and r.json()["known"] is False, r.text
     row = _app(api, "payroll")
     assert (row.peer_active, row.writer_epoch) == (False, 1)
     with api.appliance.catalog.read() as session:

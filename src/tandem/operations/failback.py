@@ -382,7 +382,8 @@ def deliver_handbacks(site: Site) -> list[str]:
 
 
 def resume_mirroring(site: Site, *, peer: str, app: str, epoch: int) -> Resumed:
-    """Production side: adopt the DR site's epoch after a failback; mirroring resumes. A
+    """Production side: adopt the DR site's epoch after a failback; mirroring resumes (an
+    app this site does not mirror to the peer is answered as unknown and left alone). A
     replica-style failback's agreement ends here: the placeholder app registered at its
     target (the app took its identity) is merged into the app and removed."""
     merged = None
@@ -393,6 +394,8 @@ def resume_mirroring(site: Site, *, peer: str, app: str, epoch: int) -> Resumed:
             return Resumed(app=app, epoch=epoch, known=False)
         if row.origin is not None:
             return Resumed(app=app, epoch=row.writer_epoch, known=True)
+        if not peers.is_mirrored(session, row):  # none of the peer's business: unchanged
+            return Resumed(app=app, epoch=epoch, known=False)
         if epoch > row.writer_epoch:
             q.set_writer_epoch(session, name=app, epoch=epoch)
         row.peer_active = False
