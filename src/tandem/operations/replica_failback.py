@@ -8,11 +8,11 @@
    empty, which production's agent checks). A wrong host fails here, before production's
    app is stopped or a syncback sent. Production carries out each later step itself, with
    its own catalog (its host, path and hooks), and only while that agreement holds.
-1. Production stops the original (its stop command, through the production appliance).
+1. Production stops the original (its stop hook, through the production appliance).
 2.–3. The DR copy's state is captured and sent home as a syncback image (only what
    production lacks), then diff-restored onto the target (only differing blocks/files
    are written).
-4. The DR copy is stopped (its stop command on the DR host); it stays off until the
+4. The DR copy is stopped (its stop hook on the DR host); it stays off until the
    failback is committed or undone.
 5. A **protective snapshot** of the DR copy is taken here: its pre-failback state.
 6. It is sent and diff-restored again: this catches what was written during step 3.
@@ -27,7 +27,7 @@
 snapshot-style failback (the protective snapshot, equal to what production holds, stays as
 the replica to mirror against) and production resumes mirroring with the current epoch.
 Refused unless forced when the DR copy changed after the protective snapshot (written
-though it should be off: a stop command that did not stop everything, or none): production
+though it should be off: a stop hook that did not stop everything, or none): production
 lacks those writes and the clean-up would discard them (``failback.checked_discard``, which
 also makes an interrupted commit resumable).
 ``undo-failback``: FAILBACK_PENDING → FAILED_OVER (a fencing step: the epoch rises again):
@@ -216,7 +216,7 @@ def _dr_command(site: Site, ctx: JobContext, app: App, which: str) -> None:
             nbd_uri=failover.nbd_export,
             ctx=ctx,
         )
-    ctx.log(f"{which} command ran on DR host {host.name}")
+    ctx.log(f"{which} hook ran on DR host {host.name}")
 
 
 def _dr_overlay(site: Site, app: App) -> Overlay | None:
@@ -356,8 +356,8 @@ def run_commit(site: Site, ctx: JobContext) -> dict[str, Any]:
         where = peer.name if peer is not None else "production"
         ctx.set_message(
             f"{ctx.message or name + ' committed'}. {name} is stopped at {where}: the "
-            f"failback ran without --power-on; start it there by running its start command "
-            f"on its host (`tandem app show {name}` on {where} shows both)"
+            f"failback ran without --power-on; start it there by running its start hook "
+            f"script on its host (`tandem app show {name}` on {where} names both)"
         )
     return result
 
@@ -448,10 +448,11 @@ def _restore_dr_copy(
 # --- production side (peer calls) -------------------------------------------------------
 #
 # Each step the peer requests is checked against the app's state *here* and carried out
-# with this site's own catalog: the app must be one of this site's, failed over at that
-# peer as far as this site knows (``peer_active``), and, for the failback steps, a failback
-# this site agreed to (``production_failback_check``). The peer never names a host, a path
-# or a command.
+# with this site's own catalog: the app must be one of this site's that it mirrors to that
+# peer (``peers.mirrored_app``), failed over there as far as this site knows
+# (``peer_active``), and, for the failback steps, a failback this site agreed to
+# (``production_failback_check``) with no restore of it applying (``_not_applying``). The
+# peer never names a host, a path or a command.
 
 
 def _own_app_failed_over_at(session: Any, *, peer: str, app: str, action: str) -> App:
@@ -598,7 +599,7 @@ def production_failback_check(
 def production_command(
     site: Site, *, peer: str, app: str, which: Literal["stop", "start"]
 ) -> CommandRan:
-    """Run the app's own stop or start command on its own host, as an agreed failback asks."""
+    """Run the app's own stop or start hook on its own host, as an agreed failback asks."""
     with site.catalog.read() as session:
         row = _own_app_failed_over_at(session, peer=peer, app=app, action=f"{which} the app of")
         _agreed(session, row, peer=peer, action=f"{which} the app of")
@@ -613,7 +614,7 @@ def production_command(
 
 def production_apply(site: Site, *, peer: str, app: str, image: str) -> Job:
     """Restore a syncback ``image`` the peer sent onto the agreed target, without the app's
-    own commands (the failback runs them). For a restored/new target the app first takes
+    own hooks (the failback runs them). For a restored/new target the app first takes
     the target's identity (host and path), which an undo reverts."""
     from tandem.domain.rules import RESTORE_CONFIRMATIONS
     from tandem.operations.restore import submit_restore
