@@ -119,6 +119,15 @@ class PeerRefused(TandemError):
     http_status = 409
 
 
+class TargetInUse(TandemError):
+    """The application {other!r} registered at {site} at host {host!r}, path {path!r} is
+    {why}: a failback never writes over an app in service. Fail back onto a location
+    registered for it at {site} (`tandem app add NAME --host H --path P --kind {kind}`:
+    unprotected, without images), or with --target original."""
+
+    http_status = 409
+
+
 class PeerApplyFailed(TandemError):
     """The peer {peer} could not apply image {image} ({job} {status}: {reason}); the DR copy
     is unchanged. Read that job's log on {peer} (`tandem job log {job}`), fix what it

@@ -57,6 +57,7 @@ from tandem.errors import (
     PeerApplyTimedOut,
     PeerRefused,
     StorageError,
+    TargetInUse,
     TargetNotRegistered,
 )
 from tandem.jobs.queue import submit_job
@@ -504,11 +505,10 @@ def _revert_identity(row: App, doc: dict[str, Any]) -> None:
         doc["previous"] = None
 
 
-def _registered_target(
-    session: Any, site: Site, row: App, target: FailbackTarget, host: str, path: str
-) -> App:
+def _registered_target(session: Any, site: Site, row: App, host: str, path: str) -> App:
     """The app this site's operators registered at ``host``:``path`` (the only way a
-    restored or new target is named: a lookup, never a place the peer defines)."""
+    restored or new target is named: a lookup, never a place the peer defines): of the
+    app's kind, and a placeholder (unprotected, without images), never an app in service."""
     where = path.rstrip("/") or "/"
     if host == row.host and where == (row.path.rstrip("/") or "/"):
         raise InvalidInput(
@@ -528,10 +528,16 @@ def _registered_target(
             f"{other.kind.value}; {row.name!r} is a {row.kind.value}. Register the "
             f"location with --kind {row.kind.value}, or choose another"
         )
-    if target == "new" and q.list_images(session, app=other.name):
-        raise Conflict(
-            detail=f"{other.name!r} at {host}:{path} has images here: it is not a new app. "
-            "Fail back with --target restored, or register an empty location"
+    # A placeholder registered for the failback, not an app in service: restoring over one
+    # would destroy its data, and the commit merges the placeholder away.
+    why = None
+    if other.template is not None:
+        why = f"protected (template {other.template!r})"
+    elif q.list_images(session, app=other.name):
+        why = "an app with images of its own"
+    if why is not None:
+        raise TargetInUse(
+            other=other.name, site=site.name, host=host, path=path, why=why, kind=row.kind.value
         )
     return other
 
@@ -555,7 +561,7 @@ def production_failback_check(
             _revert_identity(row, previous)
         _check_request(body.target, body.host, body.path)
         if body.host and body.path:  # restored or new (original has neither: checked above)
-            target_app = _registered_target(session, site, row, body.target, body.host, body.path)
+            target_app = _registered_target(session, site, row, body.host, body.path)
             host_name, path = target_app.host, target_app.path
         else:
             host_name, path = row.host, row.path
