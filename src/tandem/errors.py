@@ -105,6 +105,12 @@ class Forbidden(TandemError):
     http_status = 403
 
 
+class NotPaired(Forbidden):
+    """This appliance is not paired with {peer!r}: a peer token acts only for the appliance
+    paired here. Pair with it (`tandem peer add`), or remove the token (`tandem token
+    remove {token}`)."""
+
+
 class MirrorRecord(TandemError):
     """Application {app!r} here is a mirror of {origin!r}'s app: its host and path are
     production's, named by the other site, and this appliance never acts on them ({action}

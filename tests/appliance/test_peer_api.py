@@ -28,6 +28,10 @@ MANIFEST = "ab" * 32
 @pytest.fixture
 def peer(api: Api) -> dict[str, str]:
     """Headers of the token the paired site ``prod`` calls this one with."""
+    with api.appliance.catalog.begin() as session:
+        q.add_peer(
+            session, name="prod", url="https://127.0.0.1:1", token="t", fingerprint="00" * 32
+        )
     _, secret = tokens.add_token(api.appliance.site, name="peer-prod", role=Role.PEER)
     return {"Authorization": f"Bearer {secret}"}
 
@@ -184,6 +188,16 @@ def test_a_peer_token_makes_only_peer_calls_and_only_peers_make_them(
     for headers in (*(api.headers(role) for role in ("admin", "operator", "viewer")), lookalike):
         r = c.get("/api/v1/peer/apps/www/replicas", headers=headers)
         assert r.status_code == 403, r.text
+    # a peer token of a site this one is not paired with (made by hand, say) is no peer
+    _, ghost = tokens.add_token(api.appliance.site, name="peer-ghost", role=Role.PEER)
+    r = c.post(
+        "/api/v1/peer/apps/www/failed-over",
+        headers={"Authorization": f"Bearer {ghost}"},
+        json={"epoch": 9},
+    )
+    assert r.status_code == 403, r.text
+    assert "not paired with 'ghost'" in r.json()["message"], r.text
+    assert not _app(api, "www").peer_active
     # the peer sees only the jobs it asked for
     job = next(iter(_jobs(api)), None)
     assert job is None

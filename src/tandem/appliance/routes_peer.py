@@ -92,6 +92,12 @@ def _peer_job(job: Job) -> PeerJob:
 def make_router(site: Site) -> APIRouter:
     router = APIRouter()
 
+    def paired(peer: PeerName) -> None:
+        peers.check_paired(site, peer=peer)
+
+    # The calls of the other site: its token, and it must be the appliance paired here.
+    peer_router = APIRouter(dependencies=[Depends(paired)])
+
     @router.post("/peers", tags=["peers"], status_code=status.HTTP_201_CREATED)
     def pair(body: PairIn) -> PeerOut:
         return PeerOut.of(
@@ -125,62 +131,63 @@ def make_router(site: Site) -> APIRouter:
 
     # --- the calls the other site's appliance makes (peer token, ``transport.peer``) -----
 
-    @router.get("/peer/apps/{name}/replicas", tags=["peer"])
+    @peer_router.get("/peer/apps/{name}/replicas", tags=["peer"])
     def replicas(name: Name, peer: PeerName) -> ReplicasHeld:
         return replicate.replicas_held(site, peer=peer, app=name)
 
-    @router.post("/peer/replications", tags=["peer"])
+    @peer_router.post("/peer/replications", tags=["peer"])
     def open_replication(body: ReplicationOpen, peer: PeerName) -> Opened:
         return replicate.open_replication(site, peer=peer, body=body)
 
-    @router.post("/peer/replications/{sid}/commit", tags=["peer"])
+    @peer_router.post("/peer/replications/{sid}/commit", tags=["peer"])
     def commit_replication(sid: SessionName, body: Commit, peer: PeerName) -> Committed:
         image = replicate.commit_replication(site, peer=peer, sid=sid, token=body.token)
         return Committed(image=image.id, app=image.app.name)
 
-    @router.post("/peer/syncbacks", tags=["peer"])
+    @peer_router.post("/peer/syncbacks", tags=["peer"])
     def open_syncback(body: SyncbackOpen, peer: PeerName) -> Opened:
         return syncback.open_syncback(site, peer=peer, body=body)
 
-    @router.post("/peer/syncbacks/{sid}/commit", tags=["peer"])
+    @peer_router.post("/peer/syncbacks/{sid}/commit", tags=["peer"])
     def commit_syncback(sid: SessionName, body: Commit, peer: PeerName) -> Committed:
         image = syncback.commit_syncback(site, peer=peer, sid=sid, token=body.token)
         return Committed(image=image.id, app=image.app.name)
 
-    @router.get("/peer/apps/{name}/restored", tags=["peer"])
+    @peer_router.get("/peer/apps/{name}/restored", tags=["peer"])
     def restored(name: Name, peer: PeerName) -> Restored:
         return failback.last_restored(site, peer=peer, app=name)
 
-    @router.post("/peer/apps/{name}/failed-over", tags=["peer"])
+    @peer_router.post("/peer/apps/{name}/failed-over", tags=["peer"])
     def failed_over(name: Name, body: Epoch, peer: PeerName) -> FailedOver:
         return failback.failed_over_at_peer(site, peer=peer, app=name, epoch=body.epoch)
 
-    @router.post("/peer/apps/{name}/resume", tags=["peer"])
+    @peer_router.post("/peer/apps/{name}/resume", tags=["peer"])
     def resume(name: Name, body: Epoch, peer: PeerName) -> Resumed:
         return failback.resume_mirroring(site, peer=peer, app=name, epoch=body.epoch)
 
-    @router.post("/peer/apps/{name}/failback-check", tags=["peer"])
+    @peer_router.post("/peer/apps/{name}/failback-check", tags=["peer"])
     def failback_check(name: Name, body: FailbackCheck, peer: PeerName) -> FailbackAgreed:
         return replica_failback.production_failback_check(site, peer=peer, app=name, body=body)
 
-    @router.post("/peer/apps/{name}/command", tags=["peer"])
+    @peer_router.post("/peer/apps/{name}/command", tags=["peer"])
     def command(name: Name, body: Command, peer: PeerName) -> CommandRan:
         return replica_failback.production_command(site, peer=peer, app=name, which=body.which)
 
-    @router.post("/peer/apps/{name}/apply", tags=["peer"], status_code=202)
+    @peer_router.post("/peer/apps/{name}/apply", tags=["peer"], status_code=202)
     def apply(name: Name, body: Apply, peer: PeerName) -> PeerJob:
         job = replica_failback.production_apply(site, peer=peer, app=name, image=body.image)
         return _peer_job(job)
 
-    @router.post("/peer/apps/{name}/failback-undo", tags=["peer"])
+    @peer_router.post("/peer/apps/{name}/failback-undo", tags=["peer"])
     def failback_undo(name: Name, body: Wire, peer: PeerName) -> Undone:
         return replica_failback.production_undo(site, peer=peer, app=name)
 
-    @router.get("/peer/jobs/{job_id}", tags=["peer"])
+    @peer_router.get("/peer/jobs/{job_id}", tags=["peer"])
     def peer_job(job_id: JobId, peer: PeerName) -> PeerJob:
         job = monitor.get_job(site, job_id=job_id)
         if job.actor != peers.peer_token_name(peer):  # only the jobs it asked for
             raise NotFound(what="job", name=job_id, listing="jobs")
         return _peer_job(job)
 
+    router.include_router(peer_router)
     return router

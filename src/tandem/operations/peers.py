@@ -26,7 +26,7 @@ from tandem.catalog import queries as q
 from tandem.catalog.models import App, Peer
 from tandem.domain.ids import validate_name
 from tandem.domain.rules import Role
-from tandem.errors import Conflict, InvalidInput, NotFound, PeerRefused, TandemError
+from tandem.errors import Conflict, InvalidInput, NotFound, NotPaired, PeerRefused, TandemError
 from tandem.operations.site import Site
 from tandem.transport.client import ApiClient
 from tandem.transport.peer import PeerClient
@@ -45,6 +45,14 @@ def client_for(peer: Peer) -> PeerClient:
     return PeerClient(
         ApiClient(peer.url, peer.token, peer.fingerprint, what="peer", name=peer.name)
     )
+
+
+def check_paired(site: Site, *, peer: str) -> None:
+    """Refuse (``NotPaired``) a peer token whose appliance is not the one paired here (one
+    made by hand, say): only the paired peer makes the peer calls."""
+    paired = the_peer(site)
+    if paired is None or paired.name != peer:
+        raise NotPaired(peer=peer, token=peer_token_name(peer))
 
 
 def the_peer(site: Site) -> Peer | None:
