@@ -351,3 +351,43 @@ def test_no_failback_step_moves_the_app_under_a_restore_that_is_applying(
         assert r.status_code == 409, (path, r.text)
         assert "its restore job" in r.json()["message"], r.text
     assert _app(api, "www").path == "/srv/www2"
+
+
+def test_an_apply_that_cannot_start_leaves_the_app_where_it_was(
+    api: Api, peer: dict[str, str], tmp_path: Path
+) -> None:
+    """The app took the target's identity before its restore was queued: when another job of
+    the app refused the restore, production's app was left pointing at the target."""
+    from tandem.domain.images import ImageKind
+    from tandem.jobs.queue import submit_job
+
+    seed_mirrored(api, "www")
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "index.html").write_text("hello\n")
+    image = seed_image(api.appliance, "www", source)
+    with api.appliance.catalog.begin() as session:
+        row = q.get_image(session, image_id=image)
+        row.kind, row.origin = ImageKind.SYNCBACK, "prod"
+        app = q.get_app(session, name="www")
+        app.peer_active = True
+        peers.set_agreement(
+            session,
+            app_id=app.id,
+            doc={
+                "peer": "prod",
+                "target": "restored",
+                "host": "h1",
+                "path": "/srv/www2",
+                "target_app": "www2",
+                "previous": None,
+            },
+        )
+        submit_job(session, type="capture", app="www", lifecycle=True, actor="operator")
+    r = api.client.post("/api/v1/peer/apps/www/apply", headers=peer, json={"image": image})
+    assert r.status_code == 409, r.text
+    assert "its capture job" in r.json()["message"], r.text
+    assert _app(api, "www").path == "/srv/www"
+    with api.appliance.catalog.read() as session:
+        doc = peers.agreement(session, app_id=_app(api, "www").id)
+    assert doc is not None and doc["previous"] is None

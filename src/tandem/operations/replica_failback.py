@@ -469,12 +469,13 @@ def _own_app_failed_over_at(session: Any, *, peer: str, app: str, action: str) -
     return row
 
 
-def _not_applying(session: Any, row: App, *, peer: str, action: str) -> None:
+def _not_applying(session: Any, row: App, *, peer: str, action: str, any_job: bool = False) -> None:
     """Refuse a step while a restore of the app is queued or running here (an apply under
     way): agreeing again or undoing would move the app's identity under it, a start would
-    run the app on half-written data."""
+    run the app on half-written data. ``any_job``: while any lifecycle job of it is (an
+    apply could not queue its restore then, and must not switch the identity first)."""
     busy = _lifecycle_job(session, row.name)
-    if busy is not None and busy.type == "restore":
+    if busy is not None and (any_job or busy.type == "restore"):
         raise PeerRefused(
             peer=peer,
             action=action,
@@ -629,7 +630,7 @@ def production_apply(site: Site, *, peer: str, app: str, image: str) -> Job:
     with site.catalog.begin() as session:
         row = _own_app_failed_over_at(session, peer=peer, app=app, action=action)
         doc = _agreed(session, row, peer=peer, action=action)
-        _not_applying(session, row, peer=peer, action=action)
+        _not_applying(session, row, peer=peer, action=action, any_job=True)
         img = q.get_image(session, image_id=image)
         if img.app_id != row.id or img.kind is not ImageKind.SYNCBACK or img.origin != peer:
             raise PeerRefused(
