@@ -63,6 +63,7 @@ SECTIONS: dict[str, Section] = {
     "replication": _replication,
     "presentation": _presentation,
     "failback": _failback,
+    "nbd": lambda cfg, report: __import__("bench.nbd", fromlist=["run"]).run(cfg, report),
 }
 DEFAULT_SIZE_GIB = {"storage": 2.0, "replication": 1.0, "failback": 0.0}
 """The volume size of a section when --size-gib is not given (presentation has its own;
