@@ -79,7 +79,7 @@ from tandem.errors import (
     TandemError,
 )
 from tandem.storage.manifest import VolumeManifest
-from tandem.storage.overlay import DEFAULT_CACHE_CHUNKS, ImageReader
+from tandem.storage.overlay import ChunkCache, ImageReader
 from tandem.storage.pool import ChunkPool
 
 log = logging.getLogger(__name__)
@@ -152,6 +152,7 @@ ESHUTDOWN = 108
 MAX_PAYLOAD = 32 * 1024 * 1024  # the protocol's default maximum block size
 PREFERRED_BLOCK = 64 * 1024  # an overlay block: smaller writes cost a read-modify-write
 MAX_INFLIGHT = 16  # concurrent requests per connection
+INLINE_WRITE = 2 * PREFERRED_BLOCK  # writes up to this size may be served on the event loop
 MAX_OPTION_LEN = 8192  # names are at most 4096 bytes; anything longer is hostile
 MAX_OPTIONS = 32  # options per handshake
 HANDSHAKE_TIMEOUT = 10.0  # seconds a client has from connecting to choosing an export
@@ -189,9 +190,9 @@ class ImageBackend:
     """A read-only backend over an immutable image (a replica presented as it is)."""
 
     def __init__(
-        self, pool: ChunkPool, manifest: VolumeManifest, *, cache_chunks: int = DEFAULT_CACHE_CHUNKS
+        self, pool: ChunkPool, manifest: VolumeManifest, *, cache: ChunkCache | None = None
     ) -> None:
-        self._reader = ImageReader(pool, manifest, cache_chunks)
+        self._reader = ImageReader(pool, manifest, cache)
 
     @property
     def size(self) -> int:
@@ -199,6 +200,9 @@ class ImageBackend:
 
     def read(self, offset: int, length: int) -> bytes:
         return self._reader.read(offset, length)
+
+    def read_nowait(self, offset: int, length: int) -> bytes | None:
+        return self._reader.read_nowait(offset, length)
 
     def _refuse(self) -> None:
         raise Forbidden("This image is read-only. Present a virtual copy of it to write to it.")
@@ -713,6 +717,12 @@ class NbdServer:
     ) -> None:
         slots = asyncio.Semaphore(MAX_INFLIGHT)
         running: set[asyncio.Task[None]] = set()
+        backend = export.backend
+        read_nowait: Callable[[int, int], bytes | None] | None = getattr(
+            backend, "read_nowait", None
+        )
+        try_write: Callable[[int, bytes], bool] | None = getattr(backend, "try_write", None)
+        size = backend.size
         try:
             while True:
                 await slots.acquire()
@@ -720,11 +730,50 @@ class NbdServer:
                 magic, flags, command, handle, offset, length = _REQUEST.unpack(header)
                 if magic != REQUEST_MAGIC:
                     raise _HangUp("bad request magic")
+                if (
+                    command == CMD_READ
+                    and read_nowait is not None
+                    and length <= MAX_PAYLOAD
+                    and offset + length <= size
+                    and not export.removed
+                ):
+                    # Answered here when the data is in memory: a thread hand-off costs
+                    # more than such a read. Anything else (or an error) takes the pool.
+                    try:
+                        data = read_nowait(offset, length)
+                    except Exception:
+                        data = None
+                    if data is not None:
+                        slots.release()
+                        writer.write(_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, handle) + data)
+                        if writer.transport.get_write_buffer_size() > READ_BUFFER:
+                            await writer.drain()
+                        continue
                 payload = b""
                 if command == CMD_WRITE:
                     if length > MAX_PAYLOAD:
                         raise _HangUp("write larger than the maximum payload")
                     payload = await reader.readexactly(length)
+                    if (
+                        try_write is not None
+                        and length <= INLINE_WRITE
+                        and not flags & CMD_FLAG_FUA
+                        and not export.read_only
+                        and offset + length <= size
+                        and not export.removed
+                    ):
+                        # A small write to the page cache costs less than a thread
+                        # hand-off; one that would wait on a lock or the base takes the pool.
+                        try:
+                            done = try_write(offset, payload)
+                        except Exception:
+                            done = False  # the pool's attempt reports the error
+                        if done:
+                            slots.release()
+                            writer.write(_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, handle))
+                            if writer.transport.get_write_buffer_size() > READ_BUFFER:
+                                await writer.drain()
+                            continue
                 if command == CMD_DISC:
                     return  # after the requests in flight are answered (finally)
                 task = asyncio.create_task(
