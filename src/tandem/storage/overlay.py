@@ -255,6 +255,20 @@ class ImageReader:
             return None
         return bytes(pieces[0]) if len(pieces) == 1 else b"".join(pieces)
 
+    def extents(self, offset: int, length: int) -> list[tuple[int, bool]]:
+        """The range as runs (length, reads as zeros): the image's all-zero extents are
+        zero runs, the rest data."""
+        _check_range(offset, length, self.size, "extents")
+        chunk_size = self.manifest.chunk_size
+        runs: list[tuple[int, bool]] = []
+        pos, end = offset, offset + length
+        while pos < end:
+            index = pos // chunk_size
+            n = min(end, (index + 1) * chunk_size) - pos
+            _add_run(runs, n, self.manifest.chunks[index] is None)
+            pos += n
+        return runs
+
     def pieces(self, offset: int, length: int, *, wait: bool) -> list[bytes | memoryview] | None:
         """The range as verified pieces, in order; without ``wait``, None if a chunk it
         needs would have to be read and decoded first."""
@@ -278,6 +292,14 @@ class ImageReader:
                 out.append(piece)
             pos += n
         return out
+
+
+def _add_run(runs: list[tuple[int, bool]], n: int, zero: bool) -> None:
+    """Append a (length, zero) run, merged with the last one when alike."""
+    if runs and runs[-1][1] == zero:
+        runs[-1] = (runs[-1][0] + n, zero)
+    else:
+        runs.append((n, zero))
 
 
 def _zeros(n: int) -> bytes:
@@ -692,6 +714,32 @@ class Overlay:
             with self._bits_lock:
                 self._saved_generation = max(self._saved_generation, generation)
                 self._since_saved_generation = max(self._since_saved_generation, since_generation)
+
+    def extents(self, offset: int, length: int) -> list[tuple[int, bool]]:
+        """The range as runs (length, reads as zeros), for NBD block status: a clean block
+        over an all-zero extent of the base (or over no base) reads as zeros; anything
+        else is reported as data (which is always a safe answer)."""
+        self._check_open()
+        _check_range(offset, length, self._size, "extents")
+        runs: list[tuple[int, bool]] = []
+        per_chunk = VOLUME_CHUNK // BLOCK
+        pos, end = offset, offset + length
+        with self._bits_lock:
+            while pos < end:
+                chunk = pos // VOLUME_CHUNK
+                stop = min(end, (chunk + 1) * VOLUME_CHUNK)
+                base_zero = self.base is None or self.base.chunks[chunk] is None
+                group = self._bitmap[chunk * per_chunk // 8 : (chunk + 1) * per_chunk // 8]
+                if not base_zero or not any(group):
+                    _add_run(runs, stop - pos, base_zero)
+                    pos = stop
+                    continue
+                while pos < stop:  # a zero extent with some blocks written: block by block
+                    block = pos // BLOCK
+                    n = min(stop, (block + 1) * BLOCK) - pos
+                    _add_run(runs, n, not self._bit(block))
+                    pos += n
+        return runs
 
     def dirty_ranges(self) -> list[tuple[int, int]]:
         """(offset, length) ranges written since the overlay was made, merged, in order."""
