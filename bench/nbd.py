@@ -11,8 +11,10 @@ chunks, as a real disk's would) is captured into a pool. Then, in the same run:
 
 fio's NBD engine (libnbd) runs each workload for ``RUNTIME`` seconds after ``RAMP``
 seconds of warm-up, at iodepth 16: 4 KiB random read, 4 KiB random write, 1 MiB
-sequential read. Warm cache for both: the pool's chunk files and the volume file sit in the
-page cache. Target: at least 0.8× qemu-nbd on each.
+sequential read. Warm page cache for both: the pool's chunk files and the volume file sit
+in it. The last row repeats the random read without warm-up on a fresh server: it includes
+the decoding of every chunk on first touch (tandem's chunk cache starts empty; qemu-nbd's
+page cache is warm all the same). Target: at least 0.8× qemu-nbd on each.
 
 ``python -m bench.nbd serve POOL MANIFEST_HEX OVERLAY_DIR`` is the tandem server alone
 (prints its URI, serves until stdin closes): handy under ``py-spy``.
@@ -48,6 +50,7 @@ class Workload:
     rw: str
     bs: str
     iodepth: int
+    ramp: int = RAMP  # 0: measured from the server's first request (its cache cold)
 
     @property
     def writes(self) -> bool:
@@ -58,6 +61,7 @@ WORKLOADS = (
     Workload("4 KiB random read, iodepth 16", "randread", "4k", 16),
     Workload("4 KiB random write, iodepth 16", "randwrite", "4k", 16),
     Workload("1 MiB sequential read, iodepth 16", "read", "1m", 16),
+    Workload("4 KiB random read, iodepth 16, cold (no warm-up)", "randread", "4k", 16, 0),
 )
 
 
@@ -106,7 +110,7 @@ def fio(uri: str, w: Workload) -> Result:
         f"--size={SIZE}",
         "--time_based",
         f"--runtime={RUNTIME}",
-        f"--ramp_time={RAMP}",
+        f"--ramp_time={w.ramp}",
         "--randrepeat=0",
         "--output-format=json",
     ]
@@ -221,7 +225,7 @@ def measure(root: Path, report: Report, cfg: Config) -> None:
                 qemu_nbd_bytes_per_second=peer.bandwidth,
                 ratio=ratio,
                 runtime_seconds=RUNTIME,
-                ramp_seconds=RAMP,
+                ramp_seconds=w.ramp,
             ),
         )
 
@@ -231,7 +235,9 @@ NOTES = (
     "serves a fresh virtual copy of it (Overlay + NbdServer in a child process, as a test "
     "failover does), qemu-nbd serves the raw file for reads and a fresh qcow2 overlay over "
     f"it for writes. fio --ioengine=nbd, {RUNTIME} s after {RAMP} s of warm-up each, one "
-    "connection; warm page cache for both.",
+    "connection; warm page cache for both. 'cold': no warm-up, so tandem decodes each 4 MiB "
+    "chunk on its first touch (its chunk cache, 1 GiB by default, holds this volume whole "
+    "after that).",
 )
 
 

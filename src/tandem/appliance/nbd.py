@@ -4,11 +4,20 @@ The real NBD protocol (https://github.com/NetworkBlockDevice/nbd/blob/master/doc
 so qemu, libnbd tools (nbdinfo, nbdcopy, nbdfuse) and the kernel client use exports as is:
 
 - Handshake: fixed newstyle. Options: NBD_OPT_EXPORT_NAME, NBD_OPT_INFO, NBD_OPT_GO (with
-  NBD_INFO_EXPORT and, when asked, NBD_INFO_BLOCK_SIZE), NBD_OPT_LIST, NBD_OPT_ABORT.
-  Anything else (NBD_OPT_STRUCTURED_REPLY, NBD_OPT_STARTTLS, meta contexts…) is answered
-  NBD_REP_ERR_UNSUP, so clients fall back to simple replies.
-- Transmission: NBD_CMD_READ, WRITE, FLUSH, TRIM, WRITE_ZEROES, DISC; the FUA flag is a
-  flush after the write. Export flags: HAS_FLAGS | SEND_FLUSH | SEND_FUA | SEND_TRIM |
+  NBD_INFO_EXPORT and, when asked, NBD_INFO_BLOCK_SIZE), NBD_OPT_LIST, NBD_OPT_ABORT,
+  NBD_OPT_STRUCTURED_REPLY, and NBD_OPT_LIST/SET_META_CONTEXT with the one context served,
+  ``base:allocation`` (id 1; selected for the export named in the option, which must match
+  as the export does: a wrong secret is NBD_REP_ERR_UNKNOWN). Anything else
+  (NBD_OPT_STARTTLS, extended headers…) is answered NBD_REP_ERR_UNSUP.
+- Structured replies, once negotiated: a read is answered with one OFFSET_DATA chunk (its
+  error with an ERROR chunk, never a simple reply), NBD_CMD_BLOCK_STATUS with one
+  BLOCK_STATUS chunk; other commands keep simple replies, as the protocol allows.
+  Block status says which ranges read as zeros (HOLE | ZERO: a virtual copy's clean blocks
+  over all-zero extents of its base) and calls the rest data (flags 0, always safe), at
+  most MAX_EXTENTS descriptors a reply (one with NBD_CMD_FLAG_REQ_ONE); without a selected
+  context, or beyond the export's end, it is EINVAL.
+- Transmission: NBD_CMD_READ, WRITE, FLUSH, TRIM, WRITE_ZEROES, BLOCK_STATUS, DISC; the FUA
+  flag is a flush after the write. Export flags: HAS_FLAGS | SEND_FLUSH | SEND_FUA | SEND_TRIM |
   SEND_WRITE_ZEROES | CAN_MULTI_CONN (every connection shares one backend, so a flush on
   any connection covers writes completed on all), plus READ_ONLY for read-only exports.
 - Errors are NBD errno values: EPERM (a write to a read-only export, or to a copy a
@@ -16,7 +25,14 @@ so qemu, libnbd tools (nbdinfo, nbdcopy, nbdfuse) and the kernel client use expo
   (a write outside the export, or the disk holding the overlay is full), ESHUTDOWN (the
   export is being removed), EIO (anything else, logged here).
 - Requests on one connection run concurrently (at most MAX_INFLIGHT at a time) in a thread
-  pool, replies go out as they complete: NBD matches them by handle.
+  pool, replies go out as they complete: NBD matches them by handle. A read the backend
+  can answer from memory (``read_nowait``: cached base blocks, dirty blocks in the page
+  cache) and a small write it can do without waiting (``try_write``: block locks free, the
+  base block decoded) are served on the event loop itself: for those a thread hand-off
+  costs more than the work. Neither changes the durability contract: writes are durable
+  at FLUSH (or with FUA, which always takes the pool), as on a disk with a write cache.
+- Minimum block size 1: any alignment is valid, so an unaligned TRIM is carried out (as
+  zeroing; the protocol lets TRIM do that), not refused.
 
 Authentication: an export's name is a capability. ``add_export(name, …)`` makes a 256-bit
 random secret (or takes the caller's, e.g. one kept in the catalog so that an export made
@@ -170,6 +186,7 @@ MAX_PAYLOAD = 32 * 1024 * 1024  # the protocol's default maximum block size
 PREFERRED_BLOCK = 64 * 1024  # an overlay block: smaller writes cost a read-modify-write
 MAX_INFLIGHT = 16  # concurrent requests per connection
 INLINE_WRITE = 2 * PREFERRED_BLOCK  # writes up to this size may be served on the event loop
+INLINE_READ = 4 * 1024 * 1024  # … and reads up to this size (longer ones copy too much)
 MAX_OPTION_LEN = 8192  # names are at most 4096 bytes; anything longer is hostile
 MAX_OPTIONS = 32  # options per handshake
 HANDSHAKE_TIMEOUT = 10.0  # seconds a client has from connecting to choosing an export
@@ -798,7 +815,7 @@ class NbdServer:
                 if (
                     command == CMD_READ
                     and read_nowait is not None
-                    and length <= MAX_PAYLOAD
+                    and length <= INLINE_READ
                     and offset + length <= size
                     and not export.removed
                 ):

@@ -33,7 +33,13 @@ Invariants
   write to a clean block first copies the block from the base (read-modify-write), then sets
   the bit. A clear bit means the block equals the base; readers never look at ``blocks``.
 - Blocks are mutated under a per-block lock (striped), so concurrent writes to different
-  bytes of one block never lose each other's data; reads take no block lock.
+  bytes of one block never lose each other's data; reads take no block lock. A write to a
+  block already dirty writes only its own bytes (the block is whole in ``blocks``).
+- No write is fsynced on its own: ``flush()`` (NBD FLUSH, FUA) is the durability point.
+- Base blocks are read through a ``ChunkCache`` (process-wide by default, bounded): a
+  chunk is decoded once, each 64 KiB block verified against the chunk header's digests
+  (the header checked against the chunk id) the first time it is served; a block that
+  fails is never served and its chunk is dropped from the cache.
 - ``flush()`` snapshots the bitmap, fsyncs ``blocks``, then replaces ``dirty.bitmap``
   atomically (temp file, fsync, rename, fsync directory). A durable set bit therefore always
   names durable block data; writes not yet flushed may be lost by a crash, as on a disk.
