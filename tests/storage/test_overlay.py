@@ -187,18 +187,28 @@ def test_flushed_writes_survive_a_crash_unflushed_ones_read_as_base(
         ov.close()
 
 
-def test_flush_rewrites_the_bitmap_only_when_it_changed(pool: ChunkPool, tmp_path: Path) -> None:
+def test_flush_writes_set_bits_in_place_and_replaces_the_bitmap_to_clear_bits(
+    pool: ChunkPool, tmp_path: Path
+) -> None:
     with Overlay.create(tmp_path / "ov", pool, None, None, size=8 * MiB) as ov:
         bitmap = tmp_path / "ov" / "dirty.bitmap"
         ov.write(0, b"a")
         ov.flush()
-        saved = bitmap.stat().st_ino
-        ov.write(10, b"b")  # the same, already dirty block
+        first = bitmap.stat()
+        assert bitmap.read_bytes()[0] == 0b1
+        ov.write(10, b"b")  # the same, already dirty block: nothing to write
         ov.flush()
-        assert bitmap.stat().st_ino == saved
-        ov.write(BLOCK, b"c")
+        assert bitmap.stat().st_mtime_ns == first.st_mtime_ns
+        ov.write(BLOCK, b"c")  # a bit set: written in place
         ov.flush()
-        assert bitmap.stat().st_ino != saved
+        assert bitmap.stat().st_ino == first.st_ino
+        assert bitmap.read_bytes()[0] == 0b11
+        ov.write_zeroes(0, BLOCK)  # zeros over no base: the bit is cleared, the file replaced
+        ov.flush()
+        assert bitmap.stat().st_ino != first.st_ino
+        assert bitmap.read_bytes()[0] == 0b10
+    with Overlay.open(tmp_path / "ov", pool) as again:
+        assert again.dirty_ranges() == [(BLOCK, BLOCK)]
 
 
 def test_dirty_ranges_are_merged_and_zeroes_over_zeros_stay_clean(

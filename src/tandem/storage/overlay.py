@@ -40,9 +40,13 @@ Invariants
   chunk is decoded once, each 64 KiB block verified against the chunk header's digests
   (the header checked against the chunk id) the first time it is served; a block that
   fails is never served and its chunk is dropped from the cache.
-- ``flush()`` snapshots the bitmap, fsyncs ``blocks``, then replaces ``dirty.bitmap``
-  atomically (temp file, fsync, rename, fsync directory). A durable set bit therefore always
-  names durable block data; writes not yet flushed may be lost by a crash, as on a disk.
+- ``flush()`` snapshots the bitmap, fdatasyncs ``blocks``, then makes ``dirty.bitmap``
+  durable: bits only set since the last flush are written in place (then fdatasync), any
+  cleared bit replaces the file atomically (temp file, fsync, rename, fsync directory). A
+  durable set bit therefore always names durable block data, and a torn in-place update
+  is a mix of two valid bitmaps; writes not yet flushed may be lost by a crash, as on a
+  disk. ``since.bitmap`` likewise: in place while bits are only set under the same
+  reference, replaced whole when the reference changes or bits are cleared.
 - Zeroing whole blocks punches holes in ``blocks``; over an all-zero base extent it clears
   the bits instead, so zeroes written over zeros are not dirty.
 - Every write and zeroing sets the blocks' "since" bits (even where it clears dirty bits).
@@ -438,6 +442,12 @@ class Overlay:
         self._saved_generation = 0
         self._since_generation = 0  # bumped on every change of since bits or reference
         self._since_saved_generation = 0 if since is not None else -1
+        self._dirty_file = _BitmapFile(directory / BITMAP_FILE, 0, bytes(bitmap))
+        self._since_file = _BitmapFile(
+            directory / SINCE_FILE,
+            len(_NO_REFERENCE),
+            self._since_blob() if since is not None else None,
+        )
         self._closed = False
 
     # --- making and opening -------------------------------------------------------------
@@ -710,11 +720,11 @@ class Overlay:
                     self._since_blob() if since_generation != self._since_saved_generation else None
                 )
             try:
-                os.fsync(self._fd)  # before the bitmaps: a durable bit names durable data
+                os.fdatasync(self._fd)  # before the bitmaps: a durable bit names durable data
                 if since is not None:  # before dirty.bitmap: a crash between is cautious
-                    _write_durably(self.directory / SINCE_FILE, since)
+                    self._since_file.save(since)
                 if snapshot is not None:
-                    _write_durably(self.directory / BITMAP_FILE, snapshot)
+                    self._dirty_file.save(snapshot)
             except OSError as exc:
                 raise StorageError(detail=f"overlay {self.directory}: flush: {exc}") from exc
             with self._bits_lock:
@@ -871,12 +881,16 @@ class Overlay:
         finally:
             self._closed = True
             os.close(self._fd)
+            self._dirty_file.close()
+            self._since_file.close()
 
     def delete(self) -> None:
         """Close and remove the overlay's files (and its directory when that is then empty)."""
         if not self._closed:
             self._closed = True
             os.close(self._fd)
+        self._dirty_file.close()
+        self._since_file.close()
         for name in (
             META_FILE,
             BITMAP_FILE,
@@ -1041,6 +1055,57 @@ def _translate(exc: OSError, directory: Path) -> StorageError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return PoolFull(pool=str(directory), reason=exc.strerror or "ENOSPC")
     return StorageError(detail=f"overlay {directory}: write: {exc}")
+
+
+class _BitmapFile:
+    """A bitmap file (after a fixed header) kept durable at each flush.
+
+    When the new content only *sets* bits (the header unchanged), the changed bytes are
+    written in place and the file fdatasync'ed: any mix of old and new bytes a crash
+    leaves is then a valid state (a set bit names data made durable before it, and a bit
+    set early is only cautious). Anything else, a cleared bit or a new header, replaces
+    the file atomically (temp file, fsync, rename, fsync directory).
+    """
+
+    def __init__(self, path: Path, header: int, saved: bytes | None) -> None:
+        self.path = path
+        self.header = header
+        self.saved = saved  # the durable content (None: unknown, or no file yet)
+        self._fd: int | None = None
+
+    def save(self, blob: bytes) -> None:
+        old = self.saved
+        if old is None or len(old) != len(blob) or old[: self.header] != blob[: self.header]:
+            self._replace(blob)
+            return
+        a = int.from_bytes(old[self.header :], "little")
+        b = int.from_bytes(blob[self.header :], "little")
+        if a & ~b:
+            self._replace(blob)  # bits cleared: all at once or not at all
+            return
+        changed = a ^ b
+        if not changed:
+            return
+        low = self.header + ((changed & -changed).bit_length() - 1) // 8
+        high = self.header + (changed.bit_length() - 1) // 8 + 1
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDWR)
+        view = memoryview(blob)[low:high]
+        done = 0
+        while done < len(view):
+            done += os.pwrite(self._fd, view[done:], low + done)
+        os.fdatasync(self._fd)
+        self.saved = blob
+
+    def _replace(self, blob: bytes) -> None:
+        self.close()
+        _write_durably(self.path, blob)
+        self.saved = blob
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def _write_durably(path: Path, data: bytes) -> None:
