@@ -12,9 +12,11 @@ chunks, as a real disk's would) is captured into a pool. Then, in the same run:
 fio's NBD engine (libnbd) runs each workload for ``RUNTIME`` seconds after ``RAMP``
 seconds of warm-up, at iodepth 16: 4 KiB random read, 4 KiB random write, 1 MiB
 sequential read. Warm page cache for both: the pool's chunk files and the volume file sit
-in it. The last row repeats the random read without warm-up on a fresh server: it includes
-the decoding of every chunk on first touch (tandem's chunk cache starts empty; qemu-nbd's
-page cache is warm all the same). Target: at least 0.8× qemu-nbd on each.
+in it. A second write row flushes every 32 writes, as a database's commits do (the
+durability path: FLUSH makes writes and the dirty bitmap durable). The last row repeats
+the random read without warm-up on a fresh server: it includes the decoding of every
+chunk on first touch (tandem's chunk cache starts empty; qemu-nbd's page cache is warm all
+the same). Target: at least 0.8× qemu-nbd on each.
 
 ``python -m bench.nbd serve POOL MANIFEST_HEX OVERLAY_DIR`` is the tandem server alone
 (prints its URI, serves until stdin closes): handy under ``py-spy``.
@@ -51,6 +53,7 @@ class Workload:
     bs: str
     iodepth: int
     ramp: int = RAMP  # 0: measured from the server's first request (its cache cold)
+    fsync: int = 0  # a FLUSH after every this many writes (0: none)
 
     @property
     def writes(self) -> bool:
@@ -60,6 +63,7 @@ class Workload:
 WORKLOADS = (
     Workload("4 KiB random read, iodepth 16", "randread", "4k", 16),
     Workload("4 KiB random write, iodepth 16", "randwrite", "4k", 16),
+    Workload("4 KiB random write, iodepth 16, FLUSH every 32", "randwrite", "4k", 16, fsync=32),
     Workload("1 MiB sequential read, iodepth 16", "read", "1m", 16),
     Workload("4 KiB random read, iodepth 16, cold (no warm-up)", "randread", "4k", 16, 0),
 )
@@ -112,6 +116,7 @@ def fio(uri: str, w: Workload) -> Result:
         f"--runtime={RUNTIME}",
         f"--ramp_time={w.ramp}",
         "--randrepeat=0",
+        f"--fsync={w.fsync}",
         "--output-format=json",
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=RUNTIME + RAMP + 120)
