@@ -706,3 +706,25 @@ def test_extents_report_clean_zero_extents_as_zeros(pool: ChunkPool, tmp_path: P
         assert ov.extents(chunk, chunk) == [(chunk, True)]
         with pytest.raises(InvalidInput):
             ov.extents(ov.size - 1, 2)
+
+
+def test_a_flush_with_nothing_new_to_make_durable_syncs_nothing(
+    pool: ChunkPool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    syncs: list[int] = []
+    real = os.fdatasync
+
+    def fdatasync(fd: int) -> None:
+        syncs.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    with Overlay.create(tmp_path / "ov", pool, None, None, size=8 * MiB) as ov:
+        ov.write(0, b"a")
+        ov.flush()
+        assert len(syncs) == 3  # the data, then since.bitmap and dirty.bitmap in place
+        ov.flush()  # (as when flushes queue behind one another: the first covered them)
+        assert len(syncs) == 3
+        ov.write(10, b"b")  # a block already dirty: only the data is new
+        ov.flush()
+        assert len(syncs) == 4

@@ -439,6 +439,8 @@ class Overlay:
         self._stripes = [threading.Lock() for _ in range(_STRIPES)]
         self._flush_lock = threading.Lock()
         self._generation = 0  # bumped on every bitmap change
+        self._mutations = 0  # writes and zeroings completed (their bytes are in the file)
+        self._synced = 0  # … of which the last fdatasync of the block file covered
         self._saved_generation = 0
         self._since_generation = 0  # bumped on every change of since bits or reference
         self._since_saved_generation = 0 if since is not None else -1
@@ -711,14 +713,19 @@ class Overlay:
     def flush(self) -> None:
         """Make every completed write durable, with the dirty bitmap that names it."""
         self._check_open()
+        with self._bits_lock:
+            target = self._mutations  # the writes this flush must cover
         with self._flush_lock:
             with self._bits_lock:
+                covered = self._mutations
                 generation = self._generation
                 snapshot = bytes(self._bitmap) if generation != self._saved_generation else None
                 since_generation = self._since_generation
                 since = (
                     self._since_blob() if since_generation != self._since_saved_generation else None
                 )
+            if self._synced >= target and since is None and snapshot is None:
+                return  # a flush that began after our writes made them durable already
             try:
                 os.fdatasync(self._fd)  # before the bitmaps: a durable bit names durable data
                 if since is not None:  # before dirty.bitmap: a crash between is cautious
@@ -728,6 +735,7 @@ class Overlay:
             except OSError as exc:
                 raise StorageError(detail=f"overlay {self.directory}: flush: {exc}") from exc
             with self._bits_lock:
+                self._synced = max(self._synced, covered)
                 self._saved_generation = max(self._saved_generation, generation)
                 self._since_saved_generation = max(self._since_saved_generation, since_generation)
 
@@ -945,6 +953,7 @@ class Overlay:
     def _set_bits(self, first: int, last: int, value: bool) -> None:
         """Set (or clear) the dirty bits of blocks [first, last); set their since bits."""
         with self._bits_lock:
+            self._mutations += 1
             if _fill(self._bitmap, first, last, value):
                 self._generation += 1  # rewriting dirty blocks leaves nothing to save
             if _fill(self._since, first, last, True):
