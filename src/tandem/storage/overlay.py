@@ -727,9 +727,20 @@ class Overlay:
             if self._synced >= target and since is None and snapshot is None:
                 return  # a flush that began after our writes made them durable already
             try:
-                os.fdatasync(self._fd)  # before the bitmaps: a durable bit names durable data
-                if since is not None:  # before dirty.bitmap: a crash between is cautious
-                    self._since_file.save(since)
+                # The data and since.bitmap (a cautious superset: no order between them) are
+                # made durable side by side; then dirty.bitmap, whose set bits name both.
+                beside: Future[None] | None = None
+                if since is not None:
+                    beside = Future()
+                    threading.Thread(
+                        target=_run_into, args=(beside, self._since_file.save, since)
+                    ).start()
+                try:
+                    if self._synced < covered:  # (the bits in snapshot name no later write)
+                        os.fdatasync(self._fd)
+                finally:
+                    if beside is not None:
+                        beside.result()
                 if snapshot is not None:
                     self._dirty_file.save(snapshot)
             except OSError as exc:
@@ -1064,6 +1075,16 @@ def _translate(exc: OSError, directory: Path) -> StorageError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return PoolFull(pool=str(directory), reason=exc.strerror or "ENOSPC")
     return StorageError(detail=f"overlay {directory}: write: {exc}")
+
+
+def _run_into(future: Future[None], fn: Any, *args: Any) -> None:
+    """Run ``fn(*args)`` and settle ``future`` with its outcome (in a thread of its own)."""
+    try:
+        fn(*args)
+    except BaseException as exc:
+        future.set_exception(exc)
+    else:
+        future.set_result(None)
 
 
 class _BitmapFile:
