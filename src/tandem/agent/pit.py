@@ -1,0 +1,335 @@
+"""Point-in-time sources: what a capture reads instead of the live files.
+
+The agent finds what the app's path sits on (``/proc/self/mountinfo``) and cuts, for the
+app's ``ConsistencyMode``:
+
+- ``auto`` and ``snapshot``:
+  - a tree that is a btrfs subvolume (inode 256) whose parent folder is on the same mount →
+    ``btrfs subvolume snapshot -r`` beside it, read, then deleted (``snapshot-btrfs``);
+  - a tree on btrfs or XFS → ``cp -a --reflink=always`` into a hidden work folder on the same
+    file system, with every entry's lstat (size, mtime, ctime, inode) taken before and after
+    the cloning: unchanged, and the same entries, means every clone is the file's content at
+    one instant (``reflink``); otherwise it is cloned again after a backoff, a bounded number
+    of times. (``fsfreeze`` cannot hold writes around the cloning: a clone is itself a write,
+    and blocks on a frozen file system.);
+  - a volume file on btrfs or XFS → a ``FICLONE`` clone beside it, read, then removed
+    (``reflink``);
+  - otherwise ``auto`` reads the live files (``crash-unsafe``: the capture verifies each is
+    unchanged after reading), saying why; ``snapshot`` fails with PointInTimeUnavailable.
+- ``freeze``: ``fsfreeze -f`` the mount for the whole capture and ``fsfreeze -u`` after, in a
+  ``finally``, and by a watchdog after ``FREEZE_MAX`` seconds at the latest: a capture that
+  outlives the watchdog fails (its files were no longer held). The root file system is
+  never frozen (the agent and the host live on it). Reports how long writes were held.
+- ``hooks`` and ``none``: the live files (the appliance runs hooks around the capture).
+
+Work copies are named ``.tandem-pit-<random>`` beside the app's path (inside it when the
+path is the root of its mount, and then left out of what is cloned) and are always removed,
+also when the capture fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import secrets
+import shutil
+import stat
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from tandem.domain.consistency import ConsistencyMode, Cut
+from tandem.errors import PointInTimeUnavailable, SourceChanged
+
+FICLONE = 0x40049409  # _IOW(0x94, 9, int)
+REFLINK_FS = frozenset({"btrfs", "xfs"})
+BTRFS_SUBVOLUME_INO = 256
+WORK_PREFIX = ".tandem-pit-"
+CLONE_ATTEMPTS = 5
+CLONE_BACKOFF = 0.05
+FREEZE_MAX = 30.0
+COMMAND_TIMEOUT = 120.0
+
+
+@dataclass(frozen=True)
+class Mount:
+    point: str
+    fstype: str
+    source: str
+
+
+@dataclass
+class PointInTime:
+    """What to read, and how it was cut."""
+
+    path: str
+    cut: Cut
+    reason: str = ""
+    recheck: bool = True
+    """Whether ``path`` may still change (live files): the capture verifies after reading."""
+    held_seconds: float | None = None
+    """How long writes were held (freeze), set when the source is released."""
+    exclude: str | None = None
+    """A top-level name under ``path`` that is tandem's work folder, not the app's."""
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "consistency": self.cut.value,
+            "consistency_reason": self.reason,
+            "held_seconds": self.held_seconds,
+        }
+
+
+def _unescape(field: str) -> str:
+    """mountinfo escapes space, tab, newline and backslash as octal."""
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and field[i + 1 : i + 4].isdigit():
+            out.append(chr(int(field[i + 1 : i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def mount_of(path: str) -> Mount:
+    """The mount ``path`` is on (the longest mount point that contains it)."""
+    real = os.path.realpath(path)
+    best: Mount | None = None
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as fh:
+        for line in fh:
+            left, _, right = line.partition(" - ")
+            point = _unescape(left.split()[4])
+            fstype, source = [*right.split(), "", ""][:2]
+            inside = real == point or real.startswith(point.rstrip("/") + "/")
+            # Later lines stack over earlier ones at the same point.
+            if inside and (best is None or len(point) >= len(best.point)):
+                best = Mount(point, fstype, _unescape(source))
+    return best or Mount("/", "", "")
+
+
+def is_btrfs_subvolume(path: str) -> bool:
+    return mount_of(path).fstype == "btrfs" and os.stat(path).st_ino == BTRFS_SUBVOLUME_INO
+
+
+def _run(argv: list[str], what: str, path: str) -> None:
+    try:
+        proc = subprocess.run(
+            argv, capture_output=True, text=True, timeout=COMMAND_TIMEOUT, check=False
+        )
+    except FileNotFoundError as exc:
+        raise PointInTimeUnavailable(
+            path=path, reason=f"{argv[0]} is not installed ({what})"
+        ) from exc
+    except subprocess.TimeoutExpired as exc:
+        raise PointInTimeUnavailable(
+            path=path, reason=f"{what} took longer than {COMMAND_TIMEOUT:.0f} s"
+        ) from exc
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()
+        raise PointInTimeUnavailable(
+            path=path, reason=f"{what} failed: {tail[-1] if tail else proc.returncode}"
+        )
+
+
+def _work_name() -> str:
+    return WORK_PREFIX + secrets.token_hex(6)
+
+
+def _work_place(path: str, mount: Mount) -> tuple[str, str | None]:
+    """Where a work copy of ``path`` goes on its file system: (work path, excluded name)."""
+    parent = os.path.dirname(path.rstrip("/")) or "/"
+    name = _work_name()
+    if path.rstrip("/") != mount.point.rstrip("/") and mount_of(parent).point == mount.point:
+        return os.path.join(parent, name), None
+    return os.path.join(path, name), name  # the app's path is the mount's root
+
+
+# --- the cuts -------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _btrfs_snapshot(path: str) -> Iterator[PointInTime]:
+    snap = os.path.join(os.path.dirname(path.rstrip("/")), _work_name())
+    _run(["btrfs", "subvolume", "snapshot", "-r", path, snap], "btrfs subvolume snapshot", path)
+    try:
+        yield PointInTime(snap, Cut.SNAPSHOT_BTRFS, "a read-only btrfs snapshot", recheck=False)
+    finally:
+        _run(["btrfs", "subvolume", "delete", snap], "btrfs subvolume delete", path)
+
+
+def _lstat_tree(root: str, exclude: str | None) -> dict[str, tuple[int, ...]]:
+    """Every entry under ``root`` with what says it changed (type, size, times, inode)."""
+    out: dict[str, tuple[int, ...]] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        if dirpath == root and exclude in dirnames:
+            dirnames.remove(exclude)  # type: ignore[arg-type]
+        for name in dirnames + filenames:
+            full = os.path.join(dirpath, name)
+            try:
+                st = os.lstat(full)
+            except FileNotFoundError:
+                out[full] = (-1,)
+                continue
+            key = (stat.S_IFMT(st.st_mode), st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+            out[full] = (*key, st.st_ino)
+    return out
+
+
+@contextlib.contextmanager
+def _reflink_tree(path: str, mount: Mount) -> Iterator[PointInTime]:
+    work, exclude = _work_place(path, mount)
+    delay = CLONE_BACKOFF
+    try:
+        for attempt in range(CLONE_ATTEMPTS):
+            before = _lstat_tree(path, exclude)
+            os.mkdir(work, 0o700)
+            names = [n for n in os.listdir(path) if n != exclude]
+            if names:
+                _run(
+                    [
+                        "cp",
+                        "-a",
+                        "--reflink=always",
+                        "--",
+                        *(os.path.join(path, n) for n in names),
+                        work + "/",
+                    ],
+                    "cloning with reflinks",
+                    path,
+                )
+            if _lstat_tree(path, exclude) == before:
+                st = os.stat(path)  # the root's own metadata, which the image records
+                os.chmod(work, stat.S_IMODE(st.st_mode))
+                os.chown(work, st.st_uid, st.st_gid)
+                os.utime(work, ns=(st.st_atime_ns, st.st_mtime_ns))
+                why = "reflink clones, unchanged across the cloning"
+                if attempt:
+                    why += f" (cloned {attempt + 1} times: files changed meanwhile)"
+                yield PointInTime(work, Cut.REFLINK, why, recheck=False)
+                return
+            shutil.rmtree(work)
+            time.sleep(delay)
+            delay *= 2
+        raise SourceChanged(
+            path=path,
+            reason=f"files changed while they were cloned, {CLONE_ATTEMPTS} times in a row; "
+            "put the data on a btrfs subvolume for a snapshot, or use freeze/thaw hooks",
+        )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _reflink_file(path: str) -> Iterator[PointInTime]:
+    clone = os.path.join(os.path.dirname(path), _work_name())
+    src = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        dst = os.open(clone, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                fcntl.ioctl(dst, FICLONE, src)
+            except OSError as exc:
+                raise PointInTimeUnavailable(
+                    path=path, reason=f"the file system would not clone it ({exc.strerror})"
+                ) from exc
+        finally:
+            os.close(dst)
+        yield PointInTime(clone, Cut.REFLINK, "a reflink clone of the volume file", recheck=False)
+    finally:
+        os.close(src)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(clone)
+
+
+@contextlib.contextmanager
+def _frozen(path: str, mount: Mount) -> Iterator[PointInTime]:
+    if mount.point == "/":
+        raise PointInTimeUnavailable(
+            path=path,
+            reason="it is on the root file system, which is never frozen (the host runs on it)",
+        )
+    lock = threading.Lock()
+    thawed = [False]
+
+    def thaw() -> None:
+        with lock:
+            if not thawed[0]:
+                thawed[0] = True
+                _run(["fsfreeze", "-u", mount.point], "fsfreeze -u", path)
+
+    _run(["fsfreeze", "-f", mount.point], "fsfreeze -f", path)
+    t0 = time.monotonic()
+    watchdog = threading.Timer(FREEZE_MAX, thaw)
+    watchdog.daemon = True
+    watchdog.start()
+    pit = PointInTime(path, Cut.FREEZE, f"writes to {mount.point} held during the capture")
+    try:
+        yield pit
+        if time.monotonic() - t0 >= FREEZE_MAX:
+            raise SourceChanged(
+                path=path,
+                reason=f"the capture took longer than the {FREEZE_MAX:.0f} s writes may be "
+                "held; use a point-in-time source or hooks",
+            )
+    finally:
+        watchdog.cancel()
+        thaw()
+        pit.held_seconds = time.monotonic() - t0
+
+
+@contextlib.contextmanager
+def _live(path: str, reason: str) -> Iterator[PointInTime]:
+    yield PointInTime(path, Cut.CRASH_UNSAFE, reason)
+
+
+def _no_pit(path: str, kind: str, mount: Mount) -> str | None:
+    """Why ``path`` has no point-in-time source; None when it has one."""
+    fs = mount.fstype or "an unknown file system"
+    if kind == "volume":
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return "it is a block device, which neither snapshots nor reflinks here"
+        if mount.fstype not in REFLINK_FS:
+            return f"it is on {fs} at {mount.point}, which cannot reflink a file"
+        return None
+    if mount.fstype not in REFLINK_FS:
+        return f"it is on {fs} at {mount.point}, which can neither snapshot nor reflink"
+    return None
+
+
+@contextlib.contextmanager
+def point_in_time(path: str, kind: str, mode: ConsistencyMode) -> Iterator[PointInTime]:
+    """What to capture ``path`` (a ``filesystem`` or ``volume`` app) from, under ``mode``;
+    the source is released (snapshot deleted, clones removed, file system thawed) on exit."""
+    if mode in (ConsistencyMode.NONE, ConsistencyMode.HOOKS):
+        with _live(path, f"--consistency {mode.value}: live files") as pit:
+            yield pit
+        return
+    mount = mount_of(path)
+    if mode is ConsistencyMode.FREEZE:
+        with _frozen(path, mount) as pit:
+            yield pit
+        return
+    reason = _no_pit(path, kind, mount)
+    if reason is not None:
+        if mode is ConsistencyMode.SNAPSHOT:
+            raise PointInTimeUnavailable(path=path, reason=reason)
+        with _live(path, f"no point-in-time source: {reason}") as pit:
+            yield pit
+        return
+    source: contextlib.AbstractContextManager[PointInTime]
+    if kind == "volume":
+        source = _reflink_file(path)
+    elif (
+        is_btrfs_subvolume(path)
+        and mount_of(os.path.dirname(path.rstrip("/")) or "/").point == mount.point
+    ):
+        source = _btrfs_snapshot(path)
+    else:
+        source = _reflink_tree(path, mount)
+    with source as pit:
+        yield pit
