@@ -183,3 +183,39 @@ def test_a_freeze_that_outlives_the_watchdog_is_thawed_and_fails(
             target=lambda: ((fs / "app" / "probe").write_bytes(b""), done.set())
         ).start()
         assert done.wait(10)
+
+
+def test_a_recapture_from_reflink_clones_reads_only_what_changed(
+    pool: ChunkPool, mkfs: Callable[[str], Path]
+) -> None:
+    """Clones are new inodes each time; the image records the live files' identity, so an
+    unchanged file is not read again."""
+    fs = mkfs("xfs")
+    app = fs / "app"
+    app.mkdir()
+    for i in range(8):
+        (app / f"f{i}").write_bytes(os.urandom(100_000))
+
+    def cut_and_capture(
+        base: TreeManifest | None, base_id: bytes | None
+    ) -> tuple[bytes, TreeManifest, int]:
+        with pit.point_in_time(str(app), "filesystem", ConsistencyMode.AUTO) as cut:
+            assert cut.cut is Cut.REFLINK
+            mid, m, stats = capture_tree(
+                pool,
+                cut.path,
+                base=base,
+                base_id=base_id,
+                recheck=cut.recheck,
+                identity=cut.identity,
+            )
+        return mid, m, stats.bytes_read
+
+    first_id, first, read = cut_and_capture(None, None)
+    assert read == 800_000
+    _, _, read = cut_and_capture(first, first_id)
+    assert read == 0
+    (app / "f3").write_bytes(os.urandom(100_000))
+    _, second, read = cut_and_capture(first, first_id)
+    assert read == 100_000
+    assert files_of(pool, second)["f3"] == (app / "f3").read_bytes()

@@ -180,7 +180,7 @@ def capture(req: CaptureRequest, emit: Emit) -> dict[str, Any]:
     before = volume.stamp_of(path) if req.kind == "volume" else None
     with pit.point_in_time(str(path), req.kind, ConsistencyMode(req.consistency)) as cut:
         emit({"event": "log", "text": f"capturing from {cut.cut.value}: {cut.reason}"})
-        done = _capture_from(req, path, Path(cut.path), cut.recheck, cut.cut.value, emit)
+        done = _capture_from(req, path, cut, emit)
     after = volume.stamp_of(path) if req.kind == "volume" else None
     return {
         **done,
@@ -192,10 +192,11 @@ def capture(req: CaptureRequest, emit: Emit) -> dict[str, Any]:
 
 
 def _capture_from(
-    req: CaptureRequest, path: Path, source: Path, recheck: bool, cut: str, emit: Emit
+    req: CaptureRequest, path: Path, cut: pit.PointInTime, emit: Emit
 ) -> dict[str, Any]:
-    """Capture ``source`` (``path`` itself, or a point in time of it) as ``path``'s image."""
-    meta = {"source": str(path), "host": os.uname().nodename, "consistency": cut}
+    """Capture ``cut`` (``path`` itself, or a point in time of it) as ``path``'s image."""
+    source = Path(cut.path)
+    meta = {"source": str(path), "host": os.uname().nodename, "consistency": cut.cut.value}
     with _client(req.appliance) as client:
         base_id = bytes.fromhex(req.base) if req.base else None
         base = _fetch_manifest(client, req.appliance.session, req.base) if req.base else None
@@ -224,7 +225,8 @@ def _capture_from(
                 base_id=base_id,
                 meta=meta,
                 progress=progress,
-                recheck=recheck,
+                recheck=cut.recheck,
+                identity=cut.identity,
             )
             size = tree_manifest.size
         sent = pool.last_writer.bytes_sent if pool.last_writer else 0

@@ -72,8 +72,9 @@ class PointInTime:
     """Whether ``path`` may still change (live files): the capture verifies after reading."""
     held_seconds: float | None = None
     """How long writes were held (freeze), set when the source is released."""
-    exclude: str | None = None
-    """A top-level name under ``path`` that is tandem's work folder, not the app's."""
+    identity: dict[str, tuple[int, int]] | None = None
+    """For a copy (reflink clones): each path's live (ctime_ns, inode), which the image
+    records so that the next capture knows unchanged files (``capture_tree``)."""
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -163,20 +164,22 @@ def _btrfs_snapshot(path: str) -> Iterator[PointInTime]:
 
 
 def _lstat_tree(root: str, exclude: str | None) -> dict[str, tuple[int, ...]]:
-    """Every entry under ``root`` with what says it changed (type, size, times, inode)."""
+    """Every entry under ``root`` (by relative path) with what says it changed: type, size,
+    mtime, ctime, inode."""
     out: dict[str, tuple[int, ...]] = {}
     for dirpath, dirnames, filenames in os.walk(root):
         if dirpath == root and exclude in dirnames:
             dirnames.remove(exclude)  # type: ignore[arg-type]
         for name in dirnames + filenames:
             full = os.path.join(dirpath, name)
+            rel = os.path.relpath(full, root)
             try:
                 st = os.lstat(full)
             except FileNotFoundError:
-                out[full] = (-1,)
+                out[rel] = (-1,)
                 continue
             key = (stat.S_IFMT(st.st_mode), st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-            out[full] = (*key, st.st_ino)
+            out[rel] = (*key, st.st_ino)
     return out
 
 
@@ -210,7 +213,8 @@ def _reflink_tree(path: str, mount: Mount) -> Iterator[PointInTime]:
                 why = "reflink clones, unchanged across the cloning"
                 if attempt:
                     why += f" (cloned {attempt + 1} times: files changed meanwhile)"
-                yield PointInTime(work, Cut.REFLINK, why, recheck=False)
+                identity = {rel: (k[3], k[4]) for rel, k in before.items() if len(k) == 5}
+                yield PointInTime(work, Cut.REFLINK, why, recheck=False, identity=identity)
                 return
             shutil.rmtree(work)
             time.sleep(delay)

@@ -70,7 +70,7 @@ import stat
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -284,7 +284,7 @@ def _source_error(path: str, exc: OSError) -> Exception:
     return SourceUnreadable(path=path, reason=exc.strerror or str(exc))
 
 
-def _unchanged(b: TreeEntry, st: os.stat_result) -> bool:
+def _unchanged(b: TreeEntry, st: os.stat_result, ctime_ns: int, ino: int) -> bool:
     """Whether base entry ``b`` still describes what ``st`` (an lstat) found.
 
     ctime and inode number catch what mtime alone misses: a file written and then given its
@@ -292,8 +292,8 @@ def _unchanged(b: TreeEntry, st: os.stat_result) -> bool:
     """
     return (
         b.mtime_ns == st.st_mtime_ns
-        and b.ctime_ns == st.st_ctime_ns
-        and b.ino == st.st_ino
+        and b.ctime_ns == ctime_ns
+        and b.ino == ino
         and b.mode == stat.S_IMODE(st.st_mode)
         and b.uid == st.st_uid
         and b.gid == st.st_gid
@@ -305,6 +305,7 @@ def _walk(
     skipped: _Skipped,
     base: dict[str, TreeEntry],
     chunks_present: Callable[[TreeEntry], bool],
+    identity: Mapping[str, tuple[int, int]] | None = None,
 ) -> tuple[list[TreeEntry], dict[str, int], set[str]]:
     """lstat everything under ``root``: (unsorted entries, st_dev of multiply-linked files,
     paths of files that look sparse).
@@ -342,8 +343,11 @@ def _walk(
                         skipped.add(rel, "vanished")
                         continue
                     mode = st.st_mode
+                    ctime_ns, ino = st.st_ctime_ns, st.st_ino
+                    if identity is not None:
+                        ctime_ns, ino = identity.get(rel, (ctime_ns, ino))
                     b = base.get(rel)
-                    if b is not None and _unchanged(b, st):
+                    if b is not None and _unchanged(b, st, ctime_ns, ino):
                         if stat.S_ISREG(mode):
                             # Linked files get their own entry: their type is decided later.
                             same = (
@@ -401,8 +405,8 @@ def _walk(
                             size,
                             target,
                             [],
-                            st.st_ctime_ns,
-                            st.st_ino,
+                            ctime_ns,
+                            ino,
                         )
                     )
         except OSError as exc:
@@ -488,12 +492,15 @@ class _Capture:
         entries: list[TreeEntry],
         sparse: set[str],
         on_read: Callable[[str], None] | None = None,
+        copy: bool = False,
     ):
         self.writer = writer
         self.root = root
         self.entries = entries
         self.sparse = sparse
         self.on_read = on_read
+        # A copy (reflink clones) records the live files' identity: compare it with itself.
+        self.copy = copy
         # O_NOATIME keeps reads from dirtying inodes; only the owner or root may ask for it.
         self.open_flags = os.O_RDONLY | os.O_NOFOLLOW | _O_CLOEXEC
         if os.geteuid() == 0:
@@ -517,6 +524,11 @@ class _Capture:
         except OSError as exc:
             raise _source_error(path, exc) from exc
 
+    def _ref(self, e: TreeEntry, fd: int) -> tuple[int, int, int, int]:
+        """What the open file must still be after reading: the walk's lstat, or (a copy)
+        the copy's own."""
+        return _stat_key(os.fstat(fd)) if self.copy else _entry_key(e)
+
     def capture_file(self, index: int) -> _FileResult:
         """Read, cut and store one file in the calling thread (a worker)."""
         e = self.entries[index]
@@ -532,7 +544,7 @@ class _Capture:
                     fresh = os.fstat(fd)
                     if not stat.S_ISREG(fresh.st_mode):
                         raise SourceChanged(path=path, reason="it is no longer a regular file")
-                ref = _stat_key(fresh) if fresh else _entry_key(e)
+                ref = _stat_key(fresh) if fresh else self._ref(e, fd)
                 sparse = _looks_sparse(fresh) if fresh else e.path in self.sparse
                 chunks: list[tuple[bytes | None, int]] = []
                 try:
@@ -575,7 +587,7 @@ class _Capture:
                     fresh = os.fstat(fd)
                     if not stat.S_ISREG(fresh.st_mode):
                         raise SourceChanged(path=path, reason="it is no longer a regular file")
-                ref = _stat_key(fresh) if fresh else _entry_key(e)
+                ref = _stat_key(fresh) if fresh else self._ref(e, fd)
                 sparse = _looks_sparse(fresh) if fresh else e.path in self.sparse
                 try:
                     for data, n in _pieces(fd, ref[0], sparse, path):
@@ -628,6 +640,7 @@ def capture_tree(
     progress: Progress | None = None,
     recheck: bool = True,
     on_read: Callable[[str], None] | None = None,
+    identity: Mapping[str, tuple[int, int]] | None = None,
 ) -> tuple[bytes, TreeManifest, CaptureStats]:
     """Capture the tree under ``root`` into ``pool``; returns (manifest id, manifest, stats).
 
@@ -636,7 +649,10 @@ def capture_tree(
     SourceChanged (a file kept changing while, or after, it was read); nothing is visible
     then. ``recheck`` (on unless ``root`` is a snapshot that cannot change) verifies that no
     file changed after it was read (see the module's invariants). ``on_read(path)`` is
-    called, from a worker, once a file's content has been read: a test seam.
+    called, from a worker, once a file's content has been read: a test seam. ``identity``
+    maps paths to the (ctime_ns, inode) recorded for them when ``root`` is a copy of the
+    live tree (reflink clones, ``agent.pit``): the next capture then recognises unchanged
+    files by the live files' identity, not by the copy's.
     """
     t0 = time.monotonic()
     root_s = os.fspath(root)
@@ -658,7 +674,7 @@ def capture_tree(
             # Chunks of a registered base are kept by GC; others must be touched (and there).
             return registered or all(d is None or writer.has(d) for d, _ in b.chunks)
 
-        entries, link_dev, sparse = _walk(root_s, skipped, base_index, chunks_present)
+        entries, link_dev, sparse = _walk(root_s, skipped, base_index, chunks_present, identity)
         entries.sort(key=lambda e: e.path)
 
         # The first path of a hard-link group (in manifest order) carries the content.
@@ -691,7 +707,7 @@ def capture_tree(
         if progress:
             progress(done, total)
 
-        cap = _Capture(writer, root_s, entries, sparse, on_read)
+        cap = _Capture(writer, root_s, entries, sparse, on_read, copy=identity is not None)
         vanished: set[int] = set()
         streamed: list[tuple[bytes | None, int]] = []
         w = workers or default_workers()
