@@ -3,14 +3,17 @@ torn. Real daemons, driven by the CLI; the app's data on loop-mounted btrfs and 
 
 from __future__ import annotations
 
+import glob
+import shutil
 import subprocess
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.agent.loopfs import PairWriter, loop_mounts, torn
-from tests.e2e.conftest import Site
+from tests.e2e.conftest import Site, free_port
 
 PAIRS = 32
 CONFIRM = ["--confirm", "DATA LOSS", "--confirm", "OVERWRITE OTHER APPS"]
@@ -107,3 +110,170 @@ def test_a_consistency_that_does_not_exist_is_refused_and_nothing_changes(
     )
     assert bad.code == 2 and "Traceback" not in bad.stderr and "--consistency" in bad.stderr
     assert "odd" not in {a["name"] for a in cli("apps")}
+
+
+# --- PostgreSQL under pgbench --------------------------------------------------------------
+
+
+def pg_bin() -> Path:
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/pgbench"))
+    if not found:
+        pytest.fail("PostgreSQL is missing: install the Debian package postgresql")
+    return Path(found[-1]).parent
+
+
+def as_postgres(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["runuser", "-u", "postgres", "--", *argv],
+        capture_output=True,
+        text=True,
+        check=check,
+        timeout=120,
+        cwd="/",
+    )
+
+
+class Cluster:
+    """A PostgreSQL cluster in ``data``, listening on a socket in ``sockets`` only."""
+
+    def __init__(self, data: Path, sockets: Path) -> None:
+        self.bin, self.data, self.sockets, self.port = pg_bin(), data, sockets, free_port()
+
+    def start(self) -> None:
+        opts = f"-p {self.port} -k {self.sockets} -c listen_addresses=''"
+        log = self.sockets / f"{self.data.name}.log"
+        as_postgres(
+            str(self.bin / "pg_ctl"),
+            "-D",
+            str(self.data),
+            "-o",
+            opts,
+            "-l",
+            str(log),
+            "-w",
+            "start",
+        )
+
+    def stop(self) -> None:
+        as_postgres(
+            str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop", check=False
+        )
+
+    def conn(self) -> list[str]:
+        return ["-h", str(self.sockets), "-p", str(self.port)]
+
+    def sql(self, query: str) -> str:
+        return as_postgres(
+            str(self.bin / "psql"), *self.conn(), "-d", "postgres", "-Atc", query
+        ).stdout.strip()
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A folder the postgres user can reach (pytest's tmp_path is root's alone)."""
+    path = Path(tempfile.mkdtemp(prefix="tandem-pg-", dir="/tmp"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+INVARIANT = (
+    "SELECT (SELECT sum(abalance) FROM pgbench_accounts), "
+    "(SELECT sum(bbalance) FROM pgbench_branches), "
+    "(SELECT sum(tbalance) FROM pgbench_tellers), "
+    "(SELECT coalesce(sum(delta), 0) FROM pgbench_history)"
+)
+
+
+def test_postgresql_under_pgbench_on_btrfs_every_capture_taken_and_each_replica_sound(
+    site: Site, shared_dir: Path
+) -> None:
+    cli = site.cli
+    sockets = shared_dir / "sockets"
+    sockets.mkdir()
+    shutil.chown(sockets, "postgres", "postgres")
+    with loop_mounts(shared_dir) as mkfs:
+        fs = mkfs("btrfs")
+        fs.chmod(0o755)
+        data = fs / "pgdata"
+        subprocess.run(["btrfs", "subvolume", "create", str(data)], check=True, capture_output=True)
+        shutil.chown(data, "postgres", "postgres")
+        data.chmod(0o700)
+        prod = Cluster(data, sockets)
+        as_postgres(
+            str(prod.bin / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "--no-sync"
+        )
+        prod.start()
+        try:
+            as_postgres(str(prod.bin / "pgbench"), *prod.conn(), "-i", "-q", "-s", "2", "postgres")
+            cli(
+                "app", "add", "pg", "--host", site.host, "--kind", "filesystem", "--path", str(data)
+            )
+            cli("template", "add", "pg-manual")
+            cli("app", "protect", "pg", "--template", "pg-manual")
+            bench = subprocess.Popen(
+                [
+                    "runuser",
+                    "-u",
+                    "postgres",
+                    "--",
+                    str(prod.bin / "pgbench"),
+                    *prod.conn(),
+                    "-n",
+                    "-c",
+                    "4",
+                    "-j",
+                    "2",
+                    "-R",
+                    "150",
+                    "-T",
+                    "600",
+                    "postgres",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                cwd="/",
+            )
+            images = []
+            try:
+                for _ in range(3):
+                    before = int(prod.sql("SELECT count(*) FROM pgbench_history"))
+                    taken = cli("capture", "pg")
+                    assert taken["job"]["status"] == "succeeded", taken["job"]
+                    assert taken["image"]["consistency"] == "snapshot-btrfs"
+                    images.append(taken["image"]["id"])
+                    assert (
+                        int(prod.sql("SELECT count(*) FROM pgbench_history")) > before
+                    )  # under load
+            finally:
+                bench.kill()
+                bench.wait()
+        finally:
+            prod.stop()
+
+        for i, image in enumerate(images):
+            where = shared_dir / f"replica{i}"
+            mounted = cli("mount", image, "--host", site.host, "--mount-point", str(where))
+            assert mounted["job"]["status"] == "succeeded", mounted["job"]
+            (where / "postmaster.pid").unlink(missing_ok=True)  # the running server's, not ours
+            replica = Cluster(where, sockets)
+            replica.start()  # crash recovery from the cut
+            try:
+                checked = as_postgres(
+                    str(replica.bin / "pg_amcheck"),
+                    *replica.conn(),
+                    "--heapallindexed",
+                    "--install-missing",
+                    "-d",
+                    "postgres",
+                    check=False,
+                )
+                assert checked.returncode == 0, checked.stdout + checked.stderr
+                sums = replica.sql(INVARIANT).split("|")
+                assert len(set(sums)) == 1, sums
+                assert int(replica.sql("SELECT count(*) FROM pgbench_history")) > 0
+            finally:
+                replica.stop()
+            cli("unmount", mounted["image"]["id"])
