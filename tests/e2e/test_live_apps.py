@@ -187,18 +187,23 @@ INVARIANT = (
 )
 
 
-def test_postgresql_under_pgbench_on_btrfs_every_capture_taken_and_each_replica_sound(
-    site: Site, shared_dir: Path
+@pytest.mark.parametrize(("fstype", "cut"), [("btrfs", "snapshot-btrfs"), ("xfs", "reflink")])
+def test_postgresql_under_pgbench_every_capture_taken_and_each_replica_sound(
+    site: Site, shared_dir: Path, fstype: str, cut: str
 ) -> None:
     cli = site.cli
     sockets = shared_dir / "sockets"
     sockets.mkdir()
     shutil.chown(sockets, "postgres", "postgres")
     with loop_mounts(shared_dir) as mkfs:
-        fs = mkfs("btrfs")
+        fs = mkfs(fstype)
         fs.chmod(0o755)
         data = fs / "pgdata"
-        subprocess.run(["btrfs", "subvolume", "create", str(data)], check=True, capture_output=True)
+        if fstype == "btrfs":
+            make = ["btrfs", "subvolume", "create", str(data)]
+            subprocess.run(make, check=True, capture_output=True)
+        else:
+            data.mkdir()
         shutil.chown(data, "postgres", "postgres")
         data.chmod(0o700)
         prod = Cluster(data, sockets)
@@ -209,10 +214,18 @@ def test_postgresql_under_pgbench_on_btrfs_every_capture_taken_and_each_replica_
         try:
             as_postgres(str(prod.bin / "pgbench"), *prod.conn(), "-i", "-q", "-s", "2", "postgres")
             cli(
-                "app", "add", "pg", "--host", site.host, "--kind", "filesystem", "--path", str(data)
+                "app",
+                "add",
+                f"pg-{fstype}",
+                "--host",
+                site.host,
+                "--kind",
+                "filesystem",
+                "--path",
+                str(data),
             )
-            cli("template", "add", "pg-manual")
-            cli("app", "protect", "pg", "--template", "pg-manual")
+            cli("template", "add", f"pg-{fstype}")
+            cli("app", "protect", f"pg-{fstype}", "--template", f"pg-{fstype}")
             bench = subprocess.Popen(
                 [
                     "runuser",
@@ -240,9 +253,9 @@ def test_postgresql_under_pgbench_on_btrfs_every_capture_taken_and_each_replica_
             try:
                 for _ in range(3):
                     before = int(prod.sql("SELECT count(*) FROM pgbench_history"))
-                    taken = cli("capture", "pg")
+                    taken = cli("capture", f"pg-{fstype}")
                     assert taken["job"]["status"] == "succeeded", taken["job"]
-                    assert taken["image"]["consistency"] == "snapshot-btrfs"
+                    assert taken["image"]["consistency"] == cut
                     images.append(taken["image"]["id"])
                     assert (
                         int(prod.sql("SELECT count(*) FROM pgbench_history")) > before
@@ -254,7 +267,7 @@ def test_postgresql_under_pgbench_on_btrfs_every_capture_taken_and_each_replica_
             prod.stop()
 
         for i, image in enumerate(images):
-            where = shared_dir / f"replica{i}"
+            where = shared_dir / f"replica-{fstype}-{i}"
             mounted = cli("mount", image, "--host", site.host, "--mount-point", str(where))
             assert mounted["job"]["status"] == "succeeded", mounted["job"]
             (where / "postmaster.pid").unlink(missing_ok=True)  # the running server's, not ours

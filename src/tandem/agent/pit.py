@@ -7,11 +7,12 @@ app's ``ConsistencyMode``:
   - a tree that is a btrfs subvolume (inode 256) whose parent folder is on the same mount →
     ``btrfs subvolume snapshot -r`` beside it, read, then deleted (``snapshot-btrfs``);
   - a tree on btrfs or XFS → ``cp -a --reflink=always`` into a hidden work folder on the same
-    file system, with every entry's lstat (size, mtime, ctime, inode) taken before and after
-    the cloning: unchanged, and the same entries, means every clone is the file's content at
-    one instant (``reflink``); otherwise it is cloned again after a backoff, a bounded number
-    of times. (``fsfreeze`` cannot hold writes around the cloning: a clone is itself a write,
-    and blocks on a frozen file system.);
+    file system; then, with writes held (``fsfreeze``) only for an lstat walk of the live
+    tree, every entry is compared with what it was when cloned (type, size, mtime, ctime,
+    inode): all unchanged means every clone is the file at that instant (``reflink``);
+    entries that changed are cloned again, writes released meanwhile, and the check repeats
+    a bounded number of times. (Writes cannot be held around the cloning itself: a clone is
+    a write, and blocks on a frozen file system.) The longest hold is reported;
   - a volume file on btrfs or XFS → a ``FICLONE`` clone beside it, read, then removed
     (``reflink``);
   - otherwise ``auto`` reads the live files (``crash-unsafe``: the capture verifies each is
@@ -45,11 +46,14 @@ from tandem.domain.consistency import ConsistencyMode, Cut
 from tandem.errors import PointInTimeUnavailable, SourceChanged
 
 FICLONE = 0x40049409  # _IOW(0x94, 9, int)
+FIFREEZE = 0xC0045877  # _IOWR('X', 119, int): what fsfreeze -f does, without a process
+FITHAW = 0xC0045878  # _IOWR('X', 120, int)
 REFLINK_FS = frozenset({"btrfs", "xfs"})
 BTRFS_SUBVOLUME_INO = 256
 WORK_PREFIX = ".tandem-pit-"
-CLONE_ATTEMPTS = 5
-CLONE_BACKOFF = 0.05
+CLONE_ATTEMPTS = 50
+HELD_READ_MAX = 64 * 1024 * 1024
+"""Bytes of changed files read while writes are held, rather than cloned again after."""
 FREEZE_MAX = 30.0
 COMMAND_TIMEOUT = 120.0
 
@@ -137,6 +141,27 @@ def _run(argv: list[str], what: str, path: str) -> None:
         )
 
 
+def _ioctl_mount(mount: Mount, request: int, what: str, path: str) -> None:
+    """FIFREEZE or FITHAW on the file system mounted at ``mount``."""
+    fd = os.open(mount.point, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, request, 0)
+    except OSError as exc:
+        raise PointInTimeUnavailable(path=path, reason=f"{what} failed ({exc.strerror})") from exc
+    finally:
+        os.close(fd)
+
+
+def freeze(mount: Mount, path: str) -> None:
+    """Hold every write to ``mount`` (fsfreeze -f)."""
+    _ioctl_mount(mount, FIFREEZE, f"freezing {mount.point}", path)
+
+
+def thaw(mount: Mount, path: str) -> None:
+    """Release the writes (fsfreeze -u)."""
+    _ioctl_mount(mount, FITHAW, f"thawing {mount.point}", path)
+
+
 def _work_name() -> str:
     return WORK_PREFIX + secrets.token_hex(6)
 
@@ -183,46 +208,194 @@ def _lstat_tree(root: str, exclude: str | None) -> dict[str, tuple[int, ...]]:
     return out
 
 
+def _cp(sources: list[str], dest: str, path: str) -> None:
+    _run(["cp", "-a", "--reflink=always", "--", *sources, dest], "cloning with reflinks", path)
+
+
+def _remove(entry: str) -> None:
+    if os.path.isdir(entry) and not os.path.islink(entry):
+        shutil.rmtree(entry)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(entry)
+
+
+def _reclone(path: str, work: str, changed: list[str], now: dict[str, tuple[int, ...]]) -> None:
+    """Bring the clones of ``changed`` entries in line with the live tree (after ``now``)."""
+    done: list[str] = []
+    for rel in sorted(changed):  # parents first
+        if any(rel.startswith(d + "/") for d in done):
+            continue  # inside a folder cloned whole just now
+        src, dst = os.path.join(path, rel), os.path.join(work, rel)
+        key = now.get(rel)
+        if key is None or key == (-1,):
+            _remove(dst)
+            continue
+        if stat.S_ISDIR(key[0]) and os.path.isdir(dst) and not os.path.islink(dst):
+            with contextlib.suppress(FileNotFoundError):  # only its own metadata changed
+                st = os.lstat(src)
+                os.chown(dst, st.st_uid, st.st_gid)
+                os.chmod(dst, stat.S_IMODE(st.st_mode))
+            continue
+        _remove(dst)
+        if stat.S_ISREG(key[0]):
+            with contextlib.suppress(FileNotFoundError):  # removed since: the next check sees
+                _clone_file(src, dst, path)
+            continue
+        try:
+            _cp([src], dst, path)
+        except PointInTimeUnavailable:
+            if os.path.lexists(src):
+                raise
+            continue  # removed since: the next check sees it gone
+        if stat.S_ISDIR(key[0]):
+            done.append(rel)
+
+
+def _clone_file(src: str, dst: str, path: str) -> None:
+    """A reflink clone of one regular file with its mode, owner and times (as ``cp -a``),
+    without a process per file: re-cloning must be quick for the next check to settle."""
+    sfd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        dfd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                fcntl.ioctl(dfd, FICLONE, sfd)
+            except OSError as exc:
+                raise PointInTimeUnavailable(
+                    path=path, reason=f"the file system would not clone {src} ({exc.strerror})"
+                ) from exc
+            st = os.fstat(sfd)
+            os.fchown(dfd, st.st_uid, st.st_gid)
+            os.fchmod(dfd, stat.S_IMODE(st.st_mode))
+            os.utime(dfd, ns=(st.st_atime_ns, st.st_mtime_ns))
+        finally:
+            os.close(dfd)
+    finally:
+        os.close(sfd)
+
+
+def _read_held(
+    path: str, changed: list[str], now: dict[str, tuple[int, ...]]
+) -> dict[str, tuple[bytes, os.stat_result]] | None:
+    """The content of the changed regular files, read while writes are held; None when
+    there are too many bytes (or entries that are not regular files) to hold writes for."""
+    total = 0
+    for rel in changed:
+        key = now.get(rel)
+        if key is None or key == (-1,):
+            continue  # removed: nothing to read
+        if not stat.S_ISREG(key[0]):
+            return None
+        total += key[1]
+    if total > HELD_READ_MAX:
+        return None
+    out: dict[str, tuple[bytes, os.stat_result]] = {}
+    for rel in changed:
+        key = now.get(rel)
+        if key is None or key == (-1,):
+            continue
+        fd = os.open(os.path.join(path, rel), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            st = os.fstat(fd)
+            chunks, pos = [], 0
+            while pos < st.st_size:
+                piece = os.pread(fd, min(8 << 20, st.st_size - pos), pos)
+                if not piece:
+                    break
+                chunks.append(piece)
+                pos += len(piece)
+            out[rel] = (b"".join(chunks), st)
+        finally:
+            os.close(fd)
+    return out
+
+
+def _write_read(work: str, read: dict[str, tuple[bytes, os.stat_result]]) -> None:
+    """Put the files read at the cut in place of their clones (mode, owner and times kept)."""
+    for rel, (data, st) in read.items():
+        dst = os.path.join(work, rel)
+        _remove(dst)
+        fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fchown(fd, st.st_uid, st.st_gid)
+            os.fchmod(fd, stat.S_IMODE(st.st_mode))
+            os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
+        finally:
+            os.close(fd)
+
+
+def _set_dir_times(work: str, now: dict[str, tuple[int, ...]]) -> None:
+    """Folders' mtimes as the live tree had them at the cut (re-cloning changed them)."""
+    for rel, key in now.items():
+        if len(key) == 5 and stat.S_ISDIR(key[0]):
+            os.utime(os.path.join(work, rel), ns=(key[2], key[2]), follow_symlinks=False)
+
+
 @contextlib.contextmanager
 def _reflink_tree(path: str, mount: Mount) -> Iterator[PointInTime]:
+    """Clone the tree, then check it against the live tree while writes are held for the
+    instant of an lstat walk (``fsfreeze``; not on the root file system, where the check
+    runs unfrozen): an entry unchanged since it was cloned, for all entries, makes the
+    clones the live tree at that instant. Entries that changed are cloned again and the
+    check repeats, at most ``CLONE_ATTEMPTS`` times."""
     work, exclude = _work_place(path, mount)
-    delay = CLONE_BACKOFF
+    hold = mount.point != "/"
+    held = 0.0
     try:
+        before = _lstat_tree(path, exclude)
+        os.mkdir(work, 0o700)
+        names = [os.path.join(path, n) for n in os.listdir(path) if n != exclude]
+        if names:
+            _cp(names, work + "/", path)
         for attempt in range(CLONE_ATTEMPTS):
-            before = _lstat_tree(path, exclude)
-            os.mkdir(work, 0o700)
-            names = [n for n in os.listdir(path) if n != exclude]
-            if names:
-                _run(
-                    [
-                        "cp",
-                        "-a",
-                        "--reflink=always",
-                        "--",
-                        *(os.path.join(path, n) for n in names),
-                        work + "/",
-                    ],
-                    "cloning with reflinks",
-                    path,
-                )
-            if _lstat_tree(path, exclude) == before:
+            if hold:
+                freeze(mount, path)
+            t0 = time.monotonic()
+            read: dict[str, tuple[bytes, os.stat_result]] | None = None
+            try:
+                now = _lstat_tree(path, exclude)
+                changed = [r for r in before.keys() | now.keys() if before.get(r) != now.get(r)]
+                if hold and changed:
+                    # Writers queue while held and rush in at the thaw, so a file written
+                    # on every commit (a WAL) would change again before it is re-cloned:
+                    # a few changed files are read now instead, at the cut.
+                    read = _read_held(path, changed, now)
+            finally:
+                if hold:
+                    thaw(mount, path)
+                held = max(held, time.monotonic() - t0)
+            if read is not None:
+                _reclone(path, work, [r for r in changed if r not in read], now)
+                _write_read(work, read)
+                changed = []
+            if not changed:
                 st = os.stat(path)  # the root's own metadata, which the image records
                 os.chmod(work, stat.S_IMODE(st.st_mode))
                 os.chown(work, st.st_uid, st.st_gid)
+                _set_dir_times(work, now)
                 os.utime(work, ns=(st.st_atime_ns, st.st_mtime_ns))
-                why = "reflink clones, unchanged across the cloning"
+                why = "reflink clones, unchanged since cloned" + (
+                    f" when writes to {mount.point} were held" if hold else ""
+                )
                 if attempt:
-                    why += f" (cloned {attempt + 1} times: files changed meanwhile)"
-                identity = {rel: (k[3], k[4]) for rel, k in before.items() if len(k) == 5}
-                yield PointInTime(work, Cut.REFLINK, why, recheck=False, identity=identity)
+                    why += f" (files that changed meanwhile re-cloned {attempt} times)"
+                identity = {rel: (k[3], k[4]) for rel, k in now.items() if len(k) == 5}
+                pit = PointInTime(work, Cut.REFLINK, why, recheck=False, identity=identity)
+                pit.held_seconds = held if hold else None
+                yield pit
                 return
-            shutil.rmtree(work)
-            time.sleep(delay)
-            delay *= 2
+            _reclone(path, work, changed, now)
+            before = now
+        shown = ", ".join(sorted(changed)[:5]) + (", …" if len(changed) > 5 else "")
         raise SourceChanged(
             path=path,
-            reason=f"files changed while they were cloned, {CLONE_ATTEMPTS} times in a row; "
-            "put the data on a btrfs subvolume for a snapshot, or use freeze/thaw hooks",
+            reason=f"files kept changing while they were cloned ({CLONE_ATTEMPTS} checks; last "
+            f"{shown}); put the data on a btrfs subvolume for a snapshot, or use freeze/thaw "
+            "hooks",
         )
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -260,15 +433,15 @@ def _frozen(path: str, mount: Mount) -> Iterator[PointInTime]:
     lock = threading.Lock()
     thawed = [False]
 
-    def thaw() -> None:
+    def release() -> None:
         with lock:
             if not thawed[0]:
                 thawed[0] = True
-                _run(["fsfreeze", "-u", mount.point], "fsfreeze -u", path)
+                thaw(mount, path)
 
-    _run(["fsfreeze", "-f", mount.point], "fsfreeze -f", path)
+    freeze(mount, path)
     t0 = time.monotonic()
-    watchdog = threading.Timer(FREEZE_MAX, thaw)
+    watchdog = threading.Timer(FREEZE_MAX, release)
     watchdog.daemon = True
     watchdog.start()
     pit = PointInTime(path, Cut.FREEZE, f"writes to {mount.point} held during the capture")
@@ -282,7 +455,7 @@ def _frozen(path: str, mount: Mount) -> Iterator[PointInTime]:
             )
     finally:
         watchdog.cancel()
-        thaw()
+        release()
         pit.held_seconds = time.monotonic() - t0
 
 
