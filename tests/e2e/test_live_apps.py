@@ -187,7 +187,14 @@ INVARIANT = (
 )
 
 
-@pytest.mark.parametrize(("fstype", "cut"), [("btrfs", "snapshot-btrfs"), ("xfs", "reflink")])
+@pytest.mark.parametrize(
+    ("fstype", "cut"),
+    [
+        ("btrfs", "snapshot-btrfs"),  # auto: a snapshot of the subvolume
+        ("xfs", "reflink"),  # auto: reflink clones, writes held for the check only
+        ("ext4", "freeze"),  # no snapshot, no reflink: --consistency freeze
+    ],
+)
 def test_postgresql_under_pgbench_every_capture_taken_and_each_replica_sound(
     site: Site, shared_dir: Path, fstype: str, cut: str
 ) -> None:
@@ -226,6 +233,8 @@ def test_postgresql_under_pgbench_every_capture_taken_and_each_replica_sound(
             )
             cli("template", "add", f"pg-{fstype}")
             cli("app", "protect", f"pg-{fstype}", "--template", f"pg-{fstype}")
+            if cut == "freeze":
+                cli("app", "set", f"pg-{fstype}", "--consistency", "freeze")
             bench = subprocess.Popen(
                 [
                     "runuser",
