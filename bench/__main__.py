@@ -58,11 +58,18 @@ def _failback(cfg: Config, report: Report) -> None:
     failback.run(cfg, report)
 
 
+def _consistency(cfg: Config, report: Report) -> None:
+    from bench import consistency
+
+    consistency.run(cfg, report)
+
+
 SECTIONS: dict[str, Section] = {
     "storage": _storage,
     "replication": _replication,
     "presentation": _presentation,
     "failback": _failback,
+    "consistency": _consistency,
 }
 DEFAULT_SIZE_GIB = {"storage": 2.0, "replication": 1.0, "failback": 0.0}
 """The volume size of a section when --size-gib is not given (presentation has its own;

@@ -9,10 +9,14 @@ app's ``ConsistencyMode``:
   - a tree on btrfs or XFS → ``cp -a --reflink=always`` into a hidden work folder on the same
     file system; then, with writes held (``fsfreeze``) only for an lstat walk of the live
     tree, every entry is compared with what it was when cloned (type, size, mtime, ctime,
-    inode): all unchanged means every clone is the file at that instant (``reflink``);
-    entries that changed are cloned again, writes released meanwhile, and the check repeats
-    a bounded number of times. (Writes cannot be held around the cloning itself: a clone is
-    a write, and blocks on a frozen file system.) The longest hold is reported;
+    inode): all unchanged means every clone is the file at that instant (``reflink``).
+    Regular files that changed since cloned, up to ``HELD_READ_MAX`` bytes, are read then,
+    while writes are still held, and put in place of their clones; otherwise (more bytes,
+    or folders changed) the changed entries are cloned again, writes released meanwhile,
+    and the check repeats, at most ``CLONE_ATTEMPTS`` times. (Writes cannot be held around
+    the cloning itself: a clone is a write, and blocks on a frozen file system.) The
+    longest hold is reported. On the root file system, which is never frozen, the check
+    runs with writes flowing;
   - a volume file on btrfs or XFS → a ``FICLONE`` clone beside it, read, then removed
     (``reflink``);
   - otherwise ``auto`` reads the live files (``crash-unsafe``: the capture verifies each is
