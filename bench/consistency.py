@@ -181,6 +181,7 @@ def run(cfg: Config, report: Report) -> None:
     if pg is None or os.geteuid() != 0:
         report.note("consistency: skipped, it needs root and PostgreSQL (Debian: postgresql)")
         return
+    cfg.workdir.chmod(0o755)  # the postgres user must reach the clusters inside it
     for fstype in ("btrfs", "xfs"):
         log(f"consistency: PostgreSQL under pgbench on {fstype}")
         _one(cfg, report, fstype, pg)

@@ -46,7 +46,8 @@ def loop_mounts(workdir: Path) -> Iterator[Callable[[str], Path]]:
     finally:
         for point in reversed(mounted):
             subprocess.run(["fsfreeze", "-u", str(point)], capture_output=True, check=False)
-            subprocess.run(["umount", str(point)], check=False)
+            if subprocess.run(["umount", str(point)], check=False).returncode != 0:
+                subprocess.run(["umount", "-l", str(point)], check=False)  # busy: detach it
 
 
 WRITER = r"""
