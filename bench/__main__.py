@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import shutil
 import sys
 import tempfile
@@ -33,44 +34,16 @@ from bench.common import write_json as save_json
 
 Section = Callable[[Config, Report], None]
 
-
-def _storage(cfg: Config, report: Report) -> None:
-    from bench import storage  # imports tandem; keep --help fast
-
-    storage.run(cfg, report)
+SECTIONS = ("storage", "replication", "presentation", "failback", "scale", "nbd", "consistency")
+"""Each is the module ``bench.NAME`` with ``run(cfg, report)``, imported only when run (they
+import tandem; keep --help fast)."""
 
 
-def _replication(cfg: Config, report: Report) -> None:
-    from bench import replication
-
-    replication.run(cfg, report)
-
-
-def _presentation(cfg: Config, report: Report) -> None:
-    from bench import presentation
-
-    presentation.run(cfg, report)
+def run_section(name: str, cfg: Config, report: Report) -> None:
+    section: Section = importlib.import_module(f"bench.{name}").run
+    section(cfg, report)
 
 
-def _failback(cfg: Config, report: Report) -> None:
-    from bench import failback
-
-    failback.run(cfg, report)
-
-
-def _consistency(cfg: Config, report: Report) -> None:
-    from bench import consistency
-
-    consistency.run(cfg, report)
-
-
-SECTIONS: dict[str, Section] = {
-    "storage": _storage,
-    "replication": _replication,
-    "presentation": _presentation,
-    "failback": _failback,
-    "consistency": _consistency,
-}
 DEFAULT_SIZE_GIB = {"storage": 2.0, "replication": 1.0, "failback": 0.0}
 """The volume size of a section when --size-gib is not given (presentation has its own;
 failback's 0 means its three sizes, 1, 4 and 16 GiB)."""
@@ -133,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in sections:
             log(f"section {name}, scratch in {workdir}")
             size = int(size_gib(name) * GiB) // MiB * MiB
-            SECTIONS[name](dataclasses.replace(cfg, size=size), report)
+            run_section(name, dataclasses.replace(cfg, size=size), report)
     except KeyboardInterrupt:
         log("interrupted; results so far follow")
     finally:

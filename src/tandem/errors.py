@@ -105,6 +105,12 @@ class Forbidden(TandemError):
     http_status = 403
 
 
+class NotPaired(Forbidden):
+    """This appliance is not paired with {peer!r}: a peer token acts only for the appliance
+    paired here. Pair with it (`tandem peer add`), or remove the token (`tandem token
+    remove {token}`)."""
+
+
 class MirrorRecord(TandemError):
     """Application {app!r} here is a mirror of {origin!r}'s app: its host and path are
     production's, named by the other site, and this appliance never acts on them ({action}
@@ -117,6 +123,31 @@ class PeerRefused(TandemError):
     """The peer {peer!r} may not {action} application {app!r} now: {reason}. {fix}"""
 
     http_status = 409
+
+
+class TargetInUse(TandemError):
+    """The application {other!r} registered at {site} at host {host!r}, path {path!r} is
+    {why}: a failback never writes over an app in service. Fail back onto a location
+    registered for it at {site} (`tandem app add NAME --host H --path P --kind {kind}`:
+    unprotected, without images), or with --target original."""
+
+    http_status = 409
+
+
+class PeerApplyFailed(TandemError):
+    """The peer {peer} could not apply image {image} ({job} {status}: {reason}); the DR copy
+    is unchanged. Read that job's log on {peer} (`tandem job log {job}`), fix what it
+    says, then run the failback again or undo it."""
+
+    http_status = 502
+
+
+class PeerApplyTimedOut(TandemError):
+    """The peer {peer}'s restore job {job} of image {image} did not end within {seconds:g}
+    s; the DR copy is unchanged. Follow it on {peer} (`tandem job show {job}`) and run the
+    failback again once it has ended, or undo it."""
+
+    http_status = 504
 
 
 class TargetNotRegistered(TandemError):
@@ -145,6 +176,14 @@ class HookRefused(TandemError):
     `tandem app set APP --start/--stop SCRIPT`."""
 
     http_status = 422
+
+
+class HookTimedOut(TandemError):
+    """The hook script {script!r} did not finish within {seconds:g} s on the host and was
+    stopped. Make it return once its work is done (a start script must not wait for the
+    app it starts; a stop script succeeds when the app is already stopped)."""
+
+    http_status = 504
 
 
 class HookFailed(TandemError):

@@ -110,6 +110,7 @@ CASES = {
     "symlink-inside": "it is a symbolic link",
     "folder-writable": "the scripts folder is writable by group or others",
     "folder-symlink": "the scripts folder is not a plain folder",
+    "agent-folder-writable": "the agent's folder is writable by group or others (mode 0777)",
 }
 
 
@@ -135,6 +136,9 @@ def test_a_script_the_host_did_not_make_safe_is_refused(
     elif case == "folder-writable":
         install(agent, "hook", body)
         agent.scripts.chmod(0o777)
+    elif case == "agent-folder-writable":  # anyone could rename another folder to scripts/
+        install(agent, "hook", body)
+        agent.directory.chmod(0o777)
     elif case == "folder-symlink":
         elsewhere = tmp_path / "elsewhere"
         elsewhere.mkdir(mode=0o755)
@@ -200,7 +204,8 @@ def test_the_old_command_request_is_refused(agent: Agent, tmp_path: Path) -> Non
 def test_a_slow_hook_times_out_and_a_daemon_it_leaves_does_not_hang(agent: Agent) -> None:
     install(agent, "slow", "sleep 5\n")
     status, _, message = refusal(run(agent, "slow", timeout=0.2))
-    assert status == 500 and "did not finish within" in message
+    assert status == 504 and "did not finish within 0.2 s" in message
+    assert "did not finish within" in message and "must not wait for the app" in message
     # The output goes to files: a background child keeping them open is fine.
     install(agent, "daemonize", "sleep 30 &\necho started\n")
     t0 = time.monotonic()

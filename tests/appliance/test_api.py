@@ -206,7 +206,7 @@ def test_restore_needs_both_confirmations_and_the_apps_own_image(api: Api, tmp_p
     assert (job["type"], job["image"], job["status"]) == ("restore", mine, "queued")
 
 
-def test_image_delete_job_collects_the_pool(api: Api, tmp_path: Path) -> None:
+def test_image_delete_job_marks_and_the_gc_job_collects(api: Api, tmp_path: Path) -> None:
     seed_app(api.appliance)
     src = tmp_path / "src"
     src.mkdir()
@@ -224,11 +224,28 @@ def test_image_delete_job_collects_the_pool(api: Api, tmp_path: Path) -> None:
 
     age_chunks(api)
     api.appliance.runner.start()
+    chunks_before = sum(1 for _ in api.appliance.site.pool.iter_chunks())
     job = api.client.delete(f"/api/v1/images/{old}", headers=h).json()["job"]
     done = api.appliance.runner.wait(job["id"], timeout=30)
     assert done.status.value == "succeeded", done.message
-    assert "1 chunk(s) removed" in done.message
+    assert "next garbage collection" in done.message
+    # Deleting only removed the row: the pool is untouched until a collection runs.
+    assert sum(1 for _ in api.appliance.site.pool.iter_chunks()) == chunks_before
+    assert api.client.get("/api/v1/gc", headers=h).json()["pending_deletions"] == 1
     assert [i["id"] for i in api.client.get("/api/v1/apps/web/images", headers=h).json()] == [new]
+
+    viewer = api.client.post("/api/v1/gc", headers=api.headers("viewer"))
+    assert viewer.status_code == 403
+    started = api.client.post("/api/v1/gc", headers=h)
+    assert started.status_code == 202
+    gc_job = started.json()["job"]
+    assert gc_job["type"] == "gc"
+    done = api.appliance.runner.wait(gc_job["id"], timeout=30)
+    assert done.status.value == "succeeded", done.message
+    assert "1 chunk(s) removed" in done.message
+    assert done.result is not None and done.result["chunks_removed"] == 1
+    state = api.client.get("/api/v1/gc", headers=h).json()
+    assert state["pending_deletions"] == 0 and not state["unfinished"]
     assert api.client.get(f"/api/v1/images/{new}/verify", headers=h).json()["ok"]
 
 
@@ -427,3 +444,98 @@ def test_a_job_filter_that_is_not_an_app_name_is_a_422_not_a_crash(api: Api) -> 
     for bad in ("\x00", "\x00\u009d", "a/b"):
         answer = api.client.get("/api/v1/jobs", params={"app": bad}, headers=api.headers())
         assert answer.status_code == 422, bad
+
+
+def test_list_routes_page_with_a_cursor_and_stay_plain_lists(api: Api, tmp_path: Path) -> None:
+    for i in range(5):
+        seed_app(api.appliance, f"app{i}")
+    src = tmp_path / "src"
+    src.mkdir()
+    for _ in range(5):
+        (src / "a").write_bytes(os.urandom(1000))
+        seed_image(api.appliance, "app0", src)
+    for i in range(5):
+        assert api.client.post(f"/api/v1/apps/app{i}/capture", headers=api.headers()).is_success
+    h = api.headers("viewer")
+
+    everything = api.client.get("/api/v1/apps", headers=h)
+    assert "x-next-cursor" not in everything.headers  # no limit: the whole list, as before
+    names = [a["name"] for a in everything.json()]
+    pages = []
+    url = "/api/v1/apps?limit=2"
+    while url:
+        resp = api.client.get(url, headers=h)
+        pages.append([a["name"] for a in resp.json()])
+        link = resp.headers.get("link")
+        url = link[1 : link.index(">")] if link else ""
+        if link:
+            assert resp.headers["x-next-cursor"] == pages[-1][-1]
+    assert pages == [names[0:2], names[2:4], names[4:5]]
+
+    images_all = [i["id"] for i in api.client.get("/api/v1/apps/app0/images", headers=h).json()]
+    got: list[str] = []
+    after = ""
+    while True:
+        resp = api.client.get(f"/api/v1/apps/app0/images?limit=2{after}", headers=h)
+        got += [i["id"] for i in resp.json()]
+        cursor = resp.headers.get("x-next-cursor")
+        if not cursor:
+            break
+        after = f"&after={cursor}"
+    assert got == images_all and len(got) == 5
+
+    jobs_all = [j["id"] for j in api.client.get("/api/v1/jobs", headers=h).json()]
+    first = api.client.get("/api/v1/jobs?limit=3", headers=h)
+    second = api.client.get(
+        f"/api/v1/jobs?limit=3&after={first.headers['x-next-cursor']}", headers=h
+    )
+    assert [j["id"] for j in first.json() + second.json()] == jobs_all
+    assert "x-next-cursor" not in second.headers
+
+
+def test_a_bad_page_request_says_what_to_fix(api: Api) -> None:
+    seed_app(api.appliance)
+    h = api.headers("viewer")
+    status, _, message = error(api.client.get("/api/v1/jobs?after=job_aaaaaaaaaaaa", headers=h))
+    assert status == 422 and "names no job" in message and "without `after`" in message
+    status, _, message = error(
+        api.client.get("/api/v1/apps/web/images?after=img_aaaaaaaaaaaa", headers=h)
+    )
+    assert status == 422 and "is no image of 'web'" in message
+    for bad in ("/api/v1/apps?limit=0", "/api/v1/jobs?after=../x", "/api/v1/apps?after=%2Fetc"):
+        assert api.client.get(bad, headers=h).status_code == 422
+    status, _, message = error(
+        api.client.patch("/api/v1/gc", headers=api.headers("operator"), json={"every_seconds": 5})
+    )
+    assert status == 422 and "every_seconds" in message
+    assert api.client.get("/api/v1/gc", headers=h).json()["every_seconds"] == 86_400
+
+
+def test_listing_apps_costs_the_same_queries_at_any_count(api: Api) -> None:
+    from sqlalchemy import event
+
+    engine = api.appliance.catalog.engine
+    statements: list[str] = []
+
+    def count(conn, cursor, statement, params, context, executemany):  # type: ignore[no-untyped-def]
+        statements.append(statement)
+
+    def queries_for_list() -> int:
+        statements.clear()
+        event.listen(engine, "before_cursor_execute", count)
+        try:
+            resp = api.client.get("/api/v1/apps", headers=api.headers("viewer"))
+        finally:
+            event.remove(engine, "before_cursor_execute", count)
+        assert resp.status_code == 200
+        return len(statements)
+
+    seed_app(api.appliance, "a0")
+    few = queries_for_list()
+    for i in range(1, 25):
+        seed_app(api.appliance, f"a{i}")
+    with api.appliance.catalog.begin() as session:
+        q.set_setting(session, key="failback_downtime:a3", value="2.5")
+    assert queries_for_list() == few
+    listed = api.client.get("/api/v1/apps", headers=api.headers("viewer")).json()
+    assert {a["name"]: a["failback_downtime_seconds"] for a in listed}["a3"] == 2.5

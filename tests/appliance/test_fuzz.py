@@ -37,7 +37,7 @@ from schemathesis.checks import not_a_server_error  # noqa: E402
 from tandem.appliance.auth import needed_role  # noqa: E402
 from tandem.catalog import queries as q  # noqa: E402
 from tandem.domain.rules import Role, role_allows  # noqa: E402
-from tandem.operations import tokens  # noqa: E402
+from tandem.operations import peers, tokens  # noqa: E402
 from tests.appliance.conftest import Api  # noqa: E402
 from tests.appliance.test_capabilities import SECRET, present  # noqa: E402
 
@@ -93,7 +93,11 @@ def test_no_call_gets_past_its_role(api: Api, tmp_path: Path) -> None:
         q.add_host(
             session, name="h2", url="https://127.0.0.1:1", token=HOST_SECRET, fingerprint="11" * 32
         )
-    _, api.tokens["peer"] = tokens.add_token(api.appliance.site, name="dr", role=Role.PEER)
+        # the paired site's own token: its peer calls are allowed, nothing else is
+        q.add_peer(session, name="dr", url="https://127.0.0.1:1", token="t", fingerprint="22" * 32)
+    _, api.tokens["peer"] = tokens.add_token(
+        api.appliance.site, name=peers.peer_token_name("dr"), role=Role.PEER
+    )
     secrets = [SECRET, HOST_SECRET, *api.tokens.values()]
     real = {"name": "web", "image_id": shown.image, "job_id": shown.job}
     schema = schemathesis.openapi.from_dict(api.appliance.app.openapi())

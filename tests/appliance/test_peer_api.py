@@ -16,7 +16,7 @@ from tandem.catalog import queries as q
 from tandem.domain.ids import new_app_id, new_image_id
 from tandem.domain.jobs import JobStatus
 from tandem.domain.rules import Role
-from tandem.operations import tokens
+from tandem.operations import peers, tokens
 from tests.appliance.conftest import Api, api, booted, seed_app, seed_image
 from tests.catalog.conftest import catalog_url
 
@@ -28,6 +28,10 @@ MANIFEST = "ab" * 32
 @pytest.fixture
 def peer(api: Api) -> dict[str, str]:
     """Headers of the token the paired site ``prod`` calls this one with."""
+    with api.appliance.catalog.begin() as session:
+        q.add_peer(
+            session, name="prod", url="https://127.0.0.1:1", token="t", fingerprint="00" * 32
+        )
     _, secret = tokens.add_token(api.appliance.site, name="peer-prod", role=Role.PEER)
     return {"Authorization": f"Bearer {secret}"}
 
@@ -50,6 +54,13 @@ def _replication(app: dict[str, Any], **extra: Any) -> dict[str, Any]:
 def _app(api: Api, name: str) -> Any:
     with api.appliance.catalog.read() as session:
         return q.get_app(session, name=name)
+
+
+def seed_mirrored(api: Api, name: str) -> None:
+    """An app of this site (host ``h1``, not contacted) that it mirrors to the peer."""
+    seed_app(api.appliance, name, template="mirrored")
+    with api.appliance.catalog.begin() as session:
+        next(t for t in q.list_templates(session) if t.name == "mirrored").mirror = True
 
 
 def _jobs(api: Api) -> list[Any]:
@@ -111,7 +122,7 @@ def test_apply_names_no_path_and_needs_an_agreed_failback(
     """Reproduction: ``apply {"image", "path": "/any/folder"}`` with no failback under way
     changed the app's path for good and restored over that folder."""
     c = api.client
-    seed_app(api.appliance, "www")
+    seed_mirrored(api, "www")
     source = tmp_path / "src"
     source.mkdir()
     (source / "index.html").write_text("hello\n")
@@ -138,7 +149,7 @@ def test_commands_only_for_an_app_failed_over_at_the_peer_with_an_agreed_failbac
     api: Api, peer: dict[str, str]
 ) -> None:
     c = api.client
-    seed_app(api.appliance, "www")  # its host's agent is never reached: refused before
+    seed_mirrored(api, "www")  # its host's agent is never reached: refused before
     with api.appliance.catalog.begin() as session:
         q.set_app_hooks(session, name="www", hooks={"stop": "www-stop", "start": "www-start"})
     for which in ("stop", "start"):
@@ -159,7 +170,7 @@ def test_a_peer_token_makes_only_peer_calls_and_only_peers_make_them(
     api: Api, peer: dict[str, str]
 ) -> None:
     c = api.client
-    seed_app(api.appliance, "www")
+    seed_mirrored(api, "www")
     for method, path in (
         ("GET", "/api/v1/apps"),
         ("POST", "/api/v1/apps/www/capture"),
@@ -177,6 +188,16 @@ def test_a_peer_token_makes_only_peer_calls_and_only_peers_make_them(
     for headers in (*(api.headers(role) for role in ("admin", "operator", "viewer")), lookalike):
         r = c.get("/api/v1/peer/apps/www/replicas", headers=headers)
         assert r.status_code == 403, r.text
+    # a peer token of a site this one is not paired with (made by hand, say) is no peer
+    _, ghost = tokens.add_token(api.appliance.site, name="peer-ghost", role=Role.PEER)
+    r = c.post(
+        "/api/v1/peer/apps/www/failed-over",
+        headers={"Authorization": f"Bearer {ghost}"},
+        json={"epoch": 9},
+    )
+    assert r.status_code == 403, r.text
+    assert "not paired with 'ghost'" in r.json()["message"], r.text
+    assert not _app(api, "www").peer_active
     # the peer sees only the jobs it asked for
     job = next(iter(_jobs(api)), None)
     assert job is None
@@ -216,7 +237,7 @@ def test_a_peer_token_makes_only_peer_calls_and_only_peers_make_them(
 def test_every_other_shape_is_refused(
     api: Api, peer: dict[str, str], method: str, path: str, body: Any, where: str
 ) -> None:
-    seed_app(api.appliance, "www")
+    seed_mirrored(api, "www")
     r = api.client.request(method, path, headers=peer, json=body)
     assert r.status_code in (404, 422), r.text
     if r.status_code == 422:
@@ -227,7 +248,7 @@ def test_every_other_shape_is_refused(
 
 
 def test_an_app_of_this_site_is_never_altered_by_the_peer(api: Api, peer: dict[str, str]) -> None:
-    seed_app(api.appliance, "www")
+    seed_mirrored(api, "www")
     own = _app(api, "www")
     plain = {"id": own.id, "name": "www", "kind": "filesystem"}
     r = api.client.post("/api/v1/peer/replications", headers=peer, json=_replication(plain))
@@ -246,7 +267,7 @@ def test_a_failback_is_not_agreed_again_while_one_of_its_steps_runs(
     """Agreeing again resets the app's identity: never under a restore that is applying."""
     from tandem.jobs.queue import submit_job
 
-    seed_app(api.appliance, "www")
+    seed_mirrored(api, "www")
     with api.appliance.catalog.begin() as session:
         q.get_app(session, name="www").peer_active = True
         submit_job(session, type="restore", app="www", lifecycle=True, actor="peer-prod")
@@ -257,3 +278,116 @@ def test_a_failback_is_not_agreed_again_while_one_of_its_steps_runs(
     )
     assert r.status_code == 409, r.text
     assert "its restore job" in r.json()["message"] and "is queued here" in r.json()["message"]
+
+
+def test_the_peer_acts_on_no_app_this_site_does_not_mirror_to_it(
+    api: Api, peer: dict[str, str]
+) -> None:
+    """An app of this site that is not mirrored to the peer is none of the peer's business:
+    a "newer writer epoch" once marked any app failed over at the peer, after which the peer
+    could stop it on its host and restore a syncback of its own over its data."""
+    c = api.client
+    seed_app(api.appliance, "payroll")  # protected here, by a template that does not mirror
+    with api.appliance.catalog.begin() as session:
+        q.set_app_hooks(session, name="payroll", hooks={"stop": "payroll-stop"})
+    image = {
+        "id": new_image_id(),
+        "created": "2026-01-01T00:00:00+00:00",
+        "size": 0,
+        "manifest": MANIFEST,
+    }
+    for path, body in (
+        ("/api/v1/peer/apps/payroll/failed-over", {"epoch": 9}),
+        ("/api/v1/peer/apps/payroll/failback-check", {"target": "original", "epoch": 9}),
+        ("/api/v1/peer/syncbacks", {"app": "payroll", "image": image, "epoch": 9}),
+        ("/api/v1/peer/apps/payroll/command", {"which": "stop"}),
+    ):
+        r = c.post(path, headers=peer, json=body)
+        assert r.status_code == 409, (path, r.text)
+        assert "this site does not mirror it to prod" in r.json()["message"], r.text
+    r = c.get("/api/v1/peer/apps/payroll/restored", headers=peer)
+    assert r.status_code == 409, r.text
+    r = c.post("/api/v1/peer/apps/payroll/resume", headers=peer, json={"epoch": 9})
+    assert r.status_code == 200 and r.json()["known"] is False, r.text
+    row = _app(api, "payroll")
+    assert (row.peer_active, row.writer_epoch) == (False, 1)
+    with api.appliance.catalog.read() as session:
+        assert peers.agreement(session, app_id=row.id) is None
+
+
+def test_no_failback_step_moves_the_app_under_a_restore_that_is_applying(
+    api: Api, peer: dict[str, str]
+) -> None:
+    """An undo (or a start) requested while production's restore of the failback is queued
+    or running would move the app back to its former location under the restore, or start
+    it on half-written data: refused until that job has ended."""
+    from tandem.jobs.queue import submit_job
+
+    seed_mirrored(api, "www")
+    with api.appliance.catalog.begin() as session:
+        q.set_app_hooks(session, name="www", hooks={"start": "www-start"})
+        row = q.get_app(session, name="www")
+        row.peer_active = True
+        # agreed onto a restored target, whose identity the app took for the apply
+        peers.set_agreement(
+            session,
+            app_id=row.id,
+            doc={
+                "peer": "prod",
+                "target": "restored",
+                "host": "h1",
+                "path": "/srv/www2",
+                "target_app": "www2",
+                "previous": {"host": "h1", "path": "/srv/www"},
+            },
+        )
+        row.path = "/srv/www2"
+        submit_job(session, type="restore", app="www", lifecycle=True, actor="peer-prod")
+    for path, body in (
+        ("/api/v1/peer/apps/www/failback-undo", {}),
+        ("/api/v1/peer/apps/www/command", {"which": "start"}),
+    ):
+        r = api.client.post(path, headers=peer, json=body)
+        assert r.status_code == 409, (path, r.text)
+        assert "its restore job" in r.json()["message"], r.text
+    assert _app(api, "www").path == "/srv/www2"
+
+
+def test_an_apply_that_cannot_start_leaves_the_app_where_it_was(
+    api: Api, peer: dict[str, str], tmp_path: Path
+) -> None:
+    """The app took the target's identity before its restore was queued: when another job of
+    the app refused the restore, production's app was left pointing at the target."""
+    from tandem.domain.images import ImageKind
+    from tandem.jobs.queue import submit_job
+
+    seed_mirrored(api, "www")
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "index.html").write_text("hello\n")
+    image = seed_image(api.appliance, "www", source)
+    with api.appliance.catalog.begin() as session:
+        row = q.get_image(session, image_id=image)
+        row.kind, row.origin = ImageKind.SYNCBACK, "prod"
+        app = q.get_app(session, name="www")
+        app.peer_active = True
+        peers.set_agreement(
+            session,
+            app_id=app.id,
+            doc={
+                "peer": "prod",
+                "target": "restored",
+                "host": "h1",
+                "path": "/srv/www2",
+                "target_app": "www2",
+                "previous": None,
+            },
+        )
+        submit_job(session, type="capture", app="www", lifecycle=True, actor="operator")
+    r = api.client.post("/api/v1/peer/apps/www/apply", headers=peer, json={"image": image})
+    assert r.status_code == 409, r.text
+    assert "its capture job" in r.json()["message"], r.text
+    assert _app(api, "www").path == "/srv/www"
+    with api.appliance.catalog.read() as session:
+        doc = peers.agreement(session, app_id=_app(api, "www").id)
+    assert doc is not None and doc["previous"] is None

@@ -40,10 +40,10 @@ def test_migrations_produce_the_models_schema(catalog: Catalog) -> None:
 def test_schema_comparison_sees_a_difference(catalog: Catalog) -> None:
     # The comparison above is only worth something if it notices a change.
     with catalog.engine.begin() as connection:
-        connection.exec_driver_sql("DROP INDEX ix_jobs_status_created")
+        connection.exec_driver_sql("DROP INDEX ix_jobs_status_created_id")
     diff = _schema_diff(catalog)
     assert len(diff) == 1
-    assert "ix_jobs_status_created" in repr(diff[0])
+    assert "ix_jobs_status_created_id" in repr(diff[0])
 
 
 def test_opening_again_is_idempotent_and_keeps_data(catalog_url: str) -> None:

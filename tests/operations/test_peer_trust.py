@@ -27,7 +27,13 @@ from tandem.domain.images import ImageKind
 from tandem.domain.jobs import JobStatus
 from tandem.domain.lifecycle import AppKind, AppState
 from tandem.domain.rules import Role
-from tandem.errors import Conflict, InvalidInput, TargetNotRegistered, TransitionRefused
+from tandem.errors import (
+    Conflict,
+    InvalidInput,
+    TargetInUse,
+    TargetNotRegistered,
+    TransitionRefused,
+)
 from tandem.operations import apps, failover, replica_failback, replicate
 from tandem.operations.present import export_name, restore_exports
 from tandem.transport.peer import Opened
@@ -146,6 +152,27 @@ def test_a_failback_target_is_only_a_lookup_in_productions_catalog(sites: TwoSit
     disk = sites.root / "disk.img"
     apps.add_app(sites.prod.site, name="vol", host="host1", kind=AppKind.VOLUME, path=str(disk))
     assert "is a volume" in refused(Conflict, target="restored", host="host1", path=str(disk))
+
+
+def test_a_failback_never_lands_on_another_app_in_service(sites: TwoSites) -> None:
+    """``--target restored`` named any app registered at the location: failing back onto
+    another protected app of production restored this app's data over that app's folder
+    (and deleted what the image did not hold)."""
+    _protect(sites, "shop")
+    payroll = _protect(sites, "payroll")  # protected, with images: an app in service
+    _fail_over(sites, "shop")
+    before = tree_digests(payroll)
+    with pytest.raises(TargetInUse) as info:
+        _failback(sites, "shop", target="restored", host="host1", path=str(payroll))
+    assert "'payroll'" in str(info.value) and "tandem app add" in str(info.value)
+    assert tree_digests(payroll) == before
+    assert _events(sites, "shop") == []  # production's app was not even stopped
+    assert _syncbacks_at_prod(sites, "shop") == []
+    # an unprotected app with images of its own is no placeholder either
+    apps.unprotect_app(sites.prod.site, name="payroll", actor="t")
+    with pytest.raises(TargetInUse):
+        _failback(sites, "shop", target="restored", host="host1", path=str(payroll))
+    assert tree_digests(payroll) == before
 
 
 def test_a_new_target_takes_the_identity_undo_reverts_it_commit_merges(sites: TwoSites) -> None:

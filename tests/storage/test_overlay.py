@@ -12,10 +12,10 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from tandem.errors import AlreadyExists, InvalidInput, StorageError
+from tandem.errors import AlreadyExists, ChunkCorrupt, CopyFrozen, InvalidInput, StorageError
 from tandem.storage.digest import SUB_BLOCK, hash_bytes
 from tandem.storage.manifest import VOLUME_CHUNK, VolumeManifest, load_manifest
-from tandem.storage.overlay import BLOCK, Overlay, capture_overlay
+from tandem.storage.overlay import BLOCK, ChunkCache, ImageReader, Overlay, capture_overlay
 from tandem.storage.pool import ChunkPool
 from tandem.storage.volume import capture_volume, restore_volume
 
@@ -187,18 +187,28 @@ def test_flushed_writes_survive_a_crash_unflushed_ones_read_as_base(
         ov.close()
 
 
-def test_flush_rewrites_the_bitmap_only_when_it_changed(pool: ChunkPool, tmp_path: Path) -> None:
+def test_flush_writes_set_bits_in_place_and_replaces_the_bitmap_to_clear_bits(
+    pool: ChunkPool, tmp_path: Path
+) -> None:
     with Overlay.create(tmp_path / "ov", pool, None, None, size=8 * MiB) as ov:
         bitmap = tmp_path / "ov" / "dirty.bitmap"
         ov.write(0, b"a")
         ov.flush()
-        saved = bitmap.stat().st_ino
-        ov.write(10, b"b")  # the same, already dirty block
+        first = bitmap.stat()
+        assert bitmap.read_bytes()[0] == 0b1
+        ov.write(10, b"b")  # the same, already dirty block: nothing to write
         ov.flush()
-        assert bitmap.stat().st_ino == saved
-        ov.write(BLOCK, b"c")
+        assert bitmap.stat().st_mtime_ns == first.st_mtime_ns
+        ov.write(BLOCK, b"c")  # a bit set: written in place
         ov.flush()
-        assert bitmap.stat().st_ino != saved
+        assert bitmap.stat().st_ino == first.st_ino
+        assert bitmap.read_bytes()[0] == 0b11
+        ov.write_zeroes(0, BLOCK)  # zeros over no base: the bit is cleared, the file replaced
+        ov.flush()
+        assert bitmap.stat().st_ino != first.st_ino
+        assert bitmap.read_bytes()[0] == 0b10
+    with Overlay.open(tmp_path / "ov", pool) as again:
+        assert again.dirty_ranges() == [(BLOCK, BLOCK)]
 
 
 def test_dirty_ranges_are_merged_and_zeroes_over_zeros_stay_clean(
@@ -563,3 +573,158 @@ def test_a_capture_of_a_few_written_blocks_reads_no_byte_of_the_base(
     restore_volume(pool, load_manifest(pool, image_id), out)  # type: ignore[arg-type]
     assert out.read_bytes() == expected
     assert pool.verify().ok
+
+
+# --- the base-block cache and the paths that must not wait -----------------------------
+
+
+def counting_decodes(pool: ChunkPool, monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """The chunk ids the pool decodes for a cache from now on, in order."""
+    calls: list[bytes] = []
+    real = pool.decode_lazily
+
+    def decode(digest: bytes) -> tuple[bytes, list[bytes], bool]:
+        calls.append(digest)
+        return real(digest)
+
+    monkeypatch.setattr(pool, "decode_lazily", decode)
+    return calls
+
+
+def test_a_chunk_is_decoded_once_for_every_reader_and_the_cache_stays_bounded(
+    pool: ChunkPool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _mid, base, data = make_base(pool, tmp_path, 5 * VOLUME_CHUNK)
+    decodes = counting_decodes(pool, monkeypatch)
+    cache = ChunkCache(max_bytes=2 * VOLUME_CHUNK)
+    first, second = ImageReader(pool, base, cache), ImageReader(pool, base, cache)
+    assert first.read(100, 4096) == data[100:4196]
+    assert second.read(VOLUME_CHUNK - 4096, 4096) == data[VOLUME_CHUNK - 4096 : VOLUME_CHUNK]
+    assert decodes == [base.chunks[0]]  # two readers, one decode
+    for index in (2, 3, 4):  # chunk 1 is all zeros: never decoded
+        off = index * VOLUME_CHUNK + 7
+        assert first.read(off, 10) == data[off : off + 10]
+    assert cache.bytes_cached <= cache.max_bytes
+    assert second.read(100, 4096) == data[100:4196]  # chunk 0 was evicted: decoded again
+    assert decodes == [base.chunks[i] for i in (0, 2, 3, 4, 0)]
+
+
+def test_compressed_chunks_are_served_from_the_cache_verified(
+    pool: ChunkPool, tmp_path: Path
+) -> None:
+    text = (b"tandem keeps copies " * (3 * MiB // 20 + 1))[: 3 * MiB]
+    src = tmp_path / "text.img"
+    src.write_bytes(text)
+    _mid, base, _ = capture_volume(pool, src)
+    reader = ImageReader(pool, base, ChunkCache(VOLUME_CHUNK))
+    assert reader.read(12345, 70000) == text[12345 : 12345 + 70000]
+    assert reader.read(0, len(text)) == text
+
+
+def test_a_corrupt_block_is_refused_and_never_kept_its_neighbours_are_served(
+    pool: ChunkPool, tmp_path: Path
+) -> None:
+    _mid, base, data = make_base(pool, tmp_path, VOLUME_CHUNK)
+    digest = base.chunks[0]
+    assert digest is not None
+    path = pool.chunk_path(digest)
+    blob = bytearray(path.read_bytes())
+    blob[-1] ^= 0xFF  # the last byte of block 63
+    path.chmod(0o600)
+    path.write_bytes(blob)
+    cache = ChunkCache()
+    reader = ImageReader(pool, base, cache)
+    for _ in range(2):  # refused again: the bad chunk was dropped, not kept half-trusted
+        with pytest.raises(ChunkCorrupt):
+            reader.read(VOLUME_CHUNK - 10, 10)
+        assert cache.bytes_cached == 0
+    assert reader.read(0, 4096) == data[:4096]  # block 0 checks out on its own
+    with pytest.raises(ChunkCorrupt):
+        reader.read_nowait(VOLUME_CHUNK - BLOCK, BLOCK)
+
+
+def test_read_nowait_answers_only_from_memory(pool: ChunkPool, tmp_path: Path) -> None:
+    mid, base, data = make_base(pool, tmp_path, 3 * VOLUME_CHUNK)
+    with Overlay.create(tmp_path / "ov", pool, base, mid, cache=ChunkCache()) as ov:
+        assert ov.read_nowait(10, 4096) is None  # the chunk is not decoded yet
+        assert ov.read(10, 4096) == data[10:4106]
+        assert ov.read_nowait(10, 4096) == data[10:4106]
+        assert ov.read_nowait(VOLUME_CHUNK, 4096) == bytes(4096)  # a zero extent: no I/O
+        ov.write(3 * BLOCK + 5, b"written")
+        got = ov.read_nowait(3 * BLOCK, 4096)  # the block file's page is cached now
+        assert (
+            got
+            == data[3 * BLOCK : 3 * BLOCK + 5]
+            + b"written"
+            + data[3 * BLOCK + 12 : 3 * BLOCK + 4096]
+        )
+
+
+def test_try_write_writes_or_leaves_everything_as_it_was(pool: ChunkPool, tmp_path: Path) -> None:
+    mid, base, data = make_base(pool, tmp_path, 3 * VOLUME_CHUNK)
+    with Overlay.create(tmp_path / "ov", pool, base, mid, cache=ChunkCache()) as ov:
+        # A partial write to a clean block needs its base block: not decoded, not written.
+        assert ov.try_write(100, b"abc") is False
+        assert ov.dirty_ranges() == [] and ov.read(100, 3) == data[100:103]
+        assert ov.try_write(100, b"abc") is True  # (the read above decoded the chunk)
+        assert ov.read(0, BLOCK) == data[:100] + b"abc" + data[103:BLOCK]
+        assert ov.try_write(2 * VOLUME_CHUNK, bytes([7]) * BLOCK) is True  # a whole block
+        # A block whose lock another writer holds: not now.
+        lock = ov._stripes[0]
+        with lock:
+            assert ov.try_write(5, b"zz") is False
+        assert ov.read(5, 2) == data[5:7]
+        ov.freeze()
+        with pytest.raises(CopyFrozen):
+            ov.try_write(5, b"zz")
+        ov.thaw()
+        ov.flush()
+    with Overlay.open(tmp_path / "ov", pool) as again:
+        assert again.dirty_ranges() == [(0, BLOCK), (2 * VOLUME_CHUNK, BLOCK)]
+        assert again.read(100, 3) == b"abc"
+
+
+def test_extents_report_clean_zero_extents_as_zeros(pool: ChunkPool, tmp_path: Path) -> None:
+    mid, base, _data = make_base(pool, tmp_path, 3 * VOLUME_CHUNK + 4096)
+    chunk = VOLUME_CHUNK
+    assert ImageReader(pool, base).extents(0, base.size) == [
+        (chunk, False),
+        (chunk, True),
+        (chunk + 4096, False),
+    ]
+    with Overlay.create(tmp_path / "ov", pool, base, mid) as ov:
+        ov.write(chunk + 2 * BLOCK + 1, b"x")
+        assert ov.extents(0, ov.size) == [
+            (chunk, False),
+            (2 * BLOCK, True),
+            (BLOCK, False),
+            (chunk - 3 * BLOCK, True),
+            (chunk + 4096, False),
+        ]
+        assert ov.extents(chunk + 10, 20) == [(20, True)]
+        ov.write_zeroes(chunk + 2 * BLOCK, BLOCK)  # zeros over zeros: clean again
+        assert ov.extents(chunk, chunk) == [(chunk, True)]
+        with pytest.raises(InvalidInput):
+            ov.extents(ov.size - 1, 2)
+
+
+def test_a_flush_with_nothing_new_to_make_durable_syncs_nothing(
+    pool: ChunkPool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    syncs: list[int] = []
+    real = os.fdatasync
+
+    def fdatasync(fd: int) -> None:
+        syncs.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    with Overlay.create(tmp_path / "ov", pool, None, None, size=8 * MiB) as ov:
+        ov.write(0, b"a")
+        ov.flush()
+        assert len(syncs) == 3  # the data, then since.bitmap and dirty.bitmap in place
+        ov.flush()  # (as when flushes queue behind one another: the first covered them)
+        assert len(syncs) == 3
+        ov.write(10, b"b")  # a block already dirty: only the data is new
+        ov.flush()
+        assert len(syncs) == 4

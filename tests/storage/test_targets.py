@@ -109,6 +109,21 @@ def test_a_volume_target_that_is_a_symlink_is_refused(pool: ChunkPool, tmp_path:
     assert (tmp_path / "real.img").read_bytes() == src.read_bytes()
 
 
+def test_a_volume_target_with_another_name_is_refused(pool: ChunkPool, tmp_path: Path) -> None:
+    """Whoever may write the app's folder could make its disk image a hard link to a file
+    elsewhere (where protected_hardlinks is off); writing the image in place would then
+    overwrite that file. A tree restore replaces such files; a volume target is refused."""
+    src = tmp_path / "disk.img"
+    src.write_bytes(os.urandom(300_000))
+    _, manifest, _ = capture_volume(pool, src)
+    other = tmp_path / "elsewhere.conf"
+    other.write_bytes(b"not the app's\n")
+    os.link(other, tmp_path / "vol.img")
+    with pytest.raises(TargetInvalid, match="hard link"):
+        restore_volume(pool, manifest, tmp_path / "vol.img")
+    assert other.read_bytes() == b"not the app's\n"
+
+
 def test_inspect_reports_what_is_there(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     (tmp_path / "full").mkdir()

@@ -11,8 +11,11 @@ Invariants
   by its owner and not writable by group or others. "Root" is uid 0, or the agent's own uid
   when the agent does not run as root (a test or a personal install), since that user
   could run anything anyway. Otherwise the agent answers ``HookRefused`` (422) naming why.
+- The agent's folder DIR itself must pass the same owner and mode check (``init`` makes
+  it 0700): whoever could write it could rename another folder to ``scripts``.
 - Between that check and the exec, only the folder's owner can replace the file, and the
-  owner is who the check trusts; the folder sits in DIR, which ``init`` makes 0700.
+  owner is who the check trusts. This is also why a hard link in the folder (to
+  ``/bin/sh``, say) is harmless: only root can make one there.
 - The script is executed directly (no shell), with no arguments, from ``/``, with the
   agent's environment minus its own ``TANDEM_*`` settings plus the request's variables, its
   stdin closed, in a session of its own, with a timeout. Output goes to temporary files,
@@ -41,7 +44,7 @@ from tandem.domain.hooks import (
     hook_name_problem,
     is_hook_name,
 )
-from tandem.errors import HookRefused, TandemError
+from tandem.errors import HookRefused, HookTimedOut, TandemError
 
 SCRIPTS = "scripts"
 """The folder in the agent's DIR that holds the hook scripts."""
@@ -108,13 +111,28 @@ def check_script(folder: Path, script: str) -> Path:
     if not is_hook_name(script):
         raise _refused(script, folder, "it is not a plain file name")
     try:
-        dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        parent_fd = os.open(folder.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        reason = f"the agent's folder cannot be opened ({exc.strerror})"
+        raise _refused(script, folder, reason) from None
+    try:
+        # Whoever may write the agent's folder could swap the scripts folder for another.
+        problem = _owner_problem(os.fstat(parent_fd), "the agent's folder")
+        if problem:
+            raise _refused(script, folder, problem)
+        dir_fd = os.open(
+            folder.name,
+            os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+            dir_fd=parent_fd,
+        )
     except FileNotFoundError:
         raise _refused(script, folder, "the scripts folder does not exist") from None
     except OSError as exc:
         raise _refused(
             script, folder, f"the scripts folder is not a plain folder ({exc.strerror})"
         ) from None
+    finally:
+        os.close(parent_fd)
     try:
         problem = _owner_problem(os.fstat(dir_fd), "the scripts folder")
         if problem:
@@ -178,10 +196,7 @@ def run_hook(req: RunRequest, folder: Path) -> dict[str, Any]:
                 stdin=subprocess.DEVNULL,
             )
         except subprocess.TimeoutExpired as exc:
-            raise TandemError(
-                f"the hook script {req.script!r} did not finish within {req.timeout:.0f} s; "
-                "make it finish sooner or raise its timeout"
-            ) from exc
+            raise HookTimedOut(script=req.script, seconds=req.timeout) from exc
         except OSError as exc:
             # e.g. ENOEXEC: no "#!" line, or an interpreter that does not exist
             raise _refused(req.script, folder, f"it could not be executed ({exc})") from exc

@@ -5,8 +5,9 @@ Invariants
   depends on ``authorize``: no route can forget authentication.
 - The role a call needs follows from the call itself, so the rule is stated once:
   tokens, peers and the audit trail need ``admin``; any other read (GET) needs ``viewer``;
-  any other change needs ``operator``. Roles include the ones below them. The replication
-  calls under ``/api/v1/peer/`` need the ``peer`` role (or admin), which allows nothing else.
+  any other change needs ``operator``. Roles include the ones below them. The calls of the
+  other site under ``/api/v1/peer/`` need the ``peer`` role, which allows nothing else; the
+  routes then check the caller *is* the peer (``routes_peer.peer_caller``: an admin is not).
   One rule depends on the body, not the path: registering or changing an app's hooks (scripts
   its host runs as root) needs ``admin`` (``operations.apps.check_may_set_hooks``).
 - The caller is left in ``request.state.principal`` for the audit trail and as the actor of
@@ -29,7 +30,7 @@ from tandem.domain.rules import Role, role_allows
 from tandem.errors import Forbidden, Unauthorized
 
 ADMIN_PATHS = ("/api/v1/tokens", "/api/v1/peers", "/api/v1/audit")
-PEER_PREFIX = "/api/v1/peer/"  # the replication calls the other site's appliance makes
+PEER_PREFIX = "/api/v1/peer/"  # the calls the other site's appliance makes
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 bearer = HTTPBearer(auto_error=False, description="An API token (`tandem token add`).")

@@ -4,11 +4,20 @@ The real NBD protocol (https://github.com/NetworkBlockDevice/nbd/blob/master/doc
 so qemu, libnbd tools (nbdinfo, nbdcopy, nbdfuse) and the kernel client use exports as is:
 
 - Handshake: fixed newstyle. Options: NBD_OPT_EXPORT_NAME, NBD_OPT_INFO, NBD_OPT_GO (with
-  NBD_INFO_EXPORT and, when asked, NBD_INFO_BLOCK_SIZE), NBD_OPT_LIST, NBD_OPT_ABORT.
-  Anything else (NBD_OPT_STRUCTURED_REPLY, NBD_OPT_STARTTLS, meta contexts…) is answered
-  NBD_REP_ERR_UNSUP, so clients fall back to simple replies.
-- Transmission: NBD_CMD_READ, WRITE, FLUSH, TRIM, WRITE_ZEROES, DISC; the FUA flag is a
-  flush after the write. Export flags: HAS_FLAGS | SEND_FLUSH | SEND_FUA | SEND_TRIM |
+  NBD_INFO_EXPORT and, when asked, NBD_INFO_BLOCK_SIZE), NBD_OPT_LIST, NBD_OPT_ABORT,
+  NBD_OPT_STRUCTURED_REPLY, and NBD_OPT_LIST/SET_META_CONTEXT with the one context served,
+  ``base:allocation`` (id 1; selected for the export named in the option, which must match
+  as the export does: a wrong secret is NBD_REP_ERR_UNKNOWN). Anything else
+  (NBD_OPT_STARTTLS, extended headers…) is answered NBD_REP_ERR_UNSUP.
+- Structured replies, once negotiated: a read is answered with one OFFSET_DATA chunk (its
+  error with an ERROR chunk, never a simple reply), NBD_CMD_BLOCK_STATUS with one
+  BLOCK_STATUS chunk; other commands keep simple replies, as the protocol allows.
+  Block status says which ranges read as zeros (HOLE | ZERO: a virtual copy's clean blocks
+  over all-zero extents of its base) and calls the rest data (flags 0, always safe), at
+  most MAX_EXTENTS descriptors a reply (one with NBD_CMD_FLAG_REQ_ONE); without a selected
+  context, or beyond the export's end, it is EINVAL.
+- Transmission: NBD_CMD_READ, WRITE, FLUSH, TRIM, WRITE_ZEROES, BLOCK_STATUS, DISC; the FUA
+  flag is a flush after the write. Export flags: HAS_FLAGS | SEND_FLUSH | SEND_FUA | SEND_TRIM |
   SEND_WRITE_ZEROES | CAN_MULTI_CONN (every connection shares one backend, so a flush on
   any connection covers writes completed on all), plus READ_ONLY for read-only exports.
 - Errors are NBD errno values: EPERM (a write to a read-only export, or to a copy a
@@ -16,7 +25,14 @@ so qemu, libnbd tools (nbdinfo, nbdcopy, nbdfuse) and the kernel client use expo
   (a write outside the export, or the disk holding the overlay is full), ESHUTDOWN (the
   export is being removed), EIO (anything else, logged here).
 - Requests on one connection run concurrently (at most MAX_INFLIGHT at a time) in a thread
-  pool, replies go out as they complete: NBD matches them by handle.
+  pool, replies go out as they complete: NBD matches them by handle. A read the backend
+  can answer from memory (``read_nowait``: cached base blocks, dirty blocks in the page
+  cache) and a small write it can do without waiting (``try_write``: block locks free, the
+  base block decoded) are served on the event loop itself: for those a thread hand-off
+  costs more than the work. Neither changes the durability contract: writes are durable
+  at FLUSH (or with FUA, which always takes the pool), as on a disk with a write cache.
+- Minimum block size 1: any alignment is valid, so an unaligned TRIM is carried out (as
+  zeroing; the protocol lets TRIM do that), not refused.
 
 Authentication: an export's name is a capability. ``add_export(name, …)`` makes a 256-bit
 random secret (or takes the caller's, e.g. one kept in the catalog so that an export made
@@ -79,7 +95,7 @@ from tandem.errors import (
     TandemError,
 )
 from tandem.storage.manifest import VolumeManifest
-from tandem.storage.overlay import DEFAULT_CACHE_CHUNKS, ImageReader
+from tandem.storage.overlay import ChunkCache, ImageReader
 from tandem.storage.pool import ChunkPool
 
 log = logging.getLogger(__name__)
@@ -105,10 +121,13 @@ OPT_STARTTLS = 5
 OPT_INFO = 6
 OPT_GO = 7
 OPT_STRUCTURED_REPLY = 8
+OPT_LIST_META_CONTEXT = 9
+OPT_SET_META_CONTEXT = 10
 
 REP_ACK = 1
 REP_SERVER = 2
 REP_INFO = 3
+REP_META_CONTEXT = 4
 REP_ERR_UNSUP = 2**31 + 1
 REP_ERR_POLICY = 2**31 + 2
 REP_ERR_INVALID = 2**31 + 3
@@ -131,7 +150,9 @@ CMD_DISC = 2
 CMD_FLUSH = 3
 CMD_TRIM = 4
 CMD_WRITE_ZEROES = 6
+CMD_BLOCK_STATUS = 7
 CMD_FLAG_FUA = 1 << 0
+CMD_FLAG_REQ_ONE = 1 << 3  # block status: one extent is enough
 COMMAND_NAMES = {
     CMD_READ: "read",
     CMD_WRITE: "write",
@@ -139,7 +160,19 @@ COMMAND_NAMES = {
     CMD_FLUSH: "flush",
     CMD_TRIM: "trim",
     CMD_WRITE_ZEROES: "write-zeroes",
+    CMD_BLOCK_STATUS: "block-status",
 }
+
+STRUCTURED_REPLY_MAGIC = 0x668E33EF
+REPLY_FLAG_DONE = 1 << 0
+REPLY_TYPE_OFFSET_DATA = 1
+REPLY_TYPE_BLOCK_STATUS = 5
+REPLY_TYPE_ERROR = 2**15 + 1
+BASE_ALLOCATION = "base:allocation"  # the one metadata context served
+ALLOCATION_ID = 1  # its context id on every connection
+STATE_HOLE = 1 << 0  # base:allocation flags
+STATE_ZERO = 1 << 1
+MAX_EXTENTS = 1024  # descriptors in one block-status reply (the protocol allows fewer)
 
 # NBD error values (fixed by the protocol; they equal Linux's errno numbers)
 EPERM = 1
@@ -152,6 +185,8 @@ ESHUTDOWN = 108
 MAX_PAYLOAD = 32 * 1024 * 1024  # the protocol's default maximum block size
 PREFERRED_BLOCK = 64 * 1024  # an overlay block: smaller writes cost a read-modify-write
 MAX_INFLIGHT = 16  # concurrent requests per connection
+INLINE_WRITE = 2 * PREFERRED_BLOCK  # writes up to this size may be served on the event loop
+INLINE_READ = 4 * 1024 * 1024  # … and reads up to this size (longer ones copy too much)
 MAX_OPTION_LEN = 8192  # names are at most 4096 bytes; anything longer is hostile
 MAX_OPTIONS = 32  # options per handshake
 HANDSHAKE_TIMEOUT = 10.0  # seconds a client has from connecting to choosing an export
@@ -166,6 +201,8 @@ _OPTION = struct.Struct(">QII")
 _OPT_REPLY = struct.Struct(">QIII")
 _REQUEST = struct.Struct(">IHHQQI")
 _REPLY = struct.Struct(">IIQ")
+_CHUNK = struct.Struct(">IHHQI")  # structured reply chunk header
+_DATA_CHUNK = struct.Struct(">IHHQIQ")  # … of an OFFSET_DATA chunk, with its offset
 
 
 class Backend(Protocol):
@@ -185,13 +222,19 @@ class Backend(Protocol):
     def flush(self) -> None: ...
 
 
+# A backend may also offer (the server looks for them, all optional):
+#   read_nowait(offset, length) -> bytes | None   a read answered from memory, else None
+#   try_write(offset, data) -> bool                a small write done without waiting, else False
+#   extents(offset, length) -> list[(length, zero)]  which ranges read as zeros (block status)
+
+
 class ImageBackend:
     """A read-only backend over an immutable image (a replica presented as it is)."""
 
     def __init__(
-        self, pool: ChunkPool, manifest: VolumeManifest, *, cache_chunks: int = DEFAULT_CACHE_CHUNKS
+        self, pool: ChunkPool, manifest: VolumeManifest, *, cache: ChunkCache | None = None
     ) -> None:
-        self._reader = ImageReader(pool, manifest, cache_chunks)
+        self._reader = ImageReader(pool, manifest, cache)
 
     @property
     def size(self) -> int:
@@ -199,6 +242,12 @@ class ImageBackend:
 
     def read(self, offset: int, length: int) -> bytes:
         return self._reader.read(offset, length)
+
+    def read_nowait(self, offset: int, length: int) -> bytes | None:
+        return self._reader.read_nowait(offset, length)
+
+    def extents(self, offset: int, length: int) -> list[tuple[int, bool]]:
+        return self._reader.extents(offset, length)
 
     def _refuse(self) -> None:
         raise Forbidden("This image is read-only. Present a virtual copy of it to write to it.")
@@ -258,6 +307,8 @@ class _Connection:
     export: _Export | None = None
     source: str = ""
     pending: bool = True  # still in its handshake
+    structured: bool = False  # NBD_OPT_STRUCTURED_REPLY negotiated
+    meta_export: bytes | None = None  # the export base:allocation was selected for
 
 
 @dataclass(frozen=True)
@@ -625,7 +676,7 @@ class NbdServer:
                     established = True
             if export is not None:
                 log.debug("NBD: %s connected to %s", peer, export.name)
-                await self._transmit(export, reader, writer)
+                await self._transmit(conn, export, reader, writer)
         except (asyncio.IncompleteReadError, ConnectionError, _HangUp, TimeoutError):
             pass
         except Exception:
@@ -666,6 +717,8 @@ class NbdServer:
                 export = self._attach(conn, data)
                 if export is None:
                     raise _HangUp("unknown export")  # the only refusal this option has
+                if conn.meta_export is not None and self._find(conn.meta_export) is not export:
+                    conn.meta_export = None  # selected for another export: none here
                 pad = b"" if no_zeroes else bytes(124)
                 writer.write(struct.pack(">QH", export.backend.size, export.flags) + pad)
                 await writer.drain()
@@ -703,16 +756,55 @@ class NbdServer:
                     await reply(option, REP_INFO, sizes)
                 await reply(option, REP_ACK)
                 if option == OPT_GO:
+                    if conn.meta_export is not None and self._find(conn.meta_export) is not export:
+                        conn.meta_export = None  # selected for another export: none here
                     return export
+                continue
+            if option == OPT_STRUCTURED_REPLY:
+                if data:
+                    await reply(option, REP_ERR_INVALID, b"NBD_OPT_STRUCTURED_REPLY takes no data")
+                    continue
+                conn.structured = True
+                await reply(option, REP_ACK)
+                continue
+            if option in (OPT_LIST_META_CONTEXT, OPT_SET_META_CONTEXT):
+                if not conn.structured:
+                    await reply(option, REP_ERR_INVALID, b"negotiate structured replies first")
+                    continue
+                meta = _parse_meta_request(data)
+                if meta is None:
+                    await reply(option, REP_ERR_INVALID, b"malformed request")
+                    continue
+                wire, queries = meta
+                if self._find(wire) is None:
+                    await reply(option, REP_ERR_UNKNOWN, b"no such export, or a wrong secret")
+                    continue
+                chosen = _allocation_asked(queries, listing=option == OPT_LIST_META_CONTEXT)
+                if option == OPT_SET_META_CONTEXT:
+                    conn.meta_export = wire if chosen else None
+                if chosen:
+                    ctx = struct.pack(">I", ALLOCATION_ID if option == OPT_SET_META_CONTEXT else 0)
+                    await reply(option, REP_META_CONTEXT, ctx + BASE_ALLOCATION.encode())
+                await reply(option, REP_ACK)
                 continue
             await reply(option, REP_ERR_UNSUP, b"option not supported by this server")
         raise _HangUp("too many options")
 
     async def _transmit(
-        self, export: _Export, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self,
+        conn: _Connection,
+        export: _Export,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
     ) -> None:
         slots = asyncio.Semaphore(MAX_INFLIGHT)
         running: set[asyncio.Task[None]] = set()
+        backend = export.backend
+        read_nowait: Callable[[int, int], bytes | None] | None = getattr(
+            backend, "read_nowait", None
+        )
+        try_write: Callable[[int, bytes], bool] | None = getattr(backend, "try_write", None)
+        size = backend.size
         try:
             while True:
                 await slots.acquire()
@@ -720,15 +812,56 @@ class NbdServer:
                 magic, flags, command, handle, offset, length = _REQUEST.unpack(header)
                 if magic != REQUEST_MAGIC:
                     raise _HangUp("bad request magic")
+                if (
+                    command == CMD_READ
+                    and read_nowait is not None
+                    and length <= INLINE_READ
+                    and offset + length <= size
+                    and not export.removed
+                ):
+                    # Answered here when the data is in memory: a thread hand-off costs
+                    # more than such a read. Anything else (or an error) takes the pool.
+                    try:
+                        data = read_nowait(offset, length)
+                    except Exception:
+                        data = None
+                    if data is not None:
+                        slots.release()
+                        writer.write(_data_reply(conn.structured, handle, offset, data))
+                        if writer.transport.get_write_buffer_size() > READ_BUFFER:
+                            await writer.drain()
+                        continue
                 payload = b""
                 if command == CMD_WRITE:
                     if length > MAX_PAYLOAD:
                         raise _HangUp("write larger than the maximum payload")
                     payload = await reader.readexactly(length)
+                    if (
+                        try_write is not None
+                        and length <= INLINE_WRITE
+                        and not flags & CMD_FLAG_FUA
+                        and not export.read_only
+                        and offset + length <= size
+                        and not export.removed
+                    ):
+                        # A small write to the page cache costs less than a thread
+                        # hand-off; one that would wait on a lock or the base takes the pool.
+                        try:
+                            done = try_write(offset, payload)
+                        except Exception:
+                            done = False  # the pool's attempt reports the error
+                        if done:
+                            slots.release()
+                            writer.write(_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, handle))
+                            if writer.transport.get_write_buffer_size() > READ_BUFFER:
+                                await writer.drain()
+                            continue
                 if command == CMD_DISC:
                     return  # after the requests in flight are answered (finally)
                 task = asyncio.create_task(
-                    self._serve(export, writer, flags, command, handle, offset, length, payload)
+                    self._serve(
+                        conn, export, writer, flags, command, handle, offset, length, payload
+                    )
                 )
                 running.add(task)
                 task.add_done_callback(running.discard)
@@ -739,6 +872,7 @@ class NbdServer:
 
     async def _serve(
         self,
+        conn: _Connection,
         export: _Export,
         writer: asyncio.StreamWriter,
         flags: int,
@@ -748,19 +882,44 @@ class NbdServer:
         length: int,
         payload: bytes,
     ) -> None:
-        error, data = await self._execute(export, flags, command, offset, length, payload)
+        allocation = conn.meta_export is not None
+        error, data = await self._execute(
+            export, flags, command, offset, length, payload, allocation
+        )
         if writer.is_closing():
             return
         try:
-            writer.write(_REPLY.pack(SIMPLE_REPLY_MAGIC, error, handle))
-            if data:
-                writer.write(data)
+            if error and command == CMD_READ and conn.structured:
+                # (a structured client gets no simple reply to a read, not even an error)
+                writer.write(_error_chunk(handle, error))
+            elif error:
+                writer.write(_REPLY.pack(SIMPLE_REPLY_MAGIC, error, handle))
+            elif command == CMD_READ:
+                writer.write(_data_reply(conn.structured, handle, offset, data))
+            elif command == CMD_BLOCK_STATUS:
+                head = _CHUNK.pack(
+                    STRUCTURED_REPLY_MAGIC,
+                    REPLY_FLAG_DONE,
+                    REPLY_TYPE_BLOCK_STATUS,
+                    handle,
+                    len(data),
+                )
+                writer.write(head + data)
+            else:
+                writer.write(_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, handle))
             await writer.drain()
         except (ConnectionError, RuntimeError):
             pass  # the client went away; the connection's reader notices
 
     async def _execute(
-        self, export: _Export, flags: int, command: int, offset: int, length: int, payload: bytes
+        self,
+        export: _Export,
+        flags: int,
+        command: int,
+        offset: int,
+        length: int,
+        payload: bytes,
+        allocation: bool = False,
     ) -> tuple[int, bytes]:
         backend = export.backend
         size = backend.size
@@ -773,6 +932,12 @@ class NbdServer:
             op = functools.partial(backend.read, offset, length)
         elif command == CMD_FLUSH:
             op = backend.flush
+        elif command == CMD_BLOCK_STATUS:
+            if not allocation or not inside or length == 0:
+                return EINVAL, b""  # (no context selected: the protocol's answer too)
+            op = functools.partial(
+                _block_status, backend, offset, length, bool(flags & CMD_FLAG_REQ_ONE)
+            )
         elif command in (CMD_WRITE, CMD_TRIM, CMD_WRITE_ZEROES):
             if export.read_only:
                 return EPERM, b""
@@ -804,7 +969,77 @@ class NbdServer:
                 log.error("NBD %s: backend returned a short read at %d", export.name, offset)
                 return EIO, b""
             return 0, result
+        if command == CMD_BLOCK_STATUS and result is not None:
+            return 0, result
         return 0, b""
+
+
+def _data_reply(structured: bool, handle: int, offset: int, data: bytes) -> bytes:
+    """A successful read's reply: simple, or one OFFSET_DATA chunk marked done."""
+    if not structured:
+        return _REPLY.pack(SIMPLE_REPLY_MAGIC, 0, handle) + data
+    head = _DATA_CHUNK.pack(
+        STRUCTURED_REPLY_MAGIC,
+        REPLY_FLAG_DONE,
+        REPLY_TYPE_OFFSET_DATA,
+        handle,
+        8 + len(data),
+        offset,
+    )
+    return head + data
+
+
+def _error_chunk(handle: int, error: int) -> bytes:
+    """A structured ERROR chunk (no message), marked done."""
+    body = struct.pack(">IH", error, 0)
+    return _CHUNK.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, REPLY_TYPE_ERROR, handle, 6) + body
+
+
+def _block_status(backend: Backend, offset: int, length: int, req_one: bool) -> bytes:
+    """The base:allocation payload for a range: context id, then (length, flags) descriptors.
+    A range the backend knows reads as zeros is a hole; anything else is data (flags 0,
+    always a safe answer)."""
+    extents_of: Callable[[int, int], list[tuple[int, bool]]] | None = getattr(
+        backend, "extents", None
+    )
+    extents = extents_of(offset, length) if extents_of is not None else [(length, False)]
+    parts = [struct.pack(">I", ALLOCATION_ID)]
+    for n, zero in extents[: 1 if req_one else MAX_EXTENTS]:
+        parts.append(struct.pack(">II", n, STATE_HOLE | STATE_ZERO if zero else 0))
+    return b"".join(parts)
+
+
+def _parse_meta_request(data: bytes) -> tuple[bytes, list[bytes]] | None:
+    """(export name, queries) of an NBD_OPT_LIST/SET_META_CONTEXT payload; None if malformed."""
+    if len(data) < 8:
+        return None
+    (name_len,) = struct.unpack_from(">I", data)
+    pos = 4 + name_len
+    if pos + 4 > len(data):
+        return None
+    name = data[4:pos]
+    (count,) = struct.unpack_from(">I", data, pos)
+    pos += 4
+    queries = []
+    for _ in range(count):
+        if pos + 4 > len(data):
+            return None
+        (n,) = struct.unpack_from(">I", data, pos)
+        pos += 4
+        if pos + n > len(data):
+            return None
+        queries.append(data[pos : pos + n])
+        pos += n
+    if pos != len(data):
+        return None
+    return name, queries
+
+
+def _allocation_asked(queries: list[bytes], *, listing: bool) -> bool:
+    """Whether the queries select base:allocation (for a listing, no query means all)."""
+    if not queries:
+        return listing
+    return any(q in (b"base:", BASE_ALLOCATION.encode()) for q in queries)
 
 
 def _mutation(

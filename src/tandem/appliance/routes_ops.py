@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, status
+from fastapi import APIRouter, Query, Request, Response, status
 from starlette.concurrency import run_in_threadpool
 
 from tandem.appliance.auth import Caller
+from tandem.appliance.paging import MAX_PAGE, Limit, fetch, page
 from tandem.appliance.params import ImageId, JobId, Name
 from tandem.appliance.schemas import (
     NAME,
@@ -17,6 +18,8 @@ from tandem.appliance.schemas import (
     ExportOut,
     FailbackIn,
     FailoverIn,
+    GcIn,
+    GcOut,
     ImageOut,
     JobAnswer,
     JobLogOut,
@@ -26,12 +29,14 @@ from tandem.appliance.schemas import (
     RestoreIn,
     VerifyOut,
 )
+from tandem.domain.ids import IMAGE_ID_PATTERN, JOB_ID_PATTERN
 from tandem.domain.jobs import JobStatus
 from tandem.operations import (
     capture,
     clone,
     failback,
     failover,
+    gc,
     images,
     monitor,
     mount,
@@ -152,8 +157,17 @@ def make_router(site: Site) -> APIRouter:
     # --- images -----------------------------------------------------------------------
 
     @router.get("/apps/{name}/images", tags=["images"])
-    def list_images(name: Name) -> list[ImageOut]:
-        return [ImageOut.of(row) for row in images.list_images(site, app=name)]
+    def list_images(
+        name: Name,
+        request: Request,
+        response: Response,
+        limit: Limit = None,
+        after: Annotated[str | None, Query(pattern=IMAGE_ID_PATTERN)] = None,
+    ) -> list[ImageOut]:
+        """The app's images, newest first (paged with ``limit``/``after``: see X-Next-Cursor)."""
+        rows = images.list_images(site, app=name, after=after, limit=fetch(limit))
+        rows = page(rows, limit=limit, request=request, response=response, key=lambda r: r.id)
+        return [ImageOut.of(row) for row in rows]
 
     @router.get("/images/{image_id}", tags=["images"])
     def show_image(image_id: ImageId) -> ImageOut:
@@ -180,12 +194,40 @@ def make_router(site: Site) -> APIRouter:
     @router.get("/jobs", tags=["jobs"])
     def list_jobs(
         who: Caller,
+        request: Request,
+        response: Response,
         app: Annotated[str | None, Query(max_length=64, pattern=NAME)] = None,
         status: Annotated[list[JobStatus] | None, Query()] = None,
-        limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
+        limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
+        after: Annotated[str | None, Query(pattern=JOB_ID_PATTERN)] = None,
     ) -> list[JobOut]:
-        rows = monitor.list_jobs(site, app=app, status=status, limit=limit)
+        """Jobs newest first; a page of ``limit`` (X-Next-Cursor names the next one)."""
+        rows = monitor.list_jobs(site, app=app, status=status, after=after, limit=limit + 1)
+        rows = page(rows, limit=limit, request=request, response=response, key=lambda r: r.id)
         return [JobOut.of(row, who) for row in rows]
+
+    # --- garbage collection -----------------------------------------------------------
+
+    @router.post("/gc", tags=["jobs"], status_code=ACCEPTED)
+    def start_gc(who: Caller) -> JobAnswer:
+        """Start a garbage collection of the pool now (a ``gc`` job)."""
+        return JobAnswer(job=JobOut.of(gc.submit_gc(site, actor=who.name), who))
+
+    @router.get("/gc", tags=["jobs"])
+    def gc_status() -> GcOut:
+        return GcOut.of(gc.status(site))
+
+    @router.patch("/gc", tags=["jobs"])
+    def configure_gc(body: GcIn) -> GcOut:
+        gc.configure(
+            site,
+            {
+                "gc.after_deletions": body.after_deletions,
+                "gc.every_seconds": body.every_seconds,
+                "jobs.keep_days": body.keep_job_days,
+            },
+        )
+        return GcOut.of(gc.status(site))
 
     @router.get("/jobs/{job_id}", tags=["jobs"])
     def show_job(job_id: JobId, who: Caller) -> JobOut:

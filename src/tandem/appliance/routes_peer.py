@@ -13,6 +13,7 @@ from fastapi import APIRouter, Depends, Path, status
 from pydantic import BaseModel, Field
 
 from tandem.appliance.auth import Caller, Principal
+from tandem.appliance.params import JobId, Name
 from tandem.appliance.schemas import Body, JobAnswer, JobOut
 from tandem.catalog.models import Job, Peer
 from tandem.domain.rules import Role
@@ -20,8 +21,7 @@ from tandem.errors import Forbidden, NotFound
 from tandem.operations import failback, monitor, peers, replica_failback, replicate, syncback
 from tandem.operations.site import Site
 from tandem.transport.peer import (
-    ID_PATTERN,
-    NAME_PATTERN,
+    SESSION_PATTERN,
     Apply,
     Command,
     CommandRan,
@@ -82,9 +82,7 @@ def peer_caller(who: Caller) -> str:
 
 PeerName = Annotated[str, Depends(peer_caller)]
 """The name of the peer making the call (refused for any other token)."""
-AppName = Annotated[str, Path(pattern=NAME_PATTERN, max_length=64)]
-JobId = Annotated[str, Path(pattern=ID_PATTERN, max_length=16)]
-SessionName = Annotated[str, Path(pattern=r"^[0-9a-f]{1,64}$")]
+SessionName = Annotated[str, Path(pattern=SESSION_PATTERN)]
 
 
 def _peer_job(job: Job) -> PeerJob:
@@ -93,6 +91,12 @@ def _peer_job(job: Job) -> PeerJob:
 
 def make_router(site: Site) -> APIRouter:
     router = APIRouter()
+
+    def paired(peer: PeerName) -> None:
+        peers.check_paired(site, peer=peer)
+
+    # The calls of the other site: its token, and it must be the appliance paired here.
+    peer_router = APIRouter(dependencies=[Depends(paired)])
 
     @router.post("/peers", tags=["peers"], status_code=status.HTTP_201_CREATED)
     def pair(body: PairIn) -> PeerOut:
@@ -117,72 +121,73 @@ def make_router(site: Site) -> APIRouter:
         return [PeerOut.of(p) for p in peers.list_peers(site)]
 
     @router.delete("/peers/{name}", tags=["peers"])
-    def remove_peer(name: str) -> dict[str, str]:
+    def remove_peer(name: Name) -> dict[str, str]:
         peers.remove_peer(site, name=name)
         return {"deleted": name}
 
     @router.post("/apps/{name}/replicate", tags=["operations"], status_code=202)
-    def replicate_app(name: str, who: Caller) -> JobAnswer:
+    def replicate_app(name: Name, who: Caller) -> JobAnswer:
         return JobAnswer(job=JobOut.of(replicate.submit_replicate(site, app=name, actor=who.name)))
 
     # --- the calls the other site's appliance makes (peer token, ``transport.peer``) -----
 
-    @router.get("/peer/apps/{name}/replicas", tags=["peer"])
-    def replicas(name: AppName, peer: PeerName) -> ReplicasHeld:
+    @peer_router.get("/peer/apps/{name}/replicas", tags=["peer"])
+    def replicas(name: Name, peer: PeerName) -> ReplicasHeld:
         return replicate.replicas_held(site, peer=peer, app=name)
 
-    @router.post("/peer/replications", tags=["peer"])
+    @peer_router.post("/peer/replications", tags=["peer"])
     def open_replication(body: ReplicationOpen, peer: PeerName) -> Opened:
         return replicate.open_replication(site, peer=peer, body=body)
 
-    @router.post("/peer/replications/{sid}/commit", tags=["peer"])
+    @peer_router.post("/peer/replications/{sid}/commit", tags=["peer"])
     def commit_replication(sid: SessionName, body: Commit, peer: PeerName) -> Committed:
         image = replicate.commit_replication(site, peer=peer, sid=sid, token=body.token)
         return Committed(image=image.id, app=image.app.name)
 
-    @router.post("/peer/syncbacks", tags=["peer"])
+    @peer_router.post("/peer/syncbacks", tags=["peer"])
     def open_syncback(body: SyncbackOpen, peer: PeerName) -> Opened:
         return syncback.open_syncback(site, peer=peer, body=body)
 
-    @router.post("/peer/syncbacks/{sid}/commit", tags=["peer"])
+    @peer_router.post("/peer/syncbacks/{sid}/commit", tags=["peer"])
     def commit_syncback(sid: SessionName, body: Commit, peer: PeerName) -> Committed:
         image = syncback.commit_syncback(site, peer=peer, sid=sid, token=body.token)
         return Committed(image=image.id, app=image.app.name)
 
-    @router.get("/peer/apps/{name}/restored", tags=["peer"])
-    def restored(name: AppName, peer: PeerName) -> Restored:
-        return Restored(image=failback.last_restored(site, app=name)["image"])
+    @peer_router.get("/peer/apps/{name}/restored", tags=["peer"])
+    def restored(name: Name, peer: PeerName) -> Restored:
+        return failback.last_restored(site, peer=peer, app=name)
 
-    @router.post("/peer/apps/{name}/failed-over", tags=["peer"])
-    def failed_over(name: AppName, body: Epoch, peer: PeerName) -> FailedOver:
+    @peer_router.post("/peer/apps/{name}/failed-over", tags=["peer"])
+    def failed_over(name: Name, body: Epoch, peer: PeerName) -> FailedOver:
         return failback.failed_over_at_peer(site, peer=peer, app=name, epoch=body.epoch)
 
-    @router.post("/peer/apps/{name}/resume", tags=["peer"])
-    def resume(name: AppName, body: Epoch, peer: PeerName) -> Resumed:
+    @peer_router.post("/peer/apps/{name}/resume", tags=["peer"])
+    def resume(name: Name, body: Epoch, peer: PeerName) -> Resumed:
         return failback.resume_mirroring(site, peer=peer, app=name, epoch=body.epoch)
 
-    @router.post("/peer/apps/{name}/failback-check", tags=["peer"])
-    def failback_check(name: AppName, body: FailbackCheck, peer: PeerName) -> FailbackAgreed:
+    @peer_router.post("/peer/apps/{name}/failback-check", tags=["peer"])
+    def failback_check(name: Name, body: FailbackCheck, peer: PeerName) -> FailbackAgreed:
         return replica_failback.production_failback_check(site, peer=peer, app=name, body=body)
 
-    @router.post("/peer/apps/{name}/command", tags=["peer"])
-    def command(name: AppName, body: Command, peer: PeerName) -> CommandRan:
+    @peer_router.post("/peer/apps/{name}/command", tags=["peer"])
+    def command(name: Name, body: Command, peer: PeerName) -> CommandRan:
         return replica_failback.production_command(site, peer=peer, app=name, which=body.which)
 
-    @router.post("/peer/apps/{name}/apply", tags=["peer"], status_code=202)
-    def apply(name: AppName, body: Apply, peer: PeerName) -> PeerJob:
+    @peer_router.post("/peer/apps/{name}/apply", tags=["peer"], status_code=202)
+    def apply(name: Name, body: Apply, peer: PeerName) -> PeerJob:
         job = replica_failback.production_apply(site, peer=peer, app=name, image=body.image)
         return _peer_job(job)
 
-    @router.post("/peer/apps/{name}/failback-undo", tags=["peer"])
-    def failback_undo(name: AppName, body: Wire, peer: PeerName) -> Undone:
+    @peer_router.post("/peer/apps/{name}/failback-undo", tags=["peer"])
+    def failback_undo(name: Name, body: Wire, peer: PeerName) -> Undone:
         return replica_failback.production_undo(site, peer=peer, app=name)
 
-    @router.get("/peer/jobs/{job_id}", tags=["peer"])
+    @peer_router.get("/peer/jobs/{job_id}", tags=["peer"])
     def peer_job(job_id: JobId, peer: PeerName) -> PeerJob:
         job = monitor.get_job(site, job_id=job_id)
         if job.actor != peers.peer_token_name(peer):  # only the jobs it asked for
             raise NotFound(what="job", name=job_id, listing="jobs")
         return _peer_job(job)
 
+    router.include_router(peer_router)
     return router

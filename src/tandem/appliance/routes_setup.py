@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, status
+from datetime import UTC, datetime
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request, Response, status
 
 from tandem.appliance.auth import Caller
+from tandem.appliance.paging import Limit, fetch, page
 from tandem.appliance.params import Name
 from tandem.appliance.schemas import (
     AppHooksIn,
@@ -22,6 +26,7 @@ from tandem.appliance.schemas import (
     TransitionOut,
 )
 from tandem.catalog.models import Template
+from tandem.domain.ids import NAME_PATTERN
 from tandem.operations import apps, failback, hosts, templates, tokens
 from tandem.operations.site import Site
 
@@ -111,9 +116,17 @@ def make_router(site: Site) -> APIRouter:
         return AppOut.of(row)
 
     @router.get("/apps", tags=["apps"])
-    def list_apps() -> list[AppOut]:
-        down = failback.downtimes(site)
-        return [AppOut.of(row, downtime=down.get(row.name)) for row in apps.list_apps(site)]
+    def list_apps(
+        request: Request,
+        response: Response,
+        limit: Limit = None,
+        after: Annotated[str | None, Query(max_length=64, pattern=NAME_PATTERN)] = None,
+    ) -> list[AppOut]:
+        """Apps by name (paged with ``limit``/``after``: see X-Next-Cursor)."""
+        rows = apps.list_apps(site, after=after, limit=fetch(limit))
+        rows = page(rows, limit=limit, request=request, response=response, key=lambda r: r.name)
+        down, now = failback.downtimes(site), datetime.now(UTC)
+        return [AppOut.of(row, now, downtime=down.get(row.name)) for row in rows]
 
     @router.get("/apps/{name}", tags=["apps"])
     def show_app(name: Name) -> AppOut:

@@ -13,6 +13,10 @@ Invariants
 - A failback that could not tell production to resume mirroring (it was unreachable) is
   handed back every MIRROR_RETRY seconds until production answers
   (``failback.deliver_handbacks``).
+- Every GC_CHECK seconds it starts a garbage collection job when one is due
+  (``operations.gc.due``: images deleted since the last one, past a count or an age, or an
+  unfinished one to resume), unless one is queued or running; every hour it deletes the job
+  rows past ``jobs.keep_days``.
 - Jobs are submitted as actor ``scheduler``. The thread never dies of an error: it logs it
   and tries again at the next tick.
 """
@@ -29,7 +33,7 @@ from tandem.catalog import queries as q
 from tandem.catalog.models import App, Template
 from tandem.domain.lifecycle import AppState
 from tandem.errors import Conflict, TandemError
-from tandem.operations import failback, peers
+from tandem.operations import failback, gc, peers
 from tandem.operations.capture import submit_capture
 from tandem.operations.replicate import submit_replicate
 from tandem.operations.site import Site
@@ -38,6 +42,8 @@ log = logging.getLogger(__name__)
 
 ACTOR = "scheduler"
 MIRROR_RETRY = float(os.environ.get("TANDEM_MIRROR_RETRY", "30"))
+GC_CHECK = float(os.environ.get("TANDEM_GC_CHECK", "60"))
+JOB_PRUNE_EVERY = 3600.0
 
 
 class Scheduler:
@@ -49,6 +55,8 @@ class Scheduler:
         self._tried: dict[str, float] = {}  # app name -> unix time of the last submission
         self._mirror_tried: dict[str, float] = {}  # app name -> last catch-up replication
         self._handback_tried = 0.0
+        self._gc_checked = 0.0
+        self._jobs_pruned = 0.0
 
     def start(self) -> None:
         if self._thread is not None:
@@ -106,7 +114,27 @@ class Scheduler:
             self._handback_tried = now
             for name in failback.deliver_handbacks(self.site):
                 log.info("told the peer to resume mirroring %s after its failback", name)
+        self.collect_garbage(now)
         return submitted
+
+    def collect_garbage(self, now: float) -> str | None:
+        """Start a garbage collection if one is due; the id of the job started."""
+        if now - self._jobs_pruned >= JOB_PRUNE_EVERY:
+            self._jobs_pruned = now
+            pruned = gc.prune_jobs(self.site)
+            if pruned:
+                log.info("deleted %d job row(s) past the retention", pruned)
+        if now - self._gc_checked < GC_CHECK:
+            return None
+        self._gc_checked = now
+        if not gc.due(self.site, now) or gc.active_job(self.site) is not None:
+            return None
+        try:
+            job = gc.submit_gc(self.site, actor=ACTOR, force=False)
+        except Conflict:
+            return None
+        log.info("scheduled garbage collection: job %s", job.id)
+        return job.id
 
     def catch_up_mirrors(self, apps: list[App], templates: dict[str, Template], now: float) -> None:
         """Queue a replication for mirrored apps whose newest snapshot is not at the peer

@@ -494,3 +494,44 @@ class InfoOut(BaseModel):
 
 class Deleted(BaseModel):
     deleted: str
+
+
+class GcIn(BaseModel):
+    """Change when garbage collection runs by itself, and how long job rows are kept."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    after_deletions: int | None = Field(default=None, ge=1, le=10_000_000)
+    """Collect once this many images were deleted since the last collection."""
+    every_seconds: int | None = Field(default=None, ge=60, le=365 * 86_400)
+    """Collect when this long passed since the last collection and images were deleted."""
+    keep_job_days: int | None = Field(default=None, ge=1, le=36_500)
+    """Delete job rows that ended more than this many days ago."""
+
+
+class GcOut(BaseModel):
+    """Garbage collection: what waits for it, its last run, its settings."""
+
+    pending_deletions: int
+    unfinished: bool
+    """A collection was stopped midway; the next one resumes it."""
+    last_finished: int | None
+    """Unix time the last collection finished."""
+    job: str | None
+    """The collection job queued or running now."""
+    after_deletions: int
+    every_seconds: int
+    keep_job_days: int
+
+    @classmethod
+    def of(cls, doc: dict[str, Any]) -> GcOut:
+        settings = doc["settings"]
+        return cls(
+            pending_deletions=doc["pending_deletions"],
+            unfinished=doc["unfinished"],
+            last_finished=doc["last_finished"],
+            job=doc["job"],
+            after_deletions=settings["gc.after_deletions"],
+            every_seconds=settings["gc.every_seconds"],
+            keep_job_days=settings["jobs.keep_days"],
+        )

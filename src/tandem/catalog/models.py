@@ -193,7 +193,12 @@ class Image(Base):
     """
 
     __tablename__ = "images"
-    __table_args__ = (Index("ix_images_app_id_created", "app_id", "created"),)
+    __table_args__ = (
+        # The images of an app newest first, and their pages (catalog.queries.images_query).
+        Index("ix_images_app_id_created_id", "app_id", "created", "id"),
+        # The distinct live manifests garbage collection reads, from the index alone.
+        Index("ix_images_manifest", "manifest"),
+    )
 
     id: Mapped[str] = mapped_column(String(ID), primary_key=True)
     app_id: Mapped[str] = mapped_column(ForeignKey("apps.id", ondelete="RESTRICT"))
@@ -223,8 +228,12 @@ class Job(Base):
 
     __tablename__ = "jobs"
     __table_args__ = (
-        Index("ix_jobs_status_created", "status", "created"),
-        Index("ix_jobs_app_created", "app", "created"),
+        # The Monitor's orders and filters, each with the id that breaks ties (its cursor).
+        Index("ix_jobs_created_id", "created", "id"),
+        Index("ix_jobs_status_created_id", "status", "created", "id"),
+        Index("ix_jobs_app_created_id", "app", "created", "id"),
+        # Job retention deletes by end time.
+        Index("ix_jobs_finished", "finished"),
         Index(
             "uq_jobs_one_lifecycle_per_app",
             "app",

@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import Select, String, delete, func, literal, select, tuple_
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -37,6 +37,7 @@ from tandem.catalog.models import (
     Template,
     Token,
     Transition,
+    UTCDateTime,
     utcnow,
 )
 from tandem.domain.hooks import Hook
@@ -225,8 +226,26 @@ def get_app(session: Session, *, name: str, for_update: bool = False) -> App:
     return app
 
 
-def list_apps(session: Session) -> list[App]:
-    return list(session.scalars(select(App).order_by(App.name)))
+def apps_query(*, after: str | None = None, limit: int | None = None) -> Select[App]:
+    """Apps by name; ``after`` a name: those after it (a page's cursor)."""
+    query = select(App)
+    if after is not None:
+        query = query.where(App.name > after)
+    query = query.order_by(App.name)
+    return query if limit is None else query.limit(limit)
+
+
+def list_apps(session: Session, *, after: str | None = None, limit: int | None = None) -> list[App]:
+    """Apps by name (a page of them with ``after``/``limit``)."""
+    return list(session.scalars(apps_query(after=after, limit=limit)))
+
+
+def app_settings(session: Session, *, prefix: str) -> dict[str, str]:
+    """Per-app settings stored under ``(prefix + app name)[:64]``, by app name, in one query
+    (a primary-key lookup per app)."""
+    key = func.substr(literal(prefix, String) + App.name, 1, 64)
+    rows = session.execute(select(App.name, Setting.value).join(Setting, Setting.key == key))
+    return {name: value for name, value in rows}
 
 
 def list_local_apps_on_host(session: Session, *, host: str) -> list[App]:
@@ -403,28 +422,67 @@ def get_image(session: Session, *, image_id: str) -> Image:
     return image
 
 
+def images_query(
+    *,
+    app_id: str,
+    kind: ImageKind | Sequence[ImageKind] | None = None,
+    after: Image | None = None,
+    limit: int | None = None,
+) -> Select[Image]:
+    """The app's images, newest first; ``after``: those older than that one (a cursor)."""
+    query = select(Image).where(Image.app_id == app_id)
+    if isinstance(kind, ImageKind):
+        query = query.where(Image.kind == kind)
+    elif kind is not None:
+        query = query.where(Image.kind.in_(list(kind)))
+    if after is not None:
+        query = query.where(_older(Image.created, Image.id, after.created, after.id))
+    query = query.order_by(Image.created.desc(), Image.id.desc())
+    return query if limit is None else query.limit(limit)
+
+
+def _older(created: Any, id_: Any, at: datetime, after_id: str) -> Any:
+    """Rows after (``at``, ``after_id``) in newest-first order; one index range on
+    (..., created, id)."""
+    return tuple_(created, id_) < tuple_(literal(at, UTCDateTime()), literal(after_id, String))
+
+
 def list_images(
     session: Session,
     *,
     app: str,
     kind: ImageKind | Sequence[ImageKind] | None = None,
+    after: str | None = None,
+    limit: int | None = None,
 ) -> list[Image]:
-    """The app's images, newest first, optionally only of the given kind(s)."""
+    """The app's images, newest first, optionally only of the given kind(s); ``after`` (an
+    image id of the app) and ``limit`` make a page."""
     row = get_app(session, name=app)
-    query = select(Image).where(Image.app_id == row.id)
-    if isinstance(kind, ImageKind):
-        query = query.where(Image.kind == kind)
-    elif kind is not None:
-        query = query.where(Image.kind.in_(list(kind)))
-    return list(session.scalars(query.order_by(Image.created.desc(), Image.id.desc())))
+    cursor = None
+    if after is not None:
+        cursor = session.get(Image, after)
+        if cursor is None or cursor.app_id != row.id:
+            raise InvalidInput(
+                detail=f"the cursor {after!r} is no image of {app!r} (any more); "
+                "list again without `after`"
+            )
+    query = images_query(app_id=row.id, kind=kind, after=cursor, limit=limit)
+    return list(session.scalars(query))
 
 
 def latest_image(session: Session, *, app: str, kind: ImageKind) -> Image | None:
-    """The app's newest usable image of ``kind`` (one being deleted does not count)."""
-    for image in list_images(session, app=app, kind=kind):
-        if image.state is not ImageState.DELETING:
-            return image
-    return None
+    """The app's newest usable image of ``kind`` (one being deleted does not count); one
+    indexed row, however many images the app has."""
+    row = get_app(session, name=app)
+    query = images_query(app_id=row.id, kind=kind).where(Image.state != ImageState.DELETING)
+    return session.scalar(query.limit(1))
+
+
+def images_beyond(session: Session, *, app: str, kind: ImageKind, keep: int) -> list[Image]:
+    """The app's images of ``kind`` after its ``keep`` newest (what retention removes),
+    without loading the ones it keeps."""
+    row = get_app(session, name=app)
+    return list(session.scalars(images_query(app_id=row.id, kind=kind).offset(keep)))
 
 
 def list_images_on_host(session: Session, *, host: str) -> list[Image]:
@@ -459,11 +517,28 @@ def set_image_state(
     return image
 
 
+GC_DELETED_KEY = "gc.deleted"
+"""The number of image rows ever deleted here: garbage collection compares it with the
+count it last collected after, to run only when something may have become garbage."""
+
+
 def delete_image(session: Session, *, image_id: str) -> None:
-    """Remove an image's row; images naming it as parent keep existing (parent set NULL)."""
+    """Remove an image's row; images naming it as parent keep existing (parent set NULL).
+    Its chunks stay in the pool until the next garbage collection (counted in
+    ``GC_DELETED_KEY``, in the same transaction)."""
     image = get_image(session, image_id=image_id)
     session.delete(image)
+    row = session.get(Setting, GC_DELETED_KEY)
+    if row is None:
+        session.add(Setting(key=GC_DELETED_KEY, value="1"))
+    else:
+        row.value = str(int(row.value or 0) + 1)
     session.flush()
+
+
+def live_manifests(session: Session) -> set[str]:
+    """The manifest ids (hex) of every image in the catalog, of any kind and app."""
+    return set(session.scalars(select(Image.manifest).distinct()))
 
 
 # --- jobs (read side; the queue is tandem.jobs.queue) -------------------------------------
@@ -476,14 +551,15 @@ def get_job(session: Session, *, job_id: str) -> Job:
     return job
 
 
-def list_jobs(
-    session: Session,
+def jobs_query(
     *,
     app: str | None = None,
     status: JobStatus | Sequence[JobStatus] | None = None,
+    after: Job | None = None,
     limit: int = 100,
-) -> list[Job]:
-    """Jobs newest first, optionally of one app and/or status(es)."""
+) -> Select[Job]:
+    """Jobs newest first, optionally of one app and/or status(es); ``after``: those older
+    than that job (a cursor)."""
     query = select(Job)
     if app is not None:
         query = query.where(Job.app == app)
@@ -491,7 +567,29 @@ def list_jobs(
         query = query.where(Job.status == status)
     elif status is not None:
         query = query.where(Job.status.in_(list(status)))
-    query = query.order_by(Job.created.desc(), Job.id.desc()).limit(limit)
+    if after is not None:
+        query = query.where(_older(Job.created, Job.id, after.created, after.id))
+    return query.order_by(Job.created.desc(), Job.id.desc()).limit(limit)
+
+
+def list_jobs(
+    session: Session,
+    *,
+    app: str | None = None,
+    status: JobStatus | Sequence[JobStatus] | None = None,
+    after: str | None = None,
+    limit: int = 100,
+) -> list[Job]:
+    """Jobs newest first, optionally of one app and/or status(es); ``after`` (a job id) and
+    ``limit`` make a page."""
+    cursor = None
+    if after is not None:
+        cursor = session.get(Job, after)
+        if cursor is None:
+            raise InvalidInput(
+                detail=f"the cursor {after!r} names no job (any more); list again without `after`"
+            )
+    query = jobs_query(app=app, status=status, after=cursor, limit=limit)
     return list(session.scalars(query))
 
 

@@ -131,6 +131,10 @@ def jobs(
         list[str] | None, typer.Option("--status", help="Only jobs in this status (repeatable).")
     ] = None,
     limit: Annotated[int, typer.Option(help="At most this many, newest first.")] = 50,
+    after: Annotated[
+        str | None,
+        typer.Option("--after", help="Only jobs older than this job id (the next page)."),
+    ] = None,
     watch: Annotated[
         bool, typer.Option("--watch", help="Refresh until none of the jobs is queued or running.")
     ] = False,
@@ -143,7 +147,7 @@ def jobs(
     with connect(url, token, fingerprint) as client:
 
         def fetch() -> list[dict[str, Any]]:
-            params: dict[str, Any] = {"app": app, "limit": limit}
+            params: dict[str, Any] = {"app": app, "limit": limit, "after": after}
             if status:
                 params["status"] = status
             answer: list[dict[str, Any]] = client.get("/api/v1/jobs", **params)
@@ -241,3 +245,48 @@ def job_cancel(
         else:
             state = "cancel requested" if job["status"] == "running" else job["status"]
             stdout.print(f"{job['id']} {_describe(job)}: {state}", highlight=False)
+
+
+@handle_errors
+def gc(
+    status: Annotated[
+        bool, typer.Option("--status", help="Show what waits for collection; start nothing.")
+    ] = False,
+    after_deletions: Annotated[
+        int | None,
+        typer.Option(help="Set: collect by itself once this many images were deleted."),
+    ] = None,
+    every: Annotated[
+        int | None,
+        typer.Option(help="Set: collect by itself when this many seconds passed since the last."),
+    ] = None,
+    keep_job_days: Annotated[
+        int | None, typer.Option(help="Set: delete job rows that ended this many days ago.")
+    ] = None,
+    no_wait: Annotated[bool, typer.Option("--no-wait", help="Do not wait for the job.")] = False,
+    url: Url = None,
+    token: Token = None,
+    fingerprint: Fingerprint = None,
+    json_: Json = False,
+) -> None:
+    """Collect the pool's garbage now (a `gc` job), or show or set when it runs by itself."""
+    with connect(url, token, fingerprint) as client:
+        settings = {
+            "after_deletions": after_deletions,
+            "every_seconds": every,
+            "keep_job_days": keep_job_days,
+        }
+        if status or any(v is not None for v in settings.values()):
+            if any(v is not None for v in settings.values()):
+                changes = {k: v for k, v in settings.items() if v is not None}
+                doc = client.request("PATCH", "/api/v1/gc", json_body=changes)
+            else:
+                doc = client.get("/api/v1/gc")
+            if json_:
+                emit_json(doc)
+            else:
+                for key, value in doc.items():
+                    stdout.print(f"{key:18} {'' if value is None else value}", highlight=False)
+            return
+        answer = client.post("/api/v1/gc")
+        follow_job(client, job_of(client, answer), json_=json_, no_wait=no_wait)

@@ -41,6 +41,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "jobs": ("jobs", "jobs", "command"),
     "job": ("jobs", "job_app", "group"),
     "audit": ("ops", "audit", "command"),
+    "gc": ("jobs", "gc", "command"),
     # The other site.
     "peer": ("peers", "peer_app", "group"),
     "peers": ("peers", "peer_list", "command"),

@@ -131,9 +131,10 @@ def set_hooks(
         return q.set_app_hooks(session, name=name, hooks=checked)
 
 
-def list_apps(site: Site) -> list[App]:
+def list_apps(site: Site, *, after: str | None = None, limit: int | None = None) -> list[App]:
+    """Apps by name; ``after`` (a name) and ``limit`` make a page."""
     with site.catalog.read() as session:
-        return q.list_apps(session)
+        return q.list_apps(session, after=after, limit=limit)
 
 
 def get_app(site: Site, *, name: str) -> App:

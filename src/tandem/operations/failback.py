@@ -46,11 +46,11 @@ from tandem.domain.lifecycle import AppFacts, AppKind, AppState, Operation, chec
 from tandem.errors import Conflict, NotFound, TandemError, UnsyncedWrites
 from tandem.jobs.queue import submit_job
 from tandem.jobs.runner import JobContext
-from tandem.operations import images, peers, present
+from tandem.operations import peers, present
 from tandem.operations.site import Site
 from tandem.operations.syncback import dr_copy_changes, failover_image, syncbacks_since_failover
 from tandem.storage.overlay import Overlay
-from tandem.transport.peer import FailedOver, Location, Resumed
+from tandem.transport.peer import FailedOver, Location, Restored, Resumed
 
 TYPE = "failback"
 
@@ -203,23 +203,21 @@ def record_downtime(site: Site, *, app: str, seconds: float) -> None:
 
 
 def downtimes(site: Site) -> dict[str, float]:
-    """Latest failback downtime per app, in seconds."""
-    out: dict[str, float] = {}
+    """Latest failback downtime per app, in seconds (one query)."""
     with site.catalog.read() as session:
-        for app in q.list_apps(session):
-            value = q.get_setting(session, key=DOWNTIME_KEY.format(app=app.name)[:64])
-            if value is not None:
-                out[app.name] = float(value)
-    return out
+        stored = q.app_settings(session, prefix=DOWNTIME_KEY.format(app=""))
+    return {name: float(value) for name, value in stored.items()}
 
 
-def last_restored(site: Site, *, app: str) -> dict[str, Any]:
-    """Production side: the image the app's newest successful restore wrote."""
+def last_restored(site: Site, *, peer: str, app: str) -> Restored:
+    """Production side: the image the newest successful restore of ``app`` (mirrored to
+    ``peer``) wrote."""
     with site.catalog.read() as session:
+        peers.mirrored_app(session, peer=peer, app=app, action="read the last restore of")
         for job in q.list_jobs(session, app=app, limit=200):
             if job.type == "restore" and job.status is JobStatus.SUCCEEDED:
-                return {"image": job.image}
-    return {"image": None}
+                return Restored(image=job.image)
+    return Restored(image=None)
 
 
 def run_failback(site: Site, ctx: JobContext) -> dict[str, Any]:
@@ -288,9 +286,7 @@ def clean_up_and_resume(
             facts=facts,
         )
         epoch = step.epoch
-    ctx.log(f"deleted {', '.join(removed) or 'no images'}")
-    with contextlib.suppress(TandemError):
-        images.collect_garbage(site, ctx)
+    ctx.log(f"deleted {', '.join(removed) or 'no images'} (space freed by the next collection)")
     peer = peers.the_peer(site)
     ctx.set_message(
         f"{name} failed back: {len(removed)} image(s) removed"
@@ -380,7 +376,8 @@ def deliver_handbacks(site: Site) -> list[str]:
 
 
 def resume_mirroring(site: Site, *, peer: str, app: str, epoch: int) -> Resumed:
-    """Production side: adopt the DR site's epoch after a failback; mirroring resumes. A
+    """Production side: adopt the DR site's epoch after a failback; mirroring resumes (an
+    app this site does not mirror to the peer is answered as unknown and left alone). A
     replica-style failback's agreement ends here: the placeholder app registered at its
     target (the app took its identity) is merged into the app and removed."""
     merged = None
@@ -391,6 +388,8 @@ def resume_mirroring(site: Site, *, peer: str, app: str, epoch: int) -> Resumed:
             return Resumed(app=app, epoch=epoch, known=False)
         if row.origin is not None:
             return Resumed(app=app, epoch=row.writer_epoch, known=True)
+        if not peers.is_mirrored(session, row):  # none of the peer's business: unchanged
+            return Resumed(app=app, epoch=epoch, known=False)
         if epoch > row.writer_epoch:
             q.set_writer_epoch(session, name=app, epoch=epoch)
         row.peer_active = False
@@ -412,12 +411,7 @@ def failed_over_at_peer(site: Site, *, peer: str, app: str, epoch: int) -> Faile
     """Production side: the peer failed ``app`` over; its copy is the writer. Mirroring of
     it stops until a failback hands the epoch back."""
     with site.catalog.begin() as session:
-        row = q.get_app(session, name=app, for_update=True)
-        if row.origin is not None:
-            raise Conflict(
-                detail=f"application {app!r} here is a mirror of {row.origin!r}, not an app "
-                f"of this site; {peer!r} cannot have failed it over"
-            )
+        row = peers.mirrored_app(session, peer=peer, app=app, action="have failed over")
         if epoch <= row.writer_epoch:
             raise Conflict(
                 detail=f"a failover of {app!r} raises its writer epoch above {row.writer_epoch}; "

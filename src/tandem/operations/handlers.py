@@ -10,6 +10,7 @@ from tandem.operations import (
     clone,
     failback,
     failover,
+    gc,
     images,
     mount,
     replica_failback,
@@ -25,6 +26,7 @@ def job_handlers(site: Site) -> dict[str, Handler]:
     return {
         capture.TYPE: partial(capture.run_capture, site),
         restore.TYPE: partial(restore.run_restore, site),
+        gc.TYPE: partial(gc.run_gc, site),
         images.DELETE_TYPE: partial(images.run_delete, site),
         replicate.TYPE: partial(replicate.run_replicate, site),
         test_failover.TYPE: partial(test_failover.run_test_failover, site),

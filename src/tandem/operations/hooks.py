@@ -2,7 +2,8 @@
 
 Invariants
 - Every operation that stops or starts an app (restore, failover, replica-style failback at
-  either site) calls ``run_hook``; nothing else sends ``/api/v1/run`` to an agent.
+  either site) calls ``run_hook``; no other appliance code sends ``/api/v1/run`` to an
+  agent (only ``tandem demo``, which drives its own lab hosts, calls it directly).
 - What is sent is the script's *name* (as stored for the app, checked when it was
   registered) and the environment of ``hook_env``, never a command line. The agent runs
   ``scripts/NAME`` from its own folder and refuses anything else (``tandem.agent.hooks``).

@@ -1,10 +1,10 @@
-"""Images: deletion (as a job), retention, pool garbage collection and verification.
+"""Images: deletion (as a job), retention and verification.
 
 Invariants
-- An image row is removed before any chunk it names; chunks are removed only by
-  ``collect_garbage``, which keeps every chunk named by an image still in the catalog (and,
-  inside ``ChunkPool.gc``, everything an active writer may still reuse). See ``Site.gc_lock``
-  for why a collection and the end of a capture exclude each other.
+- Deleting and retention only remove catalog rows (and count them); the chunks an image
+  named are removed later by the appliance's garbage collection job
+  (``tandem.operations.gc``), which keeps every chunk named by an image still in the catalog
+  and everything an active writer may still reuse. No capture or replication waits for it.
 - Retention (``keep``) counts the app's ``snapshot`` images, newest first, and removes the
   older ones that are not presented to a host; other kinds are never pruned.
 - Deletion refuses what ``check_image_deletable`` refuses (the copy a failed-over app runs
@@ -13,7 +13,6 @@ Invariants
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 from tandem.catalog import queries as q
@@ -26,7 +25,6 @@ from tandem.jobs.queue import submit_job
 from tandem.jobs.runner import JobContext
 from tandem.operations.site import Site
 from tandem.storage.manifest import load_manifest
-from tandem.storage.pool import GcReport
 
 DELETE_TYPE = "delete-image"
 
@@ -45,10 +43,13 @@ def export_uri(site: Site, *, image_id: str, app: str | None = None) -> str:
     return row.nbd_export
 
 
-def list_images(site: Site, *, app: str) -> list[Image]:
-    """The app's images on this appliance, newest first."""
+def list_images(
+    site: Site, *, app: str, after: str | None = None, limit: int | None = None
+) -> list[Image]:
+    """The app's images on this appliance, newest first; ``after`` (an image id) and
+    ``limit`` make a page."""
     with site.catalog.read() as session:
-        return q.list_images(session, app=app)
+        return q.list_images(session, app=app, after=after, limit=limit)
 
 
 def _check_deletable(image: Image) -> None:
@@ -81,16 +82,18 @@ def submit_delete(site: Site, *, image_id: str, actor: str | None = None) -> Job
 
 
 def run_delete(site: Site, ctx: JobContext) -> dict[str, Any]:
-    """The job handler: drop the row, then collect the chunks nothing names any more."""
+    """The job handler: drop the row; the next garbage collection frees its chunks."""
     image_id = ctx.job.image or ""
     with site.catalog.begin() as session:
         image = q.get_image(session, image_id=image_id)
         _check_deletable(image)
         q.delete_image(session, image_id=image_id)
     ctx.log(f"deleted the catalog row of image {image_id}")
-    report = collect_garbage(site, ctx)
-    ctx.set_message(f"deleted image {image_id}; {_gc_text(report)}")
-    return {"deleted": [image_id], "gc": _gc_doc(report)}
+    ctx.set_message(
+        f"deleted image {image_id}; its space comes back at the next garbage collection "
+        "(`tandem gc` starts one now)"
+    )
+    return {"deleted": [image_id]}
 
 
 def prune_snapshots(
@@ -102,57 +105,21 @@ def prune_snapshots(
     kind: ImageKind = ImageKind.SNAPSHOT,
 ) -> list[str]:
     """Remove the app's images of ``kind`` (snapshots, or replicas at the DR site) beyond
-    the ``keep`` newest, then collect the pool."""
+    the ``keep`` newest: their rows only (see the module's invariants)."""
     removed: list[str] = []
     with site.catalog.begin() as session:
-        older = q.list_images(session, app=app, kind=kind)[keep:]
+        older = q.images_beyond(session, app=app, kind=kind, keep=keep)
         for image in older:
             if image.state is not ImageState.READY:
                 continue  # presented to a host or already going: not retention's to remove
             q.delete_image(session, image_id=image.id)
             removed.append(image.id)
-    if not removed:
-        return removed
-    log = ctx.log if ctx is not None else (lambda text, level="info": None)
-    log(f"retention (keep {keep}) removed {', '.join(removed)}")
-    try:
-        report = collect_garbage(site, ctx)
-    except StorageError as exc:
-        # The capture itself succeeded; the space comes back at the next collection.
-        log(f"pool garbage collection failed: {exc.message}", level="warning")
-    else:
-        log(f"pool garbage collection: {_gc_text(report)}")
+    if removed and ctx is not None:
+        ctx.log(
+            f"retention (keep {keep}) removed {', '.join(removed)}; their space comes back "
+            "at the next garbage collection"
+        )
     return removed
-
-
-def _all_manifests(site: Site) -> set[str]:
-    with site.catalog.read() as session:
-        return {
-            image.manifest
-            for kind in ImageKind
-            for image in q.list_images_of_kind(session, kind=kind)
-        }
-
-
-def collect_garbage(site: Site, ctx: JobContext | None = None) -> GcReport:
-    """Remove the pool's chunks that no image of the catalog names.
-
-    Refuses (``StorageError``) when a live manifest cannot be read, since its chunks could
-    not be told apart from garbage.
-    """
-    with site.gc_lock:
-        live: dict[bytes, Iterable[bytes]] = {}
-        for text in sorted(_all_manifests(site)):
-            mid = bytes.fromhex(text)
-            try:
-                live[mid] = load_manifest(site.pool, mid).chunk_ids()
-            except StorageError as exc:
-                raise StorageError(
-                    detail=f"cannot read manifest {text} of a live image ({exc.message}); "
-                    "garbage collection skipped so that no chunk of it is lost. Run "
-                    "`tandem image verify` on the app's images"
-                ) from exc
-        return site.pool.gc(live)
 
 
 def verify_image(site: Site, *, image_id: str) -> dict[str, Any]:
@@ -190,19 +157,3 @@ def verify_image(site: Site, *, image_id: str) -> dict[str, Any]:
         report["bytes"] += len(data)
     report["ok"] = not report["missing"] and not report["bad"]
     return report
-
-
-def _gc_doc(report: GcReport) -> dict[str, int]:
-    return {
-        "chunks_kept": report.chunks_kept,
-        "chunks_removed": report.chunks_removed,
-        "bytes_freed": report.bytes_freed,
-        "manifests_removed": report.manifests_removed,
-    }
-
-
-def _gc_text(report: GcReport) -> str:
-    return (
-        f"{report.chunks_removed} chunk(s) removed, {report.bytes_freed} bytes freed, "
-        f"{report.chunks_kept} kept"
-    )

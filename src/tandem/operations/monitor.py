@@ -16,11 +16,15 @@ def list_jobs(
     *,
     app: str | None = None,
     status: Sequence[JobStatus] | None = None,
+    after: str | None = None,
     limit: int = 100,
 ) -> list[Job]:
-    """Jobs newest first, optionally of one app and some statuses."""
+    """Jobs newest first, optionally of one app and some statuses; ``after`` (a job id) and
+    ``limit`` make a page."""
     with site.catalog.read() as session:
-        return q.list_jobs(session, app=app, status=list(status) if status else None, limit=limit)
+        return q.list_jobs(
+            session, app=app, status=list(status) if status else None, after=after, limit=limit
+        )
 
 
 def get_job(site: Site, *, job_id: str) -> Job:

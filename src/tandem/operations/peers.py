@@ -23,10 +23,10 @@ import json
 from typing import Any
 
 from tandem.catalog import queries as q
-from tandem.catalog.models import Peer
+from tandem.catalog.models import App, Peer
 from tandem.domain.ids import validate_name
 from tandem.domain.rules import Role
-from tandem.errors import Conflict, InvalidInput, NotFound, TandemError
+from tandem.errors import Conflict, InvalidInput, NotFound, NotPaired, PeerRefused, TandemError
 from tandem.operations.site import Site
 from tandem.transport.client import ApiClient
 from tandem.transport.peer import PeerClient
@@ -45,6 +45,14 @@ def client_for(peer: Peer) -> PeerClient:
     return PeerClient(
         ApiClient(peer.url, peer.token, peer.fingerprint, what="peer", name=peer.name)
     )
+
+
+def check_paired(site: Site, *, peer: str) -> None:
+    """Refuse (``NotPaired``) a peer token whose appliance is not the one paired here (one
+    made by hand, say): only the paired peer makes the peer calls."""
+    paired = the_peer(site)
+    if paired is None or paired.name != peer:
+        raise NotPaired(peer=peer, token=peer_token_name(peer))
 
 
 def the_peer(site: Site) -> Peer | None:
@@ -144,6 +152,40 @@ def bandwidth(site: Site) -> int:
     with site.catalog.read() as session:
         value = q.get_setting(session, key=BANDWIDTH_KEY)
     return int(value or 0)
+
+
+# --- which of this site's apps the peer's calls reach -----------------------------------
+
+
+def is_mirrored(session: Any, app: App) -> bool:
+    """Whether this site mirrors ``app`` to its peer (its template says ``mirror``)."""
+    template = q.get_template(session, name=app.template) if app.template else None
+    return bool(template and template.mirror)
+
+
+def mirrored_app(session: Any, *, peer: str, app: str, action: str) -> App:
+    """One of this site's own apps that it mirrors to ``peer`` (row locked): the only apps
+    a peer's call about this site's apps (failed over, syncback, failback steps, restored)
+    may reach. Anything else is refused before the call changes or reads anything."""
+    row = q.get_app(session, name=app, for_update=True)
+    if row.origin is not None:
+        raise PeerRefused(
+            peer=peer,
+            action=action,
+            app=app,
+            reason=f"it is a mirror of {row.origin!r} here, not an app of this site",
+            fix="Such calls go to the appliance the app came from",
+        )
+    if not is_mirrored(session, row):
+        raise PeerRefused(
+            peer=peer,
+            action=action,
+            app=app,
+            reason=f"this site does not mirror it to {peer}",
+            fix=f"Protect it here with a mirroring template (`tandem template add T --mirror`, "
+            f"`tandem app protect {app} --template T`) if the peer is to hold and run it",
+        )
+    return row
 
 
 # --- what this site agreed to on a peer's request -----------------------------------------

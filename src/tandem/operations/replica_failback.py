@@ -8,11 +8,11 @@
    empty, which production's agent checks). A wrong host fails here, before production's
    app is stopped or a syncback sent. Production carries out each later step itself, with
    its own catalog (its host, path and hooks), and only while that agreement holds.
-1. Production stops the original (its stop command, through the production appliance).
+1. Production stops the original (its stop hook, through the production appliance).
 2.–3. The DR copy's state is captured and sent home as a syncback image (only what
    production lacks), then diff-restored onto the target (only differing blocks/files
    are written).
-4. The DR copy is stopped (its stop command on the DR host); it stays off until the
+4. The DR copy is stopped (its stop hook on the DR host); it stays off until the
    failback is committed or undone.
 5. A **protective snapshot** of the DR copy is taken here: its pre-failback state.
 6. It is sent and diff-restored again: this catches what was written during step 3.
@@ -27,7 +27,7 @@
 snapshot-style failback (the protective snapshot, equal to what production holds, stays as
 the replica to mirror against) and production resumes mirroring with the current epoch.
 Refused unless forced when the DR copy changed after the protective snapshot (written
-though it should be off: a stop command that did not stop everything, or none): production
+though it should be off: a stop hook that did not stop everything, or none): production
 lacks those writes and the clean-up would discard them (``failback.checked_discard``, which
 also makes an interrupted commit resumable).
 ``undo-failback``: FAILBACK_PENDING → FAILED_OVER (a fencing step: the epoch rises again):
@@ -53,9 +53,11 @@ from tandem.errors import (
     Conflict,
     InvalidInput,
     NotFound,
+    PeerApplyFailed,
+    PeerApplyTimedOut,
     PeerRefused,
     StorageError,
-    TandemError,
+    TargetInUse,
     TargetNotRegistered,
 )
 from tandem.jobs.queue import submit_job
@@ -94,6 +96,9 @@ def _target(target: str) -> FailbackTarget:
 
 
 def _check_request(target: str, host: str | None, path: str | None) -> FailbackTarget:
+    """The target asked for, refused unless ``original`` comes without a location and
+    ``restored``/``new`` with one (checked by the DR site before it asks, and by production
+    on the request)."""
     chosen = _target(target)
     if chosen == "original" and (host or path):
         raise InvalidInput(
@@ -182,13 +187,14 @@ def _apply_at_production(site: Site, ctx: JobContext, app: str, image: Image) ->
         while job.status in (JobStatus.QUEUED.value, JobStatus.RUNNING.value):
             ctx.check_canceled()
             if time.monotonic() > deadline:
-                raise TandemError(f"production's restore job {job.id} did not finish in time")
+                raise PeerApplyTimedOut(
+                    peer=peer.name, job=job.id, image=image.id, seconds=APPLY_TIMEOUT
+                )
             time.sleep(0.3)
             job = remote.job(job.id)
     if job.status != JobStatus.SUCCEEDED.value:
-        raise TandemError(
-            f"production could not apply {image.id} ({job.id}: {job.message}); the DR "
-            "copy is unchanged - run the failback again or undo it"
+        raise PeerApplyFailed(
+            peer=peer.name, image=image.id, job=job.id, status=job.status, reason=job.message
         )
     ctx.log(f"production applied {image.id} in job {job.id}")
     return job
@@ -211,7 +217,7 @@ def _dr_command(site: Site, ctx: JobContext, app: App, which: str) -> None:
             nbd_uri=failover.nbd_export,
             ctx=ctx,
         )
-    ctx.log(f"{which} command ran on DR host {host.name}")
+    ctx.log(f"{which} hook ran on DR host {host.name}")
 
 
 def _dr_overlay(site: Site, app: App) -> Overlay | None:
@@ -351,8 +357,8 @@ def run_commit(site: Site, ctx: JobContext) -> dict[str, Any]:
         where = peer.name if peer is not None else "production"
         ctx.set_message(
             f"{ctx.message or name + ' committed'}. {name} is stopped at {where}: the "
-            f"failback ran without --power-on; start it there by running its start command "
-            f"on its host (`tandem app show {name}` on {where} shows both)"
+            f"failback ran without --power-on; start it there by running its start hook "
+            f"script on its host (`tandem app show {name}` on {where} names both)"
         )
     return result
 
@@ -443,22 +449,15 @@ def _restore_dr_copy(
 # --- production side (peer calls) -------------------------------------------------------
 #
 # Each step the peer requests is checked against the app's state *here* and carried out
-# with this site's own catalog: the app must be one of this site's, failed over at that
-# peer as far as this site knows (``peer_active``), and, for the failback steps, a failback
-# this site agreed to (``production_failback_check``). The peer never names a host, a path
-# or a command.
+# with this site's own catalog: the app must be one of this site's that it mirrors to that
+# peer (``peers.mirrored_app``), failed over there as far as this site knows
+# (``peer_active``), and, for the failback steps, a failback this site agreed to
+# (``production_failback_check``) with no restore of it applying (``_not_applying``). The
+# peer never names a host, a path or a command.
 
 
 def _own_app_failed_over_at(session: Any, *, peer: str, app: str, action: str) -> App:
-    row = q.get_app(session, name=app, for_update=True)
-    if row.origin is not None:
-        raise PeerRefused(
-            peer=peer,
-            action=action,
-            app=app,
-            reason=f"it is a mirror of {row.origin!r} here, not an app of this site",
-            fix="Failback steps go to the appliance the app came from",
-        )
+    row = peers.mirrored_app(session, peer=peer, app=app, action=action)
     if not row.peer_active:
         raise PeerRefused(
             peer=peer,
@@ -468,6 +467,22 @@ def _own_app_failed_over_at(session: Any, *, peer: str, app: str, action: str) -
             fix=f"Fail it over at {peer} first; a failover there tells this site",
         )
     return row
+
+
+def _not_applying(session: Any, row: App, *, peer: str, action: str, any_job: bool = False) -> None:
+    """Refuse a step while a restore of the app is queued or running here (an apply under
+    way): agreeing again or undoing would move the app's identity under it, a start would
+    run the app on half-written data. ``any_job``: while any lifecycle job of it is (an
+    apply could not queue its restore then, and must not switch the identity first)."""
+    busy = _lifecycle_job(session, row.name)
+    if busy is not None and (any_job or busy.type == "restore"):
+        raise PeerRefused(
+            peer=peer,
+            action=action,
+            app=row.name,
+            reason=f"its {busy.type} job {busy.id} is {busy.status.value} here",
+            fix="Run the step again once that job has ended",
+        )
 
 
 def _agreed(session: Any, row: App, *, peer: str, action: str) -> dict[str, Any]:
@@ -491,11 +506,10 @@ def _revert_identity(row: App, doc: dict[str, Any]) -> None:
         doc["previous"] = None
 
 
-def _registered_target(
-    session: Any, site: Site, row: App, target: FailbackTarget, host: str, path: str
-) -> App:
+def _registered_target(session: Any, site: Site, row: App, host: str, path: str) -> App:
     """The app this site's operators registered at ``host``:``path`` (the only way a
-    restored or new target is named: a lookup, never a place the peer defines)."""
+    restored or new target is named: a lookup, never a place the peer defines): of the
+    app's kind, and a placeholder (unprotected, without images), never an app in service."""
     where = path.rstrip("/") or "/"
     if host == row.host and where == (row.path.rstrip("/") or "/"):
         raise InvalidInput(
@@ -515,10 +529,16 @@ def _registered_target(
             f"{other.kind.value}; {row.name!r} is a {row.kind.value}. Register the "
             f"location with --kind {row.kind.value}, or choose another"
         )
-    if target == "new" and q.list_images(session, app=other.name):
-        raise Conflict(
-            detail=f"{other.name!r} at {host}:{path} has images here: it is not a new app. "
-            "Fail back with --target restored, or register an empty location"
+    # A placeholder registered for the failback, not an app in service: restoring over one
+    # would destroy its data, and the commit merges the placeholder away.
+    why = None
+    if other.template is not None:
+        why = f"protected (template {other.template!r})"
+    elif q.list_images(session, app=other.name):
+        why = "an app with images of its own"
+    if why is not None:
+        raise TargetInUse(
+            other=other.name, site=site.name, host=host, path=path, why=why, kind=row.kind.value
         )
     return other
 
@@ -532,34 +552,20 @@ def production_failback_check(
     action = f"fail back onto a {body.target} target"
     target_app: App | None = None
     with site.catalog.begin() as session:
-        row = q.get_app(session, name=app, for_update=True)
-        if row.origin is None and not row.peer_active and body.epoch > row.writer_epoch:
+        row = peers.mirrored_app(session, peer=peer, app=app, action=action)
+        if not row.peer_active and body.epoch > row.writer_epoch:
             row.peer_active = True  # a newer writer epoch: the app failed over at the peer
         row = _own_app_failed_over_at(session, peer=peer, app=app, action=action)
-        busy = _lifecycle_job(session, app)
-        if busy is not None and busy.type == "restore":  # an apply under way: let it end
-            raise PeerRefused(
-                peer=peer,
-                action=action,
-                app=app,
-                reason=f"its {busy.type} job {busy.id} is {busy.status.value} here",
-                fix="Run the failback again once that job has ended",
-            )
+        _not_applying(session, row, peer=peer, action=action)
         previous = peers.agreement(session, app_id=row.id)
         if previous is not None:  # a failback run again: start from the app's own identity
             _revert_identity(row, previous)
-        if body.target == "original":
-            if body.host or body.path:
-                raise InvalidInput(
-                    detail="--target original fails back to the app as registered here; "
-                    "--host and --path name a restored or new target"
-                )
-            host_name, path = row.host, row.path
-        else:
-            if not (body.host and body.path):
-                raise InvalidInput(detail=f"--target {body.target} needs --host and --path")
-            target_app = _registered_target(session, site, row, body.target, body.host, body.path)
+        _check_request(body.target, body.host, body.path)
+        if body.host and body.path:  # restored or new (original has neither: checked above)
+            target_app = _registered_target(session, site, row, body.host, body.path)
             host_name, path = target_app.host, target_app.path
+        else:
+            host_name, path = row.host, row.path
         host = app_host(session, target_app or row, action="fail back onto")
         kind = row.kind
         peers.set_agreement(session, app_id=row.id, doc=None)
@@ -600,10 +606,11 @@ def production_failback_check(
 def production_command(
     site: Site, *, peer: str, app: str, which: Literal["stop", "start"]
 ) -> CommandRan:
-    """Run the app's own stop or start command on its own host, as an agreed failback asks."""
+    """Run the app's own stop or start hook on its own host, as an agreed failback asks."""
     with site.catalog.read() as session:
         row = _own_app_failed_over_at(session, peer=peer, app=app, action=f"{which} the app of")
         _agreed(session, row, peer=peer, action=f"{which} the app of")
+        _not_applying(session, row, peer=peer, action=f"{which} the app of")
         host = app_host(session, row, action=which)
     if not hooks.script_for(row, Hook(which)):
         return CommandRan(ran=False)
@@ -614,7 +621,7 @@ def production_command(
 
 def production_apply(site: Site, *, peer: str, app: str, image: str) -> Job:
     """Restore a syncback ``image`` the peer sent onto the agreed target, without the app's
-    own commands (the failback runs them). For a restored/new target the app first takes
+    own hooks (the failback runs them). For a restored/new target the app first takes
     the target's identity (host and path), which an undo reverts."""
     from tandem.domain.rules import RESTORE_CONFIRMATIONS
     from tandem.operations.restore import submit_restore
@@ -623,6 +630,7 @@ def production_apply(site: Site, *, peer: str, app: str, image: str) -> Job:
     with site.catalog.begin() as session:
         row = _own_app_failed_over_at(session, peer=peer, app=app, action=action)
         doc = _agreed(session, row, peer=peer, action=action)
+        _not_applying(session, row, peer=peer, action=action, any_job=True)
         img = q.get_image(session, image_id=image)
         if img.app_id != row.id or img.kind is not ImageKind.SYNCBACK or img.origin != peer:
             raise PeerRefused(
@@ -652,6 +660,7 @@ def production_undo(site: Site, *, peer: str, app: str) -> Undone:
     with site.catalog.begin() as session:
         row = _own_app_failed_over_at(session, peer=peer, app=app, action="undo a failback of")
         doc = _agreed(session, row, peer=peer, action="undo a failback of")
+        _not_applying(session, row, peer=peer, action="undo a failback of")
         _revert_identity(row, doc)
         peers.set_agreement(session, app_id=row.id, doc=None)
         return Undone(app=app, host=row.host, path=row.path)

@@ -95,8 +95,7 @@ def submit_replicate(site: Site, *, app: str, actor: str | None = None) -> Job:
     peer = peers.require_peer(site)
     with site.catalog.begin() as session:
         row = q.get_app(session, name=app)
-        template = q.get_template(session, name=row.template) if row.template else None
-        facts = AppFacts(mirrored=bool(template and template.mirror))
+        facts = AppFacts(mirrored=peers.is_mirrored(session, row))
         check_transition(row.name, row.state, Operation.REPLICATE, facts)
         check_not_failed_over_at_peer(row, peer.name)
         for job in q.list_jobs(session, app=row.name, limit=20):
@@ -124,7 +123,7 @@ def run_replicate(site: Site, ctx: JobContext) -> dict[str, Any]:
     with site.catalog.read() as session:
         app = q.get_app(session, name=name)
         template = q.get_template(session, name=app.template) if app.template else None
-        facts = AppFacts(mirrored=bool(template and template.mirror))
+        facts = AppFacts(mirrored=peers.is_mirrored(session, app))
         check_transition(app.name, app.state, Operation.REPLICATE, facts)
         check_not_failed_over_at_peer(app, peer.name)
         mirrored = MirroredApp(id=app.id, name=app.name, kind=app.kind)

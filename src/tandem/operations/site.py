@@ -4,8 +4,10 @@ Invariants
 - One ``Site`` per appliance process; operations receive it explicitly (no globals).
 - ``gc_lock`` orders pool garbage collection against the end of a capture: a capture records
   its image row and only then closes its session (unregistering its pool writer) while
-  holding the lock, and a collection reads the live manifests from the catalog and sweeps
-  while holding it. So a sweep never sees a capture's writer gone but its image missing.
+  holding the lock, and a collection reads the live manifests from the catalog and then the
+  active writers while holding it. So a collection never sees a capture's writer gone but
+  its image missing. The sweep runs after, without the lock (``storage.gc``): whatever a
+  writer writes or reuses from then on is newer than the collection's cut-off.
 - ``wake`` tells the job runner that a job was queued (a no-op when no runner runs, as in
   unit tests that only submit).
 """

@@ -339,12 +339,7 @@ def open_syncback(site: Site, *, peer: str, body: SyncbackOpen) -> Opened:
     the peer (a newer writer epoch says so too); it only adds a ``syncback`` image."""
     app, image, bases, epoch = body.app, body.image, body.bases, body.epoch
     with site.catalog.begin() as session:
-        row = q.get_app(session, name=app, for_update=True)
-        if row.origin is not None:
-            raise Conflict(
-                detail=f"application {app!r} here is a mirror of {row.origin!r}, not production; "
-                "a syncback goes to the appliance the app came from"
-            )
+        row = peers.mirrored_app(session, peer=peer, app=app, action="send a syncback of")
         if not row.peer_active and epoch <= row.writer_epoch:
             raise PeerRefused(
                 peer=peer,
@@ -367,6 +362,8 @@ def open_syncback(site: Site, *, peer: str, body: SyncbackOpen) -> Opened:
             try:
                 found = q.get_image(session, image_id=candidate)
             except NotFound:
+                continue
+            if found.app_id != row.id:  # another app's image is no base the peer may name
                 continue
             if site.pool.has_manifest(bytes.fromhex(found.manifest)):
                 base_id = bytes.fromhex(found.manifest)

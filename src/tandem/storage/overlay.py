@@ -33,10 +33,20 @@ Invariants
   write to a clean block first copies the block from the base (read-modify-write), then sets
   the bit. A clear bit means the block equals the base; readers never look at ``blocks``.
 - Blocks are mutated under a per-block lock (striped), so concurrent writes to different
-  bytes of one block never lose each other's data; reads take no block lock.
-- ``flush()`` snapshots the bitmap, fsyncs ``blocks``, then replaces ``dirty.bitmap``
-  atomically (temp file, fsync, rename, fsync directory). A durable set bit therefore always
-  names durable block data; writes not yet flushed may be lost by a crash, as on a disk.
+  bytes of one block never lose each other's data; reads take no block lock. A write to a
+  block already dirty writes only its own bytes (the block is whole in ``blocks``).
+- No write is fsynced on its own: ``flush()`` (NBD FLUSH, FUA) is the durability point.
+- Base blocks are read through a ``ChunkCache`` (process-wide by default, bounded): a
+  chunk is decoded once, each 64 KiB block verified against the chunk header's digests
+  (the header checked against the chunk id) the first time it is served; a block that
+  fails is never served and its chunk is dropped from the cache.
+- ``flush()`` snapshots the bitmap, fdatasyncs ``blocks``, then makes ``dirty.bitmap``
+  durable: bits only set since the last flush are written in place (then fdatasync), any
+  cleared bit replaces the file atomically (temp file, fsync, rename, fsync directory). A
+  durable set bit therefore always names durable block data, and a torn in-place update
+  is a mix of two valid bitmaps; writes not yet flushed may be lost by a crash, as on a
+  disk. ``since.bitmap`` likewise: in place while bits are only set under the same
+  reference, replaced whole when the reference changes or bits are cleared.
 - Zeroing whole blocks punches holes in ``blocks``; over an all-zero base extent it clears
   the bits instead, so zeroes written over zeros are not dirty.
 - Every write and zeroing sets the blocks' "since" bits (even where it clears dirty bits).
@@ -95,32 +105,138 @@ BLOCKS_FILE = "blocks"
 BITMAP_FILE = "dirty.bitmap"
 SINCE_FILE = "since.bitmap"
 _NO_REFERENCE = bytes(32)
-DEFAULT_CACHE_CHUNKS = 16  # decoded base chunks kept per image: 64 MiB at most
+DEFAULT_CACHE_BYTES = 1024 * 1024 * 1024  # decoded base chunks kept, all readers together
 _STRIPES = 64
 _ZERO_PIECE = bytes(1024 * 1024)
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _NONZERO = re.compile(rb"[^\x00]+")
+_RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0x08)
+
+
+class ChunkCache:
+    """Decoded base chunks, shared by every reader in the process (thread-safe, LRU, at
+    most ``max_bytes`` of plaintext).
+
+    A chunk is decoded once (``ChunkPool.decode_lazily``: header checked against the id,
+    plaintext not yet hashed) and each 64 KiB block is verified against its digest the
+    first time it is served, so a 4 KiB read costs a dictionary look-up once its chunk is
+    here, and never returns a byte that was not verified. Keyed by pool and chunk id: two
+    copies of one image share their cached chunks. Concurrent readers of one chunk wait for
+    a single decode rather than each decoding it.
+    """
+
+    def __init__(self, max_bytes: int = DEFAULT_CACHE_BYTES) -> None:
+        if max_bytes < VOLUME_CHUNK:
+            raise InvalidInput(detail=f"a chunk cache needs at least {VOLUME_CHUNK} bytes")
+        self.max_bytes = max_bytes
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[tuple[str, bytes], _Decoded] = OrderedDict()
+        self._bytes = 0
+        self._loading: dict[tuple[str, bytes], Future[_Decoded]] = {}
+
+    @property
+    def bytes_cached(self) -> int:
+        return self._bytes
+
+    def read(self, pool: ChunkPool, digest: bytes, start: int, stop: int) -> memoryview:
+        """Verified plaintext ``[start, stop)`` of chunk ``digest`` of ``pool``."""
+        entry = self._entry(pool, digest)
+        first, last = start // BLOCK, (stop - 1) // BLOCK
+        want = ((1 << (last + 1)) - 1) ^ ((1 << first) - 1)
+        if entry.verified & want != want:
+            self._verify(pool, digest, entry, first, last)
+        return entry.view[start:stop]
+
+    def peek(self, pool: ChunkPool, digest: bytes, start: int, stop: int) -> memoryview | None:
+        """``read`` if the chunk is decoded already (no waiting for I/O); None if not."""
+        with self._lock:
+            entry = self._entries.get((pool.chunks_dir.as_posix(), digest))
+        if entry is None:
+            return None
+        first, last = start // BLOCK, (stop - 1) // BLOCK
+        want = ((1 << (last + 1)) - 1) ^ ((1 << first) - 1)
+        if entry.verified & want != want:
+            self._verify(pool, digest, entry, first, last)
+        return entry.view[start:stop]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self._bytes = 0
+
+    def _entry(self, pool: ChunkPool, digest: bytes) -> _Decoded:
+        key = (pool.chunks_dir.as_posix(), digest)
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                self._entries.move_to_end(key)
+                return entry
+            loading = self._loading.get(key)
+            owner = loading is None
+            if loading is None:
+                loading = self._loading[key] = Future()
+        if not owner:
+            return loading.result()
+        try:
+            data, subs, verified = pool.decode_lazily(digest)
+        except BaseException as exc:
+            with self._lock:
+                self._loading.pop(key, None)
+            loading.set_exception(exc)
+            raise
+        entry = _Decoded(data, subs, (1 << len(subs)) - 1 if verified else 0)
+        with self._lock:
+            self._loading.pop(key, None)
+            self._entries[key] = entry
+            self._bytes += len(data)
+            while self._bytes > self.max_bytes and len(self._entries) > 1:
+                _, old = self._entries.popitem(last=False)
+                self._bytes -= len(old.data)
+        loading.set_result(entry)
+        return entry
+
+    def _verify(
+        self, pool: ChunkPool, digest: bytes, entry: _Decoded, first: int, last: int
+    ) -> None:
+        for j in range(first, last + 1):
+            if entry.verified >> j & 1:
+                continue
+            if hash_block(entry.view[j * BLOCK : (j + 1) * BLOCK]) != entry.subs[j]:
+                with self._lock:  # never served, and never kept: the next read decodes again
+                    key = (pool.chunks_dir.as_posix(), digest)
+                    if self._entries.get(key) is entry:
+                        del self._entries[key]
+                        self._bytes -= len(entry.data)
+                raise ChunkCorrupt(digest=digest.hex(), pool=str(pool.root), reason=f"block {j}")
+            with self._lock:
+                entry.verified |= 1 << j
+
+
+class _Decoded:
+    __slots__ = ("data", "subs", "verified", "view")
+
+    def __init__(self, data: bytes, subs: list[bytes], verified: int) -> None:
+        self.data = data
+        self.view = memoryview(data)
+        self.subs = subs
+        self.verified = verified  # bit j: block j was checked against subs[j]
+
+
+SHARED_CACHE = ChunkCache()
+"""The cache readers use unless given their own."""
 
 
 class ImageReader:
-    """Random-access reads of an immutable volume image (thread-safe).
-
-    Keeps the last ``cache_chunks`` decoded chunks (LRU); concurrent readers of one chunk
-    wait for a single decode rather than each decoding it.
-    """
+    """Random-access reads of an immutable volume image (thread-safe), through a
+    ``ChunkCache`` (the process's shared one by default)."""
 
     def __init__(
-        self, pool: ChunkPool, manifest: VolumeManifest, cache_chunks: int = DEFAULT_CACHE_CHUNKS
+        self, pool: ChunkPool, manifest: VolumeManifest, cache: ChunkCache | None = None
     ) -> None:
-        if cache_chunks < 1:
-            raise InvalidInput(detail="cache_chunks must be at least 1")
         self.pool = pool
         self.manifest = manifest
-        self.cache_chunks = cache_chunks
-        self._lock = threading.Lock()
-        self._cache: OrderedDict[int, bytes] = OrderedDict()
-        self._loading: dict[int, Future[bytes]] = {}
+        self.cache = cache if cache is not None else SHARED_CACHE
 
     @property
     def size(self) -> int:
@@ -131,48 +247,69 @@ class ImageReader:
         digest = self.manifest.chunks[index]
         if digest is None:
             return None
-        with self._lock:
-            data = self._cache.get(index)
-            if data is not None:
-                self._cache.move_to_end(index)
-                return data
-            loading = self._loading.get(index)
-            owner = loading is None
-            if loading is None:
-                loading = self._loading[index] = Future()
-        if not owner:
-            return loading.result()
-        try:
-            data = self.pool.get(digest)
-        except BaseException as exc:
-            with self._lock:
-                self._loading.pop(index, None)
-            loading.set_exception(exc)
-            raise
-        with self._lock:
-            self._loading.pop(index, None)
-            self._cache[index] = data
-            while len(self._cache) > self.cache_chunks:
-                self._cache.popitem(last=False)
-        loading.set_result(data)
-        return data
+        length = min(self.manifest.chunk_size, self.size - index * self.manifest.chunk_size)
+        return bytes(self.cache.read(self.pool, digest, 0, length))
 
     def read(self, offset: int, length: int) -> bytes:
         """``length`` bytes at ``offset``; the range must lie inside the image."""
         _check_range(offset, length, self.size, "read")
-        return b"".join(self._pieces(offset, length))
+        pieces = self.pieces(offset, length, wait=True)
+        assert pieces is not None
+        return bytes(pieces[0]) if len(pieces) == 1 else b"".join(pieces)
 
-    def _pieces(self, offset: int, length: int) -> Iterator[bytes]:
+    def read_nowait(self, offset: int, length: int) -> bytes | None:
+        """``read``, if every chunk it needs is decoded already; None if not."""
+        _check_range(offset, length, self.size, "read")
+        pieces = self.pieces(offset, length, wait=False)
+        if pieces is None:
+            return None
+        return bytes(pieces[0]) if len(pieces) == 1 else b"".join(pieces)
+
+    def extents(self, offset: int, length: int) -> list[tuple[int, bool]]:
+        """The range as runs (length, reads as zeros): the image's all-zero extents are
+        zero runs, the rest data."""
+        _check_range(offset, length, self.size, "extents")
+        chunk_size = self.manifest.chunk_size
+        runs: list[tuple[int, bool]] = []
+        pos, end = offset, offset + length
+        while pos < end:
+            index = pos // chunk_size
+            n = min(end, (index + 1) * chunk_size) - pos
+            _add_run(runs, n, self.manifest.chunks[index] is None)
+            pos += n
+        return runs
+
+    def pieces(self, offset: int, length: int, *, wait: bool) -> list[bytes | memoryview] | None:
+        """The range as verified pieces, in order; without ``wait``, None if a chunk it
+        needs would have to be read and decoded first."""
         chunk_size = self.manifest.chunk_size
         end = offset + length
         pos = offset
+        out: list[bytes | memoryview] = []
         while pos < end:
             index = pos // chunk_size
             start = pos - index * chunk_size
             n = min(end - pos, chunk_size - start)
-            data = self.chunk(index)
-            yield _zeros(n) if data is None else data[start : start + n]
+            digest = self.manifest.chunks[index]
+            if digest is None:
+                out.append(_zeros(n))
+            elif wait:
+                out.append(self.cache.read(self.pool, digest, start, start + n))
+            else:
+                piece = self.cache.peek(self.pool, digest, start, start + n)
+                if piece is None:
+                    return None
+                out.append(piece)
             pos += n
+        return out
+
+
+def _add_run(runs: list[tuple[int, bool]], n: int, zero: bool) -> None:
+    """Append a (length, zero) run, merged with the last one when alike."""
+    if runs and runs[-1][1] == zero:
+        runs[-1] = (runs[-1][0] + n, zero)
+    else:
+        runs.append((n, zero))
 
 
 def _zeros(n: int) -> bytes:
@@ -281,7 +418,7 @@ class Overlay:
         size: int,
         fd: int,
         bitmap: bytearray,
-        cache_chunks: int = DEFAULT_CACHE_CHUNKS,
+        cache: ChunkCache | None = None,
         since: bytearray | None = None,
         reference: bytes | None = None,
     ) -> None:
@@ -297,14 +434,22 @@ class Overlay:
         self._reference = reference
         self._frozen = False
         self._blocks = -(-size // BLOCK)
-        self._reader = ImageReader(pool, base, cache_chunks) if base is not None else None
+        self._reader = ImageReader(pool, base, cache) if base is not None else None
         self._bits_lock = threading.Lock()
         self._stripes = [threading.Lock() for _ in range(_STRIPES)]
         self._flush_lock = threading.Lock()
         self._generation = 0  # bumped on every bitmap change
+        self._mutations = 0  # writes and zeroings completed (their bytes are in the file)
+        self._synced = 0  # … of which the last fdatasync of the block file covered
         self._saved_generation = 0
         self._since_generation = 0  # bumped on every change of since bits or reference
         self._since_saved_generation = 0 if since is not None else -1
+        self._dirty_file = _BitmapFile(directory / BITMAP_FILE, 0, bytes(bitmap))
+        self._since_file = _BitmapFile(
+            directory / SINCE_FILE,
+            len(_NO_REFERENCE),
+            self._since_blob() if since is not None else None,
+        )
         self._closed = False
 
     # --- making and opening -------------------------------------------------------------
@@ -318,7 +463,7 @@ class Overlay:
         base_id: bytes | None,
         size: int | None = None,
         *,
-        cache_chunks: int = DEFAULT_CACHE_CHUNKS,
+        cache: ChunkCache | None = None,
     ) -> Overlay:
         """A new, clean virtual copy of ``base`` (or of ``size`` zero bytes) in ``directory``.
 
@@ -382,14 +527,14 @@ class Overlay:
             size,
             fd,
             bitmap,
-            cache_chunks,
+            cache,
             bytearray(bitmap),
             base_id,
         )
 
     @classmethod
     def open(
-        cls, directory: Path | str, pool: ChunkPool, *, cache_chunks: int = DEFAULT_CACHE_CHUNKS
+        cls, directory: Path | str, pool: ChunkPool, *, cache: ChunkCache | None = None
     ) -> Overlay:
         """Re-open an overlay (after a restart): its data and flushed dirty bitmap."""
         directory = Path(directory)
@@ -435,7 +580,7 @@ class Overlay:
         if os.fstat(fd).st_size != size:
             os.close(fd)
             raise StorageError(detail=f"overlay {directory}: block file of the wrong size")
-        return cls(directory, pool, base, base_id, size, fd, bitmap, cache_chunks, since, reference)
+        return cls(directory, pool, base, base_id, size, fd, bitmap, cache, since, reference)
 
     # --- the block-device interface ------------------------------------------------------
 
@@ -447,12 +592,25 @@ class Overlay:
         """``length`` bytes at ``offset``: dirty blocks from the overlay, others from the base."""
         self._check_open()
         _check_range(offset, length, self._size, "read")
+        data = self._read(offset, length, wait=True)
+        assert data is not None
+        return data
+
+    def read_nowait(self, offset: int, length: int) -> bytes | None:
+        """``read``, if it can be answered without waiting for a disk: the base blocks it
+        needs are decoded in the cache, the dirty ones in the page cache; None if not (then
+        call ``read`` where blocking is fine)."""
+        self._check_open()
+        _check_range(offset, length, self._size, "read")
+        return self._read(offset, length, wait=False)
+
+    def _read(self, offset: int, length: int, *, wait: bool) -> bytes | None:
         if length == 0:
             return b""
         first, last = offset // BLOCK, (offset + length - 1) // BLOCK
         with self._bits_lock:
             dirty = [self._bit(b) for b in range(first, last + 1)]
-        pieces: list[bytes] = []
+        pieces: list[bytes | memoryview] = []
         end = offset + length
         b = first
         while b <= last:
@@ -462,11 +620,23 @@ class Overlay:
             start = max(offset, b * BLOCK)
             stop = min(end, (run_end + 1) * BLOCK)
             if dirty[b - first]:
-                pieces.append(self._pread(stop - start, start))
+                piece = (
+                    self._pread(stop - start, start)
+                    if wait
+                    else self._pread_nowait(stop - start, start)
+                )
+                if piece is None:
+                    return None
+                pieces.append(piece)
+            elif self._reader is None:
+                pieces.append(_zeros(stop - start))
             else:
-                pieces.append(self._read_base(start, stop - start))
+                got = self._reader.pieces(start, stop - start, wait=wait)
+                if got is None:
+                    return None
+                pieces.extend(got)
             b = run_end + 1
-        return b"".join(pieces)
+        return bytes(pieces[0]) if len(pieces) == 1 else b"".join(pieces)
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Write ``data`` at ``offset`` (never into the base)."""
@@ -477,6 +647,42 @@ class Overlay:
         with self._locked(offset, len(data)):
             self._check_writable()
             self._write_locked(offset, data)
+
+    def try_write(self, offset: int, data: bytes | bytearray | memoryview) -> bool:
+        """``write``, if it waits for nothing but the page cache: the blocks' locks are
+        free and a clean edge block's base is decoded already; False (nothing written) if
+        not, then call ``write`` where blocking is fine. For small writes on an event loop.
+        """
+        self._check_open()
+        _check_range(offset, len(data), self._size, "write")
+        if not data:
+            return True
+        end = offset + len(data)
+        first, last = offset // BLOCK, (end - 1) // BLOCK
+        if last - first >= _STRIPES:
+            return False
+        stripes = sorted({b % _STRIPES for b in range(first, last + 1)})
+        held: list[threading.Lock] = []
+        try:
+            for st in stripes:
+                lock = self._stripes[st]
+                if not lock.acquire(blocking=False):
+                    return False
+                held.append(lock)
+            self._check_writable()
+            for b, edge in ((first, offset), (last, end)):
+                if edge % BLOCK and not self._bit(b) and self._reader is not None:
+                    start = b * BLOCK
+                    if (
+                        self._reader.pieces(start, min(BLOCK, self._size - start), wait=False)
+                        is None
+                    ):
+                        return False  # the base block must be read first
+            self._write_locked(offset, data)
+            return True
+        finally:
+            for lock in held:
+                lock.release()
 
     def write_zeroes(self, offset: int, length: int) -> None:
         """Make ``length`` bytes at ``offset`` read as zeros, deallocating whole blocks."""
@@ -507,25 +713,68 @@ class Overlay:
     def flush(self) -> None:
         """Make every completed write durable, with the dirty bitmap that names it."""
         self._check_open()
+        with self._bits_lock:
+            target = self._mutations  # the writes this flush must cover
         with self._flush_lock:
             with self._bits_lock:
+                covered = self._mutations
                 generation = self._generation
                 snapshot = bytes(self._bitmap) if generation != self._saved_generation else None
                 since_generation = self._since_generation
                 since = (
                     self._since_blob() if since_generation != self._since_saved_generation else None
                 )
+            if self._synced >= target and since is None and snapshot is None:
+                return  # a flush that began after our writes made them durable already
             try:
-                os.fsync(self._fd)  # before the bitmaps: a durable bit names durable data
-                if since is not None:  # before dirty.bitmap: a crash between is cautious
-                    _write_durably(self.directory / SINCE_FILE, since)
+                # The data and since.bitmap (a cautious superset: no order between them) are
+                # made durable side by side; then dirty.bitmap, whose set bits name both.
+                beside: Future[None] | None = None
+                if since is not None:
+                    beside = Future()
+                    threading.Thread(
+                        target=_run_into, args=(beside, self._since_file.save, since)
+                    ).start()
+                try:
+                    if self._synced < covered:  # (the bits in snapshot name no later write)
+                        os.fdatasync(self._fd)
+                finally:
+                    if beside is not None:
+                        beside.result()
                 if snapshot is not None:
-                    _write_durably(self.directory / BITMAP_FILE, snapshot)
+                    self._dirty_file.save(snapshot)
             except OSError as exc:
                 raise StorageError(detail=f"overlay {self.directory}: flush: {exc}") from exc
             with self._bits_lock:
+                self._synced = max(self._synced, covered)
                 self._saved_generation = max(self._saved_generation, generation)
                 self._since_saved_generation = max(self._since_saved_generation, since_generation)
+
+    def extents(self, offset: int, length: int) -> list[tuple[int, bool]]:
+        """The range as runs (length, reads as zeros), for NBD block status: a clean block
+        over an all-zero extent of the base (or over no base) reads as zeros; anything
+        else is reported as data (which is always a safe answer)."""
+        self._check_open()
+        _check_range(offset, length, self._size, "extents")
+        runs: list[tuple[int, bool]] = []
+        per_chunk = VOLUME_CHUNK // BLOCK
+        pos, end = offset, offset + length
+        with self._bits_lock:
+            while pos < end:
+                chunk = pos // VOLUME_CHUNK
+                stop = min(end, (chunk + 1) * VOLUME_CHUNK)
+                base_zero = self.base is None or self.base.chunks[chunk] is None
+                group = self._bitmap[chunk * per_chunk // 8 : (chunk + 1) * per_chunk // 8]
+                if not base_zero or not any(group):
+                    _add_run(runs, stop - pos, base_zero)
+                    pos = stop
+                    continue
+                while pos < stop:  # a zero extent with some blocks written: block by block
+                    block = pos // BLOCK
+                    n = min(stop, (block + 1) * BLOCK) - pos
+                    _add_run(runs, n, not self._bit(block))
+                    pos += n
+        return runs
 
     def dirty_ranges(self) -> list[tuple[int, int]]:
         """(offset, length) ranges written since the overlay was made, merged, in order."""
@@ -651,12 +900,16 @@ class Overlay:
         finally:
             self._closed = True
             os.close(self._fd)
+            self._dirty_file.close()
+            self._since_file.close()
 
     def delete(self) -> None:
         """Close and remove the overlay's files (and its directory when that is then empty)."""
         if not self._closed:
             self._closed = True
             os.close(self._fd)
+        self._dirty_file.close()
+        self._since_file.close()
         for name in (
             META_FILE,
             BITMAP_FILE,
@@ -711,6 +964,7 @@ class Overlay:
     def _set_bits(self, first: int, last: int, value: bool) -> None:
         """Set (or clear) the dirty bits of blocks [first, last); set their since bits."""
         with self._bits_lock:
+            self._mutations += 1
             if _fill(self._bitmap, first, last, value):
                 self._generation += 1  # rewriting dirty blocks leaves nothing to save
             if _fill(self._since, first, last, True):
@@ -749,6 +1003,15 @@ class Overlay:
             raise StorageError(detail=f"overlay {self.directory}: block file truncated")
         return data
 
+    def _pread_nowait(self, length: int, offset: int) -> bytes | None:
+        """``_pread`` if the bytes are in the page cache (RWF_NOWAIT); None if not."""
+        buf = bytearray(length)
+        try:
+            got = os.preadv(self._fd, [buf], offset, _RWF_NOWAIT)
+        except (BlockingIOError, OSError):
+            return None  # (not cached, or not supported here: the blocking path says why)
+        return bytes(buf) if got == length else None
+
     def _read_base(self, offset: int, length: int) -> bytes:
         if self._reader is None:
             return _zeros(length)
@@ -766,17 +1029,21 @@ class Overlay:
         first, last = offset // BLOCK, (end - 1) // BLOCK
         span_start = first * BLOCK
         span_end = min((last + 1) * BLOCK, self._size)
+        # A dirty edge block is whole in the file already: write just the bytes given. A
+        # clean one is completed from the base first (its bit then names whole data).
+        at = offset
         parts: list[bytes | bytearray | memoryview] = []
-        if span_start < offset:
+        if span_start < offset and not self._bit(first):
             parts.append(self._read_current(span_start, offset - span_start))
+            at = span_start
         parts.append(data)
-        if end < span_end:
+        if end < span_end and not self._bit(last):
             parts.append(self._read_current(end, span_end - end))
         buf = data if len(parts) == 1 else b"".join(parts)
         try:
-            written = os.pwrite(self._fd, buf, span_start)
+            written = os.pwrite(self._fd, buf, at)
             while written < len(buf):
-                written += os.pwrite(self._fd, memoryview(buf)[written:], span_start + written)
+                written += os.pwrite(self._fd, memoryview(buf)[written:], at + written)
         except OSError as exc:
             raise _translate(exc, self.directory) from exc
         self._set_bits(first, last + 1, True)
@@ -808,6 +1075,67 @@ def _translate(exc: OSError, directory: Path) -> StorageError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return PoolFull(pool=str(directory), reason=exc.strerror or "ENOSPC")
     return StorageError(detail=f"overlay {directory}: write: {exc}")
+
+
+def _run_into(future: Future[None], fn: Any, *args: Any) -> None:
+    """Run ``fn(*args)`` and settle ``future`` with its outcome (in a thread of its own)."""
+    try:
+        fn(*args)
+    except BaseException as exc:
+        future.set_exception(exc)
+    else:
+        future.set_result(None)
+
+
+class _BitmapFile:
+    """A bitmap file (after a fixed header) kept durable at each flush.
+
+    When the new content only *sets* bits (the header unchanged), the changed bytes are
+    written in place and the file fdatasync'ed: any mix of old and new bytes a crash
+    leaves is then a valid state (a set bit names data made durable before it, and a bit
+    set early is only cautious). Anything else, a cleared bit or a new header, replaces
+    the file atomically (temp file, fsync, rename, fsync directory).
+    """
+
+    def __init__(self, path: Path, header: int, saved: bytes | None) -> None:
+        self.path = path
+        self.header = header
+        self.saved = saved  # the durable content (None: unknown, or no file yet)
+        self._fd: int | None = None
+
+    def save(self, blob: bytes) -> None:
+        old = self.saved
+        if old is None or len(old) != len(blob) or old[: self.header] != blob[: self.header]:
+            self._replace(blob)
+            return
+        a = int.from_bytes(old[self.header :], "little")
+        b = int.from_bytes(blob[self.header :], "little")
+        if a & ~b:
+            self._replace(blob)  # bits cleared: all at once or not at all
+            return
+        changed = a ^ b
+        if not changed:
+            return
+        low = self.header + ((changed & -changed).bit_length() - 1) // 8
+        high = self.header + (changed.bit_length() - 1) // 8 + 1
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDWR)
+        view = memoryview(blob)[low:high]
+        done = 0
+        while done < len(view):
+            done += os.pwrite(self._fd, view[done:], low + done)
+        os.fdatasync(self._fd)
+        self.saved = blob
+
+    def _replace(self, blob: bytes) -> None:
+        self.close()
+        _write_durably(self.path, blob)
+        self.saved = blob
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def _write_durably(path: Path, data: bytes) -> None:

@@ -546,6 +546,29 @@ class ChunkPool:
             out.append(bytes(block))
         return out
 
+    def decode_lazily(self, digest: bytes) -> tuple[bytes, list[bytes], bool]:
+        """(plaintext, block digests, verified) of a chunk, decoded once for a cache whose
+        readers want a few blocks at a time: the header is checked against the id, but the
+        plaintext of a self-contained chunk is *not* hashed here (``verified`` False), so
+        each 64 KiB block must be checked against its digest (``hash_block``) before it is
+        used. A delta chunk comes verified whole (``verified`` True): its blocks come from
+        several chunks. A chunk's length is checked either way.
+        """
+        where = str(self.root)
+        blob = self._read_file(digest)
+        info = parse_header(blob, digest, where)
+        check_header(info, digest, where)
+        if info.codec == CODEC_DELTA:
+            return bytes(_verified_plaintext(blob, info, digest, where, self.get)), info.subs, True
+        payload = memoryview(blob)[info.payload_at :]
+        try:
+            plain = _unpack(info.codec, payload, info.plain_len)
+        except zstandard.ZstdError as exc:
+            raise ChunkCorrupt(digest=digest.hex(), pool=where, reason=f"zstd: {exc}") from exc
+        if len(plain) != info.plain_len:
+            raise ChunkCorrupt(digest=digest.hex(), pool=where, reason="length mismatch")
+        return plain, info.subs, False
+
     def sub_digests_many(self, digests: list[bytes]) -> list[list[bytes]]:
         """``sub_digests`` of each of ``digests``, in order."""
         return [self.sub_digests(d) for d in digests]

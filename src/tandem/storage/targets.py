@@ -14,7 +14,9 @@ to. So a target is never reached through its path as a whole:
   too. ``created`` receives each folder made, parents first, as it is made.
 - ``..`` is refused; empty and ``.`` components are skipped (paths the appliance sends are
   canonical already, see ``domain.paths``; this only reads older catalog entries kindly).
-- A file target (a volume) is opened with ``O_NOFOLLOW`` in its parent's fd.
+- A file target (a volume) is opened with ``O_NOFOLLOW`` in its parent's fd; one opened
+  for writing that has other names (hard links) is refused, since writing it in place
+  would change the file it is linked to.
 - Everything afterwards works from the fds returned here, never from the path again.
 """
 
@@ -149,7 +151,7 @@ def open_file(path: str, flags: int, mode: int = 0o600) -> int:
     parent, name = open_parent(path)
     try:
         try:
-            return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=parent)
+            fd = os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=parent)
         except OSError as exc:
             if exc.errno == errno.ELOOP:
                 raise TargetInvalid(
@@ -160,6 +162,15 @@ def open_file(path: str, flags: int, mode: int = 0o600) -> int:
             raise TargetInvalid(path=path, reason=exc.strerror or str(exc)) from exc
     finally:
         os.close(parent)
+    st = os.fstat(fd)
+    if flags & (os.O_WRONLY | os.O_RDWR) and stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+        os.close(fd)
+        raise TargetInvalid(
+            path=path,
+            reason=f"{path} is a hard link ({st.st_nlink} names): writing it would change the "
+            "file under its other names too; remove the other names, or give another path",
+        )
+    return fd
 
 
 @dataclass(frozen=True)

@@ -17,29 +17,30 @@ Invariants
 - One method of ``PeerClient`` per allowed call; each request and answer is a pydantic
   model that forbids unknown fields (the server uses the same models, so any other shape is
   refused with 422 before an operation runs).
-- Ids and names are validated by pattern; path segments are quoted.
+- Ids and names are validated by pattern (the shapes of ``domain.ids``); path segments are
+  quoted by ``transport.client.api_path``, as every client quotes them.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
 from typing import Annotated, Literal, TypeVar
-from urllib.parse import quote
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from tandem.domain.ids import ID_LENGTH, NAME_PATTERN
 from tandem.domain.lifecycle import AppKind
-from tandem.transport.client import ApiClient
+from tandem.transport.client import ApiClient, api_path
 
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
-ID_PATTERN = r"^[a-z]+_[a-z2-7]{12}$"
+ID_PATTERN = rf"^[a-z]+_[a-z2-7]{{{ID_LENGTH}}}$"
 HEX_DIGEST = r"^[0-9a-f]{64}$"
+SESSION_PATTERN = r"^[0-9a-f]{1,64}$"
 
 Name = Annotated[str, Field(pattern=NAME_PATTERN, max_length=64)]
 AnyId = Annotated[str, Field(pattern=ID_PATTERN, max_length=16)]
 Digest = Annotated[str, Field(pattern=HEX_DIGEST)]
 FullPath = Annotated[str, Field(min_length=1, max_length=4096, pattern=r"^/[^\x00]*$")]
-SessionId = Annotated[str, Field(pattern=r"^[0-9a-f]{1,64}$")]
+SessionId = Annotated[str, Field(pattern=SESSION_PATTERN)]
 Secret = Annotated[str, Field(min_length=1, max_length=512)]
 
 
@@ -191,10 +192,6 @@ class PeerJob(Wire):
 M = TypeVar("M", bound=BaseModel)
 
 
-def _seg(value: str) -> str:
-    return quote(value, safe="")
-
-
 class PeerClient:
     """The calls this appliance may make to its peer, one method each."""
 
@@ -221,7 +218,7 @@ class PeerClient:
         return answer.model_validate(doc)
 
     def _app(self, app: str, tail: str) -> str:
-        return f"/apps/{_seg(app)}/{tail}"
+        return api_path("/apps", app, tail)
 
     # replication (production → DR)
     def replicas(self, app: str) -> ReplicasHeld:
@@ -231,14 +228,15 @@ class PeerClient:
         return self._post("/replications", body, Opened)
 
     def commit_replication(self, session: str, token: str) -> Committed:
-        return self._post(f"/replications/{_seg(session)}/commit", Commit(token=token), Committed)
+        path = api_path("/replications", session, "commit")
+        return self._post(path, Commit(token=token), Committed)
 
     # syncback (DR → production)
     def open_syncback(self, body: SyncbackOpen) -> Opened:
         return self._post("/syncbacks", body, Opened)
 
     def commit_syncback(self, session: str, token: str) -> Committed:
-        return self._post(f"/syncbacks/{_seg(session)}/commit", Commit(token=token), Committed)
+        return self._post(api_path("/syncbacks", session, "commit"), Commit(token=token), Committed)
 
     # state (DR → production)
     def restored(self, app: str) -> Restored:
@@ -264,4 +262,4 @@ class PeerClient:
         return self._post(self._app(app, "failback-undo"), Wire(), Undone)
 
     def job(self, job_id: str) -> PeerJob:
-        return self._get(f"/jobs/{_seg(job_id)}", PeerJob)
+        return self._get(api_path("/jobs", job_id), PeerJob)

@@ -5,7 +5,7 @@
 ``snapshot``, ``freeze``, ``hooks``, ``none``; ``auto`` for existing apps).
 
 Revision ID: 0006_image_consistency
-Revises: 0004_peer_active
+Revises: 0005_list_indexes
 Create Date: 2026-12-02 07:40:00
 """
 
@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0006_image_consistency"
-down_revision: str | Sequence[str] | None = "0004_peer_active"
+down_revision: str | Sequence[str] | None = "0005_list_indexes"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -1,0 +1,245 @@
+"""Scale: capture latency as an app's images pile up, and the list routes at 1,000 apps.
+
+One appliance and one agent run as child processes on loopback TLS (``tandem.cli.lab``).
+
+1. Capture latency with 10 and with N (``SCALE_IMAGES``, default 1,000) images: an app whose
+   template keeps that many snapshots is captured ``CAPTURES`` times, each capture pruning
+   the oldest image (the steady state of ``--keep``). The older images are seeded straight
+   into the catalog and pool (each a distinct manifest naming a distinct chunk), since a
+   thousand real captures would take the whole budget. Figure: median capture job time.
+2. ``GET /api/v1/apps`` (the whole list, as the CLI asks) and ``GET /api/v1/jobs`` (the
+   Monitor's default page of 100) at ``SCALE_APPS`` apps (default 1,000) and 20 jobs per
+   app, over HTTPS through the daemon: p50 and p99 of ``REQUESTS`` calls each; also a page of
+   100 apps (``?limit=100``).
+3. A garbage collection job of the resulting pool (where the appliance has one).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from bench.common import Config, Report, Row, fmt_seconds, log
+from tandem.catalog import queries as q
+from tandem.catalog.db import open_catalog
+from tandem.catalog.models import Job
+from tandem.cli.lab import Daemon, Lab
+from tandem.domain.ids import new_job_id
+from tandem.domain.images import ImageKind
+from tandem.domain.jobs import JobStatus
+from tandem.domain.lifecycle import AppKind
+from tandem.storage.manifest import VOLUME_CHUNK, VolumeManifest, encode_manifest
+from tandem.storage.pool import ChunkPool
+from tandem.transport.client import ApiClient
+
+SECTION = "scale"
+SCALE_IMAGES = int(os.environ.get("SCALE_IMAGES", "1000"))
+SCALE_APPS = int(os.environ.get("SCALE_APPS", "1000"))
+JOBS_PER_APP = 20
+CAPTURES = 7
+REQUESTS = 200
+TERMINAL = frozenset({"succeeded", "failed", "canceled"})
+
+
+def _wait(api: ApiClient, job_id: str, timeout: float = 600.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        job: dict[str, Any] = api.get(f"/api/v1/jobs/{job_id}")
+        if job["status"] in TERMINAL:
+            if job["status"] != "succeeded":
+                raise RuntimeError(f"{job['type']} job {job_id} {job['status']}: {job['message']}")
+            return job
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"job {job_id} still {job['status']} after {timeout:.0f} s")
+        time.sleep(0.02)
+
+
+def _job_seconds(job: dict[str, Any]) -> float:
+    started = datetime.fromisoformat(str(job["started"]))
+    finished = datetime.fromisoformat(str(job["finished"]))
+    return (finished - started).total_seconds()
+
+
+class ScaleBench:
+    def __init__(self, cfg: Config, report: Report, lab: Lab) -> None:
+        self.cfg = cfg
+        self.report = report
+        self.lab = lab
+        self.site: Daemon = lab.add("appliance", "site")
+        self.agent: Daemon = lab.add("agent", "host")
+        self.root = cfg.workdir / "scale"
+        self.api: ApiClient | None = None
+
+    def add(self, measure: str, tandem: str, target: str, values: dict[str, Any]) -> None:
+        self.report.add(Row(SECTION, measure, tandem, "—", "—", target, values))
+
+    def run(self) -> None:
+        self.lab.up(self.site, self.agent)
+        api = self.api = self.site.client()
+        self.lab.on_close("close the client", api.close)
+        api.post(
+            "/api/v1/hosts",
+            {
+                "name": self.agent.name,
+                "url": self.agent.url,
+                "token": self.agent.token,
+                "fingerprint": self.agent.fingerprint,
+            },
+        )
+        self.catalog_url = f"sqlite:///{self.site.directory / 'catalog.db'}"
+        small = self.capture_latency("small", 10)
+        big = self.capture_latency("big", SCALE_IMAGES)
+        ratio = big / small if small else float("nan")
+        self.add(
+            f"capture, {SCALE_IMAGES} vs 10 images",
+            f"{fmt_seconds(big)} vs {fmt_seconds(small)} ({ratio:.2f}×)",
+            "≤ 1.2×",
+            {"seconds_10": small, f"seconds_{SCALE_IMAGES}": big, "ratio": ratio},
+        )
+        self.seed_apps()
+        self.list_latency("GET /apps", "/api/v1/apps", {})
+        self.list_latency("GET /apps?limit=100", "/api/v1/apps", {"limit": 100})
+        self.list_latency("GET /jobs", "/api/v1/jobs", {})
+        self.collect()
+
+    # --- capture latency ------------------------------------------------------------------
+
+    def capture_latency(self, app: str, images: int) -> float:
+        assert self.api is not None
+        data = self.root / app
+        data.mkdir(parents=True)
+        for i in range(8):
+            (data / f"f{i}").write_bytes(os.urandom(16 * 1024))
+        self.api.post("/api/v1/templates", {"name": f"keep-{app}", "keep": images})
+        self.api.post(
+            "/api/v1/apps",
+            {"name": app, "host": self.agent.name, "kind": "filesystem", "path": str(data)},
+        )
+        self.api.post(f"/api/v1/apps/{app}/protect", {"template": f"keep-{app}"})
+        self.capture(app, data)  # the base later captures build on
+        log(f"scale: seeding {images} older images of {app}")
+        self.seed_images(app, images)
+        times = [self.capture(app, data) for _ in range(CAPTURES)]
+        median = statistics.median(times)
+        log(f"scale: {app} ({images} images) capture median {fmt_seconds(median)}")
+        return median
+
+    def capture(self, app: str, data: Path) -> float:
+        assert self.api is not None
+        (data / "changing").write_bytes(os.urandom(32 * 1024))
+        job = self.api.post(f"/api/v1/apps/{app}/capture", {})["job"]
+        return _job_seconds(_wait(self.api, job["id"]))
+
+    def seed_images(self, app: str, n: int) -> None:
+        pool = ChunkPool(self.site.directory / "pool")
+        manifests = []
+        with pool.writer() as writer:
+            for i in range(n):
+                digest = writer.put(f"{app}-seed-{i}-".encode() * 64).digest
+                manifest = VolumeManifest(size=VOLUME_CHUNK, chunks=[digest])
+                manifests.append(writer.commit_manifest(encode_manifest(manifest)))
+        start = datetime.now(UTC) - timedelta(days=30)
+        with open_catalog(self.catalog_url) as catalog, catalog.begin() as session:
+            for i, mid in enumerate(manifests):
+                q.add_image(
+                    session,
+                    app=app,
+                    kind=ImageKind.SNAPSHOT,
+                    manifest=mid.hex(),
+                    size=4096,
+                    created=start + timedelta(seconds=i),
+                )
+
+    # --- the list routes ----------------------------------------------------------------
+
+    def seed_apps(self) -> None:
+        log(f"scale: seeding {SCALE_APPS} apps and {SCALE_APPS * JOBS_PER_APP} jobs")
+        now = datetime.now(UTC) - timedelta(days=1)
+        with open_catalog(self.catalog_url) as catalog, catalog.begin() as session:
+            for i in range(SCALE_APPS):
+                q.add_app(
+                    session,
+                    name=f"app{i:05}",
+                    kind=AppKind.FILESYSTEM,
+                    host=self.agent.name,
+                    path=f"/srv/app{i:05}",
+                )
+            session.add_all(
+                Job(
+                    id=new_job_id(),
+                    type="capture",
+                    app=f"app{i % SCALE_APPS:05}",
+                    status=JobStatus.SUCCEEDED,
+                    message="seeded",
+                    params={},
+                    created=now + timedelta(milliseconds=i),
+                    started=now + timedelta(milliseconds=i),
+                    finished=now + timedelta(milliseconds=i + 1),
+                )
+                for i in range(SCALE_APPS * JOBS_PER_APP)
+            )
+
+    def list_latency(self, measure: str, path: str, params: dict[str, Any]) -> None:
+        assert self.api is not None
+        for _ in range(5):
+            self.api.get(path, **params)  # warm
+        samples = []
+        for _ in range(REQUESTS):
+            t0 = time.perf_counter()
+            self.api.get(path, **params)
+            samples.append(time.perf_counter() - t0)
+        samples.sort()
+        p50 = samples[len(samples) // 2]
+        p99 = samples[min(len(samples) - 1, int(len(samples) * 0.99))]
+        log(f"scale: {measure} p50 {fmt_seconds(p50)} p99 {fmt_seconds(p99)}")
+        self.add(
+            f"{measure} at {SCALE_APPS} apps",
+            f"p99 {fmt_seconds(p99)} (p50 {fmt_seconds(p50)})",
+            "p99 ≤ 100 ms",
+            {"p50": p50, "p99": p99},
+        )
+
+    # --- garbage collection ---------------------------------------------------------------
+
+    def collect(self) -> None:
+        assert self.api is not None
+        try:
+            answer = self.api.post("/api/v1/gc", {})
+        except Exception as exc:  # an appliance without the gc job
+            log(f"scale: no garbage collection job here ({exc})")
+            return
+        job = _wait(self.api, answer["job"]["id"])
+        result = job.get("result") or {}
+        seconds = _job_seconds(job)
+        log(f"scale: gc {fmt_seconds(seconds)}: {job['message']}")
+        self.add(
+            "garbage collection job",
+            f"{fmt_seconds(seconds)}, {result.get('chunks_kept', '?')} chunks kept, "
+            f"{result.get('chunks_removed', '?')} removed",
+            "never inside a capture",
+            {"seconds": seconds, **{k: v for k, v in result.items() if isinstance(v, int)}},
+        )
+
+
+def run(cfg: Config, report: Report) -> None:
+    root = cfg.workdir / "scale"
+    root.mkdir(parents=True, exist_ok=True)
+    report.context.append(
+        f"Scale: one appliance and one agent on loopback TLS; capture latency at 10 and "
+        f"{SCALE_IMAGES} images of an app (its template keeps that many: each capture prunes "
+        f"one), then the list routes at {SCALE_APPS} apps and {SCALE_APPS * JOBS_PER_APP} "
+        "jobs (seeded into the catalog)."
+    )
+    with Lab(root / "lab") as lab:
+        bench = ScaleBench(cfg, report, lab)
+        try:
+            bench.run()
+        except (RuntimeError, OSError) as exc:
+            log(f"scale failed: {exc}")
+            for d in lab:
+                log(f"{d.kind} {d.name} log ends with:\n{d.log_tail()}")
+            report.add(Row(SECTION, "section failed", "failed", str(exc)[:120], "—", "—"))

@@ -1,0 +1,339 @@
+"""Resumable mark-and-sweep garbage collection of a chunk pool, with bounded memory.
+
+A collection has two phases.
+
+- **Snapshot** (the caller holds whatever orders it against the end of captures, see
+  ``operations.site.Site.gc_lock``): the live manifest ids are read (the catalog's images),
+  *then* the active writers; the cut-off time is the older of now and the oldest active
+  writer's start, less ``SLACK``. Manifests that active writers build on count as live.
+- **Mark**: each live manifest is read, one at a time, and the chunks it names (and every
+  chunk a named delta chunk is built on) are added to the mark set. **Sweep**: each of the
+  256 fan-out directories of ``chunks/`` is listed; a chunk is removed when it is not marked
+  and its mtime is older than the cut-off (a writer touches every chunk it reuses, and
+  writes new ones after it started, so nothing a running or later writer relies on is
+  older). The rename to ``<hex>.gc`` and a second stat close the gap between the stat and
+  the removal, as ``ChunkPool.gc`` does. Last, manifest objects no live manifest id names
+  and older than the cut-off are removed.
+
+The mark set is a SQLite file beside the pool (``DIR/gc/marks.db``; not the catalog): a
+table of 32-byte digests ``WITHOUT ROWID``, about 40-50 bytes of disk per marked chunk and a
+bounded page cache, so a pool of 100M chunks needs a few GB of disk, not of memory. The
+sweep loads the marks of one fan-out directory at a time into memory (1/256 of them, about
+100 bytes each in a Python set). Per chunk the cost is: one insert and one header read (is it
+a delta?) per distinct live chunk while marking, one ``stat`` and one set lookup per stored
+chunk while sweeping.
+
+Resuming: the marks file records the manifests already marked, the cut-off and the next
+fan-out directory to sweep, committed after each manifest and each directory. A run that
+finds it resumes: it takes a fresh snapshot (new images are marked too, the cut-off only
+goes back), marks what is not marked yet, and sweeps from where the killed run stopped. That
+is safe for the same reason the first run is: chunks marked earlier are only kept longer.
+One collection runs per pool at a time (an flock on ``DIR/gc/lock``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+from tandem.errors import ChunkCorrupt, ChunkMissing, Conflict, StorageError
+from tandem.storage.digest import DIGEST_SIZE
+from tandem.storage.manifest import load_manifest
+from tandem.storage.pool import ChunkPool
+
+SLACK = 2.0  # seconds the cut-off leaves for clock granularity (as ChunkPool.gc)
+FANS = 256
+BATCH = 4096  # digests per mark query
+UNLINK_THREADS = 8
+
+
+@dataclass
+class GcProgress:
+    phase: str  # "mark" or "sweep"
+    done: int
+    total: int
+
+
+@dataclass
+class GcRun:
+    """What one collection did (a resumed one counts what its predecessors did too)."""
+
+    chunks_kept: int = 0
+    chunks_removed: int = 0
+    bytes_freed: int = 0
+    manifests_removed: int = 0
+    manifests_marked: int = 0
+    chunks_marked: int = 0
+    resumed: bool = False
+    resumed_at_fan: int = 0
+
+
+def gc_dir(pool: ChunkPool) -> Path:
+    return pool.root / "gc"
+
+
+def marks_path(pool: ChunkPool) -> Path:
+    return gc_dir(pool) / "marks.db"
+
+
+def unfinished(pool: ChunkPool) -> bool:
+    """Whether a collection was stopped before it finished (the next one resumes it)."""
+    return marks_path(pool).exists()
+
+
+@contextlib.contextmanager
+def _exclusive(pool: ChunkPool) -> Iterator[None]:
+    gc_dir(pool).mkdir(exist_ok=True)
+    fd = os.open(gc_dir(pool) / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            raise Conflict(
+                detail=f"a garbage collection of pool {pool.root} is already running; "
+                "wait for it to end (`tandem jobs --type gc` shows it)"
+            ) from exc
+        yield
+    finally:
+        os.close(fd)
+
+
+class _Marks:
+    """The on-disk mark set and the run's saved state."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.db = sqlite3.connect(path, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute("CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value TEXT)")
+        self.db.execute("CREATE TABLE IF NOT EXISTS marks (d BLOB PRIMARY KEY) WITHOUT ROWID")
+        self.db.execute("CREATE TABLE IF NOT EXISTS done (m BLOB PRIMARY KEY) WITHOUT ROWID")
+
+    def get(self, key: str, default: float) -> float:
+        row = self.db.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()
+        return default if row is None else float(row[0])
+
+    def put(self, **values: float) -> None:
+        self.db.executemany(
+            "INSERT OR REPLACE INTO state (key, value) VALUES (?, ?)",
+            [(k, repr(v)) for k, v in values.items()],
+        )
+
+    def done(self, mid: bytes) -> bool:
+        return self.db.execute("SELECT 1 FROM done WHERE m = ?", (mid,)).fetchone() is not None
+
+    def unmarked(self, digests: list[bytes]) -> list[bytes]:
+        out: list[bytes] = []
+        for i in range(0, len(digests), BATCH):
+            batch = digests[i : i + BATCH]
+            marks = ",".join("?" * len(batch))
+            found = {
+                row[0]
+                for row in self.db.execute(f"SELECT d FROM marks WHERE d IN ({marks})", batch)
+            }
+            out.extend(d for d in batch if d not in found)
+        return out
+
+    def fan(self, fan: int) -> set[bytes]:
+        low = bytes([fan]) + b"\0" * (DIGEST_SIZE - 1)
+        query = "SELECT d FROM marks WHERE d >= ? AND d < ?"
+        if fan == FANS - 1:
+            return {row[0] for row in self.db.execute("SELECT d FROM marks WHERE d >= ?", (low,))}
+        high = bytes([fan + 1]) + b"\0" * (DIGEST_SIZE - 1)
+        return {row[0] for row in self.db.execute(query, (low, high))}
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def collect(
+    pool: ChunkPool,
+    live: Callable[[], Iterable[bytes]],
+    *,
+    snapshot_lock: AbstractContextManager[object] | None = None,
+    progress: Callable[[GcProgress], None] | None = None,
+    check: Callable[[], None] | None = None,
+) -> GcRun:
+    """Collect ``pool``'s garbage: chunks and manifests no live manifest needs.
+
+    ``live`` returns the ids of the live manifests; it is called inside ``snapshot_lock``.
+    ``check`` is called between steps and may raise to stop the run (a cancellation); what
+    was done stays done and the next run resumes. A live manifest that cannot be read stops
+    the run with ``StorageError`` before anything is removed from then on.
+    """
+    with _exclusive(pool):
+        marks = _Marks(marks_path(pool))
+        try:
+            run = _collect(pool, marks, live, snapshot_lock, progress, check)
+        finally:
+            marks.close()
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"{marks_path(pool)}{suffix}")
+        return run
+
+
+def _collect(
+    pool: ChunkPool,
+    marks: _Marks,
+    live: Callable[[], Iterable[bytes]],
+    snapshot_lock: AbstractContextManager[object] | None,
+    progress: Callable[[GcProgress], None] | None,
+    check: Callable[[], None] | None,
+) -> GcRun:
+    def report(phase: str, done: int, total: int) -> None:
+        if progress is not None:
+            progress(GcProgress(phase, done, total))
+
+    check = check or (lambda: None)
+    run = GcRun()
+    started = marks.get("started", 0.0)
+    run.resumed = started > 0
+    with snapshot_lock or nullcontext():
+        now = time.time()
+        manifests = set(live())
+        writers = pool._active_writers()
+    cutoff = min([now, *(float(w.get("started", now)) for w in writers)]) - SLACK
+    cutoff = min(cutoff, marks.get("cutoff", cutoff))
+    keep = manifests | {bytes.fromhex(b) for w in writers for b in w.get("bases", [])}
+    marks.put(cutoff=cutoff, started=started or now)
+
+    # --- mark -------------------------------------------------------------------------
+    todo = sorted(m for m in keep if not marks.done(m))
+    for i, mid in enumerate(todo):
+        check()
+        try:
+            chunk_ids = sorted(load_manifest(pool, mid).chunk_ids())
+        except StorageError as exc:
+            if mid not in manifests:
+                continue  # a writer's base that is gone: the writer will find out
+            raise StorageError(
+                detail=f"cannot read manifest {mid.hex()} of a live image ({exc.message}); "
+                "garbage collection stopped so that no chunk of it is lost. Run "
+                "`tandem image verify` on the app's images"
+            ) from exc
+        marks.db.execute("BEGIN")
+        new = marks.unmarked(chunk_ids)
+        while new:
+            marks.db.executemany("INSERT OR IGNORE INTO marks (d) VALUES (?)", [(d,) for d in new])
+            run.chunks_marked += len(new)
+            bases = []
+            for digest in new:
+                try:
+                    base = pool.info(digest).base
+                except (ChunkMissing, ChunkCorrupt):
+                    continue  # verify reports it; GC must not fail on it
+                if base is not None:
+                    bases.append(base)
+            new = marks.unmarked(sorted(set(bases)))
+        marks.db.execute("INSERT OR IGNORE INTO done (m) VALUES (?)", (mid,))
+        marks.db.execute("COMMIT")
+        run.manifests_marked += 1
+        report("mark", i + 1, len(todo))
+
+    # --- sweep ------------------------------------------------------------------------
+    first = int(marks.get("fan", 0))
+    run.resumed_at_fan = first
+    run.chunks_kept = int(marks.get("kept", 0))
+    run.chunks_removed = int(marks.get("removed", 0))
+    run.bytes_freed = int(marks.get("freed", 0))
+    for fan in range(first, FANS):
+        check()
+        marked = marks.fan(fan)
+        kept, removed, freed = _sweep_fan(pool, fan, marked, cutoff)
+        run.chunks_kept += kept
+        run.chunks_removed += removed
+        run.bytes_freed += freed
+        marks.put(
+            fan=fan + 1, kept=run.chunks_kept, removed=run.chunks_removed, freed=run.bytes_freed
+        )
+        report("sweep", fan + 1, FANS)
+
+    for mid in pool.list_manifests():
+        if mid in keep:
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(pool.manifest_path(mid)).st_mtime < cutoff:
+                pool.delete_manifest(mid)
+                run.manifests_removed += 1
+    return run
+
+
+def _sweep_fan(
+    pool: ChunkPool, fan: int, marked: set[bytes], cutoff: float
+) -> tuple[int, int, int]:
+    kept = removed = freed = 0
+    doomed_paths: list[str] = []
+    try:
+        entries = list(os.scandir(pool.chunks_dir / f"{fan:02x}"))
+    except FileNotFoundError:
+        return 0, 0, 0
+    for entry in entries:
+        if len(entry.name) != DIGEST_SIZE * 2:
+            if entry.name.endswith(".gc"):  # left by a run killed between rename and unlink
+                with contextlib.suppress(FileNotFoundError):
+                    _finish_doomed(entry.path, cutoff)
+            continue
+        digest = bytes.fromhex(entry.name)
+        if digest in marked:
+            kept += 1
+            continue
+        try:
+            st = entry.stat()
+        except FileNotFoundError:
+            continue
+        if st.st_mtime >= cutoff:
+            kept += 1
+            continue
+        doomed = entry.path + ".gc"
+        try:
+            os.rename(entry.path, doomed)
+        except FileNotFoundError:
+            continue
+        # A writer may have touched it between our stat and the rename: keep it then.
+        if os.stat(doomed).st_mtime >= cutoff:
+            os.rename(doomed, entry.path)
+            kept += 1
+            continue
+        doomed_paths.append(doomed)
+        removed += 1
+        freed += st.st_size
+    # Unlinking is most of a sweep's time on journaling file systems, and it waits on the
+    # disk, not the CPU: several at once.
+    if doomed_paths:
+        list(_unlinker().map(_unlink, doomed_paths))
+    return kept, removed, freed
+
+
+_pool: ThreadPoolExecutor | None = None
+
+
+def _unlinker() -> ThreadPoolExecutor:
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(UNLINK_THREADS, thread_name_prefix="tandem-gc-unlink")
+    return _pool
+
+
+def _unlink(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def _finish_doomed(path: str, cutoff: float) -> None:
+    """A ``.gc`` file a killed run left: put it back if the chunk came back into use (a
+    writer rewrote or touched it), else remove it."""
+    final = path[: -len(".gc")]
+    if os.path.exists(final) or os.stat(path).st_mtime < cutoff:
+        os.unlink(path)
+    else:
+        os.rename(path, final)

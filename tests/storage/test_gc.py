@@ -1,0 +1,212 @@
+"""The pool's resumable mark-and-sweep collection (``tandem.storage.gc``)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tandem.errors import Conflict, StorageError
+from tandem.storage import gc
+from tandem.storage.manifest import VOLUME_CHUNK, VolumeManifest, encode_manifest
+from tandem.storage.pool import ChunkPool
+
+HOUR = 3600.0
+
+
+@pytest.fixture
+def pool(tmp_path: Path) -> ChunkPool:
+    return ChunkPool.create(tmp_path / "pool")
+
+
+def image(pool: ChunkPool, payloads: list[bytes], bases: list[bytes] | None = None) -> bytes:
+    """Store ``payloads`` as chunks and a volume manifest naming them; its id."""
+    with pool.writer(bases or []) as w:
+        digests: list[bytes | None] = [w.put(p).digest for p in payloads]
+        manifest = VolumeManifest(size=len(digests) * VOLUME_CHUNK, chunks=digests)
+        return w.commit_manifest(encode_manifest(manifest))
+
+
+def chunks_of(pool: ChunkPool, payloads: list[bytes]) -> list[bytes]:
+    from tandem.storage.digest import hash_object
+
+    return [hash_object(p)[0] for p in payloads]
+
+
+def age(pool: ChunkPool, seconds: float = HOUR) -> None:
+    """Make every chunk and manifest old: only marks (and touches) keep them now."""
+    old = time.time() - seconds
+    for digest, _ in pool.iter_chunks():
+        os.utime(pool.chunk_path(digest), (old, old))
+    for mid in pool.list_manifests():
+        os.utime(pool.manifest_path(mid), (old, old))
+
+
+def payloads(tag: str, n: int) -> list[bytes]:
+    return [f"{tag}-{i}-".encode() * 500 for i in range(n)]
+
+
+def test_collect_removes_what_no_live_manifest_names(pool: ChunkPool) -> None:
+    live_data, dead_data = payloads("live", 40), payloads("dead", 40)
+    live = image(pool, live_data)
+    dead = image(pool, dead_data + live_data[:5])  # shares five chunks with the live one
+    age(pool)
+    run = gc.collect(pool, lambda: [live])
+    assert run.chunks_removed == 40 and run.chunks_kept == 40
+    assert run.manifests_removed == 1 and not pool.has_manifest(dead)
+    assert all(pool.has(d) for d in chunks_of(pool, live_data))
+    assert not any(pool.has(d) for d in chunks_of(pool, dead_data))
+    assert not gc.unfinished(pool)
+    for d in chunks_of(pool, live_data):
+        pool.get(d)  # still readable and verified
+
+
+def test_a_stopped_collection_is_resumed_by_the_next(pool: ChunkPool) -> None:
+    live_data, dead_data = payloads("live", 50), payloads("dead", 300)
+    live = image(pool, live_data)
+    image(pool, dead_data)
+    age(pool)
+    calls = {"fans": 0}
+
+    def stop_midway() -> None:
+        if calls["fans"] >= 100:
+            raise KeyboardInterrupt("killed")
+
+    def count(step: gc.GcProgress) -> None:
+        if step.phase == "sweep":
+            calls["fans"] = step.done
+
+    with pytest.raises(KeyboardInterrupt):
+        gc.collect(pool, lambda: [live], progress=count, check=stop_midway)
+    assert gc.unfinished(pool)
+    left = [d for d in chunks_of(pool, dead_data) if pool.has(d)]
+    assert 0 < len(left) < len(dead_data)  # part done, part left
+
+    run = gc.collect(pool, lambda: [live])
+    assert run.resumed and run.resumed_at_fan == 100
+    assert run.manifests_marked == 0  # the marks of the stopped run were kept
+    assert run.chunks_removed == len(dead_data)  # counted over both runs
+    assert not any(pool.has(d) for d in chunks_of(pool, dead_data))
+    assert all(pool.has(d) for d in chunks_of(pool, live_data))
+    assert not gc.unfinished(pool)
+
+
+def test_a_resumed_collection_marks_images_added_meanwhile(pool: ChunkPool) -> None:
+    first = image(pool, payloads("first", 30))
+    age(pool)
+    with pytest.raises(KeyboardInterrupt):
+        gc.collect(pool, lambda: [first], check=_raise_on_call(2))  # stops while marking
+    later_data = payloads("later", 30)
+    later = image(pool, later_data)
+    age(pool)  # even when old, a manifest live at the resume keeps its chunks
+    gc.collect(pool, lambda: [first, later])
+    assert all(pool.has(d) for d in chunks_of(pool, later_data))
+
+
+def _raise_on_call(n: int) -> Callable[[], None]:
+    calls = {"n": 0}
+
+    def check() -> None:
+        calls["n"] += 1
+        if calls["n"] >= n:
+            raise KeyboardInterrupt("killed")
+
+    return check
+
+
+def test_a_writer_running_during_the_sweep_keeps_what_it_writes_and_reuses(
+    pool: ChunkPool,
+) -> None:
+    garbage = payloads("garbage", 20)
+    image(pool, garbage)
+    age(pool)
+    started = threading.Event()
+    go_on = threading.Event()
+
+    def pause(step: gc.GcProgress) -> None:
+        if step.phase == "sweep" and step.done == 1:
+            started.set()
+            assert go_on.wait(10)
+
+    result: dict[str, gc.GcRun] = {}
+    thread = threading.Thread(
+        target=lambda: result.update(run=gc.collect(pool, lambda: [], progress=pause))
+    )
+    thread.start()
+    assert started.wait(10)
+    # A capture starting after the snapshot: it reuses garbage (a dedup hit touches it),
+    # writes new chunks and commits its manifest, all while the sweep runs.
+    fresh = payloads("fresh", 10)
+    with pool.writer() as w:
+        assert all(w.has(d) for d in chunks_of(pool, garbage))
+        for p in fresh:
+            w.put(p)
+    go_on.set()
+    thread.join(10)
+    assert all(pool.has(d) for d in chunks_of(pool, garbage + fresh))
+
+
+def test_the_base_of_an_active_writer_is_marked(pool: ChunkPool) -> None:
+    """A writer may reuse its base's chunks without touching them: while it runs they stay,
+    even if the base's image left the catalog."""
+    base_data = payloads("base", 20)
+    base = image(pool, base_data)
+    age(pool)
+    with pool.writer([base]):
+        gc.collect(pool, lambda: [])
+    assert all(pool.has(d) for d in chunks_of(pool, base_data))
+    assert pool.has_manifest(base)
+
+
+def test_an_unreadable_live_manifest_stops_the_collection(pool: ChunkPool) -> None:
+    dead_data = payloads("dead", 20)
+    image(pool, dead_data)
+    age(pool)
+    missing = b"\x01" * 32
+    with pytest.raises(StorageError, match="garbage collection stopped"):
+        gc.collect(pool, lambda: [missing])
+    assert all(pool.has(d) for d in chunks_of(pool, dead_data))
+
+
+def test_one_collection_at_a_time(pool: ChunkPool) -> None:
+    image(pool, payloads("x", 5))
+    inside = threading.Event()
+    go_on = threading.Event()
+
+    def pause(step: gc.GcProgress) -> None:
+        if step.phase == "sweep" and step.done == 1:
+            inside.set()
+            go_on.wait(10)
+
+    thread = threading.Thread(target=lambda: gc.collect(pool, lambda: [], progress=pause))
+    thread.start()
+    assert inside.wait(10)
+    try:
+        with pytest.raises(Conflict, match="already running"):
+            gc.collect(pool, lambda: [])
+    finally:
+        go_on.set()
+        thread.join(10)
+
+
+def test_the_marks_of_a_sweep_are_held_one_fan_out_at_a_time(
+    pool: ChunkPool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Memory is bounded by one fan-out directory's marks, not the pool's."""
+    live = image(pool, payloads("live", 512))
+    sizes: list[int] = []
+    real = gc._Marks.fan
+
+    def spy(self: gc._Marks, fan: int) -> set[bytes]:
+        got = real(self, fan)
+        sizes.append(len(got))
+        return got
+
+    monkeypatch.setattr(gc._Marks, "fan", spy)
+    gc.collect(pool, lambda: [live])
+    assert len(sizes) == gc.FANS and sum(sizes) == 512
+    assert max(sizes) < 20  # about 512/256 each
