@@ -34,7 +34,7 @@ from bench.common import write_json as save_json
 
 Section = Callable[[Config, Report], None]
 
-SECTIONS = ("storage", "replication", "presentation", "failback", "scale", "nbd")
+SECTIONS = ("storage", "replication", "presentation", "failback", "scale", "nbd", "consistency")
 """Each is the module ``bench.NAME`` with ``run(cfg, report)``, imported only when run (they
 import tandem; keep --help fast)."""
 

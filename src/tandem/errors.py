@@ -214,6 +214,14 @@ class SourceChanged(StorageError):
     http_status = 409
 
 
+class PointInTimeUnavailable(StorageError):
+    """No point in time of {path} can be cut: {reason}. Put the data on a btrfs subvolume or
+    a file system that reflinks (XFS, btrfs), or choose another cut with
+    `tandem app set APP --consistency freeze|hooks|none`."""
+
+    http_status = 409
+
+
 class ChunkMissing(StorageError):
     """Chunk {digest} is not in the pool {pool}. Run `tandem storage verify` and re-capture
     or re-replicate the images that name it."""

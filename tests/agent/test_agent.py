@@ -50,7 +50,7 @@ def test_a_capture_whose_appliance_is_gone_ends_with_an_error_event(
 
 @pytest.mark.parametrize(
     "change",
-    [{"kind": "vm"}, {"path": "relative"}, {"base": "xyz"}, {"extra": 1}],
+    [{"kind": "vm"}, {"path": "relative"}, {"base": "xyz"}, {"extra": 1}, {"consistency": "now"}],
 )
 def test_capture_requests_are_validated(agent: Agent, change: dict[str, object]) -> None:
     body = {

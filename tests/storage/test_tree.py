@@ -412,6 +412,84 @@ def test_file_that_keeps_changing_fails_capture(
     assert pool.list_manifests() == []
 
 
+def rewrite_same_size(path: Path, data: bytes) -> None:
+    """Rewrite in place: same size, same inode; only the times say it changed."""
+    with open(path, "r+b") as fh:
+        fh.write(data)
+
+
+def read_back(pool: ChunkPool, m: TreeManifest, path: str) -> bytes:
+    (entry,) = [e for e in m.entries if e.path == path]
+    return b"".join(pool.get(d) if d else bytes(n) for d, n in entry.chunks)
+
+
+def test_a_file_rewritten_after_it_was_read_is_read_again(
+    pool: ChunkPool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The application writes a pair (a, then b) after the capture read a and before it read
+    b: without the check after reading, the image would hold a=1 with b=2, a state the
+    application never had, and call it a success."""
+    monkeypatch.setattr(tree, "RECHECK_BACKOFF", 0.0)
+    src = tmp_path / "src"
+    write(src / "a", b"counter=0001")
+    write(src / "b", b"counter=0001")
+    done: list[str] = []
+
+    def writer_between_reads(path: str) -> None:
+        if path == "a" and not done:
+            done.append(path)
+            rewrite_same_size(src / "a", b"counter=0002")
+            rewrite_same_size(src / "b", b"counter=0002")
+
+    _, m, stats = capture_tree(pool, src, workers=1, on_read=writer_between_reads)
+    assert read_back(pool, m, "a") == read_back(pool, m, "b") == b"counter=0002"
+    assert stats.rereads == 1
+
+
+def test_a_file_that_keeps_changing_after_it_is_read_fails_the_capture(
+    pool: ChunkPool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tree, "RECHECK_BACKOFF", 0.0)
+    src = tmp_path / "src"
+    write(src / "wal", b"record 0000")
+    write(src / "quiet", b"unchanged")
+    n = [0]
+
+    def append_after_each_read(path: str) -> None:
+        if path == "wal":
+            n[0] += 1
+            rewrite_same_size(src / "wal", b"record %04d" % n[0])
+
+    with pytest.raises(SourceChanged, match=r"wal changed .*changed after being read"):
+        capture_tree(pool, src, on_read=append_after_each_read)
+    assert n[0] == tree.RECHECK_ATTEMPTS + 1
+    assert pool.list_manifests() == []
+
+
+def test_a_file_reused_from_the_base_and_changed_after_the_walk_is_read(
+    pool: ChunkPool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Unchanged files are not read on a re-capture; one written right after the walk saw
+    it unchanged is caught by the check, and the base manifest is left as it was."""
+    monkeypatch.setattr(tree, "RECHECK_BACKOFF", 0.0)
+    src = tmp_path / "src"
+    write(src / "config", b"version=1", mtime=T0)
+    write(src / "data", b"rows", mtime=T0)
+    base_id, base, _ = capture_tree(pool, src)
+    real = tree._walk
+
+    def walk_then_write(*args: Any) -> Any:
+        found = real(*args)
+        rewrite_same_size(src / "config", b"version=2")
+        return found
+
+    monkeypatch.setattr(tree, "_walk", walk_then_write)
+    _, m, stats = capture_tree(pool, src, base=base, base_id=base_id)
+    assert read_back(pool, m, "config") == b"version=2"
+    assert read_back(pool, base, "config") == b"version=1"
+    assert stats.rereads == 1
+
+
 def test_vanished_files_are_skipped(
     pool: ChunkPool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -24,8 +24,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tandem.agent import holders, mounts
+from tandem.agent import holders, mounts, pit
 from tandem.agent.mounts import MountAction
+from tandem.domain.consistency import MODES, ConsistencyMode
 from tandem.errors import Conflict, InvalidInput, SourceUnreadable, TandemError, TargetInvalid
 from tandem.storage import targets, tree, volume
 from tandem.storage.manifest import TreeManifest, VolumeManifest, decode_manifest
@@ -60,6 +61,8 @@ class CaptureRequest(BaseModel):
     base: str | None = Field(default=None, pattern=HEX_DIGEST)
     """Manifest id of the previous image, for an incremental capture."""
     job: str = ""
+    consistency: str = Field(default="auto", pattern="^(" + "|".join(MODES) + ")$")
+    """What the capture may be cut from (``agent.pit``)."""
 
 
 class RestoreRequest(BaseModel):
@@ -167,10 +170,33 @@ def _fetch_manifest(client: ApiClient, session: str, manifest: str) -> Any:
 
 
 def capture(req: CaptureRequest, emit: Emit) -> dict[str, Any]:
-    """Capture the app's data into the appliance session; returns the final event."""
+    """Capture the app's data into the appliance session from a point in time of it
+    (``agent.pit``); returns the final event, which says how the image was cut."""
     path = Path(req.path)
-    meta = {"source": str(path), "host": os.uname().nodename}
+    if req.kind == "filesystem" and not path.is_dir():
+        raise SourceUnreadable(path=str(path), reason="it is not a directory")
+    if req.kind == "volume" and not path.exists():
+        raise SourceUnreadable(path=str(path), reason="it does not exist")
     before = volume.stamp_of(path) if req.kind == "volume" else None
+    with pit.point_in_time(str(path), req.kind, ConsistencyMode(req.consistency)) as cut:
+        emit({"event": "log", "text": f"capturing from {cut.cut.value}: {cut.reason}"})
+        done = _capture_from(req, path, cut, emit)
+    after = volume.stamp_of(path) if req.kind == "volume" else None
+    return {
+        **done,
+        **cut.as_dict(),
+        # What the volume file looked like while it held this image (unchanged through the
+        # capture, else the capture failed): a later restore may start from it.
+        "stamp": after.as_dict() if after is not None and after == before else None,
+    }
+
+
+def _capture_from(
+    req: CaptureRequest, path: Path, cut: pit.PointInTime, emit: Emit
+) -> dict[str, Any]:
+    """Capture ``cut`` (``path`` itself, or a point in time of it) as ``path``'s image."""
+    source = Path(cut.path)
+    meta = {"source": str(path), "host": os.uname().nodename, "consistency": cut.cut.value}
     with _client(req.appliance) as client:
         base_id = bytes.fromhex(req.base) if req.base else None
         base = _fetch_manifest(client, req.appliance.session, req.base) if req.base else None
@@ -182,7 +208,7 @@ def capture(req: CaptureRequest, emit: Emit) -> dict[str, Any]:
                 base, base_id = None, None
             mid, manifest, stats = volume.capture_volume(
                 pool,  # type: ignore[arg-type]  # RemotePool has the ChunkPool writer interface
-                path,
+                source,
                 base=base,
                 base_id=base_id,
                 meta=meta,
@@ -190,30 +216,26 @@ def capture(req: CaptureRequest, emit: Emit) -> dict[str, Any]:
             )
             size = manifest.size
         else:
-            if not path.is_dir():
-                raise SourceUnreadable(path=str(path), reason="it is not a directory")
             if not isinstance(base, TreeManifest):
                 base, base_id = None, None
             mid, tree_manifest, stats = tree.capture_tree(
                 pool,  # type: ignore[arg-type]  # RemotePool has the ChunkPool writer interface
-                path,
+                source,
                 base=base,
                 base_id=base_id,
                 meta=meta,
                 progress=progress,
+                recheck=cut.recheck,
+                identity=cut.identity,
             )
             size = tree_manifest.size
         sent = pool.last_writer.bytes_sent if pool.last_writer else 0
-    after = volume.stamp_of(path) if req.kind == "volume" else None
     return {
         "event": "done",
         "manifest": mid.hex(),
         "size": size,
         "bytes_sent": sent,
         "stats": stats.as_dict(),
-        # What the volume file looked like while it held this image (unchanged through the
-        # capture, else the capture failed): a later restore may start from it.
-        "stamp": after.as_dict() if after is not None and after == before else None,
     }
 
 

@@ -111,6 +111,7 @@ def make_router(site: Site) -> APIRouter:
             path=body.path,
             hooks=body.hooks(),
             role=who.role,
+            consistency=body.consistency,
         )
         return AppOut.of(row)
 
@@ -133,7 +134,9 @@ def make_router(site: Site) -> APIRouter:
 
     @router.patch("/apps/{name}", tags=["apps"])
     def set_app_hooks(name: Name, body: AppHooksIn, who: Caller) -> AppOut:
-        row = apps.set_hooks(site, name=name, hooks=body.hooks(), role=who.role)
+        row = apps.set_hooks(
+            site, name=name, hooks=body.hooks(), role=who.role, consistency=body.consistency
+        )
         return AppOut.of(row, downtime=failback.downtimes(site).get(name))
 
     @router.delete("/apps/{name}", tags=["apps"])

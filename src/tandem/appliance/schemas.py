@@ -27,6 +27,7 @@ from pydantic_core import PydanticCustomError
 
 from tandem.appliance.auth import Principal
 from tandem.catalog.models import App, Audit, Host, Image, Job, JobLog, Template, Token, Transition
+from tandem.domain.consistency import ConsistencyMode
 from tandem.domain.hooks import HOOK_NAME, MAX_HOOK_NAME, hook_name_problem, is_hook_name
 from tandem.domain.ids import NAME_PATTERN
 from tandem.domain.images import ImageKind, ImageState
@@ -98,6 +99,11 @@ class AppIn(Body):
     stop: HookName = None
     freeze: HookName = None
     thaw: HookName = None
+    consistency: ConsistencyMode = Field(
+        default=ConsistencyMode.AUTO,
+        description="What captures may be cut from: auto (the best point-in-time source the "
+        "host has), snapshot, freeze, hooks or none (live files, checked after reading).",
+    )
 
     def hooks(self) -> dict[str, str | None]:
         return {"start": self.start, "stop": self.stop, "freeze": self.freeze, "thaw": self.thaw}
@@ -110,10 +116,12 @@ class AppHooksIn(Body):
     stop: HookName = None
     freeze: HookName = None
     thaw: HookName = None
+    consistency: ConsistencyMode | None = None
+    """Left out: unchanged."""
 
     def hooks(self) -> dict[str, str | None]:
         """The hooks the request names (sent, even if empty)."""
-        return {k: getattr(self, k) for k in self.model_fields_set}
+        return {k: getattr(self, k) for k in self.model_fields_set if k != "consistency"}
 
 
 class ProtectIn(Body):
@@ -283,6 +291,10 @@ class ImageOut(BaseModel):
     ``POST /api/v1/images/{id}/export``."""
     nbd_exported: bool = False
     """Whether the image is presented as an NBD export (ask for it with ``export``)."""
+    consistency: str | None = None
+    """How the image was cut: ``snapshot-btrfs``, ``reflink``, ``freeze``, ``hooks`` or
+    ``crash-unsafe`` (live files, each unchanged after reading: consistent per file, not
+    across files); null when not recorded."""
 
     @classmethod
     def of(cls, image: Image) -> ImageOut:
@@ -302,6 +314,7 @@ class ImageOut(BaseModel):
             mount_point=image.mount_point,
             nbd_uri=None,
             nbd_exported=image.nbd_export is not None,
+            consistency=image.consistency,
         )
 
 
@@ -342,6 +355,8 @@ class AppOut(BaseModel):
     never acted on); None: an app of this site."""
     peer_active: bool = False
     """An app of this site that is failed over at the peer (not mirrored meanwhile)."""
+    consistency: str = "auto"
+    """What its captures may be cut from (``--consistency``)."""
     created: datetime
     last_capture: datetime | None
     lag_seconds: float | None
@@ -369,6 +384,7 @@ class AppOut(BaseModel):
             epoch=app.writer_epoch,
             origin=app.origin,
             peer_active=app.peer_active,
+            consistency=app.consistency,
             created=app.created,
             last_capture=app.last_capture,
             lag_seconds=_age(app.last_capture, now or datetime.now(UTC)),

@@ -177,6 +177,8 @@ class App(Base):
     writer_epoch: Mapped[int] = mapped_column(Integer, default=1)
     origin: Mapped[str | None] = mapped_column(String(NAME))
     peer_active: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    consistency: Mapped[str] = mapped_column(String(16), default="auto", server_default="auto")
+    """What its captures may be cut from (``domain.consistency.ConsistencyMode``)."""
     last_capture: Mapped[datetime | None] = mapped_column(UTCDateTime)
     last_replicated: Mapped[datetime | None] = mapped_column(UTCDateTime)
     created: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
@@ -214,6 +216,8 @@ class Image(Base):
     nbd_export: Mapped[str | None] = mapped_column(String(128))
     protective: Mapped[bool] = mapped_column(Boolean, default=False)
     epoch: Mapped[int] = mapped_column(Integer, default=1)
+    consistency: Mapped[str | None] = mapped_column(String(32))
+    """How a snapshot was cut (``domain.consistency.Cut``); None: not recorded (older)."""
 
     app: Mapped[App] = relationship(lazy="joined", innerjoin=True)
     """The app the image belongs to (loaded with the image; its ``name`` is the JSON ``app``)."""

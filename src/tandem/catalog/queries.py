@@ -177,6 +177,7 @@ def add_app(
     origin: str | None = None,
     app_id: str | None = None,
     state: AppState = AppState.UNMANAGED,
+    consistency: str = "auto",
 ) -> App:
     """Add an application. A local app's host must be registered here; a mirrored app
     (``origin`` names the appliance that owns it) keeps the other site's host name.
@@ -193,6 +194,7 @@ def add_app(
         path=path,
         origin=origin,
         state=state,
+        consistency=consistency,
     )
     for hook, script in (hooks or {}).items():
         setattr(row, _hook_column(hook), script or None)
@@ -269,6 +271,14 @@ def set_app_hooks(session: Session, *, name: str, hooks: Mapping[str, str | None
     app = get_app(session, name=name, for_update=True)
     for hook, script in hooks.items():
         setattr(app, _hook_column(hook), script or None)
+    session.flush()
+    return app
+
+
+def set_app_consistency(session: Session, *, name: str, consistency: str) -> App:
+    """Set what an app's captures may be cut from (a ``ConsistencyMode`` value)."""
+    app = get_app(session, name=name, for_update=True)
+    app.consistency = consistency
     session.flush()
     return app
 
@@ -367,6 +377,7 @@ def add_image(
     image_id: str | None = None,
     created: datetime | None = None,
     state: ImageState = ImageState.READY,
+    consistency: str | None = None,
 ) -> Image:
     """Record an image whose data is already durable (the manifest is committed last).
 
@@ -390,6 +401,7 @@ def add_image(
         protective=protective or kind is ImageKind.PROTECTIVE,
         epoch=row.writer_epoch if epoch is None else epoch,
         state=state,
+        consistency=consistency,
     )
     _insert(session, image, what="image", name=image.id)
     created_at = image.created

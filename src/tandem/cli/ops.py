@@ -82,7 +82,9 @@ def restore(
 
 
 def images_table(rows: list[dict[str, Any]]) -> Table:
-    table = Table("id", "kind", "created", "size", "label", "state", box=box.SIMPLE_HEAD)
+    table = Table(
+        "id", "kind", "created", "size", "label", "state", "consistency", box=box.SIMPLE_HEAD
+    )
     for row in rows:
         table.add_row(
             row["id"],
@@ -91,6 +93,7 @@ def images_table(rows: list[dict[str, Any]]) -> Table:
             human_bytes(int(row.get("size") or 0)),
             row.get("label") or "",
             row["state"],
+            row.get("consistency") or "",
         )
     return table
 

@@ -9,6 +9,7 @@ import typer
 from rich import box
 from rich.table import Table
 
+from tandem.domain.consistency import ConsistencyMode
 from tandem.errors import InvalidInput
 
 from .common import (
@@ -238,6 +239,18 @@ ThawHook = Annotated[
 ]
 
 
+Consistency = Annotated[
+    ConsistencyMode | None,
+    typer.Option(
+        "--consistency",
+        help="What captures are cut from: auto (default: a btrfs snapshot or reflink clones "
+        "when the host's file system has them, else live files checked after reading), "
+        "snapshot (those or fail), freeze (fsfreeze during the capture), hooks (the "
+        "--freeze/--thaw scripts around it) or none (live files, checked).",
+    ),
+]
+
+
 def _given(hooks: dict[str, str | None]) -> dict[str, str]:
     """The hooks given on the command line (an empty name is given: it removes the hook)."""
     return {k: v for k, v in hooks.items() if v is not None}
@@ -254,6 +267,7 @@ def app_add(
     stop: StopHook = None,
     freeze: FreezeHook = None,
     thaw: ThawHook = None,
+    consistency: Consistency = None,
     url: Url = None,
     token: Token = None,
     fingerprint: Fingerprint = None,
@@ -261,9 +275,18 @@ def app_add(
 ) -> None:
     """Add an application to protect (hooks need an admin token)."""
     hooks = {"start": start, "stop": stop, "freeze": freeze, "thaw": thaw}
-    body = {"name": name, "host": host, "kind": kind.value, "path": path, **hooks}
+    body: dict[str, str | None] = {
+        "name": name,
+        "host": host,
+        "kind": kind.value,
+        "path": path,
+        **hooks,
+    }
+    if consistency is not None:
+        body["consistency"] = consistency.value
     with connect(url, token, fingerprint) as client:
-        _show(client.post("/api/v1/apps", body), json_, (*APP_KEYS, *_given(hooks)))
+        answer = client.post("/api/v1/apps", body)
+        _show(answer, json_, (*APP_KEYS, "consistency", *_given(hooks)))
 
 
 @app_app.command("set")
@@ -274,18 +297,22 @@ def app_set(
     stop: StopHook = None,
     freeze: FreezeHook = None,
     thaw: ThawHook = None,
+    consistency: Consistency = None,
     url: Url = None,
     token: Token = None,
     fingerprint: Fingerprint = None,
     json_: Json = False,
 ) -> None:
-    """Change an application's hooks: scripts by name ("" removes one; needs an admin token)."""
+    """Change an application's hooks: scripts by name ("" removes one; needs an admin token),
+    and what its captures are cut from (--consistency)."""
     body = _given({"start": start, "stop": stop, "freeze": freeze, "thaw": thaw})
+    if consistency is not None:
+        body["consistency"] = consistency.value
     if not body:
-        raise InvalidInput(detail="give --start, --stop, --freeze and/or --thaw")
+        raise InvalidInput(detail="give --start, --stop, --freeze, --thaw and/or --consistency")
     with connect(url, token, fingerprint) as client:
         answer = client.request("PATCH", f"/api/v1/apps/{name}", json_body=body)
-        _show(answer, json_, (*APP_KEYS, *HOOK_KEYS))
+        _show(answer, json_, (*APP_KEYS, "consistency", *HOOK_KEYS))
 
 
 @app_app.command("show")

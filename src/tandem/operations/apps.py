@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session
 
 from tandem.catalog import queries as q
 from tandem.catalog.models import App, Transition
+from tandem.domain.consistency import ConsistencyMode
 from tandem.domain.hooks import Hook, check_hook_name
 from tandem.domain.lifecycle import AppKind, Operation
 from tandem.domain.paths import check_path, overlaps
@@ -86,6 +87,7 @@ def add_app(
     path: str,
     hooks: Mapping[str, str | None] | None = None,
     role: Role = Role.OPERATOR,
+    consistency: ConsistencyMode = ConsistencyMode.AUTO,
 ) -> App:
     path = _check_path(path)
     """Add an app. ``role`` is the caller's; left out, the caller is taken for an operator,
@@ -95,19 +97,37 @@ def add_app(
         check_may_set_hooks(role, name)
     with site.catalog.begin() as session:
         check_no_overlap(session, host=host, path=path)
-        return q.add_app(session, name=name, kind=kind, host=host, path=path, hooks=checked)
+        return q.add_app(
+            session,
+            name=name,
+            kind=kind,
+            host=host,
+            path=path,
+            hooks=checked,
+            consistency=ConsistencyMode(consistency).value,
+        )
 
 
 def set_hooks(
-    site: Site, *, name: str, hooks: Mapping[str, str | None], role: Role = Role.OPERATOR
+    site: Site,
+    *,
+    name: str,
+    hooks: Mapping[str, str | None],
+    role: Role = Role.OPERATOR,
+    consistency: ConsistencyMode | None = None,
 ) -> App:
     """Change some of an app's hook scripts (an empty name removes one; the rest stay);
-    ``role`` as for ``add_app``."""
+    ``role`` as for ``add_app``. ``consistency``, when given, sets what its captures may be
+    cut from."""
     checked = _check_hooks(hooks)
     with site.catalog.begin() as session:
         current = q.app_hooks(q.get_app(session, name=name, for_update=True))
         if any(current[hook] != script for hook, script in checked.items()):
             check_may_set_hooks(role, name)
+        if consistency is not None:
+            q.set_app_consistency(
+                session, name=name, consistency=ConsistencyMode(consistency).value
+            )
         return q.set_app_hooks(session, name=name, hooks=checked)
 
 

@@ -10,6 +10,13 @@ Flow (one lifecycle job per app, DESIGN "Finding what to send")
 4. With a template's ``keep``, older snapshots are pruned and the pool is collected.
 5. With a mirroring template and a paired peer, a ``replicate`` job is queued.
 
+Consistency (``agent.pit``)
+- The app's ``consistency`` mode is sent to the agent, which cuts a point in time of the
+  data (btrfs snapshot, reflink clones, fsfreeze) or reads the live files and verifies each
+  unchanged after reading; its answer says how, and the image records it (``Cut``).
+- ``hooks``: the app's freeze hook runs before the agent reads and its thaw hook after, in a
+  ``finally`` with a timeout, whatever happened in between; the image records ``hooks``.
+
 Invariants
 - Nothing half-captured becomes visible: without a committed manifest there is no image
   row, and closing the session discards the chunks that were sent but never named.
@@ -19,22 +26,28 @@ Invariants
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from tandem.catalog import queries as q
-from tandem.catalog.models import Job
+from tandem.catalog.models import App, Job
+from tandem.domain.consistency import CUTS, ConsistencyMode, Cut
+from tandem.domain.hooks import Hook
 from tandem.domain.images import ImageKind
 from tandem.domain.lifecycle import AppKind, Operation, check_transition
-from tandem.errors import InvalidInput, RemoteError
+from tandem.errors import InvalidInput, PointInTimeUnavailable, RemoteError
 from tandem.jobs.queue import submit_job
 from tandem.jobs.runner import JobContext
-from tandem.operations import images, peers, replicate, stamps
+from tandem.operations import hooks, images, peers, replicate, stamps
 from tandem.operations.hosts import agent_for, app_host
 from tandem.operations.site import Site
 from tandem.operations.streams import follow
+from tandem.transport.agent import AgentClient
 
 TYPE = "capture"
 MAX_LABEL = 128
+THAW_TIMEOUT = 120.0
+"""Seconds a thaw hook may take: the app is held until it has run."""
 
 
 def check_label(label: str | None) -> str | None:
@@ -82,6 +95,7 @@ def run_capture(site: Site, ctx: JobContext) -> dict[str, Any]:
     transfer, token = site.sessions.open(
         job_id=ctx.job.id, write=True, bases=[base_id] if base_id else []
     )
+    mode = ConsistencyMode(app.consistency or ConsistencyMode.AUTO)
     try:
         ctx.set_message(f"capturing {app.path} on host {host.name}")
         body = {
@@ -90,10 +104,23 @@ def run_capture(site: Site, ctx: JobContext) -> dict[str, Any]:
             "base": base_id.hex() if base_id else None,
             "job": ctx.job.id,
             "appliance": site.session_ref(transfer.id, token),
+            "consistency": mode.value,
         }
         with agent_for(host) as agent:
-            done = follow(
-                ctx, agent.capture(body), host=host.name, moved=lambda: transfer.bytes_received
+            if mode is ConsistencyMode.HOOKS:
+                done = _capture_between_hooks(
+                    ctx, app, agent, body, lambda: transfer.bytes_received
+                )
+            else:
+                done = follow(
+                    ctx, agent.capture(body), host=host.name, moved=lambda: transfer.bytes_received
+                )
+        cut = _cut_of(done, mode)
+        if cut is not None:
+            held = done.get("held_seconds")
+            ctx.log(
+                f"cut: {cut} ({done.get('consistency_reason') or 'as asked'})"
+                + (f"; writes held {float(held):.3f} s" if held is not None else "")
             )
         manifest = bytes.fromhex(str(done.get("manifest", "")))
         if manifest not in transfer.committed:
@@ -113,6 +140,7 @@ def run_capture(site: Site, ctx: JobContext) -> dict[str, Any]:
                     size=size,
                     label=ctx.job.params.get("label"),
                     parent_id=base.id if base is not None and base_id is not None else None,
+                    consistency=cut,
                 )
             # Only now may the writer go: the image row keeps its chunks alive from here on.
             site.sessions.close(transfer)
@@ -146,7 +174,39 @@ def run_capture(site: Site, ctx: JobContext) -> dict[str, Any]:
         "incremental": base_id is not None,
         "pruned": pruned,
         "stats": done.get("stats", {}),
+        "consistency": cut,
+        "consistency_reason": done.get("consistency_reason"),
+        "held_seconds": done.get("held_seconds"),
     }
+
+
+def _cut_of(done: dict[str, Any], mode: ConsistencyMode) -> str | None:
+    """How the agent says it cut the image (None from an agent that does not say)."""
+    cut = done.get("consistency")
+    if cut not in CUTS:
+        return None
+    if mode is ConsistencyMode.HOOKS and cut == Cut.CRASH_UNSAFE:
+        return Cut.HOOKS.value  # read live while the freeze hook held the app quiet
+    return str(cut)
+
+
+def _capture_between_hooks(
+    ctx: JobContext, app: App, agent: AgentClient, body: dict[str, Any], moved: Callable[[], int]
+) -> dict[str, Any]:
+    """The agent's capture between the app's freeze and thaw hooks (thaw always runs)."""
+    if hooks.script_for(app, Hook.FREEZE) is None:
+        raise PointInTimeUnavailable(
+            path=app.path,
+            reason="its --consistency is hooks but it has no freeze hook; give it one with "
+            "`tandem app set APP --freeze SCRIPT --thaw SCRIPT`",
+        )
+    hooks.run_hook(agent, app, Hook.FREEZE, operation=TYPE, path=app.path, ctx=ctx)
+    try:
+        return follow(ctx, agent.capture(body), host=agent.name, moved=moved)
+    finally:
+        hooks.run_hook(
+            agent, app, Hook.THAW, operation=TYPE, path=app.path, ctx=ctx, timeout=THAW_TIMEOUT
+        )
 
 
 def _size(n: float) -> str:

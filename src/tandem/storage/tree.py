@@ -22,6 +22,15 @@ Capture invariants
   differ it is read once more against a fresh fstat; a second change fails the capture with
   SourceChanged. A file that vanishes before it is opened is left out; an unreadable one fails
   the capture with SourceUnreadable naming it.
+- Never a torn success: once every file is read, every regular file of the manifest (read or
+  reused from the base) is lstat'ed again and its size, mtime, ctime and inode compared with
+  what it was read as. A file that changed after it was read is read again, after a short
+  backoff, and the whole check repeats, at most ``RECHECK_ATTEMPTS`` times; a file still
+  changing then fails the capture with SourceChanged, and nothing becomes visible. When the
+  check passes, every file held its captured content at the moment the check began
+  (consistent per file; files created or removed after the walk are not seen). A file that
+  vanished after it was read keeps the content it had until then. A capture from a
+  point-in-time source (a snapshot, which cannot change) skips the check (``recheck``).
 - Nothing becomes visible unless the capture succeeds: the manifest is committed last inside
   the writer context, and an exception discards the writer's pending chunks.
 - Memory is bounded independently of file sizes: a worker holds at most one extent of
@@ -61,7 +70,7 @@ import stat
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -108,6 +117,8 @@ BATCH_FILES = 128  # small files per worker task: one task per file costs more t
 BATCH_BYTES = 4 * 1024 * 1024
 INFLIGHT_BYTES = 64 * 1024 * 1024  # chunk data queued for or held by workers
 MAX_SKIP_EXAMPLES = 20
+RECHECK_ATTEMPTS = 4  # re-reads of files that changed after they were read, then it fails
+RECHECK_BACKOFF = 0.05  # seconds before the first re-read; doubled each time
 RESTORE_BATCH_FILES = 64
 
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
@@ -273,7 +284,7 @@ def _source_error(path: str, exc: OSError) -> Exception:
     return SourceUnreadable(path=path, reason=exc.strerror or str(exc))
 
 
-def _unchanged(b: TreeEntry, st: os.stat_result) -> bool:
+def _unchanged(b: TreeEntry, st: os.stat_result, ctime_ns: int, ino: int) -> bool:
     """Whether base entry ``b`` still describes what ``st`` (an lstat) found.
 
     ctime and inode number catch what mtime alone misses: a file written and then given its
@@ -281,8 +292,8 @@ def _unchanged(b: TreeEntry, st: os.stat_result) -> bool:
     """
     return (
         b.mtime_ns == st.st_mtime_ns
-        and b.ctime_ns == st.st_ctime_ns
-        and b.ino == st.st_ino
+        and b.ctime_ns == ctime_ns
+        and b.ino == ino
         and b.mode == stat.S_IMODE(st.st_mode)
         and b.uid == st.st_uid
         and b.gid == st.st_gid
@@ -294,6 +305,7 @@ def _walk(
     skipped: _Skipped,
     base: dict[str, TreeEntry],
     chunks_present: Callable[[TreeEntry], bool],
+    identity: Mapping[str, tuple[int, int]] | None = None,
 ) -> tuple[list[TreeEntry], dict[str, int], set[str]]:
     """lstat everything under ``root``: (unsorted entries, st_dev of multiply-linked files,
     paths of files that look sparse).
@@ -331,8 +343,11 @@ def _walk(
                         skipped.add(rel, "vanished")
                         continue
                     mode = st.st_mode
+                    ctime_ns, ino = st.st_ctime_ns, st.st_ino
+                    if identity is not None:
+                        ctime_ns, ino = identity.get(rel, (ctime_ns, ino))
                     b = base.get(rel)
-                    if b is not None and _unchanged(b, st):
+                    if b is not None and _unchanged(b, st, ctime_ns, ino):
                         if stat.S_ISREG(mode):
                             # Linked files get their own entry: their type is decided later.
                             same = (
@@ -390,8 +405,8 @@ def _walk(
                             size,
                             target,
                             [],
-                            st.st_ctime_ns,
-                            st.st_ino,
+                            ctime_ns,
+                            ino,
                         )
                     )
         except OSError as exc:
@@ -470,11 +485,22 @@ def _pieces(fd: int, size: int, sparse: bool, path: str) -> Iterator[tuple[memor
 class _Capture:
     """One capture: the walk's entries, the writer, and the read jobs."""
 
-    def __init__(self, writer: PoolWriter, root: str, entries: list[TreeEntry], sparse: set[str]):
+    def __init__(
+        self,
+        writer: PoolWriter,
+        root: str,
+        entries: list[TreeEntry],
+        sparse: set[str],
+        on_read: Callable[[str], None] | None = None,
+        copy: bool = False,
+    ):
         self.writer = writer
         self.root = root
         self.entries = entries
         self.sparse = sparse
+        self.on_read = on_read
+        # A copy (reflink clones) records the live files' identity: compare it with itself.
+        self.copy = copy
         # O_NOATIME keeps reads from dirtying inodes; only the owner or root may ask for it.
         self.open_flags = os.O_RDONLY | os.O_NOFOLLOW | _O_CLOEXEC
         if os.geteuid() == 0:
@@ -498,6 +524,11 @@ class _Capture:
         except OSError as exc:
             raise _source_error(path, exc) from exc
 
+    def _ref(self, e: TreeEntry, fd: int) -> tuple[int, int, int, int]:
+        """What the open file must still be after reading: the walk's lstat, or (a copy)
+        the copy's own."""
+        return _stat_key(os.fstat(fd)) if self.copy else _entry_key(e)
+
     def capture_file(self, index: int) -> _FileResult:
         """Read, cut and store one file in the calling thread (a worker)."""
         e = self.entries[index]
@@ -513,7 +544,7 @@ class _Capture:
                     fresh = os.fstat(fd)
                     if not stat.S_ISREG(fresh.st_mode):
                         raise SourceChanged(path=path, reason="it is no longer a regular file")
-                ref = _stat_key(fresh) if fresh else _entry_key(e)
+                ref = _stat_key(fresh) if fresh else self._ref(e, fd)
                 sparse = _looks_sparse(fresh) if fresh else e.path in self.sparse
                 chunks: list[tuple[bytes | None, int]] = []
                 try:
@@ -525,6 +556,8 @@ class _Capture:
             finally:
                 os.close(fd)
             if _stat_key(after) == ref:
+                if self.on_read is not None:
+                    self.on_read(e.path)
                 return _FileResult(index, chunks, fresh, cost)
         raise SourceChanged(path=path, reason="its size or times changed while it was read, twice")
 
@@ -554,7 +587,7 @@ class _Capture:
                     fresh = os.fstat(fd)
                     if not stat.S_ISREG(fresh.st_mode):
                         raise SourceChanged(path=path, reason="it is no longer a regular file")
-                ref = _stat_key(fresh) if fresh else _entry_key(e)
+                ref = _stat_key(fresh) if fresh else self._ref(e, fd)
                 sparse = _looks_sparse(fresh) if fresh else e.path in self.sparse
                 try:
                     for data, n in _pieces(fd, ref[0], sparse, path):
@@ -568,6 +601,8 @@ class _Capture:
             finally:
                 os.close(fd)
             if same:
+                if self.on_read is not None:
+                    self.on_read(e.path)
                 yield partial(_identity, _StreamEnd(index, fresh)), 0
                 return
             yield partial(_identity, _StreamRestart(index)), 0
@@ -603,12 +638,21 @@ def capture_tree(
     meta: dict[str, Any] | None = None,
     workers: int | None = None,
     progress: Progress | None = None,
+    recheck: bool = True,
+    on_read: Callable[[str], None] | None = None,
+    identity: Mapping[str, tuple[int, int]] | None = None,
 ) -> tuple[bytes, TreeManifest, CaptureStats]:
     """Capture the tree under ``root`` into ``pool``; returns (manifest id, manifest, stats).
 
     With ``base`` (the previous image of the same tree, stored as ``base_id``) unchanged files
     are not read at all. Raises SourceUnreadable (root or a file cannot be read) or
-    SourceChanged (a file kept changing while it was read); nothing is visible then.
+    SourceChanged (a file kept changing while, or after, it was read); nothing is visible
+    then. ``recheck`` (on unless ``root`` is a snapshot that cannot change) verifies that no
+    file changed after it was read (see the module's invariants). ``on_read(path)`` is
+    called, from a worker, once a file's content has been read: a test seam. ``identity``
+    maps paths to the (ctime_ns, inode) recorded for them when ``root`` is a copy of the
+    live tree (reflink clones, ``agent.pit``): the next capture then recognises unchanged
+    files by the live files' identity, not by the copy's.
     """
     t0 = time.monotonic()
     root_s = os.fspath(root)
@@ -630,7 +674,7 @@ def capture_tree(
             # Chunks of a registered base are kept by GC; others must be touched (and there).
             return registered or all(d is None or writer.has(d) for d, _ in b.chunks)
 
-        entries, link_dev, sparse = _walk(root_s, skipped, base_index, chunks_present)
+        entries, link_dev, sparse = _walk(root_s, skipped, base_index, chunks_present, identity)
         entries.sort(key=lambda e: e.path)
 
         # The first path of a hard-link group (in manifest order) carries the content.
@@ -663,7 +707,7 @@ def capture_tree(
         if progress:
             progress(done, total)
 
-        cap = _Capture(writer, root_s, entries, sparse)
+        cap = _Capture(writer, root_s, entries, sparse, on_read, copy=identity is not None)
         vanished: set[int] = set()
         streamed: list[tuple[bytes | None, int]] = []
         w = workers or default_workers()
@@ -708,6 +752,9 @@ def capture_tree(
 
         if vanished:
             entries = _drop_vanished(cap, entries, vanished, skipped, account)
+        if recheck:
+            cap.entries = entries
+            stats.rereads = _settle(cap, account)
 
         out_meta = dict(meta or {})
         out_meta["root"] = {
@@ -765,6 +812,74 @@ def _drop_vanished(
     for i in sorted(drop):
         skipped.add(entries[i].path, "vanished")
     return [e for i, e in enumerate(entries) if i not in drop]
+
+
+def _changed_since_read(root: str, entries: list[TreeEntry]) -> list[int]:
+    """Indices of the regular files whose lstat now differs from what they were read as."""
+    changed = []
+    for i, e in enumerate(entries):
+        if e.type != FILE:
+            continue
+        path = f"{root}/{e.path}"
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            continue  # removed after it was read: what was read was its last content
+        except OSError as exc:
+            raise SourceUnreadable(path=path, reason=exc.strerror or str(exc)) from exc
+        if not stat.S_ISREG(st.st_mode) or _stat_key(st) != _entry_key(e):
+            changed.append(i)
+    return changed
+
+
+def _settle(cap: _Capture, account: Callable[[_Cost], None]) -> int:
+    """Re-read files that changed after they were read until a full check finds none
+    changed; returns how many re-reads it took. Raises SourceChanged after
+    ``RECHECK_ATTEMPTS`` re-reads that did not settle."""
+    entries = cap.entries
+    rereads = 0
+    delay = RECHECK_BACKOFF
+    while True:
+        changed = _changed_since_read(cap.root, entries)
+        if not changed:
+            return rereads
+        if rereads >= RECHECK_ATTEMPTS:
+            first = f"{cap.root}/{entries[changed[0]].path}"
+            more = f" and {len(changed) - 1} other file(s)" if len(changed) > 1 else ""
+            raise SourceChanged(
+                path=first,
+                reason=f"it{more} changed after being read, {rereads + 1} times in a row; "
+                "a capture of live files is never taken torn. Give the app a point-in-time "
+                "source (a btrfs subvolume, or a file system that reflinks) or freeze/thaw "
+                "hooks",
+            )
+        rereads += 1
+        time.sleep(delay)  # let a burst of writes end before reading again
+        delay *= 2
+        for i in changed:
+            old = entries[i]
+            try:
+                st = os.lstat(f"{cap.root}/{old.path}")
+            except FileNotFoundError:
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                raise SourceChanged(
+                    path=f"{cap.root}/{old.path}", reason="it was replaced after it was read"
+                )
+            # A new entry: the old one may be the base manifest's own object (a value).
+            e = TreeEntry(old.path, FILE, 0, 0, 0, 0, 0, "", [], 0, 0)
+            _refresh(e, st)
+            entries[i] = e
+            if _looks_sparse(st):
+                cap.sparse.add(e.path)
+            res = cap.capture_file(i)
+            account(res.cost)
+            if res.chunks is None:  # removed meanwhile: keep what was read before
+                entries[i] = old
+                continue
+            if res.fresh is not None:
+                _refresh(e, res.fresh)
+            e.chunks = res.chunks
 
 
 # --- restore ------------------------------------------------------------------------------

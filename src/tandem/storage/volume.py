@@ -162,6 +162,7 @@ class CaptureStats:
     chunks_new: int = 0
     chunks_zero: int = 0
     seconds: float = 0.0
+    rereads: int = 0  # times files that changed after they were read were read again
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)

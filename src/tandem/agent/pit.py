@@ -1,0 +1,516 @@
+"""Point-in-time sources: what a capture reads instead of the live files.
+
+The agent finds what the app's path sits on (``/proc/self/mountinfo``) and cuts, for the
+app's ``ConsistencyMode``:
+
+- ``auto`` and ``snapshot``:
+  - a tree that is a btrfs subvolume (inode 256) whose parent folder is on the same mount →
+    ``btrfs subvolume snapshot -r`` beside it, read, then deleted (``snapshot-btrfs``);
+  - a tree on btrfs or XFS → ``cp -a --reflink=always`` into a hidden work folder on the same
+    file system; then, with writes held (``fsfreeze``) only for an lstat walk of the live
+    tree, every entry is compared with what it was when cloned (type, size, mtime, ctime,
+    inode): all unchanged means every clone is the file at that instant (``reflink``).
+    Regular files that changed since cloned, up to ``HELD_READ_MAX`` bytes, are read then,
+    while writes are still held, and put in place of their clones; otherwise (more bytes,
+    or folders changed) the changed entries are cloned again, writes released meanwhile,
+    and the check repeats, at most ``CLONE_ATTEMPTS`` times. (Writes cannot be held around
+    the cloning itself: a clone is a write, and blocks on a frozen file system.) The
+    longest hold is reported. On the root file system, which is never frozen, the check
+    runs with writes flowing;
+  - a volume file on btrfs or XFS → a ``FICLONE`` clone beside it, read, then removed
+    (``reflink``);
+  - otherwise ``auto`` reads the live files (``crash-unsafe``: the capture verifies each is
+    unchanged after reading), saying why; ``snapshot`` fails with PointInTimeUnavailable.
+- ``freeze``: ``fsfreeze -f`` the mount for the whole capture and ``fsfreeze -u`` after, in a
+  ``finally``, and by a watchdog after ``FREEZE_MAX`` seconds at the latest: a capture that
+  outlives the watchdog fails (its files were no longer held). The root file system is
+  never frozen (the agent and the host live on it). Reports how long writes were held.
+- ``hooks`` and ``none``: the live files (the appliance runs hooks around the capture).
+
+Work copies are named ``.tandem-pit-<random>`` beside the app's path (inside it when the
+path is the root of its mount, and then left out of what is cloned) and are always removed,
+also when the capture fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import secrets
+import shutil
+import stat
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from tandem.domain.consistency import ConsistencyMode, Cut
+from tandem.errors import PointInTimeUnavailable, SourceChanged
+
+FICLONE = 0x40049409  # _IOW(0x94, 9, int)
+FIFREEZE = 0xC0045877  # _IOWR('X', 119, int): what fsfreeze -f does, without a process
+FITHAW = 0xC0045878  # _IOWR('X', 120, int)
+REFLINK_FS = frozenset({"btrfs", "xfs"})
+BTRFS_SUBVOLUME_INO = 256
+WORK_PREFIX = ".tandem-pit-"
+CLONE_ATTEMPTS = 50
+HELD_READ_MAX = 64 * 1024 * 1024
+"""Bytes of changed files read while writes are held, rather than cloned again after."""
+FREEZE_MAX = 30.0
+COMMAND_TIMEOUT = 120.0
+
+
+@dataclass(frozen=True)
+class Mount:
+    point: str
+    fstype: str
+    source: str
+
+
+@dataclass
+class PointInTime:
+    """What to read, and how it was cut."""
+
+    path: str
+    cut: Cut
+    reason: str = ""
+    recheck: bool = True
+    """Whether ``path`` may still change (live files): the capture verifies after reading."""
+    held_seconds: float | None = None
+    """How long writes were held (freeze), set when the source is released."""
+    identity: dict[str, tuple[int, int]] | None = None
+    """For a copy (reflink clones): each path's live (ctime_ns, inode), which the image
+    records so that the next capture knows unchanged files (``capture_tree``)."""
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "consistency": self.cut.value,
+            "consistency_reason": self.reason,
+            "held_seconds": self.held_seconds,
+        }
+
+
+def _unescape(field: str) -> str:
+    """mountinfo escapes space, tab, newline and backslash as octal."""
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and field[i + 1 : i + 4].isdigit():
+            out.append(chr(int(field[i + 1 : i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def mount_of(path: str) -> Mount:
+    """The mount ``path`` is on (the longest mount point that contains it)."""
+    real = os.path.realpath(path)
+    best: Mount | None = None
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as fh:
+        for line in fh:
+            left, _, right = line.partition(" - ")
+            point = _unescape(left.split()[4])
+            fstype, source = [*right.split(), "", ""][:2]
+            inside = real == point or real.startswith(point.rstrip("/") + "/")
+            # Later lines stack over earlier ones at the same point.
+            if inside and (best is None or len(point) >= len(best.point)):
+                best = Mount(point, fstype, _unescape(source))
+    return best or Mount("/", "", "")
+
+
+def is_btrfs_subvolume(path: str) -> bool:
+    return mount_of(path).fstype == "btrfs" and os.stat(path).st_ino == BTRFS_SUBVOLUME_INO
+
+
+def _run(argv: list[str], what: str, path: str) -> None:
+    try:
+        proc = subprocess.run(
+            argv, capture_output=True, text=True, timeout=COMMAND_TIMEOUT, check=False
+        )
+    except FileNotFoundError as exc:
+        raise PointInTimeUnavailable(
+            path=path, reason=f"{argv[0]} is not installed ({what})"
+        ) from exc
+    except subprocess.TimeoutExpired as exc:
+        raise PointInTimeUnavailable(
+            path=path, reason=f"{what} took longer than {COMMAND_TIMEOUT:.0f} s"
+        ) from exc
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()
+        raise PointInTimeUnavailable(
+            path=path, reason=f"{what} failed: {tail[-1] if tail else proc.returncode}"
+        )
+
+
+def _ioctl_mount(mount: Mount, request: int, what: str, path: str) -> None:
+    """FIFREEZE or FITHAW on the file system mounted at ``mount``."""
+    fd = os.open(mount.point, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, request, 0)
+    except OSError as exc:
+        raise PointInTimeUnavailable(path=path, reason=f"{what} failed ({exc.strerror})") from exc
+    finally:
+        os.close(fd)
+
+
+def freeze(mount: Mount, path: str) -> None:
+    """Hold every write to ``mount`` (fsfreeze -f)."""
+    _ioctl_mount(mount, FIFREEZE, f"freezing {mount.point}", path)
+
+
+def thaw(mount: Mount, path: str) -> None:
+    """Release the writes (fsfreeze -u)."""
+    _ioctl_mount(mount, FITHAW, f"thawing {mount.point}", path)
+
+
+def _work_name() -> str:
+    return WORK_PREFIX + secrets.token_hex(6)
+
+
+def _work_place(path: str, mount: Mount) -> tuple[str, str | None]:
+    """Where a work copy of ``path`` goes on its file system: (work path, excluded name)."""
+    parent = os.path.dirname(path.rstrip("/")) or "/"
+    name = _work_name()
+    if path.rstrip("/") != mount.point.rstrip("/") and mount_of(parent).point == mount.point:
+        return os.path.join(parent, name), None
+    return os.path.join(path, name), name  # the app's path is the mount's root
+
+
+# --- the cuts -------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _btrfs_snapshot(path: str) -> Iterator[PointInTime]:
+    snap = os.path.join(os.path.dirname(path.rstrip("/")), _work_name())
+    _run(["btrfs", "subvolume", "snapshot", "-r", path, snap], "btrfs subvolume snapshot", path)
+    try:
+        yield PointInTime(snap, Cut.SNAPSHOT_BTRFS, "a read-only btrfs snapshot", recheck=False)
+    finally:
+        _run(["btrfs", "subvolume", "delete", snap], "btrfs subvolume delete", path)
+
+
+def _lstat_tree(root: str, exclude: str | None) -> dict[str, tuple[int, ...]]:
+    """Every entry under ``root`` (by relative path) with what says it changed: type, size,
+    mtime, ctime, inode."""
+    out: dict[str, tuple[int, ...]] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        if dirpath == root and exclude in dirnames:
+            dirnames.remove(exclude)  # type: ignore[arg-type]
+        for name in dirnames + filenames:
+            full = os.path.join(dirpath, name)
+            rel = os.path.relpath(full, root)
+            try:
+                st = os.lstat(full)
+            except FileNotFoundError:
+                out[rel] = (-1,)
+                continue
+            key = (stat.S_IFMT(st.st_mode), st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+            out[rel] = (*key, st.st_ino)
+    return out
+
+
+def _cp(sources: list[str], dest: str, path: str) -> None:
+    _run(["cp", "-a", "--reflink=always", "--", *sources, dest], "cloning with reflinks", path)
+
+
+def _remove(entry: str) -> None:
+    if os.path.isdir(entry) and not os.path.islink(entry):
+        shutil.rmtree(entry)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(entry)
+
+
+def _reclone(path: str, work: str, changed: list[str], now: dict[str, tuple[int, ...]]) -> None:
+    """Bring the clones of ``changed`` entries in line with the live tree (after ``now``)."""
+    done: list[str] = []
+    for rel in sorted(changed):  # parents first
+        if any(rel.startswith(d + "/") for d in done):
+            continue  # inside a folder cloned whole just now
+        src, dst = os.path.join(path, rel), os.path.join(work, rel)
+        key = now.get(rel)
+        if key is None or key == (-1,):
+            _remove(dst)
+            continue
+        if stat.S_ISDIR(key[0]) and os.path.isdir(dst) and not os.path.islink(dst):
+            with contextlib.suppress(FileNotFoundError):  # only its own metadata changed
+                st = os.lstat(src)
+                os.chown(dst, st.st_uid, st.st_gid)
+                os.chmod(dst, stat.S_IMODE(st.st_mode))
+            continue
+        _remove(dst)
+        if stat.S_ISREG(key[0]):
+            with contextlib.suppress(FileNotFoundError):  # removed since: the next check sees
+                _clone_file(src, dst, path)
+            continue
+        try:
+            _cp([src], dst, path)
+        except PointInTimeUnavailable:
+            if os.path.lexists(src):
+                raise
+            continue  # removed since: the next check sees it gone
+        if stat.S_ISDIR(key[0]):
+            done.append(rel)
+
+
+def _clone_file(src: str, dst: str, path: str) -> None:
+    """A reflink clone of one regular file with its mode, owner and times (as ``cp -a``),
+    without a process per file: re-cloning must be quick for the next check to settle."""
+    sfd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        dfd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                fcntl.ioctl(dfd, FICLONE, sfd)
+            except OSError as exc:
+                raise PointInTimeUnavailable(
+                    path=path, reason=f"the file system would not clone {src} ({exc.strerror})"
+                ) from exc
+            st = os.fstat(sfd)
+            os.fchown(dfd, st.st_uid, st.st_gid)
+            os.fchmod(dfd, stat.S_IMODE(st.st_mode))
+            os.utime(dfd, ns=(st.st_atime_ns, st.st_mtime_ns))
+        finally:
+            os.close(dfd)
+    finally:
+        os.close(sfd)
+
+
+def _read_held(
+    path: str, changed: list[str], now: dict[str, tuple[int, ...]]
+) -> dict[str, tuple[bytes, os.stat_result]] | None:
+    """The content of the changed regular files, read while writes are held; None when
+    there are too many bytes (or entries that are not regular files) to hold writes for."""
+    total = 0
+    for rel in changed:
+        key = now.get(rel)
+        if key is None or key == (-1,):
+            continue  # removed: nothing to read
+        if not stat.S_ISREG(key[0]):
+            return None
+        total += key[1]
+    if total > HELD_READ_MAX:
+        return None
+    out: dict[str, tuple[bytes, os.stat_result]] = {}
+    for rel in changed:
+        key = now.get(rel)
+        if key is None or key == (-1,):
+            continue
+        fd = os.open(os.path.join(path, rel), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            st = os.fstat(fd)
+            chunks, pos = [], 0
+            while pos < st.st_size:
+                piece = os.pread(fd, min(8 << 20, st.st_size - pos), pos)
+                if not piece:
+                    break
+                chunks.append(piece)
+                pos += len(piece)
+            out[rel] = (b"".join(chunks), st)
+        finally:
+            os.close(fd)
+    return out
+
+
+def _write_read(work: str, read: dict[str, tuple[bytes, os.stat_result]]) -> None:
+    """Put the files read at the cut in place of their clones (mode, owner and times kept)."""
+    for rel, (data, st) in read.items():
+        dst = os.path.join(work, rel)
+        _remove(dst)
+        fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fchown(fd, st.st_uid, st.st_gid)
+            os.fchmod(fd, stat.S_IMODE(st.st_mode))
+            os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
+        finally:
+            os.close(fd)
+
+
+def _set_dir_times(work: str, now: dict[str, tuple[int, ...]]) -> None:
+    """Folders' mtimes as the live tree had them at the cut (re-cloning changed them)."""
+    for rel, key in now.items():
+        if len(key) == 5 and stat.S_ISDIR(key[0]):
+            os.utime(os.path.join(work, rel), ns=(key[2], key[2]), follow_symlinks=False)
+
+
+@contextlib.contextmanager
+def _reflink_tree(path: str, mount: Mount) -> Iterator[PointInTime]:
+    """Clone the tree, then check it against the live tree while writes are held for the
+    instant of an lstat walk (``fsfreeze``; not on the root file system, where the check
+    runs unfrozen): an entry unchanged since it was cloned, for all entries, makes the
+    clones the live tree at that instant. Entries that changed are cloned again and the
+    check repeats, at most ``CLONE_ATTEMPTS`` times."""
+    work, exclude = _work_place(path, mount)
+    hold = mount.point != "/"
+    held = 0.0
+    try:
+        before = _lstat_tree(path, exclude)
+        os.mkdir(work, 0o700)
+        names = [os.path.join(path, n) for n in os.listdir(path) if n != exclude]
+        if names:
+            _cp(names, work + "/", path)
+        for attempt in range(CLONE_ATTEMPTS):
+            if hold:
+                freeze(mount, path)
+            t0 = time.monotonic()
+            read: dict[str, tuple[bytes, os.stat_result]] | None = None
+            try:
+                now = _lstat_tree(path, exclude)
+                changed = [r for r in before.keys() | now.keys() if before.get(r) != now.get(r)]
+                if hold and changed:
+                    # Writers queue while held and rush in at the thaw, so a file written
+                    # on every commit (a WAL) would change again before it is re-cloned:
+                    # a few changed files are read now instead, at the cut.
+                    read = _read_held(path, changed, now)
+            finally:
+                if hold:
+                    thaw(mount, path)
+                held = max(held, time.monotonic() - t0)
+            if read is not None:
+                _reclone(path, work, [r for r in changed if r not in read], now)
+                _write_read(work, read)
+                changed = []
+            if not changed:
+                st = os.stat(path)  # the root's own metadata, which the image records
+                os.chmod(work, stat.S_IMODE(st.st_mode))
+                os.chown(work, st.st_uid, st.st_gid)
+                _set_dir_times(work, now)
+                os.utime(work, ns=(st.st_atime_ns, st.st_mtime_ns))
+                why = "reflink clones, unchanged since cloned" + (
+                    f" when writes to {mount.point} were held" if hold else ""
+                )
+                if attempt:
+                    why += f" (files that changed meanwhile re-cloned {attempt} times)"
+                identity = {rel: (k[3], k[4]) for rel, k in now.items() if len(k) == 5}
+                pit = PointInTime(work, Cut.REFLINK, why, recheck=False, identity=identity)
+                pit.held_seconds = held if hold else None
+                yield pit
+                return
+            _reclone(path, work, changed, now)
+            before = now
+        shown = ", ".join(sorted(changed)[:5]) + (", …" if len(changed) > 5 else "")
+        raise SourceChanged(
+            path=path,
+            reason=f"files kept changing while they were cloned ({CLONE_ATTEMPTS} checks; last "
+            f"{shown}); put the data on a btrfs subvolume for a snapshot, or use freeze/thaw "
+            "hooks",
+        )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _reflink_file(path: str) -> Iterator[PointInTime]:
+    clone = os.path.join(os.path.dirname(path), _work_name())
+    src = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        dst = os.open(clone, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                fcntl.ioctl(dst, FICLONE, src)
+            except OSError as exc:
+                raise PointInTimeUnavailable(
+                    path=path, reason=f"the file system would not clone it ({exc.strerror})"
+                ) from exc
+        finally:
+            os.close(dst)
+        yield PointInTime(clone, Cut.REFLINK, "a reflink clone of the volume file", recheck=False)
+    finally:
+        os.close(src)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(clone)
+
+
+@contextlib.contextmanager
+def _frozen(path: str, mount: Mount) -> Iterator[PointInTime]:
+    if mount.point == "/":
+        raise PointInTimeUnavailable(
+            path=path,
+            reason="it is on the root file system, which is never frozen (the host runs on it)",
+        )
+    lock = threading.Lock()
+    thawed = [False]
+
+    def release() -> None:
+        with lock:
+            if not thawed[0]:
+                thawed[0] = True
+                thaw(mount, path)
+
+    freeze(mount, path)
+    t0 = time.monotonic()
+    watchdog = threading.Timer(FREEZE_MAX, release)
+    watchdog.daemon = True
+    watchdog.start()
+    pit = PointInTime(path, Cut.FREEZE, f"writes to {mount.point} held during the capture")
+    try:
+        yield pit
+        if time.monotonic() - t0 >= FREEZE_MAX:
+            raise SourceChanged(
+                path=path,
+                reason=f"the capture took longer than the {FREEZE_MAX:.0f} s writes may be "
+                "held; use a point-in-time source or hooks",
+            )
+    finally:
+        watchdog.cancel()
+        release()
+        pit.held_seconds = time.monotonic() - t0
+
+
+@contextlib.contextmanager
+def _live(path: str, reason: str) -> Iterator[PointInTime]:
+    yield PointInTime(path, Cut.CRASH_UNSAFE, reason)
+
+
+def _no_pit(path: str, kind: str, mount: Mount) -> str | None:
+    """Why ``path`` has no point-in-time source; None when it has one."""
+    fs = mount.fstype or "an unknown file system"
+    if kind == "volume":
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return "it is a block device, which neither snapshots nor reflinks here"
+        if mount.fstype not in REFLINK_FS:
+            return f"it is on {fs} at {mount.point}, which cannot reflink a file"
+        return None
+    if mount.fstype not in REFLINK_FS:
+        return f"it is on {fs} at {mount.point}, which can neither snapshot nor reflink"
+    return None
+
+
+@contextlib.contextmanager
+def point_in_time(path: str, kind: str, mode: ConsistencyMode) -> Iterator[PointInTime]:
+    """What to capture ``path`` (a ``filesystem`` or ``volume`` app) from, under ``mode``;
+    the source is released (snapshot deleted, clones removed, file system thawed) on exit."""
+    if mode in (ConsistencyMode.NONE, ConsistencyMode.HOOKS):
+        with _live(path, f"--consistency {mode.value}: live files") as pit:
+            yield pit
+        return
+    mount = mount_of(path)
+    if mode is ConsistencyMode.FREEZE:
+        with _frozen(path, mount) as pit:
+            yield pit
+        return
+    reason = _no_pit(path, kind, mount)
+    if reason is not None:
+        if mode is ConsistencyMode.SNAPSHOT:
+            raise PointInTimeUnavailable(path=path, reason=reason)
+        with _live(path, f"no point-in-time source: {reason}") as pit:
+            yield pit
+        return
+    source: contextlib.AbstractContextManager[PointInTime]
+    if kind == "volume":
+        source = _reflink_file(path)
+    elif (
+        is_btrfs_subvolume(path)
+        and mount_of(os.path.dirname(path.rstrip("/")) or "/").point == mount.point
+    ):
+        source = _btrfs_snapshot(path)
+    else:
+        source = _reflink_tree(path, mount)
+    with source as pit:
+        yield pit

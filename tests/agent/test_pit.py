@@ -1,0 +1,221 @@
+"""Point-in-time sources on real file systems (loop-mounted btrfs, XFS and ext4)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tandem.agent import pit
+from tandem.domain.consistency import ConsistencyMode, Cut
+from tandem.errors import PointInTimeUnavailable, SourceChanged
+from tandem.storage.manifest import TreeManifest
+from tandem.storage.pool import ChunkPool
+from tandem.storage.tree import capture_tree
+from tandem.storage.volume import capture_volume
+from tests.agent.loopfs import PairWriter, loop_mounts, torn
+
+PAIRS = 64
+
+
+@pytest.fixture
+def mkfs(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
+    with loop_mounts(tmp_path) as make:
+        yield make
+
+
+def files_of(pool: ChunkPool, m: TreeManifest) -> dict[str, bytes]:
+    return {
+        e.path: b"".join(pool.get(d) if d else bytes(n) for d, n in e.chunks)
+        for e in m.entries
+        if e.type == "f"
+    }
+
+
+def capture_under_load(
+    pool: ChunkPool,
+    app: Path,
+    mode: ConsistencyMode = ConsistencyMode.AUTO,
+    pause: float = 0.0,
+    size: int = 4096,
+) -> tuple[pit.PointInTime, dict[str, bytes], int]:
+    """Capture ``app`` through its point in time while a PairWriter rewrites it; returns the
+    cut, the captured files and how many rounds the writer wrote during the capture."""
+    app.mkdir(exist_ok=True)
+    with PairWriter(app, PAIRS, pause=pause, size=size) as writer:
+        start = writer.rounds
+        with pit.point_in_time(str(app), "filesystem", mode) as cut:
+            _, m, _ = capture_tree(pool, cut.path, recheck=cut.recheck)
+        during = writer.rounds - start
+    return cut, files_of(pool, m), during
+
+
+def leftovers(folder: Path) -> list[str]:
+    return [n for n in os.listdir(folder) if n.startswith(pit.WORK_PREFIX)]
+
+
+def test_a_btrfs_subvolume_is_captured_from_a_snapshot_under_load(
+    pool: ChunkPool, mkfs: Callable[[str], Path]
+) -> None:
+    fs = mkfs("btrfs")
+    subprocess.run(
+        ["btrfs", "subvolume", "create", str(fs / "app")], check=True, capture_output=True
+    )
+    rounds = 0
+    for _ in range(3):
+        # 256 KiB files: reading them all takes longer than a round of writes
+        cut, files, during = capture_under_load(pool, fs / "app", size=256 * 1024)
+        assert cut.cut is Cut.SNAPSHOT_BTRFS and not cut.recheck
+        assert torn(files, PAIRS) == []
+        rounds += during
+    assert rounds > 0  # the writer kept writing through the captures
+    assert leftovers(fs) == []  # the snapshots were deleted
+
+
+def test_a_tree_on_xfs_is_captured_from_reflink_clones_under_load(
+    pool: ChunkPool, mkfs: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fs = mkfs("xfs")
+    for _ in range(5):
+        cut, files, _ = capture_under_load(pool, fs / "app", size=64 * 1024)
+        assert cut.cut is Cut.REFLINK and not cut.recheck
+        assert cut.held_seconds is not None and cut.held_seconds < 0.5
+        assert torn(files, PAIRS) == []
+    assert leftovers(fs) == []
+
+
+def test_an_app_that_is_a_whole_xfs_mount_clones_inside_it_and_leaves_nothing(
+    pool: ChunkPool, mkfs: Callable[[str], Path]
+) -> None:
+    fs = mkfs("xfs")
+    (fs / "data").write_bytes(b"rows")
+    with pit.point_in_time(str(fs), "filesystem", ConsistencyMode.AUTO) as cut:
+        assert cut.cut is Cut.REFLINK
+        _, m, _ = capture_tree(pool, cut.path, recheck=cut.recheck)
+    assert sorted(e.path for e in m.entries) == ["data"]  # not the work folder itself
+    assert leftovers(fs) == []
+
+
+def test_a_tree_on_ext4_falls_back_to_checked_live_files_and_says_why(
+    pool: ChunkPool, mkfs: Callable[[str], Path]
+) -> None:
+    fs = mkfs("ext4")
+    (fs / "app").mkdir()
+    (fs / "app" / "f").write_bytes(b"x")
+    with pit.point_in_time(str(fs / "app"), "filesystem", ConsistencyMode.AUTO) as cut:
+        assert cut.cut is Cut.CRASH_UNSAFE and cut.recheck and cut.path == str(fs / "app")
+    assert "ext4" in cut.reason and "neither snapshot nor reflink" in cut.reason
+    with (
+        pytest.raises(PointInTimeUnavailable, match="ext4"),
+        pit.point_in_time(str(fs / "app"), "filesystem", ConsistencyMode.SNAPSHOT),
+    ):
+        pass
+
+
+def test_a_volume_file_on_xfs_is_captured_from_a_reflink_clone(
+    pool: ChunkPool, mkfs: Callable[[str], Path]
+) -> None:
+    fs = mkfs("xfs")
+    disk = fs / "disk.img"
+    disk.write_bytes(b"A" * (8 << 20))
+    with pit.point_in_time(str(disk), "volume", ConsistencyMode.AUTO) as cut:
+        assert cut.cut is Cut.REFLINK
+        with open(disk, "r+b") as fh:  # the app writes on after the cut
+            fh.write(b"B" * (1 << 20))
+        _, m, _ = capture_volume(pool, cut.path)
+    assert pool.get(m.chunks[0])[:4] == b"AAAA"
+    assert leftovers(fs) == []
+
+
+def test_freeze_holds_writes_for_the_capture_and_always_thaws(
+    pool: ChunkPool, mkfs: Callable[[str], Path]
+) -> None:
+    fs = mkfs("ext4")
+    (fs / "app").mkdir()
+    (fs / "app" / "f").write_bytes(b"before")
+    wrote = threading.Event()
+
+    def write() -> None:
+        (fs / "app" / "g").write_bytes(b"during")
+        wrote.set()
+
+    with (
+        pytest.raises(RuntimeError, match="capture failed"),
+        pit.point_in_time(str(fs / "app"), "filesystem", ConsistencyMode.FREEZE) as cut,
+    ):
+        assert cut.cut is Cut.FREEZE
+        writer = threading.Thread(target=write, daemon=True)
+        writer.start()
+        assert not wrote.wait(0.3)  # held while frozen
+        _, m, _ = capture_tree(pool, cut.path, recheck=cut.recheck)
+        assert [e.path for e in m.entries] == ["f"]
+        raise RuntimeError("capture failed")
+    assert wrote.wait(10)  # thawed although the capture failed
+    assert cut.held_seconds is not None and cut.held_seconds >= 0.3
+    writer.join()
+
+
+def test_the_root_file_system_is_never_frozen() -> None:
+    with (
+        pytest.raises(PointInTimeUnavailable, match="root file system"),
+        pit.point_in_time("/etc", "filesystem", ConsistencyMode.FREEZE),
+    ):
+        pass
+
+
+def test_a_freeze_that_outlives_the_watchdog_is_thawed_and_fails(
+    pool: ChunkPool, mkfs: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fs = mkfs("ext4")
+    (fs / "app").mkdir()
+    monkeypatch.setattr(pit, "FREEZE_MAX", 0.2)
+    with (
+        pytest.raises(SourceChanged, match="longer than"),
+        pit.point_in_time(str(fs / "app"), "filesystem", ConsistencyMode.FREEZE),
+    ):
+        # wait for the state: writable again, thawed by the watchdog
+        done = threading.Event()
+        threading.Thread(
+            target=lambda: ((fs / "app" / "probe").write_bytes(b""), done.set())
+        ).start()
+        assert done.wait(10)
+
+
+def test_a_recapture_from_reflink_clones_reads_only_what_changed(
+    pool: ChunkPool, mkfs: Callable[[str], Path]
+) -> None:
+    """Clones are new inodes each time; the image records the live files' identity, so an
+    unchanged file is not read again."""
+    fs = mkfs("xfs")
+    app = fs / "app"
+    app.mkdir()
+    for i in range(8):
+        (app / f"f{i}").write_bytes(os.urandom(100_000))
+
+    def cut_and_capture(
+        base: TreeManifest | None, base_id: bytes | None
+    ) -> tuple[bytes, TreeManifest, int]:
+        with pit.point_in_time(str(app), "filesystem", ConsistencyMode.AUTO) as cut:
+            assert cut.cut is Cut.REFLINK
+            mid, m, stats = capture_tree(
+                pool,
+                cut.path,
+                base=base,
+                base_id=base_id,
+                recheck=cut.recheck,
+                identity=cut.identity,
+            )
+        return mid, m, stats.bytes_read
+
+    first_id, first, read = cut_and_capture(None, None)
+    assert read == 800_000
+    _, _, read = cut_and_capture(first, first_id)
+    assert read == 0
+    (app / "f3").write_bytes(os.urandom(100_000))
+    _, second, read = cut_and_capture(first, first_id)
+    assert read == 100_000
+    assert files_of(pool, second)["f3"] == (app / "f3").read_bytes()

@@ -1,0 +1,109 @@
+"""Every image records how it was cut; the app's --consistency says what it may be cut from."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tandem.appliance.schemas import ImageOut
+from tandem.catalog import queries as q
+from tandem.domain.consistency import ConsistencyMode
+from tandem.domain.jobs import JobStatus
+from tandem.domain.lifecycle import AppKind
+from tandem.operations import apps, capture
+from tests.agent.loopfs import loop_mounts
+from tests.operations.conftest import Live
+from tests.operations.test_capture_restore import protect, run
+
+
+@pytest.fixture
+def mkfs(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
+    with loop_mounts(tmp_path) as make:
+        yield make
+
+
+def cut_of(live: Live, image: str | None) -> str | None:
+    with live.appliance.site.catalog.read() as session:
+        return ImageOut.of(q.get_image(session, image_id=image or "")).consistency
+
+
+def test_an_app_on_a_btrfs_subvolume_is_cut_from_a_snapshot(
+    live: Live, mkfs: Callable[[str], Path]
+) -> None:
+    fs = mkfs("btrfs")
+    subprocess.run(
+        ["btrfs", "subvolume", "create", str(fs / "db")], check=True, capture_output=True
+    )
+    (fs / "db" / "table").write_bytes(b"rows" * 1000)
+    protect(live, "db", AppKind.FILESYSTEM, fs / "db")
+    job = run(live, capture.submit_capture(live.appliance.site, app="db", actor="t"))
+    assert job.status is JobStatus.SUCCEEDED, job.message
+    assert cut_of(live, job.image) == "snapshot-btrfs"
+    assert job.result is not None and job.result["consistency"] == "snapshot-btrfs"
+
+
+def test_live_files_are_recorded_as_crash_unsafe_with_the_reason(
+    live: Live, tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "f").write_bytes(b"x")
+    protect(live, "web", AppKind.FILESYSTEM, data)
+    job = run(live, capture.submit_capture(live.appliance.site, app="web", actor="t"))
+    assert job.status is JobStatus.SUCCEEDED, job.message
+    assert cut_of(live, job.image) == "crash-unsafe"
+    assert job.result is not None and "no point-in-time source" in job.result["consistency_reason"]
+
+
+def test_snapshot_mode_fails_where_there_is_no_snapshot(live: Live, tmp_path: Path) -> None:
+    site = live.appliance.site
+    data = tmp_path / "data"
+    data.mkdir()
+    protect(live, "web", AppKind.FILESYSTEM, data)
+    apps.set_hooks(site, name="web", hooks={}, consistency=ConsistencyMode.SNAPSHOT)
+    job = run(live, capture.submit_capture(site, app="web", actor="t"))
+    assert job.status is JobStatus.FAILED
+    assert "No point in time" in job.message and "--consistency" in job.message
+    with site.catalog.read() as session:
+        assert q.list_images(session, app="web") == []
+
+
+def test_hooks_mode_freezes_and_always_thaws(live: Live, tmp_path: Path) -> None:
+    site = live.appliance.site
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "f").write_bytes(b"x")
+    events = tmp_path / "events"
+    protect(
+        live,
+        "web",
+        AppKind.FILESYSTEM,
+        data,
+        freeze=f'echo "freeze $TANDEM_OPERATION $TANDEM_APP_PATH" >> {events}',
+        thaw=f'echo "thaw $TANDEM_OPERATION" >> {events}',
+    )
+    apps.set_hooks(site, name="web", hooks={}, consistency=ConsistencyMode.HOOKS)
+    job = run(live, capture.submit_capture(site, app="web", actor="t"))
+    assert job.status is JobStatus.SUCCEEDED, job.message
+    assert cut_of(live, job.image) == "hooks"
+    assert events.read_text().splitlines() == [f"freeze capture {data}", "thaw capture"]
+
+    (data / "f").unlink()
+    data.rmdir()  # the capture fails: the thaw runs all the same
+    job = run(live, capture.submit_capture(site, app="web", actor="t"))
+    assert job.status is JobStatus.FAILED
+    assert events.read_text().splitlines()[2:] == [f"freeze capture {data}", "thaw capture"]
+
+
+def test_hooks_mode_without_a_freeze_hook_says_what_to_do(live: Live, tmp_path: Path) -> None:
+    site = live.appliance.site
+    data = tmp_path / "data"
+    data.mkdir()
+    protect(live, "web", AppKind.FILESYSTEM, data)
+    apps.set_hooks(site, name="web", hooks={}, consistency=ConsistencyMode.HOOKS)
+    job = run(live, capture.submit_capture(site, app="web", actor="t"))
+    assert job.status is JobStatus.FAILED
+    assert "no freeze hook" in job.message and "--freeze SCRIPT" in job.message
