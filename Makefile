@@ -8,9 +8,10 @@ STAMP := $(VENV)/.installed
 .PHONY: demo test lint typecheck bench clean tools
 
 # The NBD tests read exports with real clients from Debian (qemu-img, nbdcopy, nbdsh); the
-# console tests drive Debian's Chromium. On a fresh Debian machine as root they are
+# console tests drive Debian's Chromium; the live-application tests make btrfs and XFS file
+# systems and run PostgreSQL under pgbench. On a fresh Debian machine as root they are
 # installed here; elsewhere the tests that need them fail saying which package to install.
-TOOLS_PKGS := qemu-utils libnbd-bin python3-libnbd chromium
+TOOLS_PKGS := qemu-utils libnbd-bin python3-libnbd chromium btrfs-progs xfsprogs postgresql
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -30,13 +31,15 @@ typecheck: $(STAMP)
 
 tools:
 	@if ! command -v qemu-img >/dev/null || ! command -v nbdcopy >/dev/null \
-	    || ! command -v nbdsh >/dev/null || ! test -x /usr/bin/chromium; then \
+	    || ! command -v nbdsh >/dev/null || ! test -x /usr/bin/chromium \
+	    || ! command -v mkfs.btrfs >/dev/null || ! command -v mkfs.xfs >/dev/null \
+	    || ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    echo "installing $(TOOLS_PKGS) (the NBD and browser tests' clients)"; \
+	    echo "installing $(TOOLS_PKGS) (what the NBD, browser and live-application tests use)"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
 	      --no-install-recommends $(TOOLS_PKGS) >/dev/null; \
 	  else \
-	    echo "note: install $(TOOLS_PKGS) for the NBD tests"; \
+	    echo "note: install $(TOOLS_PKGS) for the NBD, browser and live-application tests"; \
 	  fi; \
 	fi
 
