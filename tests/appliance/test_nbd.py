@@ -354,8 +354,8 @@ def test_a_corrupt_chunk_is_an_io_error_never_served(
 
 
 class RawClient:
-    def __init__(self, port: int) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    def __init__(self, port: int, host: str = "127.0.0.1") -> None:
+        self.sock = socket.create_connection((host, port), timeout=10)
         magic, opt, flags = struct.unpack(">QQH", self.recv(18))
         assert (magic, opt) == (nbd.NBDMAGIC, nbd.IHAVEOPT)
         assert flags == nbd.FLAG_FIXED_NEWSTYLE | nbd.FLAG_NO_ZEROES

@@ -7,8 +7,9 @@ so qemu, libnbd tools (nbdinfo, nbdcopy, nbdfuse) and the kernel client use expo
   NBD_INFO_EXPORT and, when asked, NBD_INFO_BLOCK_SIZE), NBD_OPT_LIST, NBD_OPT_ABORT,
   NBD_OPT_STRUCTURED_REPLY, and NBD_OPT_LIST/SET_META_CONTEXT with the one context served,
   ``base:allocation`` (id 1; selected for the export named in the option, which must match
-  as the export does: a wrong secret is NBD_REP_ERR_UNKNOWN). Anything else
-  (NBD_OPT_STARTTLS, extended headers…) is answered NBD_REP_ERR_UNSUP.
+  as the export does: a wrong secret is NBD_REP_ERR_UNKNOWN), and NBD_OPT_STARTTLS on a
+  server given a TLS context (below). Anything else (extended headers…) is answered
+  NBD_REP_ERR_UNSUP.
 - Structured replies, once negotiated: a read is answered with one OFFSET_DATA chunk (its
   error with an ERROR chunk, never a simple reply), NBD_CMD_BLOCK_STATUS with one
   BLOCK_STATUS chunk; other commands keep simple replies, as the protocol allows.
@@ -44,8 +45,18 @@ or a hang-up for NBD_OPT_EXPORT_NAME), and NBD_OPT_LIST never lists an export th
 secret. Plain export names (``secret=""``) exist only for a server on a loopback address:
 ``add_export`` refuses them on any other address and ``start()`` refuses to listen on one
 while such an export exists. The secret protects against anyone who can reach the port;
-it does not hide the traffic (NBD here is plaintext): put the NBD port on the storage
-network between appliance and hosts. (NBD_OPT_STARTTLS is the next step.)
+it does not hide the traffic of a plain server.
+
+TLS: a server given ``tls`` (an ``ssl.SSLContext``, server side: the appliance's own
+certificate and key, the ones its HTTPS API serves and clients pin) requires TLS of every
+client, as qemu and libnbd expect: before NBD_OPT_STARTTLS, every option but STARTTLS and
+ABORT is answered NBD_REP_ERR_TLS_REQD (NBD_OPT_EXPORT_NAME, which has no error reply, is a
+hang-up); STARTTLS is acknowledged, the TLS handshake runs on the same connection, and the
+rest of the negotiation and the transmission run inside it. The handshake limits
+(``handshake_timeout``, options per handshake, pending connections) count from the TCP
+connection, so the TLS handshake is inside them. A server on an address that is not
+loopback must have ``tls`` (``start()`` refuses otherwise); its URIs are
+``nbds://HOST:PORT/NAME.SECRET``. A loopback server may stay plain.
 
 Connection limits: an idle connection must never lock a valid client out. A client has
 ``handshake_timeout`` seconds (10 by default) from connecting to choosing an export, or it is
@@ -76,6 +87,7 @@ import os
 import re
 import secrets
 import socket
+import ssl
 import struct
 import threading
 from collections.abc import Callable
@@ -131,6 +143,7 @@ REP_META_CONTEXT = 4
 REP_ERR_UNSUP = 2**31 + 1
 REP_ERR_POLICY = 2**31 + 2
 REP_ERR_INVALID = 2**31 + 3
+REP_ERR_TLS_REQD = 2**31 + 5
 REP_ERR_UNKNOWN = 2**31 + 6
 
 INFO_EXPORT = 0
@@ -343,6 +356,14 @@ def is_loopback(host: str) -> bool:
     return bool(infos) and all(ipaddress.ip_address(i[4][0]).is_loopback for i in infos)
 
 
+def tls_context(cert: str | os.PathLike[str], key: str | os.PathLike[str]) -> ssl.SSLContext:
+    """The server side of NBD over TLS, with the appliance's certificate and key."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert, key)
+    return ctx
+
+
 def nbd_errno(exc: BaseException) -> int:
     """The NBD error value a backend exception is reported as."""
     if isinstance(exc, InvalidInput):
@@ -373,8 +394,10 @@ class NbdServer:
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
         max_pending: int = MAX_PENDING,
         max_pending_per_source: int = MAX_PENDING_PER_SOURCE,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.host = host
+        self.tls = tls
         self._port = port
         self.advertise = advertise or host
         self.max_connections = max_connections
@@ -411,6 +434,11 @@ class NbdServer:
         """Listen, serving from a thread of its own; returns once the port is bound."""
         if self._thread is not None:
             raise Conflict(detail="the NBD server is already running")
+        if not self.loopback and self.tls is None:
+            raise InvalidInput(
+                detail=f"NBD on {self.host}, which is not a loopback address, must use TLS; "
+                "give the server the appliance's certificate (tls=) or listen on loopback"
+            )
         if not self.loopback:
             with self._lock:
                 open_exports = [e.name for e in self._exports.values() if not e.secret]
@@ -558,7 +586,8 @@ class NbdServer:
         host = self.advertise
         if ":" in host:
             host = f"[{host}]"
-        return f"nbd://{host}:{self._port}/{export.wire_name}"
+        scheme = "nbds" if self.tls is not None else "nbd"
+        return f"{scheme}://{host}:{self._port}/{export.wire_name}"
 
     def _match(self, wire: bytes) -> _Export | None:
         """The export a client asked for, if name and secret match (caller holds the lock)."""
@@ -679,6 +708,8 @@ class NbdServer:
                 await self._transmit(conn, export, reader, writer)
         except (asyncio.IncompleteReadError, ConnectionError, _HangUp, TimeoutError):
             pass
+        except ssl.SSLError as exc:  # a client that does not trust us, or does not speak TLS
+            log.debug("NBD: TLS with %s failed: %s", peer, exc)
         except Exception:
             log.exception("NBD: connection from %s failed", peer)
         finally:
@@ -707,11 +738,30 @@ class NbdServer:
             writer.write(_OPT_REPLY.pack(OPT_REPLY_MAGIC, option, kind, len(data)) + data)
             await writer.drain()
 
+        encrypted = False
         for _ in range(MAX_OPTIONS):
             magic, option, length = _OPTION.unpack(await reader.readexactly(_OPTION.size))
             if magic != IHAVEOPT or length > MAX_OPTION_LEN:
                 raise _HangUp("bad option header")
             data = await reader.readexactly(length)
+            if self.tls is not None and not encrypted and option != OPT_ABORT:
+                if option == OPT_EXPORT_NAME:
+                    raise _HangUp("NBD_OPT_EXPORT_NAME before STARTTLS")  # it has no error reply
+                if option != OPT_STARTTLS:
+                    await reply(option, REP_ERR_TLS_REQD, b"this server requires STARTTLS first")
+                    continue
+                if data:
+                    await reply(option, REP_ERR_INVALID, b"NBD_OPT_STARTTLS takes no data")
+                    continue
+                await reply(option, REP_ACK)
+                # The stream now runs over TLS; a failed TLS handshake is an SSLError (an
+                # OSError), which ends the connection like any other.
+                await writer.start_tls(self.tls)
+                encrypted = True
+                continue
+            if option == OPT_STARTTLS and encrypted:
+                await reply(option, REP_ERR_INVALID, b"TLS is already negotiated")
+                continue
             if option == OPT_EXPORT_NAME:
                 self._make_room()
                 export = self._attach(conn, data)
