@@ -124,7 +124,7 @@ def test_an_operator_asks_for_the_export_and_the_request_is_audited(
         f"/api/v1/images/{shown.image}/export", headers=api.headers("operator")
     )
     assert answer.status_code == 200
-    assert answer.json() == {"image": shown.image, "nbd_uri": shown.uri}
+    assert answer.json() == {"image": shown.image, "nbd_uri": shown.uri, "nbd_fingerprint": None}
     not_presented = api.client.post(
         f"/api/v1/images/{shown.base}/export", headers=api.headers("operator")
     )

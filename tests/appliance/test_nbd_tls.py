@@ -12,16 +12,26 @@ import socket
 import ssl
 import struct
 import subprocess
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tandem.appliance import nbd
+from tandem.appliance.daemon import Appliance, init
 from tandem.appliance.nbd import NbdServer, tls_context
+from tandem.catalog import queries as q
+from tandem.domain.images import ImageState
 from tandem.errors import InvalidInput
+from tandem.operations import present
 from tandem.storage.overlay import Overlay
-from tandem.transport.tls import make_self_signed
+from tandem.transport.tls import fingerprint_of_pem, make_self_signed
+from tests.appliance.conftest import Api
+from tests.appliance.live import free_port
+from tests.appliance.test_capabilities import SECRET
+from tests.appliance.test_capabilities import present as present_image
 from tests.appliance.test_nbd import (
     Image,
     RawClient,
@@ -193,3 +203,109 @@ def test_no_plain_nbd_off_loopback(host: str, overlay: Overlay) -> None:
     assert not srv.running
     with socket.create_server((host, 0)) as probe:  # the address itself is usable
         assert probe.getsockname()[0] == host
+
+
+# --- the appliance: where NBD listens, and with which certificate -----------------------
+
+
+@pytest.fixture
+def appliance_on(tmp_path: Path) -> Iterator[Callable[..., Appliance]]:
+    """Make (init) and start appliances; stopped at the end."""
+    made: list[Appliance] = []
+
+    def make(name: str, **nbd_options: Any) -> Appliance:
+        directory = tmp_path / name
+        init(directory, name, f"127.0.0.1:{free_port()}", None, **nbd_options)
+        appliance = Appliance(directory, workers=1)
+        made.append(appliance)
+        appliance.nbd.start()
+        return appliance
+
+    yield make
+    for appliance in made:
+        appliance.stop()
+
+
+def test_an_appliance_serves_nbd_over_tls_where_the_operator_says(
+    appliance_on: Callable[..., Appliance], host: str, overlay: Overlay, tmp_path: Path
+) -> None:
+    port = free_port()
+    appliance = appliance_on("site-a", nbd_listen=f"{host}:{port}")
+    assert (appliance.nbd.host, appliance.nbd.port) == (host, port)
+    uri = appliance.nbd.add_export("copy", overlay)
+    assert uri.startswith(f"nbds://{host}:{port}/copy.")
+    # The certificate is the API's (its fingerprint is the one clients pin) and names the
+    # NBD address, so libnbd verifies it as is.
+    pem = (appliance.directory / "cert.pem").read_text()
+    assert fingerprint_of_pem(pem) == appliance.config.fingerprint
+    assert present.export_fingerprint(appliance.site, uri) == appliance.config.fingerprint
+    trust = tmp_path / "trust"
+    trust.mkdir()
+    (trust / "ca-cert.pem").write_text(pem)
+    size = run("nbdinfo", "--size", with_certs(uri, trust)).stdout.strip()
+    assert size == str(overlay.size)
+    assert run("nbdinfo", "--size", "nbd://" + uri.split("://")[1], check=False).returncode
+
+
+def test_loopback_nbd_stays_plain_unless_asked(
+    appliance_on: Callable[..., Appliance], overlay: Overlay, tmp_path: Path
+) -> None:
+    plain = appliance_on("plain")
+    assert plain.nbd.tls is None
+    uri = plain.nbd.add_export("copy", overlay)
+    assert uri.startswith("nbd://127.0.0.1:")
+    assert present.export_fingerprint(plain.site, uri) is None
+    assert run("nbdinfo", "--size", uri).stdout.strip() == str(overlay.size)
+
+    tls = appliance_on("tls", nbd_listen=f"127.0.0.1:{free_port()}", nbd_tls=True)
+    assert tls.nbd.add_export("copy", overlay).startswith("nbds://127.0.0.1:")
+
+
+def test_the_export_request_gives_the_fingerprint_to_pin(api: Api, tmp_path: Path) -> None:
+    shown = present_image(api, tmp_path)
+    uri = f"nbds://192.0.2.2:10809/{shown.image}.{SECRET}"
+    with api.appliance.catalog.begin() as session:
+        q.set_image_state(
+            session,
+            image_id=shown.image,
+            state=ImageState.MOUNTED,
+            mounted_host="h1",
+            nbd_export=uri,
+        )
+    answer = api.client.post(
+        f"/api/v1/images/{shown.image}/export", headers=api.headers("operator")
+    ).json()
+    assert answer == {
+        "image": shown.image,
+        "nbd_uri": uri,
+        "nbd_fingerprint": api.appliance.config.fingerprint,
+    }
+
+
+def test_bad_nbd_listen_is_refused_and_nothing_is_made(tmp_path: Path) -> None:
+    for bad, message in (
+        ("nowhere", "--nbd-listen takes HOST:PORT"),
+        ("0.0.0.0:10809", "give --nbd-listen the appliance's address"),
+    ):
+        directory = tmp_path / "bad"
+        listen = "0.0.0.0:8443" if bad.startswith("0.0.0.0") else "127.0.0.1:8443"
+        proc = subprocess.run(
+            [
+                str(Path(sys.executable).parent / "tandem"),
+                "appliance",
+                "init",
+                str(directory),
+                "--name",
+                "a",
+                "--listen",
+                listen,
+                "--nbd-listen",
+                bad,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr
+        assert message in proc.stderr + proc.stdout
+        assert not (directory / "config.json").exists()

@@ -3,7 +3,8 @@
 On-disk layout (made by ``init``)::
 
     DIR/config.json   {"kind": "appliance", "name", "listen", "token_hash", "fingerprint",
-                       "extra": {"catalog": URL or null}}
+                       "extra": {"catalog": URL or null, "nbd": "HOST:PORT",
+                                 "nbd_tls": bool (optional)}}
     DIR/cert.pem      the self-signed certificate clients pin (DIR/key.pem: its key, 0600)
     DIR/catalog.db    the SQLite catalog, unless ``--catalog`` named another database
     DIR/pool/         the chunk pool
@@ -15,6 +16,10 @@ Invariants
   failed with the reason (``tandem.jobs``) before anything new can start, so no job stays
   running after a kill -9. Chunks a killed capture sent but never named were never visible
   (the pool empties its ``tmp/`` when it opens) and are not part of any image.
+- NBD listens on ``extra.nbd`` (``init --nbd-listen``; by default a free port on the API's
+  host, fixed at init). A listener that is not on loopback always serves TLS (STARTTLS,
+  with cert.pem/key.pem, which name the NBD host too); a loopback one serves plain unless
+  ``extra.nbd_tls`` is true (``init --nbd-tls``).
 - The job runner, the scheduler and the HTTPS server run side by side; stopping (SIGTERM,
   SIGINT) stops the server, then the scheduler, then the runner (running jobs are
   interrupted and failed with the reason), then closes the catalog.
@@ -29,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from tandem.appliance.app import KIND, create_app
-from tandem.appliance.nbd import NbdServer
+from tandem.appliance.nbd import NbdServer, is_loopback, tls_context
 from tandem.appliance.scheduler import Scheduler
 from tandem.catalog import queries as q
 from tandem.catalog.db import open_catalog
@@ -60,15 +65,36 @@ def catalog_url(directory: Path, cfg: DaemonConfig) -> str:
     return str(url) if url else f"sqlite:///{directory.resolve() / 'catalog.db'}"
 
 
-def init(directory: Path, name: str, listen: str, catalog: str | None) -> dict[str, Any]:
-    """Create an appliance in ``directory``; returns ``{name, url, token, fingerprint}``."""
+def init(
+    directory: Path,
+    name: str,
+    listen: str,
+    catalog: str | None,
+    *,
+    nbd_listen: str | None = None,
+    nbd_tls: bool = False,
+) -> dict[str, Any]:
+    """Create an appliance in ``directory``; returns ``{name, url, token, fingerprint}``.
+
+    ``nbd_listen`` (HOST:PORT) is where NBD exports are served; by default a free port on
+    the API's host. ``nbd_tls`` asks for TLS on a loopback NBD listener too (any other
+    address always has it)."""
     host, _ = parse_listen(listen)
+    if nbd_listen is None:
+        nbd_listen = f"{host}:{_free_port(host)}"
+    else:
+        nbd_host, _ = _parse_nbd_listen(nbd_listen)
+        if _wildcard(nbd_host) and _wildcard(host):
+            raise InvalidInput(
+                detail=f"--nbd-listen {nbd_listen} and --listen {listen} name no address "
+                "hosts can reach in export URIs; give --nbd-listen the appliance's address"
+            )
+    nbd_host, _ = _parse_nbd_listen(nbd_listen)
+    extra: dict[str, Any] = {"catalog": catalog, "nbd": nbd_listen}
+    if nbd_tls:
+        extra["nbd_tls"] = True
     cfg, token = init_daemon_dir(
-        directory,
-        kind=KIND,
-        name=name,
-        listen=listen,
-        extra={"catalog": catalog, "nbd": f"{host}:{_free_port(host)}"},
+        directory, kind=KIND, name=name, listen=listen, extra=extra, hosts=(nbd_host,)
     )
     try:
         ChunkPool.create(directory / "pool")
@@ -97,11 +123,28 @@ def _free_port(host: str) -> int:
         return int(sock.getsockname()[1])
 
 
-def nbd_server(cfg: DaemonConfig) -> NbdServer:
+def _parse_nbd_listen(listen: str) -> tuple[str, int]:
+    try:
+        return parse_listen(listen)
+    except InvalidInput:
+        raise InvalidInput(detail=f"--nbd-listen takes HOST:PORT, got {listen!r}") from None
+
+
+def _wildcard(host: str) -> bool:
+    return host in ("0.0.0.0", "::", "[::]")
+
+
+def nbd_server(cfg: DaemonConfig, directory: Path) -> NbdServer:
+    """The NBD server of the appliance: TLS with its own certificate off loopback (or when
+    asked for), plain on loopback. URIs name the NBD host, or the API's for a wildcard."""
     listen = str(cfg.extra.get("nbd") or f"{cfg.host}:0")
     host, port = parse_listen(listen)
-    advertise = cfg.url.split("//", 1)[1].rsplit(":", 1)[0]
-    return NbdServer(host, port, advertise=advertise)
+    host = host.strip("[]")
+    advertise = cfg.url.split("//", 1)[1].rsplit(":", 1)[0] if _wildcard(host) else host
+    tls = None
+    if cfg.extra.get("nbd_tls") or not is_loopback(host):
+        tls = tls_context(directory / "cert.pem", directory / "key.pem")
+    return NbdServer(host, port, advertise=advertise, tls=tls)
 
 
 class Appliance:
@@ -126,7 +169,7 @@ class Appliance:
             pool=pool,
             sessions=SessionRegistry(pool),
         )
-        self.nbd = nbd_server(self.config)
+        self.nbd = nbd_server(self.config, directory)
         self.site.presenter = self.nbd
         self.runner = JobRunner(self.catalog, job_handlers(self.site), workers=workers)
         self.site.wake = self.runner.wake

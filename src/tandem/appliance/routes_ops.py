@@ -40,6 +40,7 @@ from tandem.operations import (
     images,
     monitor,
     mount,
+    present,
     replica_failback,
     restore,
     syncback,
@@ -182,7 +183,10 @@ def make_router(site: Site) -> APIRouter:
     def export_image(image_id: ImageId) -> ExportOut:
         """The NBD export of a presented image: a capability (whoever holds the URI reads
         and writes the copy), so it is asked for on purpose, by an operator, and audited."""
-        return ExportOut(image=image_id, nbd_uri=images.export_uri(site, image_id=image_id))
+        uri = images.export_uri(site, image_id=image_id)
+        return ExportOut(
+            image=image_id, nbd_uri=uri, nbd_fingerprint=present.export_fingerprint(site, uri)
+        )
 
     @router.get("/images/{image_id}/verify", tags=["images"])
     async def verify_image(image_id: ImageId) -> VerifyOut:

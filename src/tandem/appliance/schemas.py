@@ -323,6 +323,9 @@ class ExportOut(BaseModel):
 
     image: str
     nbd_uri: str
+    nbd_fingerprint: str | None = None
+    """For an ``nbds://`` export (NBD over TLS): the fingerprint of the certificate the NBD
+    server presents, for the host to pin; null for a plain loopback export."""
 
 
 class VerifyOut(BaseModel):

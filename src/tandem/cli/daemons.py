@@ -36,12 +36,23 @@ def appliance_init(
     catalog: Annotated[
         str | None, typer.Option(help="Catalog URL (default: SQLite in DIR).")
     ] = None,
+    nbd_listen: Annotated[
+        str | None,
+        typer.Option(
+            help="HOST:PORT to serve NBD exports on (default: a free port on --listen's "
+            "host). Any address but loopback serves NBD over TLS only (nbds://)."
+        ),
+    ] = None,
+    nbd_tls: Annotated[
+        bool, typer.Option("--nbd-tls", help="Serve NBD over TLS on loopback too.")
+    ] = False,
     json_: Json = False,
 ) -> None:
     """Create an appliance in DIR; prints its URL, admin token and fingerprint."""
     from tandem.appliance import daemon
 
-    _print_init(daemon.init(directory, name, listen, catalog), json_)
+    doc = daemon.init(directory, name, listen, catalog, nbd_listen=nbd_listen, nbd_tls=nbd_tls)
+    _print_init(doc, json_)
 
 
 @appliance_app.command("serve")

@@ -55,6 +55,12 @@ class Presented:
     bytes_sent: int
 
 
+def export_fingerprint(site: Site, uri: str) -> str | None:
+    """The certificate fingerprint a host pins to reach ``uri``: the appliance's own (its NBD
+    server serves TLS with the certificate its API serves), for an ``nbds://`` export."""
+    return site.fingerprint if uri.startswith("nbds://") else None
+
+
 def check_action(app: App, action: str | None, mount_point: str | None) -> str:
     """The mount action to use; refuses combinations SPEC §2 does not allow."""
     if action is None:

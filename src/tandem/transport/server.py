@@ -127,9 +127,16 @@ def parse_listen(listen: str) -> tuple[str, int]:
 
 
 def init_daemon_dir(
-    directory: Path, *, kind: str, name: str, listen: str, extra: dict[str, Any] | None = None
+    directory: Path,
+    *,
+    kind: str,
+    name: str,
+    listen: str,
+    extra: dict[str, Any] | None = None,
+    hosts: tuple[str, ...] = (),
 ) -> tuple[DaemonConfig, str]:
-    """Create DIR with a certificate and an admin token; returns (config, token)."""
+    """Create DIR with a certificate and an admin token; returns (config, token). The
+    certificate names the listen host and ``hosts`` (other addresses the daemon serves on)."""
     validate_name(name, f"{kind} name")
     host, _ = parse_listen(listen)
     cfg_path = directory / "config.json"
@@ -137,7 +144,9 @@ def init_daemon_dir(
         raise InvalidInput(detail=f"{directory} already holds a {kind}; use another directory")
     directory.mkdir(parents=True, exist_ok=True)
     os.chmod(directory, 0o700)
-    fingerprint = make_self_signed(directory / "cert.pem", directory / "key.pem", name, [host])
+    fingerprint = make_self_signed(
+        directory / "cert.pem", directory / "key.pem", name, [host, *hosts]
+    )
     token = new_token()
     cfg = DaemonConfig(kind, name, listen, hash_token(token), fingerprint, extra or {})
     tmp = directory / "config.json.tmp"
