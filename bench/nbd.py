@@ -16,10 +16,14 @@ in it. A second write row flushes every 32 writes, as a database's commits do (t
 durability path: FLUSH makes writes and the dirty bitmap durable). The last row repeats
 the random read without warm-up on a fresh server: it includes the decoding of every
 chunk on first touch (tandem's chunk cache starts empty; qemu-nbd's page cache is warm all
-the same). Target: at least 0.8× qemu-nbd on each.
+the same). Target: at least 0.8× qemu-nbd on each. One more row reads over TLS
+(``nbds://``: NBD STARTTLS, the appliance's self-signed certificate) against qemu-nbd with
+TLS credentials made from the same certificate, as a DR host that is not the appliance
+reads its copy.
 
-``python -m bench.nbd serve POOL MANIFEST_HEX OVERLAY_DIR`` is the tandem server alone
-(prints its URI, serves until stdin closes): handy under ``py-spy``.
+``python -m bench.nbd serve POOL MANIFEST_HEX OVERLAY_DIR [TLS_DIR]`` is the tandem server
+alone (prints its URI, serves until stdin closes; over TLS with TLS_DIR/server-cert.pem
+and server-key.pem if given): handy under ``py-spy``.
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ class Workload:
     iodepth: int
     ramp: int = RAMP  # 0: measured from the server's first request (its cache cold)
     fsync: int = 0  # a FLUSH after every this many writes (0: none)
+    tls: bool = False  # over nbds:// (STARTTLS) for both servers
 
     @property
     def writes(self) -> bool:
@@ -66,6 +71,7 @@ WORKLOADS = (
     Workload("4 KiB random write, iodepth 16, FLUSH every 32", "randwrite", "4k", 16, fsync=32),
     Workload("1 MiB sequential read, iodepth 16", "read", "1m", 16),
     Workload("4 KiB random read, iodepth 16, cold (no warm-up)", "randread", "4k", 16, 0),
+    Workload("4 KiB random read, iodepth 16, over TLS (nbds://)", "randread", "4k", 16, tls=True),
 )
 
 
@@ -102,7 +108,10 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30.0) -
             time.sleep(0.05)
 
 
-def fio(uri: str, w: Workload) -> Result:
+def fio(uri: str, w: Workload, tls: Path | None = None) -> Result:
+    """Run fio's NBD engine on ``uri``. fio's engine refuses ``?tls-certificates=`` (local
+    files in a URI), so over TLS libnbd finds the certificate where it looks by default,
+    ``$HOME/.pki/libnbd/ca-cert.pem``, with HOME pointed at ``tls``."""
     cmd = [
         "fio",
         "--name=nbd",
@@ -119,7 +128,10 @@ def fio(uri: str, w: Workload) -> Result:
         f"--fsync={w.fsync}",
         "--output-format=json",
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=RUNTIME + RAMP + 120)
+    env = {**os.environ, "HOME": str(tls)} if tls is not None else None
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=RUNTIME + RAMP + 120, env=env
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"fio failed ({proc.returncode}): {proc.stderr.strip()[-500:]}")
     job = json.loads(proc.stdout[proc.stdout.index("{") :])["jobs"][0]
@@ -130,17 +142,18 @@ def fio(uri: str, w: Workload) -> Result:
 class TandemServer:
     """The child process serving a fresh virtual copy of the image."""
 
-    def __init__(self, pool: Path, manifest: str, overlay: Path) -> None:
+    def __init__(self, pool: Path, manifest: str, overlay: Path, tls: Path | None) -> None:
         shutil.rmtree(overlay, ignore_errors=True)
+        args = [str(pool), manifest, str(overlay), *([str(tls)] if tls else [])]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bench.nbd", "serve", str(pool), manifest, str(overlay)],
+            [sys.executable, "-m", "bench.nbd", "serve", *args],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
         )
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline().strip()
-        if not line.startswith("nbd://"):
+        if not line.startswith(("nbd://", "nbds://")):
             self.stop()
             raise RuntimeError(f"the tandem NBD server did not start: {line!r}")
         self.uri = line
@@ -156,16 +169,22 @@ class TandemServer:
 
 
 class QemuNbd:
-    def __init__(self, image: Path, fmt: str) -> None:
+    def __init__(self, image: Path, fmt: str, tls: Path | None = None) -> None:
         self.port = free_port()
         listen = ("-b", "127.0.0.1", "-p", str(self.port))
+        creds: tuple[str, ...] = ()
+        if tls is not None:
+            obj = f"tls-creds-x509,id=tls0,dir={tls / 'qemu'},endpoint=server,verify-peer=off"
+            creds = ("--object", obj, "--tls-creds", "tls0")
         self.proc = subprocess.Popen(
-            ["qemu-nbd", "-f", fmt, "-t", "-x", "bench", *listen, str(image)],
+            ["qemu-nbd", "-f", fmt, "-t", "-x", "bench", *listen, *creds, str(image)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
         wait_port(self.port, self.proc)
         self.uri = f"nbd://127.0.0.1:{self.port}/bench"
+        if tls is not None:
+            self.uri = f"nbds://127.0.0.1:{self.port}/bench"
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
@@ -174,6 +193,66 @@ class QemuNbd:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+
+def make_tls_dir(directory: Path) -> Path:
+    """TLS credentials for both servers, and a client trust file naming both.
+
+    tandem's: a self-signed certificate as ``init`` makes an appliance's (server-cert.pem,
+    server-key.pem). qemu-nbd will not serve with a certificate marked a CA, as that one
+    is, so it gets a leaf of the same kind of key signed by it (DIR/qemu/); the client
+    trusts tandem's certificate alone (ca-cert.pem), which covers both."""
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    from tandem.transport.tls import make_self_signed
+
+    directory.mkdir()
+    make_self_signed(directory / "server-cert.pem", directory / "server-key.pem", "bench", [])
+    qemu = directory / "qemu"
+    qemu.mkdir()
+    ca = x509.load_pem_x509_certificate((directory / "server-cert.pem").read_bytes())
+    ca_key = serialization.load_pem_private_key(
+        (directory / "server-key.pem").read_bytes(), password=None
+    )
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bench qemu-nbd")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    pem = cert.public_bytes(serialization.Encoding.PEM)
+    (qemu / "server-cert.pem").write_bytes(pem)
+    (qemu / "server-key.pem").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    trust = (directory / "server-cert.pem").read_bytes()
+    (qemu / "ca-cert.pem").write_bytes(trust)
+    (directory / "ca-cert.pem").write_bytes(trust)
+    (directory / ".pki" / "libnbd").mkdir(parents=True)  # libnbd's default, for fio
+    (directory / ".pki" / "libnbd" / "ca-cert.pem").write_bytes(trust)
+    return directory
 
 
 def measure(root: Path, report: Report, cfg: Config) -> None:
@@ -185,11 +264,13 @@ def measure(root: Path, report: Report, cfg: Config) -> None:
     write_volume(volume, DataSource(cfg.seed))
     pool = ChunkPool.create(root / "pool")
     mid, _, _ = capture_volume(pool, volume)
+    tls = make_tls_dir(root / "tls")
     settle()
     for w in WORKLOADS:
-        tandem = TandemServer(root / "pool", mid.hex(), root / "overlay")
+        creds = tls if w.tls else None
+        tandem = TandemServer(root / "pool", mid.hex(), root / "overlay", creds)
         try:
-            ours = fio(tandem.uri, w)
+            ours = fio(tandem.uri, w, creds)
         finally:
             tandem.stop()
         settle()
@@ -203,9 +284,9 @@ def measure(root: Path, report: Report, cfg: Config) -> None:
             )
             peer_server = QemuNbd(qcow, "qcow2")
         else:
-            peer_server = QemuNbd(volume, "raw")
+            peer_server = QemuNbd(volume, "raw", creds)
         try:
-            peer = fio(peer_server.uri, w)
+            peer = fio(peer_server.uri, w, creds)
         finally:
             peer_server.stop()
         settle()
@@ -265,9 +346,9 @@ def run(cfg: Config, report: Report) -> None:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def serve(pool_dir: str, manifest_hex: str, overlay_dir: str) -> None:
+def serve(pool_dir: str, manifest_hex: str, overlay_dir: str, tls_dir: str = "") -> None:
     """Serve a fresh virtual copy of an image until stdin closes (prints the URI first)."""
-    from tandem.appliance.nbd import NbdServer
+    from tandem.appliance.nbd import NbdServer, tls_context
     from tandem.storage.manifest import VolumeManifest, load_manifest
     from tandem.storage.overlay import Overlay
     from tandem.storage.pool import ChunkPool
@@ -277,7 +358,10 @@ def serve(pool_dir: str, manifest_hex: str, overlay_dir: str) -> None:
     manifest = load_manifest(pool, mid)
     assert isinstance(manifest, VolumeManifest)
     overlay = Overlay.create(Path(overlay_dir), pool, manifest, mid)
-    with NbdServer("127.0.0.1", 0) as server:
+    tls = None
+    if tls_dir:
+        tls = tls_context(Path(tls_dir) / "server-cert.pem", Path(tls_dir) / "server-key.pem")
+    with NbdServer("127.0.0.1", 0, tls=tls) as server:
         print(server.add_export("copy", overlay), flush=True)
         sys.stdin.read()
         server.remove_export("copy")
@@ -285,7 +369,8 @@ def serve(pool_dir: str, manifest_hex: str, overlay_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 5 and sys.argv[1] == "serve":
-        serve(*sys.argv[2:5])
+    if len(sys.argv) in (5, 6) and sys.argv[1] == "serve":
+        serve(*sys.argv[2:])
     else:
-        sys.exit(f"usage: {os.path.basename(sys.argv[0])} serve POOL MANIFEST_HEX OVERLAY_DIR")
+        usage = "serve POOL MANIFEST_HEX OVERLAY_DIR [TLS_DIR]"
+        sys.exit(f"usage: {os.path.basename(sys.argv[0])} {usage}")
