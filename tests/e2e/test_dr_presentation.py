@@ -48,7 +48,8 @@ def test_volume_test_failover_over_nbd(drill: Drill, tmp_path: Path) -> None:
     assert uri.startswith("nbd://") and result["job"]["result"]["nbd_uri"] == uri
     # the image document holds no capability; an operator asks for it (audited)
     assert test_image["nbd_uri"] is None and test_image["nbd_exported"] is True
-    assert d.b("image", "export", test_image["id"]) == {"image": test_image["id"], "nbd_uri": uri}
+    exported = d.b("image", "export", test_image["id"])
+    assert exported == {"image": test_image["id"], "nbd_uri": uri, "nbd_fingerprint": None}
     assert d.b.run("image", "export", test_image["id"], json_=False).stdout.strip() == uri
     viewer = d.b("token", "add", "watcher", "--role", "viewer")["token"]
     job = d.b("job", "show", result["job"]["id"], token=viewer)
