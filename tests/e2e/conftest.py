@@ -107,7 +107,7 @@ class Cli:
 class Daemon:
     """One `tandem appliance|agent serve DIR` process, created with `init`."""
 
-    def __init__(self, kind: str, directory: Path, name: str) -> None:
+    def __init__(self, kind: str, directory: Path, name: str, *init_args: str) -> None:
         self.kind = kind
         self.directory = directory
         self.name = name
@@ -121,6 +121,7 @@ class Daemon:
             name,
             "--listen",
             f"127.0.0.1:{self.port}",
+            *init_args,
             "--json",
         ]
         proc = subprocess.run(
