@@ -72,6 +72,8 @@ def test_a_dr_host_reads_and_writes_the_copy_over_nbds(tls_drill: Drill, tmp_pat
 
     result = d.b("test-failover", "db", "--host", "host2")
     uri = result["nbd_uri"]
+    assert result["nbd_fingerprint"] == d.dr.fingerprint
+    assert result["job"]["result"]["nbd_fingerprint"] == d.dr.fingerprint
     host_port, wire = uri.removeprefix("nbds://").split("/")
     host, port = host_port.rsplit(":", 1)
     assert uri.startswith("nbds://") and host != "127.0.0.1"

@@ -2,9 +2,11 @@
 
 Contract (CLI.md): a command that starts a job waits for it by default with a progress bar
 on stderr; ``--no-wait`` returns at once; the exit status is 0 only if the job succeeded;
-with ``--json`` exactly one document ``{"job": {...}[, "image": {...}][, "nbd_uri": …]}``
-goes to stdout. ``nbd_uri`` is the export of a presented volume, taken from the result of
-the job the caller started (the appliance shows it to that caller only, and to admins).
+with ``--json`` exactly one document ``{"job": {...}[, "image": {...}][, "nbd_uri": …
+[, "nbd_fingerprint": …]]}`` goes to stdout. ``nbd_uri`` is the export of a presented
+volume, taken from the result of the job the caller started (the appliance shows it to
+that caller only, and to admins); ``nbd_fingerprint``, for an ``nbds://`` export, is the
+certificate the NBD client pins.
 An answer that is not the document a command expects is a one-line error, never a crash.
 """
 
@@ -60,6 +62,8 @@ def _finish(client: ApiClient, job: dict[str, Any], json_: bool) -> None:
     result = job.get("result")
     if isinstance(result, dict) and result.get("nbd_uri"):
         doc["nbd_uri"] = result["nbd_uri"]  # CLI.md: a presented volume's export
+        if result.get("nbd_fingerprint"):  # over TLS (nbds://): the certificate to pin
+            doc["nbd_fingerprint"] = result["nbd_fingerprint"]
     if json_:
         emit_json(doc)
     else:

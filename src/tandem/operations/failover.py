@@ -158,4 +158,4 @@ def run_failover(site: Site, ctx: JobContext) -> dict[str, Any]:
         + (f" at {shown.mount_point}" if shown.mount_point else "")
         + (", started" if started else "")
     )
-    return {"image": row.id, "nbd_uri": shown.nbd_uri, "paths": shown.paths, "epoch": epoch}
+    return {"image": row.id, **shown.export_fields(), "paths": shown.paths, "epoch": epoch}

@@ -90,7 +90,7 @@ def run_mount(site: Site, ctx: JobContext) -> dict[str, Any]:
         f"{base.id} mounted as {row.id} on host {host.name}"
         + (f" at {shown.mount_point}" if shown.mount_point else "")
     )
-    return {"image": row.id, "nbd_uri": shown.nbd_uri, "paths": shown.paths}
+    return {"image": row.id, **shown.export_fields(), "paths": shown.paths}
 
 
 def unmount(site: Site, *, image: str) -> Image:

@@ -53,6 +53,15 @@ class Presented:
     paths: list[str]
     mount_point: str | None
     bytes_sent: int
+    nbd_fingerprint: str | None = None  # the certificate to pin, for an nbds:// export
+
+    def export_fields(self) -> dict[str, str | None]:
+        """What a job result says of the export: ``nbd_uri``, and ``nbd_fingerprint`` for
+        an export over TLS (``nbds://``)."""
+        fields: dict[str, str | None] = {"nbd_uri": self.nbd_uri}
+        if self.nbd_fingerprint:
+            fields["nbd_fingerprint"] = self.nbd_fingerprint
+        return fields
 
 
 def export_fingerprint(site: Site, uri: str) -> str | None:
@@ -137,7 +146,8 @@ def present(
             paths = [str(p) for p in done.get("paths", [])]
         sent = transfer.bytes_sent if transfer is not None else 0
         where = mount_point if action == "specify" else app.path if action != "map-only" else None
-        return Presented(uri, paths, where, sent)
+        fingerprint = export_fingerprint(site, uri) if uri else None
+        return Presented(uri, paths, where, sent, fingerprint)
     except BaseException:
         _undo(site, image_id, uri, overlay)
         raise

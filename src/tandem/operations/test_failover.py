@@ -141,4 +141,4 @@ def run_test_failover(site: Site, ctx: JobContext) -> dict[str, Any]:
         + (f" at {shown.mount_point}" if shown.mount_point else "")
         + (" (NBD)" if shown.nbd_uri else "")
     )
-    return {"image": row.id, "nbd_uri": shown.nbd_uri, "paths": shown.paths}
+    return {"image": row.id, **shown.export_fields(), "paths": shown.paths}
