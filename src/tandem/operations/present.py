@@ -3,7 +3,9 @@
 A presented image is a *virtual copy*: a new image row over a base image that never changes.
 - Volume apps: an overlay (``storage.overlay``) over the base manifest, exported by the
   appliance's NBD server as ``nbd://HOST:PORT/IMAGE.SECRET`` (the secret makes the URI a
-  capability). Presenting a 1 TiB image costs the same as a 1 MiB one: nothing is copied.
+  capability), or ``nbds://…`` when that server requires TLS (any address but loopback);
+  then the result also has ``nbd_fingerprint``, the appliance certificate's. Presenting a
+  1 TiB image costs the same as a 1 MiB one: nothing is copied.
 - With a mount action other than ``map-only`` (and always for file-system apps), the host's
   agent also materializes the image at the mount point under SPEC §2's rules (an empty
   folder is used, a missing one made; a file or a non-empty folder fails the job and leaves
