@@ -77,12 +77,21 @@ def make_router(site: Site) -> APIRouter:
     # --- templates ---------------------------------------------------------------------
 
     def template_out(row: Template) -> TemplateOut:
-        return TemplateOut.of(row, templates.format_every(row.every_seconds))
+        return TemplateOut.of(
+            row,
+            templates.format_every(row.every_seconds),
+            templates.format_every(row.max_lag_seconds),
+        )
 
     @router.post("/templates", tags=["templates"], status_code=CREATED)
     def add_template(body: TemplateIn) -> TemplateOut:
         row = templates.add_template(
-            site, name=body.name, every=body.every, keep=body.keep, mirror=body.mirror
+            site,
+            name=body.name,
+            every=body.every,
+            keep=body.keep,
+            mirror=body.mirror,
+            max_lag=body.max_lag,
         )
         return template_out(row)
 
@@ -126,11 +135,14 @@ def make_router(site: Site) -> APIRouter:
         rows = apps.list_apps(site, after=after, limit=fetch(limit))
         rows = page(rows, limit=limit, request=request, response=response, key=lambda r: r.name)
         down, now = failback.downtimes(site), datetime.now(UTC)
-        return [AppOut.of(row, now, downtime=down.get(row.name)) for row in rows]
+        risk = apps.risks(site, rows, now)
+        return [AppOut.of(row, now, down.get(row.name), risk[row.name]) for row in rows]
 
     @router.get("/apps/{name}", tags=["apps"])
     def show_app(name: Name) -> AppOut:
-        return AppOut.of(apps.get_app(site, name=name), downtime=failback.downtimes(site).get(name))
+        row, now = apps.get_app(site, name=name), datetime.now(UTC)
+        down, risk = failback.downtimes(site).get(name), apps.risks(site, [row], now)[name]
+        return AppOut.of(row, now, down, risk)
 
     @router.patch("/apps/{name}", tags=["apps"])
     def set_app_hooks(name: Name, body: AppHooksIn, who: Caller) -> AppOut:
