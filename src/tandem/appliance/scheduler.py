@@ -8,7 +8,8 @@ Invariants
   while read, or no point in time could be taken; the job's ``result.error``) is retried
   with backoff, RETRY_FIRST s after it ended, then twice as long after each further such
   failure in a row, never longer than the interval. Each retry is a job of its own, so
-  every failure stays in the Monitor.
+  every failure stays in the Monitor. (Only the scheduler's own captures are retried so:
+  the catalog is asked only for an app whose last scheduled capture left no snapshot.)
 - A newly protected app (no snapshot yet) is captured at the next tick.
 - The queue's rule of one lifecycle job per app holds for scheduled captures too: while the
   app has a job (a manual capture, a restore), the scheduler skips it and tries next tick.
@@ -106,9 +107,11 @@ class Scheduler:
             if app.state is not AppState.MANAGED or template is None or not template.every_seconds:
                 continue
             last = app.last_capture.timestamp() if app.last_capture else 0.0
-            since = max(last, self._tried.get(app.name, 0.0))
-            if now - since < template.every_seconds and not self.cut_retry_due(
-                app.name, template.every_seconds, now
+            tried = self._tried.get(app.name, 0.0)
+            since = max(last, tried)
+            if now - since < template.every_seconds and not (
+                tried > last  # a scheduled capture has not yielded a snapshot yet
+                and self.cut_retry_due(app.name, template.every_seconds, now)
             ):
                 continue
             try:
