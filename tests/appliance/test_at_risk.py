@@ -183,3 +183,17 @@ def test_the_console_shows_where_an_app_is_failed_over_and_each_images_cut(api: 
         assert cut is not None and cut.group(1) == "reflink"
     doc = app_doc(api, "web")
     assert (doc["peer_active"], doc["failed_over_at"]) == (True, "site-b")
+
+
+def test_protecting_an_app_answers_with_its_risk(api: Api) -> None:
+    template(api, "gold", every="5m", max_lag="15m")
+    protected(api, "web", "gold")
+    snapshot_aged(api, "web", timedelta(hours=1))
+    template(api, "lenient", every="5m", max_lag="1d")
+    h = api.headers("operator")
+    strict = api.client.post("/api/v1/apps/web/protect", headers=h, json={"template": "gold"})
+    assert (strict.json()["at_risk"], strict.json()["max_lag_seconds"]) == (True, 900)
+    lenient = api.client.post("/api/v1/apps/web/protect", headers=h, json={"template": "lenient"})
+    assert (lenient.json()["at_risk"], lenient.json()["max_lag_seconds"]) == (False, 86400)
+    gone = api.client.post("/api/v1/apps/web/unprotect", headers=h).json()
+    assert (gone["at_risk"], gone["max_lag_seconds"]) == (False, None)
