@@ -552,3 +552,37 @@ def test_paths_are_canonical_apps_do_not_overlap_and_restores_follow_no_symlink(
     done = cli("restore", "paths", "--image", image["id"], *CONFIRM)
     assert done["job"]["status"] == "succeeded", done["job"]
     assert tree_state(data) == tree_state(tmp_path / "paths-app.moved")
+
+
+def test_an_app_past_its_max_lag_is_shown_at_risk(site: Site, tmp_path: Path) -> None:
+    cli = site.cli
+    data = tmp_path / "data"
+    make_tree(data, files=2, size=4096)
+    add_app(cli, "laggard", site.host, "filesystem", data)
+    bad = cli.run("template", "add", "broken", "--max-lag", "soon", check=False)
+    assert bad.code != 0 and "--max-lag" in bad.error and "Traceback" not in bad.error
+    assert "broken" not in {t["name"] for t in cli("templates")}
+    relaxed = cli("template", "add", "relaxed", "--max-lag", "1d")
+    assert (relaxed["max_lag"], relaxed["max_lag_seconds"]) == ("1d", 86400)
+    cli("template", "add", "strict", "--max-lag", "1s")
+    cli("app", "protect", "laggard", "--template", "relaxed")
+    assert cli("capture", "laggard")["job"]["status"] == "succeeded"
+
+    def laggard() -> dict[str, Any]:
+        (row,) = [a for a in cli("apps") if a["name"] == "laggard"]
+        return dict(row)
+
+    row = laggard()
+    assert (row["at_risk"], row["max_lag_seconds"]) == (False, 86400)
+    assert row["rpo_seconds"] is not None and row["rpo_seconds"] < 86400
+    table = cli.run("apps", json_=False).stdout
+    (line,) = [x for x in table.splitlines() if "laggard" in x]
+    assert "ok" in line and "AT RISK" not in line
+    # Under a 1 s limit the same capture soon is too old.
+    cli("app", "protect", "laggard", "--template", "strict")
+    row = wait_for(lambda: (r := laggard())["at_risk"] and r, 30, "laggard at risk")
+    assert row["rpo_seconds"] > 1
+    table = cli.run("apps", json_=False).stdout
+    (line,) = [x for x in table.splitlines() if "laggard" in x]
+    assert "AT RISK" in line
+    cli("app", "unprotect", "laggard")

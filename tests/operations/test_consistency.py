@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from tandem.appliance.scheduler import RETRY_FIRST, Scheduler
 from tandem.appliance.schemas import ImageOut
 from tandem.catalog import queries as q
 from tandem.domain.consistency import ConsistencyMode
 from tandem.domain.jobs import JobStatus
 from tandem.domain.lifecycle import AppKind
-from tandem.operations import apps, capture
+from tandem.operations import apps, capture, templates
 from tests.agent.loopfs import loop_mounts
 from tests.operations.conftest import Live
 from tests.operations.test_capture_restore import protect, run
@@ -107,3 +109,28 @@ def test_hooks_mode_without_a_freeze_hook_says_what_to_do(live: Live, tmp_path: 
     job = run(live, capture.submit_capture(site, app="web", actor="t"))
     assert job.status is JobStatus.FAILED
     assert "no freeze hook" in job.message and "--freeze SCRIPT" in job.message
+
+
+def test_a_capture_that_cannot_be_cut_is_retried_before_the_interval(
+    live: Live, tmp_path: Path
+) -> None:
+    site = live.appliance.site
+    data = tmp_path / "data"
+    data.mkdir()
+    protect(live, "web", AppKind.FILESYSTEM, data)
+    templates.add_template(site, name="hourly", every="1h", keep=None, mirror=False)
+    apps.protect_app(site, name="web", template="hourly", actor="test")
+    apps.set_hooks(site, name="web", hooks={}, consistency=ConsistencyMode.SNAPSHOT)
+    scheduler = Scheduler(site)
+    assert scheduler.run_due(time.time()) == ["web"]
+    with site.catalog.read() as session:
+        (job,) = q.list_jobs(session, app="web")
+    job = run(live, job)
+    assert job.status is JobStatus.FAILED
+    assert job.result == {"error": "PointInTimeUnavailable"}
+    assert job.finished is not None
+    failed_at = job.finished.timestamp()
+    assert scheduler.run_due(failed_at + RETRY_FIRST / 2) == []
+    assert scheduler.run_due(failed_at + RETRY_FIRST + 0.01) == ["web"]  # not an hour later
+    with site.catalog.read() as session:
+        assert [j.status for j in q.list_jobs(session, app="web")][1:] == [JobStatus.FAILED]

@@ -14,17 +14,20 @@ from typing import Any
 import pytest
 
 from tandem.catalog import queries as q
+from tandem.domain.consistency import Cut
 from tandem.domain.ids import new_image_id
 from tandem.domain.images import ImageKind
+from tandem.domain.jobs import JobStatus
 from tandem.domain.lifecycle import AppKind
 from tandem.errors import ChunkCorrupt, Conflict, InvalidInput, StaleEpoch
-from tandem.operations import replicate
+from tandem.operations import apps, capture, replicate
 from tandem.storage.pool import ChunkPool
 from tandem.storage.tree import capture_tree
 from tandem.transport.peer import ImageOffer, Location, MirroredApp, Opened, ReplicationOpen
 from tandem.transport.wire import encode_frames
 from tests.appliance.conftest import Booted, booted
 from tests.catalog.conftest import catalog_url
+from tests.operations.two_sites import TEMPLATE, two_sites
 
 __all__ = ["booted", "catalog_url"]
 
@@ -165,3 +168,29 @@ def test_a_bad_frame_fails_the_batch_after_the_good_ones_before_it(
             asyncio.run(registry.receive_stream(session, _pieces(body[:-5], 3), len(body)))
     finally:
         registry.close(session)
+
+
+def test_a_replica_keeps_how_its_snapshot_was_cut(booted: Booted, tmp_path: Path) -> None:
+    offer = _image(booted, tmp_path, 1).model_copy(update={"consistency": Cut.REFLINK})
+    replica = _receive(booted, offer)
+    assert replica.consistency == "reflink"
+
+
+def test_a_mirrored_capture_carries_its_consistency_to_the_peer(tmp_path: Path) -> None:
+    with two_sites(tmp_path) as sites:
+        data = sites.root / "ledger"
+        data.mkdir()
+        (data / "rows.txt").write_text("one\n")
+        prod = sites.prod.site
+        apps.add_app(prod, name="ledger", host="host1", kind=AppKind.FILESYSTEM, path=str(data))
+        apps.protect_app(prod, name="ledger", template=TEMPLATE, actor="t")
+        done = sites.run(sites.prod, capture.submit_capture(prod, app="ledger", actor="t"))
+        assert done.status is JobStatus.SUCCEEDED, done.message
+        mirror = sites.prod.runner.wait(done.result["mirror_job"], timeout=60)
+        assert mirror.status is JobStatus.SUCCEEDED, mirror.message
+        with sites.prod.catalog.read() as session:
+            snapshot = q.get_image(session, image_id=done.image or "")
+        with sites.dr.catalog.read() as session:
+            (replica,) = q.list_images(session, app="ledger")
+        assert snapshot.consistency == "crash-unsafe"  # live files: no point-in-time source
+        assert (replica.kind, replica.consistency) == (ImageKind.REPLICA, snapshot.consistency)

@@ -428,7 +428,9 @@ def _make_router(site: Site, sessions: ConsoleSessions) -> APIRouter:
         who = require(request)
         now = datetime.now(UTC)
         downtimes = failback.downtimes(site)
-        rows = [AppOut.of(a, now, downtimes.get(a.name)) for a in apps.list_apps(site)]
+        listed = apps.list_apps(site)
+        risk = apps.risks(site, listed, now)
+        rows = [AppOut.of(a, now, downtimes.get(a.name), risk[a.name]) for a in listed]
         return page(request, "apps.html", who, apps=rows)
 
     # --- Access -----------------------------------------------------------------------
@@ -469,7 +471,9 @@ def _make_router(site: Site, sessions: ConsoleSessions) -> APIRouter:
             who,
             status=status,
             app=row,
-            app_out=AppOut.of(row, None, failback.downtimes(site).get(name)),
+            app_out=AppOut.of(
+                row, None, failback.downtimes(site).get(name), apps.risks(site, [row])[name]
+            ),
             timeline=timeline,
             image=image,
             actions=image_actions(row, image, production=production) if image else [],

@@ -25,7 +25,7 @@ from tandem.appliance.schemas import (
     TokenOut,
     TransitionOut,
 )
-from tandem.catalog.models import Template
+from tandem.catalog.models import App, Template
 from tandem.domain.ids import NAME_PATTERN
 from tandem.operations import apps, failback, hosts, templates, tokens
 from tandem.operations.site import Site
@@ -77,12 +77,21 @@ def make_router(site: Site) -> APIRouter:
     # --- templates ---------------------------------------------------------------------
 
     def template_out(row: Template) -> TemplateOut:
-        return TemplateOut.of(row, templates.format_every(row.every_seconds))
+        return TemplateOut.of(
+            row,
+            templates.format_every(row.every_seconds),
+            templates.format_every(row.max_lag_seconds),
+        )
 
     @router.post("/templates", tags=["templates"], status_code=CREATED)
     def add_template(body: TemplateIn) -> TemplateOut:
         row = templates.add_template(
-            site, name=body.name, every=body.every, keep=body.keep, mirror=body.mirror
+            site,
+            name=body.name,
+            every=body.every,
+            keep=body.keep,
+            mirror=body.mirror,
+            max_lag=body.max_lag,
         )
         return template_out(row)
 
@@ -100,6 +109,11 @@ def make_router(site: Site) -> APIRouter:
         return Deleted(deleted=name)
 
     # --- applications ------------------------------------------------------------------
+
+    def app_out(row: App, downtime: float | None = None) -> AppOut:
+        """One app as the API shows it, with its risk against its template's --max-lag."""
+        now = datetime.now(UTC)
+        return AppOut.of(row, now, downtime, apps.risks(site, [row], now)[row.name])
 
     @router.post("/apps", tags=["apps"], status_code=CREATED)
     def add_app(body: AppIn, who: Caller) -> AppOut:
@@ -126,18 +140,19 @@ def make_router(site: Site) -> APIRouter:
         rows = apps.list_apps(site, after=after, limit=fetch(limit))
         rows = page(rows, limit=limit, request=request, response=response, key=lambda r: r.name)
         down, now = failback.downtimes(site), datetime.now(UTC)
-        return [AppOut.of(row, now, downtime=down.get(row.name)) for row in rows]
+        risk = apps.risks(site, rows, now)
+        return [AppOut.of(row, now, down.get(row.name), risk[row.name]) for row in rows]
 
     @router.get("/apps/{name}", tags=["apps"])
     def show_app(name: Name) -> AppOut:
-        return AppOut.of(apps.get_app(site, name=name), downtime=failback.downtimes(site).get(name))
+        return app_out(apps.get_app(site, name=name), failback.downtimes(site).get(name))
 
     @router.patch("/apps/{name}", tags=["apps"])
     def set_app_hooks(name: Name, body: AppHooksIn, who: Caller) -> AppOut:
         row = apps.set_hooks(
             site, name=name, hooks=body.hooks(), role=who.role, consistency=body.consistency
         )
-        return AppOut.of(row, downtime=failback.downtimes(site).get(name))
+        return app_out(row, failback.downtimes(site).get(name))
 
     @router.delete("/apps/{name}", tags=["apps"])
     def remove_app(name: Name) -> Deleted:
@@ -146,11 +161,11 @@ def make_router(site: Site) -> APIRouter:
 
     @router.post("/apps/{name}/protect", tags=["apps"])
     def protect_app(name: Name, body: ProtectIn, who: Caller) -> AppOut:
-        return AppOut.of(apps.protect_app(site, name=name, template=body.template, actor=who.name))
+        return app_out(apps.protect_app(site, name=name, template=body.template, actor=who.name))
 
     @router.post("/apps/{name}/unprotect", tags=["apps"])
     def unprotect_app(name: Name, who: Caller) -> AppOut:
-        return AppOut.of(apps.unprotect_app(site, name=name, actor=who.name))
+        return app_out(apps.unprotect_app(site, name=name, actor=who.name))
 
     @router.get("/apps/{name}/transitions", tags=["apps"])
     def list_transitions(name: Name) -> list[TransitionOut]:

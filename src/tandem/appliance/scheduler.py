@@ -3,7 +3,13 @@
 Invariants
 - A managed app whose template has an interval gets a capture job when the interval has
   passed since its newest snapshot *and* since the scheduler last tried; so an app whose
-  captures fail is retried once per interval, not in a tight loop.
+  captures fail is retried once per interval, not in a tight loop, except:
+- A capture that failed because its source could not be cut (``CUT_ERRORS``: it changed
+  while read, or no point in time could be taken; the job's ``result.error``) is retried
+  with backoff, RETRY_FIRST s after it ended, then twice as long after each further such
+  failure in a row, never longer than the interval. Each retry is a job of its own, so
+  every failure stays in the Monitor. (Only the scheduler's own captures are retried so:
+  the catalog is asked only for an app whose last scheduled capture left no snapshot.)
 - A newly protected app (no snapshot yet) is captured at the next tick.
 - The queue's rule of one lifecycle job per app holds for scheduled captures too: while the
   app has a job (a manual capture, a restore), the scheduler skips it and tries next tick.
@@ -31,6 +37,7 @@ from datetime import UTC, datetime
 
 from tandem.catalog import queries as q
 from tandem.catalog.models import App, Template
+from tandem.domain.jobs import JobStatus
 from tandem.domain.lifecycle import AppState
 from tandem.errors import Conflict, TandemError
 from tandem.operations import failback, gc, peers
@@ -44,6 +51,16 @@ ACTOR = "scheduler"
 MIRROR_RETRY = float(os.environ.get("TANDEM_MIRROR_RETRY", "30"))
 GC_CHECK = float(os.environ.get("TANDEM_GC_CHECK", "60"))
 JOB_PRUNE_EVERY = 3600.0
+RETRY_FIRST = float(os.environ.get("TANDEM_CAPTURE_RETRY", "5"))
+CUT_ERRORS = frozenset({"SourceChanged", "PointInTimeUnavailable"})
+"""The error codes of a capture whose source could not be cut: worth trying again soon."""
+RECENT_JOBS = 32
+
+
+def retry_delay(failures: int, every: int) -> float:
+    """Seconds to wait after the ``failures``-th cut failure in a row: RETRY_FIRST,
+    doubling, capped at the interval ``every``."""
+    return min(RETRY_FIRST * 2.0 ** min(max(failures, 1) - 1, 30), float(every))
 
 
 class Scheduler:
@@ -90,8 +107,12 @@ class Scheduler:
             if app.state is not AppState.MANAGED or template is None or not template.every_seconds:
                 continue
             last = app.last_capture.timestamp() if app.last_capture else 0.0
-            since = max(last, self._tried.get(app.name, 0.0))
-            if now - since < template.every_seconds:
+            tried = self._tried.get(app.name, 0.0)
+            since = max(last, tried)
+            if now - since < template.every_seconds and not (
+                tried > last  # a scheduled capture has not yielded a snapshot yet
+                and self.cut_retry_due(app.name, template.every_seconds, now)
+            ):
                 continue
             try:
                 job = submit_capture(self.site, app=app.name, actor=ACTOR)
@@ -116,6 +137,25 @@ class Scheduler:
                 log.info("told the peer to resume mirroring %s after its failback", name)
         self.collect_garbage(now)
         return submitted
+
+    def cut_retry_due(self, app: str, every: int, now: float) -> bool:
+        """Whether ``app``'s newest capture failed for want of a cut, long enough ago
+        (``retry_delay``) to try again before the interval."""
+        with self.site.catalog.read() as session:
+            recent = q.list_jobs(session, app=app, limit=RECENT_JOBS)
+        failures, newest = 0, None
+        for job in recent:
+            if job.type != "capture":
+                continue
+            if job.status is not JobStatus.FAILED or (job.result or {}).get("error") not in (
+                CUT_ERRORS
+            ):
+                break
+            newest = newest or job
+            failures += 1
+        if newest is None or newest.finished is None:
+            return False
+        return now - newest.finished.timestamp() >= retry_delay(failures, every)
 
     def collect_garbage(self, now: float) -> str | None:
         """Start a garbage collection if one is due; the id of the job started."""

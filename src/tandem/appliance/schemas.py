@@ -35,6 +35,7 @@ from tandem.domain.jobs import JobStatus
 from tandem.domain.lifecycle import AppKind, AppState
 from tandem.domain.paths import CanonicalPath
 from tandem.domain.rules import Role
+from tandem.operations.apps import Risk
 
 NAME = NAME_PATTERN
 NO_NUL = r"^[^\x00]*$"
@@ -88,6 +89,11 @@ class TemplateIn(Body):
     )
     keep: int | None = Field(default=None, ge=1, le=100_000, description="Snapshots to keep.")
     mirror: bool = False
+    max_lag: str | None = Field(
+        default=None,
+        max_length=32,
+        description="RPO such as 15m past which its apps are shown at risk.",
+    )
 
 
 class AppIn(Body):
@@ -369,9 +375,25 @@ class AppOut(BaseModel):
     """Seconds since the newest snapshot that reached the peer was taken (achieved RPO)."""
     failback_downtime_seconds: float | None = None
     """The latest failback's downtime: DR app stopped → production app started."""
+    rpo_seconds: float | None = None
+    """The achieved RPO the risk is judged on: ``lag_seconds``, or for a mirrored template
+    ``replication_lag_seconds``."""
+    max_lag_seconds: int | None = None
+    """The template's ``--max-lag`` (None: no limit)."""
+    at_risk: bool = False
+    """The achieved RPO passed the template's ``--max-lag`` (``operations.apps.risk_of``)."""
+    failed_over_at: str | None = None
+    """The peer's name when ``peer_active``."""
 
     @classmethod
-    def of(cls, app: App, now: datetime | None = None, downtime: float | None = None) -> AppOut:
+    def of(
+        cls,
+        app: App,
+        now: datetime | None = None,
+        downtime: float | None = None,
+        risk: Risk | None = None,
+    ) -> AppOut:
+        risk = risk or Risk(None, None, False, "the peer" if app.peer_active else None)
         return cls(
             id=app.id,
             name=app.name,
@@ -394,6 +416,10 @@ class AppOut(BaseModel):
             last_replicated=app.last_replicated,
             replication_lag_seconds=_age(app.last_replicated, now or datetime.now(UTC)),
             failback_downtime_seconds=downtime,
+            rpo_seconds=None if risk.rpo_seconds is None else round(risk.rpo_seconds, 3),
+            max_lag_seconds=risk.max_lag_seconds,
+            at_risk=risk.at_risk,
+            failed_over_at=risk.failed_over_at,
         )
 
 
@@ -436,16 +462,20 @@ class TemplateOut(BaseModel):
     every_seconds: int | None
     keep: int | None
     mirror: bool
+    max_lag: str | None = None
+    max_lag_seconds: int | None = None
     created: datetime
 
     @classmethod
-    def of(cls, template: Template, every: str | None) -> TemplateOut:
+    def of(cls, template: Template, every: str | None, max_lag: str | None = None) -> TemplateOut:
         return cls(
             name=template.name,
             every=every,
             every_seconds=template.every_seconds,
             keep=template.keep,
             mirror=template.mirror,
+            max_lag=max_lag,
+            max_lag_seconds=template.max_lag_seconds,
             created=template.created,
         )
 

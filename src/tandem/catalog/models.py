@@ -134,7 +134,8 @@ class Host(Base):
 
 
 class Template(Base):
-    """What to capture, how often, how long to keep, whether to mirror to the peer."""
+    """What to capture, how often, how long to keep, whether to mirror to the peer, and
+    ``max_lag_seconds``: the recovery point age past which its apps are *at risk*."""
 
     __tablename__ = "templates"
 
@@ -143,6 +144,7 @@ class Template(Base):
     every_seconds: Mapped[int | None] = mapped_column(Integer)
     keep: Mapped[int | None] = mapped_column(Integer)
     mirror: Mapped[bool] = mapped_column(Boolean, default=False)
+    max_lag_seconds: Mapped[int | None] = mapped_column(Integer)
     created: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 

@@ -128,6 +128,7 @@ def add_template(
     every_seconds: int | None = None,
     keep: int | None = None,
     mirror: bool = False,
+    max_lag_seconds: int | None = None,
 ) -> Template:
     validate_name(name, "template name")
     row = Template(
@@ -135,6 +136,7 @@ def add_template(
         every_seconds=_positive(every_seconds, "the capture interval"),
         keep=_positive(keep, "the number of images to keep"),
         mirror=mirror,
+        max_lag_seconds=_positive(max_lag_seconds, "the maximum lag"),
     )
     return _insert(session, row, what="template", name=name)
 

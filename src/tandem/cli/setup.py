@@ -175,15 +175,25 @@ def template_add(
     mirror: Annotated[
         bool, typer.Option("--mirror", help="Replicate each capture to the peer.")
     ] = False,
+    max_lag: Annotated[
+        str | None,
+        typer.Option(
+            "--max-lag", help="RPO past which its apps are shown at risk: 15m, 1h… (none)."
+        ),
+    ] = None,
     url: Url = None,
     token: Token = None,
     fingerprint: Fingerprint = None,
     json_: Json = False,
 ) -> None:
     """Create a backup template."""
-    body = {"name": name, "every": every, "keep": keep, "mirror": mirror}
+    body = {"name": name, "every": every, "keep": keep, "mirror": mirror, "max_lag": max_lag}
     with connect(url, token, fingerprint) as client:
-        _show(client.post("/api/v1/templates", body), json_, ("name", "every", "keep", "mirror"))
+        _show(
+            client.post("/api/v1/templates", body),
+            json_,
+            ("name", "every", "keep", "mirror", "max_lag"),
+        )
 
 
 @template_app.command("remove")
@@ -206,7 +216,9 @@ def templates(
 ) -> None:
     """The backup templates."""
     with connect(url, token, fingerprint) as client:
-        _table(client.get("/api/v1/templates"), ("name", "every", "keep", "mirror"), json_)
+        _table(
+            client.get("/api/v1/templates"), ("name", "every", "keep", "mirror", "max_lag"), json_
+        )
 
 
 # --- applications -------------------------------------------------------------------------
@@ -401,8 +413,26 @@ def apps(
     for row in rows:
         lag = row.get("lag_seconds")
         row["lag"] = None if lag is None else f"{lag:.0f} s"
+        rpo, limit = row.get("rpo_seconds"), row.get("max_lag_seconds")
+        if row.get("at_risk"):
+            row["risk"] = f"AT RISK ({_age(rpo)} > {_age(limit)})"
+        elif limit is not None:
+            row["risk"] = f"ok (≤ {_age(limit)})"
         if row.get("peer_active"):
-            row["state"] = f"{row['state']} (failed over at the peer)"
+            at = row.get("failed_over_at") or "the peer"
+            row["state"] = f"{row['state']} (failed over at {at})"
         elif row.get("origin"):
             row["host"] = f"({row['host']} at {row['origin']})" if row.get("host") else None
-    _table(rows, ("name", "kind", "host", "state", "template", "lag", "path"), False)
+    _table(rows, ("name", "kind", "host", "state", "template", "lag", "risk", "path"), False)
+
+
+def _age(seconds: float | None) -> str:
+    """``seconds`` as the largest whole units (``930`` -> ``15m30s``); ``never`` for None."""
+    if seconds is None:
+        return "never"
+    whole, out = int(seconds), ""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if whole >= size:
+            n, whole = divmod(whole, size)
+            out += f"{n}{unit}"
+    return out or "0s"

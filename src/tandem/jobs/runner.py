@@ -408,7 +408,7 @@ class JobRunner:
             self._finish(info.id, JobStatus.CANCELED, message)
         except TandemError as exc:
             ctx.flush()
-            self._finish(info.id, JobStatus.FAILED, exc.message)
+            self._finish(info.id, JobStatus.FAILED, exc.message, {"error": exc.code})
         except Exception as exc:
             ctx.flush()
             ctx.log(traceback.format_exc(), level="error")

@@ -13,16 +13,23 @@ Invariants
 - Hooks run as root on the host, so registering or changing them is an admin act: an app
   added with hooks, or a change of a hook's script, needs the admin role (``check_may_set_hooks``,
   the one place this rule lives); the audit trail records the call like any other change.
+- An app is *at risk* (``risk_of``) when its template has a ``max_lag`` and the achieved RPO
+  exceeds it: the age of its newest snapshot here or, for a mirrored template, of its newest
+  replica at the peer as this site knows it (``last_replicated``); with none yet, the age of
+  the app itself. An app failed over at the peer (``peer_active``) is not judged: the peer's
+  copy is the writer and mirroring is stopped on purpose until the failback.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from sqlalchemy.orm import Session
 
 from tandem.catalog import queries as q
-from tandem.catalog.models import App, Transition
+from tandem.catalog.models import App, Template, Transition
 from tandem.domain.consistency import ConsistencyMode
 from tandem.domain.hooks import Hook, check_hook_name
 from tandem.domain.lifecycle import AppKind, Operation
@@ -165,3 +172,40 @@ def unprotect_app(site: Site, *, name: str, actor: str | None) -> App:
 def list_transitions(site: Site, *, name: str) -> list[Transition]:
     with site.catalog.read() as session:
         return q.list_transitions(session, app=name)
+
+
+@dataclass(frozen=True)
+class Risk:
+    """What ``apps`` shows about an app's recovery point against its template's limit."""
+
+    rpo_seconds: float | None
+    """Age of the recovery point the risk is judged on (None: none yet)."""
+    max_lag_seconds: int | None
+    at_risk: bool
+    failed_over_at: str | None = None
+    """The peer's name, for an app of this site failed over at the peer."""
+
+
+def risk_of(app: App, template: Template | None, now: datetime, peer: str | None = None) -> Risk:
+    """The achieved RPO of ``app`` (protected by ``template``) at ``now``, and whether it
+    passes the template's ``max_lag``."""
+    failed_over_at = (peer or "the peer") if app.peer_active else None
+    if template is None or app.origin is not None:
+        return Risk(None, None, False, failed_over_at)
+    point = app.last_replicated if template.mirror else app.last_capture
+    rpo = None if point is None else max(0.0, (now - point).total_seconds())
+    limit = template.max_lag_seconds
+    if limit is None or app.peer_active:
+        return Risk(rpo, limit, False, failed_over_at)
+    age = rpo if rpo is not None else max(0.0, (now - app.created).total_seconds())
+    return Risk(rpo, limit, age > limit, failed_over_at)
+
+
+def risks(site: Site, rows: Iterable[App], now: datetime | None = None) -> dict[str, Risk]:
+    """``risk_of`` each app of ``rows``, by name."""
+    now = now or datetime.now(UTC)
+    with site.catalog.read() as session:
+        templates = {t.name: t for t in q.list_templates(session)}
+        peers = q.list_peers(session)
+    peer = peers[0].name if peers else None
+    return {a.name: risk_of(a, templates.get(a.template or ""), now, peer) for a in rows}

@@ -43,6 +43,7 @@ from typing import Any
 
 from tandem.catalog import queries as q
 from tandem.catalog.models import Image, Job
+from tandem.domain.consistency import CUTS, Cut
 from tandem.domain.images import ImageKind
 from tandem.domain.jobs import JobStatus
 from tandem.domain.lifecycle import AppFacts, AppState, Operation, check_transition
@@ -230,6 +231,7 @@ def offer_of(image: Image) -> ImageOffer:
         label=image.label,
         size=image.size,
         manifest=image.manifest,
+        consistency=Cut(image.consistency) if image.consistency in CUTS else None,
     )
 
 
@@ -450,6 +452,7 @@ def commit_replication(site: Site, *, peer: str, sid: str, token: str) -> Image:
                     image_id=str(image["id"]),
                     created=created,
                     epoch=int(meta["epoch"]),
+                    consistency=image.get("consistency"),
                 )
                 q.mark_replicated(session, name=row.name, at=created)
             site.sessions.close(transfer)

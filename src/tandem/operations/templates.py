@@ -1,7 +1,9 @@
 """Backup templates: how often to capture, how many snapshots to keep, whether to mirror.
 
 ``every`` is written like ``30s``, ``15m``, ``1h``, ``1d`` or combinations (``1h30m``); a
-bare number is seconds. Intervals run from 1 second to 366 days.
+bare number is seconds. Intervals run from 1 second to 366 days. ``max_lag`` (same
+spelling) is the RPO past which the template's apps are shown *at risk*
+(``operations.apps.risk_of``).
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ MAX_EVERY = 366 * 86400
 MAX_KEEP = 100_000
 
 
-def parse_every(text: str) -> int:
-    """Seconds in an interval such as ``15m`` or ``1h30m``; raises ``InvalidInput``."""
+def parse_every(text: str, option: str = "--every") -> int:
+    """Seconds in an interval such as ``15m`` or ``1h30m``; raises ``InvalidInput`` naming
+    ``option``."""
     spec = text.strip().lower()
     if spec.isdigit() and len(spec) <= 9:
         seconds = int(spec)
@@ -28,11 +31,11 @@ def parse_every(text: str) -> int:
         parts = _PART.findall(spec)
         if not parts or "".join(n + u for n, u in parts) != spec:
             raise InvalidInput(
-                detail=f"--every {text!r} is not an interval; write e.g. 30s, 15m, 1h or 1h30m"
+                detail=f"{option} {text!r} is not an interval; write e.g. 30s, 15m, 1h or 1h30m"
             )
         seconds = sum(int(n) * _UNITS[u] for n, u in parts)
     if not 1 <= seconds <= MAX_EVERY:
-        raise InvalidInput(detail=f"--every {text!r} must be between 1s and 366d")
+        raise InvalidInput(detail=f"{option} {text!r} must be between 1s and 366d")
     return seconds
 
 
@@ -49,14 +52,26 @@ def format_every(seconds: int | None) -> str | None:
 
 
 def add_template(
-    site: Site, *, name: str, every: str | None, keep: int | None, mirror: bool
+    site: Site,
+    *,
+    name: str,
+    every: str | None,
+    keep: int | None,
+    mirror: bool,
+    max_lag: str | None = None,
 ) -> Template:
     every_seconds = parse_every(every) if every is not None else None
+    max_lag_seconds = parse_every(max_lag, "--max-lag") if max_lag is not None else None
     if keep is not None and not 1 <= keep <= MAX_KEEP:
         raise InvalidInput(detail=f"--keep must be between 1 and {MAX_KEEP}, not {keep}")
     with site.catalog.begin() as session:
         return q.add_template(
-            session, name=name, every_seconds=every_seconds, keep=keep, mirror=mirror
+            session,
+            name=name,
+            every_seconds=every_seconds,
+            keep=keep,
+            mirror=mirror,
+            max_lag_seconds=max_lag_seconds,
         )
 
 

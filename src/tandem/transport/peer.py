@@ -28,6 +28,7 @@ from typing import Annotated, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from tandem.domain.consistency import Cut
 from tandem.domain.ids import ID_LENGTH, NAME_PATTERN
 from tandem.domain.lifecycle import AppKind
 from tandem.transport.client import ApiClient, api_path
@@ -74,6 +75,8 @@ class ImageOffer(Wire):
     label: str | None = Field(default=None, max_length=128)
     size: int = Field(ge=0)
     manifest: Digest
+    consistency: Cut | None = None
+    """How the image was cut (None: not recorded); a replica keeps it."""
 
 
 class ReplicationOpen(Wire):
