@@ -7,6 +7,7 @@ talk to the daemons only through the ``tandem`` command (``Cli``), with ``--json
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -261,11 +262,12 @@ class Drill:
     b: Cli
 
 
-@pytest.fixture(scope="module")
-def drill(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Drill]:
-    root = tmp_path_factory.mktemp("drill")
+@contextlib.contextmanager
+def running_drill(root: Path, *dr_init: str) -> Iterator[Drill]:
+    """Two appliances (``dr_init``: extra ``appliance init`` options for the DR one), an
+    agent at each site, paired, with a mirroring template; all stopped at the end."""
     prod = Daemon("appliance", root / "prod", "prod")
-    dr = Daemon("appliance", root / "dr", "dr")
+    dr = Daemon("appliance", root / "dr", "dr", *dr_init)
     prod_agent = Daemon("agent", root / "agent1", "host1")
     dr_agent = Daemon("agent", root / "agent2", "host2")
     daemons = [prod, dr, prod_agent, dr_agent]
@@ -281,6 +283,12 @@ def drill(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Drill]:
     finally:
         for d in reversed(daemons):
             d.stop()
+
+
+@pytest.fixture(scope="module")
+def drill(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Drill]:
+    with running_drill(tmp_path_factory.mktemp("drill")) as built:
+        yield built
 
 
 def protect_and_replicate(d: Drill, app: str, kind: str, path: Path) -> dict[str, Any]:

@@ -4,7 +4,6 @@ CLI, and libnbd/qemu clients that pin the appliance's certificate."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -14,50 +13,15 @@ from pathlib import Path
 import pytest
 
 from tests.appliance.test_nbd_tls import routable_address
-from tests.e2e.conftest import (
-    Daemon,
-    Drill,
-    appliance_cli,
-    free_port,
-    protect_and_replicate,
-    register_host,
-)
-
-MiB = 1024 * 1024
-
-
-def need(tool: str, package: str) -> str:
-    path = shutil.which(tool)
-    if path is None:
-        pytest.fail(f"{tool} is missing: apt-get install {package}")
-    return path
-
-
-def digest(path: Path) -> str:
-    return hashlib.blake2b(path.read_bytes()).hexdigest()
+from tests.e2e.conftest import Drill, free_port, protect_and_replicate, running_drill
+from tests.e2e.test_dr_presentation import MiB, digest, need
 
 
 @pytest.fixture(scope="module")
 def tls_drill(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Drill]:
     root = tmp_path_factory.mktemp("tls-drill")
-    nbd_listen = f"{routable_address()}:{free_port()}"
-    prod = Daemon("appliance", root / "prod", "prod")
-    dr = Daemon("appliance", root / "dr", "dr", "--nbd-listen", nbd_listen)
-    prod_agent = Daemon("agent", root / "agent1", "host1")
-    dr_agent = Daemon("agent", root / "agent2", "host2")
-    daemons = [prod, dr, prod_agent, dr_agent]
-    try:
-        for d in daemons:
-            d.start()
-        a, b = appliance_cli(prod), appliance_cli(dr)
-        register_host(a, prod_agent)
-        register_host(b, dr_agent)
-        a("peer", "add", "--url", dr.url, "--token", dr.token, "--fingerprint", dr.fingerprint)
-        a("template", "add", "mirrored", "--mirror", "--keep", "4")
-        yield Drill(root, prod, dr, prod_agent, dr_agent, a, b)
-    finally:
-        for d in reversed(daemons):
-            d.stop()
+    with running_drill(root, "--nbd-listen", f"{routable_address()}:{free_port()}") as built:
+        yield built
 
 
 def test_a_dr_host_reads_and_writes_the_copy_over_nbds(tls_drill: Drill, tmp_path: Path) -> None:
