@@ -256,19 +256,27 @@ def _reclone(path: str, work: str, changed: list[str], now: dict[str, tuple[int,
             done.append(rel)
 
 
+def _clone_fd(sfd: int, dst: str, path: str, what: str) -> int:
+    """Create ``dst`` as a reflink clone of the open file ``sfd``; returns its fd (the
+    caller closes it). ``what`` names the source in the refusal."""
+    dfd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.ioctl(dfd, FICLONE, sfd)
+    except OSError as exc:
+        os.close(dfd)
+        raise PointInTimeUnavailable(
+            path=path, reason=f"the file system would not clone {what} ({exc.strerror})"
+        ) from exc
+    return dfd
+
+
 def _clone_file(src: str, dst: str, path: str) -> None:
     """A reflink clone of one regular file with its mode, owner and times (as ``cp -a``),
     without a process per file: re-cloning must be quick for the next check to settle."""
     sfd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        dfd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        dfd = _clone_fd(sfd, dst, path, src)
         try:
-            try:
-                fcntl.ioctl(dfd, FICLONE, sfd)
-            except OSError as exc:
-                raise PointInTimeUnavailable(
-                    path=path, reason=f"the file system would not clone {src} ({exc.strerror})"
-                ) from exc
             st = os.fstat(sfd)
             os.fchown(dfd, st.st_uid, st.st_gid)
             os.fchmod(dfd, stat.S_IMODE(st.st_mode))
@@ -410,16 +418,7 @@ def _reflink_file(path: str) -> Iterator[PointInTime]:
     clone = os.path.join(os.path.dirname(path), _work_name())
     src = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        dst = os.open(clone, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            try:
-                fcntl.ioctl(dst, FICLONE, src)
-            except OSError as exc:
-                raise PointInTimeUnavailable(
-                    path=path, reason=f"the file system would not clone it ({exc.strerror})"
-                ) from exc
-        finally:
-            os.close(dst)
+        os.close(_clone_fd(src, clone, path, "it"))
         yield PointInTime(clone, Cut.REFLINK, "a reflink clone of the volume file", recheck=False)
     finally:
         os.close(src)
