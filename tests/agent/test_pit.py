@@ -127,7 +127,8 @@ def test_a_volume_file_on_xfs_is_captured_from_a_reflink_clone(
         with open(disk, "r+b") as fh:  # the app writes on after the cut
             fh.write(b"B" * (1 << 20))
         _, m, _ = capture_volume(pool, cut.path)
-    assert pool.get(m.chunks[0])[:4] == b"AAAA"
+    chunk = m.chunks[0]
+    assert chunk is not None and pool.get(chunk)[:4] == b"AAAA"
     assert leftovers(fs) == []
 
 
@@ -179,9 +180,12 @@ def test_a_freeze_that_outlives_the_watchdog_is_thawed_and_fails(
     ):
         # wait for the state: writable again, thawed by the watchdog
         done = threading.Event()
-        threading.Thread(
-            target=lambda: ((fs / "app" / "probe").write_bytes(b""), done.set())
-        ).start()
+
+        def probe() -> None:
+            (fs / "app" / "probe").write_bytes(b"")
+            done.set()
+
+        threading.Thread(target=probe).start()
         assert done.wait(10)
 
 

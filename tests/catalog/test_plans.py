@@ -13,28 +13,29 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import delete, select
-from sqlalchemy.sql import Executable
+from sqlalchemy import String, delete, func, literal, select
+from sqlalchemy.sql import ClauseElement
 
 from tandem.catalog import queries as q
 from tandem.catalog.db import Catalog
-from tandem.catalog.models import Image, Job, utcnow
+from tandem.catalog.models import App, Image, Job, Setting, utcnow
 from tandem.domain.images import ImageKind
 from tandem.domain.jobs import TERMINAL, JobStatus
 from tandem.domain.lifecycle import AppKind
 from tandem.jobs.queue import submit_job
 
 
-def plan(catalog: Catalog, stmt: Executable) -> str:
+def plan(catalog: Catalog, stmt: ClauseElement) -> str:
     """The query plan of ``stmt``, one step a line."""
     with catalog.engine.connect() as conn:
         compiled = stmt.compile(dialect=conn.dialect, compile_kwargs={"render_postcompile": True})
-        params = compiled.construct_params()
+        params = compiled.construct_params() or {}
         procs: dict[str, Any] = compiled._bind_processors  # type: ignore[attr-defined]
         values = {k: procs[k](v) if k in procs else v for k, v in params.items()}
         sql = str(compiled)
         if conn.dialect.name == "sqlite":
-            args = tuple(values[k] for k in compiled.positiontup or [])
+            order: list[str] = compiled.positiontup or []  # type: ignore[attr-defined]
+            args = tuple(values[k] for k in order)
             rows = conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql, args).all()
             return "\n".join(str(r[-1]) for r in rows)
         for knob in ("enable_seqscan", "enable_bitmapscan", "enable_sort"):
@@ -43,7 +44,7 @@ def plan(catalog: Catalog, stmt: Executable) -> str:
         return "\n".join(str(r[0]) for r in rows)
 
 
-def assert_indexed(catalog: Catalog, stmt: Executable) -> str:
+def assert_indexed(catalog: Catalog, stmt: ClauseElement) -> str:
     shown = plan(catalog, stmt)
     if catalog.dialect == "sqlite":
         assert "TEMP B-TREE" not in shown, shown
@@ -109,8 +110,8 @@ def test_job_pages_come_from_an_index(filled: Catalog, filters: dict[str, Any]) 
 
 def test_per_app_settings_are_one_indexed_query(filled: Catalog) -> None:
     """``GET /apps`` reads every app's failback downtime in one query, not one per app."""
-    key = q.func.substr(q.literal("failback_downtime:", q.String) + q.App.name, 1, 64)
-    stmt = select(q.App.name, q.Setting.value).join(q.Setting, q.Setting.key == key)
+    key = func.substr(literal("failback_downtime:", String) + App.name, 1, 64)
+    stmt = select(App.name, Setting.value).join(Setting, Setting.key == key)
     shown = plan(filled, stmt)
     if filled.dialect == "sqlite":
         assert "TEMP B-TREE" not in shown, shown

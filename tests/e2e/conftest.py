@@ -294,7 +294,7 @@ def drill(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Drill]:
 def protect_and_replicate(d: Drill, app: str, kind: str, path: Path) -> dict[str, Any]:
     d.a("app", "add", app, "--host", "host1", "--kind", kind, "--path", str(path))
     d.a("app", "protect", app, "--template", "mirrored")
-    snap = d.a("capture", app)["image"]
+    snap: dict[str, Any] = d.a("capture", app)["image"]
     wait_for(lambda: any(i["id"] == snap["id"] for i in d.b("images", app)), 60, "the replica")
     return snap
 

@@ -66,7 +66,7 @@ def poll(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
 def recovered(cli: Cli, job_id: str) -> dict[str, Any]:
     """The job as the restarted appliance left it: failed, not running for ever."""
     doc: dict[str, Any] = cli("job", "show", job_id)
-    found = doc.get("job", doc)
+    found: dict[str, Any] = doc.get("job", doc)
     assert found["status"] == "failed", found
     return found
 

@@ -474,9 +474,9 @@ def test_kill9_during_capture_recovers(site: Site, tmp_path: Path) -> None:
 
         after = cli("capture", "big")
         assert after["job"]["status"] == "succeeded", after["job"]
-        with open(volume, "r+b") as fh:
-            fh.seek(123 * MiB)
-            fh.write(os.urandom(MiB))
+        with open(volume, "r+b") as fh2:
+            fh2.seek(123 * MiB)
+            fh2.write(os.urandom(MiB))
         incremental = cli("capture", "big")
         assert incremental["job"]["status"] == "succeeded"
         assert incremental["job"]["bytes_sent"] < 20 * MiB

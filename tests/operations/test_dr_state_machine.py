@@ -74,7 +74,7 @@ from tandem.operations import (
     replicate,
     restore,
     syncback,
-    test_failover,
+    testfailover,
 )
 from tandem.storage.overlay import BLOCK, Overlay
 from tandem.transport.peer import ImageOffer, MirroredApp, ReplicationOpen
@@ -427,7 +427,7 @@ class DrMachine(RuleBasedStateMachine):
         self.tests += 1
         if self.kind is AppKind.FILESYSTEM:
             mount_point = str(self.s.root / self.name / f"test{self.tests}")
-        job = test_failover.submit_test_failover(
+        job = testfailover.submit_test_failover(
             self.dr, app=self.name, host="host2", mount_point=mount_point, actor="model"
         )
         done = self.run_dr(job)
@@ -693,7 +693,7 @@ class DrMachine(RuleBasedStateMachine):
             Operation.FAILOVER: lambda: failover.submit_failover(
                 self.dr, app=self.name, host="host2", confirm=["FAILOVER"]
             ),
-            Operation.TEST_FAILOVER: lambda: test_failover.submit_test_failover(
+            Operation.TEST_FAILOVER: lambda: testfailover.submit_test_failover(
                 self.dr, app=self.name, host="host2"
             ),
             Operation.SYNCBACK: lambda: syncback.submit_syncback(self.dr, app=self.name),

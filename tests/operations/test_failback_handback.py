@@ -28,6 +28,7 @@ def _capture(sites: TwoSites, app: str) -> JobStatus | None:
     was queued, production knows the app is failed over at the DR site)."""
     done = sites.run(sites.prod, capture.submit_capture(sites.prod.site, app=app, actor="t"))
     assert done.status is JobStatus.SUCCEEDED, done.message
+    assert done.result is not None, done.message
     if done.result["mirror_job"] is None:
         return None
     mirror = sites.prod.runner.wait(done.result["mirror_job"], timeout=60)

@@ -185,6 +185,7 @@ def _capture(sites: TwoSites, app: str) -> str:
     """Capture at production and wait for its replication; the snapshot's id."""
     done = sites.run(sites.prod, capture.submit_capture(sites.prod.site, app=app, actor="t"))
     assert done.status is JobStatus.SUCCEEDED, done.message
+    assert done.result is not None, done.message
     mirror = sites.prod.runner.wait(done.result["mirror_job"], timeout=60)
     assert mirror.status is JobStatus.SUCCEEDED, mirror.message
     return str(done.result["image"])

@@ -186,6 +186,7 @@ def test_a_mirrored_capture_carries_its_consistency_to_the_peer(tmp_path: Path) 
         apps.protect_app(prod, name="ledger", template=TEMPLATE, actor="t")
         done = sites.run(sites.prod, capture.submit_capture(prod, app="ledger", actor="t"))
         assert done.status is JobStatus.SUCCEEDED, done.message
+        assert done.result is not None, done.message
         mirror = sites.prod.runner.wait(done.result["mirror_job"], timeout=60)
         assert mirror.status is JobStatus.SUCCEEDED, mirror.message
         with sites.prod.catalog.read() as session:

@@ -31,6 +31,7 @@ def _protect_and_fail_over(s: TwoSites, app: str, kind: AppKind, path: Path) -> 
     apps.protect_app(s.prod.site, name=app, template=TEMPLATE, actor="t")
     done = s.run(s.prod, capture.submit_capture(s.prod.site, app=app, actor="t"))
     assert done.status is JobStatus.SUCCEEDED, done.message
+    assert done.result is not None, done.message
     mirrored = s.prod.runner.wait(done.result["mirror_job"], timeout=60)
     assert mirrored.status is JobStatus.SUCCEEDED, mirrored.message
     mount_point = str(s.root / f"{app}-dr") if kind is AppKind.FILESYSTEM else None
@@ -39,6 +40,7 @@ def _protect_and_fail_over(s: TwoSites, app: str, kind: AppKind, path: Path) -> 
     )
     done = s.run(s.dr, job)
     assert done.status is JobStatus.SUCCEEDED, done.message
+    assert done.result is not None, done.message
     return dict(done.result)
 
 
@@ -46,6 +48,7 @@ def _syncback(s: TwoSites, app: str) -> dict[str, Any]:
     done = s.run(s.dr, syncback.submit_syncback(s.dr.site, app=app, actor="t"))
     assert done.status is JobStatus.SUCCEEDED, done.message
     assert "written at the DR site since failover" in (done.message or "")
+    assert done.result is not None, done.message
     return dict(done.result)
 
 

@@ -568,7 +568,8 @@ def test_a_capture_of_a_few_written_blocks_reads_no_byte_of_the_base(
         image_id, image, stats = capture_overlay(pool, ov)
     path.write_bytes(kept)
     assert stats.bytes_read == 3 * BLOCK
-    assert image.chunks[0] != first and pool.info(image.chunks[0]).base == first
+    chunk = image.chunks[0]
+    assert chunk is not None and chunk != first and pool.info(chunk).base == first
     out = tmp_path / "out.img"
     restore_volume(pool, load_manifest(pool, image_id), out)  # type: ignore[arg-type]
     assert out.read_bytes() == expected

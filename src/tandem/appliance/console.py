@@ -78,7 +78,7 @@ from tandem.operations import (
     report,
     restore,
     syncback,
-    test_failover,
+    testfailover,
 )
 from tandem.operations.present import ACTIONS as MOUNT_ACTIONS
 from tandem.operations.site import Site
@@ -668,7 +668,7 @@ def _capture(site: Site, app: str, form: Mapping[str, str], actor: str) -> Job:
 
 
 def _test_failover(site: Site, app: str, form: Mapping[str, str], actor: str) -> Job:
-    return test_failover.submit_test_failover(
+    return testfailover.submit_test_failover(
         site,
         app=app,
         host=form.get("host", ""),

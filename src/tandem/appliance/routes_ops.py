@@ -44,7 +44,7 @@ from tandem.operations import (
     replica_failback,
     restore,
     syncback,
-    test_failover,
+    testfailover,
 )
 from tandem.operations.site import Site
 
@@ -71,7 +71,7 @@ def make_router(site: Site) -> APIRouter:
 
     @router.post("/apps/{name}/test-failover", tags=["operations"], status_code=ACCEPTED)
     def test_failover_app(name: Name, body: PresentIn, who: Caller) -> JobAnswer:
-        job = test_failover.submit_test_failover(
+        job = testfailover.submit_test_failover(
             site,
             app=name,
             host=body.host,

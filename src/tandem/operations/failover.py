@@ -34,7 +34,7 @@ from tandem.operations import hooks, peers, present
 from tandem.operations.capture import check_label
 from tandem.operations.hosts import agent_for
 from tandem.operations.site import Site
-from tandem.operations.test_failover import check_not_production_host, pick_replica
+from tandem.operations.testfailover import check_not_production_host, pick_replica
 
 TYPE = "failover"
 

@@ -17,7 +17,7 @@ from tandem.operations import (
     replicate,
     restore,
     syncback,
-    test_failover,
+    testfailover,
 )
 from tandem.operations.site import Site
 
@@ -29,7 +29,7 @@ def job_handlers(site: Site) -> dict[str, Handler]:
         gc.TYPE: partial(gc.run_gc, site),
         images.DELETE_TYPE: partial(images.run_delete, site),
         replicate.TYPE: partial(replicate.run_replicate, site),
-        test_failover.TYPE: partial(test_failover.run_test_failover, site),
+        testfailover.TYPE: partial(testfailover.run_test_failover, site),
         failover.TYPE: partial(failover.run_failover, site),
         mount.TYPE: partial(mount.run_mount, site),
         clone.TYPE: partial(clone.run_clone, site),

@@ -27,12 +27,12 @@ from tandem.operations import (
     replica_failback,
     restore,
     syncback,
-    test_failover,
+    testfailover,
 )
 from tandem.operations.site import Site
 
 STEPS: tuple[tuple[str, str], ...] = (
-    (test_failover.TYPE, "Test failover"),
+    (testfailover.TYPE, "Test failover"),
     (failover.TYPE, "Failover"),
     (syncback.TYPE, "Syncback"),
     (restore.TYPE, "Restore"),
