@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tandem.catalog import queries as q
-from tandem.cli.jobs import job_of
+from tandem.cli.common import job_of
 from tandem.errors import InvalidInput, NotFound, RemoteError
 from tandem.transport.client import ApiClient, api_path, quote_segment
 from tests.appliance.conftest import Api, seed_app, seed_image

@@ -1,4 +1,8 @@
-"""DR lifecycle commands: test-failover, failover, mount, unmount (SPEC §2, §3, §6)."""
+"""DR lifecycle commands: test-failover, failover, mount, unmount (SPEC §2, §3, §6).
+
+Each job command builds the operation's parameters and starts it; ``job_command`` follows
+the job (see ``tandem.cli.common``).
+"""
 
 from __future__ import annotations
 
@@ -7,28 +11,25 @@ from typing import Annotated
 
 import typer
 
-from tandem.transport.client import api_path
+from tandem.transport.client import Doc
 
 from .common import (
-    Fingerprint,
-    Json,
-    NoWait,
-    Token,
-    Url,
+    AppName,
+    ImageId,
+    Label,
+    Session,
+    api_command,
     checked_app,
     checked_image,
-    connect,
+    job_command,
 )
-from .jobs import follow_job, job_of
-from .output import emit_json, handle_errors, stdout
 
-AppName = Annotated[str, typer.Argument(help="The application.", metavar="APP")]
-ImageId = Annotated[str, typer.Argument(help="The image's id.", metavar="IMAGE")]
 Host = Annotated[str, typer.Option("--host", help="The host to present the image to.")]
 MountPoint = Annotated[
     str | None,
     typer.Option("--mount-point", help="Full path on the host (a missing folder is created)."),
 ]
+Replica = Annotated[str | None, typer.Option("--image", help="A replica (default: newest).")]
 
 
 class Action(StrEnum):
@@ -46,117 +47,64 @@ ActionOpt = Annotated[
 ]
 
 
-@handle_errors
+@job_command
 def test_failover(
+    s: Session,
     app: AppName,
     host: Host,
-    image: Annotated[
-        str | None, typer.Option("--image", help="A replica (default: newest).")
-    ] = None,
+    image: Replica = None,
     mount_point: MountPoint = None,
     action: ActionOpt = None,
-    no_wait: NoWait = False,
-    url: Url = None,
-    token: Token = None,
-    fingerprint: Fingerprint = None,
-    json_: Json = False,
-) -> None:
+) -> Doc:
     """Present a writable copy of a replica to HOST; replication goes on (DR appliance)."""
-    body = {
-        "host": host,
-        "image": image,
-        "mount_point": mount_point,
-        "action": action.value if action else None,
-    }
-    with connect(url, token, fingerprint) as client:
-        answer = client.post(api_path("/api/v1/apps", checked_app(app), "test-failover"), body)
-        follow_job(client, job_of(client, answer), json_=json_, no_wait=no_wait)
+    params = {"host": host, "image": image, "mount_point": mount_point, "action": action}
+    return s.api.start(checked_app(app), "test-failover", params)
 
 
-@handle_errors
+@job_command
 def failover(
+    s: Session,
     app: AppName,
     host: Host,
     confirm: Annotated[
         list[str] | None, typer.Option("--confirm", help="Type FAILOVER to confirm.")
     ] = None,
-    image: Annotated[
-        str | None, typer.Option("--image", help="A replica (default: newest).")
-    ] = None,
+    image: Replica = None,
     mount_point: MountPoint = None,
     action: ActionOpt = None,
-    label: Annotated[str | None, typer.Option("--label", help="A label for the image.")] = None,
-    no_wait: NoWait = False,
-    url: Url = None,
-    token: Token = None,
-    fingerprint: Fingerprint = None,
-    json_: Json = False,
-) -> None:
+    label: Label = None,
+) -> Doc:
     """Bring APP up at the DR site from its replica; replication stops (DR appliance)."""
-    body = {
+    params = {
         "host": host,
         "confirm": list(confirm or []),
         "image": image,
         "mount_point": mount_point,
-        "action": action.value if action else None,
+        "action": action,
         "label": label,
     }
-    with connect(url, token, fingerprint) as client:
-        answer = client.post(api_path("/api/v1/apps", checked_app(app), "failover"), body)
-        follow_job(client, job_of(client, answer), json_=json_, no_wait=no_wait)
+    return s.api.start(checked_app(app), "failover", params)
 
 
-@handle_errors
+@job_command
 def mount(
-    image: ImageId,
-    host: Host,
-    mount_point: MountPoint = None,
-    action: ActionOpt = None,
-    no_wait: NoWait = False,
-    url: Url = None,
-    token: Token = None,
-    fingerprint: Fingerprint = None,
-    json_: Json = False,
-) -> None:
+    s: Session, image: ImageId, host: Host, mount_point: MountPoint = None, action: ActionOpt = None
+) -> Doc:
     """Present any image to HOST as a writable virtual copy."""
-    body = {"host": host, "mount_point": mount_point, "action": action.value if action else None}
-    with connect(url, token, fingerprint) as client:
-        answer = client.post(api_path("/api/v1/images", checked_image(image), "mount"), body)
-        follow_job(client, job_of(client, answer), json_=json_, no_wait=no_wait)
+    params = {"host": host, "mount_point": mount_point, "action": action}
+    return s.api.start_on_image(checked_image(image), "mount", params)
 
 
-@handle_errors
-def unmount(
-    image: ImageId,
-    url: Url = None,
-    token: Token = None,
-    fingerprint: Fingerprint = None,
-    json_: Json = False,
-) -> None:
+@api_command
+def unmount(s: Session, image: ImageId) -> None:
     """Take a presented image away from its host (its row stays until `image delete`)."""
-    with connect(url, token, fingerprint) as client:
-        doc = client.post(api_path("/api/v1/images", checked_image(image), "unmount"), {})
-    if json_:
-        emit_json(doc)
-    else:
-        stdout.print(f"unmounted {doc['id']}")
+    s.emit(s.api.unmount(checked_image(image)), lambda doc: f"unmounted {doc['id']}")
 
 
-@handle_errors
-def syncback(
-    app: AppName,
-    label: Annotated[str | None, typer.Option("--label", help="A label for the image.")] = None,
-    no_wait: NoWait = False,
-    url: Url = None,
-    token: Token = None,
-    fingerprint: Fingerprint = None,
-    json_: Json = False,
-) -> None:
+@job_command
+def syncback(s: Session, app: AppName, label: Label = None) -> Doc:
     """Send what was written at the DR site home as a new syncback image (DR appliance)."""
-    with connect(url, token, fingerprint) as client:
-        body = {"label": label} if label else {}
-        answer = client.post(api_path("/api/v1/apps", checked_app(app), "syncback"), body)
-        follow_job(client, job_of(client, answer), json_=json_, no_wait=no_wait)
+    return s.api.start(checked_app(app), "syncback", {"label": label})
 
 
 class Target(StrEnum):
@@ -165,8 +113,9 @@ class Target(StrEnum):
     new = "new"
 
 
-@handle_errors
+@job_command
 def failback(
+    s: Session,
     app: AppName,
     target: Annotated[
         Target | None,
@@ -188,12 +137,7 @@ def failback(
     force: Annotated[
         bool, typer.Option("--force", help="Snapshot style: even though no syncback was made.")
     ] = False,
-    no_wait: NoWait = False,
-    url: Url = None,
-    token: Token = None,
-    fingerprint: Fingerprint = None,
-    json_: Json = False,
-) -> None:
+) -> Doc:
     """Fail APP back to production (DR appliance).
 
     Without --target: the snapshot style (after the final syncback was restored):
@@ -201,35 +145,13 @@ def failback(
     sends the differences to the target itself, takes a protective snapshot and leaves the
     failback pending until `commit-failback` or `undo-failback`.
     """
-    body = {
-        "force": force,
-        "target": target.value if target else None,
-        "host": host,
-        "path": path,
-        "power_on": power_on,
-    }
-    with connect(url, token, fingerprint) as client:
-        answer = client.post(api_path("/api/v1/apps", checked_app(app), "failback"), body)
-        follow_job(client, job_of(client, answer), json_=json_, no_wait=no_wait)
+    params = {"force": force, "target": target, "host": host, "path": path, "power_on": power_on}
+    return s.api.start(checked_app(app), "failback", params)
 
 
-def _end(
-    app: str,
-    which: str,
-    no_wait: bool,
-    url: str | None,
-    token: str | None,
-    fingerprint: str | None,
-    json_: bool,
-    body: dict[str, bool] | None = None,
-) -> None:
-    with connect(url, token, fingerprint) as client:
-        answer = client.post(api_path("/api/v1/apps", checked_app(app), which), body or {})
-        follow_job(client, job_of(client, answer), json_=json_, no_wait=no_wait)
-
-
-@handle_errors
+@job_command
 def commit_failback(
+    s: Session,
     app: AppName,
     force: Annotated[
         bool,
@@ -239,43 +161,25 @@ def commit_failback(
             "(those writes are lost).",
         ),
     ] = False,
-    no_wait: NoWait = False,
-    url: Url = None,
-    token: Token = None,
-    fingerprint: Fingerprint = None,
-    json_: Json = False,
-) -> None:
+) -> Doc:
     """Production works: end a replica-style failback, resume protection (DR appliance)."""
-    _end(app, "commit-failback", no_wait, url, token, fingerprint, json_, {"force": force})
+    return s.api.start(checked_app(app), "commit-failback", {"force": force})
 
 
-@handle_errors
-def undo_failback(
-    app: AppName,
-    no_wait: NoWait = False,
-    url: Url = None,
-    token: Token = None,
-    fingerprint: Fingerprint = None,
-    json_: Json = False,
-) -> None:
+@job_command
+def undo_failback(s: Session, app: AppName) -> Doc:
     """Back to the DR copy in its pre-failback state (protective snapshot) (DR appliance)."""
-    _end(app, "undo-failback", no_wait, url, token, fingerprint, json_)
+    return s.api.start(checked_app(app), "undo-failback")
 
 
-@handle_errors
+@job_command
 def clone(
+    s: Session,
     image: ImageId,
     host: Host,
     path: Annotated[str, typer.Option("--path", help="Full path on the host (must be new).")],
     name: Annotated[str | None, typer.Option("--name", help="The new application's name.")] = None,
-    no_wait: NoWait = False,
-    url: Url = None,
-    token: Token = None,
-    fingerprint: Fingerprint = None,
-    json_: Json = False,
-) -> None:
+) -> Doc:
     """A full, independent copy of IMAGE as a new application on HOST."""
-    body = {"host": host, "path": path, "name": name}
-    with connect(url, token, fingerprint) as client:
-        answer = client.post(api_path("/api/v1/images", checked_image(image), "clone"), body)
-        follow_job(client, job_of(client, answer), json_=json_, no_wait=no_wait)
+    params = {"host": host, "path": path, "name": name}
+    return s.api.start_on_image(checked_image(image), "clone", params)

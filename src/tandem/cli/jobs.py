@@ -21,11 +21,11 @@ from rich import box
 from rich.live import Live
 from rich.table import Table
 
-from tandem.errors import NotFound, RemoteError
-from tandem.transport.client import ApiClient, api_path
+from tandem.errors import NotFound
+from tandem.transport.client import ApplianceClient
 
-from .common import Fingerprint, Json, Token, Url, checked_job, connect
-from .output import byte_progress, emit_json, fail, handle_errors, human_bytes, stderr, stdout
+from .common import Session, api_command, checked_job, job_of
+from .output import byte_progress, emit_json, fail, human_bytes, stderr, stdout
 
 TERMINAL = frozenset({"succeeded", "failed", "canceled"})
 POLL = 0.25
@@ -34,31 +34,17 @@ WATCH_POLL = 1.0
 job_app = typer.Typer(no_args_is_help=True, help="Show, follow and cancel one job.")
 
 
-def job_of(client: ApiClient, answer: Any) -> dict[str, Any]:
-    """The job an operation's answer ``{"job": {...}}`` carries; a clear error otherwise."""
-    job = answer.get("job") if isinstance(answer, dict) else None
-    if not isinstance(job, dict) or not {"id", "type", "status"} <= job.keys():
-        shown = str(answer)[:200]
-        raise RemoteError(
-            what=client.what,
-            name=client.name,
-            detail=f"it answered {shown} where a job was expected; check the id or name you "
-            "gave and that this tandem matches the appliance's version",
-        )
-    return job
-
-
 def _describe(job: dict[str, Any]) -> str:
     return f"{job['type']} {job.get('app') or ''}".strip()
 
 
-def _finish(client: ApiClient, job: dict[str, Any], json_: bool) -> None:
+def _finish(client: ApplianceClient, job: dict[str, Any], json_: bool) -> None:
     """Render a job that ended (or was not waited for); raise the exit status it implies."""
     doc: dict[str, Any] = {"job": job}
     if job.get("image"):
         # The image may have gone since (a restore's source deleted meanwhile).
         with contextlib.suppress(NotFound):
-            doc["image"] = client.get(api_path("/api/v1/images", job["image"]))
+            doc["image"] = client.image(job["image"])
     result = job.get("result")
     if isinstance(result, dict) and result.get("nbd_uri"):
         doc["nbd_uri"] = result["nbd_uri"]  # CLI.md: a presented volume's export
@@ -75,7 +61,7 @@ def _finish(client: ApiClient, job: dict[str, Any], json_: bool) -> None:
         raise fail(f"job {job['id']} ({_describe(job)}) {job['status']}: {job['message']}")
 
 
-def follow_job(client: ApiClient, job: dict[str, Any], *, json_: bool, no_wait: bool) -> None:
+def follow_job(client: ApplianceClient, job: dict[str, Any], *, json_: bool, no_wait: bool) -> None:
     """End a job-starting command: wait (showing progress) unless ``no_wait``, then render."""
     if no_wait:
         if json_:
@@ -89,7 +75,7 @@ def follow_job(client: ApiClient, job: dict[str, Any], *, json_: bool, no_wait: 
             task = progress.add_task(f"{_describe(job)} ({job['status']})", total=None)
             while job["status"] not in TERMINAL:
                 time.sleep(POLL)
-                job = client.get(api_path("/api/v1/jobs", job_id))
+                job = client.job(job_id)
                 total = int(job.get("bytes_total") or 0)
                 progress.update(
                     task,
@@ -128,8 +114,9 @@ def jobs_table(jobs: list[dict[str, Any]]) -> Table:
     return table
 
 
-@handle_errors
+@api_command
 def jobs(
+    s: Session,
     app: Annotated[str | None, typer.Option("--app", help="Only this application's jobs.")] = None,
     status: Annotated[
         list[str] | None, typer.Option("--status", help="Only jobs in this status (repeatable).")
@@ -142,117 +129,91 @@ def jobs(
     watch: Annotated[
         bool, typer.Option("--watch", help="Refresh until none of the jobs is queued or running.")
     ] = False,
-    url: Url = None,
-    token: Token = None,
-    fingerprint: Fingerprint = None,
-    json_: Json = False,
 ) -> None:
     """The Monitor: jobs, newest first."""
-    with connect(url, token, fingerprint) as client:
 
-        def fetch() -> list[dict[str, Any]]:
-            params: dict[str, Any] = {"app": app, "limit": limit, "after": after}
-            if status:
-                params["status"] = status
-            answer: list[dict[str, Any]] = client.get("/api/v1/jobs", **params)
-            return answer
+    def fetch() -> list[dict[str, Any]]:
+        answer: list[dict[str, Any]] = s.api.jobs(
+            app=app, limit=limit, after=after, status=status or None
+        )
+        return answer
 
-        rows = fetch()
-        if watch:
-            # Live output goes to stderr when stdout carries the one JSON document.
-            console = stderr if json_ else stdout
-            with Live(jobs_table(rows), console=console, refresh_per_second=4) as live:
-                while any(job["status"] not in TERMINAL for job in rows):
-                    time.sleep(WATCH_POLL)
-                    rows = fetch()
-                    live.update(jobs_table(rows))
-            if not json_:
-                return
-        if json_:
-            emit_json(rows)
-        else:
-            stdout.print(jobs_table(rows))
+    rows = fetch()
+    if watch:
+        # Live output goes to stderr when stdout carries the one JSON document.
+        console = stderr if s.json else stdout
+        with Live(jobs_table(rows), console=console, refresh_per_second=4) as live:
+            while any(job["status"] not in TERMINAL for job in rows):
+                time.sleep(WATCH_POLL)
+                rows = fetch()
+                live.update(jobs_table(rows))
+        if not s.json:
+            return
+    s.emit(rows, jobs_table)
+
+
+JobId = Annotated[str, typer.Argument(help="The job's id.", metavar="ID")]
+JOB_KEYS = (
+    "id",
+    "type",
+    "app",
+    "image",
+    "status",
+    "message",
+    "bytes_total",
+    "bytes_done",
+    "bytes_sent",
+    "created",
+    "started",
+    "finished",
+    "actor",
+)
 
 
 @job_app.command("show")
-@handle_errors
-def job_show(
-    job_id: Annotated[str, typer.Argument(help="The job's id.", metavar="ID")],
-    url: Url = None,
-    token: Token = None,
-    fingerprint: Fingerprint = None,
-    json_: Json = False,
-) -> None:
+@api_command
+def job_show(s: Session, job_id: JobId) -> None:
     """A job's status, progress, timings and message."""
-    with connect(url, token, fingerprint) as client:
-        job = client.get(api_path("/api/v1/jobs", checked_job(job_id)))
-        if json_:
-            emit_json(job)
-            return
-        for key in (
-            "id",
-            "type",
-            "app",
-            "image",
-            "status",
-            "message",
-            "bytes_total",
-            "bytes_done",
-            "bytes_sent",
-            "created",
-            "started",
-            "finished",
-            "actor",
-        ):
+
+    def render(job: dict[str, Any]) -> None:
+        for key in JOB_KEYS:
             value = job.get(key)
             if key.startswith("bytes_"):
                 value = f"{human_bytes(int(value or 0))} ({value})"
             stdout.print(f"{key:12} {'' if value is None else value}", highlight=False)
 
+    s.emit(s.api.job(checked_job(job_id)), render)
+
 
 @job_app.command("log")
-@handle_errors
-def job_log(
-    job_id: Annotated[str, typer.Argument(help="The job's id.", metavar="ID")],
-    url: Url = None,
-    token: Token = None,
-    fingerprint: Fingerprint = None,
-    json_: Json = False,
-) -> None:
+@api_command
+def job_log(s: Session, job_id: JobId) -> None:
     """A job's log lines, oldest first."""
-    with connect(url, token, fingerprint) as client:
-        lines = client.get(api_path("/api/v1/jobs", checked_job(job_id), "log"))
-        if json_:
-            emit_json(lines)
-            return
+
+    def render(lines: list[dict[str, Any]]) -> None:
         for line in lines:
             stdout.print(
                 f"{line['ts'][:19]} {line['level']:7} {line['text']}", highlight=False, markup=False
             )
 
+    s.emit(s.api.job_log(checked_job(job_id)), render)
+
 
 @job_app.command("cancel")
-@handle_errors
-def job_cancel(
-    job_id: Annotated[str, typer.Argument(help="The job's id.", metavar="ID")],
-    url: Url = None,
-    token: Token = None,
-    fingerprint: Fingerprint = None,
-    json_: Json = False,
-) -> None:
+@api_command
+def job_cancel(s: Session, job_id: JobId) -> None:
     """Cancel a queued job, or ask a running one to stop."""
-    with connect(url, token, fingerprint) as client:
-        answer = client.post(api_path("/api/v1/jobs", checked_job(job_id), "cancel"))
-        job = job_of(client, answer)
-        if json_:
-            emit_json(answer)
-        else:
-            state = "cancel requested" if job["status"] == "running" else job["status"]
-            stdout.print(f"{job['id']} {_describe(job)}: {state}", highlight=False)
+    answer = s.api.cancel_job(checked_job(job_id))
+    job = job_of(s.api, answer)
+    state = "cancel requested" if job["status"] == "running" else job["status"]
+    s.emit(
+        answer, lambda _: stdout.print(f"{job['id']} {_describe(job)}: {state}", highlight=False)
+    )
 
 
-@handle_errors
+@api_command
 def gc(
+    s: Session,
     status: Annotated[
         bool, typer.Option("--status", help="Show what waits for collection; start nothing.")
     ] = False,
@@ -268,29 +229,20 @@ def gc(
         int | None, typer.Option(help="Set: delete job rows that ended this many days ago.")
     ] = None,
     no_wait: Annotated[bool, typer.Option("--no-wait", help="Do not wait for the job.")] = False,
-    url: Url = None,
-    token: Token = None,
-    fingerprint: Fingerprint = None,
-    json_: Json = False,
 ) -> None:
     """Collect the pool's garbage now (a `gc` job), or show or set when it runs by itself."""
-    with connect(url, token, fingerprint) as client:
-        settings = {
-            "after_deletions": after_deletions,
-            "every_seconds": every,
-            "keep_job_days": keep_job_days,
-        }
-        if status or any(v is not None for v in settings.values()):
-            if any(v is not None for v in settings.values()):
-                changes = {k: v for k, v in settings.items() if v is not None}
-                doc = client.request("PATCH", "/api/v1/gc", json_body=changes)
-            else:
-                doc = client.get("/api/v1/gc")
-            if json_:
-                emit_json(doc)
-            else:
-                for key, value in doc.items():
-                    stdout.print(f"{key:18} {'' if value is None else value}", highlight=False)
-            return
-        answer = client.post("/api/v1/gc")
-        follow_job(client, job_of(client, answer), json_=json_, no_wait=no_wait)
+    settings = {
+        "after_deletions": after_deletions,
+        "every_seconds": every,
+        "keep_job_days": keep_job_days,
+    }
+    changes = {k: v for k, v in settings.items() if v is not None}
+    if not status and not changes:
+        s.follow(s.api.collect_garbage(), no_wait=no_wait)
+        return
+
+    def render(doc: dict[str, Any]) -> None:
+        for key, value in doc.items():
+            stdout.print(f"{key:18} {'' if value is None else value}", highlight=False)
+
+    s.emit(s.api.set_gc(changes) if changes else s.api.gc_settings(), render)

@@ -14,6 +14,7 @@ import typer
 # typer 0.29 vendors click; its usage errors live in this (private) module.
 from typer._click.exceptions import NoArgsIsHelpError, UsageError
 
+from tandem.cli.common import root_options
 from tandem.cli.output import fail
 
 # Every command: name -> (module under tandem.cli, attribute, "group" or "command"). A run
@@ -58,8 +59,19 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 }
 
 
-def _root() -> None:
-    """tandem: two-site disaster recovery."""
+ROOT_VALUED = ("--url", "--token", "--fingerprint")
+
+
+def command_name(args: list[str]) -> str | None:
+    """The command ``args`` run: the first word after the root options (``tandem --url U
+    --json apps`` runs ``apps``)."""
+    rest = iter(args)
+    for arg in rest:
+        if arg in ROOT_VALUED:
+            next(rest, None)
+        elif arg != "--json" and not arg.startswith(tuple(f"{o}=" for o in ROOT_VALUED)):
+            return arg
+    return None
 
 
 def build_app(only: str | None = None) -> typer.Typer:
@@ -70,8 +82,9 @@ def build_app(only: str | None = None) -> typer.Typer:
         pretty_exceptions_enable=False,
         help="tandem: two-site disaster recovery.",
     )
-    # A callback keeps typer from promoting a lone command to the whole program.
-    app.callback()(_root)
+    # The root callback takes where the appliance is (and --json) before the command; it
+    # also keeps typer from promoting a lone command to the whole program.
+    app.callback()(root_options)
     names = [only] if only in COMMANDS else list(COMMANDS)
     for name in names:
         module, attr, kind = COMMANDS[name]
@@ -85,7 +98,7 @@ def build_app(only: str | None = None) -> typer.Typer:
 
 def main() -> None:
     args = sys.argv[1:]
-    command = typer.main.get_command(build_app(args[0] if args else None))
+    command = typer.main.get_command(build_app(command_name(args)))
     try:
         code = command.main(args=args, prog_name="tandem", standalone_mode=False)
     except NoArgsIsHelpError:

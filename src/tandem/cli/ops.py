@@ -10,46 +10,32 @@ from rich.table import Table
 
 from tandem.domain.rules import RESTORE_CONFIRMATIONS, check_confirmations
 from tandem.errors import ConfirmationOutOfOrder, ConfirmationRequired, RemoteError
-from tandem.transport.client import api_path
+from tandem.transport.client import Doc
 
 from .common import (
-    Fingerprint,
-    Json,
-    NoWait,
-    Token,
-    Url,
+    AppName,
+    ImageId,
+    Label,
+    Session,
+    api_command,
     checked_app,
     checked_image,
-    connect,
+    job_command,
 )
-from .jobs import follow_job, job_of
-from .output import emit_json, fail, handle_errors, human_bytes, stdout
+from .output import fail, human_bytes, stdout
 
 image_app = typer.Typer(no_args_is_help=True, help="One image: show, export, verify, delete.")
 
-AppName = Annotated[str, typer.Argument(help="The application.", metavar="APP")]
-ImageId = Annotated[str, typer.Argument(help="The image's id.", metavar="IMAGE")]
 
-
-@handle_errors
-def capture(
-    app: AppName,
-    label: Annotated[str | None, typer.Option("--label", help="A label for the image.")] = None,
-    no_wait: NoWait = False,
-    url: Url = None,
-    token: Token = None,
-    fingerprint: Fingerprint = None,
-    json_: Json = False,
-) -> None:
+@job_command
+def capture(s: Session, app: AppName, label: Label = None) -> Doc:
     """Capture a snapshot of APP now."""
-    with connect(url, token, fingerprint) as client:
-        body = {"label": label} if label else {}
-        answer = client.post(api_path("/api/v1/apps", checked_app(app), "capture"), body)
-        follow_job(client, job_of(client, answer), json_=json_, no_wait=no_wait)
+    return s.api.start(checked_app(app), "capture", {"label": label})
 
 
-@handle_errors
+@job_command
 def restore(
+    s: Session,
     app: AppName,
     image: Annotated[str, typer.Option("--image", help="The image to restore.")],
     confirm: Annotated[
@@ -59,12 +45,7 @@ def restore(
             help='Typed confirmations: --confirm "DATA LOSS" --confirm "OVERWRITE OTHER APPS".',
         ),
     ] = None,
-    no_wait: NoWait = False,
-    url: Url = None,
-    token: Token = None,
-    fingerprint: Fingerprint = None,
-    json_: Json = False,
-) -> None:
+) -> Doc:
     """Diff-restore an image onto the production application (stops and restarts it)."""
     typed = list(confirm or [])
     # The appliance checks the confirmations itself; the client only refuses an order the
@@ -75,10 +56,7 @@ def restore(
         raise
     except ConfirmationRequired:
         pass  # the server names what is missing
-    with connect(url, token, fingerprint) as client:
-        body = {"image": image, "confirm": typed}
-        answer = client.post(api_path("/api/v1/apps", checked_app(app), "restore"), body)
-        follow_job(client, job_of(client, answer), json_=json_, no_wait=no_wait)
+    return s.api.start(checked_app(app), "restore", {"image": image, "confirm": typed})
 
 
 def images_table(rows: list[dict[str, Any]]) -> Table:
@@ -98,86 +76,44 @@ def images_table(rows: list[dict[str, Any]]) -> Table:
     return table
 
 
-@handle_errors
-def images(
-    app: AppName,
-    url: Url = None,
-    token: Token = None,
-    fingerprint: Fingerprint = None,
-    json_: Json = False,
-) -> None:
+@api_command
+def images(s: Session, app: AppName) -> None:
     """APP's images on this appliance, newest first."""
-    with connect(url, token, fingerprint) as client:
-        rows = client.get(api_path("/api/v1/apps", checked_app(app), "images"))
-    if json_:
-        emit_json(rows)
-    else:
-        stdout.print(images_table(rows))
+    s.emit(s.api.images(checked_app(app)), images_table)
 
 
 @image_app.command("show")
-@handle_errors
-def image_show(
-    image: ImageId,
-    url: Url = None,
-    token: Token = None,
-    fingerprint: Fingerprint = None,
-    json_: Json = False,
-) -> None:
+@api_command
+def image_show(s: Session, image: ImageId) -> None:
     """One image."""
-    with connect(url, token, fingerprint) as client:
-        doc = client.get(api_path("/api/v1/images", checked_image(image)))
-    if json_:
-        emit_json(doc)
-        return
-    for key in ("id", "app", "kind", "created", "label", "size", "state", "manifest", "parent"):
-        value = doc.get(key)
-        stdout.print(f"{key:9} {'' if value is None else value}", highlight=False)
+    keys = ("id", "app", "kind", "created", "label", "size", "state", "manifest", "parent")
+    s.show(s.api.image(checked_image(image)), keys)
 
 
 @image_app.command("export")
-@handle_errors
-def image_export(
-    image: ImageId,
-    url: Url = None,
-    token: Token = None,
-    fingerprint: Fingerprint = None,
-    json_: Json = False,
-) -> None:
+@api_command
+def image_export(s: Session, image: ImageId) -> None:
     """The NBD export (URI with its secret) of a presented image (operator; audited)."""
-    with connect(url, token, fingerprint) as client:
-        doc = client.post(api_path("/api/v1/images", checked_image(image), "export"))
+    doc = s.api.export_image(checked_image(image))
     uri = doc.get("nbd_uri") if isinstance(doc, dict) else None
     if not isinstance(uri, str):
-        raise RemoteError(
-            what=client.what, name=client.name, detail=f"it answered {str(doc)[:200]}"
-        )
-    if json_:
-        emit_json(doc)
-    else:
-        stdout.print(uri, highlight=False, soft_wrap=True)
+        raise RemoteError(what=s.api.what, name=s.api.name, detail=f"it answered {str(doc)[:200]}")
+    s.emit(doc, lambda _: stdout.print(uri, highlight=False, soft_wrap=True))
 
 
 @image_app.command("verify")
-@handle_errors
-def image_verify(
-    image: ImageId,
-    url: Url = None,
-    token: Token = None,
-    fingerprint: Fingerprint = None,
-    json_: Json = False,
-) -> None:
+@api_command
+def image_verify(s: Session, image: ImageId) -> None:
     """Read and check every chunk of an image; exit 1 if any is missing or corrupt."""
-    with connect(url, token, fingerprint) as client:
-        report = client.get(api_path("/api/v1/images", checked_image(image), "verify"))
-    if json_:
-        emit_json(report)
-    else:
-        stdout.print(
-            f"{report['image']}: {report['chunks']} chunk(s), {human_bytes(report['bytes'])} "
-            f"verified; {len(report['missing'])} missing, {len(report['bad'])} bad",
+    report = s.api.verify_image(checked_image(image))
+    s.emit(
+        report,
+        lambda r: stdout.print(
+            f"{r['image']}: {r['chunks']} chunk(s), {human_bytes(r['bytes'])} "
+            f"verified; {len(r['missing'])} missing, {len(r['bad'])} bad",
             highlight=False,
-        )
+        ),
+    )
     if not report["ok"]:
         raise fail(
             f"image {image} is damaged: {len(report['missing'])} chunk(s) missing, "
@@ -186,35 +122,13 @@ def image_verify(
 
 
 @image_app.command("delete")
-@handle_errors
-def image_delete(
-    image: ImageId,
-    no_wait: NoWait = False,
-    url: Url = None,
-    token: Token = None,
-    fingerprint: Fingerprint = None,
-    json_: Json = False,
-) -> None:
+@job_command
+def image_delete(s: Session, image: ImageId) -> Doc:
     """Delete an image (a job: the pool's unreferenced chunks are collected too)."""
-    with connect(url, token, fingerprint) as client:
-        answer = client.delete(api_path("/api/v1/images", checked_image(image)))
-        follow_job(client, job_of(client, answer), json_=json_, no_wait=no_wait)
+    return s.api.delete_image(checked_image(image))
 
 
-@handle_errors
-def audit(
-    limit: Annotated[int, typer.Option(help="At most this many, newest first.")] = 50,
-    url: Url = None,
-    token: Token = None,
-    fingerprint: Fingerprint = None,
-    json_: Json = False,
-) -> None:
-    """The audit trail of state-changing calls (admin)."""
-    with connect(url, token, fingerprint) as client:
-        rows = client.get("/api/v1/audit", limit=limit)
-    if json_:
-        emit_json(rows)
-        return
+def audit_table(rows: list[dict[str, Any]]) -> Table:
     table = Table("ts", "actor", "role", "method", "path", "status", box=box.SIMPLE_HEAD)
     for row in rows:
         table.add_row(
@@ -225,4 +139,12 @@ def audit(
             row["path"],
             str(row["status"]),
         )
-    stdout.print(table)
+    return table
+
+
+@api_command
+def audit(
+    s: Session, limit: Annotated[int, typer.Option(help="At most this many, newest first.")] = 50
+) -> None:
+    """The audit trail of state-changing calls (admin)."""
+    s.emit(s.api.audit(limit), audit_table)

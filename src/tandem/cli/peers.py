@@ -8,21 +8,9 @@ from typing import Annotated
 import typer
 
 from tandem.errors import InvalidInput
+from tandem.transport.client import Doc
 
-from .common import (
-    ApplianceFingerprint,
-    ApplianceToken,
-    ApplianceUrl,
-    Fingerprint,
-    Json,
-    NoWait,
-    Token,
-    Url,
-    connect,
-)
-from .jobs import follow_job
-from .output import handle_errors
-from .setup import _show, _table
+from .common import APPLIANCE_FLAGS, AppName, Session, api_command, checked_app, job_command
 
 peer_app = typer.Typer(no_args_is_help=True, help="Pair with the appliance at the other site.")
 
@@ -40,8 +28,9 @@ def parse_rate(text: str | None) -> int | None:
 
 
 @peer_app.command("add")
-@handle_errors
+@api_command(flags=APPLIANCE_FLAGS)
 def peer_add(
+    s: Session,
     peer_url: Annotated[str, typer.Option("--url", help="The peer appliance's URL.")],
     peer_token: Annotated[str, typer.Option("--token", help="An admin token of the peer.")],
     peer_fingerprint: Annotated[
@@ -50,60 +39,31 @@ def peer_add(
     bandwidth: Annotated[
         str | None, typer.Option("--bandwidth", help="Cap replication at this rate (e.g. 50M).")
     ] = None,
-    url: ApplianceUrl = None,
-    token: ApplianceToken = None,
-    fingerprint: ApplianceFingerprint = None,
-    json_: Json = False,
 ) -> None:
     """Pair this appliance with the peer, in both directions.
 
     --url, --token and --fingerprint are the peer's (as its `tandem appliance init` printed
     them); this appliance comes from TANDEM_URL, TANDEM_TOKEN and TANDEM_FINGERPRINT.
     """
-    body = {
-        "url": peer_url,
-        "token": peer_token,
-        "fingerprint": peer_fingerprint,
-        "bandwidth": parse_rate(bandwidth),
-    }
-    with connect(url, token, fingerprint) as client:
-        _show(client.post("/api/v1/peers", body), json_, ("name", "url", "fingerprint"))
+    doc = s.api.add_peer(peer_url, peer_token, peer_fingerprint, parse_rate(bandwidth))
+    s.show(doc, ("name", "url", "fingerprint"))
 
 
 @peer_app.command("list")
-@handle_errors
-def peer_list(
-    url: Url = None, token: Token = None, fingerprint: Fingerprint = None, json_: Json = False
-) -> None:
+@api_command
+def peer_list(s: Session) -> None:
     """The paired peer."""
-    with connect(url, token, fingerprint) as client:
-        _table(client.get("/api/v1/peers"), ("name", "url", "fingerprint"), json_)
+    s.table(s.api.peers(), ("name", "url", "fingerprint"))
 
 
 @peer_app.command("remove")
-@handle_errors
-def peer_remove(
-    name: Annotated[str, typer.Argument(help="The peer's name.")],
-    url: Url = None,
-    token: Token = None,
-    fingerprint: Fingerprint = None,
-    json_: Json = False,
-) -> None:
+@api_command
+def peer_remove(s: Session, name: Annotated[str, typer.Argument(help="The peer's name.")]) -> None:
     """Unpair (replication to it stops; its replicas stay where they are)."""
-    with connect(url, token, fingerprint) as client:
-        _show(client.delete(f"/api/v1/peers/{name}"), json_, ("deleted",))
+    s.show(s.api.remove_peer(name), ("deleted",))
 
 
-@handle_errors
-def replicate(
-    app: Annotated[str, typer.Argument(help="The application.", metavar="APP")],
-    no_wait: NoWait = False,
-    url: Url = None,
-    token: Token = None,
-    fingerprint: Fingerprint = None,
-    json_: Json = False,
-) -> None:
+@job_command
+def replicate(s: Session, app: AppName) -> Doc:
     """Send APP's snapshots the peer lacks now (mirroring does this after each capture)."""
-    with connect(url, token, fingerprint) as client:
-        answer = client.post(f"/api/v1/apps/{app}/replicate", {})
-        follow_job(client, answer["job"], json_=json_, no_wait=no_wait)
+    return s.api.start(checked_app(app), "replicate")

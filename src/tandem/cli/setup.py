@@ -6,30 +6,18 @@ from enum import StrEnum
 from typing import Annotated, Any
 
 import typer
-from rich import box
 from rich.table import Table
 
 from tandem.domain.consistency import ConsistencyMode
 from tandem.errors import InvalidInput
 
-from .common import (
-    ApplianceFingerprint,
-    ApplianceToken,
-    ApplianceUrl,
-    Fingerprint,
-    Json,
-    Token,
-    Url,
-    connect,
-)
-from .output import emit_json, handle_errors, stdout
+from .common import APPLIANCE_FLAGS, Name, Session, api_command, table_of
+from .output import stdout
 
 token_app = typer.Typer(no_args_is_help=True, help="API tokens (admin).")
 host_app = typer.Typer(no_args_is_help=True, help="Hosts: machines with a host agent.")
 template_app = typer.Typer(no_args_is_help=True, help="Backup templates.")
 app_app = typer.Typer(no_args_is_help=True, help="Applications to protect.")
-
-Name = Annotated[str, typer.Argument(help="Its name.", metavar="NAME")]
 
 
 class RoleChoice(StrEnum):
@@ -43,128 +31,81 @@ class KindChoice(StrEnum):
     volume = "volume"
 
 
-def _show(doc: Any, json_: bool, keys: tuple[str, ...]) -> None:
-    if json_:
-        emit_json(doc)
-        return
-    for key in keys:
-        value = doc.get(key)
-        stdout.print(f"{key:13} {'' if value is None else value}", highlight=False)
-
-
-def _table(rows: list[dict[str, Any]], keys: tuple[str, ...], json_: bool) -> None:
-    if json_:
-        emit_json(rows)
-        return
-    table = Table(box=box.SIMPLE_HEAD)
-    for key in keys:
-        table.add_column(key, no_wrap=key in ("name", "id"), overflow="fold")
-    for row in rows:
-        table.add_row(*("" if row.get(k) is None else str(row.get(k)) for k in keys))
-    stdout.print(table)
-
-
 # --- tokens -------------------------------------------------------------------------------
 
 
 @token_app.command("add")
-@handle_errors
+@api_command
 def token_add(
+    s: Session,
     name: Name,
     role: Annotated[RoleChoice, typer.Option("--role", help="What the token may do.")],
-    url: Url = None,
-    token: Token = None,
-    fingerprint: Fingerprint = None,
-    json_: Json = False,
 ) -> None:
     """Create an API token; it is shown once."""
-    with connect(url, token, fingerprint) as client:
-        doc = client.post("/api/v1/tokens", {"name": name, "role": role.value})
-    _show(doc, json_, ("name", "role", "token"))
-    if not json_:
+    s.show(s.api.add_token(name, role.value), ("name", "role", "token"))
+    if not s.json:
         stdout.print("Keep the token: it is shown only once.")
 
 
 @token_app.command("list")
-@handle_errors
-def token_list(
-    url: Url = None, token: Token = None, fingerprint: Fingerprint = None, json_: Json = False
-) -> None:
+@api_command
+def token_list(s: Session) -> None:
     """The API tokens (names and roles, never the secrets)."""
-    with connect(url, token, fingerprint) as client:
-        _table(client.get("/api/v1/tokens"), ("name", "role", "created"), json_)
+    s.table(s.api.tokens(), ("name", "role", "created"))
 
 
 @token_app.command("remove")
-@handle_errors
-def token_remove(
-    name: Name,
-    url: Url = None,
-    token: Token = None,
-    fingerprint: Fingerprint = None,
-    json_: Json = False,
-) -> None:
+@api_command
+def token_remove(s: Session, name: Name) -> None:
     """Remove an API token: it stops working at once."""
-    with connect(url, token, fingerprint) as client:
-        _show(client.delete(f"/api/v1/tokens/{name}"), json_, ("deleted",))
+    s.show(s.api.remove_token(name), ("deleted",))
 
 
 # --- hosts --------------------------------------------------------------------------------
 
 
 @host_app.command("add")
-@handle_errors
+@api_command(flags=APPLIANCE_FLAGS)
 def host_add(
+    s: Session,
     name: Name,
     agent_url: Annotated[str, typer.Option("--url", help="The agent's URL.")],
     agent_token: Annotated[str, typer.Option("--token", help="The agent's token.")],
     agent_fingerprint: Annotated[
         str, typer.Option("--fingerprint", help="The agent's certificate fingerprint.")
     ],
-    url: ApplianceUrl = None,
-    token: ApplianceToken = None,
-    fingerprint: ApplianceFingerprint = None,
-    json_: Json = False,
 ) -> None:
     """Register a host; the appliance checks that its agent answers.
 
     --url, --token and --fingerprint are the agent's (as `tandem agent init` printed them);
     the appliance comes from TANDEM_URL, TANDEM_TOKEN and TANDEM_FINGERPRINT.
     """
-    body = {"name": name, "url": agent_url, "token": agent_token, "fingerprint": agent_fingerprint}
-    with connect(url, token, fingerprint) as client:
-        _show(client.post("/api/v1/hosts", body), json_, ("name", "url", "fingerprint"))
+    doc = s.api.add_host(name, agent_url, agent_token, agent_fingerprint)
+    s.show(doc, ("name", "url", "fingerprint"))
 
 
 @host_app.command("remove")
-@handle_errors
-def host_remove(
-    name: Name,
-    url: Url = None,
-    token: Token = None,
-    fingerprint: Fingerprint = None,
-    json_: Json = False,
-) -> None:
+@api_command
+def host_remove(s: Session, name: Name) -> None:
     """Unregister a host that no application runs on."""
-    with connect(url, token, fingerprint) as client:
-        _show(client.delete(f"/api/v1/hosts/{name}"), json_, ("deleted",))
+    s.show(s.api.remove_host(name), ("deleted",))
 
 
-@handle_errors
-def hosts(
-    url: Url = None, token: Token = None, fingerprint: Fingerprint = None, json_: Json = False
-) -> None:
+@api_command
+def hosts(s: Session) -> None:
     """The registered hosts."""
-    with connect(url, token, fingerprint) as client:
-        _table(client.get("/api/v1/hosts"), ("name", "url", "fingerprint"), json_)
+    s.table(s.api.hosts(), ("name", "url", "fingerprint"))
 
 
 # --- templates ----------------------------------------------------------------------------
 
+TEMPLATE_KEYS = ("name", "every", "keep", "mirror", "max_lag")
+
 
 @template_app.command("add")
-@handle_errors
+@api_command
 def template_add(
+    s: Session,
     name: Name,
     every: Annotated[
         str | None, typer.Option("--every", help="Capture interval: 30s, 15m, 1h, 1d…")
@@ -181,44 +122,23 @@ def template_add(
             "--max-lag", help="RPO past which its apps are shown at risk: 15m, 1h… (none)."
         ),
     ] = None,
-    url: Url = None,
-    token: Token = None,
-    fingerprint: Fingerprint = None,
-    json_: Json = False,
 ) -> None:
     """Create a backup template."""
-    body = {"name": name, "every": every, "keep": keep, "mirror": mirror, "max_lag": max_lag}
-    with connect(url, token, fingerprint) as client:
-        _show(
-            client.post("/api/v1/templates", body),
-            json_,
-            ("name", "every", "keep", "mirror", "max_lag"),
-        )
+    params = {"name": name, "every": every, "keep": keep, "mirror": mirror, "max_lag": max_lag}
+    s.show(s.api.add_template(params), TEMPLATE_KEYS)
 
 
 @template_app.command("remove")
-@handle_errors
-def template_remove(
-    name: Name,
-    url: Url = None,
-    token: Token = None,
-    fingerprint: Fingerprint = None,
-    json_: Json = False,
-) -> None:
+@api_command
+def template_remove(s: Session, name: Name) -> None:
     """Remove a template that no application uses."""
-    with connect(url, token, fingerprint) as client:
-        _show(client.delete(f"/api/v1/templates/{name}"), json_, ("deleted",))
+    s.show(s.api.remove_template(name), ("deleted",))
 
 
-@handle_errors
-def templates(
-    url: Url = None, token: Token = None, fingerprint: Fingerprint = None, json_: Json = False
-) -> None:
+@api_command
+def templates(s: Session) -> None:
     """The backup templates."""
-    with connect(url, token, fingerprint) as client:
-        _table(
-            client.get("/api/v1/templates"), ("name", "every", "keep", "mirror", "max_lag"), json_
-        )
+    s.table(s.api.templates(), TEMPLATE_KEYS)
 
 
 # --- applications -------------------------------------------------------------------------
@@ -269,8 +189,9 @@ def _given(hooks: dict[str, str | None]) -> dict[str, str]:
 
 
 @app_app.command("add")
-@handle_errors
+@api_command
 def app_add(
+    s: Session,
     name: Name,
     host: Annotated[str, typer.Option("--host", help="The host it runs on.")],
     kind: Annotated[KindChoice, typer.Option("--kind", help="What its data is.")],
@@ -280,14 +201,10 @@ def app_add(
     freeze: FreezeHook = None,
     thaw: ThawHook = None,
     consistency: Consistency = None,
-    url: Url = None,
-    token: Token = None,
-    fingerprint: Fingerprint = None,
-    json_: Json = False,
 ) -> None:
     """Add an application to protect (hooks need an admin token)."""
     hooks = {"start": start, "stop": stop, "freeze": freeze, "thaw": thaw}
-    body: dict[str, str | None] = {
+    params: dict[str, str | None] = {
         "name": name,
         "host": host,
         "kind": kind.value,
@@ -295,121 +212,72 @@ def app_add(
         **hooks,
     }
     if consistency is not None:
-        body["consistency"] = consistency.value
-    with connect(url, token, fingerprint) as client:
-        answer = client.post("/api/v1/apps", body)
-        _show(answer, json_, (*APP_KEYS, "consistency", *_given(hooks)))
+        params["consistency"] = consistency.value
+    s.show(s.api.add_app(params), (*APP_KEYS, "consistency", *_given(hooks)))
 
 
 @app_app.command("set")
-@handle_errors
+@api_command
 def app_set(
+    s: Session,
     name: Name,
     start: StartHook = None,
     stop: StopHook = None,
     freeze: FreezeHook = None,
     thaw: ThawHook = None,
     consistency: Consistency = None,
-    url: Url = None,
-    token: Token = None,
-    fingerprint: Fingerprint = None,
-    json_: Json = False,
 ) -> None:
     """Change an application's hooks: scripts by name ("" removes one; needs an admin token),
     and what its captures are cut from (--consistency)."""
-    body = _given({"start": start, "stop": stop, "freeze": freeze, "thaw": thaw})
+    changes = _given({"start": start, "stop": stop, "freeze": freeze, "thaw": thaw})
     if consistency is not None:
-        body["consistency"] = consistency.value
-    if not body:
+        changes["consistency"] = consistency.value
+    if not changes:
         raise InvalidInput(detail="give --start, --stop, --freeze, --thaw and/or --consistency")
-    with connect(url, token, fingerprint) as client:
-        answer = client.request("PATCH", f"/api/v1/apps/{name}", json_body=body)
-        _show(answer, json_, (*APP_KEYS, "consistency", *HOOK_KEYS))
+    s.show(s.api.set_app(name, changes), (*APP_KEYS, "consistency", *HOOK_KEYS))
 
 
 @app_app.command("show")
-@handle_errors
-def app_show(
-    name: Name,
-    url: Url = None,
-    token: Token = None,
-    fingerprint: Fingerprint = None,
-    json_: Json = False,
-) -> None:
+@api_command
+def app_show(s: Session, name: Name) -> None:
     """An application: where it is, its state and its newest capture."""
-    with connect(url, token, fingerprint) as client:
-        _show(client.get(f"/api/v1/apps/{name}"), json_, (*APP_KEYS, *HOOK_KEYS, "epoch"))
+    s.show(s.api.app(name), (*APP_KEYS, *HOOK_KEYS, "epoch"))
 
 
 @app_app.command("protect")
-@handle_errors
+@api_command
 def app_protect(
+    s: Session,
     name: Name,
     template: Annotated[str, typer.Option("--template", help="The template to apply.")],
-    url: Url = None,
-    token: Token = None,
-    fingerprint: Fingerprint = None,
-    json_: Json = False,
 ) -> None:
     """Apply a template: the application becomes managed."""
-    with connect(url, token, fingerprint) as client:
-        doc = client.post(f"/api/v1/apps/{name}/protect", {"template": template})
-    _show(doc, json_, APP_KEYS)
+    s.show(s.api.protect(name, template), APP_KEYS)
 
 
 @app_app.command("unprotect")
-@handle_errors
-def app_unprotect(
-    name: Name,
-    url: Url = None,
-    token: Token = None,
-    fingerprint: Fingerprint = None,
-    json_: Json = False,
-) -> None:
+@api_command
+def app_unprotect(s: Session, name: Name) -> None:
     """Stop protecting an application (its images stay)."""
-    with connect(url, token, fingerprint) as client:
-        _show(client.post(f"/api/v1/apps/{name}/unprotect"), json_, APP_KEYS)
+    s.show(s.api.unprotect(name), APP_KEYS)
 
 
 @app_app.command("remove")
-@handle_errors
-def app_remove(
-    name: Name,
-    url: Url = None,
-    token: Token = None,
-    fingerprint: Fingerprint = None,
-    json_: Json = False,
-) -> None:
+@api_command
+def app_remove(s: Session, name: Name) -> None:
     """Remove an unprotected application that has no images left."""
-    with connect(url, token, fingerprint) as client:
-        _show(client.delete(f"/api/v1/apps/{name}"), json_, ("deleted",))
+    s.show(s.api.remove_app(name), ("deleted",))
 
 
 @app_app.command("history")
-@handle_errors
-def app_history(
-    name: Name,
-    url: Url = None,
-    token: Token = None,
-    fingerprint: Fingerprint = None,
-    json_: Json = False,
-) -> None:
+@api_command
+def app_history(s: Session, name: Name) -> None:
     """An application's lifecycle transitions, oldest first."""
-    with connect(url, token, fingerprint) as client:
-        rows = client.get(f"/api/v1/apps/{name}/transitions")
-    _table(rows, ("ts", "operation", "from_state", "to_state", "actor", "job"), json_)
+    s.table(s.api.transitions(name), ("ts", "operation", "from_state", "to_state", "actor", "job"))
 
 
-@handle_errors
-def apps(
-    url: Url = None, token: Token = None, fingerprint: Fingerprint = None, json_: Json = False
-) -> None:
-    """The applications, with their state and template."""
-    with connect(url, token, fingerprint) as client:
-        rows = client.get("/api/v1/apps")
-    if json_:
-        emit_json(rows)
-        return
+def apps_table(rows: list[dict[str, Any]]) -> Table:
+    """The applications as people read them: lag, risk, where a failed-over app runs."""
     for row in rows:
         lag = row.get("lag_seconds")
         row["lag"] = None if lag is None else f"{lag:.0f} s"
@@ -423,7 +291,13 @@ def apps(
             row["state"] = f"{row['state']} (failed over at {at})"
         elif row.get("origin"):
             row["host"] = f"({row['host']} at {row['origin']})" if row.get("host") else None
-    _table(rows, ("name", "kind", "host", "state", "template", "lag", "risk", "path"), False)
+    return table_of(rows, ("name", "kind", "host", "state", "template", "lag", "risk", "path"))
+
+
+@api_command
+def apps(s: Session) -> None:
+    """The applications, with their state and template."""
+    s.emit(s.api.apps(), apps_table)
 
 
 def _age(seconds: float | None) -> str:

@@ -181,3 +181,154 @@ class ApiClient:
                         yield json.loads(line)
         except httpx.TransportError as exc:
             raise self._unreachable(exc) from exc
+
+
+API = "/api/v1"
+
+Doc = Any
+"""A JSON document as the appliance answered it (the wire models move here with issue #13)."""
+
+
+class ApplianceClient(ApiClient):
+    """The appliance's REST API, one thin method per call: the only place outside the
+    routes that knows its paths. Names and ids are quoted as one segment each (``api_path``).
+
+    Operations that start a job answer ``{"job": {...}, ...}``: ``start`` for those on an
+    application (``capture``, ``failover``…) and ``start_on_image`` for those on an image
+    (``mount``, ``clone``); both take the operation's name as the API spells it.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        token: str | None,
+        fingerprint: str | None,
+        *,
+        name: str | None = None,
+        timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
+    ) -> None:
+        super().__init__(url, token, fingerprint, what="appliance", name=name, timeout=timeout)
+
+    # --- operations (jobs) --------------------------------------------------------------
+
+    def start(self, app: str, operation: str, params: dict[str, Any] | None = None) -> Doc:
+        """Start ``operation`` (``capture``, ``test-failover``…) on ``app``."""
+        return self.post(api_path(f"{API}/apps", app, operation), params or {})
+
+    def start_on_image(self, image: str, operation: str, params: dict[str, Any]) -> Doc:
+        """Start ``operation`` (``mount``, ``clone``) on ``image``."""
+        return self.post(api_path(f"{API}/images", image, operation), params)
+
+    def delete_image(self, image: str) -> Doc:
+        """Start the job deleting ``image``."""
+        return self.delete(api_path(f"{API}/images", image))
+
+    def collect_garbage(self) -> Doc:
+        return self.post(f"{API}/gc")
+
+    # --- jobs ---------------------------------------------------------------------------
+
+    def jobs(self, **filters: Any) -> Doc:
+        """Jobs, newest first (``app``, ``status``, ``limit``, ``after``)."""
+        return self.get(f"{API}/jobs", **filters)
+
+    def job(self, job: str) -> Doc:
+        return self.get(api_path(f"{API}/jobs", job))
+
+    def job_log(self, job: str) -> Doc:
+        return self.get(api_path(f"{API}/jobs", job, "log"))
+
+    def cancel_job(self, job: str) -> Doc:
+        return self.post(api_path(f"{API}/jobs", job, "cancel"))
+
+    def gc_settings(self) -> Doc:
+        return self.get(f"{API}/gc")
+
+    def set_gc(self, changes: dict[str, Any]) -> Doc:
+        return self.request("PATCH", f"{API}/gc", json_body=changes)
+
+    def audit(self, limit: int) -> Doc:
+        return self.get(f"{API}/audit", limit=limit)
+
+    # --- images -------------------------------------------------------------------------
+
+    def images(self, app: str) -> Doc:
+        return self.get(api_path(f"{API}/apps", app, "images"))
+
+    def image(self, image: str) -> Doc:
+        return self.get(api_path(f"{API}/images", image))
+
+    def export_image(self, image: str) -> Doc:
+        return self.post(api_path(f"{API}/images", image, "export"))
+
+    def verify_image(self, image: str) -> Doc:
+        return self.get(api_path(f"{API}/images", image, "verify"))
+
+    def unmount(self, image: str) -> Doc:
+        return self.post(api_path(f"{API}/images", image, "unmount"), {})
+
+    # --- set-up -------------------------------------------------------------------------
+
+    def tokens(self) -> Doc:
+        return self.get(f"{API}/tokens")
+
+    def add_token(self, name: str, role: str) -> Doc:
+        return self.post(f"{API}/tokens", {"name": name, "role": role})
+
+    def remove_token(self, name: str) -> Doc:
+        return self.delete(api_path(f"{API}/tokens", name))
+
+    def hosts(self) -> Doc:
+        return self.get(f"{API}/hosts")
+
+    def add_host(self, name: str, url: str, token: str, fingerprint: str) -> Doc:
+        body = {"name": name, "url": url, "token": token, "fingerprint": fingerprint}
+        return self.post(f"{API}/hosts", body)
+
+    def remove_host(self, name: str) -> Doc:
+        return self.delete(api_path(f"{API}/hosts", name))
+
+    def templates(self) -> Doc:
+        return self.get(f"{API}/templates")
+
+    def add_template(self, params: dict[str, Any]) -> Doc:
+        return self.post(f"{API}/templates", params)
+
+    def remove_template(self, name: str) -> Doc:
+        return self.delete(api_path(f"{API}/templates", name))
+
+    def apps(self) -> Doc:
+        return self.get(f"{API}/apps")
+
+    def app(self, name: str) -> Doc:
+        return self.get(api_path(f"{API}/apps", name))
+
+    def add_app(self, params: dict[str, Any]) -> Doc:
+        return self.post(f"{API}/apps", params)
+
+    def set_app(self, name: str, changes: dict[str, Any]) -> Doc:
+        return self.request("PATCH", api_path(f"{API}/apps", name), json_body=changes)
+
+    def remove_app(self, name: str) -> Doc:
+        return self.delete(api_path(f"{API}/apps", name))
+
+    def protect(self, name: str, template: str) -> Doc:
+        return self.post(api_path(f"{API}/apps", name, "protect"), {"template": template})
+
+    def unprotect(self, name: str) -> Doc:
+        return self.post(api_path(f"{API}/apps", name, "unprotect"))
+
+    def transitions(self, name: str) -> Doc:
+        return self.get(api_path(f"{API}/apps", name, "transitions"))
+
+    # --- the other site -----------------------------------------------------------------
+
+    def peers(self) -> Doc:
+        return self.get(f"{API}/peers")
+
+    def add_peer(self, url: str, token: str, fingerprint: str, bandwidth: int | None) -> Doc:
+        body = {"url": url, "token": token, "fingerprint": fingerprint, "bandwidth": bandwidth}
+        return self.post(f"{API}/peers", body)
+
+    def remove_peer(self, name: str) -> Doc:
+        return self.delete(api_path(f"{API}/peers", name))
