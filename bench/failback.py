@@ -2,7 +2,7 @@
 1, 4 and 16 GiB volumes with 64 MiB written at the DR site after the catch-up syncback,
 against rsync bringing the same changes home in the same run.
 
-Set-up (``tandem.cli.lab``, as in the replication section): appliances ``prod`` and ``dr``
+Set-up (``tandem.drill.lab``, as in the replication section): appliances ``prod`` and ``dr``
 paired, agent ``prod-host`` at prod and ``dr-host`` at dr, a mirroring template. For each
 size, a fully written volume (text-like bytes, unique per 4 MiB, so it compresses but does
 not deduplicate) is added as an app at prod, captured and replicated; then, as an operator
@@ -52,9 +52,9 @@ from bench.common import (
     settle,
 )
 from bench.replication import TwoSites, add_row, job_seconds, run_in_lab, wait_job
-from tandem.cli.lab import Lab
-from tandem.cli.sampleapp import NbdDisk
 from tandem.domain.rules import FAILOVER_CONFIRMATION, RESTORE_CONFIRMATIONS
+from tandem.drill.lab import Lab
+from tandem.drill.sampleapp import NbdDisk
 
 S = "failback · downtime vs volume size (64 MiB changed after the catch-up)"
 SIZES_GIB = (1, 4, 16)

@@ -1,7 +1,7 @@
 """Presentation benchmark (issue 5): time to present a volume image to a DR host by test
 failover, for 1, 4 and 10 GiB images, against a full restore of the same image.
 
-Set-up (``tandem.cli.lab``, as in the replication section): appliances ``prod`` and ``dr``
+Set-up (``tandem.drill.lab``, as in the replication section): appliances ``prod`` and ``dr``
 paired, agent ``prod-host`` registered at prod and agent ``dr-host`` at dr, a mirroring
 template. For each size: a sparse-ish volume (one random MiB in every 8 MiB, the rest holes)
 is added as an app at prod, captured and replicated; then, with the replica at dr and
@@ -52,7 +52,7 @@ from bench.replication import (
     run_in_lab,
     wait_job,
 )
-from tandem.cli.lab import Lab, tandem_argv
+from tandem.drill.lab import Lab, tandem_argv
 
 S = "presentation · test failover (NBD) vs full restore"
 

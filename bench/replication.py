@@ -1,7 +1,7 @@
 """Replication benchmark (issue 4): tandem mirroring between two real appliances on loopback
 TLS, side by side with rsync on the same data in the same run.
 
-Set-up (``tandem.cli.lab``: daemons as child processes on 127.0.0.1, stopped and removed
+Set-up (``tandem.drill.lab``: daemons as child processes on 127.0.0.1, stopped and removed
 whatever happens): appliances ``prod`` and ``dr`` and an agent ``prod-host`` registered at
 ``prod``; ``prod`` paired with ``dr`` (``POST /api/v1/peers`` with the DR admin token); a
 volume app over a generated file (half low-entropy text, half random, interleaved per
@@ -66,7 +66,7 @@ from bench.storage import (
     times,
     write_volume,
 )
-from tandem.cli.lab import Daemon, Lab, free_port
+from tandem.drill.lab import Daemon, Lab, free_port
 from tandem.errors import TandemError
 from tandem.transport.client import ApiClient
 
@@ -306,7 +306,7 @@ class ReplicationBench:
         self.report.context.append(
             f"Replication: a {fmt_size(self.size)} volume, even 4 MiB segments low-entropy "
             "text (zstd-1 halves them), odd ones random; appliances prod and dr and agent "
-            "prod-host as child processes on loopback TLS (tandem.cli.lab)."
+            "prod-host as child processes on loopback TLS (tandem.drill.lab)."
         )
         self.sites.add_volume_app(APP, self.volume)
         self.step_first_copy()

@@ -1,6 +1,6 @@
 """Scale: capture latency as an app's images pile up, and the list routes at 1,000 apps.
 
-One appliance and one agent run as child processes on loopback TLS (``tandem.cli.lab``).
+One appliance and one agent run as child processes on loopback TLS (``tandem.drill.lab``).
 
 1. Capture latency with 10 and with N (``SCALE_IMAGES``, default 1,000) images: an app whose
    template keeps that many snapshots is captured ``CAPTURES`` times, each capture pruning
@@ -27,11 +27,11 @@ from bench.common import Config, Report, Row, fmt_seconds, log
 from tandem.catalog import queries as q
 from tandem.catalog.db import open_catalog
 from tandem.catalog.models import Job
-from tandem.cli.lab import Daemon, Lab
 from tandem.domain.ids import new_job_id
 from tandem.domain.images import ImageKind
 from tandem.domain.jobs import JobStatus
 from tandem.domain.lifecycle import AppKind
+from tandem.drill.lab import Daemon, Lab
 from tandem.storage.manifest import VOLUME_CHUNK, VolumeManifest, encode_manifest
 from tandem.storage.pool import ChunkPool
 from tandem.transport.client import ApiClient

@@ -14,7 +14,7 @@ import pytest
 
 from tandem.agent import app as agent_app
 from tandem.agent.hooks import check_script
-from tandem.cli.lab import install_hook_script
+from tandem.drill.lab import install_hook_script
 from tandem.errors import HookRefused
 from tests.agent.conftest import Agent
 from tests.appliance.live import free_port

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tandem.cli.lab import install_hook_script
+from tandem.drill.lab import install_hook_script
 from tests.e2e.conftest import Cli, Daemon, Site, appliance_cli, register_host, wait_for
 
 MiB = 1024 * 1024
@@ -315,7 +315,7 @@ def test_bad_input_and_auth(site: Site, tmp_path: Path) -> None:
     usage = cli.run("capture", check=False)
     assert usage.code == 2 and "Missing argument" in usage.error
 
-    dead = Daemon("agent", tmp_path / "dead-agent", "ghost")  # initialised, never started
+    dead = Daemon.create("agent", tmp_path / "dead-agent", "ghost")  # initialised, never started
     unreachable = cli.run(
         "host",
         "add",
@@ -411,7 +411,7 @@ def test_scheduled_captures_and_retention(site: Site, tmp_path: Path) -> None:
 
 def test_agent_down_fails_the_job_and_keeps_images(site: Site, tmp_path: Path) -> None:
     cli = site.cli
-    agent = Daemon("agent", tmp_path / "agent", "host2")
+    agent = Daemon.create("agent", tmp_path / "agent", "host2")
     agent.start()
     try:
         register_host(cli, agent)
@@ -441,7 +441,7 @@ def test_agent_down_fails_the_job_and_keeps_images(site: Site, tmp_path: Path) -
 
 @pytest.mark.slow
 def test_kill9_during_capture_recovers(site: Site, tmp_path: Path) -> None:
-    appliance = Daemon("appliance", tmp_path / "appliance", "prod2")
+    appliance = Daemon.create("appliance", tmp_path / "appliance", "prod2")
     appliance.start()
     try:
         cli = appliance_cli(appliance)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tandem.cli.lab import install_hook_script
+from tandem.drill.lab import install_hook_script
 from tests.e2e.conftest import Drill, wait_for
 from tests.e2e.test_dr_presentation import tree_digests
 

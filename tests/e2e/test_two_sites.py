@@ -12,15 +12,14 @@ from typing import Any
 
 import pytest
 
+from tandem.drill.lab import child_env, tandem_argv
 from tests.e2e.conftest import (
     Cli,
     Daemon,
     appliance_cli,
-    clean_env,
     job_row,
     pause,
     register_host,
-    tandem_command,
     wait_for,
 )
 
@@ -43,9 +42,9 @@ class Sites:
 @pytest.fixture(scope="module")
 def sites(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sites]:
     root = tmp_path_factory.mktemp("sites")
-    prod = Daemon("appliance", root / "prod", "prod")
-    dr = Daemon("appliance", root / "dr", "dr")
-    agent = Daemon("agent", root / "agent", "host1")
+    prod = Daemon.create("appliance", root / "prod", "prod")
+    dr = Daemon.create("appliance", root / "dr", "dr")
+    agent = Daemon.create("agent", root / "agent", "host1")
     try:
         prod.start()
         dr.start()
@@ -93,14 +92,14 @@ def restore_from_pool(s: Sites, pool_owner: Daemon, manifest: str, out: Path) ->
     """Restore a manifest straight from an appliance's pool to a scratch path."""
     subprocess.run(
         [
-            *tandem_command(),
+            *tandem_argv(),
             "storage",
             "restore",
             str(pool_owner.directory / "pool"),
             manifest,
             str(out),
         ],
-        env=clean_env(),
+        env=child_env(),
         check=True,
         capture_output=True,
         timeout=120,

@@ -11,10 +11,10 @@ import pytest
 
 from tandem.catalog import queries as q
 from tandem.catalog.models import Job
-from tandem.cli.lab import install_hook_script
 from tandem.domain.jobs import JobStatus
 from tandem.domain.lifecycle import AppKind
 from tandem.domain.rules import RESTORE_CONFIRMATIONS, Role
+from tandem.drill.lab import install_hook_script
 from tandem.errors import RemoteError
 from tandem.operations import apps, capture, hosts, monitor, restore, templates
 from tests.operations.conftest import Live

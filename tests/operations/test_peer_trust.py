@@ -22,11 +22,11 @@ from pydantic import ValidationError
 from tandem.appliance.scheduler import Scheduler
 from tandem.catalog import queries as q
 from tandem.catalog.models import Job
-from tandem.cli.lab import install_hook_script
 from tandem.domain.images import ImageKind
 from tandem.domain.jobs import JobStatus
 from tandem.domain.lifecycle import AppKind, AppState
 from tandem.domain.rules import Role
+from tandem.drill.lab import install_hook_script
 from tandem.errors import (
     Conflict,
     InvalidInput,

@@ -26,10 +26,13 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
+from tandem.domain.units import human_bytes
 from tandem.errors import TandemError
 
 stderr = Console(stderr=True)
 stdout = Console()
+
+__all__ = ["human_bytes"]  # re-exported: the commands render sizes with it
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -84,11 +87,3 @@ def byte_progress(description: str) -> Progress:
         console=stderr,
         transient=True,
     )
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"

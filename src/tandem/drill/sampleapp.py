@@ -1,6 +1,6 @@
 """A sample application that keeps writing, for the demo and end-to-end tests.
 
-``python -m tandem.cli.sampleapp DIR`` runs in the foreground until SIGTERM/SIGINT and, at a
+``python -m tandem.drill.sampleapp DIR`` runs in the foreground until SIGTERM/SIGINT and, at a
 steady rate, writes the data directory DIR:
 
 - ``app.db``: an SQLite database in WAL mode; every tick appends a few rows in one
@@ -558,7 +558,7 @@ def start(
     if pid is not None:
         return pid
     paths.run.mkdir(parents=True, exist_ok=True)
-    argv = [sys.executable, "-m", "tandem.cli.sampleapp", "run", str(paths.data)]
+    argv = [sys.executable, "-m", "tandem.drill.sampleapp", "run", str(paths.data)]
     argv += ["--run-dir", str(paths.run), "--interval", str(interval)]
     if disk is not None:
         target = str(disk)
@@ -648,7 +648,7 @@ def release(paths: Paths, *, timeout: float = 30.0) -> dict[str, Any]:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m tandem.cli.sampleapp",
+        prog="python -m tandem.drill.sampleapp",
         description="A sample application that keeps writing (SQLite in WAL mode and files).",
     )
     parser.add_argument("command", choices=COMMANDS, help="What to do (default: run).")

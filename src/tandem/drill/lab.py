@@ -10,6 +10,8 @@ processes without waiting, so the demo can go on while they come up, then ``wait
 A daemon's ``extra_env`` is added to its environment (the demo tells each agent where its host's
 files are, since both "hosts" share this machine). ``install_script`` places a hook script in
 an agent's ``scripts/`` folder, as the host's administrator would (``install_hook_script``).
+A ``Daemon`` also stands alone (``Daemon.create`` then ``start``/``stop``/``kill9``), as the
+end-to-end tests use it; ``wait_for`` polls for a state with a deadline.
 
 Invariants
 - Daemons run in sessions of their own (a Ctrl-C in the terminal reaches only the lab, which
@@ -41,12 +43,16 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from tandem.errors import TandemError, Unreachable
-from tandem.transport.client import ApiClient
+from tandem.transport.client import ApiClient, ApplianceClient
+
+if TYPE_CHECKING:
+    from .operator import Cli
 
 Kind = Literal["appliance", "agent"]
+T = TypeVar("T")
 
 START_TIMEOUT = 30.0
 STOP_GRACE = 10.0
@@ -111,6 +117,100 @@ class Daemon:
     proc: subprocess.Popen[bytes] | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
     """Added to the daemon's environment when it is served."""
+    init_args: tuple[str, ...] = ()
+    """More options for ``tandem KIND init`` (``--nbd-tls``…)."""
+    info: dict[str, str] = field(default_factory=dict)
+    """What ``init`` printed (``name``, ``url``, ``token``, ``fingerprint``, ``scripts``)."""
+
+    @classmethod
+    def create(cls, kind: Kind, directory: Path, name: str, *init_args: str) -> Daemon:
+        """A daemon made now with ``tandem KIND init`` on a free port (not started)."""
+        daemon = cls(kind, name, directory, free_port(), init_args=init_args)
+        proc = subprocess.run(
+            daemon.init_argv(),
+            env=child_env(),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=INIT_TIMEOUT,
+            check=False,
+        )
+        daemon.created(proc.returncode, proc.stdout, proc.stderr)
+        return daemon
+
+    def init_argv(self) -> list[str]:
+        return tandem_argv(
+            self.kind,
+            "init",
+            str(self.directory),
+            "--name",
+            self.name,
+            "--listen",
+            f"127.0.0.1:{self.port}",
+            *self.init_args,
+            "--json",
+        )
+
+    def created(self, code: int, out: bytes, err: bytes) -> None:
+        """Take what ``init`` printed (its exit status and output)."""
+        if code != 0:
+            raise TandemError(
+                f"`tandem {self.kind} init` of {self.name} exited with status "
+                f"{code}: {err.decode(errors='replace').strip()}"
+            )
+        self.info = json.loads(out)
+        self.url, self.token = self.info["url"], self.info["token"]
+        self.fingerprint = self.info["fingerprint"]
+
+    def serve(self, preexec: Callable[[], None] | None = None) -> None:
+        """Run ``tandem KIND serve`` in a session of its own; returns at once."""
+        if self.running:
+            return
+        if not self.url:
+            raise TandemError(f"{self.kind} {self.name} was not created; call init first")
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                tandem_argv(self.kind, "serve", str(self.directory)),
+                env=child_env() | self.extra_env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=preexec,
+            )
+
+    def start(self, timeout: float = START_TIMEOUT) -> None:
+        """Serve and wait until it answers /health."""
+        self.serve(_die_with_parent())
+        wait_healthy(self, time.monotonic() + timeout)
+
+    def send(self, sig: int) -> None:
+        """Send ``sig`` to the daemon's process group (continued first: a test may have
+        paused it with SIGSTOP)."""
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGCONT)
+                os.killpg(self.proc.pid, sig)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = STOP_GRACE) -> int:
+        """Signal the daemon and wait for it (SIGKILL after ``timeout``); its exit status."""
+        self.send(sig)
+        return self.reap(time.monotonic() + timeout)
+
+    def reap(self, deadline: float) -> int:
+        """Wait for the daemon to exit (SIGKILL at ``deadline``); its exit status."""
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return 0
+        try:
+            return proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            return proc.wait()
+
+    def kill9(self) -> int:
+        """SIGKILL the daemon (a crash) and reap it; returns its status."""
+        return self.stop(signal.SIGKILL)
 
     @property
     def log_path(self) -> Path:
@@ -129,6 +229,16 @@ class Daemon:
             what=self.kind,
             name=self.name,
         )
+
+    def api(self) -> ApplianceClient:
+        """A client for this appliance's API with its admin token (close it when done)."""
+        return ApplianceClient(self.url, self.token, self.fingerprint, name=self.name)
+
+    def cli(self) -> Cli:
+        """The ``tandem`` command against this appliance, as an operator runs it."""
+        from .operator import Cli  # it builds on this module
+
+        return Cli(self.url, self.token, self.fingerprint)
 
     def env(self) -> dict[str, str]:
         """TANDEM_URL, TANDEM_TOKEN and TANDEM_FINGERPRINT for the CLI against this daemon."""
@@ -267,7 +377,7 @@ class Lab:
     def launch(self, *daemons: Daemon) -> None:
         """Run ``tandem KIND serve`` for each daemon not running; returns at once."""
         for d in daemons:
-            self._serve(d)
+            d.serve(self._preexec)
 
     def wait(self, *daemons: Daemon, timeout: float = START_TIMEOUT) -> None:
         """Wait until every daemon (launched) answers /health."""
@@ -285,20 +395,10 @@ class Lab:
         procs: dict[str, tuple[Daemon, subprocess.Popen[bytes]]] = {}
         try:
             for d in daemons:
-                argv = tandem_argv(
-                    d.kind,
-                    "init",
-                    str(d.directory),
-                    "--name",
-                    d.name,
-                    "--listen",
-                    f"127.0.0.1:{d.port}",
-                    "--json",
-                )
                 procs[d.name] = (
                     d,
                     subprocess.Popen(
-                        argv,
+                        d.init_argv(),
                         env=child_env(),
                         stdin=subprocess.DEVNULL,
                         stdout=subprocess.PIPE,
@@ -316,67 +416,26 @@ class Lab:
                 for name in ended:
                     d, proc = procs.pop(name)
                     out, err = proc.communicate()
-                    if proc.returncode != 0:
-                        raise TandemError(
-                            f"`tandem {d.kind} init` of {d.name} exited with status "
-                            f"{proc.returncode}: {err.decode(errors='replace').strip()}"
-                        )
-                    info = json.loads(out)
-                    d.url, d.token = info["url"], info["token"]
-                    d.fingerprint = info["fingerprint"]
+                    d.created(proc.returncode, out, err)
                     if serve:
-                        self._serve(d)
+                        d.serve(self._preexec)
         finally:
             for _, proc in procs.values():
                 if proc.poll() is None:
                     proc.kill()
                 proc.communicate()
 
-    def _serve(self, d: Daemon) -> None:
-        if d.running:
-            return
-        if not d.url:
-            raise TandemError(f"{d.kind} {d.name} was not created; call init first")
-        with open(d.log_path, "ab") as log:
-            d.proc = subprocess.Popen(
-                tandem_argv(d.kind, "serve", str(d.directory)),
-                env=child_env() | d.extra_env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                preexec_fn=self._preexec,
-            )
-
     def stop(self, *daemons: Daemon, grace: float = STOP_GRACE) -> dict[str, int]:
         """SIGTERM the daemons, SIGKILL any still running after ``grace``; their statuses."""
         live = [d for d in daemons if d.proc is not None]
         for d in live:
-            assert d.proc is not None
-            if d.proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    d.proc.send_signal(signal.SIGTERM)
+            d.send(signal.SIGTERM)
         deadline = time.monotonic() + grace
-        codes: dict[str, int] = {}
-        for d in live:
-            assert d.proc is not None
-            try:
-                codes[d.name] = d.proc.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                d.proc.kill()
-                codes[d.name] = d.proc.wait()
-            d.proc = None
-        return codes
+        return {d.name: d.reap(deadline) for d in live}
 
     def kill(self, daemon: Daemon) -> int:
         """SIGKILL one daemon (a crash) and reap it; returns its status."""
-        if daemon.proc is None:
-            return 0
-        with contextlib.suppress(ProcessLookupError):
-            daemon.proc.kill()
-        code = daemon.proc.wait()
-        daemon.proc = None
-        return code
+        return daemon.kill9()
 
     def exited(self) -> list[Daemon]:
         """The daemons that were started and have exited since (crashed, or were killed)."""
@@ -414,6 +473,21 @@ def wait_healthy(daemon: Daemon, deadline: float) -> None:
                 f"its log {daemon.log_path} ends with: {daemon.log_tail()}"
             )
         time.sleep(HEALTH_POLL)
+
+
+def wait_for(
+    predicate: Callable[[], T | None], timeout: float, what: str, interval: float = 0.5
+) -> T:
+    """Poll ``predicate`` until it returns something truthy and return that; the deadline
+    only bounds a failure (the state is polled for, never slept for)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
 
 
 def _in_main_thread() -> bool:

@@ -1,5 +1,5 @@
-"""`tandem demo` (the two-site DR drill), its lab of daemons and its sample app, as an
-operator runs them."""
+"""`tandem demo` (the two-site DR drill of ``tandem.drill``), its lab of daemons and its
+sample app, as an operator runs them."""
 
 from __future__ import annotations
 
@@ -16,13 +16,15 @@ import pytest
 import typer
 
 from tandem.appliance.nbd import NbdServer
-from tandem.cli import demo, sampleapp
+from tandem.cli import demo
+from tandem.drill import report as drill_report
+from tandem.drill import sampleapp, steps
 from tandem.storage.overlay import Overlay
 from tandem.storage.pool import ChunkPool
 from tandem.storage.volume import capture_volume
 
 TANDEM = [sys.executable, "-m", "tandem.cli"]
-SAMPLEAPP = [sys.executable, "-m", "tandem.cli.sampleapp"]
+SAMPLEAPP = [sys.executable, "-m", "tandem.drill.sampleapp"]
 MiB = 1024 * 1024
 
 
@@ -101,7 +103,7 @@ def test_demo_runs_the_two_site_drill_and_reports_it(
     # Data verified equal at each site: the test copy and the failed-over copy at dr equal
     # their replicas; production after the restore equals the DR copy as it was stopped.
     assert report["data_verified_equal"] is True
-    assert set(report["data_equal"]) == set(demo.COMPARISONS)
+    assert set(report["data_equal"]) == set(drill_report.COMPARISONS)
     assert all(report["data_equal"].values())
     assert all(report["checks"].values())
 
@@ -150,7 +152,7 @@ def test_demo_runs_the_two_site_drill_and_reports_it(
     assert processes_mentioning(str(work)) == []
 
     # Without --json, the same report is a table of steps and jobs and the DR measures.
-    demo.print_report(report)
+    drill_report.print_report(report)
     out = capsys.readouterr().out
     for text in ("failover to host2", "final syncback", "failback (snapshot style)"):
         assert text in out
@@ -164,26 +166,26 @@ def test_a_failing_step_fails_the_demo_naming_it(
 ) -> None:
     ran: list[str] = []
 
-    def fine(ctx: demo.Context) -> str:
+    def fine(ctx: steps.Context) -> str:
         ran.append("fine")
         ctx.lab.on_close("note the clean-up", lambda: ran.append("cleaned up"))
         return "all good"
 
-    def broken(ctx: demo.Context) -> str:
+    def broken(ctx: steps.Context) -> str:
         ran.append("broken")
-        raise demo.StepFailed("production differs from image img_x: changed app.db")
+        raise steps.StepFailed("production differs from image img_x: changed app.db")
 
-    def after(ctx: demo.Context) -> str:
+    def after(ctx: steps.Context) -> str:
         ran.append("after")
         return "never"
 
     monkeypatch.setattr(
-        demo,
+        steps,
         "STEPS",
         [
-            demo.Step("fine", "a fine step", fine),
-            demo.Step("broken", "a broken step", broken),
-            demo.Step("after", "a later step", after),
+            steps.Step("fine", "a fine step", fine),
+            steps.Step("broken", "a broken step", broken),
+            steps.Step("after", "a later step", after),
         ],
     )
     work = tmp_path / "demo"
@@ -266,11 +268,11 @@ def test_sample_app_writes_holds_releases_and_stops(tmp_path: Path) -> None:
         }
         assert "held at row" in cli("hold", str(data))
         # Held: the database is closed (no -wal), and nothing changes any more ...
-        before = demo.tree_state(data), demo.volume_state(disk)
+        before = steps.tree_state(data), steps.volume_state(disk)
         assert "app.db-wal" not in before[0]
         # ... though it goes on running: a new hold is acknowledged only from its loop.
         assert "held at row" in cli("hold", str(data))
-        assert (demo.tree_state(data), demo.volume_state(disk)) == before
+        assert (steps.tree_state(data), steps.volume_state(disk)) == before
         rows = sampleapp.read_status(paths)["rows"]
         cli("release", str(data))
         wait_until(lambda: sampleapp.read_status(paths)["rows"] > rows, "the app to write again")

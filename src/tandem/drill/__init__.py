@@ -1,0 +1,13 @@
+"""The DR drill as a library: what `tandem demo`, the end-to-end tests and `bench/` share.
+
+- ``lab``: daemons (appliances, host agents) as child processes on loopback: create, start,
+  stop, crash, always clean up; ``wait_for`` polls for a state with a deadline.
+- ``operator``: the ``tandem`` command run as an operator runs it (``--json``, one document).
+- ``sampleapp``: an application that keeps writing (SQLite, logs, files, a disk or an NBD
+  export), with hold/release to take reference states.
+- ``steps``: the two-site drill, step by step, over one shared ``Context``.
+- ``report``: the drill's closing report (RPO, failover time, failback downtime, bytes).
+
+The drill drives daemons through their API and CLI like an operator: it imports no
+catalog, job or operation code (``tests/test_layers.py``).
+"""
