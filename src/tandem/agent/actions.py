@@ -30,7 +30,7 @@ from tandem.domain.consistency import MODES, ConsistencyMode
 from tandem.errors import Conflict, InvalidInput, SourceUnreadable, TandemError, TargetInvalid
 from tandem.storage import targets, tree, volume
 from tandem.storage.manifest import TreeManifest, VolumeManifest, decode_manifest
-from tandem.transport.chunks import RemoteChunkSource, RemotePool
+from tandem.transport.chunks import RemoteChunkSource, RemotePool, session_path
 from tandem.transport.client import ApiClient
 
 Emit = Callable[[dict[str, Any]], None]
@@ -165,7 +165,7 @@ def _progress(emit: Emit) -> Callable[[int, int], None]:
 
 
 def _fetch_manifest(client: ApiClient, session: str, manifest: str) -> Any:
-    blob = client.request("GET", f"/api/v1/sessions/{session}/manifests/{manifest}", raw=True)
+    blob = client.request("GET", session_path(session, "manifests", manifest), raw=True)
     return decode_manifest(blob, bytes.fromhex(manifest))
 
 

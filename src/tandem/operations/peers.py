@@ -28,7 +28,7 @@ from tandem.domain.ids import validate_name
 from tandem.domain.rules import Role
 from tandem.errors import Conflict, InvalidInput, NotFound, NotPaired, PeerRefused, TandemError
 from tandem.operations.site import Site
-from tandem.transport.client import ApiClient
+from tandem.transport.client import ApiClient, ApplianceClient
 from tandem.transport.peer import PeerClient
 from tandem.transport.server import new_token
 from tandem.transport.tls import forget_pins, normalize_fingerprint
@@ -100,8 +100,8 @@ def pair(
     site: Site, *, url: str, token: str, fingerprint: str, bandwidth: int | None = None
 ) -> Peer:
     """Pair this appliance with the one at ``url`` in both directions (run on either site)."""
-    with ApiClient(url, token, fingerprint, what="peer") as remote:
-        info = remote.get("/api/v1/info")
+    with ApplianceClient(url, token, fingerprint, what="peer") as remote:
+        info = remote.info()
         name = str(info["name"])
         if name == site.name:
             raise InvalidInput(
@@ -110,10 +110,7 @@ def pair(
             )
         # We make the token the peer will call us with; it answers the one we call it with.
         mine = new_token()
-        answer = remote.post(
-            "/api/v1/peers/accept",
-            {"name": site.name, "url": site.url, "fingerprint": site.fingerprint, "token": mine},
-        )
+        answer = remote.accept_peer(site.name, site.url, site.fingerprint, mine)
         _store(
             site,
             name=name,

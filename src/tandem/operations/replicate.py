@@ -54,6 +54,7 @@ from tandem.operations import images, peers
 from tandem.operations.site import Site
 from tandem.storage.manifest import Manifest, load_manifest
 from tandem.storage.transfer import chunks_to_offer, encode_for_receiver, previous_at_same_offset
+from tandem.transport.chunks import session_path
 from tandem.transport.client import ApiClient
 from tandem.transport.peer import (
     ImageOffer,
@@ -261,7 +262,7 @@ def send_image(
     sent_here: set[bytes] = set()
     sent = 0
     started = time.monotonic()
-    path = f"/api/v1/sessions/{sid}"
+    path = session_path(sid)
 
     def receiver_has(digest: bytes) -> bool:
         return digest in held or digest in sent_here

@@ -26,7 +26,7 @@ from tandem.storage.digest import (
     object_id,
 )
 from tandem.storage.pool import PutResult, decode_chunk, encode_chunk, encode_delta
-from tandem.transport.client import ApiClient
+from tandem.transport.client import ApiClient, api_path
 from tandem.transport.wire import (
     BLOCKS_PER_REQUEST,
     SUBS_PER_REQUEST,
@@ -41,12 +41,17 @@ BATCH_BYTES = 16 * 1024 * 1024
 BATCH_COUNT = 1024
 
 
+def session_path(session: str, *rest: str) -> str:
+    """The path of a transfer session's resource: ``/api/v1/sessions/SID[/REST…]``."""
+    return api_path("/api/v1/sessions", session, *rest)
+
+
 class RemoteWriter:
     """Has the PoolWriter interface the capture functions use; sends in batches."""
 
     def __init__(self, client: ApiClient, session: str) -> None:
         self.client = client
-        self.base = f"/api/v1/sessions/{session}"
+        self.base = session_path(session)
         self._lock = threading.Lock()
         self._send_lock = threading.Lock()
         self._batch: list[tuple[bytes, bytes]] = []
@@ -198,7 +203,7 @@ class RemoteChunkSource:
 
     def __init__(self, client: ApiClient, session: str) -> None:
         self.client = client
-        self.base = f"/api/v1/sessions/{session}"
+        self.base = session_path(session)
         self.where = client.url
         self.bytes_received = 0
         self._count_lock = threading.Lock()

@@ -204,10 +204,11 @@ class ApplianceClient(ApiClient):
         token: str | None,
         fingerprint: str | None,
         *,
+        what: str = "appliance",
         name: str | None = None,
         timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
     ) -> None:
-        super().__init__(url, token, fingerprint, what="appliance", name=name, timeout=timeout)
+        super().__init__(url, token, fingerprint, what=what, name=name, timeout=timeout)
 
     # --- operations (jobs) --------------------------------------------------------------
 
@@ -332,3 +333,12 @@ class ApplianceClient(ApiClient):
 
     def remove_peer(self, name: str) -> Doc:
         return self.delete(api_path(f"{API}/peers", name))
+
+    def info(self) -> Doc:
+        """The appliance's name and version (what pairing reads first)."""
+        return self.get(f"{API}/info")
+
+    def accept_peer(self, name: str, url: str, fingerprint: str, token: str) -> Doc:
+        """Pairing's second half, asked of the other appliance: it stores us as its peer."""
+        body = {"name": name, "url": url, "fingerprint": fingerprint, "token": token}
+        return self.post(f"{API}/peers/accept", body)
