@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from .common import Json
+from .common import Json, json_mode
 from .output import emit_json, handle_errors, stdout
 
 appliance_app = typer.Typer(no_args_is_help=True, help="Create and run an appliance.")
@@ -18,7 +18,7 @@ Name = Annotated[str, typer.Option("--name", help="Its name (unique per site).")
 
 
 def _print_init(doc: dict[str, str], json_: bool) -> None:
-    if json_:
+    if json_mode(json_):
         emit_json(doc)
         return
     for key in ("name", "url", "token", "fingerprint", "scripts"):
