@@ -215,18 +215,20 @@ def job_of(client: ApiClient, answer: Any) -> dict[str, Any]:
 # --- the decorators ------------------------------------------------------------------------
 
 
-def _command(
-    fn: Callable[..., Any], flags: Flags, after: Callable[[Session, Any, dict[str, Any]], None]
-) -> Callable[..., None]:
-    """``fn(session, …)`` as a Typer command: its own parameters but the first, then the
-    connection options; ``after(session, result, extra)`` ends it inside the open session."""
+NO_WAIT = inspect.Parameter(
+    "no_wait", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=NoWait
+)
+
+
+def _command(fn: Callable[..., Any], flags: Flags, *, follow: bool) -> Callable[..., None]:
+    """``fn(session, …)`` as a Typer command: its own parameters but the first, then
+    ``--no-wait`` if it starts a job (``follow``), then the connection options."""
     hints = get_type_hints(fn, include_extras=True)
     own = list(inspect.signature(fn).parameters.values())[1:]
     own = [p.replace(annotation=hints.get(p.name, p.annotation)) for p in own]
-    extra = _extra_params(after)
+    extra = [NO_WAIT] if follow else []
     params = [*own, *extra, *_connection_params(flags)]
-    taken = {p.name for p in own}
-    if taken & {*_INJECTED, *(p.name for p in extra)}:
+    if {p.name for p in own} & {*_INJECTED, *(p.name for p in extra)}:
         raise TypeError(f"{fn.__name__}: a parameter's name is one the decorator adds")
 
     @functools.wraps(fn)
@@ -236,31 +238,16 @@ def _command(
         token = kwargs.pop("token_", None) or root.token
         fingerprint = kwargs.pop("fingerprint_", None) or root.fingerprint
         json_ = bool(kwargs.pop("json_", False)) or root.json
-        more = {p.name: kwargs.pop(p.name, p.default) for p in extra}
+        no_wait = bool(kwargs.pop(NO_WAIT.name, False))
         with connect(url, token, fingerprint) as api:
             session = Session(api, json_)
-            after(session, fn(session, *args, **kwargs), more)
+            result = fn(session, *args, **kwargs)
+            if follow:
+                session.follow(result, no_wait=no_wait)
 
     wrapper.__signature__ = inspect.Signature(params, return_annotation=None)  # type: ignore[attr-defined]
     wrapper.__annotations__ = {p.name: p.annotation for p in params}
     return handle_errors(wrapper)
-
-
-def _extra_params(after: Callable[..., None]) -> list[inspect.Parameter]:
-    return list(getattr(after, "params", []))
-
-
-def _nothing(session: Session, result: Any, extra: dict[str, Any]) -> None:
-    """A plain command renders itself."""
-
-
-def _follow(session: Session, answer: Any, extra: dict[str, Any]) -> None:
-    session.follow(answer, no_wait=bool(extra["no_wait"]))
-
-
-_follow.params = [  # type: ignore[attr-defined]
-    inspect.Parameter("no_wait", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=NoWait)
-]
 
 
 @overload
@@ -279,7 +266,7 @@ def api_command(
     """A command that talks to the appliance: ``fn(session, …)`` renders what it got."""
 
     def decorate(f: Callable[Concatenate[Session, P], object]) -> Callable[..., None]:
-        return _command(f, flags, _nothing)
+        return _command(f, flags, follow=False)
 
     return decorate(fn) if fn is not None else decorate
 
@@ -287,7 +274,7 @@ def api_command(
 def job_command(fn: Callable[Concatenate[Session, P], Doc]) -> Callable[..., None]:
     """A command that starts a job: ``fn(session, …)`` builds the parameters and starts it,
     returning the answer; the command then follows the job (``--no-wait``: returns at once)."""
-    return _command(fn, FLAGS, _follow)
+    return _command(fn, FLAGS, follow=True)
 
 
 # --- what a command line may name ----------------------------------------------------------
