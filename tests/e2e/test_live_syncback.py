@@ -1,8 +1,8 @@
 """Catch-up syncback while the app keeps serving at the DR site (SPEC §4 step 1), end to end:
 real daemons, a real NBD client writing all the while, PostgreSQL under pgbench.
 
-The volume writer is sequential: write ``k`` goes to slot ``k % SLOTS`` (each slot in a
-different 4 MiB chunk region) and only once it is acknowledged does write ``k + 1`` start; the latest
+The volume writer is sequential: write ``k`` goes to slot ``k % SLOTS`` (the slots spread
+over chunks and blocks), and write ``k + 1`` starts once ``k`` is acknowledged; the latest
 acknowledged ``k`` is kept in a file. The state after write ``K`` is therefore slots holding
 exactly ``K - SLOTS + 1 … K``: an image cut at one instant holds such a run, and a copy read
 while the writer went on (a torn one) holds a gap.
@@ -11,12 +11,17 @@ while the writer went on (a torn one) holds a gap.
 from __future__ import annotations
 
 import os
+import shutil
 import struct
 import subprocess
 from pathlib import Path
 
+from tests.agent.loopfs import PairWriter, loop_mounts, torn
 from tests.e2e.conftest import Drill, job_row, protect_and_replicate, wait_for
 from tests.e2e.test_dr_presentation import need
+from tests.e2e.test_live_apps import INVARIANT, PAIRS, Cluster, as_postgres, pair_files, shared_dir
+
+__all__ = ["shared_dir"]  # the fixture, used here
 
 MiB = 1024 * 1024
 CONFIRM = ("--confirm", "DATA LOSS", "--confirm", "OVERWRITE OTHER APPS")
@@ -115,9 +120,11 @@ def test_catch_up_syncback_of_a_volume_under_a_writer_is_one_instant(
         before = writer.acked()
         started = d.b("syncback", "busyvol", "--label", "catch-up", "--no-wait")["job"]
         job = wait_for(
-            lambda: (row := job_row(d.dr, started["id"]))["status"]
-            in ("succeeded", "failed", "canceled")
-            and row,
+            lambda: (
+                (row := job_row(d.dr, started["id"]))["status"]
+                in ("succeeded", "failed", "canceled")
+                and row
+            ),
             120,
             "the catch-up syncback",
             0.05,
@@ -147,3 +154,150 @@ def test_catch_up_syncback_of_a_volume_under_a_writer_is_one_instant(
     ] == ("succeeded")
     assert cut_at(slots_of(volume)) == last
     assert d.b("failback", "busyvol")["job"]["status"] == "succeeded"
+
+
+def pgbench(cluster: Cluster, *args: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        ["runuser", "-u", "postgres", "--", str(cluster.bin / "pgbench"), *cluster.conn(), *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd="/",
+    )
+
+
+def sound(cluster: Cluster) -> int:
+    """Check the cluster as pgbench left it; returns its history rows."""
+    checked = as_postgres(
+        str(cluster.bin / "pg_amcheck"),
+        *cluster.conn(),
+        "--heapallindexed",
+        "--install-missing",
+        "-d",
+        "postgres",
+        check=False,
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    sums = cluster.sql(INVARIANT).split("|")
+    assert len(set(sums)) == 1, sums
+    return int(cluster.sql("SELECT count(*) FROM pgbench_history"))
+
+
+def test_catch_up_syncback_of_postgresql_under_pgbench_at_dr_on_btrfs(
+    drill: Drill, shared_dir: Path
+) -> None:
+    d = drill
+    sockets = shared_dir / "sockets"
+    sockets.mkdir()
+    shutil.chown(sockets, "postgres", "postgres")
+    with loop_mounts(shared_dir) as mkfs:
+        prod_fs, dr_fs = mkfs("btrfs"), mkfs("btrfs")
+        for fs in (prod_fs, dr_fs):
+            fs.chmod(0o755)
+        data = prod_fs / "pgdata"
+        subprocess.run(["btrfs", "subvolume", "create", str(data)], check=True, capture_output=True)
+        shutil.chown(data, "postgres", "postgres")
+        data.chmod(0o700)
+        prod = Cluster(data, sockets)
+        as_postgres(
+            str(prod.bin / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "--no-sync"
+        )
+        prod.start()
+        try:
+            as_postgres(str(prod.bin / "pgbench"), *prod.conn(), "-i", "-q", "-s", "2", "postgres")
+            protect_and_replicate(d, "pgdr", "filesystem", data)
+        finally:
+            prod.stop()  # the disaster: production is down
+
+        dr_path = dr_fs / "pgdata"
+        over = d.b(
+            "failover", "pgdr", "--host", "host2", "--confirm", "FAILOVER",
+            "--mount-point", str(dr_path),
+        )  # fmt: skip
+        assert over["job"]["status"] == "succeeded", over["job"]
+        (dr_path / "postmaster.pid").unlink(missing_ok=True)  # production's, not ours
+        dr = Cluster(dr_path, sockets)
+        dr.start()  # the app serves at the DR site
+        try:
+            bench = pgbench(dr, "-n", "-c", "2", "-j", "2", "-R", "30", "-T", "600", "postgres")
+            try:
+                wait_for(
+                    lambda: int(dr.sql("SELECT count(*) FROM pgbench_history")) > 20,
+                    60,
+                    "pgbench at the DR site",
+                )
+                before = int(dr.sql("SELECT count(*) FROM pgbench_history"))
+                catch_up = d.b("syncback", "pgdr", "--label", "catch-up")
+                assert catch_up["job"]["status"] == "succeeded", catch_up["job"]
+                result = catch_up["job"]["result"]
+                # the DR copy is a subvolume: cut from a snapshot, writes never held
+                assert result["consistency"] == "snapshot-btrfs", result
+                assert result["writes_held_seconds"] is None
+                assert catch_up["image"]["consistency"] == result["consistency"]
+                wait_for(
+                    lambda: int(dr.sql("SELECT count(*) FROM pgbench_history")) > before + 20,
+                    60,
+                    "pgbench going on after the syncback",
+                )
+            finally:
+                bench.kill()
+                bench.wait()
+        finally:
+            dr.stop()  # downtime starts
+        served = Cluster(dr_path, sockets)
+        served.start()
+        try:
+            at_dr = sound(served)
+        finally:
+            served.stop()
+        final = d.b("syncback", "pgdr", "--label", "final")
+        assert final["job"]["status"] == "succeeded", final["job"]
+
+        # each syncback, restored at production, is a cluster that starts and is sound
+        for image, rows in ((catch_up["image"]["id"], None), (final["image"]["id"], at_dr)):
+            done = d.a("restore", "pgdr", "--image", image, *CONFIRM)
+            assert done["job"]["status"] == "succeeded", done["job"]
+            (data / "postmaster.pid").unlink(missing_ok=True)  # the DR server's
+            home = Cluster(data, sockets)
+            home.start()  # crash recovery from the cut
+            try:
+                got = sound(home)
+                assert got >= before if rows is None else got == rows
+            finally:
+                home.stop()
+        assert d.b("failback", "pgdr")["job"]["status"] == "succeeded"
+
+
+def test_a_tree_at_dr_with_no_point_in_time_source_never_syncs_back_torn(
+    drill: Drill, tmp_path: Path
+) -> None:
+    """ext4 neither snapshots nor reflinks: the DR copy is read live and re-checked, so a
+    catch-up syncback under a writer that never pauses fails saying why, or holds a state
+    the app had; it never succeeds torn. Once the app stops, the final one carries all."""
+    d = drill
+    prod = tmp_path / "ledger"
+    prod.mkdir()
+    PairWriter(prod, PAIRS, size=64 * 1024)  # the files, as production left them
+    protect_and_replicate(d, "ledger", "filesystem", prod)
+    with loop_mounts(tmp_path) as mkfs:
+        dr_path = mkfs("ext4") / "ledger"
+        over = d.b(
+            "failover", "ledger", "--host", "host2", "--confirm", "FAILOVER",
+            "--mount-point", str(dr_path),
+        )  # fmt: skip
+        assert over["job"]["status"] == "succeeded", over["job"]
+        with PairWriter(dr_path, PAIRS, size=64 * 1024):
+            outcomes = [d.b.run("syncback", "ledger", check=False) for _ in range(2)]
+        for run in outcomes:
+            if run.code == 0:
+                assert run.doc["job"]["result"]["consistency"] == "crash-unsafe"
+                done = d.a("restore", "ledger", "--image", run.doc["image"]["id"], *CONFIRM)
+                assert done["job"]["status"] == "succeeded", done["job"]
+                assert torn(pair_files(prod), PAIRS) == []
+            else:
+                assert "changed" in run.error and "Traceback" not in run.stderr, run.stderr
+        final = d.b("syncback", "ledger", "--label", "final")  # the app stopped
+        assert final["job"]["status"] == "succeeded", final["job"]
+        done = d.a("restore", "ledger", "--image", final["image"]["id"], *CONFIRM)
+        assert done["job"]["status"] == "succeeded", done["job"]
+        assert pair_files(prod) == pair_files(dr_path)
+        assert d.b("failback", "ledger")["job"]["status"] == "succeeded"
