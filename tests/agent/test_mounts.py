@@ -15,10 +15,11 @@ from typing import Any
 import httpx
 import pytest
 
-from tandem.agent import actions
+from tandem.agent import actions, pit
 from tandem.agent import app as agent_app
 from tandem.agent.mounts import REGISTRY_FILE, VOLUME_FILE, Registry
 from tandem.appliance.daemon import Appliance
+from tandem.domain.consistency import ConsistencyMode, Cut
 from tandem.errors import JobCanceled
 from tandem.storage import tree, volume
 from tandem.storage.manifest import (
@@ -30,6 +31,7 @@ from tandem.storage.manifest import (
     store_manifest,
 )
 from tandem.transport.server import DaemonConfig, load_daemon_dir
+from tests.agent.loopfs import loop_mounts
 from tests.appliance.conftest import Booted, booted
 from tests.appliance.live import LiveServer, free_port
 from tests.catalog.conftest import catalog_url
@@ -501,3 +503,23 @@ def test_capturing_a_materialized_tree_sends_only_what_changed(rig: Rig) -> None
     assert isinstance(old, TreeManifest) and isinstance(new, TreeManifest)
     diff = tree.diff_trees(old, new)
     assert (diff.added, diff.removed, diff.changed) == ([], [], ["sub/f2"])
+
+
+def test_a_tree_on_btrfs_is_materialized_as_a_subvolume_and_removed_as_a_folder(
+    rig: Rig,
+) -> None:
+    """A copy the app runs on at DR then syncs back from a snapshot (writes never held)."""
+    source, mid = make_tree(rig)
+    with loop_mounts(rig.tmp) as mkfs:
+        fs = mkfs("btrfs")
+        target = fs / "deep" / "app"
+        done = rig.materialize(rig.body(mid, mount_point=str(target)))
+        assert done["event"] == "done", done
+        assert files_of(target) == files_of(source)
+        assert pit.is_btrfs_subvolume(str(target))
+        assert not pit.is_btrfs_subvolume(str(fs / "deep"))  # parents are plain folders
+        assert rig.mounts()[IMAGE]["created"] == [str(fs / "deep"), str(target)]
+        with pit.point_in_time(str(target), "filesystem", ConsistencyMode.AUTO) as cut:
+            assert cut.cut is Cut.SNAPSHOT_BTRFS
+        assert rig.unmount().status_code == 200
+        assert sorted(p.name for p in fs.iterdir()) == []

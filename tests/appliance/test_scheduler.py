@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 
+import pytest
+
+from tandem.appliance.daemon import Appliance, init
 from tandem.appliance.scheduler import RETRY_FIRST, Scheduler, retry_delay
 from tandem.catalog import queries as q
 from tandem.domain.jobs import JobStatus
+from tandem.errors import InvalidInput
 from tests.appliance.conftest import Booted, seed_app
+from tests.appliance.live import free_port
 
 
 def test_due_apps_get_one_capture_each(booted: Booted) -> None:
@@ -93,3 +99,64 @@ def test_the_backoff_doubles_and_is_capped_at_the_interval() -> None:
     ]
     assert retry_delay(50, 60) == 60
     assert retry_delay(1000, 86400) == 86400
+
+
+def overdue(booted: Booted, app: str, by: float, every: float, now: float) -> None:
+    """Make ``app``'s newest snapshot ``every + by`` seconds old at ``now``."""
+    with booted.appliance.catalog.begin() as session:
+        q.get_app(session, name=app).last_capture = datetime.fromtimestamp(now - every - by, UTC)
+
+
+def finish_queued(booted: Booted, at: float) -> list[str]:
+    """End every queued capture as a success at ``at`` (the app's newest snapshot then)."""
+    with booted.appliance.catalog.begin() as session:
+        done = []
+        for job in q.list_jobs(session, status=JobStatus.QUEUED):
+            job.status = JobStatus.SUCCEEDED
+            q.get_app(session, name=job.app or "").last_capture = datetime.fromtimestamp(at, UTC)
+            done.append(job.app or "")
+    return sorted(done)
+
+
+def test_after_an_outage_captures_queue_most_overdue_first_never_past_the_workers(
+    booted: Booted,
+) -> None:
+    """Six apps overdue by different amounts and an app captured every minute: with two
+    workers, two captures wait at a time, the most overdue first; the frequent app does not
+    get ahead of the others however often it is due."""
+    appliance = booted.appliance
+    now = time.time()
+    with appliance.catalog.begin() as session:
+        q.add_template(session, name="minutely", every_seconds=60)
+    names = [f"app{i}" for i in range(6)]
+    for i, name in enumerate(names):
+        seed_app(appliance, name)
+        overdue(booted, name, 3600 * (i + 1), 86400, now)  # app5 the most overdue
+    seed_app(appliance, "chatty", template="minutely")
+    overdue(booted, "chatty", 1, 60, now)
+    scheduler = Scheduler(appliance.site, capacity=2)
+    assert scheduler.run_due(now) == ["app5", "app4"]
+    assert scheduler.run_due(now + 1) == []  # two wait already: the rest wait their turn
+    assert finish_queued(booted, now + 2) == ["app4", "app5"]
+    assert scheduler.run_due(now + 3) == ["app3", "app2"]
+    assert finish_queued(booted, now + 4) == ["app2", "app3"]
+    # chatty is due again and again, but later than app1 and app0: they go first
+    assert scheduler.run_due(now + 100) == ["app1", "app0"]
+    assert finish_queued(booted, now + 101) == ["app0", "app1"]
+    assert scheduler.run_due(now + 102) == ["chatty"]
+    # each app was captured once; none is due again before its interval
+    assert finish_queued(booted, now + 103) == ["chatty"]
+    assert scheduler.run_due(now + 104) == []
+
+
+def test_the_worker_count_is_set_per_appliance(tmp_path: Path) -> None:
+    directory = tmp_path / "appliance"
+    init(directory, "site-w", f"127.0.0.1:{free_port()}", None, workers=3)
+    appliance = Appliance(directory)
+    try:
+        assert appliance.runner.workers == 3 and appliance.scheduler.capacity == 3
+    finally:
+        appliance.catalog.close()
+    with pytest.raises(InvalidInput, match="give 1 to 64"):
+        init(tmp_path / "other", "site-x", f"127.0.0.1:{free_port()}", None, workers=0)
+    assert not (tmp_path / "other" / "config.json").exists()

@@ -729,3 +729,139 @@ def test_a_flush_with_nothing_new_to_make_durable_syncs_nothing(
         ov.write(10, b"b")  # a block already dirty: only the data is new
         ov.flush()
         assert len(syncs) == 4
+
+
+# --- cuts: a point in time of a copy that keeps taking writes ---------------------------
+
+
+def test_a_cut_is_the_copy_at_its_instant_whatever_is_written_after(
+    pool: ChunkPool, tmp_path: Path
+) -> None:
+    mid, base, _ = make_base(pool, tmp_path, 12 * MiB + 1000)
+    with Overlay.create(tmp_path / "ov", pool, base, mid) as ov:
+        ov.write(3 * BLOCK + 5, b"dirty before the cut")
+        ov.write(VOLUME_CHUNK + 7, b"over the zero extent")
+        ov.write(9 * MiB, os.urandom(3 * BLOCK))
+        at_cut = ov.read(0, ov.size)
+        cut = ov.cut()
+        assert cut.held_seconds >= 0 and cut.reference == mid
+        assert cut.dirty_bytes() == ov.dirty_bytes() == 5 * BLOCK
+        # after the cut: rewrites of blocks dirty then, new blocks, zeroing, a partial tail
+        ov.write(3 * BLOCK, os.urandom(2 * BLOCK))
+        ov.write_zeroes(VOLUME_CHUNK, 2 * BLOCK)  # back to clean over zeros
+        ov.write(9 * MiB + BLOCK + 9, b"again")
+        ov.write(ov.size - 10, b"tail bytes")
+        ov.write(20 * BLOCK, os.urandom(BLOCK))  # clean at the cut
+        now = ov.read(0, ov.size)
+        assert now != at_cut
+        assert cut.read(0, cut.size) == at_cut
+        for offset, length in ((3 * BLOCK + 1, BLOCK), (VOLUME_CHUNK - 3, 9), (ov.size - 4, 4)):
+            assert cut.read(offset, length) == at_cut[offset : offset + length]
+        captured, _, _ = capture_overlay(pool, cut)
+        cut.release()
+        assert not (ov.directory / "cut.blocks").exists()
+        ov.commit_capture(captured)
+        image = load_manifest(pool, captured)
+        assert isinstance(image, VolumeManifest)
+        assert ImageReader(pool, image).read(0, image.size) == at_cut
+        assert ov.read(0, ov.size) == now  # the copy kept every write
+        # what was written after the cut is what the next capture takes
+        assert {o for o, _ in ov.changed_since_capture()} >= {3 * BLOCK, 20 * BLOCK}
+        later = _capture(pool, ov)
+        image = load_manifest(pool, later)
+        assert isinstance(image, VolumeManifest)
+        assert ImageReader(pool, image).read(0, image.size) == now
+        with pytest.raises(StorageError, match="released"):
+            cut.read(0, 1)
+
+
+def test_a_capture_of_a_cut_under_a_busy_writer_is_one_instant(
+    pool: ChunkPool, tmp_path: Path
+) -> None:
+    """A sequential writer: write k goes to slot k % SLOTS. The state after write K holds
+    exactly K - SLOTS + 1 … K; a torn copy would hold a gap."""
+    slots, stride = 64, 3 * BLOCK + 4096  # slots in many blocks and chunks
+    size = slots * stride + BLOCK
+    with Overlay.create(tmp_path / "ov", pool, None, None, size=size) as ov:
+        acked = [0]
+        stop = threading.Event()
+        ready = threading.Event()
+
+        def writer() -> None:
+            k = 0
+            while not stop.is_set():
+                k += 1
+                ov.write((k % slots) * stride, k.to_bytes(8, "big") * 512)
+                acked[0] = k
+                if k == 3 * slots:
+                    ready.set()
+
+        thread = threading.Thread(target=writer)
+        thread.start()
+        try:
+            assert ready.wait(60)
+            before = acked[0]
+            with ov.cut() as cut:
+                captured, _, _ = capture_overlay(pool, cut)
+            after = acked[0]
+            ov.commit_capture(captured)
+        finally:
+            stop.set()
+            thread.join()
+        image = load_manifest(pool, captured)
+        assert isinstance(image, VolumeManifest)
+        reader = ImageReader(pool, image)
+        values = []
+        for i in range(slots):
+            record = reader.read(i * stride, 4096)
+            assert record == record[:8] * 512
+            values.append(int.from_bytes(record[:8], "big"))
+        top = max(values)
+        assert sorted(values) == list(range(top - slots + 1, top + 1))
+        assert before <= top <= after + 1
+
+
+def test_a_crash_while_a_cut_is_held_loses_no_write_and_keeps_every_change(
+    pool: ChunkPool, tmp_path: Path
+) -> None:
+    mid, base, _ = make_base(pool, tmp_path, 8 * MiB)
+    directory = tmp_path / "ov"
+    ov = Overlay.create(directory, pool, base, mid)
+    try:
+        ov.write(BLOCK, b"before")
+        cut = ov.cut()
+        ov.write(BLOCK, b"after!")
+        ov.write(4 * BLOCK, b"new")
+        ov.flush()
+        assert (directory / "cut.blocks").exists()
+        # a "crash" here: the scratch file goes, the writes and the changes stay
+        after = Overlay.open(directory, pool)
+        try:
+            assert not (directory / "cut.blocks").exists()
+            assert after.read(BLOCK, 6) == b"after!" and after.read(4 * BLOCK, 3) == b"new"
+            assert after.reference == mid
+            assert after.changed_since_capture() == [(BLOCK, BLOCK), (4 * BLOCK, BLOCK)]
+        finally:
+            after.close()
+        cut.release()
+        ov.abort_capture()
+    finally:
+        ov.close()
+
+
+def test_a_second_cut_is_refused_and_try_write_leaves_copying_to_write(
+    pool: ChunkPool, tmp_path: Path
+) -> None:
+    mid, base, _ = make_base(pool, tmp_path, 8 * MiB)
+    with Overlay.create(tmp_path / "ov", pool, base, mid) as ov:
+        ov.write(0, b"x" * BLOCK)
+        with ov.cut() as cut:
+            with pytest.raises(StorageError, match="a cut is held"):
+                ov.cut()
+            assert ov.try_write(0, b"y") is False  # its cut content is copied first
+            assert ov.read(0, 1) == b"x"
+            ov.write(0, b"y")
+            assert ov.try_write(1, b"z") is True  # copied already: nothing to wait for
+            assert cut.read(0, 2) == b"xx" and ov.read(0, 2) == b"yz"
+        ov.abort_capture()
+        assert ov.cut().read(0, 2) == b"yz"

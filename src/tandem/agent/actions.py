@@ -387,8 +387,12 @@ def materialize(req: MaterializeRequest, registry: mounts.Registry, emit: Emit) 
                 registry.update(req.image, created=created)
 
             for target in targets:
-                if not target.existed:
+                if target.existed:
+                    continue
+                if volume_image:
                     mounts.make_dirs(target.path, created, recorded)
+                else:  # on btrfs a subvolume: the copy can be cut from a snapshot
+                    mounts.make_tree_root(target.path, created, recorded)
             source = RemoteChunkSource(client, req.appliance.session)
             progress = _progress(emit)
             total = manifest.size * len(paths)

@@ -13,7 +13,10 @@ SPEC §2's mount-point rules, as enforced here
 - With ``volumes`` N > 1 the mount points are ``PATH_1`` … ``PATH_N``; every one is checked
   before the first is created.
 - A volume image is written to ``<mount point>/volume.img`` (``VOLUME_FILE``); a file-tree
-  image is the mount point's content.
+  image is the mount point's content. A missing mount point of a file tree on btrfs is made
+  a subvolume (``BTRFS_IOC_SUBVOL_CREATE`` in the folder just opened): a copy the app then
+  runs on at DR is captured (syncback) from a read-only snapshot, writes never held
+  (``agent.pit``). It is removed as a folder is (``rmdir`` of an empty subvolume).
 
 On-disk format: DIR/mounts.json (DIR is the agent's directory), one object::
 
@@ -44,6 +47,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import os
 import stat
@@ -55,6 +59,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from tandem.agent import pit
 from tandem.errors import Conflict, InvalidInput, NotFound, TandemError, TargetInvalid
 from tandem.storage import targets
 
@@ -66,6 +71,8 @@ MATERIALIZING = "materializing"
 READY = "ready"
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+BTRFS_IOC_SUBVOL_CREATE = 0x5000940E  # _IOW(0x94, 14, struct btrfs_ioctl_vol_args): 4096 bytes
+_BTRFS_NAME_MAX = 4087  # btrfs_ioctl_vol_args.name is 4088 bytes, NUL included
 
 # One agent process serves one directory; this lock orders every registry change in it.
 _lock = threading.Lock()
@@ -199,6 +206,35 @@ def make_dirs(path: str, created: list[str], recorded: Callable[[], None]) -> No
             str(exc.fields.get("path", path)), str(exc.fields.get("reason")), "check the path"
         ) from exc
     os.close(fd)
+
+
+def make_tree_root(path: str, created: list[str], recorded: Callable[[], None]) -> None:
+    """``make_dirs`` for the mount point of a file tree: on btrfs the mount point itself is
+    made a subvolume (in its parent, opened as ``make_dirs`` opens it), elsewhere a folder.
+    A file system that refuses the subvolume gets a folder: the copy then has no snapshot,
+    which costs a longer cut, not the job."""
+    parent = os.path.dirname(path.rstrip("/")) or "/"
+    if pit.mount_of(parent).fstype != "btrfs" or len(os.path.basename(path).encode()) > (
+        _BTRFS_NAME_MAX
+    ):
+        make_dirs(path, created, recorded)
+        return
+    make_dirs(parent, created, recorded)
+    fd, name = targets.open_parent(path)
+    try:
+        args = bytearray(4096)  # struct btrfs_ioctl_vol_args {__s64 fd; char name[4088];}
+        encoded = name.encode()
+        args[8 : 8 + len(encoded)] = encoded
+        try:
+            fcntl.ioctl(fd, BTRFS_IOC_SUBVOL_CREATE, args, True)
+        except OSError as exc:
+            if exc.errno == errno.EEXIST:
+                raise _refuse(path, "it appeared meanwhile", "run the job again") from exc
+            os.mkdir(name, 0o700, dir_fd=fd)
+        created.append(path)
+        recorded()
+    finally:
+        os.close(fd)
 
 
 def check_empty_folder(path: str) -> None:

@@ -4,7 +4,8 @@ On-disk layout (made by ``init``)::
 
     DIR/config.json   {"kind": "appliance", "name", "listen", "token_hash", "fingerprint",
                        "extra": {"catalog": URL or null, "nbd": "HOST:PORT",
-                                 "nbd_tls": bool (optional)}}
+                                 "nbd_tls": bool (optional),
+                                 "workers": int (optional, WORKERS when missing)}}
     DIR/cert.pem      the self-signed certificate clients pin (DIR/key.pem: its key, 0600)
     DIR/catalog.db    the SQLite catalog, unless ``--catalog`` named another database
     DIR/pool/         the chunk pool
@@ -20,6 +21,8 @@ Invariants
   host, fixed at init). A listener that is not on loopback always serves TLS (STARTTLS,
   with cert.pem/key.pem, which name the NBD host too); a loopback one serves plain unless
   ``extra.nbd_tls`` is true (``init --nbd-tls``).
+- The job runner has ``extra.workers`` threads (``init --workers``); the scheduler keeps
+  at most that many of its captures queued, so a backlog never floods the queue.
 - The job runner, the scheduler and the HTTPS server run side by side; stopping (SIGTERM,
   SIGINT) stops the server, then the scheduler, then the runner (running jobs are
   interrupted and failed with the reason), then closes the catalog.
@@ -58,6 +61,7 @@ from tandem.transport.server import (
 
 ADMIN_TOKEN = "admin"
 WORKERS = 4
+MAX_WORKERS = 64
 
 
 def catalog_url(directory: Path, cfg: DaemonConfig) -> str:
@@ -73,12 +77,14 @@ def init(
     *,
     nbd_listen: str | None = None,
     nbd_tls: bool = False,
+    workers: int | None = None,
 ) -> dict[str, Any]:
     """Create an appliance in ``directory``; returns ``{name, url, token, fingerprint}``.
 
     ``nbd_listen`` (HOST:PORT) is where NBD exports are served; by default a free port on
     the API's host. ``nbd_tls`` asks for TLS on a loopback NBD listener too (any other
-    address always has it)."""
+    address always has it). ``workers``: the jobs run at once (default ``WORKERS``)."""
+    check_workers(workers)
     host, _ = parse_listen(listen)
     if nbd_listen is None:
         nbd_listen = f"{host}:{_free_port(host)}"
@@ -93,6 +99,8 @@ def init(
     extra: dict[str, Any] = {"catalog": catalog, "nbd": nbd_listen}
     if nbd_tls:
         extra["nbd_tls"] = True
+    if workers is not None:
+        extra["workers"] = workers
     cfg, token = init_daemon_dir(
         directory, kind=KIND, name=name, listen=listen, extra=extra, hosts=(nbd_host,)
     )
@@ -114,6 +122,26 @@ def init(
             (directory / "config.json").unlink()
         raise
     return {"name": cfg.name, "url": cfg.url, "token": token, "fingerprint": cfg.fingerprint}
+
+
+def check_workers(workers: int | None) -> None:
+    if workers is not None and not 1 <= workers <= MAX_WORKERS:
+        raise InvalidInput(
+            detail=f"--workers {workers} is out of range: give 1 to {MAX_WORKERS} (jobs run at "
+            "once; a capture mostly waits on its agent, so a few per core are fine)"
+        )
+
+
+def configured_workers(cfg: DaemonConfig) -> int:
+    """The runner's worker count from ``extra.workers`` (``WORKERS`` when missing)."""
+    value = cfg.extra.get("workers")
+    if value is None:
+        return WORKERS
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_WORKERS:
+        raise InvalidInput(
+            detail=f"config.json has workers {value!r}: give a number from 1 to {MAX_WORKERS}"
+        )
+    return value
 
 
 def _free_port(host: str) -> int:
@@ -151,10 +179,11 @@ class Appliance:
     """One appliance's parts: catalog, pool, sessions, job runner, scheduler and API."""
 
     def __init__(
-        self, directory: Path, *, workers: int = WORKERS, scheduler_tick: float = 1.0
+        self, directory: Path, *, workers: int | None = None, scheduler_tick: float = 1.0
     ) -> None:
         self.directory = directory
         self.config = load_daemon_dir(directory, KIND)
+        workers = configured_workers(self.config) if workers is None else workers
         self.catalog = open_catalog(catalog_url(directory, self.config))
         try:
             pool = ChunkPool(directory / "pool")
@@ -173,7 +202,7 @@ class Appliance:
         self.site.presenter = self.nbd
         self.runner = JobRunner(self.catalog, job_handlers(self.site), workers=workers)
         self.site.wake = self.runner.wake
-        self.scheduler = Scheduler(self.site, tick=scheduler_tick)
+        self.scheduler = Scheduler(self.site, tick=scheduler_tick, capacity=workers)
         self.app = create_app(self.site)
 
     def start(self) -> None:

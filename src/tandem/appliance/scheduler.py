@@ -11,6 +11,12 @@ Invariants
   every failure stays in the Monitor. (Only the scheduler's own captures are retried so:
   the catalog is asked only for an app whose last scheduled capture left no snapshot.)
 - A newly protected app (no snapshot yet) is captured at the next tick.
+- Fair, and no herd: with a ``capacity`` (the runner's worker count), at most that many of
+  the scheduler's captures wait in the queue; due apps are submitted most overdue first
+  (the earliest ``since + interval``), the rest on later ticks as the queue drains. So no
+  app starves another, however many are due, and a backlog after an outage is worked off
+  oldest first at the pace of the workers rather than queued all at once; the captures
+  then end at different times, which spreads the next round too.
 - The queue's rule of one lifecycle job per app holds for scheduled captures too: while the
   app has a job (a manual capture, a restore), the scheduler skips it and tries next tick.
 - A mirrored app whose newest snapshot has not reached the peer gets a replication job
@@ -64,9 +70,11 @@ def retry_delay(failures: int, every: int) -> float:
 
 
 class Scheduler:
-    def __init__(self, site: Site, *, tick: float = 1.0) -> None:
+    def __init__(self, site: Site, *, tick: float = 1.0, capacity: int | None = None) -> None:
         self.site = site
         self.tick = tick
+        self.capacity = capacity
+        """Most scheduled captures left queued at once (None: no bound)."""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._tried: dict[str, float] = {}  # app name -> unix time of the last submission
@@ -101,7 +109,7 @@ class Scheduler:
         with self.site.catalog.read() as session:
             templates = {t.name: t for t in q.list_templates(session)}
             apps = q.list_apps(session)
-        submitted = []
+        due: list[tuple[float, str, App]] = []
         for app in apps:
             template = templates.get(app.template or "")
             if app.state is not AppState.MANAGED or template is None or not template.every_seconds:
@@ -114,6 +122,13 @@ class Scheduler:
                 and self.cut_retry_due(app.name, template.every_seconds, now)
             ):
                 continue
+            due.append((since + template.every_seconds, app.name, app))
+        due.sort(key=lambda d: (d[0], d[1]))  # the most overdue first
+        room = self._room()
+        submitted = []
+        for _, _, app in due:
+            if room is not None and room <= 0:
+                break  # the rest wait for the queue to drain: next ticks
             try:
                 job = submit_capture(self.site, app=app.name, actor=ACTOR)
             except Conflict:
@@ -124,6 +139,8 @@ class Scheduler:
                 continue
             self._tried[app.name] = now
             submitted.append(app.name)
+            if room is not None:
+                room -= 1
             log.info(
                 "scheduled capture of %s: job %s at %s",
                 app.name,
@@ -137,6 +154,15 @@ class Scheduler:
                 log.info("told the peer to resume mirroring %s after its failback", name)
         self.collect_garbage(now)
         return submitted
+
+    def _room(self) -> int | None:
+        """How many more captures the scheduler may queue now (None: no bound)."""
+        if self.capacity is None:
+            return None
+        with self.site.catalog.read() as session:
+            queued = q.list_jobs(session, status=JobStatus.QUEUED, limit=4 * self.capacity + 8)
+        waiting = sum(1 for j in queued if j.type == "capture" and j.actor == ACTOR)
+        return self.capacity - waiting
 
     def cut_retry_due(self, app: str, every: int, now: float) -> bool:
         """Whether ``app``'s newest capture failed for want of a cut, long enough ago

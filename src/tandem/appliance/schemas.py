@@ -298,9 +298,10 @@ class ImageOut(BaseModel):
     nbd_exported: bool = False
     """Whether the image is presented as an NBD export (ask for it with ``export``)."""
     consistency: str | None = None
-    """How the image was cut: ``snapshot-btrfs``, ``reflink``, ``freeze``, ``hooks`` or
-    ``crash-unsafe`` (live files, each unchanged after reading: consistent per file, not
-    across files); null when not recorded."""
+    """How the image was cut: ``snapshot-btrfs``, ``reflink``, ``freeze``, ``hooks``,
+    ``overlay`` (a syncback of a DR copy's overlay, cut at one instant) or ``crash-unsafe``
+    (live files, each unchanged after reading: consistent per file, not across files); null
+    when not recorded."""
 
     @classmethod
     def of(cls, image: Image) -> ImageOut:

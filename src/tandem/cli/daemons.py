@@ -46,12 +46,24 @@ def appliance_init(
     nbd_tls: Annotated[
         bool, typer.Option("--nbd-tls", help="Serve NBD over TLS on loopback too.")
     ] = False,
+    workers: Annotated[
+        int | None,
+        typer.Option(help="Jobs run at once (default 4); scheduled captures queue to match."),
+    ] = None,
     json_: Json = False,
 ) -> None:
     """Create an appliance in DIR; prints its URL, admin token and fingerprint."""
     from tandem.appliance import daemon
 
-    doc = daemon.init(directory, name, listen, catalog, nbd_listen=nbd_listen, nbd_tls=nbd_tls)
+    doc = daemon.init(
+        directory,
+        name,
+        listen,
+        catalog,
+        nbd_listen=nbd_listen,
+        nbd_tls=nbd_tls,
+        workers=workers,
+    )
     _print_init(doc, json_)
 
 

@@ -28,6 +28,7 @@ class Cut(StrEnum):
     FREEZE = "freeze"  # read while the file system was frozen: one instant
     HOOKS = "hooks"  # read while the app's freeze hook held it quiet
     CRASH_UNSAFE = "crash-unsafe"  # live files, each unchanged after reading: per file only
+    OVERLAY = "overlay"  # a DR copy's overlay cut at one instant (writes held for the cut)
 
 
 CUTS = tuple(c.value for c in Cut)

@@ -259,16 +259,16 @@ def run_replica_failback(site: Site, ctx: JobContext) -> dict[str, Any]:
     # 1. stop the original
     _production_command(site, name, "stop")
     # 2.-3. difference, sent and applied
-    first, _ = capture_dr_state(site, ctx, app, kind=ImageKind.SYNCBACK, label="failback 1/2")
+    first = capture_dr_state(site, ctx, app, kind=ImageKind.SYNCBACK, label="failback 1/2").image
     sent = send_home(site, ctx, app, first)
     _apply_at_production(site, ctx, name, first)
     # 4. the DR copy stops and stays off until commit or undo
     downtime_from = time.monotonic()
     _dr_command(site, ctx, app, "stop")
     # 5. the protective snapshot, 6. the difference again
-    protective, _ = capture_dr_state(
+    protective = capture_dr_state(
         site, ctx, app, kind=ImageKind.PROTECTIVE, label="failback protective snapshot"
-    )
+    ).image
     with _read_only(site, app):
         sent += send_home(site, ctx, app, protective)
         _apply_at_production(site, ctx, name, protective)

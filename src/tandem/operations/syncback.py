@@ -12,6 +12,18 @@ Sender (DR appliance, job ``syncback``, app failed over):
 Syncback may be repeated: each one moves only what changed since the one before (the final
 syncback after stopping the app is short), and each is a new image.
 
+A catch-up syncback runs while the app serves at the DR site, so step 1 reads a point in
+time of the DR copy, never the copy as it changes:
+- a volume: the overlay is cut (``Overlay.cut``): writes through NBD are held for the
+  instant of the cut only (the job reports it, ``writes_held_seconds``), then go on while
+  the capture reads the cut (the image's consistency is ``overlay``);
+- a file tree: the DR host's agent cuts its copy exactly as a production capture does
+  (``agent.pit``, under the app's ``--consistency``: a btrfs snapshot, reflink clones, a
+  freeze); where the file system has none, the live files are read and re-checked, and a
+  file that changed after it was read fails the syncback (``SourceChanged``), never a torn
+  image. ``hooks`` counts as ``auto`` here: the app's hooks are production's.
+The final syncback (app stopped) reads the same way; nothing changes meanwhile.
+
 What the DR copy holds that no capture took yet (``dr_copy_changes``) is what a failback
 would lose: a volume's overlay keeps a "written since the last capture" bitmap and the
 manifest id of that capture (``Overlay.begin_capture``/``commit_capture`` bracket each
@@ -32,11 +44,13 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from tandem.catalog import queries as q
 from tandem.catalog.models import App, Host, Image, Job
+from tandem.domain.consistency import CUTS, ConsistencyMode, Cut
 from tandem.domain.ids import new_image_id
 from tandem.domain.images import ImageKind, ImageState
 from tandem.domain.lifecycle import AppKind, AppState, Operation, check_transition
@@ -110,11 +124,32 @@ def _capture_session(site: Site, ctx: JobContext, bases: list[bytes]) -> Iterato
             site.sessions.close(transfer)
 
 
+@dataclass(frozen=True)
+class DrCapture:
+    """What ``capture_dr_state`` took."""
+
+    image: Image
+    written: int
+    """Bytes written at the DR site since the failover (see ``capture_dr_state``)."""
+    cut: str | None
+    """How the DR copy was cut (a ``Cut`` value; None when the agent did not say)."""
+    held_seconds: float | None
+    """How long the app's writes were held for the cut (None: not held)."""
+
+
+def _dr_mode(app: App) -> ConsistencyMode:
+    """What the DR copy of ``app`` may be cut from: the app's mode, but its hooks are
+    production's, so ``hooks`` cuts the best way the DR host has."""
+    mode = ConsistencyMode(app.consistency or ConsistencyMode.AUTO)
+    return ConsistencyMode.AUTO if mode is ConsistencyMode.HOOKS else mode
+
+
 def _capture_tree_at_host(
     site: Site, ctx: JobContext, app: App, host: Host, path: str, base: bytes
-) -> tuple[Session, bytes, int]:
-    """The DR host's agent captures ``path`` into a new session here (close it with
-    ``site.sessions.close``); returns it, the manifest id and the size."""
+) -> tuple[Session, bytes, int, dict[str, Any]]:
+    """The DR host's agent captures a point in time of ``path`` (``agent.pit``) into a new
+    session here (close it with ``site.sessions.close``); returns it, the manifest id, the
+    size and the agent's final event (how it cut the tree)."""
     transfer, token = site.sessions.open(job_id=ctx.job.id, write=True, bases=[base])
     try:
         body = {
@@ -123,13 +158,14 @@ def _capture_tree_at_host(
             "base": base.hex(),
             "job": ctx.job.id,
             "appliance": site.session_ref(transfer.id, token),
+            "consistency": _dr_mode(app).value,
         }
         with agent_for(host) as agent:
             done = follow(ctx, agent.capture(body), host=host.name, moved=lambda: 0)
         manifest = bytes.fromhex(str(done.get("manifest", "")))
         if manifest not in transfer.committed:
             raise RemoteError(what="host", name=host.name, detail="capture not committed")
-        return transfer, manifest, int(done.get("size") or 0)
+        return transfer, manifest, int(done.get("size") or 0), done
     except BaseException:
         with site.gc_lock:
             site.sessions.close(transfer)
@@ -153,18 +189,19 @@ def _tree_location(site: Site, failover: Image) -> tuple[Host, str]:
 
 def capture_dr_state(
     site: Site, ctx: JobContext, app: App, *, kind: ImageKind, label: str | None
-) -> tuple[Image, int]:
-    """Capture the failover image's current state here as an image of ``kind`` (syncback,
-    or the protective snapshot of a replica-style failback); returns it and the bytes
-    written at the DR site since the failover: a volume's dirty blocks, a tree's files
-    added or changed since the failover image (not what an earlier syncback already took:
-    every syncback reports all that production would get back)."""
+) -> DrCapture:
+    """Capture a point in time of the failover image here as an image of ``kind``
+    (syncback, or the protective snapshot of a replica-style failback), while the app may
+    keep writing; returns it with the bytes written at the DR site since the failover: a
+    volume's dirty blocks, a tree's files added or changed since the failover image (not
+    what an earlier syncback already took: every syncback reports all that production
+    would get back), and how the copy was cut."""
     with site.catalog.read() as session:
         previous = q.latest_image(session, app=app.name, kind=ImageKind.SYNCBACK)
     failover = failover_image(site, app.name)
     ctx.set_message(f"capturing the state of {failover.id} at the DR site")
 
-    def record(mid: bytes, size: int) -> Image:
+    def record(mid: bytes, size: int, cut: str | None) -> Image:
         with site.gc_lock, site.catalog.begin() as session:
             return q.add_image(
                 session,
@@ -178,29 +215,32 @@ def capture_dr_state(
                 image_id=new_image_id(),
                 epoch=app.writer_epoch,
                 protective=kind is ImageKind.PROTECTIVE,
+                consistency=cut,
             )
 
     if app.kind is AppKind.VOLUME:
         overlay = _open_overlay(site, failover)
-        overlay.flush()
         since = overlay.changed_bytes_since_capture()
-        # The capture takes every block written so far; writes from now on count as changed
-        # since it. Only once its row exists is it the copy's reference.
-        overlay.begin_capture()
-        written = overlay.dirty_bytes()  # since the failover, as this capture begins
+        # The capture takes every block written up to the cut; writes from then on count
+        # as changed since it, and go on while it reads. Only once its row exists is it
+        # the copy's reference.
+        cut = overlay.cut()
+        ctx.log(f"cut {failover.id}: writes held {cut.held_seconds * 1000:.1f} ms")
         try:
-            # Start from the last capture: only what was written since it is read.
-            reference = overlay.reference
-            last: VolumeManifest | None = None
-            if reference is not None and site.pool.has_manifest(reference):
-                loaded = load_manifest(site.pool, reference)
-                last = loaded if isinstance(loaded, VolumeManifest) else None
-            bases = [bytes.fromhex(failover.manifest)]
-            if last is not None and reference is not None:
-                bases.append(reference)
-            with _capture_session(site, ctx, bases):
-                mid, manifest, stats = capture_overlay(site.pool, overlay, previous=last)
-                image = record(mid, manifest.size)
+            with cut:
+                written = cut.dirty_bytes()  # since the failover, as of the cut
+                # Start from the last capture: only what was written since it is read.
+                reference = cut.reference
+                last: VolumeManifest | None = None
+                if reference is not None and site.pool.has_manifest(reference):
+                    loaded = load_manifest(site.pool, reference)
+                    last = loaded if isinstance(loaded, VolumeManifest) else None
+                bases = [bytes.fromhex(failover.manifest)]
+                if last is not None and reference is not None:
+                    bases.append(reference)
+                with _capture_session(site, ctx, bases):
+                    mid, manifest, stats = capture_overlay(site.pool, cut, previous=last)
+                    image = record(mid, manifest.size, Cut.OVERLAY.value)
         except BaseException:
             overlay.abort_capture()
             raise
@@ -209,17 +249,24 @@ def capture_dr_state(
             f"{since} bytes written at the DR site since the previous capture "
             f"({stats.bytes_read} read)"
         )
-        return image, written
+        return DrCapture(image, written, Cut.OVERLAY.value, cut.held_seconds)
     host, path = _tree_location(site, failover)
     base = bytes.fromhex(previous.manifest if previous else failover.manifest)
-    transfer, mid, size = _capture_tree_at_host(site, ctx, app, host, path, base)
+    transfer, mid, size, done = _capture_tree_at_host(site, ctx, app, host, path, base)
+    tree_cut = str(done["consistency"]) if done.get("consistency") in CUTS else None
+    held = done.get("held_seconds")
+    if tree_cut is not None:
+        ctx.log(
+            f"cut {path} on host {host.name}: {tree_cut} ({done.get('consistency_reason')})"
+            + (f"; writes held {float(held) * 1000:.1f} ms" if held is not None else "")
+        )
     try:
         written = _files_written(site, bytes.fromhex(failover.manifest), mid)
-        image = record(mid, size)
+        image = record(mid, size, tree_cut)
     finally:
         with site.gc_lock:
             site.sessions.close(transfer)
-    return image, written
+    return DrCapture(image, written, tree_cut, float(held) if held is not None else None)
 
 
 def _files_written(site: Site, then: bytes, now: bytes) -> int:
@@ -254,7 +301,7 @@ def dr_copy_changes(site: Site, ctx: JobContext | None, app: App, reference: Ima
     host, path = _tree_location(site, failover)
     ctx.set_message(f"comparing {path} on host {host.name} with {reference.id}")
     base = bytes.fromhex(reference.manifest)
-    transfer, mid, _ = _capture_tree_at_host(site, ctx, app, host, path, base)
+    transfer, mid, _, _ = _capture_tree_at_host(site, ctx, app, host, path, base)
     try:
         then, now = load_manifest(site.pool, base), load_manifest(site.pool, mid)
     finally:
@@ -312,9 +359,10 @@ def run_syncback(site: Site, ctx: JobContext) -> dict[str, Any]:
         app = q.get_app(session, name=name)
         check_transition(app.name, app.state, Operation.SYNCBACK)
     t0 = time.monotonic()
-    image, changed = capture_dr_state(
+    taken = capture_dr_state(
         site, ctx, app, kind=ImageKind.SYNCBACK, label=ctx.job.params.get("label")
     )
+    image, changed, held = taken.image, taken.written, taken.held_seconds
     t1 = time.monotonic()
     ctx.log(f"captured {image.id} in {t1 - t0:.2f} s")
     sent = send_home(site, ctx, app, image)
@@ -327,8 +375,15 @@ def run_syncback(site: Site, ctx: JobContext) -> dict[str, Any]:
     ctx.set_message(
         f"syncback {image.id} of {name} sent to {peer.name}: {sent} bytes moved"
         + (f" ({changed} bytes written at the DR site since failover)" if changed else "")
+        + (f"; writes held {held * 1000:.1f} ms for the cut" if held is not None else "")
     )
-    return {"image": image.id, "bytes_sent": sent, "changed_since_failover": changed}
+    return {
+        "image": image.id,
+        "bytes_sent": sent,
+        "changed_since_failover": changed,
+        "consistency": taken.cut,
+        "writes_held_seconds": held,
+    }
 
 
 # --- receiver (production appliance) ---------------------------------------------------

@@ -26,6 +26,10 @@ On-disk format, version 1 (one directory per overlay, given by the caller)::
                         from the reference. Missing (an overlay made before it existed): no
                         reference, and every dirty block may differ
     DIR/since.bitmap.tmp  the next one while it is written (renamed over the old)
+    DIR/cut.blocks      scratch, only while a cut is held (``cut``): a sparse file of N
+                        bytes holding, at each block's offset, the content at the cut of a
+                        block dirty then and written since. Never fsynced, never read after
+                        a restart: ``open`` and ``create`` delete a leftover one
 
 Invariants
 - The base (manifest and pool chunks) is never written: the overlay only reads it.
@@ -57,6 +61,23 @@ Invariants
   leaves a superset of the truth: a clear bit with reference R always means "equals R".
 - ``flush()`` writes ``since.bitmap`` before ``dirty.bitmap``: a crash between the two
   leaves since bits set for blocks still clean, which is only cautious.
+- A cut (``cut``) is a point in time of the copy that a capture reads while the app goes on
+  writing. It holds every block lock (in-flight writes drain, new ones wait), moves the
+  since bits aside as ``begin_capture`` does, copies the dirty bitmap, and releases the
+  locks: writes are held for that instant only (``OverlayCut.held_seconds``), not for the
+  capture. From then until ``OverlayCut.release``, the first write (or zeroing) of a block
+  dirty at the cut copies the block's cut content to ``cut.blocks`` and sets its "saved"
+  bit, under the block's lock, before the block changes. A read of the cut takes a block
+  from ``cut.blocks`` if saved, else from ``blocks`` if dirty at the cut, else from the
+  base; a read from ``blocks`` is checked against the saved bits afterwards and redone
+  from ``cut.blocks`` where a writer got there meanwhile (the copy is made before the bit
+  is set, the bit before the block changes), so readers never take a block lock.
+  Crash safety: acknowledged writes live in ``blocks`` and the bitmaps exactly as without a
+  cut (the cut only adds copies); a crash while a cut is held loses the scratch file and
+  the capture under way, which was not recorded: its since bits are still in the saved
+  ``since.bitmap`` (pending | since, old reference), so the next capture takes them again.
+  The pre-cut ``flush`` makes most of the cut durable before writes are held; the rest is
+  made durable by ``commit_capture``'s flush before the capture becomes the reference.
 - A frozen overlay (``freeze``) refuses writes: the check "nothing changed since the last
   capture" and the discarding of the copy that follows cannot be raced by a writer.
 """
@@ -104,6 +125,7 @@ META_FILE = "overlay.json"
 BLOCKS_FILE = "blocks"
 BITMAP_FILE = "dirty.bitmap"
 SINCE_FILE = "since.bitmap"
+CUT_FILE = "cut.blocks"
 _NO_REFERENCE = bytes(32)
 DEFAULT_CACHE_BYTES = 1024 * 1024 * 1024  # decoded base chunks kept, all readers together
 _STRIPES = 64
@@ -433,6 +455,7 @@ class Overlay:
         self._pending: bytearray | None = None  # since bits of a capture under way
         self._reference = reference
         self._frozen = False
+        self._cut: _CutState | None = None  # the cut a capture reads, while one is held
         self._blocks = -(-size // BLOCK)
         self._reader = ImageReader(pool, base, cache) if base is not None else None
         self._bits_lock = threading.Lock()
@@ -495,6 +518,7 @@ class Overlay:
                 SINCE_FILE,
                 SINCE_FILE + ".tmp",
                 META_FILE + ".tmp",
+                CUT_FILE,
             ):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(directory / leftover)  # of a creation that did not finish
@@ -576,6 +600,8 @@ class Overlay:
             head = saved[: len(_NO_REFERENCE)]
             reference = None if head == _NO_REFERENCE else head
             since = bytearray(saved[len(_NO_REFERENCE) :])
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(directory / CUT_FILE)  # the scratch of a cut held when it stopped
         fd = os.open(directory / BLOCKS_FILE, os.O_RDWR)
         if os.fstat(fd).st_size != size:
             os.close(fd)
@@ -670,6 +696,8 @@ class Overlay:
                     return False
                 held.append(lock)
             self._check_writable()
+            if self._cut is not None and self._cut.unsaved(first, last + 1):
+                return False  # its cut content is copied first (disk I/O)
             for b, edge in ((first, offset), (last, end)):
                 if edge % BLOCK and not self._bit(b) and self._reader is not None:
                     start = b * BLOCK
@@ -814,12 +842,84 @@ class Overlay:
         ``capture_overlay`` reads the copy, then ``commit_capture`` or ``abort_capture``."""
         self._check_open()
         with self._bits_lock:
-            if self._pending is None:
-                self._pending = self._since
-            else:  # a capture begun and never ended: it still counts as not taken
-                self._pending = _or(self._pending, self._since)
-            self._since = bytearray(len(self._bitmap))
-            self._since_generation += 1
+            self._begin_locked()
+
+    def _begin_locked(self) -> None:
+        """``begin_capture`` (caller holds the bits lock)."""
+        if self._pending is None:
+            self._pending = self._since
+        else:  # a capture begun and never ended: it still counts as not taken
+            self._pending = _or(self._pending, self._since)
+        self._since = bytearray(len(self._bitmap))
+        self._since_generation += 1
+
+    def cut(self) -> OverlayCut:
+        """Begin a capture (``begin_capture``) of the copy as it is at this instant, while
+        writes go on: returns the cut to read (``capture_overlay`` takes it in place of the
+        overlay); release it once read, then ``commit_capture`` or ``abort_capture``.
+        Writes are held only while the cut is made (``OverlayCut.held_seconds``)."""
+        self._check_open()
+        self.flush()  # the data written so far durable, before writes are held
+        path = self.directory / CUT_FILE
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            os.ftruncate(fd, self._size)
+        except OSError as exc:
+            raise _translate(exc, self.directory) from exc
+        try:
+            t0 = time.monotonic()
+            with contextlib.ExitStack() as stack:
+                for lock in self._stripes:  # every write under way drains; new ones wait
+                    stack.enter_context(lock)
+                with self._bits_lock:
+                    if self._cut is not None:
+                        raise StorageError(detail=f"overlay {self.directory}: a cut is held")
+                    self._begin_locked()
+                    assert self._pending is not None
+                    state = _CutState(fd, bytes(self._bitmap), bytearray(len(self._bitmap)))
+                    pending, reference = bytes(self._pending), self._reference
+                    self._cut = state
+            held = time.monotonic() - t0
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            raise
+        return OverlayCut(self, state, pending, reference, held)
+
+    def _release_cut(self, state: _CutState) -> None:
+        with self._bits_lock:
+            if self._cut is state:
+                self._cut = None
+        with state.lock:  # a write copying a block into the scratch file finishes first
+            if state.fd >= 0:
+                os.close(state.fd)
+                state.fd = -1
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.directory / CUT_FILE)
+
+    def _preserve(self, first: int, last: int) -> None:
+        """Before blocks [first, last) change: copy the cut content of those dirty at the
+        cut and not copied yet (caller holds their locks)."""
+        state = self._cut
+        if state is None:
+            return
+        with self._bits_lock:
+            todo = state.unsaved(first, last)
+        if not todo:
+            return
+        with state.lock:
+            if state.fd < 0:
+                return  # released meanwhile: nobody reads the cut any more
+            for b in todo:
+                start = b * BLOCK
+                data = self._pread(min(BLOCK, self._size - start), start)
+                try:
+                    os.pwrite(state.fd, data, start)
+                except OSError as exc:
+                    raise _translate(exc, self.directory) from exc
+                with self._bits_lock:
+                    state.saved[b >> 3] |= 1 << (b & 7)
 
     def commit_capture(self, manifest_id: bytes) -> None:
         """The capture begun last is recorded as image ``manifest_id``: it becomes the
@@ -895,6 +995,8 @@ class Overlay:
         """Flush and release the file; idempotent."""
         if self._closed:
             return
+        if self._cut is not None:
+            self._release_cut(self._cut)
         try:
             self.flush()
         finally:
@@ -905,6 +1007,8 @@ class Overlay:
 
     def delete(self) -> None:
         """Close and remove the overlay's files (and its directory when that is then empty)."""
+        if self._cut is not None:
+            self._release_cut(self._cut)
         if not self._closed:
             self._closed = True
             os.close(self._fd)
@@ -917,6 +1021,7 @@ class Overlay:
             SINCE_FILE,
             SINCE_FILE + ".tmp",
             BLOCKS_FILE,
+            CUT_FILE,
         ):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.directory / name)
@@ -1040,6 +1145,7 @@ class Overlay:
         if end < span_end and not self._bit(last):
             parts.append(self._read_current(end, span_end - end))
         buf = data if len(parts) == 1 else b"".join(parts)
+        self._preserve(first, last + 1)
         try:
             written = os.pwrite(self._fd, buf, at)
             while written < len(buf):
@@ -1051,6 +1157,7 @@ class Overlay:
     def _zero_blocks(self, first: int, last: int) -> None:
         """Zero whole blocks [first, last) (caller holds their locks)."""
         start, end = first * BLOCK, min(last * BLOCK, self._size)
+        self._preserve(first, last)
         if not _punch_hole(self._fd, start, end - start):
             try:
                 pos = start
@@ -1069,6 +1176,154 @@ class Overlay:
             base_zero = self.base is None or self.base.chunks[chunk] is None
             self._set_bits(b, run_end, not base_zero)
             b = run_end
+
+
+class _CutState:
+    """What a held cut keeps: the scratch file, the dirty bitmap at the cut, and which
+    blocks' cut content was copied to the scratch file (``saved``, under the bits lock)."""
+
+    __slots__ = ("dirty", "fd", "lock", "saved")
+
+    def __init__(self, fd: int, dirty: bytes, saved: bytearray) -> None:
+        self.fd = fd
+        self.dirty = dirty
+        self.saved = saved
+        self.lock = threading.Lock()
+
+    def unsaved(self, first: int, last: int) -> list[int]:
+        """Blocks in [first, last) dirty at the cut whose content was not copied yet."""
+        return [
+            b
+            for b in range(first, last)
+            if self.dirty[b >> 3] >> (b & 7) & 1 and not self.saved[b >> 3] >> (b & 7) & 1
+        ]
+
+
+class OverlayCut:
+    """A point in time of an overlay that keeps taking writes (``Overlay.cut``): what
+    ``capture_overlay`` reads. Thread-safe; ``release`` it once read (or use ``with``)."""
+
+    def __init__(
+        self,
+        overlay: Overlay,
+        state: _CutState,
+        pending: bytes,
+        reference: bytes | None,
+        held_seconds: float,
+    ) -> None:
+        self.overlay = overlay
+        self._state = state
+        self._pending = pending
+        self.reference = reference
+        self.held_seconds = held_seconds
+        """How long writes were held to make the cut (including draining writes under way)."""
+
+    @property
+    def size(self) -> int:
+        return self.overlay.size
+
+    @property
+    def base(self) -> VolumeManifest | None:
+        return self.overlay.base
+
+    @property
+    def base_id(self) -> bytes | None:
+        return self.overlay.base_id
+
+    def bitmap_snapshot(self) -> bytes:
+        """The dirty bitmap at the cut."""
+        return self._state.dirty
+
+    def capture_bitmap(self) -> bytes:
+        """The blocks written between ``reference`` and the cut."""
+        return self._pending
+
+    def dirty_bytes(self) -> int:
+        """Bytes written since the overlay was made, as of the cut."""
+        size = self.overlay.size
+        return sum(
+            min(end * BLOCK, size) - start * BLOCK
+            for start, end in _bit_runs(self._state.dirty, -(-size // BLOCK))
+        )
+
+    def read(self, offset: int, length: int) -> bytes:
+        """``length`` bytes at ``offset`` as they were at the cut."""
+        ov, state = self.overlay, self._state
+        ov._check_open()
+        if state.fd < 0:
+            raise StorageError(detail=f"overlay {ov.directory}: the cut was released")
+        _check_range(offset, length, ov.size, "read")
+        if length == 0:
+            return b""
+        first, last = offset // BLOCK, (offset + length - 1) // BLOCK
+        out = bytearray(length)
+        end = offset + length
+
+        def span(b: int) -> tuple[int, int]:
+            start, stop = max(offset, b * BLOCK), min(end, (b + 1) * BLOCK)
+            return start, stop
+
+        def bit(bm: bytes | bytearray, b: int) -> bool:
+            return bool(bm[b >> 3] >> (b & 7) & 1)
+
+        with ov._bits_lock:
+            source = [
+                2 if bit(state.saved, b) else 1 if bit(state.dirty, b) else 0
+                for b in range(first, last + 1)
+            ]
+        live: list[int] = []
+        b = first
+        while b <= last:
+            run_end = b
+            while run_end < last and source[run_end + 1 - first] == source[b - first]:
+                run_end += 1
+            start, stop = span(b)[0], span(run_end)[1]
+            kind = source[b - first]
+            if kind == 2:
+                data = _pread_fd(state.fd, stop - start, start, ov.directory)
+            elif kind == 1:
+                data = ov._pread(stop - start, start)
+                live.extend(range(b, run_end + 1))
+            else:
+                data = ov._read_base(start, stop - start)
+            out[start - offset : stop - offset] = data
+            b = run_end + 1
+        if live:
+            # A writer may have changed a block after it was read: it copied the cut
+            # content to the scratch file (and set the bit) before it did.
+            with ov._bits_lock:
+                moved = [b for b in live if bit(state.saved, b)]
+            for b in moved:
+                start, stop = span(b)
+                out[start - offset : stop - offset] = _pread_fd(
+                    state.fd, stop - start, start, ov.directory
+                )
+        return bytes(out)
+
+    def release(self) -> None:
+        """Stop keeping the cut (idempotent): writes no longer copy blocks aside."""
+        self.overlay._release_cut(self._state)
+
+    def __enter__(self) -> OverlayCut:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+
+def _pread_fd(fd: int, length: int, offset: int, directory: Path) -> bytes:
+    try:
+        data = os.pread(fd, length, offset)
+    except OSError as exc:
+        raise StorageError(detail=f"overlay {directory}: read of the cut: {exc}") from exc
+    if len(data) != length:
+        raise StorageError(detail=f"overlay {directory}: the cut's scratch file is truncated")
+    return data
 
 
 def _translate(exc: OSError, directory: Path) -> StorageError:
@@ -1158,7 +1413,7 @@ def _write_durably(path: Path, data: bytes) -> None:
 
 def capture_overlay(
     pool: WritablePool,
-    overlay: Overlay,
+    overlay: Overlay | OverlayCut,
     *,
     previous: VolumeManifest | None = None,
     meta: dict[str, Any] | None = None,
@@ -1172,11 +1427,12 @@ def capture_overlay(
     chunk when at most half of its sub-blocks changed. ``stats.bytes_read`` counts the dirty
     bytes read; ``progress(done, total)`` counts dirty bytes too.
 
-    The overlay may be written meanwhile (a catch-up syncback of a running app): the image
-    is then fuzzy like a capture of a live disk (each chunk is itself consistent); capture
-    a stopped or unexported overlay for a point-in-time image. To keep the overlay's
-    "changed since the last capture" exact, call ``begin_capture`` before this and
-    ``commit_capture`` (or ``abort_capture``) once the image is recorded (or not).
+    To capture a copy that keeps taking writes (a catch-up syncback of a running app), give
+    its cut (``Overlay.cut``, which begins the capture): the image is then the copy at that
+    instant. An overlay given itself must not be written meanwhile (the image would be fuzzy,
+    like a copy of a live disk); call ``begin_capture`` before. Either way, call
+    ``commit_capture`` (or ``abort_capture``) once the image is recorded (or not), which
+    keeps the overlay's "changed since the last capture" exact.
 
     ``previous``: the manifest of the overlay's ``reference`` (its last committed capture),
     with a capture begun. Then only the blocks written since that capture are read, and the
@@ -1257,7 +1513,7 @@ def _blocks_bytes(chunk: int, blocks: Iterable[int], size: int) -> int:
 
 def _capture_blocks(
     writer: ChunkWriter,
-    overlay: Overlay,
+    overlay: Overlay | OverlayCut,
     off: int,
     length: int,
     base_chunk: bytes,
@@ -1325,4 +1581,4 @@ def _store_chunk(
     return writer.put(data, digest, subs)
 
 
-__all__ = ["BLOCK", "ImageReader", "Overlay", "capture_overlay"]
+__all__ = ["BLOCK", "ImageReader", "Overlay", "OverlayCut", "capture_overlay"]
