@@ -15,6 +15,7 @@ import shutil
 import struct
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -22,6 +23,12 @@ from tests.agent.loopfs import PairWriter, loop_mounts, torn
 from tests.e2e.conftest import Drill, job_row, protect_and_replicate, wait_for
 from tests.e2e.test_dr_presentation import need
 from tests.e2e.test_live_apps import INVARIANT, PAIRS, Cluster, as_postgres, pair_files, shared_dir
+
+
+def _ended(row: dict[str, Any]) -> dict[str, Any] | None:
+    """The job's row once it has ended, else None (for ``wait_for``)."""
+    return row if row["status"] in ("succeeded", "failed", "canceled") else None
+
 
 __all__ = ["shared_dir"]  # the fixture, used here
 
@@ -122,11 +129,7 @@ def test_catch_up_syncback_of_a_volume_under_a_writer_is_one_instant(
         before = writer.acked()
         started = d.b("syncback", "busyvol", "--label", "catch-up", "--no-wait")["job"]
         job = wait_for(
-            lambda: (
-                (row := job_row(d.dr, started["id"]))["status"]
-                in ("succeeded", "failed", "canceled")
-                and row
-            ),
+            lambda: _ended(job_row(d.dr, started["id"])),
             120,
             "the catch-up syncback",
             0.05,
