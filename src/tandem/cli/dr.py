@@ -37,6 +37,35 @@ class Action(StrEnum):
     map_only = "map-only"
 
 
+PitTime = Annotated[
+    str | None,
+    typer.Option(
+        "--time",
+        help='A PostgreSQL app: recover to this time, "YYYY-MM-DD HH:MM:SS" (UTC unless an '
+        "offset is given).",
+    ),
+]
+Latest = Annotated[
+    bool, typer.Option("--latest", help="A PostgreSQL app: recover to the newest WAL held.")
+]
+Port = Annotated[
+    int | None,
+    typer.Option("--port", help="A PostgreSQL app: the port the recovered server listens on."),
+]
+
+
+def pit_fields(time_: str | None, latest: bool, port: int | None) -> dict[str, object]:
+    """The point-in-time options given (none: the request is as before)."""
+    fields: dict[str, object] = {}
+    if time_ is not None:
+        fields["time"] = time_
+    if latest:
+        fields["latest"] = True
+    if port is not None:
+        fields["port"] = port
+    return fields
+
+
 ActionOpt = Annotated[
     Action | None,
     typer.Option(
@@ -55,18 +84,23 @@ def test_failover(
     ] = None,
     mount_point: MountPoint = None,
     action: ActionOpt = None,
+    time_: PitTime = None,
+    latest: Latest = False,
+    port: Port = None,
     no_wait: NoWait = False,
     url: Url = None,
     token: Token = None,
     fingerprint: Fingerprint = None,
     json_: Json = False,
 ) -> None:
-    """Present a writable copy of a replica to HOST; replication goes on (DR appliance)."""
+    """Present a writable copy of a replica to HOST; replication goes on (DR appliance).
+    A PostgreSQL app is recovered to --time or --latest and started."""
     body = {
         "host": host,
         "image": image,
         "mount_point": mount_point,
         "action": action.value if action else None,
+        **pit_fields(time_, latest, port),
     }
     with connect(url, token, fingerprint) as client:
         answer = client.post(api_path("/api/v1/apps", checked_app(app), "test-failover"), body)

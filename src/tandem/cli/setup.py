@@ -41,6 +41,7 @@ class RoleChoice(StrEnum):
 class KindChoice(StrEnum):
     filesystem = "filesystem"
     volume = "volume"
+    postgresql = "postgresql"
 
 
 def _show(doc: Any, json_: bool, keys: tuple[str, ...]) -> None:

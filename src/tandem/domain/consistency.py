@@ -28,6 +28,7 @@ class Cut(StrEnum):
     FREEZE = "freeze"  # read while the file system was frozen: one instant
     HOOKS = "hooks"  # read while the app's freeze hook held it quiet
     CRASH_UNSAFE = "crash-unsafe"  # live files, each unchanged after reading: per file only
+    BASE_BACKUP = "base-backup"  # live files between pg_backup_start/stop: the WAL repairs
 
 
 CUTS = tuple(c.value for c in Cut)

@@ -32,10 +32,13 @@ from tandem.catalog import queries as q
 from tandem.catalog.models import App, Template, Transition
 from tandem.domain.consistency import ConsistencyMode
 from tandem.domain.hooks import Hook, check_hook_name
+from tandem.domain.ids import validate_name
 from tandem.domain.lifecycle import AppKind, Operation
 from tandem.domain.paths import check_path, overlaps
 from tandem.domain.rules import Role, role_allows
 from tandem.errors import Conflict, Forbidden, InvalidInput
+from tandem.operations import wal
+from tandem.operations.hosts import agent_for
 from tandem.operations.site import Site
 
 
@@ -102,6 +105,13 @@ def add_app(
     checked = _check_hooks(hooks or {})
     if any(checked.values()):
         check_may_set_hooks(role, name)
+    if kind is AppKind.POSTGRESQL:
+        validate_name(name, "application name")
+        with site.catalog.read() as session:
+            check_no_overlap(session, host=host, path=path)
+            row = q.get_host(session, name=host)
+        with agent_for(row) as agent:
+            agent.pg_probe(name, path)  # refuses a cluster that cannot be protected
     with site.catalog.begin() as session:
         check_no_overlap(session, host=host, path=path)
         return q.add_app(
@@ -150,6 +160,18 @@ def get_app(site: Site, *, name: str) -> App:
 
 
 def remove_app(site: Site, *, name: str) -> None:
+    """Remove an app; for a PostgreSQL app of this site, its WAL receiver is stopped and its
+    replication slot dropped first (a slot left behind would make the server keep WAL
+    forever), and the WAL held here goes with it."""
+    with site.catalog.read() as session:
+        row = q.get_app(session, name=name)
+        q.remove_app_check(session, app=row)
+        host = q.get_host(session, name=row.host) if row.origin is None else None
+    if row.kind is AppKind.POSTGRESQL:
+        if host is not None:
+            with agent_for(host) as agent:
+                agent.pg_drop(row.name, row.path)
+        wal.forget(site, row)
     with site.catalog.begin() as session:
         q.remove_app(session, name=name)
 

@@ -17,7 +17,7 @@ from typing import Any
 from tandem.catalog import queries as q
 from tandem.catalog.models import Job
 from tandem.domain.ids import validate_name
-from tandem.domain.lifecycle import Operation, check_transition
+from tandem.domain.lifecycle import Operation, check_transition, storage_kind
 from tandem.domain.paths import check_path
 from tandem.errors import AlreadyExists, NotFound
 from tandem.jobs.queue import submit_job
@@ -76,7 +76,7 @@ def run_clone(site: Site, ctx: JobContext) -> dict[str, Any]:
     try:
         ctx.set_message(f"copying {base.id} to {params['path']} on host {host.name}")
         body = {
-            "kind": source.kind.value,
+            "kind": storage_kind(source.kind),
             "path": params["path"],
             "manifest": base.manifest,
             "job": ctx.job.id,

@@ -29,7 +29,7 @@ from tandem.catalog import queries as q
 from tandem.catalog.models import App, Job
 from tandem.domain.hooks import Hook
 from tandem.domain.images import ImageKind, ImageState
-from tandem.domain.lifecycle import AppKind, Operation, check_transition
+from tandem.domain.lifecycle import AppKind, Operation, check_transition, storage_kind
 from tandem.domain.rules import RESTORE_CONFIRMATIONS, check_confirmations
 from tandem.errors import Conflict, InvalidInput, TandemError
 from tandem.jobs.queue import submit_job
@@ -113,7 +113,7 @@ def run_restore(site: Site, ctx: JobContext) -> dict[str, Any]:
                     raise type(exc)(f"{exc.message.rstrip('.')}; nothing was restored") from exc
             ctx.set_message(f"restoring {image.id} onto {app.path} on host {host.name}")
             body = {
-                "kind": app.kind.value,
+                "kind": storage_kind(app.kind),
                 "path": app.path,
                 "manifest": image.manifest,
                 "job": ctx.job.id,
