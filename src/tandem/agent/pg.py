@@ -14,8 +14,8 @@ WAL streaming (``Receiver``)
 - ``pg_receivewal`` runs as the owner with the physical replication slot ``tandem_<app>``
   (created with ``--if-not-exists`` before it starts, so the server keeps every segment the
   appliance has not received), writing into ``DIR/pg/<app>/wal`` (mode 0700, owned by the
-  cluster's owner; the process runs *in* that folder, so the owner needs no access to the
-  agent's folder above it). Completed segments are named as the server names them; the
+  cluster's owner, who needs no access to the agent's folder above it: the folder is passed
+  as an open descriptor). Completed segments are named as the server names them; the
   segment being written is ``NAME.partial``, zero-padded to the segment size.
 - The appliance pulls: it lists the folder and reads each file from the offset it holds
   (``read_wal``); the growing ``.partial`` is sent without its trailing zeros. WAL is
@@ -430,32 +430,39 @@ class Receivers:
                 [receivewal, *c.conn(), "-S", slot, "--create-slot", "--if-not-exists"],
                 "creating the replication slot",
             )
-            with open(log, "ab") as out:
-                self._procs[req.app] = subprocess.Popen(
-                    as_owner(
-                        c.uid,
-                        c.owner,
-                        # -n: no loop of its own (this agent restarts it); -s 1: report
-                        # (and flush) at least every second.
-                        [
-                            receivewal,
-                            *c.conn(),
-                            "-S",
-                            slot,
-                            "-D",
-                            ".",
-                            "-n",
-                            "-s",
-                            "1",
-                            "--synchronous",
-                        ],
-                    ),
-                    cwd=spool,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL,
-                    start_new_session=True,
-                )
+            # The owner cannot reach DIR (root's): the receiver writes through an open
+            # descriptor of the folder, named /proc/self/fd/N, which needs no path to it.
+            fd = os.open(spool, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                with open(log, "ab") as out:
+                    self._procs[req.app] = subprocess.Popen(
+                        as_owner(
+                            c.uid,
+                            c.owner,
+                            # -n: no loop of its own (this agent restarts it); -s 1: report
+                            # (and flush) at least every second.
+                            [
+                                receivewal,
+                                *c.conn(),
+                                "-S",
+                                slot,
+                                "-D",
+                                f"/proc/self/fd/{fd}",
+                                "-n",
+                                "-s",
+                                "1",
+                                "--synchronous",
+                            ],
+                        ),
+                        cwd="/",
+                        pass_fds=(fd,),
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                        stdin=subprocess.DEVNULL,
+                        start_new_session=True,
+                    )
+            finally:
+                os.close(fd)
         return {"running": True, "started": True, "slot": slot}
 
     def listing(self, app: str) -> dict[str, Any]:

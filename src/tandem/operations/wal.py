@@ -135,16 +135,17 @@ def store(
 
 
 def pull(site: Site, app: App) -> int:
-    """One round for ``app``: keep its receiver running, store what is new; returns the
-    bytes stored."""
+    """One round for ``app``: store what its host holds past what is stored here, then keep
+    its receiver running (after: WAL received before the server stopped is still taken);
+    returns the bytes stored."""
     with site.catalog.read() as session:
         host = q.get_host(session, name=app.host)
         held = {s.name: s for s in q.list_wal_segments(session, app_id=app.id)}
     moved = 0
     with agent_for(host) as agent:
-        agent.pg_stream(app.name, app.path)
         listing = agent.pg_wal(app.name)
         seen = datetime.fromisoformat(str(listing["seen"]))
+        running = bool(listing.get("running"))
         done: list[str] = []
         for entry in listing.get("files", []):
             fname = str(entry["name"])
@@ -156,6 +157,8 @@ def pull(site: Site, app: App) -> int:
                 continue
             offset = row.size if row is not None else 0
             data = agent.pg_wal_read(app.name, fname, offset)
+            if not data and not running and row is not None:
+                continue  # nothing new and nothing coming: the point seen stays
             store(
                 site, app_id=app.id, name=name, offset=offset, data=data, complete=complete,
                 seen=seen,
@@ -165,6 +168,7 @@ def pull(site: Site, app: App) -> int:
                 done.append(name)
         if done:
             agent.pg_wal_ack(app.name, done)
+        agent.pg_stream(app.name, app.path)
     return moved
 
 
