@@ -250,6 +250,7 @@ def _capture_from(
                 progress=progress,
                 recheck=cut.recheck,
                 identity=cut.identity,
+                torn_ok=cut.cut is Cut.BASE_BACKUP,
             )
             size = tree_manifest.size
         sent = pool.last_writer.bytes_sent if pool.last_writer else 0
