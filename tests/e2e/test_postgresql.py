@@ -176,6 +176,27 @@ def test_postgresql_streams_to_dr_and_recovers_to_a_second_and_to_the_latest(
         shown = prod.sql("SELECT min(mtime), max(mtime), localtimestamp FROM pgbench_history")
         assert int(wanted) > 0 and held == wanted, (wanted, held, at_dr, killed, shown)
         b("unmount", latest["image"]["id"])
+
+        # The failover proper: the same point, the copy now the writer.
+        over = b(
+            "failover",
+            "db",
+            "--host",
+            "host2",
+            "--confirm",
+            "FAILOVER",
+            "--latest",
+            "--mount-point",
+            str(shared_dir / "failover"),
+        )
+        assert over["job"]["status"] == "succeeded", over["job"]
+        # production came back meanwhile (to compare): its newer WAL may have followed
+        assert over["recovery"]["recovered_to"] >= latest["recovery"]["recovered_to"]
+        writer = recovered(shared_dir, over["job"]["result"])
+        writer.sql("INSERT INTO marks VALUES ('at dr')")
+        assert writer.sql("SELECT count(*) FROM marks") == "3"
+        assert b("apps")[0]["state"] == "failed-over"
+        writer.stop()
     finally:
         prod.stop()
 

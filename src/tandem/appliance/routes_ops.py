@@ -99,6 +99,9 @@ def make_router(site: Site) -> APIRouter:
             action=body.action,
             label=body.label,
             actor=who.name,
+            time=body.time,
+            latest=body.latest,
+            port=body.port,
         )
         return JobAnswer(job=JobOut.of(job, who))
 

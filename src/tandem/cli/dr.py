@@ -120,13 +120,17 @@ def failover(
     mount_point: MountPoint = None,
     action: ActionOpt = None,
     label: Annotated[str | None, typer.Option("--label", help="A label for the image.")] = None,
+    time_: PitTime = None,
+    latest: Latest = False,
+    port: Port = None,
     no_wait: NoWait = False,
     url: Url = None,
     token: Token = None,
     fingerprint: Fingerprint = None,
     json_: Json = False,
 ) -> None:
-    """Bring APP up at the DR site from its replica; replication stops (DR appliance)."""
+    """Bring APP up at the DR site from its replica; replication stops (DR appliance).
+    A PostgreSQL app is recovered to --time or (default) --latest and started."""
     body = {
         "host": host,
         "confirm": list(confirm or []),
@@ -134,6 +138,7 @@ def failover(
         "mount_point": mount_point,
         "action": action.value if action else None,
         "label": label,
+        **pit_fields(time_, latest, port),
     }
     with connect(url, token, fingerprint) as client:
         answer = client.post(api_path("/api/v1/apps", checked_app(app), "failover"), body)
