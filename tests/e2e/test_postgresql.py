@@ -157,10 +157,12 @@ def test_postgresql_streams_to_dr_and_recovers_to_a_second_and_to_the_latest(
             "--host",
             "host2",
             "--latest",
+            "--verify",
             "--mount-point",
             str(shared_dir / "latest"),
         )
         assert latest["job"]["status"] == "succeeded", latest["job"]
+        assert latest["recovery"]["amcheck"]["ok"], latest["recovery"]["amcheck"]
         dr = recovered(shared_dir, latest["job"]["result"])
         reached = datetime.fromisoformat(latest["recovery"]["recovered_to"])
         print(f"RPO at the unplanned failover: {killed - reached.timestamp():.2f} s")
@@ -235,6 +237,25 @@ def test_a_time_outside_the_window_is_refused_naming_the_window(
         assert run.code == 1 and "Traceback" not in run.stderr
         assert "recoverable window" in run.error and " → " in run.error, run.error
         assert not (shared_dir / "x").exists()
+
+        prod.sql("CREATE TABLE later (x int)")  # after the base image: from the WAL alone
+        done = server_now(prod)
+        wait_for(lambda: (end := window_end(b, "early")) and end > done, 60, "the window")
+        replica = next(i for i in b("images", "early") if i["kind"] == "replica")
+        mounted = b(
+            "mount",
+            replica["id"],
+            "--host",
+            "host2",
+            "--latest",
+            "--mount-point",
+            str(shared_dir / "m"),
+        )
+        assert mounted["job"]["status"] == "succeeded", mounted["job"]
+        copy = recovered(shared_dir, mounted["job"]["result"])
+        assert copy.sql("SELECT count(*) FROM later") == "0"
+        b("unmount", mounted["image"]["id"])
+        assert not (shared_dir / "m").exists()
     finally:
         prod.stop()
 

@@ -420,6 +420,7 @@ class Receivers:
             proc = self._procs.get(req.app)
             if proc is not None and proc.poll() is None:
                 return {"running": True, "started": False, "slot": slot}
+            self._stop_orphan(req.app)
             self.root.mkdir(mode=0o700, exist_ok=True)
             spool.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.chown(spool, c.uid, c.gid)
@@ -461,9 +462,26 @@ class Receivers:
                         stdin=subprocess.DEVNULL,
                         start_new_session=True,
                     )
+                (spool.parent / "receivewal.pid").write_text(str(self._procs[req.app].pid))
             finally:
                 os.close(fd)
         return {"running": True, "started": True, "slot": slot}
+
+    def _stop_orphan(self, app: str) -> None:
+        """Stop a receiver a previous run of this agent left (killed, it could not): it
+        holds the slot, so a new one could not stream."""
+        try:
+            pid = int((self.root / app / "receivewal.pid").read_text())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError):
+            return
+        if b"pg_receivewal" not in cmdline:
+            return  # gone; the number is another process's now
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     def listing(self, app: str) -> dict[str, Any]:
         """The WAL files held for ``app``: name, size, and for the ``.partial`` the length
@@ -506,6 +524,7 @@ class Receivers:
     def drop(self, req: StreamRequest) -> dict[str, Any]:
         """Stop the receiver and drop the slot (the cluster keeps no WAL for tandem after)."""
         with self._lock:
+            self._stop_orphan(req.app)
             proc = self._procs.pop(req.app, None)
             if proc is not None and proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
@@ -568,6 +587,8 @@ class RecoverRequest(BaseModel):
     """None: recover to the end of the WAL given (latest)."""
     port: int | None = Field(default=None, ge=1024, le=65535)
     socket_dir: str | None = Field(default=None, pattern=PATH, max_length=1024)
+    verify: bool = False
+    """Run ``pg_amcheck`` (heap and every B-tree index) on the started copy."""
 
 
 def _owner_of(path: str) -> Cluster:
@@ -602,6 +623,32 @@ def spool_wal(req: SpoolRequest, data: bytes) -> dict[str, Any]:
     os.chown(tmp, c.uid, c.gid)
     os.replace(tmp, spool / req.name)
     return {"name": req.name, "size": len(data)}
+
+
+COMMIT_RE = re.compile(r"desc: COMMIT (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)?) UTC")
+
+
+def last_commit(c: Cluster, spool: Path) -> datetime | None:
+    """The time of the last commit in the newest segments of ``spool`` (``pg_waldump``)."""
+    names = sorted(p.name for p in spool.iterdir() if re.fullmatch(WAL_NAME, p.name))
+    for name in reversed(names[-3:]):
+        proc = subprocess.run(
+            as_owner(
+                c.uid,
+                c.owner,
+                [str(c.bin / "pg_waldump"), "-p", str(spool), "-r", "Transaction", name],
+            ),
+            capture_output=True,
+            text=True,
+            timeout=SQL_TIMEOUT,
+            cwd="/",
+            env={**os.environ, "TZ": "UTC"},
+            check=False,
+        )  # its last record is followed by zeros: it ends with an error, after the records
+        found = COMMIT_RE.findall(proc.stdout)
+        if found:
+            return datetime.fromisoformat(found[-1]).replace(tzinfo=UTC)
+    return None
 
 
 def _free_port() -> int:
@@ -652,6 +699,13 @@ def recover(req: RecoverRequest) -> dict[str, Any]:
     if req.tablespace_map:
         write("tablespace_map", req.tablespace_map)
     write("recovery.signal", "")
+    target = req.target_time
+    if target is not None:
+        last = last_commit(c0, spool)
+        if last is not None and target >= last:
+            # Nothing committed after ``last`` is in the WAL given, and PostgreSQL refuses a
+            # target its WAL does not pass: the end of the WAL is that same state.
+            target = None
     settings = [
         "",
         "# tandem: point-in-time recovery of this copy",
@@ -659,8 +713,8 @@ def recover(req: RecoverRequest) -> dict[str, Any]:
         "recovery_target_action = 'promote'",
         "archive_mode = 'off'",
     ]
-    if req.target_time is not None:
-        when = req.target_time.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f+00")
+    if target is not None:
+        when = target.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f+00")
         settings += [f"recovery_target_time = '{when}'", "recovery_target_inclusive = 'true'"]
     else:
         settings.append("recovery_target_timeline = 'latest'")
@@ -700,12 +754,45 @@ def recover(req: RecoverRequest) -> dict[str, Any]:
             )
         time.sleep(0.1)
     reached = row[1] or None
+    checked = amcheck(c) if req.verify else None
     return {
+        "amcheck": checked,
         "port": port,
         "socket_dir": sockets,
         "reached": reached,
         "seconds": round(time.monotonic() - t0, 3),
         "major": c.major,
+    }
+
+
+def amcheck(c: Cluster) -> dict[str, Any]:
+    """``pg_amcheck`` over every database of the running copy ``c`` (it installs the amcheck
+    extension where it is missing: the copy is a drill's, not production)."""
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        as_owner(
+            c.uid,
+            c.owner,
+            [
+                str(c.bin / "pg_amcheck"),
+                *c.conn(),
+                "--all",
+                "--heapallindexed",
+                "--install-missing",
+            ],
+        ),
+        capture_output=True,
+        text=True,
+        timeout=3600,
+        cwd="/",
+        check=False,
+    )
+    lines = (proc.stdout + proc.stderr).strip().splitlines()
+    return {
+        "ok": proc.returncode == 0,
+        "returncode": proc.returncode,
+        "seconds": round(time.monotonic() - t0, 3),
+        "report": lines[-20:],
     }
 
 

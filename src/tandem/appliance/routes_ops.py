@@ -84,6 +84,7 @@ def make_router(site: Site) -> APIRouter:
             time=body.time,
             latest=body.latest,
             port=body.port,
+            verify=body.verify,
         )
         return JobAnswer(job=JobOut.of(job, who))
 
@@ -155,6 +156,9 @@ def make_router(site: Site) -> APIRouter:
             mount_point=body.mount_point,
             action=body.action,
             actor=who.name,
+            time=body.time,
+            latest=body.latest,
+            port=body.port,
         )
         return JobAnswer(job=JobOut.of(job, who))
 

@@ -146,6 +146,9 @@ class PresentIn(Body):
     port: int | None = Field(
         default=None, ge=1024, le=65535, description="A PostgreSQL app: the port to start on."
     )
+    verify: bool = Field(
+        default=False, description="A PostgreSQL app: run pg_amcheck on the recovered copy."
+    )
 
 
 class FailoverIn(PresentIn):
@@ -157,6 +160,13 @@ class MountIn(Body):
     host: str = Field(min_length=1, max_length=64)
     mount_point: str | None = Field(default=None, max_length=4096)
     action: str | None = Field(default=None, max_length=32)
+    time: str | None = Field(
+        default=None, max_length=64, description="A PostgreSQL base: recover to this time."
+    )
+    latest: bool = Field(default=False, description="A PostgreSQL base: recover to its end.")
+    port: int | None = Field(
+        default=None, ge=1024, le=65535, description="A PostgreSQL app: the port to start on."
+    )
 
 
 class CloneIn(Body):

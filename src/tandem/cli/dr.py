@@ -87,6 +87,10 @@ def test_failover(
     time_: PitTime = None,
     latest: Latest = False,
     port: Port = None,
+    verify: Annotated[
+        bool,
+        typer.Option("--verify", help="A PostgreSQL app: run pg_amcheck on the recovered copy."),
+    ] = False,
     no_wait: NoWait = False,
     url: Url = None,
     token: Token = None,
@@ -101,6 +105,7 @@ def test_failover(
         "mount_point": mount_point,
         "action": action.value if action else None,
         **pit_fields(time_, latest, port),
+        **({"verify": True} if verify else {}),
     }
     with connect(url, token, fingerprint) as client:
         answer = client.post(api_path("/api/v1/apps", checked_app(app), "test-failover"), body)
@@ -151,14 +156,23 @@ def mount(
     host: Host,
     mount_point: MountPoint = None,
     action: ActionOpt = None,
+    time_: PitTime = None,
+    latest: Latest = False,
+    port: Port = None,
     no_wait: NoWait = False,
     url: Url = None,
     token: Token = None,
     fingerprint: Fingerprint = None,
     json_: Json = False,
 ) -> None:
-    """Present any image to HOST as a writable virtual copy."""
-    body = {"host": host, "mount_point": mount_point, "action": action.value if action else None}
+    """Present any image to HOST as a writable virtual copy (a PostgreSQL base image with
+    --time or --latest: recovered from it and started)."""
+    body = {
+        "host": host,
+        "mount_point": mount_point,
+        "action": action.value if action else None,
+        **pit_fields(time_, latest, port),
+    }
     with connect(url, token, fingerprint) as client:
         answer = client.post(api_path("/api/v1/images", checked_image(image), "mount"), body)
         follow_job(client, job_of(client, answer), json_=json_, no_wait=no_wait)

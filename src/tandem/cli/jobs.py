@@ -52,7 +52,16 @@ def _describe(job: dict[str, Any]) -> str:
     return f"{job['type']} {job.get('app') or ''}".strip()
 
 
-RECOVERY_KEYS = ("recovered_to", "target", "port", "socket_dir", "base", "wal_segments", "window")
+RECOVERY_KEYS = (
+    "recovered_to",
+    "target",
+    "port",
+    "socket_dir",
+    "base",
+    "wal_segments",
+    "window",
+    "amcheck",
+)
 
 
 def _finish(client: ApiClient, job: dict[str, Any], json_: bool) -> None:

@@ -6,7 +6,7 @@ target and whose WAL runs without a gap from its start to the target; a target o
 app's window is refused naming the window, and one past a WAL gap naming the gap.
 
 Then: the base is presented (materialized at the host like a file-system image), the WAL
-segments from the base's first to the one that covers the target are read here, verified,
+segments from the base's first to the end of the unbroken run are read here, verified,
 and put in the copy's spool (``tandem_wal/``) by the host's agent; the agent writes the
 recovery settings and starts PostgreSQL with the host's binaries of the cluster's major
 version, waits until it accepts connections, and reports the last replayed commit's time
@@ -96,12 +96,9 @@ def plan(site: Site, app: App, target: datetime | None, image: str | None = None
         if target is None and chain.gap is not None:
             gaps.append(chain.gap)  # a newer segment exists past a gap: not the latest
             continue
-        names = []
-        for seg in chain.segments:
-            names.append(seg.name)
-            if target is not None and seg.seen >= target:
-                break
-        return Plan(base, names, window)
+        # The whole run: a segment's "seen" bounds what was held *in all segments* then, so
+        # commits before the target may lie in any segment up to the chain's end.
+        return Plan(base, [seg.name for seg in chain.segments], window)
     if gaps:
         raise refuse(f"the WAL held here has a gap at LSN {gaps[0]}; no point past it")
     raise refuse("the WAL held here does not reach it yet")
@@ -117,6 +114,7 @@ def recover(
     path: str,
     target: datetime | None,
     port: int | None,
+    verify: bool = False,
 ) -> dict[str, Any]:
     """Put the WAL in the presented copy at ``path`` on ``host`` and start it recovered."""
     pg = chosen.base.pg or {}
@@ -136,6 +134,7 @@ def recover(
             "tablespace_map": pg.get("tablespace_map") or "",
             "target_time": target.isoformat() if target is not None else None,
             "port": port,
+            "verify": verify,
         }
         done = agent.pg_recover(body)
     reached = done.get("reached")
@@ -144,7 +143,15 @@ def recover(
         f"{len(chosen.segments)} WAL segment(s) to {reached or 'the base alone'} in "
         f"{done.get('seconds')} s; port {done.get('port')}, socket {done.get('socket_dir')}"
     )
+    checked = done.get("amcheck")
+    if isinstance(checked, dict):
+        ctx.log(
+            f"pg_amcheck: {'no corruption found' if checked.get('ok') else 'FAILED'} in "
+            f"{checked.get('seconds')} s",
+            "info" if checked.get("ok") else "warning",
+        )
     return {
+        "amcheck": checked,
         "recovered_to": reached,
         "target": target.isoformat() if target is not None else "latest",
         "port": done.get("port"),

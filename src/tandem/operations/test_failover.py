@@ -76,14 +76,17 @@ def submit_test_failover(
     time: str | None = None,
     latest: bool = False,
     port: int | None = None,
+    verify: bool = False,
 ) -> Job:
     with site.catalog.read() as session:
         row = q.get_app(session, name=app)
     target = pg_recovery.parse_target(time, latest, row)
     if row.kind is AppKind.POSTGRESQL:
         image = pg_recovery.plan(site, row, target, image).base.id  # refused outside the window
-    elif port is not None:
-        raise InvalidInput(detail="--port is the port of a recovered database; leave it out")
+    elif port is not None or verify:
+        raise InvalidInput(
+            detail="--port and --verify are for a recovered database; leave them out"
+        )
     with site.catalog.begin() as session:
         row = q.get_app(session, name=app)
         replicas = len(q.list_images(session, app=app, kind=ImageKind.REPLICA))
@@ -95,7 +98,7 @@ def submit_test_failover(
         action = present.check_action(row, action, mount_point)
         params: dict[str, Any] = {"host": host, "mount_point": mount_point, "action": action}
         if row.kind is AppKind.POSTGRESQL:
-            params.update(time=target.isoformat() if target else None, port=port)
+            params.update(time=target.isoformat() if target else None, port=port, verify=verify)
         job = submit_job(
             session,
             type=TYPE,
@@ -149,6 +152,7 @@ def run_test_failover(site: Site, ctx: JobContext) -> dict[str, Any]:
                 path=shown.paths[0],
                 target=target,
                 port=params.get("port"),
+                verify=bool(params.get("verify")),
             )
         except BaseException:
             present.withdraw_unrecorded(site, image_id, host)
