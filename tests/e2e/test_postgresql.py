@@ -165,7 +165,14 @@ def test_postgresql_streams_to_dr_and_recovers_to_a_second_and_to_the_latest(
         assert latest["recovery"]["amcheck"]["ok"], latest["recovery"]["amcheck"]
         dr = recovered(shared_dir, latest["job"]["result"])
         reached = datetime.fromisoformat(latest["recovery"]["recovered_to"])
-        print(f"RPO at the unplanned failover: {killed - reached.timestamp():.2f} s")
+        job = latest["job"]
+        took = datetime.fromisoformat(job["finished"]) - datetime.fromisoformat(job["started"])
+        print(
+            f"RPO at the unplanned failover: {killed - reached.timestamp():.2f} s; test "
+            f"failover job {took.total_seconds():.2f} s (PostgreSQL start and recovery "
+            f"{job['result']['recovery_seconds']} s, {job['result']['wal_segments']} segments, "
+            f"pg_amcheck {latest['recovery']['amcheck']['seconds']} s)"
+        )
         sums = dr.sql(INVARIANT).split("|")
         assert len(set(sums)) == 1, sums
         at_dr = dr.sql("SELECT count(*) FROM pgbench_history").strip()
@@ -310,5 +317,62 @@ def test_the_replication_slot_is_dropped_when_the_app_is_removed(
         cli("app", "remove", "slotted")
         assert prod.sql(slot) == "0"
         assert prod.sql("SELECT count(*) FROM pg_stat_replication") == "0"
+    finally:
+        prod.stop()
+
+
+def test_killing_the_agent_and_the_dr_appliance_loses_nothing_and_leaves_no_gap(
+    drill: Drill, shared_dir: Path
+) -> None:
+    a, b = drill.a, drill.b
+    prod = make_cluster(shared_dir, "pgdata")
+    try:
+        as_postgres(str(prod.bin / "pgbench"), *prod.conn(), "-i", "-q", "-s", "1", "postgres")
+        a("app", "add", "kdb", "--host", "host1", "--kind", "postgresql", "--path", str(prod.data))
+        a("app", "protect", "kdb", "--template", "mirrored")
+        load = bench(prod)
+        try:
+            assert a("capture", "kdb")["job"]["status"] == "succeeded"
+            wait_for(lambda: window_end(b, "kdb") is not None, 60, "a DR window")
+            drill.prod_agent.kill9()  # its pg_receivewal lives on, holding the slot
+            drill.prod_agent.start()
+            drill.dr.kill9()
+            drill.dr.start()
+            restarted = server_now(prod)
+            wait_for(
+                lambda: (end := window_end(b, "kdb")) is not None and end > restarted,
+                60,
+                "WAL flowing to DR again",
+            )
+            assert prod.sql("SELECT count(*) FROM pg_stat_replication") == "1"  # one receiver
+            old = (
+                "SELECT count(*) FROM pgbench_history "
+                f"WHERE mtime <= localtimestamp - interval '{RPO_BOUND} s'"
+            )
+            wait_for(lambda: int(prod.sql(old)) > 0, 60, "history older than the bound")
+            as_postgres(str(prod.bin / "pg_ctl"), "-D", str(prod.data), "-m", "immediate", "stop")
+            killed = time.time()
+        finally:
+            load.kill()
+            load.wait()
+        assert b("images", "kdb")[0]["window"]["gap"] is None
+        latest = b(
+            "test-failover",
+            "kdb",
+            "--host",
+            "host2",
+            "--latest",
+            "--mount-point",
+            str(shared_dir / "latest"),
+        )
+        assert latest["job"]["status"] == "succeeded", latest["job"]
+        dr = recovered(shared_dir, latest["job"]["result"])
+        prod.start()
+        cut = f"to_timestamp({killed - RPO_BOUND})"
+        query = f"SELECT count(*) FROM pgbench_history WHERE mtime <= {cut}"
+        assert dr.sql(query) == prod.sql(query) != "0"
+        sums = dr.sql(INVARIANT).split("|")
+        assert len(set(sums)) == 1, sums
+        b("unmount", latest["image"]["id"])
     finally:
         prod.stop()

@@ -32,7 +32,7 @@ from fastapi.responses import StreamingResponse
 
 from tandem import __version__
 from tandem.agent import actions, hooks, mounts, pg
-from tandem.errors import JobCanceled, TandemError, Unauthorized
+from tandem.errors import InvalidInput, JobCanceled, TandemError, Unauthorized
 from tandem.transport.server import (
     DaemonConfig,
     init_daemon_dir,
@@ -183,14 +183,25 @@ def create_app(cfg: DaemonConfig, directory: Path | None = None) -> FastAPI:
     def pg_wal_ack(req: pg.WalAck) -> dict[str, Any]:
         return wal_receivers().ack(req)
 
+    def presented(path: str) -> None:
+        """WAL and recovery settings go only into a copy this agent materialized."""
+        held = {str(p) for e in mount_registry().read().values() for p in e.get("paths", [])}
+        if path not in held:
+            raise InvalidInput(
+                detail=f"{path} is not a copy presented on this host; present the base image "
+                "there first (test-failover, failover or mount with --mount-point)"
+            )
+
     @app.put("/api/v1/pg/spool", dependencies=[Depends(auth)])
     async def pg_spool(path: str, name: str, request: Request) -> dict[str, Any]:
         req = pg.SpoolRequest(path=path, name=name)
+        presented(req.path)
         data = await request.body()
         return await asyncio.to_thread(pg.spool_wal, req, data)
 
     @app.post("/api/v1/pg/recover", dependencies=[Depends(auth)])
     def pg_recover(req: pg.RecoverRequest) -> dict[str, Any]:
+        presented(req.path)
         return pg.recover(req)
 
     @app.post("/api/v1/run", dependencies=[Depends(auth)])
