@@ -146,3 +146,16 @@ def test_a_time_outside_the_window_or_past_a_gap_is_refused_saying_where(booted:
         pg_recovery.plan(site, app, T0 + timedelta(seconds=45))
     with pytest.raises(RecoveryPointUnavailable, match="gap at LSN 0/4000000"):
         pg_recovery.plan(site, app, None)  # the latest lies past the gap
+
+
+def test_segments_older_than_the_oldest_base_image_are_pruned(booted: Booted) -> None:
+    site = booted.appliance.site
+    app_id = mirror(site)
+    for n in (1, 2):
+        wal.store(site, app_id=app_id, name=seg(n), offset=0, data=b"w", complete=True, seen=T0)
+    with site.catalog.read() as session:
+        app = q.get_app(session, name="db")
+    assert wal.prune(site, app) == [seg(1)]
+    with site.catalog.read() as session:
+        assert [s.name for s in q.list_wal_segments(session, app_id=app_id)] == [seg(2)]
+    assert not (wal.wal_dir(site, app_id) / seg(1)).exists()
