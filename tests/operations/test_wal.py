@@ -10,11 +10,13 @@ import blake3
 import pytest
 
 from tandem.catalog import queries as q
+from tandem.catalog.models import App, Template
 from tandem.domain.images import ImageKind
 from tandem.domain.lifecycle import AppKind, AppState
 from tandem.domain.wal import SEGMENT, segment_name
 from tandem.errors import Conflict, InvalidInput, RecoveryPointUnavailable, StorageError
 from tandem.operations import pg_recovery, wal
+from tandem.operations.apps import risk_of
 from tandem.operations.site import Site
 from tandem.transport.peer import WalPush
 from tests.appliance.conftest import Booted
@@ -159,3 +161,19 @@ def test_segments_older_than_the_oldest_base_image_are_pruned(booted: Booted) ->
     with site.catalog.read() as session:
         assert [s.name for s in q.list_wal_segments(session, app_id=app_id)] == [seg(2)]
     assert not (wal.wal_dir(site, app_id) / seg(1)).exists()
+
+
+def test_a_postgresql_app_whose_wal_is_fresh_is_not_at_risk_for_an_old_base() -> None:
+    app = App(
+        name="db",
+        kind=AppKind.POSTGRESQL,
+        peer_active=False,
+        created=T0,
+        last_capture=T0,
+        last_replicated=T0,
+    )
+    template = Template(name="t", mirror=True, max_lag_seconds=60)
+    now = T0 + timedelta(hours=1)
+    assert risk_of(app, template, now).at_risk  # the base image alone is an hour old
+    fresh = risk_of(app, template, now, wal_point=now - timedelta(seconds=2))
+    assert not fresh.at_risk and fresh.rpo_seconds == 2.0

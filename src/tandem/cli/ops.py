@@ -113,6 +113,11 @@ def images(
         emit_json(rows)
     else:
         stdout.print(images_table(rows))
+        window = rows[0].get("window") if rows else None
+        if window:  # a PostgreSQL app: what it can be recovered to here
+            shown = f"{window.get('start') or '—'} → {window.get('end') or '—'}"
+            gap = f" (WAL gap at {window['gap']})" if window.get("gap") else ""
+            stdout.print(f"recoverable window: {shown}{gap}", highlight=False)
 
 
 @image_app.command("show")

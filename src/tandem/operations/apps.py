@@ -208,13 +208,23 @@ class Risk:
     """The peer's name, for an app of this site failed over at the peer."""
 
 
-def risk_of(app: App, template: Template | None, now: datetime, peer: str | None = None) -> Risk:
+def risk_of(
+    app: App,
+    template: Template | None,
+    now: datetime,
+    peer: str | None = None,
+    wal_point: datetime | None = None,
+) -> Risk:
     """The achieved RPO of ``app`` (protected by ``template``) at ``now``, and whether it
-    passes the template's ``max_lag``."""
+    passes the template's ``max_lag``. ``wal_point``: for a PostgreSQL app, the newest
+    moment its WAL is held (at the peer, for a mirroring template), a later recovery point
+    than its newest base image."""
     failed_over_at = (peer or "the peer") if app.peer_active else None
     if template is None or app.origin is not None:
         return Risk(None, None, False, failed_over_at)
     point = app.last_replicated if template.mirror else app.last_capture
+    if point is not None and wal_point is not None:
+        point = max(point, wal_point)
     rpo = None if point is None else max(0.0, (now - point).total_seconds())
     limit = template.max_lag_seconds
     if limit is None or app.peer_active:
@@ -226,8 +236,21 @@ def risk_of(app: App, template: Template | None, now: datetime, peer: str | None
 def risks(site: Site, rows: Iterable[App], now: datetime | None = None) -> dict[str, Risk]:
     """``risk_of`` each app of ``rows``, by name."""
     now = now or datetime.now(UTC)
+    rows = list(rows)
     with site.catalog.read() as session:
         templates = {t.name: t for t in q.list_templates(session)}
         peers = q.list_peers(session)
+        points = {a.name: wal_point_of(session, a, templates) for a in rows}
     peer = peers[0].name if peers else None
-    return {a.name: risk_of(a, templates.get(a.template or ""), now, peer) for a in rows}
+    return {
+        a.name: risk_of(a, templates.get(a.template or ""), now, peer, points[a.name]) for a in rows
+    }
+
+
+def wal_point_of(session: Session, app: App, templates: Mapping[str, Template]) -> datetime | None:
+    """For a PostgreSQL app of this site, the newest moment its WAL is held (by the peer,
+    when its template mirrors); None for other apps."""
+    if app.kind is not AppKind.POSTGRESQL or app.origin is not None:
+        return None
+    template = templates.get(app.template or "")
+    return wal.recovery_point(session, app, mirrored=bool(template and template.mirror))
