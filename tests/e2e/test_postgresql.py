@@ -228,7 +228,11 @@ def test_a_time_outside_the_window_is_refused_naming_the_window(
             str(prod.data),
         )
         a("app", "protect", "early", "--template", "mirrored")
-        assert a("capture", "early")["job"]["status"] == "succeeded"
+        taken = a("capture", "early")
+        assert taken["job"]["status"] == "succeeded"
+        confirm = ["--confirm", "DATA LOSS", "--confirm", "OVERWRITE OTHER APPS"]
+        torn = a.run("restore", "early", "--image", taken["image"]["id"], *confirm, check=False)
+        assert torn.code != 0 and "PostgreSQL base image" in torn.error, torn.error
         wait_for(lambda: window_end(b, "early") is not None, 60, "a DR window")
         run = b.run(
             "test-failover",

@@ -24,6 +24,7 @@ from tandem.jobs.queue import submit_job
 from tandem.jobs.runner import JobContext
 from tandem.operations.apps import check_no_overlap
 from tandem.operations.hosts import agent_for
+from tandem.operations.restore import check_not_base_backup
 from tandem.operations.site import Site
 from tandem.operations.streams import follow
 
@@ -42,6 +43,7 @@ def submit_clone(
     check_path(path, "--path")
     with site.catalog.begin() as session:
         base = q.get_image(session, image_id=image)
+        check_not_base_backup(base)
         check_transition(base.app.name, base.app.state, Operation.CLONE)
         q.get_host(session, name=host)
         check_no_overlap(session, host=host, path=path)
