@@ -271,13 +271,22 @@ def test_a_time_outside_the_window_is_refused_naming_the_window(
         prod.stop()
 
 
-def test_wal_level_minimal_is_refused_naming_the_setting(site: Site, shared_dir: Path) -> None:
-    prod = make_cluster(shared_dir, "minimal", "wal_level = minimal", "max_wal_senders = 0")
+@pytest.mark.parametrize(
+    ("settings", "named"),
+    [
+        (("wal_level = minimal", "max_wal_senders = 0"), "Set wal_level = replica"),
+        (("max_replication_slots = 0",), "Raise max_replication_slots"),
+    ],
+)
+def test_a_cluster_that_cannot_stream_is_refused_naming_the_setting(
+    site: Site, shared_dir: Path, settings: tuple[str, ...], named: str
+) -> None:
+    prod = make_cluster(shared_dir, "unfit", *settings)
     try:
         run = site.cli.run(
             "app",
             "add",
-            "small",
+            "unfit",
             "--host",
             site.host,
             "--kind",
@@ -287,8 +296,8 @@ def test_wal_level_minimal_is_refused_naming_the_setting(site: Site, shared_dir:
             check=False,
         )
         assert run.code == 1 and "Traceback" not in run.stderr
-        assert "wal_level = replica" in run.error, run.error
-        assert "small" not in {x["name"] for x in site.cli("apps")}
+        assert named in run.error, run.error
+        assert "unfit" not in {x["name"] for x in site.cli("apps")}
     finally:
         prod.stop()
 
