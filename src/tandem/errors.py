@@ -228,9 +228,15 @@ class ClusterUnfit(TandemError):
     http_status = 409
 
 
+class PostgresCommandFailed(TandemError):
+    """PostgreSQL at {path}: {reason}. Check that the cluster runs and read its log."""
+
+    http_status = 502
+
+
 class RecoveryFailed(TandemError):
-    """PostgreSQL at {path} could not be recovered: {reason}. Read its log there, fix the
-    cause and present the image again."""
+    """PostgreSQL at {path} could not be recovered: {reason}. Fix the cause (its log is
+    quoted) and present the image again."""
 
     http_status = 500
 

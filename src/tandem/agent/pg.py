@@ -50,7 +50,13 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tandem.errors import ClusterUnfit, InvalidInput, RecoveryFailed
+from tandem.errors import (
+    ClusterUnfit,
+    InvalidInput,
+    PostgresCommandFailed,
+    RecoveryFailed,
+    TandemError,
+)
 
 PG_ROOT = Path("/usr/lib/postgresql")
 SEGMENT_SIZE = 16 * 1024 * 1024
@@ -158,7 +164,12 @@ def as_owner(uid: int, owner: str, argv: list[str]) -> list[str]:
 
 
 def _run(
-    c: Cluster, argv: list[str], what: str, cwd: str = "/", timeout: float = SQL_TIMEOUT
+    c: Cluster,
+    argv: list[str],
+    what: str,
+    cwd: str = "/",
+    timeout: float = SQL_TIMEOUT,
+    error: type[TandemError] = PostgresCommandFailed,
 ) -> str:
     try:
         proc = subprocess.run(
@@ -313,7 +324,7 @@ class BackupSession:
             line = self.proc.stdout.readline()
             if not line:
                 err = self.proc.stderr.read() if self.proc.stderr else ""
-                raise RecoveryFailed(
+                raise PostgresCommandFailed(
                     path=self.c.data, reason=f"the backup session ended: {err.strip()[-300:]}"
                 )
             if line.rstrip("\n") == END:
@@ -725,24 +736,33 @@ def recover(req: RecoverRequest) -> dict[str, Any]:
     log = os.path.join(path, "tandem-recovery.log")
     opts = f"-p {port} -k {sockets} -c listen_addresses=''"
     t0 = time.monotonic()
-    _run(
-        c,
-        [
-            str(c.bin / "pg_ctl"),
-            "-D",
-            path,
-            "-o",
-            opts,
-            "-l",
-            log,
-            "-t",
-            str(int(START_TIMEOUT)),
-            "-w",
-            "start",
-        ],
-        f"starting PostgreSQL (its log: {log})",
-        timeout=START_TIMEOUT + 10,
-    )
+    try:
+        _run(
+            c,
+            [
+                str(c.bin / "pg_ctl"),
+                "-D",
+                path,
+                "-o",
+                opts,
+                "-l",
+                log,
+                "-t",
+                str(int(START_TIMEOUT)),
+                "-w",
+                "start",
+            ],
+            f"starting PostgreSQL (its log: {log})",
+            timeout=START_TIMEOUT + 10,
+            error=RecoveryFailed,
+        )
+    except RecoveryFailed as exc:
+        # The copy (and its log) goes when the presentation is undone: say why here.
+        try:
+            tail = " | ".join(Path(log).read_text(errors="replace").strip().splitlines()[-3:])
+        except OSError:
+            tail = ""
+        raise RecoveryFailed(path=path, reason=f"{exc.fields.get('reason')}; log: {tail}") from exc
     deadline = time.monotonic() + START_TIMEOUT
     while True:  # pg_ctl -w returns once connections are accepted; promotion may lag
         row = query(c, "SELECT pg_is_in_recovery(), pg_last_xact_replay_timestamp()")[0]
