@@ -326,8 +326,12 @@ def test_the_replication_slot_is_dropped_when_the_app_is_removed(
         wait_for(
             lambda: prod.sql("SELECT count(*) FROM pg_stat_replication") == "1", 30, "streaming"
         )
+        cli("app", "unprotect", "slotted")  # no slot keeps WAL for an unprotected app
+        wait_for(lambda: prod.sql(slot) == "0", 30, "the slot dropped")
+        cli("app", "protect", "slotted", "--template", "pg-manual")
+        wait_for(lambda: prod.sql(slot) == "1", 30, "the slot again")
         cli("app", "unprotect", "slotted")
-        cli("app", "remove", "slotted")
+        cli("app", "remove", "slotted")  # at once, whatever the shipper did meanwhile
         assert prod.sql(slot) == "0"
         assert prod.sql("SELECT count(*) FROM pg_stat_replication") == "0"
     finally:

@@ -550,6 +550,7 @@ class Receivers:
             c = find_cluster(req.path)
             slot = slot_name(req.app)
             deadline = time.monotonic() + 10
+            rounds = 0
             while True:
                 rows = query(
                     c,
@@ -558,10 +559,24 @@ class Receivers:
                 )
                 if rows[0][0] == "0":
                     break
-                if rows[0][1] == "0" or time.monotonic() > deadline:
+                if rows[0][1] == "0":
                     query(c, f"SELECT pg_drop_replication_slot('{slot}')")
                     dropped = True
                     break
+                if time.monotonic() > deadline:  # a receiver this agent does not know of
+                    rounds += 1
+                    if rounds > 3:
+                        raise PostgresCommandFailed(
+                            path=c.data,
+                            reason=f"replication slot {slot} stays in use by a receiver "
+                            "tandem did not start; stop it, then remove the app again",
+                        )
+                    query(
+                        c,
+                        "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots "
+                        f"WHERE slot_name = '{slot}' AND active",
+                    )
+                    deadline = time.monotonic() + 10
                 time.sleep(0.1)  # the sender of the receiver just stopped is going away
         shutil.rmtree(self.root / req.app, ignore_errors=True)
         return {"dropped": dropped}

@@ -167,13 +167,17 @@ def remove_app(site: Site, *, name: str) -> None:
         row = q.get_app(session, name=name)
         q.remove_app_check(session, app=row)
         host = q.get_host(session, name=row.host) if row.origin is None else None
-    if row.kind is AppKind.POSTGRESQL:
+    if row.kind is not AppKind.POSTGRESQL:
+        with site.catalog.begin() as session:
+            q.remove_app(session, name=name)
+        return
+    with site.wal_lock:  # the shipper restarts no receiver behind this drop
         if host is not None:
             with agent_for(host) as agent:
                 agent.pg_drop(row.name, row.path)
         wal.forget(site, row)
-    with site.catalog.begin() as session:
-        q.remove_app(session, name=name)
+        with site.catalog.begin() as session:
+            q.remove_app(session, name=name)
 
 
 def protect_app(site: Site, *, name: str, template: str, actor: str | None) -> App:

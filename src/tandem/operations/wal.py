@@ -8,7 +8,8 @@ length; the catalog row, written after, carries the BLAKE3-256 of exactly those 
 every read checks it (a bad file is reported, never served).
 
 The shipper (``WalShipper``, a thread of the appliance) ticks every ``TICK`` seconds: for
-each PostgreSQL app of this site that is managed, it keeps the host's receiver running
+each PostgreSQL app of this site that is unmanaged it stops the receiver and drops the slot
+(once); for each that is managed, it keeps the host's receiver running
 (``pg_stream``), reads what the host holds past what is stored here, stores it, acknowledges
 completed segments (the host then removes them), and pushes what the peer lacks when the
 app's template mirrors. Every step is idempotent: after a break (agent, appliance or peer
@@ -355,6 +356,15 @@ def forget(site: Site, app: App) -> None:
         (folder / name).unlink(missing_ok=True)
 
 
+def stop_streaming(site: Site, app: App) -> None:
+    """Stop ``app``'s receiver and drop its slot (an unprotected cluster must not keep WAL
+    for nobody); protecting it again starts a new stream, which a new base image bridges."""
+    with site.catalog.read() as session:
+        host = q.get_host(session, name=app.host)
+    with agent_for(host) as agent:
+        agent.pg_drop(app.name, app.path)
+
+
 class WalShipper:
     """The appliance's thread that keeps the WAL of its PostgreSQL apps flowing."""
 
@@ -364,6 +374,7 @@ class WalShipper:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._warned: dict[str, str] = {}
+        self._dropped: set[str] = set()
 
     def start(self) -> None:
         self._stop.clear()
@@ -385,16 +396,28 @@ class WalShipper:
 
     def run_once(self) -> None:
         with self.site.catalog.read() as session:
-            apps = [a for a in q.list_apps(session) if a.kind is AppKind.POSTGRESQL]
-        for app in apps:
+            names = [a.name for a in q.list_apps(session) if a.kind is AppKind.POSTGRESQL]
+        for name in names:
             try:
-                if app.origin is None and app.state is AppState.MANAGED:
-                    pull(self.site, app)
-                    if _mirrors(self.site, app) and not app.peer_active:
-                        push(self.site, app)
-                prune(self.site, app)
-                self._warned.pop(app.name, None)
+                with self.site.wal_lock:
+                    with self.site.catalog.read() as session:
+                        app = q.get_app(session, name=name)  # as it is now, under the lock
+                    self._step(app)
+                self._warned.pop(name, None)
             except TandemError as exc:
-                if self._warned.get(app.name) != exc.message:  # once per distinct reason
-                    self._warned[app.name] = exc.message
-                    log.warning("WAL of %s: %s", app.name, exc.message)
+                if self._warned.get(name) != exc.message:  # once per distinct reason
+                    self._warned[name] = exc.message
+                    log.warning("WAL of %s: %s", name, exc.message)
+
+    def _step(self, app: App) -> None:
+        if app.origin is None and app.state is AppState.MANAGED:
+            self._dropped.discard(app.name)
+            pull(self.site, app)
+            if _mirrors(self.site, app) and not app.peer_active:
+                push(self.site, app)
+        elif (
+            app.origin is None and app.state is AppState.UNMANAGED and app.name not in self._dropped
+        ):  # unprotected: no slot may keep WAL for it
+            stop_streaming(self.site, app)
+            self._dropped.add(app.name)
+        prune(self.site, app)
