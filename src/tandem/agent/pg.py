@@ -181,14 +181,10 @@ def _run(
             check=False,
         )
     except subprocess.TimeoutExpired as exc:
-        raise RecoveryFailed(
-            path=c.data, reason=f"{what} took longer than {timeout:.0f} s"
-        ) from exc
+        raise error(path=c.data, reason=f"{what} took longer than {timeout:.0f} s") from exc
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()
-        raise RecoveryFailed(
-            path=c.data, reason=f"{what} failed: {tail[-1] if tail else proc.returncode}"
-        )
+        raise error(path=c.data, reason=f"{what} failed: {tail[-1] if tail else proc.returncode}")
     return proc.stdout
 
 
