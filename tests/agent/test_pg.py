@@ -3,12 +3,13 @@ of a cluster whose major version this host has no binaries for."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from tandem.agent import pg
-from tandem.errors import ClusterUnfit
+from tandem.errors import ClusterUnfit, PostgresCommandFailed
 
 
 def test_slot_names_are_what_postgresql_accepts() -> None:
@@ -35,3 +36,10 @@ def test_a_folder_that_is_no_cluster_is_refused(tmp_path: Path) -> None:
     (tmp_path / "PG_VERSION").write_text(installed[-1] + "\n")
     with pytest.raises(ClusterUnfit, match="not running"):
         pg.find_cluster(str(tmp_path))
+
+
+def test_a_failing_client_program_is_reported_with_its_last_line() -> None:
+    c = pg.Cluster("/srv/pg", 5432, "/run/postgresql", "root", os.geteuid(), 0, "15")
+    with pytest.raises(PostgresCommandFailed) as failed:
+        pg._run(c, ["sh", "-c", "echo first >&2; echo 'FATAL: the cause' >&2; exit 3"], "a query")
+    assert "a query failed: FATAL: the cause" in failed.value.message
