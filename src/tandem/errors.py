@@ -222,6 +222,33 @@ class PointInTimeUnavailable(StorageError):
     http_status = 409
 
 
+class ClusterUnfit(TandemError):
+    """The PostgreSQL cluster at {path} cannot be protected or started: {reason}. {fix}."""
+
+    http_status = 409
+
+
+class PostgresCommandFailed(TandemError):
+    """PostgreSQL at {path}: {reason}. Check that the cluster runs and read its log."""
+
+    http_status = 502
+
+
+class RecoveryFailed(TandemError):
+    """PostgreSQL at {path} could not be recovered: {reason}. Fix the cause (its log is
+    quoted) and present the image again."""
+
+    http_status = 500
+
+
+class RecoveryPointUnavailable(TandemError):
+    """Application {app!r} cannot be recovered to {target}: {reason}. Choose a time in its
+    recoverable window ({window}; `tandem images {app}` shows it), or --latest."""
+
+    http_status = 422
+    exit_code = 1
+
+
 class ChunkMissing(StorageError):
     """Chunk {digest} is not in the pool {pool}. Run `tandem storage verify` and re-capture
     or re-replicate the images that name it."""

@@ -24,9 +24,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tandem.agent import holders, mounts, pit
+from tandem.agent import holders, mounts, pg, pit
 from tandem.agent.mounts import MountAction
-from tandem.domain.consistency import MODES, ConsistencyMode
+from tandem.domain.consistency import MODES, ConsistencyMode, Cut
 from tandem.errors import Conflict, InvalidInput, SourceUnreadable, TandemError, TargetInvalid
 from tandem.storage import targets, tree, volume
 from tandem.storage.manifest import TreeManifest, VolumeManifest, decode_manifest
@@ -55,7 +55,7 @@ class ApplianceSession(BaseModel):
 class CaptureRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    kind: str = Field(pattern="^(filesystem|volume)$")
+    kind: str = Field(pattern="^(filesystem|volume|postgresql)$")
     path: str = Field(pattern=r"^/[^\x00]*$")
     appliance: ApplianceSession
     base: str | None = Field(default=None, pattern=HEX_DIGEST)
@@ -173,6 +173,8 @@ def capture(req: CaptureRequest, emit: Emit) -> dict[str, Any]:
     """Capture the app's data into the appliance session from a point in time of it
     (``agent.pit``); returns the final event, which says how the image was cut."""
     path = Path(req.path)
+    if req.kind == "postgresql":
+        return _capture_postgresql(req, path, emit)
     if req.kind == "filesystem" and not path.is_dir():
         raise SourceUnreadable(path=str(path), reason="it is not a directory")
     if req.kind == "volume" and not path.exists():
@@ -189,6 +191,27 @@ def capture(req: CaptureRequest, emit: Emit) -> dict[str, Any]:
         # capture, else the capture failed): a later restore may start from it.
         "stamp": after.as_dict() if after is not None and after == before else None,
     }
+
+
+def _capture_postgresql(req: CaptureRequest, path: Path, emit: Emit) -> dict[str, Any]:
+    """A base image of a PostgreSQL cluster: its data directory read between
+    ``pg_backup_start`` and ``pg_backup_stop`` held on one session, from a point in time of
+    it when the host has one. Live files are read without the after-read check: the WAL
+    from the backup's start to its stop point repairs what changed meanwhile (as with
+    ``pg_basebackup``); the answer carries the backup's stop point and ``backup_label``."""
+    mode = ConsistencyMode(req.consistency)
+    if mode is ConsistencyMode.HOOKS:
+        mode = ConsistencyMode.NONE  # the appliance ran the freeze hook around this
+    with pg.base_backup(str(path), f"tandem {req.job}") as backup:
+        emit({"event": "log", "text": f"base backup started at {backup.start_lsn}"})
+        with pit.point_in_time(str(path), "filesystem", mode) as cut:
+            if cut.cut is Cut.CRASH_UNSAFE:
+                cut.cut, cut.reason = Cut.BASE_BACKUP, f"base backup: {cut.reason}"
+                cut.recheck = False
+            emit({"event": "log", "text": f"capturing from {cut.cut.value}: {cut.reason}"})
+            done = _capture_from(req, path, cut, emit)
+    emit({"event": "log", "text": f"base backup stopped at {backup.stop_lsn}"})
+    return {**done, **cut.as_dict(), "stamp": None, "pg": backup.as_dict()}
 
 
 def _capture_from(
@@ -227,6 +250,7 @@ def _capture_from(
                 progress=progress,
                 recheck=cut.recheck,
                 identity=cut.identity,
+                torn_ok=cut.cut is Cut.BASE_BACKUP,
             )
             size = tree_manifest.size
         sent = pool.last_writer.bytes_sent if pool.last_writer else 0
@@ -440,5 +464,9 @@ def _undo(registry: mounts.Registry, image: str, exc: BaseException) -> None:
 
 
 def unmaterialize(req: UnmaterializeRequest, registry: mounts.Registry) -> dict[str, Any]:
-    """Remove exactly what ``req.image``'s materialization created; forget it."""
+    """Remove exactly what ``req.image``'s materialization created; forget it. A PostgreSQL
+    started on the copy (a recovered database) is stopped first."""
+    entry = registry.read().get(req.image) or {}
+    for path in entry.get("paths", []):
+        pg.stop_copy(str(path))
     return registry.remove(req.image)

@@ -27,12 +27,12 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Header
+from fastapi import Depends, FastAPI, Header, Request, Response
 from fastapi.responses import StreamingResponse
 
 from tandem import __version__
-from tandem.agent import actions, hooks, mounts
-from tandem.errors import JobCanceled, TandemError, Unauthorized
+from tandem.agent import actions, hooks, mounts, pg
+from tandem.errors import InvalidInput, JobCanceled, TandemError, Unauthorized
 from tandem.transport.server import (
     DaemonConfig,
     init_daemon_dir,
@@ -94,6 +94,16 @@ def create_app(cfg: DaemonConfig, directory: Path | None = None) -> FastAPI:
     install_error_handlers(app)
     registry = mounts.Registry(directory) if directory is not None else None
     scripts = directory / hooks.SCRIPTS if directory is not None else None
+    receivers = pg.Receivers(directory) if directory is not None else None
+    app.state.receivers = receivers
+
+    def wal_receivers() -> pg.Receivers:
+        if receivers is None:
+            raise TandemError(
+                "this agent app was made without its directory, where WAL is received; "
+                "pass the directory to create_app (tandem agent serve does)"
+            )
+        return receivers
 
     def mount_registry() -> mounts.Registry:
         if registry is None:
@@ -147,6 +157,53 @@ def create_app(cfg: DaemonConfig, directory: Path | None = None) -> FastAPI:
     def check_target(req: actions.TargetCheckRequest) -> dict[str, Any]:
         return actions.check_target(req)
 
+    # --- PostgreSQL (``tandem.agent.pg``) ---------------------------------------------
+
+    @app.post("/api/v1/pg/probe", dependencies=[Depends(auth)])
+    def pg_probe(req: pg.ProbeRequest) -> dict[str, Any]:
+        return pg.probe(req)
+
+    @app.post("/api/v1/pg/stream", dependencies=[Depends(auth)])
+    def pg_stream(req: pg.StreamRequest) -> dict[str, Any]:
+        return wal_receivers().ensure(req)
+
+    @app.post("/api/v1/pg/drop", dependencies=[Depends(auth)])
+    def pg_drop(req: pg.StreamRequest) -> dict[str, Any]:
+        return wal_receivers().drop(req)
+
+    @app.get("/api/v1/pg/wal/{app_name}", dependencies=[Depends(auth)])
+    def pg_wal_list(app_name: str) -> dict[str, Any]:
+        return wal_receivers().listing(pg.WalAck(app=app_name).app)
+
+    @app.post("/api/v1/pg/wal/read", dependencies=[Depends(auth)])
+    def pg_wal_read(req: pg.WalRead) -> Response:
+        return Response(wal_receivers().read(req), media_type="application/octet-stream")
+
+    @app.post("/api/v1/pg/wal/ack", dependencies=[Depends(auth)])
+    def pg_wal_ack(req: pg.WalAck) -> dict[str, Any]:
+        return wal_receivers().ack(req)
+
+    def presented(path: str) -> None:
+        """WAL and recovery settings go only into a copy this agent materialized."""
+        held = {str(p) for e in mount_registry().read().values() for p in e.get("paths", [])}
+        if path not in held:
+            raise InvalidInput(
+                detail=f"{path} is not a copy presented on this host; present the base image "
+                "there first (test-failover, failover or mount with --mount-point)"
+            )
+
+    @app.put("/api/v1/pg/spool", dependencies=[Depends(auth)])
+    async def pg_spool(path: str, name: str, request: Request) -> dict[str, Any]:
+        req = pg.SpoolRequest(path=path, name=name)
+        presented(req.path)
+        data = await request.body()
+        return await asyncio.to_thread(pg.spool_wal, req, data)
+
+    @app.post("/api/v1/pg/recover", dependencies=[Depends(auth)])
+    def pg_recover(req: pg.RecoverRequest) -> dict[str, Any]:
+        presented(req.path)
+        return pg.recover(req)
+
     @app.post("/api/v1/run", dependencies=[Depends(auth)])
     def run(req: hooks.RunRequest) -> dict[str, Any]:
         if scripts is None:
@@ -179,7 +236,9 @@ def run_forever(directory: Path) -> None:
     lock = lock_daemon_dir(directory, KIND)
     if not (directory / hooks.SCRIPTS).exists():
         hooks.init_folder(directory)  # an agent made before hooks were scripts
+    app = create_app(cfg, directory)
     try:
-        serve(create_app(cfg, directory), cfg, directory)
+        serve(app, cfg, directory)
     finally:
+        app.state.receivers.stop_all()
         os.close(lock)

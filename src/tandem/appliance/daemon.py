@@ -48,6 +48,7 @@ from tandem.operations.handlers import job_handlers
 from tandem.operations.present import restore_exports
 from tandem.operations.sessions import SessionRegistry
 from tandem.operations.site import Site
+from tandem.operations.wal import WalShipper
 from tandem.storage.pool import ChunkPool
 from tandem.transport.server import (
     DaemonConfig,
@@ -203,6 +204,7 @@ class Appliance:
         self.runner = JobRunner(self.catalog, job_handlers(self.site), workers=workers)
         self.site.wake = self.runner.wake
         self.scheduler = Scheduler(self.site, tick=scheduler_tick, capacity=workers)
+        self.wal = WalShipper(self.site)
         self.app = create_app(self.site)
 
     def start(self) -> None:
@@ -212,8 +214,10 @@ class Appliance:
         restore_exports(self.site)
         self.runner.start()
         self.scheduler.start()
+        self.wal.start()
 
     def stop(self) -> None:
+        self.wal.stop()
         self.scheduler.stop()
         self.runner.stop()
         if self.nbd.running:

@@ -25,7 +25,7 @@ from tandem.catalog.db import Catalog
 from tandem.catalog.models import App, Job
 from tandem.domain.jobs import JobStatus
 from tandem.domain.lifecycle import AppState
-from tandem.operations.apps import risk_of
+from tandem.operations.apps import risk_of, wal_point_of
 
 
 class CatalogCollector(Collector):
@@ -87,7 +87,9 @@ class CatalogCollector(Collector):
         peer = peers[0].name if peers else None
         at = datetime.fromtimestamp(now, UTC)
         for app in protected:
-            risk = risk_of(app, templates[app.template or ""], at, peer)
+            with self.catalog.read() as session:
+                wal_point = wal_point_of(session, app, templates)
+            risk = risk_of(app, templates[app.template or ""], at, peer, wal_point)
             if risk.rpo_seconds is not None:
                 rpo.add_metric([app.name], risk.rpo_seconds)
             at_risk.add_metric([app.name], 1.0 if risk.at_risk else 0.0)

@@ -31,6 +31,7 @@ from tandem.appliance.schemas import (
 )
 from tandem.domain.ids import IMAGE_ID_PATTERN, JOB_ID_PATTERN
 from tandem.domain.jobs import JobStatus
+from tandem.domain.lifecycle import AppKind
 from tandem.operations import (
     capture,
     clone,
@@ -45,6 +46,7 @@ from tandem.operations import (
     restore,
     syncback,
     testfailover,
+    wal,
 )
 from tandem.operations.site import Site
 
@@ -79,6 +81,10 @@ def make_router(site: Site) -> APIRouter:
             mount_point=body.mount_point,
             action=body.action,
             actor=who.name,
+            time=body.time,
+            latest=body.latest,
+            port=body.port,
+            verify=body.verify,
         )
         return JobAnswer(job=JobOut.of(job, who))
 
@@ -94,6 +100,9 @@ def make_router(site: Site) -> APIRouter:
             action=body.action,
             label=body.label,
             actor=who.name,
+            time=body.time,
+            latest=body.latest,
+            port=body.port,
         )
         return JobAnswer(job=JobOut.of(job, who))
 
@@ -147,6 +156,9 @@ def make_router(site: Site) -> APIRouter:
             mount_point=body.mount_point,
             action=body.action,
             actor=who.name,
+            time=body.time,
+            latest=body.latest,
+            port=body.port,
         )
         return JobAnswer(job=JobOut.of(job, who))
 
@@ -168,7 +180,12 @@ def make_router(site: Site) -> APIRouter:
         """The app's images, newest first (paged with ``limit``/``after``: see X-Next-Cursor)."""
         rows = images.list_images(site, app=name, after=after, limit=fetch(limit))
         rows = page(rows, limit=limit, request=request, response=response, key=lambda r: r.id)
-        return [ImageOut.of(row) for row in rows]
+        shown = (
+            wal.window(site, rows[0].app).as_dict()
+            if rows and rows[0].app.kind is AppKind.POSTGRESQL
+            else None
+        )
+        return [ImageOut.of(row, shown) for row in rows]
 
     @router.get("/images/{image_id}", tags=["images"])
     def show_image(image_id: ImageId) -> ImageOut:

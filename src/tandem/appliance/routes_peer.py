@@ -18,7 +18,15 @@ from tandem.appliance.schemas import Body, JobAnswer, JobOut
 from tandem.catalog.models import Job, Peer
 from tandem.domain.rules import Role
 from tandem.errors import Forbidden, NotFound
-from tandem.operations import failback, monitor, peers, replica_failback, replicate, syncback
+from tandem.operations import (
+    failback,
+    monitor,
+    peers,
+    replica_failback,
+    replicate,
+    syncback,
+    wal,
+)
 from tandem.operations.site import Site
 from tandem.transport.peer import (
     SESSION_PATTERN,
@@ -39,6 +47,8 @@ from tandem.transport.peer import (
     Resumed,
     SyncbackOpen,
     Undone,
+    WalHeld,
+    WalPush,
     Wire,
 )
 
@@ -143,6 +153,10 @@ def make_router(site: Site) -> APIRouter:
     def commit_replication(sid: SessionName, body: Commit, peer: PeerName) -> Committed:
         image = replicate.commit_replication(site, peer=peer, sid=sid, token=body.token)
         return Committed(image=image.id, app=image.app.name)
+
+    @peer_router.post("/peer/apps/{name}/wal", tags=["peer"])
+    def push_wal(name: Name, body: WalPush, peer: PeerName) -> WalHeld:
+        return wal.receive_push(site, peer=peer, app=name, body=body)
 
     @peer_router.post("/peer/syncbacks", tags=["peer"])
     def open_syncback(body: SyncbackOpen, peer: PeerName) -> Opened:

@@ -139,6 +139,16 @@ class PresentIn(Body):
     image: str | None = Field(default=None, max_length=64)
     mount_point: str | None = Field(default=None, max_length=4096)
     action: str | None = Field(default=None, max_length=32)
+    time: str | None = Field(
+        default=None, max_length=64, description="A PostgreSQL app: the time to recover to."
+    )
+    latest: bool = Field(default=False, description="A PostgreSQL app: the newest WAL held.")
+    port: int | None = Field(
+        default=None, ge=1024, le=65535, description="A PostgreSQL app: the port to start on."
+    )
+    verify: bool = Field(
+        default=False, description="A PostgreSQL app: run pg_amcheck on the recovered copy."
+    )
 
 
 class FailoverIn(PresentIn):
@@ -150,6 +160,13 @@ class MountIn(Body):
     host: str = Field(min_length=1, max_length=64)
     mount_point: str | None = Field(default=None, max_length=4096)
     action: str | None = Field(default=None, max_length=32)
+    time: str | None = Field(
+        default=None, max_length=64, description="A PostgreSQL base: recover to this time."
+    )
+    latest: bool = Field(default=False, description="A PostgreSQL base: recover to its end.")
+    port: int | None = Field(
+        default=None, ge=1024, le=65535, description="A PostgreSQL app: the port to start on."
+    )
 
 
 class CloneIn(Body):
@@ -278,6 +295,9 @@ class JobLogOut(BaseModel):
         return cls(ts=line.ts, level=line.level, text=hide_secrets(line.text))
 
 
+PG_FILES = ("backup_label", "tablespace_map")
+
+
 class ImageOut(BaseModel):
     id: str
     kind: ImageKind
@@ -299,12 +319,18 @@ class ImageOut(BaseModel):
     """Whether the image is presented as an NBD export (ask for it with ``export``)."""
     consistency: str | None = None
     """How the image was cut: ``snapshot-btrfs``, ``reflink``, ``freeze``, ``hooks``,
-    ``overlay`` (a syncback of a DR copy's overlay, cut at one instant) or ``crash-unsafe``
-    (live files, each unchanged after reading: consistent per file, not across files); null
-    when not recorded."""
+    ``base-backup`` (a PostgreSQL base image: its WAL makes it consistent), ``overlay`` (a
+    syncback of a DR copy's overlay, cut at one instant) or ``crash-unsafe`` (live files,
+    each unchanged after reading: consistent per file, not across files); null when not
+    recorded."""
+    pg: dict[str, Any] | None = None
+    """A PostgreSQL base image's backup: start/stop LSN and time, timeline."""
+    window: dict[str, Any] | None = None
+    """For a PostgreSQL app: what it can be recovered to at this appliance, ``start`` (the
+    oldest base's stop time) → ``end`` (the newest WAL seen with no gap), and ``gap``."""
 
     @classmethod
-    def of(cls, image: Image) -> ImageOut:
+    def of(cls, image: Image, window: dict[str, Any] | None = None) -> ImageOut:
         return cls(
             id=image.id,
             kind=image.kind,
@@ -322,6 +348,8 @@ class ImageOut(BaseModel):
             nbd_uri=None,
             nbd_exported=image.nbd_export is not None,
             consistency=image.consistency,
+            pg={k: v for k, v in image.pg.items() if k not in PG_FILES} if image.pg else None,
+            window=window,
         )
 
 

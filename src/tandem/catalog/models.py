@@ -220,9 +220,36 @@ class Image(Base):
     epoch: Mapped[int] = mapped_column(Integer, default=1)
     consistency: Mapped[str | None] = mapped_column(String(32))
     """How a snapshot was cut (``domain.consistency.Cut``); None: not recorded (older)."""
+    pg: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    """A PostgreSQL base image's backup: start/stop LSN and time, timeline, the
+    ``backup_label`` and ``tablespace_map`` a copy starts recovery from (None: not one)."""
 
     app: Mapped[App] = relationship(lazy="joined", innerjoin=True)
     """The app the image belongs to (loaded with the image; its ``name`` is the JSON ``app``)."""
+
+
+class WalSegment(Base):
+    """One WAL segment of a PostgreSQL app held by this appliance (``operations.wal``).
+
+    ``name`` is the server's file name (timeline, segment number); ``size`` is how many of
+    its bytes are held (less than a segment while it is being written: ``complete`` false);
+    ``digest`` is the BLAKE3-256 of those bytes, checked on every read; ``seen`` is when the
+    host's receiver had written what is held (every commit it holds is older)."""
+
+    __tablename__ = "wal_segments"
+    __table_args__ = (Index("uq_wal_segments_app_id_name", "app_id", "name", unique=True),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    app_id: Mapped[str] = mapped_column(ForeignKey("apps.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(24))
+    timeline: Mapped[int] = mapped_column(Integer)
+    start_lsn: Mapped[int] = mapped_column(BigInteger)
+    size: Mapped[int] = mapped_column(Integer, default=0)
+    complete: Mapped[bool] = mapped_column(Boolean, default=False)
+    digest: Mapped[str] = mapped_column(String(HEX_DIGEST))
+    seen: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    mirrored: Mapped[int] = mapped_column(Integer, default=0)
+    """Bytes of it the peer acknowledged holding."""
 
 
 class Job(Base):

@@ -15,7 +15,7 @@ Invariants
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -38,6 +38,7 @@ from tandem.catalog.models import (
     Token,
     Transition,
     UTCDateTime,
+    WalSegment,
     utcnow,
 )
 from tandem.domain.hooks import Hook
@@ -305,6 +306,14 @@ def mark_replicated(session: Session, *, name: str, at: datetime) -> App:
 def remove_app(session: Session, *, name: str) -> None:
     """Remove an unmanaged app that has no images left (its transitions go with it)."""
     app = get_app(session, name=name)
+    remove_app_check(session, app=app)
+    session.delete(app)
+    session.flush()
+
+
+def remove_app_check(session: Session, *, app: App) -> None:
+    """Refuse to remove an app that is managed or still has images."""
+    name = app.name
     if app.state is not AppState.UNMANAGED:
         raise Conflict(
             detail=f"application {name!r} is {app.state.value}; unprotect it before removing it"
@@ -315,8 +324,6 @@ def remove_app(session: Session, *, name: str) -> None:
             detail=f"application {name!r} still has {count} image(s); delete them first "
             f"(`tandem images {name}` lists them)"
         )
-    session.delete(app)
-    session.flush()
 
 
 def record_transition(
@@ -380,6 +387,7 @@ def add_image(
     created: datetime | None = None,
     state: ImageState = ImageState.READY,
     consistency: str | None = None,
+    pg: dict[str, Any] | None = None,
 ) -> Image:
     """Record an image whose data is already durable (the manifest is committed last).
 
@@ -404,6 +412,7 @@ def add_image(
         epoch=row.writer_epoch if epoch is None else epoch,
         state=state,
         consistency=consistency,
+        pg=pg,
     )
     _insert(session, image, what="image", name=image.id)
     created_at = image.created
@@ -745,3 +754,49 @@ def list_audit(session: Session, *, limit: int = 100) -> list[Audit]:
     """The newest audit records first."""
     query = select(Audit).order_by(Audit.ts.desc(), Audit.id.desc()).limit(limit)
     return list(session.scalars(query))
+
+
+# --- WAL segments (PostgreSQL apps) ------------------------------------------------------
+
+
+def list_wal_segments(session: Session, *, app_id: str) -> list[WalSegment]:
+    """The WAL segments held for an app, oldest first."""
+    query = select(WalSegment).where(WalSegment.app_id == app_id)
+    return list(session.scalars(query.order_by(WalSegment.timeline, WalSegment.start_lsn)))
+
+
+def get_wal_segment(session: Session, *, app_id: str, name: str) -> WalSegment | None:
+    query = select(WalSegment).where(WalSegment.app_id == app_id, WalSegment.name == name)
+    return session.scalars(query).first()
+
+
+def put_wal_segment(
+    session: Session,
+    *,
+    app_id: str,
+    name: str,
+    timeline: int,
+    start_lsn: int,
+    size: int,
+    complete: bool,
+    digest: str,
+    seen: datetime,
+) -> WalSegment:
+    """Record (or move forward) what is held of one segment."""
+    row = get_wal_segment(session, app_id=app_id, name=name)
+    if row is None:
+        row = WalSegment(
+            app_id=app_id, name=name, timeline=timeline, start_lsn=start_lsn, mirrored=0
+        )
+        session.add(row)
+    row.size, row.complete, row.digest, row.seen = size, complete, digest, seen
+    session.flush()
+    return row
+
+
+def delete_wal_segments(session: Session, *, app_id: str, names: Iterable[str]) -> None:
+    wanted = list(names)
+    if wanted:
+        session.execute(
+            delete(WalSegment).where(WalSegment.app_id == app_id, WalSegment.name.in_(wanted))
+        )

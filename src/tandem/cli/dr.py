@@ -38,6 +38,35 @@ class Action(StrEnum):
     map_only = "map-only"
 
 
+PitTime = Annotated[
+    str | None,
+    typer.Option(
+        "--time",
+        help='A PostgreSQL app: recover to this time, "YYYY-MM-DD HH:MM:SS" (UTC unless an '
+        "offset is given).",
+    ),
+]
+Latest = Annotated[
+    bool, typer.Option("--latest", help="A PostgreSQL app: recover to the newest WAL held.")
+]
+Port = Annotated[
+    int | None,
+    typer.Option("--port", help="A PostgreSQL app: the port the recovered server listens on."),
+]
+
+
+def pit_fields(time_: str | None, latest: bool, port: int | None) -> dict[str, object]:
+    """The point-in-time options given (none: the request is as before)."""
+    fields: dict[str, object] = {}
+    if time_ is not None:
+        fields["time"] = time_
+    if latest:
+        fields["latest"] = True
+    if port is not None:
+        fields["port"] = port
+    return fields
+
+
 ActionOpt = Annotated[
     Action | None,
     typer.Option(
@@ -55,9 +84,24 @@ def test_failover(
     image: Replica = None,
     mount_point: MountPoint = None,
     action: ActionOpt = None,
+    time_: PitTime = None,
+    latest: Latest = False,
+    port: Port = None,
+    verify: Annotated[
+        bool,
+        typer.Option("--verify", help="A PostgreSQL app: run pg_amcheck on the recovered copy."),
+    ] = False,
 ) -> Doc:
-    """Present a writable copy of a replica to HOST; replication goes on (DR appliance)."""
-    params = {"host": host, "image": image, "mount_point": mount_point, "action": action}
+    """Present a writable copy of a replica to HOST; replication goes on (DR appliance).
+    A PostgreSQL app is recovered to --time or --latest and started."""
+    params = {
+        "host": host,
+        "image": image,
+        "mount_point": mount_point,
+        "action": action,
+        **pit_fields(time_, latest, port),
+        **({"verify": True} if verify else {}),
+    }
     return s.api.start(checked_app(app), "test-failover", params)
 
 
@@ -73,8 +117,12 @@ def failover(
     mount_point: MountPoint = None,
     action: ActionOpt = None,
     label: Label = None,
+    time_: PitTime = None,
+    latest: Latest = False,
+    port: Port = None,
 ) -> Doc:
-    """Bring APP up at the DR site from its replica; replication stops (DR appliance)."""
+    """Bring APP up at the DR site from its replica; replication stops (DR appliance).
+    A PostgreSQL app is recovered to --time or (default) --latest and started."""
     params = {
         "host": host,
         "confirm": list(confirm or []),
@@ -82,16 +130,30 @@ def failover(
         "mount_point": mount_point,
         "action": action,
         "label": label,
+        **pit_fields(time_, latest, port),
     }
     return s.api.start(checked_app(app), "failover", params)
 
 
 @job_command
 def mount(
-    s: Session, image: ImageId, host: Host, mount_point: MountPoint = None, action: ActionOpt = None
+    s: Session,
+    image: ImageId,
+    host: Host,
+    mount_point: MountPoint = None,
+    action: ActionOpt = None,
+    time_: PitTime = None,
+    latest: Latest = False,
+    port: Port = None,
 ) -> Doc:
-    """Present any image to HOST as a writable virtual copy."""
-    params = {"host": host, "mount_point": mount_point, "action": action}
+    """Present any image to HOST as a writable virtual copy (a PostgreSQL base image with
+    --time or --latest: recovered from it and started)."""
+    params = {
+        "host": host,
+        "mount_point": mount_point,
+        "action": action,
+        **pit_fields(time_, latest, port),
+    }
     return s.api.start_on_image(checked_image(image), "mount", params)
 
 

@@ -38,6 +38,18 @@ def _describe(job: dict[str, Any]) -> str:
     return f"{job['type']} {job.get('app') or ''}".strip()
 
 
+RECOVERY_KEYS = (
+    "recovered_to",
+    "target",
+    "port",
+    "socket_dir",
+    "base",
+    "wal_segments",
+    "window",
+    "amcheck",
+)
+
+
 def _finish(client: ApplianceClient, job: dict[str, Any], json_: bool) -> None:
     """Render a job that ended (or was not waited for); raise the exit status it implies."""
     doc: dict[str, Any] = {"job": job}
@@ -50,6 +62,8 @@ def _finish(client: ApplianceClient, job: dict[str, Any], json_: bool) -> None:
         doc["nbd_uri"] = result["nbd_uri"]  # CLI.md: a presented volume's export
         if result.get("nbd_fingerprint"):  # over TLS (nbds://): the certificate to pin
             doc["nbd_fingerprint"] = result["nbd_fingerprint"]
+    if isinstance(result, dict) and "recovered_to" in result:  # a database recovered
+        doc["recovery"] = {k: result.get(k) for k in RECOVERY_KEYS}
     if json_:
         emit_json(doc)
     else:

@@ -6,7 +6,9 @@ from typing import Annotated, Any
 
 import typer
 from rich import box
+from rich.console import Group
 from rich.table import Table
+from rich.text import Text
 
 from tandem.domain.rules import RESTORE_CONFIRMATIONS, check_confirmations
 from tandem.errors import ConfirmationOutOfOrder, ConfirmationRequired, RemoteError
@@ -59,6 +61,17 @@ def restore(
     return s.api.start(checked_app(app), "restore", {"image": image, "confirm": typed})
 
 
+def images_view(rows: list[dict[str, Any]]) -> Table | Group:
+    """The images table; for a PostgreSQL app, with its recoverable window under it."""
+    table = images_table(rows)
+    window = rows[0].get("window") if rows else None
+    if not window:
+        return table
+    shown = f"{window.get('start') or '—'} → {window.get('end') or '—'}"
+    gap = f" (WAL gap at {window['gap']})" if window.get("gap") else ""
+    return Group(table, Text(f"recoverable window: {shown}{gap}"))
+
+
 def images_table(rows: list[dict[str, Any]]) -> Table:
     table = Table(
         "id", "kind", "created", "size", "label", "state", "consistency", box=box.SIMPLE_HEAD
@@ -79,7 +92,7 @@ def images_table(rows: list[dict[str, Any]]) -> Table:
 @api_command
 def images(s: Session, app: AppName) -> None:
     """APP's images on this appliance, newest first."""
-    s.emit(s.api.images(checked_app(app)), images_table)
+    s.emit(s.api.images(checked_app(app)), images_view)
 
 
 @image_app.command("show")

@@ -29,6 +29,7 @@ class RoleChoice(StrEnum):
 class KindChoice(StrEnum):
     filesystem = "filesystem"
     volume = "volume"
+    postgresql = "postgresql"
 
 
 # --- tokens -------------------------------------------------------------------------------

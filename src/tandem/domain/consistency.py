@@ -29,6 +29,7 @@ class Cut(StrEnum):
     HOOKS = "hooks"  # read while the app's freeze hook held it quiet
     CRASH_UNSAFE = "crash-unsafe"  # live files, each unchanged after reading: per file only
     OVERLAY = "overlay"  # a DR copy's overlay cut at one instant (writes held for the cut)
+    BASE_BACKUP = "base-backup"  # live files between pg_backup_start/stop: the WAL repairs
 
 
 CUTS = tuple(c.value for c in Cut)

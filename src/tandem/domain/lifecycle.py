@@ -49,6 +49,13 @@ class AppKind(StrEnum):
 
     FILESYSTEM = "filesystem"
     VOLUME = "volume"
+    POSTGRESQL = "postgresql"  # a PostgreSQL cluster: base images (a file tree) plus its WAL
+
+
+def storage_kind(kind: AppKind) -> str:
+    """How an app's images are stored and presented: ``volume`` or ``filesystem`` (a
+    PostgreSQL cluster's base images are file trees of its data directory)."""
+    return "volume" if kind is AppKind.VOLUME else "filesystem"
 
 
 class Operation(StrEnum):

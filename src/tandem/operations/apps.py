@@ -32,10 +32,13 @@ from tandem.catalog import queries as q
 from tandem.catalog.models import App, Template, Transition
 from tandem.domain.consistency import ConsistencyMode
 from tandem.domain.hooks import Hook, check_hook_name
+from tandem.domain.ids import validate_name
 from tandem.domain.lifecycle import AppKind, Operation
 from tandem.domain.paths import check_path, overlaps
 from tandem.domain.rules import Role, role_allows
 from tandem.errors import Conflict, Forbidden, InvalidInput
+from tandem.operations import wal
+from tandem.operations.hosts import agent_for
 from tandem.operations.site import Site
 
 
@@ -102,6 +105,13 @@ def add_app(
     checked = _check_hooks(hooks or {})
     if any(checked.values()):
         check_may_set_hooks(role, name)
+    if kind is AppKind.POSTGRESQL:
+        validate_name(name, "application name")
+        with site.catalog.read() as session:
+            check_no_overlap(session, host=host, path=path)
+            row = q.get_host(session, name=host)
+        with agent_for(row) as agent:
+            agent.pg_probe(name, path)  # refuses a cluster that cannot be protected
     with site.catalog.begin() as session:
         check_no_overlap(session, host=host, path=path)
         return q.add_app(
@@ -150,8 +160,24 @@ def get_app(site: Site, *, name: str) -> App:
 
 
 def remove_app(site: Site, *, name: str) -> None:
-    with site.catalog.begin() as session:
-        q.remove_app(session, name=name)
+    """Remove an app; for a PostgreSQL app of this site, its WAL receiver is stopped and its
+    replication slot dropped first (a slot left behind would make the server keep WAL
+    forever), and the WAL held here goes with it."""
+    with site.catalog.read() as session:
+        row = q.get_app(session, name=name)
+        q.remove_app_check(session, app=row)
+        host = q.get_host(session, name=row.host) if row.origin is None else None
+    if row.kind is not AppKind.POSTGRESQL:
+        with site.catalog.begin() as session:
+            q.remove_app(session, name=name)
+        return
+    with site.wal_lock:  # the shipper restarts no receiver behind this drop
+        if host is not None:
+            with agent_for(host) as agent:
+                agent.pg_drop(row.name, row.path)
+        wal.forget(site, row)
+        with site.catalog.begin() as session:
+            q.remove_app(session, name=name)
 
 
 def protect_app(site: Site, *, name: str, template: str, actor: str | None) -> App:
@@ -186,13 +212,23 @@ class Risk:
     """The peer's name, for an app of this site failed over at the peer."""
 
 
-def risk_of(app: App, template: Template | None, now: datetime, peer: str | None = None) -> Risk:
+def risk_of(
+    app: App,
+    template: Template | None,
+    now: datetime,
+    peer: str | None = None,
+    wal_point: datetime | None = None,
+) -> Risk:
     """The achieved RPO of ``app`` (protected by ``template``) at ``now``, and whether it
-    passes the template's ``max_lag``."""
+    passes the template's ``max_lag``. ``wal_point``: for a PostgreSQL app, the newest
+    moment its WAL is held (at the peer, for a mirroring template), a later recovery point
+    than its newest base image."""
     failed_over_at = (peer or "the peer") if app.peer_active else None
     if template is None or app.origin is not None:
         return Risk(None, None, False, failed_over_at)
     point = app.last_replicated if template.mirror else app.last_capture
+    if point is not None and wal_point is not None:
+        point = max(point, wal_point)
     rpo = None if point is None else max(0.0, (now - point).total_seconds())
     limit = template.max_lag_seconds
     if limit is None or app.peer_active:
@@ -204,8 +240,21 @@ def risk_of(app: App, template: Template | None, now: datetime, peer: str | None
 def risks(site: Site, rows: Iterable[App], now: datetime | None = None) -> dict[str, Risk]:
     """``risk_of`` each app of ``rows``, by name."""
     now = now or datetime.now(UTC)
+    rows = list(rows)
     with site.catalog.read() as session:
         templates = {t.name: t for t in q.list_templates(session)}
         peers = q.list_peers(session)
+        points = {a.name: wal_point_of(session, a, templates) for a in rows}
     peer = peers[0].name if peers else None
-    return {a.name: risk_of(a, templates.get(a.template or ""), now, peer) for a in rows}
+    return {
+        a.name: risk_of(a, templates.get(a.template or ""), now, peer, points[a.name]) for a in rows
+    }
+
+
+def wal_point_of(session: Session, app: App, templates: Mapping[str, Template]) -> datetime | None:
+    """For a PostgreSQL app of this site, the newest moment its WAL is held (by the peer,
+    when its template mirrors); None for other apps."""
+    if app.kind is not AppKind.POSTGRESQL or app.origin is not None:
+        return None
+    template = templates.get(app.template or "")
+    return wal.recovery_point(session, app, mirrored=bool(template and template.mirror))

@@ -43,6 +43,7 @@ from tandem.operations.hosts import agent_for, app_host
 from tandem.operations.site import Site
 from tandem.operations.streams import follow
 from tandem.transport.agent import AgentClient
+from tandem.transport.peer import PgBase
 
 TYPE = "capture"
 MAX_LABEL = 128
@@ -107,6 +108,9 @@ def run_capture(site: Site, ctx: JobContext) -> dict[str, Any]:
             "consistency": mode.value,
         }
         with agent_for(host) as agent:
+            if app.kind is AppKind.POSTGRESQL:
+                # The slot first: the server keeps every segment from the backup's start.
+                agent.pg_stream(app.name, app.path)
             if mode is ConsistencyMode.HOOKS:
                 done = _capture_between_hooks(
                     ctx, app, agent, body, lambda: transfer.bytes_received
@@ -141,6 +145,7 @@ def run_capture(site: Site, ctx: JobContext) -> dict[str, Any]:
                     label=ctx.job.params.get("label"),
                     parent_id=base.id if base is not None and base_id is not None else None,
                     consistency=cut,
+                    pg=_pg_of(done) if app.kind is AppKind.POSTGRESQL else None,
                 )
             # Only now may the writer go: the image row keeps its chunks alive from here on.
             site.sessions.close(transfer)
@@ -178,6 +183,16 @@ def run_capture(site: Site, ctx: JobContext) -> dict[str, Any]:
         "consistency_reason": done.get("consistency_reason"),
         "held_seconds": done.get("held_seconds"),
     }
+
+
+def _pg_of(done: dict[str, Any]) -> dict[str, Any]:
+    """The base backup the agent reports, checked (it is stored and sent to the peer)."""
+    try:
+        return PgBase.model_validate(done.get("pg")).model_dump(mode="json")
+    except ValueError as exc:
+        raise RemoteError(
+            what="host", name="of the app", detail=f"its base backup report is invalid ({exc})"
+        ) from exc
 
 
 def _cut_of(done: dict[str, Any], mode: ConsistencyMode) -> str | None:

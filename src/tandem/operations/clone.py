@@ -17,13 +17,14 @@ from typing import Any
 from tandem.catalog import queries as q
 from tandem.catalog.models import Job
 from tandem.domain.ids import validate_name
-from tandem.domain.lifecycle import Operation, check_transition
+from tandem.domain.lifecycle import Operation, check_transition, storage_kind
 from tandem.domain.paths import check_path
 from tandem.errors import AlreadyExists, NotFound
 from tandem.jobs.queue import submit_job
 from tandem.jobs.runner import JobContext
 from tandem.operations.apps import check_no_overlap
 from tandem.operations.hosts import agent_for
+from tandem.operations.restore import check_not_base_backup
 from tandem.operations.site import Site
 from tandem.operations.streams import follow
 
@@ -42,6 +43,7 @@ def submit_clone(
     check_path(path, "--path")
     with site.catalog.begin() as session:
         base = q.get_image(session, image_id=image)
+        check_not_base_backup(base)
         check_transition(base.app.name, base.app.state, Operation.CLONE)
         q.get_host(session, name=host)
         check_no_overlap(session, host=host, path=path)
@@ -76,7 +78,7 @@ def run_clone(site: Site, ctx: JobContext) -> dict[str, Any]:
     try:
         ctx.set_message(f"copying {base.id} to {params['path']} on host {host.name}")
         body = {
-            "kind": source.kind.value,
+            "kind": storage_kind(source.kind),
             "path": params["path"],
             "manifest": base.manifest,
             "job": ctx.job.id,

@@ -30,7 +30,7 @@ from tandem.domain.rules import FAILOVER_CONFIRMATION, check_confirmations
 from tandem.errors import InvalidInput, TandemError
 from tandem.jobs.queue import submit_job
 from tandem.jobs.runner import JobContext
-from tandem.operations import hooks, peers, present
+from tandem.operations import hooks, peers, pg_recovery, present
 from tandem.operations.capture import check_label
 from tandem.operations.hosts import agent_for
 from tandem.operations.site import Site
@@ -50,9 +50,19 @@ def submit_failover(
     action: str | None = None,
     label: str | None = None,
     actor: str | None = None,
+    time: str | None = None,
+    latest: bool = False,
+    port: int | None = None,
 ) -> Job:
     check_confirmations(confirm, [FAILOVER_CONFIRMATION])
     label = check_label(label)
+    with site.catalog.read() as session:
+        row = q.get_app(session, name=app)
+    target = pg_recovery.parse_target(time, latest, row)
+    if row.kind is AppKind.POSTGRESQL:
+        image = pg_recovery.plan(site, row, target, image).base.id  # refused outside the window
+    elif port is not None:
+        raise InvalidInput(detail="--port is the port of a recovered database; leave it out")
     with site.catalog.begin() as session:
         row = q.get_app(session, name=app)
         replicas = len(q.list_images(session, app=app, kind=ImageKind.REPLICA))
@@ -66,12 +76,20 @@ def submit_failover(
                 detail=f"a failed-over volume is presented over NBD only; drop --mount-point/"
                 f"--action for {row.name!r} and attach the export its job shows (nbd_uri)"
             )
+        params: dict[str, Any] = {
+            "host": host,
+            "mount_point": mount_point,
+            "action": action,
+            "label": label,
+        }
+        if row.kind is AppKind.POSTGRESQL:
+            params.update(time=target.isoformat() if target else None, port=port)
         job = submit_job(
             session,
             type=TYPE,
             app=row.name,
             image=replica.id,
-            params={"host": host, "mount_point": mount_point, "action": action, "label": label},
+            params=params,
             lifecycle=True,
             actor=actor,
         )
@@ -89,6 +107,11 @@ def run_failover(site: Site, ctx: JobContext) -> dict[str, Any]:
         host = q.get_host(session, name=params["host"])
     with agent_for(host) as agent:
         agent.info()
+    chosen, target = None, None
+    if app.kind is AppKind.POSTGRESQL:
+        target = pg_recovery.parse_target(params.get("time"), params.get("time") is None, app)
+        chosen = pg_recovery.plan(site, app, target)
+        replica = chosen.base
     cut = site.sessions.close_matching(app=app.name)
     if cut:
         ctx.log(f"cut {cut} replication transfer(s) of {app.name} under way")
@@ -103,7 +126,21 @@ def run_failover(site: Site, ctx: JobContext) -> dict[str, Any]:
         action=params["action"],
         mount_point=params.get("mount_point"),
     )
+    recovered: dict[str, Any] = {}
     try:
+        if chosen is not None:
+            if not shown.paths:
+                raise InvalidInput(detail="a database is recovered in a folder: give --mount-point")
+            recovered = pg_recovery.recover(
+                site,
+                ctx,
+                app=app,
+                host=host,
+                chosen=chosen,
+                path=shown.paths[0],
+                target=target,
+                port=params.get("port"),
+            )
         with site.catalog.begin() as session:
             step = q.record_transition(
                 session,
@@ -157,5 +194,17 @@ def run_failover(site: Site, ctx: JobContext) -> dict[str, Any]:
         f"{app.name} failed over to {row.id} on host {host.name}"
         + (f" at {shown.mount_point}" if shown.mount_point else "")
         + (", started" if started else "")
+        + (
+            f"; PostgreSQL recovered to {recovered.get('recovered_to')} on port "
+            f"{recovered.get('port')}"
+            if recovered
+            else ""
+        )
     )
-    return {"image": row.id, **shown.export_fields(), "paths": shown.paths, "epoch": epoch}
+    return {
+        "image": row.id,
+        **shown.export_fields(),
+        "paths": shown.paths,
+        "epoch": epoch,
+        **recovered,
+    }

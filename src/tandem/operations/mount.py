@@ -16,11 +16,11 @@ from tandem.catalog import queries as q
 from tandem.catalog.models import Image, Job
 from tandem.domain.ids import new_image_id
 from tandem.domain.images import ImageKind, ImageState
-from tandem.domain.lifecycle import AppState, Operation, check_transition
-from tandem.errors import Conflict, NotFound
+from tandem.domain.lifecycle import AppKind, AppState, Operation, check_transition
+from tandem.errors import Conflict, InvalidInput, NotFound
 from tandem.jobs.queue import submit_job
 from tandem.jobs.runner import JobContext
-from tandem.operations import present
+from tandem.operations import pg_recovery, present
 from tandem.operations.hosts import agent_for
 from tandem.operations.site import Site
 
@@ -36,19 +36,35 @@ def submit_mount(
     mount_point: str | None = None,
     action: str | None = None,
     actor: str | None = None,
+    time: str | None = None,
+    latest: bool = False,
+    port: int | None = None,
 ) -> Job:
+    with site.catalog.read() as session:
+        app = q.get_image(session, image_id=image).app
+    target = pg_recovery.parse_target(time, latest, app)
+    recover = app.kind is AppKind.POSTGRESQL and (time is not None or latest)
+    if recover:
+        pg_recovery.plan(site, app, target, image)  # refused outside the window
+    elif port is not None:
+        raise InvalidInput(
+            detail="--port is the port of a recovered database: give --time or --latest with it"
+        )
     with site.catalog.begin() as session:
         base = q.get_image(session, image_id=image)
         app = base.app
         check_transition(app.name, app.state, Operation.MOUNT)
         q.get_host(session, name=host)
         action = present.check_action(app, action, mount_point)
+        params: dict[str, Any] = {"host": host, "mount_point": mount_point, "action": action}
+        if recover:
+            params.update(recover=True, time=target.isoformat() if target else None, port=port)
         job = submit_job(
             session,
             type=TYPE,
             app=app.name,
             image=base.id,
-            params={"host": host, "mount_point": mount_point, "action": action},
+            params=params,
             lifecycle=False,
             actor=actor,
         )
@@ -64,6 +80,10 @@ def run_mount(site: Site, ctx: JobContext) -> dict[str, Any]:
         host = q.get_host(session, name=params["host"])
     with agent_for(host) as agent:
         agent.info()
+    chosen, target = None, None
+    if params.get("recover"):
+        target = pg_recovery.parse_target(params.get("time"), params.get("time") is None, app)
+        chosen = pg_recovery.plan(site, app, target, base.id)
     image_id = new_image_id()
     shown = present.present(
         site,
@@ -75,6 +95,24 @@ def run_mount(site: Site, ctx: JobContext) -> dict[str, Any]:
         action=params["action"],
         mount_point=params.get("mount_point"),
     )
+    recovered: dict[str, Any] = {}
+    if chosen is not None:
+        try:
+            if not shown.paths:
+                raise InvalidInput(detail="a database is recovered in a folder: give --mount-point")
+            recovered = pg_recovery.recover(
+                site,
+                ctx,
+                app=app,
+                host=host,
+                chosen=chosen,
+                path=shown.paths[0],
+                target=target,
+                port=params.get("port"),
+            )
+        except BaseException:
+            present.withdraw_unrecorded(site, image_id, host)
+            raise
     row = present.record(
         site,
         image_id=image_id,
@@ -89,8 +127,14 @@ def run_mount(site: Site, ctx: JobContext) -> dict[str, Any]:
     ctx.set_message(
         f"{base.id} mounted as {row.id} on host {host.name}"
         + (f" at {shown.mount_point}" if shown.mount_point else "")
+        + (
+            f"; PostgreSQL recovered to {recovered.get('recovered_to')} on port "
+            f"{recovered.get('port')}"
+            if recovered
+            else ""
+        )
     )
-    return {"image": row.id, **shown.export_fields(), "paths": shown.paths}
+    return {"image": row.id, **shown.export_fields(), "paths": shown.paths, **recovered}
 
 
 def unmount(site: Site, *, image: str) -> Image:

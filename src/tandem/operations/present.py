@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 from tandem.catalog import queries as q
 from tandem.catalog.models import App, Host, Image
 from tandem.domain.images import ImageKind, ImageState
-from tandem.domain.lifecycle import AppKind, AppState
+from tandem.domain.lifecycle import AppKind, AppState, storage_kind
 from tandem.domain.paths import check_path
 from tandem.errors import InvalidInput, TandemError
 from tandem.jobs.runner import JobContext
@@ -132,7 +132,7 @@ def present(
         if action != "map-only":
             transfer, token = site.sessions.open(job_id=ctx.job.id, write=False, readable=[base_id])
             body = {
-                "kind": app.kind.value,
+                "kind": storage_kind(app.kind),
                 "manifest": base.manifest,
                 "image": image_id,
                 "action": action,

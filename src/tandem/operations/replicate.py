@@ -62,6 +62,7 @@ from tandem.transport.peer import (
     MirroredApp,
     Opened,
     PeerClient,
+    PgBase,
     ReplicasHeld,
     ReplicationOpen,
 )
@@ -233,6 +234,7 @@ def offer_of(image: Image) -> ImageOffer:
         size=image.size,
         manifest=image.manifest,
         consistency=Cut(image.consistency) if image.consistency in CUTS else None,
+        pg=PgBase.model_validate(image.pg) if image.pg else None,
     )
 
 
@@ -454,6 +456,7 @@ def commit_replication(site: Site, *, peer: str, sid: str, token: str) -> Image:
                     created=created,
                     epoch=int(meta["epoch"]),
                     consistency=image.get("consistency"),
+                    pg=image.get("pg"),
                 )
                 q.mark_replicated(session, name=row.name, at=created)
             site.sessions.close(transfer)

@@ -26,10 +26,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 from tandem.catalog import queries as q
-from tandem.catalog.models import App, Job
+from tandem.catalog.models import App, Image, Job
 from tandem.domain.hooks import Hook
 from tandem.domain.images import ImageKind, ImageState
-from tandem.domain.lifecycle import AppKind, Operation, check_transition
+from tandem.domain.lifecycle import AppKind, Operation, check_transition, storage_kind
 from tandem.domain.rules import RESTORE_CONFIRMATIONS, check_confirmations
 from tandem.errors import Conflict, InvalidInput, TandemError
 from tandem.jobs.queue import submit_job
@@ -41,6 +41,17 @@ from tandem.operations.streams import follow
 from tandem.transport.agent import AgentClient
 
 TYPE = "restore"
+
+
+def check_not_base_backup(img: Image) -> None:
+    """A PostgreSQL base image is consistent only with its WAL replayed: written in place
+    it would start as a torn cluster. Refused, saying how to get at its data."""
+    if img.pg:
+        raise InvalidInput(
+            detail=f"image {img.id} is a PostgreSQL base image, which starts only with its WAL "
+            "replayed; recover it instead with `tandem mount "
+            f"{img.id} --host HOST --mount-point DIR --latest` (or --time)"
+        )
 
 
 def submit_restore(
@@ -68,6 +79,7 @@ def submit_restore(
             )
         if img.state is ImageState.DELETING:
             raise Conflict(detail=f"image {img.id} is being deleted; choose another image")
+        check_not_base_backup(img)
         check_transition(row.name, row.state, Operation.RESTORE)
         app_host(session, row, action="restore")
         job = submit_job(
@@ -113,7 +125,7 @@ def run_restore(site: Site, ctx: JobContext) -> dict[str, Any]:
                     raise type(exc)(f"{exc.message.rstrip('.')}; nothing was restored") from exc
             ctx.set_message(f"restoring {image.id} onto {app.path} on host {host.name}")
             body = {
-                "kind": app.kind.value,
+                "kind": storage_kind(app.kind),
                 "path": app.path,
                 "manifest": image.manifest,
                 "job": ctx.job.id,

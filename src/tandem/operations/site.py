@@ -53,6 +53,9 @@ class Site:
     pool: ChunkPool
     sessions: SessionRegistry
     gc_lock: threading.Lock = field(default_factory=threading.Lock)
+    wal_lock: threading.Lock = field(default_factory=threading.Lock)
+    """Held by the WAL shipper while it acts on an app's stream, and by what stops the
+    stream for good (removing the app): a receiver is never restarted behind a drop."""
     wake: Callable[[], None] = _nothing
     presenter: Presenter | None = None
     """The NBD server volume images are exported by (None: NBD is off)."""

@@ -53,7 +53,7 @@ from tandem.catalog.models import App, Host, Image, Job
 from tandem.domain.consistency import CUTS, ConsistencyMode, Cut
 from tandem.domain.ids import new_image_id
 from tandem.domain.images import ImageKind, ImageState
-from tandem.domain.lifecycle import AppKind, AppState, Operation, check_transition
+from tandem.domain.lifecycle import AppKind, AppState, Operation, check_transition, storage_kind
 from tandem.errors import Conflict, InvalidInput, NotFound, PeerRefused, RemoteError, TandemError
 from tandem.jobs.queue import submit_job
 from tandem.jobs.runner import JobContext
@@ -153,7 +153,7 @@ def _capture_tree_at_host(
     transfer, token = site.sessions.open(job_id=ctx.job.id, write=True, bases=[base])
     try:
         body = {
-            "kind": app.kind.value,
+            "kind": storage_kind(app.kind),
             "path": path,
             "base": base.hex(),
             "job": ctx.job.id,

@@ -17,12 +17,12 @@ from tandem.catalog import queries as q
 from tandem.catalog.models import App, Image, Job
 from tandem.domain.ids import new_image_id
 from tandem.domain.images import ImageKind, ImageState
-from tandem.domain.lifecycle import AppFacts, Operation, check_transition
+from tandem.domain.lifecycle import AppFacts, AppKind, Operation, check_transition
 from tandem.domain.rules import PresentedImage, check_test_failover_target
 from tandem.errors import InvalidInput, NotFound
 from tandem.jobs.queue import submit_job
 from tandem.jobs.runner import JobContext
-from tandem.operations import present
+from tandem.operations import pg_recovery, present
 from tandem.operations.hosts import agent_for
 from tandem.operations.site import Site
 
@@ -73,7 +73,20 @@ def submit_test_failover(
     mount_point: str | None = None,
     action: str | None = None,
     actor: str | None = None,
+    time: str | None = None,
+    latest: bool = False,
+    port: int | None = None,
+    verify: bool = False,
 ) -> Job:
+    with site.catalog.read() as session:
+        row = q.get_app(session, name=app)
+    target = pg_recovery.parse_target(time, latest, row)
+    if row.kind is AppKind.POSTGRESQL:
+        image = pg_recovery.plan(site, row, target, image).base.id  # refused outside the window
+    elif port is not None or verify:
+        raise InvalidInput(
+            detail="--port and --verify are for a recovered database; leave them out"
+        )
     with site.catalog.begin() as session:
         row = q.get_app(session, name=app)
         replicas = len(q.list_images(session, app=app, kind=ImageKind.REPLICA))
@@ -83,12 +96,15 @@ def submit_test_failover(
         replica = pick_replica(session, row, image)
         check_target(session, row, host)
         action = present.check_action(row, action, mount_point)
+        params: dict[str, Any] = {"host": host, "mount_point": mount_point, "action": action}
+        if row.kind is AppKind.POSTGRESQL:
+            params.update(time=target.isoformat() if target else None, port=port, verify=verify)
         job = submit_job(
             session,
             type=TYPE,
             app=row.name,
             image=replica.id,
-            params={"host": host, "mount_point": mount_point, "action": action},
+            params=params,
             lifecycle=True,
             actor=actor,
         )
@@ -105,6 +121,12 @@ def run_test_failover(site: Site, ctx: JobContext) -> dict[str, Any]:
         host = q.get_host(session, name=params["host"])
     with agent_for(host) as agent:
         agent.info()  # reachable, or "host NAME unreachable at URL"
+    chosen = None
+    target = None
+    if app.kind is AppKind.POSTGRESQL:
+        target = pg_recovery.parse_target(params.get("time"), params.get("time") is None, app)
+        chosen = pg_recovery.plan(site, app, target)
+        replica = chosen.base
     image_id = new_image_id()
     shown = present.present(
         site,
@@ -116,6 +138,25 @@ def run_test_failover(site: Site, ctx: JobContext) -> dict[str, Any]:
         action=params["action"],
         mount_point=params.get("mount_point"),
     )
+    recovered: dict[str, Any] = {}
+    if chosen is not None:
+        try:
+            if not shown.paths:
+                raise InvalidInput(detail="a database is recovered in a folder: give --mount-point")
+            recovered = pg_recovery.recover(
+                site,
+                ctx,
+                app=app,
+                host=host,
+                chosen=chosen,
+                path=shown.paths[0],
+                target=target,
+                port=params.get("port"),
+                verify=bool(params.get("verify")),
+            )
+        except BaseException:
+            present.withdraw_unrecorded(site, image_id, host)
+            raise
     row = present.record(
         site,
         image_id=image_id,
@@ -140,5 +181,11 @@ def run_test_failover(site: Site, ctx: JobContext) -> dict[str, Any]:
         f"test copy {row.id} of {replica.id} on host {host.name}"
         + (f" at {shown.mount_point}" if shown.mount_point else "")
         + (" (NBD)" if shown.nbd_uri else "")
+        + (
+            f"; PostgreSQL recovered to {recovered.get('recovered_to')} on port "
+            f"{recovered.get('port')}"
+            if recovered
+            else ""
+        )
     )
-    return {"image": row.id, **shown.export_fields(), "paths": shown.paths}
+    return {"image": row.id, **shown.export_fields(), "paths": shown.paths, **recovered}

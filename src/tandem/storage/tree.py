@@ -501,6 +501,7 @@ class _Capture:
         self.on_read = on_read
         # A copy (reflink clones) records the live files' identity: compare it with itself.
         self.copy = copy
+        self.torn_ok = False
         # O_NOATIME keeps reads from dirtying inodes; only the owner or root may ask for it.
         self.open_flags = os.O_RDONLY | os.O_NOFOLLOW | _O_CLOEXEC
         if os.geteuid() == 0:
@@ -555,7 +556,7 @@ class _Capture:
                     continue
             finally:
                 os.close(fd)
-            if _stat_key(after) == ref:
+            if self.torn_ok or _stat_key(after) == ref:
                 if self.on_read is not None:
                     self.on_read(e.path)
                 return _FileResult(index, chunks, fresh, cost)
@@ -595,7 +596,7 @@ class _Capture:
                             yield partial(_identity, _ChunkResult(None, n, _Cost())), 0
                         else:
                             yield partial(self.store_chunk, bytes(data)), n
-                    same = _stat_key(os.fstat(fd)) == ref
+                    same = self.torn_ok or _stat_key(os.fstat(fd)) == ref
                 except _Changed:
                     same = False
             finally:
@@ -641,6 +642,7 @@ def capture_tree(
     recheck: bool = True,
     on_read: Callable[[str], None] | None = None,
     identity: Mapping[str, tuple[int, int]] | None = None,
+    torn_ok: bool = False,
 ) -> tuple[bytes, TreeManifest, CaptureStats]:
     """Capture the tree under ``root`` into ``pool``; returns (manifest id, manifest, stats).
 
@@ -652,7 +654,10 @@ def capture_tree(
     called, from a worker, once a file's content has been read: a test seam. ``identity``
     maps paths to the (ctime_ns, inode) recorded for them when ``root`` is a copy of the
     live tree (reflink clones, ``agent.pit``): the next capture then recognises unchanged
-    files by the live files' identity, not by the copy's.
+    files by the live files' identity, not by the copy's. ``torn_ok`` takes each file as
+    read even if it changed meanwhile (its first walk-time size bytes): only for a source
+    that repairs itself, a PostgreSQL data directory inside a base backup, whose WAL
+    replay rewrites every page changed since the backup started.
     """
     t0 = time.monotonic()
     root_s = os.fspath(root)
@@ -708,6 +713,7 @@ def capture_tree(
             progress(done, total)
 
         cap = _Capture(writer, root_s, entries, sparse, on_read, copy=identity is not None)
+        cap.torn_ok = torn_ok
         vanished: set[int] = set()
         streamed: list[tuple[bytes | None, int]] = []
         w = workers or default_workers()

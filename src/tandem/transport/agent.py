@@ -17,7 +17,7 @@ from typing import Any
 
 from tandem import errors
 from tandem.errors import RemoteError, TandemError, Unauthorized
-from tandem.transport.client import ApiClient
+from tandem.transport.client import ApiClient, api_path
 
 
 def error_from_event(event: dict[str, Any], host: str) -> TandemError:
@@ -112,3 +112,52 @@ class AgentClient:
         """Remove what presenting ``image`` placed on the host."""
         answer = self._call("POST", "/api/v1/unmaterialize", {"image": image})
         return answer if isinstance(answer, dict) else {}
+
+    # --- PostgreSQL (``tandem.agent.pg``) ---------------------------------------------
+
+    def _dict(self, method: str, path: str, body: Any = None) -> dict[str, Any]:
+        answer = self._call(method, path, body)
+        if not isinstance(answer, dict):
+            raise RemoteError(what="host", name=self.name, detail=f"unexpected answer to {path}")
+        return answer
+
+    def pg_probe(self, app: str, path: str) -> dict[str, Any]:
+        """The cluster at ``path`` and whether it can be protected (refusals are errors)."""
+        return self._dict("POST", "/api/v1/pg/probe", {"app": app, "path": path})
+
+    def pg_stream(self, app: str, path: str) -> dict[str, Any]:
+        """Keep the app's WAL receiver (and its replication slot) running."""
+        return self._dict("POST", "/api/v1/pg/stream", {"app": app, "path": path})
+
+    def pg_drop(self, app: str, path: str) -> dict[str, Any]:
+        """Stop the app's WAL receiver and drop its replication slot."""
+        return self._dict("POST", "/api/v1/pg/drop", {"app": app, "path": path})
+
+    def pg_wal(self, app: str) -> dict[str, Any]:
+        """The WAL files the host holds for ``app`` (``files``, ``seen``, ``running``)."""
+        return self._dict("GET", api_path("/api/v1/pg/wal", app))
+
+    def pg_wal_read(self, app: str, name: str, offset: int) -> bytes:
+        body = {"app": app, "name": name, "offset": offset}
+        try:
+            data = self._api.request("POST", "/api/v1/pg/wal/read", json_body=body, raw=True)
+        except Unauthorized as exc:
+            raise self._refused(exc) from exc
+        return bytes(data)
+
+    def pg_wal_ack(self, app: str, names: list[str]) -> dict[str, Any]:
+        return self._dict("POST", "/api/v1/pg/wal/ack", {"app": app, "names": names})
+
+    def pg_spool(self, path: str, name: str, data: bytes) -> dict[str, Any]:
+        """Give the copy at ``path`` one WAL segment for its recovery."""
+        try:
+            answer = self._api.request(
+                "PUT", "/api/v1/pg/spool", content=data, params={"path": path, "name": name}
+            )
+        except Unauthorized as exc:
+            raise self._refused(exc) from exc
+        return answer if isinstance(answer, dict) else {}
+
+    def pg_recover(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Start the copy recovered to a point in time; answers the point reached."""
+        return self._dict("POST", "/api/v1/pg/recover", body)

@@ -69,6 +69,40 @@ class Location(Wire):
     path: FullPath
 
 
+class PgBase(Wire):
+    """A PostgreSQL base image's backup: where its recovery starts and must reach."""
+
+    start_lsn: str = Field(pattern=r"^[0-9A-F]{1,8}/[0-9A-F]{1,8}$")
+    start_time: str = Field(max_length=64)
+    start_wal: str = Field(pattern=r"^[0-9A-F]{24}$")
+    timeline: int = Field(ge=1)
+    stop_lsn: str = Field(pattern=r"^[0-9A-F]{1,8}/[0-9A-F]{1,8}$")
+    stop_time: str = Field(max_length=64)
+    backup_label: str = Field(min_length=1, max_length=8192)
+    tablespace_map: str = Field(default="", max_length=65536)
+
+
+class WalPush(Wire):
+    """Bytes of one WAL segment of an app this site mirrors, from ``offset`` on: the
+    receiver appends them to what it holds (which must reach ``offset``) and checks the
+    whole against ``digest`` (BLAKE3-256 of bytes 0…offset+len)."""
+
+    name: str = Field(pattern=r"^[0-9A-F]{24}$")
+    offset: int = Field(ge=0, le=16 * 1024 * 1024)
+    data: str = Field(max_length=23 * 1024 * 1024)
+    """Base64."""
+    complete: bool
+    digest: Digest
+    seen: datetime
+
+
+class WalHeld(Wire):
+    """How many bytes of the segment the receiver holds now."""
+
+    name: str
+    size: int
+
+
 class ImageOffer(Wire):
     id: AnyId
     created: datetime
@@ -77,6 +111,8 @@ class ImageOffer(Wire):
     manifest: Digest
     consistency: Cut | None = None
     """How the image was cut (None: not recorded); a replica keeps it."""
+    pg: PgBase | None = None
+    """A PostgreSQL base image's backup (None: not one)."""
 
 
 class ReplicationOpen(Wire):
@@ -233,6 +269,9 @@ class PeerClient:
     def commit_replication(self, session: str, token: str) -> Committed:
         path = api_path("/replications", session, "commit")
         return self._post(path, Commit(token=token), Committed)
+
+    def push_wal(self, app: str, body: WalPush) -> WalHeld:
+        return self._post(self._app(app, "wal"), body, WalHeld)
 
     # syncback (DR → production)
     def open_syncback(self, body: SyncbackOpen) -> Opened:

@@ -1,0 +1,846 @@
+"""PostgreSQL on this host: find a cluster, check it can be protected, take base backups,
+stream its WAL, and start a recovered copy at a point in time.
+
+How the agent talks to a cluster
+- It finds the cluster from its data directory: ``postmaster.pid`` gives the port and the
+  socket folder, ``PG_VERSION`` the major version, the directory's owner the OS user.
+- It runs the cluster's own client programs (``psql``, ``pg_receivewal``, ``pg_ctl`` from
+  ``/usr/lib/postgresql/MAJOR/bin``) *as that owner* (``runuser``) over the local socket. So
+  the default ``peer`` authentication of Debian's clusters lets it in with no password stored
+  anywhere, and client and server are always the same major version. (A Python driver in
+  the agent, root, would need a password or a ``pg_hba`` rule for root.)
+
+WAL streaming (``Receiver``)
+- ``pg_receivewal`` runs as the owner with the physical replication slot ``tandem_<app>``
+  (created with ``--if-not-exists`` before it starts, so the server keeps every segment the
+  appliance has not received), writing into ``DIR/pg/<app>/wal`` (mode 0700, owned by the
+  cluster's owner, who needs no access to the agent's folder above it: the folder is passed
+  as an open descriptor). Completed segments are named as the server names them; the
+  segment being written is ``NAME.partial``, zero-padded to the segment size.
+- The appliance pulls: it lists the folder and reads each file from the offset it holds
+  (``read_wal``); the growing ``.partial`` is sent without its trailing zeros. WAL is
+  append-only, so bytes below an offset once read never change and re-reading is safe
+  (resume = read again). The appliance acknowledges completed segments it stored durably;
+  only those are removed here.
+- ``drop`` stops the receiver and drops the slot, so no slot is ever left behind to make
+  the server keep WAL forever.
+
+Recovery (``recover``): the copy presented at a folder gets its ``backup_label`` (and
+``tablespace_map``), a clean ``pg_wal``, ``recovery.signal`` and a ``restore_command`` that
+copies from ``tandem_wal/`` inside the copy, where the appliance put the WAL it needs
+(``spool_wal``). No secret is written anywhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import re
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tandem.errors import (
+    ClusterUnfit,
+    InvalidInput,
+    PostgresCommandFailed,
+    RecoveryFailed,
+    TandemError,
+)
+
+PG_ROOT = Path("/usr/lib/postgresql")
+SEGMENT_SIZE = 16 * 1024 * 1024
+WAL_NAME = r"^[0-9A-F]{24}$"
+WAL_FILE = r"^[0-9A-F]{24}(\.partial)?$"
+APP_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+PATH = r"^/[^\x00]*$"
+SQL_TIMEOUT = 60.0
+START_TIMEOUT = float(os.environ.get("TANDEM_PG_START_TIMEOUT", "300"))
+SPOOL = "tandem_wal"
+"""The folder inside a recovered copy that its restore_command reads from."""
+
+
+def slot_name(app: str) -> str:
+    """The replication slot tandem keeps for ``app`` (lower case, digits, underscores)."""
+    return "tandem_" + re.sub(r"[^a-z0-9_]", "_", app.lower())[:55]
+
+
+@dataclass(frozen=True)
+class Cluster:
+    data: str
+    port: int
+    sockets: str
+    owner: str
+    uid: int
+    gid: int
+    major: str
+
+    @property
+    def bin(self) -> Path:
+        return PG_ROOT / self.major / "bin"
+
+    def conn(self) -> list[str]:
+        return ["-h", self.sockets, "-p", str(self.port)]
+
+
+def _major_of(data: str) -> str:
+    try:
+        major = Path(data, "PG_VERSION").read_text().strip()
+    except OSError as exc:
+        raise ClusterUnfit(
+            path=data,
+            reason=f"it has no readable PG_VERSION ({exc.strerror})",
+            fix="Give the data directory of a PostgreSQL cluster (PGDATA) as --path",
+        ) from exc
+    if not re.fullmatch(r"[0-9]{1,3}", major):
+        raise ClusterUnfit(
+            path=data, reason=f"PG_VERSION says {major[:20]!r}", fix="Give a PostgreSQL PGDATA"
+        )
+    return major
+
+
+def binaries(major: str, data: str) -> Path:
+    """This host's binaries of PostgreSQL ``major``; refused when it has none."""
+    where = PG_ROOT / major / "bin"
+    if not (where / "postgres").exists():
+        have = sorted(p.name for p in PG_ROOT.glob("*") if (p / "bin" / "postgres").exists())
+        raise ClusterUnfit(
+            path=data,
+            reason=f"it is a PostgreSQL {major} cluster and this host has PostgreSQL "
+            f"{', '.join(have) or 'none'}",
+            fix=f"Install PostgreSQL {major} on this host (Debian: postgresql-{major}) or "
+            "choose a host that has it",
+        )
+    return where
+
+
+def find_cluster(data: str) -> Cluster:
+    """The running cluster whose data directory is ``data``."""
+    major = _major_of(data)
+    binaries(major, data)
+    try:
+        lines = Path(data, "postmaster.pid").read_text().splitlines()
+    except FileNotFoundError as exc:
+        raise ClusterUnfit(
+            path=data,
+            reason="PostgreSQL is not running there (no postmaster.pid)",
+            fix="Start the cluster, then add the application again",
+        ) from exc
+    try:
+        pid, port, sockets = int(lines[0]), int(lines[3]), lines[4].strip()
+        os.kill(pid, 0)
+    except (IndexError, ValueError, ProcessLookupError) as exc:
+        raise ClusterUnfit(
+            path=data,
+            reason="its postmaster.pid names no running server",
+            fix="Start the cluster, then try again",
+        ) from exc
+    if not sockets:
+        raise ClusterUnfit(
+            path=data,
+            reason="it listens on no Unix socket (unix_socket_directories is empty)",
+            fix="Set unix_socket_directories in postgresql.conf and restart PostgreSQL",
+        )
+    st = os.stat(data)
+    owner = pwd.getpwuid(st.st_uid).pw_name
+    return Cluster(data, port, sockets.split(",")[0].strip(), owner, st.st_uid, st.st_gid, major)
+
+
+def as_owner(uid: int, owner: str, argv: list[str]) -> list[str]:
+    """``argv`` run as the cluster's owner (directly when the agent already is that user)."""
+    if os.geteuid() == uid:
+        return argv
+    return ["runuser", "-u", owner, "--", *argv]
+
+
+def _run(
+    c: Cluster,
+    argv: list[str],
+    what: str,
+    cwd: str = "/",
+    timeout: float = SQL_TIMEOUT,
+    error: type[TandemError] = PostgresCommandFailed,
+) -> str:
+    try:
+        proc = subprocess.run(
+            as_owner(c.uid, c.owner, argv),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=cwd,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise error(path=c.data, reason=f"{what} took longer than {timeout:.0f} s") from exc
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()
+        raise error(path=c.data, reason=f"{what} failed: {tail[-1] if tail else proc.returncode}")
+    return proc.stdout
+
+
+def query(c: Cluster, sql: str) -> list[list[str]]:
+    """Rows of ``sql`` run by psql as the owner (fields split on ``|``)."""
+    out = _run(
+        c,
+        [
+            str(c.bin / "psql"),
+            "-X",
+            "-q",
+            "-At",
+            "-v",
+            "ON_ERROR_STOP=1",
+            *c.conn(),
+            "-d",
+            "postgres",
+            "-c",
+            sql,
+        ],
+        "a query",
+    )
+    return [line.split("|") for line in out.splitlines() if line]
+
+
+# --- probing: can this cluster be protected? -----------------------------------------------
+
+
+class ProbeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    app: str = Field(pattern=APP_NAME)
+    path: str = Field(pattern=PATH, max_length=4096)
+
+
+def probe(req: ProbeRequest) -> dict[str, Any]:
+    """The cluster at ``req.path`` and whether it can be protected; refuses (naming the
+    setting to change) a cluster without ``wal_level`` replica or logical, without a free
+    replication slot or WAL sender, or in recovery."""
+    c = find_cluster(req.path)
+    slot = slot_name(req.app)
+    row = query(
+        c,
+        "SELECT current_setting('wal_level'), current_setting('max_wal_senders'), "
+        "current_setting('max_replication_slots'), "
+        "(SELECT count(*) FROM pg_replication_slots), "
+        "(SELECT count(*) FROM pg_stat_replication), "
+        "current_setting('wal_segment_size'), "
+        f"(SELECT count(*) FROM pg_replication_slots WHERE slot_name = '{slot}'), "
+        "pg_is_in_recovery(), current_setting('server_version_num')",
+    )[0]
+    wal_level, senders, slots, used_slots, used_senders, seg, mine, standby, version = row
+    fix = "in postgresql.conf and restart PostgreSQL"
+    if wal_level not in ("replica", "logical"):
+        raise ClusterUnfit(
+            path=c.data,
+            reason=f"its wal_level is {wal_level}, which keeps too little WAL to recover from",
+            fix=f"Set wal_level = replica {fix}",
+        )
+    if standby == "t":
+        raise ClusterUnfit(
+            path=c.data, reason="it is a standby (in recovery)", fix="Protect the primary"
+        )
+    if mine == "0" and int(used_slots) >= int(slots):
+        raise ClusterUnfit(
+            path=c.data,
+            reason=f"all its {slots} replication slots are taken (max_replication_slots)",
+            fix=f"Raise max_replication_slots {fix}",
+        )
+    if int(used_senders) >= int(senders):
+        raise ClusterUnfit(
+            path=c.data,
+            reason=f"all its {senders} WAL senders are busy (max_wal_senders)",
+            fix=f"Raise max_wal_senders {fix}",
+        )
+    if seg not in ("16MB", str(SEGMENT_SIZE)):
+        raise ClusterUnfit(
+            path=c.data,
+            reason=f"its wal_segment_size is {seg}; tandem streams 16MB segments",
+            fix="Protect a cluster made by initdb with the default --wal-segsize",
+        )
+    return {
+        "port": c.port,
+        "socket_dir": c.sockets,
+        "owner": c.owner,
+        "major": c.major,
+        "version": int(version),
+        "wal_level": wal_level,
+        "slot": slot,
+    }
+
+
+# --- base backups -------------------------------------------------------------------------
+
+END = "__tandem_end__"
+
+
+class BackupSession:
+    """One psql session of the owner holding a non-exclusive backup (``pg_backup_start``
+    … ``pg_backup_stop`` must run on the same connection: closing it aborts the backup)."""
+
+    def __init__(self, c: Cluster) -> None:
+        self.c = c
+        argv = [
+            str(c.bin / "psql"),
+            "-X",
+            "-q",
+            "-At",
+            "-v",
+            "ON_ERROR_STOP=1",
+            *c.conn(),
+            "-d",
+            "postgres",
+        ]
+        self.proc = subprocess.Popen(
+            as_owner(c.uid, c.owner, argv),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd="/",
+        )
+
+    def ask(self, sql: str) -> list[str]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        try:
+            self.proc.stdin.write(f"{sql};\n\\echo {END}\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            pass
+        lines: list[str] = []
+        while True:
+            line = self.proc.stdout.readline()
+            if not line:
+                err = self.proc.stderr.read() if self.proc.stderr else ""
+                raise PostgresCommandFailed(
+                    path=self.c.data, reason=f"the backup session ended: {err.strip()[-300:]}"
+                )
+            if line.rstrip("\n") == END:
+                return lines
+            lines.append(line.rstrip("\n"))
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            if self.proc.stdin is not None:
+                self.proc.stdin.close()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@dataclass
+class BaseBackup:
+    start_lsn: str
+    start_time: str
+    start_wal: str
+    timeline: int
+    stop_lsn: str = ""
+    stop_time: str = ""
+    backup_label: str = ""
+    tablespace_map: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@contextlib.contextmanager
+def base_backup(path: str, label: str) -> Iterator[BaseBackup]:
+    """``pg_backup_start`` (fast checkpoint) on one session; on a clean exit
+    ``pg_backup_stop`` on the same session fills in the stop point and the files a copy
+    needs. On an error the session is closed, which aborts the backup."""
+    c = find_cluster(path)
+    session = BackupSession(c)
+    try:
+        safe = re.sub(r"[^A-Za-z0-9 ._:-]", "_", label)[:60]
+        row = session.ask(
+            f"SELECT lsn, now(), pg_walfile_name(lsn), "
+            f"(SELECT timeline_id FROM pg_control_checkpoint()) "
+            f"FROM pg_backup_start('{safe}', true) AS lsn"
+        )[0].split("|")
+        backup = BaseBackup(row[0], row[1], row[2], int(row[3]))
+        yield backup
+        row = session.ask(
+            "SELECT lsn, now(), encode(convert_to(labelfile, 'UTF8'), 'hex'), "
+            "encode(convert_to(coalesce(spcmapfile, ''), 'UTF8'), 'hex') "
+            "FROM pg_backup_stop(false)"
+        )[0].split("|")
+        backup.stop_lsn, backup.stop_time = row[0], row[1]
+        backup.backup_label = bytes.fromhex(row[2]).decode()
+        backup.tablespace_map = bytes.fromhex(row[3]).decode()
+    finally:
+        session.close()
+
+
+# --- WAL streaming ------------------------------------------------------------------------
+
+
+class StreamRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    app: str = Field(pattern=APP_NAME)
+    path: str = Field(pattern=PATH, max_length=4096)
+
+
+class WalRead(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    app: str = Field(pattern=APP_NAME)
+    name: str = Field(pattern=WAL_FILE)
+    offset: int = Field(ge=0, le=SEGMENT_SIZE)
+
+
+class WalAck(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    app: str = Field(pattern=APP_NAME)
+    names: list[str] = Field(default_factory=list, max_length=4096)
+
+
+class Receivers:
+    """The ``pg_receivewal`` processes of this agent, one per app, in ``DIR/pg``."""
+
+    def __init__(self, directory: Path) -> None:
+        self.root = directory / "pg"
+        self._procs: dict[str, subprocess.Popen[bytes]] = {}
+        self._lock = threading.Lock()
+
+    def spool(self, app: str) -> Path:
+        return self.root / app / "wal"
+
+    def ensure(self, req: StreamRequest) -> dict[str, Any]:
+        """Keep ``pg_receivewal`` running for the app (start it, or again after it died);
+        the slot is created first if it does not exist."""
+        c = find_cluster(req.path)
+        slot = slot_name(req.app)
+        spool = self.spool(req.app)
+        with self._lock:
+            proc = self._procs.get(req.app)
+            if proc is not None and proc.poll() is None:
+                return {"running": True, "started": False, "slot": slot}
+            self._stop_orphan(req.app)
+            self.root.mkdir(mode=0o700, exist_ok=True)
+            spool.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chown(spool, c.uid, c.gid)
+            log = spool.parent / "receivewal.log"
+            receivewal = str(c.bin / "pg_receivewal")
+            _run(
+                c,
+                [receivewal, *c.conn(), "-S", slot, "--create-slot", "--if-not-exists"],
+                "creating the replication slot",
+            )
+            # The owner cannot reach DIR (root's): the receiver writes through an open
+            # descriptor of the folder, named /proc/self/fd/N, which needs no path to it.
+            fd = os.open(spool, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                with open(log, "ab") as out:
+                    self._procs[req.app] = subprocess.Popen(
+                        as_owner(
+                            c.uid,
+                            c.owner,
+                            # -n: no loop of its own (this agent restarts it); -s 1: report
+                            # (and flush) at least every second.
+                            [
+                                receivewal,
+                                *c.conn(),
+                                "-S",
+                                slot,
+                                "-D",
+                                f"/proc/self/fd/{fd}",
+                                "-n",
+                                "-s",
+                                "1",
+                                "--synchronous",
+                            ],
+                        ),
+                        cwd="/",
+                        pass_fds=(fd,),
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                        stdin=subprocess.DEVNULL,
+                        start_new_session=True,
+                    )
+                (spool.parent / "receivewal.pid").write_text(str(self._procs[req.app].pid))
+            finally:
+                os.close(fd)
+        return {"running": True, "started": True, "slot": slot}
+
+    def _stop_orphan(self, app: str) -> None:
+        """Stop a receiver a previous run of this agent left (killed, it could not): it
+        holds the slot, so a new one could not stream."""
+        try:
+            pid = int((self.root / app / "receivewal.pid").read_text())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError):
+            return
+        if b"pg_receivewal" not in cmdline:
+            return  # gone; the number is another process's now
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def listing(self, app: str) -> dict[str, Any]:
+        """The WAL files held for ``app``: name, size, and for the ``.partial`` the length
+        without its zero padding; ``seen`` is when the listing was made (the receiver had
+        written everything it had received by then)."""
+        spool = self.spool(app)
+        seen = datetime.now(UTC).isoformat()
+        files = []
+        if spool.is_dir():
+            for entry in sorted(os.scandir(spool), key=lambda e: e.name):
+                if re.fullmatch(WAL_FILE, entry.name) and entry.is_file():
+                    files.append({"name": entry.name, "size": entry.stat().st_size})
+        proc = self._procs.get(app)
+        running = proc is not None and proc.poll() is None
+        return {"files": files, "seen": seen, "running": running}
+
+    def read(self, req: WalRead) -> bytes:
+        """Bytes of a WAL file from ``offset``; a ``.partial`` without its zero padding."""
+        path = self.spool(req.app) / req.name
+        try:
+            with open(path, "rb") as fh:
+                fh.seek(req.offset)
+                data = fh.read(SEGMENT_SIZE - req.offset)
+        except FileNotFoundError as exc:
+            raise InvalidInput(detail=f"WAL file {req.name} of {req.app} is not here") from exc
+        if req.name.endswith(".partial"):
+            data = data.rstrip(b"\0")
+        return data
+
+    def ack(self, req: WalAck) -> dict[str, Any]:
+        """Remove the completed segments the appliance stored durably."""
+        removed = []
+        for name in req.names:
+            if re.fullmatch(WAL_NAME, name):
+                with contextlib.suppress(FileNotFoundError):
+                    (self.spool(req.app) / name).unlink()
+                    removed.append(name)
+        return {"removed": removed}
+
+    def drop(self, req: StreamRequest) -> dict[str, Any]:
+        """Stop the receiver and drop the slot (the cluster keeps no WAL for tandem after)."""
+        with self._lock:
+            self._stop_orphan(req.app)
+            proc = self._procs.pop(req.app, None)
+            if proc is not None and proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+        dropped = False
+        with contextlib.suppress(ClusterUnfit):  # the cluster is gone: no slot to drop
+            c = find_cluster(req.path)
+            slot = slot_name(req.app)
+            deadline = time.monotonic() + 10
+            rounds = 0
+            while True:
+                rows = query(
+                    c,
+                    "SELECT count(*), count(*) FILTER (WHERE active) FROM "
+                    f"pg_replication_slots WHERE slot_name = '{slot}'",
+                )
+                if rows[0][0] == "0":
+                    break
+                if rows[0][1] == "0":
+                    query(c, f"SELECT pg_drop_replication_slot('{slot}')")
+                    dropped = True
+                    break
+                if time.monotonic() > deadline:  # a receiver this agent does not know of
+                    rounds += 1
+                    if rounds > 3:
+                        raise PostgresCommandFailed(
+                            path=c.data,
+                            reason=f"replication slot {slot} stays in use by a receiver "
+                            "tandem did not start; stop it, then remove the app again",
+                        )
+                    query(
+                        c,
+                        "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots "
+                        f"WHERE slot_name = '{slot}' AND active",
+                    )
+                    deadline = time.monotonic() + 10
+                time.sleep(0.1)  # the sender of the receiver just stopped is going away
+        shutil.rmtree(self.root / req.app, ignore_errors=True)
+        return {"dropped": dropped}
+
+    def stop_all(self) -> None:
+        for proc in self._procs.values():
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self._procs.values():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(10)
+
+
+# --- recovery -----------------------------------------------------------------------------
+
+
+class SpoolRequest(BaseModel):
+    """One WAL segment for the recovery of the copy at ``path`` (its bytes: the body)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(pattern=PATH, max_length=4096)
+    name: str = Field(pattern=WAL_NAME)
+
+
+class RecoverRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(pattern=PATH, max_length=4096)
+    backup_label: str = Field(min_length=1, max_length=8192)
+    tablespace_map: str = Field(default="", max_length=65536)
+    target_time: datetime | None = None
+    """None: recover to the end of the WAL given (latest)."""
+    port: int | None = Field(default=None, ge=1024, le=65535)
+    socket_dir: str | None = Field(default=None, pattern=PATH, max_length=1024)
+    verify: bool = False
+    """Run ``pg_amcheck`` (heap and every B-tree index) on the started copy."""
+
+
+def _owner_of(path: str) -> Cluster:
+    st = os.stat(path)
+    major = _major_of(path)
+    binaries(major, path)
+    return Cluster(path, 0, "", pwd.getpwuid(st.st_uid).pw_name, st.st_uid, st.st_gid, major)
+
+
+def _copy_dir(path: str) -> str:
+    real = os.path.realpath(path)
+    if real != path.rstrip("/") or not os.path.isdir(real):
+        raise InvalidInput(detail=f"{path} is not the folder of a presented copy")
+    return real
+
+
+def spool_wal(req: SpoolRequest, data: bytes) -> dict[str, Any]:
+    """Place one WAL segment where the copy's restore_command reads it."""
+    path = _copy_dir(req.path)
+    c = _owner_of(path)
+    spool = Path(path, SPOOL)
+    spool.mkdir(mode=0o700, exist_ok=True)
+    os.chown(spool, c.uid, c.gid)
+    if len(data) > SEGMENT_SIZE:
+        raise InvalidInput(detail=f"WAL segment {req.name} is larger than a segment")
+    data = data.ljust(SEGMENT_SIZE, b"\0")
+    tmp = spool / f".{req.name}.tmp"
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.chown(tmp, c.uid, c.gid)
+    os.replace(tmp, spool / req.name)
+    return {"name": req.name, "size": len(data)}
+
+
+COMMIT_RE = re.compile(r"desc: COMMIT (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)?) UTC")
+
+
+def last_commit(c: Cluster, spool: Path) -> datetime | None:
+    """The time of the last commit in the newest segments of ``spool`` (``pg_waldump``)."""
+    names = sorted(p.name for p in spool.iterdir() if re.fullmatch(WAL_NAME, p.name))
+    for name in reversed(names[-3:]):
+        proc = subprocess.run(
+            as_owner(
+                c.uid,
+                c.owner,
+                [str(c.bin / "pg_waldump"), "-p", str(spool), "-r", "Transaction", name],
+            ),
+            capture_output=True,
+            text=True,
+            timeout=SQL_TIMEOUT,
+            cwd="/",
+            env={**os.environ, "TZ": "UTC"},
+            check=False,
+        )  # its last record is followed by zeros: it ends with an error, after the records
+        found = COMMIT_RE.findall(proc.stdout)
+        if found:
+            return datetime.fromisoformat(found[-1]).replace(tzinfo=UTC)
+    return None
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def recover(req: RecoverRequest) -> dict[str, Any]:
+    """Start the copy at ``req.path`` as a PostgreSQL recovered to ``req.target_time`` (or
+    to the end of its WAL), promoted there; wait until it accepts connections; report the
+    point reached."""
+    path = _copy_dir(req.path)
+    c0 = _owner_of(path)
+    for name in (
+        "postmaster.pid",
+        "postmaster.opts",
+        "backup_label.old",
+        "recovery.signal",
+        "standby.signal",
+    ):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(path, name))
+    # The copy's own pg_wal and slots are not the WAL to recover with (a live read of pg_wal
+    # may be torn); the segments come from the spool through restore_command.
+    for sub in ("pg_wal", "pg_replslot"):
+        folder = Path(path, sub)
+        if folder.is_dir():
+            for entry in folder.iterdir():
+                if entry.name != "archive_status":
+                    shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    Path(path, "pg_wal", "archive_status").mkdir(exist_ok=True)
+    os.chown(Path(path, "pg_wal", "archive_status"), c0.uid, c0.gid)
+    spool = Path(path, SPOOL)
+    spool.mkdir(mode=0o700, exist_ok=True)
+    os.chown(spool, c0.uid, c0.gid)
+
+    def write(name: str, text: str, mode: str = "w") -> None:
+        target = os.path.join(path, name)
+        with open(target, mode) as fh:
+            fh.write(text)
+        os.chown(target, c0.uid, c0.gid)
+        os.chmod(target, 0o600)
+
+    write("backup_label", req.backup_label)
+    if req.tablespace_map:
+        write("tablespace_map", req.tablespace_map)
+    write("recovery.signal", "")
+    target = req.target_time
+    if target is not None:
+        last = last_commit(c0, spool)
+        if last is not None and target >= last:
+            # Nothing committed after ``last`` is in the WAL given, and PostgreSQL refuses a
+            # target its WAL does not pass: the end of the WAL is that same state.
+            target = None
+    settings = [
+        "",
+        "# tandem: point-in-time recovery of this copy",
+        f'restore_command = \'cp "{path}/{SPOOL}/%f" "%p"\'',
+        "recovery_target_action = 'promote'",
+        "archive_mode = 'off'",
+    ]
+    if target is not None:
+        when = target.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f+00")
+        settings += [f"recovery_target_time = '{when}'", "recovery_target_inclusive = 'true'"]
+    else:
+        settings.append("recovery_target_timeline = 'latest'")
+    write("postgresql.auto.conf", "\n".join(settings) + "\n", "a")
+    port = req.port or _free_port()
+    sockets = req.socket_dir or path
+    c = Cluster(path, port, sockets, c0.owner, c0.uid, c0.gid, c0.major)
+    log = os.path.join(path, "tandem-recovery.log")
+    opts = f"-p {port} -k {sockets} -c listen_addresses=''"
+    t0 = time.monotonic()
+    try:
+        _run(
+            c,
+            [
+                str(c.bin / "pg_ctl"),
+                "-D",
+                path,
+                "-o",
+                opts,
+                "-l",
+                log,
+                "-t",
+                str(int(START_TIMEOUT)),
+                "-w",
+                "start",
+            ],
+            f"starting PostgreSQL (its log: {log})",
+            timeout=START_TIMEOUT + 10,
+            error=RecoveryFailed,
+        )
+    except RecoveryFailed as exc:
+        # The copy (and its log) goes when the presentation is undone: say why here.
+        try:
+            tail = " | ".join(Path(log).read_text(errors="replace").strip().splitlines()[-3:])
+        except OSError:
+            tail = ""
+        raise RecoveryFailed(path=path, reason=f"{exc.fields.get('reason')}; log: {tail}") from exc
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:  # pg_ctl -w returns once connections are accepted; promotion may lag
+        row = query(c, "SELECT pg_is_in_recovery(), pg_last_xact_replay_timestamp()")[0]
+        if row[0] == "f":
+            break
+        if time.monotonic() > deadline:
+            raise RecoveryFailed(
+                path=path, reason=f"it was not promoted within {START_TIMEOUT:.0f} s"
+            )
+        time.sleep(0.1)
+    reached = row[1] or None
+    checked = amcheck(c) if req.verify else None
+    return {
+        "amcheck": checked,
+        "port": port,
+        "socket_dir": sockets,
+        "reached": reached,
+        "seconds": round(time.monotonic() - t0, 3),
+        "major": c.major,
+    }
+
+
+def amcheck(c: Cluster) -> dict[str, Any]:
+    """``pg_amcheck`` over every database of the running copy ``c`` (it installs the amcheck
+    extension where it is missing: the copy is a drill's, not production)."""
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        as_owner(
+            c.uid,
+            c.owner,
+            [
+                str(c.bin / "pg_amcheck"),
+                *c.conn(),
+                "--all",
+                "--heapallindexed",
+                "--install-missing",
+            ],
+        ),
+        capture_output=True,
+        text=True,
+        timeout=3600,
+        cwd="/",
+        check=False,
+    )
+    lines = (proc.stdout + proc.stderr).strip().splitlines()
+    return {
+        "ok": proc.returncode == 0,
+        "returncode": proc.returncode,
+        "seconds": round(time.monotonic() - t0, 3),
+        "report": lines[-20:],
+    }
+
+
+def stop_copy(path: str) -> bool:
+    """Stop a PostgreSQL running on the copy at ``path`` (fast shutdown); False if none."""
+    if not os.path.exists(os.path.join(path, "postmaster.pid")):
+        return False
+    try:
+        c = _owner_of(path)
+    except ClusterUnfit:
+        return False
+    pg_ctl = str(c.bin / "pg_ctl")
+    subprocess.run(
+        as_owner(c.uid, c.owner, [pg_ctl, "-D", path, "-m", "fast", "-w", "-t", "60", "stop"]),
+        capture_output=True,
+        timeout=90,
+        cwd="/",
+        check=False,
+    )
+    return True

@@ -1,0 +1,165 @@
+"""Recovering a PostgreSQL app to a point in time: the step after presenting a base image.
+
+The target is a time (``--time``, UTC unless it names its zone) or the end of the WAL held
+(``--latest``). The base is the newest base image whose backup stopped at or before the
+target and whose WAL runs without a gap from its start to the target; a target outside the
+app's window is refused naming the window, and one past a WAL gap naming the gap.
+
+Then: the base is presented (materialized at the host like a file-system image), the WAL
+segments from the base's first to the end of the unbroken run are read here, verified,
+and put in the copy's spool (``tandem_wal/``) by the host's agent; the agent writes the
+recovery settings and starts PostgreSQL with the host's binaries of the cluster's major
+version, waits until it accepts connections, and reports the last replayed commit's time
+(``pg_last_xact_replay_timestamp()``): the point reached, the achieved RPO.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from tandem.catalog import queries as q
+from tandem.catalog.models import App, Host, Image
+from tandem.domain.lifecycle import AppKind
+from tandem.errors import InvalidInput, RecoveryPointUnavailable
+from tandem.jobs.runner import JobContext
+from tandem.operations import wal
+from tandem.operations.hosts import agent_for
+from tandem.operations.site import Site
+
+
+def parse_target(text: str | None, latest: bool, app: App) -> datetime | None:
+    """The target time (aware, UTC) or None for the latest point; refuses options that do
+    not apply."""
+    if app.kind is not AppKind.POSTGRESQL:
+        if text is not None or latest:
+            raise InvalidInput(
+                detail=f"--time and --latest recover a database; {app.name!r} is a "
+                f"{app.kind.value} app: leave them out"
+            )
+        return None
+    if text is not None and latest:
+        raise InvalidInput(detail="give --time or --latest, not both")
+    if text is None:
+        return None
+    try:
+        when = datetime.fromisoformat(text.strip())
+    except ValueError as exc:
+        raise InvalidInput(
+            detail=f'--time {text!r} is not a time; write it as "YYYY-MM-DD HH:MM:SS" (UTC) '
+            'or with its offset, e.g. "2026-12-02 10:15:03+01:00"'
+        ) from exc
+    return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
+
+
+def _shown(when: datetime | None) -> str:
+    return "the latest point" if when is None else when.isoformat(sep=" ")
+
+
+@dataclass
+class Plan:
+    base: Image
+    segments: list[str]
+    window: wal.Window
+
+
+def plan(site: Site, app: App, target: datetime | None, image: str | None = None) -> Plan:
+    """The base image and WAL segments that reach ``target``; refused when none do."""
+    window = wal.window(site, app)
+    with site.catalog.read() as session:
+        bases = wal.base_images(session, app)
+        held = wal.held_of(q.list_wal_segments(session, app_id=app.id))
+        if image is not None:
+            bases = [b for b in bases if b.id == image]
+            if not bases:
+                raise InvalidInput(detail=f"image {image} is not a base image of {app.name!r}")
+
+    def refuse(reason: str) -> RecoveryPointUnavailable:
+        return RecoveryPointUnavailable(
+            app=app.name, target=_shown(target), reason=reason, window=window.shown()
+        )
+
+    if not bases:
+        raise refuse("it has no base image here yet")
+    if target is not None and window.start is not None and target < window.start:
+        raise refuse("that is before its oldest base image was consistent")
+    gaps = []
+    for base in bases:
+        if target is not None and wal.stop_time(base) > target:
+            continue
+        chain = wal.chain_of(base, held)
+        if chain.end is None or (target is not None and chain.end < target):
+            if chain.gap:
+                gaps.append(chain.gap)
+            continue
+        if target is None and chain.gap is not None:
+            gaps.append(chain.gap)  # a newer segment exists past a gap: not the latest
+            continue
+        # The whole run: a segment's "seen" bounds what was held *in all segments* then, so
+        # commits before the target may lie in any segment up to the chain's end.
+        return Plan(base, [seg.name for seg in chain.segments], window)
+    if gaps:
+        raise refuse(f"the WAL held here has a gap at LSN {gaps[0]}; no point past it")
+    raise refuse("the WAL held here does not reach it yet")
+
+
+def recover(
+    site: Site,
+    ctx: JobContext,
+    *,
+    app: App,
+    host: Host,
+    chosen: Plan,
+    path: str,
+    target: datetime | None,
+    port: int | None,
+    verify: bool = False,
+) -> dict[str, Any]:
+    """Put the WAL in the presented copy at ``path`` on ``host`` and start it recovered."""
+    pg = chosen.base.pg or {}
+    with site.catalog.read() as session:
+        rows = {s.name: s for s in q.list_wal_segments(session, app_id=app.id)}
+    moved = 0
+    with agent_for(host) as agent:
+        for i, name in enumerate(chosen.segments):
+            data = wal.read_segment(site, rows[name])
+            agent.pg_spool(path, name, data)
+            moved += len(data)
+            ctx.set_message(f"WAL {i + 1}/{len(chosen.segments)} to host {host.name}")
+        ctx.set_message(f"recovering {app.name} to {_shown(target)} on host {host.name}")
+        body: dict[str, Any] = {
+            "path": path,
+            "backup_label": pg["backup_label"],
+            "tablespace_map": pg.get("tablespace_map") or "",
+            "target_time": target.isoformat() if target is not None else None,
+            "port": port,
+            "verify": verify,
+        }
+        done = agent.pg_recover(body)
+    reached = done.get("reached")
+    ctx.log(
+        f"PostgreSQL {done.get('major')} recovered from base {chosen.base.id} with "
+        f"{len(chosen.segments)} WAL segment(s) to {reached or 'the base alone'} in "
+        f"{done.get('seconds')} s; port {done.get('port')}, socket {done.get('socket_dir')}"
+    )
+    checked = done.get("amcheck")
+    if isinstance(checked, dict):
+        ctx.log(
+            f"pg_amcheck: {'no corruption found' if checked.get('ok') else 'FAILED'} in "
+            f"{checked.get('seconds')} s",
+            "info" if checked.get("ok") else "warning",
+        )
+    return {
+        "amcheck": checked,
+        "recovered_to": reached,
+        "target": target.isoformat() if target is not None else "latest",
+        "port": done.get("port"),
+        "socket_dir": done.get("socket_dir"),
+        "base": chosen.base.id,
+        "base_stop_lsn": pg.get("stop_lsn"),
+        "wal_segments": len(chosen.segments),
+        "wal_bytes": moved,
+        "recovery_seconds": done.get("seconds"),
+        "window": chosen.window.as_dict(),
+    }

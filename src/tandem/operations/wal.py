@@ -1,0 +1,423 @@
+"""The WAL of PostgreSQL apps: pulled from the production host, stored verified, mirrored to
+the peer, pruned with the base images, and measured as a recoverable window.
+
+On disk (``DIR/wal/<app id>/<segment name>``): the bytes of each segment held so far, up
+to ``wal_segments.size``; a file is grown by appending (WAL is append-only: bytes once
+held never change) with a temp copy, fsync and rename, so a crash leaves the previous
+length; the catalog row, written after, carries the BLAKE3-256 of exactly those bytes, and
+every read checks it (a bad file is reported, never served).
+
+The shipper (``WalShipper``, a thread of the appliance) ticks every ``TICK`` seconds: for
+each PostgreSQL app of this site that is unmanaged it stops the receiver and drops the slot
+(once); for each that is managed, it keeps the host's receiver running
+(``pg_stream``), reads what the host holds past what is stored here, stores it, acknowledges
+completed segments (the host then removes them), and pushes what the peer lacks when the
+app's template mirrors. Every step is idempotent: after a break (agent, appliance or peer
+restarted) the next tick reads from what is held, so resume = run again.
+
+Trust: the peer's pushes (``receive_push``) are taken only for an app that is already a
+mirror record of that peer here, of kind postgresql; names and sizes are validated by the
+wire models, and the bytes must match the digest the sender computed.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import blake3
+
+from tandem.catalog import queries as q
+from tandem.catalog.models import App, Image, WalSegment
+from tandem.domain import wal
+from tandem.domain.images import ImageKind
+from tandem.domain.lifecycle import AppKind, AppState
+from tandem.errors import Conflict, InvalidInput, StorageError, TandemError
+from tandem.operations import peers
+from tandem.operations.hosts import agent_for
+from tandem.operations.site import Site
+from tandem.transport.peer import WalHeld, WalPush
+
+log = logging.getLogger(__name__)
+
+TICK = float(os.environ.get("TANDEM_WAL_TICK", "1"))
+PUSH_MAX = 4 * 1024 * 1024
+"""Bytes of a segment per push to the peer."""
+
+
+def wal_dir(site: Site, app_id: str) -> Path:
+    return site.pool.root.parent / "wal" / app_id
+
+
+def _digest(data: bytes) -> str:
+    return blake3.blake3(data).hexdigest()
+
+
+def read_segment(site: Site, seg: WalSegment) -> bytes:
+    """The held bytes of ``seg``, verified against their digest."""
+    path = wal_dir(site, seg.app_id) / seg.name
+    try:
+        data = path.read_bytes()[: seg.size]
+    except FileNotFoundError as exc:
+        raise StorageError(detail=f"WAL segment {seg.name} is missing from {path.parent}") from exc
+    if len(data) != seg.size or _digest(data) != seg.digest:
+        raise StorageError(
+            detail=f"WAL segment {seg.name} at {path} does not match its digest; it is not "
+            "served. Run the capture again to start a new base image"
+        )
+    return data
+
+
+def _append(site: Site, app_id: str, name: str, held: int, data: bytes) -> bytes:
+    """Store ``data`` after the first ``held`` bytes of the segment; returns the whole."""
+    folder = wal_dir(site, app_id)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    old = path.read_bytes()[:held] if held else b""
+    if len(old) != held:
+        raise StorageError(detail=f"WAL segment {name} holds {len(old)} bytes, not {held}")
+    whole = old + data
+    tmp = folder / f".{name}.tmp"
+    with open(tmp, "wb") as fh:
+        fh.write(whole)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return whole
+
+
+def store(
+    site: Site,
+    *,
+    app_id: str,
+    name: str,
+    offset: int,
+    data: bytes,
+    complete: bool,
+    seen: datetime,
+    digest: str | None = None,
+) -> WalSegment:
+    """Hold ``data`` at ``offset`` of segment ``name`` (idempotent: bytes already held are
+    skipped; ``offset`` past what is held is refused)."""
+    timeline, start = wal.parse_name(name)
+    with site.catalog.read() as session:
+        row = q.get_wal_segment(session, app_id=app_id, name=name)
+        held = row.size if row is not None else 0
+    if offset > held:
+        raise Conflict(detail=f"WAL segment {name}: bytes from {offset} sent, {held} held")
+    new = data[held - offset :]
+    if row is not None and (row.complete or (not new and complete == row.complete)):
+        if not row.complete and seen > row.seen:  # nothing new: only "seen" moves on
+            with site.catalog.begin() as session:
+                return q.put_wal_segment(
+                    session, app_id=app_id, name=name, timeline=timeline, start_lsn=start,
+                    size=row.size, complete=False, digest=row.digest, seen=seen,
+                )  # fmt: skip
+        return row
+    whole = _append(site, app_id, name, held, new)
+    actual = _digest(whole)
+    if digest is not None and actual != digest:
+        _append(site, app_id, name, 0, whole[:held])  # back to what was verified
+        raise InvalidInput(detail=f"WAL segment {name} does not match the digest sent")
+    with site.catalog.begin() as session:
+        return q.put_wal_segment(
+            session, app_id=app_id, name=name, timeline=timeline, start_lsn=start,
+            size=len(whole), complete=complete, digest=actual, seen=seen,
+        )  # fmt: skip
+
+
+# --- pulling from the production host ----------------------------------------------------
+
+
+def pull(site: Site, app: App) -> int:
+    """One round for ``app``: store what its host holds past what is stored here, then keep
+    its receiver running (after: WAL received before the server stopped is still taken);
+    returns the bytes stored."""
+    with site.catalog.read() as session:
+        host = q.get_host(session, name=app.host)
+        held = {s.name: s for s in q.list_wal_segments(session, app_id=app.id)}
+    moved = 0
+    with agent_for(host) as agent:
+        listing = agent.pg_wal(app.name)
+        seen = datetime.fromisoformat(str(listing["seen"]))
+        running = bool(listing.get("running"))
+        done: list[str] = []
+        for entry in listing.get("files", []):
+            fname = str(entry["name"])
+            name = fname.removesuffix(".partial")
+            complete = fname == name
+            row = held.get(name)
+            if row is not None and row.complete:
+                done.append(name)
+                continue
+            offset = row.size if row is not None else 0
+            data = agent.pg_wal_read(app.name, fname, offset)
+            if not data and not running and row is not None:
+                continue  # nothing new and nothing coming: the point seen stays
+            store(
+                site, app_id=app.id, name=name, offset=offset, data=data, complete=complete,
+                seen=seen,
+            )  # fmt: skip
+            moved += len(data)
+            if complete:
+                done.append(name)
+        if done:
+            agent.pg_wal_ack(app.name, done)
+        agent.pg_stream(app.name, app.path)
+    return moved
+
+
+# --- mirroring to the peer ---------------------------------------------------------------
+
+
+def push(site: Site, app: App) -> int:
+    """Send the peer the bytes of ``app``'s segments it does not hold yet."""
+    peer = peers.the_peer(site)
+    if peer is None:
+        return 0
+    with site.catalog.read() as session:
+        todo = [
+            s
+            for s in q.list_wal_segments(session, app_id=app.id)
+            if s.mirrored < s.size or (s.complete and s.mirrored == s.size)
+        ]
+    sent = 0
+    with peers.client_for(peer) as remote:
+        for seg in todo:
+            data = read_segment(site, seg)
+            offset = seg.mirrored
+            while True:
+                piece = data[offset : offset + PUSH_MAX]
+                last = offset + len(piece) >= len(data)
+                body = WalPush(
+                    name=seg.name,
+                    offset=offset,
+                    data=base64.b64encode(piece).decode(),
+                    complete=seg.complete and last,
+                    digest=_digest(data[: offset + len(piece)]),
+                    seen=seg.seen,
+                )
+                held = remote.push_wal(app.name, body)
+                sent += len(piece)
+                offset = held.size
+                if last or offset >= len(data):
+                    break
+            with site.catalog.begin() as session:
+                row = q.get_wal_segment(session, app_id=app.id, name=seg.name)
+                if row is not None:  # size + 1: the peer holds it whole and complete
+                    row.mirrored = offset + (1 if seg.complete and offset >= len(data) else 0)
+    return sent
+
+
+def receive_push(site: Site, *, peer: str, app: str, body: WalPush) -> WalHeld:
+    """Hold WAL the peer sends for ``app``, which must be its mirror record here."""
+    with site.catalog.read() as session:
+        row = q.get_app(session, name=app)
+        if row.origin != peer or row.kind is not AppKind.POSTGRESQL:
+            raise Conflict(
+                detail=f"application {app!r} here is not a PostgreSQL mirror of {peer!r}; WAL "
+                "is taken only for apps whose base images this site already holds"
+            )
+        app_id = row.id
+    try:
+        data = base64.b64decode(body.data, validate=True)
+    except ValueError as exc:
+        raise InvalidInput(detail=f"WAL segment {body.name}: data is not base64") from exc
+    try:
+        wal.parse_name(body.name)
+    except ValueError as exc:
+        raise InvalidInput(detail=str(exc)) from exc
+    seg = store(
+        site, app_id=app_id, name=body.name, offset=body.offset, data=data,
+        complete=body.complete, seen=body.seen, digest=body.digest,
+    )  # fmt: skip
+    return WalHeld(name=seg.name, size=seg.size)
+
+
+# --- the window, and pruning --------------------------------------------------------------
+
+
+BASE_KINDS = (ImageKind.SNAPSHOT, ImageKind.REPLICA)
+
+
+def base_images(session: Any, app: App) -> list[Image]:
+    """The app's base images here (snapshots at production, replicas at DR), newest first."""
+    rows = [i for k in BASE_KINDS for i in q.list_images(session, app=app.name, kind=k)]
+    return sorted((i for i in rows if i.pg), key=lambda i: i.created, reverse=True)
+
+
+def held_of(rows: list[WalSegment]) -> list[wal.Held]:
+    return [wal.Held(s.name, s.timeline, s.start_lsn, s.size, s.complete, s.seen) for s in rows]
+
+
+@dataclass(frozen=True)
+class Window:
+    """What an app can be recovered to at this site."""
+
+    start: datetime | None
+    end: datetime | None
+    gap: str | None
+
+    def shown(self) -> str:
+        if self.start is None or self.end is None:
+            return "none yet"
+        return f"{self.start.isoformat(sep=' ', timespec='seconds')} → " + self.end.isoformat(
+            sep=" ", timespec="seconds"
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "start": self.start.isoformat() if self.start else None,
+            "end": self.end.isoformat() if self.end else None,
+            "gap": self.gap,
+        }
+
+
+def stop_time(image: Image) -> datetime:
+    return datetime.fromisoformat(str((image.pg or {})["stop_time"]))
+
+
+def chain_of(image: Image, held: list[wal.Held]) -> wal.Chain:
+    pg = image.pg or {}
+    return wal.chain_from(held, int(pg["timeline"]), wal.parse_lsn(str(pg["start_lsn"])))
+
+
+def window(site: Site, app: App) -> Window:
+    """Oldest base's stop point → the newest WAL seen with no gap from it."""
+    with site.catalog.read() as session:
+        bases = base_images(session, app)
+        held = held_of(q.list_wal_segments(session, app_id=app.id))
+    if not bases:
+        return Window(None, None, None)
+    oldest = bases[-1]
+    chain = chain_of(oldest, held)
+    end = chain.end
+    # A newer base may bridge a gap of the oldest's chain.
+    for base in bases:
+        c = chain_of(base, held)
+        if c.end is not None and (end is None or c.end > end) and c.gap is None:
+            end, chain = c.end, c
+    start = stop_time(oldest)
+    return Window(start, end if end is not None and end >= start else None, chain.gap)
+
+
+def prune(site: Site, app: App) -> list[str]:
+    """Delete complete segments older than the first one the oldest base image needs."""
+    with site.catalog.read() as session:
+        bases = base_images(session, app)
+        rows = q.list_wal_segments(session, app_id=app.id)
+    if not bases:
+        return []
+    pg = bases[-1].pg or {}
+    first = wal.parse_lsn(str(pg["start_lsn"]))
+    first -= first % wal.SEGMENT
+    timeline = int(pg["timeline"])
+    old = [
+        s.name
+        for s in rows
+        if s.complete
+        and (s.timeline < timeline or (s.timeline == timeline and s.start_lsn < first))
+        and (s.mirrored > s.size or app.origin is not None or not _mirrors(site, app))
+    ]
+    if old:
+        with site.catalog.begin() as session:
+            q.delete_wal_segments(session, app_id=app.id, names=old)
+        for name in old:
+            (wal_dir(site, app.id) / name).unlink(missing_ok=True)
+    return old
+
+
+def _mirrors(site: Site, app: App) -> bool:
+    with site.catalog.read() as session:
+        template = q.get_template(session, name=app.template) if app.template else None
+    return bool(template and template.mirror and peers.the_peer(site) is not None)
+
+
+def recovery_point(session: Any, app: App, *, mirrored: bool) -> datetime | None:
+    """The newest moment ``app``'s WAL is held here (``mirrored``: held by the peer too)."""
+    rows = q.list_wal_segments(session, app_id=app.id)
+    held = [s.seen for s in rows if s.size and (not mirrored or s.mirrored >= s.size)]
+    return max(held, default=None)
+
+
+def forget(site: Site, app: App) -> None:
+    """Remove every segment held for ``app`` (it is being removed)."""
+    with site.catalog.begin() as session:
+        names = [s.name for s in q.list_wal_segments(session, app_id=app.id)]
+        q.delete_wal_segments(session, app_id=app.id, names=names)
+    folder = wal_dir(site, app.id)
+    for name in names:
+        (folder / name).unlink(missing_ok=True)
+
+
+def stop_streaming(site: Site, app: App) -> None:
+    """Stop ``app``'s receiver and drop its slot (an unprotected cluster must not keep WAL
+    for nobody); protecting it again starts a new stream, which a new base image bridges."""
+    with site.catalog.read() as session:
+        host = q.get_host(session, name=app.host)
+    with agent_for(host) as agent:
+        agent.pg_drop(app.name, app.path)
+
+
+class WalShipper:
+    """The appliance's thread that keeps the WAL of its PostgreSQL apps flowing."""
+
+    def __init__(self, site: Site, *, tick: float = TICK) -> None:
+        self.site = site
+        self.tick = tick
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._warned: dict[str, str] = {}
+        self._dropped: set[str] = set()
+
+    def start(self) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="tandem-wal", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.tick):
+            try:
+                self.run_once()
+            except Exception:
+                log.exception("WAL shipping failed; retrying at the next tick")
+
+    def run_once(self) -> None:
+        with self.site.catalog.read() as session:
+            names = [a.name for a in q.list_apps(session) if a.kind is AppKind.POSTGRESQL]
+        for name in names:
+            try:
+                with self.site.wal_lock:
+                    with self.site.catalog.read() as session:
+                        app = q.get_app(session, name=name)  # as it is now, under the lock
+                    self._step(app)
+                self._warned.pop(name, None)
+            except TandemError as exc:
+                if self._warned.get(name) != exc.message:  # once per distinct reason
+                    self._warned[name] = exc.message
+                    log.warning("WAL of %s: %s", name, exc.message)
+
+    def _step(self, app: App) -> None:
+        if app.origin is None and app.state is AppState.MANAGED:
+            self._dropped.discard(app.name)
+            pull(self.site, app)
+            if _mirrors(self.site, app) and not app.peer_active:
+                push(self.site, app)
+        elif (
+            app.origin is None and app.state is AppState.UNMANAGED and app.name not in self._dropped
+        ):  # unprotected: no slot may keep WAL for it
+            stop_streaming(self.site, app)
+            self._dropped.add(app.name)
+        prune(self.site, app)

@@ -1,0 +1,54 @@
+"""WAL names, LSNs and the unbroken run of segments a recovery needs."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from tandem.domain.wal import (
+    SEGMENT,
+    Held,
+    chain_from,
+    format_lsn,
+    parse_lsn,
+    parse_name,
+    segment_name,
+)
+
+T0 = datetime(2026, 12, 2, 10, 0, tzinfo=UTC)
+
+
+def held(n: int, complete: bool = True, timeline: int = 1) -> Held:
+    lsn = n * SEGMENT
+    return Held(segment_name(timeline, lsn), timeline, lsn, SEGMENT, complete, T0 + timedelta(n))
+
+
+def test_names_and_lsns_round_trip() -> None:
+    assert segment_name(1, 0x2_0100_0000) == "000000010000000200000001"
+    assert parse_name("000000010000000200000001") == (1, 0x2_0100_0000)
+    assert parse_lsn("2/1000028") == 0x2_0100_0028
+    assert format_lsn(0x2_0100_0028) == "2/1000028"
+    for bad in ("00000001000000020000000", "00000001000000020000100", "x" * 24):
+        with pytest.raises(ValueError):
+            parse_name(bad)
+
+
+def test_the_run_follows_segments_to_the_growing_one() -> None:
+    chain = chain_from([held(2), held(3), held(4, complete=False)], 1, parse_lsn("0/2000028"))
+    assert [s.start_lsn // SEGMENT for s in chain.segments] == [2, 3, 4]
+    assert chain.gap is None and chain.end == T0 + timedelta(4)
+
+
+def test_a_missing_segment_is_a_gap_and_nothing_past_it_is_in_the_run() -> None:
+    chain = chain_from([held(2), held(4), held(5, complete=False)], 1, 2 * SEGMENT + 40)
+    assert [s.start_lsn // SEGMENT for s in chain.segments] == [2]
+    assert chain.gap == format_lsn(3 * SEGMENT)
+    assert chain.end == T0 + timedelta(2)
+
+
+def test_no_segment_from_the_start_is_a_gap_at_the_start() -> None:
+    chain = chain_from([held(5)], 1, 2 * SEGMENT)
+    assert chain.segments == [] and chain.end is None and chain.gap == format_lsn(2 * SEGMENT)
+    other_timeline = chain_from([held(2, timeline=2)], 1, 2 * SEGMENT)
+    assert other_timeline.segments == []

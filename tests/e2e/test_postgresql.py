@@ -1,0 +1,395 @@
+"""PostgreSQL apps end to end: a real PostgreSQL cluster under pgbench protected as base
+images plus its WAL stream, mirrored to a second site, and recovered there to a chosen
+second or to the latest WAL. Real daemons, driven by the CLI."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.e2e.conftest import Cli, Drill, Site, running_drill, wait_for
+from tests.e2e.test_live_apps import INVARIANT, Cluster, as_postgres, shared_dir
+
+__all__ = ["shared_dir"]  # the fixture, used by name
+
+RPO_BOUND = 10.0
+"""Rows committed this many seconds before production died must be at DR (the target is 5 s;
+this bound leaves room for a machine shared with other work)."""
+
+
+def make_cluster(root: Path, name: str, *options: str) -> Cluster:
+    sockets = root / "sockets"
+    sockets.mkdir(exist_ok=True)
+    shutil.chown(sockets, "postgres", "postgres")
+    data = root / name
+    data.mkdir()
+    shutil.chown(data, "postgres", "postgres")
+    data.chmod(0o700)
+    cluster = Cluster(data, sockets)
+    as_postgres(
+        str(cluster.bin / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "--no-sync"
+    )
+    if options:
+        with open(data / "postgresql.conf", "a") as conf:
+            conf.write("\n".join(options) + "\n")
+    cluster.start()
+    return cluster
+
+
+def window_end(cli: Cli, app: str) -> datetime | None:
+    rows = cli("images", app)
+    end = rows[0]["window"]["end"] if rows and rows[0].get("window") else None
+    return datetime.fromisoformat(end) if end else None
+
+
+def server_now(cluster: Cluster) -> datetime:
+    return datetime.fromisoformat(cluster.sql("SELECT clock_timestamp()"))
+
+
+def bench(cluster: Cluster) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [
+            "runuser",
+            "-u",
+            "postgres",
+            "--",
+            str(cluster.bin / "pgbench"),
+            *cluster.conn(),
+            "-n",
+            "-c",
+            "2",
+            "-j",
+            "1",
+            "-R",
+            "50",
+            "-T",
+            "600",
+            "postgres",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd="/",
+    )
+
+
+@pytest.fixture
+def drill(tmp_path: Path) -> Iterator[Drill]:
+    with running_drill(tmp_path) as built:
+        yield built
+
+
+def recovered(root: Path, result: dict[str, Any]) -> Cluster:
+    """The database a test failover started at DR, to query."""
+    copy = Cluster(Path(result["paths"][0]), Path(result["socket_dir"]))
+    copy.port = int(result["port"])
+    return copy
+
+
+def test_postgresql_streams_to_dr_and_recovers_to_a_second_and_to_the_latest(
+    drill: Drill, shared_dir: Path
+) -> None:
+    a, b = drill.a, drill.b
+    prod = make_cluster(shared_dir, "pgdata")
+    try:
+        as_postgres(str(prod.bin / "pgbench"), *prod.conn(), "-i", "-q", "-s", "1", "postgres")
+        prod.sql("CREATE TABLE marks (name text PRIMARY KEY)")
+        added = a(
+            "app", "add", "db", "--host", "host1", "--kind", "postgresql", "--path", str(prod.data)
+        )
+        assert added["kind"] == "postgresql"
+        a("app", "protect", "db", "--template", "mirrored")
+        load = bench(prod)
+        try:
+            base = a("capture", "db")
+            assert base["job"]["status"] == "succeeded", base["job"]
+            assert base["image"]["pg"]["stop_lsn"]
+            wait_for(lambda: any(i["kind"] == "replica" for i in b("images", "db")), 60, "replica")
+
+            # Two known transactions with a second between them.
+            prod.sql("INSERT INTO marks VALUES ('first')")
+            between = server_now(prod)
+            prod.sql("INSERT INTO marks VALUES ('second')")
+            after_second = server_now(prod)
+            wait_for(
+                lambda: (end := window_end(b, "db")) is not None and end > after_second,
+                60,
+                "the DR window to pass the second transaction",
+            )
+            at = b(
+                "test-failover",
+                "db",
+                "--host",
+                "host2",
+                "--time",
+                between.isoformat(),
+                "--mount-point",
+                str(shared_dir / "pit"),
+            )
+            assert at["job"]["status"] == "succeeded", at["job"]
+            copy = recovered(shared_dir, at["job"]["result"])
+            assert copy.sql("SELECT name FROM marks ORDER BY name") == "first"
+            reached = datetime.fromisoformat(at["recovery"]["recovered_to"])
+            assert reached <= between
+            b("unmount", at["image"]["id"])
+
+            # Production dies under load.
+            old = (
+                "SELECT count(*) FROM pgbench_history "
+                f"WHERE mtime <= localtimestamp - interval '{RPO_BOUND} s'"
+            )
+            wait_for(lambda: int(prod.sql(old)) > 0, 60, "history older than the bound")
+            as_postgres(str(prod.bin / "pg_ctl"), "-D", str(prod.data), "-m", "immediate", "stop")
+            killed = time.time()
+        finally:
+            load.kill()
+            load.wait()
+
+        latest = b(
+            "test-failover",
+            "db",
+            "--host",
+            "host2",
+            "--latest",
+            "--verify",
+            "--mount-point",
+            str(shared_dir / "latest"),
+        )
+        assert latest["job"]["status"] == "succeeded", latest["job"]
+        assert latest["recovery"]["amcheck"]["ok"], latest["recovery"]["amcheck"]
+        dr = recovered(shared_dir, latest["job"]["result"])
+        reached = datetime.fromisoformat(latest["recovery"]["recovered_to"])
+        job = latest["job"]
+        took = datetime.fromisoformat(job["finished"]) - datetime.fromisoformat(job["started"])
+        print(
+            f"RPO at the unplanned failover: {killed - reached.timestamp():.2f} s; test "
+            f"failover job {took.total_seconds():.2f} s (PostgreSQL start and recovery "
+            f"{job['result']['recovery_seconds']} s, {job['result']['wal_segments']} segments, "
+            f"pg_amcheck {latest['recovery']['amcheck']['seconds']} s)"
+        )
+        sums = dr.sql(INVARIANT).split("|")
+        assert len(set(sums)) == 1, sums
+        at_dr = dr.sql("SELECT count(*) FROM pgbench_history").strip()
+        assert dr.sql("SELECT count(*) FROM marks") == "2"
+
+        prod.start()  # crash recovery: every commit production acknowledged
+        cut = f"to_timestamp({killed - RPO_BOUND})"
+        wanted = prod.sql(f"SELECT count(*) FROM pgbench_history WHERE mtime <= {cut}")
+        held = dr.sql(f"SELECT count(*) FROM pgbench_history WHERE mtime <= {cut}")
+        shown = prod.sql("SELECT min(mtime), max(mtime), localtimestamp FROM pgbench_history")
+        assert int(wanted) > 0 and held == wanted, (wanted, held, at_dr, killed, shown)
+        b("unmount", latest["image"]["id"])
+
+        # The failover proper: the same point, the copy now the writer.
+        over = b(
+            "failover",
+            "db",
+            "--host",
+            "host2",
+            "--confirm",
+            "FAILOVER",
+            "--latest",
+            "--mount-point",
+            str(shared_dir / "failover"),
+        )
+        assert over["job"]["status"] == "succeeded", over["job"]
+        # production came back meanwhile (to compare): its newer WAL may have followed
+        assert over["recovery"]["recovered_to"] >= latest["recovery"]["recovered_to"]
+        writer = recovered(shared_dir, over["job"]["result"])
+        writer.sql("INSERT INTO marks VALUES ('at dr')")
+        assert writer.sql("SELECT count(*) FROM marks") == "3"
+        assert b("apps")[0]["state"] == "failed-over"
+        writer.stop()
+    finally:
+        prod.stop()
+
+
+def test_a_time_outside_the_window_is_refused_naming_the_window(
+    drill: Drill, shared_dir: Path
+) -> None:
+    a, b = drill.a, drill.b
+    prod = make_cluster(shared_dir, "pgdata")
+    try:
+        a(
+            "app",
+            "add",
+            "early",
+            "--host",
+            "host1",
+            "--kind",
+            "postgresql",
+            "--path",
+            str(prod.data),
+        )
+        a("app", "protect", "early", "--template", "mirrored")
+        taken = a("capture", "early")
+        assert taken["job"]["status"] == "succeeded"
+        confirm = ["--confirm", "DATA LOSS", "--confirm", "OVERWRITE OTHER APPS"]
+        torn = a.run("restore", "early", "--image", taken["image"]["id"], *confirm, check=False)
+        assert torn.code != 0 and "PostgreSQL base image" in torn.error, torn.error
+        wait_for(lambda: window_end(b, "early") is not None, 60, "a DR window")
+        run = b.run(
+            "test-failover",
+            "early",
+            "--host",
+            "host2",
+            "--time",
+            "2001-01-01 00:00:00",
+            "--mount-point",
+            str(shared_dir / "x"),
+            check=False,
+        )
+        assert run.code == 1 and "Traceback" not in run.stderr
+        assert "recoverable window" in run.error and " → " in run.error, run.error
+        assert not (shared_dir / "x").exists()
+
+        prod.sql("CREATE TABLE later (x int)")  # after the base image: from the WAL alone
+        done = server_now(prod)
+        wait_for(lambda: (end := window_end(b, "early")) and end > done, 60, "the window")
+        replica = next(i for i in b("images", "early") if i["kind"] == "replica")
+        mounted = b(
+            "mount",
+            replica["id"],
+            "--host",
+            "host2",
+            "--latest",
+            "--mount-point",
+            str(shared_dir / "m"),
+        )
+        assert mounted["job"]["status"] == "succeeded", mounted["job"]
+        copy = recovered(shared_dir, mounted["job"]["result"])
+        assert copy.sql("SELECT count(*) FROM later") == "0"
+        b("unmount", mounted["image"]["id"])
+        assert not (shared_dir / "m").exists()
+    finally:
+        prod.stop()
+
+
+@pytest.mark.parametrize(
+    ("settings", "named"),
+    [
+        (("wal_level = minimal", "max_wal_senders = 0"), "Set wal_level = replica"),
+        (("max_replication_slots = 0",), "Raise max_replication_slots"),
+    ],
+)
+def test_a_cluster_that_cannot_stream_is_refused_naming_the_setting(
+    site: Site, shared_dir: Path, settings: tuple[str, ...], named: str
+) -> None:
+    prod = make_cluster(shared_dir, "unfit", *settings)
+    try:
+        run = site.cli.run(
+            "app",
+            "add",
+            "unfit",
+            "--host",
+            site.host,
+            "--kind",
+            "postgresql",
+            "--path",
+            str(prod.data),
+            check=False,
+        )
+        assert run.code == 1 and "Traceback" not in run.stderr
+        assert named in run.error, run.error
+        assert "unfit" not in {x["name"] for x in site.cli("apps")}
+    finally:
+        prod.stop()
+
+
+def test_the_replication_slot_is_dropped_when_the_app_is_removed(
+    site: Site, shared_dir: Path
+) -> None:
+    cli = site.cli
+    prod = make_cluster(shared_dir, "pgdata")
+    slot = "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'tandem_slotted'"
+    try:
+        cli(
+            "app",
+            "add",
+            "slotted",
+            "--host",
+            site.host,
+            "--kind",
+            "postgresql",
+            "--path",
+            str(prod.data),
+        )
+        cli("template", "add", "pg-manual")
+        cli("app", "protect", "slotted", "--template", "pg-manual")
+        wait_for(lambda: prod.sql(slot) == "1", 30, "the slot")
+        wait_for(
+            lambda: prod.sql("SELECT count(*) FROM pg_stat_replication") == "1", 30, "streaming"
+        )
+        cli("app", "unprotect", "slotted")  # no slot keeps WAL for an unprotected app
+        wait_for(lambda: prod.sql(slot) == "0", 30, "the slot dropped")
+        cli("app", "protect", "slotted", "--template", "pg-manual")
+        wait_for(lambda: prod.sql(slot) == "1", 30, "the slot again")
+        cli("app", "unprotect", "slotted")
+        cli("app", "remove", "slotted")  # at once, whatever the shipper did meanwhile
+        assert prod.sql(slot) == "0"
+        assert prod.sql("SELECT count(*) FROM pg_stat_replication") == "0"
+    finally:
+        prod.stop()
+
+
+def test_killing_the_agent_and_the_dr_appliance_loses_nothing_and_leaves_no_gap(
+    drill: Drill, shared_dir: Path
+) -> None:
+    a, b = drill.a, drill.b
+    prod = make_cluster(shared_dir, "pgdata")
+    try:
+        as_postgres(str(prod.bin / "pgbench"), *prod.conn(), "-i", "-q", "-s", "1", "postgres")
+        a("app", "add", "kdb", "--host", "host1", "--kind", "postgresql", "--path", str(prod.data))
+        a("app", "protect", "kdb", "--template", "mirrored")
+        load = bench(prod)
+        try:
+            assert a("capture", "kdb")["job"]["status"] == "succeeded"
+            wait_for(lambda: window_end(b, "kdb") is not None, 60, "a DR window")
+            drill.prod_agent.kill9()  # its pg_receivewal lives on, holding the slot
+            drill.prod_agent.start()
+            drill.dr.kill9()
+            drill.dr.start()
+            restarted = server_now(prod)
+            wait_for(
+                lambda: (end := window_end(b, "kdb")) is not None and end > restarted,
+                60,
+                "WAL flowing to DR again",
+            )
+            assert prod.sql("SELECT count(*) FROM pg_stat_replication") == "1"  # one receiver
+            old = (
+                "SELECT count(*) FROM pgbench_history "
+                f"WHERE mtime <= localtimestamp - interval '{RPO_BOUND} s'"
+            )
+            wait_for(lambda: int(prod.sql(old)) > 0, 60, "history older than the bound")
+            as_postgres(str(prod.bin / "pg_ctl"), "-D", str(prod.data), "-m", "immediate", "stop")
+            killed = time.time()
+        finally:
+            load.kill()
+            load.wait()
+        assert b("images", "kdb")[0]["window"]["gap"] is None
+        latest = b(
+            "test-failover",
+            "kdb",
+            "--host",
+            "host2",
+            "--latest",
+            "--mount-point",
+            str(shared_dir / "latest"),
+        )
+        assert latest["job"]["status"] == "succeeded", latest["job"]
+        dr = recovered(shared_dir, latest["job"]["result"])
+        prod.start()
+        cut = f"to_timestamp({killed - RPO_BOUND})"
+        query = f"SELECT count(*) FROM pgbench_history WHERE mtime <= {cut}"
+        assert dr.sql(query) == prod.sql(query) != "0"
+        sums = dr.sql(INVARIANT).split("|")
+        assert len(set(sums)) == 1, sums
+        b("unmount", latest["image"]["id"])
+    finally:
+        prod.stop()

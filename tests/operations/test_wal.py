@@ -1,0 +1,179 @@
+"""The WAL held by an appliance: stored idempotently and verified, taken from the peer only
+for its PostgreSQL mirrors, and the recoverable window and plan a recovery is refused by."""
+
+from __future__ import annotations
+
+import base64
+from datetime import UTC, datetime, timedelta
+
+import blake3
+import pytest
+
+from tandem.catalog import queries as q
+from tandem.catalog.models import App, Template
+from tandem.domain.images import ImageKind
+from tandem.domain.lifecycle import AppKind, AppState
+from tandem.domain.wal import SEGMENT, segment_name
+from tandem.errors import Conflict, InvalidInput, RecoveryPointUnavailable, StorageError
+from tandem.operations import pg_recovery, wal
+from tandem.operations.apps import risk_of
+from tandem.operations.site import Site
+from tandem.transport.peer import WalPush
+from tests.appliance.conftest import Booted
+
+T0 = datetime(2026, 12, 2, 10, 0, tzinfo=UTC)
+PG = {
+    "start_lsn": "0/2000028",
+    "start_time": (T0 + timedelta(seconds=2)).isoformat(),
+    "start_wal": segment_name(1, 2 * SEGMENT),
+    "timeline": 1,
+    "stop_lsn": "0/2000100",
+    "stop_time": (T0 + timedelta(seconds=3)).isoformat(),
+    "backup_label": "START WAL LOCATION: 0/2000028\n",
+    "tablespace_map": "",
+}
+
+
+def mirror(site: Site, name: str = "db", origin: str = "prod") -> str:
+    with site.catalog.begin() as session:
+        app = q.add_app(
+            session,
+            name=name,
+            kind=AppKind.POSTGRESQL,
+            host="h",
+            path="/pg",
+            origin=origin,
+            state=AppState.MANAGED,
+        )
+        q.add_image(
+            session,
+            app=name,
+            kind=ImageKind.REPLICA,
+            manifest="0" * 64,
+            pg=PG,
+            created=T0 + timedelta(seconds=3),
+            origin=origin,
+        )
+        return app.id
+
+
+def seg(n: int) -> str:
+    return segment_name(1, n * SEGMENT)
+
+
+def test_a_segment_grows_by_appending_and_a_resent_piece_changes_nothing(booted: Booted) -> None:
+    site = booted.appliance.site
+    app_id = mirror(site)
+    name = seg(2)
+    wal.store(site, app_id=app_id, name=name, offset=0, data=b"a" * 100, complete=False, seen=T0)
+    # the same bytes again (a retry after a break), then more from an offset inside them
+    wal.store(site, app_id=app_id, name=name, offset=0, data=b"a" * 100, complete=False, seen=T0)
+    row = wal.store(
+        site,
+        app_id=app_id,
+        name=name,
+        offset=50,
+        data=b"a" * 50 + b"b" * 50,
+        complete=True,
+        seen=T0 + timedelta(1),
+    )
+    assert (row.size, row.complete) == (150, True)
+    assert wal.read_segment(site, row) == b"a" * 100 + b"b" * 50
+    with pytest.raises(Conflict):  # a piece past what is held would leave a hole
+        wal.store(site, app_id=app_id, name=seg(3), offset=10, data=b"x", complete=False, seen=T0)
+    (wal.wal_dir(site, app_id) / name).write_bytes(b"a" * 99 + b"X" + b"b" * 50)
+    with pytest.raises(StorageError, match="does not match its digest"):
+        wal.read_segment(site, row)
+
+
+def push(name: str, data: bytes, complete: bool = False) -> WalPush:
+    return WalPush(
+        name=name,
+        offset=0,
+        data=base64.b64encode(data).decode(),
+        complete=complete,
+        digest=blake3.blake3(data).hexdigest(),
+        seen=T0,
+    )
+
+
+def test_the_peer_sends_wal_only_of_its_postgresql_mirrors_and_with_the_right_digest(
+    booted: Booted,
+) -> None:
+    site = booted.appliance.site
+    mirror(site, "db", origin="prod")
+    assert wal.receive_push(site, peer="prod", app="db", body=push(seg(2), b"x" * 10)).size == 10
+    with pytest.raises(Conflict, match="not a PostgreSQL mirror"):
+        wal.receive_push(site, peer="other", app="db", body=push(seg(2), b"x" * 10))
+    bad = push(seg(3), b"y" * 10).model_copy(update={"digest": "0" * 64})
+    with pytest.raises(InvalidInput, match="digest"):
+        wal.receive_push(site, peer="prod", app="db", body=bad)
+    with pytest.raises(ValueError):  # a name that is no segment never reaches the disk
+        push("../../etc/passwd", b"")
+
+
+def test_a_time_outside_the_window_or_past_a_gap_is_refused_saying_where(booted: Booted) -> None:
+    site = booted.appliance.site
+    app_id = mirror(site)
+    for n in (2, 3):
+        wal.store(
+            site,
+            app_id=app_id,
+            name=seg(n),
+            offset=0,
+            data=b"w",
+            complete=True,
+            seen=T0 + timedelta(seconds=10 * n),
+        )
+    wal.store(
+        site,
+        app_id=app_id,
+        name=seg(5),
+        offset=0,
+        data=b"w",
+        complete=False,
+        seen=T0 + timedelta(seconds=50),
+    )
+    with site.catalog.read() as session:
+        app = q.get_app(session, name="db")
+    window = wal.window(site, app)
+    assert window.start == T0 + timedelta(seconds=3)
+    assert window.end == T0 + timedelta(seconds=30) and window.gap == "0/4000000"
+    chosen = pg_recovery.plan(site, app, T0 + timedelta(seconds=20))
+    assert chosen.segments == [seg(2), seg(3)]
+    with pytest.raises(RecoveryPointUnavailable, match="before its oldest base") as early:
+        pg_recovery.plan(site, app, T0)
+    assert "recoverable window" in early.value.message
+    with pytest.raises(RecoveryPointUnavailable, match="gap at LSN 0/4000000"):
+        pg_recovery.plan(site, app, T0 + timedelta(seconds=45))
+    with pytest.raises(RecoveryPointUnavailable, match="gap at LSN 0/4000000"):
+        pg_recovery.plan(site, app, None)  # the latest lies past the gap
+
+
+def test_segments_older_than_the_oldest_base_image_are_pruned(booted: Booted) -> None:
+    site = booted.appliance.site
+    app_id = mirror(site)
+    for n in (1, 2):
+        wal.store(site, app_id=app_id, name=seg(n), offset=0, data=b"w", complete=True, seen=T0)
+    with site.catalog.read() as session:
+        app = q.get_app(session, name="db")
+    assert wal.prune(site, app) == [seg(1)]
+    with site.catalog.read() as session:
+        assert [s.name for s in q.list_wal_segments(session, app_id=app_id)] == [seg(2)]
+    assert not (wal.wal_dir(site, app_id) / seg(1)).exists()
+
+
+def test_a_postgresql_app_whose_wal_is_fresh_is_not_at_risk_for_an_old_base() -> None:
+    app = App(
+        name="db",
+        kind=AppKind.POSTGRESQL,
+        peer_active=False,
+        created=T0,
+        last_capture=T0,
+        last_replicated=T0,
+    )
+    template = Template(name="t", mirror=True, max_lag_seconds=60)
+    now = T0 + timedelta(hours=1)
+    assert risk_of(app, template, now).at_risk  # the base image alone is an hour old
+    fresh = risk_of(app, template, now, wal_point=now - timedelta(seconds=2))
+    assert not fresh.at_risk and fresh.rpo_seconds == 2.0
