@@ -60,10 +60,8 @@ Restore invariants
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import errno
-import gc
 import os
 import shutil
 import stat
@@ -97,6 +95,7 @@ from tandem.storage.manifest import (
     TreeEntry,
     TreeManifest,
     check_relpath,
+    gc_paused,
     store_manifest,
 )
 from tandem.storage.pool import ChunkPool, PoolWriter, syncfs
@@ -136,24 +135,6 @@ def _cdc() -> FastCDC:
     if cdc is None:
         cdc = _tls.cdc = FastCDC(CDC_AVG, min_size=CDC_MIN, max_size=CDC_MAX)
     return cdc
-
-
-@contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
-    """Pause the cyclic garbage collector around bulk work.
-
-    A capture or restore allocates one container per tree entry and keeps them all, which
-    makes every generation-2 collection walk the whole manifest (twice, with a base): a third
-    of a re-capture's time on 50,000 files. Entries form no reference cycles, so nothing is
-    left for the collector meanwhile; it is re-enabled only if it was enabled.
-    """
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
 
 
 def _identity(value: T) -> T:
@@ -628,7 +609,7 @@ class _Capture:
             yield partial(self.capture_batch, batch), batch_bytes
 
 
-@_gc_paused()
+@gc_paused()
 def capture_tree(
     pool: ChunkPool,
     root: Path | str,
@@ -1468,7 +1449,7 @@ def _open_target_root(target: str) -> int:
     return targets.open_dir(target, create=True)
 
 
-@_gc_paused()
+@gc_paused()
 def restore_tree(
     source: ChunkSource,
     manifest: TreeManifest,
