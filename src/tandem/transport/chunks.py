@@ -42,7 +42,7 @@ from tandem.transport.wire import (
 
 BATCH_BYTES = 16 * 1024 * 1024
 BATCH_COUNT = 1024
-SENDERS = 2
+SENDERS = 3
 """Batches a RemoteWriter has in flight at once, each on its own connection: while one
 waits for the appliance's answer (which may include a file-system sync), the next streams.
 The capture threads keep hashing and compressing meanwhile; only when SENDERS batches are
