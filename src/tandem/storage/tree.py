@@ -60,16 +60,15 @@ Restore invariants
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import shutil
 import stat
 import threading
 import time
-from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -86,6 +85,7 @@ from tandem.errors import (
 )
 from tandem.storage import targets
 from tandem.storage.digest import SUB_BLOCK, hash_object
+from tandem.storage.fileio import fallocate, pipelined, pwrite_all
 from tandem.storage.manifest import (
     DIR,
     FIFO,
@@ -139,37 +139,6 @@ def _cdc() -> FastCDC:
 
 def _identity(value: T) -> T:
     return value
-
-
-def _pipelined(
-    executor: ThreadPoolExecutor,
-    jobs: Iterable[tuple[Callable[[], T], int]],
-    max_jobs: int,
-    max_bytes: int,
-) -> Iterator[T]:
-    """Run ``(job, weight)`` pairs in ``executor`` and yield their results in order, with at
-    most ``max_jobs`` jobs and ``max_bytes`` of weight in flight (flat memory).
-
-    ``jobs`` is consumed lazily in the caller's thread, between results, so it may itself do
-    work (read and cut a large file). On an exception the jobs not yet started are cancelled.
-    """
-    pending: deque[tuple[Future[T], int]] = deque()
-    weight = 0
-    try:
-        for job, w in jobs:
-            while pending and (len(pending) >= max_jobs or weight + w > max_bytes):
-                fut, fw = pending.popleft()
-                weight -= fw
-                yield fut.result()
-            pending.append((executor.submit(job), w))
-            weight += w
-        while pending:
-            fut, fw = pending.popleft()
-            weight -= fw
-            yield fut.result()
-    finally:
-        for fut, _ in pending:
-            fut.cancel()
 
 
 # --- capture ------------------------------------------------------------------------------
@@ -717,7 +686,7 @@ def capture_tree(
                 progress(done, max(total, done))
 
         with ThreadPoolExecutor(w) as ex:
-            for res in _pipelined(ex, cap.jobs(todo), 4 * w, INFLIGHT_BYTES):
+            for res in pipelined(ex, cap.jobs(todo), 4 * w, INFLIGHT_BYTES):
                 if isinstance(res, list):
                     for fr in res:
                         account(fr.cost)
@@ -1022,16 +991,6 @@ def _scan_target(root_fd: int, root: str, descend: set[str]) -> dict[str, os.sta
     return found
 
 
-def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view, offset = view[n:], offset + n
-
-
-_libc: ctypes.CDLL | None = None
-
-
 def _punch_hole(fd: int, offset: int, length: int) -> int:
     """Make [offset, offset+length) read as zeros without allocating; returns bytes changed."""
     try:
@@ -1042,15 +1001,11 @@ def _punch_hole(fd: int, offset: int, length: int) -> int:
         data_at = offset
     if data_at >= offset + length:
         return 0
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-        _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    if _libc.fallocate(fd, _FALLOC_PUNCH, offset, length) != 0:
+    if not fallocate(fd, _FALLOC_PUNCH, offset, length):
         # No hole punching on this file system: write the zeros.
         zeros = bytes(min(length, CDC_MAX))
         for off in range(offset, offset + length, len(zeros)):
-            _pwrite_all(fd, zeros[: min(len(zeros), offset + length - off)], off)
+            pwrite_all(fd, zeros[: min(len(zeros), offset + length - off)], off)
     return length
 
 
@@ -1180,7 +1135,7 @@ class _Restore:
             for digest, n in e.chunks:
                 if digest is not None:
                     data = self.fetch(digest, n)
-                    _pwrite_all(fd, data, off)
+                    pwrite_all(fd, data, off)
                     moved.fetched += n
                     moved.written += n
                     end = off + n
@@ -1202,7 +1157,7 @@ class _Restore:
                 if off < valid:
                     moved.written += _punch_hole(fd, off, min(n, valid - off))
             elif off + n > valid:  # (partly) beyond the old content: nothing to compare
-                _pwrite_all(fd, self.fetch(digest, n), off)
+                pwrite_all(fd, self.fetch(digest, n), off)
                 moved.fetched += n
                 moved.written += n
             else:
@@ -1226,12 +1181,12 @@ class _Restore:
             for j, block in zip(differ, blocks, strict=True):
                 if len(block) != min(SUB_BLOCK, n - j * SUB_BLOCK):
                     break  # not this chunk's shape: take it whole
-                _pwrite_all(fd, block, off + j * SUB_BLOCK)
+                pwrite_all(fd, block, off + j * SUB_BLOCK)
                 moved.fetched += len(block)
                 moved.written += len(block)
             else:
                 return
-        _pwrite_all(fd, self.fetch(digest, n), off)
+        pwrite_all(fd, self.fetch(digest, n), off)
         moved.fetched += n
         moved.written += n
 
@@ -1287,7 +1242,7 @@ class _Restore:
         moved = _Moved()
         w = workers or default_workers()
         with ThreadPoolExecutor(w) as ex:
-            for part in _pipelined(ex, self._file_jobs(files), 4 * w, INFLIGHT_BYTES):
+            for part in pipelined(ex, self._file_jobs(files), 4 * w, INFLIGHT_BYTES):
                 moved.compared += part.compared
                 moved.fetched += part.fetched
                 moved.written += part.written
