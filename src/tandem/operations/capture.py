@@ -105,6 +105,7 @@ def run_capture(site: Site, ctx: JobContext) -> dict[str, Any]:
             "job": ctx.job.id,
             "appliance": site.session_ref(transfer.id, token),
             "consistency": mode.value,
+            "base_stamp": _stamp_of_base(site, app, base_id),
         }
         with agent_for(host) as agent:
             if mode is ConsistencyMode.HOOKS:
@@ -178,6 +179,15 @@ def run_capture(site: Site, ctx: JobContext) -> dict[str, Any]:
         "consistency_reason": done.get("consistency_reason"),
         "held_seconds": done.get("held_seconds"),
     }
+
+
+def _stamp_of_base(site: Site, app: App, base_id: bytes | None) -> dict[str, Any] | None:
+    """The volume file's stamp when it held the base image (``stamps``), for the agent to
+    skip reading a file untouched since; None for trees and when unknown."""
+    if app.kind is not AppKind.VOLUME or base_id is None:
+        return None
+    known = stamps.known(site, app_id=app.id)
+    return known[1] if known is not None and known[0] == base_id.hex() else None
 
 
 def _cut_of(done: dict[str, Any], mode: ConsistencyMode) -> str | None:

@@ -572,17 +572,22 @@ class SourceStamp:
     ino: int
     size: int
     mtime_ns: int
+    ctime_ns: int
+    """The inode's change time: no one can set it back (a tool that restores an mtime after
+    rewriting a file, ``cp -p`` or ``touch -d``, still moves it)."""
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any]) -> SourceStamp:
-        return cls(**{k: int(doc[k]) for k in ("dev", "ino", "size", "mtime_ns")})
+        """Raises KeyError, TypeError or ValueError for anything but a whole stamp (one
+        recorded before ``ctime_ns`` was is not trusted: the caller reads the file)."""
+        return cls(**{k: int(doc[k]) for k in ("dev", "ino", "size", "mtime_ns", "ctime_ns")})
 
     @classmethod
     def of(cls, st: os.stat_result) -> SourceStamp:
-        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def stamp_of(path: Path | str) -> SourceStamp | None:
