@@ -72,7 +72,7 @@ S3 = "e2e 3 · fixed costs of a capture job"
 ROUNDS = 5
 TEMPLATE = "bench"
 TINY = 4 * MiB
-PROFILE_RATE = 250  # samples a second
+PROFILE_RATE = 100  # samples a second (py-spy --nonblocking: the daemon is never paused)
 
 
 class Profiler:
@@ -108,7 +108,7 @@ class _Recording:
             path = p.out / f"{d.name}-{self.step}.txt"
             assert p.pyspy is not None
             cmd = [p.pyspy, "record", "--pid", str(d.proc.pid), "--format", "raw"]
-            cmd += ["--rate", str(PROFILE_RATE), "--threads", "--output", str(path)]
+            cmd += ["--rate", str(PROFILE_RATE), "--nonblocking", "--output", str(path)]
             proc = subprocess.Popen(
                 cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
             )
@@ -128,29 +128,35 @@ class _Recording:
                 self.profiler.files.append(path)
 
 
+IDLE_LEAVES = (
+    "wait (threading",
+    "select (selectors",
+    "get (queue",
+    "_worker (concurrent",
+    "Runner.run (asyncio",
+    "run_forever",
+    "recv (ssl",
+    "read (ssl",
+)
+"""Innermost frames where a thread waits (a lock, a queue, the network), not works."""
+
+
 def top_functions(path: Path, n: int = 6) -> list[tuple[str, float]]:
-    """The functions with most samples *on* the stack (inclusive) in a collapsed-stack file,
-    leaving out the thread/bootstrap frames every sample has: (frame, share of samples)."""
-    inclusive: collections.Counter[str] = collections.Counter()
+    """The innermost frames (file:line) with most samples in a collapsed-stack file, leaving
+    out those where a thread waits (``IDLE_LEAVES``): where the daemon's CPU went, as shares
+    of its working samples."""
+    leaves: collections.Counter[str] = collections.Counter()
     total = 0
     for line in path.read_text(errors="replace").splitlines():
         stack, _, count = line.rpartition(" ")
         if not count.isdigit():
             continue
-        k = int(count)
-        total += k
-        frames = {f.split(" (")[0] for f in stack.split(";")[1:]}
-        for f in frames:
-            inclusive[f] += k
-    if not total:
-        return []
-    skip = ("_bootstrap", "run (threading", "worker (concurrent", "run (uvicorn", "<module>")
-    out = [
-        (f, c / total)
-        for f, c in inclusive.most_common(60)
-        if not any(s in f for s in skip) and c / total < 0.99
-    ]
-    return out[:n]
+        leaf = stack.rsplit(";", 1)[-1]
+        if any(idle in leaf for idle in IDLE_LEAVES):
+            continue
+        leaves[leaf] += int(count)
+        total += int(count)
+    return [(f, c / total) for f, c in leaves.most_common(n)] if total else []
 
 
 class EndToEndBench:
