@@ -104,6 +104,13 @@ def _pack(data: bytes | bytearray | memoryview) -> tuple[int, bytes]:
     return CODEC_RAW, bytes(data)
 
 
+def delta_pays(changed: int, blocks: int) -> bool:
+    """Whether a chunk of ``blocks`` sub-blocks, ``changed`` of them different from its
+    previous version, is stored and sent as a delta over it (at most half changed) rather
+    than whole. The one rule every writer of deltas follows."""
+    return changed <= blocks // 2
+
+
 def _xor(a: bytes, b: bytes) -> bytes:
     return (int.from_bytes(a, "little") ^ int.from_bytes(b, "little")).to_bytes(len(a), "little")
 

@@ -56,7 +56,7 @@ from tandem.storage.digest import (
     object_id,
 )
 from tandem.storage.manifest import VOLUME_CHUNK, VolumeManifest, store_manifest
-from tandem.storage.pool import ChunkPool, ChunkWriter, PutResult, WritablePool
+from tandem.storage.pool import ChunkPool, ChunkWriter, PutResult, WritablePool, delta_pays
 
 _T = TypeVar("_T")
 _R = TypeVar("_R")
@@ -366,7 +366,7 @@ def _put_as_delta(
     if len(base_subs) != len(subs):
         return None
     changed = [j for j, (a, b) in enumerate(zip(subs, base_subs, strict=True)) if a != b]
-    if len(changed) > len(subs) // 2:
+    if not delta_pays(len(changed), len(subs)):
         return None
     return writer.put_delta(data, digest, subs, base_chunk, changed)
 
