@@ -4,7 +4,8 @@ Flags: ``--section NAME`` (repeatable; default all), ``--size-gib`` (volume size
 2 for storage, 1 for replication; presentation always uses 1, 4 and 10 GiB; failback 1, 4
 and 16 GiB unless given one size), ``--files`` (small files in the tree), ``--workdir`` (a
 fresh directory is made inside it and removed afterwards; default under /var/tmp),
-``--json FILE`` (also save the results).
+``--json FILE`` (also save the results), ``--quick`` (small sizes, for a short run),
+``--profile DIR`` (py-spy records of the daemons in the e2e section).
 """
 
 from __future__ import annotations
@@ -34,7 +35,16 @@ from bench.common import write_json as save_json
 
 Section = Callable[[Config, Report], None]
 
-SECTIONS = ("storage", "replication", "presentation", "failback", "scale", "nbd", "consistency")
+SECTIONS = (
+    "storage",
+    "replication",
+    "presentation",
+    "failback",
+    "scale",
+    "nbd",
+    "consistency",
+    "e2e",
+)
 """Each is the module ``bench.NAME`` with ``run(cfg, report)``, imported only when run (they
 import tandem; keep --help fast)."""
 
@@ -44,7 +54,9 @@ def run_section(name: str, cfg: Config, report: Report) -> None:
     section(cfg, report)
 
 
-DEFAULT_SIZE_GIB = {"storage": 2.0, "replication": 1.0, "failback": 0.0}
+DEFAULT_SIZE_GIB = {"storage": 2.0, "replication": 1.0, "failback": 0.0, "e2e": 2.0}
+QUICK_SIZE_GIB = 0.25
+QUICK_FILES = 5_000
 """The volume size of a section when --size-gib is not given (presentation has its own;
 failback's 0 means its three sizes, 1, 4 and 16 GiB)."""
 
@@ -62,7 +74,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         type=float,
         help="volume size (default 2 for storage, 1 for replication)",
     )
-    parser.add_argument("--files", type=int, default=50_000, help="small files in the tree")
+    parser.add_argument(
+        "--files", type=int, help="small files in the tree (default 50,000; --quick 5,000)"
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"a short run: volumes of {QUICK_SIZE_GIB:g} GiB and {QUICK_FILES:,} files unless "
+        "--size-gib/--files say otherwise",
+    )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="record the daemons with py-spy (e2e section) and keep the profiles in DIR",
+    )
     parser.add_argument(
         "--workdir",
         type=Path,
@@ -74,6 +100,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.size_gib is not None and args.size_gib * GiB < 16 * MiB:
         parser.error("--size-gib must be at least 16 MiB (0.016)")
+    if args.files is None:
+        args.files = QUICK_FILES if args.quick else 50_000
     if args.files < 1:
         parser.error("--files must be positive")
     return args
@@ -86,14 +114,26 @@ def main(argv: list[str] | None = None) -> int:
     sections = args.section or list(SECTIONS)
 
     def size_gib(section: str) -> float:
-        return float(args.size_gib or DEFAULT_SIZE_GIB.get(section, 2.0))
+        if args.size_gib:
+            return float(args.size_gib)
+        if args.quick:
+            return QUICK_SIZE_GIB
+        return DEFAULT_SIZE_GIB.get(section, 2.0)
 
-    cfg = Config(size=0, files=args.files, workdir=workdir, seed=args.seed)
+    cfg = Config(
+        size=0,
+        files=args.files,
+        workdir=workdir,
+        seed=args.seed,
+        quick=args.quick,
+        profile=args.profile.absolute() if args.profile else None,
+    )
     report = Report(
         machine=machine_info(),
         config={
             "sections": ",".join(sections),
             "size_gib": args.size_gib
+            or (QUICK_SIZE_GIB if args.quick else None)
             or ", ".join(f"{n} {DEFAULT_SIZE_GIB[n]:g}" for n in sections if n in DEFAULT_SIZE_GIB)
             or "—",
             "files": args.files,

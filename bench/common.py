@@ -53,6 +53,8 @@ class Config:
     files: int  # small files in the generated tree
     workdir: Path  # scratch directory of this run (removed afterwards)
     seed: int
+    quick: bool = False  # --quick: smaller default sizes, for a short run
+    profile: Path | None = None  # --profile DIR: py-spy records of the daemons (e2e)
 
 
 @dataclass

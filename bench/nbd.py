@@ -3,9 +3,13 @@
 One 512 MiB volume (alternating MiB of random and text-like bytes, so the pool holds zstd
 chunks, as a real disk's would) is captured into a pool. Then, in the same run:
 
-- tandem: a child process does what a test failover does at the DR appliance (an
-  ``Overlay`` over the captured image, exported by ``NbdServer`` on loopback) and serves
-  until told to stop. A fresh copy for each workload.
+- tandem, as the operator presents it: an appliance daemon and an agent (``tandem.drill.lab``)
+  on loopback; the volume is captured with ``tandem capture`` and each workload gets a
+  fresh virtual copy from ``tandem mount IMAGE --host H --action map-only`` (the core that
+  test failover and failover share, ``operations.present``: an ``Overlay`` exported by the
+  daemon's NBD server), its ``nbd_uri`` from the command's JSON, and ``tandem unmount``
+  after. The TLS row alone uses a child process serving the same kind of copy
+  (``python -m bench.nbd serve``), whose certificate the peer's credentials are made from.
 - qemu-nbd on the same bytes: the raw volume file for the reads; for the writes a qcow2
   overlay over it (the copy-on-write peer of a virtual copy; a fresh one each time).
 
@@ -39,9 +43,11 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from bench.common import Config, DataSource, MiB, Report, have, log, settle
+from bench.common import Config, DataSource, MiB, Report, have, log, run_measured, settle
 from bench.replication import add_row
+from tandem.drill.lab import Lab, tandem_argv
 
 S = "NBD data path · presented copy vs qemu-nbd (fio, libnbd engine)"
 SIZE = 512 * MiB
@@ -139,8 +145,49 @@ def fio(uri: str, w: Workload, tls: Path | None = None) -> Result:
     return Result(iops=float(side["iops"]), bandwidth=float(side["bw_bytes"]))
 
 
+class DaemonSite:
+    """An appliance and an agent serving the operator's path (``tandem.drill.lab``)."""
+
+    def __init__(self, lab: Lab, volume: Path, scratch: Path) -> None:
+        self.scratch = scratch
+        self.site = lab.add("appliance", "site")
+        self.host = lab.add("agent", "host")
+        lab.up(self.site, self.host)
+        agent = ("--url", self.host.url, "--token", self.host.token)
+        self.cli("host", "add", self.host.name, *agent, "--fingerprint", self.host.fingerprint)
+        self.cli("template", "add", "bench")
+        self.cli(
+            "app", "add", "vol", "--host", self.host.name, "--kind", "volume", "--path", str(volume)
+        )
+        self.cli("app", "protect", "vol", "--template", "bench")
+        self.image = str(self.cli("capture", "vol")["job"]["image"])
+
+    def cli(self, *args: str) -> dict[str, Any]:
+        res = run_measured(
+            tandem_argv(*args, "--json"), scratch=self.scratch, env=self.site.env()
+        ).check(f"tandem {' '.join(args)}")
+        doc: dict[str, Any] = json.loads(res.stdout)
+        return doc
+
+
+class DaemonExport:
+    """A fresh virtual copy presented by the appliance daemon (``tandem mount``)."""
+
+    def __init__(self, site: DaemonSite) -> None:
+        self.site = site
+        doc = site.cli("mount", site.image, "--host", site.host.name, "--action", "map-only")
+        uri = doc.get("nbd_uri")
+        if not isinstance(uri, str) or not uri.startswith("nbd://"):
+            raise RuntimeError(f"tandem mount gave no plain nbd:// export: {uri!r}")
+        self.uri = uri
+        self.mounted = str(doc["job"]["image"])
+
+    def stop(self) -> None:
+        self.site.cli("unmount", self.mounted)
+
+
 class TandemServer:
-    """The child process serving a fresh virtual copy of the image."""
+    """The child process serving a fresh virtual copy of the image (the TLS row)."""
 
     def __init__(self, pool: Path, manifest: str, overlay: Path, tls: Path | None) -> None:
         shutil.rmtree(overlay, ignore_errors=True)
@@ -255,20 +302,25 @@ def make_tls_dir(directory: Path) -> Path:
     return directory
 
 
-def measure(root: Path, report: Report, cfg: Config) -> None:
+def measure(root: Path, report: Report, cfg: Config, lab: Lab) -> None:
     from tandem.storage.pool import ChunkPool
     from tandem.storage.volume import capture_volume
 
     volume = root / "volume.raw"
-    log("nbd: writing the 512 MiB volume and capturing it")
+    log("nbd: writing the 512 MiB volume, capturing it through an appliance and an agent")
     write_volume(volume, DataSource(cfg.seed))
-    pool = ChunkPool.create(root / "pool")
+    site = DaemonSite(lab, volume, root / "scratch")
+    pool = ChunkPool.create(root / "pool")  # the TLS row's child serves from this one
     mid, _, _ = capture_volume(pool, volume)
     tls = make_tls_dir(root / "tls")
     settle()
     for w in WORKLOADS:
         creds = tls if w.tls else None
-        tandem = TandemServer(root / "pool", mid.hex(), root / "overlay", creds)
+        tandem: TandemServer | DaemonExport
+        if creds is None:
+            tandem = DaemonExport(site)
+        else:
+            tandem = TandemServer(root / "pool", mid.hex(), root / "overlay", creds)
         try:
             ours = fio(tandem.uri, w, creds)
         finally:
@@ -317,9 +369,11 @@ def measure(root: Path, report: Report, cfg: Config) -> None:
 
 
 NOTES = (
-    "NBD: a 512 MiB volume (random and text-like MiB in turn) captured into a pool; tandem "
-    "serves a fresh virtual copy of it (Overlay + NbdServer in a child process, as a test "
-    "failover does), qemu-nbd serves the raw file for reads and a fresh qcow2 overlay over "
+    "NBD: a 512 MiB volume (random and text-like MiB in turn) captured by `tandem capture`; "
+    "the appliance daemon serves a fresh virtual copy of it for each workload (`tandem mount "
+    "IMAGE --action map-only`, the core test failover shares; the TLS row: the same copy "
+    "served by a child process, Overlay + NbdServer), qemu-nbd serves the raw file for "
+    "reads and a fresh qcow2 overlay over "
     f"it for writes. fio --ioengine=nbd, {RUNTIME} s after {RAMP} s of warm-up each, one "
     "connection; warm page cache for both. 'cold': no warm-up, so tandem decodes each 4 MiB "
     "chunk on its first touch (its chunk cache, 1 GiB by default, holds this volume whole "
@@ -341,7 +395,8 @@ def run(cfg: Config, report: Report) -> None:
         return
     root = Path(tempfile.mkdtemp(prefix="nbd-", dir=cfg.workdir))
     try:
-        measure(root, report, cfg)
+        with Lab(root / "lab") as lab:
+            measure(root, report, cfg, lab)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tandem.errors import TargetInvalid
-from tandem.storage import targets, tree, volume
+from tandem.storage import targets, tree_restore, volume
 from tandem.storage.manifest import TreeManifest, load_manifest
 from tandem.storage.pool import ChunkPool
 from tandem.storage.tree import capture_tree, restore_tree
@@ -79,7 +79,7 @@ def test_the_root_folder_is_never_a_tree_target() -> None:
     # gone, that test would write into this machine's root folder.)
     for root in ("/", "//", "/."):
         with pytest.raises(TargetInvalid, match="root folder"):
-            tree._open_target_root(root)
+            tree_restore._open_target_root(root)
 
 
 def test_missing_folders_are_made_and_a_real_path_restores(pool: ChunkPool, tmp_path: Path) -> None:

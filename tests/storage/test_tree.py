@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tandem.errors import ChunkCorrupt, SourceChanged, SourceUnreadable, TargetInvalid, UnsafePath
-from tandem.storage import tree
+from tandem.storage import tree_capture
 from tandem.storage.manifest import TreeEntry, TreeManifest, load_manifest
 from tandem.storage.pool import CODEC_RAW, ChunkPool
 from tandem.storage.tree import capture_tree, diff_trees, restore_tree
@@ -376,7 +376,7 @@ def test_file_changed_while_read_is_read_again(
 ) -> None:
     src = tmp_path / "src"
     write(src / "log", b"first line\n")
-    real = tree._pieces
+    real = tree_capture._pieces
     calls: list[str] = []
 
     def growing(fd: int, size: int, sparse: bool, path: str) -> Any:
@@ -386,7 +386,7 @@ def test_file_changed_while_read_is_read_again(
         calls.append(path)
         return real(fd, size, sparse, path)
 
-    monkeypatch.setattr(tree, "_pieces", growing)
+    monkeypatch.setattr(tree_capture, "_pieces", growing)
     _, m, _ = capture_tree(pool, src)
     assert len(calls) == 2
     (entry,) = m.entries
@@ -399,14 +399,14 @@ def test_file_that_keeps_changing_fails_capture(
 ) -> None:
     src = tmp_path / "src"
     write(src / "busy", rand(size, 9))
-    real = tree._pieces
+    real = tree_capture._pieces
 
     def always_growing(fd: int, size: int, sparse: bool, path: str) -> Any:
         with open(path, "ab") as fh:
             fh.write(b"more")
         return real(fd, size, sparse, path)
 
-    monkeypatch.setattr(tree, "_pieces", always_growing)
+    monkeypatch.setattr(tree_capture, "_pieces", always_growing)
     with pytest.raises(SourceChanged, match="busy"):
         capture_tree(pool, src)
     assert pool.list_manifests() == []
@@ -429,7 +429,7 @@ def test_a_file_rewritten_after_it_was_read_is_read_again(
     """The application writes a pair (a, then b) after the capture read a and before it read
     b: without the check after reading, the image would hold a=1 with b=2, a state the
     application never had, and call it a success."""
-    monkeypatch.setattr(tree, "RECHECK_BACKOFF", 0.0)
+    monkeypatch.setattr(tree_capture, "RECHECK_BACKOFF", 0.0)
     src = tmp_path / "src"
     write(src / "a", b"counter=0001")
     write(src / "b", b"counter=0001")
@@ -449,7 +449,7 @@ def test_a_file_rewritten_after_it_was_read_is_read_again(
 def test_a_file_that_keeps_changing_after_it_is_read_fails_the_capture(
     pool: ChunkPool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(tree, "RECHECK_BACKOFF", 0.0)
+    monkeypatch.setattr(tree_capture, "RECHECK_BACKOFF", 0.0)
     src = tmp_path / "src"
     write(src / "wal", b"record 0000")
     write(src / "quiet", b"unchanged")
@@ -462,7 +462,7 @@ def test_a_file_that_keeps_changing_after_it_is_read_fails_the_capture(
 
     with pytest.raises(SourceChanged, match=r"wal changed .*changed after being read"):
         capture_tree(pool, src, on_read=append_after_each_read)
-    assert n[0] == tree.RECHECK_ATTEMPTS + 1
+    assert n[0] == tree_capture.RECHECK_ATTEMPTS + 1
     assert pool.list_manifests() == []
 
 
@@ -471,19 +471,19 @@ def test_a_file_reused_from_the_base_and_changed_after_the_walk_is_read(
 ) -> None:
     """Unchanged files are not read on a re-capture; one written right after the walk saw
     it unchanged is caught by the check, and the base manifest is left as it was."""
-    monkeypatch.setattr(tree, "RECHECK_BACKOFF", 0.0)
+    monkeypatch.setattr(tree_capture, "RECHECK_BACKOFF", 0.0)
     src = tmp_path / "src"
     write(src / "config", b"version=1", mtime=T0)
     write(src / "data", b"rows", mtime=T0)
     base_id, base, _ = capture_tree(pool, src)
-    real = tree._walk
+    real = tree_capture._walk
 
     def walk_then_write(*args: Any) -> Any:
         found = real(*args)
         rewrite_same_size(src / "config", b"version=2")
         return found
 
-    monkeypatch.setattr(tree, "_walk", walk_then_write)
+    monkeypatch.setattr(tree_capture, "_walk", walk_then_write)
     _, m, stats = capture_tree(pool, src, base=base, base_id=base_id)
     assert read_back(pool, m, "config") == b"version=2"
     assert read_back(pool, base, "config") == b"version=1"
@@ -498,7 +498,7 @@ def test_vanished_files_are_skipped(
     write(src / "goes", b"goes")
     write(src / "a-head", b"linked data")
     os.link(src / "a-head", src / "b-link")
-    real = tree._walk
+    real = tree_capture._walk
 
     def walk_then_delete(*args: Any) -> Any:
         found = real(*args)
@@ -506,7 +506,7 @@ def test_vanished_files_are_skipped(
         os.unlink(src / "a-head")  # the group's first path: the other link keeps the data
         return found
 
-    monkeypatch.setattr(tree, "_walk", walk_then_delete)
+    monkeypatch.setattr(tree_capture, "_walk", walk_then_delete)
     _, m, _ = capture_tree(pool, src)
     by_path = {e.path: e for e in m.entries}
     assert sorted(by_path) == ["b-link", "stays"]

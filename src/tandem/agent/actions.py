@@ -26,10 +26,15 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tandem.agent import holders, mounts, pg, pit
 from tandem.agent.mounts import MountAction
-from tandem.domain.consistency import MODES, ConsistencyMode, Cut
+from tandem.domain.consistency import CUTS, MODES, ConsistencyMode, Cut
 from tandem.errors import Conflict, InvalidInput, SourceUnreadable, TandemError, TargetInvalid
 from tandem.storage import targets, tree, volume
-from tandem.storage.manifest import TreeManifest, VolumeManifest, decode_manifest
+from tandem.storage.manifest import (
+    TreeManifest,
+    VolumeManifest,
+    decode_manifest,
+    store_manifest,
+)
 from tandem.transport.chunks import RemoteChunkSource, RemotePool, session_path
 from tandem.transport.client import ApiClient
 
@@ -63,6 +68,9 @@ class CaptureRequest(BaseModel):
     job: str = ""
     consistency: str = Field(default="auto", pattern="^(" + "|".join(MODES) + ")$")
     """What the capture may be cut from (``agent.pit``)."""
+    base_stamp: dict[str, int] | None = None
+    """The volume file's ``SourceStamp`` when it held ``base``: if it still matches, the
+    file is not read and ``base`` is committed again (``_unchanged_volume``)."""
 
 
 class RestoreRequest(BaseModel):
@@ -179,6 +187,9 @@ def capture(req: CaptureRequest, emit: Emit) -> dict[str, Any]:
         raise SourceUnreadable(path=str(path), reason="it is not a directory")
     if req.kind == "volume" and not path.exists():
         raise SourceUnreadable(path=str(path), reason="it does not exist")
+    unchanged = _unchanged_volume(req, path, emit)
+    if unchanged is not None:
+        return unchanged
     before = volume.stamp_of(path) if req.kind == "volume" else None
     with pit.point_in_time(str(path), req.kind, ConsistencyMode(req.consistency)) as cut:
         emit({"event": "log", "text": f"capturing from {cut.cut.value}: {cut.reason}"})
@@ -212,6 +223,51 @@ def _capture_postgresql(req: CaptureRequest, path: Path, emit: Emit) -> dict[str
             done = _capture_from(req, path, cut, emit)
     emit({"event": "log", "text": f"base backup stopped at {backup.stop_lsn}"})
     return {**done, **cut.as_dict(), "stamp": None, "pg": backup.as_dict()}
+
+
+def _unchanged_volume(req: CaptureRequest, path: Path, emit: Emit) -> dict[str, Any] | None:
+    """The capture of a volume file untouched since it held ``req.base``, without reading
+    it: same device, inode, size, mtime and ctime as ``req.base_stamp`` (a stamp is taken
+    only when the mtime is not racy, ``volume.stamp_of``), before and after committing the
+    base's manifest again. None when that cannot be shown: the caller reads the file."""
+    if req.kind != "volume" or not (req.base and req.base_stamp):
+        return None
+    try:
+        stamp = volume.SourceStamp.from_dict(req.base_stamp)
+    except (KeyError, TypeError, ValueError):
+        return None
+    if not volume.unchanged_since(path, stamp):
+        return None
+    base_id = bytes.fromhex(req.base)
+    with _client(req.appliance) as client:
+        base = _fetch_manifest(client, req.appliance.session, req.base)
+        if not isinstance(base, VolumeManifest) or base.size != stamp.size:
+            return None
+        pool = RemotePool(client, req.appliance.session, [base_id])
+        with pool.writer() as writer:
+            mid = store_manifest(writer, base)
+        sent = writer.bytes_sent
+    if mid != base_id or not volume.unchanged_since(path, stamp):
+        return None  # changed meanwhile: read it (what was committed stays unused)
+    emit({"event": "progress", "done": base.size, "total": base.size})
+    cut = base.meta.get("consistency")
+    stats = volume.CaptureStats(
+        bytes_total=base.size,
+        chunks=len(base.chunks),
+        chunks_zero=sum(1 for c in base.chunks if c is None),
+    )
+    return {
+        "event": "done",
+        "manifest": mid.hex(),
+        "size": base.size,
+        "bytes_sent": sent,
+        "stats": stats.as_dict(),
+        "consistency": cut if cut in CUTS else None,
+        "consistency_reason": "unchanged since the previous capture (same inode, size, mtime "
+        "and ctime): its image is taken again without reading the volume",
+        "held_seconds": None,
+        "stamp": stamp.as_dict(),
+    }
 
 
 def _capture_from(

@@ -19,9 +19,9 @@ Invariants
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
-import queue
 import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -44,39 +44,43 @@ from tandem.transport.server import (
 )
 
 KIND = "agent"
-POLL = 0.05
 
 
 def _stream(job: str, work: Callable[[actions.Emit], dict[str, Any]]) -> StreamingResponse:
-    """Run ``work`` in a thread and stream its events as NDJSON; errors become an event."""
-    events: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
+    """Run ``work`` in a thread and stream its events as NDJSON; errors become an event.
+
+    Each event is handed to the event loop as it is emitted (no polling), so the appliance
+    learns of the end of a short action at once."""
     gone = threading.Event()
 
-    def emit(event: dict[str, Any]) -> None:
-        if gone.is_set():
-            raise JobCanceled(job=job or "(unnamed)")
-        events.put(event)
-
-    def run() -> None:
-        try:
-            events.put(work(emit))
-        except TandemError as exc:
-            events.put({"event": "error", "error": exc.code, "message": exc.message})
-        except Exception as exc:  # reported to the appliance, which fails the job
-            events.put({"event": "error", "error": "TandemError", "message": f"agent: {exc!r}"})
-        finally:
-            events.put(None)
-
     async def body() -> AsyncIterator[bytes]:
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+
+        def put(event: dict[str, Any] | None) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody listens
+                loop.call_soon_threadsafe(events.put_nowait, event)
+
+        def emit(event: dict[str, Any]) -> None:
+            if gone.is_set():
+                raise JobCanceled(job=job or "(unnamed)")
+            put(event)
+
+        def run() -> None:
+            try:
+                put(work(emit))
+            except TandemError as exc:
+                put({"event": "error", "error": exc.code, "message": exc.message})
+            except Exception as exc:  # reported to the appliance, which fails the job
+                put({"event": "error", "error": "TandemError", "message": f"agent: {exc!r}"})
+            finally:
+                put(None)
+
         # Started here, not before: if the response is never sent, no work is done.
         threading.Thread(target=run, name=f"agent-{job or 'action'}", daemon=True).start()
         try:
             while True:
-                try:
-                    event = events.get_nowait()
-                except queue.Empty:
-                    await asyncio.sleep(POLL)
-                    continue
+                event = await events.get()
                 if event is None:
                     return
                 yield (json.dumps(event) + "\n").encode()

@@ -62,6 +62,7 @@ from typing import Any
 from tandem.agent import pit
 from tandem.errors import Conflict, InvalidInput, NotFound, TandemError, TargetInvalid
 from tandem.storage import targets
+from tandem.storage.fileio import write_durably
 
 REGISTRY_FILE = "mounts.json"
 VOLUME_FILE = "volume.img"
@@ -422,18 +423,7 @@ class Registry:
         return raw
 
     def _save(self, data: dict[str, dict[str, Any]]) -> None:
-        tmp = self.path.with_name(REGISTRY_FILE + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=2, sort_keys=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
-        dfd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        write_durably(self.path, json.dumps(data, indent=2, sort_keys=True).encode(), 0o600)
 
     def read(self) -> dict[str, dict[str, Any]]:
         """The whole registry: image id → entry (see the module docstring)."""

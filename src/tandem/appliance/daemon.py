@@ -203,6 +203,7 @@ class Appliance:
         self.site.presenter = self.nbd
         self.runner = JobRunner(self.catalog, job_handlers(self.site), workers=workers)
         self.site.wake = self.runner.wake
+        self.site.ended = self.runner.ended
         self.scheduler = Scheduler(self.site, tick=scheduler_tick, capacity=workers)
         self.wal = WalShipper(self.site)
         self.app = create_app(self.site)

@@ -251,8 +251,20 @@ def make_router(site: Site) -> APIRouter:
         return GcOut.of(gc.status(site))
 
     @router.get("/jobs/{job_id}", tags=["jobs"])
-    def show_job(job_id: JobId, who: Caller) -> JobOut:
-        return JobOut.of(monitor.get_job(site, job_id=job_id), who)
+    def show_job(
+        job_id: JobId,
+        who: Caller,
+        wait: Annotated[
+            float,
+            Query(
+                ge=0,
+                le=monitor.MAX_WAIT,
+                description="Seconds to wait for the job to end before answering (a long "
+                "poll: the answer comes as soon as it ends); 0 answers at once.",
+            ),
+        ] = 0.0,
+    ) -> JobOut:
+        return JobOut.of(monitor.get_job(site, job_id=job_id, wait=wait), who)
 
     @router.get("/jobs/{job_id}/log", tags=["jobs"])
     def job_log(job_id: JobId) -> list[JobLogOut]:

@@ -14,6 +14,10 @@ Invariants
 - With several runners (``exclusive`` false) the heartbeat thread also recovers, at each
   beat, the jobs whose heartbeat is older than ``stale_after``: a vanished runner's jobs
   are recovered within ``stale_after`` plus one beat.
+- ``ended`` (a ``JobSignal``) is notified after every job's end is committed, so a caller
+  waiting for a job (the API's ``GET /jobs/{id}?wait=S``) answers at once instead of
+  polling. It covers this runner's jobs only: a waiter also re-reads the catalog now and
+  then, for jobs that other runners end.
 - The runner needs no asyncio: it runs in its own threads beside uvicorn. ``start()`` first
   recovers jobs left running by a previous run (``tandem.jobs.queue.recover_jobs``);
   ``stop()`` asks running handlers to stop (``check_canceled()`` raises) and treats the jobs
@@ -192,6 +196,33 @@ class JobContext:
             self._cancel.set()
 
 
+class JobSignal:
+    """A counter of job ends that waiters can block on.
+
+    Read ``generation`` *before* reading a job's row; ``wait(generation, timeout)`` then
+    returns as soon as any job ended after that read (no end is missed in between)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._generation = 0
+
+    @property
+    def generation(self) -> int:
+        with self._cond:
+            return self._generation
+
+    def notify(self) -> None:
+        with self._cond:
+            self._generation += 1
+            self._cond.notify_all()
+
+    def wait(self, generation: int, timeout: float) -> bool:
+        """Block until a job ends after ``generation`` was read, or ``timeout`` seconds;
+        returns whether one did."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._generation != generation, timeout)
+
+
 def default_runner_id() -> str:
     """A runner id unique to this process: host name, pid and a random part."""
     return f"{socket.gethostname()[:32]}-{os.getpid()}-{new_id('r')[2:8]}"
@@ -238,6 +269,7 @@ class JobRunner:
         self._active_lock = threading.Lock()
         self._idle = 0  # workers waiting for a job; under _active_lock
         self._threads: list[threading.Thread] = []
+        self.ended = JobSignal()
 
     # -- control --------------------------------------------------------------------------
 
@@ -403,6 +435,7 @@ class JobRunner:
                         runner_id=self.runner_id,
                         resumable=info.type in self.resumable,
                     )
+                self.ended.notify()
                 return
             message = CANCELED_MESSAGE if ctx.cancel_requested else exc.message
             self._finish(info.id, JobStatus.CANCELED, message)
@@ -426,6 +459,7 @@ class JobRunner:
     ) -> None:
         with self.catalog.begin() as session:
             finish_job(session, job_id=job_id, status=status, message=message, result=result)
+        self.ended.notify()
 
     def _beat(self) -> None:
         while not self._stopping.wait(self.heartbeat_interval):

@@ -106,6 +106,7 @@ def run_capture(site: Site, ctx: JobContext) -> dict[str, Any]:
             "job": ctx.job.id,
             "appliance": site.session_ref(transfer.id, token),
             "consistency": mode.value,
+            "base_stamp": _stamp_of_base(site, app, base_id),
         }
         with agent_for(host) as agent:
             if app.kind is AppKind.POSTGRESQL:
@@ -193,6 +194,15 @@ def _pg_of(done: dict[str, Any]) -> dict[str, Any]:
         raise RemoteError(
             what="host", name="of the app", detail=f"its base backup report is invalid ({exc})"
         ) from exc
+
+
+def _stamp_of_base(site: Site, app: App, base_id: bytes | None) -> dict[str, Any] | None:
+    """The volume file's stamp when it held the base image (``stamps``), for the agent to
+    skip reading a file untouched since; None for trees and when unknown."""
+    if app.kind is not AppKind.VOLUME or base_id is None:
+        return None
+    known = stamps.known(site, app_id=app.id)
+    return known[1] if known is not None and known[0] == base_id.hex() else None
 
 
 def _cut_of(done: dict[str, Any], mode: ConsistencyMode) -> str | None:

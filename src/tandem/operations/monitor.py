@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 from tandem.catalog import queries as q
 from tandem.catalog.models import Audit, Job, JobLog
-from tandem.domain.jobs import JobStatus
+from tandem.domain.jobs import TERMINAL, JobStatus
 from tandem.jobs.queue import cancel_job as _cancel
 from tandem.operations.site import Site
 
@@ -27,9 +28,25 @@ def list_jobs(
         )
 
 
-def get_job(site: Site, *, job_id: str) -> Job:
-    with site.catalog.read() as session:
-        return q.get_job(session, job_id=job_id)
+MAX_WAIT = 10.0
+"""Seconds ``get_job(wait=…)`` may hold a caller (the API caps ``?wait=`` here)."""
+REREAD = 0.5
+"""While waiting, the catalog is re-read this often: another runner process (PostgreSQL
+scale-out) or a cancel ends jobs without this process's runner signalling it."""
+
+
+def get_job(site: Site, *, job_id: str, wait: float = 0.0) -> Job:
+    """The job's row; with ``wait`` seconds, the row once the job has ended or the time is up,
+    whichever comes first (a long poll: the caller learns of the end at once)."""
+    deadline = time.monotonic() + min(max(wait, 0.0), MAX_WAIT)
+    while True:
+        generation = site.ended.generation
+        with site.catalog.read() as session:
+            job = q.get_job(session, job_id=job_id)
+        left = deadline - time.monotonic()
+        if job.status in TERMINAL or left <= 0:
+            return job
+        site.ended.wait(generation, min(left, REREAD))
 
 
 def job_log(site: Site, *, job_id: str) -> list[JobLog]:

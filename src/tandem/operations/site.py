@@ -9,7 +9,8 @@ Invariants
   its image missing. The sweep runs after, without the lock (``storage.gc``): whatever a
   writer writes or reuses from then on is newer than the collection's cut-off.
 - ``wake`` tells the job runner that a job was queued (a no-op when no runner runs, as in
-  unit tests that only submit).
+  unit tests that only submit); ``ended`` is the runner's signal of job ends (never
+  notified without a runner: waiters then fall back on re-reading the catalog).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from tandem.catalog.db import Catalog
+from tandem.jobs.runner import JobSignal
 from tandem.operations.sessions import SessionRegistry
 from tandem.storage.overlay import Overlay
 from tandem.storage.pool import ChunkPool
@@ -57,6 +59,7 @@ class Site:
     """Held by the WAL shipper while it acts on an app's stream, and by what stops the
     stream for good (removing the app): a receiver is never restarted behind a drop."""
     wake: Callable[[], None] = _nothing
+    ended: JobSignal = field(default_factory=JobSignal)
     presenter: Presenter | None = None
     """The NBD server volume images are exported by (None: NBD is off)."""
     overlays: dict[str, Overlay] = field(default_factory=dict)

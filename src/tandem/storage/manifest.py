@@ -22,7 +22,9 @@ again against the target (symlink escapes).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+import gc
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -45,15 +47,37 @@ FIFO = "p"
 ENTRY_TYPES = frozenset({FILE, DIR, SYMLINK, HARDLINK, FIFO})
 
 
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector around bulk work on manifests.
+
+    Decoding, encoding or capturing a tree allocates one container per entry and keeps them
+    all, which makes every generation-2 collection walk the whole manifest: a third of a
+    re-capture's time on 50,000 files, and most of a 50,000-entry decode. Entries form no
+    reference cycles, so nothing is left for the collector meanwhile; it is re-enabled
+    only if it was enabled (and nested pauses leave it to the outermost).
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def check_relpath(path: str) -> str:
     """Return ``path`` if it is a safe relative POSIX path, else raise UnsafePath."""
     if not path or "\x00" in path:
         raise UnsafePath(path=path, reason="empty or contains NUL")
     if path.startswith("/"):
         raise UnsafePath(path=path, reason="absolute path")
-    parts = path.split("/")
-    if any(p in ("", ".", "..") for p in parts):
-        raise UnsafePath(path=path, reason="'.', '..' or empty component")
+    # Fast path (one per entry of every manifest decoded): a path with no empty component
+    # and no component starting with "." needs no split.
+    if "//" in path or path.endswith("/") or "/." in "/" + path:
+        parts = path.split("/")
+        if any(p in ("", ".", "..") for p in parts):
+            raise UnsafePath(path=path, reason="'.', '..' or empty component")
     return path
 
 
@@ -146,6 +170,7 @@ class TreeManifest:
 Manifest = VolumeManifest | TreeManifest
 
 
+@gc_paused()
 def encode_manifest(manifest: Manifest) -> bytes:
     """The msgpack encoding (the pool compresses it when storing)."""
     if isinstance(manifest, VolumeManifest):
@@ -167,6 +192,7 @@ def encode_manifest(manifest: Manifest) -> bytes:
     return msgpack.packb(doc, use_bin_type=True)  # type: ignore[no-any-return]
 
 
+@gc_paused()
 def decode_manifest(blob: bytes, digest: bytes = b"") -> Manifest:
     """Parse and validate a manifest encoding; raises ManifestInvalid (or UnsafePath)."""
     label = digest.hex() or "(unnamed)"
@@ -196,6 +222,17 @@ def decode_manifest(blob: bytes, digest: bytes = b"") -> Manifest:
     except (KeyError, TypeError, ValueError) as exc:
         raise ManifestInvalid(digest=label, reason=str(exc)) from exc
     raise ManifestInvalid(digest=label, reason=f"unknown kind {doc.get('kind')!r}")
+
+
+@gc_paused()
+def stored_chunk_ids(blob: bytes) -> set[bytes]:
+    """The chunk ids named by the encoding of a manifest this pool stored (read back and
+    verified against its id), without building its entries: a fraction of
+    ``decode_manifest``'s time for a large tree. Never use it on a blob from the wire."""
+    doc = msgpack.unpackb(blob, raw=False, strict_map_key=False)
+    if doc.get("kind") == "volume":
+        return {c for c in doc["chunks"] if c is not None}
+    return {d for e in doc["entries"] for d, _ in e[8] if d is not None}
 
 
 def all_chunk_ids(manifests: Iterable[Manifest]) -> set[bytes]:

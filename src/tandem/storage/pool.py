@@ -57,6 +57,7 @@ from tandem.storage.digest import (
     hash_object,
     object_id,
 )
+from tandem.storage.fileio import fsync_dir, write_durably
 
 MAGIC = b"TCK1"
 HEADER = struct.Struct("<4sBBHI")
@@ -101,6 +102,13 @@ def _pack(data: bytes | bytearray | memoryview) -> tuple[int, bytes]:
     if len(packed) <= len(data) * (1 - MIN_SAVING):
         return CODEC_ZSTD, packed
     return CODEC_RAW, bytes(data)
+
+
+def delta_pays(changed: int, blocks: int) -> bool:
+    """Whether a chunk of ``blocks`` sub-blocks, ``changed`` of them different from its
+    previous version, is stored and sent as a delta over it (at most half changed) rather
+    than whole. The one rule every writer of deltas follows."""
+    return changed <= blocks // 2
 
 
 def _xor(a: bytes, b: bytes) -> bytes:
@@ -293,14 +301,6 @@ def start_writeback(fd: int) -> None:
         _sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _translate_oserror(exc: OSError, pool: Path) -> StorageError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return PoolFull(pool=str(pool), reason=exc.strerror or "ENOSPC")
@@ -411,10 +411,10 @@ class ChunkPool:
                 (root / sub).mkdir(exist_ok=True)
             for i in range(256):
                 (root / "chunks" / f"{i:02x}").mkdir(parents=True, exist_ok=True)
-            tmp = root / "pool.json.tmp"
-            tmp.write_text(json.dumps({"format": POOL_FORMAT, "kind": "tandem-pool"}))
-            os.replace(tmp, root / "pool.json")
-            _fsync_dir(root)
+            # Written last and durably: a pool.json names a complete pool (it used to be
+            # renamed without an fsync, which a crash can leave as an empty file).
+            meta = {"format": POOL_FORMAT, "kind": "tandem-pool"}
+            write_durably(root / "pool.json", json.dumps(meta).encode())
         return cls(root)
 
     def _clean_tmp(self) -> None:
@@ -983,7 +983,7 @@ class PoolWriter:
                 fh.flush()
                 os.fsync(fh.fileno())
             os.rename(tmp, final)
-            _fsync_dir(final.parent)
+            fsync_dir(final.parent)
         except OSError as exc:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)

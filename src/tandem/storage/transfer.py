@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 from tandem.errors import ChunkCorrupt, ChunkMissing
 from tandem.storage.manifest import Manifest, VolumeManifest
-from tandem.storage.pool import CODEC_DELTA, ChunkPool, encode_delta, parse_header
+from tandem.storage.pool import CODEC_DELTA, ChunkPool, delta_pays, encode_delta, parse_header
 
 
 def chunks_to_offer(new: Manifest, prev: Manifest | None) -> list[bytes]:
@@ -76,7 +76,7 @@ def encode_for_receiver(
             changed = [
                 j for j, (a, b) in enumerate(zip(info.subs, prev_subs, strict=True)) if a != b
             ]
-            if len(changed) <= len(info.subs) // 2:
+            if delta_pays(len(changed), len(info.subs)):
                 blocks = dict(zip(changed, pool.read_blocks(digest, changed), strict=True))
                 old = dict(zip(changed, pool.read_blocks(prev, changed), strict=True))
                 return encode_delta(prev, 0, info.plain_len, info.subs, blocks, old)

@@ -56,7 +56,7 @@ from tandem.storage.digest import (
     object_id,
 )
 from tandem.storage.manifest import VOLUME_CHUNK, VolumeManifest, store_manifest
-from tandem.storage.pool import ChunkPool, ChunkWriter, PutResult, WritablePool
+from tandem.storage.pool import ChunkPool, ChunkWriter, PutResult, WritablePool, delta_pays
 
 _T = TypeVar("_T")
 _R = TypeVar("_R")
@@ -366,7 +366,7 @@ def _put_as_delta(
     if len(base_subs) != len(subs):
         return None
     changed = [j for j, (a, b) in enumerate(zip(subs, base_subs, strict=True)) if a != b]
-    if len(changed) > len(subs) // 2:
+    if not delta_pays(len(changed), len(subs)):
         return None
     return writer.put_delta(data, digest, subs, base_chunk, changed)
 
@@ -572,17 +572,22 @@ class SourceStamp:
     ino: int
     size: int
     mtime_ns: int
+    ctime_ns: int
+    """The inode's change time: no one can set it back (a tool that restores an mtime after
+    rewriting a file, ``cp -p`` or ``touch -d``, still moves it)."""
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any]) -> SourceStamp:
-        return cls(**{k: int(doc[k]) for k in ("dev", "ino", "size", "mtime_ns")})
+        """Raises KeyError, TypeError or ValueError for anything but a whole stamp (one
+        recorded before ``ctime_ns`` was is not trusted: the caller reads the file)."""
+        return cls(**{k: int(doc[k]) for k in ("dev", "ino", "size", "mtime_ns", "ctime_ns")})
 
     @classmethod
     def of(cls, st: os.stat_result) -> SourceStamp:
-        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def stamp_of(path: Path | str) -> SourceStamp | None:

@@ -12,8 +12,11 @@ when the manifest is committed.
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections import deque
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from types import TracebackType
 from typing import Any
 
@@ -39,6 +42,11 @@ from tandem.transport.wire import (
 
 BATCH_BYTES = 16 * 1024 * 1024
 BATCH_COUNT = 1024
+SENDERS = 3
+"""Batches a RemoteWriter has in flight at once, each on its own connection: while one
+waits for the appliance's answer (which may include a file-system sync), the next streams.
+The capture threads keep hashing and compressing meanwhile; only when SENDERS batches are
+under way does the next full batch wait (flat memory: at most SENDERS + 1 batches)."""
 
 
 def session_path(session: str, *rest: str) -> str:
@@ -47,7 +55,15 @@ def session_path(session: str, *rest: str) -> str:
 
 
 class RemoteWriter:
-    """Has the PoolWriter interface the capture functions use; sends in batches."""
+    """Has the PoolWriter interface the capture functions use; sends in batches.
+
+    Each batch is one exchange with the session: ``/missing`` with its digests (the
+    appliance answers which it lacks), then ``/chunks`` with those. Batches go out in
+    background threads (``SENDERS`` at once) while the caller goes on producing chunks; the
+    first error of a batch is raised by the next ``put`` or by ``flush``. ``flush`` returns
+    once every batch was answered, so ``commit_manifest`` (which flushes first) commits
+    only after the appliance stored every chunk.
+    """
 
     def __init__(self, client: ApiClient, session: str) -> None:
         self.client = client
@@ -57,6 +73,8 @@ class RemoteWriter:
         self._batch: list[tuple[bytes, bytes]] = []
         self._batch_bytes = 0
         self._known: set[bytes] = set()
+        self._inflight: deque[Future[None]] = deque()
+        self._senders: ThreadPoolExecutor | None = None
         self.bytes_sent = 0
         self.chunks_sent = 0
 
@@ -69,10 +87,19 @@ class RemoteWriter:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if exc_type is None:
-            self.flush()
-        else:
-            self.discard()
+        try:
+            if exc_type is None:
+                self.flush()
+            else:
+                self.discard()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Stop the sender threads (after the batches under way)."""
+        senders, self._senders = self._senders, None
+        if senders is not None:
+            senders.shutdown(wait=True, cancel_futures=True)
 
     def has(self, digest: bytes) -> bool:
         with self._lock:
@@ -137,29 +164,52 @@ class RemoteWriter:
             self._batch_bytes += len(blob)
             full = self._batch_bytes >= BATCH_BYTES or len(self._batch) >= BATCH_COUNT
         if full:
-            self.flush()
+            self._dispatch(wait_all=False)
 
-    def flush(self) -> None:
-        """Ask which chunks of the batch the appliance lacks, then send those."""
+    def _dispatch(self, *, wait_all: bool) -> None:
+        """Hand the current batch to a sender; wait until fewer than SENDERS batches are
+        under way (all of them with ``wait_all``). Raises the first failed batch's error."""
         with self._send_lock:
             with self._lock:
                 batch, self._batch, self._batch_bytes = self._batch, [], 0
-            if not batch:
-                return
-            answer = self.client.post(
-                f"{self.base}/missing", {"digests": encode_digests(d for d, _ in batch)}
-            )
-            missing = set(decode_digests(answer["missing"]))
-            frames = [(d, b) for d, b in batch if d in missing]
-            if frames:
-                body = encode_frames(frames)
-                self.client.request("POST", f"{self.base}/chunks", content=body)
+            limit = 0 if wait_all else SENDERS - 1
+            while len(self._inflight) > limit:
+                self._inflight.popleft().result()
+            if batch:
+                if self._senders is None:
+                    self._senders = ThreadPoolExecutor(SENDERS, thread_name_prefix="tandem-send")
+                self._inflight.append(self._senders.submit(self._send, batch))
+                if wait_all:
+                    self._inflight.popleft().result()
+
+    def _send(self, batch: list[tuple[bytes, bytes]]) -> None:
+        """Ask which chunks of the batch the appliance lacks, then send those."""
+        answer = self.client.post(
+            f"{self.base}/missing", {"digests": encode_digests(d for d, _ in batch)}
+        )
+        missing = set(decode_digests(answer["missing"]))
+        frames = [(d, b) for d, b in batch if d in missing]
+        if frames:
+            body = encode_frames(frames)
+            self.client.request("POST", f"{self.base}/chunks", content=body)
+            with self._lock:
                 self.bytes_sent += len(body)
                 self.chunks_sent += len(frames)
 
+    def flush(self) -> None:
+        """Send what is queued and wait until the appliance has stored every batch."""
+        self._dispatch(wait_all=True)
+
     def discard(self) -> None:
+        """Drop what is queued; wait for the batches under way, ignoring their errors."""
         with self._lock:
             self._batch, self._batch_bytes = [], 0
+        with self._send_lock:
+            while self._inflight:
+                fut = self._inflight.popleft()
+                fut.cancel()
+                with contextlib.suppress(Exception):
+                    fut.result()
 
     def commit_manifest(self, blob: bytes) -> bytes:
         self.flush()

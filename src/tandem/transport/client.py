@@ -233,8 +233,11 @@ class ApplianceClient(ApiClient):
         """Jobs, newest first (``app``, ``status``, ``limit``, ``after``)."""
         return self.get(f"{API}/jobs", **filters)
 
-    def job(self, job: str) -> Doc:
-        return self.get(api_path(f"{API}/jobs", job))
+    def job(self, job: str, *, wait: float | None = None) -> Doc:
+        """The job; with ``wait``, answered as soon as it ends or after ``wait`` seconds."""
+        if wait is None:
+            return self.get(api_path(f"{API}/jobs", job))
+        return self.get(api_path(f"{API}/jobs", job), wait=wait)
 
     def job_log(self, job: str) -> Doc:
         return self.get(api_path(f"{API}/jobs", job, "log"))

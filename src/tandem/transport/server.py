@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tandem.domain.ids import validate_name
 from tandem.errors import InvalidInput, TandemError
+from tandem.storage.fileio import write_durably
 from tandem.transport.tls import make_self_signed
 
 log = logging.getLogger("tandem")
@@ -149,9 +150,9 @@ def init_daemon_dir(
     )
     token = new_token()
     cfg = DaemonConfig(kind, name, listen, hash_token(token), fingerprint, extra or {})
-    tmp = directory / "config.json.tmp"
-    tmp.write_text(json.dumps(cfg.__dict__, indent=2))
-    os.replace(tmp, cfg_path)
+    # Durably (the token's hash and the pinned certificate's fingerprint are in it): a crash
+    # right after init must not leave an empty config.json.
+    write_durably(cfg_path, json.dumps(cfg.__dict__, indent=2).encode(), mode=0o600)
     return cfg, token
 
 
