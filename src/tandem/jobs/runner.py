@@ -13,7 +13,9 @@ Invariants
   must know the runner has caught up.
 - With several runners (``exclusive`` false) the heartbeat thread also recovers, at each
   beat, the jobs whose heartbeat is older than ``stale_after``: a vanished runner's jobs
-  are recovered within ``stale_after`` plus one beat.
+  are recovered within ``stale_after`` plus one beat, by whichever runner looks first
+  (once: ``recover_jobs``). At start it also recovers at once the jobs of runners of the
+  same machine and pid namespace whose process is gone (``dead_local_runners``).
 - The runner needs no asyncio: it runs in its own threads beside uvicorn. ``start()`` first
   recovers jobs left running by a previous run (``tandem.jobs.queue.recover_jobs``);
   ``stop()`` asks running handlers to stop (``check_canceled()`` raises) and treats the jobs
@@ -22,6 +24,7 @@ Invariants
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import socket
@@ -31,6 +34,7 @@ import traceback
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from tandem.catalog.db import Catalog
@@ -47,6 +51,7 @@ from tandem.jobs.queue import (
     interrupt_job,
     recover_jobs,
     release_job,
+    running_runners,
     submit_job,
     update_progress,
 )
@@ -192,9 +197,43 @@ class JobContext:
             self._cancel.set()
 
 
+def _pid_namespace() -> str:
+    """8 hex digits naming this kernel boot and pid namespace: two processes with the same
+    tag can tell by pid whether the other is alive."""
+    parts = []
+    try:
+        parts.append(Path("/proc/sys/kernel/random/boot_id").read_text().strip())
+        parts.append(os.readlink("/proc/self/ns/pid"))
+    except OSError:
+        parts.append(socket.gethostname())
+    return hashlib.blake2b("|".join(parts).encode(), digest_size=4).hexdigest()
+
+
 def default_runner_id() -> str:
-    """A runner id unique to this process: host name, pid and a random part."""
-    return f"{socket.gethostname()[:32]}-{os.getpid()}-{new_id('r')[2:8]}"
+    """A runner id unique to this process: host name, pid namespace, pid, a random part."""
+    host = socket.gethostname()[:32]
+    return f"{host}-{_pid_namespace()}-{os.getpid()}-{new_id('r')[2:8]}"
+
+
+def dead_local_runners(runner_ids: Collection[str]) -> list[str]:
+    """The runners among ``runner_ids`` that ran in this pid namespace (see
+    ``default_runner_id``) and whose process is gone: their jobs need no heartbeat timeout."""
+    here = _pid_namespace()
+    dead = []
+    for runner in runner_ids:
+        parts = runner.rsplit("-", 3)
+        if len(parts) != 4 or parts[1] != here or not parts[2].isdigit():
+            continue
+        pid = int(parts[2])
+        if pid == os.getpid():
+            continue
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            dead.append(runner)
+        except PermissionError:
+            continue  # alive, someone else's
+    return dead
 
 
 class JobRunner:
@@ -246,7 +285,7 @@ class JobRunner:
         if self._threads:
             raise RuntimeError("the job runner is already started")
         self._stopping.clear()
-        self.recover()
+        self.recover(starting=True)
         for n in range(self.workers):
             self._threads.append(
                 threading.Thread(target=self._work, name=f"tandem-job-{n}", daemon=True)
@@ -290,14 +329,26 @@ class JobRunner:
         """Tell idle workers a job was queued (call it after the submitting commit)."""
         self._wake.set()
 
-    def recover(self) -> list[str]:
-        """Recover jobs left running by a runner that is gone; return their ids."""
+    def recover(self, *, starting: bool = False) -> list[str]:
+        """Recover jobs left running by a runner that is gone; return their ids.
+
+        Exclusive: every running job. Otherwise the jobs whose heartbeat is ``stale_after``
+        old, and when ``starting`` also those of runners of this machine whose process is
+        gone (a restarted appliance need not wait out the heartbeat timeout)."""
         stale = None if self.exclusive else self.stale_after
+        ids: list[str] = []
         with self.catalog.begin() as session:
+            if starting and not self.exclusive:
+                dead = dead_local_runners(running_runners(session))
+                if dead:
+                    jobs = recover_jobs(
+                        session, self.runner_id, runners=dead, resumable=self.resumable
+                    )
+                    ids.extend(job.id for job in jobs)
             jobs = recover_jobs(
                 session, self.runner_id, stale_after=stale, resumable=self.resumable
             )
-            ids = [job.id for job in jobs]
+            ids.extend(job.id for job in jobs)
         if ids:
             log.warning("recovered %d interrupted job(s): %s", len(ids), ", ".join(ids))
             self.wake()
