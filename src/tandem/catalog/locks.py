@@ -5,7 +5,8 @@ Invariants
   (``pg_try_advisory_lock``) taken on a connection of its own, kept open while the lock is
   held: a process that dies (or loses the database) loses the connection and so the lock,
   and another process can take it at once. No lease to expire, nothing to clean up.
-- Its key is a stable 63-bit number derived from the lock's name, the same in every process.
+- Its key is a stable 63-bit number derived from the database, the schema and the lock's
+  name: the same in every process of one catalog, different for catalogs side by side.
 - On SQLite only one appliance process may use the catalog (``appliance.daemon`` refuses a
   second), so the lock is a ``threading.Lock`` of the process, one per catalog and name.
 - Taking is never blocking: the caller learns at once that another process holds it.
@@ -44,6 +45,7 @@ class CatalogLock:
         self.catalog = catalog
         self.name = name
         self.key = lock_key(name)
+        self._scoped: int | None = None
         self._connection: Connection | None = None
         self._local = _local_lock(catalog.url, name) if catalog.dialect != "postgresql" else None
         self._held_local = False
@@ -58,6 +60,13 @@ class CatalogLock:
             return self.held()
         connection = self.catalog.engine.connect()
         try:
+            if self._scoped is None:
+                # Advisory locks are per database: name the schema too, so appliances with
+                # catalogs in different schemas of one database never share a lock.
+                row = connection.execute(text("SELECT current_database(), current_schema()"))
+                where = row.one()
+                self._scoped = lock_key(f"{where[0]}/{where[1]}/{self.name}")
+            self.key = self._scoped
             got = bool(
                 connection.execute(
                     text("SELECT pg_try_advisory_lock(:key)"), {"key": self.key}
