@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import secrets
+
 import pytest
 from sqlalchemy import text
 
@@ -44,16 +46,14 @@ def test_a_holder_whose_connection_dies_loses_the_lock(catalog_url: str) -> None
 
 
 @pytest.mark.postgres
-def test_catalogs_in_two_schemas_of_one_database_do_not_share_locks(
-    catalog_url: str, tmp_path: object
-) -> None:
+def test_catalogs_in_two_schemas_of_one_database_do_not_share_locks(catalog_url: str) -> None:
     if not catalog_url.startswith("postgresql"):
         pytest.skip("schemas are PostgreSQL's")
     from sqlalchemy import create_engine
     from sqlalchemy.engine import make_url
 
     url = make_url(catalog_url)
-    other_schema = "test_other_" + url.query["options"].split("=")[-1][-6:]
+    other_schema = "test_other_" + secrets.token_hex(4)
     admin = create_engine(url)
     with admin.begin() as connection:
         connection.exec_driver_sql(f'CREATE SCHEMA "{other_schema}"')

@@ -314,12 +314,14 @@ class Appliance:
             pool=pool,
             sessions=SessionRegistry(pool),
         )
-        # A joined process serves no NBD exports (nor the virtual copies behind them).
-        self.nbd = nbd_server(self.config, directory)
         handlers = job_handlers(self.site)
         if self.joined:
+            # A joined process serves no NBD exports (nor the virtual copies behind them):
+            # its server is never started, and its runner takes no presentation jobs.
+            self.nbd = NbdServer(self.config.host, 0)
             handlers = {t: h for t, h in handlers.items() if t in JOINED_TYPES}
         else:
+            self.nbd = nbd_server(self.config, directory)
             self.site.presenter = self.nbd
         # On PostgreSQL other processes may share the catalog: a running job is an orphan
         # only when its heartbeat is stale (or its process, on this machine, is gone).
