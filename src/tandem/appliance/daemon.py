@@ -133,8 +133,8 @@ def join(
         base = load_daemon_dir(first, KIND)
     except InvalidInput as exc:
         raise InvalidInput(
-            detail=f"--join {first}: {exc.message} (give the directory of the first "
-            "appliance process, on storage both machines reach)"
+            detail=f"--join {first}: {exc.fields.get('detail', exc.message)}; give the "
+            "directory of the first appliance process, on storage both machines reach"
         ) from exc
     if name is not None and name != base.name:
         raise InvalidInput(

@@ -65,19 +65,19 @@ def appliance_init(
 ) -> None:
     """Create an appliance in DIR; prints its URL, admin token and fingerprint."""
     from tandem.appliance import daemon
-    from tandem.errors import InvalidInput
 
     if join is not None:
         if catalog is not None or nbd_listen is not None or nbd_tls:
-            raise InvalidInput(
-                detail="--join takes the catalog and pool of the process it joins and serves "
-                "no NBD: leave out --catalog, --nbd-listen and --nbd-tls"
+            raise typer.BadParameter(
+                "a joined process takes the catalog and pool of the one it joins and serves "
+                "no NBD: leave out --catalog, --nbd-listen and --nbd-tls",
+                param_hint="'--join'",
             )
         doc = daemon.join(directory, join, listen, name=name, workers=workers)
         _print_init(doc, json_)
         return
     if name is None:
-        raise InvalidInput(detail="`tandem appliance init` needs --name NAME (or --join DIR)")
+        raise typer.BadParameter("give the appliance a name (or --join DIR)", param_hint="'--name'")
     doc = daemon.init(
         directory,
         name,
