@@ -24,9 +24,11 @@ Invariants
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
+import secrets
 import socket
 import threading
 import time
@@ -197,16 +199,17 @@ class JobContext:
             self._cancel.set()
 
 
+@functools.cache
 def _pid_namespace() -> str:
     """8 hex digits naming this kernel boot and pid namespace: two processes with the same
-    tag can tell by pid whether the other is alive."""
-    parts = []
+    tag can tell by pid whether the other is alive. Where that cannot be known (no /proc),
+    a tag of this process alone, so that no other process is ever judged dead by pid."""
     try:
-        parts.append(Path("/proc/sys/kernel/random/boot_id").read_text().strip())
-        parts.append(os.readlink("/proc/self/ns/pid"))
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        namespace = os.readlink("/proc/self/ns/pid")
     except OSError:
-        parts.append(socket.gethostname())
-    return hashlib.blake2b("|".join(parts).encode(), digest_size=4).hexdigest()
+        return secrets.token_hex(4)
+    return hashlib.blake2b(f"{boot}|{namespace}".encode(), digest_size=4).hexdigest()
 
 
 def default_runner_id() -> str:
