@@ -58,6 +58,7 @@ from tandem.catalog.db import open_catalog
 from tandem.domain.rules import Role
 from tandem.errors import AlreadyExists, InvalidInput
 from tandem.jobs.runner import JobRunner
+from tandem.operations import capture, gc, images, replicate
 from tandem.operations.handlers import job_handlers
 from tandem.operations.present import restore_exports
 from tandem.operations.sessions import SessionRegistry
@@ -81,7 +82,7 @@ HEARTBEAT = 5.0
 ``extra.stale_after`` old (6 beats by default) is recovered by another process."""
 
 
-JOINED_TYPES = frozenset({"capture", "replicate", "gc", "delete-image"})
+JOINED_TYPES = frozenset({capture.TYPE, replicate.TYPE, gc.TYPE, images.DELETE_TYPE})
 """The jobs a joined process runs: those that need only the catalog, the pool and the
 network. Presentations (NBD exports, virtual copies) stay with the first process."""
 
