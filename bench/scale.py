@@ -12,6 +12,12 @@ One appliance and one agent run as child processes on loopback TLS (``tandem.dri
    app, over HTTPS through the daemon: p50 and p99 of ``REQUESTS`` calls each; also a page of
    100 apps (``?limit=100``).
 3. A garbage collection job of the resulting pool (where the appliance has one).
+4. Past one process (with ``SCALE_PG_URL``, or ``TANDEM_TEST_PG_URL``: a PostgreSQL server
+   where the bench makes a schema of its own): ``MULTI_APPS`` small apps on one agent, a
+   round of captures of them all (a file changed in each) with one appliance process on the
+   PostgreSQL catalog, then a round with a second process joined to it
+   (``appliance init --join``). Figure: captures per minute of each round, from the first
+   submit to the last end.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from tandem.domain.images import ImageKind
 from tandem.domain.jobs import JobStatus
 from tandem.domain.lifecycle import AppKind
 from tandem.drill.lab import Daemon, Lab
+from tandem.errors import TandemError
 from tandem.storage.manifest import VOLUME_CHUNK, VolumeManifest, encode_manifest
 from tandem.storage.pool import ChunkPool
 from tandem.transport.client import ApiClient
@@ -42,6 +49,10 @@ SCALE_APPS = int(os.environ.get("SCALE_APPS", "1000"))
 JOBS_PER_APP = 20
 CAPTURES = 7
 REQUESTS = 200
+MULTI_APPS = int(os.environ.get("SCALE_MULTI_APPS", "48"))
+PARTS = os.environ.get("SCALE_PARTS", "single,multi").split(",")
+"""``single``: parts 1-3 (one appliance, SQLite); ``multi``: part 4 (PostgreSQL)."""
+PG_URL = os.environ.get("SCALE_PG_URL") or os.environ.get("TANDEM_TEST_PG_URL")
 TERMINAL = frozenset({"succeeded", "failed", "canceled"})
 
 
@@ -225,6 +236,119 @@ class ScaleBench:
         )
 
 
+class MultiProcessBench:
+    """Captures per minute with one appliance process, then two, on one PostgreSQL catalog."""
+
+    def __init__(self, cfg: Config, report: Report, root: Path, catalog: str) -> None:
+        self.cfg = cfg
+        self.report = report
+        self.root = root
+        self.catalog = catalog
+        self.daemons: list[Daemon] = []
+
+    def start(self, daemon: Daemon) -> Daemon:
+        self.daemons.append(daemon)
+        daemon.start()
+        return daemon
+
+    def run(self) -> None:
+        first = self.start(
+            Daemon.create("appliance", self.root / "p1", "pgsite", "--catalog", self.catalog)
+        )
+        agent = self.start(Daemon.create("agent", self.root / "agent", "host"))
+        with first.client() as api:
+            api.post(
+                "/api/v1/hosts",
+                {
+                    "name": agent.name,
+                    "url": agent.url,
+                    "token": agent.token,
+                    "fingerprint": agent.fingerprint,
+                },
+            )
+            api.post("/api/v1/templates", {"name": "manual", "keep": 3})
+            apps = []
+            for i in range(MULTI_APPS):
+                name, data = f"m{i:03}", self.root / "data" / f"m{i:03}"
+                data.mkdir(parents=True)
+                for j in range(8):
+                    (data / f"f{j}").write_bytes(os.urandom(16 * 1024))
+                api.post(
+                    "/api/v1/apps",
+                    {"name": name, "host": agent.name, "kind": "filesystem", "path": str(data)},
+                )
+                api.post(f"/api/v1/apps/{name}/protect", {"template": "manual"})
+                apps.append((name, data))
+            self.round([api], apps)  # the first, full captures: not measured
+            one = self.round([api], apps)
+        second = self.start(
+            Daemon.create("appliance", self.root / "p2", "pgsite", "--join", str(first.directory))
+        )
+        with first.client() as api1, second.client() as api2:
+            two = self.round([api1, api2], apps)
+        ratio = two / one if one else float("nan")
+        log(f"scale: {one:.0f} captures/min with one process, {two:.0f} with two")
+        self.report.add(
+            Row(
+                SECTION,
+                f"captures per minute, {MULTI_APPS} small apps, PostgreSQL catalog",
+                f"two processes {two:.0f}/min vs one {one:.0f}/min ({ratio:.2f}×)",
+                "—",
+                "—",
+                "≥ 1.7× one process",
+                {"one_process": one, "two_processes": two, "ratio": ratio},
+            )
+        )
+
+    def round(self, apis: list[ApiClient], apps: list[tuple[str, Path]]) -> float:
+        """Capture every app once (a file changed in each), submitting through ``apis`` in
+        turn; captures per minute from the first submit to the last end."""
+        for _, data in apps:
+            (data / "changing").write_bytes(os.urandom(16 * 1024))
+        t0 = time.monotonic()
+        ids = [
+            apis[i % len(apis)].post(f"/api/v1/apps/{name}/capture", {})["job"]["id"]
+            for i, (name, _) in enumerate(apps)
+        ]
+        for job_id in ids:
+            _wait(apis[0], job_id)
+        return len(apps) * 60.0 / (time.monotonic() - t0)
+
+    def close(self) -> None:
+        for daemon in reversed(self.daemons):
+            daemon.stop()
+
+
+def multi_process(cfg: Config, report: Report, root: Path) -> None:
+    if not PG_URL:
+        log("scale: no PostgreSQL (SCALE_PG_URL): the two-process figure is skipped")
+        return
+    from sqlalchemy import create_engine
+    from sqlalchemy.engine import make_url
+
+    from tandem.catalog.db import normalize_url
+
+    base = make_url(normalize_url(PG_URL))
+    schema = f"bench_{os.getpid()}_{int(time.time())}"
+    admin = create_engine(base)
+    with admin.begin() as connection:
+        connection.exec_driver_sql(f'CREATE SCHEMA "{schema}"')
+    url = base.update_query_dict({"options": f"-csearch_path={schema}"})
+    bench = MultiProcessBench(cfg, report, root, url.render_as_string(hide_password=False))
+    try:
+        bench.run()
+    except (RuntimeError, OSError, TandemError) as exc:
+        log(f"scale (two processes) failed: {exc}")
+        for d in bench.daemons:
+            log(f"{d.kind} {d.name} log ends with:\n{d.log_tail()}")
+        report.add(Row(SECTION, "two processes failed", "failed", str(exc)[:120], "—", "—"))
+    finally:
+        bench.close()
+        with admin.begin() as connection:
+            connection.exec_driver_sql(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        admin.dispose()
+
+
 def run(cfg: Config, report: Report) -> None:
     root = cfg.workdir / "scale"
     root.mkdir(parents=True, exist_ok=True)
@@ -234,12 +358,16 @@ def run(cfg: Config, report: Report) -> None:
         f"one), then the list routes at {SCALE_APPS} apps and {SCALE_APPS * JOBS_PER_APP} "
         "jobs (seeded into the catalog)."
     )
-    with Lab(root / "lab") as lab:
-        bench = ScaleBench(cfg, report, lab)
-        try:
-            bench.run()
-        except (RuntimeError, OSError) as exc:
-            log(f"scale failed: {exc}")
-            for d in lab:
-                log(f"{d.kind} {d.name} log ends with:\n{d.log_tail()}")
-            report.add(Row(SECTION, "section failed", "failed", str(exc)[:120], "—", "—"))
+    if "single" in PARTS:
+        with Lab(root / "lab") as lab:
+            bench = ScaleBench(cfg, report, lab)
+            try:
+                bench.run()
+            except (RuntimeError, OSError) as exc:
+                log(f"scale failed: {exc}")
+                for d in lab:
+                    log(f"{d.kind} {d.name} log ends with:\n{d.log_tail()}")
+                report.add(Row(SECTION, "section failed", "failed", str(exc)[:120], "—", "—"))
+    if "multi" in PARTS:
+        (root / "multi").mkdir(exist_ok=True)
+        multi_process(cfg, report, root / "multi")

@@ -248,3 +248,38 @@ def test_shared_catalog_runner_recovers_stale_jobs_periodically(
         row.heartbeat = utcnow() - timedelta(seconds=3600)
     failed = runner.wait(job.id, timeout=30)
     assert (failed.status, failed.message) == (JobStatus.FAILED, INTERRUPTED_MESSAGE)
+
+
+def test_a_restarted_runner_recovers_at_once_the_jobs_of_its_dead_local_process(
+    catalog: Catalog, make_runner: Any
+) -> None:
+    """On a shared catalog a job is an orphan at start-up only if its runner is gone: a
+    runner of this machine whose process has exited (no heartbeat timeout to wait for),
+    never one that is alive, nor one of another machine."""
+    import subprocess
+    import sys
+
+    from tandem.jobs.runner import dead_local_runners, default_runner_id
+
+    exited = subprocess.run(
+        [sys.executable, "-c", "from tandem.jobs.runner import default_runner_id as r; print(r())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    alive = default_runner_id()  # this very process
+    elsewhere = "otherhost-0badf00d-1-abcdef"
+    assert dead_local_runners([exited, alive, elsewhere, "r1"]) == [exited]
+    jobs = {}
+    with catalog.begin() as session:
+        for runner_id, app in ((exited, "a"), (alive, "b"), (elsewhere, "c")):
+            jobs[runner_id] = submit_job(session, type="capture", app=app).id
+            claimed = claim_next(session, runner_id)
+            assert claimed is not None and claimed.id == jobs[runner_id]
+    make_runner({"other": lambda ctx: None}, exclusive=False, stale_after=600).start()
+    assert _status(catalog, jobs[exited]) is JobStatus.FAILED
+    assert _status(catalog, jobs[alive]) is JobStatus.RUNNING
+    assert _status(catalog, jobs[elsewhere]) is JobStatus.RUNNING
+    with catalog.read() as session:
+        lines = [entry.text for entry in q.list_job_log(session, job_id=jobs[exited])]
+    assert any(f"its runner {exited} stopped" in line for line in lines)

@@ -12,7 +12,7 @@ import pytest
 
 from tandem.errors import Conflict, StorageError
 from tandem.storage import gc
-from tandem.storage.manifest import VOLUME_CHUNK, VolumeManifest, encode_manifest
+from tandem.storage.manifest import VOLUME_CHUNK, VolumeManifest, encode_manifest, load_manifest
 from tandem.storage.pool import ChunkPool
 
 HOUR = 3600.0
@@ -210,3 +210,76 @@ def test_the_marks_of_a_sweep_are_held_one_fan_out_at_a_time(
     gc.collect(pool, lambda: [live])
     assert len(sizes) == gc.FANS and sum(sizes) == 512
     assert max(sizes) < 20  # about 512/256 each
+
+
+# A capture in another appliance process: it opened its writer an hour ago, wrote its
+# chunks and its manifest, and now records its image in the catalog, then closes its writer.
+_OTHER_PROCESS = r"""
+import os, sys, time
+from pathlib import Path
+from tandem.storage import pool as pool_mod
+from tandem.storage.manifest import VOLUME_CHUNK, VolumeManifest, encode_manifest
+
+root, live, ready, go = (Path(a) for a in sys.argv[1:5])
+pool = pool_mod.ChunkPool(root)
+real_time = time.time
+pool_mod.time.time = lambda: real_time() - 3600  # the writer started an hour ago
+writer = pool.writer()
+pool_mod.time.time = real_time
+digests = [writer.put(f"other-{i}-".encode() * 500).digest for i in range(20)]
+manifest = VolumeManifest(size=len(digests) * VOLUME_CHUNK, chunks=list(digests))
+mid = writer.commit_manifest(encode_manifest(manifest))
+old = real_time() - 3600
+for d in digests:
+    os.utime(pool.chunk_path(d), (old, old))
+os.utime(pool.manifest_path(mid), (old, old))
+ready.write_text(mid.hex())
+while not go.exists():
+    time.sleep(0.01)
+with open(live, "a") as fh:  # "the catalog": the image is recorded first...
+    fh.write(mid.hex() + "\n")
+writer.close()  # ...and only then the writer goes
+"""
+
+
+def test_snapshot_holds_against_a_capture_ending_in_another_process(
+    pool: ChunkPool, tmp_path: Path
+) -> None:
+    """The writer of another process records its image and closes between the
+    collection's two snapshot reads, with no lock shared between the processes: the
+    collection lists writers first, so it reads the catalog after the image is in it."""
+    import subprocess
+    import sys
+
+    live_file, ready, go = tmp_path / "live", tmp_path / "ready", tmp_path / "go"
+    live_file.write_text("")
+    child = subprocess.Popen(
+        [sys.executable, "-c", _OTHER_PROCESS, str(pool.root), str(live_file), str(ready), str(go)]
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists() or not ready.read_text():
+            assert child.poll() is None and time.monotonic() < deadline, "the writer died"
+            time.sleep(0.01)
+        mid = bytes.fromhex(ready.read_text())
+        listed = pool._active_writers
+
+        def writers_after_the_capture_ended() -> list[dict[str, object]]:
+            go.write_text("")  # the other process records its image and closes its writer
+            assert child.wait(60) == 0
+            return listed()
+
+        pool._active_writers = writers_after_the_capture_ended  # type: ignore[method-assign]
+
+        def live() -> list[bytes]:
+            return [bytes.fromhex(line) for line in live_file.read_text().split()]
+
+        gc.collect(pool, live)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert child.returncode == 0
+    assert pool.has_manifest(mid)
+    chunks = load_manifest(pool, mid).chunk_ids()
+    assert len(chunks) == 20 and all(pool.has(d) for d in chunks)
+    assert pool.verify({mid: chunks}).ok

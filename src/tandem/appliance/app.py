@@ -66,6 +66,8 @@ def create_app(site: Site) -> FastAPI:
             fingerprint=site.fingerprint,
             you=who.name,
             role=who.role,
+            runner=site.runner_id,
+            scheduling=site.scheduling(),
         )
 
     @api.get("/audit", tags=["meta"])

@@ -5,7 +5,10 @@ On-disk layout (made by ``init``)::
     DIR/config.json   {"kind": "appliance", "name", "listen", "token_hash", "fingerprint",
                        "extra": {"catalog": URL or null, "nbd": "HOST:PORT",
                                  "nbd_tls": bool (optional),
-                                 "workers": int (optional, WORKERS when missing)}}
+                                 "workers": int (optional, WORKERS when missing),
+                                 "heartbeat", "stale_after": seconds (optional),
+                                 "join": DIR of the first process, "pool": its pool
+                                 (a process made with ``init --join``)}}
     DIR/cert.pem      the self-signed certificate clients pin (DIR/key.pem: its key, 0600)
     DIR/catalog.db    the SQLite catalog, unless ``--catalog`` named another database
     DIR/pool/         the chunk pool
@@ -15,8 +18,18 @@ Invariants
   ``admin``); the token itself is printed once.
 - ``serve`` recovers jobs before it serves: a job left ``running`` by a killed appliance is
   failed with the reason (``tandem.jobs``) before anything new can start, so no job stays
-  running after a kill -9. Chunks a killed capture sent but never named were never visible
-  (the pool empties its ``tmp/`` when it opens) and are not part of any image.
+  running after a kill -9. On a PostgreSQL catalog other processes may run jobs, so only
+  jobs whose heartbeat is ``stale_after`` old (or whose process on this machine is gone)
+  are orphans, recovered at start and at every heartbeat by whichever process looks first.
+- Several processes, one appliance (PostgreSQL only): ``init DIR2 --join DIR1`` makes a
+  process with DIR1's name, catalog and pool (on storage both reach) and its own address,
+  certificate and admin token. Any process's API serves the whole appliance (one catalog);
+  jobs go to whichever runner claims them (``FOR UPDATE SKIP LOCKED``), a joined one
+  taking only ``JOINED_TYPES``; one scheduler and one garbage collection run at a time
+  (catalog locks). The first process alone serves NBD exports and virtual copies. A
+  SQLite catalog has one process: joining it is refused, as is serving a joined DIR on it.
+- Chunks a killed capture sent but never named were never visible (the pool removes the
+  ``tmp/`` files of dead writers when it opens) and are not part of any image.
 - NBD listens on ``extra.nbd`` (``init --nbd-listen``; by default a free port on the API's
   host, fixed at init). A listener that is not on loopback always serves TLS (STARTTLS,
   with cert.pem/key.pem, which name the NBD host too); a loopback one serves plain unless
@@ -32,6 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import socket
 from pathlib import Path
 from typing import Any
@@ -44,6 +58,7 @@ from tandem.catalog.db import open_catalog
 from tandem.domain.rules import Role
 from tandem.errors import AlreadyExists, InvalidInput
 from tandem.jobs.runner import JobRunner
+from tandem.operations import capture, gc, images, replicate
 from tandem.operations.handlers import job_handlers
 from tandem.operations.present import restore_exports
 from tandem.operations.sessions import SessionRegistry
@@ -63,11 +78,103 @@ from tandem.transport.server import (
 ADMIN_TOKEN = "admin"
 WORKERS = 4
 MAX_WORKERS = 64
+HEARTBEAT = 5.0
+"""Seconds between a runner's heartbeats (``extra.heartbeat``); a job whose heartbeat is
+``extra.stale_after`` old (6 beats by default) is recovered by another process."""
+
+
+JOINED_TYPES = frozenset({capture.TYPE, replicate.TYPE, gc.TYPE, images.DELETE_TYPE})
+"""The jobs a joined process runs: those that need only the catalog, the pool and the
+network. Presentations (NBD exports, virtual copies) stay with the first process."""
 
 
 def catalog_url(directory: Path, cfg: DaemonConfig) -> str:
     url = cfg.extra.get("catalog")
     return str(url) if url else f"sqlite:///{directory.resolve() / 'catalog.db'}"
+
+
+def pool_path(directory: Path, cfg: DaemonConfig) -> Path:
+    """The chunk pool: ``extra.pool`` (a joined process: the first one's), else DIR/pool."""
+    pool = cfg.extra.get("pool")
+    return Path(str(pool)) if pool else directory / "pool"
+
+
+def joined(cfg: DaemonConfig) -> bool:
+    """Whether this appliance process was made with ``init --join`` (it is not the first)."""
+    return bool(cfg.extra.get("join"))
+
+
+def _is_sqlite(url: str) -> bool:
+    return url.split(":", 1)[0].split("+", 1)[0] == "sqlite"
+
+
+def _seconds(cfg: DaemonConfig, key: str) -> float | None:
+    value = cfg.extra.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise InvalidInput(
+            detail=f"config.json has {key} {value!r}: give a positive number of seconds"
+        )
+    return float(value)
+
+
+def join(
+    directory: Path,
+    first: Path,
+    listen: str,
+    *,
+    name: str | None = None,
+    workers: int | None = None,
+) -> dict[str, Any]:
+    """Create in ``directory`` another process of the appliance in ``first`` (same name,
+    catalog and pool; its own address, certificate and admin token); returns
+    ``{name, url, token, fingerprint}``. The catalog must be PostgreSQL."""
+    check_workers(workers)
+    try:
+        base = load_daemon_dir(first, KIND)
+    except InvalidInput as exc:
+        raise InvalidInput(
+            detail=f"--join {first}: {exc.fields.get('detail', exc.message)}; give the "
+            "directory of the first appliance process, on storage both machines reach"
+        ) from exc
+    if name is not None and name != base.name:
+        raise InvalidInput(
+            detail=f"--join {first}: that appliance is named {base.name!r}, not {name!r}; "
+            "leave out --name (a joined process takes the appliance's name)"
+        )
+    if joined(base):
+        raise InvalidInput(
+            detail=f"--join {first}: that process joined {base.extra['join']}; "
+            "join the first appliance process instead"
+        )
+    url = catalog_url(first, base)
+    if _is_sqlite(url):
+        raise InvalidInput(
+            detail=f"--join {first}: its catalog is SQLite, which one process alone may use; "
+            "several appliance processes need a PostgreSQL catalog: create the first one "
+            "with `tandem appliance init DIR --catalog postgresql://USER@HOST/DB`"
+        )
+    pool = pool_path(first, base).resolve()
+    ChunkPool(pool)  # reachable and a pool, before anything is made
+    parse_listen(listen)  # a clear error before anything is made
+    extra: dict[str, Any] = {"catalog": url, "pool": str(pool), "join": str(first.resolve())}
+    if workers is not None:
+        extra["workers"] = workers
+    for key in ("heartbeat", "stale_after"):
+        if key in base.extra:
+            extra[key] = base.extra[key]
+    cfg, token = init_daemon_dir(directory, kind=KIND, name=base.name, listen=listen, extra=extra)
+    try:
+        with open_catalog(url) as opened, opened.begin() as session:
+            q.add_token(
+                session, name=f"{ADMIN_TOKEN}-{secrets.token_hex(4)}", token=token, role=Role.ADMIN
+            )
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            (directory / "config.json").unlink()
+        raise
+    return {"name": cfg.name, "url": cfg.url, "token": token, "fingerprint": cfg.fingerprint}
 
 
 def init(
@@ -185,9 +292,19 @@ class Appliance:
         self.directory = directory
         self.config = load_daemon_dir(directory, KIND)
         workers = configured_workers(self.config) if workers is None else workers
-        self.catalog = open_catalog(catalog_url(directory, self.config))
+        url = catalog_url(directory, self.config)
+        self.joined = joined(self.config)
+        if self.joined and _is_sqlite(url):
+            raise InvalidInput(
+                detail=f"{directory} joins another appliance process but its catalog is "
+                "SQLite, which one process alone may use; give the appliance a PostgreSQL "
+                "catalog"
+            )
+        heartbeat = _seconds(self.config, "heartbeat") or HEARTBEAT
+        stale_after = _seconds(self.config, "stale_after")
+        self.catalog = open_catalog(url)
         try:
-            pool = ChunkPool(directory / "pool")
+            pool = ChunkPool(pool_path(directory, self.config))
         except BaseException:
             self.catalog.close()
             raise
@@ -199,23 +316,46 @@ class Appliance:
             pool=pool,
             sessions=SessionRegistry(pool),
         )
-        self.nbd = nbd_server(self.config, directory)
-        self.site.presenter = self.nbd
-        self.runner = JobRunner(self.catalog, job_handlers(self.site), workers=workers)
+        handlers = job_handlers(self.site)
+        if self.joined:
+            # A joined process serves no NBD exports (nor the virtual copies behind them):
+            # its server is never started, and its runner takes no presentation jobs.
+            self.nbd = NbdServer(self.config.host, 0)
+            handlers = {t: h for t, h in handlers.items() if t in JOINED_TYPES}
+        else:
+            self.nbd = nbd_server(self.config, directory)
+            self.site.presenter = self.nbd
+        # On PostgreSQL other processes may share the catalog: a running job is an orphan
+        # only when its heartbeat is stale (or its process, on this machine, is gone).
+        self.runner = JobRunner(
+            self.catalog,
+            handlers,
+            workers=workers,
+            heartbeat_interval=heartbeat,
+            exclusive=self.catalog.dialect != "postgresql",
+            stale_after=stale_after,
+        )
         self.site.wake = self.runner.wake
         self.site.ended = self.runner.ended
+        self.site.runner_id = self.runner.runner_id
         self.scheduler = Scheduler(self.site, tick=scheduler_tick, capacity=workers)
+        scheduler = self.scheduler
+        self.site.scheduling = lambda: scheduler.leading
         self.wal = WalShipper(self.site)
         self.app = create_app(self.site)
 
     def start(self) -> None:
         """Serve NBD exports again, recover interrupted jobs, then start the runner and the
         scheduler."""
-        self.nbd.start()
-        restore_exports(self.site)
+        if not self.joined:
+            self.nbd.start()
+            restore_exports(self.site)
         self.runner.start()
         self.scheduler.start()
-        self.wal.start()
+        if not self.joined:
+            # One shipper per appliance: two would pull the same hosts and append to the
+            # same WAL files (beside the shared pool); a joined process only reads them.
+            self.wal.start()
 
     def stop(self) -> None:
         self.wal.stop()

@@ -29,6 +29,12 @@ Invariants
   (``operations.gc.due``: images deleted since the last one, past a count or an age, or an
   unfinished one to resume), unless one is queued or running; every hour it deletes the job
   rows past ``jobs.keep_days``.
+- One scheduler at a time per catalog: each tick, the scheduler of a process runs only
+  while it holds the catalog lock ``LOCK`` (a PostgreSQL advisory lock on a connection of
+  its own, taken with ``pg_try_advisory_lock``; process-local on SQLite, where one process
+  uses the catalog). The others try again each tick, so when the holder dies (its
+  connection, and with it the lock, goes) another takes over within a tick. A new holder
+  forgets what it tried before: its decisions come from the catalog.
 - Jobs are submitted as actor ``scheduler``. The thread never dies of an error: it logs it
   and tries again at the next tick.
 """
@@ -42,6 +48,7 @@ import time
 from datetime import UTC, datetime
 
 from tandem.catalog import queries as q
+from tandem.catalog.locks import CatalogLock
 from tandem.catalog.models import App, Template
 from tandem.domain.jobs import JobStatus
 from tandem.domain.lifecycle import AppState
@@ -54,6 +61,8 @@ from tandem.operations.site import Site
 log = logging.getLogger(__name__)
 
 ACTOR = "scheduler"
+LOCK = "scheduler"
+"""The catalog lock the scheduling process holds (one scheduler per catalog)."""
 MIRROR_RETRY = float(os.environ.get("TANDEM_MIRROR_RETRY", "30"))
 GC_CHECK = float(os.environ.get("TANDEM_GC_CHECK", "60"))
 JOB_PRUNE_EVERY = 3600.0
@@ -82,6 +91,8 @@ class Scheduler:
         self._handback_tried = 0.0
         self._gc_checked = 0.0
         self._jobs_pruned = 0.0
+        self._lock = CatalogLock(site.catalog, LOCK)
+        self._leading = False
 
     def start(self) -> None:
         if self._thread is not None:
@@ -96,12 +107,40 @@ class Scheduler:
             self._thread.join(timeout)
             self._thread = None
 
+    @property
+    def leading(self) -> bool:
+        """Whether this process's scheduler ran the schedule at its last tick (held ``LOCK``)."""
+        return self._leading
+
+    def _lead(self) -> bool:
+        """Take (or keep) the schedule's lock; whether this process schedules this tick."""
+        was = self._leading
+        try:
+            now = self._lock.held() or self._lock.try_acquire()
+        except Exception:
+            log.exception("could not take the scheduler lock; retrying at the next tick")
+            now = False
+        if now and not was:
+            log.info("this appliance process now runs the schedule")
+            # Another process may have scheduled meanwhile: start from the catalog afresh.
+            self._tried.clear()
+            self._mirror_tried.clear()
+        elif was and not now:
+            log.warning("this appliance process no longer runs the schedule")
+        self._leading = now
+        return now
+
     def _loop(self) -> None:
-        while not self._stop.wait(self.tick):
-            try:
-                self.run_due()
-            except Exception:
-                log.exception("the capture schedule failed; retrying at the next tick")
+        try:
+            while not self._stop.wait(self.tick):
+                try:
+                    if self._lead():
+                        self.run_due()
+                except Exception:
+                    log.exception("the capture schedule failed; retrying at the next tick")
+        finally:
+            self._lock.release()
+            self._leading = False
 
     def run_due(self, now: float | None = None) -> list[str]:
         """Submit the captures that are due; returns the apps they were submitted for."""

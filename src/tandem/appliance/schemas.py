@@ -252,6 +252,9 @@ class JobOut(BaseModel):
     finished: datetime | None
     actor: str | None
     cancel_requested: bool
+    runner: str | None = None
+    """The runner (appliance process) that claimed the job last."""
+    attempts: int = 0
     result: dict[str, Any] | None
     """What the job made; capabilities in it (``nbd_uri``) only for the job's starter and
     admins, null for anyone else."""
@@ -275,6 +278,8 @@ class JobOut(BaseModel):
             finished=job.finished,
             actor=job.actor,
             cancel_requested=job.cancel_requested,
+            runner=job.runner,
+            attempts=job.attempts,
             result=result,
         )
 
@@ -552,6 +557,10 @@ class InfoOut(BaseModel):
     fingerprint: str
     you: str
     role: Role
+    runner: str | None = None
+    """The job runner of the process that answered (several may share one catalog)."""
+    scheduling: bool = False
+    """Whether the process that answered runs the capture schedule now."""
 
 
 class Deleted(BaseModel):

@@ -31,7 +31,10 @@ def _print_init(doc: dict[str, str], json_: bool) -> None:
 @handle_errors
 def appliance_init(
     directory: Dir,
-    name: Name,
+    name: Annotated[
+        str | None,
+        typer.Option("--name", help="Its name (unique per site). Required unless --join gives it."),
+    ] = None,
     listen: Annotated[str, typer.Option(help="HOST:PORT to serve on.")] = "127.0.0.1:8443",
     catalog: Annotated[
         str | None, typer.Option(help="Catalog URL (default: SQLite in DIR).")
@@ -50,11 +53,31 @@ def appliance_init(
         int | None,
         typer.Option(help="Jobs run at once (default 4); scheduled captures queue to match."),
     ] = None,
+    join: Annotated[
+        Path | None,
+        typer.Option(
+            help="The directory of the first process of an appliance whose catalog is "
+            "PostgreSQL: DIR becomes another process of it (same name, catalog and pool; "
+            "its own --listen, certificate and admin token)."
+        ),
+    ] = None,
     json_: Json = False,
 ) -> None:
     """Create an appliance in DIR; prints its URL, admin token and fingerprint."""
     from tandem.appliance import daemon
 
+    if join is not None:
+        if catalog is not None or nbd_listen is not None or nbd_tls:
+            raise typer.BadParameter(
+                "a joined process takes the catalog and pool of the one it joins and serves "
+                "no NBD: leave out --catalog, --nbd-listen and --nbd-tls",
+                param_hint="'--join'",
+            )
+        doc = daemon.join(directory, join, listen, name=name, workers=workers)
+        _print_init(doc, json_)
+        return
+    if name is None:
+        raise typer.BadParameter("give the appliance a name (or --join DIR)", param_hint="'--name'")
     doc = daemon.init(
         directory,
         name,

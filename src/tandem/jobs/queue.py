@@ -143,6 +143,12 @@ def release_job(session: Session, *, job_id: str, runner_id: str) -> Job:
     return job
 
 
+def running_runners(session: Session) -> set[str]:
+    """The ids of the runners that have a job running."""
+    query = select(Job.runner).where(Job.status == JobStatus.RUNNING, Job.runner.is_not(None))
+    return {runner for runner in session.scalars(query.distinct()) if runner}
+
+
 def heartbeat(session: Session, *, runner_id: str, job_ids: Collection[str]) -> dict[str, bool]:
     """Refresh the heartbeat of ``runner_id``'s running jobs; return each one's cancel flag."""
     if not job_ids:
@@ -246,6 +252,7 @@ def interrupt_job(
     else:
         status, message = JobStatus.FAILED, INTERRUPTED_MESSAGE
     check_job_transition(job.id, job.status, status)
+    gone = job.runner
     job.status = status
     job.message = message
     if status is JobStatus.QUEUED:
@@ -257,7 +264,8 @@ def interrupt_job(
         session,
         job_id=job.id,
         level="warning",
-        text=f"{message} (attempt {job.attempts}; noted by runner {runner_id})",
+        text=f"{message} (attempt {job.attempts}; its runner {gone} stopped; "
+        f"noted by runner {runner_id})",
     )
     session.flush()
     return job
@@ -268,16 +276,22 @@ def recover_jobs(
     runner_id: str,
     *,
     stale_after: float | None = None,
+    runners: Collection[str] | None = None,
     resumable: Collection[str] = frozenset(),
     max_attempts: int = MAX_ATTEMPTS,
 ) -> list[Job]:
     """Deal with jobs left running by a runner that is gone; return them.
 
     With ``stale_after`` (seconds) only jobs whose heartbeat is that old are taken (several
-    runners share the catalog); without it every running job is, which is right when the one
-    local runner starts, since nothing can be running then.
+    runners share the catalog); with ``runners``, only the jobs of those runners (known to
+    be dead); with neither, every running job is, which is right when the one local runner
+    starts, since nothing can be running then. Each job is taken by one caller only (rows
+    locked ``SKIP LOCKED`` on PostgreSQL, re-checked as still running), so runners noticing
+    the same dead one at once recover its jobs once.
     """
     query = select(Job).where(Job.status == JobStatus.RUNNING)
+    if runners is not None:
+        query = query.where(Job.runner.in_(list(runners)))
     if stale_after is not None:
         cutoff = utcnow() - timedelta(seconds=stale_after)
         query = query.where(

@@ -13,7 +13,9 @@ Invariants
   must know the runner has caught up.
 - With several runners (``exclusive`` false) the heartbeat thread also recovers, at each
   beat, the jobs whose heartbeat is older than ``stale_after``: a vanished runner's jobs
-  are recovered within ``stale_after`` plus one beat.
+  are recovered within ``stale_after`` plus one beat, by whichever runner looks first
+  (once: ``recover_jobs``). At start it also recovers at once the jobs of runners of the
+  same machine and pid namespace whose process is gone (``dead_local_runners``).
 - ``ended`` (a ``JobSignal``) is notified after every job's end is committed, so a caller
   waiting for a job (the API's ``GET /jobs/{id}?wait=S``) answers at once instead of
   polling. It covers this runner's jobs only: a waiter also re-reads the catalog now and
@@ -26,8 +28,11 @@ Invariants
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import logging
 import os
+import secrets
 import socket
 import threading
 import time
@@ -35,6 +40,7 @@ import traceback
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from tandem.catalog.db import Catalog
@@ -51,6 +57,7 @@ from tandem.jobs.queue import (
     interrupt_job,
     recover_jobs,
     release_job,
+    running_runners,
     submit_job,
     update_progress,
 )
@@ -223,9 +230,44 @@ class JobSignal:
             return self._cond.wait_for(lambda: self._generation != generation, timeout)
 
 
+@functools.cache
+def _pid_namespace() -> str:
+    """8 hex digits naming this kernel boot and pid namespace: two processes with the same
+    tag can tell by pid whether the other is alive. Where that cannot be known (no /proc),
+    a tag of this process alone, so that no other process is ever judged dead by pid."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return secrets.token_hex(4)
+    return hashlib.blake2b(f"{boot}|{namespace}".encode(), digest_size=4).hexdigest()
+
+
 def default_runner_id() -> str:
-    """A runner id unique to this process: host name, pid and a random part."""
-    return f"{socket.gethostname()[:32]}-{os.getpid()}-{new_id('r')[2:8]}"
+    """A runner id unique to this process: host name, pid namespace, pid, a random part."""
+    host = socket.gethostname()[:32]
+    return f"{host}-{_pid_namespace()}-{os.getpid()}-{new_id('r')[2:8]}"
+
+
+def dead_local_runners(runner_ids: Collection[str]) -> list[str]:
+    """The runners among ``runner_ids`` that ran in this pid namespace (see
+    ``default_runner_id``) and whose process is gone: their jobs need no heartbeat timeout."""
+    here = _pid_namespace()
+    dead = []
+    for runner in runner_ids:
+        parts = runner.rsplit("-", 3)
+        if len(parts) != 4 or parts[1] != here or not parts[2].isdigit():
+            continue
+        pid = int(parts[2])
+        if pid == os.getpid():
+            continue
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            dead.append(runner)
+        except PermissionError:
+            continue  # alive, someone else's
+    return dead
 
 
 class JobRunner:
@@ -278,7 +320,7 @@ class JobRunner:
         if self._threads:
             raise RuntimeError("the job runner is already started")
         self._stopping.clear()
-        self.recover()
+        self.recover(starting=True)
         for n in range(self.workers):
             self._threads.append(
                 threading.Thread(target=self._work, name=f"tandem-job-{n}", daemon=True)
@@ -322,14 +364,26 @@ class JobRunner:
         """Tell idle workers a job was queued (call it after the submitting commit)."""
         self._wake.set()
 
-    def recover(self) -> list[str]:
-        """Recover jobs left running by a runner that is gone; return their ids."""
+    def recover(self, *, starting: bool = False) -> list[str]:
+        """Recover jobs left running by a runner that is gone; return their ids.
+
+        Exclusive: every running job. Otherwise the jobs whose heartbeat is ``stale_after``
+        old, and when ``starting`` also those of runners of this machine whose process is
+        gone (a restarted appliance need not wait out the heartbeat timeout)."""
         stale = None if self.exclusive else self.stale_after
+        ids: list[str] = []
         with self.catalog.begin() as session:
+            if starting and not self.exclusive:
+                dead = dead_local_runners(running_runners(session))
+                if dead:
+                    jobs = recover_jobs(
+                        session, self.runner_id, runners=dead, resumable=self.resumable
+                    )
+                    ids.extend(job.id for job in jobs)
             jobs = recover_jobs(
                 session, self.runner_id, stale_after=stale, resumable=self.resumable
             )
-            ids = [job.id for job in jobs]
+            ids.extend(job.id for job in jobs)
         if ids:
             log.warning("recovered %d interrupted job(s): %s", len(ids), ", ".join(ids))
             self.wake()

@@ -6,12 +6,15 @@ Invariants
   and counts the deletion (``queries.GC_DELETED_KEY``, same transaction); no capture,
   replication or deletion ever walks the pool. The chunks go at the next ``gc`` job.
 - A ``gc`` job runs ``storage.gc.collect``: the snapshot of live manifests and active
-  writers is taken under ``Site.gc_lock`` (so no capture records its image and closes its
-  writer in between); the mark and sweep run without it, so captures never wait for a
-  collection.
-- At most one ``gc`` job is queued or running (a second submit is a ``Conflict``; the pool's
-  own lock stops a second sweep in any case). A job killed or canceled midway leaves its
-  progress in the pool (``storage.gc``): the next one resumes it.
+  writers is taken under ``Site.gc_lock`` (in-process order; across processes the order
+  of the snapshot's two reads suffices, see ``storage.gc``); the mark and sweep run
+  without it, so captures never wait for a collection.
+- At most one ``gc`` job is queued or running (a second submit is a ``Conflict``), and one
+  collection runs at a time across every appliance process of the catalog: it holds the
+  catalog lock ``LOCK`` (a PostgreSQL advisory lock) and the pool's own flock. The snapshot
+  needs no lock shared with captures of other processes (``storage.gc``: writers are listed
+  before the catalog is read). A job killed or canceled midway leaves its progress in the
+  pool (``storage.gc``): the next one resumes it.
 - The scheduler submits one (actor ``scheduler``) when the pool has unfinished work, or when
   images were deleted since the last collection and either ``gc.after_deletions`` of them
   were, or ``gc.every_seconds`` passed since the last one. A scheduled job finds nothing to
@@ -29,6 +32,7 @@ from typing import Any
 from sqlalchemy import delete, select
 
 from tandem.catalog import queries as q
+from tandem.catalog.locks import CatalogLock
 from tandem.catalog.models import Job, JobLog, utcnow
 from tandem.domain.jobs import ACTIVE, TERMINAL
 from tandem.errors import Conflict, InvalidInput
@@ -40,6 +44,8 @@ from tandem.storage import gc as pool_gc
 TYPE = "gc"
 COLLECTED_KEY = "gc.collected"
 """``GC_DELETED_KEY`` as the last finished collection read it in its snapshot."""
+LOCK = "gc"
+"""The catalog lock a collection holds: one at a time across the appliance processes."""
 LAST_KEY = "gc.last"
 """Unix time the last collection finished."""
 
@@ -170,13 +176,19 @@ def run_gc(site: Site, ctx: JobContext) -> dict[str, Any]:
     if pool_gc.unfinished(site.pool):
         ctx.log("resuming the collection a previous run left unfinished")
     started = time.monotonic()
-    run = pool_gc.collect(
-        site.pool,
-        live,
-        snapshot_lock=site.gc_lock,
-        progress=progress,
-        check=ctx.check_canceled,
-    )
+    with CatalogLock(site.catalog, LOCK) as held:
+        if not held:
+            raise Conflict(
+                detail="another appliance process of this catalog is collecting the pool's "
+                "garbage; wait for its gc job to end (`tandem jobs --type gc`)"
+            )
+        run = pool_gc.collect(
+            site.pool,
+            live,
+            snapshot_lock=site.gc_lock,
+            progress=progress,
+            check=ctx.check_canceled,
+        )
     with site.catalog.begin() as session:
         collected = int(q.get_setting(session, key=COLLECTED_KEY) or 0)
         q.set_setting(session, key=COLLECTED_KEY, value=str(max(collected, seen["deleted"])))

@@ -42,6 +42,10 @@ def _nothing() -> None:
     return None
 
 
+def _never() -> bool:
+    return False
+
+
 @dataclass
 class Site:
     """Everything an operation needs of this appliance."""
@@ -64,6 +68,10 @@ class Site:
     """The NBD server volume images are exported by (None: NBD is off)."""
     overlays: dict[str, Overlay] = field(default_factory=dict)
     """Open virtual copies by image id (their NBD exports write into them)."""
+    runner_id: str | None = None
+    """The id of this process's job runner (the ``runner`` of the jobs it runs)."""
+    scheduling: Callable[[], bool] = _never
+    """Whether this process runs the capture schedule now (one process per catalog does)."""
 
     def session_ref(self, session_id: str, token: str) -> dict[str, str]:
         """How an agent reaches a transfer session of this appliance (the ``appliance``

@@ -2,10 +2,15 @@
 
 A collection has two phases.
 
-- **Snapshot** (the caller holds whatever orders it against the end of captures, see
-  ``operations.site.Site.gc_lock``): the live manifest ids are read (the catalog's images),
-  *then* the active writers; the cut-off time is the older of now and the oldest active
-  writer's start, less ``SLACK``. Manifests that active writers build on count as live.
+- **Snapshot**: the active writers are listed (the pool's ``writers/``), *then* the live
+  manifest ids are read (the catalog's images); the cut-off time is the older of now (taken
+  before both) and the oldest active writer's start, less ``SLACK``. Manifests that active
+  writers build on count as live. Every writer records its image in the catalog before it
+  unregisters, so a writer missing from the list has its image in the catalog read after,
+  and one in the list keeps what it wrote by the cut-off: no lock is shared with writers,
+  and the snapshot holds beside writers in other processes or hosts on the same pool (their
+  clocks must agree within ``SLACK``, as any mtime-based sweep needs). ``snapshot_lock``,
+  if given, is held around it too (``Site.gc_lock``, which orders it in-process).
 - **Mark**: each live manifest is read, one at a time, and the chunks it names (and every
   chunk a named delta chunk is built on) are added to the mark set. **Sweep**: each of the
   256 fan-out directories of ``chunks/`` is listed; a chunk is removed when it is not marked
@@ -28,7 +33,8 @@ fan-out directory to sweep, committed after each manifest and each directory. A 
 finds it resumes: it takes a fresh snapshot (new images are marked too, the cut-off only
 goes back), marks what is not marked yet, and sweeps from where the killed run stopped. That
 is safe for the same reason the first run is: chunks marked earlier are only kept longer.
-One collection runs per pool at a time (an flock on ``DIR/gc/lock``).
+One collection runs per pool at a time (an flock on ``DIR/gc/lock``; across hosts the
+appliance also holds a catalog lock, ``operations.gc``).
 """
 
 from __future__ import annotations
@@ -199,9 +205,14 @@ def _collect(
     started = marks.get("started", 0.0)
     run.resumed = started > 0
     with snapshot_lock or nullcontext():
+        # Writers first, then the catalog: a writer that closed before we listed them
+        # recorded its image before it closed, so the catalog read after shows it; one that
+        # was open is listed and its start bounds the cut-off. This order needs no lock
+        # shared with the writers, so it holds across processes (several appliance
+        # processes on one pool).
         now = time.time()
-        manifests = set(live())
         writers = pool._active_writers()
+        manifests = set(live())
     cutoff = min([now, *(float(w.get("started", now)) for w in writers)]) - SLACK
     cutoff = min(cutoff, marks.get("cutoff", cutoff))
     keep = manifests | {bytes.fromhex(b) for w in writers for b in w.get("bases", [])}

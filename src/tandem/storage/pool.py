@@ -18,7 +18,7 @@ On-disk format, version 2 (version 1 had plain BLAKE3-256 ids)::
     DIR/pool.json             {"format": 2, "kind": "tandem-pool"}
     DIR/chunks/ab/<hex>       chunk files, fanned out by the first byte of the digest
     DIR/manifests/<hex>       manifest objects (same file format, no sub-block digests)
-    DIR/tmp/                  temporary files; emptied when the pool opens
+    DIR/tmp/                  temporary files; those of dead writers removed when it opens
     DIR/writers/<id>          one per active writer: JSON {"started": t, "bases": [hex...]}
 
     chunk file = b"TCK1" | codec u8 (0 raw, 1 zstd, 2 delta) | delta depth u8 | n_sub u16
@@ -64,6 +64,7 @@ HEADER = struct.Struct("<4sBBHI")
 CODEC_RAW = 0
 CODEC_ZSTD = 1
 CODEC_DELTA = 2
+TMP_SLACK = 2.0  # seconds: clock granularity between a tmp file's mtime and time.time()
 DELTA_HEAD = struct.Struct("<32sQB")  # base digest, mask of replaced sub-blocks, inner codec
 MAX_DELTA_DEPTH = 8  # longer chains are cut by storing the chunk whole
 DELTA_XOR = 0x80  # inner-codec flag: blocks are stored XORed with the base's blocks
@@ -418,12 +419,15 @@ class ChunkPool:
         return cls(root)
 
     def _clean_tmp(self) -> None:
-        # Only files of dead writers: a live writer holds its registration lock.
+        # Only files of dead writers: a live writer holds its registration lock. A writer
+        # of another process that registers after the look writes files newer than it.
+        looked = time.time() - TMP_SLACK
         if self._active_writers():
             return
         for entry in os.scandir(self.tmp_dir):
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(entry.path)
+                if entry.stat().st_mtime < looked:
+                    os.unlink(entry.path)
 
     # --- paths and presence -------------------------------------------------------------
 
