@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import select
@@ -134,10 +135,8 @@ def libvirt_host() -> list[int]:
 
 def stop_started(pids: list[int]) -> None:
     for pid in reversed(pids):
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
 
 
 @dataclass(frozen=True)
@@ -291,10 +290,8 @@ class Console:
                 )
             ready, _, _ = select.select([self.fd], [], [], min(left, 1.0))
             if ready:
-                try:
+                with contextlib.suppress(BlockingIOError):
                     self.buffer += os.read(self.fd, 4096)
-                except BlockingIOError:
-                    pass
 
 
 def start_with_console(domain: str) -> Console:

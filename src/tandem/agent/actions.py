@@ -18,15 +18,17 @@ Invariants
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tandem.agent import holders, mounts, pit
+from tandem.agent import holders, mounts, pit, vm
 from tandem.agent.mounts import MountAction
 from tandem.domain.consistency import MODES, ConsistencyMode
+from tandem.domain.vms import DOMAIN_NAME
 from tandem.errors import Conflict, InvalidInput, SourceUnreadable, TandemError, TargetInvalid
 from tandem.storage import targets, tree, volume
 from tandem.storage.manifest import TreeManifest, VolumeManifest, decode_manifest
@@ -55,8 +57,9 @@ class ApplianceSession(BaseModel):
 class CaptureRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    kind: str = Field(pattern="^(filesystem|volume)$")
-    path: str = Field(pattern=r"^/[^\x00]*$")
+    kind: str = Field(pattern="^(filesystem|volume|vm)$")
+    path: str = Field(pattern=r"^[^\x00]+$")
+    """The app's path; for a ``vm`` app, the libvirt domain's name (``agent.vm``)."""
     appliance: ApplianceSession
     base: str | None = Field(default=None, pattern=HEX_DIGEST)
     """Manifest id of the previous image, for an incremental capture."""
@@ -172,6 +175,10 @@ def _fetch_manifest(client: ApiClient, session: str, manifest: str) -> Any:
 def capture(req: CaptureRequest, emit: Emit) -> dict[str, Any]:
     """Capture the app's data into the appliance session from a point in time of it
     (``agent.pit``); returns the final event, which says how the image was cut."""
+    if req.kind == "vm":
+        return _capture_vm(req, emit)
+    if not req.path.startswith("/"):
+        raise InvalidInput(detail=f"the path {req.path!r} is not absolute")
     path = Path(req.path)
     if req.kind == "filesystem" and not path.is_dir():
         raise SourceUnreadable(path=str(path), reason="it is not a directory")
@@ -189,6 +196,22 @@ def capture(req: CaptureRequest, emit: Emit) -> dict[str, Any]:
         # capture, else the capture failed): a later restore may start from it.
         "stamp": after.as_dict() if after is not None and after == before else None,
     }
+
+
+def _capture_vm(req: CaptureRequest, emit: Emit) -> dict[str, Any]:
+    """Capture the libvirt domain ``req.path`` (checkpoint + pull-mode backup, ``agent.vm``)."""
+    if not re.match(DOMAIN_NAME, req.path):
+        raise InvalidInput(detail=f"{req.path!r} is not a libvirt domain name")
+    with _client(req.appliance) as client:
+        base_id = bytes.fromhex(req.base) if req.base else None
+        base = _fetch_manifest(client, req.appliance.session, req.base) if req.base else None
+        if not isinstance(base, VolumeManifest):
+            base, base_id = None, None
+        pool = RemotePool(client, req.appliance.session, [base_id] if base_id else [])
+        emit({"event": "progress", "done": 0, "total": 0})
+        done = vm.capture(req.path, req.job, base, pool, base_id, emit, _progress(emit))
+        sent = pool.last_writer.bytes_sent if pool.last_writer else 0
+    return {"event": "done", **done, "bytes_sent": sent, "stamp": None}
 
 
 def _capture_from(

@@ -35,6 +35,7 @@ from tandem.domain.jobs import JobStatus
 from tandem.domain.lifecycle import AppKind, AppState
 from tandem.domain.paths import CanonicalPath
 from tandem.domain.rules import Role
+from tandem.domain.vms import DOMAIN_NAME
 from tandem.operations.apps import Risk
 
 NAME = NAME_PATTERN
@@ -100,7 +101,12 @@ class AppIn(Body):
     name: str = Field(pattern=NAME)
     host: str = Field(pattern=NAME)
     kind: AppKind
-    path: CanonicalPath
+    path: CanonicalPath | None = None
+    domain: str | None = Field(
+        default=None,
+        pattern=DOMAIN_NAME,
+        description="For a vm app: the libvirt domain on the host (`tandem vms --host H`).",
+    )
     start: HookName = None
     stop: HookName = None
     freeze: HookName = None

@@ -41,6 +41,7 @@ class RoleChoice(StrEnum):
 class KindChoice(StrEnum):
     filesystem = "filesystem"
     volume = "volume"
+    vm = "vm"
 
 
 def _show(doc: Any, json_: bool, keys: tuple[str, ...]) -> None:
@@ -159,6 +160,27 @@ def hosts(
         _table(client.get("/api/v1/hosts"), ("name", "url", "fingerprint"), json_)
 
 
+@handle_errors
+def vms(
+    host: Annotated[str, typer.Option("--host", help="A hypervisor (libvirt) host.")],
+    url: Url = None,
+    token: Token = None,
+    fingerprint: Fingerprint = None,
+    json_: Json = False,
+) -> None:
+    """The libvirt domains of a hypervisor host: name, uuid, state, disks."""
+    with connect(url, token, fingerprint) as client:
+        doc = client.get(f"/api/v1/hosts/{host}/vms")
+    rows = [
+        {**d, "disks": ", ".join(f"{x['target']} ({x['format']})" for x in d.get("disks", []))}
+        for d in doc.get("domains", [])
+    ]
+    if json_:
+        _table(doc.get("domains", []), (), True)
+    else:
+        _table(rows, ("name", "uuid", "state", "disks"), False)
+
+
 # --- templates ----------------------------------------------------------------------------
 
 
@@ -274,7 +296,12 @@ def app_add(
     name: Name,
     host: Annotated[str, typer.Option("--host", help="The host it runs on.")],
     kind: Annotated[KindChoice, typer.Option("--kind", help="What its data is.")],
-    path: Annotated[str, typer.Option("--path", help="Its directory or volume on the host.")],
+    path: Annotated[
+        str | None, typer.Option("--path", help="Its directory or volume on the host.")
+    ] = None,
+    domain: Annotated[
+        str | None, typer.Option("--domain", help="A vm app's libvirt domain (`tandem vms`).")
+    ] = None,
     start: StartHook = None,
     stop: StopHook = None,
     freeze: FreezeHook = None,
@@ -291,7 +318,8 @@ def app_add(
         "name": name,
         "host": host,
         "kind": kind.value,
-        "path": path,
+        **({"domain": domain} if domain else {}),
+        **({"path": path} if path else {}),
         **hooks,
     }
     if consistency is not None:

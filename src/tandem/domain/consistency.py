@@ -28,6 +28,8 @@ class Cut(StrEnum):
     FREEZE = "freeze"  # read while the file system was frozen: one instant
     HOOKS = "hooks"  # read while the app's freeze hook held it quiet
     CRASH_UNSAFE = "crash-unsafe"  # live files, each unchanged after reading: per file only
+    APP_CONSISTENT = "app-consistent"  # a VM's disks at one instant, guest agent froze the guest
+    CRASH_CONSISTENT = "crash-consistent"  # a VM's disks at one instant, as after a power loss
 
 
 CUTS = tuple(c.value for c in Cut)

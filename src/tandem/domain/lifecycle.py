@@ -45,10 +45,13 @@ class AppState(StrEnum):
 
 
 class AppKind(StrEnum):
-    """What an application's data is: a file-system tree or a block volume / disk image."""
+    """What an application's data is: a file-system tree, a block volume / disk image, or a
+    libvirt domain (``vm``: every disk at one instant plus its XML; its ``path`` is the
+    domain's name)."""
 
     FILESYSTEM = "filesystem"
     VOLUME = "volume"
+    VM = "vm"
 
 
 class Operation(StrEnum):

@@ -42,6 +42,9 @@ from tandem.storage.manifest import VolumeManifest, load_manifest
 from tandem.storage.overlay import Overlay
 
 ACTIONS = ("keep-source-path", "specify", "map-only")
+BLOCK_KINDS = (AppKind.VOLUME, AppKind.VM)
+"""Apps whose images are volume manifests, presented over NBD (a VM's: its disks end to end,
+``storage.vmimage``)."""
 
 
 def export_name(image_id: str) -> str:
@@ -78,7 +81,7 @@ def check_action(app: App, action: str | None, mount_point: str | None) -> str:
         if mount_point:
             action = "specify"
         else:
-            action = "map-only" if app.kind is AppKind.VOLUME else "keep-source-path"
+            action = "map-only" if app.kind in BLOCK_KINDS else "keep-source-path"
     if action not in ACTIONS:
         raise InvalidInput(detail=f"--action is one of {', '.join(ACTIONS)}, not {action!r}")
     if mount_point:
@@ -87,7 +90,12 @@ def check_action(app: App, action: str | None, mount_point: str | None) -> str:
         raise InvalidInput(detail="--action specify needs --mount-point with a full path")
     if action == "keep-source-path":
         check_own_location(app, "a copy at its production path")
-    if action == "map-only" and app.kind is not AppKind.VOLUME:
+    if app.kind is AppKind.VM and action != "map-only":
+        raise InvalidInput(
+            detail="a VM image is presented as its disks' NBD export (map-only) or as a new "
+            "VM (--new-vm NAME); it has no file system to mount"
+        )
+    if action == "map-only" and app.kind not in BLOCK_KINDS:
         raise InvalidInput(
             detail="map-only presents a volume without mounting a file system; "
             f"application {app.name!r} is a file tree: give --mount-point or keep-source-path"
@@ -113,7 +121,7 @@ def present(
     overlay: Overlay | None = None
     transfer = None
     try:
-        if app.kind is AppKind.VOLUME:
+        if app.kind in BLOCK_KINDS:
             manifest = load_manifest(site.pool, base_id)
             if not isinstance(manifest, VolumeManifest):
                 raise InvalidInput(detail=f"image {base.id} is not a volume image")

@@ -132,7 +132,7 @@ class NbdClient:
 
     def _chunks(self, handle: int) -> list[tuple[int, bytes]]:
         """The structured reply chunks (type, payload) of request ``handle``."""
-        out = []
+        out: list[tuple[int, bytes]] = []
         while True:
             (magic,) = struct.unpack(">I", self._recv(4))
             if magic == p.SIMPLE_REPLY_MAGIC:
