@@ -121,6 +121,7 @@ def test_capture_reads_only_what_the_guest_changed(
     guest.console.send("rewrite home1")
     rewritten = guest.console.expect("TANDEM-SUM").split()[1]
     assert rewritten != guest.sum
+    guest.sum = rewritten
 
     second = a("capture", "vm1")
     job = second["job"]
@@ -148,3 +149,61 @@ def test_capture_of_a_vanished_domain_fails_cleanly(drill: Drill, guest: Guest) 
     assert bad.code != 0
     assert "no-such-domain" in bad.error and "tandem vms" in bad.error
     assert a("images", "ghost") == []
+
+
+def domain_info(name: str) -> str | None:
+    found = vmguest.virsh("dumpxml", name, check=False)
+    return found.stdout if found.returncode == 0 else None
+
+
+def test_test_failover_to_a_new_vm_boots_what_production_wrote(
+    drill: Drill, guest: Guest, tmp_path: Path
+) -> None:
+    b = drill.b
+    replica = wait_for(lambda: (b.run("images", "vm1", check=False).doc or [None])[0], 60, "vm1")
+    assert replica["kind"] == "replica"
+    new = f"{guest.name}-dr"
+    vmguest.remove_domain(new)
+
+    # Refused before anything is made: the domain it came from, a name that exists.
+    same = b.run("test-failover", "vm1", "--host", "host2", "--new-vm", guest.name, check=False)
+    assert same.code != 0 and "never failed over onto the domain it came from" in same.error
+    taken = f"{guest.name}-taken"
+    (tmp_path / "taken.xml").write_text(vmguest.domain_xml(taken, guest.boot, [], "x"))
+    vmguest.virsh("define", str(tmp_path / "taken.xml"))
+    try:
+        busy = b.run("test-failover", "vm1", "--host", "host2", "--new-vm", taken, check=False)
+        assert busy.code != 0 and "already exists" in busy.error
+        assert not [i for i in b("images", "vm1") if i["kind"] == "test-failover"]
+    finally:
+        vmguest.remove_domain(taken)
+    no_vm = b.run("test-failover", "vm1", "--host", "host2", check=False)
+    assert no_vm.code != 0 and "--new-vm" in no_vm.error
+
+    done = b("test-failover", "vm1", "--host", "host2", "--new-vm", new)
+    job = done["job"]
+    assert job["status"] == "succeeded", job["message"]
+    assert job["result"]["vm"]["name"] == new
+    assert not job["result"]["vm"]["running"]  # no --power-on
+    xml = domain_info(new)
+    assert xml is not None
+    source_xml = domain_info(guest.name) or ""
+    uuid_of = lambda text: text.split("<uuid>")[1].split("</uuid>")[0]  # noqa: E731
+    assert uuid_of(xml) != uuid_of(source_xml)  # a test VM is a new machine
+    assert "<interface" not in xml  # and has no network unless one is named
+    assert "protocol='nbd'" in xml and "<slice type='storage' offset='0'" in xml
+
+    # The DR guest boots from the appliance's export and reads what production wrote.
+    console = vmguest.start_with_console(new)
+    try:
+        assert console.expect("TANDEM-BOOT").endswith("existing")
+        assert console.expect("TANDEM-SUM").split()[1] == guest.sum
+        # Its writes land in the virtual copy, never in the replica.
+        console.send("rewrite dr1")
+        assert console.expect("TANDEM-SUM").split()[1] != guest.sum
+    finally:
+        console.close()
+
+    # Ending the test removes the test VM with the copy.
+    b("unmount", job["result"]["image"])
+    assert domain_info(new) is None

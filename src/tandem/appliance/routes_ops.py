@@ -79,6 +79,9 @@ def make_router(site: Site) -> APIRouter:
             mount_point=body.mount_point,
             action=body.action,
             actor=who.name,
+            new_vm=body.new_vm,
+            network=body.network,
+            power_on=body.power_on,
         )
         return JobAnswer(job=JobOut.of(job, who))
 
@@ -94,6 +97,9 @@ def make_router(site: Site) -> APIRouter:
             action=body.action,
             label=body.label,
             actor=who.name,
+            new_vm=body.new_vm,
+            network=body.network,
+            power_on=body.power_on,
         )
         return JobAnswer(job=JobOut.of(job, who))
 

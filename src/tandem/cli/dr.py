@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -46,6 +46,28 @@ ActionOpt = Annotated[
 ]
 
 
+NewVmOpt = Annotated[
+    str | None,
+    typer.Option("--new-vm", help="A vm app: the new VM (libvirt domain) to define at HOST."),
+]
+NetworkOpt = Annotated[
+    str | None, typer.Option("--network", help="The new VM's libvirt network (none by default).")
+]
+PowerOnOpt = Annotated[bool, typer.Option("--power-on", help="Start the new VM.")]
+
+
+def _vm_options(new_vm: str | None, network: str | None, power_on: bool) -> dict[str, Any]:
+    """The new-VM fields of a request, only when given (other apps' requests stay as they were)."""
+    out: dict[str, Any] = {}
+    if new_vm:
+        out["new_vm"] = new_vm
+    if network:
+        out["network"] = network
+    if power_on:
+        out["power_on"] = True
+    return out
+
+
 @handle_errors
 def test_failover(
     app: AppName,
@@ -55,6 +77,9 @@ def test_failover(
     ] = None,
     mount_point: MountPoint = None,
     action: ActionOpt = None,
+    new_vm: NewVmOpt = None,
+    network: NetworkOpt = None,
+    power_on: PowerOnOpt = False,
     no_wait: NoWait = False,
     url: Url = None,
     token: Token = None,
@@ -67,6 +92,7 @@ def test_failover(
         "image": image,
         "mount_point": mount_point,
         "action": action.value if action else None,
+        **_vm_options(new_vm, network, power_on),
     }
     with connect(url, token, fingerprint) as client:
         answer = client.post(api_path("/api/v1/apps", checked_app(app), "test-failover"), body)
@@ -86,6 +112,9 @@ def failover(
     mount_point: MountPoint = None,
     action: ActionOpt = None,
     label: Annotated[str | None, typer.Option("--label", help="A label for the image.")] = None,
+    new_vm: NewVmOpt = None,
+    network: NetworkOpt = None,
+    power_on: PowerOnOpt = False,
     no_wait: NoWait = False,
     url: Url = None,
     token: Token = None,
@@ -100,6 +129,7 @@ def failover(
         "mount_point": mount_point,
         "action": action.value if action else None,
         "label": label,
+        **_vm_options(new_vm, network, power_on),
     }
     with connect(url, token, fingerprint) as client:
         answer = client.post(api_path("/api/v1/apps", checked_app(app), "failover"), body)

@@ -50,6 +50,9 @@ def submit_failover(
     action: str | None = None,
     label: str | None = None,
     actor: str | None = None,
+    new_vm: str | None = None,
+    network: str | None = None,
+    power_on: bool = False,
 ) -> Job:
     check_confirmations(confirm, [FAILOVER_CONFIRMATION])
     label = check_label(label)
@@ -59,6 +62,7 @@ def submit_failover(
         check_transition(row.name, row.state, Operation.FAILOVER, AppFacts(replica_images=replicas))
         replica = pick_replica(session, row, image)
         check_not_production_host(session, row, host)
+        vm = present.check_new_vm(row, new_vm, network, power_on, keep_identity=True)
         action = present.check_action(row, action, mount_point)
         if row.kind is AppKind.VOLUME and action != "map-only":
             # A file copy at a mount point would take writes that syncback never sees.
@@ -71,7 +75,13 @@ def submit_failover(
             type=TYPE,
             app=row.name,
             image=replica.id,
-            params={"host": host, "mount_point": mount_point, "action": action, "label": label},
+            params={
+                "host": host,
+                "mount_point": mount_point,
+                "action": action,
+                "label": label,
+                **(vm.as_params() if vm else {}),
+            },
             lifecycle=True,
             actor=actor,
         )
@@ -102,6 +112,7 @@ def run_failover(site: Site, ctx: JobContext) -> dict[str, Any]:
         host=host,
         action=params["action"],
         mount_point=params.get("mount_point"),
+        new_vm=present.NewVm.from_params(params),
     )
     try:
         with site.catalog.begin() as session:
@@ -157,5 +168,12 @@ def run_failover(site: Site, ctx: JobContext) -> dict[str, Any]:
         f"{app.name} failed over to {row.id} on host {host.name}"
         + (f" at {shown.mount_point}" if shown.mount_point else "")
         + (", started" if started else "")
+        + (f" as VM {shown.vm['name']}" if shown.vm else "")
     )
-    return {"image": row.id, **shown.export_fields(), "paths": shown.paths, "epoch": epoch}
+    return {
+        "image": row.id,
+        **shown.export_fields(),
+        "paths": shown.paths,
+        "epoch": epoch,
+        "vm": shown.vm,
+    }

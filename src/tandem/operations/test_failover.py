@@ -73,6 +73,9 @@ def submit_test_failover(
     mount_point: str | None = None,
     action: str | None = None,
     actor: str | None = None,
+    new_vm: str | None = None,
+    network: str | None = None,
+    power_on: bool = False,
 ) -> Job:
     with site.catalog.begin() as session:
         row = q.get_app(session, name=app)
@@ -82,13 +85,19 @@ def submit_test_failover(
         )
         replica = pick_replica(session, row, image)
         check_target(session, row, host)
+        vm = present.check_new_vm(row, new_vm, network, power_on, keep_identity=False)
         action = present.check_action(row, action, mount_point)
         job = submit_job(
             session,
             type=TYPE,
             app=row.name,
             image=replica.id,
-            params={"host": host, "mount_point": mount_point, "action": action},
+            params={
+                "host": host,
+                "mount_point": mount_point,
+                "action": action,
+                **(vm.as_params() if vm else {}),
+            },
             lifecycle=True,
             actor=actor,
         )
@@ -115,6 +124,7 @@ def run_test_failover(site: Site, ctx: JobContext) -> dict[str, Any]:
         host=host,
         action=params["action"],
         mount_point=params.get("mount_point"),
+        new_vm=present.NewVm.from_params(params),
     )
     row = present.record(
         site,
@@ -140,5 +150,6 @@ def run_test_failover(site: Site, ctx: JobContext) -> dict[str, Any]:
         f"test copy {row.id} of {replica.id} on host {host.name}"
         + (f" at {shown.mount_point}" if shown.mount_point else "")
         + (" (NBD)" if shown.nbd_uri else "")
+        + (f" as new VM {shown.vm['name']}" if shown.vm else "")
     )
-    return {"image": row.id, **shown.export_fields(), "paths": shown.paths}
+    return {"image": row.id, **shown.export_fields(), "paths": shown.paths, "vm": shown.vm}
