@@ -37,6 +37,7 @@ are read in full and compared with the base by digest.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -135,6 +136,17 @@ def _blocks_of(ranges: list[tuple[int, int]], start: int, length: int) -> list[i
     return sorted(out)
 
 
+def _padded(disk: DiskSource) -> Callable[[int, int], bytes]:
+    """``disk``'s reader, reading zeros past its end (the gap to the next chunk boundary)."""
+
+    def read(offset: int, length: int) -> bytes:
+        inside = max(0, min(length, disk.slot.size - offset))
+        data = disk.reader.read(offset, inside) if inside else b""
+        return data + bytes(length - len(data)) if len(data) == inside else data
+
+    return read
+
+
 def capture_disks(
     pool: WritablePool,
     disks: list[DiskSource],
@@ -160,8 +172,9 @@ def capture_disks(
         for k in range(-(-disk.slot.size // VOLUME_CHUNK)):
             i = first + k
             off = k * VOLUME_CHUNK  # within the disk
-            length = min(VOLUME_CHUNK, disk.slot.size - off)
-            if not _blocks_of(disk.allocated, off, length):
+            # The image's chunk: a disk's short tail is padded with the zero gap after it.
+            length = min(VOLUME_CHUNK, size - i * VOLUME_CHUNK)
+            if not _blocks_of(disk.allocated, off, min(length, disk.slot.size - off)):
                 continue  # all zeros
             if same_layout and disk.dirty is not None and base is not None:
                 changed = _blocks_of(disk.dirty, off, length)
@@ -178,9 +191,10 @@ def capture_disks(
             item: tuple[int, DiskSource, int, int, list[int] | None],
         ) -> tuple[int, bytes | None, int, PutResult | None]:
             i, disk, off, length, changed = item
+            read_at = _padded(disk)
             base_chunk = base.chunks[i] if base is not None and i < len(base.chunks) else None
             if changed is not None and base_chunk is not None:
-                quick = capture_blocks(writer, disk.reader.read, off, length, base_chunk, changed)
+                quick = capture_blocks(writer, read_at, off, length, base_chunk, changed)
                 if quick is not None:
                     read = sum(min(SUB_BLOCK, length - j * SUB_BLOCK) for j in changed)
                     return i, quick[0], read, quick[1]
@@ -189,12 +203,12 @@ def capture_disks(
                 buf = bytearray(length)
                 for j in changed:
                     start, n = j * SUB_BLOCK, min(SUB_BLOCK, length - j * SUB_BLOCK)
-                    buf[start : start + n] = disk.reader.read(off + start, n)
+                    buf[start : start + n] = read_at(off + start, n)
                 data = bytes(buf)
                 read = sum(min(SUB_BLOCK, length - j * SUB_BLOCK) for j in changed)
             else:
-                data = disk.reader.read(off, length)
-                read = length
+                data = read_at(off, length)
+                read = min(length, disk.slot.size - off)
             if len(data) != length:
                 raise StorageError(detail=f"disk {disk.slot.target} gave a short read at {off}")
             digest, subs = hash_object(data)
