@@ -34,7 +34,16 @@ from bench.common import write_json as save_json
 
 Section = Callable[[Config, Report], None]
 
-SECTIONS = ("storage", "replication", "presentation", "failback", "scale", "nbd", "consistency")
+SECTIONS = (
+    "storage",
+    "replication",
+    "presentation",
+    "failback",
+    "scale",
+    "nbd",
+    "consistency",
+    "vm",
+)
 """Each is the module ``bench.NAME`` with ``run(cfg, report)``, imported only when run (they
 import tandem; keep --help fast)."""
 

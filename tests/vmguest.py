@@ -10,14 +10,16 @@
   without the header ``TANDEM-DISK`` is formatted with a known pattern (marker from the kernel
   command line ``tandem.marker=``); a disk with it is left as it is. Either way it syncs and
   prints ``TANDEM-SUM <md5 of /dev/vda>`` on the serial console, then obeys lines read from
-  the console: ``rewrite WORD`` overwrites 1 MiB at 32 MiB and prints the new sum, ``off``
-  powers off. So "what the guest wrote at production is what a new VM at DR reads" is the
-  DR guest printing the production guest's last sum.
+  the console: ``rewrite WORD`` overwrites 1 MiB at 32 MiB and prints the new sum,
+  ``scatter N`` rewrites N 64 KiB blocks spread over the disk, ``off`` powers off. So
+  "what the guest wrote at production is what a new VM at DR reads" is the DR guest
+  printing the production guest's last sum.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import os
 import select
@@ -26,13 +28,19 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 URI = "qemu:///system"
-CACHE = Path(os.environ.get("TANDEM_VM_CACHE", "/var/cache/tandem-tests"))
+CACHE = Path(
+    os.environ.get("TANDEM_VM_CACHE")
+    or ("/var/cache/tandem-tests" if os.geteuid() == 0 else "~/.cache/tandem-tests")
+).expanduser()
+LOCK = Path(tempfile.gettempdir()) / "tandem-tests-libvirt.lock"
 MODULES = [
     "drivers/virtio/virtio_ring.ko",
     "drivers/virtio/virtio.ko",
@@ -75,6 +83,15 @@ while read -r cmd arg < /dev/ttyS0; do
       yes "$arg rewritten" | head -c 1048576 \
         | dd of=/dev/vda bs=1M seek=%(rewrite)d conv=fsync 2>/dev/null
       sync; echo 3 > /proc/sys/vm/drop_caches; sum;;
+    scatter)
+      # $arg blocks of 64 KiB spread evenly over the disk (a 1%% rewrite, for the benchmark)
+      blocks=$(( $(cat /sys/block/vda/size) / 128 )); step=$(( blocks / arg )); i=0
+      while [ $i -lt $arg ]; do
+        yes "scatter $i" | head -c 65536 \
+          | dd of=/dev/vda bs=65536 seek=$(( i * step )) conv=notrunc 2>/dev/null
+        i=$((i+1))
+      done
+      sync; say "TANDEM-SCATTERED $arg";;
     sum) echo 3 > /proc/sys/vm/drop_caches; sum;;
     off) sync; poweroff -f;;
   esac
@@ -104,6 +121,25 @@ def _pid_of(pidfile: str) -> int | None:
         return None
 
 
+@contextmanager
+def libvirt_session() -> Iterator[None]:
+    """``qemu:///system`` answering for the duration; the daemons this started are stopped
+    at the end unless another test process (pytest-xdist) still holds the shared lock."""
+    with open(LOCK, "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        started = libvirt_host()
+        fcntl.flock(lock, fcntl.LOCK_SH)  # users hold it shared
+        try:
+            yield
+        finally:
+            if started:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    return  # still in use by another test process: leave it running
+                stop_started(started)
+
+
 def libvirt_host() -> list[int]:
     """Make ``qemu:///system`` answer; returns the pids of the daemons started here."""
     if libvirt_answers():
@@ -121,7 +157,7 @@ def libvirt_host() -> list[int]:
     ):
         if _pid_of(pidfile) is not None and Path(f"/proc/{_pid_of(pidfile)}").exists():
             continue
-        subprocess.run([daemon, "-d"], check=True, timeout=60)
+        subprocess.run([daemon, "-d"], check=False, timeout=60)
         pid = _pid_of(pidfile)
         if pid is not None:
             started.append(pid)

@@ -7,7 +7,6 @@ import sys
 
 import pytest
 
-from tests import vmguest
 from tests.agent.conftest import Agent
 
 
@@ -24,18 +23,14 @@ def test_an_agent_without_libvirt_is_not_a_hypervisor(
     assert "not a hypervisor" in answer.json()["message"]
 
 
-def test_a_hypervisor_agent_lists_its_domains(agent: Agent) -> None:
-    started = vmguest.libvirt_host()
-    try:
-        info = agent.client.get("/api/v1/info", headers=agent.auth).json()
-        assert info["hypervisor"] is True and info["libvirt"] >= 9_000_000
-        domains = agent.client.get("/api/v1/vms", headers=agent.auth).json()["domains"]
-        assert all({"name", "uuid", "state", "disks"} <= set(d) for d in domains)
-        gone = agent.client.post(
-            "/api/v1/vms/remove", headers=agent.auth, json={"name": "no-such-domain"}
-        )
-        assert gone.json() == {"removed": False}
-        bad = agent.client.post("/api/v1/vms/remove", headers=agent.auth, json={"name": "../x"})
-        assert bad.status_code == 422
-    finally:
-        vmguest.stop_started(started)
+def test_a_hypervisor_agent_lists_its_domains(agent: Agent, libvirt_host: None) -> None:
+    info = agent.client.get("/api/v1/info", headers=agent.auth).json()
+    assert info["hypervisor"] is True and info["libvirt"] >= 9_000_000
+    domains = agent.client.get("/api/v1/vms", headers=agent.auth).json()["domains"]
+    assert all({"name", "uuid", "state", "disks"} <= set(d) for d in domains)
+    gone = agent.client.post(
+        "/api/v1/vms/remove", headers=agent.auth, json={"name": "no-such-domain"}
+    )
+    assert gone.json() == {"removed": False}
+    bad = agent.client.post("/api/v1/vms/remove", headers=agent.auth, json={"name": "../x"})
+    assert bad.status_code == 422

@@ -36,15 +36,6 @@ class Guest:
 
 
 @pytest.fixture(scope="module")
-def libvirt_host() -> Iterator[None]:
-    started = vmguest.libvirt_host()
-    try:
-        yield
-    finally:
-        vmguest.stop_started(started)
-
-
-@pytest.fixture(scope="module")
 def guest(libvirt_host: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Guest]:
     folder = tmp_path_factory.mktemp("guest")
     name = f"tandem-test-{folder.name}"
@@ -207,3 +198,26 @@ def test_test_failover_to_a_new_vm_boots_what_production_wrote(
     # Ending the test removes the test VM with the copy.
     b("unmount", job["result"]["image"])
     assert domain_info(new) is None
+
+
+def test_failover_keeps_the_identity_so_not_beside_the_original(drill: Drill, guest: Guest) -> None:
+    b = drill.b
+    state = next(a for a in b("apps") if a["name"] == "vm1")["state"]
+    new = f"{guest.name}-fo"
+    refused = b.run(
+        "failover",
+        "vm1",
+        "--host",
+        "host2",
+        "--new-vm",
+        new,
+        "--confirm",
+        "FAILOVER",
+        check=False,
+    )
+    assert refused.code != 0
+    assert "UUID" in refused.error and "exists on this host" in refused.error
+    # The failed job left everything as it was: no VM, no image, the same state.
+    assert domain_info(new) is None
+    assert not [i for i in b("images", "vm1") if i["kind"] == "failover"]
+    assert next(a for a in b("apps") if a["name"] == "vm1")["state"] == state
