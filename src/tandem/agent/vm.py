@@ -74,7 +74,14 @@ def _libvirt() -> Any:
         import libvirt  # optional: only hypervisor hosts have it
     except ImportError as exc:
         raise NotHypervisor(reason=f"libvirt-python is not installed ({exc})") from exc
+    # Errors are raised as exceptions and reported by the caller; libvirt would also print
+    # each one on stderr (a guest agent that is not configured is an ordinary answer).
+    libvirt.registerErrorHandler(_quiet, None)
     return libvirt
+
+
+def _quiet(_ctx: object, _error: object) -> None:
+    return None
 
 
 @contextmanager
