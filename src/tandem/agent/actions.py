@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tandem.agent import holders, mounts, pit, vm
 from tandem.agent.mounts import MountAction
@@ -60,6 +60,16 @@ class CaptureRequest(BaseModel):
     kind: str = Field(pattern="^(filesystem|volume|vm)$")
     path: str = Field(pattern=r"^[^\x00]+$")
     """The app's path; for a ``vm`` app, the libvirt domain's name (``agent.vm``)."""
+
+    @model_validator(mode="after")
+    def _path_fits_kind(self) -> CaptureRequest:
+        if self.kind == "vm":
+            if not re.match(DOMAIN_NAME, self.path):
+                raise ValueError("a vm app's path is its libvirt domain name")
+        elif not self.path.startswith("/"):
+            raise ValueError("the path must be absolute")
+        return self
+
     appliance: ApplianceSession
     base: str | None = Field(default=None, pattern=HEX_DIGEST)
     """Manifest id of the previous image, for an incremental capture."""
@@ -177,8 +187,6 @@ def capture(req: CaptureRequest, emit: Emit) -> dict[str, Any]:
     (``agent.pit``); returns the final event, which says how the image was cut."""
     if req.kind == "vm":
         return _capture_vm(req, emit)
-    if not req.path.startswith("/"):
-        raise InvalidInput(detail=f"the path {req.path!r} is not absolute")
     path = Path(req.path)
     if req.kind == "filesystem" and not path.is_dir():
         raise SourceUnreadable(path=str(path), reason="it is not a directory")
@@ -200,8 +208,6 @@ def capture(req: CaptureRequest, emit: Emit) -> dict[str, Any]:
 
 def _capture_vm(req: CaptureRequest, emit: Emit) -> dict[str, Any]:
     """Capture the libvirt domain ``req.path`` (checkpoint + pull-mode backup, ``agent.vm``)."""
-    if not re.match(DOMAIN_NAME, req.path):
-        raise InvalidInput(detail=f"{req.path!r} is not a libvirt domain name")
     with _client(req.appliance) as client:
         base_id = bytes.fromhex(req.base) if req.base else None
         base = _fetch_manifest(client, req.appliance.session, req.base) if req.base else None
