@@ -199,6 +199,12 @@ def test_test_failover_to_a_new_vm_boots_what_production_wrote(
     b("unmount", job["result"]["image"])
     assert domain_info(new) is None
 
+    # Any image mounts as a new VM too, here powered on at once.
+    mounted = b("mount", replica["id"], "--host", "host2", "--new-vm", new, "--power-on")
+    assert mounted["job"]["result"]["vm"]["running"] is True
+    b("unmount", mounted["image"]["id"])
+    assert domain_info(new) is None
+
 
 def test_failover_keeps_the_identity_so_not_beside_the_original(drill: Drill, guest: Guest) -> None:
     b = drill.b

@@ -153,6 +153,9 @@ def make_router(site: Site) -> APIRouter:
             mount_point=body.mount_point,
             action=body.action,
             actor=who.name,
+            new_vm=body.new_vm,
+            network=body.network,
+            power_on=body.power_on,
         )
         return JobAnswer(job=JobOut.of(job, who))
 

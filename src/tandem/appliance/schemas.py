@@ -163,6 +163,13 @@ class MountIn(Body):
     host: str = Field(min_length=1, max_length=64)
     mount_point: str | None = Field(default=None, max_length=4096)
     action: str | None = Field(default=None, max_length=32)
+    new_vm: str | None = Field(
+        default=None, pattern=DOMAIN_NAME, description="A vm app's image: a new VM to define."
+    )
+    network: str | None = Field(
+        default=None, pattern=DOMAIN_NAME, description="The new VM's libvirt network."
+    )
+    power_on: bool = False
 
 
 class CloneIn(Body):

@@ -142,6 +142,9 @@ def mount(
     host: Host,
     mount_point: MountPoint = None,
     action: ActionOpt = None,
+    new_vm: NewVmOpt = None,
+    network: NetworkOpt = None,
+    power_on: PowerOnOpt = False,
     no_wait: NoWait = False,
     url: Url = None,
     token: Token = None,
@@ -149,7 +152,12 @@ def mount(
     json_: Json = False,
 ) -> None:
     """Present any image to HOST as a writable virtual copy."""
-    body = {"host": host, "mount_point": mount_point, "action": action.value if action else None}
+    body = {
+        "host": host,
+        "mount_point": mount_point,
+        "action": action.value if action else None,
+        **_vm_options(new_vm, network, power_on),
+    }
     with connect(url, token, fingerprint) as client:
         answer = client.post(api_path("/api/v1/images", checked_image(image), "mount"), body)
         follow_job(client, job_of(client, answer), json_=json_, no_wait=no_wait)

@@ -36,19 +36,30 @@ def submit_mount(
     mount_point: str | None = None,
     action: str | None = None,
     actor: str | None = None,
+    new_vm: str | None = None,
+    network: str | None = None,
+    power_on: bool = False,
 ) -> Job:
     with site.catalog.begin() as session:
         base = q.get_image(session, image_id=image)
         app = base.app
         check_transition(app.name, app.state, Operation.MOUNT)
         q.get_host(session, name=host)
+        vm = present.check_new_vm(
+            app, new_vm, network, power_on, keep_identity=False, required=False
+        )
         action = present.check_action(app, action, mount_point)
         job = submit_job(
             session,
             type=TYPE,
             app=app.name,
             image=base.id,
-            params={"host": host, "mount_point": mount_point, "action": action},
+            params={
+                "host": host,
+                "mount_point": mount_point,
+                "action": action,
+                **(vm.as_params() if vm else {}),
+            },
             lifecycle=False,
             actor=actor,
         )
@@ -74,6 +85,7 @@ def run_mount(site: Site, ctx: JobContext) -> dict[str, Any]:
         host=host,
         action=params["action"],
         mount_point=params.get("mount_point"),
+        new_vm=present.NewVm.from_params(params),
     )
     row = present.record(
         site,
@@ -89,8 +101,9 @@ def run_mount(site: Site, ctx: JobContext) -> dict[str, Any]:
     ctx.set_message(
         f"{base.id} mounted as {row.id} on host {host.name}"
         + (f" at {shown.mount_point}" if shown.mount_point else "")
+        + (f" as new VM {shown.vm['name']}" if shown.vm else "")
     )
-    return {"image": row.id, **shown.export_fields(), "paths": shown.paths}
+    return {"image": row.id, **shown.export_fields(), "paths": shown.paths, "vm": shown.vm}
 
 
 def unmount(site: Site, *, image: str) -> Image:

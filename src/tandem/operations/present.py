@@ -116,15 +116,24 @@ class NewVm:
 
 
 def check_new_vm(
-    app: App, new_vm: str | None, network: str | None, power_on: bool, *, keep_identity: bool
+    app: App,
+    new_vm: str | None,
+    network: str | None,
+    power_on: bool,
+    *,
+    keep_identity: bool,
+    required: bool = True,
 ) -> NewVm | None:
-    """The new VM a presentation defines: a vm app needs one, other apps take none."""
+    """The new VM a presentation defines: a vm app needs one (a mount may present just the
+    disks' export instead: ``required`` False), other apps take none."""
     if app.kind is not AppKind.VM:
         if new_vm or network or power_on:
             raise InvalidInput(
                 detail=f"--new-vm, --network and --power-on are for vm apps; {app.name!r} is a "
                 f"{app.kind.value} app"
             )
+        return None
+    if not new_vm and not required and not (network or power_on):
         return None
     if not new_vm:
         raise InvalidInput(
