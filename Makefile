@@ -4,6 +4,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+VM_STAMP := $(VENV)/.installed-vm
 
 .PHONY: demo test lint typecheck bench clean tools
 
@@ -11,13 +12,24 @@ STAMP := $(VENV)/.installed
 # console tests drive Debian's Chromium; the live-application tests make btrfs and XFS file
 # systems and run PostgreSQL under pgbench. On a fresh Debian machine as root they are
 # installed here; elsewhere the tests that need them fail saying which package to install.
-TOOLS_PKGS := qemu-utils libnbd-bin python3-libnbd chromium btrfs-progs xfsprogs postgresql
+# The VM tests run real guests under libvirt + QEMU (TCG): a busybox initramfs made with cpio
+# and a Debian kernel the tests download once; libvirt-dev and pkg-config build the Python
+# bindings (the `vm` extra), which `make test` installs after them.
+TOOLS_PKGS := qemu-utils libnbd-bin python3-libnbd chromium btrfs-progs xfsprogs postgresql \
+  libvirt-daemon-system libvirt-daemon-driver-qemu qemu-system-x86 libvirt-dev pkg-config \
+  busybox-static cpio
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
+
+# The libvirt bindings only for the tests, after `tools` installed what they build against:
+# `make demo` keeps working where libvirt is absent.
+$(VM_STAMP): $(STAMP) | tools
+	$(BIN)/python -m pip install --quiet -e '.[test,vm]'
+	touch $(VM_STAMP)
 
 demo: $(STAMP)
 	$(BIN)/tandem demo
@@ -34,17 +46,20 @@ tools:
 	@if ! command -v qemu-img >/dev/null || ! command -v nbdcopy >/dev/null \
 	    || ! command -v nbdsh >/dev/null || ! test -x /usr/bin/chromium \
 	    || ! command -v mkfs.btrfs >/dev/null || ! command -v mkfs.xfs >/dev/null \
-	    || ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+	    || ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 \
+	    || ! command -v virsh >/dev/null || ! command -v qemu-system-x86_64 >/dev/null \
+	    || ! pkg-config --exists libvirt 2>/dev/null || ! test -x /bin/busybox \
+	    || ! command -v cpio >/dev/null; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    echo "installing $(TOOLS_PKGS) (what the NBD, browser and live-application tests use)"; \
+	    echo "installing $(TOOLS_PKGS) (what the NBD, browser, live-application and VM tests use)"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
 	      --no-install-recommends $(TOOLS_PKGS) >/dev/null; \
 	  else \
-	    echo "note: install $(TOOLS_PKGS) for the NBD, browser and live-application tests"; \
+	    echo "note: install $(TOOLS_PKGS) for the NBD, browser, live-application and VM tests"; \
 	  fi; \
 	fi
 
-test: $(STAMP) tools lint typecheck
+test: $(STAMP) tools $(VM_STAMP) lint typecheck
 	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 bench: $(STAMP)

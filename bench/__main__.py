@@ -44,6 +44,7 @@ SECTIONS = (
     "nbd",
     "consistency",
     "e2e",
+    "vm",
 )
 """Each is the module ``bench.NAME`` with ``run(cfg, report)``, imported only when run (they
 import tandem; keep --help fast)."""

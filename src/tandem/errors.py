@@ -300,6 +300,14 @@ class Unreachable(TandemError):
     http_status = 502
 
 
+class NotHypervisor(TandemError):
+    """This host is not a hypervisor: {reason}. Install libvirt (libvirt-daemon-system,
+    qemu-system-x86 and the agent's `vm` extra, libvirt-python) and start libvirtd, or use
+    a host that `tandem vms --host H` lists domains of."""
+
+    http_status = 422
+
+
 class RemoteError(TandemError):
     """{what} {name} answered with an error: {detail}"""
 

@@ -50,7 +50,14 @@ def test_a_capture_whose_appliance_is_gone_ends_with_an_error_event(
 
 @pytest.mark.parametrize(
     "change",
-    [{"kind": "vm"}, {"path": "relative"}, {"base": "xyz"}, {"extra": 1}, {"consistency": "now"}],
+    [
+        {"kind": "container"},
+        {"path": "relative"},
+        {"kind": "vm"},  # a vm's path is a domain name, not /x
+        {"base": "xyz"},
+        {"extra": 1},
+        {"consistency": "now"},
+    ],
 )
 def test_capture_requests_are_validated(agent: Agent, change: dict[str, object]) -> None:
     body = {

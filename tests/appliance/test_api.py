@@ -117,9 +117,16 @@ def test_bad_input_is_4xx_naming_the_problem(api: Api) -> None:
         (
             "POST",
             "/api/v1/apps",
-            {"name": "a", "host": "h", "kind": "vm", "path": "/x"},
+            {"name": "a", "host": "h", "kind": "container", "path": "/x"},
             422,
             "kind",
+        ),
+        (
+            "POST",
+            "/api/v1/apps",
+            {"name": "a", "host": "h", "kind": "vm", "path": "/x"},
+            422,
+            "--domain",
         ),
         (
             "POST",

@@ -31,6 +31,7 @@ from tandem.storage.manifest import VOLUME_CHUNK, VolumeManifest
 from tandem.storage.overlay import Overlay, capture_overlay
 from tandem.storage.pool import ChunkPool
 from tandem.storage.volume import capture_volume, restore_volume
+from tandem.transport import nbdproto
 
 MiB = 1024 * 1024
 PACKAGES = {
@@ -223,7 +224,7 @@ def test_zero_trim_flush_and_fua_with_nbdsh(
 h.pwrite(b'\\xab' * 3 * {SUB_BLOCK}, {SUB_BLOCK})
 h.zero({SUB_BLOCK} + 50, 100)  # (count, offset): partial blocks, read-modify-write
 h.trim({SUB_BLOCK}, {2 * SUB_BLOCK})  # a whole block
-h.pwrite(b'fua', {10 * MiB}, nbd.CMD_FLAG_FUA)
+h.pwrite(b'fua', {10 * MiB}, nbdproto.CMD_FLAG_FUA)
 h.zero({4 * MiB}, {4 * MiB})  # the whole zero chunk of the base: clean again
 h.flush()
 assert h.pread({SUB_BLOCK}, {SUB_BLOCK}) == bytes(150) + b'\\xab' * ({SUB_BLOCK} - 150)
@@ -357,9 +358,11 @@ class RawClient:
     def __init__(self, port: int, host: str = "127.0.0.1") -> None:
         self.sock = socket.create_connection((host, port), timeout=10)
         magic, opt, flags = struct.unpack(">QQH", self.recv(18))
-        assert (magic, opt) == (nbd.NBDMAGIC, nbd.IHAVEOPT)
-        assert flags == nbd.FLAG_FIXED_NEWSTYLE | nbd.FLAG_NO_ZEROES
-        self.sock.sendall(struct.pack(">I", nbd.FLAG_C_FIXED_NEWSTYLE | nbd.FLAG_C_NO_ZEROES))
+        assert (magic, opt) == (nbdproto.NBDMAGIC, nbdproto.IHAVEOPT)
+        assert flags == nbdproto.FLAG_FIXED_NEWSTYLE | nbdproto.FLAG_NO_ZEROES
+        self.sock.sendall(
+            struct.pack(">I", nbdproto.FLAG_C_FIXED_NEWSTYLE | nbdproto.FLAG_C_NO_ZEROES)
+        )
 
     def recv(self, n: int) -> bytes:
         buf = b""
@@ -372,21 +375,23 @@ class RawClient:
 
     def option(self, option: int, data: bytes = b"") -> list[tuple[int, bytes]]:
         """Send an option; the replies up to the final one (ACK or an error)."""
-        self.sock.sendall(struct.pack(">QII", nbd.IHAVEOPT, option, len(data)) + data)
+        self.sock.sendall(struct.pack(">QII", nbdproto.IHAVEOPT, option, len(data)) + data)
         replies = []
         while True:
             magic, opt, kind, length = struct.unpack(">QIII", self.recv(20))
-            assert magic == nbd.OPT_REPLY_MAGIC and opt == option
+            assert magic == nbdproto.OPT_REPLY_MAGIC and opt == option
             replies.append((kind, self.recv(length)))
-            if kind not in (nbd.REP_SERVER, nbd.REP_INFO, nbd.REP_META_CONTEXT):
+            if kind not in (nbdproto.REP_SERVER, nbdproto.REP_INFO, nbdproto.REP_META_CONTEXT):
                 return replies
 
     def request(self, command: int, offset: int, length: int, data: bytes = b"") -> int:
-        self.sock.sendall(struct.pack(">IHHQQI", nbd.REQUEST_MAGIC, 0, command, 7, offset, length))
+        self.sock.sendall(
+            struct.pack(">IHHQQI", nbdproto.REQUEST_MAGIC, 0, command, 7, offset, length)
+        )
         self.sock.sendall(data)
         magic, error, handle = struct.unpack(">IIQ", self.recv(16))
-        assert magic == nbd.SIMPLE_REPLY_MAGIC and handle == 7
-        if command == nbd.CMD_READ and error == 0:
+        assert magic == nbdproto.SIMPLE_REPLY_MAGIC and handle == 7
+        if command == nbdproto.CMD_READ and error == 0:
             self.recv(length)
         return int(error)
 
@@ -394,11 +399,11 @@ class RawClient:
         self, command: int, offset: int, length: int, flags: int = 0
     ) -> tuple[int, bytes]:
         """Send a request; (type, payload) of its one structured reply chunk (marked done)."""
-        head = struct.pack(">IHHQQI", nbd.REQUEST_MAGIC, flags, command, 8, offset, length)
+        head = struct.pack(">IHHQQI", nbdproto.REQUEST_MAGIC, flags, command, 8, offset, length)
         self.sock.sendall(head)
         magic, rflags, kind, handle, n = struct.unpack(">IHHQI", self.recv(20))
-        assert magic == nbd.STRUCTURED_REPLY_MAGIC and handle == 8
-        assert rflags & nbd.REPLY_FLAG_DONE
+        assert magic == nbdproto.STRUCTURED_REPLY_MAGIC and handle == 8
+        assert rflags & nbdproto.REPLY_FLAG_DONE
         return kind, self.recv(n)
 
     def close(self) -> None:
@@ -427,26 +432,34 @@ def test_protocol_edges_with_a_raw_client(
     size = overlay.size
     client = RawClient(server.port)
     try:
-        assert client.option(nbd.OPT_STRUCTURED_REPLY, b"x")[0][0] == nbd.REP_ERR_INVALID
-        assert client.option(nbd.OPT_STARTTLS)[0][0] == nbd.REP_ERR_UNSUP
-        assert client.option(nbd.OPT_LIST, b"junk")[0][0] == nbd.REP_ERR_INVALID
-        assert client.option(nbd.OPT_GO, b"\x00\x00")[0][0] == nbd.REP_ERR_INVALID
-        assert client.option(nbd.OPT_INFO, go_payload("copy"))[0][0] == nbd.REP_ERR_UNKNOWN
-        info = client.option(nbd.OPT_INFO, go_payload(wire, nbd.INFO_BLOCK_SIZE))
-        assert [kind for kind, _ in info] == [nbd.REP_INFO, nbd.REP_INFO, nbd.REP_ACK]
-        assert struct.unpack(">HQH", info[0][1])[:2] == (nbd.INFO_EXPORT, size)
+        assert client.option(nbdproto.OPT_STRUCTURED_REPLY, b"x")[0][0] == nbdproto.REP_ERR_INVALID
+        assert client.option(nbdproto.OPT_STARTTLS)[0][0] == nbdproto.REP_ERR_UNSUP
+        assert client.option(nbdproto.OPT_LIST, b"junk")[0][0] == nbdproto.REP_ERR_INVALID
+        assert client.option(nbdproto.OPT_GO, b"\x00\x00")[0][0] == nbdproto.REP_ERR_INVALID
+        assert (
+            client.option(nbdproto.OPT_INFO, go_payload("copy"))[0][0] == nbdproto.REP_ERR_UNKNOWN
+        )
+        info = client.option(nbdproto.OPT_INFO, go_payload(wire, nbdproto.INFO_BLOCK_SIZE))
+        assert [kind for kind, _ in info] == [
+            nbdproto.REP_INFO,
+            nbdproto.REP_INFO,
+            nbdproto.REP_ACK,
+        ]
+        assert struct.unpack(">HQH", info[0][1])[:2] == (nbdproto.INFO_EXPORT, size)
         # the oldest way in: NBD_OPT_EXPORT_NAME, answered with size and flags
-        client.sock.sendall(struct.pack(">QII", nbd.IHAVEOPT, nbd.OPT_EXPORT_NAME, len(wire)))
+        client.sock.sendall(
+            struct.pack(">QII", nbdproto.IHAVEOPT, nbdproto.OPT_EXPORT_NAME, len(wire))
+        )
         client.sock.sendall(wire.encode())
         got_size, flags = struct.unpack(">QH", client.recv(10))
-        assert got_size == size and not flags & nbd.FLAG_READ_ONLY
-        assert client.request(nbd.CMD_READ, size - 10, 11) == nbd.EINVAL
-        assert client.request(nbd.CMD_WRITE, size - 1, 2, b"xy") == nbd.ENOSPC
-        assert client.request(nbd.CMD_WRITE_ZEROES, size, 1) == nbd.ENOSPC
-        assert client.request(nbd.CMD_TRIM, size + 1, 1) == nbd.EINVAL
-        assert client.request(99, 0, 0) == nbd.EINVAL
-        assert client.request(nbd.CMD_WRITE, 0, 2, b"ok") == 0
-        assert client.request(nbd.CMD_FLUSH, 0, 0) == 0
+        assert got_size == size and not flags & nbdproto.FLAG_READ_ONLY
+        assert client.request(nbdproto.CMD_READ, size - 10, 11) == nbdproto.EINVAL
+        assert client.request(nbdproto.CMD_WRITE, size - 1, 2, b"xy") == nbdproto.ENOSPC
+        assert client.request(nbdproto.CMD_WRITE_ZEROES, size, 1) == nbdproto.ENOSPC
+        assert client.request(nbdproto.CMD_TRIM, size + 1, 1) == nbdproto.EINVAL
+        assert client.request(99, 0, 0) == nbdproto.EINVAL
+        assert client.request(nbdproto.CMD_WRITE, 0, 2, b"ok") == 0
+        assert client.request(nbdproto.CMD_FLUSH, 0, 0) == 0
         assert overlay.read(0, 2) == b"ok"
         client.sock.sendall(b"\x00" * 28)  # bad request magic: the server hangs up
         with pytest.raises((EOFError, ConnectionError)):
@@ -456,14 +469,16 @@ def test_protocol_edges_with_a_raw_client(
     # an unknown name with NBD_OPT_EXPORT_NAME: hang-up, the only refusal it has
     client = RawClient(server.port)
     try:
-        client.sock.sendall(struct.pack(">QII", nbd.IHAVEOPT, nbd.OPT_EXPORT_NAME, 4) + b"copy")
+        client.sock.sendall(
+            struct.pack(">QII", nbdproto.IHAVEOPT, nbdproto.OPT_EXPORT_NAME, 4) + b"copy"
+        )
         with pytest.raises((EOFError, ConnectionError)):
             client.recv(1)
     finally:
         client.close()
     client = RawClient(server.port)
     try:
-        assert client.option(nbd.OPT_ABORT)[0][0] == nbd.REP_ACK
+        assert client.option(nbdproto.OPT_ABORT)[0][0] == nbdproto.REP_ACK
     finally:
         client.close()
 
@@ -532,7 +547,7 @@ def test_a_handshake_not_finished_in_time_is_dropped(pool: ChunkPool, image: Ima
         (sock,) = idle_connections(srv.port, 1)
         sock.settimeout(30)
         hello = sock.recv(18)
-        assert hello.startswith(struct.pack(">Q", nbd.NBDMAGIC))
+        assert hello.startswith(struct.pack(">Q", nbdproto.NBDMAGIC))
         assert sock.recv(1) == b""  # the server hung up: this client said nothing in time
         sock.close()
         wait_until(lambda: srv.connection_stats().pending == 0, "the idle connection dropped")
@@ -546,7 +561,7 @@ def test_established_connections_keep_the_global_limit(
         uri = srv.add_export("copy", overlay, secret="")
         first = RawClient(srv.port)
         try:
-            assert first.option(nbd.OPT_GO, go_payload("copy"))[-1][0] == nbd.REP_ACK
+            assert first.option(nbdproto.OPT_GO, go_payload("copy"))[-1][0] == nbdproto.REP_ACK
             wait_until(lambda: srv.connection_stats().established == 1, "one established")
             assert run("nbdinfo", "--size", uri, check=False).returncode != 0
         finally:
@@ -602,41 +617,48 @@ def test_structured_replies_and_block_status_edges_with_a_raw_client(
     # Without structured replies, no metadata context can be chosen.
     client = RawClient(server.port)
     try:
-        meta = meta_payload(wire, nbd.BASE_ALLOCATION)
-        assert client.option(nbd.OPT_SET_META_CONTEXT, meta)[0][0] == nbd.REP_ERR_INVALID
-        assert client.option(nbd.OPT_GO, go_payload(wire))[-1][0] == nbd.REP_ACK
-        assert client.request(nbd.CMD_BLOCK_STATUS, 0, 4096) == nbd.EINVAL  # no context
+        meta = meta_payload(wire, nbdproto.BASE_ALLOCATION)
+        assert client.option(nbdproto.OPT_SET_META_CONTEXT, meta)[0][0] == nbdproto.REP_ERR_INVALID
+        assert client.option(nbdproto.OPT_GO, go_payload(wire))[-1][0] == nbdproto.REP_ACK
+        assert client.request(nbdproto.CMD_BLOCK_STATUS, 0, 4096) == nbdproto.EINVAL  # no context
     finally:
         client.close()
     client = RawClient(server.port)
     try:
-        assert client.option(nbd.OPT_STRUCTURED_REPLY)[0][0] == nbd.REP_ACK
-        listed = client.option(nbd.OPT_LIST_META_CONTEXT, meta_payload(wire))
+        assert client.option(nbdproto.OPT_STRUCTURED_REPLY)[0][0] == nbdproto.REP_ACK
+        listed = client.option(nbdproto.OPT_LIST_META_CONTEXT, meta_payload(wire))
         assert [(k, d[4:]) for k, d in listed] == [
-            (nbd.REP_META_CONTEXT, b"base:allocation"),
-            (nbd.REP_ACK, b""),
+            (nbdproto.REP_META_CONTEXT, b"base:allocation"),
+            (nbdproto.REP_ACK, b""),
         ]
-        unknown = meta_payload("replica.wrong-secret-0123456789", nbd.BASE_ALLOCATION)
-        assert client.option(nbd.OPT_SET_META_CONTEXT, unknown)[0][0] == nbd.REP_ERR_UNKNOWN
-        chosen = client.option(nbd.OPT_SET_META_CONTEXT, meta_payload(wire, "base:allocation"))
-        assert chosen[0] == (nbd.REP_META_CONTEXT, struct.pack(">I", 1) + b"base:allocation")
-        assert client.option(nbd.OPT_GO, go_payload(wire))[-1][0] == nbd.REP_ACK
+        unknown = meta_payload("replica.wrong-secret-0123456789", nbdproto.BASE_ALLOCATION)
+        assert (
+            client.option(nbdproto.OPT_SET_META_CONTEXT, unknown)[0][0] == nbdproto.REP_ERR_UNKNOWN
+        )
+        chosen = client.option(nbdproto.OPT_SET_META_CONTEXT, meta_payload(wire, "base:allocation"))
+        assert chosen[0] == (nbdproto.REP_META_CONTEXT, struct.pack(">I", 1) + b"base:allocation")
+        assert client.option(nbdproto.OPT_GO, go_payload(wire))[-1][0] == nbdproto.REP_ACK
         chunk = VOLUME_CHUNK
-        assert client.structured(nbd.CMD_BLOCK_STATUS, 0, 3 * chunk) == (
-            nbd.REPLY_TYPE_BLOCK_STATUS,
+        assert client.structured(nbdproto.CMD_BLOCK_STATUS, 0, 3 * chunk) == (
+            nbdproto.REPLY_TYPE_BLOCK_STATUS,
             struct.pack(">IIIIIII", 1, chunk, 0, chunk, 3, chunk, 0),
         )
-        one = client.structured(nbd.CMD_BLOCK_STATUS, 0, 3 * chunk, flags=nbd.CMD_FLAG_REQ_ONE)
-        assert one == (nbd.REPLY_TYPE_BLOCK_STATUS, struct.pack(">III", 1, chunk, 0))
+        one = client.structured(
+            nbdproto.CMD_BLOCK_STATUS, 0, 3 * chunk, flags=nbdproto.CMD_FLAG_REQ_ONE
+        )
+        assert one == (nbdproto.REPLY_TYPE_BLOCK_STATUS, struct.pack(">III", 1, chunk, 0))
         # beyond the end and empty: EINVAL; a read beyond the end: an error chunk, never a
         # simple reply (a structured client could not tell where its data ended)
-        assert client.request(nbd.CMD_BLOCK_STATUS, size - 512, 1024) == nbd.EINVAL
-        assert client.request(nbd.CMD_BLOCK_STATUS, 0, 0) == nbd.EINVAL
-        kind, body = client.structured(nbd.CMD_READ, size - 10, 11)
-        assert (kind, struct.unpack(">IH", body)) == (nbd.REPLY_TYPE_ERROR, (nbd.EINVAL, 0))
-        kind, body = client.structured(nbd.CMD_READ, 100, 50)
+        assert client.request(nbdproto.CMD_BLOCK_STATUS, size - 512, 1024) == nbdproto.EINVAL
+        assert client.request(nbdproto.CMD_BLOCK_STATUS, 0, 0) == nbdproto.EINVAL
+        kind, body = client.structured(nbdproto.CMD_READ, size - 10, 11)
+        assert (kind, struct.unpack(">IH", body)) == (
+            nbdproto.REPLY_TYPE_ERROR,
+            (nbdproto.EINVAL, 0),
+        )
+        kind, body = client.structured(nbdproto.CMD_READ, 100, 50)
         assert (
-            kind == nbd.REPLY_TYPE_OFFSET_DATA
+            kind == nbdproto.REPLY_TYPE_OFFSET_DATA
             and body == struct.pack(">Q", 100) + (image.data[100:150])
         )
     finally:

@@ -27,6 +27,7 @@ from tandem.domain.images import ImageState
 from tandem.errors import InvalidInput
 from tandem.operations import present
 from tandem.storage.overlay import Overlay
+from tandem.transport import nbdproto
 from tandem.transport.tls import fingerprint_of_pem, make_self_signed
 from tests.appliance.conftest import Api
 from tests.appliance.live import free_port
@@ -130,16 +131,18 @@ def test_a_plain_client_is_refused_with_tls_required(
     try:
         wire = uri.rsplit("/", 1)[1]
         for option, data in (
-            (nbd.OPT_GO, go_payload(wire)),
-            (nbd.OPT_INFO, go_payload(wire)),
-            (nbd.OPT_LIST, b""),
-            (nbd.OPT_STRUCTURED_REPLY, b""),
+            (nbdproto.OPT_GO, go_payload(wire)),
+            (nbdproto.OPT_INFO, go_payload(wire)),
+            (nbdproto.OPT_LIST, b""),
+            (nbdproto.OPT_STRUCTURED_REPLY, b""),
         ):
             assert raw.option(option, data) == [
-                (nbd.REP_ERR_TLS_REQD, b"this server requires STARTTLS first")
+                (nbdproto.REP_ERR_TLS_REQD, b"this server requires STARTTLS first")
             ]
         # NBD_OPT_EXPORT_NAME has no error reply: the server hangs up, serving nothing.
-        raw.sock.sendall(struct.pack(">QII", nbd.IHAVEOPT, nbd.OPT_EXPORT_NAME, len(wire)))
+        raw.sock.sendall(
+            struct.pack(">QII", nbdproto.IHAVEOPT, nbdproto.OPT_EXPORT_NAME, len(wire))
+        )
         raw.sock.sendall(wire.encode())
         assert hung_up(raw.sock)
     finally:
@@ -168,13 +171,13 @@ def test_raw_starttls_then_go_inside_tls(
     wire = tls_server.add_export("copy", overlay).rsplit("/", 1)[1]
     raw = RawClient(tls_server.port, tls_server.host)
     try:
-        assert raw.option(nbd.OPT_STARTTLS) == [(nbd.REP_ACK, b"")]
+        assert raw.option(nbdproto.OPT_STARTTLS) == [(nbdproto.REP_ACK, b"")]
         ctx = ssl.create_default_context(cafile=str(cert_dir / "cert.pem"))
         raw.sock = ctx.wrap_socket(raw.sock, server_hostname=tls_server.host)
-        assert raw.option(nbd.OPT_STARTTLS)[0][0] == nbd.REP_ERR_INVALID
-        replies = raw.option(nbd.OPT_GO, go_payload(wire))
-        assert replies[-1][0] == nbd.REP_ACK
-        assert raw.request(nbd.CMD_READ, 0, 4096) == 0
+        assert raw.option(nbdproto.OPT_STARTTLS)[0][0] == nbdproto.REP_ERR_INVALID
+        replies = raw.option(nbdproto.OPT_GO, go_payload(wire))
+        assert replies[-1][0] == nbdproto.REP_ACK
+        assert raw.request(nbdproto.CMD_READ, 0, 4096) == 0
     finally:
         raw.close()
 
@@ -188,8 +191,8 @@ def test_handshake_limits_hold_before_and_during_starttls(
         raw = RawClient(srv.port, host)
         try:
             for _ in range(nbd.MAX_OPTIONS):
-                assert raw.option(nbd.OPT_LIST)[0][0] == nbd.REP_ERR_TLS_REQD
-            raw.sock.sendall(struct.pack(">QII", nbd.IHAVEOPT, nbd.OPT_LIST, 0))
+                assert raw.option(nbdproto.OPT_LIST)[0][0] == nbdproto.REP_ERR_TLS_REQD
+            raw.sock.sendall(struct.pack(">QII", nbdproto.IHAVEOPT, nbdproto.OPT_LIST, 0))
             assert hung_up(raw.sock)
         finally:
             raw.close()
@@ -197,7 +200,7 @@ def test_handshake_limits_hold_before_and_during_starttls(
         stalled = RawClient(srv.port, host)
         try:
             stalled.sock.settimeout(30)
-            assert stalled.option(nbd.OPT_STARTTLS) == [(nbd.REP_ACK, b"")]
+            assert stalled.option(nbdproto.OPT_STARTTLS) == [(nbdproto.REP_ACK, b"")]
             assert hung_up(stalled.sock)
         finally:
             stalled.close()

@@ -18,15 +18,17 @@ Invariants
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from tandem.agent import holders, mounts, pg, pit
+from tandem.agent import holders, mounts, pg, pit, vm
 from tandem.agent.mounts import MountAction
 from tandem.domain.consistency import CUTS, MODES, ConsistencyMode, Cut
+from tandem.domain.vms import DOMAIN_NAME
 from tandem.errors import Conflict, InvalidInput, SourceUnreadable, TandemError, TargetInvalid
 from tandem.storage import targets, tree, volume
 from tandem.storage.manifest import (
@@ -60,8 +62,19 @@ class ApplianceSession(BaseModel):
 class CaptureRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    kind: str = Field(pattern="^(filesystem|volume|postgresql)$")
-    path: str = Field(pattern=r"^/[^\x00]*$")
+    kind: str = Field(pattern="^(filesystem|volume|postgresql|vm)$")
+    path: str = Field(pattern=r"^[^\x00]+$")
+    """The app's path; for a ``vm`` app, the libvirt domain's name (``agent.vm``)."""
+
+    @model_validator(mode="after")
+    def _path_fits_kind(self) -> CaptureRequest:
+        if self.kind == "vm":
+            if not re.match(DOMAIN_NAME, self.path):
+                raise ValueError("a vm app's path is its libvirt domain name")
+        elif not self.path.startswith("/"):
+            raise ValueError("the path must be absolute")
+        return self
+
     appliance: ApplianceSession
     base: str | None = Field(default=None, pattern=HEX_DIGEST)
     """Manifest id of the previous image, for an incremental capture."""
@@ -180,6 +193,8 @@ def _fetch_manifest(client: ApiClient, session: str, manifest: str) -> Any:
 def capture(req: CaptureRequest, emit: Emit) -> dict[str, Any]:
     """Capture the app's data into the appliance session from a point in time of it
     (``agent.pit``); returns the final event, which says how the image was cut."""
+    if req.kind == "vm":
+        return _capture_vm(req, emit)
     path = Path(req.path)
     if req.kind == "postgresql":
         return _capture_postgresql(req, path, emit)
@@ -268,6 +283,20 @@ def _unchanged_volume(req: CaptureRequest, path: Path, emit: Emit) -> dict[str, 
         "held_seconds": None,
         "stamp": stamp.as_dict(),
     }
+
+
+def _capture_vm(req: CaptureRequest, emit: Emit) -> dict[str, Any]:
+    """Capture the libvirt domain ``req.path`` (checkpoint + pull-mode backup, ``agent.vm``)."""
+    with _client(req.appliance) as client:
+        base_id = bytes.fromhex(req.base) if req.base else None
+        base = _fetch_manifest(client, req.appliance.session, req.base) if req.base else None
+        if not isinstance(base, VolumeManifest):
+            base, base_id = None, None
+        pool = RemotePool(client, req.appliance.session, [base_id] if base_id else [])
+        emit({"event": "progress", "done": 0, "total": 0})
+        done = vm.capture(req.path, req.job, base, pool, base_id, emit, _progress(emit))
+        sent = pool.last_writer.bytes_sent if pool.last_writer else 0
+    return {"event": "done", **done, "bytes_sent": sent, "stamp": None}
 
 
 def _capture_from(

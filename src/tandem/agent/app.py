@@ -12,6 +12,10 @@ Invariants
   a new copy would be written; see ``actions.check_target``). Materializations are recorded
   in DIR/mounts.json (see ``tandem.agent.mounts``), so an app made without its directory
   cannot materialize.
+- ``/api/v1/vms`` lists the libvirt domains of a hypervisor host; ``/api/v1/vms/define`` and
+  ``/api/v1/vms/remove`` define a new VM over an appliance's NBD export and remove it
+  (``tandem.agent.vm``). ``/api/v1/info`` says whether the host is a hypervisor; an agent
+  without libvirt serves everything else.
 - ``/api/v1/run`` runs a hook script, by name, from DIR/scripts only (``tandem.agent.hooks``);
   ``init`` creates that folder.
 """
@@ -31,7 +35,7 @@ from fastapi import Depends, FastAPI, Header, Request, Response
 from fastapi.responses import StreamingResponse
 
 from tandem import __version__
-from tandem.agent import actions, hooks, mounts, pg
+from tandem.agent import actions, hooks, mounts, pg, vm
 from tandem.errors import InvalidInput, JobCanceled, TandemError, Unauthorized
 from tandem.transport.server import (
     DaemonConfig,
@@ -134,7 +138,24 @@ def create_app(cfg: DaemonConfig, directory: Path | None = None) -> FastAPI:
 
     @app.get("/api/v1/info", dependencies=[Depends(auth)])
     def info() -> dict[str, Any]:
-        return {"name": cfg.name, "hostname": os.uname().nodename, "version": __version__}
+        return {
+            "name": cfg.name,
+            "hostname": os.uname().nodename,
+            "version": __version__,
+            **vm.hypervisor(),
+        }
+
+    @app.get("/api/v1/vms", dependencies=[Depends(auth)])
+    def vms() -> dict[str, Any]:
+        return {"domains": vm.list_domains()}
+
+    @app.post("/api/v1/vms/define", dependencies=[Depends(auth)])
+    def define_vm(req: vm.DefineRequest) -> dict[str, Any]:
+        return vm.define(req)
+
+    @app.post("/api/v1/vms/remove", dependencies=[Depends(auth)])
+    def remove_vm(req: vm.RemoveRequest) -> dict[str, Any]:
+        return vm.remove(req.name)
 
     @app.post("/api/v1/capture", dependencies=[Depends(auth)])
     def capture(req: actions.CaptureRequest) -> StreamingResponse:

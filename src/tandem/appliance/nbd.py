@@ -109,90 +109,80 @@ from tandem.errors import (
 from tandem.storage.manifest import VolumeManifest
 from tandem.storage.overlay import ChunkCache, ImageReader
 from tandem.storage.pool import ChunkPool
+from tandem.transport.nbdproto import (  # noqa: F401  (re-exported: tests use them from here)
+    ALLOCATION_ID,
+    BASE_ALLOCATION,
+    CMD_BLOCK_STATUS,
+    CMD_DISC,
+    CMD_FLAG_FUA,
+    CMD_FLAG_REQ_ONE,
+    CMD_FLUSH,
+    CMD_READ,
+    CMD_TRIM,
+    CMD_WRITE,
+    CMD_WRITE_ZEROES,
+    COMMAND_NAMES,
+    EINVAL,
+    EIO,
+    ENOSPC,
+    EPERM,
+    ESHUTDOWN,
+    FLAG_C_FIXED_NEWSTYLE,
+    FLAG_C_NO_ZEROES,
+    FLAG_CAN_MULTI_CONN,
+    FLAG_FIXED_NEWSTYLE,
+    FLAG_HAS_FLAGS,
+    FLAG_NO_ZEROES,
+    FLAG_READ_ONLY,
+    FLAG_SEND_FLUSH,
+    FLAG_SEND_FUA,
+    FLAG_SEND_TRIM,
+    FLAG_SEND_WRITE_ZEROES,
+    IHAVEOPT,
+    INFO_BLOCK_SIZE,
+    INFO_EXPORT,
+    MAX_EXTENTS,
+    NBDMAGIC,
+    OPT_ABORT,
+    OPT_EXPORT_NAME,
+    OPT_GO,
+    OPT_INFO,
+    OPT_LIST,
+    OPT_LIST_META_CONTEXT,
+    OPT_REPLY_MAGIC,
+    OPT_SET_META_CONTEXT,
+    OPT_STARTTLS,
+    OPT_STRUCTURED_REPLY,
+    REP_ACK,
+    REP_ERR_INVALID,
+    REP_ERR_POLICY,
+    REP_ERR_TLS_REQD,
+    REP_ERR_UNKNOWN,
+    REP_ERR_UNSUP,
+    REP_INFO,
+    REP_META_CONTEXT,
+    REP_SERVER,
+    REPLY_FLAG_DONE,
+    REPLY_TYPE_BLOCK_STATUS,
+    REPLY_TYPE_ERROR,
+    REPLY_TYPE_OFFSET_DATA,
+    REQUEST_MAGIC,
+    SIMPLE_REPLY_MAGIC,
+    STATE_HOLE,
+    STATE_ZERO,
+    STRUCTURED_REPLY_MAGIC,
+)
+from tandem.transport.nbdproto import CHUNK as _CHUNK
+from tandem.transport.nbdproto import DATA_CHUNK as _DATA_CHUNK
+from tandem.transport.nbdproto import HELLO as _HELLO
+from tandem.transport.nbdproto import OPT_REPLY as _OPT_REPLY
+from tandem.transport.nbdproto import OPTION as _OPTION
+from tandem.transport.nbdproto import REPLY as _REPLY
+from tandem.transport.nbdproto import REQUEST as _REQUEST
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 10809
-
-# --- protocol constants (proto.md) ----------------------------------------------------
-NBDMAGIC = 0x4E42444D41474943  # "NBDMAGIC"
-IHAVEOPT = 0x49484156454F5054  # "IHAVEOPT"
-OPT_REPLY_MAGIC = 0x3E889045565A9
-REQUEST_MAGIC = 0x25609513
-SIMPLE_REPLY_MAGIC = 0x67446698
-
-FLAG_FIXED_NEWSTYLE = 1 << 0  # handshake flags
-FLAG_NO_ZEROES = 1 << 1
-FLAG_C_FIXED_NEWSTYLE = 1 << 0  # client flags
-FLAG_C_NO_ZEROES = 1 << 1
-
-OPT_EXPORT_NAME = 1
-OPT_ABORT = 2
-OPT_LIST = 3
-OPT_STARTTLS = 5
-OPT_INFO = 6
-OPT_GO = 7
-OPT_STRUCTURED_REPLY = 8
-OPT_LIST_META_CONTEXT = 9
-OPT_SET_META_CONTEXT = 10
-
-REP_ACK = 1
-REP_SERVER = 2
-REP_INFO = 3
-REP_META_CONTEXT = 4
-REP_ERR_UNSUP = 2**31 + 1
-REP_ERR_POLICY = 2**31 + 2
-REP_ERR_INVALID = 2**31 + 3
-REP_ERR_TLS_REQD = 2**31 + 5
-REP_ERR_UNKNOWN = 2**31 + 6
-
-INFO_EXPORT = 0
-INFO_BLOCK_SIZE = 3
-
-FLAG_HAS_FLAGS = 1 << 0  # transmission flags
-FLAG_READ_ONLY = 1 << 1
-FLAG_SEND_FLUSH = 1 << 2
-FLAG_SEND_FUA = 1 << 3
-FLAG_SEND_TRIM = 1 << 5
-FLAG_SEND_WRITE_ZEROES = 1 << 6
-FLAG_CAN_MULTI_CONN = 1 << 8
-
-CMD_READ = 0
-CMD_WRITE = 1
-CMD_DISC = 2
-CMD_FLUSH = 3
-CMD_TRIM = 4
-CMD_WRITE_ZEROES = 6
-CMD_BLOCK_STATUS = 7
-CMD_FLAG_FUA = 1 << 0
-CMD_FLAG_REQ_ONE = 1 << 3  # block status: one extent is enough
-COMMAND_NAMES = {
-    CMD_READ: "read",
-    CMD_WRITE: "write",
-    CMD_DISC: "disconnect",
-    CMD_FLUSH: "flush",
-    CMD_TRIM: "trim",
-    CMD_WRITE_ZEROES: "write-zeroes",
-    CMD_BLOCK_STATUS: "block-status",
-}
-
-STRUCTURED_REPLY_MAGIC = 0x668E33EF
-REPLY_FLAG_DONE = 1 << 0
-REPLY_TYPE_OFFSET_DATA = 1
-REPLY_TYPE_BLOCK_STATUS = 5
-REPLY_TYPE_ERROR = 2**15 + 1
-BASE_ALLOCATION = "base:allocation"  # the one metadata context served
-ALLOCATION_ID = 1  # its context id on every connection
-STATE_HOLE = 1 << 0  # base:allocation flags
-STATE_ZERO = 1 << 1
-MAX_EXTENTS = 1024  # descriptors in one block-status reply (the protocol allows fewer)
-
-# NBD error values (fixed by the protocol; they equal Linux's errno numbers)
-EPERM = 1
-EIO = 5
-EINVAL = 22
-ENOSPC = 28
-ESHUTDOWN = 108
 
 # --- limits ---------------------------------------------------------------------------
 MAX_PAYLOAD = 32 * 1024 * 1024  # the protocol's default maximum block size
@@ -208,14 +198,6 @@ MAX_PENDING = 128  # connections of all addresses still in their handshake
 READ_BUFFER = 4 * 1024 * 1024  # stream buffer: large writes arrive without stalls
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 SECRET_RE = re.compile(r"[A-Za-z0-9_-]{16,128}")
-
-_HELLO = struct.Struct(">QQH")
-_OPTION = struct.Struct(">QII")
-_OPT_REPLY = struct.Struct(">QIII")
-_REQUEST = struct.Struct(">IHHQQI")
-_REPLY = struct.Struct(">IIQ")
-_CHUNK = struct.Struct(">IHHQI")  # structured reply chunk header
-_DATA_CHUNK = struct.Struct(">IHHQIQ")  # … of an OFFSET_DATA chunk, with its offset
 
 
 class Backend(Protocol):

@@ -85,6 +85,9 @@ def make_router(site: Site) -> APIRouter:
             latest=body.latest,
             port=body.port,
             verify=body.verify,
+            new_vm=body.new_vm,
+            network=body.network,
+            power_on=body.power_on,
         )
         return JobAnswer(job=JobOut.of(job, who))
 
@@ -103,6 +106,9 @@ def make_router(site: Site) -> APIRouter:
             time=body.time,
             latest=body.latest,
             port=body.port,
+            new_vm=body.new_vm,
+            network=body.network,
+            power_on=body.power_on,
         )
         return JobAnswer(job=JobOut.of(job, who))
 
@@ -159,6 +165,9 @@ def make_router(site: Site) -> APIRouter:
             time=body.time,
             latest=body.latest,
             port=body.port,
+            new_vm=body.new_vm,
+            network=body.network,
+            power_on=body.power_on,
         )
         return JobAnswer(job=JobOut.of(job, who))
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response, status
 
@@ -69,6 +69,10 @@ def make_router(site: Site) -> APIRouter:
     def show_host(name: Name) -> HostOut:
         return HostOut.of(hosts.get_host(site, name=name))
 
+    @router.get("/hosts/{name}/vms", tags=["hosts"])
+    def list_vms(name: Name) -> dict[str, Any]:
+        return {"host": name, "domains": hosts.list_vms(site, name=name)}
+
     @router.delete("/hosts/{name}", tags=["hosts"])
     def remove_host(name: Name) -> Deleted:
         hosts.remove_host(site, name=name)
@@ -122,7 +126,7 @@ def make_router(site: Site) -> APIRouter:
             name=body.name,
             host=body.host,
             kind=body.kind,
-            path=body.path,
+            path=apps.app_path(body.kind, path=body.path, domain=body.domain),
             hooks=body.hooks(),
             role=who.role,
             consistency=body.consistency,

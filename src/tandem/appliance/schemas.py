@@ -35,6 +35,7 @@ from tandem.domain.jobs import JobStatus
 from tandem.domain.lifecycle import AppKind, AppState
 from tandem.domain.paths import CanonicalPath
 from tandem.domain.rules import Role
+from tandem.domain.vms import DOMAIN_NAME
 from tandem.operations.apps import Risk
 
 NAME = NAME_PATTERN
@@ -100,7 +101,12 @@ class AppIn(Body):
     name: str = Field(pattern=NAME)
     host: str = Field(pattern=NAME)
     kind: AppKind
-    path: CanonicalPath
+    path: CanonicalPath | None = None
+    domain: str | None = Field(
+        default=None,
+        pattern=DOMAIN_NAME,
+        description="For a vm app: the libvirt domain on the host (`tandem vms --host H`).",
+    )
     start: HookName = None
     stop: HookName = None
     freeze: HookName = None
@@ -149,6 +155,13 @@ class PresentIn(Body):
     verify: bool = Field(
         default=False, description="A PostgreSQL app: run pg_amcheck on the recovered copy."
     )
+    new_vm: str | None = Field(
+        default=None, pattern=DOMAIN_NAME, description="A vm app: the new VM to define."
+    )
+    network: str | None = Field(
+        default=None, pattern=DOMAIN_NAME, description="The new VM's libvirt network."
+    )
+    power_on: bool = False
 
 
 class FailoverIn(PresentIn):
@@ -167,6 +180,13 @@ class MountIn(Body):
     port: int | None = Field(
         default=None, ge=1024, le=65535, description="A PostgreSQL app: the port to start on."
     )
+    new_vm: str | None = Field(
+        default=None, pattern=DOMAIN_NAME, description="A vm app's image: a new VM to define."
+    )
+    network: str | None = Field(
+        default=None, pattern=DOMAIN_NAME, description="The new VM's libvirt network."
+    )
+    power_on: bool = False
 
 
 class CloneIn(Body):

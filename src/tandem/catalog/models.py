@@ -216,6 +216,9 @@ class Image(Base):
     mounted_host: Mapped[str | None] = mapped_column(String(NAME))
     mount_point: Mapped[str | None] = mapped_column(Text)
     nbd_export: Mapped[str | None] = mapped_column(String(128))
+    vm_name: Mapped[str | None] = mapped_column(String(64))
+    """The new VM a presented VM image was defined as on ``mounted_host`` (withdrawing the
+    image destroys and undefines it)."""
     protective: Mapped[bool] = mapped_column(Boolean, default=False)
     epoch: Mapped[int] = mapped_column(Integer, default=1)
     consistency: Mapped[str | None] = mapped_column(String(32))

@@ -516,6 +516,7 @@ def set_image_state(
     mounted_host: str | None = None,
     mount_point: str | None = None,
     nbd_export: str | None = None,
+    vm_name: str | None = None,
 ) -> Image:
     """Set an image's state; the presentation fields are kept only while it is mounted."""
     image = get_image(session, image_id=image_id)
@@ -524,6 +525,7 @@ def set_image_state(
     image.mounted_host = mounted_host if mounted else None
     image.mount_point = mount_point if mounted else None
     image.nbd_export = nbd_export if mounted else None
+    image.vm_name = vm_name if mounted else None
     session.flush()
     return image
 

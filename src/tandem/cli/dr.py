@@ -7,7 +7,7 @@ the job (see ``tandem.cli.common``).
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -76,6 +76,28 @@ ActionOpt = Annotated[
 ]
 
 
+NewVmOpt = Annotated[
+    str | None,
+    typer.Option("--new-vm", help="A vm app: the new VM (libvirt domain) to define at HOST."),
+]
+NetworkOpt = Annotated[
+    str | None, typer.Option("--network", help="The new VM's libvirt network (none by default).")
+]
+PowerOnOpt = Annotated[bool, typer.Option("--power-on", help="Start the new VM.")]
+
+
+def _vm_options(new_vm: str | None, network: str | None, power_on: bool) -> dict[str, Any]:
+    """The new-VM fields of a request, only when given (other apps' requests stay as they were)."""
+    out: dict[str, Any] = {}
+    if new_vm:
+        out["new_vm"] = new_vm
+    if network:
+        out["network"] = network
+    if power_on:
+        out["power_on"] = True
+    return out
+
+
 @job_command
 def test_failover(
     s: Session,
@@ -87,6 +109,9 @@ def test_failover(
     time_: PitTime = None,
     latest: Latest = False,
     port: Port = None,
+    new_vm: NewVmOpt = None,
+    network: NetworkOpt = None,
+    power_on: PowerOnOpt = False,
     verify: Annotated[
         bool,
         typer.Option("--verify", help="A PostgreSQL app: run pg_amcheck on the recovered copy."),
@@ -100,6 +125,7 @@ def test_failover(
         "mount_point": mount_point,
         "action": action,
         **pit_fields(time_, latest, port),
+        **_vm_options(new_vm, network, power_on),
         **({"verify": True} if verify else {}),
     }
     return s.api.start(checked_app(app), "test-failover", params)
@@ -120,6 +146,9 @@ def failover(
     time_: PitTime = None,
     latest: Latest = False,
     port: Port = None,
+    new_vm: NewVmOpt = None,
+    network: NetworkOpt = None,
+    power_on: PowerOnOpt = False,
 ) -> Doc:
     """Bring APP up at the DR site from its replica; replication stops (DR appliance).
     A PostgreSQL app is recovered to --time or (default) --latest and started."""
@@ -131,6 +160,7 @@ def failover(
         "action": action,
         "label": label,
         **pit_fields(time_, latest, port),
+        **_vm_options(new_vm, network, power_on),
     }
     return s.api.start(checked_app(app), "failover", params)
 
@@ -145,6 +175,9 @@ def mount(
     time_: PitTime = None,
     latest: Latest = False,
     port: Port = None,
+    new_vm: NewVmOpt = None,
+    network: NetworkOpt = None,
+    power_on: PowerOnOpt = False,
 ) -> Doc:
     """Present any image to HOST as a writable virtual copy (a PostgreSQL base image with
     --time or --latest: recovered from it and started)."""
@@ -153,6 +186,7 @@ def mount(
         "mount_point": mount_point,
         "action": action,
         **pit_fields(time_, latest, port),
+        **_vm_options(new_vm, network, power_on),
     }
     return s.api.start_on_image(checked_image(image), "mount", params)
 

@@ -32,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "template": ("setup", "template_app", "group"),
     "app": ("setup", "app_app", "group"),
     "hosts": ("setup", "hosts", "command"),
+    "vms": ("setup", "vms", "command"),
     "templates": ("setup", "templates", "command"),
     "apps": ("setup", "apps", "command"),
     # Lifecycle and the Monitor.

@@ -30,6 +30,7 @@ class KindChoice(StrEnum):
     filesystem = "filesystem"
     volume = "volume"
     postgresql = "postgresql"
+    vm = "vm"
 
 
 # --- tokens -------------------------------------------------------------------------------
@@ -96,6 +97,23 @@ def host_remove(s: Session, name: Name) -> None:
 def hosts(s: Session) -> None:
     """The registered hosts."""
     s.table(s.api.hosts(), ("name", "url", "fingerprint"))
+
+
+@api_command
+def vms(
+    s: Session,
+    host: Annotated[str, typer.Option("--host", help="A hypervisor (libvirt) host.")],
+) -> None:
+    """The libvirt domains of a hypervisor host: name, uuid, state, disks."""
+    domains = s.api.vms(host).get("domains", [])
+    if s.json:
+        s.table(domains, ())
+        return
+    rows = [
+        {**d, "disks": ", ".join(f"{x['target']} ({x['format']})" for x in d.get("disks", []))}
+        for d in domains
+    ]
+    s.table(rows, ("name", "uuid", "state", "disks"))
 
 
 # --- templates ----------------------------------------------------------------------------
@@ -196,7 +214,12 @@ def app_add(
     name: Name,
     host: Annotated[str, typer.Option("--host", help="The host it runs on.")],
     kind: Annotated[KindChoice, typer.Option("--kind", help="What its data is.")],
-    path: Annotated[str, typer.Option("--path", help="Its directory or volume on the host.")],
+    path: Annotated[
+        str | None, typer.Option("--path", help="Its directory or volume on the host.")
+    ] = None,
+    domain: Annotated[
+        str | None, typer.Option("--domain", help="A vm app's libvirt domain (`tandem vms`).")
+    ] = None,
     start: StartHook = None,
     stop: StopHook = None,
     freeze: FreezeHook = None,
@@ -209,7 +232,8 @@ def app_add(
         "name": name,
         "host": host,
         "kind": kind.value,
-        "path": path,
+        **({"domain": domain} if domain else {}),
+        **({"path": path} if path else {}),
         **hooks,
     }
     if consistency is not None:

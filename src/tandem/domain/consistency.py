@@ -30,6 +30,8 @@ class Cut(StrEnum):
     CRASH_UNSAFE = "crash-unsafe"  # live files, each unchanged after reading: per file only
     OVERLAY = "overlay"  # a DR copy's overlay cut at one instant (writes held for the cut)
     BASE_BACKUP = "base-backup"  # live files between pg_backup_start/stop: the WAL repairs
+    APP_CONSISTENT = "app-consistent"  # a VM's disks at one instant, guest agent froze the guest
+    CRASH_CONSISTENT = "crash-consistent"  # a VM's disks at one instant, as after a power loss
 
 
 CUTS = tuple(c.value for c in Cut)

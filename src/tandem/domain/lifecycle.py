@@ -45,17 +45,21 @@ class AppState(StrEnum):
 
 
 class AppKind(StrEnum):
-    """What an application's data is: a file-system tree or a block volume / disk image."""
+    """What an application's data is: a file-system tree, a block volume / disk image, or a
+    libvirt domain (``vm``: every disk at one instant plus its XML; its ``path`` is the
+    domain's name)."""
 
     FILESYSTEM = "filesystem"
     VOLUME = "volume"
     POSTGRESQL = "postgresql"  # a PostgreSQL cluster: base images (a file tree) plus its WAL
+    VM = "vm"  # a libvirt domain: its disks in one volume image (storage.vmimage)
 
 
 def storage_kind(kind: AppKind) -> str:
     """How an app's images are stored and presented: ``volume`` or ``filesystem`` (a
-    PostgreSQL cluster's base images are file trees of its data directory)."""
-    return "volume" if kind is AppKind.VOLUME else "filesystem"
+    PostgreSQL cluster's base images are file trees of its data directory; a VM's disks
+    lie in one volume image)."""
+    return "volume" if kind in (AppKind.VOLUME, AppKind.VM) else "filesystem"
 
 
 class Operation(StrEnum):

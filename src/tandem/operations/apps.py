@@ -36,6 +36,7 @@ from tandem.domain.ids import validate_name
 from tandem.domain.lifecycle import AppKind, Operation
 from tandem.domain.paths import check_path, overlaps
 from tandem.domain.rules import Role, role_allows
+from tandem.domain.vms import check_domain_name
 from tandem.errors import Conflict, Forbidden, InvalidInput
 from tandem.operations import wal
 from tandem.operations.hosts import agent_for
@@ -88,6 +89,20 @@ def check_may_set_hooks(role: Role, app: str) -> None:
         )
 
 
+def app_path(kind: AppKind, *, path: str | None, domain: str | None) -> str:
+    """What an app's ``path`` holds: its canonical path, or for a vm app its domain name."""
+    if kind is AppKind.VM:
+        if not domain or path:
+            raise InvalidInput(
+                detail="a vm app names its libvirt domain with --domain (and takes no --path); "
+                "list the host's domains with `tandem vms --host HOST`"
+            )
+        return check_domain_name(domain)
+    if domain or not path:
+        raise InvalidInput(detail=f"a {kind.value} app takes --path (--domain is for vm apps)")
+    return path
+
+
 def add_app(
     site: Site,
     *,
@@ -99,7 +114,7 @@ def add_app(
     role: Role = Role.OPERATOR,
     consistency: ConsistencyMode = ConsistencyMode.AUTO,
 ) -> App:
-    path = _check_path(path)
+    path = check_domain_name(path) if kind is AppKind.VM else _check_path(path)
     """Add an app. ``role`` is the caller's; left out, the caller is taken for an operator,
     who may not give hooks."""
     checked = _check_hooks(hooks or {})

@@ -98,7 +98,8 @@ def run_capture(site: Site, ctx: JobContext) -> dict[str, Any]:
     )
     mode = ConsistencyMode(app.consistency or ConsistencyMode.AUTO)
     try:
-        ctx.set_message(f"capturing {app.path} on host {host.name}")
+        what = f"domain {app.path}" if app.kind is AppKind.VM else app.path
+        ctx.set_message(f"capturing {what} on host {host.name}")
         body = {
             "kind": app.kind.value,
             "path": app.path,
@@ -120,6 +121,8 @@ def run_capture(site: Site, ctx: JobContext) -> dict[str, Any]:
                 done = follow(
                     ctx, agent.capture(body), host=host.name, moved=lambda: transfer.bytes_received
                 )
+        if done.get("read_reason"):
+            ctx.log(str(done["read_reason"]))  # a VM: incremental, or why everything was read
         cut = _cut_of(done, mode)
         if cut is not None:
             held = done.get("held_seconds")
@@ -156,10 +159,12 @@ def run_capture(site: Site, ctx: JobContext) -> dict[str, Any]:
     if app.kind is AppKind.VOLUME:
         stamps.record(site, app_id=app.id, manifest=manifest.hex(), stamp=done.get("stamp"))
     sent = transfer.bytes_received
-    kind = "volume" if app.kind is AppKind.VOLUME else "file tree"
+    kind = {AppKind.VOLUME: "volume", AppKind.VM: "VM"}.get(app.kind, "file tree")
+    read = int((done.get("stats") or {}).get("bytes_read") or 0)
     ctx.set_message(
-        f"captured {image.id}: {_size(size)} {kind}, {_size(sent)} sent"
+        f"captured {image.id}: {_size(size)} {kind}, {_size(read)} read, {_size(sent)} sent"
         + (" (incremental)" if base_id else "")
+        + (f"; {done['read_reason']}" if done.get("read_reason") else "")
     )
     pruned: list[str] = []
     if template is not None and template.keep:
@@ -177,7 +182,8 @@ def run_capture(site: Site, ctx: JobContext) -> dict[str, Any]:
         "manifest": manifest.hex(),
         "size": size,
         "bytes_sent": sent,
-        "incremental": base_id is not None,
+        "incremental": bool(done.get("incremental", base_id is not None)),
+        "bytes_read": read,
         "pruned": pruned,
         "stats": done.get("stats", {}),
         "consistency": cut,

@@ -53,6 +53,9 @@ def submit_failover(
     time: str | None = None,
     latest: bool = False,
     port: int | None = None,
+    new_vm: str | None = None,
+    network: str | None = None,
+    power_on: bool = False,
 ) -> Job:
     check_confirmations(confirm, [FAILOVER_CONFIRMATION])
     label = check_label(label)
@@ -69,6 +72,7 @@ def submit_failover(
         check_transition(row.name, row.state, Operation.FAILOVER, AppFacts(replica_images=replicas))
         replica = pick_replica(session, row, image)
         check_not_production_host(session, row, host)
+        vm = present.check_new_vm(row, new_vm, network, power_on, keep_identity=True)
         action = present.check_action(row, action, mount_point)
         if row.kind is AppKind.VOLUME and action != "map-only":
             # A file copy at a mount point would take writes that syncback never sees.
@@ -84,6 +88,8 @@ def submit_failover(
         }
         if row.kind is AppKind.POSTGRESQL:
             params.update(time=target.isoformat() if target else None, port=port)
+        if vm is not None:
+            params.update(vm.as_params())
         job = submit_job(
             session,
             type=TYPE,
@@ -125,6 +131,7 @@ def run_failover(site: Site, ctx: JobContext) -> dict[str, Any]:
         host=host,
         action=params["action"],
         mount_point=params.get("mount_point"),
+        new_vm=present.NewVm.from_params(params),
     )
     recovered: dict[str, Any] = {}
     try:
@@ -194,6 +201,7 @@ def run_failover(site: Site, ctx: JobContext) -> dict[str, Any]:
         f"{app.name} failed over to {row.id} on host {host.name}"
         + (f" at {shown.mount_point}" if shown.mount_point else "")
         + (", started" if started else "")
+        + (f" as VM {shown.vm['name']}" if shown.vm else "")
         + (
             f"; PostgreSQL recovered to {recovered.get('recovered_to')} on port "
             f"{recovered.get('port')}"
@@ -207,4 +215,5 @@ def run_failover(site: Site, ctx: JobContext) -> dict[str, Any]:
         "paths": shown.paths,
         "epoch": epoch,
         **recovered,
+        "vm": shown.vm,
     }

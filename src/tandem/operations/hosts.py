@@ -14,6 +14,8 @@ Invariants
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy.orm import Session
 
 from tandem.catalog import queries as q
@@ -82,6 +84,14 @@ def list_hosts(site: Site) -> list[Host]:
 def get_host(site: Site, *, name: str) -> Host:
     with site.catalog.read() as session:
         return q.get_host(session, name=name)
+
+
+def list_vms(site: Site, *, name: str) -> list[dict[str, Any]]:
+    """The libvirt domains of hypervisor host ``name`` (its agent says NotHypervisor if it
+    is not one)."""
+    host = get_host(site, name=name)
+    with agent_for(host) as agent:
+        return agent.vms()
 
 
 def remove_host(site: Site, *, name: str) -> None:

@@ -39,6 +39,9 @@ def submit_mount(
     time: str | None = None,
     latest: bool = False,
     port: int | None = None,
+    new_vm: str | None = None,
+    network: str | None = None,
+    power_on: bool = False,
 ) -> Job:
     with site.catalog.read() as session:
         app = q.get_image(session, image_id=image).app
@@ -55,10 +58,15 @@ def submit_mount(
         app = base.app
         check_transition(app.name, app.state, Operation.MOUNT)
         q.get_host(session, name=host)
+        vm = present.check_new_vm(
+            app, new_vm, network, power_on, keep_identity=False, required=False
+        )
         action = present.check_action(app, action, mount_point)
         params: dict[str, Any] = {"host": host, "mount_point": mount_point, "action": action}
         if recover:
             params.update(recover=True, time=target.isoformat() if target else None, port=port)
+        if vm is not None:
+            params.update(vm.as_params())
         job = submit_job(
             session,
             type=TYPE,
@@ -94,6 +102,7 @@ def run_mount(site: Site, ctx: JobContext) -> dict[str, Any]:
         host=host,
         action=params["action"],
         mount_point=params.get("mount_point"),
+        new_vm=present.NewVm.from_params(params),
     )
     recovered: dict[str, Any] = {}
     if chosen is not None:
@@ -127,6 +136,7 @@ def run_mount(site: Site, ctx: JobContext) -> dict[str, Any]:
     ctx.set_message(
         f"{base.id} mounted as {row.id} on host {host.name}"
         + (f" at {shown.mount_point}" if shown.mount_point else "")
+        + (f" as new VM {shown.vm['name']}" if shown.vm else "")
         + (
             f"; PostgreSQL recovered to {recovered.get('recovered_to')} on port "
             f"{recovered.get('port')}"
@@ -134,7 +144,13 @@ def run_mount(site: Site, ctx: JobContext) -> dict[str, Any]:
             else ""
         )
     )
-    return {"image": row.id, **shown.export_fields(), "paths": shown.paths, **recovered}
+    return {
+        "image": row.id,
+        **shown.export_fields(),
+        "paths": shown.paths,
+        "vm": shown.vm,
+        **recovered,
+    }
 
 
 def unmount(site: Site, *, image: str) -> Image:

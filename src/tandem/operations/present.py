@@ -17,6 +17,13 @@ Invariants
 - The export name and secret live in the row (``nbd_export`` holds the URI), so exports are
   made again with the same URI when the appliance restarts (``restore_exports``).
 - Withdrawing (unmount) removes the export, then what the agent placed, then the overlay.
+
+New VMs (a ``vm`` app's image, ``--new-vm NAME``): after the export exists, the host's agent
+defines domain NAME from the XML the image holds, each disk a slice of the export
+(``storage.vmimage``, ``agent.vm.define``): a test VM with a new UUID, new MACs and no NIC
+unless ``--network`` names one; a failover VM with the captured identity. The name is kept
+in the row (``vm_name``); withdrawing destroys and undefines that domain first. A failure
+after the domain was defined removes it with the rest.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import secrets
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -33,15 +41,20 @@ from tandem.catalog.models import App, Host, Image
 from tandem.domain.images import ImageKind, ImageState
 from tandem.domain.lifecycle import AppKind, AppState, storage_kind
 from tandem.domain.paths import check_path
+from tandem.domain.vms import check_domain_name
 from tandem.errors import InvalidInput, TandemError
 from tandem.jobs.runner import JobContext
 from tandem.operations.hosts import agent_for, check_own_location
 from tandem.operations.site import Site
 from tandem.operations.streams import follow
+from tandem.storage import vmimage
 from tandem.storage.manifest import VolumeManifest, load_manifest
 from tandem.storage.overlay import Overlay
 
 ACTIONS = ("keep-source-path", "specify", "map-only")
+BLOCK_KINDS = (AppKind.VOLUME, AppKind.VM)
+"""Apps whose images are volume manifests, presented over NBD (a VM's: its disks end to end,
+``storage.vmimage``)."""
 
 
 def export_name(image_id: str) -> str:
@@ -56,6 +69,7 @@ class Presented:
     mount_point: str | None
     bytes_sent: int
     nbd_fingerprint: str | None = None  # the certificate to pin, for an nbds:// export
+    vm: dict[str, Any] | None = None  # the new VM: name, uuid, running
 
     def export_fields(self) -> dict[str, str | None]:
         """What a job result says of the export: ``nbd_uri``, and ``nbd_fingerprint`` for
@@ -72,13 +86,78 @@ def export_fingerprint(site: Site, uri: str) -> str | None:
     return site.fingerprint if uri.startswith("nbds://") else None
 
 
+@dataclass(frozen=True)
+class NewVm:
+    """A new VM to define at the host from a VM image (``--new-vm``)."""
+
+    name: str
+    network: str | None = None
+    power_on: bool = False
+    keep_identity: bool = False
+
+    def as_params(self) -> dict[str, Any]:
+        return {
+            "new_vm": self.name,
+            "network": self.network,
+            "power_on": self.power_on,
+            "keep_identity": self.keep_identity,
+        }
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> NewVm | None:
+        if not params.get("new_vm"):
+            return None
+        return cls(
+            str(params["new_vm"]),
+            params.get("network"),
+            bool(params.get("power_on")),
+            bool(params.get("keep_identity")),
+        )
+
+
+def check_new_vm(
+    app: App,
+    new_vm: str | None,
+    network: str | None,
+    power_on: bool,
+    *,
+    keep_identity: bool,
+    required: bool = True,
+) -> NewVm | None:
+    """The new VM a presentation defines: a vm app needs one (a mount may present just the
+    disks' export instead: ``required`` False), other apps take none."""
+    if app.kind is not AppKind.VM:
+        if new_vm or network or power_on:
+            raise InvalidInput(
+                detail=f"--new-vm, --network and --power-on are for vm apps; {app.name!r} is a "
+                f"{app.kind.value} app"
+            )
+        return None
+    if not new_vm and not required and not (network or power_on):
+        return None
+    if not new_vm:
+        raise InvalidInput(
+            detail=f"{app.name!r} is a VM: name the new VM to define at the host with "
+            "--new-vm NAME (and --network N to give it one, --power-on to start it)"
+        )
+    check_domain_name(new_vm, "--new-vm")
+    if network is not None:
+        check_domain_name(network, "--network")
+    if new_vm == app.path:
+        raise InvalidInput(
+            detail=f"a VM is never failed over onto the domain it came from ({new_vm}); "
+            "give --new-vm another name"
+        )
+    return NewVm(new_vm, network, power_on, keep_identity)
+
+
 def check_action(app: App, action: str | None, mount_point: str | None) -> str:
     """The mount action to use; refuses combinations SPEC §2 does not allow."""
     if action is None:
         if mount_point:
             action = "specify"
         else:
-            action = "map-only" if app.kind is AppKind.VOLUME else "keep-source-path"
+            action = "map-only" if app.kind in BLOCK_KINDS else "keep-source-path"
     if action not in ACTIONS:
         raise InvalidInput(detail=f"--action is one of {', '.join(ACTIONS)}, not {action!r}")
     if mount_point:
@@ -87,7 +166,12 @@ def check_action(app: App, action: str | None, mount_point: str | None) -> str:
         raise InvalidInput(detail="--action specify needs --mount-point with a full path")
     if action == "keep-source-path":
         check_own_location(app, "a copy at its production path")
-    if action == "map-only" and app.kind is not AppKind.VOLUME:
+    if app.kind is AppKind.VM and action != "map-only":
+        raise InvalidInput(
+            detail="a VM image is presented as its disks' NBD export (map-only) or as a new "
+            "VM (--new-vm NAME); it has no file system to mount"
+        )
+    if action == "map-only" and app.kind not in BLOCK_KINDS:
         raise InvalidInput(
             detail="map-only presents a volume without mounting a file system; "
             f"application {app.name!r} is a file tree: give --mount-point or keep-source-path"
@@ -106,14 +190,16 @@ def present(
     action: str,
     mount_point: str | None,
     writable: bool = True,
+    new_vm: NewVm | None = None,
 ) -> Presented:
     """Export and/or materialize a virtual copy of ``base`` for ``host``; undone on failure."""
     base_id = bytes.fromhex(base.manifest)
     uri: str | None = None
     overlay: Overlay | None = None
     transfer = None
+    defined: str | None = None
     try:
-        if app.kind is AppKind.VOLUME:
+        if app.kind in BLOCK_KINDS:
             manifest = load_manifest(site.pool, base_id)
             if not isinstance(manifest, VolumeManifest):
                 raise InvalidInput(detail=f"image {base.id} is not a volume image")
@@ -129,6 +215,10 @@ def present(
             site.overlays[image_id] = overlay
             ctx.log(f"exported {image_id} over NBD")
         paths: list[str] = []
+        vm: dict[str, Any] | None = None
+        if new_vm is not None and uri is not None and overlay is not None:
+            vm = _define_vm(ctx, host, overlay.base, uri, new_vm, app)
+            defined = new_vm.name
         if action != "map-only":
             transfer, token = site.sessions.open(job_id=ctx.job.id, write=False, readable=[base_id])
             body = {
@@ -149,13 +239,49 @@ def present(
         sent = transfer.bytes_sent if transfer is not None else 0
         where = mount_point if action == "specify" else app.path if action != "map-only" else None
         fingerprint = export_fingerprint(site, uri) if uri else None
-        return Presented(uri, paths, where, sent, fingerprint)
+        return Presented(uri, paths, where, sent, fingerprint, vm)
     except BaseException:
+        if defined is not None:
+            with contextlib.suppress(TandemError), agent_for(host) as agent:
+                agent.remove_vm(defined)
         _undo(site, image_id, uri, overlay)
         raise
     finally:
         if transfer is not None:
             site.sessions.close(transfer)
+
+
+def _define_vm(
+    ctx: JobContext, host: Host, manifest: VolumeManifest | None, uri: str, new: NewVm, app: App
+) -> dict[str, Any]:
+    """Define ``new`` at ``host`` from the VM image ``manifest``, its disks on ``uri``."""
+    vm = manifest.meta.get("vm") if manifest is not None else None
+    slots = vmimage.slots_of(manifest) if manifest is not None else None
+    if not isinstance(vm, dict) or not slots or not isinstance(vm.get("xml"), str):
+        raise InvalidInput(detail=f"the image of {app.name!r} holds no VM (no domain XML)")
+    if not uri.startswith("nbd://"):
+        raise InvalidInput(
+            detail="a new VM's disks need a plain NBD export (nbd://) the hypervisor reaches; "
+            "this appliance serves NBD over TLS, which libvirt needs configured for: not done yet"
+        )
+    body = {
+        "name": new.name,
+        "xml": vm["xml"],
+        "disks": [s.as_dict() for s in slots],
+        "nbd_uri": uri,
+        "source_domain": str(vm.get("domain") or app.path),
+        "source_uuid": str(vm.get("uuid") or ""),
+        "keep_identity": new.keep_identity,
+        "network": new.network,
+        "power_on": new.power_on,
+    }
+    with agent_for(host) as agent:
+        done = agent.define_vm(body)
+    ctx.log(
+        f"defined VM {done.get('name')} ({done.get('uuid')}) on host {host.name}"
+        + (", running" if done.get("running") else ", powered off")
+    )
+    return done
 
 
 def _undo(site: Site, image_id: str, uri: str | None, overlay: Overlay | None) -> None:
@@ -169,8 +295,12 @@ def _undo(site: Site, image_id: str, uri: str | None, overlay: Overlay | None) -
 
 
 def withdraw(site: Site, image: Image, host: Host | None) -> dict[str, Any]:
-    """Unpresent ``image``: drop its export, what its agent placed, and its overlay."""
+    """Unpresent ``image``: its new VM, its export, what its agent placed, its overlay."""
     removed: list[str] = []
+    if host is not None and image.vm_name:
+        with agent_for(host) as agent:
+            agent.remove_vm(image.vm_name)
+        removed.append(f"vm:{image.vm_name}")
     if image.nbd_export and site.presenter is not None:
         with contextlib.suppress(TandemError):
             site.presenter.remove_export(export_name(image.id))
@@ -264,5 +394,6 @@ def record(
             mounted_host=host.name,
             mount_point=presented.mount_point if presented.paths else None,
             nbd_export=presented.nbd_uri,
+            vm_name=str(presented.vm["name"]) if presented.vm else None,
         )
     return row

@@ -77,6 +77,9 @@ def submit_test_failover(
     latest: bool = False,
     port: int | None = None,
     verify: bool = False,
+    new_vm: str | None = None,
+    network: str | None = None,
+    power_on: bool = False,
 ) -> Job:
     with site.catalog.read() as session:
         row = q.get_app(session, name=app)
@@ -95,10 +98,13 @@ def submit_test_failover(
         )
         replica = pick_replica(session, row, image)
         check_target(session, row, host)
+        vm = present.check_new_vm(row, new_vm, network, power_on, keep_identity=False)
         action = present.check_action(row, action, mount_point)
         params: dict[str, Any] = {"host": host, "mount_point": mount_point, "action": action}
         if row.kind is AppKind.POSTGRESQL:
             params.update(time=target.isoformat() if target else None, port=port, verify=verify)
+        if vm is not None:
+            params.update(vm.as_params())
         job = submit_job(
             session,
             type=TYPE,
@@ -137,6 +143,7 @@ def run_test_failover(site: Site, ctx: JobContext) -> dict[str, Any]:
         host=host,
         action=params["action"],
         mount_point=params.get("mount_point"),
+        new_vm=present.NewVm.from_params(params),
     )
     recovered: dict[str, Any] = {}
     if chosen is not None:
@@ -181,6 +188,7 @@ def run_test_failover(site: Site, ctx: JobContext) -> dict[str, Any]:
         f"test copy {row.id} of {replica.id} on host {host.name}"
         + (f" at {shown.mount_point}" if shown.mount_point else "")
         + (" (NBD)" if shown.nbd_uri else "")
+        + (f" as new VM {shown.vm['name']}" if shown.vm else "")
         + (
             f"; PostgreSQL recovered to {recovered.get('recovered_to')} on port "
             f"{recovered.get('port')}"
@@ -188,4 +196,10 @@ def run_test_failover(site: Site, ctx: JobContext) -> dict[str, Any]:
             else ""
         )
     )
-    return {"image": row.id, **shown.export_fields(), "paths": shown.paths, **recovered}
+    return {
+        "image": row.id,
+        **shown.export_fields(),
+        "paths": shown.paths,
+        "vm": shown.vm,
+        **recovered,
+    }

@@ -93,7 +93,7 @@ import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
@@ -1471,7 +1471,7 @@ def capture_overlay(
             read = _blocks_bytes(i, blocks, size)
             base_chunk = chunks[i]
             if base_chunk is not None:
-                quick = _capture_blocks(writer, overlay, off, length, base_chunk, blocks)
+                quick = capture_blocks(writer, overlay.read, off, length, base_chunk, blocks)
                 if quick is not None:
                     return i, *quick[:1], read, quick[1]
             data = overlay.read(off, length)
@@ -1480,7 +1480,7 @@ def capture_overlay(
                 return i, None, read, None
             if digest == base_chunk:
                 return i, digest, read, None  # rewritten with what was there
-            return i, digest, read, _store_chunk(writer, data, digest, subs, base_chunk, blocks)
+            return i, digest, read, store_chunk(writer, data, digest, subs, base_chunk, blocks)
 
         done = 0
         w = workers or default_workers()
@@ -1511,9 +1511,9 @@ def _blocks_bytes(chunk: int, blocks: Iterable[int], size: int) -> int:
     return total
 
 
-def _capture_blocks(
+def capture_blocks(
     writer: ChunkWriter,
-    overlay: Overlay | OverlayCut,
+    read: Callable[[int, int], bytes],
     off: int,
     length: int,
     base_chunk: bytes,
@@ -1522,7 +1522,8 @@ def _capture_blocks(
     """Capture a chunk from its ``dirty`` blocks alone, when few changed: their digests and
     the base chunk's header give the new id (``digest.object_id``), and the changed blocks
     are stored as a delta over the base chunk. Neither the base chunk nor the clean blocks
-    are read: a capture costs what was written. Returns (id or None for all zeros, what was
+    are read: a capture costs what was written (``read(offset, length)`` gives the dirty
+    bytes: an overlay's, or a VM disk's backup export). Returns (id or None for all zeros, what was
     stored), or None to capture the chunk whole."""
     try:
         base_subs = writer.sub_digests(base_chunk)
@@ -1534,7 +1535,7 @@ def _capture_blocks(
     blocks: dict[int, bytes] = {}
     for start, end in _runs(dirty):
         pos, stop = off + start * BLOCK, min(off + end * BLOCK, off + length)
-        data = memoryview(overlay.read(pos, stop - pos))
+        data = memoryview(read(pos, stop - pos))
         for j in range(start, end):
             block = bytes(data[(j - start) * BLOCK : (j - start + 1) * BLOCK])
             subs[j] = hash_block(block)
@@ -1560,7 +1561,7 @@ def _runs(indices: list[int]) -> list[tuple[int, int]]:
     return runs
 
 
-def _store_chunk(
+def store_chunk(
     writer: ChunkWriter,
     data: bytes,
     digest: bytes,
@@ -1581,4 +1582,12 @@ def _store_chunk(
     return writer.put(data, digest, subs)
 
 
-__all__ = ["BLOCK", "ImageReader", "Overlay", "OverlayCut", "capture_overlay"]
+__all__ = [
+    "BLOCK",
+    "ImageReader",
+    "Overlay",
+    "OverlayCut",
+    "capture_blocks",
+    "capture_overlay",
+    "store_chunk",
+]

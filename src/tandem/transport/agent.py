@@ -87,6 +87,25 @@ class AgentClient:
             raise RemoteError(what="host", name=self.name, detail="unexpected answer to check")
         return answer
 
+    def vms(self) -> list[dict[str, Any]]:
+        """The libvirt domains of a hypervisor host (name, uuid, state, disks)."""
+        answer = self._call("GET", "/api/v1/vms")
+        if not isinstance(answer, dict) or not isinstance(answer.get("domains"), list):
+            raise RemoteError(what="host", name=self.name, detail="unexpected answer to vms")
+        return [d for d in answer["domains"] if isinstance(d, dict)]
+
+    def define_vm(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Define a new VM from a VM image's XML over an NBD export (``agent.vm.define``)."""
+        answer = self._call("POST", "/api/v1/vms/define", body)
+        if not isinstance(answer, dict) or "name" not in answer:
+            raise RemoteError(what="host", name=self.name, detail="unexpected answer to define")
+        return answer
+
+    def remove_vm(self, name: str) -> dict[str, Any]:
+        """Destroy and undefine the VM ``name`` (gone already is fine)."""
+        answer = self._call("POST", "/api/v1/vms/remove", {"name": name})
+        return answer if isinstance(answer, dict) else {}
+
     def _events(self, path: str, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
         try:
             for event in self._api.stream(path, body):

@@ -292,6 +292,10 @@ class ApplianceClient(ApiClient):
     def remove_host(self, name: str) -> Doc:
         return self.delete(api_path(f"{API}/hosts", name))
 
+    def vms(self, host: str) -> Doc:
+        """The libvirt domains of a hypervisor host."""
+        return self.get(api_path(f"{API}/hosts", host, "vms"))
+
     def templates(self) -> Doc:
         return self.get(f"{API}/templates")
 

@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tandem.domain.consistency import Cut
 from tandem.domain.ids import ID_LENGTH, NAME_PATTERN
 from tandem.domain.lifecycle import AppKind
+from tandem.domain.vms import DOMAIN_NAME
 from tandem.transport.client import ApiClient, api_path
 
 ID_PATTERN = rf"^[a-z]+_[a-z2-7]{{{ID_LENGTH}}}$"
@@ -66,7 +67,8 @@ class Location(Wire):
     """Where the app runs at production: shown at the DR site, never acted on there."""
 
     host: Name
-    path: FullPath
+    path: FullPath | Annotated[str, Field(pattern=DOMAIN_NAME)]
+    """The app's path, or a vm app's libvirt domain name."""
 
 
 class PgBase(Wire):

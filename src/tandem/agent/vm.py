@@ -1,0 +1,488 @@
+"""Hypervisor hosts: libvirt domains as applications (the agent side).
+
+An agent is a hypervisor host when ``libvirt-python`` imports and ``qemu:///system``
+answers; an agent without libvirt starts and serves every other kind of app, and says why
+it is not a hypervisor (``hypervisor()``).
+
+Capture (``capture``) of a running domain, all disks at one instant, the way the ecosystem
+does it:
+1. When the guest agent answers, the guest's file systems are frozen (``fsFreeze``) and
+   thawed right after the checkpoint exists (``finally``, within ``THAW_TIMEOUT``); the image
+   is then ``app-consistent``, else ``crash-consistent`` (with the reason).
+2. ``virDomainBackupBegin`` in pull mode with a new checkpoint ``tandem-<job>``: qemu serves
+   each disk's point-in-time view over NBD on a unix socket in a private folder; an
+   incremental backup since the base image's checkpoint adds the context
+   ``qemu:dirty-bitmap:backup-<disk>`` whose extents say what changed.
+3. ``storage.vmimage.capture_disks`` reads only those extents (or every allocated extent on
+   a first capture, after a lost checkpoint, or for a raw disk, which has no bitmap: the job
+   log says which and why) into the appliance session; the domain XML rides in the
+   manifest's meta.
+4. The backup job is ended (``abortJob``) and older ``tandem-*`` checkpoints are deleted but
+   the new one and the base's, so the next capture can be incremental from either.
+
+A failed capture leaves the domain running with at most one extra checkpoint, which the
+next capture deletes; nothing becomes an image without the committed manifest.
+
+New VMs (``define``): a domain defined from a captured XML whose disks are NBD network
+disks (the appliance's export of a virtual copy, one slice per disk). A test VM gets a new
+UUID, new MACs and no network interface unless a network is named; a failover VM keeps the
+captured identity. A name that exists is refused; so is the domain the image came from.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from typing import Any
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tandem.domain.vms import DOMAIN_NAME
+from tandem.errors import AlreadyExists, InvalidInput, NotFound, NotHypervisor, SourceUnreadable
+from tandem.storage import vmimage
+from tandem.storage.manifest import VolumeManifest
+from tandem.transport.nbd import DIRTY, NbdClient
+
+URI = "qemu:///system"
+PREFIX = "tandem-"
+THAW_TIMEOUT = 60
+STATES = {
+    0: "no state",
+    1: "running",
+    2: "blocked",
+    3: "paused",
+    4: "shutting down",
+    5: "shut off",
+    6: "crashed",
+    7: "suspended",
+}
+
+Emit = Callable[[dict[str, Any]], None]
+
+
+def _libvirt() -> Any:
+    try:
+        import libvirt  # optional: only hypervisor hosts have it
+    except ImportError as exc:
+        raise NotHypervisor(reason=f"libvirt-python is not installed ({exc})") from exc
+    # Errors are raised as exceptions and reported by the caller; libvirt would also print
+    # each one on stderr (a guest agent that is not configured is an ordinary answer).
+    libvirt.registerErrorHandler(_quiet, None)
+    return libvirt
+
+
+def _quiet(_ctx: object, _error: object) -> None:
+    return None
+
+
+@contextmanager
+def connection() -> Iterator[Any]:
+    lv = _libvirt()
+    try:
+        conn = lv.open(URI)
+    except lv.libvirtError as exc:
+        raise NotHypervisor(reason=f"{URI} does not answer ({exc.get_error_message()})") from exc
+    try:
+        yield conn
+    finally:
+        with suppress(Exception):
+            conn.close()
+
+
+def hypervisor() -> dict[str, Any]:
+    """``{"hypervisor": bool, "reason"|"libvirt"...}`` for the agent's info."""
+    try:
+        with connection() as conn:
+            return {
+                "hypervisor": True,
+                "libvirt": conn.getLibVersion(),
+                "hypervisor_version": conn.getVersion(),
+            }
+    except NotHypervisor as exc:
+        return {"hypervisor": False, "reason": exc.message}
+
+
+def _domain(conn: Any, name: str) -> Any:
+    lv = _libvirt()
+    try:
+        return conn.lookupByName(name)
+    except lv.libvirtError as exc:
+        raise NotFound(what="Domain", name=name, listing="vms --host HOST") from exc
+
+
+def _disks(xml: str) -> list[dict[str, str]]:
+    """The domain's disks (device ``disk``): target, source path, driver type."""
+    out = []
+    for disk in ET.fromstring(xml).findall("./devices/disk"):
+        if disk.get("device", "disk") != "disk":
+            continue
+        target = disk.find("target")
+        source = disk.find("source")
+        driver = disk.find("driver")
+        out.append(
+            {
+                "target": target.get("dev", "") if target is not None else "",
+                "source": (source.get("file") or source.get("dev") or source.get("name") or "")
+                if source is not None
+                else "",
+                "format": driver.get("type", "raw") if driver is not None else "raw",
+                "type": disk.get("type", "file"),
+            }
+        )
+    return out
+
+
+def list_domains() -> list[dict[str, Any]]:
+    """Every domain of this host: name, uuid, state, disks."""
+    with connection() as conn:
+        out = []
+        for dom in conn.listAllDomains(0):
+            state = dom.state()[0]
+            out.append(
+                {
+                    "name": dom.name(),
+                    "uuid": dom.UUIDString(),
+                    "state": STATES.get(state, str(state)),
+                    "disks": _disks(dom.XMLDesc(0)),
+                }
+            )
+        return sorted(out, key=lambda d: d["name"])
+
+
+# --- capture -----------------------------------------------------------------------------
+
+
+class _Reader:
+    """A disk's backup export, shared by the capture's threads (one request at a time)."""
+
+    def __init__(self, client: NbdClient) -> None:
+        self.client = client
+        self.lock = threading.Lock()
+
+    def read(self, offset: int, length: int) -> bytes:
+        with self.lock:
+            return self.client.read(offset, length)
+
+
+def _freeze(dom: Any, emit: Emit) -> tuple[bool, str]:
+    """Freeze the guest's file systems through its agent; (frozen, why not)."""
+    lv = _libvirt()
+    try:
+        dom.fsFreeze(None, 0)
+    except lv.libvirtError as exc:
+        return False, f"the guest agent did not freeze the guest ({exc.get_error_message()})"
+    emit({"event": "log", "text": "guest file systems frozen by the guest agent"})
+    return True, "the guest agent froze the file systems for the checkpoint"
+
+
+def _thaw(dom: Any, emit: Emit) -> None:
+    lv = _libvirt()
+    deadline = time.monotonic() + THAW_TIMEOUT
+    while True:
+        try:
+            dom.fsThaw(None, 0)
+            return
+        except lv.libvirtError as exc:
+            if time.monotonic() > deadline:
+                emit({"event": "log", "text": f"thaw failed: {exc.get_error_message()}"})
+                return
+            time.sleep(1)
+
+
+def _base_checkpoint(
+    dom: Any, base: VolumeManifest | None, slots: list[vmimage.Slot]
+) -> tuple[str | None, str]:
+    """The checkpoint an incremental backup can start from, or None and why not."""
+    if base is None:
+        return None, "first capture of this domain: reading every allocated extent"
+    vm = base.meta.get("vm") if isinstance(base.meta, dict) else None
+    name = vm.get("checkpoint") if isinstance(vm, dict) else None
+    if not name:
+        return None, "the previous image has no checkpoint: reading every allocated extent"
+    if vmimage.slots_of(base) != slots:
+        return None, "the disks changed since the previous image: reading every allocated extent"
+    have = {c.getName() for c in dom.listAllCheckpoints(0)}
+    if name not in have:
+        return None, (
+            f"checkpoint {name} of the previous image is gone (change tracking lost): "
+            "reading every allocated extent"
+        )
+    return str(name), f"incremental since checkpoint {name}: reading changed extents only"
+
+
+def capture(
+    domain: str,
+    job: str,
+    base: VolumeManifest | None,
+    pool: Any,
+    base_id: bytes | None,
+    emit: Emit,
+    progress: Callable[[int, int], None],
+) -> dict[str, Any]:
+    """Capture ``domain`` into ``pool`` (module docstring); returns the done event's fields."""
+    lv = _libvirt()
+    with connection() as conn:
+        dom = _domain(conn, domain)
+        if not dom.isActive():
+            raise SourceUnreadable(
+                path=f"domain {domain}",
+                reason="it is not running; a pull-mode backup needs the running domain. "
+                "Start it (`virsh start`) and capture again",
+            )
+        xml = dom.XMLDesc(lv.VIR_DOMAIN_XML_INACTIVE | lv.VIR_DOMAIN_XML_SECURE)
+        disks = [d for d in _disks(dom.XMLDesc(0)) if d["target"]]
+        if not disks:
+            raise SourceUnreadable(path=f"domain {domain}", reason="it has no disk")
+        sizes = {d["target"]: int(dom.blockInfo(d["target"], 0)[0]) for d in disks}
+        slots = vmimage.layout(
+            [(d["target"], sizes[d["target"]], d["format"], d["source"]) for d in disks]
+        )
+        since, why = _base_checkpoint(dom, base, slots)
+        emit({"event": "log", "text": why})
+        checkpoint = PREFIX + re.sub(r"[^A-Za-z0-9_-]", "-", job or uuid.uuid4().hex[:12])
+        bitmap = [d for d in disks if d["format"] == "qcow2"]
+        for d in disks:
+            if d["format"] != "qcow2":
+                emit(
+                    {
+                        "event": "log",
+                        "text": f"disk {d['target']} is {d['format']}, not qcow2: it has no "
+                        "dirty bitmap, so it is read in full and compared with the base",
+                    }
+                )
+        folder = tempfile.mkdtemp(prefix="tandem-backup-")
+        sock = os.path.join(folder, "nbd.sock")
+        disk_xml = "".join(
+            f"<disk name='{d['target']}' backup='yes' type='file'"
+            + (" backupmode='full'" if since and d["format"] != "qcow2" else "")
+            + f"><scratch file='{folder}/scratch-{d['target']}.qcow2'/></disk>"
+            for d in disks
+        )
+        backup_xml = (
+            "<domainbackup mode='pull'>"
+            + (f"<incremental>{since}</incremental>" if since else "")
+            + f"<server transport='unix' socket='{sock}'/><disks>{disk_xml}</disks></domainbackup>"
+        )
+        cp_disks = "".join(
+            f"<disk name='{d['target']}' checkpoint='{'bitmap' if d in bitmap else 'no'}'/>"
+            for d in disks
+        )
+        checkpoint_xml = (
+            f"<domaincheckpoint><name>{checkpoint}</name><disks>{cp_disks}</disks>"
+            "</domaincheckpoint>"
+        )
+        frozen, reason = _freeze(dom, emit)
+        began = False
+        try:
+            try:
+                dom.backupBegin(backup_xml, checkpoint_xml if bitmap else None, 0)
+                began = True
+            finally:
+                if frozen:
+                    _thaw(dom, emit)
+            clients: list[NbdClient] = []
+            try:
+                sources = []
+                for d, slot in zip(disks, slots, strict=True):
+                    dirty_ctx = f"qemu:dirty-bitmap:backup-{d['target']}"
+                    tracked = since is not None and d["format"] == "qcow2"
+                    client = NbdClient(
+                        export=d["target"],
+                        unix=sock,
+                        contexts=["base:allocation", *([dirty_ctx] if tracked else [])],
+                    )
+                    clients.append(client)
+                    allocated = [
+                        (o, n) for o, n, f in client.extents("base:allocation") if not f & 1
+                    ]
+                    dirty = (
+                        [(o, n) for o, n, f in client.extents(dirty_ctx) if f & DIRTY]
+                        if tracked
+                        else None
+                    )
+                    sources.append(vmimage.DiskSource(slot, _Reader(client), allocated, dirty))
+                meta = {
+                    "source": f"vm:{domain}",
+                    "host": os.uname().nodename,
+                    "consistency": "app-consistent" if frozen else "crash-consistent",
+                    "vm": {
+                        "format": vmimage.FORMAT,
+                        "domain": domain,
+                        "uuid": dom.UUIDString(),
+                        "xml": xml,
+                        "checkpoint": checkpoint if bitmap else None,
+                        "disks": [s.as_dict() for s in slots],
+                    },
+                }
+                mid, manifest, stats = vmimage.capture_disks(
+                    pool, sources, base=base, base_id=base_id, meta=meta, progress=progress
+                )
+            finally:
+                for client in clients:
+                    client.close()
+        finally:
+            if began:
+                with suppress(lv.libvirtError):
+                    dom.abortJob()
+            shutil.rmtree(folder, ignore_errors=True)
+        _drop_checkpoints(dom, keep={checkpoint, since or ""})
+    return {
+        "manifest": mid.hex(),
+        "size": manifest.size,
+        "stats": stats.as_dict(),
+        "incremental": since is not None,
+        "read_reason": why,
+        "consistency": "app-consistent" if frozen else "crash-consistent",
+        "consistency_reason": reason,
+    }
+
+
+def _drop_checkpoints(dom: Any, keep: set[str]) -> None:
+    lv = _libvirt()
+    for cp in dom.listAllCheckpoints(0):
+        name = cp.getName()
+        if name.startswith(PREFIX) and name not in keep:
+            with suppress(lv.libvirtError):
+                cp.delete(0)
+
+
+# --- new VMs -----------------------------------------------------------------------------
+
+
+class DefineRequest(BaseModel):
+    """Define a new domain from a VM image's XML, its disks on the appliance's export."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=DOMAIN_NAME)
+    xml: str = Field(min_length=1, max_length=1_000_000)
+    disks: list[dict[str, Any]] = Field(min_length=1, max_length=64)
+    nbd_uri: str = Field(pattern=r"^nbd://[^\s]+$")
+    source_domain: str = Field(default="", max_length=64)
+    source_uuid: str = Field(default="", max_length=64)
+    keep_identity: bool = False
+    network: str | None = Field(default=None, pattern=DOMAIN_NAME)
+    power_on: bool = False
+
+
+def define(req: DefineRequest) -> dict[str, Any]:
+    """Define (and with ``power_on`` start) the new domain; returns its name and uuid."""
+    lv = _libvirt()
+    uri = urlsplit(req.nbd_uri)
+    if not uri.hostname or not uri.port:
+        raise InvalidInput(detail=f"{req.nbd_uri!r} is not an nbd://HOST:PORT/EXPORT URI")
+    export = uri.path.lstrip("/")
+    slots = {str(d.get("target")): d for d in req.disks}
+    with connection() as conn:
+        if req.name == req.source_domain:
+            raise InvalidInput(
+                detail=f"a VM is never failed over onto the domain it came from ({req.name}); "
+                "name a new VM with --new-vm"
+            )
+        names = {d.name() for d in conn.listAllDomains(0)}
+        uuids = {d.UUIDString() for d in conn.listAllDomains(0)}
+        if req.name in names:
+            raise AlreadyExists(what="Domain", name=req.name)
+        if req.keep_identity and req.source_uuid in uuids:
+            raise InvalidInput(
+                detail=f"domain UUID {req.source_uuid} exists on this host (the domain the "
+                "image came from): fail over to another host, or make a test VM"
+            )
+        if req.network is not None:
+            try:
+                conn.networkLookupByName(req.network)
+            except lv.libvirtError as exc:
+                raise NotFound(what="Network", name=req.network, listing="vms --host HOST") from exc
+        root = ET.fromstring(req.xml)
+        _set(root, "name", req.name)
+        if not req.keep_identity:
+            _set(root, "uuid", str(uuid.uuid4()))
+        devices = root.find("devices")
+        if devices is None:
+            raise InvalidInput(detail="the captured domain XML has no <devices>")
+        for disk in list(devices.findall("disk")):
+            if disk.get("device", "disk") != "disk":
+                continue
+            target = disk.find("target")
+            slot = slots.get(target.get("dev", "") if target is not None else "")
+            if slot is None:
+                devices.remove(disk)
+                continue
+            _nbd_disk(disk, uri.hostname, uri.port, export, int(slot["offset"]), int(slot["size"]))
+        for iface in list(devices.findall("interface")):
+            if req.keep_identity:
+                continue
+            devices.remove(iface)
+        if req.network is not None and not req.keep_identity:
+            iface = ET.SubElement(devices, "interface", {"type": "network"})
+            ET.SubElement(iface, "source", {"network": req.network})
+            ET.SubElement(iface, "model", {"type": "virtio"})
+        try:
+            dom = conn.defineXML(ET.tostring(root, encoding="unicode"))
+        except lv.libvirtError as exc:
+            raise InvalidInput(
+                detail=f"libvirt refused the new domain {req.name}: {exc.get_error_message()}"
+            ) from exc
+        if req.power_on:
+            try:
+                dom.create()
+            except lv.libvirtError as exc:
+                with suppress(lv.libvirtError):
+                    dom.undefineFlags(0)
+                raise InvalidInput(
+                    detail=f"the new domain {req.name} did not start: {exc.get_error_message()}"
+                ) from exc
+        return {"name": dom.name(), "uuid": dom.UUIDString(), "running": bool(dom.isActive())}
+
+
+def _set(root: ET.Element, tag: str, text: str) -> None:
+    node = root.find(tag)
+    if node is None:
+        node = ET.SubElement(root, tag)
+    node.text = text
+
+
+def _nbd_disk(disk: ET.Element, host: str, port: int, export: str, offset: int, size: int) -> None:
+    """Turn ``disk`` into a slice of the NBD export (raw: the slice is the guest's disk)."""
+    for child in list(disk):
+        if child.tag in ("source", "driver", "backingStore"):
+            disk.remove(child)
+    disk.set("type", "network")
+    driver = ET.Element("driver", {"name": "qemu", "type": "raw"})
+    source = ET.Element("source", {"protocol": "nbd", "name": export})
+    ET.SubElement(source, "host", {"name": host, "port": str(port)})
+    slices = ET.SubElement(source, "slices")
+    ET.SubElement(slices, "slice", {"type": "storage", "offset": str(offset), "size": str(size)})
+    disk.insert(0, source)
+    disk.insert(0, driver)
+
+
+class RemoveRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=DOMAIN_NAME)
+
+
+def remove(name: str) -> dict[str, Any]:
+    """Destroy and undefine domain ``name`` (a test VM being withdrawn); gone is fine."""
+    lv = _libvirt()
+    with connection() as conn:
+        try:
+            dom = conn.lookupByName(name)
+        except lv.libvirtError:
+            return {"removed": False}
+        if dom.isActive():
+            with suppress(lv.libvirtError):
+                dom.destroy()
+        flags = getattr(lv, "VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA", 0)
+        dom.undefineFlags(flags)
+        return {"removed": True}
