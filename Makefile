@@ -11,9 +11,12 @@ STAMP := $(VENV)/.installed
 # console tests drive Debian's Chromium; the live-application tests make btrfs and XFS file
 # systems and run PostgreSQL under pgbench. On a fresh Debian machine as root they are
 # installed here; elsewhere the tests that need them fail saying which package to install.
-TOOLS_PKGS := qemu-utils libnbd-bin python3-libnbd chromium btrfs-progs xfsprogs postgresql
+# pyfuse3 (the FUSE presentation of file trees) builds against libfuse3-dev with pkg-config
+# when installed, so the tools come before the venv; fuse3 brings fusermount3.
+TOOLS_PKGS := qemu-utils libnbd-bin python3-libnbd chromium btrfs-progs xfsprogs postgresql \
+	fuse3 libfuse3-dev pkg-config
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml | tools
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'
@@ -34,7 +37,8 @@ tools:
 	@if ! command -v qemu-img >/dev/null || ! command -v nbdcopy >/dev/null \
 	    || ! command -v nbdsh >/dev/null || ! test -x /usr/bin/chromium \
 	    || ! command -v mkfs.btrfs >/dev/null || ! command -v mkfs.xfs >/dev/null \
-	    || ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+	    || ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 \
+	    || ! command -v fusermount3 >/dev/null || ! pkg-config --exists fuse3 2>/dev/null; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing $(TOOLS_PKGS) (what the NBD, browser and live-application tests use)"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \

@@ -24,7 +24,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tandem.agent import holders, mounts, pit
+from tandem.agent import fusemount, holders, mounts, pit
 from tandem.agent.mounts import MountAction
 from tandem.domain.consistency import MODES, ConsistencyMode
 from tandem.errors import Conflict, InvalidInput, SourceUnreadable, TandemError, TargetInvalid
@@ -139,6 +139,9 @@ class MaterializeRequest(BaseModel):
     """The application's original path: the mount point of keep-source-path."""
     volumes: int = Field(default=1, ge=1, le=MAX_VOLUMES)
     job: str = ""
+    presentation: str = Field(default="copy", pattern="^(copy|fuse)$")
+    """``copy`` writes the whole image at the mount point; ``fuse`` presents a file-tree
+    image as a writable virtual copy (``agent.fusemount``), fetching only what is read."""
 
 
 class UnmaterializeRequest(BaseModel):
@@ -389,6 +392,8 @@ def materialize(req: MaterializeRequest, registry: mounts.Registry, emit: Emit) 
             for target in targets:
                 if not target.existed:
                     mounts.make_dirs(target.path, created, recorded)
+            if req.presentation == "fuse" and not volume_image:
+                return _present_fuse(req, registry, paths, manifest.size, emit)
             source = RemoteChunkSource(client, req.appliance.session)
             progress = _progress(emit)
             total = manifest.size * len(paths)
@@ -418,6 +423,43 @@ def materialize(req: MaterializeRequest, registry: mounts.Registry, emit: Emit) 
         "size": manifest.size,
         "bytes_sent": source.bytes_received,
         "stats": _sum_stats(parts),
+    }
+
+
+def _present_fuse(
+    req: MaterializeRequest,
+    registry: mounts.Registry,
+    paths: list[str],
+    size: int,
+    emit: Emit,
+) -> dict[str, Any]:
+    """Present the tree at each of ``paths`` as a virtual copy (``agent.fusemount``); each
+    layer is recorded as soon as it exists, so unmount finds it after a crash too."""
+    assert req.appliance is not None
+    emit({"event": "progress", "done": 0, "total": len(paths)})
+    layers: list[dict[str, Any]] = []
+    for i, path in enumerate(paths):
+        mounts.check_empty_folder(path)
+        name = req.image if len(paths) == 1 else f"{req.image}_{i + 1}"
+        layers.append(
+            fusemount.attach(
+                registry.directory, name, req.manifest, req.appliance.model_dump(), path
+            )
+        )
+        registry.update(req.image, layers=layers, presentation="fuse")
+        emit({"event": "progress", "done": i + 1, "total": len(paths)})
+    registry.finish(req.image, state=mounts.READY, time=mounts.now())
+    fetched = sum(int(fusemount.read_stats(r).get("fetched") or 0) for r in layers)
+    return {
+        "event": "done",
+        "image": req.image,
+        "paths": paths,
+        "files": [],
+        "size": size,
+        "bytes_sent": fetched,
+        "presentation": "fuse",
+        "layers": [r["dir"] for r in layers],
+        "stats": {},
     }
 
 

@@ -21,7 +21,11 @@ On-disk format: DIR/mounts.json (DIR is the agent's directory), one object::
              "manifest": HEX, "paths": [mount point, ...], "files": [volume.img path, ...],
              "created": [directory this agent made, ...]  (parents first),
              "kept": {pre-existing folder: {"mode": int, "uid": int, "gid": int}},
-             "state": "materializing"|"ready", "time": "YYYY-MM-DDTHH:MM:SSZ"}}
+             "state": "materializing"|"ready", "time": "YYYY-MM-DDTHH:MM:SSZ",
+             "presentation": "fuse", "layers": [{"dir", "pid", "path"}, ...]}}
+
+(``presentation`` and ``layers`` only for a tree presented as a virtual copy, whose layer
+and FUSE server ``agent.fusemount`` describes; removal unmounts them first.)
 
 written atomically (temporary file, fsync, rename, fsync of DIR).
 
@@ -55,6 +59,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from tandem.agent import fusemount
 from tandem.errors import Conflict, InvalidInput, NotFound, TandemError, TargetInvalid
 from tandem.storage import targets
 
@@ -306,6 +311,8 @@ def remove_materialized(entry: dict[str, Any]) -> tuple[list[str], list[str]]:
     agent made that now hold something else. Every mount point is opened (and a symlink or
     file in its place refused) before anything is removed.
     """
+    if entry.get("layers"):  # a virtual copy (agent.fusemount): unmounted before emptied
+        fusemount.detach_entry(entry)
     paths = [clean_path(str(p)) for p in entry.get("paths") or []]
     created = [clean_path(str(p)) for p in entry.get("created") or []]
     owners: dict[str, Any] = dict(entry.get("kept") or {})
