@@ -69,6 +69,7 @@ def presented(rig: Rig) -> Iterator[tuple[Rig, Path, Path, bytes]]:
     finally:
         if IMAGE in rig.mounts():
             rig.unmount()
+        fusemount.release_all(rig.agent_dir)  # a failed test leaves no mount behind
 
 
 def test_a_presented_tree_reads_back_equal_and_fetches_only_what_is_read(
@@ -184,7 +185,9 @@ def test_a_full_disk_under_the_layer_gives_enospc_and_keeps_acknowledged_writes(
     _, mid = make_tree(rig)
     layers = fusemount.layers_dir(rig.agent_dir)
     layers.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tandem-test", str(layers)], check=True)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m", "tandem-test", str(layers)], check=True
+    )
     try:
         target = rig.tmp / "copy"
         done = rig.materialize(fuse_body(rig, mid, target))
@@ -204,6 +207,7 @@ def test_a_full_disk_under_the_layer_gives_enospc_and_keeps_acknowledged_writes(
         assert (target / "top.txt").read_text() == "top\n"
         assert rig.unmount().status_code == 200
     finally:
+        fusemount.release_all(rig.agent_dir)
         subprocess.run(["umount", str(layers)], check=False)
 
 

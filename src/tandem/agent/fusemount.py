@@ -490,6 +490,56 @@ def read_stats(record: dict[str, Any]) -> dict[str, Any]:
     return doc if isinstance(doc, dict) else {}
 
 
+def _overlays_over(lower: str) -> list[str]:
+    """Mount points of overlays whose lower directory is ``lower`` (``/proc/self/mountinfo``)."""
+    found = []
+    with contextlib.suppress(OSError), open("/proc/self/mountinfo", encoding="utf-8") as fh:
+        for line in fh:
+            left, _, right = line.partition(" - ")
+            fields, source = left.split(), right.split()
+            if len(fields) < 5 or len(source) < 3 or source[0] != "overlay":
+                continue
+            if f"lowerdir={lower}," in source[2] + ",":
+                found.append(fields[4].replace("\\040", " "))
+    return found
+
+
+def _servers_of(config: Path) -> list[int]:
+    """Pids of the FUSE servers started with ``config``."""
+    pids = []
+    wanted = str(config).encode()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            if b"tandem.agent.fusemount" in argv and wanted in argv:
+                pids.append(int(proc.name))
+    return pids
+
+
+def release_all(directory: Path) -> list[str]:
+    """Take down every presented copy of the agent in ``directory`` at once, in use or not
+    (lazy unmounts), and end their FUSE servers: for decommissioning a host or ending a
+    lab, when the agent does not run. The registry keeps its entries; unmounting them
+    later through the agent removes the rest. Returns the mount points released."""
+    released: list[str] = []
+    root = layers_dir(directory)
+    if not root.is_dir():
+        return released
+    for layer in sorted(p for p in root.iterdir() if p.is_dir()):
+        lower = str(layer / "lower")
+        for point in _overlays_over(lower):
+            if _run(["umount", "-l", point]).returncode == 0:
+                released.append(point)
+        if _is_mount(lower):
+            _run(["fusermount3", "-u", "-z", lower])
+        for pid in _servers_of(layer / "config.json"):
+            _end_server(pid)
+        shutil.rmtree(layer, ignore_errors=True)
+    return released
+
+
 # --- the layer, read as a list of changes ------------------------------------------------------
 
 
