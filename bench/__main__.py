@@ -1,10 +1,10 @@
 """``python -m bench``: run the benchmark sections and print the table.
 
 Flags: ``--section NAME`` (repeatable; default all), ``--size-gib`` (volume size; default
-2 for storage, 1 for replication; presentation always uses 1, 4 and 10 GiB; failback 1, 4
-and 16 GiB unless given one size), ``--files`` (small files in the tree), ``--workdir`` (a
-fresh directory is made inside it and removed afterwards; default under /var/tmp),
-``--json FILE`` (also save the results).
+2 for storage, 1 for replication; presentation always uses 1, 4 and 10 GiB, treepresentation
+1 and 16 GiB trees; failback 1, 4 and 16 GiB unless given one size), ``--files`` (small
+files in the tree), ``--workdir`` (a fresh directory is made inside it and removed
+afterwards; default under /var/tmp), ``--json FILE`` (also save the results).
 """
 
 from __future__ import annotations
@@ -34,7 +34,16 @@ from bench.common import write_json as save_json
 
 Section = Callable[[Config, Report], None]
 
-SECTIONS = ("storage", "replication", "presentation", "failback", "scale", "nbd", "consistency")
+SECTIONS = (
+    "storage",
+    "replication",
+    "presentation",
+    "treepresentation",
+    "failback",
+    "scale",
+    "nbd",
+    "consistency",
+)
 """Each is the module ``bench.NAME`` with ``run(cfg, report)``, imported only when run (they
 import tandem; keep --help fast)."""
 
