@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.conftest import Drill, protect_and_replicate
+from tests.e2e.conftest import Drill, protect_and_replicate, wait_for
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -162,3 +162,40 @@ def test_the_copy_action_still_writes_a_full_plain_copy(drill: Drill, tmp_path: 
     d.b("unmount", image)
     d.b("image", "delete", image)
     assert not target.exists()
+
+
+def test_the_copy_survives_restarts_of_the_agent_and_of_the_appliance(
+    drill: Drill, tmp_path: Path
+) -> None:
+    d = drill
+    src = tmp_path / "src"
+    files = make_tree(src, sparse_gib=0)
+    protect_and_replicate(d, "ledger", "filesystem", src)
+    target = tmp_path / "dr-ledger"
+    result, _ = present(d, "ledger", target)
+    image = result["image"]["id"]
+    assert (target / "docs" / "f0.bin").read_bytes() == files["docs/f0.bin"]
+    (target / "written.txt").write_text("kept")
+
+    # The agent restarts: the applications' files stay where they are.
+    d.dr_agent.stop()
+    assert mounted(target) and (target / "docs" / "f1.bin").read_bytes() == files["docs/f1.bin"]
+    d.dr_agent.start()
+
+    # The appliance restarts: its sessions are gone; the copy gets a new one and reads on.
+    d.dr.stop()
+    d.dr.start()
+
+    def reads() -> bool:
+        try:
+            return (target / "docs" / "f5.bin").read_bytes() == files["docs/f5.bin"]
+        except OSError:
+            return False  # EIO until the new session reached the host
+
+    wait_for(reads, 60, "reads through the new read session")
+    assert (target / "written.txt").read_text() == "kept"
+
+    # The restarted agent still takes it all down.
+    d.b("unmount", image)
+    d.b("image", "delete", image)
+    assert not mounted(target) and not layer_of(d, image).exists()

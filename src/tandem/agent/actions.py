@@ -144,6 +144,24 @@ class MaterializeRequest(BaseModel):
     image as a writable virtual copy (``agent.fusemount``), fetching only what is read."""
 
 
+class RefreshRequest(BaseModel):
+    """A new read session for the FUSE copies of ``image`` (the appliance restarted)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image: str = Field(pattern=IMAGE_KEY)
+    appliance: ApplianceSession
+
+
+def refresh_layers(req: RefreshRequest, registry: mounts.Registry) -> dict[str, Any]:
+    """Give every FUSE copy of ``req.image`` the new read session; ``refreshed`` counts
+    them (0: the image is not presented through FUSE here)."""
+    entry = registry.read().get(req.image) or {}
+    layers = [r for r in entry.get("layers") or [] if isinstance(r, dict)]
+    done = sum(fusemount.refresh(r, req.appliance.model_dump()) for r in layers)
+    return {"image": req.image, "refreshed": done}
+
+
 class UnmaterializeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

@@ -7,7 +7,8 @@ Invariants
   events (``progress``..., then one ``done`` or ``error``). The action runs in a thread of
   its own; when the appliance disconnects, the action is told to stop (its next ``emit``
   raises) rather than carrying on for nobody.
-- ``/api/v1/materialize`` streams the same way; ``/api/v1/unmaterialize`` and
+- ``/api/v1/materialize`` streams the same way; ``/api/v1/unmaterialize``,
+  ``/api/v1/layers/refresh`` (a new read session for an image's FUSE copies) and
   ``/api/v1/mounts`` answer JSON, as does ``/api/v1/target/check`` (what is at a path where
   a new copy would be written; see ``actions.check_target``). Materializations are recorded
   in DIR/mounts.json (see ``tandem.agent.mounts``), so an app made without its directory
@@ -138,6 +139,10 @@ def create_app(cfg: DaemonConfig, directory: Path | None = None) -> FastAPI:
     @app.post("/api/v1/unmaterialize", dependencies=[Depends(auth)])
     def unmaterialize(req: actions.UnmaterializeRequest) -> dict[str, Any]:
         return actions.unmaterialize(req, mount_registry())
+
+    @app.post("/api/v1/layers/refresh", dependencies=[Depends(auth)])
+    def refresh_layers(req: actions.RefreshRequest) -> dict[str, Any]:
+        return actions.refresh_layers(req, mount_registry())
 
     @app.get("/api/v1/mounts", dependencies=[Depends(auth)])
     def list_mounts() -> dict[str, Any]:

@@ -24,7 +24,9 @@ On-disk format of a layer, ``DIR/layers/IMAGE[_N]/`` (DIR is the agent's directo
 
     config.json   what the FUSE server needs (0600: it holds the read session's token):
                   {"manifest": HEX, "appliance": {url, fingerprint, token, session},
-                   "lower": PATH, "stats": PATH, "cache_bytes": N}
+                   "lower": PATH, "stats": PATH, "cache_bytes": N}; replaced atomically
+                  with a new session when the appliance restarts (``refresh``), which
+                  the server picks up at its next fetch
     lower/        the FUSE mount point (read-only view of the image)
     upper/        the copy-on-write layer: overlayfs's upper directory. A path present here
                   is the copy's version of it (a whole file once changed, a directory
@@ -231,27 +233,61 @@ class _Stats:
             os.replace(tmp, self.path)
 
 
+class _Reader:
+    """The appliance's read session, as ``config.json`` names it now: when the agent writes
+    a new session there (the appliance restarted and opened another, ``refresh``), the next
+    fetch uses it."""
+
+    def __init__(self, path: Path, cfg: LayerConfig) -> None:
+        self.path = path
+        self.lock = threading.Lock()
+        self.stamp = os.stat(path).st_mtime_ns
+        self._open(cfg)
+
+    def _open(self, cfg: LayerConfig) -> None:
+        s = cfg.appliance
+        self.client = ApiClient(s.url, s.token, s.fingerprint, what="appliance")
+        self.session = s.session
+        self.source = RemoteChunkSource(self.client, s.session)
+
+    def _current(self) -> RemoteChunkSource:
+        with self.lock:
+            stamp = os.stat(self.path).st_mtime_ns
+            if stamp != self.stamp:
+                cfg = LayerConfig.model_validate_json(self.path.read_text())
+                old = self.client
+                self._open(cfg)
+                self.stamp = stamp
+                old.close()
+                log.info("read session now %s", self.session)
+            return self.source
+
+    def manifest(self, mid: str) -> TreeManifest:
+        source = self._current()
+        path = session_path(self.session, "manifests", mid)
+        blob = source.client.request("GET", path, raw=True)
+        manifest = decode_manifest(blob, bytes.fromhex(mid))
+        if not isinstance(manifest, TreeManifest):
+            raise TandemError(f"manifest {mid} is not a file-tree image")
+        return manifest
+
+    def get(self, digest: bytes) -> bytes:
+        return self._current().get(digest)
+
+    def close(self) -> None:
+        self.client.close()
+
+
 def serve(config_path: Path) -> None:
     """The FUSE server's main: mount the image at ``lower`` and serve until unmounted."""
     import pyfuse3
     import trio
 
     cfg = LayerConfig.model_validate_json(config_path.read_text())
-    s = cfg.appliance
-    client = ApiClient(s.url, s.token, s.fingerprint, what="appliance")
-    blob = client.request("GET", session_path(s.session, "manifests", cfg.manifest), raw=True)
-    manifest = decode_manifest(blob, bytes.fromhex(cfg.manifest))
-    if not isinstance(manifest, TreeManifest):
-        raise TandemError(f"manifest {cfg.manifest} is not a file-tree image")
-    source = RemoteChunkSource(client, s.session)
+    reader = _Reader(config_path, cfg)
+    manifest = reader.manifest(cfg.manifest)
     stats = _Stats(Path(cfg.stats))
-    cache: ChunkCache
-
-    def fetch(digest: bytes) -> bytes:
-        data = source.get(digest)
-        return data
-
-    cache = ChunkCache(fetch, cfg.cache_bytes)
+    cache = ChunkCache(reader.get, cfg.cache_bytes)
     view = TreeView(manifest, cache)
     original_get = cache.get
 
@@ -271,7 +307,7 @@ def serve(config_path: Path) -> None:
         trio.run(pyfuse3.main)
     finally:
         pyfuse3.close(unmount=False)
-        client.close()
+        reader.close()
 
 
 # --- attach and detach (run in the agent) ------------------------------------------------------
@@ -467,6 +503,26 @@ def detach(record: dict[str, Any], *, force: bool = False) -> None:
         if child is not None:
             child.poll()
     shutil.rmtree(layer, ignore_errors=True)
+
+
+def refresh(record: dict[str, Any], appliance: dict[str, str]) -> bool:
+    """Point the FUSE server of ``record`` at a new read session (the appliance restarted:
+    its sessions are gone); written atomically, read by the server at its next fetch.
+    False when the layer is gone."""
+    path = Path(str(record["dir"])) / "config.json"
+    try:
+        cfg = LayerConfig.model_validate_json(path.read_text())
+    except (OSError, ValueError):
+        return False
+    cfg.appliance = SessionRef(**appliance)
+    tmp = path.with_name("config.json.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(cfg.model_dump_json())
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return True
 
 
 def detach_entry(entry: dict[str, Any]) -> None:

@@ -28,8 +28,11 @@ Invariants
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +45,7 @@ from tandem.domain.rules import Role
 from tandem.errors import AlreadyExists, InvalidInput
 from tandem.jobs.runner import JobRunner
 from tandem.operations.handlers import job_handlers
-from tandem.operations.present import restore_exports
+from tandem.operations.present import restore_exports, restore_tree_sessions
 from tandem.operations.sessions import SessionRegistry
 from tandem.operations.site import Site
 from tandem.storage.pool import ChunkPool
@@ -58,6 +61,14 @@ from tandem.transport.server import (
 
 ADMIN_TOKEN = "admin"
 WORKERS = 4
+
+
+def _quietly(work: Callable[[Site], object], site: Site) -> None:
+    """Run a start-up chore in the background: a failure is logged, never raised."""
+    try:
+        work(site)
+    except Exception:
+        logging.getLogger("tandem.appliance").exception("start-up chore %s failed", work)
 
 
 def catalog_url(directory: Path, cfg: DaemonConfig) -> str:
@@ -181,6 +192,11 @@ class Appliance:
         scheduler."""
         self.nbd.start()
         restore_exports(self.site)
+        # Trees presented through FUSE read through sessions the last process held; their
+        # hosts get new ones once this one serves (it calls the hosts: not on the way up).
+        threading.Thread(
+            target=_quietly, args=(restore_tree_sessions, self.site), daemon=True
+        ).start()
         self.runner.start()
         self.scheduler.start()
 

@@ -278,6 +278,38 @@ def restore_exports(site: Site) -> list[str]:
     return done
 
 
+def restore_tree_sessions(site: Site) -> list[str]:
+    """At start-up: the read sessions of file trees presented through FUSE died with the
+    previous process; open a new one for each presented tree image and give it to its
+    host's agent (``refresh_layers``). A host that is not reachable, or that holds a full
+    copy rather than a FUSE one, gets none (its session is closed again). Returns the
+    images refreshed. Run it off the start-up path: it calls the hosts."""
+    rows = []
+    with site.catalog.read() as session:
+        for kind in (ImageKind.TEST_FAILOVER, ImageKind.FAILOVER, ImageKind.MOUNT):
+            for i in q.list_images_of_kind(session, kind=kind):
+                if not (i.state is ImageState.MOUNTED and i.mount_point and i.mounted_host):
+                    continue
+                if i.app.kind is not AppKind.FILESYSTEM:
+                    continue
+                with contextlib.suppress(TandemError):
+                    rows.append((i.id, i.manifest, q.get_host(session, name=i.mounted_host)))
+    done = []
+    for image_id, manifest, host in rows:
+        transfer, token = site.sessions.open(
+            job_id="", write=False, readable=[bytes.fromhex(manifest)], ttl=FUSE_SESSION_TTL
+        )
+        transfer.meta["presented"] = image_id
+        refreshed = 0
+        with contextlib.suppress(TandemError), agent_for(host) as agent:
+            refreshed = agent.refresh_layers(image_id, site.session_ref(transfer.id, token))
+        if refreshed:
+            done.append(image_id)
+        else:
+            site.sessions.close(transfer)
+    return done
+
+
 def mounted_doc(image: Image) -> dict[str, Any]:
     return {"nbd_uri": image.nbd_export, "mount_point": image.mount_point}
 

@@ -112,3 +112,10 @@ class AgentClient:
         """Remove what presenting ``image`` placed on the host."""
         answer = self._call("POST", "/api/v1/unmaterialize", {"image": image})
         return answer if isinstance(answer, dict) else {}
+
+    def refresh_layers(self, image: str, appliance: dict[str, str]) -> int:
+        """Give the FUSE copies of ``image`` on the host a new read session; how many."""
+        answer = self._call(
+            "POST", "/api/v1/layers/refresh", {"image": image, "appliance": appliance}
+        )
+        return int(answer.get("refreshed") or 0) if isinstance(answer, dict) else 0
