@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tandem.agent import fusemount
+from tandem.errors import SourceChanged
 from tandem.storage import tree
 from tandem.storage.manifest import TreeManifest, load_manifest
 from tests.agent.test_mounts import IMAGE, Rig, files_of, rig
@@ -222,3 +223,32 @@ def test_the_registry_records_the_layer_and_its_server(
     config = json.loads((Path(record["dir"]) / "config.json").read_text())
     assert oct(os.stat(Path(record["dir"]) / "config.json").st_mode & 0o777) == "0o600"
     assert config["lower"] == str(Path(record["dir"]) / "lower")
+
+
+def test_a_write_while_the_copy_is_captured_is_never_torn_into_the_image(
+    presented: tuple[Rig, Path, Path, bytes],
+) -> None:
+    rig, _, target, mid = presented
+    (target / "sub" / "f1").write_bytes(b"first version")
+    base = load_manifest(rig.appliance.site.pool, mid)
+    assert isinstance(base, TreeManifest)
+    wrote: list[str] = []
+
+    def meanwhile(path: str) -> None:  # a client writes through the copy as it is read
+        if path.endswith("sub/f1") and not wrote:
+            wrote.append(path)
+            with open(target / "sub" / "f1", "ab") as fh:
+                fh.write(b" and more")
+
+    try:
+        _, manifest, _ = tree.capture_tree(
+            rig.appliance.site.pool, target, base=base, base_id=mid, on_read=meanwhile
+        )
+    except SourceChanged:
+        manifest = None  # refused: also never torn
+    assert wrote
+    assert (target / "sub" / "f1").read_bytes() == b"first version and more"
+    if manifest is not None:  # the file was read again after the write: whole, not torn
+        restored = rig.tmp / "after"
+        tree.restore_tree(rig.appliance.site.pool, manifest, restored)
+        assert (restored / "sub" / "f1").read_bytes() == b"first version and more"
