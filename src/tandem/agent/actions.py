@@ -459,12 +459,21 @@ def _present_fuse(
     for i, path in enumerate(paths):
         mounts.check_empty_folder(path)
         name = req.image if len(paths) == 1 else f"{req.image}_{i + 1}"
+
+        def recorded(record: dict[str, Any]) -> None:
+            # ``layers`` holds the copies made before this one (appended once it is up).
+            registry.update(req.image, layers=[*layers, record], presentation="fuse")
+
         layers.append(
             fusemount.attach(
-                registry.directory, name, req.manifest, req.appliance.model_dump(), path
+                registry.directory,
+                name,
+                req.manifest,
+                req.appliance.model_dump(),
+                path,
+                recorded=recorded,
             )
         )
-        registry.update(req.image, layers=layers, presentation="fuse")
         emit({"event": "progress", "done": i + 1, "total": len(paths)})
     registry.finish(req.image, state=mounts.READY, time=mounts.now())
     fetched = sum(int(fusemount.read_stats(r).get("fetched") or 0) for r in layers)

@@ -70,6 +70,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -353,10 +354,13 @@ def attach(
     mount_point: str,
     *,
     cache_bytes: int = DEFAULT_CACHE,
+    recorded: Callable[[dict[str, Any]], None] = lambda record: None,
 ) -> dict[str, Any]:
     """Present tree image ``manifest`` at ``mount_point`` (an empty folder): start its FUSE
     server on ``DIR/layers/NAME/lower`` and mount the overlay there. Returns the layer's
-    registry record ``{"dir", "pid", "path"}``; on failure everything is taken down again."""
+    registry record ``{"dir", "pid", "path"}``; on failure everything is taken down again.
+    ``recorded(record)`` is called before the server starts and again once its pid is
+    known, so an agent killed half-way has the layer in its registry and unmount finds it."""
     if not os.path.exists("/dev/fuse"):
         raise TandemError(
             "/dev/fuse is missing on this host, so file-tree images cannot be presented "
@@ -386,6 +390,7 @@ def attach(
     with os.fdopen(fd, "w") as fh:
         fh.write(cfg.model_dump_json())
     record: dict[str, Any] = {"dir": str(layer), "pid": 0, "path": mount_point}
+    recorded(record)
     try:
         with open(layer / "fuse.log", "ab") as logf:
             child = subprocess.Popen(
@@ -399,6 +404,7 @@ def attach(
         record["pid"] = child.pid
         with _children_lock:
             _children[child.pid] = child
+        recorded(record)
         deadline = time.monotonic() + READY_TIMEOUT
         while not _is_mount(cfg.lower):
             if child.poll() is not None:
