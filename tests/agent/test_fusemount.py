@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tandem.agent import fusemount
+from tandem.drill.lab import wait_for
 from tandem.errors import SourceChanged
 from tandem.storage import tree
 from tandem.storage.manifest import TreeManifest, load_manifest
@@ -252,3 +253,24 @@ def test_a_write_while_the_copy_is_captured_is_never_torn_into_the_image(
         restored = rig.tmp / "after"
         tree.restore_tree(rig.appliance.site.pool, manifest, restored)
         assert (restored / "sub" / "f1").read_bytes() == b"first version and more"
+
+
+def test_a_copy_whose_mounts_are_gone_comes_back_with_its_writes_when_the_agent_starts(
+    presented: tuple[Rig, Path, Path, bytes],
+) -> None:
+    rig, source, target, _ = presented
+    (target / "written.txt").write_text("kept across the reboot")
+    record = rig.mounts()[IMAGE]["layers"][0]
+    rig.stop_agent()
+    # What a reboot does: the mounts and the FUSE server are gone; the layer stays on disk.
+    subprocess.run(["umount", "-l", str(target)], check=True)
+    subprocess.run(["fusermount3", "-u", "-z", str(Path(record["dir"]) / "lower")], check=True)
+    os.kill(record["pid"], 9)
+    assert not os.path.ismount(target)
+    rig.start_agent()
+    wait_for(lambda: os.path.ismount(target), 30, "the copy mounted again")
+    assert (target / "written.txt").read_text() == "kept across the reboot"
+    assert (target / "top.txt").read_text() == (source / "top.txt").read_text()
+    assert rig.mounts()[IMAGE]["layers"][0]["pid"] != record["pid"]
+    assert rig.unmount().status_code == 200
+    assert not target.exists() and not Path(record["dir"]).exists()

@@ -94,6 +94,9 @@ def create_app(cfg: DaemonConfig, directory: Path | None = None) -> FastAPI:
     app = FastAPI(title=f"tandem agent {cfg.name}", version=__version__)
     install_error_handlers(app)
     registry = mounts.Registry(directory) if directory is not None else None
+    if registry is not None:
+        # FUSE copies whose mounts a reboot (or a dead server) took away come back.
+        threading.Thread(target=registry.reattach_layers, name="reattach", daemon=True).start()
     scripts = directory / hooks.SCRIPTS if directory is not None else None
 
     def mount_registry() -> mounts.Registry:

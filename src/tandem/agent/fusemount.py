@@ -18,7 +18,10 @@ applications using a presented copy must not lose their files because the agent 
 (an upgrade, a crash). The FUSE server runs in its own session (``start_new_session``) and
 outlives the agent; the registry (``agent.mounts``, ``DIR/mounts.json``) records its pid and
 layer, so the restarted agent unmounts and removes it exactly as before. A thread would
-take the lower file system down with the agent and leave the overlay returning EIO.
+take the lower file system down with the agent and leave the overlay returning EIO. When
+the agent starts and finds a copy's mounts gone (the host rebooted) or its server dead, it
+starts a server and mounts the overlay again over the same layer (``reattach``): what was
+written stays the copy's.
 
 On-disk format of a layer, ``DIR/layers/IMAGE[_N]/`` (DIR is the agent's directory)::
 
@@ -392,48 +395,105 @@ def attach(
     record: dict[str, Any] = {"dir": str(layer), "pid": 0, "path": mount_point}
     recorded(record)
     try:
-        with open(layer / "fuse.log", "ab") as logf:
-            child = subprocess.Popen(
-                [sys.executable, "-m", "tandem.agent.fusemount", str(layer / "config.json")],
-                stdin=subprocess.DEVNULL,
-                stdout=logf,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # outlives an agent restart (module docstring)
-                close_fds=True,
-            )
-        record["pid"] = child.pid
-        with _children_lock:
-            _children[child.pid] = child
+        record["pid"] = _start_server(layer, name).pid
         recorded(record)
-        deadline = time.monotonic() + READY_TIMEOUT
-        while not _is_mount(cfg.lower):
-            if child.poll() is not None:
-                raise TandemError(
-                    f"the FUSE server of {name} ended at start ({_log_tail(layer)}); see "
-                    f"{layer / 'fuse.log'}, or present with the copy action (`--action copy`)"
-                )
-            if time.monotonic() > deadline:
-                raise TandemError(
-                    f"the FUSE server of {name} did not mount within {READY_TIMEOUT:.0f} s; see "
-                    f"{layer / 'fuse.log'}"
-                )
-            time.sleep(0.02)
-        options = (
-            f"lowerdir={layer / 'lower'},upperdir={layer / 'upper'},workdir={layer / 'work'},"
-            "xino=off"
-        )
-        done = _run(["mount", "-t", "overlay", f"tandem-{name}", "-o", options, mount_point])
-        if done.returncode != 0:
-            raise TandemError(
-                f"mounting the copy-on-write layer at {mount_point} failed: "
-                f"{done.stderr.strip() or done.returncode}. The host's kernel needs overlayfs "
-                "(modprobe overlay), or present with the copy action (`--action copy`)"
-            )
+        _mount_overlay(layer, name, mount_point)
     except BaseException:
         with contextlib.suppress(Exception):
             detach(record, force=True)
         raise
     return record
+
+
+def _start_server(layer: Path, name: str) -> subprocess.Popen[bytes]:
+    """Start the FUSE server of ``layer`` and wait until its view is mounted."""
+    with open(layer / "fuse.log", "ab") as logf:
+        child = subprocess.Popen(
+            [sys.executable, "-m", "tandem.agent.fusemount", str(layer / "config.json")],
+            stdin=subprocess.DEVNULL,
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # outlives an agent restart (module docstring)
+            close_fds=True,
+        )
+    with _children_lock:
+        _children[child.pid] = child
+    deadline = time.monotonic() + READY_TIMEOUT
+    while not _is_mount(str(layer / "lower")):
+        if child.poll() is not None:
+            raise TandemError(
+                f"the FUSE server of {name} ended at start ({_log_tail(layer)}); see "
+                f"{layer / 'fuse.log'}, or present with the copy action (`--action copy`)"
+            )
+        if time.monotonic() > deadline:
+            raise TandemError(
+                f"the FUSE server of {name} did not mount within {READY_TIMEOUT:.0f} s; see "
+                f"{layer / 'fuse.log'}"
+            )
+        time.sleep(0.02)
+    return child
+
+
+def _mount_overlay(layer: Path, name: str, mount_point: str) -> None:
+    options = (
+        f"lowerdir={layer / 'lower'},upperdir={layer / 'upper'},workdir={layer / 'work'},xino=off"
+    )
+    done = _run(["mount", "-t", "overlay", f"tandem-{name}", "-o", options, mount_point])
+    if done.returncode != 0:
+        raise TandemError(
+            f"mounting the copy-on-write layer at {mount_point} failed: "
+            f"{done.stderr.strip() or done.returncode}. The host's kernel needs overlayfs "
+            "(modprobe overlay), or present with the copy action (`--action copy`)"
+        )
+
+
+def _view_alive(lower: str) -> bool:
+    """Whether the FUSE view at ``lower`` is mounted and answers (a dead server's does not:
+    ENOTCONN)."""
+    if not _is_mount(lower):
+        return False
+    try:
+        os.stat(lower)
+    except OSError:
+        return False
+    return True
+
+
+def reattach(record: dict[str, Any]) -> dict[str, Any] | None:
+    """At agent start: bring back a presented copy whose mounts are gone (the host
+    rebooted) or whose FUSE server died, over the layer it had, so what was written stays
+    the copy's. Returns the updated record (a new pid), or None when nothing was needed or
+    the layer is gone. A copy whose overlay still stands on a dead view is replaced only
+    when no process uses it (its open files cannot be carried over)."""
+    layer = Path(str(record.get("dir", "")))
+    path = str(record.get("path", ""))
+    if not (layer / "config.json").is_file() or not (layer / "upper").is_dir():
+        return None
+    lower = str(layer / "lower")
+    if _view_alive(lower) and _is_mount(path):
+        return None
+    if _is_mount(path):
+        if holders.holders(path):
+            log.warning("the copy at %s lost its FUSE server but is in use; unmount it", path)
+            return None
+        _run(["umount", "-l", path])
+    if _is_mount(lower):
+        _run(["fusermount3", "-u", "-z", lower])
+    name = layer.name
+    pid = int(record.get("pid") or 0)
+    if pid > 0 and _is_our_server(pid, layer):
+        _end_server(pid)
+    _forget(pid)
+    shutil.rmtree(layer / "work", ignore_errors=True)
+    (layer / "work").mkdir(mode=0o700)
+    child = _start_server(layer, name)
+    try:
+        _mount_overlay(layer, name, path)
+    except BaseException:
+        _run(["fusermount3", "-u", "-z", lower])
+        _end_server(child.pid)
+        raise
+    return {**record, "pid": child.pid}
 
 
 def _unmount_copy(path: str, force: bool) -> None:
@@ -481,6 +541,15 @@ def _end_server(pid: int) -> None:
         deadline = time.monotonic() + EXIT_TIMEOUT
 
 
+def _forget(pid: int) -> None:
+    """Reap a server this process started that has ended (a killed one is a zombie)."""
+    with _children_lock:
+        child = _children.pop(pid, None)
+    if child is not None and child.poll() is None:
+        with _children_lock:
+            _children[pid] = child  # still running: keep it to reap later
+
+
 def _is_our_server(pid: int, layer: Path) -> bool:
     """Whether ``pid`` is still the FUSE server of ``layer`` (not a reused pid)."""
     try:
@@ -503,11 +572,7 @@ def detach(record: dict[str, Any], *, force: bool = False) -> None:
     pid = int(record.get("pid") or 0)
     if pid > 0 and _is_our_server(pid, layer):
         _end_server(pid)
-    elif pid > 0:
-        with _children_lock:
-            child = _children.pop(pid, None)
-        if child is not None:
-            child.poll()
+    _forget(pid)
     shutil.rmtree(layer, ignore_errors=True)
 
 

@@ -49,6 +49,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import os
 import stat
 import threading
@@ -471,6 +472,32 @@ class Registry:
         finally:
             with _lock:
                 _busy.discard(self._key(image))
+
+    def reattach_layers(self) -> list[str]:
+        """At agent start: bring back the FUSE copies whose mounts are gone (a reboot) or
+        whose server died (``fusemount.reattach``); returns the images brought back."""
+        back: list[str] = []
+        with _lock:
+            data = self._load()
+            for image, entry in data.items():
+                if entry.get("state") != READY or self._key(image) in _busy:
+                    continue
+                layers = [r for r in entry.get("layers") or [] if isinstance(r, dict)]
+                for i, record in enumerate(layers):
+                    try:
+                        new = fusemount.reattach(record)
+                    except Exception:
+                        logging.getLogger("tandem.agent").exception(
+                            "could not bring back the copy of %s at %s", image, record.get("path")
+                        )
+                        continue
+                    if new is not None:
+                        layers[i] = new
+                        entry["layers"] = layers
+                        back.append(image)
+            if back:
+                self._save(data)
+        return back
 
     def remove(self, image: str) -> dict[str, Any]:
         """Unmount: remove exactly what ``image``'s materialization created, then forget it."""
