@@ -21,7 +21,9 @@ Invariants
 - The image row is written last, in one transaction, once the export and the mount exist:
   a failed presentation leaves no row, no export, no overlay and nothing on the host.
 - The export name and secret live in the row (``nbd_export`` holds the URI), so exports are
-  made again with the same URI when the appliance restarts (``restore_exports``).
+  made again with the same URI when the appliance restarts (``restore_exports``); a FUSE
+  copy's read session is not kept anywhere, so at start each presented tree's host is
+  given a new one (``restore_tree_sessions``).
 - Withdrawing (unmount) removes the export, then what the agent placed (a FUSE copy is
   unmounted, refused while a process on the host uses it), then the overlay, then closes
   the copy's read session.
