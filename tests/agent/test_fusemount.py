@@ -274,3 +274,27 @@ def test_a_copy_whose_mounts_are_gone_comes_back_with_its_writes_when_the_agent_
     assert rig.mounts()[IMAGE]["layers"][0]["pid"] != record["pid"]
     assert rig.unmount().status_code == 200
     assert not target.exists() and not Path(record["dir"]).exists()
+
+
+def test_release_takes_every_copy_down_even_in_use_and_unmount_then_forgets_it(
+    presented: tuple[Rig, Path, Path, bytes],
+) -> None:
+    rig, _, target, _ = presented
+    record = rig.mounts()[IMAGE]["layers"][0]
+    holder = subprocess.Popen(["sleep", "600"], cwd=target)
+    try:
+        assert fusemount.release_all(rig.agent_dir) == [str(target)]
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not os.path.ismount(target) and not Path(record["dir"]).exists()
+    wait_for(
+        lambda: (
+            not os.path.exists(f"/proc/{record['pid']}/cmdline")
+            or not Path(f"/proc/{record['pid']}/cmdline").read_bytes()
+        ),
+        30,
+        "the server gone",
+    )
+    assert rig.unmount().status_code == 200
+    assert rig.mounts() == {} and not target.exists()
