@@ -664,6 +664,10 @@ def release_all(directory: Path) -> list[str]:
         for pid in _servers_of(layer / "config.json"):
             _end_server(pid)
         shutil.rmtree(layer, ignore_errors=True)
+    with _children_lock:
+        started = list(_children)
+    for pid in started:
+        _forget(pid)  # servers of this process that ended: reaped
     return released
 
 
