@@ -15,9 +15,11 @@ VM_STAMP := $(VENV)/.installed-vm
 # The VM tests run real guests under libvirt + QEMU (TCG): a busybox initramfs made with cpio
 # and a Debian kernel the tests download once; libvirt-dev and pkg-config build the Python
 # bindings (the `vm` extra), which `make test` installs after them.
+# pyfuse3 (the FUSE presentation of file trees) builds against libfuse3-dev with pkg-config
+# when installed, so the tools come before the venv; fuse3 brings fusermount3.
 TOOLS_PKGS := qemu-utils libnbd-bin python3-libnbd chromium btrfs-progs xfsprogs postgresql \
   libvirt-daemon-system libvirt-daemon-driver-qemu qemu-system-x86 libvirt-dev pkg-config \
-  busybox-static cpio
+  busybox-static cpio fuse3 libfuse3-dev
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -25,10 +27,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-# The libvirt bindings only for the tests, after `tools` installed what they build against:
-# `make demo` keeps working where libvirt is absent.
+# The libvirt and FUSE bindings only for the tests, after `tools` installed what they build
+# against: `make demo` keeps working where libvirt and libfuse3-dev are absent (an agent
+# without pyfuse3 presents file trees as full copies and says so on the job).
 $(VM_STAMP): $(STAMP) | tools
-	$(BIN)/python -m pip install --quiet -e '.[test,vm]'
+	$(BIN)/python -m pip install --quiet -e '.[test,vm,fuse]'
 	touch $(VM_STAMP)
 
 demo: $(STAMP)
@@ -49,7 +52,8 @@ tools:
 	    || ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 \
 	    || ! command -v virsh >/dev/null || ! command -v qemu-system-x86_64 >/dev/null \
 	    || ! pkg-config --exists libvirt 2>/dev/null || ! test -x /bin/busybox \
-	    || ! command -v cpio >/dev/null; then \
+	    || ! command -v cpio >/dev/null \
+	    || ! command -v fusermount3 >/dev/null || ! pkg-config --exists fuse3 2>/dev/null; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing $(TOOLS_PKGS) (what the NBD, browser, live-application and VM tests use)"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \

@@ -1,7 +1,8 @@
 """``python -m bench``: run the benchmark sections and print the table.
 
 Flags: ``--section NAME`` (repeatable; default all), ``--size-gib`` (volume size; default
-2 for storage, 1 for replication; presentation always uses 1, 4 and 10 GiB; failback 1, 4
+2 for storage, 1 for replication; presentation always uses 1, 4 and 10 GiB, treepresentation
+1 and 16 GiB trees; failback 1, 4
 and 16 GiB unless given one size), ``--files`` (small files in the tree), ``--workdir`` (a
 fresh directory is made inside it and removed afterwards; default under /var/tmp),
 ``--json FILE`` (also save the results), ``--quick`` (small sizes, for a short run),
@@ -39,6 +40,7 @@ SECTIONS = (
     "storage",
     "replication",
     "presentation",
+    "treepresentation",
     "failback",
     "scale",
     "nbd",

@@ -58,6 +58,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
         yield Site("production", appliance, agent, root)
     finally:
         agent.stop()
+        agent.release_copies()
         appliance.stop()
 
 
@@ -93,6 +94,8 @@ def running_drill(root: Path, *dr_init: str) -> Iterator[Drill]:
     finally:
         for d in reversed(daemons):
             d.stop()
+        for d in (prod_agent, dr_agent):
+            d.release_copies()  # file-tree copies presented through FUSE outlive the agent
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tandem.agent import app as agent_app
+from tandem.agent import fusemount
 from tandem.appliance.daemon import Appliance
 from tandem.operations import hosts
 from tandem.transport.server import load_daemon_dir
@@ -44,5 +45,8 @@ def live(booted: Booted, tmp_path: Path) -> Iterator[Live]:
             fingerprint=info["fingerprint"],
         )
         appliance.runner.start()
-        yield Live(appliance, info)
-        appliance.runner.stop()
+        try:
+            yield Live(appliance, info)
+        finally:
+            appliance.runner.stop()
+            fusemount.release_all(agent_dir)  # tree copies presented through FUSE outlive it

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tandem.agent import app as agent_app
+from tandem.agent import fusemount
 from tandem.appliance.daemon import Appliance, init
 from tandem.catalog import queries as q
 from tandem.catalog.models import Job
@@ -57,6 +58,8 @@ def _agent(stack: contextlib.ExitStack, root: Path, name: str) -> dict[str, str]
     directory = root / name
     info = agent_app.init(directory, name, f"127.0.0.1:{free_port()}")
     cfg = load_daemon_dir(directory, "agent")
+    # Tree copies presented through FUSE outlive the agent: taken down once it stopped.
+    stack.callback(fusemount.release_all, directory)
     stack.enter_context(LiveServer(agent_app.create_app(cfg, directory), directory, cfg.port))
     return info
 

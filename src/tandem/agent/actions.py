@@ -25,7 +25,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from tandem.agent import holders, mounts, pg, pit, vm
+from tandem.agent import fusemount, holders, mounts, pg, pit, vm
 from tandem.agent.mounts import MountAction
 from tandem.domain.consistency import CUTS, MODES, ConsistencyMode, Cut
 from tandem.domain.vms import DOMAIN_NAME
@@ -160,6 +160,27 @@ class MaterializeRequest(BaseModel):
     """The application's original path: the mount point of keep-source-path."""
     volumes: int = Field(default=1, ge=1, le=MAX_VOLUMES)
     job: str = ""
+    presentation: str = Field(default="copy", pattern="^(copy|fuse)$")
+    """``copy`` writes the whole image at the mount point; ``fuse`` presents a file-tree
+    image as a writable virtual copy (``agent.fusemount``), fetching only what is read."""
+
+
+class RefreshRequest(BaseModel):
+    """A new read session for the FUSE copies of ``image`` (the appliance restarted)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image: str = Field(pattern=IMAGE_KEY)
+    appliance: ApplianceSession
+
+
+def refresh_layers(req: RefreshRequest, registry: mounts.Registry) -> dict[str, Any]:
+    """Give every FUSE copy of ``req.image`` the new read session; ``refreshed`` counts
+    them (0: the image is not presented through FUSE here)."""
+    entry = registry.read().get(req.image) or {}
+    layers = [r for r in entry.get("layers") or [] if isinstance(r, dict)]
+    done = sum(fusemount.refresh(r, req.appliance.model_dump()) for r in layers)
+    return {"image": req.image, "refreshed": done}
 
 
 class UnmaterializeRequest(BaseModel):
@@ -495,13 +516,19 @@ def materialize(req: MaterializeRequest, registry: mounts.Registry, emit: Emit) 
             def recorded() -> None:
                 registry.update(req.image, created=created)
 
+            fuse = req.presentation == "fuse" and not volume_image
+            if fuse and (missing := fusemount.unavailable()) is not None:
+                emit({"event": "log", "text": f"a full copy, not a virtual one: {missing}"})
+                fuse = False
             for target in targets:
                 if target.existed:
                     continue
-                if volume_image:
+                if volume_image or fuse:  # a FUSE copy is mounted over a plain folder
                     mounts.make_dirs(target.path, created, recorded)
                 else:  # on btrfs a subvolume: the copy can be cut from a snapshot
                     mounts.make_tree_root(target.path, created, recorded)
+            if fuse:
+                return _present_fuse(req, registry, paths, manifest.size, emit)
             source = RemoteChunkSource(client, req.appliance.session)
             progress = _progress(emit)
             total = manifest.size * len(paths)
@@ -531,6 +558,52 @@ def materialize(req: MaterializeRequest, registry: mounts.Registry, emit: Emit) 
         "size": manifest.size,
         "bytes_sent": source.bytes_received,
         "stats": _sum_stats(parts),
+    }
+
+
+def _present_fuse(
+    req: MaterializeRequest,
+    registry: mounts.Registry,
+    paths: list[str],
+    size: int,
+    emit: Emit,
+) -> dict[str, Any]:
+    """Present the tree at each of ``paths`` as a virtual copy (``agent.fusemount``); each
+    layer is recorded as soon as it exists, so unmount finds it after a crash too."""
+    assert req.appliance is not None
+    emit({"event": "progress", "done": 0, "total": len(paths)})
+    layers: list[dict[str, Any]] = []
+    for i, path in enumerate(paths):
+        mounts.check_empty_folder(path)
+        name = req.image if len(paths) == 1 else f"{req.image}_{i + 1}"
+
+        def recorded(record: dict[str, Any]) -> None:
+            # ``layers`` holds the copies made before this one (appended once it is up).
+            registry.update(req.image, layers=[*layers, record], presentation="fuse")
+
+        layers.append(
+            fusemount.attach(
+                registry.directory,
+                name,
+                req.manifest,
+                req.appliance.model_dump(),
+                path,
+                recorded=recorded,
+            )
+        )
+        emit({"event": "progress", "done": i + 1, "total": len(paths)})
+    registry.finish(req.image, state=mounts.READY, time=mounts.now())
+    fetched = sum(int(fusemount.read_stats(r).get("fetched") or 0) for r in layers)
+    return {
+        "event": "done",
+        "image": req.image,
+        "paths": paths,
+        "files": [],
+        "size": size,
+        "bytes_sent": fetched,
+        "presentation": "fuse",
+        "layers": [r["dir"] for r in layers],
+        "stats": {},
     }
 
 

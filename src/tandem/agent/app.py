@@ -7,7 +7,8 @@ Invariants
   events (``progress``..., then one ``done`` or ``error``). The action runs in a thread of
   its own; when the appliance disconnects, the action is told to stop (its next ``emit``
   raises) rather than carrying on for nobody.
-- ``/api/v1/materialize`` streams the same way; ``/api/v1/unmaterialize`` and
+- ``/api/v1/materialize`` streams the same way; ``/api/v1/unmaterialize``,
+  ``/api/v1/layers/refresh`` (a new read session for an image's FUSE copies) and
   ``/api/v1/mounts`` answer JSON, as does ``/api/v1/target/check`` (what is at a path where
   a new copy would be written; see ``actions.check_target``). Materializations are recorded
   in DIR/mounts.json (see ``tandem.agent.mounts``), so an app made without its directory
@@ -101,6 +102,9 @@ def create_app(cfg: DaemonConfig, directory: Path | None = None) -> FastAPI:
     app = FastAPI(title=f"tandem agent {cfg.name}", version=__version__)
     install_error_handlers(app)
     registry = mounts.Registry(directory) if directory is not None else None
+    if registry is not None:
+        # FUSE copies whose mounts a reboot (or a dead server) took away come back.
+        threading.Thread(target=registry.reattach_layers, name="reattach", daemon=True).start()
     scripts = directory / hooks.SCRIPTS if directory is not None else None
     receivers = pg.Receivers(directory) if directory is not None else None
     app.state.receivers = receivers
@@ -173,6 +177,10 @@ def create_app(cfg: DaemonConfig, directory: Path | None = None) -> FastAPI:
     @app.post("/api/v1/unmaterialize", dependencies=[Depends(auth)])
     def unmaterialize(req: actions.UnmaterializeRequest) -> dict[str, Any]:
         return actions.unmaterialize(req, mount_registry())
+
+    @app.post("/api/v1/layers/refresh", dependencies=[Depends(auth)])
+    def refresh_layers(req: actions.RefreshRequest) -> dict[str, Any]:
+        return actions.refresh_layers(req, mount_registry())
 
     @app.get("/api/v1/mounts", dependencies=[Depends(auth)])
     def list_mounts() -> dict[str, Any]:

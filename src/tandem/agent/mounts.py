@@ -24,7 +24,11 @@ On-disk format: DIR/mounts.json (DIR is the agent's directory), one object::
              "manifest": HEX, "paths": [mount point, ...], "files": [volume.img path, ...],
              "created": [directory this agent made, ...]  (parents first),
              "kept": {pre-existing folder: {"mode": int, "uid": int, "gid": int}},
-             "state": "materializing"|"ready", "time": "YYYY-MM-DDTHH:MM:SSZ"}}
+             "state": "materializing"|"ready", "time": "YYYY-MM-DDTHH:MM:SSZ",
+             "presentation": "fuse", "layers": [{"dir", "pid", "path"}, ...]}}
+
+(``presentation`` and ``layers`` only for a tree presented as a virtual copy, whose layer
+and FUSE server ``agent.fusemount`` describes; removal unmounts them first.)
 
 written atomically (temporary file, fsync, rename, fsync of DIR).
 
@@ -49,6 +53,7 @@ import contextlib
 import errno
 import fcntl
 import json
+import logging
 import os
 import stat
 import threading
@@ -59,7 +64,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from tandem.agent import pit
+from tandem.agent import fusemount, pit
 from tandem.errors import Conflict, InvalidInput, NotFound, TandemError, TargetInvalid
 from tandem.storage import targets
 from tandem.storage.fileio import write_durably
@@ -343,6 +348,8 @@ def remove_materialized(entry: dict[str, Any]) -> tuple[list[str], list[str]]:
     agent made that now hold something else. Every mount point is opened (and a symlink or
     file in its place refused) before anything is removed.
     """
+    if entry.get("layers"):  # a virtual copy (agent.fusemount): unmounted before emptied
+        fusemount.detach_entry(entry)
     paths = [clean_path(str(p)) for p in entry.get("paths") or []]
     created = [clean_path(str(p)) for p in entry.get("created") or []]
     owners: dict[str, Any] = dict(entry.get("kept") or {})
@@ -490,6 +497,32 @@ class Registry:
         finally:
             with _lock:
                 _busy.discard(self._key(image))
+
+    def reattach_layers(self) -> list[str]:
+        """At agent start: bring back the FUSE copies whose mounts are gone (a reboot) or
+        whose server died (``fusemount.reattach``); returns the images brought back."""
+        back: list[str] = []
+        with _lock:
+            data = self._load()
+            for image, entry in data.items():
+                if entry.get("state") != READY or self._key(image) in _busy:
+                    continue
+                layers = [r for r in entry.get("layers") or [] if isinstance(r, dict)]
+                for i, record in enumerate(layers):
+                    try:
+                        new = fusemount.reattach(record)
+                    except Exception:
+                        logging.getLogger("tandem.agent").exception(
+                            "could not bring back the copy of %s at %s", image, record.get("path")
+                        )
+                        continue
+                    if new is not None:
+                        layers[i] = new
+                        entry["layers"] = layers
+                        back.append(image)
+            if back:
+                self._save(data)
+        return back
 
     def remove(self, image: str) -> dict[str, Any]:
         """Unmount: remove exactly what ``image``'s materialization created, then forget it."""

@@ -44,9 +44,12 @@ Invariants
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import secrets
 import socket
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +63,7 @@ from tandem.errors import AlreadyExists, InvalidInput
 from tandem.jobs.runner import JobRunner
 from tandem.operations import capture, gc, images, replicate
 from tandem.operations.handlers import job_handlers
-from tandem.operations.present import restore_exports
+from tandem.operations.present import restore_exports, restore_tree_sessions
 from tandem.operations.sessions import SessionRegistry
 from tandem.operations.site import Site
 from tandem.operations.wal import WalShipper
@@ -86,6 +89,14 @@ HEARTBEAT = 5.0
 JOINED_TYPES = frozenset({capture.TYPE, replicate.TYPE, gc.TYPE, images.DELETE_TYPE})
 """The jobs a joined process runs: those that need only the catalog, the pool and the
 network. Presentations (NBD exports, virtual copies) stay with the first process."""
+
+
+def _quietly(work: Callable[[Site], object], site: Site) -> None:
+    """Run a start-up chore in the background: a failure is logged, never raised."""
+    try:
+        work(site)
+    except Exception:
+        logging.getLogger("tandem.appliance").exception("start-up chore %s failed", work)
 
 
 def catalog_url(directory: Path, cfg: DaemonConfig) -> str:
@@ -350,6 +361,11 @@ class Appliance:
         if not self.joined:
             self.nbd.start()
             restore_exports(self.site)
+            # Trees presented through FUSE read through sessions the last process held; their
+            # hosts get new ones once this one serves (it calls the hosts: not on the way up).
+            threading.Thread(
+                target=_quietly, args=(restore_tree_sessions, self.site), daemon=True
+            ).start()
         self.runner.start()
         self.scheduler.start()
         if not self.joined:

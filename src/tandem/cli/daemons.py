@@ -123,3 +123,21 @@ def agent_serve(directory: Dir) -> None:
     from tandem.agent import app as agent
 
     agent.run_forever(directory)
+
+
+@agent_app.command("release")
+@handle_errors
+def agent_release(directory: Dir, json_: Json = False) -> None:
+    """Take down every file-tree copy the agent in DIR presents through FUSE, even in use.
+
+    Presented copies outlive the agent (a restart keeps the applications' files); use this
+    when decommissioning the host or ending a lab. `tandem unmount IMAGE` is the normal way.
+    """
+    from tandem.agent import fusemount
+
+    released = fusemount.release_all(directory)
+    if json_mode(json_):
+        emit_json({"released": released})
+        return
+    for point in released:
+        stdout.print(f"released {point}")

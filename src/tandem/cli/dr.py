@@ -36,6 +36,7 @@ class Action(StrEnum):
     keep_source_path = "keep-source-path"
     specify = "specify"
     map_only = "map-only"
+    copy = "copy"
 
 
 PitTime = Annotated[
@@ -71,7 +72,9 @@ ActionOpt = Annotated[
     Action | None,
     typer.Option(
         "--action",
-        help="keep-source-path, specify (with --mount-point) or map-only (volume: NBD only).",
+        help="keep-source-path, specify (with --mount-point), map-only (volume: NBD only), or "
+        "copy (a full plain copy at --mount-point or the source path; a file tree is "
+        "otherwise a virtual copy through FUSE).",
     ),
 ]
 

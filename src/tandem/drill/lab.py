@@ -208,6 +208,20 @@ class Daemon:
                 os.killpg(proc.pid, signal.SIGKILL)
             return proc.wait()
 
+    def release_copies(self) -> None:
+        """An agent's file-tree copies presented through FUSE outlive it (by design); at the
+        end of a lab, ``tandem agent release DIR`` takes them down."""
+        if self.kind != "agent" or not self.directory.is_dir():
+            return
+        subprocess.run(
+            tandem_argv("agent", "release", str(self.directory)),
+            env=child_env(),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=INIT_TIMEOUT,
+            check=False,
+        )
+
     def kill9(self) -> int:
         """SIGKILL the daemon (a crash) and reap it; returns its status."""
         return self.stop(signal.SIGKILL)
@@ -343,6 +357,8 @@ class Lab:
             except KeyboardInterrupt:
                 # Asked again to hurry: no more grace, but never leave a child behind.
                 interrupted, grace = True, 0.0
+        for daemon in self.daemons.values():
+            daemon.release_copies()
         if not self.keep:
             if self._created:
                 shutil.rmtree(self.root, ignore_errors=True)

@@ -74,6 +74,11 @@ def submit_failover(
         check_not_production_host(session, row, host)
         vm = present.check_new_vm(row, new_vm, network, power_on, keep_identity=True)
         action = present.check_action(row, action, mount_point)
+        if row.kind is AppKind.FILESYSTEM and action != "map-only":
+            # The app will serve from this copy and a catch-up syncback must cut it while it
+            # does: a plain tree on the host's file system (a btrfs subvolume where it can be)
+            # gives that cut; a FUSE copy does not yet. Test failover and mount stay virtual.
+            action = "copy"
         if row.kind is AppKind.VOLUME and action != "map-only":
             # A file copy at a mount point would take writes that syncback never sees.
             raise InvalidInput(

@@ -6,17 +6,27 @@ A presented image is a *virtual copy*: a new image row over a base image that ne
   capability), or ``nbds://…`` when that server requires TLS (any address but loopback);
   then the result also has ``nbd_fingerprint``, the appliance certificate's. Presenting a
   1 TiB image costs the same as a 1 MiB one: nothing is copied.
-- With a mount action other than ``map-only`` (and always for file-system apps), the host's
-  agent also materializes the image at the mount point under SPEC §2's rules (an empty
-  folder is used, a missing one made; a file or a non-empty folder fails the job and leaves
-  nothing behind).
+- File-system apps: a writable virtual copy at the mount point, through FUSE on the host
+  (``agent.fusemount``): reads fetch the chunks they touch from this appliance's pool
+  through a read session that stays open while the copy is presented (its meta names the
+  image: ``{"presented": IMAGE}``); writes go to a copy-on-write layer on the host, which
+  syncback reads. Presenting a 100 GB tree costs what a 10 MB one does. The ``copy`` mount
+  action writes a full, plain copy instead (at ``--mount-point``, else at the app's path).
+- With a mount action other than ``map-only``, the host's agent places the image at the
+  mount point under SPEC §2's rules (an empty folder is used, a missing one made; a file or
+  a non-empty folder fails the job and leaves nothing behind); for a volume that is a full
+  copy (``volume.img``) beside its NBD export.
 
 Invariants
 - The image row is written last, in one transaction, once the export and the mount exist:
   a failed presentation leaves no row, no export, no overlay and nothing on the host.
 - The export name and secret live in the row (``nbd_export`` holds the URI), so exports are
-  made again with the same URI when the appliance restarts (``restore_exports``).
-- Withdrawing (unmount) removes the export, then what the agent placed, then the overlay.
+  made again with the same URI when the appliance restarts (``restore_exports``); a FUSE
+  copy's read session is not kept anywhere, so at start each presented tree's host is
+  given a new one (``restore_tree_sessions``).
+- Withdrawing (unmount) removes the export, then what the agent placed (a FUSE copy is
+  unmounted, refused while a process on the host uses it), then the overlay, then closes
+  the copy's read session.
 
 New VMs (a ``vm`` app's image, ``--new-vm NAME``): after the export exists, the host's agent
 defines domain NAME from the XML the image holds, each disk a slice of the export
@@ -51,7 +61,25 @@ from tandem.storage import vmimage
 from tandem.storage.manifest import VolumeManifest, load_manifest
 from tandem.storage.overlay import Overlay
 
-ACTIONS = ("keep-source-path", "specify", "map-only")
+ACTIONS = ("keep-source-path", "specify", "map-only", "copy")
+FUSE_SESSION_TTL = 10 * 365 * 24 * 3600.0
+"""A presented copy reads through its session for as long as it is presented."""
+
+
+def placement(action: str, mount_point: str | None) -> str:
+    """Where the agent puts the image for ``action``: ``copy`` is a full copy at the mount
+    point when one is given, else at the app's own path."""
+    if action == "copy":
+        return "specify" if mount_point else "keep-source-path"
+    return action
+
+
+def presentation(app: App, action: str) -> str:
+    """How a file tree is presented: ``fuse`` (a virtual copy), unless the action is
+    ``copy``; a volume's placed copy is always a full one (its NBD export is virtual)."""
+    return "fuse" if app.kind is AppKind.FILESYSTEM and action != "copy" else "copy"
+
+
 BLOCK_KINDS = (AppKind.VOLUME, AppKind.VM)
 """Apps whose images are volume manifests, presented over NBD (a VM's: its disks end to end,
 ``storage.vmimage``)."""
@@ -70,13 +98,17 @@ class Presented:
     bytes_sent: int
     nbd_fingerprint: str | None = None  # the certificate to pin, for an nbds:// export
     vm: dict[str, Any] | None = None  # the new VM: name, uuid, running
+    presentation: str | None = None  # "fuse" or "copy" when the agent placed the image
 
     def export_fields(self) -> dict[str, str | None]:
         """What a job result says of the export: ``nbd_uri``, and ``nbd_fingerprint`` for
-        an export over TLS (``nbds://``)."""
+        an export over TLS (``nbds://``); ``presentation`` (``fuse``: a virtual copy,
+        ``copy``: a full one) when the image was placed on the host."""
         fields: dict[str, str | None] = {"nbd_uri": self.nbd_uri}
         if self.nbd_fingerprint:
             fields["nbd_fingerprint"] = self.nbd_fingerprint
+        if self.presentation:
+            fields["presentation"] = self.presentation
         return fields
 
 
@@ -164,7 +196,7 @@ def check_action(app: App, action: str | None, mount_point: str | None) -> str:
         check_path(mount_point, "--mount-point")
     elif action == "specify":
         raise InvalidInput(detail="--action specify needs --mount-point with a full path")
-    if action == "keep-source-path":
+    if placement(action, mount_point) == "keep-source-path":
         check_own_location(app, "a copy at its production path")
     if app.kind is AppKind.VM and action != "map-only":
         raise InvalidInput(
@@ -219,27 +251,47 @@ def present(
         if new_vm is not None and uri is not None and overlay is not None:
             vm = _define_vm(ctx, host, overlay.base, uri, new_vm, app)
             defined = new_vm.name
+        where_action = placement(action, mount_point)
+        how = presentation(app, action)
         if action != "map-only":
-            transfer, token = site.sessions.open(job_id=ctx.job.id, write=False, readable=[base_id])
+            transfer, token = site.sessions.open(
+                job_id=ctx.job.id,
+                write=False,
+                readable=[base_id],
+                ttl=FUSE_SESSION_TTL if how == "fuse" else 24 * 3600,
+            )
+            if how == "fuse":
+                transfer.meta["presented"] = image_id
             body = {
                 "kind": storage_kind(app.kind),
                 "manifest": base.manifest,
                 "image": image_id,
-                "action": action,
+                "action": where_action,
                 "mount_point": mount_point,
                 "source_path": app.path,
                 "appliance": site.session_ref(transfer.id, token),
+                "presentation": how,
             }
             ctx.set_message(f"presenting {base.id} on host {host.name}")
+            reading = transfer
             with agent_for(host) as agent:
                 done = follow(
-                    ctx, agent.materialize(body), host=host.name, moved=lambda: transfer.bytes_sent
+                    ctx, agent.materialize(body), host=host.name, moved=lambda: reading.bytes_sent
                 )
             paths = [str(p) for p in done.get("paths", [])]
         sent = transfer.bytes_sent if transfer is not None else 0
-        where = mount_point if action == "specify" else app.path if action != "map-only" else None
+        where = (
+            mount_point
+            if where_action == "specify"
+            else app.path
+            if where_action != "map-only"
+            else None
+        )
         fingerprint = export_fingerprint(site, uri) if uri else None
-        return Presented(uri, paths, where, sent, fingerprint, vm)
+        shown = how if action != "map-only" else None
+        if transfer is not None and how == "fuse":
+            transfer = None  # the copy reads through it until withdrawn
+        return Presented(uri, paths, where, sent, fingerprint, vm=vm, presentation=shown)
     except BaseException:
         if defined is not None:
             with contextlib.suppress(TandemError), agent_for(host) as agent:
@@ -312,6 +364,7 @@ def withdraw(site: Site, image: Image, host: Host | None) -> dict[str, Any]:
         overlay.delete()
     else:
         shutil.rmtree(site.overlays_dir / image.id, ignore_errors=True)
+    site.sessions.close_matching(presented=image.id)
     return {"removed": removed}
 
 
@@ -322,6 +375,7 @@ def withdraw_unrecorded(site: Site, image_id: str, host: Host) -> None:
             site.presenter.remove_export(export_name(image_id))
     with contextlib.suppress(TandemError), agent_for(host) as agent:
         agent.unmaterialize(image_id)
+    site.sessions.close_matching(presented=image_id)
     overlay = site.overlays.pop(image_id, None)
     if overlay is not None:
         with contextlib.suppress(Exception):
@@ -355,6 +409,38 @@ def restore_exports(site: Site) -> list[str]:
         site.presenter.add_export(export_name(image_id), overlay, secret=secret)
         site.overlays[image_id] = overlay
         done.append(image_id)
+    return done
+
+
+def restore_tree_sessions(site: Site) -> list[str]:
+    """At start-up: the read sessions of file trees presented through FUSE died with the
+    previous process; open a new one for each presented tree image and give it to its
+    host's agent (``refresh_layers``). A host that is not reachable, or that holds a full
+    copy rather than a FUSE one, gets none (its session is closed again). Returns the
+    images refreshed. Run it off the start-up path: it calls the hosts."""
+    rows = []
+    with site.catalog.read() as session:
+        for kind in (ImageKind.TEST_FAILOVER, ImageKind.FAILOVER, ImageKind.MOUNT):
+            for i in q.list_images_of_kind(session, kind=kind):
+                if not (i.state is ImageState.MOUNTED and i.mount_point and i.mounted_host):
+                    continue
+                if i.app.kind is not AppKind.FILESYSTEM:
+                    continue
+                with contextlib.suppress(TandemError):
+                    rows.append((i.id, i.manifest, q.get_host(session, name=i.mounted_host)))
+    done = []
+    for image_id, manifest, host in rows:
+        transfer, token = site.sessions.open(
+            job_id="", write=False, readable=[bytes.fromhex(manifest)], ttl=FUSE_SESSION_TTL
+        )
+        transfer.meta["presented"] = image_id
+        refreshed = 0
+        with contextlib.suppress(TandemError), agent_for(host) as agent:
+            refreshed = agent.refresh_layers(image_id, site.session_ref(transfer.id, token))
+        if refreshed:
+            done.append(image_id)
+        else:
+            site.sessions.close(transfer)
     return done
 
 

@@ -180,3 +180,10 @@ class AgentClient:
     def pg_recover(self, body: dict[str, Any]) -> dict[str, Any]:
         """Start the copy recovered to a point in time; answers the point reached."""
         return self._dict("POST", "/api/v1/pg/recover", body)
+
+    def refresh_layers(self, image: str, appliance: dict[str, str]) -> int:
+        """Give the FUSE copies of ``image`` on the host a new read session; how many."""
+        answer = self._call(
+            "POST", "/api/v1/layers/refresh", {"image": image, "appliance": appliance}
+        )
+        return int(answer.get("refreshed") or 0) if isinstance(answer, dict) else 0
