@@ -53,6 +53,7 @@ class Config:
     files: int  # small files in the generated tree
     workdir: Path  # scratch directory of this run (removed afterwards)
     seed: int
+    quick: bool = False  # a smaller run where a section has one (postgresql)
 
 
 @dataclass
