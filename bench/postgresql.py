@@ -208,10 +208,10 @@ class PgBench:
         self.loads = []
 
     def run(self) -> None:
-        a, b = self.sites.prod.cli(), self.sites.dr.cli()
         self.setup()
         log("postgresql: starting appliances prod and dr and agents prod-host and dr-host")
         self.sites.start()
+        a, b = self.sites.prod.cli(), self.sites.dr.cli()
         a(
             "app",
             "add",
@@ -265,10 +265,10 @@ class PgBench:
         # (i) RPO
         self.wait_window(b, killed)
         latest = self.tandem_recover(b, "latest", None)
-        self.prod.start()
+        pgbr_latest = self.pgbackrest_recover("latest", None)  # what reached the repo
+        self.prod.start()  # crash recovery: every commit production acknowledged
         acked = newest_beat(self.prod)
         self.prod.stop()
-        pgbr_latest = self.pgbackrest_recover("latest", None)
         rpo_t = (acked - latest["beat"]).total_seconds()
         rpo_p = (acked - pgbr_latest["beat"]).total_seconds()
         add_row(
@@ -311,11 +311,18 @@ class PgBench:
             time.sleep(0.5)
 
     def wait_window(self, b: Any, after: datetime) -> None:
+        """Until the DR window passes ``after`` or stops moving for 3 s (production is dead:
+        what it had streamed has arrived), as an operator would look before failing over."""
         deadline = time.monotonic() + 120
+        last, since = None, time.monotonic()
         while True:
             rows = b("images", "db")
             end = (rows[0].get("window") or {}).get("end") if rows else None
             if end and datetime.fromisoformat(end) > after:
+                return
+            if end != last:
+                last, since = end, time.monotonic()
+            elif end and time.monotonic() - since >= 3:
                 return
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the DR window did not pass {after} (it ends {end})")
