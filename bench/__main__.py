@@ -4,7 +4,7 @@ Flags: ``--section NAME`` (repeatable; default all), ``--size-gib`` (volume size
 2 for storage, 1 for replication; presentation always uses 1, 4 and 10 GiB; failback 1, 4
 and 16 GiB unless given one size), ``--files`` (small files in the tree), ``--workdir`` (a
 fresh directory is made inside it and removed afterwards; default under /var/tmp),
-``--json FILE`` (also save the results), ``--quick`` (postgresql: a 0.2 GB cluster and two
+``--json FILE`` (also save the results), ``--quick`` (postgresql: a 0.35 GB cluster and five
 minutes of WAL instead of 1 GB and an hour).
 """
 
@@ -84,7 +84,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="postgresql: a small cluster and 2 minutes of WAL (default: ~1 GB and an hour)",
+        help="postgresql: a small cluster and 5 minutes of WAL (default: ~1 GB and an hour)",
     )
     args = parser.parse_args(argv)
     if args.size_gib is not None and args.size_gib * GiB < 16 * MiB:
