@@ -235,6 +235,7 @@ class PgBench:
         backup_s, capture_s = time.monotonic() - t1, t1 - t0
         size = tree_size(self.prod.data)
         self.wait_replica(b)
+        time.sleep(2)  # pgBackRest keeps its backup's stop time in whole seconds
         early = datetime.now(UTC)
         start_lsn = self.prod.sql("SELECT pg_current_wal_lsn()")
         seconds = self.size["minutes"] * 60
