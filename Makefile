@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 VM_STAMP := $(VENV)/.installed-vm
 
-.PHONY: demo test lint typecheck bench clean tools
+.PHONY: demo test lint typecheck bench bench-tools clean tools
 
 # The NBD tests read exports with real clients from Debian (qemu-img, nbdcopy, nbdsh); the
 # console tests drive Debian's Chromium; the live-application tests make btrfs and XFS file
@@ -66,7 +66,23 @@ tools:
 test: $(STAMP) tools $(VM_STAMP) lint typecheck
 	$(BIN)/python -m pytest -n 2 --dist loadfile
 
-bench: $(STAMP)
+# The benchmarks' peers: rsync and restic (storage, replication, failback), pgBackRest
+# (postgresql). Installed here on Debian as root; a section whose peer is missing says so.
+BENCH_PKGS := rsync restic pgbackrest fio
+
+bench-tools:
+	@if ! command -v rsync >/dev/null || ! command -v restic >/dev/null \
+	    || ! command -v pgbackrest >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing $(BENCH_PKGS) (the peers the benchmarks compare against)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	      --no-install-recommends $(BENCH_PKGS) >/dev/null; \
+	  else \
+	    echo "note: install $(BENCH_PKGS) for the benchmarks' peers"; \
+	  fi; \
+	fi
+
+bench: $(VM_STAMP) bench-tools
 	$(BIN)/python -m bench
 
 clean:

@@ -4,6 +4,8 @@ of a cluster whose major version this host has no binaries for."""
 from __future__ import annotations
 
 import os
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -43,3 +45,60 @@ def test_a_failing_client_program_is_reported_with_its_last_line() -> None:
     with pytest.raises(PostgresCommandFailed) as failed:
         pg._run(c, ["sh", "-c", "echo first >&2; echo 'FATAL: the cause' >&2; exit 3"], "a query")
     assert "a query failed: FATAL: the cause" in failed.value.message
+
+
+SEG = "000000010000000000000003"
+
+
+def restore_script(spool: Path, rounds: int) -> Path:
+    spool.mkdir()
+    script = spool / "restore.sh"
+    script.write_text(pg.RESTORE_SCRIPT.replace("{rounds}", str(rounds)))
+    (spool / "plan").write_text(f"{SEG}\n")
+    return script
+
+
+def test_the_restore_command_fails_at_once_for_wal_outside_the_plan(tmp_path: Path) -> None:
+    """PostgreSQL asks for history files and the segment after the last: "no such WAL"."""
+    script = restore_script(tmp_path / "tandem_wal", rounds=100_000)
+    for name in ("00000002.history", "000000010000000000000004"):
+        done = subprocess.run(["/bin/sh", str(script), name, str(tmp_path / "out")], timeout=30)
+        assert done.returncode == 1
+    assert not (tmp_path / "tandem_wal" / "want").exists()
+
+
+def test_the_restore_command_names_the_segment_and_copies_it_once_staged(
+    tmp_path: Path,
+) -> None:
+    spool = tmp_path / "tandem_wal"
+    script = restore_script(spool, rounds=100_000)
+    proc = subprocess.Popen(["/bin/sh", str(script), SEG, str(tmp_path / "RECOVERYXLOG")])
+    try:
+        req = pg.WantedRequest(path=str(tmp_path), after=None, wait=10.0)
+        deadline = time.monotonic() + 30
+        while pg.spool_wanted(req)["wanted"] != SEG:  # what the appliance sees
+            assert time.monotonic() < deadline, "the script never named the segment it waits for"
+        assert proc.poll() is None  # waiting for the segment, not failing
+        (spool / f".{SEG}.tmp").write_bytes(b"wal bytes")
+        os.replace(spool / f".{SEG}.tmp", spool / SEG)  # staged as spool_wal does
+        assert proc.wait(30) == 0
+    finally:
+        proc.kill()
+    assert (tmp_path / "RECOVERYXLOG").read_bytes() == b"wal bytes"
+
+
+def test_the_restore_command_aborts_the_recovery_when_the_segment_never_comes(
+    tmp_path: Path,
+) -> None:
+    """Exit 126: PostgreSQL aborts rather than end the recovery short of its target."""
+    script = restore_script(tmp_path / "tandem_wal", rounds=2)
+    done = subprocess.run(["/bin/sh", str(script), SEG, str(tmp_path / "out")], timeout=30)
+    assert done.returncode == 126
+    assert not (tmp_path / "out").exists()
+
+
+def test_only_a_segment_name_is_believed_from_the_copy(tmp_path: Path) -> None:
+    """The copy's owner can write ``want``: anything but a segment name reads as none."""
+    (tmp_path / "tandem_wal").mkdir()
+    (tmp_path / "tandem_wal" / "want").write_text("../../etc/passwd\n")
+    assert pg.spool_wanted(pg.WantedRequest(path=str(tmp_path)))["wanted"] is None

@@ -393,3 +393,77 @@ def test_killing_the_agent_and_the_dr_appliance_loses_nothing_and_leaves_no_gap(
         b("unmount", latest["image"]["id"])
     finally:
         prod.stop()
+
+
+def test_recovery_to_a_time_fetches_only_the_wal_up_to_it(drill: Drill, shared_dir: Path) -> None:
+    """WAL is staged as replay asks for it: a recovery to an early time does not send the
+    segments written after it (only the prefetch window and the last two, for the last
+    commit held), and the copy holds exactly what was committed by then."""
+    a, b = drill.a, drill.b
+    prod = make_cluster(shared_dir, "pgdata")
+    try:
+        prod.sql("CREATE TABLE marks (n int)")
+        a("app", "add", "lazy", "--host", "host1", "--kind", "postgresql", "--path", str(prod.data))
+        a("app", "protect", "lazy", "--template", "mirrored")
+        assert a("capture", "lazy")["job"]["status"] == "succeeded"
+        prod.sql("INSERT INTO marks VALUES (0)")
+        target = server_now(prod)
+        prod.sql("CREATE TABLE fill (x text)")
+        for n in range(1, 13):  # twelve marks, a full segment of WAL (not a switch) each
+            prod.sql(
+                f"INSERT INTO marks VALUES ({n}); INSERT INTO fill "
+                "SELECT repeat(md5(g::text), 30) FROM generate_series(1, 18000) AS g"
+            )
+        lsn = prod.sql("SELECT pg_current_wal_lsn()")
+        flushed = f"SELECT count(*) FROM pg_stat_replication WHERE flush_lsn >= '{lsn}'"
+        wait_for(lambda: prod.sql(flushed) == "1", 60, "the receiver to hold every segment")
+        done = server_now(prod)
+        prod.sql("CREATE TABLE ticks (x int)")
+        ends: set[datetime] = set()
+
+        def caught_up() -> bool:
+            """Two windows at DR past ``done``: the second came in a later push, so the
+            segments of the first (which held every one of them) are all at DR."""
+            prod.sql("INSERT INTO ticks VALUES (1)")  # WAL keeps coming: the window moves
+            end = window_end(b, "lazy")
+            if end is not None and end > done:
+                ends.add(end)
+            return len(ends) >= 2
+
+        wait_for(caught_up, 90, "every segment at DR")
+        at = b(
+            "test-failover",
+            "lazy",
+            "--host",
+            "host2",
+            "--time",
+            target.isoformat(),
+            "--mount-point",
+            str(shared_dir / "early"),
+        )
+        assert at["job"]["status"] == "succeeded", at["job"]
+        result = at["job"]["result"]
+        copy = recovered(shared_dir, result)
+        print({k: result[k] for k in ("wal_segments", "wal_segments_fetched", "recovered_to")})
+        assert copy.sql("SELECT string_agg(n::text, ',') FROM marks") == "0"
+        assert result["wal_segments"] >= 12, result
+        assert result["wal_segments_fetched"] <= result["wal_segments"] - 4, result
+        b("unmount", at["image"]["id"])
+
+        latest = b(
+            "test-failover",
+            "lazy",
+            "--host",
+            "host2",
+            "--latest",
+            "--mount-point",
+            str(shared_dir / "latest"),
+        )
+        assert latest["job"]["status"] == "succeeded", latest["job"]
+        result = latest["job"]["result"]
+        assert result["wal_segments_fetched"] == result["wal_segments"], result
+        copy = recovered(shared_dir, result)
+        assert copy.sql("SELECT count(*) FROM marks") == "13"
+        b("unmount", latest["image"]["id"])
+    finally:
+        prod.stop()

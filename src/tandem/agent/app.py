@@ -232,6 +232,11 @@ def create_app(cfg: DaemonConfig, directory: Path | None = None) -> FastAPI:
         data = await request.body()
         return await asyncio.to_thread(pg.spool_wal, req, data)
 
+    @app.post("/api/v1/pg/spool/wanted", dependencies=[Depends(auth)])
+    def pg_spool_wanted(req: pg.WantedRequest) -> dict[str, Any]:
+        presented(req.path)
+        return pg.spool_wanted(req)
+
     @app.post("/api/v1/pg/recover", dependencies=[Depends(auth)])
     def pg_recover(req: pg.RecoverRequest) -> dict[str, Any]:
         presented(req.path)

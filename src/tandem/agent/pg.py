@@ -27,8 +27,23 @@ WAL streaming (``Receiver``)
 
 Recovery (``recover``): the copy presented at a folder gets its ``backup_label`` (and
 ``tablespace_map``), a clean ``pg_wal``, ``recovery.signal`` and a ``restore_command`` that
-copies from ``tandem_wal/`` inside the copy, where the appliance put the WAL it needs
+takes each segment from ``tandem_wal/`` inside the copy, where the appliance puts it
 (``spool_wal``). No secret is written anywhere.
+
+Lazy WAL fetch: the WAL is staged *ahead of replay*, not all before PostgreSQL starts. The
+request names the segments the appliance holds for this recovery (``segments``: written to
+``tandem_wal/plan``). ``restore_command`` is ``tandem_wal/restore.sh %f %p``, run by
+PostgreSQL as the cluster's owner: for a name not in the plan (a timeline history file, the
+segment after the last) it fails at once, which PostgreSQL reads as "no more WAL"; for a
+name in the plan it records it in ``tandem_wal/want`` and waits until the segment is in the
+folder, then copies it. The appliance, meanwhile, follows ``want`` (``spool_wanted``, a
+long poll) and keeps a few segments (its prefetch window) ahead of it, so replay rarely
+waits and WAL past the recovery target is never sent. Why this and not a fetch command
+that calls the agent: the script needs no credential and no socket (the owner of the
+cluster never gets to talk to the agent, let alone read its token); the agent stays the
+only party that talks to the appliance. If no segment comes within ``START_TIMEOUT`` the
+script exits 126, which makes PostgreSQL abort the recovery rather than end it early at a
+point short of the one asked for.
 """
 
 from __future__ import annotations
@@ -48,7 +63,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tandem.errors import (
     ClusterUnfit,
@@ -611,6 +626,29 @@ class RecoverRequest(BaseModel):
     socket_dir: str | None = Field(default=None, pattern=PATH, max_length=1024)
     verify: bool = False
     """Run ``pg_amcheck`` (heap and every B-tree index) on the started copy."""
+    segments: list[str] = Field(default_factory=list, max_length=1_000_000)
+    """The segments the appliance holds for this recovery, in order; the restore_command
+    waits for these to be staged and fails at once for any other name. Empty: the ones
+    already staged in the spool."""
+
+    @field_validator("segments")
+    @classmethod
+    def _names(cls, names: list[str]) -> list[str]:
+        for name in names:
+            if not re.fullmatch(WAL_NAME, name):
+                raise ValueError(f"{name[:40]!r} is not a WAL segment name")
+        return names
+
+
+class WantedRequest(BaseModel):
+    """Which segment the recovery of the copy at ``path`` waits for; waits up to ``wait``
+    seconds for it to differ from ``after``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(pattern=PATH, max_length=4096)
+    after: str | None = Field(default=None, pattern=WAL_NAME)
+    wait: float = Field(default=0.0, ge=0.0, le=10.0)
 
 
 def _owner_of(path: str) -> Cluster:
@@ -645,6 +683,42 @@ def spool_wal(req: SpoolRequest, data: bytes) -> dict[str, Any]:
     os.chown(tmp, c.uid, c.gid)
     os.replace(tmp, spool / req.name)
     return {"name": req.name, "size": len(data)}
+
+
+RESTORE_SCRIPT = """#!/bin/sh
+# tandem: the restore_command of this recovered copy. The appliance stages the WAL segments
+# named in plan into this folder as replay asks for them (want).
+dir=$(dirname "$0")
+grep -qx -- "$1" "$dir/plan" || exit 1  # not held: no more WAL of that name
+printf '%s\\n' "$1" > "$dir/.want" && mv -f "$dir/.want" "$dir/want"
+waited=0
+while [ ! -f "$dir/$1" ]; do
+    waited=$((waited + 1))
+    [ "$waited" -gt {rounds} ] && exit 126  # nothing came: abort, never stop short
+    sleep 0.05
+done
+exec cp -- "$dir/$1" "$2"
+"""
+
+
+def spool_wanted(req: WantedRequest) -> dict[str, Any]:
+    """The segment the copy's restore_command waits for (None before it asked for one) and
+    how many segments are staged; waits up to ``req.wait`` s for a change from
+    ``req.after``."""
+    path = _copy_dir(req.path)
+    spool = Path(path, SPOOL)
+    deadline = time.monotonic() + req.wait
+    while True:
+        try:
+            wanted: str | None = (spool / "want").read_text().strip() or None
+        except FileNotFoundError:
+            wanted = None
+        if wanted != req.after or time.monotonic() >= deadline:
+            break
+        time.sleep(0.02)
+    if wanted is not None and not re.fullmatch(WAL_NAME, wanted):
+        wanted = None  # the owner of the copy wrote it: trust only a segment name
+    return {"wanted": wanted}
 
 
 COMMIT_RE = re.compile(r"desc: COMMIT (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)?) UTC")
@@ -728,10 +802,22 @@ def recover(req: RecoverRequest) -> dict[str, Any]:
             # Nothing committed after ``last`` is in the WAL given, and PostgreSQL refuses a
             # target its WAL does not pass: the end of the WAL is that same state.
             target = None
+    plan = req.segments or sorted(p.name for p in spool.iterdir() if re.fullmatch(WAL_NAME, p.name))
+    rounds = int(START_TIMEOUT / 0.05)
+    for name, text, mode in (
+        ("plan", "".join(f"{n}\n" for n in plan), 0o600),
+        ("restore.sh", RESTORE_SCRIPT.replace("{rounds}", str(rounds)), 0o700),
+    ):
+        target_file = spool / name
+        target_file.unlink(missing_ok=True)
+        target_file.write_text(text)
+        os.chown(target_file, c0.uid, c0.gid)
+        os.chmod(target_file, mode)
+    (spool / "want").unlink(missing_ok=True)
     settings = [
         "",
         "# tandem: point-in-time recovery of this copy",
-        f'restore_command = \'cp "{path}/{SPOOL}/%f" "%p"\'',
+        f'restore_command = \'/bin/sh "{path}/{SPOOL}/restore.sh" "%f" "%p"\'',
         "recovery_target_action = 'promote'",
         "archive_mode = 'off'",
     ]

@@ -5,16 +5,25 @@ The target is a time (``--time``, UTC unless it names its zone) or the end of th
 target and whose WAL runs without a gap from its start to the target; a target outside the
 app's window is refused naming the window, and one past a WAL gap naming the gap.
 
-Then: the base is presented (materialized at the host like a file-system image), the WAL
-segments from the base's first to the end of the unbroken run are read here, verified,
-and put in the copy's spool (``tandem_wal/``) by the host's agent; the agent writes the
-recovery settings and starts PostgreSQL with the host's binaries of the cluster's major
-version, waits until it accepts connections, and reports the last replayed commit's time
-(``pg_last_xact_replay_timestamp()``): the point reached, the achieved RPO.
+Then: the base is presented (materialized at the host like a file-system image); the host's
+agent writes the recovery settings and starts PostgreSQL with the host's binaries of the
+cluster's major version, waits until it accepts connections, and reports the last replayed
+commit's time (``pg_last_xact_replay_timestamp()``): the point reached, the achieved RPO.
+
+WAL is fetched lazily: the run of segments from the base's first to the end of the unbroken
+chain is the *plan*, but a segment is read here, verified and put in the copy's spool
+(``tandem_wal/``) only when replay gets within ``PREFETCH`` segments of it (the agent
+reports the segment PostgreSQL's restore_command waits for; see ``tandem.agent.pg``). So a
+recovery to a time sends the WAL up to that time plus the window, not the WAL after it,
+and replay starts after the first few segments rather than after all of them. The last
+two segments of the plan are staged first: the agent reads the time of the last commit
+held from them (a target past it is the end of the WAL).
 """
 
 from __future__ import annotations
 
+import os
+import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -27,6 +36,12 @@ from tandem.jobs.runner import JobContext
 from tandem.operations import wal
 from tandem.operations.hosts import agent_for
 from tandem.operations.site import Site
+from tandem.transport.agent import AgentClient
+
+PREFETCH = max(1, int(os.environ.get("TANDEM_PG_PREFETCH", "4")))
+"""Segments staged ahead of the one replay waits for."""
+TAIL = 2
+"""The plan's last segments, staged before PostgreSQL starts (the last commit held)."""
 
 
 def parse_target(text: str | None, latest: bool, app: App) -> datetime | None:
@@ -116,31 +131,73 @@ def recover(
     port: int | None,
     verify: bool = False,
 ) -> dict[str, Any]:
-    """Put the WAL in the presented copy at ``path`` on ``host`` and start it recovered."""
+    """Start the presented copy at ``path`` on ``host`` recovered to ``target``, staging its
+    WAL ahead of replay (see the module's docstring)."""
     pg = chosen.base.pg or {}
     with site.catalog.read() as session:
         rows = {s.name: s for s in q.list_wal_segments(session, app_id=app.id)}
+    plan_ = chosen.segments
+    order = {name: i for i, name in enumerate(plan_)}
+    staged: set[str] = set()
     moved = 0
+    outcome: dict[str, Any] = {}
+
+    def stage(agent: AgentClient, name: str) -> None:
+        nonlocal moved
+        if name in staged:
+            return
+        data = wal.read_segment(site, rows[name])
+        agent.pg_spool(path, name, data)
+        staged.add(name)
+        moved += len(data)
+
+    body: dict[str, Any] = {
+        "path": path,
+        "backup_label": pg["backup_label"],
+        "tablespace_map": pg.get("tablespace_map") or "",
+        "target_time": target.isoformat() if target is not None else None,
+        "port": port,
+        "verify": verify,
+        "segments": plan_,
+    }
+
+    def start() -> None:
+        try:
+            with agent_for(host) as starter:
+                outcome["done"] = starter.pg_recover(body)
+        except BaseException as exc:  # handed to the job's thread below
+            outcome["error"] = exc
+
     with agent_for(host) as agent:
-        for i, name in enumerate(chosen.segments):
-            data = wal.read_segment(site, rows[name])
-            agent.pg_spool(path, name, data)
-            moved += len(data)
-            ctx.set_message(f"WAL {i + 1}/{len(chosen.segments)} to host {host.name}")
+        for name in [*plan_[-TAIL:], *plan_[:PREFETCH]]:
+            stage(agent, name)
         ctx.set_message(f"recovering {app.name} to {_shown(target)} on host {host.name}")
-        body: dict[str, Any] = {
-            "path": path,
-            "backup_label": pg["backup_label"],
-            "tablespace_map": pg.get("tablespace_map") or "",
-            "target_time": target.isoformat() if target is not None else None,
-            "port": port,
-            "verify": verify,
-        }
-        done = agent.pg_recover(body)
+        starter = threading.Thread(target=start, name="tandem-pg-recover", daemon=True)
+        starter.start()
+        wanted: str | None = None
+        nxt = 0
+        while starter.is_alive():
+            wanted = agent.pg_spool_wanted(path, wanted, 1.0)
+            if wanted is None or wanted not in order:
+                continue
+            upto = min(len(plan_), order[wanted] + 1 + PREFETCH)
+            nxt = max(nxt, order[wanted])
+            while nxt < upto and starter.is_alive():
+                stage(agent, plan_[nxt])
+                nxt += 1
+            ctx.set_message(
+                f"replaying WAL {order[wanted] + 1}/{len(plan_)} of {app.name} on host "
+                f"{host.name} ({len(staged)} sent)"
+            )
+        starter.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    done: dict[str, Any] = outcome["done"]
     reached = done.get("reached")
     ctx.log(
         f"PostgreSQL {done.get('major')} recovered from base {chosen.base.id} with "
-        f"{len(chosen.segments)} WAL segment(s) to {reached or 'the base alone'} in "
+        f"{len(staged)} of the {len(plan_)} WAL segment(s) held to "
+        f"{reached or 'the base alone'} in "
         f"{done.get('seconds')} s; port {done.get('port')}, socket {done.get('socket_dir')}"
     )
     checked = done.get("amcheck")
@@ -158,7 +215,8 @@ def recover(
         "socket_dir": done.get("socket_dir"),
         "base": chosen.base.id,
         "base_stop_lsn": pg.get("stop_lsn"),
-        "wal_segments": len(chosen.segments),
+        "wal_segments": len(plan_),
+        "wal_segments_fetched": len(staged),
         "wal_bytes": moved,
         "recovery_seconds": done.get("seconds"),
         "window": chosen.window.as_dict(),

@@ -177,6 +177,15 @@ class AgentClient:
             raise self._refused(exc) from exc
         return answer if isinstance(answer, dict) else {}
 
+    def pg_spool_wanted(self, path: str, after: str | None, wait: float) -> str | None:
+        """The segment the recovery of the copy at ``path`` waits for (None: none yet);
+        the agent waits up to ``wait`` s for it to differ from ``after``."""
+        answer = self._dict(
+            "POST", "/api/v1/pg/spool/wanted", {"path": path, "after": after, "wait": wait}
+        )
+        wanted = answer.get("wanted")
+        return str(wanted) if isinstance(wanted, str) else None
+
     def pg_recover(self, body: dict[str, Any]) -> dict[str, Any]:
         """Start the copy recovered to a point in time; answers the point reached."""
         return self._dict("POST", "/api/v1/pg/recover", body)
