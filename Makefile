@@ -72,7 +72,7 @@ BENCH_PKGS := rsync restic pgbackrest fio
 
 bench-tools:
 	@if ! command -v rsync >/dev/null || ! command -v restic >/dev/null \
-	    || ! command -v pgbackrest >/dev/null; then \
+	    || ! command -v pgbackrest >/dev/null || ! command -v fio >/dev/null; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing $(BENCH_PKGS) (the peers the benchmarks compare against)"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
