@@ -224,7 +224,7 @@ def test_zero_trim_flush_and_fua_with_nbdsh(
 h.pwrite(b'\\xab' * 3 * {SUB_BLOCK}, {SUB_BLOCK})
 h.zero({SUB_BLOCK} + 50, 100)  # (count, offset): partial blocks, read-modify-write
 h.trim({SUB_BLOCK}, {2 * SUB_BLOCK})  # a whole block
-h.pwrite(b'fua', {10 * MiB}, nbdproto.CMD_FLAG_FUA)
+h.pwrite(b'fua', {10 * MiB}, nbd.CMD_FLAG_FUA)
 h.zero({4 * MiB}, {4 * MiB})  # the whole zero chunk of the base: clean again
 h.flush()
 assert h.pread({SUB_BLOCK}, {SUB_BLOCK}) == bytes(150) + b'\\xab' * ({SUB_BLOCK} - 150)

@@ -148,17 +148,20 @@ def test_each_step_killed_midway_completes_when_run_again(drill: Drill, tmp_path
     assert tree_digests(prod) == at_dr
 
     # 3. the DR appliance dies while the failback withdraws the DR copy
-    failing_back = s.b("failback", "shop", "--no-wait")["job"]
     # The job asks production whether it restored the newest syncback, then compares the DR
     # copy at its host ("comparing …"), withdraws it, and only then tells production the
-    # epoch before it records `managed`. Production paused once the comparison begins: the
-    # job waits in the call that follows the withdrawal.
-    poll(
-        lambda: "comparing" in job_row(s.dr, failing_back["id"])["message"],
-        60,
-        "the failback comparing the DR copy",
-    )
-    pause(s.prod)
+    # epoch before it records `managed`. The DR host's agent is held first, so the job waits
+    # in the comparison; production is held next, and the agent let go: the job then waits
+    # in the call that follows the withdrawal.
+    pause(s.dr_agent)
+    with _continued(s.dr_agent):
+        failing_back = s.b("failback", "shop", "--no-wait")["job"]
+        poll(
+            lambda: "comparing" in job_row(s.dr, failing_back["id"])["message"],
+            60,
+            "the failback comparing the DR copy",
+        )
+        pause(s.prod)
     with _continued(s.prod):
 
         def withdrawn() -> bool:

@@ -83,7 +83,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tandem.agent import holders
 from tandem.errors import Conflict, TandemError
 from tandem.storage.manifest import TreeManifest, decode_manifest
-from tandem.storage.treeview import DEFAULT_CACHE, ChunkCache, Node, TreeView
+from tandem.storage.treeview import DEFAULT_CACHE, ROOT_INODE, ChunkCache, Node, TreeView
 from tandem.transport.chunks import RemoteChunkSource, session_path
 from tandem.transport.client import ApiClient
 
@@ -305,6 +305,7 @@ def serve(config_path: Path) -> None:
 
     cache.get = counted  # type: ignore[method-assign]
     stats.write(cache)
+    _give_root_its_attributes(Path(cfg.lower).parent, view)
     options = set(pyfuse3.default_options)
     options |= {"fsname=tandem", "subtype=tandem", "ro", "allow_other"}
     pyfuse3.init(_operations(view), cfg.lower, options)
@@ -313,6 +314,20 @@ def serve(config_path: Path) -> None:
     finally:
         pyfuse3.close(unmount=False)
         reader.close()
+
+
+def _give_root_its_attributes(layer: Path, view: TreeView) -> None:
+    """The copy's root takes its mode and owner from the upper directory (overlayfs), so
+    give the upper directory the image root's, once, before the first mount: a PostgreSQL
+    data directory must stay 0700 and its owner's. Later changes made through the copy stay."""
+    marker = layer / "root-set"
+    if marker.exists():
+        return
+    root = view.nodes[ROOT_INODE].entry
+    upper = layer / "upper"
+    os.chown(upper, root.uid, root.gid)
+    os.chmod(upper, root.mode & 0o7777)
+    marker.touch()
 
 
 # --- attach and detach (run in the agent) ------------------------------------------------------

@@ -109,6 +109,10 @@ def hypervisor() -> dict[str, Any]:
             }
     except NotHypervisor as exc:
         return {"hypervisor": False, "reason": exc.message}
+    except Exception as exc:  # libvirtd went away between open and the calls
+        if not isinstance(exc, _libvirt().libvirtError):
+            raise
+        return {"hypervisor": False, "reason": f"{URI} stopped answering ({exc})"}
 
 
 def _domain(conn: Any, name: str) -> Any:

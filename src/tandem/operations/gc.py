@@ -48,6 +48,8 @@ LOCK = "gc"
 """The catalog lock a collection holds: one at a time across the appliance processes."""
 LAST_KEY = "gc.last"
 """Unix time the last collection finished."""
+SINCE_KEY = "gc.interval_from"
+"""Before any collection finished: when the scheduler first found deletions waiting."""
 
 SETTINGS: dict[str, int] = {
     "gc.after_deletions": 100,
@@ -135,10 +137,14 @@ def due(site: Site, now: float | None = None) -> bool:
         return False
     now = time.time() if now is None else now
     every = _int_setting(site, "gc.every_seconds")
-    return (
-        waiting >= _int_setting(site, "gc.after_deletions")
-        or now - _counter(site, LAST_KEY) >= every
-    )
+    last = _counter(site, LAST_KEY) or _counter(site, SINCE_KEY)
+    if not last:
+        # Never collected: the interval starts at the first look that finds deletions, not
+        # at 1970 (which made a new appliance collect after its very first deletion).
+        with site.catalog.begin() as session:
+            q.set_setting(session, key=SINCE_KEY, value=str(int(now)))
+        last = int(now)
+    return waiting >= _int_setting(site, "gc.after_deletions") or now - last >= every
 
 
 def prune_jobs(site: Site, *, now: datetime | None = None) -> int:

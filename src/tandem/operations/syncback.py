@@ -299,6 +299,7 @@ def dr_copy_changes(site: Site, ctx: JobContext | None, app: App, reference: Ima
     if ctx is None:
         raise TandemError("comparing a file tree with an image needs a job")
     host, path = _tree_location(site, failover)
+    ctx.log(f"comparing {path} on host {host.name} with {reference.id}")
     ctx.set_message(f"comparing {path} on host {host.name} with {reference.id}")
     base = bytes.fromhex(reference.manifest)
     transfer, mid, _, _ = _capture_tree_at_host(site, ctx, app, host, path, base)
