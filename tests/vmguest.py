@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import grp
 import hashlib
 import os
 import select
@@ -140,8 +141,27 @@ def libvirt_session() -> Iterator[None]:
                 stop_started(started)
 
 
+def _kvm_device_as_udev_leaves_it() -> None:
+    """``/dev/kvm`` as udev sets it on a Debian host (group ``kvm``, mode 0660).
+
+    Without udev it stays root-only. libvirt then probes QEMU as root and finds KVM, while its
+    cache check, made as the ``libvirt-qemu`` user, finds ``/dev/kvm`` unusable and throws
+    the probe away: every lookup probes QEMU again (about 2 s each, minutes under load), and
+    ``virsh define`` times out. The guests themselves run under TCG (``type='qemu'``).
+    """
+    kvm = Path("/dev/kvm")
+    if os.geteuid() != 0 or not kvm.exists():
+        return
+    with contextlib.suppress(KeyError, OSError):
+        gid = grp.getgrnam("kvm").gr_gid
+        if kvm.stat().st_gid != gid or kvm.stat().st_mode & 0o060 != 0o060:
+            os.chown(kvm, 0, gid)
+            os.chmod(kvm, 0o660)
+
+
 def libvirt_host() -> list[int]:
     """Make ``qemu:///system`` answer; returns the pids of the daemons started here."""
+    _kvm_device_as_udev_leaves_it()
     if libvirt_answers():
         return []
     for tool in ("libvirtd", "virtlogd", "qemu-system-x86_64"):
