@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tandem.appliance.scheduler import RETRY_FIRST, Scheduler
-from tandem.appliance.schemas import ImageOut
+from tandem.transport.api import ImageOut
 from tandem.catalog import queries as q
 from tandem.domain.consistency import ConsistencyMode
 from tandem.domain.jobs import JobStatus

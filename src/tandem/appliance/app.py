@@ -26,7 +26,7 @@ from tandem.appliance.audit import AuditMiddleware
 from tandem.appliance.auth import Caller, make_authorize
 from tandem.appliance.console import install_console
 from tandem.appliance.metrics import make_registry
-from tandem.appliance.schemas import AuditOut, InfoOut
+from tandem.transport.api import AuditOut, InfoOut
 from tandem.operations import monitor
 from tandem.operations.site import Site
 from tandem.transport.server import install_error_handlers

@@ -50,7 +50,7 @@ from starlette.concurrency import run_in_threadpool
 
 from tandem import __version__
 from tandem.appliance.auth import Principal
-from tandem.appliance.schemas import NAME, AppOut, hide_secrets
+from tandem.transport.api import NAME, AppOut, hide_secrets
 from tandem.catalog import queries as q
 from tandem.catalog.models import App, Image, Job
 from tandem.domain.images import WRITABLE_KINDS, ImageKind, ImageState

@@ -10,7 +10,7 @@ from starlette.concurrency import run_in_threadpool
 from tandem.appliance.auth import Caller
 from tandem.appliance.paging import MAX_PAGE, Limit, fetch, page
 from tandem.appliance.params import ImageId, JobId, Name
-from tandem.appliance.schemas import (
+from tandem.transport.api import (
     NAME,
     CaptureIn,
     CloneIn,

@@ -14,7 +14,7 @@ from pydantic import BaseModel, Field
 
 from tandem.appliance.auth import Caller, Principal
 from tandem.appliance.params import JobId, Name
-from tandem.appliance.schemas import Body, JobAnswer, JobOut
+from tandem.transport.api import Body, JobAnswer, JobOut
 from tandem.catalog.models import Job, Peer
 from tandem.domain.rules import Role
 from tandem.errors import Forbidden, NotFound

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Query, Request, Response, status
 from tandem.appliance.auth import Caller
 from tandem.appliance.paging import Limit, fetch, page
 from tandem.appliance.params import Name
-from tandem.appliance.schemas import (
+from tandem.transport.api import (
     AppHooksIn,
     AppIn,
     AppOut,
