@@ -50,7 +50,7 @@ from starlette.concurrency import run_in_threadpool
 
 from tandem import __version__
 from tandem.appliance.auth import Principal
-from tandem.transport.api import NAME, AppOut, hide_secrets
+from tandem.appliance.documents import app_out
 from tandem.catalog import queries as q
 from tandem.catalog.models import App, Image, Job
 from tandem.domain.images import WRITABLE_KINDS, ImageKind, ImageState
@@ -82,6 +82,7 @@ from tandem.operations import (
 )
 from tandem.operations.present import ACTIONS as MOUNT_ACTIONS
 from tandem.operations.site import Site
+from tandem.transport.api import NAME, hide_secrets
 
 COOKIE = "tandem_console"
 SESSION_SECONDS = 12 * 3600
@@ -430,7 +431,7 @@ def _make_router(site: Site, sessions: ConsoleSessions) -> APIRouter:
         downtimes = failback.downtimes(site)
         listed = apps.list_apps(site)
         risk = apps.risks(site, listed, now)
-        rows = [AppOut.of(a, now, downtimes.get(a.name), risk[a.name]) for a in listed]
+        rows = [app_out(a, now, downtimes.get(a.name), risk[a.name]) for a in listed]
         return page(request, "apps.html", who, apps=rows)
 
     # --- Access -----------------------------------------------------------------------
@@ -471,7 +472,7 @@ def _make_router(site: Site, sessions: ConsoleSessions) -> APIRouter:
             who,
             status=status,
             app=row,
-            app_out=AppOut.of(
+            app_out=app_out(
                 row, None, failback.downtimes(site).get(name), apps.risks(site, [row])[name]
             ),
             timeline=timeline,
