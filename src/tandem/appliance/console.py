@@ -63,6 +63,7 @@ from tandem.domain.rules import (
     confirmations_accepted,
     role_allows,
 )
+from tandem.domain.units import human_bytes
 from tandem.errors import NotFound, TandemError
 from tandem.operations import (
     apps,
@@ -254,14 +255,7 @@ def _seconds(job: Job) -> float | None:
 
 
 def fmt_bytes(n: int | None) -> str:
-    if n is None:
-        return "—"
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"
+    return "—" if n is None else human_bytes(n)
 
 
 def fmt_seconds(s: float | None) -> str:
