@@ -28,6 +28,7 @@ from tandem.domain.ids import validate_name
 from tandem.domain.rules import Role
 from tandem.errors import Conflict, InvalidInput, NotFound, NotPaired, PeerRefused, TandemError
 from tandem.operations.site import Site
+from tandem.transport.api import AcceptIn, checked
 from tandem.transport.client import ApiClient, ApplianceClient
 from tandem.transport.peer import PeerClient
 from tandem.transport.server import new_token
@@ -102,7 +103,7 @@ def pair(
     """Pair this appliance with the one at ``url`` in both directions (run on either site)."""
     with ApplianceClient(url, token, fingerprint, what="peer") as remote:
         info = remote.info()
-        name = str(info["name"])
+        name = info.name
         if name == site.name:
             raise InvalidInput(
                 detail=f"the appliance at {url} is named {name!r} like this one: "
@@ -110,7 +111,11 @@ def pair(
             )
         # We make the token the peer will call us with; it answers the one we call it with.
         mine = new_token()
-        answer = remote.accept_peer(site.name, site.url, site.fingerprint, mine)
+        answer = remote.accept_peer(
+            checked(
+                AcceptIn, name=site.name, url=site.url, fingerprint=site.fingerprint, token=mine
+            )
+        )
         _store(
             site,
             name=name,

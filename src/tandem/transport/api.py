@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 from pydantic_core import PydanticCustomError
 
 from tandem.domain.consistency import ConsistencyMode
@@ -40,6 +40,7 @@ from tandem.domain.lifecycle import AppKind, AppState
 from tandem.domain.paths import CanonicalPath
 from tandem.domain.rules import Role
 from tandem.domain.vms import DOMAIN_NAME
+from tandem.errors import InvalidInput
 
 NAME = NAME_PATTERN
 NO_NUL = r"^[^\x00]*$"
@@ -66,6 +67,22 @@ HookName = Annotated[
 
 class Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+B = TypeVar("B", bound=BaseModel)
+
+
+def checked(model: type[B], **fields: Any) -> B:
+    """``model`` built from ``fields`` where a caller builds a request; a bad field is an
+    ``InvalidInput`` naming it, as the server's answer would (nothing is sent)."""
+    try:
+        return model(**fields)
+    except ValidationError as exc:
+        problems = [
+            f"{'.'.join(str(p) for p in err['loc']) or 'request'}: {err['msg']}"
+            for err in exc.errors()
+        ]
+        raise InvalidInput(detail="; ".join(problems) or "invalid request") from None
 
 
 class Document(BaseModel):
