@@ -37,7 +37,7 @@ from tandem.storage.manifest import (
     decode_manifest,
     store_manifest,
 )
-from tandem.transport.chunks import RemoteChunkSource, RemotePool, session_path
+from tandem.transport.chunks import RemoteChunkSource, RemotePool, SessionClient
 from tandem.transport.client import ApiClient
 
 Emit = Callable[[dict[str, Any]], None]
@@ -207,7 +207,7 @@ def _progress(emit: Emit) -> Callable[[int, int], None]:
 
 
 def _fetch_manifest(client: ApiClient, session: str, manifest: str) -> Any:
-    blob = client.request("GET", session_path(session, "manifests", manifest), raw=True)
+    blob = SessionClient(client, session).manifest(manifest)
     return decode_manifest(blob, bytes.fromhex(manifest))
 
 
