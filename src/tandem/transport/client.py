@@ -196,6 +196,10 @@ class ApiClient:
             return None
         return resp.json()
 
+    def health(self) -> Any:
+        """``GET /health``: answers without a token once the daemon serves."""
+        return self.get("/health")
+
     def get(self, path: str, **params: Any) -> Any:
         return self.request("GET", path, params=params)
 
