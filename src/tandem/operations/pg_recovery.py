@@ -37,6 +37,8 @@ from tandem.operations import wal
 from tandem.operations.hosts import agent_for
 from tandem.operations.site import Site
 from tandem.transport.agent import AgentClient
+from tandem.transport.agent_api import RecoverRequest
+from tandem.transport.api import checked
 
 PREFETCH = max(1, int(os.environ.get("TANDEM_PG_PREFETCH", "4")))
 """Segments staged ahead of the one replay waits for."""
@@ -151,15 +153,16 @@ def recover(
         staged.add(name)
         moved += len(data)
 
-    body: dict[str, Any] = {
-        "path": path,
-        "backup_label": pg["backup_label"],
-        "tablespace_map": pg.get("tablespace_map") or "",
-        "target_time": target.isoformat() if target is not None else None,
-        "port": port,
-        "verify": verify,
-        "segments": plan_,
-    }
+    body = checked(
+        RecoverRequest,
+        path=path,
+        backup_label=pg["backup_label"],
+        tablespace_map=pg.get("tablespace_map") or "",
+        target_time=target,
+        port=port,
+        verify=verify,
+        segments=plan_,
+    )
 
     def start() -> None:
         try:
@@ -200,15 +203,15 @@ def recover(
         f"{reached or 'the base alone'} in "
         f"{done.get('seconds')} s; port {done.get('port')}, socket {done.get('socket_dir')}"
     )
-    checked = done.get("amcheck")
-    if isinstance(checked, dict):
+    amcheck = done.get("amcheck")
+    if isinstance(amcheck, dict):
         ctx.log(
-            f"pg_amcheck: {'no corruption found' if checked.get('ok') else 'FAILED'} in "
-            f"{checked.get('seconds')} s",
-            "info" if checked.get("ok") else "warning",
+            f"pg_amcheck: {'no corruption found' if amcheck.get('ok') else 'FAILED'} in "
+            f"{amcheck.get('seconds')} s",
+            "info" if amcheck.get("ok") else "warning",
         )
     return {
-        "amcheck": checked,
+        "amcheck": amcheck,
         "recovered_to": reached,
         "target": target.isoformat() if target is not None else "latest",
         "port": done.get("port"),

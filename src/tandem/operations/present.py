@@ -60,6 +60,8 @@ from tandem.operations.streams import follow
 from tandem.storage import vmimage
 from tandem.storage.manifest import VolumeManifest, load_manifest
 from tandem.storage.overlay import Overlay
+from tandem.transport.agent_api import DefineRequest, MaterializeRequest
+from tandem.transport.api import checked
 
 ACTIONS = ("keep-source-path", "specify", "map-only", "copy")
 FUSE_SESSION_TTL = 10 * 365 * 24 * 3600.0
@@ -262,16 +264,17 @@ def present(
             )
             if how == "fuse":
                 transfer.meta["presented"] = image_id
-            body = {
-                "kind": storage_kind(app.kind),
-                "manifest": base.manifest,
-                "image": image_id,
-                "action": where_action,
-                "mount_point": mount_point,
-                "source_path": app.path,
-                "appliance": site.session_ref(transfer.id, token),
-                "presentation": how,
-            }
+            body = checked(
+                MaterializeRequest,
+                kind=storage_kind(app.kind),
+                manifest=base.manifest,
+                image=image_id,
+                action=where_action,
+                mount_point=mount_point,
+                source_path=app.path,
+                appliance=site.session_ref(transfer.id, token),
+                presentation=how,
+            )
             ctx.set_message(f"presenting {base.id} on host {host.name}")
             reading = transfer
             with agent_for(host) as agent:
@@ -316,17 +319,18 @@ def _define_vm(
             detail="a new VM's disks need a plain NBD export (nbd://) the hypervisor reaches; "
             "this appliance serves NBD over TLS, which libvirt needs configured for: not done yet"
         )
-    body = {
-        "name": new.name,
-        "xml": vm["xml"],
-        "disks": [s.as_dict() for s in slots],
-        "nbd_uri": uri,
-        "source_domain": str(vm.get("domain") or app.path),
-        "source_uuid": str(vm.get("uuid") or ""),
-        "keep_identity": new.keep_identity,
-        "network": new.network,
-        "power_on": new.power_on,
-    }
+    body = checked(
+        DefineRequest,
+        name=new.name,
+        xml=vm["xml"],
+        disks=[s.as_dict() for s in slots],
+        nbd_uri=uri,
+        source_domain=str(vm.get("domain") or app.path),
+        source_uuid=str(vm.get("uuid") or ""),
+        keep_identity=new.keep_identity,
+        network=new.network,
+        power_on=new.power_on,
+    )
     with agent_for(host) as agent:
         done = agent.define_vm(body)
     ctx.log(

@@ -39,6 +39,8 @@ from tandem.operations.hosts import agent_for, app_host
 from tandem.operations.site import Site
 from tandem.operations.streams import follow
 from tandem.transport.agent import AgentClient
+from tandem.transport.agent_api import RestoreRequest
+from tandem.transport.api import checked
 
 TYPE = "restore"
 
@@ -124,15 +126,16 @@ def run_restore(site: Site, ctx: JobContext) -> dict[str, Any]:
                 except TandemError as exc:
                     raise type(exc)(f"{exc.message.rstrip('.')}; nothing was restored") from exc
             ctx.set_message(f"restoring {image.id} onto {app.path} on host {host.name}")
-            body = {
-                "kind": storage_kind(app.kind),
-                "path": app.path,
-                "manifest": image.manifest,
-                "job": ctx.job.id,
-                "appliance": site.session_ref(transfer.id, token),
-                "base": known[0] if known else None,
-                "stamp": known[1] if known else None,
-            }
+            body = checked(
+                RestoreRequest,
+                kind=storage_kind(app.kind),
+                path=app.path,
+                manifest=image.manifest,
+                job=ctx.job.id,
+                appliance=site.session_ref(transfer.id, token),
+                base=known[0] if known else None,
+                stamp=known[1] if known else None,
+            )
             if app.kind is AppKind.VOLUME:
                 stamps.forget(site, app_id=app.id)  # from here it holds neither image
             try:
