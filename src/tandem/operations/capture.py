@@ -35,7 +35,7 @@ from tandem.domain.consistency import CUTS, ConsistencyMode, Cut
 from tandem.domain.hooks import Hook
 from tandem.domain.images import ImageKind
 from tandem.domain.lifecycle import AppKind, Operation, check_transition
-from tandem.errors import InvalidInput, PointInTimeUnavailable, RemoteError
+from tandem.errors import LabelTooLong, PointInTimeUnavailable, RemoteError
 from tandem.jobs.queue import submit_job
 from tandem.jobs.runner import JobContext
 from tandem.operations import hooks, images, peers, replicate, stamps
@@ -57,7 +57,7 @@ def check_label(label: str | None) -> str | None:
     if label is None or not label.strip():
         return None
     if len(label) > MAX_LABEL or "\x00" in label:
-        raise InvalidInput(detail=f"--label must be at most {MAX_LABEL} characters")
+        raise LabelTooLong(limit=MAX_LABEL)
     return label
 
 

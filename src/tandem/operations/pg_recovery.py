@@ -31,7 +31,13 @@ from typing import Any
 from tandem.catalog import queries as q
 from tandem.catalog.models import App, Host, Image
 from tandem.domain.lifecycle import AppKind
-from tandem.errors import InvalidInput, RecoveryPointUnavailable
+from tandem.errors import (
+    ImageNotOfApp,
+    RecoveryOptionsUnused,
+    RecoveryPointUnavailable,
+    TimeAndLatest,
+    TimeInvalid,
+)
 from tandem.jobs.runner import JobContext
 from tandem.operations import wal
 from tandem.operations.hosts import agent_for
@@ -51,22 +57,18 @@ def parse_target(text: str | None, latest: bool, app: App) -> datetime | None:
     not apply."""
     if app.kind is not AppKind.POSTGRESQL:
         if text is not None or latest:
-            raise InvalidInput(
-                detail=f"--time and --latest recover a database; {app.name!r} is a "
-                f"{app.kind.value} app: leave them out"
+            raise RecoveryOptionsUnused(
+                options="--time and --latest", app=app.name, kind=app.kind.value
             )
         return None
     if text is not None and latest:
-        raise InvalidInput(detail="give --time or --latest, not both")
+        raise TimeAndLatest()
     if text is None:
         return None
     try:
         when = datetime.fromisoformat(text.strip())
     except ValueError as exc:
-        raise InvalidInput(
-            detail=f'--time {text!r} is not a time; write it as "YYYY-MM-DD HH:MM:SS" (UTC) '
-            'or with its offset, e.g. "2026-12-02 10:15:03+01:00"'
-        ) from exc
+        raise TimeInvalid(text=text) from exc
     return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
 
 
@@ -90,7 +92,7 @@ def plan(site: Site, app: App, target: datetime | None, image: str | None = None
         if image is not None:
             bases = [b for b in bases if b.id == image]
             if not bases:
-                raise InvalidInput(detail=f"image {image} is not a base image of {app.name!r}")
+                raise ImageNotOfApp(image=image, what="a base image", app=app.name)
 
     def refuse(reason: str) -> RecoveryPointUnavailable:
         return RecoveryPointUnavailable(

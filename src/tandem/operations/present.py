@@ -52,7 +52,7 @@ from tandem.domain.images import ImageKind, ImageState
 from tandem.domain.lifecycle import AppKind, AppState, storage_kind
 from tandem.domain.paths import check_path
 from tandem.domain.vms import check_domain_name
-from tandem.errors import InvalidInput, TandemError
+from tandem.errors import InvalidInput, MountPointNeeded, TandemError, VmOptionsUnused
 from tandem.jobs.runner import JobContext
 from tandem.operations.hosts import agent_for, check_own_location
 from tandem.operations.site import Site
@@ -162,10 +162,7 @@ def check_new_vm(
     disks' export instead: ``required`` False), other apps take none."""
     if app.kind is not AppKind.VM:
         if new_vm or network or power_on:
-            raise InvalidInput(
-                detail=f"--new-vm, --network and --power-on are for vm apps; {app.name!r} is a "
-                f"{app.kind.value} app"
-            )
+            raise VmOptionsUnused(app=app.name, kind=app.kind.value)
         return None
     if not new_vm and not required and not (network or power_on):
         return None
@@ -197,7 +194,7 @@ def check_action(app: App, action: str | None, mount_point: str | None) -> str:
     if mount_point:
         check_path(mount_point, "--mount-point")
     elif action == "specify":
-        raise InvalidInput(detail="--action specify needs --mount-point with a full path")
+        raise MountPointNeeded(what="--action specify")
     if placement(action, mount_point) == "keep-source-path":
         check_own_location(app, "a copy at its production path")
     if app.kind is AppKind.VM and action != "map-only":

@@ -31,7 +31,7 @@ from tandem.domain.hooks import Hook
 from tandem.domain.images import ImageKind, ImageState
 from tandem.domain.lifecycle import AppKind, Operation, check_transition, storage_kind
 from tandem.domain.rules import RESTORE_CONFIRMATIONS, check_confirmations
-from tandem.errors import Conflict, InvalidInput, TandemError
+from tandem.errors import ImageBeingDeleted, ImageOfOtherApp, InvalidInput, TandemError
 from tandem.jobs.queue import submit_job
 from tandem.jobs.runner import JobContext
 from tandem.operations import failback, hooks, stamps
@@ -75,12 +75,9 @@ def submit_restore(
         row = q.get_app(session, name=app)
         img = q.get_image(session, image_id=image)
         if img.app_id != row.id:
-            raise InvalidInput(
-                detail=f"image {img.id} belongs to application {img.app.name!r}, not {row.name!r}"
-                f"; list {row.name}'s images with `tandem images {row.name}`"
-            )
+            raise ImageOfOtherApp(image=img.id, owner=img.app.name, app=row.name)
         if img.state is ImageState.DELETING:
-            raise Conflict(detail=f"image {img.id} is being deleted; choose another image")
+            raise ImageBeingDeleted(image=img.id, app=row.name)
         check_not_base_backup(img)
         check_transition(row.name, row.state, Operation.RESTORE)
         app_host(session, row, action="restore")
