@@ -10,13 +10,15 @@ import blake3
 import pytest
 
 from tandem.catalog import queries as q
-from tandem.catalog.models import App, Template
+from tandem.catalog.models import App, Job, Template
 from tandem.domain.images import ImageKind
+from tandem.domain.jobs import JobStatus
 from tandem.domain.lifecycle import AppKind, AppState
 from tandem.domain.wal import SEGMENT, segment_name
 from tandem.errors import Conflict, InvalidInput, RecoveryPointUnavailable, StorageError
 from tandem.operations import pg_recovery, wal
 from tandem.operations.apps import risk_of
+from tandem.operations.report import drill_report
 from tandem.operations.site import Site
 from tandem.transport.peer import WalPush
 from tests.appliance.conftest import Booted
@@ -177,3 +179,32 @@ def test_a_postgresql_app_whose_wal_is_fresh_is_not_at_risk_for_an_old_base() ->
     assert risk_of(app, template, now).at_risk  # the base image alone is an hour old
     fresh = risk_of(app, template, now, wal_point=now - timedelta(seconds=2))
     assert not fresh.at_risk and fresh.rpo_seconds == 2.0
+
+
+def test_the_drill_report_gives_a_recovered_database_its_rpo_and_pg_amcheck_result(
+    booted: Booted,
+) -> None:
+    site = booted.appliance.site
+    mirror(site)
+    reached = T0 + timedelta(minutes=5)
+    with site.catalog.begin() as session:
+        for n, (type_, checked) in enumerate(
+            (("test-failover", {"ok": False, "seconds": 1.5}), ("failover", None))
+        ):
+            session.add(
+                Job(
+                    id=f"job-{n}",
+                    type=type_,
+                    app="db",
+                    status=JobStatus.SUCCEEDED,
+                    started=reached + timedelta(seconds=7),
+                    finished=reached + timedelta(seconds=9),
+                    result={"recovered_to": reached.isoformat(), "amcheck": checked, "base": "b"},
+                )
+            )
+    shown = drill_report(site, app="db")
+    assert shown.rpo_seconds == 7.0  # the failover started 7 s after the last commit held
+    assert shown.rpo_image == "b"
+    tested, over = shown.steps
+    assert tested.database is not None and "CORRUPTION FOUND" in tested.database
+    assert over.database is not None and "pg_amcheck not run (--verify)" in over.database

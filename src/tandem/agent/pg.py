@@ -27,15 +27,18 @@ WAL streaming (``Receiver``)
 
 Recovery (``recover``): the copy presented at a folder gets its ``backup_label`` (and
 ``tablespace_map``), a clean ``pg_wal``, ``recovery.signal`` and a ``restore_command`` that
-takes each segment from ``tandem_wal/`` inside the copy, where the appliance puts it
-(``spool_wal``). No secret is written anywhere.
+takes each segment from ``tandem_wal/RUN/`` inside the copy (``RUN``: a name the appliance
+gives each recovery), where the appliance puts it (``spool_wal``). No secret is written
+anywhere. Once the copy is promoted, all of it goes again (``_settle``): the settings
+appended to ``postgresql.auto.conf`` and the spool. A failed-over copy that becomes
+production again (syncback, restore) carries none of them home.
 
 Lazy WAL fetch: the WAL is staged *ahead of replay*, not all before PostgreSQL starts. The
 request names the segments the appliance holds for this recovery (``segments``: written to
-``tandem_wal/plan``). ``restore_command`` is ``tandem_wal/restore.sh %f %p``, run by
+``tandem_wal/RUN/plan``). ``restore_command`` is ``tandem_wal/RUN/restore.sh %f %p``, run by
 PostgreSQL as the cluster's owner: for a name not in the plan (a timeline history file, the
 segment after the last) it fails at once, which PostgreSQL reads as "no more WAL"; for a
-name in the plan it records it in ``tandem_wal/want`` and waits until the segment is in the
+name in the plan it records it in ``want`` there and waits until the segment is in the
 folder, then copies it. The appliance, meanwhile, follows ``want`` (``spool_wanted``, a
 long poll) and keeps a few segments (its prefetch window) ahead of it, so replay rarely
 waits and WAL past the recovery target is never sent. Why this and not a fetch command
@@ -83,6 +86,21 @@ SQL_TIMEOUT = 60.0
 START_TIMEOUT = float(os.environ.get("TANDEM_PG_START_TIMEOUT", "300"))
 SPOOL = "tandem_wal"
 """The folder inside a recovered copy that its restore_command reads from."""
+RUN = r"^[0-9a-f]{16}$"
+"""One recovery's folder in the spool (the appliance names it): a segment staged late, or
+left in a copy captured later, is never read by another recovery."""
+
+
+def _spool_of(path: str, run: str | None) -> Path:
+    return Path(path, SPOOL, run) if run else Path(path, SPOOL)
+
+
+def _make_spool(path: str, run: str | None, uid: int, gid: int) -> Path:
+    spool = _spool_of(path, run)
+    for folder in (Path(path, SPOOL), spool):
+        folder.mkdir(mode=0o700, exist_ok=True)
+        os.chown(folder, uid, gid)
+    return spool
 
 
 def slot_name(app: str) -> str:
@@ -612,12 +630,16 @@ class SpoolRequest(BaseModel):
 
     path: str = Field(pattern=PATH, max_length=4096)
     name: str = Field(pattern=WAL_NAME)
+    run: str | None = Field(default=None, pattern=RUN)
 
 
 class RecoverRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     path: str = Field(pattern=PATH, max_length=4096)
+    run: str | None = Field(default=None, pattern=RUN)
+    """The spool folder of this recovery (``tandem_wal/RUN``), the one segments were staged
+    in; other folders there (an earlier recovery's, carried in the image) are removed."""
     backup_label: str = Field(min_length=1, max_length=8192)
     tablespace_map: str = Field(default="", max_length=65536)
     target_time: datetime | None = None
@@ -648,6 +670,7 @@ class WantedRequest(BaseModel):
 
     path: str = Field(pattern=PATH, max_length=4096)
     after: str | None = Field(default=None, pattern=WAL_NAME)
+    run: str | None = Field(default=None, pattern=RUN)
     wait: float = Field(default=0.0, ge=0.0, le=10.0)
 
 
@@ -669,9 +692,7 @@ def spool_wal(req: SpoolRequest, data: bytes) -> dict[str, Any]:
     """Place one WAL segment where the copy's restore_command reads it."""
     path = _copy_dir(req.path)
     c = _owner_of(path)
-    spool = Path(path, SPOOL)
-    spool.mkdir(mode=0o700, exist_ok=True)
-    os.chown(spool, c.uid, c.gid)
+    spool = _make_spool(path, req.run, c.uid, c.gid)
     if len(data) > SEGMENT_SIZE:
         raise InvalidInput(detail=f"WAL segment {req.name} is larger than a segment")
     data = data.ljust(SEGMENT_SIZE, b"\0")
@@ -706,7 +727,7 @@ def spool_wanted(req: WantedRequest) -> dict[str, Any]:
     how many segments are staged; waits up to ``req.wait`` s for a change from
     ``req.after``."""
     path = _copy_dir(req.path)
-    spool = Path(path, SPOOL)
+    spool = _spool_of(path, req.run)
     deadline = time.monotonic() + req.wait
     while True:
         try:
@@ -780,9 +801,11 @@ def recover(req: RecoverRequest) -> dict[str, Any]:
                     shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
     Path(path, "pg_wal", "archive_status").mkdir(exist_ok=True)
     os.chown(Path(path, "pg_wal", "archive_status"), c0.uid, c0.gid)
-    spool = Path(path, SPOOL)
-    spool.mkdir(mode=0o700, exist_ok=True)
-    os.chown(spool, c0.uid, c0.gid)
+    spool = _make_spool(path, req.run, c0.uid, c0.gid)
+    if req.run:
+        for entry in Path(path, SPOOL).iterdir():  # another recovery's, never to be read
+            if entry.name != req.run:
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
 
     def write(name: str, text: str, mode: str = "w") -> None:
         target = os.path.join(path, name)
@@ -795,6 +818,11 @@ def recover(req: RecoverRequest) -> dict[str, Any]:
     if req.tablespace_map:
         write("tablespace_map", req.tablespace_map)
     write("recovery.signal", "")
+    auto = Path(path, "postgresql.auto.conf")
+    try:
+        settings_before: str | None = auto.read_text()
+    except FileNotFoundError:
+        settings_before = None
     target = req.target_time
     if target is not None:
         last = last_commit(c0, spool)
@@ -817,7 +845,7 @@ def recover(req: RecoverRequest) -> dict[str, Any]:
     settings = [
         "",
         "# tandem: point-in-time recovery of this copy",
-        f'restore_command = \'/bin/sh "{path}/{SPOOL}/restore.sh" "%f" "%p"\'',
+        f'restore_command = \'/bin/sh "{spool}/restore.sh" "%f" "%p"\'',
         "recovery_target_action = 'promote'",
         "archive_mode = 'off'",
     ]
@@ -871,6 +899,7 @@ def recover(req: RecoverRequest) -> dict[str, Any]:
             )
         time.sleep(0.1)
     reached = row[1] or None
+    _settle(c, settings_before)
     checked = amcheck(c) if req.verify else None
     return {
         "amcheck": checked,
@@ -880,6 +909,27 @@ def recover(req: RecoverRequest) -> dict[str, Any]:
         "seconds": round(time.monotonic() - t0, 3),
         "major": c.major,
     }
+
+
+def _settle(c: Cluster, settings_before: str | None) -> None:
+    """The copy is promoted: what tandem wrote to recover it goes. Its settings
+    (``restore_command``, the target, ``archive_mode = off``) leave ``postgresql.auto.conf``,
+    which gets back what it held before, and the spool of WAL goes with its script. The
+    copy is now a cluster like the one it was captured from: if it becomes production again
+    (failover, syncback, restore) it carries none of a recovery's settings home. (Read at
+    start-up only, so the running server is not affected.) A segment the appliance was
+    still staging may land after this, in this recovery's folder, which no other recovery
+    reads (the next one removes it)."""
+    auto = Path(c.data, "postgresql.auto.conf")
+    if settings_before is None:
+        auto.unlink(missing_ok=True)
+    else:
+        tmp = Path(c.data, ".postgresql.auto.conf.tandem")
+        tmp.write_text(settings_before)
+        os.chown(tmp, c.uid, c.gid)
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, auto)
+    shutil.rmtree(Path(c.data, SPOOL), ignore_errors=True)
 
 
 def amcheck(c: Cluster) -> dict[str, Any]:

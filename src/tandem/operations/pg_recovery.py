@@ -23,19 +23,24 @@ held from them (a target past it is the end of the WAL).
 from __future__ import annotations
 
 import os
+import secrets
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from tandem.catalog import queries as q
 from tandem.catalog.models import App, Host, Image
+from tandem.domain.consistency import Cut
+from tandem.domain.images import ImageKind
 from tandem.domain.lifecycle import AppKind
 from tandem.errors import InvalidInput, RecoveryPointUnavailable
 from tandem.jobs.runner import JobContext
-from tandem.operations import wal
+from tandem.operations import present, wal
 from tandem.operations.hosts import agent_for
 from tandem.operations.site import Site
+from tandem.storage.manifest import TreeManifest, load_manifest
 from tandem.transport.agent import AgentClient
 
 PREFETCH = max(1, int(os.environ.get("TANDEM_PG_PREFETCH", "4")))
@@ -147,12 +152,14 @@ def recover(
         if name in staged:
             return
         data = wal.read_segment(site, rows[name])
-        agent.pg_spool(path, name, data)
+        agent.pg_spool(path, name, data, run)
         staged.add(name)
         moved += len(data)
 
+    run = secrets.token_hex(8)  # this recovery's spool folder at the host
     body: dict[str, Any] = {
         "path": path,
+        "run": run,
         "backup_label": pg["backup_label"],
         "tablespace_map": pg.get("tablespace_map") or "",
         "target_time": target.isoformat() if target is not None else None,
@@ -177,7 +184,7 @@ def recover(
         wanted: str | None = None
         nxt = 0
         while starter.is_alive():
-            wanted = agent.pg_spool_wanted(path, wanted, 1.0)
+            wanted = agent.pg_spool_wanted(path, wanted, 1.0, run)
             if wanted is None or wanted not in order:
                 continue
             upto = min(len(plan_), order[wanted] + 1 + PREFETCH)
@@ -221,3 +228,119 @@ def recover(
         "recovery_seconds": done.get("seconds"),
         "window": chosen.window.as_dict(),
     }
+
+
+# --- the step shared by test failover, failover and mount ----------------------------------
+
+
+def requested(
+    site: Site,
+    app: App,
+    *,
+    time: str | None,
+    latest: bool,
+    port: int | None,
+    verify: bool,
+    image: str | None,
+) -> tuple[str | None, dict[str, Any]]:
+    """At submit (test failover, failover): a database's base image that reaches the target
+    (refused outside the window) and the job parameters of its recovery; any other app's
+    image as given and no parameters (refused when a database option is given)."""
+    target = parse_target(time, latest, app)
+    if app.kind is not AppKind.POSTGRESQL:
+        if port is not None or verify:
+            raise InvalidInput(
+                detail="--port and --verify are for a recovered database; leave them out"
+            )
+        return image, {}
+    base = plan(site, app, target, image).base.id
+    return base, {"time": target.isoformat() if target else None, "port": port, "verify": verify}
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """What a job's parameters ask: the plan that reaches the target, and the target."""
+
+    plan: Plan
+    target: datetime | None
+
+    @property
+    def base(self) -> Image:
+        return self.plan.base
+
+
+def asked(site: Site, app: App, params: Mapping[str, Any], image: str | None = None) -> Recovery:
+    """The recovery a job's parameters ask for (``time``; none: the latest), planned again
+    when the job runs: the WAL held may have moved since it was submitted."""
+    target = parse_target(params.get("time"), params.get("time") is None, app)
+    return Recovery(plan(site, app, target, image), target)
+
+
+def recover_presented(
+    site: Site,
+    ctx: JobContext,
+    recovery: Recovery,
+    *,
+    image_id: str,
+    shown: present.Presented,
+    app: App,
+    host: Host,
+    port: int | None,
+    verify: bool,
+) -> dict[str, Any]:
+    """Recover into the copy just presented as ``image_id`` (no row yet); when that fails the
+    presentation is withdrawn, so the failed job leaves nothing behind."""
+    try:
+        if not shown.paths:
+            raise InvalidInput(detail="a database is recovered in a folder: give --mount-point")
+        return recover(
+            site,
+            ctx,
+            app=app,
+            host=host,
+            chosen=recovery.plan,
+            path=shown.paths[0],
+            target=recovery.target,
+            port=port,
+            verify=verify,
+        )
+    except BaseException:
+        present.withdraw_unrecorded(site, image_id, host)
+        raise
+
+
+def note(recovered: Mapping[str, Any]) -> str:
+    """The end of a job's message when a database was recovered."""
+    if not recovered:
+        return ""
+    return (
+        f"; PostgreSQL recovered to {recovered.get('recovered_to')} on port {recovered.get('port')}"
+    )
+
+
+# --- home again: what a syncback of a database may be restored from -----------------------
+
+ONE_INSTANT = (Cut.SNAPSHOT_BTRFS.value, Cut.REFLINK.value, Cut.FREEZE.value, Cut.HOOKS.value)
+"""Cuts that read every file at one instant: a running cluster read so is crash-consistent
+(its own pg_wal replays it), as after a power loss."""
+
+
+def check_restorable(site: Site, app: App, image: Image) -> None:
+    """A syncback of a PostgreSQL app taken while the database ran at the DR site (a
+    catch-up syncback) from live files read one by one is torn: refused, naming the final
+    syncback (the database stopped first) as the one to restore. A cut at one instant, or a
+    database stopped, is restorable."""
+    if app.kind is not AppKind.POSTGRESQL or image.kind is not ImageKind.SYNCBACK:
+        return
+    if image.consistency in ONE_INSTANT:
+        return
+    manifest = load_manifest(site.pool, bytes.fromhex(image.manifest))
+    if isinstance(manifest, TreeManifest) and any(
+        e.path == "postmaster.pid" for e in manifest.entries
+    ):
+        raise InvalidInput(
+            detail=f"syncback {image.id} of {app.name!r} was taken while PostgreSQL ran at the "
+            f"DR site, from files read one by one ({image.consistency or 'no cut'}): it is "
+            "not a consistent cluster. Stop the database at the DR site, run `tandem "
+            f"syncback {app.name}` there, and restore that one"
+        )

@@ -23,6 +23,7 @@ wire models, and the bytes must match the digest the sender computed.
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
 import os
 import threading
@@ -363,6 +364,18 @@ def stop_streaming(site: Site, app: App) -> None:
         host = q.get_host(session, name=app.host)
     with agent_for(host) as agent:
         agent.pg_drop(app.name, app.path)
+
+
+def replaced(site: Site, app: App) -> None:
+    """Before a restore writes another state over ``app``'s cluster (a syncback from the DR
+    site, on its own timeline): take what the host's receiver holds, then stop it, drop the
+    slot and its folder. The receiver would otherwise resume from the old cluster's
+    position, which the new one's history does not hold; the shipper starts a new stream
+    at the new cluster's position once it runs (a new base image bridges the two)."""
+    with site.wal_lock:
+        with contextlib.suppress(TandemError):
+            pull(site, app)  # its last WAL, when the old cluster ran until now
+        stop_streaming(site, app)
 
 
 class WalShipper:
