@@ -71,6 +71,25 @@ def test_a_database_failed_over_comes_home_with_every_dr_transaction_and_streams
         at_dr = writer.sql(HISTORY)
         sums = writer.sql(INVARIANT)
         assert int(at_dr.split("|")[0]) == int(at_prod.split("|")[0]) + 200
+        # Its WAL is captured at DR, on the new timeline: the window moves with it, and
+        # the replica recovers to the DR copy's state (were the DR host lost).
+        written = server_now(writer)
+        wait_for(lambda: (end := window_end(b, "db")) and end > written, 60, "the DR WAL")
+        assert writer.sql("SELECT count(*) FROM pg_stat_replication") == "1"
+        replica = next(i for i in b("images", "db") if i["kind"] == "replica")
+        again = b(
+            "mount",
+            replica["id"],
+            "--host",
+            "host2",
+            "--latest",
+            "--mount-point",
+            str(shared_dir / "dr-again"),
+        )
+        assert again["job"]["status"] == "succeeded", again["job"]
+        copy = recovered(shared_dir, again["job"]["result"])
+        assert copy.sql(HISTORY) == at_dr and copy.sql("SELECT site FROM marks") == "dr"
+        b("unmount", again["image"]["id"])
         writer.stop()  # downtime starts: the final syncback takes the stopped cluster
 
         final = b("syncback", "db", "--label", "final")
@@ -94,6 +113,7 @@ def test_a_database_failed_over_comes_home_with_every_dr_transaction_and_streams
         done_back = b("failback", "db")
         assert done_back["job"]["status"] == "succeeded", done_back["job"]
         assert next(x for x in b("apps") if x["name"] == "db")["state"] == "managed"
+        # The DR copy's slot came home in pg_replslot; production's stream uses its own.
 
         # Production streams again, on the timeline the DR copy began at its promotion.
         timeline = "SELECT substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8)"
@@ -101,6 +121,8 @@ def test_a_database_failed_over_comes_home_with_every_dr_transaction_and_streams
         wait_for(
             lambda: prod.sql("SELECT count(*) FROM pg_stat_replication") == "1", 60, "streaming"
         )
+        slots = "SELECT string_agg(slot_name || ':' || active, ',') FROM pg_replication_slots"
+        assert prod.sql(slots) == "tandem_db:true"  # one slot, the stream's own
         base = a("capture", "db")
         assert base["job"]["status"] == "succeeded", base["job"]
         assert base["image"]["pg"]["timeline"] == 2

@@ -152,6 +152,60 @@ def test_a_time_outside_the_window_or_past_a_gap_is_refused_saying_where(booted:
         pg_recovery.plan(site, app, None)  # the latest lies past the gap
 
 
+def test_the_wal_of_a_promoted_copy_extends_the_window_on_its_new_timeline(
+    booted: Booted,
+) -> None:
+    """At DR after a failover: the replica's timeline 1, then the DR copy's timeline 2 from
+    the segment of its promotion, with its history file; a recovery follows them both and
+    stages the history first. The history is never pruned."""
+    site = booted.appliance.site
+    app_id = mirror(site)
+    for n, timeline, complete in ((2, 1, True), (3, 1, False), (3, 2, True), (4, 2, False)):
+        wal.store(
+            site,
+            app_id=app_id,
+            name=segment_name(timeline, n * SEGMENT),
+            offset=0,
+            data=b"w",
+            complete=complete,
+            seen=T0 + timedelta(seconds=10 * n + timeline),
+        )
+    history = b"1\t0/3000100\tno recovery target specified\n"
+    wal.store(
+        site,
+        app_id=app_id,
+        name="00000002.history",
+        offset=0,
+        data=history,
+        complete=True,
+        seen=T0 + timedelta(seconds=31),
+    )
+    with site.catalog.read() as session:
+        app = q.get_app(session, name="db")
+        row = q.get_wal_segment(session, app_id=app_id, name="00000002.history")
+        assert row is not None and row.timeline == 2
+    window = wal.window(site, app)
+    assert window.end == T0 + timedelta(seconds=42) and window.gap is None
+    chosen = pg_recovery.plan(site, app, None)
+    assert chosen.segments == [seg(2), segment_name(2, 3 * SEGMENT), segment_name(2, 4 * SEGMENT)]
+    assert chosen.histories == ["00000002.history"]
+    assert "00000002.history" not in wal.prune(site, app)
+    with pytest.raises(InvalidInput):
+        wal.receive_push(
+            site,
+            peer="prod",
+            app="db",
+            body=WalPush(
+                name="00000003.history",
+                offset=0,
+                data=base64.b64encode(b"x").decode(),
+                complete=True,
+                digest=blake3.blake3(b"y").hexdigest(),
+                seen=T0,
+            ),
+        )
+
+
 def test_segments_older_than_the_oldest_base_image_are_pruned(booted: Booted) -> None:
     site = booted.appliance.site
     app_id = mirror(site)

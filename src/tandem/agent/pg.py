@@ -79,7 +79,10 @@ from tandem.errors import (
 PG_ROOT = Path("/usr/lib/postgresql")
 SEGMENT_SIZE = 16 * 1024 * 1024
 WAL_NAME = r"^[0-9A-F]{24}$"
-WAL_FILE = r"^[0-9A-F]{24}(\.partial)?$"
+HISTORY_NAME = r"^[0-9A-F]{8}\.history$"
+"""A timeline's history file: where it branched from its parents (after a promotion)."""
+WAL_OR_HISTORY = r"^([0-9A-F]{24}|[0-9A-F]{8}\.history)$"
+WAL_FILE = r"^([0-9A-F]{24}(\.partial)?|[0-9A-F]{8}\.history)$"
 APP_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 PATH = r"^/[^\x00]*$"
 SQL_TIMEOUT = 60.0
@@ -462,10 +465,13 @@ class Receivers:
                 return {"running": True, "started": False, "slot": slot}
             self._stop_orphan(req.app)
             self.root.mkdir(mode=0o700, exist_ok=True)
+            fresh = not spool.exists()
             spool.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.chown(spool, c.uid, c.gid)
             log = spool.parent / "receivewal.log"
             receivewal = str(c.bin / "pg_receivewal")
+            if fresh:  # a new stream: a slot of that name is another stream's (see drop_stale)
+                self._drop_stale(c, slot)
             _run(
                 c,
                 [receivewal, *c.conn(), "-S", slot, "--create-slot", "--if-not-exists"],
@@ -506,6 +512,19 @@ class Receivers:
             finally:
                 os.close(fd)
         return {"running": True, "started": True, "slot": slot}
+
+    @staticmethod
+    def _drop_stale(c: Cluster, slot: str) -> None:
+        """Drop an inactive slot named ``slot`` before a new stream starts: one this stream
+        never held, e.g. the slot of the DR copy's stream, carried home in ``pg_replslot``
+        when that copy was synced back and restored here, whose position is the DR site's
+        (or one a restore put back from an older state). This stream starts at the
+        cluster's position and the appliance sees where it begins."""
+        query(
+            c,
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+            f"WHERE slot_name = '{slot}' AND NOT active",
+        )
 
     def _stop_orphan(self, app: str) -> None:
         """Stop a receiver a previous run of this agent left (killed, it could not): it
@@ -555,7 +574,7 @@ class Receivers:
         """Remove the completed segments the appliance stored durably."""
         removed = []
         for name in req.names:
-            if re.fullmatch(WAL_NAME, name):
+            if re.fullmatch(WAL_OR_HISTORY, name):
                 with contextlib.suppress(FileNotFoundError):
                     (self.spool(req.app) / name).unlink()
                     removed.append(name)
@@ -629,7 +648,7 @@ class SpoolRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     path: str = Field(pattern=PATH, max_length=4096)
-    name: str = Field(pattern=WAL_NAME)
+    name: str = Field(pattern=WAL_OR_HISTORY)
     run: str | None = Field(default=None, pattern=RUN)
 
 
@@ -657,8 +676,8 @@ class RecoverRequest(BaseModel):
     @classmethod
     def _names(cls, names: list[str]) -> list[str]:
         for name in names:
-            if not re.fullmatch(WAL_NAME, name):
-                raise ValueError(f"{name[:40]!r} is not a WAL segment name")
+            if not re.fullmatch(WAL_OR_HISTORY, name):
+                raise ValueError(f"{name[:40]!r} is not a WAL segment or history file name")
         return names
 
 
@@ -695,7 +714,8 @@ def spool_wal(req: SpoolRequest, data: bytes) -> dict[str, Any]:
     spool = _make_spool(path, req.run, c.uid, c.gid)
     if len(data) > SEGMENT_SIZE:
         raise InvalidInput(detail=f"WAL segment {req.name} is larger than a segment")
-    data = data.ljust(SEGMENT_SIZE, b"\0")
+    if re.fullmatch(WAL_NAME, req.name):  # a segment is read whole; a history file as is
+        data = data.ljust(SEGMENT_SIZE, b"\0")
     tmp = spool / f".{req.name}.tmp"
     with open(tmp, "wb") as fh:
         fh.write(data)

@@ -30,7 +30,7 @@ from tandem.domain.rules import FAILOVER_CONFIRMATION, check_confirmations
 from tandem.errors import InvalidInput, TandemError
 from tandem.jobs.queue import submit_job
 from tandem.jobs.runner import JobContext
-from tandem.operations import hooks, peers, pg_recovery, present
+from tandem.operations import hooks, peers, pg_recovery, present, wal
 from tandem.operations.capture import check_label
 from tandem.operations.hosts import agent_for
 from tandem.operations.site import Site
@@ -176,6 +176,8 @@ def run_failover(site: Site, ctx: JobContext) -> dict[str, Any]:
     ctx.log(
         f"{app.name} is failed over; writer epoch {epoch}: replication from production is refused"
     )
+    if recovery is not None and shown.paths:
+        wal.start_dr_capture(site, ctx, app, (host.name, shown.paths[0]))
     refused = peers.tell_failed_over(site, app=app.name, epoch=epoch)
     if refused is not None:  # production also learns it when its next replication is refused
         ctx.log(f"could not tell production that {app.name} failed over: {refused}", "warning")

@@ -82,14 +82,17 @@ class Plan:
     base: Image
     segments: list[str]
     window: wal.Window
+    histories: list[str]
+    """The history files of the timelines the segments follow (staged first: PostgreSQL
+    reads them before any segment)."""
 
 
 def plan(site: Site, app: App, target: datetime | None, image: str | None = None) -> Plan:
     """The base image and WAL segments that reach ``target``; refused when none do."""
     window = wal.window(site, app)
+    held = wal.lineage(site, app)
     with site.catalog.read() as session:
         bases = wal.base_images(session, app)
-        held = wal.held_of(q.list_wal_segments(session, app_id=app.id))
         if image is not None:
             bases = [b for b in bases if b.id == image]
             if not bases:
@@ -118,7 +121,7 @@ def plan(site: Site, app: App, target: datetime | None, image: str | None = None
             continue
         # The whole run: a segment's "seen" bounds what was held *in all segments* then, so
         # commits before the target may lie in any segment up to the chain's end.
-        return Plan(base, [seg.name for seg in chain.segments], window)
+        return Plan(base, [seg.name for seg in chain.segments], window, held.history_names(chain))
     if gaps:
         raise refuse(f"the WAL held here has a gap at LSN {gaps[0]}; no point past it")
     raise refuse("the WAL held here does not reach it yet")
@@ -165,7 +168,7 @@ def recover(
         "target_time": target.isoformat() if target is not None else None,
         "port": port,
         "verify": verify,
-        "segments": plan_,
+        "segments": [*chosen.histories, *plan_],
     }
 
     def start() -> None:
@@ -176,6 +179,8 @@ def recover(
             outcome["error"] = exc
 
     with agent_for(host) as agent:
+        for name in chosen.histories:  # read first, and tiny
+            agent.pg_spool(path, name, wal.read_segment(site, rows[name]), run)
         for name in [*plan_[-TAIL:], *plan_[:PREFETCH]]:
             stage(agent, name)
         ctx.set_message(f"recovering {app.name} to {_shown(target)} on host {host.name}")
