@@ -12,7 +12,7 @@ import pytest
 
 from tests.e2e.conftest import Cli, Drill, running_drill, wait_for
 from tests.e2e.test_live_apps import INVARIANT, as_postgres, shared_dir
-from tests.e2e.test_postgresql import make_cluster, recovered, server_now, window_end
+from tests.e2e.test_postgresql import bench, make_cluster, recovered, server_now, window_end
 
 __all__ = ["shared_dir"]  # the fixture, used by name
 
@@ -63,14 +63,31 @@ def test_a_database_failed_over_comes_home_with_every_dr_transaction_and_streams
         # Nothing of the recovery's is left to be carried home.
         assert "restore_command" not in (dr_path / "postgresql.auto.conf").read_text()
 
-        # The app runs at the DR site.
+        # The app runs at the DR site; a catch-up syncback is taken under its load (a base
+        # backup of the DR cluster), brings the data home, but is no cluster to restore.
+        load = bench(writer)
+        try:
+            wait_for(lambda: writer.sql(HISTORY) != at_prod, 60, "pgbench at DR")
+            catch_up = b("syncback", "db", "--label", "catch-up")
+        finally:
+            load.kill()  # runuser; pgbench itself goes when its sessions do
+            load.wait()
+            clients = "FROM pg_stat_activity WHERE application_name = 'pgbench'"
+            writer.sql(f"SELECT pg_terminate_backend(pid) {clients}")
+            wait_for(lambda: writer.sql(f"SELECT count(*) {clients}") == "0", 30, "no pgbench")
+        assert catch_up["job"]["status"] == "succeeded", catch_up["job"]
+        assert catch_up["job"]["result"]["consistency"] == "base-backup"
+        refused = a.run("restore", "db", "--image", catch_up["image"]["id"], *CONFIRM, check=False)
+        assert refused.code != 0 and "Traceback" not in refused.stderr
+        assert "Stop the database at the DR site" in refused.error, refused.error
+        before = int(writer.sql("SELECT count(*) FROM pgbench_history"))
         as_postgres(
             str(writer.bin / "pgbench"), *writer.conn(), "-n", "-c", "2", "-t", "100", "postgres"
         )
         writer.sql("INSERT INTO marks VALUES ('dr')")
         at_dr = writer.sql(HISTORY)
         sums = writer.sql(INVARIANT)
-        assert int(at_dr.split("|")[0]) == int(at_prod.split("|")[0]) + 200
+        assert int(at_dr.split("|")[0]) == before + 200
         # Its WAL is captured at DR, on the new timeline: the window moves with it, and
         # the replica recovers to the DR copy's state (were the DR host lost).
         written = server_now(writer)
@@ -94,8 +111,14 @@ def test_a_database_failed_over_comes_home_with_every_dr_transaction_and_streams
 
         final = b("syncback", "db", "--label", "final")
         assert final["job"]["status"] == "succeeded", final["job"]
+        assert final["job"]["bytes_sent"] < catch_up["job"]["bytes_sent"]  # what changed since
         restored = a("restore", "db", "--image", final["image"]["id"], *CONFIRM)
         assert restored["job"]["status"] == "succeeded", restored["job"]
+        print(
+            f"syncback under pgbench {catch_up['job']['bytes_sent']} B, final syncback "
+            f"{final['job']['bytes_sent']} B; failback downtime (final syncback → restored) "
+            f"{restored['job']['result']['downtime_seconds']:.2f} s"
+        )
         prod.start()
         assert prod.sql(HISTORY) == at_dr  # every transaction committed at DR, no more
         assert prod.sql(INVARIANT) == sums and len(set(sums.split("|"))) == 1

@@ -35,13 +35,14 @@ from tandem.catalog.models import App, Host, Image
 from tandem.domain.consistency import Cut
 from tandem.domain.images import ImageKind
 from tandem.domain.lifecycle import AppKind
-from tandem.errors import InvalidInput, RecoveryPointUnavailable
+from tandem.errors import InvalidInput, RecoveryPointUnavailable, RemoteError, TandemError
 from tandem.jobs.runner import JobContext
 from tandem.operations import present, wal
 from tandem.operations.hosts import agent_for
 from tandem.operations.site import Site
 from tandem.storage.manifest import TreeManifest, load_manifest
 from tandem.transport.agent import AgentClient
+from tandem.transport.peer import PgBase
 
 PREFETCH = max(1, int(os.environ.get("TANDEM_PG_PREFETCH", "4")))
 """Segments staged ahead of the one replay waits for."""
@@ -330,13 +331,46 @@ ONE_INSTANT = (Cut.SNAPSHOT_BTRFS.value, Cut.REFLINK.value, Cut.FREEZE.value, Cu
 (its own pg_wal replays it), as after a power loss."""
 
 
+def running_kind(app: App, host: Host, path: str) -> str | None:
+    """What a syncback captures the DR copy at ``path`` as: a running database
+    (``postgresql``: a base backup, ``pg_backup_start``/``stop`` on the DR cluster, its
+    files read live and repaired by the WAL, so a catch-up syncback works while it writes),
+    else None (a stopped cluster is read as the files it is)."""
+    if app.kind is not AppKind.POSTGRESQL:
+        return None
+    try:
+        with agent_for(host) as agent:
+            agent.pg_probe(app.name, path)
+    except TandemError:
+        return None  # not running (or not fit to stream): read as files
+    return AppKind.POSTGRESQL.value
+
+
+def base_of(done: Mapping[str, Any]) -> dict[str, Any]:
+    """The base backup an agent's capture reports, checked (it is stored and sent home)."""
+    try:
+        return PgBase.model_validate(done.get("pg")).model_dump(mode="json")
+    except ValueError as exc:
+        raise RemoteError(
+            what="host", name="of the DR copy", detail=f"its base backup report is invalid ({exc})"
+        ) from exc
+
+
 def check_restorable(site: Site, app: App, image: Image) -> None:
     """A syncback of a PostgreSQL app taken while the database ran at the DR site (a
-    catch-up syncback) from live files read one by one is torn: refused, naming the final
-    syncback (the database stopped first) as the one to restore. A cut at one instant, or a
-    database stopped, is restorable."""
+    catch-up syncback) is not a cluster to write in place: a base backup needs its WAL
+    replayed, and live files read one by one are torn. Refused, naming the final syncback
+    (the database stopped first) as the one to restore. A cut at one instant, or a database
+    stopped, is restorable."""
     if app.kind is not AppKind.POSTGRESQL or image.kind is not ImageKind.SYNCBACK:
         return
+    if image.pg:
+        raise InvalidInput(
+            detail=f"syncback {image.id} of {app.name!r} is a base backup of the database "
+            "while it ran at the DR site (a catch-up syncback: it brought most of the data "
+            "home). Stop the database at the DR site, run `tandem syncback "
+            f"{app.name}` there (it sends only what changed since), and restore that one"
+        )
     if image.consistency in ONE_INSTANT:
         return
     manifest = load_manifest(site.pool, bytes.fromhex(image.manifest))

@@ -79,8 +79,8 @@ def submit_restore(
             )
         if img.state is ImageState.DELETING:
             raise Conflict(detail=f"image {img.id} is being deleted; choose another image")
+        pg_recovery.check_restorable(site, row, img)  # a syncback: names the one to restore
         check_not_base_backup(img)
-        pg_recovery.check_restorable(site, row, img)
         check_transition(row.name, row.state, Operation.RESTORE)
         app_host(session, row, action="restore")
         job = submit_job(
