@@ -171,5 +171,25 @@ def test_a_database_failed_over_comes_home_with_every_dr_transaction_and_streams
         copy = recovered(shared_dir, latest["job"]["result"])
         assert copy.sql("SELECT string_agg(site, ',' ORDER BY site) FROM marks") == "dr,home"
         b("unmount", latest["image"]["id"])
+
+        # The DR copy's WAL came home too: production recovers to a second of the DR period
+        # from its base image taken before the failover.
+        before_failover = next(
+            i for i in a("images", "db") if i["kind"] == "snapshot" and i["pg"]["timeline"] == 1
+        )
+        at = a(
+            "mount",
+            before_failover["id"],
+            "--host",
+            "host1",
+            "--time",
+            written.isoformat(),
+            "--mount-point",
+            str(shared_dir / "home-pit"),
+        )
+        assert at["job"]["status"] == "succeeded", at["job"]
+        copy = recovered(shared_dir, at["job"]["result"])
+        assert copy.sql(HISTORY) == at_dr and copy.sql("SELECT site FROM marks") == "dr"
+        a("unmount", at["image"]["id"])
     finally:
         prod.stop()

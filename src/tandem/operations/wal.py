@@ -27,6 +27,7 @@ import contextlib
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -51,6 +52,9 @@ log = logging.getLogger(__name__)
 TICK = float(os.environ.get("TANDEM_WAL_TICK", "1"))
 PUSH_MAX = 4 * 1024 * 1024
 """Bytes of a segment per push to the peer."""
+PUSH_RETRY = 30.0
+"""Seconds before a failed-over app's WAL is pushed home again after production refused or
+did not answer (its capture at DR goes on every tick meanwhile)."""
 
 
 def wal_dir(site: Site, app_id: str) -> Path:
@@ -180,17 +184,23 @@ def pull(site: Site, app: App, where: tuple[str, str] | None = None) -> int:
 # --- mirroring to the peer ---------------------------------------------------------------
 
 
-def push(site: Site, app: App) -> int:
-    """Send the peer the bytes of ``app``'s segments it does not hold yet."""
+def push(site: Site, app: App, *, written_here: bool = False) -> int:
+    """Send the peer the bytes of ``app``'s segments it does not hold yet. ``written_here``
+    (a failed-over app at DR): only the WAL of timelines newer than every base image here,
+    the DR copy's since its promotion (the rest came from the peer)."""
     peer = peers.the_peer(site)
     if peer is None:
         return 0
     with site.catalog.read() as session:
-        todo = [
-            s
-            for s in q.list_wal_segments(session, app_id=app.id)
-            if s.mirrored < s.size or (s.complete and s.mirrored == s.size)
-        ]
+        rows = q.list_wal_segments(session, app_id=app.id)
+        bases = base_images(session, app)
+    newest_base = max((int((b.pg or {})["timeline"]) for b in bases), default=0)
+    todo = [
+        s
+        for s in rows
+        if (s.mirrored < s.size or (s.complete and s.mirrored == s.size))
+        and (not written_here or s.timeline > newest_base)
+    ]
     sent = 0
     with peers.client_for(peer) as remote:
         for seg in todo:
@@ -220,13 +230,18 @@ def push(site: Site, app: App) -> int:
 
 
 def receive_push(site: Site, *, peer: str, app: str, body: WalPush) -> WalHeld:
-    """Hold WAL the peer sends for ``app``, which must be its mirror record here."""
+    """Hold WAL the peer sends for ``app``: its mirror record here, or this site's own app
+    while it is failed over at the peer (the DR copy's WAL, written on its own timeline:
+    production's window then runs on through the DR period)."""
     with site.catalog.read() as session:
         row = q.get_app(session, name=app)
-        if row.origin != peer or row.kind is not AppKind.POSTGRESQL:
+        mirror = row.origin == peer
+        failed_over_there = row.origin is None and row.peer_active
+        if not (mirror or failed_over_there) or row.kind is not AppKind.POSTGRESQL:
             raise Conflict(
-                detail=f"application {app!r} here is not a PostgreSQL mirror of {peer!r}; WAL "
-                "is taken only for apps whose base images this site already holds"
+                detail=f"application {app!r} here is not a PostgreSQL mirror of {peer!r} nor "
+                f"failed over at it; WAL is taken only for apps whose base images this site "
+                "already holds"
             )
         app_id = row.id
     try:
@@ -241,6 +256,11 @@ def receive_push(site: Site, *, peer: str, app: str, body: WalPush) -> WalHeld:
         site, app_id=app_id, name=body.name, offset=body.offset, data=data,
         complete=body.complete, seen=body.seen, digest=body.digest,
     )  # fmt: skip
+    if failed_over_there:  # the peer holds what it sent: it is not pushed back to it
+        with site.catalog.begin() as session:
+            held = q.get_wal_segment(session, app_id=app_id, name=seg.name)
+            if held is not None:
+                held.mirrored = max(held.mirrored, held.size + (1 if held.complete else 0))
     return WalHeld(name=seg.name, size=seg.size)
 
 
@@ -459,6 +479,8 @@ def failover_ends(site: Site, ctx: JobContext, app_name: str, image: Image) -> N
         with site.wal_lock:
             with contextlib.suppress(TandemError):
                 pull(site, app, where)
+            with contextlib.suppress(TandemError):
+                push(site, app, written_here=True)  # the last of it, home
             stop_streaming(site, app, where)
     except TandemError as exc:
         ctx.log(f"the WAL stream of the DR copy of {app.name} was not stopped: {exc}", "warning")
@@ -488,6 +510,8 @@ class WalShipper:
         self._dropped: set[str] = set()
         self._dr: dict[str, tuple[str, str]] = {}
         """Apps whose DR copy this shipper streams: (host, folder)."""
+        self._push_after: dict[str, float] = {}
+        """Apps whose DR WAL is not pushed home before this (monotonic) time."""
 
     def start(self) -> None:
         self._stop.clear()
@@ -524,10 +548,16 @@ class WalShipper:
 
     def _step(self, app: App) -> None:
         where = dr_copy(self.site, app)
-        if where is not None:  # failed over here: the DR copy's WAL
+        if where is not None:  # failed over here: the DR copy's WAL, and home to production
             self._dr[app.name] = where
             pull(self.site, app, where)
             prune(self.site, app)
+            if time.monotonic() >= self._push_after.get(app.name, 0.0):
+                try:
+                    push(self.site, app, written_here=True)
+                except TandemError:  # production may be gone: not at every tick
+                    self._push_after[app.name] = time.monotonic() + PUSH_RETRY
+                    raise
             return
         if app.name in self._dr and app.state is not AppState.FAILBACK_PENDING:
             stop_streaming(self.site, app, self._dr[app.name])  # the failover ended
