@@ -66,8 +66,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
-
 from tandem.errors import (
     ClusterUnfit,
     InvalidInput,
@@ -75,23 +73,25 @@ from tandem.errors import (
     RecoveryFailed,
     TandemError,
 )
+from tandem.transport.agent_api import (
+    SEGMENT_SIZE,
+    WAL_FILE,
+    WAL_NAME,
+    WAL_OR_HISTORY,
+    ProbeRequest,
+    RecoverRequest,
+    SpoolRequest,
+    StreamRequest,
+    WalAck,
+    WalRead,
+    WantedRequest,
+)
 
 PG_ROOT = Path("/usr/lib/postgresql")
-SEGMENT_SIZE = 16 * 1024 * 1024
-WAL_NAME = r"^[0-9A-F]{24}$"
-HISTORY_NAME = r"^[0-9A-F]{8}\.history$"
-"""A timeline's history file: where it branched from its parents (after a promotion)."""
-WAL_OR_HISTORY = r"^([0-9A-F]{24}|[0-9A-F]{8}\.history)$"
-WAL_FILE = r"^([0-9A-F]{24}(\.partial)?|[0-9A-F]{8}\.history)$"
-APP_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
-PATH = r"^/[^\x00]*$"
 SQL_TIMEOUT = 60.0
 START_TIMEOUT = float(os.environ.get("TANDEM_PG_START_TIMEOUT", "300"))
 SPOOL = "tandem_wal"
 """The folder inside a recovered copy that its restore_command reads from."""
-RUN = r"^[0-9a-f]{16}$"
-"""One recovery's folder in the spool (the appliance names it): a segment staged late, or
-left in a copy captured later, is never read by another recovery."""
 
 
 def _spool_of(path: str, run: str | None) -> Path:
@@ -247,13 +247,6 @@ def query(c: Cluster, sql: str) -> list[list[str]]:
 
 
 # --- probing: can this cluster be protected? -----------------------------------------------
-
-
-class ProbeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    app: str = Field(pattern=APP_NAME)
-    path: str = Field(pattern=PATH, max_length=4096)
 
 
 def probe(req: ProbeRequest) -> dict[str, Any]:
@@ -418,28 +411,6 @@ def base_backup(path: str, label: str) -> Iterator[BaseBackup]:
 
 
 # --- WAL streaming ------------------------------------------------------------------------
-
-
-class StreamRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    app: str = Field(pattern=APP_NAME)
-    path: str = Field(pattern=PATH, max_length=4096)
-
-
-class WalRead(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    app: str = Field(pattern=APP_NAME)
-    name: str = Field(pattern=WAL_FILE)
-    offset: int = Field(ge=0, le=SEGMENT_SIZE)
-
-
-class WalAck(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    app: str = Field(pattern=APP_NAME)
-    names: list[str] = Field(default_factory=list, max_length=4096)
 
 
 class Receivers:
@@ -640,57 +611,6 @@ class Receivers:
 
 
 # --- recovery -----------------------------------------------------------------------------
-
-
-class SpoolRequest(BaseModel):
-    """One WAL segment for the recovery of the copy at ``path`` (its bytes: the body)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    path: str = Field(pattern=PATH, max_length=4096)
-    name: str = Field(pattern=WAL_OR_HISTORY)
-    run: str | None = Field(default=None, pattern=RUN)
-
-
-class RecoverRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    path: str = Field(pattern=PATH, max_length=4096)
-    run: str | None = Field(default=None, pattern=RUN)
-    """The spool folder of this recovery (``tandem_wal/RUN``), the one segments were staged
-    in; other folders there (an earlier recovery's, carried in the image) are removed."""
-    backup_label: str = Field(min_length=1, max_length=8192)
-    tablespace_map: str = Field(default="", max_length=65536)
-    target_time: datetime | None = None
-    """None: recover to the end of the WAL given (latest)."""
-    port: int | None = Field(default=None, ge=1024, le=65535)
-    socket_dir: str | None = Field(default=None, pattern=PATH, max_length=1024)
-    verify: bool = False
-    """Run ``pg_amcheck`` (heap and every B-tree index) on the started copy."""
-    segments: list[str] = Field(default_factory=list, max_length=1_000_000)
-    """The segments the appliance holds for this recovery, in order; the restore_command
-    waits for these to be staged and fails at once for any other name. Empty: the ones
-    already staged in the spool."""
-
-    @field_validator("segments")
-    @classmethod
-    def _names(cls, names: list[str]) -> list[str]:
-        for name in names:
-            if not re.fullmatch(WAL_OR_HISTORY, name):
-                raise ValueError(f"{name[:40]!r} is not a WAL segment or history file name")
-        return names
-
-
-class WantedRequest(BaseModel):
-    """Which segment the recovery of the copy at ``path`` waits for; waits up to ``wait``
-    seconds for it to differ from ``after``."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    path: str = Field(pattern=PATH, max_length=4096)
-    after: str | None = Field(default=None, pattern=WAL_NAME)
-    run: str | None = Field(default=None, pattern=RUN)
-    wait: float = Field(default=0.0, ge=0.0, le=10.0)
 
 
 def _owner_of(path: str) -> Cluster:

@@ -35,13 +35,25 @@ from tandem.catalog.models import App, Host, Image
 from tandem.domain.consistency import Cut
 from tandem.domain.images import ImageKind
 from tandem.domain.lifecycle import AppKind
-from tandem.errors import InvalidInput, RecoveryPointUnavailable, RemoteError, TandemError
+from tandem.errors import (
+    ImageNotOfApp,
+    MountPointNeeded,
+    RecoveryOptionsUnused,
+    RecoveryPointUnavailable,
+    RemoteError,
+    SyncbackOfRunningDatabase,
+    TandemError,
+    TimeAndLatest,
+    TimeInvalid,
+)
 from tandem.jobs.runner import JobContext
 from tandem.operations import present, wal
 from tandem.operations.hosts import agent_for
 from tandem.operations.site import Site
 from tandem.storage.manifest import TreeManifest, load_manifest
 from tandem.transport.agent import AgentClient
+from tandem.transport.agent_api import RecoverRequest
+from tandem.transport.api import checked
 from tandem.transport.peer import PgBase
 
 PREFETCH = max(1, int(os.environ.get("TANDEM_PG_PREFETCH", "4")))
@@ -55,22 +67,18 @@ def parse_target(text: str | None, latest: bool, app: App) -> datetime | None:
     not apply."""
     if app.kind is not AppKind.POSTGRESQL:
         if text is not None or latest:
-            raise InvalidInput(
-                detail=f"--time and --latest recover a database; {app.name!r} is a "
-                f"{app.kind.value} app: leave them out"
+            raise RecoveryOptionsUnused(
+                options="--time and --latest", app=app.name, kind=app.kind.value
             )
         return None
     if text is not None and latest:
-        raise InvalidInput(detail="give --time or --latest, not both")
+        raise TimeAndLatest()
     if text is None:
         return None
     try:
         when = datetime.fromisoformat(text.strip())
     except ValueError as exc:
-        raise InvalidInput(
-            detail=f'--time {text!r} is not a time; write it as "YYYY-MM-DD HH:MM:SS" (UTC) '
-            'or with its offset, e.g. "2026-12-02 10:15:03+01:00"'
-        ) from exc
+        raise TimeInvalid(text=text) from exc
     return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
 
 
@@ -97,7 +105,7 @@ def plan(site: Site, app: App, target: datetime | None, image: str | None = None
         if image is not None:
             bases = [b for b in bases if b.id == image]
             if not bases:
-                raise InvalidInput(detail=f"image {image} is not a base image of {app.name!r}")
+                raise ImageNotOfApp(image=image, what="a base image", app=app.name)
 
     def refuse(reason: str) -> RecoveryPointUnavailable:
         return RecoveryPointUnavailable(
@@ -161,16 +169,17 @@ def recover(
         moved += len(data)
 
     run = secrets.token_hex(8)  # this recovery's spool folder at the host
-    body: dict[str, Any] = {
-        "path": path,
-        "run": run,
-        "backup_label": pg["backup_label"],
-        "tablespace_map": pg.get("tablespace_map") or "",
-        "target_time": target.isoformat() if target is not None else None,
-        "port": port,
-        "verify": verify,
-        "segments": [*chosen.histories, *plan_],
-    }
+    body = checked(
+        RecoverRequest,
+        path=path,
+        run=run,
+        backup_label=pg["backup_label"],
+        tablespace_map=pg.get("tablespace_map") or "",
+        target_time=target,
+        port=port,
+        verify=verify,
+        segments=[*chosen.histories, *plan_],
+    )
 
     def start() -> None:
         try:
@@ -213,15 +222,15 @@ def recover(
         f"{reached or 'the base alone'} in "
         f"{done.get('seconds')} s; port {done.get('port')}, socket {done.get('socket_dir')}"
     )
-    checked = done.get("amcheck")
-    if isinstance(checked, dict):
+    amcheck = done.get("amcheck")
+    if isinstance(amcheck, dict):
         ctx.log(
-            f"pg_amcheck: {'no corruption found' if checked.get('ok') else 'FAILED'} in "
-            f"{checked.get('seconds')} s",
-            "info" if checked.get("ok") else "warning",
+            f"pg_amcheck: {'no corruption found' if amcheck.get('ok') else 'FAILED'} in "
+            f"{amcheck.get('seconds')} s",
+            "info" if amcheck.get("ok") else "warning",
         )
     return {
-        "amcheck": checked,
+        "amcheck": amcheck,
         "recovered_to": reached,
         "target": target.isoformat() if target is not None else "latest",
         "port": done.get("port"),
@@ -255,8 +264,8 @@ def requested(
     target = parse_target(time, latest, app)
     if app.kind is not AppKind.POSTGRESQL:
         if port is not None or verify:
-            raise InvalidInput(
-                detail="--port and --verify are for a recovered database; leave them out"
+            raise RecoveryOptionsUnused(
+                options="--port and --verify", app=app.name, kind=app.kind.value
             )
         return image, {}
     base = plan(site, app, target, image).base.id
@@ -298,7 +307,7 @@ def recover_presented(
     presentation is withdrawn, so the failed job leaves nothing behind."""
     try:
         if not shown.paths:
-            raise InvalidInput(detail="a database is recovered in a folder: give --mount-point")
+            raise MountPointNeeded(what="a recovered database")
         return recover(
             site,
             ctx,
@@ -365,11 +374,10 @@ def check_restorable(site: Site, app: App, image: Image) -> None:
     if app.kind is not AppKind.POSTGRESQL or image.kind is not ImageKind.SYNCBACK:
         return
     if image.pg:
-        raise InvalidInput(
-            detail=f"syncback {image.id} of {app.name!r} is a base backup of the database "
-            "while it ran at the DR site (a catch-up syncback: it brought most of the data "
-            "home). Stop the database at the DR site, run `tandem syncback "
-            f"{app.name}` there (it sends only what changed since), and restore that one"
+        raise SyncbackOfRunningDatabase(
+            image=image.id,
+            app=app.name,
+            how="as a base backup (a catch-up syncback: it brought most of the data home)",
         )
     if image.consistency in ONE_INSTANT:
         return
@@ -377,9 +385,8 @@ def check_restorable(site: Site, app: App, image: Image) -> None:
     if isinstance(manifest, TreeManifest) and any(
         e.path == "postmaster.pid" for e in manifest.entries
     ):
-        raise InvalidInput(
-            detail=f"syncback {image.id} of {app.name!r} was taken while PostgreSQL ran at the "
-            f"DR site, from files read one by one ({image.consistency or 'no cut'}): it is "
-            "not a consistent cluster. Stop the database at the DR site, run `tandem "
-            f"syncback {app.name}` there, and restore that one"
+        raise SyncbackOfRunningDatabase(
+            image=image.id,
+            app=app.name,
+            how=f"from files read one by one ({image.consistency or 'no cut'})",
         )

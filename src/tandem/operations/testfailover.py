@@ -19,7 +19,11 @@ from tandem.domain.ids import new_image_id
 from tandem.domain.images import ImageKind, ImageState
 from tandem.domain.lifecycle import AppFacts, AppKind, Operation, check_transition
 from tandem.domain.rules import PresentedImage, check_test_failover_target
-from tandem.errors import InvalidInput, NotFound
+from tandem.errors import (
+    ImageNotOfApp,
+    InvalidInput,
+    NotFound,
+)
 from tandem.jobs.queue import submit_job
 from tandem.jobs.runner import JobContext
 from tandem.operations import pg_recovery, present
@@ -34,7 +38,7 @@ def pick_replica(session: Session, app: App, image: str | None) -> Image:
     if image:
         row = q.get_image(session, image_id=image)
         if row.app.name != app.name or row.kind is not ImageKind.REPLICA:
-            raise InvalidInput(detail=f"image {image} is not a replica of {app.name!r}")
+            raise ImageNotOfApp(image=image, what="a replica", app=app.name)
         return row
     newest = q.latest_image(session, app=app.name, kind=ImageKind.REPLICA)
     if newest is None:
