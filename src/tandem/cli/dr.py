@@ -111,6 +111,11 @@ def _vm_options(new_vm: str | None, network: str | None, power_on: bool) -> dict
     return out
 
 
+VerifyOpt = Annotated[
+    bool, typer.Option("--verify", help="A PostgreSQL app: run pg_amcheck on the recovered copy.")
+]
+
+
 @job_command
 def test_failover(
     s: Session,
@@ -125,10 +130,7 @@ def test_failover(
     new_vm: NewVmOpt = None,
     network: NetworkOpt = None,
     power_on: PowerOnOpt = False,
-    verify: Annotated[
-        bool,
-        typer.Option("--verify", help="A PostgreSQL app: run pg_amcheck on the recovered copy."),
-    ] = False,
+    verify: VerifyOpt = False,
 ) -> JobAnswer:
     """Present a writable copy of a replica to HOST; replication goes on (DR appliance).
     A PostgreSQL app is recovered to --time or --latest and started."""
@@ -162,6 +164,7 @@ def failover(
     new_vm: NewVmOpt = None,
     network: NetworkOpt = None,
     power_on: PowerOnOpt = False,
+    verify: VerifyOpt = False,
 ) -> JobAnswer:
     """Bring APP up at the DR site from its replica; replication stops (DR appliance).
     A PostgreSQL app is recovered to --time or (default) --latest and started."""
@@ -174,6 +177,7 @@ def failover(
         "label": label,
         **pit_fields(time_, latest, port),
         **_vm_options(new_vm, network, power_on),
+        **({"verify": True} if verify else {}),
     }
     return s.api.failover(checked_app(app), checked(FailoverIn, **params))
 
