@@ -136,7 +136,7 @@ def test_failover(
     A PostgreSQL app is recovered to --time or --latest and started."""
     params = {
         "host": host,
-        "image": image,
+        "image": checked_image(image) if image else None,
         "mount_point": mount_point,
         "action": action,
         **pit_fields(time_, latest, port),
@@ -171,7 +171,7 @@ def failover(
     params = {
         "host": host,
         "confirm": list(confirm or []),
-        "image": image,
+        "image": checked_image(image) if image else None,
         "mount_point": mount_point,
         "action": action,
         "label": label,

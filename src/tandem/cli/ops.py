@@ -58,7 +58,8 @@ def restore(
         raise
     except ConfirmationRequired:
         pass  # the server names what is missing
-    return s.api.restore(checked_app(app), checked(RestoreIn, image=image, confirm=typed))
+    body = checked(RestoreIn, image=checked_image(image), confirm=typed)
+    return s.api.restore(checked_app(app), body)
 
 
 def images_view(rows: list[dict[str, Any]]) -> Table | Group:

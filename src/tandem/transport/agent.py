@@ -218,9 +218,8 @@ class AgentClient:
         """Start the copy recovered to a point in time; answers the point reached."""
         return self._dict("POST", "/api/v1/pg/recover", body)
 
-    def refresh_layers(self, image: str, appliance: dict[str, str]) -> int:
+    def refresh_layers(self, image: str, appliance: ApplianceSession) -> int:
         """Give the FUSE copies of ``image`` on the host a new read session; how many."""
-        session = checked(ApplianceSession, **appliance)
-        body = checked(RefreshRequest, image=image, appliance=session)
+        body = checked(RefreshRequest, image=image, appliance=appliance)
         answer = self._call("POST", "/api/v1/layers/refresh", body)
         return int(answer.get("refreshed") or 0) if isinstance(answer, dict) else 0

@@ -33,7 +33,7 @@ from pydantic_core import PydanticCustomError
 
 from tandem.domain.consistency import ConsistencyMode
 from tandem.domain.hooks import HOOK_NAME, MAX_HOOK_NAME, hook_name_problem, is_hook_name
-from tandem.domain.ids import NAME_PATTERN
+from tandem.domain.ids import IMAGE_ID_PATTERN, NAME_PATTERN
 from tandem.domain.images import ImageKind, ImageState
 from tandem.domain.jobs import JobStatus
 from tandem.domain.lifecycle import AppKind, AppState
@@ -168,7 +168,7 @@ class ProtectIn(Body):
 
 class PresentIn(Body):
     host: str = Field(min_length=1, max_length=64)
-    image: str | None = Field(default=None, max_length=64)
+    image: str | None = Field(default=None, max_length=64, pattern=IMAGE_ID_PATTERN)
     mount_point: str | None = Field(default=None, max_length=4096)
     action: str | None = Field(default=None, max_length=32)
     time: str | None = Field(
@@ -240,7 +240,7 @@ class CaptureIn(Body):
 
 
 class RestoreIn(Body):
-    image: str = Field(max_length=64, pattern=NO_NUL)
+    image: str = Field(max_length=64, pattern=IMAGE_ID_PATTERN)
     confirm: list[str] = Field(
         default_factory=list,
         max_length=16,
