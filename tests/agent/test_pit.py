@@ -223,3 +223,37 @@ def test_a_recapture_from_reflink_clones_reads_only_what_changed(
     _, second, read = cut_and_capture(first, first_id)
     assert read == 100_000
     assert files_of(pool, second)["f3"] == (app / "f3").read_bytes()
+
+
+def test_a_big_file_changed_after_cloning_is_read_at_the_cut_only_where_it_changed(
+    pool: ChunkPool, mkfs: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While writes are held, a file written since it was cloned is read only where its
+    extents no longer match its clone's: the hold does not grow with the file."""
+    fs = mkfs("xfs")
+    app = fs / "app"
+    app.mkdir()
+    big = app / "big"
+    big.write_bytes(os.urandom(32 << 20))
+    os.sync()
+    new_block = os.urandom(8192)
+    real_freeze = pit.freeze
+    writes = [0]
+
+    def write_then_freeze(mount: pit.Mount, path: str) -> None:
+        if not writes[0]:  # after cloning, before the held check: a page rewritten
+            writes[0] += 1
+            fd = os.open(big, os.O_WRONLY)
+            os.pwrite(fd, new_block, 16 << 20)
+            os.close(fd)
+        real_freeze(mount, path)
+
+    monkeypatch.setattr(pit, "freeze", write_then_freeze)
+    with pit.point_in_time(str(app), "filesystem", ConsistencyMode.AUTO) as cut:
+        assert cut.cut is Cut.REFLINK
+        _, m, _ = capture_tree(pool, cut.path, recheck=cut.recheck)
+    assert writes[0] == 1
+    assert 0 < cut.held_read <= 1 << 20  # the rewritten page, not 32 MiB
+    assert cut.cut_at is not None and cut.cut_seconds is not None
+    assert files_of(pool, m)["big"] == big.read_bytes()
+    assert leftovers(fs) == []

@@ -35,6 +35,7 @@ also when the capture fails.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import os
 import secrets
@@ -48,6 +49,7 @@ from dataclasses import dataclass
 
 from tandem.domain.consistency import ConsistencyMode, Cut
 from tandem.errors import PointInTimeUnavailable, SourceChanged
+from tandem.storage import extents
 
 FICLONE = 0x40049409  # _IOW(0x94, 9, int)
 FIFREEZE = 0xC0045877  # _IOWR('X', 119, int): what fsfreeze -f does, without a process
@@ -80,6 +82,13 @@ class PointInTime:
     """Whether ``path`` may still change (live files): the capture verifies after reading."""
     held_seconds: float | None = None
     """How long writes were held (freeze), set when the source is released."""
+    held_read: int = 0
+    """Bytes of changed files read while writes were held (reflink clones)."""
+    cut_at: float | None = None
+    """When making the point in time began (epoch seconds: the host's clock)."""
+    cut_seconds: float | None = None
+    """How long making it took: the window in which the app may have paused (a snapshot's
+    commit, cloning and the held check; for ``freeze``, the whole capture)."""
     identity: dict[str, tuple[int, int]] | None = None
     """For a copy (reflink clones): each path's live (ctime_ns, inode), which the image
     records so that the next capture knows unchanged files (``capture_tree``)."""
@@ -89,6 +98,9 @@ class PointInTime:
             "consistency": self.cut.value,
             "consistency_reason": self.reason,
             "held_seconds": self.held_seconds,
+            "cut_at": self.cut_at,
+            "cut_seconds": self.cut_seconds,
+            "held_read": self.held_read,
         }
 
 
@@ -166,6 +178,24 @@ def thaw(mount: Mount, path: str) -> None:
     _ioctl_mount(mount, FITHAW, f"thawing {mount.point}", path)
 
 
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def syncfs(path: str) -> None:
+    """Write the dirty data of the file system ``path`` is on (``syncfs(2)``), best effort.
+
+    Called, with writes flowing, right before a cut: what a snapshot's commit or a freeze
+    must flush then is only what was written since, so the app's pause stays short."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        _libc.syncfs(fd)
+    finally:
+        os.close(fd)
+
+
 def _work_name() -> str:
     return WORK_PREFIX + secrets.token_hex(6)
 
@@ -185,9 +215,15 @@ def _work_place(path: str, mount: Mount) -> tuple[str, str | None]:
 @contextlib.contextmanager
 def _btrfs_snapshot(path: str) -> Iterator[PointInTime]:
     snap = os.path.join(os.path.dirname(path.rstrip("/")), _work_name())
+    # The snapshot commits a transaction that flushes every dirty page first: flushed now,
+    # while the app writes on, the commit has little left to flush.
+    syncfs(path)
+    t0, at = time.monotonic(), time.time()
     _run(["btrfs", "subvolume", "snapshot", "-r", path, snap], "btrfs subvolume snapshot", path)
+    pit = PointInTime(snap, Cut.SNAPSHOT_BTRFS, "a read-only btrfs snapshot", recheck=False)
+    pit.cut_at, pit.cut_seconds = at, time.monotonic() - t0
     try:
-        yield PointInTime(snap, Cut.SNAPSHOT_BTRFS, "a read-only btrfs snapshot", recheck=False)
+        yield pit
     finally:
         _run(["btrfs", "subvolume", "delete", snap], "btrfs subvolume delete", path)
 
@@ -287,52 +323,93 @@ def _clone_file(src: str, dst: str, path: str) -> None:
         os.close(sfd)
 
 
+@dataclass
+class _Held:
+    """What a changed file held at the cut: its stat, and either its whole content
+    (``whole``) or the ranges that differ from its clone, each with its bytes."""
+
+    st: os.stat_result
+    ranges: list[tuple[int, bytes]]
+    whole: bool
+
+
+def _pread_all(fd: int, start: int, end: int) -> bytes:
+    chunks, pos = [], start
+    while pos < end:
+        piece = os.pread(fd, min(8 << 20, end - pos), pos)
+        if not piece:
+            break
+        chunks.append(piece)
+        pos += len(piece)
+    return b"".join(chunks)
+
+
+def _differs(fd: int, st: os.stat_result, clone: str) -> list[tuple[int, int]] | None:
+    """The ranges of the live file (open as ``fd``) that may differ from its clone, from
+    both extent maps (``storage.extents``; writes are held, so nothing is dirty and the
+    maps are not synced); None when they cannot tell."""
+    try:
+        cfd = os.open(clone, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        cst = os.fstat(cfd)
+        if not stat.S_ISREG(cst.st_mode) or cst.st_dev != st.st_dev:
+            return None
+        return extents.changed_ranges(fd, st.st_size, cfd, cst.st_size, sync=False)
+    finally:
+        os.close(cfd)
+
+
 def _read_held(
-    path: str, changed: list[str], now: dict[str, tuple[int, ...]]
-) -> dict[str, tuple[bytes, os.stat_result]] | None:
-    """The content of the changed regular files, read while writes are held; None when
-    there are too many bytes (or entries that are not regular files) to hold writes for."""
+    path: str, work: str, changed: list[str], now: dict[str, tuple[int, ...]]
+) -> dict[str, _Held] | None:
+    """What the changed regular files hold, read while writes are held: only the ranges
+    where a file's extents differ from its clone's (a clone shares every extent it was not
+    written in since), the whole file when the extent maps cannot tell. None when there are
+    too many bytes (or entries that are not regular files) to hold writes for."""
+    for rel in changed:
+        key = now.get(rel)
+        if key is not None and key != (-1,) and not stat.S_ISREG(key[0]):
+            return None
     total = 0
+    out: dict[str, _Held] = {}
     for rel in changed:
         key = now.get(rel)
         if key is None or key == (-1,):
             continue  # removed: nothing to read
-        if not stat.S_ISREG(key[0]):
-            return None
-        total += key[1]
-    if total > HELD_READ_MAX:
-        return None
-    out: dict[str, tuple[bytes, os.stat_result]] = {}
-    for rel in changed:
-        key = now.get(rel)
-        if key is None or key == (-1,):
-            continue
         fd = os.open(os.path.join(path, rel), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
             st = os.fstat(fd)
-            chunks, pos = [], 0
-            while pos < st.st_size:
-                piece = os.pread(fd, min(8 << 20, st.st_size - pos), pos)
-                if not piece:
-                    break
-                chunks.append(piece)
-                pos += len(piece)
-            out[rel] = (b"".join(chunks), st)
+            ranges = _differs(fd, st, os.path.join(work, rel))
+            whole = ranges is None
+            todo = [(0, st.st_size)] if ranges is None else ranges
+            total += sum(end - start for start, end in todo)
+            if total > HELD_READ_MAX:
+                return None
+            out[rel] = _Held(st, [(s, _pread_all(fd, s, e)) for s, e in todo], whole)
         finally:
             os.close(fd)
     return out
 
 
-def _write_read(work: str, read: dict[str, tuple[bytes, os.stat_result]]) -> None:
-    """Put the files read at the cut in place of their clones (mode, owner and times kept)."""
-    for rel, (data, st) in read.items():
-        dst = os.path.join(work, rel)
-        _remove(dst)
-        fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+def _write_read(work: str, read: dict[str, _Held]) -> None:
+    """Put what was read at the cut into the clones (mode, owner and times kept): a whole
+    file in place of its clone, changed ranges into it."""
+    for rel, held in read.items():
+        dst, st = os.path.join(work, rel), held.st
+        if held.whole:
+            _remove(dst)
+            fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        else:
+            fd = os.open(dst, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            for offset, data in held.ranges:
+                view, pos = memoryview(data), offset
+                while view:
+                    n = os.pwrite(fd, view, pos)
+                    view, pos = view[n:], pos + n
+            os.ftruncate(fd, st.st_size)
             os.fchown(fd, st.st_uid, st.st_gid)
             os.fchmod(fd, stat.S_IMODE(st.st_mode))
             os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
@@ -357,7 +434,13 @@ def _reflink_tree(path: str, mount: Mount) -> Iterator[PointInTime]:
     work, exclude = _work_place(path, mount)
     hold = mount.point != "/"
     held = 0.0
+    held_read = 0
     try:
+        # A clone first writes the file's dirty pages, with the file locked; a freeze, all
+        # of the file system's: flushed beforehand, with writes flowing, little is left.
+        if hold:
+            syncfs(path)
+        t_cut, at = time.monotonic(), time.time()
         before = _lstat_tree(path, exclude)
         os.mkdir(work, 0o700)
         names = [os.path.join(path, n) for n in os.listdir(path) if n != exclude]
@@ -365,9 +448,10 @@ def _reflink_tree(path: str, mount: Mount) -> Iterator[PointInTime]:
             _cp(names, work + "/", path)
         for attempt in range(CLONE_ATTEMPTS):
             if hold:
+                syncfs(path)
                 freeze(mount, path)
             t0 = time.monotonic()
-            read: dict[str, tuple[bytes, os.stat_result]] | None = None
+            read: dict[str, _Held] | None = None
             try:
                 now = _lstat_tree(path, exclude)
                 changed = [r for r in before.keys() | now.keys() if before.get(r) != now.get(r)]
@@ -375,12 +459,13 @@ def _reflink_tree(path: str, mount: Mount) -> Iterator[PointInTime]:
                     # Writers queue while held and rush in at the thaw, so a file written
                     # on every commit (a WAL) would change again before it is re-cloned:
                     # a few changed files are read now instead, at the cut.
-                    read = _read_held(path, changed, now)
+                    read = _read_held(path, work, changed, now)
             finally:
                 if hold:
                     thaw(mount, path)
                 held = max(held, time.monotonic() - t0)
             if read is not None:
+                held_read += sum(len(d) for h in read.values() for _, d in h.ranges)
                 _reclone(path, work, [r for r in changed if r not in read], now)
                 _write_read(work, read)
                 changed = []
@@ -398,6 +483,8 @@ def _reflink_tree(path: str, mount: Mount) -> Iterator[PointInTime]:
                 identity = {rel: (k[3], k[4]) for rel, k in now.items() if len(k) == 5}
                 pit = PointInTime(work, Cut.REFLINK, why, recheck=False, identity=identity)
                 pit.held_seconds = held if hold else None
+                pit.held_read = held_read
+                pit.cut_at, pit.cut_seconds = at, time.monotonic() - t_cut
                 yield pit
                 return
             _reclone(path, work, changed, now)
@@ -418,8 +505,12 @@ def _reflink_file(path: str) -> Iterator[PointInTime]:
     clone = os.path.join(os.path.dirname(path), _work_name())
     src = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
+        os.fdatasync(src)  # the clone writes the dirty pages first, with the file locked
+        t0, at = time.monotonic(), time.time()
         os.close(_clone_fd(src, clone, path, "it"))
-        yield PointInTime(clone, Cut.REFLINK, "a reflink clone of the volume file", recheck=False)
+        pit = PointInTime(clone, Cut.REFLINK, "a reflink clone of the volume file", recheck=False)
+        pit.cut_at, pit.cut_seconds = at, time.monotonic() - t0
+        yield pit
     finally:
         os.close(src)
         with contextlib.suppress(FileNotFoundError):
@@ -442,12 +533,15 @@ def _frozen(path: str, mount: Mount) -> Iterator[PointInTime]:
                 thawed[0] = True
                 thaw(mount, path)
 
+    syncfs(path)
+    at = time.time()
     freeze(mount, path)
     t0 = time.monotonic()
     watchdog = threading.Timer(FREEZE_MAX, release)
     watchdog.daemon = True
     watchdog.start()
     pit = PointInTime(path, Cut.FREEZE, f"writes to {mount.point} held during the capture")
+    pit.cut_at = at
     try:
         yield pit
         if time.monotonic() - t0 >= FREEZE_MAX:
@@ -459,7 +553,7 @@ def _frozen(path: str, mount: Mount) -> Iterator[PointInTime]:
     finally:
         watchdog.cancel()
         release()
-        pit.held_seconds = time.monotonic() - t0
+        pit.held_seconds = pit.cut_seconds = time.monotonic() - t0
 
 
 @contextlib.contextmanager
