@@ -257,3 +257,65 @@ def test_a_big_file_changed_after_cloning_is_read_at_the_cut_only_where_it_chang
     assert cut.cut_at is not None and cut.cut_seconds is not None
     assert files_of(pool, m)["big"] == big.read_bytes()
     assert leftovers(fs) == []
+
+
+@pytest.mark.parametrize("fstype", ["xfs", "btrfs"])
+def test_a_kept_cut_makes_the_next_capture_read_only_changed_chunks(
+    pool: ChunkPool, mkfs: Callable[[str], Path], fstype: str
+) -> None:
+    """A successful capture keeps its snapshot/clones (one per app, replaced each time);
+    the next capture from that image reads a big file only where it was rewritten."""
+    fs = mkfs(fstype)
+    app = fs / "app"
+    if fstype == "btrfs":
+        subprocess.run(["btrfs", "subvolume", "create", str(app)], check=True, stdout=-3)
+    else:
+        app.mkdir()
+    (app / "big").write_bytes(os.urandom(24 << 20))
+
+    def capture(base: tuple[bytes, TreeManifest] | None) -> tuple[bytes, TreeManifest, int]:
+        with pit.point_in_time(
+            str(app), "filesystem", ConsistencyMode.AUTO, base=base[0].hex() if base else None
+        ) as cut:
+            assert (cut.previous is not None) == (base is not None)
+            mid, m, stats = capture_tree(
+                pool,
+                cut.path,
+                base=base[1] if base else None,
+                base_id=base[0] if base else None,
+                identity=cut.identity,
+                recheck=cut.recheck,
+                previous=cut.previous,
+            )
+            cut.keep = mid.hex()
+        return mid, m, stats.bytes_read
+
+    first_id, first, read = capture(None)
+    assert read == 24 << 20
+    kept = leftovers(fs)
+    assert len(kept) == 1 and kept[0].startswith(pit.KEEP_PREFIX)
+    with open(app / "big", "r+b") as f:
+        f.seek(5 << 20)
+        f.write(b"x" * 8192)
+    second_id, second, read = capture((first_id, first))
+    assert 0 < read <= 12 << 20
+    assert files_of(pool, second)["big"] == (app / "big").read_bytes()
+    assert len(leftovers(fs)) == 1  # the first kept cut was replaced
+    with pit.point_in_time(str(app), "filesystem", ConsistencyMode.AUTO, base=first_id.hex()) as c:
+        assert c.previous is None  # not the image the kept cut belongs to
+    assert len(leftovers(fs)) == 1
+
+
+def test_a_kept_cut_inside_a_whole_mount_app_is_not_captured(
+    pool: ChunkPool, mkfs: Callable[[str], Path]
+) -> None:
+    fs = mkfs("xfs")
+    (fs / "data").write_bytes(b"rows")
+    with pit.point_in_time(str(fs), "filesystem", ConsistencyMode.AUTO) as cut:
+        mid, m, _ = capture_tree(pool, cut.path, recheck=cut.recheck)
+        cut.keep = mid.hex()
+    assert len(leftovers(fs)) == 1
+    with pit.point_in_time(str(fs), "filesystem", ConsistencyMode.AUTO, base=mid.hex()) as cut:
+        assert cut.previous is not None
+        _, m, _ = capture_tree(pool, cut.path, recheck=cut.recheck)
+    assert sorted(e.path for e in m.entries) == ["data"]

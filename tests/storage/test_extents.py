@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import fcntl
 import os
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from tandem.storage import extents
+from tandem.storage.pool import ChunkPool
+from tandem.storage.tree import capture_tree
+from tandem.storage.tree_capture import CDC_MAX
 from tests.agent.loopfs import loop_mounts
 
 FICLONE = 0x40049409
@@ -67,3 +71,52 @@ def test_a_grown_or_unrelated_file_differs_where_it_must(
     assert sum(e - s for s, e in changed) <= 2 * MiB  # not the first MiB at least
     other.write_bytes(live.read_bytes())  # same bytes, own extents: all of it differs
     assert ranges(other, live) == [(0, 3 * MiB)]
+
+
+@pytest.mark.parametrize("fstype", ["xfs", "btrfs"])
+def test_a_recapture_against_the_kept_previous_cut_reads_only_changed_chunks(
+    pool: ChunkPool, mkfs: Callable[[str], Path], fstype: str
+) -> None:
+    """A block rewritten in the middle of a big file is captured, the rest of it is not
+    read, and the manifest is the one a full read makes."""
+    fs = mkfs(fstype)
+    live = fs / "live"
+    live.mkdir()
+    (live / "big").write_bytes(os.urandom(24 * MiB))
+    (live / "untouched").write_bytes(os.urandom(12 * MiB))
+
+    def cut(name: str) -> Path:
+        subprocess.run(["cp", "-a", "--reflink=always", str(live), str(fs / name)], check=True)
+        return fs / name
+
+    first = cut("first")
+    first_id, base, stats = capture_tree(pool, first)
+    assert stats.bytes_read == 36 * MiB
+    block = os.urandom(8192)
+    with open(live / "big", "r+b") as f:
+        f.seek(11 * MiB + 12288)
+        f.write(block)
+    second = cut("second")
+    _, m, stats = capture_tree(pool, second, base=base, base_id=first_id, previous=str(first))
+    assert 0 < stats.bytes_read <= 3 * CDC_MAX  # the chunks around the block, not 36 MiB
+    _, full, _ = capture_tree(pool, second)
+    assert [(e.path, e.chunks) for e in m.entries] == [(e.path, e.chunks) for e in full.entries]
+    big = next(e for e in m.entries if e.path == "big")
+    data = b"".join(pool.get(d) for d, _ in big.chunks if d is not None)
+    assert data == (live / "big").read_bytes()
+    assert data[11 * MiB + 12288 : 11 * MiB + 20480] == block
+
+
+def test_without_a_trustworthy_previous_cut_the_file_is_read_whole(
+    pool: ChunkPool, tmp_path: Path
+) -> None:
+    """A previous cut that is not the base's file (another size) is not used."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "big").write_bytes(os.urandom(8 * MiB))
+    base_id, base, _ = capture_tree(pool, tmp_path / "a")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "big").write_bytes(os.urandom(9 * MiB))
+    _, _, stats = capture_tree(
+        pool, tmp_path / "b", base=base, base_id=base_id, previous=str(tmp_path / "b")
+    )
+    assert stats.bytes_read == 9 * MiB

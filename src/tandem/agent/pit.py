@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import fcntl
+import hashlib
 import os
 import secrets
 import shutil
@@ -44,7 +45,7 @@ import stat
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from tandem.domain.consistency import ConsistencyMode, Cut
@@ -57,6 +58,7 @@ FITHAW = 0xC0045878  # _IOWR('X', 120, int)
 REFLINK_FS = frozenset({"btrfs", "xfs"})
 BTRFS_SUBVOLUME_INO = 256
 WORK_PREFIX = ".tandem-pit-"
+KEEP_PREFIX = WORK_PREFIX + "keep-"
 CLONE_ATTEMPTS = 50
 HELD_READ_MAX = 64 * 1024 * 1024
 """Bytes of changed files read while writes are held, rather than cloned again after."""
@@ -82,6 +84,12 @@ class PointInTime:
     """Whether ``path`` may still change (live files): the capture verifies after reading."""
     held_seconds: float | None = None
     """How long writes were held (freeze), set when the source is released."""
+    previous: str | None = None
+    """The previous cut of the same path, kept (``keep``) for the capture whose manifest is
+    the base of this one: unchanged extents need not be read (``capture_tree``)."""
+    keep: str | None = None
+    """Set by the caller once the capture succeeded: the manifest (hex) to keep this cut
+    for, in place of the previous one (btrfs snapshots and reflink clones of trees)."""
     held_read: int = 0
     """Bytes of changed files read while writes were held (reflink clones)."""
     cut_at: float | None = None
@@ -209,12 +217,54 @@ def _work_place(path: str, mount: Mount) -> tuple[str, str | None]:
     return os.path.join(path, name), name  # the app's path is the mount's root
 
 
+def _keep_stem(path: str) -> str:
+    digest = hashlib.sha256(os.path.realpath(path).encode("utf-8", "surrogateescape"))
+    return KEEP_PREFIX + digest.hexdigest()[:16] + "-"
+
+
+def _kept(folder: str, path: str, manifest: str | None) -> str | None:
+    """The cut of ``path`` kept in ``folder`` for the image ``manifest``, if there is one."""
+    if not manifest or not all(c in "0123456789abcdef" for c in manifest):
+        return None
+    found = os.path.join(folder, _keep_stem(path) + manifest)
+    return found if os.path.isdir(found) and not os.path.islink(found) else None
+
+
+def _replace_kept(
+    folder: str, path: str, cut: str, manifest: str, remove: Callable[[str], None]
+) -> bool:
+    """Keep ``cut`` as ``path``'s previous cut for ``manifest``, removing the one kept
+    before; False (nothing kept) when it cannot be renamed."""
+    if not all(c in "0123456789abcdef" for c in manifest):
+        return False
+    stem = _keep_stem(path)
+    name = stem + manifest
+    try:
+        os.rename(cut, os.path.join(folder, name))
+    except OSError:
+        return False
+    for other in os.listdir(folder):
+        if other.startswith(stem) and other != name:
+            with contextlib.suppress(OSError, PointInTimeUnavailable):
+                remove(os.path.join(folder, other))
+    return True
+
+
 # --- the cuts -------------------------------------------------------------------------
 
 
+def _rmtree(folder: str) -> None:
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _delete_subvolume(snap: str) -> None:
+    _run(["btrfs", "subvolume", "delete", snap], "btrfs subvolume delete", snap)
+
+
 @contextlib.contextmanager
-def _btrfs_snapshot(path: str) -> Iterator[PointInTime]:
-    snap = os.path.join(os.path.dirname(path.rstrip("/")), _work_name())
+def _btrfs_snapshot(path: str, base: str | None) -> Iterator[PointInTime]:
+    folder = os.path.dirname(path.rstrip("/"))
+    snap = os.path.join(folder, _work_name())
     # The snapshot commits a transaction that flushes every dirty page first: flushed now,
     # while the app writes on, the commit has little left to flush.
     syncfs(path)
@@ -222,10 +272,12 @@ def _btrfs_snapshot(path: str) -> Iterator[PointInTime]:
     _run(["btrfs", "subvolume", "snapshot", "-r", path, snap], "btrfs subvolume snapshot", path)
     pit = PointInTime(snap, Cut.SNAPSHOT_BTRFS, "a read-only btrfs snapshot", recheck=False)
     pit.cut_at, pit.cut_seconds = at, time.monotonic() - t0
+    pit.previous = _kept(folder, path, base)
     try:
         yield pit
     finally:
-        _run(["btrfs", "subvolume", "delete", snap], "btrfs subvolume delete", path)
+        if not (pit.keep and _replace_kept(folder, path, snap, pit.keep, _delete_subvolume)):
+            _run(["btrfs", "subvolume", "delete", snap], "btrfs subvolume delete", path)
 
 
 def _lstat_tree(root: str, exclude: str | None) -> dict[str, tuple[int, ...]]:
@@ -233,8 +285,8 @@ def _lstat_tree(root: str, exclude: str | None) -> dict[str, tuple[int, ...]]:
     mtime, ctime, inode."""
     out: dict[str, tuple[int, ...]] = {}
     for dirpath, dirnames, filenames in os.walk(root):
-        if dirpath == root and exclude in dirnames:
-            dirnames.remove(exclude)  # type: ignore[arg-type]
+        if dirpath == root and exclude is not None:  # work copies (and kept ones) inside
+            dirnames[:] = [d for d in dirnames if not d.startswith(WORK_PREFIX)]
         for name in dirnames + filenames:
             full = os.path.join(dirpath, name)
             rel = os.path.relpath(full, root)
@@ -425,7 +477,7 @@ def _set_dir_times(work: str, now: dict[str, tuple[int, ...]]) -> None:
 
 
 @contextlib.contextmanager
-def _reflink_tree(path: str, mount: Mount) -> Iterator[PointInTime]:
+def _reflink_tree(path: str, mount: Mount, base: str | None) -> Iterator[PointInTime]:
     """Clone the tree, then check it against the live tree while writes are held for the
     instant of an lstat walk (``fsfreeze``; not on the root file system, where the check
     runs unfrozen): an entry unchanged since it was cloned, for all entries, makes the
@@ -435,6 +487,7 @@ def _reflink_tree(path: str, mount: Mount) -> Iterator[PointInTime]:
     hold = mount.point != "/"
     held = 0.0
     held_read = 0
+    pit: PointInTime | None = None
     try:
         # A clone first writes the file's dirty pages, with the file locked; a freeze, all
         # of the file system's: flushed beforehand, with writes flowing, little is left.
@@ -443,7 +496,11 @@ def _reflink_tree(path: str, mount: Mount) -> Iterator[PointInTime]:
         t_cut, at = time.monotonic(), time.time()
         before = _lstat_tree(path, exclude)
         os.mkdir(work, 0o700)
-        names = [os.path.join(path, n) for n in os.listdir(path) if n != exclude]
+        names = [
+            os.path.join(path, n)
+            for n in os.listdir(path)
+            if exclude is None or not n.startswith(WORK_PREFIX)
+        ]
         if names:
             _cp(names, work + "/", path)
         for attempt in range(CLONE_ATTEMPTS):
@@ -484,6 +541,7 @@ def _reflink_tree(path: str, mount: Mount) -> Iterator[PointInTime]:
                 pit = PointInTime(work, Cut.REFLINK, why, recheck=False, identity=identity)
                 pit.held_seconds = held if hold else None
                 pit.held_read = held_read
+                pit.previous = _kept(os.path.dirname(work), path, base)
                 pit.cut_at, pit.cut_seconds = at, time.monotonic() - t_cut
                 yield pit
                 return
@@ -497,7 +555,9 @@ def _reflink_tree(path: str, mount: Mount) -> Iterator[PointInTime]:
             "hooks",
         )
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        folder = os.path.dirname(work)
+        if not (pit and pit.keep and _replace_kept(folder, path, work, pit.keep, _rmtree)):
+            shutil.rmtree(work, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -576,9 +636,14 @@ def _no_pit(path: str, kind: str, mount: Mount) -> str | None:
 
 
 @contextlib.contextmanager
-def point_in_time(path: str, kind: str, mode: ConsistencyMode) -> Iterator[PointInTime]:
+def point_in_time(
+    path: str, kind: str, mode: ConsistencyMode, base: str | None = None
+) -> Iterator[PointInTime]:
     """What to capture ``path`` (a ``filesystem`` or ``volume`` app) from, under ``mode``;
-    the source is released (snapshot deleted, clones removed, file system thawed) on exit."""
+    the source is released (snapshot deleted, clones removed, file system thawed) on exit,
+    unless the caller set its ``keep`` (a tree's snapshot or clones): it is then kept as
+    the previous cut, found again as ``previous`` by the capture whose ``base`` is that
+    manifest."""
     if mode in (ConsistencyMode.NONE, ConsistencyMode.HOOKS):
         with _live(path, f"--consistency {mode.value}: live files") as pit:
             yield pit
@@ -602,8 +667,8 @@ def point_in_time(path: str, kind: str, mode: ConsistencyMode) -> Iterator[Point
         is_btrfs_subvolume(path)
         and mount_of(os.path.dirname(path.rstrip("/")) or "/").point == mount.point
     ):
-        source = _btrfs_snapshot(path)
+        source = _btrfs_snapshot(path, base)
     else:
-        source = _reflink_tree(path, mount)
+        source = _reflink_tree(path, mount, base)
     with source as pit:
         yield pit
