@@ -297,7 +297,7 @@ def test_a_kept_cut_makes_the_next_capture_read_only_changed_chunks(
     with open(app / "big", "r+b") as f:
         f.seek(5 << 20)
         f.write(b"x" * 8192)
-    second_id, second, read = capture((first_id, first))
+    _, second, read = capture((first_id, first))
     assert 0 < read <= 12 << 20
     assert files_of(pool, second)["big"] == (app / "big").read_bytes()
     assert len(leftovers(fs)) == 1  # the first kept cut was replaced

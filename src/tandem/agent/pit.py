@@ -10,8 +10,10 @@ app's ``ConsistencyMode``:
     file system; then, with writes held (``fsfreeze``) only for an lstat walk of the live
     tree, every entry is compared with what it was when cloned (type, size, mtime, ctime,
     inode): all unchanged means every clone is the file at that instant (``reflink``).
-    Regular files that changed since cloned, up to ``HELD_READ_MAX`` bytes, are read then,
-    while writes are still held, and put in place of their clones; otherwise (more bytes,
+    Regular files that changed since cloned are read then, while writes are still held,
+    only where their extents no longer match their clone's (``storage.extents``; the whole
+    file when the maps cannot tell), up to ``HELD_READ_MAX`` bytes, and written into their
+    clones after; the hold grows with what changed, not with the files. Otherwise (more bytes,
     or folders changed) the changed entries are cloned again, writes released meanwhile,
     and the check repeats, at most ``CLONE_ATTEMPTS`` times. (Writes cannot be held around
     the cloning itself: a clone is a write, and blocks on a frozen file system.) The
@@ -27,9 +29,18 @@ app's ``ConsistencyMode``:
   never frozen (the agent and the host live on it). Reports how long writes were held.
 - ``hooks`` and ``none``: the live files (the appliance runs hooks around the capture).
 
+Right before a snapshot, a clone or a freeze, the file system is flushed (``syncfs``) with
+writes flowing, so the commit or freeze that pauses the app has little left to write. The
+cut reports when it began and how long it took (``cut_at``, ``cut_seconds``).
+
 Work copies are named ``.tandem-pit-<random>`` beside the app's path (inside it when the
-path is the root of its mount, and then left out of what is cloned) and are always removed,
-also when the capture fails.
+path is the root of its mount, and then left out of what is cloned) and are removed, also
+when the capture fails — except a tree's snapshot or clones after a successful capture
+whose caller sets ``keep`` (the image's manifest): that copy is renamed
+``.tandem-pit-keep-<hash of the path>-<manifest>``, replacing the one kept before (one per
+app), and the next capture whose base is that image gets it as ``previous``, so that
+``capture_tree`` reads a changed file only where its extents left the kept copy's. A kept
+copy holds the blocks the app has rewritten since (btrfs and XFS share the rest).
 """
 
 from __future__ import annotations

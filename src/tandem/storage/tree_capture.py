@@ -18,6 +18,13 @@ Capture invariants
   touched (and the file read if one is missing). An entry the base describes unchanged is
   the base's TreeEntry object itself, so a re-capture costs no second copy of the tree:
   treat manifests as values and never mutate their entries.
+- With ``previous`` (the kept point-in-time copy ``base`` was captured from, on the same
+  file system), a large non-sparse file that changed is read only in the chunks that
+  overlap ranges whose extents it no longer shares with its previous copy
+  (``storage.extents``), cut again from the chunk boundary before them until a new boundary
+  is an old one whose chunk is untouched: the chunk list is the one a full read makes (a
+  content-defined boundary depends only on the bytes from its chunk's start). When the
+  extent maps cannot tell (a flag they are not trusted with, another size) the file is read.
 - A file is read between its lstat (the walk) and an fstat. If size, mtime, ctime or inode
   differ it is read once more against a fresh fstat; a second change fails the capture with
   SourceChanged. A file that vanishes before it is opened is left out; an unreadable one fails
