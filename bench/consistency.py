@@ -39,7 +39,7 @@ from typing import Any
 import tandem
 from bench.common import Config, Report, Row, fmt_bytes, log, run_measured
 from bench.e2e import Profiler, top_functions
-from bench.replication import job_seconds, run_in_lab
+from bench.replication import job_queued_seconds, job_seconds, run_in_lab
 from tandem.drill.lab import Lab, tandem_argv
 
 SECTION = "consistency · tandem capture of a busy PostgreSQL cluster vs pg_basebackup"
@@ -288,6 +288,7 @@ class ConsistencyBench:
                 time.sleep(PAUSE_BETWEEN)
                 job, wall, start, end = self.capture(app)
                 runs.append(("again", job, wall, start, end))
+        _, apps_wall = self.cli("apps")  # the CLI's own start and one call: its floor
         time.sleep(PAUSE_BETWEEN)
         log(f"consistency: {cluster.fstype}: pg_basebackup")
         b_start = time.time()
@@ -322,18 +323,23 @@ class ConsistencyBench:
             read = int(result.get("bytes_read") or 0)
             cut = result.get("consistency") or "?"
             ratio = wall / base_seconds if base_seconds else 0.0
+            job_ratio = job_seconds(job) / base_seconds if base_seconds else 0.0
             pit_source = cut in ("snapshot-btrfs", "reflink")
             self.report.add(
                 Row(
                     SECTION,
                     f"{cluster.fstype} {cut}, {what}: time to a consistent image",
-                    f"{wall:.2f} s (job {job_seconds(job):.2f} s), read {fmt_bytes(read)}",
+                    f"{wall:.2f} s (job {job_seconds(job):.2f} s, queued "
+                    f"{job_queued_seconds(job):.2f} s; `tandem apps` {apps_wall:.2f} s), read "
+                    f"{fmt_bytes(read)}",
                     f"pg_basebackup {base_seconds:.2f} s",
-                    f"{ratio:.2f}×",
+                    f"{ratio:.2f}× (job {job_ratio:.2f}×)",
                     "≤ 0.2×" if what == "again" else "—",
                     {
                         "cli_seconds": wall,
                         "job_seconds": job_seconds(job),
+                        "queued_seconds": job_queued_seconds(job),
+                        "apps_cli_seconds": apps_wall,
                         "bytes_read": read,
                         "basebackup_seconds": base_seconds,
                         "basebackup_bytes": base_bytes,

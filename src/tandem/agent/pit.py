@@ -254,10 +254,15 @@ def _replace_kept(
         os.rename(cut, os.path.join(folder, name))
     except OSError:
         return False
-    for other in os.listdir(folder):
-        if other.startswith(stem) and other != name:
+    old = [os.path.join(folder, o) for o in os.listdir(folder) if o.startswith(stem) and o != name]
+
+    def remove_old() -> None:
+        for path in old:
             with contextlib.suppress(OSError, PointInTimeUnavailable):
-                remove(os.path.join(folder, other))
+                remove(path)
+
+    # Not on the capture's time: a copy left by a stop is removed at the next capture.
+    threading.Thread(target=remove_old, name="tandem-pit-remove", daemon=True).start()
     return True
 
 
@@ -293,21 +298,38 @@ def _btrfs_snapshot(path: str, base: str | None) -> Iterator[PointInTime]:
 
 def _lstat_tree(root: str, exclude: str | None) -> dict[str, tuple[int, ...]]:
     """Every entry under ``root`` (by relative path) with what says it changed: type, size,
-    mtime, ctime, inode."""
+    mtime, ctime, inode. With ``exclude`` (the work copy is inside ``root``), work copies
+    at the top are left out. Runs while writes are held: one ``scandir`` per folder and no
+    path arithmetic beyond joining, so the hold stays short."""
     out: dict[str, tuple[int, ...]] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        if dirpath == root and exclude is not None:  # work copies (and kept ones) inside
-            dirnames[:] = [d for d in dirnames if not d.startswith(WORK_PREFIX)]
-        for name in dirnames + filenames:
-            full = os.path.join(dirpath, name)
-            rel = os.path.relpath(full, root)
-            try:
-                st = os.lstat(full)
-            except FileNotFoundError:
-                out[rel] = (-1,)
-                continue
-            key = (stat.S_IFMT(st.st_mode), st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-            out[rel] = (*key, st.st_ino)
+    stack = [("", root)]
+    while stack:
+        rel_dir, abs_dir = stack.pop()
+        try:
+            it = os.scandir(abs_dir)
+        except OSError:
+            continue  # vanished or unreadable, as os.walk: the parent's entry says it changed
+        with it:
+            for de in it:
+                name = de.name
+                if not rel_dir and exclude is not None and name.startswith(WORK_PREFIX):
+                    continue
+                rel = rel_dir + name
+                try:
+                    st = de.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    out[rel] = (-1,)
+                    continue
+                mode = st.st_mode
+                out[rel] = (
+                    stat.S_IFMT(mode),
+                    st.st_size,
+                    st.st_mtime_ns,
+                    st.st_ctime_ns,
+                    st.st_ino,
+                )
+                if stat.S_ISDIR(mode):
+                    stack.append((rel + "/", f"{abs_dir}/{name}"))
     return out
 
 
