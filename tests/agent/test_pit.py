@@ -327,3 +327,21 @@ def test_a_kept_cut_inside_a_whole_mount_app_is_not_captured(
         assert cut.previous is not None
         _, m, _ = capture_tree(pool, cut.path, recheck=cut.recheck)
     assert sorted(e.path for e in m.entries) == ["data"]
+
+
+def test_a_kept_cut_is_dropped_when_the_app_is_no_longer_cut_from_clones(
+    pool: ChunkPool, mkfs: Callable[[str], Path]
+) -> None:
+    """A whole-mount app switched to freeze: its kept clones are removed before the cut,
+    never captured as its data."""
+    fs = mkfs("xfs")
+    (fs / "data").write_bytes(b"rows")
+    with pit.point_in_time(str(fs), "filesystem", ConsistencyMode.AUTO) as cut:
+        mid, _, _ = capture_tree(pool, cut.path, recheck=cut.recheck)
+        cut.keep = mid.hex()
+    assert len(leftovers(fs)) == 1
+    with pit.point_in_time(str(fs), "filesystem", ConsistencyMode.FREEZE) as cut:
+        assert cut.cut is Cut.FREEZE
+        _, m, _ = capture_tree(pool, cut.path, recheck=cut.recheck)
+    assert sorted(e.path for e in m.entries) == ["data"]
+    assert leftovers(fs) == []

@@ -266,6 +266,25 @@ def _replace_kept(
     return True
 
 
+def _drop_kept(path: str, mount: Mount) -> None:
+    """Remove the copies kept for ``path``: its captures are no longer cut from snapshots or
+    clones (its consistency changed), and one inside it must not be captured as its data."""
+    whole = path.rstrip("/") == mount.point.rstrip("/")
+    folder = path if whole else os.path.dirname(path.rstrip("/"))
+    stem = _keep_stem(path)
+    try:
+        names = [n for n in os.listdir(folder) if n.startswith(stem)]
+    except OSError:
+        return
+    for name in names:
+        full = os.path.join(folder, name)
+        with contextlib.suppress(OSError, PointInTimeUnavailable):
+            if os.lstat(full).st_ino == BTRFS_SUBVOLUME_INO and mount.fstype == "btrfs":
+                _delete_subvolume(full)
+            else:
+                _rmtree(full)
+
+
 # --- the cuts -------------------------------------------------------------------------
 
 
@@ -677,12 +696,16 @@ def point_in_time(
     unless the caller set its ``keep`` (a tree's snapshot or clones): it is then kept as
     the previous cut, found again as ``previous`` by the capture whose ``base`` is that
     manifest."""
+    mount = mount_of(path)
     if mode in (ConsistencyMode.NONE, ConsistencyMode.HOOKS):
+        if kind == "filesystem":
+            _drop_kept(path, mount)
         with _live(path, f"--consistency {mode.value}: live files") as pit:
             yield pit
         return
-    mount = mount_of(path)
     if mode is ConsistencyMode.FREEZE:
+        if kind == "filesystem":
+            _drop_kept(path, mount)  # before the freeze, which would hold the removal
         with _frozen(path, mount) as pit:
             yield pit
         return
@@ -690,6 +713,8 @@ def point_in_time(
     if reason is not None:
         if mode is ConsistencyMode.SNAPSHOT:
             raise PointInTimeUnavailable(path=path, reason=reason)
+        if kind == "filesystem":
+            _drop_kept(path, mount)
         with _live(path, f"no point-in-time source: {reason}") as pit:
             yield pit
         return
