@@ -44,11 +44,15 @@ def test_every_capture_of_a_busy_app_on_btrfs_is_taken_and_consistent(
     cli("template", "add", "busy-manual")
     cli("app", "protect", "busy", "--template", "busy-manual")
     images = []
+    start_time = time.time()
     with PairWriter(data, PAIRS, size=64 * 1024) as writer:
         start = writer.rounds
         for _ in range(3):
             taken = cli("capture", "busy")
             assert taken["job"]["status"] == "succeeded", taken["job"]
+            result = taken["job"]["result"]
+            # When the cut began and how long it took: what the bench measures pauses by.
+            assert result["cut_seconds"] is not None and result["cut_at"] > start_time
             images.append(taken["image"]["id"])
         assert writer.rounds > start  # it wrote through every capture
     listed = {i["id"]: i for i in cli("images", "busy")}

@@ -285,6 +285,13 @@ def _drop_kept(path: str, mount: Mount) -> None:
                 _rmtree(full)
 
 
+def drop_kept(path: str) -> None:
+    """Remove the copies kept for ``path`` (a tree whose copy is being removed, as a DR copy
+    at failback): they would outlive it, holding its blocks."""
+    with contextlib.suppress(OSError):
+        _drop_kept(path, mount_of(path))
+
+
 # --- the cuts -------------------------------------------------------------------------
 
 
