@@ -120,3 +120,41 @@ def test_without_a_trustworthy_previous_cut_the_file_is_read_whole(
         pool, tmp_path / "b", base=base, base_id=base_id, previous=str(tmp_path / "b")
     )
     assert stats.bytes_read == 9 * MiB
+
+
+def test_changes_at_the_start_the_end_and_past_it_make_the_manifest_a_full_read_makes(
+    pool: ChunkPool, mkfs: Callable[[str], Path]
+) -> None:
+    fs = mkfs("xfs")
+    live = fs / "live"
+    live.mkdir()
+    (live / "big").write_bytes(os.urandom(20 * MiB))
+    cuts = 0
+
+    def cut() -> Path:
+        nonlocal cuts
+        cuts += 1
+        dst = fs / f"cut{cuts}"
+        subprocess.run(["cp", "-a", "--reflink=always", str(live), str(dst)], check=True)
+        return dst
+
+    previous = cut()
+    base_id, base, _ = capture_tree(pool, previous)
+    for change in ("start", "end", "grow", "shrink"):
+        with open(live / "big", "r+b") as f:
+            if change == "start":
+                f.write(os.urandom(4096))
+            elif change == "end":
+                f.seek(-100, os.SEEK_END)
+                f.write(os.urandom(100))
+            elif change == "grow":
+                f.seek(0, os.SEEK_END)
+                f.write(os.urandom(3 * MiB + 17))
+            else:
+                f.truncate(15 * MiB + 5)
+        now = cut()
+        mid, m, stats = capture_tree(pool, now, base=base, base_id=base_id, previous=str(previous))
+        _, full, _ = capture_tree(pool, now)
+        assert [e.chunks for e in m.entries] == [e.chunks for e in full.entries], change
+        assert stats.bytes_read < 15 * MiB, change
+        previous, base_id, base = now, mid, m

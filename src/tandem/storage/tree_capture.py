@@ -568,36 +568,12 @@ class _Capture:
             starts = [0]
             for _, n in old:
                 starts.append(starts[-1] + n)
-            old_size = starts[-1]
-            at = {b: i for i, b in enumerate(starts[:-1])}
-
-            def clean(i: int) -> bool:
-                lo, hi = starts[i], starts[i + 1]
-                if hi > size or (i == len(old) - 1 and size != old_size):
-                    return False  # its end was the old end of file
-                return not any(s < hi and lo < t for s, t in changed)
-
-            pos = 0
-            while pos < size:
-                i = at.get(pos)
-                if i is not None and clean(i):
-                    digest, n = old[i]
-                    yield partial(_identity, _ChunkResult(digest, n, _Cost())), 0
-                    pos += n
-                    continue
-                # Cut again from this boundary until a new boundary is an old one again.
-                synced = False
-                while not synced and pos < size:
-                    end = min(size, pos + INCREMENTAL_WINDOW)
-                    data = _pread_exact(fd, end - pos, pos, path)
-                    cuts = list(_cdc().cut_buf(data))
-                    for c in cuts if end == size else cuts[:-1]:
-                        yield partial(self.store_chunk, bytes(c.data)), c.length
-                        pos += c.length
-                        j = at.get(pos)
-                        if j is not None and clean(j):
-                            synced = True
-                            break
+            try:
+                yield from self._recut(fd, path, size, old, starts, changed)
+            except _Changed as exc:
+                raise SourceChanged(
+                    path=path, reason="it shrank in a point-in-time source"
+                ) from exc
             if _stat_key(os.fstat(fd)) != _stat_key(ref):
                 raise SourceChanged(path=path, reason="it changed in a point-in-time source")
         finally:
@@ -606,6 +582,48 @@ class _Capture:
         if self.on_read is not None:
             self.on_read(e.path)
         yield partial(_identity, _StreamEnd(index, None)), 0
+
+    def _recut(
+        self,
+        fd: int,
+        path: str,
+        size: int,
+        old: list[tuple[bytes, int]],
+        starts: list[int],
+        changed: list[tuple[int, int]],
+    ) -> Iterator[tuple[Callable[[], _Result], int]]:
+        """The chunk jobs of ``incremental_jobs``: old chunks where untouched, cut again
+        where not."""
+        old_size = starts[-1]
+        at = {b: i for i, b in enumerate(starts[:-1])}
+
+        def clean(i: int) -> bool:
+            lo, hi = starts[i], starts[i + 1]
+            if hi > size or (i == len(old) - 1 and size != old_size):
+                return False  # its end was the old end of file
+            return not any(s < hi and lo < t for s, t in changed)
+
+        pos = 0
+        while pos < size:
+            i = at.get(pos)
+            if i is not None and clean(i):
+                digest, n = old[i]
+                yield partial(_identity, _ChunkResult(digest, n, _Cost())), 0
+                pos += n
+                continue
+            # Cut again from this boundary until a new boundary is an old one again.
+            synced = False
+            while not synced and pos < size:
+                end = min(size, pos + INCREMENTAL_WINDOW)
+                data = _pread_exact(fd, end - pos, pos, path)
+                cuts = list(_cdc().cut_buf(data))
+                for c in cuts if end == size else cuts[:-1]:
+                    yield partial(self.store_chunk, bytes(c.data)), c.length
+                    pos += c.length
+                    j = at.get(pos)
+                    if j is not None and clean(j):
+                        synced = True
+                        break
 
     def jobs(self, todo: list[int]) -> Iterator[tuple[Callable[[], _Result], int]]:
         batch: list[int] = []
