@@ -44,12 +44,10 @@ from contextlib import contextmanager, suppress
 from typing import Any
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field
-
-from tandem.domain.vms import DOMAIN_NAME
 from tandem.errors import AlreadyExists, InvalidInput, NotFound, NotHypervisor, SourceUnreadable
 from tandem.storage import vmimage
 from tandem.storage.manifest import VolumeManifest
+from tandem.transport.agent_api import DefineRequest
 from tandem.transport.nbd import DIRTY, NbdClient
 
 URI = "qemu:///system"
@@ -362,22 +360,6 @@ def _drop_checkpoints(dom: Any, keep: set[str]) -> None:
 # --- new VMs -----------------------------------------------------------------------------
 
 
-class DefineRequest(BaseModel):
-    """Define a new domain from a VM image's XML, its disks on the appliance's export."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: str = Field(pattern=DOMAIN_NAME)
-    xml: str = Field(min_length=1, max_length=1_000_000)
-    disks: list[dict[str, Any]] = Field(min_length=1, max_length=64)
-    nbd_uri: str = Field(pattern=r"^nbd://[^\s]+$")
-    source_domain: str = Field(default="", max_length=64)
-    source_uuid: str = Field(default="", max_length=64)
-    keep_identity: bool = False
-    network: str | None = Field(default=None, pattern=DOMAIN_NAME)
-    power_on: bool = False
-
-
 def define(req: DefineRequest) -> dict[str, Any]:
     """Define (and with ``power_on`` start) the new domain; returns its name and uuid."""
     lv = _libvirt()
@@ -468,12 +450,6 @@ def _nbd_disk(disk: ET.Element, host: str, port: int, export: str, offset: int, 
     ET.SubElement(slices, "slice", {"type": "storage", "offset": str(offset), "size": str(size)})
     disk.insert(0, source)
     disk.insert(0, driver)
-
-
-class RemoveRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    name: str = Field(pattern=DOMAIN_NAME)
 
 
 def remove(name: str) -> dict[str, Any]:

@@ -11,7 +11,17 @@ from typing import Annotated, Any
 
 import typer
 
-from tandem.transport.client import Doc
+from tandem.transport.api import (
+    CaptureIn,
+    CloneIn,
+    CommitFailbackIn,
+    FailbackIn,
+    FailoverIn,
+    JobAnswer,
+    MountIn,
+    PresentIn,
+    checked,
+)
 
 from .common import (
     AppName,
@@ -119,7 +129,7 @@ def test_failover(
         bool,
         typer.Option("--verify", help="A PostgreSQL app: run pg_amcheck on the recovered copy."),
     ] = False,
-) -> Doc:
+) -> JobAnswer:
     """Present a writable copy of a replica to HOST; replication goes on (DR appliance).
     A PostgreSQL app is recovered to --time or --latest and started."""
     params = {
@@ -131,7 +141,7 @@ def test_failover(
         **_vm_options(new_vm, network, power_on),
         **({"verify": True} if verify else {}),
     }
-    return s.api.start(checked_app(app), "test-failover", params)
+    return s.api.test_failover(checked_app(app), checked(PresentIn, **params))
 
 
 @job_command
@@ -152,7 +162,7 @@ def failover(
     new_vm: NewVmOpt = None,
     network: NetworkOpt = None,
     power_on: PowerOnOpt = False,
-) -> Doc:
+) -> JobAnswer:
     """Bring APP up at the DR site from its replica; replication stops (DR appliance).
     A PostgreSQL app is recovered to --time or (default) --latest and started."""
     params = {
@@ -165,7 +175,7 @@ def failover(
         **pit_fields(time_, latest, port),
         **_vm_options(new_vm, network, power_on),
     }
-    return s.api.start(checked_app(app), "failover", params)
+    return s.api.failover(checked_app(app), checked(FailoverIn, **params))
 
 
 @job_command
@@ -181,7 +191,7 @@ def mount(
     new_vm: NewVmOpt = None,
     network: NetworkOpt = None,
     power_on: PowerOnOpt = False,
-) -> Doc:
+) -> JobAnswer:
     """Present any image to HOST as a writable virtual copy (a PostgreSQL base image with
     --time or --latest: recovered from it and started)."""
     params = {
@@ -191,7 +201,7 @@ def mount(
         **pit_fields(time_, latest, port),
         **_vm_options(new_vm, network, power_on),
     }
-    return s.api.start_on_image(checked_image(image), "mount", params)
+    return s.api.mount(checked_image(image), checked(MountIn, **params))
 
 
 @api_command
@@ -201,9 +211,9 @@ def unmount(s: Session, image: ImageId) -> None:
 
 
 @job_command
-def syncback(s: Session, app: AppName, label: Label = None) -> Doc:
+def syncback(s: Session, app: AppName, label: Label = None) -> JobAnswer:
     """Send what was written at the DR site home as a new syncback image (DR appliance)."""
-    return s.api.start(checked_app(app), "syncback", {"label": label})
+    return s.api.syncback(checked_app(app), checked(CaptureIn, label=label))
 
 
 class Target(StrEnum):
@@ -236,7 +246,7 @@ def failback(
     force: Annotated[
         bool, typer.Option("--force", help="Snapshot style: even though no syncback was made.")
     ] = False,
-) -> Doc:
+) -> JobAnswer:
     """Fail APP back to production (DR appliance).
 
     Without --target: the snapshot style (after the final syncback was restored):
@@ -245,7 +255,7 @@ def failback(
     failback pending until `commit-failback` or `undo-failback`.
     """
     params = {"force": force, "target": target, "host": host, "path": path, "power_on": power_on}
-    return s.api.start(checked_app(app), "failback", params)
+    return s.api.failback(checked_app(app), checked(FailbackIn, **params))
 
 
 @job_command
@@ -260,15 +270,15 @@ def commit_failback(
             "(those writes are lost).",
         ),
     ] = False,
-) -> Doc:
+) -> JobAnswer:
     """Production works: end a replica-style failback, resume protection (DR appliance)."""
-    return s.api.start(checked_app(app), "commit-failback", {"force": force})
+    return s.api.commit_failback(checked_app(app), checked(CommitFailbackIn, force=force))
 
 
 @job_command
-def undo_failback(s: Session, app: AppName) -> Doc:
+def undo_failback(s: Session, app: AppName) -> JobAnswer:
     """Back to the DR copy in its pre-failback state (protective snapshot) (DR appliance)."""
-    return s.api.start(checked_app(app), "undo-failback")
+    return s.api.undo_failback(checked_app(app))
 
 
 @job_command
@@ -278,7 +288,7 @@ def clone(
     host: Host,
     path: Annotated[str, typer.Option("--path", help="Full path on the host (must be new).")],
     name: Annotated[str | None, typer.Option("--name", help="The new application's name.")] = None,
-) -> Doc:
+) -> JobAnswer:
     """A full, independent copy of IMAGE as a new application on HOST."""
     params = {"host": host, "path": path, "name": name}
-    return s.api.start_on_image(checked_image(image), "clone", params)
+    return s.api.clone(checked_image(image), checked(CloneIn, **params))
