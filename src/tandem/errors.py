@@ -308,6 +308,15 @@ class NotHypervisor(TandemError):
     http_status = 422
 
 
+class VmTargetMissing(TandemError):
+    """Host {host} has no {what} {name!r}{why}. Name one the host has and that is active
+    (`virsh pool-list --all` / `virsh net-list --all` on it; `virsh pool-start NAME` starts
+    one)."""
+
+    http_status = 422
+    exit_code = 2
+
+
 class RemoteError(TandemError):
     """{what} {name} answered with an error: {detail}"""
 

@@ -88,6 +88,7 @@ def make_router(site: Site) -> APIRouter:
             new_vm=body.new_vm,
             network=body.network,
             power_on=body.power_on,
+            pool=body.pool,
         )
         return JobAnswer(job=JobOut.of(job, who))
 
@@ -109,6 +110,7 @@ def make_router(site: Site) -> APIRouter:
             new_vm=body.new_vm,
             network=body.network,
             power_on=body.power_on,
+            pool=body.pool,
         )
         return JobAnswer(job=JobOut.of(job, who))
 
@@ -168,6 +170,7 @@ def make_router(site: Site) -> APIRouter:
             new_vm=body.new_vm,
             network=body.network,
             power_on=body.power_on,
+            pool=body.pool,
         )
         return JobAnswer(job=JobOut.of(job, who))
 

@@ -161,6 +161,11 @@ class PresentIn(Body):
     network: str | None = Field(
         default=None, pattern=DOMAIN_NAME, description="The new VM's libvirt network."
     )
+    pool: str | None = Field(
+        default=None,
+        pattern=DOMAIN_NAME,
+        description="The new VM's datastore: a storage pool of the host (active).",
+    )
     power_on: bool = False
 
 
@@ -185,6 +190,11 @@ class MountIn(Body):
     )
     network: str | None = Field(
         default=None, pattern=DOMAIN_NAME, description="The new VM's libvirt network."
+    )
+    pool: str | None = Field(
+        default=None,
+        pattern=DOMAIN_NAME,
+        description="The new VM's datastore: a storage pool of the host (active).",
     )
     power_on: bool = False
 

@@ -74,7 +74,7 @@ ActionOpt = Annotated[
         "--action",
         help="keep-source-path, specify (with --mount-point), map-only (volume: NBD only), or "
         "copy (a full plain copy at --mount-point or the source path; a file tree is "
-        "otherwise a virtual copy through FUSE).",
+        "otherwise a virtual copy through FUSE; a new VM's disks copied into --pool).",
     ),
 ]
 
@@ -87,15 +87,27 @@ NetworkOpt = Annotated[
     str | None, typer.Option("--network", help="The new VM's libvirt network (none by default).")
 ]
 PowerOnOpt = Annotated[bool, typer.Option("--power-on", help="Start the new VM.")]
+PoolOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--pool",
+        help="The new VM's datastore: an active libvirt storage pool of HOST (with --action "
+        "copy its disks are copied there as qcow2 volumes).",
+    ),
+]
 
 
-def _vm_options(new_vm: str | None, network: str | None, power_on: bool) -> dict[str, Any]:
+def _vm_options(
+    new_vm: str | None, network: str | None, power_on: bool, pool: str | None = None
+) -> dict[str, Any]:
     """The new-VM fields of a request, only when given (other apps' requests stay as they were)."""
     out: dict[str, Any] = {}
     if new_vm:
         out["new_vm"] = new_vm
     if network:
         out["network"] = network
+    if pool:
+        out["pool"] = pool
     if power_on:
         out["power_on"] = True
     return out
@@ -115,6 +127,7 @@ def test_failover(
     new_vm: NewVmOpt = None,
     network: NetworkOpt = None,
     power_on: PowerOnOpt = False,
+    pool: PoolOpt = None,
     verify: Annotated[
         bool,
         typer.Option("--verify", help="A PostgreSQL app: run pg_amcheck on the recovered copy."),
@@ -128,7 +141,7 @@ def test_failover(
         "mount_point": mount_point,
         "action": action,
         **pit_fields(time_, latest, port),
-        **_vm_options(new_vm, network, power_on),
+        **_vm_options(new_vm, network, power_on, pool),
         **({"verify": True} if verify else {}),
     }
     return s.api.start(checked_app(app), "test-failover", params)
@@ -152,6 +165,7 @@ def failover(
     new_vm: NewVmOpt = None,
     network: NetworkOpt = None,
     power_on: PowerOnOpt = False,
+    pool: PoolOpt = None,
 ) -> Doc:
     """Bring APP up at the DR site from its replica; replication stops (DR appliance).
     A PostgreSQL app is recovered to --time or (default) --latest and started."""
@@ -163,7 +177,7 @@ def failover(
         "action": action,
         "label": label,
         **pit_fields(time_, latest, port),
-        **_vm_options(new_vm, network, power_on),
+        **_vm_options(new_vm, network, power_on, pool),
     }
     return s.api.start(checked_app(app), "failover", params)
 
@@ -181,6 +195,7 @@ def mount(
     new_vm: NewVmOpt = None,
     network: NetworkOpt = None,
     power_on: PowerOnOpt = False,
+    pool: PoolOpt = None,
 ) -> Doc:
     """Present any image to HOST as a writable virtual copy (a PostgreSQL base image with
     --time or --latest: recovered from it and started)."""
@@ -189,7 +204,7 @@ def mount(
         "mount_point": mount_point,
         "action": action,
         **pit_fields(time_, latest, port),
-        **_vm_options(new_vm, network, power_on),
+        **_vm_options(new_vm, network, power_on, pool),
     }
     return s.api.start_on_image(checked_image(image), "mount", params)
 

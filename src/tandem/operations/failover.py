@@ -56,11 +56,18 @@ def submit_failover(
     new_vm: str | None = None,
     network: str | None = None,
     power_on: bool = False,
+    pool: str | None = None,
 ) -> Job:
     check_confirmations(confirm, [FAILOVER_CONFIRMATION])
     label = check_label(label)
     with site.catalog.read() as session:
         row = q.get_app(session, name=app)
+    # The DR host is asked before the job exists: a pool or network it lacks is bad input.
+    present.check_vm_target(
+        site,
+        host,
+        present.check_new_vm(row, new_vm, network, power_on, keep_identity=True, pool=pool),
+    )
     target = pg_recovery.parse_target(time, latest, row)
     if row.kind is AppKind.POSTGRESQL:
         image = pg_recovery.plan(site, row, target, image).base.id  # refused outside the window
@@ -72,13 +79,26 @@ def submit_failover(
         check_transition(row.name, row.state, Operation.FAILOVER, AppFacts(replica_images=replicas))
         replica = pick_replica(session, row, image)
         check_not_production_host(session, row, host)
-        vm = present.check_new_vm(row, new_vm, network, power_on, keep_identity=True)
+        vm = present.check_new_vm(
+            row,
+            new_vm,
+            network,
+            power_on,
+            keep_identity=True,
+            pool=pool,
+        )
         action = present.check_action(row, action, mount_point)
+        vm = present.vm_with_action(row, vm, action)
         if row.kind is AppKind.FILESYSTEM and action != "map-only":
             # The app will serve from this copy and a catch-up syncback must cut it while it
             # does: a plain tree on the host's file system (a btrfs subvolume where it can be)
             # gives that cut; a FUSE copy does not yet. Test failover and mount stay virtual.
             action = "copy"
+        if row.kind is AppKind.VM and action == "copy":
+            raise InvalidInput(
+                detail="a failed-over VM runs from the appliance's export, so that syncback "
+                "sees its writes: drop --action copy (copies are for test failover and mount)"
+            )
         if row.kind is AppKind.VOLUME and action != "map-only":
             # A file copy at a mount point would take writes that syncback never sees.
             raise InvalidInput(

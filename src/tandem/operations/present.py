@@ -42,7 +42,7 @@ import contextlib
 import secrets
 import shutil
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -52,7 +52,7 @@ from tandem.domain.images import ImageKind, ImageState
 from tandem.domain.lifecycle import AppKind, AppState, storage_kind
 from tandem.domain.paths import check_path
 from tandem.domain.vms import check_domain_name
-from tandem.errors import InvalidInput, TandemError
+from tandem.errors import InvalidInput, TandemError, VmTargetMissing
 from tandem.jobs.runner import JobContext
 from tandem.operations.hosts import agent_for, check_own_location
 from tandem.operations.site import Site
@@ -126,6 +126,8 @@ class NewVm:
     network: str | None = None
     power_on: bool = False
     keep_identity: bool = False
+    pool: str | None = None
+    copy: bool = False  # disks copied into qcow2 volumes of ``pool`` (``--action copy``)
 
     def as_params(self) -> dict[str, Any]:
         return {
@@ -133,6 +135,8 @@ class NewVm:
             "network": self.network,
             "power_on": self.power_on,
             "keep_identity": self.keep_identity,
+            "pool": self.pool,
+            "copy_disks": self.copy,
         }
 
     @classmethod
@@ -144,6 +148,8 @@ class NewVm:
             params.get("network"),
             bool(params.get("power_on")),
             bool(params.get("keep_identity")),
+            params.get("pool"),
+            bool(params.get("copy_disks")),
         )
 
 
@@ -155,17 +161,18 @@ def check_new_vm(
     *,
     keep_identity: bool,
     required: bool = True,
+    pool: str | None = None,
 ) -> NewVm | None:
     """The new VM a presentation defines: a vm app needs one (a mount may present just the
     disks' export instead: ``required`` False), other apps take none."""
     if app.kind is not AppKind.VM:
-        if new_vm or network or power_on:
+        if new_vm or network or power_on or pool:
             raise InvalidInput(
-                detail=f"--new-vm, --network and --power-on are for vm apps; {app.name!r} is a "
-                f"{app.kind.value} app"
+                detail="--new-vm, --pool, --network and --power-on are for vm apps; "
+                f"{app.name!r} is a {app.kind.value} app"
             )
         return None
-    if not new_vm and not required and not (network or power_on):
+    if not new_vm and not required and not (network or power_on or pool):
         return None
     if not new_vm:
         raise InvalidInput(
@@ -175,12 +182,54 @@ def check_new_vm(
     check_domain_name(new_vm, "--new-vm")
     if network is not None:
         check_domain_name(network, "--network")
+    if pool is not None:
+        check_domain_name(pool, "--pool")
     if new_vm == app.path:
         raise InvalidInput(
             detail=f"a VM is never failed over onto the domain it came from ({new_vm}); "
             "give --new-vm another name"
         )
-    return NewVm(new_vm, network, power_on, keep_identity)
+    return NewVm(new_vm, network, power_on, keep_identity, pool)
+
+
+def vm_with_action(app: App, vm: NewVm | None, action: str) -> NewVm | None:
+    """``--action copy`` for a VM: the new VM's disks are copied into its pool."""
+    if app.kind is not AppKind.VM or action != "copy":
+        return vm
+    if vm is None or vm.pool is None:
+        raise InvalidInput(
+            detail="--action copy copies a VM's disks into the new VM's datastore: give "
+            "--new-vm NAME and --pool P"
+        )
+    return replace(vm, copy=True)
+
+
+def check_vm_target(site: Site, host: str, vm: NewVm | None) -> None:
+    """At submit, before the job exists: ``check_vm_host`` for the host named ``host``."""
+    if vm is None or (vm.pool is None and vm.network is None):
+        return
+    with site.catalog.read() as session:
+        row = q.get_host(session, name=host)
+    check_vm_host(row, vm)
+
+
+def check_vm_host(host: Host, vm: NewVm | None) -> None:
+    """At submit: the host is a hypervisor with the pool (active) and the network named."""
+    if vm is None or (vm.pool is None and vm.network is None):
+        return
+    with agent_for(host) as agent:
+        found = agent.vm_resources()
+    pools = {str(p["name"]): p for p in found["pools"]}
+    networks = {str(n["name"]) for n in found["networks"]}
+    if vm.pool is not None:
+        if vm.pool not in pools:
+            raise VmTargetMissing(host=host.name, what="storage pool", name=vm.pool, why="")
+        if not pools[vm.pool].get("active"):
+            raise VmTargetMissing(
+                host=host.name, what="active storage pool", name=vm.pool, why=" (it is inactive)"
+            )
+    if vm.network is not None and vm.network not in networks:
+        raise VmTargetMissing(host=host.name, what="network", name=vm.network, why="")
 
 
 def check_action(app: App, action: str | None, mount_point: str | None) -> str:
@@ -196,13 +245,16 @@ def check_action(app: App, action: str | None, mount_point: str | None) -> str:
         check_path(mount_point, "--mount-point")
     elif action == "specify":
         raise InvalidInput(detail="--action specify needs --mount-point with a full path")
-    if placement(action, mount_point) == "keep-source-path":
+    if placement(action, mount_point) == "keep-source-path" and app.kind is not AppKind.VM:
         check_own_location(app, "a copy at its production path")
-    if app.kind is AppKind.VM and action != "map-only":
+    if app.kind is AppKind.VM and action not in ("map-only", "copy"):
         raise InvalidInput(
-            detail="a VM image is presented as its disks' NBD export (map-only) or as a new "
-            "VM (--new-vm NAME); it has no file system to mount"
+            detail="a VM image is presented as its disks' NBD export (map-only), as a new "
+            "VM (--new-vm NAME) on that export, or as a new VM whose disks are copied into "
+            "its pool (--action copy --pool P); it has no file system to mount"
         )
+    if app.kind is AppKind.VM and mount_point:
+        raise InvalidInput(detail="a VM image has no file system to mount: drop --mount-point")
     if action == "map-only" and app.kind not in BLOCK_KINDS:
         raise InvalidInput(
             detail="map-only presents a volume without mounting a file system; "
@@ -253,7 +305,7 @@ def present(
             defined = new_vm.name
         where_action = placement(action, mount_point)
         how = presentation(app, action)
-        if action != "map-only":
+        if action != "map-only" and app.kind is not AppKind.VM:
             transfer, token = site.sessions.open(
                 job_id=ctx.job.id,
                 write=False,
@@ -289,6 +341,8 @@ def present(
         )
         fingerprint = export_fingerprint(site, uri) if uri else None
         shown = how if action != "map-only" else None
+        if app.kind is AppKind.VM:
+            where, shown = None, ("copy" if new_vm is not None and new_vm.copy else None)
         if transfer is not None and how == "fuse":
             transfer = None  # the copy reads through it until withdrawn
         return Presented(uri, paths, where, sent, fingerprint, vm=vm, presentation=shown)
@@ -326,11 +380,20 @@ def _define_vm(
         "keep_identity": new.keep_identity,
         "network": new.network,
         "power_on": new.power_on,
+        "pool": new.pool,
+        "copy_disks": new.copy,
     }
     with agent_for(host) as agent:
-        done = agent.define_vm(body)
+        if new.copy:
+            ctx.set_message(f"copying the disks of {new.name} into pool {new.pool} on {host.name}")
+            done = follow(ctx, agent.define_vm_copy(body), host=host.name, moved=lambda: 0)
+            done.pop("event", None)
+        else:
+            done = agent.define_vm(body)
     ctx.log(
         f"defined VM {done.get('name')} ({done.get('uuid')}) on host {host.name}"
+        + (f", disks copied into pool {new.pool}" if new.copy else "")
+        + (f", datastore pool {new.pool}" if new.pool and not new.copy else "")
         + (", running" if done.get("running") else ", powered off")
     )
     return done

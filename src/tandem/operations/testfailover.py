@@ -80,9 +80,16 @@ def submit_test_failover(
     new_vm: str | None = None,
     network: str | None = None,
     power_on: bool = False,
+    pool: str | None = None,
 ) -> Job:
     with site.catalog.read() as session:
         row = q.get_app(session, name=app)
+    # The DR host is asked before the job exists: a pool or network it lacks is bad input.
+    present.check_vm_target(
+        site,
+        host,
+        present.check_new_vm(row, new_vm, network, power_on, keep_identity=False, pool=pool),
+    )
     target = pg_recovery.parse_target(time, latest, row)
     if row.kind is AppKind.POSTGRESQL:
         image = pg_recovery.plan(site, row, target, image).base.id  # refused outside the window
@@ -98,8 +105,16 @@ def submit_test_failover(
         )
         replica = pick_replica(session, row, image)
         check_target(session, row, host)
-        vm = present.check_new_vm(row, new_vm, network, power_on, keep_identity=False)
+        vm = present.check_new_vm(
+            row,
+            new_vm,
+            network,
+            power_on,
+            keep_identity=False,
+            pool=pool,
+        )
         action = present.check_action(row, action, mount_point)
+        vm = present.vm_with_action(row, vm, action)
         params: dict[str, Any] = {"host": host, "mount_point": mount_point, "action": action}
         if row.kind is AppKind.POSTGRESQL:
             params.update(time=target.isoformat() if target else None, port=port, verify=verify)
