@@ -72,6 +72,9 @@ VM_NS = "https://tandem.dev/libvirt/vm/1"
 disks were copied into (``--action copy``), removed with it."""
 PREFIX = "tandem-"
 THAW_TIMEOUT = 60
+FREEZE_TIMEOUT = 10
+"""Seconds the guest agent has to answer a freeze (or thaw) before the capture goes on
+without it, crash-consistent."""
 STATES = {
     0: "no state",
     1: "running",
@@ -199,29 +202,57 @@ class _Reader:
             return self.client.read(offset, length)
 
 
+def _agent_timeout(dom: Any, seconds: int) -> None:
+    """Bound libvirt's wait for the guest agent (by default it waits forever)."""
+    with suppress(Exception):  # libvirt < 5.10 has no per-domain agent timeout
+        dom.agentSetResponseTimeout(seconds, 0)
+
+
 def _freeze(dom: Any, emit: Emit) -> tuple[bool, str]:
-    """Freeze the guest's file systems through its agent; (frozen, why not)."""
+    """Freeze the guest's file systems through its agent; (frozen, why not).
+
+    The agent gets ``FREEZE_TIMEOUT`` seconds to answer. One that does not answer in time
+    (hung in the freeze, or a channel nobody serves) may still freeze the guest later, so
+    it is told to thaw (for up to twice that) and the image is crash-consistent."""
     lv = _libvirt()
+    _agent_timeout(dom, FREEZE_TIMEOUT)
     try:
         dom.fsFreeze(None, 0)
     except lv.libvirtError as exc:
-        return False, f"the guest agent did not freeze the guest ({exc.get_error_message()})"
+        message = exc.get_error_message()
+        if exc.get_error_code() in (
+            lv.VIR_ERR_OPERATION_UNSUPPORTED,
+            lv.VIR_ERR_ARGUMENT_UNSUPPORTED,
+        ):
+            return False, f"the guest has no guest agent ({message})"
+        if "not configured" in message or "not connected" in message:
+            return False, f"the guest agent is not running ({message})"
+        emit({"event": "log", "text": f"the guest agent did not freeze the guest: {message}"})
+        _thaw(dom, emit, deadline=time.monotonic() + 2 * FREEZE_TIMEOUT)
+        return False, (
+            f"the guest agent did not freeze the guest within {FREEZE_TIMEOUT} s ({message}); "
+            "it was told to thaw"
+        )
     emit({"event": "log", "text": "guest file systems frozen by the guest agent"})
     return True, "the guest agent froze the file systems for the checkpoint"
 
 
-def _thaw(dom: Any, emit: Emit) -> None:
+def _thaw(dom: Any, emit: Emit, deadline: float | None = None) -> None:
+    """Thaw the guest, retrying until ``deadline`` (``THAW_TIMEOUT`` from now)."""
     lv = _libvirt()
-    deadline = time.monotonic() + THAW_TIMEOUT
-    while True:
-        try:
-            dom.fsThaw(None, 0)
-            return
-        except lv.libvirtError as exc:
-            if time.monotonic() > deadline:
-                emit({"event": "log", "text": f"thaw failed: {exc.get_error_message()}"})
+    deadline = deadline if deadline is not None else time.monotonic() + THAW_TIMEOUT
+    try:
+        while True:
+            try:
+                dom.fsThaw(None, 0)
                 return
-            time.sleep(1)
+            except lv.libvirtError as exc:
+                if time.monotonic() + 1 > deadline:
+                    emit({"event": "log", "text": f"thaw failed: {exc.get_error_message()}"})
+                    return
+                time.sleep(1)
+    finally:
+        _agent_timeout(dom, getattr(lv, "VIR_DOMAIN_AGENT_RESPONSE_TIMEOUT_DEFAULT", -1))
 
 
 def _base_checkpoint(
@@ -273,9 +304,18 @@ def capture(
             [(d["target"], sizes[d["target"]], d["format"], d["source"]) for d in disks]
         )
         since, why = _base_checkpoint(dom, base, slots)
-        emit({"event": "log", "text": why})
         checkpoint = PREFIX + re.sub(r"[^A-Za-z0-9_-]", "-", job or uuid.uuid4().hex[:12])
         bitmap = [d for d in disks if d["format"] == "qcow2"]
+        raw = [f"{d['target']} ({d['format']})" for d in disks if d["format"] != "qcow2"]
+        if raw and not bitmap:
+            why = (
+                f"full compare: disk {', '.join(raw)} is not qcow2 and a checkpoint (the "
+                "dirty bitmap) needs qcow2, so every allocated extent is read and compared "
+                "with the previous image"
+            )
+        elif raw:
+            why += f"; disk {', '.join(raw)} is not qcow2: read in full and compared"
+        emit({"event": "log", "text": why})
         for d in disks:
             if d["format"] != "qcow2":
                 emit(

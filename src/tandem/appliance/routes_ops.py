@@ -111,6 +111,8 @@ def make_router(site: Site) -> APIRouter:
             network=body.network,
             power_on=body.power_on,
             pool=body.pool,
+            hosts=body.hosts,
+            all_hosts=body.all_hosts,
         )
         return JobAnswer(job=JobOut.of(job, who))
 

@@ -172,6 +172,14 @@ class PresentIn(Body):
 class FailoverIn(PresentIn):
     confirm: list[str] = Field(default_factory=list, max_length=8)
     label: str | None = Field(default=None, max_length=128)
+    hosts: list[Annotated[str, Field(min_length=1, max_length=64)]] | None = Field(
+        default=None,
+        max_length=64,
+        description="A vm app: other hypervisor hosts to define the failed-over VM on.",
+    )
+    all_hosts: bool = Field(
+        default=False, description="A vm app: define it on every hypervisor host of this site."
+    )
 
 
 class MountIn(Body):

@@ -166,6 +166,18 @@ def failover(
     network: NetworkOpt = None,
     power_on: PowerOnOpt = False,
     pool: PoolOpt = None,
+    hosts: Annotated[
+        str | None,
+        typer.Option(
+            "--hosts",
+            help="A vm app: also define the failed-over VM, powered off, on these hypervisor "
+            "hosts (H1,H2); it starts on --host.",
+        ),
+    ] = None,
+    all_hosts: Annotated[
+        bool,
+        typer.Option("--all-hosts", help="A vm app: define it on every hypervisor host here."),
+    ] = False,
 ) -> Doc:
     """Bring APP up at the DR site from its replica; replication stops (DR appliance).
     A PostgreSQL app is recovered to --time or (default) --latest and started."""
@@ -178,6 +190,8 @@ def failover(
         "label": label,
         **pit_fields(time_, latest, port),
         **_vm_options(new_vm, network, power_on, pool),
+        **({"hosts": [h.strip() for h in hosts.split(",") if h.strip()]} if hosts else {}),
+        **({"all_hosts": True} if all_hosts else {}),
     }
     return s.api.start(checked_app(app), "failover", params)
 

@@ -57,6 +57,8 @@ def submit_failover(
     network: str | None = None,
     power_on: bool = False,
     pool: str | None = None,
+    hosts: list[str] | None = None,
+    all_hosts: bool = False,
 ) -> Job:
     check_confirmations(confirm, [FAILOVER_CONFIRMATION])
     label = check_label(label)
@@ -68,6 +70,13 @@ def submit_failover(
         host,
         present.check_new_vm(row, new_vm, network, power_on, keep_identity=True, pool=pool),
     )
+    also = present.vm_hosts_for(site, row, host, hosts, all_hosts)
+    for other in also:  # the same pool and network on every host the VM is defined on
+        present.check_vm_target(
+            site,
+            other,
+            present.check_new_vm(row, new_vm, network, False, keep_identity=True, pool=pool),
+        )
     target = pg_recovery.parse_target(time, latest, row)
     if row.kind is AppKind.POSTGRESQL:
         image = pg_recovery.plan(site, row, target, image).base.id  # refused outside the window
@@ -115,6 +124,8 @@ def submit_failover(
             params.update(time=target.isoformat() if target else None, port=port)
         if vm is not None:
             params.update(vm.as_params())
+        if also:
+            params["vm_hosts"] = also
         job = submit_job(
             session,
             type=TYPE,
@@ -136,8 +147,10 @@ def run_failover(site: Site, ctx: JobContext) -> dict[str, Any]:
         check_transition(app.name, app.state, Operation.FAILOVER, AppFacts(replica_images=replicas))
         replica = pick_replica(session, app, ctx.job.image)
         host = q.get_host(session, name=params["host"])
-    with agent_for(host) as agent:
-        agent.info()
+        also = [q.get_host(session, name=n) for n in params.get("vm_hosts") or []]
+    for where in (host, *also):
+        with agent_for(where) as agent:
+            agent.info()
     chosen, target = None, None
     if app.kind is AppKind.POSTGRESQL:
         target = pg_recovery.parse_target(params.get("time"), params.get("time") is None, app)
@@ -157,6 +170,7 @@ def run_failover(site: Site, ctx: JobContext) -> dict[str, Any]:
         action=params["action"],
         mount_point=params.get("mount_point"),
         new_vm=present.NewVm.from_params(params),
+        vm_hosts=also,
     )
     recovered: dict[str, Any] = {}
     try:
@@ -184,7 +198,7 @@ def run_failover(site: Site, ctx: JobContext) -> dict[str, Any]:
             )
             epoch = step.epoch
     except BaseException:
-        present.withdraw_unrecorded(site, image_id, host)
+        present.withdraw_unrecorded(site, image_id, host, shown)
         raise
     row = present.record(
         site,
@@ -227,6 +241,7 @@ def run_failover(site: Site, ctx: JobContext) -> dict[str, Any]:
         + (f" at {shown.mount_point}" if shown.mount_point else "")
         + (", started" if started else "")
         + (f" as VM {shown.vm['name']}" if shown.vm else "")
+        + (f" (defined on {', '.join(shown.vm_hosts)} too)" if shown.vm_hosts else "")
         + (
             f"; PostgreSQL recovered to {recovered.get('recovered_to')} on port "
             f"{recovered.get('port')}"
@@ -241,4 +256,5 @@ def run_failover(site: Site, ctx: JobContext) -> dict[str, Any]:
         "epoch": epoch,
         **recovered,
         "vm": shown.vm,
+        "vm_hosts": [host.name, *(shown.vm_hosts or [])] if shown.vm else None,
     }

@@ -52,7 +52,7 @@ from tandem.domain.images import ImageKind, ImageState
 from tandem.domain.lifecycle import AppKind, AppState, storage_kind
 from tandem.domain.paths import check_path
 from tandem.domain.vms import check_domain_name
-from tandem.errors import InvalidInput, TandemError, VmTargetMissing
+from tandem.errors import InvalidInput, NotHypervisor, TandemError, VmTargetMissing
 from tandem.jobs.runner import JobContext
 from tandem.operations.hosts import agent_for, check_own_location
 from tandem.operations.site import Site
@@ -99,6 +99,7 @@ class Presented:
     nbd_fingerprint: str | None = None  # the certificate to pin, for an nbds:// export
     vm: dict[str, Any] | None = None  # the new VM: name, uuid, running
     presentation: str | None = None  # "fuse" or "copy" when the agent placed the image
+    vm_hosts: list[str] | None = None  # the other hosts the new VM is defined on (off)
 
     def export_fields(self) -> dict[str, str | None]:
         """What a job result says of the export: ``nbd_uri``, and ``nbd_fingerprint`` for
@@ -204,6 +205,45 @@ def vm_with_action(app: App, vm: NewVm | None, action: str) -> NewVm | None:
     return replace(vm, copy=True)
 
 
+def vm_hosts_for(
+    site: Site, app: App, host: str, hosts: list[str] | None, all_hosts: bool
+) -> list[str]:
+    """The other hosts a failed-over VM is defined on (``--hosts`` / ``--all-hosts``), after
+    ``host``, where it starts. Each named host must be a hypervisor of this site; with
+    ``all_hosts``, every registered host whose agent is one. Asked of the agents at submit."""
+    if not hosts and not all_hosts:
+        return []
+    if hosts and all_hosts:
+        raise InvalidInput(detail="give --hosts H1,H2 or --all-hosts, not both")
+    if app.kind is not AppKind.VM:
+        raise InvalidInput(
+            detail=f"--hosts and --all-hosts define a failed-over VM on several hypervisors; "
+            f"{app.name!r} is a {app.kind.value} app"
+        )
+    with site.catalog.read() as session:
+        if all_hosts:
+            rows = [h for h in q.list_hosts(session) if h.name != app.host]
+        else:
+            rows = [q.get_host(session, name=name) for name in dict.fromkeys(hosts or [])]
+    out = []
+    for row in rows:
+        if row.name == host:
+            continue
+        if row.name == app.host:
+            raise InvalidInput(
+                detail=f"host {row.name!r} is where {app.name!r} runs in production; leave it "
+                "out of --hosts"
+            )
+        with agent_for(row) as agent:
+            info = agent.info()
+        if not info.get("hypervisor"):
+            if all_hosts:
+                continue  # --all-hosts: the hypervisors among this site's hosts
+            raise NotHypervisor(reason=f"host {row.name}: {info.get('reason', 'no libvirt')}")
+        out.append(row.name)
+    return out
+
+
 def check_vm_target(site: Site, host: str, vm: NewVm | None) -> None:
     """At submit, before the job exists: ``check_vm_host`` for the host named ``host``."""
     if vm is None or (vm.pool is None and vm.network is None):
@@ -275,13 +315,16 @@ def present(
     mount_point: str | None,
     writable: bool = True,
     new_vm: NewVm | None = None,
+    vm_hosts: list[Host] | None = None,
 ) -> Presented:
-    """Export and/or materialize a virtual copy of ``base`` for ``host``; undone on failure."""
+    """Export and/or materialize a virtual copy of ``base`` for ``host``; undone on failure.
+    A new VM is also defined, powered off, on each of ``vm_hosts`` (failover ``--hosts``)."""
     base_id = bytes.fromhex(base.manifest)
     uri: str | None = None
     overlay: Overlay | None = None
     transfer = None
     defined: str | None = None
+    also: list[Host] = []
     try:
         if app.kind in BLOCK_KINDS:
             manifest = load_manifest(site.pool, base_id)
@@ -303,6 +346,9 @@ def present(
         if new_vm is not None and uri is not None and overlay is not None:
             vm = _define_vm(ctx, host, overlay.base, uri, new_vm, app)
             defined = new_vm.name
+            for other in vm_hosts or []:
+                also.append(other)
+                _define_vm(ctx, other, overlay.base, uri, replace(new_vm, power_on=False), app)
         where_action = placement(action, mount_point)
         how = presentation(app, action)
         if action != "map-only" and app.kind is not AppKind.VM:
@@ -345,11 +391,21 @@ def present(
             where, shown = None, ("copy" if new_vm is not None and new_vm.copy else None)
         if transfer is not None and how == "fuse":
             transfer = None  # the copy reads through it until withdrawn
-        return Presented(uri, paths, where, sent, fingerprint, vm=vm, presentation=shown)
+        return Presented(
+            uri,
+            paths,
+            where,
+            sent,
+            fingerprint,
+            vm=vm,
+            presentation=shown,
+            vm_hosts=[h.name for h in also] or None,
+        )
     except BaseException:
         if defined is not None:
-            with contextlib.suppress(TandemError), agent_for(host) as agent:
-                agent.remove_vm(defined)
+            for where_defined in (host, *also):
+                with contextlib.suppress(TandemError), agent_for(where_defined) as agent:
+                    agent.remove_vm(defined)
         _undo(site, image_id, uri, overlay)
         raise
     finally:
@@ -412,6 +468,11 @@ def _undo(site: Site, image_id: str, uri: str | None, overlay: Overlay | None) -
 def withdraw(site: Site, image: Image, host: Host | None) -> dict[str, Any]:
     """Unpresent ``image``: its new VM, its export, what its agent placed, its overlay."""
     removed: list[str] = []
+    if image.vm_name:
+        for other in _hosts_named(site, image.vm_hosts or []):
+            with agent_for(other) as agent:
+                agent.remove_vm(image.vm_name)
+            removed.append(f"vm:{image.vm_name}@{other.name}")
     if host is not None and image.vm_name:
         with agent_for(host) as agent:
             agent.remove_vm(image.vm_name)
@@ -431,8 +492,25 @@ def withdraw(site: Site, image: Image, host: Host | None) -> dict[str, Any]:
     return {"removed": removed}
 
 
-def withdraw_unrecorded(site: Site, image_id: str, host: Host) -> None:
-    """Undo a presentation whose row was never written (the step after it failed)."""
+def _hosts_named(site: Site, names: list[str]) -> list[Host]:
+    """The registered hosts of ``names`` (one removed since is skipped: nothing to reach)."""
+    found = []
+    with site.catalog.read() as session:
+        for name in names:
+            with contextlib.suppress(TandemError):
+                found.append(q.get_host(session, name=name))
+    return found
+
+
+def withdraw_unrecorded(
+    site: Site, image_id: str, host: Host, shown: Presented | None = None
+) -> None:
+    """Undo a presentation whose row was never written (the step after it failed); with
+    ``shown``, the new VM it defined too (on its host and its ``vm_hosts``)."""
+    if shown is not None and shown.vm:
+        for where in (host, *_hosts_named(site, shown.vm_hosts or [])):
+            with contextlib.suppress(TandemError), agent_for(where) as agent:
+                agent.remove_vm(str(shown.vm["name"]))
     if site.presenter is not None:
         with contextlib.suppress(TandemError):
             site.presenter.remove_export(export_name(image_id))
@@ -544,5 +622,6 @@ def record(
             mount_point=presented.mount_point if presented.paths else None,
             nbd_export=presented.nbd_uri,
             vm_name=str(presented.vm["name"]) if presented.vm else None,
+            vm_hosts=presented.vm_hosts,
         )
     return row
