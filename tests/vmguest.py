@@ -49,6 +49,7 @@ MODULES = [
     "drivers/virtio/virtio_pci_legacy_dev.ko",
     "drivers/virtio/virtio_pci.ko",
     "drivers/block/virtio_blk.ko",
+    "drivers/char/virtio_console.ko",
 ]
 PATTERN_MIB = 24
 REWRITE_AT_MIB = 32
@@ -66,6 +67,14 @@ done
 n=0
 while [ ! -b /dev/vda ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n+1)); done
 say() { echo "$@" > /dev/ttyS0; }
+# A guest-agent channel, if the domain has one, is opened and never answered: a guest
+# agent that hangs (the busybox guest has no qemu-ga).
+for port in /sys/class/virtio-ports/*; do
+  if [ "$(cat "$port/name" 2>/dev/null)" = org.qemu.guest_agent.0 ]; then
+    exec 3<>"/dev/${port##*/}"
+    say "TANDEM-AGENT silent"
+  fi
+done
 sum() { say "TANDEM-SUM $(md5sum /dev/vda | cut -d' ' -f1)"; }
 if [ "$(head -c 11 /dev/vda)" = "TANDEM-DISK" ]; then
   say "TANDEM-BOOT existing"
@@ -277,7 +286,9 @@ def guest_boot(folder: Path) -> Boot:
     return Boot(vmlinuz, initrd)
 
 
-def domain_xml(name: str, boot: Boot, disks: list[Path], marker: str) -> str:
+def domain_xml(
+    name: str, boot: Boot, disks: list[Path], marker: str, *, agent_channel: bool = False
+) -> str:
     targets = "abcdefgh"
     disk_xml = "".join(
         f"<disk type='file' device='disk'><driver name='qemu' type='{disk_format(path)}'/>"
@@ -296,11 +307,16 @@ def domain_xml(name: str, boot: Boot, disks: list[Path], marker: str) -> str:
   <devices>
     {disk_xml}
     <interface type='user'><model type='virtio'/></interface>
+    {AGENT if agent_channel else ""}
     <serial type='pty'><target port='0'/></serial>
     <console type='pty'><target type='serial' port='0'/></console>
   </devices>
   <seclabel type='static' model='dac' relabel='no'><label>+0:+0</label></seclabel>
 </domain>"""
+
+
+AGENT = "<channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>"
+"""The guest agent's channel (the guest opens it and never answers)."""
 
 
 def disk_format(path: Path) -> str:

@@ -8,7 +8,11 @@ Capture (``capture``) of a running domain, all disks at one instant, the way the
 does it:
 1. When the guest agent answers, the guest's file systems are frozen (``fsFreeze``) and
    thawed right after the checkpoint exists (``finally``, within ``THAW_TIMEOUT``); the image
-   is then ``app-consistent``, else ``crash-consistent`` (with the reason).
+   is then ``app-consistent``, else ``crash-consistent`` (with the reason). The agent has
+   ``FREEZE_TIMEOUT`` to answer (libvirt's per-domain agent timeout, reset to its default
+   after the thaw); one that does not is told to thaw, and the image is crash-consistent.
+   A domain whose disks are all raw gets no checkpoint (it needs qcow2): the capture is a
+   full compare with the previous image, and its reason says so.
 2. ``virDomainBackupBegin`` in pull mode with a new checkpoint ``tandem-<job>``: qemu serves
    each disk's point-in-time view over NBD on a unix socket in a private folder; an
    incremental backup since the base image's checkpoint adds the context
