@@ -67,8 +67,8 @@ def test_a_guest_agent_that_hangs_in_the_freeze_gives_a_crash_consistent_image(
 ) -> None:
     a = site.appliance.cli()
     a("app", "add", "rawvm", "--host", "host1", "--kind", "vm", "--domain", guest.name)
-    a("template", "add", "hourly", "--every", "1h")
-    a("app", "protect", "rawvm", "--template", "hourly")
+    a("template", "add", "manual", "--keep", "4")  # no schedule: captures run when asked
+    a("app", "protect", "rawvm", "--template", "manual")
     done = a("capture", "rawvm")
     job = done["job"]
     assert job["status"] == "succeeded", job["message"]
