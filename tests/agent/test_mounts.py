@@ -30,6 +30,7 @@ from tandem.storage.manifest import (
     decode_manifest,
     store_manifest,
 )
+from tandem.transport import agent_api
 from tandem.transport.server import DaemonConfig, load_daemon_dir
 from tests.agent.loopfs import loop_mounts
 from tests.appliance.conftest import Booted, booted
@@ -424,10 +425,10 @@ def test_a_materialization_abandoned_part_way_removes_what_it_wrote(rig: Rig) ->
             written.append(os.path.getsize(rig.tmp / "vol_1" / VOLUME_FILE))
             raise JobCanceled(job="job_test")
 
-    req = actions.MaterializeRequest(
+    req = agent_api.MaterializeRequest(
         kind="volume",
         manifest=mid.hex(),
-        appliance=actions.ApplianceSession(**rig.session(mid)),
+        appliance=agent_api.ApplianceSession(**rig.session(mid)),
         image=IMAGE,
         mount_point=str(rig.tmp / "vol"),
         volumes=2,

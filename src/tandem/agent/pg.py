@@ -63,8 +63,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
-
 from tandem.errors import (
     ClusterUnfit,
     InvalidInput,
@@ -72,13 +70,20 @@ from tandem.errors import (
     RecoveryFailed,
     TandemError,
 )
+from tandem.transport.agent_api import (
+    SEGMENT_SIZE,
+    WAL_FILE,
+    WAL_NAME,
+    ProbeRequest,
+    RecoverRequest,
+    SpoolRequest,
+    StreamRequest,
+    WalAck,
+    WalRead,
+    WantedRequest,
+)
 
 PG_ROOT = Path("/usr/lib/postgresql")
-SEGMENT_SIZE = 16 * 1024 * 1024
-WAL_NAME = r"^[0-9A-F]{24}$"
-WAL_FILE = r"^[0-9A-F]{24}(\.partial)?$"
-APP_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
-PATH = r"^/[^\x00]*$"
 SQL_TIMEOUT = 60.0
 START_TIMEOUT = float(os.environ.get("TANDEM_PG_START_TIMEOUT", "300"))
 SPOOL = "tandem_wal"
@@ -226,13 +231,6 @@ def query(c: Cluster, sql: str) -> list[list[str]]:
 
 
 # --- probing: can this cluster be protected? -----------------------------------------------
-
-
-class ProbeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    app: str = Field(pattern=APP_NAME)
-    path: str = Field(pattern=PATH, max_length=4096)
 
 
 def probe(req: ProbeRequest) -> dict[str, Any]:
@@ -397,28 +395,6 @@ def base_backup(path: str, label: str) -> Iterator[BaseBackup]:
 
 
 # --- WAL streaming ------------------------------------------------------------------------
-
-
-class StreamRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    app: str = Field(pattern=APP_NAME)
-    path: str = Field(pattern=PATH, max_length=4096)
-
-
-class WalRead(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    app: str = Field(pattern=APP_NAME)
-    name: str = Field(pattern=WAL_FILE)
-    offset: int = Field(ge=0, le=SEGMENT_SIZE)
-
-
-class WalAck(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    app: str = Field(pattern=APP_NAME)
-    names: list[str] = Field(default_factory=list, max_length=4096)
 
 
 class Receivers:
@@ -603,52 +579,6 @@ class Receivers:
 
 
 # --- recovery -----------------------------------------------------------------------------
-
-
-class SpoolRequest(BaseModel):
-    """One WAL segment for the recovery of the copy at ``path`` (its bytes: the body)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    path: str = Field(pattern=PATH, max_length=4096)
-    name: str = Field(pattern=WAL_NAME)
-
-
-class RecoverRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    path: str = Field(pattern=PATH, max_length=4096)
-    backup_label: str = Field(min_length=1, max_length=8192)
-    tablespace_map: str = Field(default="", max_length=65536)
-    target_time: datetime | None = None
-    """None: recover to the end of the WAL given (latest)."""
-    port: int | None = Field(default=None, ge=1024, le=65535)
-    socket_dir: str | None = Field(default=None, pattern=PATH, max_length=1024)
-    verify: bool = False
-    """Run ``pg_amcheck`` (heap and every B-tree index) on the started copy."""
-    segments: list[str] = Field(default_factory=list, max_length=1_000_000)
-    """The segments the appliance holds for this recovery, in order; the restore_command
-    waits for these to be staged and fails at once for any other name. Empty: the ones
-    already staged in the spool."""
-
-    @field_validator("segments")
-    @classmethod
-    def _names(cls, names: list[str]) -> list[str]:
-        for name in names:
-            if not re.fullmatch(WAL_NAME, name):
-                raise ValueError(f"{name[:40]!r} is not a WAL segment name")
-        return names
-
-
-class WantedRequest(BaseModel):
-    """Which segment the recovery of the copy at ``path`` waits for; waits up to ``wait``
-    seconds for it to differ from ``after``."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    path: str = Field(pattern=PATH, max_length=4096)
-    after: str | None = Field(default=None, pattern=WAL_NAME)
-    wait: float = Field(default=0.0, ge=0.0, le=10.0)
 
 
 def _owner_of(path: str) -> Cluster:

@@ -59,12 +59,10 @@ from contextlib import contextmanager, suppress
 from typing import Any
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field
-
-from tandem.domain.vms import DOMAIN_NAME
 from tandem.errors import AlreadyExists, InvalidInput, NotFound, NotHypervisor, SourceUnreadable
 from tandem.storage import vmimage
 from tandem.storage.manifest import VolumeManifest
+from tandem.transport.agent_api import DefineRequest
 from tandem.transport.nbd import DIRTY, NbdClient
 
 URI = "qemu:///system"
@@ -452,25 +450,6 @@ def resources() -> dict[str, Any]:
     }
 
 
-class DefineRequest(BaseModel):
-    """Define a new domain from a VM image's XML, its disks on the appliance's export."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: str = Field(pattern=DOMAIN_NAME)
-    xml: str = Field(min_length=1, max_length=1_000_000)
-    disks: list[dict[str, Any]] = Field(min_length=1, max_length=64)
-    nbd_uri: str = Field(pattern=r"^nbd://[^\s]+$")
-    source_domain: str = Field(default="", max_length=64)
-    source_uuid: str = Field(default="", max_length=64)
-    keep_identity: bool = False
-    network: str | None = Field(default=None, pattern=DOMAIN_NAME)
-    power_on: bool = False
-    pool: str | None = Field(default=None, pattern=DOMAIN_NAME)
-    copy_disks: bool = False
-    """Copy each disk into a qcow2 volume of ``pool`` and run from those (``--action copy``)."""
-
-
 def _active_pool(conn: Any, name: str) -> Any:
     lv = _libvirt()
     try:
@@ -700,12 +679,6 @@ def _volume_disk(disk: ET.Element, pool: str, volume: str) -> None:
     disk.set("type", "volume")
     disk.insert(0, ET.Element("source", {"pool": pool, "volume": volume}))
     disk.insert(0, ET.Element("driver", {"name": "qemu", "type": "qcow2"}))
-
-
-class RemoveRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    name: str = Field(pattern=DOMAIN_NAME)
 
 
 def remove(name: str) -> dict[str, Any]:

@@ -51,7 +51,7 @@ from starlette.concurrency import run_in_threadpool
 
 from tandem import __version__
 from tandem.appliance.auth import Principal
-from tandem.appliance.schemas import NAME, AppOut, FailoverIn, MountIn, PresentIn, hide_secrets
+from tandem.appliance.documents import app_out
 from tandem.catalog import queries as q
 from tandem.catalog.models import App, Image, Job
 from tandem.domain.images import WRITABLE_KINDS, ImageKind, ImageState
@@ -64,6 +64,7 @@ from tandem.domain.rules import (
     confirmations_accepted,
     role_allows,
 )
+from tandem.domain.units import human_bytes
 from tandem.errors import InvalidInput, NotFound, TandemError
 from tandem.operations import (
     apps,
@@ -83,6 +84,7 @@ from tandem.operations import (
 )
 from tandem.operations.present import ACTIONS as MOUNT_ACTIONS
 from tandem.operations.site import Site
+from tandem.transport.api import NAME, FailoverIn, MountIn, PresentIn, hide_secrets
 
 COOKIE = "tandem_console"
 SESSION_SECONDS = 12 * 3600
@@ -254,14 +256,7 @@ def _seconds(job: Job) -> float | None:
 
 
 def fmt_bytes(n: int | None) -> str:
-    if n is None:
-        return "—"
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"
+    return "—" if n is None else human_bytes(n)
 
 
 def fmt_seconds(s: float | None) -> str:
@@ -431,7 +426,7 @@ def _make_router(site: Site, sessions: ConsoleSessions) -> APIRouter:
         downtimes = failback.downtimes(site)
         listed = apps.list_apps(site)
         risk = apps.risks(site, listed, now)
-        rows = [AppOut.of(a, now, downtimes.get(a.name), risk[a.name]) for a in listed]
+        rows = [app_out(a, now, downtimes.get(a.name), risk[a.name]) for a in listed]
         power = hosts.power_states(site, [a for a in listed if a.kind is AppKind.VM])
         return page(request, "apps.html", who, apps=rows, power=power)
 
@@ -473,7 +468,7 @@ def _make_router(site: Site, sessions: ConsoleSessions) -> APIRouter:
             who,
             status=status,
             app=row,
-            app_out=AppOut.of(
+            app_out=app_out(
                 row, None, failback.downtimes(site).get(name), apps.risks(site, [row])[name]
             ),
             timeline=timeline,

@@ -11,7 +11,17 @@ from typing import Annotated, Any
 
 import typer
 
-from tandem.transport.client import Doc
+from tandem.transport.api import (
+    CaptureIn,
+    CloneIn,
+    CommitFailbackIn,
+    FailbackIn,
+    FailoverIn,
+    JobAnswer,
+    MountIn,
+    PresentIn,
+    checked,
+)
 
 from .common import (
     AppName,
@@ -132,7 +142,7 @@ def test_failover(
         bool,
         typer.Option("--verify", help="A PostgreSQL app: run pg_amcheck on the recovered copy."),
     ] = False,
-) -> Doc:
+) -> JobAnswer:
     """Present a writable copy of a replica to HOST; replication goes on (DR appliance).
     A PostgreSQL app is recovered to --time or --latest and started."""
     params = {
@@ -144,7 +154,7 @@ def test_failover(
         **_vm_options(new_vm, network, power_on, pool),
         **({"verify": True} if verify else {}),
     }
-    return s.api.start(checked_app(app), "test-failover", params)
+    return s.api.test_failover(checked_app(app), checked(PresentIn, **params))
 
 
 @job_command
@@ -178,7 +188,7 @@ def failover(
         bool,
         typer.Option("--all-hosts", help="A vm app: define it on every hypervisor host here."),
     ] = False,
-) -> Doc:
+) -> JobAnswer:
     """Bring APP up at the DR site from its replica; replication stops (DR appliance).
     A PostgreSQL app is recovered to --time or (default) --latest and started."""
     params = {
@@ -193,7 +203,7 @@ def failover(
         **({"hosts": [h.strip() for h in hosts.split(",") if h.strip()]} if hosts else {}),
         **({"all_hosts": True} if all_hosts else {}),
     }
-    return s.api.start(checked_app(app), "failover", params)
+    return s.api.failover(checked_app(app), checked(FailoverIn, **params))
 
 
 @job_command
@@ -210,7 +220,7 @@ def mount(
     network: NetworkOpt = None,
     power_on: PowerOnOpt = False,
     pool: PoolOpt = None,
-) -> Doc:
+) -> JobAnswer:
     """Present any image to HOST as a writable virtual copy (a PostgreSQL base image with
     --time or --latest: recovered from it and started)."""
     params = {
@@ -220,7 +230,7 @@ def mount(
         **pit_fields(time_, latest, port),
         **_vm_options(new_vm, network, power_on, pool),
     }
-    return s.api.start_on_image(checked_image(image), "mount", params)
+    return s.api.mount(checked_image(image), checked(MountIn, **params))
 
 
 @api_command
@@ -230,9 +240,9 @@ def unmount(s: Session, image: ImageId) -> None:
 
 
 @job_command
-def syncback(s: Session, app: AppName, label: Label = None) -> Doc:
+def syncback(s: Session, app: AppName, label: Label = None) -> JobAnswer:
     """Send what was written at the DR site home as a new syncback image (DR appliance)."""
-    return s.api.start(checked_app(app), "syncback", {"label": label})
+    return s.api.syncback(checked_app(app), checked(CaptureIn, label=label))
 
 
 class Target(StrEnum):
@@ -265,7 +275,7 @@ def failback(
     force: Annotated[
         bool, typer.Option("--force", help="Snapshot style: even though no syncback was made.")
     ] = False,
-) -> Doc:
+) -> JobAnswer:
     """Fail APP back to production (DR appliance).
 
     Without --target: the snapshot style (after the final syncback was restored):
@@ -274,7 +284,7 @@ def failback(
     failback pending until `commit-failback` or `undo-failback`.
     """
     params = {"force": force, "target": target, "host": host, "path": path, "power_on": power_on}
-    return s.api.start(checked_app(app), "failback", params)
+    return s.api.failback(checked_app(app), checked(FailbackIn, **params))
 
 
 @job_command
@@ -289,15 +299,15 @@ def commit_failback(
             "(those writes are lost).",
         ),
     ] = False,
-) -> Doc:
+) -> JobAnswer:
     """Production works: end a replica-style failback, resume protection (DR appliance)."""
-    return s.api.start(checked_app(app), "commit-failback", {"force": force})
+    return s.api.commit_failback(checked_app(app), checked(CommitFailbackIn, force=force))
 
 
 @job_command
-def undo_failback(s: Session, app: AppName) -> Doc:
+def undo_failback(s: Session, app: AppName) -> JobAnswer:
     """Back to the DR copy in its pre-failback state (protective snapshot) (DR appliance)."""
-    return s.api.start(checked_app(app), "undo-failback")
+    return s.api.undo_failback(checked_app(app))
 
 
 @job_command
@@ -307,7 +317,7 @@ def clone(
     host: Host,
     path: Annotated[str, typer.Option("--path", help="Full path on the host (must be new).")],
     name: Annotated[str | None, typer.Option("--name", help="The new application's name.")] = None,
-) -> Doc:
+) -> JobAnswer:
     """A full, independent copy of IMAGE as a new application on HOST."""
     params = {"host": host, "path": path, "name": name}
-    return s.api.start_on_image(checked_image(image), "clone", params)
+    return s.api.clone(checked_image(image), checked(CloneIn, **params))

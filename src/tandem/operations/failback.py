@@ -43,7 +43,7 @@ from tandem.catalog.models import App, Host, Image, Job
 from tandem.domain.images import ImageKind, ImageState
 from tandem.domain.jobs import JobStatus
 from tandem.domain.lifecycle import AppFacts, AppKind, AppState, Operation, check_transition
-from tandem.errors import Conflict, NotFound, TandemError, UnsyncedWrites
+from tandem.errors import Conflict, NotFound, SyncbackNotRestored, TandemError, UnsyncedWrites
 from tandem.jobs.queue import submit_job
 from tandem.jobs.runner import JobContext
 from tandem.operations import peers, present
@@ -89,11 +89,8 @@ def _check_restored_at_production(site: Site, app: str, syncback: str) -> None:
     with peers.client_for(peer) as remote:
         restored = remote.restored(app).image
     if restored != syncback:
-        raise Conflict(
-            detail=f"production ({peer.name}) has not restored the newest syncback {syncback} "
-            f"of {app!r} (its last restore: {restored or 'none'}); restore it there first "
-            f"(`tandem restore {app} --image {syncback} --confirm ...` on {peer.name}), "
-            "or fail back with --force to drop what only the DR copy holds"
+        raise SyncbackNotRestored(
+            peer=peer.name, syncback=syncback, app=app, restored=restored or "none"
         )
 
 

@@ -17,7 +17,13 @@ from tandem.catalog.models import Image, Job
 from tandem.domain.ids import new_image_id
 from tandem.domain.images import ImageKind, ImageState
 from tandem.domain.lifecycle import AppKind, AppState, Operation, check_transition
-from tandem.errors import Conflict, InvalidInput, NotFound
+from tandem.errors import (
+    ImageInService,
+    ImageNotMounted,
+    MountPointNeeded,
+    NotFound,
+    PortWithoutRecovery,
+)
 from tandem.jobs.queue import submit_job
 from tandem.jobs.runner import JobContext
 from tandem.operations import pg_recovery, present
@@ -59,9 +65,7 @@ def submit_mount(
     if recover:
         pg_recovery.plan(site, app, target, image)  # refused outside the window
     elif port is not None:
-        raise InvalidInput(
-            detail="--port is the port of a recovered database: give --time or --latest with it"
-        )
+        raise PortWithoutRecovery()
     with site.catalog.begin() as session:
         base = q.get_image(session, image_id=image)
         app = base.app
@@ -124,7 +128,7 @@ def run_mount(site: Site, ctx: JobContext) -> dict[str, Any]:
     if chosen is not None:
         try:
             if not shown.paths:
-                raise InvalidInput(detail="a database is recovered in a folder: give --mount-point")
+                raise MountPointNeeded(what="a recovered database")
             recovered = pg_recovery.recover(
                 site,
                 ctx,
@@ -174,12 +178,9 @@ def unmount(site: Site, *, image: str) -> Image:
     with site.catalog.read() as session:
         row = q.get_image(session, image_id=image)
         if row.kind not in PRESENTED or row.state is not ImageState.MOUNTED:
-            raise Conflict(detail=f"image {row.id} ({row.kind.value}) is not mounted")
+            raise ImageNotMounted(image=row.id, kind=row.kind.value)
         if row.kind is ImageKind.FAILOVER and row.app.state is not AppState.MANAGED:
-            raise Conflict(
-                detail=f"image {row.id} is where {row.app.name!r} runs since its failover; "
-                "fail back before unmounting it"
-            )
+            raise ImageInService(image=row.id, app=row.app.name)
         host = None
         if row.mounted_host:
             try:

@@ -31,12 +31,20 @@ from typing import Any
 from tandem.catalog import queries as q
 from tandem.catalog.models import App, Host, Image
 from tandem.domain.lifecycle import AppKind
-from tandem.errors import InvalidInput, RecoveryPointUnavailable
+from tandem.errors import (
+    ImageNotOfApp,
+    RecoveryOptionsUnused,
+    RecoveryPointUnavailable,
+    TimeAndLatest,
+    TimeInvalid,
+)
 from tandem.jobs.runner import JobContext
 from tandem.operations import wal
 from tandem.operations.hosts import agent_for
 from tandem.operations.site import Site
 from tandem.transport.agent import AgentClient
+from tandem.transport.agent_api import RecoverRequest
+from tandem.transport.api import checked
 
 PREFETCH = max(1, int(os.environ.get("TANDEM_PG_PREFETCH", "4")))
 """Segments staged ahead of the one replay waits for."""
@@ -49,22 +57,18 @@ def parse_target(text: str | None, latest: bool, app: App) -> datetime | None:
     not apply."""
     if app.kind is not AppKind.POSTGRESQL:
         if text is not None or latest:
-            raise InvalidInput(
-                detail=f"--time and --latest recover a database; {app.name!r} is a "
-                f"{app.kind.value} app: leave them out"
+            raise RecoveryOptionsUnused(
+                options="--time and --latest", app=app.name, kind=app.kind.value
             )
         return None
     if text is not None and latest:
-        raise InvalidInput(detail="give --time or --latest, not both")
+        raise TimeAndLatest()
     if text is None:
         return None
     try:
         when = datetime.fromisoformat(text.strip())
     except ValueError as exc:
-        raise InvalidInput(
-            detail=f'--time {text!r} is not a time; write it as "YYYY-MM-DD HH:MM:SS" (UTC) '
-            'or with its offset, e.g. "2026-12-02 10:15:03+01:00"'
-        ) from exc
+        raise TimeInvalid(text=text) from exc
     return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
 
 
@@ -88,7 +92,7 @@ def plan(site: Site, app: App, target: datetime | None, image: str | None = None
         if image is not None:
             bases = [b for b in bases if b.id == image]
             if not bases:
-                raise InvalidInput(detail=f"image {image} is not a base image of {app.name!r}")
+                raise ImageNotOfApp(image=image, what="a base image", app=app.name)
 
     def refuse(reason: str) -> RecoveryPointUnavailable:
         return RecoveryPointUnavailable(
@@ -151,15 +155,16 @@ def recover(
         staged.add(name)
         moved += len(data)
 
-    body: dict[str, Any] = {
-        "path": path,
-        "backup_label": pg["backup_label"],
-        "tablespace_map": pg.get("tablespace_map") or "",
-        "target_time": target.isoformat() if target is not None else None,
-        "port": port,
-        "verify": verify,
-        "segments": plan_,
-    }
+    body = checked(
+        RecoverRequest,
+        path=path,
+        backup_label=pg["backup_label"],
+        tablespace_map=pg.get("tablespace_map") or "",
+        target_time=target,
+        port=port,
+        verify=verify,
+        segments=plan_,
+    )
 
     def start() -> None:
         try:
@@ -200,15 +205,15 @@ def recover(
         f"{reached or 'the base alone'} in "
         f"{done.get('seconds')} s; port {done.get('port')}, socket {done.get('socket_dir')}"
     )
-    checked = done.get("amcheck")
-    if isinstance(checked, dict):
+    amcheck = done.get("amcheck")
+    if isinstance(amcheck, dict):
         ctx.log(
-            f"pg_amcheck: {'no corruption found' if checked.get('ok') else 'FAILED'} in "
-            f"{checked.get('seconds')} s",
-            "info" if checked.get("ok") else "warning",
+            f"pg_amcheck: {'no corruption found' if amcheck.get('ok') else 'FAILED'} in "
+            f"{amcheck.get('seconds')} s",
+            "info" if amcheck.get("ok") else "warning",
         )
     return {
-        "amcheck": checked,
+        "amcheck": amcheck,
         "recovered_to": reached,
         "target": target.isoformat() if target is not None else "latest",
         "port": done.get("port"),

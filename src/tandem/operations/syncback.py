@@ -67,6 +67,8 @@ from tandem.operations.streams import follow
 from tandem.storage.manifest import FILE, TreeManifest, VolumeManifest, load_manifest
 from tandem.storage.overlay import Overlay, capture_overlay
 from tandem.storage.tree import diff_trees
+from tandem.transport.agent_api import CaptureRequest
+from tandem.transport.api import checked
 from tandem.transport.peer import Opened, SyncbackOpen
 
 TYPE = "syncback"
@@ -152,14 +154,15 @@ def _capture_tree_at_host(
     size and the agent's final event (how it cut the tree)."""
     transfer, token = site.sessions.open(job_id=ctx.job.id, write=True, bases=[base])
     try:
-        body = {
-            "kind": storage_kind(app.kind),
-            "path": path,
-            "base": base.hex(),
-            "job": ctx.job.id,
-            "appliance": site.session_ref(transfer.id, token),
-            "consistency": _dr_mode(app).value,
-        }
+        body = checked(
+            CaptureRequest,
+            kind=storage_kind(app.kind),
+            path=path,
+            base=base.hex(),
+            job=ctx.job.id,
+            appliance=site.session_ref(transfer.id, token),
+            consistency=_dr_mode(app).value,
+        )
         with agent_for(host) as agent:
             done = follow(ctx, agent.capture(body), host=host.name, moved=lambda: 0)
         manifest = bytes.fromhex(str(done.get("manifest", "")))

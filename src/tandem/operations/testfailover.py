@@ -19,7 +19,13 @@ from tandem.domain.ids import new_image_id
 from tandem.domain.images import ImageKind, ImageState
 from tandem.domain.lifecycle import AppFacts, AppKind, Operation, check_transition
 from tandem.domain.rules import PresentedImage, check_test_failover_target
-from tandem.errors import InvalidInput, NotFound
+from tandem.errors import (
+    ImageNotOfApp,
+    InvalidInput,
+    MountPointNeeded,
+    NotFound,
+    RecoveryOptionsUnused,
+)
 from tandem.jobs.queue import submit_job
 from tandem.jobs.runner import JobContext
 from tandem.operations import pg_recovery, present
@@ -34,7 +40,7 @@ def pick_replica(session: Session, app: App, image: str | None) -> Image:
     if image:
         row = q.get_image(session, image_id=image)
         if row.app.name != app.name or row.kind is not ImageKind.REPLICA:
-            raise InvalidInput(detail=f"image {image} is not a replica of {app.name!r}")
+            raise ImageNotOfApp(image=image, what="a replica", app=app.name)
         return row
     newest = q.latest_image(session, app=app.name, kind=ImageKind.REPLICA)
     if newest is None:
@@ -94,8 +100,8 @@ def submit_test_failover(
     if row.kind is AppKind.POSTGRESQL:
         image = pg_recovery.plan(site, row, target, image).base.id  # refused outside the window
     elif port is not None or verify:
-        raise InvalidInput(
-            detail="--port and --verify are for a recovered database; leave them out"
+        raise RecoveryOptionsUnused(
+            options="--port and --verify", app=row.name, kind=row.kind.value
         )
     with site.catalog.begin() as session:
         row = q.get_app(session, name=app)
@@ -164,7 +170,7 @@ def run_test_failover(site: Site, ctx: JobContext) -> dict[str, Any]:
     if chosen is not None:
         try:
             if not shown.paths:
-                raise InvalidInput(detail="a database is recovered in a folder: give --mount-point")
+                raise MountPointNeeded(what="a recovered database")
             recovered = pg_recovery.recover(
                 site,
                 ctx,
