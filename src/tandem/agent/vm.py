@@ -222,12 +222,15 @@ def _freeze(dom: Any, emit: Emit) -> tuple[bool, str]:
         dom.fsFreeze(None, 0)
     except lv.libvirtError as exc:
         message = exc.get_error_message()
+        default = getattr(lv, "VIR_DOMAIN_AGENT_RESPONSE_TIMEOUT_DEFAULT", -1)
         if exc.get_error_code() in (
             lv.VIR_ERR_OPERATION_UNSUPPORTED,
             lv.VIR_ERR_ARGUMENT_UNSUPPORTED,
         ):
+            _agent_timeout(dom, default)
             return False, f"the guest has no guest agent ({message})"
         if "not configured" in message or "not connected" in message:
+            _agent_timeout(dom, default)
             return False, f"the guest agent is not running ({message})"
         emit({"event": "log", "text": f"the guest agent did not freeze the guest: {message}"})
         _thaw(dom, emit, deadline=time.monotonic() + 2 * FREEZE_TIMEOUT)
