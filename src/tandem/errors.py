@@ -387,6 +387,12 @@ class VmOptionsUnused(InvalidInput):
     a {kind} app. Leave them out."""
 
 
+class SyncbackOfRunningDatabase(InvalidInput):
+    """Invalid input: syncback {image} of {app!r} was taken while PostgreSQL ran at the DR
+    site, {how}; it is not a cluster to write in place. Stop the database at the DR site, run
+    `tandem syncback {app}` there (it sends only what changed since) and restore that one."""
+
+
 class MountPointNeeded(InvalidInput):
     """Invalid input: {what} needs a folder to be placed in. Give --mount-point with a full
     path."""

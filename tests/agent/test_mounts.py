@@ -64,7 +64,7 @@ class Rig:
         self.client = httpx.Client(
             base_url=self.cfg.url,
             verify=context,
-            timeout=30,
+            timeout=120,
             headers={"Authorization": f"Bearer {self.token}"},
         )
 
@@ -367,7 +367,7 @@ def test_an_agent_made_without_its_directory_cannot_materialize(rig: Rig) -> Non
     context.check_hostname = False
     with (
         LiveServer(app, rig.agent_dir, port),
-        httpx.Client(base_url=f"https://127.0.0.1:{port}", verify=context) as client,
+        httpx.Client(base_url=f"https://127.0.0.1:{port}", verify=context, timeout=120.0) as client,
     ):
         resp = client.get("/api/v1/mounts", headers={"Authorization": f"Bearer {rig.token}"})
     assert resp.status_code == 500 and "made without its directory" in resp.json()["message"]

@@ -257,8 +257,10 @@ def create_app(cfg: DaemonConfig, directory: Path | None = None) -> FastAPI:
             )
 
     @app.put("/api/v1/pg/spool", dependencies=[Depends(auth)])
-    async def pg_spool(path: str, name: str, request: Request) -> dict[str, Any]:
-        req = SpoolRequest(path=path, name=name)
+    async def pg_spool(
+        path: str, name: str, request: Request, run: str | None = None
+    ) -> dict[str, Any]:
+        req = SpoolRequest(path=path, name=name, run=run)
         presented(req.path)
         data = await request.body()
         return await asyncio.to_thread(pg.spool_wal, req, data)

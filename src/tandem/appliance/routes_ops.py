@@ -108,6 +108,7 @@ def make_router(site: Site) -> APIRouter:
             time=body.time,
             latest=body.latest,
             port=body.port,
+            verify=body.verify,
             new_vm=body.new_vm,
             network=body.network,
             power_on=body.power_on,

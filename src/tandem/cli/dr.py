@@ -123,6 +123,11 @@ def _vm_options(
     return out
 
 
+VerifyOpt = Annotated[
+    bool, typer.Option("--verify", help="A PostgreSQL app: run pg_amcheck on the recovered copy.")
+]
+
+
 @job_command
 def test_failover(
     s: Session,
@@ -138,10 +143,7 @@ def test_failover(
     network: NetworkOpt = None,
     power_on: PowerOnOpt = False,
     pool: PoolOpt = None,
-    verify: Annotated[
-        bool,
-        typer.Option("--verify", help="A PostgreSQL app: run pg_amcheck on the recovered copy."),
-    ] = False,
+    verify: VerifyOpt = False,
 ) -> JobAnswer:
     """Present a writable copy of a replica to HOST; replication goes on (DR appliance).
     A PostgreSQL app is recovered to --time or --latest and started."""
@@ -188,6 +190,7 @@ def failover(
         bool,
         typer.Option("--all-hosts", help="A vm app: define it on every hypervisor host here."),
     ] = False,
+    verify: VerifyOpt = False,
 ) -> JobAnswer:
     """Bring APP up at the DR site from its replica; replication stops (DR appliance).
     A PostgreSQL app is recovered to --time or (default) --latest and started."""
@@ -202,6 +205,7 @@ def failover(
         **_vm_options(new_vm, network, power_on, pool),
         **({"hosts": [h.strip() for h in hosts.split(",") if h.strip()]} if hosts else {}),
         **({"all_hosts": True} if all_hosts else {}),
+        **({"verify": True} if verify else {}),
     }
     return s.api.failover(checked_app(app), checked(FailoverIn, **params))
 

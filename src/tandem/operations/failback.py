@@ -46,7 +46,7 @@ from tandem.domain.lifecycle import AppFacts, AppKind, AppState, Operation, chec
 from tandem.errors import Conflict, NotFound, SyncbackNotRestored, TandemError, UnsyncedWrites
 from tandem.jobs.queue import submit_job
 from tandem.jobs.runner import JobContext
-from tandem.operations import peers, present
+from tandem.operations import peers, present, wal
 from tandem.operations.site import Site
 from tandem.operations.syncback import dr_copy_changes, failover_image, syncbacks_since_failover
 from tandem.storage.overlay import Overlay
@@ -252,6 +252,8 @@ def clean_up_and_resume(
         hosts = {h.name: h for h in q.list_hosts(session)}
     removed: list[str] = []
     for image in presented:
+        if image.kind is ImageKind.FAILOVER:
+            wal.failover_ends(site, ctx, name, image)
         if image.state in (ImageState.MOUNTED, ImageState.DELETING):
             _withdraw(site, ctx, image, hosts.get(image.mounted_host or ""))
         removed.append(image.id)

@@ -20,7 +20,6 @@ from tandem.domain.lifecycle import AppKind, AppState, Operation, check_transiti
 from tandem.errors import (
     ImageInService,
     ImageNotMounted,
-    MountPointNeeded,
     NotFound,
     PortWithoutRecovery,
 )
@@ -108,10 +107,7 @@ def run_mount(site: Site, ctx: JobContext) -> dict[str, Any]:
         host = q.get_host(session, name=params["host"])
     with agent_for(host) as agent:
         agent.info()
-    chosen, target = None, None
-    if params.get("recover"):
-        target = pg_recovery.parse_target(params.get("time"), params.get("time") is None, app)
-        chosen = pg_recovery.plan(site, app, target, base.id)
+    recovery = pg_recovery.asked(site, app, params, base.id) if params.get("recover") else None
     image_id = new_image_id()
     shown = present.present(
         site,
@@ -125,23 +121,18 @@ def run_mount(site: Site, ctx: JobContext) -> dict[str, Any]:
         new_vm=present.NewVm.from_params(params),
     )
     recovered: dict[str, Any] = {}
-    if chosen is not None:
-        try:
-            if not shown.paths:
-                raise MountPointNeeded(what="a recovered database")
-            recovered = pg_recovery.recover(
-                site,
-                ctx,
-                app=app,
-                host=host,
-                chosen=chosen,
-                path=shown.paths[0],
-                target=target,
-                port=params.get("port"),
-            )
-        except BaseException:
-            present.withdraw_unrecorded(site, image_id, host)
-            raise
+    if recovery is not None:
+        recovered = pg_recovery.recover_presented(
+            site,
+            ctx,
+            recovery,
+            image_id=image_id,
+            shown=shown,
+            app=app,
+            host=host,
+            port=params.get("port"),
+            verify=False,
+        )
     row = present.record(
         site,
         image_id=image_id,
@@ -157,12 +148,7 @@ def run_mount(site: Site, ctx: JobContext) -> dict[str, Any]:
         f"{base.id} mounted as {row.id} on host {host.name}"
         + (f" at {shown.mount_point}" if shown.mount_point else "")
         + (f" as new VM {shown.vm['name']}" if shown.vm else "")
-        + (
-            f"; PostgreSQL recovered to {recovered.get('recovered_to')} on port "
-            f"{recovered.get('port')}"
-            if recovered
-            else ""
-        )
+        + pg_recovery.note(recovered)
     )
     return {
         "image": row.id,

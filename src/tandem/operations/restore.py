@@ -34,7 +34,7 @@ from tandem.domain.rules import RESTORE_CONFIRMATIONS, check_confirmations
 from tandem.errors import ImageBeingDeleted, ImageOfOtherApp, InvalidInput, TandemError
 from tandem.jobs.queue import submit_job
 from tandem.jobs.runner import JobContext
-from tandem.operations import failback, hooks, stamps
+from tandem.operations import failback, hooks, pg_recovery, stamps, wal
 from tandem.operations.hosts import agent_for, app_host
 from tandem.operations.site import Site
 from tandem.operations.streams import follow
@@ -78,6 +78,7 @@ def submit_restore(
             raise ImageOfOtherApp(image=img.id, owner=img.app.name, app=row.name)
         if img.state is ImageState.DELETING:
             raise ImageBeingDeleted(image=img.id, app=row.name)
+        pg_recovery.check_restorable(site, row, img)  # a syncback: names the one to restore
         check_not_base_backup(img)
         check_transition(row.name, row.state, Operation.RESTORE)
         app_host(session, row, action="restore")
@@ -135,6 +136,8 @@ def run_restore(site: Site, ctx: JobContext) -> dict[str, Any]:
             )
             if app.kind is AppKind.VOLUME:
                 stamps.forget(site, app_id=app.id)  # from here it holds neither image
+            if app.kind is AppKind.POSTGRESQL:
+                wal.replaced(site, app)  # the stream of the cluster about to be replaced
             try:
                 done = follow(
                     ctx, agent.restore(body), host=host.name, moved=lambda: transfer.bytes_sent

@@ -22,9 +22,7 @@ from tandem.domain.rules import PresentedImage, check_test_failover_target
 from tandem.errors import (
     ImageNotOfApp,
     InvalidInput,
-    MountPointNeeded,
     NotFound,
-    RecoveryOptionsUnused,
 )
 from tandem.jobs.queue import submit_job
 from tandem.jobs.runner import JobContext
@@ -96,13 +94,9 @@ def submit_test_failover(
         host,
         present.check_new_vm(row, new_vm, network, power_on, keep_identity=False, pool=pool),
     )
-    target = pg_recovery.parse_target(time, latest, row)
-    if row.kind is AppKind.POSTGRESQL:
-        image = pg_recovery.plan(site, row, target, image).base.id  # refused outside the window
-    elif port is not None or verify:
-        raise RecoveryOptionsUnused(
-            options="--port and --verify", app=row.name, kind=row.kind.value
-        )
+    image, recovering = pg_recovery.requested(
+        site, row, time=time, latest=latest, port=port, verify=verify, image=image
+    )
     with site.catalog.begin() as session:
         row = q.get_app(session, name=app)
         replicas = len(q.list_images(session, app=app, kind=ImageKind.REPLICA))
@@ -122,8 +116,7 @@ def submit_test_failover(
         action = present.check_action(row, action, mount_point)
         vm = present.vm_with_action(row, vm, action)
         params: dict[str, Any] = {"host": host, "mount_point": mount_point, "action": action}
-        if row.kind is AppKind.POSTGRESQL:
-            params.update(time=target.isoformat() if target else None, port=port, verify=verify)
+        params.update(recovering)
         if vm is not None:
             params.update(vm.as_params())
         job = submit_job(
@@ -148,12 +141,10 @@ def run_test_failover(site: Site, ctx: JobContext) -> dict[str, Any]:
         host = q.get_host(session, name=params["host"])
     with agent_for(host) as agent:
         agent.info()  # reachable, or "host NAME unreachable at URL"
-    chosen = None
-    target = None
+    recovery = None
     if app.kind is AppKind.POSTGRESQL:
-        target = pg_recovery.parse_target(params.get("time"), params.get("time") is None, app)
-        chosen = pg_recovery.plan(site, app, target)
-        replica = chosen.base
+        recovery = pg_recovery.asked(site, app, params)
+        replica = recovery.base
     image_id = new_image_id()
     shown = present.present(
         site,
@@ -167,24 +158,18 @@ def run_test_failover(site: Site, ctx: JobContext) -> dict[str, Any]:
         new_vm=present.NewVm.from_params(params),
     )
     recovered: dict[str, Any] = {}
-    if chosen is not None:
-        try:
-            if not shown.paths:
-                raise MountPointNeeded(what="a recovered database")
-            recovered = pg_recovery.recover(
-                site,
-                ctx,
-                app=app,
-                host=host,
-                chosen=chosen,
-                path=shown.paths[0],
-                target=target,
-                port=params.get("port"),
-                verify=bool(params.get("verify")),
-            )
-        except BaseException:
-            present.withdraw_unrecorded(site, image_id, host)
-            raise
+    if recovery is not None:
+        recovered = pg_recovery.recover_presented(
+            site,
+            ctx,
+            recovery,
+            image_id=image_id,
+            shown=shown,
+            app=app,
+            host=host,
+            port=params.get("port"),
+            verify=bool(params.get("verify")),
+        )
     row = present.record(
         site,
         image_id=image_id,
@@ -210,12 +195,7 @@ def run_test_failover(site: Site, ctx: JobContext) -> dict[str, Any]:
         + (f" at {shown.mount_point}" if shown.mount_point else "")
         + (" (NBD)" if shown.nbd_uri else "")
         + (f" as new VM {shown.vm['name']}" if shown.vm else "")
-        + (
-            f"; PostgreSQL recovered to {recovered.get('recovered_to')} on port "
-            f"{recovered.get('port')}"
-            if recovered
-            else ""
-        )
+        + pg_recovery.note(recovered)
     )
     return {
         "image": row.id,

@@ -212,20 +212,21 @@ class AgentClient:
     def pg_wal_ack(self, app: str, names: list[str]) -> dict[str, Any]:
         return self._dict("POST", "/api/v1/pg/wal/ack", checked(WalAck, app=app, names=names))
 
-    def pg_spool(self, path: str, name: str, data: bytes) -> dict[str, Any]:
-        """Give the copy at ``path`` one WAL segment for its recovery."""
+    def pg_spool(self, path: str, name: str, data: bytes, run: str | None = None) -> dict[str, Any]:
+        """Give the copy at ``path`` one WAL segment for its recovery (``run``: its folder)."""
+        params = {"path": path, "name": name, **({"run": run} if run else {})}
         try:
-            answer = self._api.request(
-                "PUT", "/api/v1/pg/spool", content=data, params={"path": path, "name": name}
-            )
+            answer = self._api.request("PUT", "/api/v1/pg/spool", content=data, params=params)
         except Unauthorized as exc:
             raise self._refused(exc) from exc
         return answer if isinstance(answer, dict) else {}
 
-    def pg_spool_wanted(self, path: str, after: str | None, wait: float) -> str | None:
+    def pg_spool_wanted(
+        self, path: str, after: str | None, wait: float, run: str | None = None
+    ) -> str | None:
         """The segment the recovery of the copy at ``path`` waits for (None: none yet);
         the agent waits up to ``wait`` s for it to differ from ``after``."""
-        body = checked(WantedRequest, path=path, after=after, wait=wait)
+        body = checked(WantedRequest, path=path, after=after, wait=wait, run=run)
         answer = self._dict("POST", "/api/v1/pg/spool/wanted", body)
         wanted = answer.get("wanted")
         return str(wanted) if isinstance(wanted, str) else None

@@ -41,7 +41,13 @@ IMAGE_KEY = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 MAX_VOLUMES = 64
 SEGMENT_SIZE = 16 * 1024 * 1024
 WAL_NAME = r"^[0-9A-F]{24}$"
-WAL_FILE = r"^[0-9A-F]{24}(\.partial)?$"
+HISTORY_NAME = r"^[0-9A-F]{8}\.history$"
+"""A timeline's history file: where it branched from its parents (after a promotion)."""
+WAL_OR_HISTORY = r"^([0-9A-F]{24}|[0-9A-F]{8}\.history)$"
+WAL_FILE = r"^([0-9A-F]{24}(\.partial)?|[0-9A-F]{8}\.history)$"
+RUN = r"^[0-9a-f]{16}$"
+"""One recovery's folder in a copy's spool (the appliance names it): a segment staged late,
+or left in a copy captured later, is never read by another recovery."""
 APP_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 PATH = r"^/[^\x00]*$"
 
@@ -195,13 +201,17 @@ class SpoolRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     path: str = Field(pattern=PATH, max_length=4096)
-    name: str = Field(pattern=WAL_NAME)
+    name: str = Field(pattern=WAL_OR_HISTORY)
+    run: str | None = Field(default=None, pattern=RUN)
 
 
 class RecoverRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     path: str = Field(pattern=PATH, max_length=4096)
+    run: str | None = Field(default=None, pattern=RUN)
+    """The spool folder of this recovery (``tandem_wal/RUN``), the one segments were staged
+    in; other folders there (an earlier recovery's, carried in the image) are removed."""
     backup_label: str = Field(min_length=1, max_length=8192)
     tablespace_map: str = Field(default="", max_length=65536)
     target_time: datetime | None = None
@@ -219,8 +229,8 @@ class RecoverRequest(BaseModel):
     @classmethod
     def _names(cls, names: list[str]) -> list[str]:
         for name in names:
-            if not re.fullmatch(WAL_NAME, name):
-                raise ValueError(f"{name[:40]!r} is not a WAL segment name")
+            if not re.fullmatch(WAL_OR_HISTORY, name):
+                raise ValueError(f"{name[:40]!r} is not a WAL segment or history file name")
         return names
 
 
@@ -232,6 +242,7 @@ class WantedRequest(BaseModel):
 
     path: str = Field(pattern=PATH, max_length=4096)
     after: str | None = Field(default=None, pattern=WAL_NAME)
+    run: str | None = Field(default=None, pattern=RUN)
     wait: float = Field(default=0.0, ge=0.0, le=10.0)
 
 
