@@ -48,6 +48,7 @@ SECTIONS = (
     "consistency",
     "e2e",
     "vm",
+    "vmnew",
     "postgresql",
 )
 """Each is the module ``bench.NAME`` with ``run(cfg, report)``, imported only when run (they

@@ -89,6 +89,7 @@ def make_router(site: Site) -> APIRouter:
             new_vm=body.new_vm,
             network=body.network,
             power_on=body.power_on,
+            pool=body.pool,
         )
         return JobAnswer(job=job_out(job, who))
 
@@ -111,6 +112,9 @@ def make_router(site: Site) -> APIRouter:
             new_vm=body.new_vm,
             network=body.network,
             power_on=body.power_on,
+            pool=body.pool,
+            hosts=body.hosts,
+            all_hosts=body.all_hosts,
         )
         return JobAnswer(job=job_out(job, who))
 
@@ -170,6 +174,7 @@ def make_router(site: Site) -> APIRouter:
             new_vm=body.new_vm,
             network=body.network,
             power_on=body.power_on,
+            pool=body.pool,
         )
         return JobAnswer(job=job_out(job, who))
 

@@ -187,12 +187,25 @@ class PresentIn(Body):
     network: str | None = Field(
         default=None, pattern=DOMAIN_NAME, description="The new VM's libvirt network."
     )
+    pool: str | None = Field(
+        default=None,
+        pattern=DOMAIN_NAME,
+        description="The new VM's datastore: a storage pool of the host (active).",
+    )
     power_on: bool = False
 
 
 class FailoverIn(PresentIn):
     confirm: list[str] = Field(default_factory=list, max_length=8)
     label: str | None = Field(default=None, max_length=128)
+    hosts: list[Annotated[str, Field(min_length=1, max_length=64)]] | None = Field(
+        default=None,
+        max_length=64,
+        description="A vm app: other hypervisor hosts to define the failed-over VM on.",
+    )
+    all_hosts: bool = Field(
+        default=False, description="A vm app: define it on every hypervisor host of this site."
+    )
 
 
 class MountIn(Body):
@@ -211,6 +224,11 @@ class MountIn(Body):
     )
     network: str | None = Field(
         default=None, pattern=DOMAIN_NAME, description="The new VM's libvirt network."
+    )
+    pool: str | None = Field(
+        default=None,
+        pattern=DOMAIN_NAME,
+        description="The new VM's datastore: a storage pool of the host (active).",
     )
     power_on: bool = False
 
