@@ -44,9 +44,12 @@ from typer._click.globals import get_current_context
 from tandem.domain.ids import is_image_id, is_job_id, validate_name
 from tandem.errors import InvalidInput, NotFound, RemoteError
 from tandem.transport.api import JobAnswer
-from tandem.transport.client import ApiClient, ApplianceClient, Doc
 
 from .output import emit_json, handle_errors, plain, stdout
+from .startup import hidden, import_http_client
+
+with hidden("httpx._main"):  # httpx's own CLI: see tandem.cli.startup
+    from tandem.transport.client import ApiClient, ApplianceClient, Doc
 
 P = ParamSpec("P")
 
@@ -144,6 +147,7 @@ def connect(url: str | None, token: str | None, fingerprint: str | None) -> Appl
         raise InvalidInput(detail="no appliance given: pass --url or set TANDEM_URL")
     if not token:
         raise InvalidInput(detail="no token given: pass --token or set TANDEM_TOKEN")
+    import_http_client()
     return ApplianceClient(url, token, fingerprint)
 
 

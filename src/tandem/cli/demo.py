@@ -9,9 +9,6 @@ from typing import Annotated
 
 import typer
 
-from tandem.drill import steps
-from tandem.drill.lab import Lab
-from tandem.drill.report import print_report
 from tandem.errors import TandemError
 
 from .common import json_mode
@@ -40,6 +37,12 @@ def demo(
 ) -> None:
     """Run the whole two-site DR drill on real daemons on loopback; exit non-zero if a step
     fails."""
+    # The drill (and through it the daemons' clients) only when the demo runs: every
+    # `tandem` run builds this command to list it in help (tests/cli/test_startup.py).
+    from tandem.drill import steps
+    from tandem.drill.lab import Lab
+    from tandem.drill.report import print_report
+
     try:
         lab = Lab(workdir, keep=keep, prefix="tandem-demo-")
     except TandemError as exc:

@@ -8,17 +8,11 @@ from __future__ import annotations
 
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.table import Table
 
 from tandem.errors import InvalidInput, NotFound
-from tandem.storage import tree as tree_mod
-from tandem.storage import volume as volume_mod
-from tandem.storage.digest import from_hex
-from tandem.storage.manifest import TreeManifest, VolumeManifest, load_manifest
-from tandem.storage.pool import ChunkPool
 
 from .output import byte_progress, emit_json, handle_errors, human_bytes, stdout
 
@@ -28,16 +22,28 @@ PoolArg = Annotated[Path, typer.Argument(help="Pool directory.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document.")]
 
 
+if TYPE_CHECKING:
+    from tandem.storage.pool import ChunkPool
+
+# The storage engine is imported by the commands that use it (``from tandem.storage …``
+# inside each): every `tandem` run builds this group to list it in help, and an API
+# command must not pay for the data plane (tests/cli/test_startup.py).
+
+
 class Kind(StrEnum):
     volume = "volume"
     tree = "tree"
 
 
 def _open(pool: Path) -> ChunkPool:
+    from tandem.storage.pool import ChunkPool
+
     return ChunkPool(pool)
 
 
 def _manifest_id(pool: ChunkPool, text: str) -> bytes:
+    from tandem.storage.digest import from_hex
+
     try:
         digest = from_hex(text)
     except ValueError:
@@ -56,6 +62,8 @@ def _manifest_id(pool: ChunkPool, text: str) -> bytes:
 @handle_errors
 def init(pool: PoolArg, json_: JsonOpt = False) -> None:
     """Create a pool (no-op if it exists)."""
+    from tandem.storage.pool import ChunkPool
+
     p = ChunkPool.create(pool)
     if json_:
         emit_json({"pool": str(p.root)})
@@ -73,6 +81,10 @@ def capture(
     json_: JsonOpt = False,
 ) -> None:
     """Capture SOURCE into the pool; prints the manifest id."""
+    from tandem.storage import tree as tree_mod
+    from tandem.storage import volume as volume_mod
+    from tandem.storage.manifest import TreeManifest, VolumeManifest, load_manifest
+
     p = _open(pool)
     kind = kind or (Kind.tree if source.is_dir() else Kind.volume)
     base_id = _manifest_id(p, base) if base else None
@@ -115,6 +127,10 @@ def restore(
     json_: JsonOpt = False,
 ) -> None:
     """Diff-restore an image onto TARGET, writing only what differs."""
+    from tandem.storage import tree as tree_mod
+    from tandem.storage import volume as volume_mod
+    from tandem.storage.manifest import VolumeManifest, load_manifest
+
     p = _open(pool)
     mid = _manifest_id(p, manifest)
     m = load_manifest(p, mid)
@@ -138,6 +154,8 @@ def restore(
 
 
 def _live(p: ChunkPool) -> dict[bytes, set[bytes]]:
+    from tandem.storage.manifest import load_manifest
+
     return {mid: load_manifest(p, mid).chunk_ids() for mid in p.list_manifests()}
 
 
@@ -189,6 +207,10 @@ def gc(pool: PoolArg, json_: JsonOpt = False) -> None:
 @handle_errors
 def list_(pool: PoolArg, json_: JsonOpt = False) -> None:
     """List the manifests in the pool."""
+    from rich.table import Table
+
+    from tandem.storage.manifest import load_manifest
+
     p = _open(pool)
     rows: list[dict[str, Any]] = []
     for mid in p.list_manifests():
@@ -229,6 +251,10 @@ def diff(
     json_: JsonOpt = False,
 ) -> None:
     """What changed between two images, from their manifests."""
+    from tandem.storage import tree as tree_mod
+    from tandem.storage import volume as volume_mod
+    from tandem.storage.manifest import TreeManifest, VolumeManifest, load_manifest
+
     p = _open(pool)
     a, b = load_manifest(p, _manifest_id(p, old)), load_manifest(p, _manifest_id(p, new))
     if isinstance(a, VolumeManifest) and isinstance(b, VolumeManifest):

@@ -65,8 +65,13 @@ HookName = Annotated[
 ]
 
 
+# Every model here defers building its validator to first use (``defer_build``): a `tandem`
+# command uses one or two of them, and building all of them at import was most of the CLI's
+# start-up. The daemons build them when they register their routes.
+
+
 class Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
 
 B = TypeVar("B", bound=BaseModel)
@@ -88,7 +93,7 @@ def checked(model: type[B], **fields: Any) -> B:
 class Document(BaseModel):
     """An answer of the API; read from a catalog row's attributes where names agree."""
 
-    model_config = ConfigDict(from_attributes=True)
+    model_config = ConfigDict(from_attributes=True, defer_build=True)
 
 
 # --- requests ---------------------------------------------------------------------------
@@ -510,7 +515,7 @@ class Deleted(Document):
 class GcIn(BaseModel):
     """Change when garbage collection runs by itself, and how long job rows are kept."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
     after_deletions: int | None = Field(default=None, ge=1, le=10_000_000)
     """Collect once this many images were deleted since the last collection."""
