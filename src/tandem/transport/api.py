@@ -538,3 +538,19 @@ class GcOut(Document):
     after_deletions: int
     every_seconds: int
     keep_job_days: int
+
+
+def build_models() -> None:
+    """Build every model's validator now rather than at first use (``defer_build`` above),
+    and stop deferring. The appliance calls it before it declares its routes: FastAPI
+    builds its own adapters of the body models at declaration, where it silences pydantic's
+    warnings about its annotations; deferred, they would build when the OpenAPI document is
+    first asked for, warnings and all."""
+    for value in list(globals().values()):
+        if (
+            isinstance(value, type)
+            and issubclass(value, BaseModel)
+            and value.__module__ == __name__
+        ):
+            value.model_config["defer_build"] = False
+            value.model_rebuild()
