@@ -395,14 +395,15 @@ def remove_domain(name: str, uri: str = URI) -> None:
 
 
 @contextmanager
-def second_libvirt(folder: Path) -> Iterator[str]:
+def second_libvirt(folder: Path, qemu_conf: str = "") -> Iterator[str]:
     """A second, independent libvirt (QEMU) hypervisor on this machine; yields its URI.
 
     A ``libvirtd`` of its own in a private mount namespace, where its state, configuration,
     logs and runtime folders (``/run/libvirt``, ``/var/lib/libvirt``, ``/etc/libvirt``…)
     are folders of ``folder``; its socket is in ``folder/sock`` for agents and ``virsh`` to
     reach. It holds its own domains, so a failed-over VM can be defined on it with the
-    same name and UUID as on the system one, as on two hosts of a cluster. Root only."""
+    same name and UUID as on the system one, as on two hosts of a cluster. ``qemu_conf``:
+    more lines for its ``qemu.conf`` (say ``nbd_tls_x509_cert_dir``). Root only."""
     if os.geteuid() != 0 or shutil.which("unshare") is None:
         pytest.skip("a second libvirtd needs root and unshare")
     subs = {
@@ -422,6 +423,7 @@ def second_libvirt(folder: Path) -> Iterator[str]:
         conf.write(f'\nunix_sock_dir = "{folder / "sock"}"\n')
     with open(folder / "etc" / "qemu.conf", "a") as conf:
         conf.write('\nstdio_handler = "file"\n')  # no virtlogd in its namespace
+        conf.write(qemu_conf + "\n")
     binds = " && ".join(f"mount --bind {folder / s} {t}" for s, t in subs.items())
     pidfile = folder / "libvirtd.pid"
     subprocess.run(

@@ -179,12 +179,12 @@ def create_app(cfg: DaemonConfig, directory: Path | None = None) -> FastAPI:
 
     @app.post("/api/v1/vms/define", dependencies=[Depends(auth)])
     def define_vm(req: DefineRequest) -> dict[str, Any]:
-        return vm.define(req)
+        return vm.define(req, directory)
 
     @app.post("/api/v1/vms/define-copy", dependencies=[Depends(auth)])
     def define_vm_copy(req: DefineRequest) -> StreamingResponse:
         def work(emit: actions.Emit) -> dict[str, Any]:
-            return {"event": "done", **vm.define_copy(req, emit)}
+            return {"event": "done", **vm.define_copy(req, emit, directory)}
 
         return _stream(req.name, work)
 

@@ -40,6 +40,14 @@ a new qcow2 volume ``NAME-<target>.qcow2`` of P and the domain runs from those v
 plain, independent VM, like ``--action copy`` for a file tree, that costs a full read of
 the disks first. The volumes are listed in the domain's ``<metadata>`` (namespace
 ``VM_NS``) so ``remove`` deletes them with the domain.
+
+An ``nbds://`` export (the appliance's NBD off loopback) makes TLS disks (``tls='yes'``).
+libvirt 9 has no per-disk credentials (``tlsHostname`` only renames the host checked): QEMU
+takes them from qemu.conf's ``nbd_tls_x509_cert_dir``, one folder per host. The request
+carries the appliance's certificate, pinned by its fingerprint; ``trust_appliance`` checks
+it and keeps it in the agent's ``DIR/nbd-tls`` (or ``$TANDEM_NBD_TLS_DIR``), whose
+``ca-cert.pem`` trusts every appliance kept there. The operator points qemu.conf at that
+folder once; the job log and a start that fails name the line.
 """
 
 from __future__ import annotations
@@ -56,6 +64,7 @@ import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -64,9 +73,16 @@ from tandem.storage import vmimage
 from tandem.storage.manifest import VolumeManifest
 from tandem.transport.agent_api import DefineRequest
 from tandem.transport.nbd import DIRTY, NbdClient
+from tandem.transport.tls import fingerprint_of_der
 
 URI = "qemu:///system"
 URI_ENV = "TANDEM_LIBVIRT_URI"
+TLS_DIR_ENV = "TANDEM_NBD_TLS_DIR"
+"""The folder QEMU takes the CA of NBD disks over TLS from: what the host's qemu.conf names
+as ``nbd_tls_x509_cert_dir`` (libvirt 9 has no per-disk credentials: one folder per host)."""
+TLS_DIR = "nbd-tls"
+"""Its default, in the agent's DIR."""
+_trust_lock = threading.Lock()
 """Overrides ``URI`` for an agent that manages another libvirt (``qemu:///session``, a
 second hypervisor on a test machine; ``qemu+ssh://…`` for a remote one)."""
 VM_NS = "https://tandem.dev/libvirt/vm/1"
@@ -500,7 +516,7 @@ def _new_domain_xml(
     pool ``volumes`` target -> (pool, volume)), identity and NICs as the request says."""
     uri = urlsplit(req.nbd_uri)
     if not uri.hostname or not uri.port:
-        raise InvalidInput(detail=f"{req.nbd_uri!r} is not an nbd://HOST:PORT/EXPORT URI")
+        raise InvalidInput(detail=f"{req.nbd_uri!r} is not an nbd[s]://HOST:PORT/EXPORT URI")
     export = uri.path.lstrip("/")
     slots = {str(d.get("target")): d for d in req.disks}
     root = ET.fromstring(req.xml)
@@ -522,6 +538,10 @@ def _new_domain_xml(
             _volume_disk(disk, *volumes[dev])
         else:
             _nbd_disk(disk, uri.hostname, uri.port, export, int(slot["offset"]), int(slot["size"]))
+            if uri.scheme == "nbds":
+                source = disk.find("source")
+                if source is not None:
+                    source.set("tls", "yes")
     for iface in list(devices.findall("interface")):
         if req.keep_identity:
             continue
@@ -547,7 +567,7 @@ def _new_domain_xml(
     return ET.tostring(root, encoding="unicode")
 
 
-def _define_and_start(conn: Any, req: DefineRequest, xml: str) -> dict[str, Any]:
+def _define_and_start(conn: Any, req: DefineRequest, xml: str, tls: Path | None) -> dict[str, Any]:
     lv = _libvirt()
     try:
         dom = conn.defineXML(xml)
@@ -561,8 +581,14 @@ def _define_and_start(conn: Any, req: DefineRequest, xml: str) -> dict[str, Any]
         except lv.libvirtError as exc:
             with suppress(lv.libvirtError):
                 dom.undefineFlags(0)
+            hint = (
+                f"; its disks are NBD over TLS: this host's qemu.conf needs "
+                f'nbd_tls_x509_cert_dir = "{tls}" (then restart libvirtd)'
+                if tls is not None
+                else ""
+            )
             raise InvalidInput(
-                detail=f"the new domain {req.name} did not start: {exc.get_error_message()}"
+                detail=f"the new domain {req.name} did not start: {exc.get_error_message()}" + hint
             ) from exc
     return {
         "name": dom.name(),
@@ -570,20 +596,89 @@ def _define_and_start(conn: Any, req: DefineRequest, xml: str) -> dict[str, Any]
         "running": bool(dom.isActive()),
         "pool": req.pool,
         "disks": "copy" if req.copy_disks else "nbd",
+        **({"tls_dir": str(tls)} if tls is not None else {}),
     }
 
 
-def define(req: DefineRequest) -> dict[str, Any]:
+def tls_folder(directory: Path | None) -> Path:
+    """Where this host keeps the certificates of the appliances whose NBD exports over TLS
+    its domains' disks use: ``$TANDEM_NBD_TLS_DIR``, else ``DIR/nbd-tls``."""
+    named = os.environ.get(TLS_DIR_ENV)
+    if named:
+        return Path(named)
+    if directory is None:
+        raise InvalidInput(
+            detail=f"this agent has no folder for the NBD TLS certificate: set {TLS_DIR_ENV} "
+            "to the folder qemu.conf names as nbd_tls_x509_cert_dir"
+        )
+    return directory / TLS_DIR
+
+
+def trust_appliance(folder: Path, pem: str, fingerprint: str) -> Path:
+    """Trust the appliance certificate ``pem`` (pinned: its SHA-256 must be ``fingerprint``)
+    for NBD over TLS: write it as ``folder/appliance-FINGERPRINT.pem`` (0644, QEMU reads it)
+    and ``folder/ca-cert.pem`` as every appliance's certificate kept there (the file QEMU's
+    x509 credentials read, several appliances sharing the host's one folder). Returns the
+    folder."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    try:
+        cert = x509.load_pem_x509_certificate(pem.encode())
+    except ValueError as exc:
+        raise InvalidInput(
+            detail=f"the appliance's certificate sent for its NBD export over TLS is not a PEM "
+            f"certificate ({exc}); upgrade the appliance or present the image again"
+        ) from exc
+    if fingerprint_of_der(cert.public_bytes(Encoding.DER)) != fingerprint:
+        raise InvalidInput(
+            detail="the appliance's certificate sent for its NBD export over TLS does not "
+            f"match the fingerprint pinned with it ({fingerprint}); present the image again"
+        )
+    with _trust_lock:
+        folder.mkdir(parents=True, exist_ok=True)
+        folder.chmod(0o755)
+        _write_public(folder / f"appliance-{fingerprint}.pem", cert.public_bytes(Encoding.PEM))
+        bundle = b"".join(p.read_bytes() for p in sorted(folder.glob("appliance-*.pem")))
+        _write_public(folder / "ca-cert.pem", bundle)
+    return folder
+
+
+def _write_public(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` at once, mode 0644."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _trust(req: DefineRequest, directory: Path | None) -> Path | None:
+    """For an ``nbds://`` export, the folder now trusting the appliance (else None)."""
+    if req.nbd_ca is None or req.nbd_fingerprint is None:
+        return None
+    return trust_appliance(tls_folder(directory), req.nbd_ca, req.nbd_fingerprint)
+
+
+def define(req: DefineRequest, directory: Path | None = None) -> dict[str, Any]:
     """Define (and with ``power_on`` start) the new domain over the export; returns its
-    name, uuid and whether it runs. ``copy_disks`` requests go to ``define_copy``."""
+    name, uuid and whether it runs. ``copy_disks`` requests go to ``define_copy``. An
+    ``nbds://`` export's certificate is trusted first (``trust_appliance``), in the folder
+    of ``directory`` (the agent's DIR)."""
     if req.copy_disks:
-        return define_copy(req, lambda _event: None)
+        return define_copy(req, lambda _event: None, directory)
     with connection() as conn:
         pool = _check_define(conn, req)
-        return _define_and_start(conn, req, _new_domain_xml(req, pool, None))
+        tls = _trust(req, directory)
+        return _define_and_start(conn, req, _new_domain_xml(req, pool, None), tls)
 
 
-def define_copy(req: DefineRequest, emit: Emit) -> dict[str, Any]:
+def define_copy(req: DefineRequest, emit: Emit, directory: Path | None = None) -> dict[str, Any]:
     """Copy each disk's slice of the export into a new qcow2 volume of ``req.pool``
     (``qemu-img convert``, zeros skipped), then define the domain on those volumes. The
     volumes are named in the domain's metadata, so ``remove`` deletes them; a failure
@@ -591,9 +686,10 @@ def define_copy(req: DefineRequest, emit: Emit) -> dict[str, Any]:
     lv = _libvirt()
     uri = urlsplit(req.nbd_uri)
     if not uri.hostname or not uri.port:
-        raise InvalidInput(detail=f"{req.nbd_uri!r} is not an nbd://HOST:PORT/EXPORT URI")
+        raise InvalidInput(detail=f"{req.nbd_uri!r} is not an nbd[s]://HOST:PORT/EXPORT URI")
     with connection() as conn:
         pool = _check_define(conn, req)
+        tls = _trust(req, directory)
         made: list[Any] = []
         volumes: dict[str, tuple[str, str]] = {}
         try:
@@ -615,11 +711,11 @@ def define_copy(req: DefineRequest, emit: Emit) -> dict[str, Any]:
                 made.append(vol)
                 volumes[target] = (str(req.pool), name)
                 emit({"event": "log", "text": f"copying disk {target} into {req.pool}/{name}"})
-                _convert(uri.hostname, uri.port, uri.path.lstrip("/"), d, vol.path())
+                _convert(uri.hostname, uri.port, uri.path.lstrip("/"), d, vol.path(), tls)
                 done += size
                 emit({"event": "progress", "done": done, "total": total})
             xml = _new_domain_xml(req, pool, volumes)
-            return _define_and_start(conn, req, xml)
+            return _define_and_start(conn, req, xml, None)
         except BaseException:
             for vol in made:
                 with suppress(lv.libvirtError):
@@ -627,20 +723,22 @@ def define_copy(req: DefineRequest, emit: Emit) -> dict[str, Any]:
             raise
 
 
-def _convert(host: str, port: int, export: str, slot: dict[str, Any], out: str) -> None:
-    """``qemu-img convert`` of one disk's slice of the export into the volume at ``out``."""
-    source = {
-        "driver": "raw",
-        "offset": int(slot["offset"]),
-        "size": int(slot["size"]),
-        "file": {
-            "driver": "nbd",
-            "server": {"type": "inet", "host": host, "port": str(port)},
-            "export": export,
-        },
+def _convert(
+    host: str, port: int, export: str, slot: dict[str, Any], out: str, tls: Path | None
+) -> None:
+    """``qemu-img convert`` of one disk's slice of the export into the volume at ``out``
+    (over TLS trusting the certificates of folder ``tls``, when given)."""
+    nbd: dict[str, Any] = {
+        "driver": "nbd",
+        "server": {"type": "inet", "host": host, "port": str(port)},
+        "export": export,
     }
     cmd = ["qemu-img", "convert", "-n", "--target-is-zero", "-O", "qcow2"]
-    cmd += ["json:" + json.dumps(source), out]
+    if tls is not None:
+        nbd["tls-creds"] = "tls0"
+        cmd += ["--object", f"tls-creds-x509,id=tls0,dir={tls},endpoint=client"]
+    source = {"driver": "raw", "offset": int(slot["offset"]), "size": int(slot["size"])}
+    cmd += ["json:" + json.dumps({**source, "file": nbd}), out]
     try:
         subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=24 * 3600)
     except FileNotFoundError as exc:
