@@ -75,16 +75,32 @@ def tls_host(
             agent.stop()
 
 
-def test_a_new_vm_boots_from_the_export_over_tls(
-    tls_drill: Drill, guest: Guest, tls_host: tuple[str, Path]
-) -> None:
-    uri, trust = tls_host
+@pytest.fixture(scope="module")
+def replica(tls_drill: Drill, guest: Guest) -> str:
+    """The guest protected at production; its first image replicated to DR."""
     d = tls_drill
     d.a("app", "add", "vmtls", "--host", "host1", "--kind", "vm", "--domain", guest.name)
     d.a("app", "protect", "vmtls", "--template", "mirrored")
-    snap = d.a("capture", "vmtls")["image"]
-    wait_for(lambda: any(i["id"] == snap["id"] for i in d.b("images", "vmtls")), 120, "the replica")
+    snap: str = d.a("capture", "vmtls")["image"]["id"]
+    wait_for(lambda: any(i["id"] == snap for i in d.b("images", "vmtls")), 120, "the replica")
+    return snap
 
+
+def boots_with_production_data(domain: str, uri: str, guest: Guest) -> None:
+    console = vmguest.start_with_console(domain, uri)
+    try:
+        assert console.expect("TANDEM-BOOT").endswith("existing")
+        assert console.expect("TANDEM-SUM").split()[1] == guest.sum
+        console.send("off")
+    finally:
+        console.close()
+
+
+def test_a_new_vm_boots_from_the_export_over_tls(
+    tls_drill: Drill, guest: Guest, replica: str, tls_host: tuple[str, Path]
+) -> None:
+    uri, trust = tls_host
+    d = tls_drill
     new = f"{guest.name}-t"
     done: dict[str, Any] = d.b("test-failover", "vmtls", "--host", "host3", "--new-vm", new)
     job = done["job"]
@@ -98,11 +114,58 @@ def test_a_new_vm_boots_from_the_export_over_tls(
         xml = vmguest.virsh("dumpxml", new, uri=uri).stdout
         assert "protocol='nbd'" in xml and "tls='yes'" in xml
         assert routable_address() in xml
+        log = [line["text"] for line in d.b("job", "log", job["id"])]
+        told = f'nbd_tls_x509_cert_dir = "{trust}"'
+        assert any(told in line for line in log), log  # the operator is told the line
+        boots_with_production_data(new, uri, guest)
+    finally:
+        d.b("unmount", job["result"]["image"])
+    assert vmguest.virsh("dominfo", new, uri=uri, check=False).returncode != 0
 
-        console = vmguest.start_with_console(new, uri)
-        try:
-            assert console.expect("TANDEM-SUM").split()[1] == guest.sum
-        finally:
-            console.close()
+
+def test_a_copy_of_the_disks_is_read_over_tls(
+    tls_drill: Drill,
+    guest: Guest,
+    replica: str,
+    tls_host: tuple[str, Path],
+    tmp_path: Path,
+) -> None:
+    uri, _ = tls_host
+    pool = f"tandem-tls-{tmp_path.name}"[:60]
+    tmp_path.chmod(0o755)
+    vmguest.virsh("pool-define-as", pool, "dir", "--target", str(tmp_path), uri=uri)
+    vmguest.virsh("pool-start", pool, uri=uri)
+    new = f"{guest.name}-tc"
+    try:
+        done = tls_drill.b(
+            "test-failover", "vmtls", "--host", "host3", "--new-vm", new, "--pool", pool,
+            "--action", "copy",
+        )  # fmt: skip
+        job = done["job"]
+        assert job["status"] == "succeeded", job["message"]
+        assert job["result"]["vm"]["disks"] == "copy"
+        assert (tmp_path / f"{new}-vda.qcow2").exists()
+        boots_with_production_data(new, uri, guest)
+        tls_drill.b("unmount", job["result"]["image"])
     finally:
         vmguest.remove_domain(new, uri)
+        vmguest.virsh("pool-destroy", pool, check=False, uri=uri)
+        vmguest.virsh("pool-undefine", pool, check=False, uri=uri)
+
+
+def test_a_host_not_configured_for_nbd_tls_is_told_the_line(
+    tls_drill: Drill, guest: Guest, replica: str
+) -> None:
+    """host2's libvirt (the system one) has no nbd_tls_x509_cert_dir: the VM cannot start
+    over TLS, the job fails naming the qemu.conf line, and nothing stays defined."""
+    new = f"{guest.name}-u"
+    bad = tls_drill.b.run(
+        "test-failover", "vmtls", "--host", "host2", "--new-vm", new, "--power-on", check=False
+    )
+    try:
+        assert bad.code != 0
+        assert "nbd_tls_x509_cert_dir" in bad.error, bad.error
+        assert str(tls_drill.dr_agent.directory / TLS_DIR) in bad.error
+        assert vmguest.virsh("dominfo", new, check=False).returncode != 0
+    finally:
+        vmguest.remove_domain(new)
