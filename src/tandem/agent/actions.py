@@ -102,6 +102,20 @@ class RestoreRequest(BaseModel):
     """The volume file's ``SourceStamp`` then: if it still matches, the target is not read."""
 
 
+class VmRestoreRequest(BaseModel):
+    """Restore a VM image onto a libvirt domain of this host, in place (``agent.vm.restore``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    domain: str = Field(pattern=DOMAIN_NAME)
+    image: str = Field(pattern=IMAGE_KEY)
+    manifest: str = Field(pattern=HEX_DIGEST)
+    appliance: ApplianceSession
+    job: str = ""
+    power_on: bool = False
+    shutdown_timeout: float = Field(default=120.0, ge=0, le=3600)
+
+
 class TargetCheckRequest(BaseModel):
     """Ask what is at a path where an image is about to be written as a new app."""
 
@@ -413,6 +427,27 @@ def restore(req: RestoreRequest, emit: Emit) -> dict[str, Any]:
         "from_base": req.base if base is not None else None,
         "stamp": sealed.as_dict() if sealed is not None else None,
     }
+
+
+def restore_vm(req: VmRestoreRequest, emit: Emit) -> dict[str, Any]:
+    """Restore the VM image onto the domain from the appliance session (``agent.vm``)."""
+    with _client(req.appliance) as client:
+        manifest = _fetch_manifest(client, req.appliance.session, req.manifest)
+        if not isinstance(manifest, VolumeManifest):
+            raise InvalidInput(detail=f"image {req.image} is a file-tree image, not a VM's")
+        source = RemoteChunkSource(client, req.appliance.session)
+        emit({"event": "progress", "done": 0, "total": manifest.size})
+        done = vm.restore(
+            req.domain,
+            req.image,
+            manifest,
+            source,
+            emit,
+            _progress(emit),
+            power_on=req.power_on,
+            shutdown_timeout=req.shutdown_timeout,
+        )
+    return {**done, "bytes_received": source.bytes_received}
 
 
 def _known_base(client: ApiClient, req: RestoreRequest) -> VolumeManifest | None:

@@ -14,9 +14,10 @@ Invariants
   in DIR/mounts.json (see ``tandem.agent.mounts``), so an app made without its directory
   cannot materialize.
 - ``/api/v1/vms`` lists the libvirt domains of a hypervisor host; ``/api/v1/vms/define`` and
-  ``/api/v1/vms/remove`` define a new VM over an appliance's NBD export and remove it
-  (``tandem.agent.vm``). ``/api/v1/info`` says whether the host is a hypervisor; an agent
-  without libvirt serves everything else.
+  ``/api/v1/vms/remove`` define a new VM over an appliance's NBD export and remove it;
+  ``/api/v1/vms/restore`` restores a VM image onto a domain in place (``tandem.agent.vm``).
+  ``/api/v1/info`` says whether the host is a hypervisor; an agent without libvirt serves
+  everything else.
 - ``/api/v1/run`` runs a hook script, by name, from DIR/scripts only (``tandem.agent.hooks``);
   ``init`` creates that folder.
 """
@@ -168,6 +169,10 @@ def create_app(cfg: DaemonConfig, directory: Path | None = None) -> FastAPI:
     @app.post("/api/v1/restore", dependencies=[Depends(auth)])
     def restore(req: actions.RestoreRequest) -> StreamingResponse:
         return _stream(req.job, lambda emit: actions.restore(req, emit))
+
+    @app.post("/api/v1/vms/restore", dependencies=[Depends(auth)])
+    def restore_vm(req: actions.VmRestoreRequest) -> StreamingResponse:
+        return _stream(req.job, lambda emit: actions.restore_vm(req, emit))
 
     @app.post("/api/v1/materialize", dependencies=[Depends(auth)])
     def materialize(req: actions.MaterializeRequest) -> StreamingResponse:

@@ -220,6 +220,10 @@ class RestoreIn(Body):
         max_length=16,
         description='The typed confirmations "DATA LOSS" and "OVERWRITE OTHER APPS".',
     )
+    power_on: bool = False
+    """A VM: start it once restored (it is powered off by the restore)."""
+    shutdown_timeout: float | None = Field(default=None, ge=0, le=3600)
+    """A VM: seconds its graceful shutdown may take before it is powered off."""
 
 
 # --- answers ----------------------------------------------------------------------------

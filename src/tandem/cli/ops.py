@@ -47,8 +47,20 @@ def restore(
             help='Typed confirmations: --confirm "DATA LOSS" --confirm "OVERWRITE OTHER APPS".',
         ),
     ] = None,
+    power_on: Annotated[
+        bool, typer.Option("--power-on", help="A VM: start it once restored.")
+    ] = False,
+    shutdown_timeout: Annotated[
+        float | None,
+        typer.Option(
+            "--shutdown-timeout",
+            help="A VM: seconds its graceful shutdown may take before it is powered off "
+            "(default 120).",
+        ),
+    ] = None,
 ) -> Doc:
-    """Diff-restore an image onto the production application (stops and restarts it)."""
+    """Diff-restore an image onto the production application (stops and restarts it; a VM
+    is powered off by the restore, and started with --power-on)."""
     typed = list(confirm or [])
     # The appliance checks the confirmations itself; the client only refuses an order the
     # server would refuse too ("DATA LOSS" answers the first warning, then the second).
@@ -58,7 +70,12 @@ def restore(
         raise
     except ConfirmationRequired:
         pass  # the server names what is missing
-    return s.api.start(checked_app(app), "restore", {"image": image, "confirm": typed})
+    body: dict[str, Any] = {"image": image, "confirm": typed}
+    if power_on:
+        body["power_on"] = True
+    if shutdown_timeout is not None:
+        body["shutdown_timeout"] = shutdown_timeout
+    return s.api.start(checked_app(app), "restore", body)
 
 
 def images_view(rows: list[dict[str, Any]]) -> Table | Group:

@@ -123,6 +123,10 @@ class AgentClient:
         """Ask the agent to diff-restore from an appliance session; yields progress events."""
         return self._events("/api/v1/restore", body)
 
+    def restore_vm(self, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """Ask the agent to restore a VM image onto a domain in place; yields its events."""
+        return self._events("/api/v1/vms/restore", body)
+
     def materialize(self, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
         """Ask the agent to present an image at a mount point; yields progress events."""
         return self._events("/api/v1/materialize", body)

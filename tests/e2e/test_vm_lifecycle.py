@@ -1,0 +1,163 @@
+"""The VM lifecycle back home: restore at production, syncback of a failed-over VM, with a
+real guest under libvirt (QEMU, TCG), two real sites and the CLI.
+
+The guest (``tests/vmguest.py``) prints ``TANDEM-SUM <md5 of its disk>`` when it boots and
+when told ``sum``; ``rewrite WORD`` rewrites 1 MiB of its disk. "The restored VM holds image
+A" is the guest booting and printing A's sum.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests import vmguest
+from tests.e2e.conftest import Drill, running_drill, wait_for
+
+pytestmark = pytest.mark.slow
+
+DISK_MIB = 48
+MIB = 1024 * 1024
+RESTORE = ("--confirm", "DATA LOSS", "--confirm", "OVERWRITE OTHER APPS")
+
+
+@dataclass
+class Guest:
+    name: str
+    disk: Path
+    xml: Path
+    console: vmguest.Console
+    boot: vmguest.Boot
+    sum: str
+
+
+@pytest.fixture(scope="module")
+def guest(libvirt_host: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Guest]:
+    folder = tmp_path_factory.mktemp("lifeguest")
+    name = f"tandem-life-{folder.name}"
+    boot = vmguest.guest_boot(folder)
+    disk = vmguest.make_disk(folder / "vda.qcow2", DISK_MIB)
+    xml = folder / "domain.xml"
+    xml.write_text(vmguest.domain_xml(name, boot, [disk], "prod1"))
+    vmguest.remove_domain(name)
+    vmguest.virsh("define", str(xml))
+    console = vmguest.start_with_console(name)
+    found = Guest(name, disk, xml, console, boot, "")
+    try:
+        found.sum = console.expect("TANDEM-SUM").split()[1]
+        yield found
+    finally:
+        found.console.close()
+        vmguest.remove_domain(name)
+
+
+@pytest.fixture(scope="module")
+def drill(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Drill]:
+    with running_drill(tmp_path_factory.mktemp("vmlife")) as built:
+        yield built
+
+
+def rewrite(console: vmguest.Console, word: str) -> str:
+    console.send(f"rewrite {word}")
+    return console.expect("TANDEM-SUM").split()[1]
+
+
+def state_of(name: str) -> str:
+    return vmguest.virsh("domstate", name).stdout.strip()
+
+
+def identity(name: str) -> tuple[str, list[str]]:
+    """The domain's UUID and MACs (as its definition holds them)."""
+    xml = vmguest.virsh("dumpxml", "--inactive", name).stdout
+    uuid = xml.split("<uuid>")[1].split("</uuid>")[0]
+    return uuid, re.findall(r"<mac address='([0-9a-f:]+)'", xml)
+
+
+def checkpoints(name: str) -> list[str]:
+    listed = vmguest.virsh("checkpoint-list", "--name", name).stdout
+    return [line.strip() for line in listed.splitlines() if line.strip()]
+
+
+def boot_and_sum(guest: Guest) -> str:
+    """Start the (powered-off) guest and return the sum it prints as it boots."""
+    guest.console.close()
+    guest.console = vmguest.start_with_console(guest.name)
+    assert guest.console.expect("TANDEM-BOOT").endswith("existing")
+    return guest.console.expect("TANDEM-SUM").split()[1]
+
+
+def test_restore_powers_off_the_vm_restores_in_place_and_the_next_capture_reads_all(
+    drill: Drill, guest: Guest
+) -> None:
+    a = drill.a
+    a("app", "add", "life", "--host", "host1", "--kind", "vm", "--domain", guest.name)
+    a("app", "protect", "life", "--template", "mirrored")
+    sum_a = rewrite(guest.console, "alpha")
+    image_a = a("capture", "life")["image"]["id"]
+    sum_b = rewrite(guest.console, "beta")
+    assert sum_b != sum_a
+    before = identity(guest.name)
+    assert checkpoints(guest.name)  # the capture's checkpoint
+
+    # The VM runs: the restore powers it off itself (this guest ignores the ACPI button,
+    # so it is powered off once the graceful shutdown timed out).
+    assert state_of(guest.name) == "running"
+    done = a("restore", "life", "--image", image_a, *RESTORE, "--shutdown-timeout", "3")
+    job = done["job"]
+    assert job["status"] == "succeeded", job["message"]
+    assert "did not shut down within 3 s and was powered off" in job["message"]
+    assert "change tracking is lost" in job["message"]
+    assert job["result"]["vm"]["running"] is False
+    assert job["result"]["vm"]["checkpoints_dropped"] >= 1
+    assert state_of(guest.name) == "shut off"
+    # In place: the same definition, UUID and MACs; the checkpoints are gone.
+    assert identity(guest.name) == before
+    assert not job["result"]["vm"]["redefined"]
+    assert checkpoints(guest.name) == []
+    # Only the rewritten 1 MiB differed.
+    assert job["result"]["stats"]["bytes_written"] <= 1 * MIB + 128 * 1024
+
+    assert boot_and_sum(guest) == sum_a
+
+    # Change tracking is lost after a restore: the next capture reads everything, saying why.
+    full = a("capture", "life")["job"]
+    assert full["status"] == "succeeded", full["message"]
+    assert "restored (from image " + image_a in full["message"]
+    assert "change tracking is lost after a restore" in full["message"]
+    assert full["result"]["bytes_read"] >= vmguest.PATTERN_MIB * MIB
+    # ... and the one after it is incremental again.
+    guest.sum = rewrite(guest.console, "gamma")
+    again = a("capture", "life")["job"]
+    assert "incremental since checkpoint" in again["message"]
+    assert again["result"]["bytes_read"] <= 1 * MIB + 128 * 1024
+
+
+def ask_sum(console: vmguest.Console) -> str | None:
+    """The sum the guest prints when asked (None while it does not answer yet)."""
+    console.send("sum")
+    try:
+        return console.expect("TANDEM-SUM", timeout=5).split()[1]
+    except AssertionError:
+        return None
+
+
+def test_restore_with_power_on_starts_the_vm(drill: Drill, guest: Guest) -> None:
+    a = drill.a
+    latest = a("images", "life")[0]["id"]  # what the guest holds now (gamma)
+    done = a(
+        "restore", "life", "--image", latest, *RESTORE, "--shutdown-timeout", "1", "--power-on"
+    )
+    job = done["job"]
+    assert job["status"] == "succeeded", job["message"]
+    assert job["result"]["stats"]["bytes_written"] == 0  # nothing differed
+    assert job["result"]["vm"]["running"] is True
+    assert state_of(guest.name) == "running"
+    guest.console.close()
+    guest.console = vmguest.Console(guest.name)
+    # It booted before the console was attached: ask for its sum until it answers.
+    answered = wait_for(lambda: ask_sum(guest.console), 240, "the restored guest's sum")
+    assert answered == guest.sum
