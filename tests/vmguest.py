@@ -127,6 +127,14 @@ def libvirt_session() -> Iterator[None]:
     """``qemu:///system`` answering for the duration; the daemons this started are stopped
     at the end unless another test process (pytest-xdist) still holds the shared lock."""
     with open(LOCK, "a+") as lock:
+        # Already answering (another test process started it, or a system service): join
+        # the users. Held shared, no starter stops it; waiting for the exclusive lock
+        # instead would wait for every other VM test run to end.
+        fcntl.flock(lock, fcntl.LOCK_SH)
+        if libvirt_answers():
+            _kvm_device_as_udev_leaves_it()
+            yield
+            return
         fcntl.flock(lock, fcntl.LOCK_EX)
         started = libvirt_host()
         fcntl.flock(lock, fcntl.LOCK_SH)  # users hold it shared

@@ -251,3 +251,59 @@ def test_writes_made_by_the_dr_guest_come_home_through_syncback_and_restore(
     ended = b("failback", "life")["job"]
     assert ended["status"] == "succeeded", ended["message"]
     assert next(x for x in a("apps") if x["name"] == "life")["state"] == "managed"
+
+
+def app_state(cli: object, app: str) -> str:
+    return str(next(x for x in cli("apps") if x["name"] == app)["state"])  # type: ignore[operator]
+
+
+def test_replica_style_failback_to_the_original_vm_then_commit(drill: Drill, guest: Guest) -> None:
+    a, b = drill.a, drill.b
+    snap = a("capture", "life")["image"]["id"]
+    wait_for(lambda: replica_at_dr(drill, "life", snap), 120, "the replica")
+
+    # Production is lost, the VM fails over to a new VM at DR, which writes.
+    close_console(guest.console)
+    vmguest.remove_domain(guest.name)
+    dr_name = f"{guest.name}-dr2"
+    vmguest.remove_domain(dr_name)
+    done = b("failover", "life", "--host", "host2", "--new-vm", dr_name, "--confirm", "FAILOVER")
+    assert done["job"]["status"] == "succeeded", done["job"]["message"]
+    dr = vmguest.start_with_console(dr_name)
+    try:
+        assert dr.expect("TANDEM-SUM").split()[1] == guest.sum
+        dr_sum = rewrite(dr, "dr-replica-style")
+    finally:
+        dr.close()
+
+    # Production is rebuilt with its disk (a new UUID: both sites' hosts share one libvirtd
+    # here, where the DR VM holds the old one) and runs what it held before the outage.
+    vmguest.virsh("define", str(guest.xml))
+    guest.console = vmguest.start_with_console(guest.name)
+    assert guest.console.expect("TANDEM-SUM").split()[1] == guest.sum
+    rebuilt = identity(guest.name)
+
+    # The failback powers the original off, sends the difference, powers the DR VM off,
+    # takes the protective snapshot, sends again and powers the original on.
+    job = b("failback", "life", "--target", "original", "--power-on", "--shutdown-timeout", "2")[
+        "job"
+    ]
+    assert job["status"] == "succeeded", job["message"]
+    assert app_state(b, "life") == "failback-pending"
+    assert state_of(dr_name) == "shut off"
+    assert state_of(guest.name) == "running"
+    assert identity(guest.name) == rebuilt  # restored in place: its own identity
+    close_console(guest.console)
+    guest.console = vmguest.Console(guest.name)
+    answered = wait_for(lambda: ask_sum(guest.console), 240, "the failed-back guest's sum")
+    assert answered == dr_sum
+    guest.sum = dr_sum
+
+    # Production works: commit. The DR VM and its copy go, protection resumes.
+    committed = b("commit-failback", "life")["job"]
+    assert committed["status"] == "succeeded", committed["message"]
+    assert app_state(b, "life") == "managed"
+    assert vmguest.virsh("dominfo", dr_name, check=False).returncode != 0
+    again = a("capture", "life")["job"]
+    assert again["status"] == "succeeded", again["message"]
+    assert "change tracking is lost after a restore" in again["message"]

@@ -15,7 +15,8 @@ Invariants
   cannot materialize.
 - ``/api/v1/vms`` lists the libvirt domains of a hypervisor host; ``/api/v1/vms/define`` and
   ``/api/v1/vms/remove`` define a new VM over an appliance's NBD export and remove it;
-  ``/api/v1/vms/restore`` restores a VM image onto a domain in place (``tandem.agent.vm``).
+  ``/api/v1/vms/restore`` restores a VM image onto a domain in place, ``/api/v1/vms/power``
+  starts or stops one (``tandem.agent.vm``).
   ``/api/v1/info`` says whether the host is a hypervisor; an agent without libvirt serves
   everything else.
 - ``/api/v1/run`` runs a hook script, by name, from DIR/scripts only (``tandem.agent.hooks``);
@@ -169,6 +170,10 @@ def create_app(cfg: DaemonConfig, directory: Path | None = None) -> FastAPI:
     @app.post("/api/v1/restore", dependencies=[Depends(auth)])
     def restore(req: actions.RestoreRequest) -> StreamingResponse:
         return _stream(req.job, lambda emit: actions.restore(req, emit))
+
+    @app.post("/api/v1/vms/power", dependencies=[Depends(auth)])
+    def power_vm(req: vm.PowerRequest) -> dict[str, Any]:
+        return vm.power(req)
 
     @app.post("/api/v1/vms/restore", dependencies=[Depends(auth)])
     def restore_vm(req: actions.VmRestoreRequest) -> StreamingResponse:

@@ -284,6 +284,24 @@ def _base_checkpoint(
     return str(name), f"incremental since checkpoint {name}: reading changed extents only"
 
 
+def _end_stale_backup(dom: Any, emit: Emit) -> None:
+    """End a pull-mode backup an interrupted capture left running (libvirtd restarted
+    under it, so its ``abortJob`` never arrived): one of ours, whose private folder is gone.
+    Anyone else's backup is left alone (``backupBegin`` then says the domain is busy)."""
+    lv = _libvirt()
+    try:
+        xml = dom.backupGetXMLDesc(0)
+    except lv.libvirtError:
+        return  # no backup job
+    sock = re.search(r"socket='([^']+)'", xml)
+    folder = os.path.dirname(sock.group(1)) if sock else ""
+    if "tandem-backup-" not in folder or os.path.exists(folder):
+        return
+    with suppress(lv.libvirtError):
+        dom.abortJob()
+        emit({"event": "log", "text": "ended the backup job an interrupted capture left"})
+
+
 def capture(
     domain: str,
     job: str,
@@ -293,7 +311,31 @@ def capture(
     emit: Emit,
     progress: Callable[[int, int], None],
 ) -> dict[str, Any]:
-    """Capture ``domain`` into ``pool`` (module docstring); returns the done event's fields."""
+    """Capture ``domain`` into ``pool`` (module docstring); returns the done event's fields.
+    libvirt failing under it (libvirtd restarted) fails the capture with the reason; the
+    next capture ends a backup left running and starts from the previous image's
+    checkpoint, or reads everything when that is gone."""
+    lv = _libvirt()
+    try:
+        return _capture(domain, job, base, pool, base_id, emit, progress)
+    except lv.libvirtError as exc:
+        raise SourceUnreadable(
+            path=f"domain {domain}",
+            reason=f"libvirt failed during the capture ({exc.get_error_message()}); nothing "
+            "became an image. Capture again once `virsh list` answers: the next capture ends "
+            "a backup left running and reads from the previous checkpoint, or everything",
+        ) from exc
+
+
+def _capture(
+    domain: str,
+    job: str,
+    base: VolumeManifest | None,
+    pool: Any,
+    base_id: bytes | None,
+    emit: Emit,
+    progress: Callable[[int, int], None],
+) -> dict[str, Any]:
     lv = _libvirt()
     with connection() as conn:
         dom = _domain(conn, domain)
@@ -346,6 +388,7 @@ def capture(
             f"<domaincheckpoint><name>{checkpoint}</name><disks>{cp_disks}</disks>"
             "</domaincheckpoint>"
         )
+        _end_stale_backup(dom, emit)
         frozen, reason = _freeze(dom, emit)
         began = False
         try:
@@ -625,6 +668,37 @@ def restore(
     MACs, the definition) is kept; a domain that is gone is defined again from the image's
     XML when its disks are there."""
     lv = _libvirt()
+    try:
+        return _restore(
+            domain,
+            image,
+            manifest,
+            source,
+            emit,
+            progress,
+            power_on=power_on,
+            shutdown_timeout=shutdown_timeout,
+        )
+    except lv.libvirtError as exc:
+        raise SourceUnreadable(
+            path=f"domain {domain}",
+            reason=f"libvirt failed during the restore ({exc.get_error_message()}). Restore "
+            "again once `virsh list` answers",
+        ) from exc
+
+
+def _restore(
+    domain: str,
+    image: str,
+    manifest: VolumeManifest,
+    source: ChunkSource,
+    emit: Emit,
+    progress: Callable[[int, int], None],
+    *,
+    power_on: bool,
+    shutdown_timeout: float,
+) -> dict[str, Any]:
+    lv = _libvirt()
     vm_meta = manifest.meta.get("vm") if isinstance(manifest.meta, dict) else None
     slots = vmimage.slots_of(manifest)
     if not isinstance(vm_meta, dict) or not slots:
@@ -812,6 +886,39 @@ def _nbd_disk(disk: ET.Element, host: str, port: int, export: str, offset: int, 
     ET.SubElement(slices, "slice", {"type": "storage", "offset": str(offset), "size": str(size)})
     disk.insert(0, source)
     disk.insert(0, driver)
+
+
+class PowerRequest(BaseModel):
+    """Power a domain of this host on, or off (graceful within ``timeout`` s, then destroy)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=DOMAIN_NAME)
+    on: bool
+    timeout: float = Field(default=120.0, ge=0, le=3600)
+
+
+def power(req: PowerRequest) -> dict[str, Any]:
+    """Start or stop domain ``req.name``; ``{"name", "running", "how"}``. Already in the
+    state asked for is fine; a domain that is gone is ``NotFound``."""
+    lv = _libvirt()
+    with connection() as conn:
+        dom = _domain(conn, req.name)
+        if req.on:
+            how = "it was running"
+            if not dom.isActive():
+                try:
+                    dom.create()
+                except lv.libvirtError as exc:
+                    raise SourceUnreadable(
+                        path=f"domain {req.name}",
+                        reason=f"it did not start ({exc.get_error_message()}); start it with "
+                        f"`virsh start {req.name}` and read its log",
+                    ) from exc
+                how = "it was started"
+        else:
+            how = _power_off(dom, req.timeout, lambda _event: None)
+        return {"name": req.name, "running": bool(dom.isActive()), "how": how}
 
 
 class RemoveRequest(BaseModel):

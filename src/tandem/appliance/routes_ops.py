@@ -135,6 +135,7 @@ def make_router(site: Site) -> APIRouter:
                 host=body.host,
                 path=body.path,
                 power_on=body.power_on,
+                shutdown_timeout=body.shutdown_timeout,
                 actor=who.name,
             )
         else:

@@ -202,6 +202,8 @@ class FailbackIn(Body):
     host: str | None = Field(default=None, max_length=64)
     path: str | None = Field(default=None, max_length=4096)
     power_on: bool = False
+    shutdown_timeout: float | None = Field(default=None, ge=0, le=3600)
+    """A VM: seconds each graceful shutdown may take before the VM is powered off."""
 
 
 class CommitFailbackIn(Body):

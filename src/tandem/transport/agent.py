@@ -101,6 +101,15 @@ class AgentClient:
             raise RemoteError(what="host", name=self.name, detail="unexpected answer to define")
         return answer
 
+    def power_vm(self, name: str, *, on: bool, timeout: float = 120.0) -> dict[str, Any]:
+        """Start domain ``name``, or stop it (graceful within ``timeout`` s, then destroy)."""
+        answer = self._call(
+            "POST", "/api/v1/vms/power", {"name": name, "on": on, "timeout": timeout}
+        )
+        if not isinstance(answer, dict) or "running" not in answer:
+            raise RemoteError(what="host", name=self.name, detail="unexpected answer to power")
+        return answer
+
     def remove_vm(self, name: str) -> dict[str, Any]:
         """Destroy and undefine the VM ``name`` (gone already is fine)."""
         answer = self._call("POST", "/api/v1/vms/remove", {"name": name})
