@@ -257,7 +257,9 @@ def app_state(cli: object, app: str) -> str:
     return str(next(x for x in cli("apps") if x["name"] == app)["state"])  # type: ignore[operator]
 
 
-def test_replica_style_failback_to_the_original_vm_then_commit(drill: Drill, guest: Guest) -> None:
+def test_replica_style_failback_to_the_original_vm_undo_then_commit(
+    drill: Drill, guest: Guest
+) -> None:
     a, b = drill.a, drill.b
     snap = a("capture", "life")["image"]["id"]
     wait_for(lambda: replica_at_dr(drill, "life", snap), 120, "the replica")
@@ -285,9 +287,32 @@ def test_replica_style_failback_to_the_original_vm_then_commit(drill: Drill, gue
 
     # The failback powers the original off, sends the difference, powers the DR VM off,
     # takes the protective snapshot, sends again and powers the original on.
-    job = b("failback", "life", "--target", "original", "--power-on", "--shutdown-timeout", "2")[
-        "job"
-    ]
+    new = b.run(
+        "failback", "life", "--target", "new", "--host", "host1", "--path", "x", check=False
+    )
+    assert new.code != 0 and "not built yet" in new.error  # refused before anything moved
+    failback = ("failback", "life", "--target", "original", "--power-on", "--shutdown-timeout")
+    job = b(*failback, "2")["job"]
+    assert job["status"] == "succeeded", job["message"]
+    assert app_state(b, "life") == "failback-pending"
+    assert state_of(dr_name) == "shut off"
+    assert state_of(guest.name) == "running"
+
+    # Undone: production's VM is powered off, the DR VM runs again from its copy as the
+    # protective snapshot kept it.
+    undone = b("undo-failback", "life")["job"]
+    assert undone["status"] == "succeeded", undone["message"]
+    assert app_state(b, "life") == "failed-over"
+    assert state_of(guest.name) == "shut off"
+    assert state_of(dr_name) == "running"
+    dr = vmguest.Console(dr_name)
+    try:
+        assert wait_for(lambda: ask_sum(dr), 240, "the DR guest's sum") == dr_sum
+    finally:
+        dr.close()
+
+    # Again, to the end.
+    job = b(*failback, "2")["job"]
     assert job["status"] == "succeeded", job["message"]
     assert app_state(b, "life") == "failback-pending"
     assert state_of(dr_name) == "shut off"

@@ -553,7 +553,7 @@ def _drop_all_checkpoints(dom: Any, emit: Emit) -> int:
     return dropped
 
 
-class _Served:
+class ServedDisk:
     """A powered-off disk served by ``qemu-nbd`` on a private unix socket, as a
     ``vmimage.DiskTarget`` (one request at a time)."""
 
@@ -741,11 +741,11 @@ def _restore(
                 }
             )
         folder = tempfile.mkdtemp(prefix="tandem-restore-")
-        served: dict[str, _Served] = {}
+        served: dict[str, ServedDisk] = {}
         try:
             for slot in slots:
                 d = disks[slot.target]
-                served[slot.target] = _Served(d["source"], d["format"], folder, slot.target)
+                served[slot.target] = ServedDisk(d["source"], d["format"], folder, slot.target)
             stats = vmimage.restore_disks(source, manifest, dict(served), progress=progress)
             for disk in served.values():
                 disk.flush()

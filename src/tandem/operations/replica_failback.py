@@ -155,6 +155,12 @@ def submit_replica_failback(
     check_transition(
         row.name, row.state, Operation.FAILBACK_REPLICA, AppFacts(replica_images=replicas)
     )
+    if row.kind is AppKind.VM and chosen == "new":
+        raise InvalidInput(
+            detail=f"{app!r} is a VM: a failback with --target new (defining a new domain at "
+            "production) is not built yet. Fail back to the original VM (--target original), "
+            "or to a VM restored and registered there (--target restored)"
+        )
     failover_image(site, app)
     if busy is not None:  # (asking production to agree again would reset a running one)
         raise Conflict(
@@ -401,6 +407,14 @@ def run_commit(site: Site, ctx: JobContext) -> dict[str, Any]:
     return result
 
 
+def _failback_param(session: Any, app: str, key: str) -> Any:
+    """``key`` of the latest successful replica-style failback of ``app`` (None: unset)."""
+    for job in q.list_jobs(session, app=app, limit=50):
+        if job.type == TYPE and job.status is JobStatus.SUCCEEDED:
+            return job.params.get(key)
+    return None
+
+
 def _powered_on(session: Any, app: str) -> bool:
     """Whether the latest replica-style failback of ``app`` started production's app."""
     for job in q.list_jobs(session, app=app, limit=50):
@@ -418,7 +432,9 @@ def run_undo(site: Site, ctx: JobContext) -> dict[str, Any]:
     if protective is None:
         raise NotFound(what="protective snapshot of", name=name, listing=f"images {name}")
     check_transition(app.name, app.state, Operation.UNDO_FAILBACK, facts)
-    _production_command(site, name, "stop")
+    with site.catalog.read() as session:
+        timeout = _failback_param(session, name, "shutdown_timeout")
+    _production_command(site, name, "stop", timeout)
     peer = peers.require_peer(site)
     with peers.client_for(peer) as remote:
         undone = remote.failback_undo(name)
