@@ -40,6 +40,7 @@ captured identity. A name that exists is refused; so is the domain the image cam
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import shutil
@@ -169,6 +170,9 @@ def _forget_shared() -> None:
             with suppress(Exception):
                 _shared.close()
         _shared = None
+
+
+atexit.register(_forget_shared)  # closed before libvirt's module is torn down at exit
 
 
 def _domain(conn: Any, name: str) -> Any:

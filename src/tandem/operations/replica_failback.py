@@ -45,7 +45,6 @@ volume: the blocks written since the snapshot are rewritten from it) and started
 from __future__ import annotations
 
 import contextlib
-import re
 import time
 from collections.abc import Iterator
 from typing import Any, Literal
@@ -56,7 +55,6 @@ from tandem.domain.hooks import Hook
 from tandem.domain.images import ImageKind
 from tandem.domain.jobs import JobStatus
 from tandem.domain.lifecycle import AppFacts, AppKind, Operation, check_transition
-from tandem.domain.vms import DOMAIN_NAME
 from tandem.errors import (
     Conflict,
     InvalidInput,
@@ -115,12 +113,8 @@ def _check_request(target: str, host: str | None, path: str | None) -> FailbackT
             detail="--target original fails back to the app as production registered it; "
             "--host and --path name a restored or new target"
         )
-    if chosen != "original" and not (
-        host and path and (path.startswith("/") or re.match(DOMAIN_NAME, path))
-    ):
-        raise InvalidInput(
-            detail=f"--target {target} needs --host and a full --path (a VM: its domain name)"
-        )
+    if chosen != "original" and not (host and path and path.startswith("/")):
+        raise InvalidInput(detail=f"--target {target} needs --host and a full --path")
     return chosen
 
 
@@ -155,11 +149,11 @@ def submit_replica_failback(
     check_transition(
         row.name, row.state, Operation.FAILBACK_REPLICA, AppFacts(replica_images=replicas)
     )
-    if row.kind is AppKind.VM and chosen == "new":
+    if row.kind is AppKind.VM and chosen != "original":
         raise InvalidInput(
-            detail=f"{app!r} is a VM: a failback with --target new (defining a new domain at "
-            "production) is not built yet. Fail back to the original VM (--target original), "
-            "or to a VM restored and registered there (--target restored)"
+            detail=f"{app!r} is a VM: a failback with --target {chosen} (a domain restored or "
+            "defined elsewhere at production) is not built yet. Fail back to the original VM "
+            "with --target original"
         )
     failover_image(site, app)
     if busy is not None:  # (asking production to agree again would reset a running one)

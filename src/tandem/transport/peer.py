@@ -196,7 +196,7 @@ class FailbackCheck(Wire):
 
     target: FailbackTarget
     host: Name | None = None
-    path: AppPath | None = None
+    path: FullPath | None = None
     epoch: int = Field(ge=1)
 
 
