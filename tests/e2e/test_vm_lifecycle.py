@@ -288,7 +288,7 @@ def test_replica_style_failback_to_the_original_vm_undo_then_commit(
     # The failback powers the original off, sends the difference, powers the DR VM off,
     # takes the protective snapshot, sends again and powers the original on.
     new = b.run(
-        "failback", "life", "--target", "new", "--host", "host1", "--path", "x", check=False
+        "failback", "life", "--target", "new", "--host", "host1", "--path", "/x", check=False
     )
     assert new.code != 0 and "not built yet" in new.error  # refused before anything moves
     failback = ("failback", "life", "--target", "original", "--power-on", "--shutdown-timeout")
