@@ -24,8 +24,12 @@ ORDER = [
 ]
 # Siblings that may not import each other although they are both low enough. The drill
 # drives daemons through their API and CLI like an operator: it never reaches inside one.
+# transport/ (the wire contract and its clients) sits below catalog in meaning: a client
+# of the API knows no table.
 FORBIDDEN = {
     ("storage", "catalog"),
+    # The wire contract is shared by daemons and clients: no database, no operation.
+    ("transport", "catalog"),
     ("agent", "appliance"),
     ("appliance", "agent"),
     *(("drill", inside) for inside in ("catalog", "jobs", "operations", "appliance", "agent")),
@@ -98,6 +102,67 @@ def api_path_literals(path: Path) -> list[int]:
         and node.value.startswith("/api/v1")
         and id(node) not in docstrings
     ]
+
+
+HTTP_CALLS = frozenset({"get", "post", "put", "patch", "delete", "request", "stream"})
+
+
+def _is_path(node: ast.expr) -> bool:
+    """A literal or f-string whose text starts with ``/``: a URL path being written."""
+    if isinstance(node, ast.Constant):
+        return isinstance(node.value, str) and node.value.startswith("/")
+    if isinstance(node, ast.JoinedStr) and node.values:
+        return _is_path(node.values[0])
+    return False
+
+
+def raw_http_calls(path: Path) -> list[int]:
+    """Lines of ``path`` that call an HTTP client's ``get/post/…/request`` with a written
+    path (``client.post(f"/api/v1/apps/{name}/capture", {...})``) instead of a method of a
+    typed client. A route's decorator (``@router.get("/apps")``) declares a path: not a call."""
+    tree = ast.parse(path.read_text())
+    decorators = {
+        id(d)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)
+        for d in node.decorator_list
+    }
+    lines = []
+    for node in ast.walk(tree):
+        if id(node) in decorators or not (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr in HTTP_CALLS
+        ):
+            continue
+        args = node.args[1:2] if node.func.attr == "request" else node.args[:1]
+        if any(_is_path(a) for a in args):
+            lines.append(node.lineno)
+    return lines
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(SRC)))
+def test_http_calls_with_written_paths_are_only_in_transport(path: Path) -> None:
+    """Outside transport/ (the typed clients) and the daemons' own routes, a request is a
+    client method: ``api.capture(app, body)``, never ``client.post("/…", {...})``."""
+    rel = str(path.relative_to(SRC))
+    if rel.startswith(API_PATHS_ALLOWED):
+        return
+    lines = raw_http_calls(path)
+    assert not lines, f"{rel} calls a URL path directly on line(s) {lines}: add a client method"
+
+
+def test_the_raw_call_rule_sees_a_raw_call(tmp_path: Path) -> None:
+    sample = tmp_path / "sample.py"
+    sample.write_text(
+        'api.post(f"/api/v1/apps/{name}/capture", {})\n'
+        'api.request("PATCH", "/api/v1/gc", json_body={})\n'
+        'client.get("/health")\n'
+        'params.get("key")\n'
+        '@router.get("/apps")\n'  # a route declares its path
+        "def apps(): ...\n"
+    )
+    assert raw_http_calls(sample) == [1, 2, 3]
 
 
 @pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(SRC)))

@@ -343,3 +343,119 @@ class StaleEpoch(TandemError):
     Fail back before replicating again."""
 
     http_status = 409
+
+
+# --- conditions operators meet (each its own class; subclasses keep the status and code
+# of the catch-all they replace, so callers catching InvalidInput or Conflict still do) ----
+
+
+class IntervalInvalid(InvalidInput):
+    """Invalid input: {option} {text!r} is not an interval. Write it like 30s, 15m, 1h or
+    1h30m (between 1s and 366d)."""
+
+
+class TimeInvalid(InvalidInput):
+    """Invalid input: --time {text!r} is not a time. Write it as "YYYY-MM-DD HH:MM:SS" (UTC)
+    or with its offset, e.g. "2026-12-02 10:15:03+01:00"."""
+
+
+class TimeAndLatest(InvalidInput):
+    """Invalid input: give --time or --latest, not both. Keep the one you mean."""
+
+
+class RecoveryOptionsUnused(InvalidInput):
+    """Invalid input: {options} are for a recovered database; {app!r} is a {kind} app.
+    Leave them out."""
+
+
+class PortWithoutRecovery(InvalidInput):
+    """Invalid input: --port is the port of a recovered database. Give --time or --latest
+    with it, or leave it out."""
+
+
+class VmOptionsUnused(InvalidInput):
+    """Invalid input: --new-vm, --network and --power-on are for vm apps; {app!r} is a
+    {kind} app. Leave them out."""
+
+
+class SyncbackOfRunningDatabase(InvalidInput):
+    """Invalid input: syncback {image} of {app!r} was taken while PostgreSQL ran at the DR
+    site, {how}; it is not a cluster to write in place. Stop the database at the DR site, run
+    `tandem syncback {app}` there (it sends only what changed since) and restore that one."""
+
+
+class MountPointNeeded(InvalidInput):
+    """Invalid input: {what} needs a folder to be placed in. Give --mount-point with a full
+    path."""
+
+
+class LabelTooLong(InvalidInput):
+    """Invalid input: --label must be at most {limit} characters. Give a shorter label."""
+
+
+class ImageNotOfApp(InvalidInput):
+    """Invalid input: image {image} is not {what} of {app!r}. List its images with
+    `tandem images {app}` and give one of them."""
+
+
+class PairedWithItself(InvalidInput):
+    """Invalid input: the appliance at {url} is named {name!r} like this one: two sites
+    need two names. Pair with the other site's appliance, or re-initialise one of them
+    with another --name."""
+
+
+class ImagePresented(Conflict):
+    """Image {image} is presented to host {host!r}. Unmount it first (`tandem unmount
+    {image}`)."""
+
+
+class ImageNotMounted(Conflict):
+    """Image {image} ({kind}) is not mounted: there is nothing to unmount. List what is
+    presented with `tandem images APP`."""
+
+
+class ImageInService(Conflict):
+    """Image {image} is where {app!r} runs since its failover. Fail back (`tandem failback
+    {app}`) before unmounting it."""
+
+
+class ImageBeingDeleted(Conflict):
+    """Image {image} is being deleted. Choose another image (`tandem images {app}`)."""
+
+
+class PathsOverlap(Conflict):
+    """{what} {path} on host {host} {how} application {other!r} ({other_path}); apps on one
+    host must not overlap, or restoring one would overwrite the other's files. Choose a
+    path outside it."""
+
+
+class LastAdminToken(Conflict):
+    """Token {name!r} is the last admin token. Add another admin token (`tandem token add
+    NAME --role admin`) before removing it."""
+
+
+class AlreadyPaired(Conflict):
+    """This appliance is already paired with {peer!r}. Remove it first with `tandem peer
+    remove {peer}`."""
+
+
+class GcRunning(Conflict):
+    """Garbage collection job {job} is already {status}. Follow it with `tandem job show
+    {job}`."""
+
+
+class GcElsewhere(Conflict):
+    """Another appliance process of this catalog is collecting the pool's garbage. Wait for
+    its gc job to end (`tandem jobs --type gc`)."""
+
+
+class SyncbackNotRestored(Conflict):
+    """Production ({peer}) has not restored the newest syncback {syncback} of {app!r} (its
+    last restore: {restored}). Restore it there first (`tandem restore {app} --image
+    {syncback} --confirm ...` on {peer}), or fail back with --force to drop what only the
+    DR copy holds."""
+
+
+class ImageOfOtherApp(InvalidInput):
+    """Invalid input: image {image} belongs to application {owner!r}, not {app!r}. List
+    {app}'s images with `tandem images {app}` and give one of them."""

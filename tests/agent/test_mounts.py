@@ -30,6 +30,7 @@ from tandem.storage.manifest import (
     decode_manifest,
     store_manifest,
 )
+from tandem.transport import agent_api
 from tandem.transport.server import DaemonConfig, load_daemon_dir
 from tests.agent.loopfs import loop_mounts
 from tests.appliance.conftest import Booted, booted
@@ -63,7 +64,7 @@ class Rig:
         self.client = httpx.Client(
             base_url=self.cfg.url,
             verify=context,
-            timeout=30,
+            timeout=120,
             headers={"Authorization": f"Bearer {self.token}"},
         )
 
@@ -366,7 +367,7 @@ def test_an_agent_made_without_its_directory_cannot_materialize(rig: Rig) -> Non
     context.check_hostname = False
     with (
         LiveServer(app, rig.agent_dir, port),
-        httpx.Client(base_url=f"https://127.0.0.1:{port}", verify=context) as client,
+        httpx.Client(base_url=f"https://127.0.0.1:{port}", verify=context, timeout=120.0) as client,
     ):
         resp = client.get("/api/v1/mounts", headers={"Authorization": f"Bearer {rig.token}"})
     assert resp.status_code == 500 and "made without its directory" in resp.json()["message"]
@@ -424,10 +425,10 @@ def test_a_materialization_abandoned_part_way_removes_what_it_wrote(rig: Rig) ->
             written.append(os.path.getsize(rig.tmp / "vol_1" / VOLUME_FILE))
             raise JobCanceled(job="job_test")
 
-    req = actions.MaterializeRequest(
+    req = agent_api.MaterializeRequest(
         kind="volume",
         manifest=mid.hex(),
-        appliance=actions.ApplianceSession(**rig.session(mid)),
+        appliance=agent_api.ApplianceSession(**rig.session(mid)),
         image=IMAGE,
         mount_point=str(rig.tmp / "vol"),
         volumes=2,

@@ -12,6 +12,7 @@ import pytest
 
 from tandem.agent import pg
 from tandem.errors import ClusterUnfit, PostgresCommandFailed
+from tandem.transport import agent_api
 
 
 def test_slot_names_are_what_postgresql_accepts() -> None:
@@ -74,7 +75,7 @@ def test_the_restore_command_names_the_segment_and_copies_it_once_staged(
     script = restore_script(spool, rounds=100_000)
     proc = subprocess.Popen(["/bin/sh", str(script), SEG, str(tmp_path / "RECOVERYXLOG")])
     try:
-        req = pg.WantedRequest(path=str(tmp_path), after=None, wait=10.0)
+        req = agent_api.WantedRequest(path=str(tmp_path), after=None, wait=10.0)
         deadline = time.monotonic() + 30
         while pg.spool_wanted(req)["wanted"] != SEG:  # what the appliance sees
             assert time.monotonic() < deadline, "the script never named the segment it waits for"
@@ -101,4 +102,4 @@ def test_only_a_segment_name_is_believed_from_the_copy(tmp_path: Path) -> None:
     """The copy's owner can write ``want``: anything but a segment name reads as none."""
     (tmp_path / "tandem_wal").mkdir()
     (tmp_path / "tandem_wal" / "want").write_text("../../etc/passwd\n")
-    assert pg.spool_wanted(pg.WantedRequest(path=str(tmp_path)))["wanted"] is None
+    assert pg.spool_wanted(agent_api.WantedRequest(path=str(tmp_path)))["wanted"] is None

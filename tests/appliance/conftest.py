@@ -62,7 +62,9 @@ def api(booted: Booted) -> Iterator[Api]:
     appliance = booted.appliance
     with (
         LiveServer(appliance.app, appliance.directory, appliance.config.port),
-        httpx.Client(base_url=appliance.site.url, verify=pinned(appliance.directory)) as client,
+        httpx.Client(
+            base_url=appliance.site.url, verify=pinned(appliance.directory), timeout=120.0
+        ) as client,
     ):
         yield Api(appliance, client, secrets)
 

@@ -142,7 +142,9 @@ def test_an_operator_asks_for_the_export_and_the_request_is_audited(
 def console(api: Api, role: str) -> Iterator[httpx.Client]:
     """A browser-like client signed in to the console with the ``role`` token."""
     appliance = api.appliance
-    with httpx.Client(base_url=appliance.site.url, verify=pinned(appliance.directory)) as client:
+    with httpx.Client(
+        base_url=appliance.site.url, verify=pinned(appliance.directory), timeout=120.0
+    ) as client:
         signed = client.post("/sign-in", data={"token": api.tokens[role], "next": "/apps"})
         assert signed.status_code == 303
         yield client

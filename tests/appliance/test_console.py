@@ -24,7 +24,9 @@ from tests.appliance.conftest import Api, pinned, seed_app, seed_image
 def client_for(api: Api) -> httpx.Client:
     """A fresh browser-like client (its own cookie jar) on the appliance."""
     appliance = api.appliance
-    return httpx.Client(base_url=appliance.site.url, verify=pinned(appliance.directory))
+    return httpx.Client(
+        base_url=appliance.site.url, verify=pinned(appliance.directory), timeout=120.0
+    )
 
 
 def sign_in(client: httpx.Client, token: str, next_url: str = "/apps") -> httpx.Response:

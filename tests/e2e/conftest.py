@@ -141,7 +141,7 @@ def api(d: Daemon) -> httpx.Client:
         base_url=d.url,
         verify=context,
         headers={"Authorization": f"Bearer {d.token}"},
-        timeout=10.0,
+        timeout=120.0,
     )
 
 

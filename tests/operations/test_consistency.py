@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tandem.appliance.documents import image_out
 from tandem.appliance.scheduler import RETRY_FIRST, Scheduler
-from tandem.appliance.schemas import ImageOut
 from tandem.catalog import queries as q
 from tandem.domain.consistency import ConsistencyMode
 from tandem.domain.jobs import JobStatus
@@ -29,7 +29,7 @@ def mkfs(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
 
 def cut_of(live: Live, image: str | None) -> str | None:
     with live.appliance.site.catalog.read() as session:
-        return ImageOut.of(q.get_image(session, image_id=image or "")).consistency
+        return image_out(q.get_image(session, image_id=image or "")).consistency
 
 
 def test_an_app_on_a_btrfs_subvolume_is_cut_from_a_snapshot(

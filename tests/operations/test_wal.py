@@ -10,13 +10,15 @@ import blake3
 import pytest
 
 from tandem.catalog import queries as q
-from tandem.catalog.models import App, Template
+from tandem.catalog.models import App, Job, Template
 from tandem.domain.images import ImageKind
+from tandem.domain.jobs import JobStatus
 from tandem.domain.lifecycle import AppKind, AppState
 from tandem.domain.wal import SEGMENT, segment_name
 from tandem.errors import Conflict, InvalidInput, RecoveryPointUnavailable, StorageError
 from tandem.operations import pg_recovery, wal
 from tandem.operations.apps import risk_of
+from tandem.operations.report import drill_report
 from tandem.operations.site import Site
 from tandem.transport.peer import WalPush
 from tests.appliance.conftest import Booted
@@ -150,6 +152,60 @@ def test_a_time_outside_the_window_or_past_a_gap_is_refused_saying_where(booted:
         pg_recovery.plan(site, app, None)  # the latest lies past the gap
 
 
+def test_the_wal_of_a_promoted_copy_extends_the_window_on_its_new_timeline(
+    booted: Booted,
+) -> None:
+    """At DR after a failover: the replica's timeline 1, then the DR copy's timeline 2 from
+    the segment of its promotion, with its history file; a recovery follows them both and
+    stages the history first. The history is never pruned."""
+    site = booted.appliance.site
+    app_id = mirror(site)
+    for n, timeline, complete in ((2, 1, True), (3, 1, False), (3, 2, True), (4, 2, False)):
+        wal.store(
+            site,
+            app_id=app_id,
+            name=segment_name(timeline, n * SEGMENT),
+            offset=0,
+            data=b"w",
+            complete=complete,
+            seen=T0 + timedelta(seconds=10 * n + timeline),
+        )
+    history = b"1\t0/3000100\tno recovery target specified\n"
+    wal.store(
+        site,
+        app_id=app_id,
+        name="00000002.history",
+        offset=0,
+        data=history,
+        complete=True,
+        seen=T0 + timedelta(seconds=31),
+    )
+    with site.catalog.read() as session:
+        app = q.get_app(session, name="db")
+        row = q.get_wal_segment(session, app_id=app_id, name="00000002.history")
+        assert row is not None and row.timeline == 2
+    window = wal.window(site, app)
+    assert window.end == T0 + timedelta(seconds=42) and window.gap is None
+    chosen = pg_recovery.plan(site, app, None)
+    assert chosen.segments == [seg(2), segment_name(2, 3 * SEGMENT), segment_name(2, 4 * SEGMENT)]
+    assert chosen.histories == ["00000002.history"]
+    assert "00000002.history" not in wal.prune(site, app)
+    with pytest.raises(InvalidInput):
+        wal.receive_push(
+            site,
+            peer="prod",
+            app="db",
+            body=WalPush(
+                name="00000003.history",
+                offset=0,
+                data=base64.b64encode(b"x").decode(),
+                complete=True,
+                digest=blake3.blake3(b"y").hexdigest(),
+                seen=T0,
+            ),
+        )
+
+
 def test_segments_older_than_the_oldest_base_image_are_pruned(booted: Booted) -> None:
     site = booted.appliance.site
     app_id = mirror(site)
@@ -177,3 +233,32 @@ def test_a_postgresql_app_whose_wal_is_fresh_is_not_at_risk_for_an_old_base() ->
     assert risk_of(app, template, now).at_risk  # the base image alone is an hour old
     fresh = risk_of(app, template, now, wal_point=now - timedelta(seconds=2))
     assert not fresh.at_risk and fresh.rpo_seconds == 2.0
+
+
+def test_the_drill_report_gives_a_recovered_database_its_rpo_and_pg_amcheck_result(
+    booted: Booted,
+) -> None:
+    site = booted.appliance.site
+    mirror(site)
+    reached = T0 + timedelta(minutes=5)
+    with site.catalog.begin() as session:
+        for n, (type_, checked) in enumerate(
+            (("test-failover", {"ok": False, "seconds": 1.5}), ("failover", None))
+        ):
+            session.add(
+                Job(
+                    id=f"job-{n}",
+                    type=type_,
+                    app="db",
+                    status=JobStatus.SUCCEEDED,
+                    started=reached + timedelta(seconds=7),
+                    finished=reached + timedelta(seconds=9),
+                    result={"recovered_to": reached.isoformat(), "amcheck": checked, "base": "b"},
+                )
+            )
+    shown = drill_report(site, app="db")
+    assert shown.rpo_seconds == 7.0  # the failover started 7 s after the last commit held
+    assert shown.rpo_image == "b"
+    tested, over = shown.steps
+    assert tested.database is not None and "CORRUPTION FOUND" in tested.database
+    assert over.database is not None and "pg_amcheck not run (--verify)" in over.database

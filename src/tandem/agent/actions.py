@@ -18,17 +18,12 @@ Invariants
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-
 from tandem.agent import fusemount, holders, mounts, pg, pit, vm
-from tandem.agent.mounts import MountAction
-from tandem.domain.consistency import CUTS, MODES, ConsistencyMode, Cut
-from tandem.domain.vms import DOMAIN_NAME
+from tandem.domain.consistency import CUTS, ConsistencyMode, Cut
 from tandem.errors import Conflict, InvalidInput, SourceUnreadable, TandemError, TargetInvalid
 from tandem.storage import targets, tree, volume
 from tandem.storage.manifest import (
@@ -37,92 +32,21 @@ from tandem.storage.manifest import (
     decode_manifest,
     store_manifest,
 )
-from tandem.transport.chunks import RemoteChunkSource, RemotePool, session_path
+from tandem.transport.agent_api import (
+    ApplianceSession,
+    CaptureRequest,
+    MaterializeRequest,
+    MountAction,
+    RefreshRequest,
+    RestoreRequest,
+    TargetCheckRequest,
+    UnmaterializeRequest,
+    VmRestoreRequest,
+)
+from tandem.transport.chunks import RemoteChunkSource, RemotePool, SessionClient
 from tandem.transport.client import ApiClient
 
 Emit = Callable[[dict[str, Any]], None]
-
-HEX_DIGEST = r"^[0-9a-f]{64}$"
-IMAGE_KEY = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
-"""An image id (``img_…``) or name: safe as a registry key and in messages."""
-MAX_VOLUMES = 64
-
-
-class ApplianceSession(BaseModel):
-    """How the agent reaches the job's session on the appliance."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    url: str = Field(pattern=r"^https?://")
-    fingerprint: str
-    token: str
-    session: str = Field(pattern=r"^[0-9a-f]{1,64}$")
-
-
-class CaptureRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    kind: str = Field(pattern="^(filesystem|volume|postgresql|vm)$")
-    path: str = Field(pattern=r"^[^\x00]+$")
-    """The app's path; for a ``vm`` app, the libvirt domain's name (``agent.vm``)."""
-
-    @model_validator(mode="after")
-    def _path_fits_kind(self) -> CaptureRequest:
-        if self.kind == "vm":
-            if not re.match(DOMAIN_NAME, self.path):
-                raise ValueError("a vm app's path is its libvirt domain name")
-        elif not self.path.startswith("/"):
-            raise ValueError("the path must be absolute")
-        return self
-
-    appliance: ApplianceSession
-    base: str | None = Field(default=None, pattern=HEX_DIGEST)
-    """Manifest id of the previous image, for an incremental capture."""
-    job: str = ""
-    consistency: str = Field(default="auto", pattern="^(" + "|".join(MODES) + ")$")
-    """What the capture may be cut from (``agent.pit``)."""
-    base_stamp: dict[str, int] | None = None
-    """The volume file's ``SourceStamp`` when it held ``base``: if it still matches, the
-    file is not read and ``base`` is committed again (``_unchanged_volume``)."""
-
-
-class RestoreRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    kind: str = Field(pattern="^(filesystem|volume)$")
-    path: str = Field(pattern=r"^/[^\x00]*$")
-    manifest: str = Field(pattern=HEX_DIGEST)
-    appliance: ApplianceSession
-    job: str = ""
-    new_only: bool = False
-    """A clone: refuse unless the path is missing or an empty folder (never overwrite)."""
-    base: str | None = Field(default=None, pattern=HEX_DIGEST)
-    """Manifest of the image the volume held when ``stamp`` was taken (restore from base)."""
-    stamp: dict[str, int] | None = None
-    """The volume file's ``SourceStamp`` then: if it still matches, the target is not read."""
-
-
-class VmRestoreRequest(BaseModel):
-    """Restore a VM image onto a libvirt domain of this host, in place (``agent.vm.restore``)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    domain: str = Field(pattern=DOMAIN_NAME)
-    image: str = Field(pattern=IMAGE_KEY)
-    manifest: str = Field(pattern=HEX_DIGEST)
-    appliance: ApplianceSession
-    job: str = ""
-    power_on: bool = False
-    shutdown_timeout: float = Field(default=120.0, ge=0, le=3600)
-
-
-class TargetCheckRequest(BaseModel):
-    """Ask what is at a path where an image is about to be written as a new app."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    kind: str = Field(pattern="^(filesystem|volume)$")
-    path: str = Field(min_length=2, max_length=4096, pattern=r"^/[^\x00]*$")
 
 
 def check_target(req: TargetCheckRequest) -> dict[str, Any]:
@@ -157,37 +81,6 @@ def check_new(path: str, kind: str) -> None:
         raise TargetInvalid(path=path, reason=problem)
 
 
-class MaterializeRequest(BaseModel):
-    """Present an image on this host by writing it at a mount point (SPEC §2)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    kind: str = Field(pattern="^(filesystem|volume)$")
-    manifest: str = Field(pattern=HEX_DIGEST)
-    appliance: ApplianceSession | None = None
-    """The read session to fetch from; needed unless the action is map-only."""
-    image: str = Field(pattern=IMAGE_KEY)
-    action: MountAction = MountAction.SPECIFY
-    mount_point: str | None = Field(default=None, max_length=4096)
-    """The mount point for the specify action (ignored by the other actions)."""
-    source_path: str = Field(default="", max_length=4096)
-    """The application's original path: the mount point of keep-source-path."""
-    volumes: int = Field(default=1, ge=1, le=MAX_VOLUMES)
-    job: str = ""
-    presentation: str = Field(default="copy", pattern="^(copy|fuse)$")
-    """``copy`` writes the whole image at the mount point; ``fuse`` presents a file-tree
-    image as a writable virtual copy (``agent.fusemount``), fetching only what is read."""
-
-
-class RefreshRequest(BaseModel):
-    """A new read session for the FUSE copies of ``image`` (the appliance restarted)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    image: str = Field(pattern=IMAGE_KEY)
-    appliance: ApplianceSession
-
-
 def refresh_layers(req: RefreshRequest, registry: mounts.Registry) -> dict[str, Any]:
     """Give every FUSE copy of ``req.image`` the new read session; ``refreshed`` counts
     them (0: the image is not presented through FUSE here)."""
@@ -195,12 +88,6 @@ def refresh_layers(req: RefreshRequest, registry: mounts.Registry) -> dict[str, 
     layers = [r for r in entry.get("layers") or [] if isinstance(r, dict)]
     done = sum(fusemount.refresh(r, req.appliance.model_dump()) for r in layers)
     return {"image": req.image, "refreshed": done}
-
-
-class UnmaterializeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    image: str = Field(pattern=IMAGE_KEY)
 
 
 def _client(s: ApplianceSession) -> ApiClient:
@@ -221,7 +108,7 @@ def _progress(emit: Emit) -> Callable[[int, int], None]:
 
 
 def _fetch_manifest(client: ApiClient, session: str, manifest: str) -> Any:
-    blob = client.request("GET", session_path(session, "manifests", manifest), raw=True)
+    blob = SessionClient(client, session).manifest(manifest)
     return decode_manifest(blob, bytes.fromhex(manifest))
 
 

@@ -40,6 +40,26 @@ from fastapi.responses import StreamingResponse
 from tandem import __version__
 from tandem.agent import actions, hooks, mounts, pg, vm
 from tandem.errors import InvalidInput, JobCanceled, TandemError, Unauthorized
+from tandem.transport.agent_api import (
+    CaptureRequest,
+    DefineRequest,
+    MaterializeRequest,
+    PowerRequest,
+    ProbeRequest,
+    RecoverRequest,
+    RefreshRequest,
+    RemoveRequest,
+    RestoreRequest,
+    RunRequest,
+    SpoolRequest,
+    StreamRequest,
+    TargetCheckRequest,
+    UnmaterializeRequest,
+    VmRestoreRequest,
+    WalAck,
+    WalRead,
+    WantedRequest,
+)
 from tandem.transport.server import (
     DaemonConfig,
     init_daemon_dir,
@@ -156,40 +176,40 @@ def create_app(cfg: DaemonConfig, directory: Path | None = None) -> FastAPI:
         return {"domains": vm.list_domains()}
 
     @app.post("/api/v1/vms/define", dependencies=[Depends(auth)])
-    def define_vm(req: vm.DefineRequest) -> dict[str, Any]:
+    def define_vm(req: DefineRequest) -> dict[str, Any]:
         return vm.define(req)
 
     @app.post("/api/v1/vms/remove", dependencies=[Depends(auth)])
-    def remove_vm(req: vm.RemoveRequest) -> dict[str, Any]:
+    def remove_vm(req: RemoveRequest) -> dict[str, Any]:
         return vm.remove(req.name)
 
     @app.post("/api/v1/capture", dependencies=[Depends(auth)])
-    def capture(req: actions.CaptureRequest) -> StreamingResponse:
+    def capture(req: CaptureRequest) -> StreamingResponse:
         return _stream(req.job, lambda emit: actions.capture(req, emit))
 
     @app.post("/api/v1/restore", dependencies=[Depends(auth)])
-    def restore(req: actions.RestoreRequest) -> StreamingResponse:
+    def restore(req: RestoreRequest) -> StreamingResponse:
         return _stream(req.job, lambda emit: actions.restore(req, emit))
 
     @app.post("/api/v1/vms/power", dependencies=[Depends(auth)])
-    def power_vm(req: vm.PowerRequest) -> dict[str, Any]:
+    def power_vm(req: PowerRequest) -> dict[str, Any]:
         return vm.power(req)
 
     @app.post("/api/v1/vms/restore", dependencies=[Depends(auth)])
-    def restore_vm(req: actions.VmRestoreRequest) -> StreamingResponse:
+    def restore_vm(req: VmRestoreRequest) -> StreamingResponse:
         return _stream(req.job, lambda emit: actions.restore_vm(req, emit))
 
     @app.post("/api/v1/materialize", dependencies=[Depends(auth)])
-    def materialize(req: actions.MaterializeRequest) -> StreamingResponse:
+    def materialize(req: MaterializeRequest) -> StreamingResponse:
         reg = mount_registry()
         return _stream(req.job, lambda emit: actions.materialize(req, reg, emit))
 
     @app.post("/api/v1/unmaterialize", dependencies=[Depends(auth)])
-    def unmaterialize(req: actions.UnmaterializeRequest) -> dict[str, Any]:
+    def unmaterialize(req: UnmaterializeRequest) -> dict[str, Any]:
         return actions.unmaterialize(req, mount_registry())
 
     @app.post("/api/v1/layers/refresh", dependencies=[Depends(auth)])
-    def refresh_layers(req: actions.RefreshRequest) -> dict[str, Any]:
+    def refresh_layers(req: RefreshRequest) -> dict[str, Any]:
         return actions.refresh_layers(req, mount_registry())
 
     @app.get("/api/v1/mounts", dependencies=[Depends(auth)])
@@ -197,33 +217,33 @@ def create_app(cfg: DaemonConfig, directory: Path | None = None) -> FastAPI:
         return mount_registry().read()
 
     @app.post("/api/v1/target/check", dependencies=[Depends(auth)])
-    def check_target(req: actions.TargetCheckRequest) -> dict[str, Any]:
+    def check_target(req: TargetCheckRequest) -> dict[str, Any]:
         return actions.check_target(req)
 
     # --- PostgreSQL (``tandem.agent.pg``) ---------------------------------------------
 
     @app.post("/api/v1/pg/probe", dependencies=[Depends(auth)])
-    def pg_probe(req: pg.ProbeRequest) -> dict[str, Any]:
+    def pg_probe(req: ProbeRequest) -> dict[str, Any]:
         return pg.probe(req)
 
     @app.post("/api/v1/pg/stream", dependencies=[Depends(auth)])
-    def pg_stream(req: pg.StreamRequest) -> dict[str, Any]:
+    def pg_stream(req: StreamRequest) -> dict[str, Any]:
         return wal_receivers().ensure(req)
 
     @app.post("/api/v1/pg/drop", dependencies=[Depends(auth)])
-    def pg_drop(req: pg.StreamRequest) -> dict[str, Any]:
+    def pg_drop(req: StreamRequest) -> dict[str, Any]:
         return wal_receivers().drop(req)
 
     @app.get("/api/v1/pg/wal/{app_name}", dependencies=[Depends(auth)])
     def pg_wal_list(app_name: str) -> dict[str, Any]:
-        return wal_receivers().listing(pg.WalAck(app=app_name).app)
+        return wal_receivers().listing(WalAck(app=app_name).app)
 
     @app.post("/api/v1/pg/wal/read", dependencies=[Depends(auth)])
-    def pg_wal_read(req: pg.WalRead) -> Response:
+    def pg_wal_read(req: WalRead) -> Response:
         return Response(wal_receivers().read(req), media_type="application/octet-stream")
 
     @app.post("/api/v1/pg/wal/ack", dependencies=[Depends(auth)])
-    def pg_wal_ack(req: pg.WalAck) -> dict[str, Any]:
+    def pg_wal_ack(req: WalAck) -> dict[str, Any]:
         return wal_receivers().ack(req)
 
     def presented(path: str) -> None:
@@ -236,24 +256,26 @@ def create_app(cfg: DaemonConfig, directory: Path | None = None) -> FastAPI:
             )
 
     @app.put("/api/v1/pg/spool", dependencies=[Depends(auth)])
-    async def pg_spool(path: str, name: str, request: Request) -> dict[str, Any]:
-        req = pg.SpoolRequest(path=path, name=name)
+    async def pg_spool(
+        path: str, name: str, request: Request, run: str | None = None
+    ) -> dict[str, Any]:
+        req = SpoolRequest(path=path, name=name, run=run)
         presented(req.path)
         data = await request.body()
         return await asyncio.to_thread(pg.spool_wal, req, data)
 
     @app.post("/api/v1/pg/spool/wanted", dependencies=[Depends(auth)])
-    def pg_spool_wanted(req: pg.WantedRequest) -> dict[str, Any]:
+    def pg_spool_wanted(req: WantedRequest) -> dict[str, Any]:
         presented(req.path)
         return pg.spool_wanted(req)
 
     @app.post("/api/v1/pg/recover", dependencies=[Depends(auth)])
-    def pg_recover(req: pg.RecoverRequest) -> dict[str, Any]:
+    def pg_recover(req: RecoverRequest) -> dict[str, Any]:
         presented(req.path)
         return pg.recover(req)
 
     @app.post("/api/v1/run", dependencies=[Depends(auth)])
-    def run(req: hooks.RunRequest) -> dict[str, Any]:
+    def run(req: RunRequest) -> dict[str, Any]:
         if scripts is None:
             raise TandemError(
                 "this agent app was made without its directory, whose scripts/ folder holds "

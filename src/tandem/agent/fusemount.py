@@ -84,7 +84,7 @@ from tandem.agent import holders
 from tandem.errors import Conflict, TandemError
 from tandem.storage.manifest import TreeManifest, decode_manifest
 from tandem.storage.treeview import DEFAULT_CACHE, ROOT_INODE, ChunkCache, Node, TreeView
-from tandem.transport.chunks import RemoteChunkSource, session_path
+from tandem.transport.chunks import RemoteChunkSource, SessionClient
 from tandem.transport.client import ApiClient
 
 LAYERS = "layers"
@@ -269,8 +269,7 @@ class _Reader:
 
     def manifest(self, mid: str) -> TreeManifest:
         source = self._current()
-        path = session_path(self.session, "manifests", mid)
-        blob = source.client.request("GET", path, raw=True)
+        blob = SessionClient(source.client, self.session).manifest(mid)
         manifest = decode_manifest(blob, bytes.fromhex(mid))
         if not isinstance(manifest, TreeManifest):
             raise TandemError(f"manifest {mid} is not a file-tree image")

@@ -32,50 +32,19 @@ import stat
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Annotated, Any
-
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
-from pydantic_core import PydanticCustomError
+from typing import Any
 
 from tandem.domain.hooks import (
-    ENV_KEYS,
-    MAX_HOOK_NAME,
-    check_hook_env,
-    hook_name_problem,
     is_hook_name,
 )
-from tandem.errors import HookRefused, HookTimedOut, TandemError
+from tandem.errors import HookRefused, HookTimedOut
+from tandem.transport.agent_api import RunRequest
 
 SCRIPTS = "scripts"
 """The folder in the agent's DIR that holds the hook scripts."""
 FOLDER_MODE = 0o755
 OUTPUT_TAIL = 4000
 WRITABLE_BY_OTHERS = stat.S_IWGRP | stat.S_IWOTH
-
-
-def _script_name(value: str) -> str:
-    if not is_hook_name(value):
-        raise PydanticCustomError("hook_name", hook_name_problem(value, "script"))
-    return value
-
-
-def _env(value: dict[str, str]) -> dict[str, str]:
-    try:
-        return check_hook_env(value)
-    except TandemError as exc:
-        raise PydanticCustomError("hook_env", str(exc.fields.get("detail", exc.message))) from None
-
-
-class RunRequest(BaseModel):
-    """Run the hook script ``script`` of the scripts folder with ``env`` added."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    script: Annotated[str, Field(max_length=MAX_HOOK_NAME), AfterValidator(_script_name)]
-    env: Annotated[
-        dict[str, str], Field(default_factory=dict, max_length=len(ENV_KEYS)), AfterValidator(_env)
-    ]
-    timeout: float = Field(default=600.0, gt=0, le=86400)
 
 
 def init_folder(directory: Path) -> Path:

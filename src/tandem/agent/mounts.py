@@ -60,7 +60,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -83,14 +82,6 @@ _BTRFS_NAME_MAX = 4087  # btrfs_ioctl_vol_args.name is 4088 bytes, NUL included
 # One agent process serves one directory; this lock orders every registry change in it.
 _lock = threading.Lock()
 _busy: set[str] = set()  # images whose materialization is running in this process
-
-
-class MountAction(StrEnum):
-    """SPEC §2's mount actions for generic file-system apps."""
-
-    KEEP_SOURCE_PATH = "keep-source-path"
-    SPECIFY = "specify"
-    MAP_ONLY = "map-only"
 
 
 # --- paths and rules -------------------------------------------------------------------

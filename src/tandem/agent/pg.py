@@ -27,15 +27,18 @@ WAL streaming (``Receiver``)
 
 Recovery (``recover``): the copy presented at a folder gets its ``backup_label`` (and
 ``tablespace_map``), a clean ``pg_wal``, ``recovery.signal`` and a ``restore_command`` that
-takes each segment from ``tandem_wal/`` inside the copy, where the appliance puts it
-(``spool_wal``). No secret is written anywhere.
+takes each segment from ``tandem_wal/RUN/`` inside the copy (``RUN``: a name the appliance
+gives each recovery), where the appliance puts it (``spool_wal``). No secret is written
+anywhere. Once the copy is promoted, all of it goes again (``_settle``): the settings
+appended to ``postgresql.auto.conf`` and the spool. A failed-over copy that becomes
+production again (syncback, restore) carries none of them home.
 
 Lazy WAL fetch: the WAL is staged *ahead of replay*, not all before PostgreSQL starts. The
 request names the segments the appliance holds for this recovery (``segments``: written to
-``tandem_wal/plan``). ``restore_command`` is ``tandem_wal/restore.sh %f %p``, run by
+``tandem_wal/RUN/plan``). ``restore_command`` is ``tandem_wal/RUN/restore.sh %f %p``, run by
 PostgreSQL as the cluster's owner: for a name not in the plan (a timeline history file, the
 segment after the last) it fails at once, which PostgreSQL reads as "no more WAL"; for a
-name in the plan it records it in ``tandem_wal/want`` and waits until the segment is in the
+name in the plan it records it in ``want`` there and waits until the segment is in the
 folder, then copies it. The appliance, meanwhile, follows ``want`` (``spool_wanted``, a
 long poll) and keeps a few segments (its prefetch window) ahead of it, so replay rarely
 waits and WAL past the recovery target is never sent. Why this and not a fetch command
@@ -63,8 +66,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
-
 from tandem.errors import (
     ClusterUnfit,
     InvalidInput,
@@ -72,17 +73,37 @@ from tandem.errors import (
     RecoveryFailed,
     TandemError,
 )
+from tandem.transport.agent_api import (
+    SEGMENT_SIZE,
+    WAL_FILE,
+    WAL_NAME,
+    WAL_OR_HISTORY,
+    ProbeRequest,
+    RecoverRequest,
+    SpoolRequest,
+    StreamRequest,
+    WalAck,
+    WalRead,
+    WantedRequest,
+)
 
 PG_ROOT = Path("/usr/lib/postgresql")
-SEGMENT_SIZE = 16 * 1024 * 1024
-WAL_NAME = r"^[0-9A-F]{24}$"
-WAL_FILE = r"^[0-9A-F]{24}(\.partial)?$"
-APP_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
-PATH = r"^/[^\x00]*$"
 SQL_TIMEOUT = 60.0
 START_TIMEOUT = float(os.environ.get("TANDEM_PG_START_TIMEOUT", "300"))
 SPOOL = "tandem_wal"
 """The folder inside a recovered copy that its restore_command reads from."""
+
+
+def _spool_of(path: str, run: str | None) -> Path:
+    return Path(path, SPOOL, run) if run else Path(path, SPOOL)
+
+
+def _make_spool(path: str, run: str | None, uid: int, gid: int) -> Path:
+    spool = _spool_of(path, run)
+    for folder in (Path(path, SPOOL), spool):
+        folder.mkdir(mode=0o700, exist_ok=True)
+        os.chown(folder, uid, gid)
+    return spool
 
 
 def slot_name(app: str) -> str:
@@ -226,13 +247,6 @@ def query(c: Cluster, sql: str) -> list[list[str]]:
 
 
 # --- probing: can this cluster be protected? -----------------------------------------------
-
-
-class ProbeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    app: str = Field(pattern=APP_NAME)
-    path: str = Field(pattern=PATH, max_length=4096)
 
 
 def probe(req: ProbeRequest) -> dict[str, Any]:
@@ -399,28 +413,6 @@ def base_backup(path: str, label: str) -> Iterator[BaseBackup]:
 # --- WAL streaming ------------------------------------------------------------------------
 
 
-class StreamRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    app: str = Field(pattern=APP_NAME)
-    path: str = Field(pattern=PATH, max_length=4096)
-
-
-class WalRead(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    app: str = Field(pattern=APP_NAME)
-    name: str = Field(pattern=WAL_FILE)
-    offset: int = Field(ge=0, le=SEGMENT_SIZE)
-
-
-class WalAck(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    app: str = Field(pattern=APP_NAME)
-    names: list[str] = Field(default_factory=list, max_length=4096)
-
-
 class Receivers:
     """The ``pg_receivewal`` processes of this agent, one per app, in ``DIR/pg``."""
 
@@ -444,10 +436,13 @@ class Receivers:
                 return {"running": True, "started": False, "slot": slot}
             self._stop_orphan(req.app)
             self.root.mkdir(mode=0o700, exist_ok=True)
+            fresh = not spool.exists()
             spool.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.chown(spool, c.uid, c.gid)
             log = spool.parent / "receivewal.log"
             receivewal = str(c.bin / "pg_receivewal")
+            if fresh:  # a new stream: a slot of that name is another stream's (see drop_stale)
+                self._drop_stale(c, slot)
             _run(
                 c,
                 [receivewal, *c.conn(), "-S", slot, "--create-slot", "--if-not-exists"],
@@ -488,6 +483,19 @@ class Receivers:
             finally:
                 os.close(fd)
         return {"running": True, "started": True, "slot": slot}
+
+    @staticmethod
+    def _drop_stale(c: Cluster, slot: str) -> None:
+        """Drop an inactive slot named ``slot`` before a new stream starts: one this stream
+        never held, e.g. the slot of the DR copy's stream, carried home in ``pg_replslot``
+        when that copy was synced back and restored here, whose position is the DR site's
+        (or one a restore put back from an older state). This stream starts at the
+        cluster's position and the appliance sees where it begins."""
+        query(
+            c,
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+            f"WHERE slot_name = '{slot}' AND NOT active",
+        )
 
     def _stop_orphan(self, app: str) -> None:
         """Stop a receiver a previous run of this agent left (killed, it could not): it
@@ -537,7 +545,7 @@ class Receivers:
         """Remove the completed segments the appliance stored durably."""
         removed = []
         for name in req.names:
-            if re.fullmatch(WAL_NAME, name):
+            if re.fullmatch(WAL_OR_HISTORY, name):
                 with contextlib.suppress(FileNotFoundError):
                     (self.spool(req.app) / name).unlink()
                     removed.append(name)
@@ -605,52 +613,6 @@ class Receivers:
 # --- recovery -----------------------------------------------------------------------------
 
 
-class SpoolRequest(BaseModel):
-    """One WAL segment for the recovery of the copy at ``path`` (its bytes: the body)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    path: str = Field(pattern=PATH, max_length=4096)
-    name: str = Field(pattern=WAL_NAME)
-
-
-class RecoverRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    path: str = Field(pattern=PATH, max_length=4096)
-    backup_label: str = Field(min_length=1, max_length=8192)
-    tablespace_map: str = Field(default="", max_length=65536)
-    target_time: datetime | None = None
-    """None: recover to the end of the WAL given (latest)."""
-    port: int | None = Field(default=None, ge=1024, le=65535)
-    socket_dir: str | None = Field(default=None, pattern=PATH, max_length=1024)
-    verify: bool = False
-    """Run ``pg_amcheck`` (heap and every B-tree index) on the started copy."""
-    segments: list[str] = Field(default_factory=list, max_length=1_000_000)
-    """The segments the appliance holds for this recovery, in order; the restore_command
-    waits for these to be staged and fails at once for any other name. Empty: the ones
-    already staged in the spool."""
-
-    @field_validator("segments")
-    @classmethod
-    def _names(cls, names: list[str]) -> list[str]:
-        for name in names:
-            if not re.fullmatch(WAL_NAME, name):
-                raise ValueError(f"{name[:40]!r} is not a WAL segment name")
-        return names
-
-
-class WantedRequest(BaseModel):
-    """Which segment the recovery of the copy at ``path`` waits for; waits up to ``wait``
-    seconds for it to differ from ``after``."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    path: str = Field(pattern=PATH, max_length=4096)
-    after: str | None = Field(default=None, pattern=WAL_NAME)
-    wait: float = Field(default=0.0, ge=0.0, le=10.0)
-
-
 def _owner_of(path: str) -> Cluster:
     st = os.stat(path)
     major = _major_of(path)
@@ -669,12 +631,11 @@ def spool_wal(req: SpoolRequest, data: bytes) -> dict[str, Any]:
     """Place one WAL segment where the copy's restore_command reads it."""
     path = _copy_dir(req.path)
     c = _owner_of(path)
-    spool = Path(path, SPOOL)
-    spool.mkdir(mode=0o700, exist_ok=True)
-    os.chown(spool, c.uid, c.gid)
+    spool = _make_spool(path, req.run, c.uid, c.gid)
     if len(data) > SEGMENT_SIZE:
         raise InvalidInput(detail=f"WAL segment {req.name} is larger than a segment")
-    data = data.ljust(SEGMENT_SIZE, b"\0")
+    if re.fullmatch(WAL_NAME, req.name):  # a segment is read whole; a history file as is
+        data = data.ljust(SEGMENT_SIZE, b"\0")
     tmp = spool / f".{req.name}.tmp"
     with open(tmp, "wb") as fh:
         fh.write(data)
@@ -706,7 +667,7 @@ def spool_wanted(req: WantedRequest) -> dict[str, Any]:
     how many segments are staged; waits up to ``req.wait`` s for a change from
     ``req.after``."""
     path = _copy_dir(req.path)
-    spool = Path(path, SPOOL)
+    spool = _spool_of(path, req.run)
     deadline = time.monotonic() + req.wait
     while True:
         try:
@@ -780,9 +741,11 @@ def recover(req: RecoverRequest) -> dict[str, Any]:
                     shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
     Path(path, "pg_wal", "archive_status").mkdir(exist_ok=True)
     os.chown(Path(path, "pg_wal", "archive_status"), c0.uid, c0.gid)
-    spool = Path(path, SPOOL)
-    spool.mkdir(mode=0o700, exist_ok=True)
-    os.chown(spool, c0.uid, c0.gid)
+    spool = _make_spool(path, req.run, c0.uid, c0.gid)
+    if req.run:
+        for entry in Path(path, SPOOL).iterdir():  # another recovery's, never to be read
+            if entry.name != req.run:
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
 
     def write(name: str, text: str, mode: str = "w") -> None:
         target = os.path.join(path, name)
@@ -795,6 +758,11 @@ def recover(req: RecoverRequest) -> dict[str, Any]:
     if req.tablespace_map:
         write("tablespace_map", req.tablespace_map)
     write("recovery.signal", "")
+    auto = Path(path, "postgresql.auto.conf")
+    try:
+        settings_before: str | None = auto.read_text()
+    except FileNotFoundError:
+        settings_before = None
     target = req.target_time
     if target is not None:
         last = last_commit(c0, spool)
@@ -817,7 +785,7 @@ def recover(req: RecoverRequest) -> dict[str, Any]:
     settings = [
         "",
         "# tandem: point-in-time recovery of this copy",
-        f'restore_command = \'/bin/sh "{path}/{SPOOL}/restore.sh" "%f" "%p"\'',
+        f'restore_command = \'/bin/sh "{spool}/restore.sh" "%f" "%p"\'',
         "recovery_target_action = 'promote'",
         "archive_mode = 'off'",
     ]
@@ -871,6 +839,7 @@ def recover(req: RecoverRequest) -> dict[str, Any]:
             )
         time.sleep(0.1)
     reached = row[1] or None
+    _settle(c, settings_before)
     checked = amcheck(c) if req.verify else None
     return {
         "amcheck": checked,
@@ -880,6 +849,27 @@ def recover(req: RecoverRequest) -> dict[str, Any]:
         "seconds": round(time.monotonic() - t0, 3),
         "major": c.major,
     }
+
+
+def _settle(c: Cluster, settings_before: str | None) -> None:
+    """The copy is promoted: what tandem wrote to recover it goes. Its settings
+    (``restore_command``, the target, ``archive_mode = off``) leave ``postgresql.auto.conf``,
+    which gets back what it held before, and the spool of WAL goes with its script. The
+    copy is now a cluster like the one it was captured from: if it becomes production again
+    (failover, syncback, restore) it carries none of a recovery's settings home. (Read at
+    start-up only, so the running server is not affected.) A segment the appliance was
+    still staging may land after this, in this recovery's folder, which no other recovery
+    reads (the next one removes it)."""
+    auto = Path(c.data, "postgresql.auto.conf")
+    if settings_before is None:
+        auto.unlink(missing_ok=True)
+    else:
+        tmp = Path(c.data, ".postgresql.auto.conf.tandem")
+        tmp.write_text(settings_before)
+        os.chown(tmp, c.uid, c.gid)
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, auto)
+    shutil.rmtree(Path(c.data, SPOOL), ignore_errors=True)
 
 
 def amcheck(c: Cluster) -> dict[str, Any]:

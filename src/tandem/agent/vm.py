@@ -55,9 +55,6 @@ from contextlib import contextmanager, suppress
 from typing import Any
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field
-
-from tandem.domain.vms import DOMAIN_NAME
 from tandem.errors import (
     AlreadyExists,
     InvalidInput,
@@ -69,6 +66,7 @@ from tandem.errors import (
 from tandem.storage import vmimage
 from tandem.storage.manifest import VolumeManifest
 from tandem.storage.volume import ChunkSource
+from tandem.transport.agent_api import DefineRequest, PowerRequest
 from tandem.transport.nbd import DIRTY, NbdClient
 
 URI = "qemu:///system"
@@ -784,22 +782,6 @@ def _restore(
 # --- new VMs -----------------------------------------------------------------------------
 
 
-class DefineRequest(BaseModel):
-    """Define a new domain from a VM image's XML, its disks on the appliance's export."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: str = Field(pattern=DOMAIN_NAME)
-    xml: str = Field(min_length=1, max_length=1_000_000)
-    disks: list[dict[str, Any]] = Field(min_length=1, max_length=64)
-    nbd_uri: str = Field(pattern=r"^nbd://[^\s]+$")
-    source_domain: str = Field(default="", max_length=64)
-    source_uuid: str = Field(default="", max_length=64)
-    keep_identity: bool = False
-    network: str | None = Field(default=None, pattern=DOMAIN_NAME)
-    power_on: bool = False
-
-
 def define(req: DefineRequest) -> dict[str, Any]:
     """Define (and with ``power_on`` start) the new domain; returns its name and uuid."""
     lv = _libvirt()
@@ -892,16 +874,6 @@ def _nbd_disk(disk: ET.Element, host: str, port: int, export: str, offset: int, 
     disk.insert(0, driver)
 
 
-class PowerRequest(BaseModel):
-    """Power a domain of this host on, or off (graceful within ``timeout`` s, then destroy)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: str = Field(pattern=DOMAIN_NAME)
-    on: bool
-    timeout: float = Field(default=120.0, ge=0, le=3600)
-
-
 def power(req: PowerRequest) -> dict[str, Any]:
     """Start or stop domain ``req.name``; ``{"name", "running", "how"}``. Already in the
     state asked for is fine; a domain that is gone is ``NotFound``."""
@@ -923,12 +895,6 @@ def power(req: PowerRequest) -> dict[str, Any]:
         else:
             how = _power_off(dom, req.timeout, lambda _event: None)
         return {"name": req.name, "running": bool(dom.isActive()), "how": how}
-
-
-class RemoveRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    name: str = Field(pattern=DOMAIN_NAME)
 
 
 def remove(name: str) -> dict[str, Any]:

@@ -26,9 +26,9 @@ from tandem.appliance.audit import AuditMiddleware
 from tandem.appliance.auth import Caller, make_authorize
 from tandem.appliance.console import install_console
 from tandem.appliance.metrics import make_registry
-from tandem.appliance.schemas import AuditOut, InfoOut
 from tandem.operations import monitor
 from tandem.operations.site import Site
+from tandem.transport.api import AuditOut, InfoOut
 from tandem.transport.server import install_error_handlers
 
 KIND = "appliance"
@@ -72,7 +72,7 @@ def create_app(site: Site) -> FastAPI:
 
     @api.get("/audit", tags=["meta"])
     def audit(limit: Annotated[int, Query(ge=1, le=10_000)] = 100) -> list[AuditOut]:
-        return [AuditOut.of(row) for row in monitor.list_audit(site, limit=limit)]
+        return [AuditOut.model_validate(row) for row in monitor.list_audit(site, limit=limit)]
 
     api.include_router(routes_setup.make_router(site))
     api.include_router(routes_ops.make_router(site))

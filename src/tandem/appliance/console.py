@@ -50,7 +50,7 @@ from starlette.concurrency import run_in_threadpool
 
 from tandem import __version__
 from tandem.appliance.auth import Principal
-from tandem.appliance.schemas import NAME, AppOut, hide_secrets
+from tandem.appliance.documents import app_out
 from tandem.catalog import queries as q
 from tandem.catalog.models import App, Image, Job
 from tandem.domain.images import WRITABLE_KINDS, ImageKind, ImageState
@@ -63,6 +63,7 @@ from tandem.domain.rules import (
     confirmations_accepted,
     role_allows,
 )
+from tandem.domain.units import human_bytes
 from tandem.errors import NotFound, TandemError
 from tandem.operations import (
     apps,
@@ -82,6 +83,7 @@ from tandem.operations import (
 )
 from tandem.operations.present import ACTIONS as MOUNT_ACTIONS
 from tandem.operations.site import Site
+from tandem.transport.api import NAME, hide_secrets
 
 COOKIE = "tandem_console"
 SESSION_SECONDS = 12 * 3600
@@ -253,14 +255,7 @@ def _seconds(job: Job) -> float | None:
 
 
 def fmt_bytes(n: int | None) -> str:
-    if n is None:
-        return "—"
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"
+    return "—" if n is None else human_bytes(n)
 
 
 def fmt_seconds(s: float | None) -> str:
@@ -430,7 +425,7 @@ def _make_router(site: Site, sessions: ConsoleSessions) -> APIRouter:
         downtimes = failback.downtimes(site)
         listed = apps.list_apps(site)
         risk = apps.risks(site, listed, now)
-        rows = [AppOut.of(a, now, downtimes.get(a.name), risk[a.name]) for a in listed]
+        rows = [app_out(a, now, downtimes.get(a.name), risk[a.name]) for a in listed]
         return page(request, "apps.html", who, apps=rows)
 
     # --- Access -----------------------------------------------------------------------
@@ -471,7 +466,7 @@ def _make_router(site: Site, sessions: ConsoleSessions) -> APIRouter:
             who,
             status=status,
             app=row,
-            app_out=AppOut.of(
+            app_out=app_out(
                 row, None, failback.downtimes(site).get(name), apps.risks(site, [row])[name]
             ),
             timeline=timeline,

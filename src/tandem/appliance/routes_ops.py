@@ -8,27 +8,9 @@ from fastapi import APIRouter, Query, Request, Response, status
 from starlette.concurrency import run_in_threadpool
 
 from tandem.appliance.auth import Caller
+from tandem.appliance.documents import gc_out, image_out, job_log_out, job_out
 from tandem.appliance.paging import MAX_PAGE, Limit, fetch, page
 from tandem.appliance.params import ImageId, JobId, Name
-from tandem.appliance.schemas import (
-    NAME,
-    CaptureIn,
-    CloneIn,
-    CommitFailbackIn,
-    ExportOut,
-    FailbackIn,
-    FailoverIn,
-    GcIn,
-    GcOut,
-    ImageOut,
-    JobAnswer,
-    JobLogOut,
-    JobOut,
-    MountIn,
-    PresentIn,
-    RestoreIn,
-    VerifyOut,
-)
 from tandem.domain.ids import IMAGE_ID_PATTERN, JOB_ID_PATTERN
 from tandem.domain.jobs import JobStatus
 from tandem.domain.lifecycle import AppKind
@@ -49,6 +31,25 @@ from tandem.operations import (
     wal,
 )
 from tandem.operations.site import Site
+from tandem.transport.api import (
+    NAME,
+    CaptureIn,
+    CloneIn,
+    CommitFailbackIn,
+    ExportOut,
+    FailbackIn,
+    FailoverIn,
+    GcIn,
+    GcOut,
+    ImageOut,
+    JobAnswer,
+    JobLogOut,
+    JobOut,
+    MountIn,
+    PresentIn,
+    RestoreIn,
+    VerifyOut,
+)
 
 ACCEPTED = status.HTTP_202_ACCEPTED
 
@@ -62,7 +63,7 @@ def make_router(site: Site) -> APIRouter:
     def capture_app(name: Name, who: Caller, body: CaptureIn | None = None) -> JobAnswer:
         label = body.label if body is not None else None
         job = capture.submit_capture(site, app=name, label=label, actor=who.name)
-        return JobAnswer(job=JobOut.of(job, who))
+        return JobAnswer(job=job_out(job, who))
 
     @router.post("/apps/{name}/restore", tags=["operations"], status_code=ACCEPTED)
     def restore_app(name: Name, body: RestoreIn, who: Caller) -> JobAnswer:
@@ -75,7 +76,7 @@ def make_router(site: Site) -> APIRouter:
             power_on=body.power_on,
             shutdown_timeout=body.shutdown_timeout,
         )
-        return JobAnswer(job=JobOut.of(job, who))
+        return JobAnswer(job=job_out(job, who))
 
     @router.post("/apps/{name}/test-failover", tags=["operations"], status_code=ACCEPTED)
     def test_failover_app(name: Name, body: PresentIn, who: Caller) -> JobAnswer:
@@ -95,7 +96,7 @@ def make_router(site: Site) -> APIRouter:
             network=body.network,
             power_on=body.power_on,
         )
-        return JobAnswer(job=JobOut.of(job, who))
+        return JobAnswer(job=job_out(job, who))
 
     @router.post("/apps/{name}/failover", tags=["operations"], status_code=ACCEPTED)
     def failover_app(name: Name, body: FailoverIn, who: Caller) -> JobAnswer:
@@ -112,17 +113,18 @@ def make_router(site: Site) -> APIRouter:
             time=body.time,
             latest=body.latest,
             port=body.port,
+            verify=body.verify,
             new_vm=body.new_vm,
             network=body.network,
             power_on=body.power_on,
         )
-        return JobAnswer(job=JobOut.of(job, who))
+        return JobAnswer(job=job_out(job, who))
 
     @router.post("/apps/{name}/syncback", tags=["operations"], status_code=ACCEPTED)
     def syncback_app(name: Name, who: Caller, body: CaptureIn | None = None) -> JobAnswer:
         label = body.label if body is not None else None
         job = syncback.submit_syncback(site, app=name, label=label, actor=who.name)
-        return JobAnswer(job=JobOut.of(job, who))
+        return JobAnswer(job=job_out(job, who))
 
     @router.post("/apps/{name}/failback", tags=["operations"], status_code=ACCEPTED)
     def failback_app(name: Name, who: Caller, body: FailbackIn | None = None) -> JobAnswer:
@@ -140,25 +142,25 @@ def make_router(site: Site) -> APIRouter:
             )
         else:
             job = failback.submit_failback(site, app=name, force=body.force, actor=who.name)
-        return JobAnswer(job=JobOut.of(job, who))
+        return JobAnswer(job=job_out(job, who))
 
     @router.post("/apps/{name}/commit-failback", tags=["operations"], status_code=ACCEPTED)
     def commit_failback(name: Name, who: Caller, body: CommitFailbackIn | None = None) -> JobAnswer:
         force = body.force if body is not None else False
         job = replica_failback.submit_end(site, app=name, undo=False, force=force, actor=who.name)
-        return JobAnswer(job=JobOut.of(job, who))
+        return JobAnswer(job=job_out(job, who))
 
     @router.post("/apps/{name}/undo-failback", tags=["operations"], status_code=ACCEPTED)
     def undo_failback(name: Name, who: Caller) -> JobAnswer:
         job = replica_failback.submit_end(site, app=name, undo=True, actor=who.name)
-        return JobAnswer(job=JobOut.of(job, who))
+        return JobAnswer(job=job_out(job, who))
 
     @router.post("/images/{image_id}/clone", tags=["images"], status_code=ACCEPTED)
     def clone_image(image_id: ImageId, body: CloneIn, who: Caller) -> JobAnswer:
         job = clone.submit_clone(
             site, image=image_id, host=body.host, path=body.path, name=body.name, actor=who.name
         )
-        return JobAnswer(job=JobOut.of(job, who))
+        return JobAnswer(job=job_out(job, who))
 
     @router.post("/images/{image_id}/mount", tags=["images"], status_code=ACCEPTED)
     def mount_image(image_id: ImageId, body: MountIn, who: Caller) -> JobAnswer:
@@ -176,12 +178,12 @@ def make_router(site: Site) -> APIRouter:
             network=body.network,
             power_on=body.power_on,
         )
-        return JobAnswer(job=JobOut.of(job, who))
+        return JobAnswer(job=job_out(job, who))
 
     @router.post("/images/{image_id}/unmount", tags=["images"])
     async def unmount_image(image_id: ImageId) -> ImageOut:
         row = await run_in_threadpool(mount.unmount, site, image=image_id)
-        return ImageOut.of(row)
+        return image_out(row)
 
     # --- images -----------------------------------------------------------------------
 
@@ -201,16 +203,16 @@ def make_router(site: Site) -> APIRouter:
             if rows and rows[0].app.kind is AppKind.POSTGRESQL
             else None
         )
-        return [ImageOut.of(row, shown) for row in rows]
+        return [image_out(row, shown) for row in rows]
 
     @router.get("/images/{image_id}", tags=["images"])
     def show_image(image_id: ImageId) -> ImageOut:
-        return ImageOut.of(images.get_image(site, image_id=image_id))
+        return image_out(images.get_image(site, image_id=image_id))
 
     @router.delete("/images/{image_id}", tags=["images"], status_code=ACCEPTED)
     def delete_image(image_id: ImageId, who: Caller) -> JobAnswer:
         job = images.submit_delete(site, image_id=image_id, actor=who.name)
-        return JobAnswer(job=JobOut.of(job, who))
+        return JobAnswer(job=job_out(job, who))
 
     @router.post("/images/{image_id}/export", tags=["images"])
     def export_image(image_id: ImageId) -> ExportOut:
@@ -241,18 +243,18 @@ def make_router(site: Site) -> APIRouter:
         """Jobs newest first; a page of ``limit`` (X-Next-Cursor names the next one)."""
         rows = monitor.list_jobs(site, app=app, status=status, after=after, limit=limit + 1)
         rows = page(rows, limit=limit, request=request, response=response, key=lambda r: r.id)
-        return [JobOut.of(row, who) for row in rows]
+        return [job_out(row, who) for row in rows]
 
     # --- garbage collection -----------------------------------------------------------
 
     @router.post("/gc", tags=["jobs"], status_code=ACCEPTED)
     def start_gc(who: Caller) -> JobAnswer:
         """Start a garbage collection of the pool now (a ``gc`` job)."""
-        return JobAnswer(job=JobOut.of(gc.submit_gc(site, actor=who.name), who))
+        return JobAnswer(job=job_out(gc.submit_gc(site, actor=who.name), who))
 
     @router.get("/gc", tags=["jobs"])
     def gc_status() -> GcOut:
-        return GcOut.of(gc.status(site))
+        return gc_out(gc.status(site))
 
     @router.patch("/gc", tags=["jobs"])
     def configure_gc(body: GcIn) -> GcOut:
@@ -264,7 +266,7 @@ def make_router(site: Site) -> APIRouter:
                 "jobs.keep_days": body.keep_job_days,
             },
         )
-        return GcOut.of(gc.status(site))
+        return gc_out(gc.status(site))
 
     @router.get("/jobs/{job_id}", tags=["jobs"])
     def show_job(
@@ -280,16 +282,14 @@ def make_router(site: Site) -> APIRouter:
             ),
         ] = 0.0,
     ) -> JobOut:
-        return JobOut.of(monitor.get_job(site, job_id=job_id, wait=wait), who)
+        return job_out(monitor.get_job(site, job_id=job_id, wait=wait), who)
 
     @router.get("/jobs/{job_id}/log", tags=["jobs"])
     def job_log(job_id: JobId) -> list[JobLogOut]:
-        return [JobLogOut.of(line) for line in monitor.job_log(site, job_id=job_id)]
+        return [job_log_out(line) for line in monitor.job_log(site, job_id=job_id)]
 
     @router.post("/jobs/{job_id}/cancel", tags=["jobs"])
     def cancel(job_id: JobId, who: Caller) -> JobAnswer:
-        return JobAnswer(
-            job=JobOut.of(monitor.cancel_job(site, job_id=job_id, actor=who.name), who)
-        )
+        return JobAnswer(job=job_out(monitor.cancel_job(site, job_id=job_id, actor=who.name), who))
 
     return router

@@ -10,12 +10,11 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, status
-from pydantic import BaseModel, Field
 
 from tandem.appliance.auth import Caller, Principal
+from tandem.appliance.documents import job_out
 from tandem.appliance.params import JobId, Name
-from tandem.appliance.schemas import Body, JobAnswer, JobOut
-from tandem.catalog.models import Job, Peer
+from tandem.catalog.models import Job
 from tandem.domain.rules import Role
 from tandem.errors import Forbidden, NotFound
 from tandem.operations import (
@@ -28,6 +27,7 @@ from tandem.operations import (
     wal,
 )
 from tandem.operations.site import Site
+from tandem.transport.api import AcceptIn, JobAnswer, PairIn, PeerOut
 from tandem.transport.peer import (
     SESSION_PATTERN,
     Apply,
@@ -51,30 +51,6 @@ from tandem.transport.peer import (
     WalPush,
     Wire,
 )
-
-
-class PairIn(Body):
-    url: str = Field(min_length=8, max_length=2048)
-    token: str = Field(min_length=1, max_length=512)
-    fingerprint: str = Field(min_length=64, max_length=128)
-    bandwidth: int | None = Field(default=None, ge=0, description="bytes per second, 0: no cap")
-
-
-class AcceptIn(Body):
-    name: str = Field(min_length=1, max_length=64)
-    url: str = Field(min_length=8, max_length=2048)
-    token: str = Field(min_length=1, max_length=512)
-    fingerprint: str = Field(min_length=64, max_length=128)
-
-
-class PeerOut(BaseModel):
-    name: str
-    url: str
-    fingerprint: str
-
-    @classmethod
-    def of(cls, peer: Peer) -> PeerOut:
-        return cls(name=peer.name, url=peer.url, fingerprint=peer.fingerprint)
 
 
 def _peer_name(who: Principal) -> str:
@@ -110,7 +86,7 @@ def make_router(site: Site) -> APIRouter:
 
     @router.post("/peers", tags=["peers"], status_code=status.HTTP_201_CREATED)
     def pair(body: PairIn) -> PeerOut:
-        return PeerOut.of(
+        return PeerOut.model_validate(
             peers.pair(
                 site,
                 url=body.url,
@@ -128,7 +104,7 @@ def make_router(site: Site) -> APIRouter:
 
     @router.get("/peers", tags=["peers"])
     def list_peers() -> list[PeerOut]:
-        return [PeerOut.of(p) for p in peers.list_peers(site)]
+        return [PeerOut.model_validate(p) for p in peers.list_peers(site)]
 
     @router.delete("/peers/{name}", tags=["peers"])
     def remove_peer(name: Name) -> dict[str, str]:
@@ -137,7 +113,7 @@ def make_router(site: Site) -> APIRouter:
 
     @router.post("/apps/{name}/replicate", tags=["operations"], status_code=202)
     def replicate_app(name: Name, who: Caller) -> JobAnswer:
-        return JobAnswer(job=JobOut.of(replicate.submit_replicate(site, app=name, actor=who.name)))
+        return JobAnswer(job=job_out(replicate.submit_replicate(site, app=name, actor=who.name)))
 
     # --- the calls the other site's appliance makes (peer token, ``transport.peer``) -----
 

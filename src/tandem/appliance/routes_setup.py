@@ -7,10 +7,15 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response, status
 
+from tandem.appliance import documents
 from tandem.appliance.auth import Caller
 from tandem.appliance.paging import Limit, fetch, page
 from tandem.appliance.params import Name
-from tandem.appliance.schemas import (
+from tandem.catalog.models import App, Template
+from tandem.domain.ids import NAME_PATTERN
+from tandem.operations import apps, failback, hosts, templates, tokens
+from tandem.operations.site import Site
+from tandem.transport.api import (
     AppHooksIn,
     AppIn,
     AppOut,
@@ -25,10 +30,6 @@ from tandem.appliance.schemas import (
     TokenOut,
     TransitionOut,
 )
-from tandem.catalog.models import App, Template
-from tandem.domain.ids import NAME_PATTERN
-from tandem.operations import apps, failback, hosts, templates, tokens
-from tandem.operations.site import Site
 
 CREATED = status.HTTP_201_CREATED
 
@@ -45,7 +46,7 @@ def make_router(site: Site) -> APIRouter:
 
     @router.get("/tokens", tags=["tokens"])
     def list_tokens() -> list[TokenOut]:
-        return [TokenOut.of(row) for row in tokens.list_tokens(site)]
+        return [TokenOut.model_validate(row) for row in tokens.list_tokens(site)]
 
     @router.delete("/tokens/{name}", tags=["tokens"])
     def remove_token(name: Name) -> Deleted:
@@ -59,15 +60,15 @@ def make_router(site: Site) -> APIRouter:
         row = hosts.add_host(
             site, name=body.name, url=body.url, token=body.token, fingerprint=body.fingerprint
         )
-        return HostOut.of(row)
+        return HostOut.model_validate(row)
 
     @router.get("/hosts", tags=["hosts"])
     def list_hosts() -> list[HostOut]:
-        return [HostOut.of(row) for row in hosts.list_hosts(site)]
+        return [HostOut.model_validate(row) for row in hosts.list_hosts(site)]
 
     @router.get("/hosts/{name}", tags=["hosts"])
     def show_host(name: Name) -> HostOut:
-        return HostOut.of(hosts.get_host(site, name=name))
+        return HostOut.model_validate(hosts.get_host(site, name=name))
 
     @router.get("/hosts/{name}/vms", tags=["hosts"])
     def list_vms(name: Name) -> dict[str, Any]:
@@ -81,7 +82,7 @@ def make_router(site: Site) -> APIRouter:
     # --- templates ---------------------------------------------------------------------
 
     def template_out(row: Template) -> TemplateOut:
-        return TemplateOut.of(
+        return documents.template_out(
             row,
             templates.format_every(row.every_seconds),
             templates.format_every(row.max_lag_seconds),
@@ -117,7 +118,7 @@ def make_router(site: Site) -> APIRouter:
     def app_out(row: App, downtime: float | None = None) -> AppOut:
         """One app as the API shows it, with its risk against its template's --max-lag."""
         now = datetime.now(UTC)
-        return AppOut.of(row, now, downtime, apps.risks(site, [row], now)[row.name])
+        return documents.app_out(row, now, downtime, apps.risks(site, [row], now)[row.name])
 
     @router.post("/apps", tags=["apps"], status_code=CREATED)
     def add_app(body: AppIn, who: Caller) -> AppOut:
@@ -131,7 +132,7 @@ def make_router(site: Site) -> APIRouter:
             role=who.role,
             consistency=body.consistency,
         )
-        return AppOut.of(row)
+        return app_out(row)
 
     @router.get("/apps", tags=["apps"])
     def list_apps(
@@ -145,7 +146,7 @@ def make_router(site: Site) -> APIRouter:
         rows = page(rows, limit=limit, request=request, response=response, key=lambda r: r.name)
         down, now = failback.downtimes(site), datetime.now(UTC)
         risk = apps.risks(site, rows, now)
-        return [AppOut.of(row, now, down.get(row.name), risk[row.name]) for row in rows]
+        return [documents.app_out(row, now, down.get(row.name), risk[row.name]) for row in rows]
 
     @router.get("/apps/{name}", tags=["apps"])
     def show_app(name: Name) -> AppOut:
@@ -173,6 +174,6 @@ def make_router(site: Site) -> APIRouter:
 
     @router.get("/apps/{name}/transitions", tags=["apps"])
     def list_transitions(name: Name) -> list[TransitionOut]:
-        return [TransitionOut.of(row) for row in apps.list_transitions(site, name=name)]
+        return [TransitionOut.model_validate(row) for row in apps.list_transitions(site, name=name)]
 
     return router

@@ -9,9 +9,9 @@ returning the appliance's answer; the decorator adds ``--no-wait`` and follows t
 (progress on stderr, the exit status it implies, the JSON of CLI.md). A new job command::
 
     @job_command
-    def capture(s: Session, app: AppName, label: Label = None) -> Doc:
+    def capture(s: Session, app: AppName, label: Label = None) -> JobAnswer:
         \"\"\"Capture a snapshot of APP now.\"\"\"
-        return s.api.start(checked_app(app), "capture", {"label": label})
+        return s.api.capture(checked_app(app), checked(CaptureIn, label=label))
 
 Where the appliance is: ``--url``, ``--token`` and ``--fingerprint`` after the command name,
 else the same options before it (``tandem --url … apps``, the root callback), else the
@@ -30,7 +30,7 @@ from __future__ import annotations
 import functools
 import inspect
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Concatenate, ParamSpec, get_type_hints, overload
 
@@ -43,9 +43,10 @@ from typer._click.globals import get_current_context
 
 from tandem.domain.ids import is_image_id, is_job_id, validate_name
 from tandem.errors import InvalidInput, NotFound, RemoteError
+from tandem.transport.api import JobAnswer
 from tandem.transport.client import ApiClient, ApplianceClient, Doc
 
-from .output import emit_json, handle_errors, stdout
+from .output import emit_json, handle_errors, plain, stdout
 
 P = ParamSpec("P")
 
@@ -159,6 +160,7 @@ class Session:
     def emit(self, doc: Doc, render: Callable[[Doc], object] | None = None) -> None:
         """``doc`` as the one JSON document, or rendered for people (``render(doc)`` returns
         something Rich prints, or prints itself and returns None)."""
+        doc = plain(doc)
         if self.json:
             emit_json(doc)
         elif render is not None:
@@ -168,6 +170,7 @@ class Session:
 
     def show(self, doc: Doc, keys: Iterable[str]) -> None:
         """One object: a ``key value`` line per key (or the JSON document)."""
+        doc = plain(doc)
         if self.json:
             emit_json(doc)
             return
@@ -175,18 +178,19 @@ class Session:
             value = doc.get(key)
             stdout.print(f"{key:13} {'' if value is None else value}", highlight=False)
 
-    def table(self, rows: list[dict[str, Any]], keys: Iterable[str]) -> None:
+    def table(self, rows: Sequence[Any], keys: Iterable[str]) -> None:
         """A list of objects as a table with these columns (or the JSON document)."""
+        docs: list[dict[str, Any]] = plain(list(rows))
         if self.json:
-            emit_json(rows)
+            emit_json(docs)
             return
-        stdout.print(table_of(rows, tuple(keys)))
+        stdout.print(table_of(docs, tuple(keys)))
 
-    def follow(self, answer: Doc, *, no_wait: bool) -> None:
+    def follow(self, answer: JobAnswer, *, no_wait: bool) -> None:
         """End a job-starting command: wait for the job unless ``no_wait``, then render it."""
         from .jobs import follow_job  # the Monitor's rendering; it imports this module
 
-        follow_job(self.api, job_of(self.api, answer), json_=self.json, no_wait=no_wait)
+        follow_job(self.api, job_of(self.api, plain(answer)), json_=self.json, no_wait=no_wait)
 
 
 def table_of(rows: list[dict[str, Any]], keys: tuple[str, ...]) -> Table:
@@ -271,7 +275,7 @@ def api_command(
     return decorate(fn) if fn is not None else decorate
 
 
-def job_command(fn: Callable[Concatenate[Session, P], Doc]) -> Callable[..., None]:
+def job_command(fn: Callable[Concatenate[Session, P], JobAnswer]) -> Callable[..., None]:
     """A command that starts a job: ``fn(session, …)`` builds the parameters and starts it,
     returning the answer; the command then follows the job (``--no-wait``: returns at once)."""
     return _command(fn, FLAGS, follow=True)

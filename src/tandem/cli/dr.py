@@ -11,7 +11,17 @@ from typing import Annotated, Any
 
 import typer
 
-from tandem.transport.client import Doc
+from tandem.transport.api import (
+    CaptureIn,
+    CloneIn,
+    CommitFailbackIn,
+    FailbackIn,
+    FailoverIn,
+    JobAnswer,
+    MountIn,
+    PresentIn,
+    checked,
+)
 
 from .common import (
     AppName,
@@ -101,6 +111,11 @@ def _vm_options(new_vm: str | None, network: str | None, power_on: bool) -> dict
     return out
 
 
+VerifyOpt = Annotated[
+    bool, typer.Option("--verify", help="A PostgreSQL app: run pg_amcheck on the recovered copy.")
+]
+
+
 @job_command
 def test_failover(
     s: Session,
@@ -115,11 +130,8 @@ def test_failover(
     new_vm: NewVmOpt = None,
     network: NetworkOpt = None,
     power_on: PowerOnOpt = False,
-    verify: Annotated[
-        bool,
-        typer.Option("--verify", help="A PostgreSQL app: run pg_amcheck on the recovered copy."),
-    ] = False,
-) -> Doc:
+    verify: VerifyOpt = False,
+) -> JobAnswer:
     """Present a writable copy of a replica to HOST; replication goes on (DR appliance).
     A PostgreSQL app is recovered to --time or --latest and started."""
     params = {
@@ -131,7 +143,7 @@ def test_failover(
         **_vm_options(new_vm, network, power_on),
         **({"verify": True} if verify else {}),
     }
-    return s.api.start(checked_app(app), "test-failover", params)
+    return s.api.test_failover(checked_app(app), checked(PresentIn, **params))
 
 
 @job_command
@@ -152,7 +164,8 @@ def failover(
     new_vm: NewVmOpt = None,
     network: NetworkOpt = None,
     power_on: PowerOnOpt = False,
-) -> Doc:
+    verify: VerifyOpt = False,
+) -> JobAnswer:
     """Bring APP up at the DR site from its replica; replication stops (DR appliance).
     A PostgreSQL app is recovered to --time or (default) --latest and started."""
     params = {
@@ -164,8 +177,9 @@ def failover(
         "label": label,
         **pit_fields(time_, latest, port),
         **_vm_options(new_vm, network, power_on),
+        **({"verify": True} if verify else {}),
     }
-    return s.api.start(checked_app(app), "failover", params)
+    return s.api.failover(checked_app(app), checked(FailoverIn, **params))
 
 
 @job_command
@@ -181,7 +195,7 @@ def mount(
     new_vm: NewVmOpt = None,
     network: NetworkOpt = None,
     power_on: PowerOnOpt = False,
-) -> Doc:
+) -> JobAnswer:
     """Present any image to HOST as a writable virtual copy (a PostgreSQL base image with
     --time or --latest: recovered from it and started)."""
     params = {
@@ -191,7 +205,7 @@ def mount(
         **pit_fields(time_, latest, port),
         **_vm_options(new_vm, network, power_on),
     }
-    return s.api.start_on_image(checked_image(image), "mount", params)
+    return s.api.mount(checked_image(image), checked(MountIn, **params))
 
 
 @api_command
@@ -201,9 +215,9 @@ def unmount(s: Session, image: ImageId) -> None:
 
 
 @job_command
-def syncback(s: Session, app: AppName, label: Label = None) -> Doc:
+def syncback(s: Session, app: AppName, label: Label = None) -> JobAnswer:
     """Send what was written at the DR site home as a new syncback image (DR appliance)."""
-    return s.api.start(checked_app(app), "syncback", {"label": label})
+    return s.api.syncback(checked_app(app), checked(CaptureIn, label=label))
 
 
 class Target(StrEnum):
@@ -244,7 +258,7 @@ def failback(
             "is powered off (default 120).",
         ),
     ] = None,
-) -> Doc:
+) -> JobAnswer:
     """Fail APP back to production (DR appliance).
 
     Without --target: the snapshot style (after the final syncback was restored):
@@ -261,7 +275,7 @@ def failback(
     }
     if shutdown_timeout is not None:
         params["shutdown_timeout"] = shutdown_timeout
-    return s.api.start(checked_app(app), "failback", params)
+    return s.api.failback(checked_app(app), checked(FailbackIn, **params))
 
 
 @job_command
@@ -276,15 +290,15 @@ def commit_failback(
             "(those writes are lost).",
         ),
     ] = False,
-) -> Doc:
+) -> JobAnswer:
     """Production works: end a replica-style failback, resume protection (DR appliance)."""
-    return s.api.start(checked_app(app), "commit-failback", {"force": force})
+    return s.api.commit_failback(checked_app(app), checked(CommitFailbackIn, force=force))
 
 
 @job_command
-def undo_failback(s: Session, app: AppName) -> Doc:
+def undo_failback(s: Session, app: AppName) -> JobAnswer:
     """Back to the DR copy in its pre-failback state (protective snapshot) (DR appliance)."""
-    return s.api.start(checked_app(app), "undo-failback")
+    return s.api.undo_failback(checked_app(app))
 
 
 @job_command
@@ -294,7 +308,7 @@ def clone(
     host: Host,
     path: Annotated[str, typer.Option("--path", help="Full path on the host (must be new).")],
     name: Annotated[str | None, typer.Option("--name", help="The new application's name.")] = None,
-) -> Doc:
+) -> JobAnswer:
     """A full, independent copy of IMAGE as a new application on HOST."""
     params = {"host": host, "path": path, "name": name}
-    return s.api.start_on_image(checked_image(image), "clone", params)
+    return s.api.clone(checked_image(image), checked(CloneIn, **params))

@@ -22,10 +22,11 @@ from rich.live import Live
 from rich.table import Table
 
 from tandem.errors import NotFound
+from tandem.transport.api import GcIn, checked
 from tandem.transport.client import ApplianceClient
 
 from .common import Session, api_command, checked_job, job_of
-from .output import byte_progress, emit_json, fail, human_bytes, stderr, stdout
+from .output import byte_progress, emit_json, fail, human_bytes, plain, stderr, stdout
 
 TERMINAL = frozenset({"succeeded", "failed", "canceled"})
 POLL = 0.25
@@ -59,7 +60,7 @@ def _finish(client: ApplianceClient, job: dict[str, Any], json_: bool) -> None:
     if job.get("image"):
         # The image may have gone since (a restore's source deleted meanwhile).
         with contextlib.suppress(NotFound):
-            doc["image"] = client.image(job["image"])
+            doc["image"] = plain(client.image(job["image"]))
     result = job.get("result")
     if isinstance(result, dict) and result.get("nbd_uri"):
         doc["nbd_uri"] = result["nbd_uri"]  # CLI.md: a presented volume's export
@@ -81,7 +82,7 @@ def _finish(client: ApplianceClient, job: dict[str, Any], json_: bool) -> None:
 def _wait_a_little(client: ApplianceClient, job_id: str) -> dict[str, Any]:
     """The job after at most POLL seconds of waiting for it to end (see POLL)."""
     started = time.monotonic()
-    job: dict[str, Any] = client.job(job_id, wait=POLL)
+    job: dict[str, Any] = plain(client.job(job_id, wait=POLL))
     if job["status"] not in TERMINAL:
         # An appliance that does not know ``wait`` answers at once: poll as before.
         time.sleep(max(0.0, POLL - (time.monotonic() - started)))
@@ -159,8 +160,8 @@ def jobs(
     """The Monitor: jobs, newest first."""
 
     def fetch() -> list[dict[str, Any]]:
-        answer: list[dict[str, Any]] = s.api.jobs(
-            app=app, limit=limit, after=after, status=status or None
+        answer: list[dict[str, Any]] = plain(
+            s.api.jobs(app=app, limit=limit, after=after, status=status or None)
         )
         return answer
 
@@ -229,7 +230,7 @@ def job_log(s: Session, job_id: JobId) -> None:
 @api_command
 def job_cancel(s: Session, job_id: JobId) -> None:
     """Cancel a queued job, or ask a running one to stop."""
-    answer = s.api.cancel_job(checked_job(job_id))
+    answer = plain(s.api.cancel_job(checked_job(job_id)))
     job = job_of(s.api, answer)
     state = "cancel requested" if job["status"] == "running" else job["status"]
     s.emit(
@@ -271,4 +272,4 @@ def gc(
         for key, value in doc.items():
             stdout.print(f"{key:18} {'' if value is None else value}", highlight=False)
 
-    s.emit(s.api.set_gc(changes) if changes else s.api.gc_settings(), render)
+    s.emit(s.api.set_gc(checked(GcIn, **changes)) if changes else s.api.gc_settings(), render)

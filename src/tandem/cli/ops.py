@@ -11,8 +11,8 @@ from rich.table import Table
 from rich.text import Text
 
 from tandem.domain.rules import RESTORE_CONFIRMATIONS, check_confirmations
-from tandem.errors import ConfirmationOutOfOrder, ConfirmationRequired, RemoteError
-from tandem.transport.client import Doc
+from tandem.errors import ConfirmationOutOfOrder, ConfirmationRequired
+from tandem.transport.api import CaptureIn, JobAnswer, RestoreIn, checked
 
 from .common import (
     AppName,
@@ -30,9 +30,9 @@ image_app = typer.Typer(no_args_is_help=True, help="One image: show, export, ver
 
 
 @job_command
-def capture(s: Session, app: AppName, label: Label = None) -> Doc:
+def capture(s: Session, app: AppName, label: Label = None) -> JobAnswer:
     """Capture a snapshot of APP now."""
-    return s.api.start(checked_app(app), "capture", {"label": label})
+    return s.api.capture(checked_app(app), checked(CaptureIn, label=label))
 
 
 @job_command
@@ -58,7 +58,7 @@ def restore(
             "(default 120).",
         ),
     ] = None,
-) -> Doc:
+) -> JobAnswer:
     """Diff-restore an image onto the production application (stops and restarts it; a VM
     is powered off by the restore, and started with --power-on)."""
     typed = list(confirm or [])
@@ -70,12 +70,14 @@ def restore(
         raise
     except ConfirmationRequired:
         pass  # the server names what is missing
-    body: dict[str, Any] = {"image": image, "confirm": typed}
-    if power_on:
-        body["power_on"] = True
-    if shutdown_timeout is not None:
-        body["shutdown_timeout"] = shutdown_timeout
-    return s.api.start(checked_app(app), "restore", body)
+    body = checked(
+        RestoreIn,
+        image=image,
+        confirm=typed,
+        power_on=power_on,
+        **({"shutdown_timeout": shutdown_timeout} if shutdown_timeout is not None else {}),
+    )
+    return s.api.restore(checked_app(app), body)
 
 
 def images_view(rows: list[dict[str, Any]]) -> Table | Group:
@@ -125,10 +127,7 @@ def image_show(s: Session, image: ImageId) -> None:
 def image_export(s: Session, image: ImageId) -> None:
     """The NBD export (URI with its secret) of a presented image (operator; audited)."""
     doc = s.api.export_image(checked_image(image))
-    uri = doc.get("nbd_uri") if isinstance(doc, dict) else None
-    if not isinstance(uri, str):
-        raise RemoteError(what=s.api.what, name=s.api.name, detail=f"it answered {str(doc)[:200]}")
-    s.emit(doc, lambda _: stdout.print(uri, highlight=False, soft_wrap=True))
+    s.emit(doc, lambda _: stdout.print(doc.nbd_uri, highlight=False, soft_wrap=True))
 
 
 @image_app.command("verify")
@@ -144,16 +143,16 @@ def image_verify(s: Session, image: ImageId) -> None:
             highlight=False,
         ),
     )
-    if not report["ok"]:
+    if not report.ok:
         raise fail(
-            f"image {image} is damaged: {len(report['missing'])} chunk(s) missing, "
-            f"{len(report['bad'])} corrupt; capture the application again"
+            f"image {image} is damaged: {len(report.missing)} chunk(s) missing, "
+            f"{len(report.bad)} corrupt; capture the application again"
         )
 
 
 @image_app.command("delete")
 @job_command
-def image_delete(s: Session, image: ImageId) -> Doc:
+def image_delete(s: Session, image: ImageId) -> JobAnswer:
     """Delete an image (a job: the pool's unreferenced chunks are collected too)."""
     return s.api.delete_image(checked_image(image))
 

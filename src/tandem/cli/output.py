@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any, ParamSpec, TypeVar
 
 import typer
+from pydantic import BaseModel
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import (
@@ -71,8 +72,20 @@ def handle_errors(fn: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
+def plain(doc: Any) -> Any:
+    """A document as the JSON the CLI prints and renders: the client's models dumped in
+    their JSON form (lists and dicts of them too); anything else as it is."""
+    if isinstance(doc, BaseModel):
+        return doc.model_dump(mode="json")
+    if isinstance(doc, list):
+        return [plain(d) for d in doc]
+    if isinstance(doc, dict):
+        return {k: plain(v) for k, v in doc.items()}
+    return doc
+
+
 def emit_json(doc: Any) -> None:
-    sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")
+    sys.stdout.write(json.dumps(plain(doc), indent=2, default=str) + "\n")
     sys.stdout.flush()
 
 

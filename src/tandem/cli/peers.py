@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from tandem.errors import InvalidInput
-from tandem.transport.client import Doc
+from tandem.transport.api import JobAnswer, PairIn, checked
 
 from .common import APPLIANCE_FLAGS, AppName, Session, api_command, checked_app, job_command
 
@@ -45,7 +45,14 @@ def peer_add(
     --url, --token and --fingerprint are the peer's (as its `tandem appliance init` printed
     them); this appliance comes from TANDEM_URL, TANDEM_TOKEN and TANDEM_FINGERPRINT.
     """
-    doc = s.api.add_peer(peer_url, peer_token, peer_fingerprint, parse_rate(bandwidth))
+    body = checked(
+        PairIn,
+        url=peer_url,
+        token=peer_token,
+        fingerprint=peer_fingerprint,
+        bandwidth=parse_rate(bandwidth),
+    )
+    doc = s.api.add_peer(body)
     s.show(doc, ("name", "url", "fingerprint"))
 
 
@@ -64,6 +71,6 @@ def peer_remove(s: Session, name: Annotated[str, typer.Argument(help="The peer's
 
 
 @job_command
-def replicate(s: Session, app: AppName) -> Doc:
+def replicate(s: Session, app: AppName) -> JobAnswer:
     """Send APP's snapshots the peer lacks now (mirroring does this after each capture)."""
-    return s.api.start(checked_app(app), "replicate")
+    return s.api.replicate(checked_app(app))

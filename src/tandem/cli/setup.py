@@ -10,6 +10,7 @@ from rich.table import Table
 
 from tandem.domain.consistency import ConsistencyMode
 from tandem.errors import InvalidInput
+from tandem.transport.api import AppHooksIn, AppIn, HostIn, ProtectIn, TemplateIn, TokenIn, checked
 
 from .common import APPLIANCE_FLAGS, Name, Session, api_command, table_of
 from .output import stdout
@@ -44,7 +45,7 @@ def token_add(
     role: Annotated[RoleChoice, typer.Option("--role", help="What the token may do.")],
 ) -> None:
     """Create an API token; it is shown once."""
-    s.show(s.api.add_token(name, role.value), ("name", "role", "token"))
+    s.show(s.api.add_token(checked(TokenIn, name=name, role=role.value)), ("name", "role", "token"))
     if not s.json:
         stdout.print("Keep the token: it is shown only once.")
 
@@ -82,7 +83,10 @@ def host_add(
     --url, --token and --fingerprint are the agent's (as `tandem agent init` printed them);
     the appliance comes from TANDEM_URL, TANDEM_TOKEN and TANDEM_FINGERPRINT.
     """
-    doc = s.api.add_host(name, agent_url, agent_token, agent_fingerprint)
+    body = checked(
+        HostIn, name=name, url=agent_url, token=agent_token, fingerprint=agent_fingerprint
+    )
+    doc = s.api.add_host(body)
     s.show(doc, ("name", "url", "fingerprint"))
 
 
@@ -144,7 +148,7 @@ def template_add(
 ) -> None:
     """Create a backup template."""
     params = {"name": name, "every": every, "keep": keep, "mirror": mirror, "max_lag": max_lag}
-    s.show(s.api.add_template(params), TEMPLATE_KEYS)
+    s.show(s.api.add_template(checked(TemplateIn, **params)), TEMPLATE_KEYS)
 
 
 @template_app.command("remove")
@@ -238,7 +242,7 @@ def app_add(
     }
     if consistency is not None:
         params["consistency"] = consistency.value
-    s.show(s.api.add_app(params), (*APP_KEYS, "consistency", *_given(hooks)))
+    s.show(s.api.add_app(checked(AppIn, **params)), (*APP_KEYS, "consistency", *_given(hooks)))
 
 
 @app_app.command("set")
@@ -259,7 +263,9 @@ def app_set(
         changes["consistency"] = consistency.value
     if not changes:
         raise InvalidInput(detail="give --start, --stop, --freeze, --thaw and/or --consistency")
-    s.show(s.api.set_app(name, changes), (*APP_KEYS, "consistency", *HOOK_KEYS))
+    s.show(
+        s.api.set_app(name, checked(AppHooksIn, **changes)), (*APP_KEYS, "consistency", *HOOK_KEYS)
+    )
 
 
 @app_app.command("show")
@@ -277,7 +283,7 @@ def app_protect(
     template: Annotated[str, typer.Option("--template", help="The template to apply.")],
 ) -> None:
     """Apply a template: the application becomes managed."""
-    s.show(s.api.protect(name, template), APP_KEYS)
+    s.show(s.api.protect(name, checked(ProtectIn, template=template)), APP_KEYS)
 
 
 @app_app.command("unprotect")

@@ -479,7 +479,7 @@ def wait_healthy(daemon: Daemon, deadline: float) -> None:
                 name=daemon.name,
                 timeout=2.0,
             ) as client:
-                client.get("/health")
+                client.health()
             return
         except Unreachable:
             pass

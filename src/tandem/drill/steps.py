@@ -63,6 +63,7 @@ from pathlib import Path
 from typing import Any
 
 import blake3
+from pydantic import BaseModel
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import (
@@ -74,9 +75,24 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
+from tandem.domain.lifecycle import AppKind
 from tandem.domain.units import human_bytes
 from tandem.errors import TandemError
 from tandem.transport.agent import AgentClient
+from tandem.transport.api import (
+    AppHooksIn,
+    AppIn,
+    CaptureIn,
+    FailbackIn,
+    FailoverIn,
+    HostIn,
+    JobAnswer,
+    PairIn,
+    PresentIn,
+    ProtectIn,
+    RestoreIn,
+    TemplateIn,
+)
 from tandem.transport.client import ApplianceClient
 
 from . import sampleapp
@@ -320,18 +336,13 @@ class Context:
 
     # --- jobs --------------------------------------------------------------------------
 
-    def start_job(
-        self, site: Site, app: str, operation: str, params: dict[str, Any]
-    ) -> dict[str, Any]:
-        """Start ``operation`` (as the API names it: ``capture``, ``failover``…) on ``app``."""
-        job: dict[str, Any] = site.api.start(app, operation, params)["job"]
-        return job
+    def start_job(self, answer: JobAnswer) -> dict[str, Any]:
+        """The job an operation started (``site.api.capture(…)``…), as its JSON document."""
+        return _doc(answer.job)
 
-    def run_job(
-        self, site: Site, app: str, operation: str, params: dict[str, Any]
-    ) -> dict[str, Any]:
-        """Start one job and wait for it."""
-        return self.wait_jobs(site, [self.start_job(site, app, operation, params)])[0]
+    def run_job(self, site: Site, answer: JobAnswer) -> dict[str, Any]:
+        """Wait for the one job an operation started at ``site``."""
+        return self.wait_jobs(site, [self.start_job(answer)])[0]
 
     def wait_jobs(self, site: Site, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Wait for the jobs (showing progress), record them, fail the step if one failed."""
@@ -349,7 +360,7 @@ class Context:
                     if job_id in done:
                         continue
                     if job["status"] not in TERMINAL:
-                        job = current[job_id] = site.api.job(job_id)
+                        job = current[job_id] = _doc(site.api.job(job_id))
                     total = int(job.get("bytes_total") or 0)
                     progress.update(
                         tasks[job_id],
@@ -385,16 +396,19 @@ class Context:
         return finished
 
     def image(self, site: Site, image_id: str) -> dict[str, Any]:
-        image: dict[str, Any] = site.api.image(image_id)
-        return image
+        return _doc(site.api.image(image_id))
 
     def images_of(self, site: Site, app: str) -> list[dict[str, Any]]:
-        images: list[dict[str, Any]] = site.api.images(app)
-        return images
+        return [_doc(image) for image in site.api.images(app)]
 
     def app_row(self, site: Site, app: str) -> dict[str, Any]:
-        row: dict[str, Any] = site.api.app(app)
-        return row
+        return _doc(site.api.app(app))
+
+
+def _doc(model: BaseModel) -> dict[str, Any]:
+    """A document of the API as the JSON an operator's script reads (what the report and
+    the checks below keep)."""
+    return model.model_dump(mode="json")
 
 
 def _progress() -> Progress:
@@ -553,7 +567,7 @@ def capture_and_mirror(ctx: Context, label: str, tag: str) -> dict[str, dict[str
         jobs = []
         for name in APPS:
             ctx.command(prod, f'capture {name} --label "{label}"')
-            jobs.append(ctx.start_job(prod, name, "capture", {"label": label}))
+            jobs.append(ctx.start_job(prod.api.capture(name, CaptureIn(label=label))))
         captured = ctx.wait_jobs(prod, jobs)
     finally:
         sampleapp.release(prod.paths)
@@ -569,7 +583,7 @@ def capture_and_mirror(ctx: Context, label: str, tag: str) -> dict[str, dict[str
                 f"capture {job['id']} of {name} queued no replication (is the template "
                 "mirroring and the peer paired?)"
             )
-        mirrors.append(prod.api.job(mirror))
+        mirrors.append(_doc(prod.api.job(mirror)))
     ctx.say("mirroring to dr: replication jobs queued by the captures")
     replicated = ctx.wait_jobs(prod, mirrors)
     for job in captured:
@@ -613,16 +627,20 @@ def step_start_sites(ctx: Context) -> str:
             f"at {site.agent.url} ({HOST_ROOT_VAR}={escape(str(site.root))})"
         )
         ctx.command(site, f"host add {site.host} --url {site.agent.url} --token … --fingerprint …")
-        site.api.add_host(site.host, site.agent.url, site.agent.token, site.agent.fingerprint)
+        agent = site.agent
+        site.api.add_host(
+            HostIn(name=site.host, url=agent.url, token=agent.token, fingerprint=agent.fingerprint)
+        )
     return "appliances prod and dr, agents host1 (at prod) and host2 (at dr) up and registered"
 
 
 def step_pair(ctx: Context) -> str:
     prod, dr = ctx.prod, ctx.dr
     ctx.command(prod, f"peer add --url {dr.appliance.url} --token DR_ADMIN_TOKEN --fingerprint …")
-    prod.api.add_peer(dr.appliance.url, dr.appliance.token, dr.appliance.fingerprint, None)
-    at_prod = [p["name"] for p in prod.api.peers()]
-    at_dr = [p["name"] for p in dr.api.peers()]
+    other = dr.appliance
+    prod.api.add_peer(PairIn(url=other.url, token=other.token, fingerprint=other.fingerprint))
+    at_prod = [p.name for p in prod.api.peers()]
+    at_dr = [p.name for p in dr.api.peers()]
     ctx.check(
         "paired",
         at_prod == [dr.name] and at_dr == [prod.name],
@@ -675,22 +693,22 @@ def step_protect(ctx: Context) -> str:
         hooks = f" --start {start} --stop {stop}" if start else ""
         ctx.command(prod, f"app add {name} --host {prod.host} --kind {kind} --path {path}{hooks}")
         prod.api.add_app(
-            {
-                "name": name,
-                "host": prod.host,
-                "kind": kind,
-                "path": str(path),
-                "start": start,
-                "stop": stop,
-            },
+            AppIn(
+                name=name,
+                host=prod.host,
+                kind=AppKind(kind),
+                path=str(path),
+                start=start,
+                stop=stop,
+            )
         )
     ctx.command(prod, f"template add {TEMPLATE} --mirror")
-    prod.api.add_template({"name": TEMPLATE, "every": None, "keep": None, "mirror": True})
+    prod.api.add_template(TemplateIn(name=TEMPLATE, every=None, keep=None, mirror=True))
     states = []
     for name in APPS:
         ctx.command(prod, f"app protect {name} --template {TEMPLATE}")
-        row = prod.api.protect(name, TEMPLATE)
-        states.append(f"{name} {row['state']}")
+        row = prod.api.protect(name, ProtectIn(template=TEMPLATE))
+        states.append(f"{name} {row.state.value}")
     ctx.check(
         "apps_managed",
         all(s.endswith(" managed") for s in states),
@@ -710,10 +728,10 @@ def step_capture_full(ctx: Context) -> str:
     # The mirror now exists at dr: its hooks are the DR site's to set, for its own host.
     dr = ctx.dr
     ctx.command(dr, f"app set {FILES_APP} --start {START_HOOK} --stop {STOP_HOOK}")
-    row = dr.api.set_app(FILES_APP, {"start": START_HOOK, "stop": STOP_HOOK})
+    row = dr.api.set_app(FILES_APP, AppHooksIn(start=START_HOOK, stop=STOP_HOOK))
     ctx.check(
         "dr_hooks_set",
-        (row.get("start"), row.get("stop")) == (START_HOOK, STOP_HOOK),
+        (row.start, row.stop) == (START_HOOK, STOP_HOOK),
         f"dr did not keep the hooks of {FILES_APP}: {row}",
     )
     return f"full replication sent {_both(sent['replicate'])}"
@@ -759,10 +777,7 @@ def step_test_failover(ctx: Context) -> str:
     mount = dr.root / "drill" / "app"
     ctx.command(dr, f"test-failover {FILES_APP} --host {dr.host} --mount-point {mount}")
     job = ctx.run_job(
-        dr,
-        FILES_APP,
-        "test-failover",
-        {"host": dr.host, "mount_point": str(mount)},
+        dr, dr.api.test_failover(FILES_APP, PresentIn(host=dr.host, mount_point=str(mount)))
     )
     image = ctx.image(dr, _image_of(job))
     ctx.images["files-test"] = image["id"]
@@ -811,9 +826,7 @@ def _withdraw(ctx: Context, site: Site, image_id: str) -> dict[str, Any]:
     ctx.command(site, f"unmount {image_id}")
     site.api.unmount(image_id)
     ctx.command(site, f"image delete {image_id}")
-    job = site.api.delete_image(image_id)["job"]
-    finished: dict[str, Any] = ctx.wait_jobs(site, [job])[0]
-    return finished
+    return ctx.run_job(site, site.api.delete_image(image_id))
 
 
 def step_end_test(ctx: Context) -> str:
@@ -833,7 +846,7 @@ def step_end_test(ctx: Context) -> str:
 def step_test_volume(ctx: Context) -> str:
     dr = ctx.dr
     ctx.command(dr, f"test-failover {DISK_APP} --host {dr.host}")
-    job = ctx.run_job(dr, DISK_APP, "test-failover", {"host": dr.host})
+    job = ctx.run_job(dr, dr.api.test_failover(DISK_APP, PresentIn(host=dr.host)))
     image = ctx.image(dr, _image_of(job))
     uri = str((job.get("result") or {}).get("nbd_uri") or "")  # the export: the job's result
     ctx.check("test_volume_exported", uri.startswith("nbd://"), f"no NBD export: {image}")
@@ -891,9 +904,9 @@ def step_failover(ctx: Context) -> str:
     ctx.command(dr, f"failover {DISK_APP} --host {dr.host} --confirm FAILOVER --label disaster")
     job = ctx.run_job(
         dr,
-        DISK_APP,
-        "failover",
-        {"host": dr.host, "confirm": FAILOVER_CONFIRMATION, "label": "disaster"},
+        dr.api.failover(
+            DISK_APP, FailoverIn(host=dr.host, confirm=FAILOVER_CONFIRMATION, label="disaster")
+        ),
     )
     disk = ctx.image(dr, _image_of(job))
     uri = str((job.get("result") or {}).get("nbd_uri") or "")  # the export: the job's result
@@ -906,14 +919,15 @@ def step_failover(ctx: Context) -> str:
     )
     job = ctx.run_job(
         dr,
-        FILES_APP,
-        "failover",
-        {
-            "host": dr.host,
-            "confirm": FAILOVER_CONFIRMATION,
-            "mount_point": str(mount),
-            "label": "disaster",
-        },
+        dr.api.failover(
+            FILES_APP,
+            FailoverIn(
+                host=dr.host,
+                confirm=FAILOVER_CONFIRMATION,
+                mount_point=str(mount),
+                label="disaster",
+            ),
+        ),
     )
     files = ctx.image(dr, _image_of(job))
     wait_app(dr.paths, ("held", "running"), f"at {dr.host}")
@@ -984,7 +998,7 @@ def _syncback(ctx: Context, label: str, tag: str) -> dict[str, int]:
     jobs = []
     for name in APPS:
         ctx.command(dr, f"syncback {name} --label {label}")
-        jobs.append(ctx.start_job(dr, name, "syncback", {"label": label}))
+        jobs.append(ctx.start_job(dr.api.syncback(name, CaptureIn(label=label))))
     finished = ctx.wait_jobs(dr, jobs)
     for job in finished:
         ctx.images[f"{job['app']}-{tag}"] = _image_of(job)
@@ -1054,9 +1068,7 @@ def step_restore(ctx: Context) -> str:
         jobs += [
             ctx.run_job(
                 prod,
-                name,
-                "restore",
-                {"image": image, "confirm": RESTORE_CONFIRMATIONS},
+                prod.api.restore(name, RestoreIn(image=image, confirm=RESTORE_CONFIRMATIONS)),
             )
         ]
     status = wait_app(prod.paths, ("held", "running"), f"at {prod.host}")
@@ -1109,7 +1121,7 @@ def step_failback(ctx: Context) -> str:
     jobs = []
     for name in APPS:
         ctx.command(dr, f"failback {name}")
-        jobs.append(ctx.start_job(dr, name, "failback", {}))
+        jobs.append(ctx.start_job(dr.api.failback(name, FailbackIn())))
     ctx.wait_jobs(dr, jobs)
     states = {f"{a}@{s.name}": ctx.app_row(s, a)["state"] for s in (prod, dr) for a in APPS}
     ctx.check(
@@ -1152,12 +1164,12 @@ def step_verify_images(ctx: Context) -> str:
                 report = site.api.verify_image(image["id"])
                 ctx.check(
                     f"image_ok_{site.name}_{image['id']}",
-                    bool(report["ok"]),
-                    f"image {image['id']} of {name} at {site.name}: {len(report['missing'])} "
-                    f"chunk(s) missing, {len(report['bad'])} corrupt",
+                    report.ok,
+                    f"image {image['id']} of {name} at {site.name}: {len(report.missing)} "
+                    f"chunk(s) missing, {len(report.bad)} corrupt",
                 )
                 count += 1
-                chunks += int(report["chunks"])
+                chunks += report.chunks
         ctx.command(site, f"image verify … ({count} images)")
         results.append(f"{site.name}: {count} images, {chunks} chunks")
     return "every image intact: " + "; ".join(results)

@@ -37,7 +37,7 @@ from tandem.domain.lifecycle import AppKind, Operation
 from tandem.domain.paths import check_path, overlaps
 from tandem.domain.rules import Role, role_allows
 from tandem.domain.vms import check_domain_name
-from tandem.errors import Conflict, Forbidden, InvalidInput
+from tandem.errors import Forbidden, InvalidInput, PathsOverlap
 from tandem.operations import wal
 from tandem.operations.hosts import agent_for
 from tandem.operations.site import Site
@@ -61,10 +61,8 @@ def check_no_overlap(
                 if path.startswith(other.path + "/")
                 else "contains the path of"
             )
-            raise Conflict(
-                detail=f"{what} {path} on host {host} {how} application {other.name!r} "
-                f"({other.path}); apps on one host must not overlap, or restoring one would "
-                "overwrite the other's files. Choose a path outside it"
+            raise PathsOverlap(
+                what=what, path=path, host=host, how=how, other=other.name, other_path=other.path
             )
 
 

@@ -35,7 +35,7 @@ from tandem.domain.consistency import CUTS, ConsistencyMode, Cut
 from tandem.domain.hooks import Hook
 from tandem.domain.images import ImageKind
 from tandem.domain.lifecycle import AppKind, Operation, check_transition
-from tandem.errors import InvalidInput, PointInTimeUnavailable, RemoteError
+from tandem.errors import LabelTooLong, PointInTimeUnavailable, RemoteError
 from tandem.jobs.queue import submit_job
 from tandem.jobs.runner import JobContext
 from tandem.operations import hooks, images, peers, replicate, stamps
@@ -43,6 +43,8 @@ from tandem.operations.hosts import agent_for, app_host
 from tandem.operations.site import Site
 from tandem.operations.streams import follow
 from tandem.transport.agent import AgentClient
+from tandem.transport.agent_api import CaptureRequest
+from tandem.transport.api import checked
 from tandem.transport.peer import PgBase
 
 TYPE = "capture"
@@ -55,7 +57,7 @@ def check_label(label: str | None) -> str | None:
     if label is None or not label.strip():
         return None
     if len(label) > MAX_LABEL or "\x00" in label:
-        raise InvalidInput(detail=f"--label must be at most {MAX_LABEL} characters")
+        raise LabelTooLong(limit=MAX_LABEL)
     return label
 
 
@@ -100,15 +102,16 @@ def run_capture(site: Site, ctx: JobContext) -> dict[str, Any]:
     try:
         what = f"domain {app.path}" if app.kind is AppKind.VM else app.path
         ctx.set_message(f"capturing {what} on host {host.name}")
-        body = {
-            "kind": app.kind.value,
-            "path": app.path,
-            "base": base_id.hex() if base_id else None,
-            "job": ctx.job.id,
-            "appliance": site.session_ref(transfer.id, token),
-            "consistency": mode.value,
-            "base_stamp": _stamp_of_base(site, app, base_id),
-        }
+        body = checked(
+            CaptureRequest,
+            kind=app.kind.value,
+            path=app.path,
+            base=base_id.hex() if base_id else None,
+            job=ctx.job.id,
+            appliance=site.session_ref(transfer.id, token),
+            consistency=mode.value,
+            base_stamp=_stamp_of_base(site, app, base_id),
+        )
         with agent_for(host) as agent:
             if app.kind is AppKind.POSTGRESQL:
                 # The slot first: the server keeps every segment from the backup's start.
@@ -222,7 +225,7 @@ def _cut_of(done: dict[str, Any], mode: ConsistencyMode) -> str | None:
 
 
 def _capture_between_hooks(
-    ctx: JobContext, app: App, agent: AgentClient, body: dict[str, Any], moved: Callable[[], int]
+    ctx: JobContext, app: App, agent: AgentClient, body: CaptureRequest, moved: Callable[[], int]
 ) -> dict[str, Any]:
     """The agent's capture between the app's freeze and thaw hooks (thaw always runs)."""
     if hooks.script_for(app, Hook.FREEZE) is None:

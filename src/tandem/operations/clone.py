@@ -27,6 +27,8 @@ from tandem.operations.hosts import agent_for
 from tandem.operations.restore import check_not_base_backup
 from tandem.operations.site import Site
 from tandem.operations.streams import follow
+from tandem.transport.agent_api import RestoreRequest
+from tandem.transport.api import checked
 
 TYPE = "clone"
 
@@ -77,14 +79,15 @@ def run_clone(site: Site, ctx: JobContext) -> dict[str, Any]:
     )
     try:
         ctx.set_message(f"copying {base.id} to {params['path']} on host {host.name}")
-        body = {
-            "kind": storage_kind(source.kind),
-            "path": params["path"],
-            "manifest": base.manifest,
-            "job": ctx.job.id,
-            "new_only": True,
-            "appliance": site.session_ref(transfer.id, token),
-        }
+        body = checked(
+            RestoreRequest,
+            kind=storage_kind(source.kind),
+            path=params["path"],
+            manifest=base.manifest,
+            job=ctx.job.id,
+            new_only=True,
+            appliance=site.session_ref(transfer.id, token),
+        )
         with agent_for(host) as agent:
             follow(ctx, agent.restore(body), host=host.name, moved=lambda: transfer.bytes_sent)
     finally:

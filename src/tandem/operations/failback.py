@@ -43,10 +43,10 @@ from tandem.catalog.models import App, Host, Image, Job
 from tandem.domain.images import ImageKind, ImageState
 from tandem.domain.jobs import JobStatus
 from tandem.domain.lifecycle import AppFacts, AppKind, AppState, Operation, check_transition
-from tandem.errors import Conflict, NotFound, TandemError, UnsyncedWrites
+from tandem.errors import Conflict, NotFound, SyncbackNotRestored, TandemError, UnsyncedWrites
 from tandem.jobs.queue import submit_job
 from tandem.jobs.runner import JobContext
-from tandem.operations import peers, present
+from tandem.operations import peers, present, wal
 from tandem.operations.site import Site
 from tandem.operations.syncback import dr_copy_changes, failover_image, syncbacks_since_failover
 from tandem.storage.overlay import Overlay
@@ -89,11 +89,8 @@ def _check_restored_at_production(site: Site, app: str, syncback: str) -> None:
     with peers.client_for(peer) as remote:
         restored = remote.restored(app).image
     if restored != syncback:
-        raise Conflict(
-            detail=f"production ({peer.name}) has not restored the newest syncback {syncback} "
-            f"of {app!r} (its last restore: {restored or 'none'}); restore it there first "
-            f"(`tandem restore {app} --image {syncback} --confirm ...` on {peer.name}), "
-            "or fail back with --force to drop what only the DR copy holds"
+        raise SyncbackNotRestored(
+            peer=peer.name, syncback=syncback, app=app, restored=restored or "none"
         )
 
 
@@ -255,6 +252,8 @@ def clean_up_and_resume(
         hosts = {h.name: h for h in q.list_hosts(session)}
     removed: list[str] = []
     for image in presented:
+        if image.kind is ImageKind.FAILOVER:
+            wal.failover_ends(site, ctx, name, image)
         if image.state in (ImageState.MOUNTED, ImageState.DELETING):
             _withdraw(site, ctx, image, hosts.get(image.mounted_host or ""))
         removed.append(image.id)

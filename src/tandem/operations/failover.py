@@ -30,7 +30,7 @@ from tandem.domain.rules import FAILOVER_CONFIRMATION, check_confirmations
 from tandem.errors import InvalidInput, TandemError
 from tandem.jobs.queue import submit_job
 from tandem.jobs.runner import JobContext
-from tandem.operations import hooks, peers, pg_recovery, present
+from tandem.operations import hooks, peers, pg_recovery, present, wal
 from tandem.operations.capture import check_label
 from tandem.operations.hosts import agent_for
 from tandem.operations.site import Site
@@ -53,6 +53,7 @@ def submit_failover(
     time: str | None = None,
     latest: bool = False,
     port: int | None = None,
+    verify: bool = False,
     new_vm: str | None = None,
     network: str | None = None,
     power_on: bool = False,
@@ -61,11 +62,9 @@ def submit_failover(
     label = check_label(label)
     with site.catalog.read() as session:
         row = q.get_app(session, name=app)
-    target = pg_recovery.parse_target(time, latest, row)
-    if row.kind is AppKind.POSTGRESQL:
-        image = pg_recovery.plan(site, row, target, image).base.id  # refused outside the window
-    elif port is not None:
-        raise InvalidInput(detail="--port is the port of a recovered database; leave it out")
+    image, recovering = pg_recovery.requested(
+        site, row, time=time, latest=latest, port=port, verify=verify, image=image
+    )
     with site.catalog.begin() as session:
         row = q.get_app(session, name=app)
         replicas = len(q.list_images(session, app=app, kind=ImageKind.REPLICA))
@@ -91,8 +90,7 @@ def submit_failover(
             "action": action,
             "label": label,
         }
-        if row.kind is AppKind.POSTGRESQL:
-            params.update(time=target.isoformat() if target else None, port=port)
+        params.update(recovering)
         if vm is not None:
             params.update(vm.as_params())
         job = submit_job(
@@ -118,11 +116,10 @@ def run_failover(site: Site, ctx: JobContext) -> dict[str, Any]:
         host = q.get_host(session, name=params["host"])
     with agent_for(host) as agent:
         agent.info()
-    chosen, target = None, None
+    recovery = None
     if app.kind is AppKind.POSTGRESQL:
-        target = pg_recovery.parse_target(params.get("time"), params.get("time") is None, app)
-        chosen = pg_recovery.plan(site, app, target)
-        replica = chosen.base
+        recovery = pg_recovery.asked(site, app, params)
+        replica = recovery.base
     cut = site.sessions.close_matching(app=app.name)
     if cut:
         ctx.log(f"cut {cut} replication transfer(s) of {app.name} under way")
@@ -139,20 +136,19 @@ def run_failover(site: Site, ctx: JobContext) -> dict[str, Any]:
         new_vm=present.NewVm.from_params(params),
     )
     recovered: dict[str, Any] = {}
+    if recovery is not None:
+        recovered = pg_recovery.recover_presented(
+            site,
+            ctx,
+            recovery,
+            image_id=image_id,
+            shown=shown,
+            app=app,
+            host=host,
+            port=params.get("port"),
+            verify=bool(params.get("verify")),
+        )
     try:
-        if chosen is not None:
-            if not shown.paths:
-                raise InvalidInput(detail="a database is recovered in a folder: give --mount-point")
-            recovered = pg_recovery.recover(
-                site,
-                ctx,
-                app=app,
-                host=host,
-                chosen=chosen,
-                path=shown.paths[0],
-                target=target,
-                port=params.get("port"),
-            )
         with site.catalog.begin() as session:
             step = q.record_transition(
                 session,
@@ -180,6 +176,8 @@ def run_failover(site: Site, ctx: JobContext) -> dict[str, Any]:
     ctx.log(
         f"{app.name} is failed over; writer epoch {epoch}: replication from production is refused"
     )
+    if recovery is not None and shown.paths:
+        wal.start_dr_capture(site, ctx, app, (host.name, shown.paths[0]))
     refused = peers.tell_failed_over(site, app=app.name, epoch=epoch)
     if refused is not None:  # production also learns it when its next replication is refused
         ctx.log(f"could not tell production that {app.name} failed over: {refused}", "warning")
@@ -207,12 +205,7 @@ def run_failover(site: Site, ctx: JobContext) -> dict[str, Any]:
         + (f" at {shown.mount_point}" if shown.mount_point else "")
         + (", started" if started else "")
         + (f" as VM {shown.vm['name']}" if shown.vm else "")
-        + (
-            f"; PostgreSQL recovered to {recovered.get('recovered_to')} on port "
-            f"{recovered.get('port')}"
-            if recovered
-            else ""
-        )
+        + pg_recovery.note(recovered)
     )
     return {
         "image": row.id,

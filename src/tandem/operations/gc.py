@@ -35,7 +35,7 @@ from tandem.catalog import queries as q
 from tandem.catalog.locks import CatalogLock
 from tandem.catalog.models import Job, JobLog, utcnow
 from tandem.domain.jobs import ACTIVE, TERMINAL
-from tandem.errors import Conflict, InvalidInput
+from tandem.errors import GcElsewhere, GcRunning, InvalidInput
 from tandem.jobs.queue import submit_job
 from tandem.jobs.runner import JobContext
 from tandem.operations.site import Site
@@ -119,10 +119,7 @@ def submit_gc(site: Site, *, actor: str | None = None, force: bool = True) -> Jo
             select(Job).where(Job.type == TYPE, Job.status.in_(list(ACTIVE))).limit(1)
         )
         if other is not None:
-            raise Conflict(
-                detail=f"garbage collection job {other.id} is already {other.status.value}; "
-                f"follow it with `tandem job show {other.id}`"
-            )
+            raise GcRunning(job=other.id, status=other.status.value)
         job = submit_job(session, type=TYPE, params={"force": force}, actor=actor)
     site.wake()
     return job
@@ -184,10 +181,7 @@ def run_gc(site: Site, ctx: JobContext) -> dict[str, Any]:
     started = time.monotonic()
     with CatalogLock(site.catalog, LOCK) as held:
         if not held:
-            raise Conflict(
-                detail="another appliance process of this catalog is collecting the pool's "
-                "garbage; wait for its gc job to end (`tandem jobs --type gc`)"
-            )
+            raise GcElsewhere()
         run = pool_gc.collect(
             site.pool,
             live,

@@ -20,7 +20,13 @@ from tandem.catalog.models import Image, Job
 from tandem.domain.images import ImageKind, ImageState
 from tandem.domain.lifecycle import Operation, check_transition
 from tandem.domain.rules import check_image_deletable
-from tandem.errors import ChunkCorrupt, ChunkMissing, Conflict, NotExported, StorageError
+from tandem.errors import (
+    ChunkCorrupt,
+    ChunkMissing,
+    ImagePresented,
+    NotExported,
+    StorageError,
+)
 from tandem.jobs.queue import submit_job
 from tandem.jobs.runner import JobContext
 from tandem.operations.site import Site
@@ -58,10 +64,7 @@ def _check_deletable(image: Image) -> None:
         image_id=image.id, kind=image.kind, app=image.app.name, app_state=image.app.state
     )
     if image.state is ImageState.MOUNTED:
-        raise Conflict(
-            detail=f"image {image.id} is presented to host {image.mounted_host!r}; "
-            f"unmount it first (`tandem unmount {image.id}`)"
-        )
+        raise ImagePresented(image=image.id, host=image.mounted_host)
 
 
 def submit_delete(site: Site, *, image_id: str, actor: str | None = None) -> Job:

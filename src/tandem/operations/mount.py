@@ -17,7 +17,12 @@ from tandem.catalog.models import Image, Job
 from tandem.domain.ids import new_image_id
 from tandem.domain.images import ImageKind, ImageState
 from tandem.domain.lifecycle import AppKind, AppState, Operation, check_transition
-from tandem.errors import Conflict, InvalidInput, NotFound
+from tandem.errors import (
+    ImageInService,
+    ImageNotMounted,
+    NotFound,
+    PortWithoutRecovery,
+)
 from tandem.jobs.queue import submit_job
 from tandem.jobs.runner import JobContext
 from tandem.operations import pg_recovery, present
@@ -50,9 +55,7 @@ def submit_mount(
     if recover:
         pg_recovery.plan(site, app, target, image)  # refused outside the window
     elif port is not None:
-        raise InvalidInput(
-            detail="--port is the port of a recovered database: give --time or --latest with it"
-        )
+        raise PortWithoutRecovery()
     with site.catalog.begin() as session:
         base = q.get_image(session, image_id=image)
         app = base.app
@@ -88,10 +91,7 @@ def run_mount(site: Site, ctx: JobContext) -> dict[str, Any]:
         host = q.get_host(session, name=params["host"])
     with agent_for(host) as agent:
         agent.info()
-    chosen, target = None, None
-    if params.get("recover"):
-        target = pg_recovery.parse_target(params.get("time"), params.get("time") is None, app)
-        chosen = pg_recovery.plan(site, app, target, base.id)
+    recovery = pg_recovery.asked(site, app, params, base.id) if params.get("recover") else None
     image_id = new_image_id()
     shown = present.present(
         site,
@@ -105,23 +105,18 @@ def run_mount(site: Site, ctx: JobContext) -> dict[str, Any]:
         new_vm=present.NewVm.from_params(params),
     )
     recovered: dict[str, Any] = {}
-    if chosen is not None:
-        try:
-            if not shown.paths:
-                raise InvalidInput(detail="a database is recovered in a folder: give --mount-point")
-            recovered = pg_recovery.recover(
-                site,
-                ctx,
-                app=app,
-                host=host,
-                chosen=chosen,
-                path=shown.paths[0],
-                target=target,
-                port=params.get("port"),
-            )
-        except BaseException:
-            present.withdraw_unrecorded(site, image_id, host)
-            raise
+    if recovery is not None:
+        recovered = pg_recovery.recover_presented(
+            site,
+            ctx,
+            recovery,
+            image_id=image_id,
+            shown=shown,
+            app=app,
+            host=host,
+            port=params.get("port"),
+            verify=False,
+        )
     row = present.record(
         site,
         image_id=image_id,
@@ -137,12 +132,7 @@ def run_mount(site: Site, ctx: JobContext) -> dict[str, Any]:
         f"{base.id} mounted as {row.id} on host {host.name}"
         + (f" at {shown.mount_point}" if shown.mount_point else "")
         + (f" as new VM {shown.vm['name']}" if shown.vm else "")
-        + (
-            f"; PostgreSQL recovered to {recovered.get('recovered_to')} on port "
-            f"{recovered.get('port')}"
-            if recovered
-            else ""
-        )
+        + pg_recovery.note(recovered)
     )
     return {
         "image": row.id,
@@ -158,12 +148,9 @@ def unmount(site: Site, *, image: str) -> Image:
     with site.catalog.read() as session:
         row = q.get_image(session, image_id=image)
         if row.kind not in PRESENTED or row.state is not ImageState.MOUNTED:
-            raise Conflict(detail=f"image {row.id} ({row.kind.value}) is not mounted")
+            raise ImageNotMounted(image=row.id, kind=row.kind.value)
         if row.kind is ImageKind.FAILOVER and row.app.state is not AppState.MANAGED:
-            raise Conflict(
-                detail=f"image {row.id} is where {row.app.name!r} runs since its failover; "
-                "fail back before unmounting it"
-            )
+            raise ImageInService(image=row.id, app=row.app.name)
         host = None
         if row.mounted_host:
             try:

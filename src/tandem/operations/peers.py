@@ -26,8 +26,16 @@ from tandem.catalog import queries as q
 from tandem.catalog.models import App, Peer
 from tandem.domain.ids import validate_name
 from tandem.domain.rules import Role
-from tandem.errors import Conflict, InvalidInput, NotFound, NotPaired, PeerRefused, TandemError
+from tandem.errors import (
+    AlreadyPaired,
+    NotFound,
+    NotPaired,
+    PairedWithItself,
+    PeerRefused,
+    TandemError,
+)
 from tandem.operations.site import Site
+from tandem.transport.api import AcceptIn, checked
 from tandem.transport.client import ApiClient, ApplianceClient
 from tandem.transport.peer import PeerClient
 from tandem.transport.server import new_token
@@ -73,14 +81,11 @@ def _store(site: Site, *, name: str, url: str, fingerprint: str, token: str, min
     pairing with it), and ``mine`` as the token it calls us with."""
     validate_name(name, "appliance name")
     if name == site.name:
-        raise InvalidInput(detail=f"cannot pair appliance {name!r} with itself")
+        raise PairedWithItself(url=url, name=name)
     with site.catalog.begin() as session:
         for other in q.list_peers(session):
             if other.name != name:
-                raise Conflict(
-                    detail=f"this appliance is already paired with {other.name!r}; "
-                    f"remove it first with `tandem peer remove {other.name}`"
-                )
+                raise AlreadyPaired(peer=other.name)
             q.remove_peer(session, name=name)
         for row in q.list_tokens(session):
             if row.name == peer_token_name(name):
@@ -102,15 +107,16 @@ def pair(
     """Pair this appliance with the one at ``url`` in both directions (run on either site)."""
     with ApplianceClient(url, token, fingerprint, what="peer") as remote:
         info = remote.info()
-        name = str(info["name"])
+        name = info.name
         if name == site.name:
-            raise InvalidInput(
-                detail=f"the appliance at {url} is named {name!r} like this one: "
-                "two sites need two names"
-            )
+            raise PairedWithItself(url=url, name=name)
         # We make the token the peer will call us with; it answers the one we call it with.
         mine = new_token()
-        answer = remote.accept_peer(site.name, site.url, site.fingerprint, mine)
+        answer = remote.accept_peer(
+            checked(
+                AcceptIn, name=site.name, url=site.url, fingerprint=site.fingerprint, token=mine
+            )
+        )
         _store(
             site,
             name=name,

@@ -23,20 +23,38 @@ held from them (a target past it is the end of the WAL).
 from __future__ import annotations
 
 import os
+import secrets
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from tandem.catalog import queries as q
 from tandem.catalog.models import App, Host, Image
+from tandem.domain.consistency import Cut
+from tandem.domain.images import ImageKind
 from tandem.domain.lifecycle import AppKind
-from tandem.errors import InvalidInput, RecoveryPointUnavailable
+from tandem.errors import (
+    ImageNotOfApp,
+    MountPointNeeded,
+    RecoveryOptionsUnused,
+    RecoveryPointUnavailable,
+    RemoteError,
+    SyncbackOfRunningDatabase,
+    TandemError,
+    TimeAndLatest,
+    TimeInvalid,
+)
 from tandem.jobs.runner import JobContext
-from tandem.operations import wal
+from tandem.operations import present, wal
 from tandem.operations.hosts import agent_for
 from tandem.operations.site import Site
+from tandem.storage.manifest import TreeManifest, load_manifest
 from tandem.transport.agent import AgentClient
+from tandem.transport.agent_api import RecoverRequest
+from tandem.transport.api import checked
+from tandem.transport.peer import PgBase
 
 PREFETCH = max(1, int(os.environ.get("TANDEM_PG_PREFETCH", "4")))
 """Segments staged ahead of the one replay waits for."""
@@ -49,22 +67,18 @@ def parse_target(text: str | None, latest: bool, app: App) -> datetime | None:
     not apply."""
     if app.kind is not AppKind.POSTGRESQL:
         if text is not None or latest:
-            raise InvalidInput(
-                detail=f"--time and --latest recover a database; {app.name!r} is a "
-                f"{app.kind.value} app: leave them out"
+            raise RecoveryOptionsUnused(
+                options="--time and --latest", app=app.name, kind=app.kind.value
             )
         return None
     if text is not None and latest:
-        raise InvalidInput(detail="give --time or --latest, not both")
+        raise TimeAndLatest()
     if text is None:
         return None
     try:
         when = datetime.fromisoformat(text.strip())
     except ValueError as exc:
-        raise InvalidInput(
-            detail=f'--time {text!r} is not a time; write it as "YYYY-MM-DD HH:MM:SS" (UTC) '
-            'or with its offset, e.g. "2026-12-02 10:15:03+01:00"'
-        ) from exc
+        raise TimeInvalid(text=text) from exc
     return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
 
 
@@ -77,18 +91,21 @@ class Plan:
     base: Image
     segments: list[str]
     window: wal.Window
+    histories: list[str]
+    """The history files of the timelines the segments follow (staged first: PostgreSQL
+    reads them before any segment)."""
 
 
 def plan(site: Site, app: App, target: datetime | None, image: str | None = None) -> Plan:
     """The base image and WAL segments that reach ``target``; refused when none do."""
     window = wal.window(site, app)
+    held = wal.lineage(site, app)
     with site.catalog.read() as session:
         bases = wal.base_images(session, app)
-        held = wal.held_of(q.list_wal_segments(session, app_id=app.id))
         if image is not None:
             bases = [b for b in bases if b.id == image]
             if not bases:
-                raise InvalidInput(detail=f"image {image} is not a base image of {app.name!r}")
+                raise ImageNotOfApp(image=image, what="a base image", app=app.name)
 
     def refuse(reason: str) -> RecoveryPointUnavailable:
         return RecoveryPointUnavailable(
@@ -113,7 +130,7 @@ def plan(site: Site, app: App, target: datetime | None, image: str | None = None
             continue
         # The whole run: a segment's "seen" bounds what was held *in all segments* then, so
         # commits before the target may lie in any segment up to the chain's end.
-        return Plan(base, [seg.name for seg in chain.segments], window)
+        return Plan(base, [seg.name for seg in chain.segments], window, held.history_names(chain))
     if gaps:
         raise refuse(f"the WAL held here has a gap at LSN {gaps[0]}; no point past it")
     raise refuse("the WAL held here does not reach it yet")
@@ -147,19 +164,22 @@ def recover(
         if name in staged:
             return
         data = wal.read_segment(site, rows[name])
-        agent.pg_spool(path, name, data)
+        agent.pg_spool(path, name, data, run)
         staged.add(name)
         moved += len(data)
 
-    body: dict[str, Any] = {
-        "path": path,
-        "backup_label": pg["backup_label"],
-        "tablespace_map": pg.get("tablespace_map") or "",
-        "target_time": target.isoformat() if target is not None else None,
-        "port": port,
-        "verify": verify,
-        "segments": plan_,
-    }
+    run = secrets.token_hex(8)  # this recovery's spool folder at the host
+    body = checked(
+        RecoverRequest,
+        path=path,
+        run=run,
+        backup_label=pg["backup_label"],
+        tablespace_map=pg.get("tablespace_map") or "",
+        target_time=target,
+        port=port,
+        verify=verify,
+        segments=[*chosen.histories, *plan_],
+    )
 
     def start() -> None:
         try:
@@ -169,6 +189,8 @@ def recover(
             outcome["error"] = exc
 
     with agent_for(host) as agent:
+        for name in chosen.histories:  # read first, and tiny
+            agent.pg_spool(path, name, wal.read_segment(site, rows[name]), run)
         for name in [*plan_[-TAIL:], *plan_[:PREFETCH]]:
             stage(agent, name)
         ctx.set_message(f"recovering {app.name} to {_shown(target)} on host {host.name}")
@@ -177,7 +199,7 @@ def recover(
         wanted: str | None = None
         nxt = 0
         while starter.is_alive():
-            wanted = agent.pg_spool_wanted(path, wanted, 1.0)
+            wanted = agent.pg_spool_wanted(path, wanted, 1.0, run)
             if wanted is None or wanted not in order:
                 continue
             upto = min(len(plan_), order[wanted] + 1 + PREFETCH)
@@ -200,15 +222,15 @@ def recover(
         f"{reached or 'the base alone'} in "
         f"{done.get('seconds')} s; port {done.get('port')}, socket {done.get('socket_dir')}"
     )
-    checked = done.get("amcheck")
-    if isinstance(checked, dict):
+    amcheck = done.get("amcheck")
+    if isinstance(amcheck, dict):
         ctx.log(
-            f"pg_amcheck: {'no corruption found' if checked.get('ok') else 'FAILED'} in "
-            f"{checked.get('seconds')} s",
-            "info" if checked.get("ok") else "warning",
+            f"pg_amcheck: {'no corruption found' if amcheck.get('ok') else 'FAILED'} in "
+            f"{amcheck.get('seconds')} s",
+            "info" if amcheck.get("ok") else "warning",
         )
     return {
-        "amcheck": checked,
+        "amcheck": amcheck,
         "recovered_to": reached,
         "target": target.isoformat() if target is not None else "latest",
         "port": done.get("port"),
@@ -221,3 +243,150 @@ def recover(
         "recovery_seconds": done.get("seconds"),
         "window": chosen.window.as_dict(),
     }
+
+
+# --- the step shared by test failover, failover and mount ----------------------------------
+
+
+def requested(
+    site: Site,
+    app: App,
+    *,
+    time: str | None,
+    latest: bool,
+    port: int | None,
+    verify: bool,
+    image: str | None,
+) -> tuple[str | None, dict[str, Any]]:
+    """At submit (test failover, failover): a database's base image that reaches the target
+    (refused outside the window) and the job parameters of its recovery; any other app's
+    image as given and no parameters (refused when a database option is given)."""
+    target = parse_target(time, latest, app)
+    if app.kind is not AppKind.POSTGRESQL:
+        if port is not None or verify:
+            raise RecoveryOptionsUnused(
+                options="--port and --verify", app=app.name, kind=app.kind.value
+            )
+        return image, {}
+    base = plan(site, app, target, image).base.id
+    return base, {"time": target.isoformat() if target else None, "port": port, "verify": verify}
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """What a job's parameters ask: the plan that reaches the target, and the target."""
+
+    plan: Plan
+    target: datetime | None
+
+    @property
+    def base(self) -> Image:
+        return self.plan.base
+
+
+def asked(site: Site, app: App, params: Mapping[str, Any], image: str | None = None) -> Recovery:
+    """The recovery a job's parameters ask for (``time``; none: the latest), planned again
+    when the job runs: the WAL held may have moved since it was submitted."""
+    target = parse_target(params.get("time"), params.get("time") is None, app)
+    return Recovery(plan(site, app, target, image), target)
+
+
+def recover_presented(
+    site: Site,
+    ctx: JobContext,
+    recovery: Recovery,
+    *,
+    image_id: str,
+    shown: present.Presented,
+    app: App,
+    host: Host,
+    port: int | None,
+    verify: bool,
+) -> dict[str, Any]:
+    """Recover into the copy just presented as ``image_id`` (no row yet); when that fails the
+    presentation is withdrawn, so the failed job leaves nothing behind."""
+    try:
+        if not shown.paths:
+            raise MountPointNeeded(what="a recovered database")
+        return recover(
+            site,
+            ctx,
+            app=app,
+            host=host,
+            chosen=recovery.plan,
+            path=shown.paths[0],
+            target=recovery.target,
+            port=port,
+            verify=verify,
+        )
+    except BaseException:
+        present.withdraw_unrecorded(site, image_id, host)
+        raise
+
+
+def note(recovered: Mapping[str, Any]) -> str:
+    """The end of a job's message when a database was recovered."""
+    if not recovered:
+        return ""
+    return (
+        f"; PostgreSQL recovered to {recovered.get('recovered_to')} on port {recovered.get('port')}"
+    )
+
+
+# --- home again: what a syncback of a database may be restored from -----------------------
+
+ONE_INSTANT = (Cut.SNAPSHOT_BTRFS.value, Cut.REFLINK.value, Cut.FREEZE.value, Cut.HOOKS.value)
+"""Cuts that read every file at one instant: a running cluster read so is crash-consistent
+(its own pg_wal replays it), as after a power loss."""
+
+
+def running_kind(app: App, host: Host, path: str) -> str | None:
+    """What a syncback captures the DR copy at ``path`` as: a running database
+    (``postgresql``: a base backup, ``pg_backup_start``/``stop`` on the DR cluster, its
+    files read live and repaired by the WAL, so a catch-up syncback works while it writes),
+    else None (a stopped cluster is read as the files it is)."""
+    if app.kind is not AppKind.POSTGRESQL:
+        return None
+    try:
+        with agent_for(host) as agent:
+            agent.pg_probe(app.name, path)
+    except TandemError:
+        return None  # not running (or not fit to stream): read as files
+    return AppKind.POSTGRESQL.value
+
+
+def base_of(done: Mapping[str, Any]) -> dict[str, Any]:
+    """The base backup an agent's capture reports, checked (it is stored and sent home)."""
+    try:
+        return PgBase.model_validate(done.get("pg")).model_dump(mode="json")
+    except ValueError as exc:
+        raise RemoteError(
+            what="host", name="of the DR copy", detail=f"its base backup report is invalid ({exc})"
+        ) from exc
+
+
+def check_restorable(site: Site, app: App, image: Image) -> None:
+    """A syncback of a PostgreSQL app taken while the database ran at the DR site (a
+    catch-up syncback) is not a cluster to write in place: a base backup needs its WAL
+    replayed, and live files read one by one are torn. Refused, naming the final syncback
+    (the database stopped first) as the one to restore. A cut at one instant, or a database
+    stopped, is restorable."""
+    if app.kind is not AppKind.POSTGRESQL or image.kind is not ImageKind.SYNCBACK:
+        return
+    if image.pg:
+        raise SyncbackOfRunningDatabase(
+            image=image.id,
+            app=app.name,
+            how="as a base backup (a catch-up syncback: it brought most of the data home)",
+        )
+    if image.consistency in ONE_INSTANT:
+        return
+    manifest = load_manifest(site.pool, bytes.fromhex(image.manifest))
+    if isinstance(manifest, TreeManifest) and any(
+        e.path == "postmaster.pid" for e in manifest.entries
+    ):
+        raise SyncbackOfRunningDatabase(
+            image=image.id,
+            app=app.name,
+            how=f"from files read one by one ({image.consistency or 'no cut'})",
+        )

@@ -52,7 +52,7 @@ from tandem.domain.images import ImageKind, ImageState
 from tandem.domain.lifecycle import AppKind, AppState, storage_kind
 from tandem.domain.paths import check_path
 from tandem.domain.vms import check_domain_name
-from tandem.errors import InvalidInput, TandemError
+from tandem.errors import InvalidInput, MountPointNeeded, TandemError, VmOptionsUnused
 from tandem.jobs.runner import JobContext
 from tandem.operations.hosts import agent_for, check_own_location
 from tandem.operations.site import Site
@@ -60,6 +60,8 @@ from tandem.operations.streams import follow
 from tandem.storage import vmimage
 from tandem.storage.manifest import VolumeManifest, load_manifest
 from tandem.storage.overlay import Overlay
+from tandem.transport.agent_api import DefineRequest, MaterializeRequest
+from tandem.transport.api import checked
 
 ACTIONS = ("keep-source-path", "specify", "map-only", "copy")
 FUSE_SESSION_TTL = 10 * 365 * 24 * 3600.0
@@ -160,10 +162,7 @@ def check_new_vm(
     disks' export instead: ``required`` False), other apps take none."""
     if app.kind is not AppKind.VM:
         if new_vm or network or power_on:
-            raise InvalidInput(
-                detail=f"--new-vm, --network and --power-on are for vm apps; {app.name!r} is a "
-                f"{app.kind.value} app"
-            )
+            raise VmOptionsUnused(app=app.name, kind=app.kind.value)
         return None
     if not new_vm and not required and not (network or power_on):
         return None
@@ -195,7 +194,7 @@ def check_action(app: App, action: str | None, mount_point: str | None) -> str:
     if mount_point:
         check_path(mount_point, "--mount-point")
     elif action == "specify":
-        raise InvalidInput(detail="--action specify needs --mount-point with a full path")
+        raise MountPointNeeded(what="--action specify")
     if placement(action, mount_point) == "keep-source-path":
         check_own_location(app, "a copy at its production path")
     if app.kind is AppKind.VM and action != "map-only":
@@ -262,16 +261,17 @@ def present(
             )
             if how == "fuse":
                 transfer.meta["presented"] = image_id
-            body = {
-                "kind": storage_kind(app.kind),
-                "manifest": base.manifest,
-                "image": image_id,
-                "action": where_action,
-                "mount_point": mount_point,
-                "source_path": app.path,
-                "appliance": site.session_ref(transfer.id, token),
-                "presentation": how,
-            }
+            body = checked(
+                MaterializeRequest,
+                kind=storage_kind(app.kind),
+                manifest=base.manifest,
+                image=image_id,
+                action=where_action,
+                mount_point=mount_point,
+                source_path=app.path,
+                appliance=site.session_ref(transfer.id, token),
+                presentation=how,
+            )
             ctx.set_message(f"presenting {base.id} on host {host.name}")
             reading = transfer
             with agent_for(host) as agent:
@@ -316,17 +316,18 @@ def _define_vm(
             detail="a new VM's disks need a plain NBD export (nbd://) the hypervisor reaches; "
             "this appliance serves NBD over TLS, which libvirt needs configured for: not done yet"
         )
-    body = {
-        "name": new.name,
-        "xml": vm["xml"],
-        "disks": [s.as_dict() for s in slots],
-        "nbd_uri": uri,
-        "source_domain": str(vm.get("domain") or app.path),
-        "source_uuid": str(vm.get("uuid") or ""),
-        "keep_identity": new.keep_identity,
-        "network": new.network,
-        "power_on": new.power_on,
-    }
+    body = checked(
+        DefineRequest,
+        name=new.name,
+        xml=vm["xml"],
+        disks=[s.as_dict() for s in slots],
+        nbd_uri=uri,
+        source_domain=str(vm.get("domain") or app.path),
+        source_uuid=str(vm.get("uuid") or ""),
+        keep_identity=new.keep_identity,
+        network=new.network,
+        power_on=new.power_on,
+    )
     with agent_for(host) as agent:
         done = agent.define_vm(body)
     ctx.log(

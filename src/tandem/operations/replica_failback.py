@@ -75,6 +75,8 @@ from tandem.operations.streams import follow
 from tandem.operations.syncback import capture_dr_state, failover_image, send_home
 from tandem.storage.manifest import VolumeManifest, load_manifest
 from tandem.storage.overlay import Overlay
+from tandem.transport.agent_api import RestoreRequest
+from tandem.transport.api import checked
 from tandem.transport.peer import (
     CommandRan,
     FailbackAgreed,
@@ -481,13 +483,14 @@ def _restore_dr_copy(
         job_id=ctx.job.id, write=False, readable=[bytes.fromhex(protective.manifest)]
     )
     try:
-        body = {
-            "kind": app.kind.value,
-            "path": failover.mount_point,
-            "manifest": protective.manifest,
-            "job": ctx.job.id,
-            "appliance": site.session_ref(transfer.id, token),
-        }
+        body = checked(
+            RestoreRequest,
+            kind=app.kind.value,
+            path=failover.mount_point,
+            manifest=protective.manifest,
+            job=ctx.job.id,
+            appliance=site.session_ref(transfer.id, token),
+        )
         with agent_for(host) as agent:
             follow(ctx, agent.restore(body), host=host.name, moved=lambda: transfer.bytes_sent)
     finally:

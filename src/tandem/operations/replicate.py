@@ -54,7 +54,7 @@ from tandem.operations import images, peers
 from tandem.operations.site import Site
 from tandem.storage.manifest import Manifest, load_manifest
 from tandem.storage.transfer import chunks_to_offer, encode_for_receiver, previous_at_same_offset
-from tandem.transport.chunks import session_path
+from tandem.transport.chunks import SessionClient
 from tandem.transport.client import ApiClient
 from tandem.transport.peer import (
     ImageOffer,
@@ -66,7 +66,7 @@ from tandem.transport.peer import (
     ReplicasHeld,
     ReplicationOpen,
 )
-from tandem.transport.wire import decode_digests, encode_digests, encode_frames
+from tandem.transport.wire import encode_frames
 
 TYPE = "replicate"
 ASK_BATCH = 1024  # digests per "which do you lack?" question
@@ -264,15 +264,15 @@ def send_image(
     sent_here: set[bytes] = set()
     sent = 0
     started = time.monotonic()
-    path = session_path(sid)
 
     def receiver_has(digest: bytes) -> bool:
         return digest in held or digest in sent_here
 
     with (
-        ApiClient(peer.url, token, peer.fingerprint, what="peer", name=peer.name) as channel,
+        ApiClient(peer.url, token, peer.fingerprint, what="peer", name=peer.name) as client,
         ThreadPoolExecutor(IN_FLIGHT) as senders,
     ):
+        channel = SessionClient(client, sid)
         # Up to IN_FLIGHT batches travel at once: the receiver verifies them in parallel
         # while the next one is read and encoded here. A batch counts as sent (and its
         # chunks as held by the receiver) only once it was answered.
@@ -292,17 +292,16 @@ def send_image(
 
         def post(frames: list[tuple[bytes, bytes]]) -> None:
             body = encode_frames(frames)
-            future = senders.submit(channel.request, "POST", f"{path}/chunks", content=body)
+            future = senders.submit(channel.send_chunks, body)
             inflight.append((future, [d for d, _ in frames], len(body)))
             while len(inflight) >= IN_FLIGHT:
                 settle_one()
 
         for i in range(0, len(offered), ASK_BATCH):
             batch = offered[i : i + ASK_BATCH]
-            answer = channel.post(f"{path}/missing", {"digests": encode_digests(batch)})
             frames: list[tuple[bytes, bytes]] = []
             queued = 0
-            for digest in decode_digests(answer["missing"]):
+            for digest in channel.missing(batch):
                 blob = encode_for_receiver(site.pool, digest, receiver_has, at_offset.get(digest))
                 frames.append((digest, blob))
                 queued += len(blob)
@@ -317,7 +316,7 @@ def send_image(
         while inflight:
             settle_one()
         blob = site.pool.get_manifest_blob(mid)
-        channel.request("POST", f"{path}/manifest", content=blob)
+        channel.commit_manifest(blob)
         sent += len(blob)
         ctx.add_sent(len(blob))
     return sent

@@ -13,6 +13,7 @@ steps it ran. The report is read from the catalog only: it never contacts the pe
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from sqlalchemy.orm import Session
 
@@ -60,6 +61,22 @@ class Step:
             return None
         return (self.job.finished - self.job.started).total_seconds()
 
+    @property
+    def database(self) -> str | None:
+        """A recovered database (test failover, failover of a PostgreSQL app): the point
+        reached, and the pg_amcheck result when the operator asked for it."""
+        result = self.job.result or {}
+        if "recovered_to" not in result:
+            return None
+        shown = f"recovered to {result['recovered_to'] or 'the base image alone'}"
+        checked = result.get("amcheck")
+        if isinstance(checked, dict):
+            verdict = "no corruption found" if checked.get("ok") else "CORRUPTION FOUND"
+            shown += f"; pg_amcheck: {verdict} ({checked.get('seconds')} s)"
+        else:
+            shown += "; pg_amcheck not run (--verify)"
+        return shown
+
 
 @dataclass(frozen=True)
 class DrillReport:
@@ -68,7 +85,8 @@ class DrillReport:
     steps: list[Step]
     """Only the steps that ran at this appliance, in lifecycle order."""
     rpo_seconds: float | None
-    """Age of the replica the latest failover started from, at the moment it started."""
+    """Age of the replica the latest failover started from, at the moment it started (a
+    PostgreSQL app: of the last commit it recovered)."""
     rpo_image: str | None
     downtime_seconds: float | None
     """The latest failback downtime: DR app stopped → production app started."""
@@ -106,10 +124,17 @@ def _rpo(session: Session, job: Job | None) -> tuple[float | None, str | None]:
 
     The replica is the failover image's base (or the job's image, if the job names the
     replica itself); ``None`` once either was deleted (a snapshot-style failback deletes
-    the failover image).
+    the failover image). A recovered database's RPO is the age of its last replayed
+    commit instead (the replica is only its base; the WAL carried it further).
     """
     if job is None or job.status is not JobStatus.SUCCEEDED or job.started is None:
         return None, None
+    result = job.result or {}
+    if result.get("recovered_to"):
+        reached = datetime.fromisoformat(str(result["recovered_to"]))
+        if reached.tzinfo is None:
+            reached = reached.replace(tzinfo=UTC)
+        return max(0.0, (job.started - reached).total_seconds()), result.get("base")
     image_id = (job.result or {}).get("image") or job.image
     try:
         image = q.get_image(session, image_id=str(image_id))

@@ -37,14 +37,16 @@ from tandem.domain.hooks import Hook
 from tandem.domain.images import ImageKind, ImageState
 from tandem.domain.lifecycle import AppKind, Operation, check_transition, storage_kind
 from tandem.domain.rules import RESTORE_CONFIRMATIONS, check_confirmations
-from tandem.errors import Conflict, InvalidInput, TandemError
+from tandem.errors import ImageBeingDeleted, ImageOfOtherApp, InvalidInput, TandemError
 from tandem.jobs.queue import submit_job
 from tandem.jobs.runner import JobContext
-from tandem.operations import failback, hooks, stamps
+from tandem.operations import failback, hooks, pg_recovery, stamps, wal
 from tandem.operations.hosts import agent_for, app_host
 from tandem.operations.site import Site
 from tandem.operations.streams import follow
 from tandem.transport.agent import AgentClient
+from tandem.transport.agent_api import RestoreRequest, VmRestoreRequest
+from tandem.transport.api import checked
 
 TYPE = "restore"
 
@@ -81,12 +83,10 @@ def submit_restore(
         row = q.get_app(session, name=app)
         img = q.get_image(session, image_id=image)
         if img.app_id != row.id:
-            raise InvalidInput(
-                detail=f"image {img.id} belongs to application {img.app.name!r}, not {row.name!r}"
-                f"; list {row.name}'s images with `tandem images {row.name}`"
-            )
+            raise ImageOfOtherApp(image=img.id, owner=img.app.name, app=row.name)
         if img.state is ImageState.DELETING:
-            raise Conflict(detail=f"image {img.id} is being deleted; choose another image")
+            raise ImageBeingDeleted(image=img.id, app=row.name)
+        pg_recovery.check_restorable(site, row, img)  # a syncback: names the one to restore
         check_not_base_backup(img)
         check_transition(row.name, row.state, Operation.RESTORE)
         app_host(session, row, action="restore")
@@ -144,17 +144,20 @@ def run_restore(site: Site, ctx: JobContext) -> dict[str, Any]:
                 except TandemError as exc:
                     raise type(exc)(f"{exc.message.rstrip('.')}; nothing was restored") from exc
             ctx.set_message(f"restoring {image.id} onto {app.path} on host {host.name}")
-            body = {
-                "kind": storage_kind(app.kind),
-                "path": app.path,
-                "manifest": image.manifest,
-                "job": ctx.job.id,
-                "appliance": site.session_ref(transfer.id, token),
-                "base": known[0] if known else None,
-                "stamp": known[1] if known else None,
-            }
+            body = checked(
+                RestoreRequest,
+                kind=storage_kind(app.kind),
+                path=app.path,
+                manifest=image.manifest,
+                job=ctx.job.id,
+                appliance=site.session_ref(transfer.id, token),
+                base=known[0] if known else None,
+                stamp=known[1] if known else None,
+            )
             if app.kind is AppKind.VOLUME:
                 stamps.forget(site, app_id=app.id)  # from here it holds neither image
+            if app.kind is AppKind.POSTGRESQL:
+                wal.replaced(site, app)  # the stream of the cluster about to be replaced
             try:
                 done = follow(
                     ctx, agent.restore(body), host=host.name, moved=lambda: transfer.bytes_sent
@@ -230,16 +233,17 @@ def _run_vm_restore(
                 except TandemError as exc:
                     raise type(exc)(f"{exc.message.rstrip('.')}; nothing was restored") from exc
             ctx.set_message(f"restoring {image.id} onto VM {app.path} on host {host.name}")
-            body: dict[str, Any] = {
-                "domain": app.path,
-                "image": image.id,
-                "manifest": image.manifest,
-                "job": ctx.job.id,
-                "appliance": site.session_ref(transfer.id, token),
-                "power_on": bool(params.get("power_on")),
-            }
-            if params.get("shutdown_timeout") is not None:
-                body["shutdown_timeout"] = float(params["shutdown_timeout"])
+            timeout = params.get("shutdown_timeout")
+            body = checked(
+                VmRestoreRequest,
+                domain=app.path,
+                image=image.id,
+                manifest=image.manifest,
+                job=ctx.job.id,
+                appliance=site.session_ref(transfer.id, token),
+                power_on=bool(params.get("power_on")),
+                **({"shutdown_timeout": float(timeout)} if timeout is not None else {}),
+            )
             done = follow(
                 ctx, agent.restore_vm(body), host=host.name, moved=lambda: transfer.bytes_sent
             )

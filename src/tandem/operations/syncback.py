@@ -22,6 +22,9 @@ time of the DR copy, never the copy as it changes:
   freeze); where the file system has none, the live files are read and re-checked, and a
   file that changed after it was read fails the syncback (``SourceChanged``), never a torn
   image. ``hooks`` counts as ``auto`` here: the app's hooks are production's.
+- a PostgreSQL database running at DR: a base backup of the DR cluster
+  (``pg_recovery.running_kind``), recorded with the image; it is not restored itself
+  (``pg_recovery.check_restorable``), the final syncback after the database stopped is.
 The final syncback (app stopped) reads the same way; nothing changes meanwhile.
 
 What the DR copy holds that no capture took yet (``dr_copy_changes``) is what a failback
@@ -57,7 +60,7 @@ from tandem.domain.lifecycle import AppKind, AppState, Operation, check_transiti
 from tandem.errors import Conflict, InvalidInput, NotFound, PeerRefused, RemoteError, TandemError
 from tandem.jobs.queue import submit_job
 from tandem.jobs.runner import JobContext
-from tandem.operations import peers
+from tandem.operations import peers, pg_recovery
 from tandem.operations.capture import check_label
 from tandem.operations.hosts import agent_for
 from tandem.operations.present import BLOCK_KINDS
@@ -68,6 +71,8 @@ from tandem.operations.streams import follow
 from tandem.storage.manifest import FILE, TreeManifest, VolumeManifest, load_manifest
 from tandem.storage.overlay import Overlay, capture_overlay
 from tandem.storage.tree import diff_trees
+from tandem.transport.agent_api import CaptureRequest
+from tandem.transport.api import checked
 from tandem.transport.peer import Opened, SyncbackOpen
 
 TYPE = "syncback"
@@ -146,21 +151,28 @@ def _dr_mode(app: App) -> ConsistencyMode:
 
 
 def _capture_tree_at_host(
-    site: Site, ctx: JobContext, app: App, host: Host, path: str, base: bytes
+    site: Site,
+    ctx: JobContext,
+    app: App,
+    host: Host,
+    path: str,
+    base: bytes,
+    kind: str | None = None,
 ) -> tuple[Session, bytes, int, dict[str, Any]]:
     """The DR host's agent captures a point in time of ``path`` (``agent.pit``) into a new
     session here (close it with ``site.sessions.close``); returns it, the manifest id, the
     size and the agent's final event (how it cut the tree)."""
     transfer, token = site.sessions.open(job_id=ctx.job.id, write=True, bases=[base])
     try:
-        body = {
-            "kind": storage_kind(app.kind),
-            "path": path,
-            "base": base.hex(),
-            "job": ctx.job.id,
-            "appliance": site.session_ref(transfer.id, token),
-            "consistency": _dr_mode(app).value,
-        }
+        body = checked(
+            CaptureRequest,
+            kind=kind or storage_kind(app.kind),
+            path=path,
+            base=base.hex(),
+            job=ctx.job.id,
+            appliance=site.session_ref(transfer.id, token),
+            consistency=_dr_mode(app).value,
+        )
         with agent_for(host) as agent:
             done = follow(ctx, agent.capture(body), host=host.name, moved=lambda: 0)
         manifest = bytes.fromhex(str(done.get("manifest", "")))
@@ -217,7 +229,7 @@ def capture_dr_state(
     failover = failover_image(site, app.name)
     ctx.set_message(f"capturing the state of {failover.id} at the DR site")
 
-    def record(mid: bytes, size: int, cut: str | None) -> Image:
+    def record(mid: bytes, size: int, cut: str | None, pg: dict[str, Any] | None = None) -> Image:
         with site.gc_lock, site.catalog.begin() as session:
             return q.add_image(
                 session,
@@ -232,6 +244,7 @@ def capture_dr_state(
                 epoch=app.writer_epoch,
                 protective=kind is ImageKind.PROTECTIVE,
                 consistency=cut,
+                pg=pg,
             )
 
     if app.kind in BLOCK_KINDS:
@@ -270,7 +283,8 @@ def capture_dr_state(
         return DrCapture(image, written, Cut.OVERLAY.value, cut.held_seconds)
     host, path = _tree_location(site, failover)
     base = bytes.fromhex(previous.manifest if previous else failover.manifest)
-    transfer, mid, size, done = _capture_tree_at_host(site, ctx, app, host, path, base)
+    running = pg_recovery.running_kind(app, host, path)  # a database running at DR
+    transfer, mid, size, done = _capture_tree_at_host(site, ctx, app, host, path, base, running)
     tree_cut = str(done["consistency"]) if done.get("consistency") in CUTS else None
     held = done.get("held_seconds")
     if tree_cut is not None:
@@ -280,7 +294,7 @@ def capture_dr_state(
         )
     try:
         written = _files_written(site, bytes.fromhex(failover.manifest), mid)
-        image = record(mid, size, tree_cut)
+        image = record(mid, size, tree_cut, pg_recovery.base_of(done) if running else None)
     finally:
         with site.gc_lock:
             site.sessions.close(transfer)
@@ -481,6 +495,8 @@ def commit_syncback(site: Site, *, peer: str, sid: str, token: str) -> Image:
                     image_id=str(image["id"]),
                     created=datetime.fromisoformat(str(image["created"])),
                     epoch=int(meta["epoch"]),
+                    consistency=image.get("consistency"),
+                    pg=image.get("pg"),
                 )
             site.sessions.close(transfer)
     finally:

@@ -12,7 +12,7 @@ import re
 
 from tandem.catalog import queries as q
 from tandem.catalog.models import Template
-from tandem.errors import InvalidInput
+from tandem.errors import IntervalInvalid, InvalidInput
 from tandem.operations.site import Site
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -30,9 +30,7 @@ def parse_every(text: str, option: str = "--every") -> int:
     else:
         parts = _PART.findall(spec)
         if not parts or "".join(n + u for n, u in parts) != spec:
-            raise InvalidInput(
-                detail=f"{option} {text!r} is not an interval; write e.g. 30s, 15m, 1h or 1h30m"
-            )
+            raise IntervalInvalid(option=option, text=text)
         seconds = sum(int(n) * _UNITS[u] for n, u in parts)
     if not 1 <= seconds <= MAX_EVERY:
         raise InvalidInput(detail=f"{option} {text!r} must be between 1s and 366d")

@@ -19,7 +19,11 @@ from tandem.domain.ids import new_image_id
 from tandem.domain.images import ImageKind, ImageState
 from tandem.domain.lifecycle import AppFacts, AppKind, Operation, check_transition
 from tandem.domain.rules import PresentedImage, check_test_failover_target
-from tandem.errors import InvalidInput, NotFound
+from tandem.errors import (
+    ImageNotOfApp,
+    InvalidInput,
+    NotFound,
+)
 from tandem.jobs.queue import submit_job
 from tandem.jobs.runner import JobContext
 from tandem.operations import pg_recovery, present
@@ -34,7 +38,7 @@ def pick_replica(session: Session, app: App, image: str | None) -> Image:
     if image:
         row = q.get_image(session, image_id=image)
         if row.app.name != app.name or row.kind is not ImageKind.REPLICA:
-            raise InvalidInput(detail=f"image {image} is not a replica of {app.name!r}")
+            raise ImageNotOfApp(image=image, what="a replica", app=app.name)
         return row
     newest = q.latest_image(session, app=app.name, kind=ImageKind.REPLICA)
     if newest is None:
@@ -83,13 +87,9 @@ def submit_test_failover(
 ) -> Job:
     with site.catalog.read() as session:
         row = q.get_app(session, name=app)
-    target = pg_recovery.parse_target(time, latest, row)
-    if row.kind is AppKind.POSTGRESQL:
-        image = pg_recovery.plan(site, row, target, image).base.id  # refused outside the window
-    elif port is not None or verify:
-        raise InvalidInput(
-            detail="--port and --verify are for a recovered database; leave them out"
-        )
+    image, recovering = pg_recovery.requested(
+        site, row, time=time, latest=latest, port=port, verify=verify, image=image
+    )
     with site.catalog.begin() as session:
         row = q.get_app(session, name=app)
         replicas = len(q.list_images(session, app=app, kind=ImageKind.REPLICA))
@@ -101,8 +101,7 @@ def submit_test_failover(
         vm = present.check_new_vm(row, new_vm, network, power_on, keep_identity=False)
         action = present.check_action(row, action, mount_point)
         params: dict[str, Any] = {"host": host, "mount_point": mount_point, "action": action}
-        if row.kind is AppKind.POSTGRESQL:
-            params.update(time=target.isoformat() if target else None, port=port, verify=verify)
+        params.update(recovering)
         if vm is not None:
             params.update(vm.as_params())
         job = submit_job(
@@ -127,12 +126,10 @@ def run_test_failover(site: Site, ctx: JobContext) -> dict[str, Any]:
         host = q.get_host(session, name=params["host"])
     with agent_for(host) as agent:
         agent.info()  # reachable, or "host NAME unreachable at URL"
-    chosen = None
-    target = None
+    recovery = None
     if app.kind is AppKind.POSTGRESQL:
-        target = pg_recovery.parse_target(params.get("time"), params.get("time") is None, app)
-        chosen = pg_recovery.plan(site, app, target)
-        replica = chosen.base
+        recovery = pg_recovery.asked(site, app, params)
+        replica = recovery.base
     image_id = new_image_id()
     shown = present.present(
         site,
@@ -146,24 +143,18 @@ def run_test_failover(site: Site, ctx: JobContext) -> dict[str, Any]:
         new_vm=present.NewVm.from_params(params),
     )
     recovered: dict[str, Any] = {}
-    if chosen is not None:
-        try:
-            if not shown.paths:
-                raise InvalidInput(detail="a database is recovered in a folder: give --mount-point")
-            recovered = pg_recovery.recover(
-                site,
-                ctx,
-                app=app,
-                host=host,
-                chosen=chosen,
-                path=shown.paths[0],
-                target=target,
-                port=params.get("port"),
-                verify=bool(params.get("verify")),
-            )
-        except BaseException:
-            present.withdraw_unrecorded(site, image_id, host)
-            raise
+    if recovery is not None:
+        recovered = pg_recovery.recover_presented(
+            site,
+            ctx,
+            recovery,
+            image_id=image_id,
+            shown=shown,
+            app=app,
+            host=host,
+            port=params.get("port"),
+            verify=bool(params.get("verify")),
+        )
     row = present.record(
         site,
         image_id=image_id,
@@ -189,12 +180,7 @@ def run_test_failover(site: Site, ctx: JobContext) -> dict[str, Any]:
         + (f" at {shown.mount_point}" if shown.mount_point else "")
         + (" (NBD)" if shown.nbd_uri else "")
         + (f" as new VM {shown.vm['name']}" if shown.vm else "")
-        + (
-            f"; PostgreSQL recovered to {recovered.get('recovered_to')} on port "
-            f"{recovered.get('port')}"
-            if recovered
-            else ""
-        )
+        + pg_recovery.note(recovered)
     )
     return {
         "image": row.id,

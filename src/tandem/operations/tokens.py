@@ -12,7 +12,7 @@ from sqlalchemy import func, select
 from tandem.catalog import queries as q
 from tandem.catalog.models import Token
 from tandem.domain.rules import Role
-from tandem.errors import Conflict
+from tandem.errors import LastAdminToken
 from tandem.operations.site import Site
 from tandem.transport.server import new_token
 
@@ -40,8 +40,5 @@ def remove_token(site: Site, *, name: str) -> None:
                 select(func.count()).select_from(Token).where(Token.role == Role.ADMIN)
             )
             if (admins or 0) <= 1:
-                raise Conflict(
-                    detail=f"token {name!r} is the last admin token; add another admin token "
-                    "(`tandem token add NAME --role admin`) before removing it"
-                )
+                raise LastAdminToken(name=name)
         q.remove_token(session, name=name)

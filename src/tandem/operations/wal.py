@@ -23,9 +23,11 @@ wire models, and the bytes must match the digest the sender computed.
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -36,9 +38,10 @@ import blake3
 from tandem.catalog import queries as q
 from tandem.catalog.models import App, Image, WalSegment
 from tandem.domain import wal
-from tandem.domain.images import ImageKind
+from tandem.domain.images import ImageKind, ImageState
 from tandem.domain.lifecycle import AppKind, AppState
 from tandem.errors import Conflict, InvalidInput, StorageError, TandemError
+from tandem.jobs.runner import JobContext
 from tandem.operations import peers
 from tandem.operations.hosts import agent_for
 from tandem.operations.site import Site
@@ -49,6 +52,9 @@ log = logging.getLogger(__name__)
 TICK = float(os.environ.get("TANDEM_WAL_TICK", "1"))
 PUSH_MAX = 4 * 1024 * 1024
 """Bytes of a segment per push to the peer."""
+PUSH_RETRY = 30.0
+"""Seconds before a failed-over app's WAL is pushed home again after production refused or
+did not answer (its capture at DR goes on every tick meanwhile)."""
 
 
 def wal_dir(site: Site, app_id: str) -> Path:
@@ -105,7 +111,7 @@ def store(
 ) -> WalSegment:
     """Hold ``data`` at ``offset`` of segment ``name`` (idempotent: bytes already held are
     skipped; ``offset`` past what is held is refused)."""
-    timeline, start = wal.parse_name(name)
+    timeline, start = wal.parse_file_name(name)
     with site.catalog.read() as session:
         row = q.get_wal_segment(session, app_id=app_id, name=name)
         held = row.size if row is not None else 0
@@ -135,12 +141,14 @@ def store(
 # --- pulling from the production host ----------------------------------------------------
 
 
-def pull(site: Site, app: App) -> int:
+def pull(site: Site, app: App, where: tuple[str, str] | None = None) -> int:
     """One round for ``app``: store what its host holds past what is stored here, then keep
     its receiver running (after: WAL received before the server stopped is still taken);
-    returns the bytes stored."""
+    returns the bytes stored. ``where``: (host, path) of the cluster when it is not the
+    app's own (the DR copy a failed-over app runs on)."""
+    host_name, path = where or (app.host, app.path)
     with site.catalog.read() as session:
-        host = q.get_host(session, name=app.host)
+        host = q.get_host(session, name=host_name)
         held = {s.name: s for s in q.list_wal_segments(session, app_id=app.id)}
     moved = 0
     with agent_for(host) as agent:
@@ -169,24 +177,30 @@ def pull(site: Site, app: App) -> int:
                 done.append(name)
         if done:
             agent.pg_wal_ack(app.name, done)
-        agent.pg_stream(app.name, app.path)
+        agent.pg_stream(app.name, path)
     return moved
 
 
 # --- mirroring to the peer ---------------------------------------------------------------
 
 
-def push(site: Site, app: App) -> int:
-    """Send the peer the bytes of ``app``'s segments it does not hold yet."""
+def push(site: Site, app: App, *, written_here: bool = False) -> int:
+    """Send the peer the bytes of ``app``'s segments it does not hold yet. ``written_here``
+    (a failed-over app at DR): only the WAL of timelines newer than every base image here,
+    the DR copy's since its promotion (the rest came from the peer)."""
     peer = peers.the_peer(site)
     if peer is None:
         return 0
     with site.catalog.read() as session:
-        todo = [
-            s
-            for s in q.list_wal_segments(session, app_id=app.id)
-            if s.mirrored < s.size or (s.complete and s.mirrored == s.size)
-        ]
+        rows = q.list_wal_segments(session, app_id=app.id)
+        bases = base_images(session, app)
+    newest_base = max((int((b.pg or {})["timeline"]) for b in bases), default=0)
+    todo = [
+        s
+        for s in rows
+        if (s.mirrored < s.size or (s.complete and s.mirrored == s.size))
+        and (not written_here or s.timeline > newest_base)
+    ]
     sent = 0
     with peers.client_for(peer) as remote:
         for seg in todo:
@@ -216,13 +230,18 @@ def push(site: Site, app: App) -> int:
 
 
 def receive_push(site: Site, *, peer: str, app: str, body: WalPush) -> WalHeld:
-    """Hold WAL the peer sends for ``app``, which must be its mirror record here."""
+    """Hold WAL the peer sends for ``app``: its mirror record here, or this site's own app
+    while it is failed over at the peer (the DR copy's WAL, written on its own timeline:
+    production's window then runs on through the DR period)."""
     with site.catalog.read() as session:
         row = q.get_app(session, name=app)
-        if row.origin != peer or row.kind is not AppKind.POSTGRESQL:
+        mirror = row.origin == peer
+        failed_over_there = row.origin is None and row.peer_active
+        if not (mirror or failed_over_there) or row.kind is not AppKind.POSTGRESQL:
             raise Conflict(
-                detail=f"application {app!r} here is not a PostgreSQL mirror of {peer!r}; WAL "
-                "is taken only for apps whose base images this site already holds"
+                detail=f"application {app!r} here is not a PostgreSQL mirror of {peer!r} nor "
+                f"failed over at it; WAL is taken only for apps whose base images this site "
+                "already holds"
             )
         app_id = row.id
     try:
@@ -230,13 +249,18 @@ def receive_push(site: Site, *, peer: str, app: str, body: WalPush) -> WalHeld:
     except ValueError as exc:
         raise InvalidInput(detail=f"WAL segment {body.name}: data is not base64") from exc
     try:
-        wal.parse_name(body.name)
+        wal.parse_file_name(body.name)
     except ValueError as exc:
         raise InvalidInput(detail=str(exc)) from exc
     seg = store(
         site, app_id=app_id, name=body.name, offset=body.offset, data=data,
         complete=body.complete, seen=body.seen, digest=body.digest,
     )  # fmt: skip
+    if failed_over_there:  # the peer holds what it sent: it is not pushed back to it
+        with site.catalog.begin() as session:
+            held = q.get_wal_segment(session, app_id=app_id, name=seg.name)
+            if held is not None:
+                held.mirrored = max(held.mirrored, held.size + (1 if held.complete else 0))
     return WalHeld(name=seg.name, size=seg.size)
 
 
@@ -253,7 +277,46 @@ def base_images(session: Any, app: App) -> list[Image]:
 
 
 def held_of(rows: list[WalSegment]) -> list[wal.Held]:
-    return [wal.Held(s.name, s.timeline, s.start_lsn, s.size, s.complete, s.seen) for s in rows]
+    """The segments among ``rows`` (not the history files)."""
+    return [
+        wal.Held(s.name, s.timeline, s.start_lsn, s.size, s.complete, s.seen)
+        for s in rows
+        if wal.history_timeline(s.name) is None
+    ]
+
+
+def histories_of(site: Site, rows: list[WalSegment]) -> dict[int, list[wal.Branch]]:
+    """The timeline history files among ``rows``, read and parsed, by timeline (one that
+    cannot be read or parsed is left out, and said so in the log: no chain follows it)."""
+    out: dict[int, list[wal.Branch]] = {}
+    for row in rows:
+        timeline = wal.history_timeline(row.name)
+        if timeline is None or not row.complete:
+            continue
+        try:
+            out[timeline] = wal.parse_history(read_segment(site, row).decode())
+        except (TandemError, ValueError, UnicodeDecodeError) as exc:
+            log.warning("timeline history %s of app %s is not used: %s", row.name, row.app_id, exc)
+    return out
+
+
+@dataclass(frozen=True)
+class Lineage:
+    """What an app's WAL held here is: its segments and its timelines' histories."""
+
+    held: list[wal.Held]
+    histories: dict[int, list[wal.Branch]]
+
+    def history_names(self, chain: wal.Chain) -> list[str]:
+        """The history files a recovery along ``chain`` reads (those of its timelines)."""
+        timelines = sorted({h.timeline for h in chain.segments})
+        return [f"{t:08X}.history" for t in timelines if t in self.histories]
+
+
+def lineage(site: Site, app: App) -> Lineage:
+    with site.catalog.read() as session:
+        rows = q.list_wal_segments(session, app_id=app.id)
+    return Lineage(held_of(rows), histories_of(site, rows))
 
 
 @dataclass(frozen=True)
@@ -283,18 +346,23 @@ def stop_time(image: Image) -> datetime:
     return datetime.fromisoformat(str((image.pg or {})["stop_time"]))
 
 
-def chain_of(image: Image, held: list[wal.Held]) -> wal.Chain:
+def chain_of(image: Image, lineage: Lineage) -> wal.Chain:
     pg = image.pg or {}
-    return wal.chain_from(held, int(pg["timeline"]), wal.parse_lsn(str(pg["start_lsn"])))
+    return wal.chain_from(
+        lineage.held,
+        int(pg["timeline"]),
+        wal.parse_lsn(str(pg["start_lsn"])),
+        lineage.histories,
+    )
 
 
 def window(site: Site, app: App) -> Window:
     """Oldest base's stop point → the newest WAL seen with no gap from it."""
     with site.catalog.read() as session:
         bases = base_images(session, app)
-        held = held_of(q.list_wal_segments(session, app_id=app.id))
     if not bases:
         return Window(None, None, None)
+    held = lineage(site, app)
     oldest = bases[-1]
     chain = chain_of(oldest, held)
     end = chain.end
@@ -322,6 +390,7 @@ def prune(site: Site, app: App) -> list[str]:
         s.name
         for s in rows
         if s.complete
+        and wal.history_timeline(s.name) is None  # a timeline's history is kept (tiny)
         and (s.timeline < timeline or (s.timeline == timeline and s.start_lsn < first))
         and (s.mirrored > s.size or app.origin is not None or not _mirrors(site, app))
     ]
@@ -356,13 +425,77 @@ def forget(site: Site, app: App) -> None:
         (folder / name).unlink(missing_ok=True)
 
 
-def stop_streaming(site: Site, app: App) -> None:
+def stop_streaming(site: Site, app: App, where: tuple[str, str] | None = None) -> None:
     """Stop ``app``'s receiver and drop its slot (an unprotected cluster must not keep WAL
-    for nobody); protecting it again starts a new stream, which a new base image bridges."""
+    for nobody); protecting it again starts a new stream, which a new base image bridges.
+    ``where``: as for ``pull``."""
+    host_name, path = where or (app.host, app.path)
     with site.catalog.read() as session:
-        host = q.get_host(session, name=app.host)
+        host = q.get_host(session, name=host_name)
     with agent_for(host) as agent:
-        agent.pg_drop(app.name, app.path)
+        agent.pg_drop(app.name, path)
+
+
+# --- at the DR site, while a failed-over database runs there -----------------------------
+
+
+def dr_copy(site: Site, app: App) -> tuple[str, str] | None:
+    """(host, folder) of the DR copy a failed-over PostgreSQL app runs on; None when it is
+    not failed over here."""
+    if app.kind is not AppKind.POSTGRESQL or app.state is not AppState.FAILED_OVER:
+        return None
+    with site.catalog.read() as session:
+        for image in q.list_images(session, app=app.name, kind=ImageKind.FAILOVER):
+            if image.state is ImageState.MOUNTED and image.mounted_host and image.mount_point:
+                return image.mounted_host, image.mount_point
+    return None
+
+
+def start_dr_capture(site: Site, ctx: JobContext, app: App, where: tuple[str, str]) -> None:
+    """Protect the DR copy as production is: its WAL (a new timeline since its promotion,
+    with the timeline's history file) streamed by the DR host's agent with its own slot,
+    stored here with the app's WAL. Started by the failover at once, so the stream begins
+    in the segment of the promotion; the shipper keeps it up (and tries again if this
+    failed)."""
+    try:
+        with site.wal_lock:
+            pull(site, app, where)
+    except TandemError as exc:
+        ctx.log(f"the WAL of the DR copy of {app.name} is not streamed yet: {exc}", "warning")
+        return
+    ctx.log(f"the WAL of {app.name} is streamed from its DR copy on host {where[0]}")
+
+
+def failover_ends(site: Site, ctx: JobContext, app_name: str, image: Image) -> None:
+    """A failback withdraws the DR copy ``image`` of a PostgreSQL app: take its last WAL,
+    stop its receiver and drop its slot first (best effort: the copy is going, and its
+    receiver with it)."""
+    with site.catalog.read() as session:
+        app = q.get_app(session, name=app_name)
+    if app.kind is not AppKind.POSTGRESQL or not image.mounted_host or not image.mount_point:
+        return
+    where = (image.mounted_host, image.mount_point)
+    try:
+        with site.wal_lock:
+            with contextlib.suppress(TandemError):
+                pull(site, app, where)
+            with contextlib.suppress(TandemError):
+                push(site, app, written_here=True)  # the last of it, home
+            stop_streaming(site, app, where)
+    except TandemError as exc:
+        ctx.log(f"the WAL stream of the DR copy of {app.name} was not stopped: {exc}", "warning")
+
+
+def replaced(site: Site, app: App) -> None:
+    """Before a restore writes another state over ``app``'s cluster (a syncback from the DR
+    site, on its own timeline): take what the host's receiver holds, then stop it, drop the
+    slot and its folder. The receiver would otherwise resume from the old cluster's
+    position, which the new one's history does not hold; the shipper starts a new stream
+    at the new cluster's position once it runs (a new base image bridges the two)."""
+    with site.wal_lock:
+        with contextlib.suppress(TandemError):
+            pull(site, app)  # its last WAL, when the old cluster ran until now
+        stop_streaming(site, app)
 
 
 class WalShipper:
@@ -375,6 +508,10 @@ class WalShipper:
         self._thread: threading.Thread | None = None
         self._warned: dict[str, str] = {}
         self._dropped: set[str] = set()
+        self._dr: dict[str, tuple[str, str]] = {}
+        """Apps whose DR copy this shipper streams: (host, folder)."""
+        self._push_after: dict[str, float] = {}
+        """Apps whose DR WAL is not pushed home before this (monotonic) time."""
 
     def start(self) -> None:
         self._stop.clear()
@@ -410,6 +547,21 @@ class WalShipper:
                     log.warning("WAL of %s: %s", name, exc.message)
 
     def _step(self, app: App) -> None:
+        where = dr_copy(self.site, app)
+        if where is not None:  # failed over here: the DR copy's WAL, and home to production
+            self._dr[app.name] = where
+            pull(self.site, app, where)
+            prune(self.site, app)
+            if time.monotonic() >= self._push_after.get(app.name, 0.0):
+                try:
+                    push(self.site, app, written_here=True)
+                except TandemError:  # production may be gone: not at every tick
+                    self._push_after[app.name] = time.monotonic() + PUSH_RETRY
+                    raise
+            return
+        if app.name in self._dr and app.state is not AppState.FAILBACK_PENDING:
+            stop_streaming(self.site, app, self._dr[app.name])  # the failover ended
+            del self._dr[app.name]
         if app.origin is None and app.state is AppState.MANAGED:
             self._dropped.discard(app.name)
             pull(self.site, app)

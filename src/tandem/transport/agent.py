@@ -5,6 +5,9 @@ Invariants
   raises ``Unreachable`` ("host NAME unreachable at URL: ..."); a host that refuses the
   agent token raises ``RemoteError`` (never ``Unauthorized``, which would tell the API
   caller that *their* token is wrong).
+- One method per call of the agent's API, taking the request model of
+  ``transport.agent_api`` (the agent's routes declare the same models): a body is checked
+  here before it is sent (a bad field is ``InvalidInput``) and again where it arrives.
 - ``capture``/``restore`` yield the agent's NDJSON events as they arrive; an ``error`` event
   is raised as the ``TandemError`` class it names, with the agent's message. Closing the
   generator early closes the connection, which tells the agent to stop.
@@ -15,8 +18,31 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+from pydantic import BaseModel
+
 from tandem import errors
 from tandem.errors import RemoteError, TandemError, Unauthorized
+from tandem.transport.agent_api import (
+    ApplianceSession,
+    CaptureRequest,
+    DefineRequest,
+    MaterializeRequest,
+    PowerRequest,
+    ProbeRequest,
+    RecoverRequest,
+    RefreshRequest,
+    RemoveRequest,
+    RestoreRequest,
+    RunRequest,
+    StreamRequest,
+    TargetCheckRequest,
+    UnmaterializeRequest,
+    VmRestoreRequest,
+    WalAck,
+    WalRead,
+    WantedRequest,
+)
+from tandem.transport.api import checked
 from tandem.transport.client import ApiClient, api_path
 
 
@@ -56,9 +82,10 @@ class AgentClient:
             ),
         )
 
-    def _call(self, method: str, path: str, body: Any = None) -> Any:
+    def _call(self, method: str, path: str, body: BaseModel | None = None) -> Any:
+        json_body = None if body is None else body.model_dump(mode="json", exclude_unset=True)
         try:
-            return self._api.request(method, path, json_body=body)
+            return self._api.request(method, path, json_body=json_body)
         except Unauthorized as exc:
             raise self._refused(exc) from exc
 
@@ -72,7 +99,7 @@ class AgentClient:
     def run_hook(self, script: str, env: dict[str, str], timeout: float = 600.0) -> dict[str, Any]:
         """Run the hook script named ``script`` from the agent's scripts/ folder with the
         ``TANDEM_*`` variables ``env``; returns ``{returncode, stdout, stderr}``."""
-        body = {"script": script, "env": env, "timeout": timeout}
+        body = checked(RunRequest, script=script, env=env, timeout=timeout)
         answer = self._call("POST", "/api/v1/run", body)
         if not isinstance(answer, dict) or "returncode" not in answer:
             raise RemoteError(what="host", name=self.name, detail="unexpected answer to run")
@@ -82,7 +109,8 @@ class AgentClient:
         """What is at ``path`` on the host: ``{exists, empty, kind, usable}`` (``usable``: a
         new copy of a ``kind`` image may be written there). A symlink among the parent
         folders answers TargetInvalid."""
-        answer = self._call("POST", "/api/v1/target/check", {"kind": kind, "path": path})
+        body = checked(TargetCheckRequest, kind=kind, path=path)
+        answer = self._call("POST", "/api/v1/target/check", body)
         if not isinstance(answer, dict) or "usable" not in answer:
             raise RemoteError(what="host", name=self.name, detail="unexpected answer to check")
         return answer
@@ -94,7 +122,7 @@ class AgentClient:
             raise RemoteError(what="host", name=self.name, detail="unexpected answer to vms")
         return [d for d in answer["domains"] if isinstance(d, dict)]
 
-    def define_vm(self, body: dict[str, Any]) -> dict[str, Any]:
+    def define_vm(self, body: DefineRequest) -> dict[str, Any]:
         """Define a new VM from a VM image's XML over an NBD export (``agent.vm.define``)."""
         answer = self._call("POST", "/api/v1/vms/define", body)
         if not isinstance(answer, dict) or "name" not in answer:
@@ -103,51 +131,52 @@ class AgentClient:
 
     def power_vm(self, name: str, *, on: bool, timeout: float = 120.0) -> dict[str, Any]:
         """Start domain ``name``, or stop it (graceful within ``timeout`` s, then destroy)."""
-        answer = self._call(
-            "POST", "/api/v1/vms/power", {"name": name, "on": on, "timeout": timeout}
-        )
+        body = checked(PowerRequest, name=name, on=on, timeout=timeout)
+        answer = self._call("POST", "/api/v1/vms/power", body)
         if not isinstance(answer, dict) or "running" not in answer:
             raise RemoteError(what="host", name=self.name, detail="unexpected answer to power")
         return answer
 
     def remove_vm(self, name: str) -> dict[str, Any]:
         """Destroy and undefine the VM ``name`` (gone already is fine)."""
-        answer = self._call("POST", "/api/v1/vms/remove", {"name": name})
+        answer = self._call("POST", "/api/v1/vms/remove", checked(RemoveRequest, name=name))
         return answer if isinstance(answer, dict) else {}
 
-    def _events(self, path: str, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    def _events(self, path: str, body: BaseModel) -> Iterator[dict[str, Any]]:
+        json_body = body.model_dump(mode="json", exclude_unset=True)
         try:
-            for event in self._api.stream(path, body):
+            for event in self._api.stream(path, json_body):
                 if event.get("event") == "error":
                     raise error_from_event(event, self.name)
                 yield event
         except Unauthorized as exc:
             raise self._refused(exc) from exc
 
-    def capture(self, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    def capture(self, body: CaptureRequest) -> Iterator[dict[str, Any]]:
         """Ask the agent to capture into an appliance session; yields progress events."""
         return self._events("/api/v1/capture", body)
 
-    def restore(self, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    def restore(self, body: RestoreRequest) -> Iterator[dict[str, Any]]:
         """Ask the agent to diff-restore from an appliance session; yields progress events."""
         return self._events("/api/v1/restore", body)
 
-    def restore_vm(self, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    def restore_vm(self, body: VmRestoreRequest) -> Iterator[dict[str, Any]]:
         """Ask the agent to restore a VM image onto a domain in place; yields its events."""
         return self._events("/api/v1/vms/restore", body)
 
-    def materialize(self, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    def materialize(self, body: MaterializeRequest) -> Iterator[dict[str, Any]]:
         """Ask the agent to present an image at a mount point; yields progress events."""
         return self._events("/api/v1/materialize", body)
 
     def unmaterialize(self, image: str) -> dict[str, Any]:
         """Remove what presenting ``image`` placed on the host."""
-        answer = self._call("POST", "/api/v1/unmaterialize", {"image": image})
+        body = checked(UnmaterializeRequest, image=image)
+        answer = self._call("POST", "/api/v1/unmaterialize", body)
         return answer if isinstance(answer, dict) else {}
 
     # --- PostgreSQL (``tandem.agent.pg``) ---------------------------------------------
 
-    def _dict(self, method: str, path: str, body: Any = None) -> dict[str, Any]:
+    def _dict(self, method: str, path: str, body: BaseModel | None = None) -> dict[str, Any]:
         answer = self._call(method, path, body)
         if not isinstance(answer, dict):
             raise RemoteError(what="host", name=self.name, detail=f"unexpected answer to {path}")
@@ -155,22 +184,22 @@ class AgentClient:
 
     def pg_probe(self, app: str, path: str) -> dict[str, Any]:
         """The cluster at ``path`` and whether it can be protected (refusals are errors)."""
-        return self._dict("POST", "/api/v1/pg/probe", {"app": app, "path": path})
+        return self._dict("POST", "/api/v1/pg/probe", checked(ProbeRequest, app=app, path=path))
 
     def pg_stream(self, app: str, path: str) -> dict[str, Any]:
         """Keep the app's WAL receiver (and its replication slot) running."""
-        return self._dict("POST", "/api/v1/pg/stream", {"app": app, "path": path})
+        return self._dict("POST", "/api/v1/pg/stream", checked(StreamRequest, app=app, path=path))
 
     def pg_drop(self, app: str, path: str) -> dict[str, Any]:
         """Stop the app's WAL receiver and drop its replication slot."""
-        return self._dict("POST", "/api/v1/pg/drop", {"app": app, "path": path})
+        return self._dict("POST", "/api/v1/pg/drop", checked(StreamRequest, app=app, path=path))
 
     def pg_wal(self, app: str) -> dict[str, Any]:
         """The WAL files the host holds for ``app`` (``files``, ``seen``, ``running``)."""
         return self._dict("GET", api_path("/api/v1/pg/wal", app))
 
     def pg_wal_read(self, app: str, name: str, offset: int) -> bytes:
-        body = {"app": app, "name": name, "offset": offset}
+        body = checked(WalRead, app=app, name=name, offset=offset).model_dump(mode="json")
         try:
             data = self._api.request("POST", "/api/v1/pg/wal/read", json_body=body, raw=True)
         except Unauthorized as exc:
@@ -178,34 +207,34 @@ class AgentClient:
         return bytes(data)
 
     def pg_wal_ack(self, app: str, names: list[str]) -> dict[str, Any]:
-        return self._dict("POST", "/api/v1/pg/wal/ack", {"app": app, "names": names})
+        return self._dict("POST", "/api/v1/pg/wal/ack", checked(WalAck, app=app, names=names))
 
-    def pg_spool(self, path: str, name: str, data: bytes) -> dict[str, Any]:
-        """Give the copy at ``path`` one WAL segment for its recovery."""
+    def pg_spool(self, path: str, name: str, data: bytes, run: str | None = None) -> dict[str, Any]:
+        """Give the copy at ``path`` one WAL segment for its recovery (``run``: its folder)."""
+        params = {"path": path, "name": name, **({"run": run} if run else {})}
         try:
-            answer = self._api.request(
-                "PUT", "/api/v1/pg/spool", content=data, params={"path": path, "name": name}
-            )
+            answer = self._api.request("PUT", "/api/v1/pg/spool", content=data, params=params)
         except Unauthorized as exc:
             raise self._refused(exc) from exc
         return answer if isinstance(answer, dict) else {}
 
-    def pg_spool_wanted(self, path: str, after: str | None, wait: float) -> str | None:
+    def pg_spool_wanted(
+        self, path: str, after: str | None, wait: float, run: str | None = None
+    ) -> str | None:
         """The segment the recovery of the copy at ``path`` waits for (None: none yet);
         the agent waits up to ``wait`` s for it to differ from ``after``."""
-        answer = self._dict(
-            "POST", "/api/v1/pg/spool/wanted", {"path": path, "after": after, "wait": wait}
-        )
+        body = checked(WantedRequest, path=path, after=after, wait=wait, run=run)
+        answer = self._dict("POST", "/api/v1/pg/spool/wanted", body)
         wanted = answer.get("wanted")
         return str(wanted) if isinstance(wanted, str) else None
 
-    def pg_recover(self, body: dict[str, Any]) -> dict[str, Any]:
+    def pg_recover(self, body: RecoverRequest) -> dict[str, Any]:
         """Start the copy recovered to a point in time; answers the point reached."""
         return self._dict("POST", "/api/v1/pg/recover", body)
 
     def refresh_layers(self, image: str, appliance: dict[str, str]) -> int:
         """Give the FUSE copies of ``image`` on the host a new read session; how many."""
-        answer = self._call(
-            "POST", "/api/v1/layers/refresh", {"image": image, "appliance": appliance}
-        )
+        session = checked(ApplianceSession, **appliance)
+        body = checked(RefreshRequest, image=image, appliance=session)
+        answer = self._call("POST", "/api/v1/layers/refresh", body)
         return int(answer.get("refreshed") or 0) if isinstance(answer, dict) else 0

@@ -54,6 +54,40 @@ def session_path(session: str, *rest: str) -> str:
     return api_path("/api/v1/sessions", session, *rest)
 
 
+class SessionClient:
+    """The calls of one transfer session of an appliance (``/api/v1/sessions/SID/…``),
+    one method each: the only place a client writes their paths."""
+
+    def __init__(self, client: ApiClient, session: str) -> None:
+        self.client = client
+        self.id = session
+        self.base = session_path(session)
+
+    def missing(self, digests: Iterable[bytes]) -> list[bytes]:
+        """Which of ``digests`` the appliance lacks (durable and verified counts as held)."""
+        answer = self.client.post(f"{self.base}/missing", {"digests": encode_digests(digests)})
+        return list(decode_digests(answer["missing"]))
+
+    def send_chunks(self, body: bytes) -> None:
+        """Store a batch of chunk frames (``wire.encode_frames``); each is verified there."""
+        self.client.request("POST", f"{self.base}/chunks", content=body)
+
+    def commit_manifest(self, blob: bytes) -> bytes:
+        """Store the manifest ``blob`` once every chunk it names is held; its id."""
+        answer = self.client.request("POST", f"{self.base}/manifest", content=blob)
+        return bytes.fromhex(answer["manifest"])
+
+    def subs(self, digest: bytes) -> bytes:
+        """The block digests of a chunk the appliance holds, concatenated."""
+        path = session_path(self.id, "chunks", digest.hex(), "subs")
+        return bytes(self.client.request("GET", path, raw=True))
+
+    def manifest(self, manifest: str) -> bytes:
+        """The encoded manifest ``manifest`` (hex id) of an image the session reads."""
+        path = session_path(self.id, "manifests", manifest)
+        return bytes(self.client.request("GET", path, raw=True))
+
+
 class RemoteWriter:
     """Has the PoolWriter interface the capture functions use; sends in batches.
 
@@ -67,7 +101,7 @@ class RemoteWriter:
 
     def __init__(self, client: ApiClient, session: str) -> None:
         self.client = client
-        self.base = session_path(session)
+        self.session = SessionClient(client, session)
         self._lock = threading.Lock()
         self._send_lock = threading.Lock()
         self._batch: list[tuple[bytes, bytes]] = []
@@ -123,7 +157,7 @@ class RemoteWriter:
 
     def sub_digests(self, digest: bytes) -> list[bytes]:
         """Sub-block digests of a chunk the appliance holds (to send a change as a delta)."""
-        raw = self.client.request("GET", f"{self.base}/chunks/{digest.hex()}/subs", raw=True)
+        raw = self.session.subs(digest)
         return [raw[i : i + DIGEST_SIZE] for i in range(0, len(raw), DIGEST_SIZE)]
 
     def put_delta(
@@ -184,14 +218,11 @@ class RemoteWriter:
 
     def _send(self, batch: list[tuple[bytes, bytes]]) -> None:
         """Ask which chunks of the batch the appliance lacks, then send those."""
-        answer = self.client.post(
-            f"{self.base}/missing", {"digests": encode_digests(d for d, _ in batch)}
-        )
-        missing = set(decode_digests(answer["missing"]))
+        missing = set(self.session.missing(d for d, _ in batch))
         frames = [(d, b) for d, b in batch if d in missing]
         if frames:
             body = encode_frames(frames)
-            self.client.request("POST", f"{self.base}/chunks", content=body)
+            self.session.send_chunks(body)
             with self._lock:
                 self.bytes_sent += len(body)
                 self.chunks_sent += len(frames)
@@ -213,9 +244,9 @@ class RemoteWriter:
 
     def commit_manifest(self, blob: bytes) -> bytes:
         self.flush()
-        answer = self.client.request("POST", f"{self.base}/manifest", content=blob)
+        manifest = self.session.commit_manifest(blob)
         self.bytes_sent += len(blob)
-        return bytes.fromhex(answer["manifest"])
+        return manifest
 
 
 class RemotePool:

@@ -14,13 +14,50 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 from urllib.parse import quote, urlsplit
 
 import httpx
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from tandem import errors
 from tandem.errors import RemoteError, TandemError, Unreachable
+from tandem.transport.api import (
+    AcceptIn,
+    AppHooksIn,
+    AppIn,
+    AppOut,
+    AuditOut,
+    CaptureIn,
+    CloneIn,
+    CommitFailbackIn,
+    Deleted,
+    ExportOut,
+    FailbackIn,
+    FailoverIn,
+    GcIn,
+    GcOut,
+    HostIn,
+    HostOut,
+    ImageOut,
+    InfoOut,
+    JobAnswer,
+    JobLogOut,
+    JobOut,
+    MountIn,
+    PairIn,
+    PeerOut,
+    PresentIn,
+    ProtectIn,
+    RestoreIn,
+    TemplateIn,
+    TemplateOut,
+    TokenCreated,
+    TokenIn,
+    TokenOut,
+    TransitionOut,
+    VerifyOut,
+)
 from tandem.transport.tls import pinned_context
 
 DEFAULT_TIMEOUT = httpx.Timeout(30.0, read=300.0)
@@ -159,6 +196,10 @@ class ApiClient:
             return None
         return resp.json()
 
+    def health(self) -> Any:
+        """``GET /health``: answers without a token once the daemon serves."""
+        return self.get("/health")
+
     def get(self, path: str, **params: Any) -> Any:
         return self.request("GET", path, params=params)
 
@@ -186,16 +227,17 @@ class ApiClient:
 API = "/api/v1"
 
 Doc = Any
-"""A JSON document as the appliance answered it (the wire models move here with issue #13)."""
+"""A JSON document as a daemon answered it, where no model of ``transport.api`` names it."""
+
+M = TypeVar("M", bound=BaseModel)
 
 
 class ApplianceClient(ApiClient):
-    """The appliance's REST API, one thin method per call: the only place outside the
-    routes that knows its paths. Names and ids are quoted as one segment each (``api_path``).
-
-    Operations that start a job answer ``{"job": {...}, ...}``: ``start`` for those on an
-    application (``capture``, ``failover``…) and ``start_on_image`` for those on an image
-    (``mount``, ``clone``); both take the operation's name as the API spells it.
+    """The appliance's REST API, one method per call: the only place outside the routes
+    that knows its paths. Each takes the request model of ``transport.api`` (built with
+    ``api.checked``, which names a bad field before anything is sent) and answers the
+    document model the route declares; an answer of another shape is a ``RemoteError``.
+    Names and ids are quoted as one segment each (``api_path``).
     """
 
     def __init__(
@@ -210,142 +252,205 @@ class ApplianceClient(ApiClient):
     ) -> None:
         super().__init__(url, token, fingerprint, what=what, name=name, timeout=timeout)
 
+    def _as(self, model: type[M], answer: Any) -> M:
+        try:
+            return model.model_validate(answer)
+        except ValidationError as exc:
+            raise self._unexpected(model.__name__, answer, exc) from None
+
+    def _list(self, model: type[M], answer: Any) -> list[M]:
+        try:
+            return TypeAdapter(list[model]).validate_python(answer)  # type: ignore[valid-type]
+        except ValidationError as exc:
+            raise self._unexpected(f"a list of {model.__name__}", answer, exc) from None
+
+    def _unexpected(self, what: str, answer: Any, exc: ValidationError) -> RemoteError:
+        return RemoteError(
+            what=self.what,
+            name=self.name,
+            detail=f"it answered {str(answer)[:200]} where {what} was expected "
+            f"({exc.error_count()} problem(s)); check that this tandem matches the "
+            "appliance's version",
+        )
+
+    @staticmethod
+    def _body(body: BaseModel | None) -> dict[str, Any]:
+        """The JSON of ``body``: the fields it was given (the server fills the defaults,
+        and a partial change such as ``AppHooksIn`` means what it names)."""
+        return {} if body is None else body.model_dump(mode="json", exclude_unset=True)
+
+    def _job(self, path: str, body: BaseModel | None = None) -> JobAnswer:
+        return self._as(JobAnswer, self.post(path, self._body(body)))
+
     # --- operations (jobs) --------------------------------------------------------------
 
-    def start(self, app: str, operation: str, params: dict[str, Any] | None = None) -> Doc:
-        """Start ``operation`` (``capture``, ``test-failover``…) on ``app``."""
-        return self.post(api_path(f"{API}/apps", app, operation), params or {})
+    def capture(self, app: str, body: CaptureIn) -> JobAnswer:
+        return self._job(api_path(f"{API}/apps", app, "capture"), body)
 
-    def start_on_image(self, image: str, operation: str, params: dict[str, Any]) -> Doc:
-        """Start ``operation`` (``mount``, ``clone``) on ``image``."""
-        return self.post(api_path(f"{API}/images", image, operation), params)
+    def restore(self, app: str, body: RestoreIn) -> JobAnswer:
+        return self._job(api_path(f"{API}/apps", app, "restore"), body)
 
-    def delete_image(self, image: str) -> Doc:
+    def test_failover(self, app: str, body: PresentIn) -> JobAnswer:
+        return self._job(api_path(f"{API}/apps", app, "test-failover"), body)
+
+    def failover(self, app: str, body: FailoverIn) -> JobAnswer:
+        return self._job(api_path(f"{API}/apps", app, "failover"), body)
+
+    def syncback(self, app: str, body: CaptureIn) -> JobAnswer:
+        return self._job(api_path(f"{API}/apps", app, "syncback"), body)
+
+    def failback(self, app: str, body: FailbackIn) -> JobAnswer:
+        return self._job(api_path(f"{API}/apps", app, "failback"), body)
+
+    def commit_failback(self, app: str, body: CommitFailbackIn) -> JobAnswer:
+        return self._job(api_path(f"{API}/apps", app, "commit-failback"), body)
+
+    def undo_failback(self, app: str) -> JobAnswer:
+        return self._job(api_path(f"{API}/apps", app, "undo-failback"))
+
+    def replicate(self, app: str) -> JobAnswer:
+        return self._job(api_path(f"{API}/apps", app, "replicate"))
+
+    def mount(self, image: str, body: MountIn) -> JobAnswer:
+        return self._job(api_path(f"{API}/images", image, "mount"), body)
+
+    def clone(self, image: str, body: CloneIn) -> JobAnswer:
+        return self._job(api_path(f"{API}/images", image, "clone"), body)
+
+    def delete_image(self, image: str) -> JobAnswer:
         """Start the job deleting ``image``."""
-        return self.delete(api_path(f"{API}/images", image))
+        return self._as(JobAnswer, self.delete(api_path(f"{API}/images", image)))
 
-    def collect_garbage(self) -> Doc:
-        return self.post(f"{API}/gc")
+    def collect_garbage(self) -> JobAnswer:
+        return self._job(f"{API}/gc")
 
     # --- jobs ---------------------------------------------------------------------------
 
-    def jobs(self, **filters: Any) -> Doc:
-        """Jobs, newest first (``app``, ``status``, ``limit``, ``after``)."""
-        return self.get(f"{API}/jobs", **filters)
+    def jobs(
+        self,
+        *,
+        app: str | None = None,
+        status: list[str] | None = None,
+        limit: int | None = None,
+        after: str | None = None,
+    ) -> list[JobOut]:
+        """Jobs, newest first."""
+        answer = self.get(f"{API}/jobs", app=app, status=status, limit=limit, after=after)
+        return self._list(JobOut, answer)
 
-    def job(self, job: str, *, wait: float | None = None) -> Doc:
+    def job(self, job: str, *, wait: float | None = None) -> JobOut:
         """The job; with ``wait``, answered as soon as it ends or after ``wait`` seconds."""
-        if wait is None:
-            return self.get(api_path(f"{API}/jobs", job))
-        return self.get(api_path(f"{API}/jobs", job), wait=wait)
+        return self._as(JobOut, self.get(api_path(f"{API}/jobs", job), wait=wait))
 
-    def job_log(self, job: str) -> Doc:
-        return self.get(api_path(f"{API}/jobs", job, "log"))
+    def job_log(self, job: str) -> list[JobLogOut]:
+        return self._list(JobLogOut, self.get(api_path(f"{API}/jobs", job, "log")))
 
-    def cancel_job(self, job: str) -> Doc:
-        return self.post(api_path(f"{API}/jobs", job, "cancel"))
+    def cancel_job(self, job: str) -> JobAnswer:
+        return self._job(api_path(f"{API}/jobs", job, "cancel"))
 
-    def gc_settings(self) -> Doc:
-        return self.get(f"{API}/gc")
+    def gc_settings(self) -> GcOut:
+        return self._as(GcOut, self.get(f"{API}/gc"))
 
-    def set_gc(self, changes: dict[str, Any]) -> Doc:
-        return self.request("PATCH", f"{API}/gc", json_body=changes)
+    def set_gc(self, changes: GcIn) -> GcOut:
+        answer = self.request("PATCH", f"{API}/gc", json_body=self._body(changes))
+        return self._as(GcOut, answer)
 
-    def audit(self, limit: int) -> Doc:
-        return self.get(f"{API}/audit", limit=limit)
+    def audit(self, limit: int) -> list[AuditOut]:
+        return self._list(AuditOut, self.get(f"{API}/audit", limit=limit))
 
     # --- images -------------------------------------------------------------------------
 
-    def images(self, app: str) -> Doc:
-        return self.get(api_path(f"{API}/apps", app, "images"))
+    def images(self, app: str) -> list[ImageOut]:
+        return self._list(ImageOut, self.get(api_path(f"{API}/apps", app, "images")))
 
-    def image(self, image: str) -> Doc:
-        return self.get(api_path(f"{API}/images", image))
+    def image(self, image: str) -> ImageOut:
+        return self._as(ImageOut, self.get(api_path(f"{API}/images", image)))
 
-    def export_image(self, image: str) -> Doc:
-        return self.post(api_path(f"{API}/images", image, "export"))
+    def export_image(self, image: str) -> ExportOut:
+        return self._as(ExportOut, self.post(api_path(f"{API}/images", image, "export")))
 
-    def verify_image(self, image: str) -> Doc:
-        return self.get(api_path(f"{API}/images", image, "verify"))
+    def verify_image(self, image: str) -> VerifyOut:
+        return self._as(VerifyOut, self.get(api_path(f"{API}/images", image, "verify")))
 
-    def unmount(self, image: str) -> Doc:
-        return self.post(api_path(f"{API}/images", image, "unmount"), {})
+    def unmount(self, image: str) -> ImageOut:
+        return self._as(ImageOut, self.post(api_path(f"{API}/images", image, "unmount"), {}))
 
     # --- set-up -------------------------------------------------------------------------
 
-    def tokens(self) -> Doc:
-        return self.get(f"{API}/tokens")
+    def tokens(self) -> list[TokenOut]:
+        return self._list(TokenOut, self.get(f"{API}/tokens"))
 
-    def add_token(self, name: str, role: str) -> Doc:
-        return self.post(f"{API}/tokens", {"name": name, "role": role})
+    def add_token(self, body: TokenIn) -> TokenCreated:
+        return self._as(TokenCreated, self.post(f"{API}/tokens", self._body(body)))
 
-    def remove_token(self, name: str) -> Doc:
-        return self.delete(api_path(f"{API}/tokens", name))
+    def remove_token(self, name: str) -> Deleted:
+        return self._as(Deleted, self.delete(api_path(f"{API}/tokens", name)))
 
-    def hosts(self) -> Doc:
-        return self.get(f"{API}/hosts")
+    def hosts(self) -> list[HostOut]:
+        return self._list(HostOut, self.get(f"{API}/hosts"))
 
-    def add_host(self, name: str, url: str, token: str, fingerprint: str) -> Doc:
-        body = {"name": name, "url": url, "token": token, "fingerprint": fingerprint}
-        return self.post(f"{API}/hosts", body)
+    def add_host(self, body: HostIn) -> HostOut:
+        return self._as(HostOut, self.post(f"{API}/hosts", self._body(body)))
 
-    def remove_host(self, name: str) -> Doc:
-        return self.delete(api_path(f"{API}/hosts", name))
+    def remove_host(self, name: str) -> Deleted:
+        return self._as(Deleted, self.delete(api_path(f"{API}/hosts", name)))
 
     def vms(self, host: str) -> Doc:
-        """The libvirt domains of a hypervisor host."""
+        """The libvirt domains of a hypervisor host (the agent's document, passed on)."""
         return self.get(api_path(f"{API}/hosts", host, "vms"))
 
-    def templates(self) -> Doc:
-        return self.get(f"{API}/templates")
+    def templates(self) -> list[TemplateOut]:
+        return self._list(TemplateOut, self.get(f"{API}/templates"))
 
-    def add_template(self, params: dict[str, Any]) -> Doc:
-        return self.post(f"{API}/templates", params)
+    def add_template(self, body: TemplateIn) -> TemplateOut:
+        return self._as(TemplateOut, self.post(f"{API}/templates", self._body(body)))
 
-    def remove_template(self, name: str) -> Doc:
-        return self.delete(api_path(f"{API}/templates", name))
+    def remove_template(self, name: str) -> Deleted:
+        return self._as(Deleted, self.delete(api_path(f"{API}/templates", name)))
 
-    def apps(self) -> Doc:
-        return self.get(f"{API}/apps")
+    def apps(self) -> list[AppOut]:
+        return self._list(AppOut, self.get(f"{API}/apps"))
 
-    def app(self, name: str) -> Doc:
-        return self.get(api_path(f"{API}/apps", name))
+    def app(self, name: str) -> AppOut:
+        return self._as(AppOut, self.get(api_path(f"{API}/apps", name)))
 
-    def add_app(self, params: dict[str, Any]) -> Doc:
-        return self.post(f"{API}/apps", params)
+    def add_app(self, body: AppIn) -> AppOut:
+        return self._as(AppOut, self.post(f"{API}/apps", self._body(body)))
 
-    def set_app(self, name: str, changes: dict[str, Any]) -> Doc:
-        return self.request("PATCH", api_path(f"{API}/apps", name), json_body=changes)
+    def set_app(self, name: str, changes: AppHooksIn) -> AppOut:
+        path = api_path(f"{API}/apps", name)
+        return self._as(AppOut, self.request("PATCH", path, json_body=self._body(changes)))
 
-    def remove_app(self, name: str) -> Doc:
-        return self.delete(api_path(f"{API}/apps", name))
+    def remove_app(self, name: str) -> Deleted:
+        return self._as(Deleted, self.delete(api_path(f"{API}/apps", name)))
 
-    def protect(self, name: str, template: str) -> Doc:
-        return self.post(api_path(f"{API}/apps", name, "protect"), {"template": template})
+    def protect(self, name: str, body: ProtectIn) -> AppOut:
+        path = api_path(f"{API}/apps", name, "protect")
+        return self._as(AppOut, self.post(path, self._body(body)))
 
-    def unprotect(self, name: str) -> Doc:
-        return self.post(api_path(f"{API}/apps", name, "unprotect"))
+    def unprotect(self, name: str) -> AppOut:
+        return self._as(AppOut, self.post(api_path(f"{API}/apps", name, "unprotect")))
 
-    def transitions(self, name: str) -> Doc:
-        return self.get(api_path(f"{API}/apps", name, "transitions"))
+    def transitions(self, name: str) -> list[TransitionOut]:
+        path = api_path(f"{API}/apps", name, "transitions")
+        return self._list(TransitionOut, self.get(path))
 
     # --- the other site -----------------------------------------------------------------
 
-    def peers(self) -> Doc:
-        return self.get(f"{API}/peers")
+    def peers(self) -> list[PeerOut]:
+        return self._list(PeerOut, self.get(f"{API}/peers"))
 
-    def add_peer(self, url: str, token: str, fingerprint: str, bandwidth: int | None) -> Doc:
-        body = {"url": url, "token": token, "fingerprint": fingerprint, "bandwidth": bandwidth}
-        return self.post(f"{API}/peers", body)
+    def add_peer(self, body: PairIn) -> PeerOut:
+        return self._as(PeerOut, self.post(f"{API}/peers", self._body(body)))
 
-    def remove_peer(self, name: str) -> Doc:
-        return self.delete(api_path(f"{API}/peers", name))
+    def remove_peer(self, name: str) -> Deleted:
+        return self._as(Deleted, self.delete(api_path(f"{API}/peers", name)))
 
-    def info(self) -> Doc:
+    def info(self) -> InfoOut:
         """The appliance's name and version (what pairing reads first)."""
-        return self.get(f"{API}/info")
+        return self._as(InfoOut, self.get(f"{API}/info"))
 
-    def accept_peer(self, name: str, url: str, fingerprint: str, token: str) -> Doc:
-        """Pairing's second half, asked of the other appliance: it stores us as its peer."""
-        body = {"name": name, "url": url, "fingerprint": fingerprint, "token": token}
-        return self.post(f"{API}/peers/accept", body)
+    def accept_peer(self, body: AcceptIn) -> Doc:
+        """Pairing's second half, asked of the other appliance: it stores us as its peer
+        (answers its name and the token it made for us)."""
+        return self.post(f"{API}/peers/accept", self._body(body))

@@ -91,7 +91,8 @@ class WalPush(Wire):
     receiver appends them to what it holds (which must reach ``offset``) and checks the
     whole against ``digest`` (BLAKE3-256 of bytes 0…offset+len)."""
 
-    name: str = Field(pattern=r"^[0-9A-F]{24}$")
+    name: str = Field(pattern=r"^([0-9A-F]{24}|[0-9A-F]{8}\.history)$")
+    """A segment, or a timeline's history file."""
     offset: int = Field(ge=0, le=16 * 1024 * 1024)
     data: str = Field(max_length=23 * 1024 * 1024)
     """Base64."""

@@ -1,4 +1,10 @@
-"""The JSON of the appliance API: request bodies and the documents it answers with.
+"""The wire contract of the appliance API: request bodies and the documents it answers with.
+
+Both sides use these models: the routes declare them (they are the OpenAPI document) and
+the typed client (``transport/client.py``) sends and parses them. They know no catalog,
+no operation and no caller: documents are read from catalog rows by attribute
+(``from_attributes``), and what a document computes (a name through a relation, an age, a
+redaction for the caller) is filled by the route layer's adapter, ``appliance/documents.py``.
 
 Invariants
 - Field names are the operator contract of CLI.md: a job has at least ``id, type, app,
@@ -19,14 +25,12 @@ Invariants
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime
-from typing import Annotated, Any
+from datetime import datetime
+from typing import Annotated, Any, TypeVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 from pydantic_core import PydanticCustomError
 
-from tandem.appliance.auth import Principal
-from tandem.catalog.models import App, Audit, Host, Image, Job, JobLog, Template, Token, Transition
 from tandem.domain.consistency import ConsistencyMode
 from tandem.domain.hooks import HOOK_NAME, MAX_HOOK_NAME, hook_name_problem, is_hook_name
 from tandem.domain.ids import NAME_PATTERN
@@ -36,7 +40,7 @@ from tandem.domain.lifecycle import AppKind, AppState
 from tandem.domain.paths import CanonicalPath
 from tandem.domain.rules import Role
 from tandem.domain.vms import DOMAIN_NAME
-from tandem.operations.apps import Risk
+from tandem.errors import InvalidInput
 
 NAME = NAME_PATTERN
 NO_NUL = r"^[^\x00]*$"
@@ -63,6 +67,28 @@ HookName = Annotated[
 
 class Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+B = TypeVar("B", bound=BaseModel)
+
+
+def checked(model: type[B], **fields: Any) -> B:
+    """``model`` built from ``fields`` where a caller builds a request; a bad field is an
+    ``InvalidInput`` naming it, as the server's answer would (nothing is sent)."""
+    try:
+        return model(**fields)
+    except ValidationError as exc:
+        problems = [
+            f"{'.'.join(str(p) for p in err['loc']) or 'request'}: {err['msg']}"
+            for err in exc.errors()
+        ]
+        raise InvalidInput(detail="; ".join(problems) or "invalid request") from None
+
+
+class Document(BaseModel):
+    """An answer of the API; read from a catalog row's attributes where names agree."""
+
+    model_config = ConfigDict(from_attributes=True)
 
 
 # --- requests ---------------------------------------------------------------------------
@@ -228,23 +254,31 @@ class RestoreIn(Body):
     """A VM: seconds its graceful shutdown may take before it is powered off."""
 
 
+class PairIn(Body):
+    url: str = Field(min_length=8, max_length=2048)
+    token: str = Field(min_length=1, max_length=512)
+    fingerprint: str = Field(min_length=64, max_length=128)
+    bandwidth: int | None = Field(default=None, ge=0, description="bytes per second, 0: no cap")
+
+
+class AcceptIn(Body):
+    name: str = Field(min_length=1, max_length=64)
+    url: str = Field(min_length=8, max_length=2048)
+    token: str = Field(min_length=1, max_length=512)
+    fingerprint: str = Field(min_length=64, max_length=128)
+
+
+class PeerOut(Document):
+    name: str
+    url: str
+    fingerprint: str
+
+
 # --- answers ----------------------------------------------------------------------------
-
-
-def _age(ts: datetime | None, now: datetime) -> float | None:
-    return None if ts is None else round(max(0.0, (now - ts).total_seconds()), 3)
 
 
 CAPABILITY_KEYS = frozenset({"nbd_uri"})
 """Keys of a job's result that hold capabilities, not data (see the invariants)."""
-
-
-def may_see_capabilities(job: Job, who: Principal | None) -> bool:
-    """Whether ``who`` may read the capabilities in ``job``'s result: admins, and the
-    operator who started the job."""
-    if who is None or who.role is Role.VIEWER or who.role is Role.PEER:
-        return False
-    return who.role is Role.ADMIN or (job.actor is not None and job.actor == who.name)
 
 
 _NBD_SECRET = re.compile(r"(nbds?://[^\s/]+/[^\s/.]+)\.[A-Za-z0-9_-]+")
@@ -263,7 +297,7 @@ def redact_capabilities(result: dict[str, Any] | None) -> dict[str, Any] | None:
     return {k: (None if k in CAPABILITY_KEYS else v) for k, v in result.items()}
 
 
-class JobOut(BaseModel):
+class JobOut(Document):
     id: str
     type: str
     app: str | None
@@ -285,51 +319,23 @@ class JobOut(BaseModel):
     """What the job made; capabilities in it (``nbd_uri``) only for the job's starter and
     admins, null for anyone else."""
 
-    @classmethod
-    def of(cls, job: Job, who: Principal | None = None) -> JobOut:
-        """The document of ``job`` as ``who`` may see it (``None``: no capabilities)."""
-        result = job.result if may_see_capabilities(job, who) else redact_capabilities(job.result)
-        return cls(
-            id=job.id,
-            type=job.type,
-            app=job.app,
-            status=job.status,
-            message=hide_secrets(job.message),
-            image=job.image,
-            bytes_total=job.bytes_total,
-            bytes_done=job.bytes_done,
-            bytes_sent=job.bytes_sent,
-            created=job.created,
-            started=job.started,
-            finished=job.finished,
-            actor=job.actor,
-            cancel_requested=job.cancel_requested,
-            runner=job.runner,
-            attempts=job.attempts,
-            result=result,
-        )
 
-
-class JobAnswer(BaseModel):
+class JobAnswer(Document):
     """What an operation answers: the job it queued."""
 
     job: JobOut
 
 
-class JobLogOut(BaseModel):
+class JobLogOut(Document):
     ts: datetime
     level: str
     text: str
-
-    @classmethod
-    def of(cls, line: JobLog) -> JobLogOut:
-        return cls(ts=line.ts, level=line.level, text=hide_secrets(line.text))
 
 
 PG_FILES = ("backup_label", "tablespace_map")
 
 
-class ImageOut(BaseModel):
+class ImageOut(Document):
     id: str
     kind: ImageKind
     app: str
@@ -360,31 +366,8 @@ class ImageOut(BaseModel):
     """For a PostgreSQL app: what it can be recovered to at this appliance, ``start`` (the
     oldest base's stop time) → ``end`` (the newest WAL seen with no gap), and ``gap``."""
 
-    @classmethod
-    def of(cls, image: Image, window: dict[str, Any] | None = None) -> ImageOut:
-        return cls(
-            id=image.id,
-            kind=image.kind,
-            app=image.app.name,
-            created=image.created,
-            label=image.label,
-            size=image.size,
-            manifest=image.manifest,
-            origin=image.origin,
-            state=image.state,
-            parent=image.parent_id,
-            epoch=image.epoch,
-            mounted_host=image.mounted_host,
-            mount_point=image.mount_point,
-            nbd_uri=None,
-            nbd_exported=image.nbd_export is not None,
-            consistency=image.consistency,
-            pg={k: v for k, v in image.pg.items() if k not in PG_FILES} if image.pg else None,
-            window=window,
-        )
 
-
-class ExportOut(BaseModel):
+class ExportOut(Document):
     """A presented image's NBD export: a capability, shown on an audited request only."""
 
     image: str
@@ -394,7 +377,7 @@ class ExportOut(BaseModel):
     server presents, for the host to pin; null for a plain loopback export."""
 
 
-class VerifyOut(BaseModel):
+class VerifyOut(Document):
     image: str
     app: str
     manifest: str
@@ -405,7 +388,7 @@ class VerifyOut(BaseModel):
     bad: list[dict[str, str]]
 
 
-class AppOut(BaseModel):
+class AppOut(Document):
     id: str
     name: str
     kind: AppKind
@@ -445,45 +428,8 @@ class AppOut(BaseModel):
     failed_over_at: str | None = None
     """The peer's name when ``peer_active``."""
 
-    @classmethod
-    def of(
-        cls,
-        app: App,
-        now: datetime | None = None,
-        downtime: float | None = None,
-        risk: Risk | None = None,
-    ) -> AppOut:
-        risk = risk or Risk(None, None, False, "the peer" if app.peer_active else None)
-        return cls(
-            id=app.id,
-            name=app.name,
-            kind=app.kind,
-            host=app.host,
-            path=app.path,
-            state=app.state,
-            template=app.template,
-            start=app.start_hook,
-            stop=app.stop_hook,
-            freeze=app.freeze_hook,
-            thaw=app.thaw_hook,
-            epoch=app.writer_epoch,
-            origin=app.origin,
-            peer_active=app.peer_active,
-            consistency=app.consistency,
-            created=app.created,
-            last_capture=app.last_capture,
-            lag_seconds=_age(app.last_capture, now or datetime.now(UTC)),
-            last_replicated=app.last_replicated,
-            replication_lag_seconds=_age(app.last_replicated, now or datetime.now(UTC)),
-            failback_downtime_seconds=downtime,
-            rpo_seconds=None if risk.rpo_seconds is None else round(risk.rpo_seconds, 3),
-            max_lag_seconds=risk.max_lag_seconds,
-            at_risk=risk.at_risk,
-            failed_over_at=risk.failed_over_at,
-        )
 
-
-class TransitionOut(BaseModel):
+class TransitionOut(Document):
     ts: datetime
     from_state: AppState
     to_state: AppState
@@ -492,31 +438,15 @@ class TransitionOut(BaseModel):
     job: str | None
     epoch: int
 
-    @classmethod
-    def of(cls, row: Transition) -> TransitionOut:
-        return cls(
-            ts=row.ts,
-            from_state=row.from_state,
-            to_state=row.to_state,
-            operation=row.operation.value,
-            actor=row.actor,
-            job=row.job,
-            epoch=row.epoch,
-        )
 
-
-class HostOut(BaseModel):
+class HostOut(Document):
     name: str
     url: str
     fingerprint: str
     created: datetime
 
-    @classmethod
-    def of(cls, host: Host) -> HostOut:
-        return cls(name=host.name, url=host.url, fingerprint=host.fingerprint, created=host.created)
 
-
-class TemplateOut(BaseModel):
+class TemplateOut(Document):
     name: str
     every: str | None
     every_seconds: int | None
@@ -526,28 +456,11 @@ class TemplateOut(BaseModel):
     max_lag_seconds: int | None = None
     created: datetime
 
-    @classmethod
-    def of(cls, template: Template, every: str | None, max_lag: str | None = None) -> TemplateOut:
-        return cls(
-            name=template.name,
-            every=every,
-            every_seconds=template.every_seconds,
-            keep=template.keep,
-            mirror=template.mirror,
-            max_lag=max_lag,
-            max_lag_seconds=template.max_lag_seconds,
-            created=template.created,
-        )
 
-
-class TokenOut(BaseModel):
+class TokenOut(Document):
     name: str
     role: Role
     created: datetime
-
-    @classmethod
-    def of(cls, row: Token) -> TokenOut:
-        return cls(name=row.name, role=row.role, created=row.created)
 
 
 class TokenCreated(TokenOut):
@@ -555,7 +468,7 @@ class TokenCreated(TokenOut):
     """The secret: shown in this answer only."""
 
 
-class AuditOut(BaseModel):
+class AuditOut(Document):
     ts: datetime
     actor: str | None
     role: str | None
@@ -563,19 +476,8 @@ class AuditOut(BaseModel):
     path: str
     status: int
 
-    @classmethod
-    def of(cls, row: Audit) -> AuditOut:
-        return cls(
-            ts=row.ts,
-            actor=row.actor,
-            role=row.role,
-            method=row.method,
-            path=row.path,
-            status=row.status,
-        )
 
-
-class InfoOut(BaseModel):
+class InfoOut(Document):
     name: str
     kind: str
     version: str
@@ -589,7 +491,7 @@ class InfoOut(BaseModel):
     """Whether the process that answered runs the capture schedule now."""
 
 
-class Deleted(BaseModel):
+class Deleted(Document):
     deleted: str
 
 
@@ -606,7 +508,7 @@ class GcIn(BaseModel):
     """Delete job rows that ended more than this many days ago."""
 
 
-class GcOut(BaseModel):
+class GcOut(Document):
     """Garbage collection: what waits for it, its last run, its settings."""
 
     pending_deletions: int
@@ -619,16 +521,3 @@ class GcOut(BaseModel):
     after_deletions: int
     every_seconds: int
     keep_job_days: int
-
-    @classmethod
-    def of(cls, doc: dict[str, Any]) -> GcOut:
-        settings = doc["settings"]
-        return cls(
-            pending_deletions=doc["pending_deletions"],
-            unfinished=doc["unfinished"],
-            last_finished=doc["last_finished"],
-            job=doc["job"],
-            after_deletions=settings["gc.after_deletions"],
-            every_seconds=settings["gc.every_seconds"],
-            keep_job_days=settings["jobs.keep_days"],
-        )

@@ -1,0 +1,122 @@
+"""The API's documents made from catalog rows: the route layer's adapter to the wire
+contract of ``transport/api.py``.
+
+A document is read from its row by attribute (the models have ``from_attributes``); only
+what differs is given here: fields named otherwise in the catalog, fields computed at the
+time of the request (ages, risk) and what the caller may not see (a job's capabilities are
+shown to its starter and to admins only, secrets in messages to nobody).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from tandem.appliance.auth import Principal
+from tandem.catalog.models import App, Image, Job, JobLog, Template
+from tandem.domain.rules import Role
+from tandem.operations.apps import Risk
+from tandem.transport.api import (
+    PG_FILES,
+    AppOut,
+    GcOut,
+    ImageOut,
+    JobLogOut,
+    JobOut,
+    TemplateOut,
+    hide_secrets,
+    redact_capabilities,
+)
+
+
+class _Over:
+    """``row``'s attributes with some replaced or added: what a document reads."""
+
+    def __init__(self, row: object, **fields: Any) -> None:
+        self._row = row
+        self.__dict__.update(fields)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._row, name)
+
+
+def may_see_capabilities(job: Job, who: Principal | None) -> bool:
+    """Whether ``who`` may read the capabilities in ``job``'s result: admins, and the
+    operator who started the job."""
+    if who is None or who.role is Role.VIEWER or who.role is Role.PEER:
+        return False
+    return who.role is Role.ADMIN or (job.actor is not None and job.actor == who.name)
+
+
+def job_out(job: Job, who: Principal | None = None) -> JobOut:
+    """The document of ``job`` as ``who`` may see it (``None``: no capabilities)."""
+    result = job.result if may_see_capabilities(job, who) else redact_capabilities(job.result)
+    return JobOut.model_validate(_Over(job, message=hide_secrets(job.message), result=result))
+
+
+def job_log_out(line: JobLog) -> JobLogOut:
+    return JobLogOut.model_validate(_Over(line, text=hide_secrets(line.text)))
+
+
+def image_out(image: Image, window: dict[str, Any] | None = None) -> ImageOut:
+    pg = {k: v for k, v in image.pg.items() if k not in PG_FILES} if image.pg else None
+    return ImageOut.model_validate(
+        _Over(
+            image,
+            app=image.app.name,
+            parent=image.parent_id,
+            nbd_uri=None,
+            nbd_exported=image.nbd_export is not None,
+            pg=pg,
+            window=window,
+        )
+    )
+
+
+def _age(ts: datetime | None, now: datetime) -> float | None:
+    return None if ts is None else round(max(0.0, (now - ts).total_seconds()), 3)
+
+
+def app_out(
+    app: App,
+    now: datetime | None = None,
+    downtime: float | None = None,
+    risk: Risk | None = None,
+) -> AppOut:
+    now = now or datetime.now(UTC)
+    risk = risk or Risk(None, None, False, "the peer" if app.peer_active else None)
+    return AppOut.model_validate(
+        _Over(
+            app,
+            start=app.start_hook,
+            stop=app.stop_hook,
+            freeze=app.freeze_hook,
+            thaw=app.thaw_hook,
+            epoch=app.writer_epoch,
+            lag_seconds=_age(app.last_capture, now),
+            replication_lag_seconds=_age(app.last_replicated, now),
+            failback_downtime_seconds=downtime,
+            rpo_seconds=None if risk.rpo_seconds is None else round(risk.rpo_seconds, 3),
+            max_lag_seconds=risk.max_lag_seconds,
+            at_risk=risk.at_risk,
+            failed_over_at=risk.failed_over_at,
+        )
+    )
+
+
+def template_out(template: Template, every: str | None, max_lag: str | None = None) -> TemplateOut:
+    return TemplateOut.model_validate(_Over(template, every=every, max_lag=max_lag))
+
+
+def gc_out(doc: dict[str, Any]) -> GcOut:
+    """The document of ``operations.gc.status``'s answer."""
+    settings = doc["settings"]
+    return GcOut(
+        pending_deletions=doc["pending_deletions"],
+        unfinished=doc["unfinished"],
+        last_finished=doc["last_finished"],
+        job=doc["job"],
+        after_deletions=settings["gc.after_deletions"],
+        every_seconds=settings["gc.every_seconds"],
+        keep_job_days=settings["jobs.keep_days"],
+    )
