@@ -49,6 +49,7 @@ MODULES = [
     "drivers/virtio/virtio_pci_legacy_dev.ko",
     "drivers/virtio/virtio_pci.ko",
     "drivers/block/virtio_blk.ko",
+    "drivers/char/virtio_console.ko",
 ]
 PATTERN_MIB = 24
 REWRITE_AT_MIB = 32
@@ -66,6 +67,14 @@ done
 n=0
 while [ ! -b /dev/vda ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n+1)); done
 say() { echo "$@" > /dev/ttyS0; }
+# A guest-agent channel, if the domain has one, is opened and never answered: a guest
+# agent that hangs (the busybox guest has no qemu-ga).
+for port in /sys/class/virtio-ports/*; do
+  if [ "$(cat "$port/name" 2>/dev/null)" = org.qemu.guest_agent.0 ]; then
+    exec 3<>"/dev/${port##*/}"
+    say "TANDEM-AGENT silent"
+  fi
+done
 sum() { say "TANDEM-SUM $(md5sum /dev/vda | cut -d' ' -f1)"; }
 if [ "$(head -c 11 /dev/vda)" = "TANDEM-DISK" ]; then
   say "TANDEM-BOOT existing"
@@ -100,9 +109,9 @@ done
 """
 
 
-def virsh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+def virsh(*args: str, check: bool = True, uri: str = URI) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        ["virsh", "-c", URI, *args], capture_output=True, text=True, timeout=60, check=check
+        ["virsh", "-c", uri, *args], capture_output=True, text=True, timeout=60, check=check
     )
 
 
@@ -285,10 +294,12 @@ def guest_boot(folder: Path) -> Boot:
     return Boot(vmlinuz, initrd)
 
 
-def domain_xml(name: str, boot: Boot, disks: list[Path], marker: str) -> str:
+def domain_xml(
+    name: str, boot: Boot, disks: list[Path], marker: str, *, agent_channel: bool = False
+) -> str:
     targets = "abcdefgh"
     disk_xml = "".join(
-        f"<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>"
+        f"<disk type='file' device='disk'><driver name='qemu' type='{disk_format(path)}'/>"
         f"<source file='{path}'/><target dev='vd{targets[i]}' bus='virtio'/></disk>"
         for i, path in enumerate(disks)
     )
@@ -304,6 +315,7 @@ def domain_xml(name: str, boot: Boot, disks: list[Path], marker: str) -> str:
   <devices>
     {disk_xml}
     <interface type='user'><model type='virtio'/></interface>
+    {AGENT if agent_channel else ""}
     <serial type='pty'><target port='0'/></serial>
     <console type='pty'><target type='serial' port='0'/></console>
   </devices>
@@ -311,9 +323,20 @@ def domain_xml(name: str, boot: Boot, disks: list[Path], marker: str) -> str:
 </domain>"""
 
 
+AGENT = "<channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>"
+"""The guest agent's channel (the guest opens it and never answers)."""
+
+
+def disk_format(path: Path) -> str:
+    """A test disk's format, by its name: ``*.raw`` is raw, anything else qcow2."""
+    return "raw" if path.suffix == ".raw" else "qcow2"
+
+
 def make_disk(path: Path, mib: int) -> Path:
     subprocess.run(
-        ["qemu-img", "create", "-q", "-f", "qcow2", str(path), f"{mib}M"], check=True, timeout=60
+        ["qemu-img", "create", "-q", "-f", disk_format(path), str(path), f"{mib}M"],
+        check=True,
+        timeout=60,
     )
     return path
 
@@ -321,8 +344,8 @@ def make_disk(path: Path, mib: int) -> Path:
 class Console:
     """The serial console of a running domain (its pty), read line by line with a deadline."""
 
-    def __init__(self, domain: str) -> None:
-        xml = virsh("dumpxml", domain).stdout
+    def __init__(self, domain: str, uri: str = URI) -> None:
+        xml = virsh("dumpxml", domain, uri=uri).stdout
         start = xml.index("<serial type='pty'>")
         path_at = xml.index("path='", start) + len("path='")
         self.path = xml[path_at : xml.index("'", path_at)]
@@ -358,11 +381,11 @@ class Console:
                     self.buffer += os.read(self.fd, 4096)
 
 
-def start_with_console(domain: str) -> Console:
+def start_with_console(domain: str, uri: str = URI) -> Console:
     """Start ``domain`` paused, attach to its console, then let it run (nothing is missed)."""
-    virsh("start", "--paused", domain)
-    console = Console(domain)
-    virsh("resume", domain)
+    virsh("start", "--paused", domain, uri=uri)
+    console = Console(domain, uri)
+    virsh("resume", domain, uri=uri)
     return console
 
 
@@ -374,6 +397,64 @@ def md5_of(path: Path) -> str:
     return h.hexdigest()
 
 
-def remove_domain(name: str) -> None:
-    virsh("destroy", name, check=False)
-    virsh("undefine", name, "--checkpoints-metadata", "--nvram", check=False)
+def remove_domain(name: str, uri: str = URI) -> None:
+    virsh("destroy", name, check=False, uri=uri)
+    virsh("undefine", name, "--checkpoints-metadata", "--nvram", check=False, uri=uri)
+
+
+@contextmanager
+def second_libvirt(folder: Path) -> Iterator[str]:
+    """A second, independent libvirt (QEMU) hypervisor on this machine; yields its URI.
+
+    A ``libvirtd`` of its own in a private mount namespace, where its state, configuration,
+    logs and runtime folders (``/run/libvirt``, ``/var/lib/libvirt``, ``/etc/libvirt``…)
+    are folders of ``folder``; its socket is in ``folder/sock`` for agents and ``virsh`` to
+    reach. It holds its own domains, so a failed-over VM can be defined on it with the
+    same name and UUID as on the system one, as on two hosts of a cluster. Root only."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("a second libvirtd needs root and unshare")
+    subs = {
+        "run": "/run/libvirt",
+        "lib": "/var/lib/libvirt",
+        "etc": "/etc/libvirt",
+        "log": "/var/log/libvirt",
+        "cache": "/var/cache/libvirt",
+    }
+    for sub in (*subs, "sock"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    shutil.copytree("/etc/libvirt", folder / "etc", dirs_exist_ok=True, symlinks=True)
+    for defined in ("qemu", "qemu/networks/autostart", "storage", "storage/autostart"):
+        for xml in (folder / "etc" / defined).glob("*.xml"):
+            xml.unlink()  # the system hypervisor's domains, networks and pools stay there
+    with open(folder / "etc" / "libvirtd.conf", "a") as conf:
+        conf.write(f'\nunix_sock_dir = "{folder / "sock"}"\n')
+    with open(folder / "etc" / "qemu.conf", "a") as conf:
+        conf.write('\nstdio_handler = "file"\n')  # no virtlogd in its namespace
+    binds = " && ".join(f"mount --bind {folder / s} {t}" for s, t in subs.items())
+    pidfile = folder / "libvirtd.pid"
+    subprocess.run(
+        [
+            "unshare",
+            "-m",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            f"{binds} && exec libvirtd -d -p {pidfile}",
+        ],
+        check=True,
+        timeout=60,
+    )
+    uri = f"qemu+unix:///system?socket={folder / 'sock' / 'libvirt-sock'}"
+    deadline = time.monotonic() + 60
+    while virsh("version", check=False, uri=uri).returncode != 0:
+        if time.monotonic() > deadline:
+            pytest.fail(f"the second libvirtd does not answer at {uri}")
+        time.sleep(0.2)
+    try:
+        yield uri
+    finally:
+        pid = _pid_of(str(pidfile))
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)

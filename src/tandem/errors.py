@@ -308,6 +308,15 @@ class NotHypervisor(TandemError):
     http_status = 422
 
 
+class VmTargetMissing(TandemError):
+    """Host {host} has no {what} {name!r}{why}. Name one the host has and that is active
+    (`virsh pool-list --all` / `virsh net-list --all` on it; `virsh pool-start NAME` starts
+    one)."""
+
+    http_status = 422
+    exit_code = 2
+
+
 class RemoteError(TandemError):
     """{what} {name} answered with an error: {detail}"""
 
@@ -374,8 +383,8 @@ class PortWithoutRecovery(InvalidInput):
 
 
 class VmOptionsUnused(InvalidInput):
-    """Invalid input: --new-vm, --network and --power-on are for vm apps; {app!r} is a
-    {kind} app. Leave them out."""
+    """Invalid input: --new-vm, --pool, --network and --power-on are for vm apps; {app!r} is
+    a {kind} app. Leave them out."""
 
 
 class SyncbackOfRunningDatabase(InvalidInput):

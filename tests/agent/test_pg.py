@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from tandem.agent import pg
+from tandem.agent import fusemount, mounts, pg
 from tandem.errors import ClusterUnfit, PostgresCommandFailed
 from tandem.transport import agent_api
+from tests.agent.conftest import Agent
 
 
 def test_slot_names_are_what_postgresql_accepts() -> None:
@@ -103,3 +104,90 @@ def test_only_a_segment_name_is_believed_from_the_copy(tmp_path: Path) -> None:
     (tmp_path / "tandem_wal").mkdir()
     (tmp_path / "tandem_wal" / "want").write_text("../../etc/passwd\n")
     assert pg.spool_wanted(agent_api.WantedRequest(path=str(tmp_path)))["wanted"] is None
+
+
+INSTALLED = sorted(p.parent.parent.name for p in pg.PG_ROOT.glob("*/bin/postgres"))
+
+
+def looks_like_a_cluster(folder: Path) -> Path:
+    """A folder the agent's PostgreSQL calls take for a cluster of a version this host has."""
+    folder.mkdir()
+    (folder / "PG_VERSION").write_text(f"{INSTALLED[-1]}\n")
+    return folder
+
+
+@pytest.mark.skipif(not INSTALLED, reason="needs PostgreSQL on this host")
+def test_wal_and_recovery_go_only_into_a_copy_this_agent_presented(
+    agent: Agent, tmp_path: Path
+) -> None:
+    """Guards the agent's ``presented`` check on ``pg/spool``, ``pg/spool/wanted`` and
+    ``pg/recover``: an appliance (or whoever holds the agent token) may not drop WAL or
+    recovery settings into any cluster of the host, only into a copy presented here."""
+    copy = looks_like_a_cluster(tmp_path / "copy")
+    other = looks_like_a_cluster(tmp_path / "other")  # e.g. the host's own database
+    registry = mounts.Registry(agent.directory)
+    registry.begin({"image": "img_aaaaaaaaaaaa", "paths": [str(copy)]})
+    registry.finish("img_aaaaaaaaaaaa")
+    run = "0123456789abcdef"
+    refused = [
+        agent.client.put(
+            "/api/v1/pg/spool",
+            params={"path": str(other), "name": SEG, "run": run},
+            content=b"wal bytes",
+            headers=agent.auth,
+        ),
+        agent.client.post(
+            "/api/v1/pg/spool/wanted", json={"path": str(other), "run": run}, headers=agent.auth
+        ),
+        agent.client.post(
+            "/api/v1/pg/recover",
+            json={"path": str(other), "run": run, "backup_label": "START WAL LOCATION: 0/0\n"},
+            headers=agent.auth,
+        ),
+    ]
+    for answer in refused:
+        assert answer.status_code == 422, answer.text
+        assert f"{other} is not a copy presented on this host" in answer.json()["message"]
+    assert sorted(p.name for p in other.iterdir()) == ["PG_VERSION"]  # nothing written
+    taken = agent.client.put(
+        "/api/v1/pg/spool",
+        params={"path": str(copy), "name": SEG, "run": run},
+        content=b"wal bytes",
+        headers=agent.auth,
+    )
+    assert taken.status_code == 200, taken.text
+    assert [p.name for p in copy.rglob(SEG)] == [SEG]
+
+
+def test_a_read_session_refresh_reaches_only_the_fuse_copies_of_its_image(
+    agent: Agent, tmp_path: Path
+) -> None:
+    """Guards ``layers/refresh``: a new session is given only to the FUSE copies of the
+    image named, as this agent presented them; another image's copies keep theirs."""
+    old = {"url": "https://old", "fingerprint": "f", "token": "t", "session": "aa"}
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    config = fusemount.LayerConfig(
+        manifest="0" * 64, appliance=fusemount.SessionRef(**old), lower="/x", stats="/y"
+    )
+    (layer / "config.json").write_text(config.model_dump_json())
+    registry = mounts.Registry(agent.directory)
+    registry.begin({"image": "img_aaaaaaaaaaaa", "paths": [str(tmp_path / "copy")]})
+    registry.finish("img_aaaaaaaaaaaa", layers=[{"dir": str(layer), "path": str(tmp_path)}])
+    new = {"url": "https://new", "fingerprint": "f", "token": "t2", "session": "bb"}
+
+    def refresh(image: str) -> int:
+        answer = agent.client.post(
+            "/api/v1/layers/refresh", json={"image": image, "appliance": new}, headers=agent.auth
+        )
+        assert answer.status_code == 200, answer.text
+        return int(answer.json()["refreshed"])
+
+    def session_of_layer() -> str:
+        cfg = fusemount.LayerConfig.model_validate_json((layer / "config.json").read_text())
+        return cfg.appliance.session
+
+    assert refresh("img_bbbbbbbbbbbb") == 0
+    assert session_of_layer() == "aa"
+    assert refresh("img_aaaaaaaaaaaa") == 1
+    assert session_of_layer() == "bb"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -42,16 +43,31 @@ def capture_under_load(
     mode: ConsistencyMode = ConsistencyMode.AUTO,
     pause: float = 0.0,
     size: int = 4096,
+    writes_after_cut: bool = False,
 ) -> tuple[pit.PointInTime, dict[str, bytes], int]:
     """Capture ``app`` through its point in time while a PairWriter rewrites it; returns the
-    cut, the captured files and how many rounds the writer wrote during the capture."""
+    cut, the captured files and how many rounds the writer wrote during the capture.
+
+    ``writes_after_cut`` waits, before reading, until the writer finished a round after the
+    cut was made: the capture then surely reads files the application rewrote since (only
+    for cuts that let writes flow, not ``freeze``)."""
     app.mkdir(exist_ok=True)
     with PairWriter(app, PAIRS, pause=pause, size=size) as writer:
         start = writer.rounds
         with pit.point_in_time(str(app), "filesystem", mode) as cut:
+            if writes_after_cut:
+                at_cut = writer.rounds
+                wait_until(lambda: writer.rounds > at_cut)
             _, m, _ = capture_tree(pool, cut.path, recheck=cut.recheck)
         during = writer.rounds - start
     return cut, files_of(pool, m), during
+
+
+def wait_until(check: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
 
 
 def leftovers(folder: Path) -> list[str]:
@@ -65,14 +81,12 @@ def test_a_btrfs_subvolume_is_captured_from_a_snapshot_under_load(
     subprocess.run(
         ["btrfs", "subvolume", "create", str(fs / "app")], check=True, capture_output=True
     )
-    rounds = 0
     for _ in range(3):
-        # 256 KiB files: reading them all takes longer than a round of writes
-        cut, files, during = capture_under_load(pool, fs / "app", size=256 * 1024)
+        cut, files, during = capture_under_load(
+            pool, fs / "app", size=256 * 1024, writes_after_cut=True
+        )
         assert cut.cut is Cut.SNAPSHOT_BTRFS and not cut.recheck
-        assert torn(files, PAIRS) == []
-        rounds += during
-    assert rounds > 0  # the writer kept writing through the captures
+        assert during > 0 and torn(files, PAIRS) == []  # rewritten since the cut, not torn
     assert leftovers(fs) == []  # the snapshots were deleted
 
 
@@ -223,3 +237,117 @@ def test_a_recapture_from_reflink_clones_reads_only_what_changed(
     _, second, read = cut_and_capture(first, first_id)
     assert read == 100_000
     assert files_of(pool, second)["f3"] == (app / "f3").read_bytes()
+
+
+def test_a_big_file_changed_after_cloning_is_read_at_the_cut_only_where_it_changed(
+    pool: ChunkPool, mkfs: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While writes are held, a file written since it was cloned is read only where its
+    extents no longer match its clone's: the hold does not grow with the file."""
+    fs = mkfs("xfs")
+    app = fs / "app"
+    app.mkdir()
+    big = app / "big"
+    big.write_bytes(os.urandom(32 << 20))
+    os.sync()
+    new_block = os.urandom(8192)
+    real_freeze = pit.freeze
+    writes = [0]
+
+    def write_then_freeze(mount: pit.Mount, path: str) -> None:
+        if not writes[0]:  # after cloning, before the held check: a page rewritten
+            writes[0] += 1
+            fd = os.open(big, os.O_WRONLY)
+            os.pwrite(fd, new_block, 16 << 20)
+            os.close(fd)
+        real_freeze(mount, path)
+
+    monkeypatch.setattr(pit, "freeze", write_then_freeze)
+    with pit.point_in_time(str(app), "filesystem", ConsistencyMode.AUTO) as cut:
+        assert cut.cut is Cut.REFLINK
+        _, m, _ = capture_tree(pool, cut.path, recheck=cut.recheck)
+    assert writes[0] == 1
+    assert 0 < cut.held_read <= 1 << 20  # the rewritten page, not 32 MiB
+    assert cut.cut_at is not None and cut.cut_seconds is not None
+    assert files_of(pool, m)["big"] == big.read_bytes()
+    assert leftovers(fs) == []
+
+
+@pytest.mark.parametrize("fstype", ["xfs", "btrfs"])
+def test_a_kept_cut_makes_the_next_capture_read_only_changed_chunks(
+    pool: ChunkPool, mkfs: Callable[[str], Path], fstype: str
+) -> None:
+    """A successful capture keeps its snapshot/clones (one per app, replaced each time);
+    the next capture from that image reads a big file only where it was rewritten."""
+    fs = mkfs(fstype)
+    app = fs / "app"
+    if fstype == "btrfs":
+        subprocess.run(["btrfs", "subvolume", "create", str(app)], check=True, stdout=-3)
+    else:
+        app.mkdir()
+    (app / "big").write_bytes(os.urandom(24 << 20))
+
+    def capture(base: tuple[bytes, TreeManifest] | None) -> tuple[bytes, TreeManifest, int]:
+        with pit.point_in_time(
+            str(app), "filesystem", ConsistencyMode.AUTO, base=base[0].hex() if base else None
+        ) as cut:
+            assert (cut.previous is not None) == (base is not None)
+            mid, m, stats = capture_tree(
+                pool,
+                cut.path,
+                base=base[1] if base else None,
+                base_id=base[0] if base else None,
+                identity=cut.identity,
+                recheck=cut.recheck,
+                previous=cut.previous,
+            )
+            cut.keep = mid.hex()
+        return mid, m, stats.bytes_read
+
+    first_id, first, read = capture(None)
+    assert read == 24 << 20
+    kept = leftovers(fs)
+    assert len(kept) == 1 and kept[0].startswith(pit.KEEP_PREFIX)
+    with open(app / "big", "r+b") as f:
+        f.seek(5 << 20)
+        f.write(b"x" * 8192)
+    _, second, read = capture((first_id, first))
+    assert 0 < read <= 12 << 20
+    assert files_of(pool, second)["big"] == (app / "big").read_bytes()
+    wait_until(lambda: len(leftovers(fs)) == 1)  # the first kept cut is removed, after
+    with pit.point_in_time(str(app), "filesystem", ConsistencyMode.AUTO, base=first_id.hex()) as c:
+        assert c.previous is None  # not the image the kept cut belongs to
+    assert len(leftovers(fs)) == 1
+
+
+def test_a_kept_cut_inside_a_whole_mount_app_is_not_captured(
+    pool: ChunkPool, mkfs: Callable[[str], Path]
+) -> None:
+    fs = mkfs("xfs")
+    (fs / "data").write_bytes(b"rows")
+    with pit.point_in_time(str(fs), "filesystem", ConsistencyMode.AUTO) as cut:
+        mid, m, _ = capture_tree(pool, cut.path, recheck=cut.recheck)
+        cut.keep = mid.hex()
+    assert len(leftovers(fs)) == 1
+    with pit.point_in_time(str(fs), "filesystem", ConsistencyMode.AUTO, base=mid.hex()) as cut:
+        assert cut.previous is not None
+        _, m, _ = capture_tree(pool, cut.path, recheck=cut.recheck)
+    assert sorted(e.path for e in m.entries) == ["data"]
+
+
+def test_a_kept_cut_is_dropped_when_the_app_is_no_longer_cut_from_clones(
+    pool: ChunkPool, mkfs: Callable[[str], Path]
+) -> None:
+    """A whole-mount app switched to freeze: its kept clones are removed before the cut,
+    never captured as its data."""
+    fs = mkfs("xfs")
+    (fs / "data").write_bytes(b"rows")
+    with pit.point_in_time(str(fs), "filesystem", ConsistencyMode.AUTO) as cut:
+        mid, _, _ = capture_tree(pool, cut.path, recheck=cut.recheck)
+        cut.keep = mid.hex()
+    assert len(leftovers(fs)) == 1
+    with pit.point_in_time(str(fs), "filesystem", ConsistencyMode.FREEZE) as cut:
+        assert cut.cut is Cut.FREEZE
+        _, m, _ = capture_tree(pool, cut.path, recheck=cut.recheck)
+    assert sorted(e.path for e in m.entries) == ["data"]
+    assert leftovers(fs) == []

@@ -3,10 +3,13 @@ and says why it lists no domains."""
 
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
 
 import pytest
 
+from tests import vmguest
 from tests.agent.conftest import Agent
 
 
@@ -34,3 +37,52 @@ def test_a_hypervisor_agent_lists_its_domains(agent: Agent, libvirt_host: None) 
     assert gone.json() == {"removed": False}
     bad = agent.client.post("/api/v1/vms/remove", headers=agent.auth, json={"name": "../x"})
     assert bad.status_code == 422
+
+
+BARE = """<domain type='qemu'><name>{name}</name><memory unit='MiB'>32</memory><vcpu>1</vcpu>
+<os><type arch='x86_64' machine='pc'>hvm</type></os>
+<devices><disk type='file' device='disk'><driver name='qemu' type='raw'/>
+<source file='/nonexistent.img'/><target dev='vda' bus='virtio'/></disk></devices></domain>"""
+
+
+def define_body(name: str, source: str) -> dict[str, object]:
+    """A new VM over an NBD export, as a failover or test failover asks the agent for it."""
+    return {
+        "name": name,
+        "xml": BARE.format(name=source),
+        "disks": [{"target": "vda", "offset": 0, "size": 1 << 20, "format": "raw"}],
+        "nbd_uri": "nbd://127.0.0.1:10809/img-aaaaaaaaaaaa.Zk3vQ9-pW2_xR7mN4bT8yL1c",
+        "source_domain": source,
+        "source_uuid": "",
+    }
+
+
+def test_a_new_vm_is_never_the_source_domain_nor_a_name_that_exists(
+    agent: Agent, libvirt_host: None, tmp_path: Path
+) -> None:
+    """Guards ``agent.vm.define``'s own checks (the agent trusts no appliance to have made
+    them): defining over the domain the image came from, or over any domain of the host,
+    would replace a VM's definition with disks on the appliance's export."""
+    source = f"tandem-test-src-{os.getpid()}"
+    taken = f"tandem-test-taken-{os.getpid()}"
+    vmguest.remove_domain(source)
+    vmguest.remove_domain(taken)
+    (tmp_path / "taken.xml").write_text(BARE.format(name=taken))
+    vmguest.virsh("define", str(tmp_path / "taken.xml"))
+    try:
+        before = vmguest.virsh("dumpxml", taken).stdout
+        onto_source = agent.client.post(
+            "/api/v1/vms/define", headers=agent.auth, json=define_body(source, source)
+        )
+        assert onto_source.status_code == 422, onto_source.text
+        assert "never failed over onto the domain it came from" in onto_source.json()["message"]
+        assert vmguest.virsh("dominfo", source, check=False).returncode != 0  # none defined
+        onto_taken = agent.client.post(
+            "/api/v1/vms/define", headers=agent.auth, json=define_body(taken, source)
+        )
+        assert onto_taken.status_code == 409, onto_taken.text
+        assert onto_taken.json()["error"] == "AlreadyExists"
+        assert vmguest.virsh("dumpxml", taken).stdout == before  # left as it was
+    finally:
+        vmguest.remove_domain(source)
+        vmguest.remove_domain(taken)

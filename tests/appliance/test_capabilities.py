@@ -4,6 +4,7 @@ see it in the result of the job they started and on an audited request."""
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,7 +20,13 @@ from tandem.domain.jobs import JobStatus
 from tandem.domain.rules import Role
 from tandem.jobs.queue import submit_job
 from tandem.operations import tokens
+from tandem.transport.server import load_daemon_dir
+from tests import vmguest
+from tests.agent.conftest import Agent, agent
+from tests.agent.test_vm import define_body
 from tests.appliance.conftest import Api, pinned, seed_app, seed_image
+
+__all__ = ["agent"]  # the fixture: a real agent, for the hosts' VM list
 
 SECRET = "Zk3vQ9-pW2_xR7mN4bT8yL1c"
 
@@ -197,3 +204,34 @@ def test_an_operator_shows_the_export_in_the_console(api: Api, tmp_path: Path) -
         audited = [(r.actor, r.path, r.status) for r in q.list_audit(session)]
     assert ("operator", "/apps/web/export", 200) in audited
     assert ("viewer", "/apps/web/export", 403) in audited
+
+
+def test_the_vms_of_a_host_show_no_export_secret(
+    api: Api, agent: Agent, libvirt_host: None
+) -> None:
+    """A VM tandem defined over a presented image has its disks on the NBD export: the
+    host's domain list (``GET /hosts/{name}/vms``, readable by a viewer) shows the export's
+    name with the secret blanked, for every role (the export is asked for, audited)."""
+    new = f"tandem-test-nbd-{os.getpid()}"
+    vmguest.remove_domain(new)
+    body = define_body(new, "the-source")
+    body["nbd_uri"] = f"nbd://127.0.0.1:10809/img-aaaaaaaaaaaa.{SECRET}"
+    defined = agent.client.post("/api/v1/vms/define", headers=agent.auth, json=body)
+    assert defined.status_code == 200, defined.text
+    try:
+        with api.appliance.catalog.begin() as session:
+            q.add_host(
+                session,
+                name="hv",
+                url=str(agent.client.base_url),
+                token=agent.token,
+                fingerprint=load_daemon_dir(agent.directory, "agent").fingerprint,
+            )
+        for role in ("viewer", "operator", "admin"):
+            answer = api.client.get("/api/v1/hosts/hv/vms", headers=api.headers(role))
+            assert answer.status_code == 200, answer.text
+            assert SECRET not in answer.text, role
+            (vm,) = [d for d in answer.json()["domains"] if d["name"] == new]
+            assert [d["source"] for d in vm["disks"]] == ["img-aaaaaaaaaaaa.(secret hidden)"]
+    finally:
+        vmguest.remove_domain(new)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -63,3 +64,21 @@ def test_a_sqlite_appliance_keeps_its_exclusive_runner(tmp_path: Path) -> None:
         assert appliance.runner.exclusive and not appliance.joined
     finally:
         appliance.stop()
+
+
+def test_a_joined_directory_on_a_sqlite_catalog_is_not_served(tmp_path: Path) -> None:
+    """Guards ``Appliance``'s own refusal: a joined process whose config names a SQLite
+    catalog (edited by hand, or copied) would run a second writer on one SQLite file."""
+    init(tmp_path / "one", "prod", listen(), None)
+    init(tmp_path / "two", "prod", listen(), None)
+    config = tmp_path / "two" / "config.json"
+    raw = json.loads(config.read_text())
+    raw["extra"] = {
+        "catalog": f"sqlite:///{(tmp_path / 'one' / 'catalog.db').resolve()}",
+        "pool": str((tmp_path / "one" / "pool").resolve()),
+        "join": str((tmp_path / "one").resolve()),
+    }
+    config.write_text(json.dumps(raw))
+    with pytest.raises(InvalidInput, match="catalog is SQLite") as info:
+        Appliance(tmp_path / "two")
+    assert "PostgreSQL catalog" in str(info.value)  # the fix

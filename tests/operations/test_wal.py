@@ -262,3 +262,54 @@ def test_the_drill_report_gives_a_recovered_database_its_rpo_and_pg_amcheck_resu
     tested, over = shown.steps
     assert tested.database is not None and "CORRUPTION FOUND" in tested.database
     assert over.database is not None and "pg_amcheck not run (--verify)" in over.database
+
+
+def test_the_peer_sends_no_wal_for_a_mirror_that_is_no_postgresql_app(booted: Booted) -> None:
+    """Guards ``receive_push``'s kind check: a file-system mirror holds no WAL."""
+    site = booted.appliance.site
+    with site.catalog.begin() as session:
+        app = q.add_app(
+            session, name="files", kind=AppKind.FILESYSTEM, host="h", path="/srv",
+            origin="prod", state=AppState.MANAGED,
+        )  # fmt: skip
+        app_id = app.id
+    with pytest.raises(Conflict, match="not a PostgreSQL mirror"):
+        wal.receive_push(site, peer="prod", app="files", body=push(seg(2), b"x" * 10))
+    with site.catalog.read() as session:
+        assert q.list_wal_segments(session, app_id=app_id) == []
+
+
+def test_production_takes_wal_home_only_while_failed_over_and_only_of_dr_timelines(
+    booted: Booted,
+) -> None:
+    """Guards ``receive_push`` for this site's own app: WAL from the peer only while the
+    app is failed over there, and only of the timelines the DR copy wrote after its
+    promotion (newer than every base image here): the peer never adds to production's own."""
+    site = booted.appliance.site
+    with site.catalog.begin() as session:
+        q.add_host(session, name="h", url="https://h", token="t", fingerprint="00")
+        app = q.add_app(
+            session, name="db", kind=AppKind.POSTGRESQL, host="h", path="/pg",
+            state=AppState.MANAGED,
+        )  # fmt: skip
+        app_id = app.id
+        q.add_image(
+            session, app="db", kind=ImageKind.SNAPSHOT, manifest="0" * 64, pg=PG,
+            created=T0 + timedelta(seconds=3),
+        )  # fmt: skip
+    dr_segment = segment_name(2, 3 * SEGMENT)
+    with pytest.raises(Conflict, match="nor failed over at it"):
+        wal.receive_push(site, peer="prod", app="db", body=push(dr_segment, b"x" * 10))
+    with site.catalog.begin() as session:
+        q.get_app(session, name="db").peer_active = True
+    # production's own timeline 1 (a segment it may hold in part): never from the peer
+    with pytest.raises(Conflict, match="timeline 1"):
+        wal.receive_push(site, peer="prod", app="db", body=push(seg(3), b"x" * 10))
+    with site.catalog.read() as session:
+        assert q.list_wal_segments(session, app_id=app_id) == []
+    assert wal.receive_push(site, peer="prod", app="db", body=push(dr_segment, b"x" * 10)).size
+    history = b"1\t0/3000100\tno recovery target specified\n"
+    assert wal.receive_push(site, peer="prod", app="db", body=push("00000002.history", history))
+    with site.catalog.read() as session:
+        held = {s.name: s for s in q.list_wal_segments(session, app_id=app_id)}
+    assert set(held) == {dr_segment, "00000002.history"}

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
+from tandem import errors
 from tandem.transport import api
 
 # CLI.md: "a job has at least id, type, app, status, message, bytes_total, bytes_sent,
@@ -63,3 +64,14 @@ def test_the_contract_imports_nothing_of_the_daemons() -> None:
     ]
     inside = ("tandem.catalog", "tandem.jobs", "tandem.operations", "tandem.appliance")
     assert not [n for n in names if n.startswith(inside)], names
+
+
+@pytest.mark.parametrize("model", [api.RestoreIn, api.PresentIn, api.FailoverIn])
+def test_an_image_named_in_a_body_has_the_shape_of_an_image_id(model: type[BaseModel]) -> None:
+    """A body names an image by id (domain/ids.py): anything else is refused, naming the
+    field, before it reaches an operation (the CLI says "no such image" before sending)."""
+    fields = {"host": "h1"} if model is not api.RestoreIn else {}
+    assert model.model_validate({**fields, "image": "img_k3v7q2m5a4bx"})
+    for bad in ("../apps/x", "img_K3V7", "web"):
+        with pytest.raises(errors.InvalidInput, match="image"):
+            api.checked(model, **fields, image=bad)

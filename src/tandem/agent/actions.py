@@ -128,9 +128,15 @@ def capture(req: CaptureRequest, emit: Emit) -> dict[str, Any]:
     if unchanged is not None:
         return unchanged
     before = volume.stamp_of(path) if req.kind == "volume" else None
-    with pit.point_in_time(str(path), req.kind, ConsistencyMode(req.consistency)) as cut:
+    mode = ConsistencyMode(req.consistency)
+    with pit.point_in_time(str(path), req.kind, mode, base=req.base) as cut:
         emit({"event": "log", "text": f"capturing from {cut.cut.value}: {cut.reason}"})
+        if cut.previous is not None:
+            emit({"event": "log", "text": "changed files are read only where their extents "
+                  "left the previous capture's cut, kept since"})  # fmt: skip
         done = _capture_from(req, path, cut, emit)
+        # Kept for the next capture, whose base is this image (a tree's snapshot/clones).
+        cut.keep = str(done["manifest"])
     after = volume.stamp_of(path) if req.kind == "volume" else None
     return {
         **done,
@@ -258,6 +264,7 @@ def _capture_from(
                 recheck=cut.recheck,
                 identity=cut.identity,
                 torn_ok=cut.cut is Cut.BASE_BACKUP,
+                previous=cut.previous if base is not None else None,
             )
             size = tree_manifest.size
         sent = pool.last_writer.bytes_sent if pool.last_writer else 0

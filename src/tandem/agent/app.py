@@ -13,10 +13,12 @@ Invariants
   a new copy would be written; see ``actions.check_target``). Materializations are recorded
   in DIR/mounts.json (see ``tandem.agent.mounts``), so an app made without its directory
   cannot materialize.
-- ``/api/v1/vms`` lists the libvirt domains of a hypervisor host; ``/api/v1/vms/define`` and
-  ``/api/v1/vms/remove`` define a new VM over an appliance's NBD export and remove it;
+- ``/api/v1/vms`` lists the libvirt domains of a hypervisor host, ``/api/v1/vms/resources``
+  its storage pools and networks; ``/api/v1/vms/define`` and ``/api/v1/vms/remove`` define a
+  new VM over an appliance's NBD export and remove it (``tandem.agent.vm``);
+  ``/api/v1/vms/define-copy`` streams the copy of its disks into a pool, then defines it;
   ``/api/v1/vms/restore`` restores a VM image onto a domain in place, ``/api/v1/vms/power``
-  starts or stops one (``tandem.agent.vm``).
+  starts or stops one.
   ``/api/v1/info`` says whether the host is a hypervisor; an agent without libvirt serves
   everything else.
 - ``/api/v1/run`` runs a hook script, by name, from DIR/scripts only (``tandem.agent.hooks``);
@@ -175,9 +177,20 @@ def create_app(cfg: DaemonConfig, directory: Path | None = None) -> FastAPI:
     def vms() -> dict[str, Any]:
         return {"domains": vm.list_domains()}
 
+    @app.get("/api/v1/vms/resources", dependencies=[Depends(auth)])
+    def vm_resources() -> dict[str, Any]:
+        return vm.resources()
+
     @app.post("/api/v1/vms/define", dependencies=[Depends(auth)])
     def define_vm(req: DefineRequest) -> dict[str, Any]:
         return vm.define(req)
+
+    @app.post("/api/v1/vms/define-copy", dependencies=[Depends(auth)])
+    def define_vm_copy(req: DefineRequest) -> StreamingResponse:
+        def work(emit: actions.Emit) -> dict[str, Any]:
+            return {"event": "done", **vm.define_copy(req, emit)}
+
+        return _stream(req.name, work)
 
     @app.post("/api/v1/vms/remove", dependencies=[Depends(auth)])
     def remove_vm(req: RemoveRequest) -> dict[str, Any]:

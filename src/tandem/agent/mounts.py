@@ -347,6 +347,9 @@ def remove_materialized(entry: dict[str, Any]) -> tuple[list[str], list[str]]:
     removed: list[str] = []
     kept: list[str] = []
     fds: dict[str, int] = {}
+    for path in paths:
+        if path in created or path in owners:
+            pit.drop_kept(path)  # a syncback's kept snapshot or clones beside the copy
     try:
         for path in paths:
             # A mount point neither made nor found empty by this agent is not its to touch

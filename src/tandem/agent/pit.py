@@ -10,8 +10,10 @@ app's ``ConsistencyMode``:
     file system; then, with writes held (``fsfreeze``) only for an lstat walk of the live
     tree, every entry is compared with what it was when cloned (type, size, mtime, ctime,
     inode): all unchanged means every clone is the file at that instant (``reflink``).
-    Regular files that changed since cloned, up to ``HELD_READ_MAX`` bytes, are read then,
-    while writes are still held, and put in place of their clones; otherwise (more bytes,
+    Regular files that changed since cloned are read then, while writes are still held,
+    only where their extents no longer match their clone's (``storage.extents``; the whole
+    file when the maps cannot tell), up to ``HELD_READ_MAX`` bytes, and written into their
+    clones after; the hold grows with what changed, not with the files. Otherwise (more bytes,
     or folders changed) the changed entries are cloned again, writes released meanwhile,
     and the check repeats, at most ``CLONE_ATTEMPTS`` times. (Writes cannot be held around
     the cloning itself: a clone is a write, and blocks on a frozen file system.) The
@@ -27,15 +29,26 @@ app's ``ConsistencyMode``:
   never frozen (the agent and the host live on it). Reports how long writes were held.
 - ``hooks`` and ``none``: the live files (the appliance runs hooks around the capture).
 
+Right before a snapshot, a clone or a freeze, the file system is flushed (``syncfs``) with
+writes flowing, so the commit or freeze that pauses the app has little left to write. The
+cut reports when it began and how long it took (``cut_at``, ``cut_seconds``).
+
 Work copies are named ``.tandem-pit-<random>`` beside the app's path (inside it when the
-path is the root of its mount, and then left out of what is cloned) and are always removed,
-also when the capture fails.
+path is the root of its mount, and then left out of what is cloned) and are removed, also
+when the capture fails — except a tree's snapshot or clones after a successful capture
+whose caller sets ``keep`` (the image's manifest): that copy is renamed
+``.tandem-pit-keep-<hash of the path>-<manifest>``, replacing the one kept before (one per
+app), and the next capture whose base is that image gets it as ``previous``, so that
+``capture_tree`` reads a changed file only where its extents left the kept copy's. A kept
+copy holds the blocks the app has rewritten since (btrfs and XFS share the rest).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
+import hashlib
 import os
 import secrets
 import shutil
@@ -43,11 +56,12 @@ import stat
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from tandem.domain.consistency import ConsistencyMode, Cut
 from tandem.errors import PointInTimeUnavailable, SourceChanged
+from tandem.storage import extents
 
 FICLONE = 0x40049409  # _IOW(0x94, 9, int)
 FIFREEZE = 0xC0045877  # _IOWR('X', 119, int): what fsfreeze -f does, without a process
@@ -55,6 +69,7 @@ FITHAW = 0xC0045878  # _IOWR('X', 120, int)
 REFLINK_FS = frozenset({"btrfs", "xfs"})
 BTRFS_SUBVOLUME_INO = 256
 WORK_PREFIX = ".tandem-pit-"
+KEEP_PREFIX = WORK_PREFIX + "keep-"
 CLONE_ATTEMPTS = 50
 HELD_READ_MAX = 64 * 1024 * 1024
 """Bytes of changed files read while writes are held, rather than cloned again after."""
@@ -80,6 +95,19 @@ class PointInTime:
     """Whether ``path`` may still change (live files): the capture verifies after reading."""
     held_seconds: float | None = None
     """How long writes were held (freeze), set when the source is released."""
+    previous: str | None = None
+    """The previous cut of the same path, kept (``keep``) for the capture whose manifest is
+    the base of this one: unchanged extents need not be read (``capture_tree``)."""
+    keep: str | None = None
+    """Set by the caller once the capture succeeded: the manifest (hex) to keep this cut
+    for, in place of the previous one (btrfs snapshots and reflink clones of trees)."""
+    held_read: int = 0
+    """Bytes of changed files read while writes were held (reflink clones)."""
+    cut_at: float | None = None
+    """When making the point in time began (epoch seconds: the host's clock)."""
+    cut_seconds: float | None = None
+    """How long making it took: the window in which the app may have paused (a snapshot's
+    commit, cloning and the held check; for ``freeze``, the whole capture)."""
     identity: dict[str, tuple[int, int]] | None = None
     """For a copy (reflink clones): each path's live (ctime_ns, inode), which the image
     records so that the next capture knows unchanged files (``capture_tree``)."""
@@ -89,6 +117,9 @@ class PointInTime:
             "consistency": self.cut.value,
             "consistency_reason": self.reason,
             "held_seconds": self.held_seconds,
+            "cut_at": self.cut_at,
+            "cut_seconds": self.cut_seconds,
+            "held_read": self.held_read,
         }
 
 
@@ -166,6 +197,24 @@ def thaw(mount: Mount, path: str) -> None:
     _ioctl_mount(mount, FITHAW, f"thawing {mount.point}", path)
 
 
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def syncfs(path: str) -> None:
+    """Write the dirty data of the file system ``path`` is on (``syncfs(2)``), best effort.
+
+    Called, with writes flowing, right before a cut: what a snapshot's commit or a freeze
+    must flush then is only what was written since, so the app's pause stays short."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        _libc.syncfs(fd)
+    finally:
+        os.close(fd)
+
+
 def _work_name() -> str:
     return WORK_PREFIX + secrets.token_hex(6)
 
@@ -179,36 +228,143 @@ def _work_place(path: str, mount: Mount) -> tuple[str, str | None]:
     return os.path.join(path, name), name  # the app's path is the mount's root
 
 
+def _keep_stem(path: str) -> str:
+    digest = hashlib.sha256(os.path.realpath(path).encode("utf-8", "surrogateescape"))
+    return KEEP_PREFIX + digest.hexdigest()[:16] + "-"
+
+
+def _kept(folder: str, path: str, manifest: str | None) -> str | None:
+    """The cut of ``path`` kept in ``folder`` for the image ``manifest``, if there is one."""
+    if not manifest or not all(c in "0123456789abcdef" for c in manifest):
+        return None
+    found = os.path.join(folder, _keep_stem(path) + manifest)
+    return found if os.path.isdir(found) and not os.path.islink(found) else None
+
+
+def _replace_kept(
+    folder: str, path: str, cut: str, manifest: str, remove: Callable[[str], None]
+) -> bool:
+    """Keep ``cut`` as ``path``'s previous cut for ``manifest``, removing the one kept
+    before; False (nothing kept) when it cannot be renamed."""
+    if not all(c in "0123456789abcdef" for c in manifest):
+        return False
+    stem = _keep_stem(path)
+    name = stem + manifest
+    try:
+        os.rename(cut, os.path.join(folder, name))
+    except OSError:
+        return False
+    old = [os.path.join(folder, o) for o in os.listdir(folder) if o.startswith(stem) and o != name]
+
+    def remove_old() -> None:
+        for path in old:
+            with contextlib.suppress(OSError, PointInTimeUnavailable):
+                remove(path)
+
+    # Not on the capture's time: a copy left by a stop is removed at the next capture.
+    threading.Thread(target=remove_old, name="tandem-pit-remove", daemon=True).start()
+    return True
+
+
+def _drop_kept(path: str, mount: Mount) -> None:
+    """Remove the copies kept for ``path``: its captures are no longer cut from snapshots or
+    clones (its consistency changed), and one inside it must not be captured as its data."""
+    whole = path.rstrip("/") == mount.point.rstrip("/")
+    folder = path if whole else os.path.dirname(path.rstrip("/"))
+    stem = _keep_stem(path)
+    try:
+        names = [n for n in os.listdir(folder) if n.startswith(stem)]
+    except OSError:
+        return
+    for name in names:
+        full = os.path.join(folder, name)
+        with contextlib.suppress(OSError, PointInTimeUnavailable):
+            if os.lstat(full).st_ino == BTRFS_SUBVOLUME_INO and mount.fstype == "btrfs":
+                _delete_subvolume(full)
+            else:
+                _rmtree(full)
+
+
+def drop_kept(path: str) -> None:
+    """Remove the copies kept for ``path`` (a tree whose copy is being removed, as a DR copy
+    at failback): they would outlive it, holding its blocks."""
+    with contextlib.suppress(OSError):
+        _drop_kept(path, mount_of(path))
+
+
 # --- the cuts -------------------------------------------------------------------------
 
 
+def _rmtree(folder: str) -> None:
+    """Remove a kept copy: ``rm`` does it off the agent's interpreter (a copy of a large
+    tree is thousands of unlinks, which in Python would hold the GIL from the next capture)."""
+    with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+        subprocess.run(
+            ["rm", "-rf", "--one-file-system", "--", folder],
+            capture_output=True,
+            timeout=COMMAND_TIMEOUT,
+            check=False,
+        )
+    shutil.rmtree(folder, ignore_errors=True)  # what rm left, or all of it without rm
+
+
+def _delete_subvolume(snap: str) -> None:
+    _run(["btrfs", "subvolume", "delete", snap], "btrfs subvolume delete", snap)
+
+
 @contextlib.contextmanager
-def _btrfs_snapshot(path: str) -> Iterator[PointInTime]:
-    snap = os.path.join(os.path.dirname(path.rstrip("/")), _work_name())
+def _btrfs_snapshot(path: str, base: str | None) -> Iterator[PointInTime]:
+    folder = os.path.dirname(path.rstrip("/"))
+    snap = os.path.join(folder, _work_name())
+    # The snapshot commits a transaction that flushes every dirty page first: flushed now,
+    # while the app writes on, the commit has little left to flush.
+    syncfs(path)
+    t0, at = time.monotonic(), time.time()
     _run(["btrfs", "subvolume", "snapshot", "-r", path, snap], "btrfs subvolume snapshot", path)
+    pit = PointInTime(snap, Cut.SNAPSHOT_BTRFS, "a read-only btrfs snapshot", recheck=False)
+    pit.cut_at, pit.cut_seconds = at, time.monotonic() - t0
+    pit.previous = _kept(folder, path, base)
     try:
-        yield PointInTime(snap, Cut.SNAPSHOT_BTRFS, "a read-only btrfs snapshot", recheck=False)
+        yield pit
     finally:
-        _run(["btrfs", "subvolume", "delete", snap], "btrfs subvolume delete", path)
+        if not (pit.keep and _replace_kept(folder, path, snap, pit.keep, _delete_subvolume)):
+            _run(["btrfs", "subvolume", "delete", snap], "btrfs subvolume delete", path)
 
 
 def _lstat_tree(root: str, exclude: str | None) -> dict[str, tuple[int, ...]]:
     """Every entry under ``root`` (by relative path) with what says it changed: type, size,
-    mtime, ctime, inode."""
+    mtime, ctime, inode. With ``exclude`` (the work copy is inside ``root``), work copies
+    at the top are left out. Runs while writes are held: one ``scandir`` per folder and no
+    path arithmetic beyond joining, so the hold stays short."""
     out: dict[str, tuple[int, ...]] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        if dirpath == root and exclude in dirnames:
-            dirnames.remove(exclude)  # type: ignore[arg-type]
-        for name in dirnames + filenames:
-            full = os.path.join(dirpath, name)
-            rel = os.path.relpath(full, root)
-            try:
-                st = os.lstat(full)
-            except FileNotFoundError:
-                out[rel] = (-1,)
-                continue
-            key = (stat.S_IFMT(st.st_mode), st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-            out[rel] = (*key, st.st_ino)
+    stack = [("", root)]
+    while stack:
+        rel_dir, abs_dir = stack.pop()
+        try:
+            it = os.scandir(abs_dir)
+        except OSError:
+            continue  # vanished or unreadable, as os.walk: the parent's entry says it changed
+        with it:
+            for de in it:
+                name = de.name
+                if not rel_dir and exclude is not None and name.startswith(WORK_PREFIX):
+                    continue
+                rel = rel_dir + name
+                try:
+                    st = de.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    out[rel] = (-1,)
+                    continue
+                mode = st.st_mode
+                out[rel] = (
+                    stat.S_IFMT(mode),
+                    st.st_size,
+                    st.st_mtime_ns,
+                    st.st_ctime_ns,
+                    st.st_ino,
+                )
+                if stat.S_ISDIR(mode):
+                    stack.append((rel + "/", f"{abs_dir}/{name}"))
     return out
 
 
@@ -287,52 +443,93 @@ def _clone_file(src: str, dst: str, path: str) -> None:
         os.close(sfd)
 
 
+@dataclass
+class _Held:
+    """What a changed file held at the cut: its stat, and either its whole content
+    (``whole``) or the ranges that differ from its clone, each with its bytes."""
+
+    st: os.stat_result
+    ranges: list[tuple[int, bytes]]
+    whole: bool
+
+
+def _pread_all(fd: int, start: int, end: int) -> bytes:
+    chunks, pos = [], start
+    while pos < end:
+        piece = os.pread(fd, min(8 << 20, end - pos), pos)
+        if not piece:
+            break
+        chunks.append(piece)
+        pos += len(piece)
+    return b"".join(chunks)
+
+
+def _differs(fd: int, st: os.stat_result, clone: str) -> list[tuple[int, int]] | None:
+    """The ranges of the live file (open as ``fd``) that may differ from its clone, from
+    both extent maps (``storage.extents``; writes are held, so nothing is dirty and the
+    maps are not synced); None when they cannot tell."""
+    try:
+        cfd = os.open(clone, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        cst = os.fstat(cfd)
+        if not stat.S_ISREG(cst.st_mode) or cst.st_dev != st.st_dev:
+            return None
+        return extents.changed_ranges(fd, st.st_size, cfd, cst.st_size, sync=False)
+    finally:
+        os.close(cfd)
+
+
 def _read_held(
-    path: str, changed: list[str], now: dict[str, tuple[int, ...]]
-) -> dict[str, tuple[bytes, os.stat_result]] | None:
-    """The content of the changed regular files, read while writes are held; None when
-    there are too many bytes (or entries that are not regular files) to hold writes for."""
+    path: str, work: str, changed: list[str], now: dict[str, tuple[int, ...]]
+) -> dict[str, _Held] | None:
+    """What the changed regular files hold, read while writes are held: only the ranges
+    where a file's extents differ from its clone's (a clone shares every extent it was not
+    written in since), the whole file when the extent maps cannot tell. None when there are
+    too many bytes (or entries that are not regular files) to hold writes for."""
+    for rel in changed:
+        key = now.get(rel)
+        if key is not None and key != (-1,) and not stat.S_ISREG(key[0]):
+            return None
     total = 0
+    out: dict[str, _Held] = {}
     for rel in changed:
         key = now.get(rel)
         if key is None or key == (-1,):
             continue  # removed: nothing to read
-        if not stat.S_ISREG(key[0]):
-            return None
-        total += key[1]
-    if total > HELD_READ_MAX:
-        return None
-    out: dict[str, tuple[bytes, os.stat_result]] = {}
-    for rel in changed:
-        key = now.get(rel)
-        if key is None or key == (-1,):
-            continue
         fd = os.open(os.path.join(path, rel), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
             st = os.fstat(fd)
-            chunks, pos = [], 0
-            while pos < st.st_size:
-                piece = os.pread(fd, min(8 << 20, st.st_size - pos), pos)
-                if not piece:
-                    break
-                chunks.append(piece)
-                pos += len(piece)
-            out[rel] = (b"".join(chunks), st)
+            ranges = _differs(fd, st, os.path.join(work, rel))
+            whole = ranges is None
+            todo = [(0, st.st_size)] if ranges is None else ranges
+            total += sum(end - start for start, end in todo)
+            if total > HELD_READ_MAX:
+                return None
+            out[rel] = _Held(st, [(s, _pread_all(fd, s, e)) for s, e in todo], whole)
         finally:
             os.close(fd)
     return out
 
 
-def _write_read(work: str, read: dict[str, tuple[bytes, os.stat_result]]) -> None:
-    """Put the files read at the cut in place of their clones (mode, owner and times kept)."""
-    for rel, (data, st) in read.items():
-        dst = os.path.join(work, rel)
-        _remove(dst)
-        fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+def _write_read(work: str, read: dict[str, _Held]) -> None:
+    """Put what was read at the cut into the clones (mode, owner and times kept): a whole
+    file in place of its clone, changed ranges into it."""
+    for rel, held in read.items():
+        dst, st = os.path.join(work, rel), held.st
+        if held.whole:
+            _remove(dst)
+            fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        else:
+            fd = os.open(dst, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            for offset, data in held.ranges:
+                view, pos = memoryview(data), offset
+                while view:
+                    n = os.pwrite(fd, view, pos)
+                    view, pos = view[n:], pos + n
+            os.ftruncate(fd, st.st_size)
             os.fchown(fd, st.st_uid, st.st_gid)
             os.fchmod(fd, stat.S_IMODE(st.st_mode))
             os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
@@ -348,7 +545,7 @@ def _set_dir_times(work: str, now: dict[str, tuple[int, ...]]) -> None:
 
 
 @contextlib.contextmanager
-def _reflink_tree(path: str, mount: Mount) -> Iterator[PointInTime]:
+def _reflink_tree(path: str, mount: Mount, base: str | None) -> Iterator[PointInTime]:
     """Clone the tree, then check it against the live tree while writes are held for the
     instant of an lstat walk (``fsfreeze``; not on the root file system, where the check
     runs unfrozen): an entry unchanged since it was cloned, for all entries, makes the
@@ -357,17 +554,29 @@ def _reflink_tree(path: str, mount: Mount) -> Iterator[PointInTime]:
     work, exclude = _work_place(path, mount)
     hold = mount.point != "/"
     held = 0.0
+    held_read = 0
+    pit: PointInTime | None = None
     try:
+        # A clone first writes the file's dirty pages, with the file locked; a freeze, all
+        # of the file system's: flushed beforehand, with writes flowing, little is left.
+        if hold:
+            syncfs(path)
+        t_cut, at = time.monotonic(), time.time()
         before = _lstat_tree(path, exclude)
         os.mkdir(work, 0o700)
-        names = [os.path.join(path, n) for n in os.listdir(path) if n != exclude]
+        names = [
+            os.path.join(path, n)
+            for n in os.listdir(path)
+            if exclude is None or not n.startswith(WORK_PREFIX)
+        ]
         if names:
             _cp(names, work + "/", path)
         for attempt in range(CLONE_ATTEMPTS):
             if hold:
+                syncfs(path)
                 freeze(mount, path)
             t0 = time.monotonic()
-            read: dict[str, tuple[bytes, os.stat_result]] | None = None
+            read: dict[str, _Held] | None = None
             try:
                 now = _lstat_tree(path, exclude)
                 changed = [r for r in before.keys() | now.keys() if before.get(r) != now.get(r)]
@@ -375,12 +584,13 @@ def _reflink_tree(path: str, mount: Mount) -> Iterator[PointInTime]:
                     # Writers queue while held and rush in at the thaw, so a file written
                     # on every commit (a WAL) would change again before it is re-cloned:
                     # a few changed files are read now instead, at the cut.
-                    read = _read_held(path, changed, now)
+                    read = _read_held(path, work, changed, now)
             finally:
                 if hold:
                     thaw(mount, path)
                 held = max(held, time.monotonic() - t0)
             if read is not None:
+                held_read += sum(len(d) for h in read.values() for _, d in h.ranges)
                 _reclone(path, work, [r for r in changed if r not in read], now)
                 _write_read(work, read)
                 changed = []
@@ -398,6 +608,9 @@ def _reflink_tree(path: str, mount: Mount) -> Iterator[PointInTime]:
                 identity = {rel: (k[3], k[4]) for rel, k in now.items() if len(k) == 5}
                 pit = PointInTime(work, Cut.REFLINK, why, recheck=False, identity=identity)
                 pit.held_seconds = held if hold else None
+                pit.held_read = held_read
+                pit.previous = _kept(os.path.dirname(work), path, base)
+                pit.cut_at, pit.cut_seconds = at, time.monotonic() - t_cut
                 yield pit
                 return
             _reclone(path, work, changed, now)
@@ -410,7 +623,9 @@ def _reflink_tree(path: str, mount: Mount) -> Iterator[PointInTime]:
             "hooks",
         )
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        folder = os.path.dirname(work)
+        if not (pit and pit.keep and _replace_kept(folder, path, work, pit.keep, _rmtree)):
+            shutil.rmtree(work, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -418,8 +633,12 @@ def _reflink_file(path: str) -> Iterator[PointInTime]:
     clone = os.path.join(os.path.dirname(path), _work_name())
     src = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
+        os.fdatasync(src)  # the clone writes the dirty pages first, with the file locked
+        t0, at = time.monotonic(), time.time()
         os.close(_clone_fd(src, clone, path, "it"))
-        yield PointInTime(clone, Cut.REFLINK, "a reflink clone of the volume file", recheck=False)
+        pit = PointInTime(clone, Cut.REFLINK, "a reflink clone of the volume file", recheck=False)
+        pit.cut_at, pit.cut_seconds = at, time.monotonic() - t0
+        yield pit
     finally:
         os.close(src)
         with contextlib.suppress(FileNotFoundError):
@@ -442,12 +661,15 @@ def _frozen(path: str, mount: Mount) -> Iterator[PointInTime]:
                 thawed[0] = True
                 thaw(mount, path)
 
+    syncfs(path)
+    at = time.time()
     freeze(mount, path)
     t0 = time.monotonic()
     watchdog = threading.Timer(FREEZE_MAX, release)
     watchdog.daemon = True
     watchdog.start()
     pit = PointInTime(path, Cut.FREEZE, f"writes to {mount.point} held during the capture")
+    pit.cut_at = at
     try:
         yield pit
         if time.monotonic() - t0 >= FREEZE_MAX:
@@ -459,7 +681,7 @@ def _frozen(path: str, mount: Mount) -> Iterator[PointInTime]:
     finally:
         watchdog.cancel()
         release()
-        pit.held_seconds = time.monotonic() - t0
+        pit.held_seconds = pit.cut_seconds = time.monotonic() - t0
 
 
 @contextlib.contextmanager
@@ -482,15 +704,24 @@ def _no_pit(path: str, kind: str, mount: Mount) -> str | None:
 
 
 @contextlib.contextmanager
-def point_in_time(path: str, kind: str, mode: ConsistencyMode) -> Iterator[PointInTime]:
+def point_in_time(
+    path: str, kind: str, mode: ConsistencyMode, base: str | None = None
+) -> Iterator[PointInTime]:
     """What to capture ``path`` (a ``filesystem`` or ``volume`` app) from, under ``mode``;
-    the source is released (snapshot deleted, clones removed, file system thawed) on exit."""
+    the source is released (snapshot deleted, clones removed, file system thawed) on exit,
+    unless the caller set its ``keep`` (a tree's snapshot or clones): it is then kept as
+    the previous cut, found again as ``previous`` by the capture whose ``base`` is that
+    manifest."""
+    mount = mount_of(path)
     if mode in (ConsistencyMode.NONE, ConsistencyMode.HOOKS):
+        if kind == "filesystem":
+            _drop_kept(path, mount)
         with _live(path, f"--consistency {mode.value}: live files") as pit:
             yield pit
         return
-    mount = mount_of(path)
     if mode is ConsistencyMode.FREEZE:
+        if kind == "filesystem":
+            _drop_kept(path, mount)  # before the freeze, which would hold the removal
         with _frozen(path, mount) as pit:
             yield pit
         return
@@ -498,6 +729,8 @@ def point_in_time(path: str, kind: str, mode: ConsistencyMode) -> Iterator[Point
     if reason is not None:
         if mode is ConsistencyMode.SNAPSHOT:
             raise PointInTimeUnavailable(path=path, reason=reason)
+        if kind == "filesystem":
+            _drop_kept(path, mount)
         with _live(path, f"no point-in-time source: {reason}") as pit:
             yield pit
         return
@@ -508,8 +741,8 @@ def point_in_time(path: str, kind: str, mode: ConsistencyMode) -> Iterator[Point
         is_btrfs_subvolume(path)
         and mount_of(os.path.dirname(path.rstrip("/")) or "/").point == mount.point
     ):
-        source = _btrfs_snapshot(path)
+        source = _btrfs_snapshot(path, base)
     else:
-        source = _reflink_tree(path, mount)
+        source = _reflink_tree(path, mount, base)
     with source as pit:
         yield pit

@@ -46,6 +46,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
+from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from tandem import __version__
@@ -64,7 +65,7 @@ from tandem.domain.rules import (
     role_allows,
 )
 from tandem.domain.units import human_bytes
-from tandem.errors import NotFound, TandemError
+from tandem.errors import InvalidInput, NotFound, TandemError
 from tandem.operations import (
     apps,
     capture,
@@ -83,7 +84,7 @@ from tandem.operations import (
 )
 from tandem.operations.present import ACTIONS as MOUNT_ACTIONS
 from tandem.operations.site import Site
-from tandem.transport.api import NAME, hide_secrets
+from tandem.transport.api import NAME, FailoverIn, MountIn, PresentIn, hide_secrets
 
 COOKIE = "tandem_console"
 SESSION_SECONDS = 12 * 3600
@@ -426,7 +427,8 @@ def _make_router(site: Site, sessions: ConsoleSessions) -> APIRouter:
         listed = apps.list_apps(site)
         risk = apps.risks(site, listed, now)
         rows = [app_out(a, now, downtimes.get(a.name), risk[a.name]) for a in listed]
-        return page(request, "apps.html", who, apps=rows)
+        power = hosts.power_states(site, [a for a in listed if a.kind is AppKind.VM])
+        return page(request, "apps.html", who, apps=rows, power=power)
 
     # --- Access -----------------------------------------------------------------------
 
@@ -481,6 +483,7 @@ def _make_router(site: Site, sessions: ConsoleSessions) -> APIRouter:
             form=form or {},
             open_action=open_action,
             volume=row.kind is AppKind.VOLUME,
+            vm=row.kind is AppKind.VM,
             export_uri=export_uri if image is not None and image.nbd_export else None,
             restore_step=_restore_step(form or {}),
         )
@@ -662,6 +665,33 @@ def _capture(site: Site, app: str, form: Mapping[str, str], actor: str) -> Job:
     return capture.submit_capture(site, app=app, label=_blank(form.get("label")), actor=actor)
 
 
+def _vm_form(form: Mapping[str, str], model: type[BaseModel]) -> dict[str, Any]:
+    """The new-VM fields of a Test Failover / Failover / Mount form, validated by the API's
+    own request model (``model``): name, pool, network, power on (and the failover's hosts)."""
+    fields: dict[str, Any] = {
+        "host": form.get("host", ""),
+        "new_vm": _blank(form.get("new_vm")),
+        "pool": _blank(form.get("pool")),
+        "network": _blank(form.get("network")),
+        "power_on": form.get("power_on") == "on",
+    }
+    if "hosts" in model.model_fields:
+        hosts = [h.strip() for h in (form.get("hosts") or "").split(",") if h.strip()]
+        fields.update(hosts=hosts or None, all_hosts=form.get("all_hosts") == "on")
+    if "confirm" in model.model_fields:
+        fields["confirm"] = _confirmations(form, "confirm")
+    try:
+        checked = model.model_validate(fields)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']).replace('_', ' ')}: {e['msg']}"
+            for e in exc.errors()
+        )
+        raise InvalidInput(detail=problems) from exc
+    out = checked.model_dump(include=set(fields) - {"host", "confirm"})
+    return out
+
+
 def _test_failover(site: Site, app: str, form: Mapping[str, str], actor: str) -> Job:
     return testfailover.submit_test_failover(
         site,
@@ -671,6 +701,7 @@ def _test_failover(site: Site, app: str, form: Mapping[str, str], actor: str) ->
         mount_point=_blank(form.get("mount_point")),
         action=_blank(form.get("action")),
         actor=actor,
+        **_vm_form(form, PresentIn),
     )
 
 
@@ -685,6 +716,7 @@ def _failover(site: Site, app: str, form: Mapping[str, str], actor: str) -> Job:
         action=_blank(form.get("action")),
         label=_blank(form.get("label")),
         actor=actor,
+        **_vm_form(form, FailoverIn),
     )
 
 
@@ -710,6 +742,7 @@ def _mount(site: Site, app: str, form: Mapping[str, str], actor: str) -> Job:
         mount_point=_blank(form.get("mount_point")),
         action=_blank(form.get("action")),
         actor=actor,
+        **_vm_form(form, MountIn),
     )
 
 

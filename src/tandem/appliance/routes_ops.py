@@ -95,6 +95,7 @@ def make_router(site: Site) -> APIRouter:
             new_vm=body.new_vm,
             network=body.network,
             power_on=body.power_on,
+            pool=body.pool,
         )
         return JobAnswer(job=job_out(job, who))
 
@@ -117,6 +118,9 @@ def make_router(site: Site) -> APIRouter:
             new_vm=body.new_vm,
             network=body.network,
             power_on=body.power_on,
+            pool=body.pool,
+            hosts=body.hosts,
+            all_hosts=body.all_hosts,
         )
         return JobAnswer(job=job_out(job, who))
 
@@ -177,6 +181,7 @@ def make_router(site: Site) -> APIRouter:
             new_vm=body.new_vm,
             network=body.network,
             power_on=body.power_on,
+            pool=body.pool,
         )
         return JobAnswer(job=job_out(job, who))
 

@@ -219,6 +219,8 @@ class Image(Base):
     vm_name: Mapped[str | None] = mapped_column(String(64))
     """The new VM a presented VM image was defined as on ``mounted_host`` (withdrawing the
     image destroys and undefines it)."""
+    vm_hosts: Mapped[list[str] | None] = mapped_column(JSON)
+    """The other hosts ``vm_name`` is defined on, powered off (a failover ``--hosts``)."""
     protective: Mapped[bool] = mapped_column(Boolean, default=False)
     epoch: Mapped[int] = mapped_column(Integer, default=1)
     consistency: Mapped[str | None] = mapped_column(String(32))

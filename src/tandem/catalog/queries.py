@@ -517,6 +517,7 @@ def set_image_state(
     mount_point: str | None = None,
     nbd_export: str | None = None,
     vm_name: str | None = None,
+    vm_hosts: list[str] | None = None,
 ) -> Image:
     """Set an image's state; the presentation fields are kept only while it is mounted."""
     image = get_image(session, image_id=image_id)
@@ -526,6 +527,7 @@ def set_image_state(
     image.mount_point = mount_point if mounted else None
     image.nbd_export = nbd_export if mounted else None
     image.vm_name = vm_name if mounted else None
+    image.vm_hosts = vm_hosts if mounted and vm_hosts else None
     session.flush()
     return image
 

@@ -84,7 +84,7 @@ ActionOpt = Annotated[
         "--action",
         help="keep-source-path, specify (with --mount-point), map-only (volume: NBD only), or "
         "copy (a full plain copy at --mount-point or the source path; a file tree is "
-        "otherwise a virtual copy through FUSE).",
+        "otherwise a virtual copy through FUSE; a new VM's disks copied into --pool).",
     ),
 ]
 
@@ -97,15 +97,27 @@ NetworkOpt = Annotated[
     str | None, typer.Option("--network", help="The new VM's libvirt network (none by default).")
 ]
 PowerOnOpt = Annotated[bool, typer.Option("--power-on", help="Start the new VM.")]
+PoolOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--pool",
+        help="The new VM's datastore: an active libvirt storage pool of HOST (with --action "
+        "copy its disks are copied there as qcow2 volumes).",
+    ),
+]
 
 
-def _vm_options(new_vm: str | None, network: str | None, power_on: bool) -> dict[str, Any]:
+def _vm_options(
+    new_vm: str | None, network: str | None, power_on: bool, pool: str | None = None
+) -> dict[str, Any]:
     """The new-VM fields of a request, only when given (other apps' requests stay as they were)."""
     out: dict[str, Any] = {}
     if new_vm:
         out["new_vm"] = new_vm
     if network:
         out["network"] = network
+    if pool:
+        out["pool"] = pool
     if power_on:
         out["power_on"] = True
     return out
@@ -130,17 +142,18 @@ def test_failover(
     new_vm: NewVmOpt = None,
     network: NetworkOpt = None,
     power_on: PowerOnOpt = False,
+    pool: PoolOpt = None,
     verify: VerifyOpt = False,
 ) -> JobAnswer:
     """Present a writable copy of a replica to HOST; replication goes on (DR appliance).
     A PostgreSQL app is recovered to --time or --latest and started."""
     params = {
         "host": host,
-        "image": image,
+        "image": checked_image(image) if image else None,
         "mount_point": mount_point,
         "action": action,
         **pit_fields(time_, latest, port),
-        **_vm_options(new_vm, network, power_on),
+        **_vm_options(new_vm, network, power_on, pool),
         **({"verify": True} if verify else {}),
     }
     return s.api.test_failover(checked_app(app), checked(PresentIn, **params))
@@ -164,6 +177,19 @@ def failover(
     new_vm: NewVmOpt = None,
     network: NetworkOpt = None,
     power_on: PowerOnOpt = False,
+    pool: PoolOpt = None,
+    hosts: Annotated[
+        str | None,
+        typer.Option(
+            "--hosts",
+            help="A vm app: also define the failed-over VM, powered off, on these hypervisor "
+            "hosts (H1,H2); it starts on --host.",
+        ),
+    ] = None,
+    all_hosts: Annotated[
+        bool,
+        typer.Option("--all-hosts", help="A vm app: define it on every hypervisor host here."),
+    ] = False,
     verify: VerifyOpt = False,
 ) -> JobAnswer:
     """Bring APP up at the DR site from its replica; replication stops (DR appliance).
@@ -171,12 +197,14 @@ def failover(
     params = {
         "host": host,
         "confirm": list(confirm or []),
-        "image": image,
+        "image": checked_image(image) if image else None,
         "mount_point": mount_point,
         "action": action,
         "label": label,
         **pit_fields(time_, latest, port),
-        **_vm_options(new_vm, network, power_on),
+        **_vm_options(new_vm, network, power_on, pool),
+        **({"hosts": [h.strip() for h in hosts.split(",") if h.strip()]} if hosts else {}),
+        **({"all_hosts": True} if all_hosts else {}),
         **({"verify": True} if verify else {}),
     }
     return s.api.failover(checked_app(app), checked(FailoverIn, **params))
@@ -195,6 +223,7 @@ def mount(
     new_vm: NewVmOpt = None,
     network: NetworkOpt = None,
     power_on: PowerOnOpt = False,
+    pool: PoolOpt = None,
 ) -> JobAnswer:
     """Present any image to HOST as a writable virtual copy (a PostgreSQL base image with
     --time or --latest: recovered from it and started)."""
@@ -203,7 +232,7 @@ def mount(
         "mount_point": mount_point,
         "action": action,
         **pit_fields(time_, latest, port),
-        **_vm_options(new_vm, network, power_on),
+        **_vm_options(new_vm, network, power_on, pool),
     }
     return s.api.mount(checked_image(image), checked(MountIn, **params))
 

@@ -72,7 +72,7 @@ def restore(
         pass  # the server names what is missing
     body = checked(
         RestoreIn,
-        image=image,
+        image=checked_image(image),
         confirm=typed,
         power_on=power_on,
         **({"shutdown_timeout": shutdown_timeout} if shutdown_timeout is not None else {}),

@@ -192,7 +192,17 @@ def run_capture(site: Site, ctx: JobContext) -> dict[str, Any]:
         "consistency": cut,
         "consistency_reason": done.get("consistency_reason"),
         "held_seconds": done.get("held_seconds"),
+        "cut_at": _number(done.get("cut_at")),
+        "cut_seconds": _number(done.get("cut_seconds")),
+        "held_read": _number(done.get("held_read")),
     }
+
+
+def _number(value: object) -> float | None:
+    """A number the agent reports (when the cut began, how long it took), or None."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
 
 
 def _pg_of(done: dict[str, Any]) -> dict[str, Any]:

@@ -57,11 +57,27 @@ def submit_failover(
     new_vm: str | None = None,
     network: str | None = None,
     power_on: bool = False,
+    pool: str | None = None,
+    hosts: list[str] | None = None,
+    all_hosts: bool = False,
 ) -> Job:
     check_confirmations(confirm, [FAILOVER_CONFIRMATION])
     label = check_label(label)
     with site.catalog.read() as session:
         row = q.get_app(session, name=app)
+    # The DR host is asked before the job exists: a pool or network it lacks is bad input.
+    present.check_vm_target(
+        site,
+        host,
+        present.check_new_vm(row, new_vm, network, power_on, keep_identity=True, pool=pool),
+    )
+    also = present.vm_hosts_for(site, row, host, hosts, all_hosts)
+    for other in also:  # the same pool and network on every host the VM is defined on
+        present.check_vm_target(
+            site,
+            other,
+            present.check_new_vm(row, new_vm, network, False, keep_identity=True, pool=pool),
+        )
     image, recovering = pg_recovery.requested(
         site, row, time=time, latest=latest, port=port, verify=verify, image=image
     )
@@ -71,13 +87,26 @@ def submit_failover(
         check_transition(row.name, row.state, Operation.FAILOVER, AppFacts(replica_images=replicas))
         replica = pick_replica(session, row, image)
         check_not_production_host(session, row, host)
-        vm = present.check_new_vm(row, new_vm, network, power_on, keep_identity=True)
+        vm = present.check_new_vm(
+            row,
+            new_vm,
+            network,
+            power_on,
+            keep_identity=True,
+            pool=pool,
+        )
         action = present.check_action(row, action, mount_point)
+        vm = present.vm_with_action(row, vm, action)
         if row.kind is AppKind.FILESYSTEM and action != "map-only":
             # The app will serve from this copy and a catch-up syncback must cut it while it
             # does: a plain tree on the host's file system (a btrfs subvolume where it can be)
             # gives that cut; a FUSE copy does not yet. Test failover and mount stay virtual.
             action = "copy"
+        if row.kind is AppKind.VM and action == "copy":
+            raise InvalidInput(
+                detail="a failed-over VM runs from the appliance's export, so that syncback "
+                "sees its writes: drop --action copy (copies are for test failover and mount)"
+            )
         if row.kind is AppKind.VOLUME and action != "map-only":
             # A file copy at a mount point would take writes that syncback never sees.
             raise InvalidInput(
@@ -93,6 +122,8 @@ def submit_failover(
         params.update(recovering)
         if vm is not None:
             params.update(vm.as_params())
+        if also:
+            params["vm_hosts"] = also
         job = submit_job(
             session,
             type=TYPE,
@@ -114,8 +145,10 @@ def run_failover(site: Site, ctx: JobContext) -> dict[str, Any]:
         check_transition(app.name, app.state, Operation.FAILOVER, AppFacts(replica_images=replicas))
         replica = pick_replica(session, app, ctx.job.image)
         host = q.get_host(session, name=params["host"])
-    with agent_for(host) as agent:
-        agent.info()
+        also = [q.get_host(session, name=n) for n in params.get("vm_hosts") or []]
+    for where in (host, *also):
+        with agent_for(where) as agent:
+            agent.info()
     recovery = None
     if app.kind is AppKind.POSTGRESQL:
         recovery = pg_recovery.asked(site, app, params)
@@ -134,6 +167,7 @@ def run_failover(site: Site, ctx: JobContext) -> dict[str, Any]:
         action=params["action"],
         mount_point=params.get("mount_point"),
         new_vm=present.NewVm.from_params(params),
+        vm_hosts=also,
     )
     recovered: dict[str, Any] = {}
     if recovery is not None:
@@ -160,7 +194,7 @@ def run_failover(site: Site, ctx: JobContext) -> dict[str, Any]:
             )
             epoch = step.epoch
     except BaseException:
-        present.withdraw_unrecorded(site, image_id, host)
+        present.withdraw_unrecorded(site, image_id, host, shown)
         raise
     row = present.record(
         site,
@@ -205,6 +239,7 @@ def run_failover(site: Site, ctx: JobContext) -> dict[str, Any]:
         + (f" at {shown.mount_point}" if shown.mount_point else "")
         + (", started" if started else "")
         + (f" as VM {shown.vm['name']}" if shown.vm else "")
+        + (f" (defined on {', '.join(shown.vm_hosts)} too)" if shown.vm_hosts else "")
         + pg_recovery.note(recovered)
     )
     return {
@@ -214,4 +249,5 @@ def run_failover(site: Site, ctx: JobContext) -> dict[str, Any]:
         "epoch": epoch,
         **recovered,
         "vm": shown.vm,
+        "vm_hosts": [host.name, *(shown.vm_hosts or [])] if shown.vm else None,
     }

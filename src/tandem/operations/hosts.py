@@ -14,6 +14,7 @@ Invariants
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from sqlalchemy.orm import Session
@@ -21,7 +22,7 @@ from sqlalchemy.orm import Session
 from tandem.catalog import queries as q
 from tandem.catalog.models import App, Host
 from tandem.domain.ids import validate_name
-from tandem.errors import AlreadyExists, MirrorRecord, NotFound
+from tandem.errors import AlreadyExists, MirrorRecord, NotFound, TandemError
 from tandem.operations.site import Site
 from tandem.transport.agent import AgentClient
 from tandem.transport.tls import normalize_fingerprint
@@ -86,12 +87,57 @@ def get_host(site: Site, *, name: str) -> Host:
         return q.get_host(session, name=name)
 
 
+_EXPORT_SECRET = re.compile(r"^([^\s/.]+)\.[A-Za-z0-9_-]{16,128}$")
+
+
 def list_vms(site: Site, *, name: str) -> list[dict[str, Any]]:
     """The libvirt domains of hypervisor host ``name`` (its agent says NotHypervisor if it
-    is not one)."""
+    is not one). A disk on an NBD export (a VM tandem defined over a presented image) shows
+    the export's name with its secret blanked: the list is data any viewer reads, the
+    secret a capability to read and write the copy."""
     host = get_host(site, name=name)
     with agent_for(host) as agent:
-        return agent.vms()
+        domains = agent.vms()
+    for domain in domains:
+        for disk in domain.get("disks") or []:
+            if isinstance(disk, dict) and disk.get("type") == "network":
+                disk["source"] = _EXPORT_SECRET.sub(
+                    r"\1.(secret hidden)", str(disk.get("source", ""))
+                )
+    return domains
+
+
+def power_states(site: Site, vm_apps: list[App]) -> dict[str, list[tuple[str, str]]]:
+    """The power state of each vm app's domains that run on this site's hosts, for the App
+    Manager: ``{app: [("DOMAIN on HOST", "running"|"shut off"|…)]}``: its production domain
+    when its host is registered here, and the new VMs its presented images were defined as.
+    Each host is asked once; one that does not answer says so instead of a state."""
+    wanted: dict[str, list[tuple[str, str]]] = {}
+    with site.catalog.read() as session:
+        registered = {h.name: h for h in q.list_hosts(session)}
+        for app in vm_apps:
+            pairs = [(app.host, app.path)] if app.host in registered else []
+            for image in q.list_images(session, app=app.name):
+                if image.vm_name and image.mounted_host:
+                    for where in (image.mounted_host, *(image.vm_hosts or [])):
+                        pairs.append((where, image.vm_name))
+            wanted[app.name] = [(h, d) for h, d in pairs if h in registered]
+    states: dict[str, dict[str, str] | str] = {}
+    for host in {h for pairs in wanted.values() for h, _ in pairs}:
+        try:
+            with agent_for(registered[host]) as agent:
+                states[host] = {str(d.get("name")): str(d.get("state")) for d in agent.vms()}
+        except TandemError as exc:
+            states[host] = f"unknown: {exc.message}"
+    out: dict[str, list[tuple[str, str]]] = {}
+    for app_name, pairs in wanted.items():
+        rows = []
+        for host, domain in pairs:
+            known = states[host]
+            state = known if isinstance(known, str) else known.get(domain, "not defined")
+            rows.append((f"{domain} on {host}", state))
+        out[app_name] = rows
+    return out
 
 
 def remove_host(site: Site, *, name: str) -> None:

@@ -47,9 +47,18 @@ def submit_mount(
     new_vm: str | None = None,
     network: str | None = None,
     power_on: bool = False,
+    pool: str | None = None,
 ) -> Job:
     with site.catalog.read() as session:
         app = q.get_image(session, image_id=image).app
+    # The DR host is asked before the job exists: a pool or network it lacks is bad input.
+    present.check_vm_target(
+        site,
+        host,
+        present.check_new_vm(
+            app, new_vm, network, power_on, keep_identity=False, required=False, pool=pool
+        ),
+    )
     target = pg_recovery.parse_target(time, latest, app)
     recover = app.kind is AppKind.POSTGRESQL and (time is not None or latest)
     if recover:
@@ -62,9 +71,16 @@ def submit_mount(
         check_transition(app.name, app.state, Operation.MOUNT)
         q.get_host(session, name=host)
         vm = present.check_new_vm(
-            app, new_vm, network, power_on, keep_identity=False, required=False
+            app,
+            new_vm,
+            network,
+            power_on,
+            keep_identity=False,
+            required=False,
+            pool=pool,
         )
         action = present.check_action(app, action, mount_point)
+        vm = present.vm_with_action(app, vm, action)
         params: dict[str, Any] = {"host": host, "mount_point": mount_point, "action": action}
         if recover:
             params.update(recover=True, time=target.isoformat() if target else None, port=port)

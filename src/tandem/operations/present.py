@@ -42,7 +42,7 @@ import contextlib
 import secrets
 import shutil
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -52,7 +52,14 @@ from tandem.domain.images import ImageKind, ImageState
 from tandem.domain.lifecycle import AppKind, AppState, storage_kind
 from tandem.domain.paths import check_path
 from tandem.domain.vms import check_domain_name
-from tandem.errors import InvalidInput, MountPointNeeded, TandemError, VmOptionsUnused
+from tandem.errors import (
+    InvalidInput,
+    MountPointNeeded,
+    NotHypervisor,
+    TandemError,
+    VmOptionsUnused,
+    VmTargetMissing,
+)
 from tandem.jobs.runner import JobContext
 from tandem.operations.hosts import agent_for, check_own_location
 from tandem.operations.site import Site
@@ -101,6 +108,7 @@ class Presented:
     nbd_fingerprint: str | None = None  # the certificate to pin, for an nbds:// export
     vm: dict[str, Any] | None = None  # the new VM: name, uuid, running
     presentation: str | None = None  # "fuse" or "copy" when the agent placed the image
+    vm_hosts: list[str] | None = None  # the other hosts the new VM is defined on (off)
 
     def export_fields(self) -> dict[str, str | None]:
         """What a job result says of the export: ``nbd_uri``, and ``nbd_fingerprint`` for
@@ -128,6 +136,8 @@ class NewVm:
     network: str | None = None
     power_on: bool = False
     keep_identity: bool = False
+    pool: str | None = None
+    copy: bool = False  # disks copied into qcow2 volumes of ``pool`` (``--action copy``)
 
     def as_params(self) -> dict[str, Any]:
         return {
@@ -135,6 +145,8 @@ class NewVm:
             "network": self.network,
             "power_on": self.power_on,
             "keep_identity": self.keep_identity,
+            "pool": self.pool,
+            "copy_disks": self.copy,
         }
 
     @classmethod
@@ -146,6 +158,8 @@ class NewVm:
             params.get("network"),
             bool(params.get("power_on")),
             bool(params.get("keep_identity")),
+            params.get("pool"),
+            bool(params.get("copy_disks")),
         )
 
 
@@ -157,14 +171,15 @@ def check_new_vm(
     *,
     keep_identity: bool,
     required: bool = True,
+    pool: str | None = None,
 ) -> NewVm | None:
     """The new VM a presentation defines: a vm app needs one (a mount may present just the
     disks' export instead: ``required`` False), other apps take none."""
     if app.kind is not AppKind.VM:
-        if new_vm or network or power_on:
+        if new_vm or network or power_on or pool:
             raise VmOptionsUnused(app=app.name, kind=app.kind.value)
         return None
-    if not new_vm and not required and not (network or power_on):
+    if not new_vm and not required and not (network or power_on or pool):
         return None
     if not new_vm:
         raise InvalidInput(
@@ -174,12 +189,93 @@ def check_new_vm(
     check_domain_name(new_vm, "--new-vm")
     if network is not None:
         check_domain_name(network, "--network")
+    if pool is not None:
+        check_domain_name(pool, "--pool")
     if new_vm == app.path:
         raise InvalidInput(
             detail=f"a VM is never failed over onto the domain it came from ({new_vm}); "
             "give --new-vm another name"
         )
-    return NewVm(new_vm, network, power_on, keep_identity)
+    return NewVm(new_vm, network, power_on, keep_identity, pool)
+
+
+def vm_with_action(app: App, vm: NewVm | None, action: str) -> NewVm | None:
+    """``--action copy`` for a VM: the new VM's disks are copied into its pool."""
+    if app.kind is not AppKind.VM or action != "copy":
+        return vm
+    if vm is None or vm.pool is None:
+        raise InvalidInput(
+            detail="--action copy copies a VM's disks into the new VM's datastore: give "
+            "--new-vm NAME and --pool P"
+        )
+    return replace(vm, copy=True)
+
+
+def vm_hosts_for(
+    site: Site, app: App, host: str, hosts: list[str] | None, all_hosts: bool
+) -> list[str]:
+    """The other hosts a failed-over VM is defined on (``--hosts`` / ``--all-hosts``), after
+    ``host``, where it starts. Each named host must be a hypervisor of this site; with
+    ``all_hosts``, every registered host whose agent is one. Asked of the agents at submit."""
+    if not hosts and not all_hosts:
+        return []
+    if hosts and all_hosts:
+        raise InvalidInput(detail="give --hosts H1,H2 or --all-hosts, not both")
+    if app.kind is not AppKind.VM:
+        raise InvalidInput(
+            detail=f"--hosts and --all-hosts define a failed-over VM on several hypervisors; "
+            f"{app.name!r} is a {app.kind.value} app"
+        )
+    with site.catalog.read() as session:
+        if all_hosts:
+            rows = [h for h in q.list_hosts(session) if h.name != app.host]
+        else:
+            rows = [q.get_host(session, name=name) for name in dict.fromkeys(hosts or [])]
+    out = []
+    for row in rows:
+        if row.name == host:
+            continue
+        if row.name == app.host:
+            raise InvalidInput(
+                detail=f"host {row.name!r} is where {app.name!r} runs in production; leave it "
+                "out of --hosts"
+            )
+        with agent_for(row) as agent:
+            info = agent.info()
+        if not info.get("hypervisor"):
+            if all_hosts:
+                continue  # --all-hosts: the hypervisors among this site's hosts
+            raise NotHypervisor(reason=f"host {row.name}: {info.get('reason', 'no libvirt')}")
+        out.append(row.name)
+    return out
+
+
+def check_vm_target(site: Site, host: str, vm: NewVm | None) -> None:
+    """At submit, before the job exists: ``check_vm_host`` for the host named ``host``."""
+    if vm is None or (vm.pool is None and vm.network is None):
+        return
+    with site.catalog.read() as session:
+        row = q.get_host(session, name=host)
+    check_vm_host(row, vm)
+
+
+def check_vm_host(host: Host, vm: NewVm | None) -> None:
+    """At submit: the host is a hypervisor with the pool (active) and the network named."""
+    if vm is None or (vm.pool is None and vm.network is None):
+        return
+    with agent_for(host) as agent:
+        found = agent.vm_resources()
+    pools = {str(p["name"]): p for p in found["pools"]}
+    networks = {str(n["name"]) for n in found["networks"]}
+    if vm.pool is not None:
+        if vm.pool not in pools:
+            raise VmTargetMissing(host=host.name, what="storage pool", name=vm.pool, why="")
+        if not pools[vm.pool].get("active"):
+            raise VmTargetMissing(
+                host=host.name, what="active storage pool", name=vm.pool, why=" (it is inactive)"
+            )
+    if vm.network is not None and vm.network not in networks:
+        raise VmTargetMissing(host=host.name, what="network", name=vm.network, why="")
 
 
 def check_action(app: App, action: str | None, mount_point: str | None) -> str:
@@ -195,13 +291,16 @@ def check_action(app: App, action: str | None, mount_point: str | None) -> str:
         check_path(mount_point, "--mount-point")
     elif action == "specify":
         raise MountPointNeeded(what="--action specify")
-    if placement(action, mount_point) == "keep-source-path":
+    if placement(action, mount_point) == "keep-source-path" and app.kind is not AppKind.VM:
         check_own_location(app, "a copy at its production path")
-    if app.kind is AppKind.VM and action != "map-only":
+    if app.kind is AppKind.VM and action not in ("map-only", "copy"):
         raise InvalidInput(
-            detail="a VM image is presented as its disks' NBD export (map-only) or as a new "
-            "VM (--new-vm NAME); it has no file system to mount"
+            detail="a VM image is presented as its disks' NBD export (map-only), as a new "
+            "VM (--new-vm NAME) on that export, or as a new VM whose disks are copied into "
+            "its pool (--action copy --pool P); it has no file system to mount"
         )
+    if app.kind is AppKind.VM and mount_point:
+        raise InvalidInput(detail="a VM image has no file system to mount: drop --mount-point")
     if action == "map-only" and app.kind not in BLOCK_KINDS:
         raise InvalidInput(
             detail="map-only presents a volume without mounting a file system; "
@@ -222,13 +321,16 @@ def present(
     mount_point: str | None,
     writable: bool = True,
     new_vm: NewVm | None = None,
+    vm_hosts: list[Host] | None = None,
 ) -> Presented:
-    """Export and/or materialize a virtual copy of ``base`` for ``host``; undone on failure."""
+    """Export and/or materialize a virtual copy of ``base`` for ``host``; undone on failure.
+    A new VM is also defined, powered off, on each of ``vm_hosts`` (failover ``--hosts``)."""
     base_id = bytes.fromhex(base.manifest)
     uri: str | None = None
     overlay: Overlay | None = None
     transfer = None
     defined: str | None = None
+    also: list[Host] = []
     try:
         if app.kind in BLOCK_KINDS:
             manifest = load_manifest(site.pool, base_id)
@@ -250,9 +352,12 @@ def present(
         if new_vm is not None and uri is not None and overlay is not None:
             vm = _define_vm(ctx, host, overlay.base, uri, new_vm, app)
             defined = new_vm.name
+            for other in vm_hosts or []:
+                also.append(other)
+                _define_vm(ctx, other, overlay.base, uri, replace(new_vm, power_on=False), app)
         where_action = placement(action, mount_point)
         how = presentation(app, action)
-        if action != "map-only":
+        if action != "map-only" and app.kind is not AppKind.VM:
             transfer, token = site.sessions.open(
                 job_id=ctx.job.id,
                 write=False,
@@ -289,13 +394,25 @@ def present(
         )
         fingerprint = export_fingerprint(site, uri) if uri else None
         shown = how if action != "map-only" else None
+        if app.kind is AppKind.VM:
+            where, shown = None, ("copy" if new_vm is not None and new_vm.copy else None)
         if transfer is not None and how == "fuse":
             transfer = None  # the copy reads through it until withdrawn
-        return Presented(uri, paths, where, sent, fingerprint, vm=vm, presentation=shown)
+        return Presented(
+            uri,
+            paths,
+            where,
+            sent,
+            fingerprint,
+            vm=vm,
+            presentation=shown,
+            vm_hosts=[h.name for h in also] or None,
+        )
     except BaseException:
         if defined is not None:
-            with contextlib.suppress(TandemError), agent_for(host) as agent:
-                agent.remove_vm(defined)
+            for where_defined in (host, *also):
+                with contextlib.suppress(TandemError), agent_for(where_defined) as agent:
+                    agent.remove_vm(defined)
         _undo(site, image_id, uri, overlay)
         raise
     finally:
@@ -327,11 +444,20 @@ def _define_vm(
         keep_identity=new.keep_identity,
         network=new.network,
         power_on=new.power_on,
+        pool=new.pool,
+        copy_disks=new.copy,
     )
     with agent_for(host) as agent:
-        done = agent.define_vm(body)
+        if new.copy:
+            ctx.set_message(f"copying the disks of {new.name} into pool {new.pool} on {host.name}")
+            done = follow(ctx, agent.define_vm_copy(body), host=host.name, moved=lambda: 0)
+            done.pop("event", None)
+        else:
+            done = agent.define_vm(body)
     ctx.log(
         f"defined VM {done.get('name')} ({done.get('uuid')}) on host {host.name}"
+        + (f", disks copied into pool {new.pool}" if new.copy else "")
+        + (f", datastore pool {new.pool}" if new.pool and not new.copy else "")
         + (", running" if done.get("running") else ", powered off")
     )
     return done
@@ -350,6 +476,11 @@ def _undo(site: Site, image_id: str, uri: str | None, overlay: Overlay | None) -
 def withdraw(site: Site, image: Image, host: Host | None) -> dict[str, Any]:
     """Unpresent ``image``: its new VM, its export, what its agent placed, its overlay."""
     removed: list[str] = []
+    if image.vm_name:
+        for other in _hosts_named(site, image.vm_hosts or []):
+            with agent_for(other) as agent:
+                agent.remove_vm(image.vm_name)
+            removed.append(f"vm:{image.vm_name}@{other.name}")
     if host is not None and image.vm_name:
         with agent_for(host) as agent:
             agent.remove_vm(image.vm_name)
@@ -369,8 +500,25 @@ def withdraw(site: Site, image: Image, host: Host | None) -> dict[str, Any]:
     return {"removed": removed}
 
 
-def withdraw_unrecorded(site: Site, image_id: str, host: Host) -> None:
-    """Undo a presentation whose row was never written (the step after it failed)."""
+def _hosts_named(site: Site, names: list[str]) -> list[Host]:
+    """The registered hosts of ``names`` (one removed since is skipped: nothing to reach)."""
+    found = []
+    with site.catalog.read() as session:
+        for name in names:
+            with contextlib.suppress(TandemError):
+                found.append(q.get_host(session, name=name))
+    return found
+
+
+def withdraw_unrecorded(
+    site: Site, image_id: str, host: Host, shown: Presented | None = None
+) -> None:
+    """Undo a presentation whose row was never written (the step after it failed); with
+    ``shown``, the new VM it defined too (on its host and its ``vm_hosts``)."""
+    if shown is not None and shown.vm:
+        for where in (host, *_hosts_named(site, shown.vm_hosts or [])):
+            with contextlib.suppress(TandemError), agent_for(where) as agent:
+                agent.remove_vm(str(shown.vm["name"]))
     if site.presenter is not None:
         with contextlib.suppress(TandemError):
             site.presenter.remove_export(export_name(image_id))
@@ -482,5 +630,6 @@ def record(
             mount_point=presented.mount_point if presented.paths else None,
             nbd_export=presented.nbd_uri,
             vm_name=str(presented.vm["name"]) if presented.vm else None,
+            vm_hosts=presented.vm_hosts,
         )
     return row

@@ -26,6 +26,7 @@ from tandem.jobs.runner import JobSignal
 from tandem.operations.sessions import SessionRegistry
 from tandem.storage.overlay import Overlay
 from tandem.storage.pool import ChunkPool
+from tandem.transport.agent_api import ApplianceSession
 
 
 class Presenter(Protocol):
@@ -73,15 +74,12 @@ class Site:
     scheduling: Callable[[], bool] = _never
     """Whether this process runs the capture schedule now (one process per catalog does)."""
 
-    def session_ref(self, session_id: str, token: str) -> dict[str, str]:
+    def session_ref(self, session_id: str, token: str) -> ApplianceSession:
         """How an agent reaches a transfer session of this appliance (the ``appliance``
         field of every agent request that moves chunks)."""
-        return {
-            "url": self.url,
-            "fingerprint": self.fingerprint,
-            "token": token,
-            "session": session_id,
-        }
+        return ApplianceSession(
+            url=self.url, fingerprint=self.fingerprint, token=token, session=session_id
+        )
 
     @property
     def overlays_dir(self) -> Path:

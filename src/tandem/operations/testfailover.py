@@ -84,9 +84,16 @@ def submit_test_failover(
     new_vm: str | None = None,
     network: str | None = None,
     power_on: bool = False,
+    pool: str | None = None,
 ) -> Job:
     with site.catalog.read() as session:
         row = q.get_app(session, name=app)
+    # The DR host is asked before the job exists: a pool or network it lacks is bad input.
+    present.check_vm_target(
+        site,
+        host,
+        present.check_new_vm(row, new_vm, network, power_on, keep_identity=False, pool=pool),
+    )
     image, recovering = pg_recovery.requested(
         site, row, time=time, latest=latest, port=port, verify=verify, image=image
     )
@@ -98,8 +105,16 @@ def submit_test_failover(
         )
         replica = pick_replica(session, row, image)
         check_target(session, row, host)
-        vm = present.check_new_vm(row, new_vm, network, power_on, keep_identity=False)
+        vm = present.check_new_vm(
+            row,
+            new_vm,
+            network,
+            power_on,
+            keep_identity=False,
+            pool=pool,
+        )
         action = present.check_action(row, action, mount_point)
+        vm = present.vm_with_action(row, vm, action)
         params: dict[str, Any] = {"host": host, "mount_point": mount_point, "action": action}
         params.update(recovering)
         if vm is not None:

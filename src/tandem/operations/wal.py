@@ -244,14 +244,23 @@ def receive_push(site: Site, *, peer: str, app: str, body: WalPush) -> WalHeld:
                 "already holds"
             )
         app_id = row.id
+        newest_base = max(
+            (int((b.pg or {})["timeline"]) for b in base_images(session, row)), default=0
+        )
     try:
         data = base64.b64decode(body.data, validate=True)
     except ValueError as exc:
         raise InvalidInput(detail=f"WAL segment {body.name}: data is not base64") from exc
     try:
-        wal.parse_file_name(body.name)
+        timeline, _ = wal.parse_file_name(body.name)
     except ValueError as exc:
         raise InvalidInput(detail=str(exc)) from exc
+    if failed_over_there and timeline <= newest_base:  # the rule ``push(written_here)`` sends by
+        raise Conflict(
+            detail=f"WAL {body.name} of application {app!r} is on timeline {timeline}, which "
+            f"this site's own base images reach ({newest_base}): only the timelines the DR "
+            "copy wrote after its promotion are taken home from the peer"
+        )
     seg = store(
         site, app_id=app_id, name=body.name, offset=body.offset, data=data,
         complete=body.complete, seen=body.seen, digest=body.digest,

@@ -18,6 +18,13 @@ Capture invariants
   touched (and the file read if one is missing). An entry the base describes unchanged is
   the base's TreeEntry object itself, so a re-capture costs no second copy of the tree:
   treat manifests as values and never mutate their entries.
+- With ``previous`` (the kept point-in-time copy ``base`` was captured from, on the same
+  file system), a large non-sparse file that changed is read only in the chunks that
+  overlap ranges whose extents it no longer shares with its previous copy
+  (``storage.extents``), cut again from the chunk boundary before them until a new boundary
+  is an old one whose chunk is untouched: the chunk list is the one a full read makes (a
+  content-defined boundary depends only on the bytes from its chunk's start). When the
+  extent maps cannot tell (a flag they are not trusted with, another size) the file is read.
 - A file is read between its lstat (the walk) and an fstat. If size, mtime, ctime or inode
   differ it is read once more against a fresh fstat; a second change fails the capture with
   SourceChanged. A file that vanishes before it is opened is left out; an unreadable one fails
@@ -58,6 +65,7 @@ from tandem.errors import (
     SourceChanged,
     SourceUnreadable,
 )
+from tandem.storage import extents
 from tandem.storage.digest import hash_object
 from tandem.storage.fileio import pipelined
 from tandem.storage.manifest import (
@@ -88,6 +96,7 @@ BATCH_BYTES = 4 * 1024 * 1024
 INFLIGHT_BYTES = 64 * 1024 * 1024  # chunk data queued for or held by workers
 MAX_SKIP_EXAMPLES = 20
 RECHECK_ATTEMPTS = 4  # re-reads of files that changed after they were read, then it fails
+INCREMENTAL_WINDOW = 4 * CDC_MAX  # bytes cut at once when a changed file is cut again
 RECHECK_BACKOFF = 0.05  # seconds before the first re-read; doubled each time
 
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
@@ -422,6 +431,9 @@ class _Capture:
         # A copy (reflink clones) records the live files' identity: compare it with itself.
         self.copy = copy
         self.torn_ok = False
+        self.previous: str | None = None
+        self.plans: dict[int, list[tuple[bytes, int]]] = {}
+        """Large files whose previous cut ``previous`` holds, with their base chunks."""
         # O_NOATIME keeps reads from dirtying inodes; only the owner or root may ask for it.
         self.open_flags = os.O_RDONLY | os.O_NOFOLLOW | _O_CLOEXEC
         if os.geteuid() == 0:
@@ -529,6 +541,90 @@ class _Capture:
             yield partial(_identity, _StreamRestart(index)), 0
         raise SourceChanged(path=path, reason="its size or times changed while it was read, twice")
 
+    def incremental_jobs(self, index: int) -> Iterator[tuple[Callable[[], _Result], int]]:
+        """Jobs for a large file of a point-in-time source whose previous cut is kept: only
+        chunks that overlap ranges whose extents differ from the previous cut's file
+        (``storage.extents``) are read and cut again, from the chunk boundary before them
+        until the new boundaries meet an old one whose chunk is untouched; the other chunks
+        are the base's. Content-defined boundaries depend only on the bytes from the chunk's
+        start, so the chunk list is the one a full read makes. When the extent maps cannot
+        tell, the file is read whole (``stream_jobs``)."""
+        e = self.entries[index]
+        old = self.plans[index]
+        path = f"{self.root}/{e.path}"
+        fd = self._open(path)
+        if fd is None:
+            yield from self.stream_jobs(index)
+            return
+        try:
+            ref = os.fstat(fd)
+            size = ref.st_size
+            changed = _changed_against(fd, size, f"{self.previous}/{e.path}", old)
+            if changed is None:
+                os.close(fd)
+                fd = -1
+                yield from self.stream_jobs(index)
+                return
+            starts = [0]
+            for _, n in old:
+                starts.append(starts[-1] + n)
+            try:
+                yield from self._recut(fd, path, size, old, starts, changed)
+            except _Changed as exc:
+                raise SourceChanged(
+                    path=path, reason="it shrank in a point-in-time source"
+                ) from exc
+            if _stat_key(os.fstat(fd)) != _stat_key(ref):
+                raise SourceChanged(path=path, reason="it changed in a point-in-time source")
+        finally:
+            if fd >= 0:
+                os.close(fd)
+        if self.on_read is not None:
+            self.on_read(e.path)
+        yield partial(_identity, _StreamEnd(index, None)), 0
+
+    def _recut(
+        self,
+        fd: int,
+        path: str,
+        size: int,
+        old: list[tuple[bytes, int]],
+        starts: list[int],
+        changed: list[tuple[int, int]],
+    ) -> Iterator[tuple[Callable[[], _Result], int]]:
+        """The chunk jobs of ``incremental_jobs``: old chunks where untouched, cut again
+        where not."""
+        old_size = starts[-1]
+        at = {b: i for i, b in enumerate(starts[:-1])}
+
+        def clean(i: int) -> bool:
+            lo, hi = starts[i], starts[i + 1]
+            if hi > size or (i == len(old) - 1 and size != old_size):
+                return False  # its end was the old end of file
+            return not any(s < hi and lo < t for s, t in changed)
+
+        pos = 0
+        while pos < size:
+            i = at.get(pos)
+            if i is not None and clean(i):
+                digest, n = old[i]
+                yield partial(_identity, _ChunkResult(digest, n, _Cost())), 0
+                pos += n
+                continue
+            # Cut again from this boundary until a new boundary is an old one again.
+            synced = False
+            while not synced and pos < size:
+                end = min(size, pos + INCREMENTAL_WINDOW)
+                data = _pread_exact(fd, end - pos, pos, path)
+                cuts = list(_cdc().cut_buf(data))
+                for c in cuts if end == size else cuts[:-1]:
+                    yield partial(self.store_chunk, bytes(c.data)), c.length
+                    pos += c.length
+                    j = at.get(pos)
+                    if j is not None and clean(j):
+                        synced = True
+                        break
+
     def jobs(self, todo: list[int]) -> Iterator[tuple[Callable[[], _Result], int]]:
         batch: list[int] = []
         batch_bytes = 0
@@ -544,7 +640,10 @@ class _Capture:
                 if batch:
                     yield partial(self.capture_batch, batch), batch_bytes
                     batch, batch_bytes = [], 0
-                yield from self.stream_jobs(i)
+                if i in self.plans:
+                    yield from self.incremental_jobs(i)
+                else:
+                    yield from self.stream_jobs(i)
         if batch:
             yield partial(self.capture_batch, batch), batch_bytes
 
@@ -563,6 +662,7 @@ def capture_tree(
     on_read: Callable[[str], None] | None = None,
     identity: Mapping[str, tuple[int, int]] | None = None,
     torn_ok: bool = False,
+    previous: str | None = None,
 ) -> tuple[bytes, TreeManifest, CaptureStats]:
     """Capture the tree under ``root`` into ``pool``; returns (manifest id, manifest, stats).
 
@@ -577,7 +677,11 @@ def capture_tree(
     files by the live files' identity, not by the copy's. ``torn_ok`` takes each file as
     read even if it changed meanwhile (its first walk-time size bytes): only for a source
     that repairs itself, a PostgreSQL data directory inside a base backup, whose WAL
-    replay rewrites every page changed since the backup started.
+    replay rewrites every page changed since the backup started. ``previous`` is the
+    point-in-time source that ``base`` was captured from, kept (a btrfs snapshot or reflink
+    clones on the same file system as ``root``, itself a point in time): a large file that
+    changed is then read only where its extents left the previous one's (see
+    ``_Capture.incremental_jobs``).
     """
     t0 = time.monotonic()
     root_s = os.fspath(root)
@@ -634,6 +738,21 @@ def capture_tree(
 
         cap = _Capture(writer, root_s, entries, sparse, on_read, copy=identity is not None)
         cap.torn_ok = torn_ok
+        if previous is not None and base is not None:
+            cap.previous = previous
+            for i in todo:
+                e = entries[i]
+                b = base_index.get(e.path)
+                if (
+                    e.size > WHOLE_READ_MAX
+                    and e.path not in sparse
+                    and b is not None
+                    and b.type == FILE
+                    and b.chunks
+                    and all(d is not None for d, _ in b.chunks)
+                    and chunks_present(b)
+                ):
+                    cap.plans[i] = [(d, n) for d, n in b.chunks if d is not None]
         vanished: set[int] = set()
         streamed: list[tuple[bytes | None, int]] = []
         w = workers or default_workers()
@@ -703,6 +822,24 @@ def capture_tree(
                 stats.chunks += 1
     stats.seconds = time.monotonic() - t0
     return mid, manifest, stats
+
+
+def _changed_against(
+    fd: int, size: int, previous: str, old: list[tuple[bytes, int]]
+) -> list[tuple[int, int]] | None:
+    """The ranges of the open file that may differ from ``previous``, the same file in the
+    previous cut, which its base chunks ``old`` describe; None when that cannot be told."""
+    try:
+        pfd = os.open(previous, os.O_RDONLY | os.O_NOFOLLOW | _O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        pst = os.fstat(pfd)
+        if not stat.S_ISREG(pst.st_mode) or pst.st_size != sum(n for _, n in old):
+            return None
+        return extents.changed_ranges(fd, size, pfd, pst.st_size, sync=True)
+    finally:
+        os.close(pfd)
 
 
 def _drop_vanished(

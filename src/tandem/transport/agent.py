@@ -137,6 +137,23 @@ class AgentClient:
             raise RemoteError(what="host", name=self.name, detail="unexpected answer to power")
         return answer
 
+    def vm_resources(self) -> dict[str, list[dict[str, Any]]]:
+        """The storage pools (name, active, type, path) and networks (name, active) of a
+        hypervisor host."""
+        answer = self._call("GET", "/api/v1/vms/resources")
+        if not isinstance(answer, dict) or not all(
+            isinstance(answer.get(k), list) for k in ("pools", "networks")
+        ):
+            raise RemoteError(what="host", name=self.name, detail="unexpected answer to resources")
+        return {
+            k: [x for x in answer[k] if isinstance(x, dict) and isinstance(x.get("name"), str)]
+            for k in ("pools", "networks")
+        }
+
+    def define_vm_copy(self, body: DefineRequest) -> Iterator[dict[str, Any]]:
+        """Copy a VM image's disks into a pool of the host, then define the VM on them."""
+        return self._events("/api/v1/vms/define-copy", body)
+
     def remove_vm(self, name: str) -> dict[str, Any]:
         """Destroy and undefine the VM ``name`` (gone already is fine)."""
         answer = self._call("POST", "/api/v1/vms/remove", checked(RemoveRequest, name=name))
@@ -232,9 +249,8 @@ class AgentClient:
         """Start the copy recovered to a point in time; answers the point reached."""
         return self._dict("POST", "/api/v1/pg/recover", body)
 
-    def refresh_layers(self, image: str, appliance: dict[str, str]) -> int:
+    def refresh_layers(self, image: str, appliance: ApplianceSession) -> int:
         """Give the FUSE copies of ``image`` on the host a new read session; how many."""
-        session = checked(ApplianceSession, **appliance)
-        body = checked(RefreshRequest, image=image, appliance=session)
+        body = checked(RefreshRequest, image=image, appliance=appliance)
         answer = self._call("POST", "/api/v1/layers/refresh", body)
         return int(answer.get("refreshed") or 0) if isinstance(answer, dict) else 0

@@ -263,6 +263,10 @@ class DefineRequest(BaseModel):
     keep_identity: bool = False
     network: str | None = Field(default=None, pattern=DOMAIN_NAME)
     power_on: bool = False
+    pool: str | None = Field(default=None, pattern=DOMAIN_NAME)
+    """The new VM's datastore: an active storage pool of the host."""
+    copy_disks: bool = False
+    """Copy each disk into a qcow2 volume of ``pool`` and run from those (``--action copy``)."""
 
 
 class RemoveRequest(BaseModel):

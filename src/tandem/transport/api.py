@@ -33,7 +33,7 @@ from pydantic_core import PydanticCustomError
 
 from tandem.domain.consistency import ConsistencyMode
 from tandem.domain.hooks import HOOK_NAME, MAX_HOOK_NAME, hook_name_problem, is_hook_name
-from tandem.domain.ids import NAME_PATTERN
+from tandem.domain.ids import IMAGE_ID_PATTERN, NAME_PATTERN
 from tandem.domain.images import ImageKind, ImageState
 from tandem.domain.jobs import JobStatus
 from tandem.domain.lifecycle import AppKind, AppState
@@ -168,7 +168,7 @@ class ProtectIn(Body):
 
 class PresentIn(Body):
     host: str = Field(min_length=1, max_length=64)
-    image: str | None = Field(default=None, max_length=64)
+    image: str | None = Field(default=None, max_length=64, pattern=IMAGE_ID_PATTERN)
     mount_point: str | None = Field(default=None, max_length=4096)
     action: str | None = Field(default=None, max_length=32)
     time: str | None = Field(
@@ -187,12 +187,25 @@ class PresentIn(Body):
     network: str | None = Field(
         default=None, pattern=DOMAIN_NAME, description="The new VM's libvirt network."
     )
+    pool: str | None = Field(
+        default=None,
+        pattern=DOMAIN_NAME,
+        description="The new VM's datastore: a storage pool of the host (active).",
+    )
     power_on: bool = False
 
 
 class FailoverIn(PresentIn):
     confirm: list[str] = Field(default_factory=list, max_length=8)
     label: str | None = Field(default=None, max_length=128)
+    hosts: list[Annotated[str, Field(min_length=1, max_length=64)]] | None = Field(
+        default=None,
+        max_length=64,
+        description="A vm app: other hypervisor hosts to define the failed-over VM on.",
+    )
+    all_hosts: bool = Field(
+        default=False, description="A vm app: define it on every hypervisor host of this site."
+    )
 
 
 class MountIn(Body):
@@ -211,6 +224,11 @@ class MountIn(Body):
     )
     network: str | None = Field(
         default=None, pattern=DOMAIN_NAME, description="The new VM's libvirt network."
+    )
+    pool: str | None = Field(
+        default=None,
+        pattern=DOMAIN_NAME,
+        description="The new VM's datastore: a storage pool of the host (active).",
     )
     power_on: bool = False
 
@@ -242,7 +260,7 @@ class CaptureIn(Body):
 
 
 class RestoreIn(Body):
-    image: str = Field(max_length=64, pattern=NO_NUL)
+    image: str = Field(max_length=64, pattern=IMAGE_ID_PATTERN)
     confirm: list[str] = Field(
         default_factory=list,
         max_length=16,
