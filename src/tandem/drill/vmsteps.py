@@ -1,8 +1,8 @@
 """`tandem demo --vm`: the drill with a real guest at production (``guest``: a Debian kernel
 and a busybox initramfs under QEMU/TCG, through libvirt).
 
-The steps of ``steps.STEPS`` run as they are; before the disaster, a ``vm`` app joins them:
-the guest is started at production (it formats its disk with a known pattern and prints the
+The steps of ``steps.STEPS`` run as they are; then a ``vm`` app joins the two sites: the
+guest is started at production (it formats its disk with a known pattern and prints the
 disk's md5 on its serial console), protected with the mirroring template, captured (a full,
 then an incremental capture after the guest rewrote 1 MiB), mirrored to dr, test-failed-over
 to a *new VM* on host2 whose disks are the appliance's NBD exports, booted there — it must
@@ -82,7 +82,7 @@ def _console(ctx: Context) -> guest.Console:
 def step_start_guest(ctx: Context) -> str:
     folder = ctx.lab.root / "guest"
     folder.mkdir()
-    name = "tandem-demo-" + re.sub(r"[^A-Za-z0-9._+-]", "-", ctx.lab.root.name)[:40]
+    name = re.sub(r"[^A-Za-z0-9._+-]", "-", f"tandem-demo-vm-{ctx.lab.root.name}")[:58]
     ctx.say("building the guest: a Debian cloud kernel (downloaded once) + busybox initramfs")
     boot = guest.guest_boot(folder)
     disk = guest.make_disk(folder / "vda.qcow2", DISK_MIB)
@@ -90,7 +90,7 @@ def step_start_guest(ctx: Context) -> str:
     xml.write_text(guest.domain_xml(name, boot, [disk], "production"))
     guest.remove_domain(name)
     ctx.lab.on_close(f"remove the guest {name}", lambda: guest.remove_domain(name))
-    ctx.command(None, f"virsh define {xml} && virsh start {name}  (at {ctx.prod.host})")
+    ctx.say(f"[dim]{ctx.prod.host}# virsh define {xml}; virsh start {name}[/]")
     guest.virsh("define", str(xml))
     console = guest.start_with_console(name)
     ctx.lab.on_close("close the guest's console", console.close)
@@ -105,7 +105,7 @@ def step_start_guest(ctx: Context) -> str:
 
 def step_protect_vm(ctx: Context) -> str:
     prod, name = ctx.prod, str(ctx.facts["vm_domain"])
-    domains = list(prod.api.vms(prod.host))  # the agent's list of domains, passed on
+    domains = list(prod.api.vms(prod.host).get("domains", []))
     ctx.command(prod, f"vms --host {prod.host}")
     ctx.check(
         "vm_listed",
@@ -177,7 +177,7 @@ def step_test_failover_vm(ctx: Context) -> str:
         replica == ctx.images[f"{VM_APP}-incr"],
         f"the test VM is of {replica}, not the newest replica {ctx.images[f'{VM_APP}-incr']}",
     )
-    ctx.command(None, f"virsh start {new}  (at {dr.host})")
+    ctx.say(f"[dim]{dr.host}# virsh start {new}[/]")
     console = guest.start_with_console(new)
     try:
         booted = _console_line(console, "TANDEM-BOOT")
@@ -227,6 +227,6 @@ VM_STEPS: list[Step] = [
 
 
 def vm_drill() -> list[Step]:
-    """``steps.STEPS`` with the VM steps before the disaster."""
-    at = next(i for i, s in enumerate(STEPS) if s.name == "disaster")
-    return [*STEPS[:at], *VM_STEPS, *STEPS[at:]]
+    """``steps.STEPS``, then the VM steps (after the failback: the drill's RPO and failover
+    measures stay those of the sample app)."""
+    return [*STEPS, *VM_STEPS]
