@@ -93,20 +93,33 @@ def _pid_of(pidfile: str) -> int | None:
 @contextmanager
 def libvirt_session() -> Iterator[None]:
     """``qemu:///system`` answering for the duration; the daemons this started are stopped
-    at the end unless another test process (pytest-xdist) still holds the shared lock."""
-    with open(LOCK, "a+") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        started = libvirt_host()
-        fcntl.flock(lock, fcntl.LOCK_SH)  # users hold it shared
+    at the end unless another test process (pytest-xdist) still uses them.
+
+    Two locks: ``LOCK.start`` is held exclusively only while one process checks and starts
+    the daemons; ``LOCK`` is held shared by every user for its whole session, and the starter
+    stops the daemons only if it can take it exclusively at the end (nobody else uses them).
+    A second process never waits for the first one's session, only for its start."""
+    starting = LOCK.with_name(LOCK.name + ".start")
+    with open(LOCK, "a+") as users, open(starting, "a+") as start:
+        fcntl.flock(start, fcntl.LOCK_EX)
+        try:
+            started = libvirt_host()  # [] when it already answered
+            fcntl.flock(users, fcntl.LOCK_SH)
+        finally:
+            fcntl.flock(start, fcntl.LOCK_UN)
         try:
             yield
         finally:
             if started:
+                fcntl.flock(start, fcntl.LOCK_EX)
                 try:
-                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    fcntl.flock(users, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
-                    return  # still in use by another test process: leave it running
-                stop_started(started)
+                    pass  # still in use by another test process: leave it running
+                else:
+                    stop_started(started)
+                finally:
+                    fcntl.flock(start, fcntl.LOCK_UN)
 
 
 def _kvm_device_as_udev_leaves_it() -> None:

@@ -275,6 +275,30 @@ class RemoveRequest(BaseModel):
     name: str = Field(pattern=DOMAIN_NAME)
 
 
+class PowerRequest(BaseModel):
+    """Power a domain of the host on, or off (graceful within ``timeout`` s, then destroy)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=DOMAIN_NAME)
+    on: bool
+    timeout: float = Field(default=120.0, ge=0, le=3600)
+
+
+class VmRestoreRequest(BaseModel):
+    """Restore a VM image onto a libvirt domain of the host, in place (``agent.vm.restore``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    domain: str = Field(pattern=DOMAIN_NAME)
+    image: str = Field(pattern=IMAGE_KEY)
+    manifest: str = Field(pattern=HEX_DIGEST)
+    appliance: ApplianceSession
+    job: str = ""
+    power_on: bool = False
+    shutdown_timeout: float = Field(default=120.0, ge=0, le=3600)
+
+
 # --- hooks (agent/hooks.py) -----------------------------------------------------------
 
 
