@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import re
 import shutil
+from pathlib import Path
 from typing import Any
 
 from tandem.domain.lifecycle import AppKind
@@ -48,6 +49,8 @@ def libvirt_missing() -> str | None:
         for tool in ("virsh", "qemu-img", "qemu-system-x86_64", "cpio", "apt-get")
         if shutil.which(tool) is None
     ]
+    if not Path("/bin/busybox").exists():
+        missing.append("/bin/busybox")
     if missing:
         return (
             f"{', '.join(missing)} not found: install libvirt-daemon-system libvirt-clients "
