@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
+from tandem.errors import StorageError
 from tandem.storage import vmimage
-from tandem.storage.manifest import VOLUME_CHUNK
+from tandem.storage.manifest import VOLUME_CHUNK, VolumeManifest
 from tandem.storage.overlay import ImageReader
 from tandem.storage.pool import ChunkPool
 
@@ -82,3 +85,55 @@ def test_changed_extents_alone_are_read(pool: ChunkPool) -> None:
     full_id, _, _ = vmimage.capture_disks(pool, sources({"vda": vda, "vdb": vdb}), meta=meta)
     assert full_id == mid
     assert vmimage.slots_of(manifest) == [x.slot for x in sources({"vda": vda, "vdb": vdb})]
+
+
+class Target(Disk):
+    """A disk being restored (``vmimage.DiskTarget``), counting what is written."""
+
+    def __init__(self, data: bytearray) -> None:
+        super().__init__(data)
+        self.written = 0
+
+    def write(self, offset: int, data: bytes) -> None:
+        assert offset + len(data) <= len(self.data)  # never past the disk's end
+        self.data[offset : offset + len(data)] = data
+        self.written += len(data)
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        self.write(offset, bytes(length))
+
+
+def vm_image(pool: ChunkPool, disks: dict[str, Disk]) -> VolumeManifest:
+    found = sources(disks)
+    meta = {"vm": {"disks": [d.slot.as_dict() for d in found]}}
+    return vmimage.capture_disks(pool, found, meta=meta)[1]
+
+
+def test_restore_writes_only_the_blocks_that_differ_on_each_disk(pool: ChunkPool) -> None:
+    rng = random.Random(5)
+    vda = bytearray(rng.randbytes(5 * MiB + 512))  # a short tail chunk
+    vdb = bytearray(rng.randbytes(4 * MiB)) + bytearray(4 * MiB)  # a chunk of zeros
+    manifest = vm_image(pool, {"vda": Disk(vda), "vdb": Disk(vdb)})
+    # The disks since: 2 blocks of vda rewritten (one in the tail), vdb's zeros written.
+    now_a, now_b = bytearray(vda), bytearray(vdb)
+    now_a[100 * KiB : 110 * KiB] = b"x" * 10 * KiB
+    now_a[5 * MiB + 100 : 5 * MiB + 200] = b"y" * 100
+    now_b[6 * MiB : 6 * MiB + 1000] = b"z" * 1000
+    a, b = Target(now_a), Target(now_b)
+    stats = vmimage.restore_disks(pool, manifest, {"vda": a, "vdb": b})
+    assert bytes(a.data) == bytes(vda) and bytes(b.data) == bytes(vdb)
+    assert a.written == 64 * KiB + 512  # a whole block, and the tail block up to the end
+    assert b.written == 64 * KiB  # the zero chunk's block that was written is zeroed
+    assert stats.bytes_written == a.written + b.written
+    assert stats.bytes_compared == len(vda) + len(vdb)
+    # Restored again: nothing differs, nothing is written.
+    again = vmimage.restore_disks(pool, manifest, {"vda": Target(a.data), "vdb": Target(b.data)})
+    assert again.bytes_written == 0
+
+
+def test_a_restore_target_must_have_every_disk_at_its_size(pool: ChunkPool) -> None:
+    manifest = vm_image(pool, {"vda": Disk(bytearray(2 * MiB))})
+    assert [s.target for s in vmimage.check_targets(manifest, {"vda": 2 * MiB})] == ["vda"]
+    for sizes, said in (({"vdb": 2 * MiB}, "no disk vda"), ({"vda": MiB}, "qemu-img resize")):
+        with pytest.raises(StorageError, match=said):
+            vmimage.check_targets(manifest, sizes)

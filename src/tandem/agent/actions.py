@@ -41,6 +41,7 @@ from tandem.transport.agent_api import (
     RestoreRequest,
     TargetCheckRequest,
     UnmaterializeRequest,
+    VmRestoreRequest,
 )
 from tandem.transport.chunks import RemoteChunkSource, RemotePool, SessionClient
 from tandem.transport.client import ApiClient
@@ -320,6 +321,27 @@ def restore(req: RestoreRequest, emit: Emit) -> dict[str, Any]:
         "from_base": req.base if base is not None else None,
         "stamp": sealed.as_dict() if sealed is not None else None,
     }
+
+
+def restore_vm(req: VmRestoreRequest, emit: Emit) -> dict[str, Any]:
+    """Restore the VM image onto the domain from the appliance session (``agent.vm``)."""
+    with _client(req.appliance) as client:
+        manifest = _fetch_manifest(client, req.appliance.session, req.manifest)
+        if not isinstance(manifest, VolumeManifest):
+            raise InvalidInput(detail=f"image {req.image} is a file-tree image, not a VM's")
+        source = RemoteChunkSource(client, req.appliance.session)
+        emit({"event": "progress", "done": 0, "total": manifest.size})
+        done = vm.restore(
+            req.domain,
+            req.image,
+            manifest,
+            source,
+            emit,
+            _progress(emit),
+            power_on=req.power_on,
+            shutdown_timeout=req.shutdown_timeout,
+        )
+    return {**done, "bytes_received": source.bytes_received}
 
 
 def _known_base(client: ApiClient, req: RestoreRequest) -> VolumeManifest | None:

@@ -16,7 +16,9 @@ Invariants
 - ``/api/v1/vms`` lists the libvirt domains of a hypervisor host, ``/api/v1/vms/resources``
   its storage pools and networks; ``/api/v1/vms/define`` and ``/api/v1/vms/remove`` define a
   new VM over an appliance's NBD export and remove it (``tandem.agent.vm``);
-  ``/api/v1/vms/define-copy`` streams the copy of its disks into a pool, then defines it.
+  ``/api/v1/vms/define-copy`` streams the copy of its disks into a pool, then defines it;
+  ``/api/v1/vms/restore`` restores a VM image onto a domain in place, ``/api/v1/vms/power``
+  starts or stops one.
   ``/api/v1/info`` says whether the host is a hypervisor; an agent without libvirt serves
   everything else.
 - ``/api/v1/run`` runs a hook script, by name, from DIR/scripts only (``tandem.agent.hooks``);
@@ -44,6 +46,7 @@ from tandem.transport.agent_api import (
     CaptureRequest,
     DefineRequest,
     MaterializeRequest,
+    PowerRequest,
     ProbeRequest,
     RecoverRequest,
     RefreshRequest,
@@ -54,6 +57,7 @@ from tandem.transport.agent_api import (
     StreamRequest,
     TargetCheckRequest,
     UnmaterializeRequest,
+    VmRestoreRequest,
     WalAck,
     WalRead,
     WantedRequest,
@@ -179,12 +183,12 @@ def create_app(cfg: DaemonConfig, directory: Path | None = None) -> FastAPI:
 
     @app.post("/api/v1/vms/define", dependencies=[Depends(auth)])
     def define_vm(req: DefineRequest) -> dict[str, Any]:
-        return vm.define(req)
+        return vm.define(req, directory)
 
     @app.post("/api/v1/vms/define-copy", dependencies=[Depends(auth)])
     def define_vm_copy(req: DefineRequest) -> StreamingResponse:
         def work(emit: actions.Emit) -> dict[str, Any]:
-            return {"event": "done", **vm.define_copy(req, emit)}
+            return {"event": "done", **vm.define_copy(req, emit, directory)}
 
         return _stream(req.name, work)
 
@@ -199,6 +203,14 @@ def create_app(cfg: DaemonConfig, directory: Path | None = None) -> FastAPI:
     @app.post("/api/v1/restore", dependencies=[Depends(auth)])
     def restore(req: RestoreRequest) -> StreamingResponse:
         return _stream(req.job, lambda emit: actions.restore(req, emit))
+
+    @app.post("/api/v1/vms/power", dependencies=[Depends(auth)])
+    def power_vm(req: PowerRequest) -> dict[str, Any]:
+        return vm.power(req)
+
+    @app.post("/api/v1/vms/restore", dependencies=[Depends(auth)])
+    def restore_vm(req: VmRestoreRequest) -> StreamingResponse:
+        return _stream(req.job, lambda emit: actions.restore_vm(req, emit))
 
     @app.post("/api/v1/materialize", dependencies=[Depends(auth)])
     def materialize(req: MaterializeRequest) -> StreamingResponse:

@@ -24,6 +24,15 @@ does it:
 4. The backup job is ended (``abortJob``) and older ``tandem-*`` checkpoints are deleted but
    the new one and the base's, so the next capture can be incremental from either.
 
+Restore (``restore``) onto the production domain, in place: the image's disks must match the
+domain's (targets and sizes) before anything is touched; the domain is shut down (then
+destroyed after a timeout), every ``tandem-*`` checkpoint is deleted (the disks are about to
+change under them), each disk is served by ``qemu-nbd`` in its own format on a private socket
+and diff-restored (``storage.vmimage.restore_disks``), and a ``<restored/>`` element in the
+domain's metadata (``MARK_URI``) tells the next capture to read everything and say why. The
+domain keeps its definition (UUID, MACs); one that is gone is defined again from the image's
+XML, only when its disk files are still there.
+
 A failed capture leaves the domain running with at most one extra checkpoint, which the
 next capture deletes; nothing becomes an image without the committed manifest.
 
@@ -40,10 +49,19 @@ a new qcow2 volume ``NAME-<target>.qcow2`` of P and the domain runs from those v
 plain, independent VM, like ``--action copy`` for a file tree, that costs a full read of
 the disks first. The volumes are listed in the domain's ``<metadata>`` (namespace
 ``VM_NS``) so ``remove`` deletes them with the domain.
+
+An ``nbds://`` export (the appliance's NBD off loopback) makes TLS disks (``tls='yes'``).
+libvirt 9 has no per-disk credentials (``tlsHostname`` only renames the host checked): QEMU
+takes them from qemu.conf's ``nbd_tls_x509_cert_dir``, one folder per host. The request
+carries the appliance's certificate, pinned by its fingerprint; ``trust_appliance`` checks
+it and keeps it in the agent's ``DIR/nbd-tls`` (or ``$TANDEM_NBD_TLS_DIR``), whose
+``ca-cert.pem`` trusts every appliance kept there. The operator points qemu.conf at that
+folder once; the job log and a start that fails name the line.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import re
@@ -56,17 +74,33 @@ import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from tandem.errors import AlreadyExists, InvalidInput, NotFound, NotHypervisor, SourceUnreadable
+from tandem.errors import (
+    AlreadyExists,
+    InvalidInput,
+    NotFound,
+    NotHypervisor,
+    SourceUnreadable,
+    StorageError,
+)
 from tandem.storage import vmimage
 from tandem.storage.manifest import VolumeManifest
-from tandem.transport.agent_api import DefineRequest
+from tandem.storage.volume import ChunkSource
+from tandem.transport.agent_api import DefineRequest, PowerRequest
 from tandem.transport.nbd import DIRTY, NbdClient
+from tandem.transport.tls import fingerprint_of_der
 
 URI = "qemu:///system"
 URI_ENV = "TANDEM_LIBVIRT_URI"
+TLS_DIR_ENV = "TANDEM_NBD_TLS_DIR"
+"""The folder QEMU takes the CA of NBD disks over TLS from: what the host's qemu.conf names
+as ``nbd_tls_x509_cert_dir`` (libvirt 9 has no per-disk credentials: one folder per host)."""
+TLS_DIR = "nbd-tls"
+"""Its default, in the agent's DIR."""
+_trust_lock = threading.Lock()
 """Overrides ``URI`` for an agent that manages another libvirt (``qemu:///session``, a
 second hypervisor on a test machine; ``qemu+ssh://…`` for a remote one)."""
 VM_NS = "https://tandem.dev/libvirt/vm/1"
@@ -125,21 +159,62 @@ def connection() -> Iterator[Any]:
             conn.close()
 
 
+_shared: Any = None
+_shared_lock = threading.Lock()
+
+
+def _shared_connection() -> Any:
+    """One connection kept for the agent's ``info`` (asked often), opened again when it
+    died (libvirtd restarted); ``NotHypervisor`` when libvirt does not answer."""
+    global _shared
+    lv = _libvirt()
+    with _shared_lock:
+        if _shared is not None:
+            try:
+                if _shared.isAlive():
+                    return _shared
+            except lv.libvirtError:
+                pass
+            with suppress(Exception):
+                _shared.close()
+            _shared = None
+        try:
+            _shared = lv.open(libvirt_uri())
+        except lv.libvirtError as exc:
+            raise NotHypervisor(
+                reason=f"{libvirt_uri()} does not answer ({exc.get_error_message()})"
+            ) from exc
+        return _shared
+
+
 def hypervisor() -> dict[str, Any]:
     """``{"hypervisor": bool, "reason"|"libvirt"...}`` for the agent's info."""
     try:
-        with connection() as conn:
-            return {
-                "hypervisor": True,
-                "libvirt": conn.getLibVersion(),
-                "hypervisor_version": conn.getVersion(),
-            }
+        conn = _shared_connection()
+        return {
+            "hypervisor": True,
+            "libvirt": conn.getLibVersion(),
+            "hypervisor_version": conn.getVersion(),
+        }
     except NotHypervisor as exc:
         return {"hypervisor": False, "reason": exc.message}
     except Exception as exc:  # libvirtd went away between open and the calls
         if not isinstance(exc, _libvirt().libvirtError):
             raise
+        _forget_shared()
         return {"hypervisor": False, "reason": f"{libvirt_uri()} stopped answering ({exc})"}
+
+
+def _forget_shared() -> None:
+    global _shared
+    with _shared_lock:
+        if _shared is not None:
+            with suppress(Exception):
+                _shared.close()
+        _shared = None
+
+
+atexit.register(_forget_shared)  # closed before libvirt's module is torn down at exit
 
 
 def _domain(conn: Any, name: str) -> Any:
@@ -261,11 +336,16 @@ def _thaw(dom: Any, emit: Emit, deadline: float | None = None) -> None:
 
 
 def _base_checkpoint(
-    dom: Any, base: VolumeManifest | None, slots: list[vmimage.Slot]
+    dom: Any, base: VolumeManifest | None, slots: list[vmimage.Slot], restored: str | None = None
 ) -> tuple[str | None, str]:
     """The checkpoint an incremental backup can start from, or None and why not."""
     if base is None:
         return None, "first capture of this domain: reading every allocated extent"
+    if restored:
+        return None, (
+            f"the VM was restored ({restored}) since the previous image: change tracking is "
+            "lost after a restore, so every allocated extent is read and compared"
+        )
     vm = base.meta.get("vm") if isinstance(base.meta, dict) else None
     name = vm.get("checkpoint") if isinstance(vm, dict) else None
     if not name:
@@ -281,6 +361,24 @@ def _base_checkpoint(
     return str(name), f"incremental since checkpoint {name}: reading changed extents only"
 
 
+def _end_stale_backup(dom: Any, emit: Emit) -> None:
+    """End a pull-mode backup an interrupted capture left running (libvirtd restarted
+    under it, so its ``abortJob`` never arrived): one of ours, whose private folder is gone.
+    Anyone else's backup is left alone (``backupBegin`` then says the domain is busy)."""
+    lv = _libvirt()
+    try:
+        xml = dom.backupGetXMLDesc(0)
+    except lv.libvirtError:
+        return  # no backup job
+    sock = re.search(r"socket='([^']+)'", xml)
+    folder = os.path.dirname(sock.group(1)) if sock else ""
+    if "tandem-backup-" not in folder or os.path.exists(folder):
+        return
+    with suppress(lv.libvirtError):
+        dom.abortJob()
+        emit({"event": "log", "text": "ended the backup job an interrupted capture left"})
+
+
 def capture(
     domain: str,
     job: str,
@@ -290,7 +388,31 @@ def capture(
     emit: Emit,
     progress: Callable[[int, int], None],
 ) -> dict[str, Any]:
-    """Capture ``domain`` into ``pool`` (module docstring); returns the done event's fields."""
+    """Capture ``domain`` into ``pool`` (module docstring); returns the done event's fields.
+    libvirt failing under it (libvirtd restarted) fails the capture with the reason; the
+    next capture ends a backup left running and starts from the previous image's
+    checkpoint, or reads everything when that is gone."""
+    lv = _libvirt()
+    try:
+        return _capture(domain, job, base, pool, base_id, emit, progress)
+    except lv.libvirtError as exc:
+        raise SourceUnreadable(
+            path=f"domain {domain}",
+            reason=f"libvirt failed during the capture ({exc.get_error_message()}); nothing "
+            "became an image. Capture again once `virsh list` answers: the next capture ends "
+            "a backup left running and reads from the previous checkpoint, or everything",
+        ) from exc
+
+
+def _capture(
+    domain: str,
+    job: str,
+    base: VolumeManifest | None,
+    pool: Any,
+    base_id: bytes | None,
+    emit: Emit,
+    progress: Callable[[int, int], None],
+) -> dict[str, Any]:
     lv = _libvirt()
     with connection() as conn:
         dom = _domain(conn, domain)
@@ -300,6 +422,7 @@ def capture(
                 reason="it is not running; a pull-mode backup needs the running domain. "
                 "Start it (`virsh start`) and capture again",
             )
+        restored = _take_restored_mark(dom)
         xml = dom.XMLDesc(lv.VIR_DOMAIN_XML_INACTIVE | lv.VIR_DOMAIN_XML_SECURE)
         disks = [d for d in _disks(dom.XMLDesc(0)) if d["target"]]
         if not disks:
@@ -308,7 +431,7 @@ def capture(
         slots = vmimage.layout(
             [(d["target"], sizes[d["target"]], d["format"], d["source"]) for d in disks]
         )
-        since, why = _base_checkpoint(dom, base, slots)
+        since, why = _base_checkpoint(dom, base, slots, restored)
         checkpoint = PREFIX + re.sub(r"[^A-Za-z0-9_-]", "-", job or uuid.uuid4().hex[:12])
         bitmap = [d for d in disks if d["format"] == "qcow2"]
         raw = [f"{d['target']} ({d['format']})" for d in disks if d["format"] != "qcow2"]
@@ -351,6 +474,7 @@ def capture(
             f"<domaincheckpoint><name>{checkpoint}</name><disks>{cp_disks}</disks>"
             "</domaincheckpoint>"
         )
+        _end_stale_backup(dom, emit)
         frozen, reason = _freeze(dom, emit)
         began = False
         try:
@@ -424,6 +548,319 @@ def _drop_checkpoints(dom: Any, keep: set[str]) -> None:
         if name.startswith(PREFIX) and name not in keep:
             with suppress(lv.libvirtError):
                 cp.delete(0)
+
+
+# --- restore -----------------------------------------------------------------------------
+
+MARK_URI = "https://tandem.invalid/xmlns/restored"
+"""The namespace of the domain metadata a restore leaves (``<restored image=… at=…/>``): the
+next capture reads it, reads every extent saying why, and removes it."""
+SHUTDOWN_POLL = 0.5
+
+
+def _mark_restored(dom: Any, image: str) -> None:
+    lv = _libvirt()
+    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    flags = lv.VIR_DOMAIN_AFFECT_CONFIG
+    with suppress(lv.libvirtError):
+        dom.setMetadata(
+            lv.VIR_DOMAIN_METADATA_ELEMENT,
+            f"<restored image='{image}' at='{when}'/>",
+            "tandem",
+            MARK_URI,
+            flags,
+        )
+
+
+def _take_restored_mark(dom: Any) -> str | None:
+    """What the restore mark says ("image X at T"), removing it; None without one."""
+    lv = _libvirt()
+    try:
+        text = dom.metadata(lv.VIR_DOMAIN_METADATA_ELEMENT, MARK_URI, lv.VIR_DOMAIN_AFFECT_CONFIG)
+    except lv.libvirtError:
+        return None
+    flags = lv.VIR_DOMAIN_AFFECT_CONFIG | (lv.VIR_DOMAIN_AFFECT_LIVE if dom.isActive() else 0)
+    with suppress(lv.libvirtError):
+        dom.setMetadata(lv.VIR_DOMAIN_METADATA_ELEMENT, None, None, MARK_URI, flags)
+    try:
+        node = ET.fromstring(text)
+    except ET.ParseError:
+        return "by tandem"
+    return f"from image {node.get('image', '?')} at {node.get('at', '?')}"
+
+
+def _power_off(dom: Any, timeout: float, emit: Emit) -> str:
+    """Shut the domain down gracefully, destroying it after ``timeout`` s; how it went."""
+    lv = _libvirt()
+    if not dom.isActive():
+        return "it was off"
+    emit({"event": "log", "text": f"shutting the VM down (up to {timeout:g} s, then power off)"})
+    with suppress(lv.libvirtError):
+        dom.shutdown()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not dom.isActive():
+            return "it shut down"
+        time.sleep(SHUTDOWN_POLL)
+    if dom.isActive():
+        try:
+            dom.destroy()
+        except lv.libvirtError as exc:
+            if dom.isActive():
+                raise SourceUnreadable(
+                    path=f"domain {dom.name()}",
+                    reason=f"it did not power off ({exc.get_error_message()}); nothing was "
+                    "restored. Power it off (`virsh destroy`) and restore again",
+                ) from exc
+        return f"it did not shut down within {timeout:g} s and was powered off"
+    return "it shut down"
+
+
+def _drop_all_checkpoints(dom: Any, emit: Emit) -> int:
+    """Delete every tandem checkpoint of the (powered-off) domain: the restore rewrites the
+    disks, so none of them describes what changed since any more."""
+    lv = _libvirt()
+    dropped = 0
+    for cp in dom.listAllCheckpoints(0):
+        if not cp.getName().startswith(PREFIX):
+            continue
+        try:
+            cp.delete(0)
+        except lv.libvirtError as exc:
+            emit(
+                {
+                    "event": "log",
+                    "text": f"checkpoint {cp.getName()}: {exc.get_error_message()}; "
+                    "forgetting its metadata",
+                }
+            )
+            cp.delete(lv.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
+        dropped += 1
+    return dropped
+
+
+class ServedDisk:
+    """A powered-off disk served by ``qemu-nbd`` on a private unix socket, as a
+    ``vmimage.DiskTarget`` (one request at a time)."""
+
+    def __init__(self, path: str, fmt: str, folder: str, target: str) -> None:
+        sock = os.path.join(folder, f"{target}.sock")
+        self.proc = subprocess.Popen(
+            [
+                "qemu-nbd",
+                "--format",
+                fmt,
+                "--socket",
+                sock,
+                "--export-name",
+                target,
+                "--cache",
+                "none",
+                "--aio",
+                "threads",
+                path,
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        self.lock = threading.Lock()
+        deadline = time.monotonic() + 60
+        while True:
+            if self.proc.poll() is not None:
+                err = (self.proc.stderr.read() if self.proc.stderr else b"").decode(
+                    errors="replace"
+                )
+                raise SourceUnreadable(
+                    path=path, reason=f"qemu-nbd could not open it ({err.strip() or 'no reason'})"
+                )
+            if os.path.exists(sock):
+                try:
+                    self.client = NbdClient(export=target, unix=sock)
+                    break
+                except OSError:
+                    pass
+            if time.monotonic() > deadline:
+                self.close()
+                raise SourceUnreadable(path=path, reason="qemu-nbd did not start within 60 s")
+            time.sleep(0.05)
+
+    def read(self, offset: int, length: int) -> bytes:
+        with self.lock:
+            return self.client.read(offset, length)
+
+    def write(self, offset: int, data: bytes) -> None:
+        with self.lock:
+            self.client.write(offset, data)
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        with self.lock:
+            self.client.write_zeroes(offset, length)
+
+    def flush(self) -> None:
+        with self.lock:
+            self.client.flush()
+
+    def close(self) -> None:
+        client = getattr(self, "client", None)
+        if client is not None:
+            client.close()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        if self.proc.stderr:
+            self.proc.stderr.close()
+
+
+def _redefine(conn: Any, domain: str, vm_meta: dict[str, Any], slots: list[vmimage.Slot]) -> Any:
+    """The domain is gone: define it again from the image's XML, keeping its identity, when
+    every disk file the image names is still there; else refuse, touching nothing."""
+    lv = _libvirt()
+    xml = vm_meta.get("xml")
+    if not isinstance(xml, str) or vm_meta.get("domain") != domain:
+        raise NotFound(what="Domain", name=domain, listing="vms --host HOST")
+    missing = [s.source for s in slots if not s.source or not os.path.isfile(s.source)]
+    if missing:
+        raise InvalidInput(
+            detail=f"domain {domain} is gone, and so is its disk {missing[0] or '(unnamed)'}: "
+            "nothing was restored. Define the domain and its disks again (`virsh define`), "
+            "then restore"
+        )
+    try:
+        return conn.defineXML(xml)
+    except lv.libvirtError as exc:
+        raise InvalidInput(
+            detail=f"domain {domain} is gone and libvirt refused its captured XML: "
+            f"{exc.get_error_message()}"
+        ) from exc
+
+
+def restore(
+    domain: str,
+    image: str,
+    manifest: VolumeManifest,
+    source: ChunkSource,
+    emit: Emit,
+    progress: Callable[[int, int], None],
+    *,
+    power_on: bool = False,
+    shutdown_timeout: float = 120.0,
+) -> dict[str, Any]:
+    """Restore the VM image ``manifest`` onto ``domain`` in place: check the disks fit, power
+    the domain off (graceful, then destroy), drop its checkpoints, diff-restore each disk,
+    mark it restored (the next capture reads everything), power on if asked. Identity (UUID,
+    MACs, the definition) is kept; a domain that is gone is defined again from the image's
+    XML when its disks are there."""
+    lv = _libvirt()
+    try:
+        return _restore(
+            domain,
+            image,
+            manifest,
+            source,
+            emit,
+            progress,
+            power_on=power_on,
+            shutdown_timeout=shutdown_timeout,
+        )
+    except lv.libvirtError as exc:
+        raise SourceUnreadable(
+            path=f"domain {domain}",
+            reason=f"libvirt failed during the restore ({exc.get_error_message()}). Restore "
+            "again once `virsh list` answers",
+        ) from exc
+
+
+def _restore(
+    domain: str,
+    image: str,
+    manifest: VolumeManifest,
+    source: ChunkSource,
+    emit: Emit,
+    progress: Callable[[int, int], None],
+    *,
+    power_on: bool,
+    shutdown_timeout: float,
+) -> dict[str, Any]:
+    lv = _libvirt()
+    vm_meta = manifest.meta.get("vm") if isinstance(manifest.meta, dict) else None
+    slots = vmimage.slots_of(manifest)
+    if not isinstance(vm_meta, dict) or not slots:
+        raise InvalidInput(detail=f"image {image} holds no VM (no disk layout)")
+    with connection() as conn:
+        redefined = False
+        try:
+            dom = conn.lookupByName(domain)
+        except lv.libvirtError:
+            dom = _redefine(conn, domain, vm_meta, slots)
+            redefined = True
+            emit({"event": "log", "text": f"domain {domain} was gone: defined again from {image}"})
+        disks = {d["target"]: d for d in _disks(dom.XMLDesc(0)) if d["target"]}
+        for slot in slots:
+            d = disks.get(slot.target)
+            if d is not None and (d["type"] != "file" or not d["source"]):
+                raise InvalidInput(
+                    detail=f"disk {slot.target} of {domain} is a {d['type']} disk; a restore "
+                    "writes file disks (qcow2 or raw) in place"
+                )
+        try:
+            sizes = {t: int(dom.blockInfo(t, 0)[0]) for t in disks}
+        except lv.libvirtError as exc:
+            raise SourceUnreadable(
+                path=f"domain {domain}", reason=f"its disks are unreadable ({exc})"
+            ) from exc
+        try:
+            vmimage.check_targets(manifest, sizes)
+        except StorageError as exc:
+            raise InvalidInput(detail=f"{exc.fields.get('detail')}; nothing was touched") from exc
+        how = _power_off(dom, shutdown_timeout, emit)
+        emit({"event": "log", "text": f"domain {domain}: {how}"})
+        dropped = _drop_all_checkpoints(dom, emit)
+        if dropped:
+            emit(
+                {
+                    "event": "log",
+                    "text": f"dropped {dropped} checkpoint(s): change tracking is lost after a "
+                    "restore, the next capture reads everything",
+                }
+            )
+        folder = tempfile.mkdtemp(prefix="tandem-restore-")
+        served: dict[str, ServedDisk] = {}
+        try:
+            for slot in slots:
+                d = disks[slot.target]
+                served[slot.target] = ServedDisk(d["source"], d["format"], folder, slot.target)
+            stats = vmimage.restore_disks(source, manifest, dict(served), progress=progress)
+            for disk in served.values():
+                disk.flush()
+        finally:
+            for disk in served.values():
+                disk.close()
+            shutil.rmtree(folder, ignore_errors=True)
+        _mark_restored(dom, image)
+        running = False
+        if power_on:
+            try:
+                dom.create()
+            except lv.libvirtError as exc:
+                raise SourceUnreadable(
+                    path=f"domain {domain}",
+                    reason=f"image {image} was restored but the VM did not start "
+                    f"({exc.get_error_message()}); start it with `virsh start {domain}`",
+                ) from exc
+            running = True
+        return {
+            "event": "done",
+            "size": sum(s.size for s in slots),
+            "stats": stats.as_dict(),
+            "power": how,
+            "redefined": redefined,
+            "checkpoints_dropped": dropped,
+            "running": running,
+            "uuid": dom.UUIDString(),
+        }
 
 
 # --- new VMs -----------------------------------------------------------------------------
@@ -500,7 +937,7 @@ def _new_domain_xml(
     pool ``volumes`` target -> (pool, volume)), identity and NICs as the request says."""
     uri = urlsplit(req.nbd_uri)
     if not uri.hostname or not uri.port:
-        raise InvalidInput(detail=f"{req.nbd_uri!r} is not an nbd://HOST:PORT/EXPORT URI")
+        raise InvalidInput(detail=f"{req.nbd_uri!r} is not an nbd[s]://HOST:PORT/EXPORT URI")
     export = uri.path.lstrip("/")
     slots = {str(d.get("target")): d for d in req.disks}
     root = ET.fromstring(req.xml)
@@ -522,6 +959,10 @@ def _new_domain_xml(
             _volume_disk(disk, *volumes[dev])
         else:
             _nbd_disk(disk, uri.hostname, uri.port, export, int(slot["offset"]), int(slot["size"]))
+            if uri.scheme == "nbds":
+                source = disk.find("source")
+                if source is not None:
+                    source.set("tls", "yes")
     for iface in list(devices.findall("interface")):
         if req.keep_identity:
             continue
@@ -547,7 +988,7 @@ def _new_domain_xml(
     return ET.tostring(root, encoding="unicode")
 
 
-def _define_and_start(conn: Any, req: DefineRequest, xml: str) -> dict[str, Any]:
+def _define_and_start(conn: Any, req: DefineRequest, xml: str, tls: Path | None) -> dict[str, Any]:
     lv = _libvirt()
     try:
         dom = conn.defineXML(xml)
@@ -561,8 +1002,14 @@ def _define_and_start(conn: Any, req: DefineRequest, xml: str) -> dict[str, Any]
         except lv.libvirtError as exc:
             with suppress(lv.libvirtError):
                 dom.undefineFlags(0)
+            hint = (
+                f"; its disks are NBD over TLS: this host's qemu.conf needs "
+                f'nbd_tls_x509_cert_dir = "{tls}" (then restart libvirtd)'
+                if tls is not None
+                else ""
+            )
             raise InvalidInput(
-                detail=f"the new domain {req.name} did not start: {exc.get_error_message()}"
+                detail=f"the new domain {req.name} did not start: {exc.get_error_message()}" + hint
             ) from exc
     return {
         "name": dom.name(),
@@ -570,20 +1017,89 @@ def _define_and_start(conn: Any, req: DefineRequest, xml: str) -> dict[str, Any]
         "running": bool(dom.isActive()),
         "pool": req.pool,
         "disks": "copy" if req.copy_disks else "nbd",
+        **({"tls_dir": str(tls)} if tls is not None else {}),
     }
 
 
-def define(req: DefineRequest) -> dict[str, Any]:
+def tls_folder(directory: Path | None) -> Path:
+    """Where this host keeps the certificates of the appliances whose NBD exports over TLS
+    its domains' disks use: ``$TANDEM_NBD_TLS_DIR``, else ``DIR/nbd-tls``."""
+    named = os.environ.get(TLS_DIR_ENV)
+    if named:
+        return Path(named)
+    if directory is None:
+        raise InvalidInput(
+            detail=f"this agent has no folder for the NBD TLS certificate: set {TLS_DIR_ENV} "
+            "to the folder qemu.conf names as nbd_tls_x509_cert_dir"
+        )
+    return directory / TLS_DIR
+
+
+def trust_appliance(folder: Path, pem: str, fingerprint: str) -> Path:
+    """Trust the appliance certificate ``pem`` (pinned: its SHA-256 must be ``fingerprint``)
+    for NBD over TLS: write it as ``folder/appliance-FINGERPRINT.pem`` (0644, QEMU reads it)
+    and ``folder/ca-cert.pem`` as every appliance's certificate kept there (the file QEMU's
+    x509 credentials read, several appliances sharing the host's one folder). Returns the
+    folder."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    try:
+        cert = x509.load_pem_x509_certificate(pem.encode())
+    except ValueError as exc:
+        raise InvalidInput(
+            detail=f"the appliance's certificate sent for its NBD export over TLS is not a PEM "
+            f"certificate ({exc}); upgrade the appliance or present the image again"
+        ) from exc
+    if fingerprint_of_der(cert.public_bytes(Encoding.DER)) != fingerprint:
+        raise InvalidInput(
+            detail="the appliance's certificate sent for its NBD export over TLS does not "
+            f"match the fingerprint pinned with it ({fingerprint}); present the image again"
+        )
+    with _trust_lock:
+        folder.mkdir(parents=True, exist_ok=True)
+        folder.chmod(0o755)
+        _write_public(folder / f"appliance-{fingerprint}.pem", cert.public_bytes(Encoding.PEM))
+        bundle = b"".join(p.read_bytes() for p in sorted(folder.glob("appliance-*.pem")))
+        _write_public(folder / "ca-cert.pem", bundle)
+    return folder
+
+
+def _write_public(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` at once, mode 0644."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _trust(req: DefineRequest, directory: Path | None) -> Path | None:
+    """For an ``nbds://`` export, the folder now trusting the appliance (else None)."""
+    if req.nbd_ca is None or req.nbd_fingerprint is None:
+        return None
+    return trust_appliance(tls_folder(directory), req.nbd_ca, req.nbd_fingerprint)
+
+
+def define(req: DefineRequest, directory: Path | None = None) -> dict[str, Any]:
     """Define (and with ``power_on`` start) the new domain over the export; returns its
-    name, uuid and whether it runs. ``copy_disks`` requests go to ``define_copy``."""
+    name, uuid and whether it runs. ``copy_disks`` requests go to ``define_copy``. An
+    ``nbds://`` export's certificate is trusted first (``trust_appliance``), in the folder
+    of ``directory`` (the agent's DIR)."""
     if req.copy_disks:
-        return define_copy(req, lambda _event: None)
+        return define_copy(req, lambda _event: None, directory)
     with connection() as conn:
         pool = _check_define(conn, req)
-        return _define_and_start(conn, req, _new_domain_xml(req, pool, None))
+        tls = _trust(req, directory)
+        return _define_and_start(conn, req, _new_domain_xml(req, pool, None), tls)
 
 
-def define_copy(req: DefineRequest, emit: Emit) -> dict[str, Any]:
+def define_copy(req: DefineRequest, emit: Emit, directory: Path | None = None) -> dict[str, Any]:
     """Copy each disk's slice of the export into a new qcow2 volume of ``req.pool``
     (``qemu-img convert``, zeros skipped), then define the domain on those volumes. The
     volumes are named in the domain's metadata, so ``remove`` deletes them; a failure
@@ -591,9 +1107,10 @@ def define_copy(req: DefineRequest, emit: Emit) -> dict[str, Any]:
     lv = _libvirt()
     uri = urlsplit(req.nbd_uri)
     if not uri.hostname or not uri.port:
-        raise InvalidInput(detail=f"{req.nbd_uri!r} is not an nbd://HOST:PORT/EXPORT URI")
+        raise InvalidInput(detail=f"{req.nbd_uri!r} is not an nbd[s]://HOST:PORT/EXPORT URI")
     with connection() as conn:
         pool = _check_define(conn, req)
+        tls = _trust(req, directory)
         made: list[Any] = []
         volumes: dict[str, tuple[str, str]] = {}
         try:
@@ -615,11 +1132,11 @@ def define_copy(req: DefineRequest, emit: Emit) -> dict[str, Any]:
                 made.append(vol)
                 volumes[target] = (str(req.pool), name)
                 emit({"event": "log", "text": f"copying disk {target} into {req.pool}/{name}"})
-                _convert(uri.hostname, uri.port, uri.path.lstrip("/"), d, vol.path())
+                _convert(uri.hostname, uri.port, uri.path.lstrip("/"), d, vol.path(), tls)
                 done += size
                 emit({"event": "progress", "done": done, "total": total})
             xml = _new_domain_xml(req, pool, volumes)
-            return _define_and_start(conn, req, xml)
+            return _define_and_start(conn, req, xml, None)
         except BaseException:
             for vol in made:
                 with suppress(lv.libvirtError):
@@ -627,20 +1144,22 @@ def define_copy(req: DefineRequest, emit: Emit) -> dict[str, Any]:
             raise
 
 
-def _convert(host: str, port: int, export: str, slot: dict[str, Any], out: str) -> None:
-    """``qemu-img convert`` of one disk's slice of the export into the volume at ``out``."""
-    source = {
-        "driver": "raw",
-        "offset": int(slot["offset"]),
-        "size": int(slot["size"]),
-        "file": {
-            "driver": "nbd",
-            "server": {"type": "inet", "host": host, "port": str(port)},
-            "export": export,
-        },
+def _convert(
+    host: str, port: int, export: str, slot: dict[str, Any], out: str, tls: Path | None
+) -> None:
+    """``qemu-img convert`` of one disk's slice of the export into the volume at ``out``
+    (over TLS trusting the certificates of folder ``tls``, when given)."""
+    nbd: dict[str, Any] = {
+        "driver": "nbd",
+        "server": {"type": "inet", "host": host, "port": str(port)},
+        "export": export,
     }
     cmd = ["qemu-img", "convert", "-n", "--target-is-zero", "-O", "qcow2"]
-    cmd += ["json:" + json.dumps(source), out]
+    if tls is not None:
+        nbd["tls-creds"] = "tls0"
+        cmd += ["--object", f"tls-creds-x509,id=tls0,dir={tls},endpoint=client"]
+    source = {"driver": "raw", "offset": int(slot["offset"]), "size": int(slot["size"])}
+    cmd += ["json:" + json.dumps({**source, "file": nbd}), out]
     try:
         subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=24 * 3600)
     except FileNotFoundError as exc:
@@ -672,6 +1191,29 @@ def _nbd_disk(disk: ET.Element, host: str, port: int, export: str, offset: int, 
     ET.SubElement(slices, "slice", {"type": "storage", "offset": str(offset), "size": str(size)})
     disk.insert(0, source)
     disk.insert(0, driver)
+
+
+def power(req: PowerRequest) -> dict[str, Any]:
+    """Start or stop domain ``req.name``; ``{"name", "running", "how"}``. Already in the
+    state asked for is fine; a domain that is gone is ``NotFound``."""
+    lv = _libvirt()
+    with connection() as conn:
+        dom = _domain(conn, req.name)
+        if req.on:
+            how = "it was running"
+            if not dom.isActive():
+                try:
+                    dom.create()
+                except lv.libvirtError as exc:
+                    raise SourceUnreadable(
+                        path=f"domain {req.name}",
+                        reason=f"it did not start ({exc.get_error_message()}); start it with "
+                        f"`virsh start {req.name}` and read its log",
+                    ) from exc
+                how = "it was started"
+        else:
+            how = _power_off(dom, req.timeout, lambda _event: None)
+        return {"name": req.name, "running": bool(dom.isActive()), "how": how}
 
 
 def _volume_disk(disk: ET.Element, pool: str, volume: str) -> None:

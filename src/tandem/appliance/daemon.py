@@ -326,6 +326,7 @@ class Appliance:
             catalog=self.catalog,
             pool=pool,
             sessions=SessionRegistry(pool),
+            certificate=(directory / "cert.pem").read_text(),
         )
         handlers = job_handlers(self.site)
         if self.joined:

@@ -68,7 +68,13 @@ def make_router(site: Site) -> APIRouter:
     @router.post("/apps/{name}/restore", tags=["operations"], status_code=ACCEPTED)
     def restore_app(name: Name, body: RestoreIn, who: Caller) -> JobAnswer:
         job = restore.submit_restore(
-            site, app=name, image=body.image, confirm=body.confirm, actor=who.name
+            site,
+            app=name,
+            image=body.image,
+            confirm=body.confirm,
+            actor=who.name,
+            power_on=body.power_on,
+            shutdown_timeout=body.shutdown_timeout,
         )
         return JobAnswer(job=job_out(job, who))
 
@@ -135,6 +141,7 @@ def make_router(site: Site) -> APIRouter:
                 host=body.host,
                 path=body.path,
                 power_on=body.power_on,
+                shutdown_timeout=body.shutdown_timeout,
                 actor=who.name,
             )
         else:

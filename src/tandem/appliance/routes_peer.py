@@ -161,7 +161,9 @@ def make_router(site: Site) -> APIRouter:
 
     @peer_router.post("/peer/apps/{name}/command", tags=["peer"])
     def command(name: Name, body: Command, peer: PeerName) -> CommandRan:
-        return replica_failback.production_command(site, peer=peer, app=name, which=body.which)
+        return replica_failback.production_command(
+            site, peer=peer, app=name, which=body.which, shutdown_timeout=body.shutdown_timeout
+        )
 
     @peer_router.post("/peer/apps/{name}/apply", tags=["peer"], status_code=202)
     def apply(name: Name, body: Apply, peer: PeerName) -> PeerJob:

@@ -33,23 +33,34 @@ def demo(
         float,
         typer.Option("--write-seconds", min=0.2, help="How long the app writes between steps."),
     ] = 1.5,
+    vm: Annotated[
+        bool,
+        typer.Option(
+            "--vm",
+            help="Also protect a real guest (libvirt, QEMU): capture, mirror, test failover to "
+            "a new VM that boots at dr. Needs libvirtd running and root.",
+        ),
+    ] = False,
     json_: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
 ) -> None:
     """Run the whole two-site DR drill on real daemons on loopback; exit non-zero if a step
     fails."""
     # The drill (and through it the daemons' clients) only when the demo runs: every
     # `tandem` run builds this command to list it in help (tests/cli/test_startup.py).
-    from tandem.drill import steps
+    from tandem.drill import steps, vmsteps
     from tandem.drill.lab import Lab
     from tandem.drill.report import print_report
 
+    if vm and (missing := vmsteps.libvirt_missing()) is not None:
+        raise fail(f"tandem demo --vm needs libvirt: {missing}", 2)
     try:
         lab = Lab(workdir, keep=keep, prefix="tandem-demo-")
     except TandemError as exc:
         raise fail(exc.message, 2) from None
     stderr.print(
         "[bold]tandem demo[/]: two sites — appliances prod and dr, hosts host1 and host2, and a "
-        "sample app that keeps writing, through the whole DR lifecycle",
+        "sample app that keeps writing, through the whole DR lifecycle"
+        + (", and a real guest under libvirt (--vm)" if vm else ""),
         highlight=False,
     )
     stderr.print(
@@ -57,7 +68,8 @@ def demo(
         highlight=False,
         markup=False,
     )
-    report, interrupted = steps.run_drill(lab, steps.Options(size_mib, write_seconds))
+    drill = vmsteps.vm_drill() if vm else None
+    report, interrupted = steps.run_drill(lab, steps.Options(size_mib, write_seconds), drill)
     if json_mode(json_):
         emit_json(report)
     else:

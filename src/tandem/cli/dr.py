@@ -279,6 +279,14 @@ def failback(
     force: Annotated[
         bool, typer.Option("--force", help="Snapshot style: even though no syncback was made.")
     ] = False,
+    shutdown_timeout: Annotated[
+        float | None,
+        typer.Option(
+            "--shutdown-timeout",
+            help="Replica style, a VM: seconds each graceful shutdown may take before the VM "
+            "is powered off (default 120).",
+        ),
+    ] = None,
 ) -> JobAnswer:
     """Fail APP back to production (DR appliance).
 
@@ -287,7 +295,15 @@ def failback(
     sends the differences to the target itself, takes a protective snapshot and leaves the
     failback pending until `commit-failback` or `undo-failback`.
     """
-    params = {"force": force, "target": target, "host": host, "path": path, "power_on": power_on}
+    params: dict[str, Any] = {
+        "force": force,
+        "target": target,
+        "host": host,
+        "path": path,
+        "power_on": power_on,
+    }
+    if shutdown_timeout is not None:
+        params["shutdown_timeout"] = shutdown_timeout
     return s.api.failback(checked_app(app), checked(FailbackIn, **params))
 
 

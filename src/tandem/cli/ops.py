@@ -47,8 +47,20 @@ def restore(
             help='Typed confirmations: --confirm "DATA LOSS" --confirm "OVERWRITE OTHER APPS".',
         ),
     ] = None,
+    power_on: Annotated[
+        bool, typer.Option("--power-on", help="A VM: start it once restored.")
+    ] = False,
+    shutdown_timeout: Annotated[
+        float | None,
+        typer.Option(
+            "--shutdown-timeout",
+            help="A VM: seconds its graceful shutdown may take before it is powered off "
+            "(default 120).",
+        ),
+    ] = None,
 ) -> JobAnswer:
-    """Diff-restore an image onto the production application (stops and restarts it)."""
+    """Diff-restore an image onto the production application (stops and restarts it; a VM
+    is powered off by the restore, and started with --power-on)."""
     typed = list(confirm or [])
     # The appliance checks the confirmations itself; the client only refuses an order the
     # server would refuse too ("DATA LOSS" answers the first warning, then the second).
@@ -58,7 +70,13 @@ def restore(
         raise
     except ConfirmationRequired:
         pass  # the server names what is missing
-    body = checked(RestoreIn, image=checked_image(image), confirm=typed)
+    body = checked(
+        RestoreIn,
+        image=checked_image(image),
+        confirm=typed,
+        power_on=power_on,
+        **({"shutdown_timeout": shutdown_timeout} if shutdown_timeout is not None else {}),
+    )
     return s.api.restore(checked_app(app), body)
 
 

@@ -7,6 +7,9 @@
   export), with hold/release to take reference states.
 - ``steps``: the two-site drill, step by step, over one shared ``Context``.
 - ``report``: the drill's closing report (RPO, failover time, failback downtime, bytes).
+- ``guest``: a tiny real libvirt guest (Debian kernel, busybox initramfs, QEMU/TCG) that
+  prints its disk's md5 on its serial console; ``vmsteps``: the steps ``tandem demo --vm``
+  adds with it (capture, mirror, test failover to a new VM at dr).
 
 The drill drives daemons through their API and CLI like an operator: it imports no
 catalog, job or operation code (``tests/test_layers.py``).

@@ -33,6 +33,9 @@ COMPARISONS = {
     "production_disk": "production: disk = DR volume",
 }
 """The data comparisons the drill makes, as the report names them."""
+VM_COMPARISONS = {"dr_test_vm": "dr: new test VM read what production wrote"}
+"""The one `tandem demo --vm` adds."""
+LABELS = COMPARISONS | VM_COMPARISONS
 
 
 def build_report(
@@ -55,7 +58,8 @@ def build_report(
         "failback_downtime_seconds": measures.get("failback_downtime_seconds"),
         "measures": measures,
         "data_equal": dict(ctx.data_equal),
-        "data_verified_equal": all(ctx.data_equal.get(name) for name in COMPARISONS),
+        "data_verified_equal": all(ctx.data_equal.get(name) for name in COMPARISONS)
+        and all(ctx.data_equal.values()),
         "bytes_moved": {r.name: r.bytes_sent for r in records if r.jobs},
         "transfers": dict(ctx.transfers),
         "steps": [asdict(r) for r in records],
@@ -164,7 +168,7 @@ def print_report(report: dict[str, Any]) -> None:
         summary.add_row(
             "data verified equal",
             "; ".join(
-                f"{COMPARISONS.get(name, name)} {'[green]✓[/]' if ok else '[red]✗[/]'}"
+                f"{LABELS.get(name, name)} {'[green]✓[/]' if ok else '[red]✗[/]'}"
                 for name, ok in report["data_equal"].items()
             ),
         )

@@ -67,7 +67,7 @@ def submit_failback(site: Site, *, app: str, force: bool = False, actor: str | N
         newest = q.latest_image(session, app=app, kind=ImageKind.SYNCBACK)
     if not force and newest is not None and not withdrawing(site, app):
         _check_restored_at_production(site, app, newest.id)
-        if row.kind is AppKind.VOLUME:  # cheap here; a tree is compared by the job
+        if row.kind in (AppKind.VOLUME, AppKind.VM):  # cheap here; a tree: by the job
             _check_unchanged(site, None, row, newest, Operation.FAILBACK, freeze=False)
     with site.catalog.begin() as session:
         job = submit_job(
@@ -115,7 +115,7 @@ def _check_unchanged(
     ``freeze``, a volume's overlay is left frozen when the check passes (returned; thaw it
     if the operation does not go on) so that no write lands between check and discard."""
     overlay = None
-    if app.kind is AppKind.VOLUME and freeze:
+    if app.kind in (AppKind.VOLUME, AppKind.VM) and freeze:
         overlay = site.overlays.get(failover_image(site, app.name).id)
         if overlay is not None and overlay.frozen:
             overlay = None  # frozen already (a pending replica-style failback): stays so

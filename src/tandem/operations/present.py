@@ -350,11 +350,13 @@ def present(
         paths: list[str] = []
         vm: dict[str, Any] | None = None
         if new_vm is not None and uri is not None and overlay is not None:
-            vm = _define_vm(ctx, host, overlay.base, uri, new_vm, app)
+            vm = _define_vm(ctx, site, host, overlay.base, uri, new_vm, app)
             defined = new_vm.name
             for other in vm_hosts or []:
                 also.append(other)
-                _define_vm(ctx, other, overlay.base, uri, replace(new_vm, power_on=False), app)
+                _define_vm(
+                    ctx, site, other, overlay.base, uri, replace(new_vm, power_on=False), app
+                )
         where_action = placement(action, mount_point)
         how = presentation(app, action)
         if action != "map-only" and app.kind is not AppKind.VM:
@@ -421,17 +423,24 @@ def present(
 
 
 def _define_vm(
-    ctx: JobContext, host: Host, manifest: VolumeManifest | None, uri: str, new: NewVm, app: App
+    ctx: JobContext,
+    site: Site,
+    host: Host,
+    manifest: VolumeManifest | None,
+    uri: str,
+    new: NewVm,
+    app: App,
 ) -> dict[str, Any]:
     """Define ``new`` at ``host`` from the VM image ``manifest``, its disks on ``uri``."""
     vm = manifest.meta.get("vm") if manifest is not None else None
     slots = vmimage.slots_of(manifest) if manifest is not None else None
     if not isinstance(vm, dict) or not slots or not isinstance(vm.get("xml"), str):
         raise InvalidInput(detail=f"the image of {app.name!r} holds no VM (no domain XML)")
-    if not uri.startswith("nbd://"):
+    tls = uri.startswith("nbds://")
+    if tls and not site.certificate:
         raise InvalidInput(
-            detail="a new VM's disks need a plain NBD export (nbd://) the hypervisor reaches; "
-            "this appliance serves NBD over TLS, which libvirt needs configured for: not done yet"
+            detail="this appliance serves NBD over TLS but has no certificate to send the "
+            "hypervisor host: start it from its directory (tandem appliance serve DIR)"
         )
     body = checked(
         DefineRequest,
@@ -446,6 +455,8 @@ def _define_vm(
         power_on=new.power_on,
         pool=new.pool,
         copy_disks=new.copy,
+        nbd_ca=site.certificate if tls else None,
+        nbd_fingerprint=site.fingerprint if tls else None,
     )
     with agent_for(host) as agent:
         if new.copy:
@@ -460,6 +471,12 @@ def _define_vm(
         + (f", datastore pool {new.pool}" if new.pool and not new.copy else "")
         + (", running" if done.get("running") else ", powered off")
     )
+    if done.get("tls_dir"):
+        ctx.log(
+            f"host {host.name} trusts this appliance's certificate for its NBD disks over TLS "
+            f"in {done['tls_dir']}; its libvirt reads it with qemu.conf "
+            f'nbd_tls_x509_cert_dir = "{done["tls_dir"]}" (then restart libvirtd)'
+        )
     return done
 
 

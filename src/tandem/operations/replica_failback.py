@@ -23,6 +23,12 @@
    whole); an undo reverts it; a commit merges the placeholder app registered there.
 9. With ``--power-on`` production starts the app on the target.
 
+A VM (``vm`` app) is powered off at steps 1 and 4 (graceful shutdown, then destroy after
+``VM_SHUTDOWN_TIMEOUT``; production's domain, then the DR VM the failover defined) and
+powered on at step 9; its hooks, if any, run after that as any app's. Its DR copy is the
+failover's virtual copy, captured and reverted like a volume's; the apply is a VM restore
+in place (``operations.restore``).
+
 ``commit-failback``: FAILBACK_PENDING → MANAGED; the DR images are cleaned up as in the
 snapshot-style failback (the protective snapshot, equal to what production holds, stays as
 the replica to mirror against) and production resumes mirroring with the current epoch.
@@ -85,6 +91,8 @@ COMMIT_TYPE = "commit-failback"
 UNDO_TYPE = "undo-failback"
 TARGETS = ("original", "restored", "new")
 APPLY_TIMEOUT = 3600.0
+VM_SHUTDOWN_TIMEOUT = 120.0
+"""Seconds a VM's graceful shutdown may take in a failback before it is powered off."""
 
 
 def _target(target: str) -> FailbackTarget:
@@ -131,6 +139,7 @@ def submit_replica_failback(
     host: str | None = None,
     path: str | None = None,
     power_on: bool = False,
+    shutdown_timeout: float | None = None,
     actor: str | None = None,
 ) -> Job:
     chosen = _check_request(target, host, path)
@@ -142,6 +151,12 @@ def submit_replica_failback(
     check_transition(
         row.name, row.state, Operation.FAILBACK_REPLICA, AppFacts(replica_images=replicas)
     )
+    if row.kind is AppKind.VM and chosen != "original":
+        raise InvalidInput(
+            detail=f"{app!r} is a VM: a failback with --target {chosen} (a domain restored or "
+            "defined elsewhere at production) is not built yet. Fail back to the original VM "
+            "with --target original"
+        )
     failover_image(site, app)
     if busy is not None:  # (asking production to agree again would reset a running one)
         raise Conflict(
@@ -159,7 +174,13 @@ def submit_replica_failback(
             session,
             type=TYPE,
             app=app,
-            params={"target": chosen, "host": host, "path": path, "power_on": power_on},
+            params={
+                "target": chosen,
+                "host": host,
+                "path": path,
+                "power_on": power_on,
+                **({"shutdown_timeout": shutdown_timeout} if shutdown_timeout is not None else {}),
+            },
             lifecycle=True,
             actor=actor,
         )
@@ -174,10 +195,12 @@ def _lifecycle_job(session: Any, app: str) -> Job | None:
     return None
 
 
-def _production_command(site: Site, app: str, which: Literal["stop", "start"]) -> CommandRan:
+def _production_command(
+    site: Site, app: str, which: Literal["stop", "start"], shutdown_timeout: float | None = None
+) -> CommandRan:
     peer = peers.require_peer(site)
     with peers.client_for(peer) as remote:
-        return remote.command(app, which)
+        return remote.command(app, which, shutdown_timeout)
 
 
 def _apply_at_production(site: Site, ctx: JobContext, app: str, image: Image) -> PeerJob:
@@ -202,10 +225,24 @@ def _apply_at_production(site: Site, ctx: JobContext, app: str, image: Image) ->
     return job
 
 
-def _dr_command(site: Site, ctx: JobContext, app: App, which: str) -> None:
+def _dr_command(
+    site: Site, ctx: JobContext, app: App, which: str, shutdown_timeout: float | None = None
+) -> None:
+    """Stop or start the DR copy: a VM presented as a new VM is powered off or on first
+    (graceful within ``VM_SHUTDOWN_TIMEOUT``, then destroyed); then the app's hook runs."""
+    failover = failover_image(site, app.name)
+    if app.kind is AppKind.VM and failover.vm_name:
+        with site.catalog.read() as session:
+            vm_host = q.get_host(session, name=failover.mounted_host or "")
+        with agent_for(vm_host) as agent:
+            done = agent.power_vm(
+                failover.vm_name,
+                on=which == "start",
+                timeout=VM_SHUTDOWN_TIMEOUT if shutdown_timeout is None else shutdown_timeout,
+            )
+        ctx.log(f"DR VM {failover.vm_name} on host {vm_host.name}: {done.get('how')}")
     if not hooks.script_for(app, Hook(which)):
         return
-    failover = failover_image(site, app.name)
     with site.catalog.read() as session:
         host = q.get_host(session, name=failover.mounted_host or "")
     with agent_for(host) as agent:
@@ -223,8 +260,8 @@ def _dr_command(site: Site, ctx: JobContext, app: App, which: str) -> None:
 
 
 def _dr_overlay(site: Site, app: App) -> Overlay | None:
-    """The virtual copy a volume app runs on here (None for a file tree)."""
-    if app.kind is not AppKind.VOLUME:
+    """The virtual copy a volume or VM app runs on here (None for a file tree)."""
+    if app.kind not in (AppKind.VOLUME, AppKind.VM):
         return None
     return site.overlays.get(failover_image(site, app.name).id)
 
@@ -258,15 +295,16 @@ def run_replica_failback(site: Site, ctx: JobContext) -> dict[str, Any]:
         f"production agreed to fail back onto {agreed.host}:{agreed.path}"
         + (f" (registered there as {agreed.target_app})" if agreed.target_app else "")
     )
-    # 1. stop the original
-    _production_command(site, name, "stop")
+    timeout = params.get("shutdown_timeout")
+    # 1. stop the original (a VM: powered off)
+    _production_command(site, name, "stop", timeout)
     # 2.-3. difference, sent and applied
     first = capture_dr_state(site, ctx, app, kind=ImageKind.SYNCBACK, label="failback 1/2").image
     sent = send_home(site, ctx, app, first)
     _apply_at_production(site, ctx, name, first)
     # 4. the DR copy stops and stays off until commit or undo
     downtime_from = time.monotonic()
-    _dr_command(site, ctx, app, "stop")
+    _dr_command(site, ctx, app, "stop", timeout)
     # 5. the protective snapshot, 6. the difference again
     protective = capture_dr_state(
         site, ctx, app, kind=ImageKind.PROTECTIVE, label="failback protective snapshot"
@@ -365,6 +403,14 @@ def run_commit(site: Site, ctx: JobContext) -> dict[str, Any]:
     return result
 
 
+def _failback_param(session: Any, app: str, key: str) -> Any:
+    """``key`` of the latest successful replica-style failback of ``app`` (None: unset)."""
+    for job in q.list_jobs(session, app=app, limit=50):
+        if job.type == TYPE and job.status is JobStatus.SUCCEEDED:
+            return job.params.get(key)
+    return None
+
+
 def _powered_on(session: Any, app: str) -> bool:
     """Whether the latest replica-style failback of ``app`` started production's app."""
     for job in q.list_jobs(session, app=app, limit=50):
@@ -382,7 +428,9 @@ def run_undo(site: Site, ctx: JobContext) -> dict[str, Any]:
     if protective is None:
         raise NotFound(what="protective snapshot of", name=name, listing=f"images {name}")
     check_transition(app.name, app.state, Operation.UNDO_FAILBACK, facts)
-    _production_command(site, name, "stop")
+    with site.catalog.read() as session:
+        timeout = _failback_param(session, name, "shutdown_timeout")
+    _production_command(site, name, "stop", timeout)
     peer = peers.require_peer(site)
     with peers.client_for(peer) as remote:
         undone = remote.failback_undo(name)
@@ -390,7 +438,7 @@ def run_undo(site: Site, ctx: JobContext) -> dict[str, Any]:
     failover = failover_image(site, name)
     if app.kind is AppKind.FILESYSTEM and failover.mount_point:
         _restore_dr_copy(site, ctx, app, failover, protective)
-    elif app.kind is AppKind.VOLUME:
+    elif app.kind in (AppKind.VOLUME, AppKind.VM):
         _revert_overlay(site, ctx, failover, protective)
         overlay = _dr_overlay(site, app)
         if overlay is not None:
@@ -607,7 +655,12 @@ def production_failback_check(
 
 
 def production_command(
-    site: Site, *, peer: str, app: str, which: Literal["stop", "start"]
+    site: Site,
+    *,
+    peer: str,
+    app: str,
+    which: Literal["stop", "start"],
+    shutdown_timeout: float | None = None,
 ) -> CommandRan:
     """Run the app's own stop or start hook on its own host, as an agreed failback asks."""
     with site.catalog.read() as session:
@@ -615,8 +668,12 @@ def production_command(
         _agreed(session, row, peer=peer, action=f"{which} the app of")
         _not_applying(session, row, peer=peer, action=f"{which} the app of")
         host = app_host(session, row, action=which)
+    if row.kind is AppKind.VM:  # a VM is powered off and on, then its hooks run as any app's
+        with agent_for(host) as agent:
+            timeout = VM_SHUTDOWN_TIMEOUT if shutdown_timeout is None else shutdown_timeout
+            agent.power_vm(row.path, on=which == "start", timeout=timeout)
     if not hooks.script_for(row, Hook(which)):
-        return CommandRan(ran=False)
+        return CommandRan(ran=row.kind is AppKind.VM)
     with agent_for(host) as agent:
         hooks.run_hook(agent, row, Hook(which), operation="failback", path=row.path)
     return CommandRan(ran=True)

@@ -13,6 +13,12 @@ Flow (SPEC §4.4)
    and written, so a failback's final restore takes time in proportion to the change.
 3. The lifecycle transition (restore) is recorded with the job and its actor.
 
+A VM (``vm`` app) is restored by its host's agent in place (``agent.vm.restore``): the job
+powers it off itself (graceful shutdown within ``shutdown_timeout`` s, then destroy), the
+disks are diff-restored keeping the domain's identity and MACs, its checkpoints are dropped
+(change tracking is lost: the next capture reads everything and says why), and ``power_on``
+starts it. Hooks run around it as for any app.
+
 Invariants
 - The image must belong to the app: an image of another app is refused, never restored.
 - When the data transfer fails after the app was stopped, the app is left stopped (starting
@@ -26,7 +32,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from tandem.catalog import queries as q
-from tandem.catalog.models import App, Image, Job
+from tandem.catalog.models import App, Host, Image, Job
 from tandem.domain.hooks import Hook
 from tandem.domain.images import ImageKind, ImageState
 from tandem.domain.lifecycle import AppKind, Operation, check_transition, storage_kind
@@ -39,7 +45,7 @@ from tandem.operations.hosts import agent_for, app_host
 from tandem.operations.site import Site
 from tandem.operations.streams import follow
 from tandem.transport.agent import AgentClient
-from tandem.transport.agent_api import RestoreRequest
+from tandem.transport.agent_api import RestoreRequest, VmRestoreRequest
 from tandem.transport.api import checked
 
 TYPE = "restore"
@@ -64,6 +70,8 @@ def submit_restore(
     confirm: Sequence[str],
     actor: str | None = None,
     commands: bool = True,
+    power_on: bool = False,
+    shutdown_timeout: float | None = None,
 ) -> Job:
     """Queue a restore of ``image`` onto ``app``; refused without both confirmations.
 
@@ -82,6 +90,16 @@ def submit_restore(
         check_not_base_backup(img)
         check_transition(row.name, row.state, Operation.RESTORE)
         app_host(session, row, action="restore")
+        params: dict[str, Any] = {} if commands else {"commands": False}
+        if row.kind is AppKind.VM:
+            params.update(power_on=power_on)
+            if shutdown_timeout is not None:
+                params.update(shutdown_timeout=shutdown_timeout)
+        elif power_on or shutdown_timeout is not None:
+            raise InvalidInput(
+                detail=f"--power-on and --shutdown-timeout are for vm apps; {row.name!r} is a "
+                f"{row.kind.value} app: its --start hook runs after the restore"
+            )
         job = submit_job(
             session,
             type=TYPE,
@@ -89,7 +107,7 @@ def submit_restore(
             image=img.id,
             lifecycle=True,
             actor=actor,
-            params={} if commands else {"commands": False},
+            params=params,
         )
     site.wake()
     return job
@@ -107,6 +125,8 @@ def run_restore(site: Site, ctx: JobContext) -> dict[str, Any]:
         image = q.get_image(session, image_id=image_id)
         check_transition(app.name, app.state, Operation.RESTORE)
         host = app_host(session, app, action="restore")
+    if app.kind is AppKind.VM:
+        return _run_vm_restore(site, ctx, app, image, host)
     readable = [bytes.fromhex(image.manifest)]
     known = stamps.known(site, app_id=app.id) if app.kind is AppKind.VOLUME else None
     if known is not None and site.pool.has_manifest(bytes.fromhex(known[0])):
@@ -193,4 +213,84 @@ def run_restore(site: Site, ctx: JobContext) -> dict[str, Any]:
         "bytes_sent": transfer.bytes_sent,
         "stats": stats,
         "downtime_seconds": downtime,
+    }
+
+
+def _run_vm_restore(
+    site: Site, ctx: JobContext, app: App, image: Image, host: Host
+) -> dict[str, Any]:
+    """Restore a VM image onto the app's domain in place (module docstring)."""
+    params = ctx.job.params
+    transfer, token = site.sessions.open(
+        job_id=ctx.job.id, write=False, readable=[bytes.fromhex(image.manifest)]
+    )
+    try:
+        with agent_for(host) as agent:
+            commands = params.get("commands", True)
+            if commands:
+                try:
+                    _run_hook(agent, ctx, app, Hook.STOP, image.id)
+                except TandemError as exc:
+                    raise type(exc)(f"{exc.message.rstrip('.')}; nothing was restored") from exc
+            ctx.set_message(f"restoring {image.id} onto VM {app.path} on host {host.name}")
+            timeout = params.get("shutdown_timeout")
+            body = checked(
+                VmRestoreRequest,
+                domain=app.path,
+                image=image.id,
+                manifest=image.manifest,
+                job=ctx.job.id,
+                appliance=site.session_ref(transfer.id, token),
+                power_on=bool(params.get("power_on")),
+                **({"shutdown_timeout": float(timeout)} if timeout is not None else {}),
+            )
+            done = follow(
+                ctx, agent.restore_vm(body), host=host.name, moved=lambda: transfer.bytes_sent
+            )
+            if commands:
+                try:
+                    _run_hook(agent, ctx, app, Hook.START, image.id)
+                except TandemError as exc:
+                    raise type(exc)(
+                        f"{exc.message.rstrip('.')}; image {image.id} was restored, start the "
+                        "application by hand"
+                    ) from exc
+    finally:
+        site.sessions.close(transfer)
+    with site.catalog.begin() as session:
+        q.record_transition(
+            session, app=app.name, operation=Operation.RESTORE, actor=ctx.job.actor, job=ctx.job.id
+        )
+    stats = done.get("stats") or {}
+    written = int(stats.get("bytes_written") or 0)
+    ctx.log(
+        f"host {host.name} wrote {written} bytes of VM {app.path} in "
+        f"{float(stats.get('seconds') or 0):.2f} s ({int(stats.get('bytes_compared') or 0)} "
+        f"bytes of its disks compared, {transfer.bytes_sent} bytes sent)"
+    )
+    downtime = None
+    if image.kind is ImageKind.SYNCBACK:
+        downtime = max(0.0, (datetime.now(UTC) - image.created).total_seconds())
+        failback.record_downtime(site, app=app.name, seconds=downtime)
+    running = bool(done.get("running"))
+    ctx.set_message(
+        f"restored {image.id} onto VM {app.path} ({done.get('power')}): {written} bytes "
+        f"written, {transfer.bytes_sent} bytes sent; its checkpoints were dropped, so the next "
+        "capture reads everything (change tracking is lost after a restore); "
+        + ("powered on" if running else "left powered off")
+        + (f"; failback downtime {downtime:.1f} s" if downtime is not None else "")
+    )
+    return {
+        "image": image.id,
+        "bytes_sent": transfer.bytes_sent,
+        "stats": stats,
+        "downtime_seconds": downtime,
+        "vm": {
+            "name": app.path,
+            "uuid": done.get("uuid"),
+            "running": running,
+            "power": done.get("power"),
+            "redefined": bool(done.get("redefined")),
+            "checkpoints_dropped": int(done.get("checkpoints_dropped") or 0),
+        },
     }

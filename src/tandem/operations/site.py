@@ -72,6 +72,9 @@ class Site:
     runner_id: str | None = None
     """The id of this process's job runner (the ``runner`` of the jobs it runs)."""
     scheduling: Callable[[], bool] = _never
+    certificate: str = ""
+    """This appliance's certificate (PEM): a hypervisor host reaching an ``nbds://`` export
+    trusts exactly it, sent with the request (pinned, never fetched from the network)."""
     """Whether this process runs the capture schedule now (one process per catalog does)."""
 
     def session_ref(self, session_id: str, token: str) -> ApplianceSession:

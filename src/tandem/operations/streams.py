@@ -5,6 +5,7 @@ Invariants
   the appliance's own session counted (not what the agent claims), reported as it grows.
 - The job's cancellation is checked at every event; a cancel closes the stream, which tells
   the agent to stop.
+- ``log`` events (text) go to the job's log.
 - A stream that ends without a ``done`` event is a failure: the agent died or the
   connection broke mid-way.
 """
@@ -48,6 +49,8 @@ def follow(
                 ctx.progress(int(event.get("done") or 0), total or None)
             elif kind == "done":
                 done = event
+            elif kind == "log" and isinstance(event.get("text"), str):
+                ctx.log(event["text"][:2000])  # what the agent did on the way (a VM's power)
             account()
             ctx.check_canceled()
     account()

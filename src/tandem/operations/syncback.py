@@ -63,6 +63,7 @@ from tandem.jobs.runner import JobContext
 from tandem.operations import peers, pg_recovery
 from tandem.operations.capture import check_label
 from tandem.operations.hosts import agent_for
+from tandem.operations.present import BLOCK_KINDS
 from tandem.operations.replicate import offer_of, send_image
 from tandem.operations.sessions import Session
 from tandem.operations.site import Site
@@ -191,6 +192,21 @@ def _open_overlay(site: Site, failover: Image) -> Overlay:
     return overlay
 
 
+def _vm_meta(app: App, overlay: Overlay) -> dict[str, Any] | None:
+    """A VM's DR state carries the captured domain (XML, disk layout) on, so production can
+    restore it onto the domain or define the domain again; its checkpoint is production's
+    and says nothing of what the DR guest wrote, so it is dropped."""
+    if app.kind is not AppKind.VM or overlay.base is None:
+        return None
+    vm = overlay.base.meta.get("vm") if isinstance(overlay.base.meta, dict) else None
+    if not isinstance(vm, dict):
+        return None
+    return {
+        "source": f"vm:{app.path} (DR copy)",
+        "vm": {**vm, "checkpoint": None},
+    }
+
+
 def _tree_location(site: Site, failover: Image) -> tuple[Host, str]:
     with site.catalog.read() as session:
         host = q.get_host(session, name=failover.mounted_host or "")
@@ -231,7 +247,7 @@ def capture_dr_state(
                 pg=pg,
             )
 
-    if app.kind is AppKind.VOLUME:
+    if app.kind in BLOCK_KINDS:
         overlay = _open_overlay(site, failover)
         since = overlay.changed_bytes_since_capture()
         # The capture takes every block written up to the cut; writes from then on count
@@ -252,7 +268,9 @@ def capture_dr_state(
                 if last is not None and reference is not None:
                     bases.append(reference)
                 with _capture_session(site, ctx, bases):
-                    mid, manifest, stats = capture_overlay(site.pool, cut, previous=last)
+                    mid, manifest, stats = capture_overlay(
+                        site.pool, cut, previous=last, meta=_vm_meta(app, overlay)
+                    )
                     image = record(mid, manifest.size, Cut.OVERLAY.value)
         except BaseException:
             overlay.abort_capture()
@@ -299,7 +317,7 @@ def dr_copy_changes(site: Site, ctx: JobContext | None, app: App, reference: Ima
     from it) does not; None when it is unchanged since. Cautious: a change it cannot rule
     out counts. A tree is captured again at its host, which takes a job (``ctx``)."""
     failover = failover_image(site, app.name)
-    if app.kind is AppKind.VOLUME:
+    if app.kind in BLOCK_KINDS:
         overlay = _open_overlay(site, failover)
         held = overlay.reference
         if held is None or held.hex() != reference.manifest:

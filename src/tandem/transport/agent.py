@@ -27,6 +27,7 @@ from tandem.transport.agent_api import (
     CaptureRequest,
     DefineRequest,
     MaterializeRequest,
+    PowerRequest,
     ProbeRequest,
     RecoverRequest,
     RefreshRequest,
@@ -36,6 +37,7 @@ from tandem.transport.agent_api import (
     StreamRequest,
     TargetCheckRequest,
     UnmaterializeRequest,
+    VmRestoreRequest,
     WalAck,
     WalRead,
     WantedRequest,
@@ -127,6 +129,14 @@ class AgentClient:
             raise RemoteError(what="host", name=self.name, detail="unexpected answer to define")
         return answer
 
+    def power_vm(self, name: str, *, on: bool, timeout: float = 120.0) -> dict[str, Any]:
+        """Start domain ``name``, or stop it (graceful within ``timeout`` s, then destroy)."""
+        body = checked(PowerRequest, name=name, on=on, timeout=timeout)
+        answer = self._call("POST", "/api/v1/vms/power", body)
+        if not isinstance(answer, dict) or "running" not in answer:
+            raise RemoteError(what="host", name=self.name, detail="unexpected answer to power")
+        return answer
+
     def vm_resources(self) -> dict[str, list[dict[str, Any]]]:
         """The storage pools (name, active, type, path) and networks (name, active) of a
         hypervisor host."""
@@ -166,6 +176,10 @@ class AgentClient:
     def restore(self, body: RestoreRequest) -> Iterator[dict[str, Any]]:
         """Ask the agent to diff-restore from an appliance session; yields progress events."""
         return self._events("/api/v1/restore", body)
+
+    def restore_vm(self, body: VmRestoreRequest) -> Iterator[dict[str, Any]]:
+        """Ask the agent to restore a VM image onto a domain in place; yields its events."""
+        return self._events("/api/v1/vms/restore", body)
 
     def materialize(self, body: MaterializeRequest) -> Iterator[dict[str, Any]]:
         """Ask the agent to present an image at a mount point; yields progress events."""

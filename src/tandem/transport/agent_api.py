@@ -257,7 +257,7 @@ class DefineRequest(BaseModel):
     name: str = Field(pattern=DOMAIN_NAME)
     xml: str = Field(min_length=1, max_length=1_000_000)
     disks: list[dict[str, Any]] = Field(min_length=1, max_length=64)
-    nbd_uri: str = Field(pattern=r"^nbd://[^\s]+$")
+    nbd_uri: str = Field(pattern=r"^nbds?://[^\s]+$")
     source_domain: str = Field(default="", max_length=64)
     source_uuid: str = Field(default="", max_length=64)
     keep_identity: bool = False
@@ -267,12 +267,50 @@ class DefineRequest(BaseModel):
     """The new VM's datastore: an active storage pool of the host."""
     copy_disks: bool = False
     """Copy each disk into a qcow2 volume of ``pool`` and run from those (``--action copy``)."""
+    nbd_ca: str | None = Field(default=None, min_length=1, max_length=16_000)
+    """The appliance's certificate (PEM) the host trusts for an ``nbds://`` export: sent with
+    the request, pinned by ``nbd_fingerprint``; never fetched from the network."""
+    nbd_fingerprint: str | None = Field(default=None, pattern=HEX_DIGEST)
+
+    @model_validator(mode="after")
+    def _tls_needs_the_certificate(self) -> DefineRequest:
+        tls = self.nbd_uri.startswith("nbds://")
+        if tls != (self.nbd_ca is not None) or tls != (self.nbd_fingerprint is not None):
+            raise ValueError(
+                "an nbds:// export comes with nbd_ca and nbd_fingerprint (the appliance's "
+                "certificate and its SHA-256), a plain nbd:// one with neither"
+            )
+        return self
 
 
 class RemoveRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(pattern=DOMAIN_NAME)
+
+
+class PowerRequest(BaseModel):
+    """Power a domain of the host on, or off (graceful within ``timeout`` s, then destroy)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=DOMAIN_NAME)
+    on: bool
+    timeout: float = Field(default=120.0, ge=0, le=3600)
+
+
+class VmRestoreRequest(BaseModel):
+    """Restore a VM image onto a libvirt domain of the host, in place (``agent.vm.restore``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    domain: str = Field(pattern=DOMAIN_NAME)
+    image: str = Field(pattern=IMAGE_KEY)
+    manifest: str = Field(pattern=HEX_DIGEST)
+    appliance: ApplianceSession
+    job: str = ""
+    power_on: bool = False
+    shutdown_timeout: float = Field(default=120.0, ge=0, le=3600)
 
 
 # --- hooks (agent/hooks.py) -----------------------------------------------------------

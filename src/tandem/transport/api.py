@@ -251,6 +251,8 @@ class FailbackIn(Body):
     host: str | None = Field(default=None, max_length=64)
     path: str | None = Field(default=None, max_length=4096)
     power_on: bool = False
+    shutdown_timeout: float | None = Field(default=None, ge=0, le=3600)
+    """A VM: seconds each graceful shutdown may take before the VM is powered off."""
 
 
 class CommitFailbackIn(Body):
@@ -269,6 +271,10 @@ class RestoreIn(Body):
         max_length=16,
         description='The typed confirmations "DATA LOSS" and "OVERWRITE OTHER APPS".',
     )
+    power_on: bool = False
+    """A VM: start it once restored (it is powered off by the restore)."""
+    shutdown_timeout: float | None = Field(default=None, ge=0, le=3600)
+    """A VM: seconds its graceful shutdown may take before it is powered off."""
 
 
 class PairIn(Body):

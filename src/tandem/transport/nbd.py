@@ -1,9 +1,11 @@
-"""A compact NBD client: what reading a libvirt pull-mode backup export needs.
+"""A compact NBD client: what reading a libvirt pull-mode backup export, and writing a
+powered-off VM's disk through ``qemu-nbd`` (a restore), need.
 
 Protocol (``transport.nbdproto``; proto.md): fixed newstyle handshake, NBD_OPT_STRUCTURED_REPLY,
 NBD_OPT_SET_META_CONTEXT (``base:allocation`` and, for an incremental backup, qemu's
-``qemu:dirty-bitmap:backup-<disk>``), NBD_OPT_GO; then NBD_CMD_READ and NBD_CMD_BLOCK_STATUS,
-one request at a time, over a unix socket (libvirt's ``<server transport='unix'>``) or TCP.
+``qemu:dirty-bitmap:backup-<disk>``), NBD_OPT_GO; then NBD_CMD_READ, NBD_CMD_BLOCK_STATUS,
+NBD_CMD_WRITE, NBD_CMD_WRITE_ZEROES and NBD_CMD_FLUSH, one request at a time, over a unix
+socket (libvirt's ``<server transport='unix'>``) or TCP.
 
 Invariants
 - Nothing from the server is trusted: every length is bounded, a reply must carry the
@@ -179,6 +181,37 @@ class NbdClient:
                 raise self._fail("read data outside the range asked for")
             buf[rel : rel + len(data)] = data
         return bytes(buf)
+
+    def _check_range(self, offset: int, length: int, what: str) -> None:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise self._fail(f"a {what} of {length} bytes at {offset} is outside the export")
+
+    def write(self, offset: int, data: bytes) -> None:
+        """Write ``data`` at ``offset`` (acknowledged: the server has it, not yet durable)."""
+        if not data:
+            return
+        if len(data) > MAX_READ:
+            raise ValueError("an NBD write is at most MAX_READ bytes")
+        self._check_range(offset, len(data), "write")
+        self._handle += 1
+        self.sock.sendall(
+            p.REQUEST.pack(p.REQUEST_MAGIC, 0, p.CMD_WRITE, self._handle, offset, len(data)) + data
+        )
+        if self._chunks(self._handle):
+            raise self._fail("data in the reply to a write")
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        """Make ``length`` bytes at ``offset`` read as zeros."""
+        if length <= 0:
+            return
+        self._check_range(offset, length, "write of zeros")
+        if self._chunks(self._request(p.CMD_WRITE_ZEROES, offset, length)):
+            raise self._fail("data in the reply to a write of zeros")
+
+    def flush(self) -> None:
+        """Make every acknowledged write durable."""
+        if self._chunks(self._request(p.CMD_FLUSH, 0, 0)):
+            raise self._fail("data in the reply to a flush")
 
     def extents(self, context: str) -> list[tuple[int, int, int]]:
         """(offset, length, flags) runs of ``context`` over the whole export."""

@@ -42,6 +42,8 @@ Name = Annotated[str, Field(pattern=NAME_PATTERN, max_length=64)]
 AnyId = Annotated[str, Field(pattern=ID_PATTERN, max_length=16)]
 Digest = Annotated[str, Field(pattern=HEX_DIGEST)]
 FullPath = Annotated[str, Field(min_length=1, max_length=4096, pattern=r"^/[^\x00]*$")]
+AppPath = FullPath | Annotated[str, Field(pattern=DOMAIN_NAME)]
+"""An app's path, or a vm app's libvirt domain name."""
 SessionId = Annotated[str, Field(pattern=SESSION_PATTERN)]
 Secret = Annotated[str, Field(min_length=1, max_length=512)]
 
@@ -67,7 +69,7 @@ class Location(Wire):
     """Where the app runs at production: shown at the DR site, never acted on there."""
 
     host: Name
-    path: FullPath | Annotated[str, Field(pattern=DOMAIN_NAME)]
+    path: AppPath
     """The app's path, or a vm app's libvirt domain name."""
 
 
@@ -203,12 +205,14 @@ class FailbackAgreed(Wire):
     app: Name
     target: FailbackTarget
     host: Name
-    path: FullPath
+    path: AppPath
     target_app: Name | None = None
 
 
 class Command(Wire):
     which: Literal["stop", "start"]
+    shutdown_timeout: float | None = Field(default=None, ge=0, le=3600)
+    """A VM's stop: seconds its graceful shutdown may take before it is powered off."""
 
 
 class CommandRan(Wire):
@@ -222,7 +226,7 @@ class Apply(Wire):
 class Undone(Wire):
     app: Name
     host: Name
-    path: FullPath
+    path: AppPath
 
 
 class PeerJob(Wire):
@@ -297,8 +301,11 @@ class PeerClient:
     def failback_check(self, app: str, body: FailbackCheck) -> FailbackAgreed:
         return self._post(self._app(app, "failback-check"), body, FailbackAgreed)
 
-    def command(self, app: str, which: Literal["stop", "start"]) -> CommandRan:
-        return self._post(self._app(app, "command"), Command(which=which), CommandRan)
+    def command(
+        self, app: str, which: Literal["stop", "start"], shutdown_timeout: float | None = None
+    ) -> CommandRan:
+        body = Command(which=which, shutdown_timeout=shutdown_timeout)
+        return self._post(self._app(app, "command"), body, CommandRan)
 
     def apply(self, app: str, image: str) -> PeerJob:
         return self._post(self._app(app, "apply"), Apply(image=image), PeerJob)
