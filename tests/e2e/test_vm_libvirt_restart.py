@@ -114,11 +114,11 @@ def test_libvirtd_restarted_during_a_backup_fails_cleanly_and_the_next_capture_r
         assert "running" in vmguest.virsh("domstate", name, uri=uri).stdout
         resume(appliance)
 
-        job: dict[str, Any] = wait_for(
-            lambda: (j := job_row(appliance, held))["status"] in ("succeeded", "failed") and j,
-            300,
-            "the held capture to end",
-        )
+        def ended() -> dict[str, Any] | None:
+            j = job_row(appliance, held)
+            return j if j["status"] in ("succeeded", "failed") else None
+
+        job = wait_for(ended, 300, "the held capture to end")
         assert job["status"] == "failed", job
         assert "libvirt failed during the capture" in job["message"], job["message"]
         assert "nothing became an image" in job["message"]
