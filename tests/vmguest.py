@@ -188,14 +188,7 @@ def second_libvirt(folder: Path, qemu_conf: str = "") -> Iterator[str]:
     more lines for its ``qemu.conf`` (say ``nbd_tls_x509_cert_dir``). Root only."""
     if os.geteuid() != 0 or shutil.which("unshare") is None:
         pytest.skip("a second libvirtd needs root and unshare")
-    subs = {
-        "run": "/run/libvirt",
-        "lib": "/var/lib/libvirt",
-        "etc": "/etc/libvirt",
-        "log": "/var/log/libvirt",
-        "cache": "/var/cache/libvirt",
-    }
-    for sub in (*subs, "sock"):
+    for sub in (*SECOND_BINDS, "sock"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
     shutil.copytree("/etc/libvirt", folder / "etc", dirs_exist_ok=True, symlinks=True)
     for defined in ("qemu", "qemu/networks/autostart", "storage", "storage/autostart"):
@@ -206,7 +199,29 @@ def second_libvirt(folder: Path, qemu_conf: str = "") -> Iterator[str]:
     with open(folder / "etc" / "qemu.conf", "a") as conf:
         conf.write('\nstdio_handler = "file"\n')  # no virtlogd in its namespace
         conf.write(qemu_conf + "\n")
-    binds = " && ".join(f"mount --bind {folder / s} {t}" for s, t in subs.items())
+    uri = _spawn_second_libvirtd(folder)
+    try:
+        yield uri
+    finally:
+        pid = _pid_of(str(folder / "libvirtd.pid"))
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+
+
+SECOND_BINDS = {
+    "run": "/run/libvirt",
+    "lib": "/var/lib/libvirt",
+    "etc": "/etc/libvirt",
+    "log": "/var/log/libvirt",
+    "cache": "/var/cache/libvirt",
+}
+
+
+def _spawn_second_libvirtd(folder: Path) -> str:
+    """Start the second libvirtd of ``folder`` in a new private mount namespace; its URI
+    once it answers."""
+    binds = " && ".join(f"mount --bind {folder / s} {t}" for s, t in SECOND_BINDS.items())
     pidfile = folder / "libvirtd.pid"
     subprocess.run(
         [
@@ -227,10 +242,31 @@ def second_libvirt(folder: Path, qemu_conf: str = "") -> Iterator[str]:
         if time.monotonic() > deadline:
             pytest.fail(f"the second libvirtd does not answer at {uri}")
         time.sleep(0.2)
+    return uri
+
+
+def second_libvirtd_pid(folder: Path) -> int:
+    pid = _pid_of(str(folder / "libvirtd.pid"))
+    assert pid is not None, f"no libvirtd pid in {folder}"
+    return pid
+
+
+def restart_second_libvirt(folder: Path) -> None:
+    """Kill the second libvirtd of ``folder`` (SIGKILL: it ends nothing on its way out) and
+    start it again; its guests keep running and it reconnects to them, as after a crash."""
+    pid = second_libvirtd_pid(folder)
+    os.kill(pid, signal.SIGCONT)
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while Path(f"/proc/{pid}").exists() and _state_of(pid) != "Z":
+        if time.monotonic() > deadline:
+            pytest.fail(f"libvirtd {pid} did not end after SIGKILL")
+        time.sleep(0.05)
+    _spawn_second_libvirtd(folder)
+
+
+def _state_of(pid: int) -> str:
     try:
-        yield uri
-    finally:
-        pid = _pid_of(str(pidfile))
-        if pid is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "X"

@@ -188,21 +188,29 @@ def _shared_connection() -> Any:
 
 
 def hypervisor() -> dict[str, Any]:
-    """``{"hypervisor": bool, "reason"|"libvirt"...}`` for the agent's info."""
-    try:
-        conn = _shared_connection()
-        return {
-            "hypervisor": True,
-            "libvirt": conn.getLibVersion(),
-            "hypervisor_version": conn.getVersion(),
-        }
-    except NotHypervisor as exc:
-        return {"hypervisor": False, "reason": exc.message}
-    except Exception as exc:  # libvirtd went away between open and the calls
-        if not isinstance(exc, _libvirt().libvirtError):
-            raise
-        _forget_shared()
-        return {"hypervisor": False, "reason": f"{libvirt_uri()} stopped answering ({exc})"}
+    """``{"hypervisor": bool, "reason"|"libvirt"...}`` for the agent's info.
+
+    A cached connection whose libvirtd restarted still looks alive (no event loop tells
+    libvirt-python it closed) until a call fails: that first failure forgets it and asks
+    once more on a new connection, so a restarted libvirtd is never reported as gone."""
+    for attempt in (1, 2):
+        try:
+            conn = _shared_connection()
+            return {
+                "hypervisor": True,
+                "libvirt": conn.getLibVersion(),
+                "hypervisor_version": conn.getVersion(),
+            }
+        except NotHypervisor as exc:
+            return {"hypervisor": False, "reason": exc.message}
+        except Exception as exc:  # libvirtd went away (or restarted) since the open
+            if not isinstance(exc, _libvirt().libvirtError):
+                raise
+            _forget_shared()
+            if attempt == 2:
+                reason = f"{libvirt_uri()} stopped answering ({exc})"
+                return {"hypervisor": False, "reason": reason}
+    raise AssertionError("unreachable")
 
 
 def _forget_shared() -> None:
