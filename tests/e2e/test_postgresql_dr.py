@@ -43,8 +43,8 @@ def test_a_database_failed_over_comes_home_with_every_dr_transaction_and_streams
         # wrote it. Wait until the receiver reports it written (pg_receivewal --synchronous
         # answers at once); WAL the agent lists after that includes it.
         lsn = prod.sql("SELECT pg_current_wal_lsn()")
-        written = f"SELECT bool_or(write_lsn >= '{lsn}') FROM pg_stat_replication"
-        wait_for(lambda: prod.sql(written) == "t", 60, "the receiver to write the WAL")
+        reported = f"SELECT bool_or(write_lsn >= '{lsn}') FROM pg_stat_replication"
+        wait_for(lambda: prod.sql(reported) == "t", 60, "the receiver to write the WAL")
         done = server_now(prod)
         wait_for(lambda: (end := window_end(b, "db")) and end > done, 60, "the WAL at DR")
         prod.stop()  # a planned failover: production stops first
