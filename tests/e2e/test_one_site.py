@@ -13,7 +13,17 @@ from typing import Any
 import pytest
 
 from tandem.drill.lab import install_hook_script
-from tests.e2e.conftest import Cli, Daemon, Site, appliance_cli, register_host, wait_for
+from tests.e2e.conftest import (
+    Cli,
+    Daemon,
+    Site,
+    appliance_cli,
+    job_row,
+    pause,
+    register_host,
+    resume,
+    wait_for,
+)
 
 MiB = 1024 * 1024
 CONFIRM = ["--confirm", "DATA LOSS", "--confirm", "OVERWRITE OTHER APPS"]
@@ -458,12 +468,20 @@ def test_kill9_during_capture_recovers(site: Site, tmp_path: Path) -> None:
         assert job["status"] == "queued"
 
         def running() -> bool:
-            shown = cli("job", "show", job["id"])
+            shown = job_row(appliance, job["id"])
             assert shown["status"] in ("queued", "running"), f"ended before the kill: {shown}"
             return bool(shown["status"] == "running" and shown["bytes_done"] > 0)
 
-        wait_for(running, 30, "the capture to make progress", interval=0.1)
-        appliance.kill9()
+        # Held in the act: once data flows, the agent that sends the rest is paused, so the
+        # capture cannot finish before the kill however fast the machine is.
+        wait_for(running, 30, "the capture to make progress", interval=0.01)
+        pause(site.agent)
+        try:
+            held = job_row(appliance, job["id"])
+            assert held["status"] == "running", f"ended before the agent was paused: {held}"
+            appliance.kill9()
+        finally:
+            resume(site.agent)
         appliance.start()
 
         interrupted = cli("job", "show", job["id"])
