@@ -159,6 +159,15 @@ class TargetNotRegistered(TandemError):
     http_status = 409
 
 
+class VmTargetNotRegistered(TandemError):
+    """No vm app is registered at appliance {site} for domain {domain!r} on host {host!r}:
+    the other site cannot name a VM to write, only {site}'s operators can. Register the
+    restored domain on {site} first (`tandem app add NAME --kind vm --host {host} --domain
+    {domain}`), then fail back again."""
+
+    http_status = 409
+
+
 class CertificateMismatch(TandemError):
     """The certificate of {url} has fingerprint {actual}, not the pinned {expected}.
     If the peer was re-initialised on purpose, pair again with its new fingerprint."""

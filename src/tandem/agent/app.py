@@ -16,6 +16,8 @@ Invariants
 - ``/api/v1/vms`` lists the libvirt domains of a hypervisor host, ``/api/v1/vms/resources``
   its storage pools and networks; ``/api/v1/vms/define`` and ``/api/v1/vms/remove`` define a
   new VM over an appliance's NBD export and remove it (``tandem.agent.vm``);
+  ``/api/v1/vms/define-empty`` defines a powered-off one on new, empty pool volumes (a
+  failback ``--target new`` writes the image into them);
   ``/api/v1/vms/define-copy`` streams the copy of its disks into a pool, then defines it;
   ``/api/v1/vms/restore`` restores a VM image onto a domain in place, ``/api/v1/vms/power``
   starts or stops one.
@@ -45,6 +47,7 @@ from tandem.errors import InvalidInput, JobCanceled, TandemError, Unauthorized
 from tandem.transport.agent_api import (
     CaptureRequest,
     DefineRequest,
+    EmptyDomainRequest,
     MaterializeRequest,
     PowerRequest,
     ProbeRequest,
@@ -191,6 +194,10 @@ def create_app(cfg: DaemonConfig, directory: Path | None = None) -> FastAPI:
             return {"event": "done", **vm.define_copy(req, emit, directory)}
 
         return _stream(req.name, work)
+
+    @app.post("/api/v1/vms/define-empty", dependencies=[Depends(auth)])
+    def define_empty_vm(req: EmptyDomainRequest) -> dict[str, Any]:
+        return vm.define_empty(req)
 
     @app.post("/api/v1/vms/remove", dependencies=[Depends(auth)])
     def remove_vm(req: RemoveRequest) -> dict[str, Any]:

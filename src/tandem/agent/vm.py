@@ -78,6 +78,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from tandem.domain.vms import FILE_POOLS
 from tandem.errors import (
     AlreadyExists,
     InvalidInput,
@@ -89,7 +90,7 @@ from tandem.errors import (
 from tandem.storage import vmimage
 from tandem.storage.manifest import VolumeManifest
 from tandem.storage.volume import ChunkSource
-from tandem.transport.agent_api import DefineRequest, PowerRequest
+from tandem.transport.agent_api import DefineRequest, EmptyDomainRequest, PowerRequest
 from tandem.transport.nbd import DIRTY, NbdClient
 from tandem.transport.tls import fingerprint_of_der
 
@@ -1150,6 +1151,110 @@ def define_copy(req: DefineRequest, emit: Emit, directory: Path | None = None) -
                 with suppress(lv.libvirtError):
                     vol.delete(0)
             raise
+
+
+def define_empty(req: EmptyDomainRequest) -> dict[str, Any]:
+    """Define the powered-off domain ``req.name`` from a captured XML on new, empty qcow2
+    volumes ``NAME-<target>.qcow2`` of the (file-backed, active) pool ``req.pool``, one per
+    disk and of its size; a failback ``--target new`` then writes the image into them with
+    a VM restore. It gets a new UUID (the domain the image came from may still be defined,
+    and libvirt keeps UUIDs unique) and keeps the captured NICs and MACs (the guest's
+    network settings follow its MACs). The volumes are named in its metadata, so ``remove``
+    deletes them with it; a failure deletes those made so far. A name that exists, or the
+    source domain's own, is refused before anything is made."""
+    lv = _libvirt()
+    if req.name == req.source_domain:
+        raise InvalidInput(
+            detail=f"the new domain cannot be {req.name}, the domain the image came from: "
+            "name a new one, or fail back with --target original"
+        )
+    with connection() as conn:
+        if req.name in {d.name() for d in conn.listAllDomains(0)}:
+            raise AlreadyExists(what="Domain", name=req.name)
+        pool = _active_pool(conn, req.pool)
+        kind = ET.fromstring(pool.XMLDesc(0)).get("type", "")
+        if kind not in FILE_POOLS:
+            raise InvalidInput(
+                detail=f"storage pool {req.pool!r} is a {kind} pool; a new VM's disks are "
+                f"made as files: name a pool of type {', '.join(FILE_POOLS)}"
+            )
+        made: list[Any] = []
+        files: dict[str, str] = {}
+        try:
+            for disk in req.disks:
+                name = f"{req.name}-{disk.target}.qcow2"
+                vol_xml = (
+                    f"<volume><name>{name}</name><capacity unit='bytes'>{disk.size}</capacity>"
+                    "<target><format type='qcow2'/></target></volume>"
+                )
+                try:
+                    vol = pool.createXML(vol_xml, 0)
+                except lv.libvirtError as exc:
+                    raise InvalidInput(
+                        detail=f"pool {req.pool!r} refused volume {name}: {exc.get_error_message()}"
+                    ) from exc
+                made.append(vol)
+                files[disk.target] = vol.path()
+            xml = _empty_domain_xml(req, pool, files)
+            try:
+                dom = conn.defineXML(xml)
+            except lv.libvirtError as exc:
+                raise InvalidInput(
+                    detail=f"libvirt refused the new domain {req.name}: {exc.get_error_message()}"
+                ) from exc
+        except BaseException:
+            for vol in made:
+                with suppress(lv.libvirtError):
+                    vol.delete(0)
+            raise
+        return {
+            "name": dom.name(),
+            "uuid": dom.UUIDString(),
+            "pool": req.pool,
+            "volumes": [f"{req.pool}/{req.name}-{d.target}.qcow2" for d in req.disks],
+        }
+
+
+def _empty_domain_xml(req: EmptyDomainRequest, pool: Any, files: dict[str, str]) -> str:
+    """The captured XML renamed, with a new UUID, each disk of the image a qcow2 file of
+    ``files`` (target -> path; other disks dropped), NICs kept, UEFI variables in the pool,
+    and the volumes listed in tandem's metadata."""
+    root = ET.fromstring(req.xml)
+    _set(root, "name", req.name)
+    _set(root, "uuid", str(uuid.uuid4()))
+    devices = root.find("devices")
+    if devices is None:
+        raise InvalidInput(detail="the captured domain XML has no <devices>")
+    for disk in list(devices.findall("disk")):
+        if disk.get("device", "disk") != "disk":
+            continue
+        target = disk.find("target")
+        path = files.get(target.get("dev", "") if target is not None else "")
+        if path is None:
+            devices.remove(disk)
+            continue
+        for child in list(disk):
+            if child.tag in ("source", "driver", "backingStore"):
+                disk.remove(child)
+        disk.set("type", "file")
+        disk.insert(0, ET.Element("source", {"file": path}))
+        disk.insert(0, ET.Element("driver", {"name": "qemu", "type": "qcow2"}))
+    folder = ET.fromstring(pool.XMLDesc(0)).findtext("target/path")
+    nvram = root.find("os/nvram")
+    if nvram is not None and folder:
+        nvram.text = os.path.join(folder, f"{req.name}_VARS.fd")
+    metadata = root.find("metadata")
+    if metadata is None:
+        metadata = ET.SubElement(root, "metadata")
+    for theirs in metadata.findall(f"{{{VM_NS}}}vm"):  # the source's volumes are not its own
+        metadata.remove(theirs)
+    mine = ET.SubElement(metadata, f"{{{VM_NS}}}vm")
+    for dev in files:
+        ET.SubElement(
+            mine, f"{{{VM_NS}}}volume", {"pool": req.pool, "name": f"{req.name}-{dev}.qcow2"}
+        )
+    ET.register_namespace("tandem", VM_NS)
+    return ET.tostring(root, encoding="unicode")
 
 
 def _convert(

@@ -142,6 +142,7 @@ def make_router(site: Site) -> APIRouter:
                 path=body.path,
                 power_on=body.power_on,
                 shutdown_timeout=body.shutdown_timeout,
+                pool=body.pool,
                 actor=who.name,
             )
         else:

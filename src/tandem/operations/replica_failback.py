@@ -50,21 +50,26 @@ from collections.abc import Iterator
 from typing import Any, Literal
 
 from tandem.catalog import queries as q
-from tandem.catalog.models import App, Image, Job
+from tandem.catalog.models import App, Host, Image, Job
 from tandem.domain.hooks import Hook
 from tandem.domain.images import ImageKind
 from tandem.domain.jobs import JobStatus
 from tandem.domain.lifecycle import AppFacts, AppKind, Operation, check_transition
+from tandem.domain.vms import FILE_POOLS, check_domain_name
 from tandem.errors import (
+    AlreadyExists,
     Conflict,
     InvalidInput,
     NotFound,
+    NotHypervisor,
     PeerApplyFailed,
     PeerApplyTimedOut,
     PeerRefused,
     StorageError,
     TargetInUse,
     TargetNotRegistered,
+    VmTargetMissing,
+    VmTargetNotRegistered,
 )
 from tandem.jobs.queue import submit_job
 from tandem.jobs.runner import JobContext
@@ -73,9 +78,11 @@ from tandem.operations.hosts import agent_for, app_host
 from tandem.operations.site import Site
 from tandem.operations.streams import follow
 from tandem.operations.syncback import capture_dr_state, failover_image, send_home
+from tandem.storage import vmimage
 from tandem.storage.manifest import VolumeManifest, load_manifest
 from tandem.storage.overlay import Overlay
-from tandem.transport.agent_api import RestoreRequest
+from tandem.transport.agent import AgentClient
+from tandem.transport.agent_api import EmptyDomainRequest, RestoreRequest
 from tandem.transport.api import checked
 from tandem.transport.peer import (
     CommandRan,
@@ -105,30 +112,64 @@ def _target(target: str) -> FailbackTarget:
     raise InvalidInput(detail=f"--target is one of {', '.join(TARGETS)}, not {target!r}")
 
 
-def _check_request(target: str, host: str | None, path: str | None) -> FailbackTarget:
+def _check_request(
+    target: str,
+    host: str | None,
+    path: str | None,
+    kind: AppKind | None = None,
+    pool: str | None = None,
+) -> FailbackTarget:
     """The target asked for, refused unless ``original`` comes without a location and
-    ``restored``/``new`` with one (checked by the DR site before it asks, and by production
-    on the request)."""
+    ``restored``/``new`` with one: a full path, or for a VM (``kind``) a domain name, and
+    ``--pool`` only for a new VM, which needs one (checked by the DR site before it asks,
+    and by production on the request)."""
     chosen = _target(target)
-    if chosen == "original" and (host or path):
+    if chosen == "original" and (host or path or pool):
         raise InvalidInput(
             detail="--target original fails back to the app as production registered it; "
-            "--host and --path name a restored or new target"
+            "--host, --path/--domain and --pool name a restored or new target"
         )
-    if chosen != "original" and not (host and path and path.startswith("/")):
+    if chosen == "original":
+        return chosen
+    if kind is AppKind.VM:
+        if not (host and path):
+            raise InvalidInput(
+                detail=f"--target {target} of a VM needs --host and --domain (the production "
+                "hypervisor host and the domain there)"
+                + (" and --pool (the storage pool for its disks)" if chosen == "new" else "")
+            )
+        check_domain_name(path, "--domain")
+        if chosen == "new" and pool is None:
+            raise InvalidInput(
+                detail="--target new of a VM defines a new domain at production: name the "
+                "storage pool of that host its disks are made in with --pool "
+                "(`virsh pool-list` on the host)"
+            )
+        if chosen == "restored" and pool is not None:
+            raise InvalidInput(
+                detail="--pool is for --target new of a VM; a restored domain keeps its disks"
+            )
+        return chosen
+    if pool is not None:
+        raise InvalidInput(detail="--pool is for --target new of a vm app")
+    if not (host and path and path.startswith("/")):
         raise InvalidInput(detail=f"--target {target} needs --host and a full --path")
     return chosen
 
 
 def _agree(
-    site: Site, app: App, target: FailbackTarget, host: str | None, path: str | None
+    site: Site,
+    app: App,
+    target: FailbackTarget,
+    host: str | None,
+    path: str | None,
+    pool: str | None = None,
 ) -> FailbackAgreed:
     """Production's agreement to fail ``app`` back onto the target (nothing changes yet)."""
     peer = peers.require_peer(site)
+    check = FailbackCheck(target=target, host=host, path=path, epoch=app.writer_epoch, pool=pool)
     with peers.client_for(peer) as remote:
-        return remote.failback_check(
-            app.name, FailbackCheck(target=target, host=host, path=path, epoch=app.writer_epoch)
-        )
+        return remote.failback_check(app.name, check)
 
 
 def submit_replica_failback(
@@ -140,23 +181,18 @@ def submit_replica_failback(
     path: str | None = None,
     power_on: bool = False,
     shutdown_timeout: float | None = None,
+    pool: str | None = None,
     actor: str | None = None,
 ) -> Job:
-    chosen = _check_request(target, host, path)
     peers.require_peer(site)
     with site.catalog.read() as session:
         row = q.get_app(session, name=app)
         replicas = len(q.list_images(session, app=app, kind=ImageKind.REPLICA))
         busy = _lifecycle_job(session, app)
+    chosen = _check_request(target, host, path, row.kind, pool)
     check_transition(
         row.name, row.state, Operation.FAILBACK_REPLICA, AppFacts(replica_images=replicas)
     )
-    if row.kind is AppKind.VM and chosen != "original":
-        raise InvalidInput(
-            detail=f"{app!r} is a VM: a failback with --target {chosen} (a domain restored or "
-            "defined elsewhere at production) is not built yet. Fail back to the original VM "
-            "with --target original"
-        )
     failover_image(site, app)
     if busy is not None:  # (asking production to agree again would reset a running one)
         raise Conflict(
@@ -164,7 +200,7 @@ def submit_replica_failback(
             f"{busy.status.value}; wait for it to end (`tandem job show {busy.id}`) or cancel it"
         )
     # A wrong target is refused now, before the job stops anything at production.
-    _agree(site, row, chosen, host, path)
+    _agree(site, row, chosen, host, path, pool)
     with site.catalog.begin() as session:
         row = q.get_app(session, name=app)
         check_transition(
@@ -180,6 +216,7 @@ def submit_replica_failback(
                 "path": path,
                 "power_on": power_on,
                 **({"shutdown_timeout": shutdown_timeout} if shutdown_timeout is not None else {}),
+                **({"pool": pool} if pool is not None else {}),
             },
             lifecycle=True,
             actor=actor,
@@ -290,7 +327,14 @@ def run_replica_failback(site: Site, ctx: JobContext) -> dict[str, Any]:
     facts = AppFacts(replica_images=replicas)
     check_transition(app.name, app.state, Operation.FAILBACK_REPLICA, facts)
     # 0. production agrees (or refuses) before anything changes anywhere
-    agreed = _agree(site, app, _target(params["target"]), params.get("host"), params.get("path"))
+    agreed = _agree(
+        site,
+        app,
+        _target(params["target"]),
+        params.get("host"),
+        params.get("path"),
+        params.get("pool"),
+    )
     ctx.log(
         f"production agreed to fail back onto {agreed.host}:{agreed.path}"
         + (f" (registered there as {agreed.target_app})" if agreed.target_app else "")
@@ -571,6 +615,8 @@ def _registered_target(session: Any, site: Site, row: App, host: str, path: str)
         for a in q.list_apps(session)
         if a.origin is None and a.host == host and (a.path.rstrip("/") or "/") == where
     ]
+    if not found and row.kind is AppKind.VM:
+        raise VmTargetNotRegistered(host=host, domain=path, site=site.name)
     if not found:
         raise TargetNotRegistered(kind=row.kind.value, host=host, path=path, site=site.name)
     other = found[0]
@@ -594,6 +640,86 @@ def _registered_target(session: Any, site: Site, row: App, host: str, path: str)
     return other
 
 
+def _new_domain_host(session: Any, row: App, host: str, domain: str) -> Host:
+    """The host of this site a new domain ``domain`` is to be defined on, refusing the
+    VM's own domain and a domain an app of this site is registered with."""
+    if host == row.host and domain == row.path:
+        raise InvalidInput(
+            detail=f"domain {domain} on host {host} is {row.name!r} itself: a failback with "
+            "--target new defines a new domain (name another), --target original writes this one"
+        )
+    for other in q.list_apps(session):
+        if other.kind is AppKind.VM and other.host == host and other.path == domain:
+            raise AlreadyExists(what="Domain", name=f"{domain} (app {other.name!r} on {host})")
+    return q.get_host(session, name=host)
+
+
+def _check_vm_target(
+    agent: AgentClient, host: str, target: str, domain: str, pool: str | None
+) -> None:
+    """On the production host: a restored domain exists; a new one does not, and its pool
+    is there, active and file-backed (``agent.vm.FILE_POOLS``). Nothing changes."""
+    info = agent.info()
+    if not info.get("hypervisor"):
+        raise NotHypervisor(reason=f"host {host}: {info.get('reason', 'no libvirt')}")
+    names = {str(d.get("name")) for d in agent.vms()}
+    if target == "restored" and domain not in names:
+        raise NotFound(what="Domain", name=f"{domain} on host {host}", listing=f"vms --host {host}")
+    if target != "new":
+        return
+    if domain in names:
+        raise AlreadyExists(what="Domain", name=f"{domain} on host {host}")
+    pools = {str(p["name"]): p for p in agent.vm_resources()["pools"]}
+    found = pools.get(pool or "")
+    if found is None:
+        raise VmTargetMissing(host=host, what="storage pool", name=pool, why="")
+    if not found.get("active"):
+        raise VmTargetMissing(
+            host=host, what="active storage pool", name=pool, why=" (it is inactive)"
+        )
+    if found.get("type") not in FILE_POOLS:
+        raise VmTargetMissing(
+            host=host,
+            what="file-backed storage pool",
+            name=pool,
+            why=f" (it is a {found.get('type')} pool; a new VM's disks are qcow2 files)",
+        )
+
+
+def _define_new_domain(site: Site, row: App, doc: dict[str, Any], img: Image) -> dict[str, Any]:
+    """Define the agreed new domain, powered off, on empty volumes of the agreed pool, from
+    the XML and disk layout of syncback ``img``; returns what to record in the agreement."""
+    manifest = load_manifest(site.pool, bytes.fromhex(img.manifest))
+    vm_meta = manifest.meta.get("vm") if isinstance(manifest, VolumeManifest) else None
+    slots = vmimage.slots_of(manifest) if isinstance(manifest, VolumeManifest) else []
+    if not isinstance(vm_meta, dict) or not isinstance(vm_meta.get("xml"), str) or not slots:
+        raise InvalidInput(detail=f"image {img.id} holds no VM (no domain XML or disk layout)")
+    with site.catalog.read() as session:
+        host = q.get_host(session, name=doc["host"])
+    body = checked(
+        EmptyDomainRequest,
+        name=doc["path"],
+        xml=vm_meta["xml"],
+        disks=[{"target": slot.target, "size": slot.size} for slot in slots],
+        pool=doc["pool"],
+        source_domain=row.path,
+    )
+    with agent_for(host) as agent:
+        made = agent.define_empty_vm(body)
+    return {"host": host.name, "domain": str(made["name"]), "uuid": made.get("uuid")}
+
+
+def _remove_defined(site: Site, doc: dict[str, Any]) -> None:
+    """Remove the domain (and its volumes) a failback ``--target new`` defined, if any."""
+    defined = doc.get("defined")
+    if not defined:
+        return
+    with site.catalog.read() as session:
+        host = q.get_host(session, name=defined["host"])
+    with agent_for(host) as agent:
+        agent.remove_vm(defined["domain"])
+
+
 def production_failback_check(
     site: Site, *, peer: str, app: str, body: FailbackCheck
 ) -> FailbackAgreed:
@@ -611,18 +737,27 @@ def production_failback_check(
         previous = peers.agreement(session, app_id=row.id)
         if previous is not None:  # a failback run again: start from the app's own identity
             _revert_identity(row, previous)
-        _check_request(body.target, body.host, body.path)
-        if body.host and body.path:  # restored or new (original has neither: checked above)
+        _check_request(body.target, body.host, body.path, row.kind, body.pool)
+        new_vm = row.kind is AppKind.VM and body.target == "new"
+        if new_vm and body.host and body.path:  # a domain this failback defines
+            host_name, path = body.host, body.path
+            host = _new_domain_host(session, row, host_name, path)
+        elif body.host and body.path:  # restored or new (original has neither: checked above)
             target_app = _registered_target(session, site, row, body.host, body.path)
             host_name, path = target_app.host, target_app.path
+            host = app_host(session, target_app, action="fail back onto")
         else:
             host_name, path = row.host, row.path
-        host = app_host(session, target_app or row, action="fail back onto")
+            host = app_host(session, row, action="fail back onto")
         kind = row.kind
         peers.set_agreement(session, app_id=row.id, doc=None)
+    if previous is not None:
+        _remove_defined(site, previous)  # a domain an earlier, unfinished failback defined
     with agent_for(host) as agent:
         agent.info()  # reachable, or "host NAME unreachable at URL"
-        if body.target == "new":
+        if kind is AppKind.VM and body.target != "original":
+            _check_vm_target(agent, host.name, body.target, path, body.pool)
+        elif body.target == "new":
             held = agent.check_target(kind.value, path)
             if not held["usable"]:
                 raise Conflict(
@@ -643,6 +778,7 @@ def production_failback_check(
                 "path": path,
                 "target_app": target_app.name if target_app is not None else None,
                 "previous": None,
+                **({"pool": body.pool} if new_vm else {}),
             },
         )
     return FailbackAgreed(
@@ -700,10 +836,16 @@ def production_apply(site: Site, *, peer: str, app: str, image: str) -> Job:
                 reason=f"{image} is not a syncback of it from {peer}",
                 fix="Send the image as a syncback first",
             )
-        if doc["target"] != "original" and not doc.get("previous"):
-            doc["previous"] = {"host": row.host, "path": row.path}
-            row.host, row.path = doc["host"], doc["path"]
-            peers.set_agreement(session, app_id=row.id, doc=doc)
+        define = row.kind is AppKind.VM and doc["target"] == "new" and not doc.get("defined")
+        if doc["target"] != "original" and not doc.get("previous") and not define:
+            _switch_identity(session, row, doc)
+    if define:  # a new VM: its domain is defined first, on empty disks the restore fills
+        defined = _define_new_domain(site, row, doc, img)
+        with site.catalog.begin() as session:
+            row = _own_app_failed_over_at(session, peer=peer, app=app, action=action)
+            doc = _agreed(session, row, peer=peer, action=action)
+            doc["defined"] = defined
+            _switch_identity(session, row, doc)
     return submit_restore(
         site,
         app=app,
@@ -712,6 +854,14 @@ def production_apply(site: Site, *, peer: str, app: str, image: str) -> Job:
         actor=peers.peer_token_name(peer),
         commands=False,
     )
+
+
+def _switch_identity(session: Any, row: App, doc: dict[str, Any]) -> None:
+    """Step 8: the app takes the target's identity (host and path; a VM's domain), the
+    former one kept in the agreement for an undo."""
+    doc["previous"] = {"host": row.host, "path": row.path}
+    row.host, row.path = doc["host"], doc["path"]
+    peers.set_agreement(session, app_id=row.id, doc=doc)
 
 
 def production_undo(site: Site, *, peer: str, app: str) -> Undone:
@@ -723,4 +873,6 @@ def production_undo(site: Site, *, peer: str, app: str) -> Undone:
         _not_applying(session, row, peer=peer, action="undo a failback of")
         _revert_identity(row, doc)
         peers.set_agreement(session, app_id=row.id, doc=None)
-        return Undone(app=app, host=row.host, path=row.path)
+        undone = Undone(app=app, host=row.host, path=row.path)
+    _remove_defined(site, doc)  # a new VM: its domain and volumes go
+    return undone

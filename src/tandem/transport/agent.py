@@ -26,6 +26,7 @@ from tandem.transport.agent_api import (
     ApplianceSession,
     CaptureRequest,
     DefineRequest,
+    EmptyDomainRequest,
     MaterializeRequest,
     PowerRequest,
     ProbeRequest,
@@ -153,6 +154,14 @@ class AgentClient:
     def define_vm_copy(self, body: DefineRequest) -> Iterator[dict[str, Any]]:
         """Copy a VM image's disks into a pool of the host, then define the VM on them."""
         return self._events("/api/v1/vms/define-copy", body)
+
+    def define_empty_vm(self, body: EmptyDomainRequest) -> dict[str, Any]:
+        """Define a powered-off domain on new, empty volumes of a pool
+        (``agent.vm.define_empty``): its name, uuid and volumes."""
+        answer = self._call("POST", "/api/v1/vms/define-empty", body)
+        if not isinstance(answer, dict) or "name" not in answer:
+            raise RemoteError(what="host", name=self.name, detail="unexpected answer to define")
+        return answer
 
     def remove_vm(self, name: str) -> dict[str, Any]:
         """Destroy and undefine the VM ``name`` (gone already is fine)."""

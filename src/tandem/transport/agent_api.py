@@ -283,6 +283,27 @@ class DefineRequest(BaseModel):
         return self
 
 
+class EmptyDisk(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    target: str = Field(pattern=r"^[a-z]{1,8}[0-9a-z]{0,8}$")
+    size: int = Field(gt=0, le=1 << 50)
+
+
+class EmptyDomainRequest(BaseModel):
+    """Define a new, powered-off domain from a VM image's XML on new, empty qcow2 volumes of
+    a storage pool of the host (a failback ``--target new`` then writes the image into
+    them): a fresh UUID, the captured NICs and MACs (``agent.vm.define_empty``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=DOMAIN_NAME)
+    xml: str = Field(min_length=1, max_length=1_000_000)
+    disks: list[EmptyDisk] = Field(min_length=1, max_length=64)
+    pool: str = Field(pattern=DOMAIN_NAME)
+    source_domain: str = Field(default="", max_length=64)
+
+
 class RemoveRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

@@ -253,6 +253,8 @@ class FailbackIn(Body):
     power_on: bool = False
     shutdown_timeout: float | None = Field(default=None, ge=0, le=3600)
     """A VM: seconds each graceful shutdown may take before the VM is powered off."""
+    pool: str | None = Field(default=None, pattern=DOMAIN_NAME)
+    """A VM with --target new: the production host's storage pool its disks are made in."""
 
 
 class CommitFailbackIn(Body):
