@@ -50,6 +50,11 @@ plain, independent VM, like ``--action copy`` for a file tree, that costs a full
 the disks first. The volumes are listed in the domain's ``<metadata>`` (namespace
 ``VM_NS``) so ``remove`` deletes them with the domain.
 
+A failback ``--target new`` at production (``define_empty``) defines a powered-off domain
+from a captured XML on new, empty qcow2 volumes ``NAME-<target>.qcow2`` of a file-backed
+pool (file disks, which ``restore`` then writes in place), with a new UUID and the captured
+NICs and MACs; its volumes are listed in the metadata as for ``define_copy``.
+
 An ``nbds://`` export (the appliance's NBD off loopback) makes TLS disks (``tls='yes'``).
 libvirt 9 has no per-disk credentials (``tlsHostname`` only renames the host checked): QEMU
 takes them from qemu.conf's ``nbd_tls_x509_cert_dir``, one folder per host. The request

@@ -24,10 +24,30 @@
 9. With ``--power-on`` production starts the app on the target.
 
 A VM (``vm`` app) is powered off at steps 1 and 4 (graceful shutdown, then destroy after
-``VM_SHUTDOWN_TIMEOUT``; production's domain, then the DR VM the failover defined) and
-powered on at step 9; its hooks, if any, run after that as any app's. Its DR copy is the
-failover's virtual copy, captured and reverted like a volume's; the apply is a VM restore
-in place (``operations.restore``).
+``VM_SHUTDOWN_TIMEOUT``; production's domain, then the DR VM the failover defined; an
+original domain that is gone is off already) and powered on at step 9; its hooks, if any,
+run after that as any app's. Its DR copy is the failover's virtual copy, captured and
+reverted like a volume's; the apply is a VM restore in place (``operations.restore``).
+A VM's target is a host and a libvirt domain name (``--domain``, carried as ``path``):
+- ``restored``: a domain production's operators restored and registered (``tandem app add
+  NAME --kind vm --host H --domain D``, a placeholder), and that exists on H. Only the
+  difference is written into its disks (their targets and sizes must match the image's).
+- ``new``: a domain production defines on H, powered off, before the first apply
+  (``agent.vm.define_empty``): the image's XML with a new UUID, the captured NICs and MACs,
+  each disk a new empty qcow2 volume ``NAME-<disk>.qcow2`` of the pool named (``--pool``:
+  active, file-backed), which the restore then writes whole. A name that exists on H (or
+  is an app's domain, or the app's own), a pool H lacks, inactive or not file-backed, is
+  refused at the check, before anything stops. Undo removes the domain with its volumes
+  (so does a failback run again before it ended); commit keeps it.
+The **identity switch** (SPEC §5 step 8; the seed: the original VM's ID in the
+configuration database is replaced by the restored VM's) is production's catalog identity
+of the app: its host and domain become the target's, so protection, restores and power
+operations act on that domain from then on; undo switches them back, commit merges the
+placeholder. The libvirt domain itself keeps its own UUID and MACs (a restored domain is
+not redefined: libvirt keeps UUIDs unique per host, the original may still be defined there,
+and the restored domain's NICs are configured for where it was restored); a new domain gets
+a fresh UUID for the same reason and the captured MACs, which the guest's network settings
+follow.
 
 ``commit-failback``: FAILBACK_PENDING → MANAGED; the DR images are cleaned up as in the
 snapshot-style failback (the protective snapshot, equal to what production holds, stays as
@@ -650,7 +670,9 @@ def _new_domain_host(session: Any, row: App, host: str, domain: str) -> Host:
         )
     for other in q.list_apps(session):
         if other.kind is AppKind.VM and other.host == host and other.path == domain:
-            raise AlreadyExists(what="Domain", name=f"{domain} (app {other.name!r} on {host})")
+            raise AlreadyExists(
+                what=f"On host {host}, the domain of app {other.name!r}", name=domain
+            )
     return q.get_host(session, name=host)
 
 
@@ -664,11 +686,11 @@ def _check_vm_target(
         raise NotHypervisor(reason=f"host {host}: {info.get('reason', 'no libvirt')}")
     names = {str(d.get("name")) for d in agent.vms()}
     if target == "restored" and domain not in names:
-        raise NotFound(what="Domain", name=f"{domain} on host {host}", listing=f"vms --host {host}")
+        raise NotFound(what="Domain", name=domain, listing=f"vms --host {host}")
     if target != "new":
         return
     if domain in names:
-        raise AlreadyExists(what="Domain", name=f"{domain} on host {host}")
+        raise AlreadyExists(what=f"On host {host}, domain", name=domain)
     pools = {str(p["name"]): p for p in agent.vm_resources()["pools"]}
     found = pools.get(pool or "")
     if found is None:
@@ -807,7 +829,11 @@ def production_command(
     if row.kind is AppKind.VM:  # a VM is powered off and on, then its hooks run as any app's
         with agent_for(host) as agent:
             timeout = VM_SHUTDOWN_TIMEOUT if shutdown_timeout is None else shutdown_timeout
-            agent.power_vm(row.path, on=which == "start", timeout=timeout)
+            # An original that is gone (a failback onto a restored or new VM, the usual case
+            # after an outage) is off already; a start needs the domain.
+            gone = which == "stop" and row.path not in {str(d.get("name")) for d in agent.vms()}
+            if not gone:
+                agent.power_vm(row.path, on=which == "start", timeout=timeout)
     if not hooks.script_for(row, Hook(which)):
         return CommandRan(ran=row.kind is AppKind.VM)
     with agent_for(host) as agent:
