@@ -258,6 +258,12 @@ def test_failback_onto_a_new_vm_at_production_undo_removes_it_then_commit(
     close_console(guest.console)
     guest.console = vmguest.start_with_console(new)
     assert guest.console.expect("TANDEM-SUM").split()[1] == dr_sum
+    # Protection resumes from the new domain: read whole once, then incremental (its
+    # volumes keep the dirty bitmaps of its checkpoints).
     again = a("capture", APP)["job"]
     assert again["status"] == "succeeded", again["message"]
     assert "change tracking is lost after a restore" in again["message"]
+    guest.sum = rewrite(guest.console, "new-vm")
+    after = a("capture", APP)["job"]
+    assert after["status"] == "succeeded", after["message"]
+    assert "incremental since checkpoint" in after["message"]

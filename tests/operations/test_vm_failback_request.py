@@ -60,6 +60,8 @@ def test_the_wire_takes_a_domain_name_or_a_full_path_and_a_pool_name() -> None:
     assert FailbackCheck(target="restored", host="h", path="/srv/x", epoch=1).path == "/srv/x"
     for bad in ({"path": "../etc"}, {"path": "a b"}, {"pool": "../pool"}, {"pool": "x" * 80}):
         with pytest.raises(ValidationError):
-            FailbackCheck(**{"target": "new", "host": "h", "path": "web", "epoch": 1, **bad})
+            FailbackCheck.model_validate(
+                {"target": "new", "host": "h", "path": "web", "epoch": 1, **bad}
+            )
     with pytest.raises(ValidationError):
         FailbackIn(target="new", pool="a/b")

@@ -1188,9 +1188,11 @@ def define_empty(req: EmptyDomainRequest) -> dict[str, Any]:
         try:
             for disk in req.disks:
                 name = f"{req.name}-{disk.target}.qcow2"
+                # compat 1.1 (qcow2 v3): libvirt's default v2 cannot keep the persistent
+                # dirty bitmaps the VM's next captures need.
                 vol_xml = (
                     f"<volume><name>{name}</name><capacity unit='bytes'>{disk.size}</capacity>"
-                    "<target><format type='qcow2'/></target></volume>"
+                    "<target><format type='qcow2'/><compat>1.1</compat></target></volume>"
                 )
                 try:
                     vol = pool.createXML(vol_xml, 0)
