@@ -68,7 +68,7 @@ def guest(libvirt_host: None, tmp_path_factory: pytest.TempPathFactory) -> Itera
     vmguest.virsh("define", str(xml))
     console = vmguest.start_with_console(name)
     found = Guest(name, folder, disk, boot, console, "")
-    made = [name, *(f"{name}-{suffix}" for suffix in ("restored", "dr", "dr2", "new"))]
+    made = [name, *(f"{name}-{suffix}" for suffix in ("restored", "dr", "dr2", "new", "diskless"))]
     try:
         found.sum = console.expect("TANDEM-SUM").split()[1]
         yield found
@@ -161,12 +161,17 @@ def test_failback_onto_a_vm_restored_elsewhere_switches_the_identity_then_commit
     a("app", "add", f"{APP}-restored", "--host", "host1", "--kind", "vm", "--domain", restored)
     ghost = f"{guest.name}-ghost"
     a("app", "add", f"{APP}-ghost", "--host", "host1", "--kind", "vm", "--domain", ghost)
+    diskless = f"{guest.name}-diskless"  # restored without the disk the image holds
+    (guest.folder / "diskless.xml").write_text(vmguest.domain_xml(diskless, guest.boot, [], "x"))
+    vmguest.virsh("define", str(guest.folder / "diskless.xml"))
+    a("app", "add", f"{APP}-diskless", "--host", "host1", "--kind", "vm", "--domain", diskless)
 
     # Bad input is refused at submit: nothing is stopped, the DR VM runs on.
     new = ("--target", "new", "--host", "host1", "--domain")
     refusals = [
         (("--target", "restored", "--host", "host1", "--domain", "nowhere"), "No vm app"),
         (("--target", "restored", "--host", "host1", "--domain", ghost), "does not exist"),
+        (("--target", "restored", "--host", "host1", "--domain", diskless), "no file disk vda"),
         (("--target", "restored", "--host", "host1", "--domain", "/srv/x"), "domain name"),
         (("--target", "restored", "--host", "host1"), "needs --host and --domain"),
         ((*new, restored, "--pool", pools.active), "already exists"),

@@ -676,19 +676,49 @@ def _new_domain_host(session: Any, row: App, host: str, domain: str) -> Host:
     return q.get_host(session, name=host)
 
 
+def _image_disks(site: Site, app: str) -> set[str]:
+    """The disk targets of the app's newest snapshot here (empty: none known)."""
+    with site.catalog.read() as session:
+        image = q.latest_image(session, app=app, kind=ImageKind.SNAPSHOT)
+    if image is None or not site.pool.has_manifest(bytes.fromhex(image.manifest)):
+        return set()
+    manifest = load_manifest(site.pool, bytes.fromhex(image.manifest))
+    if not isinstance(manifest, VolumeManifest):
+        return set()
+    return {slot.target for slot in vmimage.slots_of(manifest) or []}
+
+
 def _check_vm_target(
-    agent: AgentClient, host: str, target: str, domain: str, pool: str | None
+    agent: AgentClient,
+    host: str,
+    target: str,
+    domain: str,
+    pool: str | None,
+    disks: set[str] | None = None,
 ) -> None:
-    """On the production host: a restored domain exists; a new one does not, and its pool
-    is there, active and file-backed (``agent.vm.FILE_POOLS``). Nothing changes."""
+    """On the production host: a restored domain exists, with a file disk for each of
+    ``disks`` (the image's); a new one does not, and its pool is there, active and
+    file-backed (``domain.vms.FILE_POOLS``). Nothing changes."""
     info = agent.info()
     if not info.get("hypervisor"):
         raise NotHypervisor(reason=f"host {host}: {info.get('reason', 'no libvirt')}")
-    names = {str(d.get("name")) for d in agent.vms()}
-    if target == "restored" and domain not in names:
-        raise NotFound(what="Domain", name=domain, listing=f"vms --host {host}")
+    domains = {str(d.get("name")): d for d in agent.vms()}
+    if target == "restored":
+        found = domains.get(domain)
+        if found is None:
+            raise NotFound(what="Domain", name=domain, listing=f"vms --host {host}")
+        has = {str(d.get("target")): d for d in found.get("disks") or [] if isinstance(d, dict)}
+        for disk in sorted(disks or ()):
+            if disk not in has or has[disk].get("type") != "file":
+                raise InvalidInput(
+                    detail=f"domain {domain} on host {host} has no file disk {disk}, which the "
+                    f"image holds (it has {', '.join(sorted(has)) or 'no disks'}): a restored "
+                    "domain needs the original's disks (targets and sizes); nothing was stopped"
+                )
+        return
     if target != "new":
         return
+    names = set(domains)
     if domain in names:
         raise AlreadyExists(what=f"On host {host}, domain", name=domain)
     pools = {str(p["name"]): p for p in agent.vm_resources()["pools"]}
@@ -778,7 +808,8 @@ def production_failback_check(
     with agent_for(host) as agent:
         agent.info()  # reachable, or "host NAME unreachable at URL"
         if kind is AppKind.VM and body.target != "original":
-            _check_vm_target(agent, host.name, body.target, path, body.pool)
+            disks = _image_disks(site, app) if body.target == "restored" else set()
+            _check_vm_target(agent, host.name, body.target, path, body.pool, disks)
         elif body.target == "new":
             held = agent.check_target(kind.value, path)
             if not held["usable"]:
