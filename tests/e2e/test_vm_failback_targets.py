@@ -36,6 +36,7 @@ from tests.e2e.test_vm_lifecycle import (
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 DISK_MIB = 48
+MIB = 1024 * 1024
 APP = "fbt"
 
 
@@ -131,6 +132,14 @@ def fail_over_and_write(drill: Drill, guest: Guest, production: str, dr_name: st
         dr.close()
 
 
+def written_at_production(drill: Drill) -> int:
+    """Bytes production's newest restore (a failback's first pass) wrote into the disks."""
+    restores = [j for j in drill.a("jobs", "--app", APP) if j["type"] == "restore"]
+    newest = sorted(restores, key=lambda j: str(j["created"]))[-2:]  # the failback's passes
+    first_pass = newest[0]
+    return int(drill.a("job", "show", first_pass["id"])["result"]["stats"]["bytes_written"])
+
+
 def sum_of_running(domain: str) -> str:
     console = vmguest.Console(domain)
     try:
@@ -199,6 +208,8 @@ def test_failback_onto_a_vm_restored_elsewhere_switches_the_identity_then_commit
     assert shown(drill) == ("host1", restored)
     assert identity(restored) == before
     assert sum_of_running(restored) == dr_sum
+    # Only the difference was written: the 1 MiB the DR guest rewrote.
+    assert written_at_production(drill) <= MIB + 128 * 1024
 
     committed = b("commit-failback", APP)["job"]
     assert committed["status"] == "succeeded", committed["message"]
@@ -239,6 +250,8 @@ def test_failback_onto_a_new_vm_at_production_undo_removes_it_then_commit(
     assert new_uuid != dr_uuid  # a UUID of its own; the captured NICs and MACs
     assert new_macs == dr_macs
     assert sum_of_running(new) == dr_sum
+    # Written whole: the guest's data onto the empty volume.
+    assert written_at_production(drill) >= vmguest.PATTERN_MIB * MIB
 
     # Undone: the new domain and its volume go, the app is the one it was, the DR VM runs.
     undone = b("undo-failback", APP)["job"]

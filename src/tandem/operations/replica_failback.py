@@ -898,11 +898,15 @@ def production_apply(site: Site, *, peer: str, app: str, image: str) -> Job:
             _switch_identity(session, row, doc)
     if define:  # a new VM: its domain is defined first, on empty disks the restore fills
         defined = _define_new_domain(site, row, doc, img)
-        with site.catalog.begin() as session:
-            row = _own_app_failed_over_at(session, peer=peer, app=app, action=action)
-            doc = _agreed(session, row, peer=peer, action=action)
-            doc["defined"] = defined
-            _switch_identity(session, row, doc)
+        try:
+            with site.catalog.begin() as session:
+                row = _own_app_failed_over_at(session, peer=peer, app=app, action=action)
+                doc = _agreed(session, row, peer=peer, action=action)
+                doc["defined"] = defined
+                _switch_identity(session, row, doc)
+        except BaseException:  # the agreement ended meanwhile: the domain is nobody's
+            _remove_defined(site, {"defined": defined})
+            raise
     return submit_restore(
         site,
         app=app,
