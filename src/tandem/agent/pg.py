@@ -719,7 +719,7 @@ def _free_port() -> int:
 def recover(req: RecoverRequest) -> dict[str, Any]:
     """Start the copy at ``req.path`` as a PostgreSQL recovered to ``req.target_time`` (or
     to the end of its WAL), promoted there; wait until it accepts connections; report the
-    point reached."""
+    point reached. ``req.stop``: shut it down cleanly after (a restore in place)."""
     path = _copy_dir(req.path)
     c0 = _owner_of(path)
     for name in (
@@ -841,6 +841,12 @@ def recover(req: RecoverRequest) -> dict[str, Any]:
     reached = row[1] or None
     _settle(c, settings_before)
     checked = amcheck(c) if req.verify else None
+    if req.stop:
+        stop_copy(path)
+        if os.path.exists(os.path.join(path, "postmaster.pid")):
+            raise RecoveryFailed(
+                path=path, reason=f"it was recovered to {reached} but did not shut down within 60 s"
+            )
     return {
         "amcheck": checked,
         "port": port,

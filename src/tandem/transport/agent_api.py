@@ -220,6 +220,9 @@ class RecoverRequest(BaseModel):
     socket_dir: str | None = Field(default=None, pattern=PATH, max_length=1024)
     verify: bool = False
     """Run ``pg_amcheck`` (heap and every B-tree index) on the started copy."""
+    stop: bool = False
+    """Shut the server down once promoted (a restore in place at production: the app's own
+    start hook starts it there)."""
     segments: list[str] = Field(default_factory=list, max_length=1_000_000)
     """The segments the appliance holds for this recovery, in order; the restore_command
     waits for these to be staged and fails at once for any other name. Empty: the ones
