@@ -196,6 +196,7 @@ def run_restore(site: Site, ctx: JobContext) -> dict[str, Any]:
                 appliance=site.session_ref(transfer.id, token),
                 base=known[0] if known else None,
                 stamp=known[1] if known else None,
+                rollforward=rolled is not None,
             )
             if app.kind is AppKind.VOLUME:
                 stamps.forget(site, app_id=app.id)  # from here it holds neither image

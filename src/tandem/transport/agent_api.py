@@ -115,6 +115,10 @@ class RestoreRequest(BaseModel):
     """Manifest of the image the volume held when ``stamp`` was taken (restore from base)."""
     stamp: dict[str, int] | None = None
     """The volume file's ``SourceStamp`` then: if it still matches, the target is not read."""
+    rollforward: bool = False
+    """A PostgreSQL base backup written in place, which the appliance recovers next: the
+    path may take WAL and recovery settings (``/pg/spool``, ``/pg/recover``) until that
+    recovery has run, as a presented copy does."""
 
 
 class TargetCheckRequest(BaseModel):
