@@ -46,6 +46,7 @@ from tandem.transport.agent_api import (
     CaptureRequest,
     DefineRequest,
     MaterializeRequest,
+    PgRunRequest,
     PowerRequest,
     ProbeRequest,
     RecoverRequest,
@@ -300,6 +301,15 @@ def create_app(cfg: DaemonConfig, directory: Path | None = None) -> FastAPI:
         finally:
             if req.stop:  # recovered in place (or failed): restore it again to retry
                 rolling.discard(req.path)
+
+    @app.post("/api/v1/pg/stop", dependencies=[Depends(auth)])
+    def pg_stop(req: PgRunRequest) -> dict[str, Any]:
+        return {"stopped": pg.stop_copy(req.path)}
+
+    @app.post("/api/v1/pg/start", dependencies=[Depends(auth)])
+    def pg_start(req: PgRunRequest) -> dict[str, Any]:
+        presented(req.path)
+        return pg.start_copy(req)
 
     @app.post("/api/v1/run", dependencies=[Depends(auth)])
     def run(req: RunRequest) -> dict[str, Any]:

@@ -78,6 +78,7 @@ from tandem.transport.agent_api import (
     WAL_FILE,
     WAL_NAME,
     WAL_OR_HISTORY,
+    PgRunRequest,
     ProbeRequest,
     RecoverRequest,
     SpoolRequest,
@@ -907,6 +908,37 @@ def amcheck(c: Cluster) -> dict[str, Any]:
         "seconds": round(time.monotonic() - t0, 3),
         "report": lines[-20:],
     }
+
+
+def start_copy(req: PgRunRequest) -> dict[str, Any]:
+    """Start the stopped cluster of a presented copy again, listening as it did (only on
+    its socket, ``req.port`` or a free one); waits until it accepts connections."""
+    path = _copy_dir(req.path)
+    c0 = _owner_of(path)
+    port = req.port or _free_port()
+    sockets = req.socket_dir or path
+    c = Cluster(path, port, sockets, c0.owner, c0.uid, c0.gid, c0.major)
+    log = os.path.join(path, "tandem-recovery.log")
+    _run(
+        c,
+        [
+            str(c.bin / "pg_ctl"),
+            "-D",
+            path,
+            "-o",
+            f"-p {port} -k {sockets} -c listen_addresses=''",
+            "-l",
+            log,
+            "-t",
+            str(int(START_TIMEOUT)),
+            "-w",
+            "start",
+        ],
+        f"starting PostgreSQL (its log: {log})",
+        timeout=START_TIMEOUT + 10,
+        error=RecoveryFailed,
+    )
+    return {"port": port, "socket_dir": sockets}
 
 
 def stop_copy(path: str) -> bool:

@@ -83,15 +83,22 @@ def submit_restore(
     shutdown_timeout: float | None = None,
     time: str | None = None,
     latest: bool = False,
+    rollforward: bool = True,
 ) -> Job:
     """Queue a restore of ``image`` onto ``app``; refused without both confirmations.
 
     ``commands=False`` (a replica-style failback, which stops and starts the app itself)
     restores without running the app's stop and start hooks. ``time``/``latest``: the point
     a catch-up syncback of a database is rolled forward to (default: the latest).
+    ``rollforward=False`` (a replica-style failback's first pass, which the second, of the
+    stopped database, completes) writes such a syncback as the files it holds.
     """
     check_confirmations(confirm, RESTORE_CONFIRMATIONS)
-    rolled = _rollforward_params(site, app=app, image=image, time=time, latest=latest)
+    rolled = (
+        _rollforward_params(site, app=app, image=image, time=time, latest=latest)
+        if rollforward
+        else {}
+    )
     with site.catalog.begin() as session:
         row = q.get_app(session, name=app)
         img = q.get_image(session, image_id=image)
@@ -101,7 +108,7 @@ def submit_restore(
             raise ImageBeingDeleted(image=img.id, app=row.name)
         pg_recovery.check_restorable(site, row, img)  # a syncback: names the one to restore
         if not pg_recovery.rolls_forward(row, img):  # that one is recovered after writing
-            check_not_base_backup(img)
+            check_not_base_backup(img)  # (or a pre-copy: see ``rollforward``)
         check_transition(row.name, row.state, Operation.RESTORE)
         app_host(session, row, action="restore")
         params: dict[str, Any] = {} if commands else {"commands": False}

@@ -184,6 +184,17 @@ class StreamRequest(BaseModel):
     path: str = Field(pattern=PATH, max_length=4096)
 
 
+class PgRunRequest(BaseModel):
+    """Stop the PostgreSQL running on the cluster at ``path``, or start a presented copy
+    again (``port``, ``socket_dir``: where it listened before)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(pattern=PATH, max_length=4096)
+    port: int | None = Field(default=None, ge=1024, le=65535)
+    socket_dir: str | None = Field(default=None, pattern=PATH, max_length=1024)
+
+
 class WalRead(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
