@@ -161,6 +161,12 @@ def binaries(major: str, data: str) -> Path:
     return where
 
 
+def _same_dir(named: str, data: str) -> bool:
+    """Whether ``named`` (a postmaster.pid's data directory line) is ``data``: a pid file
+    copied with another cluster's files (a live read of it) names that cluster's server."""
+    return os.path.realpath(named.strip()) == os.path.realpath(data)
+
+
 def find_cluster(data: str) -> Cluster:
     """The running cluster whose data directory is ``data``."""
     major = _major_of(data)
@@ -175,6 +181,8 @@ def find_cluster(data: str) -> Cluster:
         ) from exc
     try:
         pid, port, sockets = int(lines[0]), int(lines[3]), lines[4].strip()
+        if not _same_dir(lines[1], data):
+            raise ValueError("another cluster's")
         os.kill(pid, 0)
     except (IndexError, ValueError, ProcessLookupError) as exc:
         raise ClusterUnfit(
@@ -942,8 +950,13 @@ def start_copy(req: PgRunRequest) -> dict[str, Any]:
 
 
 def stop_copy(path: str) -> bool:
-    """Stop a PostgreSQL running on the copy at ``path`` (fast shutdown); False if none."""
-    if not os.path.exists(os.path.join(path, "postmaster.pid")):
+    """Stop a PostgreSQL running on the copy at ``path`` (fast shutdown); False if none
+    (a postmaster.pid copied from another cluster names that one's server: not signalled)."""
+    try:
+        lines = Path(path, "postmaster.pid").read_text().splitlines()
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    if len(lines) < 2 or not _same_dir(lines[1], path):
         return False
     try:
         c = _owner_of(path)
