@@ -402,6 +402,14 @@ class SyncbackOfRunningDatabase(InvalidInput):
     `tandem syncback {app}` there (it sends only what changed since) and restore that one."""
 
 
+class WalNotHome(Conflict):
+    """Syncback {image} of {app!r} is a base backup of the database running at the DR site:
+    it is consistent only with its WAL replayed up to LSN {lsn}, and WAL segment {segment} is
+    not held here yet. Wait until the DR site has pushed its WAL home (`tandem images {app}`
+    shows the window) and restore again, or stop the database at the DR site, run
+    `tandem syncback {app}` there and restore that final syncback."""
+
+
 class MountPointNeeded(InvalidInput):
     """Invalid input: {what} needs a folder to be placed in. Give --mount-point with a full
     path."""

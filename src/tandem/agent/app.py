@@ -49,6 +49,7 @@ from tandem.transport.agent_api import (
     DefineRequest,
     EmptyDomainRequest,
     MaterializeRequest,
+    PgRunRequest,
     PowerRequest,
     ProbeRequest,
     RecoverRequest,
@@ -134,6 +135,8 @@ def create_app(cfg: DaemonConfig, directory: Path | None = None) -> FastAPI:
         threading.Thread(target=registry.reattach_layers, name="reattach", daemon=True).start()
     scripts = directory / hooks.SCRIPTS if directory is not None else None
     receivers = pg.Receivers(directory) if directory is not None else None
+    rolling: set[str] = set()
+    """Paths a restore just wrote a PostgreSQL base backup to, to be recovered in place."""
     app.state.receivers = receivers
 
     def wal_receivers() -> pg.Receivers:
@@ -209,7 +212,14 @@ def create_app(cfg: DaemonConfig, directory: Path | None = None) -> FastAPI:
 
     @app.post("/api/v1/restore", dependencies=[Depends(auth)])
     def restore(req: RestoreRequest) -> StreamingResponse:
-        return _stream(req.job, lambda emit: actions.restore(req, emit))
+        def work(emit: actions.Emit) -> dict[str, Any]:
+            rolling.discard(req.path)  # the data is about to change: no recovery meanwhile
+            done = actions.restore(req, emit)
+            if req.rollforward:
+                rolling.add(req.path)
+            return done
+
+        return _stream(req.job, work)
 
     @app.post("/api/v1/vms/power", dependencies=[Depends(auth)])
     def power_vm(req: PowerRequest) -> dict[str, Any]:
@@ -267,9 +277,10 @@ def create_app(cfg: DaemonConfig, directory: Path | None = None) -> FastAPI:
         return wal_receivers().ack(req)
 
     def presented(path: str) -> None:
-        """WAL and recovery settings go only into a copy this agent materialized."""
+        """WAL and recovery settings go only into a copy this agent materialized, or a base
+        backup it just restored in place for the appliance to recover."""
         held = {str(p) for e in mount_registry().read().values() for p in e.get("paths", [])}
-        if path not in held:
+        if path not in held and path not in rolling:
             raise InvalidInput(
                 detail=f"{path} is not a copy presented on this host; present the base image "
                 "there first (test-failover, failover or mount with --mount-point)"
@@ -292,7 +303,20 @@ def create_app(cfg: DaemonConfig, directory: Path | None = None) -> FastAPI:
     @app.post("/api/v1/pg/recover", dependencies=[Depends(auth)])
     def pg_recover(req: RecoverRequest) -> dict[str, Any]:
         presented(req.path)
-        return pg.recover(req)
+        try:
+            return pg.recover(req)
+        finally:
+            if req.stop:  # recovered in place (or failed): restore it again to retry
+                rolling.discard(req.path)
+
+    @app.post("/api/v1/pg/stop", dependencies=[Depends(auth)])
+    def pg_stop(req: PgRunRequest) -> dict[str, Any]:
+        return {"stopped": pg.stop_copy(req.path)}
+
+    @app.post("/api/v1/pg/start", dependencies=[Depends(auth)])
+    def pg_start(req: PgRunRequest) -> dict[str, Any]:
+        presented(req.path)
+        return pg.start_copy(req)
 
     @app.post("/api/v1/run", dependencies=[Depends(auth)])
     def run(req: RunRequest) -> dict[str, Any]:

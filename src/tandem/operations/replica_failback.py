@@ -74,7 +74,7 @@ from tandem.catalog.models import App, Host, Image, Job
 from tandem.domain.hooks import Hook
 from tandem.domain.images import ImageKind
 from tandem.domain.jobs import JobStatus
-from tandem.domain.lifecycle import AppFacts, AppKind, Operation, check_transition
+from tandem.domain.lifecycle import AppFacts, AppKind, Operation, check_transition, storage_kind
 from tandem.domain.vms import FILE_POOLS, check_domain_name
 from tandem.errors import (
     AlreadyExists,
@@ -298,22 +298,54 @@ def _dr_command(
                 timeout=VM_SHUTDOWN_TIMEOUT if shutdown_timeout is None else shutdown_timeout,
             )
         ctx.log(f"DR VM {failover.vm_name} on host {vm_host.name}: {done.get('how')}")
-    if not hooks.script_for(app, Hook(which)):
-        return
+    database = app.kind is AppKind.POSTGRESQL and failover.mount_point is not None
     with site.catalog.read() as session:
         host = q.get_host(session, name=failover.mounted_host or "")
-    with agent_for(host) as agent:
-        hooks.run_hook(
-            agent,
-            app,
-            Hook(which),
-            operation=ctx.job.type,
-            image=failover.id,
-            path=failover.mount_point,
-            nbd_uri=failover.nbd_export,
-            ctx=ctx,
+    if database and which == "start":
+        _start_dr_database(site, ctx, app, failover, host)
+    if hooks.script_for(app, Hook(which)):
+        with agent_for(host) as agent:
+            hooks.run_hook(
+                agent,
+                app,
+                Hook(which),
+                operation=ctx.job.type,
+                image=failover.id,
+                path=failover.mount_point,
+                nbd_uri=failover.nbd_export,
+                ctx=ctx,
+            )
+        ctx.log(f"{which} hook ran on DR host {host.name}")
+    if database and which == "stop":  # after its hook, as a VM is powered off
+        with agent_for(host) as agent:
+            stopped = agent.pg_stop(failover.mount_point or "")
+        ctx.log(
+            f"PostgreSQL of the DR copy {failover.mount_point} on host {host.name} "
+            + ("stopped" if stopped else "was not running")
         )
-    ctx.log(f"{which} hook ran on DR host {host.name}")
+
+
+def _start_dr_database(site: Site, ctx: JobContext, app: App, failover: Image, host: Host) -> None:
+    """Start the DR copy's PostgreSQL again (an undone failback) where the failover started
+    it: its port and socket folder, from the failover job's result."""
+    listen: dict[str, Any] = {}
+    with site.catalog.read() as session:
+        for job in q.list_jobs(session, app=app.name, limit=200):
+            result = job.result or {}
+            if job.type == "failover" and result.get("image") == failover.id:
+                listen = result
+                break
+    port = listen.get("port")
+    with agent_for(host) as agent:
+        done = agent.pg_start(
+            failover.mount_point or "",
+            int(port) if port is not None else None,
+            listen.get("socket_dir"),
+        )
+    ctx.log(
+        f"PostgreSQL of the DR copy {failover.mount_point} started on host {host.name}, port "
+        f"{done.get('port')}"
+    )
 
 
 def _dr_overlay(site: Site, app: App) -> Overlay | None:
@@ -500,7 +532,7 @@ def run_undo(site: Site, ctx: JobContext) -> dict[str, Any]:
         undone = remote.failback_undo(name)
     ctx.log(f"{peer.name} stopped {name} and runs it from {undone.host}:{undone.path} again")
     failover = failover_image(site, name)
-    if app.kind is AppKind.FILESYSTEM and failover.mount_point:
+    if app.kind in (AppKind.FILESYSTEM, AppKind.POSTGRESQL) and failover.mount_point:
         _restore_dr_copy(site, ctx, app, failover, protective)
     elif app.kind in (AppKind.VOLUME, AppKind.VM):
         _revert_overlay(site, ctx, failover, protective)
@@ -549,7 +581,7 @@ def _restore_dr_copy(
     try:
         body = checked(
             RestoreRequest,
-            kind=app.kind.value,
+            kind=storage_kind(app.kind),
             path=failover.mount_point,
             manifest=protective.manifest,
             job=ctx.job.id,
@@ -865,11 +897,17 @@ def production_command(
             gone = which == "stop" and row.path not in {str(d.get("name")) for d in agent.vms()}
             if not gone:
                 agent.power_vm(row.path, on=which == "start", timeout=timeout)
-    if not hooks.script_for(row, Hook(which)):
-        return CommandRan(ran=row.kind is AppKind.VM)
-    with agent_for(host) as agent:
-        hooks.run_hook(agent, row, Hook(which), operation="failback", path=row.path)
-    return CommandRan(ran=True)
+    ran = row.kind is AppKind.VM
+    if hooks.script_for(row, Hook(which)):
+        with agent_for(host) as agent:
+            hooks.run_hook(agent, row, Hook(which), operation="failback", path=row.path)
+        ran = True
+    if row.kind is AppKind.POSTGRESQL and which == "stop":
+        # What its stop hook left running (or all, without one): the restore that follows
+        # must find the cluster stopped.
+        with agent_for(host) as agent:
+            ran = agent.pg_stop(row.path) or ran
+    return CommandRan(ran=ran)
 
 
 def production_apply(site: Site, *, peer: str, app: str, image: str) -> Job:
@@ -914,6 +952,7 @@ def production_apply(site: Site, *, peer: str, app: str, image: str) -> Job:
         confirm=list(RESTORE_CONFIRMATIONS),
         actor=peers.peer_token_name(peer),
         commands=False,
+        rollforward=False,
     )
 
 

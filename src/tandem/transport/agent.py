@@ -28,6 +28,7 @@ from tandem.transport.agent_api import (
     DefineRequest,
     EmptyDomainRequest,
     MaterializeRequest,
+    PgRunRequest,
     PowerRequest,
     ProbeRequest,
     RecoverRequest,
@@ -253,6 +254,17 @@ class AgentClient:
         answer = self._dict("POST", "/api/v1/pg/spool/wanted", body)
         wanted = answer.get("wanted")
         return str(wanted) if isinstance(wanted, str) else None
+
+    def pg_stop(self, path: str) -> bool:
+        """Stop the PostgreSQL running on the cluster at ``path`` (fast shutdown); False when
+        none ran."""
+        answer = self._dict("POST", "/api/v1/pg/stop", checked(PgRunRequest, path=path))
+        return bool(answer.get("stopped"))
+
+    def pg_start(self, path: str, port: int | None, socket_dir: str | None) -> dict[str, Any]:
+        """Start the presented copy at ``path`` again (after a failback was undone)."""
+        body = checked(PgRunRequest, path=path, port=port, socket_dir=socket_dir)
+        return self._dict("POST", "/api/v1/pg/start", body)
 
     def pg_recover(self, body: RecoverRequest) -> dict[str, Any]:
         """Start the copy recovered to a point in time; answers the point reached."""
