@@ -27,7 +27,6 @@ from tests.e2e.test_live_apps import Cluster, as_postgres, shared_dir
 
 __all__ = ["shared_dir"]  # the fixture
 
-pytestmark = pytest.mark.postgres
 
 TERMINAL = ("succeeded", "failed", "canceled")
 
