@@ -309,6 +309,14 @@ class Unreachable(TandemError):
     http_status = 502
 
 
+class CatalogUnavailable(TandemError):
+    """The catalog database {url} is not answering: {reason}. Check that the database server
+    runs and accepts connections; the appliance reconnects by itself, so retry once it is
+    back."""
+
+    http_status = 503
+
+
 class NotHypervisor(TandemError):
     """This host is not a hypervisor: {reason}. Install libvirt (libvirt-daemon-system,
     qemu-system-x86 and the agent's `vm` extra, libvirt-python) and start libvirtd, or use
