@@ -83,7 +83,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from tandem.domain.vms import FILE_POOLS
+from tandem.domain.vms import FILE_POOLS, tame_domain_xml
 from tandem.errors import (
     AlreadyExists,
     InvalidInput,
@@ -728,14 +728,26 @@ class ServedDisk:
             self.proc.stderr.close()
 
 
-def _redefine(conn: Any, domain: str, vm_meta: dict[str, Any], slots: list[vmimage.Slot]) -> Any:
-    """The domain is gone: define it again from the image's XML, keeping its identity, when
-    every disk file the image names is still there; else refuse, touching nothing."""
+def _redefine(conn: Any, domain: str, definition: str | None) -> Any:
+    """The domain is gone: define it again from ``definition`` (this site's own capture of
+    it), keeping its identity, when every disk file it names is still there; else refuse,
+    touching nothing."""
     lv = _libvirt()
-    xml = vm_meta.get("xml")
-    if not isinstance(xml, str) or vm_meta.get("domain") != domain:
+    if definition is None:
+        raise NotFound(
+            what="Domain",
+            name=domain,
+            listing="vms --host HOST (no image captured at this site holds its definition: "
+            "define it again with `virsh define`, then restore)",
+        )
+    try:
+        root = ET.fromstring(definition)
+    except ET.ParseError as exc:
+        raise InvalidInput(detail=f"the definition of domain {domain} is not XML: {exc}") from exc
+    if root.findtext("name") != domain:
         raise NotFound(what="Domain", name=domain, listing="vms --host HOST")
-    missing = [s.source for s in slots if not s.source or not os.path.isfile(s.source)]
+    sources = [d["source"] for d in _disks(definition)]
+    missing = [path for path in sources if not path or not os.path.isfile(path)]
     if missing:
         raise InvalidInput(
             detail=f"domain {domain} is gone, and so is its disk {missing[0] or '(unnamed)'}: "
@@ -743,7 +755,7 @@ def _redefine(conn: Any, domain: str, vm_meta: dict[str, Any], slots: list[vmima
             "then restore"
         )
     try:
-        return conn.defineXML(xml)
+        return conn.defineXML(definition)
     except lv.libvirtError as exc:
         raise InvalidInput(
             detail=f"domain {domain} is gone and libvirt refused its captured XML: "
@@ -761,12 +773,14 @@ def restore(
     *,
     power_on: bool = False,
     shutdown_timeout: float = 120.0,
+    definition: str | None = None,
 ) -> dict[str, Any]:
     """Restore the VM image ``manifest`` onto ``domain`` in place: check the disks fit, power
     the domain off (graceful, then destroy), drop its checkpoints, diff-restore each disk,
     mark it restored (the next capture reads everything), power on if asked. Identity (UUID,
-    MACs, the definition) is kept; a domain that is gone is defined again from the image's
-    XML when its disks are there."""
+    MACs, the definition) is kept; a domain that is gone is defined again from
+    ``definition`` (the appliance's own capture of it, never the image's XML, which may be
+    the other site's) when its disks are there."""
     lv = _libvirt()
     try:
         return _restore(
@@ -778,6 +792,7 @@ def restore(
             progress,
             power_on=power_on,
             shutdown_timeout=shutdown_timeout,
+            definition=definition,
         )
     except lv.libvirtError as exc:
         raise SourceUnreadable(
@@ -797,6 +812,7 @@ def _restore(
     *,
     power_on: bool,
     shutdown_timeout: float,
+    definition: str | None,
 ) -> dict[str, Any]:
     lv = _libvirt()
     vm_meta = manifest.meta.get("vm") if isinstance(manifest.meta, dict) else None
@@ -808,7 +824,7 @@ def _restore(
         try:
             dom = conn.lookupByName(domain)
         except lv.libvirtError:
-            dom = _redefine(conn, domain, vm_meta, slots)
+            dom = _redefine(conn, domain, definition)
             redefined = True
             emit({"event": "log", "text": f"domain {domain} was gone: defined again from {image}"})
         disks = {d["target"]: d for d in _disks(dom.XMLDesc(0)) if d["target"]}
@@ -955,6 +971,7 @@ def _new_domain_xml(
     export = uri.path.lstrip("/")
     slots = {str(d.get("target")): d for d in req.disks}
     root = ET.fromstring(req.xml)
+    tame_domain_xml(root)  # captured at the other site
     _set(root, "name", req.name)
     if not req.keep_identity:
         _set(root, "uuid", str(uuid.uuid4()))

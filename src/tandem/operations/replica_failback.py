@@ -95,6 +95,7 @@ from tandem.jobs.queue import submit_job
 from tandem.jobs.runner import JobContext
 from tandem.operations import failback, hooks, peers
 from tandem.operations.hosts import agent_for, app_host
+from tandem.operations.restore import own_domain_xml
 from tandem.operations.site import Site
 from tandem.operations.streams import follow
 from tandem.operations.syncback import capture_dr_state, failover_image, send_home
@@ -776,14 +777,23 @@ def _define_new_domain(site: Site, row: App, doc: dict[str, Any], img: Image) ->
     manifest = load_manifest(site.pool, bytes.fromhex(img.manifest))
     vm_meta = manifest.meta.get("vm") if isinstance(manifest, VolumeManifest) else None
     slots = vmimage.slots_of(manifest) if isinstance(manifest, VolumeManifest) else []
-    if not isinstance(vm_meta, dict) or not isinstance(vm_meta.get("xml"), str) or not slots:
-        raise InvalidInput(detail=f"image {img.id} holds no VM (no domain XML or disk layout)")
+    if not isinstance(vm_meta, dict) or not slots:
+        raise InvalidInput(detail=f"image {img.id} holds no VM (no disk layout)")
+    # The syncback's XML is the DR site's word: the new domain is defined from production's
+    # own capture of the VM (its binaries, devices and files are this site's business).
+    xml = own_domain_xml(site, row)
+    if xml is None:
+        raise InvalidInput(
+            detail=f"no image captured at this site holds the definition of VM {row.path}: a "
+            "new domain is defined only from production's own capture; fail back with "
+            "--target original or restored"
+        )
     with site.catalog.read() as session:
         host = q.get_host(session, name=doc["host"])
     body = checked(
         EmptyDomainRequest,
         name=doc["path"],
-        xml=vm_meta["xml"],
+        xml=xml,
         disks=[{"target": slot.target, "size": slot.size} for slot in slots],
         pool=doc["pool"],
         source_domain=row.path,

@@ -53,6 +53,7 @@ from tandem.operations import failback, hooks, pg_recovery, stamps, wal
 from tandem.operations.hosts import agent_for, app_host
 from tandem.operations.site import Site
 from tandem.operations.streams import follow
+from tandem.storage.manifest import VolumeManifest, load_manifest
 from tandem.transport.agent import AgentClient
 from tandem.transport.agent_api import RestoreRequest, VmRestoreRequest
 from tandem.transport.api import checked
@@ -289,6 +290,21 @@ def run_restore(site: Site, ctx: JobContext) -> dict[str, Any]:
     }
 
 
+def own_domain_xml(site: Site, app: App) -> str | None:
+    """The domain XML of ``app`` as this site's own agent captured it (the newest snapshot
+    image that holds it), or None. A domain is only ever defined at a site from this: the
+    XML in a syncback or replica image is the other site's word, and a domain definition
+    names binaries, devices and files of the host (``domain.vms.tame_domain_xml``)."""
+    with site.catalog.read() as session:
+        images = q.list_images(session, app=app.name, kind=ImageKind.SNAPSHOT, limit=20)
+    for image in images:
+        manifest = load_manifest(site.pool, bytes.fromhex(image.manifest))
+        vm = manifest.meta.get("vm") if isinstance(manifest, VolumeManifest) else None
+        if isinstance(vm, dict) and vm.get("domain") == app.path and isinstance(vm.get("xml"), str):
+            return str(vm["xml"])
+    return None
+
+
 def _run_vm_restore(
     site: Site, ctx: JobContext, app: App, image: Image, host: Host
 ) -> dict[str, Any]:
@@ -315,6 +331,7 @@ def _run_vm_restore(
                 job=ctx.job.id,
                 appliance=site.session_ref(transfer.id, token),
                 power_on=bool(params.get("power_on")),
+                definition=own_domain_xml(site, app),
                 **({"shutdown_timeout": float(timeout)} if timeout is not None else {}),
             )
             done = follow(

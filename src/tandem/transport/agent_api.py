@@ -350,6 +350,10 @@ class VmRestoreRequest(BaseModel):
     job: str = ""
     power_on: bool = False
     shutdown_timeout: float = Field(default=120.0, ge=0, le=3600)
+    definition: str | None = Field(default=None, max_length=1_000_000)
+    """The domain XML to define the domain from if it is gone: the appliance's own capture
+    of it (``operations.restore.own_domain_xml``), never the image's, which may come from
+    the other site."""
 
 
 # --- hooks (agent/hooks.py) -----------------------------------------------------------
