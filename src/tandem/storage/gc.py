@@ -63,7 +63,7 @@ UNLINK_THREADS = 8
 
 @dataclass
 class GcProgress:
-    phase: str  # "mark" or "sweep"
+    phase: str  # "mark", "sweep" or "packs"
     done: int
     total: int
 
@@ -80,6 +80,7 @@ class GcRun:
     chunks_marked: int = 0
     resumed: bool = False
     resumed_at_fan: int = 0
+    packs_done: int = 0
 
 
 def gc_dir(pool: ChunkPool) -> Path:
@@ -133,6 +134,16 @@ class _Marks:
             "INSERT OR REPLACE INTO state (key, value) VALUES (?, ?)",
             [(k, repr(v)) for k, v in values.items()],
         )
+
+    def get_text(self, key: str) -> str:
+        row = self.db.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()
+        return "" if row is None else str(row[0])
+
+    def put_text(self, key: str, value: str) -> None:
+        self.db.execute("INSERT OR REPLACE INTO state (key, value) VALUES (?, ?)", (key, value))
+
+    def marked(self, digests: list[bytes]) -> set[bytes]:
+        return set(digests) - set(self.unmarked(digests))
 
     def done(self, mid: bytes) -> bool:
         return self.db.execute("SELECT 1 FROM done WHERE m = ?", (mid,)).fetchone() is not None
@@ -268,6 +279,21 @@ def _collect(
             fan=fan + 1, kept=run.chunks_kept, removed=run.chunks_removed, freed=run.bytes_freed
         )
         report("sweep", fan + 1, FANS)
+
+    # --- packs: one at a time, in id order; the last one done is saved --------------------
+    pool.packs.refresh(force=True)
+    after = marks.get_text("pack")
+    packs = [p for p in pool.packs.packs() if p > after]
+    for i, pack_id in enumerate(packs):
+        check()
+        kept, removed, freed = pool.sweep_pack(pack_id, marks.marked, cutoff)
+        run.chunks_kept += kept
+        run.chunks_removed += removed
+        run.bytes_freed += freed
+        run.packs_done += 1
+        marks.put(kept=run.chunks_kept, removed=run.chunks_removed, freed=run.bytes_freed)
+        marks.put_text("pack", pack_id)
+        report("packs", i + 1, len(packs))
 
     for mid in pool.list_manifests():
         if mid in keep:
