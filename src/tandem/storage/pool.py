@@ -2,7 +2,11 @@
 
 Invariants
 - A chunk file exists under ``chunks/`` only once its bytes are durable (written to
-  ``tmp/``, synced, then renamed). "Present" therefore means durable; every read verifies
+  ``tmp/``, synced, then renamed); a packed chunk is found only once its pack and the pack's
+  index file are durable (``storage.packs``: chunk files under ``pack_below`` bytes, 256 KiB
+  unless pool.json says otherwise, are appended to one pack per writer; a pool written
+  before packs is read as it is, and its new small chunks go to packs beside its files).
+  "Present" therefore means durable; every read verifies
   what it returns against the chunk's id and a bad chunk raises, it is never served. The id
   covers the header's 64 KiB block digests (``digest.object_id``), so a read of a few
   blocks checks the header with one small hash and each block with its own digest: it
@@ -11,12 +15,14 @@ Invariants
 - Garbage collection is safe while writers run: a writer registers itself in ``writers/``
   (a file it holds an flock on) with its start time and the manifests it builds on; GC keeps
   every chunk named by a live or base manifest and every chunk touched or written since the
-  oldest active writer started. A writer that reuses a chunk it did not write touches it.
+  oldest active writer started. A writer that reuses a chunk it did not write touches it
+  (a packed chunk: its pack, which GC then keeps whole).
 
 On-disk format, version 2 (version 1 had plain BLAKE3-256 ids)::
 
-    DIR/pool.json             {"format": 2, "kind": "tandem-pool"}
+    DIR/pool.json             {"format": 2, "kind": "tandem-pool"[, "pack_below": bytes]}
     DIR/chunks/ab/<hex>       chunk files, fanned out by the first byte of the digest
+    DIR/packs/<id>.pack|.idx  small chunk files, appended; the index names each (packs.py)
     DIR/manifests/<hex>       manifest objects (same file format, no sub-block digests)
     DIR/tmp/                  temporary files; those of dead writers removed when it opens
     DIR/writers/<id>          one per active writer: JSON {"started": t, "bases": [hex...]}
