@@ -419,3 +419,61 @@ def test_packed_chunks_replicate_by_id(pool: ChunkPool, tmp_path: Path) -> None:
             w.put_encoded(d, encode_for_receiver(pool, d, other.has))
     assert [other.get(d) for d in ids(data)] == data
     assert all(other.chunk_path(d).exists() for d in ids(data))
+
+
+def test_a_pack_rewritten_while_a_writer_writes_and_readers_read(pool: ChunkPool) -> None:
+    """GC rewrites a sparse pack while a capture writes new packs and readers read the
+    pack's live chunks: no read fails, nothing the writer wrote is lost, and the live
+    chunks end up in the new pack only."""
+    live_data, dead_data = small("live", 10), small("dead", 30)
+    image(pool, live_data + dead_data)  # one pack, a quarter live
+    with pool.writer() as w:
+        chunks: list[bytes | None] = list(ids(live_data))
+        live = w.commit_manifest(
+            encode_manifest(VolumeManifest(size=len(chunks) * VOLUME_CHUNK, chunks=chunks))
+        )
+    age(pool)
+    old_pack = pack_files(pool)[0]
+    stop = threading.Event()
+    failures: list[BaseException] = []
+    written: list[bytes] = []
+
+    def read() -> None:
+        while not stop.is_set():
+            try:
+                for d, p in zip(ids(live_data), live_data, strict=True):
+                    assert pool.get(d) == p
+            except BaseException as exc:  # reported below
+                failures.append(exc)
+                return
+
+    def write() -> None:
+        n = 0
+        with pool.writer() as w:
+            while not stop.is_set():
+                written.append(w.put(f"new-{n}-".encode() * 300).digest)
+                n += 1
+                if n % 25 == 0:
+                    w.flush()
+
+    threads = [threading.Thread(target=read), threading.Thread(target=write)]
+    for t in threads:
+        t.start()
+    try:
+        deadline = time.monotonic() + 60
+        while len(written) < 50:  # the writer is under way
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        run = gc.collect(pool, lambda: [live])
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert not failures
+    assert run.chunks_removed == 30
+    assert old_pack not in pack_files(pool)
+    assert all(pool.packs.lookup(d) is not None for d in ids(live_data))
+    assert [pool.get(d) for d in ids(live_data)] == live_data
+    assert all(pool.has(d) for d in written)
+    forget_indexes()
+    assert ChunkPool(pool.root).verify({live: ids(live_data)}).ok
