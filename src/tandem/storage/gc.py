@@ -32,7 +32,7 @@ sweep loads the marks of one fan-out directory at a time into memory (1/256 of t
 a delta?) per distinct live chunk while marking, one ``stat`` and one set lookup per stored
 chunk while sweeping; for packs, one index file read and one mark query per pack, and
 the copying of the live bytes of the packs it rewrites. The pack index itself (chunk id ->
-pack, offset, length) is held in memory by the pool (``storage.packs``), about 150 bytes
+pack, offset, length) is held in memory by the pool (``storage.packs``), about 220 bytes
 per packed chunk: that, not the mark set, bounds the pool's size today.
 
 Resuming: the marks file records the manifests already marked, the cut-off, the next

@@ -35,7 +35,7 @@ Invariants
   live fraction of its bytes is under ``REWRITE_BELOW``. Removal renames the pack to
   ``.gc`` first and re-stats it, as for loose chunks: a touch before the rename keeps the
   pack, a touch after it fails, and the writer stores the chunk again.
-- Memory: the index of packed chunks is held in memory per process (about 150 bytes a
+- Memory: the index of packed chunks is held in memory per process (about 220 bytes a
   packed chunk) and refreshed from ``packs/`` when a lookup misses and the directory changed.
 
 On-disk format::
