@@ -477,3 +477,46 @@ def test_a_pack_rewritten_while_a_writer_writes_and_readers_read(pool: ChunkPool
     assert all(pool.has(d) for d in written)
     forget_indexes()
     assert ChunkPool(pool.root).verify({live: ids(live_data)}).ok
+
+
+_KILLED_GC = r"""
+import os, signal, sys
+from tandem.storage import gc, pool as pool_mod
+
+root, live = sys.argv[1], bytes.fromhex(sys.argv[2])
+def die(*args: object) -> None:
+    os.kill(os.getpid(), signal.SIGKILL)  # the new pack is durable, the old one renamed
+pool_mod._remove_pack = die
+gc.collect(pool_mod.ChunkPool(root), lambda: [live])
+"""
+
+
+def test_a_gc_killed_mid_rewrite_is_finished_by_the_next(pool: ChunkPool) -> None:
+    """kill -9 of a collection after a sparse pack's live chunks were copied and the old
+    pack renamed for removal: the next collection resumes, removes the old pack, and every
+    live chunk reads back from the new one."""
+    live_data, dead_data = small("live", 10), small("dead", 30)
+    image(pool, live_data + dead_data)
+    with pool.writer() as w:
+        chunks: list[bytes | None] = list(ids(live_data))
+        live = w.commit_manifest(
+            encode_manifest(VolumeManifest(size=len(chunks) * VOLUME_CHUNK, chunks=chunks))
+        )
+    age(pool)
+    old_pack = pack_files(pool)[0]
+    child = subprocess.run(
+        [sys.executable, "-c", _KILLED_GC, str(pool.root), live.hex()], check=False
+    )
+    assert child.returncode == -signal.SIGKILL
+    assert gc.unfinished(pool) and (pool.packs_dir / f"{old_pack}.gc").exists()
+    forget_indexes()
+    reopened = ChunkPool(pool.root)
+    run = gc.collect(reopened, lambda: [live])
+    assert run.resumed
+    assert sorted(os.listdir(reopened.packs_dir)) == sorted(
+        f"{p}{ext}" for p in [n[:-5] for n in pack_files(reopened)] for ext in (".idx", ".pack")
+    )
+    assert old_pack not in pack_files(reopened)
+    assert not any(reopened.has(d) for d in ids(dead_data))
+    assert [reopened.get(d) for d in ids(live_data)] == live_data
+    assert reopened.verify({live: ids(live_data)}).ok
