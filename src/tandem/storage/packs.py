@@ -107,7 +107,7 @@ def parse_index(blob: bytes, where: str) -> list[tuple[bytes, int, int]]:
         raise bad("length")
     if hash_bytes(blob[:end]) != blob[end:]:
         raise bad("digest mismatch")
-    return [IDX_ENTRY.unpack_from(blob, IDX_HEAD.size + i * IDX_ENTRY.size) for i in range(count)]
+    return list(IDX_ENTRY.iter_unpack(blob[IDX_HEAD.size : end]))
 
 
 def read_record(path: str, digest: bytes, offset: int, length: int, where: str) -> bytes:
