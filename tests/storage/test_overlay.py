@@ -39,9 +39,9 @@ def make_base(
 
 
 def pool_files(pool: ChunkPool) -> dict[str, bytes]:
-    """Digest of every file in the pool's chunk and manifest directories."""
+    """Digest of every file in the pool's chunk, pack and manifest directories."""
     out = {}
-    for sub in ("chunks", "manifests"):
+    for sub in ("chunks", "packs", "manifests"):
         for path in sorted((pool.root / sub).rglob("*")):
             if path.is_file():
                 out[str(path)] = hash_bytes(path.read_bytes())
