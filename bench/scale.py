@@ -18,6 +18,13 @@ One appliance and one agent run as child processes on loopback TLS (``tandem.dri
    PostgreSQL catalog, then a round with a second process joined to it
    (``appliance init --join``). Figure: captures per minute of each round, from the first
    submit to the last end.
+5. Keeping up (``keepup``): ``SCALE_KEEPUP_APPS`` small apps (default 1,000, one 4 KiB file
+   each) protected with a template ``--every SCALE_KEEPUP_EVERY`` (default 900 s, the issue's 15
+   min) ``--keep 3``, left to the appliance's own scheduler for ``SCALE_KEEPUP_ROUNDS`` (default
+   1) intervals after the first round. Figures, from the scheduler's capture jobs in the
+   catalog: how long the first round (every app due at once) took; each later capture's lag, the
+   time between two captures of an app less the interval (keeping up: at most one interval);
+   failures; the appliance process's CPU over the run.
 """
 
 from __future__ import annotations
@@ -50,8 +57,16 @@ JOBS_PER_APP = 20
 CAPTURES = 7
 REQUESTS = 200
 MULTI_APPS = int(os.environ.get("SCALE_MULTI_APPS", "48"))
-PARTS = os.environ.get("SCALE_PARTS", "single,multi").split(",")
-"""``single``: parts 1-3 (one appliance, SQLite); ``multi``: part 4 (PostgreSQL)."""
+PARTS = os.environ.get("SCALE_PARTS", "single,multi,keepup").split(",")
+"""``single``: parts 1-3 (one appliance, SQLite); ``multi``: part 4 (PostgreSQL);
+``keepup``: part 5 (the scheduler, SQLite)."""
+KEEPUP = {
+    "apps": int(os.environ.get("SCALE_KEEPUP_APPS", "1000")),
+    "every": int(os.environ.get("SCALE_KEEPUP_EVERY", "900")),
+    "rounds": float(os.environ.get("SCALE_KEEPUP_ROUNDS", "1")),
+}
+"""Part 5's size; ``--quick`` makes it 100 apps on 60 s unless the environment says."""
+KEEPUP_QUICK = {"apps": 100, "every": 60, "rounds": 1.0}
 PG_URL = os.environ.get("SCALE_PG_URL") or os.environ.get("TANDEM_TEST_PG_URL")
 TERMINAL = frozenset({"succeeded", "failed", "canceled"})
 
@@ -319,6 +334,125 @@ class MultiProcessBench:
             daemon.stop()
 
 
+class KeepUpBench:
+    """The appliance's own scheduler with many small apps on one interval (part 5)."""
+
+    def __init__(self, cfg: Config, report: Report, lab: Lab) -> None:
+        self.cfg, self.report, self.lab = cfg, report, lab
+        self.site: Daemon = lab.add("appliance", "keepup")
+        self.agent: Daemon = lab.add("agent", "keepup-host")
+        self.root = cfg.workdir / "scale" / "keepup"
+        size = {**KEEPUP}
+        if cfg.quick:
+            size.update(
+                (k, v)
+                for k, v in KEEPUP_QUICK.items()
+                if f"SCALE_KEEPUP_{k.upper()}" not in os.environ
+            )
+        self.apps, self.every, self.rounds = int(size["apps"]), int(size["every"]), size["rounds"]
+
+    def run(self) -> None:
+        self.lab.up(self.site, self.agent)
+        with self.site.client() as api:
+            api.post(
+                "/api/v1/hosts",
+                {
+                    "name": self.agent.name,
+                    "url": self.agent.url,
+                    "token": self.agent.token,
+                    "fingerprint": self.agent.fingerprint,
+                },
+            )
+            api.post("/api/v1/templates", {"name": "every", "every": f"{self.every}s", "keep": 3})
+            log(f"scale: keep-up, {self.apps} apps on --every {self.every}s --keep 3")
+            names = []
+            for i in range(self.apps):
+                name, data = f"k{i:05}", self.root / f"k{i:05}"
+                data.mkdir(parents=True)
+                (data / "f").write_bytes(os.urandom(4096))
+                app = {"name": name, "host": self.agent.name, "kind": "filesystem"}
+                api.post("/api/v1/apps", {**app, "path": str(data)})
+                names.append(name)
+            cpu0, t0 = _cpu_seconds(self.site), time.monotonic()
+            started = datetime.now(UTC)
+            for name in names:  # protecting makes the app due at the scheduler's next tick
+                api.post(f"/api/v1/apps/{name}/protect", {"template": "every"})
+            end = t0 + self.every * (self.rounds + 1)
+            while time.monotonic() < end:
+                time.sleep(min(30.0, max(0.0, end - time.monotonic())))
+                log(f"scale: keep-up, {time.monotonic() - t0:.0f} s of {end - t0:.0f} s")
+            cpu = (_cpu_seconds(self.site) - cpu0) / (time.monotonic() - t0)
+        self.figures(started, cpu)
+
+    def figures(self, started: datetime, cpu: float) -> None:
+        from sqlalchemy import select
+
+        url = f"sqlite:///{self.site.directory / 'catalog.db'}"
+        with open_catalog(url, upgrade=False) as catalog, catalog.read() as session:
+            jobs = session.scalars(
+                select(Job).where(Job.type == "capture", Job.actor == "scheduler")
+            ).all()
+        by_app: dict[str, list[datetime]] = {}
+        failed = 0
+        for job in jobs:
+            if job.status is JobStatus.SUCCEEDED and job.finished is not None and job.app:
+                by_app.setdefault(job.app, []).append(_aware(job.finished))
+            elif job.status is JobStatus.FAILED:
+                failed += 1
+        firsts = [min(ends) for ends in by_app.values()]
+        first_round = (
+            (max(firsts) - started).total_seconds() if len(by_app) == self.apps else float("inf")
+        )
+        lags = sorted(
+            (b - a).total_seconds() - self.every
+            for ends in by_app.values()
+            for a, b in zip(sorted(ends), sorted(ends)[1:], strict=False)
+        )
+        if not lags:
+            raise RuntimeError("keep-up: no app was captured twice; the run was too short")
+        p50 = lags[len(lags) // 2]
+        p99 = lags[min(len(lags) - 1, int(len(lags) * 0.99))]
+        kept_up = lags[-1] <= self.every and first_round <= self.every and not failed
+        log(
+            f"scale: keep-up first round {first_round:.0f} s, lag p50 {p50:.1f} s p99 "
+            f"{p99:.1f} s max {lags[-1]:.1f} s, {len(jobs)} captures, {failed} failed, "
+            f"appliance CPU {cpu:.0%} of a core"
+        )
+        self.report.add(
+            Row(
+                SECTION,
+                f"{self.apps} small apps on --every {self.every}s, "
+                f"{self.rounds:g} intervals after the first round",
+                f"{'kept up' if kept_up else 'fell behind'}: first round {first_round:.0f} s, "
+                f"lag p99 {p99:.1f} s (max {lags[-1]:.1f} s), {failed} failed, appliance CPU "
+                f"{cpu:.0%} of a core",
+                "—",
+                "—",
+                "lag ≤ one interval",
+                {
+                    "first_round": first_round,
+                    "lag_p50": p50,
+                    "lag_p99": p99,
+                    "lag_max": lags[-1],
+                    "captures": len(jobs),
+                    "failed": failed,
+                    "cpu": cpu,
+                },
+            )
+        )
+
+
+def _cpu_seconds(daemon: Daemon) -> float:
+    """User plus system CPU seconds of the daemon's process (all its threads)."""
+    assert daemon.proc is not None
+    fields = Path(f"/proc/{daemon.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _aware(moment: datetime) -> datetime:
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
 def multi_process(cfg: Config, report: Report, root: Path) -> None:
     if not PG_URL:
         log("scale: no PostgreSQL (SCALE_PG_URL): the two-process figure is skipped")
@@ -371,3 +505,13 @@ def run(cfg: Config, report: Report) -> None:
     if "multi" in PARTS:
         (root / "multi").mkdir(exist_ok=True)
         multi_process(cfg, report, root / "multi")
+    if "keepup" in PARTS:
+        with Lab(root / "keepup-lab") as lab:
+            keepup = KeepUpBench(cfg, report, lab)
+            try:
+                keepup.run()
+            except (RuntimeError, OSError, TandemError) as exc:
+                log(f"scale (keep-up) failed: {exc}")
+                for d in lab:
+                    log(f"{d.kind} {d.name} log ends with:\n{d.log_tail()}")
+                report.add(Row(SECTION, "keep-up failed", "failed", str(exc)[:120], "—", "—"))

@@ -159,6 +159,15 @@ class TargetNotRegistered(TandemError):
     http_status = 409
 
 
+class VmTargetNotRegistered(TandemError):
+    """No vm app is registered at appliance {site} for domain {domain!r} on host {host!r}:
+    the other site cannot name a VM to write, only {site}'s operators can. Register the
+    restored domain on {site} first (`tandem app add NAME --kind vm --host {host} --domain
+    {domain}`), then fail back again."""
+
+    http_status = 409
+
+
 class CertificateMismatch(TandemError):
     """The certificate of {url} has fingerprint {actual}, not the pinned {expected}.
     If the peer was re-initialised on purpose, pair again with its new fingerprint."""
@@ -300,6 +309,14 @@ class Unreachable(TandemError):
     http_status = 502
 
 
+class CatalogUnavailable(TandemError):
+    """The catalog database {url} is not answering: {reason}. Check that the database server
+    runs and accepts connections; the appliance reconnects by itself, so retry once it is
+    back."""
+
+    http_status = 503
+
+
 class NotHypervisor(TandemError):
     """This host is not a hypervisor: {reason}. Install libvirt (libvirt-daemon-system,
     qemu-system-x86 and the agent's `vm` extra, libvirt-python) and start libvirtd, or use
@@ -391,6 +408,14 @@ class SyncbackOfRunningDatabase(InvalidInput):
     """Invalid input: syncback {image} of {app!r} was taken while PostgreSQL ran at the DR
     site, {how}; it is not a cluster to write in place. Stop the database at the DR site, run
     `tandem syncback {app}` there (it sends only what changed since) and restore that one."""
+
+
+class WalNotHome(Conflict):
+    """Syncback {image} of {app!r} is a base backup of the database running at the DR site:
+    it is consistent only with its WAL replayed up to LSN {lsn}, and WAL segment {segment} is
+    not held here yet. Wait until the DR site has pushed its WAL home (`tandem images {app}`
+    shows the window) and restore again, or stop the database at the DR site, run
+    `tandem syncback {app}` there and restore that final syncback."""
 
 
 class MountPointNeeded(InvalidInput):

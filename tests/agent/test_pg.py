@@ -42,6 +42,20 @@ def test_a_folder_that_is_no_cluster_is_refused(tmp_path: Path) -> None:
         pg.find_cluster(str(tmp_path))
 
 
+def test_a_postmaster_pid_copied_from_another_cluster_names_no_server_here(
+    tmp_path: Path,
+) -> None:
+    """A base backup read live carries its cluster's postmaster.pid: written elsewhere (a
+    failback's first pass), its server is not this folder's, to query or to stop."""
+    installed = sorted(p.parent.parent.name for p in pg.PG_ROOT.glob("*/bin/postgres"))
+    (tmp_path / "PG_VERSION").write_text(installed[-1] + "\n")
+    other = "/srv/the-dr-copy"  # names a live process (this one), of another data folder
+    (tmp_path / "postmaster.pid").write_text(f"{os.getpid()}\n{other}\n0\n5432\n/tmp\n")
+    with pytest.raises(ClusterUnfit, match="names no running server"):
+        pg.find_cluster(str(tmp_path))
+    assert pg.stop_copy(str(tmp_path)) is False  # never signalled
+
+
 def test_a_failing_client_program_is_reported_with_its_last_line() -> None:
     c = pg.Cluster("/srv/pg", 5432, "/run/postgresql", "root", os.geteuid(), 0, "15")
     with pytest.raises(PostgresCommandFailed) as failed:

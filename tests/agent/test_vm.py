@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests import vmguest
@@ -86,3 +87,66 @@ def test_a_new_vm_is_never_the_source_domain_nor_a_name_that_exists(
     finally:
         vmguest.remove_domain(source)
         vmguest.remove_domain(taken)
+
+
+def test_an_empty_domain_for_a_failback_is_checked_made_and_removed_with_its_volumes(
+    agent: Agent, libvirt_host: None, tmp_path: Path
+) -> None:
+    """``agent.vm.define_empty`` (a failback ``--target new`` at production): the agent
+    refuses the source's name, a name that exists and a pool it lacks, touching nothing;
+    else the domain is defined powered off with a new UUID, its NIC's MAC and one empty
+    qcow2 v3 volume per disk in the pool, which ``remove`` deletes with it."""
+    tag = os.getpid()
+    source, taken, new = (f"tandem-test-{w}-{tag}" for w in ("src", "taken", "new"))
+    pool = f"tandem-test-pool-{tag}"
+    (tmp_path / "pool").mkdir()
+    for name in (source, taken, new):
+        vmguest.remove_domain(name)
+    (tmp_path / "taken.xml").write_text(BARE.format(name=taken))
+    vmguest.virsh("define", str(tmp_path / "taken.xml"))
+    vmguest.virsh("pool-define-as", pool, "dir", "--target", str(tmp_path / "pool"))
+    vmguest.virsh("pool-start", pool)
+    mac = "52:54:00:12:34:56"
+    source_uuid = "6c0c2c55-3f6e-4f43-9d53-000000000001"
+    xml = (
+        BARE.format(name=source)
+        .replace("</name>", f"</name><uuid>{source_uuid}</uuid>")
+        .replace(
+            "</devices>", f"<interface type='user'><mac address='{mac}'/></interface></devices>"
+        )
+    )
+    body = {"xml": xml, "disks": [{"target": "vda", "size": 1 << 20}], "pool": pool}
+
+    def define(**fields: object) -> httpx.Response:
+        return agent.client.post(
+            "/api/v1/vms/define-empty",
+            headers=agent.auth,
+            json={**body, "source_domain": source, **fields},
+        )
+
+    try:
+        assert define(name=source).status_code == 422
+        assert define(name=taken).json()["error"] == "AlreadyExists"
+        assert define(name=new, pool="no-such-pool").json()["error"] == "NotFound"
+        assert define(name=new, disks=[{"target": "../x", "size": 1}]).status_code == 422
+        assert list((tmp_path / "pool").iterdir()) == []
+        assert vmguest.virsh("dominfo", new, check=False).returncode != 0
+
+        made = define(name=new)
+        assert made.status_code == 200, made.text
+        volume = tmp_path / "pool" / f"{new}-vda.qcow2"
+        assert made.json()["volumes"] == [f"{pool}/{new}-vda.qcow2"]
+        assert vmguest.virsh("domstate", new).stdout.strip() == "shut off"
+        defined = vmguest.virsh("dumpxml", "--inactive", new).stdout
+        assert f"<source file='{volume}'" in defined and f"<mac address='{mac}'" in defined
+        assert made.json()["uuid"] != source_uuid  # a UUID of its own
+        info = vmguest.virsh("vol-dumpxml", f"{new}-vda.qcow2", "--pool", pool).stdout
+        assert "<compat>1.1</compat>" in info  # keeps persistent dirty bitmaps
+        gone = agent.client.post("/api/v1/vms/remove", headers=agent.auth, json={"name": new})
+        assert gone.json()["removed"] is True
+        assert not volume.exists()
+    finally:
+        for name in (source, taken, new):
+            vmguest.remove_domain(name)
+        vmguest.virsh("pool-destroy", pool, check=False)
+        vmguest.virsh("pool-undefine", pool, check=False)

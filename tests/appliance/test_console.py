@@ -348,3 +348,23 @@ def test_operations_offered_follow_the_lifecycle(
     app = App(name="web", kind=AppKind.FILESYSTEM, state=app_state)
     offered = image_actions(app, image_of(kind, image_state), production=production)
     assert [a.name for a in offered] == expected
+
+
+def test_a_failed_over_vm_fails_back_onto_a_domain_with_a_pool_for_a_new_one(
+    api: Api, tmp_path: Path
+) -> None:
+    seed_app(api.appliance)
+    source = tmp_path / "src"
+    source.mkdir()
+    image = seed_image(api.appliance, "web", source)
+    with api.appliance.catalog.begin() as session:
+        row = q.get_app(session, name="web")
+        row.kind, row.path, row.state = AppKind.VM, "web-vm", AppState.FAILED_OVER
+        found = q.get_image(session, image_id=image)
+        found.kind, found.state = ImageKind.FAILOVER, ImageState.MOUNTED
+    with client_for(api) as c:
+        sign_in(c, api.tokens["operator"])
+        page = c.get(f"/apps/web?image={image}").text
+        assert 'id="op-failback-replica"' in page
+        assert "Domain (restored / new target)" in page
+        assert 'name="pool"' in page  # the storage pool of a new domain at production

@@ -149,6 +149,32 @@ def test_after_an_outage_captures_queue_most_overdue_first_never_past_the_worker
     assert scheduler.run_due(now + 104) == []
 
 
+def test_with_a_backlog_the_next_capture_is_queued_when_a_job_ends_not_a_tick_later(
+    booted: Booted,
+) -> None:
+    """Room in the queue is made by a job's end: with due apps waiting, the scheduler looks
+    again then (a tick of an hour here would otherwise hold the second app an hour)."""
+    appliance = booted.appliance
+    seed_app(appliance, "first")
+    seed_app(appliance, "second")
+    scheduler = Scheduler(appliance.site, tick=3600, capacity=1)
+    assert scheduler.run_due() == ["first"]  # "second" waits for room
+    scheduler.start()
+    try:
+        finish_queued(booted, time.time())
+        appliance.site.ended.notify()  # what the runner does once a job's end is committed
+        deadline = time.monotonic() + 30  # a deadline for a failure, not a pace
+        while time.monotonic() < deadline:
+            with appliance.catalog.read() as session:
+                if q.list_jobs(session, app="second"):
+                    break
+            time.sleep(0.05)
+    finally:
+        scheduler.stop()
+    with appliance.catalog.read() as session:
+        assert [j.actor for j in q.list_jobs(session, app="second")] == ["scheduler"]
+
+
 def test_the_worker_count_is_set_per_appliance(tmp_path: Path) -> None:
     directory = tmp_path / "appliance"
     init(directory, "site-w", f"127.0.0.1:{free_port()}", None, workers=3)

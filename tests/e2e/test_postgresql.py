@@ -4,92 +4,29 @@ second or to the latest WAL. Real daemons, driven by the CLI."""
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 import time
-from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.e2e.conftest import Cli, Drill, Site, running_drill, wait_for
-from tests.e2e.test_live_apps import INVARIANT, Cluster, as_postgres, shared_dir
+from tests.e2e.conftest import Drill, Site, wait_for
+from tests.e2e.pgsite import (
+    bench,
+    drill,
+    make_cluster,
+    recovered,
+    server_now,
+    shared_dir,
+    window_end,
+)
+from tests.e2e.test_live_apps import INVARIANT, as_postgres
 
-__all__ = ["shared_dir"]  # the fixture, used by name
+__all__ = ["drill", "shared_dir"]  # the fixtures, used by name
 
 RPO_BOUND = 10.0
 """Rows committed this many seconds before production died must be at DR (the target is 5 s;
 this bound leaves room for a machine shared with other work)."""
-
-
-def make_cluster(root: Path, name: str, *options: str) -> Cluster:
-    sockets = root / "sockets"
-    sockets.mkdir(exist_ok=True)
-    shutil.chown(sockets, "postgres", "postgres")
-    data = root / name
-    data.mkdir()
-    shutil.chown(data, "postgres", "postgres")
-    data.chmod(0o700)
-    cluster = Cluster(data, sockets)
-    as_postgres(
-        str(cluster.bin / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "--no-sync"
-    )
-    if options:
-        with open(data / "postgresql.conf", "a") as conf:
-            conf.write("\n".join(options) + "\n")
-    cluster.start()
-    return cluster
-
-
-def window_end(cli: Cli, app: str) -> datetime | None:
-    rows = cli("images", app)
-    end = rows[0]["window"]["end"] if rows and rows[0].get("window") else None
-    return datetime.fromisoformat(end) if end else None
-
-
-def server_now(cluster: Cluster) -> datetime:
-    return datetime.fromisoformat(cluster.sql("SELECT clock_timestamp()"))
-
-
-def bench(cluster: Cluster) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [
-            "runuser",
-            "-u",
-            "postgres",
-            "--",
-            str(cluster.bin / "pgbench"),
-            *cluster.conn(),
-            "-n",
-            "-c",
-            "2",
-            "-j",
-            "1",
-            "-R",
-            "50",
-            "-T",
-            "600",
-            "postgres",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        cwd="/",
-    )
-
-
-@pytest.fixture
-def drill(tmp_path: Path) -> Iterator[Drill]:
-    with running_drill(tmp_path) as built:
-        yield built
-
-
-def recovered(root: Path, result: dict[str, Any]) -> Cluster:
-    """The database a test failover started at DR, to query."""
-    copy = Cluster(Path(result["paths"][0]), Path(result["socket_dir"]))
-    copy.port = int(result["port"])
-    return copy
 
 
 def test_postgresql_streams_to_dr_and_recovers_to_a_second_and_to_the_latest(

@@ -5,87 +5,44 @@ the DR copy's new timeline."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
+from tests.e2e.conftest import Cli, Drill, wait_for
+from tests.e2e.pgsite import (
+    CONFIRM,
+    HISTORY,
+    amcheck,
+    bench,
+    drill,
+    failed_over,
+    recovered,
+    server_now,
+    shared_dir,
+    stop_bench,
+    window_end,
+)
+from tests.e2e.test_live_apps import INVARIANT, as_postgres
 
-from tests.e2e.conftest import Cli, Drill, running_drill, wait_for
-from tests.e2e.test_live_apps import INVARIANT, as_postgres, shared_dir
-from tests.e2e.test_postgresql import bench, make_cluster, recovered, server_now, window_end
-
-__all__ = ["shared_dir"]  # the fixture, used by name
-
-CONFIRM = ("--confirm", "DATA LOSS", "--confirm", "OVERWRITE OTHER APPS")
-HISTORY = "SELECT count(*), max(mtime) FROM pgbench_history"
-
-
-@pytest.fixture
-def drill(tmp_path: Path) -> Iterator[Drill]:
-    with running_drill(tmp_path) as built:
-        yield built
+__all__ = ["drill", "shared_dir"]  # the fixtures, used by name
 
 
 def test_a_database_failed_over_comes_home_with_every_dr_transaction_and_streams_again(
     drill: Drill, shared_dir: Path
 ) -> None:
     a, b = drill.a, drill.b
-    prod = make_cluster(shared_dir, "pgdata")
-    try:
-        as_postgres(str(prod.bin / "pgbench"), *prod.conn(), "-i", "-q", "-s", "1", "postgres")
-        as_postgres(str(prod.bin / "pgbench"), *prod.conn(), "-n", "-t", "50", "postgres")
-        a("app", "add", "db", "--host", "host1", "--kind", "postgresql", "--path", str(prod.data))
-        a("app", "protect", "db", "--template", "mirrored")
-        assert a("capture", "db")["job"]["status"] == "succeeded"
-        at_prod = prod.sql(HISTORY)
-        prod.sql("CREATE TABLE marks (site text)")
-        # Replication is asynchronous: the table's commit returns before tandem's receiver
-        # wrote it. Wait until the receiver reports it written (pg_receivewal --synchronous
-        # answers at once); WAL the agent lists after that includes it.
-        lsn = prod.sql("SELECT pg_current_wal_lsn()")
-        reported = f"SELECT bool_or(write_lsn >= '{lsn}') FROM pg_stat_replication"
-        wait_for(lambda: prod.sql(reported) == "t", 60, "the receiver to write the WAL")
-        done = server_now(prod)
-        wait_for(lambda: (end := window_end(b, "db")) and end > done, 60, "the WAL at DR")
-        prod.stop()  # a planned failover: production stops first
-
-        dr_path = shared_dir / "dr"
-        over = b(
-            "failover",
-            "db",
-            "--host",
-            "host2",
-            "--confirm",
-            "FAILOVER",
-            "--latest",
-            "--verify",
-            "--mount-point",
-            str(dr_path),
-        )
-        assert over["job"]["status"] == "succeeded", over["job"]
-        assert over["recovery"]["amcheck"]["ok"], over["recovery"]["amcheck"]
-        writer = recovered(shared_dir, over["job"]["result"])
-        assert writer.sql(HISTORY) == at_prod  # nothing committed at production is lost
-        # Nothing of the recovery's is left to be carried home.
-        assert "restore_command" not in (dr_path / "postgresql.auto.conf").read_text()
-
+    with failed_over(drill, shared_dir) as over:
+        prod, writer, at_prod = over.prod, over.writer, over.at_prod
         # The app runs at the DR site; a catch-up syncback is taken under its load (a base
-        # backup of the DR cluster), brings the data home, but is no cluster to restore.
+        # backup of the DR cluster) and brings the data home (restoring it rolls it forward:
+        # test_postgresql_rollforward.py).
         load = bench(writer)
         try:
             wait_for(lambda: writer.sql(HISTORY) != at_prod, 60, "pgbench at DR")
             catch_up = b("syncback", "db", "--label", "catch-up")
         finally:
-            load.kill()  # runuser; pgbench itself goes when its sessions do
-            load.wait()
-            clients = "FROM pg_stat_activity WHERE application_name = 'pgbench'"
-            writer.sql(f"SELECT pg_terminate_backend(pid) {clients}")
-            wait_for(lambda: writer.sql(f"SELECT count(*) {clients}") == "0", 30, "no pgbench")
+            stop_bench(writer, load)
         assert catch_up["job"]["status"] == "succeeded", catch_up["job"]
         assert catch_up["job"]["result"]["consistency"] == "base-backup"
-        refused = a.run("restore", "db", "--image", catch_up["image"]["id"], *CONFIRM, check=False)
-        assert refused.code != 0 and "Traceback" not in refused.stderr
-        assert "Stop the database at the DR site" in refused.error, refused.error
         before = int(writer.sql("SELECT count(*) FROM pgbench_history"))
         as_postgres(
             str(writer.bin / "pgbench"), *writer.conn(), "-n", "-c", "2", "-t", "100", "postgres"
@@ -129,14 +86,7 @@ def test_a_database_failed_over_comes_home_with_every_dr_transaction_and_streams
         assert prod.sql(HISTORY) == at_dr  # every transaction committed at DR, no more
         assert prod.sql(INVARIANT) == sums and len(set(sums.split("|"))) == 1
         assert prod.sql("SELECT site FROM marks") == "dr"
-        checked = as_postgres(
-            str(prod.bin / "pg_amcheck"),
-            *prod.conn(),
-            "--all",
-            "--heapallindexed",
-            "--install-missing",
-            check=False,
-        )
+        checked = amcheck(prod)
         assert checked.returncode == 0, checked.stdout + checked.stderr
 
         done_back = b("failback", "db")
@@ -197,5 +147,3 @@ def test_a_database_failed_over_comes_home_with_every_dr_transaction_and_streams
         copy = recovered(shared_dir, at["job"]["result"])
         assert copy.sql(HISTORY) == at_dr and copy.sql("SELECT site FROM marks") == "dr"
         a("unmount", at["image"]["id"])
-    finally:
-        prod.stop()

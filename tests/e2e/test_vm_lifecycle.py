@@ -290,7 +290,7 @@ def test_replica_style_failback_to_the_original_vm_undo_then_commit(
     new = b.run(
         "failback", "life", "--target", "new", "--host", "host1", "--path", "/x", check=False
     )
-    assert new.code != 0 and "not built yet" in new.error  # refused before anything moves
+    assert new.code != 0 and "not a libvirt domain name" in new.error  # before anything moves
     failback = ("failback", "life", "--target", "original", "--power-on", "--shutdown-timeout")
     job = b(*failback, "2")["job"]
     assert job["status"] == "succeeded", job["message"]

@@ -340,6 +340,7 @@ def restore_vm(req: VmRestoreRequest, emit: Emit) -> dict[str, Any]:
             _progress(emit),
             power_on=req.power_on,
             shutdown_timeout=req.shutdown_timeout,
+            definition=req.definition,
         )
     return {**done, "bytes_received": source.bytes_received}
 

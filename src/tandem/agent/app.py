@@ -16,6 +16,8 @@ Invariants
 - ``/api/v1/vms`` lists the libvirt domains of a hypervisor host, ``/api/v1/vms/resources``
   its storage pools and networks; ``/api/v1/vms/define`` and ``/api/v1/vms/remove`` define a
   new VM over an appliance's NBD export and remove it (``tandem.agent.vm``);
+  ``/api/v1/vms/define-empty`` defines a powered-off one on new, empty pool volumes (a
+  failback ``--target new`` writes the image into them);
   ``/api/v1/vms/define-copy`` streams the copy of its disks into a pool, then defines it;
   ``/api/v1/vms/restore`` restores a VM image onto a domain in place, ``/api/v1/vms/power``
   starts or stops one.
@@ -45,7 +47,9 @@ from tandem.errors import InvalidInput, JobCanceled, TandemError, Unauthorized
 from tandem.transport.agent_api import (
     CaptureRequest,
     DefineRequest,
+    EmptyDomainRequest,
     MaterializeRequest,
+    PgRunRequest,
     PowerRequest,
     ProbeRequest,
     RecoverRequest,
@@ -131,6 +135,8 @@ def create_app(cfg: DaemonConfig, directory: Path | None = None) -> FastAPI:
         threading.Thread(target=registry.reattach_layers, name="reattach", daemon=True).start()
     scripts = directory / hooks.SCRIPTS if directory is not None else None
     receivers = pg.Receivers(directory) if directory is not None else None
+    rolling: set[str] = set()
+    """Paths a restore just wrote a PostgreSQL base backup to, to be recovered in place."""
     app.state.receivers = receivers
 
     def wal_receivers() -> pg.Receivers:
@@ -192,6 +198,10 @@ def create_app(cfg: DaemonConfig, directory: Path | None = None) -> FastAPI:
 
         return _stream(req.name, work)
 
+    @app.post("/api/v1/vms/define-empty", dependencies=[Depends(auth)])
+    def define_empty_vm(req: EmptyDomainRequest) -> dict[str, Any]:
+        return vm.define_empty(req)
+
     @app.post("/api/v1/vms/remove", dependencies=[Depends(auth)])
     def remove_vm(req: RemoveRequest) -> dict[str, Any]:
         return vm.remove(req.name)
@@ -202,7 +212,14 @@ def create_app(cfg: DaemonConfig, directory: Path | None = None) -> FastAPI:
 
     @app.post("/api/v1/restore", dependencies=[Depends(auth)])
     def restore(req: RestoreRequest) -> StreamingResponse:
-        return _stream(req.job, lambda emit: actions.restore(req, emit))
+        def work(emit: actions.Emit) -> dict[str, Any]:
+            rolling.discard(req.path)  # the data is about to change: no recovery meanwhile
+            done = actions.restore(req, emit)
+            if req.rollforward:
+                rolling.add(req.path)
+            return done
+
+        return _stream(req.job, work)
 
     @app.post("/api/v1/vms/power", dependencies=[Depends(auth)])
     def power_vm(req: PowerRequest) -> dict[str, Any]:
@@ -260,9 +277,10 @@ def create_app(cfg: DaemonConfig, directory: Path | None = None) -> FastAPI:
         return wal_receivers().ack(req)
 
     def presented(path: str) -> None:
-        """WAL and recovery settings go only into a copy this agent materialized."""
+        """WAL and recovery settings go only into a copy this agent materialized, or a base
+        backup it just restored in place for the appliance to recover."""
         held = {str(p) for e in mount_registry().read().values() for p in e.get("paths", [])}
-        if path not in held:
+        if path not in held and path not in rolling:
             raise InvalidInput(
                 detail=f"{path} is not a copy presented on this host; present the base image "
                 "there first (test-failover, failover or mount with --mount-point)"
@@ -285,7 +303,20 @@ def create_app(cfg: DaemonConfig, directory: Path | None = None) -> FastAPI:
     @app.post("/api/v1/pg/recover", dependencies=[Depends(auth)])
     def pg_recover(req: RecoverRequest) -> dict[str, Any]:
         presented(req.path)
-        return pg.recover(req)
+        try:
+            return pg.recover(req)
+        finally:
+            if req.stop:  # recovered in place (or failed): restore it again to retry
+                rolling.discard(req.path)
+
+    @app.post("/api/v1/pg/stop", dependencies=[Depends(auth)])
+    def pg_stop(req: PgRunRequest) -> dict[str, Any]:
+        return {"stopped": pg.stop_copy(req.path)}
+
+    @app.post("/api/v1/pg/start", dependencies=[Depends(auth)])
+    def pg_start(req: PgRunRequest) -> dict[str, Any]:
+        presented(req.path)
+        return pg.start_copy(req)
 
     @app.post("/api/v1/run", dependencies=[Depends(auth)])
     def run(req: RunRequest) -> dict[str, Any]:

@@ -78,6 +78,7 @@ from tandem.transport.agent_api import (
     WAL_FILE,
     WAL_NAME,
     WAL_OR_HISTORY,
+    PgRunRequest,
     ProbeRequest,
     RecoverRequest,
     SpoolRequest,
@@ -160,6 +161,12 @@ def binaries(major: str, data: str) -> Path:
     return where
 
 
+def _same_dir(named: str, data: str) -> bool:
+    """Whether ``named`` (a postmaster.pid's data directory line) is ``data``: a pid file
+    copied with another cluster's files (a live read of it) names that cluster's server."""
+    return os.path.realpath(named.strip()) == os.path.realpath(data)
+
+
 def find_cluster(data: str) -> Cluster:
     """The running cluster whose data directory is ``data``."""
     major = _major_of(data)
@@ -174,6 +181,8 @@ def find_cluster(data: str) -> Cluster:
         ) from exc
     try:
         pid, port, sockets = int(lines[0]), int(lines[3]), lines[4].strip()
+        if not _same_dir(lines[1], data):
+            raise ValueError("another cluster's")
         os.kill(pid, 0)
     except (IndexError, ValueError, ProcessLookupError) as exc:
         raise ClusterUnfit(
@@ -719,7 +728,7 @@ def _free_port() -> int:
 def recover(req: RecoverRequest) -> dict[str, Any]:
     """Start the copy at ``req.path`` as a PostgreSQL recovered to ``req.target_time`` (or
     to the end of its WAL), promoted there; wait until it accepts connections; report the
-    point reached."""
+    point reached. ``req.stop``: shut it down cleanly after (a restore in place)."""
     path = _copy_dir(req.path)
     c0 = _owner_of(path)
     for name in (
@@ -841,6 +850,12 @@ def recover(req: RecoverRequest) -> dict[str, Any]:
     reached = row[1] or None
     _settle(c, settings_before)
     checked = amcheck(c) if req.verify else None
+    if req.stop:
+        stop_copy(path)
+        if os.path.exists(os.path.join(path, "postmaster.pid")):
+            raise RecoveryFailed(
+                path=path, reason=f"it was recovered to {reached} but did not shut down within 60 s"
+            )
     return {
         "amcheck": checked,
         "port": port,
@@ -903,9 +918,45 @@ def amcheck(c: Cluster) -> dict[str, Any]:
     }
 
 
+def start_copy(req: PgRunRequest) -> dict[str, Any]:
+    """Start the stopped cluster of a presented copy again, listening as it did (only on
+    its socket, ``req.port`` or a free one); waits until it accepts connections."""
+    path = _copy_dir(req.path)
+    c0 = _owner_of(path)
+    port = req.port or _free_port()
+    sockets = req.socket_dir or path
+    c = Cluster(path, port, sockets, c0.owner, c0.uid, c0.gid, c0.major)
+    log = os.path.join(path, "tandem-recovery.log")
+    _run(
+        c,
+        [
+            str(c.bin / "pg_ctl"),
+            "-D",
+            path,
+            "-o",
+            f"-p {port} -k {sockets} -c listen_addresses=''",
+            "-l",
+            log,
+            "-t",
+            str(int(START_TIMEOUT)),
+            "-w",
+            "start",
+        ],
+        f"starting PostgreSQL (its log: {log})",
+        timeout=START_TIMEOUT + 10,
+        error=RecoveryFailed,
+    )
+    return {"port": port, "socket_dir": sockets}
+
+
 def stop_copy(path: str) -> bool:
-    """Stop a PostgreSQL running on the copy at ``path`` (fast shutdown); False if none."""
-    if not os.path.exists(os.path.join(path, "postmaster.pid")):
+    """Stop a PostgreSQL running on the copy at ``path`` (fast shutdown); False if none
+    (a postmaster.pid copied from another cluster names that one's server: not signalled)."""
+    try:
+        lines = Path(path, "postmaster.pid").read_text().splitlines()
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    if len(lines) < 2 or not _same_dir(lines[1], path):
         return False
     try:
         c = _owner_of(path)

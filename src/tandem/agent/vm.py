@@ -50,6 +50,11 @@ plain, independent VM, like ``--action copy`` for a file tree, that costs a full
 the disks first. The volumes are listed in the domain's ``<metadata>`` (namespace
 ``VM_NS``) so ``remove`` deletes them with the domain.
 
+A failback ``--target new`` at production (``define_empty``) defines a powered-off domain
+from a captured XML on new, empty qcow2 volumes ``NAME-<target>.qcow2`` of a file-backed
+pool (file disks, which ``restore`` then writes in place), with a new UUID and the captured
+NICs and MACs; its volumes are listed in the metadata as for ``define_copy``.
+
 An ``nbds://`` export (the appliance's NBD off loopback) makes TLS disks (``tls='yes'``).
 libvirt 9 has no per-disk credentials (``tlsHostname`` only renames the host checked): QEMU
 takes them from qemu.conf's ``nbd_tls_x509_cert_dir``, one folder per host. The request
@@ -78,6 +83,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from tandem.domain.vms import FILE_POOLS, tame_domain_xml
 from tandem.errors import (
     AlreadyExists,
     InvalidInput,
@@ -89,7 +95,7 @@ from tandem.errors import (
 from tandem.storage import vmimage
 from tandem.storage.manifest import VolumeManifest
 from tandem.storage.volume import ChunkSource
-from tandem.transport.agent_api import DefineRequest, PowerRequest
+from tandem.transport.agent_api import DefineRequest, EmptyDomainRequest, PowerRequest
 from tandem.transport.nbd import DIRTY, NbdClient
 from tandem.transport.tls import fingerprint_of_der
 
@@ -722,14 +728,26 @@ class ServedDisk:
             self.proc.stderr.close()
 
 
-def _redefine(conn: Any, domain: str, vm_meta: dict[str, Any], slots: list[vmimage.Slot]) -> Any:
-    """The domain is gone: define it again from the image's XML, keeping its identity, when
-    every disk file the image names is still there; else refuse, touching nothing."""
+def _redefine(conn: Any, domain: str, definition: str | None) -> Any:
+    """The domain is gone: define it again from ``definition`` (this site's own capture of
+    it), keeping its identity, when every disk file it names is still there; else refuse,
+    touching nothing."""
     lv = _libvirt()
-    xml = vm_meta.get("xml")
-    if not isinstance(xml, str) or vm_meta.get("domain") != domain:
+    if definition is None:
+        raise NotFound(
+            what="Domain",
+            name=domain,
+            listing="vms --host HOST (no image captured at this site holds its definition: "
+            "define it again with `virsh define`, then restore)",
+        )
+    try:
+        root = ET.fromstring(definition)
+    except ET.ParseError as exc:
+        raise InvalidInput(detail=f"the definition of domain {domain} is not XML: {exc}") from exc
+    if root.findtext("name") != domain:
         raise NotFound(what="Domain", name=domain, listing="vms --host HOST")
-    missing = [s.source for s in slots if not s.source or not os.path.isfile(s.source)]
+    sources = [d["source"] for d in _disks(definition)]
+    missing = [path for path in sources if not path or not os.path.isfile(path)]
     if missing:
         raise InvalidInput(
             detail=f"domain {domain} is gone, and so is its disk {missing[0] or '(unnamed)'}: "
@@ -737,7 +755,7 @@ def _redefine(conn: Any, domain: str, vm_meta: dict[str, Any], slots: list[vmima
             "then restore"
         )
     try:
-        return conn.defineXML(xml)
+        return conn.defineXML(definition)
     except lv.libvirtError as exc:
         raise InvalidInput(
             detail=f"domain {domain} is gone and libvirt refused its captured XML: "
@@ -755,12 +773,14 @@ def restore(
     *,
     power_on: bool = False,
     shutdown_timeout: float = 120.0,
+    definition: str | None = None,
 ) -> dict[str, Any]:
     """Restore the VM image ``manifest`` onto ``domain`` in place: check the disks fit, power
     the domain off (graceful, then destroy), drop its checkpoints, diff-restore each disk,
     mark it restored (the next capture reads everything), power on if asked. Identity (UUID,
-    MACs, the definition) is kept; a domain that is gone is defined again from the image's
-    XML when its disks are there."""
+    MACs, the definition) is kept; a domain that is gone is defined again from
+    ``definition`` (the appliance's own capture of it, never the image's XML, which may be
+    the other site's) when its disks are there."""
     lv = _libvirt()
     try:
         return _restore(
@@ -772,6 +792,7 @@ def restore(
             progress,
             power_on=power_on,
             shutdown_timeout=shutdown_timeout,
+            definition=definition,
         )
     except lv.libvirtError as exc:
         raise SourceUnreadable(
@@ -791,6 +812,7 @@ def _restore(
     *,
     power_on: bool,
     shutdown_timeout: float,
+    definition: str | None,
 ) -> dict[str, Any]:
     lv = _libvirt()
     vm_meta = manifest.meta.get("vm") if isinstance(manifest.meta, dict) else None
@@ -802,7 +824,7 @@ def _restore(
         try:
             dom = conn.lookupByName(domain)
         except lv.libvirtError:
-            dom = _redefine(conn, domain, vm_meta, slots)
+            dom = _redefine(conn, domain, definition)
             redefined = True
             emit({"event": "log", "text": f"domain {domain} was gone: defined again from {image}"})
         disks = {d["target"]: d for d in _disks(dom.XMLDesc(0)) if d["target"]}
@@ -949,6 +971,7 @@ def _new_domain_xml(
     export = uri.path.lstrip("/")
     slots = {str(d.get("target")): d for d in req.disks}
     root = ET.fromstring(req.xml)
+    tame_domain_xml(root)  # captured at the other site
     _set(root, "name", req.name)
     if not req.keep_identity:
         _set(root, "uuid", str(uuid.uuid4()))
@@ -1150,6 +1173,112 @@ def define_copy(req: DefineRequest, emit: Emit, directory: Path | None = None) -
                 with suppress(lv.libvirtError):
                     vol.delete(0)
             raise
+
+
+def define_empty(req: EmptyDomainRequest) -> dict[str, Any]:
+    """Define the powered-off domain ``req.name`` from a captured XML on new, empty qcow2
+    volumes ``NAME-<target>.qcow2`` of the (file-backed, active) pool ``req.pool``, one per
+    disk and of its size; a failback ``--target new`` then writes the image into them with
+    a VM restore. It gets a new UUID (the domain the image came from may still be defined,
+    and libvirt keeps UUIDs unique) and keeps the captured NICs and MACs (the guest's
+    network settings follow its MACs). The volumes are named in its metadata, so ``remove``
+    deletes them with it; a failure deletes those made so far. A name that exists, or the
+    source domain's own, is refused before anything is made."""
+    lv = _libvirt()
+    if req.name == req.source_domain:
+        raise InvalidInput(
+            detail=f"the new domain cannot be {req.name}, the domain the image came from: "
+            "name a new one, or fail back with --target original"
+        )
+    with connection() as conn:
+        if req.name in {d.name() for d in conn.listAllDomains(0)}:
+            raise AlreadyExists(what="Domain", name=req.name)
+        pool = _active_pool(conn, req.pool)
+        kind = ET.fromstring(pool.XMLDesc(0)).get("type", "")
+        if kind not in FILE_POOLS:
+            raise InvalidInput(
+                detail=f"storage pool {req.pool!r} is a {kind} pool; a new VM's disks are "
+                f"made as files: name a pool of type {', '.join(FILE_POOLS)}"
+            )
+        made: list[Any] = []
+        files: dict[str, str] = {}
+        try:
+            for disk in req.disks:
+                name = f"{req.name}-{disk.target}.qcow2"
+                # compat 1.1 (qcow2 v3): libvirt's default v2 cannot keep the persistent
+                # dirty bitmaps the VM's next captures need.
+                vol_xml = (
+                    f"<volume><name>{name}</name><capacity unit='bytes'>{disk.size}</capacity>"
+                    "<target><format type='qcow2'/><compat>1.1</compat></target></volume>"
+                )
+                try:
+                    vol = pool.createXML(vol_xml, 0)
+                except lv.libvirtError as exc:
+                    raise InvalidInput(
+                        detail=f"pool {req.pool!r} refused volume {name}: {exc.get_error_message()}"
+                    ) from exc
+                made.append(vol)
+                files[disk.target] = vol.path()
+            xml = _empty_domain_xml(req, pool, files)
+            try:
+                dom = conn.defineXML(xml)
+            except lv.libvirtError as exc:
+                raise InvalidInput(
+                    detail=f"libvirt refused the new domain {req.name}: {exc.get_error_message()}"
+                ) from exc
+        except BaseException:
+            for vol in made:
+                with suppress(lv.libvirtError):
+                    vol.delete(0)
+            raise
+        return {
+            "name": dom.name(),
+            "uuid": dom.UUIDString(),
+            "pool": req.pool,
+            "volumes": [f"{req.pool}/{req.name}-{d.target}.qcow2" for d in req.disks],
+        }
+
+
+def _empty_domain_xml(req: EmptyDomainRequest, pool: Any, files: dict[str, str]) -> str:
+    """The captured XML renamed, with a new UUID, each disk of the image a qcow2 file of
+    ``files`` (target -> path; other disks dropped), NICs kept, UEFI variables in the pool,
+    and the volumes listed in tandem's metadata."""
+    root = ET.fromstring(req.xml)
+    _set(root, "name", req.name)
+    _set(root, "uuid", str(uuid.uuid4()))
+    devices = root.find("devices")
+    if devices is None:
+        raise InvalidInput(detail="the captured domain XML has no <devices>")
+    for disk in list(devices.findall("disk")):
+        if disk.get("device", "disk") != "disk":
+            continue
+        target = disk.find("target")
+        path = files.get(target.get("dev", "") if target is not None else "")
+        if path is None:
+            devices.remove(disk)
+            continue
+        for child in list(disk):
+            if child.tag in ("source", "driver", "backingStore"):
+                disk.remove(child)
+        disk.set("type", "file")
+        disk.insert(0, ET.Element("source", {"file": path}))
+        disk.insert(0, ET.Element("driver", {"name": "qemu", "type": "qcow2"}))
+    folder = ET.fromstring(pool.XMLDesc(0)).findtext("target/path")
+    nvram = root.find("os/nvram")
+    if nvram is not None and folder:
+        nvram.text = os.path.join(folder, f"{req.name}_VARS.fd")
+    metadata = root.find("metadata")
+    if metadata is None:
+        metadata = ET.SubElement(root, "metadata")
+    for theirs in metadata.findall(f"{{{VM_NS}}}vm"):  # the source's volumes are not its own
+        metadata.remove(theirs)
+    mine = ET.SubElement(metadata, f"{{{VM_NS}}}vm")
+    for dev in files:
+        ET.SubElement(
+            mine, f"{{{VM_NS}}}volume", {"pool": req.pool, "name": f"{req.name}-{dev}.qcow2"}
+        )
+    ET.register_namespace("tandem", VM_NS)
+    return ET.tostring(root, encoding="unicode")
 
 
 def _convert(

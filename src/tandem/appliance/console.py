@@ -773,6 +773,7 @@ def _failback_replica(site: Site, app: str, form: Mapping[str, str], actor: str)
         host=_blank(form.get("host")),
         path=_blank(form.get("path")),
         power_on=form.get("power_on") == "on",
+        pool=_blank(form.get("pool")),
         actor=actor,
     )
 

@@ -75,6 +75,8 @@ def make_router(site: Site) -> APIRouter:
             actor=who.name,
             power_on=body.power_on,
             shutdown_timeout=body.shutdown_timeout,
+            time=body.time,
+            latest=body.latest,
         )
         return JobAnswer(job=job_out(job, who))
 
@@ -142,6 +144,7 @@ def make_router(site: Site) -> APIRouter:
                 path=body.path,
                 power_on=body.power_on,
                 shutdown_timeout=body.shutdown_timeout,
+                pool=body.pool,
                 actor=who.name,
             )
         else:

@@ -16,7 +16,10 @@ Invariants
   (the earliest ``since + interval``), the rest on later ticks as the queue drains. So no
   app starves another, however many are due, and a backlog after an outage is worked off
   oldest first at the pace of the workers rather than queued all at once; the captures
-  then end at different times, which spreads the next round too.
+  then end at different times, which spreads the next round too. While due apps wait for
+  room, the scheduler runs again as soon as a job of this process ends (``Site.ended``),
+  not a tick later, so the queue never runs dry while the backlog lasts: a tick would cap
+  scheduled captures at ``capacity`` per tick.
 - The queue's rule of one lifecycle job per app holds for scheduled captures too: while the
   app has a job (a manual capture, a restore), the scheduler skips it and tries next tick.
 - A mirrored app whose newest snapshot has not reached the peer gets a replication job
@@ -93,6 +96,8 @@ class Scheduler:
         self._jobs_pruned = 0.0
         self._lock = CatalogLock(site.catalog, LOCK)
         self._leading = False
+        self._backlog = False  # due apps were left for want of room at the last run
+        self._generation = 0  # ``site.ended`` as the last run began
 
     def start(self) -> None:
         if self._thread is not None:
@@ -132,7 +137,7 @@ class Scheduler:
 
     def _loop(self) -> None:
         try:
-            while not self._stop.wait(self.tick):
+            while not self._pause():
                 try:
                     if self._lead():
                         self.run_due()
@@ -142,9 +147,20 @@ class Scheduler:
             self._lock.release()
             self._leading = False
 
+    def _pause(self) -> bool:
+        """Wait until the next run: a tick, or with a backlog the next end of a job (which
+        makes room in the queue), whichever comes first. Whether the scheduler stops."""
+        if self._backlog:
+            # A job that ended while the last run went on counts: the wait returns at once.
+            self._backlog = False
+            self.site.ended.wait(self._generation, self.tick)
+            return self._stop.is_set()
+        return self._stop.wait(self.tick)
+
     def run_due(self, now: float | None = None) -> list[str]:
         """Submit the captures that are due; returns the apps they were submitted for."""
         now = time.time() if now is None else now
+        self._generation = self.site.ended.generation
         with self.site.catalog.read() as session:
             templates = {t.name: t for t in q.list_templates(session)}
             apps = q.list_apps(session)
@@ -167,7 +183,8 @@ class Scheduler:
         submitted = []
         for _, _, app in due:
             if room is not None and room <= 0:
-                break  # the rest wait for the queue to drain: next ticks
+                self._backlog = True
+                break  # the rest wait for the queue to drain: the next job end
             try:
                 job = submit_capture(self.site, app=app.name, actor=ACTOR)
             except Conflict:

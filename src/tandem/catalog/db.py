@@ -29,7 +29,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from tandem.errors import InvalidInput, Unreachable
+from tandem.errors import CatalogUnavailable, InvalidInput, Unreachable
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 _WRITE = "tandem_write"
@@ -79,7 +79,7 @@ class Catalog:
     @contextmanager
     def begin(self) -> Iterator[Session]:
         """A write transaction: committed when the block ends, rolled back if it raises."""
-        with self._write() as session, session.begin():
+        with self._unavailable(), self._write() as session, session.begin():
             yield session
 
     @contextmanager
@@ -87,8 +87,22 @@ class Catalog:
         """A session for reading, on a consistent snapshot (SQLite) or statement by statement
         (PostgreSQL, read committed). Nothing is committed: closing it rolls back, and the
         objects read stay usable (they are not expired) after the block."""
-        with self._read() as session:
+        with self._unavailable(), self._read() as session:
             yield session
+
+    @contextmanager
+    def _unavailable(self) -> Iterator[None]:
+        """Turn a lost or refused database connection into ``CatalogUnavailable`` (a 503 the
+        operator can act on, not an internal error). On SQLite only a busy database is: its
+        other operational errors (a missing table…) are bugs and stay as they are."""
+        try:
+            yield
+        except OperationalError as exc:
+            lines = str(exc.orig or exc).strip().splitlines()
+            reason = lines[0] if lines else type(exc).__name__
+            if self.dialect == "sqlite" and "locked" not in reason and "busy" not in reason:
+                raise
+            raise CatalogUnavailable(url=self.url, reason=reason) from exc
 
     def close(self) -> None:
         """Close every pooled connection (sessions still open are the caller's bug)."""

@@ -271,7 +271,18 @@ def failback(
         str | None, typer.Option("--host", help="restored/new: the production host.")
     ] = None,
     path: Annotated[
-        str | None, typer.Option("--path", help="restored/new: the path on that host.")
+        str | None,
+        typer.Option(
+            "--path",
+            "--domain",
+            help="restored/new: the path on that host (a VM: the domain there, --domain).",
+        ),
+    ] = None,
+    pool: Annotated[
+        str | None,
+        typer.Option(
+            "--pool", help="new, a VM: the host's storage pool the new domain's disks go in."
+        ),
     ] = None,
     power_on: Annotated[
         bool, typer.Option("--power-on", help="Start the app at production afterwards.")
@@ -293,7 +304,10 @@ def failback(
     Without --target: the snapshot style (after the final syncback was restored):
     cleans up the DR site and resumes mirroring. With --target: the replica style, which
     sends the differences to the target itself, takes a protective snapshot and leaves the
-    failback pending until `commit-failback` or `undo-failback`.
+    failback pending until `commit-failback` or `undo-failback`. A VM fails back onto a
+    domain restored at production (--target restored --host H --domain D, registered there
+    with `tandem app add`) or onto a new domain defined there in a storage pool
+    (--target new --host H --domain NAME --pool P).
     """
     params: dict[str, Any] = {
         "force": force,
@@ -304,6 +318,8 @@ def failback(
     }
     if shutdown_timeout is not None:
         params["shutdown_timeout"] = shutdown_timeout
+    if pool is not None:
+        params["pool"] = pool
     return s.api.failback(checked_app(app), checked(FailbackIn, **params))
 
 

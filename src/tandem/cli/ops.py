@@ -58,9 +58,27 @@ def restore(
             "(default 120).",
         ),
     ] = None,
+    time_: Annotated[
+        str | None,
+        typer.Option(
+            "--time",
+            help="A catch-up syncback of a PostgreSQL app: roll it forward to this time "
+            '("YYYY-MM-DD HH:MM:SS", UTC unless an offset is given).',
+        ),
+    ] = None,
+    latest: Annotated[
+        bool,
+        typer.Option(
+            "--latest",
+            help="A catch-up syncback of a PostgreSQL app: roll it forward to the newest WAL "
+            "held (the default).",
+        ),
+    ] = False,
 ) -> JobAnswer:
     """Diff-restore an image onto the production application (stops and restarts it; a VM
-    is powered off by the restore, and started with --power-on)."""
+    is powered off by the restore, and started with --power-on). A catch-up syncback of a
+    PostgreSQL app is rolled forward with the DR site's WAL pushed home, to --time or the
+    newest WAL held."""
     typed = list(confirm or [])
     # The appliance checks the confirmations itself; the client only refuses an order the
     # server would refuse too ("DATA LOSS" answers the first warning, then the second).
@@ -76,6 +94,8 @@ def restore(
         confirm=typed,
         power_on=power_on,
         **({"shutdown_timeout": shutdown_timeout} if shutdown_timeout is not None else {}),
+        **({"time": time_} if time_ is not None else {}),
+        **({"latest": True} if latest else {}),
     )
     return s.api.restore(checked_app(app), body)
 

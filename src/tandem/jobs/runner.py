@@ -48,7 +48,7 @@ from tandem.catalog.models import Job
 from tandem.catalog.queries import add_job_log, get_job
 from tandem.domain.ids import new_id
 from tandem.domain.jobs import TERMINAL, JobStatus
-from tandem.errors import JobCanceled, TandemError
+from tandem.errors import CatalogUnavailable, JobCanceled, TandemError
 from tandem.jobs.queue import (
     CANCELED_MESSAGE,
     claim_next,
@@ -63,6 +63,9 @@ from tandem.jobs.queue import (
 )
 
 log = logging.getLogger(__name__)
+
+RECORD_RETRY_MAX = 5.0
+"""Longest pause, in seconds, between two tries to record a job's end in an absent catalog."""
 
 Handler = Callable[["JobContext"], Mapping[str, Any] | None]
 
@@ -180,7 +183,15 @@ class JobContext:
 
     def _maybe_flush(self, *, poll: bool = False) -> None:
         if time.monotonic() - self._last_flush >= self.flush_interval and (self._dirty or poll):
-            self.flush()
+            try:
+                self.flush()
+            except CatalogUnavailable as exc:
+                # Progress is advisory: the job goes on through a short catalog outage (the
+                # writes it must make fail on their own), and the next flush catches up.
+                with self._lock:
+                    self._dirty = True
+                    self._sent_dirty = self._sent_dirty or self._sent > 0
+                log.warning("job %s: progress not recorded: %s", self.job.id, exc.message)
 
     def flush(self) -> None:
         """Write pending progress now and learn whether cancellation was requested."""
@@ -480,8 +491,8 @@ class JobRunner:
         try:
             result = handler(ctx)
         except JobCanceled as exc:
-            ctx.flush()
             if ctx.stopping and not ctx.cancel_requested:
+                ctx.flush()
                 with self.catalog.begin() as session:
                     interrupt_job(
                         session,
@@ -492,28 +503,48 @@ class JobRunner:
                 self.ended.notify()
                 return
             message = CANCELED_MESSAGE if ctx.cancel_requested else exc.message
-            self._finish(info.id, JobStatus.CANCELED, message)
+            self._finish(ctx, JobStatus.CANCELED, message)
         except TandemError as exc:
-            ctx.flush()
-            self._finish(info.id, JobStatus.FAILED, exc.message, {"error": exc.code})
+            self._finish(ctx, JobStatus.FAILED, exc.message, {"error": exc.code})
         except Exception as exc:
-            ctx.flush()
-            ctx.log(traceback.format_exc(), level="error")
-            self._finish(info.id, JobStatus.FAILED, f"internal error: {type(exc).__name__}: {exc}")
+            self._recorded(ctx, lambda: ctx.log(traceback.format_exc(), level="error"))
+            self._finish(ctx, JobStatus.FAILED, f"internal error: {type(exc).__name__}: {exc}")
         else:
-            ctx.flush()
-            self._finish(info.id, JobStatus.SUCCEEDED, ctx.message or "done", result)
+            self._finish(ctx, JobStatus.SUCCEEDED, ctx.message or "done", result)
 
     def _finish(
         self,
-        job_id: str,
+        ctx: JobContext,
         status: JobStatus,
         message: str,
         result: Mapping[str, Any] | None = None,
     ) -> None:
-        with self.catalog.begin() as session:
-            finish_job(session, job_id=job_id, status=status, message=message, result=result)
+        def write() -> None:
+            ctx.flush()
+            with self.catalog.begin() as session:
+                finish_job(
+                    session, job_id=ctx.job.id, status=status, message=message, result=result
+                )
+
+        self._recorded(ctx, write)
         self.ended.notify()
+
+    def _recorded(self, ctx: JobContext, write: Callable[[], None]) -> None:
+        """Run ``write`` until the catalog takes it: a job's outcome is known here and
+        nowhere else, so an outage of the catalog delays it rather than leaving the job
+        "running" until the next start-up. Gives up only when the runner stops (the job is
+        then recovered as interrupted at the next start)."""
+        delay = 0.2
+        while True:
+            try:
+                write()
+                return
+            except CatalogUnavailable as exc:
+                if self._stopping.is_set():
+                    raise
+                log.warning("job %s: %s; retrying in %.1f s", ctx.job.id, exc.message, delay)
+                self._stopping.wait(delay)
+                delay = min(delay * 2, RECORD_RETRY_MAX)
 
     def _beat(self) -> None:
         while not self._stopping.wait(self.heartbeat_interval):

@@ -32,6 +32,7 @@ from typing import Any
 
 from tandem.catalog import queries as q
 from tandem.catalog.models import App, Host, Image
+from tandem.domain import wal as wal_names
 from tandem.domain.consistency import Cut
 from tandem.domain.images import ImageKind
 from tandem.domain.lifecycle import AppKind
@@ -45,6 +46,7 @@ from tandem.errors import (
     TandemError,
     TimeAndLatest,
     TimeInvalid,
+    WalNotHome,
 )
 from tandem.jobs.runner import JobContext
 from tandem.operations import present, wal
@@ -96,14 +98,24 @@ class Plan:
     reads them before any segment)."""
 
 
-def plan(site: Site, app: App, target: datetime | None, image: str | None = None) -> Plan:
-    """The base image and WAL segments that reach ``target``; refused when none do."""
+def plan(
+    site: Site,
+    app: App,
+    target: datetime | None,
+    image: str | None = None,
+    *,
+    syncback: bool = False,
+) -> Plan:
+    """The base image and WAL segments that reach ``target``; refused when none do.
+    ``syncback``: ``image`` may be a catch-up syncback (a base backup of the DR copy)."""
     window = wal.window(site, app)
     held = wal.lineage(site, app)
     with site.catalog.read() as session:
         bases = wal.base_images(session, app)
+        if syncback:
+            bases += [i for i in q.list_images(session, app=app.name, kind=ImageKind.SYNCBACK)]
         if image is not None:
-            bases = [b for b in bases if b.id == image]
+            bases = [b for b in bases if b.id == image and b.pg]
             if not bases:
                 raise ImageNotOfApp(image=image, what="a base image", app=app.name)
 
@@ -147,9 +159,11 @@ def recover(
     target: datetime | None,
     port: int | None,
     verify: bool = False,
+    stop: bool = False,
 ) -> dict[str, Any]:
     """Start the presented copy at ``path`` on ``host`` recovered to ``target``, staging its
-    WAL ahead of replay (see the module's docstring)."""
+    WAL ahead of replay (see the module's docstring). ``stop``: shut it down once promoted
+    (a restore in place: the app's start hook starts it as production)."""
     pg = chosen.base.pg or {}
     with site.catalog.read() as session:
         rows = {s.name: s for s in q.list_wal_segments(session, app_id=app.id)}
@@ -179,6 +193,7 @@ def recover(
         port=port,
         verify=verify,
         segments=[*chosen.histories, *plan_],
+        stop=stop,
     )
 
     def start() -> None:
@@ -365,21 +380,63 @@ def base_of(done: Mapping[str, Any]) -> dict[str, Any]:
         ) from exc
 
 
+def rolls_forward(app: App, image: Image) -> bool:
+    """Whether restoring ``image`` onto ``app`` is a roll-forward: a catch-up syncback of a
+    database (a base backup of the running DR copy), written in place and then recovered
+    with the DR copy's WAL that production holds (pushed home by the DR site)."""
+    return app.kind is AppKind.POSTGRESQL and image.kind is ImageKind.SYNCBACK and bool(image.pg)
+
+
+def check_consistent(site: Site, app: App, image: Image) -> None:
+    """A base backup is a cluster only once its WAL is replayed to the backup's end
+    (``stop_lsn``): refused, naming the first segment not held, when the WAL held here
+    stops short of it."""
+    pg = image.pg or {}
+    stop = wal_names.parse_lsn(str(pg["stop_lsn"]))
+    chain = wal.chain_of(image, wal.lineage(site, app))
+    reached = max((s.start_lsn + s.size for s in chain.segments), default=-1)
+    if reached >= stop:
+        return
+    if chain.segments:
+        last = chain.segments[-1]
+        missing = (
+            wal_names.segment_name(last.timeline, last.start_lsn + wal_names.SEGMENT)
+            if last.complete
+            else f"{last.name} (held up to LSN {wal_names.format_lsn(reached)})"
+        )
+    else:
+        missing = wal_names.segment_name(
+            int(pg["timeline"]), wal_names.parse_lsn(str(pg["start_lsn"]))
+        )
+    raise WalNotHome(image=image.id, app=app.name, lsn=str(pg["stop_lsn"]), segment=missing)
+
+
+def rollforward(site: Site, app: App, image: Image, target: datetime | None) -> Plan:
+    """The recovery of the catch-up syncback ``image`` to ``target`` (None: the newest WAL
+    held): refused when its WAL does not reach consistency here, or when ``target`` is
+    before it does."""
+    check_consistent(site, app, image)
+    if target is not None and target < wal.stop_time(image):
+        raise RecoveryPointUnavailable(
+            app=app.name,
+            target=_shown(target),
+            reason=f"syncback {image.id} is consistent only from "
+            f"{wal.stop_time(image).isoformat(sep=' ', timespec='seconds')}, when its base "
+            "backup ended",
+            window=wal.window(site, app).shown(),
+        )
+    return plan(site, app, target, image.id, syncback=True)
+
+
 def check_restorable(site: Site, app: App, image: Image) -> None:
-    """A syncback of a PostgreSQL app taken while the database ran at the DR site (a
-    catch-up syncback) is not a cluster to write in place: a base backup needs its WAL
-    replayed, and live files read one by one are torn. Refused, naming the final syncback
-    (the database stopped first) as the one to restore. A cut at one instant, or a database
-    stopped, is restorable."""
+    """A syncback of a PostgreSQL app taken while the database ran at the DR site from
+    files read one by one is torn: refused, naming the final syncback (the database stopped
+    first) as the one to restore. A cut at one instant, or a database stopped, is
+    restorable; so is a base backup (a catch-up syncback), rolled forward with its WAL
+    (``rollforward``)."""
     if app.kind is not AppKind.POSTGRESQL or image.kind is not ImageKind.SYNCBACK:
         return
-    if image.pg:
-        raise SyncbackOfRunningDatabase(
-            image=image.id,
-            app=app.name,
-            how="as a base backup (a catch-up syncback: it brought most of the data home)",
-        )
-    if image.consistency in ONE_INSTANT:
+    if image.pg or image.consistency in ONE_INSTANT:
         return
     manifest = load_manifest(site.pool, bytes.fromhex(image.manifest))
     if isinstance(manifest, TreeManifest) and any(

@@ -24,10 +24,30 @@
 9. With ``--power-on`` production starts the app on the target.
 
 A VM (``vm`` app) is powered off at steps 1 and 4 (graceful shutdown, then destroy after
-``VM_SHUTDOWN_TIMEOUT``; production's domain, then the DR VM the failover defined) and
-powered on at step 9; its hooks, if any, run after that as any app's. Its DR copy is the
-failover's virtual copy, captured and reverted like a volume's; the apply is a VM restore
-in place (``operations.restore``).
+``VM_SHUTDOWN_TIMEOUT``; production's domain, then the DR VM the failover defined; an
+original domain that is gone is off already) and powered on at step 9; its hooks, if any,
+run after that as any app's. Its DR copy is the failover's virtual copy, captured and
+reverted like a volume's; the apply is a VM restore in place (``operations.restore``).
+A VM's target is a host and a libvirt domain name (``--domain``, carried as ``path``):
+- ``restored``: a domain production's operators restored and registered (``tandem app add
+  NAME --kind vm --host H --domain D``, a placeholder), and that exists on H. Only the
+  difference is written into its disks (their targets and sizes must match the image's).
+- ``new``: a domain production defines on H, powered off, before the first apply
+  (``agent.vm.define_empty``): the image's XML with a new UUID, the captured NICs and MACs,
+  each disk a new empty qcow2 volume ``NAME-<disk>.qcow2`` of the pool named (``--pool``:
+  active, file-backed), which the restore then writes whole. A name that exists on H (or
+  is an app's domain, or the app's own), a pool H lacks, inactive or not file-backed, is
+  refused at the check, before anything stops. Undo removes the domain with its volumes
+  (so does a failback run again before it ended); commit keeps it.
+The **identity switch** (SPEC §5 step 8; the seed: the original VM's ID in the
+configuration database is replaced by the restored VM's) is production's catalog identity
+of the app: its host and domain become the target's, so protection, restores and power
+operations act on that domain from then on; undo switches them back, commit merges the
+placeholder. The libvirt domain itself keeps its own UUID and MACs (a restored domain is
+not redefined: libvirt keeps UUIDs unique per host, the original may still be defined there,
+and the restored domain's NICs are configured for where it was restored); a new domain gets
+a fresh UUID for the same reason and the captured MACs, which the guest's network settings
+follow.
 
 ``commit-failback``: FAILBACK_PENDING → MANAGED; the DR images are cleaned up as in the
 snapshot-style failback (the protective snapshot, equal to what production holds, stays as
@@ -50,32 +70,40 @@ from collections.abc import Iterator
 from typing import Any, Literal
 
 from tandem.catalog import queries as q
-from tandem.catalog.models import App, Image, Job
+from tandem.catalog.models import App, Host, Image, Job
 from tandem.domain.hooks import Hook
 from tandem.domain.images import ImageKind
 from tandem.domain.jobs import JobStatus
-from tandem.domain.lifecycle import AppFacts, AppKind, Operation, check_transition
+from tandem.domain.lifecycle import AppFacts, AppKind, Operation, check_transition, storage_kind
+from tandem.domain.vms import FILE_POOLS, check_domain_name
 from tandem.errors import (
+    AlreadyExists,
     Conflict,
     InvalidInput,
     NotFound,
+    NotHypervisor,
     PeerApplyFailed,
     PeerApplyTimedOut,
     PeerRefused,
     StorageError,
     TargetInUse,
     TargetNotRegistered,
+    VmTargetMissing,
+    VmTargetNotRegistered,
 )
 from tandem.jobs.queue import submit_job
 from tandem.jobs.runner import JobContext
 from tandem.operations import failback, hooks, peers
 from tandem.operations.hosts import agent_for, app_host
+from tandem.operations.restore import own_domain_xml
 from tandem.operations.site import Site
 from tandem.operations.streams import follow
 from tandem.operations.syncback import capture_dr_state, failover_image, send_home
+from tandem.storage import vmimage
 from tandem.storage.manifest import VolumeManifest, load_manifest
 from tandem.storage.overlay import Overlay
-from tandem.transport.agent_api import RestoreRequest
+from tandem.transport.agent import AgentClient
+from tandem.transport.agent_api import EmptyDomainRequest, RestoreRequest
 from tandem.transport.api import checked
 from tandem.transport.peer import (
     CommandRan,
@@ -105,30 +133,64 @@ def _target(target: str) -> FailbackTarget:
     raise InvalidInput(detail=f"--target is one of {', '.join(TARGETS)}, not {target!r}")
 
 
-def _check_request(target: str, host: str | None, path: str | None) -> FailbackTarget:
+def _check_request(
+    target: str,
+    host: str | None,
+    path: str | None,
+    kind: AppKind | None = None,
+    pool: str | None = None,
+) -> FailbackTarget:
     """The target asked for, refused unless ``original`` comes without a location and
-    ``restored``/``new`` with one (checked by the DR site before it asks, and by production
-    on the request)."""
+    ``restored``/``new`` with one: a full path, or for a VM (``kind``) a domain name, and
+    ``--pool`` only for a new VM, which needs one (checked by the DR site before it asks,
+    and by production on the request)."""
     chosen = _target(target)
-    if chosen == "original" and (host or path):
+    if chosen == "original" and (host or path or pool):
         raise InvalidInput(
             detail="--target original fails back to the app as production registered it; "
-            "--host and --path name a restored or new target"
+            "--host, --path/--domain and --pool name a restored or new target"
         )
-    if chosen != "original" and not (host and path and path.startswith("/")):
+    if chosen == "original":
+        return chosen
+    if kind is AppKind.VM:
+        if not (host and path):
+            raise InvalidInput(
+                detail=f"--target {target} of a VM needs --host and --domain (the production "
+                "hypervisor host and the domain there)"
+                + (" and --pool (the storage pool for its disks)" if chosen == "new" else "")
+            )
+        check_domain_name(path, "--domain")
+        if chosen == "new" and pool is None:
+            raise InvalidInput(
+                detail="--target new of a VM defines a new domain at production: name the "
+                "storage pool of that host its disks are made in with --pool "
+                "(`virsh pool-list` on the host)"
+            )
+        if chosen == "restored" and pool is not None:
+            raise InvalidInput(
+                detail="--pool is for --target new of a VM; a restored domain keeps its disks"
+            )
+        return chosen
+    if pool is not None:
+        raise InvalidInput(detail="--pool is for --target new of a vm app")
+    if not (host and path and path.startswith("/")):
         raise InvalidInput(detail=f"--target {target} needs --host and a full --path")
     return chosen
 
 
 def _agree(
-    site: Site, app: App, target: FailbackTarget, host: str | None, path: str | None
+    site: Site,
+    app: App,
+    target: FailbackTarget,
+    host: str | None,
+    path: str | None,
+    pool: str | None = None,
 ) -> FailbackAgreed:
     """Production's agreement to fail ``app`` back onto the target (nothing changes yet)."""
     peer = peers.require_peer(site)
+    check = FailbackCheck(target=target, host=host, path=path, epoch=app.writer_epoch, pool=pool)
     with peers.client_for(peer) as remote:
-        return remote.failback_check(
-            app.name, FailbackCheck(target=target, host=host, path=path, epoch=app.writer_epoch)
-        )
+        return remote.failback_check(app.name, check)
 
 
 def submit_replica_failback(
@@ -140,23 +202,18 @@ def submit_replica_failback(
     path: str | None = None,
     power_on: bool = False,
     shutdown_timeout: float | None = None,
+    pool: str | None = None,
     actor: str | None = None,
 ) -> Job:
-    chosen = _check_request(target, host, path)
     peers.require_peer(site)
     with site.catalog.read() as session:
         row = q.get_app(session, name=app)
         replicas = len(q.list_images(session, app=app, kind=ImageKind.REPLICA))
         busy = _lifecycle_job(session, app)
+    chosen = _check_request(target, host, path, row.kind, pool)
     check_transition(
         row.name, row.state, Operation.FAILBACK_REPLICA, AppFacts(replica_images=replicas)
     )
-    if row.kind is AppKind.VM and chosen != "original":
-        raise InvalidInput(
-            detail=f"{app!r} is a VM: a failback with --target {chosen} (a domain restored or "
-            "defined elsewhere at production) is not built yet. Fail back to the original VM "
-            "with --target original"
-        )
     failover_image(site, app)
     if busy is not None:  # (asking production to agree again would reset a running one)
         raise Conflict(
@@ -164,7 +221,7 @@ def submit_replica_failback(
             f"{busy.status.value}; wait for it to end (`tandem job show {busy.id}`) or cancel it"
         )
     # A wrong target is refused now, before the job stops anything at production.
-    _agree(site, row, chosen, host, path)
+    _agree(site, row, chosen, host, path, pool)
     with site.catalog.begin() as session:
         row = q.get_app(session, name=app)
         check_transition(
@@ -180,6 +237,7 @@ def submit_replica_failback(
                 "path": path,
                 "power_on": power_on,
                 **({"shutdown_timeout": shutdown_timeout} if shutdown_timeout is not None else {}),
+                **({"pool": pool} if pool is not None else {}),
             },
             lifecycle=True,
             actor=actor,
@@ -241,22 +299,54 @@ def _dr_command(
                 timeout=VM_SHUTDOWN_TIMEOUT if shutdown_timeout is None else shutdown_timeout,
             )
         ctx.log(f"DR VM {failover.vm_name} on host {vm_host.name}: {done.get('how')}")
-    if not hooks.script_for(app, Hook(which)):
-        return
+    database = app.kind is AppKind.POSTGRESQL and failover.mount_point is not None
     with site.catalog.read() as session:
         host = q.get_host(session, name=failover.mounted_host or "")
-    with agent_for(host) as agent:
-        hooks.run_hook(
-            agent,
-            app,
-            Hook(which),
-            operation=ctx.job.type,
-            image=failover.id,
-            path=failover.mount_point,
-            nbd_uri=failover.nbd_export,
-            ctx=ctx,
+    if database and which == "start":
+        _start_dr_database(site, ctx, app, failover, host)
+    if hooks.script_for(app, Hook(which)):
+        with agent_for(host) as agent:
+            hooks.run_hook(
+                agent,
+                app,
+                Hook(which),
+                operation=ctx.job.type,
+                image=failover.id,
+                path=failover.mount_point,
+                nbd_uri=failover.nbd_export,
+                ctx=ctx,
+            )
+        ctx.log(f"{which} hook ran on DR host {host.name}")
+    if database and which == "stop":  # after its hook, as a VM is powered off
+        with agent_for(host) as agent:
+            stopped = agent.pg_stop(failover.mount_point or "")
+        ctx.log(
+            f"PostgreSQL of the DR copy {failover.mount_point} on host {host.name} "
+            + ("stopped" if stopped else "was not running")
         )
-    ctx.log(f"{which} hook ran on DR host {host.name}")
+
+
+def _start_dr_database(site: Site, ctx: JobContext, app: App, failover: Image, host: Host) -> None:
+    """Start the DR copy's PostgreSQL again (an undone failback) where the failover started
+    it: its port and socket folder, from the failover job's result."""
+    listen: dict[str, Any] = {}
+    with site.catalog.read() as session:
+        for job in q.list_jobs(session, app=app.name, limit=200):
+            result = job.result or {}
+            if job.type == "failover" and result.get("image") == failover.id:
+                listen = result
+                break
+    port = listen.get("port")
+    with agent_for(host) as agent:
+        done = agent.pg_start(
+            failover.mount_point or "",
+            int(port) if port is not None else None,
+            listen.get("socket_dir"),
+        )
+    ctx.log(
+        f"PostgreSQL of the DR copy {failover.mount_point} started on host {host.name}, port "
+        f"{done.get('port')}"
+    )
 
 
 def _dr_overlay(site: Site, app: App) -> Overlay | None:
@@ -290,7 +380,14 @@ def run_replica_failback(site: Site, ctx: JobContext) -> dict[str, Any]:
     facts = AppFacts(replica_images=replicas)
     check_transition(app.name, app.state, Operation.FAILBACK_REPLICA, facts)
     # 0. production agrees (or refuses) before anything changes anywhere
-    agreed = _agree(site, app, _target(params["target"]), params.get("host"), params.get("path"))
+    agreed = _agree(
+        site,
+        app,
+        _target(params["target"]),
+        params.get("host"),
+        params.get("path"),
+        params.get("pool"),
+    )
     ctx.log(
         f"production agreed to fail back onto {agreed.host}:{agreed.path}"
         + (f" (registered there as {agreed.target_app})" if agreed.target_app else "")
@@ -436,7 +533,7 @@ def run_undo(site: Site, ctx: JobContext) -> dict[str, Any]:
         undone = remote.failback_undo(name)
     ctx.log(f"{peer.name} stopped {name} and runs it from {undone.host}:{undone.path} again")
     failover = failover_image(site, name)
-    if app.kind is AppKind.FILESYSTEM and failover.mount_point:
+    if app.kind in (AppKind.FILESYSTEM, AppKind.POSTGRESQL) and failover.mount_point:
         _restore_dr_copy(site, ctx, app, failover, protective)
     elif app.kind in (AppKind.VOLUME, AppKind.VM):
         _revert_overlay(site, ctx, failover, protective)
@@ -485,7 +582,7 @@ def _restore_dr_copy(
     try:
         body = checked(
             RestoreRequest,
-            kind=app.kind.value,
+            kind=storage_kind(app.kind),
             path=failover.mount_point,
             manifest=protective.manifest,
             job=ctx.job.id,
@@ -571,6 +668,8 @@ def _registered_target(session: Any, site: Site, row: App, host: str, path: str)
         for a in q.list_apps(session)
         if a.origin is None and a.host == host and (a.path.rstrip("/") or "/") == where
     ]
+    if not found and row.kind is AppKind.VM:
+        raise VmTargetNotRegistered(host=host, domain=path, site=site.name)
     if not found:
         raise TargetNotRegistered(kind=row.kind.value, host=host, path=path, site=site.name)
     other = found[0]
@@ -594,6 +693,127 @@ def _registered_target(session: Any, site: Site, row: App, host: str, path: str)
     return other
 
 
+def _new_domain_host(session: Any, row: App, host: str, domain: str) -> Host:
+    """The host of this site a new domain ``domain`` is to be defined on, refusing the
+    VM's own domain and a domain an app of this site is registered with."""
+    if host == row.host and domain == row.path:
+        raise InvalidInput(
+            detail=f"domain {domain} on host {host} is {row.name!r} itself: a failback with "
+            "--target new defines a new domain (name another), --target original writes this one"
+        )
+    for other in q.list_apps(session):
+        if other.kind is AppKind.VM and other.host == host and other.path == domain:
+            raise AlreadyExists(
+                what=f"On host {host}, the domain of app {other.name!r}", name=domain
+            )
+    return q.get_host(session, name=host)
+
+
+def _image_disks(site: Site, app: str) -> set[str]:
+    """The disk targets of the app's newest snapshot here (empty: none known)."""
+    with site.catalog.read() as session:
+        image = q.latest_image(session, app=app, kind=ImageKind.SNAPSHOT)
+    if image is None or not site.pool.has_manifest(bytes.fromhex(image.manifest)):
+        return set()
+    manifest = load_manifest(site.pool, bytes.fromhex(image.manifest))
+    if not isinstance(manifest, VolumeManifest):
+        return set()
+    return {slot.target for slot in vmimage.slots_of(manifest) or []}
+
+
+def _check_vm_target(
+    agent: AgentClient,
+    host: str,
+    target: str,
+    domain: str,
+    pool: str | None,
+    disks: set[str] | None = None,
+) -> None:
+    """On the production host: a restored domain exists, with a file disk for each of
+    ``disks`` (the image's); a new one does not, and its pool is there, active and
+    file-backed (``domain.vms.FILE_POOLS``). Nothing changes."""
+    info = agent.info()
+    if not info.get("hypervisor"):
+        raise NotHypervisor(reason=f"host {host}: {info.get('reason', 'no libvirt')}")
+    domains = {str(d.get("name")): d for d in agent.vms()}
+    if target == "restored":
+        found = domains.get(domain)
+        if found is None:
+            raise NotFound(what="Domain", name=domain, listing=f"vms --host {host}")
+        has = {str(d.get("target")): d for d in found.get("disks") or [] if isinstance(d, dict)}
+        for disk in sorted(disks or ()):
+            if disk not in has or has[disk].get("type") != "file":
+                raise InvalidInput(
+                    detail=f"domain {domain} on host {host} has no file disk {disk}, which the "
+                    f"image holds (it has {', '.join(sorted(has)) or 'no disks'}): a restored "
+                    "domain needs the original's disks (targets and sizes); nothing was stopped"
+                )
+        return
+    if target != "new":
+        return
+    names = set(domains)
+    if domain in names:
+        raise AlreadyExists(what=f"On host {host}, domain", name=domain)
+    pools = {str(p["name"]): p for p in agent.vm_resources()["pools"]}
+    found = pools.get(pool or "")
+    if found is None:
+        raise VmTargetMissing(host=host, what="storage pool", name=pool, why="")
+    if not found.get("active"):
+        raise VmTargetMissing(
+            host=host, what="active storage pool", name=pool, why=" (it is inactive)"
+        )
+    if found.get("type") not in FILE_POOLS:
+        raise VmTargetMissing(
+            host=host,
+            what="file-backed storage pool",
+            name=pool,
+            why=f" (it is a {found.get('type')} pool; a new VM's disks are qcow2 files)",
+        )
+
+
+def _define_new_domain(site: Site, row: App, doc: dict[str, Any], img: Image) -> dict[str, Any]:
+    """Define the agreed new domain, powered off, on empty volumes of the agreed pool, from
+    the XML and disk layout of syncback ``img``; returns what to record in the agreement."""
+    manifest = load_manifest(site.pool, bytes.fromhex(img.manifest))
+    vm_meta = manifest.meta.get("vm") if isinstance(manifest, VolumeManifest) else None
+    slots = vmimage.slots_of(manifest) if isinstance(manifest, VolumeManifest) else []
+    if not isinstance(vm_meta, dict) or not slots:
+        raise InvalidInput(detail=f"image {img.id} holds no VM (no disk layout)")
+    # The syncback's XML is the DR site's word: the new domain is defined from production's
+    # own capture of the VM (its binaries, devices and files are this site's business).
+    xml = own_domain_xml(site, row)
+    if xml is None:
+        raise InvalidInput(
+            detail=f"no image captured at this site holds the definition of VM {row.path}: a "
+            "new domain is defined only from production's own capture; fail back with "
+            "--target original or restored"
+        )
+    with site.catalog.read() as session:
+        host = q.get_host(session, name=doc["host"])
+    body = checked(
+        EmptyDomainRequest,
+        name=doc["path"],
+        xml=xml,
+        disks=[{"target": slot.target, "size": slot.size} for slot in slots],
+        pool=doc["pool"],
+        source_domain=row.path,
+    )
+    with agent_for(host) as agent:
+        made = agent.define_empty_vm(body)
+    return {"host": host.name, "domain": str(made["name"]), "uuid": made.get("uuid")}
+
+
+def _remove_defined(site: Site, doc: dict[str, Any]) -> None:
+    """Remove the domain (and its volumes) a failback ``--target new`` defined, if any."""
+    defined = doc.get("defined")
+    if not defined:
+        return
+    with site.catalog.read() as session:
+        host = q.get_host(session, name=defined["host"])
+    with agent_for(host) as agent:
+        agent.remove_vm(defined["domain"])
+
+
 def production_failback_check(
     site: Site, *, peer: str, app: str, body: FailbackCheck
 ) -> FailbackAgreed:
@@ -611,18 +831,28 @@ def production_failback_check(
         previous = peers.agreement(session, app_id=row.id)
         if previous is not None:  # a failback run again: start from the app's own identity
             _revert_identity(row, previous)
-        _check_request(body.target, body.host, body.path)
-        if body.host and body.path:  # restored or new (original has neither: checked above)
+        _check_request(body.target, body.host, body.path, row.kind, body.pool)
+        new_vm = row.kind is AppKind.VM and body.target == "new"
+        if new_vm and body.host and body.path:  # a domain this failback defines
+            host_name, path = body.host, body.path
+            host = _new_domain_host(session, row, host_name, path)
+        elif body.host and body.path:  # restored or new (original has neither: checked above)
             target_app = _registered_target(session, site, row, body.host, body.path)
             host_name, path = target_app.host, target_app.path
+            host = app_host(session, target_app, action="fail back onto")
         else:
             host_name, path = row.host, row.path
-        host = app_host(session, target_app or row, action="fail back onto")
+            host = app_host(session, row, action="fail back onto")
         kind = row.kind
         peers.set_agreement(session, app_id=row.id, doc=None)
+    if previous is not None:
+        _remove_defined(site, previous)  # a domain an earlier, unfinished failback defined
     with agent_for(host) as agent:
         agent.info()  # reachable, or "host NAME unreachable at URL"
-        if body.target == "new":
+        if kind is AppKind.VM and body.target != "original":
+            disks = _image_disks(site, app) if body.target == "restored" else set()
+            _check_vm_target(agent, host.name, body.target, path, body.pool, disks)
+        elif body.target == "new":
             held = agent.check_target(kind.value, path)
             if not held["usable"]:
                 raise Conflict(
@@ -643,6 +873,7 @@ def production_failback_check(
                 "path": path,
                 "target_app": target_app.name if target_app is not None else None,
                 "previous": None,
+                **({"pool": body.pool} if new_vm else {}),
             },
         )
     return FailbackAgreed(
@@ -671,12 +902,22 @@ def production_command(
     if row.kind is AppKind.VM:  # a VM is powered off and on, then its hooks run as any app's
         with agent_for(host) as agent:
             timeout = VM_SHUTDOWN_TIMEOUT if shutdown_timeout is None else shutdown_timeout
-            agent.power_vm(row.path, on=which == "start", timeout=timeout)
-    if not hooks.script_for(row, Hook(which)):
-        return CommandRan(ran=row.kind is AppKind.VM)
-    with agent_for(host) as agent:
-        hooks.run_hook(agent, row, Hook(which), operation="failback", path=row.path)
-    return CommandRan(ran=True)
+            # An original that is gone (a failback onto a restored or new VM, the usual case
+            # after an outage) is off already; a start needs the domain.
+            gone = which == "stop" and row.path not in {str(d.get("name")) for d in agent.vms()}
+            if not gone:
+                agent.power_vm(row.path, on=which == "start", timeout=timeout)
+    ran = row.kind is AppKind.VM
+    if hooks.script_for(row, Hook(which)):
+        with agent_for(host) as agent:
+            hooks.run_hook(agent, row, Hook(which), operation="failback", path=row.path)
+        ran = True
+    if row.kind is AppKind.POSTGRESQL and which == "stop":
+        # What its stop hook left running (or all, without one): the restore that follows
+        # must find the cluster stopped.
+        with agent_for(host) as agent:
+            ran = agent.pg_stop(row.path) or ran
+    return CommandRan(ran=ran)
 
 
 def production_apply(site: Site, *, peer: str, app: str, image: str) -> Job:
@@ -700,10 +941,20 @@ def production_apply(site: Site, *, peer: str, app: str, image: str) -> Job:
                 reason=f"{image} is not a syncback of it from {peer}",
                 fix="Send the image as a syncback first",
             )
-        if doc["target"] != "original" and not doc.get("previous"):
-            doc["previous"] = {"host": row.host, "path": row.path}
-            row.host, row.path = doc["host"], doc["path"]
-            peers.set_agreement(session, app_id=row.id, doc=doc)
+        define = row.kind is AppKind.VM and doc["target"] == "new" and not doc.get("defined")
+        if doc["target"] != "original" and not doc.get("previous") and not define:
+            _switch_identity(session, row, doc)
+    if define:  # a new VM: its domain is defined first, on empty disks the restore fills
+        defined = _define_new_domain(site, row, doc, img)
+        try:
+            with site.catalog.begin() as session:
+                row = _own_app_failed_over_at(session, peer=peer, app=app, action=action)
+                doc = _agreed(session, row, peer=peer, action=action)
+                doc["defined"] = defined
+                _switch_identity(session, row, doc)
+        except BaseException:  # the agreement ended meanwhile: the domain is nobody's
+            _remove_defined(site, {"defined": defined})
+            raise
     return submit_restore(
         site,
         app=app,
@@ -711,7 +962,16 @@ def production_apply(site: Site, *, peer: str, app: str, image: str) -> Job:
         confirm=list(RESTORE_CONFIRMATIONS),
         actor=peers.peer_token_name(peer),
         commands=False,
+        rollforward=False,
     )
+
+
+def _switch_identity(session: Any, row: App, doc: dict[str, Any]) -> None:
+    """Step 8: the app takes the target's identity (host and path; a VM's domain), the
+    former one kept in the agreement for an undo."""
+    doc["previous"] = {"host": row.host, "path": row.path}
+    row.host, row.path = doc["host"], doc["path"]
+    peers.set_agreement(session, app_id=row.id, doc=doc)
 
 
 def production_undo(site: Site, *, peer: str, app: str) -> Undone:
@@ -723,4 +983,6 @@ def production_undo(site: Site, *, peer: str, app: str) -> Undone:
         _not_applying(session, row, peer=peer, action="undo a failback of")
         _revert_identity(row, doc)
         peers.set_agreement(session, app_id=row.id, doc=None)
-        return Undone(app=app, host=row.host, path=row.path)
+        undone = Undone(app=app, host=row.host, path=row.path)
+    _remove_defined(site, doc)  # a new VM: its domain and volumes go
+    return undone

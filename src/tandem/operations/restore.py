@@ -13,6 +13,15 @@ Flow (SPEC §4.4)
    and written, so a failback's final restore takes time in proportion to the change.
 3. The lifecycle transition (restore) is recorded with the job and its actor.
 
+A catch-up syncback of a PostgreSQL app (a base backup of the database running at the DR
+site, ``pg_recovery.rolls_forward``) is rolled forward: after the diff-restore, the host's
+agent recovers the cluster in place with the DR copy's WAL that the DR site pushed home
+(staged by the appliance as at a DR recovery, ``pg_recovery.recover``) to ``--time`` or
+the newest WAL held, promotes it, shuts it down, and the start hook runs; the point reached
+(the last replayed commit's time) is the job's ``recovered_to``. Refused before anything is
+touched when the WAL held here does not reach the backup's end (``WalNotHome`` names the
+first segment missing) or the target is outside what it can reach.
+
 A VM (``vm`` app) is restored by its host's agent in place (``agent.vm.restore``): the job
 powers it off itself (graceful shutdown within ``shutdown_timeout`` s, then destroy), the
 disks are diff-restored keeping the domain's identity and MACs, its checkpoints are dropped
@@ -44,6 +53,7 @@ from tandem.operations import failback, hooks, pg_recovery, stamps, wal
 from tandem.operations.hosts import agent_for, app_host
 from tandem.operations.site import Site
 from tandem.operations.streams import follow
+from tandem.storage.manifest import VolumeManifest, load_manifest
 from tandem.transport.agent import AgentClient
 from tandem.transport.agent_api import RestoreRequest, VmRestoreRequest
 from tandem.transport.api import checked
@@ -72,13 +82,24 @@ def submit_restore(
     commands: bool = True,
     power_on: bool = False,
     shutdown_timeout: float | None = None,
+    time: str | None = None,
+    latest: bool = False,
+    rollforward: bool = True,
 ) -> Job:
     """Queue a restore of ``image`` onto ``app``; refused without both confirmations.
 
     ``commands=False`` (a replica-style failback, which stops and starts the app itself)
-    restores without running the app's stop and start hooks.
+    restores without running the app's stop and start hooks. ``time``/``latest``: the point
+    a catch-up syncback of a database is rolled forward to (default: the latest).
+    ``rollforward=False`` (a replica-style failback's first pass, which the second, of the
+    stopped database, completes) writes such a syncback as the files it holds.
     """
     check_confirmations(confirm, RESTORE_CONFIRMATIONS)
+    rolled = (
+        _rollforward_params(site, app=app, image=image, time=time, latest=latest)
+        if rollforward
+        else {}
+    )
     with site.catalog.begin() as session:
         row = q.get_app(session, name=app)
         img = q.get_image(session, image_id=image)
@@ -87,10 +108,12 @@ def submit_restore(
         if img.state is ImageState.DELETING:
             raise ImageBeingDeleted(image=img.id, app=row.name)
         pg_recovery.check_restorable(site, row, img)  # a syncback: names the one to restore
-        check_not_base_backup(img)
+        if not pg_recovery.rolls_forward(row, img):  # that one is recovered after writing
+            check_not_base_backup(img)  # (or a pre-copy: see ``rollforward``)
         check_transition(row.name, row.state, Operation.RESTORE)
         app_host(session, row, action="restore")
         params: dict[str, Any] = {} if commands else {"commands": False}
+        params.update(rolled)
         if row.kind is AppKind.VM:
             params.update(power_on=power_on)
             if shutdown_timeout is not None:
@@ -113,6 +136,29 @@ def submit_restore(
     return job
 
 
+def _rollforward_params(
+    site: Site, *, app: str, image: str, time: str | None, latest: bool
+) -> dict[str, Any]:
+    """The job parameters of a roll-forward (``pg_recovery.rolls_forward``), planned now so
+    that a target it cannot reach, or WAL not home yet, is refused before anything is
+    touched; none for any other restore (refused when a recovery option is given)."""
+    with site.catalog.read() as session:
+        row = q.get_app(session, name=app)
+        img = q.get_image(session, image_id=image)
+    target = pg_recovery.parse_target(time, latest, row)  # refuses options of other kinds
+    if img.app_id != row.id:
+        return {}  # refused with the reason next
+    if not pg_recovery.rolls_forward(row, img):
+        if time is not None or latest:
+            raise InvalidInput(
+                detail=f"--time and --latest roll a catch-up syncback of a database forward; "
+                f"image {img.id} is a {img.kind.value} image, restored as it is: leave them out"
+            )
+        return {}
+    pg_recovery.rollforward(site, row, img, target)
+    return {"rollforward": True, "time": target.isoformat() if target is not None else None}
+
+
 def _run_hook(agent: AgentClient, ctx: JobContext, app: App, hook: Hook, image: str) -> bool:
     return hooks.run_hook(agent, app, hook, operation=TYPE, image=image, path=app.path, ctx=ctx)
 
@@ -127,6 +173,11 @@ def run_restore(site: Site, ctx: JobContext) -> dict[str, Any]:
         host = app_host(session, app, action="restore")
     if app.kind is AppKind.VM:
         return _run_vm_restore(site, ctx, app, image, host)
+    rolled: pg_recovery.Recovery | None = None
+    if ctx.job.params.get("rollforward"):  # planned again: the WAL held may have moved on
+        target = pg_recovery.parse_target(ctx.job.params.get("time"), False, app)
+        rolled = pg_recovery.Recovery(pg_recovery.rollforward(site, app, image, target), target)
+    recovered: dict[str, Any] = {}
     readable = [bytes.fromhex(image.manifest)]
     known = stamps.known(site, app_id=app.id) if app.kind is AppKind.VOLUME else None
     if known is not None and site.pool.has_manifest(bytes.fromhex(known[0])):
@@ -153,6 +204,7 @@ def run_restore(site: Site, ctx: JobContext) -> dict[str, Any]:
                 appliance=site.session_ref(transfer.id, token),
                 base=known[0] if known else None,
                 stamp=known[1] if known else None,
+                rollforward=rolled is not None,
             )
             if app.kind is AppKind.VOLUME:
                 stamps.forget(site, app_id=app.id)  # from here it holds neither image
@@ -162,6 +214,18 @@ def run_restore(site: Site, ctx: JobContext) -> dict[str, Any]:
                 done = follow(
                     ctx, agent.restore(body), host=host.name, moved=lambda: transfer.bytes_sent
                 )
+                if rolled is not None:
+                    recovered = pg_recovery.recover(
+                        site,
+                        ctx,
+                        app=app,
+                        host=host,
+                        chosen=rolled.plan,
+                        path=app.path,
+                        target=rolled.target,
+                        port=None,
+                        stop=True,
+                    )
             except TandemError as exc:
                 if not stopped:
                     raise
@@ -198,22 +262,47 @@ def run_restore(site: Site, ctx: JobContext) -> dict[str, Any]:
         f"{transfer.bytes_sent} bytes sent)"
     )
     downtime = None
-    if image.kind is ImageKind.SYNCBACK:
+    if image.kind is ImageKind.SYNCBACK and rolled is None:
         # Failback downtime: the final syncback is taken once the app stopped at the DR
-        # site; production is back when its start hook has run.
+        # site; production is back when its start hook has run. (A catch-up syncback rolled
+        # forward was taken while the DR copy ran: its age is no downtime.)
         downtime = max(0.0, (datetime.now(UTC) - image.created).total_seconds())
         failback.record_downtime(site, app=app.name, seconds=downtime)
     ctx.set_message(
         f"restored {image.id} onto {app.path}: {written} bytes written, "
         f"{transfer.bytes_sent} bytes sent"
         + (f"; failback downtime {downtime:.1f} s" if downtime is not None else "")
+        + (
+            f"; PostgreSQL rolled forward to {recovered.get('recovered_to')} (the last commit "
+            "replayed), promoted and shut down"
+            if recovered
+            else ""
+        )
     )
+    if recovered:
+        recovered.update(port=None, socket_dir=None)  # stopped: its start hook starts it
     return {
         "image": image.id,
         "bytes_sent": transfer.bytes_sent,
         "stats": stats,
         "downtime_seconds": downtime,
+        **recovered,
     }
+
+
+def own_domain_xml(site: Site, app: App) -> str | None:
+    """The domain XML of ``app`` as this site's own agent captured it (the newest snapshot
+    image that holds it), or None. A domain is only ever defined at a site from this: the
+    XML in a syncback or replica image is the other site's word, and a domain definition
+    names binaries, devices and files of the host (``domain.vms.tame_domain_xml``)."""
+    with site.catalog.read() as session:
+        images = q.list_images(session, app=app.name, kind=ImageKind.SNAPSHOT, limit=20)
+    for image in images:
+        manifest = load_manifest(site.pool, bytes.fromhex(image.manifest))
+        vm = manifest.meta.get("vm") if isinstance(manifest, VolumeManifest) else None
+        if isinstance(vm, dict) and vm.get("domain") == app.path and isinstance(vm.get("xml"), str):
+            return str(vm["xml"])
+    return None
 
 
 def _run_vm_restore(
@@ -242,6 +331,7 @@ def _run_vm_restore(
                 job=ctx.job.id,
                 appliance=site.session_ref(transfer.id, token),
                 power_on=bool(params.get("power_on")),
+                definition=own_domain_xml(site, app),
                 **({"shutdown_timeout": float(timeout)} if timeout is not None else {}),
             )
             done = follow(

@@ -23,8 +23,9 @@ time of the DR copy, never the copy as it changes:
   file that changed after it was read fails the syncback (``SourceChanged``), never a torn
   image. ``hooks`` counts as ``auto`` here: the app's hooks are production's.
 - a PostgreSQL database running at DR: a base backup of the DR cluster
-  (``pg_recovery.running_kind``), recorded with the image; it is not restored itself
-  (``pg_recovery.check_restorable``), the final syncback after the database stopped is.
+  (``pg_recovery.running_kind``), recorded with the image; restoring it rolls it forward
+  with the DR WAL pushed home (``pg_recovery.rollforward``), the final syncback after the
+  database stopped is restored as it is.
 The final syncback (app stopped) reads the same way; nothing changes meanwhile.
 
 What the DR copy holds that no capture took yet (``dr_copy_changes``) is what a failback

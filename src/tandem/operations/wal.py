@@ -15,6 +15,11 @@ completed segments (the host then removes them), and pushes what the peer lacks 
 app's template mirrors. Every step is idempotent: after a break (agent, appliance or peer
 restarted) the next tick reads from what is held, so resume = run again.
 
+While the app is failed over at the peer (``peer_active``) production's own cluster is
+not streamed: the DR copy is the writer, and WAL a production cluster writes meanwhile (a
+replica-style failback not yet committed, then undone) would fork the DR copy's timeline
+in the store. Streaming resumes once the failback ends (a new base image bridges).
+
 Trust: the peer's pushes (``receive_push``) are taken only for an app that is already a
 mirror record of that peer here, of kind postgresql; names and sizes are validated by the
 wire models, and the bytes must match the digest the sender computed.
@@ -571,10 +576,10 @@ class WalShipper:
         if app.name in self._dr and app.state is not AppState.FAILBACK_PENDING:
             stop_streaming(self.site, app, self._dr[app.name])  # the failover ended
             del self._dr[app.name]
-        if app.origin is None and app.state is AppState.MANAGED:
+        if app.origin is None and app.state is AppState.MANAGED and not app.peer_active:
             self._dropped.discard(app.name)
             pull(self.site, app)
-            if _mirrors(self.site, app) and not app.peer_active:
+            if _mirrors(self.site, app):
                 push(self.site, app)
         elif (
             app.origin is None and app.state is AppState.UNMANAGED and app.name not in self._dropped

@@ -26,7 +26,9 @@ from tandem.transport.agent_api import (
     ApplianceSession,
     CaptureRequest,
     DefineRequest,
+    EmptyDomainRequest,
     MaterializeRequest,
+    PgRunRequest,
     PowerRequest,
     ProbeRequest,
     RecoverRequest,
@@ -154,6 +156,14 @@ class AgentClient:
         """Copy a VM image's disks into a pool of the host, then define the VM on them."""
         return self._events("/api/v1/vms/define-copy", body)
 
+    def define_empty_vm(self, body: EmptyDomainRequest) -> dict[str, Any]:
+        """Define a powered-off domain on new, empty volumes of a pool
+        (``agent.vm.define_empty``): its name, uuid and volumes."""
+        answer = self._call("POST", "/api/v1/vms/define-empty", body)
+        if not isinstance(answer, dict) or "name" not in answer:
+            raise RemoteError(what="host", name=self.name, detail="unexpected answer to define")
+        return answer
+
     def remove_vm(self, name: str) -> dict[str, Any]:
         """Destroy and undefine the VM ``name`` (gone already is fine)."""
         answer = self._call("POST", "/api/v1/vms/remove", checked(RemoveRequest, name=name))
@@ -244,6 +254,17 @@ class AgentClient:
         answer = self._dict("POST", "/api/v1/pg/spool/wanted", body)
         wanted = answer.get("wanted")
         return str(wanted) if isinstance(wanted, str) else None
+
+    def pg_stop(self, path: str) -> bool:
+        """Stop the PostgreSQL running on the cluster at ``path`` (fast shutdown); False when
+        none ran."""
+        answer = self._dict("POST", "/api/v1/pg/stop", checked(PgRunRequest, path=path))
+        return bool(answer.get("stopped"))
+
+    def pg_start(self, path: str, port: int | None, socket_dir: str | None) -> dict[str, Any]:
+        """Start the presented copy at ``path`` again (after a failback was undone)."""
+        body = checked(PgRunRequest, path=path, port=port, socket_dir=socket_dir)
+        return self._dict("POST", "/api/v1/pg/start", body)
 
     def pg_recover(self, body: RecoverRequest) -> dict[str, Any]:
         """Start the copy recovered to a point in time; answers the point reached."""

@@ -115,6 +115,10 @@ class RestoreRequest(BaseModel):
     """Manifest of the image the volume held when ``stamp`` was taken (restore from base)."""
     stamp: dict[str, int] | None = None
     """The volume file's ``SourceStamp`` then: if it still matches, the target is not read."""
+    rollforward: bool = False
+    """A PostgreSQL base backup written in place, which the appliance recovers next: the
+    path may take WAL and recovery settings (``/pg/spool``, ``/pg/recover``) until that
+    recovery has run, as a presented copy does."""
 
 
 class TargetCheckRequest(BaseModel):
@@ -180,6 +184,17 @@ class StreamRequest(BaseModel):
     path: str = Field(pattern=PATH, max_length=4096)
 
 
+class PgRunRequest(BaseModel):
+    """Stop the PostgreSQL running on the cluster at ``path``, or start a presented copy
+    again (``port``, ``socket_dir``: where it listened before)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(pattern=PATH, max_length=4096)
+    port: int | None = Field(default=None, ge=1024, le=65535)
+    socket_dir: str | None = Field(default=None, pattern=PATH, max_length=1024)
+
+
 class WalRead(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -220,6 +235,9 @@ class RecoverRequest(BaseModel):
     socket_dir: str | None = Field(default=None, pattern=PATH, max_length=1024)
     verify: bool = False
     """Run ``pg_amcheck`` (heap and every B-tree index) on the started copy."""
+    stop: bool = False
+    """Shut the server down once promoted (a restore in place at production: the app's own
+    start hook starts it there)."""
     segments: list[str] = Field(default_factory=list, max_length=1_000_000)
     """The segments the appliance holds for this recovery, in order; the restore_command
     waits for these to be staged and fails at once for any other name. Empty: the ones
@@ -283,6 +301,27 @@ class DefineRequest(BaseModel):
         return self
 
 
+class EmptyDisk(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    target: str = Field(pattern=r"^[a-z]{1,8}[0-9a-z]{0,8}$")
+    size: int = Field(gt=0, le=1 << 50)
+
+
+class EmptyDomainRequest(BaseModel):
+    """Define a new, powered-off domain from a VM image's XML on new, empty qcow2 volumes of
+    a storage pool of the host (a failback ``--target new`` then writes the image into
+    them): a fresh UUID, the captured NICs and MACs (``agent.vm.define_empty``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=DOMAIN_NAME)
+    xml: str = Field(min_length=1, max_length=1_000_000)
+    disks: list[EmptyDisk] = Field(min_length=1, max_length=64)
+    pool: str = Field(pattern=DOMAIN_NAME)
+    source_domain: str = Field(default="", max_length=64)
+
+
 class RemoveRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -311,6 +350,10 @@ class VmRestoreRequest(BaseModel):
     job: str = ""
     power_on: bool = False
     shutdown_timeout: float = Field(default=120.0, ge=0, le=3600)
+    definition: str | None = Field(default=None, max_length=1_000_000)
+    """The domain XML to define the domain from if it is gone: the appliance's own capture
+    of it (``operations.restore.own_domain_xml``), never the image's, which may come from
+    the other site."""
 
 
 # --- hooks (agent/hooks.py) -----------------------------------------------------------

@@ -253,6 +253,8 @@ class FailbackIn(Body):
     power_on: bool = False
     shutdown_timeout: float | None = Field(default=None, ge=0, le=3600)
     """A VM: seconds each graceful shutdown may take before the VM is powered off."""
+    pool: str | None = Field(default=None, pattern=DOMAIN_NAME)
+    """A VM with --target new: the production host's storage pool its disks are made in."""
 
 
 class CommitFailbackIn(Body):
@@ -275,6 +277,16 @@ class RestoreIn(Body):
     """A VM: start it once restored (it is powered off by the restore)."""
     shutdown_timeout: float | None = Field(default=None, ge=0, le=3600)
     """A VM: seconds its graceful shutdown may take before it is powered off."""
+    time: str | None = Field(
+        default=None,
+        max_length=64,
+        description="A catch-up syncback of a PostgreSQL app: roll it forward to this time.",
+    )
+    latest: bool = Field(
+        default=False,
+        description="A catch-up syncback of a PostgreSQL app: roll it forward to the newest "
+        "WAL held (the default).",
+    )
 
 
 class PairIn(Body):

@@ -42,7 +42,8 @@ Name = Annotated[str, Field(pattern=NAME_PATTERN, max_length=64)]
 AnyId = Annotated[str, Field(pattern=ID_PATTERN, max_length=16)]
 Digest = Annotated[str, Field(pattern=HEX_DIGEST)]
 FullPath = Annotated[str, Field(min_length=1, max_length=4096, pattern=r"^/[^\x00]*$")]
-AppPath = FullPath | Annotated[str, Field(pattern=DOMAIN_NAME)]
+DomainName = Annotated[str, Field(pattern=DOMAIN_NAME)]
+AppPath = FullPath | DomainName
 """An app's path, or a vm app's libvirt domain name."""
 SessionId = Annotated[str, Field(pattern=SESSION_PATTERN)]
 Secret = Annotated[str, Field(min_length=1, max_length=512)]
@@ -197,8 +198,11 @@ class FailbackCheck(Wire):
 
     target: FailbackTarget
     host: Name | None = None
-    path: FullPath | None = None
+    path: AppPath | None = None
+    """A full path, or for a VM a libvirt domain name (checked against the app's kind)."""
     epoch: int = Field(ge=1)
+    pool: DomainName | None = None
+    """A VM with target ``new``: a storage pool of production's host for the new domain."""
 
 
 class FailbackAgreed(Wire):
