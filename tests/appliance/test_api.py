@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ from tandem.domain.rules import Role
 from tandem.errors import Forbidden, InvalidInput
 from tandem.operations import apps
 from tests.appliance.conftest import Api, seed_app, seed_image
+from tests.poolfiles import age_pool, chunk_file
 
 CONFIRM = ["DATA LOSS", "OVERWRITE OTHER APPS"]
 
@@ -259,9 +259,7 @@ def test_image_delete_job_marks_and_the_gc_job_collects(api: Api, tmp_path: Path
 def age_chunks(api: Api) -> None:
     """Make every chunk an hour old: GC spares chunks younger than a running writer."""
     pool = api.appliance.site.pool
-    old = time.time() - 3600
-    for digest, _ in pool.iter_chunks():
-        os.utime(pool.chunk_path(digest), (old, old))
+    age_pool(pool, 3600)
 
 
 def test_verify_reports_a_damaged_image(api: Api, tmp_path: Path) -> None:
@@ -273,7 +271,7 @@ def test_verify_reports_a_damaged_image(api: Api, tmp_path: Path) -> None:
     pool = api.appliance.site.pool
     chunks = list(pool.iter_chunks())  # all of them: a half-used scandir would stay open
     chunk = chunks[0][0]
-    pool.chunk_path(chunk).unlink()
+    chunk_file(pool, chunk).unlink()
     report = api.client.get(f"/api/v1/images/{image}/verify", headers=api.headers("viewer")).json()
     assert report["ok"] is False and report["missing"] == [chunk.hex()]
 

@@ -32,6 +32,7 @@ from tandem.storage.overlay import Overlay, capture_overlay
 from tandem.storage.pool import ChunkPool
 from tandem.storage.volume import capture_volume, restore_volume
 from tandem.transport import nbdproto
+from tests.poolfiles import chunk_file
 
 MiB = 1024 * 1024
 PACKAGES = {
@@ -326,7 +327,7 @@ def test_a_corrupt_chunk_is_an_io_error_never_served(
 ) -> None:
     digest = image.manifest.chunks[2]
     assert digest is not None
-    path = pool.chunk_path(digest)
+    path = chunk_file(pool, digest)
     blob = bytearray(path.read_bytes())
     blob[-1] ^= 0xFF
     path.chmod(0o600)

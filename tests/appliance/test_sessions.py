@@ -32,6 +32,7 @@ from tandem.transport.wire import (
     encode_frames,
 )
 from tests.appliance.conftest import Api
+from tests.poolfiles import chunk_file
 
 Tamper = Callable[[str, bytes], bytes]
 
@@ -231,7 +232,7 @@ def test_a_corrupt_header_is_not_served(reader: Reader, tmp_path: Path) -> None:
     change = make_change(reader.pool, tmp_path, 2)
     digest = change.base.chunks[1]
     assert digest is not None
-    path = reader.pool.chunk_path(digest)
+    path = chunk_file(reader.pool, digest)
     os.chmod(path, 0o600)
     blob = bytearray(path.read_bytes())
     blob[HEADER.size + 7] ^= 1  # in the first block digest

@@ -64,7 +64,7 @@ def test_capture_restore_verify_gc_through_the_cli(tmp_path: Path) -> None:
 
 def test_verify_exits_1_and_names_a_corrupt_chunk(tmp_path: Path) -> None:
     pool, src = tmp_path / "pool", tmp_path / "f.img"
-    src.write_bytes(os.urandom(200_000))
+    src.write_bytes(os.urandom(300_000))  # over PACK_BELOW: a chunk file of its own
     run("storage", "init", str(pool))
     run("storage", "capture", str(pool), str(src))
     victim = next((pool / "chunks").rglob("*" * 1 + "?" * 63))

@@ -246,7 +246,7 @@ def test_gc_in_one_process_while_the_other_captures_loses_nothing(pair: Pair) ->
     # (fresh files are spared by the cut-off, whatever their image).
     pool = pair.first.directory / "pool"
     old_time = time.time() - 3600
-    for path in [*pool.glob("chunks/*/*"), *pool.glob("manifests/*")]:
+    for path in [*pool.glob("chunks/*/*"), *pool.glob("packs/*"), *pool.glob("manifests/*")]:
         os.utime(path, (old_time, old_time))
     # The capture runs in the second process and stays in flight (its agent paused, its
     # pool writer open) while a collection runs, start to end, in the first.

@@ -25,16 +25,13 @@ from tandem.operations import apps, capture, gc, images
 from tandem.storage import gc as pool_gc
 from tests.appliance.conftest import Booted, seed_app, seed_image
 from tests.operations.two_sites import TEMPLATE, TwoSites, two_sites
+from tests.poolfiles import age_pool
 
 
 def age(appliance: Appliance) -> None:
     """Make every chunk and manifest an hour old: only marks and touches keep them now."""
     pool = appliance.site.pool
-    old = time.time() - 3600
-    for digest, _ in pool.iter_chunks():
-        os.utime(pool.chunk_path(digest), (old, old))
-    for mid in pool.list_manifests():
-        os.utime(pool.manifest_path(mid), (old, old))
+    age_pool(pool, 3600)
 
 
 def chunk_count(appliance: Appliance) -> int:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -14,6 +13,7 @@ from tandem.errors import Conflict, StorageError
 from tandem.storage import gc
 from tandem.storage.manifest import VOLUME_CHUNK, VolumeManifest, encode_manifest, load_manifest
 from tandem.storage.pool import ChunkPool
+from tests.poolfiles import age_pool
 
 HOUR = 3600.0
 
@@ -39,11 +39,7 @@ def chunks_of(pool: ChunkPool, payloads: list[bytes]) -> list[bytes]:
 
 def age(pool: ChunkPool, seconds: float = HOUR) -> None:
     """Make every chunk and manifest old: only marks (and touches) keep them now."""
-    old = time.time() - seconds
-    for digest, _ in pool.iter_chunks():
-        os.utime(pool.chunk_path(digest), (old, old))
-    for mid in pool.list_manifests():
-        os.utime(pool.manifest_path(mid), (old, old))
+    age_pool(pool, seconds)
 
 
 def payloads(tag: str, n: int) -> list[bytes]:
@@ -65,7 +61,9 @@ def test_collect_removes_what_no_live_manifest_names(pool: ChunkPool) -> None:
         pool.get(d)  # still readable and verified
 
 
-def test_a_stopped_collection_is_resumed_by_the_next(pool: ChunkPool) -> None:
+def test_a_stopped_collection_is_resumed_by_the_next(tmp_path: Path) -> None:
+    # the fan-by-fan sweep of chunk files (a stopped sweep of packs: test_packs)
+    pool = ChunkPool.create(tmp_path / "loose", pack_below=0)
     live_data, dead_data = payloads("live", 50), payloads("dead", 300)
     live = image(pool, live_data)
     image(pool, dead_data)
@@ -230,8 +228,8 @@ digests = [writer.put(f"other-{i}-".encode() * 500).digest for i in range(20)]
 manifest = VolumeManifest(size=len(digests) * VOLUME_CHUNK, chunks=list(digests))
 mid = writer.commit_manifest(encode_manifest(manifest))
 old = real_time() - 3600
-for d in digests:
-    os.utime(pool.chunk_path(d), (old, old))
+for entry in os.scandir(pool.packs_dir):
+    os.utime(entry.path, (old, old))
 os.utime(pool.manifest_path(mid), (old, old))
 ready.write_text(mid.hex())
 while not go.exists():

@@ -18,6 +18,7 @@ from tandem.storage.manifest import VOLUME_CHUNK, VolumeManifest, load_manifest
 from tandem.storage.overlay import BLOCK, ChunkCache, ImageReader, Overlay, capture_overlay
 from tandem.storage.pool import ChunkPool
 from tandem.storage.volume import capture_volume, restore_volume
+from tests.poolfiles import chunk_file
 
 MiB = 1024 * 1024
 
@@ -38,9 +39,9 @@ def make_base(
 
 
 def pool_files(pool: ChunkPool) -> dict[str, bytes]:
-    """Digest of every file in the pool's chunk and manifest directories."""
+    """Digest of every file in the pool's chunk, pack and manifest directories."""
     out = {}
-    for sub in ("chunks", "manifests"):
+    for sub in ("chunks", "packs", "manifests"):
         for path in sorted((pool.root / sub).rglob("*")):
             if path.is_file():
                 out[str(path)] = hash_bytes(path.read_bytes())
@@ -554,7 +555,7 @@ def test_a_capture_of_a_few_written_blocks_reads_no_byte_of_the_base(
     mid, base, _ = make_base(pool, tmp_path, 3 * VOLUME_CHUNK)
     first = base.chunks[0]
     assert first is not None
-    path = pool.chunk_path(first)
+    path = chunk_file(pool, first)
     kept = path.read_bytes()
     info = pool.info(first)
     with Overlay.create(tmp_path / "ov", pool, base, mid) as ov:
@@ -628,7 +629,7 @@ def test_a_corrupt_block_is_refused_and_never_kept_its_neighbours_are_served(
     _mid, base, data = make_base(pool, tmp_path, VOLUME_CHUNK)
     digest = base.chunks[0]
     assert digest is not None
-    path = pool.chunk_path(digest)
+    path = chunk_file(pool, digest)
     blob = bytearray(path.read_bytes())
     blob[-1] ^= 0xFF  # the last byte of block 63
     path.chmod(0o600)

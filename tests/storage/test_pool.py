@@ -19,6 +19,7 @@ from tandem.storage.digest import (
     object_id,
 )
 from tandem.storage.pool import CODEC_RAW, CODEC_ZSTD, HEADER, ChunkPool, encode_chunk
+from tests.poolfiles import chunk_file
 
 
 def test_put_get_roundtrip_and_dedup(pool: ChunkPool) -> None:
@@ -36,7 +37,7 @@ def test_compressible_is_compressed_random_is_raw(pool: ChunkPool) -> None:
     text, noise = b"a" * 200_000, os.urandom(200_000)
     with pool.writer() as w:
         t, n = w.put(text), w.put(noise)
-    codec = lambda d: HEADER.unpack_from(pool.chunk_path(d).read_bytes())[1]  # noqa: E731
+    codec = lambda d: HEADER.unpack_from(pool.get_stored(d))[1]  # noqa: E731
     assert codec(t.digest) == CODEC_ZSTD and t.stored < 10_000
     assert codec(n.digest) == CODEC_RAW
 
@@ -67,7 +68,7 @@ def test_corrupt_chunk_is_reported_never_served(pool: ChunkPool, damage: str) ->
     data = os.urandom(300_000)
     with pool.writer() as w:
         d = w.put(data).digest
-    path = pool.chunk_path(d)
+    path = chunk_file(pool, d)
     raw = bytearray(path.read_bytes())
     if damage == "flip":
         raw[-100] ^= 0xFF
@@ -86,7 +87,7 @@ def test_corrupt_chunk_is_reported_never_served(pool: ChunkPool, damage: str) ->
 def test_verify_reports_missing_chunks(pool: ChunkPool) -> None:
     with pool.writer() as w:
         d = w.put(b"x" * 1000).digest
-    os.unlink(pool.chunk_path(d))
+    os.unlink(chunk_file(pool, d))
     report = pool.verify({b"m" * 32: [d]})
     assert report.missing == [((b"m" * 32).hex(), d.hex())]
     with pytest.raises(ChunkMissing):
@@ -97,9 +98,9 @@ def test_gc_removes_only_unreferenced_old_chunks(pool: ChunkPool) -> None:
     with pool.writer() as w:
         keep = w.put(b"keep" * 1000).digest
         drop = w.put(b"drop" * 1000).digest
-    old = os.stat(pool.chunk_path(drop)).st_mtime - 3600
+    old = os.stat(chunk_file(pool, drop)).st_mtime - 3600
     for d in (keep, drop):
-        os.utime(pool.chunk_path(d), (old, old))
+        os.utime(chunk_file(pool, d), (old, old))
     report = pool.gc({b"m" * 32: [keep]})
     assert report.chunks_removed == 1
     assert pool.has(keep) and not pool.has(drop)
@@ -109,8 +110,8 @@ def test_gc_is_safe_while_a_writer_runs(pool: ChunkPool) -> None:
     """A chunk a running capture reuses (touches) or writes survives a concurrent GC."""
     with pool.writer() as w:
         reused = w.put(b"reused" * 1000).digest
-    old = os.stat(pool.chunk_path(reused)).st_mtime - 3600
-    os.utime(pool.chunk_path(reused), (old, old))
+    old = os.stat(chunk_file(pool, reused)).st_mtime - 3600
+    os.utime(chunk_file(pool, reused), (old, old))
     with pool.writer() as w:
         assert w.has(reused)  # dedup hit: touches the chunk
         fresh = w.put(b"fresh" * 1000).digest
@@ -250,17 +251,17 @@ def test_reading_a_delta_s_own_blocks_needs_nothing_of_its_base(pool: ChunkPool)
         base_id = w.put(base).digest
     with pool.writer() as w:
         assert w.put_blocks(digest, subs, len(new), base_id, {3: block}) is not None
-    kept = pool.chunk_path(base_id).read_bytes()
-    pool.chunk_path(base_id).unlink()
+    kept = chunk_file(pool, base_id).read_bytes()
+    chunk_file(pool, base_id).unlink()
     assert pool.read_blocks(digest, [3]) == [block]
     with pytest.raises(ChunkMissing):
         pool.read_blocks(digest, [0])  # not in the delta: from the base
-    pool.chunk_path(base_id).write_bytes(kept)
+    chunk_file(pool, base_id).write_bytes(kept)
     assert pool.read_blocks(digest, [3, 0]) == [block, base[:SUB_BLOCK]]
     assert pool.get(digest) == new
-    forged = bytearray(pool.chunk_path(digest).read_bytes())
+    forged = bytearray(chunk_file(pool, digest).read_bytes())
     forged[HEADER.size] ^= 1  # a block digest in the header
-    pool.chunk_path(digest).write_bytes(bytes(forged))
+    chunk_file(pool, digest).write_bytes(bytes(forged))
     with pytest.raises(ChunkCorrupt, match="header"):
         pool.read_blocks(digest, [3])
 
@@ -284,7 +285,7 @@ def test_a_received_delta_is_verified_without_decoding_its_base(
     blob = other.get_stored(digest)
     with pool.writer() as w:
         w.put_encoded(base_id, other.get_stored(base_id))
-    path = pool.chunk_path(base_id)
+    path = chunk_file(pool, base_id)
     kept = path.read_bytes()
     spoiled = bytearray(kept)
     spoiled[-1] ^= 0xFF  # the base's data, not its header

@@ -24,6 +24,7 @@ from tandem.storage import tree_capture
 from tandem.storage.manifest import TreeEntry, TreeManifest, load_manifest
 from tandem.storage.pool import CODEC_RAW, ChunkPool
 from tandem.storage.tree import capture_tree, diff_trees, restore_tree
+from tests.poolfiles import chunk_file
 
 MiB = 1024 * 1024
 T0 = 1_600_000_000 * 10**9  # a fixed past mtime, in ns
@@ -164,7 +165,7 @@ def test_recapture_without_registered_base_checks_chunks(pool: ChunkPool, tmp_pa
     _, m1, _ = capture_tree(pool, src)
     lost = next(e.chunks[0][0] for e in m1.entries if e.path == "b")
     assert lost is not None
-    os.unlink(pool.chunk_path(lost))
+    os.unlink(chunk_file(pool, lost))
     _, m2, stats = capture_tree(pool, src, base=m1)  # no base_id: chunks are not protected
     assert stats.bytes_read == 5000  # 'a' reused, 'b' read again since its chunk is gone
     assert pool.has(lost) and m2.entries == m1.entries
@@ -542,12 +543,12 @@ def test_corrupt_chunk_fails_restore_without_writing_garbage(
     _, m2, _ = capture_tree(pool, src)
     digest = m2.entries[0].chunks[0][0]
     assert digest is not None
-    chunk_file = pool.chunk_path(digest)
-    blob = bytearray(chunk_file.read_bytes())
+    path = chunk_file(pool, digest)
+    blob = bytearray(path.read_bytes())
     info = pool.info(digest)
     assert info.codec == CODEC_RAW  # random bytes: stored as they are
     blob[info.payload_at + 1003] ^= 0xFF  # in the one block the patch needs
-    chunk_file.write_bytes(bytes(blob))
+    path.write_bytes(bytes(blob))
 
     with pytest.raises(ChunkCorrupt):
         restore_tree(pool, m2, out)  # patching in place

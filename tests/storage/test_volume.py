@@ -25,6 +25,7 @@ from tandem.storage.volume import (
     stamp_of,
     unchanged_since,
 )
+from tests.poolfiles import chunk_file
 
 MiB = 1024 * 1024
 
@@ -230,7 +231,7 @@ def test_restore_refuses_a_corrupt_chunk(pool: ChunkPool, tmp_path: Path) -> Non
     write_volume(src, 6 * MiB, seed=2)
     _, manifest, _ = capture_volume(pool, src)
     victim = next(c for c in manifest.chunks if c is not None)
-    path = pool.chunk_path(victim)
+    path = chunk_file(pool, victim)
     raw = bytearray(path.read_bytes())
     raw[-1] ^= 0x55
     path.write_bytes(bytes(raw))

@@ -17,8 +17,12 @@ A collection has two phases.
   and its mtime is older than the cut-off (a writer touches every chunk it reuses, and
   writes new ones after it started, so nothing a running or later writer relies on is
   older). The rename to ``<hex>.gc`` and a second stat close the gap between the stat and
-  the removal, as ``ChunkPool.gc`` does. Last, manifest objects no live manifest id names
-  and older than the cut-off are removed.
+  the removal, as ``ChunkPool.gc`` does. Then each pack (``storage.packs``), one at a
+  time in id order: a pack written or touched since the cut-off is kept whole; an older one
+  is removed when none of its chunks is marked, rewritten (its marked chunks copied into a
+  new, durable pack first) when its live bytes are under ``packs.REWRITE_BELOW``, kept
+  otherwise; removal is the same rename to ``.gc`` and second stat. Last, manifest objects
+  no live manifest id names and older than the cut-off are removed.
 
 The mark set is a SQLite file beside the pool (``DIR/gc/marks.db``; not the catalog): a
 table of 32-byte digests ``WITHOUT ROWID``, about 40-50 bytes of disk per marked chunk and a
@@ -26,13 +30,20 @@ bounded page cache, so a pool of 100M chunks needs a few GB of disk, not of memo
 sweep loads the marks of one fan-out directory at a time into memory (1/256 of them, about
 100 bytes each in a Python set). Per chunk the cost is: one insert and one header read (is it
 a delta?) per distinct live chunk while marking, one ``stat`` and one set lookup per stored
-chunk while sweeping.
+chunk while sweeping; for packs, one index file read and one mark query per pack, and
+the copying of the live bytes of the packs it rewrites. The pack index itself (chunk id ->
+pack, offset, length) is held in memory by the pool (``storage.packs``), about 220 bytes
+per packed chunk: that, not the mark set, bounds the pool's size today.
 
-Resuming: the marks file records the manifests already marked, the cut-off and the next
-fan-out directory to sweep, committed after each manifest and each directory. A run that
-finds it resumes: it takes a fresh snapshot (new images are marked too, the cut-off only
-goes back), marks what is not marked yet, and sweeps from where the killed run stopped. That
-is safe for the same reason the first run is: chunks marked earlier are only kept longer.
+Resuming: the marks file records the manifests already marked, the cut-off, the next
+fan-out directory to sweep and the last pack swept, committed after each manifest, each
+directory and each pack. A pack rewrite killed half way leaves a second copy of some
+chunks in a new pack (complete and verified: the old pack is removed only after the new
+one is durable); the resumed run finds the old pack's chunks newer elsewhere and removes
+it. A run that finds it resumes: it takes a fresh snapshot (new images are marked too, the
+cut-off only goes back), marks what is not marked yet, and sweeps from where the killed run
+stopped. That is safe for the same reason the first run is: chunks marked earlier are only
+kept longer.
 One collection runs per pool at a time (an flock on ``DIR/gc/lock``; across hosts the
 appliance also holds a catalog lock, ``operations.gc``).
 """
@@ -63,7 +74,7 @@ UNLINK_THREADS = 8
 
 @dataclass
 class GcProgress:
-    phase: str  # "mark" or "sweep"
+    phase: str  # "mark", "sweep" or "packs"
     done: int
     total: int
 
@@ -80,6 +91,7 @@ class GcRun:
     chunks_marked: int = 0
     resumed: bool = False
     resumed_at_fan: int = 0
+    packs_done: int = 0
 
 
 def gc_dir(pool: ChunkPool) -> Path:
@@ -133,6 +145,16 @@ class _Marks:
             "INSERT OR REPLACE INTO state (key, value) VALUES (?, ?)",
             [(k, repr(v)) for k, v in values.items()],
         )
+
+    def get_text(self, key: str) -> str:
+        row = self.db.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()
+        return "" if row is None else str(row[0])
+
+    def put_text(self, key: str, value: str) -> None:
+        self.db.execute("INSERT OR REPLACE INTO state (key, value) VALUES (?, ?)", (key, value))
+
+    def marked(self, digests: list[bytes]) -> set[bytes]:
+        return set(digests) - set(self.unmarked(digests))
 
     def done(self, mid: bytes) -> bool:
         return self.db.execute("SELECT 1 FROM done WHERE m = ?", (mid,)).fetchone() is not None
@@ -268,6 +290,21 @@ def _collect(
             fan=fan + 1, kept=run.chunks_kept, removed=run.chunks_removed, freed=run.bytes_freed
         )
         report("sweep", fan + 1, FANS)
+
+    # --- packs: one at a time, in id order; the last one done is saved --------------------
+    pool.packs.refresh(force=True)
+    after = marks.get_text("pack")
+    packs = [p for p in pool.packs.packs() if p > after]
+    for i, pack_id in enumerate(packs):
+        check()
+        kept, removed, freed = pool.sweep_pack(pack_id, marks.marked, cutoff)
+        run.chunks_kept += kept
+        run.chunks_removed += removed
+        run.bytes_freed += freed
+        run.packs_done += 1
+        marks.put(kept=run.chunks_kept, removed=run.chunks_removed, freed=run.bytes_freed)
+        marks.put_text("pack", pack_id)
+        report("packs", i + 1, len(packs))
 
     for mid in pool.list_manifests():
         if mid in keep:

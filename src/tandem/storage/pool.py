@@ -2,7 +2,11 @@
 
 Invariants
 - A chunk file exists under ``chunks/`` only once its bytes are durable (written to
-  ``tmp/``, synced, then renamed). "Present" therefore means durable; every read verifies
+  ``tmp/``, synced, then renamed); a packed chunk is found only once its pack and the pack's
+  index file are durable (``storage.packs``: chunk files under ``pack_below`` bytes, 256 KiB
+  unless pool.json says otherwise, are appended to one pack per writer; a pool written
+  before packs is read as it is, and its new small chunks go to packs beside its files).
+  "Present" therefore means durable; every read verifies
   what it returns against the chunk's id and a bad chunk raises, it is never served. The id
   covers the header's 64 KiB block digests (``digest.object_id``), so a read of a few
   blocks checks the header with one small hash and each block with its own digest: it
@@ -11,12 +15,14 @@ Invariants
 - Garbage collection is safe while writers run: a writer registers itself in ``writers/``
   (a file it holds an flock on) with its start time and the manifests it builds on; GC keeps
   every chunk named by a live or base manifest and every chunk touched or written since the
-  oldest active writer started. A writer that reuses a chunk it did not write touches it.
+  oldest active writer started. A writer that reuses a chunk it did not write touches it
+  (a packed chunk: its pack, which GC then keeps whole).
 
 On-disk format, version 2 (version 1 had plain BLAKE3-256 ids)::
 
-    DIR/pool.json             {"format": 2, "kind": "tandem-pool"}
+    DIR/pool.json             {"format": 2, "kind": "tandem-pool"[, "pack_below": bytes]}
     DIR/chunks/ab/<hex>       chunk files, fanned out by the first byte of the digest
+    DIR/packs/<id>.pack|.idx  small chunk files, appended; the index names each (packs.py)
     DIR/manifests/<hex>       manifest objects (same file format, no sub-block digests)
     DIR/tmp/                  temporary files; those of dead writers removed when it opens
     DIR/writers/<id>          one per active writer: JSON {"started": t, "bases": [hex...]}
@@ -35,6 +41,7 @@ import ctypes
 import errno
 import fcntl
 import json
+import logging
 import os
 import struct
 import threading
@@ -58,6 +65,18 @@ from tandem.storage.digest import (
     object_id,
 )
 from tandem.storage.fileio import fsync_dir, write_durably
+from tandem.storage.packs import (
+    PACK_BELOW,
+    PACK_TARGET,
+    REWRITE_BELOW,
+    OpenPack,
+    encode_index,
+    read_record,
+    remove_orphans,
+    shared,
+)
+
+log = logging.getLogger(__name__)
 
 MAGIC = b"TCK1"
 HEADER = struct.Struct("<4sBBHI")
@@ -73,6 +92,7 @@ MIN_SAVING = 0.05  # store raw when compression saves less than this fraction
 POOL_FORMAT = 2
 FLUSH_CHUNKS = 2048  # pending chunks before a writer makes them durable
 FLUSH_BYTES = 512 * 1024 * 1024
+DEFAULT_PACK_BELOW = PACK_BELOW  # for pools whose pool.json does not say
 
 _local = threading.local()
 
@@ -395,26 +415,39 @@ class ChunkPool:
             ) from exc
         if info.get("format") != POOL_FORMAT:
             raise StorageError(detail=f"pool {self.root} has unsupported format {info}")
+        pack_below = info.get("pack_below", DEFAULT_PACK_BELOW)
+        if not isinstance(pack_below, int) or pack_below < 0:
+            raise StorageError(detail=f"pool {self.root}: bad pack_below in pool.json {info}")
+        self.pack_below = pack_below
         self.chunks_dir = self.root / "chunks"
+        self.packs_dir = self.root / "packs"
+        with contextlib.suppress(FileExistsError):  # pools made before packs have none
+            self.packs_dir.mkdir()
+        self.packs = shared(self.packs_dir)
         self._chunks_prefix = f"{self.chunks_dir}/"
         self.manifests_dir = self.root / "manifests"
         self.tmp_dir = self.root / "tmp"
         self.writers_dir = self.root / "writers"
         self._clean_tmp()
+        self.packs.refresh(force=True)
 
     @classmethod
-    def create(cls, root: Path | str) -> ChunkPool:
-        """Create (or open, if it exists) a pool in ``root``."""
+    def create(cls, root: Path | str, *, pack_below: int | None = None) -> ChunkPool:
+        """Create (or open, if it exists) a pool in ``root``. ``pack_below``: chunk files
+        smaller than this many bytes go into pack files (0: none; default
+        ``DEFAULT_PACK_BELOW``; see ``storage.packs``)."""
         root = Path(root)
         if not (root / "pool.json").exists():
             root.mkdir(parents=True, exist_ok=True)
-            for sub in ("manifests", "tmp", "writers"):
+            for sub in ("manifests", "tmp", "writers", "packs"):
                 (root / sub).mkdir(exist_ok=True)
             for i in range(256):
                 (root / "chunks" / f"{i:02x}").mkdir(parents=True, exist_ok=True)
             # Written last and durably: a pool.json names a complete pool (it used to be
             # renamed without an fsync, which a crash can leave as an empty file).
-            meta = {"format": POOL_FORMAT, "kind": "tandem-pool"}
+            meta: dict[str, Any] = {"format": POOL_FORMAT, "kind": "tandem-pool"}
+            if pack_below is not None:
+                meta["pack_below"] = pack_below
             write_durably(root / "pool.json", json.dumps(meta).encode())
         return cls(root)
 
@@ -428,6 +461,7 @@ class ChunkPool:
             with contextlib.suppress(FileNotFoundError):
                 if entry.stat().st_mtime < looked:
                     os.unlink(entry.path)
+        remove_orphans(self.packs_dir, str(self.root))
 
     # --- paths and presence -------------------------------------------------------------
 
@@ -440,16 +474,46 @@ class ChunkPool:
         hexd = digest.hex()
         return f"{self._chunks_prefix}{hexd[:2]}/{hexd}"
 
+    def _packed(self, digest: bytes, refresh: bool = True) -> str | None:
+        """The path of the pack holding ``digest``, if its index is loaded (after a cheap
+        refresh when it is not)."""
+        loc = self.packs.lookup(digest)
+        if loc is None and refresh:
+            self.packs.refresh()
+            loc = self.packs.lookup(digest)
+        return None if loc is None else self.packs.pack_path(loc[0])
+
     def has(self, digest: bytes) -> bool:
-        return os.path.exists(self._chunk_file(digest))
+        pack = self._packed(digest, refresh=False)
+        if pack is not None and os.path.exists(pack):
+            return True
+        if os.path.exists(self._chunk_file(digest)):
+            return True
+        pack = self._packed(digest)
+        return pack is not None and os.path.exists(pack)
 
     def touch(self, digest: bytes) -> bool:
-        """Mark a chunk as in use now (for GC); False if it is not present."""
+        """Mark a chunk as in use now (for GC); False if it is not present. A packed
+        chunk's pack is touched (GC keeps a touched pack whole)."""
+        pack = self._packed(digest, refresh=False)
+        if pack is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.utime(pack)
+                return True
         try:
             os.utime(self._chunk_file(digest))
         except FileNotFoundError:
-            return False
-        return True
+            pass
+        else:
+            return True
+        # Written by another process since we looked, or rewritten by GC into a new pack.
+        self.packs.refresh(force=pack is not None)
+        again = self._packed(digest, refresh=False)
+        if again is not None and again != pack:
+            with contextlib.suppress(FileNotFoundError):
+                os.utime(again)
+                return True
+        return False
 
     def missing(self, digests: Iterable[bytes]) -> list[bytes]:
         """The digests, in order and without repeats, that the pool does not hold."""
@@ -464,12 +528,32 @@ class ChunkPool:
 
     # --- reading ------------------------------------------------------------------------
 
+    def _read_packed(self, digest: bytes) -> bytes | None:
+        loc = self.packs.lookup(digest)
+        if loc is None:
+            return None
+        pack_id, offset, length = loc
+        try:
+            return read_record(
+                self.packs.pack_path(pack_id), digest, offset, length, str(self.root)
+            )
+        except FileNotFoundError:
+            return None  # removed or rewritten by GC: the caller refreshes and retries
+
     def _read_file(self, digest: bytes) -> bytes:
+        blob = self._read_packed(digest)
+        if blob is not None:
+            return blob
         try:
             with open(self._chunk_file(digest), "rb") as fh:
                 return fh.read()
-        except FileNotFoundError as exc:
-            raise ChunkMissing(digest=digest.hex(), pool=str(self.root)) from exc
+        except FileNotFoundError:
+            pass
+        self.packs.refresh(force=True)
+        blob = self._read_packed(digest)
+        if blob is None:
+            raise ChunkMissing(digest=digest.hex(), pool=str(self.root))
+        return blob
 
     def get(self, digest: bytes) -> bytes:
         """The verified plaintext of a chunk (a delta chunk is applied to its base)."""
@@ -489,12 +573,15 @@ class ChunkPool:
 
     def info(self, digest: bytes) -> ChunkInfo:
         """The header of a stored chunk (codec, delta depth and base, sub-block digests)."""
-        try:
-            with open(self._chunk_file(digest), "rb") as fh:
-                head = fh.read(HEADER.size + 64 * DIGEST_SIZE + DELTA_HEAD.size)
-        except FileNotFoundError as exc:
-            raise ChunkMissing(digest=digest.hex(), pool=str(self.root)) from exc
-        return parse_header(head, digest, str(self.root))
+        head_size = HEADER.size + 64 * DIGEST_SIZE + DELTA_HEAD.size
+        head = self._read_packed(digest)
+        if head is None:
+            try:
+                with open(self._chunk_file(digest), "rb") as fh:
+                    head = fh.read(head_size)
+            except FileNotFoundError:
+                head = self._read_file(digest)  # a pack written or rewritten since: refresh
+        return parse_header(head[:head_size], digest, str(self.root))
 
     def checked_info(self, digest: bytes) -> ChunkInfo:
         """``info``, with the header checked against the id: its block digests can then
@@ -582,9 +669,46 @@ class ChunkPool:
         return [self.read_blocks(d, indices) for d, indices in wants]
 
     def stored_size(self, digest: bytes) -> int:
+        loc = self.packs.lookup(digest)
+        if loc is not None:
+            return loc[2]
         return self.chunk_path(digest).stat().st_size
 
     def iter_chunks(self) -> Iterator[tuple[bytes, os.stat_result]]:
+        """Every stored chunk: the loose ones with their file's stat, then the packed ones
+        with a stat of their size and their pack's times."""
+        yield from self.iter_loose_chunks()
+        self.packs.refresh(force=True)
+        for pack_id in self.packs.packs():
+            try:
+                st = os.stat(self.packs.pack_path(pack_id))
+                entries = self.packs.entries(pack_id)
+            except FileNotFoundError:
+                continue
+            except ChunkCorrupt as exc:
+                log.error("pack %s of %s unreadable: %s", pack_id, self.root, exc.message)
+                continue
+            for digest, _, length in entries:
+                if (self.packs.lookup(digest) or ("",))[0] == pack_id:  # one copy each
+                    yield (
+                        digest,
+                        os.stat_result(
+                            (
+                                st.st_mode,
+                                0,
+                                0,
+                                1,
+                                0,
+                                0,
+                                length,
+                                st.st_atime,
+                                st.st_mtime,
+                                st.st_ctime,
+                            )
+                        ),
+                    )
+
+    def iter_loose_chunks(self) -> Iterator[tuple[bytes, os.stat_result]]:
         for fan in sorted(os.scandir(self.chunks_dir), key=lambda e: e.name):
             for entry in os.scandir(fan.path):
                 if len(entry.name) == DIGEST_SIZE * 2:
@@ -699,7 +823,7 @@ class ChunkPool:
         for chunk_ids in live.values():
             referenced.update(chunk_ids)
         self._add_delta_bases(referenced)
-        for digest, st in self.iter_chunks():
+        for digest, st in self.iter_loose_chunks():
             if digest in referenced or st.st_mtime >= cutoff:
                 report.chunks_kept += 1
                 continue
@@ -717,6 +841,14 @@ class ChunkPool:
             report.bytes_freed += st.st_size
             os.unlink(doomed)
             report.chunks_removed += 1
+        self.packs.refresh(force=True)
+        for pack_id in self.packs.packs():
+            kept, removed, freed = self.sweep_pack(
+                pack_id, lambda ds: {d for d in ds if d in referenced}, cutoff
+            )
+            report.chunks_kept += kept
+            report.chunks_removed += removed
+            report.bytes_freed += freed
         if remove_manifests:
             for mid in self.list_manifests():
                 if mid not in keep_manifests:
@@ -725,6 +857,80 @@ class ChunkPool:
                         self.delete_manifest(mid)
                         report.manifests_removed += 1
         return report
+
+    def sweep_pack(
+        self, pack_id: str, marked: Callable[[list[bytes]], set[bytes]], cutoff: float
+    ) -> tuple[int, int, int]:
+        """Collect one pack (see ``storage.packs``): keep it if touched since ``cutoff``
+        or mostly live, else copy its ``marked`` chunks into a new pack and remove it.
+        Returns (chunks kept, chunks removed, bytes freed)."""
+        pack_path = self.packs.pack_path(pack_id)
+        doomed = pack_path + ".gc"
+        with contextlib.suppress(FileNotFoundError):
+            _finish_doomed_pack(self, pack_id, cutoff)  # left by a killed run
+        try:
+            entries = self.packs.entries(pack_id)
+            st = os.stat(pack_path)
+        except FileNotFoundError:
+            return 0, 0, 0
+        except ChunkCorrupt as exc:
+            log.error("pack %s of %s kept, unreadable index: %s", pack_id, self.root, exc.message)
+            return 0, 0, 0
+        if st.st_mtime >= cutoff:
+            return len(entries), 0, 0
+        live = marked([d for d, _, _ in entries])
+        total = sum(n for _, _, n in entries) or 1
+        live_bytes = sum(n for d, _, n in entries if d in live)
+        if live and live_bytes >= REWRITE_BELOW * total:
+            return len(entries), 0, 0
+        copied = 0
+        if live:
+            with self.writer() as w:
+                for digest, offset, length in entries:
+                    if digest not in live:
+                        continue
+                    held = self.packs.lookup(digest)
+                    if (
+                        held is not None
+                        and held[0] != pack_id
+                        and os.path.exists(self.packs.pack_path(held[0]))
+                    ):
+                        continue  # a newer copy exists (a rewrite killed half way)
+                    w._write_pending(
+                        digest, read_record(pack_path, digest, offset, length, str(self.root))
+                    )
+                    copied += length
+        try:
+            os.rename(pack_path, doomed)
+        except FileNotFoundError:
+            return 0, 0, 0
+        # A writer may have touched it between our stat and the rename: keep it then.
+        if os.stat(doomed).st_mtime >= cutoff:
+            os.rename(doomed, pack_path)
+            return len(entries), 0, 0
+        _remove_pack(self, pack_id)
+        return len(live), len(entries) - len(live), max(0, st.st_size - copied)
+
+
+def _remove_pack(pool: ChunkPool, pack_id: str) -> None:
+    """Remove a pack renamed to ``.gc``: its index first (its chunks stop being visible),
+    then its bytes."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(pool.packs.idx_path(pack_id))
+    fsync_dir(pool.packs_dir)
+    pool.packs.drop(pack_id)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(pool.packs.pack_path(pack_id) + ".gc")
+
+
+def _finish_doomed_pack(pool: ChunkPool, pack_id: str, cutoff: float) -> None:
+    """A pack a killed collection left renamed to ``.gc``: put it back if a writer
+    touched it since ``cutoff``, else remove it."""
+    doomed = pool.packs.pack_path(pack_id) + ".gc"
+    if os.stat(doomed).st_mtime >= cutoff:
+        os.rename(doomed, pool.packs.pack_path(pack_id))
+    else:
+        _remove_pack(pool, pack_id)
 
 
 class PoolWriter:
@@ -740,8 +946,9 @@ class PoolWriter:
         self.bases = bases
         self.xor_deltas = xor_deltas
         self._lock = threading.Lock()
-        self._pending: dict[bytes, tuple[Path, int]] = {}
+        self._pending: dict[bytes, tuple[Path | None, int]] = {}  # (tmp file or packed, size)
         self._pending_bytes = 0
+        self._pack: OpenPack | None = None
         self._flush_lock = threading.Lock()
         self.started = time.time()
         self._reg_path = pool.writers_dir / f"{uuid.uuid4().hex}.json"
@@ -911,6 +1118,9 @@ class PoolWriter:
         return PutResult(digest, True, len(blob))
 
     def _write_pending(self, digest: bytes, blob: bytes) -> None:
+        if len(blob) < self.pool.pack_below:
+            self._write_packed(digest, blob)
+            return
         tmp = self.pool.tmp_dir / f"{digest.hex()}.{uuid.uuid4().hex[:8]}"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
@@ -937,29 +1147,72 @@ class PoolWriter:
         if full:
             self.flush()
 
+    def _write_packed(self, digest: bytes, blob: bytes) -> None:
+        """Append a small chunk file to this writer's open pack (one pack per writer,
+        appended under the writer's lock, so a flush seals exactly what its batch holds)."""
+        with self._lock:
+            if digest in self._pending:  # another thread won the race
+                return
+            try:
+                if self._pack is None:
+                    self._pack = OpenPack.create(self.pool.tmp_dir)
+                self._pack.append(digest, blob)
+            except OSError as exc:
+                raise _translate_oserror(exc, self.pool.root) from exc
+            self._pending[digest] = (None, len(blob))
+            self._pending_bytes += len(blob)
+            self.chunks_written += 1
+            self.bytes_written += len(blob)
+            full = (
+                len(self._pending) >= FLUSH_CHUNKS
+                or self._pending_bytes >= FLUSH_BYTES
+                or self._pack.size >= PACK_TARGET
+            )
+        if full:
+            self.flush()
+
     def flush(self) -> None:
-        """Make every pending chunk durable, then visible."""
+        """Make every pending chunk durable, then visible: loose chunk files are renamed
+        into ``chunks/``, the open pack sealed (see ``storage.packs``)."""
         with self._flush_lock:
             with self._lock:
-                # A snapshot: chunks added while we sync stay pending for the next flush.
+                # A snapshot: chunks added while we sync stay pending for the next flush
+                # (a packed one goes to a new pack).
                 batch = dict(self._pending)
+                pack, self._pack = self._pack, None
                 if not batch:
+                    if pack is not None:
+                        pack.discard()
                     return
             try:
+                if pack is not None:
+                    pack.close()
                 fd = os.open(self.pool.tmp_dir, os.O_RDONLY | os.O_DIRECTORY)
                 try:
                     syncfs(fd)
                 finally:
                     os.close(fd)
                 for digest, (tmp, _) in batch.items():
-                    os.rename(tmp, self.pool.chunk_path(digest))
-                # one more sync makes the renames durable (cheaper than an fsync per
-                # fan-out directory)
+                    if tmp is not None:
+                        os.rename(tmp, self.pool.chunk_path(digest))
+                idx_tmp = None
+                if pack is not None:
+                    os.rename(pack.tmp, self.pool.packs.pack_path(pack.pack_id))
+                    idx_tmp = self.pool.tmp_dir / f"{pack.pack_id}.idx"
+                    with open(idx_tmp, "wb") as fh:
+                        fh.write(encode_index(pack.entries))
+                # one more sync makes the renames (and the pack's index) durable (cheaper
+                # than an fsync per fan-out directory)
                 fd = os.open(self.pool.tmp_dir, os.O_RDONLY | os.O_DIRECTORY)
                 try:
                     syncfs(fd)
                 finally:
                     os.close(fd)
+                if pack is not None and idx_tmp is not None:
+                    # the commit point of the pack's chunks
+                    os.rename(idx_tmp, self.pool.packs.idx_path(pack.pack_id))
+                    fsync_dir(self.pool.packs_dir)
+                    self.pool.packs.add(pack.pack_id, pack.entries)
             except OSError as exc:
                 raise _translate_oserror(exc, self.pool.root) from exc
             with self._lock:
@@ -970,8 +1223,12 @@ class PoolWriter:
     def discard(self) -> None:
         with self._lock:
             for tmp, _ in self._pending.values():
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp)
+                if tmp is not None:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(tmp)
+            if self._pack is not None:
+                self._pack.discard()
+                self._pack = None
             self._pending.clear()
             self._pending_bytes = 0
 
