@@ -118,6 +118,9 @@ def test_old_pools_with_chunk_files_keep_working(tmp_path: Path) -> None:
     (root / "packs").rmdir()  # as a pool from before packs
     forget_indexes()
     pool = ChunkPool(root)
+    # Marked as the format with packs before any is written: an older tandem refuses it
+    # rather than miss the packed chunks.
+    assert json.loads((root / "pool.json").read_text())["format"] == 3
     new = small("new", 5)
     mid = image(pool, new)
     assert pack_files(pool) and not any(pool.chunk_path(d).exists() for d in ids(new))

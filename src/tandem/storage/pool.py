@@ -18,9 +18,11 @@ Invariants
   oldest active writer started. A writer that reuses a chunk it did not write touches it
   (a packed chunk: its pack, which GC then keeps whole).
 
-On-disk format, version 2 (version 1 had plain BLAKE3-256 ids)::
+On-disk format, version 3 (version 1 had plain BLAKE3-256 ids; version 2 had no packs, and
+a version-2 pool opened by this code is marked version 3 before a pack can be written, so an
+older tandem refuses it as a format it does not know rather than miss its packed chunks)::
 
-    DIR/pool.json             {"format": 2, "kind": "tandem-pool"[, "pack_below": bytes]}
+    DIR/pool.json             {"format": 3, "kind": "tandem-pool"[, "pack_below": bytes]}
     DIR/chunks/ab/<hex>       chunk files, fanned out by the first byte of the digest
     DIR/packs/<id>.pack|.idx  small chunk files, appended; the index names each (packs.py)
     DIR/manifests/<hex>       manifest objects (same file format, no sub-block digests)
@@ -89,7 +91,8 @@ MAX_DELTA_DEPTH = 8  # longer chains are cut by storing the chunk whole
 DELTA_XOR = 0x80  # inner-codec flag: blocks are stored XORed with the base's blocks
 ZSTD_LEVEL = 1
 MIN_SAVING = 0.05  # store raw when compression saves less than this fraction
-POOL_FORMAT = 2
+POOL_FORMAT = 3
+READABLE_FORMATS = (2, 3)
 FLUSH_CHUNKS = 2048  # pending chunks before a writer makes them durable
 FLUSH_BYTES = 512 * 1024 * 1024
 DEFAULT_PACK_BELOW = PACK_BELOW  # for pools whose pool.json does not say
@@ -413,11 +416,16 @@ class ChunkPool:
             raise StorageError(
                 detail=f"{self.root} is not a chunk pool (no pool.json); create it first"
             ) from exc
-        if info.get("format") != POOL_FORMAT:
+        if info.get("format") not in READABLE_FORMATS:
             raise StorageError(detail=f"pool {self.root} has unsupported format {info}")
         pack_below = info.get("pack_below", DEFAULT_PACK_BELOW)
         if not isinstance(pack_below, int) or pack_below < 0:
             raise StorageError(detail=f"pool {self.root}: bad pack_below in pool.json {info}")
+        if info["format"] != POOL_FORMAT:
+            # A pool from before packs: say so to older versions before packing into it. A
+            # pool this process cannot write is only read (its writers would fail anyway).
+            with contextlib.suppress(OSError):
+                write_durably(meta, json.dumps({**info, "format": POOL_FORMAT}).encode())
         self.pack_below = pack_below
         self.chunks_dir = self.root / "chunks"
         self.packs_dir = self.root / "packs"
