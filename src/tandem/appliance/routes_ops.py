@@ -96,6 +96,9 @@ def make_router(site: Site) -> APIRouter:
             network=body.network,
             power_on=body.power_on,
             pool=body.pool,
+            vm=body.vm,
+            shutdown_timeout=body.shutdown_timeout,
+            confirm=body.confirm,
         )
         return JobAnswer(job=job_out(job, who))
 
@@ -119,6 +122,8 @@ def make_router(site: Site) -> APIRouter:
             network=body.network,
             power_on=body.power_on,
             pool=body.pool,
+            vm=body.vm,
+            shutdown_timeout=body.shutdown_timeout,
             hosts=body.hosts,
             all_hosts=body.all_hosts,
         )
@@ -182,6 +187,9 @@ def make_router(site: Site) -> APIRouter:
             network=body.network,
             power_on=body.power_on,
             pool=body.pool,
+            vm=body.vm,
+            shutdown_timeout=body.shutdown_timeout,
+            confirm=body.confirm,
         )
         return JobAnswer(job=job_out(job, who))
 
