@@ -19,9 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from tests import vmguest
+from tests.appliance.conftest import pinned
 from tests.e2e.conftest import Drill, running_drill, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -149,6 +151,23 @@ def test_bad_targets_are_refused_before_anything_is_touched(
         bad = b.run(*fo, "--confirm", "FAILOVER", check=False)
         assert bad.code == 1 and '"FAILOVER" and "REPLACE VM"' in bad.error, bad.error
         assert not jobs_of(drill, "failover")
+        # The console's Test Failover form takes an existing VM, with the same checks.
+        with httpx.Client(base_url=drill.dr.url, verify=pinned(drill.dr.directory)) as c:
+            c.post("/sign-in", data={"token": drill.dr.token, "next": "/apps"})
+            page = c.get("/apps/vmx", params={"image": replica["id"]})
+            form = page.text[page.text.index('id="op-test-failover"') :].split("</form>")[0]
+            assert 'name="vm"' in form and 'name="vm_confirm"' in form
+            csrf = re.search(r'name="csrf" value="([0-9a-f]+)"', page.text)
+            assert csrf is not None
+            base = {"csrf": csrf.group(1), "image": replica["id"], "host": "host2"}
+            for fields, said in [
+                ({"vm": one.name}, "REPLACE VM"),
+                ({"vm": two.name, "vm_confirm": "REPLACE VM"}, "has 2 disk(s)"),
+            ]:
+                answer = c.post("/apps/vmx/actions/test-failover", data={**base, **fields})
+                assert answer.status_code == 422, answer.text[-400:]
+                assert said in answer.text and 'role="alert"' in answer.text
+        assert len(jobs_of(drill, "test-failover")) == before
         # Nothing was touched.
         assert domain_xml(one.name) == one.xml
         assert domain_xml(two.name) == two.xml

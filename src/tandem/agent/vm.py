@@ -50,6 +50,11 @@ plain, independent VM, like ``--action copy`` for a file tree, that costs a full
 the disks first. The volumes are listed in the domain's ``<metadata>`` (namespace
 ``VM_NS``) so ``remove`` deletes them with the domain.
 
+An existing domain as the target (``take_over``, ``--vm``): powered off, defined again with
+its disks on the export and everything else (UUID, MACs) as it was, its own inactive XML kept
+in its metadata (``TARGET_NS``) until ``give_back`` defines it from that again. Its disk
+files are never opened.
+
 An ``nbds://`` export (the appliance's NBD off loopback) makes TLS disks (``tls='yes'``).
 libvirt 9 has no per-disk credentials (``tlsHostname`` only renames the host checked): QEMU
 takes them from qemu.conf's ``nbd_tls_x509_cert_dir``, one folder per host. The request

@@ -34,6 +34,17 @@ defines domain NAME from the XML the image holds, each disk a slice of the expor
 unless ``--network`` names one; a failover VM with the captured identity. The name is kept
 in the row (``vm_name``); withdrawing destroys and undefines that domain first. A failure
 after the domain was defined removes it with the rest.
+
+Existing VMs (``--vm DOMAIN``, typed confirmation ``REPLACE VM``): the host's agent powers
+the domain off and defines it again with its disks on the export, keeping its own definition
+in its libvirt metadata (``agent.vm.take_over``); the row has ``vm_name`` and
+``vm_existing``, and withdrawing gives the domain its definition back (``give_back``) instead
+of removing it. Checked at submit: it exists on the host, is not the source domain, and has
+as many disks as the image.
+
+A VM image with a mount point (``specify``): the agent mounts each disk's file system from
+the export at the mount point, or ``_1``, ``_2``… for several disks (``agent.diskmount``);
+unmaterialize takes the mounts down.
 """
 
 from __future__ import annotations
