@@ -370,3 +370,23 @@ def test_a_two_disk_vm_is_mounted_at_suffixed_mount_points(
         assert not (first / "new.txt").exists()
     finally:
         a("unmount", again["result"]["image"])
+
+
+def test_a_disk_without_a_file_system_fails_the_mount_naming_it(
+    drill: Drill, replica: dict[str, Any], tmp_path: Path
+) -> None:
+    """The production guest's disk holds its pattern, no file system: the mount fails
+    naming the disk and leaves nothing (no mount point, loop device, FUSE file or row)."""
+    b = drill.b
+    loops_before = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
+    where = tmp_path / "nofs"
+    images = {i["id"] for i in b("images", "vmx")}
+    failed = b.run(
+        "mount", replica["id"], "--host", "host2", "--mount-point", str(where), check=False
+    )
+    assert failed.code != 0
+    assert "disk vda of image" in failed.error and "no file system" in failed.error, failed.error
+    assert not where.exists()
+    assert subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout == loops_before
+    assert "nbdfuse" not in Path("/proc/mounts").read_text()
+    assert {i["id"] for i in b("images", "vmx")} == images
