@@ -390,3 +390,28 @@ def test_a_disk_without_a_file_system_fails_the_mount_naming_it(
     assert subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout == loops_before
     assert "nbdfuse" not in Path("/proc/mounts").read_text()
     assert {i["id"] for i in b("images", "vmx")} == images
+
+
+def test_failover_onto_an_existing_vm_starts_it_on_the_export(
+    drill: Drill, guest: Guest, replica: dict[str, Any]
+) -> None:
+    """Last in this module (the app stays failed over): ``failover --vm --power-on`` with
+    both confirmations starts the operator's domain, its identity kept, on the export."""
+    b = drill.b
+    target = define_target(guest, "fo", 1)
+    try:
+        done = b(
+            "failover", "vmx", "--host", "host2", "--vm", target.name, "--power-on",
+            "--confirm", "FAILOVER", *CONFIRM,
+        )  # fmt: skip
+        job = done["job"]
+        assert job["status"] == "succeeded", job["message"]
+        vm = job["result"]["vm"]
+        assert vm["existing"] is True and vm["running"] is True and vm["was_running"] is False
+        assert vm["uuid"] == uuid_in(target.xml)
+        assert "running" in vmguest.virsh("domstate", target.name).stdout
+        xml = domain_xml(target.name) or ""
+        assert "protocol='nbd'" in xml and macs(xml) == macs(target.xml)
+        assert [a["state"] for a in b("apps") if a["name"] == "vmx"] == ["failed-over"]
+    finally:
+        vmguest.remove_domain(target.name)
