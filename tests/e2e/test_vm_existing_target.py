@@ -24,7 +24,8 @@ import pytest
 
 from tests import vmguest
 from tests.appliance.conftest import pinned
-from tests.e2e.conftest import Drill, running_drill, wait_for
+from tests.appliance.test_nbd_tls import routable_address
+from tests.e2e.conftest import Drill, free_port, running_drill, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -370,6 +371,50 @@ def test_a_two_disk_vm_is_mounted_at_suffixed_mount_points(
         assert not (first / "new.txt").exists()
     finally:
         a("unmount", again["result"]["image"])
+
+
+@pytest.fixture(scope="module")
+def tls_drill(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Drill]:
+    """A drill whose DR appliance serves NBD on this machine's routable address: over TLS."""
+    root = tmp_path_factory.mktemp("vm-disks-tls")
+    with running_drill(root, "--nbd-listen", f"{routable_address()}:{free_port()}") as built:
+        yield built
+
+
+def test_a_one_disk_vm_is_mounted_at_the_mount_point_itself_over_tls(
+    tls_drill: Drill, guest: Guest, tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
+) -> None:
+    """One disk: no suffix (SPEC 2 suffixes only several). The export is ``nbds://``: the
+    agent trusts the appliance's pinned certificate and nbdfuse reads over TLS."""
+    folder = tmp_path_factory.mktemp("onedisk")
+    name = f"tandem-1d-{uuid.uuid4().hex[:8]}"
+    disk = make_ext4_disk(
+        folder / "vda.qcow2", 32, {"only.txt": "the one disk\n"}, partitioned=False,
+        header=b"TANDEM-DISK one\n",
+    )  # fmt: skip
+    xml = folder / "domain.xml"
+    xml.write_text(vmguest.domain_xml(name, guest.boot, [disk], "one"))
+    vmguest.virsh("define", str(xml))
+    console = vmguest.start_with_console(name)
+    try:
+        assert console.expect("TANDEM-BOOT").endswith("existing")
+        console.expect("TANDEM-SUM")
+        a, b = tls_drill.a, tls_drill.b
+        a("app", "add", "vm1", "--host", "host1", "--kind", "vm", "--domain", name)
+        a("app", "protect", "vm1", "--template", "mirrored")
+        snap = a("capture", "vm1")["image"]
+        wait_for(lambda: any(i["id"] == snap["id"] for i in b("images", "vm1")), 120, "the replica")
+    finally:
+        console.close()
+        vmguest.remove_domain(name)
+    where = tmp_path / "one"
+    done = b("test-failover", "vm1", "--host", "host2", "--mount-point", str(where))["job"]
+    assert done["status"] == "succeeded", done["message"]
+    assert done["result"]["nbd_uri"].startswith("nbds://")
+    assert done["result"]["paths"] == [str(where)]
+    assert (where / "only.txt").read_text() == "the one disk\n"
+    b("unmount", done["result"]["image"])
+    assert not where.exists()
 
 
 def test_a_disk_without_a_file_system_fails_the_mount_naming_it(

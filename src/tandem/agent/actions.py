@@ -501,14 +501,11 @@ def _present_disks(
         raise InvalidInput(detail="the disks presentation needs the export (nbd_uri) and disks")
     if (missing := diskmount.unavailable()) is not None:
         raise InvalidInput(detail=f"this host cannot mount a VM's disks: {missing}")
-    uri = req.nbd_uri
-    if uri.startswith("nbds://"):
+    tls = None
+    if req.nbd_uri.startswith("nbds://"):
         if req.nbd_ca is None or req.nbd_fingerprint is None:
             raise InvalidInput(detail="an nbds:// export comes with nbd_ca and nbd_fingerprint")
-        folder = vm.trust_appliance(
-            vm.tls_folder(registry.directory), req.nbd_ca, req.nbd_fingerprint
-        )
-        uri += f"?tls-certificates={folder}"
+        tls = vm.trust_appliance(vm.tls_folder(registry.directory), req.nbd_ca, req.nbd_fingerprint)
     targets = [
         mounts.check_target(path, make_parents=True)
         for path in mounts.mount_points(base, len(req.disks))
@@ -528,11 +525,12 @@ def _present_disks(
             mounts.check_empty_folder(target.path)
         shown = diskmount.present_disks(
             image=req.image,
-            uri=uri,
+            uri=req.nbd_uri,
             disks=req.disks,
             paths=paths,
             folder=registry.directory / "disks" / req.image,
             recorded=lambda state: registry.update(req.image, disks=state),
+            tls=tls,
         )
         registry.finish(req.image, state=mounts.READY, time=mounts.now())
     except BaseException as exc:

@@ -3,7 +3,9 @@
 A VM image is presented by the appliance as one NBD export, its disks end to end
 (``storage.vmimage``). To mount their file systems here, without copying anything:
 1. ``nbdfuse`` shows the export as one file, ``DIR/disks/IMAGE/export`` (DIR: the agent's
-   directory); writes go through it into the image's virtual copy at the appliance.
+   directory); writes go through it into the image's virtual copy at the appliance. An
+   ``nbds://`` export is read through a ``qemu-nbd`` that nbdfuse starts as the TLS client,
+   trusting the appliance certificate the request carried (pinned; ``agent.vm.trust_appliance``).
 2. Each disk gets a loop device over its slice of that file (``losetup --offset
    --sizelimit``). A slice whose ``blkid`` says file system is mounted as it is; one that
    holds a partition table (``partx``) gets a loop over its first partition instead; any
@@ -34,6 +36,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from tandem.agent import holders
 from tandem.errors import Conflict, InvalidInput, NotHypervisor, StorageError
@@ -70,15 +73,46 @@ def unavailable() -> str | None:
     return None
 
 
-def _start_nbdfuse(folder: Path, uri: str) -> int:
-    """Show export ``uri`` as ``folder/export``; returns nbdfuse's pid once it serves."""
+def _source(uri: str, tls: Path | None) -> list[str]:
+    """What nbdfuse reads: the plain export's URI, or for an ``nbds://`` one a ``qemu-nbd``
+    it starts (socket activation) as the TLS client, trusting folder ``tls``'s
+    ``ca-cert.pem`` (libnbd refuses a URI naming a local certificate folder)."""
+    if tls is None:
+        return [uri]
+    parts = urlsplit(uri)
+    if not parts.hostname or not parts.port:
+        raise InvalidInput(detail=f"{uri!r} is not an nbds://HOST:PORT/EXPORT URI")
+    opts = ",".join(
+        [
+            "driver=nbd",
+            "server.type=inet",
+            f"server.host={parts.hostname}",
+            f"server.port={parts.port}",
+            f"export={parts.path.lstrip('/')}",
+            "tls-creds=tls0",
+        ]
+    )
+    return [
+        "[",
+        "qemu-nbd",
+        "--object",
+        f"tls-creds-x509,id=tls0,dir={tls},endpoint=client",
+        "--image-opts",
+        opts,
+        "]",
+    ]
+
+
+def _start_nbdfuse(folder: Path, uri: str, tls: Path | None = None) -> int:
+    """Show export ``uri`` as ``folder/export`` (over TLS trusting folder ``tls``); returns
+    nbdfuse's pid once it serves."""
     folder.mkdir(parents=True, exist_ok=True)
     pidfile = folder.parent / f"{folder.name}.pid"
     pidfile.unlink(missing_ok=True)
     log = folder.parent / f"{folder.name}.log"
     with open(log, "ab") as out:
         child = subprocess.Popen(
-            ["nbdfuse", "-P", str(pidfile), str(folder / EXPORT_FILE), uri],
+            ["nbdfuse", "-P", str(pidfile), str(folder / EXPORT_FILE), *_source(uri, tls)],
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=out,
@@ -162,6 +196,7 @@ def present_disks(
     paths: list[str],
     folder: Path,
     recorded: Callable[[dict[str, Any]], None],
+    tls: Path | None = None,
 ) -> list[dict[str, Any]]:
     """Mount disk *i* of the export ``uri`` at ``paths[i]`` (empty folders); ``recorded``
     is given the ``disks`` registry object after each step. Returns what each disk is
@@ -172,7 +207,7 @@ def present_disks(
         )
     state: dict[str, Any] = {"dir": str(folder), "pid": None, "loops": [], "mounted": []}
     recorded(state)
-    state["pid"] = _start_nbdfuse(folder, uri)
+    state["pid"] = _start_nbdfuse(folder, uri, tls)
     recorded(state)
     file = folder / EXPORT_FILE
     shown = []

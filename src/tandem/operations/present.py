@@ -221,7 +221,8 @@ def check_new_vm(
         raise InvalidInput(
             detail=f"{app.name!r} is a VM: name the new VM to define at the host with "
             "--new-vm NAME (and --network N to give it one, --power-on to start it), or an "
-            "existing domain of the host to run it with --vm DOMAIN"
+            "existing domain of the host to run it with --vm DOMAIN (or mount its disks' "
+            "file systems with --mount-point PATH)"
         )
     check_domain_name(new_vm, "--new-vm")
     if network is not None:

@@ -97,6 +97,7 @@ def submit_test_failover(
         network,
         power_on,
         keep_identity=False,
+        required=not mount_point,  # a mount point mounts the disks' file systems instead
         pool=pool,
         vm=vm,
         shutdown_timeout=shutdown_timeout,
@@ -123,6 +124,7 @@ def submit_test_failover(
             network,
             power_on,
             keep_identity=False,
+            required=not mount_point,
             pool=pool,
             vm=vm,
             shutdown_timeout=shutdown_timeout,
