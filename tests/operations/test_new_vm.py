@@ -42,6 +42,8 @@ def test_an_existing_vm_is_checked_and_needs_its_confirmation() -> None:
     )
     assert chosen is not None and chosen.existing and chosen.name == "other"
     assert NewVm.from_params(chosen.as_params()) == chosen
+    now = check_new_vm(app, None, None, False, keep_identity=False, vm="o", shutdown_timeout=0)
+    assert now is not None and NewVm.from_params(now.as_params()) == now  # 0: power off now
     with pytest.raises(ConfirmationRequired, match="REPLACE VM"):
         check_vm_confirmed(chosen, [])
     check_vm_confirmed(chosen, ["REPLACE VM"])

@@ -185,7 +185,11 @@ class NewVm:
             params.get("pool"),
             bool(params.get("copy_disks")),
             bool(params.get("existing_vm")),
-            float(params.get("shutdown_timeout") or DEFAULT_SHUTDOWN_TIMEOUT),
+            float(
+                DEFAULT_SHUTDOWN_TIMEOUT
+                if params.get("shutdown_timeout") is None
+                else params["shutdown_timeout"]
+            ),
         )
 
 
@@ -453,6 +457,7 @@ def present(
     transfer = None
     defined: str | None = None
     taken: str | None = None  # an existing domain (--vm) now running from the export
+    mounted = False  # a VM's disks mounted as file systems on the host
     also: list[Host] = []
     try:
         if app.kind in BLOCK_KINDS:
@@ -486,6 +491,7 @@ def present(
         where_action = placement(action, mount_point)
         how = presentation(app, action)
         if app.kind is AppKind.VM and action == "specify" and uri is not None:
+            mounted = True  # from the request on: the agent undoes a failure itself
             paths = _mount_disks(
                 ctx, site, host, overlay, uri, image_id, mount_point, app, base.manifest
             )
@@ -543,6 +549,9 @@ def present(
             vm_hosts=[h.name for h in also] or None,
         )
     except BaseException:
+        if mounted:
+            with contextlib.suppress(TandemError), agent_for(host) as agent:
+                agent.unmaterialize(image_id)
         if taken is not None:
             with contextlib.suppress(TandemError), agent_for(host) as agent:
                 agent.give_back_vm(taken)
