@@ -10,6 +10,7 @@ definition again and its disk file was never written.
 
 from __future__ import annotations
 
+import os
 import re
 import struct
 import subprocess
@@ -360,9 +361,17 @@ def test_a_two_disk_vm_is_mounted_at_suffixed_mount_points(
     assert (first / "one.txt").read_text() == "disk one\n"
     assert (second / "two.txt").read_text() == "disk two\n"  # in the disk's first partition
     # Writable, into the image's virtual copy: the snapshot itself never changes.
-    (first / "new.txt").write_text("written at the mount\n")
+    written = f"written at the mount {uuid.uuid4().hex}\n"
+    (first / "new.txt").write_text(written)
+    os.sync()  # ext4 → loop → nbdfuse → the appliance: the copy holds it, read back apart
+    assert read_from_export(job["result"]["nbd_uri"], tmp_path, "/new.txt") == written
+    (second / "late.txt").write_text("written back at the unmount\n")  # not synced
     image = job["result"]["image"]
     a("unmount", image)
+    # The unmount wrote the file systems back through the export before it went: nbdfuse
+    # (its log beside the agent's FUSE folder) saw no request fail.
+    said = (drill.prod_agent.directory / "disks" / f"{image}.log").read_text()
+    assert not said.strip(), said
     assert not first.exists() and not second.exists()
     assert not [line for line in Path("/proc/mounts").read_text().splitlines() if str(base) in line]
     again = a("mount", two_disks["id"], "--host", "host1", "--mount-point", str(base))["job"]
@@ -371,6 +380,25 @@ def test_a_two_disk_vm_is_mounted_at_suffixed_mount_points(
         assert not (first / "new.txt").exists()
     finally:
         a("unmount", again["result"]["image"])
+
+
+def read_from_export(uri: str, folder: Path, name: str) -> str:
+    """File ``name`` of the first disk's ext4 (at offset 0 of a VM image's export, as its
+    header shows), read from a copy of the export made over a connection of its own:
+    what the appliance's virtual copy holds, not what a host's cache says."""
+    raw = folder / "export.raw"
+    subprocess.run(["nbdcopy", uri, str(raw)], check=True, timeout=120)
+    with open(raw, "rb") as fh:
+        assert fh.read(len(b"TANDEM-DISK")) == b"TANDEM-DISK"
+    done = subprocess.run(
+        ["debugfs", "-R", f"cat {name}", str(raw)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    raw.unlink()
+    return done.stdout
 
 
 @pytest.fixture(scope="module")
@@ -413,7 +441,10 @@ def test_a_one_disk_vm_is_mounted_at_the_mount_point_itself_over_tls(
     assert done["result"]["nbd_uri"].startswith("nbds://")
     assert done["result"]["paths"] == [str(where)]
     assert (where / "only.txt").read_text() == "the one disk\n"
+    (where / "late.txt").write_text("written back at the unmount\n")  # not synced
     b("unmount", done["result"]["image"])
+    said = (tls_drill.dr_agent.directory / "disks" / f"{done['result']['image']}.log").read_text()
+    assert not said.strip(), said  # the unmount's writes went through the export
     assert not where.exists()
 
 

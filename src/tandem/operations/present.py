@@ -24,9 +24,11 @@ Invariants
   made again with the same URI when the appliance restarts (``restore_exports``); a FUSE
   copy's read session is not kept anywhere, so at start each presented tree's host is
   given a new one (``restore_tree_sessions``).
-- Withdrawing (unmount) removes the export, then what the agent placed (a FUSE copy is
-  unmounted, refused while a process on the host uses it), then the overlay, then closes
-  the copy's read session.
+- Withdrawing (unmount) takes down what the agent placed (a FUSE copy or a VM's disks'
+  mounts are unmounted, refused while a process on the host uses them), then removes the
+  export, then the overlay, then closes the copy's read session. In that order because a
+  VM's disks are mounted through the export: unmounting them writes back what their file
+  systems still cache, which fails with EIO (the write lost) once the export is gone.
 
 New VMs (a ``vm`` app's image, ``--new-vm NAME``): after the export exists, the host's agent
 defines domain NAME from the XML the image holds, each disk a slice of the export
@@ -752,12 +754,14 @@ def withdraw(site: Site, image: Image, host: Host | None) -> dict[str, Any]:
     if host is not None and image.vm_name:
         with agent_for(host) as agent:
             removed.append(_release_vm(agent, image.vm_name, image.vm_existing))
+    if host is not None and image.mount_point is not None:
+        # Before the export goes: a VM's disks are mounted through it, and their unmount
+        # writes back what the file systems still hold (a refusal leaves the export too).
+        with agent_for(host) as agent:
+            removed = [str(p) for p in agent.unmaterialize(image.id).get("removed", [])]
     if image.nbd_export and site.presenter is not None:
         with contextlib.suppress(TandemError):
             site.presenter.remove_export(export_name(image.id))
-    if host is not None and image.mount_point is not None:
-        with agent_for(host) as agent:
-            removed = [str(p) for p in agent.unmaterialize(image.id).get("removed", [])]
     overlay = site.overlays.pop(image.id, None)
     if overlay is not None:
         overlay.delete()
@@ -786,11 +790,11 @@ def withdraw_unrecorded(
         for where in (host, *_hosts_named(site, shown.vm_hosts or [])):
             with contextlib.suppress(TandemError), agent_for(where) as agent:
                 _release_vm(agent, str(shown.vm["name"]), bool(shown.vm.get("existing")))
+    with contextlib.suppress(TandemError), agent_for(host) as agent:
+        agent.unmaterialize(image_id)  # before the export its VM disks' mounts write through
     if site.presenter is not None:
         with contextlib.suppress(TandemError):
             site.presenter.remove_export(export_name(image_id))
-    with contextlib.suppress(TandemError), agent_for(host) as agent:
-        agent.unmaterialize(image_id)
     site.sessions.close_matching(presented=image_id)
     overlay = site.overlays.pop(image_id, None)
     if overlay is not None:
