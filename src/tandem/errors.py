@@ -334,6 +334,23 @@ class VmTargetMissing(TandemError):
     exit_code = 2
 
 
+class VmDisksDiffer(TandemError):
+    """Domain {domain} on host {host} has {have} disk(s) and the image of {app!r} holds
+    {want}: its disks cannot be replaced one for one. Name a domain with {want} disk(s) with
+    --vm, or define a new VM with --new-vm NAME."""
+
+    http_status = 422
+    exit_code = 2
+
+
+class VmTargetInUse(TandemError):
+    """Domain {domain} on host {host} already runs from image {image} (a test failover,
+    failover or mount made it the target). Unmount or delete that image first (`tandem
+    unmount {image}`): it gives the domain its own definition back."""
+
+    http_status = 409
+
+
 class RemoteError(TandemError):
     """{what} {name} answered with an error: {detail}"""
 
@@ -400,8 +417,8 @@ class PortWithoutRecovery(InvalidInput):
 
 
 class VmOptionsUnused(InvalidInput):
-    """Invalid input: --new-vm, --pool, --network and --power-on are for vm apps; {app!r} is
-    a {kind} app. Leave them out."""
+    """Invalid input: --new-vm, --vm, --pool, --network, --power-on and --shutdown-timeout are
+    for vm apps; {app!r} is a {kind} app. Leave them out."""
 
 
 class SyncbackOfRunningDatabase(InvalidInput):

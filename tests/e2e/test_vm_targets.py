@@ -224,7 +224,9 @@ def test_console_forms_take_the_new_vm_and_the_app_manager_shows_power(
         form = page.text[page.text.index('id="op-test-failover"') :].split("</details>")[0]
         for field in ('name="new_vm"', 'name="pool"', 'name="network"', 'name="power_on"'):
             assert field in form
-        assert 'name="mount_point"' not in form  # a VM has no file system to mount
+        # Or an existing VM of the host; or the disks' file systems at a mount point.
+        for field in ('name="vm"', 'name="shutdown_timeout"', 'name="mount_point"'):
+            assert field in form
         fo = page.text[page.text.index('id="op-failover"') :].split("</details>")[0]
         assert 'name="hosts"' in fo and 'name="all_hosts"' in fo
         csrf = re.search(r'name="csrf" value="([0-9a-f]+)"', page.text)

@@ -18,3 +18,45 @@ def test_a_new_vm_is_never_the_domain_the_image_came_from() -> None:
         check_new_vm(app, "web-01", None, False, keep_identity=False)
     chosen = check_new_vm(app, "web-01-dr", None, False, keep_identity=False)
     assert chosen is not None and chosen.name == "web-01-dr"
+
+
+def test_an_existing_vm_is_checked_and_needs_its_confirmation() -> None:
+    """``--vm DOMAIN``: not the source domain, not with the new-VM options, and the typed
+    confirmation REPLACE VM (after FAILOVER for a failover); the request round-trips through
+    the job's params."""
+    from tandem.domain.rules import FAILOVER_CONFIRMATION
+    from tandem.errors import ConfirmationRequired, VmOptionsUnused
+    from tandem.operations.present import NewVm, check_action, check_vm_confirmed, vm_with_action
+
+    app = App(name="vm1", kind=AppKind.VM, host="h1", path="web-01")
+    with pytest.raises(InvalidInput, match="never failed over onto the domain it came from"):
+        check_new_vm(app, None, None, False, keep_identity=False, vm="web-01")
+    with pytest.raises(InvalidInput, match="not both"):
+        check_new_vm(app, "x", None, False, keep_identity=False, vm="other")
+    with pytest.raises(InvalidInput, match="keeps its own NICs"):
+        check_new_vm(app, None, "default", False, keep_identity=False, vm="other")
+    with pytest.raises(InvalidInput, match="existing domain"):
+        check_new_vm(app, "x", None, False, keep_identity=False, shutdown_timeout=5)
+    chosen = check_new_vm(
+        app, None, None, True, keep_identity=False, vm="other", shutdown_timeout=7
+    )
+    assert chosen is not None and chosen.existing and chosen.name == "other"
+    assert NewVm.from_params(chosen.as_params()) == chosen
+    now = check_new_vm(app, None, None, False, keep_identity=False, vm="o", shutdown_timeout=0)
+    assert now is not None and NewVm.from_params(now.as_params()) == now  # 0: power off now
+    with pytest.raises(ConfirmationRequired, match="REPLACE VM"):
+        check_vm_confirmed(chosen, [])
+    check_vm_confirmed(chosen, ["REPLACE VM"])
+    with pytest.raises(ConfirmationRequired, match='"FAILOVER" and "REPLACE VM"'):
+        check_vm_confirmed(chosen, [FAILOVER_CONFIRMATION], FAILOVER_CONFIRMATION)
+    check_vm_confirmed(chosen, [FAILOVER_CONFIRMATION, "REPLACE VM"], FAILOVER_CONFIRMATION)
+    check_vm_confirmed(check_new_vm(app, "x", None, False, keep_identity=False), [])
+    with pytest.raises(InvalidInput, match="drop --action copy"):
+        vm_with_action(app, chosen, "copy")
+    # A mount point mounts the disks' file systems: never with a VM running on them.
+    assert check_action(app, None, "/mnt/x") == "specify"
+    with pytest.raises(InvalidInput, match="never both"):
+        vm_with_action(app, chosen, "specify")
+    other = App(name="v", kind=AppKind.VOLUME, host="h1", path="/dev/x")
+    with pytest.raises(VmOptionsUnused, match="--vm"):
+        check_new_vm(other, None, None, False, keep_identity=False, vm="d")

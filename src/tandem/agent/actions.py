@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tandem.agent import fusemount, holders, mounts, pg, pit, vm
+from tandem.agent import diskmount, fusemount, holders, mounts, pg, pit, vm
 from tandem.domain.consistency import CUTS, ConsistencyMode, Cut
 from tandem.errors import Conflict, InvalidInput, SourceUnreadable, TandemError, TargetInvalid
 from tandem.storage import targets, tree, volume
@@ -420,6 +420,8 @@ def materialize(req: MaterializeRequest, registry: mounts.Registry, emit: Emit) 
             "bytes_sent": 0,
             "stats": {},
         }
+    if req.presentation == "disks":
+        return _present_disks(req, registry, base, entry)
     specify = req.action is MountAction.SPECIFY
     targets = [
         mounts.check_target(path, make_parents=specify)
@@ -488,6 +490,62 @@ def materialize(req: MaterializeRequest, registry: mounts.Registry, emit: Emit) 
         "size": manifest.size,
         "bytes_sent": source.bytes_received,
         "stats": _sum_stats(parts),
+    }
+
+
+def _present_disks(
+    req: MaterializeRequest, registry: mounts.Registry, base: str, entry: dict[str, Any]
+) -> dict[str, Any]:
+    """Mount the file system of each disk of a VM image's export at its own mount point
+    (``PATH`` for one disk, ``PATH_1`` … for several; ``agent.diskmount``)."""
+    if not req.nbd_uri or not req.disks:
+        raise InvalidInput(detail="the disks presentation needs the export (nbd_uri) and disks")
+    if (missing := diskmount.unavailable()) is not None:
+        raise InvalidInput(detail=f"this host cannot mount a VM's disks: {missing}")
+    tls = None
+    if req.nbd_uri.startswith("nbds://"):
+        if req.nbd_ca is None or req.nbd_fingerprint is None:
+            raise InvalidInput(detail="an nbds:// export comes with nbd_ca and nbd_fingerprint")
+        tls = vm.trust_appliance(vm.tls_folder(registry.directory), req.nbd_ca, req.nbd_fingerprint)
+    targets = [
+        mounts.check_target(path, make_parents=True)
+        for path in mounts.mount_points(base, len(req.disks))
+    ]
+    paths = [t.path for t in targets]
+    entry.update(paths=paths, kept={t.path: t.owner for t in targets if t.existed})
+    registry.begin(entry)
+    try:
+        created: list[str] = []
+
+        def recorded() -> None:
+            registry.update(req.image, created=created)
+
+        for target in targets:
+            if not target.existed:
+                mounts.make_dirs(target.path, created, recorded)
+            mounts.check_empty_folder(target.path)
+        shown = diskmount.present_disks(
+            image=req.image,
+            uri=req.nbd_uri,
+            disks=req.disks,
+            paths=paths,
+            folder=registry.directory / "disks" / req.image,
+            recorded=lambda state: registry.update(req.image, disks=state),
+            tls=tls,
+        )
+        registry.finish(req.image, state=mounts.READY, time=mounts.now())
+    except BaseException as exc:
+        _undo(registry, req.image, exc)
+        raise
+    return {
+        "event": "done",
+        "image": req.image,
+        "paths": paths,
+        "files": [],
+        "disks": shown,
+        "size": sum(int(d["size"]) for d in req.disks),
+        "bytes_sent": 0,
+        "stats": {},
     }
 
 

@@ -59,6 +59,7 @@ from tandem.transport.agent_api import (
     RunRequest,
     SpoolRequest,
     StreamRequest,
+    TakeOverRequest,
     TargetCheckRequest,
     UnmaterializeRequest,
     VmRestoreRequest,
@@ -205,6 +206,14 @@ def create_app(cfg: DaemonConfig, directory: Path | None = None) -> FastAPI:
     @app.post("/api/v1/vms/remove", dependencies=[Depends(auth)])
     def remove_vm(req: RemoveRequest) -> dict[str, Any]:
         return vm.remove(req.name)
+
+    @app.post("/api/v1/vms/take-over", dependencies=[Depends(auth)])
+    def take_over_vm(req: TakeOverRequest) -> dict[str, Any]:
+        return vm.take_over(req, directory)
+
+    @app.post("/api/v1/vms/give-back", dependencies=[Depends(auth)])
+    def give_back_vm(req: RemoveRequest) -> dict[str, Any]:
+        return vm.give_back(req.name)
 
     @app.post("/api/v1/capture", dependencies=[Depends(auth)])
     def capture(req: CaptureRequest) -> StreamingResponse:

@@ -63,7 +63,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tandem.agent import fusemount, pit
+from tandem.agent import diskmount, fusemount, pit
 from tandem.errors import Conflict, InvalidInput, NotFound, TandemError, TargetInvalid
 from tandem.storage import targets
 from tandem.storage.fileio import write_durably
@@ -341,6 +341,8 @@ def remove_materialized(entry: dict[str, Any]) -> tuple[list[str], list[str]]:
     """
     if entry.get("layers"):  # a virtual copy (agent.fusemount): unmounted before emptied
         fusemount.detach_entry(entry)
+    if entry.get("disks"):  # a VM's disks mounted (agent.diskmount): unmounted first too
+        diskmount.detach_entry(entry)
     paths = [clean_path(str(p)) for p in entry.get("paths") or []]
     created = [clean_path(str(p)) for p in entry.get("created") or []]
     owners: dict[str, Any] = dict(entry.get("kept") or {})

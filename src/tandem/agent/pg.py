@@ -52,6 +52,7 @@ point short of the one asked for.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import pwd
 import re
@@ -87,6 +88,8 @@ from tandem.transport.agent_api import (
     WalRead,
     WantedRequest,
 )
+
+log = logging.getLogger(__name__)
 
 PG_ROOT = Path("/usr/lib/postgresql")
 SQL_TIMEOUT = 60.0
@@ -955,6 +958,9 @@ def stop_copy(path: str) -> bool:
     try:
         lines = Path(path, "postmaster.pid").read_text().splitlines()
     except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError as exc:  # an unreadable copy runs no server from it; the unmount goes on
+        log.warning("cannot read %s/postmaster.pid (%s): no server stopped", path, exc)
         return False
     if len(lines) < 2 or not _same_dir(lines[1], path):
         return False

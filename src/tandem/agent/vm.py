@@ -55,6 +55,11 @@ from a captured XML on new, empty qcow2 volumes ``NAME-<target>.qcow2`` of a fil
 pool (file disks, which ``restore`` then writes in place), with a new UUID and the captured
 NICs and MACs; its volumes are listed in the metadata as for ``define_copy``.
 
+An existing domain as the target (``take_over``, ``--vm``): powered off, defined again with
+its disks on the export and everything else (UUID, MACs) as it was, its own inactive XML kept
+in its metadata (``TARGET_NS``) until ``give_back`` defines it from that again. Its disk
+files are never opened.
+
 An ``nbds://`` export (the appliance's NBD off loopback) makes TLS disks (``tls='yes'``).
 libvirt 9 has no per-disk credentials (``tlsHostname`` only renames the host checked): QEMU
 takes them from qemu.conf's ``nbd_tls_x509_cert_dir``, one folder per host. The request
@@ -67,6 +72,7 @@ folder once; the job log and a start that fails name the line.
 from __future__ import annotations
 
 import atexit
+import base64
 import json
 import os
 import re
@@ -91,11 +97,18 @@ from tandem.errors import (
     NotHypervisor,
     SourceUnreadable,
     StorageError,
+    VmDisksDiffer,
+    VmTargetInUse,
 )
 from tandem.storage import vmimage
 from tandem.storage.manifest import VolumeManifest
 from tandem.storage.volume import ChunkSource
-from tandem.transport.agent_api import DefineRequest, EmptyDomainRequest, PowerRequest
+from tandem.transport.agent_api import (
+    DefineRequest,
+    EmptyDomainRequest,
+    PowerRequest,
+    TakeOverRequest,
+)
 from tandem.transport.nbd import DIRTY, NbdClient
 from tandem.transport.tls import fingerprint_of_der
 
@@ -1386,3 +1399,133 @@ def remove(name: str) -> dict[str, Any]:
             with suppress(lv.libvirtError):
                 conn.storagePoolLookupByName(pool_name).storageVolLookupByName(volume).delete(0)
         return {"removed": True, "volumes": [f"{p}/{v}" for p, v in volumes]}
+
+
+# --- an existing domain as the target ----------------------------------------------------
+
+TARGET_NS = "https://tandem.dev/libvirt/target/1"
+"""The namespace of the ``<target image=… was=…>`` element an existing domain carries in its
+``<metadata>`` while it is the target of a presented VM image: its own definition (inactive
+XML, base64) that ``give_back`` puts back."""
+
+
+def _taken_by(root: ET.Element) -> ET.Element | None:
+    """The target element of a domain's XML (None: the domain has its own definition)."""
+    return root.find(f"metadata/{{{TARGET_NS}}}target")
+
+
+def take_over(req: TakeOverRequest, directory: Path | None = None) -> dict[str, Any]:
+    """Make the existing domain ``req.name`` run from a VM image: refuse the domain the
+    image came from (by name or UUID), one already taken over, and one whose disk count
+    differs from the image's; power it off (graceful within ``req.shutdown_timeout``, then
+    destroy); define it again with each disk (device ``disk``, in order) a slice of the
+    export, keeping its UUID, MACs and everything else, its own definition in its metadata
+    (``TARGET_NS``); start it with ``power_on``. Its disk files are never opened."""
+    lv = _libvirt()
+    uri = urlsplit(req.nbd_uri)
+    if not uri.hostname or not uri.port:
+        raise InvalidInput(detail=f"{req.nbd_uri!r} is not an nbd[s]://HOST:PORT/EXPORT URI")
+    export = uri.path.lstrip("/")
+    with connection() as conn:
+        dom = _domain(conn, req.name)
+        if req.name == req.source_domain or (
+            req.source_uuid and dom.UUIDString() == req.source_uuid
+        ):
+            raise InvalidInput(
+                detail=f"a VM is never failed over onto the domain it came from ({req.name}); "
+                "name another domain with --vm, or a new one with --new-vm"
+            )
+        original = dom.XMLDesc(lv.VIR_DOMAIN_XML_INACTIVE | lv.VIR_DOMAIN_XML_SECURE)
+        root = ET.fromstring(original)
+        mark = _taken_by(root)
+        if mark is not None:
+            raise VmTargetInUse(
+                domain=req.name, host=os.uname().nodename, image=mark.get("image", "?")
+            )
+        disks = [d for d in root.findall("./devices/disk") if d.get("device", "disk") == "disk"]
+        if len(disks) != len(req.disks):
+            raise VmDisksDiffer(
+                domain=req.name,
+                host=os.uname().nodename,
+                have=len(disks),
+                app=req.source_domain,
+                want=len(req.disks),
+            )
+        tls = (
+            trust_appliance(tls_folder(directory), req.nbd_ca, req.nbd_fingerprint)
+            if req.nbd_ca is not None and req.nbd_fingerprint is not None
+            else None
+        )
+        for disk, slot in zip(disks, req.disks, strict=True):
+            _nbd_disk(disk, uri.hostname, uri.port, export, int(slot["offset"]), int(slot["size"]))
+            source = disk.find("source")
+            if tls is not None and source is not None:
+                source.set("tls", "yes")
+        was_running = bool(dom.isActive())
+        metadata = root.find("metadata")
+        if metadata is None:
+            metadata = ET.SubElement(root, "metadata")
+        keep = ET.SubElement(
+            metadata,
+            f"{{{TARGET_NS}}}target",
+            {"image": req.image, "was": "running" if was_running else "off"},
+        )
+        keep.text = base64.b64encode(original.encode()).decode()
+        ET.register_namespace("tandemtarget", TARGET_NS)
+        xml = ET.tostring(root, encoding="unicode")
+        how = _power_off(dom, req.shutdown_timeout, lambda _event: None)
+        try:
+            dom = conn.defineXML(xml)
+        except lv.libvirtError as exc:
+            raise InvalidInput(
+                detail=f"libvirt refused domain {req.name} with its disks on the export "
+                f"({exc.get_error_message()}); it keeps its own definition ({how})"
+            ) from exc
+        if req.power_on:
+            try:
+                dom.create()
+            except lv.libvirtError as exc:
+                with suppress(lv.libvirtError):
+                    conn.defineXML(original)
+                raise InvalidInput(
+                    detail=f"domain {req.name} did not start on the export "
+                    f"({exc.get_error_message()}); it has its own definition back, powered off"
+                ) from exc
+        return {
+            "name": dom.name(),
+            "uuid": dom.UUIDString(),
+            "running": bool(dom.isActive()),
+            "disks": "nbd",
+            "existing": True,
+            "was_running": was_running,
+            "power_off": how,
+            **({"tls_dir": str(tls)} if tls is not None else {}),
+        }
+
+
+def give_back(name: str) -> dict[str, Any]:
+    """Give domain ``name`` its own definition back (``take_over`` kept it): destroyed if it
+    runs (it ran from the image being withdrawn), then defined from the kept XML. A domain
+    that is gone, or that carries no kept definition, is left as it is."""
+    lv = _libvirt()
+    with connection() as conn:
+        try:
+            dom = conn.lookupByName(name)
+        except lv.libvirtError:
+            return {"restored": False, "reason": "the domain is gone"}
+        mark = _taken_by(ET.fromstring(dom.XMLDesc(lv.VIR_DOMAIN_XML_INACTIVE)))
+        if mark is None or not mark.text:
+            return {"restored": False, "reason": "it has its own definition"}
+        original = base64.b64decode(mark.text.encode()).decode()
+        if dom.isActive():
+            with suppress(lv.libvirtError):
+                dom.destroy()
+        try:
+            conn.defineXML(original)
+        except lv.libvirtError as exc:
+            raise StorageError(
+                detail=f"libvirt refused domain {name}'s own definition back "
+                f"({exc.get_error_message()}); it is kept in the domain's metadata "
+                f"({TARGET_NS}): define it by hand with `virsh define`"
+            ) from exc
+        return {"restored": True, "was_running": mark.get("was") == "running"}

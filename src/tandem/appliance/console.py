@@ -60,6 +60,7 @@ from tandem.domain.lifecycle import AppKind, AppState, Operation, allowed_operat
 from tandem.domain.rules import (
     FAILOVER_CONFIRMATION,
     RESTORE_CONFIRMATIONS,
+    VM_TARGET_CONFIRMATION,
     Role,
     confirmations_accepted,
     role_allows,
@@ -282,6 +283,7 @@ templates.env.globals.update(
     job_seconds=_seconds,
     FAILOVER_CONFIRMATION=FAILOVER_CONFIRMATION,
     RESTORE_CONFIRMATIONS=RESTORE_CONFIRMATIONS,
+    VM_TARGET_CONFIRMATION=VM_TARGET_CONFIRMATION,
     MOUNT_ACTIONS=MOUNT_ACTIONS,
     TARGETS=replica_failback.TARGETS,
     ACTIVE=ACTIVE,
@@ -666,14 +668,17 @@ def _capture(site: Site, app: str, form: Mapping[str, str], actor: str) -> Job:
 
 
 def _vm_form(form: Mapping[str, str], model: type[BaseModel]) -> dict[str, Any]:
-    """The new-VM fields of a Test Failover / Failover / Mount form, validated by the API's
-    own request model (``model``): name, pool, network, power on (and the failover's hosts)."""
+    """The VM fields of a Test Failover / Failover / Mount form, validated by the API's own
+    request model (``model``): a new VM's name, pool, network, power on (and the failover's
+    hosts), or an existing VM and its shutdown timeout (its confirmation: ``vm_confirm``)."""
     fields: dict[str, Any] = {
         "host": form.get("host", ""),
         "new_vm": _blank(form.get("new_vm")),
         "pool": _blank(form.get("pool")),
         "network": _blank(form.get("network")),
         "power_on": form.get("power_on") == "on",
+        "vm": _blank(form.get("vm")),
+        "shutdown_timeout": _blank(form.get("shutdown_timeout")),
     }
     if "hosts" in model.model_fields:
         hosts = [h.strip() for h in (form.get("hosts") or "").split(",") if h.strip()]
@@ -701,6 +706,7 @@ def _test_failover(site: Site, app: str, form: Mapping[str, str], actor: str) ->
         mount_point=_blank(form.get("mount_point")),
         action=_blank(form.get("action")),
         actor=actor,
+        confirm=_confirmations(form, "vm_confirm"),
         **_vm_form(form, PresentIn),
     )
 
@@ -710,7 +716,7 @@ def _failover(site: Site, app: str, form: Mapping[str, str], actor: str) -> Job:
         site,
         app=app,
         host=form.get("host", ""),
-        confirm=_confirmations(form, "confirm"),
+        confirm=_confirmations(form, "confirm", "vm_confirm"),
         image=_blank(form.get("image")),
         mount_point=_blank(form.get("mount_point")),
         action=_blank(form.get("action")),
@@ -742,6 +748,7 @@ def _mount(site: Site, app: str, form: Mapping[str, str], actor: str) -> Job:
         mount_point=_blank(form.get("mount_point")),
         action=_blank(form.get("action")),
         actor=actor,
+        confirm=_confirmations(form, "vm_confirm"),
         **_vm_form(form, MountIn),
     )
 

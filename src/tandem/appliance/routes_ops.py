@@ -98,6 +98,9 @@ def make_router(site: Site) -> APIRouter:
             network=body.network,
             power_on=body.power_on,
             pool=body.pool,
+            vm=body.vm,
+            shutdown_timeout=body.shutdown_timeout,
+            confirm=body.confirm,
         )
         return JobAnswer(job=job_out(job, who))
 
@@ -121,6 +124,8 @@ def make_router(site: Site) -> APIRouter:
             network=body.network,
             power_on=body.power_on,
             pool=body.pool,
+            vm=body.vm,
+            shutdown_timeout=body.shutdown_timeout,
             hosts=body.hosts,
             all_hosts=body.all_hosts,
         )
@@ -185,6 +190,9 @@ def make_router(site: Site) -> APIRouter:
             network=body.network,
             power_on=body.power_on,
             pool=body.pool,
+            vm=body.vm,
+            shutdown_timeout=body.shutdown_timeout,
+            confirm=body.confirm,
         )
         return JobAnswer(job=job_out(job, who))
 

@@ -221,6 +221,9 @@ class Image(Base):
     image destroys and undefines it)."""
     vm_hosts: Mapped[list[str] | None] = mapped_column(JSON)
     """The other hosts ``vm_name`` is defined on, powered off (a failover ``--hosts``)."""
+    vm_existing: Mapped[bool] = mapped_column(Boolean, default=False)
+    """``vm_name`` is an existing domain of the host (``--vm``), not one tandem defined:
+    withdrawing gives it its own definition back instead of removing it."""
     protective: Mapped[bool] = mapped_column(Boolean, default=False)
     epoch: Mapped[int] = mapped_column(Integer, default=1)
     consistency: Mapped[str | None] = mapped_column(String(32))

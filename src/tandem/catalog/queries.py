@@ -518,6 +518,7 @@ def set_image_state(
     nbd_export: str | None = None,
     vm_name: str | None = None,
     vm_hosts: list[str] | None = None,
+    vm_existing: bool = False,
 ) -> Image:
     """Set an image's state; the presentation fields are kept only while it is mounted."""
     image = get_image(session, image_id=image_id)
@@ -528,6 +529,7 @@ def set_image_state(
     image.nbd_export = nbd_export if mounted else None
     image.vm_name = vm_name if mounted else None
     image.vm_hosts = vm_hosts if mounted and vm_hosts else None
+    image.vm_existing = bool(vm_existing and mounted)
     session.flush()
     return image
 

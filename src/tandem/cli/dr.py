@@ -107,13 +107,45 @@ PoolOpt = Annotated[
 ]
 
 
+VmOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--vm",
+        help="A vm app: an existing domain of HOST to run the image as: it is powered off and "
+        "its disks are replaced by the appliance's export until the image is withdrawn (its "
+        'own definition then comes back). Needs --confirm "REPLACE VM".',
+    ),
+]
+ShutdownTimeoutOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--shutdown-timeout",
+        help="With --vm: seconds the domain's graceful shutdown may take before it is "
+        "powered off (default 120).",
+    ),
+]
+ConfirmOpt = Annotated[
+    list[str] | None,
+    typer.Option("--confirm", help='With --vm: type "REPLACE VM" to confirm.'),
+]
+
+
 def _vm_options(
-    new_vm: str | None, network: str | None, power_on: bool, pool: str | None = None
+    new_vm: str | None,
+    network: str | None,
+    power_on: bool,
+    pool: str | None = None,
+    vm: str | None = None,
+    shutdown_timeout: float | None = None,
 ) -> dict[str, Any]:
-    """The new-VM fields of a request, only when given (other apps' requests stay as they were)."""
+    """The VM fields of a request, only when given (other apps' requests stay as they were)."""
     out: dict[str, Any] = {}
     if new_vm:
         out["new_vm"] = new_vm
+    if vm:
+        out["vm"] = vm
+    if shutdown_timeout is not None:
+        out["shutdown_timeout"] = shutdown_timeout
     if network:
         out["network"] = network
     if pool:
@@ -144,6 +176,9 @@ def test_failover(
     power_on: PowerOnOpt = False,
     pool: PoolOpt = None,
     verify: VerifyOpt = False,
+    vm: VmOpt = None,
+    shutdown_timeout: ShutdownTimeoutOpt = None,
+    confirm: ConfirmOpt = None,
 ) -> JobAnswer:
     """Present a writable copy of a replica to HOST; replication goes on (DR appliance).
     A PostgreSQL app is recovered to --time or --latest and started."""
@@ -153,8 +188,9 @@ def test_failover(
         "mount_point": mount_point,
         "action": action,
         **pit_fields(time_, latest, port),
-        **_vm_options(new_vm, network, power_on, pool),
+        **_vm_options(new_vm, network, power_on, pool, vm, shutdown_timeout),
         **({"verify": True} if verify else {}),
+        **({"confirm": list(confirm)} if confirm else {}),
     }
     return s.api.test_failover(checked_app(app), checked(PresentIn, **params))
 
@@ -165,7 +201,10 @@ def failover(
     app: AppName,
     host: Host,
     confirm: Annotated[
-        list[str] | None, typer.Option("--confirm", help="Type FAILOVER to confirm.")
+        list[str] | None,
+        typer.Option(
+            "--confirm", help='Type FAILOVER to confirm (with --vm, then "REPLACE VM" too).'
+        ),
     ] = None,
     image: Replica = None,
     mount_point: MountPoint = None,
@@ -191,6 +230,8 @@ def failover(
         typer.Option("--all-hosts", help="A vm app: define it on every hypervisor host here."),
     ] = False,
     verify: VerifyOpt = False,
+    vm: VmOpt = None,
+    shutdown_timeout: ShutdownTimeoutOpt = None,
 ) -> JobAnswer:
     """Bring APP up at the DR site from its replica; replication stops (DR appliance).
     A PostgreSQL app is recovered to --time or (default) --latest and started."""
@@ -202,7 +243,7 @@ def failover(
         "action": action,
         "label": label,
         **pit_fields(time_, latest, port),
-        **_vm_options(new_vm, network, power_on, pool),
+        **_vm_options(new_vm, network, power_on, pool, vm, shutdown_timeout),
         **({"hosts": [h.strip() for h in hosts.split(",") if h.strip()]} if hosts else {}),
         **({"all_hosts": True} if all_hosts else {}),
         **({"verify": True} if verify else {}),
@@ -224,6 +265,9 @@ def mount(
     network: NetworkOpt = None,
     power_on: PowerOnOpt = False,
     pool: PoolOpt = None,
+    vm: VmOpt = None,
+    shutdown_timeout: ShutdownTimeoutOpt = None,
+    confirm: ConfirmOpt = None,
 ) -> JobAnswer:
     """Present any image to HOST as a writable virtual copy (a PostgreSQL base image with
     --time or --latest: recovered from it and started)."""
@@ -232,7 +276,8 @@ def mount(
         "mount_point": mount_point,
         "action": action,
         **pit_fields(time_, latest, port),
-        **_vm_options(new_vm, network, power_on, pool),
+        **_vm_options(new_vm, network, power_on, pool, vm, shutdown_timeout),
+        **({"confirm": list(confirm)} if confirm else {}),
     }
     return s.api.mount(checked_image(image), checked(MountIn, **params))
 

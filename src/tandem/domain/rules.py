@@ -30,6 +30,9 @@ from tandem.errors import ConfirmationOutOfOrder, ConfirmationRequired, Conflict
 
 FAILOVER_CONFIRMATION = "FAILOVER"
 RESTORE_CONFIRMATIONS: tuple[str, ...] = ("DATA LOSS", "OVERWRITE OTHER APPS")
+VM_TARGET_CONFIRMATION = "REPLACE VM"
+"""Typed to make an existing domain the target (``--vm``): it is powered off and runs from
+the image until the image is withdrawn."""
 
 
 class Role(StrEnum):

@@ -60,17 +60,33 @@ def submit_failover(
     pool: str | None = None,
     hosts: list[str] | None = None,
     all_hosts: bool = False,
+    vm: str | None = None,
+    shutdown_timeout: float | None = None,
 ) -> Job:
     check_confirmations(confirm, [FAILOVER_CONFIRMATION])
     label = check_label(label)
     with site.catalog.read() as session:
         row = q.get_app(session, name=app)
-    # The DR host is asked before the job exists: a pool or network it lacks is bad input.
-    present.check_vm_target(
-        site,
-        host,
-        present.check_new_vm(row, new_vm, network, power_on, keep_identity=True, pool=pool),
+    asked = present.check_new_vm(
+        row,
+        new_vm,
+        network,
+        power_on,
+        keep_identity=True,
+        pool=pool,
+        vm=vm,
+        shutdown_timeout=shutdown_timeout,
     )
+    present.check_vm_confirmed(asked, confirm, FAILOVER_CONFIRMATION)
+    if asked is not None and asked.existing and (hosts or all_hosts):
+        raise InvalidInput(
+            detail="--hosts and --all-hosts define a new VM on several hosts; an existing "
+            "domain (--vm) lives on its own host: drop them, or use --new-vm NAME"
+        )
+    # The DR host is asked before the job exists: a pool or network it lacks, a domain
+    # (--vm) it does not have, is bad input.
+    present.check_vm_target(site, host, asked)
+    present.check_existing_target(site, row, host, asked, image)
     also = present.vm_hosts_for(site, row, host, hosts, all_hosts)
     for other in also:  # the same pool and network on every host the VM is defined on
         present.check_vm_target(
@@ -87,21 +103,28 @@ def submit_failover(
         check_transition(row.name, row.state, Operation.FAILOVER, AppFacts(replica_images=replicas))
         replica = pick_replica(session, row, image)
         check_not_production_host(session, row, host)
-        vm = present.check_new_vm(
+        target = present.check_new_vm(
             row,
             new_vm,
             network,
             power_on,
             keep_identity=True,
             pool=pool,
+            vm=vm,
+            shutdown_timeout=shutdown_timeout,
         )
         action = present.check_action(row, action, mount_point)
-        vm = present.vm_with_action(row, vm, action)
+        target = present.vm_with_action(row, target, action)
         if row.kind is AppKind.FILESYSTEM and action != "map-only":
             # The app will serve from this copy and a catch-up syncback must cut it while it
             # does: a plain tree on the host's file system (a btrfs subvolume where it can be)
             # gives that cut; a FUSE copy does not yet. Test failover and mount stay virtual.
             action = "copy"
+        if row.kind is AppKind.VM and action == "specify":
+            raise InvalidInput(
+                detail="a failed-over VM runs as a VM (--new-vm NAME or --vm DOMAIN); its "
+                "disks' file systems are mounted by test-failover or mount: drop --mount-point"
+            )
         if row.kind is AppKind.VM and action == "copy":
             raise InvalidInput(
                 detail="a failed-over VM runs from the appliance's export, so that syncback "
@@ -120,8 +143,8 @@ def submit_failover(
             "label": label,
         }
         params.update(recovering)
-        if vm is not None:
-            params.update(vm.as_params())
+        if target is not None:
+            params.update(target.as_params())
         if also:
             params["vm_hosts"] = also
         job = submit_job(

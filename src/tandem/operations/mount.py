@@ -48,17 +48,28 @@ def submit_mount(
     network: str | None = None,
     power_on: bool = False,
     pool: str | None = None,
+    vm: str | None = None,
+    shutdown_timeout: float | None = None,
+    confirm: list[str] | None = None,
 ) -> Job:
     with site.catalog.read() as session:
         app = q.get_image(session, image_id=image).app
-    # The DR host is asked before the job exists: a pool or network it lacks is bad input.
-    present.check_vm_target(
-        site,
-        host,
-        present.check_new_vm(
-            app, new_vm, network, power_on, keep_identity=False, required=False, pool=pool
-        ),
+    asked = present.check_new_vm(
+        app,
+        new_vm,
+        network,
+        power_on,
+        keep_identity=False,
+        required=False,
+        pool=pool,
+        vm=vm,
+        shutdown_timeout=shutdown_timeout,
     )
+    present.check_vm_confirmed(asked, confirm)
+    # The DR host is asked before the job exists: a pool or network it lacks, a domain
+    # (--vm) it does not have, is bad input.
+    present.check_vm_target(site, host, asked)
+    present.check_existing_target(site, app, host, asked, image)
     target = pg_recovery.parse_target(time, latest, app)
     recover = app.kind is AppKind.POSTGRESQL and (time is not None or latest)
     if recover:
@@ -70,7 +81,7 @@ def submit_mount(
         app = base.app
         check_transition(app.name, app.state, Operation.MOUNT)
         q.get_host(session, name=host)
-        vm = present.check_new_vm(
+        chosen = present.check_new_vm(
             app,
             new_vm,
             network,
@@ -78,14 +89,16 @@ def submit_mount(
             keep_identity=False,
             required=False,
             pool=pool,
+            vm=vm,
+            shutdown_timeout=shutdown_timeout,
         )
         action = present.check_action(app, action, mount_point)
-        vm = present.vm_with_action(app, vm, action)
+        chosen = present.vm_with_action(app, chosen, action)
         params: dict[str, Any] = {"host": host, "mount_point": mount_point, "action": action}
         if recover:
             params.update(recover=True, time=target.isoformat() if target else None, port=port)
-        if vm is not None:
-            params.update(vm.as_params())
+        if chosen is not None:
+            params.update(chosen.as_params())
         job = submit_job(
             session,
             type=TYPE,
@@ -147,7 +160,7 @@ def run_mount(site: Site, ctx: JobContext) -> dict[str, Any]:
     ctx.set_message(
         f"{base.id} mounted as {row.id} on host {host.name}"
         + (f" at {shown.mount_point}" if shown.mount_point else "")
-        + (f" as new VM {shown.vm['name']}" if shown.vm else "")
+        + (f" as {present.vm_kind(shown.vm)} VM {shown.vm['name']}" if shown.vm else "")
         + pg_recovery.note(recovered)
     )
     return {

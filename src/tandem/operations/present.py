@@ -24,9 +24,11 @@ Invariants
   made again with the same URI when the appliance restarts (``restore_exports``); a FUSE
   copy's read session is not kept anywhere, so at start each presented tree's host is
   given a new one (``restore_tree_sessions``).
-- Withdrawing (unmount) removes the export, then what the agent placed (a FUSE copy is
-  unmounted, refused while a process on the host uses it), then the overlay, then closes
-  the copy's read session.
+- Withdrawing (unmount) takes down what the agent placed (a FUSE copy or a VM's disks'
+  mounts are unmounted, refused while a process on the host uses them), then removes the
+  export, then the overlay, then closes the copy's read session. In that order because a
+  VM's disks are mounted through the export: unmounting them writes back what their file
+  systems still cache, which fails with EIO (the write lost) once the export is gone.
 
 New VMs (a ``vm`` app's image, ``--new-vm NAME``): after the export exists, the host's agent
 defines domain NAME from the XML the image holds, each disk a slice of the export
@@ -34,6 +36,17 @@ defines domain NAME from the XML the image holds, each disk a slice of the expor
 unless ``--network`` names one; a failover VM with the captured identity. The name is kept
 in the row (``vm_name``); withdrawing destroys and undefines that domain first. A failure
 after the domain was defined removes it with the rest.
+
+Existing VMs (``--vm DOMAIN``, typed confirmation ``REPLACE VM``): the host's agent powers
+the domain off and defines it again with its disks on the export, keeping its own definition
+in its libvirt metadata (``agent.vm.take_over``); the row has ``vm_name`` and
+``vm_existing``, and withdrawing gives the domain its definition back (``give_back``) instead
+of removing it. Checked at submit: it exists on the host, is not the source domain, and has
+as many disks as the image.
+
+A VM image with a mount point (``specify``): the agent mounts each disk's file system from
+the export at the mount point, or ``_1``, ``_2``… for several disks (``agent.diskmount``);
+unmaterialize takes the mounts down.
 """
 
 from __future__ import annotations
@@ -51,12 +64,15 @@ from tandem.catalog.models import App, Host, Image
 from tandem.domain.images import ImageKind, ImageState
 from tandem.domain.lifecycle import AppKind, AppState, storage_kind
 from tandem.domain.paths import check_path
+from tandem.domain.rules import VM_TARGET_CONFIRMATION, check_confirmations
 from tandem.domain.vms import check_domain_name
 from tandem.errors import (
     InvalidInput,
     MountPointNeeded,
+    NotFound,
     NotHypervisor,
     TandemError,
+    VmDisksDiffer,
     VmOptionsUnused,
     VmTargetMissing,
 )
@@ -67,7 +83,8 @@ from tandem.operations.streams import follow
 from tandem.storage import vmimage
 from tandem.storage.manifest import VolumeManifest, load_manifest
 from tandem.storage.overlay import Overlay
-from tandem.transport.agent_api import DefineRequest, MaterializeRequest
+from tandem.transport.agent import AgentClient
+from tandem.transport.agent_api import DefineRequest, MaterializeRequest, TakeOverRequest
 from tandem.transport.api import checked
 
 ACTIONS = ("keep-source-path", "specify", "map-only", "copy")
@@ -128,6 +145,10 @@ def export_fingerprint(site: Site, uri: str) -> str | None:
     return site.fingerprint if uri.startswith("nbds://") else None
 
 
+DEFAULT_SHUTDOWN_TIMEOUT = 120.0
+"""Seconds an existing domain (``--vm``) has to shut down before it is powered off."""
+
+
 @dataclass(frozen=True)
 class NewVm:
     """A new VM to define at the host from a VM image (``--new-vm``)."""
@@ -138,9 +159,11 @@ class NewVm:
     keep_identity: bool = False
     pool: str | None = None
     copy: bool = False  # disks copied into qcow2 volumes of ``pool`` (``--action copy``)
+    existing: bool = False  # ``--vm``: an existing domain of the host, taken over
+    shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT  # an existing domain's graceful stop
 
     def as_params(self) -> dict[str, Any]:
-        return {
+        params: dict[str, Any] = {
             "new_vm": self.name,
             "network": self.network,
             "power_on": self.power_on,
@@ -148,6 +171,9 @@ class NewVm:
             "pool": self.pool,
             "copy_disks": self.copy,
         }
+        if self.existing:
+            params.update(existing_vm=True, shutdown_timeout=self.shutdown_timeout)
+        return params
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> NewVm | None:
@@ -160,6 +186,12 @@ class NewVm:
             bool(params.get("keep_identity")),
             params.get("pool"),
             bool(params.get("copy_disks")),
+            bool(params.get("existing_vm")),
+            float(
+                DEFAULT_SHUTDOWN_TIMEOUT
+                if params.get("shutdown_timeout") is None
+                else params["shutdown_timeout"]
+            ),
         )
 
 
@@ -172,19 +204,31 @@ def check_new_vm(
     keep_identity: bool,
     required: bool = True,
     pool: str | None = None,
+    vm: str | None = None,
+    shutdown_timeout: float | None = None,
 ) -> NewVm | None:
-    """The new VM a presentation defines: a vm app needs one (a mount may present just the
-    disks' export instead: ``required`` False), other apps take none."""
+    """The VM a presentation runs as: a new one (``new_vm``) or an existing domain of the host
+    (``vm``, taken over: ``NewVm.existing``). A vm app needs one (a mount may present just
+    the disks' export instead: ``required`` False), other apps take none."""
     if app.kind is not AppKind.VM:
-        if new_vm or network or power_on or pool:
+        if new_vm or network or power_on or pool or vm or shutdown_timeout is not None:
             raise VmOptionsUnused(app=app.name, kind=app.kind.value)
         return None
+    if vm:
+        return _existing_vm(app, vm, new_vm, network, pool, power_on, shutdown_timeout)
+    if shutdown_timeout is not None:
+        raise InvalidInput(
+            detail="--shutdown-timeout is how long an existing domain (--vm DOMAIN) may take "
+            "to shut down; a new VM has nothing to shut down: leave it out"
+        )
     if not new_vm and not required and not (network or power_on or pool):
         return None
     if not new_vm:
         raise InvalidInput(
             detail=f"{app.name!r} is a VM: name the new VM to define at the host with "
-            "--new-vm NAME (and --network N to give it one, --power-on to start it)"
+            "--new-vm NAME (and --network N to give it one, --power-on to start it), or an "
+            "existing domain of the host to run it with --vm DOMAIN (or mount its disks' "
+            "file systems with --mount-point PATH)"
         )
     check_domain_name(new_vm, "--new-vm")
     if network is not None:
@@ -199,10 +243,90 @@ def check_new_vm(
     return NewVm(new_vm, network, power_on, keep_identity, pool)
 
 
+def _existing_vm(
+    app: App,
+    vm: str,
+    new_vm: str | None,
+    network: str | None,
+    pool: str | None,
+    power_on: bool,
+    shutdown_timeout: float | None,
+) -> NewVm:
+    if new_vm:
+        raise InvalidInput(
+            detail="give --new-vm NAME (a new VM) or --vm DOMAIN (an existing one), not both"
+        )
+    if network or pool:
+        raise InvalidInput(
+            detail="--network and --pool are for a new VM; an existing domain (--vm) keeps "
+            "its own NICs, MACs and files: leave them out"
+        )
+    check_domain_name(vm, "--vm")
+    if vm == app.path:
+        raise InvalidInput(
+            detail=f"a VM is never failed over onto the domain it came from ({vm}); "
+            "name another domain with --vm"
+        )
+    if shutdown_timeout is not None and not 0 <= shutdown_timeout <= 3600:
+        raise InvalidInput(detail="--shutdown-timeout is between 0 and 3600 seconds")
+    timeout = DEFAULT_SHUTDOWN_TIMEOUT if shutdown_timeout is None else shutdown_timeout
+    return NewVm(vm, None, power_on, True, None, existing=True, shutdown_timeout=timeout)
+
+
+def check_vm_confirmed(vm: NewVm | None, confirm: list[str] | None, *before: str) -> None:
+    """An existing domain (``--vm``) is powered off and its disks replaced: the typed
+    confirmation ``VM_TARGET_CONFIRMATION`` is required (after the operation's own ones,
+    ``before``)."""
+    if vm is not None and vm.existing:
+        check_confirmations(confirm or [], [*before, VM_TARGET_CONFIRMATION])
+
+
+def check_existing_target(
+    site: Site, app: App, host: str, vm: NewVm | None, image: str | None
+) -> None:
+    """At submit, for ``--vm``: the domain exists on ``host`` and has as many disks as the
+    image (``image``, else the app's newest replica) holds."""
+    if vm is None or not vm.existing:
+        return
+    with site.catalog.read() as session:
+        row = q.get_host(session, name=host)
+        base = (
+            q.get_image(session, image_id=image)
+            if image
+            else q.latest_image(session, app=app.name, kind=ImageKind.REPLICA)
+        )
+        manifest_hex = base.manifest if base is not None else None
+    with agent_for(row) as agent:
+        domains = {str(d.get("name")): d for d in agent.vms()}
+    found = domains.get(vm.name)
+    if found is None:
+        raise NotFound(what="Domain", name=vm.name, listing=f"vms --host {host}")
+    if manifest_hex is None:
+        return  # no image yet: the job refuses that itself
+    manifest = load_manifest(site.pool, bytes.fromhex(manifest_hex))
+    slots = vmimage.slots_of(manifest) if isinstance(manifest, VolumeManifest) else None
+    disks = found.get("disks") if isinstance(found.get("disks"), list) else []
+    if slots is not None and len(slots) != len(disks or []):
+        raise VmDisksDiffer(
+            domain=vm.name, host=host, have=len(disks or []), app=app.name, want=len(slots)
+        )
+
+
 def vm_with_action(app: App, vm: NewVm | None, action: str) -> NewVm | None:
     """``--action copy`` for a VM: the new VM's disks are copied into its pool."""
+    if app.kind is AppKind.VM and action == "specify" and vm is not None:
+        raise InvalidInput(
+            detail="a VM's disks are either mounted as file systems on the host "
+            "(--mount-point) or run as a VM (--new-vm, --vm), never both at once (the file "
+            "systems would be written twice): drop one"
+        )
     if app.kind is not AppKind.VM or action != "copy":
         return vm
+    if vm is not None and vm.existing:
+        raise InvalidInput(
+            detail="--action copy copies a VM's disks into a new VM's datastore; an existing "
+            "domain (--vm) runs from the appliance's export: drop --action copy"
+        )
     if vm is None or vm.pool is None:
         raise InvalidInput(
             detail="--action copy copies a VM's disks into the new VM's datastore: give "
@@ -252,7 +376,7 @@ def vm_hosts_for(
 
 def check_vm_target(site: Site, host: str, vm: NewVm | None) -> None:
     """At submit, before the job exists: ``check_vm_host`` for the host named ``host``."""
-    if vm is None or (vm.pool is None and vm.network is None):
+    if vm is None or vm.existing or (vm.pool is None and vm.network is None):
         return
     with site.catalog.read() as session:
         row = q.get_host(session, name=host)
@@ -293,14 +417,18 @@ def check_action(app: App, action: str | None, mount_point: str | None) -> str:
         raise MountPointNeeded(what="--action specify")
     if placement(action, mount_point) == "keep-source-path" and app.kind is not AppKind.VM:
         check_own_location(app, "a copy at its production path")
-    if app.kind is AppKind.VM and action not in ("map-only", "copy"):
+    if app.kind is AppKind.VM and action not in ("map-only", "copy", "specify"):
         raise InvalidInput(
-            detail="a VM image is presented as its disks' NBD export (map-only), as a new "
-            "VM (--new-vm NAME) on that export, or as a new VM whose disks are copied into "
-            "its pool (--action copy --pool P); it has no file system to mount"
+            detail="a VM image is presented as its disks' NBD export (map-only), as a VM "
+            "(--new-vm NAME, --vm DOMAIN) on that export, as a new VM whose disks are copied "
+            "into its pool (--action copy --pool P), or with its disks' file systems mounted "
+            "at --mount-point (PATH_1, PATH_2… for several disks)"
         )
-    if app.kind is AppKind.VM and mount_point:
-        raise InvalidInput(detail="a VM image has no file system to mount: drop --mount-point")
+    if app.kind is AppKind.VM and mount_point and action != "specify":
+        raise InvalidInput(
+            detail=f"--mount-point mounts a VM's disks' file systems; --action {action} does "
+            "not: drop one of them"
+        )
     if action == "map-only" and app.kind not in BLOCK_KINDS:
         raise InvalidInput(
             detail="map-only presents a volume without mounting a file system; "
@@ -330,6 +458,8 @@ def present(
     overlay: Overlay | None = None
     transfer = None
     defined: str | None = None
+    taken: str | None = None  # an existing domain (--vm) now running from the export
+    mounted = False  # a VM's disks mounted as file systems on the host
     also: list[Host] = []
     try:
         if app.kind in BLOCK_KINDS:
@@ -349,7 +479,10 @@ def present(
             ctx.log(f"exported {image_id} over NBD")
         paths: list[str] = []
         vm: dict[str, Any] | None = None
-        if new_vm is not None and uri is not None and overlay is not None:
+        if new_vm is not None and new_vm.existing and uri is not None and overlay is not None:
+            vm = _take_over(ctx, site, host, overlay.base, uri, new_vm, app, image_id)
+            taken = new_vm.name
+        elif new_vm is not None and uri is not None and overlay is not None:
             vm = _define_vm(ctx, site, host, overlay.base, uri, new_vm, app)
             defined = new_vm.name
             for other in vm_hosts or []:
@@ -359,7 +492,12 @@ def present(
                 )
         where_action = placement(action, mount_point)
         how = presentation(app, action)
-        if action != "map-only" and app.kind is not AppKind.VM:
+        if app.kind is AppKind.VM and action == "specify" and uri is not None:
+            mounted = True  # from the request on: the agent undoes a failure itself
+            paths = _mount_disks(
+                ctx, site, host, overlay, uri, image_id, mount_point, app, base.manifest
+            )
+        elif action != "map-only" and app.kind is not AppKind.VM:
             transfer, token = site.sessions.open(
                 job_id=ctx.job.id,
                 write=False,
@@ -396,7 +534,9 @@ def present(
         )
         fingerprint = export_fingerprint(site, uri) if uri else None
         shown = how if action != "map-only" else None
-        if app.kind is AppKind.VM:
+        if app.kind is AppKind.VM and paths:
+            where, shown = mount_point, "disks"
+        elif app.kind is AppKind.VM:
             where, shown = None, ("copy" if new_vm is not None and new_vm.copy else None)
         if transfer is not None and how == "fuse":
             transfer = None  # the copy reads through it until withdrawn
@@ -411,6 +551,12 @@ def present(
             vm_hosts=[h.name for h in also] or None,
         )
     except BaseException:
+        if mounted:
+            with contextlib.suppress(TandemError), agent_for(host) as agent:
+                agent.unmaterialize(image_id)
+        if taken is not None:
+            with contextlib.suppress(TandemError), agent_for(host) as agent:
+                agent.give_back_vm(taken)
         if defined is not None:
             for where_defined in (host, *also):
                 with contextlib.suppress(TandemError), agent_for(where_defined) as agent:
@@ -480,6 +626,113 @@ def _define_vm(
     return done
 
 
+def _take_over(
+    ctx: JobContext,
+    site: Site,
+    host: Host,
+    manifest: VolumeManifest | None,
+    uri: str,
+    target: NewVm,
+    app: App,
+    image_id: str,
+) -> dict[str, Any]:
+    """Run the existing domain ``target`` of ``host`` from the VM image ``manifest`` on
+    ``uri``: powered off, its disks replaced by the export's slices (``agent.vm.take_over``)."""
+    vm = manifest.meta.get("vm") if manifest is not None else None
+    slots = vmimage.slots_of(manifest) if manifest is not None else None
+    if not isinstance(vm, dict) or not slots:
+        raise InvalidInput(detail=f"the image of {app.name!r} holds no VM (no disk layout)")
+    tls = uri.startswith("nbds://")
+    if tls and not site.certificate:
+        raise InvalidInput(
+            detail="this appliance serves NBD over TLS but has no certificate to send the "
+            "hypervisor host: start it from its directory (tandem appliance serve DIR)"
+        )
+    body = checked(
+        TakeOverRequest,
+        name=target.name,
+        image=image_id,
+        disks=[s.as_dict() for s in slots],
+        nbd_uri=uri,
+        source_domain=str(vm.get("domain") or app.path),
+        source_uuid=str(vm.get("uuid") or ""),
+        power_on=target.power_on,
+        shutdown_timeout=target.shutdown_timeout,
+        nbd_ca=site.certificate if tls else None,
+        nbd_fingerprint=site.fingerprint if tls else None,
+    )
+    ctx.set_message(f"powering off domain {target.name} on {host.name} to replace its disks")
+    with agent_for(host) as agent:
+        done = agent.take_over_vm(body)
+    ctx.log(
+        f"existing VM {done.get('name')} ({done.get('uuid')}) on host {host.name}: "
+        f"{done.get('power_off')}; its {len(slots)} disk(s) now on the export, its own "
+        "definition kept until the image is withdrawn"
+        + (", running" if done.get("running") else ", powered off")
+    )
+    return done
+
+
+def _mount_disks(
+    ctx: JobContext,
+    site: Site,
+    host: Host,
+    overlay: Overlay | None,
+    uri: str,
+    image_id: str,
+    mount_point: str | None,
+    app: App,
+    manifest: str,
+) -> list[str]:
+    """Mount the file system of each disk of the VM image on ``uri`` at ``mount_point``
+    (one disk) or ``mount_point_1``, ``_2``… (several) on ``host`` (``agent.diskmount``)."""
+    slots = vmimage.slots_of(overlay.base) if overlay is not None and overlay.base else None
+    if not slots:
+        raise InvalidInput(detail=f"the image of {app.name!r} holds no VM (no disk layout)")
+    tls = uri.startswith("nbds://")
+    body = checked(
+        MaterializeRequest,
+        kind="volume",
+        manifest=manifest,
+        image=image_id,
+        action="specify",
+        mount_point=mount_point,
+        source_path=app.path,
+        presentation="disks",
+        nbd_uri=uri,
+        disks=[s.as_dict() for s in slots],
+        nbd_ca=site.certificate if tls else None,
+        nbd_fingerprint=site.fingerprint if tls else None,
+    )
+    ctx.set_message(f"mounting the {len(slots)} disk(s) of {image_id} on host {host.name}")
+    with agent_for(host) as agent:
+        done = follow(ctx, agent.materialize(body), host=host.name, moved=lambda: 0)
+    for disk in done.get("disks") or []:
+        if isinstance(disk, dict):
+            ctx.log(
+                f"disk {disk.get('target')}: {disk.get('type')} mounted at {disk.get('path')}"
+                + (f" (partition {disk['partition']})" if disk.get("partition") else "")
+            )
+    return [str(p) for p in done.get("paths", [])]
+
+
+def vm_kind(vm: Mapping[str, Any]) -> str:
+    """``existing`` for a domain taken over (``--vm``), else ``new``: for job messages."""
+    return "existing" if vm.get("existing") else "new"
+
+
+def _release_vm(agent: AgentClient, name: str, existing: bool) -> str:
+    """Withdraw the VM ``name`` an image ran as: an existing domain gets its own definition
+    back (``give_back``), a new one is removed. What it did, for ``removed``."""
+    if not existing:
+        agent.remove_vm(name)
+        return f"vm:{name}"
+    done = agent.give_back_vm(name)
+    if done.get("restored"):
+        return f"vm:{name}:own-definition" + (":was-running" if done.get("was_running") else "")
+    return f"vm:{name}:{done.get('reason', 'untouched')}"
+
+
 def _undo(site: Site, image_id: str, uri: str | None, overlay: Overlay | None) -> None:
     if uri is not None and site.presenter is not None:
         with contextlib.suppress(TandemError):
@@ -500,14 +753,15 @@ def withdraw(site: Site, image: Image, host: Host | None) -> dict[str, Any]:
             removed.append(f"vm:{image.vm_name}@{other.name}")
     if host is not None and image.vm_name:
         with agent_for(host) as agent:
-            agent.remove_vm(image.vm_name)
-        removed.append(f"vm:{image.vm_name}")
+            removed.append(_release_vm(agent, image.vm_name, image.vm_existing))
+    if host is not None and image.mount_point is not None:
+        # Before the export goes: a VM's disks are mounted through it, and their unmount
+        # writes back what the file systems still hold (a refusal leaves the export too).
+        with agent_for(host) as agent:
+            removed = [str(p) for p in agent.unmaterialize(image.id).get("removed", [])]
     if image.nbd_export and site.presenter is not None:
         with contextlib.suppress(TandemError):
             site.presenter.remove_export(export_name(image.id))
-    if host is not None and image.mount_point is not None:
-        with agent_for(host) as agent:
-            removed = [str(p) for p in agent.unmaterialize(image.id).get("removed", [])]
     overlay = site.overlays.pop(image.id, None)
     if overlay is not None:
         overlay.delete()
@@ -535,12 +789,12 @@ def withdraw_unrecorded(
     if shown is not None and shown.vm:
         for where in (host, *_hosts_named(site, shown.vm_hosts or [])):
             with contextlib.suppress(TandemError), agent_for(where) as agent:
-                agent.remove_vm(str(shown.vm["name"]))
+                _release_vm(agent, str(shown.vm["name"]), bool(shown.vm.get("existing")))
+    with contextlib.suppress(TandemError), agent_for(host) as agent:
+        agent.unmaterialize(image_id)  # before the export its VM disks' mounts write through
     if site.presenter is not None:
         with contextlib.suppress(TandemError):
             site.presenter.remove_export(export_name(image_id))
-    with contextlib.suppress(TandemError), agent_for(host) as agent:
-        agent.unmaterialize(image_id)
     site.sessions.close_matching(presented=image_id)
     overlay = site.overlays.pop(image_id, None)
     if overlay is not None:
@@ -648,5 +902,6 @@ def record(
             nbd_export=presented.nbd_uri,
             vm_name=str(presented.vm["name"]) if presented.vm else None,
             vm_hosts=presented.vm_hosts,
+            vm_existing=bool(presented.vm and presented.vm.get("existing")),
         )
     return row

@@ -85,15 +85,28 @@ def submit_test_failover(
     network: str | None = None,
     power_on: bool = False,
     pool: str | None = None,
+    vm: str | None = None,
+    shutdown_timeout: float | None = None,
+    confirm: list[str] | None = None,
 ) -> Job:
     with site.catalog.read() as session:
         row = q.get_app(session, name=app)
-    # The DR host is asked before the job exists: a pool or network it lacks is bad input.
-    present.check_vm_target(
-        site,
-        host,
-        present.check_new_vm(row, new_vm, network, power_on, keep_identity=False, pool=pool),
+    asked = present.check_new_vm(
+        row,
+        new_vm,
+        network,
+        power_on,
+        keep_identity=False,
+        required=not mount_point,  # a mount point mounts the disks' file systems instead
+        pool=pool,
+        vm=vm,
+        shutdown_timeout=shutdown_timeout,
     )
+    present.check_vm_confirmed(asked, confirm)
+    # The DR host is asked before the job exists: a pool or network it lacks, a domain
+    # (--vm) it does not have, is bad input.
+    present.check_vm_target(site, host, asked)
+    present.check_existing_target(site, row, host, asked, image)
     image, recovering = pg_recovery.requested(
         site, row, time=time, latest=latest, port=port, verify=verify, image=image
     )
@@ -105,20 +118,23 @@ def submit_test_failover(
         )
         replica = pick_replica(session, row, image)
         check_target(session, row, host)
-        vm = present.check_new_vm(
+        target = present.check_new_vm(
             row,
             new_vm,
             network,
             power_on,
             keep_identity=False,
+            required=not mount_point,
             pool=pool,
+            vm=vm,
+            shutdown_timeout=shutdown_timeout,
         )
         action = present.check_action(row, action, mount_point)
-        vm = present.vm_with_action(row, vm, action)
+        target = present.vm_with_action(row, target, action)
         params: dict[str, Any] = {"host": host, "mount_point": mount_point, "action": action}
         params.update(recovering)
-        if vm is not None:
-            params.update(vm.as_params())
+        if target is not None:
+            params.update(target.as_params())
         job = submit_job(
             session,
             type=TYPE,
@@ -194,7 +210,7 @@ def run_test_failover(site: Site, ctx: JobContext) -> dict[str, Any]:
         f"test copy {row.id} of {replica.id} on host {host.name}"
         + (f" at {shown.mount_point}" if shown.mount_point else "")
         + (" (NBD)" if shown.nbd_uri else "")
-        + (f" as new VM {shown.vm['name']}" if shown.vm else "")
+        + (f" as {present.vm_kind(shown.vm)} VM {shown.vm['name']}" if shown.vm else "")
         + pg_recovery.note(recovered)
     )
     return {

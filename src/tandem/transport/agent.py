@@ -37,6 +37,7 @@ from tandem.transport.agent_api import (
     RestoreRequest,
     RunRequest,
     StreamRequest,
+    TakeOverRequest,
     TargetCheckRequest,
     UnmaterializeRequest,
     VmRestoreRequest,
@@ -167,6 +168,19 @@ class AgentClient:
     def remove_vm(self, name: str) -> dict[str, Any]:
         """Destroy and undefine the VM ``name`` (gone already is fine)."""
         answer = self._call("POST", "/api/v1/vms/remove", checked(RemoveRequest, name=name))
+        return answer if isinstance(answer, dict) else {}
+
+    def take_over_vm(self, body: TakeOverRequest) -> dict[str, Any]:
+        """Power the existing domain ``body.name`` off and run it from a VM image's export,
+        keeping its own definition (``agent.vm.take_over``)."""
+        answer = self._call("POST", "/api/v1/vms/take-over", body)
+        if not isinstance(answer, dict) or "name" not in answer:
+            raise RemoteError(what="host", name=self.name, detail="unexpected answer to take-over")
+        return answer
+
+    def give_back_vm(self, name: str) -> dict[str, Any]:
+        """Give the domain ``name`` its own definition back (``agent.vm.give_back``)."""
+        answer = self._call("POST", "/api/v1/vms/give-back", checked(RemoveRequest, name=name))
         return answer if isinstance(answer, dict) else {}
 
     def _events(self, path: str, body: BaseModel) -> Iterator[dict[str, Any]]:

@@ -147,9 +147,16 @@ class MaterializeRequest(BaseModel):
     """The application's original path: the mount point of keep-source-path."""
     volumes: int = Field(default=1, ge=1, le=MAX_VOLUMES)
     job: str = ""
-    presentation: str = Field(default="copy", pattern="^(copy|fuse)$")
+    presentation: str = Field(default="copy", pattern="^(copy|fuse|disks)$")
     """``copy`` writes the whole image at the mount point; ``fuse`` presents a file-tree
-    image as a writable virtual copy (``agent.fusemount``), fetching only what is read."""
+    image as a writable virtual copy (``agent.fusemount``), fetching only what is read;
+    ``disks`` mounts the file system of each disk of a VM image's export (``nbd_uri``,
+    ``disks``) at its own mount point (``agent.diskmount``)."""
+    nbd_uri: str | None = Field(default=None, pattern=r"^nbds?://[^\s]+$")
+    disks: list[dict[str, Any]] | None = Field(default=None, min_length=1, max_length=64)
+    """``disks``: where each disk lies in the export (target, offset, size)."""
+    nbd_ca: str | None = Field(default=None, min_length=1, max_length=16_000)
+    nbd_fingerprint: str | None = Field(default=None, pattern=HEX_DIGEST)
 
 
 class RefreshRequest(BaseModel):
@@ -320,6 +327,35 @@ class EmptyDomainRequest(BaseModel):
     disks: list[EmptyDisk] = Field(min_length=1, max_length=64)
     pool: str = Field(pattern=DOMAIN_NAME)
     source_domain: str = Field(default="", max_length=64)
+
+
+class TakeOverRequest(BaseModel):
+    """Make an existing domain of the host the target of a VM image (``agent.vm.take_over``):
+    powered off, its disks replaced by slices of the appliance's export, its own definition
+    kept in its metadata until ``give_back``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=DOMAIN_NAME)
+    image: str = Field(pattern=IMAGE_KEY)
+    disks: list[dict[str, Any]] = Field(min_length=1, max_length=64)
+    nbd_uri: str = Field(pattern=r"^nbds?://[^\s]+$")
+    source_domain: str = Field(default="", max_length=64)
+    source_uuid: str = Field(default="", max_length=64)
+    power_on: bool = False
+    shutdown_timeout: float = Field(default=120.0, ge=0, le=3600)
+    nbd_ca: str | None = Field(default=None, min_length=1, max_length=16_000)
+    nbd_fingerprint: str | None = Field(default=None, pattern=HEX_DIGEST)
+
+    @model_validator(mode="after")
+    def _tls_needs_the_certificate(self) -> TakeOverRequest:
+        tls = self.nbd_uri.startswith("nbds://")
+        if tls != (self.nbd_ca is not None) or tls != (self.nbd_fingerprint is not None):
+            raise ValueError(
+                "an nbds:// export comes with nbd_ca and nbd_fingerprint (the appliance's "
+                "certificate and its SHA-256), a plain nbd:// one with neither"
+            )
+        return self
 
 
 class RemoveRequest(BaseModel):

@@ -198,6 +198,19 @@ class PresentIn(Body):
         description="The new VM's datastore: a storage pool of the host (active).",
     )
     power_on: bool = False
+    vm: str | None = Field(
+        default=None,
+        pattern=DOMAIN_NAME,
+        description="A vm app: an existing domain of the host to run the image as (powered "
+        'off, its disks replaced by the export; needs the confirmation "REPLACE VM").',
+    )
+    shutdown_timeout: float | None = Field(
+        default=None,
+        ge=0,
+        le=3600,
+        description="With vm: seconds its graceful shutdown may take before it is powered off.",
+    )
+    confirm: list[str] = Field(default_factory=list, max_length=8)
 
 
 class FailoverIn(PresentIn):
@@ -236,6 +249,19 @@ class MountIn(Body):
         description="The new VM's datastore: a storage pool of the host (active).",
     )
     power_on: bool = False
+    vm: str | None = Field(
+        default=None,
+        pattern=DOMAIN_NAME,
+        description="A vm app: an existing domain of the host to run the image as (powered "
+        'off, its disks replaced by the export; needs the confirmation "REPLACE VM").',
+    )
+    shutdown_timeout: float | None = Field(
+        default=None,
+        ge=0,
+        le=3600,
+        description="With vm: seconds its graceful shutdown may take before it is powered off.",
+    )
+    confirm: list[str] = Field(default_factory=list, max_length=8)
 
 
 class CloneIn(Body):
