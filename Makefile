@@ -13,13 +13,14 @@ VM_STAMP := $(VENV)/.installed-vm
 # systems and run PostgreSQL under pgbench. On a fresh Debian machine as root they are
 # installed here; elsewhere the tests that need them fail saying which package to install.
 # The VM tests run real guests under libvirt + QEMU (TCG): a busybox initramfs made with cpio
-# and a Debian kernel the tests download once; libvirt-dev and pkg-config build the Python
+# and a Debian kernel the tests download once, with the host's qemu-ga (qemu-guest-agent)
+# copied in for the guest-agent tests; libvirt-dev and pkg-config build the Python
 # bindings (the `vm` extra), which `make test` installs after them.
 # pyfuse3 (the FUSE presentation of file trees) builds against libfuse3-dev with pkg-config
 # when installed, so the tools come before the venv; fuse3 brings fusermount3.
 TOOLS_PKGS := qemu-utils libnbd-bin python3-libnbd chromium btrfs-progs xfsprogs postgresql \
   libvirt-daemon-system libvirt-daemon-driver-qemu qemu-system-x86 libvirt-dev pkg-config \
-  busybox-static cpio fuse3 libfuse3-dev
+  busybox-static cpio qemu-guest-agent fuse3 libfuse3-dev
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -52,7 +53,7 @@ tools:
 	    || ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 \
 	    || ! command -v virsh >/dev/null || ! command -v qemu-system-x86_64 >/dev/null \
 	    || ! pkg-config --exists libvirt 2>/dev/null || ! test -x /bin/busybox \
-	    || ! command -v cpio >/dev/null \
+	    || ! command -v cpio >/dev/null || ! test -x /usr/sbin/qemu-ga \
 	    || ! command -v fusermount3 >/dev/null || ! pkg-config --exists fuse3 2>/dev/null; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing $(TOOLS_PKGS) (what the NBD, browser, live-application and VM tests use)"; \

@@ -2,7 +2,7 @@
 (no checkpoint, so a full compare) and a guest agent that hangs in the freeze.
 
 The guest's disk is raw and its domain has a guest-agent channel that the guest opens and
-never answers (the busybox guest has no qemu-ga; ``tests/vmguest.py``): libvirt then sees a
+never answers (a guest built without qemu-ga; ``tests/vmguest.py``): libvirt then sees a
 connected agent that does not respond, the case of an agent hung in a freeze.
 """
 

@@ -13,6 +13,10 @@ production and the VM tests (``tests/vmguest.py``) use.
   ``scatter N`` rewrites N 64 KiB blocks spread over the disk, ``off`` powers off. So
   "what the guest wrote at production is what a new VM at DR reads" is the DR guest
   printing the production guest's last sum.
+- A domain with a guest-agent channel (``AGENT``) gets it served by the host's real
+  ``qemu-ga``, copied with its shared libraries into the initramfs when
+  ``guest_boot(guest_agent=True)``; else the guest opens the channel and never answers (an
+  agent hung in a freeze).
 - ``domain_xml()``, ``make_disk()``, ``start_with_console()`` / ``Console``,
   ``remove_domain()``: define, run and talk to it with ``virsh``.
 """
@@ -74,12 +78,21 @@ done
 n=0
 while [ ! -b /dev/vda ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n+1)); done
 say() { echo "$@" > /dev/ttyS0; }
-# A guest-agent channel, if the domain has one, is opened and never answered: a guest
-# agent that hangs (the busybox guest has no qemu-ga).
+# A guest-agent channel, if the domain has one, is served by the real qemu-ga when the
+# initramfs holds it (guest_boot(guest_agent=True)); else it is opened and never answered:
+# a guest agent that hangs.
 for port in /sys/class/virtio-ports/*; do
   if [ "$(cat "$port/name" 2>/dev/null)" = org.qemu.guest_agent.0 ]; then
-    exec 3<>"/dev/${port##*/}"
-    say "TANDEM-AGENT silent"
+    if [ -x /usr/sbin/qemu-ga ]; then
+      mkdir -p /var/run
+      LD_LIBRARY_PATH=%(libdirs)s /usr/sbin/qemu-ga -m virtio-serial -p "/dev/${port##*/}" \
+        -t /var/run -f /var/run/qemu-ga.pid -F/etc/qemu/fsfreeze-hook \
+        < /dev/null > /dev/ttyS0 2>&1 &
+      say "TANDEM-AGENT qemu-ga"
+    else
+      exec 3<>"/dev/${port##*/}"
+      say "TANDEM-AGENT silent"
+    fi
   fi
 done
 sum() { say "TANDEM-SUM $(md5sum /dev/vda | cut -d' ' -f1)"; }
@@ -181,8 +194,59 @@ def kernel() -> tuple[Path, Path]:
     return vmlinuz, vmlinuz.parents[1] / "lib" / "modules" / version / "kernel"
 
 
-def guest_boot(folder: Path) -> Boot:
-    """The kernel and a freshly built initramfs (in ``folder``) of the test guest."""
+QEMU_GA = Path("/usr/sbin/qemu-ga")
+"""The host's guest agent (Debian ``qemu-guest-agent``), copied into the guest on request."""
+
+
+FSFREEZE_HOOK = """#!/bin/busybox sh
+# qemu-ga runs this before it freezes the file systems and after it thaws them.
+echo "TANDEM-FSFREEZE $1" > /dev/ttyS0
+"""
+"""The guest's fsfreeze hook: it prints ``TANDEM-FSFREEZE freeze|thaw`` on the console."""
+
+
+def _shared_libraries(binary: Path) -> list[Path]:
+    """The shared libraries ``ldd`` names for ``binary``, the dynamic loader included."""
+    out = subprocess.run(
+        ["ldd", str(binary)], capture_output=True, text=True, check=True, timeout=30
+    ).stdout
+    found: list[Path] = []
+    for line in out.splitlines():
+        words = line.split()
+        if "=>" in words:  # libfoo.so.1 => /lib/.../libfoo.so.1 (0x...)
+            at = words.index("=>") + 1
+            if at < len(words) and words[at].startswith("/"):
+                found.append(Path(words[at]))
+        elif words and words[0].startswith("/"):  # /lib64/ld-linux-x86-64.so.2 (0x...)
+            found.append(Path(words[0]))
+    return found
+
+
+def _install_guest_agent(root: Path) -> list[str]:
+    """Copy qemu-ga and its libraries into ``root`` at their host paths; their folders."""
+    if not QEMU_GA.exists():
+        raise GuestUnavailable(detail=f"{QEMU_GA} is missing (Debian package qemu-guest-agent)")
+    folders: list[str] = []
+    for path in [QEMU_GA, *_shared_libraries(QEMU_GA)]:
+        target = root / path.relative_to("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, target)  # follows symlinks: the file itself, under its ldd name
+        if path != QEMU_GA and str(path.parent) not in folders:
+            folders.append(str(path.parent))
+    hook = root / "etc" / "qemu" / "fsfreeze-hook"
+    hook.parent.mkdir(parents=True)
+    hook.write_text(FSFREEZE_HOOK)
+    hook.chmod(0o755)
+    return folders
+
+
+def guest_boot(folder: Path, *, guest_agent: bool = False) -> Boot:
+    """The kernel and a freshly built initramfs (in ``folder``) of the test guest.
+
+    ``guest_agent``: the initramfs holds the host's ``qemu-ga`` (and its shared libraries),
+    which ``/init`` starts on the guest-agent channel of a domain that has one (``AGENT``),
+    with a fsfreeze hook that prints ``TANDEM-FSFREEZE freeze`` / ``TANDEM-FSFREEZE thaw`` on
+    the console; without it such a channel is opened and never answered."""
     busybox = Path("/bin/busybox")
     if not busybox.exists() or shutil.which("cpio") is None:
         raise GuestUnavailable(detail="busybox-static and cpio are missing")
@@ -197,9 +261,16 @@ def guest_boot(folder: Path) -> Boot:
         src = modules / module
         shutil.copy(src, root / "lib" / "modules" / src.name)
         names.append(src.name)
+    libdirs = _install_guest_agent(root) if guest_agent else []
     init = root / "init"
     init.write_text(
-        INIT % {"modules": " ".join(names), "pattern": PATTERN_MIB << 20, "rewrite": REWRITE_AT_MIB}
+        INIT
+        % {
+            "modules": " ".join(names),
+            "pattern": PATTERN_MIB << 20,
+            "rewrite": REWRITE_AT_MIB,
+            "libdirs": ":".join(libdirs) or "/lib",
+        }
     )
     init.chmod(0o755)
     initrd = folder / "initrd.cpio"
@@ -245,7 +316,8 @@ def domain_xml(
 
 
 AGENT = "<channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>"
-"""The guest agent's channel (the guest opens it and never answers)."""
+"""The guest agent's channel: served by qemu-ga in a guest built with
+``guest_boot(guest_agent=True)``, else opened and never answered."""
 
 
 def disk_format(path: Path) -> str:
