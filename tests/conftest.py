@@ -8,6 +8,21 @@ from pathlib import Path
 import pytest
 
 from tandem.storage.pool import ChunkPool
+from tests import mountguard
+
+
+@pytest.fixture(autouse=True)
+def _nothing_left_mounted(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A test that used ``tmp_path`` leaves nothing mounted in it (``tests.mountguard``)."""
+    if "tmp_path" not in request.fixturenames:
+        yield
+        return
+    folder: Path = request.getfixturevalue("tmp_path")
+    yield
+    left = mountguard.mounted_under(folder)
+    if left:
+        mountguard.take_down(left)
+        pytest.fail(f"the test left mounted: {left} (taken down by the guard)")
 
 
 @pytest.fixture(scope="session")

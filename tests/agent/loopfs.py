@@ -34,7 +34,9 @@ def loop_mounts(workdir: Path) -> Iterator[Callable[[str], Path]]:
             pytest.fail("the point-in-time tests loop-mount file systems and need root")
         image = workdir / f"{fstype}-{len(mounted)}.img"
         subprocess.run(["truncate", "-s", SIZE, str(image)], check=True)
-        subprocess.run([tool, "-q", str(image)], check=True, capture_output=True)
+        made = subprocess.run([tool, "-q", str(image)], capture_output=True, text=True)
+        if made.returncode != 0:
+            pytest.fail(f"{tool} failed: {made.stderr.strip() or made.stdout.strip()}")
         point = workdir / f"{fstype}-{len(mounted)}"
         point.mkdir()
         subprocess.run(["mount", "-o", "loop", str(image), str(point)], check=True)

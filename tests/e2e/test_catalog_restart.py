@@ -139,14 +139,20 @@ def test_a_capture_that_ends_while_the_catalog_is_down_is_recorded_once_it_is_ba
     rig: Rig,
 ) -> None:
     cli = rig.appliance.cli()
-    job_id = _start_capture(rig)
-    wait_for(
-        lambda: int(job_row(rig.appliance, job_id).get("bytes_done") or 0) > 0,
-        120,
-        "the capture to move data",
-        interval=0.05,
-    )
+    # The agent is held before the capture starts, so the job cannot end (however fast
+    # the capture is) before the catalog is down: it is running, waiting on the agent.
     pause(rig.agent)
+    try:
+        job_id = _start_capture(rig)
+        wait_for(
+            lambda: job_row(rig.appliance, job_id).get("status") == "running",
+            120,
+            "the capture to start",
+            interval=0.05,
+        )
+    except BaseException:
+        resume(rig.agent)
+        raise
     rig.cluster.stop()
     try:
         resume(rig.agent)
