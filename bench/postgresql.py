@@ -42,8 +42,13 @@ from tandem.drill.lab import Lab
 SECTION = "postgresql"
 RATE = 150
 STANZA = "bench"
-QUICK = {"scale": 10, "minutes": 5.0}
-FULL = {"scale": 70, "minutes": 60.0}  # pgbench scale 70 ≈ 1 GB
+QUICK = {"scale": 10, "minutes": 5.0, "base_every": 0.0}
+FULL = {"scale": 70, "minutes": 60.0, "base_every": 600.0}  # pgbench scale 70 ≈ 1 GB
+"""``base_every``: seconds between the scheduled base images of the WAL phase (0: none),
+each taken by both tools as their operators schedule them: a tandem capture (incremental,
+deduplicated) and a ``pgbackrest backup --type=incr``. A recovery to ``T`` starts from the
+newest base before ``T`` in both (tandem's ``pg_recovery``; pgBackRest's backup-set
+selection for ``--type=time``), so the replay after a base stays bounded by the schedule."""
 
 
 def _pg_bin() -> Path | None:
@@ -241,7 +246,13 @@ class PgBench:
         seconds = self.size["minutes"] * 60
         log(f"postgresql: {seconds:.0f} s of pgbench at {RATE} tps (early target {early})")
         deadline = time.monotonic() + seconds
+        every = float(self.size["base_every"])
+        next_base = time.monotonic() + every if every else float("inf")
+        bases: list[tuple[float, float]] = []
         while time.monotonic() < deadline:
+            if time.monotonic() >= next_base and deadline - time.monotonic() > 60:
+                next_base += every
+                bases.append(self.scheduled_bases(a))
             time.sleep(1)
         late = datetime.now(UTC)
         time.sleep(5)
@@ -262,6 +273,14 @@ class PgBench:
             f"(asked {RATE}); base image {capture_s:.1f} s, pgbackrest full backup "
             f"{backup_s:.1f} s. Peer: pgBackRest 2.45, local repo, archive-push, "
             "archive_timeout off."
+            + (
+                f" Scheduled bases every {every / 60:g} min in the WAL phase: {len(bases)} "
+                f"tandem captures (median {sorted(b[0] for b in bases)[len(bases) // 2]:.1f} s) "
+                f"and pgbackrest incr backups (median "
+                f"{sorted(b[1] for b in bases)[len(bases) // 2]:.1f} s)."
+                if bases
+                else ""
+            )
         )
         # (i) RPO
         self.wait_window(b, killed)
@@ -304,6 +323,17 @@ class PgBench:
                     "target": when.isoformat(),
                 },
             )
+
+    def scheduled_bases(self, a: Any) -> tuple[float, float]:
+        """One scheduled base by each tool; their seconds (tandem's capture, pgBackRest's)."""
+        log("postgresql: scheduled bases (tandem capture, pgbackrest backup --type=incr)")
+        t0 = time.monotonic()
+        taken = a("capture", "db")
+        if taken["job"]["status"] != "succeeded":
+            raise RuntimeError(f"capture failed: {taken['job'].get('message')}")
+        t1 = time.monotonic()
+        self.pgbackrest("backup", "--type=incr")
+        return t1 - t0, time.monotonic() - t1
 
     def wait_replica(self, b: Any) -> None:
         deadline = time.monotonic() + 900
