@@ -362,6 +362,34 @@ def test_gc_under_a_running_writer_keeps_what_it_reuses(pool: ChunkPool) -> None
     assert pool.verify({done[0]: ids(dead)}).ok
 
 
+def test_a_writers_batch_lookup_answers_what_is_missing_and_keeps_the_rest_from_gc(
+    pool: ChunkPool,
+) -> None:
+    """``PoolWriter.missing`` (the session's ``/missing``): digests neither stored nor
+    pending come back in order, once each; the stored ones it names (packed or loose) are
+    touched, so a collection that runs while the writer is open keeps them, and the
+    manifest that names them commits whole."""
+    packed = small("old", 20)
+    image(pool, packed)
+    loose = os.urandom(packs.PACK_BELOW + 1024)  # incompressible: stored as its own file
+    image(pool, [loose])
+    age(pool)
+    fresh = small("fresh", 3)
+    with pool.writer() as w:
+        w.put(fresh[0])  # pending in this writer
+        absent = ids(fresh[1:])
+        asked = [absent[0], *ids(packed), hash_object(loose)[0], ids(fresh)[0], absent[1]]
+        assert w.missing(asked + asked) == absent
+        assert w.missing(ids(packed)) == []  # answered from memory the second time
+        gc.collect(pool, lambda: [])
+        names = [*ids(packed), hash_object(loose)[0], ids(fresh)[0]]
+        mid = w.commit_manifest(
+            encode_manifest(VolumeManifest(size=len(names) * VOLUME_CHUNK, chunks=list(names)))
+        )
+    assert pool.verify({mid: names}).ok
+    assert [pool.get(d) for d in ids(packed)] == packed
+
+
 def test_a_killed_gc_resumes_its_pack_sweep(pool: ChunkPool) -> None:
     keep = small("keep", 5)
     live = image(pool, keep)

@@ -139,8 +139,7 @@ class SessionRegistry:
         return session
 
     def missing(self, session: Session, digests: list[bytes]) -> list[bytes]:
-        writer = self._writer(session)
-        return [d for d in dict.fromkeys(digests) if not writer.has(d)]
+        return self._writer(session).missing(digests)
 
     async def receive_stream(
         self, session: Session, pieces: AsyncIterator[bytes], max_bytes: int

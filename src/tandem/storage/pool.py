@@ -500,6 +500,14 @@ class ChunkPool:
         pack = self._packed(digest)
         return pack is not None and os.path.exists(pack)
 
+    def touch_loose(self, digest: bytes) -> bool:
+        """``touch`` of a chunk stored as a file of its own; False if there is none."""
+        try:
+            os.utime(self._chunk_file(digest))
+        except FileNotFoundError:
+            return False
+        return True
+
     def touch(self, digest: bytes) -> bool:
         """Mark a chunk as in use now (for GC); False if it is not present. A packed
         chunk's pack is touched (GC keeps a touched pack whole)."""
@@ -956,6 +964,11 @@ class PoolWriter:
         self._lock = threading.Lock()
         self._pending: dict[bytes, tuple[Path | None, int]] = {}  # (tmp file or packed, size)
         self._pending_bytes = 0
+        # Chunks this writer made durable or touched: present, and kept by GC while the
+        # writer is registered (GC keeps what was written or touched since the oldest live
+        # writer started), so they are answered from memory, without a syscall each.
+        self._held: set[bytes] = set()
+        self._touched_packs: set[str] = set()
         self._pack: OpenPack | None = None
         self._flush_lock = threading.Lock()
         self.started = time.time()
@@ -994,9 +1007,66 @@ class PoolWriter:
     def has(self, digest: bytes) -> bool:
         """Present in the pool or pending in this writer; refreshes a present chunk for GC."""
         with self._lock:
-            if digest in self._pending:
+            if digest in self._pending or digest in self._held:
                 return True
-        return self.pool.touch(digest)
+        if not self.pool.touch(digest):
+            return False
+        with self._lock:
+            self._held.add(digest)
+        return True
+
+    def missing(self, digests: Iterable[bytes]) -> list[bytes]:
+        """The digests, in order and without repeats, that neither the pool nor this writer
+        holds; touches the ones it holds (for GC), each pack once for the writer's life.
+        A batch of n digests costs one refresh of the pack index and at most one syscall
+        per digest that is not packed (``has`` costs up to three)."""
+        with self._lock:
+            todo = [d for d in dict.fromkeys(digests) if d not in self._pending]
+            todo = [d for d in todo if d not in self._held]
+        if not todo:
+            return []
+        packs = self.pool.packs
+        packs.refresh()
+        absent: list[bytes] = []
+        held: list[bytes] = []
+        for d in todo:
+            loc = packs.lookup(d)
+            if loc is not None:
+                path = packs.pack_path(loc[0])
+                if path in self._touched_packs:
+                    held.append(d)
+                    continue
+                try:
+                    os.utime(path)
+                except FileNotFoundError:
+                    pass  # rewritten or removed by GC meanwhile: the slow path looks again
+                else:
+                    self._touched_packs.add(path)
+                    held.append(d)
+                    continue
+            elif self.pool.touch_loose(d):
+                held.append(d)
+                continue
+            else:
+                # Sealed by another writer since the refresh: it is sent again, harmlessly.
+                absent.append(d)
+                continue
+            if self.pool.touch(d):
+                held.append(d)
+            else:
+                absent.append(d)
+        with self._lock:
+            self._held.update(held)
+        return absent
+
+    def _has_cheaply(self, digest: bytes) -> bool:
+        """``has`` from memory only (pending, held, or in the pack index, whose pack is
+        then touched): a chunk stored loose and not yet looked at answers False, so the
+        caller stores a second copy of it, which is harmless (see ``storage.packs``)."""
+        with self._lock:
+            if digest in self._pending or digest in self._held:
+                return True
+        return self.pool.packs.lookup(digest) is not None and self.has(digest)
 
     def put(
         self,
@@ -1077,7 +1147,7 @@ class PoolWriter:
         writer that must be quick (a syncback, during a failback's downtime) keeps it as
         it came. One whose chain would grow past MAX_DELTA_DEPTH is stored whole.
         """
-        if self.has(digest):
+        if self._has_cheaply(digest):
             return PutResult(digest, False, 0)
         where = "received chunk"
         info = parse_header(blob, digest, where)
@@ -1226,6 +1296,7 @@ class PoolWriter:
             with self._lock:
                 for digest in batch:
                     self._pending.pop(digest, None)
+                self._held.update(batch)
                 self._pending_bytes -= sum(size for _, size in batch.values())
 
     def discard(self) -> None:
