@@ -30,7 +30,7 @@ from tandem.storage.pool import CODEC_DELTA, ChunkPool, PoolWriter
 from tandem.transport.server import hash_token, token_matches
 from tandem.transport.wire import FrameReader
 
-FLUSH_EVERY = 16 * 1024 * 1024  # one sender batch: a broken transfer re-sends at most this
+FLUSH_EVERY = 64 * 1024 * 1024  # a few sender batches: a broken transfer re-sends at most this
 QUEUED_BYTES = 8 * 1024 * 1024  # received frames waiting for verification, per request
 STORE_FRAMES = 64  # frames verified and stored by one worker call, at most...
 STORE_BYTES = 1024 * 1024  # ...and about this many bytes (a larger frame goes alone)

@@ -50,6 +50,10 @@ def object_id(subs: list[bytes], length: int) -> bytes:
 
 def hash_object(data: bytes | bytearray | memoryview) -> tuple[bytes, list[bytes]]:
     """(id, block digests) of ``data``, in one pass over it."""
+    if 0 < len(data) <= SUB_BLOCK:  # most chunks of a tree of small files: one block
+        sub = blake3.blake3(data).digest()
+        head = _DOMAIN + _LENGTH.pack(len(data))
+        return blake3.blake3(head + sub).digest(), [sub]
     subs = hash_sub_blocks(data)
     return object_id(subs, len(data)), subs
 

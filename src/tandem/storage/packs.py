@@ -72,6 +72,7 @@ IDX_HEAD = struct.Struct("<4sI")
 IDX_ENTRY = struct.Struct("<32sQI")
 PACK_BELOW = 256 * 1024  # encoded chunks smaller than this are packed (see the docstring)
 PACK_TARGET = 32 * 1024 * 1024  # a writer seals its pack once it is this large
+WRITE_BYTES = 1024 * 1024  # records gathered before one write to the open pack
 REWRITE_BELOW = 0.5  # GC rewrites a pack whose live bytes fall under this fraction
 ORPHAN_SLACK = 2.0  # seconds, as the pool's TMP_SLACK
 
@@ -145,13 +146,16 @@ def scan_pack(path: str) -> Iterator[tuple[bytes, int, int]]:
 
 @dataclass
 class OpenPack:
-    """A pack a writer is appending to, in ``tmp/`` until it is sealed."""
+    """A pack a writer is appending to, in ``tmp/`` until it is sealed. Records are
+    gathered in memory and written ``WRITE_BYTES`` at a time (one ``write`` per record cost
+    a syscall per small chunk); ``close`` writes the rest, before the seal syncs the file."""
 
     pack_id: str
     tmp: Path
     fd: int
-    size: int = 0
+    size: int = 0  # bytes appended, written or still in ``buf``
     entries: list[tuple[bytes, int, int]] = field(default_factory=list)
+    buf: bytearray = field(default_factory=bytearray)
 
     @classmethod
     def create(cls, tmp_dir: Path) -> OpenPack:
@@ -163,24 +167,39 @@ class OpenPack:
         return pack
 
     def _write(self, data: bytes | memoryview) -> None:
-        view = memoryview(data)
-        while view:
-            n = os.write(self.fd, view)
-            view = view[n:]
-            self.size += n
+        self.buf += data
+        self.size += len(data)
+        if len(self.buf) >= WRITE_BYTES:
+            self._drain()
+
+    def _drain(self) -> None:
+        view = memoryview(self.buf)
+        try:
+            while view:
+                view = view[os.write(self.fd, view) :]
+        finally:
+            view.release()
+        self.buf.clear()
 
     def append(self, digest: bytes, blob: bytes) -> None:
         offset = self.size
-        self._write(REC.pack(REC_MAGIC, digest, len(blob)) + blob)
+        self._write(REC.pack(REC_MAGIC, digest, len(blob)))
+        self._write(blob)
         self.entries.append((digest, offset, len(blob)))
 
     def close(self) -> None:
+        """Write what is gathered and close the file (raises OSError, e.g. ENOSPC)."""
         if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+            try:
+                self._drain()
+            finally:
+                os.close(self.fd)
+                self.fd = -1
 
     def discard(self) -> None:
-        self.close()
+        self.buf.clear()
+        with contextlib.suppress(OSError):
+            self.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.tmp)
 

@@ -500,10 +500,15 @@ class ChunkPool:
         pack = self._packed(digest)
         return pack is not None and os.path.exists(pack)
 
-    def touch_loose(self, digest: bytes) -> bool:
-        """``touch`` of a chunk stored as a file of its own; False if there is none."""
+    def touch_loose(self, digest: bytes, chunks_fd: int | None = None) -> bool:
+        """``touch`` of a chunk stored as a file of its own; False if there is none.
+        ``chunks_fd``: an open descriptor of ``chunks/`` (a shorter path to resolve)."""
+        hexd = digest.hex()
         try:
-            os.utime(self._chunk_file(digest))
+            if chunks_fd is None:
+                os.utime(f"{self._chunks_prefix}{hexd[:2]}/{hexd}")
+            else:
+                os.utime(f"{hexd[:2]}/{hexd}", dir_fd=chunks_fd)
         except FileNotFoundError:
             return False
         return True
@@ -969,6 +974,7 @@ class PoolWriter:
         # writer started), so they are answered from memory, without a syscall each.
         self._held: set[bytes] = set()
         self._touched_packs: set[str] = set()
+        self._chunks_fd = -1  # ``chunks/``, opened by the first ``missing``
         self._pack: OpenPack | None = None
         self._flush_lock = threading.Lock()
         self.started = time.time()
@@ -998,6 +1004,9 @@ class PoolWriter:
         self.close()
 
     def close(self) -> None:
+        if self._chunks_fd >= 0:
+            os.close(self._chunks_fd)
+            self._chunks_fd = -1
         if self._reg_fd >= 0:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._reg_path)
@@ -1027,6 +1036,9 @@ class PoolWriter:
             return []
         packs = self.pool.packs
         packs.refresh()
+        with self._lock:
+            if self._chunks_fd < 0:
+                self._chunks_fd = os.open(self.pool.chunks_dir, os.O_RDONLY | os.O_DIRECTORY)
         absent: list[bytes] = []
         held: list[bytes] = []
         for d in todo:
@@ -1044,7 +1056,7 @@ class PoolWriter:
                     self._touched_packs.add(path)
                     held.append(d)
                     continue
-            elif self.pool.touch_loose(d):
+            elif self.pool.touch_loose(d, self._chunks_fd):
                 held.append(d)
                 continue
             else:
