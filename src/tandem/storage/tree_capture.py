@@ -27,8 +27,11 @@ Capture invariants
   extent maps cannot tell (a flag they are not trusted with, another size) the file is read.
 - A file is read between its lstat (the walk) and an fstat. If size, mtime, ctime or inode
   differ it is read once more against a fresh fstat; a second change fails the capture with
-  SourceChanged. A file that vanishes before it is opened is left out; an unreadable one fails
-  the capture with SourceUnreadable naming it.
+  SourceChanged. When the check below follows (``recheck``), the fstat is left out: that
+  check compares every file with its walk-time lstat after all are read, which catches a
+  change during the read as well (and saves a syscall per file of a tree of small ones).
+  A file that vanishes before it is opened is left out; an unreadable one fails the
+  capture with SourceUnreadable naming it.
 - Never a torn success: once every file is read, every regular file of the manifest (read or
   reused from the base) is lstat'ed again and its size, mtime, ctime and inode compared with
   what it was read as. A file that changed after it was read is read again, after a short
@@ -431,6 +434,9 @@ class _Capture:
         # A copy (reflink clones) records the live files' identity: compare it with itself.
         self.copy = copy
         self.torn_ok = False
+        self.checked_later = False
+        """Every file is compared with its walk-time lstat after all are read (``_settle``):
+        a read need not fstat the file after it."""
         self.previous: str | None = None
         self.plans: dict[int, list[tuple[bytes, int]]] = {}
         """Large files whose previous cut ``previous`` holds, with their base chunks."""
@@ -483,12 +489,12 @@ class _Capture:
                 try:
                     for data, n in _pieces(fd, ref[0], sparse, path):
                         chunks.append((None if data is None else self.store(data, cost), n))
-                    after = os.fstat(fd)
+                    after = None if self.checked_later and not attempt else os.fstat(fd)
                 except _Changed:
                     continue
             finally:
                 os.close(fd)
-            if self.torn_ok or _stat_key(after) == ref:
+            if self.torn_ok or after is None or _stat_key(after) == ref:
                 if self.on_read is not None:
                     self.on_read(e.path)
                 return _FileResult(index, chunks, fresh, cost)
@@ -738,6 +744,7 @@ def capture_tree(
 
         cap = _Capture(writer, root_s, entries, sparse, on_read, copy=identity is not None)
         cap.torn_ok = torn_ok
+        cap.checked_later = recheck and not torn_ok and identity is None
         if previous is not None and base is not None:
             cap.previous = previous
             for i in todo:
