@@ -1060,7 +1060,8 @@ class PoolWriter:
                 held.append(d)
                 continue
             else:
-                # Sealed by another writer since the refresh: it is sent again, harmlessly.
+                # Absent (or sealed by another writer since the refresh: then it is sent
+                # again and stored twice, which is harmless).
                 absent.append(d)
                 continue
             if self.pool.touch(d):
