@@ -58,8 +58,9 @@ CAPTURES = 7
 REQUESTS = 200
 MULTI_APPS = int(os.environ.get("SCALE_MULTI_APPS", "48"))
 PARTS = os.environ.get("SCALE_PARTS", "single,multi,keepup").split(",")
-"""``single``: parts 1-3 (one appliance, SQLite); ``multi``: part 4 (PostgreSQL);
-``keepup``: part 5 (the scheduler, SQLite)."""
+"""``single``: parts 1-3 (one appliance, SQLite); ``lists``: part 2 alone (the list routes'
+p50/p99, a minute or two); ``multi``: part 4 (PostgreSQL); ``keepup``: part 5 (the
+scheduler, SQLite)."""
 KEEPUP = {
     "apps": int(os.environ.get("SCALE_KEEPUP_APPS", "1000")),
     "every": int(os.environ.get("SCALE_KEEPUP_EVERY", "900")),
@@ -103,7 +104,8 @@ class ScaleBench:
     def add(self, measure: str, tandem: str, target: str, values: dict[str, Any]) -> None:
         self.report.add(Row(SECTION, measure, tandem, "—", "—", target, values))
 
-    def run(self) -> None:
+    def run(self, *, captures: bool = True) -> None:
+        """Parts 1-3; ``captures=False``: part 2 alone (the list routes)."""
         self.lab.up(self.site, self.agent)
         api = self.api = self.site.client()
         self.lab.on_close("close the client", api.close)
@@ -117,6 +119,16 @@ class ScaleBench:
             },
         )
         self.catalog_url = f"sqlite:///{self.site.directory / 'catalog.db'}"
+        if captures:
+            self.capture_ratio()
+        self.seed_apps()
+        self.list_latency("GET /apps", "/api/v1/apps", {})
+        self.list_latency("GET /apps?limit=100", "/api/v1/apps", {"limit": 100})
+        self.list_latency("GET /jobs", "/api/v1/jobs", {})
+        if captures:
+            self.collect()
+
+    def capture_ratio(self) -> None:
         small = self.capture_latency("small", 10)
         big = self.capture_latency("big", SCALE_IMAGES)
         ratio = big / small if small else float("nan")
@@ -126,11 +138,6 @@ class ScaleBench:
             "≤ 1.2×",
             {"seconds_10": small, f"seconds_{SCALE_IMAGES}": big, "ratio": ratio},
         )
-        self.seed_apps()
-        self.list_latency("GET /apps", "/api/v1/apps", {})
-        self.list_latency("GET /apps?limit=100", "/api/v1/apps", {"limit": 100})
-        self.list_latency("GET /jobs", "/api/v1/jobs", {})
-        self.collect()
 
     # --- capture latency ------------------------------------------------------------------
 
@@ -351,7 +358,8 @@ class KeepUpBench:
             )
         self.apps, self.every, self.rounds = int(size["apps"]), int(size["every"]), size["rounds"]
 
-    def run(self) -> None:
+    def run(self, *, captures: bool = True) -> None:
+        """Parts 1-3; ``captures=False``: part 2 alone (the list routes)."""
         self.lab.up(self.site, self.agent)
         with self.site.client() as api:
             api.post(
@@ -492,11 +500,11 @@ def run(cfg: Config, report: Report) -> None:
         f"one), then the list routes at {SCALE_APPS} apps and {SCALE_APPS * JOBS_PER_APP} "
         "jobs (seeded into the catalog)."
     )
-    if "single" in PARTS:
+    if "single" in PARTS or "lists" in PARTS:
         with Lab(root / "lab") as lab:
             bench = ScaleBench(cfg, report, lab)
             try:
-                bench.run()
+                bench.run(captures="single" in PARTS)
             except (RuntimeError, OSError) as exc:
                 log(f"scale failed: {exc}")
                 for d in lab:
