@@ -44,7 +44,7 @@ Invariants
 from __future__ import annotations
 
 import contextlib
-import gc
+import gc as python_gc
 import logging
 import os
 import secrets
@@ -395,8 +395,8 @@ def settle_heap() -> None:
     core holding the GIL, and a request that builds a long list (``GET /apps`` at 1,000
     apps) promotes enough objects to set one off every few requests: that pause was the
     list routes' p99. Frozen, they are never walked again (objects made later still are)."""
-    gc.collect()
-    gc.freeze()
+    python_gc.collect()
+    python_gc.freeze()
 
 
 def run_forever(directory: Path) -> None:
