@@ -121,6 +121,16 @@ def test_per_app_settings_are_one_indexed_query(filled: Catalog) -> None:
         assert "Index" in shown, shown
     with filled.read() as session:
         assert q.app_settings(session, prefix="failback_downtime:") == {"app03": "1.5"}
+    with filled.begin() as session:  # the scheduler's handbacks are kept by app id
+        q.set_setting(session, key=f"handback:{q.get_app(session, name='app04').id}", value="3")
+    with filled.read() as session:
+        assert q.app_settings(session, prefix="handback:", by_id=True) == {"app04": "3"}
+    key = func.substr(literal("handback:", String) + App.id, 1, 64)
+    shown = plan(filled, select(App.name, Setting.value).join(Setting, Setting.key == key))
+    if filled.dialect == "sqlite":
+        assert "TEMP B-TREE" not in shown and "settings USING" in shown, shown
+    else:
+        assert "Index" in shown, shown
 
 
 def test_the_wal_recovery_points_of_many_apps_are_two_indexed_queries(filled: Catalog) -> None:

@@ -243,10 +243,10 @@ def list_apps(session: Session, *, after: str | None = None, limit: int | None =
     return list(session.scalars(apps_query(after=after, limit=limit)))
 
 
-def app_settings(session: Session, *, prefix: str) -> dict[str, str]:
-    """Per-app settings stored under ``(prefix + app name)[:64]``, by app name, in one query
-    (a primary-key lookup per app)."""
-    key = func.substr(literal(prefix, String) + App.name, 1, 64)
+def app_settings(session: Session, *, prefix: str, by_id: bool = False) -> dict[str, str]:
+    """Per-app settings stored under ``(prefix + app name)[:64]`` (``by_id``: the app's id
+    instead of its name), by app name, in one query (a primary-key lookup per app)."""
+    key = func.substr(literal(prefix, String) + (App.id if by_id else App.name), 1, 64)
     rows = session.execute(select(App.name, Setting.value).join(Setting, Setting.key == key))
     return {name: value for name, value in rows}
 
