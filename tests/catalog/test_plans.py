@@ -166,6 +166,7 @@ def test_the_wal_recovery_points_of_many_apps_are_two_indexed_queries(filled: Ca
     with filled.read() as session:
         templates = {t.name: t for t in q.list_templates(session)}
         rows = q.list_apps(session)
+        assert q.app_names(session, kind=AppKind.POSTGRESQL) == ["pg1", "pg2", "pg3"]
         assert wal_points(session, rows, templates) == {
             "pg1": t0 + timedelta(minutes=2),
             "pg2": t0 + timedelta(minutes=1),

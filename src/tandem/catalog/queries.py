@@ -243,6 +243,12 @@ def list_apps(session: Session, *, after: str | None = None, limit: int | None =
     return list(session.scalars(apps_query(after=after, limit=limit)))
 
 
+def app_names(session: Session, *, kind: AppKind) -> list[str]:
+    """The names of the apps of ``kind``: what a loop over one kind reads each tick, not
+    every app's row."""
+    return list(session.scalars(select(App.name).where(App.kind == kind).order_by(App.name)))
+
+
 def app_settings(session: Session, *, prefix: str, by_id: bool = False) -> dict[str, str]:
     """Per-app settings stored under ``(prefix + app name)[:64]`` (``by_id``: the app's id
     instead of its name), by app name, in one query (a primary-key lookup per app)."""

@@ -540,7 +540,7 @@ class WalShipper:
 
     def run_once(self) -> None:
         with self.site.catalog.read() as session:
-            names = [a.name for a in q.list_apps(session) if a.kind is AppKind.POSTGRESQL]
+            names = q.app_names(session, kind=AppKind.POSTGRESQL)
         for name in names:
             try:
                 with self.site.wal_lock:
