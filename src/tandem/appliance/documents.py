@@ -1,14 +1,12 @@
 """The API's documents made from catalog rows: the route layer's adapter to the wire
 contract of ``transport/api.py``.
 
-A document is read from its row by attribute (the models have ``from_attributes``); only
-what differs is given here: fields named otherwise in the catalog, fields computed at the
-time of the request (ages, risk) and what the caller may not see (a job's capabilities are
-shown to its starter and to admins only, secrets in messages to nobody).
-
-Apps and jobs are built as plain dicts of their fields (``_fields``), a list of them
-validated in one pydantic call (``app_outs``): reading a thousand rows through
-``from_attributes`` cost more than the query behind them.
+A document is read from its row by field name (``_fields``, a plain dict); only what
+differs is given here: fields named otherwise in the catalog, fields computed at the time
+of the request (ages, risk) and what the caller may not see (a job's capabilities are shown
+to its starter and to admins only, secrets in messages to nobody). A list is validated in
+one pydantic call (``app_outs``): reading a thousand rows through ``from_attributes`` cost
+more than the query behind them.
 """
 
 from __future__ import annotations
@@ -36,18 +34,6 @@ from tandem.transport.api import (
     hide_secrets,
     redact_capabilities,
 )
-
-
-class _Over:
-    """``row``'s attributes with some replaced or added: what a document reads."""
-
-    def __init__(self, row: object, **fields: Any) -> None:
-        self._row = row
-        self.__dict__.update(fields)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._row, name)
-
 
 _MISSING = object()
 
@@ -106,22 +92,20 @@ def job_out(job: Job, who: Principal | None = None) -> JobOut:
 
 
 def job_log_out(line: JobLog) -> JobLogOut:
-    return JobLogOut.model_validate(_Over(line, text=hide_secrets(line.text)))
+    return JobLogOut.model_validate(_fields(JobLogOut, line, {"text": hide_secrets(line.text)}))
 
 
 def image_out(image: Image, window: dict[str, Any] | None = None) -> ImageOut:
     pg = {k: v for k, v in image.pg.items() if k not in PG_FILES} if image.pg else None
-    return ImageOut.model_validate(
-        _Over(
-            image,
-            app=image.app.name,
-            parent=image.parent_id,
-            nbd_uri=None,
-            nbd_exported=image.nbd_export is not None,
-            pg=pg,
-            window=window,
-        )
-    )
+    over = {
+        "app": image.app.name,
+        "parent": image.parent_id,
+        "nbd_uri": None,
+        "nbd_exported": image.nbd_export is not None,
+        "pg": pg,
+        "window": window,
+    }
+    return ImageOut.model_validate(_fields(ImageOut, image, over))
 
 
 def _age(ts: datetime | None, now: datetime) -> float | None:
@@ -176,7 +160,9 @@ def app_outs(
 
 
 def template_out(template: Template, every: str | None, max_lag: str | None = None) -> TemplateOut:
-    return TemplateOut.model_validate(_Over(template, every=every, max_lag=max_lag))
+    return TemplateOut.model_validate(
+        _fields(TemplateOut, template, {"every": every, "max_lag": max_lag})
+    )
 
 
 def gc_out(doc: dict[str, Any]) -> GcOut:
