@@ -365,8 +365,7 @@ class KeepUpBench:
             )
         self.apps, self.every, self.rounds = int(size["apps"]), int(size["every"]), size["rounds"]
 
-    def run(self, *, captures: bool = True) -> None:
-        """Parts 1-3; ``captures=False``: part 2 alone (the list routes)."""
+    def run(self) -> None:
         self.lab.up(self.site, self.agent)
         with self.site.client() as api:
             api.post(
