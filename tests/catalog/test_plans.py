@@ -18,11 +18,12 @@ from sqlalchemy.sql import ClauseElement
 
 from tandem.catalog import queries as q
 from tandem.catalog.db import Catalog
-from tandem.catalog.models import App, Image, Job, Setting, utcnow
+from tandem.catalog.models import App, Image, Job, Setting, WalSegment, utcnow
 from tandem.domain.images import ImageKind
 from tandem.domain.jobs import TERMINAL, JobStatus
 from tandem.domain.lifecycle import AppKind
 from tandem.jobs.queue import submit_job
+from tandem.operations.apps import wal_points
 
 
 def plan(catalog: Catalog, stmt: ClauseElement) -> str:
@@ -120,6 +121,62 @@ def test_per_app_settings_are_one_indexed_query(filled: Catalog) -> None:
         assert "Index" in shown, shown
     with filled.read() as session:
         assert q.app_settings(session, prefix="failback_downtime:") == {"app03": "1.5"}
+    with filled.begin() as session:  # the scheduler's handbacks are kept by app id
+        q.set_setting(session, key=f"handback:{q.get_app(session, name='app04').id}", value="3")
+    with filled.read() as session:
+        assert q.app_settings(session, prefix="handback:", by_id=True) == {"app04": "3"}
+    key = func.substr(literal("handback:", String) + App.id, 1, 64)
+    shown = plan(filled, select(App.name, Setting.value).join(Setting, Setting.key == key))
+    if filled.dialect == "sqlite":
+        assert "TEMP B-TREE" not in shown and "settings USING" in shown, shown
+    else:
+        assert "Index" in shown, shown
+
+
+def test_the_wal_recovery_points_of_many_apps_are_two_indexed_queries(filled: Catalog) -> None:
+    """``GET /apps`` (and /metrics) judge a PostgreSQL app's RPO on the newest WAL it holds:
+    one grouped index search for all the apps, not every segment of every app loaded."""
+    t0 = utcnow() - timedelta(hours=1)
+    with filled.begin() as session:
+        q.add_template(session, name="mirrored", mirror=True)
+        for name in ("pg1", "pg2", "pg3"):
+            q.add_app(session, name=name, kind=AppKind.POSTGRESQL, host="h1", path=f"/{name}")
+        q.set_app_template(session, name="pg2", template="mirrored")
+        ids = {a.name: a.id for a in q.list_apps(session)}
+        for app, n, size, mirrored in [
+            ("pg1", 1, 100, 0),
+            ("pg1", 2, 100, 0),
+            ("pg1", 3, 0, 0),  # nothing of it held yet
+            ("pg2", 1, 100, 100),
+            ("pg2", 2, 100, 40),  # not all of it at the peer yet
+        ]:
+            session.add(
+                WalSegment(
+                    app_id=ids[app],
+                    name=f"{n:024X}",
+                    timeline=1,
+                    start_lsn=n,
+                    size=size,
+                    complete=True,
+                    digest="0" * 64,
+                    seen=t0 + timedelta(minutes=n),
+                    mirrored=mirrored,
+                )
+            )
+    with filled.read() as session:
+        templates = {t.name: t for t in q.list_templates(session)}
+        rows = q.list_apps(session)
+        assert q.app_names(session, kind=AppKind.POSTGRESQL) == ["pg1", "pg2", "pg3"]
+        assert wal_points(session, rows, templates) == {
+            "pg1": t0 + timedelta(minutes=2),
+            "pg2": t0 + timedelta(minutes=1),
+        }
+    for mirrored in (False, True):
+        shown = plan(filled, q.wal_held_query([ids["pg1"], ids["pg2"]], mirrored=mirrored))
+        if filled.dialect == "sqlite":
+            assert "SEARCH wal_segments USING INDEX" in shown and "SCAN" not in shown, shown
+        else:
+            assert "Seq Scan" not in shown and "Index" in shown, shown
 
 
 def test_job_retention_and_gc_reads_use_indexes(filled: Catalog) -> None:

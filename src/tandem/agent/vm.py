@@ -1143,6 +1143,22 @@ def define(req: DefineRequest, directory: Path | None = None) -> dict[str, Any]:
         return _define_and_start(conn, req, _new_domain_xml(req, pool, None), tls)
 
 
+def _new_volume(pool: Any, pool_name: str, name: str, size: int) -> Any:
+    """A new qcow2 volume ``name`` of ``size`` bytes in ``pool``, as compat 1.1 (qcow2 v3):
+    libvirt's default v2 cannot keep the persistent dirty bitmaps the VM's next captures
+    need. A refusal (the name taken, no room) is an InvalidInput naming the volume."""
+    vol_xml = (
+        f"<volume><name>{name}</name><capacity unit='bytes'>{size}</capacity>"
+        "<target><format type='qcow2'/><compat>1.1</compat></target></volume>"
+    )
+    try:
+        return pool.createXML(vol_xml, 0)
+    except _libvirt().libvirtError as exc:
+        raise InvalidInput(
+            detail=f"pool {pool_name!r} refused volume {name}: {exc.get_error_message()}"
+        ) from exc
+
+
 def define_copy(req: DefineRequest, emit: Emit, directory: Path | None = None) -> dict[str, Any]:
     """Copy each disk's slice of the export into a new qcow2 volume of ``req.pool``
     (``qemu-img convert``, zeros skipped), then define the domain on those volumes. The
@@ -1163,16 +1179,7 @@ def define_copy(req: DefineRequest, emit: Emit, directory: Path | None = None) -
             for d in req.disks:
                 target, size = str(d["target"]), int(d["size"])
                 name = f"{req.name}-{target}.qcow2"
-                vol_xml = (
-                    f"<volume><name>{name}</name><capacity unit='bytes'>{size}</capacity>"
-                    "<target><format type='qcow2'/></target></volume>"
-                )
-                try:
-                    vol = pool.createXML(vol_xml, 0)
-                except lv.libvirtError as exc:
-                    raise InvalidInput(
-                        detail=f"pool {req.pool!r} refused volume {name}: {exc.get_error_message()}"
-                    ) from exc
+                vol = _new_volume(pool, str(req.pool), name, size)
                 made.append(vol)
                 volumes[target] = (str(req.pool), name)
                 emit({"event": "log", "text": f"copying disk {target} into {req.pool}/{name}"})
@@ -1217,19 +1224,7 @@ def define_empty(req: EmptyDomainRequest) -> dict[str, Any]:
         files: dict[str, str] = {}
         try:
             for disk in req.disks:
-                name = f"{req.name}-{disk.target}.qcow2"
-                # compat 1.1 (qcow2 v3): libvirt's default v2 cannot keep the persistent
-                # dirty bitmaps the VM's next captures need.
-                vol_xml = (
-                    f"<volume><name>{name}</name><capacity unit='bytes'>{disk.size}</capacity>"
-                    "<target><format type='qcow2'/><compat>1.1</compat></target></volume>"
-                )
-                try:
-                    vol = pool.createXML(vol_xml, 0)
-                except lv.libvirtError as exc:
-                    raise InvalidInput(
-                        detail=f"pool {req.pool!r} refused volume {name}: {exc.get_error_message()}"
-                    ) from exc
+                vol = _new_volume(pool, req.pool, f"{req.name}-{disk.target}.qcow2", disk.size)
                 made.append(vol)
                 files[disk.target] = vol.path()
             xml = _empty_domain_xml(req, pool, files)

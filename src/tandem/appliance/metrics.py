@@ -25,7 +25,7 @@ from tandem.catalog.db import Catalog
 from tandem.catalog.models import App, Job
 from tandem.domain.jobs import JobStatus
 from tandem.domain.lifecycle import AppState
-from tandem.operations.apps import risk_of, wal_point_of
+from tandem.operations.apps import risk_of, wal_points
 
 
 class CatalogCollector(Collector):
@@ -62,6 +62,7 @@ class CatalogCollector(Collector):
             templates = {t.name: t for t in q.list_templates(session)}
             protected = [a for a in q.list_apps(session) if a.template in templates]
             peers = q.list_peers(session)
+            points = wal_points(session, protected, templates)
             replicated = list(session.execute(select(App.name, App.last_replicated)))
             jobs_by = session.execute(select(Job.status, func.count()).group_by(Job.status))
             by_status = {status: count for status, count in jobs_by}
@@ -87,9 +88,7 @@ class CatalogCollector(Collector):
         peer = peers[0].name if peers else None
         at = datetime.fromtimestamp(now, UTC)
         for app in protected:
-            with self.catalog.read() as session:
-                wal_point = wal_point_of(session, app, templates)
-            risk = risk_of(app, templates[app.template or ""], at, peer, wal_point)
+            risk = risk_of(app, templates[app.template or ""], at, peer, points.get(app.name))
             if risk.rpo_seconds is not None:
                 rpo.add_metric([app.name], risk.rpo_seconds)
             at_risk.add_metric([app.name], 1.0 if risk.at_risk else 0.0)

@@ -144,9 +144,8 @@ def make_router(site: Site) -> APIRouter:
         """Apps by name (paged with ``limit``/``after``: see X-Next-Cursor)."""
         rows = apps.list_apps(site, after=after, limit=fetch(limit))
         rows = page(rows, limit=limit, request=request, response=response, key=lambda r: r.name)
-        down, now = failback.downtimes(site), datetime.now(UTC)
-        risk = apps.risks(site, rows, now)
-        return [documents.app_out(row, now, down.get(row.name), risk[row.name]) for row in rows]
+        now = datetime.now(UTC)
+        return documents.app_outs(rows, now, failback.downtimes(site), apps.risks(site, rows, now))
 
     @router.get("/apps/{name}", tags=["apps"])
     def show_app(name: Name) -> AppOut:

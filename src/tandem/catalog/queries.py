@@ -243,10 +243,16 @@ def list_apps(session: Session, *, after: str | None = None, limit: int | None =
     return list(session.scalars(apps_query(after=after, limit=limit)))
 
 
-def app_settings(session: Session, *, prefix: str) -> dict[str, str]:
-    """Per-app settings stored under ``(prefix + app name)[:64]``, by app name, in one query
-    (a primary-key lookup per app)."""
-    key = func.substr(literal(prefix, String) + App.name, 1, 64)
+def app_names(session: Session, *, kind: AppKind) -> list[str]:
+    """The names of the apps of ``kind``: what a loop over one kind reads each tick, not
+    every app's row."""
+    return list(session.scalars(select(App.name).where(App.kind == kind).order_by(App.name)))
+
+
+def app_settings(session: Session, *, prefix: str, by_id: bool = False) -> dict[str, str]:
+    """Per-app settings stored under ``(prefix + app name)[:64]`` (``by_id``: the app's id
+    instead of its name), by app name, in one query (a primary-key lookup per app)."""
+    key = func.substr(literal(prefix, String) + (App.id if by_id else App.name), 1, 64)
     rows = session.execute(select(App.name, Setting.value).join(Setting, Setting.key == key))
     return {name: value for name, value in rows}
 
@@ -769,6 +775,33 @@ def list_wal_segments(session: Session, *, app_id: str) -> list[WalSegment]:
     """The WAL segments held for an app, oldest first."""
     query = select(WalSegment).where(WalSegment.app_id == app_id)
     return list(session.scalars(query.order_by(WalSegment.timeline, WalSegment.start_lsn)))
+
+
+WAL_HELD_BATCH = 500
+"""App ids per query of ``wal_held_until`` (SQLite caps the parameters of one statement)."""
+
+
+def wal_held_query(app_ids: Sequence[str], *, mirrored: bool) -> Select[str, datetime]:
+    """Per app of ``app_ids``, the newest ``seen`` of the WAL segments it holds bytes of
+    (``mirrored``: bytes the peer acknowledged too): an index search per app."""
+    query = select(WalSegment.app_id, func.max(WalSegment.seen))
+    query = query.where(WalSegment.app_id.in_(app_ids), WalSegment.size > 0)
+    if mirrored:
+        query = query.where(WalSegment.mirrored >= WalSegment.size)
+    return query.group_by(WalSegment.app_id)
+
+
+def wal_held_until(
+    session: Session, *, app_ids: Sequence[str], mirrored: bool
+) -> dict[str, datetime]:
+    """``wal_held_query`` answered: by app id, for the apps holding any (one query per
+    ``WAL_HELD_BATCH`` apps, never one per app)."""
+    held: dict[str, datetime] = {}
+    for start in range(0, len(app_ids), WAL_HELD_BATCH):
+        batch = app_ids[start : start + WAL_HELD_BATCH]
+        for app_id, seen in session.execute(wal_held_query(batch, mirrored=mirrored)):
+            held[app_id] = seen
+    return held
 
 
 def get_wal_segment(session: Session, *, app_id: str, name: str) -> WalSegment | None:

@@ -251,23 +251,35 @@ def risk_of(
 
 
 def risks(site: Site, rows: Iterable[App], now: datetime | None = None) -> dict[str, Risk]:
-    """``risk_of`` each app of ``rows``, by name."""
+    """``risk_of`` each app of ``rows``, by name (a fixed number of queries, however many)."""
     now = now or datetime.now(UTC)
     rows = list(rows)
     with site.catalog.read() as session:
         templates = {t.name: t for t in q.list_templates(session)}
         peers = q.list_peers(session)
-        points = {a.name: wal_point_of(session, a, templates) for a in rows}
+        points = wal_points(session, rows, templates)
     peer = peers[0].name if peers else None
     return {
-        a.name: risk_of(a, templates.get(a.template or ""), now, peer, points[a.name]) for a in rows
+        a.name: risk_of(a, templates.get(a.template or ""), now, peer, points.get(a.name))
+        for a in rows
     }
 
 
-def wal_point_of(session: Session, app: App, templates: Mapping[str, Template]) -> datetime | None:
-    """For a PostgreSQL app of this site, the newest moment its WAL is held (by the peer,
-    when its template mirrors); None for other apps."""
-    if app.kind is not AppKind.POSTGRESQL or app.origin is not None:
-        return None
-    template = templates.get(app.template or "")
-    return wal.recovery_point(session, app, mirrored=bool(template and template.mirror))
+def wal_points(
+    session: Session, rows: Iterable[App], templates: Mapping[str, Template]
+) -> dict[str, datetime]:
+    """For each PostgreSQL app of this site among ``rows``, by name, the newest moment its
+    WAL is held (by the peer, when its template mirrors); an app holding none is left out.
+    One query for the mirrored apps and one for the others, never one per app."""
+    pg = [a for a in rows if a.kind is AppKind.POSTGRESQL and a.origin is None]
+    points: dict[str, datetime] = {}
+    for mirrored in (False, True):
+        group = [a for a in pg if _mirrors(templates.get(a.template or "")) is mirrored]
+        if group:
+            held = q.wal_held_until(session, app_ids=[a.id for a in group], mirrored=mirrored)
+            points.update({a.name: held[a.id] for a in group if a.id in held})
+    return points
+
+
+def _mirrors(template: Template | None) -> bool:
+    return bool(template and template.mirror)

@@ -342,13 +342,9 @@ def _resume_at(site: Site, peer: Any, name: str, epoch: int) -> None:
 
 def pending_handbacks(site: Site) -> dict[str, int]:
     """App name -> the writer epoch production has not been told since a failback."""
-    out: dict[str, int] = {}
-    with site.catalog.read() as session:
-        for app in q.list_apps(session):
-            value = q.get_setting(session, key=HANDBACK_KEY.format(app_id=app.id))
-            if value:
-                out[app.name] = int(value)
-    return out
+    with site.catalog.read() as session:  # one query, not one per app (at every retry)
+        stored = q.app_settings(session, prefix=HANDBACK_KEY.format(app_id=""), by_id=True)
+    return {name: int(value) for name, value in stored.items() if value}
 
 
 def deliver_handbacks(site: Site) -> list[str]:

@@ -145,6 +145,15 @@ def export_fingerprint(site: Site, uri: str) -> str | None:
     return site.fingerprint if uri.startswith("nbds://") else None
 
 
+def _nbd_tls(site: Site, uri: str) -> dict[str, str | None]:
+    """The NBD TLS fields of an agent request on ``uri``: for an ``nbds://`` export, the
+    appliance's certificate to trust (``nbd_ca``) and its fingerprint to pin
+    (``nbd_fingerprint``); both None for a plain one."""
+    fingerprint = export_fingerprint(site, uri)
+    tls = fingerprint is not None
+    return {"nbd_ca": site.certificate if tls else None, "nbd_fingerprint": fingerprint}
+
+
 DEFAULT_SHUTDOWN_TIMEOUT = 120.0
 """Seconds an existing domain (``--vm``) has to shut down before it is powered off."""
 
@@ -582,8 +591,7 @@ def _define_vm(
     slots = vmimage.slots_of(manifest) if manifest is not None else None
     if not isinstance(vm, dict) or not slots or not isinstance(vm.get("xml"), str):
         raise InvalidInput(detail=f"the image of {app.name!r} holds no VM (no domain XML)")
-    tls = uri.startswith("nbds://")
-    if tls and not site.certificate:
+    if uri.startswith("nbds://") and not site.certificate:
         raise InvalidInput(
             detail="this appliance serves NBD over TLS but has no certificate to send the "
             "hypervisor host: start it from its directory (tandem appliance serve DIR)"
@@ -601,8 +609,7 @@ def _define_vm(
         power_on=new.power_on,
         pool=new.pool,
         copy_disks=new.copy,
-        nbd_ca=site.certificate if tls else None,
-        nbd_fingerprint=site.fingerprint if tls else None,
+        **_nbd_tls(site, uri),
     )
     with agent_for(host) as agent:
         if new.copy:
@@ -642,8 +649,7 @@ def _take_over(
     slots = vmimage.slots_of(manifest) if manifest is not None else None
     if not isinstance(vm, dict) or not slots:
         raise InvalidInput(detail=f"the image of {app.name!r} holds no VM (no disk layout)")
-    tls = uri.startswith("nbds://")
-    if tls and not site.certificate:
+    if uri.startswith("nbds://") and not site.certificate:
         raise InvalidInput(
             detail="this appliance serves NBD over TLS but has no certificate to send the "
             "hypervisor host: start it from its directory (tandem appliance serve DIR)"
@@ -658,8 +664,7 @@ def _take_over(
         source_uuid=str(vm.get("uuid") or ""),
         power_on=target.power_on,
         shutdown_timeout=target.shutdown_timeout,
-        nbd_ca=site.certificate if tls else None,
-        nbd_fingerprint=site.fingerprint if tls else None,
+        **_nbd_tls(site, uri),
     )
     ctx.set_message(f"powering off domain {target.name} on {host.name} to replace its disks")
     with agent_for(host) as agent:
@@ -689,7 +694,6 @@ def _mount_disks(
     slots = vmimage.slots_of(overlay.base) if overlay is not None and overlay.base else None
     if not slots:
         raise InvalidInput(detail=f"the image of {app.name!r} holds no VM (no disk layout)")
-    tls = uri.startswith("nbds://")
     body = checked(
         MaterializeRequest,
         kind="volume",
@@ -701,8 +705,7 @@ def _mount_disks(
         presentation="disks",
         nbd_uri=uri,
         disks=[s.as_dict() for s in slots],
-        nbd_ca=site.certificate if tls else None,
-        nbd_fingerprint=site.fingerprint if tls else None,
+        **_nbd_tls(site, uri),
     )
     ctx.set_message(f"mounting the {len(slots)} disk(s) of {image_id} on host {host.name}")
     with agent_for(host) as agent:

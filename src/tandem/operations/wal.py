@@ -422,13 +422,6 @@ def _mirrors(site: Site, app: App) -> bool:
     return bool(template and template.mirror and peers.the_peer(site) is not None)
 
 
-def recovery_point(session: Any, app: App, *, mirrored: bool) -> datetime | None:
-    """The newest moment ``app``'s WAL is held here (``mirrored``: held by the peer too)."""
-    rows = q.list_wal_segments(session, app_id=app.id)
-    held = [s.seen for s in rows if s.size and (not mirrored or s.mirrored >= s.size)]
-    return max(held, default=None)
-
-
 def forget(site: Site, app: App) -> None:
     """Remove every segment held for ``app`` (it is being removed)."""
     with site.catalog.begin() as session:
@@ -547,7 +540,7 @@ class WalShipper:
 
     def run_once(self) -> None:
         with self.site.catalog.read() as session:
-            names = [a.name for a in q.list_apps(session) if a.kind is AppKind.POSTGRESQL]
+            names = q.app_names(session, kind=AppKind.POSTGRESQL)
         for name in names:
             try:
                 with self.site.wal_lock:

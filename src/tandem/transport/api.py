@@ -171,7 +171,40 @@ class ProtectIn(Body):
     template: str = Field(pattern=NAME)
 
 
-class PresentIn(Body):
+class VmTargetIn(Body):
+    """Mixin of the presentations that can run a vm app's image as a VM (test-failover,
+    failover, mount): a new VM (its ``network``, datastore ``pool``, ``power_on``) or an
+    existing domain (``vm``, its ``shutdown_timeout``, the typed ``confirm``).
+
+    A model lists its own fields in a base after this one (``PresentIn(VmTargetIn,
+    _PresentFields)``): pydantic puts the fields of later bases first, so the schema keeps
+    its order (the request's own fields, then these)."""
+
+    network: str | None = Field(
+        default=None, pattern=DOMAIN_NAME, description="The new VM's libvirt network."
+    )
+    pool: str | None = Field(
+        default=None,
+        pattern=DOMAIN_NAME,
+        description="The new VM's datastore: a storage pool of the host (active).",
+    )
+    power_on: bool = False
+    vm: str | None = Field(
+        default=None,
+        pattern=DOMAIN_NAME,
+        description="A vm app: an existing domain of the host to run the image as (powered "
+        'off, its disks replaced by the export; needs the confirmation "REPLACE VM").',
+    )
+    shutdown_timeout: float | None = Field(
+        default=None,
+        ge=0,
+        le=3600,
+        description="With vm: seconds its graceful shutdown may take before it is powered off.",
+    )
+    confirm: list[str] = Field(default_factory=list, max_length=8)
+
+
+class _PresentFields(Body):
     host: str = Field(min_length=1, max_length=64)
     image: str | None = Field(default=None, max_length=64, pattern=IMAGE_ID_PATTERN)
     mount_point: str | None = Field(default=None, max_length=4096)
@@ -189,28 +222,12 @@ class PresentIn(Body):
     new_vm: str | None = Field(
         default=None, pattern=DOMAIN_NAME, description="A vm app: the new VM to define."
     )
-    network: str | None = Field(
-        default=None, pattern=DOMAIN_NAME, description="The new VM's libvirt network."
-    )
-    pool: str | None = Field(
-        default=None,
-        pattern=DOMAIN_NAME,
-        description="The new VM's datastore: a storage pool of the host (active).",
-    )
-    power_on: bool = False
-    vm: str | None = Field(
-        default=None,
-        pattern=DOMAIN_NAME,
-        description="A vm app: an existing domain of the host to run the image as (powered "
-        'off, its disks replaced by the export; needs the confirmation "REPLACE VM").',
-    )
-    shutdown_timeout: float | None = Field(
-        default=None,
-        ge=0,
-        le=3600,
-        description="With vm: seconds its graceful shutdown may take before it is powered off.",
-    )
-    confirm: list[str] = Field(default_factory=list, max_length=8)
+
+
+# A test-failover (a failover: FailoverIn): where and how to present. No docstring: it
+# would become the schema's description.
+class PresentIn(VmTargetIn, _PresentFields):
+    pass
 
 
 class FailoverIn(PresentIn):
@@ -226,7 +243,7 @@ class FailoverIn(PresentIn):
     )
 
 
-class MountIn(Body):
+class _MountFields(Body):
     host: str = Field(min_length=1, max_length=64)
     mount_point: str | None = Field(default=None, max_length=4096)
     action: str | None = Field(default=None, max_length=32)
@@ -240,28 +257,10 @@ class MountIn(Body):
     new_vm: str | None = Field(
         default=None, pattern=DOMAIN_NAME, description="A vm app's image: a new VM to define."
     )
-    network: str | None = Field(
-        default=None, pattern=DOMAIN_NAME, description="The new VM's libvirt network."
-    )
-    pool: str | None = Field(
-        default=None,
-        pattern=DOMAIN_NAME,
-        description="The new VM's datastore: a storage pool of the host (active).",
-    )
-    power_on: bool = False
-    vm: str | None = Field(
-        default=None,
-        pattern=DOMAIN_NAME,
-        description="A vm app: an existing domain of the host to run the image as (powered "
-        'off, its disks replaced by the export; needs the confirmation "REPLACE VM").',
-    )
-    shutdown_timeout: float | None = Field(
-        default=None,
-        ge=0,
-        le=3600,
-        description="With vm: seconds its graceful shutdown may take before it is powered off.",
-    )
-    confirm: list[str] = Field(default_factory=list, max_length=8)
+
+
+class MountIn(VmTargetIn, _MountFields):  # a mount of an image (no docstring, as PresentIn)
+    pass
 
 
 class CloneIn(Body):
