@@ -61,7 +61,7 @@ id for an operation on an image (``Spec.subject``); ``request`` the API's reques
 ``None`` when the call has no body."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Spec:
     """One operation (see the module's docstring)."""
 
@@ -240,79 +240,176 @@ def _replicate(site: Site, app: str, body: None, actor: str | None) -> Job:
 
 # --- the table ----------------------------------------------------------------------------
 
-_O = Operation
 
 CAPTURE = Spec(
-    "capture", capture.TYPE, capture.Params, capture.run_capture,
-    "POST /apps/{name}/capture", _capture, "app", _O.CAPTURE, CaptureIn,
+    name="capture",
+    job_type=capture.TYPE,
+    params=capture.Params,
+    run=capture.run_capture,
+    route="POST /apps/{name}/capture",
+    submit=_capture,
+    subject="app",
+    lifecycle=Operation.CAPTURE,
+    request=CaptureIn,
     title="Capture now",
-)  # fmt: skip
-RESTORE = Spec(
-    "restore", restore.TYPE, restore.Params, restore.run_restore,
-    "POST /apps/{name}/restore", _restore, "app", _O.RESTORE, RestoreIn,
-    title="Restore to production", danger=True, confirmations=RESTORE_CONFIRMATIONS,
-)  # fmt: skip
-TEST_FAILOVER = Spec(
-    "test-failover", testfailover.TYPE, testfailover.Params, testfailover.run_test_failover,
-    "POST /apps/{name}/test-failover", _test_failover, "app", _O.TEST_FAILOVER, PresentIn,
-    title="Test Failover",
-)  # fmt: skip
-FAILOVER = Spec(
-    "failover", failover.TYPE, failover.Params, failover.run_failover,
-    "POST /apps/{name}/failover", _failover, "app", _O.FAILOVER, FailoverIn,
-    title="Failover", danger=True, confirmations=(FAILOVER_CONFIRMATION,),
-)  # fmt: skip
-SYNCBACK = Spec(
-    "syncback", syncback.TYPE, syncback.Params, syncback.run_syncback,
-    "POST /apps/{name}/syncback", _syncback, "app", _O.SYNCBACK, CaptureIn,
-    title="Syncback",
-)  # fmt: skip
-MOUNT = Spec(
-    "mount", mount.TYPE, mount.Params, mount.run_mount,
-    "POST /images/{image_id}/mount", _mount, "image", _O.MOUNT, MountIn,
-    title="Mount",
-)  # fmt: skip
-CLONE = Spec(
-    "clone", clone.TYPE, clone.Params, clone.run_clone,
-    "POST /images/{image_id}/clone", _clone, "image", _O.CLONE, CloneIn,
-    title="Clone",
-)  # fmt: skip
-FAILBACK = Spec(
-    "failback", failback.TYPE, failback.Params, failback.run_failback,
-    "POST /apps/{name}/failback", _failback, "app", _O.FAILBACK, FailbackIn,
-    title="Failback (snapshot style)", danger=True,
-)  # fmt: skip
-REPLICA_FAILBACK = Spec(
-    "failback-replica", replica_failback.TYPE, replica_failback.Params,
-    replica_failback.run_replica_failback,
-    "POST /apps/{name}/failback", _replica_failback, "app", _O.FAILBACK_REPLICA, FailbackIn,
-    title="Failback (replica style)", danger=True,
-)  # fmt: skip
-COMMIT_FAILBACK = Spec(
-    "commit-failback", replica_failback.COMMIT_TYPE, replica_failback.EndParams,
-    replica_failback.run_commit,
-    "POST /apps/{name}/commit-failback", _commit, "app", _O.COMMIT_FAILBACK, CommitFailbackIn,
-    title="Commit failback",
-)  # fmt: skip
-UNDO_FAILBACK = Spec(
-    "undo-failback", replica_failback.UNDO_TYPE, replica_failback.EndParams,
-    replica_failback.run_undo,
-    "POST /apps/{name}/undo-failback", _undo, "app", _O.UNDO_FAILBACK,
-    title="Undo failback", danger=True,
-)  # fmt: skip
-DELETE_IMAGE = Spec(
-    "delete", images.DELETE_TYPE, NoParams, images.run_delete,
-    "DELETE /images/{image_id}", _delete, "image", _O.DELETE_IMAGE,
-    title="Delete",
-)  # fmt: skip
-GC = Spec(
-    "gc", gc.TYPE, gc.Params, gc.run_gc,
-    "POST /gc", _gc, "site", None,
-)  # fmt: skip
+)
 REPLICATE = Spec(
-    "replicate", replicate.TYPE, NoParams, replicate.run_replicate,
-    "POST /apps/{name}/replicate", _replicate, "app", _O.REPLICATE,
-)  # fmt: skip
+    name="replicate",
+    job_type=replicate.TYPE,
+    params=NoParams,
+    run=replicate.run_replicate,
+    route="POST /apps/{name}/replicate",
+    submit=_replicate,
+    subject="app",
+    lifecycle=Operation.REPLICATE,
+)
+TEST_FAILOVER = Spec(
+    name="test-failover",
+    job_type=testfailover.TYPE,
+    params=testfailover.Params,
+    run=testfailover.run_test_failover,
+    route="POST /apps/{name}/test-failover",
+    submit=_test_failover,
+    subject="app",
+    lifecycle=Operation.TEST_FAILOVER,
+    request=PresentIn,
+    title="Test Failover",
+)
+FAILOVER = Spec(
+    name="failover",
+    job_type=failover.TYPE,
+    params=failover.Params,
+    run=failover.run_failover,
+    route="POST /apps/{name}/failover",
+    submit=_failover,
+    subject="app",
+    lifecycle=Operation.FAILOVER,
+    request=FailoverIn,
+    title="Failover",
+    danger=True,
+    confirmations=(FAILOVER_CONFIRMATION,),
+)
+SYNCBACK = Spec(
+    name="syncback",
+    job_type=syncback.TYPE,
+    params=syncback.Params,
+    run=syncback.run_syncback,
+    route="POST /apps/{name}/syncback",
+    submit=_syncback,
+    subject="app",
+    lifecycle=Operation.SYNCBACK,
+    request=CaptureIn,
+    title="Syncback",
+)
+RESTORE = Spec(
+    name="restore",
+    job_type=restore.TYPE,
+    params=restore.Params,
+    run=restore.run_restore,
+    route="POST /apps/{name}/restore",
+    submit=_restore,
+    subject="app",
+    lifecycle=Operation.RESTORE,
+    request=RestoreIn,
+    title="Restore to production",
+    danger=True,
+    confirmations=RESTORE_CONFIRMATIONS,
+)
+MOUNT = Spec(
+    name="mount",
+    job_type=mount.TYPE,
+    params=mount.Params,
+    run=mount.run_mount,
+    route="POST /images/{image_id}/mount",
+    submit=_mount,
+    subject="image",
+    lifecycle=Operation.MOUNT,
+    request=MountIn,
+    title="Mount",
+)
+CLONE = Spec(
+    name="clone",
+    job_type=clone.TYPE,
+    params=clone.Params,
+    run=clone.run_clone,
+    route="POST /images/{image_id}/clone",
+    submit=_clone,
+    subject="image",
+    lifecycle=Operation.CLONE,
+    request=CloneIn,
+    title="Clone",
+)
+FAILBACK = Spec(
+    name="failback",
+    job_type=failback.TYPE,
+    params=failback.Params,
+    run=failback.run_failback,
+    route="POST /apps/{name}/failback",
+    submit=_failback,
+    subject="app",
+    lifecycle=Operation.FAILBACK,
+    request=FailbackIn,
+    title="Failback (snapshot style)",
+    danger=True,
+)
+REPLICA_FAILBACK = Spec(
+    name="failback-replica",
+    job_type=replica_failback.TYPE,
+    params=replica_failback.Params,
+    run=replica_failback.run_replica_failback,
+    route="POST /apps/{name}/failback",
+    submit=_replica_failback,
+    subject="app",
+    lifecycle=Operation.FAILBACK_REPLICA,
+    request=FailbackIn,
+    title="Failback (replica style)",
+    danger=True,
+)
+COMMIT_FAILBACK = Spec(
+    name="commit-failback",
+    job_type=replica_failback.COMMIT_TYPE,
+    params=replica_failback.EndParams,
+    run=replica_failback.run_commit,
+    route="POST /apps/{name}/commit-failback",
+    submit=_commit,
+    subject="app",
+    lifecycle=Operation.COMMIT_FAILBACK,
+    request=CommitFailbackIn,
+    title="Commit failback",
+)
+UNDO_FAILBACK = Spec(
+    name="undo-failback",
+    job_type=replica_failback.UNDO_TYPE,
+    params=replica_failback.EndParams,
+    run=replica_failback.run_undo,
+    route="POST /apps/{name}/undo-failback",
+    submit=_undo,
+    subject="app",
+    lifecycle=Operation.UNDO_FAILBACK,
+    title="Undo failback",
+    danger=True,
+)
+DELETE_IMAGE = Spec(
+    name="delete",
+    job_type=images.DELETE_TYPE,
+    params=NoParams,
+    run=images.run_delete,
+    route="DELETE /images/{image_id}",
+    submit=_delete,
+    subject="image",
+    lifecycle=Operation.DELETE_IMAGE,
+    title="Delete",
+)
+GC = Spec(
+    name="gc",
+    job_type=gc.TYPE,
+    params=gc.Params,
+    run=gc.run_gc,
+    route="POST /gc",
+    submit=_gc,
+    subject="site",
+    lifecycle=None,
+)
 
 REGISTRY: tuple[Spec, ...] = (
     CAPTURE,
