@@ -70,7 +70,7 @@ def make_router(site: Site) -> APIRouter:
 
     @router.post("/apps/{name}/failback", tags=["operations"], status_code=ACCEPTED)
     def failback_app(name: Name, who: Caller, body: FailbackIn | None = None) -> JobAnswer:
-        """Snapshot style; replica style when the body names a ``target``."""
+        # Snapshot style; replica style when the body names a ``target``.
         spec = ops.REPLICA_FAILBACK if body is not None and body.target else ops.FAILBACK
         return JobAnswer(job=job_out(spec.submit(site, name, body, who.name), who))
 
