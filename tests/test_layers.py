@@ -8,6 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.appliance.conftest import Booted, booted
+from tests.catalog.conftest import catalog_url
+
+__all__ = ["booted", "catalog_url"]  # the fixtures the registry test needs
+
 SRC = Path(__file__).resolve().parents[1] / "src" / "tandem"
 ORDER = [
     "errors",
@@ -174,3 +179,41 @@ def test_api_paths_are_written_only_in_transport_and_the_routes(path: Path) -> N
         return
     lines = api_path_literals(path)
     assert not lines, f"{rel} writes an /api/v1 path on line(s) {lines}: add a client method"
+
+
+# --- the operation registry: one entry, every place ------------------------------------------
+
+
+def test_every_lifecycle_operation_but_protection_is_registered() -> None:
+    from tandem.domain.lifecycle import Operation
+    from tandem.operations.registry import BY_OPERATION
+
+    unregistered = set(Operation) - set(BY_OPERATION) - {Operation.PROTECT, Operation.UNPROTECT}
+    assert not unregistered, f"add an entry to operations/registry.py for {unregistered}"
+
+
+def test_every_registered_operation_has_a_handler_a_route_and_a_console_form(
+    booted: Booted,
+) -> None:
+    """Removing an operation from the runner's handlers, from the API's routes or from the
+    console (its title, handler or form on the Access page) fails here."""
+    from tandem.appliance import console
+    from tandem.operations.registry import REGISTRY
+
+    appliance = booted.appliance
+    routes = {
+        f"{method.upper()} {path}"
+        for path, calls in appliance.app.openapi()["paths"].items()
+        for method in calls
+    }
+    access = (SRC / "appliance" / "templates" / "access.html").read_text()
+    for spec in REGISTRY:
+        assert spec.job_type in appliance.runner.handlers, f"{spec.name}: no job handler"
+        method, path = spec.route.split(" ", 1)
+        assert f"{method} /api/v1{path}" in routes, f"{spec.name}: no API route {spec.route}"
+        if spec.title is None:
+            continue  # housekeeping (gc, replicate): not offered on the console
+        assert console.TITLES[spec.name] == spec.title
+        assert spec.name in console.HANDLERS, f"{spec.name}: the console cannot run it"
+        if spec.name != "capture":  # capture's form is the app's own, above the timeline
+            assert f"a.name == '{spec.name}'" in access, f"{spec.name}: no form on the page"

@@ -510,3 +510,11 @@ class SyncbackNotRestored(Conflict):
 class ImageOfOtherApp(InvalidInput):
     """Invalid input: image {image} belongs to application {owner!r}, not {app!r}. List
     {app}'s images with `tandem images {app}` and give one of them."""
+
+
+class JobParamsInvalid(TandemError):
+    """Job {job} ({type}) cannot run: its stored parameters are not valid for it ({problems});
+    nothing was changed. Start the operation again (`tandem job show {job}` shows what it
+    was)."""
+
+    http_status = 500

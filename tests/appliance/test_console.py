@@ -368,3 +368,33 @@ def test_a_failed_over_vm_fails_back_onto_a_domain_with_a_pool_for_a_new_one(
         assert 'id="op-failback-replica"' in page
         assert "Domain (restored / new target)" in page
         assert 'name="pool"' in page  # the storage pool of a new domain at production
+
+
+def test_a_bad_form_value_gets_the_apis_own_message(api: Api, tmp_path: Path) -> None:
+    """The console validates a form with the request model of the API's call for the same
+    operation (operations.registry): the same refusal, the same words, no job."""
+    seed_app(api.appliance)
+    source = tmp_path / "src"
+    source.mkdir()
+    image = seed_image(api.appliance, "web", source)
+    cases = [
+        ("test-failover", "/apps/web/test-failover", {"host": "h1", "shutdown_timeout": "soon"}),
+        ("clone", f"/images/{image}/clone", {"host": "h1", "path": ""}),
+        ("failover", "/apps/web/failover", {"host": "h1", "label": "x" * 129}),
+    ]
+    with client_for(api) as c:
+        sign_in(c, api.tokens["operator"])
+        csrf = csrf_of(c.get(f"/apps/web?image={image}"))
+        for action, path, fields in cases:
+            by_api = api.client.post(f"/api/v1{path}", json=fields, headers=api.headers("operator"))
+            assert by_api.status_code == 422, by_api.text
+            said = by_api.json()["message"]
+            assert said.startswith("Invalid input: ") and list(fields)[-1] in said
+            form = {"csrf": csrf, "image": image, **fields}
+            by_console = c.post(f"/apps/web/actions/{action}", data=form)
+            assert by_console.status_code == 422, action
+            shown = re.search(
+                r'<p class="error" role="alert" id="error">(.*?)</p>', by_console.text
+            )
+            assert shown is not None and html.unescape(shown.group(1)) == said
+    assert jobs(api) == []

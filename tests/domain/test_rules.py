@@ -1,22 +1,26 @@
 from __future__ import annotations
 
+import itertools
 import re
 
 import pytest
 
-from tandem.domain.images import ImageKind
-from tandem.domain.lifecycle import AppState
+from tandem.domain.images import ImageKind, ImageState
+from tandem.domain.lifecycle import AppState, Operation, allowed_operations
 from tandem.domain.rules import (
     FAILOVER_CONFIRMATION,
     RESTORE_CONFIRMATIONS,
+    UNMOUNT,
     PresentedImage,
     Role,
+    app_operations,
     check_confirmations,
     check_failover_target,
     check_image_deletable,
     check_test_failover_target,
     check_writer_epoch,
     confirmations_accepted,
+    image_operations,
     role_allows,
 )
 from tandem.errors import ConfirmationOutOfOrder, ConfirmationRequired, Conflict, InvalidInput
@@ -152,3 +156,60 @@ def test_roles_are_ordered() -> None:
     assert role_allows(Role.OPERATOR, Role.VIEWER)
     assert not role_allows(Role.VIEWER, Role.OPERATOR)
     assert not role_allows(Role.OPERATOR, Role.ADMIN)
+
+
+# --- what an image offers -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("app_state", "kind", "image_state", "production", "expected"),
+    [
+        (AppState.MANAGED, ImageKind.REPLICA, ImageState.READY, False,
+         ["test-failover", "failover", "mount", "clone", "delete-image"]),
+        (AppState.MANAGED, ImageKind.SNAPSHOT, ImageState.READY, True,
+         ["restore", "mount", "clone", "delete-image"]),
+        (AppState.MANAGED, ImageKind.SNAPSHOT, ImageState.READY, False,
+         ["mount", "clone", "delete-image"]),  # restored only where production runs
+        (AppState.FAILED_OVER, ImageKind.FAILOVER, ImageState.MOUNTED, False,
+         ["syncback", "failback", "failback-replica"]),  # the copy the app runs on: kept
+        (AppState.FAILBACK_PENDING, ImageKind.PROTECTIVE, ImageState.READY, False,
+         ["mount", "commit-failback", "undo-failback"]),
+        (AppState.MANAGED, ImageKind.FAILOVER, ImageState.MOUNTED, False, ["unmount"]),
+        (AppState.MANAGED, ImageKind.TEST_FAILOVER, ImageState.READY, False, ["delete-image"]),
+        (AppState.UNMANAGED, ImageKind.SNAPSHOT, ImageState.READY, True,
+         ["mount", "clone", "delete-image"]),  # images outlive protection
+        (AppState.MANAGED, ImageKind.SNAPSHOT, ImageState.DELETING, True, []),
+    ],
+)  # fmt: skip
+def test_image_operations_follow_the_lifecycle_and_the_image(
+    app_state: AppState,
+    kind: ImageKind,
+    image_state: ImageState,
+    production: bool,
+    expected: list[str],
+) -> None:
+    offered = image_operations(
+        app_state=app_state, kind=kind, image_state=image_state, production=production
+    )
+    assert [str(op) for op in offered] == expected
+
+
+def test_an_image_offers_only_what_the_lifecycle_allows_and_never_deletes_a_kept_one() -> None:
+    for app_state, kind, image_state, production in itertools.product(
+        AppState, ImageKind, ImageState, (False, True)
+    ):
+        offered = image_operations(
+            app_state=app_state, kind=kind, image_state=image_state, production=production
+        )
+        allowed = set(allowed_operations(app_state))
+        assert all(op == UNMOUNT or op in allowed for op in offered)
+        if Operation.DELETE_IMAGE in offered:
+            check_image_deletable(image_id="img_x", kind=kind, app="web", app_state=app_state)
+            assert image_state is not ImageState.MOUNTED
+        assert (UNMOUNT in offered) <= (image_state is ImageState.MOUNTED)
+
+
+def test_an_app_offers_a_capture_where_it_runs_while_managed() -> None:
+    assert app_operations(app_state=AppState.MANAGED, production=True) == [Operation.CAPTURE]
+    assert app_operations(app_state=AppState.MANAGED, production=False) == []
+    assert app_operations(app_state=AppState.FAILED_OVER, production=True) == []

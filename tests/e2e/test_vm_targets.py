@@ -244,7 +244,7 @@ def test_console_forms_take_the_new_vm_and_the_app_manager_shows_power(
         assert csrf is not None
         base = {"csrf": csrf.group(1), "image": replica["id"], "host": "host2"}
         refused = [
-            ({"new_vm": "no spaces allowed"}, "new vm"),
+            ({"new_vm": "no spaces allowed"}, "new_vm: "),  # the API's own message
             ({"new_vm": new, "pool": "no-such-pool"}, "has no storage pool"),
             ({"new_vm": new, "pool": pools.inactive}, "inactive"),
         ]

@@ -16,7 +16,10 @@ Invariants
   the same call under ``/api/v1``).
 - Every action is a POST carrying the session's CSRF token (an HMAC of the session); the
   cookie is HttpOnly, Secure and SameSite=Strict. Actions are audited like API calls.
-- Actions call the same operations as the API. Typed confirmations are checked by the
+- Actions call the same operations as the API, through the same entries of
+  ``operations.registry`` (titles, dangers, handlers): a form is read into the request model
+  of the API's call (``form_request``), so a bad value is refused with the API's message,
+  and goes to the same ``submit``. Typed confirmations are checked by the
   operation on the server whatever the page did; the page's script only keeps the button
   disabled until the text matches. A restore's two warnings come one after the other: the
   form asks for ``DATA LOSS``; once the server accepted it, the page shows the second
@@ -46,7 +49,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from tandem import __version__
@@ -54,38 +57,36 @@ from tandem.appliance.auth import Principal
 from tandem.appliance.documents import app_out
 from tandem.catalog import queries as q
 from tandem.catalog.models import App, Image, Job
-from tandem.domain.images import WRITABLE_KINDS, ImageKind, ImageState
 from tandem.domain.jobs import ACTIVE, JobStatus
-from tandem.domain.lifecycle import AppKind, AppState, Operation, allowed_operations
+from tandem.domain.lifecycle import AppKind, Operation
 from tandem.domain.rules import (
     FAILOVER_CONFIRMATION,
     RESTORE_CONFIRMATIONS,
+    UNMOUNT,
     VM_TARGET_CONFIRMATION,
+    ImageOperation,
     Role,
+    app_operations,
     confirmations_accepted,
+    image_operations,
     role_allows,
 )
 from tandem.domain.units import human_bytes
-from tandem.errors import InvalidInput, NotFound, TandemError
+from tandem.errors import NotFound, TandemError
 from tandem.operations import (
     apps,
-    capture,
-    clone,
     failback,
-    failover,
     hosts,
     images,
     monitor,
     mount,
     replica_failback,
     report,
-    restore,
-    syncback,
-    testfailover,
 )
 from tandem.operations.present import ACTIONS as MOUNT_ACTIONS
+from tandem.operations.registry import BY_OPERATION, REGISTRY, RESTORE, Spec
 from tandem.operations.site import Site
-from tandem.transport.api import NAME, FailoverIn, MountIn, PresentIn, hide_secrets
+from tandem.transport.api import NAME, checked, hide_secrets
 
 COOKIE = "tandem_console"
 SESSION_SECONDS = 12 * 3600
@@ -177,70 +178,27 @@ class Action:
 
 
 TITLES: Mapping[str, str] = {
-    "test-failover": "Test Failover",
-    "failover": "Failover",
-    "syncback": "Syncback",
-    "restore": "Restore to production",
-    "mount": "Mount",
-    "unmount": "Unmount",
-    "clone": "Clone",
-    "failback": "Failback (snapshot style)",
-    "failback-replica": "Failback (replica style)",
-    "commit-failback": "Commit failback",
-    "undo-failback": "Undo failback",
-    "delete": "Delete",
+    **{spec.name: spec.title for spec in REGISTRY if spec.title is not None},
+    UNMOUNT: "Unmount",
 }
-DANGER = frozenset({"failover", "restore", "failback", "failback-replica", "undo-failback"})
-RESTORABLE = frozenset({ImageKind.SNAPSHOT, ImageKind.REPLICA, ImageKind.SYNCBACK})
-UNMOUNTABLE = frozenset({ImageKind.TEST_FAILOVER, ImageKind.MOUNT, ImageKind.FAILOVER})
+"""The console's operations: the registry's titled ones, and unmount (not a job)."""
+DANGER = frozenset(spec.name for spec in REGISTRY if spec.danger)
+
+
+def _action(op: ImageOperation) -> Action:
+    name = BY_OPERATION[op].name if isinstance(op, Operation) else UNMOUNT
+    return Action(name, TITLES[name], name in DANGER)
 
 
 def image_actions(app: App, image: Image, *, production: bool) -> list[Action]:
-    """The operations ``image`` of ``app`` allows now, in lifecycle order.
-
-    A first cut by the lifecycle table and the image's kind and state; the operation itself
-    decides on the facts (a refused action answers with the reason on the page).
-    ``production`` says whether this appliance runs the app's production copy (its host
-    is registered here) rather than holding replicas of it.
-    """
-    allowed = set(allowed_operations(app.state))
-    kind, state = image.kind, image.state
-    if state is ImageState.DELETING:
-        return []
-    names: list[str] = []
-    if kind is ImageKind.REPLICA and Operation.TEST_FAILOVER in allowed:
-        names.append("test-failover")
-    if kind is ImageKind.REPLICA and Operation.FAILOVER in allowed:
-        names.append("failover")
-    if kind is ImageKind.FAILOVER and Operation.SYNCBACK in allowed:
-        names.append("syncback")
-    if kind in RESTORABLE and Operation.RESTORE in allowed and production:
-        names.append("restore")
-    if kind not in WRITABLE_KINDS and Operation.MOUNT in allowed:
-        names.append("mount")
-    in_use = kind is ImageKind.FAILOVER and app.state is not AppState.MANAGED
-    if kind in UNMOUNTABLE and state is ImageState.MOUNTED and not in_use:
-        names.append("unmount")
-    if kind in RESTORABLE and Operation.CLONE in allowed:
-        names.append("clone")
-    if kind is ImageKind.FAILOVER and Operation.FAILBACK in allowed:
-        names.append("failback")
-    if kind is ImageKind.FAILOVER and Operation.FAILBACK_REPLICA in allowed:
-        names.append("failback-replica")
-    if kind in (ImageKind.FAILOVER, ImageKind.PROTECTIVE):
-        for op in (Operation.COMMIT_FAILBACK, Operation.UNDO_FAILBACK):
-            if op in allowed:
-                names.append(op.value)
-    if state is not ImageState.MOUNTED and _deletable(app, kind):
-        names.append("delete")
-    return [Action(n, TITLES[n], n in DANGER) for n in names]
-
-
-def _deletable(app: App, kind: ImageKind) -> bool:
-    pending = app.state in (AppState.FAILED_OVER, AppState.FAILBACK_PENDING)
-    if kind is ImageKind.FAILOVER and pending:
-        return False
-    return not (kind is ImageKind.PROTECTIVE and app.state is AppState.FAILBACK_PENDING)
+    """The operations ``image`` of ``app`` allows now, in lifecycle order
+    (``rules.image_operations``; the operation itself decides on the facts: a refused
+    action answers with the reason on the page). ``production`` says whether this
+    appliance runs the app's production copy (its host is registered here)."""
+    offered = image_operations(
+        app_state=app.state, kind=image.kind, image_state=image.state, production=production
+    )
+    return [_action(op) for op in offered]
 
 
 def _progress(job: Job) -> int | None:
@@ -643,15 +601,11 @@ def _local(url: str) -> str:
 def _restore_step(form: Mapping[str, str]) -> int:
     """Which of a restore's two warnings the form is at: 2 once ``DATA LOSS`` was typed."""
     typed = _confirmations(form, "confirm")
-    return 2 if confirmations_accepted(typed, RESTORE_CONFIRMATIONS) >= 1 else 1
+    return 2 if confirmations_accepted(typed, RESTORE.confirmations) >= 1 else 1
 
 
 def _app_actions(app: App, production: bool) -> list[Action]:
-    allowed = set(allowed_operations(app.state))
-    names = []
-    if production and Operation.CAPTURE in allowed:
-        names.append(Action("capture", "Capture now"))
-    return names
+    return [_action(op) for op in app_operations(app_state=app.state, production=production)]
 
 
 # --- what each action does ----------------------------------------------------------------
@@ -663,153 +617,42 @@ def _confirmations(form: Mapping[str, str], *fields: str) -> list[str]:
     return [form[f] for f in fields if form.get(f)]
 
 
-def _capture(site: Site, app: str, form: Mapping[str, str], actor: str) -> Job:
-    return capture.submit_capture(site, app=app, label=_blank(form.get("label")), actor=actor)
+def form_request(model: type[BaseModel], form: Mapping[str, str]) -> BaseModel:
+    """The API's request model of an operation, read from its console form: the same
+    checks, so a bad value gets the API's message. A checkbox is ``on``; the typed
+    confirmations are ``confirm``, ``confirm2`` (a restore's second warning) and
+    ``vm_confirm`` (``REPLACE VM``), in that order; ``hosts`` is a comma-separated list."""
+    fields: dict[str, Any] = {}
+    for name, field in model.model_fields.items():
+        if name == "confirm":
+            fields[name] = _confirmations(form, "confirm", "confirm2", "vm_confirm")
+        elif name == "hosts":
+            listed = [h.strip() for h in form.get(name, "").split(",") if h.strip()]
+            fields[name] = listed or None
+        elif field.annotation is bool:
+            fields[name] = form.get(name) == "on"
+        elif name in form or field.is_required():
+            value = form.get(name, "").strip()
+            fields[name] = value if value or field.is_required() else None
+    return checked(model, **fields)
 
 
-def _vm_form(form: Mapping[str, str], model: type[BaseModel]) -> dict[str, Any]:
-    """The VM fields of a Test Failover / Failover / Mount form, validated by the API's own
-    request model (``model``): a new VM's name, pool, network, power on (and the failover's
-    hosts), or an existing VM and its shutdown timeout (its confirmation: ``vm_confirm``)."""
-    fields: dict[str, Any] = {
-        "host": form.get("host", ""),
-        "new_vm": _blank(form.get("new_vm")),
-        "pool": _blank(form.get("pool")),
-        "network": _blank(form.get("network")),
-        "power_on": form.get("power_on") == "on",
-        "vm": _blank(form.get("vm")),
-        "shutdown_timeout": _blank(form.get("shutdown_timeout")),
-    }
-    if "hosts" in model.model_fields:
-        hosts = [h.strip() for h in (form.get("hosts") or "").split(",") if h.strip()]
-        fields.update(hosts=hosts or None, all_hosts=form.get("all_hosts") == "on")
-    if "confirm" in model.model_fields:
-        fields["confirm"] = _confirmations(form, "confirm")
-    try:
-        checked = model.model_validate(fields)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']).replace('_', ' ')}: {e['msg']}"
-            for e in exc.errors()
-        )
-        raise InvalidInput(detail=problems) from exc
-    out = checked.model_dump(include=set(fields) - {"host", "confirm"})
-    return out
+def _handler(spec: Spec) -> Handler:
+    """What the console does for ``spec``'s form: its request, then its ``submit``."""
 
+    def handle(site: Site, app: str, form: Mapping[str, str], actor: str) -> Job:
+        body = form_request(spec.request, form) if spec.request is not None else None
+        subject = app if spec.subject == "app" else form.get("image", "")
+        return spec.submit(site, subject, body, actor)
 
-def _test_failover(site: Site, app: str, form: Mapping[str, str], actor: str) -> Job:
-    return testfailover.submit_test_failover(
-        site,
-        app=app,
-        host=form.get("host", ""),
-        image=_blank(form.get("image")),
-        mount_point=_blank(form.get("mount_point")),
-        action=_blank(form.get("action")),
-        actor=actor,
-        confirm=_confirmations(form, "vm_confirm"),
-        **_vm_form(form, PresentIn),
-    )
-
-
-def _failover(site: Site, app: str, form: Mapping[str, str], actor: str) -> Job:
-    return failover.submit_failover(
-        site,
-        app=app,
-        host=form.get("host", ""),
-        confirm=_confirmations(form, "confirm", "vm_confirm"),
-        image=_blank(form.get("image")),
-        mount_point=_blank(form.get("mount_point")),
-        action=_blank(form.get("action")),
-        label=_blank(form.get("label")),
-        actor=actor,
-        **_vm_form(form, FailoverIn),
-    )
-
-
-def _syncback(site: Site, app: str, form: Mapping[str, str], actor: str) -> Job:
-    return syncback.submit_syncback(site, app=app, label=_blank(form.get("label")), actor=actor)
-
-
-def _restore(site: Site, app: str, form: Mapping[str, str], actor: str) -> Job:
-    return restore.submit_restore(
-        site,
-        app=app,
-        image=form.get("image", ""),
-        confirm=_confirmations(form, "confirm", "confirm2"),
-        actor=actor,
-    )
-
-
-def _mount(site: Site, app: str, form: Mapping[str, str], actor: str) -> Job:
-    return mount.submit_mount(
-        site,
-        image=form.get("image", ""),
-        host=form.get("host", ""),
-        mount_point=_blank(form.get("mount_point")),
-        action=_blank(form.get("action")),
-        actor=actor,
-        confirm=_confirmations(form, "vm_confirm"),
-        **_vm_form(form, MountIn),
-    )
+    return handle
 
 
 def _unmount(site: Site, app: str, form: Mapping[str, str], actor: str) -> None:
     mount.unmount(site, image=form.get("image", ""))
 
 
-def _clone(site: Site, app: str, form: Mapping[str, str], actor: str) -> Job:
-    return clone.submit_clone(
-        site,
-        image=form.get("image", ""),
-        host=form.get("host", ""),
-        path=form.get("path", ""),
-        name=_blank(form.get("name")),
-        actor=actor,
-    )
-
-
-def _failback(site: Site, app: str, form: Mapping[str, str], actor: str) -> Job:
-    return failback.submit_failback(site, app=app, force=form.get("force") == "on", actor=actor)
-
-
-def _failback_replica(site: Site, app: str, form: Mapping[str, str], actor: str) -> Job:
-    return replica_failback.submit_replica_failback(
-        site,
-        app=app,
-        target=form.get("target", ""),
-        host=_blank(form.get("host")),
-        path=_blank(form.get("path")),
-        power_on=form.get("power_on") == "on",
-        pool=_blank(form.get("pool")),
-        actor=actor,
-    )
-
-
-def _commit(site: Site, app: str, form: Mapping[str, str], actor: str) -> Job:
-    force = form.get("force") == "on"
-    return replica_failback.submit_end(site, app=app, undo=False, force=force, actor=actor)
-
-
-def _undo(site: Site, app: str, form: Mapping[str, str], actor: str) -> Job:
-    return replica_failback.submit_end(site, app=app, undo=True, actor=actor)
-
-
-def _delete(site: Site, app: str, form: Mapping[str, str], actor: str) -> Job:
-    return images.submit_delete(site, image_id=form.get("image", ""), actor=actor)
-
-
 HANDLERS: Mapping[str, Handler] = {
-    "capture": _capture,
-    "test-failover": _test_failover,
-    "failover": _failover,
-    "syncback": _syncback,
-    "restore": _restore,
-    "mount": _mount,
-    "unmount": _unmount,
-    "clone": _clone,
-    "failback": _failback,
-    "failback-replica": _failback_replica,
-    "commit-failback": _commit,
-    "undo-failback": _undo,
-    "delete": _delete,
+    **{spec.name: _handler(spec) for spec in REGISTRY if spec.title is not None},
+    UNMOUNT: _unmount,
 }

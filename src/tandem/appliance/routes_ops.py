@@ -1,4 +1,7 @@
-"""Operation, image and job routes: start jobs, follow them, look at images. Thin."""
+"""Operation, image and job routes: start jobs, follow them, look at images. Thin.
+
+An operation's route hands its request model to the operation's ``submit`` in
+``operations.registry`` (the console's forms do the same)."""
 
 from __future__ import annotations
 
@@ -14,22 +17,8 @@ from tandem.appliance.params import ImageId, JobId, Name
 from tandem.domain.ids import IMAGE_ID_PATTERN, JOB_ID_PATTERN
 from tandem.domain.jobs import JobStatus
 from tandem.domain.lifecycle import AppKind
-from tandem.operations import (
-    capture,
-    clone,
-    failback,
-    failover,
-    gc,
-    images,
-    monitor,
-    mount,
-    present,
-    replica_failback,
-    restore,
-    syncback,
-    testfailover,
-    wal,
-)
+from tandem.operations import gc, images, monitor, mount, present, wal
+from tandem.operations import registry as ops
 from tandem.operations.site import Site
 from tandem.transport.api import (
     NAME,
@@ -61,140 +50,45 @@ def make_router(site: Site) -> APIRouter:
 
     @router.post("/apps/{name}/capture", tags=["operations"], status_code=ACCEPTED)
     def capture_app(name: Name, who: Caller, body: CaptureIn | None = None) -> JobAnswer:
-        label = body.label if body is not None else None
-        job = capture.submit_capture(site, app=name, label=label, actor=who.name)
-        return JobAnswer(job=job_out(job, who))
+        return JobAnswer(job=job_out(ops.CAPTURE.submit(site, name, body, who.name), who))
 
     @router.post("/apps/{name}/restore", tags=["operations"], status_code=ACCEPTED)
     def restore_app(name: Name, body: RestoreIn, who: Caller) -> JobAnswer:
-        job = restore.submit_restore(
-            site,
-            app=name,
-            image=body.image,
-            confirm=body.confirm,
-            actor=who.name,
-            power_on=body.power_on,
-            shutdown_timeout=body.shutdown_timeout,
-            time=body.time,
-            latest=body.latest,
-        )
-        return JobAnswer(job=job_out(job, who))
+        return JobAnswer(job=job_out(ops.RESTORE.submit(site, name, body, who.name), who))
 
     @router.post("/apps/{name}/test-failover", tags=["operations"], status_code=ACCEPTED)
     def test_failover_app(name: Name, body: PresentIn, who: Caller) -> JobAnswer:
-        job = testfailover.submit_test_failover(
-            site,
-            app=name,
-            host=body.host,
-            image=body.image,
-            mount_point=body.mount_point,
-            action=body.action,
-            actor=who.name,
-            time=body.time,
-            latest=body.latest,
-            port=body.port,
-            verify=body.verify,
-            new_vm=body.new_vm,
-            network=body.network,
-            power_on=body.power_on,
-            pool=body.pool,
-            vm=body.vm,
-            shutdown_timeout=body.shutdown_timeout,
-            confirm=body.confirm,
-        )
-        return JobAnswer(job=job_out(job, who))
+        return JobAnswer(job=job_out(ops.TEST_FAILOVER.submit(site, name, body, who.name), who))
 
     @router.post("/apps/{name}/failover", tags=["operations"], status_code=ACCEPTED)
     def failover_app(name: Name, body: FailoverIn, who: Caller) -> JobAnswer:
-        job = failover.submit_failover(
-            site,
-            app=name,
-            host=body.host,
-            confirm=body.confirm,
-            image=body.image,
-            mount_point=body.mount_point,
-            action=body.action,
-            label=body.label,
-            actor=who.name,
-            time=body.time,
-            latest=body.latest,
-            port=body.port,
-            verify=body.verify,
-            new_vm=body.new_vm,
-            network=body.network,
-            power_on=body.power_on,
-            pool=body.pool,
-            vm=body.vm,
-            shutdown_timeout=body.shutdown_timeout,
-            hosts=body.hosts,
-            all_hosts=body.all_hosts,
-        )
-        return JobAnswer(job=job_out(job, who))
+        return JobAnswer(job=job_out(ops.FAILOVER.submit(site, name, body, who.name), who))
 
     @router.post("/apps/{name}/syncback", tags=["operations"], status_code=ACCEPTED)
     def syncback_app(name: Name, who: Caller, body: CaptureIn | None = None) -> JobAnswer:
-        label = body.label if body is not None else None
-        job = syncback.submit_syncback(site, app=name, label=label, actor=who.name)
-        return JobAnswer(job=job_out(job, who))
+        return JobAnswer(job=job_out(ops.SYNCBACK.submit(site, name, body, who.name), who))
 
     @router.post("/apps/{name}/failback", tags=["operations"], status_code=ACCEPTED)
     def failback_app(name: Name, who: Caller, body: FailbackIn | None = None) -> JobAnswer:
-        body = body or FailbackIn()
-        if body.target:
-            job = replica_failback.submit_replica_failback(
-                site,
-                app=name,
-                target=body.target,
-                host=body.host,
-                path=body.path,
-                power_on=body.power_on,
-                shutdown_timeout=body.shutdown_timeout,
-                pool=body.pool,
-                actor=who.name,
-            )
-        else:
-            job = failback.submit_failback(site, app=name, force=body.force, actor=who.name)
-        return JobAnswer(job=job_out(job, who))
+        # Snapshot style; replica style when the body names a ``target``.
+        spec = ops.REPLICA_FAILBACK if body is not None and body.target else ops.FAILBACK
+        return JobAnswer(job=job_out(spec.submit(site, name, body, who.name), who))
 
     @router.post("/apps/{name}/commit-failback", tags=["operations"], status_code=ACCEPTED)
     def commit_failback(name: Name, who: Caller, body: CommitFailbackIn | None = None) -> JobAnswer:
-        force = body.force if body is not None else False
-        job = replica_failback.submit_end(site, app=name, undo=False, force=force, actor=who.name)
-        return JobAnswer(job=job_out(job, who))
+        return JobAnswer(job=job_out(ops.COMMIT_FAILBACK.submit(site, name, body, who.name), who))
 
     @router.post("/apps/{name}/undo-failback", tags=["operations"], status_code=ACCEPTED)
     def undo_failback(name: Name, who: Caller) -> JobAnswer:
-        job = replica_failback.submit_end(site, app=name, undo=True, actor=who.name)
-        return JobAnswer(job=job_out(job, who))
+        return JobAnswer(job=job_out(ops.UNDO_FAILBACK.submit(site, name, None, who.name), who))
 
     @router.post("/images/{image_id}/clone", tags=["images"], status_code=ACCEPTED)
     def clone_image(image_id: ImageId, body: CloneIn, who: Caller) -> JobAnswer:
-        job = clone.submit_clone(
-            site, image=image_id, host=body.host, path=body.path, name=body.name, actor=who.name
-        )
-        return JobAnswer(job=job_out(job, who))
+        return JobAnswer(job=job_out(ops.CLONE.submit(site, image_id, body, who.name), who))
 
     @router.post("/images/{image_id}/mount", tags=["images"], status_code=ACCEPTED)
     def mount_image(image_id: ImageId, body: MountIn, who: Caller) -> JobAnswer:
-        job = mount.submit_mount(
-            site,
-            image=image_id,
-            host=body.host,
-            mount_point=body.mount_point,
-            action=body.action,
-            actor=who.name,
-            time=body.time,
-            latest=body.latest,
-            port=body.port,
-            new_vm=body.new_vm,
-            network=body.network,
-            power_on=body.power_on,
-            pool=body.pool,
-            vm=body.vm,
-            shutdown_timeout=body.shutdown_timeout,
-            confirm=body.confirm,
-        )
-        return JobAnswer(job=job_out(job, who))
+        return JobAnswer(job=job_out(ops.MOUNT.submit(site, image_id, body, who.name), who))
 
     @router.post("/images/{image_id}/unmount", tags=["images"])
     async def unmount_image(image_id: ImageId) -> ImageOut:
@@ -227,8 +121,7 @@ def make_router(site: Site) -> APIRouter:
 
     @router.delete("/images/{image_id}", tags=["images"], status_code=ACCEPTED)
     def delete_image(image_id: ImageId, who: Caller) -> JobAnswer:
-        job = images.submit_delete(site, image_id=image_id, actor=who.name)
-        return JobAnswer(job=job_out(job, who))
+        return JobAnswer(job=job_out(ops.DELETE_IMAGE.submit(site, image_id, None, who.name), who))
 
     @router.post("/images/{image_id}/export", tags=["images"])
     def export_image(image_id: ImageId) -> ExportOut:
@@ -266,7 +159,7 @@ def make_router(site: Site) -> APIRouter:
     @router.post("/gc", tags=["jobs"], status_code=ACCEPTED)
     def start_gc(who: Caller) -> JobAnswer:
         """Start a garbage collection of the pool now (a ``gc`` job)."""
-        return JobAnswer(job=job_out(gc.submit_gc(site, actor=who.name), who))
+        return JobAnswer(job=job_out(ops.GC.submit(site, "", None, who.name), who))
 
     @router.get("/gc", tags=["jobs"])
     def gc_status() -> GcOut:

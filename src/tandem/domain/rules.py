@@ -16,6 +16,9 @@ Rules
   the only way back).
 - Fencing: replication or restore that carries a writer epoch older than the app's current
   one is refused (DESIGN, "Fencing").
+- What an image offers (``image_operations``) is a first cut by the lifecycle table and the
+  image's kind and state, for the console to show; the operation itself decides on the
+  facts when it is asked.
 """
 
 from __future__ import annotations
@@ -23,9 +26,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Literal
 
-from tandem.domain.images import ImageKind
-from tandem.domain.lifecycle import AppState
+from tandem.domain.images import WRITABLE_KINDS, ImageKind, ImageState
+from tandem.domain.lifecycle import AppState, Operation, allowed_operations
 from tandem.errors import ConfirmationOutOfOrder, ConfirmationRequired, Conflict, InvalidInput
 
 FAILOVER_CONFIRMATION = "FAILOVER"
@@ -154,25 +158,31 @@ def check_test_failover_target(
             )
 
 
+def image_deletable(*, kind: ImageKind, app_state: AppState) -> bool:
+    """Whether an image of ``kind`` may be deleted while its app is in ``app_state``
+    (``check_image_deletable`` says why not)."""
+    if kind is ImageKind.FAILOVER:
+        return app_state not in (AppState.FAILED_OVER, AppState.FAILBACK_PENDING)
+    return not (kind is ImageKind.PROTECTIVE and app_state is AppState.FAILBACK_PENDING)
+
+
 def check_image_deletable(*, image_id: str, kind: ImageKind, app: str, app_state: AppState) -> None:
     """Refuse to delete an image that holds the only copy of live data or the way back."""
-    if kind is ImageKind.FAILOVER and app_state in (
-        AppState.FAILED_OVER,
-        AppState.FAILBACK_PENDING,
-    ):
+    if image_deletable(kind=kind, app_state=app_state):
+        return
+    if kind is ImageKind.FAILOVER:
         raise Conflict(
             detail=(
                 f"image {image_id} is the failed-over copy that application {app!r} runs on; "
                 "deleting it would lose the data written at the DR site. Fail back first"
             )
         )
-    if kind is ImageKind.PROTECTIVE and app_state is AppState.FAILBACK_PENDING:
-        raise Conflict(
-            detail=(
-                f"image {image_id} is the protective snapshot of the pending failback of "
-                f"application {app!r}. Commit or undo the failback first"
-            )
+    raise Conflict(
+        detail=(
+            f"image {image_id} is the protective snapshot of the pending failback of "
+            f"application {app!r}. Commit or undo the failback first"
         )
+    )
 
 
 def check_writer_epoch(*, app: str, carried: int, current: int) -> None:
@@ -185,3 +195,78 @@ def check_writer_epoch(*, app: str, carried: int, current: int) -> None:
                 "the writer. Fail back before replicating or restoring from that site"
             )
         )
+
+
+UNMOUNT: Literal["unmount"] = "unmount"
+"""Ending a presentation: no job and no lifecycle transition, offered beside the operations."""
+ImageOperation = Operation | Literal["unmount"]
+
+RESTORABLE = frozenset({ImageKind.SNAPSHOT, ImageKind.REPLICA, ImageKind.SYNCBACK})
+"""The kinds of image that are restored to production and cloned."""
+UNMOUNTABLE = frozenset({ImageKind.TEST_FAILOVER, ImageKind.MOUNT, ImageKind.FAILOVER})
+"""The kinds of image that are presented to a host, so unmounted."""
+_FAILOVER_ONLY = (Operation.SYNCBACK, Operation.FAILBACK, Operation.FAILBACK_REPLICA)
+_PENDING_FAILBACK = (Operation.COMMIT_FAILBACK, Operation.UNDO_FAILBACK)
+
+
+_IMAGE_ORDER: tuple[ImageOperation, ...] = (
+    Operation.TEST_FAILOVER,
+    Operation.FAILOVER,
+    Operation.SYNCBACK,
+    Operation.RESTORE,
+    Operation.MOUNT,
+    UNMOUNT,
+    Operation.CLONE,
+    Operation.FAILBACK,
+    Operation.FAILBACK_REPLICA,
+    Operation.COMMIT_FAILBACK,
+    Operation.UNDO_FAILBACK,
+    Operation.DELETE_IMAGE,
+)
+"""The order an image's operations are listed in (the lifecycle's)."""
+
+
+def image_operations(
+    *, app_state: AppState, kind: ImageKind, image_state: ImageState, production: bool
+) -> list[ImageOperation]:
+    """The operations an image of ``kind`` in ``image_state`` allows now, in lifecycle order.
+
+    ``production`` says whether this appliance runs the app's production copy (its host is
+    registered here) rather than holding replicas of it: only there is an image restored.
+    """
+    if image_state is ImageState.DELETING:
+        return []
+    allowed = set(allowed_operations(app_state))
+
+    def offered(op: ImageOperation) -> bool:
+        if op == UNMOUNT:  # not the failed-over copy the app runs on
+            in_use = kind is ImageKind.FAILOVER and app_state is not AppState.MANAGED
+            return kind in UNMOUNTABLE and image_state is ImageState.MOUNTED and not in_use
+        if op not in allowed:
+            return False
+        if op in (Operation.TEST_FAILOVER, Operation.FAILOVER):
+            return kind is ImageKind.REPLICA
+        if op in _FAILOVER_ONLY:
+            return kind is ImageKind.FAILOVER
+        if op is Operation.RESTORE:
+            return kind in RESTORABLE and production
+        if op is Operation.MOUNT:
+            return kind not in WRITABLE_KINDS
+        if op is Operation.CLONE:
+            return kind in RESTORABLE
+        if op in _PENDING_FAILBACK:
+            return kind in (ImageKind.FAILOVER, ImageKind.PROTECTIVE)
+        if op is Operation.DELETE_IMAGE:
+            return image_state is not ImageState.MOUNTED and image_deletable(
+                kind=kind, app_state=app_state
+            )
+        return False  # an operation of the app as a whole
+
+    return [op for op in _IMAGE_ORDER if offered(op)]
+
+
+def app_operations(*, app_state: AppState, production: bool) -> list[Operation]:
+    """The operations of an app as a whole offered now: a capture, where it runs."""
+    if production and Operation.CAPTURE in allowed_operations(app_state):
+        return [Operation.CAPTURE]
+    return []

@@ -40,6 +40,7 @@ from tandem.jobs.queue import submit_job
 from tandem.jobs.runner import JobContext
 from tandem.operations import hooks, images, peers, replicate, stamps
 from tandem.operations.hosts import agent_for, app_host
+from tandem.operations.jobparams import LabelParams
 from tandem.operations.site import Site
 from tandem.operations.streams import follow
 from tandem.transport.agent import AgentClient
@@ -48,6 +49,7 @@ from tandem.transport.api import checked
 from tandem.transport.peer import PgBase
 
 TYPE = "capture"
+Params = LabelParams
 MAX_LABEL = 128
 THAW_TIMEOUT = 120.0
 """Seconds a thaw hook may take: the app is held until it has run."""
@@ -74,7 +76,7 @@ def submit_capture(
             session,
             type=TYPE,
             app=row.name,
-            params={"label": label} if label else {},
+            params=Params(label=label).stored(),
             lifecycle=True,
             actor=actor,
         )
@@ -82,7 +84,7 @@ def submit_capture(
     return job
 
 
-def run_capture(site: Site, ctx: JobContext) -> dict[str, Any]:
+def run_capture(site: Site, ctx: JobContext, params: Params) -> dict[str, Any]:
     """The job handler."""
     name = ctx.job.app or ""
     with site.catalog.read() as session:
@@ -149,7 +151,7 @@ def run_capture(site: Site, ctx: JobContext) -> dict[str, Any]:
                     kind=ImageKind.SNAPSHOT,
                     manifest=manifest.hex(),
                     size=size,
-                    label=ctx.job.params.get("label"),
+                    label=params.label,
                     parent_id=base.id if base is not None and base_id is not None else None,
                     consistency=cut,
                     pg=_pg_of(done) if app.kind is AppKind.POSTGRESQL else None,

@@ -24,6 +24,7 @@ from tandem.jobs.queue import submit_job
 from tandem.jobs.runner import JobContext
 from tandem.operations.apps import check_no_overlap
 from tandem.operations.hosts import agent_for
+from tandem.operations.jobparams import JobParams
 from tandem.operations.restore import check_not_base_backup
 from tandem.operations.site import Site
 from tandem.operations.streams import follow
@@ -31,6 +32,14 @@ from tandem.transport.agent_api import RestoreRequest
 from tandem.transport.api import checked
 
 TYPE = "clone"
+
+
+class Params(JobParams):
+    """A clone's job: the host and path the copy goes to, and the new app's name."""
+
+    host: str
+    path: str
+    name: str
 
 
 def submit_clone(
@@ -61,28 +70,27 @@ def submit_clone(
             type=TYPE,
             app=base.app.name,
             image=base.id,
-            params={"host": host, "path": path, "name": new_name},
+            params=Params(host=host, path=path, name=new_name).stored(),
             actor=actor,
         )
     site.wake()
     return job
 
 
-def run_clone(site: Site, ctx: JobContext) -> dict[str, Any]:
-    params = ctx.job.params
+def run_clone(site: Site, ctx: JobContext, params: Params) -> dict[str, Any]:
     with site.catalog.read() as session:
         base = q.get_image(session, image_id=ctx.job.image or "")
         source = base.app
-        host = q.get_host(session, name=params["host"])
+        host = q.get_host(session, name=params.host)
     transfer, token = site.sessions.open(
         job_id=ctx.job.id, write=False, readable=[bytes.fromhex(base.manifest)]
     )
     try:
-        ctx.set_message(f"copying {base.id} to {params['path']} on host {host.name}")
+        ctx.set_message(f"copying {base.id} to {params.path} on host {host.name}")
         body = checked(
             RestoreRequest,
             kind=storage_kind(source.kind),
-            path=params["path"],
+            path=params.path,
             manifest=base.manifest,
             job=ctx.job.id,
             new_only=True,
@@ -93,13 +101,13 @@ def run_clone(site: Site, ctx: JobContext) -> dict[str, Any]:
     finally:
         site.sessions.close(transfer)
     with site.catalog.begin() as session:
-        check_no_overlap(session, host=host.name, path=params["path"])
+        check_no_overlap(session, host=host.name, path=params.path)
         app = q.add_app(
             session,
-            name=params["name"],
+            name=params.name,
             kind=source.kind,
             host=host.name,
-            path=params["path"],
+            path=params.path,
         )
     ctx.set_message(f"cloned {base.id} as application {app.name} on host {host.name}")
-    return {"app": app.name, "path": params["path"], "bytes_sent": transfer.bytes_sent}
+    return {"app": app.name, "path": params.path, "bytes_sent": transfer.bytes_sent}

@@ -47,12 +47,14 @@ from tandem.errors import Conflict, NotFound, SyncbackNotRestored, TandemError, 
 from tandem.jobs.queue import submit_job
 from tandem.jobs.runner import JobContext
 from tandem.operations import peers, present, wal
+from tandem.operations.jobparams import ForceParams
 from tandem.operations.site import Site
 from tandem.operations.syncback import dr_copy_changes, failover_image, syncbacks_since_failover
 from tandem.storage.overlay import Overlay
 from tandem.transport.peer import FailedOver, Location, Restored, Resumed
 
 TYPE = "failback"
+Params = ForceParams
 
 
 def _facts(site: Site, app: str, force: bool) -> AppFacts:
@@ -74,7 +76,7 @@ def submit_failback(site: Site, *, app: str, force: bool = False, actor: str | N
             session,
             type=TYPE,
             app=app,
-            params={"force": force},
+            params=Params(force=force).stored(),
             lifecycle=True,
             actor=actor,
         )
@@ -217,9 +219,9 @@ def last_restored(site: Site, *, peer: str, app: str) -> Restored:
     return Restored(image=None)
 
 
-def run_failback(site: Site, ctx: JobContext) -> dict[str, Any]:
+def run_failback(site: Site, ctx: JobContext, params: Params) -> dict[str, Any]:
     name = ctx.job.app or ""
-    force = bool(ctx.job.params.get("force"))
+    force = params.force
     with site.catalog.read() as session:
         app = q.get_app(session, name=name)
         newest = q.latest_image(session, app=name, kind=ImageKind.SYNCBACK)

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import Field
+
 from tandem.catalog import queries as q
 from tandem.catalog.models import Job
 from tandem.domain.hooks import Hook
@@ -37,6 +39,15 @@ from tandem.operations.site import Site
 from tandem.operations.testfailover import check_not_production_host, pick_replica
 
 TYPE = "failover"
+
+
+class Params(present.PresentParams):
+    """A failover's job: a presentation, its label, the other hosts a new VM is defined on
+    (``--hosts``), and whether a database copy is verified."""
+
+    label: str | None = None
+    vm_hosts: list[str] = Field(default_factory=list)
+    verify: bool = False
 
 
 def submit_failover(
@@ -136,23 +147,21 @@ def submit_failover(
                 detail=f"a failed-over volume is presented over NBD only; drop --mount-point/"
                 f"--action for {row.name!r} and attach the export its job shows (nbd_uri)"
             )
-        params: dict[str, Any] = {
-            "host": host,
-            "mount_point": mount_point,
-            "action": action,
-            "label": label,
-        }
-        params.update(recovering)
-        if target is not None:
-            params.update(target.as_params())
-        if also:
-            params["vm_hosts"] = also
+        params = Params(
+            host=host,
+            mount_point=mount_point,
+            action=action,
+            label=label,
+            vm_hosts=also,
+            **recovering,
+            **(target.as_params() if target is not None else {}),
+        )
         job = submit_job(
             session,
             type=TYPE,
             app=row.name,
             image=replica.id,
-            params=params,
+            params=params.stored(),
             lifecycle=True,
             actor=actor,
         )
@@ -160,21 +169,20 @@ def submit_failover(
     return job
 
 
-def run_failover(site: Site, ctx: JobContext) -> dict[str, Any]:
-    params = ctx.job.params
+def run_failover(site: Site, ctx: JobContext, params: Params) -> dict[str, Any]:
     with site.catalog.read() as session:
         app = q.get_app(session, name=ctx.job.app or "")
         replicas = len(q.list_images(session, app=app.name, kind=ImageKind.REPLICA))
         check_transition(app.name, app.state, Operation.FAILOVER, AppFacts(replica_images=replicas))
         replica = pick_replica(session, app, ctx.job.image)
-        host = q.get_host(session, name=params["host"])
-        also = [q.get_host(session, name=n) for n in params.get("vm_hosts") or []]
+        host = q.get_host(session, name=params.host)
+        also = [q.get_host(session, name=n) for n in params.vm_hosts]
     for where in (host, *also):
         with agent_for(where) as agent:
             agent.info()
     recovery = None
     if app.kind is AppKind.POSTGRESQL:
-        recovery = pg_recovery.asked(site, app, params)
+        recovery = pg_recovery.asked(site, app, params.time)
         replica = recovery.base
     cut = site.sessions.close_matching(app=app.name)
     if cut:
@@ -187,9 +195,9 @@ def run_failover(site: Site, ctx: JobContext) -> dict[str, Any]:
         base=replica,
         app=app,
         host=host,
-        action=params["action"],
-        mount_point=params.get("mount_point"),
-        new_vm=present.NewVm.from_params(params),
+        action=params.action,
+        mount_point=params.mount_point,
+        new_vm=params.vm(),
         vm_hosts=also,
     )
     recovered: dict[str, Any] = {}
@@ -202,8 +210,8 @@ def run_failover(site: Site, ctx: JobContext) -> dict[str, Any]:
             shown=shown,
             app=app,
             host=host,
-            port=params.get("port"),
-            verify=bool(params.get("verify")),
+            port=params.port,
+            verify=params.verify,
         )
     try:
         with site.catalog.begin() as session:
@@ -227,7 +235,7 @@ def run_failover(site: Site, ctx: JobContext) -> dict[str, Any]:
         kind=ImageKind.FAILOVER,
         host=host,
         presented=shown,
-        label=params.get("label"),
+        label=params.label,
     )
     ctx.set_image(row.id)
     ctx.log(

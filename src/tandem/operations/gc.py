@@ -38,10 +38,12 @@ from tandem.domain.jobs import ACTIVE, TERMINAL
 from tandem.errors import GcElsewhere, GcRunning, InvalidInput
 from tandem.jobs.queue import submit_job
 from tandem.jobs.runner import JobContext
+from tandem.operations.jobparams import ForceParams
 from tandem.operations.site import Site
 from tandem.storage import gc as pool_gc
 
 TYPE = "gc"
+Params = ForceParams
 COLLECTED_KEY = "gc.collected"
 """``GC_DELETED_KEY`` as the last finished collection read it in its snapshot."""
 LOCK = "gc"
@@ -120,7 +122,7 @@ def submit_gc(site: Site, *, actor: str | None = None, force: bool = True) -> Jo
         )
         if other is not None:
             raise GcRunning(job=other.id, status=other.status.value)
-        job = submit_job(session, type=TYPE, params={"force": force}, actor=actor)
+        job = submit_job(session, type=TYPE, params=Params(force=force).stored(), actor=actor)
     site.wake()
     return job
 
@@ -157,9 +159,9 @@ def prune_jobs(site: Site, *, now: datetime | None = None) -> int:
     return len(ids)
 
 
-def run_gc(site: Site, ctx: JobContext) -> dict[str, Any]:
+def run_gc(site: Site, ctx: JobContext, params: Params) -> dict[str, Any]:
     """The job handler."""
-    force = bool(ctx.job.params.get("force"))
+    force = params.force
     if not force and pending(site) <= 0 and not pool_gc.unfinished(site.pool):
         pruned = prune_jobs(site)
         ctx.set_message(f"nothing deleted since the last collection; {pruned} old job(s) pruned")

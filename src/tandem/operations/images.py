@@ -29,6 +29,7 @@ from tandem.errors import (
 )
 from tandem.jobs.queue import submit_job
 from tandem.jobs.runner import JobContext
+from tandem.operations.jobparams import NoParams
 from tandem.operations.site import Site
 from tandem.storage.manifest import load_manifest
 
@@ -84,7 +85,7 @@ def submit_delete(site: Site, *, image_id: str, actor: str | None = None) -> Job
     return job
 
 
-def run_delete(site: Site, ctx: JobContext) -> dict[str, Any]:
+def run_delete(site: Site, ctx: JobContext, params: NoParams) -> dict[str, Any]:
     """The job handler: drop the row; the next garbage collection frees its chunks."""
     image_id = ctx.job.image or ""
     with site.catalog.begin() as session:

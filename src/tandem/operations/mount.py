@@ -33,6 +33,13 @@ TYPE = "mount"
 PRESENTED = (ImageKind.MOUNT, ImageKind.TEST_FAILOVER, ImageKind.FAILOVER)
 
 
+class Params(present.PresentParams):
+    """A mount's job: a presentation, and whether a database base is recovered (to
+    ``time``; none: the end of the WAL held)."""
+
+    recover: bool = False
+
+
 def submit_mount(
     site: Site,
     *,
@@ -94,17 +101,23 @@ def submit_mount(
         )
         action = present.check_action(app, action, mount_point)
         chosen = present.vm_with_action(app, chosen, action)
-        params: dict[str, Any] = {"host": host, "mount_point": mount_point, "action": action}
+        recovering: dict[str, Any] = {}
         if recover:
-            params.update(recover=True, time=target.isoformat() if target else None, port=port)
-        if chosen is not None:
-            params.update(chosen.as_params())
+            time_text = target.isoformat() if target else None
+            recovering = {"recover": True, "time": time_text, "port": port}
+        params = Params(
+            host=host,
+            mount_point=mount_point,
+            action=action,
+            **recovering,
+            **(chosen.as_params() if chosen is not None else {}),
+        )
         job = submit_job(
             session,
             type=TYPE,
             app=app.name,
             image=base.id,
-            params=params,
+            params=params.stored(),
             lifecycle=False,
             actor=actor,
         )
@@ -112,15 +125,14 @@ def submit_mount(
     return job
 
 
-def run_mount(site: Site, ctx: JobContext) -> dict[str, Any]:
-    params = ctx.job.params
+def run_mount(site: Site, ctx: JobContext, params: Params) -> dict[str, Any]:
     with site.catalog.read() as session:
         base = q.get_image(session, image_id=ctx.job.image or "")
         app = base.app
-        host = q.get_host(session, name=params["host"])
+        host = q.get_host(session, name=params.host)
     with agent_for(host) as agent:
         agent.info()
-    recovery = pg_recovery.asked(site, app, params, base.id) if params.get("recover") else None
+    recovery = pg_recovery.asked(site, app, params.time, base.id) if params.recover else None
     image_id = new_image_id()
     shown = present.present(
         site,
@@ -129,9 +141,9 @@ def run_mount(site: Site, ctx: JobContext) -> dict[str, Any]:
         base=base,
         app=app,
         host=host,
-        action=params["action"],
-        mount_point=params.get("mount_point"),
-        new_vm=present.NewVm.from_params(params),
+        action=params.action,
+        mount_point=params.mount_point,
+        new_vm=params.vm(),
     )
     recovered: dict[str, Any] = {}
     if recovery is not None:
@@ -143,7 +155,7 @@ def run_mount(site: Site, ctx: JobContext) -> dict[str, Any]:
             shown=shown,
             app=app,
             host=host,
-            port=params.get("port"),
+            port=params.port,
             verify=False,
         )
     row = present.record(

@@ -299,10 +299,10 @@ class Recovery:
         return self.plan.base
 
 
-def asked(site: Site, app: App, params: Mapping[str, Any], image: str | None = None) -> Recovery:
+def asked(site: Site, app: App, time: str | None, image: str | None = None) -> Recovery:
     """The recovery a job's parameters ask for (``time``; none: the latest), planned again
     when the job runs: the WAL held may have moved since it was submitted."""
-    target = parse_target(params.get("time"), params.get("time") is None, app)
+    target = parse_target(time, time is None, app)
     return Recovery(plan(site, app, target, image), target)
 
 

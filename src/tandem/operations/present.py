@@ -78,6 +78,7 @@ from tandem.errors import (
 )
 from tandem.jobs.runner import JobContext
 from tandem.operations.hosts import agent_for, check_own_location
+from tandem.operations.jobparams import JobParams
 from tandem.operations.site import Site
 from tandem.operations.streams import follow
 from tandem.storage import vmimage
@@ -184,23 +185,39 @@ class NewVm:
             params.update(existing_vm=True, shutdown_timeout=self.shutdown_timeout)
         return params
 
-    @classmethod
-    def from_params(cls, params: Mapping[str, Any]) -> NewVm | None:
-        if not params.get("new_vm"):
+
+class PresentParams(JobParams):
+    """The parameters of a job that presents an image (test failover, failover, mount):
+    the host, where the image goes, the VM it becomes (``NewVm.as_params``) and the point a
+    database is recovered to (``time``: none, the latest)."""
+
+    host: str
+    action: str
+    mount_point: str | None = None
+    new_vm: str | None = None
+    network: str | None = None
+    power_on: bool = False
+    keep_identity: bool = False
+    pool: str | None = None
+    copy_disks: bool = False
+    existing_vm: bool = False
+    shutdown_timeout: float | None = None
+    time: str | None = None
+    port: int | None = None
+
+    def vm(self) -> NewVm | None:
+        """The VM the image becomes, if any."""
+        if not self.new_vm:
             return None
-        return cls(
-            str(params["new_vm"]),
-            params.get("network"),
-            bool(params.get("power_on")),
-            bool(params.get("keep_identity")),
-            params.get("pool"),
-            bool(params.get("copy_disks")),
-            bool(params.get("existing_vm")),
-            float(
-                DEFAULT_SHUTDOWN_TIMEOUT
-                if params.get("shutdown_timeout") is None
-                else params["shutdown_timeout"]
-            ),
+        return NewVm(
+            self.new_vm,
+            self.network,
+            self.power_on,
+            self.keep_identity,
+            self.pool,
+            self.copy_disks,
+            self.existing_vm,
+            DEFAULT_SHUTDOWN_TIMEOUT if self.shutdown_timeout is None else self.shutdown_timeout,
         )
 
 

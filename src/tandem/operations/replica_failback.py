@@ -92,9 +92,10 @@ from tandem.errors import (
     VmTargetNotRegistered,
 )
 from tandem.jobs.queue import submit_job
-from tandem.jobs.runner import JobContext
+from tandem.jobs.runner import JobContext, JobInfo
 from tandem.operations import failback, hooks, peers
 from tandem.operations.hosts import agent_for, app_host
+from tandem.operations.jobparams import ForceParams, JobParams
 from tandem.operations.restore import own_domain_xml
 from tandem.operations.site import Site
 from tandem.operations.streams import follow
@@ -121,6 +122,24 @@ TARGETS = ("original", "restored", "new")
 APPLY_TIMEOUT = 3600.0
 VM_SHUTDOWN_TIMEOUT = 120.0
 """Seconds a VM's graceful shutdown may take in a failback before it is powered off."""
+
+
+class Params(JobParams):
+    """A replica-style failback's job: the target production agreed to, the host and path
+    (or domain) of a restored or new target, its storage pool, whether production's app is
+    started at the end, and a VM's graceful shutdown timeout."""
+
+    target: FailbackTarget
+    host: str | None = None
+    path: str | None = None
+    power_on: bool = False
+    shutdown_timeout: float | None = None
+    pool: str | None = None
+
+
+EndParams = ForceParams
+"""A commit's job: ``force`` commits although the DR copy changed after the protective
+snapshot (an undo takes nothing)."""
 
 
 def _target(target: str) -> FailbackTarget:
@@ -231,14 +250,14 @@ def submit_replica_failback(
             session,
             type=TYPE,
             app=app,
-            params={
-                "target": chosen,
-                "host": host,
-                "path": path,
-                "power_on": power_on,
-                **({"shutdown_timeout": shutdown_timeout} if shutdown_timeout is not None else {}),
-                **({"pool": pool} if pool is not None else {}),
-            },
+            params=Params(
+                target=chosen,
+                host=host,
+                path=path,
+                power_on=power_on,
+                shutdown_timeout=shutdown_timeout,
+                pool=pool,
+            ).stored(),
             lifecycle=True,
             actor=actor,
         )
@@ -371,8 +390,7 @@ def _read_only(site: Site, app: App) -> Iterator[None]:
         raise
 
 
-def run_replica_failback(site: Site, ctx: JobContext) -> dict[str, Any]:
-    params = ctx.job.params
+def run_replica_failback(site: Site, ctx: JobContext, params: Params) -> dict[str, Any]:
     name = ctx.job.app or ""
     with site.catalog.read() as session:
         app = q.get_app(session, name=name)
@@ -383,16 +401,16 @@ def run_replica_failback(site: Site, ctx: JobContext) -> dict[str, Any]:
     agreed = _agree(
         site,
         app,
-        _target(params["target"]),
-        params.get("host"),
-        params.get("path"),
-        params.get("pool"),
+        params.target,
+        params.host,
+        params.path,
+        params.pool,
     )
     ctx.log(
         f"production agreed to fail back onto {agreed.host}:{agreed.path}"
         + (f" (registered there as {agreed.target_app})" if agreed.target_app else "")
     )
-    timeout = params.get("shutdown_timeout")
+    timeout = params.shutdown_timeout
     # 1. stop the original (a VM: powered off)
     _production_command(site, name, "stop", timeout)
     # 2.-3. difference, sent and applied
@@ -420,14 +438,14 @@ def run_replica_failback(site: Site, ctx: JobContext) -> dict[str, Any]:
                 facts=facts,
             )
     # 9. power on
-    if params.get("power_on"):
+    if params.power_on:
         _production_command(site, name, "start")
     downtime = time.monotonic() - downtime_from
     failback.record_downtime(site, app=name, seconds=downtime)
     ctx.set_image(protective.id)
     ctx.set_message(
-        f"{name} failed back to the {params['target']} app at {agreed.host}:{agreed.path}"
-        + (" and started" if params.get("power_on") else " (stopped there)")
+        f"{name} failed back to the {params.target} app at {agreed.host}:{agreed.path}"
+        + (" and started" if params.power_on else " (stopped there)")
         + f"; protective snapshot {protective.id}; {sent} bytes moved; downtime {downtime:.1f} s."
         " Commit or undo the failback"
     )
@@ -435,7 +453,7 @@ def run_replica_failback(site: Site, ctx: JobContext) -> dict[str, Any]:
         "protective": protective.id,
         "bytes_sent": sent,
         "downtime_seconds": downtime,
-        "target": params["target"],
+        "target": params.target,
     }
 
 
@@ -452,7 +470,7 @@ def submit_end(
             session,
             type=UNDO_TYPE if undo else COMMIT_TYPE,
             app=app,
-            params={"force": force} if force else {},
+            params=EndParams(force=force).stored(),
             lifecycle=True,
             actor=actor,
         )
@@ -473,9 +491,9 @@ def _commit_fix(app: str) -> str:
     )
 
 
-def run_commit(site: Site, ctx: JobContext) -> dict[str, Any]:
+def run_commit(site: Site, ctx: JobContext, params: EndParams) -> dict[str, Any]:
     name = ctx.job.app or ""
-    force = bool(ctx.job.params.get("force"))
+    force = params.force
     with site.catalog.read() as session:
         app = q.get_app(session, name=name)
         check_transition(app.name, app.state, Operation.COMMIT_FAILBACK)
@@ -500,23 +518,21 @@ def run_commit(site: Site, ctx: JobContext) -> dict[str, Any]:
     return result
 
 
-def _failback_param(session: Any, app: str, key: str) -> Any:
-    """``key`` of the latest successful replica-style failback of ``app`` (None: unset)."""
+def _last_failback(session: Any, app: str) -> Params | None:
+    """The parameters of the latest successful replica-style failback of ``app``."""
     for job in q.list_jobs(session, app=app, limit=50):
         if job.type == TYPE and job.status is JobStatus.SUCCEEDED:
-            return job.params.get(key)
+            return Params.of(JobInfo.from_row(job))
     return None
 
 
 def _powered_on(session: Any, app: str) -> bool:
     """Whether the latest replica-style failback of ``app`` started production's app."""
-    for job in q.list_jobs(session, app=app, limit=50):
-        if job.type == TYPE and job.status is JobStatus.SUCCEEDED:
-            return bool(job.params.get("power_on"))
-    return False
+    last = _last_failback(session, app)
+    return last is not None and last.power_on
 
 
-def run_undo(site: Site, ctx: JobContext) -> dict[str, Any]:
+def run_undo(site: Site, ctx: JobContext, params: EndParams) -> dict[str, Any]:
     name = ctx.job.app or ""
     with site.catalog.read() as session:
         app = q.get_app(session, name=name)
@@ -526,7 +542,8 @@ def run_undo(site: Site, ctx: JobContext) -> dict[str, Any]:
         raise NotFound(what="protective snapshot of", name=name, listing=f"images {name}")
     check_transition(app.name, app.state, Operation.UNDO_FAILBACK, facts)
     with site.catalog.read() as session:
-        timeout = _failback_param(session, name, "shutdown_timeout")
+        last = _last_failback(session, name)
+        timeout = last.shutdown_timeout if last is not None else None
     _production_command(site, name, "stop", timeout)
     peer = peers.require_peer(site)
     with peers.client_for(peer) as remote:

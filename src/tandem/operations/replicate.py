@@ -51,6 +51,7 @@ from tandem.errors import Conflict, InvalidInput, NotFound, StaleEpoch, Transiti
 from tandem.jobs.queue import submit_job
 from tandem.jobs.runner import JobContext
 from tandem.operations import images, peers
+from tandem.operations.jobparams import NoParams
 from tandem.operations.site import Site
 from tandem.storage.manifest import Manifest, load_manifest
 from tandem.storage.transfer import chunks_to_offer, encode_for_receiver, previous_at_same_offset
@@ -104,7 +105,7 @@ def submit_replicate(site: Site, *, app: str, actor: str | None = None) -> Job:
         for job in q.list_jobs(session, app=row.name, limit=20):
             if job.type == TYPE and job.status in (JobStatus.QUEUED, JobStatus.RUNNING):
                 return job
-        job = submit_job(session, type=TYPE, app=row.name, params={}, actor=actor)
+        job = submit_job(session, type=TYPE, app=row.name, params=NoParams().stored(), actor=actor)
     site.wake()
     return job
 
@@ -119,7 +120,7 @@ def mark_failed_over_at_peer(site: Site, *, app: str, active: bool = True) -> bo
     return changed
 
 
-def run_replicate(site: Site, ctx: JobContext) -> dict[str, Any]:
+def run_replicate(site: Site, ctx: JobContext, params: NoParams) -> dict[str, Any]:
     """The job handler: bring the peer's replicas of the app up to date."""
     name = ctx.job.app or ""
     peer = peers.require_peer(site)

@@ -51,6 +51,7 @@ from tandem.jobs.queue import submit_job
 from tandem.jobs.runner import JobContext
 from tandem.operations import failback, hooks, pg_recovery, stamps, wal
 from tandem.operations.hosts import agent_for, app_host
+from tandem.operations.jobparams import JobParams
 from tandem.operations.site import Site
 from tandem.operations.streams import follow
 from tandem.storage.manifest import VolumeManifest, load_manifest
@@ -59,6 +60,18 @@ from tandem.transport.agent_api import RestoreRequest, VmRestoreRequest
 from tandem.transport.api import checked
 
 TYPE = "restore"
+
+
+class Params(JobParams):
+    """A restore's job: whether the app's stop and start hooks run (``commands``: not in a
+    replica-style failback, which stops and starts the app itself), a catch-up syncback's
+    roll forward (to ``time``; none: the latest), and a VM's power-on and shutdown timeout."""
+
+    commands: bool = True
+    rollforward: bool = False
+    time: str | None = None
+    power_on: bool = False
+    shutdown_timeout: float | None = None
 
 
 def check_not_base_backup(img: Image) -> None:
@@ -112,12 +125,9 @@ def submit_restore(
             check_not_base_backup(img)  # (or a pre-copy: see ``rollforward``)
         check_transition(row.name, row.state, Operation.RESTORE)
         app_host(session, row, action="restore")
-        params: dict[str, Any] = {} if commands else {"commands": False}
-        params.update(rolled)
+        fields: dict[str, Any] = {"commands": commands, **rolled}
         if row.kind is AppKind.VM:
-            params.update(power_on=power_on)
-            if shutdown_timeout is not None:
-                params.update(shutdown_timeout=shutdown_timeout)
+            fields.update(power_on=power_on, shutdown_timeout=shutdown_timeout)
         elif power_on or shutdown_timeout is not None:
             raise InvalidInput(
                 detail=f"--power-on and --shutdown-timeout are for vm apps; {row.name!r} is a "
@@ -130,7 +140,7 @@ def submit_restore(
             image=img.id,
             lifecycle=True,
             actor=actor,
-            params=params,
+            params=Params(**fields).stored(),
         )
     site.wake()
     return job
@@ -163,7 +173,7 @@ def _run_hook(agent: AgentClient, ctx: JobContext, app: App, hook: Hook, image: 
     return hooks.run_hook(agent, app, hook, operation=TYPE, image=image, path=app.path, ctx=ctx)
 
 
-def run_restore(site: Site, ctx: JobContext) -> dict[str, Any]:
+def run_restore(site: Site, ctx: JobContext, params: Params) -> dict[str, Any]:
     """The job handler."""
     name, image_id = ctx.job.app or "", ctx.job.image or ""
     with site.catalog.read() as session:
@@ -172,10 +182,10 @@ def run_restore(site: Site, ctx: JobContext) -> dict[str, Any]:
         check_transition(app.name, app.state, Operation.RESTORE)
         host = app_host(session, app, action="restore")
     if app.kind is AppKind.VM:
-        return _run_vm_restore(site, ctx, app, image, host)
+        return _run_vm_restore(site, ctx, app, image, host, params)
     rolled: pg_recovery.Recovery | None = None
-    if ctx.job.params.get("rollforward"):  # planned again: the WAL held may have moved on
-        target = pg_recovery.parse_target(ctx.job.params.get("time"), False, app)
+    if params.rollforward:  # planned again: the WAL held may have moved on
+        target = pg_recovery.parse_target(params.time, False, app)
         rolled = pg_recovery.Recovery(pg_recovery.rollforward(site, app, image, target), target)
     recovered: dict[str, Any] = {}
     readable = [bytes.fromhex(image.manifest)]
@@ -187,7 +197,7 @@ def run_restore(site: Site, ctx: JobContext) -> dict[str, Any]:
     transfer, token = site.sessions.open(job_id=ctx.job.id, write=False, readable=readable)
     try:
         with agent_for(host) as agent:
-            commands = ctx.job.params.get("commands", True)
+            commands = params.commands
             stopped = False
             if commands:
                 try:
@@ -306,23 +316,22 @@ def own_domain_xml(site: Site, app: App) -> str | None:
 
 
 def _run_vm_restore(
-    site: Site, ctx: JobContext, app: App, image: Image, host: Host
+    site: Site, ctx: JobContext, app: App, image: Image, host: Host, params: Params
 ) -> dict[str, Any]:
     """Restore a VM image onto the app's domain in place (module docstring)."""
-    params = ctx.job.params
     transfer, token = site.sessions.open(
         job_id=ctx.job.id, write=False, readable=[bytes.fromhex(image.manifest)]
     )
     try:
         with agent_for(host) as agent:
-            commands = params.get("commands", True)
+            commands = params.commands
             if commands:
                 try:
                     _run_hook(agent, ctx, app, Hook.STOP, image.id)
                 except TandemError as exc:
                     raise type(exc)(f"{exc.message.rstrip('.')}; nothing was restored") from exc
             ctx.set_message(f"restoring {image.id} onto VM {app.path} on host {host.name}")
-            timeout = params.get("shutdown_timeout")
+            timeout = params.shutdown_timeout
             body = checked(
                 VmRestoreRequest,
                 domain=app.path,
@@ -330,7 +339,7 @@ def _run_vm_restore(
                 manifest=image.manifest,
                 job=ctx.job.id,
                 appliance=site.session_ref(transfer.id, token),
-                power_on=bool(params.get("power_on")),
+                power_on=params.power_on,
                 definition=own_domain_xml(site, app),
                 **({"shutdown_timeout": float(timeout)} if timeout is not None else {}),
             )

@@ -64,6 +64,7 @@ from tandem.jobs.runner import JobContext
 from tandem.operations import peers, pg_recovery
 from tandem.operations.capture import check_label
 from tandem.operations.hosts import agent_for
+from tandem.operations.jobparams import LabelParams
 from tandem.operations.present import BLOCK_KINDS
 from tandem.operations.replicate import offer_of, send_image
 from tandem.operations.sessions import Session
@@ -77,6 +78,7 @@ from tandem.transport.api import checked
 from tandem.transport.peer import Opened, SyncbackOpen
 
 TYPE = "syncback"
+Params = LabelParams
 
 
 def failover_image(site: Site, app: str) -> Image:
@@ -113,7 +115,12 @@ def submit_syncback(
     failover_image(site, app)
     with site.catalog.begin() as session:
         job = submit_job(
-            session, type=TYPE, app=app, params={"label": label}, lifecycle=True, actor=actor
+            session,
+            type=TYPE,
+            app=app,
+            params=Params(label=label).stored(),
+            lifecycle=True,
+            actor=actor,
         )
     site.wake()
     return job
@@ -386,16 +393,14 @@ def send_home(site: Site, ctx: JobContext, app: App, image: Image) -> int:
     return sent
 
 
-def run_syncback(site: Site, ctx: JobContext) -> dict[str, Any]:
+def run_syncback(site: Site, ctx: JobContext, params: Params) -> dict[str, Any]:
     name = ctx.job.app or ""
     peer = peers.require_peer(site)
     with site.catalog.read() as session:
         app = q.get_app(session, name=name)
         check_transition(app.name, app.state, Operation.SYNCBACK)
     t0 = time.monotonic()
-    taken = capture_dr_state(
-        site, ctx, app, kind=ImageKind.SYNCBACK, label=ctx.job.params.get("label")
-    )
+    taken = capture_dr_state(site, ctx, app, kind=ImageKind.SYNCBACK, label=params.label)
     image, changed, held = taken.image, taken.written, taken.held_seconds
     t1 = time.monotonic()
     ctx.log(f"captured {image.id} in {t1 - t0:.2f} s")

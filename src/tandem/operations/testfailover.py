@@ -33,6 +33,12 @@ from tandem.operations.site import Site
 TYPE = "test-failover"
 
 
+class Params(present.PresentParams):
+    """A test failover's job: a presentation, and whether a database copy is verified."""
+
+    verify: bool = False
+
+
 def pick_replica(session: Session, app: App, image: str | None) -> Image:
     """The replica to present: the one named, or the newest."""
     if image:
@@ -131,16 +137,19 @@ def submit_test_failover(
         )
         action = present.check_action(row, action, mount_point)
         target = present.vm_with_action(row, target, action)
-        params: dict[str, Any] = {"host": host, "mount_point": mount_point, "action": action}
-        params.update(recovering)
-        if target is not None:
-            params.update(target.as_params())
+        params = Params(
+            host=host,
+            mount_point=mount_point,
+            action=action,
+            **recovering,
+            **(target.as_params() if target is not None else {}),
+        )
         job = submit_job(
             session,
             type=TYPE,
             app=row.name,
             image=replica.id,
-            params=params,
+            params=params.stored(),
             lifecycle=True,
             actor=actor,
         )
@@ -148,18 +157,17 @@ def submit_test_failover(
     return job
 
 
-def run_test_failover(site: Site, ctx: JobContext) -> dict[str, Any]:
-    params = ctx.job.params
+def run_test_failover(site: Site, ctx: JobContext, params: Params) -> dict[str, Any]:
     with site.catalog.read() as session:
         app = q.get_app(session, name=ctx.job.app or "")
         replica = pick_replica(session, app, ctx.job.image)
-        check_target(session, app, params["host"])
-        host = q.get_host(session, name=params["host"])
+        check_target(session, app, params.host)
+        host = q.get_host(session, name=params.host)
     with agent_for(host) as agent:
         agent.info()  # reachable, or "host NAME unreachable at URL"
     recovery = None
     if app.kind is AppKind.POSTGRESQL:
-        recovery = pg_recovery.asked(site, app, params)
+        recovery = pg_recovery.asked(site, app, params.time)
         replica = recovery.base
     image_id = new_image_id()
     shown = present.present(
@@ -169,9 +177,9 @@ def run_test_failover(site: Site, ctx: JobContext) -> dict[str, Any]:
         base=replica,
         app=app,
         host=host,
-        action=params["action"],
-        mount_point=params.get("mount_point"),
-        new_vm=present.NewVm.from_params(params),
+        action=params.action,
+        mount_point=params.mount_point,
+        new_vm=params.vm(),
     )
     recovered: dict[str, Any] = {}
     if recovery is not None:
@@ -183,8 +191,8 @@ def run_test_failover(site: Site, ctx: JobContext) -> dict[str, Any]:
             shown=shown,
             app=app,
             host=host,
-            port=params.get("port"),
-            verify=bool(params.get("verify")),
+            port=params.port,
+            verify=params.verify,
         )
     row = present.record(
         site,
