@@ -6,7 +6,6 @@ reach each other exactly as in production, without subprocesses.
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from pathlib import Path
@@ -15,11 +14,9 @@ from types import TracebackType
 import uvicorn
 from fastapi import FastAPI
 
+from tandem.transport.server import free_port
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+__all__ = ["LiveServer", "free_port"]
 
 
 class LiveServer:

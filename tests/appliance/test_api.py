@@ -232,6 +232,10 @@ def test_image_delete_job_marks_and_the_gc_job_collects(api: Api, tmp_path: Path
     age_chunks(api)
     api.appliance.runner.start()
     chunks_before = sum(1 for _ in api.appliance.site.pool.iter_chunks())
+    # What only the old image holds: its file's chunks (one or two: the chunker cuts random
+    # bytes where their content says) and nothing the new image shares.
+    only_old = image_chunks(api, old) - image_chunks(api, new)
+    assert only_old
     job = api.client.delete(f"/api/v1/images/{old}", headers=h).json()["job"]
     done = api.appliance.runner.wait(job["id"], timeout=30)
     assert done.status.value == "succeeded", done.message
@@ -249,11 +253,23 @@ def test_image_delete_job_marks_and_the_gc_job_collects(api: Api, tmp_path: Path
     assert gc_job["type"] == "gc"
     done = api.appliance.runner.wait(gc_job["id"], timeout=30)
     assert done.status.value == "succeeded", done.message
-    assert "1 chunk(s) removed" in done.message
-    assert done.result is not None and done.result["chunks_removed"] == 1
+    assert f"{len(only_old)} chunk(s) removed" in done.message
+    assert done.result is not None and done.result["chunks_removed"] == len(only_old)
+    left = {c for c, _ in api.appliance.site.pool.iter_chunks()}
+    assert not only_old & left and image_chunks(api, new) <= left
     state = api.client.get("/api/v1/gc", headers=h).json()
     assert state["pending_deletions"] == 0 and not state["unfinished"]
     assert api.client.get(f"/api/v1/images/{new}/verify", headers=h).json()["ok"]
+
+
+def image_chunks(api: Api, image_id: str) -> set[bytes]:
+    """The data chunk ids that image ``image_id``'s manifest names."""
+    from tandem.catalog import queries as q
+    from tandem.storage.manifest import load_manifest
+
+    with api.appliance.catalog.begin() as session:
+        manifest = q.get_image(session, image_id=image_id).manifest
+    return load_manifest(api.appliance.site.pool, bytes.fromhex(manifest)).chunk_ids()
 
 
 def age_chunks(api: Api) -> None:

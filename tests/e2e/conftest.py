@@ -20,9 +20,10 @@ from typing import Any
 import httpx
 import pytest
 
-from tandem.drill.lab import Daemon, free_port, wait_for
+from tandem.drill.lab import Daemon, wait_for
 from tandem.drill.operator import Cli, Result
 from tandem.drill.steps import Site
+from tandem.transport.server import free_port
 
 __all__ = ["Cli", "Daemon", "Result", "Site", "free_port", "wait_for"]  # for the tests
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import socket
 import struct
 from pathlib import Path
 
@@ -181,3 +182,15 @@ def test_subs_frames_round_trip_and_big_asks_are_cut_under_the_limits() -> None:
     assert got == {k: js for k, (_, js) in enumerate(wants) if js}
     total = sum(len(js) for _, js in wants)
     assert len(requests) == -(-total // BLOCKS_PER_REQUEST)  # full requests but the last
+
+
+def test_a_picked_port_is_never_one_the_kernel_hands_to_a_connection() -> None:
+    """Daemons are given their port at init and bind it later: a port from the ephemeral
+    range could meanwhile be the local end of any process's outgoing connection."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = {free_port() for _ in range(20)}
+    assert all(1024 <= p < low for p in ports), ports
+    assert len(ports) > 1  # random, not one port for every worker of a test run
+    port = ports.pop()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", port))  # still free

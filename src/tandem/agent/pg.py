@@ -88,6 +88,7 @@ from tandem.transport.agent_api import (
     WalRead,
     WantedRequest,
 )
+from tandem.transport.server import free_port
 
 log = logging.getLogger(__name__)
 
@@ -720,14 +721,6 @@ def last_commit(c: Cluster, spool: Path) -> datetime | None:
     return None
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def recover(req: RecoverRequest) -> dict[str, Any]:
     """Start the copy at ``req.path`` as a PostgreSQL recovered to ``req.target_time`` (or
     to the end of its WAL), promoted there; wait until it accepts connections; report the
@@ -807,7 +800,7 @@ def recover(req: RecoverRequest) -> dict[str, Any]:
     else:
         settings.append("recovery_target_timeline = 'latest'")
     write("postgresql.auto.conf", "\n".join(settings) + "\n", "a")
-    port = req.port or _free_port()
+    port = req.port or free_port()
     sockets = req.socket_dir or path
     c = Cluster(path, port, sockets, c0.owner, c0.uid, c0.gid, c0.major)
     log = os.path.join(path, "tandem-recovery.log")
@@ -926,7 +919,7 @@ def start_copy(req: PgRunRequest) -> dict[str, Any]:
     its socket, ``req.port`` or a free one); waits until it accepts connections."""
     path = _copy_dir(req.path)
     c0 = _owner_of(path)
-    port = req.port or _free_port()
+    port = req.port or free_port()
     sockets = req.socket_dir or path
     c = Cluster(path, port, sockets, c0.owner, c0.uid, c0.gid, c0.major)
     log = os.path.join(path, "tandem-recovery.log")

@@ -48,7 +48,6 @@ import gc as python_gc
 import logging
 import os
 import secrets
-import socket
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -72,6 +71,7 @@ from tandem.storage.pool import ChunkPool
 from tandem.transport.server import (
     DaemonConfig,
     bind,
+    free_port,
     init_daemon_dir,
     load_daemon_dir,
     lock_daemon_dir,
@@ -207,7 +207,7 @@ def init(
     check_workers(workers)
     host, _ = parse_listen(listen)
     if nbd_listen is None:
-        nbd_listen = f"{host}:{_free_port(host)}"
+        nbd_listen = f"{host}:{free_port(host)}"  # fixed at init: export URIs survive restarts
     else:
         nbd_host, _ = _parse_nbd_listen(nbd_listen)
         if _wildcard(nbd_host) and _wildcard(host):
@@ -262,13 +262,6 @@ def configured_workers(cfg: DaemonConfig) -> int:
             detail=f"config.json has workers {value!r}: give a number from 1 to {MAX_WORKERS}"
         )
     return value
-
-
-def _free_port(host: str) -> int:
-    """A port free now, for the NBD server: fixed at init so export URIs survive restarts."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 def _parse_nbd_listen(listen: str) -> tuple[str, int]:

@@ -33,7 +33,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -47,6 +46,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from tandem.errors import TandemError, Unreachable
 from tandem.transport.client import ApiClient, ApplianceClient
+from tandem.transport.server import free_port
 
 if TYPE_CHECKING:
     from .operator import Cli
@@ -65,13 +65,6 @@ PR_SET_PDEATHSIG = 1
 def tandem_argv(*args: str) -> list[str]:
     """The command line that runs ``tandem ARGS`` with this very interpreter."""
     return [sys.executable, "-m", "tandem.cli", *args]
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free now (another process may still take it before we bind)."""
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 def child_env() -> dict[str, str]:

@@ -410,6 +410,9 @@ def open_replication(site: Site, *, peer: str, body: ReplicationOpen) -> Opened:
         write=True,
         bases=[base_id] if base_id else [],
         ttl=3600,
+        # Every batch the sender sees answered is kept: across sites, sending it again
+        # costs more than a sync per batch.
+        flush_every=SEND_BYTES,
     )
     transfer.meta.update(
         peer=peer,

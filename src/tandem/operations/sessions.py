@@ -30,7 +30,7 @@ from tandem.storage.pool import CODEC_DELTA, ChunkPool, PoolWriter
 from tandem.transport.server import hash_token, token_matches
 from tandem.transport.wire import FrameReader
 
-FLUSH_EVERY = 64 * 1024 * 1024  # a few sender batches: a broken transfer re-sends at most this
+FLUSH_EVERY = 64 * 1024 * 1024  # default: a broken transfer re-sends at most this
 QUEUED_BYTES = 8 * 1024 * 1024  # received frames waiting for verification, per request
 STORE_FRAMES = 64  # frames verified and stored by one worker call, at most...
 STORE_BYTES = 1024 * 1024  # ...and about this many bytes (a larger frame goes alone)
@@ -57,6 +57,7 @@ class Session:
     expires: float = 0.0
     meta: dict[str, Any] = field(default_factory=dict)  # what the opening operation keeps
     flushed_at: int = 0  # bytes_received when the writer last made chunks durable
+    flush_every: int = FLUSH_EVERY  # received bytes between two flushes of the writer
 
 
 class SessionRegistry:
@@ -74,9 +75,13 @@ class SessionRegistry:
         readable: Iterable[bytes] = (),
         ttl: float = 24 * 3600,
         xor_deltas: bool = True,
+        flush_every: int = FLUSH_EVERY,
     ) -> tuple[Session, str]:
         """Open a session; returns it and its token (shown once, kept as a hash).
-        ``xor_deltas``: see ``PoolWriter.put_encoded``."""
+        ``xor_deltas``: see ``PoolWriter.put_encoded``. ``flush_every``: received bytes
+        after which what arrived is made durable and present, so that a broken transfer
+        resumes without them (each flush is a file-system sync: a sender on a slow link
+        wants it per batch, an agent on the LAN re-sends a few batches faster)."""
         bases = list(bases)
         token = secrets.token_urlsafe(32)
         sid = secrets.token_hex(8)
@@ -88,6 +93,7 @@ class SessionRegistry:
             writer=writer,
             readable=set(bases) | set(readable),
             expires=time.time() + ttl,
+            flush_every=flush_every,
         )
         with self._lock:
             self._sessions[sid] = session
@@ -216,9 +222,9 @@ class SessionRegistry:
         return n
 
     def _received(self, session: Session, writer: PoolWriter, n: int, size: int) -> None:
-        # Durable and present every FLUSH_EVERY bytes: a transfer broken after that resumes
-        # without them. (Not every batch: each flush is a file-system sync.)
-        if session.bytes_received + size - session.flushed_at >= FLUSH_EVERY:
+        # Durable and present every ``flush_every`` bytes: a transfer broken after that
+        # resumes without them.
+        if session.bytes_received + size - session.flushed_at >= session.flush_every:
             writer.flush()
             session.flushed_at = session.bytes_received + size
         with self._lock:

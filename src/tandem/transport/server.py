@@ -127,6 +127,40 @@ def parse_listen(listen: str) -> tuple[str, int]:
     return host or "127.0.0.1", int(port)
 
 
+PICKED_PORTS_FROM = 10000  # above the usual services' ports
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing uses now, for a server to bind later (written into a config).
+
+    Picked below the kernel's ephemeral range: a port from ``bind(port 0)`` is one the kernel
+    may hand the next outgoing connection of any process, which then holds it when the
+    server binds. Ports below the range are never handed out, so only another explicit
+    choice can collide. Picked with the system's randomness (test runners reseed
+    ``random`` alike in every worker)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    low = _ephemeral_low()
+    for _ in range(64 if low - PICKED_PORTS_FROM > 1000 else 0):
+        port = PICKED_PORTS_FROM + secrets.randbelow(low - PICKED_PORTS_FROM)
+        with socket.socket(family) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+            return port
+    with socket.socket(family) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def _ephemeral_low() -> int:
+    try:
+        text = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text()
+        return int(text.split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
 def init_daemon_dir(
     directory: Path,
     *,
