@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import random
 import socket
+import ssl
 import struct
+import threading
 from pathlib import Path
 
 import pytest
@@ -89,13 +91,43 @@ def test_agent_events_keep_their_class_but_never_blame_the_caller() -> None:
 
 def test_unreachable_names_the_party(tmp_path: Path) -> None:
     url = f"https://127.0.0.1:{free_port()}"
+    ApiClient(url, "t", "ab" * 32).close()  # pinning contacts no one: the call does
     with pytest.raises(Unreachable) as caught:
-        AgentClient("web1", url, "t", "ab" * 32)
+        AgentClient("web1", url, "t", "ab" * 32).info()
     assert caught.value.message.startswith(f"host web1 unreachable at {url}: ")
     with pytest.raises(Unreachable, match=f"appliance {url} unreachable at {url}"):
-        ApiClient(url, "t", "ab" * 32)
+        ApiClient(url, "t", "ab" * 32).health()
     with pytest.raises(InvalidInput, match="no certificate fingerprint"):
         ApiClient(url, "t", None)
+
+
+class TlsListener:
+    """A TLS server with a daemon's certificate that accepts one connection, completes the
+    handshake and keeps the first bytes the client sends (none if it closes instead)."""
+
+    def __init__(self, daemon_dir: Path) -> None:
+        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.ctx.load_cert_chain(daemon_dir / "cert.pem", daemon_dir / "key.pem")
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"https://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.received: list[bytes] = []
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        conn, _ = self.sock.accept()
+        got = b""
+        try:
+            with self.ctx.wrap_socket(conn, server_side=True) as tls:
+                got = tls.recv(65536)  # the request's first bytes, or b"" at its close
+        except (OSError, ssl.SSLError):
+            pass  # the client dropped the connection without sending anything
+        self.received.append(got)
+        self.done.set()
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 def test_a_wrong_fingerprint_is_refused_before_the_token_is_sent(tmp_path: Path) -> None:
@@ -104,11 +136,27 @@ def test_a_wrong_fingerprint_is_refused_before_the_token_is_sent(tmp_path: Path)
     from tests.appliance.live import LiveServer
 
     info = agent_app.init(tmp_path / "a", "a", f"127.0.0.1:{free_port()}")
+    # The server holds the certificate, the client pins another: the handshake completes,
+    # the pin check refuses it, and the server never sees a byte of the request.
+    listener = TlsListener(tmp_path / "a")
+    try:
+        client = ApiClient(listener.url, "secret-token", "cd" * 32)
+        with pytest.raises(CertificateMismatch, match="not the pinned"):
+            client.get("/api/v1/info")
+        client.close()
+        assert listener.done.wait(30)
+        assert listener.received == [b""]
+    finally:
+        listener.close()
     cfg = load_daemon_dir(tmp_path / "a", "agent")
     with LiveServer(agent_app.create_app(cfg, tmp_path / "a"), tmp_path / "a", cfg.port):
-        with pytest.raises(CertificateMismatch, match="not the pinned"):
-            ApiClient(info["url"], info["token"], "cd" * 32)
+        with (
+            ApiClient(info["url"], info["token"], "cd" * 32) as client,
+            pytest.raises(CertificateMismatch, match="not the pinned"),
+        ):
+            client.get("/api/v1/info")
         with ApiClient(info["url"], info["token"], info["fingerprint"].upper()) as client:
+            assert client.get("/api/v1/info")["name"] == "a"
             assert client.get("/api/v1/info")["name"] == "a"
 
 

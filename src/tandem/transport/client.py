@@ -143,11 +143,9 @@ class ApiClient:
                     detail=f"no certificate fingerprint for {self.url}: pass --fingerprint"
                     " or set TANDEM_FINGERPRINT"
                 )
-            try:
-                verify = pinned_context(self.url, fingerprint)
-            except Unreachable as exc:
-                # Name the party as the caller knows it ("host web1"), not as a bare address.
-                raise self._unreachable_reason(str(exc.fields.get("reason", exc))) from exc
+            # Checked in the handshake of the client's own connection (one per command):
+            # a wrong certificate raises CertificateMismatch before the token is sent.
+            verify = pinned_context(self.url, fingerprint)
         self._http = httpx.Client(
             base_url=self.url, headers=headers, verify=verify, timeout=timeout
         )

@@ -1,10 +1,11 @@
 """TLS for daemons and pinned clients.
 
 Each daemon makes a self-signed certificate at ``init``. Clients do not trust any CA: they
-pin the SHA-256 fingerprint of that certificate (printed by ``init``). On first contact a
-client fetches the server's certificate, checks its fingerprint, and from then on uses that
-very certificate as the only trust anchor of its SSL context, so the TLS handshake itself
-refuses any other server before a token is ever sent.
+pin the SHA-256 fingerprint of that certificate (printed by ``init``). The pin is checked
+inside the one handshake a connection makes (``pinned_context``): once the server has proven
+it holds the key of the certificate it presented, the client compares that certificate's
+fingerprint with the pin and drops the connection on a mismatch, before a single byte of a
+request (and so the token) is written. No extra connection fetches the certificate first.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import threading
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from tandem.errors import CertificateMismatch, Unreachable
+from tandem.errors import CertificateMismatch
 
 
 def make_self_signed(cert_path: Path, key_path: Path, name: str, hosts: list[str]) -> str:
@@ -74,32 +75,71 @@ def normalize_fingerprint(fp: str) -> str:
     return fp.replace(":", "").strip().lower()
 
 
-_contexts: dict[tuple[str, int, str], ssl.SSLContext] = {}
+class _PinnedSocket(ssl.SSLSocket):
+    """A client TLS socket that checks its context's pin as the handshake completes."""
+
+    def do_handshake(self, block: bool = False) -> None:
+        super().do_handshake(block)
+        context = self.context
+        if isinstance(context, PinnedContext):
+            try:
+                context.check(self.getpeercert(binary_form=True))
+            except CertificateMismatch:
+                self.close()
+                raise
+
+
+class _PinnedObject(ssl.SSLObject):
+    """The same check for TLS over memory buffers (asyncio's transports)."""
+
+    def do_handshake(self) -> None:
+        super().do_handshake()
+        context = self.context
+        if isinstance(context, PinnedContext):
+            context.check(self.getpeercert(binary_form=True))
+
+
+class PinnedContext(ssl.SSLContext):
+    """A client SSL context that accepts exactly one server certificate: the one whose
+    SHA-256 fingerprint is the pin. The chain is not verified against any CA (there is
+    none: the daemons' certificates are self-signed); the handshake still proves that the
+    server holds the certificate's private key (its signature over the handshake), and the
+    pin check runs as the handshake completes, before the caller can send anything."""
+
+    sslsocket_class = _PinnedSocket
+    sslobject_class = _PinnedObject
+    pin_url: str
+    pin: str
+
+    def check(self, der: bytes | None) -> None:
+        """Raise CertificateMismatch unless ``der`` is the pinned certificate."""
+        actual = fingerprint_of_der(der) if der else "(none)"
+        if actual != self.pin:
+            raise CertificateMismatch(url=self.pin_url, actual=actual, expected=self.pin)
+
+
+_contexts: dict[tuple[str, int, str], PinnedContext] = {}
 _lock = threading.Lock()
 
 
-def pinned_context(url: str, fingerprint: str, timeout: float = 10.0) -> ssl.SSLContext:
-    """An SSL context that accepts only the server certificate with ``fingerprint``."""
+def pinned_context(url: str, fingerprint: str) -> ssl.SSLContext:
+    """An SSL context that accepts only the server certificate with ``fingerprint``.
+
+    Making it contacts no one: the check happens in the handshake of each connection made
+    with it (see ``PinnedContext``), which raises CertificateMismatch on another server."""
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 443
     fp = normalize_fingerprint(fingerprint)
     key = (host, port, fp)
     with _lock:
         ctx = _contexts.get(key)
-    if ctx is not None:
-        return ctx
-    try:
-        pem = ssl.get_server_certificate((host, port), timeout=timeout)
-    except (OSError, ssl.SSLError) as exc:
-        raise Unreachable(what="server", name=host, url=url, reason=str(exc)) from exc
-    actual = fingerprint_of_pem(pem)
-    if actual != fp:
-        raise CertificateMismatch(url=url, actual=actual, expected=fp)
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cadata=pem)
-    ctx.check_hostname = False  # the pinned certificate itself is the identity
-    ctx.verify_mode = ssl.CERT_REQUIRED
-    with _lock:
-        _contexts[key] = ctx
+        if ctx is None:
+            ctx = PinnedContext(ssl.PROTOCOL_TLS_CLIENT)
+            ctx.check_hostname = False  # the pinned certificate itself is the identity
+            ctx.verify_mode = ssl.CERT_NONE  # no CA to verify against: the pin decides
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+            ctx.pin_url, ctx.pin = url, fp
+            _contexts[key] = ctx
     return ctx
 
 
