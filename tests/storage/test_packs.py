@@ -390,6 +390,34 @@ def test_a_writers_batch_lookup_answers_what_is_missing_and_keeps_the_rest_from_
     assert [pool.get(d) for d in ids(packed)] == packed
 
 
+def test_a_batch_lookup_with_sizes_answers_the_same_and_keeps_the_rest_from_gc(
+    pool: ChunkPool,
+) -> None:
+    """With the senders' encoding sizes (``/missing``'s ``sizes``) the answer is the same:
+    packed and large loose chunks are held (and kept from GC), only absent ones come back;
+    a small chunk is looked up in the pack index alone."""
+    packed = small("old", 20)
+    image(pool, packed)
+    loose = os.urandom(packs.PACK_BELOW + 1024)
+    image(pool, [loose])
+    age(pool)
+    fresh = small("fresh", 3)
+    with pool.writer() as w:
+        asked = [*ids(packed), hash_object(loose)[0], *ids(fresh)]
+        sizes = [len(c) for c in packed] + [len(loose)] + [len(c) for c in fresh]
+        assert w.missing(asked, sizes) == ids(fresh)
+        for c in fresh:
+            w.put(c)
+        gc.collect(pool, lambda: [])
+        names = [*ids(packed), hash_object(loose)[0], *ids(fresh)]
+        mid = w.commit_manifest(
+            encode_manifest(VolumeManifest(size=len(names) * VOLUME_CHUNK, chunks=list(names)))
+        )
+    assert pool.verify({mid: names}).ok
+    with pool.writer() as w, pytest.raises(ValueError):
+        w.missing(asked, sizes[:-1])
+
+
 def test_a_killed_gc_resumes_its_pack_sweep(pool: ChunkPool) -> None:
     keep = small("keep", 5)
     live = image(pool, keep)

@@ -24,7 +24,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from tandem.errors import InvalidInput, Unauthorized
@@ -42,6 +42,16 @@ from tandem.transport.wire import (
 
 OCTETS = "application/octet-stream"
 MAX_BATCH = 256 * 1024 * 1024
+
+
+class MissingAsk(BaseModel):
+    """``POST /missing``: the digests a sender is about to send and, optionally, the length
+    of each one's encoding (``sizes``, same order): a chunk whose encoding the pool would
+    pack is looked up in the pack index only, without a syscall for a loose file."""
+
+    model_config = ConfigDict(extra="forbid")
+    digests: list[str]
+    sizes: list[Annotated[int, Field(ge=0)]] | None = None
 
 
 class SubsAsk(BaseModel):
@@ -91,9 +101,14 @@ def make_router(registry: SessionRegistry) -> APIRouter:
         return Response(body, media_type=OCTETS)
 
     @router.post("/missing")
-    def missing(s: S, body: dict[str, list[str]]) -> dict[str, Any]:
-        digests = decode_digests(body.get("digests", []))
-        return {"missing": encode_digests(registry.missing(s, digests))}
+    def missing(s: S, body: MissingAsk) -> dict[str, Any]:
+        digests = decode_digests(body.digests)
+        if body.sizes is not None and len(body.sizes) != len(digests):
+            raise InvalidInput(
+                detail=f"{len(body.sizes)} sizes for {len(digests)} digests; give one size per"
+                " digest, in the same order, or leave sizes out"
+            )
+        return {"missing": encode_digests(registry.missing(s, digests, body.sizes))}
 
     @router.post("/chunks")
     async def chunks(s: S, request: Request) -> dict[str, Any]:

@@ -144,8 +144,10 @@ class SessionRegistry:
             raise NotFound(what="transfer session", name=sid, listing="jobs")
         return session
 
-    def missing(self, session: Session, digests: list[bytes]) -> list[bytes]:
-        return self._writer(session).missing(digests)
+    def missing(
+        self, session: Session, digests: list[bytes], sizes: list[int] | None = None
+    ) -> list[bytes]:
+        return self._writer(session).missing(digests, sizes)
 
     async def receive_stream(
         self, session: Session, pieces: AsyncIterator[bytes], max_bytes: int

@@ -1024,11 +1024,22 @@ class PoolWriter:
             self._held.add(digest)
         return True
 
-    def missing(self, digests: Iterable[bytes]) -> list[bytes]:
+    def missing(self, digests: Iterable[bytes], sizes: Iterable[int] | None = None) -> list[bytes]:
         """The digests, in order and without repeats, that neither the pool nor this writer
         holds; touches the ones it holds (for GC), each pack once for the writer's life.
         A batch of n digests costs one refresh of the pack index and at most one syscall
-        per digest that is not packed (``has`` costs up to three)."""
+        per digest that is not packed (``has`` costs up to three).
+
+        ``sizes`` (the length of each chunk's encoding, as the sender has it) spares that
+        syscall for a chunk this pool would pack (smaller than ``pack_below``): one not in
+        the pack index is taken as absent without looking for a loose file of it. Were it
+        stored loose all the same (by a version before packs, or under another
+        ``pack_below``), it is sent and stored once more, which is harmless."""
+        small: set[bytes] = set()
+        if sizes is not None:
+            digests = list(digests)
+            below = self.pool.pack_below
+            small = {d for d, n in zip(digests, sizes, strict=True) if n < below}
         with self._lock:
             todo = [d for d in dict.fromkeys(digests) if d not in self._pending]
             todo = [d for d in todo if d not in self._held]
@@ -1056,7 +1067,7 @@ class PoolWriter:
                     self._touched_packs.add(path)
                     held.append(d)
                     continue
-            elif self.pool.touch_loose(d, self._chunks_fd):
+            elif d not in small and self.pool.touch_loose(d, self._chunks_fd):
                 held.append(d)
                 continue
             else:

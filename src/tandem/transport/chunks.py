@@ -63,9 +63,14 @@ class SessionClient:
         self.id = session
         self.base = session_path(session)
 
-    def missing(self, digests: Iterable[bytes]) -> list[bytes]:
-        """Which of ``digests`` the appliance lacks (durable and verified counts as held)."""
-        answer = self.client.post(f"{self.base}/missing", {"digests": encode_digests(digests)})
+    def missing(self, digests: Iterable[bytes], sizes: list[int] | None = None) -> list[bytes]:
+        """Which of ``digests`` the appliance lacks (durable and verified counts as held).
+        ``sizes``: the length of each one's encoding, if known (the appliance then skips
+        looking for a loose file of a chunk it would pack)."""
+        body: dict[str, Any] = {"digests": encode_digests(digests)}
+        if sizes is not None:
+            body["sizes"] = sizes
+        answer = self.client.post(f"{self.base}/missing", body)
         return list(decode_digests(answer["missing"]))
 
     def send_chunks(self, body: bytes) -> None:
@@ -218,7 +223,7 @@ class RemoteWriter:
 
     def _send(self, batch: list[tuple[bytes, bytes]]) -> None:
         """Ask which chunks of the batch the appliance lacks, then send those."""
-        missing = set(self.session.missing(d for d, _ in batch))
+        missing = set(self.session.missing([d for d, _ in batch], [len(b) for _, b in batch]))
         frames = [(d, b) for d, b in batch if d in missing]
         if frames:
             body = encode_frames(frames)

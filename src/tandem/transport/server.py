@@ -8,8 +8,10 @@ as SHA-256 hashes. Daemons serve HTTPS with the certificate made at ``init``.
 from __future__ import annotations
 
 import fcntl
+import gc
 import hashlib
 import hmac
+import importlib
 import json
 import logging
 import os
@@ -242,6 +244,11 @@ def serve(
 ) -> None:
     """Run ``app`` over HTTPS until SIGTERM/SIGINT (on ``sock`` if given, else bind now)."""
     sock = sock or bind(cfg)
+    # A daemon's jobs call other daemons (the agent sends chunks to the appliance, which
+    # drives agents and peers): httpx imports its transport on first use, so load it now,
+    # not in the first job an operator waits for (a fraction of a second).
+    importlib.import_module("httpcore")
+    gc.freeze()  # what start-up made lives as long as the daemon: no collection walks it
     config = uvicorn.Config(
         app,
         host=cfg.host,
