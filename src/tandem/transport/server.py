@@ -8,7 +8,6 @@ as SHA-256 hashes. Daemons serve HTTPS with the certificate made at ``init``.
 from __future__ import annotations
 
 import fcntl
-import gc
 import hashlib
 import hmac
 import importlib
@@ -248,7 +247,6 @@ def serve(
     # drives agents and peers): httpx imports its transport on first use, so load it now,
     # not in the first job an operator waits for (a fraction of a second).
     importlib.import_module("httpcore")
-    gc.freeze()  # what start-up made lives as long as the daemon: no collection walks it
     config = uvicorn.Config(
         app,
         host=cfg.host,
