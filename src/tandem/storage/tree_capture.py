@@ -55,8 +55,9 @@ import os
 import stat
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -238,9 +239,14 @@ def _walk(
     base: dict[str, TreeEntry],
     chunks_present: Callable[[TreeEntry], bool],
     identity: Mapping[str, tuple[int, int]] | None = None,
+    on_new_small: Callable[[TreeEntry], None] | None = None,
 ) -> tuple[list[TreeEntry], dict[str, int], set[str]]:
     """lstat everything under ``root``: (unsorted entries, st_dev of multiply-linked files,
     paths of files that look sparse).
+
+    ``on_new_small(entry)`` is called, as the walk goes on, for each regular file of one
+    chunk (1 to ``CDC_MIN`` bytes) that ``base`` does not name, has one link and is not
+    sparse: the caller may read it at once (``capture_tree`` does).
 
     An entry that ``base`` describes unchanged is the base's TreeEntry object itself (chunks
     included, for a file whose chunks are present): no copy of an unchanged tree is built.
@@ -326,21 +332,29 @@ def _walk(
                     else:
                         skipped.add(rel, "socket" if stat.S_ISSOCK(mode) else "device")
                         continue
-                    entries.append(
-                        TreeEntry(
-                            rel,
-                            typ,
-                            stat.S_IMODE(mode),
-                            st.st_uid,
-                            st.st_gid,
-                            st.st_mtime_ns,
-                            size,
-                            target,
-                            [],
-                            ctime_ns,
-                            ino,
-                        )
+                    entry = TreeEntry(
+                        rel,
+                        typ,
+                        stat.S_IMODE(mode),
+                        st.st_uid,
+                        st.st_gid,
+                        st.st_mtime_ns,
+                        size,
+                        target,
+                        [],
+                        ctime_ns,
+                        ino,
                     )
+                    entries.append(entry)
+                    if (
+                        on_new_small is not None
+                        and typ == FILE
+                        and 0 < size <= CDC_MIN
+                        and b is None
+                        and st.st_nlink == 1
+                        and rel not in sparse
+                    ):
+                        on_new_small(entry)
         except OSError as exc:
             raise SourceUnreadable(path=abs_dir, reason=exc.strerror or str(exc)) from exc
     return entries, link_dev, sparse
@@ -502,6 +516,32 @@ class _Capture:
 
     def capture_batch(self, indices: list[int]) -> list[_FileResult]:
         return [self.capture_file(i) for i in indices]
+
+    def capture_new(self, batch: list[TreeEntry]) -> list[tuple[TreeEntry, _FileResult]]:
+        """Read files of one chunk the walk just found (``_walk``'s ``on_new_small``), in a
+        worker while the walk goes on: the first attempt of ``capture_file`` when the
+        after-read check follows (``checked_later``). A file whose read came up short, or
+        that vanished, gets chunks None: the general path reads it again after the walk."""
+        out = []
+        for e in batch:
+            path = f"{self.root}/{e.path}"
+            cost = _Cost()
+            chunks: list[tuple[bytes | None, int]] | None = None
+            fd = self._open(path)
+            if fd is not None:
+                try:
+                    chunks = [
+                        (None if data is None else self.store(data, cost), n)
+                        for data, n in _pieces(fd, e.size, False, path)
+                    ]
+                except _Changed:
+                    chunks = None
+                finally:
+                    os.close(fd)
+                if chunks is not None and self.on_read is not None:
+                    self.on_read(e.path)
+            out.append((e, _FileResult(-1, chunks, None, cost)))
+        return out
 
     def store_chunk(self, data: bytes) -> _ChunkResult:
         cost = _Cost()
@@ -703,14 +743,56 @@ def capture_tree(
     base_index = {b.path: b for b in base.entries} if base else {}
     skipped = _Skipped()
     stats = CaptureStats()
-    with pool.writer(bases) as writer:
+    w = workers or default_workers()
+    with pool.writer(bases) as writer, ThreadPoolExecutor(w) as ex:
 
         def chunks_present(b: TreeEntry) -> bool:
             # Chunks of a registered base are kept by GC; others must be touched (and there).
             return registered or all(d is None or writer.has(d) for d, _ in b.chunks)
 
-        entries, link_dev, sparse = _walk(root_s, skipped, base_index, chunks_present, identity)
+        def account(cost: _Cost) -> None:
+            stats.bytes_read += cost.read
+            stats.chunks_new += cost.new
+            stats.bytes_new += cost.new_bytes
+            stats.bytes_stored += cost.stored
+
+        cap = _Capture(writer, root_s, [], set(), on_read, copy=identity is not None)
+        cap.torn_ok = torn_ok
+        cap.checked_later = recheck and not torn_ok and identity is None
+
+        # New files of one chunk are read while the walk goes on (the after-read check
+        # covers them like any other): the walk no longer precedes every read.
+        early: deque[Future[list[tuple[TreeEntry, _FileResult]]]] = deque()
+        batch: list[TreeEntry] = []
+
+        def settle_early(keep: int) -> None:
+            while len(early) > keep:
+                for e, res in early.popleft().result():
+                    account(res.cost)
+                    if res.chunks is not None:
+                        e.chunks = res.chunks
+
+        def on_new_small(e: TreeEntry) -> None:
+            nonlocal batch
+            batch.append(e)
+            if len(batch) >= BATCH_FILES:
+                early.append(ex.submit(cap.capture_new, batch))
+                batch = []
+                settle_early(4 * w)  # flat memory: the walk waits for the oldest batch
+
+        entries, link_dev, sparse = _walk(
+            root_s,
+            skipped,
+            base_index,
+            chunks_present,
+            identity,
+            on_new_small if cap.checked_later else None,
+        )
+        if batch:
+            early.append(ex.submit(cap.capture_new, batch))
+        settle_early(0)
         entries.sort(key=lambda e: e.path)
+        cap.entries, cap.sparse = entries, sparse
 
         # The first path of a hard-link group (in manifest order) carries the content.
         first_of: dict[tuple[int, int], str] = {}
@@ -742,9 +824,6 @@ def capture_tree(
         if progress:
             progress(done, total)
 
-        cap = _Capture(writer, root_s, entries, sparse, on_read, copy=identity is not None)
-        cap.torn_ok = torn_ok
-        cap.checked_later = recheck and not torn_ok and identity is None
         if previous is not None and base is not None:
             cap.previous = previous
             for i in todo:
@@ -762,13 +841,6 @@ def capture_tree(
                     cap.plans[i] = [(d, n) for d, n in b.chunks if d is not None]
         vanished: set[int] = set()
         streamed: list[tuple[bytes | None, int]] = []
-        w = workers or default_workers()
-
-        def account(cost: _Cost) -> None:
-            stats.bytes_read += cost.read
-            stats.chunks_new += cost.new
-            stats.bytes_new += cost.new_bytes
-            stats.bytes_stored += cost.stored
 
         def finish(
             index: int,
@@ -787,20 +859,19 @@ def capture_tree(
             if progress:
                 progress(done, max(total, done))
 
-        with ThreadPoolExecutor(w) as ex:
-            for res in pipelined(ex, cap.jobs(todo), 4 * w, INFLIGHT_BYTES):
-                if isinstance(res, list):
-                    for fr in res:
-                        account(fr.cost)
-                        finish(fr.index, fr.chunks, fr.fresh)
-                elif isinstance(res, _ChunkResult):
-                    account(res.cost)
-                    streamed.append((res.digest, res.length))
-                elif isinstance(res, _StreamRestart):
-                    streamed = []
-                else:
-                    finish(res.index, None if res.vanished else streamed, res.fresh)
-                    streamed = []
+        for res in pipelined(ex, cap.jobs(todo), 4 * w, INFLIGHT_BYTES):
+            if isinstance(res, list):
+                for fr in res:
+                    account(fr.cost)
+                    finish(fr.index, fr.chunks, fr.fresh)
+            elif isinstance(res, _ChunkResult):
+                account(res.cost)
+                streamed.append((res.digest, res.length))
+            elif isinstance(res, _StreamRestart):
+                streamed = []
+            else:
+                finish(res.index, None if res.vanished else streamed, res.fresh)
+                streamed = []
 
         if vanished:
             entries = _drop_vanished(cap, entries, vanished, skipped, account)
