@@ -160,6 +160,13 @@ def test_a_store_failing_at_the_seal_leaves_nothing_visible(
         fresh.get(result.digest)
 
 
+def test_garbage_collection_refuses_until_it_is_built(s3_pool: S3Pool) -> None:
+    from tandem.storage import gc
+
+    with pytest.raises(StorageError, match="not built yet"):
+        gc.collect(s3_pool, list)
+
+
 def test_a_bucket_without_a_pool_is_refused(s3_store: ObjectStore, tmp_path: Path) -> None:
     with pytest.raises(StorageError) as caught:
         S3Pool(s3_store, tmp_path / "cache")

@@ -66,9 +66,8 @@ class StoreUrl:
     region: str = "us-east-1"
 
     def __str__(self) -> str:
-        query = urllib.parse.urlencode({"endpoint": self.endpoint, "region": self.region})
         path = f"/{self.prefix}" if self.prefix else ""
-        return f"s3://{self.bucket}{path}?{query}"
+        return f"s3://{self.bucket}{path}?endpoint={self.endpoint}&region={self.region}"
 
 
 def is_store_url(text: str) -> bool:
@@ -237,7 +236,10 @@ class ObjectStore:
 
     def check(self) -> None:
         """Raise unless the bucket exists and the credentials may use it."""
-        self._call("head_bucket", "", Bucket=self.bucket)
+        try:
+            self._call("head_bucket", "", Bucket=self.bucket)
+        except ObjectMissing as exc:  # a HEAD's 404 has no body to name the bucket
+            raise BucketMissing(bucket=self.bucket, endpoint=self.endpoint) from exc
 
     def create_bucket(self) -> None:
         """Create the bucket; nothing if this account already owns it."""

@@ -174,6 +174,8 @@ class S3Pool(ChunkPool):
     ``root`` is the local cache directory: error messages about chunks name the store's
     URL through ``where``."""
 
+    collects_garbage = False  # not built yet: see the module's docstring
+
     def __init__(self, store: ObjectStore, cache_dir: Path | str) -> None:
         # ChunkPool.__init__ reads a local directory: everything it sets is set here.
         self.store = store
