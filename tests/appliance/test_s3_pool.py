@@ -137,3 +137,34 @@ def test_the_cli_says_what_is_wrong_without_a_traceback(
     done = run("--pool", pool_url(s3_store), "--listen", listen(), "--json", **creds)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["name"] == "dr"
+
+
+def test_a_joined_process_shares_the_bucket(
+    s3_env: S3Server, s3_store: ObjectStore, catalog_url: str, tmp_path: Path
+) -> None:
+    from tandem.appliance.daemon import join
+
+    if not catalog_url.startswith("postgresql"):
+        pytest.skip("several processes need a PostgreSQL catalog")
+    init(tmp_path / "one", "prod", listen(), catalog_url, pool=pool_url(s3_store))
+    join(tmp_path / "two", tmp_path / "one", listen())
+    assert stat.S_IMODE(os.stat(tmp_path / "two" / "s3.json").st_mode) == 0o600
+    src, out = tmp_path / "src", tmp_path / "out"
+    make_sample(src)
+    one, two = Appliance(tmp_path / "one"), Appliance(tmp_path / "two")
+    try:
+        assert isinstance(two.site.pool, S3Pool)
+        assert two.site.pool.store.url == one.site.pool.store.url  # type: ignore[attr-defined]
+        seed_app(one, "web")
+        image = seed_image(one, "web", src)  # written through the first process
+        with two.catalog.read() as session:
+            from tandem.catalog import queries as q
+
+            mid = bytes.fromhex(q.get_image(session, image_id=image).manifest)
+        manifest = load_manifest(two.site.pool, mid)  # read through the second
+        assert isinstance(manifest, TreeManifest)
+        restore_tree(two.site.pool, manifest, out)
+    finally:
+        one.stop()
+        two.stop()
+    assert listing(out) == listing(src)
