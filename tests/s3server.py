@@ -12,15 +12,17 @@ files through the object server.
 
 from __future__ import annotations
 
+import os
 import secrets
 import shutil
+import signal
 import subprocess
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tandem.transport.server import free_port
@@ -37,6 +39,17 @@ class S3Server:
     access_key: str
     secret_key: str
     folder: Path
+    pids: dict[str, int] = field(default_factory=dict)  # server kind -> its process id
+
+    @contextmanager
+    def paused(self, kind: str) -> Iterator[None]:
+        """Hold one server still (SIGSTOP) inside the block: the proxy answers 503 for what
+        needs it once its ``node_timeout`` passes. Continued (SIGCONT) at the end."""
+        os.kill(self.pids[kind], signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            os.kill(self.pids[kind], signal.SIGCONT)
 
     def log_tail(self, lines: int = 40) -> str:
         """The last lines of every server's log, for a failure message."""
@@ -115,6 +128,10 @@ pipeline = catch_errors gatekeeper healthcheck proxy-logging cache listing_forma
 [app:proxy-server]
 use = egg:swift#proxy
 account_autocreate = true
+# a paused backend (S3Server.paused) is a 503 within seconds, not the default 10 s
+node_timeout = 2
+conn_timeout = 0.5
+recoverable_node_timeout = 2
 
 [filter:s3api]
 use = egg:swift#s3api
@@ -223,7 +240,9 @@ def swift_s3(folder: Path, *, timeout: float = 60.0) -> Iterator[S3Server]:
 
     def start(name: str, argv: list[str]) -> None:
         log = (folder / f"{name}.log").open("wb")
-        procs.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=folder))
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=folder)
+        procs.append(proc)
+        server.pids[name] = proc.pid
         log.close()
 
     server = S3Server(
@@ -270,6 +289,7 @@ def swift_s3(folder: Path, *, timeout: float = 60.0) -> Iterator[S3Server]:
     finally:
         for proc in procs:
             with suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGCONT)
                 proc.terminate()
         for proc in procs:
             try:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tandem.errors import ChunkMissing, ObjectStoreUnreachable, StorageError
+from tandem.errors import ChunkMissing, ObjectStoreFailed, ObjectStoreUnreachable, StorageError
 from tandem.storage.digest import SUB_BLOCK
 from tandem.storage.manifest import TreeManifest, VolumeManifest, decode_manifest, load_manifest
 from tandem.storage.objstore import ObjectStore, StoreUrl
@@ -158,6 +158,32 @@ def test_a_store_failing_at_the_seal_leaves_nothing_visible(
     assert not fresh.has(result.digest) and fresh.list_manifests() == []
     with pytest.raises(ChunkMissing):
         fresh.get(result.digest)
+
+
+def test_a_store_answering_503_fails_the_capture_cleanly_after_its_retries(
+    s3_server: S3Server, s3_store: ObjectStore, tmp_path: Path
+) -> None:
+    flaky = ObjectStore(
+        s3_store.url,
+        access_key=s3_server.access_key,
+        secret_key=s3_server.secret_key,
+        attempts=3,
+    )
+    pool = S3Pool.create_on(flaky, tmp_path / "cache")
+    src = tmp_path / "disk.img"
+    src.write_bytes(os.urandom(6 * MiB))
+    with s3_server.paused("object"), pytest.raises(ObjectStoreFailed) as caught:
+        capture_volume(pool, src)  # every put answered 503 by the proxy
+    assert "503" in caught.value.message or "ServiceUnavailable" in caught.value.message
+    assert "after 3 attempt(s)" in caught.value.message  # retried, with backoff
+    fresh = S3Pool(s3_store, tmp_path / "fresh")
+    assert fresh.list_manifests() == []
+    assert not [o for o in s3_store.list("packs/") if o.key.endswith(".idx")]
+    # Back up: the capture runs again from the start and restores exactly.
+    mid, manifest, _ = capture_volume(pool, src)
+    out = tmp_path / "out.img"
+    restore_volume(fresh, manifest, out)
+    assert out.read_bytes() == src.read_bytes() and fresh.list_manifests() == [mid]
 
 
 def test_garbage_collection_refuses_until_it_is_built(s3_pool: S3Pool) -> None:
