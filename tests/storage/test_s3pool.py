@@ -65,6 +65,23 @@ def test_a_tree_restores_exactly_from_the_bucket_alone(
     assert all(k == "pool.json" or k.startswith(("packs/", "manifests/")) for k in keys)
 
 
+def test_small_files_restore_with_a_request_per_window_not_per_chunk(
+    s3_pool: S3Pool, s3_store: ObjectStore, tmp_path: Path
+) -> None:
+    src, out = tmp_path / "src", tmp_path / "out"
+    for i in range(400):
+        path = src / f"d{i % 7}" / f"f{i}.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(os.urandom(2048 + i))
+    _, manifest, _ = capture_tree(s3_pool, src)
+    fresh = S3Pool(s3_store, tmp_path / "fresh")  # nothing cached
+    before = dict(s3_store.requests)
+    restore_tree(fresh, manifest, out)
+    assert listing(out) == listing(src)
+    gets = s3_store.requests.get("get_object", 0) - before.get("get_object", 0)
+    assert gets <= 4, gets  # ~1 MiB of small chunks in one pack: one window, not 400 GETs
+
+
 def test_a_volume_and_a_small_change_restore_exactly(s3_pool: S3Pool, tmp_path: Path) -> None:
     src = tmp_path / "disk.img"
     first = write_volume(src, 12 * MiB + 777, seed=3)

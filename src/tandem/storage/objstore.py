@@ -154,6 +154,7 @@ class ObjectStore:
         self.endpoint = url.endpoint
         self.attempts = attempts
         self._prefix = f"{url.prefix}/" if url.prefix else ""
+        self.requests: dict[str, int] = {}  # operation -> requests made (retries not counted)
         config = Config(
             region_name=url.region,
             retries={"mode": "standard", "total_max_attempts": attempts},
@@ -227,6 +228,7 @@ class ObjectStore:
         from botocore.exceptions import BotoCoreError, ClientError
 
         method = getattr(self._client, operation)
+        self.requests[operation] = self.requests.get(operation, 0) + 1
         try:
             return method(**kwargs)
         except (ClientError, BotoCoreError) as exc:

@@ -27,8 +27,10 @@ Invariants
   or not at all), so a chunk is present exactly when its index object is; a pack whose index
   was never written (the store failed, the process died) holds nothing visible.
 - A manifest object is put after every chunk it names is sealed.
-- Reads are range GETs of one record, verified as a local pool's (the record names its id,
-  the chunk its digest); an index object is checked against its trailing digest.
+- Reads are range GETs, verified as a local pool's (the record names its id, the chunk its
+  digest); a small record is read from a cached 4 MiB window of its pack (packs never
+  change once sealed, so a window is never stale); an index object is checked against its
+  trailing digest.
 - Lookups of absent chunks list ``packs/`` again at most every REFRESH_EVERY seconds (a
   writer's ``missing`` lists once per batch; a read that misses lists at once): a chunk
   sealed by another process within that window is stored twice, which is harmless.
@@ -48,6 +50,7 @@ import os
 import stat
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,6 +87,8 @@ from tandem.storage.pool import (
 log = logging.getLogger(__name__)
 
 REFRESH_EVERY = 1.0  # seconds between listings of packs/ for lookups that miss
+READ_WINDOW = 4 * 1024 * 1024  # bytes of a pack fetched at once for its small records
+READ_WINDOWS = 16  # windows cached per pool object (64 MiB)
 POOL_KEY = "pool.json"
 PACKS = "packs/"
 MANIFESTS = "manifests/"
@@ -199,6 +204,8 @@ class S3Pool(ChunkPool):
         self.writers_dir = self.root / "writers"
         self.root.mkdir(parents=True, exist_ok=True)
         self.packs = _shared(store, self.packs_dir)
+        self._windows: OrderedDict[tuple[str, int], bytes] = OrderedDict()
+        self._windows_lock = threading.Lock()
         self._chunks_prefix = f"{self.chunks_dir}/"
         self.packs.refresh(force=True)
 
@@ -236,7 +243,7 @@ class S3Pool(ChunkPool):
             return None
         pack_id, offset, length = loc
         try:
-            blob = self.store.get_range(self.packs.pack_path(pack_id), offset, REC.size + length)
+            blob = self._read_range(pack_id, offset, REC.size + length)
         except ObjectMissing:
             return None
         if len(blob) != REC.size + length:
@@ -245,6 +252,27 @@ class S3Pool(ChunkPool):
         if magic != REC_MAGIC or rec_digest != digest or rec_len != length:
             raise ChunkCorrupt(digest=digest.hex(), pool=self.where, reason="pack record header")
         return blob[REC.size :]
+
+    def _read_range(self, pack_id: str, offset: int, size: int) -> bytes:
+        """``size`` bytes of a pack from ``offset``: a small record from a cached window of
+        the pack (READ_WINDOW bytes, one GET for the many small chunks a restore reads in
+        pack order), a large one or one across two windows with a GET of its own."""
+        key = self.packs.pack_path(pack_id)
+        first, last = offset // READ_WINDOW, (offset + size - 1) // READ_WINDOW
+        if size > READ_WINDOW // 4 or first != last:
+            return self.store.get_range(key, offset, size)
+        with self._windows_lock:
+            window = self._windows.get((pack_id, first))
+            if window is not None:
+                self._windows.move_to_end((pack_id, first))
+        if window is None:
+            window = self.store.get_range(key, first * READ_WINDOW, READ_WINDOW)
+            with self._windows_lock:
+                self._windows[(pack_id, first)] = window
+                while len(self._windows) > READ_WINDOWS:
+                    self._windows.popitem(last=False)
+        at = offset - first * READ_WINDOW
+        return window[at : at + size]  # packs never change: a cached window is never stale
 
     def _read_file(self, digest: bytes) -> bytes:
         blob = self._read_packed(digest)
