@@ -89,6 +89,7 @@ _BACKEND_CONF = """\
 [DEFAULT]
 devices = {devices}
 mount_check = false
+bind_timeout = 3
 disable_fallocate = true
 bind_ip = 127.0.0.1
 bind_port = {port}
@@ -116,6 +117,7 @@ _PROXY_CONF = """\
 [DEFAULT]
 bind_ip = 127.0.0.1
 bind_port = {port}
+bind_timeout = 3
 workers = 0
 user = {user}
 swift_dir = {swift_dir}
@@ -205,9 +207,50 @@ def _answers(url: str) -> bool:
         return False
 
 
+class _PortTaken(RuntimeError):
+    """Another process bound one of the picked ports between the pick and the bind."""
+
+
 @contextmanager
 def swift_s3(folder: Path, *, timeout: float = 60.0) -> Iterator[S3Server]:
-    """Start Swift + s3api under ``folder`` and yield where it answers; stop it after."""
+    """Start Swift + s3api under ``folder`` and yield where it answers; stop it after.
+    Ports are picked before the servers bind them, so another process may take one in
+    between: then the servers are stopped and started again on new ports (a few times)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for attempt in range(1, PORT_ATTEMPTS + 1):
+        procs: list[subprocess.Popen[bytes]] = []
+        try:
+            try:
+                server = _start(folder / f"run{attempt}", procs, timeout)
+            except _PortTaken:
+                if attempt == PORT_ATTEMPTS:
+                    raise
+                continue
+            yield server
+            return
+        finally:
+            _stop(procs)
+
+
+PORT_ATTEMPTS = 3
+
+
+def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    for proc in procs:
+        with suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGCONT)
+            proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _start(folder: Path, procs: list[subprocess.Popen[bytes]], timeout: float) -> S3Server:
+    """Configure and start every process in ``folder`` (appended to ``procs`` as they
+    start, for the caller to stop); returns once all of them answer."""
     folder.mkdir(parents=True, exist_ok=True)
     swift_dir = folder / "etc"
     devices = folder / "srv"
@@ -215,6 +258,8 @@ def swift_s3(folder: Path, *, timeout: float = 60.0) -> Iterator[S3Server]:
     swift_dir.mkdir(exist_ok=True)
     user = "root"
     ports = {k: free_port() for k in ("account", "container", "object", "proxy", "memcached")}
+    if len(set(ports.values())) < len(ports):
+        raise _PortTaken("the same port was picked twice")
     secret = secrets.token_hex(16)
     (swift_dir / "swift.conf").write_text(
         _SWIFT_CONF.format(suffix=secrets.token_hex(8), prefix=secrets.token_hex(8))
@@ -235,8 +280,12 @@ def swift_s3(folder: Path, *, timeout: float = 60.0) -> Iterator[S3Server]:
         )
     )
     _build_rings(swift_dir, ports)
-
-    procs: list[subprocess.Popen[bytes]] = []
+    server = S3Server(
+        endpoint=f"http://127.0.0.1:{ports['proxy']}",
+        access_key="tandem:tester",
+        secret_key=secret,
+        folder=folder,
+    )
 
     def start(name: str, argv: list[str]) -> None:
         log = (folder / f"{name}.log").open("wb")
@@ -245,58 +294,27 @@ def swift_s3(folder: Path, *, timeout: float = 60.0) -> Iterator[S3Server]:
         server.pids[name] = proc.pid
         log.close()
 
-    server = S3Server(
-        endpoint=f"http://127.0.0.1:{ports['proxy']}",
-        access_key="tandem:tester",
-        secret_key=secret,
-        folder=folder,
-    )
-    try:
-        start(
-            "memcached",
-            [
-                "/usr/bin/memcached",
-                "-l",
-                "127.0.0.1",
-                "-p",
-                str(ports["memcached"]),
-                "-U",
-                "0",
-                "-u",
-                "root",
-                "-m",
-                "16",
-            ],
-        )
-        for kind in ("account", "container", "object", "proxy"):
-            conf = swift_dir / f"{kind}-server.conf"
-            start(kind, [SWIFT_PYTHON, f"/usr/bin/swift-{kind}-server", str(conf), "-v"])
-        deadline = time.monotonic() + timeout
-        checks = [
-            f"http://127.0.0.1:{ports[k]}/healthcheck"
-            for k in ("account", "container", "object", "proxy")
-        ]
-        while not all(_answers(url) for url in checks):
-            for proc in procs:
-                if proc.poll() is not None:
-                    raise RuntimeError(
-                        f"a Swift process exited ({proc.args!r}):\n{server.log_tail()}"
-                    )
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"Swift did not answer in {timeout:.0f} s:\n{server.log_tail()}")
-            time.sleep(0.1)
-        yield server
-    finally:
+    memcached = ["/usr/bin/memcached", "-l", "127.0.0.1", "-p", str(ports["memcached"])]
+    start("memcached", [*memcached, "-U", "0", "-u", "root", "-m", "16"])
+    for kind in ("account", "container", "object", "proxy"):
+        conf = swift_dir / f"{kind}-server.conf"
+        start(kind, [SWIFT_PYTHON, f"/usr/bin/swift-{kind}-server", str(conf), "-v"])
+    deadline = time.monotonic() + timeout
+    checks = [
+        f"http://127.0.0.1:{ports[k]}/healthcheck"
+        for k in ("account", "container", "object", "proxy")
+    ]
+    while not all(_answers(url) for url in checks):
         for proc in procs:
-            with suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGCONT)
-                proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            if proc.poll() is not None:
+                logs = server.log_tail()
+                if "already in use" in logs or "Could not bind" in logs:
+                    raise _PortTaken(logs)
+                raise RuntimeError(f"a Swift process exited ({proc.args!r}):\n{logs}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"Swift did not answer in {timeout:.0f} s:\n{server.log_tail()}")
+        time.sleep(0.1)  # polling the servers' health, with the deadline above
+    return server
 
 
 def wipe(folder: Path) -> None:
