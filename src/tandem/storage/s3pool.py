@@ -405,9 +405,10 @@ class S3PoolWriter(PoolWriter):
     def close(self) -> None:
         return
 
-    def missing(self, digests: Iterable[bytes]) -> list[bytes]:
+    def missing(self, digests: Iterable[bytes], sizes: Iterable[int] | None = None) -> list[bytes]:
         """The digests, in order and without repeats, that neither the store nor this
-        writer holds: one listing of new index objects per call, no request per digest."""
+        writer holds: one listing of new index objects per call, no request per digest
+        (every chunk is packed here: the senders' ``sizes`` change nothing)."""
         with self._lock:
             todo = [
                 d for d in dict.fromkeys(digests) if d not in self._pending and d not in self._held
