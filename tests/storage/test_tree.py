@@ -721,3 +721,19 @@ def test_a_captured_manifest_is_left_out_of_the_next_young_collections(
     young = gc.get_objects(generation=0)
     assert not any(isinstance(o, TreeEntry) for o in young)
     assert any(isinstance(o, TreeEntry) for o in gc.get_objects(generation=2))
+
+
+def test_a_capture_leaves_a_frozen_start_up_heap_frozen(pool: ChunkPool, tmp_path: Path) -> None:
+    """The appliance freezes what start-up made (``settle_heap``) so full collections never
+    walk it again: the end of a manifest's GC pause must not unfreeze it."""
+    import gc
+
+    src = tmp_path / "src"
+    write(src / "f", b"x")
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        capture_tree(pool, src)
+        assert gc.get_freeze_count() >= frozen
+    finally:
+        gc.unfreeze()
