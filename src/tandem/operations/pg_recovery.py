@@ -28,6 +28,7 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from time import monotonic
 from typing import Any
 
 from tandem.catalog import queries as q
@@ -203,11 +204,16 @@ def recover(
         except BaseException as exc:  # handed to the job's thread below
             outcome["error"] = exc
 
+    t0 = monotonic()
     with agent_for(host) as agent:
         for name in chosen.histories:  # read first, and tiny
             agent.pg_spool(path, name, wal.read_segment(site, rows[name]), run)
         for name in [*plan_[-TAIL:], *plan_[:PREFETCH]]:
             stage(agent, name)
+        ctx.log(
+            f"staged {len(staged)} WAL segment(s) of {len(plan_)} before starting PostgreSQL in "
+            f"{monotonic() - t0:.2f} s"
+        )
         ctx.set_message(f"recovering {app.name} to {_shown(target)} on host {host.name}")
         starter = threading.Thread(target=start, name="tandem-pg-recover", daemon=True)
         starter.start()

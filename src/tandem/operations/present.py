@@ -54,6 +54,7 @@ from __future__ import annotations
 import contextlib
 import secrets
 import shutil
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -545,11 +546,16 @@ def present(
             )
             ctx.set_message(f"presenting {base.id} on host {host.name}")
             reading = transfer
+            t0 = time.monotonic()
             with agent_for(host) as agent:
                 done = follow(
                     ctx, agent.materialize(body), host=host.name, moved=lambda: reading.bytes_sent
                 )
             paths = [str(p) for p in done.get("paths", [])]
+            ctx.log(
+                f"presented {base.id} on host {host.name} ({how}) in "
+                f"{time.monotonic() - t0:.2f} s, {reading.bytes_sent:,} bytes read"
+            )
         sent = transfer.bytes_sent if transfer is not None else 0
         where = (
             mount_point
