@@ -12,6 +12,7 @@ import pytest
 
 from tandem.agent import fusemount, mounts, pg
 from tandem.errors import ClusterUnfit, PostgresCommandFailed
+from tandem.storage.manifest import DIR, FILE, HARDLINK, TreeEntry, TreeManifest
 from tandem.transport import agent_api
 from tests.agent.conftest import Agent
 
@@ -128,6 +129,49 @@ def looks_like_a_cluster(folder: Path) -> Path:
     folder.mkdir()
     (folder / "PG_VERSION").write_text(f"{INSTALLED[-1]}\n")
     return folder
+
+
+def test_a_copy_to_recover_gets_no_wal_slots_or_startup_files_of_the_base() -> None:
+    """What a recovery replaces or never reads is not written when a base image is
+    presented to be recovered (a loaded cluster's ``pg_wal`` can be half of its image);
+    the folders stay, ``pg_wal/archive_status`` too, and every data file is kept."""
+
+    def entry(path: str, kind: str = FILE, target: str = "") -> TreeEntry:
+        return TreeEntry(path=path, type=kind, size=8192 if kind == FILE else 0, target=target)
+
+    kept = [
+        entry("PG_VERSION"),
+        entry("base", DIR),
+        entry("base/5", DIR),
+        entry("base/5/16384"),
+        entry("global", DIR),
+        entry("global/pg_control"),
+        entry("pg_wal", DIR),
+        entry("pg_wal/archive_status", DIR),
+        entry("pg_replslot", DIR),
+        entry("pg_subtrans", DIR),
+        entry("pg_xact", DIR),
+        entry("pg_xact/0000"),
+        entry("postgresql.auto.conf"),
+        entry("pg_walnut", DIR),  # not a folder of the list, only a name that starts alike
+        entry("pg_walnut/x"),
+    ]
+    dropped = [
+        entry(f"pg_wal/{SEG}"),
+        entry("pg_wal/archive_status/000000010000000000000001.done"),
+        entry("pg_replslot/tandem_db", DIR),
+        entry("pg_replslot/tandem_db/state"),
+        entry("pg_subtrans/0000"),
+        entry("pg_stat_tmp/global.stat"),
+        entry("postmaster.pid"),
+        entry("postmaster.opts"),
+        entry("base/5/link", HARDLINK, target=f"pg_wal/{SEG}"),
+    ]
+    image = TreeManifest([*kept, *dropped], {"source": "/srv/db"})
+    shown = pg.for_recovery(image)
+    assert [e.path for e in shown.entries] == [e.path for e in kept]
+    assert shown.meta == image.meta
+    assert len(image.entries) == len(kept) + len(dropped)  # the image itself is unchanged
 
 
 @pytest.mark.skipif(not INSTALLED, reason="needs PostgreSQL on this host")

@@ -461,6 +461,8 @@ def materialize(req: MaterializeRequest, registry: mounts.Registry, emit: Emit) 
                     mounts.make_tree_root(target.path, created, recorded)
             if fuse:
                 return _present_fuse(req, registry, paths, manifest.size, emit)
+            if req.recovering and isinstance(manifest, TreeManifest):
+                manifest = pg.for_recovery(manifest)
             source = RemoteChunkSource(client, req.appliance.session)
             progress = _progress(emit)
             total = manifest.size * len(paths)

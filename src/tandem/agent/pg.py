@@ -74,6 +74,7 @@ from tandem.errors import (
     RecoveryFailed,
     TandemError,
 )
+from tandem.storage.manifest import HARDLINK, TreeManifest
 from tandem.transport.agent_api import (
     SEGMENT_SIZE,
     WAL_FILE,
@@ -624,6 +625,39 @@ class Receivers:
 
 
 # --- recovery -----------------------------------------------------------------------------
+
+
+STARTUP_DIRS = (
+    "pg_dynshmem",
+    "pg_notify",
+    "pg_serial",
+    "pg_snapshots",
+    "pg_stat_tmp",
+    "pg_subtrans",
+)
+NOT_RECOVERED = ("pg_wal", "pg_replslot", *STARTUP_DIRS)
+"""Folders of a data directory whose *contents* a recovered copy is not given (the
+folders themselves are): its ``pg_wal`` and slots are replaced by the WAL the appliance
+stages (``recover`` empties them anyway), and the rest PostgreSQL initializes at start-up
+(the list ``pg_basebackup`` omits, as PostgreSQL's manual allows for a base backup)."""
+NOT_RECOVERED_FILES = ("postmaster.pid", "postmaster.opts", "backup_label.old")
+
+
+def for_recovery(manifest: TreeManifest) -> TreeManifest:
+    """A base image's tree without what its recovery never reads (``NOT_RECOVERED``): on a
+    cluster loaded with WAL, ``pg_wal`` may be half of the image, written for nothing
+    before PostgreSQL can start."""
+
+    def kept(path: str) -> bool:
+        top, _, rest = path.partition("/")
+        if rest and top in NOT_RECOVERED:
+            return path == "pg_wal/archive_status"  # PostgreSQL expects it there
+        return path not in NOT_RECOVERED_FILES
+
+    entries = [
+        e for e in manifest.entries if kept(e.path) and (e.type != HARDLINK or kept(e.target))
+    ]
+    return TreeManifest(entries, dict(manifest.meta))
 
 
 def _owner_of(path: str) -> Cluster:
