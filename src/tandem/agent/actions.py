@@ -478,7 +478,12 @@ def materialize(req: MaterializeRequest, registry: mounts.Registry, emit: Emit) 
                 if isinstance(manifest, VolumeManifest):
                     stats = volume.restore_volume(source, manifest, files[i], progress=step)
                 else:
-                    stats = tree.restore_tree(source, manifest, path, progress=step)
+                    # PostgreSQL flushes every file of a base backup it recovers before
+                    # replaying (SyncDataDirectory): syncfs would flush it (and whatever
+                    # else the file system holds dirty) once more, first.
+                    stats = tree.restore_tree(
+                        source, manifest, path, progress=step, sync=not req.recovering
+                    )
                 parts.append(stats.as_dict())
             registry.finish(req.image, state=mounts.READY, time=mounts.now())
         except BaseException as exc:

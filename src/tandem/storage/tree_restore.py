@@ -436,7 +436,11 @@ class _Restore:
     # --- the phases ---------------------------------------------------------------------
 
     def run(
-        self, workers: int | None, progress: Progress | None, delete_extraneous: bool
+        self,
+        workers: int | None,
+        progress: Progress | None,
+        delete_extraneous: bool,
+        sync: bool = True,
     ) -> _Moved:
         found = _scan_target(self.root_fd, self.root, self.plan.dirs)
         # All target paths of each multiply-linked inode, to tell whether patching in place
@@ -501,7 +505,8 @@ class _Restore:
                 fd = self.dirs.fd(e.path)
                 self.apply_meta(fd, e, os.fstat(fd))  # not the scan's: children changed since
         self._root_meta()
-        syncfs(self.root_fd)
+        if sync:
+            syncfs(self.root_fd)
         return moved
 
     def _fits(
@@ -657,6 +662,7 @@ def restore_tree(
     progress: Progress | None = None,
     delete_extraneous: bool = True,
     verify_content: bool = False,
+    sync: bool = True,
 ) -> RestoreStats:
     """Make the tree at ``target`` equal to the image, writing only what differs.
 
@@ -666,6 +672,8 @@ def restore_tree(
     target's path is refused (``TargetInvalid``), never followed. Raises UnsafePath
     (before anything is written) for a manifest that would escape the target, TargetInvalid
     for a target that cannot be written, ChunkMissing or ChunkCorrupt for bad source data.
+    ``sync``: flush the target's file system at the end (``syncfs``); False only where the
+    user of the tree flushes it itself before relying on it.
     """
     t0 = time.monotonic()
     plan = _plan_restore(manifest)
@@ -674,7 +682,7 @@ def restore_tree(
     restore = _Restore(source, manifest, plan, root, root_fd, verify_content)
     try:
         try:
-            moved = restore.run(workers, progress, delete_extraneous)
+            moved = restore.run(workers, progress, delete_extraneous, sync)
         except OSError as exc:
             raise TargetInvalid(path=root, reason=exc.strerror or str(exc)) from exc
     finally:
