@@ -400,7 +400,7 @@ class PgBench:
             return f"+{(when(stamp) - created).total_seconds():.2f} s"
 
         steps = [f"started {at(shown['started'])}"]
-        steps += [f"{at(line['ts'])} {line['text'][:120]}" for line in lines]
+        steps += [f"{at(line['ts'])} {line['text'][:240]}" for line in lines]
         steps.append(f"finished {at(shown['finished'])}; the command took {seconds:.2f} s")
         for step in steps:
             log(f"postgresql:   {step}")

@@ -674,6 +674,10 @@ def _copy_dir(path: str) -> str:
     return real
 
 
+_settled: set[tuple[str, str]] = set()
+"""(copy, run) of the recoveries this agent has ended: their spool takes no more WAL."""
+
+
 def spool_wal(req: SpoolRequest, data: bytes) -> dict[str, Any]:
     """Place one WAL segment where the copy's restore_command reads it. Not flushed to
     disk: the spool is read only by the recovery that is running (a crash of the host ends
@@ -681,6 +685,10 @@ def spool_wal(req: SpoolRequest, data: bytes) -> dict[str, Any]:
     PostgreSQL checks every record it replays."""
     path = _copy_dir(req.path)
     c = _owner_of(path)
+    if req.run and (path, req.run) in _settled:
+        # Promoted, and its spool removed (``_settle``): a segment still on its way when
+        # replay ended must not come back into the copy (it would travel home with it).
+        raise InvalidInput(detail=f"the recovery {req.run} of the copy at {path} is over")
     spool = _make_spool(path, req.run, c.uid, c.gid)
     if len(data) > SEGMENT_SIZE:
         raise InvalidInput(detail=f"WAL segment {req.name} is larger than a segment")
@@ -704,10 +712,32 @@ waited=0
 while [ ! -f "$dir/$1" ]; do
     waited=$((waited + 1))
     [ "$waited" -gt {rounds} ] && exit 126  # nothing came: abort, never stop short
-    sleep 0.05
+    sleep {poll}
 done
+[ "$waited" -gt 0 ] && printf '%s\\n' "$waited" >> "$dir/waited"  # replay stood still so long
 exec cp -- "$dir/$1" "$2"
 """
+RESTORE_POLL = 0.05
+"""Seconds between the restore script's looks for the segment it waits for."""
+
+
+def restore_script(rounds: int) -> str:
+    """The restore script, giving up after ``rounds`` looks for a segment."""
+    return RESTORE_SCRIPT.replace("{rounds}", str(rounds)).replace("{poll}", str(RESTORE_POLL))
+
+
+def wal_waited(spool: Path) -> float:
+    """Seconds replay stood waiting for WAL not yet staged (the restore script's count; the
+    copy's owner can write it, so only whole numbers are believed, and 0 when unreadable)."""
+    try:
+        rounds = sum(
+            int(line)
+            for line in (spool / "waited").read_text()[:100_000].split()
+            if line.isdigit() and len(line) < 9
+        )
+    except (OSError, UnicodeDecodeError):
+        return 0.0
+    return round(rounds * RESTORE_POLL, 2)
 
 
 def spool_wanted(req: WantedRequest) -> dict[str, Any]:
@@ -811,10 +841,9 @@ def recover(req: RecoverRequest) -> dict[str, Any]:
             # target its WAL does not pass: the end of the WAL is that same state.
             target = None
     plan = req.segments or sorted(p.name for p in spool.iterdir() if re.fullmatch(WAL_NAME, p.name))
-    rounds = int(START_TIMEOUT / 0.05)
     for name, text, mode in (
         ("plan", "".join(f"{n}\n" for n in plan), 0o600),
-        ("restore.sh", RESTORE_SCRIPT.replace("{rounds}", str(rounds)), 0o700),
+        ("restore.sh", restore_script(int(START_TIMEOUT / RESTORE_POLL)), 0o700),
     ):
         target_file = spool / name
         target_file.unlink(missing_ok=True)
@@ -879,7 +908,10 @@ def recover(req: RecoverRequest) -> dict[str, Any]:
             )
         time.sleep(0.1)
     reached = row[1] or None
+    waited = wal_waited(spool)
     _settle(c, settings_before)
+    if req.run:  # a run names one recovery; without one the next would be refused too
+        _settled.add((path, req.run))
     checked = amcheck(c) if req.verify else None
     if req.stop:
         stop_copy(path)
@@ -893,6 +925,7 @@ def recover(req: RecoverRequest) -> dict[str, Any]:
         "socket_dir": sockets,
         "reached": reached,
         "seconds": round(time.monotonic() - t0, 3),
+        "wal_wait_seconds": waited,
         "major": c.major,
     }
 
@@ -904,8 +937,7 @@ def _settle(c: Cluster, settings_before: str | None) -> None:
     copy is now a cluster like the one it was captured from: if it becomes production again
     (failover, syncback, restore) it carries none of a recovery's settings home. (Read at
     start-up only, so the running server is not affected.) A segment the appliance was
-    still staging may land after this, in this recovery's folder, which no other recovery
-    reads (the next one removes it)."""
+    still staging is refused after this (``spool_wal``)."""
     auto = Path(c.data, "postgresql.auto.conf")
     if settings_before is None:
         auto.unlink(missing_ok=True)

@@ -306,7 +306,8 @@ def recover(
         f"PostgreSQL {done.get('major')} recovered from base {chosen.base.id} with "
         f"{staged} of the {len(plan_)} WAL segment(s) held to "
         f"{reached or 'the base alone'} in "
-        f"{done.get('seconds')} s; port {done.get('port')}, socket {done.get('socket_dir')}"
+        f"{done.get('seconds')} s (replay waited {done.get('wal_wait_seconds', 0)} s for WAL); "
+        f"port {done.get('port')}, socket {done.get('socket_dir')}"
     )
     amcheck = done.get("amcheck")
     if isinstance(amcheck, dict):
@@ -327,6 +328,7 @@ def recover(
         "wal_segments_fetched": staged,
         "wal_bytes": moved,
         "recovery_seconds": done.get("seconds"),
+        "wal_wait_seconds": done.get("wal_wait_seconds"),
         "window": chosen.window.as_dict(),
     }
 
