@@ -39,9 +39,11 @@ request names the segments the appliance holds for this recovery (``segments``: 
 PostgreSQL as the cluster's owner: for a name not in the plan (a timeline history file, the
 segment after the last) it fails at once, which PostgreSQL reads as "no more WAL"; for a
 name in the plan it records it in ``want`` there and waits until the segment is in the
-folder, then copies it. The appliance, meanwhile, follows ``want`` (``spool_wanted``, a
-long poll) and keeps a few segments (its prefetch window) ahead of it, so replay rarely
-waits and WAL past the recovery target is never sent. Why this and not a fetch command
+folder, then copies it (a wait is appended to ``waited`` as a count of
+``RESTORE_POLL`` rounds: the recovery reports the sum as ``wal_wait_seconds``). The
+appliance, meanwhile, follows ``want`` (``spool_wanted``, a long poll) and keeps a few
+segments (its prefetch window) ahead of it, so replay rarely waits and WAL past the
+recovery target is never sent. Why this and not a fetch command
 that calls the agent: the script needs no credential and no socket (the owner of the
 cluster never gets to talk to the agent, let alone read its token); the agent stays the
 only party that talks to the appliance. If no segment comes within ``START_TIMEOUT`` the
