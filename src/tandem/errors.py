@@ -300,6 +300,46 @@ class CopyFrozen(StorageError):
     http_status = 409
 
 
+class ObjectStoreUnreachable(StorageError):
+    """The object store at {endpoint} did not answer ({reason}) after {attempts} attempt(s).
+    Check the endpoint of the pool (`s3://BUCKET?endpoint=URL`) and that the store runs."""
+
+    http_status = 503
+
+
+class ObjectStoreDenied(StorageError):
+    """The object store at {endpoint} refused the credentials for bucket {bucket!r}
+    ({reason}). Check the access key and secret given for the pool (TANDEM_S3_ACCESS_KEY,
+    TANDEM_S3_SECRET_KEY) and the bucket's permissions."""
+
+    http_status = 502
+
+
+class BucketMissing(StorageError):
+    """The bucket {bucket!r} does not exist at {endpoint}. Create it on the store, or give
+    an existing bucket in the pool's URL (`s3://BUCKET?endpoint=URL`)."""
+
+    http_status = 502
+
+
+class ObjectStoreFailed(StorageError):
+    """The object store at {endpoint} failed {operation} of {key!r} ({reason}) after
+    {attempts} attempt(s); nothing half-written was made visible. Check the store's health
+    and run the operation again."""
+
+    http_status = 502
+
+
+class ObjectMissing(StorageError):
+    """Object {key!r} is not in bucket {bucket!r} at {endpoint}. Run `tandem storage verify`
+    to find the images that name it."""
+
+
+class PoolUrlInvalid(InvalidInput):
+    """Invalid pool URL {url!r}: {reason}. Give a local directory or
+    `s3://BUCKET[/PREFIX]?endpoint=http(s)://HOST:PORT[&region=REGION]`."""
+
+
 # --- remote parts -----------------------------------------------------------------------
 
 

@@ -198,6 +198,11 @@ def collect(
     was done stays done and the next run resumes. A live manifest that cannot be read stops
     the run with ``StorageError`` before anything is removed from then on.
     """
+    if not pool.collects_garbage:
+        raise StorageError(
+            detail="garbage collection of a pool on an object store is not built yet; "
+            "nothing was removed (the pool only grows until it is)"
+        )
     with _exclusive(pool):
         marks = _Marks(marks_path(pool))
         try:
