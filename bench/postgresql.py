@@ -376,6 +376,7 @@ class PgBench:
         beat = newest_beat(copy)
         b("unmount", done["image"]["id"])
         log(f"postgresql: tandem {name}: {seconds:.2f} s, {result.get('wal_segments')} segments")
+        self.log_steps(b, job, t0, seconds)
         return {
             "seconds": seconds,
             "beat": beat,
@@ -383,6 +384,26 @@ class PgBench:
             "fetched": result.get("wal_segments_fetched", result.get("wal_segments")),
             "replay": float(result.get("recovery_seconds") or 0.0),
         }
+
+    def log_steps(self, b: Any, job: dict[str, Any], t0: float, seconds: float) -> None:
+        """Where the seconds of a test failover went: the job's log lines, each with the
+        time since the job was queued (the appliance's clock), and the CLI's own total."""
+        lines = b("job", "log", job["id"])
+        shown = b("job", "show", job["id"])
+
+        def when(stamp: str) -> datetime:  # all UTC, with or without the offset written
+            return datetime.fromisoformat(stamp).replace(tzinfo=None)
+
+        created = when(shown["created"])
+
+        def at(stamp: str) -> str:
+            return f"+{(when(stamp) - created).total_seconds():.2f} s"
+
+        steps = [f"started {at(shown['started'])}"]
+        steps += [f"{at(line['ts'])} {line['text'][:240]}" for line in lines]
+        steps.append(f"finished {at(shown['finished'])}; the command took {seconds:.2f} s")
+        for step in steps:
+            log(f"postgresql:   {step}")
 
     def pgbackrest_recover(self, name: str, when: datetime | None) -> dict[str, Any]:
         copy = Pg(self.bin, self.root / f"pgbackrest-{name}", self.sockets)

@@ -4,6 +4,7 @@ of a cluster whose major version this host has no binaries for."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -11,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from tandem.agent import fusemount, mounts, pg
-from tandem.errors import ClusterUnfit, PostgresCommandFailed
+from tandem.errors import ClusterUnfit, InvalidInput, PostgresCommandFailed
+from tandem.storage.manifest import DIR, FILE, HARDLINK, TreeEntry, TreeManifest
 from tandem.transport import agent_api
 from tests.agent.conftest import Agent
 
@@ -69,7 +71,7 @@ SEG = "000000010000000000000003"
 def restore_script(spool: Path, rounds: int) -> Path:
     spool.mkdir()
     script = spool / "restore.sh"
-    script.write_text(pg.RESTORE_SCRIPT.replace("{rounds}", str(rounds)))
+    script.write_text(pg.restore_script(rounds))
     (spool / "plan").write_text(f"{SEG}\n")
     return script
 
@@ -101,6 +103,14 @@ def test_the_restore_command_names_the_segment_and_copies_it_once_staged(
     finally:
         proc.kill()
     assert (tmp_path / "RECOVERYXLOG").read_bytes() == b"wal bytes"
+    assert pg.wal_waited(spool) > 0  # reported with the recovery: replay stood waiting
+
+
+def test_the_wait_the_copy_reports_is_believed_only_as_whole_numbers(tmp_path: Path) -> None:
+    """``waited`` is written by the copy's owner: junk counts for nothing."""
+    (tmp_path / "waited").write_text("20\n-5\n1e9\nabc\n99999999999\n40\n")
+    assert pg.wal_waited(tmp_path) == 60 * pg.RESTORE_POLL
+    assert pg.wal_waited(tmp_path / "missing") == 0.0
 
 
 def test_the_restore_command_aborts_the_recovery_when_the_segment_never_comes(
@@ -128,6 +138,49 @@ def looks_like_a_cluster(folder: Path) -> Path:
     folder.mkdir()
     (folder / "PG_VERSION").write_text(f"{INSTALLED[-1]}\n")
     return folder
+
+
+def test_a_copy_to_recover_gets_no_wal_slots_or_startup_files_of_the_base() -> None:
+    """What a recovery replaces or never reads is not written when a base image is
+    presented to be recovered (a loaded cluster's ``pg_wal`` can be half of its image);
+    the folders stay, ``pg_wal/archive_status`` too, and every data file is kept."""
+
+    def entry(path: str, kind: str = FILE, target: str = "") -> TreeEntry:
+        return TreeEntry(path=path, type=kind, size=8192 if kind == FILE else 0, target=target)
+
+    kept = [
+        entry("PG_VERSION"),
+        entry("base", DIR),
+        entry("base/5", DIR),
+        entry("base/5/16384"),
+        entry("global", DIR),
+        entry("global/pg_control"),
+        entry("pg_wal", DIR),
+        entry("pg_wal/archive_status", DIR),
+        entry("pg_replslot", DIR),
+        entry("pg_subtrans", DIR),
+        entry("pg_xact", DIR),
+        entry("pg_xact/0000"),
+        entry("postgresql.auto.conf"),
+        entry("pg_walnut", DIR),  # not a folder of the list, only a name that starts alike
+        entry("pg_walnut/x"),
+    ]
+    dropped = [
+        entry(f"pg_wal/{SEG}"),
+        entry("pg_wal/archive_status/000000010000000000000001.done"),
+        entry("pg_replslot/tandem_db", DIR),
+        entry("pg_replslot/tandem_db/state"),
+        entry("pg_subtrans/0000"),
+        entry("pg_stat_tmp/global.stat"),
+        entry("postmaster.pid"),
+        entry("postmaster.opts"),
+        entry("base/5/link", HARDLINK, target=f"pg_wal/{SEG}"),
+    ]
+    image = TreeManifest([*kept, *dropped], {"source": "/srv/db"})
+    shown = pg.for_recovery(image)
+    assert [e.path for e in shown.entries] == [e.path for e in kept]
+    assert shown.meta == image.meta
+    assert len(image.entries) == len(kept) + len(dropped)  # the image itself is unchanged
 
 
 @pytest.mark.skipif(not INSTALLED, reason="needs PostgreSQL on this host")
@@ -171,6 +224,23 @@ def test_wal_and_recovery_go_only_into_a_copy_this_agent_presented(
     )
     assert taken.status_code == 200, taken.text
     assert [p.name for p in copy.rglob(SEG)] == [SEG]
+
+
+@pytest.mark.skipif(not INSTALLED, reason="needs PostgreSQL on this host")
+def test_a_segment_arriving_after_the_recovery_ended_stays_out_of_the_copy(
+    tmp_path: Path,
+) -> None:
+    """Segments are sent two at a time: one still on its way when the copy was promoted and
+    its spool removed must not bring the spool back (it would travel home with the copy)."""
+    copy = looks_like_a_cluster(tmp_path / "copy")
+    run = "0123456789abcdef"
+    pg.spool_wal(agent_api.SpoolRequest(path=str(copy), name=SEG, run=run), b"wal bytes")
+    shutil.rmtree(copy / pg.SPOOL)  # promoted: what _settle does
+    pg._settled.add((str(copy), run))  # what recover records once it has settled the copy
+    with pytest.raises(InvalidInput, match="is over"):
+        pg.spool_wal(agent_api.SpoolRequest(path=str(copy), name=SEG, run=run), b"late")
+    assert not (copy / pg.SPOOL).exists()
+    pg.spool_wal(agent_api.SpoolRequest(path=str(copy), name=SEG, run="f" * 16), b"next run")
 
 
 def test_a_read_session_refresh_reaches_only_the_fuse_copies_of_its_image(

@@ -531,6 +531,39 @@ def test_sockets_are_skipped_with_a_warning(pool: ChunkPool, tmp_path: Path) -> 
 # --- bad data in the pool ---------------------------------------------------------------
 
 
+class CountingSource:
+    """The pool as a restore's source, counting the reads it is asked for (each read is a
+    round trip when the source is an appliance)."""
+
+    def __init__(self, pool: ChunkPool) -> None:
+        self.pool, self.reads = pool, 0
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self.pool, name)
+        if name in ("get", "read_blocks", "read_blocks_many", "sub_digests_many"):
+            self.reads += 1
+        return method
+
+
+def test_a_fresh_restore_reads_many_small_files_and_a_big_one_in_few_requests(
+    pool: ChunkPool, tmp_path: Path
+) -> None:
+    """Guards the batched reads of a restore onto an empty folder (a database's relations
+    are hundreds of one-chunk files): a read per batch of files, and a big file's chunks a
+    batch at a time, not one request per chunk; the result is exact."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    for i in range(200):
+        write(src / "base" / f"{16384 + i}", rand(8192 + i, i), mtime=T0)
+    write(src / "big", rand(12 * MiB, 999), mtime=T0)
+    _, manifest, _ = capture_tree(pool, src)
+    chunks = sum(1 for e in manifest.entries for d, _ in e.chunks if d is not None)
+    source = CountingSource(pool)
+    restore_tree(source, manifest, out)  # type: ignore[arg-type]  # the pool's interface
+    assert listing(out) == listing(src)
+    assert chunks > 200
+    assert source.reads <= 4 + 2 * (12 * MiB // tree_capture.BATCH_BYTES), source.reads
+
+
 def test_corrupt_chunk_fails_restore_without_writing_garbage(
     pool: ChunkPool, tmp_path: Path
 ) -> None:

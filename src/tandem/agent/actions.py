@@ -461,6 +461,8 @@ def materialize(req: MaterializeRequest, registry: mounts.Registry, emit: Emit) 
                     mounts.make_tree_root(target.path, created, recorded)
             if fuse:
                 return _present_fuse(req, registry, paths, manifest.size, emit)
+            if req.recovering and isinstance(manifest, TreeManifest):
+                manifest = pg.for_recovery(manifest)
             source = RemoteChunkSource(client, req.appliance.session)
             progress = _progress(emit)
             total = manifest.size * len(paths)
@@ -476,7 +478,12 @@ def materialize(req: MaterializeRequest, registry: mounts.Registry, emit: Emit) 
                 if isinstance(manifest, VolumeManifest):
                     stats = volume.restore_volume(source, manifest, files[i], progress=step)
                 else:
-                    stats = tree.restore_tree(source, manifest, path, progress=step)
+                    # PostgreSQL flushes every file of a base backup it recovers before
+                    # replaying (SyncDataDirectory): syncfs would flush it (and whatever
+                    # else the file system holds dirty) once more, first.
+                    stats = tree.restore_tree(
+                        source, manifest, path, progress=step, sync=not req.recovering
+                    )
                 parts.append(stats.as_dict())
             registry.finish(req.image, state=mounts.READY, time=mounts.now())
         except BaseException as exc:

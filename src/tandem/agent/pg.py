@@ -39,9 +39,11 @@ request names the segments the appliance holds for this recovery (``segments``: 
 PostgreSQL as the cluster's owner: for a name not in the plan (a timeline history file, the
 segment after the last) it fails at once, which PostgreSQL reads as "no more WAL"; for a
 name in the plan it records it in ``want`` there and waits until the segment is in the
-folder, then copies it. The appliance, meanwhile, follows ``want`` (``spool_wanted``, a
-long poll) and keeps a few segments (its prefetch window) ahead of it, so replay rarely
-waits and WAL past the recovery target is never sent. Why this and not a fetch command
+folder, then copies it (a wait is appended to ``waited`` as a count of
+``RESTORE_POLL`` rounds: the recovery reports the sum as ``wal_wait_seconds``). The
+appliance, meanwhile, follows ``want`` (``spool_wanted``, a long poll) and keeps a few
+segments (its prefetch window) ahead of it, so replay rarely waits and WAL past the
+recovery target is never sent. Why this and not a fetch command
 that calls the agent: the script needs no credential and no socket (the owner of the
 cluster never gets to talk to the agent, let alone read its token); the agent stays the
 only party that talks to the appliance. If no segment comes within ``START_TIMEOUT`` the
@@ -74,6 +76,7 @@ from tandem.errors import (
     RecoveryFailed,
     TandemError,
 )
+from tandem.storage.manifest import HARDLINK, TreeManifest
 from tandem.transport.agent_api import (
     SEGMENT_SIZE,
     WAL_FILE,
@@ -626,6 +629,39 @@ class Receivers:
 # --- recovery -----------------------------------------------------------------------------
 
 
+STARTUP_DIRS = (
+    "pg_dynshmem",
+    "pg_notify",
+    "pg_serial",
+    "pg_snapshots",
+    "pg_stat_tmp",
+    "pg_subtrans",
+)
+NOT_RECOVERED = ("pg_wal", "pg_replslot", *STARTUP_DIRS)
+"""Folders of a data directory whose *contents* a recovered copy is not given (the
+folders themselves are): its ``pg_wal`` and slots are replaced by the WAL the appliance
+stages (``recover`` empties them anyway), and the rest PostgreSQL initializes at start-up
+(the list ``pg_basebackup`` omits, as PostgreSQL's manual allows for a base backup)."""
+NOT_RECOVERED_FILES = ("postmaster.pid", "postmaster.opts", "backup_label.old")
+
+
+def for_recovery(manifest: TreeManifest) -> TreeManifest:
+    """A base image's tree without what its recovery never reads (``NOT_RECOVERED``): on a
+    cluster loaded with WAL, ``pg_wal`` may be half of the image, written for nothing
+    before PostgreSQL can start."""
+
+    def kept(path: str) -> bool:
+        top, _, rest = path.partition("/")
+        if rest and top in NOT_RECOVERED:
+            return path == "pg_wal/archive_status"  # PostgreSQL expects it there
+        return path not in NOT_RECOVERED_FILES
+
+    entries = [
+        e for e in manifest.entries if kept(e.path) and (e.type != HARDLINK or kept(e.target))
+    ]
+    return TreeManifest(entries, dict(manifest.meta))
+
+
 def _owner_of(path: str) -> Cluster:
     st = os.stat(path)
     major = _major_of(path)
@@ -640,10 +676,21 @@ def _copy_dir(path: str) -> str:
     return real
 
 
+_settled: set[tuple[str, str]] = set()
+"""(copy, run) of the recoveries this agent has ended: their spool takes no more WAL."""
+
+
 def spool_wal(req: SpoolRequest, data: bytes) -> dict[str, Any]:
-    """Place one WAL segment where the copy's restore_command reads it."""
+    """Place one WAL segment where the copy's restore_command reads it. Not flushed to
+    disk: the spool is read only by the recovery that is running (a crash of the host ends
+    it, and the job withdraws the copy or the restore in place is made again), and
+    PostgreSQL checks every record it replays."""
     path = _copy_dir(req.path)
     c = _owner_of(path)
+    if req.run and (path, req.run) in _settled:
+        # Promoted, and its spool removed (``_settle``): a segment still on its way when
+        # replay ended must not come back into the copy (it would travel home with it).
+        raise InvalidInput(detail=f"the recovery {req.run} of the copy at {path} is over")
     spool = _make_spool(path, req.run, c.uid, c.gid)
     if len(data) > SEGMENT_SIZE:
         raise InvalidInput(detail=f"WAL segment {req.name} is larger than a segment")
@@ -652,8 +699,6 @@ def spool_wal(req: SpoolRequest, data: bytes) -> dict[str, Any]:
     tmp = spool / f".{req.name}.tmp"
     with open(tmp, "wb") as fh:
         fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
     os.chown(tmp, c.uid, c.gid)
     os.replace(tmp, spool / req.name)
     return {"name": req.name, "size": len(data)}
@@ -669,10 +714,32 @@ waited=0
 while [ ! -f "$dir/$1" ]; do
     waited=$((waited + 1))
     [ "$waited" -gt {rounds} ] && exit 126  # nothing came: abort, never stop short
-    sleep 0.05
+    sleep {poll}
 done
+[ "$waited" -gt 0 ] && printf '%s\\n' "$waited" >> "$dir/waited"  # replay stood still so long
 exec cp -- "$dir/$1" "$2"
 """
+RESTORE_POLL = 0.05
+"""Seconds between the restore script's looks for the segment it waits for."""
+
+
+def restore_script(rounds: int) -> str:
+    """The restore script, giving up after ``rounds`` looks for a segment."""
+    return RESTORE_SCRIPT.replace("{rounds}", str(rounds)).replace("{poll}", str(RESTORE_POLL))
+
+
+def wal_waited(spool: Path) -> float:
+    """Seconds replay stood waiting for WAL not yet staged (the restore script's count; the
+    copy's owner can write it, so only whole numbers are believed, and 0 when unreadable)."""
+    try:
+        rounds = sum(
+            int(line)
+            for line in (spool / "waited").read_text()[:100_000].split()
+            if line.isdigit() and len(line) < 9
+        )
+    except (OSError, UnicodeDecodeError):
+        return 0.0
+    return round(rounds * RESTORE_POLL, 2)
 
 
 def spool_wanted(req: WantedRequest) -> dict[str, Any]:
@@ -776,10 +843,9 @@ def recover(req: RecoverRequest) -> dict[str, Any]:
             # target its WAL does not pass: the end of the WAL is that same state.
             target = None
     plan = req.segments or sorted(p.name for p in spool.iterdir() if re.fullmatch(WAL_NAME, p.name))
-    rounds = int(START_TIMEOUT / 0.05)
     for name, text, mode in (
         ("plan", "".join(f"{n}\n" for n in plan), 0o600),
-        ("restore.sh", RESTORE_SCRIPT.replace("{rounds}", str(rounds)), 0o700),
+        ("restore.sh", restore_script(int(START_TIMEOUT / RESTORE_POLL)), 0o700),
     ):
         target_file = spool / name
         target_file.unlink(missing_ok=True)
@@ -844,7 +910,10 @@ def recover(req: RecoverRequest) -> dict[str, Any]:
             )
         time.sleep(0.1)
     reached = row[1] or None
+    waited = wal_waited(spool)
     _settle(c, settings_before)
+    if req.run:  # a run names one recovery; without one the next would be refused too
+        _settled.add((path, req.run))
     checked = amcheck(c) if req.verify else None
     if req.stop:
         stop_copy(path)
@@ -858,6 +927,7 @@ def recover(req: RecoverRequest) -> dict[str, Any]:
         "socket_dir": sockets,
         "reached": reached,
         "seconds": round(time.monotonic() - t0, 3),
+        "wal_wait_seconds": waited,
         "major": c.major,
     }
 
@@ -869,8 +939,7 @@ def _settle(c: Cluster, settings_before: str | None) -> None:
     copy is now a cluster like the one it was captured from: if it becomes production again
     (failover, syncback, restore) it carries none of a recovery's settings home. (Read at
     start-up only, so the running server is not affected.) A segment the appliance was
-    still staging may land after this, in this recovery's folder, which no other recovery
-    reads (the next one removes it)."""
+    still staging is refused after this (``spool_wal``)."""
     auto = Path(c.data, "postgresql.auto.conf")
     if settings_before is None:
         auto.unlink(missing_ok=True)

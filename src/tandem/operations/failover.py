@@ -199,6 +199,7 @@ def run_failover(site: Site, ctx: JobContext, params: Params) -> dict[str, Any]:
         mount_point=params.mount_point,
         new_vm=params.vm(),
         vm_hosts=also,
+        recovering=recovery is not None,
     )
     recovered: dict[str, Any] = {}
     if recovery is not None:

@@ -144,6 +144,7 @@ def run_mount(site: Site, ctx: JobContext, params: Params) -> dict[str, Any]:
         action=params.action,
         mount_point=params.mount_point,
         new_vm=params.vm(),
+        recovering=recovery is not None,
     )
     recovered: dict[str, Any] = {}
     if recovery is not None:

@@ -5,7 +5,8 @@ The target is a time (``--time``, UTC unless it names its zone) or the end of th
 target and whose WAL runs without a gap from its start to the target; a target outside the
 app's window is refused naming the window, and one past a WAL gap naming the gap.
 
-Then: the base is presented (materialized at the host like a file-system image); the host's
+Then: the base is presented (materialized at the host like a file-system image, without
+what recovery never reads: ``pg_wal`` and the like, ``agent.pg.for_recovery``); the host's
 agent writes the recovery settings and starts PostgreSQL with the host's binaries of the
 cluster's major version, waits until it accepts connections, and reports the last replayed
 commit's time (``pg_last_xact_replay_timestamp()``): the point reached, the achieved RPO.
@@ -15,9 +16,11 @@ chain is the *plan*, but a segment is read here, verified and put in the copy's 
 (``tandem_wal/``) only when replay gets within ``PREFETCH`` segments of it (the agent
 reports the segment PostgreSQL's restore_command waits for; see ``tandem.agent.pg``). So a
 recovery to a time sends the WAL up to that time plus the window, not the WAL after it,
-and replay starts after the first few segments rather than after all of them. The last
-two segments of the plan are staged first: the agent reads the time of the last commit
-held from them (a target past it is the end of the WAL).
+and replay starts after the first few segments rather than after all of them. For a
+target time the last two segments of the plan are staged first: the agent reads the time
+of the last commit held from them (a target past it is the end of the WAL). PostgreSQL is
+started as soon as that is done; the first segments are sent while it starts, ``STAGERS``
+at a time (``_Stager``).
 """
 
 from __future__ import annotations
@@ -26,8 +29,10 @@ import os
 import secrets
 import threading
 from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from time import monotonic
 from typing import Any
 
 from tandem.catalog import queries as q
@@ -61,7 +66,12 @@ from tandem.transport.peer import PgBase
 PREFETCH = max(1, int(os.environ.get("TANDEM_PG_PREFETCH", "4")))
 """Segments staged ahead of the one replay waits for."""
 TAIL = 2
-"""The plan's last segments, staged before PostgreSQL starts (the last commit held)."""
+"""The plan's last segments, staged before PostgreSQL starts when the target is a time (the
+agent reads the last commit held from them)."""
+STAGERS = 2
+"""Segments sent at once (reading one here overlaps writing another at the host)."""
+WANTED_WAIT = 1.0
+"""Seconds one ask for the segment replay waits for may wait for a change (a long poll)."""
 
 
 def parse_target(text: str | None, latest: bool, app: App) -> datetime | None:
@@ -148,6 +158,70 @@ def plan(
     raise refuse("the WAL held here does not reach it yet")
 
 
+class _Stager:
+    """Sends WAL segments into a recovery's spool on ``STAGERS`` connections at once, in the
+    order asked: reading and verifying one here overlaps sending and writing another at the
+    host. A send that failed is raised by the next ``check`` (or ``wait``)."""
+
+    def __init__(
+        self, site: Site, host: Host, path: str, run: str, rows: Mapping[str, Any]
+    ) -> None:
+        self.site, self.host, self.path, self.run, self.rows = site, host, path, run, rows
+        self.staged: set[str] = set()
+        self.moved = 0
+        self._asked: set[str] = set()
+        self._pending: list[Future[None]] = []
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self._clients: list[AgentClient] = []
+        self._pool = ThreadPoolExecutor(STAGERS, thread_name_prefix="tandem-pg-stage")
+
+    def _client(self) -> AgentClient:
+        client: AgentClient | None = getattr(self._local, "client", None)
+        if client is None:
+            client = self._local.client = agent_for(self.host)
+            with self._lock:
+                self._clients.append(client)
+        return client
+
+    def _stage(self, name: str) -> None:
+        data = wal.read_segment(self.site, self.rows[name])
+        self._client().pg_spool(self.path, name, data, self.run)
+        with self._lock:
+            self.staged.add(name)
+            self.moved += len(data)
+
+    def send(self, name: str) -> Future[None] | None:
+        """Queue ``name`` (once) for the spool; its future, or None when already asked."""
+        if name in self._asked:
+            return None
+        self._asked.add(name)
+        future = self._pool.submit(self._stage, name)
+        self._pending.append(future)
+        return future
+
+    def check(self) -> None:
+        """Raise the error of a send that failed; forget those that are done."""
+        for future in [f for f in self._pending if f.done()]:
+            self._pending.remove(future)
+            future.result()
+
+    def wait(self, futures: list[Future[None] | None]) -> None:
+        for future in futures:
+            if future is not None:
+                future.result()
+        self.check()
+
+    def __enter__(self) -> _Stager:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        # The copy is promoted (or failed): segments not yet sent are not needed any more.
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        for client in self._clients:
+            client.close()
+
+
 def recover(
     site: Site,
     ctx: JobContext,
@@ -169,19 +243,7 @@ def recover(
         rows = {s.name: s for s in q.list_wal_segments(session, app_id=app.id)}
     plan_ = chosen.segments
     order = {name: i for i, name in enumerate(plan_)}
-    staged: set[str] = set()
-    moved = 0
     outcome: dict[str, Any] = {}
-
-    def stage(agent: AgentClient, name: str) -> None:
-        nonlocal moved
-        if name in staged:
-            return
-        data = wal.read_segment(site, rows[name])
-        agent.pg_spool(path, name, data, run)
-        staged.add(name)
-        moved += len(data)
-
     run = secrets.token_hex(8)  # this recovery's spool folder at the host
     body = checked(
         RecoverRequest,
@@ -203,39 +265,49 @@ def recover(
         except BaseException as exc:  # handed to the job's thread below
             outcome["error"] = exc
 
-    with agent_for(host) as agent:
+    t0 = monotonic()
+    with agent_for(host) as agent, _Stager(site, host, path, run, rows) as stager:
         for name in chosen.histories:  # read first, and tiny
             agent.pg_spool(path, name, wal.read_segment(site, rows[name]), run)
-        for name in [*plan_[-TAIL:], *plan_[:PREFETCH]]:
-            stage(agent, name)
+        if target is not None:  # the agent reads the last commit held from them first
+            stager.wait([stager.send(name) for name in plan_[-TAIL:]])
+        ctx.log(
+            f"staged {len(stager.staged)} WAL segment(s) of {len(plan_)} before starting "
+            f"PostgreSQL in {monotonic() - t0:.2f} s"
+        )
         ctx.set_message(f"recovering {app.name} to {_shown(target)} on host {host.name}")
         starter = threading.Thread(target=start, name="tandem-pg-recover", daemon=True)
         starter.start()
+        for name in plan_[:PREFETCH]:  # replay asks for the first at once: no waiting for it
+            stager.send(name)
         wanted: str | None = None
-        nxt = 0
+        nxt = min(len(plan_), PREFETCH)
         while starter.is_alive():
-            wanted = agent.pg_spool_wanted(path, wanted, 1.0, run)
+            stager.check()
+            wanted = agent.pg_spool_wanted(path, wanted, WANTED_WAIT, run)
             if wanted is None or wanted not in order:
                 continue
             upto = min(len(plan_), order[wanted] + 1 + PREFETCH)
             nxt = max(nxt, order[wanted])
-            while nxt < upto and starter.is_alive():
-                stage(agent, plan_[nxt])
+            while nxt < upto:
+                stager.send(plan_[nxt])
                 nxt += 1
             ctx.set_message(
                 f"replaying WAL {order[wanted] + 1}/{len(plan_)} of {app.name} on host "
-                f"{host.name} ({len(staged)} sent)"
+                f"{host.name} ({len(stager.staged)} sent)"
             )
         starter.join()
+        staged, moved = len(stager.staged), stager.moved
     if "error" in outcome:
         raise outcome["error"]
     done: dict[str, Any] = outcome["done"]
     reached = done.get("reached")
     ctx.log(
         f"PostgreSQL {done.get('major')} recovered from base {chosen.base.id} with "
-        f"{len(staged)} of the {len(plan_)} WAL segment(s) held to "
+        f"{staged} of the {len(plan_)} WAL segment(s) held to "
         f"{reached or 'the base alone'} in "
-        f"{done.get('seconds')} s; port {done.get('port')}, socket {done.get('socket_dir')}"
+        f"{done.get('seconds')} s (replay waited {done.get('wal_wait_seconds', 0)} s for WAL); "
+        f"port {done.get('port')}, socket {done.get('socket_dir')}"
     )
     amcheck = done.get("amcheck")
     if isinstance(amcheck, dict):
@@ -253,9 +325,10 @@ def recover(
         "base": chosen.base.id,
         "base_stop_lsn": pg.get("stop_lsn"),
         "wal_segments": len(plan_),
-        "wal_segments_fetched": len(staged),
+        "wal_segments_fetched": staged,
         "wal_bytes": moved,
         "recovery_seconds": done.get("seconds"),
+        "wal_wait_seconds": done.get("wal_wait_seconds"),
         "window": chosen.window.as_dict(),
     }
 

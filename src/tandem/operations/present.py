@@ -54,6 +54,7 @@ from __future__ import annotations
 import contextlib
 import secrets
 import shutil
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -476,9 +477,12 @@ def present(
     writable: bool = True,
     new_vm: NewVm | None = None,
     vm_hosts: list[Host] | None = None,
+    recovering: bool = False,
 ) -> Presented:
     """Export and/or materialize a virtual copy of ``base`` for ``host``; undone on failure.
-    A new VM is also defined, powered off, on each of ``vm_hosts`` (failover ``--hosts``)."""
+    A new VM is also defined, powered off, on each of ``vm_hosts`` (failover ``--hosts``).
+    ``recovering``: a database's base image about to be recovered (its ``pg_wal`` and the
+    like are not written, ``agent.pg.for_recovery``)."""
     base_id = bytes.fromhex(base.manifest)
     uri: str | None = None
     overlay: Overlay | None = None
@@ -542,14 +546,21 @@ def present(
                 source_path=app.path,
                 appliance=site.session_ref(transfer.id, token),
                 presentation=how,
+                recovering=recovering,
             )
             ctx.set_message(f"presenting {base.id} on host {host.name}")
             reading = transfer
+            t0 = time.monotonic()
             with agent_for(host) as agent:
                 done = follow(
                     ctx, agent.materialize(body), host=host.name, moved=lambda: reading.bytes_sent
                 )
             paths = [str(p) for p in done.get("paths", [])]
+            ctx.log(
+                f"presented {base.id} on host {host.name} ({how}"
+                f"{', what recovery reads' if recovering else ''}) in "
+                f"{time.monotonic() - t0:.2f} s, {reading.bytes_sent:,} bytes read"
+            )
         sent = transfer.bytes_sent if transfer is not None else 0
         where = (
             mount_point

@@ -180,6 +180,7 @@ def run_test_failover(site: Site, ctx: JobContext, params: Params) -> dict[str, 
         action=params.action,
         mount_point=params.mount_point,
         new_vm=params.vm(),
+        recovering=recovery is not None,
     )
     recovered: dict[str, Any] = {}
     if recovery is not None:

@@ -152,6 +152,11 @@ class MaterializeRequest(BaseModel):
     image as a writable virtual copy (``agent.fusemount``), fetching only what is read;
     ``disks`` mounts the file system of each disk of a VM image's export (``nbd_uri``,
     ``disks``) at its own mount point (``agent.diskmount``)."""
+    recovering: bool = False
+    """The image is a PostgreSQL base backup presented to be recovered (a ``copy``): what
+    its recovery never reads (``pg_wal`` and the like, ``agent.pg.for_recovery``) is not
+    written, and the file system is not flushed after (PostgreSQL fsyncs every file of the
+    copy before it replays)."""
     nbd_uri: str | None = Field(default=None, pattern=r"^nbds?://[^\s]+$")
     disks: list[dict[str, Any]] | None = Field(default=None, min_length=1, max_length=64)
     """``disks``: where each disk lies in the export (target, offset, size)."""
