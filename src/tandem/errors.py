@@ -694,8 +694,8 @@ class MountPointOverlaps(InvalidInput):
 
 
 class TooManyPerRequest(InvalidInput):
-    """Invalid input: {count} {what} in one request. Ask for at most {limit} {what} per
-    request and split the rest into further requests."""
+    """Invalid input: {count} {what} in one request. Ask for at most {limit} per request and
+    split the rest into further requests."""
 
 
 # --- state that refuses the operation (Conflict: 409) -------------------------------------
@@ -888,3 +888,13 @@ class NotAPool(StorageError):
 class LiveManifestUnreadable(StorageError):
     """Cannot read manifest {manifest} of a live image ({reason}); garbage collection
     stopped so that no chunk of it is lost. Run `tandem image verify` on the app's images."""
+
+
+class RateInvalid(InvalidInput):
+    """Invalid input: --bandwidth {text!r} is not a rate. Write it like 50M or 800K (bytes per
+    second; K, M and G are powers of 1024), or 0 for no cap."""
+
+
+class DomainNameInvalid(InvalidInput):
+    """Invalid input: {what} {name!r} is not a libvirt domain name tandem accepts. Use
+    letters, digits and . _ + - (at most 64, starting with a letter or digit)."""
