@@ -898,3 +898,13 @@ class RateInvalid(InvalidInput):
 class DomainNameInvalid(InvalidInput):
     """Invalid input: {what} {name!r} is not a libvirt domain name tandem accepts. Use
     letters, digits and . _ + - (at most 64, starting with a letter or digit)."""
+
+
+class MountPointTaken(Conflict):
+    """The mount point {path} overlaps {used}, where image {image} is materialized. Unmount
+    {image} first (`tandem unmount {image}`) or choose another mount point."""
+
+
+class NotPresentedHere(InvalidInput):
+    """Invalid input: {path} is not a copy presented on this host. Present the base image
+    there first (test-failover, failover or mount with --mount-point)."""
