@@ -643,19 +643,20 @@ class NoVmDefinition(InvalidInput):
 
 
 class VmDiskMissing(InvalidInput):
-    """Invalid input: domain {domain} on host {host} has no {what} {disk}, which the image
-    holds (it has {has}); nothing was touched. Name a domain that has the image's disks
-    (same targets and sizes; `tandem vms --host {host}` lists them)."""
+    """Invalid input: {where} has no {what} {disk}, which the image holds (it has {has});
+    nothing was touched. Name a domain that has the image's disks (same targets and sizes;
+    `tandem vms --host HOST` lists them)."""
 
 
 class VmDiskSizeDiffers(InvalidInput):
-    """Invalid input: disk {disk} of domain {domain} is {have} bytes and the image's is
-    {want}; nothing was touched. Resize the disk to the image's size (`qemu-img resize`) and
+    """Invalid input: disk {disk} of {where} is {have} bytes and the image's is {want};
+    nothing was touched. Resize the disk to the image's size (`qemu-img resize`) and
     restore again."""
 
 
 class VmIsItsSource(InvalidInput):
-    """Invalid input: {what} cannot be {domain}, the domain the image came from. {fix}."""
+    """Invalid input: {what} cannot be {domain}: a VM is never failed over onto the domain it
+    came from. {fix}."""
 
 
 class VmPoolUnfit(InvalidInput):
@@ -663,9 +664,8 @@ class VmPoolUnfit(InvalidInput):
 
 
 class LibvirtRefused(InvalidInput):
-    """Invalid input: libvirt refused {what} on host {host} ({reason}){state}. Correct the
-    domain or its disks as the reason says (`virsh` on the host), then run the operation
-    again."""
+    """Invalid input: libvirt refused {what} ({reason}){state}. Correct the domain or its
+    disks as the reason says (`virsh` on the host), then run the operation again."""
 
 
 class NbdCertificateInvalid(InvalidInput):
@@ -908,3 +908,20 @@ class MountPointTaken(Conflict):
 class NotPresentedHere(InvalidInput):
     """Invalid input: {path} is not a copy presented on this host. Present the base image
     there first (test-failover, failover or mount with --mount-point)."""
+
+
+class DomainGone(InvalidInput):
+    """Invalid input: domain {domain} is gone, and so is its disk {disk}: nothing was
+    restored. Define the domain and its disks again (`virsh define`), then restore."""
+
+
+class VmIdentityTaken(InvalidInput):
+    """Invalid input: domain UUID {uuid} exists on this host (the domain the image came
+    from), and a VM that keeps its identity cannot run beside it. Fail over to another host,
+    or make a test VM."""
+
+
+class VmDiskNotFile(InvalidInput):
+    """Invalid input: disk {disk} of domain {domain} is a {type} disk; a restore writes file
+    disks (qcow2 or raw) in place. Make it a file disk in the domain's definition (`virsh
+    edit {domain}`), then restore again."""

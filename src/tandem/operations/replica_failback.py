@@ -778,8 +778,7 @@ def _check_vm_target(
         for disk in sorted(disks or ()):
             if disk not in has or has[disk].get("type") != "file":
                 raise VmDiskMissing(
-                    domain=domain,
-                    host=host,
+                    where=f"domain {domain} on host {host}",
                     what="file disk",
                     disk=disk,
                     has=", ".join(sorted(has)) or "no disks",
