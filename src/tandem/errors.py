@@ -925,3 +925,14 @@ class VmDiskNotFile(InvalidInput):
     """Invalid input: disk {disk} of domain {domain} is a {type} disk; a restore writes file
     disks (qcow2 or raw) in place. Make it a file disk in the domain's definition (`virsh
     edit {domain}`), then restore again."""
+
+
+class PoolGcRunning(Conflict):
+    """A garbage collection of pool {pool} is already running. Wait for it to end (`tandem
+    jobs --type gc` shows it)."""
+
+
+class OverlayDamaged(StorageError):
+    """The virtual copy at {directory} cannot be opened: {problem}. Restore the folder from a
+    backup of the appliance's data; or, if the writes made to the copy may be lost, unmount
+    the image (`tandem unmount IMAGE`) and present it again."""
