@@ -936,3 +936,8 @@ class OverlayDamaged(StorageError):
     """The virtual copy at {directory} cannot be opened: {problem}. Restore the folder from a
     backup of the appliance's data; or, if the writes made to the copy may be lost, unmount
     the image (`tandem unmount IMAGE`) and present it again."""
+
+
+class LabDaemonFailed(TandemError):
+    """The drill's {kind} {name} {what}: {said}. Fix what it says (a port or directory
+    taken, a missing tool), then run the drill again."""
