@@ -732,7 +732,7 @@ class AppHasImages(Conflict):
 
 
 class TestFailoverBusy(Conflict):
-    """The {holder} already carries the test-failover image {image} ({of}); {rule}. Unmount
+    """The {holder} already {has} the test-failover image {image} ({of}); {rule}. Unmount
     it, then delete it: `tandem unmount {image}`, then `tandem image delete
     {image}`{alternative}."""
 

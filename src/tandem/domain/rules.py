@@ -135,6 +135,7 @@ def check_test_failover_target(
         if image.app == app:
             raise TestFailoverBusy(
                 holder=f"application {app!r}",
+                has="has",
                 image=image.image_id,
                 of=f"on host {image.host!r}",
                 rule="an image is tested on one host at a time",
@@ -144,6 +145,7 @@ def check_test_failover_target(
         if image.host == target_host:
             raise TestFailoverBusy(
                 holder=f"host {target_host!r}",
+                has="carries",
                 image=image.image_id,
                 of=f"of application {image.app!r}",
                 rule="a host takes one test-failover image at a time",
