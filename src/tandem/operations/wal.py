@@ -251,7 +251,7 @@ def receive_push(site: Site, *, peer: str, app: str, body: WalPush) -> WalHeld:
                 segment=body.name,
                 app=app,
                 peer=peer,
-                reason="the application here is neither a PostgreSQL mirror of the peer nor "
+                reason="the application here is not a PostgreSQL mirror of the peer nor "
                 "failed over at it, and WAL is taken only for apps whose base images this site "
                 "already holds",
             )
