@@ -217,3 +217,20 @@ def test_every_registered_operation_has_a_handler_a_route_and_a_console_form(
         assert spec.name in console.HANDLERS, f"{spec.name}: the console cannot run it"
         if spec.name != "capture":  # capture's form is the app's own, above the timeline
             assert f"a.name == '{spec.name}'" in access, f"{spec.name}: no form on the page"
+
+
+def test_every_registered_operation_has_a_cli_command() -> None:
+    """Removing the CLI command that starts an operation fails here."""
+    import typer
+
+    from tandem.cli.main import build_app
+    from tandem.operations.registry import REGISTRY
+
+    for spec in REGISTRY:
+        command = typer.main.get_command(build_app(spec.cli[0]))
+        ctx = command.make_context("tandem", [], resilient_parsing=True)
+        for word in spec.cli:
+            assert hasattr(command, "get_command"), f"{spec.name}: `{word}` is not a group"
+            found = command.get_command(ctx, word)
+            assert found is not None, f"{spec.name}: no CLI command `tandem {' '.join(spec.cli)}`"
+            command = found

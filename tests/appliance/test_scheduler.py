@@ -186,3 +186,45 @@ def test_the_worker_count_is_set_per_appliance(tmp_path: Path) -> None:
     with pytest.raises(InvalidInput, match="Give 1 to 64"):
         init(tmp_path / "other", "site-x", f"127.0.0.1:{free_port()}", None, workers=0)
     assert not (tmp_path / "other" / "config.json").exists()
+
+
+def test_a_mirrored_app_whose_newest_snapshot_is_not_at_the_peer_gets_a_replication(
+    booted: Booted,
+) -> None:
+    """Captures made while the peer was down follow: a replication every MIRROR_RETRY s
+    until the peer has the newest snapshot, none while the app is failed over at the peer."""
+    from tandem.appliance.scheduler import MIRROR_RETRY
+
+    appliance = booted.appliance
+    seed_app(appliance, "web", template="mirrored")
+    seed_app(appliance, "other", template="mirrored")
+    taken = datetime.now(UTC)
+    with appliance.catalog.begin() as session:
+        template = next(t for t in q.list_templates(session) if t.name == "mirrored")
+        template.mirror, template.every_seconds = True, None
+        q.add_peer(session, name="dr", url="https://127.0.0.1:1", token="t", fingerprint="00" * 32)
+        for name in ("web", "other"):
+            q.get_app(session, name=name).last_capture = taken
+        q.get_app(session, name="other").last_replicated = taken  # the peer has it
+    scheduler = Scheduler(appliance.site)
+    now = time.time()
+
+    def replications() -> list[str]:
+        with appliance.catalog.read() as session:
+            return [j.app or "" for j in q.list_jobs(session) if j.type == "replicate"]
+
+    scheduler.run_due(now)
+    assert replications() == ["web"]
+    with appliance.catalog.begin() as session:
+        for job in q.list_jobs(session):
+            job.status = JobStatus.FAILED  # the peer was unreachable
+    scheduler.run_due(now + 1)
+    assert replications() == ["web"]  # not again before MIRROR_RETRY
+    scheduler.run_due(now + MIRROR_RETRY + 1)
+    assert replications() == ["web", "web"]
+    with appliance.catalog.begin() as session:
+        for job in q.list_jobs(session):
+            job.status = JobStatus.FAILED
+        q.get_app(session, name="web").peer_active = True  # failed over at the peer
+    scheduler.run_due(now + 3 * MIRROR_RETRY)
+    assert len(replications()) == 2

@@ -52,9 +52,8 @@ from datetime import UTC, datetime
 
 from tandem.catalog import queries as q
 from tandem.catalog.locks import CatalogLock
-from tandem.catalog.models import App, Template
+from tandem.catalog.models import Template
 from tandem.domain.jobs import JobStatus
-from tandem.domain.lifecycle import AppState
 from tandem.errors import Conflict, TandemError
 from tandem.operations import failback, gc, peers
 from tandem.operations.capture import submit_capture
@@ -163,11 +162,11 @@ class Scheduler:
         self._generation = self.site.ended.generation
         with self.site.catalog.read() as session:
             templates = {t.name: t for t in q.list_templates(session)}
-            apps = q.list_apps(session)
-        due: list[tuple[float, str, App]] = []
+            apps = q.scheduled_apps(session)
+        due: list[tuple[float, str, q.ScheduledApp]] = []
         for app in apps:
-            template = templates.get(app.template or "")
-            if app.state is not AppState.MANAGED or template is None or not template.every_seconds:
+            template = templates.get(app.template)
+            if template is None or not template.every_seconds:
                 continue
             last = app.last_capture.timestamp() if app.last_capture else 0.0
             tried = self._tried.get(app.name, 0.0)
@@ -258,14 +257,16 @@ class Scheduler:
         log.info("scheduled garbage collection: job %s", job.id)
         return job.id
 
-    def catch_up_mirrors(self, apps: list[App], templates: dict[str, Template], now: float) -> None:
+    def catch_up_mirrors(
+        self, apps: list[q.ScheduledApp], templates: dict[str, Template], now: float
+    ) -> None:
         """Queue a replication for mirrored apps whose newest snapshot is not at the peer
         yet (the peer was down, or a replication failed): retried every MIRROR_RETRY s."""
         if peers.the_peer(self.site) is None:
             return
         for app in apps:
-            template = templates.get(app.template or "")
-            if app.state is not AppState.MANAGED or template is None or not template.mirror:
+            template = templates.get(app.template)
+            if template is None or not template.mirror:
                 continue
             if app.peer_active:  # failed over at the peer: nothing to send until failback
                 continue

@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from sqlalchemy import Select, String, delete, func, literal, select, tuple_
 from sqlalchemy.exc import IntegrityError
@@ -252,6 +252,30 @@ def apps_query(*, after: str | None = None, limit: int | None = None) -> Select[
 def list_apps(session: Session, *, after: str | None = None, limit: int | None = None) -> list[App]:
     """Apps by name (a page of them with ``after``/``limit``)."""
     return list(session.scalars(apps_query(after=after, limit=limit)))
+
+
+class ScheduledApp(NamedTuple):
+    """What the scheduler needs of an app, each tick."""
+
+    name: str
+    template: str
+    peer_active: bool
+    last_capture: datetime | None
+    last_replicated: datetime | None
+
+
+def scheduled_apps(session: Session) -> list[ScheduledApp]:
+    """The managed apps that follow a template, by name: the columns the scheduler reads
+    each second, not ORM rows (a quarter of the CPU at 1,000 apps)."""
+    query = (
+        select(App.name, App.template, App.peer_active, App.last_capture, App.last_replicated)
+        .where(App.state == AppState.MANAGED, App.template.is_not(None))
+        .order_by(App.name)
+    )
+    return [
+        ScheduledApp(name, template or "", peer_active, last_capture, last_replicated)
+        for name, template, peer_active, last_capture, last_replicated in session.execute(query)
+    ]
 
 
 def app_names(session: Session, *, kind: AppKind) -> list[str]:

@@ -85,6 +85,13 @@ class Spec:
     """The console shows it as destructive."""
     confirmations: tuple[str, ...] = ()
     """The phrases the operator types, in order (checked by the operation itself)."""
+    command: str = ""
+    """The CLI command that starts it, when it is not ``name`` (``image delete``)."""
+
+    @property
+    def cli(self) -> tuple[str, ...]:
+        """The words of its CLI command after ``tandem``."""
+        return tuple((self.command or self.name).split())
 
     def handler(self, site: Site) -> Handler:
         """The runner's handler: the stored parameters validated, then ``run``."""
@@ -362,6 +369,7 @@ REPLICA_FAILBACK = Spec(
     subject="app",
     lifecycle=Operation.FAILBACK_REPLICA,
     request=FailbackIn,
+    command="failback",  # with --target original|restored|new
     title="Failback (replica style)",
     danger=True,
 )
@@ -399,6 +407,7 @@ DELETE_IMAGE = Spec(
     subject="image",
     lifecycle=Operation.DELETE_IMAGE,
     title="Delete",
+    command="image delete",
 )
 GC = Spec(
     name="gc",
