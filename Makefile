@@ -20,7 +20,8 @@ VM_STAMP := $(VENV)/.installed-vm
 # when installed, so the tools come before the venv; fuse3 brings fusermount3.
 TOOLS_PKGS := qemu-utils libnbd-bin python3-libnbd chromium btrfs-progs xfsprogs postgresql \
   libvirt-daemon-system libvirt-daemon-driver-qemu qemu-system-x86 libvirt-dev pkg-config \
-  busybox-static cpio qemu-guest-agent fuse3 libfuse3-dev
+  busybox-static cpio qemu-guest-agent fuse3 libfuse3-dev \
+  swift-proxy swift-account swift-container swift-object memcached
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -54,13 +55,15 @@ tools:
 	    || ! command -v virsh >/dev/null || ! command -v qemu-system-x86_64 >/dev/null \
 	    || ! pkg-config --exists libvirt 2>/dev/null || ! test -x /bin/busybox \
 	    || ! command -v cpio >/dev/null || ! test -x /usr/sbin/qemu-ga \
-	    || ! command -v fusermount3 >/dev/null || ! pkg-config --exists fuse3 2>/dev/null; then \
+	    || ! command -v fusermount3 >/dev/null || ! pkg-config --exists fuse3 2>/dev/null \
+	    || ! test -x /usr/bin/swift-proxy-server || ! test -x /usr/bin/swift-object-server \
+	    || ! test -x /usr/bin/memcached; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    echo "installing $(TOOLS_PKGS) (what the NBD, browser, live-application and VM tests use)"; \
+	    echo "installing $(TOOLS_PKGS) (what the NBD, browser, live-application, VM and S3 tests use)"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
 	      --no-install-recommends $(TOOLS_PKGS) >/dev/null; \
 	  else \
-	    echo "note: install $(TOOLS_PKGS) for the NBD, browser, live-application and VM tests"; \
+	    echo "note: install $(TOOLS_PKGS) for the NBD, browser, live-application, VM and S3 tests"; \
 	  fi; \
 	fi
 

@@ -300,6 +300,46 @@ class CopyFrozen(StorageError):
     http_status = 409
 
 
+class ObjectStoreUnreachable(StorageError):
+    """The object store at {endpoint} did not answer ({reason}) after {attempts} attempt(s).
+    Check the endpoint of the pool (`s3://BUCKET?endpoint=URL`) and that the store runs."""
+
+    http_status = 503
+
+
+class ObjectStoreDenied(StorageError):
+    """The object store at {endpoint} refused the credentials for bucket {bucket!r}
+    ({reason}). Check the access key and secret given for the pool (TANDEM_S3_ACCESS_KEY,
+    TANDEM_S3_SECRET_KEY) and the bucket's permissions."""
+
+    http_status = 502
+
+
+class BucketMissing(StorageError):
+    """The bucket {bucket!r} does not exist at {endpoint}. Create it on the store, or give
+    an existing bucket in the pool's URL (`s3://BUCKET?endpoint=URL`)."""
+
+    http_status = 502
+
+
+class ObjectStoreFailed(StorageError):
+    """The object store at {endpoint} failed {operation} of {key!r} ({reason}) after
+    {attempts} attempt(s); nothing half-written was made visible. Check the store's health
+    and run the operation again."""
+
+    http_status = 502
+
+
+class ObjectMissing(StorageError):
+    """Object {key!r} is not in bucket {bucket!r} at {endpoint}. Run `tandem storage verify`
+    to find the images that name it."""
+
+
+class PoolUrlInvalid(InvalidInput):
+    """Invalid pool URL {url!r}: {reason}. Give a local directory or
+    `s3://BUCKET[/PREFIX]?endpoint=http(s)://HOST:PORT[&region=REGION]`."""
+
+
 # --- remote parts -----------------------------------------------------------------------
 
 
@@ -882,7 +922,8 @@ class WalSegmentDamaged(StorageError):
 
 class NotAPool(StorageError):
     """{path} is not a chunk pool this version reads ({problem}). Give the pool's own
-    directory, or create one with `tandem storage init DIR`."""
+    location, or create one (`tandem storage init DIR`, or `tandem appliance init DIR --pool
+    s3://BUCKET?endpoint=URL` on an object store)."""
 
 
 class LiveManifestUnreadable(StorageError):
@@ -941,3 +982,18 @@ class OverlayDamaged(StorageError):
 class LabDaemonFailed(TandemError):
     """The drill's {kind} {name} {what}: {said}. Fix what it says (a port or directory
     taken, a missing tool), then run the drill again."""
+
+
+class StoreCredentialsMissing(InvalidInput):
+    """Invalid input: a pool on an object store needs its credentials. Set {access} and
+    {secret} in the environment of `tandem appliance init`."""
+
+
+class StoreCredentialsUnreadable(InvalidInput):
+    """Invalid input: {path} {problem}; it keeps the credentials of the pool on {url}. Write
+    it again: a JSON object with "access_key" and "secret_key" (mode 0600)."""
+
+
+class NotBuiltForStore(StorageError):
+    """{what} is not built yet for a pool on an object store; nothing was removed. Keep GC
+    off (or use a local pool) until it is."""

@@ -48,6 +48,7 @@ import gc as python_gc
 import logging
 import os
 import secrets
+import shutil
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -55,6 +56,14 @@ from typing import Any
 
 from tandem.appliance.app import KIND, create_app
 from tandem.appliance.nbd import NbdServer, is_loopback, tls_context
+from tandem.appliance.pools import (
+    CREDENTIALS,
+    check_pool_arg,
+    create_pool,
+    open_pool,
+    pool_field,
+    pool_location,
+)
 from tandem.appliance.scheduler import Scheduler
 from tandem.catalog import queries as q
 from tandem.catalog.db import open_catalog
@@ -77,7 +86,7 @@ from tandem.operations.present import restore_exports, restore_tree_sessions
 from tandem.operations.sessions import SessionRegistry
 from tandem.operations.site import Site
 from tandem.operations.wal import WalShipper
-from tandem.storage.pool import ChunkPool
+from tandem.storage.objstore import is_store_url
 from tandem.transport.server import (
     DaemonConfig,
     bind,
@@ -113,12 +122,6 @@ def _quietly(work: Callable[[Site], object], site: Site) -> None:
 def catalog_url(directory: Path, cfg: DaemonConfig) -> str:
     url = cfg.extra.get("catalog")
     return str(url) if url else f"sqlite:///{directory.resolve() / 'catalog.db'}"
-
-
-def pool_path(directory: Path, cfg: DaemonConfig) -> Path:
-    """The chunk pool: ``extra.pool`` (a joined process: the first one's), else DIR/pool."""
-    pool = cfg.extra.get("pool")
-    return Path(str(pool)) if pool else directory / "pool"
 
 
 def joined(cfg: DaemonConfig) -> bool:
@@ -176,10 +179,13 @@ def join(
     url = catalog_url(first, base)
     if _is_sqlite(url):
         raise CatalogNotShared(directory=first, how="is to be joined")
-    pool = pool_path(first, base).resolve()
-    ChunkPool(pool)  # reachable and a pool, before anything is made
+    where = pool_location(first, base)
+    on_store = is_store_url(where)
+    if not on_store:
+        where = str(Path(where).resolve())
+    open_pool(first, base)  # reachable and a pool, before anything is made
     parse_listen(listen)  # a clear error before anything is made
-    extra: dict[str, Any] = {"catalog": url, "pool": str(pool), "join": str(first.resolve())}
+    extra: dict[str, Any] = {"catalog": url, "pool": where, "join": str(first.resolve())}
     if workers is not None:
         extra["workers"] = workers
     for key in ("heartbeat", "stale_after"):
@@ -187,6 +193,9 @@ def join(
             extra[key] = base.extra[key]
     cfg, token = init_daemon_dir(directory, kind=KIND, name=base.name, listen=listen, extra=extra)
     try:
+        if on_store:  # the same store, with the same credentials
+            shutil.copyfile(first / CREDENTIALS, directory / CREDENTIALS)
+            os.chmod(directory / CREDENTIALS, 0o600)
         with open_catalog(url) as opened, opened.begin() as session:
             q.add_token(
                 session, name=f"{ADMIN_TOKEN}-{secrets.token_hex(4)}", token=token, role=Role.ADMIN
@@ -207,13 +216,17 @@ def init(
     nbd_listen: str | None = None,
     nbd_tls: bool = False,
     workers: int | None = None,
+    pool: str | None = None,
 ) -> dict[str, Any]:
     """Create an appliance in ``directory``; returns ``{name, url, token, fingerprint}``.
 
     ``nbd_listen`` (HOST:PORT) is where NBD exports are served; by default a free port on
     the API's host. ``nbd_tls`` asks for TLS on a loopback NBD listener too (any other
-    address always has it). ``workers``: the jobs run at once (default ``WORKERS``)."""
+    address always has it). ``workers``: the jobs run at once (default ``WORKERS``).
+    ``pool``: a directory or ``s3://BUCKET[/PREFIX]?endpoint=URL`` (``appliance.pools``);
+    default DIR/pool."""
     check_workers(workers)
+    check_pool_arg(pool)  # a bad URL, wrong credentials: said before anything is made
     host, _ = parse_listen(listen)
     if nbd_listen is None:
         nbd_listen = f"{host}:{free_port(host)}"  # fixed at init: export URIs survive restarts
@@ -227,11 +240,13 @@ def init(
         extra["nbd_tls"] = True
     if workers is not None:
         extra["workers"] = workers
+    if pool is not None:
+        extra["pool"] = pool_field(pool)
     cfg, token = init_daemon_dir(
         directory, kind=KIND, name=name, listen=listen, extra=extra, hosts=(nbd_host,)
     )
     try:
-        ChunkPool.create(directory / "pool")
+        create_pool(directory, pool)
         url = catalog_url(directory, cfg)
         with open_catalog(url) as opened, opened.begin() as session:
             try:
@@ -313,7 +328,7 @@ class Appliance:
         stale_after = _seconds(self.config, "stale_after")
         self.catalog = open_catalog(url)
         try:
-            pool = ChunkPool(pool_path(directory, self.config))
+            pool = open_pool(directory, self.config)
         except BaseException:
             self.catalog.close()
             raise

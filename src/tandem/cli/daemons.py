@@ -39,6 +39,14 @@ def appliance_init(
     catalog: Annotated[
         str | None, typer.Option(help="Catalog URL (default: SQLite in DIR).")
     ] = None,
+    pool: Annotated[
+        str | None,
+        typer.Option(
+            help="Where the chunk pool lives (default: DIR/pool): a directory, or an "
+            "S3-compatible store as s3://BUCKET[/PREFIX]?endpoint=http(s)://HOST:PORT, its "
+            "credentials read from TANDEM_S3_ACCESS_KEY and TANDEM_S3_SECRET_KEY."
+        ),
+    ] = None,
     nbd_listen: Annotated[
         str | None,
         typer.Option(
@@ -67,10 +75,10 @@ def appliance_init(
     from tandem.appliance import daemon
 
     if join is not None:
-        if catalog is not None or nbd_listen is not None or nbd_tls:
+        if catalog is not None or pool is not None or nbd_listen is not None or nbd_tls:
             raise typer.BadParameter(
                 "a joined process takes the catalog and pool of the one it joins and serves "
-                "no NBD: leave out --catalog, --nbd-listen and --nbd-tls",
+                "no NBD: leave out --catalog, --pool, --nbd-listen and --nbd-tls",
                 param_hint="'--join'",
             )
         doc = daemon.join(directory, join, listen, name=name, workers=workers)
@@ -86,6 +94,7 @@ def appliance_init(
         nbd_listen=nbd_listen,
         nbd_tls=nbd_tls,
         workers=workers,
+        pool=pool,
     )
     _print_init(doc, json_)
 

@@ -65,6 +65,7 @@ from tandem.errors import (
     ChunkCorrupt,
     ChunkMissing,
     LiveManifestUnreadable,
+    NotBuiltForStore,
     PoolGcRunning,
     StorageError,
 )
@@ -201,6 +202,8 @@ def collect(
     was done stays done and the next run resumes. A live manifest that cannot be read stops
     the run with ``StorageError`` before anything is removed from then on.
     """
+    if not pool.collects_garbage:
+        raise NotBuiltForStore(what="Garbage collection (the pool only grows until it is)")
     with _exclusive(pool):
         marks = _Marks(marks_path(pool))
         try:

@@ -407,6 +407,8 @@ class WritablePool(Protocol):
 class ChunkPool:
     """A chunk pool in ``root``. Thread-safe for reads; writes go through ``writer()``."""
 
+    collects_garbage = True  # False for a pool whose GC is not built yet (storage.s3pool)
+
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root)
         meta = self.root / "pool.json"
