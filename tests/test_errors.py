@@ -3,8 +3,10 @@ carries an HTTP status and an exit code."""
 
 from __future__ import annotations
 
+import ast
 import re
 import string
+from pathlib import Path
 
 import pytest
 
@@ -66,3 +68,72 @@ def test_an_operator_condition_keeps_the_status_of_the_catch_all_it_refines() ->
             assert cls.http_status == 422 and cls.exit_code == 2, cls
         if issubclass(cls, errors.Conflict):
             assert cls.http_status == 409, cls
+
+
+SRC = Path(errors.__file__).parent
+CATCH_ALL_CALLS = {"TandemError", "InvalidInput", "Conflict", "StorageError"}
+CATCH_ALL_BUDGET: dict[str, int] = {
+    # Checks of what the appliance, an agent or a peer sent (tandem's own code never sends
+    # it): framing, digests, block indices, URIs, request fields the other side always fills.
+    "transport/wire.py": 8,
+    "appliance/routes_sessions.py": 3,
+    "agent/actions.py": 4,
+    "agent/diskmount.py": 2,
+    "agent/vm.py": 6,
+    "domain/hooks.py": 4,
+    "operations/wal.py": 5,
+    "operations/replicate.py": 1,
+    "operations/failback.py": 1,
+    "operations/sessions.py": 1,
+    # A validation message echoed (pydantic's, or ``path_problem``'s, which names the fix).
+    "transport/api.py": 1,
+    "transport/server.py": 1,
+    "domain/paths.py": 1,
+    # Programming invariants ("cannot happen") and OSError translated at the boundary.
+    "storage/overlay.py": 20,
+    "storage/pool.py": 2,
+    "storage/vmimage.py": 2,
+    "storage/volume.py": 1,
+    "appliance/nbd.py": 3,
+    "agent/fusemount.py": 1,
+    "domain/jobs.py": 1,
+    "jobs/queue.py": 1,
+    "operations/syncback.py": 4,
+    "operations/replica_failback.py": 1,
+    "transport/client.py": 1,
+    "drill/lab.py": 4,
+}
+"""Raise sites of the catch-alls left, per module (issue #13 item 6). Every condition an
+operator meets has a class of its own in errors.py; lower a budget when a site goes."""
+ELSEWHERE = {"operations/present.py", "agent/pg.py"}
+"""Modules another branch reworks now: their catch-alls are next (measured, not budgeted)."""
+
+
+def catch_all_sites() -> dict[str, list[int]]:
+    """Module (relative to the package) -> lines that construct a catch-all error."""
+    found: dict[str, list[int]] = {}
+    for path in sorted(SRC.rglob("*.py")):
+        module = path.relative_to(SRC).as_posix()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not isinstance(node, ast.Call):
+                continue
+            func = node.func
+            name = func.id if isinstance(func, ast.Name) else getattr(func, "attr", None)
+            if name in CATCH_ALL_CALLS:
+                found.setdefault(module, []).append(node.lineno)
+    return found
+
+
+def test_catch_alls_are_left_only_where_no_operator_meets_them() -> None:
+    over = {
+        module: lines
+        for module, lines in catch_all_sites().items()
+        if module not in ELSEWHERE and len(lines) > CATCH_ALL_BUDGET.get(module, 0)
+    }
+    assert not over, (
+        "new raise sites of a catch-all error (TandemError, InvalidInput(detail=…), "
+        f"Conflict(detail=…), StorageError(detail=…)): {over}. Give the condition a class in "
+        "errors.py whose message names the fix (subclass the catch-all to keep its status); "
+        "only a programming invariant or a wire check may raise a catch-all (then raise its "
+        "budget here)"
+    )

@@ -558,3 +558,442 @@ class JobParamsInvalid(TandemError):
     was)."""
 
     http_status = 500
+
+
+# --- input the operator types (InvalidInput: 422, exit code 2) ---------------------------
+
+
+class NameInvalid(InvalidInput):
+    """Invalid input: {what} {name!r} is not a valid name. Use {rule}."""
+
+
+class ChoiceInvalid(InvalidInput):
+    """Invalid input: {what} {value!r} is not one tandem knows. Use one of {choices}."""
+
+
+class OutOfRange(InvalidInput):
+    """Invalid input: {what} {value!r} is out of range. Give {allowed}."""
+
+
+class OptionsDoNotApply(InvalidInput):
+    """Invalid input: this request takes no {options}: {why}. {fix}."""
+
+
+class OptionsMissing(InvalidInput):
+    """Invalid input: {what} needs {options}{why}. Give {options}."""
+
+
+class AppLocationInvalid(InvalidInput):
+    """Invalid input: a {kind} app is located by {needs} alone ({unused} is for {other}
+    apps). Give {needs}{hint}."""
+
+
+class MountPathInvalid(InvalidInput):
+    """Invalid input: the {what} {path!r} {problem}. Give a full path below / without '..',
+    such as /mnt/app."""
+
+
+class ListenInvalid(InvalidInput):
+    """Invalid input: {option} takes HOST:PORT, not {value!r}. Write it like
+    127.0.0.1:8443 or 0.0.0.0:10809."""
+
+
+class UrlInvalid(InvalidInput):
+    """Invalid input: {url!r} is not a daemon URL ({reason}). Write it like
+    https://HOST:PORT."""
+
+
+class ConnectionOptionMissing(InvalidInput):
+    """Invalid input: no {what} given. Pass {option} or set {env}."""
+
+
+class ConfigValueInvalid(InvalidInput):
+    """Invalid input: {file} has {key} {value!r}. Give {allowed} there, or remove the key
+    for the default."""
+
+
+class CatalogUrlInvalid(InvalidInput):
+    """Invalid input: catalog URL {url!r} {problem}. Give a database file
+    (sqlite:////var/lib/tandem/catalog.db) or a PostgreSQL database
+    (postgresql://USER@HOST/DB)."""
+
+
+class CatalogTaken(InvalidInput):
+    """Invalid input: the catalog {url} already belongs to an appliance. Give an empty
+    database to --catalog."""
+
+
+class CatalogNotShared(InvalidInput):
+    """Invalid input: {directory} {how}, but its catalog is SQLite, which one process alone
+    may use. Give the first appliance process a PostgreSQL catalog (`tandem appliance init
+    DIR --catalog postgresql://USER@HOST/DB`) and join that one."""
+
+
+class JoinInvalid(InvalidInput):
+    """Invalid input: --join {first}: {reason}. {fix}."""
+
+
+class DaemonDirInvalid(InvalidInput):
+    """Invalid input: {directory} {problem}. {fix}."""
+
+
+class NbdListenUnreachable(InvalidInput):
+    """Invalid input: --nbd-listen {nbd_listen} and --listen {listen} name no address hosts
+    can reach in export URIs. Give --nbd-listen the appliance's address."""
+
+
+class NbdNeedsTls(InvalidInput):
+    """Invalid input: NBD on {host}, which is not a loopback address, {what}. {fix}."""
+
+
+class CursorStale(InvalidInput):
+    """Invalid input: the cursor {after!r} names no {what} (any more). List again without
+    `after`."""
+
+
+class TestOnProductionHost(InvalidInput):
+    """Invalid input: host {host!r} is where {app!r} runs in production; a test copy never
+    shares its host. Present the copy on another host."""
+
+
+class TargetIsOriginal(InvalidInput):
+    """Invalid input: {where} is {app!r} itself ({how}). Fail back with --target original to
+    write it, or name another target."""
+
+
+class PgBaseNeedsRecovery(InvalidInput):
+    """Invalid input: image {image} is a PostgreSQL base image, which starts only with its
+    WAL replayed; restored as it is it would start as a torn cluster. Recover it instead with
+    `tandem mount {image} --host HOST --mount-point DIR --latest` (or --time)."""
+
+
+class ImageHoldsNoVm(InvalidInput):
+    """Invalid input: image {image} holds no VM (no disk layout in its meta). Give an image
+    of a vm app (`tandem images APP`)."""
+
+
+class ImageKindDiffers(InvalidInput):
+    """Invalid input: image {image} is {have}, which cannot {how}. {fix}."""
+
+
+class NoVmDefinition(InvalidInput):
+    """Invalid input: no image captured at this site holds the definition of VM {domain}: a
+    new domain is defined only from production's own capture. Fail back with --target
+    original or restored."""
+
+
+class VmDiskMissing(InvalidInput):
+    """Invalid input: {where} has no {what} {disk}, which the image holds (it has {has});
+    nothing was touched. Name a domain that has the image's disks (same targets and sizes;
+    `tandem vms --host HOST` lists them)."""
+
+
+class VmDiskSizeDiffers(InvalidInput):
+    """Invalid input: disk {disk} of {where} is {have} bytes and the image's is {want};
+    nothing was touched. Resize the disk to the image's size (`qemu-img resize`) and
+    restore again."""
+
+
+class VmIsItsSource(InvalidInput):
+    """Invalid input: {what} cannot be {domain}: a VM is never failed over onto the domain it
+    came from. {fix}."""
+
+
+class VmPoolUnfit(InvalidInput):
+    """Invalid input: storage pool {pool!r} {problem}. {fix}."""
+
+
+class LibvirtRefused(InvalidInput):
+    """Invalid input: libvirt refused {what} ({reason}){state}. Correct the domain or its
+    disks as the reason says (`virsh` on the host), then run the operation again."""
+
+
+class NbdCertificateInvalid(InvalidInput):
+    """Invalid input: the appliance's certificate sent for its NBD export over TLS {problem}.
+    Present the image again (a re-initialised appliance sends its new certificate)."""
+
+
+class NbdTlsFolderMissing(InvalidInput):
+    """Invalid input: this agent has no folder for the NBD TLS certificate. Set {env} to the
+    folder qemu.conf names as nbd_tls_x509_cert_dir and restart the agent."""
+
+
+class DiskHasNoFileSystem(InvalidInput):
+    """Invalid input: disk {disk} of image {image} has no file system this host can mount
+    ({what}). Present the image without --mount-point (its NBD export) or as a VM (--new-vm
+    NAME)."""
+
+
+class DiskMountUnavailable(InvalidInput):
+    """Invalid input: this host cannot mount a VM's disks: {reason}. Install what it names
+    on the host, or present the image without --mount-point or as a VM (--new-vm NAME)."""
+
+
+class MountPointOverlaps(InvalidInput):
+    """Invalid input: the mount point {path} overlaps {other}. Choose another mount point."""
+
+
+class TooManyPerRequest(InvalidInput):
+    """Invalid input: {count} {what} in one request. Ask for at most {limit} per request and
+    split the rest into further requests."""
+
+
+# --- state that refuses the operation (Conflict: 409) -------------------------------------
+
+
+class AppBusy(Conflict):
+    """Application {app!r} has the {type} job {job} {status}; one lifecycle operation runs
+    per application at a time. Wait for it to end (`tandem job show {job}`) or cancel it
+    (`tandem job cancel {job}`)."""
+
+
+class JobEnded(Conflict):
+    """Job {job} already ended ({status}); it cannot {action}. Start the operation again for a
+    new job if it is still needed."""
+
+
+class HostInUse(Conflict):
+    """Host {host!r} {holds} {names}. {fix}."""
+
+
+class TemplateInUse(Conflict):
+    """Template {template!r} protects the applications {apps}. Protect them with another
+    template (`tandem app protect APP --template T`) or unprotect them first."""
+
+
+class AppStillProtected(Conflict):
+    """Application {app!r} is {state}. Unprotect it (`tandem app unprotect {app}`) before
+    removing it."""
+
+
+class AppHasImages(Conflict):
+    """Application {app!r} still has {count} image(s). Delete them first (`tandem images
+    {app}` lists them)."""
+
+
+class TestFailoverBusy(Conflict):
+    """The {holder} already {has} the test-failover image {image} ({of}); {rule}. Unmount
+    it, then delete it: `tandem unmount {image}`, then `tandem image delete
+    {image}`{alternative}."""
+
+
+class FailoverImageLive(Conflict):
+    """Image {image} is the failed-over copy that application {app!r} runs on; deleting it
+    would lose the data written at the DR site. Fail back first (`tandem failback {app}`)."""
+
+
+class ProtectiveSnapshotHeld(Conflict):
+    """Image {image} is the protective snapshot of the pending failback of application
+    {app!r}: it is the way back. Commit or undo the failback first (`tandem commit-failback
+    {app}` or `tandem undo-failback {app}`)."""
+
+
+class SameVmTarget(InvalidInput):
+    """Invalid input: application {app!r} is the VM {host!r}; it cannot be failed over onto
+    the VM it came from. Choose another host or a new VM."""
+
+
+class DataInUse(Conflict):
+    """The application's data at {path} is in use ({users}). Stop the application first, or
+    give it a stop hook that the restore runs first (`tandem app set APP --stop SCRIPT`)."""
+
+
+class CopyInUse(Conflict):
+    """The {what} at {path} is in use ({users}). Close its files and stop the application
+    using it (leave the folder too), then unmount again."""
+
+
+class UnmountFailed(Conflict):
+    """The {what} at {path} did not unmount ({reason}). Stop what uses it, then unmount
+    again."""
+
+
+class AlreadyMaterialized(Conflict):
+    """Image {image} is already materialized on this host at {where}. Unmount it first
+    (`tandem unmount {image}`)."""
+
+
+class BeingMaterialized(Conflict):
+    """Image {image} is being materialized on this host right now. Wait for its job to end
+    (or cancel it), then unmount."""
+
+
+class VirtualCopyNotOpen(Conflict):
+    """The virtual copy of failover image {image} is not open in this appliance process.
+    Run the operation again once the appliance has reopened it (a restarted appliance
+    reopens the copies of failed-over images), on the process that serves it."""
+
+
+class FailbackInterrupted(Conflict):
+    """A failback of {app!r} began withdrawing its DR copy {image} and was interrupted. Run
+    `tandem {again} {app}` again to finish it."""
+
+
+class TargetKindDiffers(Conflict):
+    """The app registered at {where} here, {other!r}, is a {other_kind}; {app!r} is a {kind}.
+    Register the location with --kind {kind}, or choose another."""
+
+
+class TargetNotEmpty(Conflict):
+    """{path} on host {host} is not missing or empty ({held}): a failback with --target new
+    writes the whole image there and would destroy what it holds. Register an empty
+    location, or fail back with --target restored onto the app registered there."""
+
+
+class MirrorOfOther(Conflict):
+    """Application {app!r} here is not a mirror of {peer!r} (its origin is {origin}). Rename
+    one of them (the names of mirrored apps are shared by both sites)."""
+
+
+class MirrorKindDiffers(Conflict):
+    """{peer!r} sends a {sent} image of {app!r}, which is a {kind} here. Rename one of them
+    (the names of mirrored apps are shared by both sites)."""
+
+
+class ReplicaOutOfOrder(Conflict):
+    """Image {image} of {app!r} is older than the newest replica {newest}: a replayed or
+    out-of-order replication is refused. Nothing to do: the next replication sends newer
+    images."""
+
+
+class SenderNotWriter(Conflict):
+    """The {what} of {app!r} carries writer epoch {carried}, but the application is at epoch
+    {current} here since a failover: the sender is no longer the writer. Nothing was
+    applied; act on the site where the application runs now (`tandem apps` there shows it)."""
+
+
+class WalRefused(Conflict):
+    """WAL {segment} of {app!r} from {peer!r} is refused: {reason}. Nothing to do here; the
+    peer stops sending it once the failover or replication it belongs to has ended."""
+
+
+class CannotListen(Conflict):
+    """Cannot listen on {address}: {reason}. Stop what uses the address, or change {option}
+    in the daemon's config.json."""
+
+
+class AlreadyRunning(Conflict):
+    """Another {kind} already runs from {directory} (pid {pid}). Stop it first, or give
+    another directory."""
+
+
+# --- the host and the agent (500, as the catch-alls they replace) -----------------------
+
+
+class FuseUnavailable(TandemError):
+    """This host cannot present file-tree images through FUSE: {reason}. Either {fix}, or
+    present with the copy action (`--action copy`)."""
+
+
+class MountRegistryDamaged(TandemError):
+    """The mount registry {path} {problem}. Restore it from a backup, or move it aside and
+    remove what it listed by hand."""
+
+
+class AgentWithoutDirectory(TandemError):
+    """This agent app was made without its directory, where {what}. Pass the directory to
+    create_app (`tandem agent serve` does)."""
+
+
+class NbdExportUnreachable(StorageError):
+    """This host {how} the appliance's NBD export ({reason}). Check that it reaches the
+    appliance's NBD port, then present the image again."""
+
+
+class LoopDeviceUnavailable(StorageError):
+    """No loop device for the VM's disk ({reason}). Free one (`losetup -D` detaches unused
+    ones) and present the image again."""
+
+
+class DiskMountFailed(StorageError):
+    """Disk {disk} of image {image} ({fstype}) did not mount at {path}: {reason}. Check the
+    file system with fsck on a copy, or present the image as a VM (--new-vm NAME)."""
+
+
+class VmDefinitionNotRestored(StorageError):
+    """libvirt refused domain {domain}'s own definition back ({reason}). It is kept in the
+    domain's metadata ({namespace}): define it by hand with `virsh define`."""
+
+
+class WalSegmentDamaged(StorageError):
+    """WAL segment {segment} at {path} {problem}; it is not served. Run the capture again to
+    start a new base image."""
+
+
+class NotAPool(StorageError):
+    """{path} is not a chunk pool this version reads ({problem}). Give the pool's own
+    location, or create one (`tandem storage init DIR`, or `tandem appliance init DIR --pool
+    s3://BUCKET?endpoint=URL` on an object store)."""
+
+
+class LiveManifestUnreadable(StorageError):
+    """Cannot read manifest {manifest} of a live image ({reason}); garbage collection
+    stopped so that no chunk of it is lost. Run `tandem image verify` on the app's images."""
+
+
+class RateInvalid(InvalidInput):
+    """Invalid input: --bandwidth {text!r} is not a rate. Write it like 50M or 800K (bytes per
+    second; K, M and G are powers of 1024), or 0 for no cap."""
+
+
+class DomainNameInvalid(InvalidInput):
+    """Invalid input: {what} {name!r} is not a libvirt domain name tandem accepts. Use
+    letters, digits and . _ + - (at most 64, starting with a letter or digit)."""
+
+
+class MountPointTaken(Conflict):
+    """The mount point {path} overlaps {used}, where image {image} is materialized. Unmount
+    {image} first (`tandem unmount {image}`) or choose another mount point."""
+
+
+class NotPresentedHere(InvalidInput):
+    """Invalid input: {path} is not a copy presented on this host. Present the base image
+    there first (test-failover, failover or mount with --mount-point)."""
+
+
+class DomainGone(InvalidInput):
+    """Invalid input: domain {domain} is gone, and so is its disk {disk}: nothing was
+    restored. Define the domain and its disks again (`virsh define`), then restore."""
+
+
+class VmIdentityTaken(InvalidInput):
+    """Invalid input: domain UUID {uuid} exists on this host (the domain the image came
+    from), and a VM that keeps its identity cannot run beside it. Fail over to another host,
+    or make a test VM."""
+
+
+class VmDiskNotFile(InvalidInput):
+    """Invalid input: disk {disk} of domain {domain} is a {type} disk; a restore writes file
+    disks (qcow2 or raw) in place. Make it a file disk in the domain's definition (`virsh
+    edit {domain}`), then restore again."""
+
+
+class PoolGcRunning(Conflict):
+    """A garbage collection of pool {pool} is already running. Wait for it to end (`tandem
+    jobs --type gc` shows it)."""
+
+
+class OverlayDamaged(StorageError):
+    """The virtual copy at {directory} cannot be opened: {problem}. Restore the folder from a
+    backup of the appliance's data; or, if the writes made to the copy may be lost, unmount
+    the image (`tandem unmount IMAGE`) and present it again."""
+
+
+class LabDaemonFailed(TandemError):
+    """The drill's {kind} {name} {what}: {said}. Fix what it says (a port or directory
+    taken, a missing tool), then run the drill again."""
+
+
+class StoreCredentialsMissing(InvalidInput):
+    """Invalid input: a pool on an object store needs its credentials. Set {access} and
+    {secret} in the environment of `tandem appliance init`."""
+
+
+class StoreCredentialsUnreadable(InvalidInput):
+    """Invalid input: {path} {problem}; it keeps the credentials of the pool on {url}. Write
+    it again: a JSON object with "access_key" and "secret_key" (mode 0600)."""
+
+
+class NotBuiltForStore(StorageError):
+    """{what} is not built yet for a pool on an object store; nothing was removed. Keep GC
+    off (or use a local pool) until it is."""

@@ -250,15 +250,15 @@ def test_a_symlink_at_the_mount_point_is_not_followed(rig: Rig) -> None:
 
 
 BAD_REQUESTS: list[tuple[dict[str, str], str, str]] = [
-    ({"mount_point": "relative/path"}, "InvalidInput", "is not a full path"),
-    ({"mount_point": "/mnt/../etc"}, "InvalidInput", "contains a '..' component"),
-    ({"mount_point": "/"}, "InvalidInput", "cannot be the root folder"),
-    ({}, "InvalidInput", "the specify action needs a mount point"),
+    ({"mount_point": "relative/path"}, "MountPathInvalid", "is not a full path"),
+    ({"mount_point": "/mnt/../etc"}, "MountPathInvalid", "contains a '..' component"),
+    ({"mount_point": "/"}, "MountPathInvalid", "is the root folder"),
+    ({}, "MountPointNeeded", "the specify action needs a folder to be placed in"),
     ({"action": "keep-source-path"}, "InvalidInput", "needs the application's source path"),
     (
         {"action": "map-only"},
-        "InvalidInput",
-        "map-only presents a volume without mounting a file system and applies to volume images",
+        "ImageKindDiffers",
+        "cannot be presented map-only (a volume without mounting a file system)",
     ),
     (
         {"action": "keep-source-path", "source_path": "/nonexistent-parent/app"},
@@ -300,7 +300,7 @@ def test_a_manifest_of_the_other_kind_is_refused(rig: Rig) -> None:
     _, mid = make_tree(rig)
     target = rig.tmp / "mnt"
     done = rig.materialize(rig.body(mid, kind="volume", mount_point=str(target)))
-    assert done["error"] == "InvalidInput" and "is a file-tree image" in done["message"]
+    assert done["error"] == "ImageKindDiffers" and "is a file-tree image" in done["message"]
     assert not target.exists()
 
 
@@ -460,15 +460,15 @@ def test_mount_points_never_nest_and_an_image_is_materialized_once(rig: Rig) -> 
     target = rig.tmp / "app"
     assert rig.materialize(rig.body(mid, mount_point=str(target)))["event"] == "done"
     twice = rig.materialize(rig.body(mid, mount_point=str(rig.tmp / "elsewhere")))
-    assert twice["error"] == "Conflict" and "already materialized" in twice["message"]
+    assert twice["error"] == "AlreadyMaterialized" and "already materialized" in twice["message"]
     inside = rig.materialize(rig.body(mid, image=OTHER, mount_point=str(target / "nested")))
     assert (
-        inside["error"] == "Conflict"
+        inside["error"] == "MountPointTaken"
         and f"where image {IMAGE} is materialized" in (inside["message"])
     )
     assert not (target / "nested").exists() and not (rig.tmp / "elsewhere").exists()
     home = rig.materialize(rig.body(mid, image=OTHER, mount_point=str(rig.agent_dir / "x")))
-    assert home["error"] == "InvalidInput" and "agent's own directory" in home["message"]
+    assert home["error"] == "MountPointOverlaps" and "agent's own directory" in home["message"]
     bad = rig.http.post("/api/v1/unmaterialize", json={"image": "../x"})
     assert bad.status_code == 422
 

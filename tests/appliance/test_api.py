@@ -165,7 +165,7 @@ def test_capture_queue_holds_one_lifecycle_job_per_app(api: Api) -> None:
     job = api.client.post("/api/v1/apps/web/capture", headers=h, json={"label": "x"}).json()["job"]
     assert (job["type"], job["app"], job["status"]) == ("capture", "web", "queued")
     status, code, message = error(api.client.post("/api/v1/apps/web/capture", headers=h))
-    assert (status, code) == (409, "Conflict") and job["id"] in message
+    assert (status, code) == (409, "AppBusy") and job["id"] in message
     status, code, message = error(api.client.post("/api/v1/apps/idle/capture", headers=h))
     assert (status, code) == (409, "InvalidTransition")
     assert "is unmanaged; capture is not allowed" in message
@@ -324,7 +324,7 @@ def test_apps_protect_unprotect_and_remove(api: Api) -> None:
     ):
         assert key in app
     status, _, message = error(api.client.delete("/api/v1/apps/web", headers=h))
-    assert status == 409 and "unprotect it" in message
+    assert status == 409 and "Unprotect it" in message
     status, _, message = error(api.client.delete("/api/v1/templates/gold", headers=h))
     assert status == 409 and "protects the applications web" in message
     assert api.client.post("/api/v1/apps/web/unprotect", headers=h).json()["template"] is None
@@ -522,7 +522,7 @@ def test_a_bad_page_request_says_what_to_fix(api: Api) -> None:
     status, _, message = error(
         api.client.get("/api/v1/apps/web/images?after=img_aaaaaaaaaaaa", headers=h)
     )
-    assert status == 422 and "is no image of 'web'" in message
+    assert status == 422 and "names no image of 'web'" in message
     for bad in ("/api/v1/apps?limit=0", "/api/v1/jobs?after=../x", "/api/v1/apps?after=%2Fetc"):
         assert api.client.get(bad, headers=h).status_code == 422
     status, _, message = error(

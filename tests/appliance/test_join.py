@@ -37,7 +37,7 @@ def test_a_joined_process_shares_name_catalog_pool_and_tokens(
         join(tmp_path / "two", tmp_path / "one", listen(), name="other")
     second = join(tmp_path / "two", tmp_path / "one", listen(), workers=2)
     assert second["name"] == "prod" and second["fingerprint"] != first["fingerprint"]
-    with pytest.raises(InvalidInput, match="join the first appliance process"):
+    with pytest.raises(InvalidInput, match="Join the first appliance process"):
         join(tmp_path / "three", tmp_path / "two", listen())
     one, two = Appliance(tmp_path / "one"), Appliance(tmp_path / "two")
     try:

@@ -296,7 +296,7 @@ def test_the_export_request_gives_the_fingerprint_to_pin(api: Api, tmp_path: Pat
 def test_bad_nbd_listen_is_refused_and_nothing_is_made(tmp_path: Path) -> None:
     for bad, message in (
         ("nowhere", "--nbd-listen takes HOST:PORT"),
-        ("0.0.0.0:10809", "give --nbd-listen the appliance's address"),
+        ("0.0.0.0:10809", "Give --nbd-listen the appliance's address"),
     ):
         directory = tmp_path / "bad"
         listen = "0.0.0.0:8443" if bad.startswith("0.0.0.0") else "127.0.0.1:8443"

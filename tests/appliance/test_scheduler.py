@@ -183,7 +183,7 @@ def test_the_worker_count_is_set_per_appliance(tmp_path: Path) -> None:
         assert appliance.runner.workers == 3 and appliance.scheduler.capacity == 3
     finally:
         appliance.catalog.close()
-    with pytest.raises(InvalidInput, match="give 1 to 64"):
+    with pytest.raises(InvalidInput, match="Give 1 to 64"):
         init(tmp_path / "other", "site-x", f"127.0.0.1:{free_port()}", None, workers=0)
     assert not (tmp_path / "other" / "config.json").exists()
 

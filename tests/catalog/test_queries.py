@@ -155,7 +155,7 @@ def test_removing_things_in_use_is_refused(catalog: Catalog) -> None:
             q.remove_host(session, name="h1")
         with pytest.raises(Conflict, match="protects the applications db"):
             q.remove_template(session, name="gold")
-        with pytest.raises(Conflict, match="unprotect it"):
+        with pytest.raises(Conflict, match="Unprotect it"):
             q.remove_app(session, name="db")
         q.record_transition(session, app="db", operation=Operation.UNPROTECT)
         with pytest.raises(Conflict, match="1 image"):

@@ -13,7 +13,7 @@ from tandem.catalog import Catalog
 from tandem.catalog import queries as q
 from tandem.catalog.models import Job, utcnow
 from tandem.domain.jobs import JobStatus
-from tandem.errors import Conflict, InvalidInput
+from tandem.errors import Conflict, InvalidInput, JobEnded
 from tandem.jobs.queue import (
     INTERRUPTED_MESSAGE,
     cancel_job,
@@ -227,7 +227,7 @@ def test_cancel_finished_job_is_a_conflict(catalog: Catalog) -> None:
     _claim(catalog)
     with catalog.begin() as session:
         finish_job(session, job_id=job.id, status=JobStatus.FAILED, message="boom")
-    with pytest.raises(Conflict, match="nothing to cancel"), catalog.begin() as session:
+    with pytest.raises(JobEnded, match="cannot be canceled"), catalog.begin() as session:
         cancel_job(session, job_id=job.id)
 
 

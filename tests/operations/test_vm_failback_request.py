@@ -32,8 +32,8 @@ def test_a_vm_target_is_a_host_and_a_domain() -> None:
         ("new", "host1", None, None, "and --pool"),
         ("restored", "host1", "/srv/web", None, "is not a libvirt domain name"),
         ("restored", "host1", "web;rm", None, "is not a libvirt domain name"),
-        ("new", "host1", "web-new", None, "name the storage pool"),
-        ("restored", "host1", "web", "default", "--pool is for --target new"),
+        ("new", "host1", "web-new", None, "needs --pool (the storage pool"),
+        ("restored", "host1", "web", "default", "takes no --pool: it is for --target new"),
         ("original", None, None, "default", "--target original"),
         ("original", "host1", "web", None, "--target original"),
     ],
@@ -48,9 +48,9 @@ def test_a_vm_target_is_refused_naming_the_fix(
 
 def test_other_apps_keep_full_paths_and_take_no_pool() -> None:
     assert _check_request("new", "host1", "/srv/new", AppKind.VOLUME) == "new"
-    with pytest.raises(InvalidInput, match="a full --path"):
+    with pytest.raises(InvalidInput, match="a full path"):
         _check_request("restored", "host1", "web", AppKind.FILESYSTEM)
-    with pytest.raises(InvalidInput, match="--pool is for --target new of a vm app"):
+    with pytest.raises(InvalidInput, match="takes no --pool: it is for --target new of a vm app"):
         _check_request("new", "host1", "/srv/new", AppKind.VOLUME, "default")
 
 

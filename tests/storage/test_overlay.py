@@ -280,7 +280,7 @@ def test_bad_input_is_refused(pool: ChunkPool, tmp_path: Path) -> None:
     ov.close()
     with pytest.raises(StorageError, match="closed"):
         ov.read(0, 1)
-    with pytest.raises(StorageError, match="holds no overlay"):
+    with pytest.raises(StorageError, match="cannot be opened: it has no"):
         Overlay.open(tmp_path / "nothing", pool)
 
 

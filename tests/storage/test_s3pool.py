@@ -213,4 +213,7 @@ def test_garbage_collection_refuses_until_it_is_built(s3_pool: S3Pool) -> None:
 def test_a_bucket_without_a_pool_is_refused(s3_store: ObjectStore, tmp_path: Path) -> None:
     with pytest.raises(StorageError) as caught:
         S3Pool(s3_store, tmp_path / "cache")
-    assert "create it first" in caught.value.message
+    assert (
+        "create one (`tandem storage init DIR`, or `tandem appliance init DIR --pool"
+        in caught.value.message
+    )

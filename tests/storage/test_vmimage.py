@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from tandem.errors import StorageError
+from tandem.errors import InvalidInput
 from tandem.storage import vmimage
 from tandem.storage.manifest import VOLUME_CHUNK, VolumeManifest
 from tandem.storage.overlay import ImageReader
@@ -135,5 +135,5 @@ def test_a_restore_target_must_have_every_disk_at_its_size(pool: ChunkPool) -> N
     manifest = vm_image(pool, {"vda": Disk(bytearray(2 * MiB))})
     assert [s.target for s in vmimage.check_targets(manifest, {"vda": 2 * MiB})] == ["vda"]
     for sizes, said in (({"vdb": 2 * MiB}, "no disk vda"), ({"vda": MiB}, "qemu-img resize")):
-        with pytest.raises(StorageError, match=said):
+        with pytest.raises(InvalidInput, match=said):
             vmimage.check_targets(manifest, sizes)

@@ -178,7 +178,7 @@ def test_one_daemon_per_directory(tmp_path: Path) -> None:
     held = lock_daemon_dir(tmp_path, "appliance")
     try:
         with pytest.raises(
-            TandemError, match=r"another appliance already runs from .* \(pid \d+\)"
+            TandemError, match=r"Another appliance already runs from .* \(pid \d+\)"
         ):
             lock_daemon_dir(tmp_path, "appliance")
     finally:
@@ -198,7 +198,7 @@ def test_a_taken_address_is_a_one_line_error(tmp_path: Path) -> None:
         port = taken.getsockname()[1]
         init_daemon_dir(tmp_path / "d", kind="agent", name="a", listen=f"127.0.0.1:{port}")
         cfg = load_daemon_dir(tmp_path / "d", "agent")
-        with pytest.raises(TandemError, match=f"cannot listen on 127.0.0.1:{port}: "):
+        with pytest.raises(TandemError, match=f"Cannot listen on 127.0.0.1:{port}: "):
             bind(cfg)
 
 

@@ -24,7 +24,16 @@ from typing import Any
 
 from tandem.agent import diskmount, fusemount, holders, mounts, pg, pit, vm
 from tandem.domain.consistency import CUTS, ConsistencyMode, Cut
-from tandem.errors import Conflict, InvalidInput, SourceUnreadable, TandemError, TargetInvalid
+from tandem.errors import (
+    DataInUse,
+    DiskMountUnavailable,
+    ImageKindDiffers,
+    InvalidInput,
+    MountPointNeeded,
+    SourceUnreadable,
+    TandemError,
+    TargetInvalid,
+)
 from tandem.storage import targets, tree, volume
 from tandem.storage.manifest import (
     TreeManifest,
@@ -284,11 +293,7 @@ def _check_not_in_use(path: str) -> None:
     if not found and not mounted:
         return
     what = "; ".join([str(h) for h in found] + [f"it is mounted at {m}" for m in mounted])
-    raise Conflict(
-        detail=f"the application's data at {path} is in use ({what}). Stop the application "
-        "first, or give it a stop hook that the restore runs first "
-        "(`tandem app set APP --stop SCRIPT`)"
-    )
+    raise DataInUse(path=path, users=what)
 
 
 def restore(req: RestoreRequest, emit: Emit) -> dict[str, Any]:
@@ -305,13 +310,23 @@ def restore(req: RestoreRequest, emit: Emit) -> dict[str, Any]:
         emit({"event": "progress", "done": 0, "total": manifest.size})
         if isinstance(manifest, VolumeManifest):
             if req.kind != "volume":
-                raise InvalidInput(detail="a volume image cannot be restored onto a directory")
+                raise ImageKindDiffers(
+                    image=f"with manifest {req.manifest}",
+                    have="a volume image",
+                    how="be restored onto a directory",
+                    fix="Restore it onto a volume app's block device or file",
+                )
             base = _known_base(client, req)
             stats = volume.restore_volume(source, manifest, req.path, base=base, progress=progress)
             sealed = volume.seal(req.path)
         else:
             if req.kind != "filesystem":
-                raise InvalidInput(detail="a file-tree image cannot be restored onto a volume")
+                raise ImageKindDiffers(
+                    image=f"with manifest {req.manifest}",
+                    have="a file-tree image",
+                    how="be restored onto a volume",
+                    fix="Restore it onto a file-system app's folder",
+                )
             stats = tree.restore_tree(source, manifest, req.path, progress=progress)
     return {
         "event": "done",
@@ -328,7 +343,12 @@ def restore_vm(req: VmRestoreRequest, emit: Emit) -> dict[str, Any]:
     with _client(req.appliance) as client:
         manifest = _fetch_manifest(client, req.appliance.session, req.manifest)
         if not isinstance(manifest, VolumeManifest):
-            raise InvalidInput(detail=f"image {req.image} is a file-tree image, not a VM's")
+            raise ImageKindDiffers(
+                image=req.image,
+                have="a file-tree image",
+                how="be restored onto a VM",
+                fix="Restore an image of a vm app (`tandem images APP`)",
+            )
         source = RemoteChunkSource(client, req.appliance.session)
         emit({"event": "progress", "done": 0, "total": manifest.size})
         done = vm.restore(
@@ -363,17 +383,16 @@ def _mount_base(req: MaterializeRequest) -> str | None:
     """The (clean) mount point the action names; None for map-only. Touches nothing."""
     if req.action is MountAction.MAP_ONLY:
         if req.kind != "volume":
-            raise InvalidInput(
-                detail="map-only presents a volume without mounting a file system and applies "
-                f"to volume images; image {req.image} is a file-system image: use "
-                "keep-source-path or specify"
+            raise ImageKindDiffers(
+                image=req.image,
+                have="a file-system image",
+                how="be presented map-only (a volume without mounting a file system)",
+                fix="Use the keep-source-path or specify action",
             )
         return None
     if req.action is MountAction.SPECIFY:
         if not req.mount_point:
-            raise InvalidInput(
-                detail="the specify action needs a mount point: a full path such as /mnt/app"
-            )
+            raise MountPointNeeded(what="the specify action")
         return mounts.clean_path(req.mount_point, "mount point")
     if not req.source_path:
         raise InvalidInput(detail="keep-source-path needs the application's source path")
@@ -436,9 +455,11 @@ def materialize(req: MaterializeRequest, registry: mounts.Registry, emit: Emit) 
         manifest = _fetch_manifest(client, req.appliance.session, req.manifest)
         if isinstance(manifest, VolumeManifest) != volume_image:
             what = "a volume" if isinstance(manifest, VolumeManifest) else "a file-tree"
-            raise InvalidInput(
-                detail=f"manifest {req.manifest} is {what} image, but the request says "
-                f"{req.kind}; send the image's own kind"
+            raise ImageKindDiffers(
+                image=f"with manifest {req.manifest}",
+                have=f"{what} image",
+                how=f"be presented as {req.kind}",
+                fix="Send the image's own kind",
             )
         entry.update(paths=paths, files=files, kept={t.path: t.owner for t in targets if t.existed})
         registry.begin(entry)
@@ -508,7 +529,7 @@ def _present_disks(
     if not req.nbd_uri or not req.disks:
         raise InvalidInput(detail="the disks presentation needs the export (nbd_uri) and disks")
     if (missing := diskmount.unavailable()) is not None:
-        raise InvalidInput(detail=f"this host cannot mount a VM's disks: {missing}")
+        raise DiskMountUnavailable(reason=missing)
     tls = None
     if req.nbd_uri.startswith("nbds://"):
         if req.nbd_ca is None or req.nbd_fingerprint is None:

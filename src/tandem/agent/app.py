@@ -43,7 +43,13 @@ from fastapi.responses import StreamingResponse
 
 from tandem import __version__
 from tandem.agent import actions, hooks, mounts, pg, vm
-from tandem.errors import InvalidInput, JobCanceled, TandemError, Unauthorized
+from tandem.errors import (
+    AgentWithoutDirectory,
+    JobCanceled,
+    NotPresentedHere,
+    TandemError,
+    Unauthorized,
+)
 from tandem.transport.agent_api import (
     CaptureRequest,
     DefineRequest,
@@ -142,18 +148,12 @@ def create_app(cfg: DaemonConfig, directory: Path | None = None) -> FastAPI:
 
     def wal_receivers() -> pg.Receivers:
         if receivers is None:
-            raise TandemError(
-                "this agent app was made without its directory, where WAL is received; "
-                "pass the directory to create_app (tandem agent serve does)"
-            )
+            raise AgentWithoutDirectory(what="WAL is received")
         return receivers
 
     def mount_registry() -> mounts.Registry:
         if registry is None:
-            raise TandemError(
-                "this agent app was made without its directory, where mounts.json is kept; "
-                "pass the directory to create_app (tandem agent serve does)"
-            )
+            raise AgentWithoutDirectory(what="mounts.json is kept")
         return registry
 
     def auth(authorization: Annotated[str | None, Header()] = None) -> None:
@@ -290,10 +290,7 @@ def create_app(cfg: DaemonConfig, directory: Path | None = None) -> FastAPI:
         backup it just restored in place for the appliance to recover."""
         held = {str(p) for e in mount_registry().read().values() for p in e.get("paths", [])}
         if path not in held and path not in rolling:
-            raise InvalidInput(
-                detail=f"{path} is not a copy presented on this host; present the base image "
-                "there first (test-failover, failover or mount with --mount-point)"
-            )
+            raise NotPresentedHere(path=path)
 
     @app.put("/api/v1/pg/spool", dependencies=[Depends(auth)])
     async def pg_spool(
@@ -330,10 +327,7 @@ def create_app(cfg: DaemonConfig, directory: Path | None = None) -> FastAPI:
     @app.post("/api/v1/run", dependencies=[Depends(auth)])
     def run(req: RunRequest) -> dict[str, Any]:
         if scripts is None:
-            raise TandemError(
-                "this agent app was made without its directory, whose scripts/ folder holds "
-                "the hooks; pass the directory to create_app (tandem agent serve does)"
-            )
+            raise AgentWithoutDirectory(what="its scripts/ folder holds the hooks")
         return hooks.run_hook(req, scripts)
 
     return app

@@ -39,7 +39,16 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from tandem.agent import holders
-from tandem.errors import Conflict, InvalidInput, NotHypervisor, StorageError
+from tandem.errors import (
+    CopyInUse,
+    DiskHasNoFileSystem,
+    DiskMountFailed,
+    InvalidInput,
+    LoopDeviceUnavailable,
+    NbdExportUnreachable,
+    NotHypervisor,
+    UnmountFailed,
+)
 
 EXPORT_FILE = "export"
 READY_TIMEOUT = 30.0
@@ -125,17 +134,15 @@ def _start_nbdfuse(folder: Path, uri: str, tls: Path | None = None) -> int:
             return child.pid
         if child.poll() is not None:
             said = log.read_text(errors="replace").strip().splitlines()
-            raise StorageError(
-                detail=f"nbdfuse could not reach the appliance's export "
-                f"({said[-1] if said else f'exit {child.returncode}'}); check that this host "
-                "reaches the appliance's NBD port, then present the image again"
+            raise NbdExportUnreachable(
+                how="could not reach (nbdfuse)",
+                reason=said[-1] if said else f"exit {child.returncode}",
             )
         time.sleep(POLL)
     child.kill()
     child.wait()
-    raise StorageError(
-        detail=f"nbdfuse did not show the appliance's export within {READY_TIMEOUT:g} s; "
-        "check that this host reaches the appliance's NBD port, then present the image again"
+    raise NbdExportUnreachable(
+        how="did not see (nbdfuse)", reason=f"not shown within {READY_TIMEOUT:g} s"
     )
 
 
@@ -153,10 +160,7 @@ def _loop(file: Path, offset: int, size: int) -> str:
         ]
     )
     if done.returncode != 0:
-        raise StorageError(
-            detail=f"no loop device for the VM's disk ({done.stderr.strip()}); free one "
-            "(`losetup -D` detaches unused ones) and present the image again"
-        )
+        raise LoopDeviceUnavailable(reason=done.stderr.strip())
     return done.stdout.strip()
 
 
@@ -234,17 +238,12 @@ def present_disks(
                 if partition
                 else (f"it holds {fstype or 'no file system and no partition table'}")
             )
-            raise InvalidInput(
-                detail=f"disk {target} of image {image} has no file system this host can "
-                f"mount ({what}); present the image without --mount-point (its NBD export) "
-                "or as a VM (--new-vm NAME)"
-            )
+            raise DiskHasNoFileSystem(disk=target, image=image, what=what)
         options = ["-o", "nouuid"] if fstype == "xfs" else []  # production may be mounted here
         done = _run(["mount", "-t", fstype, *options, device, path])
         if done.returncode != 0:
-            raise StorageError(
-                detail=f"disk {target} of image {image} ({fstype}) did not mount at {path}: "
-                f"{done.stderr.strip()}; check the file system with fsck on a copy"
+            raise DiskMountFailed(
+                disk=target, image=image, fstype=fstype, path=path, reason=done.stderr.strip()
             )
         state["mounted"].append(path)
         recorded(state)
@@ -267,18 +266,11 @@ def detach_entry(entry: dict[str, Any]) -> None:
     for path in mounted:
         users = holders.holders(path)
         if users:
-            raise Conflict(
-                detail=f"the disk mounted at {path} is in use "
-                f"({'; '.join(str(h) for h in users)}); close its files and stop the "
-                "application using it (leave the folder too), then unmount again"
-            )
+            raise CopyInUse(what="disk mounted", path=path, users="; ".join(str(h) for h in users))
     for path in mounted:
         done = _run(["umount", path])
         if done.returncode != 0 and _is_mount(path):
-            raise Conflict(
-                detail=f"the disk mounted at {path} did not unmount ({done.stderr.strip()}); "
-                "stop what uses it, then unmount again"
-            )
+            raise UnmountFailed(what="disk mounted", path=path, reason=done.stderr.strip())
     for device in reversed([str(d) for d in state.get("loops") or []]):
         _detach_loop(device)
     folder = str(state.get("dir") or "")

@@ -81,7 +81,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from tandem.agent import holders
-from tandem.errors import Conflict, TandemError
+from tandem.errors import CopyInUse, FuseUnavailable, TandemError
 from tandem.storage.manifest import TreeManifest, decode_manifest
 from tandem.storage.treeview import DEFAULT_CACHE, ROOT_INODE, ChunkCache, Node, TreeView
 from tandem.transport.chunks import RemoteChunkSource, SessionClient
@@ -349,11 +349,9 @@ def _run(argv: list[str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(argv, capture_output=True, text=True, check=False, timeout=60)
 
 
-def _tool_missing(tool: str, package: str) -> TandemError:
-    return TandemError(
-        f"{tool} is not installed on this host, so file-tree images cannot be presented "
-        f"through FUSE; install Debian's {package}, or present with the copy action "
-        "(`--action copy`)"
+def _tool_missing(tool: str, package: str) -> FuseUnavailable:
+    return FuseUnavailable(
+        reason=f"{tool} is not installed", fix=f"install Debian's {package} on the host"
     )
 
 
@@ -396,18 +394,17 @@ def attach(
     ``recorded(record)`` is called before the server starts and again once its pid is
     known, so an agent killed half-way has the layer in its registry and unmount finds it."""
     if not os.path.exists("/dev/fuse"):
-        raise TandemError(
-            "/dev/fuse is missing on this host, so file-tree images cannot be presented "
-            "through FUSE; load the fuse module (modprobe fuse), or present with the copy "
-            "action (`--action copy`)"
+        raise FuseUnavailable(
+            reason="/dev/fuse is missing", fix="load the fuse module (modprobe fuse)"
         )
     if shutil.which("fusermount3") is None:
         raise _tool_missing("fusermount3", "fuse3")
     layer = layers_dir(directory) / name
     if any(c in str(layer) for c in FORBIDDEN_IN_OPTION):
-        raise TandemError(
-            f"the agent's directory {directory} has a ',', ':' or '\\' in its path, which "
-            "the overlay mount options cannot carry; move the agent to a plain path"
+        raise FuseUnavailable(
+            reason=f"the agent's directory {directory} has a ',', ':' or '\\' in its path, "
+            "which the overlay mount options cannot carry",
+            fix="move the agent to a plain path",
         )
     shutil.rmtree(layer, ignore_errors=True)  # a leftover of a crash before it was recorded
     for sub in ("lower", "upper", "work"):
@@ -452,14 +449,14 @@ def _start_server(layer: Path, name: str) -> subprocess.Popen[bytes]:
     deadline = time.monotonic() + READY_TIMEOUT
     while not _is_mount(str(layer / "lower")):
         if child.poll() is not None:
-            raise TandemError(
-                f"the FUSE server of {name} ended at start ({_log_tail(layer)}); see "
-                f"{layer / 'fuse.log'}, or present with the copy action (`--action copy`)"
+            raise FuseUnavailable(
+                reason=f"the FUSE server of {name} ended at start ({_log_tail(layer)})",
+                fix=f"fix what {layer / 'fuse.log'} says",
             )
         if time.monotonic() > deadline:
-            raise TandemError(
-                f"the FUSE server of {name} did not mount within {READY_TIMEOUT:.0f} s; see "
-                f"{layer / 'fuse.log'}"
+            raise FuseUnavailable(
+                reason=f"the FUSE server of {name} did not mount within {READY_TIMEOUT:.0f} s",
+                fix=f"fix what {layer / 'fuse.log'} says",
             )
         time.sleep(0.02)
     return child
@@ -471,10 +468,10 @@ def _mount_overlay(layer: Path, name: str, mount_point: str) -> None:
     )
     done = _run(["mount", "-t", "overlay", f"tandem-{name}", "-o", options, mount_point])
     if done.returncode != 0:
-        raise TandemError(
-            f"mounting the copy-on-write layer at {mount_point} failed: "
-            f"{done.stderr.strip() or done.returncode}. The host's kernel needs overlayfs "
-            "(modprobe overlay), or present with the copy action (`--action copy`)"
+        raise FuseUnavailable(
+            reason=f"mounting the copy-on-write layer at {mount_point} failed "
+            f"({done.stderr.strip() or done.returncode})",
+            fix="give the host's kernel overlayfs (modprobe overlay)",
         )
 
 
@@ -539,10 +536,7 @@ def _unmount_copy(path: str, force: bool) -> None:
         if lazy.returncode == 0:
             return
     who = "; ".join(str(h) for h in users) or done.stderr.strip()
-    raise Conflict(
-        detail=f"the presented copy at {path} is in use ({who}); close its files and stop "
-        "the application using it (leave the folder too), then unmount again"
-    )
+    raise CopyInUse(what="presented copy", path=path, users=who)
 
 
 def _alive(pid: int) -> bool:

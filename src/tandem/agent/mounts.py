@@ -64,7 +64,17 @@ from pathlib import Path
 from typing import Any
 
 from tandem.agent import diskmount, fusemount, pit
-from tandem.errors import Conflict, InvalidInput, NotFound, TandemError, TargetInvalid
+from tandem.errors import (
+    AlreadyMaterialized,
+    BeingMaterialized,
+    MountPathInvalid,
+    MountPointOverlaps,
+    MountPointTaken,
+    MountRegistryDamaged,
+    NotFound,
+    OutOfRange,
+    TargetInvalid,
+)
 from tandem.storage import targets
 from tandem.storage.fileio import write_durably
 
@@ -91,25 +101,21 @@ def clean_path(path: str, what: str = "mount point") -> str:
     """``path`` normalised (``//`` and ``.`` folded, no trailing ``/``) if it is a safe full
     path; ``InvalidInput`` saying why otherwise."""
     if not path or "\x00" in path:
-        raise InvalidInput(detail=f"the {what} is empty or holds a NUL byte")
+        raise MountPathInvalid(what=what, path=path, problem="is empty or holds a NUL byte")
     if not path.startswith("/"):
-        raise InvalidInput(
-            detail=f"the {what} {path!r} is not a full path; give an absolute path such as /mnt/app"
-        )
+        raise MountPathInvalid(what=what, path=path, problem="is not a full path")
     if ".." in path.split("/"):
-        raise InvalidInput(
-            detail=f"the {what} {path!r} contains a '..' component; give the path without it"
-        )
+        raise MountPathInvalid(what=what, path=path, problem="contains a '..' component")
     clean = "/" + os.path.normpath(path).lstrip("/")
     if clean == "/":
-        raise InvalidInput(detail=f"the {what} cannot be the root folder /")
+        raise MountPathInvalid(what=what, path=path, problem="is the root folder /")
     return clean
 
 
 def mount_points(base: str, volumes: int) -> list[str]:
     """The mount point of each volume: ``base`` alone, or ``base_1`` … ``base_N``."""
     if volumes < 1:
-        raise InvalidInput(detail=f"volumes must be at least 1, not {volumes}")
+        raise OutOfRange(what="volumes", value=volumes, allowed="1 or more")
     return [base] if volumes == 1 else [f"{base}_{i}" for i in range(1, volumes + 1)]
 
 
@@ -414,15 +420,9 @@ class Registry:
         except FileNotFoundError:
             return {}
         except (OSError, ValueError) as exc:
-            raise TandemError(
-                f"the mount registry {self.path} cannot be read ({exc}); restore it from a "
-                "backup, or move it aside and remove what it listed by hand"
-            ) from exc
+            raise MountRegistryDamaged(path=self.path, problem=f"cannot be read ({exc})") from exc
         if not isinstance(raw, dict) or not all(isinstance(e, dict) for e in raw.values()):
-            raise TandemError(
-                f"the mount registry {self.path} is not a JSON object of entries; restore it "
-                "from a backup, or move it aside and remove what it listed by hand"
-            )
+            raise MountRegistryDamaged(path=self.path, problem="is not a JSON object of entries")
         return raw
 
     def _save(self, data: dict[str, dict[str, Any]]) -> None:
@@ -442,24 +442,14 @@ class Registry:
             data = self._load()
             if image in data or self._key(image) in _busy:
                 where = ", ".join(data.get(image, {}).get("paths") or []) or "no path (map-only)"
-                raise Conflict(
-                    detail=f"image {image} is already materialized on this host at {where}; "
-                    "unmount it first"
-                )
+                raise AlreadyMaterialized(image=image, where=where)
             for path in entry["paths"]:
                 if _nested(path, home) or _nested(os.path.realpath(path), home):
-                    raise InvalidInput(
-                        detail=f"the mount point {path} overlaps the agent's own directory "
-                        f"{home}; choose another mount point"
-                    )
+                    raise MountPointOverlaps(path=path, other=f"the agent's own directory {home}")
                 for other, existing in data.items():
                     for used in existing.get("paths") or []:
                         if _nested(path, str(used)):
-                            raise Conflict(
-                                detail=f"the mount point {path} overlaps {used}, where image "
-                                f"{other} is materialized; unmount {other} first or choose "
-                                "another mount point"
-                            )
+                            raise MountPointTaken(path=path, used=used, image=other)
             data[image] = entry
             self._save(data)
             _busy.add(self._key(image))
@@ -531,10 +521,7 @@ class Registry:
                     "unmount. GET /api/v1/mounts on the agent lists what is."
                 )
             if self._key(image) in _busy:
-                raise Conflict(
-                    detail=f"image {image} is being materialized right now; wait for its job "
-                    "to end (or cancel it), then unmount"
-                )
+                raise BeingMaterialized(image=image)
             removed, kept = remove_materialized(entry)
             del data[image]
             self._save(data)

@@ -92,12 +92,22 @@ from urllib.parse import urlsplit
 from tandem.domain.vms import FILE_POOLS, tame_domain_xml
 from tandem.errors import (
     AlreadyExists,
+    DomainGone,
+    ImageHoldsNoVm,
     InvalidInput,
+    LibvirtRefused,
+    NbdCertificateInvalid,
+    NbdTlsFolderMissing,
     NotFound,
     NotHypervisor,
+    OptionsMissing,
     SourceUnreadable,
-    StorageError,
+    VmDefinitionNotRestored,
+    VmDiskNotFile,
     VmDisksDiffer,
+    VmIdentityTaken,
+    VmIsItsSource,
+    VmPoolUnfit,
     VmTargetInUse,
 )
 from tandem.storage import vmimage
@@ -762,17 +772,14 @@ def _redefine(conn: Any, domain: str, definition: str | None) -> Any:
     sources = [d["source"] for d in _disks(definition)]
     missing = [path for path in sources if not path or not os.path.isfile(path)]
     if missing:
-        raise InvalidInput(
-            detail=f"domain {domain} is gone, and so is its disk {missing[0] or '(unnamed)'}: "
-            "nothing was restored. Define the domain and its disks again (`virsh define`), "
-            "then restore"
-        )
+        raise DomainGone(domain=domain, disk=missing[0] or "(unnamed)")
     try:
         return conn.defineXML(definition)
     except lv.libvirtError as exc:
-        raise InvalidInput(
-            detail=f"domain {domain} is gone and libvirt refused its captured XML: "
-            f"{exc.get_error_message()}"
+        raise LibvirtRefused(
+            what=f"the captured definition of domain {domain}, which is gone",
+            reason=exc.get_error_message(),
+            state="; nothing was restored",
         ) from exc
 
 
@@ -831,7 +838,7 @@ def _restore(
     vm_meta = manifest.meta.get("vm") if isinstance(manifest.meta, dict) else None
     slots = vmimage.slots_of(manifest)
     if not isinstance(vm_meta, dict) or not slots:
-        raise InvalidInput(detail=f"image {image} holds no VM (no disk layout)")
+        raise ImageHoldsNoVm(image=image)
     with connection() as conn:
         redefined = False
         try:
@@ -844,20 +851,14 @@ def _restore(
         for slot in slots:
             d = disks.get(slot.target)
             if d is not None and (d["type"] != "file" or not d["source"]):
-                raise InvalidInput(
-                    detail=f"disk {slot.target} of {domain} is a {d['type']} disk; a restore "
-                    "writes file disks (qcow2 or raw) in place"
-                )
+                raise VmDiskNotFile(disk=slot.target, domain=domain, type=d["type"])
         try:
             sizes = {t: int(dom.blockInfo(t, 0)[0]) for t in disks}
         except lv.libvirtError as exc:
             raise SourceUnreadable(
                 path=f"domain {domain}", reason=f"its disks are unreadable ({exc})"
             ) from exc
-        try:
-            vmimage.check_targets(manifest, sizes)
-        except StorageError as exc:
-            raise InvalidInput(detail=f"{exc.fields.get('detail')}; nothing was touched") from exc
+        vmimage.check_targets(manifest, sizes, f"domain {domain}")
         how = _power_off(dom, shutdown_timeout, emit)
         emit({"event": "log", "text": f"domain {domain}: {how}"})
         dropped = _drop_all_checkpoints(dom, emit)
@@ -940,9 +941,10 @@ def _active_pool(conn: Any, name: str) -> Any:
     except lv.libvirtError as exc:
         raise NotFound(what="Storage pool", name=name, listing="vms --host HOST") from exc
     if not pool.isActive():
-        raise InvalidInput(
-            detail=f"storage pool {name!r} is inactive on this host: start it "
-            f"(`virsh pool-start {name}`) or name an active one"
+        raise VmPoolUnfit(
+            pool=name,
+            problem="is inactive on this host",
+            fix=f"Start it (`virsh pool-start {name}`) or name an active one",
         )
     return pool
 
@@ -951,25 +953,23 @@ def _check_define(conn: Any, req: DefineRequest) -> Any:
     """Refuse what cannot be defined; returns the pool named (or None)."""
     lv = _libvirt()
     if req.name == req.source_domain:
-        raise InvalidInput(
-            detail=f"a VM is never failed over onto the domain it came from ({req.name}); "
-            "name a new VM with --new-vm"
+        raise VmIsItsSource(
+            what="a failed-over VM", domain=req.name, fix="Name a new VM with --new-vm"
         )
     domains = conn.listAllDomains(0)
     if req.name in {d.name() for d in domains}:
         raise AlreadyExists(what="Domain", name=req.name)
     if req.keep_identity and req.source_uuid in {d.UUIDString() for d in domains}:
-        raise InvalidInput(
-            detail=f"domain UUID {req.source_uuid} exists on this host (the domain the "
-            "image came from): fail over to another host, or make a test VM"
-        )
+        raise VmIdentityTaken(uuid=req.source_uuid)
     if req.network is not None:
         try:
             conn.networkLookupByName(req.network)
         except lv.libvirtError as exc:
             raise NotFound(what="Network", name=req.network, listing="vms --host HOST") from exc
     if req.copy_disks and req.pool is None:
-        raise InvalidInput(detail="copying a VM's disks needs the pool to copy them into (--pool)")
+        raise OptionsMissing(
+            what="copying a VM's disks", options="--pool", why=" (the pool to copy them into)"
+        )
     return _active_pool(conn, req.pool) if req.pool is not None else None
 
 
@@ -1037,8 +1037,8 @@ def _define_and_start(conn: Any, req: DefineRequest, xml: str, tls: Path | None)
     try:
         dom = conn.defineXML(xml)
     except lv.libvirtError as exc:
-        raise InvalidInput(
-            detail=f"libvirt refused the new domain {req.name}: {exc.get_error_message()}"
+        raise LibvirtRefused(
+            what=f"the new domain {req.name}", reason=exc.get_error_message(), state=""
         ) from exc
     if req.power_on:
         try:
@@ -1052,8 +1052,10 @@ def _define_and_start(conn: Any, req: DefineRequest, xml: str, tls: Path | None)
                 if tls is not None
                 else ""
             )
-            raise InvalidInput(
-                detail=f"the new domain {req.name} did not start: {exc.get_error_message()}" + hint
+            raise LibvirtRefused(
+                what=f"the new domain {req.name}, which did not start",
+                reason=exc.get_error_message(),
+                state=hint,
             ) from exc
     return {
         "name": dom.name(),
@@ -1072,10 +1074,7 @@ def tls_folder(directory: Path | None) -> Path:
     if named:
         return Path(named)
     if directory is None:
-        raise InvalidInput(
-            detail=f"this agent has no folder for the NBD TLS certificate: set {TLS_DIR_ENV} "
-            "to the folder qemu.conf names as nbd_tls_x509_cert_dir"
-        )
+        raise NbdTlsFolderMissing(env=TLS_DIR_ENV)
     return directory / TLS_DIR
 
 
@@ -1091,14 +1090,10 @@ def trust_appliance(folder: Path, pem: str, fingerprint: str) -> Path:
     try:
         cert = x509.load_pem_x509_certificate(pem.encode())
     except ValueError as exc:
-        raise InvalidInput(
-            detail=f"the appliance's certificate sent for its NBD export over TLS is not a PEM "
-            f"certificate ({exc}); upgrade the appliance or present the image again"
-        ) from exc
+        raise NbdCertificateInvalid(problem=f"is not a PEM certificate ({exc})") from exc
     if fingerprint_of_der(cert.public_bytes(Encoding.DER)) != fingerprint:
-        raise InvalidInput(
-            detail="the appliance's certificate sent for its NBD export over TLS does not "
-            f"match the fingerprint pinned with it ({fingerprint}); present the image again"
+        raise NbdCertificateInvalid(
+            problem=f"does not match the fingerprint pinned with it ({fingerprint})"
         )
     with _trust_lock:
         folder.mkdir(parents=True, exist_ok=True)
@@ -1154,8 +1149,8 @@ def _new_volume(pool: Any, pool_name: str, name: str, size: int) -> Any:
     try:
         return pool.createXML(vol_xml, 0)
     except _libvirt().libvirtError as exc:
-        raise InvalidInput(
-            detail=f"pool {pool_name!r} refused volume {name}: {exc.get_error_message()}"
+        raise LibvirtRefused(
+            what=f"volume {name} in pool {pool_name!r}", reason=exc.get_error_message(), state=""
         ) from exc
 
 
@@ -1206,9 +1201,10 @@ def define_empty(req: EmptyDomainRequest) -> dict[str, Any]:
     source domain's own, is refused before anything is made."""
     lv = _libvirt()
     if req.name == req.source_domain:
-        raise InvalidInput(
-            detail=f"the new domain cannot be {req.name}, the domain the image came from: "
-            "name a new one, or fail back with --target original"
+        raise VmIsItsSource(
+            what="the new domain",
+            domain=req.name,
+            fix="Name a new one, or fail back with --target original",
         )
     with connection() as conn:
         if req.name in {d.name() for d in conn.listAllDomains(0)}:
@@ -1216,9 +1212,10 @@ def define_empty(req: EmptyDomainRequest) -> dict[str, Any]:
         pool = _active_pool(conn, req.pool)
         kind = ET.fromstring(pool.XMLDesc(0)).get("type", "")
         if kind not in FILE_POOLS:
-            raise InvalidInput(
-                detail=f"storage pool {req.pool!r} is a {kind} pool; a new VM's disks are "
-                f"made as files: name a pool of type {', '.join(FILE_POOLS)}"
+            raise VmPoolUnfit(
+                pool=req.pool,
+                problem=f"is a {kind} pool, and a new VM's disks are made as files",
+                fix=f"Name a pool of type {', '.join(FILE_POOLS)}",
             )
         made: list[Any] = []
         files: dict[str, str] = {}
@@ -1231,8 +1228,10 @@ def define_empty(req: EmptyDomainRequest) -> dict[str, Any]:
             try:
                 dom = conn.defineXML(xml)
             except lv.libvirtError as exc:
-                raise InvalidInput(
-                    detail=f"libvirt refused the new domain {req.name}: {exc.get_error_message()}"
+                raise LibvirtRefused(
+                    what=f"the new domain {req.name}",
+                    reason=exc.get_error_message(),
+                    state="; its disks were deleted again",
                 ) from exc
         except BaseException:
             for vol in made:
@@ -1426,9 +1425,10 @@ def take_over(req: TakeOverRequest, directory: Path | None = None) -> dict[str, 
         if req.name == req.source_domain or (
             req.source_uuid and dom.UUIDString() == req.source_uuid
         ):
-            raise InvalidInput(
-                detail=f"a VM is never failed over onto the domain it came from ({req.name}); "
-                "name another domain with --vm, or a new one with --new-vm"
+            raise VmIsItsSource(
+                what="a failed-over VM's domain",
+                domain=req.name,
+                fix="Name another domain with --vm, or a new one with --new-vm",
             )
         original = dom.XMLDesc(lv.VIR_DOMAIN_XML_INACTIVE | lv.VIR_DOMAIN_XML_SECURE)
         root = ET.fromstring(original)
@@ -1472,9 +1472,10 @@ def take_over(req: TakeOverRequest, directory: Path | None = None) -> dict[str, 
         try:
             dom = conn.defineXML(xml)
         except lv.libvirtError as exc:
-            raise InvalidInput(
-                detail=f"libvirt refused domain {req.name} with its disks on the export "
-                f"({exc.get_error_message()}); it keeps its own definition ({how})"
+            raise LibvirtRefused(
+                what=f"domain {req.name} with its disks on the export",
+                reason=exc.get_error_message(),
+                state=f"; it keeps its own definition ({how})",
             ) from exc
         if req.power_on:
             try:
@@ -1482,9 +1483,10 @@ def take_over(req: TakeOverRequest, directory: Path | None = None) -> dict[str, 
             except lv.libvirtError as exc:
                 with suppress(lv.libvirtError):
                     conn.defineXML(original)
-                raise InvalidInput(
-                    detail=f"domain {req.name} did not start on the export "
-                    f"({exc.get_error_message()}); it has its own definition back, powered off"
+                raise LibvirtRefused(
+                    what=f"domain {req.name}, which did not start on the export",
+                    reason=exc.get_error_message(),
+                    state="; it has its own definition back, powered off",
                 ) from exc
         return {
             "name": dom.name(),
@@ -1518,9 +1520,7 @@ def give_back(name: str) -> dict[str, Any]:
         try:
             conn.defineXML(original)
         except lv.libvirtError as exc:
-            raise StorageError(
-                detail=f"libvirt refused domain {name}'s own definition back "
-                f"({exc.get_error_message()}); it is kept in the domain's metadata "
-                f"({TARGET_NS}): define it by hand with `virsh define`"
+            raise VmDefinitionNotRestored(
+                domain=name, reason=exc.get_error_message(), namespace=TARGET_NS
             ) from exc
         return {"restored": True, "was_running": mark.get("was") == "running"}

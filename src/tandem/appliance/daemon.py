@@ -68,7 +68,17 @@ from tandem.appliance.scheduler import Scheduler
 from tandem.catalog import queries as q
 from tandem.catalog.db import open_catalog
 from tandem.domain.rules import Role
-from tandem.errors import AlreadyExists, InvalidInput
+from tandem.errors import (
+    AlreadyExists,
+    CatalogNotShared,
+    CatalogTaken,
+    ConfigValueInvalid,
+    InvalidInput,
+    JoinInvalid,
+    ListenInvalid,
+    NbdListenUnreachable,
+    OutOfRange,
+)
 from tandem.jobs.runner import JobRunner
 from tandem.operations import capture, gc, images, replicate
 from tandem.operations.handlers import job_handlers
@@ -128,8 +138,8 @@ def _seconds(cfg: DaemonConfig, key: str) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-        raise InvalidInput(
-            detail=f"config.json has {key} {value!r}: give a positive number of seconds"
+        raise ConfigValueInvalid(
+            file="config.json", key=key, value=value, allowed="a positive number of seconds"
         )
     return float(value)
 
@@ -149,27 +159,26 @@ def join(
     try:
         base = load_daemon_dir(first, KIND)
     except InvalidInput as exc:
-        raise InvalidInput(
-            detail=f"--join {first}: {exc.fields.get('detail', exc.message)}; give the "
-            "directory of the first appliance process, on storage both machines reach"
+        raise JoinInvalid(
+            first=first,
+            reason=f"{first} {exc.fields.get('problem', exc.message)}",
+            fix="Give the directory of the first appliance process, on storage both machines reach",
         ) from exc
     if name is not None and name != base.name:
-        raise InvalidInput(
-            detail=f"--join {first}: that appliance is named {base.name!r}, not {name!r}; "
-            "leave out --name (a joined process takes the appliance's name)"
+        raise JoinInvalid(
+            first=first,
+            reason=f"that appliance is named {base.name!r}, not {name!r}",
+            fix="Leave out --name (a joined process takes the appliance's name)",
         )
     if joined(base):
-        raise InvalidInput(
-            detail=f"--join {first}: that process joined {base.extra['join']}; "
-            "join the first appliance process instead"
+        raise JoinInvalid(
+            first=first,
+            reason=f"that process joined {base.extra['join']} itself",
+            fix=f"Join the first appliance process instead (--join {base.extra['join']})",
         )
     url = catalog_url(first, base)
     if _is_sqlite(url):
-        raise InvalidInput(
-            detail=f"--join {first}: its catalog is SQLite, which one process alone may use; "
-            "several appliance processes need a PostgreSQL catalog: create the first one "
-            "with `tandem appliance init DIR --catalog postgresql://USER@HOST/DB`"
-        )
+        raise CatalogNotShared(directory=first, how="is to be joined")
     where = pool_location(first, base)
     on_store = is_store_url(where)
     if not on_store:
@@ -224,10 +233,7 @@ def init(
     else:
         nbd_host, _ = _parse_nbd_listen(nbd_listen)
         if _wildcard(nbd_host) and _wildcard(host):
-            raise InvalidInput(
-                detail=f"--nbd-listen {nbd_listen} and --listen {listen} name no address "
-                "hosts can reach in export URIs; give --nbd-listen the appliance's address"
-            )
+            raise NbdListenUnreachable(nbd_listen=nbd_listen, listen=listen)
     nbd_host, _ = _parse_nbd_listen(nbd_listen)
     extra: dict[str, Any] = {"catalog": catalog, "nbd": nbd_listen}
     if nbd_tls:
@@ -246,10 +252,7 @@ def init(
             try:
                 q.add_token(session, name=ADMIN_TOKEN, token=token, role=Role.ADMIN)
             except AlreadyExists as exc:
-                raise InvalidInput(
-                    detail=f"the catalog {opened.url} already belongs to an appliance; "
-                    "give an empty database to --catalog"
-                ) from exc
+                raise CatalogTaken(url=opened.url) from exc
             q.set_setting(session, key="name", value=name)
     except BaseException:
         # Leave no half-made appliance behind: without config.json the directory can be reused.
@@ -261,9 +264,11 @@ def init(
 
 def check_workers(workers: int | None) -> None:
     if workers is not None and not 1 <= workers <= MAX_WORKERS:
-        raise InvalidInput(
-            detail=f"--workers {workers} is out of range: give 1 to {MAX_WORKERS} (jobs run at "
-            "once; a capture mostly waits on its agent, so a few per core are fine)"
+        raise OutOfRange(
+            what="--workers",
+            value=workers,
+            allowed=f"1 to {MAX_WORKERS} (jobs run at once; a capture mostly waits on its "
+            "agent, so a few per core are fine)",
         )
 
 
@@ -273,8 +278,11 @@ def configured_workers(cfg: DaemonConfig) -> int:
     if value is None:
         return WORKERS
     if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_WORKERS:
-        raise InvalidInput(
-            detail=f"config.json has workers {value!r}: give a number from 1 to {MAX_WORKERS}"
+        raise ConfigValueInvalid(
+            file="config.json",
+            key="workers",
+            value=value,
+            allowed=f"a number from 1 to {MAX_WORKERS}",
         )
     return value
 
@@ -283,7 +291,7 @@ def _parse_nbd_listen(listen: str) -> tuple[str, int]:
     try:
         return parse_listen(listen)
     except InvalidInput:
-        raise InvalidInput(detail=f"--nbd-listen takes HOST:PORT, got {listen!r}") from None
+        raise ListenInvalid(option="--nbd-listen", value=listen) from None
 
 
 def _wildcard(host: str) -> bool:
@@ -315,11 +323,7 @@ class Appliance:
         url = catalog_url(directory, self.config)
         self.joined = joined(self.config)
         if self.joined and _is_sqlite(url):
-            raise InvalidInput(
-                detail=f"{directory} joins another appliance process but its catalog is "
-                "SQLite, which one process alone may use; give the appliance a PostgreSQL "
-                "catalog"
-            )
+            raise CatalogNotShared(directory=directory, how="joins another appliance process")
         heartbeat = _seconds(self.config, "heartbeat") or HEARTBEAT
         stale_after = _seconds(self.config, "stale_after")
         self.catalog = open_catalog(url)

@@ -98,10 +98,13 @@ from typing import Protocol
 
 from tandem.errors import (
     AlreadyExists,
+    CannotListen,
     Conflict,
     CopyFrozen,
     Forbidden,
     InvalidInput,
+    NameInvalid,
+    NbdNeedsTls,
     NotFound,
     PoolFull,
     TandemError,
@@ -417,17 +420,19 @@ class NbdServer:
         if self._thread is not None:
             raise Conflict(detail="the NBD server is already running")
         if not self.loopback and self.tls is None:
-            raise InvalidInput(
-                detail=f"NBD on {self.host}, which is not a loopback address, must use TLS; "
-                "give the server the appliance's certificate (tls=) or listen on loopback"
+            raise NbdNeedsTls(
+                host=self.host,
+                what="must use TLS",
+                fix="Give the server the appliance's certificate (tls=), or listen on loopback",
             )
         if not self.loopback:
             with self._lock:
                 open_exports = [e.name for e in self._exports.values() if not e.secret]
             if open_exports:
-                raise InvalidInput(
-                    detail=f"exports {open_exports} have no secret and {self.host} is not a "
-                    "loopback address; give every export a secret"
+                raise NbdNeedsTls(
+                    host=self.host,
+                    what=f"serves no export without a secret ({', '.join(open_exports)} have none)",
+                    fix="Give every export a secret",
                 )
         loop = asyncio.new_event_loop()
         ready = threading.Event()
@@ -459,8 +464,10 @@ class NbdServer:
             self._loop = self._executor = None
             exc = failure[0]
             if isinstance(exc, OSError):
-                raise Conflict(
-                    detail=f"cannot listen for NBD on {self.host}:{self._port}: {exc.strerror}"
+                raise CannotListen(
+                    address=f"{self.host}:{self._port} (NBD)",
+                    reason=exc.strerror or exc,
+                    option='"nbd"',
                 ) from exc
             raise exc
         self._thread = thread
@@ -502,18 +509,20 @@ class NbdServer:
         capability); ``secret=""`` makes a plain name, allowed on a loopback server only.
         """
         if not NAME_RE.fullmatch(name):
-            raise InvalidInput(
-                detail=f"export name {name!r}: use 1-64 letters, digits, '-' or '_', "
-                "starting with a letter or digit"
+            raise NameInvalid(
+                what="export name",
+                name=name,
+                rule="1-64 letters, digits, '-' or '_', starting with a letter or digit",
             )
         if secret is None:
             secret = secrets.token_urlsafe(32)
         elif secret and not SECRET_RE.fullmatch(secret):
             raise InvalidInput(detail="an export secret is 16-128 letters, digits, '-' or '_'")
         elif not secret and not self.loopback:
-            raise InvalidInput(
-                detail=f"an export without a secret on {self.host}, which is not a loopback "
-                "address; leave the secret to be generated"
+            raise NbdNeedsTls(
+                host=self.host,
+                what="serves no export without a secret",
+                fix="Leave the secret to be generated",
             )
         export = _Export(name, backend, read_only, secret)
         with self._lock:

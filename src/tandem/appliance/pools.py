@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tandem.errors import InvalidInput
+from tandem.errors import StoreCredentialsMissing, StoreCredentialsUnreadable
 from tandem.storage.fileio import write_durably
 from tandem.storage.objstore import (
     ACCESS_KEY_ENV,
@@ -38,10 +38,7 @@ def store_from_env(url: StoreUrl) -> ObjectStore:
     ObjectStoreDenied, BucketMissing or ObjectStoreUnreachable before anything is made."""
     access, secret = credentials_from_env()
     if not access or not secret:
-        raise InvalidInput(
-            detail=f"a pool on an object store needs its credentials: set {ACCESS_KEY_ENV} "
-            f"and {SECRET_KEY_ENV} in the environment of `tandem appliance init`"
-        )
+        raise StoreCredentialsMissing(access=ACCESS_KEY_ENV, secret=SECRET_KEY_ENV)
     store = ObjectStore(url, access_key=access, secret_key=secret)
     store.check()
     return store
@@ -58,16 +55,15 @@ def load_store(directory: Path, url: StoreUrl) -> ObjectStore:
     try:
         doc: Any = json.loads(path.read_text())
     except FileNotFoundError as exc:
-        raise InvalidInput(
-            detail=f"{path} is missing: the pool is on {url} and its credentials were kept "
-            f'there; write it again as {{"access_key": …, "secret_key": …}} (mode 0600)'
-        ) from exc
+        raise StoreCredentialsUnreadable(path=path, problem="is missing", url=url) from exc
     except ValueError as exc:
-        raise InvalidInput(detail=f"{path} is not JSON; write it again") from exc
+        raise StoreCredentialsUnreadable(path=path, problem="is not JSON", url=url) from exc
     if not isinstance(doc, dict) or not all(
         isinstance(doc.get(k), str) and doc.get(k) for k in ("access_key", "secret_key")
     ):
-        raise InvalidInput(detail=f"{path} lacks access_key and secret_key; write it again")
+        raise StoreCredentialsUnreadable(
+            path=path, problem="lacks access_key or secret_key", url=url
+        )
     return ObjectStore(url, access_key=doc["access_key"], secret_key=doc["secret_key"])
 
 

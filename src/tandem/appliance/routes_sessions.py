@@ -27,7 +27,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from tandem.errors import InvalidInput, Unauthorized
+from tandem.errors import InvalidInput, TooManyPerRequest, Unauthorized
 from tandem.operations.sessions import Session, SessionRegistry
 from tandem.storage.digest import from_hex
 from tandem.transport.wire import (
@@ -79,9 +79,8 @@ def _digest(text: str) -> bytes:
 
 def _check_count(n: int, what: str) -> None:
     if n > SUBS_PER_REQUEST:
-        raise InvalidInput(
-            detail=f"{n} chunks in one request; ask for {what} of at most {SUBS_PER_REQUEST}"
-            " chunks per request and split the rest into further requests"
+        raise TooManyPerRequest(
+            count=n, what=f"chunks ({what})", limit=f"{SUBS_PER_REQUEST} chunks"
         )
 
 
@@ -165,10 +164,10 @@ def make_router(registry: SessionRegistry) -> APIRouter:
         _check_count(len(body.chunks), "blocks")
         total = sum(len(c.blocks) for c in body.chunks)
         if total > BLOCKS_PER_REQUEST:
-            raise InvalidInput(
-                detail=f"{total} blocks in one request; ask for at most {BLOCKS_PER_REQUEST}"
-                f" blocks ({BLOCK_BYTES_PER_REQUEST // (1024 * 1024)} MiB) per request and"
-                " split the rest into further requests"
+            raise TooManyPerRequest(
+                count=total,
+                what="blocks",
+                limit=f"{BLOCKS_PER_REQUEST} blocks ({BLOCK_BYTES_PER_REQUEST >> 20} MiB)",
             )
         digests = decode_digests(c.digest for c in body.chunks)
         infos = [registry.pool.checked_info(d) for d in digests]

@@ -29,7 +29,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from tandem.errors import CatalogUnavailable, InvalidInput, Unreachable
+from tandem.errors import CatalogUnavailable, CatalogUrlInvalid, Unreachable
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 _WRITE = "tandem_write"
@@ -145,21 +145,21 @@ def create_catalog_engine(url: str) -> Engine:
     try:
         parsed = make_url(url)
     except ArgumentError as exc:
-        raise InvalidInput(detail=f"catalog URL {url!r} is not a database URL") from exc
+        raise CatalogUrlInvalid(url=url, problem="is not a database URL") from exc
     backend = parsed.get_backend_name()
     if backend == "sqlite":
         if parsed.database in (None, "", ":memory:") or "mode=memory" in url:
-            raise InvalidInput(
-                detail="an in-memory SQLite catalog is not supported; give a file, "
-                "e.g. sqlite:////var/lib/tandem/catalog.db"
+            raise CatalogUrlInvalid(
+                url=url, problem="names an in-memory SQLite database, which keeps nothing"
             )
         engine = create_engine(parsed, connect_args={"timeout": _BUSY_TIMEOUT_MS / 1000})
         _install_sqlite_hooks(engine)
         return engine
     if backend == "postgresql":
         return create_engine(parsed, pool_pre_ping=True)
-    raise InvalidInput(
-        detail=f"catalog URL {parsed.render_as_string()!r}: use sqlite:/// or postgresql://"
+    raise CatalogUrlInvalid(
+        url=parsed.render_as_string(),
+        problem=f"names the {backend} backend, which tandem does not use",
     )
 
 

@@ -54,7 +54,16 @@ from tandem.domain.lifecycle import (
     check_transition,
 )
 from tandem.domain.rules import Role
-from tandem.errors import AlreadyExists, Conflict, InvalidInput, NotFound
+from tandem.errors import (
+    AlreadyExists,
+    AppHasImages,
+    AppStillProtected,
+    CursorStale,
+    HostInUse,
+    NotFound,
+    OutOfRange,
+    TemplateInUse,
+)
 
 R = TypeVar("R", bound=Base)
 
@@ -71,7 +80,7 @@ def _insert(session: Session, row: R, *, what: str, name: str) -> R:
 
 def _positive(value: int | None, what: str) -> int | None:
     if value is not None and value <= 0:
-        raise InvalidInput(detail=f"{what} must be a positive number, not {value}")
+        raise OutOfRange(what=what, value=value, allowed="a positive number")
     return value
 
 
@@ -106,14 +115,19 @@ def remove_host(session: Session, *, name: str) -> None:
         select(App.name).where(App.host == name, App.origin.is_(None)).order_by(App.name)
     ).all()
     if apps:
-        raise Conflict(
-            detail=f"host {name!r} runs the applications {', '.join(apps)}; remove them first"
+        raise HostInUse(
+            host=name,
+            holds="runs the applications",
+            names=", ".join(apps),
+            fix="Remove them first (`tandem app remove APP`), then the host",
         )
     mounted = session.scalars(select(Image.id).where(Image.mounted_host == name)).all()
     if mounted:
-        raise Conflict(
-            detail=f"host {name!r} has the images {', '.join(sorted(mounted))} mounted; "
-            "unmount or delete them first"
+        raise HostInUse(
+            host=name,
+            holds="has mounted the images",
+            names=", ".join(sorted(mounted)),
+            fix="Unmount or delete them first (`tandem unmount IMAGE`), then remove the host",
         )
     session.delete(host)
     session.flush()
@@ -158,10 +172,7 @@ def remove_template(session: Session, *, name: str) -> None:
     template = get_template(session, name=name)
     apps = session.scalars(select(App.name).where(App.template == name).order_by(App.name)).all()
     if apps:
-        raise Conflict(
-            detail=f"template {name!r} protects the applications {', '.join(apps)}; "
-            "protect them with another template or unprotect them first"
-        )
+        raise TemplateInUse(template=name, apps=", ".join(apps))
     session.delete(template)
     session.flush()
 
@@ -345,15 +356,10 @@ def remove_app_check(session: Session, *, app: App) -> None:
     """Refuse to remove an app that is managed or still has images."""
     name = app.name
     if app.state is not AppState.UNMANAGED:
-        raise Conflict(
-            detail=f"application {name!r} is {app.state.value}; unprotect it before removing it"
-        )
+        raise AppStillProtected(app=name, state=app.state.value)
     count = session.scalar(select(func.count()).select_from(Image).where(Image.app_id == app.id))
     if count:
-        raise Conflict(
-            detail=f"application {name!r} still has {count} image(s); delete them first "
-            f"(`tandem images {name}` lists them)"
-        )
+        raise AppHasImages(app=name, count=count)
 
 
 def record_transition(
@@ -503,10 +509,7 @@ def list_images(
     if after is not None:
         cursor = session.get(Image, after)
         if cursor is None or cursor.app_id != row.id:
-            raise InvalidInput(
-                detail=f"the cursor {after!r} is no image of {app!r} (any more); "
-                "list again without `after`"
-            )
+            raise CursorStale(after=after, what=f"image of {app!r}")
     query = images_query(app_id=row.id, kind=kind, after=cursor, limit=limit)
     return list(session.scalars(query))
 
@@ -633,9 +636,7 @@ def list_jobs(
     if after is not None:
         cursor = session.get(Job, after)
         if cursor is None:
-            raise InvalidInput(
-                detail=f"the cursor {after!r} names no job (any more); list again without `after`"
-            )
+            raise CursorStale(after=after, what="job")
     query = jobs_query(app=app, status=status, after=cursor, limit=limit)
     return list(session.scalars(query))
 

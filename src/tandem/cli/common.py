@@ -42,7 +42,7 @@ from rich.table import Table
 from typer._click.globals import get_current_context
 
 from tandem.domain.ids import is_image_id, is_job_id, validate_name
-from tandem.errors import InvalidInput, NotFound, RemoteError
+from tandem.errors import ConnectionOptionMissing, InvalidInput, NotFound, RemoteError
 from tandem.transport.api import JobAnswer
 
 from .output import emit_json, handle_errors, plain, stdout
@@ -144,9 +144,9 @@ def _connection_params(flags: Flags) -> list[inspect.Parameter]:
 def connect(url: str | None, token: str | None, fingerprint: str | None) -> ApplianceClient:
     """A client for the appliance (close it, or use it as a context manager)."""
     if not url:
-        raise InvalidInput(detail="no appliance given: pass --url or set TANDEM_URL")
+        raise ConnectionOptionMissing(what="appliance", option="--url", env="TANDEM_URL")
     if not token:
-        raise InvalidInput(detail="no token given: pass --token or set TANDEM_TOKEN")
+        raise ConnectionOptionMissing(what="token", option="--token", env="TANDEM_TOKEN")
     import_http_client()
     return ApplianceClient(url, token, fingerprint)
 

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from tandem.errors import InvalidInput
+from tandem.errors import RateInvalid
 from tandem.transport.api import JobAnswer, PairIn, checked
 
 from .common import APPLIANCE_FLAGS, AppName, Session, api_command, checked_app, job_command
@@ -23,7 +23,7 @@ def parse_rate(text: str | None) -> int | None:
         return None
     m = re.fullmatch(r"\s*(\d+)\s*([KMG]?)(?:i?B)?(?:/s)?\s*", text, re.IGNORECASE)
     if not m:
-        raise InvalidInput(detail=f"--bandwidth takes a rate like 50M or 800K, got {text!r}")
+        raise RateInvalid(text=text)
     return int(m.group(1)) * _UNITS[m.group(2).upper()]
 
 

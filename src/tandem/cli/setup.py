@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from tandem.domain.consistency import ConsistencyMode
-from tandem.errors import InvalidInput
+from tandem.errors import OptionsMissing
 from tandem.transport.api import AppHooksIn, AppIn, HostIn, ProtectIn, TemplateIn, TokenIn, checked
 
 from .common import APPLIANCE_FLAGS, Name, Session, api_command, table_of
@@ -262,7 +262,11 @@ def app_set(
     if consistency is not None:
         changes["consistency"] = consistency.value
     if not changes:
-        raise InvalidInput(detail="give --start, --stop, --freeze, --thaw and/or --consistency")
+        raise OptionsMissing(
+            what="`tandem app set`",
+            options="--start, --stop, --freeze, --thaw and/or --consistency",
+            why="",
+        )
     s.show(
         s.api.set_app(name, checked(AppHooksIn, **changes)), (*APP_KEYS, "consistency", *HOOK_KEYS)
     )

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from tandem.errors import InvalidInput, NotFound
+from tandem.errors import ImageKindDiffers, NotFound
 
 from .output import byte_progress, emit_json, handle_errors, human_bytes, stdout
 
@@ -97,13 +97,23 @@ def capture(
 
         if kind is Kind.volume:
             if base_m is not None and not isinstance(base_m, VolumeManifest):
-                raise InvalidInput(detail="--base is not a volume manifest")
+                raise ImageKindDiffers(
+                    image=f"--base {base}",
+                    have="a file-tree image",
+                    how="be the base of a volume capture",
+                    fix="Give --base the volume's previous manifest, or capture with --kind tree",
+                )
             mid, _, stats = volume_mod.capture_volume(
                 p, source, base=base_m, base_id=base_id, progress=progress
             )
         else:
             if base_m is not None and not isinstance(base_m, TreeManifest):
-                raise InvalidInput(detail="--base is not a tree manifest")
+                raise ImageKindDiffers(
+                    image=f"--base {base}",
+                    have="a volume image",
+                    how="be the base of a file-tree capture",
+                    fix="Give --base the tree's previous manifest, or capture with --kind volume",
+                )
             mid, _, stats = tree_mod.capture_tree(
                 p, source, base=base_m, base_id=base_id, progress=progress
             )
@@ -275,7 +285,12 @@ def diff(
             "metadata_changed": d.metadata_changed,
         }
     else:
-        raise InvalidInput(detail="cannot diff a volume image against a tree image")
+        raise ImageKindDiffers(
+            image=old,
+            have="a volume image" if isinstance(a, VolumeManifest) else "a file-tree image",
+            how=f"be diffed against {new}, an image of the other kind",
+            fix="Diff two images of one kind",
+        )
     if json_:
         emit_json(doc)
     else:

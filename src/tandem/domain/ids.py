@@ -17,7 +17,7 @@ import base64
 import re
 import secrets
 
-from tandem.errors import InvalidInput
+from tandem.errors import NameInvalid
 
 ID_LENGTH = 12
 IMAGE_PREFIX = "img"
@@ -71,9 +71,8 @@ def validate_name(name: str, what: str = "name") -> str:
     """Return ``name`` if it is a valid name; raise ``InvalidInput`` saying why otherwise."""
     if _NAME_RE.fullmatch(name):
         return name
-    raise InvalidInput(
-        detail=(
-            f"{what} {name!r} is not a valid name: use 1-64 letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit"
-        )
+    raise NameInvalid(
+        what=what,
+        name=name,
+        rule="1-64 letters, digits, '.', '_' or '-', starting with a letter or digit",
     )

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from enum import StrEnum
 
-from tandem.errors import Conflict
+from tandem.errors import Conflict, JobEnded
 
 
 class JobStatus(StrEnum):
@@ -48,10 +48,6 @@ def check_job_transition(job_id: str, current: JobStatus, new: JobStatus) -> Job
     if new in JOB_TRANSITIONS[current]:
         return new
     if current in TERMINAL:
-        detail = (
-            f"job {job_id} already ended ({current.value}); it cannot become {new.value}. "
-            "Submit the operation again for a new job"
-        )
-    else:
-        detail = f"job {job_id} is {current.value}; it cannot become {new.value}"
-    raise Conflict(detail=detail)
+        raise JobEnded(job=job_id, status=current.value, action=f"become {new.value}")
+    # Not terminal: a state the scheduler never moves a job between (a programming error).
+    raise Conflict(detail=f"job {job_id} is {current.value}; it cannot become {new.value}")

@@ -30,7 +30,15 @@ from typing import Literal
 
 from tandem.domain.images import WRITABLE_KINDS, ImageKind, ImageState
 from tandem.domain.lifecycle import AppState, Operation, allowed_operations
-from tandem.errors import ConfirmationOutOfOrder, ConfirmationRequired, Conflict, InvalidInput
+from tandem.errors import (
+    ConfirmationOutOfOrder,
+    ConfirmationRequired,
+    FailoverImageLive,
+    ProtectiveSnapshotHeld,
+    SameVmTarget,
+    SenderNotWriter,
+    TestFailoverBusy,
+)
 
 FAILOVER_CONFIRMATION = "FAILOVER"
 RESTORE_CONFIRMATIONS: tuple[str, ...] = ("DATA LOSS", "OVERWRITE OTHER APPS")
@@ -106,21 +114,7 @@ class PresentedImage:
 def check_failover_target(*, app: str, source_host: str, target_host: str, is_vm: bool) -> None:
     """A VM cannot be (test-)failed over onto the very VM it came from."""
     if is_vm and target_host == source_host:
-        raise InvalidInput(
-            detail=(
-                f"application {app!r} is the VM {source_host!r}; it cannot be failed over "
-                "onto the VM it came from. Choose another host or a new VM"
-            )
-        )
-
-
-def _withdraw_first(image_id: str) -> str:
-    # A presented image cannot be deleted (`image delete` refuses a mounted one): the fix
-    # names both steps, in the order they work.
-    return (
-        f"Unmount it, then delete it: `tandem unmount {image_id}`, "
-        f"then `tandem image delete {image_id}`"
-    )
+        raise SameVmTarget(app=app, host=source_host)
 
 
 def check_test_failover_target(
@@ -139,22 +133,23 @@ def check_test_failover_target(
     existing = list(test_images)
     for image in existing:
         if image.app == app:
-            raise Conflict(
-                detail=(
-                    f"application {app!r} already has the test-failover image {image.image_id} "
-                    f"on host {image.host!r}; an image is tested on one host at a time. "
-                    f"{_withdraw_first(image.image_id)}"
-                )
+            raise TestFailoverBusy(
+                holder=f"application {app!r}",
+                has="has",
+                image=image.image_id,
+                of=f"on host {image.host!r}",
+                rule="an image is tested on one host at a time",
+                alternative="",
             )
     for image in existing:
         if image.host == target_host:
-            raise Conflict(
-                detail=(
-                    f"host {target_host!r} already carries the test-failover image "
-                    f"{image.image_id} of application {image.app!r}; a host takes one "
-                    f"test-failover image at a time. {_withdraw_first(image.image_id)}, "
-                    "or choose another host"
-                )
+            raise TestFailoverBusy(
+                holder=f"host {target_host!r}",
+                has="carries",
+                image=image.image_id,
+                of=f"of application {image.app!r}",
+                rule="a host takes one test-failover image at a time",
+                alternative=", or choose another host",
             )
 
 
@@ -171,30 +166,14 @@ def check_image_deletable(*, image_id: str, kind: ImageKind, app: str, app_state
     if image_deletable(kind=kind, app_state=app_state):
         return
     if kind is ImageKind.FAILOVER:
-        raise Conflict(
-            detail=(
-                f"image {image_id} is the failed-over copy that application {app!r} runs on; "
-                "deleting it would lose the data written at the DR site. Fail back first"
-            )
-        )
-    raise Conflict(
-        detail=(
-            f"image {image_id} is the protective snapshot of the pending failback of "
-            f"application {app!r}. Commit or undo the failback first"
-        )
-    )
+        raise FailoverImageLive(image=image_id, app=app)
+    raise ProtectiveSnapshotHeld(image=image_id, app=app)
 
 
 def check_writer_epoch(*, app: str, carried: int, current: int) -> None:
     """Refuse data that carries a writer epoch older than the app's (split-brain fencing)."""
     if carried < current:
-        raise Conflict(
-            detail=(
-                f"the data for application {app!r} carries writer epoch {carried}, but the "
-                f"application is at epoch {current} since a failover; the sender is no longer "
-                "the writer. Fail back before replicating or restoring from that site"
-            )
-        )
+        raise SenderNotWriter(what="data", app=app, carried=carried, current=current)
 
 
 UNMOUNT: Literal["unmount"] = "unmount"

@@ -44,7 +44,7 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-from tandem.errors import TandemError, Unreachable
+from tandem.errors import DaemonDirInvalid, LabDaemonFailed, TandemError, Unreachable
 from tandem.transport.client import ApiClient, ApplianceClient
 from tandem.transport.server import free_port
 
@@ -146,9 +146,11 @@ class Daemon:
     def created(self, code: int, out: bytes, err: bytes) -> None:
         """Take what ``init`` printed (its exit status and output)."""
         if code != 0:
-            raise TandemError(
-                f"`tandem {self.kind} init` of {self.name} exited with status "
-                f"{code}: {err.decode(errors='replace').strip()}"
+            raise LabDaemonFailed(
+                kind=self.kind,
+                name=self.name,
+                what=f"was not created (`tandem {self.kind} init` exited with status {code})",
+                said=err.decode(errors="replace").strip(),
             )
         self.info = json.loads(out)
         self.url, self.token = self.info["url"], self.info["token"]
@@ -289,8 +291,10 @@ class Lab:
         else:
             root = root.absolute()
             if root.exists() and (not root.is_dir() or any(root.iterdir())):
-                raise TandemError(
-                    f"{root} is not an empty directory; give a new or empty directory"
+                raise DaemonDirInvalid(
+                    directory=root,
+                    problem="is not an empty directory",
+                    fix="Give a new or empty directory",
                 )
             self._created = not root.exists()
             root.mkdir(parents=True, exist_ok=True)
@@ -459,9 +463,11 @@ def wait_healthy(daemon: Daemon, deadline: float) -> None:
     while True:
         if daemon.proc is None or daemon.proc.poll() is not None:
             code = None if daemon.proc is None else daemon.proc.returncode
-            raise TandemError(
-                f"{daemon.kind} {daemon.name} exited at start (status {code}); its log "
-                f"{daemon.log_path} ends with: {daemon.log_tail()}"
+            raise LabDaemonFailed(
+                kind=daemon.kind,
+                name=daemon.name,
+                what=f"exited at start (status {code})",
+                said=f"its log {daemon.log_path} ends with: {daemon.log_tail()}",
             )
         try:
             with ApiClient(
@@ -477,9 +483,11 @@ def wait_healthy(daemon: Daemon, deadline: float) -> None:
         except Unreachable:
             pass
         if time.monotonic() > deadline:
-            raise TandemError(
-                f"{daemon.kind} {daemon.name} did not answer at {daemon.url}/health in time; "
-                f"its log {daemon.log_path} ends with: {daemon.log_tail()}"
+            raise LabDaemonFailed(
+                kind=daemon.kind,
+                name=daemon.name,
+                what=f"did not answer at {daemon.url}/health in time",
+                said=f"its log {daemon.log_path} ends with: {daemon.log_tail()}",
             )
         time.sleep(HEALTH_POLL)
 

@@ -30,7 +30,7 @@ from tandem.catalog.models import Job, utcnow
 from tandem.catalog.queries import add_job_log, get_job
 from tandem.domain.ids import new_job_id
 from tandem.domain.jobs import ACTIVE, JobStatus, check_job_transition
-from tandem.errors import Conflict, InvalidInput
+from tandem.errors import AppBusy, InvalidInput, JobEnded
 
 INTERRUPTED_MESSAGE = "interrupted: the appliance stopped while this job ran; run it again"
 CANCELED_MESSAGE = "canceled by the operator"
@@ -43,14 +43,8 @@ def _active_lifecycle_job(session: Session, app: str) -> Job | None:
     return session.scalar(query.order_by(Job.created).limit(1))
 
 
-def _busy(app: str, other: Job) -> Conflict:
-    return Conflict(
-        detail=(
-            f"application {app!r} has the {other.type} job {other.id} {other.status.value}; "
-            "one lifecycle operation runs per application at a time. Wait for it to end "
-            f"(`tandem job show {other.id}`) or cancel it"
-        )
-    )
+def _busy(app: str, other: Job) -> AppBusy:
+    return AppBusy(app=app, type=other.type, job=other.id, status=other.status.value)
 
 
 def submit_job(
@@ -229,9 +223,7 @@ def cancel_job(session: Session, *, job_id: str, actor: str | None = None) -> Jo
             job.cancel_requested = True
             add_job_log(session, job_id=job.id, text=f"cancel requested{who}")
     elif job.status is not JobStatus.CANCELED:
-        raise Conflict(
-            detail=f"job {job.id} already ended ({job.status.value}); there is nothing to cancel"
-        )
+        raise JobEnded(job=job.id, status=job.status.value, action="be canceled")
     session.flush()
     return job
 

@@ -37,7 +37,7 @@ from tandem.domain.lifecycle import AppKind, Operation
 from tandem.domain.paths import check_path, overlaps
 from tandem.domain.rules import Role, role_allows
 from tandem.domain.vms import check_domain_name
-from tandem.errors import Forbidden, InvalidInput, PathsOverlap
+from tandem.errors import AppLocationInvalid, ChoiceInvalid, Forbidden, PathsOverlap
 from tandem.operations import wal
 from tandem.operations.hosts import agent_for
 from tandem.operations.site import Site
@@ -71,7 +71,7 @@ def _check_hooks(hooks: Mapping[str, str | None]) -> dict[str, str | None]:
     checked: dict[str, str | None] = {}
     for hook, script in hooks.items():
         if hook not in {h.value for h in Hook}:
-            raise InvalidInput(detail=f"there is no {hook!r} hook; use start, stop, freeze or thaw")
+            raise ChoiceInvalid(what="hook", value=hook, choices="start, stop, freeze, thaw")
         checked[hook] = check_hook_name(script, f"--{hook}") if script else None
     return checked
 
@@ -91,13 +91,18 @@ def app_path(kind: AppKind, *, path: str | None, domain: str | None) -> str:
     """What an app's ``path`` holds: its canonical path, or for a vm app its domain name."""
     if kind is AppKind.VM:
         if not domain or path:
-            raise InvalidInput(
-                detail="a vm app names its libvirt domain with --domain (and takes no --path); "
-                "list the host's domains with `tandem vms --host HOST`"
+            raise AppLocationInvalid(
+                kind="vm",
+                needs="--domain (its libvirt domain)",
+                unused="--path",
+                other="filesystem, volume and postgresql",
+                hint="; list the host's domains with `tandem vms --host HOST`",
             )
         return check_domain_name(domain)
     if domain or not path:
-        raise InvalidInput(detail=f"a {kind.value} app takes --path (--domain is for vm apps)")
+        raise AppLocationInvalid(
+            kind=kind.value, needs="--path", unused="--domain", other="vm", hint=" (a full path)"
+        )
     return path
 
 

@@ -29,7 +29,7 @@ from tandem.domain.ids import new_image_id
 from tandem.domain.images import ImageKind
 from tandem.domain.lifecycle import AppFacts, AppKind, Operation, check_transition
 from tandem.domain.rules import FAILOVER_CONFIRMATION, check_confirmations
-from tandem.errors import InvalidInput, TandemError
+from tandem.errors import OptionsDoNotApply, TandemError
 from tandem.jobs.queue import submit_job
 from tandem.jobs.runner import JobContext
 from tandem.operations import hooks, peers, pg_recovery, present, wal
@@ -90,9 +90,11 @@ def submit_failover(
     )
     present.check_vm_confirmed(asked, confirm, FAILOVER_CONFIRMATION)
     if asked is not None and asked.existing and (hosts or all_hosts):
-        raise InvalidInput(
-            detail="--hosts and --all-hosts define a new VM on several hosts; an existing "
-            "domain (--vm) lives on its own host: drop them, or use --new-vm NAME"
+        raise OptionsDoNotApply(
+            options="--hosts and --all-hosts",
+            why="they define a new VM on several hosts, and an existing domain (--vm) lives on "
+            "its own host",
+            fix="Leave them out, or use --new-vm NAME",
         )
     # The DR host is asked before the job exists: a pool or network it lacks, a domain
     # (--vm) it does not have, is bad input.
@@ -132,20 +134,25 @@ def submit_failover(
             # gives that cut; a FUSE copy does not yet. Test failover and mount stay virtual.
             action = "copy"
         if row.kind is AppKind.VM and action == "specify":
-            raise InvalidInput(
-                detail="a failed-over VM runs as a VM (--new-vm NAME or --vm DOMAIN); its "
-                "disks' file systems are mounted by test-failover or mount: drop --mount-point"
+            raise OptionsDoNotApply(
+                options="--mount-point",
+                why="a failed-over VM runs as a VM (--new-vm NAME or --vm DOMAIN); its disks' "
+                "file systems are mounted by test-failover or mount",
+                fix="Leave it out",
             )
         if row.kind is AppKind.VM and action == "copy":
-            raise InvalidInput(
-                detail="a failed-over VM runs from the appliance's export, so that syncback "
-                "sees its writes: drop --action copy (copies are for test failover and mount)"
+            raise OptionsDoNotApply(
+                options="--action copy",
+                why="a failed-over VM runs from the appliance's export, so that syncback sees "
+                "its writes (copies are for test failover and mount)",
+                fix="Leave it out",
             )
         if row.kind is AppKind.VOLUME and action != "map-only":
             # A file copy at a mount point would take writes that syncback never sees.
-            raise InvalidInput(
-                detail=f"a failed-over volume is presented over NBD only; drop --mount-point/"
-                f"--action for {row.name!r} and attach the export its job shows (nbd_uri)"
+            raise OptionsDoNotApply(
+                options="--mount-point and --action",
+                why=f"the failed-over volume {row.name!r} is presented over NBD only",
+                fix="Leave them out and attach the export its job shows (nbd_uri)",
             )
         params = Params(
             host=host,

@@ -35,7 +35,7 @@ from tandem.catalog import queries as q
 from tandem.catalog.locks import CatalogLock
 from tandem.catalog.models import Job, JobLog, utcnow
 from tandem.domain.jobs import ACTIVE, TERMINAL
-from tandem.errors import GcElsewhere, GcRunning, InvalidInput
+from tandem.errors import ChoiceInvalid, GcElsewhere, GcRunning, OutOfRange
 from tandem.jobs.queue import submit_job
 from tandem.jobs.runner import JobContext
 from tandem.operations.jobparams import ForceParams
@@ -75,9 +75,9 @@ def configure(site: Site, values: dict[str, int | None]) -> dict[str, int]:
     """Change some of ``SETTINGS`` (``None``: leave it); each must be a positive number."""
     for key, value in values.items():
         if key not in SETTINGS:
-            raise InvalidInput(detail=f"there is no setting {key!r}; use {', '.join(SETTINGS)}")
+            raise ChoiceInvalid(what="setting", value=key, choices=", ".join(SETTINGS))
         if value is not None and value <= 0:
-            raise InvalidInput(detail=f"{key} must be a positive number, not {value}")
+            raise OutOfRange(what=key, value=value, allowed="a positive number")
     with site.catalog.begin() as session:
         for key, value in values.items():
             if value is not None:

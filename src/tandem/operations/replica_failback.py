@@ -78,16 +78,25 @@ from tandem.domain.lifecycle import AppFacts, AppKind, Operation, check_transiti
 from tandem.domain.vms import FILE_POOLS, check_domain_name
 from tandem.errors import (
     AlreadyExists,
-    Conflict,
-    InvalidInput,
+    AppBusy,
+    ChoiceInvalid,
+    ImageHoldsNoVm,
     NotFound,
     NotHypervisor,
+    NoVmDefinition,
+    OptionsDoNotApply,
+    OptionsMissing,
     PeerApplyFailed,
     PeerApplyTimedOut,
     PeerRefused,
     StorageError,
     TargetInUse,
+    TargetIsOriginal,
+    TargetKindDiffers,
+    TargetNotEmpty,
     TargetNotRegistered,
+    VirtualCopyNotOpen,
+    VmDiskMissing,
     VmTargetMissing,
     VmTargetNotRegistered,
 )
@@ -149,7 +158,7 @@ def _target(target: str) -> FailbackTarget:
         return "restored"
     if target == "new":
         return "new"
-    raise InvalidInput(detail=f"--target is one of {', '.join(TARGETS)}, not {target!r}")
+    raise ChoiceInvalid(what="--target", value=target, choices=", ".join(TARGETS))
 
 
 def _check_request(
@@ -165,35 +174,45 @@ def _check_request(
     and by production on the request)."""
     chosen = _target(target)
     if chosen == "original" and (host or path or pool):
-        raise InvalidInput(
-            detail="--target original fails back to the app as production registered it; "
-            "--host, --path/--domain and --pool name a restored or new target"
+        raise OptionsDoNotApply(
+            options="--host, --path/--domain and --pool",
+            why="--target original fails back to the app as production registered it; they "
+            "name a restored or new target",
+            fix="Leave them out, or choose --target restored or new",
         )
     if chosen == "original":
         return chosen
     if kind is AppKind.VM:
         if not (host and path):
-            raise InvalidInput(
-                detail=f"--target {target} of a VM needs --host and --domain (the production "
-                "hypervisor host and the domain there)"
-                + (" and --pool (the storage pool for its disks)" if chosen == "new" else "")
+            raise OptionsMissing(
+                what=f"--target {target} of a VM",
+                options="--host and --domain" + (" and --pool" if chosen == "new" else ""),
+                why=" (the production hypervisor host and the domain there"
+                + (", and the storage pool for its disks)" if chosen == "new" else ")"),
             )
         check_domain_name(path, "--domain")
         if chosen == "new" and pool is None:
-            raise InvalidInput(
-                detail="--target new of a VM defines a new domain at production: name the "
-                "storage pool of that host its disks are made in with --pool "
-                "(`virsh pool-list` on the host)"
+            raise OptionsMissing(
+                what="--target new of a VM",
+                options="--pool",
+                why=" (the storage pool of the production host its disks are made in; "
+                "`virsh pool-list` on the host lists them)",
             )
         if chosen == "restored" and pool is not None:
-            raise InvalidInput(
-                detail="--pool is for --target new of a VM; a restored domain keeps its disks"
+            raise OptionsDoNotApply(
+                options="--pool",
+                why="it is for --target new of a VM; a restored domain keeps its disks",
+                fix="Leave it out",
             )
         return chosen
     if pool is not None:
-        raise InvalidInput(detail="--pool is for --target new of a vm app")
+        raise OptionsDoNotApply(
+            options="--pool", why="it is for --target new of a vm app", fix="Leave it out"
+        )
     if not (host and path and path.startswith("/")):
-        raise InvalidInput(detail=f"--target {target} needs --host and a full --path")
+        raise OptionsMissing(
+            what=f"--target {target}", options="--host and --path", why=" (a full path)"
+        )
     return chosen
 
 
@@ -235,10 +254,7 @@ def submit_replica_failback(
     )
     failover_image(site, app)
     if busy is not None:  # (asking production to agree again would reset a running one)
-        raise Conflict(
-            detail=f"application {app!r} has the {busy.type} job {busy.id} "
-            f"{busy.status.value}; wait for it to end (`tandem job show {busy.id}`) or cancel it"
-        )
+        raise AppBusy(app=app, type=busy.type, job=busy.id, status=busy.status.value)
     # A wrong target is refused now, before the job stops anything at production.
     _agree(site, row, chosen, host, path, pool)
     with site.catalog.begin() as session:
@@ -579,7 +595,7 @@ def _revert_overlay(site: Site, ctx: JobContext, failover: Image, protective: Im
     off since, but whatever was written to it after the snapshot is undone here."""
     overlay = site.overlays.get(failover.id)
     if overlay is None:
-        raise StorageError(detail=f"the virtual copy of {failover.id} is not open here")
+        raise VirtualCopyNotOpen(image=failover.id)
     manifest = load_manifest(site.pool, bytes.fromhex(protective.manifest))
     if not isinstance(manifest, VolumeManifest):
         raise StorageError(detail=f"protective snapshot {protective.id} is not a volume image")
@@ -677,9 +693,7 @@ def _registered_target(session: Any, site: Site, row: App, host: str, path: str)
     app's kind, and a placeholder (unprotected, without images), never an app in service."""
     where = path.rstrip("/") or "/"
     if host == row.host and where == (row.path.rstrip("/") or "/"):
-        raise InvalidInput(
-            detail=f"{host}:{path} is where {row.name!r} runs already: use --target original"
-        )
+        raise TargetIsOriginal(where=f"{host}:{path}", app=row.name, how="where it runs")
     found = [
         a
         for a in q.list_apps(session)
@@ -691,10 +705,12 @@ def _registered_target(session: Any, site: Site, row: App, host: str, path: str)
         raise TargetNotRegistered(kind=row.kind.value, host=host, path=path, site=site.name)
     other = found[0]
     if other.kind is not row.kind:
-        raise Conflict(
-            detail=f"the app registered at {host}:{path} here, {other.name!r}, is a "
-            f"{other.kind.value}; {row.name!r} is a {row.kind.value}. Register the "
-            f"location with --kind {row.kind.value}, or choose another"
+        raise TargetKindDiffers(
+            where=f"{host}:{path}",
+            other=other.name,
+            other_kind=other.kind.value,
+            app=row.name,
+            kind=row.kind.value,
         )
     # A placeholder registered for the failback, not an app in service: restoring over one
     # would destroy its data, and the commit merges the placeholder away.
@@ -714,9 +730,10 @@ def _new_domain_host(session: Any, row: App, host: str, domain: str) -> Host:
     """The host of this site a new domain ``domain`` is to be defined on, refusing the
     VM's own domain and a domain an app of this site is registered with."""
     if host == row.host and domain == row.path:
-        raise InvalidInput(
-            detail=f"domain {domain} on host {host} is {row.name!r} itself: a failback with "
-            "--target new defines a new domain (name another), --target original writes this one"
+        raise TargetIsOriginal(
+            where=f"domain {domain} on host {host}",
+            app=row.name,
+            how="--target new defines a new domain",
         )
     for other in q.list_apps(session):
         if other.kind is AppKind.VM and other.host == host and other.path == domain:
@@ -760,10 +777,11 @@ def _check_vm_target(
         has = {str(d.get("target")): d for d in found.get("disks") or [] if isinstance(d, dict)}
         for disk in sorted(disks or ()):
             if disk not in has or has[disk].get("type") != "file":
-                raise InvalidInput(
-                    detail=f"domain {domain} on host {host} has no file disk {disk}, which the "
-                    f"image holds (it has {', '.join(sorted(has)) or 'no disks'}): a restored "
-                    "domain needs the original's disks (targets and sizes); nothing was stopped"
+                raise VmDiskMissing(
+                    where=f"domain {domain} on host {host}",
+                    what="file disk",
+                    disk=disk,
+                    has=", ".join(sorted(has)) or "no disks",
                 )
         return
     if target != "new":
@@ -795,16 +813,12 @@ def _define_new_domain(site: Site, row: App, doc: dict[str, Any], img: Image) ->
     vm_meta = manifest.meta.get("vm") if isinstance(manifest, VolumeManifest) else None
     slots = vmimage.slots_of(manifest) if isinstance(manifest, VolumeManifest) else []
     if not isinstance(vm_meta, dict) or not slots:
-        raise InvalidInput(detail=f"image {img.id} holds no VM (no disk layout)")
+        raise ImageHoldsNoVm(image=img.id)
     # The syncback's XML is the DR site's word: the new domain is defined from production's
     # own capture of the VM (its binaries, devices and files are this site's business).
     xml = own_domain_xml(site, row)
     if xml is None:
-        raise InvalidInput(
-            detail=f"no image captured at this site holds the definition of VM {row.path}: a "
-            "new domain is defined only from production's own capture; fail back with "
-            "--target original or restored"
-        )
+        raise NoVmDefinition(domain=row.path)
     with site.catalog.read() as session:
         host = q.get_host(session, name=doc["host"])
     body = checked(
@@ -872,12 +886,7 @@ def production_failback_check(
         elif body.target == "new":
             held = agent.check_target(kind.value, path)
             if not held["usable"]:
-                raise Conflict(
-                    detail=f"{path} on host {host.name} is not missing or empty "
-                    f"({held['kind']}): a failback with --target new writes the whole image "
-                    "there and would destroy what it holds. Register an empty location, or "
-                    "fail back with --target restored"
-                )
+                raise TargetNotEmpty(path=path, host=host.name, held=held["kind"])
     with site.catalog.begin() as session:
         row = _own_app_failed_over_at(session, peer=peer, app=app, action=action)
         peers.set_agreement(

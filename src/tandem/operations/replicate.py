@@ -47,7 +47,15 @@ from tandem.domain.consistency import CUTS, Cut
 from tandem.domain.images import ImageKind
 from tandem.domain.jobs import JobStatus
 from tandem.domain.lifecycle import AppFacts, AppState, Operation, check_transition
-from tandem.errors import Conflict, InvalidInput, NotFound, StaleEpoch, TransitionRefused
+from tandem.errors import (
+    InvalidInput,
+    MirrorKindDiffers,
+    MirrorOfOther,
+    NotFound,
+    ReplicaOutOfOrder,
+    StaleEpoch,
+    TransitionRefused,
+)
 from tandem.jobs.queue import submit_job
 from tandem.jobs.runner import JobContext
 from tandem.operations import images, peers
@@ -331,10 +339,7 @@ def _mirror_of(session: Any, *, peer: str, app: str) -> Any:
     (this site's own, or another's) is never touched by it."""
     row = q.get_app(session, name=app, for_update=True)
     if row.origin != peer:
-        raise Conflict(
-            detail=f"application {app!r} here is not a mirror of {peer!r} "
-            f"(its origin is {row.origin or 'this appliance'}); rename one of them"
-        )
+        raise MirrorOfOther(app=app, peer=peer, origin=row.origin or "this appliance")
     return row
 
 
@@ -346,10 +351,7 @@ def replicas_held(site: Site, *, peer: str, app: str) -> ReplicasHeld:
         except NotFound:
             return ReplicasHeld(images=[], newest_created=None, epoch=None)
         if row.origin != peer:
-            raise Conflict(
-                detail=f"application {app!r} here is not a mirror of {peer!r} "
-                f"(its origin is {row.origin or 'this appliance'}); rename one of them"
-            )
+            raise MirrorOfOther(app=app, peer=peer, origin=row.origin or "this appliance")
         replicas = q.list_images(session, app=app, kind=ImageKind.REPLICA)
         return ReplicasHeld(
             images=[r.id for r in replicas],
@@ -382,9 +384,8 @@ def open_replication(site: Site, *, peer: str, body: ReplicationOpen) -> Opened:
             row.writer_epoch = epoch
         row = _mirror_of(session, peer=peer, app=name)
         if row.kind is not body.app.kind:
-            raise Conflict(
-                detail=f"{peer!r} sends a {body.app.kind.value} image of {name!r}, which is a "
-                f"{row.kind.value} here; rename one of them"
+            raise MirrorKindDiffers(
+                peer=peer, sent=body.app.kind.value, app=name, kind=row.kind.value
             )
         if epoch < row.writer_epoch:
             raise StaleEpoch(app=name, carried=epoch, current=row.writer_epoch)
@@ -393,10 +394,7 @@ def open_replication(site: Site, *, peer: str, body: ReplicationOpen) -> Opened:
         if any(r.id == image.id for r in replicas):
             return Opened(status="present")
         if replicas and image.created <= replicas[0].created:
-            raise Conflict(
-                detail=f"image {image.id} of {name!r} is older than the newest replica "
-                f"{replicas[0].id}: a replayed or out-of-order replication is refused"
-            )
+            raise ReplicaOutOfOrder(image=image.id, app=name, newest=replicas[0].id)
         base = replicas[0] if replicas else None
         if epoch > row.writer_epoch:
             row.writer_epoch = epoch

@@ -46,7 +46,13 @@ from tandem.domain.hooks import Hook
 from tandem.domain.images import ImageKind, ImageState
 from tandem.domain.lifecycle import AppKind, Operation, check_transition, storage_kind
 from tandem.domain.rules import RESTORE_CONFIRMATIONS, check_confirmations
-from tandem.errors import ImageBeingDeleted, ImageOfOtherApp, InvalidInput, TandemError
+from tandem.errors import (
+    ImageBeingDeleted,
+    ImageOfOtherApp,
+    OptionsDoNotApply,
+    PgBaseNeedsRecovery,
+    TandemError,
+)
 from tandem.jobs.queue import submit_job
 from tandem.jobs.runner import JobContext
 from tandem.operations import failback, hooks, pg_recovery, stamps, wal
@@ -78,11 +84,7 @@ def check_not_base_backup(img: Image) -> None:
     """A PostgreSQL base image is consistent only with its WAL replayed: written in place
     it would start as a torn cluster. Refused, saying how to get at its data."""
     if img.pg:
-        raise InvalidInput(
-            detail=f"image {img.id} is a PostgreSQL base image, which starts only with its WAL "
-            "replayed; recover it instead with `tandem mount "
-            f"{img.id} --host HOST --mount-point DIR --latest` (or --time)"
-        )
+        raise PgBaseNeedsRecovery(image=img.id)
 
 
 def submit_restore(
@@ -129,9 +131,11 @@ def submit_restore(
         if row.kind is AppKind.VM:
             fields.update(power_on=power_on, shutdown_timeout=shutdown_timeout)
         elif power_on or shutdown_timeout is not None:
-            raise InvalidInput(
-                detail=f"--power-on and --shutdown-timeout are for vm apps; {row.name!r} is a "
-                f"{row.kind.value} app: its --start hook runs after the restore"
+            raise OptionsDoNotApply(
+                options="--power-on and --shutdown-timeout",
+                why=f"they are for vm apps; {row.name!r} is a {row.kind.value} app, whose "
+                "--start hook runs after the restore",
+                fix="Leave them out",
             )
         job = submit_job(
             session,
@@ -160,9 +164,11 @@ def _rollforward_params(
         return {}  # refused with the reason next
     if not pg_recovery.rolls_forward(row, img):
         if time is not None or latest:
-            raise InvalidInput(
-                detail=f"--time and --latest roll a catch-up syncback of a database forward; "
-                f"image {img.id} is a {img.kind.value} image, restored as it is: leave them out"
+            raise OptionsDoNotApply(
+                options="--time and --latest",
+                why="they roll a catch-up syncback of a database forward; image "
+                f"{img.id} is a {img.kind.value} image, restored as it is",
+                fix="Leave them out",
             )
         return {}
     pg_recovery.rollforward(site, row, img, target)

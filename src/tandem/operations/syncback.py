@@ -58,7 +58,17 @@ from tandem.domain.consistency import CUTS, ConsistencyMode, Cut
 from tandem.domain.ids import new_image_id
 from tandem.domain.images import ImageKind, ImageState
 from tandem.domain.lifecycle import AppKind, AppState, Operation, check_transition, storage_kind
-from tandem.errors import Conflict, InvalidInput, NotFound, PeerRefused, RemoteError, TandemError
+from tandem.errors import (
+    AlreadyExists,
+    FailbackInterrupted,
+    InvalidInput,
+    NotFound,
+    PeerRefused,
+    RemoteError,
+    SenderNotWriter,
+    TandemError,
+    VirtualCopyNotOpen,
+)
 from tandem.jobs.queue import submit_job
 from tandem.jobs.runner import JobContext
 from tandem.operations import peers, pg_recovery
@@ -92,10 +102,7 @@ def failover_image(site: Site, app: str) -> Image:
     for image in images:
         if image.state is ImageState.DELETING:
             again = "commit-failback" if pending else "failback"
-            raise Conflict(
-                detail=f"a failback of {app!r} began withdrawing its DR copy {image.id} and "
-                f"was interrupted; run `tandem {again} {app}` again to finish it"
-            )
+            raise FailbackInterrupted(app=app, image=image.id, again=again)
     raise NotFound(what="failover image of application", name=app, listing=f"images {app}")
 
 
@@ -196,7 +203,7 @@ def _capture_tree_at_host(
 def _open_overlay(site: Site, failover: Image) -> Overlay:
     overlay = site.overlays.get(failover.id)
     if overlay is None:
-        raise Conflict(detail=f"the virtual copy of {failover.id} is not open here")
+        raise VirtualCopyNotOpen(image=failover.id)
     return overlay
 
 
@@ -444,13 +451,10 @@ def open_syncback(site: Site, *, peer: str, body: SyncbackOpen) -> Opened:
             )
         row.peer_active = True
         if epoch < row.writer_epoch:
-            raise Conflict(
-                detail=f"syncback of {app!r} carries writer epoch {epoch}, older than "
-                f"{row.writer_epoch} here: it comes from a copy that is no longer the writer"
-            )
+            raise SenderNotWriter(what="syncback", app=app, carried=epoch, current=row.writer_epoch)
         row.writer_epoch = epoch
         if any(i.id == image.id for i in q.list_images(session, app=app)):
-            raise Conflict(detail=f"image {image.id} is already here")
+            raise AlreadyExists(what="Image", name=image.id)
         base_id = None
         for candidate in bases:
             try:

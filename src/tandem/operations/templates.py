@@ -12,7 +12,7 @@ import re
 
 from tandem.catalog import queries as q
 from tandem.catalog.models import Template
-from tandem.errors import IntervalInvalid, InvalidInput
+from tandem.errors import IntervalInvalid, OutOfRange
 from tandem.operations.site import Site
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -33,7 +33,7 @@ def parse_every(text: str, option: str = "--every") -> int:
             raise IntervalInvalid(option=option, text=text)
         seconds = sum(int(n) * _UNITS[u] for n, u in parts)
     if not 1 <= seconds <= MAX_EVERY:
-        raise InvalidInput(detail=f"{option} {text!r} must be between 1s and 366d")
+        raise OutOfRange(what=option, value=text, allowed="an interval between 1s and 366d")
     return seconds
 
 
@@ -61,7 +61,7 @@ def add_template(
     every_seconds = parse_every(every) if every is not None else None
     max_lag_seconds = parse_every(max_lag, "--max-lag") if max_lag is not None else None
     if keep is not None and not 1 <= keep <= MAX_KEEP:
-        raise InvalidInput(detail=f"--keep must be between 1 and {MAX_KEEP}, not {keep}")
+        raise OutOfRange(what="--keep", value=keep, allowed=f"a number from 1 to {MAX_KEEP}")
     with site.catalog.begin() as session:
         return q.add_template(
             session,

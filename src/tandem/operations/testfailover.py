@@ -21,8 +21,8 @@ from tandem.domain.lifecycle import AppFacts, AppKind, Operation, check_transiti
 from tandem.domain.rules import PresentedImage, check_test_failover_target
 from tandem.errors import (
     ImageNotOfApp,
-    InvalidInput,
     NotFound,
+    TestOnProductionHost,
 )
 from tandem.jobs.queue import submit_job
 from tandem.jobs.runner import JobContext
@@ -56,10 +56,7 @@ def check_not_production_host(session: Session, app: App, host: str) -> None:
     """The host exists here and is not the one the app runs on in production."""
     q.get_host(session, name=host)
     if host == app.host:
-        raise InvalidInput(
-            detail=f"host {host!r} is where {app.name!r} runs in production; present the copy "
-            "on another host"
-        )
+        raise TestOnProductionHost(host=host, app=app.name)
 
 
 def check_target(session: Session, app: App, host: str) -> None:

@@ -45,7 +45,14 @@ from tandem.catalog.models import App, Image, WalSegment
 from tandem.domain import wal
 from tandem.domain.images import ImageKind, ImageState
 from tandem.domain.lifecycle import AppKind, AppState
-from tandem.errors import Conflict, InvalidInput, StorageError, TandemError
+from tandem.errors import (
+    Conflict,
+    InvalidInput,
+    StorageError,
+    TandemError,
+    WalRefused,
+    WalSegmentDamaged,
+)
 from tandem.jobs.runner import JobContext
 from tandem.operations import peers
 from tandem.operations.hosts import agent_for
@@ -76,12 +83,9 @@ def read_segment(site: Site, seg: WalSegment) -> bytes:
     try:
         data = path.read_bytes()[: seg.size]
     except FileNotFoundError as exc:
-        raise StorageError(detail=f"WAL segment {seg.name} is missing from {path.parent}") from exc
+        raise WalSegmentDamaged(segment=seg.name, path=path, problem="is missing") from exc
     if len(data) != seg.size or _digest(data) != seg.digest:
-        raise StorageError(
-            detail=f"WAL segment {seg.name} at {path} does not match its digest; it is not "
-            "served. Run the capture again to start a new base image"
-        )
+        raise WalSegmentDamaged(segment=seg.name, path=path, problem="does not match its digest")
     return data
 
 
@@ -243,10 +247,13 @@ def receive_push(site: Site, *, peer: str, app: str, body: WalPush) -> WalHeld:
         mirror = row.origin == peer
         failed_over_there = row.origin is None and row.peer_active
         if not (mirror or failed_over_there) or row.kind is not AppKind.POSTGRESQL:
-            raise Conflict(
-                detail=f"application {app!r} here is not a PostgreSQL mirror of {peer!r} nor "
-                f"failed over at it; WAL is taken only for apps whose base images this site "
-                "already holds"
+            raise WalRefused(
+                segment=body.name,
+                app=app,
+                peer=peer,
+                reason="the application here is not a PostgreSQL mirror of the peer nor "
+                "failed over at it, and WAL is taken only for apps whose base images this site "
+                "already holds",
             )
         app_id = row.id
         newest_base = max(
@@ -261,10 +268,13 @@ def receive_push(site: Site, *, peer: str, app: str, body: WalPush) -> WalHeld:
     except ValueError as exc:
         raise InvalidInput(detail=str(exc)) from exc
     if failed_over_there and timeline <= newest_base:  # the rule ``push(written_here)`` sends by
-        raise Conflict(
-            detail=f"WAL {body.name} of application {app!r} is on timeline {timeline}, which "
-            f"this site's own base images reach ({newest_base}): only the timelines the DR "
-            "copy wrote after its promotion are taken home from the peer"
+        raise WalRefused(
+            segment=body.name,
+            app=app,
+            peer=peer,
+            reason=f"it is on timeline {timeline}, which this site's own base images reach "
+            f"({newest_base}), and only the timelines the DR copy wrote after its promotion are "
+            "taken home from the peer",
         )
     seg = store(
         site, app_id=app_id, name=body.name, offset=body.offset, data=data,

@@ -61,7 +61,14 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-from tandem.errors import ChunkCorrupt, ChunkMissing, Conflict, StorageError
+from tandem.errors import (
+    ChunkCorrupt,
+    ChunkMissing,
+    LiveManifestUnreadable,
+    NotBuiltForStore,
+    PoolGcRunning,
+    StorageError,
+)
 from tandem.storage.digest import DIGEST_SIZE
 from tandem.storage.manifest import load_manifest
 from tandem.storage.pool import ChunkPool
@@ -115,10 +122,7 @@ def _exclusive(pool: ChunkPool) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as exc:
-            raise Conflict(
-                detail=f"a garbage collection of pool {pool.root} is already running; "
-                "wait for it to end (`tandem jobs --type gc` shows it)"
-            ) from exc
+            raise PoolGcRunning(pool=pool.root) from exc
         yield
     finally:
         os.close(fd)
@@ -199,10 +203,7 @@ def collect(
     the run with ``StorageError`` before anything is removed from then on.
     """
     if not pool.collects_garbage:
-        raise StorageError(
-            detail="garbage collection of a pool on an object store is not built yet; "
-            "nothing was removed (the pool only grows until it is)"
-        )
+        raise NotBuiltForStore(what="Garbage collection (the pool only grows until it is)")
     with _exclusive(pool):
         marks = _Marks(marks_path(pool))
         try:
@@ -254,11 +255,7 @@ def _collect(
         except StorageError as exc:
             if mid not in manifests:
                 continue  # a writer's base that is gone: the writer will find out
-            raise StorageError(
-                detail=f"cannot read manifest {mid.hex()} of a live image ({exc.message}); "
-                "garbage collection stopped so that no chunk of it is lost. Run "
-                "`tandem image verify` on the app's images"
-            ) from exc
+            raise LiveManifestUnreadable(manifest=mid.hex(), reason=exc.message) from exc
         marks.db.execute("BEGIN")
         new = marks.unmarked(chunk_ids)
         while new:

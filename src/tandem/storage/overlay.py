@@ -105,6 +105,7 @@ from tandem.errors import (
     ChunkMissing,
     CopyFrozen,
     InvalidInput,
+    OverlayDamaged,
     PoolFull,
     StorageError,
 )
@@ -565,9 +566,11 @@ class Overlay:
         try:
             meta = json.loads((directory / META_FILE).read_text())
         except FileNotFoundError as exc:
-            raise StorageError(detail=f"{directory} holds no overlay ({META_FILE})") from exc
+            raise OverlayDamaged(directory=directory, problem=f"it has no {META_FILE}") from exc
         except (OSError, ValueError) as exc:
-            raise StorageError(detail=f"overlay {directory}: unreadable {META_FILE}") from exc
+            raise OverlayDamaged(
+                directory=directory, problem=f"its {META_FILE} is unreadable"
+            ) from exc
         if (
             not isinstance(meta, dict)
             or meta.get("format") != FORMAT
@@ -575,7 +578,7 @@ class Overlay:
             or meta.get("block_size") != BLOCK
             or not isinstance(meta.get("size"), int)
         ):
-            raise StorageError(detail=f"overlay {directory} has an unsupported format: {meta}")
+            raise OverlayDamaged(directory=directory, problem=f"its format is unknown ({meta})")
         size: int = meta["size"]
         base: VolumeManifest | None = None
         base_id: bytes | None = None
@@ -583,11 +586,14 @@ class Overlay:
             base_id = bytes.fromhex(meta["base"])
             loaded = load_manifest(pool, base_id)
             if not isinstance(loaded, VolumeManifest) or loaded.size != size:
-                raise StorageError(detail=f"overlay {directory}: base {meta['base']} mismatch")
+                raise OverlayDamaged(
+                    directory=directory,
+                    problem=f"its base {meta['base']} is not the image it names",
+                )
             base = loaded
         bitmap = bytearray((directory / BITMAP_FILE).read_bytes())
         if len(bitmap) != _bitmap_len(size):
-            raise StorageError(detail=f"overlay {directory}: dirty bitmap of the wrong size")
+            raise OverlayDamaged(directory=directory, problem="its dirty bitmap has the wrong size")
         since: bytearray | None = None
         reference: bytes | None = None
         try:
@@ -596,7 +602,9 @@ class Overlay:
             pass  # made before since.bitmap existed: every dirty block may have changed
         else:
             if len(saved) != len(_NO_REFERENCE) + len(bitmap):
-                raise StorageError(detail=f"overlay {directory}: since bitmap of the wrong size")
+                raise OverlayDamaged(
+                    directory=directory, problem="its since bitmap has the wrong size"
+                )
             head = saved[: len(_NO_REFERENCE)]
             reference = None if head == _NO_REFERENCE else head
             since = bytearray(saved[len(_NO_REFERENCE) :])
@@ -605,7 +613,7 @@ class Overlay:
         fd = os.open(directory / BLOCKS_FILE, os.O_RDWR)
         if os.fstat(fd).st_size != size:
             os.close(fd)
-            raise StorageError(detail=f"overlay {directory}: block file of the wrong size")
+            raise OverlayDamaged(directory=directory, problem="its block file has the wrong size")
         return cls(directory, pool, base, base_id, size, fd, bitmap, cache, since, reference)
 
     # --- the block-device interface ------------------------------------------------------

@@ -57,7 +57,7 @@ from typing import Any, Protocol
 
 import zstandard
 
-from tandem.errors import ChunkCorrupt, ChunkMissing, InvalidInput, PoolFull, StorageError
+from tandem.errors import ChunkCorrupt, ChunkMissing, InvalidInput, NotAPool, PoolFull, StorageError
 from tandem.storage.digest import (
     DIGEST_SIZE,
     SUB_BLOCK,
@@ -415,14 +415,14 @@ class ChunkPool:
         try:
             info = json.loads(meta.read_text())
         except FileNotFoundError as exc:
-            raise StorageError(
-                detail=f"{self.root} is not a chunk pool (no pool.json); create it first"
-            ) from exc
+            raise NotAPool(path=self.root, problem="it has no pool.json") from exc
         if info.get("format") not in READABLE_FORMATS:
-            raise StorageError(detail=f"pool {self.root} has unsupported format {info}")
+            raise NotAPool(
+                path=self.root, problem=f"its pool.json names format {info.get('format')!r}"
+            )
         pack_below = info.get("pack_below", DEFAULT_PACK_BELOW)
         if not isinstance(pack_below, int) or pack_below < 0:
-            raise StorageError(detail=f"pool {self.root}: bad pack_below in pool.json {info}")
+            raise NotAPool(path=self.root, problem=f"its pool.json has pack_below {pack_below!r}")
         if info["format"] != POOL_FORMAT:
             # A pool from before packs: say so to older versions before packing into it. A
             # pool this process cannot write is only read (its writers would fail anyway).

@@ -56,7 +56,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tandem.errors import ChunkCorrupt, ChunkMissing, ObjectMissing, StorageError
+from tandem.errors import (
+    ChunkCorrupt,
+    ChunkMissing,
+    NotAPool,
+    NotBuiltForStore,
+    ObjectMissing,
+    StorageError,
+)
 from tandem.storage.digest import DIGEST_SIZE, hash_bytes
 from tandem.storage.fileio import write_durably
 from tandem.storage.objstore import ObjectStore
@@ -95,10 +102,7 @@ MANIFESTS = "manifests/"
 
 
 def _not_built(what: str) -> StorageError:
-    return StorageError(
-        detail=f"{what} is not built for a pool on an object store yet; "
-        "keep GC off (or use a local pool) until it is"
-    )
+    return NotBuiltForStore(what=what)
 
 
 class S3PackIndex(PackIndex):
@@ -189,13 +193,11 @@ class S3Pool(ChunkPool):
         try:
             info = json.loads(store.get(POOL_KEY))
         except ObjectMissing as exc:
-            raise StorageError(
-                detail=f"{self.where} is not a chunk pool (no pool.json); create it first"
-            ) from exc
+            raise NotAPool(path=self.where, problem="it has no pool.json") from exc
         except ValueError as exc:
-            raise StorageError(detail=f"{self.where}: pool.json is not JSON") from exc
+            raise NotAPool(path=self.where, problem="its pool.json is not JSON") from exc
         if not isinstance(info, dict) or info.get("format") not in READABLE_FORMATS:
-            raise StorageError(detail=f"pool {self.where} has unsupported format {info}")
+            raise NotAPool(path=self.where, problem=f"its pool.json is {info!r}")
         self.pack_below = 1 << 62  # every chunk is packed
         self.chunks_dir = self.root / "chunks"  # never written: a key for caches of chunks
         self.packs_dir = self.root / "idx"

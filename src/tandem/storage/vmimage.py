@@ -49,7 +49,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from tandem.errors import StorageError
+from tandem.errors import StorageError, VmDiskMissing, VmDiskSizeDiffers
 from tandem.storage.digest import SUB_BLOCK, hash_object
 from tandem.storage.manifest import VOLUME_CHUNK, VolumeManifest, store_manifest
 from tandem.storage.overlay import capture_blocks, store_chunk
@@ -264,7 +264,9 @@ class DiskTarget(Protocol):
     def write_zeroes(self, offset: int, length: int) -> None: ...
 
 
-def check_targets(manifest: VolumeManifest, sizes: dict[str, int]) -> list[Slot]:
+def check_targets(
+    manifest: VolumeManifest, sizes: dict[str, int], where: str = "the domain"
+) -> list[Slot]:
     """The image's disks, refusing unless the domain has each at the same size
     (``sizes``: target -> bytes); nothing is touched."""
     slots = slots_of(manifest)
@@ -273,15 +275,14 @@ def check_targets(manifest: VolumeManifest, sizes: dict[str, int]) -> list[Slot]
     for slot in slots:
         have = sizes.get(slot.target)
         if have is None:
-            raise StorageError(
-                detail=f"the domain has no disk {slot.target}, which the image holds; "
-                f"it has {', '.join(sorted(sizes)) or 'no disks'}"
+            raise VmDiskMissing(
+                where=where,
+                what="disk",
+                disk=slot.target,
+                has=", ".join(sorted(sizes)) or "no disks",
             )
         if have != slot.size:
-            raise StorageError(
-                detail=f"disk {slot.target} is {have} bytes, the image's is {slot.size}: "
-                "resize the disk to the image's size (`qemu-img resize`) and restore again"
-            )
+            raise VmDiskSizeDiffers(disk=slot.target, where=where, have=have, want=slot.size)
     return slots
 
 

@@ -110,11 +110,9 @@ def check_url(url: str) -> str:
         parts = urlsplit(url)
         port = parts.port
     except ValueError as exc:
-        raise errors.InvalidInput(detail=f"{url!r} is not a valid URL ({exc})") from exc
+        raise errors.UrlInvalid(url=url, reason=str(exc)) from exc
     if parts.scheme not in ("https", "http") or not parts.hostname or port == 0:
-        raise errors.InvalidInput(
-            detail=f"{url!r} is not a daemon URL; write it like https://HOST:PORT"
-        )
+        raise errors.UrlInvalid(url=url, reason="it needs https:// or http://, a host and a port")
     return url
 
 
@@ -139,9 +137,10 @@ class ApiClient:
         verify: Any = True
         if self.url.startswith("https://"):
             if not fingerprint:
-                raise errors.InvalidInput(
-                    detail=f"no certificate fingerprint for {self.url}: pass --fingerprint"
-                    " or set TANDEM_FINGERPRINT"
+                raise errors.ConnectionOptionMissing(
+                    what=f"certificate fingerprint for {self.url}",
+                    option="--fingerprint",
+                    env="TANDEM_FINGERPRINT",
                 )
             # Checked in the handshake of the client's own connection (one per command):
             # a wrong certificate raises CertificateMismatch before the token is sent.

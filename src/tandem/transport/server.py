@@ -28,7 +28,14 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tandem.domain.ids import validate_name
-from tandem.errors import InvalidInput, TandemError
+from tandem.errors import (
+    AlreadyRunning,
+    CannotListen,
+    DaemonDirInvalid,
+    InvalidInput,
+    ListenInvalid,
+    TandemError,
+)
 from tandem.storage.fileio import write_durably
 from tandem.transport.tls import make_self_signed
 
@@ -124,7 +131,7 @@ class DaemonConfig:
 def parse_listen(listen: str) -> tuple[str, int]:
     host, sep, port = listen.rpartition(":")
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise InvalidInput(detail=f"--listen takes HOST:PORT, got {listen!r}")
+        raise ListenInvalid(option="--listen", value=listen)
     return host or "127.0.0.1", int(port)
 
 
@@ -177,7 +184,9 @@ def init_daemon_dir(
     host, _ = parse_listen(listen)
     cfg_path = directory / "config.json"
     if cfg_path.exists():
-        raise InvalidInput(detail=f"{directory} already holds a {kind}; use another directory")
+        raise DaemonDirInvalid(
+            directory=directory, problem=f"already holds a {kind}", fix="Give another directory"
+        )
     directory.mkdir(parents=True, exist_ok=True)
     os.chmod(directory, 0o700)
     fingerprint = make_self_signed(
@@ -195,11 +204,17 @@ def load_daemon_dir(directory: Path, kind: str) -> DaemonConfig:
     try:
         raw = json.loads((directory / "config.json").read_text())
     except FileNotFoundError as exc:
-        raise InvalidInput(
-            detail=f"{directory} is not a {kind} directory; create it with `tandem {kind} init`"
+        raise DaemonDirInvalid(
+            directory=directory,
+            problem=f"is not a {kind} directory",
+            fix=f"Create it with `tandem {kind} init {directory}`",
         ) from exc
     if raw.get("kind") != kind:
-        raise InvalidInput(detail=f"{directory} holds a {raw.get('kind')}, not a {kind}")
+        raise DaemonDirInvalid(
+            directory=directory,
+            problem=f"holds a {raw.get('kind')}, not a {kind}",
+            fix=f"Give the directory of a {kind}",
+        )
     return DaemonConfig(**raw)
 
 
@@ -213,9 +228,8 @@ def bind(cfg: DaemonConfig) -> socket.socket:
         sock.listen(2048)
     except OSError as exc:
         sock.close()
-        raise TandemError(
-            f"cannot listen on {cfg.listen}: {exc.strerror or exc}. Stop what uses the address, "
-            f'or change "listen" in the daemon\'s config.json'
+        raise CannotListen(
+            address=cfg.listen, reason=exc.strerror or exc, option='"listen"'
         ) from exc
     sock.set_inheritable(True)
     return sock
@@ -230,9 +244,7 @@ def lock_daemon_dir(directory: Path, kind: str) -> int:
     except BlockingIOError as exc:
         holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
         os.close(fd)
-        raise TandemError(
-            f"another {kind} already runs from {directory} (pid {holder}); stop it first"
-        ) from exc
+        raise AlreadyRunning(kind=kind, directory=directory, pid=holder) from exc
     os.ftruncate(fd, 0)
     os.write(fd, str(os.getpid()).encode())
     return fd
