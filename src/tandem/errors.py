@@ -250,6 +250,11 @@ class RecoveryFailed(TandemError):
     http_status = 500
 
 
+class RecoveryOver(Conflict):
+    """The recovery {run} of the copy at {path} is over: its spool takes no more WAL.
+    Nothing to do: replay ended without this segment, so it was not needed."""
+
+
 class RecoveryPointUnavailable(TandemError):
     """Application {app!r} cannot be recovered to {target}: {reason}. Choose a time in its
     recoverable window ({window}; `tandem images {app}` shows it), or --latest."""

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tandem.agent import fusemount, mounts, pg
-from tandem.errors import ClusterUnfit, InvalidInput, PostgresCommandFailed
+from tandem.errors import ClusterUnfit, PostgresCommandFailed, RecoveryOver
 from tandem.storage.manifest import DIR, FILE, HARDLINK, TreeEntry, TreeManifest
 from tandem.transport import agent_api
 from tests.agent.conftest import Agent
@@ -237,7 +237,7 @@ def test_a_segment_arriving_after_the_recovery_ended_stays_out_of_the_copy(
     pg.spool_wal(agent_api.SpoolRequest(path=str(copy), name=SEG, run=run), b"wal bytes")
     shutil.rmtree(copy / pg.SPOOL)  # promoted: what _settle does
     pg._settled.add((str(copy), run))  # what recover records once it has settled the copy
-    with pytest.raises(InvalidInput, match="is over"):
+    with pytest.raises(RecoveryOver, match="is over"):
         pg.spool_wal(agent_api.SpoolRequest(path=str(copy), name=SEG, run=run), b"late")
     assert not (copy / pg.SPOOL).exists()
     pg.spool_wal(agent_api.SpoolRequest(path=str(copy), name=SEG, run="f" * 16), b"next run")

@@ -74,6 +74,7 @@ from tandem.errors import (
     InvalidInput,
     PostgresCommandFailed,
     RecoveryFailed,
+    RecoveryOver,
     TandemError,
 )
 from tandem.storage.manifest import HARDLINK, TreeManifest
@@ -690,7 +691,7 @@ def spool_wal(req: SpoolRequest, data: bytes) -> dict[str, Any]:
     if req.run and (path, req.run) in _settled:
         # Promoted, and its spool removed (``_settle``): a segment still on its way when
         # replay ended must not come back into the copy (it would travel home with it).
-        raise InvalidInput(detail=f"the recovery {req.run} of the copy at {path} is over")
+        raise RecoveryOver(run=req.run, path=path)
     spool = _make_spool(path, req.run, c.uid, c.gid)
     if len(data) > SEGMENT_SIZE:
         raise InvalidInput(detail=f"WAL segment {req.name} is larger than a segment")

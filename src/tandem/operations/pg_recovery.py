@@ -45,6 +45,7 @@ from tandem.errors import (
     ImageNotOfApp,
     MountPointNeeded,
     RecoveryOptionsUnused,
+    RecoveryOver,
     RecoveryPointUnavailable,
     RemoteError,
     SyncbackOfRunningDatabase,
@@ -72,6 +73,8 @@ STAGERS = 2
 """Segments sent at once (reading one here overlaps writing another at the host)."""
 WANTED_WAIT = 1.0
 """Seconds one ask for the segment replay waits for may wait for a change (a long poll)."""
+ENDED_GRACE = 30.0
+"""Seconds a recovery's answer may take once the agent stopped taking WAL for it."""
 
 
 def parse_target(text: str | None, latest: bool, app: App) -> datetime | None:
@@ -186,7 +189,10 @@ class _Stager:
 
     def _stage(self, name: str) -> None:
         data = wal.read_segment(self.site, self.rows[name])
-        self._client().pg_spool(self.path, name, data, self.run)
+        try:
+            self._client().pg_spool(self.path, name, data, self.run)
+        except RecoveryOver:
+            return  # replay ended (promoted) while it travelled: not needed
         with self._lock:
             self.staged.add(name)
             self.moved += len(data)
@@ -283,8 +289,17 @@ def recover(
         wanted: str | None = None
         nxt = min(len(plan_), PREFETCH)
         while starter.is_alive():
-            stager.check()
-            wanted = agent.pg_spool_wanted(path, wanted, WANTED_WAIT, run)
+            try:
+                stager.check()
+                wanted = agent.pg_spool_wanted(path, wanted, WANTED_WAIT, run)
+            except TandemError:
+                # The recovery may have just ended: a copy recovered in place is no longer
+                # one the agent takes WAL for once its answer is on its way. Its answer
+                # decides; a send that failed while it still runs is the job's error.
+                starter.join(ENDED_GRACE)
+                if starter.is_alive():
+                    raise
+                break
             if wanted is None or wanted not in order:
                 continue
             upto = min(len(plan_), order[wanted] + 1 + PREFETCH)
