@@ -65,48 +65,36 @@ def submit_failover(
     latest: bool = False,
     port: int | None = None,
     verify: bool = False,
-    new_vm: str | None = None,
-    network: str | None = None,
-    power_on: bool = False,
-    pool: str | None = None,
+    machine: present.VmAsk = present.VmAsk(),
     hosts: list[str] | None = None,
     all_hosts: bool = False,
-    vm: str | None = None,
-    shutdown_timeout: float | None = None,
 ) -> Job:
     check_confirmations(confirm, [FAILOVER_CONFIRMATION])
     label = check_label(label)
     with site.catalog.read() as session:
         row = q.get_app(session, name=app)
-    asked = present.check_new_vm(
-        row,
-        new_vm,
-        network,
-        power_on,
-        keep_identity=True,
-        pool=pool,
-        vm=vm,
-        shutdown_timeout=shutdown_timeout,
-    )
-    present.check_vm_confirmed(asked, confirm, FAILOVER_CONFIRMATION)
-    if asked is not None and asked.existing and (hosts or all_hosts):
+    if machine.vm and (hosts or all_hosts):
         raise OptionsDoNotApply(
             options="--hosts and --all-hosts",
             why="they define a new VM on several hosts, and an existing domain (--vm) lives on "
             "its own host",
             fix="Leave them out, or use --new-vm NAME",
         )
-    # The DR host is asked before the job exists: a pool or network it lacks, a domain
-    # (--vm) it does not have, is bad input.
-    present.check_vm_target(site, host, asked)
-    present.check_existing_target(site, row, host, asked, image)
+    present.check_at_host(
+        site,
+        row,
+        host,
+        machine,
+        keep_identity=True,
+        required=True,
+        image=image,
+        confirm=confirm,
+        before=(FAILOVER_CONFIRMATION,),
+    )
     also = present.vm_hosts_for(site, row, host, hosts, all_hosts)
+    elsewhere = present.VmAsk(machine.new_vm, machine.network, pool=machine.pool)  # defined off
     for other in also:  # the same pool and network on every host the VM is defined on
-        present.check_vm_target(
-            site,
-            other,
-            present.check_new_vm(row, new_vm, network, False, keep_identity=True, pool=pool),
-        )
+        present.check_vm_target(site, other, elsewhere.check(row, keep_identity=True))
     image, recovering = pg_recovery.requested(
         site, row, time=time, latest=latest, port=port, verify=verify, image=image
     )
@@ -116,18 +104,9 @@ def submit_failover(
         check_transition(row.name, row.state, Operation.FAILOVER, AppFacts(replica_images=replicas))
         replica = pick_replica(session, row, image)
         check_not_production_host(session, row, host)
-        target = present.check_new_vm(
-            row,
-            new_vm,
-            network,
-            power_on,
-            keep_identity=True,
-            pool=pool,
-            vm=vm,
-            shutdown_timeout=shutdown_timeout,
+        action, target = present.placed(
+            row, machine, action, mount_point, keep_identity=True, required=True
         )
-        action = present.check_action(row, action, mount_point)
-        target = present.vm_with_action(row, target, action)
         if row.kind is AppKind.FILESYSTEM and action != "map-only":
             # The app will serve from this copy and a catch-up syncback must cut it while it
             # does: a plain tree on the host's file system (a btrfs subvolume where it can be)
@@ -195,32 +174,18 @@ def run_failover(site: Site, ctx: JobContext, params: Params) -> dict[str, Any]:
     if cut:
         ctx.log(f"cut {cut} replication transfer(s) of {app.name} under way")
     image_id = new_image_id()
-    shown = present.present(
+    shown, recovered = pg_recovery.present_copy(
         site,
         ctx,
+        recovery,
         image_id=image_id,
         base=replica,
         app=app,
         host=host,
-        action=params.action,
-        mount_point=params.mount_point,
-        new_vm=params.vm(),
+        params=params,
+        verify=params.verify,
         vm_hosts=also,
-        recovering=recovery is not None,
     )
-    recovered: dict[str, Any] = {}
-    if recovery is not None:
-        recovered = pg_recovery.recover_presented(
-            site,
-            ctx,
-            recovery,
-            image_id=image_id,
-            shown=shown,
-            app=app,
-            host=host,
-            port=params.port,
-            verify=params.verify,
-        )
     try:
         with site.catalog.begin() as session:
             step = q.record_transition(

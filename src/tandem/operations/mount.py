@@ -51,32 +51,22 @@ def submit_mount(
     time: str | None = None,
     latest: bool = False,
     port: int | None = None,
-    new_vm: str | None = None,
-    network: str | None = None,
-    power_on: bool = False,
-    pool: str | None = None,
-    vm: str | None = None,
-    shutdown_timeout: float | None = None,
+    machine: present.VmAsk = present.VmAsk(),
     confirm: list[str] | None = None,
 ) -> Job:
     with site.catalog.read() as session:
         app = q.get_image(session, image_id=image).app
-    asked = present.check_new_vm(
+    # A vm app's image may be mounted as its export alone: no VM required.
+    present.check_at_host(
+        site,
         app,
-        new_vm,
-        network,
-        power_on,
+        host,
+        machine,
         keep_identity=False,
         required=False,
-        pool=pool,
-        vm=vm,
-        shutdown_timeout=shutdown_timeout,
+        image=image,
+        confirm=confirm,
     )
-    present.check_vm_confirmed(asked, confirm)
-    # The DR host is asked before the job exists: a pool or network it lacks, a domain
-    # (--vm) it does not have, is bad input.
-    present.check_vm_target(site, host, asked)
-    present.check_existing_target(site, app, host, asked, image)
     target = pg_recovery.parse_target(time, latest, app)
     recover = app.kind is AppKind.POSTGRESQL and (time is not None or latest)
     if recover:
@@ -88,19 +78,9 @@ def submit_mount(
         app = base.app
         check_transition(app.name, app.state, Operation.MOUNT)
         q.get_host(session, name=host)
-        chosen = present.check_new_vm(
-            app,
-            new_vm,
-            network,
-            power_on,
-            keep_identity=False,
-            required=False,
-            pool=pool,
-            vm=vm,
-            shutdown_timeout=shutdown_timeout,
+        action, chosen = present.placed(
+            app, machine, action, mount_point, keep_identity=False, required=False
         )
-        action = present.check_action(app, action, mount_point)
-        chosen = present.vm_with_action(app, chosen, action)
         recovering: dict[str, Any] = {}
         if recover:
             time_text = target.isoformat() if target else None
@@ -134,31 +114,9 @@ def run_mount(site: Site, ctx: JobContext, params: Params) -> dict[str, Any]:
         agent.info()
     recovery = pg_recovery.asked(site, app, params.time, base.id) if params.recover else None
     image_id = new_image_id()
-    shown = present.present(
-        site,
-        ctx,
-        image_id=image_id,
-        base=base,
-        app=app,
-        host=host,
-        action=params.action,
-        mount_point=params.mount_point,
-        new_vm=params.vm(),
-        recovering=recovery is not None,
+    shown, recovered = pg_recovery.present_copy(
+        site, ctx, recovery, image_id=image_id, base=base, app=app, host=host, params=params
     )
-    recovered: dict[str, Any] = {}
-    if recovery is not None:
-        recovered = pg_recovery.recover_presented(
-            site,
-            ctx,
-            recovery,
-            image_id=image_id,
-            shown=shown,
-            app=app,
-            host=host,
-            port=params.port,
-            verify=False,
-        )
     row = present.record(
         site,
         image_id=image_id,

@@ -394,6 +394,51 @@ def asked(site: Site, app: App, time: str | None, image: str | None = None) -> R
     return Recovery(plan(site, app, target, image), target)
 
 
+def present_copy(
+    site: Site,
+    ctx: JobContext,
+    recovery: Recovery | None,
+    *,
+    image_id: str,
+    base: Image,
+    app: App,
+    host: Host,
+    params: present.PresentParams,
+    verify: bool = False,
+    vm_hosts: list[Host] | None = None,
+) -> tuple[present.Presented, dict[str, Any]]:
+    """Present ``base`` as ``image_id`` at ``host`` and, when ``recovery`` is asked, recover
+    the database into it: the step test failover, failover and mount share. What was
+    presented, and the recovery's outcome (empty without one)."""
+    shown = present.present(
+        site,
+        ctx,
+        image_id=image_id,
+        base=base,
+        app=app,
+        host=host,
+        action=params.action,
+        mount_point=params.mount_point,
+        new_vm=params.vm(),
+        vm_hosts=vm_hosts or [],
+        recovering=recovery is not None,
+    )
+    if recovery is None:
+        return shown, {}
+    recovered = recover_presented(
+        site,
+        ctx,
+        recovery,
+        image_id=image_id,
+        shown=shown,
+        app=app,
+        host=host,
+        port=params.port,
+        verify=verify,
+    )
+    return shown, recovered
+
+
 def recover_presented(
     site: Site,
     ctx: JobContext,

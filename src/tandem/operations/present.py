@@ -300,6 +300,78 @@ def _existing_vm(
     return NewVm(vm, None, power_on, True, None, existing=True, shutdown_timeout=timeout)
 
 
+@dataclass(frozen=True)
+class VmAsk:
+    """What a presentation's request asks of a vm app's image: a new VM (``new_vm`` and its
+    ``network``, ``power_on``, datastore ``pool``) or an existing domain (``vm``, its
+    ``shutdown_timeout``). Checked against the app by ``check``."""
+
+    new_vm: str | None = None
+    network: str | None = None
+    power_on: bool = False
+    pool: str | None = None
+    vm: str | None = None
+    shutdown_timeout: float | None = None
+
+    @classmethod
+    def of(cls, body: Any) -> VmAsk:
+        """The ask of an API request (``transport.api.PresentIn``, ``FailoverIn``, ``MountIn``)."""
+        return cls(
+            body.new_vm, body.network, body.power_on, body.pool, body.vm, body.shutdown_timeout
+        )
+
+    def check(self, app: App, *, keep_identity: bool, required: bool = True) -> NewVm | None:
+        return check_new_vm(
+            app,
+            self.new_vm,
+            self.network,
+            self.power_on,
+            keep_identity=keep_identity,
+            required=required,
+            pool=self.pool,
+            vm=self.vm,
+            shutdown_timeout=self.shutdown_timeout,
+        )
+
+
+def check_at_host(
+    site: Site,
+    app: App,
+    host: str,
+    ask: VmAsk,
+    *,
+    keep_identity: bool,
+    required: bool,
+    image: str | None,
+    confirm: list[str] | None,
+    before: tuple[str, ...] = (),
+) -> NewVm | None:
+    """The checks made before a presentation's job exists: the VM asked fits the app and is
+    confirmed, and the DR host has what it needs (a pool or network it lacks, a domain it
+    does not have, is bad input). The VM asked, if any."""
+    asked = ask.check(app, keep_identity=keep_identity, required=required)
+    check_vm_confirmed(asked, confirm, *before)
+    check_vm_target(site, host, asked)
+    check_existing_target(site, app, host, asked, image)
+    return asked
+
+
+def placed(
+    app: App,
+    ask: VmAsk,
+    action: str | None,
+    mount_point: str | None,
+    *,
+    keep_identity: bool,
+    required: bool,
+) -> tuple[str, NewVm | None]:
+    """Where a presentation goes, checked again in the job's transaction: its mount action
+    and the VM it becomes (with that action)."""
+    target = ask.check(app, keep_identity=keep_identity, required=required)
+    action = check_action(app, action, mount_point)
+    return action, vm_with_action(app, target, action)
+
+
 def check_vm_confirmed(vm: NewVm | None, confirm: list[str] | None, *before: str) -> None:
     """An existing domain (``--vm``) is powered off and its disks replaced: the typed
     confirmation ``VM_TARGET_CONFIRMATION`` is required (after the operation's own ones,

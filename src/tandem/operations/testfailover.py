@@ -84,32 +84,22 @@ def submit_test_failover(
     latest: bool = False,
     port: int | None = None,
     verify: bool = False,
-    new_vm: str | None = None,
-    network: str | None = None,
-    power_on: bool = False,
-    pool: str | None = None,
-    vm: str | None = None,
-    shutdown_timeout: float | None = None,
+    machine: present.VmAsk = present.VmAsk(),
     confirm: list[str] | None = None,
 ) -> Job:
     with site.catalog.read() as session:
         row = q.get_app(session, name=app)
-    asked = present.check_new_vm(
+    required = not mount_point  # a vm app runs as a VM, or has its disks' file systems mounted
+    present.check_at_host(
+        site,
         row,
-        new_vm,
-        network,
-        power_on,
+        host,
+        machine,
         keep_identity=False,
-        required=not mount_point,  # a mount point mounts the disks' file systems instead
-        pool=pool,
-        vm=vm,
-        shutdown_timeout=shutdown_timeout,
+        required=required,
+        image=image,
+        confirm=confirm,
     )
-    present.check_vm_confirmed(asked, confirm)
-    # The DR host is asked before the job exists: a pool or network it lacks, a domain
-    # (--vm) it does not have, is bad input.
-    present.check_vm_target(site, host, asked)
-    present.check_existing_target(site, row, host, asked, image)
     image, recovering = pg_recovery.requested(
         site, row, time=time, latest=latest, port=port, verify=verify, image=image
     )
@@ -121,19 +111,9 @@ def submit_test_failover(
         )
         replica = pick_replica(session, row, image)
         check_target(session, row, host)
-        target = present.check_new_vm(
-            row,
-            new_vm,
-            network,
-            power_on,
-            keep_identity=False,
-            required=not mount_point,
-            pool=pool,
-            vm=vm,
-            shutdown_timeout=shutdown_timeout,
+        action, target = present.placed(
+            row, machine, action, mount_point, keep_identity=False, required=required
         )
-        action = present.check_action(row, action, mount_point)
-        target = present.vm_with_action(row, target, action)
         params = Params(
             host=host,
             mount_point=mount_point,
@@ -167,31 +147,17 @@ def run_test_failover(site: Site, ctx: JobContext, params: Params) -> dict[str, 
         recovery = pg_recovery.asked(site, app, params.time)
         replica = recovery.base
     image_id = new_image_id()
-    shown = present.present(
+    shown, recovered = pg_recovery.present_copy(
         site,
         ctx,
+        recovery,
         image_id=image_id,
         base=replica,
         app=app,
         host=host,
-        action=params.action,
-        mount_point=params.mount_point,
-        new_vm=params.vm(),
-        recovering=recovery is not None,
+        params=params,
+        verify=params.verify,
     )
-    recovered: dict[str, Any] = {}
-    if recovery is not None:
-        recovered = pg_recovery.recover_presented(
-            site,
-            ctx,
-            recovery,
-            image_id=image_id,
-            shown=shown,
-            app=app,
-            host=host,
-            port=params.port,
-            verify=params.verify,
-        )
     row = present.record(
         site,
         image_id=image_id,
