@@ -1319,11 +1319,15 @@ class PoolWriter:
                     self.pool.packs.add(pack.pack_id, pack.entries)
             except OSError as exc:
                 raise _translate_oserror(exc, self.pool.root) from exc
-            with self._lock:
-                for digest in batch:
-                    self._pending.pop(digest, None)
-                self._held.update(batch)
-                self._pending_bytes -= sum(size for _, size in batch.values())
+            self._flushed(batch)
+
+    def _flushed(self, batch: Mapping[bytes, tuple[Any, int]]) -> None:
+        """``batch`` is durable and visible: no longer pending, held from now on."""
+        with self._lock:
+            for digest in batch:
+                self._pending.pop(digest, None)
+            self._held.update(batch)
+            self._pending_bytes -= sum(size for _, size in batch.values())
 
     def discard(self) -> None:
         with self._lock:

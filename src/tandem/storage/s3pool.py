@@ -463,11 +463,7 @@ class S3PoolWriter(PoolWriter):
                 self._failed = exc
                 raise
             self.pool.packs.add(mem.pack_id, mem.entries)
-            with self._lock:
-                for digest in batch:
-                    self._pending.pop(digest, None)
-                self._held.update(batch)
-                self._pending_bytes -= sum(size for _, size in batch.values())
+            self._flushed(batch)
 
     def discard(self) -> None:
         with self._lock:
