@@ -335,6 +335,14 @@ class ObjectStoreFailed(StorageError):
     http_status = 502
 
 
+class WriterLapsed(StorageError):
+    """A writer to the pool on {pool} was silent for {seconds} s, longer than its
+    registration lasts: a garbage collection may have removed chunks it relied on, so it
+    stops here and nothing it wrote is committed. Run the capture or replication again."""
+
+    http_status = 409
+
+
 class ObjectMissing(StorageError):
     """Object {key!r} is not in bucket {bucket!r} at {endpoint}. Run `tandem storage verify`
     to find the images that name it."""

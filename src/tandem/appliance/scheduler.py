@@ -245,7 +245,7 @@ class Scheduler:
             pruned = gc.prune_jobs(self.site)
             if pruned:
                 log.info("deleted %d job row(s) past the retention", pruned)
-        if now - self._gc_checked < GC_CHECK or not self.site.pool.collects_garbage:
+        if now - self._gc_checked < GC_CHECK:
             return None
         self._gc_checked = now
         if not gc.due(self.site, now) or gc.active_job(self.site) is not None:

@@ -2,15 +2,15 @@
 
 A collection has two phases.
 
-- **Snapshot**: the active writers are listed (the pool's ``writers/``), *then* the live
-  manifest ids are read (the catalog's images); the cut-off time is the older of now (taken
-  before both) and the oldest active writer's start, less ``SLACK``. Manifests that active
-  writers build on count as live. Every writer records its image in the catalog before it
-  unregisters, so a writer missing from the list has its image in the catalog read after,
-  and one in the list keeps what it wrote by the cut-off: no lock is shared with writers,
-  and the snapshot holds beside writers in other processes or hosts on the same pool (their
-  clocks must agree within ``SLACK``, as any mtime-based sweep needs). ``snapshot_lock``,
-  if given, is held around it too (``Site.gc_lock``, which orders it in-process).
+- **Snapshot**: the active writers are listed (the pool's ``writers/``), *then* the live manifest
+  ids are read (the catalog's images); the cut-off time is the older of now (taken before both)
+  and the oldest active writer's start, less ``pool.clock_slack``. Manifests that active writers
+  build on count as live. Every writer records its image in the catalog before it unregisters, so
+  a writer missing from the list has its image in the catalog read after, and one in the list
+  keeps what it wrote by the cut-off: no lock is shared with writers, and the snapshot holds
+  beside writers in other processes or hosts on the same pool (their clocks must agree within
+  ``clock_slack``, as any mtime-based sweep needs). ``snapshot_lock``, if given, is held around it
+  too (``Site.gc_lock``, which orders it in-process).
 - **Mark**: each live manifest is read, one at a time, and the chunks it names (and every
   chunk a named delta chunk is built on) are added to the mark set. **Sweep**: each of the
   256 fan-out directories of ``chunks/`` is listed; a chunk is removed when it is not marked
@@ -65,15 +65,14 @@ from tandem.errors import (
     ChunkCorrupt,
     ChunkMissing,
     LiveManifestUnreadable,
-    NotBuiltForStore,
     PoolGcRunning,
     StorageError,
 )
 from tandem.storage.digest import DIGEST_SIZE
 from tandem.storage.manifest import load_manifest
 from tandem.storage.pool import ChunkPool
+from tandem.storage.s3pool import S3Pool
 
-SLACK = 2.0  # seconds the cut-off leaves for clock granularity (as ChunkPool.gc)
 FANS = 256
 BATCH = 4096  # digests per mark query
 UNLINK_THREADS = 8
@@ -99,6 +98,10 @@ class GcRun:
     resumed: bool = False
     resumed_at_fan: int = 0
     packs_done: int = 0
+    packs_deleted: int = 0
+    packs_rewritten: int = 0
+    packs_spared: int = 0
+    orphans_deleted: int = 0
 
 
 def gc_dir(pool: ChunkPool) -> Path:
@@ -202,8 +205,6 @@ def collect(
     was done stays done and the next run resumes. A live manifest that cannot be read stops
     the run with ``StorageError`` before anything is removed from then on.
     """
-    if not pool.collects_garbage:
-        raise NotBuiltForStore(what="Garbage collection (the pool only grows until it is)")
     with _exclusive(pool):
         marks = _Marks(marks_path(pool))
         try:
@@ -241,7 +242,7 @@ def _collect(
         now = time.time()
         writers = pool._active_writers()
         manifests = set(live())
-    cutoff = min([now, *(float(w.get("started", now)) for w in writers)]) - SLACK
+    cutoff = min([now, *(float(w.get("started", now)) for w in writers)]) - pool.clock_slack
     cutoff = min(cutoff, marks.get("cutoff", cutoff))
     keep = manifests | {bytes.fromhex(b) for w in writers for b in w.get("bases", [])}
     marks.put(cutoff=cutoff, started=started or now)
@@ -275,6 +276,49 @@ def _collect(
         run.manifests_marked += 1
         report("mark", i + 1, len(todo))
 
+    if isinstance(pool, S3Pool):
+        _sweep_listed(pool, marks, cutoff, run, report, check)
+    else:
+        _sweep_local(pool, marks, cutoff, run, report, check)
+
+    for mid, modified in pool.manifest_times():
+        if mid not in keep and modified < cutoff:
+            pool.delete_manifest(mid)
+            run.manifests_removed += 1
+    return run
+
+
+def _sweep_listed(
+    pool: S3Pool,
+    marks: _Marks,
+    cutoff: float,
+    run: GcRun,
+    report: Callable[[str, int, int], None],
+    check: Callable[[], None],
+) -> None:
+    """The packs of a pool on an object store, from one listing (``S3Pool.sweep_packs``);
+    a run stopped midway does the whole listing again (what it removed is gone from it)."""
+    done = pool.sweep_packs(
+        marks.marked, cutoff, check=check, progress=lambda i, n: report("packs", i, n)
+    )
+    run.chunks_kept += done.chunks_kept
+    run.chunks_removed += done.chunks_removed
+    run.bytes_freed += done.bytes_freed
+    run.packs_deleted = done.packs_deleted
+    run.packs_rewritten = done.packs_rewritten
+    run.packs_spared = done.packs_spared
+    run.orphans_deleted = done.orphans_deleted
+    run.packs_done = done.packs_deleted + done.packs_rewritten
+
+
+def _sweep_local(
+    pool: ChunkPool,
+    marks: _Marks,
+    cutoff: float,
+    run: GcRun,
+    report: Callable[[str, int, int], None],
+    check: Callable[[], None],
+) -> None:
     # --- sweep ------------------------------------------------------------------------
     first = int(marks.get("fan", 0))
     run.resumed_at_fan = first
@@ -300,6 +344,9 @@ def _collect(
     for i, pack_id in enumerate(packs):
         check()
         kept, removed, freed = pool.sweep_pack(pack_id, marks.marked, cutoff)
+        if removed:
+            run.packs_deleted += kept == 0
+            run.packs_rewritten += kept > 0
         run.chunks_kept += kept
         run.chunks_removed += removed
         run.bytes_freed += freed
@@ -307,15 +354,6 @@ def _collect(
         marks.put(kept=run.chunks_kept, removed=run.chunks_removed, freed=run.bytes_freed)
         marks.put_text("pack", pack_id)
         report("packs", i + 1, len(packs))
-
-    for mid in pool.list_manifests():
-        if mid in keep:
-            continue
-        with contextlib.suppress(FileNotFoundError):
-            if os.stat(pool.manifest_path(mid)).st_mtime < cutoff:
-                pool.delete_manifest(mid)
-                run.manifests_removed += 1
-    return run
 
 
 def _sweep_fan(

@@ -407,7 +407,9 @@ class WritablePool(Protocol):
 class ChunkPool:
     """A chunk pool in ``root``. Thread-safe for reads; writes go through ``writer()``."""
 
-    collects_garbage = True  # False for a pool whose GC is not built yet (storage.s3pool)
+    clock_slack = 2.0
+    """Seconds GC's cut-off leaves for clock granularity (and, on an object store, for the
+    store's clock against the appliance's)."""
 
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root)
@@ -764,6 +766,12 @@ class ChunkPool:
     def delete_manifest(self, digest: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.manifest_path(digest))
+
+    def manifest_times(self) -> Iterator[tuple[bytes, float]]:
+        """(id, time written) of every manifest object."""
+        for mid in self.list_manifests():
+            with contextlib.suppress(FileNotFoundError):
+                yield mid, os.stat(self.manifest_path(mid)).st_mtime
 
     # --- writing ------------------------------------------------------------------------
 

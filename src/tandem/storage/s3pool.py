@@ -50,6 +50,7 @@ import os
 import stat
 import threading
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -63,15 +64,17 @@ from tandem.errors import (
     NotBuiltForStore,
     ObjectMissing,
     StorageError,
+    WriterLapsed,
 )
 from tandem.storage.digest import DIGEST_SIZE, hash_bytes
 from tandem.storage.fileio import write_durably
-from tandem.storage.objstore import ObjectStore
+from tandem.storage.objstore import ObjectInfo, ObjectStore
 from tandem.storage.packs import (
     PACK_MAGIC,
     PACK_TARGET,
     REC,
     REC_MAGIC,
+    REWRITE_BELOW,
     PackIndex,
     encode_index,
     is_pack_id,
@@ -99,6 +102,13 @@ READ_WINDOWS = 16  # windows cached per pool object (64 MiB)
 POOL_KEY = "pool.json"
 PACKS = "packs/"
 MANIFESTS = "manifests/"
+WRITERS = "writers/"
+TOUCHED = "touched/"
+CONDEMNED_KEY = "gc/condemned"
+WRITER_LEASE = 6 * 3600.0  # seconds a writer's registration counts without being renewed
+LEASE_RENEW = 600.0  # a writer renews its registration when it is older than this
+ORPHAN_GRACE = 3600.0  # seconds before a pack without an index object is removed
+CLOCK_SLACK = 30.0  # seconds of the cut-off for the store's clock against the appliance's
 
 
 def _not_built(what: str) -> StorageError:
@@ -170,6 +180,12 @@ class S3PackIndex(PackIndex):
             write_durably(self._cached(pack_id), encode_index(entries))
         super().add(pack_id, entries)
 
+    def drop(self, pack_id: str) -> None:
+        """Forget a pack that was removed, and its cached index."""
+        super().drop(pack_id)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._cached(pack_id))
+
     def entries(self, pack_id: str) -> list[tuple[bytes, int, int]]:
         try:
             return self._load(pack_id)
@@ -183,7 +199,8 @@ class S3Pool(ChunkPool):
     ``root`` is the local cache directory: error messages about chunks name the store's
     URL through ``where``."""
 
-    collects_garbage = False  # not built yet: see the module's docstring
+    clock_slack = CLOCK_SLACK
+    orphan_grace = ORPHAN_GRACE
 
     def __init__(self, store: ObjectStore, cache_dir: Path | str) -> None:
         # ChunkPool.__init__ reads a local directory: everything it sets is set here.
@@ -228,7 +245,8 @@ class S3Pool(ChunkPool):
         return self.packs.lookup(digest) is not None
 
     def touch(self, digest: bytes) -> bool:
-        # Objects have no mtime to refresh; until GC exists there is nothing to protect.
+        # Objects have no mtime to refresh: writers record what they reuse under
+        # ``touched/`` (``S3PoolWriter._use_packs``); the pool alone protects nothing.
         return self.has(digest)
 
     def touch_loose(self, digest: bytes, chunks_fd: int | None = None) -> bool:
@@ -243,11 +261,15 @@ class S3Pool(ChunkPool):
         loc = self.packs.lookup(digest)
         if loc is None:
             return None
-        pack_id, offset, length = loc
         try:
-            blob = self._read_range(pack_id, offset, REC.size + length)
+            return self._read_record(digest, *loc)
         except ObjectMissing:
             return None
+
+    def _read_record(self, digest: bytes, pack_id: str, offset: int, length: int) -> bytes:
+        """The chunk-file bytes of ``digest`` in ``pack_id``; ``ObjectMissing`` when the
+        pack is gone."""
+        blob = self._read_range(pack_id, offset, REC.size + length)
         if len(blob) != REC.size + length:
             raise ChunkCorrupt(digest=digest.hex(), pool=self.where, reason="truncated record")
         magic, rec_digest, rec_len = REC.unpack_from(blob)
@@ -345,20 +367,207 @@ class S3Pool(ChunkPool):
         return S3PoolWriter(self, list(bases), xor_deltas=xor_deltas)
 
     def _active_writers(self) -> list[dict[str, Any]]:
-        return []
+        """Registrations of writers (``writers/``) renewed within WRITER_LEASE; older ones
+        (a process that died) are removed."""
+        active = []
+        stale_before = time.time() - WRITER_LEASE
+        for obj in self.store.list(WRITERS):
+            if obj.modified < stale_before:
+                self.store.delete(obj.key)
+                log.warning("writer registration %s in %s lapsed: removed", obj.key, self.where)
+                continue
+            try:
+                info = json.loads(self.store.get(obj.key))
+            except ObjectMissing:
+                continue  # closed since the listing
+            except ValueError:
+                log.error("writer registration %s in %s unreadable", obj.key, self.where)
+                info = {}
+            if not isinstance(info, dict):
+                info = {}
+            # Unreadable: its start is unknown, so it bounds the cut-off by its object's age.
+            info.setdefault("started", obj.modified - LEASE_RENEW)
+            active.append(info)
+        return active
 
     def _clean_tmp(self) -> None:
         return
 
-    # --- garbage collection: not yet ----------------------------------------------------
+    # --- garbage collection by listing --------------------------------------------------
 
     def gc(self, live: Mapping[bytes, Iterable[bytes]], remove_manifests: bool = True) -> GcReport:
-        raise _not_built("garbage collection")
+        raise _not_built("The one-shot collection (`tandem storage gc`; use `tandem gc`)")
 
     def sweep_pack(
         self, pack_id: str, marked: Callable[[list[bytes]], set[bytes]], cutoff: float
     ) -> tuple[int, int, int]:
-        raise _not_built("garbage collection")
+        raise _not_built("Sweeping one pack (`sweep_packs` sweeps them all)")
+
+    def manifest_times(self) -> Iterator[tuple[bytes, float]]:
+        for obj in self.store.list(MANIFESTS):
+            name = obj.key[len(MANIFESTS) :]
+            if len(name) == DIGEST_SIZE * 2:
+                with contextlib.suppress(ValueError):
+                    yield bytes.fromhex(name), obj.modified
+
+    def sweep_packs(
+        self,
+        marked: Callable[[list[bytes]], set[bytes]],
+        cutoff: float,
+        *,
+        check: Callable[[], None] = lambda: None,
+        progress: Callable[[int, int], None] = lambda done, total: None,
+    ) -> PackSweep:
+        """Collect the packs of the bucket (see the module's docstring, "Garbage
+        collection"): delete those with no ``marked`` chunk, rewrite those mostly dead,
+        delete orphan packs older than ORPHAN_GRACE."""
+        out = PackSweep()
+        self.packs.refresh(force=True)
+        idx_time: dict[str, float] = {}
+        pack_objs: dict[str, ObjectInfo] = {}
+        for obj in self.store.list(PACKS):
+            name, _, ext = obj.key[len(PACKS) :].rpartition(".")
+            if not is_pack_id(name):
+                continue
+            if ext == "idx":
+                idx_time[name] = obj.modified
+            elif ext == "pack":
+                pack_objs[name] = obj
+        # --- decide, one pack at a time (its index from the local cache) -----------------
+        drop: set[str] = set()
+        rewrite: dict[str, list[tuple[bytes, int, int]]] = {}
+        freed: dict[str, int] = {}
+        counts: dict[str, tuple[int, int]] = {}  # pack -> (live chunks, dead chunks)
+        ids = sorted(idx_time)
+        for i, pack_id in enumerate(ids):
+            check()
+            progress(i + 1, len(ids))
+            modified = max(idx_time[pack_id], getattr(pack_objs.get(pack_id), "modified", 0))
+            try:
+                entries = self.packs.entries(pack_id)
+            except FileNotFoundError:
+                continue  # removed since the listing
+            except ChunkCorrupt as exc:
+                log.error("pack %s of %s kept, unreadable index: %s", pack_id, self.where, exc)
+                continue
+            if modified >= cutoff:
+                out.chunks_kept += len(entries)
+                continue
+            live = marked([d for d, _, _ in entries])
+            total = sum(n for _, _, n in entries) or 1
+            live_bytes = sum(n for d, _, n in entries if d in live)
+            if live and live_bytes >= REWRITE_BELOW * total:
+                out.chunks_kept += len(entries)
+                continue
+            size = pack_objs[pack_id].size if pack_id in pack_objs else 0
+            counts[pack_id] = (len(live), len(entries) - len(live))
+            freed[pack_id] = max(0, size - live_bytes)
+            if live:
+                rewrite[pack_id] = [e for e in entries if e[0] in live]
+            else:
+                drop.add(pack_id)
+        orphans = [
+            p
+            for p, obj in pack_objs.items()
+            if p not in idx_time and obj.modified < time.time() - self.orphan_grace
+        ]
+        doomed = drop | set(rewrite)
+        try:
+            if doomed:
+                # --- condemn, then see what writers touched: one of the two sees the other
+                self.store.put(CONDEMNED_KEY, json.dumps(sorted(doomed)).encode())
+                spared = self._touched_since(cutoff) & doomed
+                for pack_id in spared:
+                    out.packs_spared += 1
+                    out.chunks_kept += sum(counts.pop(pack_id))
+                    freed.pop(pack_id)
+                    drop.discard(pack_id)
+                    rewrite.pop(pack_id, None)
+                doomed -= spared
+            # --- rewrite: the live chunks into new packs, committed before anything goes
+            if rewrite:
+                self._copy_live(rewrite, doomed, check)
+            # --- delete: every index object first, then the packs
+            if doomed:
+                self.store.delete_many(self.packs.idx_path(p) for p in sorted(doomed))
+                for pack_id in doomed:
+                    self.packs.drop(pack_id)
+                self.store.delete_many(self.packs.pack_path(p) for p in sorted(doomed))
+            for pack_id in doomed:
+                kept, removed = counts[pack_id]
+                out.chunks_kept += kept
+                out.chunks_removed += removed
+                out.bytes_freed += freed[pack_id]
+            out.packs_deleted = len(drop)
+            out.packs_rewritten = len(rewrite)
+            if orphans:
+                self.store.delete_many(self.packs.pack_path(p) for p in sorted(orphans))
+                out.orphans_deleted = len(orphans)
+                out.bytes_freed += sum(pack_objs[p].size for p in orphans)
+        finally:
+            if doomed:
+                with contextlib.suppress(StorageError):  # left: writers only store more
+                    self.store.delete(CONDEMNED_KEY)
+        self.store.delete_many(o.key for o in list(self.store.list(TOUCHED)) if o.modified < cutoff)
+        self.packs.refresh(force=True)
+        return out
+
+    def _touched_since(self, cutoff: float) -> set[str]:
+        """The packs writers touched (``touched/``) since ``cutoff``."""
+        packs: set[str] = set()
+        for obj in self.store.list(TOUCHED):
+            if obj.modified < cutoff:
+                continue
+            try:
+                names = json.loads(self.store.get(obj.key))
+            except ObjectMissing:
+                continue
+            except ValueError:
+                names = []
+            if isinstance(names, list):
+                packs.update(n for n in names if isinstance(n, str))
+        return packs
+
+    def _copy_live(
+        self,
+        rewrite: dict[str, list[tuple[bytes, int, int]]],
+        doomed: set[str],
+        check: Callable[[], None],
+    ) -> None:
+        """Copy the live chunks of the packs in ``rewrite`` into new packs (sealed, index
+        objects written) unless a copy in a pack that stays exists (a rewrite killed half
+        way left one)."""
+        elsewhere: dict[bytes, set[str]] = {}
+        wanted = {d for entries in rewrite.values() for d, _, _ in entries}
+        for pack_id in self.packs.packs():
+            if pack_id in doomed:
+                continue
+            for digest in self.packs.by_pack.get(pack_id, []):
+                if digest in wanted:
+                    elsewhere.setdefault(digest, set()).add(pack_id)
+        copied: set[bytes] = set()
+        with self.writer() as w:
+            for pack_id, entries in sorted(rewrite.items()):
+                check()
+                for digest, offset, length in entries:
+                    if digest in copied or digest in elsewhere:
+                        continue
+                    w._write_pending(digest, self._read_record(digest, pack_id, offset, length))
+                    copied.add(digest)
+            w.flush()
+
+
+@dataclass
+class PackSweep:
+    """What ``S3Pool.sweep_packs`` did."""
+
+    chunks_kept: int = 0
+    chunks_removed: int = 0
+    bytes_freed: int = 0
+    packs_deleted: int = 0
+    packs_rewritten: int = 0
+    packs_spared: int = 0  # doomed, but a writer touched it meanwhile
+    orphans_deleted: int = 0
 
 
 @dataclass
@@ -382,7 +591,12 @@ class _MemPack:
 
 class S3PoolWriter(PoolWriter):
     """``PoolWriter`` into an ``S3Pool``: chunks are gathered into an in-memory pack and
-    sealed as two objects (pack, then index); what was not sealed is never visible."""
+    sealed as two objects (pack, then index); what was not sealed is never visible.
+
+    For GC it registers under ``writers/`` (its start and bases; renewed every
+    LEASE_RENEW seconds it is used, removed at ``close``) and records the packs whose
+    chunks it reuses under ``touched/``, then reads ``gc/condemned``: a chunk of a pack a
+    collection condemned is answered absent (and stored again)."""
 
     pool: S3Pool
 
@@ -395,7 +609,8 @@ class S3PoolWriter(PoolWriter):
         self._pending: dict[bytes, tuple[Path | None, int]] = {}
         self._pending_bytes = 0
         self._held: set[bytes] = set()
-        self._touched_packs: set[str] = set()
+        self._touched_packs: set[str] = set()  # pack ids recorded under touched/
+        self._touches = 0
         self._chunks_fd = -1
         self._mem: _MemPack | None = None
         self._flush_lock = threading.Lock()
@@ -403,14 +618,80 @@ class S3PoolWriter(PoolWriter):
         self.chunks_written = 0
         self.bytes_written = 0
         self._failed: StorageError | None = None
+        self._id = uuid.uuid4().hex
+        self._reg_key = f"{WRITERS}{self._id}.json"
+        self._renewed = -float("inf")
+        self._open = True
+        self._renew(force=True)
+
+    def _renew(self, force: bool = False) -> None:
+        """Put the registration again when it is older than LEASE_RENEW; a writer silent
+        for longer than WRITER_LEASE may have lost what it relied on to a collection."""
+        now = time.monotonic()
+        if not force and now - self._renewed < LEASE_RENEW:
+            return
+        if not force and now - self._renewed > WRITER_LEASE - LEASE_RENEW:
+            raise WriterLapsed(pool=self.pool.where, seconds=int(now - self._renewed))
+        doc = {"started": self.started, "bases": [b.hex() for b in self.bases]}
+        self.pool.store.put(self._reg_key, json.dumps(doc).encode())
+        self._renewed = now
 
     def close(self) -> None:
-        return
+        if not self._open:
+            return
+        self._open = False
+        try:
+            self.pool.store.delete(self._reg_key)
+        except StorageError as exc:  # it lapses by itself: GC only keeps more until then
+            log.warning("writer registration %s not removed: %s", self._reg_key, exc.message)
+
+    def _use_packs(self, pack_ids: set[str]) -> set[str]:
+        """Record that this writer reuses chunks of ``pack_ids``; returns those a running
+        collection condemned (their chunks must be stored again). The record is put before
+        ``gc/condemned`` is read, and a collection puts that before it reads the records:
+        one of the two sees the other."""
+        new = pack_ids - self._touched_packs
+        if not new:
+            return set()
+        self._renew()
+        with self._lock:
+            self._touches += 1
+            key = f"{TOUCHED}{self._id}-{self._touches}"
+        store = self.pool.store
+        store.put(key, json.dumps(sorted(new)).encode())
+        try:
+            condemned = set(json.loads(store.get(CONDEMNED_KEY)))
+        except ObjectMissing:
+            condemned = set()
+        except (ValueError, TypeError):
+            condemned = set(new)  # unreadable: trust none of them
+        bad = new & condemned
+        with self._lock:
+            self._touched_packs.update(new - bad)
+        return bad
+
+    def has(self, digest: bytes) -> bool:
+        """Present in the store (its pack recorded as touched) or pending here."""
+        with self._lock:
+            if digest in self._pending or digest in self._held:
+                return True
+        packs = self.pool.packs
+        loc = packs.lookup(digest)
+        if loc is None:
+            packs.refresh()
+            loc = packs.lookup(digest)
+        if loc is None or self._use_packs({loc[0]}):
+            return False
+        with self._lock:
+            self._held.add(digest)
+        return True
 
     def missing(self, digests: Iterable[bytes], sizes: Iterable[int] | None = None) -> list[bytes]:
         """The digests, in order and without repeats, that neither the store nor this
         writer holds: one listing of new index objects per call, no request per digest
-        (every chunk is packed here: the senders' ``sizes`` change nothing)."""
+        (every chunk is packed here: the senders' ``sizes`` change nothing), and one
+        ``touched/`` record and read of ``gc/condemned`` when it reuses packs it did not
+        reuse before."""
         with self._lock:
             todo = [
                 d for d in dict.fromkeys(digests) if d not in self._pending and d not in self._held
@@ -420,8 +701,10 @@ class S3PoolWriter(PoolWriter):
         packs = self.pool.packs
         if any(packs.lookup(d) is None for d in todo):
             packs.refresh(force=True)
-        absent = [d for d in todo if packs.lookup(d) is None]
-        held = [d for d in todo if packs.lookup(d) is not None]
+        where = {d: packs.lookup(d) for d in todo}
+        condemned = self._use_packs({loc[0] for loc in where.values() if loc is not None})
+        absent = [d for d, loc in where.items() if loc is None or loc[0] in condemned]
+        held = [d for d, loc in where.items() if loc is not None and loc[0] not in condemned]
         with self._lock:
             self._held.update(held)
         return absent
@@ -455,6 +738,7 @@ class S3PoolWriter(PoolWriter):
                 return
             store = self.pool.store
             try:
+                self._renew()
                 store.put(self.pool.packs.pack_path(mem.pack_id), mem.buf)
                 store.put(self.pool.packs.idx_path(mem.pack_id), encode_index(mem.entries))
             except StorageError as exc:
