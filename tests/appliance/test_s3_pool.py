@@ -7,6 +7,7 @@ import json
 import os
 import stat
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -56,7 +57,6 @@ def test_an_appliance_keeps_its_images_in_the_bucket(
     try:
         pool = appliance.site.pool
         assert isinstance(pool, S3Pool)
-        assert not pool.collects_garbage and appliance.scheduler.collect_garbage(1e12) is None
         seed_app(appliance, "web")
         image = seed_image(appliance, "web", src)
         with appliance.catalog.read() as session:
@@ -168,3 +168,43 @@ def test_a_joined_process_shares_the_bucket(
         one.stop()
         two.stop()
     assert listing(out) == listing(src)
+
+
+def test_the_gc_job_collects_a_deleted_image_from_the_bucket(
+    s3_env: S3Server, s3_store: ObjectStore, tmp_path: Path
+) -> None:
+    from tandem.catalog import queries as q
+    from tandem.domain.jobs import JobStatus
+    from tandem.operations import gc, images
+
+    directory = tmp_path / "dr"
+    init(directory, "dr", listen(), None, pool=pool_url(s3_store))
+    appliance = Appliance(directory)
+    try:
+        pool = appliance.site.pool
+        assert isinstance(pool, S3Pool)
+        pool.clock_slack = 1.0  # one server, one clock
+        seed_app(appliance, "web")
+        made = []
+        for i in range(2):
+            src = tmp_path / f"src{i}"
+            src.mkdir()
+            (src / "data").write_bytes(os.urandom(400_000))
+            made.append(seed_image(appliance, "web", src))
+        with appliance.catalog.begin() as session:
+            q.delete_image(session, image_id=made[0])
+        newest = max(o.modified for o in pool.store.list())
+        deadline = time.monotonic() + 30
+        while time.time() - pool.clock_slack <= newest + 1:  # older than the cut-off
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        appliance.runner.start()
+        done = appliance.runner.wait(gc.submit_gc(appliance.site, actor="t").id, timeout=60)
+        assert done.status is JobStatus.SUCCEEDED, done.message
+        assert done.result is not None
+        assert done.result["packs_deleted"] == 1 and done.result["bytes_freed"] > 400_000
+        assert done.result["manifests_removed"] == 1
+        assert "1 pack(s) deleted" in done.message
+        assert images.verify_image(appliance.site, image_id=made[1])["ok"]
+    finally:
+        appliance.stop()

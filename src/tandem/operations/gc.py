@@ -205,16 +205,23 @@ def run_gc(site: Site, ctx: JobContext, params: Params) -> dict[str, Any]:
         "chunks_marked": run.chunks_marked,
         "resumed": run.resumed,
         "resumed_at_fan": run.resumed_at_fan,
+        "packs_deleted": run.packs_deleted,
+        "packs_rewritten": run.packs_rewritten,
+        "packs_spared": run.packs_spared,
+        "orphan_packs_deleted": run.orphans_deleted,
         "seconds": round(time.monotonic() - started, 3),
         "jobs_pruned": pruned,
     }
     ctx.log(
         f"pool garbage collection: {run.chunks_removed} chunk(s) removed, "
-        f"{run.bytes_freed} bytes freed, {run.chunks_kept} kept"
+        f"{run.bytes_freed} bytes freed, {run.chunks_kept} kept; "
+        f"{run.packs_deleted} pack(s) deleted, {run.packs_rewritten} rewritten, "
+        f"{run.orphans_deleted} orphan pack(s) deleted"
         + (f" (resumed at fan-out {run.resumed_at_fan:02x})" if run.resumed else "")
     )
     ctx.set_message(
         f"{run.chunks_removed} chunk(s) removed ({run.bytes_freed} bytes), "
-        f"{run.chunks_kept} kept; {pruned} old job(s) pruned"
+        f"{run.chunks_kept} kept, {run.packs_deleted} pack(s) deleted, "
+        f"{run.packs_rewritten} rewritten; {pruned} old job(s) pruned"
     )
     return doc
