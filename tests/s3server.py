@@ -91,6 +91,9 @@ devices = {devices}
 mount_check = false
 bind_timeout = 3
 disable_fallocate = true
+# the test's objects are small: a shared disk over 99% full (Swift's default reserve is 1%)
+# must not turn every write into 507 Insufficient Storage
+fallocate_reserve = 0
 bind_ip = 127.0.0.1
 bind_port = {port}
 workers = 0

@@ -8,6 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from tandem.storage.objstore import ACCESS_KEY_ENV, SECRET_KEY_ENV, ObjectStore
+from tests.s3server import S3Server
+
 TANDEM = [sys.executable, "-m", "tandem.cli"]
 
 
@@ -89,3 +94,33 @@ def test_errors_are_one_line_without_traceback(tmp_path: Path) -> None:
     assert proc.returncode == 1
     assert "manifest 'deadbeef' does not exist" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_the_storage_commands_work_on_a_pool_in_a_bucket(
+    s3_server: S3Server, s3_store: ObjectStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(ACCESS_KEY_ENV, s3_server.access_key)
+    monkeypatch.setenv(SECRET_KEY_ENV, s3_server.secret_key)
+    url = f"s3://{s3_store.bucket}/cli?endpoint={s3_store.endpoint}"
+    data, out = tmp_path / "data", tmp_path / "out"
+    data.mkdir()
+    (data / "a.bin").write_bytes(os.urandom(300_000))
+    run("storage", "init", url)
+    one = json.loads(run("storage", "capture", url, str(data), "--json").stdout)["manifest"]
+    (data / "a.bin").write_bytes(os.urandom(200_000))
+    two = json.loads(run("storage", "capture", url, str(data), "--json").stdout)["manifest"]
+    stats = json.loads(run("storage", "stats", url, "--json").stdout)
+    assert stats["manifests"] == 2 and stats["packs"] >= 2 and stats["stored_bytes"] > 500_000
+    assert json.loads(run("storage", "verify", url, "--json").stdout)["ok"]
+    run("storage", "forget", url, one[:12])
+    gc = json.loads(run("storage", "gc", url, "--json").stdout)
+    assert gc["chunks_removed"] == 0  # the forgotten image's pack is newer than the cut-off
+    assert [m["manifest"] for m in json.loads(run("storage", "list", url, "--json").stdout)] == [
+        two
+    ]
+    run("storage", "restore", url, two, str(out))
+    assert (out / "a.bin").read_bytes() == (data / "a.bin").read_bytes()
+    monkeypatch.delenv(SECRET_KEY_ENV)
+    bad = run("storage", "stats", url, check=False)
+    assert bad.returncode != 0 and SECRET_KEY_ENV in bad.stderr + bad.stdout
+    assert "Traceback" not in bad.stderr + bad.stdout

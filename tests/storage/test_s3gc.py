@@ -6,6 +6,7 @@ a store answering 503 mid-collection fails it cleanly and the next run finishes 
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -20,7 +21,7 @@ from tandem.storage import gc
 from tandem.storage.manifest import TreeManifest, load_manifest
 from tandem.storage.objstore import ObjectStore
 from tandem.storage.packs import new_pack_id
-from tandem.storage.s3pool import CONDEMNED_KEY, S3Pool
+from tandem.storage.s3pool import CONDEMNED, S3Pool
 from tandem.storage.tree import capture_tree, restore_tree
 from tests.s3server import S3Server
 from tests.storage.test_tree import listing
@@ -106,7 +107,7 @@ def test_dead_packs_go_mostly_dead_ones_are_rewritten_orphans_go(
     assert {k.rsplit(".", 1)[0] for k in after if k.endswith(".pack")} == {
         k.rsplit(".", 1)[0] for k in after if k.endswith(".idx")
     }
-    assert not store.exists(CONDEMNED_KEY) and not list(store.list("writers/"))
+    assert not list(store.list(CONDEMNED)) and not list(store.list("writers/"))
     assert s3_pool.list_manifests() == [small]
     restores(s3_pool, small, three_images["small"][1], tmp_path / "out")
     # Nothing left to do: a second run removes nothing.
@@ -147,15 +148,13 @@ def test_a_pack_a_writer_reuses_is_kept_whichever_comes_first(
     restores(s3_pool, mid, dead_src, copy)
 
     # Collection first: the pack condemned, a writer answers its chunks as absent.
-    s3_pool.store.put(
-        CONDEMNED_KEY, b"[" + b",".join(f'"{p}"'.encode() for p in s3_pool.packs.packs()) + b"]"
-    )
+    s3_pool.store.put(f"{CONDEMNED}another-run", json.dumps(s3_pool.packs.packs()).encode())
     try:
         with s3_pool.writer() as w:
             assert w.missing(chunks) == chunks
             assert not w.has(chunks[0])
     finally:
-        s3_pool.store.delete(CONDEMNED_KEY)
+        s3_pool.store.delete(f"{CONDEMNED}another-run")
 
 
 def test_what_an_open_writer_sealed_before_the_snapshot_is_kept(

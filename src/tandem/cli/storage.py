@@ -1,7 +1,13 @@
-"""`tandem storage …`: drive the data plane directly on a local pool.
+"""`tandem storage …`: drive the data plane directly on a pool: a directory, or a pool on
+an S3-compatible store (``s3://BUCKET[/PREFIX]?endpoint=URL``, credentials from
+TANDEM_S3_ACCESS_KEY and TANDEM_S3_SECRET_KEY; the copies of its pack indexes are kept in a
+temporary directory for the command's life).
 
 Useful for operators inspecting a pool and for scripting without daemons. In a standalone
 pool every stored manifest is a root: `gc` keeps what any manifest names; `forget` drops one.
+On a store, `gc` is the appliance's collection by listing (``storage.gc``) with every
+stored manifest as a root, so it is safe beside an appliance that uses the bucket (it keeps
+more than the appliance's own `tandem gc`, which knows which images were deleted).
 """
 
 from __future__ import annotations
@@ -16,9 +22,11 @@ from tandem.errors import ImageKindDiffers, NotFound
 
 from .output import byte_progress, emit_json, handle_errors, human_bytes, stdout
 
-app = typer.Typer(no_args_is_help=True, help="Work on a local chunk pool directly.")
+app = typer.Typer(no_args_is_help=True, help="Work on a chunk pool directly.")
 
-PoolArg = Annotated[Path, typer.Argument(help="Pool directory.")]
+PoolArg = Annotated[
+    str, typer.Argument(help="Pool directory, or s3://BUCKET[/PREFIX]?endpoint=URL.")
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document.")]
 
 
@@ -35,10 +43,29 @@ class Kind(StrEnum):
     tree = "tree"
 
 
-def _open(pool: Path) -> ChunkPool:
+def _open(pool: str, *, create: bool = False) -> ChunkPool:
+    """The pool at ``pool``: a directory, or a store's URL (reached and checked)."""
+    from tandem.storage.objstore import is_store_url
     from tandem.storage.pool import ChunkPool
 
-    return ChunkPool(pool)
+    if not is_store_url(pool):
+        return ChunkPool.create(Path(pool)) if create else ChunkPool(Path(pool))
+    import atexit
+    import shutil
+    import tempfile
+
+    from tandem.appliance.pools import store_from_env
+    from tandem.storage.objstore import parse_store_url
+    from tandem.storage.s3pool import S3Pool
+
+    store = store_from_env(parse_store_url(pool))
+    cache = tempfile.mkdtemp(prefix="tandem-pool-cache-")
+    atexit.register(shutil.rmtree, cache, True)
+    return S3Pool.create_on(store, cache) if create else S3Pool(store, cache)
+
+
+def _where(pool: ChunkPool) -> str:
+    return str(getattr(pool, "where", pool.root))
 
 
 def _manifest_id(pool: ChunkPool, text: str) -> bytes:
@@ -50,11 +77,11 @@ def _manifest_id(pool: ChunkPool, text: str) -> bytes:
         matches = [m for m in pool.list_manifests() if m.hex().startswith(text.lower())]
         if len(matches) != 1 or len(text) < 6:
             raise NotFound(
-                what="manifest", name=text, listing=f"storage list {pool.root}"
+                what="manifest", name=text, listing=f"storage list {_where(pool)}"
             ) from None
         return matches[0]
     if not pool.has_manifest(digest):
-        raise NotFound(what="manifest", name=text, listing=f"storage list {pool.root}")
+        raise NotFound(what="manifest", name=text, listing=f"storage list {_where(pool)}")
     return digest
 
 
@@ -62,13 +89,11 @@ def _manifest_id(pool: ChunkPool, text: str) -> bytes:
 @handle_errors
 def init(pool: PoolArg, json_: JsonOpt = False) -> None:
     """Create a pool (no-op if it exists)."""
-    from tandem.storage.pool import ChunkPool
-
-    p = ChunkPool.create(pool)
+    p = _open(pool, create=True)
     if json_:
-        emit_json({"pool": str(p.root)})
+        emit_json({"pool": _where(p)})
     else:
-        stdout.print(f"pool ready at {p.root}")
+        stdout.print(f"pool ready at {_where(p)}")
 
 
 @app.command()
@@ -202,14 +227,59 @@ def verify(pool: PoolArg, json_: JsonOpt = False) -> None:
 @handle_errors
 def gc(pool: PoolArg, json_: JsonOpt = False) -> None:
     """Remove chunks that no manifest names (safe while captures run)."""
+    from tandem.storage.s3pool import S3Pool
+
     p = _open(pool)
-    report = p.gc(_live(p), remove_manifests=False)
+    if isinstance(p, S3Pool):
+        from tandem.storage import gc as pool_gc
+
+        run = pool_gc.collect(p, p.list_manifests)
+        doc: dict[str, Any] = {
+            "chunks_removed": run.chunks_removed,
+            "chunks_kept": run.chunks_kept,
+            "bytes_freed": run.bytes_freed,
+            "packs_deleted": run.packs_deleted,
+            "packs_rewritten": run.packs_rewritten,
+            "orphan_packs_deleted": run.orphans_deleted,
+        }
+    else:
+        doc = p.gc(_live(p), remove_manifests=False).__dict__
     if json_:
-        emit_json(report.__dict__)
+        emit_json(doc)
     else:
         stdout.print(
-            f"removed {report.chunks_removed} chunks ({human_bytes(report.bytes_freed)}),"
-            f" kept {report.chunks_kept}"
+            f"removed {doc['chunks_removed']} chunks ({human_bytes(doc['bytes_freed'])}),"
+            f" kept {doc['chunks_kept']}"
+            + (
+                f"; {doc['packs_deleted']} pack(s) deleted, {doc['packs_rewritten']} rewritten"
+                if "packs_deleted" in doc
+                else ""
+            )
+        )
+
+
+@app.command()
+@handle_errors
+def stats(pool: PoolArg, json_: JsonOpt = False) -> None:
+    """Count the chunks, packs and manifests of the pool (from its indexes; nothing read)."""
+    p = _open(pool)
+    chunks = stored = 0
+    for _, st in p.iter_chunks():
+        chunks += 1
+        stored += st.st_size
+    doc = {
+        "pool": _where(p),
+        "chunks": chunks,
+        "stored_bytes": stored,
+        "packs": len(p.packs.packs()),
+        "manifests": len(p.list_manifests()),
+    }
+    if json_:
+        emit_json(doc)
+    else:
+        stdout.print(
+            f"{doc['pool']}: {chunks} chunks ({human_bytes(stored)} stored),"
+            f" {doc['packs']} pack(s), {doc['manifests']} manifests"
         )
 
 

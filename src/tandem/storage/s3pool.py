@@ -104,7 +104,7 @@ PACKS = "packs/"
 MANIFESTS = "manifests/"
 WRITERS = "writers/"
 TOUCHED = "touched/"
-CONDEMNED_KEY = "gc/condemned"
+CONDEMNED = "gc/condemned/"  # one object per running collection: the packs it removes
 WRITER_LEASE = 6 * 3600.0  # seconds a writer's registration counts without being renewed
 LEASE_RENEW = 600.0  # a writer renews its registration when it is older than this
 ORPHAN_GRACE = 3600.0  # seconds before a pack without an index object is removed
@@ -472,10 +472,11 @@ class S3Pool(ChunkPool):
             if p not in idx_time and obj.modified < time.time() - self.orphan_grace
         ]
         doomed = drop | set(rewrite)
+        condemned_key = f"{CONDEMNED}{uuid.uuid4().hex}"
         try:
             if doomed:
                 # --- condemn, then see what writers touched: one of the two sees the other
-                self.store.put(CONDEMNED_KEY, json.dumps(sorted(doomed)).encode())
+                self.store.put(condemned_key, json.dumps(sorted(doomed)).encode())
                 spared = self._touched_since(cutoff) & doomed
                 for pack_id in spared:
                     out.packs_spared += 1
@@ -507,10 +508,27 @@ class S3Pool(ChunkPool):
         finally:
             if doomed:
                 with contextlib.suppress(StorageError):  # left: writers only store more
-                    self.store.delete(CONDEMNED_KEY)
+                    self.store.delete(condemned_key)
         self.store.delete_many(o.key for o in list(self.store.list(TOUCHED)) if o.modified < cutoff)
         self.packs.refresh(force=True)
         return out
+
+    def condemned(self) -> set[str]:
+        """The packs running collections are removing (``gc/condemned/``): usually one
+        listing that finds nothing."""
+        packs: set[str] = set()
+        for obj in self.store.list(CONDEMNED):
+            try:
+                names = json.loads(self.store.get(obj.key))
+            except ObjectMissing:
+                continue  # that collection finished
+            except ValueError:
+                names = None
+            if not isinstance(names, list):
+                # unreadable: trust no pack (their chunks are stored again, harmlessly)
+                return set(self.packs.packs())
+            packs.update(n for n in names if isinstance(n, str))
+        return packs
 
     def _touched_since(self, cutoff: float) -> set[str]:
         """The packs writers touched (``touched/``) since ``cutoff``."""
@@ -595,7 +613,7 @@ class S3PoolWriter(PoolWriter):
 
     For GC it registers under ``writers/`` (its start and bases; renewed every
     LEASE_RENEW seconds it is used, removed at ``close``) and records the packs whose
-    chunks it reuses under ``touched/``, then reads ``gc/condemned``: a chunk of a pack a
+    chunks it reuses under ``touched/``, then reads ``gc/condemned/``: a chunk of a pack a
     collection condemned is answered absent (and stored again)."""
 
     pool: S3Pool
@@ -648,8 +666,8 @@ class S3PoolWriter(PoolWriter):
     def _use_packs(self, pack_ids: set[str]) -> set[str]:
         """Record that this writer reuses chunks of ``pack_ids``; returns those a running
         collection condemned (their chunks must be stored again). The record is put before
-        ``gc/condemned`` is read, and a collection puts that before it reads the records:
-        one of the two sees the other."""
+        ``gc/condemned/`` is read, and a collection puts its object there before it reads
+        the records: one of the two sees the other."""
         new = pack_ids - self._touched_packs
         if not new:
             return set()
@@ -659,13 +677,7 @@ class S3PoolWriter(PoolWriter):
             key = f"{TOUCHED}{self._id}-{self._touches}"
         store = self.pool.store
         store.put(key, json.dumps(sorted(new)).encode())
-        try:
-            condemned = set(json.loads(store.get(CONDEMNED_KEY)))
-        except ObjectMissing:
-            condemned = set()
-        except (ValueError, TypeError):
-            condemned = set(new)  # unreadable: trust none of them
-        bad = new & condemned
+        bad = new & self.pool.condemned()
         with self._lock:
             self._touched_packs.update(new - bad)
         return bad
@@ -690,8 +702,8 @@ class S3PoolWriter(PoolWriter):
         """The digests, in order and without repeats, that neither the store nor this
         writer holds: one listing of new index objects per call, no request per digest
         (every chunk is packed here: the senders' ``sizes`` change nothing), and one
-        ``touched/`` record and read of ``gc/condemned`` when it reuses packs it did not
-        reuse before."""
+        ``touched/`` record and listing of ``gc/condemned/`` when it reuses packs it did
+        not reuse before."""
         with self._lock:
             todo = [
                 d for d in dict.fromkeys(digests) if d not in self._pending and d not in self._held
