@@ -18,6 +18,12 @@ One appliance and one agent run as child processes on loopback TLS (``tandem.dri
    PostgreSQL catalog, then a round with a second process joined to it
    (``appliance init --join``). Figure: captures per minute of each round, from the first
    submit to the last end.
+6. A collection of a big pool (``gc``, in-process, no daemon): a local pool of
+   ``SCALE_GC_CHUNKS`` small packed chunks (default 1,000,000; 48 bytes of random data
+   each) named by ``SCALE_GC_MANIFESTS`` manifests (default 1,000), a quarter of them then
+   not live, every file aged an hour; one ``storage.gc.collect`` of it. Figures: its
+   wall time, the chunks and packs it removed, and the peak RSS of a child process that
+   runs only the collection.
 5. Keeping up (``keepup``): ``SCALE_KEEPUP_APPS`` small apps (default 1,000, one 4 KiB file
    each) protected with a template ``--every SCALE_KEEPUP_EVERY`` (default 900 s, the issue's 15
    min) ``--keep 3``, left to the appliance's own scheduler for ``SCALE_KEEPUP_ROUNDS`` (default
@@ -60,7 +66,9 @@ MULTI_APPS = int(os.environ.get("SCALE_MULTI_APPS", "48"))
 PARTS = os.environ.get("SCALE_PARTS", "single,multi,keepup").split(",")
 """``single``: parts 1-3 (one appliance, SQLite); ``lists``: part 2 alone (the list routes'
 p50/p99, a minute or two); ``multi``: part 4 (PostgreSQL); ``keepup``: part 5 (the
-scheduler, SQLite)."""
+scheduler, SQLite); ``gc``: part 6 (a collection of a big local pool, in-process)."""
+GC_CHUNKS = int(os.environ.get("SCALE_GC_CHUNKS", "1000000"))
+GC_MANIFESTS = int(os.environ.get("SCALE_GC_MANIFESTS", "1000"))
 KEEPUP = {
     "apps": int(os.environ.get("SCALE_KEEPUP_APPS", "1000")),
     "every": int(os.environ.get("SCALE_KEEPUP_EVERY", "900")),
@@ -497,6 +505,71 @@ def multi_process(cfg: Config, report: Report, root: Path) -> None:
         admin.dispose()
 
 
+def big_pool_gc(cfg: Config, report: Report, root: Path) -> None:
+    """Part 6: build the pool, then collect it in a child process (its peak RSS alone)."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    pool_dir = root / "pool"
+    shutil.rmtree(pool_dir, ignore_errors=True)
+    pool = ChunkPool.create(pool_dir)
+    per = max(1, GC_CHUNKS // GC_MANIFESTS)
+    log(f"scale: building a pool of {GC_CHUNKS} chunks in {GC_MANIFESTS} manifests")
+    built = time.monotonic()
+    live: list[str] = []
+    with pool.writer() as writer:
+        for m in range(GC_MANIFESTS):
+            digests = [writer.put(os.urandom(48)).digest for _ in range(per)]
+            manifest = VolumeManifest(size=VOLUME_CHUNK * per, chunks=digests)
+            mid = writer.commit_manifest(encode_manifest(manifest))
+            if m % 4:
+                live.append(mid.hex())
+    past = time.time() - 3600
+    for folder in (pool_dir / "packs", pool_dir / "manifests"):
+        for entry in os.scandir(folder):
+            os.utime(entry.path, (past, past))
+    log(f"scale: pool built in {fmt_seconds(time.monotonic() - built)}")
+    (root / "live.json").write_text(json.dumps(live))
+    child = (
+        "import json, sys, time, resource\n"
+        "from tandem.storage import gc\n"
+        "from tandem.storage.pool import ChunkPool\n"
+        "pool = ChunkPool(sys.argv[1])\n"
+        "live = [bytes.fromhex(m) for m in json.load(open(sys.argv[2]))]\n"
+        "t = time.monotonic()\n"
+        "run = gc.collect(pool, lambda: live)\n"
+        "print(json.dumps({'seconds': time.monotonic() - t, 'removed': run.chunks_removed,"
+        " 'kept': run.chunks_kept, 'packs_deleted': run.packs_deleted,"
+        " 'packs_rewritten': run.packs_rewritten, 'freed': run.bytes_freed,"
+        " 'max_rss': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))\n"
+    )
+    load = os.getloadavg()[0]
+    done = subprocess.run(
+        [sys.executable, "-c", child, str(pool_dir), str(root / "live.json")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    log(f"scale: gc of {GC_CHUNKS} chunks: {out}")
+    report.add(
+        Row(
+            SECTION,
+            f"garbage collection of {GC_CHUNKS:,} packed chunks, a quarter garbage",
+            f"{fmt_seconds(out['seconds'])}, {out['removed']:,} removed, "
+            f"{out['packs_deleted']} pack(s) deleted, {out['packs_rewritten']} rewritten, "
+            f"peak RSS {out['max_rss'] / 2**20:.0f} MiB (load average {load:.1f})",
+            "—",
+            "—",
+            "≤ 60 s",
+            {**out, "load_average": load},
+        )
+    )
+    shutil.rmtree(pool_dir, ignore_errors=True)
+
+
 def run(cfg: Config, report: Report) -> None:
     root = cfg.workdir / "scale"
     root.mkdir(parents=True, exist_ok=True)
@@ -519,6 +592,9 @@ def run(cfg: Config, report: Report) -> None:
     if "multi" in PARTS:
         (root / "multi").mkdir(exist_ok=True)
         multi_process(cfg, report, root / "multi")
+    if "gc" in PARTS:
+        (root / "gc").mkdir(exist_ok=True)
+        big_pool_gc(cfg, report, root / "gc")
     if "keepup" in PARTS:
         with Lab(root / "keepup-lab") as lab:
             keepup = KeepUpBench(cfg, report, lab)

@@ -203,13 +203,6 @@ def test_a_store_answering_503_fails_the_capture_cleanly_after_its_retries(
     assert out.read_bytes() == src.read_bytes() and fresh.list_manifests() == [mid]
 
 
-def test_garbage_collection_refuses_until_it_is_built(s3_pool: S3Pool) -> None:
-    from tandem.storage import gc
-
-    with pytest.raises(StorageError, match="not built yet"):
-        gc.collect(s3_pool, list)
-
-
 def test_a_bucket_without_a_pool_is_refused(s3_store: ObjectStore, tmp_path: Path) -> None:
     with pytest.raises(StorageError) as caught:
         S3Pool(s3_store, tmp_path / "cache")

@@ -11,6 +11,9 @@ Layout in the bucket (under the URL's prefix)::
     packs/<id>.pack         a pack object: the pack-file format of ``storage.packs``
     packs/<id>.idx          its index object, written after the pack (the commit point)
     manifests/<hex>         manifest objects (the chunk-file format, no sub-block digests)
+    writers/<id>.json       a registered writer (GC: see below)
+    touched/<id>-<n>        pack ids a writer reused (JSON list)
+    gc/condemned/<run>      pack ids a running collection removes (JSON list)
 
 and in the local cache directory (any directory of the appliance; rebuilt from the bucket
 when lost)::
@@ -35,10 +38,23 @@ Invariants
   writer's ``missing`` lists once per batch; a read that misses lists at once): a chunk
   sealed by another process within that window is stored twice, which is harmless.
 
-Not built yet (see the module's callers): garbage collection (``gc``, ``sweep_pack``; the
-plan is GC by listing: the index objects give every packed chunk, writers register as
-objects with their start time, packs older than the oldest writer and unmarked are deleted
-or rewritten) and the local-only helpers ``chunk_path``/``touch_loose``.
+Garbage collection, by listing (``storage.gc.collect`` marks; ``sweep_packs`` sweeps):
+- The cut-off is the older of the snapshot and the oldest registered writer's start, less
+  ``clock_slack`` (the store's LastModified against this host's clock). A pack whose index
+  is newer than the cut-off is kept whole, as a local pack with a newer mtime.
+- Older packs: no marked chunk -> deleted; marked bytes under REWRITE_BELOW -> its marked
+  chunks copied into new packs (sealed first), then deleted; else kept. Deleting removes
+  every index object first, then the packs. A pack object without an index older than
+  ``orphan_grace`` (a writer died between the two puts) is deleted.
+- Writers stand in for a local pool's mtimes: each registers (``writers/<id>.json``: its
+  start and bases; renewed every LEASE_RENEW seconds of use, removed at close, dropped by
+  a collection when older than WRITER_LEASE), and records the packs whose chunks it reuses
+  (``touched/<id>-<n>``) *before* it lists ``gc/condemned/``; a collection puts the packs
+  it will remove in ``gc/condemned/<run>`` *before* it reads the ``touched/`` records newer
+  than its cut-off. With read-after-write consistent listings one of the two sees the
+  other: the collection spares the pack, or the writer stores those chunks again.
+- The local-only helpers ``chunk_path``/``touch_loose`` and the one-shot ``gc`` are not
+  built: ``tandem storage gc`` on a store runs ``storage.gc.collect`` instead.
 """
 
 from __future__ import annotations
@@ -82,7 +98,9 @@ from tandem.storage.packs import (
     parse_index,
 )
 from tandem.storage.pool import (
+    DELTA_HEAD,
     FLUSH_CHUNKS,
+    HEADER,
     POOL_FORMAT,
     READABLE_FORMATS,
     ChunkInfo,
@@ -108,6 +126,7 @@ CONDEMNED = "gc/condemned/"  # one object per running collection: the packs it r
 WRITER_LEASE = 6 * 3600.0  # seconds a writer's registration counts without being renewed
 LEASE_RENEW = 600.0  # a writer renews its registration when it is older than this
 ORPHAN_GRACE = 3600.0  # seconds before a pack without an index object is removed
+HEAD_SIZE = HEADER.size + 64 * DIGEST_SIZE + DELTA_HEAD.size  # as ChunkPool.info reads
 CLOCK_SLACK = 30.0  # seconds of the cut-off for the store's clock against the appliance's
 
 
@@ -266,11 +285,18 @@ class S3Pool(ChunkPool):
         except ObjectMissing:
             return None
 
-    def _read_record(self, digest: bytes, pack_id: str, offset: int, length: int) -> bytes:
-        """The chunk-file bytes of ``digest`` in ``pack_id``; ``ObjectMissing`` when the
-        pack is gone."""
-        blob = self._read_range(pack_id, offset, REC.size + length)
-        if len(blob) != REC.size + length:
+    def _read_record(
+        self, digest: bytes, pack_id: str, offset: int, length: int, head: int | None = None
+    ) -> bytes:
+        """The chunk-file bytes of ``digest`` in ``pack_id`` (only the first ``head`` of
+        them if given); ``ObjectMissing`` when the pack is gone."""
+        want = length if head is None else min(head, length)
+        key = self.packs.pack_path(pack_id)
+        if length > READ_WINDOW // 4:  # a large record: never a whole window for its head
+            blob = self.store.get_range(key, offset, REC.size + want)
+        else:
+            blob = self._read_range(pack_id, offset, REC.size + want)
+        if len(blob) != REC.size + want:
             raise ChunkCorrupt(digest=digest.hex(), pool=self.where, reason="truncated record")
         magic, rec_digest, rec_len = REC.unpack_from(blob)
         if magic != REC_MAGIC or rec_digest != digest or rec_len != length:
@@ -312,7 +338,20 @@ class S3Pool(ChunkPool):
         return decode_chunk(self._read_file(digest), digest, self.where, self.get)
 
     def info(self, digest: bytes) -> ChunkInfo:
-        return parse_header(self._read_file(digest), digest, self.where)
+        """The chunk's header, from a range read of its head (GC's marking reads one per
+        live chunk: a large chunk's bytes are not fetched)."""
+        for attempt in (0, 1):
+            loc = self.packs.lookup(digest)
+            if loc is not None:
+                try:
+                    head = self._read_record(digest, *loc, head=HEAD_SIZE)
+                except ObjectMissing:
+                    head = None
+                if head is not None:
+                    return parse_header(head, digest, self.where)
+            if attempt == 0:
+                self.packs.refresh(force=True)  # rewritten or written since: look again
+        raise ChunkMissing(digest=digest.hex(), pool=self.where)
 
     def stored_size(self, digest: bytes) -> int:
         loc = self.packs.lookup(digest)
