@@ -9,6 +9,7 @@ import stat
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -206,5 +207,58 @@ def test_the_gc_job_collects_a_deleted_image_from_the_bucket(
         assert done.result["manifests_removed"] == 1
         assert "1 pack(s) deleted" in done.message
         assert images.verify_image(appliance.site, image_id=made[1])["ok"]
+    finally:
+        appliance.stop()
+
+
+def test_a_gc_job_the_store_fails_mid_sweep_fails_cleanly_and_the_next_finishes(
+    s3_env: S3Server, s3_store: ObjectStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tandem.catalog import queries as q
+    from tandem.domain.jobs import JobStatus
+    from tandem.operations import gc, images
+
+    directory = tmp_path / "dr"
+    init(directory, "dr", listen(), None, pool=pool_url(s3_store))
+    appliance = Appliance(directory)
+    try:
+        pool = appliance.site.pool
+        assert isinstance(pool, S3Pool)
+        pool.clock_slack = 1.0  # one server, one clock
+        seed_app(appliance, "web")
+        made = []
+        for i in range(3):
+            src = tmp_path / f"src{i}"
+            src.mkdir()
+            (src / "data").write_bytes(os.urandom(300_000))
+            made.append(seed_image(appliance, "web", src))
+        with appliance.catalog.begin() as session:
+            q.delete_image(session, image_id=made[0])
+        newest = max(o.modified for o in pool.store.list())
+        deadline = time.monotonic() + 30
+        while time.time() - pool.clock_slack <= newest + 1:  # older than the cut-off
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        real = pool.sweep_packs
+
+        def store_down(*args: Any, **kwargs: Any) -> Any:
+            with s3_env.paused("object"):  # every object request answered 503
+                return real(*args, **kwargs)
+
+        monkeypatch.setattr(pool, "sweep_packs", store_down)
+        appliance.runner.start()
+        failed = appliance.runner.wait(gc.submit_gc(appliance.site, actor="t").id, timeout=120)
+        assert failed.status is JobStatus.FAILED
+        assert "failed" in failed.message and "attempt(s)" in failed.message
+        for image in made[1:]:
+            assert images.verify_image(appliance.site, image_id=image)["ok"]
+
+        monkeypatch.setattr(pool, "sweep_packs", real)  # the store back
+        done = appliance.runner.wait(gc.submit_gc(appliance.site, actor="t").id, timeout=60)
+        assert done.status is JobStatus.SUCCEEDED, done.message
+        assert done.result is not None and done.result["resumed"] is True
+        assert done.result["packs_deleted"] == 1
+        for image in made[1:]:
+            assert images.verify_image(appliance.site, image_id=image)["ok"]
     finally:
         appliance.stop()
