@@ -38,7 +38,10 @@ Capture invariants
   backoff, and the whole check repeats, at most ``RECHECK_ATTEMPTS`` times; a file still
   changing then fails the capture with SourceChanged, and nothing becomes visible. When the
   check passes, every file held its captured content at the moment the check began
-  (consistent per file; files created or removed after the walk are not seen). A file that
+  (consistent per file; files created or removed after the walk are not seen). The check's
+  lstats are spread over the workers once none of them reads any more.
+- New files (one link, not sparse, not in the base) are read while the walk goes on, when
+  the check follows: files of one chunk in batches, larger ones a file a task. A file that
   vanished after it was read keeps the content it had until then. A capture from a
   point-in-time source (a snapshot, which cannot change) skips the check (``recheck``).
 - Nothing becomes visible unless the capture succeeds: the manifest is committed last inside
@@ -102,6 +105,7 @@ MAX_SKIP_EXAMPLES = 20
 RECHECK_ATTEMPTS = 4  # re-reads of files that changed after they were read, then it fails
 INCREMENTAL_WINDOW = 4 * CDC_MAX  # bytes cut at once when a changed file is cut again
 RECHECK_BACKOFF = 0.05  # seconds before the first re-read; doubled each time
+RECHECK_SLICE = 2048  # files a worker lstats at a time in the after-read check
 
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _O_NOATIME = getattr(os, "O_NOATIME", 0)
@@ -239,14 +243,14 @@ def _walk(
     base: dict[str, TreeEntry],
     chunks_present: Callable[[TreeEntry], bool],
     identity: Mapping[str, tuple[int, int]] | None = None,
-    on_new_small: Callable[[TreeEntry], None] | None = None,
+    on_new: Callable[[TreeEntry], None] | None = None,
 ) -> tuple[list[TreeEntry], dict[str, int], set[str]]:
     """lstat everything under ``root``: (unsorted entries, st_dev of multiply-linked files,
     paths of files that look sparse).
 
-    ``on_new_small(entry)`` is called, as the walk goes on, for each regular file of one
-    chunk (1 to ``CDC_MIN`` bytes) that ``base`` does not name, has one link and is not
-    sparse: the caller may read it at once (``capture_tree`` does).
+    ``on_new(entry)`` is called, as the walk goes on, for each regular file that is not
+    empty, ``base`` does not name, has one link and is not sparse: the caller may read it at
+    once (``capture_tree`` does).
 
     An entry that ``base`` describes unchanged is the base's TreeEntry object itself (chunks
     included, for a file whose chunks are present): no copy of an unchanged tree is built.
@@ -347,14 +351,14 @@ def _walk(
                     )
                     entries.append(entry)
                     if (
-                        on_new_small is not None
+                        on_new is not None
                         and typ == FILE
-                        and 0 < size <= CDC_MIN
+                        and size > 0
                         and b is None
                         and st.st_nlink == 1
                         and rel not in sparse
                     ):
-                        on_new_small(entry)
+                        on_new(entry)
         except OSError as exc:
             raise SourceUnreadable(path=abs_dir, reason=exc.strerror or str(exc)) from exc
     return entries, link_dev, sparse
@@ -518,10 +522,11 @@ class _Capture:
         return [self.capture_file(i) for i in indices]
 
     def capture_new(self, batch: list[TreeEntry]) -> list[tuple[TreeEntry, _FileResult]]:
-        """Read files of one chunk the walk just found (``_walk``'s ``on_new_small``), in a
-        worker while the walk goes on: the first attempt of ``capture_file`` when the
-        after-read check follows (``checked_later``). A file whose read came up short, or
-        that vanished, gets chunks None: the general path reads it again after the walk."""
+        """Read new files the walk just found (``_walk``'s ``on_new``), in a worker while the
+        walk goes on: the first attempt of ``capture_file`` when the after-read check
+        follows (``checked_later``). A file whose read came up short, or that vanished, gets
+        chunks None: the general path reads it again after the walk. A large file is
+        streamed (``_pieces``): the worker holds one extent of it at a time."""
         out = []
         for e in batch:
             path = f"{self.root}/{e.path}"
@@ -760,8 +765,10 @@ def capture_tree(
         cap.torn_ok = torn_ok
         cap.checked_later = recheck and not torn_ok and identity is None
 
-        # New files of one chunk are read while the walk goes on (the after-read check
-        # covers them like any other): the walk no longer precedes every read.
+        # New files are read while the walk goes on (the after-read check covers them like
+        # any other): the walk no longer precedes every read. Files of one chunk go to the
+        # workers BATCH_FILES at a time, larger ones one a task (each streamed by its worker,
+        # no longer by this thread after the walk, while the workers only hash).
         early: deque[Future[list[tuple[TreeEntry, _FileResult]]]] = deque()
         batch: list[TreeEntry] = []
 
@@ -772,13 +779,17 @@ def capture_tree(
                     if res.chunks is not None:
                         e.chunks = res.chunks
 
-        def on_new_small(e: TreeEntry) -> None:
+        def on_new(e: TreeEntry) -> None:
             nonlocal batch
-            batch.append(e)
-            if len(batch) >= BATCH_FILES:
+            if e.size > CDC_MIN:
+                early.append(ex.submit(cap.capture_new, [e]))
+            else:
+                batch.append(e)
+                if len(batch) < BATCH_FILES:
+                    return
                 early.append(ex.submit(cap.capture_new, batch))
                 batch = []
-                settle_early(4 * w)  # flat memory: the walk waits for the oldest batch
+            settle_early(4 * w)  # flat memory: the walk waits for the oldest task
 
         entries, link_dev, sparse = _walk(
             root_s,
@@ -786,7 +797,7 @@ def capture_tree(
             base_index,
             chunks_present,
             identity,
-            on_new_small if cap.checked_later else None,
+            on_new if cap.checked_later else None,
         )
         if batch:
             early.append(ex.submit(cap.capture_new, batch))
@@ -877,7 +888,7 @@ def capture_tree(
             entries = _drop_vanished(cap, entries, vanished, skipped, account)
         if recheck:
             cap.entries = entries
-            stats.rereads = _settle(cap, account)
+            stats.rereads = _settle(cap, account, ex)
 
         out_meta = dict(meta or {})
         out_meta["root"] = {
@@ -955,12 +966,27 @@ def _drop_vanished(
     return [e for i, e in enumerate(entries) if i not in drop]
 
 
-def _changed_since_read(root: str, entries: list[TreeEntry]) -> list[int]:
-    """Indices of the regular files whose lstat now differs from what they were read as."""
+def _changed_since_read(
+    root: str, entries: list[TreeEntry], ex: ThreadPoolExecutor | None = None
+) -> list[int]:
+    """Indices of the regular files whose lstat now differs from what they were read as,
+    in order. With ``ex`` the files are split among its workers (an lstat releases the GIL:
+    the calls of two workers overlap)."""
+    files = [i for i, e in enumerate(entries) if e.type == FILE]
+    if ex is None or len(files) < 2 * RECHECK_SLICE:
+        return _changed_among(root, entries, files)
+    parts = [
+        ex.submit(_changed_among, root, entries, files[k : k + RECHECK_SLICE])
+        for k in range(0, len(files), RECHECK_SLICE)
+    ]
+    return [i for part in parts for i in part.result()]
+
+
+def _changed_among(root: str, entries: list[TreeEntry], files: list[int]) -> list[int]:
+    """``_changed_since_read`` for the regular files ``files`` (indices into ``entries``)."""
     changed = []
-    for i, e in enumerate(entries):
-        if e.type != FILE:
-            continue
+    for i in files:
+        e = entries[i]
         path = f"{root}/{e.path}"
         try:
             st = os.lstat(path)
@@ -973,15 +999,18 @@ def _changed_since_read(root: str, entries: list[TreeEntry]) -> list[int]:
     return changed
 
 
-def _settle(cap: _Capture, account: Callable[[_Cost], None]) -> int:
+def _settle(
+    cap: _Capture, account: Callable[[_Cost], None], ex: ThreadPoolExecutor | None = None
+) -> int:
     """Re-read files that changed after they were read until a full check finds none
     changed; returns how many re-reads it took. Raises SourceChanged after
-    ``RECHECK_ATTEMPTS`` re-reads that did not settle."""
+    ``RECHECK_ATTEMPTS`` re-reads that did not settle. ``ex``: the check's lstats are
+    spread over its workers (none of which may be reading any more)."""
     entries = cap.entries
     rereads = 0
     delay = RECHECK_BACKOFF
     while True:
-        changed = _changed_since_read(cap.root, entries)
+        changed = _changed_since_read(cap.root, entries, ex)
         if not changed:
             return rereads
         if rereads >= RECHECK_ATTEMPTS:
