@@ -495,14 +495,13 @@ def test_a_large_file_read_during_the_walk_and_rewritten_after_is_read_again(
     assert [e.chunks for e in again.entries] == [e.chunks for e in m.entries]
 
 
-def test_the_after_read_check_spread_over_workers_catches_a_file_in_any_slice(
+def test_the_after_read_check_names_the_first_file_that_keeps_changing(
     pool: ChunkPool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The check's lstats are split among the workers: a file that keeps changing after it
-    is read fails the capture wherever it falls, and the error names the first such file in
-    manifest order."""
+    """Files that keep changing after they are read fail the capture wherever they fall in
+    the tree (read during the walk or after it), and the error names the first such file in
+    manifest order; a file changed once is read again."""
     monkeypatch.setattr(tree_capture, "RECHECK_BACKOFF", 0.0)
-    monkeypatch.setattr(tree_capture, "RECHECK_SLICE", 3)
     src = tmp_path / "src"
     for i in range(30):
         write(src / f"f{i:02d}", b"record 0000")

@@ -38,8 +38,7 @@ Capture invariants
   backoff, and the whole check repeats, at most ``RECHECK_ATTEMPTS`` times; a file still
   changing then fails the capture with SourceChanged, and nothing becomes visible. When the
   check passes, every file held its captured content at the moment the check began
-  (consistent per file; files created or removed after the walk are not seen). The check's
-  lstats are spread over the workers once none of them reads any more.
+  (consistent per file; files created or removed after the walk are not seen).
 - New files (one link, not sparse, not in the base) are read while the walk goes on, when
   the check follows: files of one chunk in batches, larger ones a file a task. A file that
   vanished after it was read keeps the content it had until then. A capture from a
@@ -105,7 +104,6 @@ MAX_SKIP_EXAMPLES = 20
 RECHECK_ATTEMPTS = 4  # re-reads of files that changed after they were read, then it fails
 INCREMENTAL_WINDOW = 4 * CDC_MAX  # bytes cut at once when a changed file is cut again
 RECHECK_BACKOFF = 0.05  # seconds before the first re-read; doubled each time
-RECHECK_SLICE = 2048  # files a worker lstats at a time in the after-read check
 
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _O_NOATIME = getattr(os, "O_NOATIME", 0)
@@ -888,7 +886,7 @@ def capture_tree(
             entries = _drop_vanished(cap, entries, vanished, skipped, account)
         if recheck:
             cap.entries = entries
-            stats.rereads = _settle(cap, account, ex)
+            stats.rereads = _settle(cap, account)
 
         out_meta = dict(meta or {})
         out_meta["root"] = {
@@ -966,27 +964,12 @@ def _drop_vanished(
     return [e for i, e in enumerate(entries) if i not in drop]
 
 
-def _changed_since_read(
-    root: str, entries: list[TreeEntry], ex: ThreadPoolExecutor | None = None
-) -> list[int]:
-    """Indices of the regular files whose lstat now differs from what they were read as,
-    in order. With ``ex`` the files are split among its workers (an lstat releases the GIL:
-    the calls of two workers overlap)."""
-    files = [i for i, e in enumerate(entries) if e.type == FILE]
-    if ex is None or len(files) < 2 * RECHECK_SLICE:
-        return _changed_among(root, entries, files)
-    parts = [
-        ex.submit(_changed_among, root, entries, files[k : k + RECHECK_SLICE])
-        for k in range(0, len(files), RECHECK_SLICE)
-    ]
-    return [i for part in parts for i in part.result()]
-
-
-def _changed_among(root: str, entries: list[TreeEntry], files: list[int]) -> list[int]:
-    """``_changed_since_read`` for the regular files ``files`` (indices into ``entries``)."""
+def _changed_since_read(root: str, entries: list[TreeEntry]) -> list[int]:
+    """Indices of the regular files whose lstat now differs from what they were read as."""
     changed = []
-    for i in files:
-        e = entries[i]
+    for i, e in enumerate(entries):
+        if e.type != FILE:
+            continue
         path = f"{root}/{e.path}"
         try:
             st = os.lstat(path)
@@ -999,18 +982,15 @@ def _changed_among(root: str, entries: list[TreeEntry], files: list[int]) -> lis
     return changed
 
 
-def _settle(
-    cap: _Capture, account: Callable[[_Cost], None], ex: ThreadPoolExecutor | None = None
-) -> int:
+def _settle(cap: _Capture, account: Callable[[_Cost], None]) -> int:
     """Re-read files that changed after they were read until a full check finds none
     changed; returns how many re-reads it took. Raises SourceChanged after
-    ``RECHECK_ATTEMPTS`` re-reads that did not settle. ``ex``: the check's lstats are
-    spread over its workers (none of which may be reading any more)."""
+    ``RECHECK_ATTEMPTS`` re-reads that did not settle."""
     entries = cap.entries
     rereads = 0
     delay = RECHECK_BACKOFF
     while True:
-        changed = _changed_since_read(cap.root, entries, ex)
+        changed = _changed_since_read(cap.root, entries)
         if not changed:
             return rereads
         if rereads >= RECHECK_ATTEMPTS:
