@@ -394,7 +394,7 @@ def test_file_changed_while_read_is_read_again(
     assert entry.size == len(b"first line\nsecond line\n") == os.stat(src / "log").st_size
 
 
-@pytest.mark.parametrize("size", [100, 5 * MiB])  # read by a worker / streamed by the caller
+@pytest.mark.parametrize("size", [100, 5 * MiB])  # one chunk / streamed, both while walking
 def test_file_that_keeps_changing_fails_capture(
     pool: ChunkPool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int
 ) -> None:
@@ -465,6 +465,68 @@ def test_a_file_that_keeps_changing_after_it_is_read_fails_the_capture(
         capture_tree(pool, src, on_read=append_after_each_read)
     assert n[0] == tree_capture.RECHECK_ATTEMPTS + 1
     assert pool.list_manifests() == []
+
+
+def test_a_large_file_read_during_the_walk_and_rewritten_after_is_read_again(
+    pool: ChunkPool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new file of several chunks is streamed by a worker while the walk goes on; a
+    rewrite right after that read is caught by the check, and the image holds the new
+    bytes, chunk for chunk as a full read cuts them."""
+    monkeypatch.setattr(tree_capture, "RECHECK_BACKOFF", 0.0)
+    src = tmp_path / "src"
+    old, new = rand(9 * MiB, 21), rand(9 * MiB, 22)
+    write(src / "big", old)
+    for i in range(40):
+        write(src / f"small/{i:02d}", b"x" * (i + 1))
+    done: list[str] = []
+
+    def rewrite_after_read(path: str) -> None:
+        if path == "big" and not done:
+            done.append(path)
+            rewrite_same_size(src / "big", new)
+
+    _, m, stats = capture_tree(pool, src, on_read=rewrite_after_read)
+    assert done and stats.rereads == 1
+    assert read_back(pool, m, "big") == new
+    (big,) = [e for e in m.entries if e.path == "big"]
+    assert len(big.chunks) > 1
+    _, again, _ = capture_tree(pool, src)  # the general path's chunk list is the same
+    assert [e.chunks for e in again.entries] == [e.chunks for e in m.entries]
+
+
+def test_the_after_read_check_names_the_first_file_that_keeps_changing(
+    pool: ChunkPool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Files that keep changing after they are read fail the capture wherever they fall in
+    the tree (read during the walk or after it), and the error names the first such file in
+    manifest order; a file changed once is read again."""
+    monkeypatch.setattr(tree_capture, "RECHECK_BACKOFF", 0.0)
+    src = tmp_path / "src"
+    for i in range(30):
+        write(src / f"f{i:02d}", b"record 0000")
+    n = [0]
+
+    def change_two(path: str) -> None:
+        if path in ("f17", "f25"):
+            n[0] += 1
+            rewrite_same_size(src / path, b"record %04d" % n[0])
+
+    with pytest.raises(
+        SourceChanged, match=r"/f17 changed .*it and 1 other file\(s\) changed after"
+    ):
+        capture_tree(pool, src, on_read=change_two)
+    assert pool.list_manifests() == []
+
+    once: list[str] = []
+
+    def change_once(path: str) -> None:
+        if path == "f29" and not once:
+            once.append(path)
+            rewrite_same_size(src / path, b"record 9999")
+
+    _, m, stats = capture_tree(pool, src, on_read=change_once)
+    assert stats.rereads == 1 and read_back(pool, m, "f29") == b"record 9999"
 
 
 def test_a_file_reused_from_the_base_and_changed_after_the_walk_is_read(

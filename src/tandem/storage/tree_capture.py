@@ -38,7 +38,9 @@ Capture invariants
   backoff, and the whole check repeats, at most ``RECHECK_ATTEMPTS`` times; a file still
   changing then fails the capture with SourceChanged, and nothing becomes visible. When the
   check passes, every file held its captured content at the moment the check began
-  (consistent per file; files created or removed after the walk are not seen). A file that
+  (consistent per file; files created or removed after the walk are not seen).
+- New files (one link, not sparse, not in the base) are read while the walk goes on, when
+  the check follows: files of one chunk in batches, larger ones a file a task. A file that
   vanished after it was read keeps the content it had until then. A capture from a
   point-in-time source (a snapshot, which cannot change) skips the check (``recheck``).
 - Nothing becomes visible unless the capture succeeds: the manifest is committed last inside
@@ -239,14 +241,14 @@ def _walk(
     base: dict[str, TreeEntry],
     chunks_present: Callable[[TreeEntry], bool],
     identity: Mapping[str, tuple[int, int]] | None = None,
-    on_new_small: Callable[[TreeEntry], None] | None = None,
+    on_new: Callable[[TreeEntry], None] | None = None,
 ) -> tuple[list[TreeEntry], dict[str, int], set[str]]:
     """lstat everything under ``root``: (unsorted entries, st_dev of multiply-linked files,
     paths of files that look sparse).
 
-    ``on_new_small(entry)`` is called, as the walk goes on, for each regular file of one
-    chunk (1 to ``CDC_MIN`` bytes) that ``base`` does not name, has one link and is not
-    sparse: the caller may read it at once (``capture_tree`` does).
+    ``on_new(entry)`` is called, as the walk goes on, for each regular file that is not
+    empty, ``base`` does not name, has one link and is not sparse: the caller may read it at
+    once (``capture_tree`` does).
 
     An entry that ``base`` describes unchanged is the base's TreeEntry object itself (chunks
     included, for a file whose chunks are present): no copy of an unchanged tree is built.
@@ -347,14 +349,14 @@ def _walk(
                     )
                     entries.append(entry)
                     if (
-                        on_new_small is not None
+                        on_new is not None
                         and typ == FILE
-                        and 0 < size <= CDC_MIN
+                        and size > 0
                         and b is None
                         and st.st_nlink == 1
                         and rel not in sparse
                     ):
-                        on_new_small(entry)
+                        on_new(entry)
         except OSError as exc:
             raise SourceUnreadable(path=abs_dir, reason=exc.strerror or str(exc)) from exc
     return entries, link_dev, sparse
@@ -518,10 +520,11 @@ class _Capture:
         return [self.capture_file(i) for i in indices]
 
     def capture_new(self, batch: list[TreeEntry]) -> list[tuple[TreeEntry, _FileResult]]:
-        """Read files of one chunk the walk just found (``_walk``'s ``on_new_small``), in a
-        worker while the walk goes on: the first attempt of ``capture_file`` when the
-        after-read check follows (``checked_later``). A file whose read came up short, or
-        that vanished, gets chunks None: the general path reads it again after the walk."""
+        """Read new files the walk just found (``_walk``'s ``on_new``), in a worker while the
+        walk goes on: the first attempt of ``capture_file`` when the after-read check
+        follows (``checked_later``). A file whose read came up short, or that vanished, gets
+        chunks None: the general path reads it again after the walk. A large file is
+        streamed (``_pieces``): the worker holds one extent of it at a time."""
         out = []
         for e in batch:
             path = f"{self.root}/{e.path}"
@@ -760,8 +763,10 @@ def capture_tree(
         cap.torn_ok = torn_ok
         cap.checked_later = recheck and not torn_ok and identity is None
 
-        # New files of one chunk are read while the walk goes on (the after-read check
-        # covers them like any other): the walk no longer precedes every read.
+        # New files are read while the walk goes on (the after-read check covers them like
+        # any other): the walk no longer precedes every read. Files of one chunk go to the
+        # workers BATCH_FILES at a time, larger ones one a task (each streamed by its worker,
+        # no longer by this thread after the walk, while the workers only hash).
         early: deque[Future[list[tuple[TreeEntry, _FileResult]]]] = deque()
         batch: list[TreeEntry] = []
 
@@ -772,13 +777,17 @@ def capture_tree(
                     if res.chunks is not None:
                         e.chunks = res.chunks
 
-        def on_new_small(e: TreeEntry) -> None:
+        def on_new(e: TreeEntry) -> None:
             nonlocal batch
-            batch.append(e)
-            if len(batch) >= BATCH_FILES:
+            if e.size > CDC_MIN:
+                early.append(ex.submit(cap.capture_new, [e]))
+            else:
+                batch.append(e)
+                if len(batch) < BATCH_FILES:
+                    return
                 early.append(ex.submit(cap.capture_new, batch))
                 batch = []
-                settle_early(4 * w)  # flat memory: the walk waits for the oldest batch
+            settle_early(4 * w)  # flat memory: the walk waits for the oldest task
 
         entries, link_dev, sparse = _walk(
             root_s,
@@ -786,7 +795,7 @@ def capture_tree(
             base_index,
             chunks_present,
             identity,
-            on_new_small if cap.checked_later else None,
+            on_new if cap.checked_later else None,
         )
         if batch:
             early.append(ex.submit(cap.capture_new, batch))
