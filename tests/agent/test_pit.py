@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import stat
 import subprocess
@@ -410,7 +411,7 @@ def test_a_file_written_between_two_of_its_pieces_is_never_captured_torn(
     table = app / "table"
     size = 1024 * 1024
     table.write_bytes(b"1" * size)
-    real = pit.fcntl.ioctl
+    real = fcntl.ioctl
     rewritten = [0]
 
     def ioctl(fd: int, request: int, arg: Any = 0, *more: Any) -> Any:
