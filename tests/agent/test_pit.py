@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import fcntl
 import os
-import stat
 import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any
 
 import pytest
 
@@ -359,79 +355,6 @@ def test_a_kept_cut_is_dropped_when_the_app_is_no_longer_cut_from_clones(
     assert leftovers(fs) == []
 
 
-def test_a_tree_s_clones_are_what_cp_a_makes_big_files_cloned_in_pieces(
-    mkfs: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The clones are made in-process, each file a piece per ioctl: contents, modes, times,
-    folders, symlinks, hard links and special files come out as ``cp -a`` makes them."""
-    monkeypatch.setattr(pit, "CLONE_PIECE", 64 * 1024)
-    fs = mkfs("xfs")
-    app = fs / "app"
-    (app / "sub" / "deep").mkdir(parents=True)
-    (app / "big").write_bytes(os.urandom(1024 * 1024 + 123))  # 17 pieces, the last partial
-    (app / "empty").write_bytes(b"")
-    (app / "sub" / "small").write_bytes(b"x" * 100)
-    os.link(app / "sub" / "small", app / "sub" / "deep" / "same")
-    (app / "link").symlink_to("sub/small")
-    os.mkfifo(app / "fifo")
-    os.chmod(app / "sub", 0o750)
-    os.chmod(app / "sub" / "small", 0o640)
-    os.utime(app / "big", ns=(1_000_000_000, 2_000_000_000))
-    with pit.point_in_time(str(app), "filesystem", ConsistencyMode.AUTO) as cut:
-        assert cut.cut is Cut.REFLINK
-        copy = Path(cut.path)
-        for rel in ("big", "empty", "sub", "sub/deep", "sub/small", "sub/deep/same", "link"):
-            live, cloned = os.lstat(app / rel), os.lstat(copy / rel)
-            assert (cloned.st_mode, cloned.st_uid, cloned.st_gid) == (
-                live.st_mode,
-                live.st_uid,
-                live.st_gid,
-            ), rel
-            assert cloned.st_mtime_ns == live.st_mtime_ns, rel
-            if (app / rel).is_file() and not (app / rel).is_symlink():
-                assert (copy / rel).read_bytes() == (app / rel).read_bytes(), rel
-        assert os.readlink(copy / "link") == "sub/small"
-        small, same = os.lstat(copy / "sub" / "small"), os.lstat(copy / "sub" / "deep" / "same")
-        assert small.st_ino == same.st_ino and small.st_nlink == 2  # still one file
-        assert stat.S_ISFIFO(os.lstat(copy / "fifo").st_mode)
-    assert leftovers(app.parent) == []
-
-
-def test_a_file_written_between_two_of_its_pieces_is_never_captured_torn(
-    pool: ChunkPool, mkfs: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A file cloned in pieces is not one instant of it: the application rewrites it (in
-    one write, as a database page) after the first piece is cloned. The held check finds
-    it changed since the cloning began, and the image has the file as it was at the cut,
-    whole: never the first piece of one version and the rest of another."""
-    monkeypatch.setattr(pit, "CLONE_PIECE", 64 * 1024)
-    fs = mkfs("xfs")
-    app = fs / "app"
-    app.mkdir()
-    table = app / "table"
-    size = 1024 * 1024
-    table.write_bytes(b"1" * size)
-    real = fcntl.ioctl
-    rewritten = [0]
-
-    def ioctl(fd: int, request: int, arg: Any = 0, *more: Any) -> Any:
-        done = real(fd, request, arg, *more)
-        if request == pit.FICLONERANGE and not rewritten[0]:
-            rewritten[0] += 1  # the first piece is cloned: the app rewrites the whole file
-            wfd = os.open(table, os.O_WRONLY)
-            os.pwrite(wfd, b"2" * size, 0)
-            os.close(wfd)
-        return done
-
-    monkeypatch.setattr(pit, "fcntl", SimpleNamespace(ioctl=ioctl))
-    with pit.point_in_time(str(app), "filesystem", ConsistencyMode.AUTO) as cut:
-        assert cut.cut is Cut.REFLINK
-        _, m, _ = capture_tree(pool, cut.path, recheck=cut.recheck)
-    assert rewritten[0] == 1
-    assert files_of(pool, m)["table"] == b"2" * size  # as at the cut, not "1…" then "2…"
-    assert leftovers(fs) == []
-
-
 def test_a_file_made_and_removed_while_the_tree_was_cloned_is_not_in_the_image(
     pool: ChunkPool, mkfs: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -442,7 +365,7 @@ def test_a_file_made_and_removed_while_the_tree_was_cloned_is_not_in_the_image(
     app = fs / "app"
     (app / "sub").mkdir(parents=True)
     (app / "kept").write_bytes(b"k")
-    real_walk, real_clone = pit._lstat_tree, pit._clone_tree
+    real_walk, real_cp = pit._lstat_tree, pit._cp
     walks = [0]
 
     def walk_then_make(root: str, exclude: str | None) -> dict[str, tuple[int, ...]]:
@@ -454,13 +377,13 @@ def test_a_file_made_and_removed_while_the_tree_was_cloned_is_not_in_the_image(
         return found
 
     def clone_then_remove(sources: list[str], dest: str, path: str) -> None:
-        real_clone(sources, dest, path)
+        real_cp(sources, dest, path)
         if walks[0] == 1:
             (app / "tmp.top").unlink()
             (app / "sub" / "tmp.sub").unlink()
 
     monkeypatch.setattr(pit, "_lstat_tree", walk_then_make)
-    monkeypatch.setattr(pit, "_clone_tree", clone_then_remove)
+    monkeypatch.setattr(pit, "_cp", clone_then_remove)
     with pit.point_in_time(str(app), "filesystem", ConsistencyMode.AUTO) as cut:
         assert cut.cut is Cut.REFLINK
         _, m, _ = capture_tree(pool, cut.path, recheck=cut.recheck)

@@ -6,20 +6,20 @@ app's ``ConsistencyMode``:
 - ``auto`` and ``snapshot``:
   - a tree that is a btrfs subvolume (inode 256) whose parent folder is on the same mount →
     ``btrfs subvolume snapshot -r`` beside it, read, then deleted (``snapshot-btrfs``);
-  - a tree on btrfs or XFS → reflink clones (what ``cp -a --reflink=always`` makes, made
-    in-process by a few threads, each file ``CLONE_PIECE`` bytes per ioctl so that the app
-    waits on a file's lock for one piece, not the whole file) into a hidden work folder on
-    the same file system; then, with writes held (``fsfreeze``) only for an lstat walk of
-    the live tree, every entry is compared with what it was when the cloning began (type,
-    size, mtime, ctime, inode): all unchanged means every clone is the file at that instant
-    (``reflink``). Regular files that changed since cloned are read then, while writes are
-    still held, only where their extents no longer match their clone's (``storage.extents``;
-    the whole file when the maps cannot tell), up to ``HELD_READ_MAX`` bytes, and written
-    into their clones after; the hold grows with what changed, not with the files. Otherwise
-    (more bytes, or folders changed) the changed entries are cloned again, writes released
-    meanwhile, and the check repeats, at most ``CLONE_ATTEMPTS`` times. (Writes cannot be
-    held around the cloning itself: a clone is a write, and blocks on a frozen file system.)
-    The longest hold is reported. On the root file system, which is never frozen, the check
+  - a tree on btrfs or XFS → ``cp -a --reflink=always`` into a hidden work folder on the same
+    file system; then, with writes held (``fsfreeze``) only for an lstat walk of the live
+    tree, every entry is compared with what it was when cloned (type, size, mtime, ctime,
+    inode): all unchanged means every clone is the file at that instant (``reflink``), and
+    what the clones hold that the held walk did not see (made and removed meanwhile) is
+    removed.
+    Regular files that changed since cloned are read then, while writes are still held,
+    only where their extents no longer match their clone's (``storage.extents``; the whole
+    file when the maps cannot tell), up to ``HELD_READ_MAX`` bytes, and written into their
+    clones after; the hold grows with what changed, not with the files. Otherwise (more bytes,
+    or folders changed) the changed entries are cloned again, writes released meanwhile,
+    and the check repeats, at most ``CLONE_ATTEMPTS`` times. (Writes cannot be held around
+    the cloning itself: a clone is a write, and blocks on a frozen file system.) The
+    longest hold is reported. On the root file system, which is never frozen, the check
     runs with writes flowing;
   - a volume file on btrfs or XFS → a ``FICLONE`` clone beside it, read, then removed
     (``reflink``);
@@ -55,12 +55,10 @@ import os
 import secrets
 import shutil
 import stat
-import struct
 import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from tandem.domain.consistency import ConsistencyMode, Cut
@@ -68,11 +66,6 @@ from tandem.errors import PointInTimeUnavailable, SourceChanged
 from tandem.storage import extents
 
 FICLONE = 0x40049409  # _IOW(0x94, 9, int)
-FICLONERANGE = 0x4020940D  # _IOW(0x94, 13, struct file_clone_range): 4 × 64-bit fields
-CLONE_PIECE = 16 * 1024 * 1024
-"""A tree's files are cloned this many bytes per ioctl: the file system locks a file (reads
-included) while it remaps a range, so an app waits for one piece, not for a whole table."""
-CLONE_THREADS = 4
 FIFREEZE = 0xC0045877  # _IOWR('X', 119, int): what fsfreeze -f does, without a process
 FITHAW = 0xC0045878  # _IOWR('X', 120, int)
 REFLINK_FS = frozenset({"btrfs", "xfs"})
@@ -381,118 +374,6 @@ def _cp(sources: list[str], dest: str, path: str) -> None:
     _run(["cp", "-a", "--reflink=always", "--", *sources, dest], "cloning with reflinks", path)
 
 
-def _clone_pieces(sfd: int, dfd: int, size: int) -> None:
-    """Clone ``sfd`` into the empty ``dfd`` ``CLONE_PIECE`` bytes per ``FICLONERANGE``, the
-    last piece to the source's end (length 0), whatever it has grown to meanwhile.
-
-    Not one instant of the file: a piece cloned before a write and one after it would mix.
-    Only for a tree's files, whose clones count only once an lstat walk with writes held
-    finds the file unchanged since before the cloning began (``_reflink_tree``)."""
-    offset = 0
-    while True:
-        last = size - offset <= CLONE_PIECE
-        length = 0 if last else CLONE_PIECE
-        fcntl.ioctl(dfd, FICLONERANGE, struct.pack("qQQQ", sfd, offset, length, offset))
-        if last:
-            return
-        offset += CLONE_PIECE
-
-
-def _clone_regular(src: str, dst: str, path: str) -> None:
-    """A tree's regular file cloned in pieces (``_clone_pieces``) with its mode, owner and
-    times, as ``cp -a`` makes it."""
-    sfd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        st = os.fstat(sfd)
-        dfd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            try:
-                _clone_pieces(sfd, dfd, st.st_size)
-            except OSError as exc:
-                raise PointInTimeUnavailable(
-                    path=path, reason=f"the file system would not clone {src} ({exc.strerror})"
-                ) from exc
-            os.fchown(dfd, st.st_uid, st.st_gid)
-            os.fchmod(dfd, stat.S_IMODE(st.st_mode))
-            os.utime(dfd, ns=(st.st_atime_ns, st.st_mtime_ns))
-        finally:
-            os.close(dfd)
-    finally:
-        os.close(sfd)
-
-
-def _copy_meta(src_st: os.stat_result, dst: str) -> None:
-    """Owner, mode and times of a folder or symlink, as ``cp -a`` keeps them."""
-    os.chown(dst, src_st.st_uid, src_st.st_gid, follow_symlinks=False)
-    if not stat.S_ISLNK(src_st.st_mode):
-        os.chmod(dst, stat.S_IMODE(src_st.st_mode))
-    os.utime(dst, ns=(src_st.st_atime_ns, src_st.st_mtime_ns), follow_symlinks=False)
-
-
-def _clone_tree(sources: list[str], dest: str, path: str) -> None:
-    """``cp -a --reflink=always SOURCES DEST/`` in this process: folders, symlinks and hard
-    links as they are, regular files reflinked in pieces by ``CLONE_THREADS`` threads (the
-    ioctls run without the GIL), anything else (a fifo, a device) by ``cp``. An entry that
-    vanishes meanwhile is left out: the check after the cloning finds it changed."""
-    try:
-        _clone_entries(sources, dest, path)
-    except OSError as exc:
-        raise PointInTimeUnavailable(
-            path=path, reason=f"cloning with reflinks failed: {exc.strerror or exc}"
-        ) from exc
-
-
-def _clone_entries(sources: list[str], dest: str, path: str) -> None:
-    folders: list[tuple[str, os.stat_result]] = []
-    links: list[tuple[str, str]] = []
-    others: list[tuple[str, str]] = []
-    first: dict[tuple[int, int], str] = {}
-    with ThreadPoolExecutor(CLONE_THREADS, thread_name_prefix="tandem-clone") as pool:
-        files: list[Future[None]] = []
-
-        def clone(src: str, dst: str) -> None:
-            with contextlib.suppress(FileNotFoundError):
-                _clone_regular(src, dst, path)
-
-        stack = [(src, os.path.join(dest, os.path.basename(src))) for src in sources]
-        while stack:
-            src, dst = stack.pop()
-            try:
-                st = os.lstat(src)
-                if stat.S_ISDIR(st.st_mode):
-                    os.mkdir(dst, 0o700)
-                    folders.append((dst, st))
-                    with os.scandir(src) as it:
-                        stack.extend((e.path, os.path.join(dst, e.name)) for e in it)
-                elif stat.S_ISREG(st.st_mode):
-                    if st.st_nlink > 1 and (st.st_dev, st.st_ino) in first:
-                        links.append((first[st.st_dev, st.st_ino], dst))
-                        continue
-                    if st.st_nlink > 1:
-                        first[st.st_dev, st.st_ino] = dst
-                    files.append(pool.submit(clone, src, dst))
-                elif stat.S_ISLNK(st.st_mode):
-                    os.symlink(os.readlink(src), dst)
-                    _copy_meta(st, dst)
-                else:
-                    others.append((src, dst))
-            except FileNotFoundError:
-                continue
-        for done in files:
-            done.result()
-    for target, dst in links:
-        with contextlib.suppress(FileNotFoundError):
-            os.link(target, dst)
-    for src, dst in others:
-        try:
-            _cp([src], dst, path)
-        except PointInTimeUnavailable:
-            if os.path.lexists(src):
-                raise
-    for dst, st in reversed(folders):  # children first: adding them changed the times
-        _copy_meta(st, dst)
-
-
 def _remove(entry: str) -> None:
     if os.path.isdir(entry) and not os.path.islink(entry):
         shutil.rmtree(entry)
@@ -533,9 +414,14 @@ def _reclone(path: str, work: str, changed: list[str], now: dict[str, tuple[int,
         _remove(dst)
         if stat.S_ISREG(key[0]):
             with contextlib.suppress(FileNotFoundError):  # removed since: the next check sees
-                _clone_regular(src, dst, path)
+                _clone_file(src, dst, path)
             continue
-        _clone_tree([src], os.path.dirname(dst), path)  # gone since: the next check sees
+        try:
+            _cp([src], dst, path)
+        except PointInTimeUnavailable:
+            if os.path.lexists(src):
+                raise
+            continue  # removed since: the next check sees it gone
         if stat.S_ISDIR(key[0]):
             done.append(rel)
 
@@ -552,6 +438,23 @@ def _clone_fd(sfd: int, dst: str, path: str, what: str) -> int:
             path=path, reason=f"the file system would not clone {what} ({exc.strerror})"
         ) from exc
     return dfd
+
+
+def _clone_file(src: str, dst: str, path: str) -> None:
+    """A reflink clone of one regular file with its mode, owner and times (as ``cp -a``),
+    without a process per file: re-cloning must be quick for the next check to settle."""
+    sfd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        dfd = _clone_fd(sfd, dst, path, src)
+        try:
+            st = os.fstat(sfd)
+            os.fchown(dfd, st.st_uid, st.st_gid)
+            os.fchmod(dfd, stat.S_IMODE(st.st_mode))
+            os.utime(dfd, ns=(st.st_atime_ns, st.st_mtime_ns))
+        finally:
+            os.close(dfd)
+    finally:
+        os.close(sfd)
 
 
 @dataclass
@@ -681,7 +584,7 @@ def _reflink_tree(path: str, mount: Mount, base: str | None) -> Iterator[PointIn
             if exclude is None or not n.startswith(WORK_PREFIX)
         ]
         if names:
-            _clone_tree(names, work, path)
+            _cp(names, work + "/", path)
         for attempt in range(CLONE_ATTEMPTS):
             if hold:
                 syncfs(path)
