@@ -353,3 +353,38 @@ def test_a_kept_cut_is_dropped_when_the_app_is_no_longer_cut_from_clones(
         _, m, _ = capture_tree(pool, cut.path, recheck=cut.recheck)
     assert sorted(e.path for e in m.entries) == ["data"]
     assert leftovers(fs) == []
+
+
+def test_a_file_made_and_removed_while_the_tree_was_cloned_is_not_in_the_image(
+    pool: ChunkPool, mkfs: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A temporary file that appears after the walk before the cloning, is cloned, and is
+    gone before the held check was never in the tree at the cut: it is in neither walk,
+    only in the clones, and it must not be in the image (at the top or in a folder)."""
+    fs = mkfs("xfs")
+    app = fs / "app"
+    (app / "sub").mkdir(parents=True)
+    (app / "kept").write_bytes(b"k")
+    real_walk, real_cp = pit._lstat_tree, pit._cp
+    walks = [0]
+
+    def walk_then_make(root: str, exclude: str | None) -> dict[str, tuple[int, ...]]:
+        found = real_walk(root, exclude)
+        walks[0] += 1
+        if walks[0] == 1:  # the walk before the cloning
+            (app / "tmp.top").write_bytes(b"t")
+            (app / "sub" / "tmp.sub").write_bytes(b"t")
+        return found
+
+    def clone_then_remove(sources: list[str], dest: str, path: str) -> None:
+        real_cp(sources, dest, path)
+        if walks[0] == 1:
+            (app / "tmp.top").unlink()
+            (app / "sub" / "tmp.sub").unlink()
+
+    monkeypatch.setattr(pit, "_lstat_tree", walk_then_make)
+    monkeypatch.setattr(pit, "_cp", clone_then_remove)
+    with pit.point_in_time(str(app), "filesystem", ConsistencyMode.AUTO) as cut:
+        assert cut.cut is Cut.REFLINK
+        _, m, _ = capture_tree(pool, cut.path, recheck=cut.recheck)
+    assert sorted(e.path for e in m.entries) == ["kept", "sub"]

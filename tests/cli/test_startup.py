@@ -31,6 +31,9 @@ HEAVY = (
 )
 # What the HTTP stack would import for nothing a command does (help renders with pygments).
 EXTRAS = ("trio", "httpx._main", "pygments")
+# What only rendering for people needs: a script's call (JSON, an error, a job's progress on
+# a stderr that is no terminal) prints without it.
+RENDERING = ("rich",)
 
 # Runs ``tandem ARGS`` in this interpreter the way the entry point does, then prints the
 # modules it imported (the command's own output goes to stdout, this list to stderr's last
@@ -96,6 +99,27 @@ def test_an_api_command_imports_only_the_cli_and_its_client(appliance: Daemon) -
         assert code == (1 if args[0] == "capture" else 0), args
         assert "httpcore" in modules, args  # it did talk to the appliance
         assert heavy_in(modules, HEAVY + EXTRAS) == [], args
+
+
+def test_a_script_s_call_prints_without_the_rendering_library(appliance: Daemon) -> None:
+    """JSON, a job followed to its end and an error line need no Rich; a table for people
+    still renders with it (imported when it is drawn)."""
+    conn = ["--url", appliance.url, "--token", appliance.token, "--fingerprint"]
+    fp = appliance.fingerprint
+    for expected, args in (
+        (0, ["apps", "--json", *conn, fp]),
+        (0, ["jobs", "--json", *conn, fp]),
+        # A job command followed to its end: its progress bar is on a stderr that is no
+        # terminal here, where it would show nothing.
+        (0, ["gc", "--json", *conn, fp]),
+        (1, ["capture", "no-such-app", "--json", *conn, fp]),
+        (1, ["apps", "--json", *conn, "00" * 32]),  # refused: not the pinned certificate
+    ):
+        code, modules = imported(*args)
+        assert code == expected, args
+        assert heavy_in(modules, HEAVY + EXTRAS + RENDERING) == [], args
+    code, modules = imported("apps", *conn, appliance.fingerprint)
+    assert code in (0, None) and "rich.table" in modules
 
 
 def test_a_storage_command_still_finds_the_storage_engine(tmp_path: Path) -> None:

@@ -9,7 +9,9 @@ app's ``ConsistencyMode``:
   - a tree on btrfs or XFS → ``cp -a --reflink=always`` into a hidden work folder on the same
     file system; then, with writes held (``fsfreeze``) only for an lstat walk of the live
     tree, every entry is compared with what it was when cloned (type, size, mtime, ctime,
-    inode): all unchanged means every clone is the file at that instant (``reflink``).
+    inode): all unchanged means every clone is the file at that instant (``reflink``), and
+    what the clones hold that the held walk did not see (made and removed meanwhile) is
+    removed.
     Regular files that changed since cloned are read then, while writes are still held,
     only where their extents no longer match their clone's (``storage.extents``; the whole
     file when the maps cannot tell), up to ``HELD_READ_MAX`` bytes, and written into their
@@ -380,6 +382,17 @@ def _remove(entry: str) -> None:
             os.unlink(entry)
 
 
+def _prune(work: str, rel_dir: str, now: dict[str, tuple[int, ...]]) -> None:
+    """Remove from the clone of folder ``rel_dir`` ("" for the root, else ending in "/")
+    what the live tree did not hold at ``now``: a file made after the walk before the
+    cloning and removed before the check (a temporary file, the old name of a renamed one)
+    is in neither walk, only in the clones; its folder's changed mtime says where."""
+    with contextlib.suppress(FileNotFoundError):
+        for name in os.listdir(os.path.join(work, rel_dir)):
+            if rel_dir + name not in now:
+                _remove(os.path.join(work, rel_dir, name))
+
+
 def _reclone(path: str, work: str, changed: list[str], now: dict[str, tuple[int, ...]]) -> None:
     """Bring the clones of ``changed`` entries in line with the live tree (after ``now``)."""
     done: list[str] = []
@@ -396,6 +409,7 @@ def _reclone(path: str, work: str, changed: list[str], now: dict[str, tuple[int,
                 st = os.lstat(src)
                 os.chown(dst, st.st_uid, st.st_gid)
                 os.chmod(dst, stat.S_IMODE(st.st_mode))
+            _prune(work, rel + "/", now)
             continue
         _remove(dst)
         if stat.S_ISREG(key[0]):
@@ -595,6 +609,7 @@ def _reflink_tree(path: str, mount: Mount, base: str | None) -> Iterator[PointIn
                 _write_read(work, read)
                 changed = []
             if not changed:
+                _prune(work, "", now)  # the root's mtime is not in the walks
                 st = os.stat(path)  # the root's own metadata, which the image records
                 os.chmod(work, stat.S_IMODE(st.st_mode))
                 os.chown(work, st.st_uid, st.st_gid)

@@ -32,11 +32,9 @@ import inspect
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any, Concatenate, ParamSpec, get_type_hints, overload
+from typing import TYPE_CHECKING, Annotated, Any, Concatenate, ParamSpec, get_type_hints, overload
 
 import typer
-from rich import box
-from rich.table import Table
 
 # typer 0.29 vendors click; the context of the running command lives in this (private) module.
 from typer._click.globals import get_current_context
@@ -50,6 +48,9 @@ from .startup import hidden, import_http_client
 
 with hidden("httpx._main"):  # httpx's own CLI: see tandem.cli.startup
     from tandem.transport.client import ApiClient, ApplianceClient, Doc
+
+if TYPE_CHECKING:  # Rich is imported when a table is made (tandem.cli.output)
+    from rich.table import Table
 
 P = ParamSpec("P")
 
@@ -198,6 +199,9 @@ class Session:
 
 
 def table_of(rows: list[dict[str, Any]], keys: tuple[str, ...]) -> Table:
+    from rich import box
+    from rich.table import Table
+
     table = Table(box=box.SIMPLE_HEAD)
     for key in keys:
         table.add_column(key, no_wrap=key in ("name", "id"), overflow="fold")

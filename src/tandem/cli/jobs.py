@@ -14,19 +14,19 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich import box
-from rich.live import Live
-from rich.table import Table
 
 from tandem.errors import NotFound
 from tandem.transport.api import GcIn, checked
 from tandem.transport.client import ApplianceClient
 
 from .common import Session, api_command, checked_job, job_of
-from .output import byte_progress, emit_json, fail, human_bytes, plain, stderr, stdout
+from .output import byte_progress, emit_json, fail, human_bytes, plain, real, stderr, stdout
+
+if TYPE_CHECKING:  # Rich is imported when a table is made (tandem.cli.output)
+    from rich.table import Table
 
 TERMINAL = frozenset({"succeeded", "failed", "canceled"})
 POLL = 0.25
@@ -120,6 +120,9 @@ def follow_job(client: ApplianceClient, job: dict[str, Any], *, json_: bool, no_
 
 
 def jobs_table(jobs: list[dict[str, Any]]) -> Table:
+    from rich import box
+    from rich.table import Table
+
     table = Table(box=box.SIMPLE_HEAD)
     for name in ("id", "type", "app", "status"):
         table.add_column(name, no_wrap=True)
@@ -168,7 +171,9 @@ def jobs(
     rows = fetch()
     if watch:
         # Live output goes to stderr when stdout carries the one JSON document.
-        console = stderr if s.json else stdout
+        from rich.live import Live
+
+        console = real(stderr if s.json else stdout)
         with Live(jobs_table(rows), console=console, refresh_per_second=4) as live:
             while any(job["status"] not in TERMINAL for job in rows):
                 time.sleep(WATCH_POLL)

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich import box
-from rich.console import Group
-from rich.table import Table
-from rich.text import Text
 
 from tandem.domain.rules import RESTORE_CONFIRMATIONS, check_confirmations
 from tandem.errors import ConfirmationOutOfOrder, ConfirmationRequired
@@ -25,6 +21,10 @@ from .common import (
     job_command,
 )
 from .output import fail, human_bytes, stdout
+
+if TYPE_CHECKING:  # Rich is imported when a table is made (tandem.cli.output)
+    from rich.console import Group
+    from rich.table import Table
 
 image_app = typer.Typer(no_args_is_help=True, help="One image: show, export, verify, delete.")
 
@@ -102,6 +102,9 @@ def restore(
 
 def images_view(rows: list[dict[str, Any]]) -> Table | Group:
     """The images table; for a PostgreSQL app, with its recoverable window under it."""
+    from rich.console import Group
+    from rich.text import Text
+
     table = images_table(rows)
     window = rows[0].get("window") if rows else None
     if not window:
@@ -112,6 +115,9 @@ def images_view(rows: list[dict[str, Any]]) -> Table | Group:
 
 
 def images_table(rows: list[dict[str, Any]]) -> Table:
+    from rich import box
+    from rich.table import Table
+
     table = Table(
         "id", "kind", "created", "size", "label", "state", "consistency", box=box.SIMPLE_HEAD
     )
@@ -178,6 +184,9 @@ def image_delete(s: Session, image: ImageId) -> JobAnswer:
 
 
 def audit_table(rows: list[dict[str, Any]]) -> Table:
+    from rich import box
+    from rich.table import Table
+
     table = Table("ts", "actor", "role", "method", "path", "status", box=box.SIMPLE_HEAD)
     for row in rows:
         table.add_row(

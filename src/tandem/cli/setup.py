@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.table import Table
 
 from tandem.domain.consistency import ConsistencyMode
 from tandem.errors import OptionsMissing
@@ -14,6 +13,9 @@ from tandem.transport.api import AppHooksIn, AppIn, HostIn, ProtectIn, TemplateI
 
 from .common import APPLIANCE_FLAGS, Name, Session, api_command, table_of
 from .output import stdout
+
+if TYPE_CHECKING:  # Rich is imported when a table is made (tandem.cli.output)
+    from rich.table import Table
 
 token_app = typer.Typer(no_args_is_help=True, help="API tokens (admin).")
 host_app = typer.Typer(no_args_is_help=True, help="Hosts: machines with a host agent.")
