@@ -84,7 +84,7 @@ from tandem.operations import (
     report,
 )
 from tandem.operations.present import ACTIONS as MOUNT_ACTIONS
-from tandem.operations.registry import BY_OPERATION, REGISTRY, RESTORE, Spec
+from tandem.operations.registry import BY_NAME, BY_OPERATION, REGISTRY, Spec
 from tandem.operations.site import Site
 from tandem.transport.api import NAME, checked, hide_secrets
 
@@ -601,7 +601,7 @@ def _local(url: str) -> str:
 def _restore_step(form: Mapping[str, str]) -> int:
     """Which of a restore's two warnings the form is at: 2 once ``DATA LOSS`` was typed."""
     typed = _confirmations(form, "confirm")
-    return 2 if confirmations_accepted(typed, RESTORE.confirmations) >= 1 else 1
+    return 2 if confirmations_accepted(typed, BY_NAME["restore"].confirmations) >= 1 else 1
 
 
 def _app_actions(app: App, production: bool) -> list[Action]:

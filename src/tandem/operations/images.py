@@ -31,6 +31,7 @@ from tandem.jobs.queue import submit_job
 from tandem.jobs.runner import JobContext
 from tandem.operations.jobparams import NoParams
 from tandem.operations.site import Site
+from tandem.operations.spec import Spec
 from tandem.storage.manifest import load_manifest
 
 DELETE_TYPE = "delete-image"
@@ -161,3 +162,22 @@ def verify_image(site: Site, *, image_id: str) -> dict[str, Any]:
         report["bytes"] += len(data)
     report["ok"] = not report["missing"] and not report["bad"]
     return report
+
+
+def submit(site: Site, image: str, body: None, actor: str | None = None) -> Job:
+    """``submit_delete`` from the API's call (it has no body)."""
+    return submit_delete(site, image_id=image, actor=actor)
+
+
+SPEC = Spec(
+    name="delete",
+    job_type=DELETE_TYPE,
+    params=NoParams,
+    run=run_delete,
+    route="DELETE /images/{image_id}",
+    submit=submit,
+    subject="image",
+    lifecycle=Operation.DELETE_IMAGE,
+    title="Delete",
+    command="image delete",
+)
