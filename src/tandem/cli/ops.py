@@ -12,7 +12,7 @@ from rich.text import Text
 
 from tandem.domain.rules import RESTORE_CONFIRMATIONS, check_confirmations
 from tandem.errors import ConfirmationOutOfOrder, ConfirmationRequired
-from tandem.transport.api import CaptureIn, JobAnswer, RestoreIn, checked
+from tandem.transport.api import CaptureIn, JobAnswer, RestoreIn, VerifyOut, checked
 
 from .common import (
     AppName,
@@ -24,7 +24,8 @@ from .common import (
     checked_image,
     job_command,
 )
-from .output import fail, human_bytes, stdout
+from .jobs import wait_job
+from .output import fail, human_bytes, plain, stdout
 
 image_app = typer.Typer(no_args_is_help=True, help="One image: show, export, verify, delete.")
 
@@ -153,8 +154,13 @@ def image_export(s: Session, image: ImageId) -> None:
 @image_app.command("verify")
 @api_command
 def image_verify(s: Session, image: ImageId) -> None:
-    """Read and check every chunk of an image; exit 1 if any is missing or corrupt."""
-    report = s.api.verify_image(checked_image(image))
+    """Read and check every chunk of an image (a job, shown in the Monitor); exit 1 if any
+    is missing or corrupt."""
+    started = s.api.start("POST /images/{image_id}/verify", checked_image(image))
+    job = wait_job(s.api, plain(started.job))
+    if job["status"] != "succeeded":
+        raise fail(f"job {job['id']} (verify {image}) {job['status']}: {job['message']}")
+    report = VerifyOut.model_validate(job["result"])
     s.emit(
         report,
         lambda r: stdout.print(

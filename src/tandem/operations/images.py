@@ -13,6 +13,7 @@ Invariants
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from tandem.catalog import queries as q
@@ -127,8 +128,11 @@ def prune_snapshots(
     return removed
 
 
-def verify_image(site: Site, *, image_id: str) -> dict[str, Any]:
-    """Read and check every chunk the image names; the report says what is bad or missing."""
+def verify_image(
+    site: Site, *, image_id: str, progress: Callable[[int, int], None] | None = None
+) -> dict[str, Any]:
+    """Read and check every chunk the image names; the report says what is bad or missing.
+    ``progress(done, total)`` is told how much of the image's size was checked, as it goes."""
     image = get_image(site, image_id=image_id)
     report: dict[str, Any] = {
         "image": image.id,
@@ -149,7 +153,10 @@ def verify_image(site: Site, *, image_id: str) -> dict[str, Any]:
     except StorageError as exc:
         report["bad"].append({"chunk": image.manifest, "reason": exc.message})
         return report
-    for digest in sorted(manifest.chunk_ids()):
+    digests = sorted(manifest.chunk_ids())
+    for n, digest in enumerate(digests):
+        if progress is not None:  # before the n-th chunk: n of them checked
+            progress(image.size * n // len(digests), image.size)
         try:
             data = site.pool.get(digest)
         except ChunkMissing:
@@ -160,6 +167,8 @@ def verify_image(site: Site, *, image_id: str) -> dict[str, Any]:
             continue
         report["chunks"] += 1
         report["bytes"] += len(data)
+    if progress is not None:
+        progress(image.size, image.size)
     report["ok"] = not report["missing"] and not report["bad"]
     return report
 
