@@ -52,6 +52,15 @@ def text_of(html: str) -> str:
     return " ".join(re.sub(r"<[^>]+>", " ", html).split()).replace(" )", ")")
 
 
+def hello_image(api: Api, tmp_path: Path) -> str:
+    """The app ``web`` with one image of a file ``a.txt`` (``hello``)."""
+    seed_app(api.appliance)
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "a.txt").write_text("hello")
+    return seed_image(api.appliance, "web", source)
+
+
 def jobs(api: Api) -> list[tuple[str, str | None]]:
     with api.appliance.catalog.read() as session:
         return [(j.type, j.app) for j in q.list_jobs(session)]
@@ -190,11 +199,7 @@ def test_viewer_cannot_act_and_forms_need_the_csrf_token(api: Api, tmp_path: Pat
 
 
 def test_forged_confirmations_are_refused_by_the_server(api: Api, tmp_path: Path) -> None:
-    seed_app(api.appliance)
-    source = tmp_path / "src"
-    source.mkdir()
-    (source / "a.txt").write_text("hello")
-    image = seed_image(api.appliance, "web", source)
+    image = hello_image(api, tmp_path)
     with client_for(api) as c:
         sign_in(c, api.tokens["operator"])
         csrf = csrf_of(c.get("/apps/web"))
@@ -218,11 +223,7 @@ def test_forged_confirmations_are_refused_by_the_server(api: Api, tmp_path: Path
 
 def test_restore_asks_for_the_second_warning_only_after_the_first(api: Api, tmp_path: Path) -> None:
     # SPEC §4.4: "DATA LOSS" and then "OVERWRITE OTHER APPS"; the page works without script.
-    seed_app(api.appliance)
-    source = tmp_path / "src"
-    source.mkdir()
-    (source / "a.txt").write_text("hello")
-    image = seed_image(api.appliance, "web", source)
+    image = hello_image(api, tmp_path)
     with client_for(api) as c:
         sign_in(c, api.tokens["operator"])
         first = c.get(f"/apps/web?image={image}")
@@ -417,11 +418,7 @@ def test_a_bad_form_value_gets_the_apis_own_message(api: Api, tmp_path: Path) ->
 def test_verify_is_offered_on_an_image_and_runs_as_a_job(api: Api, tmp_path: Path) -> None:
     """An operation without a hand-written block on the Access page (``verify``) gets its
     form from the registry and runs like any other: its job, then the Monitor's page."""
-    seed_app(api.appliance)
-    source = tmp_path / "src"
-    source.mkdir()
-    (source / "a.txt").write_text("hello")
-    image = seed_image(api.appliance, "web", source)
+    image = hello_image(api, tmp_path)
     with client_for(api) as c:
         sign_in(c, api.tokens["operator"])
         page = c.get(f"/apps/web?image={image}")

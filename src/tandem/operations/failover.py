@@ -30,7 +30,6 @@ from tandem.domain.images import ImageKind
 from tandem.domain.lifecycle import AppFacts, AppKind, Operation, check_transition
 from tandem.domain.rules import FAILOVER_CONFIRMATION, check_confirmations
 from tandem.errors import OptionsDoNotApply, TandemError
-from tandem.jobs.queue import submit_job
 from tandem.jobs.runner import JobContext
 from tandem.operations import hooks, peers, pg_recovery, present, wal
 from tandem.operations.capture import check_label
@@ -88,15 +87,7 @@ def submit(site: Site, app: str, body: FailoverIn, actor: str | None = None) -> 
     elsewhere = present.VmAsk(machine.new_vm, machine.network, pool=machine.pool)  # defined off
     for other in also:  # the same pool and network on every host the VM is defined on
         present.check_vm_target(site, other, elsewhere.check(row, keep_identity=True))
-    image, recovering = pg_recovery.requested(
-        site,
-        row,
-        time=body.time,
-        latest=body.latest,
-        port=body.port,
-        verify=body.verify,
-        image=image,
-    )
+    image, recovering = pg_recovery.requested(site, row, body, image)
     with site.catalog.begin() as session:
         row = q.get_app(session, name=app)
         replicas = len(q.list_images(session, app=app, kind=ImageKind.REPLICA))
@@ -132,24 +123,11 @@ def submit(site: Site, app: str, body: FailoverIn, actor: str | None = None) -> 
                 why=f"the failed-over volume {row.name!r} is presented over NBD only",
                 fix="Leave them out and attach the export its job shows (nbd_uri)",
             )
-        params = Params(
-            host=host,
-            mount_point=mount_point,
-            action=action,
-            label=label,
-            vm_hosts=also,
-            **recovering,
-            **(target.as_params() if target is not None else {}),
-        )
-        job = submit_job(
-            session,
-            type=TYPE,
-            app=row.name,
-            image=replica.id,
-            params=params.stored(),
-            lifecycle=True,
-            actor=actor,
-        )
+        job = present.queued(
+            session, Params, type=TYPE, app=row.name, image=replica.id, lifecycle=True,
+            actor=actor, host=host, mount_point=mount_point, action=action, target=target,
+            label=label, vm_hosts=also, **recovering,
+        )  # fmt: skip
     site.wake()
     return job
 

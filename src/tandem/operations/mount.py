@@ -23,7 +23,6 @@ from tandem.errors import (
     NotFound,
     PortWithoutRecovery,
 )
-from tandem.jobs.queue import submit_job
 from tandem.jobs.runner import JobContext
 from tandem.operations import pg_recovery, present
 from tandem.operations.hosts import agent_for
@@ -77,22 +76,11 @@ def submit(site: Site, image: str, body: MountIn, actor: str | None = None) -> J
         if recover:
             time_text = target.isoformat() if target else None
             recovering = {"recover": True, "time": time_text, "port": port}
-        params = Params(
-            host=host,
-            mount_point=mount_point,
-            action=action,
+        job = present.queued(
+            session, Params, type=TYPE, app=app.name, image=base.id, lifecycle=False,
+            actor=actor, host=host, mount_point=mount_point, action=action, target=chosen,
             **recovering,
-            **(chosen.as_params() if chosen is not None else {}),
-        )
-        job = submit_job(
-            session,
-            type=TYPE,
-            app=app.name,
-            image=base.id,
-            params=params.stored(),
-            lifecycle=False,
-            actor=actor,
-        )
+        )  # fmt: skip
     site.wake()
     return job
 

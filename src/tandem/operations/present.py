@@ -61,7 +61,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from tandem.catalog import queries as q
-from tandem.catalog.models import App, Host, Image
+from tandem.catalog.models import App, Host, Image, Job
 from tandem.domain.images import ImageKind, ImageState
 from tandem.domain.lifecycle import AppKind, AppState, storage_kind
 from tandem.domain.paths import check_path
@@ -90,6 +90,7 @@ from tandem.errors import (
     VmTargetMissing,
     VmTargetNeeded,
 )
+from tandem.jobs.queue import submit_job
 from tandem.jobs.runner import JobContext
 from tandem.operations.hosts import agent_for, check_own_location
 from tandem.operations.jobparams import JobParams
@@ -374,6 +375,41 @@ def placed(
     target = ask.check(app, keep_identity=keep_identity, required=required)
     action = check_action(app, action, mount_point)
     return action, vm_with_action(app, target, action)
+
+
+def queued(
+    session: Any,
+    kind: type[PresentParams],
+    *,
+    type: str,
+    app: str,
+    image: str,
+    lifecycle: bool,
+    actor: str | None,
+    host: str,
+    mount_point: str | None,
+    action: str,
+    target: NewVm | None,
+    **more: Any,
+) -> Job:
+    """Queue a presentation's job (in the submit's transaction, after ``placed``): its
+    parameters, of ``kind``, are where it goes, the VM it becomes and ``more``."""
+    params = kind(
+        host=host,
+        mount_point=mount_point,
+        action=action,
+        **more,
+        **(target.as_params() if target is not None else {}),
+    )
+    return submit_job(
+        session,
+        type=type,
+        app=app,
+        image=image,
+        params=params.stored(),
+        lifecycle=lifecycle,
+        actor=actor,
+    )
 
 
 def check_vm_confirmed(vm: NewVm | None, confirm: list[str] | None, *before: str) -> None:

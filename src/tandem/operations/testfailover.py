@@ -24,7 +24,6 @@ from tandem.errors import (
     NotFound,
     TestOnProductionHost,
 )
-from tandem.jobs.queue import submit_job
 from tandem.jobs.runner import JobContext
 from tandem.operations import pg_recovery, present
 from tandem.operations.hosts import agent_for
@@ -90,15 +89,7 @@ def submit(site: Site, app: str, body: PresentIn, actor: str | None = None) -> J
         image=image,
         confirm=confirm,
     )
-    image, recovering = pg_recovery.requested(
-        site,
-        row,
-        time=body.time,
-        latest=body.latest,
-        port=body.port,
-        verify=body.verify,
-        image=image,
-    )
+    image, recovering = pg_recovery.requested(site, row, body, image)
     with site.catalog.begin() as session:
         row = q.get_app(session, name=app)
         replicas = len(q.list_images(session, app=app, kind=ImageKind.REPLICA))
@@ -110,22 +101,11 @@ def submit(site: Site, app: str, body: PresentIn, actor: str | None = None) -> J
         action, target = present.placed(
             row, machine, action, mount_point, keep_identity=False, required=required
         )
-        params = Params(
-            host=host,
-            mount_point=mount_point,
-            action=action,
+        job = present.queued(
+            session, Params, type=TYPE, app=row.name, image=replica.id, lifecycle=True,
+            actor=actor, host=host, mount_point=mount_point, action=action, target=target,
             **recovering,
-            **(target.as_params() if target is not None else {}),
-        )
-        job = submit_job(
-            session,
-            type=TYPE,
-            app=row.name,
-            image=replica.id,
-            params=params.stored(),
-            lifecycle=True,
-            actor=actor,
-        )
+        )  # fmt: skip
     site.wake()
     return job
 
