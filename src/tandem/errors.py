@@ -712,6 +712,69 @@ class VmIsItsSource(InvalidInput):
     came from. {fix}."""
 
 
+# --- presenting an image (operations.present) and a presented copy's WAL (agent.pg) ---------
+
+
+class VmTargetNeeded(InvalidInput):
+    """Invalid input: {app!r} is a VM, and this request names no VM to run it as. Give --new-vm
+    NAME to define a new VM at the host (--network N gives it one, --power-on starts it),
+    --vm DOMAIN to run it as an existing domain of the host, or --mount-point PATH to mount
+    its disks' file systems."""
+
+
+class OptionsExclusive(InvalidInput):
+    """Invalid input: {choices} name the same thing two ways. Give one of them, not both."""
+
+
+class ShutdownTimeoutOutOfRange(InvalidInput):
+    """Invalid input: --shutdown-timeout is {value} seconds. Give a number of seconds from 0
+    to 3600."""
+
+
+class ProductionHostListed(InvalidInput):
+    """Invalid input: host {host!r} is where {app!r} runs in production, and a failed-over VM
+    is never defined there. Leave it out of --hosts."""
+
+
+class PresentActionUnknown(InvalidInput):
+    """Invalid input: there is no --action {action!r}. Give one of {actions}."""
+
+
+class VmPresentationUnknown(InvalidInput):
+    """Invalid input: a VM image is not presented with --action {action}; it is presented as
+    its disks' NBD export (map-only), as a VM on that export (--new-vm NAME, --vm DOMAIN), as
+    a new VM whose disks are copied into its pool (--action copy --pool P), or with its
+    disks' file systems mounted (--action specify --mount-point PATH: PATH_1, PATH_2… for
+    several disks). Give one of those."""
+
+
+class MapOnlyOfTree(InvalidInput):
+    """Invalid input: map-only presents a volume without mounting a file system, and
+    {app!r} is a file tree. Give --mount-point PATH, or leave --action out (keep-source-path)."""
+
+
+class NbdNotServed(InvalidInput):
+    """Invalid input: this appliance serves no NBD exports, so it cannot present volume image
+    {image}. Start it with its NBD server (`tandem appliance serve DIR`)."""
+
+
+class NbdCertificateMissing(InvalidInput):
+    """Invalid input: this appliance serves NBD over TLS but has no certificate to send
+    hypervisor host {host}. Start it from its directory (`tandem appliance serve DIR`)."""
+
+
+class WalFileGone(InvalidInput):
+    """Invalid input: WAL file {name} of {app} is not in this host's spool (acknowledged and
+    removed already, or never written). Let the appliance read the files the spool lists
+    (it asks for them again at its next WAL read)."""
+
+
+class NotAPresentedCopy(InvalidInput):
+    """Invalid input: {path} is not the folder of a copy presented on this host (a folder
+    named by its real path, no symbolic link). Give the mount point the presenting job
+    reported."""
+
+
 class VmPoolUnfit(InvalidInput):
     """Invalid input: storage pool {pool!r} {problem}. {fix}."""
 

@@ -292,6 +292,30 @@ def test_verify_reports_a_damaged_image(api: Api, tmp_path: Path) -> None:
     assert report["ok"] is False and report["missing"] == [chunk.hex()]
 
 
+def test_verify_as_a_job_reports_a_damaged_image_with_progress(api: Api, tmp_path: Path) -> None:
+    """``POST /images/{id}/verify`` (``tandem image verify``): a job whose result is the
+    report the synchronous call answers, its progress the image's size."""
+    seed_app(api.appliance)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a").write_bytes(os.urandom(100_000))
+    image = seed_image(api.appliance, "web", src)
+    chunk = next(iter(image_chunks(api, image)))
+    chunk_file(api.appliance.site.pool, chunk).unlink()
+    started = api.client.post(f"/api/v1/images/{image}/verify", headers=api.headers())
+    assert started.status_code == 202, started.text
+    job = started.json()["job"]
+    assert (job["type"], job["app"], job["image"]) == ("verify-image", "web", image)
+    api.appliance.runner.start()
+    api.appliance.runner.wait(job["id"], timeout=60)
+    job = api.client.get(f"/api/v1/jobs/{job['id']}", headers=api.headers()).json()
+    assert job["status"] == "succeeded", job["message"]
+    assert job["result"]["ok"] is False and job["result"]["missing"] == [chunk.hex()]
+    assert job["bytes_done"] == job["bytes_total"] > 0
+    viewer = api.client.post(f"/api/v1/images/{image}/verify", headers=api.headers("viewer"))
+    assert viewer.status_code == 403  # a job is an operator's; a viewer asks GET .../verify
+
+
 def test_metrics(api: Api, tmp_path: Path) -> None:
     seed_app(api.appliance)
     (tmp_path / "src").mkdir()

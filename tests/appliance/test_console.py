@@ -7,11 +7,19 @@ from __future__ import annotations
 import html
 import re
 from pathlib import Path
+from typing import Literal
 
 import httpx
 import pytest
+from pydantic import BaseModel, Field
 
-from tandem.appliance.console import COOKIE, ConsoleSessions, image_actions
+from tandem.appliance.console import (
+    COOKIE,
+    ConsoleSessions,
+    FormField,
+    form_fields,
+    image_actions,
+)
 from tandem.catalog import queries as q
 from tandem.catalog.models import App, Image
 from tandem.domain.images import ImageKind, ImageState
@@ -42,6 +50,15 @@ def csrf_of(page: httpx.Response) -> str:
 def text_of(html: str) -> str:
     """What a reader sees: the page without tags, blanks collapsed."""
     return " ".join(re.sub(r"<[^>]+>", " ", html).split()).replace(" )", ")")
+
+
+def hello_image(api: Api, tmp_path: Path) -> str:
+    """The app ``web`` with one image of a file ``a.txt`` (``hello``)."""
+    seed_app(api.appliance)
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "a.txt").write_text("hello")
+    return seed_image(api.appliance, "web", source)
 
 
 def jobs(api: Api) -> list[tuple[str, str | None]]:
@@ -182,11 +199,7 @@ def test_viewer_cannot_act_and_forms_need_the_csrf_token(api: Api, tmp_path: Pat
 
 
 def test_forged_confirmations_are_refused_by_the_server(api: Api, tmp_path: Path) -> None:
-    seed_app(api.appliance)
-    source = tmp_path / "src"
-    source.mkdir()
-    (source / "a.txt").write_text("hello")
-    image = seed_image(api.appliance, "web", source)
+    image = hello_image(api, tmp_path)
     with client_for(api) as c:
         sign_in(c, api.tokens["operator"])
         csrf = csrf_of(c.get("/apps/web"))
@@ -210,11 +223,7 @@ def test_forged_confirmations_are_refused_by_the_server(api: Api, tmp_path: Path
 
 def test_restore_asks_for_the_second_warning_only_after_the_first(api: Api, tmp_path: Path) -> None:
     # SPEC §4.4: "DATA LOSS" and then "OVERWRITE OTHER APPS"; the page works without script.
-    seed_app(api.appliance)
-    source = tmp_path / "src"
-    source.mkdir()
-    (source / "a.txt").write_text("hello")
-    image = seed_image(api.appliance, "web", source)
+    image = hello_image(api, tmp_path)
     with client_for(api) as c:
         sign_in(c, api.tokens["operator"])
         first = c.get(f"/apps/web?image={image}")
@@ -303,38 +312,44 @@ def image_of(kind: ImageKind, state: ImageState = ImageState.READY) -> Image:
             ImageKind.REPLICA,
             ImageState.READY,
             False,
-            ["test-failover", "failover", "mount", "clone", "delete"],
+            ["test-failover", "failover", "mount", "clone", "delete", "verify"],
         ),
         (
             AppState.MANAGED,
             ImageKind.SNAPSHOT,
             ImageState.READY,
             True,
-            ["restore", "mount", "clone", "delete"],
+            ["restore", "mount", "clone", "delete", "verify"],
         ),
         (
             AppState.FAILED_OVER,
             ImageKind.FAILOVER,
             ImageState.MOUNTED,
             False,
-            ["syncback", "failback", "failback-replica"],
+            ["syncback", "failback", "failback-replica", "verify"],
         ),
         (
             AppState.FAILED_OVER,
             ImageKind.SYNCBACK,
             ImageState.READY,
             True,
-            ["restore", "mount", "clone", "delete"],
+            ["restore", "mount", "clone", "delete", "verify"],
         ),
         (
             AppState.FAILBACK_PENDING,
             ImageKind.PROTECTIVE,
             ImageState.READY,
             False,
-            ["mount", "commit-failback", "undo-failback"],
+            ["mount", "commit-failback", "undo-failback", "verify"],
         ),
-        (AppState.MANAGED, ImageKind.TEST_FAILOVER, ImageState.MOUNTED, False, ["unmount"]),
-        (AppState.MANAGED, ImageKind.TEST_FAILOVER, ImageState.READY, False, ["delete"]),
+        (
+            AppState.MANAGED,
+            ImageKind.TEST_FAILOVER,
+            ImageState.MOUNTED,
+            False,
+            ["unmount", "verify"],
+        ),
+        (AppState.MANAGED, ImageKind.TEST_FAILOVER, ImageState.READY, False, ["delete", "verify"]),
         (AppState.MANAGED, ImageKind.SNAPSHOT, ImageState.DELETING, True, []),
     ],
 )
@@ -398,3 +413,34 @@ def test_a_bad_form_value_gets_the_apis_own_message(api: Api, tmp_path: Path) ->
             )
             assert shown is not None and html.unescape(shown.group(1)) == said
     assert jobs(api) == []
+
+
+def test_verify_is_offered_on_an_image_and_runs_as_a_job(api: Api, tmp_path: Path) -> None:
+    """An operation without a hand-written block on the Access page (``verify``) gets its
+    form from the registry and runs like any other: its job, then the Monitor's page."""
+    image = hello_image(api, tmp_path)
+    with client_for(api) as c:
+        sign_in(c, api.tokens["operator"])
+        page = c.get(f"/apps/web?image={image}")
+        form = page.text[page.text.index('id="op-verify"') :].split("</form>")[0]
+        assert ">Verify</button>" in form and 'action="/apps/web/actions/verify"' in form
+        answer = c.post("/apps/web/actions/verify", data={"csrf": csrf_of(page), "image": image})
+        assert answer.status_code == 303 and answer.headers["location"].startswith("/jobs/job_")
+    assert jobs(api) == [("verify-image", "web")]
+
+
+def test_a_request_model_becomes_a_form() -> None:
+    """What the console makes of a request model with no hand-written form."""
+
+    class Asked(BaseModel):
+        host: str = Field(title="Host to use", description="a DR host")
+        deep: bool = False
+        mode: Literal["fast", "slow"] | None = None
+        rounds: int | None = None
+
+    fields = {f.name: f for f in form_fields(Asked)}
+    assert fields["host"] == FormField("host", "Host to use", "text", True, (), "a DR host")
+    assert fields["deep"].kind == "checkbox" and fields["deep"].label == "Deep"
+    assert fields["mode"].kind == "select" and fields["mode"].options == ("fast", "slow")
+    assert fields["rounds"].kind == "number" and not fields["rounds"].required
+    assert form_fields(None) == ()

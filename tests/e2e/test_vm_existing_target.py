@@ -140,7 +140,7 @@ def test_bad_targets_are_refused_before_anything_is_touched(
             ((*tf, "--vm", two.name, *CONFIRM), 2, "has 2 disk(s) and the image of 'vmx' holds 1"),
             ((*tf, "--vm", one.name, "--new-vm", "x", *CONFIRM), 2, "not both"),
             ((*tf, "--vm", one.name, "--network", "default", *CONFIRM), 2, "keeps its own NICs"),
-            ((*tf, "--vm", one.name, "--action", "copy", *CONFIRM), 2, "drop --action copy"),
+            ((*tf, "--vm", one.name, "--action", "copy", *CONFIRM), 2, "Drop --action copy"),
             ((*tf, "--new-vm", "x", "--shutdown-timeout", "5"), 2, "existing domain (--vm"),
         ]
         for args, code, said in cases:

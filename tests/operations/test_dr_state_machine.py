@@ -77,6 +77,7 @@ from tandem.operations import (
     testfailover,
 )
 from tandem.storage.overlay import BLOCK, Overlay
+from tandem.transport.api import FailbackIn, FailoverIn, PresentIn
 from tandem.transport.peer import ImageOffer, MirroredApp, ReplicationOpen
 from tests.operations.two_sites import TEMPLATE, TwoSites, two_sites
 
@@ -427,9 +428,8 @@ class DrMachine(RuleBasedStateMachine):
         self.tests += 1
         if self.kind is AppKind.FILESYSTEM:
             mount_point = str(self.s.root / self.name / f"test{self.tests}")
-        job = testfailover.submit_test_failover(
-            self.dr, app=self.name, host="host2", mount_point=mount_point, actor="model"
-        )
+        asked = PresentIn(host="host2", mount_point=mount_point)
+        job = testfailover.submit(self.dr, self.name, asked, "model")
         done = self.run_dr(job)
         assert done.status is JobStatus.SUCCEEDED, done.message
         image = done.result["image"]
@@ -449,14 +449,8 @@ class DrMachine(RuleBasedStateMachine):
         if self.kind is AppKind.FILESYSTEM:
             self.dr_path = self.s.root / self.name / f"dr{self.failovers}"
             mount_point = str(self.dr_path)
-        job = failover.submit_failover(
-            self.dr,
-            app=self.name,
-            host="host2",
-            confirm=["FAILOVER"],
-            mount_point=mount_point,
-            actor="model",
-        )
+        asked = FailoverIn(host="host2", confirm=["FAILOVER"], mount_point=mount_point)
+        job = failover.submit(self.dr, self.name, asked, "model")
         done = self.run_dr(job)
         assert done.status is JobStatus.SUCCEEDED, done.message
         self.failover_image = done.result["image"]
@@ -544,9 +538,7 @@ class DrMachine(RuleBasedStateMachine):
         self.to_managed()
 
     def replica_failback(self) -> None:
-        job = replica_failback.submit_replica_failback(
-            self.dr, app=self.name, target="original", actor="model"
-        )
+        job = replica_failback.submit(self.dr, self.name, FailbackIn(target="original"), "model")
         done = self.run_dr(job)
         assert done.status is JobStatus.SUCCEEDED, done.message
         with self.dr.catalog.read() as session:
@@ -690,16 +682,16 @@ class DrMachine(RuleBasedStateMachine):
         allowed = allowed_operations(self.state)
         text = "Allowed operations now: " + ", ".join(op.value for op in allowed) + "."
         submits: dict[Operation, Callable[[], Any]] = {
-            Operation.FAILOVER: lambda: failover.submit_failover(
-                self.dr, app=self.name, host="host2", confirm=["FAILOVER"]
+            Operation.FAILOVER: lambda: failover.submit(
+                self.dr, self.name, FailoverIn(host="host2", confirm=["FAILOVER"])
             ),
-            Operation.TEST_FAILOVER: lambda: testfailover.submit_test_failover(
-                self.dr, app=self.name, host="host2"
+            Operation.TEST_FAILOVER: lambda: testfailover.submit(
+                self.dr, self.name, PresentIn(host="host2")
             ),
             Operation.SYNCBACK: lambda: syncback.submit_syncback(self.dr, app=self.name),
             Operation.FAILBACK: lambda: failback.submit_failback(self.dr, app=self.name),
-            Operation.FAILBACK_REPLICA: lambda: replica_failback.submit_replica_failback(
-                self.dr, app=self.name, target="original"
+            Operation.FAILBACK_REPLICA: lambda: replica_failback.submit(
+                self.dr, self.name, FailbackIn(target="original")
             ),
             Operation.COMMIT_FAILBACK: lambda: replica_failback.submit_end(
                 self.dr, app=self.name, undo=False

@@ -13,6 +13,7 @@ from tandem.catalog import queries as q
 from tandem.domain.jobs import JobStatus
 from tandem.domain.lifecycle import AppKind, AppState
 from tandem.operations import apps, capture, failback, failover, peers
+from tandem.transport.api import FailoverIn
 from tests.appliance.live import free_port
 from tests.operations.two_sites import TEMPLATE, TwoSites, two_sites
 
@@ -54,12 +55,10 @@ def test_production_unreachable_at_failback_resumes_mirroring_when_it_returns(
     apps.add_app(sites.prod.site, name=app, host="host1", kind=AppKind.FILESYSTEM, path=str(data))
     apps.protect_app(sites.prod.site, name=app, template=TEMPLATE, actor="t")
     assert _capture(sites, app) is JobStatus.SUCCEEDED
-    job = failover.submit_failover(
+    job = failover.submit(
         sites.dr.site,
-        app=app,
-        host="host2",
-        confirm=["FAILOVER"],
-        mount_point=str(sites.root / "ledger-dr"),
+        app,
+        FailoverIn(host="host2", confirm=["FAILOVER"], mount_point=str(sites.root / "ledger-dr")),
         actor="t",
     )
     assert sites.run(sites.dr, job).status is JobStatus.SUCCEEDED

@@ -61,7 +61,7 @@ def test_an_existing_vm_is_checked_and_needs_its_confirmation() -> None:
         check_vm_confirmed(chosen, [FAILOVER_CONFIRMATION], FAILOVER_CONFIRMATION)
     check_vm_confirmed(chosen, [FAILOVER_CONFIRMATION, "REPLACE VM"], FAILOVER_CONFIRMATION)
     check_vm_confirmed(check_new_vm(app, "x", None, False, keep_identity=False), [])
-    with pytest.raises(InvalidInput, match="drop --action copy"):
+    with pytest.raises(InvalidInput, match="Drop --action copy"):
         vm_with_action(app, chosen, "copy")
     # A mount point mounts the disks' file systems: never with a VM running on them.
     assert check_action(app, None, "/mnt/x") == "specify"

@@ -17,6 +17,7 @@ from tandem.domain.paths import CanonicalPath, check_path, overlaps
 from tandem.domain.rules import RESTORE_CONFIRMATIONS
 from tandem.errors import Conflict, InvalidInput
 from tandem.operations import apps, capture, clone, mount, restore, templates
+from tandem.transport.api import CloneIn, MountIn
 from tests.operations.conftest import Live
 
 NOT_CANONICAL = [
@@ -112,13 +113,13 @@ def test_clone_and_mount_paths_are_canonical_and_clones_do_not_overlap(
     (data / "f").write_text("x")
     image = protected(live, "web", data)
     with pytest.raises(InvalidInput, match=f"write it as '{tmp_path}/copy'"):
-        clone.submit_clone(site, image=image, host="h1", path=f"{tmp_path}//copy")
+        clone.submit(site, image, CloneIn(host="h1", path=f"{tmp_path}//copy"))
     with pytest.raises(Conflict, match="lies inside the path of application 'web'"):
-        clone.submit_clone(site, image=image, host="h1", path=f"{data}/nested-copy")
+        clone.submit(site, image, CloneIn(host="h1", path=f"{data}/nested-copy"))
     with pytest.raises(InvalidInput, match=r"--mount-point .*write it as '/mnt/x'"):
-        mount.submit_mount(site, image=image, host="h1", mount_point="/mnt/x/")
+        mount.submit(site, image, MountIn(host="h1", mount_point="/mnt/x/"))
     with pytest.raises(InvalidInput, match=r"--mount-point .*is the root folder"):
-        mount.submit_mount(site, image=image, host="h1", mount_point="/mnt/..")
+        mount.submit(site, image, MountIn(host="h1", mount_point="/mnt/.."))
     assert not (data / "nested-copy").exists()
     assert [j.type for j in _jobs(live)] == ["capture"]
 

@@ -36,6 +36,7 @@ from tandem.errors import (
 )
 from tandem.operations import apps, failover, replica_failback, replicate
 from tandem.operations.present import export_name, restore_exports
+from tandem.transport.api import FailbackIn, FailoverIn
 from tandem.transport.peer import Opened
 from tests.appliance.live import free_port
 from tests.appliance.test_nbd import run
@@ -89,14 +90,8 @@ def _events(sites: TwoSites, name: str) -> list[str]:
 
 def _fail_over(sites: TwoSites, name: str, kind: AppKind = AppKind.FILESYSTEM) -> dict[str, str]:
     mount_point = None if kind is AppKind.VOLUME else str(sites.root / name / "dr")
-    job = failover.submit_failover(
-        sites.dr.site,
-        app=name,
-        host="host2",
-        confirm=["FAILOVER"],
-        mount_point=mount_point,
-        actor="t",
-    )
+    asked = FailoverIn(host="host2", confirm=["FAILOVER"], mount_point=mount_point)
+    job = failover.submit(sites.dr.site, name, asked, "t")
     done = sites.run(sites.dr, job)
     assert done.status is JobStatus.SUCCEEDED, done.message
     return dict(done.result or {})
@@ -110,9 +105,8 @@ def _syncbacks_at_prod(sites: TwoSites, name: str) -> list[str]:
 def _failback(
     sites: TwoSites, name: str, target: str, host: str | None = None, path: str | None = None
 ) -> Job:
-    job = replica_failback.submit_replica_failback(
-        sites.dr.site, app=name, target=target, host=host, path=path, actor="t"
-    )
+    asked = FailbackIn(target=target, host=host, path=path)
+    job = replica_failback.submit(sites.dr.site, name, asked, "t")
     return sites.run(sites.dr, job)
 
 

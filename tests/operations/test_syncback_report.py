@@ -15,6 +15,7 @@ from tandem.domain.jobs import JobStatus
 from tandem.domain.lifecycle import AppKind
 from tandem.operations import apps, capture, failover, syncback
 from tandem.storage.overlay import BLOCK
+from tandem.transport.api import FailoverIn
 from tests.operations.two_sites import TEMPLATE, TwoSites, two_sites
 
 MiB = 1024 * 1024
@@ -35,9 +36,8 @@ def _protect_and_fail_over(s: TwoSites, app: str, kind: AppKind, path: Path) -> 
     mirrored = s.prod.runner.wait(done.result["mirror_job"], timeout=60)
     assert mirrored.status is JobStatus.SUCCEEDED, mirrored.message
     mount_point = str(s.root / f"{app}-dr") if kind is AppKind.FILESYSTEM else None
-    job = failover.submit_failover(
-        s.dr.site, app=app, host="host2", confirm=["FAILOVER"], mount_point=mount_point, actor="t"
-    )
+    asked = FailoverIn(host="host2", confirm=["FAILOVER"], mount_point=mount_point)
+    job = failover.submit(s.dr.site, app, asked, "t")
     done = s.run(s.dr, job)
     assert done.status is JobStatus.SUCCEEDED, done.message
     assert done.result is not None, done.message

@@ -72,10 +72,12 @@ from typing import Any
 from tandem.errors import (
     ClusterUnfit,
     InvalidInput,
+    NotAPresentedCopy,
     PostgresCommandFailed,
     RecoveryFailed,
     RecoveryOver,
     TandemError,
+    WalFileGone,
 )
 from tandem.storage.manifest import HARDLINK, TreeManifest
 from tandem.transport.agent_api import (
@@ -553,7 +555,7 @@ class Receivers:
                 fh.seek(req.offset)
                 data = fh.read(SEGMENT_SIZE - req.offset)
         except FileNotFoundError as exc:
-            raise InvalidInput(detail=f"WAL file {req.name} of {req.app} is not here") from exc
+            raise WalFileGone(name=req.name, app=req.app) from exc
         if req.name.endswith(".partial"):
             data = data.rstrip(b"\0")
         return data
@@ -673,7 +675,7 @@ def _owner_of(path: str) -> Cluster:
 def _copy_dir(path: str) -> str:
     real = os.path.realpath(path)
     if real != path.rstrip("/") or not os.path.isdir(real):
-        raise InvalidInput(detail=f"{path} is not the folder of a presented copy")
+        raise NotAPresentedCopy(path=path)
     return real
 
 

@@ -42,7 +42,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 from urllib.parse import quote, urlencode
 
 from fastapi import APIRouter, FastAPI, Request
@@ -57,6 +58,7 @@ from tandem.appliance.auth import Principal
 from tandem.appliance.documents import app_out
 from tandem.catalog import queries as q
 from tandem.catalog.models import App, Image, Job
+from tandem.domain.images import ImageState
 from tandem.domain.jobs import ACTIVE, JobStatus
 from tandem.domain.lifecycle import AppKind, Operation
 from tandem.domain.rules import (
@@ -84,7 +86,7 @@ from tandem.operations import (
     report,
 )
 from tandem.operations.present import ACTIONS as MOUNT_ACTIONS
-from tandem.operations.registry import BY_OPERATION, REGISTRY, RESTORE, Spec
+from tandem.operations.registry import BY_NAME, BY_OPERATION, REGISTRY, Spec
 from tandem.operations.site import Site
 from tandem.transport.api import NAME, checked, hide_secrets
 
@@ -169,12 +171,52 @@ class ConsoleSessions:
 
 
 @dataclass(frozen=True)
+class FormField:
+    """One field of a form the console makes from an operation's request model (an
+    operation without a hand-written block on the Access page): its ``kind`` is the input's
+    (``checkbox``, ``select``, ``number`` or ``text``), ``label`` the field's title,
+    ``hint`` its description."""
+
+    name: str
+    label: str
+    kind: str
+    required: bool = False
+    options: tuple[str, ...] = ()
+    hint: str | None = None
+
+
+def form_fields(model: type[BaseModel] | None) -> tuple[FormField, ...]:
+    """The form of ``model``'s fields: bool → checkbox, Literal → select, int → number,
+    anything else → text (``form_request`` reads them back with the same model)."""
+    if model is None:
+        return ()
+    made = []
+    for name, field in model.model_fields.items():
+        kind = "text"
+        options: tuple[str, ...] = ()
+        shape = field.annotation
+        if get_origin(shape) in (Union, UnionType):  # X | None: the X
+            shape = next(a for a in get_args(shape) if a is not type(None))
+        if shape is bool:
+            kind = "checkbox"
+        elif get_origin(shape) is Literal:
+            kind, options = "select", tuple(str(a) for a in get_args(shape))
+        elif shape is int:
+            kind = "number"
+        label = field.title or name.replace("_", " ").capitalize()
+        made.append(FormField(name, label, kind, field.is_required(), options, field.description))
+    return tuple(made)
+
+
+@dataclass(frozen=True)
 class Action:
-    """An operation a selected image allows, as the Access page offers it."""
+    """An operation a selected image allows, as the Access page offers it; ``fields``: the
+    form made from its request model (shown when the page has no hand-written one)."""
 
     name: str
     title: str
     danger: bool = False
+    fields: tuple[FormField, ...] = ()
 
 
 TITLES: Mapping[str, str] = {
@@ -185,9 +227,21 @@ TITLES: Mapping[str, str] = {
 DANGER = frozenset(spec.name for spec in REGISTRY if spec.danger)
 
 
-def _action(op: ImageOperation) -> Action:
-    name = BY_OPERATION[op].name if isinstance(op, Operation) else UNMOUNT
-    return Action(name, TITLES[name], name in DANGER)
+def _action(op: ImageOperation | Spec) -> Action:
+    if isinstance(op, Spec):
+        return Action(op.name, TITLES[op.name], op.danger, form_fields(op.request))
+    if isinstance(op, Operation):
+        return _action(BY_OPERATION[op])
+    return Action(UNMOUNT, TITLES[UNMOUNT])
+
+
+ANY_IMAGE = tuple(
+    spec
+    for spec in REGISTRY
+    if spec.subject == "image" and spec.lifecycle is None and spec.title is not None
+)
+"""Image operations outside the lifecycle (they only read an image: ``verify``): offered on
+every image that is not being deleted, after the lifecycle's."""
 
 
 def image_actions(app: App, image: Image, *, production: bool) -> list[Action]:
@@ -195,9 +249,12 @@ def image_actions(app: App, image: Image, *, production: bool) -> list[Action]:
     (``rules.image_operations``; the operation itself decides on the facts: a refused
     action answers with the reason on the page). ``production`` says whether this
     appliance runs the app's production copy (its host is registered here)."""
-    offered = image_operations(
-        app_state=app.state, kind=image.kind, image_state=image.state, production=production
-    )
+    offered: list[ImageOperation | Spec] = [
+        *image_operations(
+            app_state=app.state, kind=image.kind, image_state=image.state, production=production
+        ),
+        *(ANY_IMAGE if image.state is not ImageState.DELETING else ()),
+    ]
     return [_action(op) for op in offered]
 
 
@@ -601,7 +658,7 @@ def _local(url: str) -> str:
 def _restore_step(form: Mapping[str, str]) -> int:
     """Which of a restore's two warnings the form is at: 2 once ``DATA LOSS`` was typed."""
     typed = _confirmations(form, "confirm")
-    return 2 if confirmations_accepted(typed, RESTORE.confirmations) >= 1 else 1
+    return 2 if confirmations_accepted(typed, BY_NAME["restore"].confirmations) >= 1 else 1
 
 
 def _app_actions(app: App, production: bool) -> list[Action]:

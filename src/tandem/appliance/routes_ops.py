@@ -1,16 +1,18 @@
 """Operation, image and job routes: start jobs, follow them, look at images. Thin.
 
-An operation's route hands its request model to the operation's ``submit`` in
-``operations.registry`` (the console's forms do the same)."""
+An operation's route is made from its entry in ``operations.registry`` (``_job_route``): it
+hands the request model to the operation's ``submit`` (the console's forms do the same)."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Sequence
+from inspect import Parameter, Signature
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response, status
 from starlette.concurrency import run_in_threadpool
 
-from tandem.appliance.auth import Caller
+from tandem.appliance.auth import Caller, Principal
 from tandem.appliance.documents import gc_out, image_out, job_log_out, job_out
 from tandem.appliance.paging import MAX_PAGE, Limit, fetch, page
 from tandem.appliance.params import ImageId, JobId, Name
@@ -22,21 +24,13 @@ from tandem.operations import registry as ops
 from tandem.operations.site import Site
 from tandem.transport.api import (
     NAME,
-    CaptureIn,
-    CloneIn,
-    CommitFailbackIn,
     ExportOut,
-    FailbackIn,
-    FailoverIn,
     GcIn,
     GcOut,
     ImageOut,
     JobAnswer,
     JobLogOut,
     JobOut,
-    MountIn,
-    PresentIn,
-    RestoreIn,
     VerifyOut,
 )
 
@@ -46,49 +40,10 @@ ACCEPTED = status.HTTP_202_ACCEPTED
 def make_router(site: Site) -> APIRouter:
     router = APIRouter()
 
-    # --- operations (each starts a job) -----------------------------------------------
+    # --- operations (each starts a job): one route per registered operation -----------
 
-    @router.post("/apps/{name}/capture", tags=["operations"], status_code=ACCEPTED)
-    def capture_app(name: Name, who: Caller, body: CaptureIn | None = None) -> JobAnswer:
-        return JobAnswer(job=job_out(ops.CAPTURE.submit(site, name, body, who.name), who))
-
-    @router.post("/apps/{name}/restore", tags=["operations"], status_code=ACCEPTED)
-    def restore_app(name: Name, body: RestoreIn, who: Caller) -> JobAnswer:
-        return JobAnswer(job=job_out(ops.RESTORE.submit(site, name, body, who.name), who))
-
-    @router.post("/apps/{name}/test-failover", tags=["operations"], status_code=ACCEPTED)
-    def test_failover_app(name: Name, body: PresentIn, who: Caller) -> JobAnswer:
-        return JobAnswer(job=job_out(ops.TEST_FAILOVER.submit(site, name, body, who.name), who))
-
-    @router.post("/apps/{name}/failover", tags=["operations"], status_code=ACCEPTED)
-    def failover_app(name: Name, body: FailoverIn, who: Caller) -> JobAnswer:
-        return JobAnswer(job=job_out(ops.FAILOVER.submit(site, name, body, who.name), who))
-
-    @router.post("/apps/{name}/syncback", tags=["operations"], status_code=ACCEPTED)
-    def syncback_app(name: Name, who: Caller, body: CaptureIn | None = None) -> JobAnswer:
-        return JobAnswer(job=job_out(ops.SYNCBACK.submit(site, name, body, who.name), who))
-
-    @router.post("/apps/{name}/failback", tags=["operations"], status_code=ACCEPTED)
-    def failback_app(name: Name, who: Caller, body: FailbackIn | None = None) -> JobAnswer:
-        # Snapshot style; replica style when the body names a ``target``.
-        spec = ops.REPLICA_FAILBACK if body is not None and body.target else ops.FAILBACK
-        return JobAnswer(job=job_out(spec.submit(site, name, body, who.name), who))
-
-    @router.post("/apps/{name}/commit-failback", tags=["operations"], status_code=ACCEPTED)
-    def commit_failback(name: Name, who: Caller, body: CommitFailbackIn | None = None) -> JobAnswer:
-        return JobAnswer(job=job_out(ops.COMMIT_FAILBACK.submit(site, name, body, who.name), who))
-
-    @router.post("/apps/{name}/undo-failback", tags=["operations"], status_code=ACCEPTED)
-    def undo_failback(name: Name, who: Caller) -> JobAnswer:
-        return JobAnswer(job=job_out(ops.UNDO_FAILBACK.submit(site, name, None, who.name), who))
-
-    @router.post("/images/{image_id}/clone", tags=["images"], status_code=ACCEPTED)
-    def clone_image(image_id: ImageId, body: CloneIn, who: Caller) -> JobAnswer:
-        return JobAnswer(job=job_out(ops.CLONE.submit(site, image_id, body, who.name), who))
-
-    @router.post("/images/{image_id}/mount", tags=["images"], status_code=ACCEPTED)
-    def mount_image(image_id: ImageId, body: MountIn, who: Caller) -> JobAnswer:
-        return JobAnswer(job=job_out(ops.MOUNT.submit(site, image_id, body, who.name), who))
+    for route, specs in _by_route(ops.REGISTRY).items():
+        _job_route(router, site, route, specs)
 
     @router.post("/images/{image_id}/unmount", tags=["images"])
     async def unmount_image(image_id: ImageId) -> ImageOut:
@@ -118,10 +73,6 @@ def make_router(site: Site) -> APIRouter:
     @router.get("/images/{image_id}", tags=["images"])
     def show_image(image_id: ImageId) -> ImageOut:
         return image_out(images.get_image(site, image_id=image_id))
-
-    @router.delete("/images/{image_id}", tags=["images"], status_code=ACCEPTED)
-    def delete_image(image_id: ImageId, who: Caller) -> JobAnswer:
-        return JobAnswer(job=job_out(ops.DELETE_IMAGE.submit(site, image_id, None, who.name), who))
 
     @router.post("/images/{image_id}/export", tags=["images"])
     def export_image(image_id: ImageId) -> ExportOut:
@@ -155,11 +106,6 @@ def make_router(site: Site) -> APIRouter:
         return [job_out(row, who) for row in rows]
 
     # --- garbage collection -----------------------------------------------------------
-
-    @router.post("/gc", tags=["jobs"], status_code=ACCEPTED)
-    def start_gc(who: Caller) -> JobAnswer:
-        """Start a garbage collection of the pool now (a ``gc`` job)."""
-        return JobAnswer(job=job_out(ops.GC.submit(site, "", None, who.name), who))
 
     @router.get("/gc", tags=["jobs"])
     def gc_status() -> GcOut:
@@ -202,3 +148,58 @@ def make_router(site: Site) -> APIRouter:
         return JobAnswer(job=job_out(monitor.cancel_job(site, job_id=job_id, actor=who.name), who))
 
     return router
+
+
+def _by_route(registry: Sequence[ops.Spec]) -> dict[str, list[ops.Spec]]:
+    """The registered operations by the API call that starts them (in registry order; a
+    call several share asks those with ``when`` first)."""
+    routes: dict[str, list[ops.Spec]] = {}
+    for spec in registry:
+        if spec.generic_route:
+            routes.setdefault(spec.route, []).append(spec)
+    for specs in routes.values():
+        specs.sort(key=lambda s: s.when is None)
+    return routes
+
+
+def _job_route(router: APIRouter, site: Site, route: str, specs: list[ops.Spec]) -> None:
+    """``route`` starting the job of ``specs``' operation: the request model (optional when
+    it has no required field), then the operation's ``submit``; 202 with the job."""
+    first = specs[-1]  # the one without ``when``: it names the route
+    method, path = route.split(" ", 1)
+    subject = {"app": "name", "image": "image_id"}.get(first.subject)
+    model = first.request
+    optional = model is not None and not any(f.is_required() for f in model.model_fields.values())
+
+    def start(**kw: Any) -> JobAnswer:
+        who: Principal = kw["who"]
+        body = kw.get("body")
+        spec = next(s for s in specs if s.when is None or s.when(body))
+        key = kw[subject] if subject is not None else ""
+        return JobAnswer(job=job_out(spec.submit(site, key, body, who.name), who))
+
+    params = []
+    if subject is not None:
+        kind = Name if subject == "name" else ImageId
+        params.append(Parameter(subject, Parameter.KEYWORD_ONLY, annotation=kind))
+    params.append(Parameter("who", Parameter.KEYWORD_ONLY, annotation=Caller))
+    if model is not None:
+        params.append(
+            Parameter(
+                "body",
+                Parameter.KEYWORD_ONLY,
+                annotation=model | None if optional else model,
+                default=None if optional else Parameter.empty,
+            )
+        )
+    start.__signature__ = Signature(params, return_annotation=JobAnswer)  # type: ignore[attr-defined]
+    start.__name__ = first.function
+    router.add_api_route(
+        path,
+        start,
+        methods=[method],
+        name=first.function,
+        tags=[first.tag or ("images" if first.subject == "image" else "operations")],
+        status_code=ACCEPTED,
+        description=first.summary,
+    )

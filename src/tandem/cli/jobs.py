@@ -97,6 +97,11 @@ def follow_job(client: ApplianceClient, job: dict[str, Any], *, json_: bool, no_
         else:
             stdout.print(f"{job['id']} {_describe(job)}: {job['status']}", highlight=False)
         return
+    _finish(client, wait_job(client, job), json_)
+
+
+def wait_job(client: ApplianceClient, job: dict[str, Any]) -> dict[str, Any]:
+    """Wait for ``job`` to end, showing its progress; the job as it ended."""
     job_id = job["id"]
     try:
         with byte_progress(_describe(job)) as progress:
@@ -116,7 +121,7 @@ def follow_job(client: ApplianceClient, job: dict[str, Any], *, json_: bool, no_
             f"`tandem job cancel {job_id}`)",
             130,
         ) from None
-    _finish(client, job, json_)
+    return job
 
 
 def jobs_table(jobs: list[dict[str, Any]]) -> Table:

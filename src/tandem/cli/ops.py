@@ -8,7 +8,7 @@ import typer
 
 from tandem.domain.rules import RESTORE_CONFIRMATIONS, check_confirmations
 from tandem.errors import ConfirmationOutOfOrder, ConfirmationRequired
-from tandem.transport.api import CaptureIn, JobAnswer, RestoreIn, checked
+from tandem.transport.api import CaptureIn, JobAnswer, RestoreIn, VerifyOut, checked
 
 from .common import (
     AppName,
@@ -20,7 +20,8 @@ from .common import (
     checked_image,
     job_command,
 )
-from .output import fail, human_bytes, stdout
+from .jobs import wait_job
+from .output import fail, human_bytes, plain, stdout
 
 if TYPE_CHECKING:  # Rich is imported when a table is made (tandem.cli.output)
     from rich.console import Group
@@ -159,8 +160,13 @@ def image_export(s: Session, image: ImageId) -> None:
 @image_app.command("verify")
 @api_command
 def image_verify(s: Session, image: ImageId) -> None:
-    """Read and check every chunk of an image; exit 1 if any is missing or corrupt."""
-    report = s.api.verify_image(checked_image(image))
+    """Read and check every chunk of an image (a job, shown in the Monitor); exit 1 if any
+    is missing or corrupt."""
+    started = s.api.start("POST /images/{image_id}/verify", checked_image(image))
+    job = wait_job(s.api, plain(started.job))
+    if job["status"] != "succeeded":
+        raise fail(f"job {job['id']} (verify {image}) {job['status']}: {job['message']}")
+    report = VerifyOut.model_validate(job["result"])
     s.emit(
         report,
         lambda r: stdout.print(

@@ -42,10 +42,11 @@ from tandem.operations import hooks, images, peers, replicate, stamps
 from tandem.operations.hosts import agent_for, app_host
 from tandem.operations.jobparams import LabelParams
 from tandem.operations.site import Site
+from tandem.operations.spec import Spec
 from tandem.operations.streams import follow
 from tandem.transport.agent import AgentClient
 from tandem.transport.agent_api import CaptureRequest
-from tandem.transport.api import checked
+from tandem.transport.api import CaptureIn, checked
 from tandem.transport.peer import PgBase
 
 TYPE = "capture"
@@ -261,3 +262,22 @@ def _size(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n} B"
+
+
+def submit(site: Site, app: str, body: CaptureIn | None, actor: str | None = None) -> Job:
+    """``submit_capture`` from the API's request."""
+    return submit_capture(site, app=app, label=body.label if body else None, actor=actor)
+
+
+SPEC = Spec(
+    name="capture",
+    job_type=TYPE,
+    params=Params,
+    run=run_capture,
+    route="POST /apps/{name}/capture",
+    submit=submit,
+    subject="app",
+    lifecycle=Operation.CAPTURE,
+    request=CaptureIn,
+    title="Capture now",
+)

@@ -27,9 +27,10 @@ from tandem.operations.hosts import agent_for
 from tandem.operations.jobparams import JobParams
 from tandem.operations.restore import check_not_base_backup
 from tandem.operations.site import Site
+from tandem.operations.spec import Spec
 from tandem.operations.streams import follow
 from tandem.transport.agent_api import RestoreRequest
-from tandem.transport.api import checked
+from tandem.transport.api import CloneIn, checked
 
 TYPE = "clone"
 
@@ -42,15 +43,9 @@ class Params(JobParams):
     name: str
 
 
-def submit_clone(
-    site: Site,
-    *,
-    image: str,
-    host: str,
-    path: str,
-    name: str | None = None,
-    actor: str | None = None,
-) -> Job:
+def submit(site: Site, image: str, body: CloneIn, actor: str | None = None) -> Job:
+    """Queue a clone of ``image`` as ``body`` asks (the API's request)."""
+    host, path, name = body.host, body.path, body.name
     check_path(path, "--path")
     with site.catalog.begin() as session:
         base = q.get_image(session, image_id=image)
@@ -111,3 +106,17 @@ def run_clone(site: Site, ctx: JobContext, params: Params) -> dict[str, Any]:
         )
     ctx.set_message(f"cloned {base.id} as application {app.name} on host {host.name}")
     return {"app": app.name, "path": params.path, "bytes_sent": transfer.bytes_sent}
+
+
+SPEC = Spec(
+    name="clone",
+    job_type=TYPE,
+    params=Params,
+    run=run_clone,
+    route="POST /images/{image_id}/clone",
+    submit=submit,
+    subject="image",
+    lifecycle=Operation.CLONE,
+    request=CloneIn,
+    title="Clone",
+)

@@ -49,8 +49,10 @@ from tandem.jobs.runner import JobContext
 from tandem.operations import peers, present, wal
 from tandem.operations.jobparams import ForceParams
 from tandem.operations.site import Site
+from tandem.operations.spec import Spec
 from tandem.operations.syncback import dr_copy_changes, failover_image, syncbacks_since_failover
 from tandem.storage.overlay import Overlay
+from tandem.transport.api import FailbackIn
 from tandem.transport.peer import FailedOver, Location, Restored, Resumed
 
 TYPE = "failback"
@@ -416,3 +418,23 @@ def failed_over_at_peer(site: Site, *, peer: str, app: str, epoch: int) -> Faile
             )
         row.peer_active = True
     return FailedOver(app=app, peer_active=True)
+
+
+def submit(site: Site, app: str, body: FailbackIn | None, actor: str | None = None) -> Job:
+    """``submit_failback`` from the API's request (snapshot style: no ``target``)."""
+    return submit_failback(site, app=app, force=body.force if body else False, actor=actor)
+
+
+SPEC = Spec(
+    name="failback",
+    job_type=TYPE,
+    params=Params,
+    run=run_failback,
+    route="POST /apps/{name}/failback",
+    submit=submit,
+    subject="app",
+    lifecycle=Operation.FAILBACK,
+    request=FailbackIn,
+    title="Failback (snapshot style)",
+    danger=True,
+)

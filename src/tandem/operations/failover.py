@@ -30,13 +30,14 @@ from tandem.domain.images import ImageKind
 from tandem.domain.lifecycle import AppFacts, AppKind, Operation, check_transition
 from tandem.domain.rules import FAILOVER_CONFIRMATION, check_confirmations
 from tandem.errors import OptionsDoNotApply, TandemError
-from tandem.jobs.queue import submit_job
 from tandem.jobs.runner import JobContext
 from tandem.operations import hooks, peers, pg_recovery, present, wal
 from tandem.operations.capture import check_label
 from tandem.operations.hosts import agent_for
 from tandem.operations.site import Site
+from tandem.operations.spec import Spec
 from tandem.operations.testfailover import check_not_production_host, pick_replica
+from tandem.transport.api import FailoverIn
 
 TYPE = "failover"
 
@@ -50,25 +51,16 @@ class Params(present.PresentParams):
     verify: bool = False
 
 
-def submit_failover(
-    site: Site,
-    *,
-    app: str,
-    host: str,
-    confirm: list[str],
-    image: str | None = None,
-    mount_point: str | None = None,
-    action: str | None = None,
-    label: str | None = None,
-    actor: str | None = None,
-    time: str | None = None,
-    latest: bool = False,
-    port: int | None = None,
-    verify: bool = False,
-    machine: present.VmAsk = present.VmAsk(),
-    hosts: list[str] | None = None,
-    all_hosts: bool = False,
-) -> Job:
+def submit(site: Site, app: str, body: FailoverIn, actor: str | None = None) -> Job:
+    """Queue a failover of ``app`` as ``body`` asks (the API's request)."""
+    host, image, mount_point, action = body.host, body.image, body.mount_point, body.action
+    machine, confirm, hosts, all_hosts = (
+        present.VmAsk.of(body),
+        body.confirm,
+        body.hosts,
+        body.all_hosts,
+    )
+    label = body.label
     check_confirmations(confirm, [FAILOVER_CONFIRMATION])
     label = check_label(label)
     with site.catalog.read() as session:
@@ -95,9 +87,7 @@ def submit_failover(
     elsewhere = present.VmAsk(machine.new_vm, machine.network, pool=machine.pool)  # defined off
     for other in also:  # the same pool and network on every host the VM is defined on
         present.check_vm_target(site, other, elsewhere.check(row, keep_identity=True))
-    image, recovering = pg_recovery.requested(
-        site, row, time=time, latest=latest, port=port, verify=verify, image=image
-    )
+    image, recovering = pg_recovery.requested(site, row, body, image)
     with site.catalog.begin() as session:
         row = q.get_app(session, name=app)
         replicas = len(q.list_images(session, app=app, kind=ImageKind.REPLICA))
@@ -133,24 +123,11 @@ def submit_failover(
                 why=f"the failed-over volume {row.name!r} is presented over NBD only",
                 fix="Leave them out and attach the export its job shows (nbd_uri)",
             )
-        params = Params(
-            host=host,
-            mount_point=mount_point,
-            action=action,
-            label=label,
-            vm_hosts=also,
-            **recovering,
-            **(target.as_params() if target is not None else {}),
-        )
-        job = submit_job(
-            session,
-            type=TYPE,
-            app=row.name,
-            image=replica.id,
-            params=params.stored(),
-            lifecycle=True,
-            actor=actor,
-        )
+        job = present.queued(
+            session, Params, type=TYPE, app=row.name, image=replica.id, lifecycle=True,
+            actor=actor, host=host, mount_point=mount_point, action=action, target=target,
+            label=label, vm_hosts=also, **recovering,
+        )  # fmt: skip
     site.wake()
     return job
 
@@ -255,3 +232,19 @@ def run_failover(site: Site, ctx: JobContext, params: Params) -> dict[str, Any]:
         "vm": shown.vm,
         "vm_hosts": [host.name, *(shown.vm_hosts or [])] if shown.vm else None,
     }
+
+
+SPEC = Spec(
+    name="failover",
+    job_type=TYPE,
+    params=Params,
+    run=run_failover,
+    route="POST /apps/{name}/failover",
+    submit=submit,
+    subject="app",
+    lifecycle=Operation.FAILOVER,
+    request=FailoverIn,
+    title="Failover",
+    danger=True,
+    confirmations=(FAILOVER_CONFIRMATION,),
+)

@@ -40,6 +40,7 @@ from tandem.jobs.queue import submit_job
 from tandem.jobs.runner import JobContext
 from tandem.operations.jobparams import ForceParams
 from tandem.operations.site import Site
+from tandem.operations.spec import Spec
 from tandem.storage import gc as pool_gc
 
 TYPE = "gc"
@@ -225,3 +226,23 @@ def run_gc(site: Site, ctx: JobContext, params: Params) -> dict[str, Any]:
         f"{run.packs_rewritten} rewritten; {pruned} old job(s) pruned"
     )
     return doc
+
+
+def submit(site: Site, subject: str, body: None, actor: str | None = None) -> Job:
+    """``submit_gc`` from the API's call (it has no body)."""
+    return submit_gc(site, actor=actor)
+
+
+SPEC = Spec(
+    name="gc",
+    job_type=TYPE,
+    params=Params,
+    run=run_gc,
+    route="POST /gc",
+    submit=submit,
+    subject="site",
+    lifecycle=None,
+    endpoint="start_gc",
+    tag="jobs",
+    summary="Start a garbage collection of the pool now (a ``gc`` job).",
+)

@@ -13,6 +13,7 @@ Invariants
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from tandem.catalog import queries as q
@@ -31,6 +32,7 @@ from tandem.jobs.queue import submit_job
 from tandem.jobs.runner import JobContext
 from tandem.operations.jobparams import NoParams
 from tandem.operations.site import Site
+from tandem.operations.spec import Spec
 from tandem.storage.manifest import load_manifest
 
 DELETE_TYPE = "delete-image"
@@ -126,8 +128,11 @@ def prune_snapshots(
     return removed
 
 
-def verify_image(site: Site, *, image_id: str) -> dict[str, Any]:
-    """Read and check every chunk the image names; the report says what is bad or missing."""
+def verify_image(
+    site: Site, *, image_id: str, progress: Callable[[int, int], None] | None = None
+) -> dict[str, Any]:
+    """Read and check every chunk the image names; the report says what is bad or missing.
+    ``progress(done, total)`` is told how much of the image's size was checked, as it goes."""
     image = get_image(site, image_id=image_id)
     report: dict[str, Any] = {
         "image": image.id,
@@ -148,7 +153,10 @@ def verify_image(site: Site, *, image_id: str) -> dict[str, Any]:
     except StorageError as exc:
         report["bad"].append({"chunk": image.manifest, "reason": exc.message})
         return report
-    for digest in sorted(manifest.chunk_ids()):
+    digests = sorted(manifest.chunk_ids())
+    for n, digest in enumerate(digests):
+        if progress is not None:  # before the n-th chunk: n of them checked
+            progress(image.size * n // len(digests), image.size)
         try:
             data = site.pool.get(digest)
         except ChunkMissing:
@@ -159,5 +167,26 @@ def verify_image(site: Site, *, image_id: str) -> dict[str, Any]:
             continue
         report["chunks"] += 1
         report["bytes"] += len(data)
+    if progress is not None:
+        progress(image.size, image.size)
     report["ok"] = not report["missing"] and not report["bad"]
     return report
+
+
+def submit(site: Site, image: str, body: None, actor: str | None = None) -> Job:
+    """``submit_delete`` from the API's call (it has no body)."""
+    return submit_delete(site, image_id=image, actor=actor)
+
+
+SPEC = Spec(
+    name="delete",
+    job_type=DELETE_TYPE,
+    params=NoParams,
+    run=run_delete,
+    route="DELETE /images/{image_id}",
+    submit=submit,
+    subject="image",
+    lifecycle=Operation.DELETE_IMAGE,
+    title="Delete",
+    command="image delete",
+)

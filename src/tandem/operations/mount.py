@@ -23,11 +23,12 @@ from tandem.errors import (
     NotFound,
     PortWithoutRecovery,
 )
-from tandem.jobs.queue import submit_job
 from tandem.jobs.runner import JobContext
 from tandem.operations import pg_recovery, present
 from tandem.operations.hosts import agent_for
 from tandem.operations.site import Site
+from tandem.operations.spec import Spec
+from tandem.transport.api import MountIn
 
 TYPE = "mount"
 PRESENTED = (ImageKind.MOUNT, ImageKind.TEST_FAILOVER, ImageKind.FAILOVER)
@@ -40,20 +41,10 @@ class Params(present.PresentParams):
     recover: bool = False
 
 
-def submit_mount(
-    site: Site,
-    *,
-    image: str,
-    host: str,
-    mount_point: str | None = None,
-    action: str | None = None,
-    actor: str | None = None,
-    time: str | None = None,
-    latest: bool = False,
-    port: int | None = None,
-    machine: present.VmAsk = present.VmAsk(),
-    confirm: list[str] | None = None,
-) -> Job:
+def submit(site: Site, image: str, body: MountIn, actor: str | None = None) -> Job:
+    """Queue a mount of ``image`` as ``body`` asks (the API's request)."""
+    host, mount_point, action, confirm = body.host, body.mount_point, body.action, body.confirm
+    time, latest, port, machine = body.time, body.latest, body.port, present.VmAsk.of(body)
     with site.catalog.read() as session:
         app = q.get_image(session, image_id=image).app
     # A vm app's image may be mounted as its export alone: no VM required.
@@ -85,22 +76,11 @@ def submit_mount(
         if recover:
             time_text = target.isoformat() if target else None
             recovering = {"recover": True, "time": time_text, "port": port}
-        params = Params(
-            host=host,
-            mount_point=mount_point,
-            action=action,
+        job = present.queued(
+            session, Params, type=TYPE, app=app.name, image=base.id, lifecycle=False,
+            actor=actor, host=host, mount_point=mount_point, action=action, target=chosen,
             **recovering,
-            **(chosen.as_params() if chosen is not None else {}),
-        )
-        job = submit_job(
-            session,
-            type=TYPE,
-            app=app.name,
-            image=base.id,
-            params=params.stored(),
-            lifecycle=False,
-            actor=actor,
-        )
+        )  # fmt: skip
     site.wake()
     return job
 
@@ -160,3 +140,17 @@ def unmount(site: Site, *, image: str) -> Image:
     present.withdraw(site, row, host)
     with site.catalog.begin() as session:
         return q.set_image_state(session, image_id=row.id, state=ImageState.READY)
+
+
+SPEC = Spec(
+    name="mount",
+    job_type=TYPE,
+    params=Params,
+    run=run_mount,
+    route="POST /images/{image_id}/mount",
+    submit=submit,
+    subject="image",
+    lifecycle=Operation.MOUNT,
+    request=MountIn,
+    title="Mount",
+)

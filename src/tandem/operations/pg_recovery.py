@@ -61,7 +61,7 @@ from tandem.operations.site import Site
 from tandem.storage.manifest import TreeManifest, load_manifest
 from tandem.transport.agent import AgentClient
 from tandem.transport.agent_api import RecoverRequest
-from tandem.transport.api import checked
+from tandem.transport.api import PresentIn, checked
 from tandem.transport.peer import PgBase
 
 PREFETCH = max(1, int(os.environ.get("TANDEM_PG_PREFETCH", "4")))
@@ -352,19 +352,14 @@ def recover(
 
 
 def requested(
-    site: Site,
-    app: App,
-    *,
-    time: str | None,
-    latest: bool,
-    port: int | None,
-    verify: bool,
-    image: str | None,
+    site: Site, app: App, asked: PresentIn, image: str | None
 ) -> tuple[str | None, dict[str, Any]]:
     """At submit (test failover, failover): a database's base image that reaches the target
-    (refused outside the window) and the job parameters of its recovery; any other app's
-    image as given and no parameters (refused when a database option is given)."""
-    target = parse_target(time, latest, app)
+    ``asked`` names (refused outside the window) and the job parameters of its recovery; any
+    other app's ``image`` as given and no parameters (refused when a database option is
+    given)."""
+    port, verify = asked.port, asked.verify
+    target = parse_target(asked.time, asked.latest, app)
     if app.kind is not AppKind.POSTGRESQL:
         if port is not None or verify:
             raise RecoveryOptionsUnused(

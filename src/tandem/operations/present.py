@@ -61,22 +61,36 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from tandem.catalog import queries as q
-from tandem.catalog.models import App, Host, Image
+from tandem.catalog.models import App, Host, Image, Job
 from tandem.domain.images import ImageKind, ImageState
 from tandem.domain.lifecycle import AppKind, AppState, storage_kind
 from tandem.domain.paths import check_path
 from tandem.domain.rules import VM_TARGET_CONFIRMATION, check_confirmations
 from tandem.domain.vms import check_domain_name
 from tandem.errors import (
+    ImageHoldsNoVm,
     InvalidInput,
+    MapOnlyOfTree,
     MountPointNeeded,
+    NbdCertificateMissing,
+    NbdNotServed,
     NotFound,
     NotHypervisor,
+    OptionsDoNotApply,
+    OptionsExclusive,
+    OptionsMissing,
+    PresentActionUnknown,
+    ProductionHostListed,
+    ShutdownTimeoutOutOfRange,
     TandemError,
     VmDisksDiffer,
+    VmIsItsSource,
     VmOptionsUnused,
+    VmPresentationUnknown,
     VmTargetMissing,
+    VmTargetNeeded,
 )
+from tandem.jobs.queue import submit_job
 from tandem.jobs.runner import JobContext
 from tandem.operations.hosts import agent_for, check_own_location
 from tandem.operations.jobparams import JobParams
@@ -244,29 +258,23 @@ def check_new_vm(
     if vm:
         return _existing_vm(app, vm, new_vm, network, pool, power_on, shutdown_timeout)
     if shutdown_timeout is not None:
-        raise InvalidInput(
-            detail="--shutdown-timeout is how long an existing domain (--vm DOMAIN) may take "
-            "to shut down; a new VM has nothing to shut down: leave it out"
+        raise OptionsDoNotApply(
+            options="--shutdown-timeout",
+            why="it is how long an existing domain (--vm DOMAIN) may take to shut down, and a "
+            "new VM has nothing to shut down",
+            fix="Leave it out",
         )
     if not new_vm and not required and not (network or power_on or pool):
         return None
     if not new_vm:
-        raise InvalidInput(
-            detail=f"{app.name!r} is a VM: name the new VM to define at the host with "
-            "--new-vm NAME (and --network N to give it one, --power-on to start it), or an "
-            "existing domain of the host to run it with --vm DOMAIN (or mount its disks' "
-            "file systems with --mount-point PATH)"
-        )
+        raise VmTargetNeeded(app=app.name)
     check_domain_name(new_vm, "--new-vm")
     if network is not None:
         check_domain_name(network, "--network")
     if pool is not None:
         check_domain_name(pool, "--pool")
     if new_vm == app.path:
-        raise InvalidInput(
-            detail=f"a VM is never failed over onto the domain it came from ({new_vm}); "
-            "give --new-vm another name"
-        )
+        raise VmIsItsSource(what="--new-vm", domain=new_vm, fix="Give --new-vm another name")
     return NewVm(new_vm, network, power_on, keep_identity, pool)
 
 
@@ -280,22 +288,19 @@ def _existing_vm(
     shutdown_timeout: float | None,
 ) -> NewVm:
     if new_vm:
-        raise InvalidInput(
-            detail="give --new-vm NAME (a new VM) or --vm DOMAIN (an existing one), not both"
-        )
+        raise OptionsExclusive(choices="--new-vm NAME (a new VM) and --vm DOMAIN (an existing one)")
     if network or pool:
-        raise InvalidInput(
-            detail="--network and --pool are for a new VM; an existing domain (--vm) keeps "
-            "its own NICs, MACs and files: leave them out"
+        raise OptionsDoNotApply(
+            options="--network and --pool",
+            why="they are for a new VM, and an existing domain (--vm) keeps its own NICs, MACs "
+            "and files",
+            fix="Leave them out",
         )
     check_domain_name(vm, "--vm")
     if vm == app.path:
-        raise InvalidInput(
-            detail=f"a VM is never failed over onto the domain it came from ({vm}); "
-            "name another domain with --vm"
-        )
+        raise VmIsItsSource(what="--vm", domain=vm, fix="Name another domain with --vm")
     if shutdown_timeout is not None and not 0 <= shutdown_timeout <= 3600:
-        raise InvalidInput(detail="--shutdown-timeout is between 0 and 3600 seconds")
+        raise ShutdownTimeoutOutOfRange(value=shutdown_timeout)
     timeout = DEFAULT_SHUTDOWN_TIMEOUT if shutdown_timeout is None else shutdown_timeout
     return NewVm(vm, None, power_on, True, None, existing=True, shutdown_timeout=timeout)
 
@@ -372,6 +377,41 @@ def placed(
     return action, vm_with_action(app, target, action)
 
 
+def queued(
+    session: Any,
+    kind: type[PresentParams],
+    *,
+    type: str,
+    app: str,
+    image: str,
+    lifecycle: bool,
+    actor: str | None,
+    host: str,
+    mount_point: str | None,
+    action: str,
+    target: NewVm | None,
+    **more: Any,
+) -> Job:
+    """Queue a presentation's job (in the submit's transaction, after ``placed``): its
+    parameters, of ``kind``, are where it goes, the VM it becomes and ``more``."""
+    params = kind(
+        host=host,
+        mount_point=mount_point,
+        action=action,
+        **more,
+        **(target.as_params() if target is not None else {}),
+    )
+    return submit_job(
+        session,
+        type=type,
+        app=app,
+        image=image,
+        params=params.stored(),
+        lifecycle=lifecycle,
+        actor=actor,
+    )
+
+
 def check_vm_confirmed(vm: NewVm | None, confirm: list[str] | None, *before: str) -> None:
     """An existing domain (``--vm``) is powered off and its disks replaced: the typed
     confirmation ``VM_TARGET_CONFIRMATION`` is required (after the operation's own ones,
@@ -414,22 +454,26 @@ def check_existing_target(
 def vm_with_action(app: App, vm: NewVm | None, action: str) -> NewVm | None:
     """``--action copy`` for a VM: the new VM's disks are copied into its pool."""
     if app.kind is AppKind.VM and action == "specify" and vm is not None:
-        raise InvalidInput(
-            detail="a VM's disks are either mounted as file systems on the host "
-            "(--mount-point) or run as a VM (--new-vm, --vm), never both at once (the file "
-            "systems would be written twice): drop one"
+        raise OptionsDoNotApply(
+            options="--mount-point together with --new-vm or --vm",
+            why="a VM's disks are either mounted as file systems on the host or run as a VM, "
+            "never both at once (the file systems would be written twice)",
+            fix="Drop one",
         )
     if app.kind is not AppKind.VM or action != "copy":
         return vm
     if vm is not None and vm.existing:
-        raise InvalidInput(
-            detail="--action copy copies a VM's disks into a new VM's datastore; an existing "
-            "domain (--vm) runs from the appliance's export: drop --action copy"
+        raise OptionsDoNotApply(
+            options="--action copy",
+            why="it copies a VM's disks into a new VM's datastore, and an existing domain "
+            "(--vm) runs from the appliance's export",
+            fix="Drop --action copy",
         )
     if vm is None or vm.pool is None:
-        raise InvalidInput(
-            detail="--action copy copies a VM's disks into the new VM's datastore: give "
-            "--new-vm NAME and --pool P"
+        raise OptionsMissing(
+            what="--action copy",
+            options="--new-vm NAME and --pool P",
+            why=" (it copies a VM's disks into the new VM's datastore)",
         )
     return replace(vm, copy=True)
 
@@ -443,11 +487,13 @@ def vm_hosts_for(
     if not hosts and not all_hosts:
         return []
     if hosts and all_hosts:
-        raise InvalidInput(detail="give --hosts H1,H2 or --all-hosts, not both")
+        raise OptionsExclusive(choices="--hosts H1,H2 and --all-hosts")
     if app.kind is not AppKind.VM:
-        raise InvalidInput(
-            detail=f"--hosts and --all-hosts define a failed-over VM on several hypervisors; "
-            f"{app.name!r} is a {app.kind.value} app"
+        raise OptionsDoNotApply(
+            options="--hosts and --all-hosts",
+            why=f"they define a failed-over VM on several hypervisors, and {app.name!r} is a "
+            f"{app.kind.value} app",
+            fix="Leave them out",
         )
     with site.catalog.read() as session:
         if all_hosts:
@@ -459,10 +505,7 @@ def vm_hosts_for(
         if row.name == host:
             continue
         if row.name == app.host:
-            raise InvalidInput(
-                detail=f"host {row.name!r} is where {app.name!r} runs in production; leave it "
-                "out of --hosts"
-            )
+            raise ProductionHostListed(host=row.name, app=app.name)
         with agent_for(row) as agent:
             info = agent.info()
         if not info.get("hypervisor"):
@@ -509,7 +552,7 @@ def check_action(app: App, action: str | None, mount_point: str | None) -> str:
         else:
             action = "map-only" if app.kind in BLOCK_KINDS else "keep-source-path"
     if action not in ACTIONS:
-        raise InvalidInput(detail=f"--action is one of {', '.join(ACTIONS)}, not {action!r}")
+        raise PresentActionUnknown(action=action, actions=", ".join(ACTIONS))
     if mount_point:
         check_path(mount_point, "--mount-point")
     elif action == "specify":
@@ -517,22 +560,15 @@ def check_action(app: App, action: str | None, mount_point: str | None) -> str:
     if placement(action, mount_point) == "keep-source-path" and app.kind is not AppKind.VM:
         check_own_location(app, "a copy at its production path")
     if app.kind is AppKind.VM and action not in ("map-only", "copy", "specify"):
-        raise InvalidInput(
-            detail="a VM image is presented as its disks' NBD export (map-only), as a VM "
-            "(--new-vm NAME, --vm DOMAIN) on that export, as a new VM whose disks are copied "
-            "into its pool (--action copy --pool P), or with its disks' file systems mounted "
-            "at --mount-point (PATH_1, PATH_2… for several disks)"
-        )
+        raise VmPresentationUnknown(action=action)
     if app.kind is AppKind.VM and mount_point and action != "specify":
-        raise InvalidInput(
-            detail=f"--mount-point mounts a VM's disks' file systems; --action {action} does "
-            "not: drop one of them"
+        raise OptionsDoNotApply(
+            options=f"--mount-point with --action {action}",
+            why="--mount-point mounts a VM's disks' file systems, and that action does not",
+            fix="Drop one of them",
         )
     if action == "map-only" and app.kind not in BLOCK_KINDS:
-        raise InvalidInput(
-            detail="map-only presents a volume without mounting a file system; "
-            f"application {app.name!r} is a file tree: give --mount-point or keep-source-path"
-        )
+        raise MapOnlyOfTree(app=app.name)
     return action
 
 
@@ -569,7 +605,7 @@ def present(
             if not isinstance(manifest, VolumeManifest):
                 raise InvalidInput(detail=f"image {base.id} is not a volume image")
             if site.presenter is None:
-                raise InvalidInput(detail="this appliance serves no NBD exports")
+                raise NbdNotServed(image=base.id)
             overlay = Overlay.create(site.overlays_dir / image_id, site.pool, manifest, base_id)
             uri = site.presenter.add_export(
                 export_name(image_id),
@@ -690,12 +726,9 @@ def _define_vm(
     vm = manifest.meta.get("vm") if manifest is not None else None
     slots = vmimage.slots_of(manifest) if manifest is not None else None
     if not isinstance(vm, dict) or not slots or not isinstance(vm.get("xml"), str):
-        raise InvalidInput(detail=f"the image of {app.name!r} holds no VM (no domain XML)")
+        raise ImageHoldsNoVm(image=ctx.job.image or app.name)
     if uri.startswith("nbds://") and not site.certificate:
-        raise InvalidInput(
-            detail="this appliance serves NBD over TLS but has no certificate to send the "
-            "hypervisor host: start it from its directory (tandem appliance serve DIR)"
-        )
+        raise NbdCertificateMissing(host=host.name)
     body = checked(
         DefineRequest,
         name=new.name,
@@ -748,12 +781,9 @@ def _take_over(
     vm = manifest.meta.get("vm") if manifest is not None else None
     slots = vmimage.slots_of(manifest) if manifest is not None else None
     if not isinstance(vm, dict) or not slots:
-        raise InvalidInput(detail=f"the image of {app.name!r} holds no VM (no disk layout)")
+        raise ImageHoldsNoVm(image=image_id)
     if uri.startswith("nbds://") and not site.certificate:
-        raise InvalidInput(
-            detail="this appliance serves NBD over TLS but has no certificate to send the "
-            "hypervisor host: start it from its directory (tandem appliance serve DIR)"
-        )
+        raise NbdCertificateMissing(host=host.name)
     body = checked(
         TakeOverRequest,
         name=target.name,
@@ -793,7 +823,7 @@ def _mount_disks(
     (one disk) or ``mount_point_1``, ``_2``… (several) on ``host`` (``agent.diskmount``)."""
     slots = vmimage.slots_of(overlay.base) if overlay is not None and overlay.base else None
     if not slots:
-        raise InvalidInput(detail=f"the image of {app.name!r} holds no VM (no disk layout)")
+        raise ImageHoldsNoVm(image=image_id)
     body = checked(
         MaterializeRequest,
         kind="volume",

@@ -107,6 +107,7 @@ from tandem.operations.hosts import agent_for, app_host
 from tandem.operations.jobparams import ForceParams, JobParams
 from tandem.operations.restore import own_domain_xml
 from tandem.operations.site import Site
+from tandem.operations.spec import Spec
 from tandem.operations.streams import follow
 from tandem.operations.syncback import capture_dr_state, failover_image, send_home
 from tandem.storage import vmimage
@@ -114,7 +115,7 @@ from tandem.storage.manifest import VolumeManifest, load_manifest
 from tandem.storage.overlay import Overlay
 from tandem.transport.agent import AgentClient
 from tandem.transport.agent_api import EmptyDomainRequest, RestoreRequest
-from tandem.transport.api import checked
+from tandem.transport.api import CommitFailbackIn, FailbackIn, checked
 from tandem.transport.peer import (
     CommandRan,
     FailbackAgreed,
@@ -231,18 +232,10 @@ def _agree(
         return remote.failback_check(app.name, check)
 
 
-def submit_replica_failback(
-    site: Site,
-    *,
-    app: str,
-    target: str,
-    host: str | None = None,
-    path: str | None = None,
-    power_on: bool = False,
-    shutdown_timeout: float | None = None,
-    pool: str | None = None,
-    actor: str | None = None,
-) -> Job:
+def submit(site: Site, app: str, body: FailbackIn, actor: str | None = None) -> Job:
+    """Queue a replica-style failback of ``app`` as ``body`` asks (the API's request)."""
+    target, host, path, pool = body.target or "", body.host, body.path, body.pool
+    power_on, shutdown_timeout = body.power_on, body.shutdown_timeout
     peers.require_peer(site)
     with site.catalog.read() as session:
         row = q.get_app(session, name=app)
@@ -1012,3 +1005,60 @@ def production_undo(site: Site, *, peer: str, app: str) -> Undone:
         undone = Undone(app=app, host=row.host, path=row.path)
     _remove_defined(site, doc)  # a new VM: its domain and volumes go
     return undone
+
+
+def submit_commit(
+    site: Site, app: str, body: CommitFailbackIn | None, actor: str | None = None
+) -> Job:
+    """``submit_end`` (commit) from the API's request."""
+    return submit_end(site, app=app, undo=False, force=body.force if body else False, actor=actor)
+
+
+def submit_undo(site: Site, app: str, body: None, actor: str | None = None) -> Job:
+    """``submit_end`` (undo) from the API's call (it has no body)."""
+    return submit_end(site, app=app, undo=True, actor=actor)
+
+
+SPECS = (
+    Spec(
+        name="failback-replica",
+        job_type=TYPE,
+        params=Params,
+        run=run_replica_failback,
+        route="POST /apps/{name}/failback",
+        submit=submit,
+        subject="app",
+        lifecycle=Operation.FAILBACK_REPLICA,
+        request=FailbackIn,
+        when=lambda body: body is not None and bool(body.target),
+        command="failback",  # with --target original|restored|new
+        title="Failback (replica style)",
+        danger=True,
+    ),
+    Spec(
+        name="commit-failback",
+        job_type=COMMIT_TYPE,
+        params=EndParams,
+        run=run_commit,
+        route="POST /apps/{name}/commit-failback",
+        submit=submit_commit,
+        subject="app",
+        lifecycle=Operation.COMMIT_FAILBACK,
+        request=CommitFailbackIn,
+        endpoint="commit_failback",
+        title="Commit failback",
+    ),
+    Spec(
+        name="undo-failback",
+        job_type=UNDO_TYPE,
+        params=EndParams,
+        run=run_undo,
+        route="POST /apps/{name}/undo-failback",
+        submit=submit_undo,
+        subject="app",
+        lifecycle=Operation.UNDO_FAILBACK,
+        endpoint="undo_failback",
+        title="Undo failback",
+        danger=True,
+    ),
+)

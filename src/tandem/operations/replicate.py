@@ -61,6 +61,7 @@ from tandem.jobs.runner import JobContext
 from tandem.operations import images, peers
 from tandem.operations.jobparams import NoParams
 from tandem.operations.site import Site
+from tandem.operations.spec import Spec
 from tandem.storage.manifest import Manifest, load_manifest
 from tandem.storage.transfer import chunks_to_offer, encode_for_receiver, previous_at_same_offset
 from tandem.transport.chunks import SessionClient
@@ -468,3 +469,21 @@ def commit_replication(site: Site, *, peer: str, sid: str, token: str) -> Image:
             site, None, app=meta["app"], keep=int(meta["keep"]), kind=ImageKind.REPLICA
         )
     return replica
+
+
+def submit(site: Site, app: str, body: None, actor: str | None = None) -> Job:
+    """``submit_replicate`` from the API's call (it has no body)."""
+    return submit_replicate(site, app=app, actor=actor)
+
+
+SPEC = Spec(
+    name="replicate",
+    job_type=TYPE,
+    params=NoParams,
+    run=run_replicate,
+    route="POST /apps/{name}/replicate",
+    submit=submit,
+    subject="app",
+    lifecycle=Operation.REPLICATE,
+    generic_route=False,  # a peer's call too: routes_peer
+)

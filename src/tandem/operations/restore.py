@@ -59,11 +59,12 @@ from tandem.operations import failback, hooks, pg_recovery, stamps, wal
 from tandem.operations.hosts import agent_for, app_host
 from tandem.operations.jobparams import JobParams
 from tandem.operations.site import Site
+from tandem.operations.spec import Spec
 from tandem.operations.streams import follow
 from tandem.storage.manifest import VolumeManifest, load_manifest
 from tandem.transport.agent import AgentClient
 from tandem.transport.agent_api import RestoreRequest, VmRestoreRequest
-from tandem.transport.api import checked
+from tandem.transport.api import RestoreIn, checked
 
 TYPE = "restore"
 
@@ -399,3 +400,34 @@ def _run_vm_restore(
             "checkpoints_dropped": int(done.get("checkpoints_dropped") or 0),
         },
     }
+
+
+def submit(site: Site, app: str, body: RestoreIn, actor: str | None = None) -> Job:
+    """``submit_restore`` from the API's request."""
+    return submit_restore(
+        site,
+        app=app,
+        image=body.image,
+        confirm=body.confirm,
+        actor=actor,
+        power_on=body.power_on,
+        shutdown_timeout=body.shutdown_timeout,
+        time=body.time,
+        latest=body.latest,
+    )
+
+
+SPEC = Spec(
+    name="restore",
+    job_type=TYPE,
+    params=Params,
+    run=run_restore,
+    route="POST /apps/{name}/restore",
+    submit=submit,
+    subject="app",
+    lifecycle=Operation.RESTORE,
+    request=RestoreIn,
+    title="Restore to production",
+    danger=True,
+    confirmations=RESTORE_CONFIRMATIONS,
+)

@@ -79,12 +79,13 @@ from tandem.operations.present import BLOCK_KINDS
 from tandem.operations.replicate import offer_of, send_image
 from tandem.operations.sessions import Session
 from tandem.operations.site import Site
+from tandem.operations.spec import Spec
 from tandem.operations.streams import follow
 from tandem.storage.manifest import FILE, TreeManifest, VolumeManifest, load_manifest
 from tandem.storage.overlay import Overlay, capture_overlay
 from tandem.storage.tree import diff_trees
 from tandem.transport.agent_api import CaptureRequest
-from tandem.transport.api import checked
+from tandem.transport.api import CaptureIn, checked
 from tandem.transport.peer import Opened, SyncbackOpen
 
 TYPE = "syncback"
@@ -512,3 +513,22 @@ def commit_syncback(site: Site, *, peer: str, sid: str, token: str) -> Image:
     finally:
         site.sessions.close(transfer)
     return row
+
+
+def submit(site: Site, app: str, body: CaptureIn | None, actor: str | None = None) -> Job:
+    """``submit_syncback`` from the API's request."""
+    return submit_syncback(site, app=app, label=body.label if body else None, actor=actor)
+
+
+SPEC = Spec(
+    name="syncback",
+    job_type=TYPE,
+    params=Params,
+    run=run_syncback,
+    route="POST /apps/{name}/syncback",
+    submit=submit,
+    subject="app",
+    lifecycle=Operation.SYNCBACK,
+    request=CaptureIn,
+    title="Syncback",
+)

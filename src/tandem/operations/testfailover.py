@@ -24,11 +24,12 @@ from tandem.errors import (
     NotFound,
     TestOnProductionHost,
 )
-from tandem.jobs.queue import submit_job
 from tandem.jobs.runner import JobContext
 from tandem.operations import pg_recovery, present
 from tandem.operations.hosts import agent_for
 from tandem.operations.site import Site
+from tandem.operations.spec import Spec
+from tandem.transport.api import PresentIn
 
 TYPE = "test-failover"
 
@@ -71,22 +72,10 @@ def check_target(session: Session, app: App, host: str) -> None:
     )
 
 
-def submit_test_failover(
-    site: Site,
-    *,
-    app: str,
-    host: str,
-    image: str | None = None,
-    mount_point: str | None = None,
-    action: str | None = None,
-    actor: str | None = None,
-    time: str | None = None,
-    latest: bool = False,
-    port: int | None = None,
-    verify: bool = False,
-    machine: present.VmAsk = present.VmAsk(),
-    confirm: list[str] | None = None,
-) -> Job:
+def submit(site: Site, app: str, body: PresentIn, actor: str | None = None) -> Job:
+    """Queue a test failover of ``app`` as ``body`` asks (the API's request)."""
+    host, image, mount_point, action = body.host, body.image, body.mount_point, body.action
+    machine, confirm = present.VmAsk.of(body), body.confirm
     with site.catalog.read() as session:
         row = q.get_app(session, name=app)
     required = not mount_point  # a vm app runs as a VM, or has its disks' file systems mounted
@@ -100,9 +89,7 @@ def submit_test_failover(
         image=image,
         confirm=confirm,
     )
-    image, recovering = pg_recovery.requested(
-        site, row, time=time, latest=latest, port=port, verify=verify, image=image
-    )
+    image, recovering = pg_recovery.requested(site, row, body, image)
     with site.catalog.begin() as session:
         row = q.get_app(session, name=app)
         replicas = len(q.list_images(session, app=app, kind=ImageKind.REPLICA))
@@ -114,22 +101,11 @@ def submit_test_failover(
         action, target = present.placed(
             row, machine, action, mount_point, keep_identity=False, required=required
         )
-        params = Params(
-            host=host,
-            mount_point=mount_point,
-            action=action,
+        job = present.queued(
+            session, Params, type=TYPE, app=row.name, image=replica.id, lifecycle=True,
+            actor=actor, host=host, mount_point=mount_point, action=action, target=target,
             **recovering,
-            **(target.as_params() if target is not None else {}),
-        )
-        job = submit_job(
-            session,
-            type=TYPE,
-            app=row.name,
-            image=replica.id,
-            params=params.stored(),
-            lifecycle=True,
-            actor=actor,
-        )
+        )  # fmt: skip
     site.wake()
     return job
 
@@ -192,3 +168,17 @@ def run_test_failover(site: Site, ctx: JobContext, params: Params) -> dict[str, 
         "vm": shown.vm,
         **recovered,
     }
+
+
+SPEC = Spec(
+    name="test-failover",
+    job_type=TYPE,
+    params=Params,
+    run=run_test_failover,
+    route="POST /apps/{name}/test-failover",
+    submit=submit,
+    subject="app",
+    lifecycle=Operation.TEST_FAILOVER,
+    request=PresentIn,
+    title="Test Failover",
+)

@@ -321,6 +321,14 @@ class ApplianceClient(ApiClient):
     def collect_garbage(self) -> JobAnswer:
         return self._job(f"{API}/gc")
 
+    def start(self, route: str, subject: str = "", body: BaseModel | None = None) -> JobAnswer:
+        """Start the operation whose API call is ``route`` (``"POST /images/{image_id}/verify"``,
+        an operation's ``Spec.route``), its one ``{…}`` segment ``subject`` (quoted)."""
+        method, path = route.split(" ", 1)
+        segments = [subject if s.startswith("{") else s for s in path.strip("/").split("/")]
+        answer = self.request(method, api_path(API, *segments), json_body=self._body(body))
+        return self._as(JobAnswer, answer)
+
     # --- jobs ---------------------------------------------------------------------------
 
     def jobs(
