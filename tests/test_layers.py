@@ -4,6 +4,7 @@ API's paths are written only where the wire contract and the routes are."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -237,3 +238,19 @@ def test_every_registered_operation_has_a_cli_command() -> None:
             found = command.get_command(ctx, word)
             assert found is not None, f"{spec.name}: no CLI command `tandem {' '.join(spec.cli)}`"
             command = found
+
+
+def test_every_route_the_cli_starts_by_name_is_declared_by_an_operation() -> None:
+    """``ApplianceClient.start("METHOD /path", …)`` names its route as a string (the CLI does not
+    import the operations layer): a route renamed in a ``Spec`` and not in the CLI fails here."""
+    from tandem.operations.registry import REGISTRY
+
+    routes = {spec.route for spec in REGISTRY}
+    started = [
+        (path.relative_to(SRC), match.group(1))
+        for path in sorted((SRC / "cli").rglob("*.py"))
+        for match in re.finditer(r"\.start\(\s*\"([A-Z]+ [^\"]+)\"", path.read_text())
+    ]
+    assert started, "the pattern no longer finds the CLI's generic job starts"
+    unknown = [f"{path}: {route}" for path, route in started if route not in routes]
+    assert not unknown, f"routes no operation declares: {unknown}"
