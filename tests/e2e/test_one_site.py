@@ -257,6 +257,16 @@ def test_bad_input_and_auth(site: Site, tmp_path: Path) -> None:
     assert denied.code == 1
     assert "Role 'viewer' may not POST /api/v1/apps/guarded/capture" in denied.error
     assert "operator role" in denied.error
+    # A viewer's `image verify` cannot start the verify job; it is answered in the call.
+    watched = tmp_path / "watched"
+    make_tree(watched, files=2, size=1024)
+    add_app(cli, "watched", site.host, "filesystem", watched)
+    cli("template", "add", "by-hand")
+    cli("app", "protect", "watched", "--template", "by-hand")
+    image = cli("capture", "watched")["image"]
+    checked = cli("image", "verify", image["id"], token=viewer["token"])
+    assert checked["ok"] is True and checked["image"] == image["id"]
+    assert [j["type"] for j in cli("jobs", "--app", "watched")] == ["capture"]
     operator = cli("token", "add", "ops", "--role", "operator")
     not_admin = cli.run(
         "token", "add", "x", "--role", "admin", token=operator["token"], check=False
