@@ -7,7 +7,6 @@ import json
 import os
 import stat
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from tandem.storage.tree import restore_tree
 from tests.appliance.conftest import seed_app, seed_image
 from tests.appliance.live import free_port
 from tests.s3server import S3Server
+from tests.storage.test_s3gc import settled
 from tests.storage.test_tree import listing, make_sample
 
 
@@ -171,10 +171,33 @@ def test_a_joined_process_shares_the_bucket(
     assert listing(out) == listing(src)
 
 
+def _images_one_deleted(
+    appliance: Appliance, tmp_path: Path, count: int, size: int
+) -> tuple[S3Pool, list[str]]:
+    """``count`` images of an app ``web`` on the appliance's bucket, the first then deleted
+    from the catalog, every object old enough for a collection to take (the pool's clock
+    slack cut to one second: one server, one clock)."""
+    from tandem.catalog import queries as q
+
+    pool = appliance.site.pool
+    assert isinstance(pool, S3Pool)
+    pool.clock_slack = 1.0
+    seed_app(appliance, "web")
+    made = []
+    for i in range(count):
+        src = tmp_path / f"src{i}"
+        src.mkdir()
+        (src / "data").write_bytes(os.urandom(size))
+        made.append(seed_image(appliance, "web", src))
+    with appliance.catalog.begin() as session:
+        q.delete_image(session, image_id=made[0])
+    settled(pool)
+    return pool, made
+
+
 def test_the_gc_job_collects_a_deleted_image_from_the_bucket(
     s3_env: S3Server, s3_store: ObjectStore, tmp_path: Path
 ) -> None:
-    from tandem.catalog import queries as q
     from tandem.domain.jobs import JobStatus
     from tandem.operations import gc, images
 
@@ -182,23 +205,7 @@ def test_the_gc_job_collects_a_deleted_image_from_the_bucket(
     init(directory, "dr", listen(), None, pool=pool_url(s3_store))
     appliance = Appliance(directory)
     try:
-        pool = appliance.site.pool
-        assert isinstance(pool, S3Pool)
-        pool.clock_slack = 1.0  # one server, one clock
-        seed_app(appliance, "web")
-        made = []
-        for i in range(2):
-            src = tmp_path / f"src{i}"
-            src.mkdir()
-            (src / "data").write_bytes(os.urandom(400_000))
-            made.append(seed_image(appliance, "web", src))
-        with appliance.catalog.begin() as session:
-            q.delete_image(session, image_id=made[0])
-        newest = max(o.modified for o in pool.store.list())
-        deadline = time.monotonic() + 30
-        while time.time() - pool.clock_slack <= newest + 1:  # older than the cut-off
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        _, made = _images_one_deleted(appliance, tmp_path, 2, 400_000)
         appliance.runner.start()
         done = appliance.runner.wait(gc.submit_gc(appliance.site, actor="t").id, timeout=60)
         assert done.status is JobStatus.SUCCEEDED, done.message
@@ -214,7 +221,6 @@ def test_the_gc_job_collects_a_deleted_image_from_the_bucket(
 def test_a_gc_job_the_store_fails_mid_sweep_fails_cleanly_and_the_next_finishes(
     s3_env: S3Server, s3_store: ObjectStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from tandem.catalog import queries as q
     from tandem.domain.jobs import JobStatus
     from tandem.operations import gc, images
 
@@ -222,23 +228,7 @@ def test_a_gc_job_the_store_fails_mid_sweep_fails_cleanly_and_the_next_finishes(
     init(directory, "dr", listen(), None, pool=pool_url(s3_store))
     appliance = Appliance(directory)
     try:
-        pool = appliance.site.pool
-        assert isinstance(pool, S3Pool)
-        pool.clock_slack = 1.0  # one server, one clock
-        seed_app(appliance, "web")
-        made = []
-        for i in range(3):
-            src = tmp_path / f"src{i}"
-            src.mkdir()
-            (src / "data").write_bytes(os.urandom(300_000))
-            made.append(seed_image(appliance, "web", src))
-        with appliance.catalog.begin() as session:
-            q.delete_image(session, image_id=made[0])
-        newest = max(o.modified for o in pool.store.list())
-        deadline = time.monotonic() + 30
-        while time.time() - pool.clock_slack <= newest + 1:  # older than the cut-off
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        pool, made = _images_one_deleted(appliance, tmp_path, 3, 300_000)
         real = pool.sweep_packs
 
         def store_down(*args: Any, **kwargs: Any) -> Any:
