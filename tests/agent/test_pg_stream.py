@@ -35,7 +35,7 @@ def holds(receivers: pg.Receivers, app: str, cluster: Path, lsn: int) -> bool:
     assert start <= lsn <= start + SEGMENT, (newest, lsn)
     received = (receivers.spool(app) / newest).read_bytes()
     written = (cluster / "pg_wal" / name).read_bytes()
-    return received[: lsn - start] == written[: lsn - start]
+    return bool(received[: lsn - start] == written[: lsn - start])
 
 
 def test_a_listing_vouches_only_for_commits_its_files_hold(
