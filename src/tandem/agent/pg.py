@@ -692,16 +692,22 @@ stages (``recover`` empties them anyway), and the rest PostgreSQL initializes at
 NOT_RECOVERED_FILES = ("postmaster.pid", "postmaster.opts", "backup_label.old")
 
 
+def not_recovered(path: str) -> bool:
+    """Whether a path of a data directory (relative to it) is what a recovery never reads
+    (``NOT_RECOVERED``, ``NOT_RECOVERED_FILES``). A base image leaves these out (the WAL is
+    streamed apart: on a cluster loaded with WAL, ``pg_wal`` may be half of its size), and a
+    copy to recover from an older image that holds them is placed without them."""
+    top, _, rest = path.partition("/")
+    if rest and top in NOT_RECOVERED:
+        return path != "pg_wal/archive_status"  # PostgreSQL expects it there
+    return path in NOT_RECOVERED_FILES
+
+
 def for_recovery(manifest: TreeManifest) -> TreeManifest:
-    """A base image's tree without what its recovery never reads (``NOT_RECOVERED``): on a
-    cluster loaded with WAL, ``pg_wal`` may be half of the image, written for nothing
-    before PostgreSQL can start."""
+    """A base image's tree without what its recovery never reads (``not_recovered``)."""
 
     def kept(path: str) -> bool:
-        top, _, rest = path.partition("/")
-        if rest and top in NOT_RECOVERED:
-            return path == "pg_wal/archive_status"  # PostgreSQL expects it there
-        return path not in NOT_RECOVERED_FILES
+        return not not_recovered(path)
 
     entries = [
         e for e in manifest.entries if kept(e.path) and (e.type != HARDLINK or kept(e.target))
