@@ -27,6 +27,7 @@ from tandem.transport.agent_api import (
     CaptureRequest,
     DefineRequest,
     EmptyDomainRequest,
+    KeptRequest,
     MaterializeRequest,
     PgRunRequest,
     PowerRequest,
@@ -231,6 +232,11 @@ class AgentClient:
     def pg_stream(self, app: str, path: str) -> dict[str, Any]:
         """Keep the app's WAL receiver (and its replication slot) running."""
         return self._dict("POST", "/api/v1/pg/stream", checked(StreamRequest, app=app, path=path))
+
+    def drop_kept(self, path: str) -> dict[str, Any]:
+        """Remove the snapshot or clones kept beside the tree at ``path`` for its next
+        capture (the app is being removed)."""
+        return self._dict("POST", "/api/v1/kept/drop", checked(KeptRequest, path=path))
 
     def pg_drop(self, app: str, path: str) -> dict[str, Any]:
         """Stop the app's WAL receiver and drop its replication slot."""

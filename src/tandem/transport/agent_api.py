@@ -197,6 +197,14 @@ class StreamRequest(BaseModel):
     path: str = Field(pattern=PATH, max_length=4096)
 
 
+class KeptRequest(BaseModel):
+    """The copies kept beside the tree at ``path`` for its next capture (``agent.pit``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(pattern=PATH, max_length=4096)
+
+
 class PgRunRequest(BaseModel):
     """Stop the PostgreSQL running on the cluster at ``path``, or start a presented copy
     again (``port``, ``socket_dir``: where it listened before)."""
