@@ -170,7 +170,9 @@ class FailbackBench:
             f"/api/v1/apps/{app}/failover",
             {"host": self.dr_host, "confirm": [FAILOVER_CONFIRMATION], "label": "bench"},
         )
-        uri = str(dr.get(f"/api/v1/images/{failover['image']}")["nbd_uri"])
+        # The export is a capability, never in an image document: asked for, as
+        # `tandem image export` does.
+        uri = str(dr.post(f"/api/v1/images/{failover['image']}/export", {})["nbd_uri"])
         write_at_dr(uri, CATCH_UP, rng, size, self.data)
         catch_up = self.job(dr, f"/api/v1/apps/{app}/syncback", {"label": "catch-up"})
         first = self.restore(app, catch_up)
