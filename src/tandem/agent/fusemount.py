@@ -67,6 +67,7 @@ import importlib.util
 import json
 import logging
 import os
+import secrets
 import shutil
 import signal
 import stat
@@ -74,13 +75,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tandem.agent import holders
+from tandem.agent import holders, pit
+from tandem.domain.consistency import ConsistencyMode, Cut
 from tandem.errors import CopyInUse, FuseUnavailable, TandemError
 from tandem.storage.manifest import TreeManifest, decode_manifest
 from tandem.storage.treeview import DEFAULT_CACHE, ROOT_INODE, ChunkCache, Node, TreeView
@@ -88,6 +90,8 @@ from tandem.transport.chunks import RemoteChunkSource, SessionClient
 from tandem.transport.client import ApiClient
 
 LAYERS = "layers"
+BESIDE_PREFIX = ".tandem-layer-"
+"""A failover copy's layer: ``<the mount point's folder>/.tandem-layer-IMAGE``."""
 READY_TIMEOUT = 60.0
 EXIT_TIMEOUT = 10.0
 TTL = 300.0  # seconds the kernel may cache entries and attributes: the image never changes
@@ -323,7 +327,7 @@ def _give_root_its_attributes(layer: Path, view: TreeView) -> None:
     if marker.exists():
         return
     root = view.nodes[ROOT_INODE].entry
-    upper = layer / "upper"
+    upper = upper_of(layer)
     os.chown(upper, root.uid, root.gid)
     os.chmod(upper, root.mode & 0o7777)
     marker.touch()
@@ -337,6 +341,35 @@ _children_lock = threading.Lock()
 
 def layers_dir(directory: Path) -> Path:
     return directory / LAYERS
+
+
+def upper_of(layer: Path) -> Path:
+    """The copy-on-write directory of ``layer``: ``cow/upper`` in a failover copy's layer
+    (``cow`` a btrfs subvolume where it can be), else ``upper``."""
+    cow = layer / "cow"
+    return cow / "upper" if cow.is_dir() else layer / "upper"
+
+
+def _work_of(layer: Path) -> Path:
+    cow = layer / "cow"
+    return cow / "work" if cow.is_dir() else layer / "work"
+
+
+def _make_cow(cow: Path) -> None:
+    """``cow`` as a btrfs subvolume where the file system has them (its snapshot is the
+    copy's cut: ``agent.pit``), else a folder. overlayfs renames from its work directory
+    into the upper one, which cannot cross subvolumes: both live in ``cow``."""
+    if pit.mount_of(str(cow.parent)).fstype == "btrfs" and shutil.which("btrfs"):
+        made = _run(["btrfs", "subvolume", "create", str(cow)])
+        if made.returncode == 0:
+            os.chmod(cow, 0o700)
+            return
+        log.warning("a folder, not a subvolume, at %s: %s", cow, made.stderr.strip())
+    cow.mkdir(mode=0o700)
+
+
+def _beside(mount_point: str, name: str) -> Path:
+    return Path(os.path.dirname(mount_point.rstrip("/")) or "/") / f"{BESIDE_PREFIX}{name}"
 
 
 def _is_mount(path: str) -> bool:
@@ -387,29 +420,48 @@ def attach(
     *,
     cache_bytes: int = DEFAULT_CACHE,
     recorded: Callable[[dict[str, Any]], None] = lambda record: None,
+    beside: bool = False,
 ) -> dict[str, Any]:
     """Present tree image ``manifest`` at ``mount_point`` (an empty folder): start its FUSE
     server on ``DIR/layers/NAME/lower`` and mount the overlay there. Returns the layer's
     registry record ``{"dir", "pid", "path"}``; on failure everything is taken down again.
     ``recorded(record)`` is called before the server starts and again once its pid is
-    known, so an agent killed half-way has the layer in its registry and unmount finds it."""
+    known, so an agent killed half-way has the layer in its registry and unmount finds it.
+
+    ``beside`` (a failover copy, which the app serves from): the layer goes beside the
+    mount point, ``<its folder>/.tandem-layer-NAME``, on the file system the operator chose
+    for the app's writes, with its copy-on-write directories in ``cow/`` (a btrfs
+    subvolume there): a catch-up syncback cuts it (``point_in_time``) as a capture cuts
+    that file system. ``DIR/layers/NAME`` is then a symbolic link to it (``release_all``)."""
     if not os.path.exists("/dev/fuse"):
         raise FuseUnavailable(
             reason="/dev/fuse is missing", fix="load the fuse module (modprobe fuse)"
         )
     if shutil.which("fusermount3") is None:
         raise _tool_missing("fusermount3", "fuse3")
-    layer = layers_dir(directory) / name
+    link = layers_dir(directory) / name
+    layer = _beside(mount_point, name) if beside else link
     if any(c in str(layer) for c in FORBIDDEN_IN_OPTION):
         raise FuseUnavailable(
-            reason=f"the agent's directory {directory} has a ',', ':' or '\\' in its path, "
+            reason=f"the layer's folder {layer} has a ',', ':' or '\\' in its path, "
             "which the overlay mount options cannot carry",
-            fix="move the agent to a plain path",
+            fix="move the agent to a plain path" if not beside else "choose another mount point",
         )
-    shutil.rmtree(layer, ignore_errors=True)  # a leftover of a crash before it was recorded
-    for sub in ("lower", "upper", "work"):
-        (layer / sub).mkdir(parents=True, mode=0o700)
-    os.chmod(layer / "upper", 0o755)
+    _remove_layer(layer)  # a leftover of a crash before it was recorded
+    if beside:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(link)
+        layer.mkdir(mode=0o700)
+        (layer / "lower").mkdir(mode=0o700)
+        _make_cow(layer / "cow")
+        for sub in ("upper", "work"):
+            (layer / "cow" / sub).mkdir(mode=0o700)
+        link.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.symlink(layer, link)
+    else:
+        for sub in ("lower", "upper", "work"):
+            (layer / sub).mkdir(parents=True, mode=0o700)
+    os.chmod(upper_of(layer), 0o755)
     cfg = LayerConfig(
         manifest=manifest,
         appliance=SessionRef(**appliance),
@@ -421,6 +473,8 @@ def attach(
     with os.fdopen(fd, "w") as fh:
         fh.write(cfg.model_dump_json())
     record: dict[str, Any] = {"dir": str(layer), "pid": 0, "path": mount_point}
+    if beside:
+        record["link"] = str(link)
     recorded(record)
     try:
         record["pid"] = _start_server(layer, name).pid
@@ -464,7 +518,7 @@ def _start_server(layer: Path, name: str) -> subprocess.Popen[bytes]:
 
 def _mount_overlay(layer: Path, name: str, mount_point: str) -> None:
     options = (
-        f"lowerdir={layer / 'lower'},upperdir={layer / 'upper'},workdir={layer / 'work'},xino=off"
+        f"lowerdir={layer / 'lower'},upperdir={upper_of(layer)},workdir={_work_of(layer)},xino=off"
     )
     done = _run(["mount", "-t", "overlay", f"tandem-{name}", "-o", options, mount_point])
     if done.returncode != 0:
@@ -495,7 +549,7 @@ def reattach(record: dict[str, Any]) -> dict[str, Any] | None:
     when no process uses it (its open files cannot be carried over)."""
     layer = Path(str(record.get("dir", "")))
     path = str(record.get("path", ""))
-    if not (layer / "config.json").is_file() or not (layer / "upper").is_dir():
+    if not (layer / "config.json").is_file() or not upper_of(layer).is_dir():
         return None
     lower = str(layer / "lower")
     if _view_alive(lower) and _is_mount(path):
@@ -512,8 +566,9 @@ def reattach(record: dict[str, Any]) -> dict[str, Any] | None:
     if pid > 0 and _is_our_server(pid, layer):
         _end_server(pid)
     _forget(pid)
-    shutil.rmtree(layer / "work", ignore_errors=True)
-    (layer / "work").mkdir(mode=0o700)
+    work = _work_of(layer)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(mode=0o700)
     child = _start_server(layer, name)
     try:
         _mount_overlay(layer, name, path)
@@ -598,6 +653,26 @@ def detach(record: dict[str, Any], *, force: bool = False) -> None:
     if pid > 0 and _is_our_server(pid, layer):
         _end_server(pid)
     _forget(pid)
+    _remove_layer(layer)
+    if record.get("link"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(str(record["link"]))
+
+
+def _remove_layer(layer: Path) -> None:
+    """Remove a layer's folder; a ``cow`` subvolume goes as a folder does (``rmdir`` of an
+    empty subvolume), a read-only snapshot a cut left after a crash with ``btrfs``."""
+    if not layer.is_dir() or layer.is_symlink():
+        with contextlib.suppress(FileNotFoundError):
+            if layer.is_symlink():
+                os.unlink(layer)
+        return
+    for leftover in layer.glob(pit.WORK_PREFIX + "*"):
+        if leftover.is_dir() and os.lstat(leftover).st_ino == pit.BTRFS_SUBVOLUME_INO:
+            _run(["btrfs", "subvolume", "delete", str(leftover)])
+    for view in layer.glob("cut-*"):
+        if _is_mount(str(view)):
+            _run(["umount", "-l", str(view)])
     shutil.rmtree(layer, ignore_errors=True)
 
 
@@ -679,7 +754,8 @@ def release_all(directory: Path) -> list[str]:
     root = layers_dir(directory)
     if not root.is_dir():
         return released
-    for layer in sorted(p for p in root.iterdir() if p.is_dir()):
+    for entry in sorted(p for p in root.iterdir() if p.is_dir()):
+        layer = entry.resolve() if entry.is_symlink() else entry  # a failover copy's
         lower = str(layer / "lower")
         for point in _overlays_over(lower):
             if _run(["umount", "-l", point]).returncode == 0:
@@ -688,12 +764,90 @@ def release_all(directory: Path) -> list[str]:
             _run(["fusermount3", "-u", "-z", lower])
         for pid in _servers_of(layer / "config.json"):
             _end_server(pid)
-        shutil.rmtree(layer, ignore_errors=True)
+        _remove_layer(layer)
+        _remove_layer(entry)
     with _children_lock:
         started = list(_children)
     for pid in started:
         _forget(pid)  # servers of this process that ended: reaped
     return released
+
+
+# --- a point in time of a presented copy (a catch-up syncback while the app writes) ---------
+
+
+def _mount_view(top: Path, lower: Path, view: Path) -> None:
+    """Mount, read-only at ``view``, the copy as ``top`` (a cut of its upper directory)
+    shows it over the image: overlayfs honours the whiteouts and opaque directories of a
+    lower layer as of an upper one."""
+    options = f"ro,lowerdir={top}:{lower},xino=off"
+    name = f"tandem-cut-{view.parent.name}"
+    done = _run(["mount", "-t", "overlay", name, "-o", options, str(view)])
+    if done.returncode != 0:
+        raise FuseUnavailable(
+            reason=f"mounting the cut of the copy at {view} failed "
+            f"({done.stderr.strip() or done.returncode})",
+            fix="give the host's kernel overlayfs (modprobe overlay)",
+        )
+
+
+def _unmount_view(view: Path) -> None:
+    if _is_mount(str(view)) and _run(["umount", str(view)]).returncode != 0:
+        _run(["umount", "-l", str(view)])
+    with contextlib.suppress(OSError):
+        view.rmdir()
+
+
+@contextlib.contextmanager
+def point_in_time(record: dict[str, Any], mode: ConsistencyMode) -> Iterator[pit.PointInTime]:
+    """What a capture of the presented copy ``record`` reads, under ``mode``: the copy at
+    one instant, while the app may go on writing through it.
+
+    Only the copy-on-write directory changes (the image below never does), so that is what
+    is cut, by ``agent.pit`` as it cuts any tree (``auto``/``snapshot``): a ``cow``
+    subvolume by a read-only btrfs snapshot, an upper directory on btrfs or XFS by reflink
+    clones checked while writes are held (whiteouts and ``trusted.overlay.*`` xattrs are
+    cloned with the rest). The cut, mounted read-only over the FUSE view of the image, is
+    the copy at that instant; a capture against the image reads only files the cut holds.
+    Where the upper directory has no cut (``auto`` on ext4, the agent's own disk), the
+    copy itself is read and re-checked, and a file that changed fails the capture (never a
+    torn image); ``freeze`` holds writes to the upper directory's file system while the
+    copy is read; ``none``/``hooks`` read the copy live. The cut is never kept for the
+    next capture (``PointInTime.keep`` is ignored): its paths are not the copy's."""
+    layer = Path(str(record["dir"]))
+    path = str(record["path"])
+    upper = upper_of(layer)
+    if mode in (ConsistencyMode.NONE, ConsistencyMode.HOOKS):
+        with pit.point_in_time(path, "filesystem", mode) as cut:
+            yield cut
+        return
+    if mode is ConsistencyMode.FREEZE:
+        with pit.point_in_time(str(upper), "filesystem", mode) as cut:
+            cut.path = path
+            cut.reason = f"{cut.reason}: the copy's layer, read through the copy"
+            yield cut
+        return
+    cow = upper.parent
+    whole = cow.name == "cow" and pit.is_btrfs_subvolume(str(cow))
+    with pit.point_in_time(str(cow if whole else upper), "filesystem", mode) as cut:
+        try:
+            if cut.cut is Cut.CRASH_UNSAFE:
+                cut.path = path  # no cut of the layer: the copy, read and re-checked
+                cut.reason = f"{cut.reason} (the copy's layer)"
+                yield cut
+                return
+            top = Path(cut.path) / "upper" if whole else Path(cut.path)
+            view = layer / f"cut-{secrets.token_hex(4)}"
+            view.mkdir(mode=0o700)
+            try:
+                _mount_view(top, layer / "lower", view)
+                cut.path = str(view)
+                cut.reason = f"{cut.reason} of the copy's layer, over the image"
+                yield cut
+            finally:
+                _unmount_view(view)
+        finally:
+            cut.keep = None
 
 
 # --- the layer, read as a list of changes ------------------------------------------------------
