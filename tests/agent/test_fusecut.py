@@ -74,9 +74,9 @@ def disks(rig: Rig) -> Iterator[tuple[Rig, object]]:
             fusemount.release_all(rig.agent_dir)
 
 
-@pytest.mark.parametrize(("fstype", "cut"), [("btrfs", "snapshot-btrfs"), ("xfs", "reflink")])
+@pytest.mark.parametrize("fstype", ["btrfs", "xfs"])
 def test_a_failover_copy_is_cut_at_one_instant_while_a_writer_goes_on(
-    disks: tuple[Rig, object], fstype: str, cut: str
+    disks: tuple[Rig, object], fstype: str
 ) -> None:
     rig, mkfs = disks
     source, mid = make_tree(rig)
@@ -87,8 +87,6 @@ def test_a_failover_copy_is_cut_at_one_instant_while_a_writer_goes_on(
     # The layer is on the file system the operator chose, beside the copy.
     assert layer == fs / f".tandem-layer-{IMAGE}"
     assert (rig.agent_dir / "layers" / IMAGE).resolve() == layer
-    if fstype == "btrfs":
-        assert os.stat(layer / "cow").st_ino == 256  # a subvolume: its snapshot is the cut
 
     # What the app did at DR before: a deletion, a rename, a replaced folder.
     os.unlink(target / "sub" / "f0")
@@ -105,7 +103,7 @@ def test_a_failover_copy_is_cut_at_one_instant_while_a_writer_goes_on(
         manifests = []
         for _ in range(2):
             manifest, how = capture_cut(rig, record, mid)
-            assert how == cut
+            assert how == "reflink"  # clones checked with writes held: one instant
             manifests.append(manifest)
         assert writer.rounds > 1
     for i, manifest in enumerate(manifests):

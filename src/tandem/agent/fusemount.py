@@ -23,7 +23,10 @@ the agent starts and finds a copy's mounts gone (the host rebooted) or its serve
 starts a server and mounts the overlay again over the same layer (``reattach``): what was
 written stays the copy's.
 
-On-disk format of a layer, ``DIR/layers/IMAGE[_N]/`` (DIR is the agent's directory)::
+On-disk format of a layer, ``DIR/layers/IMAGE[_N]/`` (DIR is the agent's directory) for a
+test failover or a mount; for a **failover** copy, which the app serves from, the layer is
+``<the mount point's folder>/.tandem-layer-IMAGE[_N]/``, on the file system the operator
+chose for the app's writes (``DIR/layers/IMAGE[_N]`` is then a symbolic link to it)::
 
     config.json   what the FUSE server needs (0600: it holds the read session's token):
                   {"manifest": HEX, "appliance": {url, fingerprint, token, session},
@@ -36,10 +39,16 @@ On-disk format of a layer, ``DIR/layers/IMAGE[_N]/`` (DIR is the agent's directo
                   holding changed entries); a character device 0:0 is a whiteout (the path
                   was deleted); a directory with the xattr ``trusted.overlay.opaque=y``
                   replaces the image's directory of that name entirely (removed and made
-                  again). Everything not here is the image's, unchanged.
+                  again); a directory with ``trusted.overlay.redirect=PATH`` is the image's
+                  directory PATH renamed (the overlay is mounted ``redirect_dir=on``, so an
+                  app may rename a folder; ``metacopy=off``: a changed file is whole here).
+                  Everything not here is the image's, unchanged.
     work/         overlayfs's work directory (its atomic copy-up and rename staging)
     stats.json    {"fetched": bytes fetched from the appliance, "fetches", "hits", "held"}
     fuse.log      the FUSE server's messages
+    cut-XXXX/     while a capture reads a cut of the copy (``point_in_time``): the cut of
+                  the upper directory mounted read-only over ``lower/``; the cut itself
+                  (``.tandem-pit-…``, a snapshot or reflink clones) is beside ``upper/``
 
 Invariants
 - Durability: the upper layer is an ordinary directory on the agent's disk, written by the
@@ -52,6 +61,11 @@ Invariants
   directory in it, the unmount is refused (Conflict naming the processes) and nothing is
   removed, so nobody's open file disappears under them. Then the FUSE mount is unmounted
   (``fusermount3 -u``), its server ends, and the layer is removed.
+- A catch-up syncback (the app writing) reads the copy at one instant: its upper directory
+  cut by ``agent.pit`` (reflink clones of ``upper`` with writes held for the check, which
+  keep whiteouts and ``trusted.overlay.*`` xattrs) and mounted over the image, never the
+  live files; with no cut (ext4, tmpfs) the copy is read and re-checked,
+  so a write during the read fails the capture rather than tearing it (``point_in_time``).
 - Syncback and capture read the copy at its mount point: files never changed are reported
   with the image's own size, mtime, ctime and inode number (overlayfs with ``xino=off``
   shows a lower file's inode number), so a capture against the image's manifest reuses them
@@ -327,7 +341,7 @@ def _give_root_its_attributes(layer: Path, view: TreeView) -> None:
     if marker.exists():
         return
     root = view.nodes[ROOT_INODE].entry
-    upper = upper_of(layer)
+    upper = layer / "upper"
     os.chown(upper, root.uid, root.gid)
     os.chmod(upper, root.mode & 0o7777)
     marker.touch()
@@ -341,31 +355,6 @@ _children_lock = threading.Lock()
 
 def layers_dir(directory: Path) -> Path:
     return directory / LAYERS
-
-
-def upper_of(layer: Path) -> Path:
-    """The copy-on-write directory of ``layer``: ``cow/upper`` in a failover copy's layer
-    (``cow`` a btrfs subvolume where it can be), else ``upper``."""
-    cow = layer / "cow"
-    return cow / "upper" if cow.is_dir() else layer / "upper"
-
-
-def _work_of(layer: Path) -> Path:
-    cow = layer / "cow"
-    return cow / "work" if cow.is_dir() else layer / "work"
-
-
-def _make_cow(cow: Path) -> None:
-    """``cow`` as a btrfs subvolume where the file system has them (its snapshot is the
-    copy's cut: ``agent.pit``), else a folder. overlayfs renames from its work directory
-    into the upper one, which cannot cross subvolumes: both live in ``cow``."""
-    if pit.mount_of(str(cow.parent)).fstype == "btrfs" and shutil.which("btrfs"):
-        made = _run(["btrfs", "subvolume", "create", str(cow)])
-        if made.returncode == 0:
-            os.chmod(cow, 0o700)
-            return
-        log.warning("a folder, not a subvolume, at %s: %s", cow, made.stderr.strip())
-    cow.mkdir(mode=0o700)
 
 
 def _beside(mount_point: str, name: str) -> Path:
@@ -430,9 +419,9 @@ def attach(
 
     ``beside`` (a failover copy, which the app serves from): the layer goes beside the
     mount point, ``<its folder>/.tandem-layer-NAME``, on the file system the operator chose
-    for the app's writes, with its copy-on-write directories in ``cow/`` (a btrfs
-    subvolume there): a catch-up syncback cuts it (``point_in_time``) as a capture cuts
-    that file system. ``DIR/layers/NAME`` is then a symbolic link to it (``release_all``)."""
+    for the app's writes: a catch-up syncback cuts it (``point_in_time``) as a capture cuts
+    a tree on that file system. ``DIR/layers/NAME`` is then a symbolic link to it
+    (``release_all``)."""
     if not os.path.exists("/dev/fuse"):
         raise FuseUnavailable(
             reason="/dev/fuse is missing", fix="load the fuse module (modprobe fuse)"
@@ -451,17 +440,13 @@ def attach(
     if beside:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(link)
-        layer.mkdir(mode=0o700)
-        (layer / "lower").mkdir(mode=0o700)
-        _make_cow(layer / "cow")
-        for sub in ("upper", "work"):
-            (layer / "cow" / sub).mkdir(mode=0o700)
+    for sub in ("lower", "upper", "work"):
+        (layer / sub).mkdir(parents=True, mode=0o700)
+    os.chmod(layer, 0o700)
+    os.chmod(layer / "upper", 0o755)
+    if beside:
         link.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.symlink(layer, link)
-    else:
-        for sub in ("lower", "upper", "work"):
-            (layer / sub).mkdir(parents=True, mode=0o700)
-    os.chmod(upper_of(layer), 0o755)
     cfg = LayerConfig(
         manifest=manifest,
         appliance=SessionRef(**appliance),
@@ -518,7 +503,8 @@ def _start_server(layer: Path, name: str) -> subprocess.Popen[bytes]:
 
 def _mount_overlay(layer: Path, name: str, mount_point: str) -> None:
     options = (
-        f"lowerdir={layer / 'lower'},upperdir={upper_of(layer)},workdir={_work_of(layer)},xino=off"
+        f"lowerdir={layer / 'lower'},upperdir={layer / 'upper'},workdir={layer / 'work'},"
+        "xino=off,redirect_dir=on,metacopy=off"
     )
     done = _run(["mount", "-t", "overlay", f"tandem-{name}", "-o", options, mount_point])
     if done.returncode != 0:
@@ -549,7 +535,7 @@ def reattach(record: dict[str, Any]) -> dict[str, Any] | None:
     when no process uses it (its open files cannot be carried over)."""
     layer = Path(str(record.get("dir", "")))
     path = str(record.get("path", ""))
-    if not (layer / "config.json").is_file() or not upper_of(layer).is_dir():
+    if not (layer / "config.json").is_file() or not (layer / "upper").is_dir():
         return None
     lower = str(layer / "lower")
     if _view_alive(lower) and _is_mount(path):
@@ -566,7 +552,7 @@ def reattach(record: dict[str, Any]) -> dict[str, Any] | None:
     if pid > 0 and _is_our_server(pid, layer):
         _end_server(pid)
     _forget(pid)
-    work = _work_of(layer)
+    work = layer / "work"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(mode=0o700)
     child = _start_server(layer, name)
@@ -660,8 +646,8 @@ def detach(record: dict[str, Any], *, force: bool = False) -> None:
 
 
 def _remove_layer(layer: Path) -> None:
-    """Remove a layer's folder; a ``cow`` subvolume goes as a folder does (``rmdir`` of an
-    empty subvolume), a read-only snapshot a cut left after a crash with ``btrfs``."""
+    """Remove a layer's folder, with what a cut left in it after a crash (a mounted view, a
+    read-only btrfs snapshot)."""
     if not layer.is_dir() or layer.is_symlink():
         with contextlib.suppress(FileNotFoundError):
             if layer.is_symlink():
@@ -780,7 +766,7 @@ def _mount_view(top: Path, lower: Path, view: Path) -> None:
     """Mount, read-only at ``view``, the copy as ``top`` (a cut of its upper directory)
     shows it over the image: overlayfs honours the whiteouts and opaque directories of a
     lower layer as of an upper one."""
-    options = f"ro,lowerdir={top}:{lower},xino=off"
+    options = f"ro,lowerdir={top}:{lower},xino=off,redirect_dir=follow"
     name = f"tandem-cut-{view.parent.name}"
     done = _run(["mount", "-t", "overlay", name, "-o", options, str(view)])
     if done.returncode != 0:
@@ -804,19 +790,20 @@ def point_in_time(record: dict[str, Any], mode: ConsistencyMode) -> Iterator[pit
     one instant, while the app may go on writing through it.
 
     Only the copy-on-write directory changes (the image below never does), so that is what
-    is cut, by ``agent.pit`` as it cuts any tree (``auto``/``snapshot``): a ``cow``
-    subvolume by a read-only btrfs snapshot, an upper directory on btrfs or XFS by reflink
-    clones checked while writes are held (whiteouts and ``trusted.overlay.*`` xattrs are
-    cloned with the rest). The cut, mounted read-only over the FUSE view of the image, is
-    the copy at that instant; a capture against the image reads only files the cut holds.
-    Where the upper directory has no cut (``auto`` on ext4, the agent's own disk), the
-    copy itself is read and re-checked, and a file that changed fails the capture (never a
-    torn image); ``freeze`` holds writes to the upper directory's file system while the
-    copy is read; ``none``/``hooks`` read the copy live. The cut is never kept for the
+    is cut, by ``agent.pit`` as it cuts a tree that is not a subvolume (``auto``,
+    ``snapshot``): on btrfs or XFS, reflink clones checked unchanged while writes to its
+    file system are held for the instant of an lstat walk (whiteouts and
+    ``trusted.overlay.*`` xattrs are cloned with the rest). The cut, mounted read-only over
+    the FUSE view of the image, is the copy at that instant; a capture against the image
+    reads only files the cut holds. Where the upper directory has no cut (``auto`` on ext4,
+    the agent's own disk), the copy itself is read and re-checked, and a file that changed
+    fails the capture (never a torn image); ``freeze`` holds writes to the upper
+    directory's file system while the copy is read; ``none``/``hooks`` read the copy live.
+    The cut is never kept for the
     next capture (``PointInTime.keep`` is ignored): its paths are not the copy's."""
     layer = Path(str(record["dir"]))
     path = str(record["path"])
-    upper = upper_of(layer)
+    upper = layer / "upper"
     if mode in (ConsistencyMode.NONE, ConsistencyMode.HOOKS):
         with pit.point_in_time(path, "filesystem", mode) as cut:
             yield cut
@@ -827,16 +814,16 @@ def point_in_time(record: dict[str, Any], mode: ConsistencyMode) -> Iterator[pit
             cut.reason = f"{cut.reason}: the copy's layer, read through the copy"
             yield cut
         return
-    cow = upper.parent
-    whole = cow.name == "cow" and pit.is_btrfs_subvolume(str(cow))
-    with pit.point_in_time(str(cow if whole else upper), "filesystem", mode) as cut:
+    # Never a btrfs snapshot, which is no instant of what the app wrote: it holds what was
+    # flushed at its commit, so an earlier write may be missing while a later one is in.
+    with pit.point_in_time(str(upper), "filesystem", mode) as cut:
         try:
             if cut.cut is Cut.CRASH_UNSAFE:
                 cut.path = path  # no cut of the layer: the copy, read and re-checked
                 cut.reason = f"{cut.reason} (the copy's layer)"
                 yield cut
                 return
-            top = Path(cut.path) / "upper" if whole else Path(cut.path)
+            top = Path(cut.path)
             view = layer / f"cut-{secrets.token_hex(4)}"
             view.mkdir(mode=0o700)
             try:
