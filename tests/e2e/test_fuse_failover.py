@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from tandem.drill.lab import Daemon
 from tests.agent.loopfs import PairWriter, loop_mounts, torn
-from tests.e2e.conftest import Drill, protect_and_replicate
+from tests.e2e.conftest import Drill, protect_and_replicate, register_host
 from tests.e2e.test_live_apps import pair_files
 
 MiB = 1024 * 1024
@@ -154,3 +155,49 @@ def test_failover_with_the_copy_action_still_places_a_full_copy(
     assert done["job"]["status"] == "succeeded", done["job"]
     assert d.b("failback", "plainfiles")["job"]["status"] == "succeeded"
     assert not copy.exists()
+
+
+def path_without(tool: str, farm: Path) -> str:
+    """A PATH with every command of this host but ``tool``: a host where its package is not
+    installed (links to the real commands in ``farm``)."""
+    farm.mkdir()
+    for folder in ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"):
+        if not os.path.isdir(folder):
+            continue
+        for name in os.listdir(folder):
+            if name != tool and not (farm / name).exists():
+                os.symlink(os.path.join(folder, name), farm / name)
+    return str(farm)
+
+
+def test_failover_to_a_host_without_fuse_places_a_full_copy_and_says_why(
+    drill: Drill, tmp_path: Path
+) -> None:
+    d = drill
+    agent = Daemon.create("agent", tmp_path / "agent3", "host3")
+    agent.extra_env["PATH"] = path_without("fusermount3", tmp_path / "bin")
+    agent.start()
+    try:
+        register_host(d.b, agent)
+        prod = tmp_path / "prod"
+        prod.mkdir()
+        make_app(prod)
+        protect_and_replicate(d, "nofuse", "filesystem", prod)
+        copy = tmp_path / "dr"
+        over = d.b(
+            "failover", "nofuse", "--host", "host3", "--confirm", "FAILOVER",
+            "--mount-point", str(copy),
+        )  # fmt: skip
+        assert over["job"]["status"] == "succeeded", over["job"]
+        assert over["job"]["result"]["presentation"] == "copy"
+        assert mount_type(copy) is None and others(copy) == others(prod)
+        log = " | ".join(line["text"] for line in d.b("job", "log", over["job"]["id"]))
+        assert "a full copy, not a virtual one: fusermount3 is missing" in log, log
+        final = d.b("syncback", "nofuse")
+        assert final["job"]["status"] == "succeeded", final["job"]
+        done = d.a("restore", "nofuse", "--image", final["image"]["id"], *CONFIRM)
+        assert done["job"]["status"] == "succeeded", done["job"]
+        assert d.b("failback", "nofuse")["job"]["status"] == "succeeded"
+        assert not copy.exists()
+    finally:
+        agent.stop()

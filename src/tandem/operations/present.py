@@ -668,6 +668,8 @@ def present(
                     ctx, agent.materialize(body), host=host.name, moved=lambda: reading.bytes_sent
                 )
             paths = [str(p) for p in done.get("paths", [])]
+            if how == "fuse" and done.get("presentation") != "fuse":
+                how = "copy"  # the host has no FUSE: it placed a full copy (its log says why)
             ctx.log(
                 f"presented {base.id} on host {host.name} ({how}"
                 f"{', what recovery reads' if recovering else ''}) in "
