@@ -4,8 +4,10 @@ real appliance's read session, on real btrfs, XFS and ext4 loop mounts."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import pytest
 
 from tandem.agent import fusemount
 from tandem.domain.consistency import ConsistencyMode
+from tandem.drill.lab import wait_for
 from tandem.errors import SourceChanged
 from tandem.storage import tree
 from tandem.storage.manifest import TreeManifest, load_manifest
@@ -143,3 +146,42 @@ def test_a_failover_copy_with_no_cut_under_a_writer_fails_cleanly_never_torn(
     manifest, how = capture_cut(rig, record, mid)  # the writer stopped
     assert how == "crash-unsafe"
     assert restored(rig, manifest, "stopped") == files_of(target)
+
+
+def test_a_failover_copy_serves_through_agent_restarts_and_comes_back_after_a_reboot(
+    disks: tuple[Rig, object],
+) -> None:
+    rig, mkfs = disks
+    source, mid = make_tree(rig)
+    target = mkfs("xfs") / "app"  # type: ignore[operator]
+    record = present_beside(rig, mid, target)
+    (target / "written.txt").write_text("written at DR")
+    rig.stop_agent()
+    assert os.path.ismount(target) and (target / "written.txt").read_text() == "written at DR"
+    # What a reboot does: the mounts and the FUSE server are gone; the layer stays on disk.
+    subprocess.run(["umount", "-l", str(target)], check=True)
+    subprocess.run(["fusermount3", "-u", "-z", str(Path(str(record["dir"])) / "lower")], check=True)
+    os.kill(int(str(record["pid"])), 9)
+    rig.start_agent()
+    wait_for(lambda: os.path.ismount(target), 30, "the copy mounted again")
+    assert (target / "written.txt").read_text() == "written at DR"
+    assert (target / "top.txt").read_text() == (source / "top.txt").read_text()
+    assert rig.unmount().status_code == 200
+    assert not target.exists() and not Path(str(record["dir"])).exists()
+
+
+def test_a_mount_point_whose_folder_the_overlay_cannot_name_gets_a_full_copy(
+    disks: tuple[Rig, object],
+) -> None:
+    rig, _ = disks
+    source, mid = make_tree(rig)
+    target = rig.tmp / "odd,folder" / "app"
+    body = rig.body(mid, mount_point=str(target), presentation="fuse", layer="beside")
+    answer = rig.http.post("/api/v1/materialize", json=body)
+    events = [json.loads(line) for line in answer.text.splitlines()]
+    done = events[-1]
+    assert done["event"] == "done" and done.get("presentation") is None, done
+    said = [e["text"] for e in events if e["event"] == "log"]
+    assert any("a full copy, not a virtual one" in t and "odd,folder" in t for t in said), said
+    assert not os.path.ismount(target) and files_of(target) == files_of(source)
+    assert rig.unmount().status_code == 200

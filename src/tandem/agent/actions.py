@@ -497,6 +497,10 @@ def materialize(req: MaterializeRequest, registry: mounts.Registry, emit: Emit) 
             if fuse and (missing := fusemount.unavailable()) is not None:
                 emit({"event": "log", "text": f"a full copy, not a virtual one: {missing}"})
                 fuse = False
+            unfit = [u for p in paths if (u := fusemount.unfit_beside(p))]
+            if fuse and req.layer == "beside" and unfit:
+                emit({"event": "log", "text": f"a full copy, not a virtual one: {unfit[0]}"})
+                fuse = False
             for target in targets:
                 if target.existed:
                     continue

@@ -400,6 +400,18 @@ def unavailable() -> str | None:
     return None
 
 
+def unfit_beside(mount_point: str) -> str | None:
+    """Why a failover copy's layer cannot go beside ``mount_point`` (the overlay's mount
+    options cannot name its folder), or None."""
+    folder = str(_beside(mount_point, "x").parent)
+    if any(c in folder for c in FORBIDDEN_IN_OPTION):
+        return (
+            f"the folder {folder} has a ',', ':' or '\\' in its path, which the overlay's "
+            "mount options cannot carry"
+        )
+    return None
+
+
 def attach(
     directory: Path,
     name: str,
