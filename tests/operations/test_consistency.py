@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -15,7 +16,8 @@ from tandem.catalog import queries as q
 from tandem.domain.consistency import ConsistencyMode
 from tandem.domain.jobs import JobStatus
 from tandem.domain.lifecycle import AppKind
-from tandem.operations import apps, capture, templates
+from tandem.operations import apps, capture, images, templates
+from tandem.transport.server import free_port
 from tests.agent.loopfs import loop_mounts
 from tests.operations.conftest import Live
 from tests.operations.test_capture_restore import protect, run
@@ -134,3 +136,36 @@ def test_a_capture_that_cannot_be_cut_is_retried_before_the_interval(
     assert scheduler.run_due(failed_at + RETRY_FIRST + 0.01) == ["web"]  # not an hour later
     with site.catalog.read() as session:
         assert [j.status for j in q.list_jobs(session, app="web")][1:] == [JobStatus.FAILED]
+
+
+def test_removing_an_app_removes_the_clones_its_host_kept_for_the_next_capture(
+    live: Live, mkfs: Callable[[str], Path]
+) -> None:
+    """A capture keeps its reflink clones beside the tree (the next one reads only what
+    changed); once the app is gone they would hold its blocks for nobody. With the host
+    unreachable the app is still removed, and the answer says what to remove by hand."""
+    site = live.appliance.site
+    fs = mkfs("xfs")
+    for name in ("db", "web"):
+        (fs / name).mkdir()
+        (fs / name / "table").write_bytes(b"rows" * 1000)
+        protect(live, name, AppKind.FILESYSTEM, fs / name)
+        job = run(live, capture.submit_capture(site, app=name, actor="t"))
+        assert job.status is JobStatus.SUCCEEDED, job.message
+        assert cut_of(live, job.image) == "reflink"
+        gone = run(live, images.submit_delete(site, image_id=job.image or "", actor="t"))
+        assert gone.status is JobStatus.SUCCEEDED, gone.message
+        apps.unprotect_app(site, name=name, actor="t")
+    kept = sorted(n for n in os.listdir(fs) if n.startswith(".tandem-pit-keep-"))
+    assert len(kept) == 2
+
+    assert apps.remove_app(site, name="db") is None
+    left = sorted(n for n in os.listdir(fs) if n.startswith(".tandem-pit-keep-"))
+    assert len(left) == 1 and left[0] in kept  # web's, not db's
+
+    with site.catalog.begin() as session:
+        q.get_host(session, name="h1").url = f"https://127.0.0.1:{free_port()}"
+    note = apps.remove_app(site, name="web")
+    assert note is not None and ".tandem-pit-keep-" in note and "h1" in note
+    assert "web" not in {a.name for a in apps.list_apps(site)}
+    assert sorted(n for n in os.listdir(fs) if n.startswith(".tandem-pit-keep-")) == left

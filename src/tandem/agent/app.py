@@ -42,7 +42,7 @@ from fastapi import Depends, FastAPI, Header, Request, Response
 from fastapi.responses import StreamingResponse
 
 from tandem import __version__
-from tandem.agent import actions, hooks, mounts, pg, vm
+from tandem.agent import actions, hooks, mounts, pg, pit, vm
 from tandem.errors import (
     AgentWithoutDirectory,
     JobCanceled,
@@ -54,6 +54,7 @@ from tandem.transport.agent_api import (
     CaptureRequest,
     DefineRequest,
     EmptyDomainRequest,
+    KeptRequest,
     MaterializeRequest,
     PgRunRequest,
     PowerRequest,
@@ -268,6 +269,11 @@ def create_app(cfg: DaemonConfig, directory: Path | None = None) -> FastAPI:
     @app.post("/api/v1/pg/stream", dependencies=[Depends(auth)])
     def pg_stream(req: StreamRequest) -> dict[str, Any]:
         return wal_receivers().ensure(req)
+
+    @app.post("/api/v1/kept/drop", dependencies=[Depends(auth)])
+    def drop_kept(req: KeptRequest) -> dict[str, Any]:
+        pit.drop_kept(mounts.clean_path(req.path, "app path"))
+        return {"dropped": True}
 
     @app.post("/api/v1/pg/drop", dependencies=[Depends(auth)])
     def pg_drop(req: StreamRequest) -> dict[str, Any]:

@@ -160,8 +160,7 @@ def make_router(site: Site) -> APIRouter:
 
     @router.delete("/apps/{name}", tags=["apps"])
     def remove_app(name: Name) -> Deleted:
-        apps.remove_app(site, name=name)
-        return Deleted(deleted=name)
+        return Deleted(deleted=name, note=apps.remove_app(site, name=name))
 
     @router.post("/apps/{name}/protect", tags=["apps"])
     def protect_app(name: Name, body: ProtectIn, who: Caller) -> AppOut:

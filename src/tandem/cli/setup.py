@@ -303,7 +303,8 @@ def app_unprotect(s: Session, name: Name) -> None:
 @api_command
 def app_remove(s: Session, name: Name) -> None:
     """Remove an unprotected application that has no images left."""
-    s.show(s.api.remove_app(name), ("deleted",))
+    done = s.api.remove_app(name)
+    s.show(done, ("deleted", "note") if done.note else ("deleted",))
 
 
 @app_app.command("history")

@@ -37,7 +37,13 @@ from tandem.domain.lifecycle import AppKind, Operation
 from tandem.domain.paths import check_path, overlaps
 from tandem.domain.rules import Role, role_allows
 from tandem.domain.vms import check_domain_name
-from tandem.errors import AppLocationInvalid, ChoiceInvalid, Forbidden, PathsOverlap
+from tandem.errors import (
+    AppLocationInvalid,
+    ChoiceInvalid,
+    Forbidden,
+    PathsOverlap,
+    TandemError,
+)
 from tandem.operations import wal
 from tandem.operations.hosts import agent_for
 from tandem.operations.site import Site
@@ -177,25 +183,36 @@ def get_app(site: Site, *, name: str) -> App:
         return q.get_app(session, name=name)
 
 
-def remove_app(site: Site, *, name: str) -> None:
+def remove_app(site: Site, *, name: str) -> str | None:
     """Remove an app; for a PostgreSQL app of this site, its WAL receiver is stopped and its
     replication slot dropped first (a slot left behind would make the server keep WAL
-    forever), and the WAL held here goes with it."""
+    forever), and the WAL held here goes with it. The snapshot or clones its host keeps
+    beside a tree for the next capture (``agent.pit``) are removed too; returns why they
+    could not be (the host unreachable: the removal goes on), else None."""
     with site.catalog.read() as session:
         row = q.get_app(session, name=name)
         q.remove_app_check(session, app=row)
         host = q.get_host(session, name=row.host) if row.origin is None else None
-    if row.kind is not AppKind.POSTGRESQL:
-        with site.catalog.begin() as session:
-            q.remove_app(session, name=name)
-        return
-    with site.wal_lock:  # the shipper restarts no receiver behind this drop
-        if host is not None:
+    if row.kind is AppKind.POSTGRESQL:
+        with site.wal_lock:  # the shipper restarts no receiver behind this drop
+            if host is not None:
+                with agent_for(host) as agent:
+                    agent.pg_drop(row.name, row.path)
+            wal.forget(site, row)
+    left = None
+    if host is not None and row.kind in (AppKind.FILESYSTEM, AppKind.POSTGRESQL):
+        try:
             with agent_for(host) as agent:
-                agent.pg_drop(row.name, row.path)
-        wal.forget(site, row)
-        with site.catalog.begin() as session:
-            q.remove_app(session, name=name)
+                agent.drop_kept(row.path)
+        except TandemError as exc:
+            left = (
+                f"any copies kept beside {row.path} on host {host.name} for faster captures "
+                f"could not be removed ({exc.message}); remove the .tandem-pit-keep-* folders "
+                "beside it (inside it, if it is a whole file system) by hand"
+            )
+    with site.catalog.begin() as session:
+        q.remove_app(session, name=name)
+    return left
 
 
 def protect_app(site: Site, *, name: str, template: str, actor: str | None) -> App:

@@ -27,6 +27,7 @@ from tandem.transport.agent_api import (
     CaptureRequest,
     DefineRequest,
     EmptyDomainRequest,
+    KeptRequest,
     MaterializeRequest,
     PgRunRequest,
     PowerRequest,
@@ -42,6 +43,7 @@ from tandem.transport.agent_api import (
     UnmaterializeRequest,
     VmRestoreRequest,
     WalAck,
+    WalListing,
     WalRead,
     WantedRequest,
 )
@@ -231,13 +233,24 @@ class AgentClient:
         """Keep the app's WAL receiver (and its replication slot) running."""
         return self._dict("POST", "/api/v1/pg/stream", checked(StreamRequest, app=app, path=path))
 
+    def drop_kept(self, path: str) -> dict[str, Any]:
+        """Remove the snapshot or clones kept beside the tree at ``path`` for its next
+        capture (the app is being removed)."""
+        return self._dict("POST", "/api/v1/kept/drop", checked(KeptRequest, path=path))
+
     def pg_drop(self, app: str, path: str) -> dict[str, Any]:
         """Stop the app's WAL receiver and drop its replication slot."""
         return self._dict("POST", "/api/v1/pg/drop", checked(StreamRequest, app=app, path=path))
 
-    def pg_wal(self, app: str) -> dict[str, Any]:
-        """The WAL files the host holds for ``app`` (``files``, ``seen``, ``running``)."""
-        return self._dict("GET", api_path("/api/v1/pg/wal", app))
+    def pg_wal(self, app: str) -> WalListing:
+        """The WAL files the host holds for ``app``, checked."""
+        reply = self._dict("GET", api_path("/api/v1/pg/wal", app))
+        try:
+            return WalListing.model_validate(reply)
+        except ValueError as exc:
+            raise RemoteError(
+                what="host", name=self.name, detail=f"its WAL listing is invalid ({exc})"
+            ) from exc
 
     def pg_wal_read(self, app: str, name: str, offset: int) -> bytes:
         body = checked(WalRead, app=app, name=name, offset=offset).model_dump(mode="json")

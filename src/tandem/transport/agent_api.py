@@ -16,6 +16,7 @@ from typing import Annotated, Any
 
 from pydantic import (
     AfterValidator,
+    AwareDatetime,
     BaseModel,
     ConfigDict,
     Field,
@@ -200,6 +201,14 @@ class StreamRequest(BaseModel):
     path: str = Field(pattern=PATH, max_length=4096)
 
 
+class KeptRequest(BaseModel):
+    """The copies kept beside the tree at ``path`` for its next capture (``agent.pit``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(pattern=PATH, max_length=4096)
+
+
 class PgRunRequest(BaseModel):
     """Stop the PostgreSQL running on the cluster at ``path``, or start a presented copy
     again (``port``, ``socket_dir``: where it listened before)."""
@@ -217,6 +226,24 @@ class WalRead(BaseModel):
     app: str = Field(pattern=APP_NAME)
     name: str = Field(pattern=WAL_FILE)
     offset: int = Field(ge=0, le=SEGMENT_SIZE)
+
+
+class WalFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=WAL_FILE)
+    size: int = Field(ge=0, le=SEGMENT_SIZE)
+
+
+class WalListing(BaseModel):
+    """The agent's answer for an app's WAL: the files its receiver holds, and ``seen``: the
+    newest moment every commit acknowledged before it is in them (None: not known yet)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    files: list[WalFile] = Field(max_length=65536)
+    seen: AwareDatetime | None
+    running: bool
 
 
 class WalAck(BaseModel):

@@ -553,6 +553,8 @@ class InfoOut(Document):
 
 class Deleted(Document):
     deleted: str
+    note: str | None = None
+    """What was left behind and how to remove it by hand, if anything."""
 
 
 class GcIn(BaseModel):
