@@ -8,6 +8,7 @@ default under /var/tmp), ``--json FILE`` (also save the results), ``--quick`` (s
 for a short run; postgresql: a 0.35 GB cluster and five minutes of WAL instead of 1 GB and
 an hour),
 ``--profile DIR`` (py-spy records of the daemons in the e2e and consistency sections).
+treefailover always uses 1 and 4 GiB trees.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ SECTIONS = (
     "replication",
     "presentation",
     "treepresentation",
+    "treefailover",
     "failback",
     "scale",
     "nbd",

@@ -163,6 +163,11 @@ def test_failover_needs_its_confirmation_and_fences_production(
     assert refused.code == 1 and "failed over at dr" in refused.error, refused.error
     assert (target / "state.txt").read_text() == "v1\n"  # the DR copy is untouched
 
+    # The failed-over copy (FUSE) goes with the failback, its layer too.
+    back = d.b("failback", "svc", "--force")
+    assert back["job"]["status"] == "succeeded", back["job"]
+    assert not target.exists() and not list(tmp_path.glob(".tandem-layer-*"))
+
 
 def test_failover_without_a_replica_is_a_clear_error(drill: Drill, tmp_path: Path) -> None:
     d = drill

@@ -188,14 +188,16 @@ def sound(cluster: Cluster) -> int:
 
 
 @pytest.mark.parametrize(
-    ("dr_fstype", "cut"),
+    ("dr_fstype", "action", "cut"),
     [
-        ("btrfs", "snapshot-btrfs"),  # the DR copy is a subvolume: writes never held
-        ("xfs", "reflink"),  # reflink clones: writes held for the check only
+        # a full copy, a subvolume: cut from a snapshot, writes never held
+        ("btrfs", "copy", "snapshot-btrfs"),
+        # the FUSE copy: its layer beside it cut by reflink clones, writes held for the check
+        ("xfs", None, "reflink"),
     ],
 )
 def test_catch_up_syncback_of_postgresql_under_pgbench_at_dr(
-    drill: Drill, shared_dir: Path, dr_fstype: str, cut: str
+    drill: Drill, shared_dir: Path, dr_fstype: str, action: str | None, cut: str
 ) -> None:
     d = drill
     app = f"pgdr-{dr_fstype}"
@@ -224,9 +226,10 @@ def test_catch_up_syncback_of_postgresql_under_pgbench_at_dr(
         dr_path = dr_fs / "pgdata"
         over = d.b(
             "failover", app, "--host", "host2", "--confirm", "FAILOVER",
-            "--mount-point", str(dr_path),
+            "--mount-point", str(dr_path), *(("--action", action) if action else ()),
         )  # fmt: skip
         assert over["job"]["status"] == "succeeded", over["job"]
+        assert over["job"]["result"]["presentation"] == (action or "fuse")
         (dr_path / "postmaster.pid").unlink(missing_ok=True)  # production's, not ours
         dr = Cluster(dr_path, sockets)
         dr.start()  # the app serves at the DR site
@@ -298,6 +301,7 @@ def test_a_tree_at_dr_with_no_point_in_time_source_never_syncs_back_torn(
             "--mount-point", str(dr_path),
         )  # fmt: skip
         assert over["job"]["status"] == "succeeded", over["job"]
+        assert over["job"]["result"]["presentation"] == "fuse"  # its layer on ext4 too
         with PairWriter(dr_path, PAIRS, size=64 * 1024):
             outcomes = [d.b.run("syncback", "ledger", check=False) for _ in range(2)]
         for run in outcomes:

@@ -3,6 +3,7 @@ with a protective snapshot, then commit — or undo back to the DR copy."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from tandem.drill.lab import install_hook_script
@@ -108,6 +109,11 @@ def test_undo_returns_to_the_dr_copy_as_it_was(drill: Drill, tmp_path: Path) -> 
     again = d.b.run("undo-failback", "crm", check=False)
     assert again.code == 1 and "failed-over" in again.error  # nothing pending any more
 
+    # The DR copy (a FUSE copy) fails back again and is committed: it is taken down.
+    assert d.b("failback", "crm", "--target", "original")["job"]["status"] == "succeeded"
+    assert d.b("commit-failback", "crm")["job"]["status"] == "succeeded"
+    assert not os.path.ismount(dr_copy) and not dr_copy.exists()
+
 
 def test_a_target_production_did_not_register_is_refused_before_anything_changes(
     drill: Drill, tmp_path: Path
@@ -153,3 +159,5 @@ def test_a_target_production_did_not_register_is_refused_before_anything_changes
     assert (data / "db" / "rows.txt").read_text() == "row 1\n"
     at_prod = next(a for a in d.a("apps") if a["name"] == "hr")
     assert at_prod["path"] == str(target) and at_prod["peer_active"]
+    assert d.b("commit-failback", "hr")["job"]["status"] == "succeeded"
+    assert not os.path.ismount(dr_copy) and not dr_copy.exists()

@@ -121,9 +121,27 @@ def _fetch_manifest(client: ApiClient, session: str, manifest: str) -> Any:
     return decode_manifest(blob, bytes.fromhex(manifest))
 
 
-def capture(req: CaptureRequest, emit: Emit) -> dict[str, Any]:
+def _presented_copy(registry: mounts.Registry | None, path: Path) -> dict[str, Any] | None:
+    """The layer record of the FUSE copy presented at ``path`` (``agent.fusemount``), if
+    this agent presents one there."""
+    if registry is None:
+        return None
+    real = os.path.realpath(path)
+    for entry in registry.read().values():
+        if entry.get("state") != mounts.READY:
+            continue
+        for record in entry.get("layers") or []:
+            if isinstance(record, dict) and os.path.realpath(str(record.get("path"))) == real:
+                return record
+    return None
+
+
+def capture(
+    req: CaptureRequest, emit: Emit, registry: mounts.Registry | None = None
+) -> dict[str, Any]:
     """Capture the app's data into the appliance session from a point in time of it
-    (``agent.pit``); returns the final event, which says how the image was cut."""
+    (``agent.pit``; a copy this agent presents through FUSE, from a cut of its layer:
+    ``fusemount.point_in_time``); returns the final event, which says how it was cut."""
     if req.kind == "vm":
         return _capture_vm(req, emit)
     path = Path(req.path)
@@ -138,7 +156,13 @@ def capture(req: CaptureRequest, emit: Emit) -> dict[str, Any]:
         return unchanged
     before = volume.stamp_of(path) if req.kind == "volume" else None
     mode = ConsistencyMode(req.consistency)
-    with pit.point_in_time(str(path), req.kind, mode, base=req.base) as cut:
+    copy = _presented_copy(registry, path) if req.kind == "filesystem" else None
+    source = (
+        fusemount.point_in_time(copy, mode)
+        if copy is not None
+        else pit.point_in_time(str(path), req.kind, mode, base=req.base)
+    )
+    with source as cut:
         emit({"event": "log", "text": f"capturing from {cut.cut.value}: {cut.reason}"})
         if cut.previous is not None:
             emit({"event": "log", "text": "changed files are read only where their extents "
@@ -479,6 +503,10 @@ def materialize(req: MaterializeRequest, registry: mounts.Registry, emit: Emit) 
             if fuse and (missing := fusemount.unavailable()) is not None:
                 emit({"event": "log", "text": f"a full copy, not a virtual one: {missing}"})
                 fuse = False
+            unfit = [u for p in paths if (u := fusemount.unfit_beside(p))]
+            if fuse and req.layer == "beside" and unfit:
+                emit({"event": "log", "text": f"a full copy, not a virtual one: {unfit[0]}"})
+                fuse = False
             for target in targets:
                 if target.existed:
                     continue
@@ -611,6 +639,7 @@ def _present_fuse(
                 req.appliance.model_dump(),
                 path,
                 recorded=recorded,
+                beside=req.layer == "beside",
             )
         )
         emit({"event": "progress", "done": i + 1, "total": len(paths)})

@@ -218,7 +218,7 @@ def create_app(cfg: DaemonConfig, directory: Path | None = None) -> FastAPI:
 
     @app.post("/api/v1/capture", dependencies=[Depends(auth)])
     def capture(req: CaptureRequest) -> StreamingResponse:
-        return _stream(req.job, lambda emit: actions.capture(req, emit))
+        return _stream(req.job, lambda emit: actions.capture(req, emit, registry))
 
     @app.post("/api/v1/restore", dependencies=[Depends(auth)])
     def restore(req: RestoreRequest) -> StreamingResponse:

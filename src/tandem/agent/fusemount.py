@@ -23,7 +23,10 @@ the agent starts and finds a copy's mounts gone (the host rebooted) or its serve
 starts a server and mounts the overlay again over the same layer (``reattach``): what was
 written stays the copy's.
 
-On-disk format of a layer, ``DIR/layers/IMAGE[_N]/`` (DIR is the agent's directory)::
+On-disk format of a layer, ``DIR/layers/IMAGE[_N]/`` (DIR is the agent's directory) for a
+test failover or a mount; for a **failover** copy, which the app serves from, the layer is
+``<the mount point's folder>/.tandem-layer-IMAGE[_N]/``, on the file system the operator
+chose for the app's writes (``DIR/layers/IMAGE[_N]`` is then a symbolic link to it)::
 
     config.json   what the FUSE server needs (0600: it holds the read session's token):
                   {"manifest": HEX, "appliance": {url, fingerprint, token, session},
@@ -36,10 +39,16 @@ On-disk format of a layer, ``DIR/layers/IMAGE[_N]/`` (DIR is the agent's directo
                   holding changed entries); a character device 0:0 is a whiteout (the path
                   was deleted); a directory with the xattr ``trusted.overlay.opaque=y``
                   replaces the image's directory of that name entirely (removed and made
-                  again). Everything not here is the image's, unchanged.
+                  again); a directory with ``trusted.overlay.redirect=PATH`` is the image's
+                  directory PATH renamed (the overlay is mounted ``redirect_dir=on``, so an
+                  app may rename a folder; ``metacopy=off``: a changed file is whole here).
+                  Everything not here is the image's, unchanged.
     work/         overlayfs's work directory (its atomic copy-up and rename staging)
     stats.json    {"fetched": bytes fetched from the appliance, "fetches", "hits", "held"}
     fuse.log      the FUSE server's messages
+    cut-XXXX/     while a capture reads a cut of the copy (``point_in_time``): the cut of
+                  the upper directory mounted read-only over ``lower/``; the cut itself
+                  (``.tandem-pit-…``, a snapshot or reflink clones) is beside ``upper/``
 
 Invariants
 - Durability: the upper layer is an ordinary directory on the agent's disk, written by the
@@ -52,6 +61,11 @@ Invariants
   directory in it, the unmount is refused (Conflict naming the processes) and nothing is
   removed, so nobody's open file disappears under them. Then the FUSE mount is unmounted
   (``fusermount3 -u``), its server ends, and the layer is removed.
+- A catch-up syncback (the app writing) reads the copy at one instant: its upper directory
+  cut by ``agent.pit`` (reflink clones of ``upper`` with writes held for the check, which
+  keep whiteouts and ``trusted.overlay.*`` xattrs) and mounted over the image, never the
+  live files; with no cut (ext4, tmpfs) the copy is read and re-checked,
+  so a write during the read fails the capture rather than tearing it (``point_in_time``).
 - Syncback and capture read the copy at its mount point: files never changed are reported
   with the image's own size, mtime, ctime and inode number (overlayfs with ``xino=off``
   shows a lower file's inode number), so a capture against the image's manifest reuses them
@@ -67,6 +81,7 @@ import importlib.util
 import json
 import logging
 import os
+import secrets
 import shutil
 import signal
 import stat
@@ -74,13 +89,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tandem.agent import holders
+from tandem.agent import holders, pit
+from tandem.domain.consistency import ConsistencyMode, Cut
 from tandem.errors import CopyInUse, FuseUnavailable, TandemError
 from tandem.storage.manifest import TreeManifest, decode_manifest
 from tandem.storage.treeview import DEFAULT_CACHE, ROOT_INODE, ChunkCache, Node, TreeView
@@ -88,6 +104,8 @@ from tandem.transport.chunks import RemoteChunkSource, SessionClient
 from tandem.transport.client import ApiClient
 
 LAYERS = "layers"
+BESIDE_PREFIX = ".tandem-layer-"
+"""A failover copy's layer: ``<the mount point's folder>/.tandem-layer-IMAGE``."""
 READY_TIMEOUT = 60.0
 EXIT_TIMEOUT = 10.0
 TTL = 300.0  # seconds the kernel may cache entries and attributes: the image never changes
@@ -339,6 +357,10 @@ def layers_dir(directory: Path) -> Path:
     return directory / LAYERS
 
 
+def _beside(mount_point: str, name: str) -> Path:
+    return Path(os.path.dirname(mount_point.rstrip("/")) or "/") / f"{BESIDE_PREFIX}{name}"
+
+
 def _is_mount(path: str) -> bool:
     with contextlib.suppress(OSError):
         return os.path.ismount(path)
@@ -378,6 +400,18 @@ def unavailable() -> str | None:
     return None
 
 
+def unfit_beside(mount_point: str) -> str | None:
+    """Why a failover copy's layer cannot go beside ``mount_point`` (the overlay's mount
+    options cannot name its folder), or None."""
+    folder = str(_beside(mount_point, "x").parent)
+    if any(c in folder for c in FORBIDDEN_IN_OPTION):
+        return (
+            f"the folder {folder} has a ',', ':' or '\\' in its path, which the overlay's "
+            "mount options cannot carry"
+        )
+    return None
+
+
 def attach(
     directory: Path,
     name: str,
@@ -387,29 +421,44 @@ def attach(
     *,
     cache_bytes: int = DEFAULT_CACHE,
     recorded: Callable[[dict[str, Any]], None] = lambda record: None,
+    beside: bool = False,
 ) -> dict[str, Any]:
     """Present tree image ``manifest`` at ``mount_point`` (an empty folder): start its FUSE
     server on ``DIR/layers/NAME/lower`` and mount the overlay there. Returns the layer's
     registry record ``{"dir", "pid", "path"}``; on failure everything is taken down again.
     ``recorded(record)`` is called before the server starts and again once its pid is
-    known, so an agent killed half-way has the layer in its registry and unmount finds it."""
+    known, so an agent killed half-way has the layer in its registry and unmount finds it.
+
+    ``beside`` (a failover copy, which the app serves from): the layer goes beside the
+    mount point, ``<its folder>/.tandem-layer-NAME``, on the file system the operator chose
+    for the app's writes: a catch-up syncback cuts it (``point_in_time``) as a capture cuts
+    a tree on that file system. ``DIR/layers/NAME`` is then a symbolic link to it
+    (``release_all``)."""
     if not os.path.exists("/dev/fuse"):
         raise FuseUnavailable(
             reason="/dev/fuse is missing", fix="load the fuse module (modprobe fuse)"
         )
     if shutil.which("fusermount3") is None:
         raise _tool_missing("fusermount3", "fuse3")
-    layer = layers_dir(directory) / name
+    link = layers_dir(directory) / name
+    layer = _beside(mount_point, name) if beside else link
     if any(c in str(layer) for c in FORBIDDEN_IN_OPTION):
         raise FuseUnavailable(
-            reason=f"the agent's directory {directory} has a ',', ':' or '\\' in its path, "
+            reason=f"the layer's folder {layer} has a ',', ':' or '\\' in its path, "
             "which the overlay mount options cannot carry",
-            fix="move the agent to a plain path",
+            fix="move the agent to a plain path" if not beside else "choose another mount point",
         )
-    shutil.rmtree(layer, ignore_errors=True)  # a leftover of a crash before it was recorded
+    _remove_layer(layer)  # a leftover of a crash before it was recorded
+    if beside:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(link)
     for sub in ("lower", "upper", "work"):
         (layer / sub).mkdir(parents=True, mode=0o700)
+    os.chmod(layer, 0o700)
     os.chmod(layer / "upper", 0o755)
+    if beside:
+        link.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.symlink(layer, link)
     cfg = LayerConfig(
         manifest=manifest,
         appliance=SessionRef(**appliance),
@@ -421,6 +470,8 @@ def attach(
     with os.fdopen(fd, "w") as fh:
         fh.write(cfg.model_dump_json())
     record: dict[str, Any] = {"dir": str(layer), "pid": 0, "path": mount_point}
+    if beside:
+        record["link"] = str(link)
     recorded(record)
     try:
         record["pid"] = _start_server(layer, name).pid
@@ -464,7 +515,8 @@ def _start_server(layer: Path, name: str) -> subprocess.Popen[bytes]:
 
 def _mount_overlay(layer: Path, name: str, mount_point: str) -> None:
     options = (
-        f"lowerdir={layer / 'lower'},upperdir={layer / 'upper'},workdir={layer / 'work'},xino=off"
+        f"lowerdir={layer / 'lower'},upperdir={layer / 'upper'},workdir={layer / 'work'},"
+        "xino=off,redirect_dir=on,metacopy=off"
     )
     done = _run(["mount", "-t", "overlay", f"tandem-{name}", "-o", options, mount_point])
     if done.returncode != 0:
@@ -512,8 +564,9 @@ def reattach(record: dict[str, Any]) -> dict[str, Any] | None:
     if pid > 0 and _is_our_server(pid, layer):
         _end_server(pid)
     _forget(pid)
-    shutil.rmtree(layer / "work", ignore_errors=True)
-    (layer / "work").mkdir(mode=0o700)
+    work = layer / "work"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(mode=0o700)
     child = _start_server(layer, name)
     try:
         _mount_overlay(layer, name, path)
@@ -598,6 +651,26 @@ def detach(record: dict[str, Any], *, force: bool = False) -> None:
     if pid > 0 and _is_our_server(pid, layer):
         _end_server(pid)
     _forget(pid)
+    _remove_layer(layer)
+    if record.get("link"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(str(record["link"]))
+
+
+def _remove_layer(layer: Path) -> None:
+    """Remove a layer's folder, with what a cut left in it after a crash (a mounted view, a
+    read-only btrfs snapshot)."""
+    if not layer.is_dir() or layer.is_symlink():
+        with contextlib.suppress(FileNotFoundError):
+            if layer.is_symlink():
+                os.unlink(layer)
+        return
+    for leftover in layer.glob(pit.WORK_PREFIX + "*"):
+        if leftover.is_dir() and os.lstat(leftover).st_ino == pit.BTRFS_SUBVOLUME_INO:
+            _run(["btrfs", "subvolume", "delete", str(leftover)])
+    for view in layer.glob("cut-*"):
+        if _is_mount(str(view)):
+            _run(["umount", "-l", str(view)])
     shutil.rmtree(layer, ignore_errors=True)
 
 
@@ -679,7 +752,8 @@ def release_all(directory: Path) -> list[str]:
     root = layers_dir(directory)
     if not root.is_dir():
         return released
-    for layer in sorted(p for p in root.iterdir() if p.is_dir()):
+    for entry in sorted(p for p in root.iterdir() if p.is_dir()):
+        layer = entry.resolve() if entry.is_symlink() else entry  # a failover copy's
         lower = str(layer / "lower")
         for point in _overlays_over(lower):
             if _run(["umount", "-l", point]).returncode == 0:
@@ -688,12 +762,91 @@ def release_all(directory: Path) -> list[str]:
             _run(["fusermount3", "-u", "-z", lower])
         for pid in _servers_of(layer / "config.json"):
             _end_server(pid)
-        shutil.rmtree(layer, ignore_errors=True)
+        _remove_layer(layer)
+        _remove_layer(entry)
     with _children_lock:
         started = list(_children)
     for pid in started:
         _forget(pid)  # servers of this process that ended: reaped
     return released
+
+
+# --- a point in time of a presented copy (a catch-up syncback while the app writes) ---------
+
+
+def _mount_view(top: Path, lower: Path, view: Path) -> None:
+    """Mount, read-only at ``view``, the copy as ``top`` (a cut of its upper directory)
+    shows it over the image: overlayfs honours the whiteouts and opaque directories of a
+    lower layer as of an upper one."""
+    options = f"ro,lowerdir={top}:{lower},xino=off,redirect_dir=follow"
+    name = f"tandem-cut-{view.parent.name}"
+    done = _run(["mount", "-t", "overlay", name, "-o", options, str(view)])
+    if done.returncode != 0:
+        raise FuseUnavailable(
+            reason=f"mounting the cut of the copy at {view} failed "
+            f"({done.stderr.strip() or done.returncode})",
+            fix="give the host's kernel overlayfs (modprobe overlay)",
+        )
+
+
+def _unmount_view(view: Path) -> None:
+    if _is_mount(str(view)) and _run(["umount", str(view)]).returncode != 0:
+        _run(["umount", "-l", str(view)])
+    with contextlib.suppress(OSError):
+        view.rmdir()
+
+
+@contextlib.contextmanager
+def point_in_time(record: dict[str, Any], mode: ConsistencyMode) -> Iterator[pit.PointInTime]:
+    """What a capture of the presented copy ``record`` reads, under ``mode``: the copy at
+    one instant, while the app may go on writing through it.
+
+    Only the copy-on-write directory changes (the image below never does), so that is what
+    is cut, by ``agent.pit`` as it cuts a tree that is not a subvolume (``auto``,
+    ``snapshot``): on btrfs or XFS, reflink clones checked unchanged while writes to its
+    file system are held for the instant of an lstat walk (whiteouts and
+    ``trusted.overlay.*`` xattrs are cloned with the rest). The cut, mounted read-only over
+    the FUSE view of the image, is the copy at that instant; a capture against the image
+    reads only files the cut holds. Where the upper directory has no cut (``auto`` on ext4,
+    the agent's own disk), the copy itself is read and re-checked, and a file that changed
+    fails the capture (never a torn image); ``freeze`` holds writes to the upper
+    directory's file system while the copy is read; ``none``/``hooks`` read the copy live.
+    The cut is never kept for the
+    next capture (``PointInTime.keep`` is ignored): its paths are not the copy's."""
+    layer = Path(str(record["dir"]))
+    path = str(record["path"])
+    upper = layer / "upper"
+    if mode in (ConsistencyMode.NONE, ConsistencyMode.HOOKS):
+        with pit.point_in_time(path, "filesystem", mode) as cut:
+            yield cut
+        return
+    if mode is ConsistencyMode.FREEZE:
+        with pit.point_in_time(str(upper), "filesystem", mode) as cut:
+            cut.path = path
+            cut.reason = f"{cut.reason}: the copy's layer, read through the copy"
+            yield cut
+        return
+    # Never a btrfs snapshot, which is no instant of what the app wrote: it holds what was
+    # flushed at its commit, so an earlier write may be missing while a later one is in.
+    with pit.point_in_time(str(upper), "filesystem", mode) as cut:
+        try:
+            if cut.cut is Cut.CRASH_UNSAFE:
+                cut.path = path  # no cut of the layer: the copy, read and re-checked
+                cut.reason = f"{cut.reason} (the copy's layer)"
+                yield cut
+                return
+            top = Path(cut.path)
+            view = layer / f"cut-{secrets.token_hex(4)}"
+            view.mkdir(mode=0o700)
+            try:
+                _mount_view(top, layer / "lower", view)
+                cut.path = str(view)
+                cut.reason = f"{cut.reason} of the copy's layer, over the image"
+                yield cut
+            finally:
+                _unmount_view(view)
+        finally:
+            cut.keep = None
 
 
 # --- the layer, read as a list of changes ------------------------------------------------------

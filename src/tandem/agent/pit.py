@@ -409,6 +409,7 @@ def _reclone(path: str, work: str, changed: list[str], now: dict[str, tuple[int,
                 st = os.lstat(src)
                 os.chown(dst, st.st_uid, st.st_gid)
                 os.chmod(dst, stat.S_IMODE(st.st_mode))
+                _copy_xattrs(src, dst)  # a folder made again may be opaque now (overlayfs)
             _prune(work, rel + "/", now)
             continue
         _remove(dst)
@@ -424,6 +425,23 @@ def _reclone(path: str, work: str, changed: list[str], now: dict[str, tuple[int,
             continue  # removed since: the next check sees it gone
         if stat.S_ISDIR(key[0]):
             done.append(rel)
+
+
+def _copy_xattrs(src: str, dst: str) -> None:
+    """Give ``dst`` exactly the extended attributes of ``src`` (as ``cp -a`` clones them):
+    an overlayfs layer says with them which folders are opaque or renamed."""
+    try:
+        names = set(os.listxattr(src, follow_symlinks=False))
+        had = set(os.listxattr(dst, follow_symlinks=False))
+    except OSError:
+        return  # the file system keeps none
+    for name in had - names:
+        with contextlib.suppress(OSError):
+            os.removexattr(dst, name, follow_symlinks=False)
+    for name in names:
+        with contextlib.suppress(OSError):
+            value = os.getxattr(src, name, follow_symlinks=False)
+            os.setxattr(dst, name, value, follow_symlinks=False)
 
 
 def _clone_fd(sfd: int, dst: str, path: str, what: str) -> int:
@@ -453,6 +471,7 @@ def _clone_file(src: str, dst: str, path: str) -> None:
             os.utime(dfd, ns=(st.st_atime_ns, st.st_mtime_ns))
         finally:
             os.close(dfd)
+        _copy_xattrs(src, dst)
     finally:
         os.close(sfd)
 

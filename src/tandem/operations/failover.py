@@ -6,8 +6,10 @@ Runs on the DR appliance; the server requires the typed confirmation ``FAILOVER`
    no longer overwrite the DR copy: never two writable copies feeding replication), and
    transfers of the app that are under way are cut.
 2. A writable virtual copy of the replica (a ``failover`` image) is presented to the chosen
-   host: an NBD export for a volume, materialized at the mount point through the agent;
-   the replica itself stays intact as the reference copy.
+   host: an NBD export for a volume; a file tree as a FUSE copy at the mount point (its
+   copy-on-write layer beside the mount point, ``agent.fusemount``), or a full copy with
+   ``--action copy`` or where the host has no FUSE; the replica itself stays intact as the
+   reference copy.
 3. The app's start hook runs on that host (``operations.hooks``; the DR site's own hooks,
    set at the DR appliance, with ``TANDEM_APP_PATH`` the failed-over copy's mount point and
    ``TANDEM_NBD_URI`` a volume's export).
@@ -97,11 +99,6 @@ def submit(site: Site, app: str, body: FailoverIn, actor: str | None = None) -> 
         action, target = present.placed(
             row, machine, action, mount_point, keep_identity=True, required=True
         )
-        if row.kind is AppKind.FILESYSTEM and action != "map-only":
-            # The app will serve from this copy and a catch-up syncback must cut it while it
-            # does: a plain tree on the host's file system (a btrfs subvolume where it can be)
-            # gives that cut; a FUSE copy does not yet. Test failover and mount stay virtual.
-            action = "copy"
         if row.kind is AppKind.VM and action == "specify":
             raise OptionsDoNotApply(
                 options="--mount-point",
@@ -162,6 +159,9 @@ def run_failover(site: Site, ctx: JobContext, params: Params) -> dict[str, Any]:
         params=params,
         verify=params.verify,
         vm_hosts=also,
+        # The app serves from this copy, and a catch-up syncback cuts its layer while it
+        # does: the layer lives on the mount point's file system, the operator's choice.
+        layer_beside=True,
     )
     try:
         with site.catalog.begin() as session:

@@ -401,10 +401,12 @@ def present_copy(
     params: present.PresentParams,
     verify: bool = False,
     vm_hosts: list[Host] | None = None,
+    layer_beside: bool = False,
 ) -> tuple[present.Presented, dict[str, Any]]:
     """Present ``base`` as ``image_id`` at ``host`` and, when ``recovery`` is asked, recover
     the database into it: the step test failover, failover and mount share. What was
-    presented, and the recovery's outcome (empty without one)."""
+    presented, and the recovery's outcome (empty without one). ``layer_beside``: see
+    ``present.present`` (failover)."""
     shown = present.present(
         site,
         ctx,
@@ -417,6 +419,7 @@ def present_copy(
         new_vm=params.vm(),
         vm_hosts=vm_hosts or [],
         recovering=recovery is not None,
+        layer_beside=layer_beside,
     )
     if recovery is None:
         return shown, {}

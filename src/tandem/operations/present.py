@@ -586,11 +586,14 @@ def present(
     new_vm: NewVm | None = None,
     vm_hosts: list[Host] | None = None,
     recovering: bool = False,
+    layer_beside: bool = False,
 ) -> Presented:
     """Export and/or materialize a virtual copy of ``base`` for ``host``; undone on failure.
     A new VM is also defined, powered off, on each of ``vm_hosts`` (failover ``--hosts``).
     ``recovering``: a database's base image about to be recovered (its ``pg_wal`` and the
-    like are not written, ``agent.pg.for_recovery``)."""
+    like are not written, ``agent.pg.for_recovery``). ``layer_beside``: a tree's FUSE copy
+    keeps its copy-on-write layer beside the mount point (a failover copy, which the app
+    serves from: a catch-up syncback cuts it on that file system)."""
     base_id = bytes.fromhex(base.manifest)
     uri: str | None = None
     overlay: Overlay | None = None
@@ -654,6 +657,7 @@ def present(
                 source_path=app.path,
                 appliance=site.session_ref(transfer.id, token),
                 presentation=how,
+                layer="beside" if layer_beside and how == "fuse" else "agent",
                 recovering=recovering,
             )
             ctx.set_message(f"presenting {base.id} on host {host.name}")
@@ -664,6 +668,8 @@ def present(
                     ctx, agent.materialize(body), host=host.name, moved=lambda: reading.bytes_sent
                 )
             paths = [str(p) for p in done.get("paths", [])]
+            if how == "fuse" and done.get("presentation") != "fuse":
+                how = "copy"  # the host has no FUSE: it placed a full copy (its log says why)
             ctx.log(
                 f"presented {base.id} on host {host.name} ({how}"
                 f"{', what recovery reads' if recovering else ''}) in "

@@ -21,7 +21,9 @@ time of the DR copy, never the copy as it changes:
   (``agent.pit``, under the app's ``--consistency``: a btrfs snapshot, reflink clones, a
   freeze); where the file system has none, the live files are read and re-checked, and a
   file that changed after it was read fails the syncback (``SourceChanged``), never a torn
-  image. ``hooks`` counts as ``auto`` here: the app's hooks are production's.
+  image. ``hooks`` counts as ``auto`` here: the app's hooks are production's. A tree the
+  agent presents as a FUSE copy (a failover's default) is cut where it changes, its
+  copy-on-write layer, merged read-only over the image (``agent.fusemount.point_in_time``);
 - a PostgreSQL database running at DR: a base backup of the DR cluster
   (``pg_recovery.running_kind``), recorded with the image; restoring it rolls it forward
   with the DR WAL pushed home (``pg_recovery.rollforward``), the final syncback after the

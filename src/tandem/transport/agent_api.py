@@ -153,6 +153,10 @@ class MaterializeRequest(BaseModel):
     image as a writable virtual copy (``agent.fusemount``), fetching only what is read;
     ``disks`` mounts the file system of each disk of a VM image's export (``nbd_uri``,
     ``disks``) at its own mount point (``agent.diskmount``)."""
+    layer: str = Field(default="agent", pattern="^(agent|beside)$")
+    """Where a ``fuse`` copy's copy-on-write layer lives: the agent's directory (test
+    failover, mount), or ``beside`` the mount point (failover: the file system the operator
+    chose for the app's writes, which a catch-up syncback cuts; ``agent.fusemount``)."""
     recovering: bool = False
     """The image is a PostgreSQL base backup presented to be recovered (a ``copy``): what
     its recovery never reads (``pg_wal`` and the like, ``agent.pg.for_recovery``) is not
