@@ -398,7 +398,9 @@ class _RangeReader:
         return got
 
 
-def _pieces(fd: int, size: int, sparse: bool, path: str) -> Iterator[tuple[memoryview | None, int]]:
+def _pieces(
+    fd: int, size: int, sparse: bool, path: str
+) -> Iterator[tuple[bytes | memoryview | None, int]]:
     """The file's content as (chunk data, length) in order; (None, length) for a hole.
 
     A yielded view is valid only until the next item. Raises _Changed if the file is
@@ -415,7 +417,8 @@ def _pieces(fd: int, size: int, sparse: bool, path: str) -> Iterator[tuple[memor
         if end - start <= WHOLE_READ_MAX:
             data = _pread_exact(fd, end - start, start, path)
             if len(data) <= CDC_MIN:
-                yield memoryview(data), len(data)
+                # bytes, not a view of them: stored raw (incompressible), they are not copied
+                yield data, len(data)
             else:
                 for c in _cdc().cut_buf(data):
                     yield c.data, c.length
@@ -533,10 +536,13 @@ class _Capture:
             fd = self._open(path)
             if fd is not None:
                 try:
-                    chunks = [
-                        (None if data is None else self.store(data, cost), n)
-                        for data, n in _pieces(fd, e.size, False, path)
-                    ]
+                    if e.size <= CDC_MIN:  # one chunk (the walk saw it non-empty): one pread
+                        chunks = [(self.store(_pread_exact(fd, e.size, 0, path), cost), e.size)]
+                    else:
+                        chunks = [
+                            (None if data is None else self.store(data, cost), n)
+                            for data, n in _pieces(fd, e.size, False, path)
+                        ]
                 except _Changed:
                     chunks = None
                 finally:
