@@ -539,13 +539,10 @@ class _Capture:
             if fd is None:
                 continue
             try:
-                if e.size <= CDC_MIN:  # one chunk (the walk saw it non-empty): one pread
-                    chunks = [(store(_pread_exact(fd, e.size, 0, path), cost), e.size)]
-                else:
-                    chunks = [
-                        (None if data is None else store(data, cost), n)
-                        for data, n in _pieces(fd, e.size, False, path)
-                    ]
+                chunks = [
+                    (None if data is None else store(data, cost), n)
+                    for data, n in _pieces(fd, e.size, False, path)
+                ]
             except _Changed:
                 continue
             finally:
