@@ -19,7 +19,7 @@ from tandem.errors import ChunkCorrupt, ChunkMissing
 from tandem.storage import gc, packs
 from tandem.storage.digest import hash_object
 from tandem.storage.manifest import VOLUME_CHUNK, VolumeManifest, encode_manifest
-from tandem.storage.pool import CODEC_DELTA, ChunkPool
+from tandem.storage.pool import ChunkPool
 from tandem.storage.transfer import encode_for_receiver
 
 HOUR = 3600.0
@@ -579,41 +579,3 @@ def test_a_gc_killed_mid_rewrite_is_finished_by_the_next(pool: ChunkPool) -> Non
     assert not any(reopened.has(d) for d in ids(dead_data))
     assert [reopened.get(d) for d in ids(live_data)] == live_data
     assert reopened.verify({live: ids(live_data)}).ok
-
-
-def test_a_received_batch_is_verified_chunk_by_chunk_and_packed_together(pool: ChunkPool) -> None:
-    """``put_encoded_many`` (an agent's batch of small files): every chunk checked against
-    its id, the good ones before a bad one kept pending like single ``put_encoded`` calls,
-    a delta whose base comes earlier in the same batch and a chunk too large to pack among
-    them, all in one pack once flushed."""
-    data = small("batch", 40)
-    extra = small("extra", 1)
-    big = os.urandom(packs.PACK_BELOW + 1000)
-    base = os.urandom(2 * 65536)
-    changed = os.urandom(65536) + base[65536:]
-    sender = ChunkPool.create(pool.root.parent / "sender", pack_below=0)
-    image(sender, [*data, *extra, big, base, changed])
-    base_id, changed_id, extra_id = ids([base, changed, *extra])
-
-    def wire(p: bytes) -> bytes:
-        return encode_for_receiver(sender, hash_object(p)[0], lambda d: False)
-
-    items = [(d, wire(p)) for d, p in zip(ids([*data, big, base]), [*data, big, base], strict=True)]
-    delta = encode_for_receiver(sender, changed_id, lambda d: d == base_id, prev=base_id)
-    assert delta[4] == CODEC_DELTA  # sent as the changed block over its base
-    items.append((changed_id, delta))
-    lying = (b"\x07" * 32, items[1][1])  # another chunk's bytes under this id
-    with pool.writer() as w:
-        assert w.put_encoded_many(items) == sum(len(b) for _, b in items)
-        assert all(w.has(d) for d, _ in items)
-        with pytest.raises(ChunkCorrupt):
-            w.put_encoded_many([(extra_id, wire(extra[0])), lying])
-        assert w.has(extra_id) and not w.has(lying[0])
-        assert w.put_encoded_many(items[:3]) == sum(len(b) for _, b in items[:3])  # held
-    # the delta's base was made readable first (one pack sealed), the rest went to a second
-    assert len(pack_files(pool, ".idx")) == 2
-    assert pool.chunk_path(ids([big])[0]).exists()
-    assert not any(pool.chunk_path(d).exists() for d in ids([*data, *extra]))
-    everything = [*data, *extra, big, base, changed]
-    assert [pool.get(d) for d in ids(everything)] == everything
-    assert not pool.has(lying[0])

@@ -32,7 +32,7 @@ from tandem.transport.wire import FrameReader
 
 FLUSH_EVERY = 64 * 1024 * 1024  # default: a broken transfer re-sends at most this
 QUEUED_BYTES = 8 * 1024 * 1024  # received frames waiting for verification, per request
-STORE_FRAMES = 256  # frames verified and stored by one worker call, at most...
+STORE_FRAMES = 64  # frames verified and stored by one worker call, at most...
 STORE_BYTES = 1024 * 1024  # ...and about this many bytes (a larger frame goes alone)
 STORE_CALLS = 2  # worker calls storing frames of one request at once
 
@@ -167,7 +167,12 @@ class SessionRegistry:
         n = size = 0
 
         def store(frames: list[tuple[bytes, list[memoryview]]]) -> int:
-            return writer.put_encoded_many([(d, b"".join(parts)) for d, parts in frames])
+            stored = 0
+            for digest, parts in frames:
+                blob = b"".join(parts)
+                writer.put_encoded(digest, blob)
+                stored += len(blob)
+            return stored
 
         async def settle_oldest() -> None:
             nonlocal size

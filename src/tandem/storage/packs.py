@@ -187,16 +187,6 @@ class OpenPack:
         self._write(blob)
         self.entries.append((digest, offset, len(blob)))
 
-    def append_many(self, items: list[tuple[bytes, bytes]]) -> None:
-        """``append`` of each (id, chunk file): their records gathered in one piece."""
-        parts: list[bytes] = []
-        offset = self.size
-        for digest, blob in items:
-            parts += (REC.pack(REC_MAGIC, digest, len(blob)), blob)
-            self.entries.append((digest, offset, len(blob)))
-            offset += REC.size + len(blob)
-        self._write(b"".join(parts))
-
     def close(self) -> None:
         """Write what is gathered and close the file (raises OSError, e.g. ENOSPC)."""
         if self.fd >= 0:

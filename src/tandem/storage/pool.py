@@ -1235,63 +1235,6 @@ class PoolWriter:
         self._write_pending(digest, blob)
         return PutResult(digest, True, len(blob))
 
-    def put_encoded_many(self, items: Iterable[tuple[bytes, bytes]]) -> int:
-        """``put_encoded`` of each (id, chunk file) in order, as a batch: the small
-        self-contained ones (a tree's small files) are each verified like ``put_encoded``
-        does, then appended to the open pack together, under one lock (one lock and a few
-        calls a chunk were most of the Python cost of storing a 4 KiB chunk). A delta or a
-        chunk stored loose goes through ``put_encoded`` after what precedes it was
-        written (a delta's base may be among it). Raises the first bad chunk's error; the
-        good ones before it are pending, as after as many ``put_encoded`` calls. Returns
-        the bytes of every chunk file given (stored or already held)."""
-        where = "received chunk"
-        below = self.pool.pack_below
-        total = 0
-        ready: list[tuple[bytes, bytes]] = []
-        try:
-            for digest, blob in items:
-                total += len(blob)
-                if len(blob) >= below or (len(blob) > 4 and blob[4] == CODEC_DELTA):
-                    self._write_packed_many(ready)
-                    ready = []
-                    self.put_encoded(digest, blob)
-                    continue
-                if self._has_cheaply(digest):
-                    continue
-                info = parse_header(blob, digest, where)
-                if len(info.subs) != -(-info.plain_len // SUB_BLOCK):
-                    raise ChunkCorrupt(digest=digest.hex(), pool=where, reason="sub-block digests")
-                _verified_plaintext(blob, info, digest, where, None)
-                ready.append((digest, blob))
-        finally:
-            self._write_packed_many(ready)
-        return total
-
-    def _write_packed_many(self, items: list[tuple[bytes, bytes]]) -> None:
-        """``_write_packed`` of each verified (id, chunk file), under one lock."""
-        if not items:
-            return
-        with self._lock:
-            fresh = [(d, b) for d, b in dict(items).items() if d not in self._pending]
-            try:
-                if self._pack is None:
-                    self._pack = OpenPack.create(self.pool.tmp_dir)
-                self._pack.append_many(fresh)
-            except OSError as exc:
-                raise _translate_oserror(exc, self.pool.root) from exc
-            for digest, blob in fresh:
-                self._pending[digest] = (None, len(blob))
-                self._pending_bytes += len(blob)
-                self.bytes_written += len(blob)
-            self.chunks_written += len(fresh)
-            full = (
-                len(self._pending) >= FLUSH_CHUNKS
-                or self._pending_bytes >= FLUSH_BYTES
-                or self._pack.size >= PACK_TARGET
-            )
-        if full:
-            self.flush()
-
     def _write_pending(self, digest: bytes, blob: bytes) -> None:
         if len(blob) < self.pool.pack_below:
             self._write_packed(digest, blob)

@@ -777,10 +777,6 @@ class S3PoolWriter(PoolWriter):
 
     _write_packed = _write_pending
 
-    def _write_packed_many(self, items: list[tuple[bytes, bytes]]) -> None:
-        for digest, blob in items:
-            self._write_pending(digest, blob)
-
     def flush(self) -> None:
         """Seal what is pending: put the pack object, then its index object."""
         with self._flush_lock:
