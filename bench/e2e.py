@@ -15,6 +15,11 @@ beside the job's own duration (its ``started`` → ``finished``) and its queuein
 backup of the tree uses the first as parent) and ``cat`` into /dev/null (a volume: one
 ``cat``; a tree: ``find … | xargs cat``). Re-captures are best of ``ROUNDS``.
 
+The tree's first capture also gets a row of CPU seconds: user + system time of every
+process of the agent's and of the appliance's session (``/proc/PID/stat`` read before and
+after it) beside restic's (``wait4``). On a shared machine that figure swings less than
+wall time, which follows whatever else runs.
+
 ``--profile DIR`` (with ``py-spy`` installed) records each daemon while it captures and
 writes ``DIR/<daemon>-<step>.txt`` (collapsed stacks); the heaviest functions of each go to
 the report's notes.
