@@ -14,6 +14,8 @@ import pytest
 from tandem.agent import fusemount, mounts, pg
 from tandem.errors import ClusterUnfit, PostgresCommandFailed, RecoveryOver
 from tandem.storage.manifest import DIR, FILE, HARDLINK, TreeEntry, TreeManifest
+from tandem.storage.pool import ChunkPool
+from tandem.storage.tree import capture_tree
 from tandem.transport import agent_api
 from tests.agent.conftest import Agent
 
@@ -181,6 +183,28 @@ def test_a_copy_to_recover_gets_no_wal_slots_or_startup_files_of_the_base() -> N
     assert [e.path for e in shown.entries] == [e.path for e in kept]
     assert shown.meta == image.meta
     assert len(image.entries) == len(kept) + len(dropped)  # the image itself is unchanged
+
+
+def test_a_base_image_is_captured_without_its_wal_slots_or_start_up_files(
+    tmp_path: Path,
+) -> None:
+    """The WAL is streamed apart: a base image leaves ``pg_wal``'s segments out (up to
+    ``max_wal_size`` of a loaded cluster), and what PostgreSQL remakes at start; the folders
+    themselves and every data file are in it."""
+    data = tmp_path / "pgdata"
+    kept = ["PG_VERSION", "base/5/16384", "global/pg_control", "pg_xact/0000", "pg_walnut/x"]
+    folders = ["base", "base/5", "global", "pg_wal", "pg_wal/archive_status", "pg_replslot"]
+    folders += ["pg_stat_tmp", "pg_xact", "pg_walnut"]
+    dropped = [f"pg_wal/{SEG}", "pg_wal/archive_status/000000010000000000000001.done"]
+    dropped += ["pg_replslot/tandem_db/state", "pg_stat_tmp/global.stat", "postmaster.pid"]
+    for name in folders:
+        (data / name).mkdir(parents=True, exist_ok=True)
+    for name in kept + dropped:
+        (data / name).parent.mkdir(parents=True, exist_ok=True)
+        (data / name).write_bytes(os.urandom(100))
+    pool = ChunkPool.create(tmp_path / "pool")
+    _, image, _ = capture_tree(pool, data, leave_out=pg.not_recovered)
+    assert sorted(e.path for e in image.entries) == sorted(kept + folders)
 
 
 @pytest.mark.skipif(not INSTALLED, reason="needs PostgreSQL on this host")

@@ -10,6 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from tandem.appliance.pools import open_pool
+from tandem.storage.manifest import TreeManifest, load_manifest
+from tandem.transport.server import load_daemon_dir
 from tests.e2e.conftest import Drill, Site, wait_for
 from tests.e2e.pgsite import (
     bench,
@@ -47,6 +50,15 @@ def test_postgresql_streams_to_dr_and_recovers_to_a_second_and_to_the_latest(
             base = a("capture", "db")
             assert base["job"]["status"] == "succeeded", base["job"]
             assert base["image"]["pg"]["stop_lsn"]
+            # The WAL is streamed apart: the base image holds none of pg_wal's segments.
+            pool = open_pool(
+                drill.prod.directory, load_daemon_dir(drill.prod.directory, "appliance")
+            )
+            tree = load_manifest(pool, bytes.fromhex(base["image"]["manifest"]))
+            assert isinstance(tree, TreeManifest)
+            paths = {e.path for e in tree.entries}
+            assert "base" in paths and "pg_wal/archive_status" in paths
+            assert not [p for p in paths if p.startswith("pg_wal/0")]
             wait_for(lambda: any(i["kind"] == "replica" for i in b("images", "db")), 60, "replica")
 
             # Two known transactions with a second between them.

@@ -172,7 +172,7 @@ def _capture_postgresql(req: CaptureRequest, path: Path, emit: Emit) -> dict[str
                 cut.cut, cut.reason = Cut.BASE_BACKUP, f"base backup: {cut.reason}"
                 cut.recheck = False
             emit({"event": "log", "text": f"capturing from {cut.cut.value}: {cut.reason}"})
-            done = _capture_from(req, path, cut, emit)
+            done = _capture_from(req, path, cut, emit, leave_out=pg.not_recovered)
     emit({"event": "log", "text": f"base backup stopped at {backup.stop_lsn}"})
     return {**done, **cut.as_dict(), "stamp": None, "pg": backup.as_dict()}
 
@@ -237,9 +237,14 @@ def _capture_vm(req: CaptureRequest, emit: Emit) -> dict[str, Any]:
 
 
 def _capture_from(
-    req: CaptureRequest, path: Path, cut: pit.PointInTime, emit: Emit
+    req: CaptureRequest,
+    path: Path,
+    cut: pit.PointInTime,
+    emit: Emit,
+    leave_out: Callable[[str], bool] | None = None,
 ) -> dict[str, Any]:
-    """Capture ``cut`` (``path`` itself, or a point in time of it) as ``path``'s image."""
+    """Capture ``cut`` (``path`` itself, or a point in time of it) as ``path``'s image;
+    a tree without the paths ``leave_out`` names (``tree.capture_tree``)."""
     source = Path(cut.path)
     meta = {"source": str(path), "host": os.uname().nodename, "consistency": cut.cut.value}
     with _client(req.appliance) as client:
@@ -274,6 +279,7 @@ def _capture_from(
                 identity=cut.identity,
                 torn_ok=cut.cut is Cut.BASE_BACKUP,
                 previous=cut.previous if base is not None else None,
+                leave_out=leave_out,
             )
             size = tree_manifest.size
         sent = pool.last_writer.bytes_sent if pool.last_writer else 0

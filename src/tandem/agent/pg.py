@@ -69,6 +69,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from tandem.domain.wal import parse_lsn
 from tandem.errors import (
     ClusterUnfit,
     InvalidInput,
@@ -432,6 +433,10 @@ def base_backup(path: str, label: str) -> Iterator[BaseBackup]:
 # --- WAL streaming ------------------------------------------------------------------------
 
 
+MARKS_KEPT = 120
+"""Coverage marks kept per app while the receiver lags (one per listing, every few seconds)."""
+
+
 class Receivers:
     """The ``pg_receivewal`` processes of this agent, one per app, in ``DIR/pg``."""
 
@@ -439,6 +444,9 @@ class Receivers:
         self.root = directory / "pg"
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
         self._lock = threading.Lock()
+        self._paths: dict[str, str] = {}
+        self._marks: dict[str, list[tuple[datetime, int]]] = {}
+        self._seen: dict[str, datetime] = {}
 
     def spool(self, app: str) -> Path:
         return self.root / app / "wal"
@@ -450,6 +458,7 @@ class Receivers:
         slot = slot_name(req.app)
         spool = self.spool(req.app)
         with self._lock:
+            self._paths[req.app] = req.path
             proc = self._procs.get(req.app)
             if proc is not None and proc.poll() is None:
                 return {"running": True, "started": False, "slot": slot}
@@ -534,10 +543,10 @@ class Receivers:
 
     def listing(self, app: str) -> dict[str, Any]:
         """The WAL files held for ``app``: name, size, and for the ``.partial`` the length
-        without its zero padding; ``seen`` is when the listing was made (the receiver had
-        written everything it had received by then)."""
+        without its zero padding; ``seen``: the newest moment every commit acknowledged
+        before it is in these files (None: none known yet, e.g. after a restart)."""
         spool = self.spool(app)
-        seen = datetime.now(UTC).isoformat()
+        seen = self.covered(app)  # before the files are listed: they hold at least that
         files = []
         if spool.is_dir():
             for entry in sorted(os.scandir(spool), key=lambda e: e.name):
@@ -545,7 +554,40 @@ class Receivers:
                     files.append({"name": entry.name, "size": entry.stat().st_size})
         proc = self._procs.get(app)
         running = proc is not None and proc.poll() is None
-        return {"files": files, "seen": seen, "running": running}
+        return {"files": files, "seen": seen.isoformat() if seen else None, "running": running}
+
+    def covered(self, app: str) -> datetime | None:
+        """The newest server time ``T`` whose WAL the receiver has flushed.
+
+        Replication is asynchronous: a commit acknowledged at ``T`` may not have reached
+        the receiver yet, so the time a listing is made says nothing. Each call marks
+        (``T``, the server's flush position at ``T``) — every commit acknowledged before
+        ``T`` lies below that position — and reads the position the receiver reports
+        flushed; the newest mark it has passed is covered. Marks not passed yet wait for a
+        later call. A cluster that does not answer (stopped, in recovery) covers nothing
+        new: the point stays where it was."""
+        path = self._paths.get(app)
+        if path is not None:
+            try:
+                row = query(
+                    find_cluster(path),
+                    "SELECT extract(epoch FROM clock_timestamp()), pg_current_wal_flush_lsn(), "
+                    "(SELECT r.flush_lsn FROM pg_replication_slots s JOIN pg_stat_replication r "
+                    f"ON r.pid = s.active_pid WHERE s.slot_name = '{slot_name(app)}')",
+                )[0]
+            except (TandemError, OSError, IndexError, ValueError) as exc:
+                log.debug("WAL coverage of %s not read: %s", app, exc)
+            else:
+                mark = (datetime.fromtimestamp(float(row[0]), UTC), parse_lsn(row[1]))
+                flushed = parse_lsn(row[2]) if len(row) > 2 and row[2] else -1
+                with self._lock:
+                    marks = [*self._marks.get(app, []), mark]
+                    passed = [m[0] for m in marks if m[1] <= flushed]
+                    if passed:
+                        self._seen[app] = max(passed[-1], self._seen.get(app, passed[-1]))
+                    self._marks[app] = [m for m in marks if m[1] > flushed][-MARKS_KEPT:]
+        with self._lock:
+            return self._seen.get(app)
 
     def read(self, req: WalRead) -> bytes:
         """Bytes of a WAL file from ``offset``; a ``.partial`` without its zero padding."""
@@ -574,6 +616,8 @@ class Receivers:
         """Stop the receiver and drop the slot (the cluster keeps no WAL for tandem after)."""
         with self._lock:
             self._stop_orphan(req.app)
+            for known in (self._paths, self._marks, self._seen):
+                known.pop(req.app, None)  # a new stream covers nothing until it is seen to
             proc = self._procs.pop(req.app, None)
             if proc is not None and proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
@@ -648,16 +692,22 @@ stages (``recover`` empties them anyway), and the rest PostgreSQL initializes at
 NOT_RECOVERED_FILES = ("postmaster.pid", "postmaster.opts", "backup_label.old")
 
 
+def not_recovered(path: str) -> bool:
+    """Whether a path of a data directory (relative to it) is what a recovery never reads
+    (``NOT_RECOVERED``, ``NOT_RECOVERED_FILES``). A base image leaves these out (the WAL is
+    streamed apart: on a cluster loaded with WAL, ``pg_wal`` may be half of its size), and a
+    copy to recover from an older image that holds them is placed without them."""
+    top, _, rest = path.partition("/")
+    if rest and top in NOT_RECOVERED:
+        return path != "pg_wal/archive_status"  # PostgreSQL expects it there
+    return path in NOT_RECOVERED_FILES
+
+
 def for_recovery(manifest: TreeManifest) -> TreeManifest:
-    """A base image's tree without what its recovery never reads (``NOT_RECOVERED``): on a
-    cluster loaded with WAL, ``pg_wal`` may be half of the image, written for nothing
-    before PostgreSQL can start."""
+    """A base image's tree without what its recovery never reads (``not_recovered``)."""
 
     def kept(path: str) -> bool:
-        top, _, rest = path.partition("/")
-        if rest and top in NOT_RECOVERED:
-            return path == "pg_wal/archive_status"  # PostgreSQL expects it there
-        return path not in NOT_RECOVERED_FILES
+        return not not_recovered(path)
 
     entries = [
         e for e in manifest.entries if kept(e.path) and (e.type != HARDLINK or kept(e.target))

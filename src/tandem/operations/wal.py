@@ -34,7 +34,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +62,8 @@ from tandem.transport.peer import WalHeld, WalPush
 log = logging.getLogger(__name__)
 
 TICK = float(os.environ.get("TANDEM_WAL_TICK", "1"))
+NEVER = datetime(1970, 1, 1, tzinfo=UTC)
+"""The point covered by WAL whose coverage no listing confirmed yet."""
 PUSH_MAX = 4 * 1024 * 1024
 """Bytes of a segment per push to the peer."""
 PUSH_RETRY = 30.0
@@ -124,6 +126,8 @@ def store(
     with site.catalog.read() as session:
         row = q.get_wal_segment(session, app_id=app_id, name=name)
         held = row.size if row is not None else 0
+    if row is not None:
+        seen = max(seen, row.seen)  # what was covered stays covered
     if offset > held:
         raise Conflict(detail=f"WAL segment {name}: bytes from {offset} sent, {held} held")
     new = data[held - offset :]
@@ -162,20 +166,22 @@ def pull(site: Site, app: App, where: tuple[str, str] | None = None) -> int:
     moved = 0
     with agent_for(host) as agent:
         listing = agent.pg_wal(app.name)
-        seen = datetime.fromisoformat(str(listing["seen"]))
-        running = bool(listing.get("running"))
+        # The point every acknowledged commit before it is held: never past this moment (a
+        # host's clock ahead of the appliance's claims no future), and while none is known
+        # yet (the agent restarted) the window's end stays where it was.
+        floor = max((s.seen for s in held.values()), default=NEVER)
+        seen = min(listing.seen, datetime.now(UTC)) if listing.seen else floor
         done: list[str] = []
-        for entry in listing.get("files", []):
-            fname = str(entry["name"])
-            name = fname.removesuffix(".partial")
-            complete = fname == name
+        for entry in listing.files:
+            name = entry.name.removesuffix(".partial")
+            complete = entry.name == name
             row = held.get(name)
             if row is not None and row.complete:
                 done.append(name)
                 continue
             offset = row.size if row is not None else 0
-            data = agent.pg_wal_read(app.name, fname, offset)
-            if not data and not running and row is not None:
+            data = agent.pg_wal_read(app.name, entry.name, offset)
+            if not data and not listing.running and row is not None:
                 continue  # nothing new and nothing coming: the point seen stays
             store(
                 site, app_id=app.id, name=name, offset=offset, data=data, complete=complete,

@@ -242,9 +242,11 @@ def _walk(
     chunks_present: Callable[[TreeEntry], bool],
     identity: Mapping[str, tuple[int, int]] | None = None,
     on_new: Callable[[TreeEntry], None] | None = None,
+    leave_out: Callable[[str], bool] | None = None,
 ) -> tuple[list[TreeEntry], dict[str, int], set[str]]:
     """lstat everything under ``root``: (unsorted entries, st_dev of multiply-linked files,
-    paths of files that look sparse).
+    paths of files that look sparse). A path ``leave_out`` names is not part of the tree
+    (nor, for a folder, anything in it).
 
     ``on_new(entry)`` is called, as the walk goes on, for each regular file that is not
     empty, ``base`` does not name, has one link and is not sparse: the caller may read it at
@@ -276,6 +278,8 @@ def _walk(
                     rel = prefix + de.name
                     if not _utf8_ok(de.name):
                         skipped.add(rel, "name is not UTF-8")
+                        continue
+                    if leave_out is not None and leave_out(rel):
                         continue
                     try:
                         st = de.stat(follow_symlinks=False)
@@ -718,6 +722,7 @@ def capture_tree(
     identity: Mapping[str, tuple[int, int]] | None = None,
     torn_ok: bool = False,
     previous: str | None = None,
+    leave_out: Callable[[str], bool] | None = None,
 ) -> tuple[bytes, TreeManifest, CaptureStats]:
     """Capture the tree under ``root`` into ``pool``; returns (manifest id, manifest, stats).
 
@@ -736,7 +741,9 @@ def capture_tree(
     point-in-time source that ``base`` was captured from, kept (a btrfs snapshot or reflink
     clones on the same file system as ``root``, itself a point in time): a large file that
     changed is then read only where its extents left the previous one's (see
-    ``_Capture.incremental_jobs``).
+    ``_Capture.incremental_jobs``). ``leave_out(path)``: paths (relative to ``root``) that are
+    not part of the image, nor anything under them (a database's WAL in a base image whose
+    WAL is kept apart).
     """
     t0 = time.monotonic()
     root_s = os.fspath(root)
@@ -799,6 +806,7 @@ def capture_tree(
             chunks_present,
             identity,
             on_new if cap.checked_later else None,
+            leave_out,
         )
         if batch:
             early.append(ex.submit(cap.capture_new, batch))

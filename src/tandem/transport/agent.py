@@ -42,6 +42,7 @@ from tandem.transport.agent_api import (
     UnmaterializeRequest,
     VmRestoreRequest,
     WalAck,
+    WalListing,
     WalRead,
     WantedRequest,
 )
@@ -235,9 +236,15 @@ class AgentClient:
         """Stop the app's WAL receiver and drop its replication slot."""
         return self._dict("POST", "/api/v1/pg/drop", checked(StreamRequest, app=app, path=path))
 
-    def pg_wal(self, app: str) -> dict[str, Any]:
-        """The WAL files the host holds for ``app`` (``files``, ``seen``, ``running``)."""
-        return self._dict("GET", api_path("/api/v1/pg/wal", app))
+    def pg_wal(self, app: str) -> WalListing:
+        """The WAL files the host holds for ``app``, checked."""
+        reply = self._dict("GET", api_path("/api/v1/pg/wal", app))
+        try:
+            return WalListing.model_validate(reply)
+        except ValueError as exc:
+            raise RemoteError(
+                what="host", name=self.name, detail=f"its WAL listing is invalid ({exc})"
+            ) from exc
 
     def pg_wal_read(self, app: str, name: str, offset: int) -> bytes:
         body = checked(WalRead, app=app, name=name, offset=offset).model_dump(mode="json")

@@ -16,6 +16,7 @@ from typing import Annotated, Any
 
 from pydantic import (
     AfterValidator,
+    AwareDatetime,
     BaseModel,
     ConfigDict,
     Field,
@@ -213,6 +214,24 @@ class WalRead(BaseModel):
     app: str = Field(pattern=APP_NAME)
     name: str = Field(pattern=WAL_FILE)
     offset: int = Field(ge=0, le=SEGMENT_SIZE)
+
+
+class WalFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=WAL_FILE)
+    size: int = Field(ge=0, le=SEGMENT_SIZE)
+
+
+class WalListing(BaseModel):
+    """The agent's answer for an app's WAL: the files its receiver holds, and ``seen``: the
+    newest moment every commit acknowledged before it is in them (None: not known yet)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    files: list[WalFile] = Field(max_length=65536)
+    seen: AwareDatetime | None
+    running: bool
 
 
 class WalAck(BaseModel):

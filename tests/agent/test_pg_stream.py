@@ -1,0 +1,70 @@
+"""The agent's WAL receiver against a real cluster: the point a listing vouches for.
+
+Replication is asynchronous: a commit is acknowledged before the receiver has its WAL. The
+window an operator recovers into ends at the listing's ``seen``, so ``seen`` may pass a
+commit only once the files listed hold it."""
+
+from __future__ import annotations
+
+import os
+import signal
+from datetime import datetime
+from pathlib import Path
+
+from tandem.agent import pg
+from tandem.domain.wal import SEGMENT, parse_lsn, parse_name
+from tandem.transport import agent_api
+from tests.e2e.conftest import wait_for
+from tests.e2e.pgsite import make_cluster, server_now, shared_dir
+
+__all__ = ["shared_dir"]  # the fixture, used by name
+
+
+def seen(receivers: pg.Receivers, app: str) -> datetime | None:
+    text = receivers.listing(app)["seen"]
+    return datetime.fromisoformat(text) if text else None
+
+
+def holds(receivers: pg.Receivers, app: str, cluster: Path, lsn: int) -> bool:
+    """Whether the newest file listed holds the cluster's own WAL up to ``lsn``."""
+    files = [f["name"] for f in receivers.listing(app)["files"]]
+    newest = max((f for f in files if not f.endswith(".history")), default=None)
+    assert newest is not None, files
+    name = newest.removesuffix(".partial")
+    _, start = parse_name(name)
+    assert start <= lsn <= start + SEGMENT, (newest, lsn)
+    received = (receivers.spool(app) / newest).read_bytes()
+    written = (cluster / "pg_wal" / name).read_bytes()
+    return bool(received[: lsn - start] == written[: lsn - start])
+
+
+def test_a_listing_vouches_only_for_commits_its_files_hold(
+    shared_dir: Path, tmp_path: Path
+) -> None:
+    prod = make_cluster(shared_dir, "pgdata")
+    receivers = pg.Receivers(tmp_path)
+    stream = agent_api.StreamRequest(app="cov", path=str(prod.data))
+    try:
+        receivers.ensure(stream)
+        wait_for(lambda: seen(receivers, "cov") is not None, 60, "a first point covered")
+        group = int((tmp_path / "pg" / "cov" / "receivewal.pid").read_text())
+        os.killpg(group, signal.SIGSTOP)  # the receiver lags: it has nothing new
+        try:
+            prod.sql("CREATE TABLE held (x int); INSERT INTO held VALUES (1)")
+            committed = server_now(prod)
+            lsn = parse_lsn(prod.sql("SELECT pg_current_wal_flush_lsn()"))
+            for _ in range(3):  # listings made while the commit is not received
+                point = seen(receivers, "cov")
+                assert point is not None and point < committed
+        finally:
+            os.killpg(group, signal.SIGCONT)
+
+        def past() -> bool:
+            point = seen(receivers, "cov")
+            return point is not None and point > committed
+
+        wait_for(past, 60, "the point covered past the commit")
+        assert holds(receivers, "cov", prod.data, lsn)  # what the window claims is received
+    finally:
+        receivers.drop(stream)
+        prod.stop()
