@@ -199,12 +199,36 @@ class ProcResult:
     stderr: str
     seconds: float  # wall time, process start to exit
     max_rss: int  # peak resident set (VmHWM) of the process, bytes
+    cpu_seconds: float = 0.0  # user + system time of the process and its reaped children
 
     def check(self, what: str) -> ProcResult:
         if self.returncode != 0:
             tail = self.stderr.strip().splitlines()[-3:]
             raise RuntimeError(f"{what} exited {self.returncode}: {' | '.join(tail)}")
         return self
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def session_cpu_seconds(sid: int) -> float:
+    """User + system CPU seconds of every live process of session ``sid`` (a daemon started
+    with ``start_new_session``: its own process and any children), children it reaped
+    included. Compare two readings around a step: the daemon's CPU for that step, which is
+    far steadier than wall time on a shared machine."""
+    total = 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as fh:
+                text = fh.read()
+        except OSError:  # gone meanwhile
+            continue
+        rest = text[text.rindex(")") + 2 :].split()
+        if int(rest[3]) == sid:  # fields 6, 14-17 of proc(5): session, u/s time, children's
+            total += sum(int(x) for x in rest[11:15])
+    return total / _TICK
 
 
 def vm_hwm(pid: int | str = "self") -> int:
@@ -267,18 +291,25 @@ def run_measured(
         )
         sampler = _PeakSampler(proc.pid)
         sampler.start()
+        cpu = 0.0
         try:
-            proc.wait()
+            # wait4, not wait: the child's own rusage (user + system, its children included)
+            _, status, usage = os.wait4(proc.pid, 0)
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            cpu = usage.ru_utime + usage.ru_stime
         finally:
             seconds = time.perf_counter() - t0
             sampler.done.set()
             sampler.join()
+            if proc.returncode is None:
+                proc.wait()
     result = ProcResult(
         returncode=proc.returncode,
         stdout=out_path.read_text(errors="replace"),
         stderr=err_path.read_text(errors="replace"),
         seconds=seconds,
         max_rss=sampler.peak,
+        cpu_seconds=cpu,
     )
     out_path.unlink()
     err_path.unlink()

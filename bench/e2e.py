@@ -15,6 +15,11 @@ beside the job's own duration (its ``started`` → ``finished``) and its queuein
 backup of the tree uses the first as parent) and ``cat`` into /dev/null (a volume: one
 ``cat``; a tree: ``find … | xargs cat``). Re-captures are best of ``ROUNDS``.
 
+The tree's first capture also gets a row of CPU seconds: user + system time of every
+process of the agent's and of the appliance's session (``/proc/PID/stat`` read before and
+after it) beside restic's (``wait4``). On a shared machine that figure swings less than
+wall time, which follows whatever else runs.
+
 ``--profile DIR`` (with ``py-spy`` installed) records each daemon while it captures and
 writes ``DIR/<daemon>-<step>.txt`` (collapsed stacks); the heaviest functions of each go to
 the report's notes.
@@ -50,6 +55,7 @@ from bench.common import (
     have,
     log,
     run_measured,
+    session_cpu_seconds,
     settle,
 )
 from bench.replication import job_queued_seconds, job_seconds, run_in_lab
@@ -175,6 +181,7 @@ class EndToEndBench:
         self.host = lab.add("agent", "host")
         self.restic = Restic(self.root, self.scratch) if have("restic") else None
         self.tree_bytes = 0
+        self.restic_cpu: Got[float] = Got()  # CPU seconds of the last restic_backup
         self.profiler = Profiler(cfg.profile, [self.site, self.host])
 
     # --- helpers ------------------------------------------------------------------------
@@ -194,6 +201,14 @@ class EndToEndBench:
             raise RuntimeError(f"capture of {app}: job {job['status']}: {job.get('message')}")
         return job, seconds
 
+    def daemons_cpu(self) -> tuple[float, float]:
+        """CPU seconds used so far by the agent and the appliance (each a session of its
+        own): read before and after a step, their difference is its CPU on each side."""
+        out = []
+        for d in (self.host, self.site):
+            out.append(session_cpu_seconds(d.proc.pid) if d.proc is not None else 0.0)
+        return out[0], out[1]
+
     def row(
         self,
         section: str,
@@ -212,7 +227,12 @@ class EndToEndBench:
             return Got()
         restic = self.restic
         settle()
-        return attempt("restic", lambda: restic.backup(path).seconds)
+        got = attempt("restic", lambda: restic.backup(path))
+        if got.value is None:
+            self.restic_cpu = Got(why=got.why)
+            return Got(why=got.why)
+        self.restic_cpu = Got(got.value.cpu_seconds)
+        return Got(got.value.seconds)
 
     def cat_volume(self) -> float:
         return (
@@ -370,9 +390,16 @@ class EndToEndBench:
         size = self.tree_bytes
         log("e2e 1: first capture of the tree through the CLI")
         settle()
+        load = os.getloadavg()[0]
+        agent0, appliance0 = self.daemons_cpu()
         with self.profiler.record("tree-first"):
             job, wall = self.capture("tree")
-        log(f"e2e 1: {fmt_seconds(wall)}, job {fmt_seconds(job_seconds(job))}; restic backup")
+        agent1, appliance1 = self.daemons_cpu()
+        agent_cpu, appliance_cpu = agent1 - agent0, appliance1 - appliance0
+        log(
+            f"e2e 1: {fmt_seconds(wall)}, job {fmt_seconds(job_seconds(job))}, CPU agent "
+            f"{agent_cpu:.2f} s + appliance {appliance_cpu:.2f} s (load {load:.1f}); restic"
+        )
         peer = self.restic_backup(self.tree)
         self.row(
             S1,
@@ -388,6 +415,20 @@ class EndToEndBench:
                 job_seconds=job_seconds(job),
                 bytes_sent=int(job.get("bytes_sent") or 0),
                 restic_seconds=peer.value,
+                load_average=load,
+            ),
+        )
+        cpu = agent_cpu + appliance_cpu
+        self.row(
+            S1,
+            f"tree, {self.cfg.files:,} files: CPU seconds",
+            tandem=f"{cpu:.2f} s (agent {agent_cpu:.2f} + appliance {appliance_cpu:.2f})",
+            peer=self.restic_cpu.show(lambda s: f"restic {s:.2f} s"),
+            ratio=fmt_ratio(cpu, self.restic_cpu.value, "restic CPU"),
+            values=dict(
+                agent_cpu_seconds=agent_cpu,
+                appliance_cpu_seconds=appliance_cpu,
+                restic_cpu_seconds=self.restic_cpu.value,
             ),
         )
         log(f"e2e 2: unchanged re-capture of the tree, best of {ROUNDS}; restic; cat")

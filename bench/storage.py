@@ -132,6 +132,7 @@ def times(value: float, basis: float) -> str:
 class PeerBackup:
     seconds: float
     max_rss: int
+    cpu_seconds: float  # user + system (restic's own threads)
     data_added: int  # restic's summary figure: plaintext of new blobs, before compression
     repo_growth: int  # bytes the repository grew on disk (compressed packs, index, snapshot)
 
@@ -161,6 +162,7 @@ class Restic:
         return PeerBackup(
             seconds=res.seconds,
             max_rss=res.max_rss,
+            cpu_seconds=res.cpu_seconds,
             data_added=added,
             repo_growth=tree_size(self.repo) - before,
         )

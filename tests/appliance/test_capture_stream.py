@@ -89,7 +89,7 @@ def test_a_session_closed_mid_capture_fails_it_and_commits_nothing(
     sent = 0
 
     class Closing(chunks.RemoteWriter):
-        def _send(self, batch: list[tuple[bytes, bytes]]) -> None:
+        def _send(self, batch: list[tuple[bytes, int, list[bytes]]]) -> None:
             nonlocal sent
             sent += 1
             if sent == 2:  # the job gave up (canceled) while batches were under way

@@ -116,9 +116,15 @@ def _decompressor() -> zstandard.ZstdDecompressor:
 
 def encode_chunk(data: bytes | bytearray | memoryview, subs: list[bytes]) -> bytes:
     """The chunk-file bytes for ``data``: compressed when that saves at least 5%."""
+    return b"".join(encode_chunk_parts(data, subs))
+
+
+def encode_chunk_parts(data: bytes | bytearray | memoryview, subs: list[bytes]) -> list[bytes]:
+    """``encode_chunk`` as the parts whose concatenation it is (header, block digests,
+    payload): a sender that frames many chunks into one body copies each byte once, in
+    its own join, not once here and once there."""
     codec, payload = _pack(data)
-    head = HEADER.pack(MAGIC, codec, 0, len(subs), len(data))
-    return b"".join([head, *subs, payload])
+    return [HEADER.pack(MAGIC, codec, 0, len(subs), len(data)), *subs, payload]
 
 
 def _pack(data: bytes | bytearray | memoryview) -> tuple[int, bytes]:

@@ -402,7 +402,9 @@ class _RangeReader:
         return got
 
 
-def _pieces(fd: int, size: int, sparse: bool, path: str) -> Iterator[tuple[memoryview | None, int]]:
+def _pieces(
+    fd: int, size: int, sparse: bool, path: str
+) -> Iterator[tuple[bytes | memoryview | None, int]]:
     """The file's content as (chunk data, length) in order; (None, length) for a hole.
 
     A yielded view is valid only until the next item. Raises _Changed if the file is
@@ -419,7 +421,8 @@ def _pieces(fd: int, size: int, sparse: bool, path: str) -> Iterator[tuple[memor
         if end - start <= WHOLE_READ_MAX:
             data = _pread_exact(fd, end - start, start, path)
             if len(data) <= CDC_MIN:
-                yield memoryview(data), len(data)
+                # bytes, not a view of them: stored raw (incompressible), they are not copied
+                yield data, len(data)
             else:
                 for c in _cdc().cut_buf(data):
                     yield c.data, c.length
@@ -523,32 +526,35 @@ class _Capture:
     def capture_batch(self, indices: list[int]) -> list[_FileResult]:
         return [self.capture_file(i) for i in indices]
 
-    def capture_new(self, batch: list[TreeEntry]) -> list[tuple[TreeEntry, _FileResult]]:
+    def capture_new(self, batch: list[TreeEntry]) -> _Cost:
         """Read new files the walk just found (``_walk``'s ``on_new``), in a worker while the
         walk goes on: the first attempt of ``capture_file`` when the after-read check
-        follows (``checked_later``). A file whose read came up short, or that vanished, gets
-        chunks None: the general path reads it again after the walk. A large file is
-        streamed (``_pieces``): the worker holds one extent of it at a time."""
-        out = []
+        follows (``checked_later``). Each file read whole gets its chunk list here (the walk
+        hands an entry over and does not touch it again until this task is done); one whose
+        read came up short, or that vanished, keeps none, and the general path reads it
+        again after the walk. A large file is streamed (``_pieces``): the worker holds one
+        extent of it at a time. Returns the batch's cost, one for all its files (per-file
+        results cost the walk's thread a loop over them)."""
+        cost = _Cost()
+        store = self.store
         for e in batch:
             path = f"{self.root}/{e.path}"
-            cost = _Cost()
-            chunks: list[tuple[bytes | None, int]] | None = None
             fd = self._open(path)
-            if fd is not None:
-                try:
-                    chunks = [
-                        (None if data is None else self.store(data, cost), n)
-                        for data, n in _pieces(fd, e.size, False, path)
-                    ]
-                except _Changed:
-                    chunks = None
-                finally:
-                    os.close(fd)
-                if chunks is not None and self.on_read is not None:
-                    self.on_read(e.path)
-            out.append((e, _FileResult(-1, chunks, None, cost)))
-        return out
+            if fd is None:
+                continue
+            try:
+                chunks = [
+                    (None if data is None else store(data, cost), n)
+                    for data, n in _pieces(fd, e.size, False, path)
+                ]
+            except _Changed:
+                continue
+            finally:
+                os.close(fd)
+            e.chunks = chunks
+            if self.on_read is not None:
+                self.on_read(e.path)
+        return cost
 
     def store_chunk(self, data: bytes) -> _ChunkResult:
         cost = _Cost()
@@ -774,15 +780,12 @@ def capture_tree(
         # any other): the walk no longer precedes every read. Files of one chunk go to the
         # workers BATCH_FILES at a time, larger ones one a task (each streamed by its worker,
         # no longer by this thread after the walk, while the workers only hash).
-        early: deque[Future[list[tuple[TreeEntry, _FileResult]]]] = deque()
+        early: deque[Future[_Cost]] = deque()
         batch: list[TreeEntry] = []
 
         def settle_early(keep: int) -> None:
             while len(early) > keep:
-                for e, res in early.popleft().result():
-                    account(res.cost)
-                    if res.chunks is not None:
-                        e.chunks = res.chunks
+                account(early.popleft().result())
 
         def on_new(e: TreeEntry) -> None:
             nonlocal batch

@@ -28,7 +28,7 @@ from tandem.storage.digest import (
     hash_object,
     object_id,
 )
-from tandem.storage.pool import PutResult, decode_chunk, encode_chunk, encode_delta
+from tandem.storage.pool import PutResult, decode_chunk, encode_chunk_parts, encode_delta
 from tandem.transport.client import ApiClient, api_path
 from tandem.transport.wire import (
     BLOCKS_PER_REQUEST,
@@ -37,11 +37,14 @@ from tandem.transport.wire import (
     decode_frames,
     decode_subs,
     encode_digests,
-    encode_frames,
+    encode_frames_of_parts,
 )
 
 BATCH_BYTES = 16 * 1024 * 1024
-BATCH_COUNT = 1024
+BATCH_COUNT = 4096
+"""Chunks a batch holds at most (BATCH_BYTES bounds it first for chunks over ~4 KiB). Each
+batch is two requests, whose fixed cost (routing, a worker thread hand-off, the answer) on
+both daemons is paid per batch: a tree of small files sends fewer, larger ones."""
 SENDERS = 3
 """Batches a RemoteWriter has in flight at once, each on its own connection: while one
 waits for the appliance's answer (which may include a file-system sync), the next streams.
@@ -109,7 +112,7 @@ class RemoteWriter:
         self.session = SessionClient(client, session)
         self._lock = threading.Lock()
         self._send_lock = threading.Lock()
-        self._batch: list[tuple[bytes, bytes]] = []
+        self._batch: list[tuple[bytes, int, list[bytes]]] = []  # (id, length, blob's parts)
         self._batch_bytes = 0
         self._known: set[bytes] = set()
         self._inflight: deque[Future[None]] = deque()
@@ -156,9 +159,10 @@ class RemoteWriter:
             if digest in self._known:
                 return PutResult(digest, False, 0)
             self._known.add(digest)
-        blob = encode_chunk(data, subs)
-        self._queue(digest, blob)
-        return PutResult(digest, True, len(blob))
+        parts = encode_chunk_parts(data, subs)
+        length = sum(len(p) for p in parts)
+        self._queue(digest, length, parts)
+        return PutResult(digest, True, length)
 
     def sub_digests(self, digest: bytes) -> list[bytes]:
         """Sub-block digests of a chunk the appliance holds (to send a change as a delta)."""
@@ -182,7 +186,7 @@ class RemoteWriter:
         view = memoryview(data)
         blocks = {j: bytes(view[j * SUB_BLOCK : (j + 1) * SUB_BLOCK]) for j in changed}
         blob = encode_delta(base, 0, len(view), subs, blocks)
-        self._queue(digest, blob)
+        self._queue(digest, len(blob), [blob])
         return PutResult(digest, True, len(blob))
 
     def put_blocks(
@@ -194,13 +198,15 @@ class RemoteWriter:
                 return PutResult(digest, False, 0)
             self._known.add(digest)
         blob = encode_delta(base, 0, length, subs, blocks)
-        self._queue(digest, blob)
+        self._queue(digest, len(blob), [blob])
         return PutResult(digest, True, len(blob))
 
-    def _queue(self, digest: bytes, blob: bytes) -> None:
+    def _queue(self, digest: bytes, length: int, parts: list[bytes]) -> None:
+        """Queue a chunk file given as the parts it is made of (joined once, into the body
+        of its batch)."""
         with self._lock:
-            self._batch.append((digest, blob))
-            self._batch_bytes += len(blob)
+            self._batch.append((digest, length, parts))
+            self._batch_bytes += length
             full = self._batch_bytes >= BATCH_BYTES or len(self._batch) >= BATCH_COUNT
         if full:
             self._dispatch(wait_all=False)
@@ -221,12 +227,12 @@ class RemoteWriter:
                 if wait_all:
                     self._inflight.popleft().result()
 
-    def _send(self, batch: list[tuple[bytes, bytes]]) -> None:
+    def _send(self, batch: list[tuple[bytes, int, list[bytes]]]) -> None:
         """Ask which chunks of the batch the appliance lacks, then send those."""
-        missing = set(self.session.missing([d for d, _ in batch], [len(b) for _, b in batch]))
-        frames = [(d, b) for d, b in batch if d in missing]
+        missing = set(self.session.missing([d for d, _, _ in batch], [n for _, n, _ in batch]))
+        frames = [f for f in batch if f[0] in missing]
         if frames:
-            body = encode_frames(frames)
+            body = encode_frames_of_parts(frames)
             self.session.send_chunks(body)
             with self._lock:
                 self.bytes_sent += len(body)

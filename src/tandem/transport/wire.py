@@ -39,6 +39,16 @@ def encode_frames(items: Iterable[tuple[bytes, bytes]]) -> bytes:
     return b"".join(parts)
 
 
+def encode_frames_of_parts(items: Iterable[tuple[bytes, int, list[bytes]]]) -> bytes:
+    """``encode_frames`` of blobs given as (digest, length, parts whose concatenation is the
+    blob): the same bytes, each part copied once into the body."""
+    out: list[bytes] = []
+    for d, length, parts in items:
+        out += (d, _LEN.pack(length))
+        out += parts
+    return b"".join(out)
+
+
 def decode_frames(data: bytes) -> Iterator[tuple[bytes, bytes]]:
     view = memoryview(data)
     pos = 0
