@@ -7,6 +7,9 @@ import random
 import socket
 import ssl
 import struct
+import subprocess
+import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -20,6 +23,7 @@ from tandem.errors import (
     SourceUnreadable,
     Unreachable,
 )
+from tandem.transport import server
 from tandem.transport.agent import AgentClient, error_from_event
 from tandem.transport.chunks import RemotePool
 from tandem.transport.client import ApiClient, error_from_response
@@ -242,3 +246,26 @@ def test_a_picked_port_is_never_one_the_kernel_hands_to_a_connection() -> None:
     port = ports.pop()
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", port))  # still free
+
+
+def test_a_port_picked_by_one_process_is_not_picked_by_another_before_it_is_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``appliance init`` picks its NBD port in its own process while the caller picks the
+    agent's: both free, neither bound yet. A pick is held machine-wide for a while, so
+    another process whose first candidate is the same port takes its next one."""
+    first, second = random.randrange(1000, 20000), random.randrange(1000, 20000)
+    port, other = server.PICKED_PORTS_FROM + first, server.PICKED_PORTS_FROM + second
+    held = Path(tempfile.gettempdir()) / "tandem-ports"
+    for p in (port, other):
+        (held / str(p)).unlink(missing_ok=True)
+    monkeypatch.setattr("tandem.transport.server.secrets.randbelow", lambda n: first)
+    assert server.free_port() == port
+    script = (
+        "import secrets; from tandem.transport import server; "
+        f"picks = iter([{first}, {second}]); secrets.randbelow = lambda n: next(picks); "
+        "print(server.free_port())"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout) == other  # not the port this process picked and holds

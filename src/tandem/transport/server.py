@@ -16,6 +16,8 @@ import logging
 import os
 import secrets
 import socket
+import tempfile
+import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,10 +157,46 @@ def free_port(host: str = "127.0.0.1") -> int:
                 sock.bind((host, port))
             except OSError:
                 continue
+        if _hold(port):
             return port
     with socket.socket(family) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+PORT_HOLD_SECONDS = 3600.0
+"""How long a picked port stays held for the server it was picked for (machine-wide)."""
+
+
+def _hold(port: int) -> bool:
+    """Hold ``port`` for ``PORT_HOLD_SECONDS``, for every process of this machine: it was
+    picked free but is bound only later, by a server started from a config, and another
+    process's pick meanwhile (``appliance init`` choosing its NBD port while a test harness
+    or an operator chooses an agent's) must not be the same port. A mark file per port in
+    the temporary folder; False: held by another pick. Where no mark can be made (a folder
+    not writable), the bind check alone decides."""
+    folder = Path(tempfile.gettempdir()) / "tandem-ports"
+    try:
+        folder.mkdir(exist_ok=True)
+        if folder.stat().st_uid == os.geteuid():
+            folder.chmod(0o1777)  # any user's picks, as in /tmp itself
+    except OSError:
+        return True
+    mark = folder / str(port)
+    try:
+        os.close(os.open(mark, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        return True
+    except FileExistsError:
+        pass
+    except OSError:
+        return True
+    try:
+        if time.time() - mark.stat().st_mtime < PORT_HOLD_SECONDS:
+            return False
+        os.utime(mark)  # an old hold: its server bound the port long ago, or never will
+        return True
+    except OSError:
+        return False
 
 
 def _ephemeral_low() -> int:
