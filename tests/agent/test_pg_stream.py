@@ -11,6 +11,8 @@ import signal
 from datetime import datetime
 from pathlib import Path
 
+import pytest
+
 from tandem.agent import pg
 from tandem.domain.wal import SEGMENT, parse_lsn, parse_name
 from tandem.transport import agent_api
@@ -68,3 +70,19 @@ def test_a_listing_vouches_only_for_commits_its_files_hold(
     finally:
         receivers.drop(stream)
         prod.stop()
+
+
+def test_a_wal_listing_from_the_wire_is_checked() -> None:
+    """The appliance believes an agent's listing only as ``WalListing`` allows: a file name
+    that is no WAL file, a point in time without its zone or an unknown field is refused."""
+    good = {"files": [{"name": "000000010000000000000001.partial", "size": 8192}],
+            "seen": "2026-12-03T10:00:00+00:00", "running": True}  # fmt: skip
+    assert agent_api.WalListing.model_validate(good).seen is not None
+    for bad in (
+        {**good, "files": [{"name": "../../etc/passwd", "size": 1}]},
+        {**good, "seen": "2026-12-03T10:00:00"},
+        {**good, "extra": 1},
+        {**good, "files": [{"name": "000000010000000000000001", "size": -1}]},
+    ):
+        with pytest.raises(ValueError):
+            agent_api.WalListing.model_validate(bad)
