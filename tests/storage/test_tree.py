@@ -818,14 +818,19 @@ def test_a_captured_manifest_is_left_out_of_the_next_young_collections(
     assert any(isinstance(o, TreeEntry) for o in gc.get_objects(generation=2))
 
 
-def test_a_capture_leaves_a_frozen_start_up_heap_frozen(pool: ChunkPool, tmp_path: Path) -> None:
-    """The appliance freezes what start-up made (``settle_heap``) so full collections never
+def test_a_capture_leaves_a_frozen_start_up_heap_frozen(
+    pool: ChunkPool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The appliance freezes what start-up made (``freeze_heap``) so full collections never
     walk it again: the end of a manifest's GC pause must not unfreeze it."""
     import gc
 
+    from tandem.storage import manifest
+
     src = tmp_path / "src"
     write(src / "f", b"x")
-    gc.freeze()
+    monkeypatch.setattr(manifest, "_heap_frozen", False)  # restored after the test
+    manifest.freeze_heap()
     try:
         frozen = gc.get_freeze_count()
         capture_tree(pool, src)

@@ -44,7 +44,6 @@ Invariants
 from __future__ import annotations
 
 import contextlib
-import gc as python_gc
 import logging
 import os
 import secrets
@@ -86,6 +85,7 @@ from tandem.operations.present import restore_exports, restore_tree_sessions
 from tandem.operations.sessions import SessionRegistry
 from tandem.operations.site import Site
 from tandem.operations.wal import WalShipper
+from tandem.storage.manifest import freeze_heap
 from tandem.storage.objstore import is_store_url
 from tandem.transport.server import (
     DaemonConfig,
@@ -407,8 +407,7 @@ def settle_heap() -> None:
     core holding the GIL, and a request that builds a long list (``GET /apps`` at 1,000
     apps) promotes enough objects to set one off every few requests: that pause was the
     list routes' p99. Frozen, they are never walked again (objects made later still are)."""
-    python_gc.collect()
-    python_gc.freeze()
+    freeze_heap()
 
 
 def run_forever(directory: Path) -> None:

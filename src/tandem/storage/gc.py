@@ -36,8 +36,9 @@ pack, offset, length) is held in memory by the pool (``storage.packs``), about 2
 per packed chunk: that, not the mark set, bounds the pool's size today.
 
 Resuming: the marks file records the manifests already marked, the cut-off, the next
-fan-out directory to sweep and the last pack swept, committed after each manifest, each
-directory and each pack. A pack rewrite killed half way leaves a second copy of some
+fan-out directory to sweep and the last pack swept, committed after each directory and
+about once a second while marking manifests and sweeping packs (``SAVE_EVERY``: a kill
+loses at most that second's work, done again by the resumed run). A pack rewrite killed half way leaves a second copy of some
 chunks in a new pack (complete and verified: the old pack is removed only after the new
 one is durable); the resumed run finds the old pack's chunks newer elsewhere and removes
 it. A run that finds it resumes: it takes a fresh snapshot (new images are marked too, the
@@ -75,6 +76,7 @@ from tandem.storage.s3pool import S3Pool
 
 FANS = 256
 BATCH = 4096  # digests per mark query
+SAVE_EVERY = 1.0  # seconds of marking or pack sweeping committed at once (what a kill loses)
 UNLINK_THREADS = 8
 
 
@@ -142,6 +144,20 @@ class _Marks:
         self.db.execute("CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value TEXT)")
         self.db.execute("CREATE TABLE IF NOT EXISTS marks (d BLOB PRIMARY KEY) WITHOUT ROWID")
         self.db.execute("CREATE TABLE IF NOT EXISTS done (m BLOB PRIMARY KEY) WITHOUT ROWID")
+        self._since: float | None = None  # when the open transaction began
+
+    def begin(self) -> None:
+        """Open a transaction unless one is open: steps are saved together by ``save``."""
+        if self._since is None:
+            self.db.execute("BEGIN")
+            self._since = time.monotonic()
+
+    def save(self, *, now: bool = False) -> None:
+        """Commit the open transaction once it is ``SAVE_EVERY`` old (or ``now``): one
+        commit a second, not one a manifest or a pack."""
+        if self._since is not None and (now or time.monotonic() - self._since >= SAVE_EVERY):
+            self.db.execute("COMMIT")
+            self._since = None
 
     def get(self, key: str, default: float) -> float:
         row = self.db.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()
@@ -249,32 +265,14 @@ def _collect(
 
     # --- mark -------------------------------------------------------------------------
     todo = sorted(m for m in keep if not marks.done(m))
-    for i, mid in enumerate(todo):
-        check()
-        try:
-            chunk_ids = sorted(load_manifest(pool, mid).chunk_ids())
-        except StorageError as exc:
-            if mid not in manifests:
-                continue  # a writer's base that is gone: the writer will find out
-            raise LiveManifestUnreadable(manifest=mid.hex(), reason=exc.message) from exc
-        marks.db.execute("BEGIN")
-        new = marks.unmarked(chunk_ids)
-        while new:
-            marks.db.executemany("INSERT OR IGNORE INTO marks (d) VALUES (?)", [(d,) for d in new])
-            run.chunks_marked += len(new)
-            bases = []
-            for digest in new:
-                try:
-                    base = pool.info(digest).base
-                except (ChunkMissing, ChunkCorrupt):
-                    continue  # verify reports it; GC must not fail on it
-                if base is not None:
-                    bases.append(base)
-            new = marks.unmarked(sorted(set(bases)))
-        marks.db.execute("INSERT OR IGNORE INTO done (m) VALUES (?)", (mid,))
-        marks.db.execute("COMMIT")
-        run.manifests_marked += 1
-        report("mark", i + 1, len(todo))
+    try:
+        for i, mid in enumerate(todo):
+            check()
+            _mark(pool, marks, mid, mid in manifests, run)
+            marks.save()
+            report("mark", i + 1, len(todo))
+    finally:
+        marks.save(now=True)  # what was marked stays marked: a resumed run goes on from there
 
     if isinstance(pool, S3Pool):
         _sweep_listed(pool, marks, cutoff, run, report, check)
@@ -286,6 +284,34 @@ def _collect(
             pool.delete_manifest(mid)
             run.manifests_removed += 1
     return run
+
+
+def _mark(pool: ChunkPool, marks: _Marks, mid: bytes, live: bool, run: GcRun) -> None:
+    """Mark the chunks of manifest ``mid`` and every base of a delta among them, and the
+    manifest done, in the open transaction; ``live``: a catalog image names it (else it is
+    a writer's base, which may be gone: the writer will find out)."""
+    try:
+        chunk_ids = sorted(load_manifest(pool, mid).chunk_ids())
+    except StorageError as exc:
+        if not live:
+            return
+        raise LiveManifestUnreadable(manifest=mid.hex(), reason=exc.message) from exc
+    marks.begin()
+    new = marks.unmarked(chunk_ids)
+    while new:
+        marks.db.executemany("INSERT OR IGNORE INTO marks (d) VALUES (?)", [(d,) for d in new])
+        run.chunks_marked += len(new)
+        bases = []
+        for digest in new:
+            try:
+                base = pool.info(digest).base
+            except (ChunkMissing, ChunkCorrupt):
+                continue  # verify reports it; GC must not fail on it
+            if base is not None:
+                bases.append(base)
+        new = marks.unmarked(sorted(set(bases)))
+    marks.db.execute("INSERT OR IGNORE INTO done (m) VALUES (?)", (mid,))
+    run.manifests_marked += 1
 
 
 def _sweep_listed(
@@ -341,19 +367,27 @@ def _sweep_local(
     pool.packs.refresh(force=True)
     after = marks.get_text("pack")
     packs = [p for p in pool.packs.packs() if p > after]
-    for i, pack_id in enumerate(packs):
-        check()
-        kept, removed, freed = pool.sweep_pack(pack_id, marks.marked, cutoff)
-        if removed:
-            run.packs_deleted += kept == 0
-            run.packs_rewritten += kept > 0
-        run.chunks_kept += kept
-        run.chunks_removed += removed
-        run.bytes_freed += freed
-        run.packs_done += 1
-        marks.put(kept=run.chunks_kept, removed=run.chunks_removed, freed=run.bytes_freed)
-        marks.put_text("pack", pack_id)
-        report("packs", i + 1, len(packs))
+    try:
+        for i, pack_id in enumerate(packs):
+            check()
+            kept, removed, freed = pool.sweep_pack(pack_id, marks.marked, cutoff)
+            if removed:
+                run.packs_deleted += kept == 0
+                run.packs_rewritten += kept > 0
+            run.chunks_kept += kept
+            run.chunks_removed += removed
+            run.bytes_freed += freed
+            run.packs_done += 1
+            # A kill loses at most SAVE_EVERY of this: the resumed run sweeps those packs
+            # again and finds them kept or gone.
+            marks.begin()
+            marks.put(kept=run.chunks_kept, removed=run.chunks_removed, freed=run.bytes_freed)
+            marks.put_text("pack", pack_id)
+            marks.save()
+            report("packs", i + 1, len(packs))
+    finally:
+        marks.save(now=True)
+    pool.packs.compact()
 
 
 def _sweep_fan(

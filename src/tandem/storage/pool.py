@@ -956,6 +956,7 @@ def _remove_pack(pool: ChunkPool, pack_id: str) -> None:
         os.unlink(pool.packs.idx_path(pack_id))
     fsync_dir(pool.packs_dir)
     pool.packs.drop(pack_id)
+    pool.packs.note(b"-", pack_id)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(pool.packs.pack_path(pack_id) + ".gc")
 
@@ -1331,6 +1332,7 @@ class PoolWriter:
                     os.rename(idx_tmp, self.pool.packs.idx_path(pack.pack_id))
                     fsync_dir(self.pool.packs_dir)
                     self.pool.packs.add(pack.pack_id, pack.entries)
+                    self.pool.packs.note(b"+", pack.pack_id)
             except OSError as exc:
                 raise _translate_oserror(exc, self.pool.root) from exc
             self._flushed(batch)

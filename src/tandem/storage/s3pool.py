@@ -173,15 +173,18 @@ class S3PackIndex(PackIndex):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self._cached(gone))
             for pack_id in sorted(names - set(self.by_pack)):
-                try:
-                    entries = self._load(pack_id)
-                except ObjectMissing:
-                    continue  # removed since the listing
-                except ChunkCorrupt as exc:
-                    log.error("pack %s in %s ignored: %s", pack_id, self.where, exc.message)
-                    continue
-                self._add(pack_id, entries)
+                self._load_pack(pack_id)
             self._last_listing = now
+
+    def _load_pack(self, pack_id: str) -> None:
+        try:
+            entries = self._load(pack_id)
+        except ObjectMissing:
+            return  # removed since the listing
+        except ChunkCorrupt as exc:
+            log.error("pack %s in %s ignored: %s", pack_id, self.where, exc.message)
+            return
+        self._add(pack_id, entries)
 
     def _load(self, pack_id: str) -> list[tuple[bytes, int, int]]:
         cached = self._cached(pack_id)
