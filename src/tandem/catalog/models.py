@@ -198,6 +198,9 @@ class Image(Base):
     __table_args__ = (
         # The images of an app newest first, and their pages (catalog.queries.images_query).
         Index("ix_images_app_id_created_id", "app_id", "created", "id"),
+        # Those of one kind (retention's OFFSET keep, the newest snapshot): the kind filtered
+        # in the index, not by reading every row the app has.
+        Index("ix_images_app_id_kind_created_id", "app_id", "kind", "created", "id"),
         # The distinct live manifests garbage collection reads, from the index alone.
         Index("ix_images_manifest", "manifest"),
     )

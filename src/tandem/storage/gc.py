@@ -35,16 +35,16 @@ the copying of the live bytes of the packs it rewrites. The pack index itself (c
 pack, offset, length) is held in memory by the pool (``storage.packs``), about 220 bytes
 per packed chunk: that, not the mark set, bounds the pool's size today.
 
-Resuming: the marks file records the manifests already marked, the cut-off, the next
-fan-out directory to sweep and the last pack swept, committed after each directory and
-about once a second while marking manifests and sweeping packs (``SAVE_EVERY``: a kill
-loses at most that second's work, done again by the resumed run). A pack rewrite killed half way leaves a second copy of some
-chunks in a new pack (complete and verified: the old pack is removed only after the new
-one is durable); the resumed run finds the old pack's chunks newer elsewhere and removes
-it. A run that finds it resumes: it takes a fresh snapshot (new images are marked too, the
-cut-off only goes back), marks what is not marked yet, and sweeps from where the killed run
-stopped. That is safe for the same reason the first run is: chunks marked earlier are only
-kept longer.
+Resuming: the marks file records the manifests already marked, the cut-off, the next fan-out
+directory to sweep and the last pack swept, committed after each directory and about once a
+second while marking manifests and sweeping packs (``SAVE_EVERY``: a kill loses at most that
+second's work, done again by the resumed run). A pack rewrite killed half way leaves a
+second copy of some chunks in a new pack (complete and verified: the old pack is removed
+only after the new one is durable); the resumed run finds the old pack's chunks newer
+elsewhere and removes it. A run that finds it resumes: it takes a fresh snapshot (new images
+are marked too, the cut-off only goes back), marks what is not marked yet, and sweeps from
+where the killed run stopped. That is safe for the same reason the first run is: chunks
+marked earlier are only kept longer.
 One collection runs per pool at a time (an flock on ``DIR/gc/lock``; across hosts the
 appliance also holds a catalog lock, ``operations.gc``).
 """
