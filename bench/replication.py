@@ -66,9 +66,10 @@ from bench.storage import (
     times,
     write_volume,
 )
-from tandem.drill.lab import Daemon, Lab, free_port
+from tandem.drill.lab import Daemon, Lab
 from tandem.errors import TandemError
 from tandem.transport.client import ApiClient
+from tandem.transport.server import free_port
 
 S1 = "replication 1 · first full copy, loopback TLS"
 S2 = "replication 2 · 1% of the volume changed"

@@ -35,6 +35,7 @@ One appliance and one agent run as child processes on loopback TLS (``tandem.dri
 
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 import time
@@ -63,6 +64,11 @@ JOBS_PER_APP = 20
 CAPTURES = 7
 REQUESTS = 200
 MULTI_APPS = int(os.environ.get("SCALE_MULTI_APPS", "48"))
+MULTI_CPU = float(os.environ.get("SCALE_MULTI_CPU", "0"))
+"""Part 4 with ``SCALE_MULTI_CPU=C``: each appliance process is held to C cores by a cgroup of
+its own (v1 ``cpu`` controller, CFS quota), standing for a machine of its own; the agent,
+PostgreSQL and the bench share the rest. On 2 shared cores without it, a second process only
+adds contention (see the README)."""
 PARTS = os.environ.get("SCALE_PARTS", "single,multi,keepup").split(",")
 """``single``: parts 1-3 (one appliance, SQLite); ``lists``: part 2 alone (the list routes'
 p50/p99, a minute or two); ``multi``: part 4 (PostgreSQL); ``keepup``: part 5 (the
@@ -286,6 +292,8 @@ class MultiProcessBench:
     def start(self, daemon: Daemon) -> Daemon:
         self.daemons.append(daemon)
         daemon.start()
+        if MULTI_CPU > 0 and daemon.kind == "appliance":
+            _cap_cpu(daemon, MULTI_CPU)
         return daemon
 
     def run(self) -> None:
@@ -325,10 +333,11 @@ class MultiProcessBench:
             two = self.round([api1, api2], apps)
         ratio = two / one if one else float("nan")
         log(f"scale: {one:.0f} captures/min with one process, {two:.0f} with two")
+        capped = f", each process held to {MULTI_CPU:g} core" if MULTI_CPU > 0 else ""
         self.report.add(
             Row(
                 SECTION,
-                f"captures per minute, {MULTI_APPS} small apps, PostgreSQL catalog",
+                f"captures per minute, {MULTI_APPS} small apps, PostgreSQL catalog{capped}",
                 f"two processes {two:.0f}/min vs one {one:.0f}/min ({ratio:.2f}×)",
                 "—",
                 "—",
@@ -475,6 +484,27 @@ def _aware(moment: datetime) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
+CGROUP_CPU = Path("/sys/fs/cgroup/cpu")
+
+
+def _cap_cpu(daemon: Daemon, cores: float) -> None:
+    """Move ``daemon``'s process (all its threads) into a cgroup of its own held to
+    ``cores`` of CPU time (CFS quota over a 100 ms period)."""
+    assert daemon.proc is not None
+    group = CGROUP_CPU / f"tandem-bench-{daemon.proc.pid}"
+    group.mkdir(exist_ok=True)
+    (group / "cpu.cfs_period_us").write_text("100000")
+    (group / "cpu.cfs_quota_us").write_text(str(int(cores * 100000)))
+    (group / "cgroup.procs").write_text(str(daemon.proc.pid))
+    log(f"scale: appliance {daemon.name} (pid {daemon.proc.pid}) held to {cores:g} core")
+
+
+def _uncap_all() -> None:
+    for group in CGROUP_CPU.glob("tandem-bench-*"):
+        with contextlib.suppress(OSError):
+            group.rmdir()  # once its process is gone
+
+
 def multi_process(cfg: Config, report: Report, root: Path) -> None:
     if not PG_URL:
         log("scale: no PostgreSQL (SCALE_PG_URL): the two-process figure is skipped")
@@ -500,6 +530,7 @@ def multi_process(cfg: Config, report: Report, root: Path) -> None:
         report.add(Row(SECTION, "two processes failed", "failed", str(exc)[:120], "—", "—"))
     finally:
         bench.close()
+        _uncap_all()
         with admin.begin() as connection:
             connection.exec_driver_sql(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
         admin.dispose()
@@ -521,7 +552,7 @@ def big_pool_gc(cfg: Config, report: Report, root: Path) -> None:
     live: list[str] = []
     with pool.writer() as writer:
         for m in range(GC_MANIFESTS):
-            digests = [writer.put(os.urandom(48)).digest for _ in range(per)]
+            digests: list[bytes | None] = [writer.put(os.urandom(48)).digest for _ in range(per)]
             manifest = VolumeManifest(size=VOLUME_CHUNK * per, chunks=digests)
             mid = writer.commit_manifest(encode_manifest(manifest))
             if m % 4:

@@ -132,14 +132,14 @@ def _bench(lab: Any, root: Path, sizes: tuple[int, ...], report: Report) -> None
         vmguest.virsh("pool-undefine", pool, check=False)
     first = results[sizes[0]][0]
     for gib in sizes:
-        nbd, copy = results[gib]
+        nbd, copied = results[gib]
         add_row(
             report,
             S,
             f"test failover to a new VM, {gib} GiB disk: until the domain runs",
             tandem=f"{fmt_seconds(nbd)} (NBD disks)",
-            peer=f"{fmt_seconds(copy)} (qemu-img convert first)",
-            ratio=f"{nbd / first:.2f}× the {sizes[0]} GiB time; {copy / nbd:.1f}× faster",
+            peer=f"{fmt_seconds(copied)} (qemu-img convert first)",
+            ratio=f"{nbd / first:.2f}× the {sizes[0]} GiB time; {copied / nbd:.1f}× faster",
             target="flat (≤ 1.2×)",
-            values={"gib": gib, "nbd_seconds": nbd, "copy_seconds": copy},
+            values={"gib": gib, "nbd_seconds": nbd, "copy_seconds": copied},
         )
