@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import sqlite3
 import time
@@ -73,6 +74,8 @@ from tandem.storage.digest import DIGEST_SIZE
 from tandem.storage.manifest import load_manifest
 from tandem.storage.pool import ChunkPool
 from tandem.storage.s3pool import S3Pool
+
+log = logging.getLogger(__name__)
 
 FANS = 256
 BATCH = 4096  # digests per mark query
@@ -387,7 +390,10 @@ def _sweep_local(
             report("packs", i + 1, len(packs))
     finally:
         marks.save(now=True)
-    pool.packs.compact()
+    try:
+        pool.packs.compact()
+    except OSError as exc:  # only a hint: the collection's work is done all the same
+        log.warning("pack journal of %s not compacted: %s", pool.root, exc)
 
 
 def _sweep_fan(

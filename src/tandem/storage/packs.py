@@ -367,10 +367,15 @@ class PackIndex:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            names = sorted(n[:-4] for n in os.listdir(self.dir) if n.endswith(".idx"))
-            tmp = f"{self.dir.parent}/tmp/journal.{uuid.uuid4().hex[:8]}"  # cleaned at open
+            listed = os.listdir(self.dir)
+            for name in listed:  # left by a compaction that was killed
+                if name.startswith(f"{JOURNAL}.") and name.endswith(".tmp"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(f"{self.dir}/{name}")
+            names = sorted(n[:-4] for n in listed if n.endswith(".idx") and is_pack_id(n[:-4]))
+            tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
             with open(tmp, "wb") as fh:
-                fh.write(b"".join(b"+" + n.encode("ascii") + b"\n" for n in names if is_pack_id(n)))
+                fh.write(b"".join(b"+" + n.encode("ascii") + b"\n" for n in names))
             os.rename(tmp, path)
         finally:
             os.close(fd)
