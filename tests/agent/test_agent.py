@@ -67,3 +67,30 @@ def test_capture_requests_are_validated(agent: Agent, change: dict[str, object])
         **change,
     }
     assert agent.client.post("/api/v1/capture", headers=agent.auth, json=body).status_code == 422
+
+
+def test_dropping_kept_copies_needs_the_token_and_a_clean_full_path(
+    agent: Agent, tmp_path: Path
+) -> None:
+    """``/api/v1/kept/drop`` removes folders on the host: only for the appliance's token,
+    only for a full path without '..', and only the copies kept beside that tree."""
+    from tandem.agent import pit
+
+    data = tmp_path / "data"
+    data.mkdir()
+    kept = tmp_path / f"{pit._keep_stem(str(data))}0001"
+    kept.mkdir()
+    (kept / "f").write_text("a kept copy")
+    other = tmp_path / "other"
+    other.mkdir()
+    url = "/api/v1/kept/drop"
+    assert agent.client.post(url, json={"path": str(data)}).status_code == 401
+    for bad in ("data", f"{tmp_path}/other/../data", "/", ""):
+        resp = agent.client.post(url, headers=agent.auth, json={"path": bad})
+        assert 400 <= resp.status_code < 500, (bad, resp.status_code)
+        assert resp.json()["message"], bad
+    resp = agent.client.post(url, headers=agent.auth, json={"path": str(data), "more": 1})
+    assert resp.status_code == 422
+    assert (kept / "f").exists() and other.exists()
+    assert agent.client.post(url, headers=agent.auth, json={"path": str(data)}).status_code == 200
+    assert not kept.exists() and data.exists() and other.exists()
