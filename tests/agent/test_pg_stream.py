@@ -16,6 +16,7 @@ import pytest
 from tandem.agent import pg
 from tandem.domain.wal import SEGMENT, parse_lsn, parse_name
 from tandem.transport import agent_api
+from tests.agent.conftest import Agent
 from tests.e2e.conftest import wait_for
 from tests.e2e.pgsite import make_cluster, server_now, shared_dir
 
@@ -86,3 +87,32 @@ def test_a_wal_listing_from_the_wire_is_checked() -> None:
     ):
         with pytest.raises(ValueError):
             agent_api.WalListing.model_validate(bad)
+
+
+@pytest.mark.parametrize(
+    "listing",
+    [
+        {"files": [{"name": "../../etc/passwd", "size": 1}], "seen": None, "running": True},
+        {"files": [], "seen": "2026-12-03T10:00:00", "running": True},
+        {"files": [], "seen": None, "running": True, "extra": 1},
+    ],
+    ids=["not-a-wal-name", "naive-time", "unknown-field"],
+)
+def test_the_appliance_refuses_a_wal_listing_the_agent_should_never_send(
+    agent: Agent, monkeypatch: pytest.MonkeyPatch, listing: dict[str, object]
+) -> None:
+    """An agent that answers a listing outside ``WalListing`` (compromised, or a bug) is
+    refused by the appliance's client over the wire, naming the host: nothing of it is
+    stored or believed."""
+    from tandem.errors import RemoteError
+    from tandem.transport.agent import AgentClient
+    from tandem.transport.tls import fingerprint_of_pem
+
+    monkeypatch.setattr(pg.Receivers, "listing", lambda self, app: listing)
+    pem = (agent.directory / "cert.pem").read_text()
+    url = str(agent.client.base_url).rstrip("/")
+    with (
+        AgentClient("h1", url, agent.token, fingerprint_of_pem(pem)) as client,
+        pytest.raises(RemoteError, match=r"host h1.*WAL listing is invalid"),
+    ):
+        client.pg_wal("shop")
