@@ -64,8 +64,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tandem.errors import (
-    ChunkCorrupt,
-    ChunkMissing,
     LiveManifestUnreadable,
     PoolGcRunning,
     StorageError,
@@ -304,15 +302,9 @@ def _mark(pool: ChunkPool, marks: _Marks, mid: bytes, live: bool, run: GcRun) ->
     while new:
         marks.db.executemany("INSERT OR IGNORE INTO marks (d) VALUES (?)", [(d,) for d in new])
         run.chunks_marked += len(new)
-        bases = []
-        for digest in new:
-            try:
-                base = pool.info(digest).base
-            except (ChunkMissing, ChunkCorrupt):
-                continue  # verify reports it; GC must not fail on it
-            if base is not None:
-                bases.append(base)
-        new = marks.unmarked(sorted(set(bases)))
+        # a chunk missing or corrupt is left out: verify reports it; GC must not fail on it
+        bases = {i.base for i in pool.infos(new).values() if i.base is not None}
+        new = marks.unmarked(sorted(bases))
     marks.db.execute("INSERT OR IGNORE INTO done (m) VALUES (?)", (mid,))
     run.manifests_marked += 1
 

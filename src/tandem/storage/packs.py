@@ -131,6 +131,22 @@ def read_record(path: str, digest: bytes, offset: int, length: int, where: str) 
     return blob[REC.size :]
 
 
+HEAD_BYTES = 4096  # enough for any chunk header: 64 sub-block digests and a delta's head
+
+
+def read_record_head(fd: int, digest: bytes, offset: int, length: int, where: str) -> bytes:
+    """The first bytes (up to ``HEAD_BYTES``: the chunk header) of the record of ``digest``
+    at ``offset`` of the pack open at ``fd``; ChunkCorrupt when the record does not name it."""
+    want = min(length, HEAD_BYTES)
+    blob = os.pread(fd, REC.size + want, offset)
+    if len(blob) != REC.size + want:
+        raise ChunkCorrupt(digest=digest.hex(), pool=where, reason="truncated pack record")
+    magic, rec_digest, rec_len = REC.unpack_from(blob)
+    if magic != REC_MAGIC or rec_digest != digest or rec_len != length:
+        raise ChunkCorrupt(digest=digest.hex(), pool=where, reason="pack record header")
+    return blob[REC.size :]
+
+
 def scan_pack(path: str) -> Iterator[tuple[bytes, int, int]]:
     """(chunk id, offset, length) of each whole record of a pack, without its index; stops
     at the first torn or unreadable record."""

@@ -68,12 +68,14 @@ from tandem.storage.digest import (
 )
 from tandem.storage.fileio import fsync_dir, write_durably
 from tandem.storage.packs import (
+    HEAD_BYTES,
     PACK_BELOW,
     PACK_TARGET,
     REWRITE_BELOW,
     OpenPack,
     encode_index,
     read_record,
+    read_record_head,
     remove_orphans,
     shared,
 )
@@ -87,6 +89,7 @@ CODEC_ZSTD = 1
 CODEC_DELTA = 2
 TMP_SLACK = 2.0  # seconds: clock granularity between a tmp file's mtime and time.time()
 DELTA_HEAD = struct.Struct("<32sQB")  # base digest, mask of replaced sub-blocks, inner codec
+assert HEADER.size + 64 * DIGEST_SIZE + DELTA_HEAD.size <= HEAD_BYTES  # infos reads that much
 MAX_DELTA_DEPTH = 8  # longer chains are cut by storing the chunk whole
 DELTA_XOR = 0x80  # inner-codec flag: blocks are stored XORed with the base's blocks
 ZSTD_LEVEL = 1
@@ -317,10 +320,11 @@ _SYNC_FILE_RANGE_WRITE = 2
 _sync_file_range: Any = None
 
 
-def start_writeback(fd: int) -> None:
-    """Start writing a file's dirty pages to disk now, without waiting (Linux
-    ``sync_file_range``): the next ``syncfs`` then finds them written or under way instead
-    of flushing a whole batch at once. Best effort: a no-op where it is missing."""
+def start_writeback(fd: int, offset: int = 0, length: int = 0) -> None:
+    """Start writing a file's dirty pages (``length`` bytes from ``offset``; 0: to its end)
+    to disk now, without waiting (Linux ``sync_file_range``): the next ``syncfs`` or fsync
+    then finds them written or under way instead of flushing a whole batch at once, and the
+    disk works while the writer goes on. Best effort: a no-op where it is missing."""
     global _sync_file_range
     if _sync_file_range is None:
         func = getattr(ctypes.CDLL(None, use_errno=True), "sync_file_range", None)
@@ -328,7 +332,7 @@ def start_writeback(fd: int) -> None:
             func.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
         _sync_file_range = func or False
     if _sync_file_range:
-        _sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
+        _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 
 
 def _translate_oserror(exc: OSError, pool: Path) -> StorageError:
@@ -613,6 +617,40 @@ class ChunkPool:
             except FileNotFoundError:
                 head = self._read_file(digest)  # a pack written or rewritten since: refresh
         return parse_header(head[:head_size], digest, str(self.root))
+
+    def infos(self, digests: Iterable[bytes]) -> dict[bytes, ChunkInfo]:
+        """``info`` of many chunks, for garbage collection's marking (which needs each live
+        chunk's delta base): a packed chunk's header is read alone (not its whole record)
+        through one descriptor per pack. A chunk missing or corrupt is left out (verify
+        reports it)."""
+        out: dict[bytes, ChunkInfo] = {}
+        by_pack: dict[str, list[tuple[bytes, int, int]]] = {}
+        slow: list[bytes] = []
+        for digest in digests:
+            loc = self.packs.lookup(digest)
+            if loc is None:
+                slow.append(digest)
+            else:
+                by_pack.setdefault(loc[0], []).append((digest, loc[1], loc[2]))
+        for pack_id, records in by_pack.items():
+            try:
+                fd = os.open(self.packs.pack_path(pack_id), os.O_RDONLY)
+            except FileNotFoundError:  # rewritten or removed since: looked up again
+                slow.extend(d for d, _, _ in records)
+                continue
+            try:
+                for digest, offset, length in records:
+                    try:
+                        head = read_record_head(fd, digest, offset, length, str(self.root))
+                        out[digest] = parse_header(head, digest, str(self.root))
+                    except ChunkCorrupt:
+                        continue
+            finally:
+                os.close(fd)
+        for digest in slow:
+            with contextlib.suppress(ChunkMissing, ChunkCorrupt):
+                out[digest] = self.info(digest)
+        return out
 
     def checked_info(self, digest: bytes) -> ChunkInfo:
         """``info``, with the header checked against the id: its block digests can then

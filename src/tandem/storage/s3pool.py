@@ -340,6 +340,15 @@ class S3Pool(ChunkPool):
     def get(self, digest: bytes) -> bytes:
         return decode_chunk(self._read_file(digest), digest, self.where, self.get)
 
+    def infos(self, digests: Iterable[bytes]) -> dict[bytes, ChunkInfo]:
+        """``info`` of each (its ranged reads go through the pack's cached window); a chunk
+        missing or corrupt is left out."""
+        out: dict[bytes, ChunkInfo] = {}
+        for digest in digests:
+            with contextlib.suppress(ChunkMissing, ChunkCorrupt):
+                out[digest] = self.info(digest)
+        return out
+
     def info(self, digest: bytes) -> ChunkInfo:
         """The chunk's header, from a range read of its head (GC's marking reads one per
         live chunk: a large chunk's bytes are not fetched)."""

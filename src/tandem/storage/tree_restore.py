@@ -59,7 +59,7 @@ from tandem.storage.manifest import (
     check_relpath,
     gc_paused,
 )
-from tandem.storage.pool import syncfs
+from tandem.storage.pool import start_writeback, syncfs
 from tandem.storage.tree_capture import BATCH_BYTES, CDC_MAX, INFLIGHT_BYTES
 from tandem.storage.volume import (
     ChunkSource,
@@ -422,6 +422,9 @@ class _Restore:
                         held = self.fetch_many(_next_chunks(e.chunks, k))
                     data = self.take(held, digest, n)
                     pwrite_all(fd, data, off)
+                    # The disk writes while the next chunks come: the final syncfs (or, for
+                    # a copy PostgreSQL recovers, its fsync of every file) finds it done.
+                    start_writeback(fd, off, n)
                     moved.fetched += n
                     moved.written += n
                     end = off + n
