@@ -604,14 +604,14 @@ def test_packs_sealed_or_removed_elsewhere_are_followed_without_listing_the_dire
     def no_listing(path: object) -> list[str]:
         raise AssertionError(f"{path} listed")
 
-    monkeypatch.setattr(packs.os, "listdir", no_listing)
+    monkeypatch.setattr(os, "listdir", no_listing)
     other.refresh()
     assert [other.lookup(d) for d in ids(later)] == [pool.packs.lookup(d) for d in ids(later)]
     monkeypatch.undo()
     age(pool)
     run = gc.collect(pool, lambda: [])  # every pack dead: removed, each journaled
     assert run.packs_deleted == 2
-    monkeypatch.setattr(packs.os, "listdir", no_listing)
+    monkeypatch.setattr(os, "listdir", no_listing)
     other.refresh()
     assert not any(other.lookup(d) for d in ids(first) + ids(later))
 
