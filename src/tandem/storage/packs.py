@@ -120,15 +120,9 @@ def read_record(path: str, digest: bytes, offset: int, length: int, where: str) 
     when the pack is gone, ChunkCorrupt when the record does not name ``digest``."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        blob = os.pread(fd, REC.size + length, offset)
+        return _pread_record(fd, digest, offset, length, length, where)
     finally:
         os.close(fd)
-    if len(blob) != REC.size + length:
-        raise ChunkCorrupt(digest=digest.hex(), pool=where, reason="truncated pack record")
-    magic, rec_digest, rec_len = REC.unpack_from(blob)
-    if magic != REC_MAGIC or rec_digest != digest or rec_len != length:
-        raise ChunkCorrupt(digest=digest.hex(), pool=where, reason="pack record header")
-    return blob[REC.size :]
 
 
 HEAD_BYTES = 4096  # enough for any chunk header: 64 sub-block digests and a delta's head
@@ -137,7 +131,12 @@ HEAD_BYTES = 4096  # enough for any chunk header: 64 sub-block digests and a del
 def read_record_head(fd: int, digest: bytes, offset: int, length: int, where: str) -> bytes:
     """The first bytes (up to ``HEAD_BYTES``: the chunk header) of the record of ``digest``
     at ``offset`` of the pack open at ``fd``; ChunkCorrupt when the record does not name it."""
-    want = min(length, HEAD_BYTES)
+    return _pread_record(fd, digest, offset, length, min(length, HEAD_BYTES), where)
+
+
+def _pread_record(fd: int, digest: bytes, offset: int, length: int, want: int, where: str) -> bytes:
+    """``want`` bytes of the record of ``digest`` (``length`` bytes long) at ``offset``,
+    its record header checked."""
     blob = os.pread(fd, REC.size + want, offset)
     if len(blob) != REC.size + want:
         raise ChunkCorrupt(digest=digest.hex(), pool=where, reason="truncated pack record")
