@@ -556,6 +556,16 @@ def test_a_bad_page_request_says_what_to_fix(api: Api) -> None:
     )
     assert status == 422 and "every_seconds" in message
     assert api.client.get("/api/v1/gc", headers=h).json()["every_seconds"] == 86_400
+    status, _, message = error(
+        api.client.patch(
+            "/api/v1/gc", headers=api.headers("operator"), json={"full_every_seconds": 60}
+        )
+    )
+    assert status == 422 and "full_every_seconds" in message
+    changed = api.client.patch(
+        "/api/v1/gc", headers=api.headers("operator"), json={"full_every_seconds": 86_400}
+    )
+    assert changed.status_code == 200 and changed.json()["full_every_seconds"] == 86_400
 
 
 def test_listing_apps_costs_the_same_queries_at_any_count(api: Api) -> None:

@@ -110,6 +110,44 @@ def test_retention_only_marks_and_the_scheduler_collects(booted: Booted, tmp_pat
     assert not gc.due(appliance.site, time.time() + 10 * 86_400)
 
 
+def test_collections_after_the_first_count_only_what_changed(
+    booted: Booted, tmp_path: Path
+) -> None:
+    appliance = booted.appliance
+    seed_app(appliance)
+    src = tmp_path / "src"
+    src.mkdir()
+    ids = []
+    for _ in range(4):
+        (src / "a").write_bytes(os.urandom(200_000))
+        ids.append(seed_image(appliance, "web", src))
+    appliance.runner.start()
+
+    def collect() -> dict[str, object]:
+        done = appliance.runner.wait(gc.submit_gc(appliance.site, actor="t").id, timeout=30)
+        assert done.status is JobStatus.SUCCEEDED and done.result is not None, done.message
+        return done.result
+
+    first = collect()
+    assert first["full"] is True and first["manifests_marked"] == 4
+    images.prune_snapshots(appliance.site, None, app="web", keep=3)
+    age(appliance)
+    before = chunk_count(appliance)
+    second = collect()
+    assert second["full"] is False
+    assert second["manifests_marked"] == 0 and second["manifests_unmarked"] == 1
+    assert second["chunks_removed"] == 1 and chunk_count(appliance) == before - 1
+    for image_id in ids[1:]:
+        assert images.verify_image(appliance.site, image_id=image_id)["ok"]
+
+    gc.configure(appliance.site, {"gc.full_every_seconds": 3600})
+    assert gc.status(appliance.site)["settings"]["gc.full_every_seconds"] == 3600
+    with open(pool_gc.refs_path(appliance.site.pool), "r+b") as fh:
+        fh.write(b"not a database at all")  # the counts lost: the next one makes them again
+    third = collect()
+    assert third["full"] is True and third["chunks_removed"] == 0
+
+
 def test_a_collection_stopped_midway_is_finished_by_the_next(
     booted: Booted, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -197,14 +197,14 @@ def test_the_marks_of_a_sweep_are_held_one_fan_out_at_a_time(
     """Memory is bounded by one fan-out directory's marks, not the pool's."""
     live = image(pool, payloads("live", 512))
     sizes: list[int] = []
-    real = gc._Marks.fan
+    real = gc._Refs.fan
 
-    def spy(self: gc._Marks, fan: int) -> set[bytes]:
+    def spy(self: gc._Refs, fan: int) -> set[bytes]:
         got = real(self, fan)
         sizes.append(len(got))
         return got
 
-    monkeypatch.setattr(gc._Marks, "fan", spy)
+    monkeypatch.setattr(gc._Refs, "fan", spy)
     gc.collect(pool, lambda: [live])
     assert len(sizes) == gc.FANS and sum(sizes) == 512
     assert max(sizes) < 20  # about 512/256 each

@@ -176,4 +176,5 @@ def gc_out(doc: dict[str, Any]) -> GcOut:
         after_deletions=settings["gc.after_deletions"],
         every_seconds=settings["gc.every_seconds"],
         keep_job_days=settings["jobs.keep_days"],
+        full_every_seconds=settings["gc.full_every_seconds"],
     )

@@ -119,6 +119,7 @@ def make_router(site: Site) -> APIRouter:
                 "gc.after_deletions": body.after_deletions,
                 "gc.every_seconds": body.every_seconds,
                 "jobs.keep_days": body.keep_job_days,
+                "gc.full_every_seconds": body.full_every_seconds,
             },
         )
         return gc_out(gc.status(site))

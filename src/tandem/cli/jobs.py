@@ -265,6 +265,13 @@ def gc(
     keep_job_days: Annotated[
         int | None, typer.Option(help="Set: delete job rows that ended this many days ago.")
     ] = None,
+    full_every: Annotated[
+        int | None,
+        typer.Option(
+            help="Set: make a full collection (which also finds what no image ever named) "
+            "after this many seconds; the others count only what changed."
+        ),
+    ] = None,
     no_wait: Annotated[bool, typer.Option("--no-wait", help="Do not wait for the job.")] = False,
 ) -> None:
     """Collect the pool's garbage now (a `gc` job), or show or set when it runs by itself."""
@@ -272,6 +279,7 @@ def gc(
         "after_deletions": after_deletions,
         "every_seconds": every,
         "keep_job_days": keep_job_days,
+        "full_every_seconds": full_every,
     }
     changes = {k: v for k, v in settings.items() if v is not None}
     if not status and not changes:

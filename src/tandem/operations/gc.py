@@ -5,10 +5,13 @@ Invariants
 - Deleting an image (a ``delete-image`` job, retention, a failback) only removes its row
   and counts the deletion (``queries.GC_DELETED_KEY``, same transaction); no capture,
   replication or deletion ever walks the pool. The chunks go at the next ``gc`` job.
-- A ``gc`` job runs ``storage.gc.collect``: the snapshot of live manifests and active
-  writers is taken under ``Site.gc_lock`` (in-process order; across processes the order
-  of the snapshot's two reads suffices, see ``storage.gc``); the mark and sweep run
-  without it, so captures never wait for a collection.
+- A ``gc`` job runs ``storage.gc.collect``: incremental (reference counts of what changed
+  since the last collection), full when ``gc.full_every_seconds`` passed since the last
+  full one (a week by default; a full one also finds what no image ever named). The
+  snapshot of live manifests and active writers is taken under ``Site.gc_lock``
+  (in-process order; across processes the order of the snapshot's two reads suffices, see
+  ``storage.gc``); the counting and sweep run without it, so captures never wait for a
+  collection.
 - At most one ``gc`` job is queued or running (a second submit is a ``Conflict``), and one
   collection runs at a time across every appliance process of the catalog: it holds the
   catalog lock ``LOCK`` (a PostgreSQL advisory lock) and the pool's own flock. The snapshot
@@ -58,6 +61,7 @@ SETTINGS: dict[str, int] = {
     "gc.after_deletions": 100,
     "gc.every_seconds": 86_400,
     "jobs.keep_days": 30,
+    "gc.full_every_seconds": int(pool_gc.FULL_EVERY),
 }
 """The settings of collection and job retention, and their defaults."""
 
@@ -176,7 +180,12 @@ def run_gc(site: Site, ctx: JobContext, params: Params) -> dict[str, Any]:
             return [bytes.fromhex(m) for m in q.live_manifests(session)]
 
     def progress(step: pool_gc.GcProgress) -> None:
-        what = "marking live manifests" if step.phase == "mark" else "sweeping the pool"
+        what = {
+            "mark": "counting new images' manifests",
+            "unmark": "counting down deleted images' manifests",
+            "sweep": "sweeping chunks",
+            "packs": "sweeping packs",
+        }.get(step.phase, step.phase)
         ctx.set_message(f"{what}: {step.done}/{step.total}")
 
     if pool_gc.unfinished(site.pool):
@@ -191,6 +200,7 @@ def run_gc(site: Site, ctx: JobContext, params: Params) -> dict[str, Any]:
             snapshot_lock=site.gc_lock,
             progress=progress,
             check=ctx.check_canceled,
+            full_every=_int_setting(site, "gc.full_every_seconds"),
         )
     with site.catalog.begin() as session:
         collected = int(q.get_setting(session, key=COLLECTED_KEY) or 0)
@@ -198,12 +208,15 @@ def run_gc(site: Site, ctx: JobContext, params: Params) -> dict[str, Any]:
         q.set_setting(session, key=LAST_KEY, value=str(int(time.time())))
     pruned = prune_jobs(site)
     doc = {
+        "full": run.full,
         "chunks_kept": run.chunks_kept,
         "chunks_removed": run.chunks_removed,
         "bytes_freed": run.bytes_freed,
         "manifests_removed": run.manifests_removed,
         "manifests_marked": run.manifests_marked,
         "chunks_marked": run.chunks_marked,
+        "manifests_unmarked": run.manifests_unmarked,
+        "chunks_dead": run.chunks_dead,
         "resumed": run.resumed,
         "resumed_at_fan": run.resumed_at_fan,
         "packs_deleted": run.packs_deleted,
@@ -214,7 +227,9 @@ def run_gc(site: Site, ctx: JobContext, params: Params) -> dict[str, Any]:
         "jobs_pruned": pruned,
     }
     ctx.log(
-        f"pool garbage collection: {run.chunks_removed} chunk(s) removed, "
+        f"{'full' if run.full else 'incremental'} pool garbage collection: "
+        f"{run.manifests_marked} manifest(s) counted, {run.manifests_unmarked} counted down; "
+        f"{run.chunks_removed} chunk(s) removed, "
         f"{run.bytes_freed} bytes freed, {run.chunks_kept} kept; "
         f"{run.packs_deleted} pack(s) deleted, {run.packs_rewritten} rewritten, "
         f"{run.orphans_deleted} orphan pack(s) deleted"

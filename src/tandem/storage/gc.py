@@ -1,52 +1,65 @@
-"""Resumable mark-and-sweep garbage collection of a chunk pool, with bounded memory.
+"""Garbage collection of a chunk pool: incremental by reference counts, with a resumable full
+mark-and-sweep that rebuilds them; bounded memory either way.
 
-A collection has two phases.
+**The counts** (``DIR/gc/refs.db``, SQLite beside the pool, not the catalog): for every
+chunk some counted manifest needs, how many counted manifests name it plus how many counted
+delta chunks are built on it (``refs``); which manifests are counted (``counted``); which
+chunks lost their last reference and wait for the sweep (``dead``). A chunk is needed
+exactly when its count is above zero: that is the mark set of a full collection whose live
+manifests are the counted ones, kept up to date instead of made again.
 
-- **Snapshot**: the active writers are listed (the pool's ``writers/``), *then* the live manifest
-  ids are read (the catalog's images); the cut-off time is the older of now (taken before both)
-  and the oldest active writer's start, less ``pool.clock_slack``. Manifests that active writers
-  build on count as live. Every writer records its image in the catalog before it unregisters, so
-  a writer missing from the list has its image in the catalog read after, and one in the list
-  keeps what it wrote by the cut-off: no lock is shared with writers, and the snapshot holds
-  beside writers in other processes or hosts on the same pool (their clocks must agree within
-  ``clock_slack``, as any mtime-based sweep needs). ``snapshot_lock``, if given, is held around it
-  too (``Site.gc_lock``, which orders it in-process).
-- **Mark**: each live manifest is read, one at a time, and the chunks it names (and every
-  chunk a named delta chunk is built on) are added to the mark set. **Sweep**: each of the
-  256 fan-out directories of ``chunks/`` is listed; a chunk is removed when it is not marked
-  and its mtime is older than the cut-off (a writer touches every chunk it reuses, and
-  writes new ones after it started, so nothing a running or later writer relies on is
-  older). The rename to ``<hex>.gc`` and a second stat close the gap between the stat and
-  the removal, as ``ChunkPool.gc`` does. Then each pack (``storage.packs``), one at a
-  time in id order: a pack written or touched since the cut-off is kept whole; an older one
-  is removed when none of its chunks is marked, rewritten (its marked chunks copied into a
-  new, durable pack first) when its live bytes are under ``packs.REWRITE_BELOW``, kept
-  otherwise; removal is the same rename to ``.gc`` and second stat. Last, manifest objects
-  no live manifest id names and older than the cut-off are removed.
+**A collection** takes a snapshot: the active writers are listed (the pool's ``writers/``),
+*then* the live manifest ids are read (the catalog's images); the cut-off time is the older
+of now (taken before both) and the oldest active writer's start, less ``pool.clock_slack``.
+Manifests that active writers build on count as live (``keep``). Every writer records its
+image in the catalog before it unregisters, so a writer missing from the list has its image
+in the catalog read after, and one in the list keeps what it wrote by the cut-off: no lock is
+shared with writers, and the snapshot holds beside writers in other processes or hosts on the
+same pool (their clocks must agree within ``clock_slack``, as any mtime-based sweep needs).
+``snapshot_lock``, if given, is held around it too (``Site.gc_lock``, which orders it
+in-process). Then one of two runs:
 
-The mark set is a SQLite file beside the pool (``DIR/gc/marks.db``; not the catalog): a
-table of 32-byte digests ``WITHOUT ROWID``, about 40-50 bytes of disk per marked chunk and a
-bounded page cache, so a pool of 100M chunks needs a few GB of disk, not of memory. The
-sweep loads the marks of one fan-out directory at a time into memory (1/256 of them, about
-100 bytes each in a Python set). Per chunk the cost is: one insert and one header read (is it
-a delta?) per distinct live chunk while marking, one ``stat`` and one set lookup per stored
-chunk while sweeping; for packs, one index file read and one mark query per pack, and
-the copying of the live bytes of the packs it rewrites. The pack index itself (chunk id ->
-pack, offset, length) is held in memory by the pool (``storage.packs``), about 220 bytes
-per packed chunk: that, not the mark set, bounds the pool's size today.
+- **Incremental** (the usual one; its cost follows what changed since the last collection):
+  each kept manifest not counted yet is counted (+1 for every distinct chunk it names; a
+  chunk whose count leaves zero adds 1 to its delta base, and so on down the chain); each
+  counted manifest no longer kept is counted down (a chunk reaching zero goes to ``dead``
+  and releases its base). One transaction per step, so a kill never leaves a manifest half
+  counted. A manifest object neither kept nor counted (an image made and deleted between
+  two collections, a capture that failed) is read once and the chunks it names that no
+  count holds become ``dead`` too. Then manifest objects no longer kept and older than the
+  cut-off are removed, and only the dead chunks are swept: a chunk file with the rename to
+  ``<hex>.gc`` and a second stat (a writer may touch it meanwhile), a pack through
+  ``ChunkPool.sweep_pack`` (kept whole when written or touched since the cut-off, removed
+  when nothing in it is needed, rewritten when what is needed is under
+  ``packs.REWRITE_BELOW`` of it, kept otherwise: its dead chunks are then *parked*, and the
+  pack is looked at again only when another of its chunks dies). A chunk touched since the
+  cut-off stays dead and is looked at again next time.
+- **Full** (the first collection of a pool, every ``full_every`` seconds, after a count was
+  found wrong, or on request; always on an object store): the counts are made again from
+  every kept manifest into ``DIR/gc/rebuild.db``; each of the 256 fan-out directories of
+  ``chunks/`` is listed and a chunk file no count holds and older than the cut-off removed
+  (same rename and second stat); then each pack, one at a time in id order, as above; then
+  manifest objects not kept and older than the cut-off. At the end the new counts replace
+  the old. This is what removes what nothing ever counted: chunks a failed capture wrote
+  without a manifest, packs whose chunks no manifest names.
 
-Resuming: the marks file records the manifests already marked, the cut-off, the next fan-out
-directory to sweep and the last pack swept, committed after each directory and about once a
-second while marking manifests and sweeping packs (``SAVE_EVERY``: a kill loses at most that
-second's work, done again by the resumed run). A pack rewrite killed half way leaves a
-second copy of some chunks in a new pack (complete and verified: the old pack is removed
-only after the new one is durable); the resumed run finds the old pack's chunks newer
-elsewhere and removes it. A run that finds it resumes: it takes a fresh snapshot (new images
-are marked too, the cut-off only goes back), marks what is not marked yet, and sweeps from
-where the killed run stopped. That is safe for the same reason the first run is: chunks
-marked earlier are only kept longer.
-One collection runs per pool at a time (an flock on ``DIR/gc/lock``; across hosts the
-appliance also holds a catalog lock, ``operations.gc``).
+Either way a chunk is removed only when no kept manifest needs it and it is older than the
+cut-off, so a collection is safe beside captures and replications. Memory is bounded: the
+counts are on disk (about 60-80 bytes per chunk: a pool of 100M chunks needs a few GB of
+disk); a full sweep holds the needed chunks of one fan-out directory at a time (1/256 of
+them), an incremental one a batch of ``BATCH`` dead chunks. The pack index itself (chunk id
+-> pack, offset, length) is held in memory by the pool (``storage.packs``), about 220 bytes
+per packed chunk: that, not the counts, bounds the pool's size today.
+
+Resuming: an incremental run is its steps, each committed (about once a second,
+``SAVE_EVERY``); a killed one is carried on by the next from a fresh snapshot. A full run
+records in ``rebuild.db`` the manifests already counted, the cut-off, the next fan-out
+directory to sweep and the last pack swept; a run that finds it resumes it (a fresh snapshot:
+new images are counted too, the cut-off only goes back). A pack rewrite killed half way
+leaves a second copy of some chunks in a new pack (complete and verified: the old pack is
+removed only after the new one is durable); the next sweep of the old pack finds them newer
+elsewhere and removes it. One collection runs per pool at a time (an flock on
+``DIR/gc/lock``; across hosts the appliance also holds a catalog lock, ``operations.gc``).
 """
 
 from __future__ import annotations
@@ -57,11 +70,13 @@ import logging
 import os
 import sqlite3
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tandem.errors import (
     LiveManifestUnreadable,
@@ -69,6 +84,7 @@ from tandem.errors import (
     StorageError,
 )
 from tandem.storage.digest import DIGEST_SIZE
+from tandem.storage.fileio import fsync_dir
 from tandem.storage.manifest import load_manifest
 from tandem.storage.pool import ChunkPool
 from tandem.storage.s3pool import S3Pool
@@ -76,28 +92,33 @@ from tandem.storage.s3pool import S3Pool
 log = logging.getLogger(__name__)
 
 FANS = 256
-BATCH = 4096  # digests per mark query
-SAVE_EVERY = 1.0  # seconds of marking or pack sweeping committed at once (what a kill loses)
+BATCH = 4096  # digests per query, dead chunks per sweep step
+SAVE_EVERY = 1.0  # seconds of work committed at once (what a kill loses)
 UNLINK_THREADS = 8
+FULL_EVERY = 7 * 86_400.0
+"""Default seconds between full collections (which remove what nothing ever counted)."""
 
 
 @dataclass
 class GcProgress:
-    phase: str  # "mark", "sweep" or "packs"
+    phase: str  # "mark", "unmark", "sweep" or "packs"
     done: int
     total: int
 
 
 @dataclass
 class GcRun:
-    """What one collection did (a resumed one counts what its predecessors did too)."""
+    """What one collection did (a resumed full one counts what its predecessors did too)."""
 
+    full: bool = True
     chunks_kept: int = 0
     chunks_removed: int = 0
     bytes_freed: int = 0
     manifests_removed: int = 0
     manifests_marked: int = 0
+    manifests_unmarked: int = 0
     chunks_marked: int = 0
+    chunks_dead: int = 0
     resumed: bool = False
     resumed_at_fan: int = 0
     packs_done: int = 0
@@ -111,13 +132,25 @@ def gc_dir(pool: ChunkPool) -> Path:
     return pool.root / "gc"
 
 
-def marks_path(pool: ChunkPool) -> Path:
-    return gc_dir(pool) / "marks.db"
+def refs_path(pool: ChunkPool) -> Path:
+    """The counts the incremental collection keeps up to date."""
+    return gc_dir(pool) / "refs.db"
+
+
+def rebuild_path(pool: ChunkPool) -> Path:
+    """The counts a full collection is making (there while one is unfinished)."""
+    return gc_dir(pool) / "rebuild.db"
 
 
 def unfinished(pool: ChunkPool) -> bool:
-    """Whether a collection was stopped before it finished (the next one resumes it)."""
-    return marks_path(pool).exists()
+    """Whether a full collection was stopped before it finished (the next one resumes it)."""
+    return rebuild_path(pool).exists()
+
+
+def _remove_db(path: Path) -> None:
+    for suffix in ("", "-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(f"{path}{suffix}")
 
 
 @contextlib.contextmanager
@@ -134,17 +167,27 @@ def _exclusive(pool: ChunkPool) -> Iterator[None]:
         os.close(fd)
 
 
-class _Marks:
-    """The on-disk mark set and the run's saved state."""
+class _Refs:
+    """The counts of one pool (or the ones a full run is making), and a run's saved state."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.db = sqlite3.connect(path, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.execute("CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value TEXT)")
-        self.db.execute("CREATE TABLE IF NOT EXISTS marks (d BLOB PRIMARY KEY) WITHOUT ROWID")
-        self.db.execute("CREATE TABLE IF NOT EXISTS done (m BLOB PRIMARY KEY) WITHOUT ROWID")
+        for ddl in (
+            "CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value TEXT)",
+            # n: counted manifests naming d + counted delta chunks built on d
+            "CREATE TABLE IF NOT EXISTS refs (d BLOB PRIMARY KEY, n INTEGER NOT NULL, base BLOB)"
+            " WITHOUT ROWID",
+            "CREATE TABLE IF NOT EXISTS counted (m BLOB PRIMARY KEY) WITHOUT ROWID",
+            # pack: parked in that pack, which was kept as mostly needed
+            "CREATE TABLE IF NOT EXISTS dead (d BLOB PRIMARY KEY, pack TEXT) WITHOUT ROWID",
+            "CREATE INDEX IF NOT EXISTS dead_pack ON dead (pack)",
+            # counted while missing or unreadable: its delta base is not known yet
+            "CREATE TABLE IF NOT EXISTS unknown (d BLOB PRIMARY KEY) WITHOUT ROWID",
+        ):
+            self.db.execute(ddl)
         self._since: float | None = None  # when the open transaction began
 
     def begin(self) -> None:
@@ -177,31 +220,137 @@ class _Marks:
     def put_text(self, key: str, value: str) -> None:
         self.db.execute("INSERT OR REPLACE INTO state (key, value) VALUES (?, ?)", (key, value))
 
-    def marked(self, digests: list[bytes]) -> set[bytes]:
-        return set(digests) - set(self.unmarked(digests))
+    def wrong(self, why: str) -> None:
+        """A count is off: keep what it holds (safe), and make them again next time."""
+        log.warning(
+            "chunk reference counts of %s are off (%s): the next collection is full",
+            self.path.parent.parent,
+            why,
+        )
+        self.put(rebuild=1.0)
 
-    def done(self, mid: bytes) -> bool:
-        return self.db.execute("SELECT 1 FROM done WHERE m = ?", (mid,)).fetchone() is not None
-
-    def unmarked(self, digests: list[bytes]) -> list[bytes]:
-        out: list[bytes] = []
+    def _select(self, query: str, digests: list[bytes]) -> Iterator[Any]:
         for i in range(0, len(digests), BATCH):
             batch = digests[i : i + BATCH]
-            marks = ",".join("?" * len(batch))
-            found = {
-                row[0]
-                for row in self.db.execute(f"SELECT d FROM marks WHERE d IN ({marks})", batch)
-            }
-            out.extend(d for d in batch if d not in found)
-        return out
+            yield from self.db.execute(query.format(",".join("?" * len(batch))), batch)
+
+    def rows(self, digests: list[bytes]) -> dict[bytes, tuple[int, bytes | None]]:
+        query = "SELECT d, n, base FROM refs WHERE d IN ({})"
+        return {d: (n, base) for d, n, base in self._select(query, digests)}
+
+    def marked(self, digests: list[bytes]) -> set[bytes]:
+        """The ones some counted manifest needs."""
+        query = "SELECT d FROM refs WHERE n > 0 AND d IN ({})"
+        return {row[0] for row in self._select(query, digests)}
+
+    def done(self, mid: bytes) -> bool:
+        return self.db.execute("SELECT 1 FROM counted WHERE m = ?", (mid,)).fetchone() is not None
+
+    def counted(self) -> set[bytes]:
+        return {row[0] for row in self.db.execute("SELECT m FROM counted")}
 
     def fan(self, fan: int) -> set[bytes]:
+        """The needed chunks of one fan-out directory."""
         low = bytes([fan]) + b"\0" * (DIGEST_SIZE - 1)
-        query = "SELECT d FROM marks WHERE d >= ? AND d < ?"
-        if fan == FANS - 1:
-            return {row[0] for row in self.db.execute("SELECT d FROM marks WHERE d >= ?", (low,))}
-        high = bytes([fan + 1]) + b"\0" * (DIGEST_SIZE - 1)
+        high = b"\xff" * (DIGEST_SIZE + 1) if fan == FANS - 1 else bytes([fan + 1])
+        query = "SELECT d FROM refs WHERE n > 0 AND d >= ? AND d < ?"
         return {row[0] for row in self.db.execute(query, (low, high))}
+
+    def add(self, pool: ChunkPool, counts: Counter[bytes]) -> int:
+        """Count ``counts`` up, and down the delta chains of the chunks that leave zero;
+        how many chunks were not counted before."""
+        fresh = 0
+        while counts:
+            digests = sorted(counts)
+            have = self.rows(digests)
+            old = [d for d in digests if d in have]
+            self.db.executemany(
+                "UPDATE refs SET n = n + ? WHERE d = ?", [(counts[d], d) for d in old]
+            )
+            woke = [d for d in old if have[d][0] <= 0]
+            self.db.executemany("DELETE FROM dead WHERE d = ?", [(d,) for d in woke])
+            bases: Counter[bytes] = Counter(b for d in woke if (b := have[d][1]) is not None)
+            new = [d for d in digests if d not in have]
+            if new:
+                # a chunk missing or corrupt is counted all the same (verify reports it);
+                # its base is looked for again by every collection until it is readable
+                infos = pool.infos(new)
+                self.db.executemany(
+                    "INSERT INTO refs (d, n, base) VALUES (?, ?, ?)",
+                    [(d, counts[d], infos[d].base if d in infos else None) for d in new],
+                )
+                self.db.executemany(
+                    "INSERT OR IGNORE INTO unknown (d) VALUES (?)",
+                    [(d,) for d in new if d not in infos],
+                )
+                bases.update(b for d in new if d in infos and (b := infos[d].base) is not None)
+                fresh += len(new)
+            counts = bases
+        return fresh
+
+    def sub(self, counts: Counter[bytes]) -> int:
+        """Count ``counts`` down, and down the delta chains of the chunks reaching zero
+        (which become dead); how many died."""
+        died_total = 0
+        while counts:
+            digests = sorted(counts)
+            have = self.rows(digests)
+            if len(have) < len(digests):
+                self.wrong("a counted chunk has no count")
+            if any(have[d][0] < counts[d] for d in have):
+                self.wrong("a count went below zero")
+            self.db.executemany(
+                "UPDATE refs SET n = max(n - ?, 0) WHERE d = ?",
+                [(counts[d], d) for d in have],
+            )
+            died = [d for d in have if 0 < have[d][0] <= counts[d]]
+            self.db.executemany(
+                "INSERT OR REPLACE INTO dead (d, pack) VALUES (?, NULL)", [(d,) for d in died]
+            )
+            died_total += len(died)
+            counts = Counter(b for d in died if (b := have[d][1]) is not None)
+        return died_total
+
+    def doubt(self, pool: ChunkPool, digests: Iterable[bytes]) -> int:
+        """Chunks named by a manifest nothing counted (and their bases): those no count
+        holds become dead; how many."""
+        todo = sorted(set(digests))
+        dead = 0
+        while todo:
+            have = self.rows(todo)
+            zero = [d for d in todo if d not in have or have[d][0] <= 0]
+            self.db.executemany(
+                "INSERT OR IGNORE INTO dead (d, pack) VALUES (?, NULL)", [(d,) for d in zero]
+            )
+            dead += len(zero)
+            absent = [d for d in zero if d not in have]
+            todo = sorted({b for i in pool.infos(absent).values() if (b := i.base) is not None})
+        return dead
+
+    def resolve_unknown(self, pool: ChunkPool) -> None:
+        """Chunks counted while unreadable that are readable now: their bases counted."""
+        unknown = [row[0] for row in self.db.execute("SELECT d FROM unknown")]
+        if not unknown:
+            return
+        infos = pool.infos(unknown)
+        have = self.rows(sorted(infos))
+        self.begin()
+        bases: Counter[bytes] = Counter()
+        for d, info in infos.items():
+            self.db.execute("DELETE FROM unknown WHERE d = ?", (d,))
+            if d in have and info.base is not None:
+                self.db.execute("UPDATE refs SET base = ? WHERE d = ?", (info.base, d))
+                if have[d][0] > 0:
+                    bases[info.base] += 1
+        self.add(pool, bases)
+        self.save(now=True)
+
+    def forget(self, digests: list[bytes]) -> None:
+        """Chunks the pool no longer holds."""
+        args = [(d,) for d in digests]
+        self.db.executemany("DELETE FROM dead WHERE d = ?", args)
+        self.db.executemany("DELETE FROM refs WHERE d = ? AND n <= 0", args)
+        self.db.executemany("DELETE FROM unknown WHERE d = ?", args)
 
     def close(self) -> None:
         self.db.close()
@@ -214,42 +363,77 @@ def collect(
     snapshot_lock: AbstractContextManager[object] | None = None,
     progress: Callable[[GcProgress], None] | None = None,
     check: Callable[[], None] | None = None,
+    full: bool = False,
+    full_every: float = FULL_EVERY,
 ) -> GcRun:
     """Collect ``pool``'s garbage: chunks and manifests no live manifest needs.
 
     ``live`` returns the ids of the live manifests; it is called inside ``snapshot_lock``.
     ``check`` is called between steps and may raise to stop the run (a cancellation); what
-    was done stays done and the next run resumes. A live manifest that cannot be read stops
-    the run with ``StorageError`` before anything is removed from then on.
+    was done stays done and the next run carries on. A live manifest that cannot be read
+    stops the run with ``StorageError`` before anything is removed from then on. The run is
+    full when ``full``, when none finished in the last ``full_every`` seconds, when a full
+    one is unfinished or the counts were found wrong; incremental otherwise (module doc).
     """
     with _exclusive(pool):
-        marks = _Marks(marks_path(pool))
+        _remove_db(gc_dir(pool) / "marks.db")  # an unfinished run of the format before counts
+        if full or isinstance(pool, S3Pool) or _full_due(pool, full_every):
+            return _full(pool, live, snapshot_lock, progress, check)
+        refs = _Refs(refs_path(pool))
         try:
-            run = _collect(pool, marks, live, snapshot_lock, progress, check)
+            return _incremental(pool, refs, live, snapshot_lock, _reporter(progress), check)
         finally:
-            marks.close()
-        for suffix in ("", "-wal", "-shm"):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(f"{marks_path(pool)}{suffix}")
-        return run
+            refs.close()
 
 
-def _collect(
-    pool: ChunkPool,
-    marks: _Marks,
-    live: Callable[[], Iterable[bytes]],
-    snapshot_lock: AbstractContextManager[object] | None,
+def _open(path: Path) -> _Refs:
+    """The counts at ``path``; made anew when the file is not a database (the collection
+    that finds it so is full, and makes them again)."""
+    try:
+        return _Refs(path)
+    except sqlite3.DatabaseError as exc:
+        log.warning("%s unreadable (%s): made again by a full collection", path, exc)
+        _remove_db(path)
+        return _Refs(path)
+
+
+def _full_due(pool: ChunkPool, full_every: float) -> bool:
+    if unfinished(pool) or not refs_path(pool).exists():
+        return True
+    try:
+        refs = _Refs(refs_path(pool))
+    except sqlite3.DatabaseError as exc:
+        log.warning("%s unreadable (%s): made again by a full collection", refs_path(pool), exc)
+        return True
+    try:
+        return bool(refs.get("rebuild", 0.0)) or time.time() - refs.get("full_at", 0.0) > full_every
+    finally:
+        refs.close()
+
+
+def _reporter(
     progress: Callable[[GcProgress], None] | None,
-    check: Callable[[], None] | None,
-) -> GcRun:
+) -> Callable[[str, int, int], None]:
     def report(phase: str, done: int, total: int) -> None:
         if progress is not None:
             progress(GcProgress(phase, done, total))
 
-    check = check or (lambda: None)
-    run = GcRun()
-    started = marks.get("started", 0.0)
-    run.resumed = started > 0
+    return report
+
+
+@dataclass
+class _Snapshot:
+    manifests: set[bytes]  # the catalog's
+    keep: set[bytes]  # and the bases of active writers
+    cutoff: float
+    now: float
+
+
+def _snapshot(
+    pool: ChunkPool,
+    live: Callable[[], Iterable[bytes]],
+    snapshot_lock: AbstractContextManager[object] | None,
+) -> _Snapshot:
     with snapshot_lock or nullcontext():
         # Writers first, then the catalog: a writer that closed before we listed them
         # recorded its image before it closed, so the catalog read after shows it; one that
@@ -260,58 +444,303 @@ def _collect(
         writers = pool._active_writers()
         manifests = set(live())
     cutoff = min([now, *(float(w.get("started", now)) for w in writers)]) - pool.clock_slack
-    cutoff = min(cutoff, marks.get("cutoff", cutoff))
     keep = manifests | {bytes.fromhex(b) for w in writers for b in w.get("bases", [])}
-    marks.put(cutoff=cutoff, started=started or now)
+    return _Snapshot(manifests, keep, cutoff, now)
 
-    # --- mark -------------------------------------------------------------------------
-    todo = sorted(m for m in keep if not marks.done(m))
+
+def _count(pool: ChunkPool, refs: _Refs, mid: bytes, live: bool, run: GcRun) -> None:
+    """Count manifest ``mid`` (its chunks and their delta bases) in the open transaction;
+    ``live``: a catalog image names it (else it is a writer's base, which may be gone: the
+    writer will find out)."""
+    try:
+        chunk_ids = load_manifest(pool, mid).chunk_ids()
+    except StorageError as exc:
+        if not live:
+            return
+        raise LiveManifestUnreadable(manifest=mid.hex(), reason=exc.message) from exc
+    refs.begin()
+    run.chunks_marked += refs.add(pool, Counter(chunk_ids))
+    refs.db.execute("INSERT OR IGNORE INTO counted (m) VALUES (?)", (mid,))
+    run.manifests_marked += 1
+
+
+def _count_all(
+    pool: ChunkPool,
+    refs: _Refs,
+    todo: list[bytes],
+    snap: _Snapshot,
+    run: GcRun,
+    report: Callable[[str, int, int], None],
+    check: Callable[[], None],
+) -> None:
+    """Count the manifests ``todo``, saving about once a second (``SAVE_EVERY``)."""
     try:
         for i, mid in enumerate(todo):
             check()
-            _mark(pool, marks, mid, mid in manifests, run)
-            marks.save()
+            _count(pool, refs, mid, mid in snap.manifests, run)
+            refs.save()
             report("mark", i + 1, len(todo))
     finally:
-        marks.save(now=True)  # what was marked stays marked: a resumed run goes on from there
+        refs.save(now=True)  # what was counted stays counted: a later run goes on from there
+
+
+def _uncount(pool: ChunkPool, refs: _Refs, mid: bytes, run: GcRun) -> None:
+    """Count manifest ``mid`` down (it is no longer kept), in the open transaction."""
+    refs.begin()
+    try:
+        chunk_ids = load_manifest(pool, mid).chunk_ids()
+    except StorageError as exc:
+        refs.wrong(f"manifest {mid.hex()} unreadable: {exc.message}")  # its chunks stay counted
+    else:
+        run.chunks_dead += refs.sub(Counter(chunk_ids))
+    refs.db.execute("DELETE FROM counted WHERE m = ?", (mid,))
+    run.manifests_unmarked += 1
+
+
+def _full(
+    pool: ChunkPool,
+    live: Callable[[], Iterable[bytes]],
+    snapshot_lock: AbstractContextManager[object] | None,
+    progress: Callable[[GcProgress], None] | None,
+    check: Callable[[], None] | None,
+) -> GcRun:
+    refs = _open(rebuild_path(pool))
+    try:
+        run = _collect_full(pool, refs, live, snapshot_lock, _reporter(progress), check)
+        if not isinstance(pool, S3Pool):
+            refs.put(full_at=time.time(), rebuild=0.0)
+            refs.db.execute("PRAGMA journal_mode=DELETE")  # one file to rename, nothing beside
+    finally:
+        refs.close()
+    if isinstance(pool, S3Pool):  # no incremental collection on a store: nothing to keep
+        _remove_db(rebuild_path(pool))
+        return run
+    # The new counts replace the old: the old go first (a kill in between leaves only the
+    # new ones, unfinished, which the next run finishes and installs).
+    _remove_db(refs_path(pool))
+    os.replace(rebuild_path(pool), refs_path(pool))
+    fsync_dir(gc_dir(pool))
+    return run
+
+
+def _collect_full(
+    pool: ChunkPool,
+    refs: _Refs,
+    live: Callable[[], Iterable[bytes]],
+    snapshot_lock: AbstractContextManager[object] | None,
+    report: Callable[[str, int, int], None],
+    check: Callable[[], None] | None,
+) -> GcRun:
+    check = check or (lambda: None)
+    run = GcRun(full=True)
+    started = refs.get("started", 0.0)
+    run.resumed = started > 0
+    snap = _snapshot(pool, live, snapshot_lock)
+    cutoff = min(snap.cutoff, refs.get("cutoff", snap.cutoff))
+    refs.put(cutoff=cutoff, started=started or snap.now)
+
+    _count_all(
+        pool, refs, sorted(m for m in snap.keep if not refs.done(m)), snap, run, report, check
+    )
 
     if isinstance(pool, S3Pool):
-        _sweep_listed(pool, marks, cutoff, run, report, check)
+        _sweep_listed(pool, refs, cutoff, run, report, check)
     else:
-        _sweep_local(pool, marks, cutoff, run, report, check)
+        _sweep_local(pool, refs, cutoff, run, report, check)
 
     for mid, modified in pool.manifest_times():
-        if mid not in keep and modified < cutoff:
+        if mid not in snap.keep and modified < cutoff:
             pool.delete_manifest(mid)
             run.manifests_removed += 1
     return run
 
 
-def _mark(pool: ChunkPool, marks: _Marks, mid: bytes, live: bool, run: GcRun) -> None:
-    """Mark the chunks of manifest ``mid`` and every base of a delta among them, and the
-    manifest done, in the open transaction; ``live``: a catalog image names it (else it is
-    a writer's base, which may be gone: the writer will find out)."""
+def _incremental(
+    pool: ChunkPool,
+    refs: _Refs,
+    live: Callable[[], Iterable[bytes]],
+    snapshot_lock: AbstractContextManager[object] | None,
+    report: Callable[[str, int, int], None],
+    check: Callable[[], None] | None,
+) -> GcRun:
+    check = check or (lambda: None)
+    run = GcRun(full=False)
+    snap = _snapshot(pool, live, snapshot_lock)
+    counted = refs.counted()
+    new = sorted(snap.keep - counted)
+    gone = sorted(counted - snap.keep)
+    _count_all(pool, refs, new, snap, run, report, check)
     try:
-        chunk_ids = sorted(load_manifest(pool, mid).chunk_ids())
-    except StorageError as exc:
-        if not live:
-            return
-        raise LiveManifestUnreadable(manifest=mid.hex(), reason=exc.message) from exc
-    marks.begin()
-    new = marks.unmarked(chunk_ids)
-    while new:
-        marks.db.executemany("INSERT OR IGNORE INTO marks (d) VALUES (?)", [(d,) for d in new])
-        run.chunks_marked += len(new)
-        # a chunk missing or corrupt is left out: verify reports it; GC must not fail on it
-        bases = {i.base for i in pool.infos(new).values() if i.base is not None}
-        new = marks.unmarked(sorted(bases))
-    marks.db.execute("INSERT OR IGNORE INTO done (m) VALUES (?)", (mid,))
-    run.manifests_marked += 1
+        refs.resolve_unknown(pool)
+        for i, mid in enumerate(gone):
+            check()
+            _uncount(pool, refs, mid, run)
+            refs.save()
+            report("unmark", i + 1, len(gone))
+        refs.save(now=True)
+        # Manifests nothing counted: an image made and deleted since the last collection,
+        # a capture that failed after its manifest. Their chunks no count holds are dead.
+        strays = []
+        for mid in pool.list_manifests():
+            if mid in snap.keep or mid in counted:
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(pool.manifest_path(mid)).st_mtime < snap.cutoff:
+                    strays.append(mid)
+        for mid in strays:
+            check()
+            refs.begin()
+            with contextlib.suppress(StorageError):  # unreadable: a full run sweeps its chunks
+                run.chunks_dead += refs.doubt(pool, load_manifest(pool, mid).chunk_ids())
+            refs.save()
+    finally:
+        refs.save(now=True)
+    for mid in [*gone, *strays]:
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(pool.manifest_path(mid)).st_mtime < snap.cutoff:
+                pool.delete_manifest(mid)
+                run.manifests_removed += 1
+    _sweep_dead(pool, refs, snap.cutoff, run, report, check)
+    return run
+
+
+def _sweep_dead(
+    pool: ChunkPool,
+    refs: _Refs,
+    cutoff: float,
+    run: GcRun,
+    report: Callable[[str, int, int], None],
+    check: Callable[[], None],
+) -> None:
+    """Sweep the dead chunks that are not parked: chunk files one by one, packs after."""
+    pool.packs.refresh()
+    db = refs.db
+    db.execute("CREATE TEMP TABLE IF NOT EXISTS placed (pack TEXT, d BLOB)")
+    db.execute("DELETE FROM placed")
+    total = db.execute("SELECT count(*) FROM dead WHERE pack IS NULL").fetchone()[0]
+    last, done = b"", 0
+    packs: list[tuple[str]] = []
+    try:
+        while True:
+            check()
+            rows = db.execute(
+                "SELECT dead.d, refs.n FROM dead LEFT JOIN refs ON refs.d = dead.d"
+                " WHERE dead.pack IS NULL AND dead.d > ? ORDER BY dead.d LIMIT ?",
+                (last, BATCH),
+            ).fetchall()
+            if not rows:
+                break
+            last = rows[-1][0]
+            refs.begin()
+            needed = [d for d, n in rows if n is not None and n > 0]
+            db.executemany("DELETE FROM dead WHERE d = ?", [(d,) for d in needed])
+            placed: list[tuple[str, bytes]] = []
+            gone: list[bytes] = []
+            doomed: list[str] = []
+            for d, n in rows:
+                if n is not None and n > 0:
+                    continue
+                loc = pool.packs.lookup(d)
+                if loc is not None:
+                    placed.append((loc[0], d))
+                    continue
+                outcome = _sweep_loose(pool, d, cutoff)
+                if outcome is None:
+                    run.chunks_kept += 1
+                    continue
+                gone.append(d)
+                if outcome[0]:
+                    doomed.append(outcome[0])
+                    run.chunks_removed += 1
+                    run.bytes_freed += outcome[1]
+            if doomed:
+                list(_unlinker().map(_unlink, doomed))
+            refs.forget(gone)
+            db.executemany("INSERT INTO placed (pack, d) VALUES (?, ?)", placed)
+            refs.save(now=True)
+            done += len(rows)
+            report("sweep", done, total)
+
+        packs = db.execute("SELECT pack FROM placed GROUP BY pack ORDER BY pack").fetchall()
+        for i, (pack_id,) in enumerate(packs):
+            check()
+            _sweep_dead_pack(pool, refs, pack_id, cutoff, run)
+            report("packs", i + 1, len(packs))
+    finally:
+        refs.save(now=True)
+    if packs:
+        try:
+            pool.packs.compact()
+        except OSError as exc:  # only a hint: the collection's work is done all the same
+            log.warning("pack journal of %s not compacted: %s", pool.root, exc)
+
+
+def _sweep_dead_pack(pool: ChunkPool, refs: _Refs, pack_id: str, cutoff: float, run: GcRun) -> None:
+    """A pack holding dead chunks: swept as a whole (its needed chunks are kept), then its
+    dead chunks forgotten if it went, parked in it if it was kept as mostly needed."""
+    db = refs.db
+    path = pool.packs.pack_path(pack_id)
+    try:
+        recent = os.stat(path).st_mtime >= cutoff
+    except FileNotFoundError:
+        recent = False
+    kept, removed, freed = pool.sweep_pack(pack_id, refs.marked, cutoff)
+    run.chunks_kept += kept
+    run.chunks_removed += removed
+    run.bytes_freed += freed
+    run.packs_done += 1
+    ours = [row[0] for row in db.execute("SELECT d FROM placed WHERE pack = ?", (pack_id,))]
+    refs.begin()
+    if removed or not os.path.exists(path):
+        if removed:
+            run.packs_deleted += kept == 0
+            run.packs_rewritten += kept > 0
+        parked = [row[0] for row in db.execute("SELECT d FROM dead WHERE pack = ?", (pack_id,))]
+        gone = []
+        for d in ours + parked:
+            if pool.packs.lookup(d) is None and not os.path.exists(pool._chunk_file(d)):
+                gone.append(d)
+            else:  # another copy (a rewrite killed half way): its pack is swept next time
+                db.execute("UPDATE dead SET pack = NULL WHERE d = ?", (d,))
+        refs.forget(gone)
+    elif not recent:  # mostly needed: looked at again when another of its chunks dies
+        db.executemany("UPDATE dead SET pack = ? WHERE d = ?", [(pack_id, d) for d in ours])
+    refs.save(now=True)
+
+
+def _sweep_loose(pool: ChunkPool, digest: bytes, cutoff: float) -> tuple[str, int] | None:
+    """A dead chunk not in a pack: (the ``.gc`` path to unlink, its size) when it goes,
+    ("", 0) when it is not there, None when a writer wrote or touched it since ``cutoff``."""
+    path = pool._chunk_file(digest)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        with contextlib.suppress(FileNotFoundError):
+            _finish_doomed(path + ".gc", cutoff)  # left by a killed run
+        return None if os.path.exists(path) else ("", 0)
+    return _doom(path, st, cutoff)
+
+
+def _doom(path: str, st: os.stat_result, cutoff: float) -> tuple[str, int] | None:
+    """Rename an unneeded chunk file to ``.gc`` unless a writer wrote or touched it since
+    ``cutoff``; (the renamed path, its size), or None when it stays."""
+    if st.st_mtime >= cutoff:
+        return None
+    doomed = path + ".gc"
+    try:
+        os.rename(path, doomed)
+    except FileNotFoundError:
+        return ("", 0)
+    # A writer may have touched it between our stat and the rename: keep it then.
+    if os.stat(doomed).st_mtime >= cutoff:
+        os.rename(doomed, path)
+        return None
+    return doomed, st.st_size
 
 
 def _sweep_listed(
     pool: S3Pool,
-    marks: _Marks,
+    refs: _Refs,
     cutoff: float,
     run: GcRun,
     report: Callable[[str, int, int], None],
@@ -320,7 +749,7 @@ def _sweep_listed(
     """The packs of a pool on an object store, from one listing (``S3Pool.sweep_packs``);
     a run stopped midway does the whole listing again (what it removed is gone from it)."""
     done = pool.sweep_packs(
-        marks.marked, cutoff, check=check, progress=lambda i, n: report("packs", i, n)
+        refs.marked, cutoff, check=check, progress=lambda i, n: report("packs", i, n)
     )
     run.chunks_kept += done.chunks_kept
     run.chunks_removed += done.chunks_removed
@@ -334,38 +763,38 @@ def _sweep_listed(
 
 def _sweep_local(
     pool: ChunkPool,
-    marks: _Marks,
+    refs: _Refs,
     cutoff: float,
     run: GcRun,
     report: Callable[[str, int, int], None],
     check: Callable[[], None],
 ) -> None:
     # --- sweep ------------------------------------------------------------------------
-    first = int(marks.get("fan", 0))
+    first = int(refs.get("fan", 0))
     run.resumed_at_fan = first
-    run.chunks_kept = int(marks.get("kept", 0))
-    run.chunks_removed = int(marks.get("removed", 0))
-    run.bytes_freed = int(marks.get("freed", 0))
+    run.chunks_kept = int(refs.get("kept", 0))
+    run.chunks_removed = int(refs.get("removed", 0))
+    run.bytes_freed = int(refs.get("freed", 0))
     for fan in range(first, FANS):
         check()
-        marked = marks.fan(fan)
+        marked = refs.fan(fan)
         kept, removed, freed = _sweep_fan(pool, fan, marked, cutoff)
         run.chunks_kept += kept
         run.chunks_removed += removed
         run.bytes_freed += freed
-        marks.put(
+        refs.put(
             fan=fan + 1, kept=run.chunks_kept, removed=run.chunks_removed, freed=run.bytes_freed
         )
         report("sweep", fan + 1, FANS)
 
     # --- packs: one at a time, in id order; the last one done is saved --------------------
     pool.packs.refresh(force=True)
-    after = marks.get_text("pack")
+    after = refs.get_text("pack")
     packs = [p for p in pool.packs.packs() if p > after]
     try:
         for i, pack_id in enumerate(packs):
             check()
-            kept, removed, freed = pool.sweep_pack(pack_id, marks.marked, cutoff)
+            kept, removed, freed = pool.sweep_pack(pack_id, refs.marked, cutoff)
             if removed:
                 run.packs_deleted += kept == 0
                 run.packs_rewritten += kept > 0
@@ -375,13 +804,13 @@ def _sweep_local(
             run.packs_done += 1
             # A kill loses at most SAVE_EVERY of this: the resumed run sweeps those packs
             # again and finds them kept or gone.
-            marks.begin()
-            marks.put(kept=run.chunks_kept, removed=run.chunks_removed, freed=run.bytes_freed)
-            marks.put_text("pack", pack_id)
-            marks.save()
+            refs.begin()
+            refs.put(kept=run.chunks_kept, removed=run.chunks_removed, freed=run.bytes_freed)
+            refs.put_text("pack", pack_id)
+            refs.save()
             report("packs", i + 1, len(packs))
     finally:
-        marks.save(now=True)
+        refs.save(now=True)
     try:
         pool.packs.compact()
     except OSError as exc:  # only a hint: the collection's work is done all the same
@@ -408,25 +837,15 @@ def _sweep_fan(
             kept += 1
             continue
         try:
-            st = entry.stat()
+            outcome = _doom(entry.path, entry.stat(), cutoff)
         except FileNotFoundError:
             continue
-        if st.st_mtime >= cutoff:
+        if outcome is None:
             kept += 1
-            continue
-        doomed = entry.path + ".gc"
-        try:
-            os.rename(entry.path, doomed)
-        except FileNotFoundError:
-            continue
-        # A writer may have touched it between our stat and the rename: keep it then.
-        if os.stat(doomed).st_mtime >= cutoff:
-            os.rename(doomed, entry.path)
-            kept += 1
-            continue
-        doomed_paths.append(doomed)
-        removed += 1
-        freed += st.st_size
+        elif outcome[0]:
+            doomed_paths.append(outcome[0])
+            removed += 1
+            freed += outcome[1]
     # Unlinking is most of a sweep's time on journaling file systems, and it waits on the
     # disk, not the CPU: several at once.
     if doomed_paths:

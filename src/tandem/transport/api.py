@@ -568,6 +568,9 @@ class GcIn(BaseModel):
     """Collect when this long passed since the last collection and images were deleted."""
     keep_job_days: int | None = Field(default=None, ge=1, le=36_500)
     """Delete job rows that ended more than this many days ago."""
+    full_every_seconds: int | None = Field(default=None, ge=3600, le=365 * 86_400)
+    """Make a full collection (which also finds what no image ever named) this often; the
+    others count only what changed."""
 
 
 class GcOut(Document):
@@ -583,6 +586,7 @@ class GcOut(Document):
     after_deletions: int
     every_seconds: int
     keep_job_days: int
+    full_every_seconds: int
 
 
 def build_models() -> None:
