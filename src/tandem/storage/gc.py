@@ -1,12 +1,17 @@
 """Garbage collection of a chunk pool: incremental by reference counts, with a resumable full
 mark-and-sweep that rebuilds them; bounded memory either way.
 
-**The counts** (``DIR/gc/refs.db``, SQLite beside the pool, not the catalog): for every
-chunk some counted manifest needs, how many counted manifests name it plus how many counted
-delta chunks are built on it (``refs``); which manifests are counted (``counted``); which
-chunks lost their last reference and wait for the sweep (``dead``). A chunk is needed
-exactly when its count is above zero: that is the mark set of a full collection whose live
-manifests are the counted ones, kept up to date instead of made again.
+**The counts** (``DIR/gc/refs.db``, SQLite beside the pool, not the catalog): a row per
+chunk that is counted or stored and looked at (``refs``), its count being how many counted
+manifests name it plus how many rows of delta chunks built on it there are; which manifests
+are counted (``counted``); which chunks lost their last reference and wait for the sweep
+(``dead``). A row holds its chunk's delta base for as long as the row exists, and a row
+goes only when its chunk is gone from the pool: so no base goes while a chunk built on it
+is stored (kept in a pack that is mostly needed, or touched by a capture that reuses it),
+and a chain empties from its top down. A chunk is needed exactly when its count is above
+zero: the mark set of a full collection whose live manifests are the counted ones, kept up
+to date instead of made again. A writer stores a delta only where no copy of its chunk is
+(``PoolWriter.put_encoded``), so the base a row names is the one its stored copy needs.
 
 **A collection** takes a snapshot: the active writers are listed (the pool's ``writers/``),
 *then* the live manifest ids are read (the catalog's images); the cut-off time is the older
@@ -21,9 +26,10 @@ in-process). Then one of two runs:
 
 - **Incremental** (the usual one; its cost follows what changed since the last collection):
   each kept manifest not counted yet is counted (+1 for every distinct chunk it names; a
-  chunk whose count leaves zero adds 1 to its delta base, and so on down the chain); each
-  counted manifest no longer kept is counted down (a chunk reaching zero goes to ``dead``
-  and releases its base). One transaction per step, so a kill never leaves a manifest half
+  chunk given a row adds 1 to its delta base, and so on down the chain); each counted
+  manifest no longer kept is counted down (a chunk reaching zero goes to ``dead``; its base
+  is released when the chunk is removed, and may then die in turn: the sweep repeats while
+  bases die). One transaction per step, so a kill never leaves a manifest half
   counted. A manifest object neither kept nor counted (an image made and deleted between
   two collections, a capture that failed) is read once and the chunks it names that no
   count holds become ``dead`` too. Then manifest objects no longer kept and older than the
@@ -36,12 +42,16 @@ in-process). Then one of two runs:
   cut-off stays dead and is looked at again next time.
 - **Full** (the first collection of a pool, every ``full_every`` seconds, after a count was
   found wrong, or on request; always on an object store): the counts are made again from
-  every kept manifest into ``DIR/gc/rebuild.db``; each of the 256 fan-out directories of
-  ``chunks/`` is listed and a chunk file no count holds and older than the cut-off removed
-  (same rename and second stat); then each pack, one at a time in id order, as above; then
-  manifest objects not kept and older than the cut-off. At the end the new counts replace
-  the old. This is what removes what nothing ever counted: chunks a failed capture wrote
-  without a manifest, packs whose chunks no manifest names.
+  every kept manifest into ``DIR/gc/rebuild.db``, and every stored chunk no count holds is
+  given a row (count 0, holding its base: one read of its header); each of the 256 fan-out
+  directories of ``chunks/`` is listed and a chunk file no count holds and older than the
+  cut-off removed (same rename and second stat); then each pack, one at a time in id
+  order, as above; then manifest objects not kept and older than the cut-off (also renamed
+  and stat'ed again: a writer may commit the same manifest meanwhile). At the end the new
+  counts replace the old. This is what removes what nothing ever counted: chunks a failed
+  capture wrote without a manifest, packs whose chunks no manifest names. (On an object
+  store no row is given to uncounted chunks: a pack kept there may hold a delta whose base
+  goes.)
 
 Either way a chunk is removed only when no kept manifest needs it and it is older than the
 cut-off, so a collection is safe beside captures and replications. Memory is bounded: the
@@ -86,7 +96,7 @@ from tandem.errors import (
 from tandem.storage.digest import DIGEST_SIZE
 from tandem.storage.fileio import fsync_dir
 from tandem.storage.manifest import load_manifest
-from tandem.storage.pool import ChunkPool
+from tandem.storage.pool import MAX_DELTA_DEPTH, ChunkPool
 from tandem.storage.s3pool import S3Pool
 
 log = logging.getLogger(__name__)
@@ -189,6 +199,8 @@ class _Refs:
         ):
             self.db.execute(ddl)
         self._since: float | None = None  # when the open transaction began
+        self.off = False  # a count was found wrong in this run
+        self.died = 0  # chunks whose count reached zero in this run
 
     def begin(self) -> None:
         """Open a transaction unless one is open: steps are saved together by ``save``."""
@@ -221,13 +233,15 @@ class _Refs:
         self.db.execute("INSERT OR REPLACE INTO state (key, value) VALUES (?, ?)", (key, value))
 
     def wrong(self, why: str) -> None:
-        """A count is off: keep what it holds (safe), and make them again next time."""
+        """A count is off: this run removes nothing more, and the next one is full (it
+        makes the counts again)."""
         log.warning(
             "chunk reference counts of %s are off (%s): the next collection is full",
             self.path.parent.parent,
             why,
         )
         self.put(rebuild=1.0)
+        self.off = True
 
     def _select(self, query: str, digests: list[bytes]) -> Iterator[Any]:
         for i in range(0, len(digests), BATCH):
@@ -257,9 +271,9 @@ class _Refs:
         return {row[0] for row in self.db.execute(query, (low, high))}
 
     def add(self, pool: ChunkPool, counts: Counter[bytes]) -> int:
-        """Count ``counts`` up, and down the delta chains of the chunks that leave zero;
-        how many chunks were not counted before."""
-        fresh = 0
+        """Count ``counts`` up; a chunk that had no row gets one, which holds its delta base
+        (counted up too, and so on down the chain); how many rows were made."""
+        made = 0
         while counts:
             digests = sorted(counts)
             have = self.rows(digests)
@@ -269,66 +283,62 @@ class _Refs:
             )
             woke = [d for d in old if have[d][0] <= 0]
             self.db.executemany("DELETE FROM dead WHERE d = ?", [(d,) for d in woke])
-            bases: Counter[bytes] = Counter(b for d in woke if (b := have[d][1]) is not None)
             new = [d for d in digests if d not in have]
-            if new:
-                # a chunk missing or corrupt is counted all the same (verify reports it);
-                # its base is looked for again by every collection until it is readable
-                infos = pool.infos(new)
-                self.db.executemany(
-                    "INSERT INTO refs (d, n, base) VALUES (?, ?, ?)",
-                    [(d, counts[d], infos[d].base if d in infos else None) for d in new],
-                )
-                self.db.executemany(
-                    "INSERT OR IGNORE INTO unknown (d) VALUES (?)",
-                    [(d,) for d in new if d not in infos],
-                )
-                bases.update(b for d in new if d in infos and (b := infos[d].base) is not None)
-                fresh += len(new)
-            counts = bases
-        return fresh
+            counts = self._make(pool, new, counts)
+            made += len(new)
+        return made
+
+    def _make(self, pool: ChunkPool, new: list[bytes], counts: Counter[bytes]) -> Counter[bytes]:
+        """Rows for chunks that had none, ``counts`` each; the bases they hold."""
+        if not new:
+            return Counter()
+        # a chunk missing or corrupt gets a row all the same (verify reports it); its base
+        # is looked for again by every collection until it is readable
+        infos = pool.infos(new)
+        self.db.executemany(
+            "INSERT INTO refs (d, n, base) VALUES (?, ?, ?)",
+            [(d, counts[d], infos[d].base if d in infos else None) for d in new],
+        )
+        self.db.executemany(
+            "INSERT OR IGNORE INTO unknown (d) VALUES (?)", [(d,) for d in new if d not in infos]
+        )
+        return Counter(b for d in new if d in infos and (b := infos[d].base) is not None)
 
     def sub(self, counts: Counter[bytes]) -> int:
-        """Count ``counts`` down, and down the delta chains of the chunks reaching zero
-        (which become dead); how many died."""
-        died_total = 0
-        while counts:
-            digests = sorted(counts)
-            have = self.rows(digests)
-            if len(have) < len(digests):
-                self.wrong("a counted chunk has no count")
-            if any(have[d][0] < counts[d] for d in have):
-                self.wrong("a count went below zero")
-            self.db.executemany(
-                "UPDATE refs SET n = max(n - ?, 0) WHERE d = ?",
-                [(counts[d], d) for d in have],
-            )
-            died = [d for d in have if 0 < have[d][0] <= counts[d]]
-            self.db.executemany(
-                "INSERT OR REPLACE INTO dead (d, pack) VALUES (?, NULL)", [(d,) for d in died]
-            )
-            died_total += len(died)
-            counts = Counter(b for d in died if (b := have[d][1]) is not None)
-        return died_total
+        """Count ``counts`` down; those reaching zero become dead (their rows, and the
+        holds on their bases, stay until the chunk is gone: ``forget``); how many died."""
+        digests = sorted(counts)
+        have = self.rows(digests)
+        if len(have) < len(digests):
+            self.wrong("a counted chunk has no count")
+        if any(have[d][0] < counts[d] for d in have):
+            self.wrong("a count went below zero")
+        self.db.executemany(
+            "UPDATE refs SET n = max(n - ?, 0) WHERE d = ?", [(counts[d], d) for d in have]
+        )
+        died = [d for d in have if 0 < have[d][0] <= counts[d]]
+        self.db.executemany(
+            "INSERT OR REPLACE INTO dead (d, pack) VALUES (?, NULL)", [(d,) for d in died]
+        )
+        self.died += len(died)
+        return len(died)
 
     def doubt(self, pool: ChunkPool, digests: Iterable[bytes]) -> int:
-        """Chunks named by a manifest nothing counted (and their bases): those no count
-        holds become dead; how many."""
+        """Stored chunks that may be garbage (named by a manifest nothing counted, or not
+        needed by a full run's counts): those no count holds become dead; one without a
+        row gets one (count 0), which holds its base while the chunk is stored. How many."""
         todo = sorted(set(digests))
-        dead = 0
-        while todo:
-            have = self.rows(todo)
-            zero = [d for d in todo if d not in have or have[d][0] <= 0]
-            self.db.executemany(
-                "INSERT OR IGNORE INTO dead (d, pack) VALUES (?, NULL)", [(d,) for d in zero]
-            )
-            dead += len(zero)
-            absent = [d for d in zero if d not in have]
-            todo = sorted({b for i in pool.infos(absent).values() if (b := i.base) is not None})
-        return dead
+        have = self.rows(todo)
+        zero = [d for d in todo if d not in have or have[d][0] <= 0]
+        self.db.executemany(
+            "INSERT OR IGNORE INTO dead (d, pack) VALUES (?, NULL)", [(d,) for d in zero]
+        )
+        absent = [d for d in zero if d not in have]
+        self.add(pool, self._make(pool, absent, Counter({d: 0 for d in absent})))
+        return len(zero)
 
     def resolve_unknown(self, pool: ChunkPool) -> None:
-        """Chunks counted while unreadable that are readable now: their bases counted."""
+        """Chunks given a row while unreadable that are readable now: their bases held."""
         unknown = [row[0] for row in self.db.execute("SELECT d FROM unknown")]
         if not unknown:
             return
@@ -340,17 +350,22 @@ class _Refs:
             self.db.execute("DELETE FROM unknown WHERE d = ?", (d,))
             if d in have and info.base is not None:
                 self.db.execute("UPDATE refs SET base = ? WHERE d = ?", (info.base, d))
-                if have[d][0] > 0:
-                    bases[info.base] += 1
+                bases[info.base] += 1
         self.add(pool, bases)
         self.save(now=True)
 
     def forget(self, digests: list[bytes]) -> None:
-        """Chunks the pool no longer holds."""
+        """Chunks the pool no longer holds: their rows go, and the holds on their bases
+        (a base no longer held is dead: a later sweep takes it)."""
+        have = self.rows(sorted(digests))
+        gone = [d for d in digests if d in have and have[d][0] <= 0]
         args = [(d,) for d in digests]
         self.db.executemany("DELETE FROM dead WHERE d = ?", args)
         self.db.executemany("DELETE FROM refs WHERE d = ? AND n <= 0", args)
         self.db.executemany("DELETE FROM unknown WHERE d = ?", args)
+        bases = Counter(b for d in gone if (b := have[d][1]) is not None)
+        if bases:
+            self.sub(bases)
 
     def close(self) -> None:
         self.db.close()
@@ -474,6 +489,7 @@ def _count_all(
     check: Callable[[], None],
 ) -> None:
     """Count the manifests ``todo``, saving about once a second (``SAVE_EVERY``)."""
+    pool.packs.refresh()  # a chunk's header is read from the copy the pool reads
     try:
         for i, mid in enumerate(todo):
             check()
@@ -508,7 +524,7 @@ def _full(
     try:
         run = _collect_full(pool, refs, live, snapshot_lock, _reporter(progress), check)
         if not isinstance(pool, S3Pool):
-            refs.put(full_at=time.time(), rebuild=0.0)
+            refs.put(full_at=time.time())
             refs.db.execute("PRAGMA journal_mode=DELETE")  # one file to rename, nothing beside
     finally:
         refs.close()
@@ -542,17 +558,94 @@ def _collect_full(
     _count_all(
         pool, refs, sorted(m for m in snap.keep if not refs.done(m)), snap, run, report, check
     )
-
+    # A resumed run: what the stopped one counted and is no longer kept is counted down,
+    # as an incremental run would (its manifest object is about to go).
+    _uncount_all(pool, refs, sorted(refs.counted() - snap.keep), run, report, check)
+    if refs.off:
+        return run
     if isinstance(pool, S3Pool):
         _sweep_listed(pool, refs, cutoff, run, report, check)
     else:
+        if not refs.get("doubted", 0.0):
+            _doubt_stored(pool, refs, check)
+        if refs.off:
+            return run
         _sweep_local(pool, refs, cutoff, run, report, check)
 
     for mid, modified in pool.manifest_times():
         if mid not in snap.keep and modified < cutoff:
-            pool.delete_manifest(mid)
-            run.manifests_removed += 1
+            run.manifests_removed += _remove_manifest(pool, mid, cutoff)
     return run
+
+
+def _doubt_stored(pool: ChunkPool, refs: _Refs, check: Callable[[], None]) -> None:
+    """Give every stored chunk no count holds a row (count 0) holding its delta base, so
+    that no base goes while a chunk built on it stays (in a pack kept whole, or touched by
+    a writer since the cut-off)."""
+
+    def stored() -> Iterator[bytes]:
+        for fan in range(FANS):
+            with contextlib.suppress(FileNotFoundError):
+                for entry in os.scandir(pool.chunks_dir / f"{fan:02x}"):
+                    if len(entry.name) == DIGEST_SIZE * 2:
+                        yield bytes.fromhex(entry.name)
+        pool.packs.refresh(force=True)
+        for pack_id in pool.packs.packs():
+            with contextlib.suppress(FileNotFoundError, StorageError):
+                yield from (d for d, _, _ in pool.packs.entries(pack_id))
+
+    batch: list[bytes] = []
+    for digest in stored():
+        batch.append(digest)
+        if len(batch) >= BATCH:
+            check()
+            refs.begin()
+            refs.doubt(pool, set(batch) - refs.marked(batch))
+            refs.save()
+            batch = []
+    refs.begin()
+    refs.doubt(pool, set(batch) - refs.marked(batch))
+    refs.put(doubted=1.0)
+    refs.save(now=True)
+
+
+def _uncount_all(
+    pool: ChunkPool,
+    refs: _Refs,
+    todo: list[bytes],
+    run: GcRun,
+    report: Callable[[str, int, int], None],
+    check: Callable[[], None],
+) -> None:
+    try:
+        for i, mid in enumerate(todo):
+            check()
+            _uncount(pool, refs, mid, run)
+            refs.save()
+            report("unmark", i + 1, len(todo))
+    finally:
+        refs.save(now=True)
+
+
+def _remove_manifest(pool: ChunkPool, mid: bytes, cutoff: float) -> int:
+    """Remove manifest object ``mid`` unless written since ``cutoff``; 1 if removed. On a
+    local pool the rename and second stat close the gap in which a writer may commit the
+    same manifest again (as for chunk files)."""
+    if isinstance(pool, S3Pool):
+        pool.delete_manifest(mid)
+        return 1
+    path = str(pool.manifest_path(mid))
+    try:
+        if os.stat(path).st_mtime >= cutoff:
+            return 0
+        os.rename(path, path + ".gc")
+    except FileNotFoundError:
+        return 0
+    if os.stat(path + ".gc").st_mtime >= cutoff:
+        os.rename(path + ".gc", path)
+        return 0
+    os.unlink(path + ".gc")
+    return 1
 
 
 def _incremental(
@@ -567,39 +660,36 @@ def _incremental(
     run = GcRun(full=False)
     snap = _snapshot(pool, live, snapshot_lock)
     counted = refs.counted()
-    new = sorted(snap.keep - counted)
+    _count_all(pool, refs, sorted(snap.keep - counted), snap, run, report, check)
+    refs.resolve_unknown(pool)
     gone = sorted(counted - snap.keep)
-    _count_all(pool, refs, new, snap, run, report, check)
+    _uncount_all(pool, refs, gone, run, report, check)
+    # Manifests nothing counted: an image made and deleted since the last collection,
+    # a capture that failed after its manifest. Their chunks no count holds are dead.
+    strays = []
+    for mid in pool.list_manifests():
+        if mid in snap.keep or mid in counted:
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(pool.manifest_path(mid)).st_mtime < snap.cutoff:
+                strays.append(mid)
     try:
-        refs.resolve_unknown(pool)
-        for i, mid in enumerate(gone):
-            check()
-            _uncount(pool, refs, mid, run)
-            refs.save()
-            report("unmark", i + 1, len(gone))
-        refs.save(now=True)
-        # Manifests nothing counted: an image made and deleted since the last collection,
-        # a capture that failed after its manifest. Their chunks no count holds are dead.
-        strays = []
-        for mid in pool.list_manifests():
-            if mid in snap.keep or mid in counted:
-                continue
-            with contextlib.suppress(FileNotFoundError):
-                if os.stat(pool.manifest_path(mid)).st_mtime < snap.cutoff:
-                    strays.append(mid)
         for mid in strays:
             check()
             refs.begin()
-            with contextlib.suppress(StorageError):  # unreadable: a full run sweeps its chunks
-                run.chunks_dead += refs.doubt(pool, load_manifest(pool, mid).chunk_ids())
+            try:
+                chunk_ids = load_manifest(pool, mid).chunk_ids()
+            except StorageError as exc:
+                refs.wrong(f"manifest {mid.hex()} unreadable: {exc.message}")
+            else:
+                run.chunks_dead += refs.doubt(pool, chunk_ids)
             refs.save()
     finally:
         refs.save(now=True)
+    if refs.off:  # nothing removed on counts found wrong: the next (full) run makes them again
+        return run
     for mid in [*gone, *strays]:
-        with contextlib.suppress(FileNotFoundError):
-            if os.stat(pool.manifest_path(mid)).st_mtime < snap.cutoff:
-                pool.delete_manifest(mid)
-                run.manifests_removed += 1
+        run.manifests_removed += _remove_manifest(pool, mid, snap.cutoff)
     _sweep_dead(pool, refs, snap.cutoff, run, report, check)
     return run
 
@@ -612,8 +702,29 @@ def _sweep_dead(
     report: Callable[[str, int, int], None],
     check: Callable[[], None],
 ) -> None:
-    """Sweep the dead chunks that are not parked: chunk files one by one, packs after."""
-    pool.packs.refresh()
+    """Sweep the dead chunks that are not parked: chunk files one by one, packs after.
+    A chunk removed releases its base, which may die in turn: passes are repeated while
+    bases die (at most the depth of a delta chain, plus one)."""
+    pool.packs.refresh(force=True)  # a missed journal line must not make a chunk look gone
+    swept = False
+    for _ in range(MAX_DELTA_DEPTH + 2):
+        died = refs.died
+        swept |= _sweep_dead_pass(pool, refs, cutoff, run, report, check)
+        if refs.died == died:
+            break
+    if swept:
+        _compact(pool)
+
+
+def _sweep_dead_pass(
+    pool: ChunkPool,
+    refs: _Refs,
+    cutoff: float,
+    run: GcRun,
+    report: Callable[[str, int, int], None],
+    check: Callable[[], None],
+) -> bool:
+    """One pass of ``_sweep_dead``; whether it swept a pack."""
     db = refs.db
     db.execute("CREATE TEMP TABLE IF NOT EXISTS placed (pack TEXT, d BLOB)")
     db.execute("DELETE FROM placed")
@@ -668,11 +779,7 @@ def _sweep_dead(
             report("packs", i + 1, len(packs))
     finally:
         refs.save(now=True)
-    if packs:
-        try:
-            pool.packs.compact()
-        except OSError as exc:  # only a hint: the collection's work is done all the same
-            log.warning("pack journal of %s not compacted: %s", pool.root, exc)
+    return bool(packs)
 
 
 def _sweep_dead_pack(pool: ChunkPool, refs: _Refs, pack_id: str, cutoff: float, run: GcRun) -> None:
@@ -680,10 +787,6 @@ def _sweep_dead_pack(pool: ChunkPool, refs: _Refs, pack_id: str, cutoff: float, 
     dead chunks forgotten if it went, parked in it if it was kept as mostly needed."""
     db = refs.db
     path = pool.packs.pack_path(pack_id)
-    try:
-        recent = os.stat(path).st_mtime >= cutoff
-    except FileNotFoundError:
-        recent = False
     kept, removed, freed = pool.sweep_pack(pack_id, refs.marked, cutoff)
     run.chunks_kept += kept
     run.chunks_removed += removed
@@ -703,8 +806,16 @@ def _sweep_dead_pack(pool: ChunkPool, refs: _Refs, pack_id: str, cutoff: float, 
             else:  # another copy (a rewrite killed half way): its pack is swept next time
                 db.execute("UPDATE dead SET pack = NULL WHERE d = ?", (d,))
         refs.forget(gone)
-    elif not recent:  # mostly needed: looked at again when another of its chunks dies
-        db.executemany("UPDATE dead SET pack = ? WHERE d = ?", [(pack_id, d) for d in ours])
+    else:
+        # Kept: every chunk in it gets a row holding its base (one a failed capture left
+        # has none yet), and if it was kept as mostly needed, not as written or touched
+        # since the cut-off, its dead chunks wait until another of its chunks dies.
+        with contextlib.suppress(FileNotFoundError, StorageError):
+            entries = [d for d, _, _ in pool.packs.entries(pack_id)]
+            refs.doubt(pool, set(entries) - set(refs.rows(sorted(entries))))
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(path).st_mtime < cutoff:
+                db.executemany("UPDATE dead SET pack = ? WHERE d = ?", [(pack_id, d) for d in ours])
     refs.save(now=True)
 
 
@@ -778,13 +889,16 @@ def _sweep_local(
     for fan in range(first, FANS):
         check()
         marked = refs.fan(fan)
-        kept, removed, freed = _sweep_fan(pool, fan, marked, cutoff)
+        kept, swept, freed = _sweep_fan(pool, fan, marked, cutoff)
         run.chunks_kept += kept
-        run.chunks_removed += removed
+        run.chunks_removed += len(swept)
         run.bytes_freed += freed
+        refs.begin()
+        refs.forget(swept)  # what they held (their bases) is released
         refs.put(
             fan=fan + 1, kept=run.chunks_kept, removed=run.chunks_removed, freed=run.bytes_freed
         )
+        refs.save(now=True)
         report("sweep", fan + 1, FANS)
 
     # --- packs: one at a time, in id order; the last one done is saved --------------------
@@ -794,23 +908,38 @@ def _sweep_local(
     try:
         for i, pack_id in enumerate(packs):
             check()
+            try:
+                entries = [d for d, _, _ in pool.packs.entries(pack_id)]
+            except (FileNotFoundError, StorageError):
+                entries = []
             kept, removed, freed = pool.sweep_pack(pack_id, refs.marked, cutoff)
+            refs.begin()
             if removed:
                 run.packs_deleted += kept == 0
                 run.packs_rewritten += kept > 0
+                refs.forget(
+                    [
+                        d
+                        for d in entries
+                        if pool.packs.lookup(d) is None and not os.path.exists(pool._chunk_file(d))
+                    ]
+                )
             run.chunks_kept += kept
             run.chunks_removed += removed
             run.bytes_freed += freed
             run.packs_done += 1
             # A kill loses at most SAVE_EVERY of this: the resumed run sweeps those packs
             # again and finds them kept or gone.
-            refs.begin()
             refs.put(kept=run.chunks_kept, removed=run.chunks_removed, freed=run.bytes_freed)
             refs.put_text("pack", pack_id)
             refs.save()
             report("packs", i + 1, len(packs))
     finally:
         refs.save(now=True)
+    _compact(pool)
+
+
+def _compact(pool: ChunkPool) -> None:
     try:
         pool.packs.compact()
     except OSError as exc:  # only a hint: the collection's work is done all the same
@@ -819,13 +948,15 @@ def _sweep_local(
 
 def _sweep_fan(
     pool: ChunkPool, fan: int, marked: set[bytes], cutoff: float
-) -> tuple[int, int, int]:
-    kept = removed = freed = 0
+) -> tuple[int, list[bytes], int]:
+    """Sweep one fan-out directory of chunk files: (kept, the removed, bytes freed)."""
+    kept = freed = 0
+    removed: list[bytes] = []
     doomed_paths: list[str] = []
     try:
         entries = list(os.scandir(pool.chunks_dir / f"{fan:02x}"))
     except FileNotFoundError:
-        return 0, 0, 0
+        return 0, [], 0
     for entry in entries:
         if len(entry.name) != DIGEST_SIZE * 2:
             if entry.name.endswith(".gc"):  # left by a run killed between rename and unlink
@@ -844,7 +975,7 @@ def _sweep_fan(
             kept += 1
         elif outcome[0]:
             doomed_paths.append(outcome[0])
-            removed += 1
+            removed.append(digest)
             freed += outcome[1]
     # Unlinking is most of a sweep's time on journaling file systems, and it waits on the
     # disk, not the CPU: several at once.

@@ -859,6 +859,10 @@ class ChunkPool:
                 self.get(digest)
             except ChunkCorrupt as exc:
                 report.bad.append((digest.hex(), exc.fields.get("reason", "corrupt")))
+            except ChunkMissing as exc:  # a delta whose base is gone: unreadable, reported
+                report.bad.append(
+                    (digest.hex(), f"its delta base {exc.fields['digest']} is missing")
+                )
         bad = {b for b, _ in report.bad}
         for mid, chunk_ids in (manifests or {}).items():
             report.manifests += 1
@@ -1237,6 +1241,11 @@ class PoolWriter:
             _verified_plaintext(blob, info, digest, where, None)
             self._write_pending(digest, blob)
             return PutResult(digest, True, len(blob))
+        # A delta is stored only when no copy of the chunk is here at all (a loose one
+        # ``_has_cheaply`` does not see): a second copy built on a base would need that
+        # base kept, and the collection's counts know each chunk's base from one copy.
+        if self.has(digest):
+            return PutResult(digest, False, 0)
         with self._lock:
             base_pending = info.base in self._pending
         if base_pending:
