@@ -600,11 +600,11 @@ def _doubt_stored(pool: ChunkPool, refs: _Refs, check: Callable[[], None]) -> No
         if len(batch) >= BATCH:
             check()
             refs.begin()
-            refs.doubt(pool, set(batch) - refs.marked(batch))
+            refs.doubt(pool, batch)  # those a count holds are left as they are
             refs.save()
             batch = []
     refs.begin()
-    refs.doubt(pool, set(batch) - refs.marked(batch))
+    refs.doubt(pool, batch)
     refs.put(doubted=1.0)
     refs.save(now=True)
 
