@@ -390,13 +390,14 @@ def collect(
     full when ``full``, when none finished in the last ``full_every`` seconds, when a full
     one is unfinished or the counts were found wrong; incremental otherwise (module doc).
     """
+    report, check = _reporter(progress), check or (lambda: None)
     with _exclusive(pool):
         _remove_db(gc_dir(pool) / "marks.db")  # an unfinished run of the format before counts
         if full or isinstance(pool, S3Pool) or _full_due(pool, full_every):
-            return _full(pool, live, snapshot_lock, progress, check)
+            return _full(pool, _snapshot(pool, live, snapshot_lock), report, check)
         refs = _Refs(refs_path(pool))
         try:
-            return _incremental(pool, refs, live, snapshot_lock, _reporter(progress), check)
+            return _incremental(pool, refs, _snapshot(pool, live, snapshot_lock), report, check)
         finally:
             refs.close()
 
@@ -515,14 +516,13 @@ def _uncount(pool: ChunkPool, refs: _Refs, mid: bytes, run: GcRun) -> None:
 
 def _full(
     pool: ChunkPool,
-    live: Callable[[], Iterable[bytes]],
-    snapshot_lock: AbstractContextManager[object] | None,
-    progress: Callable[[GcProgress], None] | None,
-    check: Callable[[], None] | None,
+    snap: _Snapshot,
+    report: Callable[[str, int, int], None],
+    check: Callable[[], None],
 ) -> GcRun:
     refs = _open(rebuild_path(pool))
     try:
-        run = _collect_full(pool, refs, live, snapshot_lock, _reporter(progress), check)
+        run = _collect_full(pool, refs, snap, report, check)
         if not isinstance(pool, S3Pool):
             refs.put(full_at=time.time())
             refs.db.execute("PRAGMA journal_mode=DELETE")  # one file to rename, nothing beside
@@ -542,16 +542,13 @@ def _full(
 def _collect_full(
     pool: ChunkPool,
     refs: _Refs,
-    live: Callable[[], Iterable[bytes]],
-    snapshot_lock: AbstractContextManager[object] | None,
+    snap: _Snapshot,
     report: Callable[[str, int, int], None],
-    check: Callable[[], None] | None,
+    check: Callable[[], None],
 ) -> GcRun:
-    check = check or (lambda: None)
     run = GcRun(full=True)
     started = refs.get("started", 0.0)
     run.resumed = started > 0
-    snap = _snapshot(pool, live, snapshot_lock)
     cutoff = min(snap.cutoff, refs.get("cutoff", snap.cutoff))
     refs.put(cutoff=cutoff, started=started or snap.now)
 
@@ -636,29 +633,23 @@ def _remove_manifest(pool: ChunkPool, mid: bytes, cutoff: float) -> int:
         return 1
     path = str(pool.manifest_path(mid))
     try:
-        if os.stat(path).st_mtime >= cutoff:
-            return 0
-        os.rename(path, path + ".gc")
+        doomed = _doom(path, os.stat(path), cutoff)
     except FileNotFoundError:
         return 0
-    if os.stat(path + ".gc").st_mtime >= cutoff:
-        os.rename(path + ".gc", path)
+    if doomed is None or not doomed[0]:
         return 0
-    os.unlink(path + ".gc")
+    _unlink(doomed[0])
     return 1
 
 
 def _incremental(
     pool: ChunkPool,
     refs: _Refs,
-    live: Callable[[], Iterable[bytes]],
-    snapshot_lock: AbstractContextManager[object] | None,
+    snap: _Snapshot,
     report: Callable[[str, int, int], None],
-    check: Callable[[], None] | None,
+    check: Callable[[], None],
 ) -> GcRun:
-    check = check or (lambda: None)
     run = GcRun(full=False)
-    snap = _snapshot(pool, live, snapshot_lock)
     counted = refs.counted()
     _count_all(pool, refs, sorted(snap.keep - counted), snap, run, report, check)
     refs.resolve_unknown(pool)
@@ -833,8 +824,8 @@ def _sweep_loose(pool: ChunkPool, digest: bytes, cutoff: float) -> tuple[str, in
 
 
 def _doom(path: str, st: os.stat_result, cutoff: float) -> tuple[str, int] | None:
-    """Rename an unneeded chunk file to ``.gc`` unless a writer wrote or touched it since
-    ``cutoff``; (the renamed path, its size), or None when it stays."""
+    """Rename an unneeded chunk or manifest file to ``.gc`` unless a writer wrote or
+    touched it since ``cutoff``; (the renamed path, its size), or None when it stays."""
     if st.st_mtime >= cutoff:
         return None
     doomed = path + ".gc"
