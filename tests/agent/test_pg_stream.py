@@ -73,6 +73,46 @@ def test_a_listing_vouches_only_for_commits_its_files_hold(
         prod.stop()
 
 
+def test_a_partial_segment_is_sent_whole_up_to_what_the_receiver_flushed(
+    shared_dir: Path, tmp_path: Path
+) -> None:
+    """The growing ``.partial`` is zero-padded, but WAL itself may end in zeros: a record
+    whose last bytes are zero must be sent whole once the window claims it (a commit's
+    record cut there was lost at DR though the window ended after it)."""
+    prod = make_cluster(shared_dir, "pgdata")
+    receivers = pg.Receivers(tmp_path)
+    stream = agent_api.StreamRequest(app="zeros", path=str(prod.data))
+    try:
+        receivers.ensure(stream)
+        wait_for(lambda: seen(receivers, "zeros") is not None, 60, "a first point covered")
+        # A record ending in 200 zero bytes, the last one written (no commit follows it).
+        end = parse_lsn(
+            prod.sql(
+                "SELECT pg_logical_emit_message(false, 'tandem', decode(repeat('00', 200), 'hex'))"
+            )
+        )
+        flushed = "SELECT pg_current_wal_flush_lsn()"  # the WAL writer flushes it soon
+        wait_for(lambda: parse_lsn(prod.sql(flushed)) >= end, 60, "the record flushed")
+        written_at = server_now(prod)
+
+        def past() -> bool:
+            point = seen(receivers, "zeros")
+            return point is not None and point > written_at
+
+        wait_for(past, 60, "the point covered past the record")
+        files = [f["name"] for f in receivers.listing("zeros")["files"]]
+        partial = max(f for f in files if f.endswith(".partial"))
+        _, start = parse_name(partial.removesuffix(".partial"))
+        assert start < end <= start + SEGMENT
+        sent = receivers.read(agent_api.WalRead(app="zeros", name=partial, offset=0))
+        wal = (prod.data / "pg_wal" / partial.removesuffix(".partial")).read_bytes()
+        assert len(sent) >= end - start
+        assert sent[: end - start] == wal[: end - start]
+    finally:
+        receivers.drop(stream)
+        prod.stop()
+
+
 def test_a_wal_listing_from_the_wire_is_checked() -> None:
     """The appliance believes an agent's listing only as ``WalListing`` allows: a file name
     that is no WAL file, a point in time without its zone or an unknown field is refused."""

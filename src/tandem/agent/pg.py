@@ -69,7 +69,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from tandem.domain.wal import parse_lsn
+from tandem.domain.wal import parse_lsn, parse_name
 from tandem.errors import (
     ClusterUnfit,
     InvalidInput,
@@ -447,6 +447,8 @@ class Receivers:
         self._paths: dict[str, str] = {}
         self._marks: dict[str, list[tuple[datetime, int]]] = {}
         self._seen: dict[str, datetime] = {}
+        self._flushed: dict[str, tuple[int, int]] = {}
+        """(timeline, LSN) the receiver reported flushed, as last read by ``covered``."""
 
     def spool(self, app: str) -> Path:
         return self.root / app / "wal"
@@ -573,14 +575,18 @@ class Receivers:
                     find_cluster(path),
                     "SELECT extract(epoch FROM clock_timestamp()), pg_current_wal_flush_lsn(), "
                     "(SELECT r.flush_lsn FROM pg_replication_slots s JOIN pg_stat_replication r "
-                    f"ON r.pid = s.active_pid WHERE s.slot_name = '{slot_name(app)}')",
+                    f"ON r.pid = s.active_pid WHERE s.slot_name = '{slot_name(app)}'), "
+                    "substr(pg_walfile_name(pg_current_wal_flush_lsn()), 1, 8)",
                 )[0]
             except (TandemError, OSError, IndexError, ValueError) as exc:
                 log.debug("WAL coverage of %s not read: %s", app, exc)
             else:
                 mark = (datetime.fromtimestamp(float(row[0]), UTC), parse_lsn(row[1]))
                 flushed = parse_lsn(row[2]) if len(row) > 2 and row[2] else -1
+                timeline = int(row[3], 16) if len(row) > 3 and row[3] else 0
                 with self._lock:
+                    if flushed >= 0 and timeline:
+                        self._flushed[app] = (timeline, flushed)
                     marks = [*self._marks.get(app, []), mark]
                     passed = [m[0] for m in marks if m[1] <= flushed]
                     if passed:
@@ -590,7 +596,9 @@ class Receivers:
             return self._seen.get(app)
 
     def read(self, req: WalRead) -> bytes:
-        """Bytes of a WAL file from ``offset``; a ``.partial`` without its zero padding."""
+        """Bytes of a WAL file from ``offset``; a ``.partial`` without its zero padding,
+        but never short of what the receiver reported flushed (WAL itself may end in zero
+        bytes: a record cut there would be lost where the window already claims it)."""
         path = self.spool(req.app) / req.name
         try:
             with open(path, "rb") as fh:
@@ -599,7 +607,13 @@ class Receivers:
         except FileNotFoundError as exc:
             raise WalFileGone(name=req.name, app=req.app) from exc
         if req.name.endswith(".partial"):
-            data = data.rstrip(b"\0")
+            keep = len(data.rstrip(b"\0"))
+            timeline, start = parse_name(req.name.removesuffix(".partial"))
+            with self._lock:
+                known = self._flushed.get(req.app)
+            if known is not None and known[0] == timeline:
+                keep = max(keep, min(known[1] - start, SEGMENT_SIZE) - req.offset)
+            data = data[: max(keep, 0)]
         return data
 
     def ack(self, req: WalAck) -> dict[str, Any]:
@@ -616,7 +630,7 @@ class Receivers:
         """Stop the receiver and drop the slot (the cluster keeps no WAL for tandem after)."""
         with self._lock:
             self._stop_orphan(req.app)
-            for known in (self._paths, self._marks, self._seen):
+            for known in (self._paths, self._marks, self._seen, self._flushed):
                 known.pop(req.app, None)  # a new stream covers nothing until it is seen to
             proc = self._procs.pop(req.app, None)
             if proc is not None and proc.poll() is None:
