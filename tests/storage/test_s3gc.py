@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import threading
 import time
 from collections.abc import Iterator
@@ -18,12 +19,14 @@ import pytest
 
 from tandem.errors import ObjectStoreFailed
 from tandem.storage import gc
+from tandem.storage.digest import hash_object
 from tandem.storage.manifest import TreeManifest, load_manifest
 from tandem.storage.objstore import ObjectStore
 from tandem.storage.packs import new_pack_id
 from tandem.storage.s3pool import CONDEMNED, S3Pool
 from tandem.storage.tree import capture_tree, restore_tree
 from tests.s3server import S3Server
+from tests.storage.test_gc_holds import a_base_and_a_changed_version, commit
 from tests.storage.test_tree import listing
 
 KiB = 1024
@@ -250,3 +253,36 @@ def test_a_store_answering_503_mid_collection_fails_it_cleanly(
     assert run.resumed and run.packs_rewritten == 1 and run.packs_deleted >= 1
     assert not gc.unfinished(pool)
     restores(pool, small, three_images["small"][1], tmp_path / "small-2")
+
+
+def test_a_dead_delta_kept_in_a_mostly_needed_pack_keeps_its_base(
+    s3_pool: S3Pool, tmp_path: Path
+) -> None:
+    """An image made of one delta chunk is deleted. The delta shares a pack with chunks a
+    live image needs, so the pack is kept whole and the pool still answers ``has`` for it;
+    its base, alone in a pack nothing needs, must not go: a later capture of the same data
+    reuses the delta by its hash, and its image would name a chunk that cannot be read."""
+    base, changed, _ = a_base_and_a_changed_version(1)
+    with s3_pool.writer() as w:
+        b = w.put(base).digest
+        commit(w, [b])
+    d, subs = hash_object(changed)
+    rng = random.Random(2)
+    with s3_pool.writer() as w:  # one pack: the live chunks (~190 KiB) and the delta
+        live_ids = [w.put(rng.randbytes(16 * KiB)).digest for _ in range(12)]
+        w.put_delta(changed, d, subs, b, [1])
+        live = commit(w, live_ids)
+        commit(w, [d])
+    assert s3_pool.info(d).base == b
+    where_d, where_b = s3_pool.packs.lookup(d), s3_pool.packs.lookup(b)
+    assert where_d is not None and where_b is not None and where_d[0] != where_b[0]
+    settled(s3_pool)
+
+    run = gc.collect(s3_pool, lambda: [live])  # the images of b and of d were deleted
+
+    assert run.packs_rewritten == 1 and run.packs_deleted == 0  # b copied, the rest goes
+    fresh = S3Pool(s3_pool.store, tmp_path / "fresh-cache")
+    assert fresh.has(d)  # kept with the pack the live image needs
+    assert fresh.get(d) == changed  # and readable: its base stayed
+    restored = S3Pool(s3_pool.store, tmp_path / "again-cache")
+    assert restored.verify().ok

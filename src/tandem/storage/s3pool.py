@@ -489,6 +489,7 @@ class S3Pool(ChunkPool):
         rewrite: dict[str, list[tuple[bytes, int, int]]] = {}
         freed: dict[str, int] = {}
         counts: dict[str, tuple[int, int]] = {}  # pack -> (live chunks, dead chunks)
+        stays: list[tuple[bytes, str, int, int]] = []  # dead chunks in packs kept whole
         ids = sorted(idx_time)
         for i, pack_id in enumerate(ids):
             check()
@@ -501,14 +502,12 @@ class S3Pool(ChunkPool):
             except ChunkCorrupt as exc:
                 log.error("pack %s of %s kept, unreadable index: %s", pack_id, self.where, exc)
                 continue
-            if modified >= cutoff:
-                out.chunks_kept += len(entries)
-                continue
             live = marked([d for d, _, _ in entries])
             total = sum(n for _, _, n in entries) or 1
             live_bytes = sum(n for d, _, n in entries if d in live)
-            if live and live_bytes >= REWRITE_BELOW * total:
+            if modified >= cutoff or (live and live_bytes >= REWRITE_BELOW * total):
                 out.chunks_kept += len(entries)
+                stays += [(d, pack_id, o, n) for d, o, n in entries if d not in live]
                 continue
             size = pack_objs[pack_id].size if pack_id in pack_objs else 0
             counts[pack_id] = (len(live), len(entries) - len(live))
@@ -534,8 +533,14 @@ class S3Pool(ChunkPool):
                     out.chunks_kept += sum(counts.pop(pack_id))
                     freed.pop(pack_id)
                     drop.discard(pack_id)
-                    rewrite.pop(pack_id, None)
+                    copied = {d for d, _, _ in rewrite.pop(pack_id, [])}
+                    stays += [
+                        (d, pack_id, o, n)
+                        for d, o, n in self.packs.entries(pack_id)
+                        if d not in copied
+                    ]
                 doomed -= spared
+                self._hold_bases(stays, drop, rewrite, counts, freed, check)
             # --- rewrite: the live chunks into new packs, committed before anything goes
             if rewrite:
                 self._copy_live(rewrite, doomed, check)
@@ -563,6 +568,53 @@ class S3Pool(ChunkPool):
         self.store.delete_many(o.key for o in list(self.store.list(TOUCHED)) if o.modified < cutoff)
         self.packs.refresh(force=True)
         return out
+
+    def _hold_bases(
+        self,
+        stays: list[tuple[bytes, str, int, int]],
+        drop: set[str],
+        rewrite: dict[str, list[tuple[bytes, int, int]]],
+        counts: dict[str, tuple[int, int]],
+        freed: dict[str, int],
+        check: Callable[[], None],
+    ) -> None:
+        """A dead chunk that stays (in a pack kept whole) is still found by ``has``: a later
+        capture may reuse it. If it is a delta, its base must stay too: a base in a pack
+        about to go is copied by that pack's rewrite (a dropped pack becomes a rewrite),
+        and so on down the delta chain. Only the headers of the staying dead chunks are
+        read (one window of their pack each), and only when a pack is to go."""
+
+        def bases_of(records: list[tuple[bytes, str, int, int]]) -> set[bytes]:
+            found: set[bytes] = set()
+            for digest, pack_id, offset, length in records:
+                check()
+                try:
+                    head = self._read_record(digest, pack_id, offset, length, head=HEAD_SIZE)
+                    base = parse_header(head, digest, self.where).base
+                except (ObjectMissing, ChunkCorrupt):
+                    continue  # verify reports it; nothing here can be read to hold
+                if base is not None:
+                    found.add(base)
+            return found
+
+        need = bases_of(stays) if drop or rewrite else set()
+        held: set[bytes] = set()
+        while need - held:
+            need -= held
+            held |= need
+            moved: list[tuple[bytes, str, int, int]] = []
+            for pack_id in sorted(drop | set(rewrite)):
+                copied = {d for d, _, _ in rewrite.get(pack_id, [])}
+                for digest, offset, length in self.packs.entries(pack_id):
+                    if digest in need and digest not in copied:
+                        drop.discard(pack_id)
+                        rewrite.setdefault(pack_id, []).append((digest, offset, length))
+                        copied.add(digest)
+                        live, dead = counts[pack_id]
+                        counts[pack_id] = (live + 1, dead - 1)
+                        freed[pack_id] = max(0, freed[pack_id] - length)
+                        moved.append((digest, pack_id, offset, length))
+            need = bases_of(moved)
 
     def condemned(self) -> set[str]:
         """The packs running collections are removing (``gc/condemned/``): usually one
