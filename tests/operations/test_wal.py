@@ -11,6 +11,7 @@ import pytest
 
 from tandem.catalog import queries as q
 from tandem.catalog.models import App, Job, Template
+from tandem.domain import wal as wal_names
 from tandem.domain.images import ImageKind
 from tandem.domain.jobs import JobStatus
 from tandem.domain.lifecycle import AppKind, AppState
@@ -150,6 +151,35 @@ def test_a_time_outside_the_window_or_past_a_gap_is_refused_saying_where(booted:
         pg_recovery.plan(site, app, T0 + timedelta(seconds=45))
     with pytest.raises(RecoveryPointUnavailable, match="gap at LSN 0/4000000"):
         pg_recovery.plan(site, app, None)  # the latest lies past the gap
+
+
+def test_a_window_read_between_the_stores_of_one_listing_claims_nothing_it_lacks(
+    booted: Booted,
+) -> None:
+    """One listing vouches for a commit made at T0+8 s, which lies in the segment that
+    listing began (3). Its segments are stored (and sent to the peer) one at a time: a
+    window or a ``--latest`` plan read after the completed segment 2 is stored and before
+    3 is must end where the previous listing left it, not at the new point (a recovery then
+    stopped at 2 and lost the commit while the window claimed it)."""
+    site = booted.appliance.site
+    app_id = mirror(site)
+    before = T0 + timedelta(seconds=5)
+    wal.store(site, app_id=app_id, name=seg(2), offset=0, data=b"a", complete=False, seen=before)
+    now = T0 + timedelta(seconds=10)
+    stamps = wal_names.vouched([seg(2), seg(3), "00000001.history"], now, before)
+    assert stamps == {seg(2): before, seg(3): now, "00000001.history": now}
+    wal.store(
+        site, app_id=app_id, name=seg(2), offset=1, data=b"b", complete=True, seen=stamps[seg(2)]
+    )
+    with site.catalog.read() as session:
+        app = q.get_app(session, name="db")
+    assert wal.window(site, app).end == before
+    assert pg_recovery.plan(site, app, None).window.end == before
+    with pytest.raises(RecoveryPointUnavailable, match="does not reach it yet"):
+        pg_recovery.plan(site, app, T0 + timedelta(seconds=8))
+    wal.store(site, app_id=app_id, name=seg(3), offset=0, data=b"c", complete=False, seen=now)
+    assert wal.window(site, app).end == now
+    assert pg_recovery.plan(site, app, None).segments == [seg(2), seg(3)]
 
 
 def test_the_wal_of_a_promoted_copy_extends_the_window_on_its_new_timeline(

@@ -80,6 +80,20 @@ def parse_history(text: str) -> list[Branch]:
     return out
 
 
+def vouched(names: list[str], seen: datetime, floor: datetime) -> dict[str, datetime]:
+    """The point each segment of one listing may vouch for (history files: ``seen``).
+
+    A listing's ``seen`` says every commit acknowledged before it lies in the files listed
+    *together*. Segments are stored and sent one at a time, and a chain that ends at an
+    older one of them (the next one not arrived yet) would claim commits that lie in the
+    next: only the newest segment (by position) carries ``seen``. The others carry
+    ``floor``, the point vouched for before this listing, whose commits lay in segments up
+    to the newest held then, which every segment of this listing reaches or follows."""
+    segments = [n for n in names if history_timeline(n) is None]
+    newest = max(segments, key=lambda n: parse_name(n)[::-1], default=None)
+    return {n: seen if n == newest or n not in segments else floor for n in names}
+
+
 def path_from(timeline: int, start_lsn: int, histories: dict[int, list[Branch]]) -> list[Branch]:
     """The timelines WAL from ``start_lsn`` on ``timeline`` follows, as (timeline, LSN it
     begins at) with ``Branch.parent`` the timeline: the newest timeline whose history runs

@@ -172,6 +172,7 @@ def pull(site: Site, app: App, where: tuple[str, str] | None = None) -> int:
         floor = max((s.seen for s in held.values()), default=NEVER)
         seen = min(listing.seen, datetime.now(UTC)) if listing.seen else floor
         done: list[str] = []
+        stamps = wal.vouched([e.name.removesuffix(".partial") for e in listing.files], seen, floor)
         for entry in listing.files:
             name = entry.name.removesuffix(".partial")
             complete = entry.name == name
@@ -185,7 +186,7 @@ def pull(site: Site, app: App, where: tuple[str, str] | None = None) -> int:
                 continue  # nothing new and nothing coming: the point seen stays
             store(
                 site, app_id=app.id, name=name, offset=offset, data=data, complete=complete,
-                seen=seen,
+                seen=stamps[name],
             )  # fmt: skip
             moved += len(data)
             if complete:
