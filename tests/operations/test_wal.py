@@ -167,7 +167,7 @@ def test_a_window_read_between_the_stores_of_one_listing_claims_nothing_it_lacks
     wal.store(site, app_id=app_id, name=seg(2), offset=0, data=b"a", complete=False, seen=before)
     now = T0 + timedelta(seconds=10)
     stamps = wal_names.vouched([seg(2), seg(3), "00000001.history"], now, before)
-    assert stamps == {seg(2): before, seg(3): now, "00000001.history": now}
+    assert stamps == {seg(2): before, seg(3): now, "00000001.history": before}
     wal.store(
         site, app_id=app_id, name=seg(2), offset=1, data=b"b", complete=True, seen=stamps[seg(2)]
     )
@@ -180,6 +180,43 @@ def test_a_window_read_between_the_stores_of_one_listing_claims_nothing_it_lacks
     wal.store(site, app_id=app_id, name=seg(3), offset=0, data=b"c", complete=False, seen=now)
     assert wal.window(site, app).end == now
     assert pg_recovery.plan(site, app, None).segments == [seg(2), seg(3)]
+
+
+def test_a_history_file_stored_first_vouches_for_nothing(booted: Booted) -> None:
+    """A listing (point S1) holds a new timeline's history, its segment 2 (complete) and 3
+    (where commits before S1 lie). The pull stores the history, then reading segment 2
+    fails. The next listing's older segments carry the point held before: not S1, which
+    nothing stored vouched for, or a window read between its segments 2 and 3 would claim
+    commits that lie in 3."""
+    site = booted.appliance.site
+    app_id = mirror(site)  # a base on timeline 1 at 0/2000028
+    history, two, three = (
+        "00000002.history",
+        segment_name(2, 2 * SEGMENT),
+        segment_name(2, 3 * SEGMENT),
+    )
+    s1, s2 = T0 + timedelta(seconds=20), T0 + timedelta(seconds=30)
+
+    def stamps(seen: datetime) -> dict[str, datetime]:
+        with site.catalog.read() as session:
+            held = [(r.name, r.seen) for r in q.list_wal_segments(session, app_id=app_id)]
+        return wal_names.vouched([history, two, three], seen, wal_names.floor_of(held) or T0)
+
+    first = stamps(s1)
+    text = b"1\t0/2000100\tno recovery target specified\n"
+    wal.store(site, app_id=app_id, name=history, offset=0, data=text, complete=True,
+              seen=first[history])  # fmt: skip
+    second = stamps(s2)  # the read of segment 2 failed: listed again
+    assert second[two] < s1
+    wal.store(site, app_id=app_id, name=two, offset=0, data=b"2", complete=True, seen=second[two])
+    with site.catalog.read() as session:
+        app = q.get_app(session, name="db")
+    end = wal.window(site, app).end
+    assert end is None or end < s1
+    wal.store(site, app_id=app_id, name=three, offset=0, data=b"3", complete=False,
+              seen=second[three])  # fmt: skip
+    assert wal.window(site, app).end == s2
+    assert pg_recovery.plan(site, app, None).segments == [two, three]
 
 
 def test_the_wal_of_a_promoted_copy_extends_the_window_on_its_new_timeline(

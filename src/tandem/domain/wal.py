@@ -21,6 +21,7 @@ timeline's file, which holds the old timeline's WAL up to the switch).
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -80,18 +81,25 @@ def parse_history(text: str) -> list[Branch]:
     return out
 
 
+def floor_of(held: Iterable[tuple[str, datetime]]) -> datetime | None:
+    """The newest point the segments held vouch for, from (name, seen) of the files held
+    (a history file vouches for nothing: it is stored before its timeline's segments)."""
+    return max((seen for name, seen in held if history_timeline(name) is None), default=None)
+
+
 def vouched(names: list[str], seen: datetime, floor: datetime) -> dict[str, datetime]:
-    """The point each segment of one listing may vouch for (history files: ``seen``).
+    """The point each file of one listing may vouch for.
 
     A listing's ``seen`` says every commit acknowledged before it lies in the files listed
-    *together*. Segments are stored and sent one at a time, and a chain that ends at an
-    older one of them (the next one not arrived yet) would claim commits that lie in the
-    next: only the newest segment (by position) carries ``seen``. The others carry
-    ``floor``, the point vouched for before this listing, whose commits lay in segments up
-    to the newest held then, which every segment of this listing reaches or follows."""
+    *together*. Files are stored and sent one at a time, and a chain that ends at an older
+    segment of them (the next one not arrived yet) would claim commits that lie in the
+    next: only the newest segment (by position) carries ``seen``. The others, and history
+    files, carry ``floor`` (``floor_of`` what was held before this listing), whose commits
+    lay in segments up to the newest held then, which every segment listed now reaches or
+    follows."""
     segments = [n for n in names if history_timeline(n) is None]
     newest = max(segments, key=lambda n: parse_name(n)[::-1], default=None)
-    return {n: seen if n == newest or n not in segments else floor for n in names}
+    return {n: seen if n == newest else floor for n in names}
 
 
 def path_from(timeline: int, start_lsn: int, histories: dict[int, list[Branch]]) -> list[Branch]:

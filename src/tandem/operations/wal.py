@@ -169,7 +169,7 @@ def pull(site: Site, app: App, where: tuple[str, str] | None = None) -> int:
         # The point every acknowledged commit before it is held: never past this moment (a
         # host's clock ahead of the appliance's claims no future), and while none is known
         # yet (the agent restarted) the window's end stays where it was.
-        floor = max((s.seen for s in held.values()), default=NEVER)
+        floor = wal.floor_of((s.name, s.seen) for s in held.values()) or NEVER
         seen = min(listing.seen, datetime.now(UTC)) if listing.seen else floor
         done: list[str] = []
         stamps = wal.vouched([e.name.removesuffix(".partial") for e in listing.files], seen, floor)

@@ -485,10 +485,7 @@ class S3Pool(ChunkPool):
             elif ext == "pack":
                 pack_objs[name] = obj
         # --- decide, one pack at a time (its index from the local cache) -----------------
-        drop: set[str] = set()
-        rewrite: dict[str, list[tuple[bytes, int, int]]] = {}
-        freed: dict[str, int] = {}
-        counts: dict[str, tuple[int, int]] = {}  # pack -> (live chunks, dead chunks)
+        cands: dict[str, list[tuple[bytes, int, int]]] = {}  # pack to go -> what it keeps
         stays: list[tuple[bytes, str, int, int]] = []  # dead chunks in packs kept whole
         ids = sorted(idx_time)
         for i, pack_id in enumerate(ids):
@@ -509,13 +506,11 @@ class S3Pool(ChunkPool):
                 out.chunks_kept += len(entries)
                 stays += [(d, pack_id, o, n) for d, o, n in entries if d not in live]
                 continue
-            size = pack_objs[pack_id].size if pack_id in pack_objs else 0
-            counts[pack_id] = (len(live), len(entries) - len(live))
-            freed[pack_id] = max(0, size - live_bytes)
-            if live:
-                rewrite[pack_id] = [e for e in entries if e[0] in live]
-            else:
-                drop.add(pack_id)
+            cands[pack_id] = [e for e in entries if e[0] in live]
+        for pack_id in self._hold_bases(stays, cands, check):
+            out.chunks_kept += len(self.packs.entries(pack_id))
+            del cands[pack_id]
+        drop, rewrite, counts, freed = self._decide(cands, pack_objs)
         orphans = [
             p
             for p, obj in pack_objs.items()
@@ -528,19 +523,19 @@ class S3Pool(ChunkPool):
                 # --- condemn, then see what writers touched: one of the two sees the other
                 self.store.put(condemned_key, json.dumps(sorted(doomed)).encode())
                 spared = self._touched_since(cutoff) & doomed
-                for pack_id in spared:
-                    out.packs_spared += 1
-                    out.chunks_kept += sum(counts.pop(pack_id))
-                    freed.pop(pack_id)
-                    drop.discard(pack_id)
-                    copied = {d for d, _, _ in rewrite.pop(pack_id, [])}
-                    stays += [
-                        (d, pack_id, o, n)
-                        for d, o, n in self.packs.entries(pack_id)
-                        if d not in copied
-                    ]
-                doomed -= spared
-                self._hold_bases(stays, drop, rewrite, counts, freed, check)
+                if spared:  # kept whole: their dead chunks stay, and hold their bases
+                    stays = []
+                    for pack_id in spared:
+                        out.packs_spared += 1
+                        keep = {d for d, _, _ in cands.pop(pack_id)}
+                        entries = self.packs.entries(pack_id)
+                        out.chunks_kept += len(entries)
+                        stays += [(d, pack_id, o, n) for d, o, n in entries if d not in keep]
+                    for pack_id in self._hold_bases(stays, cands, check):
+                        out.chunks_kept += len(self.packs.entries(pack_id))
+                        del cands[pack_id]
+                    drop, rewrite, counts, freed = self._decide(cands, pack_objs)
+                    doomed = drop | set(rewrite)
             # --- rewrite: the live chunks into new packs, committed before anything goes
             if rewrite:
                 self._copy_live(rewrite, doomed, check)
@@ -569,20 +564,43 @@ class S3Pool(ChunkPool):
         self.packs.refresh(force=True)
         return out
 
+    def _decide(
+        self, cands: dict[str, list[tuple[bytes, int, int]]], pack_objs: dict[str, ObjectInfo]
+    ) -> tuple[
+        set[str],
+        dict[str, list[tuple[bytes, int, int]]],
+        dict[str, tuple[int, int]],
+        dict[str, int],
+    ]:
+        """Packs to drop (nothing to keep) and to rewrite (the records to copy), with each
+        one's (chunks kept, chunks removed) and bytes freed."""
+        drop: set[str] = set()
+        rewrite: dict[str, list[tuple[bytes, int, int]]] = {}
+        counts: dict[str, tuple[int, int]] = {}
+        freed: dict[str, int] = {}
+        for pack_id, keep in cands.items():
+            size = pack_objs[pack_id].size if pack_id in pack_objs else 0
+            counts[pack_id] = (len(keep), len(self.packs.entries(pack_id)) - len(keep))
+            freed[pack_id] = max(0, size - sum(n for _, _, n in keep))
+            if keep:
+                rewrite[pack_id] = keep
+            else:
+                drop.add(pack_id)
+        return drop, rewrite, counts, freed
+
     def _hold_bases(
         self,
         stays: list[tuple[bytes, str, int, int]],
-        drop: set[str],
-        rewrite: dict[str, list[tuple[bytes, int, int]]],
-        counts: dict[str, tuple[int, int]],
-        freed: dict[str, int],
+        cands: dict[str, list[tuple[bytes, int, int]]],
         check: Callable[[], None],
-    ) -> None:
+    ) -> set[str]:
         """A dead chunk that stays (in a pack kept whole) is still found by ``has``: a later
-        capture may reuse it. If it is a delta, its base must stay too: a base in a pack
-        about to go is copied by that pack's rewrite (a dropped pack becomes a rewrite),
-        and so on down the delta chain. Only the headers of the staying dead chunks are
-        read (one window of their pack each), and only when a pack is to go."""
+        capture may reuse it. If it is a delta, its base must stay too. A base in a pack
+        about to go joins what that pack keeps (``cands``: copied by its rewrite), and so
+        on down the delta chain; a pack then mostly kept is kept whole (returned), and its
+        other dead chunks stay in turn. Only the headers of the staying dead chunks are
+        read (one window of their pack each). Deciding with the bases held, a pack whose
+        chunks are kept only as bases is kept by the next collection too, not copied again."""
 
         def bases_of(records: list[tuple[bytes, str, int, int]]) -> set[bytes]:
             found: set[bytes] = set()
@@ -597,24 +615,27 @@ class S3Pool(ChunkPool):
                     found.add(base)
             return found
 
-        need = bases_of(stays) if drop or rewrite else set()
+        whole: set[str] = set()
         held: set[bytes] = set()
-        while need - held:
-            need -= held
+        todo = stays if cands else []
+        while todo:
+            need = bases_of(todo) - held
             held |= need
-            moved: list[tuple[bytes, str, int, int]] = []
-            for pack_id in sorted(drop | set(rewrite)):
-                copied = {d for d, _, _ in rewrite.get(pack_id, [])}
-                for digest, offset, length in self.packs.entries(pack_id):
-                    if digest in need and digest not in copied:
-                        drop.discard(pack_id)
-                        rewrite.setdefault(pack_id, []).append((digest, offset, length))
-                        copied.add(digest)
-                        live, dead = counts[pack_id]
-                        counts[pack_id] = (live + 1, dead - 1)
-                        freed[pack_id] = max(0, freed[pack_id] - length)
-                        moved.append((digest, pack_id, offset, length))
-            need = bases_of(moved)
+            todo = []
+            for pack_id in sorted(set(cands) - whole) if need else []:
+                kept = {d for d, _, _ in cands[pack_id]}
+                entries = self.packs.entries(pack_id)
+                got = [e for e in entries if e[0] in need and e[0] not in kept]
+                if not got:
+                    continue
+                cands[pack_id] += got
+                todo += [(d, pack_id, o, n) for d, o, n in got]
+                total = sum(n for _, _, n in entries) or 1
+                if sum(n for _, _, n in cands[pack_id]) >= REWRITE_BELOW * total:
+                    whole.add(pack_id)  # mostly kept: kept whole, its other chunks stay
+                    kept |= {d for d, _, _ in got}
+                    todo += [(d, pack_id, o, n) for d, o, n in entries if d not in kept]
+        return whole
 
     def condemned(self) -> set[str]:
         """The packs running collections are removing (``gc/condemned/``): usually one
