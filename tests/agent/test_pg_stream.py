@@ -6,8 +6,10 @@ commit only once the files listed hold it."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from tandem.transport import agent_api
 from tests.agent.conftest import Agent
 from tests.e2e.conftest import wait_for
 from tests.e2e.pgsite import make_cluster, server_now, shared_dir
+from tests.e2e.test_live_apps import Cluster
 
 __all__ = ["shared_dir"]  # the fixture, used by name
 
@@ -41,15 +44,26 @@ def holds(receivers: pg.Receivers, app: str, cluster: Path, lsn: int) -> bool:
     return bool(received[: lsn - start] == written[: lsn - start])
 
 
+@contextlib.contextmanager
+def streaming(shared_dir: Path, tmp_path: Path, app: str) -> Iterator[tuple[Cluster, pg.Receivers]]:
+    """A cluster streamed by the agent's receiver for ``app`` until a first point is
+    covered; the receiver dropped and the cluster stopped at the end."""
+    prod = make_cluster(shared_dir, "pgdata")
+    receivers = pg.Receivers(tmp_path)
+    stream = agent_api.StreamRequest(app=app, path=str(prod.data))
+    try:
+        receivers.ensure(stream)
+        wait_for(lambda: seen(receivers, app) is not None, 60, "a first point covered")
+        yield prod, receivers
+    finally:
+        receivers.drop(stream)
+        prod.stop()
+
+
 def test_a_listing_vouches_only_for_commits_its_files_hold(
     shared_dir: Path, tmp_path: Path
 ) -> None:
-    prod = make_cluster(shared_dir, "pgdata")
-    receivers = pg.Receivers(tmp_path)
-    stream = agent_api.StreamRequest(app="cov", path=str(prod.data))
-    try:
-        receivers.ensure(stream)
-        wait_for(lambda: seen(receivers, "cov") is not None, 60, "a first point covered")
+    with streaming(shared_dir, tmp_path, "cov") as (prod, receivers):
         group = int((tmp_path / "pg" / "cov" / "receivewal.pid").read_text())
         os.killpg(group, signal.SIGSTOP)  # the receiver lags: it has nothing new
         try:
@@ -68,9 +82,6 @@ def test_a_listing_vouches_only_for_commits_its_files_hold(
 
         wait_for(past, 60, "the point covered past the commit")
         assert holds(receivers, "cov", prod.data, lsn)  # what the window claims is received
-    finally:
-        receivers.drop(stream)
-        prod.stop()
 
 
 def test_a_partial_segment_is_sent_whole_up_to_what_the_receiver_flushed(
@@ -79,12 +90,7 @@ def test_a_partial_segment_is_sent_whole_up_to_what_the_receiver_flushed(
     """The growing ``.partial`` is zero-padded, but WAL itself may end in zeros: a record
     whose last bytes are zero must be sent whole once the window claims it (a commit's
     record cut there was lost at DR though the window ended after it)."""
-    prod = make_cluster(shared_dir, "pgdata")
-    receivers = pg.Receivers(tmp_path)
-    stream = agent_api.StreamRequest(app="zeros", path=str(prod.data))
-    try:
-        receivers.ensure(stream)
-        wait_for(lambda: seen(receivers, "zeros") is not None, 60, "a first point covered")
+    with streaming(shared_dir, tmp_path, "zeros") as (prod, receivers):
         # A record ending in 200 zero bytes, the last one written (no commit follows it).
         end = parse_lsn(
             prod.sql(
@@ -108,9 +114,6 @@ def test_a_partial_segment_is_sent_whole_up_to_what_the_receiver_flushed(
         wal = (prod.data / "pg_wal" / partial.removesuffix(".partial")).read_bytes()
         assert len(sent) >= end - start
         assert sent[: end - start] == wal[: end - start]
-    finally:
-        receivers.drop(stream)
-        prod.stop()
 
 
 def test_a_wal_listing_from_the_wire_is_checked() -> None:
