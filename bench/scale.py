@@ -46,7 +46,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from bench.common import Config, Report, Row, fmt_seconds, log
+from bench.common import Config, Report, Row, fmt_seconds, log, session_cpu_seconds
 from tandem.catalog import queries as q
 from tandem.catalog.db import open_catalog
 from tandem.catalog.models import Job
@@ -68,6 +68,9 @@ CAPTURES = 7
 REQUESTS = 200
 MULTI_APPS = int(os.environ.get("SCALE_MULTI_APPS", "48"))
 MULTI_CPU = float(os.environ.get("SCALE_MULTI_CPU", "0"))
+MULTI_ROUNDS = int(os.environ.get("SCALE_MULTI_ROUNDS", "3"))
+"""Part 4 times this many rounds (every app captured once) with one process, then with two,
+and compares the medians: one round is 10-20 s, which one burst of other work can skew."""
 """Part 4 with ``SCALE_MULTI_CPU=C``: each appliance process is held to C cores by a cgroup of
 its own (v1 ``cpu`` controller, CFS quota), standing for a machine of its own; the agent,
 PostgreSQL and the bench share the rest. On 2 shared cores without it, a second process only
@@ -340,32 +343,46 @@ class MultiProcessBench:
                 api.post(f"/api/v1/apps/{name}/protect", {"template": "manual"})
                 apps.append((name, data))
             self.round([api], apps)  # the first, full captures: not measured
-            one = self.round([api], apps)
+            ones = [self.round([api], apps, "one process") for _ in range(MULTI_ROUNDS)]
         second = self.start(
             Daemon.create("appliance", self.root / "p2", "pgsite", "--join", str(first.directory))
         )
         with first.client() as api1, second.client() as api2:
-            two = self.round([api1, api2], apps)
+            twos = [self.round([api1, api2], apps, "two processes") for _ in range(MULTI_ROUNDS)]
+        one, two = statistics.median(ones), statistics.median(twos)
         ratio = two / one if one else float("nan")
-        log(f"scale: {one:.0f} captures/min with one process, {two:.0f} with two")
+        log(f"scale: {one:.0f} captures/min with one process, {two:.0f} with two (medians)")
         capped = f", each process held to {MULTI_CPU:g} core" if MULTI_CPU > 0 else ""
         self.report.add(
             Row(
                 SECTION,
                 f"captures per minute, {MULTI_APPS} small apps, PostgreSQL catalog{capped}",
-                f"two processes {two:.0f}/min vs one {one:.0f}/min ({ratio:.2f}×)",
+                f"two processes {two:.0f}/min vs one {one:.0f}/min ({ratio:.2f}×; median of"
+                f" {MULTI_ROUNDS} rounds each)",
                 "—",
                 "—",
                 "≥ 1.7× one process",
-                {"one_process": one, "two_processes": two, "ratio": ratio},
+                {
+                    "one_process": one,
+                    "two_processes": two,
+                    "ratio": ratio,
+                    "rounds_one": " / ".join(f"{r:.0f}" for r in ones),
+                    "rounds_two": " / ".join(f"{r:.0f}" for r in twos),
+                },
             )
         )
 
-    def round(self, apis: list[ApiClient], apps: list[tuple[str, Path]]) -> float:
+    def round(self, apis: list[ApiClient], apps: list[tuple[str, Path]], what: str = "") -> float:
         """Capture every app once (a file changed in each), submitting through ``apis`` in
-        turn; captures per minute from the first submit to the last end."""
+        turn; captures per minute from the first submit to the last end. Logs the CPU each
+        part used per capture and how idle the machine was: with the appliances held to a
+        quota, a machine with no idle time left means the shared rest (agent, PostgreSQL,
+        this client) limited the round, not the appliances."""
         for _, data in apps:
             (data / "changing").write_bytes(os.urandom(16 * 1024))
+        parts = [d for d in self.daemons if d.proc is not None]
+        cpu0 = [session_cpu_seconds(d.proc.pid) for d in parts if d.proc is not None]
+        idle0 = _machine_idle()
         t0 = time.monotonic()
         ids = [
             apis[i % len(apis)].post(f"/api/v1/apps/{name}/capture", {})["job"]["id"]
@@ -373,7 +390,17 @@ class MultiProcessBench:
         ]
         for job_id in ids:
             _wait(apis[0], job_id)
-        return len(apps) * 60.0 / (time.monotonic() - t0)
+        seconds = time.monotonic() - t0
+        idle = (_machine_idle() - idle0) / (seconds * (os.cpu_count() or 1))
+        cpu = [session_cpu_seconds(d.proc.pid) for d in parts if d.proc is not None]
+        each = ", ".join(
+            f"{d.kind} {1000 * (b - a) / len(apps):.0f} ms"
+            for d, a, b in zip(parts, cpu0, cpu, strict=True)
+        )
+        rate = len(apps) * 60.0 / seconds
+        if what:
+            log(f"scale: {what}: {rate:.0f}/min; CPU a capture: {each}; machine idle {idle:.0%}")
+        return rate
 
     def close(self) -> None:
         for daemon in reversed(self.daemons):
@@ -500,6 +527,13 @@ def _aware(moment: datetime) -> datetime:
 
 
 CGROUP_CPU = Path("/sys/fs/cgroup/cpu")
+
+
+def _machine_idle() -> float:
+    """Idle CPU seconds of the whole machine since boot (``/proc/stat``: idle + iowait)."""
+    with open("/proc/stat") as fh:
+        fields = fh.readline().split()
+    return (int(fields[4]) + int(fields[5])) / os.sysconf("SC_CLK_TCK")
 
 
 def _cap_cpu(daemon: Daemon, cores: float) -> None:
