@@ -86,7 +86,7 @@ class Report:
 
 # --- log ------------------------------------------------------------------------------
 
-_err = Console(stderr=True, highlight=False)
+_err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def log(message: str) -> None:
