@@ -384,7 +384,7 @@ class MultiProcessBench:
             (data / "changing").write_bytes(os.urandom(16 * 1024))
         parts = [d for d in self.daemons if d.proc is not None]
         cpu0 = [session_cpu_seconds(d.proc.pid) for d in parts if d.proc is not None]
-        idle0 = _machine_idle()
+        idle0, steal0 = _machine_cpu()
         t0, started = time.monotonic(), datetime.now(UTC)
         ids = [
             apis[i % len(apis)].post(f"/api/v1/apps/{name}/capture", {})["job"]["id"]
@@ -403,7 +403,9 @@ class MultiProcessBench:
             last = last.replace(tzinfo=UTC)
         seconds = (last - started).total_seconds()
         idle_seconds = time.monotonic() - t0
-        idle = (_machine_idle() - idle0) / (idle_seconds * (os.cpu_count() or 1))
+        idle1, steal1 = _machine_cpu()
+        capacity = idle_seconds * (os.cpu_count() or 1)
+        idle, steal = (idle1 - idle0) / capacity, (steal1 - steal0) / capacity
         cpu = [session_cpu_seconds(d.proc.pid) for d in parts if d.proc is not None]
         each = ", ".join(
             f"{d.kind} {1000 * (b - a) / len(apps):.0f} ms"
@@ -411,7 +413,10 @@ class MultiProcessBench:
         )
         rate = len(apps) * 60.0 / seconds
         if what:
-            log(f"scale: {what}: {rate:.0f}/min; CPU a capture: {each}; machine idle {idle:.0%}")
+            log(
+                f"scale: {what}: {rate:.0f}/min; CPU a capture: {each};"
+                f" machine idle {idle:.0%}, stolen {steal:.0%}"
+            )
         return rate
 
     def close(self) -> None:
@@ -541,11 +546,13 @@ def _aware(moment: datetime) -> datetime:
 CGROUP_CPU = Path("/sys/fs/cgroup/cpu")
 
 
-def _machine_idle() -> float:
-    """Idle CPU seconds of the whole machine since boot (``/proc/stat``: idle + iowait)."""
+def _machine_cpu() -> tuple[float, float]:
+    """CPU seconds of the whole machine since boot (``/proc/stat``): idle (with iowait), and
+    stolen by the hypervisor (a virtual machine's CPUs running another guest's work)."""
     with open("/proc/stat") as fh:
         fields = fh.readline().split()
-    return (int(fields[4]) + int(fields[5])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return (int(fields[4]) + int(fields[5])) / tick, int(fields[8]) / tick
 
 
 def _cap_cpu(daemon: Daemon, cores: float) -> None:
