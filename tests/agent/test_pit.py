@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 import threading
 import time
@@ -376,8 +377,10 @@ def test_a_file_made_and_removed_while_the_tree_was_cloned_is_not_in_the_image(
             (app / "sub" / "tmp.sub").write_bytes(b"t")
         return found
 
-    def clone_then_remove(sources: list[str], dest: str, path: str) -> None:
-        real_cp(sources, dest, path)
+    def clone_then_remove(
+        sources: list[str], dest: str, path: str, *, keep_existing: bool = False
+    ) -> None:
+        real_cp(sources, dest, path, keep_existing=keep_existing)
         if walks[0] == 1:
             (app / "tmp.top").unlink()
             (app / "sub" / "tmp.sub").unlink()
@@ -388,3 +391,49 @@ def test_a_file_made_and_removed_while_the_tree_was_cloned_is_not_in_the_image(
         assert cut.cut is Cut.REFLINK
         _, m, _ = capture_tree(pool, cut.path, recheck=cut.recheck)
     assert sorted(e.path for e in m.entries) == ["kept", "sub"]
+
+
+@pytest.mark.parametrize("fstype", ["xfs", "btrfs"])
+def test_a_big_file_is_cloned_a_piece_at_a_time_and_the_cut_is_still_one_instant(
+    pool: ChunkPool, mkfs: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch, fstype: str
+) -> None:
+    """A clone locks its file until every extent is remapped (hundreds of ms for a table
+    rewritten since the last capture): a big file is cloned a piece at a time, so a write
+    waits for one piece. A write landing in a piece already cloned, while the next pieces
+    are cloned, is in the image: the held check reads it at the cut."""
+    monkeypatch.setattr(pit, "BIG_FILE", 8 << 20)
+    monkeypatch.setattr(pit, "CLONE_PIECE", 1 << 20)
+    fs = mkfs(fstype)
+    app = fs / "app"
+    (app / "base").mkdir(parents=True)
+    os.chmod(app / "base", 0o711)
+    big = app / "base" / "table"
+    big.write_bytes(os.urandom((10 << 20) + 4096 * 3))  # the last piece is not a whole one
+    (app / "small").write_bytes(b"small")
+    os.sync()
+    pieces: list[tuple[int, int]] = []
+    real_piece = pit._clone_piece
+    new_page = os.urandom(8192)
+
+    def piece_then_write(dfd: int, sfd: int, offset: int, length: int) -> None:
+        real_piece(dfd, sfd, offset, length)
+        pieces.append((offset, length))
+        if len(pieces) == 3:  # pieces 0-2 cloned: the app rewrites a page of piece 1
+            fd = os.open(big, os.O_WRONLY)
+            os.pwrite(fd, new_page, (1 << 20) + 8192)
+            os.close(fd)
+
+    monkeypatch.setattr(pit, "_clone_piece", piece_then_write)
+    with pit.point_in_time(str(app), "filesystem", ConsistencyMode.AUTO) as cut:
+        assert cut.cut is Cut.REFLINK
+        assert stat.S_IMODE(os.stat(Path(cut.path) / "base").st_mode) == 0o711
+        _, m, _ = capture_tree(pool, cut.path, recheck=cut.recheck)
+    size = big.stat().st_size
+    assert [o for o, _ in pieces] == list(range(0, size, 1 << 20))
+    assert all(n == 1 << 20 for _, n in pieces[:-1]) and pieces[-1][1] == 0  # the last: to EOF
+    assert 0 < cut.held_read <= 1 << 20  # the rewritten page, read at the cut
+    files = files_of(pool, m)
+    assert files["base/table"] == big.read_bytes()
+    assert files["base/table"][(1 << 20) + 8192 : (1 << 20) + 16384] == new_page
+    assert files["small"] == b"small"
+    assert leftovers(fs) == []

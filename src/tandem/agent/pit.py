@@ -55,6 +55,7 @@ import os
 import secrets
 import shutil
 import stat
+import struct
 import subprocess
 import threading
 import time
@@ -66,6 +67,18 @@ from tandem.errors import PointInTimeUnavailable, SourceChanged
 from tandem.storage import extents
 
 FICLONE = 0x40049409  # _IOW(0x94, 9, int)
+FICLONERANGE = 0x4020940D  # _IOW(0x94, 13, struct file_clone_range)
+_CLONE_RANGE = struct.Struct("qQQQ")  # src_fd, src_offset, src_length (0: to EOF), dest_offset
+BIG_FILE = 64 * 1024 * 1024
+"""A regular file at least this big is cloned a piece of ``CLONE_PIECE`` at a time, before
+``cp`` clones the rest of the tree. A clone locks its file until it has remapped every
+extent, and a file an application rewrote since the kept copy of the last capture shared
+its extents is split by copy-on-write into as many extents as it had writes: on XFS a
+640 MiB file after 20,000 random 8 KiB writes held 28,000 extents and one ``FICLONE`` of it
+took 422 ms (55,000 extents, 762 ms, two captures later), all of it a stall for the app's
+writes to that file. A piece holds the lock for its own extents only; the held check after
+the cloning makes the pieces one instant, as it does for files cloned at different times."""
+CLONE_PIECE = 4 * 1024 * 1024
 FIFREEZE = 0xC0045877  # _IOWR('X', 119, int): what fsfreeze -f does, without a process
 FITHAW = 0xC0045878  # _IOWR('X', 120, int)
 REFLINK_FS = frozenset({"btrfs", "xfs"})
@@ -370,8 +383,33 @@ def _lstat_tree(root: str, exclude: str | None) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def _cp(sources: list[str], dest: str, path: str) -> None:
-    _run(["cp", "-a", "--reflink=always", "--", *sources, dest], "cloning with reflinks", path)
+def _cp(sources: list[str], dest: str, path: str, *, keep_existing: bool = False) -> None:
+    """``cp -a`` with reflinks; ``keep_existing`` leaves files already in ``dest`` as they
+    are (``-n``: the big files cloned before, see ``_clone_big_files``)."""
+    flags = ["-n"] if keep_existing else []
+    _run(
+        ["cp", "-a", "--reflink=always", *flags, "--", *sources, dest],
+        "cloning with reflinks",
+        path,
+    )
+
+
+def _clone_big_files(path: str, work: str, walk: dict[str, tuple[int, ...]]) -> None:
+    """Clone the tree's big regular files into ``work`` a piece at a time (``BIG_FILE``),
+    folders made as needed (``cp -a`` gives them their attributes when it merges the rest
+    in). A file with several links is left to ``cp``, which keeps them linked."""
+    for rel, key in walk.items():
+        if len(key) != 5 or not stat.S_ISREG(key[0]) or key[1] < BIG_FILE:
+            continue
+        src, dst = os.path.join(path, rel), os.path.join(work, rel)
+        try:
+            if os.lstat(src).st_nlink > 1:
+                continue
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            _clone_file(src, dst, path)
+        except OSError:  # gone or replaced since the walk: left to cp, and to the check
+            with contextlib.suppress(OSError):
+                os.unlink(dst)
 
 
 def _remove(entry: str) -> None:
@@ -458,14 +496,40 @@ def _clone_fd(sfd: int, dst: str, path: str, what: str) -> int:
     return dfd
 
 
+def _clone_in_pieces(sfd: int, dst: str, size: int) -> int:
+    """Create ``dst`` as a clone of the open file ``sfd`` made ``CLONE_PIECE`` at a time (see
+    ``BIG_FILE``), the last piece to the file's end; returns its fd. Raises OSError."""
+    dfd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        for offset in range(0, max(size, 1), CLONE_PIECE):
+            length = 0 if offset + CLONE_PIECE >= size else CLONE_PIECE
+            _clone_piece(dfd, sfd, offset, length)
+    except OSError:
+        os.close(dfd)
+        os.unlink(dst)
+        raise
+    return dfd
+
+
+def _clone_piece(dfd: int, sfd: int, offset: int, length: int) -> None:
+    fcntl.ioctl(dfd, FICLONERANGE, _CLONE_RANGE.pack(sfd, offset, length, offset))
+
+
 def _clone_file(src: str, dst: str, path: str) -> None:
     """A reflink clone of one regular file with its mode, owner and times (as ``cp -a``),
-    without a process per file: re-cloning must be quick for the next check to settle."""
+    without a process per file: re-cloning must be quick for the next check to settle. A
+    big file is cloned a piece at a time (``BIG_FILE``); whole if the pieces fail (the file
+    shrank meanwhile)."""
     sfd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        dfd = _clone_fd(sfd, dst, path, src)
+        st = os.fstat(sfd)
+        dfd = -1
+        if st.st_size >= BIG_FILE:
+            with contextlib.suppress(OSError):
+                dfd = _clone_in_pieces(sfd, dst, st.st_size)
+        if dfd < 0:
+            dfd = _clone_fd(sfd, dst, path, src)
         try:
-            st = os.fstat(sfd)
             os.fchown(dfd, st.st_uid, st.st_gid)
             os.fchmod(dfd, stat.S_IMODE(st.st_mode))
             os.utime(dfd, ns=(st.st_atime_ns, st.st_mtime_ns))
@@ -603,7 +667,8 @@ def _reflink_tree(path: str, mount: Mount, base: str | None) -> Iterator[PointIn
             if exclude is None or not n.startswith(WORK_PREFIX)
         ]
         if names:
-            _cp(names, work + "/", path)
+            _clone_big_files(path, work, before)
+            _cp(names, work + "/", path, keep_existing=True)
         for attempt in range(CLONE_ATTEMPTS):
             if hold:
                 syncfs(path)
