@@ -7,7 +7,8 @@ app's ``ConsistencyMode``:
   - a tree that is a btrfs subvolume (inode 256) whose parent folder is on the same mount →
     ``btrfs subvolume snapshot -r`` beside it, read, then deleted (``snapshot-btrfs``);
   - a tree on btrfs or XFS → ``cp -a --reflink=always`` into a hidden work folder on the same
-    file system; then, with writes held (``fsfreeze``) only for an lstat walk of the live
+    file system, its big files cloned before a piece at a time (``BIG_FILE``); then, with
+    writes held (``fsfreeze``) only for an lstat walk of the live
     tree, every entry is compared with what it was when cloned (type, size, mtime, ctime,
     inode): all unchanged means every clone is the file at that instant (``reflink``), and
     what the clones hold that the held walk did not see (made and removed meanwhile) is
