@@ -68,13 +68,13 @@ CAPTURES = 7
 REQUESTS = 200
 MULTI_APPS = int(os.environ.get("SCALE_MULTI_APPS", "48"))
 MULTI_CPU = float(os.environ.get("SCALE_MULTI_CPU", "0"))
-MULTI_ROUNDS = int(os.environ.get("SCALE_MULTI_ROUNDS", "3"))
-"""Part 4 times this many rounds (every app captured once) with one process, then with two,
-and compares the medians: one round is 10-20 s, which one burst of other work can skew."""
 """Part 4 with ``SCALE_MULTI_CPU=C``: each appliance process is held to C cores by a cgroup of
 its own (v1 ``cpu`` controller, CFS quota), standing for a machine of its own; the agent,
 PostgreSQL and the bench share the rest. On 2 shared cores without it, a second process only
 adds contention (see the README)."""
+MULTI_ROUNDS = int(os.environ.get("SCALE_MULTI_ROUNDS", "3"))
+"""Part 4 times this many rounds (every app captured once) with one process, then with two,
+and compares the medians: one round is 10-20 s, which one burst of other work can skew."""
 PARTS = os.environ.get("SCALE_PARTS", "single,multi,keepup").split(",")
 """``single``: parts 1-3 (one appliance, SQLite); ``lists``: part 2 alone (the list routes'
 p50/p99, a minute or two); ``multi``: part 4 (PostgreSQL); ``keepup``: part 5 (the
@@ -382,8 +382,8 @@ class MultiProcessBench:
         this client) limited the round, not the appliances."""
         for _, data in apps:
             (data / "changing").write_bytes(os.urandom(16 * 1024))
-        parts = [d for d in self.daemons if d.proc is not None]
-        cpu0 = [session_cpu_seconds(d.proc.pid) for d in parts if d.proc is not None]
+        parts = [(d.kind, d.proc.pid) for d in self.daemons if d.proc is not None]
+        cpu0 = [session_cpu_seconds(pid) for _, pid in parts]
         idle0, steal0 = _machine_cpu()
         t0, started = time.monotonic(), datetime.now(UTC)
         ids = [
@@ -402,14 +402,12 @@ class MultiProcessBench:
         if last.tzinfo is None:  # the catalog's times are UTC
             last = last.replace(tzinfo=UTC)
         seconds = (last - started).total_seconds()
-        idle_seconds = time.monotonic() - t0
         idle1, steal1 = _machine_cpu()
-        capacity = idle_seconds * (os.cpu_count() or 1)
+        capacity = (time.monotonic() - t0) * (os.cpu_count() or 1)
         idle, steal = (idle1 - idle0) / capacity, (steal1 - steal0) / capacity
-        cpu = [session_cpu_seconds(d.proc.pid) for d in parts if d.proc is not None]
         each = ", ".join(
-            f"{d.kind} {1000 * (b - a) / len(apps):.0f} ms"
-            for d, a, b in zip(parts, cpu0, cpu, strict=True)
+            f"{kind} {1000 * (session_cpu_seconds(pid) - before) / len(apps):.0f} ms"
+            for (kind, pid), before in zip(parts, cpu0, strict=True)
         )
         rate = len(apps) * 60.0 / seconds
         if what:

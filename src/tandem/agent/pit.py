@@ -8,11 +8,10 @@ app's ``ConsistencyMode``:
     ``btrfs subvolume snapshot -r`` beside it, read, then deleted (``snapshot-btrfs``);
   - a tree on btrfs or XFS → ``cp -a --reflink=always`` into a hidden work folder on the same
     file system, its big files cloned before a piece at a time (``BIG_FILE``); then, with
-    writes held (``fsfreeze``) only for an lstat walk of the live
-    tree, every entry is compared with what it was when cloned (type, size, mtime, ctime,
-    inode): all unchanged means every clone is the file at that instant (``reflink``), and
-    what the clones hold that the held walk did not see (made and removed meanwhile) is
-    removed.
+    writes held (``fsfreeze``) only for an lstat walk of the live tree, every entry is
+    compared with what it was when cloned (type, size, mtime, ctime, inode): all unchanged
+    means every clone is the file at that instant (``reflink``), and what the clones hold
+    that the held walk did not see (made and removed meanwhile) is removed.
     Regular files that changed since cloned are read then, while writes are still held,
     only where their extents no longer match their clone's (``storage.extents``; the whole
     file when the maps cannot tell), up to ``HELD_READ_MAX`` bytes, and written into their
@@ -502,7 +501,7 @@ def _clone_in_pieces(sfd: int, dst: str, size: int) -> int:
     ``BIG_FILE``), the last piece to the file's end; returns its fd. Raises OSError."""
     dfd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
-        for offset in range(0, max(size, 1), CLONE_PIECE):
+        for offset in range(0, size, CLONE_PIECE):
             length = 0 if offset + CLONE_PIECE >= size else CLONE_PIECE
             _clone_piece(dfd, sfd, offset, length)
     except OSError:
