@@ -7,7 +7,7 @@ in the tree), ``--workdir`` (a fresh directory is made inside it and removed aft
 default under /var/tmp), ``--json FILE`` (also save the results), ``--quick`` (small sizes,
 for a short run; postgresql: a 0.35 GB cluster and five minutes of WAL instead of 1 GB and
 an hour),
-``--profile DIR`` (py-spy records of the daemons in the e2e and consistency sections).
+``--profile DIR`` (py-spy records of the daemons in the e2e, consistency and failback sections).
 treefailover always uses 1 and 4 GiB trees.
 """
 
@@ -96,7 +96,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--profile",
         type=Path,
         metavar="DIR",
-        help="record the daemons with py-spy (e2e, consistency) and keep the profiles in DIR",
+        help="record the daemons with py-spy (e2e, consistency, failback), profiles kept in DIR",
     )
     parser.add_argument(
         "--workdir",

@@ -388,6 +388,17 @@ def settle() -> None:
     os.sync()
 
 
+def drop_caches() -> bool:
+    """Write back, then drop the page cache (root only), so that the next measurement reads
+    from disk whatever the steps before it left in memory; False when not allowed."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError:
+        return False
+    return True
+
+
 # --- deterministic data ---------------------------------------------------------------
 
 

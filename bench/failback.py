@@ -13,13 +13,20 @@ would (SPEC §4):
 2. catch-up syncback at dr, restored at prod while the app still runs at dr;
 3. the app writes ``CHANGED`` = 64 MiB more, then stops: **downtime starts**;
 4. final syncback at dr, restore of it at prod: **downtime ends** when the restore job
-   finishes (the job timestamps: final syncback started → restore finished);
+   finishes (the job timestamps: final syncback started → restore finished). The page
+   cache is dropped before it (as root), at every size: the peer's copies before it evict
+   what the DR copy was written with at 16 GiB but not at 1 GiB, and a DR site that served
+   for days does not have it in memory either;
 5. the production volume is compared with the DR copy (``qemu-img compare``), then the
    snapshot-style failback at dr.
 
 Peer: before step 4, the production volume (at the catch-up state) is copied and the DR copy
 read out over NBD (``nbdcopy``), and ``rsync --inplace --no-whole-file`` brings the copy up
 to date from it: the classic hand-made failback. Its time is the peer's downtime.
+
+``--profile DIR`` records both appliances and both agents with py-spy during each size's
+downtime (final syncback and restore); the jobs' own logs (where each spent its time) are
+logged after each size.
 
 Reported: downtime and rsync's time per size (target: flat in size), the final syncback's
 wire bytes against the bytes changed since the catch-up (target ≈ 1×), and the restore's
@@ -44,6 +51,7 @@ from bench.common import (
     GiB,
     MiB,
     Report,
+    drop_caches,
     fmt_bytes,
     fmt_ratio,
     fmt_seconds,
@@ -51,6 +59,7 @@ from bench.common import (
     log,
     settle,
 )
+from bench.e2e import Profiler, top_functions
 from bench.replication import TwoSites, add_row, job_seconds, run_in_lab, wait_job
 from tandem.domain.rules import FAILOVER_CONFIRMATION, RESTORE_CONFIRMATIONS
 from tandem.drill.lab import Lab
@@ -112,6 +121,8 @@ class FailbackBench:
         self.sites = TwoSites(lab, dr_host=True)
         self.results: dict[float, Outcome] = {}
         self.sizes = SIZES_GIB if cfg.size <= 0 else (cfg.size / GiB,)
+        daemons = [self.sites.prod, self.sites.dr, self.sites.prod_agent, self.sites.dr_agent]
+        self.profiler = Profiler(cfg.profile, [d for d in daemons if d is not None])
 
     @property
     def dr_host(self) -> str:
@@ -127,12 +138,18 @@ class FailbackBench:
             f"Failback: fully written volumes of {', '.join(f'{g:g}' for g in self.sizes)} GiB; "
             f"{fmt_bytes(CATCH_UP)} written at dr before the catch-up syncback and "
             f"{fmt_bytes(CHANGED)} after it, in 64 KiB writes of random bytes over NBD. "
-            "Downtime = final syncback started → restore at prod finished (job timestamps). "
+            "Downtime = final syncback started → restore at prod finished (job timestamps), "
+            "page cache dropped before it. "
             "Peer: rsync --inplace --no-whole-file of the DR copy onto the production copy."
         )
         for gib in self.sizes:
             self.one_size(gib)
         self.flatness()
+        for path in self.profiler.files:
+            top = top_functions(path)
+            if top:
+                shares = ", ".join(f"{f} {share:.0%}" for f, share in top)
+                self.report.note(f"profile {path.name}: {shares}")
 
     def need(self, size: int) -> int:
         # the volume, both pools (about half of it each), the peer's two copies, a margin
@@ -181,9 +198,17 @@ class FailbackBench:
         changed = write_at_dr(uri, CHANGED, rng, size, self.data)
         rsync = self.rsync(volume, uri, what)
         settle()
+        # The peer just read and wrote twice the volume: at 16 GiB that evicts what the DR
+        # copy was written with, at 1 GiB it does not. Every size starts from disk instead,
+        # as a DR site that served for days would.
+        if not drop_caches():
+            log("failback: the page cache could not be dropped (not root): sizes not alike")
         log(f"failback: {what}: the app stops at dr; final syncback and restore")
-        final = self.job(dr, f"/api/v1/apps/{app}/syncback", {"label": "final"})
-        restored = self.restore(app, final)
+        with self.profiler.record(f"{app}-downtime"):
+            final = self.job(dr, f"/api/v1/apps/{app}/syncback", {"label": "final"})
+            restored = self.restore(app, final)
+        self.log_job(dr, final)
+        self.log_job(prod, restored)
         self.compare(volume, uri, what)
         self.job(dr, f"/api/v1/apps/{app}/failback", {})
         row = next(a for a in prod.get("/api/v1/apps") if a["name"] == app)
@@ -209,6 +234,13 @@ class FailbackBench:
     def job(self, api: Any, path: str, body: dict[str, Any]) -> dict[str, Any]:
         started = api.post(path, body)
         return wait_job(api, started["job"]["id"])
+
+    def log_job(self, api: Any, job: dict[str, Any]) -> None:
+        """The job's own log lines, timed from its start: where its time went."""
+        start = _ts(job, "started")
+        for line in api.get(f"/api/v1/jobs/{job['id']}/log"):
+            at = dt.datetime.fromisoformat(str(line["ts"])).timestamp() - start
+            log(f"  {job['type']} +{at:6.3f} s  {line['text']}")
 
     def restore(self, app: str, syncback: dict[str, Any]) -> dict[str, Any]:
         image = (syncback.get("result") or {}).get("image") or syncback["image"]

@@ -9,7 +9,7 @@ through the session; closing a session without commit discards everything pendin
 A chunk batch is verified as it arrives (``receive_stream``): its frames are checked and
 written in worker threads (a few calls at once, small frames several to a call) while the
 event loop reads the next ones, so the whole body is never held in memory and verification
-overlaps the transfer. A delta waits for the calls before it: its base may be among them.
+overlaps the transfer. A delta waits for the call storing its base, when one is under way.
 """
 
 from __future__ import annotations
@@ -24,9 +24,17 @@ from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from tandem.errors import ChunkMissing, InvalidInput, NotFound, TandemError, Unauthorized
+from tandem.errors import (
+    ChunkCorrupt,
+    ChunkMissing,
+    InvalidInput,
+    NotFound,
+    TandemError,
+    Unauthorized,
+)
 from tandem.storage.manifest import decode_manifest, stored_chunk_ids
-from tandem.storage.pool import CODEC_DELTA, ChunkPool, PoolWriter
+from tandem.storage.packs import HEAD_BYTES
+from tandem.storage.pool import CODEC_DELTA, ChunkPool, PoolWriter, parse_header
 from tandem.transport.server import hash_token, token_matches
 from tandem.transport.wire import FrameReader
 
@@ -37,10 +45,22 @@ STORE_BYTES = 1024 * 1024  # ...and about this many bytes (a larger frame goes a
 STORE_CALLS = 2  # worker calls storing frames of one request at once
 
 
-def _is_delta(parts: list[memoryview]) -> bool:
-    """Whether a received chunk file (in pieces) is a delta (codec byte, ``storage.pool``)."""
-    head = bytes(parts[0][:8]) if parts and len(parts[0]) >= 8 else b"".join(parts)[:8]
-    return len(head) > 4 and head[4] == CODEC_DELTA
+ANY_BASE = b""
+"""``_delta_base`` of a delta whose header does not say: it waits for every call before it
+(and is then refused on its own)."""
+
+
+def _delta_base(digest: bytes, parts: list[memoryview]) -> bytes | None:
+    """The base a received chunk file (in pieces) is a delta over; None for a
+    self-contained one (codec byte and header: ``storage.pool``)."""
+    first = parts[0] if parts else memoryview(b"")
+    head = bytes(first[:HEAD_BYTES]) if len(first) >= HEAD_BYTES else b"".join(parts)[:HEAD_BYTES]
+    if len(head) <= 4 or head[4] != CODEC_DELTA:
+        return None
+    try:
+        return parse_header(head, digest, "received chunk").base or ANY_BASE
+    except ChunkCorrupt:
+        return ANY_BASE
 
 
 @dataclass
@@ -163,7 +183,8 @@ class SessionRegistry:
         reader = FrameReader(max_bytes)
         queued: deque[tuple[bytes, list[memoryview]]] = deque()
         queued_bytes = 0
-        works: deque[asyncio.Future[int]] = deque()
+        # Calls under way, oldest first, each with the chunks it stores.
+        works: deque[tuple[asyncio.Future[int], set[bytes]]] = deque()
         n = size = 0
 
         def store(frames: list[tuple[bytes, list[memoryview]]]) -> int:
@@ -176,7 +197,7 @@ class SessionRegistry:
 
         async def settle_oldest() -> None:
             nonlocal size
-            size += await works.popleft()
+            size += await works.popleft()[0]
 
         async def start_next() -> None:
             # Small frames (a tree's small files) go several to a worker call: one call
@@ -190,14 +211,17 @@ class SessionRegistry:
                 queued_bytes -= k
                 take += k
                 frames.append((digest, parts))
-            if any(_is_delta(parts) for _, parts in frames):
-                while works:  # its base may be in a call under way: let it be stored first
-                    await settle_oldest()
+            # A delta whose base a call under way stores waits for that call (and those
+            # before it); the others go on beside it: a syncback is all deltas.
+            bases = {b for d, parts in frames if (b := _delta_base(d, parts)) is not None}
+            while works and (ANY_BASE in bases or any(bases & digests for _, digests in works)):
+                await settle_oldest()
             n += len(frames)
-            works.append(loop.run_in_executor(None, store, frames))
+            future = loop.run_in_executor(None, store, frames)
+            works.append((future, {d for d, _ in frames}))
 
         def may_start() -> bool:
-            return len(works) < STORE_CALLS or works[0].done() or queued_bytes > QUEUED_BYTES
+            return len(works) < STORE_CALLS or works[0][0].done() or queued_bytes > QUEUED_BYTES
 
         try:
             async for piece in pieces:
@@ -216,7 +240,7 @@ class SessionRegistry:
             while works:
                 await settle_oldest()
         except BaseException:
-            for work in works:  # let the calls under way finish before answering
+            for work, _ in works:  # let the calls under way finish before answering
                 with contextlib.suppress(Exception):
                     await asyncio.shield(work)
             raise
