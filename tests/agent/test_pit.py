@@ -437,3 +437,24 @@ def test_a_big_file_is_cloned_a_piece_at_a_time_and_the_cut_is_still_one_instant
     assert files["base/table"][(1 << 20) + 8192 : (1 << 20) + 16384] == new_page
     assert files["small"] == b"small"
     assert leftovers(fs) == []
+
+
+@pytest.mark.parametrize("mode", [ConsistencyMode.AUTO, ConsistencyMode.FREEZE])
+def test_writes_are_held_from_when_the_freeze_begins(
+    mkfs: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch, mode: ConsistencyMode
+) -> None:
+    """A freeze holds writes while the file system writes back what it must (on XFS, the
+    metadata of the clones just made: most of the hold); the hold reported counts it."""
+    fs = mkfs("xfs")
+    (fs / "app").mkdir()
+    (fs / "app" / "f").write_bytes(b"data")
+    real = pit.freeze
+
+    def slow_to_freeze(mount: pit.Mount, path: str) -> None:
+        real(mount, path)
+        time.sleep(0.3)  # as a file system still writing back when writes are held
+
+    monkeypatch.setattr(pit, "freeze", slow_to_freeze)
+    with pit.point_in_time(str(fs / "app"), "filesystem", mode) as cut:
+        assert cut.cut is (Cut.REFLINK if mode is ConsistencyMode.AUTO else Cut.FREEZE)
+    assert cut.held_seconds is not None and cut.held_seconds >= 0.3
