@@ -38,7 +38,7 @@ from typing import Any
 
 import tandem
 from bench.common import Config, Report, Row, fmt_bytes, log, run_measured
-from bench.e2e import Profiler, top_functions
+from bench.e2e import Profiler
 from bench.replication import job_queued_seconds, job_seconds, run_in_lab
 from tandem.drill.lab import Lab, tandem_argv
 
@@ -267,11 +267,7 @@ class ConsistencyBench:
                 self.one(cluster, mode)
             finally:
                 cluster.close()
-        for path in self.profiler.files:
-            top = top_functions(path)
-            if top:
-                shares = ", ".join(f"{f} {share:.0%}" for f, share in top)
-                self.report.note(f"profile {path.name}: {shares}")
+        self.profiler.note_tops(self.report)
 
     def one(self, cluster: Cluster, mode: str) -> None:
         app = f"pg-{cluster.fstype}"

@@ -96,6 +96,14 @@ class Profiler:
     def record(self, step: str) -> _Recording:
         return _Recording(self, step)
 
+    def note_tops(self, report: Report) -> None:
+        """A note per profile recorded: where the daemon's CPU went (``top_functions``)."""
+        for path in self.files:
+            top = top_functions(path)
+            if top:
+                shares = ", ".join(f"{f} {share:.0%}" for f, share in top)
+                report.note(f"profile {path.name}: {shares}")
+
 
 class _Recording:
     def __init__(self, profiler: Profiler, step: str) -> None:
@@ -294,11 +302,7 @@ class EndToEndBench:
         self.step_fixed_costs()
         self.step_volume()
         self.step_tree()
-        for path in self.profiler.files:
-            top = top_functions(path)
-            if top:
-                shares = ", ".join(f"{f} {share:.0%}" for f, share in top)
-                self.report.note(f"profile {path.name}: {shares}")
+        self.profiler.note_tops(self.report)
 
     def step_fixed_costs(self) -> None:
         log(f"e2e 3: fixed costs: re-captures of a {fmt_size(TINY)} volume, best of {ROUNDS}")

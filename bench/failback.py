@@ -59,7 +59,7 @@ from bench.common import (
     log,
     settle,
 )
-from bench.e2e import Profiler, top_functions
+from bench.e2e import Profiler
 from bench.replication import TwoSites, add_row, job_seconds, run_in_lab, wait_job
 from tandem.domain.rules import FAILOVER_CONFIRMATION, RESTORE_CONFIRMATIONS
 from tandem.drill.lab import Lab
@@ -145,11 +145,7 @@ class FailbackBench:
         for gib in self.sizes:
             self.one_size(gib)
         self.flatness()
-        for path in self.profiler.files:
-            top = top_functions(path)
-            if top:
-                shares = ", ".join(f"{f} {share:.0%}" for f, share in top)
-                self.report.note(f"profile {path.name}: {shares}")
+        self.profiler.note_tops(self.report)
 
     def need(self, size: int) -> int:
         # the volume, both pools (about half of it each), the peer's two copies, a margin

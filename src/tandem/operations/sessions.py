@@ -54,9 +54,10 @@ def _delta_base(digest: bytes, parts: list[memoryview]) -> bytes | None:
     """The base a received chunk file (in pieces) is a delta over; None for a
     self-contained one (codec byte and header: ``storage.pool``)."""
     first = parts[0] if parts else memoryview(b"")
+    codec = first[4] if len(first) > 4 else (b"".join(parts)[4:5] or b"\xff")[0]
+    if codec != CODEC_DELTA:
+        return None  # most frames: only their codec byte is looked at
     head = bytes(first[:HEAD_BYTES]) if len(first) >= HEAD_BYTES else b"".join(parts)[:HEAD_BYTES]
-    if len(head) <= 4 or head[4] != CODEC_DELTA:
-        return None
     try:
         return parse_header(head, digest, "received chunk").base or ANY_BASE
     except ChunkCorrupt:
