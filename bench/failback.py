@@ -60,7 +60,7 @@ from bench.common import (
     settle,
 )
 from bench.e2e import Profiler
-from bench.replication import TwoSites, add_row, job_seconds, run_in_lab, wait_job
+from bench.replication import TwoSites, add_row, job_seconds, job_timeline, run_in_lab, wait_job
 from tandem.domain.rules import FAILOVER_CONFIRMATION, RESTORE_CONFIRMATIONS
 from tandem.drill.lab import Lab
 from tandem.drill.sampleapp import NbdDisk
@@ -233,10 +233,8 @@ class FailbackBench:
 
     def log_job(self, api: Any, job: dict[str, Any]) -> None:
         """The job's own log lines, timed from its start: where its time went."""
-        start = _ts(job, "started")
-        for line in api.get(f"/api/v1/jobs/{job['id']}/log"):
-            at = dt.datetime.fromisoformat(str(line["ts"])).timestamp() - start
-            log(f"  {job['type']} +{at:6.3f} s  {line['text']}")
+        for line in job_timeline(job, api.get(f"/api/v1/jobs/{job['id']}/log")):
+            log(f"  {line}")
 
     def restore(self, app: str, syncback: dict[str, Any]) -> dict[str, Any]:
         image = (syncback.get("result") or {}).get("image") or syncback["image"]

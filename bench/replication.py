@@ -163,6 +163,16 @@ def job_queued_seconds(job: dict[str, Any]) -> float:
     return (_when(job, "started") - _when(job, "created")).total_seconds()
 
 
+def job_timeline(job: dict[str, Any], lines: list[dict[str, Any]]) -> list[str]:
+    """The job's own log lines (``GET /jobs/{id}/log``), each timed from its start: where
+    its time went."""
+    start = _when(job, "started")
+    return [
+        f"{job['type']} +{(_when(line, 'ts') - start).total_seconds():6.3f} s  {line['text']}"
+        for line in lines
+    ]
+
+
 # --- the two-site lab -----------------------------------------------------------------
 
 

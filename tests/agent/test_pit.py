@@ -75,6 +75,16 @@ def leftovers(folder: Path) -> list[str]:
     return [n for n in os.listdir(folder) if n.startswith(pit.WORK_PREFIX)]
 
 
+def kept_copies(folder: Path) -> list[str]:
+    """The cuts kept in ``folder``; anything else left there is the walk kept beside a tree's
+    clones (``pit.KEPT_WALK``), never a walk without its copy."""
+    names = leftovers(folder)
+    copies = sorted(n for n in names if not n.endswith(pit.KEPT_WALK))
+    walks = [n.removesuffix(pit.KEPT_WALK) for n in names if n.endswith(pit.KEPT_WALK)]
+    assert set(walks) <= set(copies), names
+    return copies
+
+
 def test_a_btrfs_subvolume_is_captured_from_a_snapshot_under_load(
     pool: ChunkPool, mkfs: Callable[[str], Path]
 ) -> None:
@@ -309,7 +319,7 @@ def test_a_kept_cut_makes_the_next_capture_read_only_changed_chunks(
 
     first_id, first, read = capture(None)
     assert read == 24 << 20
-    kept = leftovers(fs)
+    kept = kept_copies(fs)
     assert len(kept) == 1 and kept[0].startswith(pit.KEEP_PREFIX)
     with open(app / "big", "r+b") as f:
         f.seek(5 << 20)
@@ -317,10 +327,10 @@ def test_a_kept_cut_makes_the_next_capture_read_only_changed_chunks(
     _, second, read = capture((first_id, first))
     assert 0 < read <= 12 << 20
     assert files_of(pool, second)["big"] == (app / "big").read_bytes()
-    wait_until(lambda: len(leftovers(fs)) == 1)  # the first kept cut is removed, after
+    wait_until(lambda: len(kept_copies(fs)) == 1)  # the first kept cut is removed, after
     with pit.point_in_time(str(app), "filesystem", ConsistencyMode.AUTO, base=first_id.hex()) as c:
         assert c.previous is None  # not the image the kept cut belongs to
-    assert len(leftovers(fs)) == 1
+    assert len(kept_copies(fs)) == 1
 
 
 def test_a_kept_cut_inside_a_whole_mount_app_is_not_captured(
@@ -331,7 +341,7 @@ def test_a_kept_cut_inside_a_whole_mount_app_is_not_captured(
     with pit.point_in_time(str(fs), "filesystem", ConsistencyMode.AUTO) as cut:
         mid, m, _ = capture_tree(pool, cut.path, recheck=cut.recheck)
         cut.keep = mid.hex()
-    assert len(leftovers(fs)) == 1
+    assert len(kept_copies(fs)) == 1
     with pit.point_in_time(str(fs), "filesystem", ConsistencyMode.AUTO, base=mid.hex()) as cut:
         assert cut.previous is not None
         _, m, _ = capture_tree(pool, cut.path, recheck=cut.recheck)
@@ -348,7 +358,7 @@ def test_a_kept_cut_is_dropped_when_the_app_is_no_longer_cut_from_clones(
     with pit.point_in_time(str(fs), "filesystem", ConsistencyMode.AUTO) as cut:
         mid, _, _ = capture_tree(pool, cut.path, recheck=cut.recheck)
         cut.keep = mid.hex()
-    assert len(leftovers(fs)) == 1
+    assert len(kept_copies(fs)) == 1
     with pit.point_in_time(str(fs), "filesystem", ConsistencyMode.FREEZE) as cut:
         assert cut.cut is Cut.FREEZE
         _, m, _ = capture_tree(pool, cut.path, recheck=cut.recheck)
@@ -458,3 +468,186 @@ def test_writes_are_held_from_when_the_freeze_begins(
     with pit.point_in_time(str(fs / "app"), "filesystem", mode) as cut:
         assert cut.cut is (Cut.REFLINK if mode is ConsistencyMode.AUTO else Cut.FREEZE)
     assert cut.held_seconds is not None and cut.held_seconds >= 0.3
+
+
+def _capture_kept(
+    pool: ChunkPool, app: Path, base: tuple[bytes, TreeManifest] | None
+) -> tuple[pit.PointInTime, bytes, TreeManifest, int]:
+    """A capture as the agent makes it: from the image ``base`` and its kept cut, keeping
+    this one for the next."""
+    with pit.point_in_time(
+        str(app), "filesystem", ConsistencyMode.AUTO, base=base[0].hex() if base else None
+    ) as cut:
+        assert cut.cut is Cut.REFLINK
+        mid, m, stats = capture_tree(
+            pool,
+            cut.path,
+            base=base[1] if base else None,
+            base_id=base[0] if base else None,
+            identity=cut.identity,
+            recheck=cut.recheck,
+            previous=cut.previous,
+        )
+        cut.keep = mid.hex()
+    return cut, mid, m, stats.bytes_read
+
+
+def _tree_of(pool: ChunkPool, m: TreeManifest) -> dict[str, tuple[str, int, str | bytes]]:
+    """Each path of the image: its type, permission bits and content (a symlink's target)."""
+    files = files_of(pool, m)
+    return {
+        e.path: (e.type, stat.S_IMODE(e.mode), e.target or files.get(e.path, b""))
+        for e in m.entries
+    }
+
+
+def _tree_at(root: Path) -> dict[str, tuple[str, int, str | bytes]]:
+    """The same for a live tree."""
+    out: dict[str, tuple[str, int, str | bytes]] = {}
+    for p in sorted(root.rglob("*")):
+        st = p.lstat()
+        rel = p.relative_to(root).as_posix()
+        if stat.S_ISLNK(st.st_mode):
+            out[rel] = ("l", stat.S_IMODE(st.st_mode), os.readlink(p))
+        elif stat.S_ISDIR(st.st_mode):
+            out[rel] = ("d", stat.S_IMODE(st.st_mode), b"")
+        else:
+            out[rel] = ("f", stat.S_IMODE(st.st_mode), p.read_bytes())
+    return out
+
+
+def _no_whole_clone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make cloning the whole tree (its big files, then ``cp -a`` of the rest) fail; a
+    changed folder or symlink is still cloned with ``cp``."""
+    real_cp = pit._cp
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the whole tree was cloned again")
+
+    def cp(sources: list[str], dest: str, path: str, *, keep_existing: bool = False) -> None:
+        if keep_existing:
+            refuse()
+        real_cp(sources, dest, path)
+
+    monkeypatch.setattr(pit, "_clone_big_files", refuse)
+    monkeypatch.setattr(pit, "_cp", cp)
+
+
+def test_a_recapture_clones_only_what_changed_into_the_kept_copy(
+    pool: ChunkPool, mkfs: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The clones kept from the last cut become the next cut's copy: only entries changed
+    since are cloned again (new, rewritten, removed, renamed, chmod'ed, a folder made or
+    removed), and the image is the live tree, with the big file read only where written."""
+    fs = mkfs("xfs")
+    app = fs / "app"
+    for d in ("a", "a/deep", "gone", "stay"):
+        (app / d).mkdir(parents=True)
+    for i in range(20):
+        (app / "a" / f"f{i}").write_bytes(os.urandom(3000))
+    (app / "a" / "deep" / "x").write_bytes(b"deep")
+    (app / "gone" / "y").write_bytes(b"y")
+    (app / "stay" / "old-name").write_bytes(b"renamed")
+    (app / "mode").write_bytes(b"m")
+    (app / "link").symlink_to("a/f1")
+    (app / "big").write_bytes(os.urandom(16 << 20))
+    first_cut, first_id, first, _ = _capture_kept(pool, app, None)
+    assert "the last cut's clones" not in first_cut.reason
+
+    (app / "a" / "f3").write_bytes(os.urandom(3000))
+    (app / "a" / "f4").unlink()
+    (app / "a" / "new").write_bytes(b"new")
+    subprocess.run(["rm", "-r", str(app / "gone")], check=True)
+    (app / "made" / "sub").mkdir(parents=True)
+    (app / "made" / "sub" / "z").write_bytes(b"z")
+    (app / "stay" / "old-name").rename(app / "stay" / "new-name")
+    (app / "mode").chmod(0o600)
+    (app / "link").unlink()
+    (app / "link").symlink_to("a/f2")
+    with open(app / "big", "r+b") as f:
+        f.seek(3 << 20)
+        f.write(b"w" * 4096)
+    _no_whole_clone(monkeypatch)
+    cut, mid, second, read = _capture_kept(pool, app, (first_id, first))
+    assert "the last cut's clones" in cut.reason
+    assert _tree_of(pool, second) == _tree_at(app)
+    assert read < 8 << 20  # the big file where it was written (a chunk or two), not 16 MiB
+    wait_until(lambda: len(kept_copies(fs)) == 1)  # the clones set aside are removed
+
+    # Unchanged since: the copy kept again is reused as it is.
+    cut, _, third, read = _capture_kept(pool, app, (mid, second))
+    assert "the last cut's clones" in cut.reason
+    assert _tree_of(pool, third) == _tree_at(app) and read == 0
+
+
+@pytest.mark.parametrize("change", ["remove", "add", "rewrite"])
+def test_a_kept_copy_changed_after_it_was_kept_is_not_reused(
+    pool: ChunkPool, mkfs: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch, change: str
+) -> None:
+    """The kept copy stands for the live tree only as long as nothing changed it: a file
+    removed from it, added to it or rewritten in it since makes the next cut clone the whole
+    tree (the app's own clean-up of a mount it owns could do any of it)."""
+    fs = mkfs("xfs")
+    app = fs / "app"
+    (app / "sub").mkdir(parents=True)
+    for name in ("a", "sub/b", "c"):
+        (app / name).write_bytes(name.encode() * 1000)
+    _, first_id, first, _ = _capture_kept(pool, app, None)
+    (kept,) = kept_copies(fs)
+    if change == "remove":
+        (fs / kept / "sub" / "b").unlink()
+    elif change == "add":
+        (fs / kept / "stray").write_bytes(b"not the app's")
+    else:
+        (fs / kept / "c").write_bytes(b"C" * 1000)  # another mtime, same size
+    cut, _, second, _ = _capture_kept(pool, app, (first_id, first))
+    assert "the last cut's clones" not in cut.reason
+    assert _tree_of(pool, second) == _tree_at(app)
+
+
+def test_a_changed_file_with_several_links_makes_the_cut_clone_the_tree(
+    pool: ChunkPool, mkfs: Callable[[str], Path]
+) -> None:
+    """Cloning one name of a hard-linked file alone would split the group in the copy:
+    ``cp -a`` clones the tree with its links instead."""
+    fs = mkfs("xfs")
+    app = fs / "app"
+    app.mkdir()
+    (app / "one").write_bytes(b"linked")
+    os.link(app / "one", app / "two")
+    (app / "other").write_bytes(b"o")
+    _, first_id, first, _ = _capture_kept(pool, app, None)
+    (app / "one").write_bytes(b"rewritten through one name")
+    cut, _, second, _ = _capture_kept(pool, app, (first_id, first))
+    assert "the last cut's clones" not in cut.reason
+    types = {e.path: e.type for e in second.entries}
+    assert sorted(types[p] for p in ("one", "two")) == ["f", "h"]
+    assert files_of(pool, second)["one"] == b"rewritten through one name"
+
+
+def test_an_entry_changed_within_a_clock_tick_of_the_kept_walk_is_cloned_again(
+    mkfs: Callable[[str], Path],
+) -> None:
+    """A file written in the same clock tick as the walk that kept its stamp can be written
+    again without its ctime moving: the next cut does not trust that stamp."""
+    fs = mkfs("xfs")
+    app = fs / "app"
+    app.mkdir()
+    (app / "old").write_bytes(b"o")
+    time.sleep(2 * pit.RACY_NS / 1e9)  # the two stamps more than the window apart
+    (app / "recent").write_bytes(b"r")
+    work = fs / ".tandem-pit-test"
+    subprocess.run(["cp", "-a", "--reflink=always", f"{app}/.", str(work)], check=True)
+    walk = pit._lstat_tree(str(app), None)
+    recent_ctime = walk["recent"][3]
+    base = "ab" * 32
+    later = max(key[3] for key in walk.values()) + 10**9  # a walk a second after every change
+    assert pit._replace_kept(str(fs), str(app), str(work), base, pit._rmtree, (walk, later))
+    reuse = pit._reuse_kept(str(fs), str(app), base, pit._lstat_tree(str(app), None))
+    assert reuse is not None and reuse[1] == []  # every stamp trusted
+    kept = reuse[0]
+    assert pit._replace_kept(
+        str(fs), str(app), kept, base, pit._rmtree, (walk, recent_ctime + pit.RACY_NS // 2)
+    )
+    reuse = pit._reuse_kept(str(fs), str(app), base, pit._lstat_tree(str(app), None))
+    assert reuse is not None and reuse[1] == ["recent"]

@@ -157,11 +157,12 @@ def test_removing_an_app_removes_the_clones_its_host_kept_for_the_next_capture(
         assert gone.status is JobStatus.SUCCEEDED, gone.message
         apps.unprotect_app(site, name=name, actor="t")
     kept = sorted(n for n in os.listdir(fs) if n.startswith(".tandem-pit-keep-"))
-    assert len(kept) == 2
+    # Each app's clones, and beside them the walk they stand for (pit.KEPT_WALK).
+    assert len(kept) == 4 and sum(n.endswith(".walk") for n in kept) == 2
 
     assert apps.remove_app(site, name="db") is None
     left = sorted(n for n in os.listdir(fs) if n.startswith(".tandem-pit-keep-"))
-    assert len(left) == 1 and left[0] in kept  # web's, not db's
+    assert len(left) == 2 and left[1] == left[0] + ".walk" and left[0] in kept  # web's
 
     with site.catalog.begin() as session:
         q.get_host(session, name="h1").url = f"https://127.0.0.1:{free_port()}"

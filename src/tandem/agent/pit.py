@@ -22,7 +22,9 @@ app's ``ConsistencyMode``:
     longest hold is reported. On the root file system, which is never frozen, the check
     runs with writes flowing. The hold counts from the start of the freeze, which itself
     holds writes while the file system writes back what it must (on XFS the metadata of the
-    clones just made: 35–55 ms of a 50 ms hold on a loop device here);
+    clones just made: 35–55 ms of a 50 ms hold on a loop device here). The clones kept from
+    the last cut (below), when nothing changed them since, are this cut's starting copy:
+    only the entries changed since are cloned into it (``_reuse_kept``);
   - a volume file on btrfs or XFS → a ``FICLONE`` clone beside it, read, then removed
     (``reflink``);
   - otherwise ``auto`` reads the live files (``crash-unsafe``: the capture verifies each is
@@ -53,6 +55,7 @@ import contextlib
 import ctypes
 import fcntl
 import hashlib
+import json
 import os
 import secrets
 import shutil
@@ -92,6 +95,13 @@ HELD_READ_MAX = 64 * 1024 * 1024
 """Bytes of changed files read while writes are held, rather than cloned again after."""
 FREEZE_MAX = 30.0
 COMMAND_TIMEOUT = 120.0
+KEPT_WALK = ".walk"
+"""Beside a tree's kept clones, ``<kept>.walk`` holds the live tree's walk at that cut, so
+that the next capture clones only what changed since into the kept copy (``_reuse_kept``)."""
+RACY_NS = 20_000_000
+"""An entry whose ctime was this close to a walk (or after it) may have been changed again
+within the same clock tick without its ctime moving (the "racily clean" entries of git's
+index): the next capture clones it again rather than trust its unchanged stamp."""
 
 
 @dataclass(frozen=True)
@@ -259,28 +269,161 @@ def _kept(folder: str, path: str, manifest: str | None) -> str | None:
 
 
 def _replace_kept(
-    folder: str, path: str, cut: str, manifest: str, remove: Callable[[str], None]
+    folder: str,
+    path: str,
+    cut: str,
+    manifest: str,
+    remove: Callable[[str], None],
+    walk: tuple[dict[str, tuple[int, ...]], int] | None = None,
 ) -> bool:
     """Keep ``cut`` as ``path``'s previous cut for ``manifest``, removing the one kept
-    before; False (nothing kept) when it cannot be renamed."""
+    before; False (nothing kept) when it cannot be renamed. ``walk`` (a tree's clones: the
+    live walk at the cut and when it began, ns) is written beside it (``KEPT_WALK``)."""
     if not all(c in "0123456789abcdef" for c in manifest):
         return False
     stem = _keep_stem(path)
     name = stem + manifest
+    kept = os.path.join(folder, name)
     try:
-        os.rename(cut, os.path.join(folder, name))
+        os.rename(cut, kept)
     except OSError:
         return False
-    old = [os.path.join(folder, o) for o in os.listdir(folder) if o.startswith(stem) and o != name]
+    if walk is not None:
+        _write_walk(kept, *walk)
+    old = [
+        os.path.join(folder, o)
+        for o in os.listdir(folder)
+        if o.startswith(stem) and o not in (name, name + KEPT_WALK)
+    ]
+    _remove_later(old, remove)
+    return True
 
-    def remove_old() -> None:
-        for path in old:
+
+def _remove_later(paths: list[str], remove: Callable[[str], None]) -> None:
+    """Remove ``paths`` in the background: not on the capture's time (a copy left by a stop
+    is removed at the next capture)."""
+
+    def run() -> None:
+        for path in paths:
             with contextlib.suppress(OSError, PointInTimeUnavailable):
                 remove(path)
 
-    # Not on the capture's time: a copy left by a stop is removed at the next capture.
-    threading.Thread(target=remove_old, name="tandem-pit-remove", daemon=True).start()
-    return True
+    if paths:
+        threading.Thread(target=run, name="tandem-pit-remove", daemon=True).start()
+
+
+def _write_walk(kept: str, walk: dict[str, tuple[int, ...]], walked_ns: int) -> None:
+    """Write ``<kept>.walk``: the live walk the kept clones stand for, when it began, and the
+    kept folder's ctime once renamed — nothing inside it changed after that (checked by
+    ``_reuse_kept``). Without it (an error here), the next capture clones the whole tree."""
+    with contextlib.suppress(OSError):
+        doc = {
+            "walked_ns": walked_ns,
+            "kept_ctime_ns": os.lstat(kept).st_ctime_ns,
+            "entries": {rel: list(key) for rel, key in walk.items() if len(key) == 5},
+        }
+        tmp = kept + KEPT_WALK + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(doc, f, separators=(",", ":"))
+        os.rename(tmp, kept + KEPT_WALK)
+
+
+def _read_walk(kept: str) -> tuple[dict[str, tuple[int, ...]], int, int] | None:
+    """The walk ``_write_walk`` kept beside ``kept``: (entries, walked_ns, kept_ctime_ns), or
+    None when it is missing or not exactly that shape."""
+    try:
+        with open(kept + KEPT_WALK, encoding="utf-8") as f:
+            doc = json.load(f)
+        walked, ctime, raw = doc["walked_ns"], doc["kept_ctime_ns"], doc["entries"]
+        if not (isinstance(walked, int) and isinstance(ctime, int) and isinstance(raw, dict)):
+            return None
+        entries: dict[str, tuple[int, ...]] = {}
+        for rel, key in raw.items():
+            if not (
+                isinstance(key, list)
+                and len(key) == 5
+                and all(isinstance(v, int) for v in key)
+                and rel
+                and not rel.startswith("/")
+                and ".." not in rel.split("/")
+            ):
+                return None
+            entries[rel] = tuple(key)
+        return entries, walked, ctime
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _reuse_kept(
+    folder: str, path: str, base: str | None, before: dict[str, tuple[int, ...]]
+) -> tuple[str, list[str]] | None:
+    """The kept clones of ``path``'s last cut (for ``base``) and the entries changed since,
+    when cloning only those into it makes the tree as ``before`` saw it: the walk kept with
+    it is there, nothing in it changed since it was kept (every entry as that walk recorded
+    it, none changed after it was kept: ctime), and no changed file has several links (a
+    clone of one alone would split the group). None: clone the whole tree.
+
+    An entry is changed when its type, size, mtime, ctime or inode differ from the kept
+    walk's, or when its ctime was within ``RACY_NS`` of that walk."""
+    kept = _kept(folder, path, base)
+    if kept is None:
+        return None
+    stored = _read_walk(kept)
+    if stored is None:
+        return None
+    old, walked_ns, kept_ctime = stored
+    inside = _lstat_tree(kept, None)
+    if inside.keys() != old.keys():
+        return None
+    for rel, key in inside.items():
+        was = old[rel]
+        if (
+            len(key) != 5
+            or key[0] != was[0]
+            or key[2] != was[2]
+            or (key[1] != was[1] and not stat.S_ISDIR(key[0]))
+            or key[3] > kept_ctime
+        ):
+            return None
+    try:
+        if os.lstat(kept).st_ctime_ns != kept_ctime:
+            return None
+    except OSError:
+        return None
+    racy = walked_ns - RACY_NS
+    changed = [
+        rel
+        for rel in before.keys() | old.keys()
+        if before.get(rel) != old.get(rel) or old[rel][3] >= racy
+    ]
+    for rel in changed:
+        live = before.get(rel)
+        if live is not None and len(live) == 5 and stat.S_ISREG(live[0]):
+            try:
+                if os.lstat(os.path.join(path, rel)).st_nlink > 1:
+                    return None
+            except FileNotFoundError:
+                continue  # removed since: the held check sees it
+    return kept, changed
+
+
+def _set_aside(work: str, changed: list[str], prev: str) -> bool:
+    """Move the clones of changed regular files out of ``work`` into ``prev`` (same relative
+    paths): the previous cut of each, against which the capture reads only what changed
+    (``capture_tree``'s ``previous``). True when any was moved."""
+    moved = False
+    for rel in changed:
+        src = os.path.join(work, rel)
+        try:
+            if not stat.S_ISREG(os.lstat(src).st_mode):
+                continue
+            dst = os.path.join(prev, rel)
+            os.makedirs(os.path.dirname(dst), mode=0o700, exist_ok=True)
+            os.rename(src, dst)
+            moved = True
+        except FileNotFoundError:
+            continue
+    return moved
 
 
 def _drop_kept(path: str, mount: Mount) -> None:
@@ -649,12 +792,21 @@ def _reflink_tree(path: str, mount: Mount, base: str | None) -> Iterator[PointIn
     instant of an lstat walk (``fsfreeze``; not on the root file system, where the check
     runs unfrozen): an entry unchanged since it was cloned, for all entries, makes the
     clones the live tree at that instant. Entries that changed are cloned again and the
-    check repeats, at most ``CLONE_ATTEMPTS`` times."""
+    check repeats, at most ``CLONE_ATTEMPTS`` times.
+
+    With the clones kept for ``base`` (the last cut) and reusable (``_reuse_kept``), they
+    become this cut's work copy and only what changed since is cloned into it: a cut costs
+    the walks and the changed files, not a clone of every file (nor the freeze the
+    writeback of every clone's metadata). The clones they replace are set aside as the
+    previous cut the capture reads changed files against."""
     work, exclude = _work_place(path, mount)
+    folder = os.path.dirname(work)
     hold = mount.point != "/"
     held = 0.0
     held_read = 0
     pit: PointInTime | None = None
+    prev: str | None = None
+    walk: tuple[dict[str, tuple[int, ...]], int] | None = None
     try:
         # A clone first writes the file's dirty pages, with the file locked; a freeze, all
         # of the file system's: flushed beforehand, with writes flowing, little is left.
@@ -662,22 +814,33 @@ def _reflink_tree(path: str, mount: Mount, base: str | None) -> Iterator[PointIn
             syncfs(path)
         t_cut, at = time.monotonic(), time.time()
         before = _lstat_tree(path, exclude)
-        os.mkdir(work, 0o700)
-        names = [
-            os.path.join(path, n)
-            for n in os.listdir(path)
-            if exclude is None or not n.startswith(WORK_PREFIX)
-        ]
-        if names:
-            _clone_big_files(path, work, before)
-            _cp(names, work + "/", path, keep_existing=True)
+        reuse = _reuse_kept(folder, path, base, before)
+        if reuse is not None:
+            kept, changed = reuse
+            os.rename(kept, work)
+            with contextlib.suppress(OSError):
+                os.unlink(kept + KEPT_WALK)
+            prev = work + "-prev"
+            if not _set_aside(work, changed, prev):
+                prev = None
+            _reclone(path, work, changed, before)
+        else:
+            os.mkdir(work, 0o700)
+            names = [
+                os.path.join(path, n)
+                for n in os.listdir(path)
+                if exclude is None or not n.startswith(WORK_PREFIX)
+            ]
+            if names:
+                _clone_big_files(path, work, before)
+                _cp(names, work + "/", path, keep_existing=True)
         for attempt in range(CLONE_ATTEMPTS):
             if hold:
                 syncfs(path)
             # Writes are held from the moment the freeze begins: it first waits for the
             # file system to write back what it must (XFS: the metadata of every clone and
             # copy-on-write since its last freeze), which is most of the hold.
-            t0 = time.monotonic()
+            t0, walked_ns = time.monotonic(), time.time_ns()
             if hold:
                 freeze(mount, path)
             read: dict[str, _Held] | None = None
@@ -708,14 +871,20 @@ def _reflink_tree(path: str, mount: Mount, base: str | None) -> Iterator[PointIn
                 why = "reflink clones, unchanged since cloned" + (
                     f" when writes to {mount.point} were held" if hold else ""
                 )
+                if reuse is not None:
+                    why += (
+                        f"; the last cut's clones with the {len(reuse[1])} entries changed "
+                        "since cloned again"
+                    )
                 if attempt:
                     why += f" (files that changed meanwhile re-cloned {attempt} times)"
                 identity = {rel: (k[3], k[4]) for rel, k in now.items() if len(k) == 5}
                 pit = PointInTime(work, Cut.REFLINK, why, recheck=False, identity=identity)
                 pit.held_seconds = held if hold else None
                 pit.held_read = held_read
-                pit.previous = _kept(os.path.dirname(work), path, base)
+                pit.previous = prev if reuse is not None else _kept(folder, path, base)
                 pit.cut_at, pit.cut_seconds = at, time.monotonic() - t_cut
+                walk = (now, walked_ns)
                 yield pit
                 return
             _reclone(path, work, changed, now)
@@ -728,9 +897,12 @@ def _reflink_tree(path: str, mount: Mount, base: str | None) -> Iterator[PointIn
             "hooks",
         )
     finally:
-        folder = os.path.dirname(work)
-        if not (pit and pit.keep and _replace_kept(folder, path, work, pit.keep, _rmtree)):
+        if not (
+            pit and pit.keep and _replace_kept(folder, path, work, pit.keep, _rmtree, walk=walk)
+        ):
             shutil.rmtree(work, ignore_errors=True)
+        if prev is not None:
+            _remove_later([prev], _rmtree)
 
 
 @contextlib.contextmanager
