@@ -1,5 +1,5 @@
 """`python -m tandem.cli` runs the `tandem` command (used by tests and when not installed)."""
 
-from tandem.cli.main import main
+from tandem.cli.main import run
 
-main()
+run()
