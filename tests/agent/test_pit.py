@@ -85,6 +85,27 @@ def kept_copies(folder: Path) -> list[str]:
     return copies
 
 
+def _capture_kept(
+    pool: ChunkPool, app: Path, base: tuple[bytes, TreeManifest] | None
+) -> tuple[pit.PointInTime, bytes, TreeManifest, int]:
+    """A capture as the agent makes it: from the image ``base`` and its kept cut, keeping
+    this one for the next."""
+    with pit.point_in_time(
+        str(app), "filesystem", ConsistencyMode.AUTO, base=base[0].hex() if base else None
+    ) as cut:
+        mid, m, stats = capture_tree(
+            pool,
+            cut.path,
+            base=base[1] if base else None,
+            base_id=base[0] if base else None,
+            identity=cut.identity,
+            recheck=cut.recheck,
+            previous=cut.previous,
+        )
+        cut.keep = mid.hex()
+    return cut, mid, m, stats.bytes_read
+
+
 def test_a_btrfs_subvolume_is_captured_from_a_snapshot_under_load(
     pool: ChunkPool, mkfs: Callable[[str], Path]
 ) -> None:
@@ -300,32 +321,15 @@ def test_a_kept_cut_makes_the_next_capture_read_only_changed_chunks(
         app.mkdir()
     (app / "big").write_bytes(os.urandom(24 << 20))
 
-    def capture(base: tuple[bytes, TreeManifest] | None) -> tuple[bytes, TreeManifest, int]:
-        with pit.point_in_time(
-            str(app), "filesystem", ConsistencyMode.AUTO, base=base[0].hex() if base else None
-        ) as cut:
-            assert (cut.previous is not None) == (base is not None)
-            mid, m, stats = capture_tree(
-                pool,
-                cut.path,
-                base=base[1] if base else None,
-                base_id=base[0] if base else None,
-                identity=cut.identity,
-                recheck=cut.recheck,
-                previous=cut.previous,
-            )
-            cut.keep = mid.hex()
-        return mid, m, stats.bytes_read
-
-    first_id, first, read = capture(None)
-    assert read == 24 << 20
+    cut, first_id, first, read = _capture_kept(pool, app, None)
+    assert cut.previous is None and read == 24 << 20
     kept = kept_copies(fs)
     assert len(kept) == 1 and kept[0].startswith(pit.KEEP_PREFIX)
     with open(app / "big", "r+b") as f:
         f.seek(5 << 20)
         f.write(b"x" * 8192)
-    _, second, read = capture((first_id, first))
-    assert 0 < read <= 12 << 20
+    cut, _, second, read = _capture_kept(pool, app, (first_id, first))
+    assert cut.previous is not None and 0 < read <= 12 << 20
     assert files_of(pool, second)["big"] == (app / "big").read_bytes()
     wait_until(lambda: len(kept_copies(fs)) == 1)  # the first kept cut is removed, after
     with pit.point_in_time(str(app), "filesystem", ConsistencyMode.AUTO, base=first_id.hex()) as c:
@@ -470,28 +474,6 @@ def test_writes_are_held_from_when_the_freeze_begins(
     assert cut.held_seconds is not None and cut.held_seconds >= 0.3
 
 
-def _capture_kept(
-    pool: ChunkPool, app: Path, base: tuple[bytes, TreeManifest] | None
-) -> tuple[pit.PointInTime, bytes, TreeManifest, int]:
-    """A capture as the agent makes it: from the image ``base`` and its kept cut, keeping
-    this one for the next."""
-    with pit.point_in_time(
-        str(app), "filesystem", ConsistencyMode.AUTO, base=base[0].hex() if base else None
-    ) as cut:
-        assert cut.cut is Cut.REFLINK
-        mid, m, stats = capture_tree(
-            pool,
-            cut.path,
-            base=base[1] if base else None,
-            base_id=base[0] if base else None,
-            identity=cut.identity,
-            recheck=cut.recheck,
-            previous=cut.previous,
-        )
-        cut.keep = mid.hex()
-    return cut, mid, m, stats.bytes_read
-
-
 def _tree_of(pool: ChunkPool, m: TreeManifest) -> dict[str, tuple[str, int, str | bytes]]:
     """Each path of the image: its type, permission bits and content (a symlink's target)."""
     files = files_of(pool, m)
@@ -552,7 +534,7 @@ def test_a_recapture_clones_only_what_changed_into_the_kept_copy(
     (app / "link").symlink_to("a/f1")
     (app / "big").write_bytes(os.urandom(16 << 20))
     first_cut, first_id, first, _ = _capture_kept(pool, app, None)
-    assert "the last cut's clones" not in first_cut.reason
+    assert first_cut.cut is Cut.REFLINK and "the last cut's clones" not in first_cut.reason
 
     (app / "a" / "f3").write_bytes(os.urandom(3000))
     (app / "a" / "f4").unlink()
