@@ -8,6 +8,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -633,3 +634,29 @@ def test_an_entry_changed_within_a_clock_tick_of_the_kept_walk_is_cloned_again(
     )
     reuse = pit._reuse_kept(str(fs), str(app), base, pit._lstat_tree(str(app), None))
     assert reuse is not None and reuse[1] == ["recent"]
+
+
+def _rounds_past(writer: PairWriter, rounds: int) -> bool:
+    return writer.rounds > rounds
+
+
+def test_cuts_from_the_kept_clones_are_never_torn_under_load(
+    pool: ChunkPool, mkfs: Callable[[str], Path]
+) -> None:
+    """Capture after capture from the image before and its kept clones while a writer
+    rewrites pairs of files that must always agree: each cut reuses the kept copy, and no
+    image holds a pair from two different rounds."""
+    fs = mkfs("xfs")
+    app = fs / "app"
+    app.mkdir()
+    base: tuple[bytes, TreeManifest] | None = None
+    with PairWriter(app, PAIRS, size=16 * 1024) as writer:
+        wait_until(lambda: writer.rounds > 0)
+        for i in range(5):
+            before = writer.rounds
+            cut, mid, m, _ = _capture_kept(pool, app, base)
+            assert cut.cut is Cut.REFLINK
+            assert ("the last cut's clones" in cut.reason) == (i > 0)
+            assert torn(files_of(pool, m), PAIRS) == []
+            base = (mid, m)
+            wait_until(partial(_rounds_past, writer, before + 1))  # rewritten in between
