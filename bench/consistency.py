@@ -26,7 +26,6 @@ are missing is skipped, and says so.
 from __future__ import annotations
 
 import compileall
-import datetime as dt
 import glob
 import json
 import os
@@ -40,7 +39,13 @@ from typing import Any
 import tandem
 from bench.common import Config, Report, Row, fmt_bytes, log, run_measured
 from bench.e2e import Profiler
-from bench.replication import job_queued_seconds, job_seconds, job_timeline, run_in_lab
+from bench.replication import (
+    job_epoch,
+    job_queued_seconds,
+    job_seconds,
+    job_timeline,
+    run_in_lab,
+)
 from tandem.drill.lab import Lab, tandem_argv
 
 SECTION = "consistency · tandem capture of a busy PostgreSQL cluster vs pg_basebackup"
@@ -102,11 +107,6 @@ def _max_latency_ms(logs: Path, start: float, end: float) -> tuple[float, int]:
 
 def _tree_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
-
-
-def _at(job: dict[str, Any], key: str, since: float) -> float:
-    """Seconds from ``since`` (an epoch time) to the job's timestamp ``key``."""
-    return dt.datetime.fromisoformat(str(job[key])).timestamp() - since
 
 
 class Cluster:
@@ -290,10 +290,11 @@ class ConsistencyBench:
                 time.sleep(PAUSE_BETWEEN)
                 job, wall, start, end = self.capture(app)
                 runs.append(("again", job, wall, start, end))
+                at = {k: job_epoch(job, k) - start for k in ("created", "started", "finished")}
                 log(
-                    f"  CLI started; job created +{_at(job, 'created', start):.3f} s, started "
-                    f"+{_at(job, 'started', start):.3f} s, finished "
-                    f"+{_at(job, 'finished', start):.3f} s; CLI ended +{end - start:.3f} s"
+                    f"  CLI started; job created +{at['created']:.3f} s, started "
+                    f"+{at['started']:.3f} s, finished +{at['finished']:.3f} s; CLI ended "
+                    f"+{end - start:.3f} s"
                 )
                 lines: Any = self.cli("job", "log", job["id"])[0]  # a list of lines
                 for line in job_timeline(job, lines):

@@ -36,7 +36,6 @@ is skipped, and says so.
 
 from __future__ import annotations
 
-import datetime as dt
 import random
 import shutil
 import subprocess
@@ -60,7 +59,15 @@ from bench.common import (
     settle,
 )
 from bench.e2e import Profiler
-from bench.replication import TwoSites, add_row, job_seconds, job_timeline, run_in_lab, wait_job
+from bench.replication import (
+    TwoSites,
+    add_row,
+    job_epoch,
+    job_seconds,
+    job_timeline,
+    run_in_lab,
+    wait_job,
+)
 from tandem.domain.rules import FAILOVER_CONFIRMATION, RESTORE_CONFIRMATIONS
 from tandem.drill.lab import Lab
 from tandem.drill.sampleapp import NbdDisk
@@ -209,7 +216,7 @@ class FailbackBench:
         self.job(dr, f"/api/v1/apps/{app}/failback", {})
         row = next(a for a in prod.get("/api/v1/apps") if a["name"] == app)
         out = Outcome(
-            downtime=(_ts(restored, "finished") - _ts(final, "started")),
+            downtime=(job_epoch(restored, "finished") - job_epoch(final, "started")),
             final_syncback=job_seconds(final),
             restore=job_seconds(restored),
             final_wire=int(final["bytes_sent"]),
@@ -326,10 +333,6 @@ class FailbackBench:
             target="≈ 1× (flat)",
             values=dict(ratio=b / a),
         )
-
-
-def _ts(job: dict[str, Any], key: str) -> float:
-    return dt.datetime.fromisoformat(str(job[key])).timestamp()
 
 
 def run(cfg: Config, report: Report) -> None:

@@ -153,6 +153,11 @@ def _when(job: dict[str, Any], key: str) -> dt.datetime:
     return dt.datetime.fromisoformat(str(value))
 
 
+def job_epoch(job: dict[str, Any], key: str) -> float:
+    """The job's timestamp ``key`` (``created``, ``started``, ``finished``) as epoch seconds."""
+    return _when(job, key).timestamp()
+
+
 def job_seconds(job: dict[str, Any]) -> float:
     """The job's own duration: its ``started`` to its ``finished`` timestamp."""
     return (_when(job, "finished") - _when(job, "started")).total_seconds()
