@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import subprocess
@@ -10,6 +11,7 @@ import time
 from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -660,3 +662,40 @@ def test_cuts_from_the_kept_clones_are_never_torn_under_load(
             assert torn(files_of(pool, m), PAIRS) == []
             base = (mid, m)
             wait_until(partial(_rounds_past, writer, before + 1))  # rewritten in between
+
+
+def _spoil(doc: dict[str, Any], how: str) -> str:
+    """The kept walk ``doc`` spoiled ``how``, as the file's new text."""
+    if how == "text":
+        return "not json"
+    if how == "short-entry":
+        doc["entries"]["a"] = []
+    elif how == "text-in-entry":
+        doc["entries"]["a"][0] = str(doc["entries"]["a"][0])
+    elif how == "walked-as-text":
+        doc["walked_ns"] = str(doc["walked_ns"])
+    else:
+        del doc["kept_ctime_ns"]
+    return json.dumps(doc)
+
+
+@pytest.mark.parametrize(
+    "how", ["text", "short-entry", "text-in-entry", "walked-as-text", "no-ctime"]
+)
+def test_a_kept_walk_not_of_its_shape_makes_the_cut_clone_the_tree(
+    pool: ChunkPool, mkfs: Callable[[str], Path], how: str
+) -> None:
+    """The walk beside kept clones is a file on the host, beside the app's data: one that
+    does not read back as the agent wrote it is not used, and the capture still succeeds."""
+    fs = mkfs("xfs")
+    app = fs / "app"
+    app.mkdir()
+    (app / "a").write_bytes(b"a" * 1000)
+    _, first_id, first, _ = _capture_kept(pool, app, None)
+    (kept,) = kept_copies(fs)
+    walk = fs / (kept + pit.KEPT_WALK)
+    walk.write_text(_spoil(json.loads(walk.read_text()), how))
+    (app / "a").write_bytes(b"b" * 1000)
+    cut, _, second, _ = _capture_kept(pool, app, (first_id, first))
+    assert "the last cut's clones" not in cut.reason
+    assert _tree_of(pool, second) == _tree_at(app)

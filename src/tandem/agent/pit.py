@@ -330,26 +330,16 @@ def _write_walk(kept: str, walk: dict[str, tuple[int, ...]], walked_ns: int) -> 
 
 def _read_walk(kept: str) -> tuple[dict[str, tuple[int, ...]], int, int] | None:
     """The walk ``_write_walk`` kept beside ``kept``: (entries, walked_ns, kept_ctime_ns), or
-    None when it is missing or not exactly that shape."""
+    None when it is missing or not that shape. Entries need only be five values each: they
+    are trusted only where they equal the kept copy's own entries (``_reuse_kept``)."""
     try:
         with open(kept + KEPT_WALK, encoding="utf-8") as f:
             doc = json.load(f)
         walked, ctime, raw = doc["walked_ns"], doc["kept_ctime_ns"], doc["entries"]
         if not (isinstance(walked, int) and isinstance(ctime, int) and isinstance(raw, dict)):
             return None
-        entries: dict[str, tuple[int, ...]] = {}
-        for rel, key in raw.items():
-            if not (
-                isinstance(key, list)
-                and len(key) == 5
-                and all(isinstance(v, int) for v in key)
-                and rel
-                and not rel.startswith("/")
-                and ".." not in rel.split("/")
-            ):
-                return None
-            entries[rel] = tuple(key)
-        return entries, walked, ctime
+        entries = {r: tuple(k) for r, k in raw.items() if isinstance(k, list) and len(k) == 5}
+        return (entries, walked, ctime) if len(entries) == len(raw) else None
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
