@@ -123,6 +123,16 @@ def wal_written(cluster: Cluster) -> None:
     wait_for(lambda: cluster.sql(reported) == "t", 60, "the receiver to write the WAL")
 
 
+def streams_on_its_slot(cluster: Cluster, app: str = "db") -> None:
+    """Wait until tandem's receiver streams from ``cluster`` on the app's slot, its only
+    slot. A count of ``pg_stat_replication`` says nothing on its own: it also lists the
+    walsender of ``pg_receivewal --create-slot`` while the slot is being made."""
+    slots = "SELECT string_agg(slot_name || ':' || active, ',') FROM pg_replication_slots"
+    wait_for(lambda: cluster.sql(slots) == f"tandem_{app}:true", 60, "the stream on its slot")
+    streaming = "SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'"
+    wait_for(lambda: cluster.sql(streaming) == "1", 60, "one receiver streaming")
+
+
 @dataclass
 class FailedOver:
     """Production (stopped) and the DR copy running after a planned failover."""

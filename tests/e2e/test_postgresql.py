@@ -21,6 +21,7 @@ from tests.e2e.pgsite import (
     recovered,
     server_now,
     shared_dir,
+    streams_on_its_slot,
     window_end,
 )
 from tests.e2e.test_live_apps import INVARIANT, as_postgres
@@ -272,9 +273,7 @@ def test_the_replication_slot_is_dropped_when_the_app_is_removed(
         cli("template", "add", "pg-manual")
         cli("app", "protect", "slotted", "--template", "pg-manual")
         wait_for(lambda: prod.sql(slot) == "1", 30, "the slot")
-        wait_for(
-            lambda: prod.sql("SELECT count(*) FROM pg_stat_replication") == "1", 30, "streaming"
-        )
+        streams_on_its_slot(prod, "slotted")
         cli("app", "unprotect", "slotted")  # no slot keeps WAL for an unprotected app
         wait_for(lambda: prod.sql(slot) == "0", 30, "the slot dropped")
         cli("app", "protect", "slotted", "--template", "pg-manual")

@@ -19,6 +19,7 @@ from tests.e2e.pgsite import (
     server_now,
     shared_dir,
     stop_bench,
+    streams_on_its_slot,
     window_end,
 )
 from tests.e2e.test_live_apps import INVARIANT, as_postgres
@@ -99,11 +100,7 @@ def test_a_database_failed_over_comes_home_with_every_dr_transaction_and_streams
         # Production streams again, on the timeline the DR copy began at its promotion.
         timeline = "SELECT substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8)"
         assert prod.sql(timeline) == "00000002"
-        wait_for(
-            lambda: prod.sql("SELECT count(*) FROM pg_stat_replication") == "1", 60, "streaming"
-        )
-        slots = "SELECT string_agg(slot_name || ':' || active, ',') FROM pg_replication_slots"
-        assert prod.sql(slots) == "tandem_db:true"  # one slot, the stream's own
+        streams_on_its_slot(prod)  # one slot, the stream's own
         base = a("capture", "db")
         assert base["job"]["status"] == "succeeded", base["job"]
         assert base["image"]["pg"]["timeline"] == 2
