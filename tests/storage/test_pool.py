@@ -18,7 +18,7 @@ from tandem.storage.digest import (
     hash_sub_blocks,
     object_id,
 )
-from tandem.storage.pool import CODEC_RAW, CODEC_ZSTD, HEADER, ChunkPool, encode_chunk
+from tandem.storage.pool import CODEC_RAW, CODEC_ZSTD, HEADER, ChunkPool, Layouts, encode_chunk
 from tests.poolfiles import chunk_file
 
 
@@ -298,3 +298,96 @@ def test_a_received_delta_is_verified_without_decoding_its_base(
         assert w.put_encoded(digest, blob).new
     path.write_bytes(kept)
     assert pool.get(digest) == bytes(new)
+
+
+def header_reads(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """The ids of the chunks whose header a pool reads from now on, in order."""
+    reads: list[bytes] = []
+    info = ChunkPool.info
+
+    def counted(self: ChunkPool, digest: bytes) -> object:
+        reads.append(digest)
+        return info(self, digest)
+
+    monkeypatch.setattr(ChunkPool, "info", counted)
+    return reads
+
+
+def test_block_digests_received_are_remembered_but_never_the_chunk(
+    pool: ChunkPool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failback's restore asks for the block digests of the chunks its final syncback has
+    just stored, and of their bases: they come from memory, without a header read, each
+    time as a list of its own. They never stand in for the chunk: once it is gone, reading
+    its blocks fails."""
+    dr = ChunkPool.create(tmp_path / "dr")
+    base = os.urandom(4 * SUB_BLOCK)
+    block = os.urandom(SUB_BLOCK)
+    new = base[:SUB_BLOCK] + block + base[2 * SUB_BLOCK :]
+    digest, subs = hash_object(new)
+    for p in (pool, dr):
+        with p.writer() as w:
+            base_id = w.put(base).digest
+    with dr.writer() as w:
+        assert w.put_blocks(digest, subs, len(new), base_id, {1: block}) is not None
+    with pool.writer([], xor_deltas=False) as w:  # as production stores a syncback
+        assert w.put_encoded(digest, dr.get_stored(digest)).new
+    reads = header_reads(monkeypatch)
+    assert pool.layout(digest) == (len(new), subs)
+    assert pool.layout(base_id) == (len(base), hash_sub_blocks(base))
+    assert reads == []
+    pool.layout(digest)[1][1] = subs[0]  # the caller's list, not the pool's
+    assert pool.layout(digest)[1] == subs
+    assert pool.read_blocks(digest, [1]) == [block]
+    chunk_file(pool, digest).unlink()
+    with pytest.raises(ChunkMissing):
+        pool.read_blocks(digest, [1])
+
+
+def test_the_remembered_block_digests_are_bounded(pool: ChunkPool) -> None:
+    with pool.writer() as w:
+        ids = [w.put(os.urandom(100)).digest for _ in range(5)]
+    pool.layouts = Layouts(3)
+    for d in ids:
+        pool.checked_info(d)
+    assert [pool.layouts.get(d) is not None for d in ids] == [False, False, True, True, True]
+    pool.layout(ids[2])  # lately used: kept over the next oldest
+    pool.checked_info(ids[0])
+    assert [pool.layouts.get(d) is not None for d in ids] == [True, False, True, False, True]
+
+
+def test_a_delta_reads_its_base_header_once_and_never_builds_on_a_base_gone_since(
+    pool: ChunkPool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A capture reads a base chunk's header for its block digests, then stores the delta
+    on it without reading the header again; a base removed in between is not built on:
+    the chunk is stored whole."""
+    base = os.urandom(4 * SUB_BLOCK)
+    block = os.urandom(SUB_BLOCK)
+    new = base[:SUB_BLOCK] + block + base[2 * SUB_BLOCK :]
+    digest, subs = hash_object(new)
+    with pool.writer() as w:
+        base_id = w.put(base).digest
+    reads = header_reads(monkeypatch)
+    with pool.writer() as w:
+        assert w.sub_digests(base_id) == hash_sub_blocks(base)
+        assert w.put_blocks(digest, subs, len(new), base_id, {1: block}) is not None
+    assert reads == [base_id]
+    monkeypatch.undo()
+    assert pool.info(digest).base == base_id and pool.get(digest) == new
+
+    other = new[: 3 * SUB_BLOCK] + os.urandom(SUB_BLOCK)
+    other_id, other_subs = hash_object(other)
+    changed = {3: other[-SUB_BLOCK:]}
+    path = chunk_file(pool, digest)
+    kept = path.read_bytes()
+    with pool.writer() as w:
+        assert w.sub_digests(digest) == subs
+        path.unlink()
+        assert w.put_blocks(other_id, other_subs, len(other), digest, changed) is None
+    path.write_bytes(kept)
+    with pool.writer() as w:
+        assert w.sub_digests(digest) == subs
+        path.unlink()
+        assert w.put_delta(other, other_id, other_subs, digest, [3]).new
+    assert pool.info(other_id).base is None and pool.get(other_id) == other

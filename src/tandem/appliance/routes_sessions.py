@@ -133,13 +133,13 @@ def make_router(registry: SessionRegistry) -> APIRouter:
 
     @router.get("/chunks/{cid}/subs")
     def get_subs(s: S, cid: str) -> Response:
-        return _sent(s, b"".join(registry.pool.sub_digests(_digest(cid))))
+        return _sent(s, b"".join(registry.pool.layout(_digest(cid))[1]))
 
     @router.get("/chunks/{cid}/blocks")
     def get_blocks(s: S, cid: str, i: Annotated[str, Query(pattern=r"^\d+(,\d+)*$")]) -> Response:
         digest = _digest(cid)
         indices = [int(x) for x in i.split(",")]
-        subs = registry.pool.sub_digests(digest)
+        subs = registry.pool.layout(digest)[1]
         if any(j >= len(subs) for j in indices):
             raise InvalidInput(detail=f"block index out of range (chunk has {len(subs)})")
         blocks = registry.pool.read_blocks(digest, indices)
@@ -150,11 +150,11 @@ def make_router(registry: SessionRegistry) -> APIRouter:
         """The length and block digests of each chunk named, in order (one subs frame each)."""
         _check_count(len(body.digests), "the block digests")
         digests = decode_digests(body.digests)
-        infos = [registry.pool.checked_info(d) for d in digests]
+        layouts = [registry.pool.layout(d) for d in digests]
         return _sent(
             s,
             encode_frames(
-                (d, encode_subs(i.plain_len, i.subs)) for d, i in zip(digests, infos, strict=True)
+                (d, encode_subs(*layout)) for d, layout in zip(digests, layouts, strict=True)
             ),
         )
 
@@ -170,20 +170,20 @@ def make_router(registry: SessionRegistry) -> APIRouter:
                 limit=f"{BLOCKS_PER_REQUEST} blocks ({BLOCK_BYTES_PER_REQUEST >> 20} MiB)",
             )
         digests = decode_digests(c.digest for c in body.chunks)
-        infos = [registry.pool.checked_info(d) for d in digests]
-        for d, info, c in zip(digests, infos, body.chunks, strict=True):
-            bad = [j for j in c.blocks if not 0 <= j < len(info.subs)]
+        layouts = [registry.pool.layout(d) for d in digests]
+        for d, (_, subs), c in zip(digests, layouts, body.chunks, strict=True):
+            bad = [j for j in c.blocks if not 0 <= j < len(subs)]
             if bad:
                 raise InvalidInput(
                     detail=f"block index {bad[0]} out of range for chunk {d.hex()}, which has"
-                    f" {len(info.subs)} blocks (indices 0 to {len(info.subs) - 1})"
+                    f" {len(subs)} blocks (indices 0 to {len(subs) - 1})"
                 )
         wants = [(d, c.blocks) for d, c in zip(digests, body.chunks, strict=True)]
         blocks = registry.pool.read_blocks_many(wants)
         frames: list[tuple[bytes, bytes]] = []
-        for (d, indices), info, got in zip(wants, infos, blocks, strict=True):
-            frames.append((d, encode_subs(info.plain_len, info.subs)))
-            frames += ((info.subs[j], b) for j, b in zip(indices, got, strict=True))
+        for (d, indices), (length, subs), got in zip(wants, layouts, blocks, strict=True):
+            frames.append((d, encode_subs(length, subs)))
+            frames += ((subs[j], b) for j, b in zip(indices, got, strict=True))
         return _sent(s, encode_frames(frames))
 
     return router

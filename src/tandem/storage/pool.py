@@ -49,6 +49,7 @@ import struct
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,6 +97,13 @@ ZSTD_LEVEL = 1
 MIN_SAVING = 0.05  # store raw when compression saves less than this fraction
 POOL_FORMAT = 3
 READABLE_FORMATS = (2, 3)
+LAYOUTS_KEPT = 4096
+"""Chunks whose checked length and block digests a pool keeps in memory (about 2 KB
+each, 9 MB in all): a failback's final syncback reads the header of every chunk it
+touches when it is received, and its restore asks for those block digests moments later."""
+BASES_READ_KEPT = 256
+"""Base chunk headers a writer keeps between a delta's ``sub_digests`` and its store:
+more than the chunks its callers' threads have in hand at once."""
 FLUSH_CHUNKS = 2048  # pending chunks before a writer makes them durable
 FLUSH_BYTES = 512 * 1024 * 1024
 DEFAULT_PACK_BELOW = PACK_BELOW  # for pools whose pool.json does not say
@@ -186,6 +194,36 @@ class ChunkInfo:
     subs: list[bytes]
     base: bytes | None  # the chunk a delta applies to
     payload_at: int
+
+
+class Layouts:
+    """The length and block digests of chunks lately read or stored, by id, each checked
+    against its id (``check_header``): what the id stands for, so true whatever encodes
+    the chunk (whole or a delta, in a pack or a file of its own). Never evidence that a
+    chunk is stored: a reader of blocks reads the chunk itself. Safe from several
+    threads; the least lately used go first."""
+
+    def __init__(self, most: int) -> None:
+        self._most = most
+        self._kept: OrderedDict[bytes, tuple[int, bytes]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, digest: bytes) -> tuple[int, list[bytes]] | None:
+        with self._lock:
+            got = self._kept.get(digest)
+            if got is None:
+                return None
+            self._kept.move_to_end(digest)
+        length, table = got
+        return length, [table[i : i + DIGEST_SIZE] for i in range(0, len(table), DIGEST_SIZE)]
+
+    def put(self, digest: bytes, info: ChunkInfo) -> None:
+        """Keep ``info``'s length and block digests; ``info`` checked against ``digest``."""
+        with self._lock:
+            self._kept[digest] = (info.plain_len, b"".join(info.subs))
+            self._kept.move_to_end(digest)
+            if len(self._kept) > self._most:
+                self._kept.popitem(last=False)
 
 
 def parse_header(blob: bytes | memoryview, digest: bytes, where: str) -> ChunkInfo:
@@ -450,6 +488,7 @@ class ChunkPool:
         self.manifests_dir = self.root / "manifests"
         self.tmp_dir = self.root / "tmp"
         self.writers_dir = self.root / "writers"
+        self.layouts = Layouts(LAYOUTS_KEPT)
         self._clean_tmp()
         self.packs.refresh(force=True)
 
@@ -657,12 +696,23 @@ class ChunkPool:
         verify blocks on their own."""
         info = self.info(digest)
         check_header(info, digest, str(self.root))
+        self.layouts.put(digest, info)
         return info
 
     def sub_digests(self, digest: bytes) -> list[bytes]:
         """The 64 KiB sub-block digests of a chunk, read from its header only (checked
         against the id)."""
         return self.checked_info(digest).subs
+
+    def layout(self, digest: bytes) -> tuple[int, list[bytes]]:
+        """(length, block digests) of a chunk, checked against its id: from memory when
+        this pool lately read or stored it (``Layouts``), else from its header. Says
+        nothing of whether the chunk is still stored; its blocks are read for that."""
+        got = self.layouts.get(digest)
+        if got is not None:
+            return got
+        info = self.checked_info(digest)
+        return info.plain_len, info.subs
 
     def read_blocks(self, digest: bytes, indices: list[int]) -> list[bytes]:
         """The plaintext 64 KiB sub-blocks ``indices`` of a chunk, each verified.
@@ -1033,6 +1083,7 @@ class PoolWriter:
         # writer started), so they are answered from memory, without a syscall each.
         self._held: set[bytes] = set()
         self._touched_packs: set[str] = set()
+        self._bases_read: OrderedDict[bytes, ChunkInfo] = OrderedDict()
         self._chunks_fd = -1  # ``chunks/``, opened by the first ``missing``
         self._pack: OpenPack | None = None
         self._flush_lock = threading.Lock()
@@ -1167,8 +1218,26 @@ class PoolWriter:
         return PutResult(digest, True, len(blob))
 
     def sub_digests(self, digest: bytes) -> list[bytes]:
-        """Sub-block digests of a chunk this writer may build a delta on."""
-        return self.pool.sub_digests(digest)
+        """Sub-block digests of a chunk this writer may build a delta on; its header is
+        kept a moment for the ``put_delta`` or ``put_blocks`` that may follow."""
+        info = self.pool.checked_info(digest)
+        with self._lock:
+            self._bases_read[digest] = info
+            if len(self._bases_read) > BASES_READ_KEPT:
+                self._bases_read.popitem(last=False)
+        return list(info.subs)
+
+    def _base_info(self, base: bytes) -> ChunkInfo | None:
+        """The header of chunk ``base`` to build a delta on (read once: ``sub_digests``
+        kept it), None when the chunk is not here."""
+        with self._lock:
+            info = self._bases_read.pop(base, None)
+        if info is not None and self.has(base):
+            return info
+        try:
+            return self.pool.info(base)
+        except (ChunkMissing, ChunkCorrupt):
+            return None
 
     def put_delta(
         self,
@@ -1187,9 +1256,8 @@ class PoolWriter:
         if self.has(digest):
             return PutResult(digest, False, 0)
         view = memoryview(data)
-        try:
-            base_info = self.pool.info(base)
-        except (ChunkMissing, ChunkCorrupt):
+        base_info = self._base_info(base)
+        if base_info is None:
             return self.put(data, digest, subs)
         if base_info.depth >= MAX_DELTA_DEPTH or base_info.plain_len != len(view):
             return self.put(data, digest, subs)
@@ -1210,9 +1278,8 @@ class PoolWriter:
         """
         if self.has(digest):
             return PutResult(digest, False, 0)
-        try:
-            base_info = self.pool.info(base)
-        except (ChunkMissing, ChunkCorrupt):
+        base_info = self._base_info(base)
+        if base_info is None:
             return None
         if base_info.depth >= MAX_DELTA_DEPTH or base_info.plain_len != length:
             return None
@@ -1240,6 +1307,7 @@ class PoolWriter:
             # One decode; a raw chunk is hashed in place (no copy of its plaintext).
             _verified_plaintext(blob, info, digest, where, None)
             self._write_pending(digest, blob)
+            self.pool.layouts.put(digest, info)
             return PutResult(digest, True, len(blob))
         # A delta is stored only when no copy of the chunk is here at all (a loose one
         # ``_has_cheaply`` does not see): a second copy built on a base would need that
@@ -1281,6 +1349,7 @@ class PoolWriter:
         else:
             blob = blob[:5] + bytes([depth]) + blob[6:]
         self._write_pending(digest, blob)
+        self.pool.layouts.put(digest, info)  # the restore of a syncback asks for it next
         return PutResult(digest, True, len(blob))
 
     def _write_pending(self, digest: bytes, blob: bytes) -> None:

@@ -101,11 +101,13 @@ from tandem.storage.pool import (
     DELTA_HEAD,
     FLUSH_CHUNKS,
     HEADER,
+    LAYOUTS_KEPT,
     POOL_FORMAT,
     READABLE_FORMATS,
     ChunkInfo,
     ChunkPool,
     GcReport,
+    Layouts,
     PoolWriter,
     decode_chunk,
     encode_chunk,
@@ -243,6 +245,7 @@ class S3Pool(ChunkPool):
         self.manifests_dir = self.root / "manifests"
         self.tmp_dir = self.root / "tmp"
         self.writers_dir = self.root / "writers"
+        self.layouts = Layouts(LAYOUTS_KEPT)
         self.root.mkdir(parents=True, exist_ok=True)
         self.packs = _shared(store, self.packs_dir)
         self._windows: OrderedDict[tuple[str, int], bytes] = OrderedDict()
@@ -752,6 +755,7 @@ class S3PoolWriter(PoolWriter):
         self._pending_bytes = 0
         self._held: set[bytes] = set()
         self._touched_packs: set[str] = set()  # pack ids recorded under touched/
+        self._bases_read: OrderedDict[bytes, ChunkInfo] = OrderedDict()
         self._touches = 0
         self._chunks_fd = -1
         self._mem: _MemPack | None = None
