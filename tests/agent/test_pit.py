@@ -340,6 +340,36 @@ def test_a_kept_cut_makes_the_next_capture_read_only_changed_chunks(
     assert len(kept_copies(fs)) == 1
 
 
+@pytest.mark.parametrize("fstype", ["xfs", "btrfs"])
+def test_a_big_file_renamed_then_written_in_part_is_read_only_where_written(
+    pool: ChunkPool, mkfs: Callable[[str], Path], fstype: str
+) -> None:
+    """PostgreSQL recycles a WAL segment by renaming an old one to a future name and then
+    writing into it: the re-capture finds the renamed file's previous cut by its inode and
+    reads it only where it was written, not whole."""
+    fs = mkfs(fstype)
+    app = fs / "app"
+    if fstype == "btrfs":
+        subprocess.run(["btrfs", "subvolume", "create", str(app)], check=True, stdout=-3)
+    else:
+        app.mkdir()
+    (app / "pg_wal").mkdir()
+    old = app / "pg_wal" / "000000010000000000000001"
+    old.write_bytes(os.urandom(16 << 20))
+    (app / "other").write_bytes(os.urandom(12 << 20))
+    _, first_id, first, _ = _capture_kept(pool, app, None)
+    new = app / "pg_wal" / "000000010000000000000005"
+    old.rename(new)
+    with open(new, "r+b") as f:
+        f.write(b"w" * 8192)
+    (app / "other").unlink()  # a new file, perhaps given the removed one's inode: read whole
+    (app / "pg_wal" / "000000010000000000000006").write_bytes(os.urandom(12 << 20))
+    cut, _, second, read = _capture_kept(pool, app, (first_id, first))
+    assert cut.previous is not None
+    assert _tree_of(pool, second) == _tree_at(app)
+    assert (12 << 20) < read <= (12 << 20) + (8 << 20)  # the new file whole, the renamed one not
+
+
 def test_a_kept_cut_inside_a_whole_mount_app_is_not_captured(
     pool: ChunkPool, mkfs: Callable[[str], Path]
 ) -> None:

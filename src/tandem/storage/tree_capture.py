@@ -25,6 +25,10 @@ Capture invariants
   is an old one whose chunk is untouched: the chunk list is the one a full read makes (a
   content-defined boundary depends only on the bytes from its chunk's start). When the
   extent maps cannot tell (a flag they are not trusted with, another size) the file is read.
+  A file new at its path is compared so with the base's file of its inode number whose path
+  is gone, when there is one: a file renamed, then written in part (PostgreSQL recycles a
+  WAL segment so) is read only where written. Shared extents mean the same bytes whichever
+  file they are matched with: a reused inode number costs a whole read, never a wrong byte.
 - A file is read between its lstat (the walk) and an fstat. If size, mtime, ctime or inode
   differ it is read once more against a fresh fstat; a second change fails the capture with
   SourceChanged. When the check below follows (``recheck``), the fstat is left out: that
@@ -461,8 +465,9 @@ class _Capture:
         """Every file is compared with its walk-time lstat after all are read (``_settle``):
         a read need not fstat the file after it."""
         self.previous: str | None = None
-        self.plans: dict[int, list[tuple[bytes, int]]] = {}
-        """Large files whose previous cut ``previous`` holds, with their base chunks."""
+        self.plans: dict[int, tuple[str, list[tuple[bytes, int]]]] = {}
+        """Large files whose previous cut ``previous`` holds: its path there (a renamed
+        file's old one) and its base chunks."""
         # O_NOATIME keeps reads from dirtying inodes; only the owner or root may ask for it.
         self.open_flags = os.O_RDONLY | os.O_NOFOLLOW | _O_CLOEXEC
         if os.geteuid() == 0:
@@ -609,7 +614,7 @@ class _Capture:
         start, so the chunk list is the one a full read makes. When the extent maps cannot
         tell, the file is read whole (``stream_jobs``)."""
         e = self.entries[index]
-        old = self.plans[index]
+        was, old = self.plans[index]
         path = f"{self.root}/{e.path}"
         fd = self._open(path)
         if fd is None:
@@ -618,7 +623,7 @@ class _Capture:
         try:
             ref = os.fstat(fd)
             size = ref.st_size
-            changed = _changed_against(fd, size, f"{self.previous}/{e.path}", old)
+            changed = _changed_against(fd, size, f"{self.previous}/{was}", old)
             if changed is None:
                 os.close(fd)
                 fd = -1
@@ -846,9 +851,17 @@ def capture_tree(
 
         if previous is not None and base is not None:
             cap.previous = previous
+            gone: dict[int, TreeEntry] | None = None  # base files by inode, path gone
             for i in todo:
                 e = entries[i]
                 b = base_index.get(e.path)
+                if b is None and e.size > WHOLE_READ_MAX and e.ino:
+                    if gone is None:
+                        here = {x.path for x in entries}
+                        gone = {
+                            x.ino: x for x in base.entries if x.type == FILE and x.path not in here
+                        }
+                    b = gone.get(e.ino)
                 if (
                     e.size > WHOLE_READ_MAX
                     and e.path not in sparse
@@ -858,7 +871,7 @@ def capture_tree(
                     and all(d is not None for d, _ in b.chunks)
                     and chunks_present(b)
                 ):
-                    cap.plans[i] = [(d, n) for d, n in b.chunks if d is not None]
+                    cap.plans[i] = (b.path, [(d, n) for d, n in b.chunks if d is not None])
         vanished: set[int] = set()
         streamed: list[tuple[bytes | None, int]] = []
 
