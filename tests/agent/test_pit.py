@@ -310,6 +310,16 @@ def test_a_big_file_changed_after_cloning_is_read_at_the_cut_only_where_it_chang
     assert leftovers(fs) == []
 
 
+def _app_folder(fs: Path, fstype: str) -> Path:
+    """``fs/app``: a subvolume on btrfs (snapshots), a folder elsewhere (clones)."""
+    app = fs / "app"
+    if fstype == "btrfs":
+        subprocess.run(["btrfs", "subvolume", "create", str(app)], check=True, stdout=-3)
+    else:
+        app.mkdir()
+    return app
+
+
 @pytest.mark.parametrize("fstype", ["xfs", "btrfs"])
 def test_a_kept_cut_makes_the_next_capture_read_only_changed_chunks(
     pool: ChunkPool, mkfs: Callable[[str], Path], fstype: str
@@ -317,11 +327,7 @@ def test_a_kept_cut_makes_the_next_capture_read_only_changed_chunks(
     """A successful capture keeps its snapshot/clones (one per app, replaced each time);
     the next capture from that image reads a big file only where it was rewritten."""
     fs = mkfs(fstype)
-    app = fs / "app"
-    if fstype == "btrfs":
-        subprocess.run(["btrfs", "subvolume", "create", str(app)], check=True, stdout=-3)
-    else:
-        app.mkdir()
+    app = _app_folder(fs, fstype)
     (app / "big").write_bytes(os.urandom(24 << 20))
 
     cut, first_id, first, read = _capture_kept(pool, app, None)
@@ -348,11 +354,7 @@ def test_a_big_file_renamed_then_written_in_part_is_read_only_where_written(
     writing into it: the re-capture finds the renamed file's previous cut by its inode and
     reads it only where it was written, not whole."""
     fs = mkfs(fstype)
-    app = fs / "app"
-    if fstype == "btrfs":
-        subprocess.run(["btrfs", "subvolume", "create", str(app)], check=True, stdout=-3)
-    else:
-        app.mkdir()
+    app = _app_folder(fs, fstype)
     (app / "pg_wal").mkdir()
     old = app / "pg_wal" / "000000010000000000000001"
     old.write_bytes(os.urandom(16 << 20))
