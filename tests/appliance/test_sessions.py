@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tandem.errors import ChunkCorrupt
+from tandem.errors import ChunkCorrupt, ChunkMissing
 from tandem.storage import volume
 from tandem.storage.digest import SUB_BLOCK, hash_block
 from tandem.storage.manifest import VOLUME_CHUNK, VolumeManifest
@@ -293,3 +293,25 @@ def test_bad_batch_requests_are_4xx_saying_what_to_change(reader: Reader, tmp_pa
     resp = reader.api.client.post(f"/api/v1/sessions/{reader.session}/subs", json={"digests": []})
     assert resp.status_code == 401
     assert reader.post("subs", {"digests": []}) == (200, "")
+
+
+def test_a_chunk_gone_is_missing_though_its_block_digests_are_remembered(
+    reader: Reader, tmp_path: Path
+) -> None:
+    """The block digests the pool remembers never stand in for the chunk: once it is gone,
+    an agent asking for them to send a delta is told it is missing (and sends the chunk
+    whole), and a reader asking for its blocks fails instead of being served."""
+    change = make_change(reader.pool, tmp_path, 2)
+    digest = change.base.chunks[1]
+    assert digest is not None
+    source = reader.source()
+    subs = source.sub_digests_many([digest])[0]  # now remembered
+    chunk_file(reader.pool, digest).unlink()
+    assert source.sub_digests_many([digest]) == [subs]  # what the id stands for
+    resp = reader.api.client.get(
+        f"/api/v1/sessions/{reader.session}/chunks/{digest.hex()}/subs",
+        headers={"Authorization": f"Bearer {reader.token}"},
+    )
+    assert resp.json()["error"] == "ChunkMissing", resp.text
+    with pytest.raises(ChunkMissing):
+        source.read_blocks_many([(digest, [0])])

@@ -133,7 +133,9 @@ def make_router(registry: SessionRegistry) -> APIRouter:
 
     @router.get("/chunks/{cid}/subs")
     def get_subs(s: S, cid: str) -> Response:
-        return _sent(s, b"".join(registry.pool.layout(_digest(cid))[1]))
+        """The block digests of a chunk held here, for an agent to send a change to it as a
+        delta: read from the chunk (never ``layout``), so a chunk gone is sent whole."""
+        return _sent(s, b"".join(registry.pool.sub_digests(_digest(cid))))
 
     @router.get("/chunks/{cid}/blocks")
     def get_blocks(s: S, cid: str, i: Annotated[str, Query(pattern=r"^\d+(,\d+)*$")]) -> Response:
