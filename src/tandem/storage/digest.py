@@ -48,6 +48,12 @@ def object_id(subs: list[bytes], length: int) -> bytes:
     return blake3.blake3(b"".join([_DOMAIN, _LENGTH.pack(length), *subs])).digest()
 
 
+def split_digests(table: bytes) -> list[bytes]:
+    """The digests of ``table``, block digests laid end to end (as headers and frames
+    carry them)."""
+    return [table[i : i + DIGEST_SIZE] for i in range(0, len(table), DIGEST_SIZE)]
+
+
 def hash_object(data: bytes | bytearray | memoryview) -> tuple[bytes, list[bytes]]:
     """(id, block digests) of ``data``, in one pass over it."""
     if 0 < len(data) <= SUB_BLOCK:  # most chunks of a tree of small files: one block

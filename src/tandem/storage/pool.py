@@ -66,6 +66,7 @@ from tandem.storage.digest import (
     hash_bytes,
     hash_object,
     object_id,
+    split_digests,
 )
 from tandem.storage.fileio import fsync_dir, write_durably
 from tandem.storage.packs import (
@@ -215,7 +216,7 @@ class Layouts:
                 return None
             self._kept.move_to_end(digest)
         length, table = got
-        return length, [table[i : i + DIGEST_SIZE] for i in range(0, len(table), DIGEST_SIZE)]
+        return length, split_digests(table)
 
     def put(self, digest: bytes, info: ChunkInfo) -> None:
         """Keep ``info``'s length and block digests; ``info`` checked against ``digest``."""
@@ -239,7 +240,7 @@ def parse_header(blob: bytes | memoryview, digest: bytes, where: str) -> ChunkIn
     if len(blob) < pos:
         raise bad("truncated header")
     table = bytes(blob[HEADER.size : pos])
-    subs = [table[i : i + DIGEST_SIZE] for i in range(0, len(table), DIGEST_SIZE)]
+    subs = split_digests(table)
     base = None
     if codec == CODEC_DELTA:
         if len(blob) < pos + DELTA_HEAD.size:

@@ -22,11 +22,11 @@ from typing import Any
 
 from tandem.errors import ChunkCorrupt, InvalidInput
 from tandem.storage.digest import (
-    DIGEST_SIZE,
     SUB_BLOCK,
     hash_block,
     hash_object,
     object_id,
+    split_digests,
 )
 from tandem.storage.pool import PutResult, decode_chunk, encode_chunk_parts, encode_delta
 from tandem.transport.client import ApiClient, api_path
@@ -167,7 +167,7 @@ class RemoteWriter:
     def sub_digests(self, digest: bytes) -> list[bytes]:
         """Sub-block digests of a chunk the appliance holds (to send a change as a delta)."""
         raw = self.session.subs(digest)
-        return [raw[i : i + DIGEST_SIZE] for i in range(0, len(raw), DIGEST_SIZE)]
+        return split_digests(raw)
 
     def put_delta(
         self,

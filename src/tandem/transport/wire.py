@@ -18,7 +18,7 @@ import struct
 from collections.abc import Iterable, Iterator
 
 from tandem.errors import InvalidInput
-from tandem.storage.digest import DIGEST_SIZE, SUB_BLOCK
+from tandem.storage.digest import DIGEST_SIZE, SUB_BLOCK, split_digests
 
 _LEN = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
@@ -148,5 +148,4 @@ def decode_subs(payload: bytes) -> tuple[int, list[bytes]]:
     if len(payload) < _U64.size or (len(payload) - _U64.size) % DIGEST_SIZE:
         raise InvalidInput(detail=f"a block digest list of {len(payload)} bytes")
     (length,) = _U64.unpack_from(payload)
-    subs = [payload[i : i + DIGEST_SIZE] for i in range(_U64.size, len(payload), DIGEST_SIZE)]
-    return length, subs
+    return length, split_digests(payload[_U64.size :])
