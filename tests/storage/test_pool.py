@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tandem.errors import ChunkCorrupt, ChunkMissing, PoolFull
+from tandem.storage import pool as pool_module
 from tandem.storage.digest import (
     SUB_BLOCK,
     hash_block,
@@ -40,6 +41,43 @@ def test_compressible_is_compressed_random_is_raw(pool: ChunkPool) -> None:
     codec = lambda d: HEADER.unpack_from(pool.get_stored(d))[1]  # noqa: E731
     assert codec(t.digest) == CODEC_ZSTD and t.stored < 10_000
     assert codec(n.digest) == CODEC_RAW
+
+
+class _Counting:
+    """A compressor that records the length of every input it is given."""
+
+    def __init__(self, inner: object, sizes: list[int]) -> None:
+        self.inner, self.sizes = inner, sizes
+
+    def compress(self, data: bytes) -> bytes:
+        self.sizes.append(len(data))
+        packed: bytes = self.inner.compress(data)  # type: ignore[attr-defined]
+        return packed
+
+
+@pytest.mark.parametrize("text_at", [0, 1 << 20, 3 << 20])
+def test_a_large_chunk_is_compressed_whole_only_if_part_of_it_compresses(
+    pool: ChunkPool, monkeypatch: pytest.MonkeyPatch, text_at: int
+) -> None:
+    """Random data (media, encrypted or compressed files) is stored raw without being
+    compressed whole; a chunk with compressible bytes at its start, middle or end is
+    compressed."""
+    size = 4 << 20
+    noise = os.urandom(size)
+    mixed = bytearray(noise)
+    mixed[text_at : text_at + (1 << 20)] = b"tandem " * ((1 << 20) // 7) + b"x" * ((1 << 20) % 7)
+    sizes: list[int] = []
+    real = pool_module._compressor
+    monkeypatch.setattr(pool_module, "_compressor", lambda: _Counting(real(), sizes))
+    with pool.writer() as w:
+        n = w.put(noise)
+        assert size not in sizes  # probed, never compressed whole
+        m = w.put(bytes(mixed))
+    assert size in sizes
+    codec = lambda d: HEADER.unpack_from(pool.get_stored(d))[1]  # noqa: E731
+    assert codec(n.digest) == CODEC_RAW and pool.get(n.digest) == noise
+    assert codec(m.digest) == CODEC_ZSTD and m.stored < size * 0.8
+    assert pool.get(m.digest) == bytes(mixed)
 
 
 def test_pending_chunks_invisible_until_flush_and_discarded_on_error(pool: ChunkPool) -> None:

@@ -139,11 +139,32 @@ def encode_chunk_parts(data: bytes | bytearray | memoryview, subs: list[bytes]) 
     return [HEADER.pack(MAGIC, codec, 0, len(subs), len(data)), *subs, payload]
 
 
+PROBE = 16 * 1024
+PROBES = 4
+"""A chunk of at least ``PROBES * PROBE`` bytes is first probed: ``PROBES`` pieces of
+``PROBE`` bytes spread over it (first and last included) are compressed alone, and when none
+saves ``MIN_SAVING`` the chunk is stored raw without compressing it whole. Random,
+encrypted or already compressed data then costs ~0.04 ms a 4 MiB chunk instead of ~2 ms; a
+chunk compressible only between the probes is stored raw (larger, never wrong)."""
+
+
 def _pack(data: bytes | bytearray | memoryview) -> tuple[int, bytes]:
+    if len(data) >= PROBES * PROBE and not _probes_compress(data):
+        return CODEC_RAW, bytes(data)
     packed = _compressor().compress(data)
     if len(packed) <= len(data) * (1 - MIN_SAVING):
         return CODEC_ZSTD, packed
     return CODEC_RAW, bytes(data)
+
+
+def _probes_compress(data: bytes | bytearray | memoryview) -> bool:
+    view, comp = memoryview(data), _compressor()
+    step = (len(view) - PROBE) // (PROBES - 1)
+    for k in range(PROBES):
+        piece = view[k * step : k * step + PROBE]
+        if len(comp.compress(piece)) <= PROBE * (1 - MIN_SAVING):
+            return True
+    return False
 
 
 def delta_pays(changed: int, blocks: int) -> bool:
@@ -615,6 +636,21 @@ class ChunkPool:
         except FileNotFoundError:
             return None  # removed or rewritten by GC: the caller refreshes and retries
 
+    def _read_packed_head(self, digest: bytes) -> bytes | None:
+        """``_read_packed``, only the first ``HEAD_BYTES`` of the record (the header)."""
+        loc = self.packs.lookup(digest)
+        if loc is None:
+            return None
+        pack_id, offset, length = loc
+        try:
+            fd = os.open(self.packs.pack_path(pack_id), os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            return read_record_head(fd, digest, offset, length, str(self.root))
+        finally:
+            os.close(fd)
+
     def _read_file(self, digest: bytes) -> bytes:
         blob = self._read_packed(digest)
         if blob is not None:
@@ -649,7 +685,7 @@ class ChunkPool:
     def info(self, digest: bytes) -> ChunkInfo:
         """The header of a stored chunk (codec, delta depth and base, sub-block digests)."""
         head_size = HEADER.size + 64 * DIGEST_SIZE + DELTA_HEAD.size
-        head = self._read_packed(digest)
+        head = self._read_packed_head(digest)
         if head is None:
             try:
                 with open(self._chunk_file(digest), "rb") as fh:
