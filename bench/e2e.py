@@ -332,28 +332,55 @@ class EndToEndBench:
             values=dict(job_seconds=job_seconds(job), queued_seconds=job_queued_seconds(job)),
         )
 
-    def step_volume(self) -> None:
-        log("e2e 1: first capture of the volume through the CLI")
+    def first_capture(self, app: str, path: Path, what: str, size: int, **extra: Value) -> None:
+        """The first capture of ``app`` (whose data is ``path``) through the CLI, then
+        restic's backup of the same data: wall time and the CPU each side spent."""
+        log(f"e2e 1: first capture of the {app} through the CLI")
         settle()
-        with self.profiler.record("volume-first"):
-            job, wall = self.capture("vol")
-        log(f"e2e 1: {fmt_seconds(wall)}, job {fmt_seconds(job_seconds(job))}; restic backup")
-        peer = self.restic_backup(self.volume)
+        load = os.getloadavg()[0]
+        agent0, appliance0 = self.daemons_cpu()
+        with self.profiler.record(f"{'volume' if app == 'vol' else app}-first"):
+            job, wall = self.capture(app)
+        agent1, appliance1 = self.daemons_cpu()
+        agent_cpu, appliance_cpu = agent1 - agent0, appliance1 - appliance0
+        log(
+            f"e2e 1: {fmt_seconds(wall)}, job {fmt_seconds(job_seconds(job))}, CPU agent "
+            f"{agent_cpu:.2f} s + appliance {appliance_cpu:.2f} s (load {load:.1f}); restic"
+        )
+        peer = self.restic_backup(path)
         self.row(
             S1,
-            f"volume {fmt_size(self.size)}: time",
-            tandem=f"{fmt_seconds(wall)} ({fmt_rate(self.size, wall)})",
-            peer=peer.show(lambda s: f"restic {fmt_seconds(s)} ({fmt_rate(self.size, s)})"),
+            f"{what}: time",
+            tandem=f"{fmt_seconds(wall)} ({fmt_rate(size, wall)})",
+            peer=peer.show(lambda s: f"restic {fmt_seconds(s)} ({fmt_rate(size, s)})"),
             ratio=fmt_ratio(wall, peer.value, "restic time"),
             target="≤ 0.5× restic time",
             values=dict(
-                bytes=self.size,
+                bytes=size,
                 cli_seconds=wall,
                 job_seconds=job_seconds(job),
                 bytes_sent=int(job.get("bytes_sent") or 0),
                 restic_seconds=peer.value,
+                load_average=load,
+                **extra,
             ),
         )
+        cpu = agent_cpu + appliance_cpu
+        self.row(
+            S1,
+            f"{what}: CPU seconds",
+            tandem=f"{cpu:.2f} s (agent {agent_cpu:.2f} + appliance {appliance_cpu:.2f})",
+            peer=self.restic_cpu.show(lambda s: f"restic {s:.2f} s"),
+            ratio=fmt_ratio(cpu, self.restic_cpu.value, "restic CPU"),
+            values=dict(
+                agent_cpu_seconds=agent_cpu,
+                appliance_cpu_seconds=appliance_cpu,
+                restic_cpu_seconds=self.restic_cpu.value,
+            ),
+        )
+
+    def step_volume(self) -> None:
+        self.first_capture("vol", self.volume, f"volume {fmt_size(self.size)}", self.size)
         for touched in (False, True):
             self.volume_again(touched)
 
@@ -392,49 +419,8 @@ class EndToEndBench:
 
     def step_tree(self) -> None:
         size = self.tree_bytes
-        log("e2e 1: first capture of the tree through the CLI")
-        settle()
-        load = os.getloadavg()[0]
-        agent0, appliance0 = self.daemons_cpu()
-        with self.profiler.record("tree-first"):
-            job, wall = self.capture("tree")
-        agent1, appliance1 = self.daemons_cpu()
-        agent_cpu, appliance_cpu = agent1 - agent0, appliance1 - appliance0
-        log(
-            f"e2e 1: {fmt_seconds(wall)}, job {fmt_seconds(job_seconds(job))}, CPU agent "
-            f"{agent_cpu:.2f} s + appliance {appliance_cpu:.2f} s (load {load:.1f}); restic"
-        )
-        peer = self.restic_backup(self.tree)
-        self.row(
-            S1,
-            f"tree, {self.cfg.files:,} files: time",
-            tandem=f"{fmt_seconds(wall)} ({fmt_rate(size, wall)})",
-            peer=peer.show(lambda s: f"restic {fmt_seconds(s)} ({fmt_rate(size, s)})"),
-            ratio=fmt_ratio(wall, peer.value, "restic time"),
-            target="≤ 0.5× restic time",
-            values=dict(
-                bytes=size,
-                files=self.cfg.files,
-                cli_seconds=wall,
-                job_seconds=job_seconds(job),
-                bytes_sent=int(job.get("bytes_sent") or 0),
-                restic_seconds=peer.value,
-                load_average=load,
-            ),
-        )
-        cpu = agent_cpu + appliance_cpu
-        self.row(
-            S1,
-            f"tree, {self.cfg.files:,} files: CPU seconds",
-            tandem=f"{cpu:.2f} s (agent {agent_cpu:.2f} + appliance {appliance_cpu:.2f})",
-            peer=self.restic_cpu.show(lambda s: f"restic {s:.2f} s"),
-            ratio=fmt_ratio(cpu, self.restic_cpu.value, "restic CPU"),
-            values=dict(
-                agent_cpu_seconds=agent_cpu,
-                appliance_cpu_seconds=appliance_cpu,
-                restic_cpu_seconds=self.restic_cpu.value,
-            ),
-        )
+        what = f"tree, {self.cfg.files:,} files"
+        self.first_capture("tree", self.tree, what, size, files=self.cfg.files)
         log(f"e2e 2: unchanged re-capture of the tree, best of {ROUNDS}; restic; cat")
         best = float("inf")
         best_job: dict[str, Any] = {}
