@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -47,3 +48,41 @@ def age_pool(pool: ChunkPool, seconds: float) -> None:
         os.utime(entry.path, (old, old))
     for mid in pool.list_manifests():
         os.utime(pool.manifest_path(mid), (old, old))
+
+
+def resident_bytes(path: Path) -> int:
+    """Bytes of ``path`` in the page cache (util-linux ``fincore``)."""
+    out = subprocess.run(
+        ["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return int(out.stdout.strip())
+
+
+def drops_pages(directory: Path) -> bool:
+    """Whether the file system of ``directory`` lets written pages leave the page cache
+    (not tmpfs, whose pages are the data)."""
+    probe = directory / ".probe-page-cache"
+    probe.write_bytes(os.urandom(1 << 20))
+    try:
+        fd = os.open(probe, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+        return resident_bytes(probe) == 0
+    finally:
+        probe.unlink()
+
+
+def chunk_files(pool: ChunkPool, digests: list[bytes]) -> list[Path]:
+    """The files holding ``digests``: chunk files and packs, each once."""
+    pool.packs.refresh(force=True)
+    out: dict[Path, None] = {}
+    for digest in digests:
+        loc = pool.packs.lookup(digest)
+        out[Path(pool.packs.pack_path(loc[0])) if loc else pool.chunk_path(digest)] = None
+    return list(out)

@@ -16,8 +16,10 @@ from tandem.domain.lifecycle import AppKind
 from tandem.domain.rules import RESTORE_CONFIRMATIONS, Role
 from tandem.drill.lab import install_hook_script
 from tandem.errors import RemoteError
-from tandem.operations import apps, capture, hosts, monitor, restore, templates
+from tandem.operations import apps, capture, hosts, images, monitor, restore, templates
+from tandem.storage.manifest import VolumeManifest, load_manifest
 from tests.operations.conftest import Live
+from tests.poolfiles import chunk_files, drops_pages, resident_bytes
 
 MiB = 1024 * 1024
 
@@ -115,6 +117,26 @@ def test_volume_capture_and_restore(live: Live, tmp_path: Path) -> None:
     assert done.status is JobStatus.SUCCEEDED, done.message
     assert digest(disk) == before
     assert done.bytes_sent < MiB  # one 64 KiB block differs, plus digests
+
+
+def test_a_capture_leaves_the_appliance_page_cache_once_stored(live: Live, tmp_path: Path) -> None:
+    """What an agent's capture stores is bulk ingest: once durable, it does not stay in the
+    appliance's page cache (where it would evict what the appliance and its host read)."""
+    site = live.appliance.site
+    if not drops_pages(site.pool.tmp_dir):
+        pytest.skip("the pool is on tmpfs, whose pages are the data")
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(os.urandom(9 * MiB))
+    protect(live, "bulk", AppKind.VOLUME, disk)
+    job = run(live, capture.submit_capture(site, app="bulk"))
+    assert job.status is JobStatus.SUCCEEDED, job.message
+    image = images.get_image(site, image_id=job.image or "")
+    manifest = load_manifest(site.pool, bytes.fromhex(image.manifest))
+    assert isinstance(manifest, VolumeManifest)
+    chunks = [c for c in manifest.chunks if c]
+    files = chunk_files(site.pool, chunks)
+    assert len(files) == 3
+    assert [resident_bytes(f) for f in files] == [0, 0, 0]
 
 
 def test_a_failing_stop_command_restores_nothing(live: Live, tmp_path: Path) -> None:

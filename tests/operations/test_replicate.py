@@ -28,6 +28,7 @@ from tandem.transport.wire import encode_frames
 from tests.appliance.conftest import Booted, booted
 from tests.catalog.conftest import catalog_url
 from tests.operations.two_sites import TEMPLATE, two_sites
+from tests.poolfiles import chunk_files, drops_pages, resident_bytes
 
 __all__ = ["booted", "catalog_url"]
 
@@ -150,6 +151,28 @@ def test_a_chunk_batch_is_verified_and_stored_as_it_arrives(booted: Booted, tmp_
         assert registry.missing(session, [d for d, _ in frames]) == []
     finally:
         registry.close(session)
+
+
+def test_a_received_replica_leaves_the_page_cache_once_stored(
+    booted: Booted, tmp_path: Path
+) -> None:
+    """A replica is bulk ingest: its chunks, once durable, leave the page cache."""
+    site = booted.appliance.site
+    if not drops_pages(site.pool.tmp_dir):
+        pytest.skip("the pool is on tmpfs, whose pages are the data")
+    frames = _frames(tmp_path, 6)
+    opened = _open(site, _image(booted, tmp_path, 1))
+    session = site.sessions.get(str(opened.session), str(opened.token))
+    try:
+        body = encode_frames(frames)
+        asyncio.run(site.sessions.receive_stream(session, _pieces(body, 2), len(body)))
+        assert session.writer is not None
+        session.writer.flush()
+        files = chunk_files(site.pool, [d for d, _ in frames])
+        assert {f.suffix for f in files} == {"", ".pack"}  # chunk files and a pack
+        assert [resident_bytes(f) for f in files] == [0] * len(files)
+    finally:
+        site.sessions.close(session)
 
 
 def test_a_bad_frame_fails_the_batch_after_the_good_ones_before_it(

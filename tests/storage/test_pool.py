@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
+import tempfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,7 +23,7 @@ from tandem.storage.digest import (
     object_id,
 )
 from tandem.storage.pool import CODEC_RAW, CODEC_ZSTD, HEADER, ChunkPool, Layouts, encode_chunk
-from tests.poolfiles import chunk_file
+from tests.poolfiles import chunk_file, chunk_files, drops_pages, resident_bytes
 
 
 def test_put_get_roundtrip_and_dedup(pool: ChunkPool) -> None:
@@ -78,6 +81,40 @@ def test_a_large_chunk_is_compressed_whole_only_if_part_of_it_compresses(
     assert codec(n.digest) == CODEC_RAW and pool.get(n.digest) == noise
     assert codec(m.digest) == CODEC_ZSTD and m.stored < size * 0.8
     assert pool.get(m.digest) == bytes(mixed)
+
+
+@pytest.fixture
+def disk_pool(tmp_path: Path) -> Iterator[ChunkPool]:
+    """A pool on a file system with a page cache of its own: ``tmp_path``, or a folder in
+    /var/tmp when that is tmpfs (whose pages are the data)."""
+    if drops_pages(tmp_path):
+        yield ChunkPool.create(tmp_path / "pool")
+        return
+    folder = Path(tempfile.mkdtemp(dir="/var/tmp"))
+    try:
+        assert drops_pages(folder), f"neither {tmp_path} nor {folder} drops written pages"
+        yield ChunkPool.create(folder / "pool")
+    finally:
+        shutil.rmtree(folder)
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_bulk_ingest_leaves_the_page_cache_once_durable(disk_pool: ChunkPool, cached: bool) -> None:
+    """A writer for bulk ingest (an agent's capture, a replica: ``cached=False``) drops
+    what it made durable from the page cache, chunk files and packs alike; the default
+    (a syncback, which a restore reads next) keeps it there."""
+    big, small = os.urandom(1 << 20), [os.urandom(8192) for _ in range(32)]
+    with disk_pool.writer(cached=cached) as w:
+        loose = w.put(big).digest
+        packed = [w.put(b).digest for b in small]
+    files = chunk_files(disk_pool, [loose, *packed])
+    assert len(files) == 2 and files[0] == disk_pool.chunk_path(loose)
+    kept = [resident_bytes(f) for f in files]
+    if cached:
+        assert all(k > 0 for k in kept)
+    else:
+        assert kept == [0, 0]
+    assert disk_pool.get(loose) == big and [disk_pool.get(d) for d in packed] == small
 
 
 def test_pending_chunks_invisible_until_flush_and_discarded_on_error(pool: ChunkPool) -> None:

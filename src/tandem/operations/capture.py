@@ -99,7 +99,11 @@ def run_capture(site: Site, ctx: JobContext, params: Params) -> dict[str, Any]:
         ctx.log(f"the manifest of {base.id if base else '?'} is missing; capturing in full")
         base_id = None
     transfer, token = site.sessions.open(
-        job_id=ctx.job.id, write=True, bases=[base_id] if base_id else []
+        # Bulk ingest: what it stores leaves the page cache once durable.
+        job_id=ctx.job.id,
+        write=True,
+        bases=[base_id] if base_id else [],
+        cached=False,
     )
     mode = ConsistencyMode(app.consistency or ConsistencyMode.AUTO)
     try:

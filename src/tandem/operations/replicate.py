@@ -412,6 +412,7 @@ def open_replication(site: Site, *, peer: str, body: ReplicationOpen) -> Opened:
         # Every batch the sender sees answered is kept: across sites, sending it again
         # costs more than a sync per batch.
         flush_every=SEND_BYTES,
+        cached=False,  # bulk ingest: what it stores leaves the page cache once durable
     )
     transfer.meta.update(
         peer=peer,

@@ -96,17 +96,19 @@ class SessionRegistry:
         readable: Iterable[bytes] = (),
         ttl: float = 24 * 3600,
         xor_deltas: bool = True,
+        cached: bool = True,
         flush_every: int = FLUSH_EVERY,
     ) -> tuple[Session, str]:
         """Open a session; returns it and its token (shown once, kept as a hash).
-        ``xor_deltas``: see ``PoolWriter.put_encoded``. ``flush_every``: received bytes
+        ``xor_deltas``: see ``PoolWriter.put_encoded``; ``cached``: see ``PoolWriter``.
+        ``flush_every``: received bytes
         after which what arrived is made durable and present, so that a broken transfer
         resumes without them (each flush is a file-system sync: a sender on a slow link
         wants it per batch, an agent on the LAN re-sends a few batches faster)."""
         bases = list(bases)
         token = secrets.token_urlsafe(32)
         sid = secrets.token_hex(8)
-        writer = self.pool.writer(bases, xor_deltas=xor_deltas) if write else None
+        writer = self.pool.writer(bases, xor_deltas=xor_deltas, cached=cached) if write else None
         session = Session(
             id=sid,
             token_hash=hash_token(token),

@@ -417,7 +417,10 @@ class S3Pool(ChunkPool):
 
     # --- writing ------------------------------------------------------------------------
 
-    def writer(self, bases: Iterable[bytes] = (), *, xor_deltas: bool = True) -> S3PoolWriter:
+    def writer(
+        self, bases: Iterable[bytes] = (), *, xor_deltas: bool = True, cached: bool = True
+    ) -> S3PoolWriter:
+        # ``cached`` is for a local pool's page cache: packs go to the object store.
         return S3PoolWriter(self, list(bases), xor_deltas=xor_deltas)
 
     def _active_writers(self) -> list[dict[str, Any]]:
