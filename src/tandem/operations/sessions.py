@@ -101,10 +101,10 @@ class SessionRegistry:
     ) -> tuple[Session, str]:
         """Open a session; returns it and its token (shown once, kept as a hash).
         ``xor_deltas``: see ``PoolWriter.put_encoded``; ``cached``: see ``PoolWriter``.
-        ``flush_every``: received bytes
-        after which what arrived is made durable and present, so that a broken transfer
-        resumes without them (each flush is a file-system sync: a sender on a slow link
-        wants it per batch, an agent on the LAN re-sends a few batches faster)."""
+        ``flush_every``: received bytes after which what arrived is made durable and
+        present, so that a broken transfer resumes without them (each flush is a file-system
+        sync: a sender on a slow link wants it per batch, an agent on the LAN re-sends a few
+        batches faster)."""
         bases = list(bases)
         token = secrets.token_urlsafe(32)
         sid = secrets.token_hex(8)

@@ -420,7 +420,7 @@ class S3Pool(ChunkPool):
     def writer(
         self, bases: Iterable[bytes] = (), *, xor_deltas: bool = True, cached: bool = True
     ) -> S3PoolWriter:
-        # ``cached`` is for a local pool's page cache: packs go to the object store.
+        """``ChunkPool.writer``; ``cached`` does not apply (packs go to the object store)."""
         return S3PoolWriter(self, list(bases), xor_deltas=xor_deltas)
 
     def _active_writers(self) -> list[dict[str, Any]]:
@@ -753,6 +753,7 @@ class S3PoolWriter(PoolWriter):
         self.pool = pool
         self.bases = bases
         self.xor_deltas = xor_deltas
+        self.cached = True  # packs go to the object store, not through a page cache here
         self._lock = threading.Lock()
         self._pending: dict[bytes, tuple[Path | None, int]] = {}
         self._pending_bytes = 0
