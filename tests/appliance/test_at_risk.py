@@ -9,10 +9,12 @@ import re
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from tandem.appliance.documents import app_out
 from tandem.catalog import queries as q
 from tandem.domain.consistency import Cut
 from tandem.domain.images import ImageKind
 from tandem.domain.lifecycle import AppKind, Operation
+from tandem.operations.apps import risk_of
 from tests.appliance.conftest import Api
 from tests.appliance.test_console import client_for, sign_in, text_of
 
@@ -94,6 +96,25 @@ def test_an_app_is_at_risk_when_its_newest_capture_is_older_than_max_lag(api: Ap
     snapshot_aged(api, "web", timedelta(minutes=10))  # a newer capture within the limit
     row = app_doc(api, "web")
     assert row["at_risk"] is False and 600 <= row["rpo_seconds"] < 700
+
+
+def test_an_rpo_just_past_the_limit_is_never_shown_at_the_limit(api: Api) -> None:
+    """Ages are shown to the millisecond, rounded up: an app at risk by 0.4 ms shows an
+    RPO above its limit, never equal to it (nor an age below what it is)."""
+    template(api, "tight", max_lag="1s")
+    protected(api, "edge", "tight")
+    with api.appliance.catalog.read() as session:
+        app = q.get_app(session, name="edge")
+        tmpl = q.get_template(session, name="tight")
+    now = datetime.now(UTC)
+    captured = now - timedelta(seconds=1, microseconds=400)
+    app.last_capture = captured
+    risk = risk_of(app, tmpl, now)
+    assert risk.at_risk
+    shown = app_out(app, now, risk=risk)
+    assert shown.rpo_seconds is not None and shown.max_lag_seconds == 1
+    assert shown.rpo_seconds > shown.max_lag_seconds
+    assert shown.lag_seconds == shown.rpo_seconds == 1.001
 
 
 def test_a_template_without_max_lag_never_puts_an_app_at_risk(api: Api) -> None:

@@ -28,6 +28,33 @@ from tandem.transport.server import free_port
 __all__ = ["Cli", "Daemon", "Result", "Site", "free_port", "wait_for"]  # for the tests
 
 
+def _daemons_in(value: object) -> list[Daemon]:
+    """The daemons a fixture value holds (a ``Daemon``, a ``Drill``, a ``Site``)."""
+    if isinstance(value, Daemon):
+        return [value]
+    fields = getattr(value, "__dataclass_fields__", {})
+    return [d for name in fields if isinstance(d := getattr(value, name), Daemon)]
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """A failed end-to-end test quotes what its daemons logged, and each PostgreSQL WAL
+    receiver's log: a wait that timed out says nothing of why the state never came."""
+    report = yield
+    if report.failed and call.when != "setup":
+        funcargs = getattr(item, "funcargs", {})
+        seen: set[Path] = set()
+        for daemon in (d for v in funcargs.values() for d in _daemons_in(v)):
+            if daemon.log_path in seen:
+                continue
+            seen.add(daemon.log_path)
+            report.sections.append((f"log of {daemon.kind} {daemon.name}", daemon.log_tail()))
+            for receiver in sorted(daemon.directory.glob("pg/*/receivewal.log")):
+                tail = receiver.read_text(errors="replace")[-2000:].strip() or "(empty log)"
+                report.sections.append((f"{receiver} of {daemon.name}", tail))
+    return report
+
+
 def appliance_cli(appliance: Daemon) -> Cli:
     return appliance.cli()
 

@@ -11,6 +11,7 @@ more than the query behind them.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from functools import cache
@@ -108,8 +109,14 @@ def image_out(image: Image, window: dict[str, Any] | None = None) -> ImageOut:
     return ImageOut.model_validate(_fields(ImageOut, image, over))
 
 
+def _up_to_ms(seconds: float) -> float:
+    """An age in seconds to the millisecond, rounded up: an age is never shown younger
+    than it is (an RPO just past its limit must not read as the limit)."""
+    return math.ceil(round(seconds * 1000, 6)) / 1000  # round: no float noise rounds up
+
+
 def _age(ts: datetime | None, now: datetime) -> float | None:
-    return None if ts is None else round(max(0.0, (now - ts).total_seconds()), 3)
+    return None if ts is None else _up_to_ms(max(0.0, (now - ts).total_seconds()))
 
 
 _APP_RENAMED = {
@@ -129,7 +136,7 @@ def _app_fields(
         "lag_seconds": _age(app.last_capture, now),
         "replication_lag_seconds": _age(app.last_replicated, now),
         "failback_downtime_seconds": downtime,
-        "rpo_seconds": None if risk.rpo_seconds is None else round(risk.rpo_seconds, 3),
+        "rpo_seconds": None if risk.rpo_seconds is None else _up_to_ms(risk.rpo_seconds),
         "max_lag_seconds": risk.max_lag_seconds,
         "at_risk": risk.at_risk,
         "failed_over_at": risk.failed_over_at,
