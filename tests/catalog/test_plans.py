@@ -177,6 +177,7 @@ def test_the_wal_recovery_points_of_many_apps_are_two_indexed_queries(filled: Ca
                     digest="0" * 64,
                     seen=t0 + timedelta(minutes=n),
                     mirrored=mirrored,
+                    mirrored_seen=t0 + timedelta(minutes=n) if mirrored else None,
                 )
             )
     with filled.read() as session:

@@ -261,6 +261,8 @@ class WalSegment(Base):
     seen: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     mirrored: Mapped[int] = mapped_column(Integer, default=0)
     """Bytes of it the peer acknowledged holding."""
+    mirrored_seen: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    """The ``seen`` the peer was last sent with it (None: never sent)."""
 
 
 class Job(Base):

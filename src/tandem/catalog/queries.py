@@ -806,10 +806,12 @@ WAL_HELD_BATCH = 500
 """App ids per query of ``wal_held_until`` (SQLite caps the parameters of one statement)."""
 
 
-def wal_held_query(app_ids: Sequence[str], *, mirrored: bool) -> Select[str, datetime]:
+def wal_held_query(app_ids: Sequence[str], *, mirrored: bool) -> Select[str, datetime | None]:
     """Per app of ``app_ids``, the newest ``seen`` of the WAL segments it holds bytes of
-    (``mirrored``: bytes the peer acknowledged too): an index search per app."""
-    query = select(WalSegment.app_id, func.max(WalSegment.seen))
+    (``mirrored``: the newest point the peer was sent with segments it holds whole): an
+    index search per app."""
+    seen = WalSegment.mirrored_seen if mirrored else WalSegment.seen
+    query = select(WalSegment.app_id, func.max(seen))
     query = query.where(WalSegment.app_id.in_(app_ids), WalSegment.size > 0)
     if mirrored:
         query = query.where(WalSegment.mirrored >= WalSegment.size)
@@ -825,7 +827,8 @@ def wal_held_until(
     for start in range(0, len(app_ids), WAL_HELD_BATCH):
         batch = app_ids[start : start + WAL_HELD_BATCH]
         for app_id, seen in session.execute(wal_held_query(batch, mirrored=mirrored)):
-            held[app_id] = seen
+            if seen is not None:  # the peer holds its bytes but was never told a point
+                held[app_id] = seen
     return held
 
 

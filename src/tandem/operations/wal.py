@@ -66,6 +66,9 @@ NEVER = datetime(1970, 1, 1, tzinfo=UTC)
 """The point covered by WAL whose coverage no listing confirmed yet."""
 PUSH_MAX = 4 * 1024 * 1024
 """Bytes of a segment per push to the peer."""
+SEEN_PUSH_EVERY = 5.0
+"""Seconds a segment's point may run ahead of what the peer was told before it is sent
+with no new bytes (an idle database: its DR window follows within this)."""
 PUSH_RETRY = 30.0
 """Seconds before a failed-over app's WAL is pushed home again after production refused or
 did not answer (its capture at DR goes on every tick meanwhile)."""
@@ -214,7 +217,7 @@ def push(site: Site, app: App, *, written_here: bool = False) -> int:
     todo = [
         s
         for s in rows
-        if (s.mirrored < s.size or (s.complete and s.mirrored == s.size))
+        if (s.mirrored < s.size or (s.complete and s.mirrored == s.size) or _point_ahead(s))
         and (not written_here or s.timeline > newest_base)
     ]
     sent = 0
@@ -242,7 +245,20 @@ def push(site: Site, app: App, *, written_here: bool = False) -> int:
                 row = q.get_wal_segment(session, app_id=app.id, name=seg.name)
                 if row is not None:  # size + 1: the peer holds it whole and complete
                     row.mirrored = offset + (1 if seg.complete and offset >= len(data) else 0)
+                    row.mirrored_seen = seg.seen
     return sent
+
+
+def _point_ahead(seg: WalSegment) -> bool:
+    """Whether a segment being written, which the peer holds every byte of, vouches for a
+    point the peer was not told, by ``SEEN_PUSH_EVERY`` or more: an idle database adds no
+    byte, but every commit before its newer point is held, and the DR window says so only
+    once the peer is told."""
+    if seg.complete or seg.mirrored < seg.size:
+        return False
+    return seg.mirrored_seen is None or (
+        (seg.seen - seg.mirrored_seen).total_seconds() >= SEEN_PUSH_EVERY
+    )
 
 
 def receive_push(site: Site, *, peer: str, app: str, body: WalPush) -> WalHeld:
@@ -292,6 +308,7 @@ def receive_push(site: Site, *, peer: str, app: str, body: WalPush) -> WalHeld:
             held = q.get_wal_segment(session, app_id=app_id, name=seg.name)
             if held is not None:
                 held.mirrored = max(held.mirrored, held.size + (1 if held.complete else 0))
+                held.mirrored_seen = held.seen
     return WalHeld(name=seg.name, size=seg.size)
 
 
