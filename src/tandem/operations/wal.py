@@ -13,7 +13,9 @@ each PostgreSQL app of this site that is unmanaged it stops the receiver and dro
 (``pg_stream``), reads what the host holds past what is stored here, stores it, acknowledges
 completed segments (the host then removes them), and pushes what the peer lacks when the
 app's template mirrors. Every step is idempotent: after a break (agent, appliance or peer
-restarted) the next tick reads from what is held, so resume = run again.
+restarted) the next tick reads from what is held, so resume = run again. A push answers
+what the peer holds, and a peer holding less than the sender recorded (rebuilt, or a
+segment pruned before its answer was recorded) is sent it again from there.
 
 While the app is failed over at the peer (``peer_active``) production's own cluster is
 not streamed: the DR copy is the writer, and WAL a production cluster writes meanwhile (a
@@ -225,6 +227,7 @@ def push(site: Site, app: App, *, written_here: bool = False) -> int:
         for seg in todo:
             data = read_segment(site, seg)
             offset = seg.mirrored
+            rewound = False
             while True:
                 piece = data[offset : offset + PUSH_MAX]
                 last = offset + len(piece) >= len(data)
@@ -238,6 +241,15 @@ def push(site: Site, app: App, *, written_here: bool = False) -> int:
                 )
                 held = remote.push_wal(app.name, body)
                 sent += len(piece)
+                if held.size < offset + len(piece):
+                    # The peer holds less than it was sent: it was rebuilt, or pruned the
+                    # segment before our record of its answer. From what it holds, once: a
+                    # peer that keeps answering less is not followed round.
+                    if rewound:
+                        offset = held.size
+                        break
+                    offset, rewound = held.size, True
+                    continue
                 offset = held.size
                 if last or offset >= len(data):
                     break
@@ -299,6 +311,13 @@ def receive_push(site: Site, *, peer: str, app: str, body: WalPush) -> WalHeld:
             f"({newest_base}), and only the timelines the DR copy wrote after its promotion are "
             "taken home from the peer",
         )
+    with site.catalog.read() as session:
+        current = q.get_wal_segment(session, app_id=app_id, name=body.name)
+    if body.offset > (current.size if current is not None else 0):
+        # Bytes past what is held would leave a hole: not stored, and the answer says what
+        # is held, so the sender goes on from there (a sender whose record of this site
+        # is ahead of it would otherwise be refused at every push, its WAL stuck here).
+        return WalHeld(name=body.name, size=current.size if current is not None else 0)
     seg = store(
         site, app_id=app_id, name=body.name, offset=body.offset, data=data,
         complete=body.complete, seen=body.seen, digest=body.digest,
