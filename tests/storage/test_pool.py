@@ -21,6 +21,7 @@ from tandem.storage.digest import (
     hash_object,
     hash_sub_blocks,
     object_id,
+    split_digests,
 )
 from tandem.storage.pool import CODEC_RAW, CODEC_ZSTD, HEADER, ChunkPool, Layouts, encode_chunk
 from tests.poolfiles import chunk_file, chunk_files, drops_pages, resident_bytes
@@ -466,3 +467,13 @@ def test_a_delta_reads_its_base_header_once_and_never_builds_on_a_base_gone_sinc
         path.unlink()
         assert w.put_delta(other, other_id, other_subs, digest, [3]).new
     assert pool.info(other_id).base is None and pool.get(other_id) == other
+
+
+@pytest.mark.parametrize("length", [0, 32, 5 * 32, 64 * 32, 65 * 32, 200 * 32, 33, 64 * 32 + 7])
+def test_a_digest_table_splits_into_its_32_byte_digests(length: int) -> None:
+    """Headers carry up to 64 digests, frames and answers any number, a damaged one a
+    ragged tail: each splits into its 32-byte pieces in order, the last one short."""
+    table = os.urandom(length)
+    pieces = split_digests(table)
+    assert b"".join(pieces) == table
+    assert all(len(p) == 32 for p in pieces[:-1]) and len(pieces) == -(-length // 32)

@@ -20,6 +20,7 @@ Hashing data once yields both the id and the block digests (``hash_object``).
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 
 import blake3
 
@@ -48,10 +49,22 @@ def object_id(subs: list[bytes], length: int) -> bytes:
     return blake3.blake3(b"".join([_DOMAIN, _LENGTH.pack(length), *subs])).digest()
 
 
+_TABLES: dict[int, Callable[[bytes], tuple[bytes, ...]]] = {}
+"""``struct`` unpackers of tables of up to a chunk's 64 digests, by count: one C call
+where slicing costs a Python step per digest (every chunk header read goes through here:
+captures, restores, replication, GC's marking)."""
+
+
 def split_digests(table: bytes) -> list[bytes]:
     """The digests of ``table``, block digests laid end to end (as headers and frames
     carry them)."""
-    return [table[i : i + DIGEST_SIZE] for i in range(0, len(table), DIGEST_SIZE)]
+    n, rest = divmod(len(table), DIGEST_SIZE)
+    if rest or n > 64:
+        return [table[i : i + DIGEST_SIZE] for i in range(0, len(table), DIGEST_SIZE)]
+    unpack = _TABLES.get(n)
+    if unpack is None:
+        unpack = _TABLES[n] = struct.Struct(f"{DIGEST_SIZE}s" * n).unpack
+    return list(unpack(table))
 
 
 def hash_object(data: bytes | bytearray | memoryview) -> tuple[bytes, list[bytes]]:
