@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -217,6 +218,54 @@ def test_a_time_outside_the_window_is_refused_naming_the_window(
         assert copy.sql("SELECT count(*) FROM later") == "0"
         b("unmount", mounted["image"]["id"])
         assert not (shared_dir / "m").exists()
+    finally:
+        prod.stop()
+
+
+def test_an_idle_databases_dr_window_moves_on_without_new_wal(
+    drill: Drill, shared_dir: Path
+) -> None:
+    """A database that writes nothing still has every commit held up to now: its DR
+    window moves on while not a byte of WAL is written (the moment reaches the peer on its
+    own), so a recovery at DR to a moment after the last write is not refused."""
+    a, b = drill.a, drill.b
+    prod = make_cluster(shared_dir, "pgdata", "autovacuum = off")  # idle means idle
+    try:
+        prod.sql("CREATE TABLE marks (n int)")
+        a("app", "add", "calm", "--host", "host1", "--kind", "postgresql", "--path", str(prod.data))
+        a("app", "protect", "calm", "--template", "mirrored")
+        assert a("capture", "calm")["job"]["status"] == "succeeded"
+        prod.sql("INSERT INTO marks VALUES (1)")
+        # Ends of the DR window seen while the server's WAL position stayed where it is: a
+        # push carrying the last bytes moves the end once, a third end only comes from
+        # moments sent without bytes.
+        seen: dict[str, Any] = {"lsn": None, "ends": []}
+
+        def moved_on_idle() -> bool:
+            lsn = prod.sql("SELECT pg_current_wal_insert_lsn()")
+            if lsn != seen["lsn"]:  # WAL written since (the bgwriter's too): start again
+                seen.update(lsn=lsn, ends=[])
+            end = window_end(b, "calm")
+            if end is not None and (not seen["ends"] or end > seen["ends"][-1]):
+                seen["ends"].append(end)
+            return len(seen["ends"]) >= 3
+
+        wait_for(moved_on_idle, 180, "the DR window to move on twice with no WAL written")
+        at = seen["ends"][-1]
+        run = b(
+            "test-failover",
+            "calm",
+            "--host",
+            "host2",
+            "--time",
+            at.isoformat(),
+            "--mount-point",
+            str(shared_dir / "calm"),
+        )
+        assert run["job"]["status"] == "succeeded", run["job"]
+        copy = recovered(shared_dir, run["job"]["result"])
+        assert copy.sql("SELECT count(*) FROM marks") == "1"
+        b("unmount", run["image"]["id"])
     finally:
         prod.stop()
 
