@@ -108,6 +108,10 @@ def test_the_peer_sends_wal_only_of_its_postgresql_mirrors_and_with_the_right_di
     assert wal.receive_push(site, peer="prod", app="db", body=push(seg(2), b"x" * 10)).size == 10
     with pytest.raises(Conflict, match="not a PostgreSQL mirror"):
         wal.receive_push(site, peer="other", app="db", body=push(seg(2), b"x" * 10))
+    past = push(seg(2), b"x").model_copy(update={"offset": 50})
+    with pytest.raises(Conflict, match="not a PostgreSQL mirror"):  # refused before answering
+        wal.receive_push(site, peer="other", app="db", body=past)  # what is held
+    assert wal.receive_push(site, peer="prod", app="db", body=past).size == 10  # stores nothing
     bad = push(seg(3), b"y" * 10).model_copy(update={"digest": "0" * 64})
     with pytest.raises(InvalidInput, match="digest"):
         wal.receive_push(site, peer="prod", app="db", body=bad)
