@@ -572,7 +572,20 @@ def _collect_full(
     for mid, modified in pool.manifest_times():
         if mid not in snap.keep and modified < cutoff:
             run.manifests_removed += _remove_manifest(pool, mid, cutoff)
+    if not isinstance(pool, S3Pool):
+        _remove_stray_layouts(pool, snap.keep, cutoff)
     return run
+
+
+def _remove_stray_layouts(pool: ChunkPool, keep: set[bytes], cutoff: float) -> None:
+    """Remove the layout folders of images whose manifest is gone (a removal killed
+    between the two), once older than the cut-off (a writer may be saving one)."""
+    for mid in pool.image_layouts.folders():
+        if mid in keep or pool.has_manifest(mid):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(pool.image_layouts.folder(mid)).st_mtime < cutoff:
+                pool.image_layouts.remove(mid)
 
 
 def _doubt_stored(pool: ChunkPool, refs: _Refs, check: Callable[[], None]) -> None:
@@ -639,6 +652,7 @@ def _remove_manifest(pool: ChunkPool, mid: bytes, cutoff: float) -> int:
     if doomed is None or not doomed[0]:
         return 0
     _unlink(doomed[0])
+    pool.image_layouts.remove(mid)
     return 1
 
 

@@ -252,6 +252,31 @@ def decode_manifest(blob: bytes, digest: bytes = b"") -> Manifest:
     raise ManifestInvalid(digest=label, reason=f"unknown kind {doc.get('kind')!r}")
 
 
+def volume_chunks(blob: bytes) -> list[bytes | None] | None:
+    """The chunk ids of a volume manifest's encoding, in order; None for any other kind
+    (a tree's entries are not read: its kind comes first) or a malformed one."""
+    up = msgpack.Unpacker(raw=False, strict_map_key=False)
+    up.feed(blob)
+    try:
+        for _ in range(up.read_map_header()):
+            key = up.unpack()
+            if key == "kind":
+                if up.unpack() != "volume":
+                    return None
+            elif key == "chunks":
+                chunks = up.unpack()
+                if isinstance(chunks, list) and all(
+                    c is None or (isinstance(c, bytes) and len(c) == DIGEST_SIZE) for c in chunks
+                ):
+                    return chunks
+                return None
+            else:
+                up.skip()
+    except (msgpack.UnpackException, ValueError):
+        return None
+    return None
+
+
 @gc_paused()
 def stored_chunk_ids(blob: bytes) -> set[bytes]:
     """The chunk ids named by the encoding of a manifest this pool stored (read back and

@@ -45,6 +45,7 @@ import fcntl
 import json
 import logging
 import os
+import shutil
 import struct
 import threading
 import time
@@ -69,6 +70,8 @@ from tandem.storage.digest import (
     split_digests,
 )
 from tandem.storage.fileio import fsync_dir, write_durably
+from tandem.storage.layouts import BaseLayouts, ImageLayouts, Layout
+from tandem.storage.manifest import volume_chunks
 from tandem.storage.packs import (
     HEAD_BYTES,
     PACK_BELOW,
@@ -103,6 +106,7 @@ LAYOUTS_KEPT = 4096
 each, 9 MB in all): a failback's final syncback reads the header of every chunk it
 touches when it is received, and its restore asks for those block digests moments later."""
 BASES_READ_KEPT = 256
+STORED_LAYOUTS_KEPT = 16384  # layouts of chunks a writer stored, for its image's layout files
 """Base chunk headers a writer keeps between a delta's ``sub_digests`` and its store:
 more than the chunks its callers' threads have in hand at once."""
 FLUSH_CHUNKS = 2048  # pending chunks before a writer makes them durable
@@ -526,6 +530,7 @@ class ChunkPool:
         self.tmp_dir = self.root / "tmp"
         self.writers_dir = self.root / "writers"
         self.layouts = Layouts(LAYOUTS_KEPT)
+        self.image_layouts = ImageLayouts(self.root / "layouts", self.tmp_dir)
         self._clean_tmp()
         self.packs.refresh(force=True)
 
@@ -557,7 +562,11 @@ class ChunkPool:
             return
         for entry in os.scandir(self.tmp_dir):
             with contextlib.suppress(FileNotFoundError):
-                if entry.stat().st_mtime < looked:
+                if entry.stat(follow_symlinks=False).st_mtime >= looked:
+                    continue
+                if entry.is_dir(follow_symlinks=False):  # a layouts folder being made
+                    shutil.rmtree(entry.path, ignore_errors=True)
+                else:
                     os.unlink(entry.path)
         remove_orphans(self.packs_dir, str(self.root))
 
@@ -1149,7 +1158,9 @@ class PoolWriter:
         # writer started), so they are answered from memory, without a syscall each.
         self._held: set[bytes] = set()
         self._touched_packs: set[str] = set()
-        self._bases_read: OrderedDict[bytes, ChunkInfo] = OrderedDict()
+        self._bases_read: OrderedDict[bytes, Layout] = OrderedDict()
+        self._stored: OrderedDict[bytes, Layout] = OrderedDict()  # chunks this writer stored
+        self._base_layouts: BaseLayouts | None = None
         self._chunks_fd = -1  # ``chunks/``, opened by the first ``missing``
         self._pack: OpenPack | None = None
         self._flush_lock = threading.Lock()
@@ -1281,29 +1292,60 @@ class PoolWriter:
             return PutResult(digest, False, 0)
         blob = encode_chunk(data, subs)
         self._write_pending(digest, blob)
+        self._stored_layout(digest, Layout(len(data), subs, 0))
         return PutResult(digest, True, len(blob))
 
     def sub_digests(self, digest: bytes) -> list[bytes]:
-        """Sub-block digests of a chunk this writer may build a delta on; its header is
-        kept a moment for the ``put_delta`` or ``put_blocks`` that may follow."""
-        info = self.pool.checked_info(digest)
+        """Sub-block digests of a chunk this writer may build a delta on; its layout is
+        kept a moment for the ``put_delta`` or ``put_blocks`` that may follow. A chunk of
+        the images the writer builds on comes from their layout files when they have it
+        (``storage.layouts``), else from its header."""
+        layout = self.bases_layouts().get(digest)
+        if layout is None:
+            info = self.pool.checked_info(digest)
+            layout = Layout(info.plain_len, info.subs, info.depth)
         with self._lock:
-            self._bases_read[digest] = info
+            self._bases_read[digest] = layout
             if len(self._bases_read) > BASES_READ_KEPT:
                 self._bases_read.popitem(last=False)
-        return list(info.subs)
+        return list(layout.subs)
 
-    def _base_info(self, base: bytes) -> ChunkInfo | None:
-        """The header of chunk ``base`` to build a delta on (read once: ``sub_digests``
-        kept it), None when the chunk is not here."""
+    def bases_layouts(self) -> BaseLayouts:
+        """The layouts of the chunks of the images this writer builds on (read as asked)."""
+        if self._base_layouts is None:
+            bases: list[tuple[bytes, list[bytes | None]]] = []
+            for mid in self.bases:
+                with contextlib.suppress(ChunkMissing, ChunkCorrupt, OSError):
+                    chunks = volume_chunks(self.pool.get_manifest_blob(mid))
+                    if chunks is not None:
+                        bases.append((mid, chunks))
+            self._base_layouts = BaseLayouts(self.pool.image_layouts, bases)
+        return self._base_layouts
+
+    def _base_info(self, base: bytes) -> Layout | None:
+        """The layout of chunk ``base`` to build a delta on (read once: ``sub_digests``
+        kept it), None when the chunk is not here. A chunk of a base image is here (the
+        registered bases are kept whole while the writer lives)."""
         with self._lock:
-            info = self._bases_read.pop(base, None)
-        if info is not None and self.has(base):
-            return info
+            layout = self._bases_read.pop(base, None)
+        if layout is not None and (self.bases_layouts().holds(base) or self.has(base)):
+            return layout
         try:
-            return self.pool.info(base)
+            info = self.pool.info(base)
         except (ChunkMissing, ChunkCorrupt):
             return None
+        return Layout(info.plain_len, info.subs, info.depth)
+
+    def _stored_layout(self, digest: bytes, layout: Layout) -> None:
+        with self._lock:
+            self._stored[digest] = layout
+            if len(self._stored) > STORED_LAYOUTS_KEPT:
+                self._stored.popitem(last=False)
+
+    def _known_layout(self, digest: bytes) -> Layout | None:
+        with self._lock:
+            layout = self._stored.get(digest)
+        return layout if layout is not None else self.bases_layouts().get(digest)
 
     def put_delta(
         self,
@@ -1332,6 +1374,7 @@ class PoolWriter:
         old = dict(zip(changed, self.pool.read_blocks(base, changed), strict=True))
         blob = encode_delta(base, depth, len(view), subs, blocks, old)
         self._write_pending(digest, blob)
+        self._stored_layout(digest, Layout(len(view), subs, depth + 1))
         return PutResult(digest, True, len(blob))
 
     def put_blocks(
@@ -1351,6 +1394,7 @@ class PoolWriter:
             return None
         blob = encode_delta(base, base_info.depth, length, subs, blocks)
         self._write_pending(digest, blob)
+        self._stored_layout(digest, Layout(length, subs, base_info.depth + 1))
         return PutResult(digest, True, len(blob))
 
     def put_encoded(self, digest: bytes, blob: bytes) -> PutResult:
@@ -1374,6 +1418,7 @@ class PoolWriter:
             _verified_plaintext(blob, info, digest, where, None)
             self._write_pending(digest, blob)
             self.pool.layouts.put(digest, info)
+            self._stored_layout(digest, Layout(info.plain_len, info.subs, 0))
             return PutResult(digest, True, len(blob))
         # A delta is stored only when no copy of the chunk is here at all (a loose one
         # ``_has_cheaply`` does not see): a second copy built on a base would need that
@@ -1384,10 +1429,15 @@ class PoolWriter:
             base_pending = info.base in self._pending
         if base_pending:
             self.flush()  # the base came in this session: make it readable first
-        if not self.has(info.base):
-            raise ChunkMissing(digest=info.base.hex(), pool=str(self.pool.root))
         check_header(info, digest, where)
-        base_info = self.pool.checked_info(info.base)
+        # A base from the images this writer builds on is here (kept while it lives) and
+        # its layout is in their layout files: no random read of the base's header.
+        base_info = self.bases_layouts().get(info.base)
+        if base_info is None:
+            if not self.has(info.base):
+                raise ChunkMissing(digest=info.base.hex(), pool=str(self.pool.root))
+            full = self.pool.checked_info(info.base)
+            base_info = Layout(full.plain_len, full.subs, full.depth)
         if base_info.plain_len != info.plain_len:
             raise ChunkCorrupt(digest=digest.hex(), pool=where, reason="delta base length")
         held, xored = _delta_blocks(blob, info, digest, where)
@@ -1410,12 +1460,14 @@ class PoolWriter:
             for j, block in blocks.items():
                 whole[j * SUB_BLOCK : j * SUB_BLOCK + len(block)] = block
             blob = encode_chunk(whole, info.subs)
+            depth = 0
         elif self.xor_deltas and not xored:
             blob = encode_delta(info.base, depth - 1, info.plain_len, info.subs, blocks, olds)
         else:
             blob = blob[:5] + bytes([depth]) + blob[6:]
         self._write_pending(digest, blob)
         self.pool.layouts.put(digest, info)  # the restore of a syncback asks for it next
+        self._stored_layout(digest, Layout(info.plain_len, info.subs, depth))
         return PutResult(digest, True, len(blob))
 
     def _write_pending(self, digest: bytes, blob: bytes) -> None:
@@ -1562,4 +1614,8 @@ class PoolWriter:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise _translate_oserror(exc, self.pool.root) from exc
+        chunks = volume_chunks(blob)
+        if chunks is not None:
+            bases = self.bases_layouts().bases
+            self.pool.image_layouts.save(digest, chunks, self._known_layout, bases)
         return digest

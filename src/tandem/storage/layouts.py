@@ -1,0 +1,234 @@
+"""Per-image chunk layouts: a volume image's chunks' block digests, in manifest order.
+
+A delta is named and verified from its base chunk's block digests (``digest.object_id``),
+so a syncback's capture at the DR site and its receipt at production each need the layout
+of every touched chunk's base. Read from each base chunk's header, that is a random read
+per touched chunk (0.1-0.2 ms cold on the development VM's disk): a failback's downtime grew
+with the number of chunks the same writes land in. So a pool keeps, beside each volume
+image's manifest, its chunks' layouts in manifest order (``layouts/<manifest id>/<n>``, one
+file per ``SEGMENT`` chunks, 256 MiB of volume), and a syncback reads its bases' layouts
+as a few sequential files.
+
+Everything in them is a hint. A record is used only once checked against the chunk id it
+stands for (its digests must name the id), and a missing, short or corrupt file, or a
+record the writer did not know, means reading the chunk's header as before. The delta
+depth a record carries is how the pool stored the chunk when the file was written (an
+image's chunks are kept as they are while it lives); it only bounds delta chains, and
+nothing relies on it for correctness.
+
+A segment an image shares with the image it was built on is a hard link to that image's
+file, so an unchanged re-capture writes no layout bytes; the files are written without a
+sync (a crash loses hints, never data), and garbage collection removes an image's folder
+with its manifest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import struct
+import threading
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from tandem.storage.digest import DIGEST_SIZE, object_id, split_digests
+
+SEGMENT = 64  # chunks per file: 256 MiB of volume, at most ~130 KiB of layouts
+SEGMENTS_KEPT = 256  # segments a writer keeps read (~32 MiB at most)
+_MAGIC = b"TLY1"
+_HEAD = struct.Struct("<4sH")  # magic, records
+_KNOWN = struct.Struct("<BBIB")  # known (1), depth, plain length, block digests
+
+Chunks = Sequence[bytes | None]
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """What a writer needs of a chunk to build or verify a delta on it."""
+
+    plain_len: int
+    subs: list[bytes]
+    depth: int  # delta chain length in this pool (0: self-contained)
+
+
+def encode_segment(records: Sequence[Layout | None]) -> bytes:
+    parts = [_HEAD.pack(_MAGIC, len(records))]
+    for rec in records:
+        if rec is None or len(rec.subs) > 255 or rec.depth > 255:
+            parts.append(b"\0")
+        else:
+            parts.append(_KNOWN.pack(1, rec.depth, rec.plain_len, len(rec.subs)))
+            parts.extend(rec.subs)
+    return b"".join(parts)
+
+
+def decode_segment(blob: bytes) -> list[Layout | None]:
+    """The records of a segment file; ValueError when it is not one (torn, foreign)."""
+    if len(blob) < _HEAD.size:
+        raise ValueError("short segment")
+    magic, n = _HEAD.unpack_from(blob)
+    if magic != _MAGIC:
+        raise ValueError("not a layout segment")
+    out: list[Layout | None] = []
+    pos = _HEAD.size
+    for _ in range(n):
+        if pos >= len(blob):
+            raise ValueError("short segment")
+        if blob[pos] == 0:
+            out.append(None)
+            pos += 1
+            continue
+        if len(blob) < pos + _KNOWN.size:
+            raise ValueError("short segment")
+        _, depth, plain_len, n_sub = _KNOWN.unpack_from(blob, pos)
+        pos += _KNOWN.size
+        end = pos + n_sub * DIGEST_SIZE
+        if len(blob) < end:
+            raise ValueError("short segment")
+        out.append(Layout(plain_len, split_digests(blob[pos:end]), depth))
+        pos = end
+    return out
+
+
+def checked(layout: Layout | None, digest: bytes) -> Layout | None:
+    """``layout`` if its block digests name ``digest``, else None."""
+    if layout is None or object_id(layout.subs, layout.plain_len) != digest:
+        return None
+    return layout
+
+
+class ImageLayouts:
+    """The layout files of a local pool's volume images (``DIR/layouts``)."""
+
+    def __init__(self, root: Path, tmp_dir: Path) -> None:
+        self.root = root
+        self.tmp_dir = tmp_dir
+
+    def folder(self, mid: bytes) -> Path:
+        return self.root / mid.hex()
+
+    def segment_path(self, mid: bytes, n: int) -> Path:
+        return self.folder(mid) / f"{n:06d}"
+
+    def read_segment(self, mid: bytes, n: int) -> list[Layout | None]:
+        """The records of segment ``n`` of image ``mid``, unchecked; [] when unreadable."""
+        try:
+            return decode_segment(self.segment_path(mid, n).read_bytes())
+        except (OSError, ValueError):
+            return []
+
+    def save(
+        self,
+        mid: bytes,
+        chunks: Chunks,
+        known: Callable[[bytes], Layout | None],
+        bases: Sequence[tuple[bytes, Chunks]] = (),
+    ) -> None:
+        """Write image ``mid``'s layouts: a segment whose chunks are those of a base image
+        (its manifest id and chunks) at the same place is a link to that image's file; the
+        others are made from ``known``. Nothing is written when nothing is known. Best
+        effort: a failure leaves hints missing, never a wrong one (records are checked on
+        use)."""
+        folder = self.folder(mid)
+        if folder.exists():
+            return  # the same manifest committed again
+        tmp = self.tmp_dir / f"layouts-{mid.hex()}.{uuid.uuid4().hex[:8]}"
+        try:
+            tmp.mkdir(parents=True)
+            wrote = False
+            for n, start in enumerate(range(0, len(chunks), SEGMENT)):
+                ids = list(chunks[start : start + SEGMENT])
+                name = tmp / f"{n:06d}"
+                if any(
+                    self._link(b, n, name)
+                    for b, c in bases
+                    if list(c[start : start + SEGMENT]) == ids
+                ):
+                    wrote = True
+                    continue
+                records = [known(d) if d is not None else None for d in ids]
+                if any(r is not None for r in records):
+                    name.write_bytes(encode_segment(records))
+                    wrote = True
+            if wrote:
+                self.root.mkdir(exist_ok=True)
+                os.rename(tmp, folder)
+        except OSError:
+            pass
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    def _link(self, base: bytes, n: int, name: Path) -> bool:
+        try:
+            os.link(self.segment_path(base, n), name)
+        except OSError:  # none there, or too many links
+            return False
+        return True
+
+    def remove(self, mid: bytes) -> None:
+        shutil.rmtree(self.folder(mid), ignore_errors=True)
+
+    def folders(self) -> list[bytes]:
+        """The manifest ids that have a layouts folder."""
+        try:
+            names = os.listdir(self.root)
+        except FileNotFoundError:
+            return []
+        out = []
+        for name in names:
+            with contextlib.suppress(ValueError):
+                if len(name) == DIGEST_SIZE * 2:
+                    out.append(bytes.fromhex(name))
+        return out
+
+
+class BaseLayouts:
+    """The layouts of the chunks of the images a writer builds on, read a segment at a time
+    as chunks are asked for; each record checked against its id before it is given."""
+
+    def __init__(self, store: ImageLayouts | None, bases: Sequence[tuple[bytes, Chunks]]) -> None:
+        self._store = store
+        self._bases = list(bases)
+        self._where: dict[bytes, tuple[int, int]] = {}
+        for b, (_, chunks) in enumerate(bases):
+            for i, d in enumerate(chunks):
+                if d is not None:
+                    self._where.setdefault(d, (b, i))
+        self._loaded: OrderedDict[tuple[int, int], list[Layout | None]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @property
+    def bases(self) -> list[tuple[bytes, Chunks]]:
+        return self._bases
+
+    def holds(self, digest: bytes) -> bool:
+        """Whether a base image names chunk ``digest`` (then present and kept while the
+        writer that registered the bases lives)."""
+        return digest in self._where
+
+    def get(self, digest: bytes) -> Layout | None:
+        where = self._where.get(digest)
+        if where is None:
+            return None
+        b, i = where
+        key = (b, i // SEGMENT)
+        with self._lock:
+            records = self._loaded.get(key)
+        if records is None:
+            if self._store is None:
+                return None
+            records = self._store.read_segment(self._bases[b][0], i // SEGMENT)
+            with self._lock:
+                self._loaded[key] = records
+                if len(self._loaded) > SEGMENTS_KEPT:
+                    self._loaded.popitem(last=False)
+        at = i % SEGMENT
+        return checked(records[at], digest) if at < len(records) else None
+
+
+__all__ = ["SEGMENT", "BaseLayouts", "ImageLayouts", "Layout", "checked", "decode_segment"]
