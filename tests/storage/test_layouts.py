@@ -173,3 +173,28 @@ def test_an_images_layouts_go_with_it_and_what_it_shared_stays(
     assert [object_id(r.subs, r.plain_len) for r in store.read_segment(mid2, 0) if r] == (
         base.chunks[0:2]
     )
+
+
+def test_a_restore_session_answers_block_digests_from_its_images_layout_files(
+    pool: ChunkPool, tmp_path: Path
+) -> None:
+    """The restore of a syncback asks production for the layouts of the chunks in which two
+    images differ: they come from those images' layout files, and only of the images the
+    session may read."""
+    from tandem.operations.sessions import SessionRegistry
+
+    mid, base = base_image(pool, tmp_path)
+    _, foreign = base_image(pool, tmp_path, seed=2)
+    fresh = ChunkPool(pool.root)  # nothing remembered in memory
+    reads: list[bytes] = []
+    real = fresh.info
+    fresh.info = lambda d: reads.append(d) or real(d)  # type: ignore[method-assign]
+    registry = SessionRegistry(fresh)
+    session, _ = registry.open(job_id="restore", write=False, readable=[mid])
+    for d in base.chunks:
+        assert d is not None
+        length, subs = registry.layout(session, d)
+        assert object_id(subs, length) == d
+    assert not reads
+    registry.layout(session, foreign.chunks[0])  # (another image: read from its chunk)
+    assert reads == [foreign.chunks[0]]

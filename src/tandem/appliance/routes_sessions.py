@@ -141,7 +141,7 @@ def make_router(registry: SessionRegistry) -> APIRouter:
     def get_blocks(s: S, cid: str, i: Annotated[str, Query(pattern=r"^\d+(,\d+)*$")]) -> Response:
         digest = _digest(cid)
         indices = [int(x) for x in i.split(",")]
-        subs = registry.pool.layout(digest)[1]
+        subs = registry.layout(s, digest)[1]
         if any(j >= len(subs) for j in indices):
             raise InvalidInput(detail=f"block index out of range (chunk has {len(subs)})")
         blocks = registry.pool.read_blocks(digest, indices)
@@ -152,7 +152,7 @@ def make_router(registry: SessionRegistry) -> APIRouter:
         """The length and block digests of each chunk named, in order (one subs frame each)."""
         _check_count(len(body.digests), "the block digests")
         digests = decode_digests(body.digests)
-        layouts = [registry.pool.layout(d) for d in digests]
+        layouts = [registry.layout(s, d) for d in digests]
         return _sent(
             s,
             encode_frames(
@@ -172,7 +172,7 @@ def make_router(registry: SessionRegistry) -> APIRouter:
                 limit=f"{BLOCKS_PER_REQUEST} blocks ({BLOCK_BYTES_PER_REQUEST >> 20} MiB)",
             )
         digests = decode_digests(c.digest for c in body.chunks)
-        layouts = [registry.pool.layout(d) for d in digests]
+        layouts = [registry.layout(s, d) for d in digests]
         for d, (_, subs), c in zip(digests, layouts, body.chunks, strict=True):
             bad = [j for j in c.blocks if not 0 <= j < len(subs)]
             if bad:

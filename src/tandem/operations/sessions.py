@@ -32,7 +32,8 @@ from tandem.errors import (
     TandemError,
     Unauthorized,
 )
-from tandem.storage.manifest import decode_manifest, stored_chunk_ids
+from tandem.storage.layouts import BaseLayouts
+from tandem.storage.manifest import decode_manifest, stored_chunk_ids, volume_chunks
 from tandem.storage.packs import HEAD_BYTES
 from tandem.storage.pool import CODEC_DELTA, ChunkPool, PoolWriter, parse_header
 from tandem.transport.server import hash_token, token_matches
@@ -79,6 +80,9 @@ class Session:
     meta: dict[str, Any] = field(default_factory=dict)  # what the opening operation keeps
     flushed_at: int = 0  # bytes_received when the writer last made chunks durable
     flush_every: int = FLUSH_EVERY  # received bytes between two flushes of the writer
+    # Layout files of the readable images (``storage.layouts``), for the size of
+    # ``readable`` they were gathered at.
+    image_layouts: tuple[int, BaseLayouts] | None = None
 
 
 class SessionRegistry:
@@ -291,6 +295,36 @@ class SessionRegistry:
         """Account ``n`` bytes the party fetched (the job reports them as bytes sent)."""
         with self._lock:
             session.bytes_sent += n
+
+    def layout(self, session: Session, digest: bytes) -> tuple[int, list[bytes]]:
+        """(length, block digests) of a chunk, checked against its id: from memory
+        (``ChunkPool.layout``'s), else from the layout files of the images the party may
+        read (a restore asks for the blocks in which two of them differ: one sequential
+        file per 64 chunks rather than a random read of each chunk's header), else from
+        the chunk's header. Says nothing of whether the chunk is stored."""
+        got = self.pool.layouts.get(digest)
+        if got is not None:
+            return got
+        hint = self._readable_layouts(session).get(digest)
+        if hint is not None:
+            return hint.plain_len, hint.subs
+        return self.pool.layout(digest)
+
+    def _readable_layouts(self, session: Session) -> BaseLayouts:
+        with self._lock:
+            kept, readable = session.image_layouts, list(session.readable)
+        if kept is not None and kept[0] == len(readable):
+            return kept[1]
+        images: list[tuple[bytes, list[bytes | None]]] = []
+        for mid in readable:
+            with contextlib.suppress(TandemError, OSError):
+                chunks = volume_chunks(self.pool.get_manifest_blob(mid))
+                if chunks is not None:
+                    images.append((mid, chunks))
+        built = BaseLayouts(getattr(self.pool, "image_layouts", None), images)
+        with self._lock:
+            session.image_layouts = (len(readable), built)
+        return built
 
     def check_readable(self, session: Session, manifest: bytes) -> None:
         if manifest not in session.readable:

@@ -42,6 +42,7 @@ SEGMENTS_KEPT = 256  # segments a writer keeps read (~32 MiB at most)
 _MAGIC = b"TLY1"
 _HEAD = struct.Struct("<4sH")  # magic, records
 _KNOWN = struct.Struct("<BBIB")  # known (1), depth, plain length, block digests
+_UNKNOWN = b"\0"
 
 Chunks = Sequence[bytes | None]
 
@@ -55,43 +56,57 @@ class Layout:
     depth: int  # delta chain length in this pool (0: self-contained)
 
 
+def encode_record(rec: Layout | None) -> bytes:
+    if rec is None or len(rec.subs) > 255 or rec.depth > 255:
+        return _UNKNOWN
+    return b"".join([_KNOWN.pack(1, rec.depth, rec.plain_len, len(rec.subs)), *rec.subs])
+
+
 def encode_segment(records: Sequence[Layout | None]) -> bytes:
-    parts = [_HEAD.pack(_MAGIC, len(records))]
-    for rec in records:
-        if rec is None or len(rec.subs) > 255 or rec.depth > 255:
-            parts.append(b"\0")
-        else:
-            parts.append(_KNOWN.pack(1, rec.depth, rec.plain_len, len(rec.subs)))
-            parts.extend(rec.subs)
-    return b"".join(parts)
+    return _join([encode_record(r) for r in records])
 
 
-def decode_segment(blob: bytes) -> list[Layout | None]:
-    """The records of a segment file; ValueError when it is not one (torn, foreign)."""
+def _join(records: list[bytes]) -> bytes:
+    return b"".join([_HEAD.pack(_MAGIC, len(records)), *records])
+
+
+def segment_records(blob: bytes) -> list[bytes]:
+    """The records of a segment file, each as its bytes; ValueError when it is not one
+    (torn, foreign)."""
     if len(blob) < _HEAD.size:
         raise ValueError("short segment")
     magic, n = _HEAD.unpack_from(blob)
     if magic != _MAGIC:
         raise ValueError("not a layout segment")
-    out: list[Layout | None] = []
+    out: list[bytes] = []
     pos = _HEAD.size
     for _ in range(n):
         if pos >= len(blob):
             raise ValueError("short segment")
         if blob[pos] == 0:
-            out.append(None)
+            out.append(_UNKNOWN)
             pos += 1
             continue
         if len(blob) < pos + _KNOWN.size:
             raise ValueError("short segment")
-        _, depth, plain_len, n_sub = _KNOWN.unpack_from(blob, pos)
-        pos += _KNOWN.size
-        end = pos + n_sub * DIGEST_SIZE
+        end = pos + _KNOWN.size + blob[pos + _KNOWN.size - 1] * DIGEST_SIZE
         if len(blob) < end:
             raise ValueError("short segment")
-        out.append(Layout(plain_len, split_digests(blob[pos:end]), depth))
+        out.append(blob[pos:end])
         pos = end
     return out
+
+
+def decode_record(rec: bytes) -> Layout | None:
+    if rec == _UNKNOWN:
+        return None
+    _, depth, plain_len, _ = _KNOWN.unpack_from(rec)
+    return Layout(plain_len, split_digests(rec[_KNOWN.size :]), depth)
+
+
+def decode_segment(blob: bytes) -> list[Layout | None]:
+    """The records of a segment file; ValueError when it is not one (torn, foreign)."""
+    return [decode_record(r) for r in segment_records(blob)]
 
 
 def checked(layout: Layout | None, digest: bytes) -> Layout | None:
@@ -129,10 +144,11 @@ class ImageLayouts:
         bases: Sequence[tuple[bytes, Chunks]] = (),
     ) -> None:
         """Write image ``mid``'s layouts: a segment whose chunks are those of a base image
-        (its manifest id and chunks) at the same place is a link to that image's file; the
-        others are made from ``known``. Nothing is written when nothing is known. Best
-        effort: a failure leaves hints missing, never a wrong one (records are checked on
-        use)."""
+        (its manifest id and chunks) at the same place is a link to that image's file; in
+        the others, a chunk a base has at the same place keeps that base's record as it
+        is, and the rest come from ``known``. Nothing is written when nothing is known.
+        Best effort: a failure leaves hints missing, never a wrong one (records are
+        checked on use)."""
         folder = self.folder(mid)
         if folder.exists():
             return  # the same manifest committed again
@@ -143,16 +159,13 @@ class ImageLayouts:
             for n, start in enumerate(range(0, len(chunks), SEGMENT)):
                 ids = list(chunks[start : start + SEGMENT])
                 name = tmp / f"{n:06d}"
-                if any(
-                    self._link(b, n, name)
-                    for b, c in bases
-                    if list(c[start : start + SEGMENT]) == ids
-                ):
+                same = [(b, list(c[start : start + SEGMENT])) for b, c in reversed(bases)]
+                if any(self._link(b, n, name) for b, theirs in same if theirs == ids):
                     wrote = True
                     continue
-                records = [known(d) if d is not None else None for d in ids]
-                if any(r is not None for r in records):
-                    name.write_bytes(encode_segment(records))
+                records = self._records(n, ids, same, known)
+                if any(r != _UNKNOWN for r in records):
+                    name.write_bytes(_join(records))
                     wrote = True
             if wrote:
                 self.root.mkdir(exist_ok=True)
@@ -162,6 +175,34 @@ class ImageLayouts:
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
+
+    def _records(
+        self,
+        n: int,
+        ids: list[bytes | None],
+        bases: list[tuple[bytes, list[bytes | None]]],
+        known: Callable[[bytes], Layout | None],
+    ) -> list[bytes]:
+        records: list[bytes | None] = [None] * len(ids)
+        for base, theirs in bases:
+            same = [
+                k
+                for k, d in enumerate(ids)
+                if records[k] is None and d is not None and k < len(theirs) and theirs[k] == d
+            ]
+            if not same:
+                continue
+            try:
+                olds = segment_records(self.segment_path(base, n).read_bytes())
+            except (OSError, ValueError):
+                continue
+            for k in same:
+                if k < len(olds) and olds[k] != _UNKNOWN:
+                    records[k] = olds[k]
+        return [
+            r if r is not None else _UNKNOWN if d is None else encode_record(known(d))
+            for d, r in zip(ids, records, strict=True)
+        ]
 
     def _link(self, base: bytes, n: int, name: Path) -> bool:
         try:
@@ -231,4 +272,12 @@ class BaseLayouts:
         return checked(records[at], digest) if at < len(records) else None
 
 
-__all__ = ["SEGMENT", "BaseLayouts", "ImageLayouts", "Layout", "checked", "decode_segment"]
+__all__ = [
+    "SEGMENT",
+    "BaseLayouts",
+    "ImageLayouts",
+    "Layout",
+    "checked",
+    "decode_segment",
+    "encode_segment",
+]
