@@ -198,3 +198,50 @@ def test_a_restore_session_answers_block_digests_from_its_images_layout_files(
     assert not reads
     registry.layout(session, foreign.chunks[0])  # (another image: read from its chunk)
     assert reads == [foreign.chunks[0]]
+
+
+def test_a_base_segment_is_read_once_however_many_threads_ask(
+    pool: ChunkPool, tmp_path: Path
+) -> None:
+    """A syncback's receipt reads its base's layouts ahead while chunks arrive; the two
+    store threads and the reading ahead never read one file twice, and the bases' last
+    image is the one read for a chunk they share."""
+    import threading
+
+    from tandem.storage.layouts import BaseLayouts
+
+    mid, base = base_image(pool, tmp_path)
+    with Overlay.create(tmp_path / "ov", pool, base, mid) as ov:
+        write_blocks(ov, [2])
+        mid2, second, _ = capture_overlay(pool, ov)
+    store = pool.image_layouts
+    reads: list[tuple[bytes, int]] = []
+    real = store.read_segment
+
+    def counted(m: bytes, n: int) -> list[Layout | None]:
+        reads.append((m, n))
+        return real(m, n)
+
+    store.read_segment = counted  # type: ignore[method-assign]
+    for ahead in (False, True):
+        reads.clear()
+        bases = BaseLayouts(store, [(mid, base.chunks), (mid2, second.chunks)])
+        if ahead:
+            bases.prefetch()
+        got: list[list[Layout | None]] = []
+
+        def ask(bases: BaseLayouts = bases, got: list[list[Layout | None]] = got) -> None:
+            got.append([bases.get(d) for d in second.chunks if d])
+
+        threads = [threading.Thread(target=ask) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wanted = [d for d in second.chunks if d]
+        for mine in got:
+            assert [object_id(g.subs, g.plain_len) for g in mine if g] == wanted
+        assert len(got) == 4
+        assert len(set(reads)) == len(reads)  # each file once
+        if not ahead:  # every chunk is the second image's: only its files are read
+            assert sorted(reads) == [(mid2, n) for n in range(4)]

@@ -102,17 +102,21 @@ class SessionRegistry:
         xor_deltas: bool = True,
         cached: bool = True,
         flush_every: int = FLUSH_EVERY,
+        prefetch: bool = False,
     ) -> tuple[Session, str]:
         """Open a session; returns it and its token (shown once, kept as a hash).
         ``xor_deltas``: see ``PoolWriter.put_encoded``; ``cached``: see ``PoolWriter``.
         ``flush_every``: received bytes after which what arrived is made durable and
         present, so that a broken transfer resumes without them (each flush is a file-system
         sync: a sender on a slow link wants it per batch, an agent on the LAN re-sends a few
-        batches faster)."""
+        batches faster). ``prefetch``: read the bases' layout files ahead (a syncback,
+        whose deltas are built on them, arrives during a failback's downtime)."""
         bases = list(bases)
         token = secrets.token_urlsafe(32)
         sid = secrets.token_hex(8)
         writer = self.pool.writer(bases, xor_deltas=xor_deltas, cached=cached) if write else None
+        if writer is not None and prefetch:
+            writer.prefetch_bases()
         session = Session(
             id=sid,
             token_hash=hash_token(token),

@@ -476,6 +476,7 @@ def open_syncback(site: Site, *, peer: str, body: SyncbackOpen) -> Opened:
         ttl=3600,
         # It lands during a failback's downtime: stored as sent, no base decoded.
         xor_deltas=False,
+        prefetch=True,
     )
     transfer.meta.update(
         peer=peer, app=app, image=image.model_dump(mode="json"), epoch=epoch, syncback=True

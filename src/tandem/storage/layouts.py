@@ -31,7 +31,7 @@ import struct
 import threading
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -230,17 +230,21 @@ class ImageLayouts:
 
 class BaseLayouts:
     """The layouts of the chunks of the images a writer builds on, read a segment at a time
-    as chunks are asked for; each record checked against its id before it is given."""
+    as chunks are asked for (or ahead, ``prefetch``); each record checked against its id
+    before it is given. A chunk several bases name is looked up in the last of them (a
+    syncback builds on the failover image and on its previous syncback, which names most
+    of the first's chunks too: one file per segment is read, not two)."""
 
     def __init__(self, store: ImageLayouts | None, bases: Sequence[tuple[bytes, Chunks]]) -> None:
         self._store = store
         self._bases = list(bases)
         self._where: dict[bytes, tuple[int, int]] = {}
-        for b, (_, chunks) in enumerate(bases):
-            for i, d in enumerate(chunks):
+        for b in reversed(range(len(self._bases))):
+            for i, d in enumerate(self._bases[b][1]):
                 if d is not None:
                     self._where.setdefault(d, (b, i))
         self._loaded: OrderedDict[tuple[int, int], list[Layout | None]] = OrderedDict()
+        self._loading: dict[tuple[int, int], threading.Event] = {}
         self._lock = threading.Lock()
 
     @property
@@ -257,19 +261,57 @@ class BaseLayouts:
         if where is None:
             return None
         b, i = where
-        key = (b, i // SEGMENT)
-        with self._lock:
-            records = self._loaded.get(key)
-        if records is None:
-            if self._store is None:
-                return None
-            records = self._store.read_segment(self._bases[b][0], i // SEGMENT)
+        records = self._segment((b, i // SEGMENT))
+        at = i % SEGMENT
+        return checked(records[at], digest) if at < len(records) else None
+
+    def prefetch(self, digests: Iterable[bytes | None] | None = None) -> None:
+        """Read, in a thread of its own and in order, the segments that hold ``digests``
+        (every base's, up to SEGMENTS_KEPT, when None): a writer about to ask for them
+        then finds them read, the reading done while it works."""
+        if self._store is None:
+            return
+        if digests is None:
+            keys = [
+                (b, n) for b, (_, c) in enumerate(self._bases) for n in range(-(-len(c) // SEGMENT))
+            ]
+        else:
+            found = (self._where.get(d) for d in digests if d is not None)
+            keys = sorted({(w[0], w[1] // SEGMENT) for w in found if w is not None})
+        if not keys:
+            return
+        keys = keys[:SEGMENTS_KEPT]
+        threading.Thread(target=self._read_all, args=(keys,), daemon=True).start()
+
+    def _read_all(self, keys: list[tuple[int, int]]) -> None:
+        for key in keys:
+            self._segment(key)
+
+    def _segment(self, key: tuple[int, int]) -> list[Layout | None]:
+        """The records of segment ``key`` (base, number), read once even when several
+        threads ask at the same time."""
+        while True:
+            with self._lock:
+                records = self._loaded.get(key)
+                if records is not None:
+                    return records
+                loading = self._loading.get(key)
+                if loading is None:
+                    self._loading[key] = threading.Event()
+            if loading is None:
+                break
+            loading.wait()
+        records = []
+        try:
+            if self._store is not None:
+                records = self._store.read_segment(self._bases[key[0]][0], key[1])
+        finally:
             with self._lock:
                 self._loaded[key] = records
                 if len(self._loaded) > SEGMENTS_KEPT:
                     self._loaded.popitem(last=False)
-        at = i % SEGMENT
-        return checked(records[at], digest) if at < len(records) else None
+                self._loading.pop(key).set()
+        return records
 
 
 __all__ = [

@@ -1471,6 +1471,10 @@ def capture_overlay(
     total_dirty = sum(_blocks_bytes(i, blocks, size) for i, blocks in work_list)
     bases = [b for b in (overlay.base_id, overlay.reference if since else None) if b]
     with pool.writer(bases) as writer:
+        # The bases' layouts of the dirty chunks are read while the first chunks are built.
+        prefetch = getattr(writer, "prefetch_bases", None)
+        if prefetch is not None:
+            prefetch([chunks[i] for i, _ in work_list])
 
         def work(item: tuple[int, list[int]]) -> tuple[int, bytes | None, int, PutResult | None]:
             i, blocks = item

@@ -1322,6 +1322,11 @@ class PoolWriter:
             self._base_layouts = BaseLayouts(self.pool.image_layouts, bases)
         return self._base_layouts
 
+    def prefetch_bases(self, digests: Iterable[bytes | None] | None = None) -> None:
+        """Read ahead, in a thread, the layouts of these chunks of the base images (all of
+        theirs when None), for the deltas about to be built or received on them."""
+        self.bases_layouts().prefetch(digests)
+
     def _base_info(self, base: bytes) -> Layout | None:
         """The layout of chunk ``base`` to build a delta on (read once: ``sub_digests``
         kept it), None when the chunk is not here. A chunk of a base image is here (the
