@@ -53,6 +53,9 @@ in-process). Then one of two runs:
   store no row is given to uncounted chunks: a pack kept there may hold a delta whose base
   goes.)
 
+A manifest removed takes its image's layout files (``storage.layouts``) with it; a full run
+also removes layout folders whose manifest is gone, once older than the cut-off.
+
 Either way a chunk is removed only when no kept manifest needs it and it is older than the
 cut-off, so a collection is safe beside captures and replications. Memory is bounded: the
 counts are on disk (about 60-80 bytes per chunk: a pool of 100M chunks needs a few GB of
