@@ -42,9 +42,8 @@ def write_blocks(ov: Overlay, chunks: list[int], seed: int = 7) -> None:
         ov.write(i * VOLUME_CHUNK + 3 * BLOCK, rng.randbytes(BLOCK))
 
 
-@pytest.fixture
-def header_reads(pool: ChunkPool, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[bytes]]:
-    """The chunks whose header the pool reads (``ChunkPool.info``)."""
+def spy_header_reads(pool: ChunkPool, monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """The chunks whose header ``pool`` reads from now on (``ChunkPool.info``)."""
     read: list[bytes] = []
     real = pool.info
 
@@ -53,7 +52,12 @@ def header_reads(pool: ChunkPool, monkeypatch: pytest.MonkeyPatch) -> Iterator[l
         return real(digest)
 
     monkeypatch.setattr(pool, "info", info)
-    yield read
+    return read
+
+
+@pytest.fixture
+def header_reads(pool: ChunkPool, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[bytes]]:
+    yield spy_header_reads(pool, monkeypatch)
 
 
 def expected_image(tmp_path: Path, ov: Overlay) -> VolumeManifest:
@@ -97,7 +101,9 @@ def test_a_syncback_reads_its_bases_layouts_from_the_layout_files_not_the_chunks
         assert stats.chunks_new == 3
         assert manifest.chunks == expected_image(tmp_path, ov).chunks
         out = tmp_path / "out.img"
-        restore_volume(pool, load_manifest(pool, new_id), out)
+        restored = load_manifest(pool, new_id)
+        assert isinstance(restored, VolumeManifest)
+        restore_volume(pool, restored, out)
         assert out.read_bytes() == ov.read(0, ov.size)
 
 
@@ -124,7 +130,7 @@ def test_a_layout_record_that_does_not_name_its_chunk_is_never_used(
 
 
 def test_a_received_delta_is_checked_against_its_bases_layout_files(
-    pool: ChunkPool, tmp_path: Path
+    pool: ChunkPool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Production receiving a syncback: each delta is verified against its base without
     reading the base's header."""
@@ -140,9 +146,7 @@ def test_a_received_delta_is_checked_against_its_bases_layout_files(
         for d in syncback.chunks
         if d not in base.chunks and d is not None
     }
-    reads: list[bytes] = []
-    real = pool.info
-    pool.info = lambda d: reads.append(d) or real(d)  # type: ignore[method-assign]
+    reads = spy_header_reads(pool, monkeypatch)
     with pool.writer([mid], xor_deltas=False) as w:
         for d, blob in sent.items():
             assert w.put_encoded(d, blob).new
@@ -176,7 +180,7 @@ def test_an_images_layouts_go_with_it_and_what_it_shared_stays(
 
 
 def test_a_restore_session_answers_block_digests_from_its_images_layout_files(
-    pool: ChunkPool, tmp_path: Path
+    pool: ChunkPool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The restore of a syncback asks production for the layouts of the chunks in which two
     images differ: they come from those images' layout files, and only of the images the
@@ -186,9 +190,7 @@ def test_a_restore_session_answers_block_digests_from_its_images_layout_files(
     mid, base = base_image(pool, tmp_path)
     _, foreign = base_image(pool, tmp_path, seed=2)
     fresh = ChunkPool(pool.root)  # nothing remembered in memory
-    reads: list[bytes] = []
-    real = fresh.info
-    fresh.info = lambda d: reads.append(d) or real(d)  # type: ignore[method-assign]
+    reads = spy_header_reads(fresh, monkeypatch)
     registry = SessionRegistry(fresh)
     session, _ = registry.open(job_id="restore", write=False, readable=[mid])
     for d in base.chunks:
@@ -196,12 +198,14 @@ def test_a_restore_session_answers_block_digests_from_its_images_layout_files(
         length, subs = registry.layout(session, d)
         assert object_id(subs, length) == d
     assert not reads
-    registry.layout(session, foreign.chunks[0])  # (another image: read from its chunk)
-    assert reads == [foreign.chunks[0]]
+    elsewhere = foreign.chunks[0]
+    assert elsewhere is not None
+    registry.layout(session, elsewhere)  # (another image: read from its chunk)
+    assert reads == [elsewhere]
 
 
 def test_a_base_segment_is_read_once_however_many_threads_ask(
-    pool: ChunkPool, tmp_path: Path
+    pool: ChunkPool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A syncback's receipt reads its base's layouts ahead while chunks arrive; the two
     store threads and the reading ahead never read one file twice, and the bases' last
@@ -222,7 +226,7 @@ def test_a_base_segment_is_read_once_however_many_threads_ask(
         reads.append((m, n))
         return real(m, n)
 
-    store.read_segment = counted  # type: ignore[method-assign]
+    monkeypatch.setattr(store, "read_segment", counted)
     for ahead in (False, True):
         reads.clear()
         bases = BaseLayouts(store, [(mid, base.chunks), (mid2, second.chunks)])

@@ -320,6 +320,8 @@ __all__ = [
     "ImageLayouts",
     "Layout",
     "checked",
+    "decode_record",
     "decode_segment",
+    "encode_record",
     "encode_segment",
 ]

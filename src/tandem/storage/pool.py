@@ -70,7 +70,7 @@ from tandem.storage.digest import (
     split_digests,
 )
 from tandem.storage.fileio import fsync_dir, write_durably
-from tandem.storage.layouts import BaseLayouts, ImageLayouts, Layout
+from tandem.storage.layouts import BaseLayouts, ImageLayouts, Layout, decode_record, encode_record
 from tandem.storage.manifest import volume_chunks
 from tandem.storage.packs import (
     HEAD_BYTES,
@@ -106,7 +106,7 @@ LAYOUTS_KEPT = 4096
 each, 9 MB in all): a failback's final syncback reads the header of every chunk it
 touches when it is received, and its restore asks for those block digests moments later."""
 BASES_READ_KEPT = 256
-STORED_LAYOUTS_KEPT = 16384  # layouts of chunks a writer stored, for its image's layout files
+STORED_LAYOUTS_KEPT = 8192  # layouts of chunks a writer stored (~17 MiB), for its layout files
 """Base chunk headers a writer keeps between a delta's ``sub_digests`` and its store:
 more than the chunks its callers' threads have in hand at once."""
 FLUSH_CHUNKS = 2048  # pending chunks before a writer makes them durable
@@ -1159,7 +1159,8 @@ class PoolWriter:
         self._held: set[bytes] = set()
         self._touched_packs: set[str] = set()
         self._bases_read: OrderedDict[bytes, Layout] = OrderedDict()
-        self._stored: OrderedDict[bytes, Layout] = OrderedDict()  # chunks this writer stored
+        # Layouts of the chunks this writer stored, as layout-file records (compact: ~2 KiB).
+        self._stored: OrderedDict[bytes, bytes] = OrderedDict()
         self._base_layouts: BaseLayouts | None = None
         self._chunks_fd = -1  # ``chunks/``, opened by the first ``missing``
         self._pack: OpenPack | None = None
@@ -1343,14 +1344,16 @@ class PoolWriter:
 
     def _stored_layout(self, digest: bytes, layout: Layout) -> None:
         with self._lock:
-            self._stored[digest] = layout
+            self._stored[digest] = encode_record(layout)
             if len(self._stored) > STORED_LAYOUTS_KEPT:
                 self._stored.popitem(last=False)
 
     def _known_layout(self, digest: bytes) -> Layout | None:
         with self._lock:
-            layout = self._stored.get(digest)
-        return layout if layout is not None else self.bases_layouts().get(digest)
+            record = self._stored.get(digest)
+        if record is not None:
+            return decode_record(record)
+        return self.bases_layouts().get(digest)
 
     def put_delta(
         self,

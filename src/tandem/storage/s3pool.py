@@ -761,7 +761,7 @@ class S3PoolWriter(PoolWriter):
         self._held: set[bytes] = set()
         self._touched_packs: set[str] = set()  # pack ids recorded under touched/
         self._bases_read: OrderedDict[bytes, Layout] = OrderedDict()
-        self._stored: OrderedDict[bytes, Layout] = OrderedDict()
+        self._stored: OrderedDict[bytes, bytes] = OrderedDict()
         self._base_layouts = BaseLayouts(None, [])  # no layout files on an object store
         self._touches = 0
         self._chunks_fd = -1
