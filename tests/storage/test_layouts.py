@@ -249,3 +249,17 @@ def test_a_base_segment_is_read_once_however_many_threads_ask(
         assert len(set(reads)) == len(reads)  # each file once
         if not ahead:  # every chunk is the second image's: only its files are read
             assert sorted(reads) == [(mid2, n) for n in range(4)]
+
+
+def test_an_image_whose_layouts_cannot_be_kept_is_committed_all_the_same(
+    pool: ChunkPool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def fail(*_: object, **__: object) -> None:
+        raise RuntimeError("no layouts today")
+
+    monkeypatch.setattr(pool.image_layouts, "save", fail)
+    mid, manifest = base_image(pool, tmp_path)
+    assert not pool.image_layouts.folder(mid).exists()
+    out = tmp_path / "out.img"
+    restore_volume(pool, manifest, out)
+    assert out.read_bytes() == (tmp_path / "vol-1.img").read_bytes()

@@ -1624,6 +1624,9 @@ class PoolWriter:
             raise _translate_oserror(exc, self.pool.root) from exc
         chunks = volume_chunks(blob)
         if chunks is not None:
-            bases = self.bases_layouts().bases
-            self.pool.image_layouts.save(digest, chunks, self._known_layout, bases)
+            try:
+                bases = self.bases_layouts().bases
+                self.pool.image_layouts.save(digest, chunks, self._known_layout, bases)
+            except Exception as exc:  # hints only: the image is committed either way
+                log.warning("layouts of image %s not kept: %s", digest.hex(), exc)
         return digest
