@@ -263,3 +263,12 @@ def test_an_image_whose_layouts_cannot_be_kept_is_committed_all_the_same(
     out = tmp_path / "out.img"
     restore_volume(pool, manifest, out)
     assert out.read_bytes() == (tmp_path / "vol-1.img").read_bytes()
+
+
+def test_a_layouts_folder_left_half_made_is_cleared_when_the_pool_opens(pool: ChunkPool) -> None:
+    half = pool.tmp_dir / "layouts-0123.abcd"
+    half.mkdir()
+    (half / "000000").write_bytes(b"TLY1")
+    os.utime(half, (1, 1))
+    ChunkPool(pool.root)  # a process starting with no writer running
+    assert not half.exists()
