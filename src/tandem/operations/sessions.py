@@ -33,7 +33,7 @@ from tandem.errors import (
     Unauthorized,
 )
 from tandem.storage.layouts import BaseLayouts
-from tandem.storage.manifest import decode_manifest, stored_chunk_ids, volume_chunks
+from tandem.storage.manifest import decode_manifest, stored_chunk_ids
 from tandem.storage.packs import HEAD_BYTES
 from tandem.storage.pool import CODEC_DELTA, ChunkPool, PoolWriter, parse_header
 from tandem.transport.server import hash_token, token_matches
@@ -319,13 +319,7 @@ class SessionRegistry:
             kept, readable = session.image_layouts, list(session.readable)
         if kept is not None and kept[0] == len(readable):
             return kept[1]
-        images: list[tuple[bytes, list[bytes | None]]] = []
-        for mid in readable:
-            with contextlib.suppress(TandemError, OSError):
-                chunks = volume_chunks(self.pool.get_manifest_blob(mid))
-                if chunks is not None:
-                    images.append((mid, chunks))
-        built = BaseLayouts(getattr(self.pool, "image_layouts", None), images)
+        built = self.pool.layouts_of(readable)
         with self._lock:
             session.image_layouts = (len(readable), built)
         return built

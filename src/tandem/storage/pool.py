@@ -106,9 +106,9 @@ LAYOUTS_KEPT = 4096
 each, 9 MB in all): a failback's final syncback reads the header of every chunk it
 touches when it is received, and its restore asks for those block digests moments later."""
 BASES_READ_KEPT = 256
-STORED_LAYOUTS_KEPT = 8192  # layouts of chunks a writer stored (~17 MiB), for its layout files
 """Base chunk headers a writer keeps between a delta's ``sub_digests`` and its store:
 more than the chunks its callers' threads have in hand at once."""
+STORED_LAYOUTS_KEPT = 8192  # layouts of chunks a writer stored (~17 MiB), for its layout files
 FLUSH_CHUNKS = 2048  # pending chunks before a writer makes them durable
 FLUSH_BYTES = 512 * 1024 * 1024
 DEFAULT_PACK_BELOW = PACK_BELOW  # for pools whose pool.json does not say
@@ -250,6 +250,10 @@ class Layouts:
             self._kept.move_to_end(digest)
             if len(self._kept) > self._most:
                 self._kept.popitem(last=False)
+
+
+def _layout(info: ChunkInfo) -> Layout:
+    return Layout(info.plain_len, info.subs, info.depth)
 
 
 def parse_header(blob: bytes | memoryview, digest: bytes, where: str) -> ChunkInfo:
@@ -759,6 +763,18 @@ class ChunkPool:
         check_header(info, digest, str(self.root))
         self.layouts.put(digest, info)
         return info
+
+    def layouts_of(self, images: Iterable[bytes]) -> BaseLayouts:
+        """The layout files of the volume images ``images`` (manifest ids; the others, and
+        any unreadable, left out), read as chunks are asked for."""
+        found: list[tuple[bytes, list[bytes | None]]] = []
+        for mid in images:
+            with contextlib.suppress(ChunkMissing, ChunkCorrupt, OSError):
+                chunks = volume_chunks(self.get_manifest_blob(mid))
+                if chunks is not None:
+                    found.append((mid, chunks))
+        # (An object-store pool, which keeps no layout files, has none.)
+        return BaseLayouts(getattr(self, "image_layouts", None), found)
 
     def sub_digests(self, digest: bytes) -> list[bytes]:
         """The 64 KiB sub-block digests of a chunk, read from its header only (checked
@@ -1303,8 +1319,7 @@ class PoolWriter:
         (``storage.layouts``), else from its header."""
         layout = self.bases_layouts().get(digest)
         if layout is None:
-            info = self.pool.checked_info(digest)
-            layout = Layout(info.plain_len, info.subs, info.depth)
+            layout = _layout(self.pool.checked_info(digest))
         with self._lock:
             self._bases_read[digest] = layout
             if len(self._bases_read) > BASES_READ_KEPT:
@@ -1314,13 +1329,7 @@ class PoolWriter:
     def bases_layouts(self) -> BaseLayouts:
         """The layouts of the chunks of the images this writer builds on (read as asked)."""
         if self._base_layouts is None:
-            bases: list[tuple[bytes, list[bytes | None]]] = []
-            for mid in self.bases:
-                with contextlib.suppress(ChunkMissing, ChunkCorrupt, OSError):
-                    chunks = volume_chunks(self.pool.get_manifest_blob(mid))
-                    if chunks is not None:
-                        bases.append((mid, chunks))
-            self._base_layouts = BaseLayouts(self.pool.image_layouts, bases)
+            self._base_layouts = self.pool.layouts_of(self.bases)
         return self._base_layouts
 
     def prefetch_bases(self, digests: Iterable[bytes | None] | None = None) -> None:
@@ -1337,10 +1346,9 @@ class PoolWriter:
         if layout is not None and (self.bases_layouts().holds(base) or self.has(base)):
             return layout
         try:
-            info = self.pool.info(base)
+            return _layout(self.pool.info(base))
         except (ChunkMissing, ChunkCorrupt):
             return None
-        return Layout(info.plain_len, info.subs, info.depth)
 
     def _stored_layout(self, digest: bytes, layout: Layout) -> None:
         with self._lock:
@@ -1444,8 +1452,7 @@ class PoolWriter:
         if base_info is None:
             if not self.has(info.base):
                 raise ChunkMissing(digest=info.base.hex(), pool=str(self.pool.root))
-            full = self.pool.checked_info(info.base)
-            base_info = Layout(full.plain_len, full.subs, full.depth)
+            base_info = _layout(self.pool.checked_info(info.base))
         if base_info.plain_len != info.plain_len:
             raise ChunkCorrupt(digest=digest.hex(), pool=where, reason="delta base length")
         held, xored = _delta_blocks(blob, info, digest, where)
