@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tandem.storage import gc, layouts
+from tandem.storage import pool as poolmod
 from tandem.storage.digest import object_id
 from tandem.storage.layouts import Layout, decode_segment, encode_segment
 from tandem.storage.manifest import VOLUME_CHUNK, VolumeManifest, load_manifest
@@ -87,6 +88,43 @@ def test_a_capture_writes_its_images_layouts_and_a_recapture_links_what_it_share
         assert os.path.samefile(store.segment_path(mid, n), store.segment_path(mid2, n))
     records = decode_segment(store.segment_path(mid2, 2).read_bytes())
     assert [object_id(r.subs, r.plain_len) for r in records if r] == second.chunks[4:6]
+
+
+def layout_ids(pool: ChunkPool, mid: bytes) -> list[bytes | None]:
+    """The chunk each record of image ``mid``'s layout files names (None: unknown)."""
+    out: list[bytes | None] = []
+    for n in range(-(-CHUNKS // layouts.SEGMENT)):
+        path = pool.image_layouts.segment_path(mid, n)
+        if not path.exists():  # nothing known of its chunks: no file
+            out += [None] * min(layouts.SEGMENT, CHUNKS - n * layouts.SEGMENT)
+            continue
+        records = decode_segment(path.read_bytes())
+        out += [object_id(r.subs, r.plain_len) if r else None for r in records]
+    return out
+
+
+def test_an_image_of_more_chunks_than_a_writer_keeps_in_memory_gets_every_layout(
+    pool: ChunkPool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A first capture of a large volume: the writer keeps 2 records in memory, the rest
+    # in its spill file, so the image's files still know every chunk.
+    monkeypatch.setattr(poolmod, "STORED_LAYOUTS_KEPT", 2)
+    mid, base = base_image(pool, tmp_path)
+    assert layout_ids(pool, mid) == base.chunks
+
+
+def test_layouts_past_what_a_writer_may_spill_are_unknown_and_the_image_is_whole(
+    pool: ChunkPool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(poolmod, "STORED_LAYOUTS_KEPT", 2)
+    monkeypatch.setattr(poolmod, "STORED_LAYOUTS_SPILLED", 1)
+    mid, base = base_image(pool, tmp_path)
+    ids = layout_ids(pool, mid)
+    assert len([d for d in ids if d is not None]) == 3  # two in memory, one spilled
+    assert all(d in (None, c) for d, c in zip(ids, base.chunks, strict=True))
+    out = tmp_path / "out.img"
+    restore_volume(pool, load_manifest(pool, mid), out)  # type: ignore[arg-type]
+    assert out.read_bytes() == (tmp_path / "vol-1.img").read_bytes()
 
 
 def test_a_syncback_reads_its_bases_layouts_from_the_layout_files_not_the_chunks(

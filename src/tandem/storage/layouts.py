@@ -116,6 +116,65 @@ def checked(layout: Layout | None, digest: bytes) -> Layout | None:
     return layout
 
 
+class StoredLayouts:
+    """The layout records of the chunks a writer stored, by id, until the layout files of
+    the images it commits are written: the latest ``kept`` in memory, older ones appended
+    to an unlinked file in ``spill_dir`` (a first capture or a first copy of a large volume
+    stores more chunks than memory should hold: 2 KiB a 4 MiB chunk, ~130 MB for 256 GiB),
+    at most ``spilled`` of them (each costs ~150 bytes of index). Without ``spill_dir``, or
+    once spilling failed, an older record is forgotten: the image's file then says unknown
+    for that chunk (a hint missing, read from the chunk's header when needed)."""
+
+    def __init__(self, spill_dir: Path | None, kept: int, spilled: int) -> None:
+        self._dir = spill_dir
+        self._kept, self._spilled = kept, spilled
+        self._recent: OrderedDict[bytes, bytes] = OrderedDict()
+        self._index: dict[bytes, int] = {}  # id -> offset << 12 | length (a record < 4 KiB)
+        self._fd = -1
+        self._end = 0
+        self._lock = threading.Lock()
+
+    def put(self, digest: bytes, record: bytes) -> None:
+        with self._lock:
+            self._recent[digest] = record
+            self._recent.move_to_end(digest)
+            if len(self._recent) > self._kept:
+                self._spill(*self._recent.popitem(last=False))
+
+    def get(self, digest: bytes) -> bytes | None:
+        with self._lock:
+            record = self._recent.get(digest)
+            where = self._index.get(digest) if record is None else None
+            if where is None:
+                return record
+            try:
+                record = os.pread(self._fd, where & 0xFFF, where >> 12)
+            except OSError:
+                return None
+        return record if len(record) == where & 0xFFF else None
+
+    def _spill(self, digest: bytes, record: bytes) -> None:
+        if self._dir is None or len(self._index) >= self._spilled or len(record) > 0xFFF:
+            return
+        try:
+            if self._fd < 0:
+                self._fd = os.open(self._dir, os.O_TMPFILE | os.O_RDWR, 0o600)
+            os.pwrite(self._fd, record, self._end)
+        except OSError:
+            self._dir = None  # hints only: spill no more, forget what does not fit
+            return
+        self._index[digest] = self._end << 12 | len(record)
+        self._end += len(record)
+
+    def close(self) -> None:
+        with self._lock:
+            self._recent.clear()
+            self._index.clear()
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+
+
 class ImageLayouts:
     """The layout files of a local pool's volume images (``DIR/layouts``)."""
 

@@ -70,7 +70,14 @@ from tandem.storage.digest import (
     split_digests,
 )
 from tandem.storage.fileio import fsync_dir, write_durably
-from tandem.storage.layouts import BaseLayouts, ImageLayouts, Layout, decode_record, encode_record
+from tandem.storage.layouts import (
+    BaseLayouts,
+    ImageLayouts,
+    Layout,
+    StoredLayouts,
+    decode_record,
+    encode_record,
+)
 from tandem.storage.manifest import volume_chunks
 from tandem.storage.packs import (
     HEAD_BYTES,
@@ -108,7 +115,10 @@ touches when it is received, and its restore asks for those block digests moment
 BASES_READ_KEPT = 256
 """Base chunk headers a writer keeps between a delta's ``sub_digests`` and its store:
 more than the chunks its callers' threads have in hand at once."""
-STORED_LAYOUTS_KEPT = 8192  # layouts of chunks a writer stored (~17 MiB), for its layout files
+STORED_LAYOUTS_KEPT = 8192  # layouts of chunks a writer stored kept in memory (~17 MiB)
+STORED_LAYOUTS_SPILLED = 1 << 19
+"""Older layouts a writer keeps in a file of its own until its images' layout files are
+written: a first capture of up to 2 TiB of distinct 4 MiB chunks gets complete files."""
 FLUSH_CHUNKS = 2048  # pending chunks before a writer makes them durable
 FLUSH_BYTES = 512 * 1024 * 1024
 DEFAULT_PACK_BELOW = PACK_BELOW  # for pools whose pool.json does not say
@@ -1176,7 +1186,7 @@ class PoolWriter:
         self._touched_packs: set[str] = set()
         self._bases_read: OrderedDict[bytes, Layout] = OrderedDict()
         # Layouts of the chunks this writer stored, as layout-file records (compact: ~2 KiB).
-        self._stored: OrderedDict[bytes, bytes] = OrderedDict()
+        self._stored = StoredLayouts(pool.tmp_dir, STORED_LAYOUTS_KEPT, STORED_LAYOUTS_SPILLED)
         self._base_layouts: BaseLayouts | None = None
         self._chunks_fd = -1  # ``chunks/``, opened by the first ``missing``
         self._pack: OpenPack | None = None
@@ -1208,6 +1218,7 @@ class PoolWriter:
         self.close()
 
     def close(self) -> None:
+        self._stored.close()
         if self._chunks_fd >= 0:
             os.close(self._chunks_fd)
             self._chunks_fd = -1
@@ -1351,14 +1362,10 @@ class PoolWriter:
             return None
 
     def _stored_layout(self, digest: bytes, layout: Layout) -> None:
-        with self._lock:
-            self._stored[digest] = encode_record(layout)
-            if len(self._stored) > STORED_LAYOUTS_KEPT:
-                self._stored.popitem(last=False)
+        self._stored.put(digest, encode_record(layout))
 
     def _known_layout(self, digest: bytes) -> Layout | None:
-        with self._lock:
-            record = self._stored.get(digest)
+        record = self._stored.get(digest)
         if record is not None:
             return decode_record(record)
         return self.bases_layouts().get(digest)

@@ -84,7 +84,7 @@ from tandem.errors import (
 )
 from tandem.storage.digest import DIGEST_SIZE, hash_bytes
 from tandem.storage.fileio import write_durably
-from tandem.storage.layouts import BaseLayouts, Layout
+from tandem.storage.layouts import BaseLayouts, Layout, StoredLayouts
 from tandem.storage.objstore import ObjectInfo, ObjectStore
 from tandem.storage.packs import (
     PACK_MAGIC,
@@ -761,7 +761,7 @@ class S3PoolWriter(PoolWriter):
         self._held: set[bytes] = set()
         self._touched_packs: set[str] = set()  # pack ids recorded under touched/
         self._bases_read: OrderedDict[bytes, Layout] = OrderedDict()
-        self._stored: OrderedDict[bytes, bytes] = OrderedDict()
+        self._stored = StoredLayouts(None, 0, 0)  # no layout files here: nothing kept
         self._base_layouts = BaseLayouts(None, [])  # no layout files on an object store
         self._touches = 0
         self._chunks_fd = -1
