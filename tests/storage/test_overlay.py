@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from tandem.errors import AlreadyExists, ChunkCorrupt, CopyFrozen, InvalidInput, StorageError
+from tandem.storage import overlay as overlay_mod
 from tandem.storage.digest import SUB_BLOCK, hash_bytes
 from tandem.storage.manifest import VOLUME_CHUNK, VolumeManifest, load_manifest
 from tandem.storage.overlay import BLOCK, ChunkCache, ImageReader, Overlay, capture_overlay
@@ -339,6 +340,46 @@ def test_capture_reads_only_dirty_blocks_and_restores_equal(
     assert stats.bytes_stored < 3 * BLOCK + 100 + 4 * 4096
     monkeypatch.undo()
     assert load_manifest(pool, new_id) == manifest and manifest.meta == {"label": "syncback"}
+    out = tmp_path / "out.img"
+    restore_volume(pool, manifest, out)
+    assert out.read_bytes() == ov.read(0, ov.size)
+    ov.close()
+
+
+def test_a_capture_asks_the_kernel_for_its_dirty_blocks_a_bounded_way_ahead(
+    pool: ChunkPool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mid, base, _ = make_base(pool, tmp_path, 32 * MiB + 100, seed=9)
+    ov = Overlay.create(tmp_path / "ov", pool, base, mid)
+    for at in (5 * MiB, 5 * MiB + BLOCK, 9 * MiB, 20 * MiB - 10, 26 * MiB, 32 * MiB + 50):
+        ov.write(at, os.urandom(20))
+    monkeypatch.setattr(overlay_mod, "READ_AHEAD", BLOCK)
+    lock = threading.Lock()
+    asked: list[tuple[int, int]] = []
+    read = [0]  # dirty bytes read from the block file so far
+    ahead_of_reads: list[int] = []
+    real_ahead, real_pread = ov.read_ahead, ov._pread
+
+    def read_ahead(offset: int, length: int) -> None:
+        with lock:
+            ahead_of_reads.append(sum(n for _, n in asked) - read[0])
+            asked.append((offset, length))
+        real_ahead(offset, length)
+
+    def pread(length: int, offset: int) -> bytes:
+        with lock:
+            read[0] += length
+        return real_pread(length, offset)
+
+    monkeypatch.setattr(ov, "read_ahead", read_ahead)
+    monkeypatch.setattr(ov, "_pread", pread)
+    _, manifest, _ = capture_overlay(pool, ov)
+    # every dirty block asked for once, adjacent ones in one range, in the order read
+    blocks = [5 * MiB // BLOCK, 9 * MiB // BLOCK, 20 * MiB // BLOCK - 1, 26 * MiB // BLOCK]
+    assert asked == [(b * BLOCK, 2 * BLOCK if b in (5 * MiB // BLOCK, blocks[2]) else BLOCK)
+                     for b in blocks] + [(32 * MiB, 100)]  # fmt: skip
+    # never more than READ_AHEAD past what the capture had read
+    assert max(ahead_of_reads) <= BLOCK
     out = tmp_path / "out.img"
     restore_volume(pool, manifest, out)
     assert out.read_bytes() == ov.read(0, ov.size)

@@ -129,6 +129,7 @@ SINCE_FILE = "since.bitmap"
 CUT_FILE = "cut.blocks"
 _NO_REFERENCE = bytes(32)
 DEFAULT_CACHE_BYTES = 1024 * 1024 * 1024  # decoded base chunks kept, all readers together
+READ_AHEAD = 64 * 1024 * 1024  # dirty bytes a capture asks the kernel for past what it read
 _STRIPES = 64
 _ZERO_PIECE = bytes(1024 * 1024)
 _FALLOC_FL_KEEP_SIZE = 0x01
@@ -1116,6 +1117,12 @@ class Overlay:
             raise StorageError(detail=f"overlay {self.directory}: block file truncated")
         return data
 
+    def read_ahead(self, offset: int, length: int) -> None:
+        """Start reading a range of the block file into the page cache (``WILLNEED``):
+        advice, so nothing is raised."""
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(self._fd, offset, length, os.POSIX_FADV_WILLNEED)
+
     def _pread_nowait(self, length: int, offset: int) -> bytes | None:
         """``_pread`` if the bytes are in the page cache (RWF_NOWAIT); None if not."""
         buf = bytearray(length)
@@ -1253,6 +1260,9 @@ class OverlayCut:
             min(end * BLOCK, size) - start * BLOCK
             for start, end in _bit_runs(self._state.dirty, -(-size // BLOCK))
         )
+
+    def read_ahead(self, offset: int, length: int) -> None:
+        self.overlay.read_ahead(offset, length)
 
     def read(self, offset: int, length: int) -> bytes:
         """``length`` bytes at ``offset`` as they were at the cut."""
@@ -1470,7 +1480,10 @@ def capture_overlay(
     work_list = [(i, blocks) for i in range(n) if (blocks := dirty_blocks(i))]
     total_dirty = sum(_blocks_bytes(i, blocks, size) for i, blocks in work_list)
     bases = [b for b in (overlay.base_id, overlay.reference if since else None) if b]
-    with pool.writer(bases) as writer:
+    # The dirty blocks are scattered over the block file: the kernel is asked for them all
+    # (a little ahead of the workers), not one random read per worker at a time.
+    ahead = _ReadAhead(overlay.read_ahead, _dirty_ranges(work_list, size))
+    with ahead, pool.writer(bases) as writer:
         # The bases' layouts of the dirty chunks are read while the first chunks are built.
         prefetch = getattr(writer, "prefetch_bases", None)
         if prefetch is not None:
@@ -1505,6 +1518,7 @@ def capture_overlay(
                     stats.bytes_new += min(VOLUME_CHUNK, size - i * VOLUME_CHUNK)
                     stats.bytes_stored += result.stored
                 done += read
+                ahead.consumed(read)
                 if progress:
                     progress(done, total_dirty)
         stats.chunks_zero = sum(1 for c in chunks if c is None)
@@ -1512,6 +1526,61 @@ def capture_overlay(
         mid = store_manifest(writer, manifest)
     stats.seconds = time.monotonic() - t0
     return mid, manifest, stats
+
+
+def _dirty_ranges(work_list: list[tuple[int, list[int]]], size: int) -> list[tuple[int, int]]:
+    """(offset, length) of each run of dirty blocks, in the order the chunks are read."""
+    out: list[tuple[int, int]] = []
+    per_chunk = VOLUME_CHUNK // BLOCK
+    for i, blocks in work_list:
+        for j in blocks:
+            start = (i * per_chunk + j) * BLOCK
+            if out and out[-1][0] + out[-1][1] == start:
+                out[-1] = (out[-1][0], out[-1][1] + BLOCK)
+            else:
+                out.append((start, BLOCK))
+    return [(off, min(length, size - off)) for off, length in out]
+
+
+class _ReadAhead:
+    """Asks ``advise(offset, length)`` for ``ranges`` in order from a thread of its own,
+    at most ``READ_AHEAD`` bytes past what the caller has ``consumed``; stops when the
+    ``with`` block ends."""
+
+    def __init__(self, advise: Callable[[int, int], None], ranges: list[tuple[int, int]]) -> None:
+        self._advise, self._ranges = advise, ranges
+        self._cond = threading.Condition()
+        self._asked = self._consumed = 0
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="tandem-read-ahead", daemon=True)
+
+    def __enter__(self) -> _ReadAhead:
+        if self._ranges:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def consumed(self, n: int) -> None:
+        with self._cond:
+            self._consumed += n
+            self._cond.notify()
+
+    def _run(self) -> None:
+        for offset, length in self._ranges:
+            with self._cond:
+                while not self._stop and self._asked - self._consumed > READ_AHEAD:
+                    self._cond.wait()
+                if self._stop:
+                    return
+            self._advise(offset, length)
+            with self._cond:
+                self._asked += length
 
 
 def _blocks_bytes(chunk: int, blocks: Iterable[int], size: int) -> int:
