@@ -188,12 +188,26 @@ class ImageLayouts:
     def segment_path(self, mid: bytes, n: int) -> Path:
         return self.folder(mid) / f"{n:06d}"
 
-    def read_segment(self, mid: bytes, n: int) -> list[Layout | None]:
-        """The records of segment ``n`` of image ``mid``, unchecked; [] when unreadable."""
+    def read_segment(self, mid: bytes, n: int) -> list[bytes]:
+        """The records of segment ``n`` of image ``mid`` as bytes, unchecked and not yet
+        decoded (a failback touches a few chunks of each); [] when unreadable."""
         try:
-            return decode_segment(self.segment_path(mid, n).read_bytes())
+            return segment_records(self.segment_path(mid, n).read_bytes())
         except (OSError, ValueError):
             return []
+
+    def read_ahead(self, mid: bytes, n: int) -> None:
+        """Start reading segment ``n`` of image ``mid`` into the page cache (advice)."""
+        try:
+            fd = os.open(self.segment_path(mid, n), os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
     def save(
         self,
@@ -302,7 +316,7 @@ class BaseLayouts:
             for i, d in enumerate(self._bases[b][1]):
                 if d is not None:
                     self._where.setdefault(d, (b, i))
-        self._loaded: OrderedDict[tuple[int, int], list[Layout | None]] = OrderedDict()
+        self._loaded: OrderedDict[tuple[int, int], list[bytes]] = OrderedDict()
         self._loading: dict[tuple[int, int], threading.Event] = {}
         self._lock = threading.Lock()
 
@@ -322,7 +336,7 @@ class BaseLayouts:
         b, i = where
         records = self._segment((b, i // SEGMENT))
         at = i % SEGMENT
-        return checked(records[at], digest) if at < len(records) else None
+        return checked(decode_record(records[at]), digest) if at < len(records) else None
 
     def prefetch(self, digests: Iterable[bytes | None] | None = None) -> None:
         """Read, in a thread of its own and in order, the segments that hold ``digests``
@@ -343,10 +357,13 @@ class BaseLayouts:
         threading.Thread(target=self._read_all, args=(keys,), daemon=True).start()
 
     def _read_all(self, keys: list[tuple[int, int]]) -> None:
+        if self._store is not None:  # all asked of the disk at once, then read in order
+            for b, n in keys:
+                self._store.read_ahead(self._bases[b][0], n)
         for key in keys:
             self._segment(key)
 
-    def _segment(self, key: tuple[int, int]) -> list[Layout | None]:
+    def _segment(self, key: tuple[int, int]) -> list[bytes]:
         """The records of segment ``key`` (base, number), read once even when several
         threads ask at the same time."""
         while True:
