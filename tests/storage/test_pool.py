@@ -84,6 +84,27 @@ def test_a_large_chunk_is_compressed_whole_only_if_part_of_it_compresses(
     assert pool.get(m.digest) == bytes(mixed)
 
 
+@pytest.mark.parametrize(
+    ("size", "probed"),
+    [(64 << 10, [16 << 10]), (128 << 10, [16 << 10] * 2), (4 << 20, [16 << 10] * 4)],
+)
+def test_random_data_is_probed_on_a_quarter_of_it_at_most(
+    pool: ChunkPool, monkeypatch: pytest.MonkeyPatch, size: int, probed: list[int]
+) -> None:
+    """A failback's deltas are 64 KiB or more of new blocks each: random ones cost a quarter
+    of their bytes in probes (and a 4 MiB chunk its four probes), never a compression of
+    all of them."""
+    sizes: list[int] = []
+    real = pool_module._compressor
+    monkeypatch.setattr(pool_module, "_compressor", lambda: _Counting(real(), sizes))
+    noise = os.urandom(size)
+    with pool.writer() as w:
+        put = w.put(noise)
+    assert sizes == probed
+    assert HEADER.unpack_from(pool.get_stored(put.digest))[1] == CODEC_RAW
+    assert pool.get(put.digest) == noise
+
+
 @pytest.fixture
 def disk_pool(tmp_path: Path) -> Iterator[ChunkPool]:
     """A pool on a file system with a page cache of its own: ``tmp_path``, or a folder in
