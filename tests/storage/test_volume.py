@@ -14,9 +14,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tandem.errors import ChunkCorrupt, SourceChanged, SourceUnreadable, TargetInvalid
+from tandem.storage import volume
 from tandem.storage.digest import SUB_BLOCK
 from tandem.storage.manifest import VOLUME_CHUNK, VolumeManifest, load_manifest
-from tandem.storage.pool import ChunkPool
+from tandem.storage.pool import ChunkPool, start_writeback
 from tandem.storage.volume import (
     capture_volume,
     diff_volumes,
@@ -406,6 +407,41 @@ def test_restore_from_a_base_asks_the_source_in_batches_not_per_chunk(
     assert target.read_bytes() == bytes(new)
     assert source.calls == {"sub_digests_many": 1, "read_blocks_many": 1}
     assert stats.bytes_fetched == stats.bytes_written == len(image.chunks) * SUB_BLOCK
+
+
+def test_a_restore_from_a_base_starts_the_disk_on_each_batch_before_its_final_sync(
+    pool: ChunkPool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failback's restore writes the changed blocks as they arrive: each batch is handed
+    to the disk (``sync_file_range``) while the next one is fetched, so the final fsync
+    waits for the last writes, not for all of them."""
+    src = tmp_path / "disk.img"
+    old = write_volume(src, 30 * MiB + 5, seed=8)
+    _, base, _ = capture_volume(pool, src)
+    new = bytearray(old)
+    for off in range(MiB, len(new), VOLUME_CHUNK):  # a block in every chunk
+        new[off : off + 3] = b"abc" if new[off : off + 3] != b"abc" else b"xyz"
+    src.write_bytes(bytes(new))
+    _, image, _ = capture_volume(pool, src)
+    target = tmp_path / "target.img"
+    target.write_bytes(old)
+    events: list[str] = []
+    real_fsync = os.fsync
+
+    def writeback(fd: int) -> None:
+        events.append("writeback")
+        start_writeback(fd)
+
+    def fsync(fd: int) -> None:
+        events.append("fsync")
+        real_fsync(fd)
+
+    monkeypatch.setattr(volume, "BLOCK_BATCH", 2 * SUB_BLOCK)  # four batches of two blocks
+    monkeypatch.setattr(volume, "start_writeback", writeback)
+    monkeypatch.setattr(os, "fsync", fsync)
+    restore_volume(pool, image, target, base=base)
+    assert target.read_bytes() == bytes(new)
+    assert events == ["writeback"] * 4 + ["fsync"]
 
 
 def test_a_chunk_that_does_not_fit_its_range_is_refused(pool: ChunkPool, tmp_path: Path) -> None:

@@ -56,7 +56,14 @@ from tandem.storage.digest import (
     object_id,
 )
 from tandem.storage.manifest import VOLUME_CHUNK, VolumeManifest, store_manifest
-from tandem.storage.pool import ChunkPool, ChunkWriter, PutResult, WritablePool, delta_pays
+from tandem.storage.pool import (
+    ChunkPool,
+    ChunkWriter,
+    PutResult,
+    WritablePool,
+    delta_pays,
+    start_writeback,
+)
 
 _T = TypeVar("_T")
 _R = TypeVar("_R")
@@ -539,6 +546,10 @@ def _restore_from_base(
                     os.pwrite(fd, block, p.off + j * SUB_BLOCK)
                     fetched += len(block)
                     written += len(block)
+        if written:
+            # The disk starts on these blocks while the next batch arrives: the final
+            # fsync then waits for the last ones, not for all of them at once.
+            start_writeback(fd)
         return finished, fetched, written
 
     windows = [changed[k : k + BASE_WINDOW] for k in range(0, len(changed), BASE_WINDOW)]
