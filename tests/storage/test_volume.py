@@ -388,9 +388,11 @@ class Counting:
         return self.pool.read_blocks_many(wants)
 
 
-def test_restore_from_a_base_asks_the_source_in_batches_not_per_chunk(
+def a_block_changed_in_every_chunk(
     pool: ChunkPool, tmp_path: Path
-) -> None:
+) -> tuple[VolumeManifest, VolumeManifest, Path, bytes]:
+    """(base, image with one block changed in each of its 8 chunks, a target holding the
+    base's bytes, the image's bytes)."""
     src = tmp_path / "disk.img"
     old = write_volume(src, 30 * MiB + 5, seed=8)
     _, base, _ = capture_volume(pool, src)
@@ -399,12 +401,19 @@ def test_restore_from_a_base_asks_the_source_in_batches_not_per_chunk(
         new[off : off + 3] = b"abc" if new[off : off + 3] != b"abc" else b"xyz"
     src.write_bytes(bytes(new))
     _, image, _ = capture_volume(pool, src)
-    assert all(a != b for a, b in zip(base.chunks, image.chunks, strict=True))
     target = tmp_path / "target.img"
     target.write_bytes(old)
+    return base, image, target, bytes(new)
+
+
+def test_restore_from_a_base_asks_the_source_in_batches_not_per_chunk(
+    pool: ChunkPool, tmp_path: Path
+) -> None:
+    base, image, target, new = a_block_changed_in_every_chunk(pool, tmp_path)
+    assert all(a != b for a, b in zip(base.chunks, image.chunks, strict=True))
     source = Counting(pool)
     stats = restore_volume(source, image, target, base=base)
-    assert target.read_bytes() == bytes(new)
+    assert target.read_bytes() == new
     assert source.calls == {"sub_digests_many": 1, "read_blocks_many": 1}
     assert stats.bytes_fetched == stats.bytes_written == len(image.chunks) * SUB_BLOCK
 
@@ -415,16 +424,7 @@ def test_a_restore_from_a_base_starts_the_disk_on_each_batch_before_its_final_sy
     """A failback's restore writes the changed blocks as they arrive: each batch is handed
     to the disk (``sync_file_range``) while the next one is fetched, so the final fsync
     waits for the last writes, not for all of them."""
-    src = tmp_path / "disk.img"
-    old = write_volume(src, 30 * MiB + 5, seed=8)
-    _, base, _ = capture_volume(pool, src)
-    new = bytearray(old)
-    for off in range(MiB, len(new), VOLUME_CHUNK):  # a block in every chunk
-        new[off : off + 3] = b"abc" if new[off : off + 3] != b"abc" else b"xyz"
-    src.write_bytes(bytes(new))
-    _, image, _ = capture_volume(pool, src)
-    target = tmp_path / "target.img"
-    target.write_bytes(old)
+    base, image, target, new = a_block_changed_in_every_chunk(pool, tmp_path)
     events: list[str] = []
     real_fsync = os.fsync
 
@@ -440,7 +440,7 @@ def test_a_restore_from_a_base_starts_the_disk_on_each_batch_before_its_final_sy
     monkeypatch.setattr(volume, "start_writeback", writeback)
     monkeypatch.setattr(os, "fsync", fsync)
     restore_volume(pool, image, target, base=base)
-    assert target.read_bytes() == bytes(new)
+    assert target.read_bytes() == new
     assert events == ["writeback"] * 4 + ["fsync"]
 
 
