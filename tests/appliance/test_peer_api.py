@@ -391,3 +391,62 @@ def test_an_apply_that_cannot_start_leaves_the_app_where_it_was(
     with api.appliance.catalog.read() as session:
         doc = peers.agreement(session, app_id=_app(api, "www").id)
     assert doc is not None and doc["previous"] is None
+
+
+def test_a_syncback_opened_before_its_capture_takes_its_image_once_at_commit(
+    api: Api, peer: dict[str, str]
+) -> None:
+    """A volume's syncback is opened at production before the DR site captures it (its
+    chunks go while the capture stores them), so its image comes with the commit: offered
+    once, for a manifest that arrived, under an id production does not hold."""
+    from tandem.storage.manifest import VolumeManifest, encode_manifest
+
+    c = api.client
+    seed_mirrored(api, "www")
+    blob = encode_manifest(VolumeManifest(size=0, chunks=[]))
+
+    def opened(**body: Any) -> tuple[str, dict[str, str]]:
+        r = c.post("/api/v1/peer/syncbacks", headers=peer, json={"app": "www", "epoch": 2, **body})
+        assert r.status_code == 200, r.text
+        sid, token = r.json()["session"], r.json()["token"]
+        return sid, {"Authorization": f"Bearer {token}"}
+
+    def offer(manifest: str, image_id: str | None = None) -> dict[str, Any]:
+        created = "2026-01-01T00:00:00+00:00"
+        return {
+            "id": image_id or new_image_id(),
+            "created": created,
+            "size": 0,
+            "manifest": manifest,
+        }
+
+    def commit(sid: str, own: dict[str, str], **body: Any) -> Any:
+        token = own["Authorization"].split()[1]
+        path = f"/api/v1/peer/syncbacks/{sid}/commit"
+        return c.post(path, headers=peer, json={"token": token, **body})
+
+    sid, own = opened()
+    r = c.post(f"/api/v1/sessions/{sid}/manifest", headers=own, content=blob)
+    assert r.status_code == 200, r.text
+    mid = r.json()["manifest"]
+    r = commit(sid, own)  # no offer at either end
+    assert r.status_code == 422 and "offered once" in r.json()["message"], r.text
+    r = commit(sid, own, image=offer(MANIFEST))  # not the manifest that arrived
+    assert r.status_code == 422 and "was not received" in r.json()["message"], r.text
+    taken = offer(mid)
+    r = commit(sid, own, image=taken)
+    assert r.status_code == 200, r.text
+    with api.appliance.catalog.read() as session:
+        image = q.get_image(session, image_id=taken["id"])
+        assert (image.kind, image.manifest, image.origin) == ("syncback", mid, "prod")
+
+    # the same image again, through a session opened without it: refused at its commit
+    sid, own = opened()
+    assert c.post(f"/api/v1/sessions/{sid}/manifest", headers=own, content=blob).status_code == 200
+    r = commit(sid, own, image=offer(mid, taken["id"]))
+    assert r.status_code == 409, r.text
+    # offered at the open: not again at the commit
+    sid, own = opened(image=offer(mid))
+    assert c.post(f"/api/v1/sessions/{sid}/manifest", headers=own, content=blob).status_code == 200
+    r = commit(sid, own, image=offer(mid))
+    assert r.status_code == 422 and "offered once" in r.json()["message"], r.text

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -115,6 +116,10 @@ def test_volume_syncback_moves_only_what_was_written(drill: Drill, tmp_path: Pat
     sync = d.b("syncback", "vm")
     assert sync["job"]["status"] == "succeeded", sync["job"]
     assert sync["job"]["bytes_sent"] < 2 * MiB  # the written MiB, not the 16 MiB volume
+    # ...sent while the capture stored it, not after it
+    log = " | ".join(line["text"] for line in d.b("job", "log", sync["job"]["id"]))
+    meanwhile = re.search(r"(\d+) bytes sent meanwhile", log)
+    assert meanwhile is not None and int(meanwhile.group(1)) >= MiB, log
 
     d.a("restore", "vm", "--image", sync["image"]["id"], *CONFIRM)
     assert digest(volume) == digest(local)

@@ -45,6 +45,7 @@ from tandem.transport.peer import (
     ReplicationOpen,
     Restored,
     Resumed,
+    SyncbackCommit,
     SyncbackOpen,
     Undone,
     WalHeld,
@@ -139,8 +140,10 @@ def make_router(site: Site) -> APIRouter:
         return syncback.open_syncback(site, peer=peer, body=body)
 
     @peer_router.post("/peer/syncbacks/{sid}/commit", tags=["peer"])
-    def commit_syncback(sid: SessionName, body: Commit, peer: PeerName) -> Committed:
-        image = syncback.commit_syncback(site, peer=peer, sid=sid, token=body.token)
+    def commit_syncback(sid: SessionName, body: SyncbackCommit, peer: PeerName) -> Committed:
+        image = syncback.commit_syncback(
+            site, peer=peer, sid=sid, token=body.token, offer=body.image
+        )
         return Committed(image=image.id, app=image.app.name)
 
     @peer_router.get("/peer/apps/{name}/restored", tags=["peer"])

@@ -109,7 +109,7 @@ from tandem.operations.restore import own_domain_xml
 from tandem.operations.site import Site
 from tandem.operations.spec import Spec
 from tandem.operations.streams import follow
-from tandem.operations.syncback import capture_dr_state, failover_image, send_home
+from tandem.operations.syncback import capture_and_send_home, failover_image
 from tandem.storage import vmimage
 from tandem.storage.manifest import VolumeManifest, load_manifest
 from tandem.storage.overlay import Overlay
@@ -423,18 +423,20 @@ def run_replica_failback(site: Site, ctx: JobContext, params: Params) -> dict[st
     # 1. stop the original (a VM: powered off)
     _production_command(site, name, "stop", timeout)
     # 2.-3. difference, sent and applied
-    first = capture_dr_state(site, ctx, app, kind=ImageKind.SYNCBACK, label="failback 1/2").image
-    sent = send_home(site, ctx, app, first)
+    taken, sent = capture_and_send_home(
+        site, ctx, app, kind=ImageKind.SYNCBACK, label="failback 1/2"
+    )
+    first = taken.image
     _apply_at_production(site, ctx, name, first)
     # 4. the DR copy stops and stays off until commit or undo
     downtime_from = time.monotonic()
     _dr_command(site, ctx, app, "stop", timeout)
     # 5. the protective snapshot, 6. the difference again
-    protective = capture_dr_state(
-        site, ctx, app, kind=ImageKind.PROTECTIVE, label="failback protective snapshot"
-    ).image
     with _read_only(site, app):
-        sent += send_home(site, ctx, app, protective)
+        taken, more = capture_and_send_home(
+            site, ctx, app, kind=ImageKind.PROTECTIVE, label="failback protective snapshot"
+        )
+        protective, sent = taken.image, sent + more
         _apply_at_production(site, ctx, name, protective)
         # 7. failback pending
         with site.catalog.begin() as session:

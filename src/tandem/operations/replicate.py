@@ -35,6 +35,7 @@ Receiver (DR appliance, ``/api/v1/peer/…``, peer token):
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -63,6 +64,7 @@ from tandem.operations.jobparams import NoParams
 from tandem.operations.site import Site
 from tandem.operations.spec import Spec
 from tandem.storage.manifest import Manifest, load_manifest
+from tandem.storage.pool import CODEC_DELTA, parse_header
 from tandem.storage.transfer import chunks_to_offer, encode_for_receiver, previous_at_same_offset
 from tandem.transport.chunks import SessionClient
 from tandem.transport.client import ApiClient
@@ -82,6 +84,8 @@ TYPE = "replicate"
 ASK_BATCH = 1024  # digests per "which do you lack?" question
 SEND_BYTES = 16 * 1024 * 1024  # chunk bytes per request
 IN_FLIGHT = 3  # requests under way at once
+STREAM_BATCH = 4 * 1024 * 1024  # chunk bytes per request while a capture goes on...
+STREAM_QUEUED = 3 * STREAM_BATCH  # ...and queued at most, beside those under way
 
 
 # --- sender ----------------------------------------------------------------------------
@@ -248,6 +252,49 @@ def offer_of(image: Image) -> ImageOffer:
     )
 
 
+class _Batches:
+    """Chunk batches posted to a peer's session, up to ``IN_FLIGHT`` at once: the receiver
+    verifies them in parallel while the next one is read and encoded here. A batch counts
+    as sent (and its chunks as held by the receiver) only once it was answered."""
+
+    def __init__(self, channel: SessionClient, ctx: JobContext, limit: int = 0) -> None:
+        self.channel, self.ctx, self.limit = channel, ctx, limit
+        self.sent = 0
+        self.held: set[bytes] = set()  # chunks the receiver answered for
+        self._started = time.monotonic()
+        self._senders = ThreadPoolExecutor(IN_FLIGHT)
+        self._inflight: deque[tuple[Future[Any], list[bytes], int]] = deque()
+
+    def __enter__(self) -> _Batches:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._senders.shutdown(wait=True)
+
+    def post(self, frames: list[tuple[bytes, bytes]]) -> None:
+        body = encode_frames(frames)
+        future = self._senders.submit(self.channel.send_chunks, body)
+        self._inflight.append((future, [d for d, _ in frames], len(body)))
+        while len(self._inflight) >= IN_FLIGHT:
+            self._settle_one()
+
+    def settle(self) -> None:
+        """Wait for every batch under way; raises the first one's error."""
+        while self._inflight:
+            self._settle_one()
+
+    def _settle_one(self) -> None:
+        future, digests, n = self._inflight.popleft()
+        future.result()
+        self.sent += n
+        self.ctx.add_sent(n)
+        self.held.update(digests)
+        if self.limit > 0:  # --bandwidth: sleep until the average rate is back under it
+            ahead = self.sent / self.limit - (time.monotonic() - self._started)
+            if ahead > 0:
+                time.sleep(ahead)
+
+
 def send_image(
     site: Site,
     ctx: JobContext,
@@ -264,48 +311,19 @@ def send_image(
     sid, token = str(opened.session), str(opened.token)
     mid = bytes.fromhex(manifest_hex)
     manifest = load_manifest(site.pool, mid)
-    prev: Manifest | None = None
-    base_hex = opened.base
-    if base_hex and site.pool.has_manifest(bytes.fromhex(base_hex)):
-        prev = load_manifest(site.pool, bytes.fromhex(base_hex))
+    prev = _base_at_receiver(site, opened)
     held = prev.chunk_ids() if prev is not None else set()
     at_offset = previous_at_same_offset(manifest, prev)
     offered = chunks_to_offer(manifest, prev)
-    sent_here: set[bytes] = set()
-    sent = 0
-    started = time.monotonic()
-
-    def receiver_has(digest: bytes) -> bool:
-        return digest in held or digest in sent_here
 
     with (
         ApiClient(peer.url, token, peer.fingerprint, what="peer", name=peer.name) as client,
-        ThreadPoolExecutor(IN_FLIGHT) as senders,
+        _Batches(SessionClient(client, sid), ctx, limit) as batches,
     ):
-        channel = SessionClient(client, sid)
-        # Up to IN_FLIGHT batches travel at once: the receiver verifies them in parallel
-        # while the next one is read and encoded here. A batch counts as sent (and its
-        # chunks as held by the receiver) only once it was answered.
-        inflight: deque[tuple[Future[Any], list[bytes], int]] = deque()
+        channel = batches.channel
 
-        def settle_one() -> None:
-            nonlocal sent
-            future, digests, n = inflight.popleft()
-            future.result()
-            sent += n
-            ctx.add_sent(n)
-            sent_here.update(digests)
-            if limit > 0:  # --bandwidth: sleep until the average rate is back under it
-                ahead = sent / limit - (time.monotonic() - started)
-                if ahead > 0:
-                    time.sleep(ahead)
-
-        def post(frames: list[tuple[bytes, bytes]]) -> None:
-            body = encode_frames(frames)
-            future = senders.submit(channel.send_chunks, body)
-            inflight.append((future, [d for d, _ in frames], len(body)))
-            while len(inflight) >= IN_FLIGHT:
-                settle_one()
+        def receiver_has(digest: bytes) -> bool:
+            return digest in held or digest in batches.held
 
         for i in range(0, len(offered), ASK_BATCH):
             batch = offered[i : i + ASK_BATCH]
@@ -316,20 +334,120 @@ def send_image(
                 frames.append((digest, blob))
                 queued += len(blob)
                 if queued >= SEND_BYTES:
-                    post(frames)
+                    batches.post(frames)
                     frames, queued = [], 0
             if frames:
-                post(frames)
+                batches.post(frames)
             share = (i + len(batch)) / max(1, len(offered))
             ctx.progress(done_before + int(share * size), total or size)
             ctx.check_canceled()
-        while inflight:
-            settle_one()
+        batches.settle()
         blob = site.pool.get_manifest_blob(mid)
         channel.commit_manifest(blob)
-        sent += len(blob)
         ctx.add_sent(len(blob))
-    return sent
+    return batches.sent + len(blob)
+
+
+def _base_at_receiver(site: Site, opened: Opened) -> Manifest | None:
+    """The manifest the receiver named as its base for the session, if held here."""
+    if opened.base and site.pool.has_manifest(bytes.fromhex(opened.base)):
+        return load_manifest(site.pool, bytes.fromhex(opened.base))
+    return None
+
+
+class ChunkStream:
+    """Sends the chunks a capture stores (``offer``, its ``on_stored``) to the session a
+    peer ``opened``, while the capture goes on: the receiver verifies and stores them on
+    its own cores beside the capture instead of after it (a syncback during a failback's
+    downtime). Only what the receiver can take as stored here goes: a self-contained
+    chunk, or a delta whose base is in the receiver's base image. The rest, and whatever a
+    failed batch carried, is left to ``send_image`` after the capture, which asks the
+    receiver what it lacks; a failure here is logged, never the capture's.
+
+    A capture worker that offers a chunk waits while ``STREAM_QUEUED`` bytes are queued
+    (memory stays bounded however much was written)."""
+
+    def __init__(self, site: Site, ctx: JobContext, peer: Any, opened: Opened) -> None:
+        self._site, self._ctx, self._peer, self._opened = site, ctx, peer, opened
+        base = _base_at_receiver(site, opened)
+        self._bases = base.chunk_ids() if base is not None else set()
+        self._cond = threading.Condition()
+        self._queue: deque[tuple[bytes, bytes]] = deque()
+        self._queued = 0
+        self._closing = False
+        self._failed: BaseException | None = None
+        self.sent = 0
+        self._thread = threading.Thread(target=self._run, name="tandem-chunk-stream", daemon=True)
+
+    def __enter__(self) -> ChunkStream:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Send what is queued (unless the block failed), and wait for the answers."""
+        with self._cond:
+            self._closing = True
+            if exc[0] is not None:
+                self._queue.clear()
+            self._cond.notify_all()
+        self._thread.join()
+        if self._failed is not None:
+            self._ctx.log(
+                f"streaming chunks to {self._peer.name} stopped ({self._failed}); "
+                "what it did not send goes after the capture"
+            )
+
+    def offer(self, digest: bytes, blob: bytes) -> None:
+        if blob[4:5] == bytes([CODEC_DELTA]):
+            base = parse_header(blob, digest, "stored chunk").base
+            if base is None or base not in self._bases:
+                return
+        with self._cond:
+            while self._queued >= STREAM_QUEUED and self._failed is None and not self._closing:
+                self._cond.wait()
+            if self._failed is not None or self._closing:
+                return
+            self._queue.append((digest, blob))
+            self._queued += len(blob)
+            self._cond.notify_all()
+
+    def _take(self) -> list[tuple[bytes, bytes]] | None:
+        """The next batch: ``STREAM_BATCH`` bytes, or what is left once closing; None at
+        the end."""
+        with self._cond:
+            while self._queued < STREAM_BATCH and not self._closing:
+                self._cond.wait()
+            frames: list[tuple[bytes, bytes]] = []
+            size = 0
+            while self._queue and size < STREAM_BATCH:
+                digest, blob = self._queue.popleft()
+                frames.append((digest, blob))
+                size += len(blob)
+            self._queued -= size
+            self._cond.notify_all()
+            return frames or None
+
+    def _run(self) -> None:
+        peer, opened = self._peer, self._opened
+        try:
+            with (
+                ApiClient(
+                    peer.url, str(opened.token), peer.fingerprint, what="peer", name=peer.name
+                ) as client,
+                _Batches(SessionClient(client, str(opened.session)), self._ctx) as batches,
+            ):
+                try:
+                    while (frames := self._take()) is not None:
+                        batches.post(frames)
+                    batches.settle()
+                finally:
+                    self.sent = batches.sent
+        except Exception as exc:  # the capture goes on; send_image sends the rest
+            with self._cond:
+                self._failed = exc
+                self._queue.clear()
+                self._queued = 0
+                self._cond.notify_all()
 
 
 # --- receiver --------------------------------------------------------------------------

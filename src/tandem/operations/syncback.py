@@ -48,7 +48,7 @@ the failover) is adopted, so production later replicates with the current epoch.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -78,7 +78,7 @@ from tandem.operations.capture import check_label
 from tandem.operations.hosts import agent_for
 from tandem.operations.jobparams import LabelParams
 from tandem.operations.present import BLOCK_KINDS
-from tandem.operations.replicate import offer_of, send_image
+from tandem.operations.replicate import ChunkStream, offer_of, send_image
 from tandem.operations.sessions import Session
 from tandem.operations.site import Site
 from tandem.operations.spec import Spec
@@ -88,7 +88,7 @@ from tandem.storage.overlay import Overlay, capture_overlay
 from tandem.storage.tree import diff_trees
 from tandem.transport.agent_api import CaptureRequest
 from tandem.transport.api import CaptureIn, checked
-from tandem.transport.peer import Opened, SyncbackOpen
+from tandem.transport.peer import ImageOffer, Opened, SyncbackOpen
 
 TYPE = "syncback"
 Params = LabelParams
@@ -234,14 +234,21 @@ def _tree_location(site: Site, failover: Image) -> tuple[Host, str]:
 
 
 def capture_dr_state(
-    site: Site, ctx: JobContext, app: App, *, kind: ImageKind, label: str | None
+    site: Site,
+    ctx: JobContext,
+    app: App,
+    *,
+    kind: ImageKind,
+    label: str | None,
+    on_stored: Callable[[bytes, bytes], None] | None = None,
 ) -> DrCapture:
     """Capture a point in time of the failover image here as an image of ``kind``
     (syncback, or the protective snapshot of a replica-style failback), while the app may
     keep writing; returns it with the bytes written at the DR site since the failover: a
     volume's dirty blocks, a tree's files added or changed since the failover image (not
     what an earlier syncback already took: every syncback reports all that production
-    would get back), and how the copy was cut."""
+    would get back), and how the copy was cut. ``on_stored``: see ``capture_overlay``
+    (a volume's capture only)."""
     with site.catalog.read() as session:
         previous = q.latest_image(session, app=app.name, kind=ImageKind.SYNCBACK)
     failover = failover_image(site, app.name)
@@ -287,7 +294,11 @@ def capture_dr_state(
                     bases.append(reference)
                 with _capture_session(site, ctx, bases):
                     mid, manifest, stats = capture_overlay(
-                        site.pool, cut, previous=last, meta=_vm_meta(app, overlay)
+                        site.pool,
+                        cut,
+                        previous=last,
+                        meta=_vm_meta(app, overlay),
+                        on_stored=on_stored,
                     )
                     image = record(mid, manifest.size, Cut.OVERLAY.value)
         except BaseException:
@@ -377,30 +388,62 @@ def dr_copy_changes(site: Site, ctx: JobContext | None, app: App, reference: Ima
     return f"{', '.join(parts)} since, e.g. {example!r}"
 
 
-def send_home(site: Site, ctx: JobContext, app: App, image: Image) -> int:
-    """Send ``image`` to production as a syncback image (only what it lacks)."""
-    peer = peers.require_peer(site)
+def _home_bases(site: Site, app: App, image: Image | None = None) -> list[str]:
+    """Images production may hold that a syncback of ``app`` builds on: the newest
+    syncback before ``image``, then the failover image's source."""
     failover = failover_image(site, app.name)
     with site.catalog.read() as session:
         older = [
             i.id
             for i in q.list_images(session, app=app.name, kind=ImageKind.SYNCBACK)
-            if i.id != image.id
+            if image is None or i.id != image.id
         ]
     bases = [*older[:1], failover.source_image_id or failover.parent_id or ""]
+    return [b for b in bases if b]
+
+
+def send_home(site: Site, ctx: JobContext, app: App, image: Image) -> int:
+    """Send ``image`` to production as a syncback image (only what it lacks)."""
+    peer = peers.require_peer(site)
+    bases = _home_bases(site, app, image)
     ctx.set_message(f"sending {image.id} to {peer.name}")
     with peers.client_for(peer) as remote:
         opened = remote.open_syncback(
-            SyncbackOpen(
-                app=app.name,
-                image=offer_of(image),
-                bases=[b for b in bases if b],
-                epoch=app.writer_epoch,
-            )
+            SyncbackOpen(app=app.name, image=offer_of(image), bases=bases, epoch=app.writer_epoch)
         )
         sent = send_image(site, ctx, peer, opened, image.manifest, image.size)
         remote.commit_syncback(str(opened.session), str(opened.token))
     return sent
+
+
+def capture_and_send_home(
+    site: Site, ctx: JobContext, app: App, *, kind: ImageKind, label: str | None
+) -> tuple[DrCapture, int]:
+    """``capture_dr_state``, then the image sent home as a syncback (``send_home``);
+    returns it with the bytes sent. A volume's syncback is opened at production first and
+    its new chunks are sent while the capture stores them (``replicate.ChunkStream``):
+    production verifies and stores them beside the capture rather than after it, and the
+    image is offered when the session is committed."""
+    t0 = time.monotonic()
+    if app.kind not in BLOCK_KINDS:
+        taken = capture_dr_state(site, ctx, app, kind=kind, label=label)
+        ctx.log(f"captured {taken.image.id} in {time.monotonic() - t0:.2f} s")
+        return taken, send_home(site, ctx, app, taken.image)
+    peer = peers.require_peer(site)
+    with peers.client_for(peer) as remote:
+        opened = remote.open_syncback(
+            SyncbackOpen(app=app.name, bases=_home_bases(site, app), epoch=app.writer_epoch)
+        )
+        with ChunkStream(site, ctx, peer, opened) as stream:
+            taken = capture_dr_state(site, ctx, app, kind=kind, label=label, on_stored=stream.offer)
+        image = taken.image
+        t1 = time.monotonic()
+        ctx.log(f"captured {image.id} in {t1 - t0:.2f} s, {stream.sent} bytes sent meanwhile")
+        ctx.set_message(f"sending {image.id} to {peer.name}")
+        sent = stream.sent + send_image(site, ctx, peer, opened, image.manifest, image.size)
+        remote.commit_syncback(str(opened.session), str(opened.token), offer_of(image))
+        ctx.log(f"the rest sent and committed in {time.monotonic() - t1:.2f} s")
+    return taken, sent
 
 
 def run_syncback(site: Site, ctx: JobContext, params: Params) -> dict[str, Any]:
@@ -410,12 +453,9 @@ def run_syncback(site: Site, ctx: JobContext, params: Params) -> dict[str, Any]:
         app = q.get_app(session, name=name)
         check_transition(app.name, app.state, Operation.SYNCBACK)
     t0 = time.monotonic()
-    taken = capture_dr_state(site, ctx, app, kind=ImageKind.SYNCBACK, label=params.label)
+    taken, sent = capture_and_send_home(site, ctx, app, kind=ImageKind.SYNCBACK, label=params.label)
     image, changed, held = taken.image, taken.written, taken.held_seconds
-    t1 = time.monotonic()
-    ctx.log(f"captured {image.id} in {t1 - t0:.2f} s")
-    sent = send_home(site, ctx, app, image)
-    ctx.log(f"sent {sent} bytes to {peer.name} in {time.monotonic() - t1:.2f} s")
+    ctx.log(f"{image.id}: {sent} bytes sent to {peer.name}, {time.monotonic() - t0:.2f} s in all")
     with site.catalog.begin() as session:
         q.record_transition(
             session, app=name, operation=Operation.SYNCBACK, actor=ctx.job.actor, job=ctx.job.id
@@ -456,8 +496,8 @@ def open_syncback(site: Site, *, peer: str, body: SyncbackOpen) -> Opened:
         if epoch < row.writer_epoch:
             raise SenderNotWriter(what="syncback", app=app, carried=epoch, current=row.writer_epoch)
         row.writer_epoch = epoch
-        if any(i.id == image.id for i in q.list_images(session, app=app)):
-            raise AlreadyExists(what="Image", name=image.id)
+        if image is not None:
+            _check_new(session, app, image)
         base_id = None
         for candidate in bases:
             try:
@@ -470,7 +510,7 @@ def open_syncback(site: Site, *, peer: str, body: SyncbackOpen) -> Opened:
                 base_id = bytes.fromhex(found.manifest)
                 break
     transfer, token = site.sessions.open(
-        job_id=f"syncback of {image.id} from {peer}",
+        job_id=f"syncback of {image.id if image else app} from {peer}",
         write=True,
         bases=[base_id] if base_id else [],
         ttl=3600,
@@ -479,17 +519,35 @@ def open_syncback(site: Site, *, peer: str, body: SyncbackOpen) -> Opened:
         prefetch=True,
     )
     transfer.meta.update(
-        peer=peer, app=app, image=image.model_dump(mode="json"), epoch=epoch, syncback=True
+        peer=peer,
+        app=app,
+        image=image.model_dump(mode="json") if image is not None else None,
+        epoch=epoch,
+        syncback=True,
     )
     return Opened(session=transfer.id, token=token, base=base_id.hex() if base_id else None)
 
 
-def commit_syncback(site: Site, *, peer: str, sid: str, token: str) -> Image:
+def _check_new(session: Any, app: str, image: ImageOffer) -> None:
+    if any(i.id == image.id for i in q.list_images(session, app=app)):
+        raise AlreadyExists(what="Image", name=image.id)
+
+
+def commit_syncback(
+    site: Site, *, peer: str, sid: str, token: str, offer: ImageOffer | None = None
+) -> Image:
+    """Production side: the syncback's image, from the offer made at the open or, for a
+    session opened without one, at this commit (one of the two, never both)."""
     transfer = site.sessions.get(sid, token)
     meta = transfer.meta
     if meta.get("peer") != peer or not meta.get("syncback"):
         raise NotFound(what="syncback", name=sid, listing="jobs")
-    image = meta["image"]
+    if (meta["image"] is None) == (offer is None):
+        raise InvalidInput(
+            detail="a syncback's image is offered once: when its session is opened, or "
+            "when it is committed if it was opened without one"
+        )
+    image = meta["image"] if offer is None else offer.model_dump(mode="json")
     manifest = bytes.fromhex(str(image["manifest"]))
     if manifest not in transfer.committed:
         raise InvalidInput(detail=f"the manifest of {image['id']} was not received")
@@ -497,6 +555,8 @@ def commit_syncback(site: Site, *, peer: str, sid: str, token: str) -> Image:
     try:
         with site.gc_lock:
             with site.catalog.begin() as session:
+                if offer is not None:
+                    _check_new(session, str(meta["app"]), offer)
                 row = q.add_image(
                     session,
                     app=meta["app"],

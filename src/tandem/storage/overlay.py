@@ -116,7 +116,7 @@ from tandem.storage.manifest import (
     load_manifest,
     store_manifest,
 )
-from tandem.storage.pool import ChunkPool, ChunkWriter, PutResult, WritablePool
+from tandem.storage.pool import ChunkPool, ChunkWriter, PoolWriter, PutResult, WritablePool
 from tandem.storage.volume import CaptureStats, Progress, default_workers, zero_digest
 
 FORMAT = 1
@@ -1437,6 +1437,7 @@ def capture_overlay(
     meta: dict[str, Any] | None = None,
     workers: int | None = None,
     progress: Progress | None = None,
+    on_stored: Callable[[bytes, bytes], None] | None = None,
 ) -> tuple[bytes, VolumeManifest, CaptureStats]:
     """Capture the overlay's current content as a new image; returns (id, manifest, stats).
 
@@ -1456,6 +1457,10 @@ def capture_overlay(
     with a capture begun. Then only the blocks written since that capture are read, and the
     other chunks keep their ids from it: a repeated syncback costs what changed since the
     last one, not everything written since the failover.
+
+    ``on_stored(digest, chunk_file)``: told of each chunk the capture stores, from the
+    worker that stored it, as soon as it is pending (``PoolWriter.on_stored``); a worker
+    waits while it blocks. A syncback sends them home while the capture goes on.
     """
     t0 = time.monotonic()
     size = overlay.size
@@ -1484,6 +1489,10 @@ def capture_overlay(
     # (a little ahead of the workers), not one random read per worker at a time.
     ahead = _ReadAhead(overlay.read_ahead, _dirty_ranges(work_list, size))
     with ahead, pool.writer(bases) as writer:
+        if on_stored is not None:
+            if not isinstance(writer, PoolWriter):
+                raise TypeError("only a pool's own writer tells what it stores")
+            writer.on_stored = on_stored
         # The bases' layouts of the dirty chunks are read while the first chunks are built.
         prefetch = getattr(writer, "prefetch_bases", None)
         if prefetch is not None:

@@ -1172,6 +1172,10 @@ class PoolWriter:
     capture). A syncback, read by the restore that follows, keeps the default.
     """
 
+    on_stored: Callable[[bytes, bytes], None] | None = None
+    """Told of each chunk file this writer stores (digest, bytes as stored), in the storing
+    thread, once it is pending: a syncback streams them to its receiver."""
+
     def __init__(
         self, pool: ChunkPool, bases: list[bytes], *, xor_deltas: bool = True, cached: bool = True
     ) -> None:
@@ -1496,9 +1500,15 @@ class PoolWriter:
         return PutResult(digest, True, len(blob))
 
     def _write_pending(self, digest: bytes, blob: bytes) -> None:
+        """Add chunk file ``blob`` to what this writer holds pending, and hand it to
+        ``on_stored`` when this call stored it (another thread may have won the race)."""
+        if self._add_pending(digest, blob) and self.on_stored is not None:
+            self.on_stored(digest, blob)
+
+    def _add_pending(self, digest: bytes, blob: bytes) -> bool:
+        """Store ``blob`` pending (loose, or in the open pack); False if it already was."""
         if len(blob) < self.pool.pack_below:
-            self._write_packed(digest, blob)
-            return
+            return self._write_packed(digest, blob)
         tmp = self.pool.tmp_dir / f"{digest.hex()}.{uuid.uuid4().hex[:8]}"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
@@ -1516,7 +1526,7 @@ class PoolWriter:
         with self._lock:
             if digest in self._pending:  # another thread won the race
                 os.unlink(tmp)
-                return
+                return False
             self._pending[digest] = (tmp, len(blob))
             self._pending_bytes += len(blob)
             self.chunks_written += 1
@@ -1524,13 +1534,14 @@ class PoolWriter:
             full = len(self._pending) >= FLUSH_CHUNKS or self._pending_bytes >= FLUSH_BYTES
         if full:
             self.flush()
+        return True
 
-    def _write_packed(self, digest: bytes, blob: bytes) -> None:
+    def _write_packed(self, digest: bytes, blob: bytes) -> bool:
         """Append a small chunk file to this writer's open pack (one pack per writer,
         appended under the writer's lock, so a flush seals exactly what its batch holds)."""
         with self._lock:
             if digest in self._pending:  # another thread won the race
-                return
+                return False
             try:
                 if self._pack is None:
                     self._pack = OpenPack.create(self.pool.tmp_dir)
@@ -1548,6 +1559,7 @@ class PoolWriter:
             )
         if full:
             self.flush()
+        return True
 
     def flush(self) -> None:
         """Make every pending chunk durable, then visible: loose chunk files are renamed

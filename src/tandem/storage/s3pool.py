@@ -856,10 +856,10 @@ class S3PoolWriter(PoolWriter):
             self._held.update(held)
         return absent
 
-    def _write_pending(self, digest: bytes, blob: bytes) -> None:
+    def _add_pending(self, digest: bytes, blob: bytes) -> bool:
         with self._lock:
             if digest in self._pending:  # another thread won the race
-                return
+                return False
             if self._mem is None:
                 self._mem = _MemPack()
             self._mem.append(digest, blob)
@@ -870,8 +870,9 @@ class S3PoolWriter(PoolWriter):
             full = len(self._pending) >= FLUSH_CHUNKS or self._mem.size >= PACK_TARGET
         if full:
             self.flush()
+        return True
 
-    _write_packed = _write_pending
+    _write_packed = _add_pending
 
     def flush(self) -> None:
         """Seal what is pending: put the pack object, then its index object."""

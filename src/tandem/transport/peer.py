@@ -132,7 +132,9 @@ class ReplicationOpen(Wire):
 
 class SyncbackOpen(Wire):
     app: Name
-    image: ImageOffer
+    image: ImageOffer | None = None
+    """The image, when it is captured already; else it comes with the commit (a syncback
+    whose chunks are sent while it is captured)."""
     bases: list[AnyId] = Field(default_factory=list, max_length=8)
     epoch: int = Field(ge=1)
 
@@ -148,6 +150,11 @@ class Opened(Wire):
 
 class Commit(Wire):
     token: Secret
+
+
+class SyncbackCommit(Commit):
+    image: ImageOffer | None = None
+    """The image, if the session was opened without it (see ``SyncbackOpen``)."""
 
 
 class Committed(Wire):
@@ -288,8 +295,11 @@ class PeerClient:
     def open_syncback(self, body: SyncbackOpen) -> Opened:
         return self._post("/syncbacks", body, Opened)
 
-    def commit_syncback(self, session: str, token: str) -> Committed:
-        return self._post(api_path("/syncbacks", session, "commit"), Commit(token=token), Committed)
+    def commit_syncback(
+        self, session: str, token: str, image: ImageOffer | None = None
+    ) -> Committed:
+        body = SyncbackCommit(token=token, image=image)
+        return self._post(api_path("/syncbacks", session, "commit"), body, Committed)
 
     # state (DR → production)
     def restored(self, app: str) -> Restored:
