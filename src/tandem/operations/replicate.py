@@ -377,6 +377,7 @@ class ChunkStream:
         self._closing = False
         self._failed: BaseException | None = None
         self.sent = 0
+        self.waited = 0.0  # seconds capture workers waited for room in the queue, together
         self._thread = threading.Thread(target=self._run, name="tandem-chunk-stream", daemon=True)
 
     def __enter__(self) -> ChunkStream:
@@ -403,8 +404,11 @@ class ChunkStream:
             if base is None or base not in self._bases:
                 return
         with self._cond:
-            while self._queued >= STREAM_QUEUED and self._failed is None and not self._closing:
-                self._cond.wait()
+            if self._queued >= STREAM_QUEUED:
+                t0 = time.monotonic()
+                while self._queued >= STREAM_QUEUED and self._failed is None and not self._closing:
+                    self._cond.wait()
+                self.waited += time.monotonic() - t0
             if self._failed is not None or self._closing:
                 return
             self._queue.append((digest, blob))

@@ -438,7 +438,10 @@ def capture_and_send_home(
             taken = capture_dr_state(site, ctx, app, kind=kind, label=label, on_stored=stream.offer)
         image = taken.image
         t1 = time.monotonic()
-        ctx.log(f"captured {image.id} in {t1 - t0:.2f} s, {stream.sent} bytes sent meanwhile")
+        ctx.log(
+            f"captured {image.id} in {t1 - t0:.2f} s, {stream.sent} bytes sent meanwhile"
+            f" (its workers waited {stream.waited:.2f} s for the stream)"
+        )
         ctx.set_message(f"sending {image.id} to {peer.name}")
         sent = stream.sent + send_image(site, ctx, peer, opened, image.manifest, image.size)
         remote.commit_syncback(str(opened.session), str(opened.token), offer_of(image))
