@@ -5,8 +5,10 @@ to the pass after the capture, which asks the receiver what it lacks."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
+from collections.abc import AsyncIterator
 from types import SimpleNamespace
 
 from tandem.catalog import queries as q
@@ -19,6 +21,7 @@ from tandem.storage.digest import SUB_BLOCK, hash_object
 from tandem.storage.manifest import VOLUME_CHUNK, VolumeManifest, encode_manifest
 from tandem.storage.pool import encode_chunk, encode_delta
 from tandem.transport.peer import Opened
+from tandem.transport.wire import encode_frames
 from tests.appliance.conftest import Api, api, booted
 from tests.catalog.conftest import catalog_url
 
@@ -69,19 +72,23 @@ def test_a_stream_sends_what_the_receiver_can_take_as_it_is(api: Api) -> None:
         with stream:
             for digest, blob in (over_held, over_elsewhere, whole):
                 stream.offer(digest, blob)
-        # the delta the receiver could not verify is left for the pass after the capture
+        # A delta the receiver could not verify, and a whole chunk (a delta over what the
+        # receiver holds at its offset may be smaller), are left to the pass after the
+        # capture.
         wanted = [over_held[0], over_elsewhere[0], whole[0]]
-        assert sessions.missing(session, wanted) == [over_elsewhere[0]]
-        assert stream.sent >= len(over_held[1]) + len(whole[1])
+        assert sessions.missing(session, wanted) == [over_elsewhere[0], whole[0]]
+        assert stream.sent >= len(over_held[1])
     finally:
         sessions.close(session)
 
 
 def test_a_batch_the_receiver_refuses_stops_the_stream_not_the_capture(api: Api) -> None:
     rng = random.Random(2)
-    session, stream, ctx = _stream(api, [_chunk(rng)[:2]])
-    forged = (os.urandom(32), _chunk(rng)[1])  # a chunk file under another chunk's id
-    later = [_chunk(rng)[:2] for _ in range(2 * STREAM_QUEUED // VOLUME_CHUNK)]
+    held_id, held_blob, held_data = _chunk(rng)
+    session, stream, ctx = _stream(api, [(held_id, held_blob)])
+    forged = (os.urandom(32), _delta(held_id, held_data, rng)[1])  # under another's id
+    # (each delta is ~64 KiB: enough of them to fill the stream's queue twice)
+    later = [_delta(held_id, held_data, rng) for _ in range(2 * STREAM_QUEUED // SUB_BLOCK)]
     sessions = api.appliance.site.sessions
     try:
         with stream:
@@ -93,11 +100,18 @@ def test_a_batch_the_receiver_refuses_stops_the_stream_not_the_capture(api: Api)
         assert sessions.missing(session, [forged[0]]) == [forged[0]]
         log = [line.text for line in _log(api, ctx)]
         assert any("streaming chunks to prod stopped" in t for t in log), log
-        # what it did not deliver the pass after the capture sends: the session still takes it
-        left = sessions.missing(session, [d for d, _ in later])
+        # what it did not deliver the pass after the capture sends: the session takes it
+        left = set(sessions.missing(session, [d for d, _ in later]))
         assert left, "a stream that stopped at its first batch delivered everything"
+        body = encode_frames([(d, blob) for d, blob in later if d in left])
+        asyncio.run(sessions.receive_stream(session, _whole(body), len(body)))
+        assert sessions.missing(session, [d for d, _ in later]) == []
     finally:
         sessions.close(session)
+
+
+async def _whole(body: bytes) -> AsyncIterator[bytes]:
+    yield body
 
 
 def _log(api: Api, ctx: JobContext) -> list[JobLog]:

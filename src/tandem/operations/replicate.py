@@ -359,10 +359,12 @@ class ChunkStream:
     """Sends the chunks a capture stores (``offer``, its ``on_stored``) to the session a
     peer ``opened``, while the capture goes on: the receiver verifies and stores them on
     its own cores beside the capture instead of after it (a syncback during a failback's
-    downtime). Only what the receiver can take as stored here goes: a self-contained
-    chunk, or a delta whose base is in the receiver's base image. The rest, and whatever a
-    failed batch carried, is left to ``send_image`` after the capture, which asks the
-    receiver what it lacks; a failure here is logged, never the capture's.
+    downtime). Only deltas whose base is in the receiver's base image go, as stored here
+    (a scattered write's chunks). A chunk stored whole, which the receiver may hold an
+    older version of at its offset (``send_image`` then sends a delta over that), other
+    deltas and whatever a failed batch carried are left to ``send_image`` after the
+    capture, which asks the receiver what it lacks; a failure here is logged, never the
+    capture's.
 
     A capture worker that offers a chunk waits while ``STREAM_QUEUED`` bytes are queued
     (memory stays bounded however much was written)."""
@@ -399,10 +401,11 @@ class ChunkStream:
             )
 
     def offer(self, digest: bytes, blob: bytes) -> None:
-        if blob[4:5] == bytes([CODEC_DELTA]):
-            base = parse_header(blob, digest, "stored chunk").base
-            if base is None or base not in self._bases:
-                return
+        if blob[4:5] != bytes([CODEC_DELTA]):
+            return
+        base = parse_header(blob, digest, "stored chunk").base
+        if base is None or base not in self._bases:
+            return
         with self._cond:
             if self._queued >= STREAM_QUEUED:
                 t0 = time.monotonic()
