@@ -480,6 +480,12 @@ class SyncbackOfRunningDatabase(InvalidInput):
     `tandem syncback {app}` there (it sends only what changed since) and restore that one."""
 
 
+class SyncbackOfferMisplaced(InvalidInput):
+    """Invalid input: syncback session {session} was opened {opened} its image and is
+    committed {committed} one. A syncback's image is offered once: when its session is
+    opened, or with its commit when it was opened without one."""
+
+
 class WalNotHome(Conflict):
     """Syncback {image} of {app!r} is a base backup of the database running at the DR site:
     it is consistent only with its WAL replayed up to LSN {lsn}, and WAL segment {segment} is

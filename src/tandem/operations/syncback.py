@@ -68,6 +68,7 @@ from tandem.errors import (
     PeerRefused,
     RemoteError,
     SenderNotWriter,
+    SyncbackOfferMisplaced,
     TandemError,
     VirtualCopyNotOpen,
 )
@@ -546,10 +547,8 @@ def commit_syncback(
     if meta.get("peer") != peer or not meta.get("syncback"):
         raise NotFound(what="syncback", name=sid, listing="jobs")
     if (meta["image"] is None) == (offer is None):
-        raise InvalidInput(
-            detail="a syncback's image is offered once: when its session is opened, or "
-            "when it is committed if it was opened without one"
-        )
+        with_it = "with" if offer is not None else "without"
+        raise SyncbackOfferMisplaced(session=sid, opened=with_it, committed=with_it)
     image = meta["image"] if offer is None else offer.model_dump(mode="json")
     manifest = bytes.fromhex(str(image["manifest"]))
     if manifest not in transfer.committed:
