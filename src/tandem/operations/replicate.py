@@ -370,7 +370,7 @@ class ChunkStream:
     (memory stays bounded however much was written)."""
 
     def __init__(self, site: Site, ctx: JobContext, peer: Any, opened: Opened) -> None:
-        self._site, self._ctx, self._peer, self._opened = site, ctx, peer, opened
+        self._ctx, self._peer, self._opened = ctx, peer, opened
         base = _base_at_receiver(site, opened)
         self._bases = base.chunk_ids() if base is not None else set()
         self._cond = threading.Condition()
@@ -392,6 +392,7 @@ class ChunkStream:
             self._closing = True
             if exc[0] is not None:
                 self._queue.clear()
+                self._queued = 0
             self._cond.notify_all()
         self._thread.join()
         if self._failed is not None:
